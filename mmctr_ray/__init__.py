@@ -1,0 +1,1 @@
+"""mmctr_ray: multimodal CTR prediction on Ray."""

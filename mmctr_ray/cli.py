@@ -1,0 +1,168 @@
+"""``mmctr``: one subcommand per stage. Each is an ordinary function that tests call too.
+
+User errors (bad data, bad config, an output that exists) print one line, ``mmctr <stage>: error: ...``,
+and exit 2; a data directory that fails validation exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from mmctr_ray.config import ExperimentConfig, load_config, save_config
+from mmctr_ray.data.synthetic import PRESETS, SynthSpec
+from mmctr_ray.data.writer import write_synthetic
+from mmctr_ray.errors import UserError
+
+log = logging.getLogger("mmctr")
+
+SIZE_FLAGS = ("users", "items", "train_rows", "valid_rows", "test_rows", "tags", "topics", "seed", "chunk_rows")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="experiment YAML (default: built-in defaults = the baseline)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set data.max_len=32 (repeatable)")
+
+
+def _add_ray_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a private local Ray)")
+    p.add_argument("--num-cpus", type=int, help="logical CPUs of a private local Ray")
+
+
+def _add_synth_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small",
+                   help="small: seconds, for tests and demos; 1m: the real MicroLens_1M_x1 row counts")
+    for name in SIZE_FLAGS:
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+                       help=f"override the preset's {name.replace('_', ' ')}")
+    p.add_argument("--images", type=int, default=None, metavar="PX",
+                   help="side of the square JPEG covers in pixels (default 32); 0 writes no covers")
+
+
+def _spec_from_args(args: argparse.Namespace) -> SynthSpec:
+    values = dict(PRESETS[args.preset])
+    values.update({k: getattr(args, k) for k in SIZE_FLAGS if getattr(args, k) is not None})
+    if args.images is not None:
+        values["image_size"] = args.images
+    return SynthSpec(**values)
+
+
+def _config(args: argparse.Namespace) -> ExperimentConfig:
+    return load_config(args.config, args.overrides)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    spec = _spec_from_args(args)
+    manifest = write_synthetic(args.out, spec, overwrite=args.overwrite, progress=log.info)
+    oracle = {s: round(manifest["splits"][s]["oracle_auc"] or float("nan"), 4) for s in ("valid", "test")}
+    log.info("wrote %s (oracle AUC valid %.4f, test %.4f)", args.out, oracle["valid"], oracle["test"])
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from mmctr_ray.validate import validate
+
+    problems = validate(args.data, expect_test_rows=args.expect_test_rows)
+    for p in problems:
+        print(p)
+    errors = sum(p.is_error for p in problems)
+    print(f"{args.data}: {'OK' if not errors else 'INVALID'} ({errors} errors, {len(problems) - errors} warnings)")
+    return 1 if errors else 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from mmctr_ray.feature_summary import format_summary, summarize_features
+    from mmctr_ray.ray_env import init_ray
+
+    cfg = _config(args)
+    init_ray(args.address, args.num_cpus, args.verbose)
+    summary = summarize_features(args.data, cfg)
+    print(format_summary(summary))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        (out / "features_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log.info("wrote %s and %s", out / "features_summary.json", out / "config.yaml")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job on synthetic data: synth → validate → features (later stages join as they land)."""
+    out = Path(args.out)
+    data = out / "data"
+    steps: list[tuple[str, Callable[[], int]]] = [
+        ("synth", lambda: cmd_synth(argparse.Namespace(**{**vars(args), "out": data}))),
+        ("validate", lambda: cmd_validate(argparse.Namespace(data=data, expect_test_rows=None))),
+        ("features", lambda: cmd_features(argparse.Namespace(**{**vars(args), "data": data,
+                                                               "out": out / "features"}))),
+    ]
+    for name, step in steps:
+        log.info("== demo: %s", name)
+        rc = step()
+        if rc:
+            log.error("demo stopped: %s exited %d", name, rc)
+            return rc
+    log.info("demo done: outputs under %s", out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmctr", description="Multimodal CTR prediction (MMCTR 2025 winner's "
+                                     "method) on Ray: one subcommand per pipeline stage.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
+
+    p = sub.add_parser("synth", help="write synthetic data in the exact MicroLens_1M_x1 layout",
+                       description="Write synthetic data in the challenge layout with a planted click model "
+                                   "(oracle AUC in DIR/oracle.json).")
+    p.add_argument("--out", type=Path, required=True, help="data directory to write")
+    _add_synth_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace data already in --out")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("validate", help="check a data directory against the challenge layout",
+                       description="Check every file, column, dtype and value; one line per problem; exit 1 on "
+                                   "errors.")
+    p.add_argument("data", type=Path, help="data directory (holds MicroLens_1M_x1/)")
+    p.add_argument("--expect-test-rows", type=int, help="rows the test split must have (default: from synth.json, "
+                                                        "or 379,142 for the real MicroLens_1M_x1)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("features", help="build the item table and stream the splits through Ray Data; report",
+                       description="Build the item table and the model-ready Ray Datasets; print a summary.")
+    p.add_argument("--data", type=Path, required=True, help="data directory (holds MicroLens_1M_x1/)")
+    p.add_argument("--out", type=Path, help="write features_summary.json and the resolved config.yaml here")
+    _add_config_args(p)
+    _add_ray_args(p)
+    p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("demo", help="the main job on synthetic data: synth → validate → features",
+                       description="Run the whole pipeline on freshly generated synthetic data under --out.")
+    p.add_argument("--out", type=Path, required=True, help="folder for data/ and every stage's outputs")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
+    _add_synth_args(p)
+    _add_config_args(p)
+    _add_ray_args(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"mmctr {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""Experiment configuration: frozen dataclasses loaded strictly from YAML.
+
+One YAML file per experiment, with the sections ``data``, ``fusion``, ``model`` and ``train``. Every key a
+file may set is a field below; an unknown key is an error that names it (with the closest known key), a
+value of the wrong type or out of range is an error that names the key and what was expected. ``--set
+section.key=value`` on the command line overrides one value (the value is parsed as YAML: ``8192``,
+``1e-3``, ``true``, ``[512, 256]``). The resolved config is saved with every artifact.
+
+Example:
+    >>> cfg = load_config("configs/tiny.yaml", overrides=["train.batch_size=256"])
+    >>> cfg.train.batch_size
+    256
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmctr_ray.errors import ConfigError  # re-exported
+
+
+def _check(ok: bool, key: str, value: object, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: expected {expected}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How the splits become model inputs.
+
+    Attributes:
+        max_len: history length L kept per row (the most recent items); the challenge baseline keeps 64.
+        item_vector: the frozen multimodal item vector: ``given`` (item_info's ``item_emb_d128``) or the
+            path of a fused ``item_emb.parquet`` written by ``mmctr fuse``.
+    """
+
+    max_len: int = 64
+    item_vector: str = "given"
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.max_len <= 100, "data.max_len", self.max_len, "an integer in 1..100")
+        _check(bool(self.item_vector), "data.item_vector", self.item_vector, "'given' or a parquet path")
+
+
+FUSION_STRATEGIES = ("given", "v1", "v2", "v3", "v4")
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """How BERT and CLIP item vectors are reduced and combined (see MISSION.md, fusion strategies).
+
+    Attributes:
+        strategy: ``given`` | ``v1`` (PCA text) | ``v2`` (PCA image) | ``v3`` (PCA of text‖image) |
+            ``v4`` (PCA text ‖ PCA image).
+        dims: output width for v1, v2, v3.
+        text_dim: PCA width of the text part for v4.
+        image_dim: PCA width of the image part for v4.
+    """
+
+    strategy: str = "given"
+    dims: int = 128
+    text_dim: int = 64
+    image_dim: int = 64
+
+    def __post_init__(self) -> None:
+        _check(self.strategy in FUSION_STRATEGIES, "fusion.strategy", self.strategy,
+               "one of " + ", ".join(FUSION_STRATEGIES))
+        for name in ("dims", "text_dim", "image_dim"):
+            _check(getattr(self, name) >= 1, f"fusion.{name}", getattr(self, name), "a positive integer")
+
+
+ATTENTIONS = ("din", "multihead")
+BILINEAR_TYPES = ("off", "field_all", "field_each", "field_interaction")
+CROSSNET_TYPES = ("off", "v1", "v2")
+ACTIVATIONS = ("relu", "prelu", "gelu", "dice")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The DIN family (MISSION.md, "The method"); each interaction module is switchable.
+
+    Attributes:
+        embedding_dim: D, width of every id/tag/level embedding.
+        item_vector_proj: width of the trainable projection of the frozen item vector (no bias).
+        use_tags: mean-pool the item's tag embeddings into the item representation.
+        use_user_id: add a user-id embedding field (off in the challenge baseline).
+        embedding_init_std: embeddings are initialised normal(0, std).
+        attention: ``din`` (MLP over [t, h, t-h, t*h], no softmax) or ``multihead`` (target attention).
+        attention_units: hidden widths of the DIN attention MLP.
+        attention_dropout: dropout inside the attention module.
+        num_heads: H for multi-head target attention.
+        senet: squeeze-and-excitation over the field embeddings.
+        senet_ratio: SENet reduction ratio.
+        bilinear: ``off`` or the FiBiNET bilinear type.
+        crossnet: ``off``, ``v1`` or ``v2`` (DCN / DCN-v2).
+        cross_layers: number of cross layers when ``crossnet`` is on.
+        dnn_units: hidden widths of the DNN head.
+        dnn_activation: activation of the DNN head.
+        batch_norm: batch norm in the DNN head.
+        dropout: dropout in the DNN head.
+    """
+
+    embedding_dim: int = 64
+    item_vector_proj: int = 128
+    use_tags: bool = True
+    use_user_id: bool = False
+    embedding_init_std: float = 1e-4
+    attention: str = "din"
+    attention_units: tuple[int, ...] = (512, 256)
+    attention_dropout: float = 0.1
+    num_heads: int = 4
+    senet: bool = False
+    senet_ratio: int = 3
+    bilinear: str = "off"
+    crossnet: str = "off"
+    cross_layers: int = 3
+    dnn_units: tuple[int, ...] = (1024, 512, 256)
+    dnn_activation: str = "relu"
+    batch_norm: bool = True
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("embedding_dim", "item_vector_proj", "num_heads", "senet_ratio"):
+            _check(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), "a positive integer")
+        _check(self.embedding_init_std > 0, "model.embedding_init_std", self.embedding_init_std, "> 0")
+        _check(self.attention in ATTENTIONS, "model.attention", self.attention, "one of " + ", ".join(ATTENTIONS))
+        _check(self.bilinear in BILINEAR_TYPES, "model.bilinear", self.bilinear,
+               "one of " + ", ".join(BILINEAR_TYPES))
+        _check(self.crossnet in CROSSNET_TYPES, "model.crossnet", self.crossnet,
+               "one of " + ", ".join(CROSSNET_TYPES))
+        _check(0 <= self.cross_layers <= 16, "model.cross_layers", self.cross_layers, "an integer in 0..16")
+        _check(self.dnn_activation in ACTIVATIONS, "model.dnn_activation", self.dnn_activation,
+               "one of " + ", ".join(ACTIVATIONS))
+        for name in ("attention_units", "dnn_units"):
+            units = getattr(self, name)
+            _check(all(u >= 1 for u in units), f"model.{name}", list(units), "a list of positive integers")
+        for name in ("dropout", "attention_dropout"):
+            _check(0.0 <= getattr(self, name) < 1.0, f"model.{name}", getattr(self, name), "a value in [0, 1)")
+        if self.attention == "multihead":
+            _check(self.item_dim % self.num_heads == 0, "model.num_heads", self.num_heads,
+                   f"a divisor of the item representation width {self.item_dim}")
+
+    @property
+    def item_dim(self) -> int:
+        """Width of the unified item representation: id ‖ tags ‖ projected item vector."""
+        return self.embedding_dim * (2 if self.use_tags else 1) + self.item_vector_proj
+
+
+OPTIMIZERS = ("adam", "adamw")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training schedule (the challenge baseline's by default).
+
+    Attributes:
+        batch_size: training rows per step, over all workers.
+        eval_batch_size: rows per step in validation and prediction.
+        epochs: upper bound on epochs (early stopping usually ends sooner).
+        optimizer: ``adam`` or ``adamw``.
+        lr: initial learning rate.
+        lr_decay: factor applied to the learning rate after a non-improving epoch.
+        min_lr: floor of the learning rate.
+        patience: stop after this many non-improving epochs.
+        embedding_l2: L2 penalty on embedding tables only.
+        grad_clip: gradient clipping max norm (0 disables).
+        seed: seed for weights and data order.
+    """
+
+    batch_size: int = 8192
+    eval_batch_size: int = 16384
+    epochs: int = 100
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    lr_decay: float = 0.1
+    min_lr: float = 1e-6
+    patience: int = 3
+    embedding_l2: float = 1e-6
+    grad_clip: float = 10.0
+    seed: int = 2025
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "eval_batch_size", "epochs", "patience"):
+            _check(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "a positive integer")
+        _check(self.optimizer in OPTIMIZERS, "train.optimizer", self.optimizer, "one of " + ", ".join(OPTIMIZERS))
+        _check(self.lr > 0, "train.lr", self.lr, "a learning rate > 0")
+        _check(0 < self.lr_decay <= 1, "train.lr_decay", self.lr_decay, "a factor in (0, 1]")
+        _check(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr, f"a value in [0, train.lr={self.lr}]")
+        _check(self.embedding_l2 >= 0, "train.embedding_l2", self.embedding_l2, ">= 0")
+        _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, ">= 0 (0 disables clipping)")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: everything a run needs besides the data directory."""
+
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-ready dict (tuples become lists); ``from_dict(to_dict())`` round-trips."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against the type ``hint`` of field ``key``; convert lists to tuples, ints to floats."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        _check(isinstance(value, dict), key, value, "a mapping of keys")
+        return _build(hint, value, key + ".")
+    if origin is tuple:
+        _check(isinstance(value, (list, tuple)), key, value, "a list")
+        inner = typing.get_args(hint)[0]
+        return tuple(_coerce(v, inner, key) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        _check(isinstance(value, str), key, value, "a string")
+        return value
+    if hint is bool:
+        _check(isinstance(value, bool), key, value, "true or false")
+        return value
+    if hint is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string: accept it as the number it is
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "a number")
+        return float(value)
+    if hint is str:
+        _check(isinstance(value, str), key, value, "a string")
+        return value
+    raise TypeError(f"config field {key} has an unsupported type {hint!r}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+    values = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
+    return cls(**values)
+
+
+def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
+    """Build a config from a plain dict, rejecting unknown keys and bad values by name."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    return _build(ExperimentConfig, raw)
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one ``section.key=value`` override to a raw config dict in place."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r}: expected section.key=value")
+    path, text = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override {assignment!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {assignment!r}: value is not valid YAML ({err.__class__.__name__})") from None
+    node = raw
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {assignment!r}: {k} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Load an experiment YAML (or the defaults when ``path`` is None) and apply ``overrides``.
+
+    Raises:
+        ConfigError: naming the file and the bad key or value.
+    """
+    raw: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{where}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{where}: invalid YAML{at}: {getattr(err, 'problem', err)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{where}: expected a mapping of sections (data, fusion, model, train)")
+        raw = loaded
+    try:
+        for assignment in overrides:
+            apply_override(raw, assignment)
+        return from_dict(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:
+    """Write the resolved config as YAML (sorted as declared) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return path

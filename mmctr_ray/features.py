@@ -1,0 +1,174 @@
+"""From the challenge layout to model inputs: the item table and the splits as Ray Datasets.
+
+* The **item table** is small (92k items × ~300 numbers for MicroLens-1M, 1.1M items for the full MicroLens),
+  so it is built once and kept resident on each worker's device; the model gathers target and history items
+  from it by id. Row ``i`` is item ``i``; row 0 is the padding item (all zeros).
+* The **splits** stream through Ray Data. Each row becomes fixed-width numpy columns: ``item_seq`` is cut to
+  the ``max_len`` most recent items (B, L) as an int64 tensor column, so no per-row Python runs on the hot
+  path; the history mask is ``item_seq > 0``.
+
+Example:
+    >>> table = load_item_table("DATA")                      # given item_emb_d128 vectors
+    >>> ds = read_split("DATA", "train", max_len=64)          # ray.data.Dataset
+    >>> batch = next(ds.iter_batches(batch_size=4, batch_format="numpy"))
+    >>> batch["item_seq"].shape
+    (4, 64)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mmctr_ray.errors import DataError  # re-exported
+from mmctr_ray.schema import PAD_ID, Layout
+
+SPLIT_FEATURES = ("user_id", "item_id", "likes_level", "views_level", "label")
+FUSED_VECTOR_COLUMN = "item_emb"  # column of an item_emb.parquet written by `mmctr fuse`
+
+
+def list_matrix(col: pa.ChunkedArray | pa.Array, where: str) -> np.ndarray:
+    """A list column whose lists all have one length → (rows, width) numpy matrix (no per-row Python)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+    if len(lengths) and (lengths != lengths[0]).any():
+        row = int(np.flatnonzero(lengths != lengths[0])[0])
+        raise DataError(f"{where}: lists of one length expected; row {row} has {lengths[row]}, row 0 has "
+                        f"{lengths[0]} (run `mmctr validate`)")
+    width = int(lengths[0]) if len(lengths) else 0
+    return pc.list_flatten(col).to_numpy(zero_copy_only=False).reshape(len(lengths), width)
+
+
+@dataclass(frozen=True)
+class ItemTable:
+    """Everything the model knows about items, indexed by item id (row 0 = padding).
+
+    Attributes:
+        tags: (N+1, T) int64 tag ids, left-padded with 0.
+        vectors: (N+1, V) float32 frozen multimodal item vectors.
+        source: where ``vectors`` came from (saved with checkpoints).
+    """
+
+    tags: np.ndarray
+    vectors: np.ndarray
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_items(self) -> int:
+        """N: the largest item id (rows = N + 1)."""
+        return self.tags.shape[0] - 1
+
+    @property
+    def tag_vocab(self) -> int:
+        """Size of the tag embedding table: largest tag id + 1 (0 = padding)."""
+        return int(self.tags.max()) + 1
+
+    @property
+    def vector_dim(self) -> int:
+        return self.vectors.shape[1]
+
+    def to_torch(self, device: Any = "cpu") -> dict[str, Any]:
+        """The table as tensors on ``device``: ``tags`` (N+1, T) long, ``vectors`` (N+1, V) float."""
+        import torch
+
+        return {"tags": torch.as_tensor(self.tags, device=device),
+                "vectors": torch.as_tensor(self.vectors, device=device)}
+
+
+def _read_fused(path: Path, num_items: int) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"{path}: item vector file not found (data.item_vector must be 'given' or a parquet "
+                        f"written by `mmctr fuse`)")
+    table = pq.read_table(path)
+    for name in ("item_id", FUSED_VECTOR_COLUMN):
+        if name not in table.column_names:
+            raise DataError(f"{path}: missing column {name} (expected item_id and {FUSED_VECTOR_COLUMN})")
+    ids = table.column("item_id").to_numpy()
+    vecs = list_matrix(table.column(FUSED_VECTOR_COLUMN), f"{path}: column {FUSED_VECTOR_COLUMN}")
+    bad = (ids < 0) | (ids > num_items)
+    if bad.any():
+        raise DataError(f"{path}: column item_id: value {int(ids[bad][0])} outside 0..{num_items} (item_info rows)")
+    out = np.zeros((num_items + 1, vecs.shape[1]), dtype=np.float32)
+    out[ids] = vecs
+    out[PAD_ID] = 0.0
+    return out
+
+
+def load_item_table(data_dir: str | Path, item_vector: str = "given") -> ItemTable:
+    """Build the item table from ``item_info.parquet`` and the chosen item vectors.
+
+    Args:
+        data_dir: the data directory (challenge layout).
+        item_vector: ``given`` for item_info's ``item_emb_d128``, or the path of a fused
+            ``item_emb.parquet`` (columns ``item_id``, ``item_emb``; items it lacks get zeros).
+
+    Raises:
+        DataError: naming the file, column and value when the table cannot be built.
+    """
+    lay = Layout(Path(data_dir))
+    if not lay.item_info.is_file():
+        raise DataError(f"{lay.item_info}: missing file (is --data the folder that holds MicroLens_1M_x1/?)")
+    info = pq.read_table(lay.item_info, columns=["item_id", "item_tags", "item_emb_d128"])
+    ids = info.column("item_id").to_numpy()
+    if (ids != np.arange(len(ids))).any():
+        row = int(np.flatnonzero(ids != np.arange(len(ids)))[0])
+        raise DataError(f"{lay.item_info}: column item_id: row {row} holds {int(ids[row])}; item_info rows must "
+                        f"be in item_id order from 0 (padding)")
+    tags = list_matrix(info.column("item_tags"), f"{lay.item_info}: column item_tags").astype(np.int64)
+    if item_vector == "given":
+        vectors = list_matrix(info.column("item_emb_d128"), f"{lay.item_info}: column item_emb_d128")
+        vectors = vectors.astype(np.float32)
+        source = {"item_vector": "given", "file": str(lay.item_info), "column": "item_emb_d128"}
+    else:
+        vectors = _read_fused(Path(item_vector), len(ids) - 1)
+        source = {"item_vector": "fused", "file": str(Path(item_vector).resolve()), "column": FUSED_VECTOR_COLUMN}
+    if not np.isfinite(vectors).all():
+        raise DataError(f"{source['file']}: column {source['column']}: NaN/inf in item vectors")
+    source["dim"] = int(vectors.shape[1])
+    return ItemTable(tags=tags, vectors=vectors, source=source)
+
+
+def history_window(seq: np.ndarray, max_len: int) -> np.ndarray:
+    """Keep the ``max_len`` most recent items of left-padded (B, W) histories → (B, L) contiguous."""
+    if max_len > seq.shape[1]:
+        pad = np.zeros((seq.shape[0], max_len - seq.shape[1]), dtype=seq.dtype)
+        return np.ascontiguousarray(np.concatenate([pad, seq], axis=1))
+    return np.ascontiguousarray(seq[:, seq.shape[1] - max_len:])
+
+
+def history_mask(seq: Any) -> Any:
+    """Real (non-padding) history positions: ``seq > 0``; works on numpy arrays and torch tensors."""
+    return seq > PAD_ID
+
+
+def to_model_batch(batch: pa.Table, max_len: int) -> dict[str, np.ndarray]:
+    """One Arrow batch of a split → fixed-width numpy columns (ids int64, label float32)."""
+    out = {name: batch.column(name).to_numpy().astype(np.int64, copy=False)
+           for name in SPLIT_FEATURES if name != "label"}
+    out["label"] = batch.column("label").to_numpy().astype(np.float32, copy=False)
+    seq = list_matrix(batch.column("item_seq"), "column item_seq").astype(np.int64, copy=False)
+    out["item_seq"] = history_window(seq, max_len)
+    return out
+
+
+def read_split(data_dir: str | Path, split: str, max_len: int = 64, batch_rows: int = 16_384) -> Any:
+    """The split as a Ray Dataset of model-ready rows (Ray must be initialised by the caller).
+
+    Columns: ``user_id``, ``item_id``, ``likes_level``, ``views_level`` (int64), ``label`` (float32) and
+    ``item_seq`` (int64 tensor column of shape (max_len,), most recent item last, 0 = padding).
+    """
+    import ray.data
+
+    path = Layout(Path(data_dir)).split(split)
+    if not path.is_file():
+        raise DataError(f"{path}: missing file")
+    ds = ray.data.read_parquet(str(path.resolve())).select_columns([*SPLIT_FEATURES, "item_seq"])
+    return ds.map_batches(to_model_batch, batch_format="pyarrow", batch_size=batch_rows, zero_copy_batch=True,
+                          fn_kwargs={"max_len": max_len})

@@ -1,0 +1,118 @@
+"""The MicroLens_1M_x1 layout, exactly as the WWW 2025 MMCTR challenge ships it, as code.
+
+A data directory ``DATA`` holds::
+
+    DATA/MicroLens_1M_x1/train.parquet      user_id, item_seq, item_id, likes_level, views_level, label
+    DATA/MicroLens_1M_x1/valid.parquet      (same columns)
+    DATA/MicroLens_1M_x1/test.parquet       (same columns; label is a placeholder)
+    DATA/MicroLens_1M_x1/item_info.parquet  item_id, item_tags, item_emb_d128; row index == item_id, row 0 = padding
+    DATA/item_feature.parquet               item_id (1..N), item_title, item_tags, likes_level, views_level,
+                                            txt_emb_BERT (768), img_emb_CLIPRN50 (1024)
+    DATA/item_images/{item_id}.jpg          cover images
+
+Conventions: ``PAD_ID = 0`` pads ``item_seq`` (fixed width 100, left-padded, most recent item last) and
+``item_tags`` (width 5, left-padded). Integer columns may be stored 32 or 64 bit and float columns 32 or 64
+bit: readers here accept either and normalise (int64, float32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+PAD_ID = 0
+DATASET_NAME = "MicroLens_1M_x1"
+SPLITS = ("train", "valid", "test")
+SEQ_LEN = 100  # stored width of item_seq
+TAGS_LEN = 5  # stored width of item_tags
+LEVELS = 10  # likes_level / views_level take values 0..9
+GIVEN_EMB_DIM = 128
+BERT_DIM = 768
+CLIP_DIM = 1024
+
+# The real challenge's sizes: validate uses them to tell what a submission for the real data needs.
+REAL_NUM_ITEMS = 91_717
+REAL_TEST_ROWS = 379_142
+
+# column kinds: "int", "float", "str", ("list", kind, width or None)
+SPLIT_COLUMNS: dict[str, object] = {
+    "user_id": "int",
+    "item_seq": ("list", "int", SEQ_LEN),
+    "item_id": "int",
+    "likes_level": "int",
+    "views_level": "int",
+    "label": "float",
+}
+ITEM_INFO_COLUMNS: dict[str, object] = {
+    "item_id": "int",
+    "item_tags": ("list", "int", TAGS_LEN),
+    "item_emb_d128": ("list", "float", GIVEN_EMB_DIM),
+}
+ITEM_FEATURE_COLUMNS: dict[str, object] = {
+    "item_id": "int",
+    "item_title": "str",
+    "item_tags": ("list", "int", TAGS_LEN),
+    "likes_level": "int",
+    "views_level": "int",
+    "txt_emb_BERT": ("list", "float", BERT_DIM),
+    "img_emb_CLIPRN50": ("list", "float", CLIP_DIM),
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths of one data directory in the challenge layout.
+
+    Example:
+        >>> Layout(Path("DATA")).split("train")
+        PosixPath('DATA/MicroLens_1M_x1/train.parquet')
+    """
+
+    root: Path
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self.root / DATASET_NAME
+
+    def split(self, name: str) -> Path:
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}: expected one of {', '.join(SPLITS)}")
+        return self.dataset_dir / f"{name}.parquet"
+
+    @property
+    def item_info(self) -> Path:
+        return self.dataset_dir / "item_info.parquet"
+
+    @property
+    def item_feature(self) -> Path:
+        return self.root / "item_feature.parquet"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "item_images"
+
+    def image(self, item_id: int) -> Path:
+        return self.images_dir / f"{item_id}.jpg"
+
+    @property
+    def oracle(self) -> Path:
+        """Written by ``mmctr synth`` only: AUC of the planted click probabilities."""
+        return self.root / "oracle.json"
+
+    @property
+    def synth_manifest(self) -> Path:
+        """Written by ``mmctr synth`` only: the generator's parameters and row counts."""
+        return self.root / "synth.json"
+
+    @property
+    def hidden_test_labels(self) -> Path:
+        """Written by ``mmctr synth`` only: the true test labels and probabilities (ID order)."""
+        return self.root / "synthetic_truth" / "test_labels.parquet"
+
+
+def kind_name(kind: object) -> str:
+    """Human-readable name of a column kind, for error messages."""
+    if isinstance(kind, tuple):
+        _, inner, width = kind
+        return f"list<{inner}> of length {width}" if width else f"list<{inner}>"
+    return {"int": "integer", "float": "float", "str": "string"}[kind]  # type: ignore[index]

@@ -1,0 +1,313 @@
+"""Check a data directory against the challenge layout; report every problem as one line.
+
+Files are streamed in record batches, so validating the full MicroLens (or a 10M-row synthetic split) needs
+memory for one batch, not one file. Each problem names the file, the column and the offending value (the
+first one, with a count) and what was expected.
+
+Example:
+    >>> problems = validate("DATA")
+    >>> print("\\n".join(str(p) for p in problems if p.is_error))
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mmctr_ray.schema import (ITEM_FEATURE_COLUMNS, ITEM_INFO_COLUMNS, LEVELS, REAL_NUM_ITEMS, REAL_TEST_ROWS,
+                              SPLIT_COLUMNS, SPLITS, Layout, kind_name)
+
+BATCH_ROWS = 65_536
+_NON_NULL = "non-null (null found)"  # the expectation a null value breaks
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding: ``file: column: message``; warnings do not fail validation."""
+
+    file: str
+    column: str | None
+    message: str
+    is_error: bool = True
+
+    def __str__(self) -> str:
+        where = f"{self.file}: column {self.column}" if self.column else self.file
+        return f"{'error' if self.is_error else 'warning'}: {where}: {self.message}"
+
+
+def _kind_of(t: pa.DataType) -> object:
+    if pa.types.is_integer(t):
+        return "int"
+    if pa.types.is_floating(t):
+        return "float"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "str"
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        inner = _kind_of(t.value_type)
+        return ("list", inner, None)
+    return str(t)
+
+
+def _kind_matches(actual: object, expected: object) -> bool:
+    if isinstance(expected, tuple):
+        return isinstance(actual, tuple) and actual[1] == expected[1]
+    return actual == expected
+
+
+@dataclass
+class _Tally:
+    """Counts of one kind of bad value in one column, with the first offender."""
+
+    count: int = 0
+    first: str = ""
+
+    def add(self, bad: np.ndarray, values: np.ndarray, offset: int, rows: np.ndarray | None = None) -> None:
+        """``rows``: the batch row of each value, for flattened list values (default: values are rows)."""
+        idx = np.flatnonzero(bad)
+        if len(idx):
+            if not self.count:
+                value = values[idx[0]]
+                value = value.item() if isinstance(value, np.generic) else value  # 5, not np.int64(5)
+                row = int(rows[idx[0]]) if rows is not None else int(idx[0])
+                self.first = f"{value!r} at row {offset + row}"
+            self.count += len(idx)
+
+
+@dataclass
+class _FileCheck:
+    """Streams one parquet file and collects tallies keyed by (column, expectation)."""
+
+    path: Path
+    rel: str
+    tallies: dict[tuple[str, str], _Tally] = field(default_factory=dict)
+
+    def bad(self, column: str, expected: str, mask: np.ndarray, values: np.ndarray, offset: int,
+            rows: np.ndarray | None = None) -> None:
+        self.tallies.setdefault((column, expected), _Tally()).add(mask, values, offset, rows)
+
+    def problems(self) -> list[Problem]:
+        out = []
+        for (column, expected), t in self.tallies.items():
+            if t.count:
+                many = f"{t.count:,} values" if t.count > 1 else "1 value"
+                out.append(Problem(self.rel, column, f"{many} not {expected}; first {t.first}"))
+        return out
+
+
+_READ_ERRORS = (pa.ArrowException, OSError)
+
+
+def _unreadable(rel: str, err: Exception) -> Problem:
+    first = (str(err).splitlines() or [type(err).__name__])[0]
+    return Problem(rel, None, f"not a readable parquet file ({first})")
+
+
+def _open(path: Path, rel: str, columns: dict[str, object], problems: list[Problem]) -> pq.ParquetFile | None:
+    if not path.is_file():
+        problems.append(Problem(rel, None, "missing file"))
+        return None
+    try:
+        pf = pq.ParquetFile(path)
+    except _READ_ERRORS as err:
+        problems.append(_unreadable(rel, err))
+        return None
+    if pf.metadata.num_rows == 0:
+        problems.append(Problem(rel, None, "empty file: 0 rows"))
+        return None
+    schema = pf.schema_arrow
+    for name, kind in columns.items():
+        if name not in schema.names:
+            problems.append(Problem(rel, name, f"missing column (expected {kind_name(kind)})"))
+        elif not _kind_matches(_kind_of(schema.field(name).type), kind):
+            problems.append(Problem(rel, name, f"has type {schema.field(name).type}, expected {kind_name(kind)}"))
+    return pf
+
+
+def _usable(pf: pq.ParquetFile, columns: dict[str, object]) -> list[str]:
+    schema = pf.schema_arrow
+    return [c for c, k in columns.items() if c in schema.names and _kind_matches(_kind_of(schema.field(c).type), k)]
+
+
+def _list_values(check: _FileCheck, col: pa.Array, name: str, width: int | None,
+                 offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """Check list lengths and nulls inside lists; return the flattened values and the row of each, as numpy."""
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+    if width is not None:
+        check.bad(name, f"lists of length {width}", lengths != width, lengths, offset)
+    flat = pc.list_flatten(col)
+    rows = pc.list_parent_indices(col).to_numpy(zero_copy_only=False)
+    if flat.null_count:
+        check.bad(name, _NON_NULL, flat.is_null().to_numpy(zero_copy_only=False), np.full(len(flat), None), offset,
+                  rows)
+    return flat.to_numpy(zero_copy_only=False), rows
+
+
+def _check_nulls(check: _FileCheck, batch: pa.RecordBatch, offset: int) -> None:
+    for name in batch.schema.names:
+        col = batch.column(name)
+        if col.null_count:
+            check.bad(name, _NON_NULL, col.is_null().to_numpy(zero_copy_only=False), np.full(len(col), None), offset)
+
+
+def _scan_split(check: _FileCheck, pf: pq.ParquetFile, n_items: int | None, is_test: bool) -> None:
+    offset = 0
+    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=_usable(pf, SPLIT_COLUMNS)):
+        _check_nulls(check, batch, offset)
+        cols = {n: batch.column(n) for n in batch.schema.names}
+        if "user_id" in cols:
+            uid = cols["user_id"].to_numpy(zero_copy_only=False)
+            check.bad("user_id", "non-negative ids", uid < 0, uid, offset)
+        if "item_id" in cols and n_items:
+            iid = cols["item_id"].to_numpy(zero_copy_only=False)
+            check.bad("item_id", f"item ids in 1..{n_items} (item_info rows)", (iid < 1) | (iid > n_items), iid, offset)
+        if "item_seq" in cols:
+            seq = cols["item_seq"]
+            lengths = pc.list_value_length(seq).to_numpy(zero_copy_only=False)
+            flat, rows = _list_values(check, seq, "item_seq", SPLIT_COLUMNS["item_seq"][2], offset)
+            if n_items:
+                check.bad("item_seq", f"item ids in 0..{n_items} (0 = padding)", (flat < 0) | (flat > n_items),
+                          flat, offset, rows)
+            if len(np.unique(lengths)) == 1 and lengths[0] > 1:
+                mat = flat.reshape(len(lengths), lengths[0])
+                gap = ((mat[:, :-1] > 0) & (mat[:, 1:] == 0)).any(axis=1)
+                if gap.any():
+                    shown = np.empty(len(gap), dtype=object)
+                    i = int(np.flatnonzero(gap)[0])
+                    shown[i] = "history " + str(mat[i][np.argmax(mat[i] > 0):].tolist())  # from the first item
+                    check.bad("item_seq", "left-padded (all padding 0s before the history, most recent last)",
+                              gap, shown, offset)
+        for name in ("likes_level", "views_level"):
+            if name in cols:
+                v = cols[name].to_numpy(zero_copy_only=False)
+                check.bad(name, f"levels in 0..{LEVELS - 1}", (v < 0) | (v >= LEVELS), v, offset)
+        if "label" in cols and not is_test:
+            y = cols["label"].to_numpy(zero_copy_only=False)
+            check.bad("label", "0 or 1", ~np.isin(y, (0, 1)), y, offset)
+        offset += batch.num_rows
+
+
+def _check_vectors(check: _FileCheck, col: pa.Array, name: str, width: int | None, offset: int) -> None:
+    flat, rows = _list_values(check, col, name, width, offset)
+    check.bad(name, "finite floats (NaN/inf found)", ~np.isfinite(flat), flat, offset, rows)
+
+
+def _scan_items(check: _FileCheck, pf: pq.ParquetFile, spec: dict[str, object], first_id: int) -> np.ndarray:
+    """Scan item_info (first_id 0) or item_feature (first_id 1); return the item ids seen."""
+    ids = []
+    offset = 0
+    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=_usable(pf, spec)):
+        _check_nulls(check, batch, offset)
+        for name in batch.schema.names:
+            kind = spec[name]
+            col = batch.column(name)
+            if name == "item_id":
+                iid = col.to_numpy(zero_copy_only=False)
+                ids.append(iid)
+                if first_id == 0:
+                    rows = np.arange(offset, offset + len(iid))
+                    check.bad("item_id", "equal to the row index (row 0 = padding)", iid != rows, iid, offset)
+            elif name in ("likes_level", "views_level"):
+                v = col.to_numpy(zero_copy_only=False)
+                check.bad(name, f"levels in 0..{LEVELS - 1}", (v < 0) | (v >= LEVELS), v, offset)
+            elif isinstance(kind, tuple) and kind[1] == "float":
+                _check_vectors(check, col, name, kind[2], offset)
+            elif isinstance(kind, tuple):
+                tags, rows = _list_values(check, col, name, kind[2], offset)
+                check.bad(name, "non-negative tag ids", tags < 0, tags, offset, rows)
+        offset += batch.num_rows
+    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+
+
+def _expected_test_rows(lay: Layout, n_items: int | None, expect: int | None) -> tuple[int | None, str]:
+    if expect is not None:
+        return expect, "as requested"
+    if lay.synth_manifest.is_file():
+        try:
+            return int(json.loads(lay.synth_manifest.read_text())["spec"]["test_rows"]), "per synth.json"
+        except (ValueError, KeyError, TypeError):
+            return None, ""
+    if n_items == REAL_NUM_ITEMS:
+        return REAL_TEST_ROWS, "for a MicroLens_1M_x1 submission"
+    return None, ""
+
+
+def validate(root: str | Path, expect_test_rows: int | None = None) -> list[Problem]:
+    """All problems found in the data directory ``root`` (empty list: it validates clean)."""
+    lay = Layout(Path(root))
+    problems: list[Problem] = []
+    if not lay.root.is_dir():
+        return [Problem(str(lay.root), None, "data directory not found")]
+    rel = lambda p: str(p.relative_to(lay.root))  # noqa: E731
+    n_items = None
+    # a footer can be intact while pages behind it fail to decode: _open passes, the scan raises
+    pf = _open(lay.item_info, rel(lay.item_info), ITEM_INFO_COLUMNS, problems)
+    if pf is not None:
+        check = _FileCheck(lay.item_info, rel(lay.item_info))
+        try:
+            _scan_items(check, pf, ITEM_INFO_COLUMNS, first_id=0)
+            _check_padding_row(lay, pf, problems)
+            n_items = pf.metadata.num_rows - 1
+        except _READ_ERRORS as err:
+            problems.append(_unreadable(rel(lay.item_info), err))
+        problems += check.problems()
+    pf = _open(lay.item_feature, rel(lay.item_feature), ITEM_FEATURE_COLUMNS, problems)
+    if pf is not None:
+        check = _FileCheck(lay.item_feature, rel(lay.item_feature))
+        try:
+            ids = _scan_items(check, pf, ITEM_FEATURE_COLUMNS, first_id=1)
+            problems += _check_feature_ids(rel(lay.item_feature), ids, n_items)
+        except _READ_ERRORS as err:
+            problems.append(_unreadable(rel(lay.item_feature), err))
+        problems += check.problems()
+    for split in SPLITS:
+        path = lay.split(split)
+        pf = _open(path, rel(path), SPLIT_COLUMNS, problems)
+        if pf is None:
+            continue
+        check = _FileCheck(path, rel(path))
+        try:
+            _scan_split(check, pf, n_items, is_test=split == "test")
+        except _READ_ERRORS as err:
+            problems.append(_unreadable(rel(path), err))
+        problems += check.problems()
+        if split == "test":
+            expected, why = _expected_test_rows(lay, n_items, expect_test_rows)
+            if expected is not None and pf.metadata.num_rows != expected:
+                problems.append(Problem(rel(path), None, f"has {pf.metadata.num_rows:,} rows; a submission needs "
+                                                         f"{expected:,} ({why})"))
+    if not lay.images_dir.is_dir():
+        problems.append(Problem(rel(lay.images_dir), None, "no cover images (image embedding needs them)", False))
+    return problems
+
+
+def _check_padding_row(lay: Layout, pf: pq.ParquetFile, problems: list[Problem]) -> None:
+    first = pf.read_row_group(0, columns=_usable(pf, ITEM_INFO_COLUMNS)).slice(0, 1).to_pylist()[0]
+    for name, value in first.items():
+        flat = np.asarray(value if isinstance(value, list) else [value], dtype=float)
+        if np.any(flat != 0):
+            problems.append(Problem(str(lay.item_info.relative_to(lay.root)), name,
+                                    f"row 0 must be the all-zero padding item; found {flat[flat != 0][0]:g}"))
+
+
+def _check_feature_ids(rel: str, ids: np.ndarray, n_items: int | None) -> list[Problem]:
+    out = []
+    uniq, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        dup = uniq[counts > 1]
+        out.append(Problem(rel, "item_id", f"{len(dup):,} duplicate item ids; first {int(dup[0])}"))
+    if n_items is not None:
+        bad = uniq[(uniq < 1) | (uniq > n_items)]
+        if len(bad):
+            out.append(Problem(rel, "item_id", f"{len(bad):,} item ids outside 1..{n_items} (item_info rows); "
+                                               f"first {int(bad[0])}"))
+        missing = np.setdiff1d(np.arange(1, n_items + 1), uniq)
+        if len(missing):
+            out.append(Problem(rel, "item_id", f"{len(missing):,} of item_info's items 1..{n_items} have no row; "
+                                               f"first {int(missing[0])}"))
+    return out

@@ -1,0 +1,120 @@
+"""The `mmctr` command line: help for every stage, exit codes, one-line user errors, outputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from mmctr_ray.cli import build_parser, main
+from mmctr_ray.schema import Layout
+
+STAGES = ["synth", "validate", "features", "demo"]
+ROOT = Path(__file__).parent.parent
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mmctr_ray.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_top_level_help_lists_every_stage():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for stage in STAGES:
+        assert stage in r.stdout
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_help(stage, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args([stage, "--help"])
+    assert exc.value.code == 0
+    assert f"usage: mmctr {stage}" in capsys.readouterr().out
+
+
+def test_synth_flags_reach_the_data(tmp_path):
+    out = tmp_path / "d"
+    rc = main(["synth", "--out", str(out), "--users", "50", "--items", "40", "--train-rows", "300",
+               "--valid-rows", "60", "--test-rows", "70", "--tags", "50", "--topics", "4", "--images", "0",
+               "--seed", "3"])
+    assert rc == 0
+    lay = Layout(out)
+    assert [pq.ParquetFile(lay.split(s)).metadata.num_rows for s in ("train", "valid", "test")] == [300, 60, 70]
+    assert pq.ParquetFile(lay.item_info).metadata.num_rows == 41
+    assert not lay.images_dir.exists()
+    manifest = json.loads(lay.synth_manifest.read_text())
+    assert manifest["spec"]["seed"] == 3 and manifest["spec"]["users"] == 50
+
+
+def test_preset_1m_has_the_real_sizes():
+    from mmctr_ray.cli import _spec_from_args
+
+    args = build_parser().parse_args(["synth", "--out", "x", "--preset", "1m"])
+    spec = _spec_from_args(args)
+    assert (spec.users, spec.items, spec.train_rows, spec.valid_rows, spec.test_rows, spec.tags) == \
+        (1_000_000, 91_717, 3_600_000, 10_000, 379_142, 11_740)
+    args = build_parser().parse_args(["synth", "--out", "x", "--preset", "1m", "--train-rows", "10"])
+    assert _spec_from_args(args).train_rows == 10
+
+
+def test_validate_exit_codes(synth_dir, tmp_path):
+    r = run_cli("validate", str(synth_dir))
+    assert r.returncode == 0 and "OK (0 errors" in r.stdout
+    r = run_cli("validate", str(tmp_path / "missing"))
+    assert r.returncode == 1
+    assert "error: " in r.stdout and "data directory not found" in r.stdout
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  dnn_unit: [8]\n")
+    r = run_cli("features", "--data", str(tmp_path), "--config", str(bad))
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "mmctr features: error:" in r.stderr and "model.dnn_unit" in r.stderr
+    r = run_cli("synth", "--out", str(tmp_path / "s"), "--items", "0")
+    assert r.returncode == 2 and "--items must be >= 1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_synth_refuses_to_overwrite(synth_dir, tmp_path):
+    out = tmp_path / "d"
+    assert main(["synth", "--out", str(out), "--items", "30", "--users", "20", "--train-rows", "50",
+                 "--valid-rows", "20", "--test-rows", "20", "--tags", "200", "--topics", "4", "--images", "0"]) == 0
+    r = run_cli("synth", "--out", str(out), "--images", "0")
+    assert r.returncode == 2 and "--overwrite" in r.stderr
+
+
+@pytest.mark.slow
+def test_features_writes_summary_and_resolved_config(synth_dir, tmp_path):
+    out = tmp_path / "feat"
+    r = run_cli("features", "--data", str(synth_dir), "--config", "configs/tiny.yaml", "--set", "data.max_len=8",
+                "--out", str(out), "--num-cpus", "2")
+    assert r.returncode == 0, r.stderr
+    assert "item table: 200 items" in r.stdout
+    summary = json.loads((out / "features_summary.json").read_text())
+    assert summary["max_len"] == 8
+    assert summary["splits"]["train"]["rows"] == 3_000
+    assert summary["splits"]["train"]["columns"]["item_seq"] == "int64[8]"
+    assert summary["splits"]["train"]["history_len"]["max"] == 8
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["data"]["max_len"] == 8 and saved["name"] == "tiny"
+
+
+@pytest.mark.slow
+def test_demo_runs_the_main_job(tmp_path):
+    out = tmp_path / "demo"
+    r = run_cli("demo", "--out", str(out), "--config", "configs/tiny.yaml", "--users", "200", "--items", "100",
+                "--train-rows", "2000", "--valid-rows", "300", "--test-rows", "300", "--tags", "100",
+                "--topics", "5", "--images", "8", "--num-cpus", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "OK (0 errors, 0 warnings)" in r.stdout
+    assert (out / "data" / "oracle.json").is_file()
+    assert json.loads((out / "features" / "features_summary.json").read_text())["splits"]["valid"]["rows"] == 300
+    assert "demo done" in r.stderr

@@ -1,0 +1,143 @@
+"""Config: every shipped YAML loads; unknown keys and bad values fail by name; overrides; round-trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmctr_ray.config import ExperimentConfig, apply_override, from_dict, load_config, save_config
+from mmctr_ray.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_shipped_configs_exist():
+    assert {"baseline.yaml", "paper.yaml", "tiny.yaml"} <= {p.name for p in CONFIGS}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
+    cfg = load_config(path)
+    assert isinstance(cfg, ExperimentConfig)
+    saved = save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(saved) == cfg
+
+
+def test_baseline_is_the_challenge_din():
+    cfg = load_config(CONFIGS[[p.name for p in CONFIGS].index("baseline.yaml")])
+    m, t = cfg.model, cfg.train
+    assert (m.embedding_dim, m.item_vector_proj, m.item_dim) == (64, 128, 256)
+    assert m.attention == "din" and m.attention_units == (512, 256)
+    assert m.dnn_units == (1024, 512, 256) and m.batch_norm and m.dropout == 0.1
+    assert (m.senet, m.bilinear, m.crossnet) == (False, "off", "off")
+    assert m.embedding_init_std == 1e-4
+    assert (t.lr, t.batch_size, t.embedding_l2, t.grad_clip, t.patience, t.lr_decay, t.min_lr) == \
+        (1e-3, 8192, 1e-6, 10.0, 3, 0.1, 1e-6)
+    assert cfg.data.max_len == 64 and cfg.data.item_vector == "given"
+
+
+def test_paper_turns_every_module_on():
+    cfg = load_config(CONFIGS[[p.name for p in CONFIGS].index("paper.yaml")])
+    assert cfg.model.attention == "multihead" and cfg.model.senet
+    assert cfg.model.bilinear != "off" and cfg.model.crossnet != "off"
+    assert cfg.fusion.strategy == "v4"
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    p = tmp_path / "typo.yaml"
+    p.write_text("model:\n  dnn_unit: [8]\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: unknown config key model.dnn_unit \(did you mean "
+                                          r"model.dnn_units\?\)"):
+        load_config(p)
+
+
+def test_unknown_section_is_named(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("trian:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown config key trian"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("train.lr=-0.1", "train.lr=-0.1: expected a learning rate > 0"),
+    ("model.num_heads=0", "model.num_heads=0: expected a positive integer"),
+    ("model.attention=gru", "model.attention='gru': expected one of din, multihead"),
+    ("model.dnn_units=[64, 0]", "model.dnn_units"),
+    ("train.batch_size=1.5", "train.batch_size=1.5: expected an integer"),
+    ("model.senet=yes please", "model.senet='yes please': expected true or false"),
+    ("data.max_len=101", "data.max_len=101: expected an integer in 1..100"),
+    ("model.dropout=1.0", "model.dropout=1.0"),
+    ("fusion.strategy=v5", "fusion.strategy='v5'"),
+    ("train", "expected section.key=value"),
+])
+def test_impossible_values_fail_by_name(override, match):
+    with pytest.raises(ConfigError, match=match.replace("[", r"\[").replace("(", r"\(")):
+        load_config(None, [override])
+
+
+def test_multihead_heads_must_divide_item_width():
+    with pytest.raises(ConfigError, match="model.num_heads=3: expected a divisor of the item representation width"):
+        load_config(None, ["model.attention=multihead", "model.num_heads=3"])
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config(None, ["train.lr=3e-4", "model.dnn_units=[64, 32]", "model.senet=true",
+                             "data.item_vector=/tmp/item_emb.parquet", "name=x"])
+    assert cfg.train.lr == 3e-4 and cfg.model.dnn_units == (64, 32) and cfg.model.senet is True
+    assert cfg.data.item_vector == "/tmp/item_emb.parquet" and cfg.name == "x"
+
+
+def test_override_beats_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 0.01\n")
+    assert load_config(p, ["train.lr=0.5"]).train.lr == 0.5
+    assert load_config(p).train.lr == 0.01
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    p = tmp_path / "broken.yaml"
+    p.write_text("model:\n  dnn_units: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: invalid YAML at line \d"):
+        load_config(p)
+
+
+def test_not_a_mapping_and_missing_file(tmp_path):
+    p = tmp_path / "list.yaml"
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="list.yaml: expected a mapping"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_yaml_is_safe_loaded(tmp_path):
+    p = tmp_path / "evil.yaml"
+    p.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(p)
+
+
+def test_config_is_frozen_and_to_dict_is_plain():
+    cfg = from_dict({})
+    with pytest.raises(Exception):
+        cfg.train.lr = 1.0  # type: ignore[misc]
+    plain = cfg.to_dict()
+    assert yaml.safe_load(yaml.safe_dump(plain)) == plain
+    assert from_dict(plain) == cfg
+
+
+def test_apply_override_refuses_to_descend_into_a_value():
+    raw = {"train": {"lr": 0.1}}
+    with pytest.raises(ConfigError, match="lr is not a section"):
+        apply_override(raw, "train.lr.x=1")
+
+
+def test_exponent_without_dot_is_a_number(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 1e-3\n  embedding_l2: 0\n")
+    cfg = load_config(p)
+    assert cfg.train.lr == 1e-3 and cfg.train.embedding_l2 == 0.0
+    with pytest.raises(ConfigError, match="train.lr='fast': expected a number"):
+        load_config(None, ["train.lr=fast"])

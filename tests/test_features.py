@@ -1,0 +1,150 @@
+"""Features: the item table, history truncation/padding/mask, and the splits as Ray Datasets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mmctr_ray.data.writer import list_array
+from mmctr_ray.errors import DataError
+from mmctr_ray.features import (FUSED_VECTOR_COLUMN, history_mask, history_window, list_matrix, load_item_table,
+                                read_split, to_model_batch)
+from mmctr_ray.schema import Layout
+
+
+def test_history_window_keeps_most_recent():
+    seq = np.array([[0, 0, 0, 1, 2, 3], [0, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    out = history_window(seq, 4)
+    np.testing.assert_array_equal(out, [[0, 1, 2, 3], [5, 6, 7, 8], [11, 12, 13, 14]])
+    assert out.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(history_mask(out), out > 0)
+    np.testing.assert_array_equal(history_mask(out).sum(1), [3, 4, 4])
+
+
+def test_history_window_wider_than_stored_left_pads():
+    seq = np.array([[0, 1, 2]])
+    np.testing.assert_array_equal(history_window(seq, 5), [[0, 0, 0, 1, 2]])
+
+
+def test_history_mask_on_torch():
+    import torch
+
+    seq = torch.tensor([[0, 0, 3], [1, 2, 3]])
+    assert history_mask(seq).tolist() == [[False, False, True], [True, True, True]]
+
+
+def test_to_model_batch_dtypes_and_truncation():
+    seq = np.zeros((3, 100), dtype=np.int64)
+    seq[0, -2:] = [7, 8]
+    seq[1, -70:] = np.arange(1, 71)
+    seq[2, -100:] = np.arange(1, 101)
+    batch = pa.table({"user_id": pa.array([1, 2, 3], pa.int32()), "item_seq": list_array(seq, pa.int64()),
+                      "item_id": [4, 5, 6], "likes_level": [0, 1, 9], "views_level": [9, 1, 0],
+                      "label": pa.array([1.0, 0.0, 1.0], pa.float64())})
+    out = to_model_batch(batch, max_len=64)
+    assert out["item_seq"].shape == (3, 64) and out["item_seq"].dtype == np.int64
+    assert out["user_id"].dtype == np.int64 and out["label"].dtype == np.float32
+    np.testing.assert_array_equal(out["item_seq"][0, -2:], [7, 8])
+    assert out["item_seq"][0, :-2].sum() == 0
+    np.testing.assert_array_equal(out["item_seq"][1], np.arange(7, 71))  # the 64 most recent of 70
+    np.testing.assert_array_equal(out["item_seq"][2], np.arange(37, 101))
+    np.testing.assert_array_equal(history_mask(out["item_seq"]).sum(1), [2, 64, 64])
+
+
+def test_list_matrix_rejects_ragged_lists():
+    arr = pa.array([[1, 2, 3], [1, 2]], pa.list_(pa.int64()))
+    with pytest.raises(DataError, match="row 1 has 2"):
+        list_matrix(arr, "x.parquet: column item_seq")
+
+
+def test_item_table_from_given_vectors(synth_dir, tiny_spec):
+    table = load_item_table(synth_dir)
+    n = tiny_spec.items
+    assert table.num_items == n
+    assert table.tags.shape == (n + 1, 5) and table.tags.dtype == np.int64
+    assert table.vectors.shape == (n + 1, 128) and table.vectors.dtype == np.float32
+    assert not table.tags[0].any() and not table.vectors[0].any()
+    info = pq.read_table(Layout(synth_dir).item_info)
+    np.testing.assert_array_equal(table.vectors[17], np.array(info.column("item_emb_d128")[17].as_py(), np.float32))
+    assert table.tag_vocab == int(table.tags.max()) + 1
+    assert table.source["item_vector"] == "given" and table.source["dim"] == 128
+    t = table.to_torch()
+    assert tuple(t["vectors"].shape) == (n + 1, 128) and str(t["tags"].dtype) == "torch.int64"
+
+
+def test_item_table_from_fused_file_scatters_by_item_id(synth_dir, tiny_spec, tmp_path):
+    n = tiny_spec.items
+    ids = np.arange(n, 0, -1)  # reverse order: must be placed by item_id, not position
+    vecs = np.stack([ids, -ids], axis=1).astype(np.float32)
+    path = tmp_path / "item_emb.parquet"
+    pq.write_table(pa.table({"item_id": ids, FUSED_VECTOR_COLUMN: list_array(vecs, pa.float32())}), path)
+    table = load_item_table(synth_dir, str(path))
+    assert table.vectors.shape == (n + 1, 2)
+    np.testing.assert_array_equal(table.vectors[5], [5, -5])
+    assert not table.vectors[0].any()
+    assert table.source["item_vector"] == "fused"
+
+
+def test_item_table_errors_name_file_and_column(synth_dir, tmp_path):
+    with pytest.raises(DataError, match="item_info.parquet: missing file"):
+        load_item_table(tmp_path)
+    bad = tmp_path / "emb.parquet"
+    pq.write_table(pa.table({"item_id": [1], "vec": [[1.0]]}), bad)
+    with pytest.raises(DataError, match="emb.parquet: missing column item_emb"):
+        load_item_table(synth_dir, str(bad))
+    pq.write_table(pa.table({"item_id": [10**6], FUSED_VECTOR_COLUMN: [[1.0]]}), bad)
+    with pytest.raises(DataError, match=r"column item_id: value 1000000 outside"):
+        load_item_table(synth_dir, str(bad))
+    with pytest.raises(DataError, match="not found"):
+        load_item_table(synth_dir, str(tmp_path / "nope.parquet"))
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_read_split_as_ray_dataset(ray_local, synth_dir, tiny_spec):
+    ds = read_split(synth_dir, "valid", max_len=16, batch_rows=128)
+    rows = 0
+    raw = pq.read_table(Layout(synth_dir).split("valid"))
+    raw_ids = raw.column("item_id").to_numpy()
+    seen_ids = []
+    for batch in ds.iter_batches(batch_size=100, batch_format="numpy"):
+        assert set(batch) == {"user_id", "item_id", "likes_level", "views_level", "label", "item_seq"}
+        assert batch["item_seq"].shape[1:] == (16,) and batch["item_seq"].dtype == np.int64
+        assert batch["label"].dtype == np.float32
+        seen_ids.append(batch["item_id"])
+        rows += len(batch["label"])
+    assert rows == tiny_spec.valid_rows
+    np.testing.assert_array_equal(np.sort(np.concatenate(seen_ids)), np.sort(raw_ids))
+
+
+@pytest.mark.slow
+def test_read_split_rows_match_source_exactly(ray_local, synth_dir):
+    """Every source row arrives once with its 32 most recent items (order-free: Ray may reorder blocks)."""
+    raw = pq.read_table(Layout(synth_dir).split("test"))
+    seq = np.stack(raw.column("item_seq").to_numpy(zero_copy_only=False))[:, -32:]
+    key = raw.column("user_id").to_numpy() * 10**6 + raw.column("item_id").to_numpy()
+    ds = read_split(synth_dir, "test", max_len=32)
+    batch = {k: [] for k in ("user_id", "item_id", "item_seq")}
+    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for k in batch:
+            batch[k].append(b[k])
+    out = {k: np.concatenate(v) for k, v in batch.items()}
+    got_key = out["user_id"] * 10**6 + out["item_id"]
+    order, got_order = np.lexsort((seq.sum(1), key)), np.lexsort((out["item_seq"].sum(1), got_key))
+    np.testing.assert_array_equal(out["item_seq"][got_order], seq[order])
+
+
+@pytest.mark.slow
+def test_read_split_missing_file(ray_local, tmp_path):
+    with pytest.raises(DataError, match="train.parquet: missing file"):
+        read_split(tmp_path, "train")

@@ -1,0 +1,197 @@
+"""`mmctr synth`: the exact layout, dtypes, padding conventions, determinism and the planted click model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from mmctr_ray.data.synthetic import SynthSpec, World, rng_for
+from mmctr_ray.data.writer import STAGING, write_synthetic
+from mmctr_ray.errors import ConfigError, OutputExistsError
+from mmctr_ray.schema import CLIP_DIM, BERT_DIM, GIVEN_EMB_DIM, SEQ_LEN, SPLITS, TAGS_LEN, Layout
+from mmctr_ray.validate import validate
+
+
+def _digest(root) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_layout_files(synth_dir, tiny_spec):
+    lay = Layout(synth_dir)
+    for split in SPLITS:
+        assert lay.split(split).is_file()
+    assert lay.item_info.is_file() and lay.item_feature.is_file() and lay.oracle.is_file()
+    images = sorted(p.name for p in lay.images_dir.iterdir())
+    assert len(images) == tiny_spec.items
+    assert images[:3] == ["1.jpg", "10.jpg", "100.jpg"]
+    assert not (synth_dir / STAGING).exists()
+
+
+def test_split_schema_and_padding(synth_dir, tiny_spec):
+    t = pq.read_table(Layout(synth_dir).split("train"))
+    assert t.schema.names == ["user_id", "item_seq", "item_id", "likes_level", "views_level", "label"]
+    assert t.schema.field("item_seq").type == pa.list_(pa.int64())
+    assert t.schema.field("label").type == pa.float64()
+    assert t.num_rows == tiny_spec.train_rows
+    seq = np.stack(t.column("item_seq").to_numpy(zero_copy_only=False))
+    assert seq.shape == (tiny_spec.train_rows, SEQ_LEN)
+    real = seq > 0
+    # left-padded: once a real item appears, every later position is real (most recent last)
+    assert not (real[:, :-1] & ~real[:, 1:]).any()
+    assert real[:, -1].all()
+    assert seq.max() <= tiny_spec.items and seq.min() == 0
+    lengths = real.sum(axis=1)
+    assert lengths.min() >= 3 and lengths.max() <= SEQ_LEN
+    item = t.column("item_id").to_numpy()
+    assert item.min() >= 1 and item.max() <= tiny_spec.items
+    assert set(np.unique(t.column("label").to_numpy())) == {0.0, 1.0}
+
+
+def test_levels_match_item_feature(synth_dir):
+    lay = Layout(synth_dir)
+    t = pq.read_table(lay.split("valid"))
+    feat = pq.read_table(lay.item_feature).to_pandas().set_index("item_id")
+    items = t.column("item_id").to_numpy()
+    np.testing.assert_array_equal(t.column("likes_level").to_numpy(), feat.loc[items, "likes_level"].to_numpy())
+    np.testing.assert_array_equal(t.column("views_level").to_numpy(), feat.loc[items, "views_level"].to_numpy())
+    assert feat["likes_level"].between(0, 9).all() and feat["views_level"].between(0, 9).all()
+
+
+def test_item_info_row_index_and_padding_row(synth_dir, tiny_spec):
+    info = pq.read_table(Layout(synth_dir).item_info)
+    assert info.num_rows == tiny_spec.items + 1
+    np.testing.assert_array_equal(info.column("item_id").to_numpy(), np.arange(tiny_spec.items + 1))
+    tags = np.stack(info.column("item_tags").to_numpy(zero_copy_only=False))
+    emb = np.stack(info.column("item_emb_d128").to_numpy(zero_copy_only=False))
+    assert tags.shape == (tiny_spec.items + 1, TAGS_LEN) and emb.shape == (tiny_spec.items + 1, GIVEN_EMB_DIM)
+    assert info.schema.field("item_emb_d128").type == pa.list_(pa.float32())
+    assert not tags[0].any() and not emb[0].any()
+    real = tags[1:] > 0
+    assert real.any(axis=1).all() and not (real[:, :-1] & ~real[:, 1:]).any()  # 1..5 tags, left-padded
+    assert tags.max() <= tiny_spec.tags
+
+
+def test_item_feature_columns(synth_dir, tiny_spec):
+    feat = pq.read_table(Layout(synth_dir).item_feature)
+    assert feat.schema.names == ["item_id", "item_title", "item_tags", "likes_level", "views_level",
+                                 "txt_emb_BERT", "img_emb_CLIPRN50"]
+    np.testing.assert_array_equal(feat.column("item_id").to_numpy(), np.arange(1, tiny_spec.items + 1))
+    titles = feat.column("item_title").to_pylist()
+    assert all(len(t.split()) >= 3 and t[0].isupper() for t in titles)
+    assert len(set(titles)) > tiny_spec.items // 2
+    for name, dim in (("txt_emb_BERT", BERT_DIM), ("img_emb_CLIPRN50", CLIP_DIM)):
+        v = np.stack(feat.column(name).to_numpy(zero_copy_only=False))
+        assert v.shape == (tiny_spec.items, dim) and np.isfinite(v).all()
+
+
+def test_test_split_label_is_placeholder_and_truth_kept(synth_dir, tiny_spec):
+    lay = Layout(synth_dir)
+    test = pq.read_table(lay.split("test"))
+    assert (test.column("label").to_numpy() == 0).all()
+    truth = pq.read_table(lay.hidden_test_labels)
+    assert truth.num_rows == tiny_spec.test_rows
+    np.testing.assert_array_equal(truth.column("ID").to_numpy(), np.arange(tiny_spec.test_rows))
+    oracle = json.loads(lay.oracle.read_text())
+    auc = roc_auc_score(truth.column("label").to_numpy(), truth.column("prob").to_numpy())
+    assert oracle["test"]["oracle_auc"] == pytest.approx(auc)
+
+
+def test_synth_output_validates_clean(synth_dir):
+    assert [str(p) for p in validate(synth_dir)] == []
+
+
+def test_same_seed_is_byte_identical_and_other_seed_differs(tmp_path, tiny_spec):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    write_synthetic(a, tiny_spec, progress=lambda m: None)
+    write_synthetic(b, tiny_spec, progress=lambda m: None)
+    write_synthetic(c, SynthSpec(**{**tiny_spec.__dict__, "seed": tiny_spec.seed + 1}), progress=lambda m: None)
+    da, db, dc = _digest(a), _digest(b), _digest(c)
+    assert da == db
+    assert da.keys() == dc.keys()
+    assert da[f"{Layout(a).split('train').relative_to(a)}"] != dc[f"{Layout(c).split('train').relative_to(c)}"]
+
+
+def test_chunk_size_does_not_leak_into_row_count(tmp_path, tiny_spec):
+    spec = SynthSpec(**{**tiny_spec.__dict__, "train_rows": 2_345, "chunk_rows": 1_000, "image_size": 0})
+    write_synthetic(tmp_path, spec, progress=lambda m: None)
+    assert pq.ParquetFile(Layout(tmp_path).split("train")).metadata.num_rows == 2_345
+    assert not Layout(tmp_path).images_dir.exists()
+
+
+def test_existing_output_needs_overwrite(tmp_path, tiny_spec):
+    spec = SynthSpec(**{**tiny_spec.__dict__, "image_size": 0})
+    write_synthetic(tmp_path, spec, progress=lambda m: None)
+    before = Layout(tmp_path).split("train").read_bytes()
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        write_synthetic(tmp_path, spec, progress=lambda m: None)
+    assert Layout(tmp_path).split("train").read_bytes() == before
+    write_synthetic(tmp_path, spec, overwrite=True, progress=lambda m: None)
+
+
+@pytest.mark.parametrize("field,value,match", [("items", 0, "--items"), ("tags", 3, "--tags"),
+                                               ("image_size", -1, "--images"), ("topics", 0, "topics")])
+def test_bad_spec_names_the_flag(field, value, match):
+    with pytest.raises(ConfigError, match=match):
+        SynthSpec(**{field: value})
+
+
+@pytest.fixture(scope="module")
+def world_rows():
+    world = World(SynthSpec(users=3_000, items=1_500, seed=5))
+    rng = rng_for(5, 77)
+    rows = world.sample_rows(rng, 40_000)
+    rows["label"] = (rng.random(40_000) < rows["prob"]).astype(float)
+    return world, rows
+
+
+def test_history_lengths_and_positive_rate_like_the_real_data(world_rows):
+    _, rows = world_rows
+    lengths = (rows["item_seq"] > 0).sum(axis=1)
+    assert lengths.min() == 3 and lengths.max() <= 100
+    assert 5 <= np.median(lengths) <= 7
+    assert 7 <= lengths.mean() <= 9.5
+    assert 0.22 <= rows["label"].mean() <= 0.28
+
+
+def test_planted_model_rewards_history_and_content(world_rows):
+    """The oracle beats any score that leaves out the history term or the content preference."""
+    world, rows = world_rows
+    y, users, target = rows["label"], rows["user"], rows["item_id"]
+    oracle = roc_auc_score(y, rows["prob"])
+    pop_only = roc_auc_score(y, world.pop[target])
+    logit_no_pref = rows["logit"] - 3.5 * np.einsum("kd,kd->k", world.user_pref[users], world.content[target])
+    assert 0.8 < oracle < 0.92
+    assert oracle - roc_auc_score(y, logit_no_pref) > 0.02
+    assert oracle - pop_only > 0.15
+    # the history term alone (target-history content similarity) carries real signal
+    seq = rows["item_seq"]
+    hist_mean = (world.content[seq] * (seq > 0)[..., None]).sum(1) / (seq > 0).sum(1, keepdims=True)
+    hsim = np.einsum("kd,kd->k", hist_mean, world.content[target])
+    assert roc_auc_score(y, hsim) > 0.65
+
+
+def test_modalities_carry_complementary_content(synth_dir):
+    """Text reads c_a, image reads c_b: each predicts its own part of the content better than the other."""
+    from mmctr_ray.data.synthetic import K_A
+
+    world = World(SynthSpec(users=300, items=200, train_rows=3_000, valid_rows=500, test_rows=400, tags=100,
+                            topics=8, image_size=16, seed=11, chunk_rows=1_000))
+    feat = pq.read_table(Layout(synth_dir).item_feature)
+    c = world.content[1:]
+    r2 = {}  # share of the embedding's variance explained by each content part (8 regressors, 200 items)
+    for name in ("txt_emb_BERT", "img_emb_CLIPRN50"):
+        x = np.stack(feat.column(name).to_numpy(zero_copy_only=False)).astype(float)
+        x = x - x.mean(0)
+        for part, cols in (("a", slice(0, K_A)), ("b", slice(K_A, None))):
+            z = c[:, cols] - c[:, cols].mean(0)
+            coef, *_ = np.linalg.lstsq(z, x, rcond=None)
+            r2[name, part] = 1 - ((x - z @ coef) ** 2).sum() / (x**2).sum()
+    assert r2["txt_emb_BERT", "a"] > r2["img_emb_CLIPRN50", "a"]
+    assert r2["img_emb_CLIPRN50", "b"] > r2["txt_emb_BERT", "b"]

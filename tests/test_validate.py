@@ -1,0 +1,283 @@
+"""validate(): one corruption per test of a copy of the tiny synthetic data set; each must be reported as an
+error naming the file, the column, the offending value and what was expected."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mmctr_ray.schema import Layout
+from mmctr_ray.validate import Problem, validate
+
+TRAIN, VALID, TEST = (f"MicroLens_1M_x1/{s}.parquet" for s in ("train", "valid", "test"))
+INFO, FEATURE = "MicroLens_1M_x1/item_info.parquet", "item_feature.parquet"
+
+
+@pytest.fixture
+def data(synth_dir, tmp_path):
+    """A private copy of the synthetic data set, free to corrupt."""
+    return shutil.copytree(synth_dir, tmp_path / "data")
+
+
+def n_items(root) -> int:
+    return pq.ParquetFile(Layout(root).item_info).metadata.num_rows - 1
+
+
+def rewrite(path, fn) -> None:
+    """Read the parquet file at ``path``, apply ``fn`` (table → table) and write it back."""
+    pq.write_table(fn(pq.read_table(path)), path)
+
+
+def replace(table: pa.Table, name: str, values, type_: pa.DataType | None = None) -> pa.Table:
+    """``table`` with column ``name`` replaced by ``values`` (cast to the old type unless ``type_``)."""
+    i = table.schema.get_field_index(name)
+    return table.set_column(i, name, pa.array(values, type=type_ or table.schema.field(name).type))
+
+
+def set_cell(name: str, row: int, value, type_: pa.DataType | None = None):
+    """A rewrite fn setting one cell (a scalar, or a whole list for list columns)."""
+    def fn(table: pa.Table) -> pa.Table:
+        values = table[name].to_pylist()
+        values[row] = value
+        return replace(table, name, values, type_)
+    return fn
+
+
+def set_elem(name: str, row: int, pos: int, value):
+    """A rewrite fn setting one element of one list cell."""
+    def fn(table: pa.Table) -> pa.Table:
+        cell = table[name][row].as_py()
+        cell[pos] = value
+        return set_cell(name, row, cell)(table)
+    return fn
+
+
+def errors(root, **kw) -> list[Problem]:
+    return [p for p in validate(root, **kw) if p.is_error]
+
+
+def the_error(root, file: str, column: str | None, *needles: str, **kw) -> Problem:
+    """The one error about ``file``/``column``; its text must contain every needle."""
+    found = [p for p in errors(root, **kw) if p.file == file and p.column == column]
+    assert len(found) == 1, [str(p) for p in validate(root, **kw)]
+    for needle in needles:
+        assert needle in str(found[0]), (needle, str(found[0]))
+    return found[0]
+
+
+def test_synth_output_validates_clean(synth_dir):
+    assert validate(synth_dir) == []
+
+
+def test_missing_images_is_only_a_warning(data):
+    shutil.rmtree(Layout(data).images_dir)
+    problems = validate(data)
+    assert [(p.file, p.is_error) for p in problems] == [("item_images", False)]
+    assert str(problems[0]).startswith("warning: item_images: ")
+
+
+@pytest.mark.parametrize("file", [TRAIN, VALID, TEST, INFO, FEATURE])
+def test_missing_file(data, file):
+    (data / file).unlink()
+    the_error(data, file, None, "missing file")
+
+
+def test_data_directory_not_found(tmp_path):
+    assert [str(p) for p in validate(tmp_path / "nope")] == [f"error: {tmp_path / 'nope'}: data directory not found"]
+
+
+@pytest.mark.parametrize("file,column,kind", [(TRAIN, "label", "float"), (TEST, "item_seq", "list<int> of length 100"),
+                                              (INFO, "item_emb_d128", "list<float> of length 128"),
+                                              (FEATURE, "item_title", "string")])
+def test_missing_column(data, file, column, kind):
+    rewrite(data / file, lambda t: t.drop_columns([column]))
+    the_error(data, file, column, "missing column", kind)
+
+
+@pytest.mark.parametrize("file,column,type_,shown,expected", [
+    (TRAIN, "item_id", pa.string(), "has type string", "expected integer"),
+    (VALID, "item_seq", pa.list_(pa.string()), "has type list<element: string>", "expected list<int> of length 100"),
+    (TRAIN, "label", pa.string(), "has type string", "expected float"),
+    (INFO, "item_tags", pa.list_(pa.float32()), "has type list<element: float>", "expected list<int> of length 5"),
+])
+def test_wrong_dtype(data, file, column, type_, shown, expected):
+    rewrite(data / file, lambda t: replace(t, column, t[column].cast(type_), type_))
+    the_error(data, file, column, shown, expected)
+
+
+def test_integer_and_float_widths_are_accepted(data):
+    rewrite(data / TRAIN, lambda t: replace(t, "user_id", t["user_id"].cast(pa.int32()), pa.int32()))
+    rewrite(data / TRAIN, lambda t: replace(t, "label", t["label"].cast(pa.float32()), pa.float32()))
+    assert validate(data) == []
+
+
+@pytest.mark.parametrize("file", [VALID, INFO, FEATURE])
+def test_empty_file(data, file):
+    rewrite(data / file, lambda t: t.slice(0, 0))
+    the_error(data, file, None, "empty file: 0 rows")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "half", "pages"])
+def test_corrupt_parquet(data, damage):
+    path = data / TRAIN
+    raw = path.read_bytes()
+    if damage == "garbage":
+        raw = b"this is not parquet" * 100
+    elif damage == "half":
+        raw = raw[: len(raw) // 2]
+    else:  # scramble the data pages, keep the footer: the file opens, then fails to decode
+        noise = np.random.default_rng(0).integers(0, 256, len(raw) // 2, dtype=np.uint8).tobytes()
+        raw = raw[:100] + noise + raw[100 + len(noise):]
+    path.write_bytes(raw)
+    the_error(data, TRAIN, None, "not a readable parquet file")
+    assert [p.file for p in errors(data)] == [TRAIN]
+
+
+@pytest.mark.parametrize("column,value,expected", [("item_id", "too_big", "item ids in 1.."),
+                                                   ("item_id", 0, "item ids in 1.."),
+                                                   ("user_id", -5, "non-negative ids"),
+                                                   ("likes_level", 10, "levels in 0..9"),
+                                                   ("views_level", -1, "levels in 0..9")])
+def test_split_scalar_out_of_range(data, column, value, expected):
+    value = n_items(data) + 1 if value == "too_big" else value
+    rewrite(data / VALID, set_cell(column, 7, value))
+    the_error(data, VALID, column, f"1 value not {expected}", f"first {value} at row 7")
+
+
+@pytest.mark.parametrize("value", ["too_big", -3])
+def test_item_seq_id_out_of_range(data, value):
+    value = n_items(data) + 5 if value == "too_big" else value
+    rewrite(data / TRAIN, set_elem("item_seq", 1234, -1, value))  # 1234: a row past the first row group
+    the_error(data, TRAIN, "item_seq", f"item ids in 0..{n_items(data)} (0 = padding)", f"first {value} at row 1234")
+
+
+def test_item_seq_of_wrong_length(data):
+    rewrite(data / VALID, lambda t: set_cell("item_seq", 3, t["item_seq"][3].as_py()[1:])(t))
+    the_error(data, VALID, "item_seq", "lists of length 100", "first 99 at row 3")
+
+
+def test_item_seq_not_left_padded(data):
+    seq = pq.read_table(data / VALID)["item_seq"][5].as_py()
+    start = next(i for i, v in enumerate(seq) if v)
+    assert start < 99  # a history of at least two items
+    rewrite(data / VALID, set_elem("item_seq", 5, -1, 0))  # a 0 after the first real item
+    the_error(data, VALID, "item_seq", "left-padded", "at row 5", f"history {seq[start:-1] + [0]}")
+
+
+def test_label_placeholder_in_test_is_fine(data):
+    rewrite(data / TEST, lambda t: replace(t, "label", np.full(t.num_rows, -1.0)))
+    assert validate(data) == []
+
+
+@pytest.mark.parametrize("value", [0.5, 2.0])
+def test_label_not_binary_in_train(data, value):
+    rewrite(data / TRAIN, set_cell("label", 11, value))
+    the_error(data, TRAIN, "label", "1 value not 0 or 1", f"first {value!r} at row 11")
+
+
+def test_item_info_rows_out_of_order(data):
+    def swap(t):
+        order = list(range(t.num_rows))
+        order[3], order[4] = 4, 3
+        return t.take(order)
+    rewrite(data / INFO, swap)
+    the_error(data, INFO, "item_id", "2 values not equal to the row index", "first 4 at row 3")
+
+
+@pytest.mark.parametrize("column,value,shown", [("item_tags", [0, 0, 0, 0, 7], "found 7"),
+                                                ("item_emb_d128", [0.0] * 127 + [0.25], "found 0.25")])
+def test_item_info_padding_row_not_zero(data, column, value, shown):
+    rewrite(data / INFO, set_cell(column, 0, value))
+    the_error(data, INFO, column, "row 0 must be the all-zero padding item", shown)
+
+
+@pytest.mark.parametrize("file", [INFO, FEATURE])
+def test_item_tags_wrong_length(data, file):
+    rewrite(data / file, set_cell("item_tags", 9, [1, 2, 3]))
+    the_error(data, file, "item_tags", "lists of length 5", "first 3 at row 9")
+
+
+@pytest.mark.parametrize("file,column", [(INFO, "item_emb_d128"), (FEATURE, "txt_emb_BERT"),
+                                         (FEATURE, "img_emb_CLIPRN50")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_embedding_not_finite(data, file, column, value):
+    rewrite(data / file, set_elem(column, 6, 17, value))
+    the_error(data, file, column, "finite floats (NaN/inf found)", f"first {value!r} at row 6")
+
+
+@pytest.mark.parametrize("file,column,width", [(INFO, "item_emb_d128", 128), (FEATURE, "txt_emb_BERT", 768),
+                                               (FEATURE, "img_emb_CLIPRN50", 1024)])
+def test_embedding_wrong_width(data, file, column, width):
+    rewrite(data / file, set_cell(column, 2, [0.5] * (width - 1)))
+    the_error(data, file, column, f"lists of length {width}", f"first {width - 1} at row 2")
+
+
+def test_item_feature_duplicate_ids(data):
+    rewrite(data / FEATURE, lambda t: pa.concat_tables([t, t.slice(41, 1)]))
+    the_error(data, FEATURE, "item_id", "1 duplicate item ids; first 42")
+
+
+def test_item_feature_id_outside_items(data):
+    n = n_items(data)
+    rewrite(data / FEATURE, set_cell("item_id", n - 1, n + 3))  # item n is renamed n + 3: out of range, n missing
+    problems = [str(p) for p in errors(data) if p.file == FEATURE and p.column == "item_id"]
+    assert len(problems) == 2, problems
+    assert f"1 item ids outside 1..{n} (item_info rows); first {n + 3}" in problems[0]
+    assert f"1 of item_info's items 1..{n} have no row; first {n}" in problems[1]
+
+
+def test_item_feature_missing_item(data):
+    rewrite(data / FEATURE, lambda t: t.filter(pa.compute.not_equal(t["item_id"], 57)))
+    the_error(data, FEATURE, "item_id", f"1 of item_info's items 1..{n_items(data)} have no row; first 57")
+
+
+@pytest.mark.parametrize("column,value", [("likes_level", 10), ("views_level", -2)])
+def test_item_feature_levels_out_of_range(data, column, value):
+    rewrite(data / FEATURE, set_cell(column, 8, value))
+    the_error(data, FEATURE, column, "1 value not levels in 0..9", f"first {value} at row 8")
+
+
+@pytest.mark.parametrize("file,column", [(TRAIN, "user_id"), (TRAIN, "label"), (VALID, "item_seq"),
+                                         (FEATURE, "item_title"), (INFO, "item_tags")])
+def test_null_value(data, file, column):
+    rewrite(data / file, set_cell(column, 13, None))
+    found = [str(p) for p in errors(data) if p.file == file and p.column == column]
+    assert any("1 value not non-null (null found); first None at row 13" in p for p in found), found
+
+
+@pytest.mark.parametrize("file,column", [(VALID, "item_seq"), (FEATURE, "item_tags")])
+def test_null_inside_a_list(data, file, column):
+    rewrite(data / file, set_elem(column, 4, -1, None))
+    the_error(data, file, column, "1 value not non-null (null found); first None at row 4")
+
+
+def test_test_rows_as_requested(data):
+    the_error(data, TEST, None, "has 400 rows; a submission needs 399 (as requested)", expect_test_rows=399)
+    assert errors(data, expect_test_rows=400) == []
+
+
+def test_test_rows_per_synth_manifest(data):
+    expected = json.loads(Layout(data).synth_manifest.read_text())["spec"]["test_rows"]
+    rewrite(data / TEST, lambda t: t.slice(0, t.num_rows - 10))
+    the_error(data, TEST, None, f"has {expected - 10:,} rows; a submission needs {expected:,} (per synth.json)")
+
+
+def test_every_problem_is_one_line(data):
+    shutil.rmtree(Layout(data).images_dir)
+    (data / VALID).write_bytes(b"PAR1\n\nnot\nparquet\nPAR1")
+    rewrite(data / TRAIN, set_cell("label", 0, 0.5))
+    rewrite(data / TRAIN, set_elem("item_seq", 0, -1, 0))
+    rewrite(data / INFO, set_elem("item_emb_d128", 3, 0, float("nan")))
+    rewrite(data / FEATURE, lambda t: t.drop_columns(["item_title"]))
+    problems = validate(data, expect_test_rows=1)
+    assert len(problems) >= 7, [str(p) for p in problems]
+    for p in problems:
+        text = str(p)
+        assert "\n" not in text and "\r" not in text, text
+        assert text.startswith("error: " if p.is_error else "warning: "), text
+        assert text.split(": ", 2)[1] == p.file, text
