@@ -23,7 +23,15 @@ import pyarrow.parquet as pq
 from mmctr_ray.schema import (ITEM_FEATURE_COLUMNS, ITEM_INFO_COLUMNS, LEVELS, REAL_NUM_ITEMS, REAL_TEST_ROWS,
                               SPLIT_COLUMNS, SPLITS, Layout, kind_name)
 
-BATCH_ROWS = 65_536
+BATCH_BYTES = 32 << 20  # decoded bytes per scanned batch: bounds memory for wide files (item_feature)
+
+
+def _batch_rows(pf: pq.ParquetFile) -> int:
+    """Rows per batch so that one decoded batch is about BATCH_BYTES."""
+    meta = pf.metadata
+    sizes = [meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)]
+    per_row = max(1.0, sum(sizes) / max(meta.num_rows, 1))
+    return int(min(65_536, max(256, BATCH_BYTES // per_row)))
 _NON_NULL = "non-null (null found)"  # the expectation a null value breaks
 
 
@@ -113,7 +121,7 @@ def _open(path: Path, rel: str, columns: dict[str, object], problems: list[Probl
         problems.append(Problem(rel, None, "missing file"))
         return None
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path, pre_buffer=False)  # pre-buffering reads whole row groups ahead: memory
     except _READ_ERRORS as err:
         problems.append(_unreadable(rel, err))
         return None
@@ -148,8 +156,10 @@ def _list_values(check: _FileCheck, col: pa.Array, name: str, width: int | None,
     return flat.to_numpy(zero_copy_only=False), rows
 
 
-def _check_nulls(check: _FileCheck, batch: pa.RecordBatch, offset: int) -> None:
+def _check_nulls(check: _FileCheck, batch: pa.RecordBatch, offset: int, skip: tuple[str, ...] = ()) -> None:
     for name in batch.schema.names:
+        if name in skip:
+            continue
         col = batch.column(name)
         if col.null_count:
             check.bad(name, _NON_NULL, col.is_null().to_numpy(zero_copy_only=False), np.full(len(col), None), offset)
@@ -157,8 +167,8 @@ def _check_nulls(check: _FileCheck, batch: pa.RecordBatch, offset: int) -> None:
 
 def _scan_split(check: _FileCheck, pf: pq.ParquetFile, n_items: int | None, is_test: bool) -> None:
     offset = 0
-    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=_usable(pf, SPLIT_COLUMNS)):
-        _check_nulls(check, batch, offset)
+    for batch in pf.iter_batches(batch_size=_batch_rows(pf), columns=_usable(pf, SPLIT_COLUMNS)):
+        _check_nulls(check, batch, offset, skip=("label",) if is_test else ())  # test labels: placeholders
         cols = {n: batch.column(n) for n in batch.schema.names}
         if "user_id" in cols:
             uid = cols["user_id"].to_numpy(zero_copy_only=False)
@@ -201,7 +211,7 @@ def _scan_items(check: _FileCheck, pf: pq.ParquetFile, spec: dict[str, object], 
     """Scan item_info (first_id 0) or item_feature (first_id 1); return the item ids seen."""
     ids = []
     offset = 0
-    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=_usable(pf, spec)):
+    for batch in pf.iter_batches(batch_size=_batch_rows(pf), columns=_usable(pf, spec)):
         _check_nulls(check, batch, offset)
         for name in batch.schema.names:
             kind = spec[name]

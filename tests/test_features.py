@@ -71,7 +71,7 @@ def test_item_table_from_given_vectors(synth_dir, tiny_spec):
     assert table.tag_vocab == int(table.tags.max()) + 1
     assert table.source["item_vector"] == "given" and table.source["dim"] == 128
     t = table.to_torch()
-    assert tuple(t["vectors"].shape) == (n + 1, 128) and str(t["tags"].dtype) == "torch.int64"
+    assert tuple(t["item_vectors"].shape) == (n + 1, 128) and str(t["item_tags"].dtype) == "torch.int64"
 
 
 def test_item_table_from_fused_file_scatters_by_item_id(synth_dir, tiny_spec, tmp_path):
@@ -148,3 +148,10 @@ def test_read_split_rows_match_source_exactly(ray_local, synth_dir):
 def test_read_split_missing_file(ray_local, tmp_path):
     with pytest.raises(DataError, match="train.parquet: missing file"):
         read_split(tmp_path, "train")
+
+
+def test_null_placeholder_labels_become_zero():
+    seq = np.ones((2, 100), dtype=np.int64)
+    batch = pa.table({"user_id": [1, 2], "item_seq": list_array(seq, pa.int64()), "item_id": [4, 5],
+                      "likes_level": [0, 1], "views_level": [2, 3], "label": pa.nulls(2, pa.float64())})
+    np.testing.assert_array_equal(to_model_batch(batch, max_len=4)["label"], [0.0, 0.0])

@@ -169,8 +169,10 @@ def test_item_seq_not_left_padded(data):
     the_error(data, VALID, "item_seq", "left-padded", "at row 5", f"history {seq[start:-1] + [0]}")
 
 
-def test_label_placeholder_in_test_is_fine(data):
-    rewrite(data / TEST, lambda t: replace(t, "label", np.full(t.num_rows, -1.0)))
+@pytest.mark.parametrize("placeholder", [lambda n: np.full(n, -1.0), lambda n: pa.nulls(n, pa.float64())],
+                         ids=["-1", "null"])
+def test_label_placeholder_in_test_is_fine(data, placeholder):
+    rewrite(data / TEST, lambda t: replace(t, "label", placeholder(t.num_rows)))
     assert validate(data) == []
 
 
