@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,27 @@ from typing import Any
 import yaml
 
 from mmctr_ray.errors import ConfigError  # re-exported
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML with YAML 1.2 scalars: only true/false are booleans (``bilinear: off`` stays the string
+    "off", not False) and ``1e-3`` is a float (PyYAML's YAML 1.1 reads it as a string)."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
+
+
+def safe_load(text: str) -> Any:
+    """Parse YAML text safely (no object construction) with YAML 1.2 booleans and floats."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506  (_Loader is a SafeLoader)
 
 
 def _check(ok: bool, key: str, value: object, expected: str) -> None:
@@ -95,6 +117,7 @@ class ModelConfig:
         embedding_init_std: embeddings are initialised normal(0, std).
         attention: ``din`` (MLP over [t, h, t-h, t*h], no softmax) or ``multihead`` (target attention).
         attention_units: hidden widths of the DIN attention MLP.
+        attention_activation: activation of the DIN attention MLP.
         attention_dropout: dropout inside the attention module.
         num_heads: H for multi-head target attention.
         senet: squeeze-and-excitation over the field embeddings.
@@ -115,6 +138,7 @@ class ModelConfig:
     embedding_init_std: float = 1e-4
     attention: str = "din"
     attention_units: tuple[int, ...] = (512, 256)
+    attention_activation: str = "relu"
     attention_dropout: float = 0.1
     num_heads: int = 4
     senet: bool = False
@@ -137,11 +161,16 @@ class ModelConfig:
         _check(self.crossnet in CROSSNET_TYPES, "model.crossnet", self.crossnet,
                "one of " + ", ".join(CROSSNET_TYPES))
         _check(0 <= self.cross_layers <= 16, "model.cross_layers", self.cross_layers, "an integer in 0..16")
-        _check(self.dnn_activation in ACTIVATIONS, "model.dnn_activation", self.dnn_activation,
-               "one of " + ", ".join(ACTIVATIONS))
+        for name in ("dnn_activation", "attention_activation"):
+            _check(getattr(self, name) in ACTIVATIONS, f"model.{name}", getattr(self, name),
+                   "one of " + ", ".join(ACTIVATIONS))
+        # the item representation is cut into D-wide fields for SENet and bilinear interaction
+        _check(self.item_vector_proj % self.embedding_dim == 0, "model.item_vector_proj", self.item_vector_proj,
+               f"a multiple of model.embedding_dim={self.embedding_dim}")
         for name in ("attention_units", "dnn_units"):
             units = getattr(self, name)
-            _check(all(u >= 1 for u in units), f"model.{name}", list(units), "a list of positive integers")
+            _check(len(units) >= 1 and all(u >= 1 for u in units), f"model.{name}", list(units),
+                   "a non-empty list of positive integers")
         for name in ("dropout", "attention_dropout"):
             _check(0.0 <= getattr(self, name) < 1.0, f"model.{name}", getattr(self, name), "a value in [0, 1)")
         if self.attention == "multihead":
@@ -241,11 +270,6 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         _check(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
         return value
     if hint is float:
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string: accept it as the number it is
-            try:
-                value = float(value)
-            except ValueError:
-                pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "a number")
         return float(value)
     if hint is str:
@@ -282,7 +306,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     if not all(keys):
         raise ConfigError(f"override {assignment!r}: expected section.key=value")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = safe_load(text) if text.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"override {assignment!r}: value is not valid YAML ({err.__class__.__name__})") from None
     node = raw
@@ -308,7 +332,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not p.is_file():
             raise ConfigError(f"{where}: config file not found")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = safe_load(p.read_text())
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             at = f" at line {mark.line + 1}" if mark is not None else ""

@@ -141,3 +141,13 @@ def test_exponent_without_dot_is_a_number(tmp_path):
     assert cfg.train.lr == 1e-3 and cfg.train.embedding_l2 == 0.0
     with pytest.raises(ConfigError, match="train.lr='fast': expected a number"):
         load_config(None, ["train.lr=fast"])
+
+
+def test_on_off_yes_no_stay_strings(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  bilinear: off\n  crossnet: off\n  senet: true\n")
+    cfg = load_config(p, ["model.attention=din"])
+    assert cfg.model.bilinear == "off" and cfg.model.crossnet == "off" and cfg.model.senet is True
+    assert load_config(None, ["model.bilinear=off"]).model.bilinear == "off"
+    with pytest.raises(ConfigError, match="model.senet='yes': expected true or false"):
+        load_config(None, ["model.senet=yes"])
