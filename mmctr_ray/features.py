@@ -17,7 +17,8 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mmctr_ray.errors import DataError  # re-exported
-from mmctr_ray.schema import PAD_ID, Layout
+from mmctr_ray.schema import PAD_ID, SPLITS, Layout
 
 SPLIT_FEATURES = ("user_id", "item_id", "likes_level", "views_level", "label")
 FUSED_VECTOR_COLUMN = "item_emb"  # column of an item_emb.parquet written by `mmctr fuse`
@@ -75,11 +76,12 @@ class ItemTable:
         return self.vectors.shape[1]
 
     def to_torch(self, device: Any = "cpu") -> dict[str, Any]:
-        """The table as tensors on ``device``: ``tags`` (N+1, T) long, ``vectors`` (N+1, V) float."""
+        """The table as tensors on ``device``: ``item_tags`` (N+1, T) long, ``item_vectors`` (N+1, V) float
+        (the keyword arguments of :class:`mmctr_ray.model.DINModel`)."""
         import torch
 
-        return {"tags": torch.as_tensor(self.tags, device=device),
-                "vectors": torch.as_tensor(self.vectors, device=device)}
+        return {"item_tags": torch.as_tensor(self.tags, device=device),
+                "item_vectors": torch.as_tensor(self.vectors, device=device)}
 
 
 def _read_fused(path: Path, num_items: int) -> np.ndarray:
@@ -135,6 +137,53 @@ def load_item_table(data_dir: str | Path, item_vector: str = "given") -> ItemTab
     return ItemTable(tags=tags, vectors=vectors, source=source)
 
 
+@dataclass(frozen=True)
+class FeatureMap:
+    """Vocabulary sizes and widths the model is built for; saved as ``feature_map.json`` with every run.
+
+    Attributes:
+        num_items: N (item ids 1..N, 0 = padding).
+        tag_vocab: tag embedding rows (largest tag id + 1).
+        tags_per_item: T, stored width of ``item_tags``.
+        vector_dim: V, width of the frozen item vector.
+        num_users: user embedding rows (largest user id + 1 over all splits).
+    """
+
+    num_items: int
+    tag_vocab: int
+    tags_per_item: int
+    vector_dim: int
+    num_users: int
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> FeatureMap:
+        raw = json.loads(Path(path).read_text())
+        names = {f.name for f in fields(cls)}
+        if set(raw) != names:
+            raise DataError(f"{path}: feature map keys {sorted(raw)} differ from the expected {sorted(names)}")
+        return cls(**raw)
+
+
+def max_user_id(data_dir: str | Path) -> int:
+    """Largest ``user_id`` over the three splits, streamed one column at a time."""
+    lay = Layout(Path(data_dir))
+    largest = 0
+    for split in SPLITS:
+        pf = pq.ParquetFile(lay.split(split))
+        for batch in pf.iter_batches(batch_size=1 << 20, columns=["user_id"]):
+            largest = max(largest, int(pc.max(batch.column(0)).as_py() or 0))
+    return largest
+
+
+def build_feature_map(data_dir: str | Path, table: ItemTable) -> FeatureMap:
+    """The feature map of ``data_dir`` with item table ``table``."""
+    return FeatureMap(num_items=table.num_items, tag_vocab=table.tag_vocab, tags_per_item=int(table.tags.shape[1]),
+                      vector_dim=table.vector_dim, num_users=max_user_id(data_dir) + 1)
+
+
 def history_window(seq: np.ndarray, max_len: int) -> np.ndarray:
     """Keep the ``max_len`` most recent items of left-padded (B, W) histories → (B, L) contiguous."""
     if max_len > seq.shape[1]:
@@ -152,7 +201,8 @@ def to_model_batch(batch: pa.Table, max_len: int) -> dict[str, np.ndarray]:
     """One Arrow batch of a split → fixed-width numpy columns (ids int64, label float32)."""
     out = {name: batch.column(name).to_numpy().astype(np.int64, copy=False)
            for name in SPLIT_FEATURES if name != "label"}
-    out["label"] = batch.column("label").to_numpy().astype(np.float32, copy=False)
+    # the test split's label is a placeholder, possibly null: nulls become 0
+    out["label"] = pc.fill_null(batch.column("label"), 0).to_numpy().astype(np.float32, copy=False)
     seq = list_matrix(batch.column("item_seq"), "column item_seq").astype(np.int64, copy=False)
     out["item_seq"] = history_window(seq, max_len)
     return out

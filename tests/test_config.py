@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -121,7 +122,7 @@ def test_yaml_is_safe_loaded(tmp_path):
 
 def test_config_is_frozen_and_to_dict_is_plain():
     cfg = from_dict({})
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.lr = 1.0  # type: ignore[misc]
     plain = cfg.to_dict()
     assert yaml.safe_load(yaml.safe_dump(plain)) == plain

@@ -1,0 +1,78 @@
+"""Field interactions from FiBiNET: squeeze-and-excitation over fields, and bilinear field pairs.
+
+Notation: B batch, F fields, D field width, P = F(F-1)/2 field pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SENet(nn.Module):
+    """Squeeze-and-excitation over field embeddings: re-weights each field by a learned gate.
+
+    ``z = mean_D(E)`` (B, F) → ``a = relu(W2 relu(W1 z))`` with a bottleneck of ``max(1, F // ratio)`` →
+    ``E * a``.
+
+    Args:
+        num_fields: F.
+        ratio: reduction ratio of the bottleneck.
+
+    Shape:
+        (B, F, D) → (B, F, D)
+    """
+
+    def __init__(self, num_fields: int, ratio: int = 3) -> None:
+        super().__init__()
+        hidden = max(1, num_fields // ratio)
+        self.excite = nn.Sequential(nn.Linear(num_fields, hidden, bias=False), nn.ReLU(),
+                                    nn.Linear(hidden, num_fields, bias=False), nn.ReLU())
+
+    def forward(self, fields: torch.Tensor) -> torch.Tensor:
+        gate = self.excite(fields.mean(dim=-1))  # (B, F)
+        return fields * gate.unsqueeze(-1)
+
+
+BILINEAR_KINDS = ("field_all", "field_each", "field_interaction")
+
+
+class BilinearInteraction(nn.Module):
+    """FiBiNET bilinear interaction: ``p_ij = (v_i · W) ⊙ v_j`` for every field pair i < j.
+
+    ``kind`` chooses how W is shared: ``field_all`` one (D, D) matrix, ``field_each`` one per field i,
+    ``field_interaction`` one per pair (i, j).
+
+    Args:
+        num_fields: F.
+        dim: D.
+        kind: one of ``field_all``, ``field_each``, ``field_interaction``.
+
+    Shape:
+        (B, F, D) → (B, P, D)
+    """
+
+    def __init__(self, num_fields: int, dim: int, kind: str = "field_interaction") -> None:
+        super().__init__()
+        if kind not in BILINEAR_KINDS:
+            raise ValueError(f"unknown bilinear type {kind!r}: expected one of {', '.join(BILINEAR_KINDS)}")
+        if num_fields < 2:
+            raise ValueError(f"BilinearInteraction needs at least 2 fields, got {num_fields}")
+        self.kind = kind
+        left, right = torch.triu_indices(num_fields, num_fields, offset=1)
+        self.register_buffer("left", left, persistent=False)
+        self.register_buffer("right", right, persistent=False)
+        count = {"field_all": 1, "field_each": num_fields, "field_interaction": left.numel()}[kind]
+        self.weight = nn.Parameter(torch.empty(count, dim, dim))
+        nn.init.xavier_normal_(self.weight)
+        self.num_pairs = left.numel()
+
+    def forward(self, fields: torch.Tensor) -> torch.Tensor:
+        vi, vj = fields[:, self.left], fields[:, self.right]  # (B, P, D)
+        if self.kind == "field_all":
+            projected = vi @ self.weight[0]
+        elif self.kind == "field_each":
+            projected = torch.einsum("bpd,pde->bpe", vi, self.weight[self.left])
+        else:
+            projected = torch.einsum("bpd,pde->bpe", vi, self.weight)
+        return projected * vj
