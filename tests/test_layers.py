@@ -19,6 +19,7 @@ from mmctr_ray.layers.cross import CrossNet
 from mmctr_ray.layers.embedding import ItemEmbedding, SideEmbedding
 from mmctr_ray.layers.interaction import BilinearInteraction, SENet
 from mmctr_ray.layers.mlp import MLP, Dice, activation
+from mmctr_ray.layers.packing import pack
 
 B, L, F, D = 3, 5, 4, 8
 
@@ -223,6 +224,58 @@ def test_multihead_matches_loop_reference(heads):
                                    rtol=1e-5, atol=1e-6)
 
 
+def multihead_padded(module: MultiHeadTargetAttention, target, history, mask) -> torch.Tensor:
+    """The padded computation over all L positions: masked softmax, weights × mask (the pre-packing module)."""
+    (b, length, d), h, dh = history.shape, module.num_heads, module.head_dim
+    q = module.q(target).view(b, h, dh)
+    k, v = module.k(history).view(b, length, h, dh), module.v(history).view(b, length, h, dh)
+    scores = torch.einsum("bhe,blhe->bhl", q, k) / math.sqrt(dh)  # (B, H, L)
+    real = mask.unsqueeze(1)
+    scores = scores.masked_fill(~real, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1) * real.to(scores.dtype)
+    return module.out(torch.einsum("bhl,blhe->bhe", module.drop(weights), v).reshape(b, d))
+
+
+def test_pack_keeps_real_positions_row_major():
+    values = torch.arange(B * L).view(B, L)
+    packed, rows = pack(values, MASK)
+    assert torch.equal(packed, torch.tensor([0, 1, 2, 3, 4, 7, 8, 9]))
+    assert torch.equal(rows, torch.tensor([0, 0, 0, 0, 0, 1, 1, 1]))
+    vectors, _ = pack(HISTORY, MASK)
+    assert torch.equal(vectors, HISTORY[MASK])
+
+
+def random_attention_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """6 rows of 7: full, all padding, full, and random left-padded lengths (seeded)."""
+    g = torch.Generator().manual_seed(5)
+    b, length = 6, 7
+    lengths = torch.tensor([length, 0, length, 1, 3, 5])
+    mask = torch.arange(length)[None, :] >= (length - lengths)[:, None]
+    return torch.randn(b, D, generator=g), torch.randn(b, length, D, generator=g), mask
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("train, dropout", [(True, 0.0), (False, 0.5)])  # eval: dropout is the identity
+def test_multihead_packed_equals_padded_with_gradients(heads, train, dropout):
+    module = fill_deterministic(MultiHeadTargetAttention(D, num_heads=heads, dropout=dropout)).train(train)
+    target, history, mask = random_attention_inputs()
+    weight = pattern((target.shape[0], D), 98)
+    results = []
+    for compute in (lambda t, h: module(t, h, mask),  # packs, then forward_packed
+                    lambda t, h: module.forward_packed(t, *pack(h, mask)),
+                    lambda t, h: multihead_padded(module, t, h, mask)):
+        module.zero_grad()
+        t, h = target.clone().requires_grad_(), history.clone().requires_grad_()
+        out = compute(t, h)
+        (out * weight).sum().backward()
+        results.append((out, t.grad, h.grad, *(p.grad for p in module.parameters())))
+    assert torch.equal(results[0][0][1], torch.zeros(D))  # the all-padding row
+    for got in results[:2]:
+        for a, b in zip(got, results[2], strict=True):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("act", ["relu", "prelu", "gelu", "dice"])
 def test_din_split_first_layer_equals_concatenation(act):
     module = fill_deterministic(DINAttention(D, (6, 4), act=act)).train()  # dropout 0: train mode is deterministic
@@ -348,3 +401,19 @@ def test_crossnet_without_layers_returns_input(version):
 def test_bad_arguments_raise_value_error_naming_the_value(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+@pytest.mark.parametrize("name", ["din_relu", "din_dice", "multihead_2"])
+def test_distinct_items_with_inverse_equal_per_position_history(name):
+    """Giving the u distinct history items plus the inverse map is the same function as n positions."""
+    module = fill_deterministic(CASES[name].build()).train()
+    g = torch.Generator().manual_seed(3)
+    items = torch.randn(4, D, generator=g)  # u = 4 distinct items
+    inverse = torch.tensor([0, 1, 1, 3, 0, 2, 2, 2, 1])  # n = 9 positions
+    rows = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    target = torch.randn(B, D, generator=g)
+    torch.manual_seed(0)
+    shared = module.forward_packed(target, items, rows, inverse)
+    torch.manual_seed(0)
+    spread = module.forward_packed(target, items[inverse], rows)
+    torch.testing.assert_close(shared, spread, rtol=1e-5, atol=1e-6)

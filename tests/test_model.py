@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmctr_ray.config import load_config
-from mmctr_ray.features import FeatureMap
+from mmctr_ray.features import FeatureMap, history_mask
 from mmctr_ray.model import DINModel
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -114,6 +114,30 @@ def test_wider_left_padding_never_changes_the_output(attention):
     short = batch(length=8)
     wide = dict(short, item_seq=torch.cat([torch.zeros(6, 24, dtype=torch.long), short["item_seq"]], dim=1))
     torch.testing.assert_close(model(wide), model(short), rtol=1e-5, atol=1e-6)
+
+
+def padded_forward(model: DINModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model with every history position embedded, padding included, and the masked sequence call."""
+    seq = batch["item_seq"]
+    target = model.item_embedding(batch["item_id"])  # (B, R)
+    history = model.item_embedding(seq)  # (B, L, R)
+    side = model.side_embedding(batch["likes_level"], batch["views_level"], batch.get("user_id"))
+    pooled = model.sequence(target, history, history_mask(seq))
+    b, d = target.shape[0], model.cfg.embedding_dim
+    fields = torch.cat([side, target.view(b, -1, d), pooled.view(b, -1, d)], dim=1)
+    return model.head(*model.interaction(fields))
+
+
+@pytest.mark.parametrize("attention", ["din", "multihead"])
+def test_packed_history_equals_embedding_every_position(attention):
+    model = tiny_model(attention=attention, use_user_id="true").eval()
+    with torch.no_grad():
+        for p in model.parameters():  # weights large enough that the history matters (init std is 1e-4)
+            p.normal_(0, 0.5, generator=torch.Generator().manual_seed(p.numel()))
+    b = batch(b=16, length=10, seed=4)
+    logits = model(b)
+    assert logits.std() > 1e-3
+    torch.testing.assert_close(logits, padded_forward(model, b), rtol=1e-5, atol=1e-5)
 
 
 def test_all_padding_history_gives_finite_output():

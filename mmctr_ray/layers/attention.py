@@ -1,8 +1,10 @@
-"""Target attention over the click history. Every module here has ``forward(target, history, mask)``.
+"""Target attention over the click history. Every module here has ``forward(target, history, mask)`` and the
+packed entry point ``forward_packed(target, history, rows)`` that the model calls.
 
-Notation: B batch, L history length, D item representation width, H heads, U attention MLP width.
-Padded positions (``mask`` False) never change the output, whatever the history holds there, and an
-all-padding history pools to zeros.
+Notation: B batch, L history length, D item representation width, H heads, U attention MLP width, n real
+positions in the batch. Padded positions (``mask`` False) never change the output, whatever the history
+holds there, and an all-padding history pools to exact zeros: both modules compute only over the real
+positions (see :mod:`mmctr_ray.layers.packing`), which is the same function as the masked padded one.
 """
 
 from __future__ import annotations
@@ -13,9 +15,36 @@ import torch
 from torch import nn
 
 from mmctr_ray.layers.mlp import MLP, activation
+from mmctr_ray.layers.packing import pack
 
 
-class DINAttention(nn.Module):
+class TargetAttention(nn.Module):
+    """Pools a history for a target. Subclasses implement :meth:`forward_packed`; :meth:`forward` packs.
+
+    ``forward_packed`` takes the history either per position, (n, D), or as the u distinct items of the
+    batch, (u, D), with ``inverse`` (n,) giving each position's row in it: work that depends on the history
+    item alone (the DIN first-layer history term, the key and value projections) is then done once per item.
+
+    Shape:
+        forward: target (B, D), history (B, L, D), mask (B, L) bool → (B, D)
+        forward_packed: target (B, D), history (n, D) or (u, D), rows (n,) long ascending, inverse (n,) → (B, D)
+    """
+
+    def forward(self, target: torch.Tensor, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        packed, rows = pack(history, mask)  # (n, D), (n,)
+        return self.forward_packed(target, packed, rows)
+
+    def forward_packed(self, target: torch.Tensor, history: torch.Tensor, rows: torch.Tensor,
+                       inverse: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def per_position(values: torch.Tensor, inverse: torch.Tensor | None) -> torch.Tensor:
+    """Values of the distinct items (u, ...) spread to the n positions, or ``values`` as they are."""
+    return values if inverse is None else values.index_select(0, inverse)
+
+
+class DINAttention(TargetAttention):
     """DIN's local activation unit: an MLP over ``[t, h, t-h, t*h]`` scores each position; no softmax;
     scores × mask weight a sum of the history.
 
@@ -35,7 +64,8 @@ class DINAttention(nn.Module):
         dropout: dropout after each hidden layer.
 
     Shape:
-        target (B, D), history (B, L, D), mask (B, L) bool → (B, D)
+        target (B, D), history (B, L, D), mask (B, L) bool → (B, D);
+        packed: target (B, D), history (n, D), rows (n,) → (B, D)
     """
 
     def __init__(self, dim: int, units: tuple[int, ...] = (512, 256), act: str = "relu", dropout: float = 0.0):
@@ -48,25 +78,25 @@ class DINAttention(nn.Module):
         self.first_drop = nn.Dropout(dropout)
         self.rest = MLP(units[0], tuple(units[1:]), act=act, dropout=dropout, out_dim=1)
 
-    def forward(self, target: torch.Tensor, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        b, length, d = history.shape
-        real = mask.reshape(-1).nonzero().squeeze(1)  # (n,) flat indices of real positions
-        rows = torch.div(real, length, rounding_mode="floor")  # (n,) the row of each
-        h = history.reshape(b * length, d)[real]  # (n, D)
-        t = target[rows]  # (n, D)
+    def forward_packed(self, target: torch.Tensor, history: torch.Tensor, rows: torch.Tensor,
+                       inverse: torch.Tensor | None = None) -> torch.Tensor:
+        d = target.shape[1]
         w_t, w_h, w_d, w_p = self.first.weight.split(d, dim=1)  # each (U, D)
         row_term = target @ (w_t + w_d).T + self.first.bias  # (B, U), once per row
-        hidden = row_term[rows] + h @ (w_h - w_d).T + (t * h) @ w_p.T  # (n, U)
+        item_term = per_position(history @ (w_h - w_d).T, inverse)  # (n, U), once per distinct item
+        h, t = per_position(history, inverse), target.index_select(0, rows)  # (n, D) each
+        hidden = row_term.index_select(0, rows) + item_term + (t * h) @ w_p.T  # (n, U)
         scores = self.rest(self.first_drop(self.first_act(hidden)))  # (n, 1)
         return torch.zeros_like(target).index_add_(0, rows, scores * h)  # (B, D); no softmax
 
 
-class MultiHeadTargetAttention(nn.Module):
+class MultiHeadTargetAttention(TargetAttention):
     """Multi-head target attention: the target queries its history with H scaled dot-product heads.
 
     ``q = W_q t``, ``k = W_k h``, ``v = W_v h`` split into H heads of D/H; per head
     ``softmax(q·k / sqrt(D/H))`` over the real positions weights ``v``; heads are concatenated and mixed by
-    ``W_o``. Padded positions get weight 0; an all-padding row pools to zeros.
+    ``W_o``. Computed on the packed real positions as a segment softmax per (row, head); padded positions
+    get weight 0; an all-padding row pools to exact zeros (gradients included).
 
     Args:
         dim: D (divisible by ``num_heads``).
@@ -74,7 +104,8 @@ class MultiHeadTargetAttention(nn.Module):
         dropout: dropout on the attention weights.
 
     Shape:
-        target (B, D), history (B, L, D), mask (B, L) bool → (B, D)
+        target (B, D), history (B, L, D), mask (B, L) bool → (B, D);
+        packed: target (B, D), history (n, D), rows (n,) → (B, D)
     """
 
     def __init__(self, dim: int, num_heads: int = 4, dropout: float = 0.0) -> None:
@@ -91,22 +122,26 @@ class MultiHeadTargetAttention(nn.Module):
         self.out = nn.Linear(dim, dim, bias=False)  # no bias: an all-padding history pools to exact zeros
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, target: torch.Tensor, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        b, length, d = history.shape
-        h, dh = self.num_heads, self.head_dim
+    def forward_packed(self, target: torch.Tensor, history: torch.Tensor, rows: torch.Tensor,
+                       inverse: torch.Tensor | None = None) -> torch.Tensor:
+        (b, d), h, dh = target.shape, self.num_heads, self.head_dim
         q = self.q(target).view(b, h, dh)  # (B, H, dh)
-        k = self.k(history).view(b, length, h, dh)  # (B, L, H, dh)
-        v = self.v(history).view(b, length, h, dh)
-        scores = torch.einsum("bhe,blhe->bhl", q, k) / math.sqrt(dh)  # (B, H, L)
-        real = mask.unsqueeze(1)  # (B, 1, L)
-        scores = scores.masked_fill(~real, torch.finfo(scores.dtype).min)
-        weights = torch.softmax(scores, dim=-1) * real.to(scores.dtype)  # all-padding rows → 0
-        pooled = torch.einsum("bhl,blhe->bhe", self.drop(weights), v).reshape(b, d)
-        return self.out(pooled)
+        k = per_position(self.k(history), inverse).view(-1, h, dh)  # (n, H, dh)
+        v = per_position(self.v(history), inverse).view(-1, h, dh)
+        # softmax statistics in fp32 (bf16 under autocast otherwise); rows with no real position stay 0
+        scores = (q.index_select(0, rows) * k).sum(-1).float() / math.sqrt(dh)  # (n, H)
+        index = rows.unsqueeze(1).expand(-1, h)  # (n, H)
+        top = scores.new_zeros(b, h).scatter_reduce_(0, index, scores.detach(), "amax", include_self=False)
+        # the shift cancels in the softmax, so it needs no gradient; each row's denominator is >= 1
+        exp = torch.exp(scores - top.index_select(0, rows))  # (n, H)
+        weights = exp / scores.new_zeros(b, h).index_add_(0, rows, exp).index_select(0, rows)  # (n, H)
+        values = self.drop(weights).unsqueeze(-1) * v.float()  # (n, H, dh)
+        pooled = values.new_zeros(b, h, dh).index_add_(0, rows, values).reshape(b, d)  # (B, D)
+        return self.out(pooled.to(v.dtype))
 
 
 def make_attention(kind: str, dim: int, units: tuple[int, ...], act: str, num_heads: int,
-                   dropout: float) -> nn.Module:
+                   dropout: float) -> TargetAttention:
     """The sequence module named by ``model.attention`` (a dict look-up)."""
     factories = {
         "din": lambda: DINAttention(dim, units, act=act, dropout=dropout),
