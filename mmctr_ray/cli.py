@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
 from mmctr_ray.data.synthetic import PRESETS, SynthSpec
 from mmctr_ray.data.writer import write_synthetic
-from mmctr_ray.errors import UserError
+from mmctr_ray.errors import ConfigError, UserError
 
 log = logging.getLogger("mmctr")
 
@@ -32,6 +32,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _add_ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a private local Ray)")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of a private local Ray")
+
+
+def _add_worker_args(p: argparse.ArgumentParser, name: str, what: str) -> None:
+    p.add_argument(f"--{name}", type=int, default=1, help=f"number of {what} (default 1)")
 
 
 def _add_synth_args(p: argparse.ArgumentParser) -> None:
@@ -92,8 +96,39 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from mmctr_ray.ray_env import init_ray
+    from mmctr_ray.train_driver import resume_config, run_training
+
+    if args.resume and args.config:
+        raise ConfigError("--resume continues RUN with its own config.yaml: drop --config (use --set train.KEY=V)")
+    cfg = resume_config(str(args.out), args.overrides) if args.resume else _config(args)
+    init_ray(args.address, args.num_cpus, args.verbose)
+    summary = run_training(args.data, str(args.out), cfg, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                           cpus_per_worker=args.cpus_per_worker, resume=args.resume, overwrite=args.overwrite,
+                           verbose=args.verbose)
+    oracle = summary.get("oracle_valid_auc")
+    log.info("best valid AUC %.4f (logloss %.4f) at epoch %d of %d%s; checkpoint %s",
+             summary["best_valid_auc"], summary["best_valid_logloss"], summary["best_epoch"], summary["epochs"],
+             f"; oracle AUC {oracle:.4f}" if oracle else "", summary["best_checkpoint"])
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from mmctr_ray.predict import run_predict
+    from mmctr_ray.ray_env import init_ray
+
+    init_ray(args.address, args.num_cpus, args.verbose)
+    summary = run_predict(args.run, args.data, args.out, split=args.split, actors=args.actors,
+                          gpus_per_actor=args.gpus_per_actor, overwrite=args.overwrite)
+    m = summary.get("metrics")
+    score = f"; {args.split} AUC {m['auc']:.4f} (oracle {summary.get('oracle_auc', float('nan')):.4f})" if m else ""
+    log.info("wrote %s: %d rows from %s%s", summary["submission"], summary["rows"], summary["checkpoint"], score)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on synthetic data: synth → validate → features (later stages join as they land)."""
+    """The main job on synthetic data: synth → validate → features → train → predict."""
     out = Path(args.out)
     data = out / "data"
     steps: list[tuple[str, Callable[[], int]]] = [
@@ -101,6 +136,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ("validate", lambda: cmd_validate(argparse.Namespace(data=data, expect_test_rows=None))),
         ("features", lambda: cmd_features(argparse.Namespace(**{**vars(args), "data": data,
                                                                "out": out / "features"}))),
+        ("train", lambda: cmd_train(argparse.Namespace(**{**vars(args), "data": data, "out": out / "run",
+                                                         "resume": False, "overwrite": True}))),
+        ("predict", lambda: cmd_predict(argparse.Namespace(**{**vars(args), "run": out / "run", "data": data,
+                                                             "out": out / "submission.zip", "split": "test",
+                                                             "overwrite": True, "actors": 1,
+                                                             "gpus_per_actor": args.gpus_per_worker}))),
     ]
     for name, step in steps:
         log.info("== demo: %s", name)
@@ -142,10 +183,42 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ray_args(p)
     p.set_defaults(func=cmd_features)
 
-    p = sub.add_parser("demo", help="the main job on synthetic data: synth → validate → features",
+    p = sub.add_parser("train", help="train a model with Ray Train (DDP workers); checkpoints every epoch",
+                       description="Train the configured model on DATA into RUN (local path or storage URI): "
+                                   "config.yaml, metrics.jsonl, tensorboard/, checkpoint_epoch_NNN/, summary.json.")
+    p.add_argument("--data", type=Path, required=True, help="data directory (holds MicroLens_1M_x1/)")
+    p.add_argument("--out", required=True, help="run directory (local path or s3://, gs://, ... URI)")
+    _add_config_args(p)
+    _add_worker_args(p, "workers", "DDP training workers")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (0: CPU, gloo)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0,
+                   help="logical CPUs Ray reserves per worker (a CPU worker's torch threads use the node's cores, "
+                        "shared among the workers on the node)")
+    p.add_argument("--resume", action="store_true", help="continue RUN from its latest checkpoint (its own config)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in RUN")
+    _add_ray_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="score the test split with the best checkpoint; write the submission zip",
+                       description="Score a split with Ray Data actors and write a zip holding prediction.csv "
+                                   "(header ID,Task2; IDs 0..N-1 in row order).")
+    p.add_argument("--run", type=Path, required=True, help="run directory written by `mmctr train`")
+    p.add_argument("--data", type=Path, required=True, help="data directory (holds MicroLens_1M_x1/)")
+    p.add_argument("--out", type=Path, required=True, help="submission zip to write")
+    p.add_argument("--split", choices=["test", "valid", "train"], default="test", help="split to score")
+    _add_worker_args(p, "actors", "scoring actors")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per scoring actor (fractions share one)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing submission")
+    _add_ray_args(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("demo", help="the main job on synthetic data: synth → validate → features → train → predict",
                        description="Run the whole pipeline on freshly generated synthetic data under --out.")
     p.add_argument("--out", type=Path, required=True, help="folder for data/ and every stage's outputs")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
+    _add_worker_args(p, "workers", "DDP training workers")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per training worker / scoring actor")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="logical CPUs Ray reserves per training worker")
     _add_synth_args(p)
     _add_config_args(p)
     _add_ray_args(p)

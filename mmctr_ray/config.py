@@ -184,6 +184,7 @@ class ModelConfig:
 
 
 OPTIMIZERS = ("adam", "adamw")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,8 @@ class TrainConfig:
         embedding_l2: L2 penalty on embedding tables only.
         grad_clip: gradient clipping max norm (0 disables).
         seed: seed for weights and data order.
+        precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
+        shuffle_buffer: rows in each worker's local shuffle buffer (0: read order).
     """
 
     batch_size: int = 8192
@@ -215,6 +218,8 @@ class TrainConfig:
     embedding_l2: float = 1e-6
     grad_clip: float = 10.0
     seed: int = 2025
+    precision: str = "auto"
+    shuffle_buffer: int = 65_536
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "eval_batch_size", "epochs", "patience"):
@@ -225,6 +230,8 @@ class TrainConfig:
         _check(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr, f"a value in [0, train.lr={self.lr}]")
         _check(self.embedding_l2 >= 0, "train.embedding_l2", self.embedding_l2, ">= 0")
         _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, ">= 0 (0 disables clipping)")
+        _check(self.precision in PRECISIONS, "train.precision", self.precision, "one of " + ", ".join(PRECISIONS))
+        _check(self.shuffle_buffer >= 0, "train.shuffle_buffer", self.shuffle_buffer, ">= 0 rows")
 
 
 @dataclass(frozen=True)

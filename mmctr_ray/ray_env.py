@@ -23,7 +23,7 @@ def quiet_ray_data(verbose: bool = False) -> None:
 def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = False) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a private local Ray.
 
-    The local Ray starts without the dashboard, and with ``num_cpus`` logical CPUs when given.
+    The local Ray binds its dashboard to 127.0.0.1 and has ``num_cpus`` logical CPUs when given.
     """
     import ray
 
@@ -35,5 +35,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
         ray.init(address=address, logging_level=logging.WARNING)
         log.info("joined Ray at %s: %s", address, ray.cluster_resources())
         return
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    # the dashboard (loopback only) serves the state API that Ray Train's placement-group cleaner and Tune's
+    # trial clean-up query; without it they retry and warn in a loop
+    ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
     log.info("started a local Ray: %s", ray.cluster_resources())

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 ITEM_CHUNK = 8_192
 STAGING = ".mmctr-synth.partial"
 SPLIT_STREAM = {"train": 10, "valid": 11, "test": 12}
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 
 def list_array(mat: np.ndarray, value_type: pa.DataType) -> pa.ListArray:

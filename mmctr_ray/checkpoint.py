@@ -1,0 +1,109 @@
+"""What a training checkpoint holds, and how it is written and read (no pickles).
+
+A checkpoint directory (one per epoch, ``RUN/checkpoint_epoch_NNN``) holds::
+
+    model.pt           model state_dict (tensors only; loaded with torch.load(weights_only=True))
+    optimizer.pt       optimizer state_dict (tensors and numbers; weights_only=True)
+    state.json         epoch, learning rate, best AUC so far, non-improving epochs, this epoch's metrics, history
+    config.yaml        the resolved experiment config
+    feature_map.json   vocabulary sizes the model was built for
+    item_source.json   where the item table's frozen vectors came from (given column or fused file)
+
+Everything prediction needs is here; the item table itself is rebuilt from the data directory (it is 50 MB
+for MicroLens-1M and would otherwise be copied into every epoch's checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmctr_ray.config import ExperimentConfig, load_config, save_config
+from mmctr_ray.errors import DataError
+from mmctr_ray.features import FeatureMap
+
+FILES = ("model.pt", "optimizer.pt", "state.json", "config.yaml", "feature_map.json", "item_source.json")
+
+
+@dataclass
+class TrainState:
+    """Schedule state carried from epoch to epoch (and across restarts)."""
+
+    epoch: int = 0  # epochs completed
+    lr: float = 0.0
+    best_auc: float = float("-inf")
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    history: list[dict[str, Any]] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "lr": self.lr, "best_auc": self.best_auc, "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs, "history": self.history or []}
+
+
+def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    state: TrainState, cfg: ExperimentConfig, fmap: FeatureMap, item_source: dict[str, Any]) -> None:
+    """Write a checkpoint into ``directory`` (which must exist)."""
+    torch.save(model.state_dict(), directory / "model.pt")
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    (directory / "state.json").write_text(json.dumps(state.to_json(), indent=2) + "\n")
+    save_config(cfg, directory / "config.yaml")
+    fmap.to_json(directory / "feature_map.json")
+    (directory / "item_source.json").write_text(json.dumps(item_source, indent=2) + "\n")
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint read back: tensors on CPU, config, feature map, item source and schedule state."""
+
+    path: Path
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any] | None
+    state: TrainState
+    cfg: ExperimentConfig
+    fmap: FeatureMap
+    item_source: dict[str, Any]
+
+
+def load_checkpoint(directory: str | Path, with_optimizer: bool = True) -> LoadedCheckpoint:
+    """Read a checkpoint directory; a missing file is an error naming it."""
+    directory = Path(directory)
+    for name in ("model.pt", "state.json", "config.yaml", "feature_map.json", "item_source.json"):
+        if not (directory / name).is_file():
+            raise DataError(f"{directory / name}: missing checkpoint file (is this a checkpoint of `mmctr train`?)")
+    opt_path = directory / "optimizer.pt"
+    raw = json.loads((directory / "state.json").read_text())
+    state = TrainState(**{k: raw[k] for k in ("epoch", "lr", "best_auc", "best_epoch", "bad_epochs", "history")})
+    return LoadedCheckpoint(
+        path=directory,
+        model_state=torch.load(directory / "model.pt", map_location="cpu", weights_only=True),
+        optimizer_state=(torch.load(opt_path, map_location="cpu", weights_only=True)
+                         if with_optimizer and opt_path.is_file() else None),
+        state=state,
+        cfg=load_config(directory / "config.yaml"),
+        fmap=FeatureMap.from_json(directory / "feature_map.json"),
+        item_source=json.loads((directory / "item_source.json").read_text()),
+    )
+
+
+def epoch_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's checkpoint directories, oldest first."""
+    return sorted(p for p in Path(run_dir).glob("checkpoint_epoch_*") if (p / "state.json").is_file())
+
+
+def best_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint of the epoch with the best validation AUC (the earliest among equals)."""
+    best, best_auc = None, float("-inf")
+    for path in epoch_checkpoints(run_dir):
+        history = json.loads((path / "state.json").read_text())["history"]
+        auc = history[-1]["valid_auc"] if history else float("-inf")
+        if auc > best_auc:
+            best, best_auc = path, auc
+    if best is None:
+        raise DataError(f"{run_dir}: no checkpoint found (expected checkpoint_epoch_*/ written by `mmctr train`)")
+    return best

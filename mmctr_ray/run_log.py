@@ -1,0 +1,82 @@
+"""What rank 0 tells the user while a run trains: progress lines, metrics.jsonl, TensorBoard events."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import pyarrow.fs as pafs
+import torch
+
+log = logging.getLogger("mmctr.train")
+PROGRESS_EVERY_S = 10.0
+
+
+def _ensure_handler() -> None:
+    """Ray workers start with an unconfigured root logger: give this one a handler once."""
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
+class RunLog:
+    """Progress and per-epoch records of one run (does nothing unless ``enabled``, i.e. on rank 0).
+
+    ``RUN/metrics.jsonl`` holds one JSON object per epoch (rewritten whole each epoch, so it also works on
+    object stores); ``RUN/tensorboard/`` holds event files when RUN is a local path.
+    """
+
+    def __init__(self, run_dir: str, enabled: bool) -> None:
+        self.enabled = enabled
+        self._last = 0.0
+        self._tb = None
+        if not enabled:
+            return
+        _ensure_handler()
+        self.fs, self.path = pafs.FileSystem.from_uri(run_dir) if "://" in run_dir else (pafs.LocalFileSystem(),
+                                                                                        run_dir)
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(f"{self.path}/tensorboard", flush_secs=10)
+
+    def progress(self, epoch: int, step: int, steps: int, rows: int, t0: float, loss_sum: torch.Tensor) -> None:
+        """Log epoch, step, samples/s and ETA every PROGRESS_EVERY_S seconds."""
+        if not self.enabled or time.perf_counter() - self._last < PROGRESS_EVERY_S:
+            return
+        self._last = time.perf_counter()
+        elapsed = self._last - t0
+        rate = rows / elapsed if elapsed > 0 else 0.0
+        eta = (steps - step) * elapsed / step if step < steps else 0.0
+        loss = float(loss_sum) / step
+        log.info("epoch %d step %d/%d loss %.4f %.0f samples/s ETA %.0fs", epoch, step, steps, loss, rate, eta)
+        if self._tb is not None:
+            global_step = (epoch - 1) * steps + step
+            self._tb.add_scalar("train/loss", loss, global_step)
+            self._tb.add_scalar("train/samples_per_s", rate, global_step)
+
+    def epoch_end(self, state: Any) -> None:
+        """Record the epoch just ended (``state.history[-1]``): log line, metrics.jsonl, TensorBoard."""
+        if not self.enabled:
+            return
+        row = state.history[-1]
+        text = "".join(json.dumps(r) + "\n" for r in state.history)
+        with self.fs.open_output_stream(f"{self.path}/metrics.jsonl") as f:
+            f.write(text.encode())
+        rate = row["samples_per_s"] or 0.0
+        log.info("epoch %d: train loss %.4f, valid AUC %.4f, logloss %.4f, lr %.1e, %.0f samples/s "
+                 "(best AUC %.4f at epoch %d)", row["epoch"], row["train_loss"], row["valid_auc"],
+                 row["valid_logloss"], row["lr"], rate, state.best_auc, state.best_epoch)
+        if self._tb is not None:
+            for key in ("train_loss", "valid_auc", "valid_logloss", "lr", "samples_per_s"):
+                if row.get(key) is not None:
+                    self._tb.add_scalar(f"epoch/{key}", row[key], row["epoch"])
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()

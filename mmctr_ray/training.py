@@ -1,0 +1,191 @@
+"""Training: pure step functions and the Ray Train per-worker loop (the driver is :mod:`train_driver`).
+
+The schedule is the challenge baseline's: validation after every epoch; learning rate ×``lr_decay`` after a
+non-improving epoch (floor ``min_lr``); stop after ``patience`` non-improving epochs; every epoch writes a
+checkpoint and prediction uses the best one. Validation is exact: rank 0 scores the whole validation split
+with the unwrapped model and computes AUC and logloss over all rows, then broadcasts them so every rank takes
+the same schedule decision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmctr_ray.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from mmctr_ray.config import ExperimentConfig, TrainConfig, from_dict
+from mmctr_ray.features import FeatureMap, load_item_table
+from mmctr_ray.metrics import evaluate
+from mmctr_ray.model import DINModel
+from mmctr_ray.ray_env import quiet_ray_data
+from mmctr_ray.run_log import RunLog
+
+log = logging.getLogger(__name__)
+MODEL_INPUTS = ("item_id", "item_seq", "likes_level", "views_level", "user_id")
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """Adam or AdamW over every trainable parameter (fused kernels on CUDA)."""
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return cls([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, **extra)
+
+
+def embedding_l2(tables: list[nn.Parameter], weight: float) -> torch.Tensor:
+    """``weight/2 · Σ ||W||²`` over the embedding tables only (FuxiCTR's embedding regularizer)."""
+    return weight / 2 * sum(w.square().sum() for w in tables)
+
+
+def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast when ``train.precision`` asks for it (``auto``: on CUDA only)."""
+    use = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use else contextlib.nullcontext()
+
+
+def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+               tables: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.Tensor:
+    """One optimisation step; returns the (detached) data loss."""
+    with autocast(cfg, device):
+        logits = model(batch)
+    loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), batch["label"].float())
+    total = loss + embedding_l2(tables, cfg.embedding_l2) if cfg.embedding_l2 else loss
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if cfg.grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], cfg: TrainConfig,
+            device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) over every batch, in iteration order."""
+    was_training = model.training
+    model.eval()
+    labels, probs = [], []
+    for batch in batches:
+        with autocast(cfg, device):
+            logits = model(batch)
+        probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        labels.append(batch["label"].cpu().numpy())
+    model.train(was_training)
+    if not probs:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate(labels), np.concatenate(probs)
+
+
+def update_schedule(state: TrainState, auc: float, cfg: TrainConfig) -> bool:
+    """Apply one epoch's validation AUC to the schedule; return True when training should stop."""
+    if auc > state.best_auc:
+        state.best_auc, state.best_epoch, state.bad_epochs = auc, state.epoch, 0
+        return False
+    state.bad_epochs += 1
+    state.lr = max(state.lr * cfg.lr_decay, cfg.min_lr)
+    return state.bad_epochs >= cfg.patience
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's object on every rank (a no-op without torch.distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, resume_from: str | None) -> TrainState | None:
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    context = ckpt.as_directory() if ckpt else contextlib.nullcontext(resume_from)
+    with context as directory:
+        if directory is None:
+            return None
+        loaded = load_checkpoint(directory)
+        model.load_state_dict(loaded.model_state)
+        if loaded.optimizer_state is not None:
+            optimizer.load_state_dict(loaded.optimizer_state)
+        log.info("resumed from %s (epoch %d done)", directory, loaded.state.epoch)
+        return loaded.state
+
+
+def _maybe_fault(step: int, fault: dict[str, Any] | None) -> None:
+    """Fault injection for the recovery tests: kill this worker process once, at a given step."""
+    if fault and step == fault["step"] and not Path(fault["marker"]).exists():
+        Path(fault["marker"]).write_text("killed\n")
+        os._exit(1)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker function: ``config`` holds the resolved config, paths and the feature map."""
+    import ray.train
+    import ray.train.torch
+
+    quiet_ray_data(config.get("verbose", False))
+    cfg: ExperimentConfig = from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":  # Ray sets 1 thread per logical CPU requested; use this node's cores instead
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
+    torch.manual_seed(cfg.train.seed)
+    table = load_item_table(config["data_dir"], cfg.data.item_vector)
+    fmap = FeatureMap(**config["feature_map"])
+    model = DINModel(cfg.model, fmap, **table.to_torch(device)).to(device)
+    optimizer = make_optimizer(model, cfg.train, device)
+    state = _restore(model, optimizer, config.get("resume_from")) or TrainState(lr=cfg.train.lr)
+    tables = model.embedding_tables()
+    ddp = ray.train.torch.prepare_model(model) if world > 1 else model
+    run_log = RunLog(config["run_dir"], enabled=rank == 0)
+    per_worker = max(1, cfg.train.batch_size // world)
+    steps_per_epoch = max(1, config["train_rows"] // (per_worker * world))
+    stop = False
+    while state.epoch < cfg.train.epochs and not stop:
+        for group in optimizer.param_groups:
+            group["lr"] = state.lr
+        epoch = state.epoch + 1
+        batches = ray.train.get_dataset_shard("train").iter_torch_batches(
+            batch_size=per_worker, device=device, drop_last=True, prefetch_batches=2,
+            local_shuffle_buffer_size=cfg.train.shuffle_buffer or None, local_shuffle_seed=cfg.train.seed + epoch)
+        start = time.perf_counter()
+        t0, rows, step, loss_sum = start, 0, 0, torch.zeros((), device=device)
+        for step, batch in enumerate(batches, start=1):
+            if step == 2:  # steady-state rate: from the second batch on (the first waits for the pipeline)
+                t0, rows = time.perf_counter(), 0
+            loss_sum += train_step(ddp, batch, optimizer, tables, cfg.train, device)
+            rows += len(batch["label"]) * world
+            _maybe_fault((epoch - 1) * steps_per_epoch + step, config.get("fault") if rank == 0 else None)
+            run_log.progress(epoch, step, steps_per_epoch, rows, t0, loss_sum)
+        seconds = time.perf_counter() - t0
+        epoch_seconds = time.perf_counter() - start
+        metrics = None
+        if rank == 0:
+            labels, probs = predict(model, ray.train.get_dataset_shard("valid").iter_torch_batches(
+                batch_size=cfg.train.eval_batch_size, device=device), cfg.train, device)
+            metrics = evaluate(labels, probs)
+        metrics = _broadcast(metrics)
+        state.epoch = epoch
+        row = {"epoch": epoch, "train_loss": float(loss_sum) / max(step, 1), "valid_auc": metrics["auc"],
+               "valid_logloss": metrics["logloss"], "valid_rows": metrics["rows"], "lr": state.lr,
+               "samples_per_s": rows / seconds if seconds > 0 and step > 1 else None,
+               "epoch_seconds": epoch_seconds}
+        stop = update_schedule(state, metrics["auc"], cfg.train)
+        state.history = [*(state.history or []), row]
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                save_checkpoint(Path(tmp), model, optimizer, state, cfg, fmap, table.source)
+                run_log.epoch_end(state)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+            ray.train.report({**row, "best_valid_auc": state.best_auc}, checkpoint=checkpoint,
+                             checkpoint_dir_name=f"checkpoint_epoch_{epoch:03d}")
+    run_log.close()

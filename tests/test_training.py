@@ -1,0 +1,147 @@
+"""Training on Ray Train: run directory, exact metrics, schedule, resume, fault recovery, prediction."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from mmctr_ray.checkpoint import TrainState, best_checkpoint, epoch_checkpoints, load_checkpoint
+from mmctr_ray.config import load_config
+from mmctr_ray.errors import ConfigError, OutputExistsError
+from mmctr_ray.predict import load_model, run_predict, score_parquet
+from mmctr_ray.schema import Layout
+from mmctr_ray.train_driver import FAULT_ENV, resume_config, run_training
+from mmctr_ray.training import embedding_l2, update_schedule
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+def tiny_cfg(*sets: str):
+    return load_config(CONFIGS / "tiny.yaml", ["train.batch_size=256", "train.shuffle_buffer=0", *sets])
+
+
+def test_schedule_decays_on_plateau_with_a_floor_and_stops_after_patience():
+    cfg = load_config(None, ["train.lr=1e-3", "train.min_lr=5e-5", "train.patience=3"]).train
+    state = TrainState(lr=cfg.lr)
+    decisions = []
+    for epoch, auc in enumerate([0.70, 0.72, 0.71, 0.72, 0.73, 0.70, 0.70, 0.70], start=1):
+        state.epoch = epoch
+        decisions.append((update_schedule(state, auc, cfg), round(state.lr, 8), state.bad_epochs))
+    assert decisions == [(False, 1e-3, 0), (False, 1e-3, 0), (False, 1e-4, 1), (False, 5e-5, 2), (False, 5e-5, 0),
+                         (False, 5e-5, 1), (False, 5e-5, 2), (True, 5e-5, 3)]
+    assert state.best_epoch == 5 and state.best_auc == 0.73
+
+
+def test_embedding_l2_is_half_the_squared_norm_of_the_tables_only():
+    a, b = torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.full((4,), 2.0))
+    assert embedding_l2([a, b], 0.1).item() == pytest.approx(0.1 / 2 * (6 + 16))
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(ray_local, synth_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "two"
+    summary = run_training(synth_dir, str(run), tiny_cfg("train.epochs=2"), workers=2)
+    return run, summary
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_run_directory_holds_config_metrics_checkpoints_and_summary(two_worker_run):
+    run, summary = two_worker_run
+    rows = _metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert {"train_loss", "valid_auc", "valid_logloss", "lr", "samples_per_s", "epoch_seconds"} <= set(rows[0])
+    assert load_config(run / "config.yaml").train.epochs == 2
+    assert [p.name for p in epoch_checkpoints(run)] == ["checkpoint_epoch_001", "checkpoint_epoch_002"]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((run / "summary.json").read_text())["best_checkpoint"] == summary["best_checkpoint"]
+    ck = load_checkpoint(best_checkpoint(run))
+    assert ck.optimizer_state is not None and ck.cfg == load_config(run / "config.yaml")
+    assert ck.item_source["item_vector"] == "given" and ck.fmap.num_items == 200
+
+
+@pytest.mark.slow
+def test_valid_auc_is_exact_over_the_whole_split_with_two_workers(two_worker_run, synth_dir, tiny_spec):
+    run, _ = two_worker_run
+    for ck in epoch_checkpoints(run):
+        model = load_model(ck, synth_dir)
+        valid = Layout(synth_dir).split("valid")
+        probs = score_parquet(model, valid, max_len=load_config(run / "config.yaml").data.max_len)
+        labels = pq.read_table(valid).column("label").to_numpy()
+        assert len(probs) == tiny_spec.valid_rows
+        reported = json.loads((ck / "state.json").read_text())["history"][-1]["valid_auc"]
+        assert reported == pytest.approx(roc_auc_score(labels, probs), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_existing_run_is_never_overwritten_silently(two_worker_run, synth_dir):
+    run, _ = two_worker_run
+    before = (run / "metrics.jsonl").read_text()
+    with pytest.raises(OutputExistsError, match="--resume .* --overwrite"):
+        run_training(synth_dir, str(run), tiny_cfg())
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.slow
+def test_predict_writes_the_submission_in_test_row_order(two_worker_run, synth_dir, tiny_spec, tmp_path):
+    run, _ = two_worker_run
+    out = tmp_path / "sub.zip"
+    summary = run_predict(run, synth_dir, out)
+    with zipfile.ZipFile(out) as zf:
+        assert zf.namelist() == ["prediction.csv"]
+        text = zf.read("prediction.csv").decode()
+    assert text.splitlines()[0] == "ID,Task2"
+    table = np.loadtxt(io.StringIO(text), delimiter=",", skiprows=1)
+    assert table.shape == (tiny_spec.test_rows, 2)
+    np.testing.assert_array_equal(table[:, 0], np.arange(tiny_spec.test_rows))
+    assert (table[:, 1] > 0).all() and (table[:, 1] < 1).all()
+    model = load_model(best_checkpoint(run), synth_dir)
+    expected = score_parquet(model, Layout(synth_dir).split("test"), load_config(run / "config.yaml").data.max_len)
+    np.testing.assert_allclose(table[:, 1], expected, atol=2e-6)  # same rows, same order
+    assert summary["rows"] == tiny_spec.test_rows and 0.5 < summary["metrics"]["auc"] <= 1
+    with pytest.raises(OutputExistsError):
+        run_predict(run, synth_dir, out)
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_latest_checkpoint(ray_local, synth_dir, tmp_path):
+    run = tmp_path / "r"
+    run_training(synth_dir, str(run), tiny_cfg("train.epochs=1"))
+    first = _metrics(run)
+    with pytest.raises(ConfigError, match="only train"):
+        run_training(synth_dir, str(run), tiny_cfg("train.epochs=2", "model.dropout=0.5"), resume=True)
+    run_training(synth_dir, str(run), resume_config(str(run), ["train.epochs=2"]), resume=True)
+    rows = _metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[0] == first[0]
+    assert load_checkpoint(epoch_checkpoints(run)[-1]).state.epoch == 2
+
+
+@pytest.mark.slow
+def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_local, synth_dir, tmp_path, monkeypatch):
+    run, marker = tmp_path / "f", tmp_path / "killed"
+    steps_per_epoch = 3_000 // 256
+    monkeypatch.setenv(FAULT_ENV, f"{steps_per_epoch + 3}:{marker}")  # mid-way through epoch 2
+    summary = run_training(synth_dir, str(run), tiny_cfg("train.epochs=3", "train.patience=3"), max_failures=1)
+    assert marker.read_text() == "killed\n"
+    assert [r["epoch"] for r in _metrics(run)] == [1, 2, 3]
+    assert summary["epochs"] == 3
