@@ -127,8 +127,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from mmctr_ray.report import write_report
+
+    paths = write_report(args.run)
+    print(paths["summary"].read_text())
+    log.info("wrote %s and %s", paths["summary"], paths["curves"])
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on synthetic data: synth → validate → features → train → predict."""
+    """The main job on synthetic data: synth → validate → features → train → predict → report."""
     out = Path(args.out)
     data = out / "data"
     steps: list[tuple[str, Callable[[], int]]] = [
@@ -142,6 +151,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                                              "out": out / "submission.zip", "split": "test",
                                                              "overwrite": True, "actors": 1,
                                                              "gpus_per_actor": args.gpus_per_worker}))),
+        ("report", lambda: cmd_report(argparse.Namespace(run=out / "run"))),
     ]
     for name, step in steps:
         log.info("== demo: %s", name)
@@ -149,6 +159,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if rc:
             log.error("demo stopped: %s exited %d", name, rc)
             return rc
+    summary = json.loads((out / "run" / "summary.json").read_text())
+    print(f"demo: valid AUC {summary['best_valid_auc']:.4f} (oracle {summary['oracle_valid_auc']:.4f}) at epoch "
+          f"{summary['best_epoch']}; submission {out / 'submission.zip'}; report {out / 'run' / 'report'}")
     log.info("demo done: outputs under %s", out)
     return 0
 
@@ -212,7 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ray_args(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("demo", help="the main job on synthetic data: synth → validate → features → train → predict",
+    p = sub.add_parser("report", help="training curves (PNG) and a markdown summary of a run",
+                       description="Write RUN/report/curves.png and RUN/report/summary.md and print the summary.")
+    p.add_argument("run", type=Path, help="run directory written by `mmctr train`")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="the main job on synthetic data: synth → validate → features → train → predict → report",
                        description="Run the whole pipeline on freshly generated synthetic data under --out.")
     p.add_argument("--out", type=Path, required=True, help="folder for data/ and every stage's outputs")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")

@@ -115,6 +115,7 @@ class ModelConfig:
         use_tags: mean-pool the item's tag embeddings into the item representation.
         use_user_id: add a user-id embedding field (off in the challenge baseline).
         embedding_init_std: embeddings are initialised normal(0, std).
+        use_history: attend over the click history (off: the pooled-history fields are zeros; an ablation).
         attention: ``din`` (MLP over [t, h, t-h, t*h], no softmax) or ``multihead`` (target attention).
         attention_units: hidden widths of the DIN attention MLP.
         attention_activation: activation of the DIN attention MLP.
@@ -136,6 +137,7 @@ class ModelConfig:
     use_tags: bool = True
     use_user_id: bool = False
     embedding_init_std: float = 1e-4
+    use_history: bool = True
     attention: str = "din"
     attention_units: tuple[int, ...] = (512, 256)
     attention_activation: str = "relu"

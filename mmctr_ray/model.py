@@ -130,14 +130,19 @@ class DINModel(nn.Module):
         """The embedding tables (the only parameters the embedding L2 penalty applies to)."""
         return [m.weight for m in self.modules() if isinstance(m, nn.Embedding)]
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        seq = batch["item_seq"]  # (B, L)
+    def pool_history(self, target: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+        """The sequence module over the real history positions of ``seq`` (B, L) → (B, R)."""
+        if not self.cfg.use_history:
+            return torch.zeros_like(target)
         ids, rows = pack(seq, history_mask(seq))  # (n,) real history ids and their rows: padding is skipped
         items, inverse = torch.unique(ids, return_inverse=True)  # (u,) distinct history items, (n,) positions
-        target = self.item_embedding(batch["item_id"])  # (B, R)
         history = self.item_embedding(items)  # (u, R): each distinct item once
+        return self.sequence.forward_packed(target, history, rows, inverse)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        target = self.item_embedding(batch["item_id"])  # (B, R)
         side = self.side_embedding(batch["likes_level"], batch["views_level"], batch.get("user_id"))  # (B, S, D)
-        pooled = self.sequence.forward_packed(target, history, rows, inverse)  # (B, R)
+        pooled = self.pool_history(target, batch["item_seq"])  # (B, R)
         b, d = target.shape[0], self.cfg.embedding_dim
         fields = torch.cat([side, target.view(b, -1, d), pooled.view(b, -1, d)], dim=1)  # (B, F, D)
         base, features = self.interaction(fields)

@@ -37,5 +37,5 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
         return
     # the dashboard (loopback only) serves the state API that Ray Train's placement-group cleaner and Tune's
     # trial clean-up query; without it they retry and warn in a loop
-    ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    ray.init(num_cpus=num_cpus, include_dashboard=None, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
     log.info("started a local Ray: %s", ray.cluster_resources())

@@ -14,7 +14,7 @@ import yaml
 from mmctr_ray.cli import build_parser, main
 from mmctr_ray.schema import Layout
 
-STAGES = ["synth", "validate", "features", "demo"]
+STAGES = ["synth", "validate", "features", "train", "predict", "report", "demo"]
 ROOT = Path(__file__).parent.parent
 
 
@@ -117,4 +117,6 @@ def test_demo_runs_the_main_job(tmp_path):
     assert "OK (0 errors, 0 warnings)" in r.stdout
     assert (out / "data" / "oracle.json").is_file()
     assert json.loads((out / "features" / "features_summary.json").read_text())["splits"]["valid"]["rows"] == 300
+    assert (out / "submission.zip").is_file() and (out / "run" / "report" / "curves.png").is_file()
+    assert "demo: valid AUC" in r.stdout and "oracle" in r.stdout
     assert "demo done" in r.stderr

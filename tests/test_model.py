@@ -175,3 +175,11 @@ def test_user_id_field_only_when_configured():
     without = tiny_model().eval()
     b = batch(user=False)
     assert without(b).shape == (6,)
+
+
+def test_history_ablation_ignores_the_history():
+    model = tiny_model(use_history="false").eval()
+    b = batch()
+    other = dict(b, item_seq=torch.randint(1, N_ITEMS + 1, b["item_seq"].shape))
+    torch.testing.assert_close(model(b), model(other))
+    assert not torch.equal(tiny_model().eval()(b), tiny_model().eval()(other))

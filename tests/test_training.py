@@ -145,3 +145,17 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_local, synth_dir,
     assert marker.read_text() == "killed\n"
     assert [r["epoch"] for r in _metrics(run)] == [1, 2, 3]
     assert summary["epochs"] == 3
+
+
+@pytest.mark.slow
+def test_report_writes_curves_and_a_markdown_table(two_worker_run, tmp_path):
+    from mmctr_ray.errors import DataError
+    from mmctr_ray.report import write_report
+
+    run, summary = two_worker_run
+    paths = write_report(run)
+    assert paths["curves"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = paths["summary"].read_text()
+    assert f"{summary['best_valid_auc']:.4f}" in text and text.count("\n| ") == 1 + 2  # header + 2 epochs
+    with pytest.raises(DataError, match="metrics.jsonl: missing file"):
+        write_report(tmp_path)

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Every GPU path in one run, for a lent GPU host (Python 3.12 + torch preinstalled, no registry):
+#   bash ../shared/device/prepare_wheels.sh && pip download --no-deps -d .whl pytest pluggy iniconfig   (here)
+#   bash benchmarks/gpu_check.sh            (there, from the project root; writes $OUT/gpu_check.log)
+# 1. unit tests on that host's torch; 2. the model on CUDA (bf16, every module); 3. model step throughput;
+# 4. `mmctr train` vs a plain loop with data on the GPU; 5. quality: baseline, no-history ablation, paper model.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD
+W=/tmp/mmctr_gpu; rm -rf "$W"; mkdir -p "$W"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, ray; print('torch', torch.__version__, 'ray', ray.__version__, 'cuda', torch.cuda.is_available())"
+echo "== 1. unit tests (CPU, this host's torch)"
+timeout 120 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_layers.py tests/test_model.py \
+  tests/test_config.py tests/test_features.py 2>&1 | tail -3
+echo "== 2. every module combination on CUDA, bf16 autocast, a training step each"
+timeout 60 python3 - <<'PY'
+import itertools, torch
+from mmctr_ray.config import load_config
+from mmctr_ray.features import FeatureMap
+from mmctr_ray.model import DINModel
+fm = FeatureMap(num_items=500, tag_vocab=100, tags_per_item=5, vector_dim=32, num_users=50)
+g = torch.Generator().manual_seed(0)
+tags, vec = torch.randint(0, 100, (501, 5), generator=g), torch.randn(501, 32, generator=g)
+bad = 0
+for att, se, bil, cr in itertools.product(["din", "multihead"], ["false", "true"], ["off", "field_all", "field_each", "field_interaction"], ["off", "v1", "v2"]):
+    cfg = load_config("configs/tiny.yaml", [f"model.attention={att}", f"model.senet={se}", f"model.bilinear={bil}", f"model.crossnet={cr}"])
+    m = DINModel(cfg.model, fm, item_tags=tags.cuda(), item_vectors=vec.cuda()).cuda()
+    seq = torch.randint(0, 501, (256, 16), device="cuda"); seq[:, :8] = 0; seq[0] = 0
+    b = {"item_id": torch.randint(1, 501, (256,), device="cuda"), "item_seq": seq,
+         "likes_level": torch.randint(0, 10, (256,), device="cuda"), "views_level": torch.randint(0, 10, (256,), device="cuda")}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = m(b)
+    out.float().square().mean().backward()
+    ok = torch.isfinite(out).all() and all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    bad += not ok
+print(f"48 combinations on CUDA: {48 - bad} finite, {bad} not")
+PY
+echo "== 3. model step (baseline, item table of MicroLens-1M size)"
+timeout 120 python3 benchmarks/model_step.py --batch 8192 16384 --repeats 20 --paths packed embed_all padded --precision bf16 fp32
+echo "== 4. mmctr train (1 GPU worker) vs plain loop, 2M train rows, batch 8192"
+timeout 240 python3 benchmarks/train_throughput.py --gpu --train-rows 2000000 --items 91717 --epochs 2 2>&1 | grep -vE "^\(|INFO|WARN" | tail -6
+echo "== 5. quality on the default synth data (baseline / no history / paper), mmctr train on the GPU"
+python3 -m mmctr_ray.cli synth --out "$W/data" --images 0 2>&1 | tail -1
+for spec in "baseline|configs/baseline.yaml|" "nohist|configs/baseline.yaml|model.use_history=false" "paper|configs/paper.yaml|"; do
+  IFS='|' read -r name cfg set <<<"$spec"
+  timeout 200 python3 -m mmctr_ray.cli train --data "$W/data" --out "$W/run_$name" --config "$cfg" --gpus-per-worker 1 \
+    --set train.epochs=40 ${set:+--set $set} 2>&1 | grep -E "mmctr INFO|error" | tail -2
+  cp "$W/run_$name/metrics.jsonl" "$OUT/metrics_$name.jsonl" 2>/dev/null
+done
+echo "== done"
