@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU path in one run, for a lent GPU host (Python 3.12 + torch preinstalled, no registry):
-#   bash ../shared/device/prepare_wheels.sh && pip download --no-deps -d .whl pytest pluggy iniconfig   (here)
+#   bash ../shared/device/prepare_wheels.sh   (here; the host has pytest, pyarrow, scikit-learn, pandas)
 #   bash benchmarks/gpu_check.sh            (there, from the project root; writes $OUT/gpu_check.log)
 # 1. unit tests on that host's torch; 2. the model on CUDA (bf16, every module); 3. model step throughput;
 # 4. `mmctr train` vs a plain loop with data on the GPU; 5. quality: baseline, no-history ablation, paper model.
