@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/mmctr demo --out $(DEMO) --overwrite
+	$(BIN)/mmctr demo --out $(DEMO) --overwrite --config configs/tiny.yaml --set train.epochs=3
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
