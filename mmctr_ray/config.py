@@ -206,10 +206,7 @@ class TrainConfig:
         grad_clip: gradient clipping max norm (0 disables).
         seed: seed for weights and data order.
         precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
-        shuffle: shuffle the training split every epoch (random block order, rows permuted within each
-            batch of 16,384, in Ray Data's tasks).
-        shuffle_buffer: rows in each worker's local shuffle buffer on top of that (0: none; it runs in the
-            training worker's own thread, so it costs throughput on fast GPUs).
+        shuffle_buffer: rows in each worker's local shuffle buffer (0: read order).
     """
 
     batch_size: int = 8192
@@ -224,8 +221,7 @@ class TrainConfig:
     grad_clip: float = 10.0
     seed: int = 2025
     precision: str = "auto"
-    shuffle: bool = True
-    shuffle_buffer: int = 0
+    shuffle_buffer: int = 65_536
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "eval_batch_size", "epochs", "patience"):

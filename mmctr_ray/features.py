@@ -197,29 +197,22 @@ def history_mask(seq: Any) -> Any:
     return seq > PAD_ID
 
 
-def to_model_batch(batch: pa.Table, max_len: int, shuffle: bool = False) -> dict[str, np.ndarray]:
-    """One Arrow batch of a split → fixed-width numpy columns (ids int64, label float32), rows permuted
-    at random when ``shuffle``."""
+def to_model_batch(batch: pa.Table, max_len: int) -> dict[str, np.ndarray]:
+    """One Arrow batch of a split → fixed-width numpy columns (ids int64, label float32)."""
     out = {name: batch.column(name).to_numpy().astype(np.int64, copy=False)
            for name in SPLIT_FEATURES if name != "label"}
     # the test split's label is a placeholder, possibly null: nulls become 0
     out["label"] = pc.fill_null(batch.column("label"), 0).to_numpy().astype(np.float32, copy=False)
     seq = list_matrix(batch.column("item_seq"), "column item_seq").astype(np.int64, copy=False)
     out["item_seq"] = history_window(seq, max_len)
-    if shuffle:  # on the narrow numpy columns: cheaper than permuting the Arrow batch
-        perm = np.random.default_rng().permutation(len(out["label"]))
-        out = {k: v[perm] for k, v in out.items()}
     return out
 
 
-def read_split(data_dir: str | Path, split: str, max_len: int = 64, batch_rows: int = 16_384,
-               shuffle: bool = False) -> Any:
+def read_split(data_dir: str | Path, split: str, max_len: int = 64, batch_rows: int = 16_384) -> Any:
     """The split as a Ray Dataset of model-ready rows (Ray must be initialised by the caller).
 
     Columns: ``user_id``, ``item_id``, ``likes_level``, ``views_level`` (int64), ``label`` (float32) and
     ``item_seq`` (int64 tensor column of shape (max_len,), most recent item last, 0 = padding).
-    With ``shuffle`` every pass reads the blocks in a new random order and permutes the rows of each batch,
-    in the Ray Data tasks (in parallel), not in the consumer's thread.
     """
     import ray.data
 
@@ -227,7 +220,5 @@ def read_split(data_dir: str | Path, split: str, max_len: int = 64, batch_rows: 
     if not path.is_file():
         raise DataError(f"{path}: missing file")
     ds = ray.data.read_parquet(str(path.resolve())).select_columns([*SPLIT_FEATURES, "item_seq"])
-    if shuffle:
-        ds = ds.randomize_block_order()
     return ds.map_batches(to_model_batch, batch_format="pyarrow", batch_size=batch_rows, zero_copy_batch=True,
-                          fn_kwargs={"max_len": max_len, "shuffle": shuffle})
+                          fn_kwargs={"max_len": max_len})

@@ -114,7 +114,7 @@ def run_training(data_dir: str | Path, run_dir: str, cfg: ExperimentConfig, work
                                                            **({"GPU": gpus_per_worker} if gpus_per_worker else {})}),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=None)),
-        datasets={"train": read_split(data_dir, "train", cfg.data.max_len, shuffle=cfg.train.shuffle),
+        datasets={"train": read_split(data_dir, "train", cfg.data.max_len),
                   "valid": read_split(data_dir, "valid", cfg.data.max_len)},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )

@@ -155,17 +155,3 @@ def test_null_placeholder_labels_become_zero():
     batch = pa.table({"user_id": [1, 2], "item_seq": list_array(seq, pa.int64()), "item_id": [4, 5],
                       "likes_level": [0, 1], "views_level": [2, 3], "label": pa.nulls(2, pa.float64())})
     np.testing.assert_array_equal(to_model_batch(batch, max_len=4)["label"], [0.0, 0.0])
-
-
-def test_shuffled_batch_is_a_permutation_of_whole_rows():
-    seq = np.zeros((500, 100), dtype=np.int64)
-    seq[:, -1] = np.arange(500)  # the row's identity, carried in its history
-    batch = pa.table({"user_id": np.arange(500), "item_seq": list_array(seq, pa.int64()), "item_id": np.arange(500),
-                      "likes_level": np.zeros(500, np.int64), "views_level": np.zeros(500, np.int64),
-                      "label": np.arange(500) % 2 * 1.0})
-    out = to_model_batch(batch, max_len=8, shuffle=True)
-    assert not np.array_equal(out["item_id"], np.arange(500))
-    np.testing.assert_array_equal(np.sort(out["item_id"]), np.arange(500))
-    np.testing.assert_array_equal(out["user_id"], out["item_id"])  # columns moved together
-    np.testing.assert_array_equal(out["item_seq"][:, -1], out["item_id"])
-    np.testing.assert_array_equal(out["label"], out["item_id"] % 2)
