@@ -34,8 +34,21 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=int, help="logical CPUs of a private local Ray")
 
 
+def _add_data_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, required=True, help="data directory (holds MicroLens_1M_x1/)")
+
+
 def _add_worker_args(p: argparse.ArgumentParser, name: str, what: str) -> None:
     p.add_argument(f"--{name}", type=int, default=1, help=f"number of {what} (default 1)")
+
+
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    _add_worker_args(p, "workers", "DDP training workers")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPUs per training worker and scoring actor (0: CPU, gloo)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0,
+                   help="logical CPUs Ray reserves per worker (a CPU worker's torch threads use the node's cores, "
+                        "shared among the workers on the node)")
 
 
 def _add_synth_args(p: argparse.ArgumentParser) -> None:
@@ -190,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("features", help="build the item table and stream the splits through Ray Data; report",
                        description="Build the item table and the model-ready Ray Datasets; print a summary.")
-    p.add_argument("--data", type=Path, required=True, help="data directory (holds MicroLens_1M_x1/)")
+    _add_data_arg(p)
     p.add_argument("--out", type=Path, help="write features_summary.json and the resolved config.yaml here")
     _add_config_args(p)
     _add_ray_args(p)
@@ -199,14 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model with Ray Train (DDP workers); checkpoints every epoch",
                        description="Train the configured model on DATA into RUN (local path or storage URI): "
                                    "config.yaml, metrics.jsonl, tensorboard/, checkpoint_epoch_NNN/, summary.json.")
-    p.add_argument("--data", type=Path, required=True, help="data directory (holds MicroLens_1M_x1/)")
+    _add_data_arg(p)
     p.add_argument("--out", required=True, help="run directory (local path or s3://, gs://, ... URI)")
     _add_config_args(p)
-    _add_worker_args(p, "workers", "DDP training workers")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (0: CPU, gloo)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0,
-                   help="logical CPUs Ray reserves per worker (a CPU worker's torch threads use the node's cores, "
-                        "shared among the workers on the node)")
+    _add_training_args(p)
     p.add_argument("--resume", action="store_true", help="continue RUN from its latest checkpoint (its own config)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in RUN")
     _add_ray_args(p)
@@ -216,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score a split with Ray Data actors and write a zip holding prediction.csv "
                                    "(header ID,Task2; IDs 0..N-1 in row order).")
     p.add_argument("--run", type=Path, required=True, help="run directory written by `mmctr train`")
-    p.add_argument("--data", type=Path, required=True, help="data directory (holds MicroLens_1M_x1/)")
+    _add_data_arg(p)
     p.add_argument("--out", type=Path, required=True, help="submission zip to write")
     p.add_argument("--split", choices=["test", "valid", "train"], default="test", help="split to score")
     _add_worker_args(p, "actors", "scoring actors")
@@ -230,13 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, help="run directory written by `mmctr train`")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("demo", help="the main job on synthetic data: synth → validate → features → train → predict → report",
+    p = sub.add_parser("demo", help="the main job on synthetic data: synth → validate → features → train → predict "
+                                    "→ report",
                        description="Run the whole pipeline on freshly generated synthetic data under --out.")
     p.add_argument("--out", type=Path, required=True, help="folder for data/ and every stage's outputs")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
-    _add_worker_args(p, "workers", "DDP training workers")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per training worker / scoring actor")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="logical CPUs Ray reserves per training worker")
+    _add_training_args(p)
     _add_synth_args(p)
     _add_config_args(p)
     _add_ray_args(p)

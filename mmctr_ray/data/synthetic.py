@@ -9,9 +9,10 @@ The world (all drawn from one seed):
 
 * Items. Each item ``i`` has a topic ``z_i`` (topic sizes are Zipf-like), a unit **content** vector
   ``c_i = [c_a ‖ c_b]`` (8 + 8 dims) near its topic's centre (spread ``CONTENT_NOISE``), a
-  **collaborative** factor ``v_i`` (8 dims) that only the item id reveals, and a **popularity** ``pop_i`` (standard normal). ``likes_level`` and
-  ``views_level`` are deciles (0..9) of two independent noisy readings of ``pop_i``; tags come from a block of
-  the tag vocabulary owned by the topic; titles mix topic words and common words.
+  **collaborative** factor ``v_i`` (8 dims) that only the item id reveals, and a **popularity** ``pop_i``
+  (standard normal). ``likes_level`` and ``views_level`` are deciles (0..9) of two independent noisy readings
+  of ``pop_i``; tags come from a block of the tag vocabulary owned by the topic; titles mix topic words and
+  common words.
 * Content is never shipped as such, only through noisy projections:
   ``txt_emb_BERT`` (768) sees ``c_a`` strongly and ``c_b`` weakly, ``img_emb_CLIPRN50`` (1024) and the cover
   image see ``c_b`` strongly and ``c_a`` weakly, ``item_emb_d128`` sees both through heavier noise. Each also
@@ -140,7 +141,8 @@ class World:
         self.item_topic = np.sort(topic)  # items of one topic are contiguous ids
         # index 0 = padding item: zero content, never sampled
         self.content = np.zeros((n + 1, K_A + K_B))
-        self.content[1:] = _unit(self.topic_centres[self.item_topic] + CONTENT_NOISE * rng.standard_normal((n, K_A + K_B)))
+        spread = CONTENT_NOISE * rng.standard_normal((n, K_A + K_B))
+        self.content[1:] = _unit(self.topic_centres[self.item_topic] + spread)
         self.cf = np.zeros((n + 1, K_CF))
         self.cf[1:] = rng.standard_normal((n, K_CF)) / np.sqrt(K_CF)
         self.pop = np.zeros(n + 1)
