@@ -46,8 +46,8 @@ class RunLog:
 
     def progress(self, epoch: int, step: int, steps: int, rows: int, t0: float, loss_sum: torch.Tensor) -> None:
         """Log epoch, step, samples/s and ETA every PROGRESS_EVERY_S seconds."""
-        if not self.enabled or time.perf_counter() - self._last < PROGRESS_EVERY_S:
-            return
+        if not self.enabled or step < 2 or time.perf_counter() - self._last < PROGRESS_EVERY_S:
+            return  # step 1 only measures the wait for the data pipeline
         self._last = time.perf_counter()
         elapsed = self._last - t0
         rate = rows / elapsed if elapsed > 0 else 0.0
