@@ -25,6 +25,7 @@ def plot_curves(rows: list[dict[str, Any]], out: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -33,6 +34,7 @@ def plot_curves(rows: list[dict[str, Any]], out: Path) -> Path:
         ax.plot(epochs, [r[key] for r in rows], marker="o")
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     best = max(rows, key=lambda r: r["valid_auc"])
     axes[0].axvline(best["epoch"], color="grey", linestyle="--", linewidth=1)
