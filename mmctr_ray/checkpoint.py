@@ -92,8 +92,9 @@ def load_checkpoint(directory: str | Path, with_optimizer: bool = True) -> Loade
 
 
 def epoch_checkpoints(run_dir: str | Path) -> list[Path]:
-    """The run's checkpoint directories, oldest first."""
-    return sorted(p for p in Path(run_dir).glob("checkpoint_epoch_*") if (p / "state.json").is_file())
+    """The run's complete checkpoint directories, oldest first (one cut short while copied is skipped)."""
+    required = [f for f in FILES if f != "optimizer.pt"]
+    return sorted(p for p in Path(run_dir).glob("checkpoint_epoch_*") if all((p / f).is_file() for f in required))
 
 
 def best_checkpoint(run_dir: str | Path) -> Path:

@@ -210,10 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("train", help="train a model with Ray Train (DDP workers); checkpoints every epoch",
-                       description="Train the configured model on DATA into RUN (local path or storage URI): "
+                       description="Train the configured model on DATA into RUN (a local or shared path): "
                                    "config.yaml, metrics.jsonl, tensorboard/, checkpoint_epoch_NNN/, summary.json.")
     _add_data_arg(p)
-    p.add_argument("--out", required=True, help="run directory (local path or s3://, gs://, ... URI)")
+    p.add_argument("--out", required=True, help="run directory (a local path; shared storage on a cluster)")
     _add_config_args(p)
     _add_training_args(p)
     p.add_argument("--resume", action="store_true", help="continue RUN from its latest checkpoint (its own config)")

@@ -31,6 +31,7 @@ from mmctr_ray.errors import DataError  # re-exported
 from mmctr_ray.schema import PAD_ID, SPLITS, Layout
 
 SPLIT_FEATURES = ("user_id", "item_id", "likes_level", "views_level", "label")
+MODEL_INPUTS = ("item_id", "item_seq", "likes_level", "views_level", "user_id")  # what DINModel reads
 FUSED_VECTOR_COLUMN = "item_emb"  # column of an item_emb.parquet written by `mmctr fuse`
 
 

@@ -108,7 +108,7 @@ class DINModel(nn.Module):
         self.side_embedding = SideEmbedding(d, fmap.num_users if cfg.use_user_id else 0)
         item_dim = self.item_embedding.out_dim
         self.sequence = make_attention(cfg.attention, item_dim, cfg.attention_units, cfg.attention_activation,
-                                       cfg.num_heads, cfg.attention_dropout)
+                                       cfg.num_heads, cfg.attention_dropout) if cfg.use_history else None
         self.num_fields = self.side_embedding.num_fields + 2 * item_dim // d
         self.interaction = Interaction(self.num_fields, d, cfg.senet, cfg.senet_ratio, cfg.bilinear)
         self.head = Head(self.interaction.base_dim, self.interaction.out_dim, cfg)
@@ -132,7 +132,7 @@ class DINModel(nn.Module):
 
     def pool_history(self, target: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
         """The sequence module over the real history positions of ``seq`` (B, L) → (B, R)."""
-        if not self.cfg.use_history:
+        if self.sequence is None:  # the history ablation: no attention parameters at all (DDP needs none unused)
             return torch.zeros_like(target)
         ids, rows = pack(seq, history_mask(seq))  # (n,) real history ids and their rows: padding is skipped
         items, inverse = torch.unique(ids, return_inverse=True)  # (u,) distinct history items, (n,) positions

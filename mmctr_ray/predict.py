@@ -22,18 +22,20 @@ import torch
 
 from mmctr_ray.checkpoint import best_checkpoint, load_checkpoint
 from mmctr_ray.errors import DataError, OutputExistsError
-from mmctr_ray.features import load_item_table, read_split, to_model_batch
+from mmctr_ray.features import MODEL_INPUTS, load_item_table, read_split, to_model_batch
 from mmctr_ray.metrics import evaluate
+from mmctr_ray.config import TrainConfig
 from mmctr_ray.model import DINModel
+from mmctr_ray.training import autocast
 from mmctr_ray.schema import Layout
 
 log = logging.getLogger(__name__)
 PROB_EPS = 1e-7
-MODEL_INPUTS = ("item_id", "item_seq", "likes_level", "views_level", "user_id")
 
 
 def load_model(checkpoint_dir: str | Path, data_dir: str | Path, device: str = "cpu") -> DINModel:
-    """The checkpoint's model over the item table rebuilt from ``data_dir``, in eval mode.
+    """The checkpoint's model over the item table rebuilt from ``data_dir``, in eval mode; its ``train_cfg``
+    attribute holds the checkpoint's train section (the precision validation used).
 
     Raises:
         DataError: the data's items or vectors do not match what the checkpoint was trained on.
@@ -49,7 +51,17 @@ def load_model(checkpoint_dir: str | Path, data_dir: str | Path, device: str = "
                             f"{value} (a checkpoint of other data or another fusion)")
     model = DINModel(ck.cfg.model, ck.fmap, **table.to_torch(device))
     model.load_state_dict(ck.model_state)
+    model.train_cfg = ck.cfg.train  # the precision it was validated in
     return model.to(device).eval()
+
+
+@torch.no_grad()
+def probabilities(model: DINModel, inputs: dict[str, torch.Tensor], cfg: TrainConfig) -> np.ndarray:
+    """Click probabilities of one batch, in the precision training validated with, clipped into (0, 1)."""
+    device = next(model.parameters()).device
+    with autocast(cfg, device):
+        logits = model(inputs)
+    return np.clip(torch.sigmoid(logits.float()).cpu().numpy(), PROB_EPS, 1 - PROB_EPS)
 
 
 @torch.no_grad()
@@ -62,9 +74,9 @@ def score_parquet(model: DINModel, path: str | Path, max_len: int, batch_rows: i
     out = []
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
         cols = to_model_batch(pa.Table.from_batches([batch]), max_len)
-        logits = model({k: torch.as_tensor(cols[k], device=device) for k in MODEL_INPUTS})
-        out.append(torch.sigmoid(logits.float()).cpu().numpy())
-    return np.clip(np.concatenate(out), PROB_EPS, 1 - PROB_EPS)
+        inputs = {k: torch.as_tensor(np.require(cols[k], requirements="W"), device=device) for k in MODEL_INPUTS}
+        out.append(probabilities(model, inputs, model.train_cfg))
+    return np.concatenate(out)
 
 
 class Scorer:
@@ -74,26 +86,33 @@ class Scorer:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_model(checkpoint_dir, data_dir, self.device)
 
-    @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         inputs = {k: torch.as_tensor(np.require(batch[k], requirements="W"), device=self.device)
                   for k in MODEL_INPUTS if k in batch}  # Ray hands read-only arrays
-        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.device == "cuda"):
-            logits = self.model(inputs)
-        prob = torch.sigmoid(logits.float()).cpu().numpy()
-        return {"prob": np.clip(prob, PROB_EPS, 1 - PROB_EPS), "label": batch["label"]}
+        return {"prob": probabilities(self.model, inputs, self.model.train_cfg), "label": batch["label"]}
 
 
 def score_split(run_dir: str | Path, data_dir: str | Path, split: str = "test", actors: int = 1,
                 gpus_per_actor: float = 0.0, batch_size: int = 16_384) -> tuple[np.ndarray, np.ndarray, Path]:
     """(probabilities, labels, checkpoint used) for every row of ``split``, in file order."""
     import ray.data
-    from ray.data import ActorPoolStrategy
 
     checkpoint = best_checkpoint(run_dir)
+    load_model(checkpoint, data_dir)  # fails here, as one line, if the data does not fit the checkpoint
     cfg = load_checkpoint(checkpoint, with_optimizer=False).cfg
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    ds = read_split(data_dir, split, max_len=cfg.data.max_len, batch_rows=batch_size)
+    ctx = ray.data.DataContext.get_current()
+    keep_order, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    try:
+        return _score(checkpoint, data_dir, split, cfg.data.max_len, actors, gpus_per_actor, batch_size)
+    finally:
+        ctx.execution_options.preserve_order = keep_order
+
+
+def _score(checkpoint: Path, data_dir: str | Path, split: str, max_len: int, actors: int, gpus_per_actor: float,
+           batch_size: int) -> tuple[np.ndarray, np.ndarray, Path]:
+    from ray.data import ActorPoolStrategy
+
+    ds = read_split(data_dir, split, max_len=max_len, batch_rows=batch_size)
     scored = ds.map_batches(Scorer, fn_constructor_kwargs={"checkpoint_dir": str(checkpoint),
                                                            "data_dir": str(Path(data_dir).resolve())},
                             batch_size=batch_size, batch_format="numpy", num_gpus=gpus_per_actor,
@@ -124,7 +143,10 @@ def run_predict(run_dir: str | Path, data_dir: str | Path, out: str | Path, spli
         raise OutputExistsError(f"{out}: already exists; pass --overwrite to replace it")
     if out.suffix != ".zip":
         raise DataError(f"{out}: the submission must be a .zip file")
-    expected = pq.ParquetFile(Layout(Path(data_dir)).split(split)).metadata.num_rows
+    path = Layout(Path(data_dir)).split(split)
+    if not path.is_file():
+        raise DataError(f"{path}: missing file")
+    expected = pq.ParquetFile(path).metadata.num_rows
     probs, labels, checkpoint = score_split(run_dir, data_dir, split, actors, gpus_per_actor)
     if len(probs) != expected:
         raise DataError(f"{split}: scored {len(probs)} rows but the split has {expected}; nothing written")

@@ -1,7 +1,7 @@
 """``mmctr train``: the driver that builds a Ray Train ``TorchTrainer`` and writes the run directory.
 
-RUN (a local path or a storage URI such as ``s3://bucket/runs/x``) receives ``config.yaml`` (resolved),
-``feature_map.json``, ``metrics.jsonl`` (one line per epoch), ``tensorboard/`` (local runs),
+RUN (a local path; on a cluster, a path on shared storage such as NFS) receives ``config.yaml`` (resolved),
+``feature_map.json``, ``metrics.jsonl`` (one line per epoch), ``tensorboard/``,
 ``checkpoint_epoch_NNN/`` (one per epoch) and ``summary.json`` (best epoch and its checkpoint) at the end.
 An existing RUN is never overwritten without ``overwrite``; ``resume`` continues it from its latest checkpoint
 with its own saved config.
@@ -9,6 +9,7 @@ with its own saved config.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -22,23 +23,32 @@ import pyarrow.parquet as pq
 from mmctr_ray.checkpoint import best_checkpoint, epoch_checkpoints
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
-from mmctr_ray.features import build_feature_map, load_item_table, read_split
-from mmctr_ray.schema import Layout
+from mmctr_ray.features import FeatureMap, build_feature_map, load_item_table, read_split
+from mmctr_ray.schema import SPLITS, Layout
 from mmctr_ray.training import train_loop_per_worker
 
 log = logging.getLogger(__name__)
 FAULT_ENV = "MMCTR_FAULT_KILL_AT_STEP"  # "STEP:MARKER_FILE": recovery tests kill rank 0 once at STEP
 
 
-def _local_run_dir(run_dir: str) -> Path | None:
-    return None if "://" in run_dir else Path(run_dir).resolve()
+def _local_run_dir(run_dir: str) -> Path:
+    """RUN as an absolute local path. Object-store URIs are refused for now: metrics, summary and resume
+    are written and read through local paths (Ray itself would accept them)."""
+    if "://" in run_dir:
+        raise ConfigError(f"{run_dir}: storage URIs are not supported yet for --out; use a local or shared "
+                          f"(NFS) path")
+    return Path(run_dir).resolve()
 
 
-def _prepare_run_dir(run_dir: str, cfg: ExperimentConfig, resume: bool, overwrite: bool) -> ExperimentConfig:
-    local = _local_run_dir(run_dir)
-    if local is None:  # object store: Ray manages it; resume/refusal by its own rules
+def _absolute_item_vector(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Workers change directory: a fused item-vector file is recorded by its absolute path."""
+    if cfg.data.item_vector == "given":
         return cfg
-    started = local.exists() and any(local.iterdir())
+    data = dataclasses.replace(cfg.data, item_vector=str(Path(cfg.data.item_vector).resolve()))
+    return dataclasses.replace(cfg, data=data)
+
+
+def _prepare_run_dir(local: Path, cfg: ExperimentConfig, resume: bool, overwrite: bool) -> None:
     if resume:
         if not (local / "config.yaml").is_file():
             raise ConfigError(f"{local}: nothing to resume (no config.yaml of an earlier `mmctr train`)")
@@ -47,16 +57,28 @@ def _prepare_run_dir(run_dir: str, cfg: ExperimentConfig, resume: bool, overwrit
             if getattr(saved, section) != getattr(cfg, section):
                 raise ConfigError(f"{local}: --resume with a different {section} section than the run's "
                                   f"config.yaml; only train.* may change when resuming")
-        save_config(cfg, local / "config.yaml")
-        return cfg
-    if started:
+    elif local.exists() and any(local.iterdir()):
         if not overwrite:
             raise OutputExistsError(f"{local}: already holds a run; pass --resume to continue it or --overwrite "
                                     f"to replace it")
+        if not (local / "config.yaml").is_file():
+            raise OutputExistsError(f"{local}: not empty and not a run of `mmctr train` (no config.yaml); "
+                                    f"--overwrite replaces runs only")
         shutil.rmtree(local)
     local.mkdir(parents=True, exist_ok=True)
     save_config(cfg, local / "config.yaml")
-    return cfg
+
+
+def _check_feature_map(local: Path, fmap: FeatureMap) -> None:
+    """On resume, the data must give the vocabularies the run was built with."""
+    path = local / "feature_map.json"
+    if not path.is_file():
+        return
+    saved = FeatureMap.from_json(path)
+    for key, value in fmap.__dict__.items():
+        if getattr(saved, key) != value:
+            raise ConfigError(f"{path}: the run was built with {key}={getattr(saved, key)} but --data gives "
+                              f"{value}; resume with the data the run started on")
 
 
 def _fault_from_env() -> dict[str, Any] | None:
@@ -70,7 +92,7 @@ def _fault_from_env() -> dict[str, Any] | None:
 def resume_config(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """The config a resumed run continues with: its saved config.yaml plus ``overrides`` (train.* only)."""
     local = _local_run_dir(run_dir)
-    if local is None or not (local / "config.yaml").is_file():
+    if not (local / "config.yaml").is_file():
         raise ConfigError(f"{run_dir}: nothing to resume (no config.yaml of an earlier `mmctr train`)")
     return load_config(local / "config.yaml", overrides)
 
@@ -92,20 +114,22 @@ def run_training(data_dir: str | Path, run_dir: str, cfg: ExperimentConfig, work
 
     data_dir = Path(data_dir).resolve()
     lay = Layout(data_dir)
-    for path in (lay.split("train"), lay.split("valid"), lay.item_info):
+    for path in (*(lay.split(split) for split in SPLITS), lay.item_info):
         if not path.is_file():
             raise DataError(f"{path}: missing file (run `mmctr validate {data_dir}`)")
-    cfg = _prepare_run_dir(run_dir, cfg, resume, overwrite)
+    local = _local_run_dir(run_dir)
+    cfg = _absolute_item_vector(cfg)
+    _prepare_run_dir(local, cfg, resume, overwrite)
     table = load_item_table(data_dir, cfg.data.item_vector)
     fmap = build_feature_map(data_dir, table)
-    local = _local_run_dir(run_dir)
-    if local is not None:
-        fmap.to_json(local / "feature_map.json")
-    latest = epoch_checkpoints(local)[-1] if resume and local is not None and epoch_checkpoints(local) else None
-    loop_config = {"cfg": cfg.to_dict(), "data_dir": str(data_dir), "run_dir": str(local or run_dir),
+    if resume:
+        _check_feature_map(local, fmap)
+    fmap.to_json(local / "feature_map.json")
+    done = epoch_checkpoints(local) if resume else []
+    loop_config = {"cfg": cfg.to_dict(), "data_dir": str(data_dir), "run_dir": str(local),
                    "feature_map": fmap.__dict__, "train_rows": pq.ParquetFile(lay.split("train")).metadata.num_rows,
-                   "resume_from": str(latest) if latest else None, "fault": _fault_from_env(), "verbose": verbose}
-    storage, name = (str(local.parent), local.name) if local else run_dir.rstrip("/").rsplit("/", 1)
+                   "resume_from": str(done[-1]) if done else None, "fault": _fault_from_env(), "verbose": verbose}
+    storage, name = str(local.parent), local.name
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -120,8 +144,7 @@ def run_training(data_dir: str | Path, run_dir: str, cfg: ExperimentConfig, work
     )
     t0 = time.perf_counter()
     trainer.fit()
-    summary = _summary(local, data_dir, time.perf_counter() - t0) if local else {"run_dir": run_dir}
-    return summary
+    return _summary(local, data_dir, time.perf_counter() - t0)
 
 
 def _summary(run_dir: Path, data_dir: Path, seconds: float) -> dict[str, Any]:

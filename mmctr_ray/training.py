@@ -30,7 +30,6 @@ from mmctr_ray.ray_env import quiet_ray_data
 from mmctr_ray.run_log import RunLog
 
 log = logging.getLogger(__name__)
-MODEL_INPUTS = ("item_id", "item_seq", "likes_level", "views_level", "user_id")
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -145,11 +144,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = make_optimizer(model, cfg.train, device)
     state = _restore(model, optimizer, config.get("resume_from")) or TrainState(lr=cfg.train.lr)
     tables = model.embedding_tables()
+    if world > 1:  # the item table is the same on every rank: keep DDP from broadcasting it every step
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, ["item_embedding.item_tags", "item_embedding.item_vectors"])
     ddp = ray.train.torch.prepare_model(model) if world > 1 else model
     run_log = RunLog(config["run_dir"], enabled=rank == 0)
     per_worker = max(1, cfg.train.batch_size // world)
     steps_per_epoch = max(1, config["train_rows"] // (per_worker * world))
-    stop = False
+    stop = state.bad_epochs >= cfg.train.patience  # a resumed run that had already stopped early stays stopped
     while state.epoch < cfg.train.epochs and not stop:
         for group in optimizer.param_groups:
             group["lr"] = state.lr

@@ -159,3 +159,15 @@ def test_report_writes_curves_and_a_markdown_table(two_worker_run, tmp_path):
     assert f"{summary['best_valid_auc']:.4f}" in text and text.count("\n| ") == 1 + 2  # header + 2 epochs
     with pytest.raises(DataError, match="metrics.jsonl: missing file"):
         write_report(tmp_path)
+
+
+def test_storage_uris_are_refused_clearly_for_now(synth_dir):
+    with pytest.raises(ConfigError, match="s3://bucket/run: storage URIs are not supported yet"):
+        run_training(synth_dir, "s3://bucket/run", tiny_cfg())
+
+
+def test_overwrite_never_deletes_a_directory_that_is_not_a_run(synth_dir, tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match="not a run of `mmctr train`"):
+        run_training(synth_dir, str(tmp_path), tiny_cfg(), overwrite=True)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
