@@ -24,18 +24,16 @@ from mmctr_ray.checkpoint import best_checkpoint, load_checkpoint
 from mmctr_ray.errors import DataError, OutputExistsError
 from mmctr_ray.features import MODEL_INPUTS, load_item_table, read_split, to_model_batch
 from mmctr_ray.metrics import evaluate
-from mmctr_ray.config import TrainConfig
 from mmctr_ray.model import DINModel
-from mmctr_ray.training import autocast
 from mmctr_ray.schema import Layout
+from mmctr_ray.training import probabilities
 
 log = logging.getLogger(__name__)
-PROB_EPS = 1e-7
 
 
 def load_model(checkpoint_dir: str | Path, data_dir: str | Path, device: str = "cpu") -> DINModel:
-    """The checkpoint's model over the item table rebuilt from ``data_dir``, in eval mode; its ``train_cfg``
-    attribute holds the checkpoint's train section (the precision validation used).
+    """The checkpoint's model over the item table rebuilt from ``data_dir``, in eval mode; its
+    ``experiment_cfg`` attribute holds the checkpoint's config (history length, validation precision).
 
     Raises:
         DataError: the data's items or vectors do not match what the checkpoint was trained on.
@@ -51,17 +49,14 @@ def load_model(checkpoint_dir: str | Path, data_dir: str | Path, device: str = "
                             f"{value} (a checkpoint of other data or another fusion)")
     model = DINModel(ck.cfg.model, ck.fmap, **table.to_torch(device))
     model.load_state_dict(ck.model_state)
-    model.train_cfg = ck.cfg.train  # the precision it was validated in
+    model.experiment_cfg = ck.cfg  # its max_len and the precision it was validated in
     return model.to(device).eval()
 
 
-@torch.no_grad()
-def probabilities(model: DINModel, inputs: dict[str, torch.Tensor], cfg: TrainConfig) -> np.ndarray:
-    """Click probabilities of one batch, in the precision training validated with, clipped into (0, 1)."""
-    device = next(model.parameters()).device
-    with autocast(cfg, device):
-        logits = model(inputs)
-    return np.clip(torch.sigmoid(logits.float()).cpu().numpy(), PROB_EPS, 1 - PROB_EPS)
+def model_inputs(cols: dict[str, np.ndarray], device: str | torch.device) -> dict[str, torch.Tensor]:
+    """The model's input columns as tensors on ``device`` (Ray and pyarrow hand read-only arrays: copied then)."""
+    return {k: torch.as_tensor(np.require(cols[k], requirements="W"), device=device)
+            for k in MODEL_INPUTS if k in cols}
 
 
 @torch.no_grad()
@@ -74,8 +69,7 @@ def score_parquet(model: DINModel, path: str | Path, max_len: int, batch_rows: i
     out = []
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
         cols = to_model_batch(pa.Table.from_batches([batch]), max_len)
-        inputs = {k: torch.as_tensor(np.require(cols[k], requirements="W"), device=device) for k in MODEL_INPUTS}
-        out.append(probabilities(model, inputs, model.train_cfg))
+        out.append(probabilities(model, model_inputs(cols, device), model.experiment_cfg.train))
     return np.concatenate(out)
 
 
@@ -87,9 +81,8 @@ class Scorer:
         self.model = load_model(checkpoint_dir, data_dir, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        inputs = {k: torch.as_tensor(np.require(batch[k], requirements="W"), device=self.device)
-                  for k in MODEL_INPUTS if k in batch}  # Ray hands read-only arrays
-        return {"prob": probabilities(self.model, inputs, self.model.train_cfg), "label": batch["label"]}
+        probs = probabilities(self.model, model_inputs(batch, self.device), self.model.experiment_cfg.train)
+        return {"prob": probs, "label": batch["label"]}
 
 
 def score_split(run_dir: str | Path, data_dir: str | Path, split: str = "test", actors: int = 1,
@@ -98,8 +91,7 @@ def score_split(run_dir: str | Path, data_dir: str | Path, split: str = "test", 
     import ray.data
 
     checkpoint = best_checkpoint(run_dir)
-    load_model(checkpoint, data_dir)  # fails here, as one line, if the data does not fit the checkpoint
-    cfg = load_checkpoint(checkpoint, with_optimizer=False).cfg
+    cfg = load_model(checkpoint, data_dir).experiment_cfg  # fails here, as one line, if the data does not fit
     ctx = ray.data.DataContext.get_current()
     keep_order, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
     try:

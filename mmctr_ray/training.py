@@ -65,6 +65,17 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torc
     return loss.detach()
 
 
+PROB_EPS = 1e-7
+
+
+@torch.no_grad()
+def probabilities(model: nn.Module, inputs: dict[str, torch.Tensor], cfg: TrainConfig) -> np.ndarray:
+    """Click probabilities of one batch in ``cfg``'s precision, clipped into (0, 1)."""
+    with autocast(cfg, next(model.parameters()).device):
+        logits = model(inputs)
+    return np.clip(torch.sigmoid(logits.float()).cpu().numpy(), PROB_EPS, 1 - PROB_EPS)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], cfg: TrainConfig,
             device: torch.device) -> tuple[np.ndarray, np.ndarray]:
@@ -73,9 +84,7 @@ def predict(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], cfg: T
     model.eval()
     labels, probs = [], []
     for batch in batches:
-        with autocast(cfg, device):
-            logits = model(batch)
-        probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        probs.append(probabilities(model, batch, cfg))
         labels.append(batch["label"].cpu().numpy())
     model.train(was_training)
     if not probs:
