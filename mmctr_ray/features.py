@@ -131,7 +131,10 @@ def load_item_table(data_dir: str | Path, item_vector: str = "given") -> ItemTab
         source = {"item_vector": "given", "file": str(lay.item_info), "column": "item_emb_d128"}
     else:
         vectors = _read_fused(Path(item_vector), len(ids) - 1)
-        source = {"item_vector": "fused", "file": str(Path(item_vector).resolve()), "column": FUSED_VECTOR_COLUMN}
+        from mmctr_ray.fuse import read_fusion_summary
+
+        source = {"item_vector": "fused", "file": str(Path(item_vector).resolve()), "column": FUSED_VECTOR_COLUMN,
+                  "fusion": read_fusion_summary(item_vector)}
     if not np.isfinite(vectors).all():
         raise DataError(f"{source['file']}: column {source['column']}: NaN/inf in item vectors")
     source["dim"] = int(vectors.shape[1])

@@ -1,0 +1,130 @@
+"""Cover images → CLIP image vectors with open_clip, from local weights only (nothing is downloaded).
+
+``--image-model ARCH[:WEIGHTS]``: ``ARCH`` is an open_clip architecture name (``RN50``, ``ViT-L-14``, …) or
+the path of an open_clip model-config JSON (its file stem becomes the name); ``WEIGHTS`` is a local checkpoint
+file. Without ``WEIGHTS`` the model has random weights drawn from ``seed`` (identical in every actor): fine for
+tests and for checking a pipeline, meaningless as features; a warning says so.
+
+Covers are decoded and resized in CPU tasks (:func:`decode_covers`) the way CLIP preprocesses them (shortest
+side to the model's input size, bicubic, centre crop) and travel as uint8; the encoder actor normalises them
+on its device. A missing or undecodable cover never fails the job: its pixels are zeros, its status says why
+(:data:`MISSING`, :data:`CORRUPT`), the actor skips it, and its image vector is all zeros with
+``image_missing`` set (``mmctr fuse`` then gives such items the mean image vector).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from mmctr_ray.errors import ConfigError
+
+log = logging.getLogger(__name__)
+OK, MISSING, CORRUPT = 0, 1, 2  # cover status codes
+
+
+def parse_image_model(spec: str) -> tuple[str, Path | None, Path | None]:
+    """``ARCH[:WEIGHTS]`` → (arch name, model-config JSON or None, weights file or None), checked."""
+    arch, _, weights = spec.partition(":")
+    config = None
+    if arch.endswith(".json"):
+        config = Path(arch)
+        if not config.is_file():
+            raise ConfigError(f"{config}: image model config not found (expected an open_clip model-config JSON)")
+        arch = config.stem
+    else:
+        import open_clip
+
+        if arch not in open_clip.list_models():
+            raise ConfigError(f"--image-model {arch!r}: unknown open_clip architecture (e.g. RN50, ViT-B-32, "
+                              f"ViT-L-14, or the path of a model-config .json)")
+    wpath = Path(weights) if weights else None
+    if wpath is not None and not wpath.is_file():
+        raise ConfigError(f"{wpath}: image model weights not found (expected a local checkpoint file; weights are "
+                          f"never downloaded)")
+    return arch, (config.resolve() if config else None), (wpath.resolve() if wpath else None)
+
+
+class ImageEncoder:
+    """The vision tower of an open_clip model; ``encode`` maps uint8 covers (B, S, S, 3) to (B, E) float32.
+
+    Args:
+        spec: ``ARCH[:WEIGHTS]`` (see the module docstring).
+        device: torch device; bf16 autocast on CUDA.
+        seed: seeds the random weights when no ``WEIGHTS`` is given.
+    """
+
+    def __init__(self, spec: str, device: str = "cpu", seed: int = 0) -> None:
+        import open_clip
+
+        arch, config, weights = parse_image_model(spec)
+        if config is not None:
+            open_clip.add_model_config(config)
+        if weights is None:
+            log.warning("image model %s has random weights (no :WEIGHTS given): vectors are not CLIP features", arch)
+            torch.manual_seed(seed)
+        root, level = logging.getLogger(), logging.getLogger().level
+        root.setLevel(logging.ERROR)  # open_clip logs its own "no pretrained weights" on the root logger
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = open_clip.create_model(arch, pretrained=str(weights) if weights else None)
+        finally:
+            root.setLevel(level)
+        self.visual = model.visual.to(device).eval()
+        cfg = self.visual.preprocess_cfg
+        self.size = int(cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0])
+        self.device = torch.device(device)
+        self.mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg["std"], device=self.device).view(1, 3, 1, 1)
+        self.dim = int(self.visual.output_dim)
+
+    @torch.inference_mode()
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        x = torch.as_tensor(pixels, device=self.device).permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, S, S)
+        x = (x - self.mean) / self.std
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = self.visual(x)
+        return out.float().cpu().numpy()
+
+
+def image_size(spec: str) -> int:
+    """Input side of the model ``spec`` names, read from its config (no weights are built)."""
+    import open_clip
+
+    arch, config, _ = parse_image_model(spec)
+    if config is not None:
+        open_clip.add_model_config(config)
+    size = open_clip.get_model_config(arch)["vision_cfg"]["image_size"]
+    return int(size if isinstance(size, int) else size[0])
+
+
+def load_cover(path: Path, size: int) -> tuple[np.ndarray, int]:
+    """One cover → (size, size, 3) uint8 and its status; zeros when missing or undecodable."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            w, h = img.size
+            scale = size / min(w, h)
+            img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+            left, top = (img.width - size) // 2, (img.height - size) // 2
+            return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8), OK
+    except FileNotFoundError:
+        return np.zeros((size, size, 3), dtype=np.uint8), MISSING
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return np.zeros((size, size, 3), dtype=np.uint8), CORRUPT
+
+
+def decode_covers(item_ids: np.ndarray, images_dir: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Covers of ``item_ids`` (``{images_dir}/{id}.jpg``) → pixels (B, size, size, 3) uint8, status (B,) int8."""
+    pixels = np.empty((len(item_ids), size, size, 3), dtype=np.uint8)
+    status = np.empty(len(item_ids), dtype=np.int8)
+    root = Path(images_dir)
+    for i, item in enumerate(item_ids):
+        pixels[i], status[i] = load_cover(root / f"{int(item)}.jpg", size)
+    return pixels, status

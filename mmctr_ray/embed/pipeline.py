@@ -1,0 +1,269 @@
+"""``mmctr embed``: item titles and covers → text and image vectors, as a Ray Data pipeline.
+
+Stages::
+
+    item rows (item_id, item_title)                     read on the driver, sorted by item_id
+      → prepare   CPU tasks: decode + resize covers (uint8), tokenize titles (fixed width)
+      → encode    actor pool (ActorPoolStrategy): TextEncoder + ImageEncoder, loaded once per actor;
+                  num_gpus per actor may be fractional (several actors share a GPU); CPU without GPUs
+      → shards    the driver groups rows into shards of consecutive item ids and writes each when complete
+
+Output (``--out X.parquet``): one row per item, ordered by item_id whatever the scheduling::
+
+    item_id int64 | txt_emb list<float32> (H) | img_emb list<float32> (E) | image_missing bool |
+    image_status int8 (0 ok, 1 missing file, 2 undecodable; the vector of a missing cover is all zeros)
+
+plus ``X.embed.json`` (models, widths, counts, seconds, items/s). Shards are written to ``X.parquet.parts/``
+as they complete; an interrupted run re-run with the same settings skips the shards already there, and the
+final file is assembled (under a temporary name, then renamed) only when every shard exists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mmctr_ray.data.writer import list_array
+from mmctr_ray.embed.image import CORRUPT, MISSING, OK, decode_covers, image_size, parse_image_model
+from mmctr_ray.embed.text import POOLINGS, check_model_dir, load_tokenizer, tokenize
+from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
+from mmctr_ray.schema import Layout
+
+log = logging.getLogger(__name__)
+FAULT_ENV = "MMCTR_FAULT_EMBED_EXIT_AFTER_SHARDS"  # tests: the driver exits hard after writing N shards
+
+
+@dataclass(frozen=True)
+class EmbedSettings:
+    """What makes two runs' shards interchangeable (saved in the parts folder; a resume must match)."""
+
+    text_model: str
+    image_model: str
+    pooling: str = "cls"
+    max_length: int = 32
+    seed: int = 0
+    shard_items: int = 4_096
+
+
+def prepare_batch(batch: dict[str, np.ndarray], images_dir: str, size: int, text_model: str,
+                  max_length: int) -> dict[str, np.ndarray]:
+    """CPU stage: covers → uint8 pixels and status; titles → fixed-width token ids."""
+    pixels, status = decode_covers(batch["item_id"], images_dir, size)
+    titles = ["" if t is None else str(t) for t in batch["item_title"]]
+    return {"item_id": batch["item_id"], "pixels": pixels, "image_status": status,
+            **tokenize(titles, text_model, max_length)}
+
+
+class Encoder:
+    """Ray Data callable class: both encoders, loaded once per actor, on its GPU when it has one."""
+
+    def __init__(self, settings: dict[str, Any], threads: int) -> None:
+        import torch
+        from transformers.utils import logging as hf_logging
+
+        from mmctr_ray.embed.image import ImageEncoder
+        from mmctr_ray.embed.text import TextEncoder
+
+        hf_logging.disable_progress_bar()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            torch.set_num_threads(threads)
+        s = EmbedSettings(**settings)
+        self.text = TextEncoder(s.text_model, s.pooling, device)
+        self.image = ImageEncoder(s.image_model, device, s.seed)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["image_status"] == OK
+        img = np.zeros((len(ok), self.image.dim), dtype=np.float32)
+        if ok.any():
+            img[ok] = self.image.encode(batch["pixels"][ok])
+        return {"item_id": batch["item_id"], "txt_emb": self.text.encode(batch["input_ids"], batch["attention_mask"]),
+                "img_emb": img, "image_status": batch["image_status"]}
+
+
+def _shard_table(parts: list[dict[str, np.ndarray]]) -> pa.Table:
+    cols = {k: np.concatenate([p[k] for p in parts]) for k in ("item_id", "txt_emb", "img_emb", "image_status")}
+    order = np.argsort(cols["item_id"], kind="stable")
+    return pa.table({"item_id": pa.array(cols["item_id"][order].astype(np.int64)),
+                     "txt_emb": list_array(cols["txt_emb"][order].astype(np.float32), pa.float32()),
+                     "img_emb": list_array(cols["img_emb"][order].astype(np.float32), pa.float32()),
+                     "image_missing": pa.array(cols["image_status"][order] != OK),
+                     "image_status": pa.array(cols["image_status"][order].astype(np.int8))})
+
+
+class ShardStore:
+    """``X.parquet.parts/``: settings.json and one ``shard_NNNNN.parquet`` per completed shard."""
+
+    def __init__(self, out: Path, settings: EmbedSettings, overwrite: bool) -> None:
+        self.dir = out.with_name(out.name + ".parts")
+        meta = self.dir / "settings.json"
+        if self.dir.exists() and overwrite:
+            shutil.rmtree(self.dir)
+        if meta.is_file() and json.loads(meta.read_text()) != asdict(settings):
+            raise OutputExistsError(f"{self.dir}: holds shards of a run with other settings ({meta}); re-run with "
+                                    f"those settings to resume, or pass --overwrite to start again")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta.write_text(json.dumps(asdict(settings), indent=2) + "\n")
+
+    def path(self, shard: int) -> Path:
+        return self.dir / f"shard_{shard:05d}.parquet"
+
+    def done(self, shard: int) -> bool:
+        return self.path(shard).is_file()
+
+    def write(self, shard: int, table: pa.Table) -> None:
+        tmp = self.dir / f".shard_{shard:05d}.partial"
+        pq.write_table(table, tmp)
+        os.replace(tmp, self.path(shard))
+
+
+def _read_items(lay: Layout) -> pa.Table:
+    if not lay.item_feature.is_file():
+        raise DataError(f"{lay.item_feature}: missing file (embed reads item_id and item_title from it)")
+    names = pq.read_schema(lay.item_feature).names
+    if "item_title" not in names or "item_id" not in names:
+        raise DataError(f"{lay.item_feature}: missing column {'item_id' if 'item_id' not in names else 'item_title'}"
+                        f" (embed reads item_id and item_title)")
+    table = pq.read_table(lay.item_feature, columns=["item_id", "item_title"])
+    table = table.set_column(0, "item_id", table.column("item_id").cast(pa.int64())).sort_by("item_id")
+    ids = table.column("item_id").to_numpy()
+    if len(ids) and (ids[0] < 1 or (np.diff(ids) == 0).any()):
+        bad = ids[0] if ids[0] < 1 else ids[1:][np.diff(ids) == 0][0]
+        raise DataError(f"{lay.item_feature}: column item_id: value {bad} is {'below 1' if bad < 1 else 'repeated'}"
+                        f"; expected unique item ids 1..N")
+    return table
+
+
+class _Progress:
+    def __init__(self, total: int, progress: Callable[[str], None], every_s: float = 10.0) -> None:
+        self.total, self.progress, self.every_s = total, progress, every_s
+        self.t0 = self.last = time.perf_counter()
+        self.done = 0
+
+    def add(self, rows: int) -> None:
+        self.done += rows
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:
+            self.last = now
+            rate = self.done / (now - self.t0)
+            self.progress(f"embed: {self.done}/{self.total} items, {rate:.1f} items/s, "
+                          f"ETA {(self.total - self.done) / max(rate, 1e-9):.0f} s")
+
+
+def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, image_model: str, pooling: str = "cls",
+              gpus_per_actor: float = 0.0, actors: int = 1, batch_size: int = 64, max_length: int = 32,
+              shard_items: int = 4_096, seed: int = 0, cpus_per_actor: float = 1.0, overwrite: bool = False,
+              progress: Callable[[str], None] = log.info) -> dict[str, Any]:
+    """Embed every item of ``data_dir`` into ``out``; return the summary (also written as ``X.embed.json``)."""
+    out, lay = Path(out).resolve(), Layout(Path(data_dir).resolve())
+    if out.suffix != ".parquet":
+        raise ConfigError(f"{out}: --out must name a .parquet file")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out}: already exists; pass --overwrite to replace it")
+    if pooling not in POOLINGS:
+        raise ConfigError(f"--pooling {pooling!r}: expected one of {', '.join(POOLINGS)}")
+    for name, value, low in (("--actors", actors, 1), ("--batch-size", batch_size, 1), ("--max-length", max_length, 2),
+                             ("--shard-items", shard_items, 1)):
+        if value < low:
+            raise ConfigError(f"{name}={value}: expected an integer >= {low}")
+    settings = EmbedSettings(str(check_model_dir(text_model)), image_model, pooling, max_length, seed, shard_items)
+    parse_image_model(image_model)
+    load_tokenizer(settings.text_model)  # a broken tokenizer fails here, as one line, not inside a task
+    items = _read_items(lay)
+    if not items.num_rows:
+        raise DataError(f"{lay.item_feature}: no items to embed")
+    store = ShardStore(out, settings, overwrite)
+    n = len(items)
+    n_shards = -(-n // shard_items)
+    pending = [s for s in range(n_shards) if not store.done(s)]
+    if len(pending) < n_shards:
+        progress(f"embed: resuming; {n_shards - len(pending)} of {n_shards} shards already in {store.dir}")
+    t0 = time.perf_counter()
+    encoded = 0
+    if pending:
+        encoded = _encode_shards(items, pending, store, settings, lay, gpus_per_actor, actors, batch_size, cpus_per_actor,
+                       progress)
+    seconds = time.perf_counter() - t0
+    summary = _assemble(out, store, n_shards, settings, n, seconds, encoded)
+    progress(f"embed: wrote {out}: {n} items ({summary['image_missing']} without a usable cover) in {seconds:.1f} s")
+    return summary
+
+
+def _encode_shards(items: pa.Table, pending: list[int], store: ShardStore, s: EmbedSettings, lay: Layout,
+                   gpus_per_actor: float, actors: int, batch_size: int, cpus_per_actor: float,
+                   progress: Callable[[str], None]) -> int:
+    """Run the pipeline over the ``pending`` shards, writing each as it completes; return the rows encoded."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    block = max(batch_size, 256)
+    slices = [items.slice(start, min(s.shard_items, items.num_rows - start))
+              for start in (p * s.shard_items for p in pending)]
+    blocks = [t.slice(i, block) for t in slices for i in range(0, t.num_rows, block)]
+    ds = ray.data.from_arrow(blocks).map_batches(
+        prepare_batch, batch_format="numpy", batch_size=None, num_cpus=1,
+        fn_kwargs={"images_dir": str(lay.images_dir), "size": image_size(s.image_model),
+                   "text_model": s.text_model, "max_length": s.max_length})
+    threads = max(1, (os.cpu_count() or 1) // actors)
+    ds = ds.map_batches(Encoder, fn_constructor_kwargs={"settings": asdict(s), "threads": threads},
+                        batch_size=batch_size, batch_format="numpy", num_gpus=gpus_per_actor,
+                        num_cpus=0 if gpus_per_actor else cpus_per_actor, compute=ActorPoolStrategy(size=actors))
+    expected = {p: t.num_rows for p, t in zip(pending, slices)}
+    first_ids = np.array([t.column("item_id")[0].as_py() for t in slices])
+    buffers: dict[int, list[dict[str, np.ndarray]]] = {p: [] for p in pending}
+    counts = dict.fromkeys(pending, 0)
+    fault = int(os.environ.get(FAULT_ENV, "0"))
+    meter, written = _Progress(sum(expected.values()), progress), 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        which = np.searchsorted(first_ids, batch["item_id"], side="right") - 1
+        for k in np.unique(which):
+            shard = pending[k]
+            rows = which == k
+            buffers[shard].append({c: v[rows] for c, v in batch.items()})
+            counts[shard] += int(rows.sum())
+            if counts[shard] == expected[shard]:
+                store.write(shard, _shard_table(buffers.pop(shard)))
+                written += 1
+                if fault and written >= fault:
+                    os._exit(75)  # a hard stop, as a killed driver would: no clean-up, no final file
+        meter.add(len(batch["item_id"]))
+    return meter.done
+
+
+def _assemble(out: Path, store: ShardStore, n_shards: int, s: EmbedSettings, n: int, seconds: float,
+              encoded: int) -> dict[str, Any]:
+    missing = [p for p in range(n_shards) if not store.done(p)]
+    if missing:
+        raise DataError(f"{store.path(missing[0])}: shard missing after the pipeline finished")
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    counts = {"image_missing": 0, "cover_file_missing": 0, "cover_corrupt": 0}
+    writer = None
+    try:
+        for p in range(n_shards):
+            table = pq.read_table(store.path(p))
+            status = table.column("image_status").to_numpy()
+            counts["image_missing"] += int((status != OK).sum())
+            counts["cover_file_missing"] += int((status == MISSING).sum())
+            counts["cover_corrupt"] += int((status == CORRUPT).sum())
+            writer = writer or pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)
+        dims = {"text_dim": len(table.column("txt_emb")[0]), "image_dim": len(table.column("img_emb")[0])}
+    finally:
+        if writer is not None:
+            writer.close()
+    summary = {**asdict(s), **dims, "items": n, **counts, "seconds": round(seconds, 3),
+               "items_per_s": round(encoded / seconds, 2) if seconds > 0 and encoded else None}
+    Path(f"{out.with_suffix('')}.embed.json").write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, out)
+    shutil.rmtree(store.dir)
+    return summary

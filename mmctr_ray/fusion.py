@@ -1,0 +1,220 @@
+"""The fusion strategies of MISSION.md: how BERT and CLIP item vectors become one item vector, with PCA.
+
+======== =====================================================================
+strategy item vector
+======== =====================================================================
+given    item_info's ``item_emb_d128`` as shipped (no PCA)
+v1       PCA(text) → ``dims``
+v2       PCA(image) → ``dims``
+v3       PCA(text ‖ image) → ``dims`` (concatenate the raw vectors, then reduce)
+v4       PCA(text) → ``text_dim`` ‖ PCA(image) → ``image_dim`` (reduce each, then concatenate)
+======== =====================================================================
+
+PCA is scikit-learn's: ``PCA`` on the whole item matrix when it fits in memory, ``IncrementalPCA`` over
+streamed batches when it does not. A fitted fusion is a list of parts, each ``(x - mean) @ components.T``
+over its inputs, saved as plain arrays in an npz (no pickle), so the same items transform to the same table.
+
+Missing covers: rows flagged ``image_missing`` get ``image_fill``, the mean image vector of the items that
+have a cover, before fitting and transforming; after centering that is the origin of the image PCA space
+("no image information").
+
+Example:
+    >>> fitted = fit_fusion(FusionConfig("v4", text_dim=64, image_dim=64), batches, n_items=91_717)
+    >>> vectors = fitted.transform(text, image, missing)        # (B, 128)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple
+
+import numpy as np
+from sklearn.decomposition import PCA, IncrementalPCA
+
+from mmctr_ray.config import FusionConfig
+from mmctr_ray.errors import ConfigError
+
+# strategy → its parts: (part name, modalities concatenated as input, FusionConfig field giving the width)
+PARTS: dict[str, tuple[tuple[str, tuple[str, ...], str], ...]] = {
+    "v1": (("text", ("text",), "dims"),),
+    "v2": (("image", ("image",), "dims"),),
+    "v3": (("joint", ("text", "image"), "dims"),),
+    "v4": (("text", ("text",), "text_dim"), ("image", ("image",), "image_dim")),
+}
+FULL_PCA_MAX_BYTES = 2 << 30  # ``pca="auto"``: full PCA while the input matrix fits in 2 GiB, else incremental
+
+
+class ModalityBatch(NamedTuple):
+    """Some items' raw vectors: ids (B,), text (B, Dt) or None, image (B, Di) or None, image_missing (B,)."""
+
+    ids: np.ndarray
+    text: np.ndarray | None
+    image: np.ndarray | None
+    image_missing: np.ndarray
+
+
+@dataclass(frozen=True)
+class PCAPart:
+    """One fitted PCA: ``(x - mean) @ components.T`` over the concatenation of ``inputs``.
+
+    Attributes:
+        name: ``text``, ``image`` or ``joint``.
+        inputs: the modalities concatenated as input, in order.
+        mean: (D,) per-feature mean.
+        components: (K, D) principal axes, largest variance first.
+        explained_variance: (K,) variance along each axis.
+        explained_variance_ratio: (K,) its share of the total variance.
+    """
+
+    name: str
+    inputs: tuple[str, ...]
+    mean: np.ndarray
+    components: np.ndarray
+    explained_variance: np.ndarray
+    explained_variance_ratio: np.ndarray
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return ((x - self.mean) @ self.components.T).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class FittedFusion:
+    """A strategy with its fitted parts; ``transform`` maps raw vectors to fused ones."""
+
+    strategy: str
+    parts: tuple[PCAPart, ...]
+    image_fill: np.ndarray | None  # (Di,) mean image vector given to items without a usable cover
+
+    @property
+    def dim(self) -> int:
+        return sum(p.components.shape[0] for p in self.parts)
+
+    def transform(self, batch: ModalityBatch) -> np.ndarray:
+        """(B, dim) float32 fused vectors of ``batch``."""
+        raw = _filled(batch, self.image_fill)
+        return np.concatenate([p.transform(_concat(raw, p.inputs)) for p in self.parts], axis=1)
+
+    def save(self, path: str | Path) -> None:
+        arrays: dict[str, np.ndarray] = {"strategy": np.array(self.strategy),
+                                         "parts": np.array([p.name for p in self.parts])}
+        if self.image_fill is not None:
+            arrays["image_fill"] = self.image_fill
+        for p in self.parts:
+            arrays[f"{p.name}.inputs"] = np.array(p.inputs)
+            for field in ("mean", "components", "explained_variance", "explained_variance_ratio"):
+                arrays[f"{p.name}.{field}"] = getattr(p, field)
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> FittedFusion:
+        with np.load(path, allow_pickle=False) as z:
+            parts = tuple(PCAPart(str(name), tuple(str(s) for s in z[f"{name}.inputs"]),
+                                  *(z[f"{name}.{f}"] for f in ("mean", "components", "explained_variance",
+                                                                 "explained_variance_ratio")))
+                          for name in z["parts"])
+            fill = z["image_fill"] if "image_fill" in z.files else None
+            return cls(str(z["strategy"]), parts, fill)
+
+
+def modalities_needed(strategy: str) -> set[str]:
+    return {m for _, inputs, _ in PARTS[strategy] for m in inputs}
+
+
+def _concat(raw: dict[str, np.ndarray], inputs: tuple[str, ...]) -> np.ndarray:
+    return raw[inputs[0]] if len(inputs) == 1 else np.concatenate([raw[m] for m in inputs], axis=1)
+
+
+def _filled(batch: ModalityBatch, image_fill: np.ndarray | None) -> dict[str, np.ndarray]:
+    raw = {"text": batch.text, "image": batch.image}
+    if batch.image is not None and image_fill is not None and batch.image_missing.any():
+        image = batch.image.copy()
+        image[batch.image_missing] = image_fill
+        raw["image"] = image
+    return raw
+
+
+def _image_fill(batches: Callable[[], Iterator[ModalityBatch]]) -> np.ndarray:
+    """Mean image vector over items with a usable cover (one streamed pass)."""
+    total, count = None, 0
+    for b in batches():
+        kept = b.image[~b.image_missing].astype(np.float64)
+        total = kept.sum(axis=0) if total is None else total + kept.sum(axis=0)
+        count += len(kept)
+    if not count:
+        raise ConfigError("no item has a usable cover image: image strategies (v2, v3, v4) need some")
+    return (total / count).astype(np.float32)
+
+
+def _check_width(cfg: FusionConfig, name: str, width_field: str, n_items: int, in_dim: int) -> int:
+    k = getattr(cfg, width_field)
+    if k > min(n_items, in_dim):
+        raise ConfigError(f"fusion.{width_field}={k}: expected at most min(items, input width) = "
+                          f"min({n_items}, {in_dim}) for the {name} PCA")
+    return k
+
+
+def _part(name: str, inputs: tuple[str, ...], est: PCA | IncrementalPCA) -> PCAPart:
+    return PCAPart(name, inputs, est.mean_.astype(np.float32), est.components_.astype(np.float32),
+                   est.explained_variance_.astype(np.float32), est.explained_variance_ratio_.astype(np.float32))
+
+
+def fit_fusion(cfg: FusionConfig, batches: Callable[[], Iterator[ModalityBatch]], n_items: int,
+               pca: str = "auto", seed: int = 0, chunk_rows: int = 16_384) -> FittedFusion:
+    """Fit ``cfg.strategy``'s PCA parts on the items that ``batches()`` yields (it may be called several times).
+
+    Args:
+        pca: ``full`` (scikit-learn ``PCA`` on the whole matrix), ``incremental`` (``IncrementalPCA`` over
+            chunks of ``chunk_rows``; memory bounded by the chunk) or ``auto`` (full up to 2 GiB of input).
+    """
+    if cfg.strategy not in PARTS:
+        raise ConfigError(f"fusion.strategy={cfg.strategy!r}: no PCA to fit (expected one of {', '.join(PARTS)})")
+    needs_image = "image" in modalities_needed(cfg.strategy)
+    fill = _image_fill(batches) if needs_image else None
+    first = next(iter(batches()))
+    widths = {"text": 0 if first.text is None else first.text.shape[1],
+              "image": 0 if first.image is None else first.image.shape[1]}
+    specs = [(name, inputs, _check_width(cfg, name, wf, n_items, sum(widths[m] for m in inputs)))
+             for name, inputs, wf in PARTS[cfg.strategy]]
+    in_bytes = 4 * n_items * sum(widths[m] for _, inputs, _ in specs for m in inputs)
+    if pca == "auto":
+        pca = "full" if in_bytes <= FULL_PCA_MAX_BYTES else "incremental"
+    if pca == "full":
+        raws = [_filled(b, fill) for b in batches()]
+        parts = []
+        for name, inputs, k in specs:
+            x = np.concatenate([_concat(r, inputs) for r in raws], axis=0)
+            parts.append(_part(name, inputs, PCA(n_components=k, random_state=seed).fit(x)))
+        return FittedFusion(cfg.strategy, tuple(parts), fill)
+    if pca != "incremental":
+        raise ConfigError(f"pca={pca!r}: expected auto, full or incremental")
+    ests = [IncrementalPCA(n_components=k) for _, _, k in specs]
+    for chunk in _chunks(batches, fill, max(chunk_rows, *(k for _, _, k in specs))):
+        for est, (_, inputs, _) in zip(ests, specs):
+            est.partial_fit(_concat(chunk, inputs))
+    return FittedFusion(cfg.strategy, tuple(_part(n, i, e) for (n, i, _), e in zip(specs, ests)), fill)
+
+
+def _chunks(batches: Callable[[], Iterator[ModalityBatch]], fill: np.ndarray | None,
+            rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """Re-chunk filled batches into chunks of ``rows`` rows; the remainder joins the last full chunk (each
+    ``partial_fit`` needs at least as many rows as components)."""
+    buffer: list[dict[str, np.ndarray]] = []
+    held: dict[str, np.ndarray] | None = None
+    count = 0
+    for b in batches():
+        buffer.append({k: v for k, v in _filled(b, fill).items() if v is not None})
+        count += len(b.ids)
+        if count >= rows:
+            if held is not None:
+                yield held
+            held, buffer, count = _stack(buffer), [], 0
+    if buffer:
+        held = _stack(([held] if held is not None else []) + buffer)
+    if held is not None:
+        yield held
+
+
+def _stack(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}

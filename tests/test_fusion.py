@@ -1,0 +1,184 @@
+"""`mmctr fuse`: the strategies against scikit-learn, the written files, reproducibility and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from sklearn.decomposition import PCA
+
+from mmctr_ray.cli import main
+from mmctr_ray.config import FusionConfig
+from mmctr_ray.data.writer import list_array
+from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
+from mmctr_ray.features import list_matrix, load_item_table
+from mmctr_ray.fuse import ItemSource, load_fitted, run_fuse, sidecars
+from mmctr_ray.fusion import ModalityBatch, fit_fusion
+from mmctr_ray.schema import Layout
+
+CFG = {"v1": FusionConfig("v1", dims=12), "v2": FusionConfig("v2", dims=12), "v3": FusionConfig("v3", dims=12),
+       "v4": FusionConfig("v4", text_dim=10, image_dim=6)}
+
+
+def shipped(synth_dir):
+    t = pq.read_table(Layout(synth_dir).item_feature)
+    return (t.column("item_id").to_numpy(), list_matrix(t.column("txt_emb_BERT"), "t").astype(np.float32),
+            list_matrix(t.column("img_emb_CLIPRN50"), "i").astype(np.float32))
+
+
+def fused(path):
+    t = pq.read_table(path)
+    return t.column("item_id").to_numpy(), list_matrix(t.column("item_emb"), "f")
+
+
+def sklearn_reference(strategy, text, image):
+    if strategy == "v1":
+        return PCA(12, random_state=0).fit_transform(text)
+    if strategy == "v2":
+        return PCA(12, random_state=0).fit_transform(image)
+    if strategy == "v3":
+        return PCA(12, random_state=0).fit_transform(np.concatenate([text, image], axis=1))
+    return np.concatenate([PCA(10, random_state=0).fit_transform(text), PCA(6, random_state=0).fit_transform(image)],
+                          axis=1)
+
+
+@pytest.mark.parametrize("strategy", ["v1", "v2", "v3", "v4"])
+def test_strategies_equal_scikit_learn_and_write_the_documented_files(synth_dir, tmp_path, strategy):
+    out = tmp_path / "item_emb.parquet"
+    summary = run_fuse(synth_dir, out, CFG[strategy], pca="full", progress=lambda m: None)
+    ids, text, image = shipped(synth_dir)
+    got_ids, table = fused(out)
+    np.testing.assert_array_equal(got_ids, np.arange(len(ids) + 1))
+    assert (table[0] == 0).all(), "row 0 is the padding item"
+    np.testing.assert_allclose(table[ids], sklearn_reference(strategy, text, image), atol=2e-4)
+    files = sidecars(out)
+    assert files["pca"].is_file() and json.loads(files["summary"].read_text()) == summary
+    assert summary["dim"] == table.shape[1] == (16 if strategy == "v4" else 12)
+    with np.load(files["pca"], allow_pickle=False) as z:  # plain arrays only: loads without pickle
+        assert {"strategy", "parts"} <= set(z.files)
+        assert all(f"{p}.components" in z.files for p in z["parts"])
+
+
+def test_transforming_the_same_items_again_reproduces_the_table(synth_dir, tmp_path):
+    out = tmp_path / "v4.parquet"
+    run_fuse(synth_dir, out, CFG["v4"], progress=lambda m: None)
+    fitted = load_fitted(out)
+    again = np.concatenate([fitted.transform(b)
+                            for b in ItemSource(synth_dir, "shipped", "v4", batch_rows=37).batches()])
+    np.testing.assert_allclose(again, fused(out)[1][1:], atol=1e-5)
+
+
+def test_incremental_pca_streams_chunks_and_matches_full_pca(synth_dir):
+    ids, text, _ = shipped(synth_dir)
+
+    def batches(rows=30):
+        for s in range(0, len(ids), rows):
+            yield ModalityBatch(ids[s:s + rows], text[s:s + rows], None, np.zeros(len(ids[s:s + rows]), bool))
+
+    cfg = FusionConfig("v1", dims=8)
+    full = fit_fusion(cfg, batches, len(ids), pca="full")
+    inc = fit_fusion(cfg, batches, len(ids), pca="incremental", chunk_rows=64)
+    # the same variance is captured, and the subspaces agree (cosines of principal angles near 1)
+    assert inc.parts[0].explained_variance_ratio.sum() == pytest.approx(
+        full.parts[0].explained_variance_ratio.sum(), rel=0.03)
+    cosines = np.linalg.svd(inc.parts[0].components @ full.parts[0].components.T, compute_uv=False)
+    assert cosines.min() > 0.8
+
+
+def test_given_copies_item_emb_d128(synth_dir, tmp_path):
+    out = tmp_path / "given.parquet"
+    run_fuse(synth_dir, out, FusionConfig("given"), progress=lambda m: None)
+    np.testing.assert_array_equal(fused(out)[1], load_item_table(synth_dir).vectors)
+    assert not sidecars(out)["pca"].exists()
+
+
+def embed_like_source(synth_dir, path, missing_rows=(0, 5)):
+    ids, text, image = shipped(synth_dir)
+    flags = np.zeros(len(ids), dtype=bool)
+    flags[list(missing_rows)] = True
+    image = image.copy()
+    image[flags] = 0.0
+    pq.write_table(pa.table({"item_id": pa.array(ids), "txt_emb": list_array(text, pa.float32()),
+                             "img_emb": list_array(image, pa.float32()), "image_missing": pa.array(flags)}), path)
+    return ids, image, flags
+
+
+def test_items_without_a_cover_get_the_mean_image_vector(synth_dir, tmp_path):
+    src = tmp_path / "raw.parquet"
+    ids, image, flags = embed_like_source(synth_dir, src)
+    out = tmp_path / "v2.parquet"
+    summary = run_fuse(synth_dir, out, CFG["v2"], source=str(src), progress=lambda m: None)
+    assert summary["image_missing"] == 2
+    fitted = load_fitted(out)
+    np.testing.assert_allclose(fitted.image_fill, image[~flags].mean(axis=0), atol=1e-5)
+    table = fused(out)[1]
+    # the mean vector sits at the origin of the image PCA space: "no image information"
+    np.testing.assert_allclose(table[ids[flags]], 0.0, atol=1e-4)
+
+
+def test_training_reads_the_fused_table_and_records_its_fusion(synth_dir, tmp_path):
+    out = tmp_path / "v4.parquet"
+    run_fuse(synth_dir, out, CFG["v4"], progress=lambda m: None)
+    table = load_item_table(synth_dir, str(out))
+    assert table.vector_dim == 16 and table.source["fusion"]["strategy"] == "v4"
+
+
+def corrupt_feature(synth_dir, tmp_path, edit):
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data, ignore=shutil.ignore_patterns("item_images"))
+    lay = Layout(data)
+    t = pq.read_table(lay.item_feature)
+    pq.write_table(edit(t), lay.item_feature)
+    return data
+
+
+def _set(t, name, values):
+    return t.set_column(t.schema.get_field_index(name), name, values)
+
+
+def test_bad_sources_are_one_line_errors(synth_dir, tmp_path):
+    def nan_vector(t):
+        text = list_matrix(t.column("txt_emb_BERT"), "t").astype(np.float32)
+        text[3, 7] = np.nan
+        return _set(t, "txt_emb_BERT", list_array(text, pa.float32()))
+
+    cases = [
+        (lambda t: t.drop_columns(["img_emb_CLIPRN50"]), "missing column img_emb_CLIPRN50"),
+        (nan_vector, "column txt_emb_BERT: NaN/inf in the vector of item 4 (row 3)"),
+        (lambda t: _set(t, "item_id", pa.array(np.r_[1, 1, t.column("item_id").to_numpy()[2:]])),
+         "column item_id: duplicate item id 1 at row 1"),
+        (lambda t: _set(t, "item_id", pa.array(np.r_[t.column("item_id").to_numpy()[:-1], 10_000])),
+         "column item_id: value 10000 at row 199 outside 1..200"),
+    ]
+    for i, (edit, expected) in enumerate(cases):
+        data = corrupt_feature(synth_dir, tmp_path / str(i), edit)
+        with pytest.raises(DataError) as err:
+            run_fuse(data, tmp_path / f"out{i}.parquet", CFG["v4"], progress=lambda m: None)
+        assert expected in str(err.value) and "\n" not in str(err.value)
+        assert str(Layout(data).item_feature) in str(err.value)
+        assert not (tmp_path / f"out{i}.parquet").exists(), "no output after a failed fuse"
+
+
+def test_widths_beyond_the_data_and_existing_outputs_are_refused(synth_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"fusion.dims=300: expected at most min\(items, input width\) = min\(200"):
+        run_fuse(synth_dir, tmp_path / "a.parquet", FusionConfig("v1", dims=300), progress=lambda m: None)
+    out = tmp_path / "b.parquet"
+    run_fuse(synth_dir, out, CFG["v1"], progress=lambda m: None)
+    before = out.read_bytes()
+    with pytest.raises(OutputExistsError, match="pass --overwrite"):
+        run_fuse(synth_dir, out, CFG["v2"], progress=lambda m: None)
+    assert out.read_bytes() == before, "a refused run leaves the earlier output alone"
+
+
+def test_cli_fuse_flags(synth_dir, tmp_path, capsys):
+    out = tmp_path / "v4.parquet"
+    rc = main(["fuse", "--data", str(synth_dir), "--strategy", "v4", "--text-dim", "5", "--image-dim", "7",
+               "--out", str(out)])
+    assert rc == 0 and fused(out)[1].shape == (201, 12)
+    rc = main(["fuse", "--data", str(synth_dir), "--strategy", "v4", "--dims", "5", "--out", str(tmp_path / "x")])
+    assert rc == 2
+    assert "--dims sets the width of v1, v2, v3; v4 takes --text-dim and --image-dim" in capsys.readouterr().err
