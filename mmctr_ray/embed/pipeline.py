@@ -149,10 +149,21 @@ class _Progress:
         self.total, self.progress, self.every_s = total, progress, every_s
         self.t0 = self.last = time.perf_counter()
         self.done = 0
+        self.first: float | None = None
+        self.first_rows = 0
+
+    def steady_rate(self) -> float | None:
+        """items/s after the first batch (start-up excluded); None before a second batch."""
+        elapsed = time.perf_counter() - self.t0 - (self.first or 0.0)
+        rows = self.done - self.first_rows
+        return rows / elapsed if self.first is not None and rows and elapsed > 0 else None
 
     def add(self, rows: int) -> None:
         self.done += rows
         now = time.perf_counter()
+        if self.first is None:
+            self.first = now - self.t0  # start-up: actors started, models loaded, first batch through
+            self.first_rows = rows
         if now - self.last >= self.every_s:
             self.last = now
             rate = self.done / (now - self.t0)
@@ -189,20 +200,20 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
     if len(pending) < n_shards:
         progress(f"embed: resuming; {n_shards - len(pending)} of {n_shards} shards already in {store.dir}")
     t0 = time.perf_counter()
-    encoded = 0
+    timing: dict[str, Any] = {"encoded": 0}
     if pending:
-        encoded = _encode_shards(items, pending, store, settings, lay, gpus_per_actor, actors, batch_size, cpus_per_actor,
+        timing = _encode_shards(items, pending, store, settings, lay, gpus_per_actor, actors, batch_size, cpus_per_actor,
                        progress)
     seconds = time.perf_counter() - t0
-    summary = _assemble(out, store, n_shards, settings, n, seconds, encoded)
+    summary = _assemble(out, store, n_shards, settings, n, seconds, timing)
     progress(f"embed: wrote {out}: {n} items ({summary['image_missing']} without a usable cover) in {seconds:.1f} s")
     return summary
 
 
 def _encode_shards(items: pa.Table, pending: list[int], store: ShardStore, s: EmbedSettings, lay: Layout,
                    gpus_per_actor: float, actors: int, batch_size: int, cpus_per_actor: float,
-                   progress: Callable[[str], None]) -> int:
-    """Run the pipeline over the ``pending`` shards, writing each as it completes; return the rows encoded."""
+                   progress: Callable[[str], None]) -> dict[str, Any]:
+    """Run the pipeline over the ``pending`` shards, writing each as it completes; return rows and timings."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -237,11 +248,13 @@ def _encode_shards(items: pa.Table, pending: list[int], store: ShardStore, s: Em
                 if fault and written >= fault:
                     os._exit(75)  # a hard stop, as a killed driver would: no clean-up, no final file
         meter.add(len(batch["item_id"]))
-    return meter.done
+    steady = meter.steady_rate()
+    return {"encoded": meter.done, "startup_seconds": round(meter.first or 0.0, 3),
+            "steady_items_per_s": round(steady, 2) if steady else None}
 
 
 def _assemble(out: Path, store: ShardStore, n_shards: int, s: EmbedSettings, n: int, seconds: float,
-              encoded: int) -> dict[str, Any]:
+              timing: dict[str, Any]) -> dict[str, Any]:
     missing = [p for p in range(n_shards) if not store.done(p)]
     if missing:
         raise DataError(f"{store.path(missing[0])}: shard missing after the pipeline finished")
@@ -261,8 +274,9 @@ def _assemble(out: Path, store: ShardStore, n_shards: int, s: EmbedSettings, n: 
     finally:
         if writer is not None:
             writer.close()
-    summary = {**asdict(s), **dims, "items": n, **counts, "seconds": round(seconds, 3),
-               "items_per_s": round(encoded / seconds, 2) if seconds > 0 and encoded else None}
+    encoded = timing.pop("encoded")
+    summary = {**asdict(s), **dims, "items": n, **counts, "encoded_now": encoded, "seconds": round(seconds, 3),
+               "items_per_s": round(encoded / seconds, 2) if seconds > 0 and encoded else None, **timing}
     Path(f"{out.with_suffix('')}.embed.json").write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, out)
     shutil.rmtree(store.dir)
