@@ -1,4 +1,4 @@
-"""Run locations: local paths and storage URIs through one pyarrow filesystem.
+"""Run locations: local paths and storage URIs through one pyarrow filesystem, checkpoint discovery on it.
 
 ``memory://`` (fsspec, in this process only) stands for an object store here; ``file://`` for one that Ray
 workers can share (the end-to-end run under a URI is in test_training.py).
@@ -7,14 +7,19 @@ workers can share (the end-to-end run under a URI is in test_training.py).
 from __future__ import annotations
 
 import importlib.util
+import json
 import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
+import torch
 
 from mmctr_ray import storage
+from mmctr_ray.checkpoint import TrainState, best_checkpoint, epoch_checkpoints, load_checkpoint, save_checkpoint
+from mmctr_ray.config import load_config
 from mmctr_ray.errors import ConfigError, DataError
+from mmctr_ray.features import FeatureMap
 
 
 @pytest.fixture
@@ -76,3 +81,45 @@ def test_unknown_schemes_missing_packages_and_missing_files_are_one_line_errors(
     storage.write_text(memory_root + "/f", "x")
     with pytest.raises(DataError, match="f: is a file; expected a directory"):
         storage.listdir(memory_root + "/f")
+
+
+def _write_checkpoint(tmp: Path, epoch: int, auc: float) -> Path:
+    torch.manual_seed(epoch)
+    model = torch.nn.Linear(3, 1)
+    state = TrainState(epoch=epoch, lr=1e-3, history=[{"epoch": e, "valid_auc": auc} for e in range(1, epoch + 1)])
+    fmap = FeatureMap(num_items=5, tag_vocab=6, tags_per_item=2, vector_dim=4, num_users=7)
+    directory = tmp / f"checkpoint_epoch_{epoch:03d}"
+    directory.mkdir()
+    save_checkpoint(directory, model, torch.optim.Adam(model.parameters()), state, load_config(None), fmap,
+                    {"item_vector": "given"})
+    return directory
+
+
+def test_checkpoint_discovery_and_loading_through_a_filesystem(memory_root, tmp_path):
+    run = f"{memory_root}/run"
+    for epoch, auc in ((1, 0.60), (2, 0.70), (3, 0.65)):
+        storage.upload_dir(_write_checkpoint(tmp_path, epoch, auc), f"{run}/checkpoint_epoch_{epoch:03d}")
+    storage.write_text(f"{run}/checkpoint_epoch_004/model.pt", "cut short while copied")  # incomplete: skipped
+    storage.write_text(f"{run}/metrics.jsonl", "{}\n")
+    found = epoch_checkpoints(run)
+    assert found == [f"{run}/checkpoint_epoch_{e:03d}" for e in (1, 2, 3)]
+    assert best_checkpoint(run) == f"{run}/checkpoint_epoch_002"
+    loaded = load_checkpoint(best_checkpoint(run))
+    local = torch.load(tmp_path / "checkpoint_epoch_002" / "model.pt", weights_only=True)
+    assert loaded.path == f"{run}/checkpoint_epoch_002" and loaded.state.epoch == 2
+    assert all(torch.equal(loaded.model_state[k], local[k]) for k in local)
+    assert loaded.optimizer_state is not None and loaded.fmap.num_users == 7
+    with pytest.raises(DataError, match=f"^{run}/checkpoint_epoch_004/state.json: missing checkpoint file"):
+        load_checkpoint(f"{run}/checkpoint_epoch_004")
+    with pytest.raises(DataError, match=f"^{memory_root}/none: no checkpoint found"):
+        best_checkpoint(f"{memory_root}/none")
+
+
+def test_local_runs_keep_their_paths(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    _write_checkpoint(run, 1, 0.6)
+    (run / "tensorboard").mkdir()
+    assert epoch_checkpoints(run) == [run / "checkpoint_epoch_001"]
+    assert best_checkpoint(str(run)) == run / "checkpoint_epoch_001"
+    assert json.loads((best_checkpoint(run) / "state.json").read_text())["epoch"] == 1
