@@ -20,6 +20,7 @@ from mmctr_ray.checkpoint import TrainState, best_checkpoint, epoch_checkpoints,
 from mmctr_ray.config import load_config
 from mmctr_ray.errors import ConfigError, DataError
 from mmctr_ray.features import FeatureMap
+from mmctr_ray.train_driver import run_location
 
 
 @pytest.fixture
@@ -81,6 +82,13 @@ def test_unknown_schemes_missing_packages_and_missing_files_are_one_line_errors(
     storage.write_text(memory_root + "/f", "x")
     with pytest.raises(DataError, match="f: is a file; expected a directory"):
         storage.listdir(memory_root + "/f")
+
+
+def test_a_run_needs_its_own_folder_below_the_storage_root(tmp_path):
+    assert run_location((tmp_path / "r").as_uri() + "/") == (tmp_path / "r").as_uri()
+    assert run_location(str(tmp_path / "r")) == tmp_path / "r"
+    with pytest.raises(ConfigError, match="^file:///: a run needs its own folder below the storage root"):
+        run_location("file:///")
 
 
 def _write_checkpoint(tmp: Path, epoch: int, auc: float) -> Path:
