@@ -1,6 +1,6 @@
 """What a training checkpoint holds, and how it is written and read (no pickles).
 
-A checkpoint directory (one per epoch, ``RUN/checkpoint_epoch_NNN``) holds::
+A checkpoint directory (one per epoch, ``RUN/checkpoint_epoch_NNN``; RUN a local path or a storage URI) holds::
 
     model.pt           model state_dict (tensors only; loaded with torch.load(weights_only=True))
     optimizer.pt       optimizer state_dict (tensors and numbers; weights_only=True)
@@ -22,9 +22,11 @@ from typing import Any
 
 import torch
 
+from mmctr_ray import storage
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
 from mmctr_ray.errors import DataError
 from mmctr_ray.features import FeatureMap
+from mmctr_ray.storage import Location
 
 FILES = ("model.pt", "optimizer.pt", "state.json", "config.yaml", "feature_map.json", "item_source.json")
 
@@ -61,7 +63,7 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
 class LoadedCheckpoint:
     """A checkpoint read back: tensors on CPU, config, feature map, item source and schedule state."""
 
-    path: Path
+    path: Location
     model_state: dict[str, torch.Tensor]
     optimizer_state: dict[str, Any] | None
     state: TrainState
@@ -70,38 +72,41 @@ class LoadedCheckpoint:
     item_source: dict[str, Any]
 
 
-def load_checkpoint(directory: str | Path, with_optimizer: bool = True) -> LoadedCheckpoint:
-    """Read a checkpoint directory; a missing file is an error naming it."""
-    directory = Path(directory)
-    for name in ("model.pt", "state.json", "config.yaml", "feature_map.json", "item_source.json"):
-        if not (directory / name).is_file():
-            raise DataError(f"{directory / name}: missing checkpoint file (is this a checkpoint of `mmctr train`?)")
-    opt_path = directory / "optimizer.pt"
-    raw = json.loads((directory / "state.json").read_text())
-    state = TrainState(**{k: raw[k] for k in ("epoch", "lr", "best_auc", "best_epoch", "bad_epochs", "history")})
-    return LoadedCheckpoint(
-        path=directory,
-        model_state=torch.load(directory / "model.pt", map_location="cpu", weights_only=True),
-        optimizer_state=(torch.load(opt_path, map_location="cpu", weights_only=True)
-                         if with_optimizer and opt_path.is_file() else None),
-        state=state,
-        cfg=load_config(directory / "config.yaml"),
-        fmap=FeatureMap.from_json(directory / "feature_map.json"),
-        item_source=json.loads((directory / "item_source.json").read_text()),
-    )
+def load_checkpoint(directory: Location, with_optimizer: bool = True) -> LoadedCheckpoint:
+    """Read a checkpoint directory (local, or a URI: downloaded to a temporary folder first); a missing file is
+    an error naming it."""
+    with storage.local_copy(directory) as local:
+        for name in ("model.pt", "state.json", "config.yaml", "feature_map.json", "item_source.json"):
+            if not (local / name).is_file():
+                raise DataError(f"{storage.join(directory, name)}: missing checkpoint file (is this a checkpoint "
+                                f"of `mmctr train`?)")
+        opt_path = local / "optimizer.pt"
+        raw = json.loads((local / "state.json").read_text())
+        state = TrainState(**{k: raw[k] for k in ("epoch", "lr", "best_auc", "best_epoch", "bad_epochs", "history")})
+        return LoadedCheckpoint(
+            path=directory,
+            model_state=torch.load(local / "model.pt", map_location="cpu", weights_only=True),
+            optimizer_state=(torch.load(opt_path, map_location="cpu", weights_only=True)
+                             if with_optimizer and opt_path.is_file() else None),
+            state=state,
+            cfg=load_config(local / "config.yaml"),
+            fmap=FeatureMap.from_json(local / "feature_map.json"),
+            item_source=json.loads((local / "item_source.json").read_text()),
+        )
 
 
-def epoch_checkpoints(run_dir: str | Path) -> list[Path]:
+def epoch_checkpoints(run_dir: Location) -> list[Location]:
     """The run's complete checkpoint directories, oldest first (one cut short while copied is skipped)."""
     required = [f for f in FILES if f != "optimizer.pt"]
-    return sorted(p for p in Path(run_dir).glob("checkpoint_epoch_*") if all((p / f).is_file() for f in required))
+    found = [storage.join(run_dir, name) for name in storage.listdir(run_dir) if name.startswith("checkpoint_epoch_")]
+    return [p for p in found if all(storage.is_file(storage.join(p, f)) for f in required)]
 
 
-def best_checkpoint(run_dir: str | Path) -> Path:
+def best_checkpoint(run_dir: Location) -> Location:
     """The checkpoint of the epoch with the best validation AUC (the earliest among equals)."""
     best, best_auc = None, float("-inf")
     for path in epoch_checkpoints(run_dir):
-        history = json.loads((path / "state.json").read_text())["history"]
+        history = json.loads(storage.read_text(storage.join(path, "state.json")))["history"]
         auc = history[-1]["valid_auc"] if history else float("-inf")
         if auc > best_auc:
             best, best_auc = path, auc

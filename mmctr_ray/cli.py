@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from mmctr_ray import storage
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
 from mmctr_ray.data.synthetic import PRESETS, SynthSpec
 from mmctr_ray.data.writer import write_synthetic
@@ -124,13 +125,14 @@ def _fusion_overrides(table: Path) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mmctr_ray.ray_env import init_ray
-    from mmctr_ray.train_driver import resume_config, run_training
+    from mmctr_ray.train_driver import resume_config, run_location, run_training
 
     if args.resume and (args.config or getattr(args, "fusion", None)):
         raise ConfigError("--resume continues RUN with its own config.yaml: drop --config/--fusion (use --set "
                           "train.KEY=V)")
     if getattr(args, "fusion", None):
         args = argparse.Namespace(**{**vars(args), "overrides": [*_fusion_overrides(args.fusion), *args.overrides]})
+    run_location(str(args.out))  # a RUN URI that cannot be used fails here, before Ray starts
     cfg = resume_config(str(args.out), args.overrides) if args.resume else _config(args)
     init_ray(args.address, args.num_cpus, args.verbose)
     summary = run_training(args.data, str(args.out), cfg, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
@@ -204,7 +206,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from mmctr_ray.report import write_report
 
     paths = write_report(args.run)
-    print(paths["summary"].read_text())
+    print(storage.read_text(paths["summary"]))
     log.info("wrote %s and %s", paths["summary"], paths["curves"])
     return 0
 
@@ -326,10 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fuse)
 
     p = sub.add_parser("train", help="train a model with Ray Train (DDP workers); checkpoints every epoch",
-                       description="Train the configured model on DATA into RUN (a local or shared path): "
-                                   "config.yaml, metrics.jsonl, tensorboard/, checkpoint_epoch_NNN/, summary.json.")
+                       description="Train the configured model on DATA into RUN (a local or shared path, or a "
+                                   "storage URI such as s3://bucket/runs/r1): config.yaml, metrics.jsonl, "
+                                   "tensorboard/, checkpoint_epoch_NNN/, summary.json.")
     _add_data_arg(p)
-    p.add_argument("--out", required=True, help="run directory (a local path; shared storage on a cluster)")
+    p.add_argument("--out", required=True, help="run directory: a local path (shared storage on a cluster) or a "
+                                                "URI (s3://, gs://, abfs://, hdfs://, file://, or an fsspec scheme)")
     _add_config_args(p)
     p.add_argument("--fusion", type=Path, metavar="FILE", help="fused item table from `mmctr fuse` (sets "
                    "data.item_vector, and fusion.* from FILE's .fusion.json)")
@@ -342,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="score the test split with the best checkpoint; write the submission zip",
                        description="Score a split with Ray Data actors and write a zip holding prediction.csv "
                                    "(header ID,Task2; IDs 0..N-1 in row order).")
-    p.add_argument("--run", type=Path, required=True, help="run directory written by `mmctr train`")
+    p.add_argument("--run", required=True, help="run directory written by `mmctr train` (a local path or a URI)")
     _add_data_arg(p)
     p.add_argument("--out", type=Path, required=True, help="submission zip to write")
     p.add_argument("--split", choices=["test", "valid", "train"], default="test", help="split to score")
@@ -354,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="training curves (PNG) and a markdown summary of a run",
                        description="Write RUN/report/curves.png and RUN/report/summary.md and print the summary.")
-    p.add_argument("run", type=Path, help="run directory written by `mmctr train`")
+    p.add_argument("run", help="run directory written by `mmctr train` (a local path or a URI)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="the main job on synthetic data: synth → validate → features → fuse → train → "

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from mmctr_ray import storage
 from mmctr_ray.errors import ConfigError  # re-exported
 
 
@@ -327,7 +328,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     node[keys[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+def load_config(path: storage.Location | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Load an experiment YAML (or the defaults when ``path`` is None) and apply ``overrides``.
 
     Raises:
@@ -337,11 +338,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     where = "defaults"
     if path is not None:
         where = str(path)
-        p = Path(path)
-        if not p.is_file():
+        if not storage.is_file(path):
             raise ConfigError(f"{where}: config file not found")
         try:
-            loaded = safe_load(p.read_text())
+            loaded = safe_load(storage.read_text(path))
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             at = f" at line {mark.line + 1}" if mark is not None else ""
@@ -359,9 +359,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"{where}: {err}") from None
 
 
-def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:
-    """Write the resolved config as YAML (sorted as declared) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def save_config(cfg: ExperimentConfig, path: storage.Location) -> storage.Location:
+    """Write the resolved config as YAML (sorted as declared) to a local path or a storage URI; return it."""
+    path = path if storage.is_uri(path) else Path(path)
+    storage.write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return path

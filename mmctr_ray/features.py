@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mmctr_ray import storage
 from mmctr_ray.errors import DataError  # re-exported
 from mmctr_ray.schema import PAD_ID, SPLITS, Layout
 
@@ -159,12 +160,12 @@ class FeatureMap:
     vector_dim: int
     num_users: int
 
-    def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+    def to_json(self, path: storage.Location) -> None:
+        storage.write_text(path, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
-    def from_json(cls, path: str | Path) -> FeatureMap:
-        raw = json.loads(Path(path).read_text())
+    def from_json(cls, path: storage.Location) -> FeatureMap:
+        raw = json.loads(storage.read_text(path))
         names = {f.name for f in fields(cls)}
         if set(raw) != names:
             raise DataError(f"{path}: feature map keys {sorted(raw)} differ from the expected {sorted(names)}")

@@ -2,8 +2,9 @@
 
 The submission is a zip holding ``prediction.csv`` with header ``ID,Task2``: ``ID`` is the row's position in
 the split (0..N-1, in file order) and ``Task2`` its predicted click probability, clipped into (0, 1). Scoring
-runs in a pool of actors (the model is loaded once per actor from the run's best checkpoint; the item table is
-rebuilt from the data directory); Ray Data's ``preserve_order`` keeps rows in file order.
+runs in a pool of actors (the model is loaded once per actor from the run's best checkpoint, downloaded first
+when the run is a storage URI; the item table is rebuilt from the data directory); Ray Data's ``preserve_order``
+keeps rows in file order. The run may be a local path or a storage URI; data and submission are local paths.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from mmctr_ray.features import MODEL_INPUTS, load_item_table, read_split, to_mod
 from mmctr_ray.metrics import evaluate
 from mmctr_ray.model import DINModel
 from mmctr_ray.schema import Layout
+from mmctr_ray.storage import Location
 from mmctr_ray.training import probabilities
 
 log = logging.getLogger(__name__)
 
 
-def load_model(checkpoint_dir: str | Path, data_dir: str | Path, device: str = "cpu") -> DINModel:
+def load_model(checkpoint_dir: Location, data_dir: str | Path, device: str = "cpu") -> DINModel:
     """The checkpoint's model over the item table rebuilt from ``data_dir``, in eval mode; its
     ``experiment_cfg`` attribute holds the checkpoint's config (history length, validation precision).
 
@@ -85,8 +87,8 @@ class Scorer:
         return {"prob": probs, "label": batch["label"]}
 
 
-def score_split(run_dir: str | Path, data_dir: str | Path, split: str = "test", actors: int = 1,
-                gpus_per_actor: float = 0.0, batch_size: int = 16_384) -> tuple[np.ndarray, np.ndarray, Path]:
+def score_split(run_dir: Location, data_dir: str | Path, split: str = "test", actors: int = 1,
+                gpus_per_actor: float = 0.0, batch_size: int = 16_384) -> tuple[np.ndarray, np.ndarray, Location]:
     """(probabilities, labels, checkpoint used) for every row of ``split``, in file order."""
     import ray.data
 
@@ -100,8 +102,8 @@ def score_split(run_dir: str | Path, data_dir: str | Path, split: str = "test", 
         ctx.execution_options.preserve_order = keep_order
 
 
-def _score(checkpoint: Path, data_dir: str | Path, split: str, max_len: int, actors: int, gpus_per_actor: float,
-           batch_size: int) -> tuple[np.ndarray, np.ndarray, Path]:
+def _score(checkpoint: Location, data_dir: str | Path, split: str, max_len: int, actors: int, gpus_per_actor: float,
+           batch_size: int) -> tuple[np.ndarray, np.ndarray, Location]:
     from ray.data import ActorPoolStrategy
 
     ds = read_split(data_dir, split, max_len=max_len, batch_rows=batch_size)
@@ -127,7 +129,7 @@ def write_submission(probs: np.ndarray, out: Path, column: str = "Task2") -> Non
     partial.replace(out)
 
 
-def run_predict(run_dir: str | Path, data_dir: str | Path, out: str | Path, split: str = "test",
+def run_predict(run_dir: Location, data_dir: str | Path, out: str | Path, split: str = "test",
                 actors: int = 1, gpus_per_actor: float = 0.0, overwrite: bool = False) -> dict[str, Any]:
     """Score ``split`` and write the submission zip ``out``; return a summary (AUC when labels are known)."""
     out = Path(out)

@@ -1,26 +1,29 @@
-"""``mmctr report RUN``: training curves (PNG) and a markdown summary of a run, printed and written to RUN."""
+"""``mmctr report RUN``: training curves (PNG) and a markdown summary of a run, printed and written to
+RUN/report/ (RUN a local path or a storage URI: the files are written through its filesystem)."""
 
 from __future__ import annotations
 
+import io
 import json
-from pathlib import Path
 from typing import Any
 
+from mmctr_ray import storage
 from mmctr_ray.errors import DataError
+from mmctr_ray.storage import Location
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+def read_metrics(run_dir: Location) -> list[dict[str, Any]]:
+    path = storage.join(run_dir, "metrics.jsonl")
+    if not storage.is_file(path):
         raise DataError(f"{path}: missing file (is {run_dir} a run directory of `mmctr train`?)")
     try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: line {err.lineno} is not JSON") from None
 
 
-def plot_curves(rows: list[dict[str, Any]], out: Path) -> Path:
-    """Valid AUC, valid logloss and train loss per epoch, side by side."""
+def plot_curves(rows: list[dict[str, Any]]) -> bytes:
+    """Valid AUC, valid logloss and train loss per epoch, side by side, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,16 +42,17 @@ def plot_curves(rows: list[dict[str, Any]], out: Path) -> Path:
     best = max(rows, key=lambda r: r["valid_auc"])
     axes[0].axvline(best["epoch"], color="grey", linestyle="--", linewidth=1)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    return out
+    return png.getvalue()
 
 
-def markdown_summary(run_dir: Path, rows: list[dict[str, Any]]) -> str:
+def markdown_summary(run_dir: Location, rows: list[dict[str, Any]]) -> str:
     best = max(rows, key=lambda r: r["valid_auc"])
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    lines = [f"# Run `{run_dir.name}`", "",
+    summary_path = storage.join(run_dir, "summary.json")
+    summary = json.loads(storage.read_text(summary_path)) if storage.is_file(summary_path) else {}
+    lines = [f"# Run `{storage.basename(run_dir)}`", "",
              f"Best validation AUC **{best['valid_auc']:.4f}** (logloss {best['valid_logloss']:.4f}) at epoch "
              f"{best['epoch']} of {len(rows)}."]
     if summary.get("oracle_valid_auc"):
@@ -64,14 +68,13 @@ def markdown_summary(run_dir: Path, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir: str | Path) -> dict[str, Path]:
-    """Write RUN/report/{curves.png, summary.md}; return their paths."""
-    run_dir = Path(run_dir)
+def write_report(run_dir: Location) -> dict[str, Location]:
+    """Write RUN/report/{curves.png, summary.md}; return their locations (``Path`` for a local run)."""
     rows = read_metrics(run_dir)
     if not rows:
-        raise DataError(f"{run_dir / 'metrics.jsonl'}: no epoch recorded yet")
-    out = run_dir / "report"
-    out.mkdir(exist_ok=True)
-    md = out / "summary.md"
-    md.write_text(markdown_summary(run_dir, rows))
-    return {"curves": plot_curves(rows, out / "curves.png"), "summary": md}
+        raise DataError(f"{storage.join(run_dir, 'metrics.jsonl')}: no epoch recorded yet")
+    paths = {"curves": storage.join(run_dir, "report", "curves.png"),
+             "summary": storage.join(run_dir, "report", "summary.md")}
+    storage.write_text(paths["summary"], markdown_summary(run_dir, rows))
+    storage.write_bytes(paths["curves"], plot_curves(rows))
+    return paths

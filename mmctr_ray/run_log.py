@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 import time
 from typing import Any
 
-import pyarrow.fs as pafs
 import torch
+
+from mmctr_ray import storage
 
 log = logging.getLogger("mmctr.train")
 PROGRESS_EVERY_S = 10.0
@@ -27,22 +30,25 @@ class RunLog:
     """Progress and per-epoch records of one run (does nothing unless ``enabled``, i.e. on rank 0).
 
     ``RUN/metrics.jsonl`` holds one JSON object per epoch (rewritten whole each epoch, so it also works on
-    object stores); ``RUN/tensorboard/`` holds event files when RUN is a local path.
+    object stores); ``RUN/tensorboard/`` holds event files: written there live when RUN is a local path; for a
+    URI, written to a local temporary folder and uploaded at the end of every epoch (TensorBoard writes local
+    files only).
     """
 
     def __init__(self, run_dir: str, enabled: bool) -> None:
         self.enabled = enabled
         self._last = 0.0
         self._tb = None
+        self._tb_staging: str | None = None  # local folder uploaded to RUN/tensorboard when RUN is a URI
         if not enabled:
             return
         _ensure_handler()
-        self.fs, self.path = pafs.FileSystem.from_uri(run_dir) if "://" in run_dir else (pafs.LocalFileSystem(),
-                                                                                        run_dir)
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(f"{self.path}/tensorboard", flush_secs=10)
+        self.run_dir = storage.normalize(run_dir)
+        if storage.is_uri(self.run_dir):
+            self._tb_staging = tempfile.mkdtemp(prefix="mmctr-tensorboard-")
+        self._tb = SummaryWriter(self._tb_staging or str(storage.join(self.run_dir, "tensorboard")), flush_secs=10)
 
     def progress(self, epoch: int, step: int, steps: int, rows: int, t0: float, loss_sum: torch.Tensor) -> None:
         """Log epoch, step, samples/s and ETA every PROGRESS_EVERY_S seconds."""
@@ -65,8 +71,7 @@ class RunLog:
             return
         row = state.history[-1]
         text = "".join(json.dumps(r) + "\n" for r in state.history)
-        with self.fs.open_output_stream(f"{self.path}/metrics.jsonl") as f:
-            f.write(text.encode())
+        storage.write_text(storage.join(self.run_dir, "metrics.jsonl"), text)
         rate = row["samples_per_s"] or 0.0
         log.info("epoch %d: train loss %.4f, valid AUC %.4f, logloss %.4f, lr %.1e, %.0f samples/s "
                  "(best AUC %.4f at epoch %d)", row["epoch"], row["train_loss"], row["valid_auc"],
@@ -76,7 +81,15 @@ class RunLog:
                 if row.get(key) is not None:
                     self._tb.add_scalar(f"epoch/{key}", row[key], row["epoch"])
             self._tb.flush()
+            self._upload_tensorboard()
+
+    def _upload_tensorboard(self) -> None:
+        if self._tb_staging is not None:
+            storage.upload_dir(self._tb_staging, storage.join(self.run_dir, "tensorboard"))
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self._upload_tensorboard()
+        if self._tb_staging is not None:
+            shutil.rmtree(self._tb_staging, ignore_errors=True)

@@ -1,8 +1,11 @@
 """``mmctr train``: the driver that builds a Ray Train ``TorchTrainer`` and writes the run directory.
 
-RUN (a local path; on a cluster, a path on shared storage such as NFS) receives ``config.yaml`` (resolved),
-``feature_map.json``, ``metrics.jsonl`` (one line per epoch), ``tensorboard/``,
-``checkpoint_epoch_NNN/`` (one per epoch) and ``summary.json`` (best epoch and its checkpoint) at the end.
+RUN (a local path, on a cluster one on shared storage such as NFS, or a storage URI such as ``s3://bucket/run``:
+see :mod:`mmctr_ray.storage`) receives ``config.yaml`` (resolved), ``feature_map.json``, ``metrics.jsonl`` (one
+line per epoch), ``tensorboard/``, ``checkpoint_epoch_NNN/`` (one per epoch) and ``summary.json`` (best epoch and
+its checkpoint) at the end. RUN is Ray Train's experiment folder (``RunConfig(storage_path=parent of RUN,
+name=last part of RUN)``), so the checkpoints Ray persists land beside the files written here; Ray adds its own
+bookkeeping files (``checkpoint_manager_snapshot.json``, ``.validate_storage_marker``).
 An existing RUN is never overwritten without ``overwrite``; ``resume`` continues it from its latest checkpoint
 with its own saved config.
 """
@@ -13,13 +16,14 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
+import posixpath
 import time
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
+from mmctr_ray import storage
 from mmctr_ray.checkpoint import best_checkpoint, epoch_checkpoints
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
@@ -31,13 +35,14 @@ log = logging.getLogger(__name__)
 FAULT_ENV = "MMCTR_FAULT_KILL_AT_STEP"  # "STEP:MARKER_FILE": recovery tests kill rank 0 once at STEP
 
 
-def _local_run_dir(run_dir: str) -> Path:
-    """RUN as an absolute local path. Object-store URIs are refused for now: metrics, summary and resume
-    are written and read through local paths (Ray itself would accept them)."""
-    if "://" in run_dir:
-        raise ConfigError(f"{run_dir}: storage URIs are not supported yet for --out; use a local or shared "
-                          f"(NFS) path")
-    return Path(run_dir).resolve()
+def run_location(run_dir: str | Path) -> storage.Location:
+    """RUN as an absolute local path or a URI whose filesystem resolves; it needs a parent folder, since Ray
+    Train writes into ``storage_path/name``."""
+    run = storage.normalize(run_dir)
+    _, path = storage.resolve(run)
+    if not posixpath.basename(path) or posixpath.dirname(path) in ("", path):
+        raise ConfigError(f"{run_dir}: a run needs its own folder below the storage root (e.g. s3://bucket/runs/r1)")
+    return run
 
 
 def _absolute_item_vector(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -48,31 +53,32 @@ def _absolute_item_vector(cfg: ExperimentConfig) -> ExperimentConfig:
     return dataclasses.replace(cfg, data=data)
 
 
-def _prepare_run_dir(local: Path, cfg: ExperimentConfig, resume: bool, overwrite: bool) -> None:
+def _prepare_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool, overwrite: bool) -> None:
+    config_path = storage.join(run, "config.yaml")
     if resume:
-        if not (local / "config.yaml").is_file():
-            raise ConfigError(f"{local}: nothing to resume (no config.yaml of an earlier `mmctr train`)")
-        saved = load_config(local / "config.yaml")
+        if not storage.is_file(config_path):
+            raise ConfigError(f"{run}: nothing to resume (no config.yaml of an earlier `mmctr train`)")
+        saved = load_config(config_path)
         for section in ("data", "fusion", "model"):
             if getattr(saved, section) != getattr(cfg, section):
-                raise ConfigError(f"{local}: --resume with a different {section} section than the run's "
+                raise ConfigError(f"{run}: --resume with a different {section} section than the run's "
                                   f"config.yaml; only train.* may change when resuming")
-    elif local.exists() and any(local.iterdir()):
+    elif storage.listdir(run):
         if not overwrite:
-            raise OutputExistsError(f"{local}: already holds a run; pass --resume to continue it or --overwrite "
+            raise OutputExistsError(f"{run}: already holds a run; pass --resume to continue it or --overwrite "
                                     f"to replace it")
-        if not (local / "config.yaml").is_file():
-            raise OutputExistsError(f"{local}: not empty and not a run of `mmctr train` (no config.yaml); "
+        if not storage.is_file(config_path):
+            raise OutputExistsError(f"{run}: not empty and not a run of `mmctr train` (no config.yaml); "
                                     f"--overwrite replaces runs only")
-        shutil.rmtree(local)
-    local.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, local / "config.yaml")
+        storage.remove_dir(run)
+    storage.make_dir(run)
+    save_config(cfg, config_path)
 
 
-def _check_feature_map(local: Path, fmap: FeatureMap) -> None:
+def _check_feature_map(run: storage.Location, fmap: FeatureMap) -> None:
     """On resume, the data must give the vocabularies the run was built with."""
-    path = local / "feature_map.json"
-    if not path.is_file():
+    path = storage.join(run, "feature_map.json")
+    if not storage.is_file(path):
         return
     saved = FeatureMap.from_json(path)
     for key, value in fmap.__dict__.items():
@@ -91,16 +97,17 @@ def _fault_from_env() -> dict[str, Any] | None:
 
 def resume_config(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """The config a resumed run continues with: its saved config.yaml plus ``overrides`` (train.* only)."""
-    local = _local_run_dir(run_dir)
-    if not (local / "config.yaml").is_file():
+    config_path = storage.join(run_location(run_dir), "config.yaml")
+    if not storage.is_file(config_path):
         raise ConfigError(f"{run_dir}: nothing to resume (no config.yaml of an earlier `mmctr train`)")
-    return load_config(local / "config.yaml", overrides)
+    return load_config(config_path, overrides)
 
 
-def run_training(data_dir: str | Path, run_dir: str, cfg: ExperimentConfig, workers: int = 1,
+def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfig, workers: int = 1,
                  gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0, resume: bool = False,
                  overwrite: bool = False, max_failures: int = 2, verbose: bool = False) -> dict[str, Any]:
-    """Train ``cfg`` on ``data_dir`` into ``run_dir`` with ``workers`` DDP workers; return the summary.
+    """Train ``cfg`` on ``data_dir`` into ``run_dir`` (a local path or a storage URI) with ``workers`` DDP
+    workers; return the summary.
 
     With ``resume`` the run continues from its latest checkpoint; ``cfg`` may differ from the saved config only
     in its train section (e.g. more epochs).
@@ -108,6 +115,8 @@ def run_training(data_dir: str | Path, run_dir: str, cfg: ExperimentConfig, work
     Raises:
         OutputExistsError: ``run_dir`` holds a run and neither ``resume`` nor ``overwrite`` was given.
         DataError: a split or the item table cannot be read.
+        ConfigError: ``run_dir`` is a URI whose storage cannot be opened, or a resume that changes more than
+            ``train.*``.
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -117,26 +126,27 @@ def run_training(data_dir: str | Path, run_dir: str, cfg: ExperimentConfig, work
     for path in (*(lay.split(split) for split in SPLITS), lay.item_info):
         if not path.is_file():
             raise DataError(f"{path}: missing file (run `mmctr validate {data_dir}`)")
-    local = _local_run_dir(run_dir)
+    run = run_location(run_dir)
     cfg = _absolute_item_vector(cfg)
-    _prepare_run_dir(local, cfg, resume, overwrite)
+    _prepare_run_dir(run, cfg, resume, overwrite)
     table = load_item_table(data_dir, cfg.data.item_vector)
     fmap = build_feature_map(data_dir, table)
     if resume:
-        _check_feature_map(local, fmap)
-    fmap.to_json(local / "feature_map.json")
-    done = epoch_checkpoints(local) if resume else []
-    loop_config = {"cfg": cfg.to_dict(), "data_dir": str(data_dir), "run_dir": str(local),
+        _check_feature_map(run, fmap)
+    fmap.to_json(storage.join(run, "feature_map.json"))
+    done = epoch_checkpoints(run) if resume else []
+    loop_config = {"cfg": cfg.to_dict(), "data_dir": str(data_dir), "run_dir": str(run),
                    "feature_map": fmap.__dict__, "train_rows": pq.ParquetFile(lay.split("train")).metadata.num_rows,
                    "resume_from": str(done[-1]) if done else None, "fault": _fault_from_env(), "verbose": verbose}
-    storage, name = str(local.parent), local.name
+    fs, fs_path = storage.resolve(run)  # Ray Train writes checkpoints to storage_path/name = RUN
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
                                      resources_per_worker={"CPU": cpus_per_worker,
                                                            **({"GPU": gpus_per_worker} if gpus_per_worker else {})}),
-        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
+        run_config=RunConfig(name=posixpath.basename(fs_path), storage_path=posixpath.dirname(fs_path),
+                             storage_filesystem=fs, failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=None)),
         datasets={"train": read_split(data_dir, "train", cfg.data.max_len),
                   "valid": read_split(data_dir, "valid", cfg.data.max_len)},
@@ -144,12 +154,12 @@ def run_training(data_dir: str | Path, run_dir: str, cfg: ExperimentConfig, work
     )
     t0 = time.perf_counter()
     trainer.fit()
-    return _summary(local, data_dir, time.perf_counter() - t0)
+    return _summary(run, data_dir, time.perf_counter() - t0)
 
 
-def _summary(run_dir: Path, data_dir: Path, seconds: float) -> dict[str, Any]:
+def _summary(run_dir: storage.Location, data_dir: Path, seconds: float) -> dict[str, Any]:
     best = best_checkpoint(run_dir)
-    history = json.loads((epoch_checkpoints(run_dir)[-1] / "state.json").read_text())["history"]
+    history = json.loads(storage.read_text(storage.join(epoch_checkpoints(run_dir)[-1], "state.json")))["history"]
     best_row = max(history, key=lambda r: r["valid_auc"])
     oracle_path = Layout(data_dir).oracle
     oracle = json.loads(oracle_path.read_text())["valid"].get("oracle_auc") if oracle_path.is_file() else None
@@ -159,5 +169,5 @@ def _summary(run_dir: Path, data_dir: Path, seconds: float) -> dict[str, Any]:
                "best_valid_logloss": best_row["valid_logloss"], "best_checkpoint": str(best),
                "oracle_valid_auc": oracle, "mean_samples_per_s": sum(rates) / len(rates) if rates else None,
                "wall_seconds": seconds}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    storage.write_text(storage.join(run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
     return summary

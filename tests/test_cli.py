@@ -83,6 +83,17 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
     assert r.returncode == 2 and "--items must be >= 1" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_unusable_run_uris_are_one_line_errors_before_ray_starts(synth_dir):
+    r = run_cli("train", "--data", str(synth_dir), "--out", "foo://bucket/run")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == ("mmctr train: error: foo://bucket/run: unsupported storage scheme foo:// (expected "
+                                "a local path or a URI: s3://, gs://, abfs://, hdfs://, file://, or a scheme of an "
+                                "installed fsspec package)")
+    r = run_cli("report", "file:///nonexistent/run")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert "file:///nonexistent/run/metrics.jsonl: missing file" in r.stderr
+
+
 def test_synth_refuses_to_overwrite(synth_dir, tmp_path):
     out = tmp_path / "d"
     assert main(["synth", "--out", str(out), "--items", "30", "--users", "20", "--train-rows", "50",

@@ -161,9 +161,39 @@ def test_report_writes_curves_and_a_markdown_table(two_worker_run, tmp_path):
         write_report(tmp_path)
 
 
-def test_storage_uris_are_refused_clearly_for_now(synth_dir):
-    with pytest.raises(ConfigError, match="s3://bucket/run: storage URIs are not supported yet"):
-        run_training(synth_dir, "s3://bucket/run", tiny_cfg())
+def test_an_unsupported_storage_scheme_is_a_one_line_error(synth_dir):
+    with pytest.raises(ConfigError, match="^foo://bucket/run: unsupported storage scheme foo://"):
+        run_training(synth_dir, "foo://bucket/run", tiny_cfg())
+
+
+@pytest.mark.slow
+def test_a_run_under_a_storage_uri_trains_resumes_predicts_and_reports(ray_local, synth_dir, tiny_spec, tmp_path):
+    from mmctr_ray.cli import main
+
+    store = tmp_path / "store"  # file:// resolves to pyarrow's LocalFileSystem: every access goes through it
+    uri = store.as_uri() + "/runs/r1"
+    run = store / "runs" / "r1"
+    train = ["train", "--data", str(synth_dir), "--out", uri]
+    assert main([*train, "--config", str(CONFIGS / "tiny.yaml"), "--set", "train.batch_size=256",
+                 "--set", "train.shuffle_buffer=0", "--set", "train.epochs=2"]) == 0
+    first = _metrics(run)
+    assert main([*train, "--resume", "--set", "train.epochs=3", "--set", "train.patience=5"]) == 0
+    rows = _metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[:2] == first
+    assert [p.name for p in epoch_checkpoints(run)] == [f"checkpoint_epoch_00{e}" for e in (1, 2, 3)]
+    assert epoch_checkpoints(uri)[-1] == f"{uri}/checkpoint_epoch_003"
+    assert load_config(run / "config.yaml").train.epochs == 3 and (run / "feature_map.json").is_file()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["run_dir"] == uri and summary["epochs"] == 3
+    assert summary["best_checkpoint"].startswith(f"{uri}/checkpoint_epoch_00")
+    assert main(["predict", "--run", uri, "--data", str(synth_dir), "--out", str(tmp_path / "sub.zip")]) == 0
+    with zipfile.ZipFile(tmp_path / "sub.zip") as zf:
+        assert len(zf.read("prediction.csv").decode().splitlines()) == 1 + tiny_spec.test_rows
+    assert main(["report", uri]) == 0
+    assert (run / "report" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "report" / "summary.md").read_text().count("\n| ") == 1 + 3
+    assert main(["report", uri + "-missing"]) == 2
 
 
 def test_overwrite_never_deletes_a_directory_that_is_not_a_run(synth_dir, tmp_path):
@@ -171,3 +201,16 @@ def test_overwrite_never_deletes_a_directory_that_is_not_a_run(synth_dir, tmp_pa
     with pytest.raises(OutputExistsError, match="not a run of `mmctr train`"):
         run_training(synth_dir, str(tmp_path), tiny_cfg(), overwrite=True)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_a_uri_run_is_never_overwritten_silently_either(synth_dir, tmp_path):
+    uri = tmp_path.as_uri()
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match=f"^{uri}: not empty and not a run of `mmctr train`"):
+        run_training(synth_dir, uri, tiny_cfg(), overwrite=True)
+    (tmp_path / "config.yaml").write_text("name: earlier\n")
+    with pytest.raises(OutputExistsError, match=f"^{uri}: already holds a run; pass --resume"):
+        run_training(synth_dir, uri, tiny_cfg())
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+    with pytest.raises(ConfigError, match=f"^{uri}/none: nothing to resume"):
+        resume_config(f"{uri}/none")

@@ -1,0 +1,178 @@
+"""Where a run lives: a local path or a storage URI, read and written through one ``pyarrow.fs`` filesystem.
+
+A *location* is a local path (a ``Path``, or a string without a scheme) or a URI string such as
+``s3://bucket/runs/r1``, ``gs://bucket/r1``, ``abfs://container@account.dfs.core.windows.net/r1``,
+``hdfs://namenode/r1`` or ``file:///abs/r1``. URIs are resolved like Ray Train resolves
+``RunConfig(storage_path=...)``: ``pyarrow.fs.FileSystem.from_uri`` first, then, for a scheme pyarrow does not
+know, fsspec (whose scheme needs its own package, e.g. ``adlfs`` for ``az://``).
+
+Local locations stay ``Path`` objects and URIs stay strings (``Path`` would collapse ``s3://`` into ``s3:/``):
+``join`` keeps the kind it is given, so local runs look exactly as they did before URIs were accepted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import posixpath
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from mmctr_ray.errors import ConfigError, DataError
+
+Location = str | Path
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+SCHEMES_HINT = "s3://, gs://, abfs://, hdfs://, file://, or a scheme of an installed fsspec package"
+
+
+def is_uri(location: Location) -> bool:
+    return isinstance(location, str) and bool(_SCHEME.match(location))
+
+
+def normalize(location: Location) -> Location:
+    """A local path made absolute (a ``Path``), or a URI without a trailing slash (a string)."""
+    if not is_uri(location):
+        return Path(location).resolve()
+    parts = urlsplit(str(location))
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") or parts.path[:1]))
+
+
+def resolve(location: Location) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path on it) for a location.
+
+    Raises:
+        ConfigError: an unknown scheme, a scheme whose package is missing, or a storage that cannot be opened.
+    """
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), Path(location).resolve().as_posix()
+    uri = str(location)
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except pa.ArrowInvalid as err:
+        if "Unrecognized filesystem type" not in str(err):
+            raise ConfigError(f"{uri}: {_first_line(err)}") from None
+    except OSError as err:  # e.g. hdfs:// without a JVM, or no credentials
+        raise ConfigError(f"{uri}: cannot open this storage ({_first_line(err)})") from None
+    return _fsspec(uri)
+
+
+def _fsspec(uri: str) -> tuple[pafs.FileSystem, str]:
+    import fsspec
+
+    scheme = uri.split("://", 1)[0]
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+    except ImportError as err:  # fsspec knows the scheme, its package is not installed
+        raise ConfigError(f"{uri}: {scheme}:// needs a package that is not installed ({_first_line(err)})") from None
+    except ValueError:
+        raise ConfigError(f"{uri}: unsupported storage scheme {scheme}:// (expected a local path or a URI: "
+                          f"{SCHEMES_HINT})") from None
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def join(location: Location, *names: str) -> Location:
+    """``location/name/...``, a ``Path`` for a local location and a URI string (query kept) for a URI."""
+    if not is_uri(location):
+        return Path(location).joinpath(*names)
+    parts = urlsplit(str(location))
+    return urlunsplit(parts._replace(path=posixpath.join(parts.path, *names)))
+
+
+def basename(location: Location) -> str:
+    if not is_uri(location):
+        return Path(location).name
+    return posixpath.basename(urlsplit(str(location)).path.rstrip("/"))
+
+
+def _type(location: Location) -> pafs.FileType:
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type
+
+
+def exists(location: Location) -> bool:
+    return _type(location) != pafs.FileType.NotFound
+
+
+def is_file(location: Location) -> bool:
+    return _type(location) == pafs.FileType.File
+
+
+def listdir(location: Location) -> list[str]:
+    """Sorted names in a folder; ``[]`` when it does not exist."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        raise DataError(f"{location}: is a file; expected a directory")
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(posixpath.basename(info.path.rstrip("/")) for info in infos)
+
+
+def read_bytes(location: Location) -> bytes:
+    fs, path = resolve(location)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DataError(f"{location}: missing file") from None
+
+
+def read_text(location: Location) -> str:
+    return read_bytes(location).decode()
+
+
+def write_bytes(location: Location, data: bytes) -> None:
+    """Write a whole file (its folder is created first); an object store writes it in one piece."""
+    fs, path = resolve(location)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def write_text(location: Location, text: str) -> None:
+    write_bytes(location, text.encode())
+
+
+def make_dir(location: Location) -> None:
+    fs, path = resolve(location)
+    fs.create_dir(path, recursive=True)
+
+
+def remove_dir(location: Location) -> None:
+    fs, path = resolve(location)
+    fs.delete_dir(path)
+
+
+def upload_dir(local_dir: str | Path, location: Location) -> None:
+    """Copy every file under the local folder to ``location`` (files already there and not local are kept)."""
+    fs, path = resolve(location)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(Path(local_dir).resolve().as_posix(), path, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+
+
+def download_dir(location: Location, local_dir: str | Path) -> None:
+    """Copy every file under ``location`` into the local folder (nothing when ``location`` does not exist)."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return
+    pafs.copy_files(path, Path(local_dir).resolve().as_posix(), source_filesystem=fs,
+                    destination_filesystem=pafs.LocalFileSystem())
+
+
+@contextlib.contextmanager
+def local_copy(location: Location) -> Iterator[Path]:
+    """A local folder holding ``location``'s files: the folder itself when local, else a temporary download."""
+    if not is_uri(location):
+        yield Path(location)
+        return
+    with tempfile.TemporaryDirectory(prefix="mmctr-") as tmp:
+        download_dir(location, tmp)
+        yield Path(tmp)

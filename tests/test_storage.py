@@ -1,0 +1,133 @@
+"""Run locations: local paths and storage URIs through one pyarrow filesystem, checkpoint discovery on it.
+
+``memory://`` (fsspec, in this process only) stands for an object store here; ``file://`` for one that Ray
+workers can share (the end-to-end run under a URI is in test_training.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+from mmctr_ray import storage
+from mmctr_ray.checkpoint import TrainState, best_checkpoint, epoch_checkpoints, load_checkpoint, save_checkpoint
+from mmctr_ray.config import load_config
+from mmctr_ray.errors import ConfigError, DataError
+from mmctr_ray.features import FeatureMap
+from mmctr_ray.train_driver import run_location
+
+
+@pytest.fixture
+def memory_root():
+    root = f"memory://bucket/{uuid.uuid4().hex}"
+    yield root
+    if storage.exists(root):
+        storage.remove_dir(root)
+
+
+def test_local_paths_stay_paths_and_uris_stay_strings(tmp_path):
+    fs, path = storage.resolve(tmp_path / "run")
+    assert isinstance(fs, pafs.LocalFileSystem) and path == (tmp_path / "run").as_posix()
+    assert storage.join(tmp_path, "run", "a.txt") == tmp_path / "run" / "a.txt"
+    assert storage.join(str(tmp_path), "a.txt") == tmp_path / "a.txt"
+    uri = (tmp_path / "run").as_uri()
+    fs, path = storage.resolve(uri)
+    assert isinstance(fs, pafs.LocalFileSystem) and path == (tmp_path / "run").as_posix()
+    assert storage.join(uri, "a.txt") == uri + "/a.txt"
+    assert storage.join("s3://bucket/run?region=eu-west-1", "ck", "m.pt") == "s3://bucket/run/ck/m.pt?region=eu-west-1"
+    assert storage.normalize("gs://bucket/runs/r1/") == "gs://bucket/runs/r1"
+    assert storage.normalize("rel") == Path("rel").resolve()
+    assert storage.basename("gs://bucket/runs/r1/") == "r1" and storage.basename(tmp_path / "r") == "r"
+    assert not storage.is_uri(Path("s3:/bucket")) and storage.is_uri("s3://bucket")
+
+
+@pytest.mark.parametrize("kind", ["memory", "file"])
+def test_read_write_list_copy_and_remove_through_the_filesystem(kind, memory_root, tmp_path):
+    root = memory_root if kind == "memory" else (tmp_path / "store").as_uri()
+    storage.write_text(storage.join(root, "a", "b.txt"), "hello")  # the folders are created
+    assert storage.read_text(storage.join(root, "a", "b.txt")) == "hello"
+    assert storage.is_file(storage.join(root, "a", "b.txt")) and not storage.is_file(storage.join(root, "a"))
+    assert storage.exists(storage.join(root, "a")) and storage.listdir(root) == ["a"]
+    assert storage.listdir(storage.join(root, "missing")) == []
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "x.bin").write_bytes(b"\x00\x01")
+    (src / "sub" / "y.txt").write_text("y")
+    storage.upload_dir(src, storage.join(root, "up"))
+    assert storage.listdir(storage.join(root, "up")) == ["sub", "x.bin"]
+    with storage.local_copy(storage.join(root, "up")) as local:
+        assert local != src and (local / "x.bin").read_bytes() == b"\x00\x01"
+        assert (local / "sub" / "y.txt").read_text() == "y"
+    storage.remove_dir(root)
+    assert not storage.exists(root)
+
+
+def test_unknown_schemes_missing_packages_and_missing_files_are_one_line_errors(memory_root):
+    with pytest.raises(ConfigError, match=r"^foo://bucket/run: unsupported storage scheme foo:// \(expected a "
+                                          r"local path or a URI: s3://, gs://") as err:
+        storage.resolve("foo://bucket/run")
+    assert "\n" not in str(err.value)
+    if importlib.util.find_spec("adlfs") is None:
+        with pytest.raises(ConfigError, match=r"^az://c/run: az:// needs a package that is not installed "
+                                              r"\(Install adlfs"):
+            storage.resolve("az://c/run")
+    with pytest.raises(DataError, match=f"^{memory_root}/nothing.json: missing file$"):
+        storage.read_text(storage.join(memory_root, "nothing.json"))
+    storage.write_text(memory_root + "/f", "x")
+    with pytest.raises(DataError, match="f: is a file; expected a directory"):
+        storage.listdir(memory_root + "/f")
+
+
+def test_a_run_needs_its_own_folder_below_the_storage_root(tmp_path):
+    assert run_location((tmp_path / "r").as_uri() + "/") == (tmp_path / "r").as_uri()
+    assert run_location(str(tmp_path / "r")) == tmp_path / "r"
+    with pytest.raises(ConfigError, match="^file:///: a run needs its own folder below the storage root"):
+        run_location("file:///")
+
+
+def _write_checkpoint(tmp: Path, epoch: int, auc: float) -> Path:
+    torch.manual_seed(epoch)
+    model = torch.nn.Linear(3, 1)
+    state = TrainState(epoch=epoch, lr=1e-3, history=[{"epoch": e, "valid_auc": auc} for e in range(1, epoch + 1)])
+    fmap = FeatureMap(num_items=5, tag_vocab=6, tags_per_item=2, vector_dim=4, num_users=7)
+    directory = tmp / f"checkpoint_epoch_{epoch:03d}"
+    directory.mkdir()
+    save_checkpoint(directory, model, torch.optim.Adam(model.parameters()), state, load_config(None), fmap,
+                    {"item_vector": "given"})
+    return directory
+
+
+def test_checkpoint_discovery_and_loading_through_a_filesystem(memory_root, tmp_path):
+    run = f"{memory_root}/run"
+    for epoch, auc in ((1, 0.60), (2, 0.70), (3, 0.65)):
+        storage.upload_dir(_write_checkpoint(tmp_path, epoch, auc), f"{run}/checkpoint_epoch_{epoch:03d}")
+    storage.write_text(f"{run}/checkpoint_epoch_004/model.pt", "cut short while copied")  # incomplete: skipped
+    storage.write_text(f"{run}/metrics.jsonl", "{}\n")
+    found = epoch_checkpoints(run)
+    assert found == [f"{run}/checkpoint_epoch_{e:03d}" for e in (1, 2, 3)]
+    assert best_checkpoint(run) == f"{run}/checkpoint_epoch_002"
+    loaded = load_checkpoint(best_checkpoint(run))
+    local = torch.load(tmp_path / "checkpoint_epoch_002" / "model.pt", weights_only=True)
+    assert loaded.path == f"{run}/checkpoint_epoch_002" and loaded.state.epoch == 2
+    assert all(torch.equal(loaded.model_state[k], local[k]) for k in local)
+    assert loaded.optimizer_state is not None and loaded.fmap.num_users == 7
+    with pytest.raises(DataError, match=f"^{run}/checkpoint_epoch_004/state.json: missing checkpoint file"):
+        load_checkpoint(f"{run}/checkpoint_epoch_004")
+    with pytest.raises(DataError, match=f"^{memory_root}/none: no checkpoint found"):
+        best_checkpoint(f"{memory_root}/none")
+
+
+def test_local_runs_keep_their_paths(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    _write_checkpoint(run, 1, 0.6)
+    (run / "tensorboard").mkdir()
+    assert epoch_checkpoints(run) == [run / "checkpoint_epoch_001"]
+    assert best_checkpoint(str(run)) == run / "checkpoint_epoch_001"
+    assert json.loads((best_checkpoint(run) / "state.json").read_text())["epoch"] == 1
