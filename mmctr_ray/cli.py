@@ -202,9 +202,32 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from mmctr_ray.ray_env import init_ray
+    from mmctr_ray.tuning import run_tuning
+
+    if not args.resume and args.config is None:
+        raise ConfigError("--config is required: an experiment YAML with a search: section (configs/search_tiny.yaml)")
+    init_ray(args.address, args.num_cpus, args.verbose)
+    summary = run_tuning(args.data, args.out, args.config, args.overrides, num_samples=args.num_samples,
+                         max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial,
+                         workers=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker, source=args.source,
+                         resume=args.resume, overwrite=args.overwrite)
+    log.info("%d trials (%d completed, %d early-stopped, %d pruned, %d errors); best valid AUC %s (trial %s); "
+             "%s, %s", summary["trials"], summary["completed"], summary["early-stopped"], summary["pruned"],
+             summary["error"], summary.get("best_valid_auc"), summary.get("best_trial"), summary["results"],
+             summary.get("best_yaml"))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from mmctr_ray.report import write_report
 
+    if "://" not in str(args.run) and (Path(args.run) / "settings.json").is_file() and (Path(args.run) / "trials").is_dir():
+        from mmctr_ray.tune_report import top_trials
+
+        print(top_trials(args.run, args.top))
+        return 0
     paths = write_report(args.run)
     print(storage.read_text(paths["summary"]))
     log.info("wrote %s and %s", paths["summary"], paths["curves"])
@@ -236,7 +259,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                                              "out": out / "submission.zip", "split": "test",
                                                              "overwrite": True, "actors": 1,
                                                              "gpus_per_actor": args.gpus_per_worker}))),
-        ("report", lambda: cmd_report(argparse.Namespace(run=out / "run"))),
+        ("report", lambda: cmd_report(argparse.Namespace(run=out / "run", top=10))),
     ]
     for name, step in steps:
         log.info("== demo: %s", name)
@@ -343,6 +366,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ray_args(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("tune", help="search fusion, PCA sizes and modules: Ray Tune + Optuna (TPE) + ASHA",
+                       description="Run the search declared in the config's search: section; every trial is an "
+                                   "`mmctr train` run (Ray Train) reporting each epoch to Tune. TUNE receives "
+                                   "optuna.db (SQLite study), tune/ (Tune state for --resume), pca_cache/, "
+                                   "trials/, results.csv, best.yaml and plots/.")
+    _add_data_arg(p)
+    p.add_argument("--out", type=Path, required=True, help="search directory (TUNE)")
+    _add_config_args(p)
+    p.add_argument("--num-samples", type=int, help="trials (default: search.num_samples)")
+    p.add_argument("--max-concurrent", type=int, help="at most this many trials at once (default: as many as Ray's "
+                                                      "CPUs and GPUs fit)")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; fractions share a GPU")
+    p.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers per trial (default 1)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="logical CPUs per training worker")
+    p.add_argument("--source", default="shipped", metavar="shipped|FILE", help="raw vectors for fusion (as `fuse`)")
+    p.add_argument("--resume", action="store_true", help="continue the search in TUNE (its own search.yaml)")
+    p.add_argument("--overwrite", action="store_true", help="replace a search already in TUNE")
+    _add_ray_args(p)
+    p.set_defaults(func=cmd_tune)
+
     p = sub.add_parser("predict", help="score the test split with the best checkpoint; write the submission zip",
                        description="Score a split with Ray Data actors and write a zip holding prediction.csv "
                                    "(header ID,Task2; IDs 0..N-1 in row order).")
@@ -356,9 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ray_args(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("report", help="training curves (PNG) and a markdown summary of a run",
-                       description="Write RUN/report/curves.png and RUN/report/summary.md and print the summary.")
-    p.add_argument("run", help="run directory written by `mmctr train` (a local path or a URI)")
+    p = sub.add_parser("report", help="training curves and summary of a run, or the top trials of a search",
+                       description="For a run: write RUN/report/curves.png and summary.md and print the summary. "
+                                   "For a search (TUNE of `mmctr tune`): rebuild results.csv, best.yaml and plots/ "
+                                   "and print the top trials.")
+    p.add_argument("run", help="run directory of `mmctr train` (a local path or a URI) or search directory of "
+                               "`mmctr tune`")
+    p.add_argument("--top", type=int, default=10, help="trials to list for a search (default 10)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="the main job on synthetic data: synth → validate → features → fuse → train → "

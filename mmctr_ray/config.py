@@ -328,29 +328,36 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     node[keys[-1]] = value
 
 
+def read_yaml(path: storage.Location) -> dict[str, Any]:
+    """A YAML file (local path or URI) as a plain mapping (empty file → {}), or a one-line error naming it."""
+    where = str(path)
+    if not storage.is_file(path):
+        raise ConfigError(f"{where}: config file not found")
+    try:
+        loaded = safe_load(storage.read_text(path))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{where}: invalid YAML{at}: {getattr(err, 'problem', err)}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections (data, fusion, model, train)")
+    return loaded
+
+
 def load_config(path: storage.Location | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Load an experiment YAML (or the defaults when ``path`` is None) and apply ``overrides``.
+
+    A ``search:`` section (read by ``mmctr tune``, see :mod:`mmctr_ray.search_space`) is skipped here: the
+    other sections are the experiment a search starts from, and train on their own.
 
     Raises:
         ConfigError: naming the file and the bad key or value.
     """
-    raw: dict[str, Any] = {}
-    where = "defaults"
-    if path is not None:
-        where = str(path)
-        if not storage.is_file(path):
-            raise ConfigError(f"{where}: config file not found")
-        try:
-            loaded = safe_load(storage.read_text(path))
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            at = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{where}: invalid YAML{at}: {getattr(err, 'problem', err)}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{where}: expected a mapping of sections (data, fusion, model, train)")
-        raw = loaded
+    raw = read_yaml(path) if path is not None else {}
+    raw.pop("search", None)
+    where = str(path) if path is not None else "defaults"
     try:
         for assignment in overrides:
             apply_override(raw, assignment)

@@ -105,12 +105,14 @@ def resume_config(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> 
 
 def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfig, workers: int = 1,
                  gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0, resume: bool = False,
-                 overwrite: bool = False, max_failures: int = 2, verbose: bool = False) -> dict[str, Any]:
+                 overwrite: bool = False, max_failures: int = 2, verbose: bool = False,
+                 callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Train ``cfg`` on ``data_dir`` into ``run_dir`` (a local path or a storage URI) with ``workers`` DDP
     workers; return the summary.
 
     With ``resume`` the run continues from its latest checkpoint; ``cfg`` may differ from the saved config only
-    in its train section (e.g. more epochs).
+    in its train section (e.g. more epochs). ``callbacks`` go to the trainer's ``RunConfig`` (``mmctr tune``
+    passes Tune's ``TuneReportCallback`` so each epoch's metrics reach the scheduler).
 
     Raises:
         OutputExistsError: ``run_dir`` holds a run and neither ``resume`` nor ``overwrite`` was given.
@@ -147,7 +149,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
                                                            **({"GPU": gpus_per_worker} if gpus_per_worker else {})}),
         run_config=RunConfig(name=posixpath.basename(fs_path), storage_path=posixpath.dirname(fs_path),
                              storage_filesystem=fs, failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=None), callbacks=callbacks or []),
         datasets={"train": read_split(data_dir, "train", cfg.data.max_len),
                   "valid": read_split(data_dir, "valid", cfg.data.max_len)},
         dataset_config=DataConfig(datasets_to_split=["train"]),

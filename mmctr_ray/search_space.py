@@ -1,0 +1,167 @@
+"""The ``search:`` section of an experiment YAML: what ``mmctr tune`` samples, declared as data.
+
+Example (``configs/search_tiny.yaml`` is a complete one)::
+
+    search:
+      num_samples: 20          # trials
+      max_epochs: 3            # each trial's epoch cap (ASHA's max_t)
+      grace_period: 1          # epochs every trial gets before ASHA may stop it
+      reduction_factor: 3
+      seed: 2025               # TPE sampler seed
+      space:                   # parameter → one of {choice: [...]}, {int: [lo, hi]}, {float: [lo, hi]}
+        fusion.strategy: {choice: [given, v1, v2, v3, v4]}
+        fusion.text_dim: {int: [8, 128], log: true, when: {fusion.strategy: [v4]}}
+        model.crossnet: {choice: ["off", v1, v2]}
+        model.cross_layers: {int: [1, 4], when: {model.crossnet: [v1, v2]}}
+        train.lr: {float: [1.0e-4, 3.0e-3], log: true}
+
+Every parameter is a config key (``section.key``) and is sampled in the order written; ``when`` makes it
+conditional on earlier parameters (Optuna's define-by-run), so PCA sizes are sampled only for the strategies
+that use them. Choices may be lists (``model.dnn_units: {choice: [[512, 256], [256, 128]]}``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmctr_ray.config import ConfigError, ExperimentConfig, from_dict, read_yaml
+
+KINDS = ("choice", "int", "float")
+PARAM_KEYS = {*KINDS, "log", "step", "when"}
+SEARCH_KEYS = ("num_samples", "max_epochs", "grace_period", "reduction_factor", "seed", "space")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched config key: ``kind`` is choice/int/float; ``when`` maps earlier keys to allowed values."""
+
+    key: str
+    kind: str
+    values: tuple[Any, ...]  # choices, or (low, high)
+    log: bool = False
+    step: float | None = None
+    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+
+    def active(self, sampled: dict[str, Any]) -> bool:
+        return all(k in sampled and sampled[k] in allowed for k, allowed in self.when)
+
+    def suggest(self, trial: Any) -> Any:
+        """Ask an ``optuna.Trial`` for this parameter's value."""
+        if self.kind == "choice":
+            encoded = [_encode(v) for v in self.values]
+            return _decode(trial.suggest_categorical(self.key, encoded))
+        low, high = self.values
+        if self.kind == "int":
+            return trial.suggest_int(self.key, low, high, log=self.log, step=int(self.step or 1))
+        return trial.suggest_float(self.key, low, high, log=self.log, step=self.step)
+
+
+def _encode(v: Any) -> Any:
+    """Optuna's categorical choices must be primitives: lists travel as JSON text."""
+    return json.dumps(v) if isinstance(v, (list, tuple, dict)) else v
+
+
+def _decode(v: Any) -> Any:
+    return json.loads(v) if isinstance(v, str) and v[:1] in "[{" else v
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The parsed ``search:`` section."""
+
+    params: tuple[Param, ...]
+    num_samples: int = 20
+    max_epochs: int = 3
+    grace_period: int = 1
+    reduction_factor: int = 3
+    seed: int = 2025
+    base: dict[str, Any] = field(default_factory=dict)  # the rest of the YAML: the config every trial starts from
+
+    def define_by_run(self, trial: Any) -> None:
+        """Optuna define-by-run function: suggests each active parameter in order (no computation)."""
+        sampled: dict[str, Any] = {}
+        for p in self.params:
+            if p.active(sampled):
+                sampled[p.key] = p.suggest(trial)
+
+    def trial_config(self, params: dict[str, Any]) -> ExperimentConfig:
+        """The base config with the sampled ``params`` (flat ``section.key`` names) applied, checked."""
+        raw = json.loads(json.dumps(self.base))
+        for key, value in params.items():
+            section, name = key.split(".", 1)
+            raw.setdefault(section, {})[name] = _decode(value)
+        raw.setdefault("train", {})["epochs"] = self.max_epochs
+        return from_dict(raw)
+
+
+def _param(key: str, spec: Any, earlier: list[str], where: str) -> Param:
+    at = f"{where}: search.space.{key}"
+    if not isinstance(spec, dict) or len([k for k in spec if k in KINDS]) != 1:
+        raise ConfigError(f"{at}: expected a mapping with exactly one of {', '.join(KINDS)}")
+    unknown = set(spec) - PARAM_KEYS
+    if unknown:
+        raise ConfigError(f"{at}: unknown key {sorted(unknown)[0]} (known: {', '.join(sorted(PARAM_KEYS))})")
+    kind = next(k for k in spec if k in KINDS)
+    values = spec[kind]
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{at}: {kind} expects a non-empty list")
+    if kind != "choice" and (len(values) != 2 or not all(isinstance(v, (int, float)) for v in values)
+                             or values[0] >= values[1]):
+        raise ConfigError(f"{at}: {kind} expects [low, high] with low < high, got {values}")
+    if kind == "int" and not all(isinstance(v, int) for v in values):
+        raise ConfigError(f"{at}: int expects integer bounds, got {values}")
+    when = spec.get("when", {})
+    if not isinstance(when, dict) or not all(isinstance(v, list) for v in when.values()):
+        raise ConfigError(f"{at}: when expects a mapping of earlier parameters to lists of values")
+    for dep in when:
+        if dep not in earlier:
+            raise ConfigError(f"{at}: when refers to {dep}, which is not a parameter declared above it")
+    return Param(key, kind, tuple(values), bool(spec.get("log", False)), spec.get("step"),
+                 tuple((k, tuple(v)) for k, v in when.items()))
+
+
+def _check_key(key: str, base: dict[str, Any], where: str) -> None:
+    """A searched key must be a config field: building the config with it set must not say 'unknown key'."""
+    if key.count(".") != 1:
+        raise ConfigError(f"{where}: search.space.{key}: expected a config key section.name (e.g. model.dropout)")
+    section, name = key.split(".")
+    fields = {f.name: f.type for f in dataclasses.fields(ExperimentConfig)}
+    if section not in fields or section == "name":
+        raise ConfigError(f"{where}: search.space.{key}: unknown config section {section}")
+    sub = {f.name for f in dataclasses.fields(ExperimentConfig.__dataclass_fields__[section].default_factory())}
+    if name not in sub:
+        raise ConfigError(f"{where}: search.space.{key}: unknown config key {section}.{name}")
+
+
+def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SearchSpace:
+    """Parse the ``search:`` section of ``path``; the other sections (plus ``overrides``) are the base config."""
+    raw = read_yaml(path)
+    where = str(path)
+    search = raw.pop("search", None)
+    if not isinstance(search, dict) or not isinstance(search.get("space"), dict) or not search["space"]:
+        raise ConfigError(f"{where}: expected a search: section with a non-empty space: mapping")
+    unknown = set(search) - set(SEARCH_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key search.{sorted(unknown)[0]} (known: {', '.join(SEARCH_KEYS)})")
+    from mmctr_ray.config import apply_override
+
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    from_dict(raw)  # the base must be a valid config on its own
+    params: list[Param] = []
+    for key, spec in search["space"].items():
+        _check_key(key, raw, where)
+        params.append(_param(key, spec, [p.key for p in params], where))
+    settings = {k: search[k] for k in SEARCH_KEYS if k in search and k != "space"}
+    for k, v in settings.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "seed" else 1):
+            raise ConfigError(f"{where}: search.{k}={v!r}: expected a positive integer")
+    space = SearchSpace(tuple(params), base=raw, **settings)
+    if space.grace_period > space.max_epochs:
+        raise ConfigError(f"{where}: search.grace_period={space.grace_period}: expected at most "
+                          f"search.max_epochs={space.max_epochs}")
+    return space

@@ -1,0 +1,177 @@
+"""What a search leaves for people: ``results.csv``, ``best.yaml`` and PNG plots, all rebuilt from TUNE's files.
+
+Everything here reads the trial folders (``TUNE/trials/<id>.params.json`` and ``<id>/metrics.jsonl``,
+``summary.json``, ``config.yaml``) and the Optuna study, so ``mmctr report TUNE`` can rebuild it at any time,
+also while a search runs or after one was interrupted.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmctr_ray.config import TrainConfig, load_config, save_config
+from mmctr_ray.errors import DataError
+from mmctr_ray.search_space import SearchSpace, load_search
+
+COLUMNS = ("trial", "trial_id", "status", "best_valid_auc", "best_epoch", "epochs", "strategy", "pca_width")
+
+
+def _trial_rows(tdir: Path, space: SearchSpace, errors: dict[str, str]) -> list[dict[str, Any]]:
+    rows = []
+    started = sorted((tdir / "trials").glob("*.params.json"), key=lambda p: p.stat().st_mtime_ns)  # trial order
+    for n, params_file in enumerate(started):
+        trial_id = params_file.name.removesuffix(".params.json")
+        run = params_file.with_name(trial_id)
+        history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] \
+            if (run / "metrics.jsonl").is_file() else []
+        error = next((msg for name, msg in errors.items() if trial_id in name), None)
+        best = max(history, key=lambda r: r["valid_auc"]) if history else None
+        if error:
+            status = "error"
+        elif (run / "summary.json").is_file():
+            status = "completed" if len(history) >= space.max_epochs else "early-stopped"
+        else:
+            status = "pruned" if history else "no result"
+        fusion = yaml.safe_load((run / "config.yaml").read_text())["fusion"] if (run / "config.yaml").is_file() else {}
+        strategy = fusion.get("strategy", "")
+        width = {"given": 128, "v4": fusion.get("text_dim", 0) + fusion.get("image_dim", 0)}.get(
+            strategy, fusion.get("dims", ""))
+        row = {"trial": n, "trial_id": trial_id, "status": status,
+               "best_valid_auc": round(best["valid_auc"], 6) if best else "", "best_epoch": best["epoch"] if best else "",
+               "epochs": len(history), "strategy": strategy, "pca_width": width}
+        params = json.loads(params_file.read_text())
+        row.update({p.key: json.dumps(params[p.key]) if isinstance(params.get(p.key), list) else params.get(p.key, "")
+                    for p in space.params})
+        rows.append(row)
+    return rows
+
+
+def write_outputs(tdir: Path, space: SearchSpace | None = None, errors: dict[str, str] | None = None) -> dict[str, Any]:
+    """Write results.csv, best.yaml and plots/ for the search in ``tdir``; return a summary."""
+    space = space or load_search(tdir / "search.yaml", json.loads((tdir / "settings.json").read_text())["overrides"])
+    rows = _trial_rows(tdir, space, errors or {})
+    if not rows:
+        raise DataError(f"{tdir / 'trials'}: no trial has started yet")
+    fields = [*COLUMNS, *(p.key for p in space.params)]
+    with open(tdir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    scored = [r for r in rows if r["best_valid_auc"] != ""]
+    summary: dict[str, Any] = {"trials": len(rows), "results": str(tdir / "results.csv"),
+                               **{s: sum(r["status"] == s for r in rows)
+                                  for s in ("completed", "early-stopped", "pruned", "error")}}
+    if scored:
+        best = max(scored, key=lambda r: r["best_valid_auc"])
+        cfg = load_config(tdir / "trials" / best["trial_id"] / "config.yaml",
+                          [f"train.epochs={space.base.get('train', {}).get('epochs', TrainConfig().epochs)}"])
+        save_config(cfg, tdir / "best.yaml")  # the full schedule again: the trial ran at most max_epochs
+        summary.update(best_trial=best["trial_id"], best_valid_auc=best["best_valid_auc"],
+                       best_yaml=str(tdir / "best.yaml"))
+    summary["plots"] = [str(p) for p in _plots(tdir, rows, space)]
+    return summary
+
+
+def _plots(tdir: Path, rows: list[dict[str, Any]], space: SearchSpace) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = tdir / "plots"
+    out.mkdir(exist_ok=True)
+    scored = [r for r in rows if r["best_valid_auc"] != ""]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for status, marker in (("completed", "o"), ("early-stopped", "s"), ("pruned", "x")):
+        pts = [r for r in scored if r["status"] == status]
+        ax.scatter([r["trial"] for r in pts], [r["best_valid_auc"] for r in pts], marker=marker, label=status)
+    best, running = float("-inf"), []
+    for r in scored:
+        best = max(best, r["best_valid_auc"])
+        running.append(best)
+    ax.plot([r["trial"] for r in scored], running, color="gray", lw=1, label="best so far")
+    ax.set(xlabel="trial", ylabel="best valid AUC", title="valid AUC by trial")
+    ax.legend(fontsize=8)
+    paths = [_save(fig, out / "auc_by_trial.png")]
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for strategy in sorted({r["strategy"] for r in scored}):
+        pts = [r for r in scored if r["strategy"] == strategy]
+        ax.scatter([r["pca_width"] for r in pts], [r["best_valid_auc"] for r in pts], label=strategy)
+    ax.set(xscale="log", xlabel="item vector width (PCA dims; given = 128 as shipped)", ylabel="best valid AUC",
+           title="valid AUC against PCA size")
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out / "auc_vs_pca.png"))
+
+    importances, note = _importances(tdir, space)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if importances:
+        names = list(importances)[::-1]
+        ax.barh(names, [importances[n] for n in names])
+        ax.set(xlabel="importance (Optuna fANOVA)", title="parameter importance (unconditional parameters)")
+    else:
+        ax.text(0.5, 0.5, note, ha="center", va="center", wrap=True)
+        ax.set_axis_off()
+    fig.tight_layout()
+    paths.append(_save(fig, out / "param_importance.png"))
+    return paths
+
+
+def _importances(tdir: Path, space: SearchSpace) -> tuple[dict[str, float], str]:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name="mmctr", storage=f"sqlite:///{tdir}/optuna.db")
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        params = [p.key for p in space.params if not p.when and len({t.params.get(p.key) for t in done}) > 1]
+        if len(done) < 2 or not params:
+            return {}, f"parameter importance needs 2+ finished trials that differ ({len(done)} finished)"
+        return optuna.importance.get_param_importances(study, params=params), ""
+    except (KeyError, ValueError, RuntimeError) as err:
+        return {}, f"parameter importance unavailable: {err}"
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def _short(value: str) -> str:
+    """A CSV cell for a markdown table: '–' when inactive, floats to 4 significant digits."""
+    if not value:
+        return "–"
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if number.is_integer() and "." not in value and "e" not in value else f"{number:.4g}"
+
+
+def top_trials(tdir: str | Path, n: int = 10) -> str:
+    """A markdown table of the ``n`` best trials of ``results.csv`` (rebuilt from the trial folders first)."""
+    tdir = Path(tdir)
+    summary = write_outputs(tdir)
+    with open(tdir / "results.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["best_valid_auc"]]
+    rows.sort(key=lambda r: float(r["best_valid_auc"]), reverse=True)
+    params = [k for k in rows[0] if k not in COLUMNS] if rows else []
+    head = ["rank", "trial_id", "status", "best_valid_auc", "epochs", *params]
+    lines = [f"# Search `{tdir.name}`: {summary['trials']} trials ({summary['completed']} completed, "
+             f"{summary['early-stopped']} early-stopped, {summary['pruned']} pruned, {summary['error']} errors)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, r in enumerate(rows[:n], start=1):
+        lines.append("| " + " | ".join([str(i), r["trial_id"], r["status"], f"{float(r['best_valid_auc']):.4f}",
+                                        r["epochs"], *(_short(r[p]) for p in params)]) + " |")
+    if summary.get("best_yaml"):
+        lines += ["", f"Best config: `{summary['best_yaml']}` (`mmctr train --config {summary['best_yaml']}`)."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,192 @@
+"""``mmctr tune``: a Ray Tune search whose trials are ``mmctr train`` runs, sampled by Optuna, pruned by ASHA.
+
+The Train V2 pattern: each trial is a Tune *function* that builds the trial's config from the sampled
+parameters (:mod:`mmctr_ray.search_space`), takes the trial's fused item table from a cache shared by all
+trials (:mod:`mmctr_ray.pca_cache`), and calls the same driver as ``mmctr train`` with a trial-specific run
+directory; the run's per-epoch metrics reach Tune through ``TuneReportCallback``, so ASHA can stop it.
+
+TUNE holds::
+
+    search.yaml        the YAML the search was started with       settings.json   data, workers, GPUs, source
+    optuna.db          the Optuna study (SQLite; `optuna-dashboard sqlite:///TUNE/optuna.db`)
+    tune/              Tune's experiment state (what --resume restores)
+    pca_cache/         fused tables, one per (strategy, sizes, source)
+    trials/<trial_id>/ each trial's run directory (config.yaml, metrics.jsonl, checkpoints), and beside it
+    trials/<trial_id>.params.json   the parameters Optuna sampled for it
+    results.csv, best.yaml, plots/      written by :mod:`mmctr_ray.tune_report` when the search ends
+
+Concurrency comes from the resources Ray reports: a trial holds ``TRIAL_DRIVER_CPU`` for its driver plus its
+workers' CPUs and GPUs, and ``DATA_CPU_RESERVE`` CPUs stay free for the Ray Data tasks that feed the workers,
+so trials never wait on each other for CPUs they cannot get.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from mmctr_ray.config import ExperimentConfig
+from mmctr_ray.errors import ConfigError, OutputExistsError
+from mmctr_ray.search_space import SearchSpace
+
+log = logging.getLogger(__name__)
+TRIAL_DRIVER_CPU = 0.5  # the trial function: builds the trial's config and waits on its TorchTrainer
+DATA_CPU_RESERVE = 1.0  # left free for the Ray Data read and map tasks of the running trials
+STUDY_NAME = "mmctr"
+FAULT_ENV = "MMCTR_FAULT_TUNE_EXIT_AFTER_TRIALS"  # tests: the driver exits hard after N finished trials
+
+
+def trial_concurrency(resources: dict[str, float], workers: int, cpus_per_worker: float, gpus_per_worker: float,
+                      requested: int | None = None) -> int:
+    """How many trials fit at once in ``resources`` (Ray's cluster resources); at most ``requested``."""
+    cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+    per_trial_cpu = TRIAL_DRIVER_CPU + workers * cpus_per_worker
+    by_cpu = math.floor((cpus - DATA_CPU_RESERVE) / per_trial_cpu + 1e-9)
+    by_gpu = math.floor(gpus / (workers * gpus_per_worker) + 1e-9) if gpus_per_worker else by_cpu
+    fits = min(by_cpu, by_gpu)
+    if fits < 1:
+        need = f"{per_trial_cpu + DATA_CPU_RESERVE:g} CPUs" + (f" and {workers * gpus_per_worker:g} GPUs"
+                                                               if gpus_per_worker else "")
+        raise ConfigError(f"one trial needs {need} (driver {TRIAL_DRIVER_CPU:g} + {workers} workers × "
+                          f"{cpus_per_worker:g} CPU, {DATA_CPU_RESERVE:g} CPU for data loading); Ray has {cpus:g} CPUs"
+                          f" and {gpus:g} GPUs")
+    if requested is not None and requested < fits:
+        return requested
+    if requested is not None and requested > fits:
+        log.warning("--max-concurrent %d: only %d trials fit in Ray's resources (%g CPUs, %g GPUs); running %d",
+                    requested, fits, cpus, gpus, fits)
+    return fits
+
+
+def _trial_config(space: SearchSpace, params: dict[str, Any], tune_dir: Path, data_dir: Path,
+                  source: str) -> ExperimentConfig:
+    from mmctr_ray.pca_cache import cached_fusion
+
+    cfg = space.trial_config(params)
+    vector = "given"
+    if cfg.fusion.strategy != "given":
+        table, fitted = cached_fusion(tune_dir / "pca_cache", data_dir, cfg.fusion, source, seed=cfg.train.seed)
+        log.info("fusion %s: %s (%s)", cfg.fusion.strategy, table.name, "fitted" if fitted else "from the cache")
+        vector = str(table)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, item_vector=vector))
+
+
+def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_dir: str, settings: dict[str, Any]) -> None:
+    """The Tune function trainable: one ``mmctr train`` run in ``TUNE/trials/<trial_id>``."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from mmctr_ray.train_driver import run_training
+
+    tdir, data = Path(tune_dir), Path(data_dir)
+    trial_id = ray.tune.get_context().get_trial_id()
+    run_dir = tdir / "trials" / trial_id
+    metrics = run_dir / "metrics.jsonl"
+    if (run_dir / "summary.json").is_file():  # finished before the driver restarted: report it, do not retrain
+        for line in metrics.read_text().splitlines():
+            ray.tune.report(json.loads(line))
+        return
+    cfg = _trial_config(space, config, tdir, data, settings["source"])
+    resume = (run_dir / "config.yaml").is_file() and any(run_dir.glob("checkpoint_epoch_*"))
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    params = run_dir.with_suffix(".params.json")
+    if not params.is_file():  # written once, when the trial first starts (its time orders the results table)
+        params.write_text(json.dumps(config, indent=2) + "\n")
+    run_training(data, str(run_dir), cfg, workers=settings["workers"], gpus_per_worker=settings["gpus_per_worker"],
+                 cpus_per_worker=settings["cpus_per_worker"], resume=resume, overwrite=not resume,
+                 callbacks=[TuneReportCallback()])
+
+
+class _ExitAfterTrials:
+    """Test hook: a Tune callback that ends the driver process abruptly after ``n`` finished trials."""
+
+    def __new__(cls, n: int):  # built lazily so importing this module does not import Ray Tune
+        from ray.tune import Callback
+
+        class ExitAfter(Callback):
+            def __init__(self) -> None:
+                self.done = 0
+
+            def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                self.done += 1
+                if self.done >= n:
+                    os._exit(75)
+
+        return ExitAfter()
+
+
+def _prepare(tune_dir: Path, search_yaml: Path, settings: dict[str, Any], resume: bool, overwrite: bool) -> dict:
+    saved = tune_dir / "settings.json"
+    if resume:
+        if not saved.is_file() or not (tune_dir / "tune").is_dir():
+            raise ConfigError(f"{tune_dir}: nothing to resume (no settings.json and tune/ of an earlier `mmctr tune`)")
+        old = json.loads(saved.read_text())
+        if old["data"] != settings["data"]:
+            raise ConfigError(f"{tune_dir}: the search ran on {old['data']}; resume it with that --data")
+        return old
+    if tune_dir.exists() and any(tune_dir.iterdir()):
+        if not overwrite:
+            raise OutputExistsError(f"{tune_dir}: already holds a search; pass --resume to continue it or --overwrite "
+                                    f"to replace it")
+        if not saved.is_file():
+            raise OutputExistsError(f"{tune_dir}: not empty and not a search of `mmctr tune` (no settings.json); "
+                                    f"--overwrite replaces searches only")
+        shutil.rmtree(tune_dir)
+    tune_dir.mkdir(parents=True)
+    shutil.copyfile(search_yaml, tune_dir / "search.yaml")
+    saved.write_text(json.dumps(settings, indent=2) + "\n")
+    return settings
+
+
+def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Path, overrides: list[str] = (),
+               num_samples: int | None = None, max_concurrent: int | None = None, gpus_per_trial: float = 0.0,
+               workers: int = 1, cpus_per_worker: float = 1.0, source: str = "shipped", resume: bool = False,
+               overwrite: bool = False) -> dict[str, Any]:
+    """Run (or with ``resume`` continue) the search declared in ``search_yaml``; return the outputs' summary."""
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from mmctr_ray.search_space import load_search
+    from mmctr_ray.tune_report import write_outputs
+
+    data, tdir = Path(data_dir).resolve(), Path(tune_dir).resolve()
+    settings = {"data": str(data), "workers": workers, "cpus_per_worker": cpus_per_worker,
+                "gpus_per_worker": gpus_per_trial / workers, "source": source, "overrides": list(overrides)}
+    settings = _prepare(tdir, Path(search_yaml), settings, resume, overwrite)
+    space = load_search(tdir / "search.yaml", settings["overrides"])
+    k = trial_concurrency(ray.cluster_resources(), settings["workers"], settings["cpus_per_worker"],
+                          settings["gpus_per_worker"], max_concurrent)
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # save the experiment state often: cheap, and resumable
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, space=space, tune_dir=str(tdir), data_dir=str(data), settings=settings),
+        {"CPU": TRIAL_DRIVER_CPU})
+    fault = int(os.environ.get(FAULT_ENV, "0"))
+    run_config = tune.RunConfig(name="tune", storage_path=str(tdir), callbacks=[_ExitAfterTrials(fault)] if fault else [],
+                                verbose=0)
+    if resume:
+        log.info("resuming the search in %s (%d trials at a time)", tdir, k)
+        tuner = tune.Tuner.restore(str(tdir / "tune"), trainable=trainable, resume_errored=True)
+    else:
+        searcher = OptunaSearch(space=space.define_by_run, metric="valid_auc", mode="max", seed=space.seed,
+                                study_name=STUDY_NAME, storage=optuna.storages.RDBStorage(f"sqlite:///{tdir}/optuna.db"))
+        # max_t one past the last epoch: ASHA then never stops a trial at its final epoch, so every trial that
+        # survives the rungs ends by returning (summary written, trainer released), not by being stopped
+        scheduler = ASHAScheduler(metric="valid_auc", mode="max", time_attr="epoch", max_t=space.max_epochs + 1,
+                                  grace_period=space.grace_period, reduction_factor=space.reduction_factor)
+        n = num_samples or space.num_samples
+        log.info("searching %d trials, %d at a time (Ray: %s)", n, k, ray.cluster_resources())
+        tuner = tune.Tuner(trainable, run_config=run_config,
+                           tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=n,
+                                                       max_concurrent_trials=k))
+    results = tuner.fit()
+    errors = {Path(r.path).name: str(r.error).splitlines()[0] for r in results if r.error}
+    return write_outputs(tdir, space, errors)
