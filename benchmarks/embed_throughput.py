@@ -140,7 +140,8 @@ def main() -> None:
     print(f"ratio embed / plain loop {ray_rate / loop_rate:.3f}; embed / plain model {ray_rate / model_rate:.3f}")
     steady = summary["steady_items_per_s"]
     if steady:
-        print(f"steady ratio embed / plain loop {steady / loop_rate:.3f}; embed / plain model {steady / model_rate:.3f}")
+        print(f"steady ratio embed / plain loop {steady / loop_rate:.3f}; "
+              f"embed / plain model {steady / model_rate:.3f}")
 
 
 if __name__ == "__main__":

@@ -206,8 +206,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from mmctr_ray.ray_env import init_ray
     from mmctr_ray.tuning import run_tuning
 
-    if not args.resume and args.config is None:
-        raise ConfigError("--config is required: an experiment YAML with a search: section (configs/search_tiny.yaml)")
     init_ray(args.address, args.num_cpus, args.verbose)
     summary = run_tuning(args.data, args.out, args.config, args.overrides, num_samples=args.num_samples,
                          max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial,
@@ -223,7 +221,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from mmctr_ray.report import write_report
 
-    if "://" not in str(args.run) and (Path(args.run) / "settings.json").is_file() and (Path(args.run) / "trials").is_dir():
+    run = Path(args.run)
+    if "://" not in str(args.run) and (run / "settings.json").is_file() and (run / "trials").is_dir():
         from mmctr_ray.tune_report import top_trials
 
         print(top_trials(args.run, args.top))
@@ -408,8 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="trials to list for a search (default 10)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("demo", help="the main job on synthetic data: synth → validate → features → fuse → train → "
-                                    "predict → report",
+    p = sub.add_parser("demo", help="the main job on synthetic data: synth → validate → features → fuse → "
+                                    "train → predict → report",
                        description="Run the whole pipeline on freshly generated synthetic data under --out.")
     p.add_argument("--out", type=Path, required=True, help="folder for data/ and every stage's outputs")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")

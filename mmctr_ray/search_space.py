@@ -15,9 +15,10 @@ Example (``configs/search_tiny.yaml`` is a complete one)::
         model.cross_layers: {int: [1, 4], when: {model.crossnet: [v1, v2]}}
         train.lr: {float: [1.0e-4, 3.0e-3], log: true}
 
-Every parameter is a config key (``section.key``) and is sampled in the order written; ``when`` makes it
-conditional on earlier parameters (Optuna's define-by-run), so PCA sizes are sampled only for the strategies
-that use them. Choices may be lists (``model.dnn_units: {choice: [[512, 256], [256, 128]]}``).
+Every parameter is a config key (``section.key``) and is sampled in the order written (a parameter always
+after those its ``when`` names); ``when`` makes it conditional on other parameters (Optuna's define-by-run),
+so PCA sizes are sampled only for the strategies that use them. Choices may be lists
+(``model.dnn_units: {choice: [[512, 256], [256, 128]]}``).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ class SearchSpace:
         return from_dict(raw)
 
 
-def _param(key: str, spec: Any, earlier: list[str], where: str) -> Param:
+def _param(key: str, spec: Any, earlier: list[str], where: str) -> Param:  # earlier: every searched key
     at = f"{where}: search.space.{key}"
     if not isinstance(spec, dict) or len([k for k in spec if k in KINDS]) != 1:
         raise ConfigError(f"{at}: expected a mapping with exactly one of {', '.join(KINDS)}")
@@ -118,10 +119,24 @@ def _param(key: str, spec: Any, earlier: list[str], where: str) -> Param:
     if not isinstance(when, dict) or not all(isinstance(v, list) for v in when.values()):
         raise ConfigError(f"{at}: when expects a mapping of earlier parameters to lists of values")
     for dep in when:
-        if dep not in earlier:
-            raise ConfigError(f"{at}: when refers to {dep}, which is not a parameter declared above it")
+        if dep not in earlier or dep == key:
+            raise ConfigError(f"{at}: when refers to {dep}, which is not another searched parameter")
     return Param(key, kind, tuple(values), bool(spec.get("log", False)), spec.get("step"),
                  tuple((k, tuple(v)) for k, v in when.items()))
+
+
+def _dependency_order(params: list[Param], where: str) -> list[Param]:
+    """The parameters in file order, except that each comes after the ones its ``when`` names."""
+    placed: list[Param] = []
+    pending = list(params)
+    while pending:
+        ready = next((p for p in pending if all(dep in {q.key for q in placed} for dep, _ in p.when)), None)
+        if ready is None:
+            raise ConfigError(f"{where}: search.space: the when conditions of {', '.join(p.key for p in pending)} "
+                              f"form a cycle")
+        placed.append(ready)
+        pending.remove(ready)
+    return placed
 
 
 def _check_key(key: str, base: dict[str, Any], where: str) -> None:
@@ -152,10 +167,11 @@ def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for assignment in overrides:
         apply_override(raw, assignment)
     from_dict(raw)  # the base must be a valid config on its own
-    params: list[Param] = []
-    for key, spec in search["space"].items():
+    keys = list(search["space"])
+    for key in keys:
         _check_key(key, raw, where)
-        params.append(_param(key, spec, [p.key for p in params], where))
+    params = [_param(key, spec, keys, where) for key, spec in search["space"].items()]
+    params = _dependency_order(params, where)
     settings = {k: search[k] for k in SEARCH_KEYS if k in search and k != "space"}
     for k, v in settings.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "seed" else 1):

@@ -42,7 +42,8 @@ def _trial_rows(tdir: Path, space: SearchSpace, errors: dict[str, str]) -> list[
         width = {"given": 128, "v4": fusion.get("text_dim", 0) + fusion.get("image_dim", 0)}.get(
             strategy, fusion.get("dims", ""))
         row = {"trial": n, "trial_id": trial_id, "status": status,
-               "best_valid_auc": round(best["valid_auc"], 6) if best else "", "best_epoch": best["epoch"] if best else "",
+               "best_valid_auc": round(best["valid_auc"], 6) if best else "",
+               "best_epoch": best["epoch"] if best else "",
                "epochs": len(history), "strategy": strategy, "pca_width": width}
         params = json.loads(params_file.read_text())
         row.update({p.key: json.dumps(params[p.key]) if isinstance(params.get(p.key), list) else params.get(p.key, "")

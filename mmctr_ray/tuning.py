@@ -33,12 +33,13 @@ from typing import Any
 
 from mmctr_ray.config import ExperimentConfig
 from mmctr_ray.errors import ConfigError, OutputExistsError
-from mmctr_ray.search_space import SearchSpace
+from mmctr_ray.search_space import SearchSpace, load_search
 
 log = logging.getLogger(__name__)
 TRIAL_DRIVER_CPU = 0.5  # the trial function: builds the trial's config and waits on its TorchTrainer
 DATA_CPU_RESERVE = 1.0  # left free for the Ray Data read and map tasks of the running trials
 STUDY_NAME = "mmctr"
+METRIC = "best_valid_auc"  # what Optuna and ASHA compare: the trial's best epoch so far, the one it would keep
 FAULT_ENV = "MMCTR_FAULT_TUNE_EXIT_AFTER_TRIALS"  # tests: the driver exits hard after N finished trials
 
 
@@ -77,7 +78,8 @@ def _trial_config(space: SearchSpace, params: dict[str, Any], tune_dir: Path, da
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, item_vector=vector))
 
 
-def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_dir: str, settings: dict[str, Any]) -> None:
+def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_dir: str,
+              settings: dict[str, Any]) -> None:
     """The Tune function trainable: one ``mmctr train`` run in ``TUNE/trials/<trial_id>``."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -88,12 +90,17 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
     trial_id = ray.tune.get_context().get_trial_id()
     run_dir = tdir / "trials" / trial_id
     metrics = run_dir / "metrics.jsonl"
-    if (run_dir / "summary.json").is_file():  # finished before the driver restarted: report it, do not retrain
-        for line in metrics.read_text().splitlines():
-            ray.tune.report(json.loads(line))
-        return
-    cfg = _trial_config(space, config, tdir, data, settings["source"])
+    history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
     resume = (run_dir / "config.yaml").is_file() and any(run_dir.glob("checkpoint_epoch_*"))
+    if resume or (run_dir / "summary.json").is_file():
+        # a trial the driver had started before it was restarted: Tune hears its epochs again (no retraining)
+        best = float("-inf")
+        for row in history:
+            best = max(best, row["valid_auc"])
+            ray.tune.report({**row, METRIC: best})
+        if (run_dir / "summary.json").is_file():
+            return
+    cfg = _trial_config(space, config, tdir, data, settings["source"])
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     params = run_dir.with_suffix(".params.json")
     if not params.is_file():  # written once, when the trial first starts (its time orders the results table)
@@ -104,9 +111,10 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
 
 
 class _ExitAfterTrials:
-    """Test hook: a Tune callback that ends the driver process abruptly after ``n`` finished trials."""
+    """Test hook: a Tune callback that ends the driver process abruptly after ``$MMCTR_FAULT_TUNE_EXIT_AFTER_TRIALS``
+    finished trials."""
 
-    def __new__(cls, n: int):  # built lazily so importing this module does not import Ray Tune
+    def __new__(cls):  # built lazily so importing this module does not import Ray Tune
         from ray.tune import Callback
 
         class ExitAfter(Callback):
@@ -115,13 +123,31 @@ class _ExitAfterTrials:
 
             def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
                 self.done += 1
-                if self.done >= n:
+                # read again now: Tune restores its callbacks on --resume, where the variable is unset
+                if self.done >= int(os.environ.get(FAULT_ENV, "0") or 0) > 0:
                     os._exit(75)
 
         return ExitAfter()
 
 
-def _prepare(tune_dir: Path, search_yaml: Path, settings: dict[str, Any], resume: bool, overwrite: bool) -> dict:
+def _searcher() -> type:
+    """OptunaSearch that tolerates a trial the SQLite study already finished: after the driver is killed,
+    Tune's restored state can lag the study by the last trials, which then report again."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    class ResumableOptunaSearch(OptunaSearch):
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            try:
+                super().on_trial_result(trial_id, result)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                log.info("trial %s: finished in the study before the restart; its new results are not re-told",
+                         trial_id)
+
+    return ResumableOptunaSearch
+
+
+def _prepare(tune_dir: Path, search_yaml: Path | None, settings: dict[str, Any], resume: bool, overwrite: bool) -> dict:
     saved = tune_dir / "settings.json"
     if resume:
         if not saved.is_file() or not (tune_dir / "tune").is_dir():
@@ -130,6 +156,8 @@ def _prepare(tune_dir: Path, search_yaml: Path, settings: dict[str, Any], resume
         if old["data"] != settings["data"]:
             raise ConfigError(f"{tune_dir}: the search ran on {old['data']}; resume it with that --data")
         return old
+    assert search_yaml is not None
+    load_search(search_yaml, settings["overrides"])  # a bad search section fails before anything is written
     if tune_dir.exists() and any(tune_dir.iterdir()):
         if not overwrite:
             raise OutputExistsError(f"{tune_dir}: already holds a search; pass --resume to continue it or --overwrite "
@@ -144,7 +172,7 @@ def _prepare(tune_dir: Path, search_yaml: Path, settings: dict[str, Any], resume
     return settings
 
 
-def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Path, overrides: list[str] = (),
+def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Path | None, overrides: list[str] = (),
                num_samples: int | None = None, max_concurrent: int | None = None, gpus_per_trial: float = 0.0,
                workers: int = 1, cpus_per_worker: float = 1.0, source: str = "shipped", resume: bool = False,
                overwrite: bool = False) -> dict[str, Any]:
@@ -153,15 +181,17 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
-    from mmctr_ray.search_space import load_search
     from mmctr_ray.tune_report import write_outputs
 
     data, tdir = Path(data_dir).resolve(), Path(tune_dir).resolve()
     settings = {"data": str(data), "workers": workers, "cpus_per_worker": cpus_per_worker,
                 "gpus_per_worker": gpus_per_trial / workers, "source": source, "overrides": list(overrides)}
-    settings = _prepare(tdir, Path(search_yaml), settings, resume, overwrite)
+    if resume and search_yaml is not None:
+        raise ConfigError("--resume continues TUNE with its own search.yaml: drop --config")
+    if not resume and search_yaml is None:
+        raise ConfigError("--config is required: an experiment YAML with a search: section")
+    settings = _prepare(tdir, Path(search_yaml) if search_yaml else None, settings, resume, overwrite)
     space = load_search(tdir / "search.yaml", settings["overrides"])
     k = trial_concurrency(ray.cluster_resources(), settings["workers"], settings["cpus_per_worker"],
                           settings["gpus_per_worker"], max_concurrent)
@@ -170,17 +200,18 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
         tune.with_parameters(run_trial, space=space, tune_dir=str(tdir), data_dir=str(data), settings=settings),
         {"CPU": TRIAL_DRIVER_CPU})
     fault = int(os.environ.get(FAULT_ENV, "0"))
-    run_config = tune.RunConfig(name="tune", storage_path=str(tdir), callbacks=[_ExitAfterTrials(fault)] if fault else [],
+    run_config = tune.RunConfig(name="tune", storage_path=str(tdir), callbacks=[_ExitAfterTrials()] if fault else [],
                                 verbose=0)
     if resume:
         log.info("resuming the search in %s (%d trials at a time)", tdir, k)
         tuner = tune.Tuner.restore(str(tdir / "tune"), trainable=trainable, resume_errored=True)
     else:
-        searcher = OptunaSearch(space=space.define_by_run, metric="valid_auc", mode="max", seed=space.seed,
-                                study_name=STUDY_NAME, storage=optuna.storages.RDBStorage(f"sqlite:///{tdir}/optuna.db"))
+        searcher = _searcher()(space=space.define_by_run, metric=METRIC, mode="max", seed=space.seed,
+                                study_name=STUDY_NAME,
+                                storage=optuna.storages.RDBStorage(f"sqlite:///{tdir}/optuna.db"))
         # max_t one past the last epoch: ASHA then never stops a trial at its final epoch, so every trial that
         # survives the rungs ends by returning (summary written, trainer released), not by being stopped
-        scheduler = ASHAScheduler(metric="valid_auc", mode="max", time_attr="epoch", max_t=space.max_epochs + 1,
+        scheduler = ASHAScheduler(metric=METRIC, mode="max", time_attr="epoch", max_t=space.max_epochs + 1,
                                   grace_period=space.grace_period, reduction_factor=space.reduction_factor)
         n = num_samples or space.num_samples
         log.info("searching %d trials, %d at a time (Ray: %s)", n, k, ray.cluster_resources())

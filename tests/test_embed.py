@@ -86,7 +86,8 @@ def embedded(covers_data, bert_tiny, ray_one_gpu, tmp_path_factory) -> tuple[Pat
 
 def columns(path):
     t = pq.read_table(path)
-    return (t.column("item_id").to_numpy(), list_matrix(t.column("txt_emb"), "t"), list_matrix(t.column("img_emb"), "i"),
+    return (t.column("item_id").to_numpy(), list_matrix(t.column("txt_emb"), "t"),
+            list_matrix(t.column("img_emb"), "i"),
             t.column("image_missing").to_numpy(zero_copy_only=False), t.column("image_status").to_numpy())
 
 

@@ -1,0 +1,160 @@
+"""`mmctr tune`: the search space, concurrency from resources, the PCA cache, and a killed-then-resumed search."""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from mmctr_ray.config import FusionConfig, load_config
+from mmctr_ray.errors import ConfigError
+from mmctr_ray.pca_cache import cached_fusion, fusion_key
+from mmctr_ray.search_space import load_search
+from mmctr_ray.tuning import FAULT_ENV, trial_concurrency
+
+ROOT = Path(__file__).parent.parent
+SEARCH_CONFIGS = ["configs/search_paper.yaml", "configs/search_tiny.yaml"]
+
+
+@pytest.mark.parametrize("path", SEARCH_CONFIGS)
+def test_shipped_searches_load_and_their_base_trains_as_a_config(path):
+    space = load_search(ROOT / path)
+    keys = {p.key for p in space.params}
+    assert {"fusion.strategy", "fusion.dims", "fusion.text_dim", "fusion.image_dim", "model.attention",
+            "model.num_heads", "model.senet", "model.senet_ratio", "model.bilinear", "model.crossnet",
+            "model.cross_layers", "model.dnn_units", "train.lr", "train.embedding_l2", "model.dropout",
+            "train.batch_size"} <= keys
+    assert load_config(ROOT / path).name == Path(path).stem  # `mmctr train --config` skips the search section
+
+
+def test_define_by_run_samples_each_parameter_only_where_it_applies(tmp_path):
+    raw = yaml.safe_load((ROOT / "configs/search_tiny.yaml").read_text())
+    (tmp_path / "sorted.yaml").write_text(yaml.safe_dump(raw))  # keys sorted: conditions before their parents
+    space = load_search(tmp_path / "sorted.yaml")
+    assert [p.key for p in space.params].index("fusion.strategy") < [p.key for p in space.params].index("fusion.dims")
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=3))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    seen = set()
+    for _ in range(60):
+        trial = study.ask()
+        space.define_by_run(trial)
+        p = trial.params
+        strategy = p["fusion.strategy"]
+        seen.add(strategy)
+        assert ("fusion.dims" in p) == (strategy in ("v1", "v2", "v3"))
+        assert ("fusion.text_dim" in p) == ("fusion.image_dim" in p) == (strategy == "v4")
+        assert ("model.cross_layers" in p) == (p["model.crossnet"] != "off")
+        assert ("model.num_heads" in p) == (p["model.attention"] == "multihead")
+        cfg = space.trial_config(p)  # every sampled combination is a valid config
+        assert cfg.train.epochs == space.max_epochs and isinstance(cfg.model.dnn_units, tuple)
+        if strategy == "v4":
+            assert (cfg.fusion.text_dim, cfg.fusion.image_dim) == (p["fusion.text_dim"], p["fusion.image_dim"])
+        study.tell(trial, 0.5)
+    assert seen == {"given", "v1", "v2", "v3", "v4"}
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"model.dropout": {"float": [0.3, 0.1]}}, "float expects [low, high] with low < high"),
+    ({"model.dropuot": {"float": [0.0, 0.1]}}, "unknown config key model.dropuot"),
+    ({"model.dropout": {"uniform": [0.0, 0.1]}}, "expected a mapping with exactly one of choice, int, float"),
+    ({"model.num_heads": {"choice": [1, 2], "when": {"model.attention": ["multihead"]}}},
+     "when refers to model.attention, which is not another searched parameter"),
+    ({"model.senet": {"choice": [True], "when": {"model.bilinear": ["off"]}},
+      "model.bilinear": {"choice": ["off"], "when": {"model.senet": [True]}}}, "form a cycle"),
+    ({"model.cross_layers": {"int": [1.5, 4]}}, "int expects integer bounds"),
+    ({"model.senet": {"choice": [True], "iff": {}}}, "unknown key iff"),
+])
+def test_bad_search_sections_are_one_line_errors(tmp_path, space, message):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"name": "s", "search": {"space": space}}))
+    with pytest.raises(ConfigError) as err:
+        load_search(path)
+    assert message in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_concurrency_is_sized_from_resources():
+    # the hang seen in a probe: 3 trials × 2 workers on 4 logical CPUs; here 1 trial at a time fits
+    assert trial_concurrency({"CPU": 4}, workers=2, cpus_per_worker=1, gpus_per_worker=0, requested=3) == 1
+    assert trial_concurrency({"CPU": 16}, workers=1, cpus_per_worker=1, gpus_per_worker=0) == 10
+    # fractional GPUs: four trials share one GPU when each asks for a quarter
+    assert trial_concurrency({"CPU": 16, "GPU": 1}, workers=1, cpus_per_worker=1, gpus_per_worker=0.25) == 4
+    assert trial_concurrency({"CPU": 16, "GPU": 1}, workers=1, cpus_per_worker=1, gpus_per_worker=0.25,
+                             requested=2) == 2
+    with pytest.raises(ConfigError, match="one trial needs 3.5 CPUs .* Ray has 2 CPUs"):
+        trial_concurrency({"CPU": 2}, workers=2, cpus_per_worker=1, gpus_per_worker=0)
+
+
+def test_the_pca_cache_fits_a_key_once(synth_dir, tmp_path):
+    cfg = FusionConfig("v4", text_dim=6, image_dim=5)
+    table, fitted = cached_fusion(tmp_path, synth_dir, cfg)
+    stamp = table.stat().st_mtime_ns
+    again, refitted = cached_fusion(tmp_path, synth_dir, cfg)
+    assert fitted and not refitted and again == table and table.stat().st_mtime_ns == stamp
+    other, fitted_other = cached_fusion(tmp_path, synth_dir, FusionConfig("v4", text_dim=6, image_dim=7))
+    assert fitted_other and other != table
+    assert fusion_key(FusionConfig("v1", dims=8)) == "v1-d8-shipped"
+
+
+def _ask_cache(args):
+    cache, data = args
+    return cached_fusion(cache, data, FusionConfig("v3", dims=9))[1]
+
+
+def test_concurrent_trials_asking_for_one_key_fit_it_once(synth_dir, tmp_path):
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        fitted = pool.map(_ask_cache, [(str(tmp_path), str(synth_dir))] * 3)
+    assert sorted(fitted) == [False, False, True]
+
+
+def run_tune(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "mmctr_ray.cli", "tune", *args], capture_output=True, text=True,
+                          timeout=900, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+@pytest.mark.slow
+def test_a_killed_search_resumes_without_losing_or_repeating_trials(synth_dir, tmp_path):
+    search = tmp_path / "search.yaml"
+    raw = yaml.safe_load((ROOT / "configs/search_tiny.yaml").read_text())
+    raw["search"].update(num_samples=3, max_epochs=1)
+    search.write_text(yaml.safe_dump(raw))
+    tune_dir = tmp_path / "tune"
+    common = ["--data", str(synth_dir), "--out", str(tune_dir), "--num-cpus", "4"]
+    first = run_tune(*common, "--config", str(search), env={FAULT_ENV: "1"})
+    assert first.returncode == 75, first.stderr[-3000:]
+    assert (tune_dir / "optuna.db").is_file() and (tune_dir / "tune").is_dir()
+    before = {p.parent.name: p.stat().st_mtime_ns for p in (tune_dir / "trials").glob("*/metrics.jsonl")}
+    assert before, "at least one trial trained before the driver died"
+
+    second = run_tune(*common, "--resume")
+    assert second.returncode == 0, second.stderr[-3000:]
+    with open(tune_dir / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and len({r["trial_id"] for r in rows}) == 3, "every trial once: none lost, none repeated"
+    assert all(r["status"] in ("completed", "early-stopped", "pruned") and r["best_valid_auc"] for r in rows)
+    after = {p.parent.name: p.stat().st_mtime_ns for p in (tune_dir / "trials").glob("*/metrics.jsonl")}
+    assert all(after[t] == stamp for t, stamp in before.items()), "trials trained before the kill are not retrained"
+    study = optuna.load_study(study_name="mmctr", storage=f"sqlite:///{tune_dir}/optuna.db")
+    assert len(study.trials) == 3
+    for name in ("auc_by_trial.png", "param_importance.png", "auc_vs_pca.png"):
+        assert (tune_dir / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+
+    best = yaml.safe_load((tune_dir / "best.yaml").read_text())
+    best_row = max(rows, key=lambda r: float(r["best_valid_auc"]))
+    assert best["fusion"]["strategy"] == best_row["fusion.strategy"] and best["train"]["epochs"] == 2
+    report = subprocess.run([sys.executable, "-m", "mmctr_ray.cli", "report", str(tune_dir), "--top", "2"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert report.returncode == 0 and f"| 1 | {best_row['trial_id']} |" in report.stdout
+    train = subprocess.run([sys.executable, "-m", "mmctr_ray.cli", "train", "--data", str(synth_dir), "--out",
+                            str(tmp_path / "run"), "--config", str(tune_dir / "best.yaml"), "--num-cpus", "2",
+                            "--set", "train.epochs=1"],  # the file as written; one epoch to keep the test short
+                           capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs"] >= 1
