@@ -203,8 +203,7 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
     timing: dict[str, Any] = {"encoded": 0}
     if pending:
         timing = _encode_shards(items, pending, store, settings, lay, gpus_per_actor, actors, batch_size,
-                                cpus_per_actor,
-                       progress)
+                                cpus_per_actor, progress)
     seconds = time.perf_counter() - t0
     summary = _assemble(out, store, n_shards, settings, n, seconds, timing)
     progress(f"embed: wrote {out}: {n} items ({summary['image_missing']} without a usable cover) in {seconds:.1f} s")
