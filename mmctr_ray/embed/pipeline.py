@@ -150,20 +150,12 @@ class _Progress:
         self.t0 = self.last = time.perf_counter()
         self.done = 0
         self.first: float | None = None
-        self.first_rows = 0
-
-    def steady_rate(self) -> float | None:
-        """items/s after the first batch (start-up excluded); None before a second batch."""
-        elapsed = time.perf_counter() - self.t0 - (self.first or 0.0)
-        rows = self.done - self.first_rows
-        return rows / elapsed if self.first is not None and rows and elapsed > 0 else None
 
     def add(self, rows: int) -> None:
         self.done += rows
         now = time.perf_counter()
         if self.first is None:
-            self.first = now - self.t0  # start-up: actors started, models loaded, first batch through
-            self.first_rows = rows
+            self.first = now - self.t0  # actors started, models loaded, the first block encoded
         if now - self.last >= self.every_s:
             self.last = now
             rate = self.done / (now - self.t0)
@@ -248,9 +240,7 @@ def _encode_shards(items: pa.Table, pending: list[int], store: ShardStore, s: Em
                 if fault and written >= fault:
                     os._exit(75)  # a hard stop, as a killed driver would: no clean-up, no final file
         meter.add(len(batch["item_id"]))
-    steady = meter.steady_rate()
-    return {"encoded": meter.done, "startup_seconds": round(meter.first or 0.0, 3),
-            "steady_items_per_s": round(steady, 2) if steady else None}
+    return {"encoded": meter.done, "first_result_seconds": round(meter.first or 0.0, 3)}
 
 
 def _assemble(out: Path, store: ShardStore, n_shards: int, s: EmbedSettings, n: int, seconds: float,
