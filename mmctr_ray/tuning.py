@@ -191,6 +191,8 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
         raise ConfigError("--resume continues TUNE with its own search.yaml: drop --config")
     if not resume and search_yaml is None:
         raise ConfigError("--config is required: an experiment YAML with a search: section")
+    if not resume:  # a search that cannot fit fails before anything is written
+        trial_concurrency(ray.cluster_resources(), workers, cpus_per_worker, settings["gpus_per_worker"])
     settings = _prepare(tdir, Path(search_yaml) if search_yaml else None, settings, resume, overwrite)
     space = load_search(tdir / "search.yaml", settings["overrides"])
     k = trial_concurrency(ray.cluster_resources(), settings["workers"], settings["cpus_per_worker"],
