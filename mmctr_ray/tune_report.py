@@ -96,7 +96,8 @@ def _plots(tdir: Path, rows: list[dict[str, Any]], space: SearchSpace) -> list[P
         best = max(best, r["best_valid_auc"])
         running.append(best)
     ax.plot([r["trial"] for r in scored], running, color="gray", lw=1, label="best so far")
-    ax.set(xlabel="trial", ylabel="best valid AUC", title="valid AUC by trial")
+    ax.set(xlabel="trial (in start order)", ylabel="best valid AUC", title="valid AUC by trial")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8)
     paths = [_save(fig, out / "auc_by_trial.png")]
 
