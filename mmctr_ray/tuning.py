@@ -15,9 +15,9 @@ TUNE holds::
     trials/<trial_id>.params.json   the parameters Optuna sampled for it
     results.csv, best.yaml, plots/      written by :mod:`mmctr_ray.tune_report` when the search ends
 
-Concurrency comes from the resources Ray reports: a trial holds ``TRIAL_DRIVER_CPU`` for its driver plus its
-workers' CPUs and GPUs, and ``DATA_CPU_RESERVE`` CPUs stay free for the Ray Data tasks that feed the workers,
-so trials never wait on each other for CPUs they cannot get.
+Concurrency comes from the resources Ray reports: a trial holds its workers' CPUs and GPUs (its driver, which
+mostly waits, reserves ``TRIAL_DRIVER_CPU``), and ``DATA_CPU_RESERVE`` CPUs stay free for the Ray Data tasks
+that feed the workers, so trials never wait on each other for CPUs they cannot get.
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ from mmctr_ray.errors import ConfigError, OutputExistsError
 from mmctr_ray.search_space import SearchSpace, load_search
 
 log = logging.getLogger(__name__)
-TRIAL_DRIVER_CPU = 0.5  # the trial function: builds the trial's config and waits on its TorchTrainer
+# the trial function builds the trial's config and then waits on its TorchTrainer: it reserves no CPU (a laptop's
+# 2 CPUs then fit one trial); concurrency is capped by trial_concurrency, so unreserved drivers cannot pile up
+TRIAL_DRIVER_CPU = 0.0
+TRIAL_DRIVER_MEMORY = 256 * 2**20  # Tune needs some resource in a trial's bundle; memory is one that blocks no CPU
 DATA_CPU_RESERVE = 1.0  # left free for the Ray Data read and map tasks of the running trials
 STUDY_NAME = "mmctr"
 METRIC = "best_valid_auc"  # what Optuna and ASHA compare: the trial's best epoch so far, the one it would keep
@@ -54,9 +57,8 @@ def trial_concurrency(resources: dict[str, float], workers: int, cpus_per_worker
     if fits < 1:
         need = f"{per_trial_cpu + DATA_CPU_RESERVE:g} CPUs" + (f" and {workers * gpus_per_worker:g} GPUs"
                                                                if gpus_per_worker else "")
-        raise ConfigError(f"one trial needs {need} (driver {TRIAL_DRIVER_CPU:g} + {workers} workers × "
-                          f"{cpus_per_worker:g} CPU, {DATA_CPU_RESERVE:g} CPU for data loading); Ray has {cpus:g} CPUs"
-                          f" and {gpus:g} GPUs")
+        raise ConfigError(f"one trial needs {need} ({workers} workers × {cpus_per_worker:g} CPU, "
+                          f"{DATA_CPU_RESERVE:g} CPU for data loading); Ray has {cpus:g} CPUs and {gpus:g} GPUs")
     if requested is not None and requested < fits:
         return requested
     if requested is not None and requested > fits:
@@ -200,7 +202,7 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # save the experiment state often: cheap, and resumable
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, space=space, tune_dir=str(tdir), data_dir=str(data), settings=settings),
-        {"CPU": TRIAL_DRIVER_CPU})
+        {"CPU": TRIAL_DRIVER_CPU, "memory": TRIAL_DRIVER_MEMORY})
     fault = int(os.environ.get(FAULT_ENV, "0"))
     run_config = tune.RunConfig(name="tune", storage_path=str(tdir), callbacks=[_ExitAfterTrials()] if fault else [],
                                 verbose=0)

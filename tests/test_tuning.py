@@ -83,12 +83,14 @@ def test_bad_search_sections_are_one_line_errors(tmp_path, space, message):
 def test_concurrency_is_sized_from_resources():
     # the hang seen in a probe: 3 trials × 2 workers on 4 logical CPUs; here 1 trial at a time fits
     assert trial_concurrency({"CPU": 4}, workers=2, cpus_per_worker=1, gpus_per_worker=0, requested=3) == 1
-    assert trial_concurrency({"CPU": 16}, workers=1, cpus_per_worker=1, gpus_per_worker=0) == 10
+    assert trial_concurrency({"CPU": 16}, workers=1, cpus_per_worker=1, gpus_per_worker=0) == 15
+    assert trial_concurrency({"CPU": 2}, workers=1, cpus_per_worker=1, gpus_per_worker=0) == 1  # a laptop
     # fractional GPUs: four trials share one GPU when each asks for a quarter
     assert trial_concurrency({"CPU": 16, "GPU": 1}, workers=1, cpus_per_worker=1, gpus_per_worker=0.25) == 4
     assert trial_concurrency({"CPU": 16, "GPU": 1}, workers=1, cpus_per_worker=1, gpus_per_worker=0.25,
                              requested=2) == 2
-    with pytest.raises(ConfigError, match="one trial needs 3.5 CPUs .* Ray has 2 CPUs"):
+    with pytest.raises(ConfigError, match=r"one trial needs 3 CPUs \(2 workers × 1 CPU, 1 CPU for data loading\); Ray "
+                                          r"has 2 CPUs"):
         trial_concurrency({"CPU": 2}, workers=2, cpus_per_worker=1, gpus_per_worker=0)
 
 
