@@ -22,7 +22,7 @@ from pathlib import Path
 from mmctr_ray.config import FusionConfig, load_config
 from mmctr_ray.data.synthetic import SynthSpec
 from mmctr_ray.data.writer import write_synthetic
-from mmctr_ray.fuse import run_fuse
+from mmctr_ray.fuse import fusion_overrides, run_fuse
 from mmctr_ray.ray_env import init_ray
 from mmctr_ray.schema import Layout
 from mmctr_ray.train_driver import run_training
@@ -56,9 +56,7 @@ def main() -> None:
         fcfg = FusionConfig(strategy, dims=args.dims, text_dim=args.text_dim, image_dim=args.image_dim)
         table = out / f"{strategy}.parquet"
         fsum = run_fuse(data, table, fcfg, overwrite=True)
-        cfg = load_config(args.config, [f"train.epochs={args.epochs}", f"data.item_vector={table.resolve()}",
-                                        f"fusion.strategy={strategy}", f"fusion.dims={args.dims}",
-                                        f"fusion.text_dim={args.text_dim}", f"fusion.image_dim={args.image_dim}"])
+        cfg = load_config(args.config, [f"train.epochs={args.epochs}", *fusion_overrides(table)])
         t0 = time.perf_counter()
         summary = run_training(data, str(out / f"run_{strategy}"), cfg, gpus_per_worker=args.gpus_per_worker,
                                overwrite=True)

@@ -110,19 +110,6 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fusion_overrides(table: Path) -> list[str]:
-    """``--fusion X.parquet`` as config overrides: the table as data.item_vector, its fusion.json as fusion.*."""
-    from mmctr_ray.fuse import read_fusion_summary
-
-    if not table.is_file():
-        raise ConfigError(f"{table}: --fusion needs a fused item table written by `mmctr fuse`")
-    out = [f"data.item_vector={table.resolve()}"]
-    summary = read_fusion_summary(table)
-    if summary:
-        out += [f"fusion.{k}={summary[k]}" for k in ("strategy", "dims", "text_dim", "image_dim") if k in summary]
-    return out
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from mmctr_ray.ray_env import init_ray
     from mmctr_ray.train_driver import resume_config, run_location, run_training
@@ -131,7 +118,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError("--resume continues RUN with its own config.yaml: drop --config/--fusion (use --set "
                           "train.KEY=V)")
     if getattr(args, "fusion", None):
-        args = argparse.Namespace(**{**vars(args), "overrides": [*_fusion_overrides(args.fusion), *args.overrides]})
+        from mmctr_ray.fuse import fusion_overrides
+
+        args = argparse.Namespace(**{**vars(args), "overrides": [*fusion_overrides(args.fusion), *args.overrides]})
     run_location(str(args.out))  # a RUN URI that cannot be used fails here, before Ray starts
     cfg = resume_config(str(args.out), args.overrides) if args.resume else _config(args)
     init_ray(args.address, args.num_cpus, args.verbose)

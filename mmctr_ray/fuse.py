@@ -192,6 +192,19 @@ def read_fusion_summary(table_path: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def fusion_overrides(table_path: str | Path) -> list[str]:
+    """Config overrides that train on a fused table: ``data.item_vector`` = the table, ``fusion.*`` from its
+    ``.fusion.json`` (so the run's config says which fusion it was trained on)."""
+    table = Path(table_path)
+    if not table.is_file():
+        raise ConfigError(f"{table}: --fusion needs a fused item table written by `mmctr fuse`")
+    out = [f"data.item_vector={table.resolve()}"]
+    summary = read_fusion_summary(table)
+    if summary:
+        out += [f"fusion.{k}={summary[k]}" for k in ("strategy", "dims", "text_dim", "image_dim") if k in summary]
+    return out
+
+
 def load_fitted(table_path: str | Path) -> FittedFusion:
     """The PCA fitted for a fused table (``X.pca.npz``)."""
     path = sidecars(Path(table_path))["pca"]

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 from sklearn.decomposition import PCA, IncrementalPCA
@@ -135,10 +135,10 @@ def _filled(batch: ModalityBatch, image_fill: np.ndarray | None) -> dict[str, np
     return raw
 
 
-def _image_fill(batches: Callable[[], Iterator[ModalityBatch]]) -> np.ndarray:
-    """Mean image vector over items with a usable cover (one streamed pass)."""
+def _image_fill(batches: Iterable[ModalityBatch]) -> np.ndarray:
+    """Mean image vector over items with a usable cover (one pass over ``batches``)."""
     total, count = None, 0
-    for b in batches():
+    for b in batches:
         kept = b.image[~b.image_missing].astype(np.float64)
         total = kept.sum(axis=0) if total is None else total + kept.sum(axis=0)
         count += len(kept)
@@ -171,7 +171,6 @@ def fit_fusion(cfg: FusionConfig, batches: Callable[[], Iterator[ModalityBatch]]
     if cfg.strategy not in PARTS:
         raise ConfigError(f"fusion.strategy={cfg.strategy!r}: no PCA to fit (expected one of {', '.join(PARTS)})")
     needs_image = "image" in modalities_needed(cfg.strategy)
-    fill = _image_fill(batches) if needs_image else None
     first = next(iter(batches()))
     widths = {"text": 0 if first.text is None else first.text.shape[1],
               "image": 0 if first.image is None else first.image.shape[1]}
@@ -180,8 +179,10 @@ def fit_fusion(cfg: FusionConfig, batches: Callable[[], Iterator[ModalityBatch]]
     in_bytes = 4 * n_items * sum(widths[m] for _, inputs, _ in specs for m in inputs)
     if pca == "auto":
         pca = "full" if in_bytes <= FULL_PCA_MAX_BYTES else "incremental"
-    if pca == "full":
-        raws = [_filled(b, fill) for b in batches()]
+    if pca == "full":  # one read of the source: the fill and the fit both use the batches held in memory
+        loaded = list(batches())
+        fill = _image_fill(loaded) if needs_image else None
+        raws = [_filled(b, fill) for b in loaded]
         parts = []
         for name, inputs, k in specs:
             x = np.concatenate([_concat(r, inputs) for r in raws], axis=0)
@@ -189,6 +190,7 @@ def fit_fusion(cfg: FusionConfig, batches: Callable[[], Iterator[ModalityBatch]]
         return FittedFusion(cfg.strategy, tuple(parts), fill)
     if pca != "incremental":
         raise ConfigError(f"pca={pca!r}: expected auto, full or incremental")
+    fill = _image_fill(batches()) if needs_image else None
     ests = [IncrementalPCA(n_components=k) for _, _, k in specs]
     for chunk in _chunks(batches, fill, max(chunk_rows, *(k for _, _, k in specs))):
         for est, (_, inputs, _) in zip(ests, specs):

@@ -12,9 +12,12 @@ from mmctr_ray.errors import DataError
 from mmctr_ray.storage import Location
 
 
-def read_metrics(run_dir: Location) -> list[dict[str, Any]]:
+def read_metrics(run_dir: Location, missing_ok: bool = False) -> list[dict[str, Any]]:
+    """The run's metrics.jsonl rows, one per epoch; ``[]`` for a run with no epoch yet when ``missing_ok``."""
     path = storage.join(run_dir, "metrics.jsonl")
     if not storage.is_file(path):
+        if missing_ok:
+            return []
         raise DataError(f"{path}: missing file (is {run_dir} a run directory of `mmctr train`?)")
     try:
         return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]

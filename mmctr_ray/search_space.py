@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmctr_ray.config import ConfigError, ExperimentConfig, from_dict, read_yaml
+from mmctr_ray.config import ConfigError, ExperimentConfig, apply_override, from_dict, read_yaml
 
 KINDS = ("choice", "int", "float")
 PARAM_KEYS = {*KINDS, "log", "step", "when"}
@@ -99,7 +99,7 @@ class SearchSpace:
         return from_dict(raw)
 
 
-def _param(key: str, spec: Any, earlier: list[str], where: str) -> Param:  # earlier: every searched key
+def _param(key: str, spec: Any, keys: list[str], where: str) -> Param:
     at = f"{where}: search.space.{key}"
     if not isinstance(spec, dict) or len([k for k in spec if k in KINDS]) != 1:
         raise ConfigError(f"{at}: expected a mapping with exactly one of {', '.join(KINDS)}")
@@ -119,7 +119,7 @@ def _param(key: str, spec: Any, earlier: list[str], where: str) -> Param:  # ear
     if not isinstance(when, dict) or not all(isinstance(v, list) for v in when.values()):
         raise ConfigError(f"{at}: when expects a mapping of earlier parameters to lists of values")
     for dep in when:
-        if dep not in earlier or dep == key:
+        if dep not in keys or dep == key:
             raise ConfigError(f"{at}: when refers to {dep}, which is not another searched parameter")
     return Param(key, kind, tuple(values), bool(spec.get("log", False)), spec.get("step"),
                  tuple((k, tuple(v)) for k, v in when.items()))
@@ -139,13 +139,12 @@ def _dependency_order(params: list[Param], where: str) -> list[Param]:
     return placed
 
 
-def _check_key(key: str, base: dict[str, Any], where: str) -> None:
-    """A searched key must be a config field: building the config with it set must not say 'unknown key'."""
+def _check_key(key: str, where: str) -> None:
+    """A searched key must name a field of a config section (``section.name``)."""
     if key.count(".") != 1:
         raise ConfigError(f"{where}: search.space.{key}: expected a config key section.name (e.g. model.dropout)")
     section, name = key.split(".")
-    fields = {f.name: f.type for f in dataclasses.fields(ExperimentConfig)}
-    if section not in fields or section == "name":
+    if section not in {f.name for f in dataclasses.fields(ExperimentConfig)} or section == "name":
         raise ConfigError(f"{where}: search.space.{key}: unknown config section {section}")
     sub = {f.name for f in dataclasses.fields(ExperimentConfig.__dataclass_fields__[section].default_factory())}
     if name not in sub:
@@ -162,14 +161,12 @@ def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     unknown = set(search) - set(SEARCH_KEYS)
     if unknown:
         raise ConfigError(f"{where}: unknown key search.{sorted(unknown)[0]} (known: {', '.join(SEARCH_KEYS)})")
-    from mmctr_ray.config import apply_override
-
     for assignment in overrides:
         apply_override(raw, assignment)
     from_dict(raw)  # the base must be a valid config on its own
     keys = list(search["space"])
     for key in keys:
-        _check_key(key, raw, where)
+        _check_key(key, where)
     params = [_param(key, spec, keys, where) for key, spec in search["space"].items()]
     params = _dependency_order(params, where)
     settings = {k: search[k] for k in SEARCH_KEYS if k in search and k != "space"}

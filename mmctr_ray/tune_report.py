@@ -16,6 +16,7 @@ import yaml
 
 from mmctr_ray.config import TrainConfig, load_config, save_config
 from mmctr_ray.errors import DataError
+from mmctr_ray.report import read_metrics
 from mmctr_ray.search_space import SearchSpace, load_search
 
 COLUMNS = ("trial", "trial_id", "status", "best_valid_auc", "best_epoch", "epochs", "strategy", "pca_width")
@@ -27,8 +28,7 @@ def _trial_rows(tdir: Path, space: SearchSpace, errors: dict[str, str]) -> list[
     for n, params_file in enumerate(started):
         trial_id = params_file.name.removesuffix(".params.json")
         run = params_file.with_name(trial_id)
-        history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] \
-            if (run / "metrics.jsonl").is_file() else []
+        history = read_metrics(run, missing_ok=True)
         error = next((msg for name, msg in errors.items() if trial_id in name), None)
         best = max(history, key=lambda r: r["valid_auc"]) if history else None
         if error:

@@ -86,13 +86,13 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from mmctr_ray.report import read_metrics
     from mmctr_ray.train_driver import run_training
 
     tdir, data = Path(tune_dir), Path(data_dir)
     trial_id = ray.tune.get_context().get_trial_id()
     run_dir = tdir / "trials" / trial_id
-    metrics = run_dir / "metrics.jsonl"
-    history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    history = read_metrics(run_dir, missing_ok=True)
     resume = (run_dir / "config.yaml").is_file() and any(run_dir.glob("checkpoint_epoch_*"))
     if resume or (run_dir / "summary.json").is_file():
         # a trial the driver had started before it was restarted: Tune hears its epochs again (no retraining)
