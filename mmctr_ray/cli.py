@@ -33,6 +33,15 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _add_ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a private local Ray)")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of a private local Ray")
+    p.add_argument("--dashboard", action="store_true",
+                   help="start the private local Ray's dashboard on 127.0.0.1 (off by default, except for the "
+                        "stages that run Ray Train, whose clean-up queries the dashboard's state API)")
+
+
+def _start_ray(args: argparse.Namespace, ray_train: bool = False) -> None:
+    from mmctr_ray.ray_env import init_ray
+
+    init_ray(args.address, args.num_cpus, args.verbose, dashboard=args.dashboard or ray_train)
 
 
 def _add_data_arg(p: argparse.ArgumentParser) -> None:
@@ -95,10 +104,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_features(args: argparse.Namespace) -> int:
     from mmctr_ray.feature_summary import format_summary, summarize_features
-    from mmctr_ray.ray_env import init_ray
 
     cfg = _config(args)
-    init_ray(args.address, args.num_cpus, args.verbose)
+    _start_ray(args)
     summary = summarize_features(args.data, cfg)
     print(format_summary(summary))
     if args.out:
@@ -111,7 +119,6 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mmctr_ray.ray_env import init_ray
     from mmctr_ray.train_driver import resume_config, run_location, run_training
 
     if args.resume and (args.config or getattr(args, "fusion", None)):
@@ -123,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         args = argparse.Namespace(**{**vars(args), "overrides": [*fusion_overrides(args.fusion), *args.overrides]})
     run_location(str(args.out))  # a RUN URI that cannot be used fails here, before Ray starts
     cfg = resume_config(str(args.out), args.overrides) if args.resume else _config(args)
-    init_ray(args.address, args.num_cpus, args.verbose)
+    _start_ray(args, ray_train=True)
     summary = run_training(args.data, str(args.out), cfg, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                            cpus_per_worker=args.cpus_per_worker, resume=args.resume, overwrite=args.overwrite,
                            verbose=args.verbose)
@@ -136,9 +143,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from mmctr_ray.predict import run_predict
-    from mmctr_ray.ray_env import init_ray
 
-    init_ray(args.address, args.num_cpus, args.verbose)
+    _start_ray(args)
     summary = run_predict(args.run, args.data, args.out, split=args.split, actors=args.actors,
                           gpus_per_actor=args.gpus_per_actor, overwrite=args.overwrite)
     m = summary.get("metrics")
@@ -149,10 +155,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from mmctr_ray.embed.pipeline import run_embed
-    from mmctr_ray.ray_env import init_ray
 
     text_model = args.text_model or _default_text_model()
-    init_ray(args.address, args.num_cpus, args.verbose)
+    _start_ray(args)
     summary = run_embed(args.data, args.out, text_model, args.image_model, pooling=args.pooling,
                         gpus_per_actor=args.gpus_per_actor, actors=args.actors, batch_size=args.batch_size,
                         max_length=args.max_length, shard_items=args.shard_items, seed=args.seed,
@@ -192,10 +197,9 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from mmctr_ray.ray_env import init_ray
     from mmctr_ray.tuning import run_tuning
 
-    init_ray(args.address, args.num_cpus, args.verbose)
+    _start_ray(args, ray_train=True)
     summary = run_tuning(args.data, args.out, args.config, args.overrides, num_samples=args.num_samples,
                          max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial,
                          workers=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker, source=args.source,
@@ -234,6 +238,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on synthetic data: synth → validate → features → fuse → train → predict → report."""
     out = Path(args.out)
     data = out / "data"
+    _start_ray(args, ray_train=True)  # one Ray for every stage, with the state API that training needs
     steps: list[tuple[str, Callable[[], int]]] = [
         ("synth", lambda: cmd_synth(argparse.Namespace(**{**vars(args), "out": data}))),
         ("validate", lambda: cmd_validate(argparse.Namespace(data=data, expect_test_rows=None))),

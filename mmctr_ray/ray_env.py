@@ -20,10 +20,38 @@ def quiet_ray_data(verbose: bool = False) -> None:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = False) -> None:
+def _loopback_only() -> None:
+    """Make the private local Ray's node address 127.0.0.1, so every server it starts listens on loopback only.
+
+    On Linux Ray replaces a loopback node address by the machine's routable one (its servers then accept
+    connections from the network); the switch Ray keeps for macOS and Windows, where clusters are off,
+    keeps loopback. Child processes (raylet, GCS, workers) inherit the variable.
+    """
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time by ray._private.services
+
+
+def _token_auth_on() -> None:
+    """Keep Ray's token authentication on for the private local Ray, even if the environment disabled it."""
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None and mode.lower() != "token":
+        log.warning("RAY_AUTH_MODE=%s ignored: the local Ray mmctr starts always uses token authentication", mode)
+    _enable_token_auth()  # sets RAY_AUTH_MODE=token for this process and its children, as ray.init would
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = False,
+             dashboard: bool = False) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a private local Ray.
 
-    The local Ray binds its dashboard to 127.0.0.1 and has ``num_cpus`` logical CPUs when given.
+    The private local Ray listens on loopback only, uses token authentication (a token Ray keeps in
+    ``~/.ray/auth_token``), has ``num_cpus`` logical CPUs when given, and starts the dashboard (on 127.0.0.1)
+    only when ``dashboard`` is set. Stages that run Ray Train set it: Train V2's placement-group cleaner asks
+    the dashboard's state API whether the run's controller lives, and without an answer it takes the run's
+    placement group away mid-training (seen with Ray 2.60). A cluster's own settings are the cluster's.
     """
     import ray
 
@@ -35,7 +63,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
         ray.init(address=address, logging_level=logging.WARNING)
         log.info("joined Ray at %s: %s", address, ray.cluster_resources())
         return
-    # the dashboard (loopback only) serves the state API that Ray Train's placement-group cleaner and Tune's
-    # trial clean-up query; without it they retry and warn in a loop
-    ray.init(num_cpus=num_cpus, include_dashboard=None, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
-    log.info("started a local Ray: %s", ray.cluster_resources())
+    _loopback_only()
+    _token_auth_on()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a private Ray reports nothing to the network
+    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+             logging_level=logging.WARNING)
+    log.info("started a local Ray%s: %s", " with its dashboard on 127.0.0.1" if dashboard else "",
+             ray.cluster_resources())

@@ -1,0 +1,149 @@
+"""Security defaults: the private local Ray listens on loopback only, keeps token authentication on and starts
+no dashboard unless asked; checkpoints, arrays and YAML load without executing anything; no shell runs."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).parents[2] / "mmctr_ray"
+
+# Runs in its own process (the test session may hold another Ray): start the CLI's local Ray, then report
+# every listening socket of this process and its children, the auth mode, the dashboard URL, and what the jobs
+# API (job submission runs code on the cluster) answers to no token, a wrong token and Ray's token.
+PROBE = r"""
+import json, sys, urllib.error, urllib.request
+import psutil
+from mmctr_ray.ray_env import init_ray
+
+init_ray(num_cpus=1, dashboard=sys.argv[1] == "1")
+import ray
+import ray._private.worker as worker
+from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+@ray.remote
+def one():
+    return 1
+
+assert ray.get(one.remote()) == 1
+me = psutil.Process()
+listens = []
+for proc in [me, *me.children(recursive=True)]:
+    try:
+        listens += [[proc.name(), c.laddr.ip, c.laddr.port] for c in proc.net_connections("inet")
+                    if c.status == psutil.CONN_LISTEN]
+    except psutil.Error:
+        pass
+webui = worker._global_node.address_info.get("webui_url") or ""
+
+
+def status(headers):
+    request = urllib.request.Request(f"http://{webui}/api/jobs/", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+statuses = {}
+if webui:
+    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
+    statuses = {"none": status({}), "wrong": status({"Authorization": "Bearer not-the-token"}),
+                "ray's": status(get_auth_headers_if_auth_enabled({}))}
+print("PROBE" + json.dumps({"token_auth": is_token_auth_enabled(), "listens": listens, "webui": webui,
+                            "jobs_api": statuses}))
+"""
+
+
+def _probe(dashboard: bool, env_auth: str | None) -> dict:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+    if env_auth:
+        env["RAY_AUTH_MODE"] = env_auth
+    r = subprocess.run([sys.executable, "-c", PROBE, "1" if dashboard else "0"], capture_output=True, text=True,
+                       timeout=240, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("PROBE"))
+    return json.loads(line.removeprefix("PROBE"))
+
+
+def _loopback(ip: str) -> bool:
+    return ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
+@pytest.mark.slow
+def test_the_local_ray_listens_on_loopback_only_with_token_auth():
+    # with the dashboard asked for, so that its servers are checked too; RAY_AUTH_MODE=disabled in the
+    # environment must not switch authentication off for the CLI's own Ray
+    got = _probe(dashboard=True, env_auth="disabled")
+    assert got["listens"], "no listening socket found: the probe is not looking at Ray's processes"
+    assert [s for s in got["listens"] if not _loopback(s[1])] == []
+    assert got["token_auth"] is True
+    assert got["jobs_api"] == {"none": 401, "wrong": 403, "ray's": 200}
+    assert got["webui"].startswith("127.0.0.1:")
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_the_dashboard_starts_only_when_asked(monkeypatch, flag):
+    import ray
+
+    from mmctr_ray.ray_env import init_ray
+
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {})
+    from ray._private import ray_constants
+
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", ray_constants.ENABLE_RAY_CLUSTER)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for var in ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_USAGE_STATS_ENABLED"):
+        monkeypatch.setenv(var, "")  # restored after the test: init_ray sets them for the Ray it starts
+    init_ray(num_cpus=1, dashboard=flag)
+    assert seen["include_dashboard"] is flag and seen["dashboard_host"] == "127.0.0.1"
+
+
+def _calls(name: str):
+    """(file, call node) for every call of ``name`` (e.g. ``torch.load``) in the package."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == name:
+                yield path.relative_to(PACKAGE.parent), node
+
+
+def _keyword(node: ast.Call, name: str):
+    return next((ast.literal_eval(k.value) for k in node.keywords if k.arg == name), None)
+
+
+def test_checkpoints_and_arrays_load_without_unpickling():
+    loads = list(_calls("torch.load"))
+    assert loads, "torch.load is no longer called: update this test to the new loader"
+    assert [str(p) for p, n in loads if _keyword(n, "weights_only") is not True] == []
+    assert [str(p) for p, n in _calls("np.load") if _keyword(n, "allow_pickle") is not False] == []
+    assert list(_calls("pickle.load")) == [] and list(_calls("pickle.loads")) == []
+
+
+def test_yaml_is_safe_loaded_and_no_shell_runs():
+    import importlib
+
+    import yaml
+
+    for path, node in _calls("yaml.load"):  # allowed with a SafeLoader subclass
+        module = importlib.import_module(".".join(path.with_suffix("").parts))
+        loader = next(ast.unparse(k.value) for k in node.keywords if k.arg == "Loader")
+        assert issubclass(getattr(module, loader), yaml.SafeLoader), f"{path}: yaml.load with {loader}"
+    assert list(_calls("yaml.unsafe_load")) == [] and list(_calls("yaml.full_load")) == []
+    assert list(_calls("yaml.load")) or list(_calls("yaml.safe_load")), "no YAML loading found: update this test"
+    assert [str(p) for name in ("os.system", "os.popen", "subprocess.getoutput", "subprocess.getstatusoutput")
+            for p, _ in _calls(name)] == []
+    shells = [str(p) for name in ("subprocess.run", "subprocess.Popen", "subprocess.call", "subprocess.check_call",
+                                  "subprocess.check_output") for p, n in _calls(name) if _keyword(n, "shell")]
+    assert shells == []
