@@ -17,7 +17,8 @@ from mmctr_ray import storage
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
 from mmctr_ray.data.synthetic import PRESETS, SynthSpec
 from mmctr_ray.data.writer import write_synthetic
-from mmctr_ray.errors import ConfigError, UserError
+from mmctr_ray.errors import ConfigError, OutputExistsError, find_user_error
+from mmctr_ray.locking import output_lock
 
 log = logging.getLogger("mmctr")
 
@@ -119,7 +120,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mmctr_ray.train_driver import resume_config, run_location, run_training
+    from mmctr_ray.train_driver import check_inputs, resume_config, run_location, run_training
 
     if args.resume and (args.config or getattr(args, "fusion", None)):
         raise ConfigError("--resume continues RUN with its own config.yaml: drop --config/--fusion (use --set "
@@ -130,6 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         args = argparse.Namespace(**{**vars(args), "overrides": [*fusion_overrides(args.fusion), *args.overrides]})
     run_location(str(args.out))  # a RUN URI that cannot be used fails here, before Ray starts
     cfg = resume_config(str(args.out), args.overrides) if args.resume else _config(args)
+    check_inputs(args.data, cfg)  # bad data fails before Ray starts
     _start_ray(args, ray_train=True)
     summary = run_training(args.data, str(args.out), cfg, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                            cpus_per_worker=args.cpus_per_worker, resume=args.resume, overwrite=args.overwrite,
@@ -142,8 +144,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from mmctr_ray.predict import run_predict
+    from mmctr_ray.predict import check_inputs, run_predict
 
+    check_inputs(args.run, args.data, args.split)  # bad data or a checkpoint of other data fails before Ray starts
     _start_ray(args)
     summary = run_predict(args.run, args.data, args.out, split=args.split, actors=args.actors,
                           gpus_per_actor=args.gpus_per_actor, overwrite=args.overwrite)
@@ -154,13 +157,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    from mmctr_ray.embed.image import parse_image_model
     from mmctr_ray.embed.pipeline import run_embed
+    from mmctr_ray.embed.text import check_model_dir
 
     text_model = args.text_model or _default_text_model()
+    check_model_dir(text_model)  # unusable models fail before Ray starts
+    parse_image_model(args.image_model)
     _start_ray(args)
     summary = run_embed(args.data, args.out, text_model, args.image_model, pooling=args.pooling,
                         gpus_per_actor=args.gpus_per_actor, actors=args.actors, batch_size=args.batch_size,
                         max_length=args.max_length, shard_items=args.shard_items, seed=args.seed,
+                        max_bad_covers=args.max_bad_covers,
                         cpus_per_actor=args.cpus_per_actor, overwrite=args.overwrite)
     log.info("%d items: text %d-d, image %d-d; %d covers missing, %d undecodable; %s items/s",
              summary["items"], summary["text_dim"], summary["image_dim"], summary["cover_file_missing"],
@@ -197,8 +205,9 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from mmctr_ray.tuning import run_tuning
+    from mmctr_ray.tuning import check_inputs, run_tuning
 
+    check_inputs(args.data, args.config, args.overrides, args.resume)  # before Ray starts
     _start_ray(args, ray_train=True)
     summary = run_tuning(args.data, args.out, args.config, args.overrides, num_samples=args.num_samples,
                          max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial,
@@ -318,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="items per encoder call (default 64)")
     p.add_argument("--max-length", type=int, default=32, help="title tokens kept (default 32)")
     p.add_argument("--shard-items", type=int, default=4096, help="items per resumable shard (default 4096)")
+    p.add_argument("--max-bad-covers", type=float, default=0.1, metavar="SHARE",
+                   help="fail when more than this share of the items have a missing or corrupt cover (default "
+                        "0.1; those below it get a zero image vector and a flag)")
     p.add_argument("--seed", type=int, default=0, help="seed of random image weights (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT and any shards of an earlier run")
     _add_ray_args(p)
@@ -414,14 +426,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+WRITERS = ("synth", "features", "embed", "fuse", "train", "predict", "tune", "demo")  # stages with an --out
+
+
+def _refuse_existing_output(args: argparse.Namespace) -> None:
+    """An output that holds results is never replaced without --overwrite (or continued without --resume);
+    checked here, before Ray starts, and again by each stage's own function."""
+    if getattr(args, "overwrite", False) or getattr(args, "resume", False):
+        return
+    out = storage.normalize(str(args.out))
+    if storage.is_file(out) or (storage.exists(out) and storage.listdir(out)):
+        how = "--resume to continue it or --overwrite to replace it" if hasattr(args, "resume") else (
+            "--overwrite to replace it" if hasattr(args, "overwrite") else "another --out")
+        raise OutputExistsError(f"{args.out}: already exists; pass {how}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        return args.func(args)
-    except UserError as err:
-        print(f"mmctr {args.command}: error: {err}", file=sys.stderr)
+        out = getattr(args, "out", None)
+        if out is None or args.command not in WRITERS:
+            return args.func(args)
+        _refuse_existing_output(args)
+        with output_lock(storage.normalize(str(out)), args.command):
+            return args.func(args)
+    except Exception as err:
+        user = find_user_error(err)  # also when a Ray task or worker met it
+        if user is None:
+            raise  # a bug: keep its traceback
+        print(f"mmctr {args.command}: error: {user}", file=sys.stderr)
         return 2
 
 

@@ -18,3 +18,22 @@ class DataError(UserError, ValueError):
 
 class OutputExistsError(UserError, FileExistsError):
     """The output already holds results and ``--overwrite`` was not given."""
+
+
+def find_user_error(err: BaseException) -> UserError | None:
+    """The user error behind ``err``, if there is one: bad data met in a Ray task or a training worker reaches
+    the driver wrapped (``RayTaskError.cause``, Ray Train's ``WorkerGroupError.worker_failures``, chained
+    causes), and its message is the one line the user needs."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(e, UserError) and not isinstance(cause, BaseException):
+            return e  # a plain user error (a wrapper that subclasses it has a ``cause``: look there)
+        todo += [*getattr(e, "worker_failures", {}).values(), cause, getattr(e, "controller_failure", None),
+                 e.__cause__, e.__context__]
+    return None

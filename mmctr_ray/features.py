@@ -137,7 +137,9 @@ def load_item_table(data_dir: str | Path, item_vector: str = "given") -> ItemTab
         source = {"item_vector": "fused", "file": str(Path(item_vector).resolve()), "column": FUSED_VECTOR_COLUMN,
                   "fusion": read_fusion_summary(item_vector)}
     if not np.isfinite(vectors).all():
-        raise DataError(f"{source['file']}: column {source['column']}: NaN/inf in item vectors")
+        item = int(np.flatnonzero(~np.isfinite(vectors).all(axis=1))[0])
+        raise DataError(f"{source['file']}: column {source['column']}: NaN/inf in the vector of item {item}; "
+                        f"expected finite values")
     source["dim"] = int(vectors.shape[1])
     return ItemTable(tags=tags, vectors=vectors, source=source)
 
@@ -173,11 +175,18 @@ class FeatureMap:
 
 
 def max_user_id(data_dir: str | Path) -> int:
-    """Largest ``user_id`` over the three splits, streamed one column at a time."""
+    """Largest ``user_id`` over the three splits: from the parquet column statistics, else streamed one column
+    at a time."""
+    from mmctr_ray.preflight import value_range
+
     lay = Layout(Path(data_dir))
     largest = 0
     for split in SPLITS:
         pf = pq.ParquetFile(lay.split(split))
+        seen = value_range(pf, "user_id")
+        if seen is not None:
+            largest = max(largest, int(seen[1]))
+            continue
         for batch in pf.iter_batches(batch_size=1 << 20, columns=["user_id"]):
             largest = max(largest, int(pc.max(batch.column(0)).as_py() or 0))
     return largest
@@ -202,13 +211,13 @@ def history_mask(seq: Any) -> Any:
     return seq > PAD_ID
 
 
-def to_model_batch(batch: pa.Table, max_len: int) -> dict[str, np.ndarray]:
-    """One Arrow batch of a split → fixed-width numpy columns (ids int64, label float32)."""
+def to_model_batch(batch: pa.Table, max_len: int, source: str = "split") -> dict[str, np.ndarray]:
+    """One Arrow batch of a split (the file ``source``) → fixed-width numpy columns (ids int64, label float32)."""
     out = {name: batch.column(name).to_numpy().astype(np.int64, copy=False)
            for name in SPLIT_FEATURES if name != "label"}
     # the test split's label is a placeholder, possibly null: nulls become 0
     out["label"] = pc.fill_null(batch.column("label"), 0).to_numpy().astype(np.float32, copy=False)
-    seq = list_matrix(batch.column("item_seq"), "column item_seq").astype(np.int64, copy=False)
+    seq = list_matrix(batch.column("item_seq"), f"{source}: column item_seq").astype(np.int64, copy=False)
     out["item_seq"] = history_window(seq, max_len)
     return out
 
@@ -226,4 +235,4 @@ def read_split(data_dir: str | Path, split: str, max_len: int = 64, batch_rows: 
         raise DataError(f"{path}: missing file")
     ds = ray.data.read_parquet(str(path.resolve())).select_columns([*SPLIT_FEATURES, "item_seq"])
     return ds.map_batches(to_model_batch, batch_format="pyarrow", batch_size=batch_rows, zero_copy_batch=True,
-                          fn_kwargs={"max_len": max_len})
+                          fn_kwargs={"max_len": max_len, "source": str(path)})

@@ -196,8 +196,8 @@ def fusion_overrides(table_path: str | Path) -> list[str]:
     """Config overrides that train on a fused table: ``data.item_vector`` = the table, ``fusion.*`` from its
     ``.fusion.json`` (so the run's config says which fusion it was trained on)."""
     table = Path(table_path)
-    if not table.is_file():
-        raise ConfigError(f"{table}: --fusion needs a fused item table written by `mmctr fuse`")
+    if not table.is_file() or "item_emb" not in pq.read_schema(table).names:
+        raise ConfigError(f"{table}: --fusion needs a fused item table written by `mmctr fuse` (item_id, item_emb)")
     out = [f"data.item_vector={table.resolve()}"]
     summary = read_fusion_summary(table)
     if summary:

@@ -26,6 +26,7 @@ from mmctr_ray.errors import DataError, OutputExistsError
 from mmctr_ray.features import MODEL_INPUTS, load_item_table, read_split, to_model_batch
 from mmctr_ray.metrics import evaluate
 from mmctr_ray.model import DINModel
+from mmctr_ray.preflight import check_split
 from mmctr_ray.schema import Layout
 from mmctr_ray.storage import Location
 from mmctr_ray.training import probabilities
@@ -129,6 +130,14 @@ def write_submission(probs: np.ndarray, out: Path, column: str = "Task2") -> Non
     partial.replace(out)
 
 
+def check_inputs(run_dir: Location, data_dir: str | Path, split: str = "test") -> int:
+    """Raise a one-line error if ``split`` of ``data_dir`` cannot be scored by the run's best checkpoint, without
+    Ray; return the split's row count."""
+    rows = check_split(data_dir, split)
+    load_model(best_checkpoint(run_dir), data_dir)
+    return rows
+
+
 def run_predict(run_dir: Location, data_dir: str | Path, out: str | Path, split: str = "test",
                 actors: int = 1, gpus_per_actor: float = 0.0, overwrite: bool = False) -> dict[str, Any]:
     """Score ``split`` and write the submission zip ``out``; return a summary (AUC when labels are known)."""
@@ -137,10 +146,7 @@ def run_predict(run_dir: Location, data_dir: str | Path, out: str | Path, split:
         raise OutputExistsError(f"{out}: already exists; pass --overwrite to replace it")
     if out.suffix != ".zip":
         raise DataError(f"{out}: the submission must be a .zip file")
-    path = Layout(Path(data_dir)).split(split)
-    if not path.is_file():
-        raise DataError(f"{path}: missing file")
-    expected = pq.ParquetFile(path).metadata.num_rows
+    expected = check_split(data_dir, split)
     probs, labels, checkpoint = score_split(run_dir, data_dir, split, actors, gpus_per_actor)
     if len(probs) != expected:
         raise DataError(f"{split}: scored {len(probs)} rows but the split has {expected}; nothing written")

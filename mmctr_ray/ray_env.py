@@ -43,6 +43,19 @@ def _token_auth_on() -> None:
     _enable_token_auth()  # sets RAY_AUTH_MODE=token for this process and its children, as ray.init would
 
 
+def pin_ray_address() -> None:
+    """Runs in every worker of the private local Ray: name its own cluster in ``RAY_ADDRESS``.
+
+    Ray Train's placement-group cleaner (and any state-API call in a worker) finds "the" local Ray by listing
+    the machine's GCS processes, and fails with "Found multiple active Ray instances" when another Ray runs on
+    the same machine (another user's, a second mmctr run, a test suite): the cleaner then takes the run's
+    resources away mid-training. With RAY_ADDRESS set, no search happens.
+    """
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = False,
              dashboard: bool = False) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a private local Ray.
@@ -67,6 +80,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
     _token_auth_on()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a private Ray reports nothing to the network
     ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-             logging_level=logging.WARNING)
+             logging_level=logging.WARNING, runtime_env={"worker_process_setup_hook": pin_ray_address})
     log.info("started a local Ray%s: %s", " with its dashboard on 127.0.0.1" if dashboard else "",
              ray.cluster_resources())

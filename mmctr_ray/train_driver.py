@@ -21,13 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from mmctr_ray import storage
 from mmctr_ray.checkpoint import best_checkpoint, epoch_checkpoints
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
-from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
+from mmctr_ray.errors import ConfigError, DataError, OutputExistsError, find_user_error
 from mmctr_ray.features import FeatureMap, build_feature_map, load_item_table, read_split
+from mmctr_ray.preflight import check_splits
 from mmctr_ray.schema import SPLITS, Layout
 from mmctr_ray.training import train_loop_per_worker
 
@@ -95,6 +94,24 @@ def _fault_from_env() -> dict[str, Any] | None:
     return {"step": int(step), "marker": marker}
 
 
+def _ingest_options(cfg: ExperimentConfig) -> Any:
+    """Ray Train's default ingest options, in file order when the run asks to be deterministic."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    if cfg.train.deterministic:
+        options.preserve_order = True
+    return options
+
+
+def check_inputs(data_dir: str | Path, cfg: ExperimentConfig) -> tuple[dict[str, int], FeatureMap]:
+    """Check the splits (footers) and build the item table and feature map, all on the driver and without Ray;
+    return the splits' row counts and the feature map. Raises a one-line DataError on bad input."""
+    rows = check_splits(data_dir, SPLITS)  # test too: its users and items size the embedding tables
+    table = load_item_table(data_dir, cfg.data.item_vector)
+    return rows, build_feature_map(data_dir, table)
+
+
 def resume_config(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """The config a resumed run continues with: its saved config.yaml plus ``overrides`` (train.* only)."""
     config_path = storage.join(run_location(run_dir), "config.yaml")
@@ -120,25 +137,20 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
         ConfigError: ``run_dir`` is a URI whose storage cannot be opened, or a resume that changes more than
             ``train.*``.
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     data_dir = Path(data_dir).resolve()
-    lay = Layout(data_dir)
-    for path in (*(lay.split(split) for split in SPLITS), lay.item_info):
-        if not path.is_file():
-            raise DataError(f"{path}: missing file (run `mmctr validate {data_dir}`)")
     run = run_location(run_dir)
     cfg = _absolute_item_vector(cfg)
+    rows, fmap = check_inputs(data_dir, cfg)  # bad input fails here, before RUN is touched
     _prepare_run_dir(run, cfg, resume, overwrite)
-    table = load_item_table(data_dir, cfg.data.item_vector)
-    fmap = build_feature_map(data_dir, table)
     if resume:
         _check_feature_map(run, fmap)
     fmap.to_json(storage.join(run, "feature_map.json"))
     done = epoch_checkpoints(run) if resume else []
     loop_config = {"cfg": cfg.to_dict(), "data_dir": str(data_dir), "run_dir": str(run),
-                   "feature_map": fmap.__dict__, "train_rows": pq.ParquetFile(lay.split("train")).metadata.num_rows,
+                   "feature_map": fmap.__dict__, "train_rows": rows["train"],
                    "resume_from": str(done[-1]) if done else None, "fault": _fault_from_env(), "verbose": verbose}
     fs, fs_path = storage.resolve(run)  # Ray Train writes checkpoints to storage_path/name = RUN
     trainer = TorchTrainer(
@@ -152,10 +164,16 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
                              checkpoint_config=CheckpointConfig(num_to_keep=None), callbacks=callbacks or []),
         datasets={"train": read_split(data_dir, "train", cfg.data.max_len),
                   "valid": read_split(data_dir, "valid", cfg.data.max_len)},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=_ingest_options(cfg)),
     )
     t0 = time.perf_counter()
-    trainer.fit()
+    try:
+        trainer.fit()
+    except TrainingFailedError as err:
+        cause = find_user_error(err)
+        if cause is None:
+            raise
+        raise DataError(str(cause)) from None  # bad input a worker met: one line, not the workers' tracebacks
     return _summary(run, data_dir, time.perf_counter() - t0)
 
 

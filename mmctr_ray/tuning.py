@@ -33,6 +33,8 @@ from typing import Any
 
 from mmctr_ray.config import ExperimentConfig
 from mmctr_ray.errors import ConfigError, OutputExistsError
+from mmctr_ray.preflight import check_splits
+from mmctr_ray.schema import SPLITS
 from mmctr_ray.search_space import SearchSpace, load_search
 
 log = logging.getLogger(__name__)
@@ -174,6 +176,19 @@ def _prepare(tune_dir: Path, search_yaml: Path | None, settings: dict[str, Any],
     return settings
 
 
+def check_inputs(data_dir: str | Path, search_yaml: str | Path | None, overrides: list[str] = (),
+                 resume: bool = False) -> None:
+    """Raise a one-line error, before Ray starts and before TUNE is touched, if the search cannot run: its
+    YAML (search section and the experiment config under it) or the data's splits."""
+    if resume and search_yaml is not None:
+        raise ConfigError("--resume continues TUNE with its own search.yaml: drop --config")
+    if not resume and search_yaml is None:
+        raise ConfigError("--config is required: an experiment YAML with a search: section")
+    if search_yaml is not None:
+        load_search(Path(search_yaml), list(overrides))
+    check_splits(data_dir, SPLITS)
+
+
 def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Path | None, overrides: list[str] = (),
                num_samples: int | None = None, max_concurrent: int | None = None, gpus_per_trial: float = 0.0,
                workers: int = 1, cpus_per_worker: float = 1.0, source: str = "shipped", resume: bool = False,
@@ -189,10 +204,7 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
     data, tdir = Path(data_dir).resolve(), Path(tune_dir).resolve()
     settings = {"data": str(data), "workers": workers, "cpus_per_worker": cpus_per_worker,
                 "gpus_per_worker": gpus_per_trial / workers, "source": source, "overrides": list(overrides)}
-    if resume and search_yaml is not None:
-        raise ConfigError("--resume continues TUNE with its own search.yaml: drop --config")
-    if not resume and search_yaml is None:
-        raise ConfigError("--config is required: an experiment YAML with a search: section")
+    check_inputs(data, search_yaml, overrides, resume)
     if not resume:  # a search that cannot fit fails before anything is written
         trial_concurrency(ray.cluster_resources(), workers, cpus_per_worker, settings["gpus_per_worker"])
     settings = _prepare(tdir, Path(search_yaml) if search_yaml else None, settings, resume, overwrite)

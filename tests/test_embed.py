@@ -22,7 +22,7 @@ import pytest
 from mmctr_ray.embed.image import CORRUPT, MISSING, OK, ImageEncoder, decode_covers
 from mmctr_ray.embed.pipeline import FAULT_ENV, run_embed
 from mmctr_ray.embed.text import TextEncoder, load_tokenizer, tokenize
-from mmctr_ray.errors import ConfigError, OutputExistsError
+from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.features import list_matrix
 from mmctr_ray.schema import Layout
 
@@ -108,6 +108,18 @@ def test_embed_writes_every_item_in_order_and_flags_bad_covers(embedded, covers_
     pixels, st = decode_covers(np.arange(1, 21), str(Layout(covers_data).images_dir), 32)
     direct_image = ImageEncoder(CLIP_TINY).encode(pixels[st == OK])
     np.testing.assert_allclose(image[:20][st == OK], direct_image, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_too_many_bad_covers_fail_naming_the_first_and_leave_no_output(embedded, covers_data, bert_tiny, tmp_path):
+    out = tmp_path / "e.parquet"
+    with pytest.raises(DataError, match=r"3\.jpg: 1 of 200 covers missing .* --max-bad-covers=0 "):
+        embed(covers_data, out, bert_tiny, max_bad_covers=0)  # counted before any encoding
+    assert not out.exists() and not Path(f"{out}.parts").exists()
+    # 1 missing passes 0.007 × 200 = 1.4; with the corrupt one, 2 do not: found when the shards are assembled
+    with pytest.raises(DataError, match=r"7\.jpg: 2 of 200 covers missing or corrupt .*--max-bad-covers=0.007 "):
+        embed(covers_data, out, bert_tiny, max_bad_covers=0.007)
+    assert not out.exists() and not list(tmp_path.glob("*.partial*")) and list(Path(f"{out}.parts").glob("*"))
 
 
 @pytest.mark.slow

@@ -40,6 +40,7 @@ from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.schema import Layout
 
 log = logging.getLogger(__name__)
+MAX_BAD_COVERS = 0.1  # default share of items whose cover may be missing or corrupt
 FAULT_ENV = "MMCTR_FAULT_EMBED_EXIT_AFTER_SHARDS"  # tests: the driver exits hard after writing N shards
 
 
@@ -166,8 +167,14 @@ class _Progress:
 def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, image_model: str, pooling: str = "cls",
               gpus_per_actor: float = 0.0, actors: int = 1, batch_size: int = 64, max_length: int = 32,
               shard_items: int = 4_096, seed: int = 0, cpus_per_actor: float = 1.0, overwrite: bool = False,
-              progress: Callable[[str], None] = log.info) -> dict[str, Any]:
-    """Embed every item of ``data_dir`` into ``out``; return the summary (also written as ``X.embed.json``)."""
+              max_bad_covers: float = MAX_BAD_COVERS, progress: Callable[[str], None] = log.info) -> dict[str, Any]:
+    """Embed every item of ``data_dir`` into ``out``; return the summary (also written as ``X.embed.json``).
+
+    Items whose cover is missing or corrupt get a zero image vector and a status; more of them than the share
+    ``max_bad_covers`` is an error (a wrong cover folder, a broken download): missing files are counted before
+    any encoding, corrupt ones when the shards are assembled (the shards stay, so a re-run with a higher limit
+    encodes nothing again).
+    """
     out, lay = Path(out).resolve(), Layout(Path(data_dir).resolve())
     if out.suffix != ".parquet":
         raise ConfigError(f"{out}: --out must name a .parquet file")
@@ -182,9 +189,13 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
     settings = EmbedSettings(str(check_model_dir(text_model)), image_model, pooling, max_length, seed, shard_items)
     parse_image_model(image_model)
     load_tokenizer(settings.text_model)  # a broken tokenizer fails here, as one line, not inside a task
+    if not 0 <= max_bad_covers <= 1:
+        raise ConfigError(f"--max-bad-covers={max_bad_covers}: expected a share in [0, 1]")
     items = _read_items(lay)
     if not items.num_rows:
         raise DataError(f"{lay.item_feature}: no items to embed")
+    absent = [i for i in items.column("item_id").to_pylist() if not lay.image(i).is_file()]
+    _check_bad_covers(len(absent), len(items), max_bad_covers, "missing", lay.image(absent[0]) if absent else None)
     store = ShardStore(out, settings, overwrite)
     n = len(items)
     n_shards = -(-n // shard_items)
@@ -197,7 +208,7 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
         timing = _encode_shards(items, pending, store, settings, lay, gpus_per_actor, actors, batch_size,
                                 cpus_per_actor, progress)
     seconds = time.perf_counter() - t0
-    summary = _assemble(out, store, n_shards, settings, n, seconds, timing)
+    summary = _assemble(out, store, n_shards, settings, n, seconds, timing, lay, max_bad_covers)
     progress(f"embed: wrote {out}: {n} items ({summary['image_missing']} without a usable cover) in {seconds:.1f} s")
     return summary
 
@@ -243,13 +254,20 @@ def _encode_shards(items: pa.Table, pending: list[int], store: ShardStore, s: Em
     return {"encoded": meter.done, "first_result_seconds": round(meter.first or 0.0, 3)}
 
 
+def _check_bad_covers(bad: int, total: int, limit: float, what: str, first: Path | None) -> None:
+    if bad > limit * total:
+        raise DataError(f"{first}: {bad:,} of {total:,} covers {what} (this one first); expected at most "
+                        f"--max-bad-covers={limit:g} of them (check the cover folder, or raise the limit)")
+
+
 def _assemble(out: Path, store: ShardStore, n_shards: int, s: EmbedSettings, n: int, seconds: float,
-              timing: dict[str, Any]) -> dict[str, Any]:
+              timing: dict[str, Any], lay: Layout, max_bad_covers: float) -> dict[str, Any]:
     missing = [p for p in range(n_shards) if not store.done(p)]
     if missing:
         raise DataError(f"{store.path(missing[0])}: shard missing after the pipeline finished")
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     counts = {"image_missing": 0, "cover_file_missing": 0, "cover_corrupt": 0}
+    first_corrupt = None
     writer = None
     try:
         for p in range(n_shards):
@@ -258,12 +276,20 @@ def _assemble(out: Path, store: ShardStore, n_shards: int, s: EmbedSettings, n: 
             counts["image_missing"] += int((status != OK).sum())
             counts["cover_file_missing"] += int((status == MISSING).sum())
             counts["cover_corrupt"] += int((status == CORRUPT).sum())
+            if first_corrupt is None and (status == CORRUPT).any():
+                first_corrupt = lay.image(int(table.column("item_id")[int(np.argmax(status == CORRUPT))].as_py()))
             writer = writer or pq.ParquetWriter(tmp, table.schema)
             writer.write_table(table)
         dims = {"text_dim": len(table.column("txt_emb")[0]), "image_dim": len(table.column("img_emb")[0])}
     finally:
         if writer is not None:
             writer.close()
+    try:
+        # too many missing files failed before encoding: past the limit now means corrupt ones among them
+        _check_bad_covers(counts["image_missing"], n, max_bad_covers, "missing or corrupt", first_corrupt)
+    except DataError:
+        os.unlink(tmp)
+        raise
     encoded = timing.pop("encoded")
     summary = {**asdict(s), **dims, "items": n, **counts, "encoded_now": encoded, "seconds": round(seconds, 3),
                "items_per_s": round(encoded / seconds, 2) if seconds > 0 and encoded else None, **timing}

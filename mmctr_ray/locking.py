@@ -1,0 +1,49 @@
+"""One writer per output: a stage holds an exclusive lock on its output while it runs, so a second run pointed
+at the same RUN, TUNE or file refuses at once instead of interleaving with the first.
+
+The lock is an OS file lock (``filelock``): it ends with the process that holds it, so a killed run leaves no
+stale lock behind. A local output's lock file sits beside it (``.NAME.mmctr.lock``; on a shared filesystem
+with POSIX locks it guards every machine that mounts it). A storage URI's lock lives in this machine's cache
+(``~/.cache/mmctr/locks``): object stores have no locks, so two machines writing one URI are not stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import filelock
+
+from mmctr_ray import storage
+from mmctr_ray.errors import OutputExistsError
+
+
+def lock_path(target: storage.Location) -> Path:
+    """Where the lock file of output ``target`` lives."""
+    if storage.is_uri(target):
+        key = hashlib.sha256(str(target).encode()).hexdigest()[:24]
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mmctr" / "locks"
+        base.mkdir(parents=True, exist_ok=True)
+        return base / f"{key}.lock"
+    path = Path(target).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.parent / f".{path.name}.mmctr.lock"
+
+
+@contextmanager
+def output_lock(target: storage.Location, stage: str) -> Iterator[None]:
+    """Hold ``target``'s lock for the block; raise OutputExistsError at once if another process holds it."""
+    path = lock_path(target)
+    lock = filelock.FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise OutputExistsError(f"{target}: in use by another `mmctr {stage}` (it holds {path}); wait for it to end "
+                                f"or choose another output") from None
+    try:
+        yield
+    finally:
+        lock.release()

