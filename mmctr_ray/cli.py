@@ -246,42 +246,41 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     log.info("%s: mmctr_ray from %s", label, Path(__file__).parent)  # on a cluster: the job's working_dir copy
     resume = args.resume
     pipeline.check_out(out, resume, args.overwrite)
+    work = pipeline.work_dir(out, args.work)
     run = storage.join(out, "run")
     continuing = resume and storage.is_file(storage.join(run, "config.yaml"))  # else train starts the run
-    with pipeline.work_dir(out, args.work) as work:
-        data = pipeline.local_data(args.data, work, resume) if args.data else work / "data"
-        raw = work / "item_raw_emb.parquet"
-        fused = work / "item_emb.parquet"
-        gpus_per_actor = args.gpus_per_worker if args.gpus_per_actor is None else args.gpus_per_actor
-        step_args = {**vars(args), "data": data, "actors": args.actors, "gpus_per_actor": gpus_per_actor}
+    data = pipeline.local_data(args.data, work, resume) if args.data else work / "data"
+    raw, fused = work / "item_raw_emb.parquet", work / "item_emb.parquet"
+    gpus_per_actor = args.gpus_per_worker if args.gpus_per_actor is None else args.gpus_per_actor
+    step_args = {**vars(args), "data": data, "gpus_per_actor": gpus_per_actor}
 
-        def ns(**changes) -> argparse.Namespace:
-            return argparse.Namespace(**{**step_args, **changes})
+    def ns(**changes) -> argparse.Namespace:
+        return argparse.Namespace(**{**step_args, **changes})
 
-        steps: list[tuple[str, Callable[[], int]]] = []
-        if not args.data and not (resume and Layout(data).synth_manifest.is_file()):
-            steps.append(("synth", lambda: cmd_synth(ns(out=data))))
-        steps += [("validate", lambda: cmd_validate(argparse.Namespace(data=data, expect_test_rows=None))),
-                  ("features", lambda: cmd_features(ns(out=work / "features")))]
-        if args.embed and not (resume and raw.is_file()):
-            steps.append(("embed", lambda: cmd_embed(ns(out=raw, pooling="cls", batch_size=64, max_length=32,
-                                                        shard_items=4096, seed=0, cpus_per_actor=1.0,
-                                                        overwrite=args.overwrite))))
-        if not (resume and fused.is_file()):
-            steps.append(("fuse", lambda: _fuse_step(args, data, fused, str(raw) if args.embed else "shipped")))
-        steps += [("train", lambda: cmd_train(ns(out=str(run), resume=continuing, overwrite=args.overwrite,
-                                                 fusion=None if continuing else fused,
-                                                 config=None if continuing else args.config))),
-                  ("predict", lambda: cmd_predict(ns(run=str(run), out=work / "submission.zip", split="test",
-                                                     overwrite=True))),
-                  ("report", lambda: cmd_report(argparse.Namespace(run=str(run), top=10)))]
-        for name, step in steps:
-            log.info("== %s: %s", label, name)
-            rc = step()
-            if rc:
-                log.error("%s stopped: %s exited %d", label, name, rc)
-                return rc
-            pipeline.publish(name, work, out)
+    steps: list[tuple[str, Callable[[], int]]] = []
+    if not args.data and not (resume and Layout(data).synth_manifest.is_file()):
+        steps.append(("synth", lambda: cmd_synth(ns(out=data))))
+    steps += [("validate", lambda: cmd_validate(argparse.Namespace(data=data, expect_test_rows=None))),
+              ("features", lambda: cmd_features(ns(out=work / "features")))]
+    if args.embed and not (resume and raw.is_file()):
+        steps.append(("embed", lambda: cmd_embed(ns(out=raw, pooling="cls", batch_size=64, max_length=32,
+                                                    shard_items=4096, seed=0, cpus_per_actor=1.0,
+                                                    overwrite=args.overwrite))))
+    if not (resume and fused.is_file()):
+        steps.append(("fuse", lambda: _fuse_step(args, data, fused, str(raw) if args.embed else "shipped")))
+    steps += [("train", lambda: cmd_train(ns(out=str(run), resume=continuing, overwrite=args.overwrite,
+                                             fusion=None if continuing else fused,
+                                             config=None if continuing else args.config))),
+              ("predict", lambda: cmd_predict(ns(run=str(run), out=work / "submission.zip", split="test",
+                                                 overwrite=True))),
+              ("report", lambda: cmd_report(argparse.Namespace(run=str(run), top=10)))]
+    for name, step in steps:
+        log.info("== %s: %s", label, name)
+        rc = step()
+        if rc:
+            log.error("%s stopped: %s exited %d", label, name, rc)
+            return rc
+        pipeline.publish(name, work, out)
     summary = json.loads(storage.read_text(storage.join(run, "summary.json")))
     oracle = summary.get("oracle_valid_auc")
     print(f"{label}: valid AUC {summary['best_valid_auc']:.4f}{f' (oracle {oracle:.4f})' if oracle else ''} at "
@@ -299,8 +298,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for every stage's outputs: a local path or a storage URI "
                                                 "(s3://, gs://, file://, ...)")
-    p.add_argument("--work", type=Path, help="local folder for the file-based stages when OUT is a URI (default: "
-                                             "a temporary folder; on a multi-node cluster a shared path)")
+    p.add_argument("--work", type=Path, help="with a URI OUT (required then): local folder for the data and the "
+                                             "file-based stages' outputs, which the run refers to (on a "
+                                             "multi-node cluster a path every node mounts)")
     p.add_argument("--embed", action="store_true", help="embed titles and covers (`mmctr embed`) and fuse those "
                                                         "vectors instead of the shipped txt_emb_BERT/img_emb_CLIPRN50")
     p.add_argument("--text-model", type=Path, help="with --embed: local BERT-family model directory")

@@ -2,22 +2,20 @@
 
 OUT is a local path or a storage URI (:mod:`mmctr_ray.storage`). The run goes straight to ``OUT/run`` (Ray Train
 writes URIs itself). The stages whose code reads and writes local files (synth, a downloaded ``--data``,
-features, embed, fuse, predict) work in a local folder: OUT itself when OUT is local; else ``--work`` (a shared
-path on a multi-node cluster, since the training workers read the data and the fused table from it) or a
-temporary folder, and each stage's outputs are copied up to OUT when the stage ends. The data is an input and
-is never copied up.
+features, embed, fuse, predict) work in a local folder: OUT itself when OUT is local; else ``--work``, and each
+stage's outputs are copied up to OUT when the stage ends. ``--work`` must outlive the job (on a multi-node
+cluster: a path every node mounts): the training workers read the data and the fused table from it, and the
+run records the fused table by its path there, for ``predict`` and ``--resume``. The data is an input and is
+never copied up.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from mmctr_ray import storage
-from mmctr_ray.errors import DataError, OutputExistsError
+from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +35,18 @@ def check_out(out: storage.Location, resume: bool, overwrite: bool) -> None:
                                 f"to replace its outputs")
 
 
-@contextlib.contextmanager
-def work_dir(out: storage.Location, work: Path | None) -> Iterator[Path]:
-    """The local folder the file-based stages write: OUT when local, else ``work`` or a temporary folder."""
+def work_dir(out: storage.Location, work: Path | None) -> Path:
+    """The local folder the file-based stages write: OUT when local, else ``work`` (required then)."""
     if not storage.is_uri(out):
-        Path(out).mkdir(parents=True, exist_ok=True)
-        yield Path(out)
-    elif work is not None:
-        Path(work).mkdir(parents=True, exist_ok=True)
-        yield Path(work).resolve()
+        folder = Path(out)
+    elif work is None:
+        raise ConfigError(f"{out}: OUT is a URI, so pass --work DIR: a local folder (on a multi-node cluster one "
+                          f"every node mounts) for the data, the fused table the run refers to, and the other "
+                          f"file-based outputs before they are copied to OUT")
     else:
-        with tempfile.TemporaryDirectory(prefix="mmctr-pipeline-") as tmp:
-            log.info("OUT is %s: local stage outputs go through %s (pass --work to keep them)", out, tmp)
-            yield Path(tmp)
+        folder = Path(work).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def publish(stage: str, work: Path, out: storage.Location) -> None:
