@@ -272,6 +272,8 @@ def test_pipeline_job_on_a_token_auth_head(ray_head, tmp_path):
     # outputs under the file:// OUT: run, report, fused table, features summary, submission
     summary = json.loads((out / "run" / "summary.json").read_text())
     assert summary["epochs"] == 2 and 0.0 < summary["best_valid_auc"] <= 1.0
+    epochs = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [len(e["worker_peak_rss_mib"]) for e in epochs] == [1, 1] and epochs[0]["worker_peak_rss_mib"][0] > 100
     assert (out / "run" / "report" / "curves.png").is_file() and (out / "run" / "checkpoint_epoch_002").is_dir()
     assert (out / "item_emb.parquet").is_file() and (out / "features" / "features_summary.json").is_file()
     with zipfile.ZipFile(out / "submission.zip") as z:
@@ -289,17 +291,19 @@ def test_kuberay_rayjob_runs_the_pipeline_job():
     job = yaml.safe_load((ROOT / "k8s" / "rayjob.yaml").read_text())
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     spec = job["spec"]
+    dockerfile = (ROOT / "k8s" / "Dockerfile").read_text().splitlines()
+    base = next(line.split()[1] for line in dockerfile if line.startswith("FROM "))
+    project = next(line.split()[-1] for line in dockerfile if line.startswith("COPY ")) + "/"  # in the image
     words = shlex.split(spec["entrypoint"])
-    assert words[:2] == ["python", "jobs/pipeline.py"] and (ROOT / words[1]).is_file()
+    assert words[0] == "python" and words[1] == project + "jobs/pipeline.py" and (ROOT / "jobs/pipeline.py").is_file()
+    config = words[words.index("--config") + 1]
+    assert config.startswith(project) and (ROOT / config.removeprefix(project)).is_file()
     build_parser().parse_args(["pipeline", *words[2:]])
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
-    assert runtime_env["working_dir"] and {".git", ".venv"} <= set(runtime_env["excludes"])
     assert runtime_env["env_vars"]["HF_HUB_OFFLINE"] == "1"
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] >= 0
     cluster = spec["rayClusterSpec"]
     assert cluster["rayVersion"] == "2.60.0" and cluster["authOptions"]["mode"] == "token"
-    base = next(line.split()[1] for line in (ROOT / "k8s" / "Dockerfile").read_text().splitlines()
-                if line.startswith("FROM "))
     assert base.startswith(f"rayproject/ray:{cluster['rayVersion']}-")
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in head["resources"]["limits"]
