@@ -235,45 +235,101 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_fuse(args: argparse.Namespace, data: Path, out: Path) -> int:
-    """The config's fusion section (the shipped vectors of synth) → the item table the demo trains on."""
+def _fuse_step(args: argparse.Namespace, data: Path, out: Path, source: str) -> int:
+    """The config's fusion section over ``source`` (the shipped vectors, or a file of embed) → the item table."""
     from mmctr_ray.fuse import run_fuse
 
-    run_fuse(data, out, _config(args).fusion, overwrite=True)
+    run_fuse(data, out, _config(args).fusion, source=source, overwrite=True)
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    """The whole chain, as `mmctr pipeline` and `mmctr demo` run it: [synth] → validate → features → [embed] →
+    fuse → train → predict → report; each step is the stage's own command function.
+
+    OUT (``--out``) is a local path or a storage URI (see :mod:`mmctr_ray.pipeline`). Without ``--data`` the data
+    is synthesized into the work folder. ``--resume`` keeps what earlier steps left (data, embed shards, fused
+    table) and continues training from the run's latest checkpoint; predict and report run again.
+    """
+    from mmctr_ray import pipeline
+    from mmctr_ray.schema import Layout
+
+    label = getattr(args, "command", None) or "pipeline"
+    out = storage.normalize(str(args.out))
+    log.info("%s: mmctr_ray from %s", label, Path(__file__).parent)  # on a cluster: the job's working_dir copy
+    resume = args.resume
+    pipeline.check_out(out, resume, args.overwrite)
+    _start_ray(args, ray_train=True)  # one Ray for every step, with the state API that training needs
+    work = pipeline.work_dir(out, args.work)
+    run = storage.join(out, "run")
+    continuing = resume and storage.is_file(storage.join(run, "config.yaml"))  # else train starts the run
+    data = pipeline.local_data(args.data, work, resume) if args.data else work / "data"
+    raw, fused = work / "item_raw_emb.parquet", work / "item_emb.parquet"
+    gpus_per_actor = args.gpus_per_worker if args.gpus_per_actor is None else args.gpus_per_actor
+    step_args = {**vars(args), "data": data, "gpus_per_actor": gpus_per_actor}
+
+    def ns(**changes) -> argparse.Namespace:
+        return argparse.Namespace(**{**step_args, **changes})
+
+    steps: list[tuple[str, Callable[[], int]]] = []
+    if not args.data and not (resume and Layout(data).synth_manifest.is_file()):
+        steps.append(("synth", lambda: cmd_synth(ns(out=data))))
+    steps += [("validate", lambda: cmd_validate(argparse.Namespace(data=data, expect_test_rows=None))),
+              ("features", lambda: cmd_features(ns(out=work / "features")))]
+    if args.embed and not (resume and raw.is_file()):
+        steps.append(("embed", lambda: cmd_embed(ns(out=raw, pooling="cls", batch_size=64, max_length=32,
+                                                    shard_items=4096, seed=0, cpus_per_actor=1.0,
+                                                    overwrite=args.overwrite))))
+    if not (resume and fused.is_file()):
+        steps.append(("fuse", lambda: _fuse_step(args, data, fused, str(raw) if args.embed else "shipped")))
+    steps += [("train", lambda: cmd_train(ns(out=str(run), resume=continuing, overwrite=args.overwrite,
+                                             fusion=None if continuing else fused,
+                                             config=None if continuing else args.config))),
+              ("predict", lambda: cmd_predict(ns(run=str(run), out=work / "submission.zip", split="test",
+                                                 overwrite=True))),
+              ("report", lambda: cmd_report(argparse.Namespace(run=str(run), top=10)))]
+    for name, step in steps:
+        log.info("== %s: %s", label, name)
+        rc = step()
+        if rc:
+            log.error("%s stopped: %s exited %d", label, name, rc)
+            return rc
+        pipeline.publish(name, work, out)
+    summary = json.loads(storage.read_text(storage.join(run, "summary.json")))
+    oracle = summary.get("oracle_valid_auc")
+    print(f"{label}: valid AUC {summary['best_valid_auc']:.4f}{f' (oracle {oracle:.4f})' if oracle else ''} at "
+          f"epoch {summary['best_epoch']}; submission {storage.join(out, 'submission.zip')}; report "
+          f"{storage.join(run, 'report')}")
+    log.info("%s done: outputs under %s", label, out)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on synthetic data: synth → validate → features → fuse → train → predict → report."""
-    out = Path(args.out)
-    data = out / "data"
-    _start_ray(args, ray_train=True)  # one Ray for every stage, with the state API that training needs
-    steps: list[tuple[str, Callable[[], int]]] = [
-        ("synth", lambda: cmd_synth(argparse.Namespace(**{**vars(args), "out": data}))),
-        ("validate", lambda: cmd_validate(argparse.Namespace(data=data, expect_test_rows=None))),
-        ("features", lambda: cmd_features(argparse.Namespace(**{**vars(args), "data": data,
-                                                               "out": out / "features"}))),
-        ("fuse", lambda: _demo_fuse(args, data, out / "item_emb.parquet")),
-        ("train", lambda: cmd_train(argparse.Namespace(**{**vars(args), "data": data, "out": out / "run",
-                                                         "fusion": out / "item_emb.parquet", "resume": False,
-                                                         "overwrite": True}))),
-        ("predict", lambda: cmd_predict(argparse.Namespace(**{**vars(args), "run": out / "run", "data": data,
-                                                             "out": out / "submission.zip", "split": "test",
-                                                             "overwrite": True, "actors": 1,
-                                                             "gpus_per_actor": args.gpus_per_worker}))),
-        ("report", lambda: cmd_report(argparse.Namespace(run=out / "run", top=10))),
-    ]
-    for name, step in steps:
-        log.info("== demo: %s", name)
-        rc = step()
-        if rc:
-            log.error("demo stopped: %s exited %d", name, rc)
-            return rc
-    summary = json.loads((out / "run" / "summary.json").read_text())
-    print(f"demo: valid AUC {summary['best_valid_auc']:.4f} (oracle {summary['oracle_valid_auc']:.4f}) at epoch "
-          f"{summary['best_epoch']}; submission {out / 'submission.zip'}; report {out / 'run' / 'report'}")
-    log.info("demo done: outputs under %s", out)
-    return 0
+    """The main job on synthetic data: the pipeline without --data."""
+    return cmd_pipeline(argparse.Namespace(**{**vars(args), "data": None}))
+
+
+def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="folder for every stage's outputs: a local path or a storage URI "
+                                                "(s3://, gs://, file://, ...)")
+    p.add_argument("--work", type=Path, help="with a URI OUT (required then): local folder for the data and the "
+                                             "file-based stages' outputs, which the run refers to (on a "
+                                             "multi-node cluster a path every node mounts)")
+    p.add_argument("--embed", action="store_true", help="embed titles and covers (`mmctr embed`) and fuse those "
+                                                        "vectors instead of the shipped txt_emb_BERT/img_emb_CLIPRN50")
+    p.add_argument("--text-model", type=Path, help="with --embed: local BERT-family model directory")
+    p.add_argument("--image-model", default="RN50", metavar="ARCH[:WEIGHTS]",
+                   help="with --embed: open_clip architecture and local weights (default RN50, random weights)")
+    _add_worker_args(p, "actors", "encoder and scoring actors")
+    p.add_argument("--gpus-per-actor", type=float, help="GPUs per encoder/scoring actor (default: "
+                                                        "--gpus-per-worker)")
+    p.add_argument("--resume", action="store_true", help="continue in OUT: keep the data, embed shards and fused "
+                                                         "table there, resume training from the latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in OUT")
+    _add_training_args(p)
+    _add_synth_args(p)
+    _add_config_args(p)
+    _add_ray_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -413,20 +469,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="trials to list for a search (default 10)")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("pipeline", help="the whole chain on DATA (or synthetic data): validate → features → "
+                                        "[embed] → fuse → train → predict → report",
+                       description="Run every stage into OUT (a local path or a storage URI): data/ (synthetic, "
+                                   "without --data), features/, item_emb.parquet (fused from the shipped vectors, "
+                                   "or from item_raw_emb.parquet with --embed), run/, submission.zip, "
+                                   "run/report/. The same chain as `mmctr demo`; jobs/pipeline.py submits it.")
+    p.add_argument("--data", help="data directory (holds MicroLens_1M_x1/): a local or shared path, or a URI "
+                                  "copied into the work folder; default: synthesize it (size flags below)")
+    _add_pipeline_args(p)
+    p.set_defaults(func=cmd_pipeline)
+
     p = sub.add_parser("demo", help="the main job on synthetic data: synth → validate → features → fuse → "
                                     "train → predict → report",
                        description="Run the whole pipeline on freshly generated synthetic data under --out.")
-    p.add_argument("--out", type=Path, required=True, help="folder for data/ and every stage's outputs")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
-    _add_training_args(p)
-    _add_synth_args(p)
-    _add_config_args(p)
-    _add_ray_args(p)
+    _add_pipeline_args(p)
     p.set_defaults(func=cmd_demo)
     return parser
 
 
-WRITERS = ("synth", "features", "embed", "fuse", "train", "predict", "tune", "demo")  # stages with an --out
+WRITERS = ("synth", "features", "embed", "fuse", "train", "predict", "tune", "demo", "pipeline")  # stages with an --out
 
 
 def _refuse_existing_output(args: argparse.Namespace) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -111,6 +112,20 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
+def _gather(obj: Any) -> list[Any]:
+    """Every rank's object, in rank order (``[obj]`` without torch.distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    box: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(box, obj)
+    return box
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far, MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, resume_from: str | None) -> TrainState | None:
     import ray.train
 
@@ -189,7 +204,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         row = {"epoch": epoch, "train_loss": float(loss_sum) / max(step, 1), "valid_auc": metrics["auc"],
                "valid_logloss": metrics["logloss"], "valid_rows": metrics["rows"], "lr": state.lr,
                "samples_per_s": rows / seconds if seconds > 0 and step > 1 else None,
-               "epoch_seconds": epoch_seconds}
+               "epoch_seconds": epoch_seconds,
+               "worker_peak_rss_mib": [round(m, 1) for m in _gather(peak_rss_mib())]}  # one per rank
         stop = update_schedule(state, metrics["auc"], cfg.train)
         state.history = [*(state.history or []), row]
         with tempfile.TemporaryDirectory() as tmp:
@@ -197,6 +213,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 save_checkpoint(Path(tmp), model, optimizer, state, cfg, fmap, table.source)
                 run_log.epoch_end(state)
             checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
-            ray.train.report({**row, "best_valid_auc": state.best_auc}, checkpoint=checkpoint,
+            scalars = {k: v for k, v in row.items() if k != "worker_peak_rss_mib"}  # metrics.jsonl keeps the list
+            ray.train.report({**scalars, "best_valid_auc": state.best_auc}, checkpoint=checkpoint,
                              checkpoint_dir_name=f"checkpoint_epoch_{epoch:03d}")
     run_log.close()

@@ -14,7 +14,8 @@ import yaml
 from mmctr_ray.cli import build_parser, main
 from mmctr_ray.schema import Layout
 
-STAGES = ["synth", "validate", "features", "embed", "fuse", "train", "tune", "predict", "report", "demo"]
+STAGES = ["synth", "validate", "features", "embed", "fuse", "train", "tune", "predict", "report", "pipeline",
+          "demo"]
 ROOT = Path(__file__).parent.parent
 
 
@@ -131,3 +132,17 @@ def test_demo_runs_the_main_job(tmp_path):
     assert (out / "submission.zip").is_file() and (out / "run" / "report" / "curves.png").is_file()
     assert "demo: valid AUC" in r.stdout and "oracle" in r.stdout
     assert "demo done" in r.stderr
+
+
+def test_pipeline_refuses_before_any_stage_runs(tmp_path):
+    """A non-empty OUT needs --resume or --overwrite; a URI OUT needs --work (the run refers to files there)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "something").write_text("x")
+    r = run_cli("pipeline", "--out", str(out), "--data", str(tmp_path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().endswith(f"{out}: not empty; pass --resume to continue the pipeline there or --overwrite "
+                                     "to replace its outputs")
+    r = run_cli("pipeline", "--out", f"file://{tmp_path}/uri_out")
+    assert r.returncode == 2 and "OUT is a URI, so pass --work DIR" in r.stderr
+    assert not (tmp_path / "uri_out").exists()

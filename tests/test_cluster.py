@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +34,21 @@ def test_cluster_yaml_is_valid(cluster_cfg):
     assert any(t["resources"].get("GPU", 0) >= 1 for t in types.values())
 
 
+def test_cluster_setup_installs_torch_then_the_project(cluster_cfg):
+    """The Makefile's order on the rayproject/ray:2.60.0 image: torch/torchvision, then the project with extras,
+    from the folder the checkout is mounted at; every node starts Ray with token authentication."""
+    makefile = (ROOT / "Makefile").read_text()
+    torch_pins = next(line.split("=", 1)[1].split() for line in makefile.splitlines() if line.startswith("TORCH "))
+    assert cluster_cfg["docker"]["image"].startswith("rayproject/ray:2.60.0-")
+    first, second = cluster_cfg["setup_commands"]
+    assert all(f'"{pin}"' in first for pin in torch_pins) and "mmctr_ray" not in first
+    mount = next(remote for remote, local in cluster_cfg["file_mounts"].items() if local == ".")
+    assert f'-e "{mount.replace("~", "$HOME")}[test]"' in second
+    assert "~/.ray/auth_token" in cluster_cfg["file_mounts"]
+    for cmd in (cluster_cfg["head_start_ray_commands"][-1], cluster_cfg["worker_start_ray_commands"][-1]):
+        assert cmd.startswith("RAY_AUTH_MODE=token ray start")
+
+
 @pytest.mark.parametrize("where", ["top", "node_type"])
 def test_misspelled_key_fails_validation(cluster_cfg, where):
     import jsonschema
@@ -51,3 +69,253 @@ def test_job_entrypoints_forward_to_the_cli(job):
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert f"usage: mmctr {job.removesuffix('.py')}" in r.stdout
+
+
+def test_job_specs_are_submit_job_arguments():
+    """Each spec is JobSubmissionClient.submit_job's keyword arguments; its entrypoint parses with the CLI."""
+    import inspect
+    import shlex
+
+    from ray.job_submission import JobSubmissionClient
+
+    from mmctr_ray.cli import build_parser
+
+    allowed = set(inspect.signature(JobSubmissionClient.submit_job).parameters) - {"self"}
+    specs = sorted((ROOT / "jobs" / "specs").glob("*.yaml"))
+    assert {p.stem for p in specs} >= {"pipeline", "train"}
+    for path in specs:
+        spec = yaml.safe_load(path.read_text())
+        assert set(spec) <= allowed, f"{path.name}: {set(spec) - allowed}"
+        words = shlex.split(spec["entrypoint"])
+        assert words[0] == "python" and (ROOT / words[1]).is_file(), words[:2]
+        stage = Path(words[1]).stem
+        build_parser().parse_args([stage, *words[2:]])  # exits (SystemExit) on an unknown flag
+        env = spec["runtime_env"]
+        assert env["working_dir"] == "."
+        assert {".git", ".venv", "outputs"} <= set(env["excludes"])
+        assert env["env_vars"]["HF_HUB_OFFLINE"] == "1"
+
+
+# --- a Ray head of our own, with token authentication, for `ray job submit` -------------------------------------
+
+RAY_CLI = str(Path(sys.executable).parent / "ray")
+TINY_DATA = ["--users", "200", "--items", "100", "--train-rows", "2000", "--valid-rows", "300", "--test-rows", "300",
+             "--tags", "100", "--topics", "5", "--images", "8"]
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class LocalHead:
+    """``ray start --head --block`` in a process group of its own, with token authentication.
+
+    Everything is this head's alone: its ports (GCS, dashboard, dashboard agent, client server), its temp dir
+    (a short path under /tmp: Ray's socket paths must stay under 108 bytes) and its token file, given through
+    RAY_AUTH_TOKEN_PATH (never ~/.ray/auth_token, which other Rays on this machine may use). ``stop`` ends only
+    this head: SIGTERM to the blocking ``ray start``, whose handler stops the processes it started (GCS,
+    raylet, dashboard, ...; they also die with it through PR_SET_PDEATHSIG); then SIGKILL to its process group
+    if it lingers; then any process left whose command line or working directory lies in this head's temp dir
+    (workers and job drivers carry it). `ray stop` would end every Ray on the machine.
+    """
+
+    def __init__(self, num_cpus: int = 2) -> None:
+        import secrets
+        import tempfile
+
+        self.root = Path(tempfile.mkdtemp(prefix="mmray-", dir="/tmp"))
+        self.token = secrets.token_hex(32)
+        token_path = self.root / "auth_token"
+        token_path.write_text(self.token)
+        token_path.chmod(0o600)
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "PYTHONPATH")}
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path), RAY_USAGE_STATS_ENABLED="0",
+                   RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # SIGTERM: stop at once, no drain wait
+                   HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+        self.env = env  # PYTHONPATH dropped: the job must import mmctr_ray from its uploaded working_dir
+        gcs, self.dashboard_port, agent, client = _free_ports(4)
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.log = self.root / "head.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [RAY_CLI, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={self.dashboard_port}",
+                 "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={agent}",
+                 f"--ray-client-server-port={client}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+                 f"--temp-dir={self.root / 'ray'}", "--include-dashboard=true", "--disable-usage-stats"],
+                env=env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _get(self, path: str, token: str | None):
+        import urllib.request
+
+        request = urllib.request.Request(self.address + path,
+                                         headers={"Authorization": f"Bearer {token}"} if token else {})
+        return urllib.request.urlopen(request, timeout=10)
+
+    def http_status(self, path: str, token: str | None) -> int:
+        import urllib.error
+
+        try:
+            with self._get(path, token) as response:
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    def get_json(self, path: str) -> dict:
+        with self._get(path, self.token) as response:
+            return json.loads(response.read())
+
+    def wait_job(self, submission_id: str, timeout: float) -> str:
+        """The job's final status (SUCCEEDED, FAILED, STOPPED), polled through the authenticated jobs API."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.get_json(f"/api/jobs/{submission_id}")["status"]
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                return status
+            time.sleep(2)
+        return "TIMEOUT"
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        import time
+        import urllib.error
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"ray start exited {self.proc.returncode}:\n{self.tail()}"
+            try:
+                if self.http_status("/api/jobs/", self.token) == 200:
+                    return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(1)
+        raise AssertionError(f"the head's job API did not come up in {timeout:.0f}s:\n{self.tail()}")
+
+    def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([RAY_CLI, *args], env=self.env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.is_file() else ""
+
+    def stop(self) -> None:
+        import shutil
+        import signal
+
+        import psutil
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the group is this head's alone (start_new_session)
+        self.proc.wait(timeout=10)
+        root = str(self.root)
+        for proc in psutil.process_iter(["pid", "cmdline", "cwd", "uids"]):
+            try:
+                mine = proc.info["uids"] and proc.info["uids"].real == os.getuid()
+                if mine and (root in " ".join(proc.info["cmdline"] or []) or (proc.info["cwd"] or "").startswith(root)):
+                    proc.kill()
+            except psutil.Error:
+                pass
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    head = LocalHead(num_cpus=2)
+    try:
+        head.wait_ready()
+        yield head
+    finally:
+        head.stop()
+
+
+@pytest.mark.slow
+def test_pipeline_job_on_a_token_auth_head(ray_head, tmp_path):
+    """`ray job submit --working-dir .` of jobs/pipeline.py (tiny config, synthetic data, OUT a file:// URI)."""
+    import time
+    import zipfile
+
+    assert ray_head.http_status("/api/jobs/", None) == 401  # token authentication is on: no token, no API
+    assert ray_head.http_status("/api/jobs/", "0" * 64) == 403  # a wrong token is refused
+    spec = yaml.safe_load((ROOT / "jobs" / "specs" / "pipeline.yaml").read_text())
+    runtime_env = {k: v for k, v in spec["runtime_env"].items() if k != "working_dir"}  # --working-dir . below
+    (tmp_path / "runtime_env.yaml").write_text(yaml.safe_dump(runtime_env))
+    out, work, sid = tmp_path / "out", tmp_path / "work", f"mmctr-test-{os.getpid()}-{time.time_ns()}"
+    r = ray_head.ray("job", "submit", f"--address={ray_head.address}", "--working-dir", ".", "--runtime-env",
+                     str(tmp_path / "runtime_env.yaml"), "--submission-id", sid, "--no-wait", "--",
+                     "python", "jobs/pipeline.py", "--out", f"file://{out}", "--work", str(work),
+                     "--config", "configs/tiny.yaml", *TINY_DATA)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    status = ray_head.wait_job(sid, timeout=480)
+    logs = ray_head.get_json(f"/api/jobs/{sid}/logs")["logs"]
+    assert status == "SUCCEEDED", logs[-4000:]
+    # the job ran this checkout's code, from the working_dir Ray unpacked under the head's temp dir
+    origin = next(line for line in logs.splitlines() if "pipeline: mmctr_ray from" in line)
+    assert str(ray_head.root) in origin and "working_dir_files" in origin, origin
+    package = Path(origin.rsplit(" from ", 1)[1]).parent
+    assert (package / "jobs" / "pipeline.py").is_file() and not (package / ".git").exists()
+    assert sum(f.stat().st_size for f in package.rglob("*") if f.is_file()) < 100 * 2**20
+    # outputs under the file:// OUT: run, report, fused table, features summary, submission
+    summary = json.loads((out / "run" / "summary.json").read_text())
+    assert summary["epochs"] == 2 and 0.0 < summary["best_valid_auc"] <= 1.0
+    epochs = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [len(e["worker_peak_rss_mib"]) for e in epochs] == [1, 1] and epochs[0]["worker_peak_rss_mib"][0] > 100
+    assert (out / "run" / "report" / "curves.png").is_file() and (out / "run" / "checkpoint_epoch_002").is_dir()
+    assert (out / "item_emb.parquet").is_file() and (out / "features" / "features_summary.json").is_file()
+    with zipfile.ZipFile(out / "submission.zip") as z:
+        lines = z.read("prediction.csv").decode().splitlines()
+    assert lines[0] == "ID,Task2" and len(lines) == 301 and lines[1].startswith("0,")
+    assert "pipeline: valid AUC" in logs and not (out / "data").exists()  # the data stays in --work
+
+
+def test_kuberay_rayjob_runs_the_pipeline_job():
+    """k8s/rayjob.yaml: the fields KubeRay reads, consistent with jobs/, the Dockerfile and Ray 2.60.0."""
+    import shlex
+
+    from mmctr_ray.cli import build_parser
+
+    job = yaml.safe_load((ROOT / "k8s" / "rayjob.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    dockerfile = (ROOT / "k8s" / "Dockerfile").read_text().splitlines()
+    base = next(line.split()[1] for line in dockerfile if line.startswith("FROM "))
+    project = next(line.split()[-1] for line in dockerfile if line.startswith("COPY ")) + "/"  # in the image
+    words = shlex.split(spec["entrypoint"])
+    assert words[0] == "python" and words[1] == project + "jobs/pipeline.py" and (ROOT / "jobs/pipeline.py").is_file()
+    config = words[words.index("--config") + 1]
+    assert config.startswith(project) and (ROOT / config.removeprefix(project)).is_file()
+    build_parser().parse_args(["pipeline", *words[2:]])
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert runtime_env["env_vars"]["HF_HUB_OFFLINE"] == "1"
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] >= 0
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == "2.60.0" and cluster["authOptions"]["mode"] == "token"
+    assert base.startswith(f"rayproject/ray:{cluster['rayVersion']}-")
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head["resources"]["limits"]
+    assert {p["containerPort"] for p in head["ports"]} >= {6379, 8265}
+    (group,) = cluster["workerGroupSpecs"]
+    assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    worker = group["template"]["spec"]["containers"][0]
+    assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    assert worker["resources"]["requests"] == worker["resources"]["limits"]
+    for container in (head, worker):
+        assert container["image"].rsplit(":", 1)[1] == base.split(":", 1)[1]  # tag = Ray's image tag
+        assert {m["mountPath"] for m in container["volumeMounts"]} == {"/mnt/shared"}
+    gpus = float(words[words.index("--gpus-per-worker") + 1])
+    assert gpus * int(words[words.index("--workers") + 1]) <= group["maxReplicas"] * int(
+        worker["resources"]["limits"]["nvidia.com/gpu"])

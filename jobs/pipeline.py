@@ -1,0 +1,14 @@
+"""Ray job entrypoint for `mmctr pipeline`: validate → features → [embed] → fuse → train → predict → report.
+
+    ray job submit --working-dir . -- python jobs/pipeline.py --out s3://bucket/mmctr/p1 --data /shared/DATA \\
+        --config configs/paper.yaml --workers 4 --gpus-per-worker 1
+
+Without --data the data is synthesized first (size flags as `mmctr synth`). See jobs/specs/pipeline.yaml.
+"""
+
+import sys
+
+from mmctr_ray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["pipeline", *sys.argv[1:]]))
