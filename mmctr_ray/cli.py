@@ -21,8 +21,8 @@ from mmctr_ray.errors import ConfigError, UserError
 
 log = logging.getLogger("mmctr")
 
-CONVERT_RAW_FLAGS = ("pairs", "titles", "likes_views", "covers", "tags", "user_col", "item_col", "time_col", "title_col",
-                     "tag_col", "tag_sep")
+CONVERT_RAW_FLAGS = ("pairs", "titles", "likes_views", "covers", "tags", "user_col", "item_col", "time_col",
+                     "title_col", "tag_col", "tag_sep")
 SIZE_FLAGS = ("users", "items", "train_rows", "valid_rows", "test_rows", "tags", "topics", "seed", "chunk_rows")
 
 

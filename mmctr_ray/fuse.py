@@ -132,11 +132,11 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
 def _refuse_placeholders(data_dir: Path, strategy: str, source: str) -> None:
     """Data written by ``mmctr convert`` ships all-zero embedding columns: fusing them would train on nothing."""
     manifest = data_dir / "convert.json"
-    if (strategy == "given" or source == "shipped") and manifest.is_file():
-        if json.loads(manifest.read_text()).get("placeholder_embeddings"):
-            raise ConfigError(f"{data_dir}: converted by `mmctr convert`, its shipped embedding columns are zero "
-                              f"placeholders; run `mmctr embed --data {data_dir} --out item_raw_emb.parquet` and fuse "
-                              f"v1..v4 with --source item_raw_emb.parquet")
+    shipped = strategy == "given" or source == "shipped"
+    if shipped and manifest.is_file() and json.loads(manifest.read_text()).get("placeholder_embeddings"):
+        raise ConfigError(f"{data_dir}: converted by `mmctr convert`, its shipped embedding columns are zero "
+                          f"placeholders; run `mmctr embed --data {data_dir} --out item_raw_emb.parquet` and fuse "
+                          f"v1..v4 with --source item_raw_emb.parquet")
 
 
 def run_fuse(data_dir: str | Path, out: str | Path, cfg: FusionConfig, source: str = "shipped", pca: str = "auto",

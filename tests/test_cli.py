@@ -14,7 +14,7 @@ import yaml
 from mmctr_ray.cli import build_parser, main
 from mmctr_ray.schema import Layout
 
-STAGES = ["synth", "validate", "features", "embed", "fuse", "train", "tune", "predict", "report", "demo"]
+STAGES = ["synth", "convert", "validate", "features", "embed", "fuse", "train", "tune", "predict", "report", "demo"]
 ROOT = Path(__file__).parent.parent
 
 

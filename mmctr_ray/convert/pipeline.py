@@ -3,8 +3,8 @@
 Stages (the driver holds item-level arrays and the sorted user ids, never interactions)::
 
     raw files ──driver──▶ item catalogue (titles), likes/views levels, tags, covers, item mapping
-    interactions (read_csv) ─▶ per-block (user, item) counts ─▶ groupby(kind, key).sum ─▶ driver: sorted users,
-                                                                                  item popularity, unknown items
+    interactions (read_csv) ─▶ per-block user and item counts ─▶ groupby(kind, key).sum ─▶ driver: sorted
+                                                            users, item popularity, unknown items, bad values
     interactions ─▶ bucket = hash(user) % P ─▶ groupby(bucket).map_groups: sort each user's events, split,
                    histories, negatives (rows.py) ─▶ driver streams blocks into train/valid/test.parquet
 
@@ -15,24 +15,24 @@ last); a failed run removes its staging folder, so nothing that looks complete i
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mmctr_ray.convert.items import (MAPPING_DIR, copy_covers, levels, tag_matrix, write_item_tables,
-                                     write_mappings)
-from mmctr_ray.convert.raw import (RawFiles, RawItems, RawSpec, first_bad_line, locate, parse, read_interactions,
-                                   read_items)
+from mmctr_ray.convert.items import MAPPING_DIR, copy_covers, levels, tag_matrix, write_item_tables, write_mappings
+from mmctr_ray.convert.raw import (LineFormat, RawFiles, RawItems, RawSpec, first_bad_line, line_format, locate,
+                                   parse, read_interactions, read_items)
 from mmctr_ray.convert.rows import SPLIT_CODES, Lookups, RowSpec, build_rows, hash_u64, sort_events
 from mmctr_ray.data.writer import SPLIT_SCHEMA, _publish, list_array
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError, UserError
@@ -97,8 +97,9 @@ def _convert(raw: RawSpec, files: RawFiles, stage: Layout, spec: RowSpec, partit
     items = read_items(raw, files)
     progress(f"items: {len(items.raw_ids):,} in {files.titles.name} ({time.perf_counter() - t0:.1f}s)")
     with _ray_errors(), _data_context(shuffle):
-        interactions = read_interactions(raw, files)
-        users, popularity, total = _interaction_stats(interactions, raw, items, files, partitions)
+        fmt = line_format(raw, files)
+        interactions = read_interactions(fmt, files)
+        users, popularity, total = _interaction_stats(interactions, fmt, items, files, partitions)
         progress(f"interactions: {total:,} from {len(users):,} users ({time.perf_counter() - t0:.1f}s)")
         likes, views = np.r_[0, levels(items.likes)], np.r_[0, levels(items.views)]
         tags, vocab = tag_matrix(items.tags)
@@ -107,7 +108,7 @@ def _convert(raw: RawSpec, files: RawFiles, stage: Layout, spec: RowSpec, partit
         write_mappings(stage.root, items.raw_ids, users, vocab)
         lookups = ray.put(Lookups(users, items.raw_ids, np.cumsum(popularity, dtype=np.float64), likes, views))
         rows = (interactions.map_batches(_parse_with_bucket, batch_format="pyarrow",
-                                         fn_kwargs={"raw": raw, "sequences": files.sequences, "partitions": partitions})
+                                         fn_kwargs={"fmt": fmt, "partitions": partitions})
                 .groupby("bucket", num_partitions=partitions)
                 .map_groups(_bucket_rows, batch_format="numpy", fn_kwargs={"lookups": lookups, "spec": spec}))
         splits = _write_splits(rows, stage, progress, t0)
@@ -129,15 +130,15 @@ def _convert(raw: RawSpec, files: RawFiles, stage: Layout, spec: RowSpec, partit
     return manifest
 
 
-def _interaction_stats(interactions, raw: RawSpec, items: RawItems, files: RawFiles,
+def _interaction_stats(interactions, fmt: LineFormat, items: RawItems, files: RawFiles,
                        partitions: int) -> tuple[np.ndarray, np.ndarray, int]:
     """(sorted raw user ids, popularity of items 1..N, interactions) from a distributed count by key.
 
-    Non-integer values are counted in the tasks (kind 2) and located on the driver afterwards, so bad input
-    ends in one DataError naming the file, line and value instead of a failed Ray task.
+    Bad lines (wrong field count, non-integer values) are counted in the tasks (kind 2) and located on the driver
+    afterwards, so bad input ends in one DataError naming the file, line and value, not a failed Ray task.
     """
     stats = (interactions.map_batches(_key_counts, batch_format="pyarrow",
-                                      fn_kwargs={"raw": raw, "sequences": files.sequences})
+                                      fn_kwargs={"fmt": fmt})
              .groupby(["kind", "key"], num_partitions=partitions).sum("n"))
     users, keys, counts, bad = [], [], [], 0
     for b in stats.iter_batches(batch_format="numpy", batch_size=None):
@@ -147,7 +148,7 @@ def _interaction_stats(interactions, raw: RawSpec, items: RawItems, files: RawFi
         counts.append(b["sum(n)"][kind == 1])
         bad += int(b["sum(n)"][kind == 2].sum())
     if bad:
-        raise DataError(first_bad_line(raw, files) + f" ({bad:,} rows with non-integer values)")
+        raise DataError(f"{first_bad_line(fmt, files)} ({_count(bad, 'bad line')})")
     users_arr = np.sort(np.concatenate(users)) if users else np.zeros(0, np.int64)
     key_arr = np.concatenate(keys) if keys else np.zeros(0, np.int64)
     count_arr = np.concatenate(counts) if counts else np.zeros(0, np.int64)
@@ -156,16 +157,21 @@ def _interaction_stats(interactions, raw: RawSpec, items: RawItems, files: RawFi
     dense, known = items.dense(key_arr)
     if not known.all():
         unknown = np.sort(key_arr[~known])
-        raise DataError(f"{files.pairs}: {int(count_arr[~known].sum()):,} interactions with {len(unknown):,} items "
-                        f"not in {files.titles.name} (first: item {int(unknown[0])}); every item needs a title row")
+        raise DataError(f"{files.pairs}: {_count(int(count_arr[~known].sum()), 'interaction')} with "
+                        f"{_count(len(unknown), 'item')} not in {files.titles.name} (first: item {int(unknown[0])}); "
+                        f"every item needs a title row")
     popularity = np.zeros(len(items.raw_ids), dtype=np.float64)
     popularity[dense - 1] = count_arr
     return users_arr, popularity, int(count_arr.sum())
 
 
-def _key_counts(batch: pa.Table, raw: RawSpec, sequences: bool) -> dict[str, np.ndarray]:
-    """One block's interactions per user (kind 0) and per item (kind 1); rows with bad values (kind 2)."""
-    table, bad = parse(batch, raw, sequences)
+def _count(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def _key_counts(batch: pa.Table, fmt: LineFormat) -> dict[str, np.ndarray]:
+    """One block's interactions per user (kind 0) and per item (kind 1); bad lines (kind 2)."""
+    table, bad = parse(batch, fmt)
     u, nu = np.unique(table.column("user").to_numpy(), return_counts=True)
     i, ni = np.unique(table.column("item").to_numpy(), return_counts=True)
     b = np.array([bad.count] if bad else [], dtype=np.int64)
@@ -173,8 +179,8 @@ def _key_counts(batch: pa.Table, raw: RawSpec, sequences: bool) -> dict[str, np.
             "key": np.r_[u, i, np.zeros(len(b), np.int64)].astype(np.int64), "n": np.r_[nu, ni, b].astype(np.int64)}
 
 
-def _parse_with_bucket(batch: pa.Table, raw: RawSpec, sequences: bool, partitions: int) -> dict[str, np.ndarray]:
-    table, _ = parse(batch, raw, sequences)  # values were checked by the stats pass
+def _parse_with_bucket(batch: pa.Table, fmt: LineFormat, partitions: int) -> dict[str, np.ndarray]:
+    table, _ = parse(batch, fmt)  # lines were checked by the stats pass
     user = table.column("user").to_numpy()
     return {"user": user, "item": table.column("item").to_numpy(), "ts": table.column("ts").to_numpy(),
             "bucket": (hash_u64(0, user) % np.uint64(partitions)).astype(np.int64)}
@@ -203,7 +209,7 @@ def _bucket_rows(group: dict[str, np.ndarray], lookups, spec: RowSpec) -> Iterat
     firsts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
     cuts = firsts[np.searchsorted(firsts, np.arange(CHUNK_EVENTS, len(user), CHUNK_EVENTS)).clip(0, len(firsts) - 1)]
     bounds = np.unique(np.r_[0, cuts, len(user)])
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in itertools.pairwise(bounds):
         cols = build_rows(user[lo:hi], raw_user[lo:hi], item[lo:hi], ts[lo:hi], spec, lk)
         if len(cols["label"]):
             yield pa.table({**{k: v for k, v in cols.items() if k != "item_seq"},
@@ -283,12 +289,12 @@ def _data_context(shuffle: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _ray_errors() -> Iterator[None]:
-    """A bad raw file found inside a Ray task surfaces as one DataError line, not a remote traceback."""
+    """A user error raised inside a Ray task, or a raw file Arrow cannot parse, surfaces as one DataError line."""
     try:
         yield
     except UserError:
         raise
-    except Exception as err:  # noqa: BLE001 - only re-raised as a user error when the cause is one
+    except Exception as err:
         cause = _user_cause(err)
         if cause is None:
             raise
@@ -303,13 +309,8 @@ def _user_cause(err: BaseException) -> DataError | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, UserError) or isinstance(e, pa.ArrowInvalid):
-            text = str(getattr(e, "cause", None) or e) if not isinstance(e, UserError) else _plain(e)
+        text = str(e.args[0]) if e.args else ""  # a RayTaskError's str() holds the remote traceback; args do not
+        if isinstance(e, UserError | pa.ArrowInvalid) or text.startswith("Failed to read CSV file"):
             return DataError(text.strip().splitlines()[0] if text.strip() else type(e).__name__)
         todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
     return None
-
-
-def _plain(e: BaseException) -> str:
-    """The message a UserError was raised with (a RayTaskError subclass's str holds the remote traceback)."""
-    return str(e.args[0]) if e.args else str(e)

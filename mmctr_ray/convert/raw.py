@@ -33,7 +33,7 @@ PATTERNS = {
     "covers": ("*covers",),
     "tags": ("*tags*.csv",),
 }
-TSV_BLOCK_BYTES = 16 << 20  # one line (a user's whole sequence) must fit in a CSV read block
+TSV_BLOCK_BYTES = 16 << 20  # one line (a user's whole sequence) must fit in a read block
 
 
 @dataclass(frozen=True)
@@ -200,31 +200,50 @@ def _read_tags(spec: RawSpec, path: Path, items: RawItems) -> None:
         items.tags[i - 1] = [t.strip() for t in (text or "").split(spec.tag_sep) if t.strip()]
 
 
-def _interaction_options(spec: RawSpec, files: RawFiles) -> dict:
-    """pyarrow CSV options of the interaction file: every column read as text, checked by :func:`parse`."""
+LINE_OPTIONS = {  # one text column per line: structure and values are checked by parse(), not by Arrow
+    "parse_options": pacsv.ParseOptions(delimiter="\x1f", quote_char=False),
+    "convert_options": pacsv.ConvertOptions(column_types={"line": pa.string()}),
+}
+
+
+@dataclass(frozen=True)
+class LineFormat:
+    """How one line of the interaction file splits: delimiter, field count, and which fields hold what."""
+
+    sequences: bool
+    skip_rows: int
+    fields: tuple[str, ...]  # names of the fields of a line (the header, for pairs)
+    user: int
+    item: int
+    time: int  # -1 for sequences
+
+
+def line_format(spec: RawSpec, files: RawFiles) -> LineFormat:
     if files.sequences:
-        return {"parse_options": pacsv.ParseOptions(delimiter="\t"),
-                "read_options": pacsv.ReadOptions(column_names=["user", "items"], block_size=TSV_BLOCK_BYTES,
-                                                  skip_rows=int(has_header(files.pairs))),
-                "convert_options": pacsv.ConvertOptions(column_types={"user": pa.string(), "items": pa.string()})}
-    cols = [spec.user_col, spec.item_col, spec.time_col]
-    return {"convert_options": pacsv.ConvertOptions(column_types={c: pa.string() for c in cols},
-                                                    include_columns=cols)}
+        return LineFormat(True, int(has_header(files.pairs)), ("user", "items"), 0, 1, -1)
+    header = tuple(_header(files.pairs))
+    return LineFormat(False, 1, header, header.index(spec.user_col), header.index(spec.item_col),
+                      header.index(spec.time_col))
 
 
-def read_interactions(spec: RawSpec, files: RawFiles):
-    """The interaction file as a Ray Dataset of text columns (never collected); :func:`parse` makes ids."""
+def _read_options(fmt: LineFormat) -> pacsv.ReadOptions:
+    return pacsv.ReadOptions(column_names=["line"], skip_rows=fmt.skip_rows,
+                             block_size=TSV_BLOCK_BYTES if fmt.sequences else 1 << 20)
+
+
+def read_interactions(fmt: LineFormat, files: RawFiles):
+    """The interaction file as a Ray Dataset of text lines (never collected); :func:`parse` makes int64 ids."""
     import ray.data
 
-    return ray.data.read_csv(str(files.pairs), **_interaction_options(spec, files))
+    return ray.data.read_csv(str(files.pairs), read_options=_read_options(fmt), **LINE_OPTIONS)
 
 
 @dataclass(frozen=True)
 class BadValue:
-    """The first value of a batch that is not an integer: its row in the batch, column and text."""
+    """The first bad line of a batch: its row in the batch, the field (or None: the line's shape), the text."""
 
     row: int
-    column: str
+    field: str | None
     value: str
     count: int
 
@@ -234,71 +253,88 @@ _INT = r"^[+-]?[0-9]{1,18}$"
 
 def _ints(col: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray]:
     """(int64 values with 0 where invalid, invalid mask) of a text column."""
-    text = pc.utf8_trim_whitespace(col)
+    text = pc.utf8_trim(col, ' "\r\t')
     ok = pc.fill_null(pc.match_substring_regex(text, _INT), False)
     values = pc.cast(pc.if_else(ok, text, "0"), pa.int64())
     bad = np.asarray(pc.invert(ok).to_numpy(zero_copy_only=False), dtype=bool)
     return values, bad
 
 
-def parse(batch: pa.Table, spec: RawSpec, sequences: bool) -> tuple[pa.Table, BadValue | None]:
-    """Text interactions → int64 ``user``, ``item``, ``ts`` (sequences: ``ts`` = position in the line).
+def _split_lines(lines: pa.Array, fmt: LineFormat) -> tuple[pa.ListArray, np.ndarray]:
+    """Lines split into their fields, and the mask of lines with the wrong number of fields (replaced by zeros)."""
+    delim = "\t" if fmt.sequences else ","
+    n = len(fmt.fields)
+    count = pc.add(pc.count_substring(lines, delim), 1).to_numpy(zero_copy_only=False)
+    bad = count < n if fmt.sequences else count != n  # a sequence's items may hold no tab; more tabs: bad
+    safe = pc.if_else(pa.array(bad), delim.join(["0"] * n), lines)
+    return pc.split_pattern(safe, delim, max_splits=n - 1), bad
 
-    Rows with a non-integer value are dropped and described by the returned BadValue (None when clean).
+
+def parse(batch: pa.Table, fmt: LineFormat) -> tuple[pa.Table, BadValue | None]:
+    """Text lines → int64 ``user``, ``item``, ``ts`` (sequences: ``ts`` = position in the line).
+
+    Lines with the wrong number of fields or a non-integer value are dropped and the first one is described by
+    the returned BadValue (None when the batch is clean).
     """
-    if sequences:
-        return _parse_sequences(batch)
-    names = {spec.user_col: "user", spec.item_col: "item", spec.time_col: "ts"}
-    cols, bad_any, first = {}, np.zeros(batch.num_rows, dtype=bool), None
-    for raw_name, name in names.items():
-        cols[name], bad = _ints(batch.column(raw_name))
-        if bad.any() and (first is None or np.argmax(bad) < first[0]):
-            first = (int(np.argmax(bad)), raw_name)
-        bad_any |= bad
-    table = pa.table(cols).filter(pa.array(~bad_any))
-    if first is None:
+    lines = batch.column("line").combine_chunks()
+    parts, bad_shape = _split_lines(lines, fmt)
+    if fmt.sequences:
+        table, bad_value, where = _parse_sequences(parts, bad_shape)
+    else:
+        cols, bad_value, where = {}, np.zeros(len(lines), dtype=bool), {}
+        for name, k in (("user", fmt.user), ("item", fmt.item), ("ts", fmt.time)):
+            cols[name], bad = _ints(pc.list_element(parts, k))
+            bad &= ~bad_shape
+            for row in np.flatnonzero(bad)[:1]:
+                where.setdefault(int(row), (fmt.fields[k], pc.list_element(parts, k)[row].as_py()))
+            bad_value |= bad
+        table = pa.table(cols).filter(pa.array(~(bad_value | bad_shape)))
+    bad_any = bad_value | bad_shape
+    if not bad_any.any():
         return table, None
-    value = batch.column(first[1])[first[0]].as_py()
-    return table, BadValue(first[0], first[1], "" if value is None else value, int(bad_any.sum()))
+    row = int(np.argmax(bad_any))
+    field, value = (None, lines[row].as_py()) if bad_shape[row] else where[row]
+    return table, BadValue(row, field, value, int(bad_any.sum()))
 
 
-def _parse_sequences(batch: pa.Table) -> tuple[pa.Table, BadValue | None]:
-    user, bad_user = _ints(batch.column("user"))
-    text = pc.utf8_trim_whitespace(pc.fill_null(batch.column("items").combine_chunks(), ""))
+def _parse_sequences(parts: pa.ListArray, bad_shape: np.ndarray) -> tuple[pa.Table, np.ndarray, dict]:
+    user, bad_user = _ints(pc.list_element(parts, 0))
+    text = pc.utf8_trim_whitespace(pc.list_element(parts, 1))
     lists = pc.split_pattern(text, " ")  # ListArray, offset 0
     flat = pc.list_flatten(lists)
     parent = pc.list_parent_indices(lists).to_numpy()
     pos = np.arange(len(flat)) - lists.offsets.to_numpy()[:-1][parent]  # position of each item in its line
     nonempty = np.asarray(pc.not_equal(flat, "").to_numpy(zero_copy_only=False), dtype=bool)  # double spaces
-    keep = nonempty.copy()
     item, bad_item = _ints(flat)
-    bad_line = bad_user.copy()
-    bad_line[parent[keep & bad_item]] = True
-    keep &= ~bad_line[parent]
+    bad_item &= nonempty
+    bad_line = bad_user & ~bad_shape
+    bad_line[parent[bad_item]] |= ~bad_shape[parent[bad_item]]
+    keep = nonempty & ~(bad_line | bad_shape)[parent]
     table = pa.table({"user": pc.take(user, pa.array(parent[keep])), "item": pc.filter(item, pa.array(keep)),
                       "ts": pa.array(pos[keep], pa.int64())})
-    if not bad_line.any():
-        return table, None
-    row = int(np.argmax(bad_line))
-    if bad_user[row]:
-        return table, BadValue(row, "user", str(batch.column("user")[row].as_py()), int(bad_line.sum()))
-    j = np.flatnonzero((parent == row) & nonempty & bad_item)[0]
-    return table, BadValue(row, "items", flat[j].as_py(), int(bad_line.sum()))
+    where = {}
+    for row in np.flatnonzero(bad_line)[:1]:
+        if bad_user[row]:
+            where[int(row)] = ("user", pc.list_element(parts, 0)[row].as_py())
+        else:
+            where[int(row)] = ("items", flat[int(np.flatnonzero((parent == row) & bad_item)[0])].as_py())
+    return table, bad_line, where
 
 
-def first_bad_line(spec: RawSpec, files: RawFiles) -> str:
-    """Scan the interaction file on the driver (streamed) for the first non-integer value: the error message.
+def first_bad_line(fmt: LineFormat, files: RawFiles) -> str:
+    """Scan the interaction file on the driver (streamed) for the first bad line: the error message.
 
-    Runs only after the distributed pass counted bad values, so the normal path never reads the file here.
+    Runs only after the distributed pass counted bad lines, so the normal path never reads the file here.
     """
-    opts = _interaction_options(spec, files)
-    header = int(has_header(files.pairs)) if files.sequences else 1
-    line = header
-    with pacsv.open_csv(files.pairs, **opts) as reader:
+    line = fmt.skip_rows
+    with pacsv.open_csv(files.pairs, read_options=_read_options(fmt), **LINE_OPTIONS) as reader:
         for rb in reader:
-            _, bad = parse(pa.Table.from_batches([rb]), spec, files.sequences)
+            _, bad = parse(pa.Table.from_batches([rb]), fmt)
             if bad is not None:
-                return (f"{files.pairs}: line {line + bad.row + 1}: column {bad.column}: {bad.value!r} is not an "
-                        f"integer{' id' if bad.column != spec.time_col else ' timestamp (ms)'}")
+                where = f"{files.pairs}: line {line + bad.row + 1}"
+                if bad.field is None:
+                    return f"{where}: {bad.value!r} does not have the fields {','.join(fmt.fields)}"
+                what = "timestamp (ms)" if bad.field == fmt.fields[fmt.time] and fmt.time >= 0 else "id"
+                return f"{where}: column {bad.field}: {bad.value!r} is not an integer {what}"
             line += rb.num_rows
-    return f"{files.pairs}: non-integer values (not found again on a second read)"
+    return f"{files.pairs}: bad lines (not found again on a second read)"

@@ -11,7 +11,8 @@ Every user's events arrive together (the pipeline groups by user). Within a user
   valid);
 * events with fewer than ``min_history`` earlier items give no row (their items still enter later histories);
 * each positive gets ``negatives`` rows sharing its history: items drawn by popularity, never an item the user
-  interacted with (at any time) and never twice for one positive. The draw for (user, position, slot,
+  interacted with (at any time) and never twice for one positive (rejection sampling; after MAX_ATTEMPTS
+  rejections, one exact popularity draw over the user's unseen items). The draw for (user, position, slot,
   attempt) is a hash of those numbers and the seed, so the result does not depend on how users were grouped,
   on block boundaries or on parallelism.
 """
@@ -27,7 +28,7 @@ from mmctr_ray.schema import SEQ_LEN
 
 TRAIN, VALID, TEST = 0, 1, 2
 SPLIT_CODES = {"train": TRAIN, "valid": VALID, "test": TEST}
-MAX_ATTEMPTS = 32  # popularity draws per negative slot before the uniform fallback over the remaining items
+MAX_ATTEMPTS = 32  # rejection draws per negative slot before an exact draw over the user's unseen items
 
 
 @dataclass(frozen=True)
@@ -176,17 +177,21 @@ def sample_negatives(user: np.ndarray, raw_user: np.ndarray, item: np.ndarray, p
             out[todo[~bad], slot] = cand[~bad]
             todo = todo[bad]
         for t in todo:  # rare: the user's items hold most of the popularity mass
-            out[t, slot] = _uniform_fallback(owned, base[t], out[t, :slot], n_items, spec.seed, raw_user[rows[t]],
-                                             pos[rows[t]], slot)
+            out[t, slot] = _exact_draw(owned, base[t], out[t, :slot], lk.item_cum, spec.seed, raw_user[rows[t]],
+                                       pos[rows[t]], slot)
     return out
 
 
-def _uniform_fallback(owned: np.ndarray, base: int, taken: np.ndarray, n_items: int, seed: int, raw_user: int,
-                      position: int, slot: int) -> int:
+def _exact_draw(owned: np.ndarray, base: int, taken: np.ndarray, item_cum: np.ndarray, seed: int, raw_user: int,
+                position: int, slot: int) -> int:
+    """One popularity-weighted draw restricted to the items the user never touched (uniform if none is popular)."""
+    n_items = len(item_cum)
     lo, hi = np.searchsorted(owned, [base + 1, base + n_items + 1])
     allowed = np.setdiff1d(np.arange(1, n_items + 1), np.r_[owned[lo:hi] - base, taken])
     if not len(allowed):
         raise DataError(f"user {raw_user} interacted with so many of the {n_items} items that no negative is left "
                         f"for slot {slot + 1}; lower --negatives")
-    h = hash_u64(seed, np.array([raw_user]), np.array([position]), (slot << 16) | MAX_ATTEMPTS)[0]
-    return int(allowed[int(h % _U64(len(allowed)))])
+    weight = np.diff(np.r_[0.0, item_cum])[allowed - 1]
+    cum = np.cumsum(weight if weight.sum() > 0 else np.ones(len(allowed)))
+    u = uniform(seed, np.array([raw_user]), np.array([position]), slot, MAX_ATTEMPTS)[0]
+    return int(allowed[min(int(np.searchsorted(cum, u * cum[-1], side="right")), len(allowed) - 1)])
