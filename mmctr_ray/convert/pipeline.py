@@ -6,7 +6,8 @@ Stages (the driver holds item-level arrays and the sorted user ids, never intera
     interactions (read_csv) ─▶ per-block user and item counts ─▶ groupby(kind, key).sum ─▶ driver: sorted
                                                             users, item popularity, unknown items, bad values
     interactions ─▶ bucket = hash(user) % P ─▶ groupby(bucket).map_groups: sort each user's events, split,
-                   histories, negatives (rows.py) ─▶ driver streams blocks into train/valid/test.parquet
+                   histories, negatives (rows.py) ─▶ write_parquet (workers) ─▶ driver reads the parts batch by
+                   batch, in order, into train/valid/test.parquet
 
 Every file is written under ``OUT/.mmctr-convert.partial`` and moved into place at the end (``convert.json``
 last); a failed run removes its staging folder, so nothing that looks complete is left behind.
@@ -216,17 +217,37 @@ def _bucket_rows(group: dict[str, np.ndarray], lookups, spec: RowSpec) -> Iterat
                             "item_seq": list_array(cols["item_seq"], pa.int64())})
 
 
+def _write_splits(rows, stage: Layout, progress: Callable[[str], None], t0: float) -> dict:
+    """Workers write the rows to a temporary folder; the driver then reads those files once, in dataset order,
+    batch by batch, and routes each row to its split's single layout file: it holds at most a few batches and
+    never maps the workers' blocks, whatever the data size."""
+    parts = stage.root / ".parts"
+    rows.write_parquet(str(parts))  # not partition_cols: pyarrow's partitioned writer reorders rows
+    progress(f"rows: written by the workers ({time.perf_counter() - t0:.1f}s)")
+    writer = _SplitWriter(stage)
+    try:
+        for path in sorted(parts.glob("*.parquet")):  # names sort by write task index: dataset order
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=ROW_GROUP_ROWS):
+                writer.add(pa.Table.from_batches([batch]))
+    finally:
+        writer.close()
+    shutil.rmtree(parts)
+    progress("rows: " + ", ".join(f"{s} {v['rows']:,}" for s, v in writer.stats.items())
+             + f" ({time.perf_counter() - t0:.1f}s)")
+    return writer.stats
+
+
 class _SplitWriter:
-    """Routes row blocks to train/valid/test parquet writers, in row groups of about ROW_GROUP_ROWS."""
+    """Routes rows to the train/valid/test parquet writers, in row groups of about ROW_GROUP_ROWS rows."""
 
     def __init__(self, stage: Layout) -> None:
         self.writers = {s: pq.ParquetWriter(stage.split(s), SPLIT_SCHEMA) for s in SPLIT_CODES}
         self.pending: dict[str, list[pa.Table]] = {s: [] for s in SPLIT_CODES}
         self.stats = {s: {"rows": 0, "positives": 0} for s in SPLIT_CODES}
 
-    def add(self, block: pa.Table) -> None:
+    def add(self, table: pa.Table) -> None:
         for name, code in SPLIT_CODES.items():
-            part = block.filter(pc.equal(block.column("split"), code)).select(SPLIT_SCHEMA.names).cast(SPLIT_SCHEMA)
+            part = table.filter(pc.equal(table.column("split"), code)).select(SPLIT_SCHEMA.names).cast(SPLIT_SCHEMA)
             if part.num_rows:
                 self.pending[name].append(part)
                 self.stats[name]["rows"] += part.num_rows
@@ -243,24 +264,6 @@ class _SplitWriter:
         for name, writer in self.writers.items():
             self._flush(name)
             writer.close()
-
-
-def _write_splits(rows, stage: Layout, progress: Callable[[str], None], t0: float) -> dict:
-    writer = _SplitWriter(stage)
-    try:
-        next_report = 1_000_000
-        for block in rows.iter_batches(batch_format="pyarrow", batch_size=None):
-            writer.add(block)
-            done = sum(s["rows"] for s in writer.stats.values())
-            if done >= next_report:
-                elapsed = time.perf_counter() - t0
-                progress(f"rows: {done:,} written ({elapsed:.0f}s)")
-                next_report = done + 1_000_000
-    finally:
-        writer.close()
-    progress("rows: " + ", ".join(f"{s} {v['rows']:,}" for s, v in writer.stats.items())
-             + f" ({time.perf_counter() - t0:.1f}s)")
-    return writer.stats
 
 
 SHUFFLES = ("hash", "sort")
