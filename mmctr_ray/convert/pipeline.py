@@ -57,8 +57,7 @@ def existing_outputs(out: Path) -> list[str]:
 
 def auto_partitions(files: RawFiles) -> int:
     """Partitions (and user buckets) from the raw size: ~64 MiB of raw interactions each, at least 4."""
-    size = sum(p.stat().st_size for p in ([files.pairs] if files.pairs.is_file() else files.pairs.rglob("*")))
-    return int(min(4096, max(4, math.ceil(size / PARTITION_BYTES))))
+    return int(min(4096, max(4, math.ceil(files.pairs.stat().st_size / PARTITION_BYTES))))
 
 
 def run_convert(raw: RawSpec, out: str | Path, spec: RowSpec, partitions: int | None = None, shuffle: str = "hash",
