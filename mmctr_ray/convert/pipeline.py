@@ -221,12 +221,14 @@ def _write_splits(rows, stage: Layout, progress: Callable[[str], None], t0: floa
     batch by batch, and routes each row to its split's single layout file: it holds at most a few batches and
     never maps the workers' blocks, whatever the data size."""
     parts = stage.root / ".parts"
-    rows.write_parquet(str(parts))  # not partition_cols: pyarrow's partitioned writer reorders rows
+    # row groups of ROW_GROUP_ROWS bound what the driver decodes at once; no partition_cols: pyarrow's
+    # partitioned writer reorders rows
+    rows.write_parquet(str(parts), row_group_size=ROW_GROUP_ROWS)
     progress(f"rows: written by the workers ({time.perf_counter() - t0:.1f}s)")
     writer = _SplitWriter(stage)
     try:
         for path in sorted(parts.glob("*.parquet")):  # names sort by write task index: dataset order
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=ROW_GROUP_ROWS):
+            for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=ROW_GROUP_ROWS):
                 writer.add(pa.Table.from_batches([batch]))
     finally:
         writer.close()
