@@ -22,6 +22,8 @@ from mmctr_ray.locking import output_lock
 
 log = logging.getLogger("mmctr")
 
+CONVERT_RAW_FLAGS = ("pairs", "titles", "likes_views", "covers", "tags", "user_col", "item_col", "time_col",
+                     "title_col", "tag_col", "tag_sep")
 SIZE_FLAGS = ("users", "items", "train_rows", "valid_rows", "test_rows", "tags", "topics", "seed", "chunk_rows")
 
 
@@ -101,6 +103,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
     errors = sum(p.is_error for p in problems)
     print(f"{args.data}: {'OK' if not errors else 'INVALID'} ({errors} errors, {len(problems) - errors} warnings)")
     return 1 if errors else 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from mmctr_ray.convert.pipeline import run_convert
+    from mmctr_ray.convert.raw import RawSpec
+    from mmctr_ray.convert.rows import RowSpec
+
+    raw = RawSpec(args.raw, **{k: getattr(args, k) for k in CONVERT_RAW_FLAGS})
+    rows = RowSpec(negatives=args.negatives, seed=args.seed, split=args.split, valid_from=args.valid_from,
+                   test_from=args.test_from, min_history=args.min_history)
+    _start_ray(args)
+    m = run_convert(raw, args.out, rows, partitions=args.partitions, shuffle=args.shuffle, overwrite=args.overwrite,
+                    progress=log.info)
+    sizes = ", ".join(f"{s} {v['rows']:,}" for s, v in m["splits"].items())
+    log.info("wrote %s: %s users, %s items; rows %s (%.1fs); next: mmctr validate %s", args.out, f"{m['users']:,}",
+             f"{m['items']:,}", sizes, m["seconds"], args.out)
+    return 0
 
 
 def cmd_features(args: argparse.Namespace) -> int:
@@ -354,6 +373,45 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "or 379,142 for the real MicroLens_1M_x1)")
     p.set_defaults(func=cmd_validate)
 
+    p = sub.add_parser("convert", help="raw MicroLens files → the challenge layout (Ray Data; ids, histories, "
+                                       "splits, negatives)",
+                       description="Convert raw MicroLens files (interaction pairs or sequences, titles, likes/views, "
+                                   "covers, tags) into the challenge layout with a Ray Data pipeline: dense ids "
+                                   "(mapping/ beside the output), histories of strictly earlier items (100 wide, "
+                                   "left-padded), likes/views deciles, a chronological split, popularity-weighted "
+                                   "negatives. Embedding columns are zero placeholders: run `mmctr embed` and "
+                                   "`mmctr fuse --source`. Writes OUT/convert.json last.")
+    p.add_argument("--raw", type=Path, required=True, help="folder holding the raw MicroLens files")
+    p.add_argument("--out", type=Path, required=True, help="data directory to write (the challenge layout)")
+    files = p.add_argument_group("raw files (default: found in --raw by their MicroLens names)")
+    files.add_argument("--pairs", help="interactions: user,item,timestamp CSV (*pairs.csv) or user<TAB>items TSV "
+                                       "(*pairs.tsv; the position in the line is the time)")
+    files.add_argument("--titles", help="item,title CSV (*title_en.csv); its items are the catalogue")
+    files.add_argument("--likes-views", help="item<TAB>likes<TAB>views text (*likes_and_views.txt)")
+    files.add_argument("--covers", help="folder of {item}.jpg covers (*covers)")
+    files.add_argument("--tags", help="item,tags CSV with tags joined by --tag-sep (*tags*.csv)")
+    cols = p.add_argument_group("column names")
+    for name, default in (("user_col", "user"), ("item_col", "item"), ("time_col", "timestamp"),
+                          ("title_col", "title"), ("tag_col", "tags"), ("tag_sep", "|")):
+        cols.add_argument("--" + name.replace("_", "-"), default=default, help=f"default {default!r}")
+    p.add_argument("--negatives", type=int, default=3, help="sampled negatives per positive (default 3)")
+    p.add_argument("--seed", type=int, default=2025, help="seed of negatives and row order (default 2025)")
+    p.add_argument("--split", choices=["last", "time"], default="last",
+                   help="last: per user, last interaction = test, the one before = valid (default); time: a global "
+                        "cut at --valid-from/--test-from")
+    p.add_argument("--valid-from", type=int, metavar="TS", help="--split time: first timestamp of valid")
+    p.add_argument("--test-from", type=int, metavar="TS", help="--split time: first timestamp of test")
+    p.add_argument("--min-history", type=int, default=1, help="earlier items an interaction needs to become a row "
+                                                              "(default 1)")
+    p.add_argument("--partitions", type=int, help="user buckets / shuffle partitions (default: ~64 MiB of raw "
+                                                  "interactions each, at least 4)")
+    p.add_argument("--shuffle", choices=["hash", "sort"], default="hash",
+                   help="Ray Data shuffle: hash (aggregator actors, for clusters; default) or sort (no actors: "
+                        "faster on one machine and small data)")
+    p.add_argument("--overwrite", action="store_true", help="replace data already in --out")
+    _add_ray_args(p)
+    p.set_defaults(func=cmd_convert)
+
     p = sub.add_parser("features", help="build the item table and stream the splits through Ray Data; report",
                        description="Build the item table and the model-ready Ray Datasets; print a summary.")
     _add_data_arg(p)
@@ -488,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-WRITERS = ("synth", "features", "embed", "fuse", "train", "predict", "tune", "demo", "pipeline")  # stages with an --out
+WRITERS = ("synth", "convert", "features", "embed", "fuse", "train", "predict", "tune", "demo", "pipeline")  # stages with an --out
 
 
 def _refuse_existing_output(args: argparse.Namespace) -> None:

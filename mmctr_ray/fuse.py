@@ -129,6 +129,16 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     return tmp
 
 
+def _refuse_placeholders(data_dir: Path, strategy: str, source: str) -> None:
+    """Data written by ``mmctr convert`` ships all-zero embedding columns: fusing them would train on nothing."""
+    manifest = data_dir / "convert.json"
+    shipped = strategy == "given" or source == "shipped"
+    if shipped and manifest.is_file() and json.loads(manifest.read_text()).get("placeholder_embeddings"):
+        raise ConfigError(f"{data_dir}: converted by `mmctr convert`, its shipped embedding columns are zero "
+                          f"placeholders; run `mmctr embed --data {data_dir} --out item_raw_emb.parquet` and fuse "
+                          f"v1..v4 with --source item_raw_emb.parquet")
+
+
 def run_fuse(data_dir: str | Path, out: str | Path, cfg: FusionConfig, source: str = "shipped", pca: str = "auto",
              seed: int = 0, overwrite: bool = False, progress: Callable[[str], None] = log.info) -> dict[str, Any]:
     """Fit ``cfg`` on the items of ``data_dir`` and write the fused table, the PCA npz and the summary.
@@ -145,6 +155,7 @@ def run_fuse(data_dir: str | Path, out: str | Path, cfg: FusionConfig, source: s
         raise OutputExistsError(f"{existing[0]}: already exists; pass --overwrite to replace it")
     t0 = time.perf_counter()
     lay = Layout(data_dir)
+    _refuse_placeholders(data_dir, cfg.strategy, source)
     n = _num_items(lay)
     summary: dict[str, Any] = {"strategy": cfg.strategy, **{k: v for k, v in asdict(cfg).items() if k != "strategy"},
                                "data": str(data_dir.resolve()), "num_items": n}

@@ -14,8 +14,8 @@ import yaml
 from mmctr_ray.cli import build_parser, main
 from mmctr_ray.schema import Layout
 
-STAGES = ["synth", "validate", "features", "embed", "fuse", "train", "tune", "predict", "report", "pipeline",
-          "demo"]
+STAGES = ["synth", "convert", "validate", "features", "embed", "fuse", "train", "tune", "predict", "report",
+          "pipeline", "demo"]
 ROOT = Path(__file__).parent.parent
 
 

@@ -1,0 +1,320 @@
+"""``mmctr convert``: raw MicroLens files → the challenge layout, as a Ray Data pipeline.
+
+Stages (the driver holds item-level arrays and the sorted user ids, never interactions)::
+
+    raw files ──driver──▶ item catalogue (titles), likes/views levels, tags, covers, item mapping
+    interactions (read_csv) ─▶ per-block user and item counts ─▶ groupby(kind, key).sum ─▶ driver: sorted
+                                                            users, item popularity, unknown items, bad values
+    interactions ─▶ bucket = hash(user) % P ─▶ groupby(bucket).map_groups: sort each user's events, split,
+                   histories, negatives (rows.py) ─▶ write_parquet (workers) ─▶ driver reads the parts batch by
+                   batch, in order, into train/valid/test.parquet
+
+Every file is written under ``OUT/.mmctr-convert.partial`` and moved into place at the end (``convert.json``
+last); a failed run removes its staging folder, so nothing that looks complete is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mmctr_ray.convert.items import MAPPING_DIR, copy_covers, levels, tag_matrix, write_item_tables, write_mappings
+from mmctr_ray.convert.raw import (LineFormat, RawFiles, RawItems, RawSpec, first_bad_line, line_format, locate,
+                                   parse, read_interactions, read_items)
+from mmctr_ray.convert.rows import SPLIT_CODES, Lookups, RowSpec, build_rows, hash_u64, sort_events
+from mmctr_ray.data.writer import SPLIT_SCHEMA, _publish, list_array
+from mmctr_ray.errors import ConfigError, DataError, OutputExistsError, UserError
+from mmctr_ray.schema import Layout
+
+log = logging.getLogger(__name__)
+
+STAGING = ".mmctr-convert.partial"
+MANIFEST = "convert.json"
+CHUNK_EVENTS = 16_384  # events turned into rows at a time inside a group (bounds a task's memory)
+PARTITION_BYTES = 64 << 20  # raw interaction bytes per partition when --partitions is not given
+ROW_GROUP_ROWS = 32_768
+PLACEHOLDERS = ("item_emb_d128", "txt_emb_BERT", "img_emb_CLIPRN50")
+
+
+def existing_outputs(out: Path) -> list[str]:
+    lay = Layout(out)
+    cands = [lay.dataset_dir, lay.item_feature, lay.images_dir, out / MAPPING_DIR, out / MANIFEST]
+    return [p.name for p in cands if p.exists()]
+
+
+def auto_partitions(files: RawFiles) -> int:
+    """Partitions (and user buckets) from the raw size: ~64 MiB of raw interactions each, at least 4."""
+    return int(min(4096, max(4, math.ceil(files.pairs.stat().st_size / PARTITION_BYTES))))
+
+
+def run_convert(raw: RawSpec, out: str | Path, spec: RowSpec, partitions: int | None = None, shuffle: str = "hash",
+                overwrite: bool = False, progress: Callable[[str], None] = log.info) -> dict:
+    """Convert raw MicroLens files into ``out`` (the challenge layout); return the manifest (convert.json).
+
+    Ray must be initialised by the caller. Raises DataError (bad raw input), OutputExistsError, ConfigError.
+    """
+    out = Path(out)
+    files = locate(raw)
+    found = existing_outputs(out)
+    if found and not overwrite:
+        raise OutputExistsError(f"{out}: already holds {', '.join(found)}; pass --overwrite to replace it")
+    if partitions is not None and partitions < 1:
+        raise ConfigError(f"convert: --partitions must be >= 1, got {partitions}")
+    if shuffle not in SHUFFLES:
+        raise ConfigError(f"convert: --shuffle must be one of {', '.join(SHUFFLES)}, got {shuffle!r}")
+    stage_root = out / STAGING
+    if stage_root.exists():
+        shutil.rmtree(stage_root)  # leftovers of an interrupted run, never published
+    stage_root.mkdir(parents=True)
+    try:
+        manifest = _convert(raw, files, Layout(stage_root), spec, partitions or auto_partitions(files), shuffle,
+                            progress)
+        _publish(stage_root, out)
+    except BaseException:
+        shutil.rmtree(stage_root, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _convert(raw: RawSpec, files: RawFiles, stage: Layout, spec: RowSpec, partitions: int, shuffle: str,
+             progress: Callable[[str], None]) -> dict:
+    import ray
+
+    t0 = time.perf_counter()
+    items = read_items(raw, files)
+    progress(f"items: {len(items.raw_ids):,} in {files.titles.name} ({time.perf_counter() - t0:.1f}s)")
+    with _ray_errors(), _data_context(shuffle):
+        fmt = line_format(raw, files)
+        interactions = read_interactions(fmt, files)
+        users, popularity, total = _interaction_stats(interactions, fmt, items, files, partitions)
+        progress(f"interactions: {total:,} from {len(users):,} users ({time.perf_counter() - t0:.1f}s)")
+        likes, views = np.r_[0, levels(items.likes)], np.r_[0, levels(items.views)]
+        tags, vocab = tag_matrix(items.tags)
+        write_item_tables(stage, items, tags, likes, views)
+        covers = copy_covers(files.covers, stage, items.raw_ids)
+        write_mappings(stage.root, items.raw_ids, users, vocab)
+        lookups = ray.put(Lookups(users, items.raw_ids, np.cumsum(popularity, dtype=np.float64), likes, views))
+        rows = (interactions.map_batches(_parse_with_bucket, batch_format="pyarrow",
+                                         fn_kwargs={"fmt": fmt, "partitions": partitions})
+                .groupby("bucket", num_partitions=partitions)
+                .map_groups(_bucket_rows, batch_format="numpy", fn_kwargs={"lookups": lookups, "spec": spec}))
+        splits = _write_splits(rows, stage, progress, t0)
+    for name, s in splits.items():
+        if not s["rows"]:
+            raise DataError(f"{files.pairs}: no {name} rows (leave-last-out needs users with >= 3 interactions; "
+                            f"a time cut needs interactions on both sides of it)")
+    manifest = {
+        "converter": "mmctr_ray.convert", "version": 1,
+        "inputs": {k: str(v) if isinstance(v, Path) else v for k, v in vars(files).items()},
+        "columns": {k: v for k, v in asdict(raw).items() if k.endswith(("_col", "_sep"))},
+        "rows": asdict(spec), "partitions": partitions, "shuffle": shuffle, "interactions": total, "users": len(users),
+        "items": len(items.raw_ids), "tags": len(vocab), "items_without_likes_views": items.no_likes_views,
+        **covers, "splits": splits, "placeholder_embeddings": list(PLACEHOLDERS),
+        "note": "embedding columns are all-zero placeholders: run `mmctr embed`, then `mmctr fuse --source`",
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    (stage.root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # written last: marks completion
+    return manifest
+
+
+def _interaction_stats(interactions, fmt: LineFormat, items: RawItems, files: RawFiles,
+                       partitions: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(sorted raw user ids, popularity of items 1..N, interactions) from a distributed count by key.
+
+    Bad lines (wrong field count, non-integer values) are counted in the tasks (kind 2) and located on the driver
+    afterwards, so bad input ends in one DataError naming the file, line and value, not a failed Ray task.
+    """
+    stats = (interactions.map_batches(_key_counts, batch_format="pyarrow",
+                                      fn_kwargs={"fmt": fmt})
+             .groupby(["kind", "key"], num_partitions=partitions).sum("n"))
+    users, keys, counts, bad = [], [], [], 0
+    for b in stats.iter_batches(batch_format="numpy", batch_size=None):
+        kind = b["kind"]
+        users.append(b["key"][kind == 0])
+        keys.append(b["key"][kind == 1])
+        counts.append(b["sum(n)"][kind == 1])
+        bad += int(b["sum(n)"][kind == 2].sum())
+    if bad:
+        raise DataError(f"{first_bad_line(fmt, files)} ({_count(bad, 'bad line')})")
+    users_arr = np.sort(np.concatenate(users)) if users else np.zeros(0, np.int64)
+    key_arr = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+    count_arr = np.concatenate(counts) if counts else np.zeros(0, np.int64)
+    if not len(users_arr):
+        raise DataError(f"{files.pairs}: no interactions")
+    dense, known = items.dense(key_arr)
+    if not known.all():
+        unknown = np.sort(key_arr[~known])
+        raise DataError(f"{files.pairs}: {_count(int(count_arr[~known].sum()), 'interaction')} with "
+                        f"{_count(len(unknown), 'item')} not in {files.titles.name} (first: item {int(unknown[0])}); "
+                        f"every item needs a title row")
+    popularity = np.zeros(len(items.raw_ids), dtype=np.float64)
+    popularity[dense - 1] = count_arr
+    return users_arr, popularity, int(count_arr.sum())
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def _key_counts(batch: pa.Table, fmt: LineFormat) -> dict[str, np.ndarray]:
+    """One block's interactions per user (kind 0) and per item (kind 1); bad lines (kind 2)."""
+    table, bad = parse(batch, fmt)
+    u, nu = np.unique(table.column("user").to_numpy(), return_counts=True)
+    i, ni = np.unique(table.column("item").to_numpy(), return_counts=True)
+    b = np.array([bad.count] if bad else [], dtype=np.int64)
+    return {"kind": np.r_[np.zeros(len(u), np.int8), np.ones(len(i), np.int8), np.full(len(b), 2, np.int8)],
+            "key": np.r_[u, i, np.zeros(len(b), np.int64)].astype(np.int64), "n": np.r_[nu, ni, b].astype(np.int64)}
+
+
+def _parse_with_bucket(batch: pa.Table, fmt: LineFormat, partitions: int) -> dict[str, np.ndarray]:
+    table, _ = parse(batch, fmt)  # lines were checked by the stats pass
+    user = table.column("user").to_numpy()
+    return {"user": user, "item": table.column("item").to_numpy(), "ts": table.column("ts").to_numpy(),
+            "bucket": (hash_u64(0, user) % np.uint64(partitions)).astype(np.int64)}
+
+
+_LOOKUPS: dict[str, Lookups] = {}  # per worker process: the broadcast arrays of the current conversion
+
+
+def _lookups(ref) -> Lookups:
+    import ray
+
+    key = ref.hex()
+    if key not in _LOOKUPS:
+        _LOOKUPS.clear()
+        _LOOKUPS[key] = ray.get(ref)
+    return _LOOKUPS[key]
+
+
+def _bucket_rows(group: dict[str, np.ndarray], lookups, spec: RowSpec) -> Iterator[pa.Table]:
+    """All interactions of one user bucket → rows, CHUNK_EVENTS events (whole users) at a time."""
+    lk = _lookups(lookups)
+    raw_user = group["user"]
+    user = np.searchsorted(lk.users, raw_user) + 1
+    item = np.searchsorted(lk.item_raw, group["item"]) + 1  # every item is known: checked by the stats pass
+    user, raw_user, item, ts = sort_events(user, raw_user, item, group["ts"])
+    firsts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
+    cuts = firsts[np.searchsorted(firsts, np.arange(CHUNK_EVENTS, len(user), CHUNK_EVENTS)).clip(0, len(firsts) - 1)]
+    bounds = np.unique(np.r_[0, cuts, len(user)])
+    for lo, hi in itertools.pairwise(bounds):
+        cols = build_rows(user[lo:hi], raw_user[lo:hi], item[lo:hi], ts[lo:hi], spec, lk)
+        if len(cols["label"]):
+            yield pa.table({**{k: v for k, v in cols.items() if k != "item_seq"},
+                            "item_seq": list_array(cols["item_seq"], pa.int64())})
+
+
+def _write_splits(rows, stage: Layout, progress: Callable[[str], None], t0: float) -> dict:
+    """Workers write the rows to a temporary folder; the driver then reads those files once, in dataset order,
+    batch by batch, and routes each row to its split's single layout file: it holds at most a few batches and
+    never maps the workers' blocks, whatever the data size."""
+    parts = stage.root / ".parts"
+    # row groups of ROW_GROUP_ROWS bound what the driver decodes at once; no partition_cols: pyarrow's
+    # partitioned writer reorders rows
+    rows.write_parquet(str(parts), row_group_size=ROW_GROUP_ROWS)
+    progress(f"rows: written by the workers ({time.perf_counter() - t0:.1f}s)")
+    writer = _SplitWriter(stage)
+    try:
+        for path in sorted(parts.glob("*.parquet")):  # names sort by write task index: dataset order
+            for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=ROW_GROUP_ROWS):
+                writer.add(pa.Table.from_batches([batch]))
+    finally:
+        writer.close()
+    shutil.rmtree(parts)
+    progress("rows: " + ", ".join(f"{s} {v['rows']:,}" for s, v in writer.stats.items())
+             + f" ({time.perf_counter() - t0:.1f}s)")
+    return writer.stats
+
+
+class _SplitWriter:
+    """Routes rows to the train/valid/test parquet writers, in row groups of about ROW_GROUP_ROWS rows."""
+
+    def __init__(self, stage: Layout) -> None:
+        self.writers = {s: pq.ParquetWriter(stage.split(s), SPLIT_SCHEMA) for s in SPLIT_CODES}
+        self.pending: dict[str, list[pa.Table]] = {s: [] for s in SPLIT_CODES}
+        self.stats = {s: {"rows": 0, "positives": 0} for s in SPLIT_CODES}
+
+    def add(self, table: pa.Table) -> None:
+        for name, code in SPLIT_CODES.items():
+            part = table.filter(pc.equal(table.column("split"), code)).select(SPLIT_SCHEMA.names).cast(SPLIT_SCHEMA)
+            if part.num_rows:
+                self.pending[name].append(part)
+                self.stats[name]["rows"] += part.num_rows
+                self.stats[name]["positives"] += int(pc.sum(part.column("label")).as_py())
+                if sum(t.num_rows for t in self.pending[name]) >= ROW_GROUP_ROWS:
+                    self._flush(name)
+
+    def _flush(self, name: str) -> None:
+        if self.pending[name]:
+            self.writers[name].write_table(pa.concat_tables(self.pending[name]))
+            self.pending[name] = []
+
+    def close(self) -> None:
+        for name, writer in self.writers.items():
+            self._flush(name)
+            writer.close()
+
+
+SHUFFLES = ("hash", "sort")
+
+
+@contextlib.contextmanager
+def _data_context(shuffle: str) -> Iterator[None]:
+    """Blocks in a fixed order (a seed gives byte-identical files whatever the parallelism) and the shuffle.
+
+    ``hash``: Ray's hash shuffle (aggregator actors; Ray 2.60's default, for clusters). ``sort``: the sort-based
+    task shuffle (no actors to start: much faster on one machine and small data, e.g. MicroLens-100K).
+    """
+    import ray.data
+    from ray.data.context import ShuffleStrategy
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.execution_options.preserve_order, ctx.shuffle_strategy
+    ctx.execution_options.preserve_order = True
+    ctx.shuffle_strategy = (ShuffleStrategy.SHUFFLE_V2 if shuffle == "hash"
+                            else ShuffleStrategy.SORT_SHUFFLE_PULL_BASED)
+    try:
+        yield
+    finally:
+        ctx.execution_options.preserve_order, ctx.shuffle_strategy = before
+
+
+@contextlib.contextmanager
+def _ray_errors() -> Iterator[None]:
+    """A user error raised inside a Ray task, or a raw file Arrow cannot parse, surfaces as one DataError line."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:
+        cause = _user_cause(err)
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def _user_cause(err: BaseException) -> DataError | None:
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        text = str(e.args[0]) if e.args else ""  # a RayTaskError's str() holds the remote traceback; args do not
+        if isinstance(e, UserError | pa.ArrowInvalid) or text.startswith("Failed to read CSV file"):
+            return DataError(text.strip().splitlines()[0] if text.strip() else type(e).__name__)
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None

@@ -1,0 +1,340 @@
+"""Raw MicroLens files as MicroLens publishes them: where they are, their columns, and reading them.
+
+Inputs (names are options; the defaults find MicroLens-100K's and the full set's files in ``--raw DIR``)::
+
+    *pairs.csv            interactions: user,item,timestamp (header; timestamp in ms)
+    *pairs.tsv            or chronological sequences: user<TAB>item item item ... (one line per user)
+    *title_en.csv         item,title (header)
+    *likes_and_views.txt  item<TAB>likes<TAB>views (a header line is detected and skipped)
+    *covers/{item}.jpg    cover images (optional)
+    *tags*.csv            item,tags with tags joined by '|' (optional)
+
+User and item ids must be integers (MicroLens' are). Item-level files are small (1.14M items for the full set)
+and are read on the driver; interactions are read as a Ray Dataset and never collected.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from mmctr_ray.errors import DataError
+
+PATTERNS = {
+    "pairs": ("*pairs.csv", "*pairs.tsv"),
+    "titles": ("*title_en.csv", "*title*.csv"),
+    "likes_views": ("*likes_and_views.txt", "*likes*views*.txt"),
+    "covers": ("*covers",),
+    "tags": ("*tags*.csv",),
+}
+TSV_BLOCK_BYTES = 16 << 20  # one line (a user's whole sequence) must fit in a read block
+
+
+@dataclass(frozen=True)
+class RawSpec:
+    """Where the raw files are and how their columns are named (MicroLens defaults).
+
+    Attributes:
+        raw: folder holding the raw files; relative file options are resolved against it.
+        pairs, titles, likes_views, covers, tags: a file (folder for covers) or None to find it by name.
+        user_col, item_col, time_col, title_col, tag_col: column names in the headed CSV files.
+        tag_sep: separator of the tags inside the tags column.
+    """
+
+    raw: Path
+    pairs: str | None = None
+    titles: str | None = None
+    likes_views: str | None = None
+    covers: str | None = None
+    tags: str | None = None
+    user_col: str = "user"
+    item_col: str = "item"
+    time_col: str = "timestamp"
+    title_col: str = "title"
+    tag_col: str = "tags"
+    tag_sep: str = "|"
+
+
+@dataclass(frozen=True)
+class RawFiles:
+    pairs: Path
+    sequences: bool  # True: user<TAB>items lines (no timestamps: the position is the time)
+    titles: Path
+    likes_views: Path | None
+    covers: Path | None
+    tags: Path | None
+
+
+def _find(spec: RawSpec, kind: str, required: bool) -> Path | None:
+    given = getattr(spec, kind)
+    flag = "--" + kind.replace("_", "-")
+    if given is not None:
+        path = Path(given) if Path(given).is_absolute() else spec.raw / given
+        if not path.exists():
+            raise DataError(f"{path}: not found ({flag})")
+        return path
+    for pattern in PATTERNS[kind]:
+        found = sorted(p for p in spec.raw.glob(pattern) if p.is_dir() == (kind == "covers"))
+        if found:
+            return found[0]
+    if required:
+        raise DataError(f"{spec.raw}: no {kind.replace('_', '/')} file (looked for {', '.join(PATTERNS[kind])}); "
+                        f"pass {flag}")
+    return None
+
+
+def locate(spec: RawSpec) -> RawFiles:
+    """Find every input; a missing required file or column is a one-line DataError."""
+    if not spec.raw.is_dir():
+        raise DataError(f"{spec.raw}: raw data folder not found")
+    pairs = _find(spec, "pairs", True)
+    sequences = pairs.suffix.lower() == ".tsv"
+    files = RawFiles(pairs, sequences, _find(spec, "titles", True), _find(spec, "likes_views", False),
+                     _find(spec, "covers", False), _find(spec, "tags", False))
+    if not sequences:
+        _require_columns(pairs, [spec.user_col, spec.item_col, spec.time_col], "--user-col/--item-col/--time-col")
+    _require_columns(files.titles, [spec.item_col, spec.title_col], "--item-col/--title-col")
+    if files.tags:
+        _require_columns(files.tags, [spec.item_col, spec.tag_col], "--item-col/--tag-col")
+    return files
+
+
+def _header(path: Path, delimiter: str = ",") -> list[str]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return next(csv.reader(f, delimiter=delimiter), [])
+
+
+def _require_columns(path: Path, names: list[str], flags: str) -> None:
+    header = _header(path)
+    missing = [n for n in names if n not in header]
+    if missing:
+        raise DataError(f"{path}: missing column {missing[0]!r} (header: {','.join(header) or 'empty'}; set {flags})")
+
+
+def has_header(path: Path, delimiter: str = "\t") -> bool:
+    """A header-less MicroLens text file starts with a numeric id; anything else is a header line."""
+    first = _header(path, delimiter)
+    return bool(first) and not first[0].strip().lstrip("-").isdigit()
+
+
+def _arrow_error(path: Path, err: Exception) -> DataError:
+    return DataError(f"{path}: {(str(err).strip().splitlines() or [type(err).__name__])[0]}")
+
+
+def _read_csv(path: Path, columns: dict[str, pa.DataType], **kw) -> pa.Table:
+    try:
+        return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+            column_types=columns, include_columns=list(columns), strings_can_be_null=False), **kw)
+    except (pa.ArrowInvalid, pa.ArrowKeyError) as err:
+        raise _arrow_error(path, err) from None
+
+
+def _ids(table: pa.Table, name: str, path: Path) -> np.ndarray:
+    col = table.column(name)
+    if col.null_count:
+        row = int(pc.index(pc.is_null(col), True).as_py())
+        raise DataError(f"{path}: column {name}: empty value at data row {row + 1}; expected an integer id")
+    return col.to_numpy().astype(np.int64, copy=False)
+
+
+@dataclass
+class RawItems:
+    """The item catalogue (the titles file), sorted by raw id: dense item id = position + 1."""
+
+    raw_ids: np.ndarray  # (N,) int64, sorted, unique
+    titles: list[str]
+    likes: np.ndarray  # (N,) int64 raw counts; 0 where the likes/views file has no row
+    views: np.ndarray
+    no_likes_views: int  # catalogue items the likes/views file does not mention
+    tags: list[list[str]]  # per item, in file order ([] when no tags file)
+
+    def dense(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(dense ids 1..N, known mask) of raw item ids; unknown items get 0."""
+        pos = np.searchsorted(self.raw_ids, raw).clip(0, max(len(self.raw_ids) - 1, 0))
+        known = self.raw_ids[pos] == raw if len(self.raw_ids) else np.zeros(len(raw), dtype=bool)
+        return np.where(known, pos + 1, 0), known
+
+
+def read_items(spec: RawSpec, files: RawFiles) -> RawItems:
+    titles = _read_csv(files.titles, {spec.item_col: pa.int64(), spec.title_col: pa.string()})
+    raw = _ids(titles, spec.item_col, files.titles)
+    if len(raw) == 0:
+        raise DataError(f"{files.titles}: no items")
+    order = np.argsort(raw, kind="stable")
+    raw = raw[order]
+    dup = np.flatnonzero(raw[1:] == raw[:-1])
+    if len(dup):
+        raise DataError(f"{files.titles}: column {spec.item_col}: item {int(raw[dup[0]])} appears twice; "
+                        f"expected one title per item")
+    text = pc.fill_null(titles.column(spec.title_col), "").to_pylist()
+    items = RawItems(raw, [text[i] for i in order], np.zeros(len(raw), np.int64), np.zeros(len(raw), np.int64),
+                     len(raw), [[] for _ in range(len(raw))])
+    if files.likes_views:
+        _read_likes_views(files.likes_views, items)
+    if files.tags:
+        _read_tags(spec, files.tags, items)
+    return items
+
+
+def _read_likes_views(path: Path, items: RawItems) -> None:
+    names = ["item", "likes", "views"]
+    table = _read_csv(path, {n: pa.int64() for n in names}, parse_options=pacsv.ParseOptions(delimiter="\t"),
+                      read_options=pacsv.ReadOptions(column_names=names, skip_rows=int(has_header(path))))
+    dense, known = items.dense(_ids(table, "item", path))
+    for name in ("likes", "views"):
+        values = pc.fill_null(table.column(name), 0).to_numpy()
+        getattr(items, name)[dense[known] - 1] = values[known]
+    items.no_likes_views = len(items.raw_ids) - len(np.unique(dense[known]))
+
+
+def _read_tags(spec: RawSpec, path: Path, items: RawItems) -> None:
+    table = _read_csv(path, {spec.item_col: pa.int64(), spec.tag_col: pa.string()})
+    dense, known = items.dense(_ids(table, spec.item_col, path))
+    for i, text in zip(dense[known], np.asarray(table.column(spec.tag_col).to_pylist(), dtype=object)[known]):
+        items.tags[i - 1] = [t.strip() for t in (text or "").split(spec.tag_sep) if t.strip()]
+
+
+LINE_OPTIONS = {  # one text column per line: structure and values are checked by parse(), not by Arrow
+    "parse_options": pacsv.ParseOptions(delimiter="\x1f", quote_char=False),
+    "convert_options": pacsv.ConvertOptions(column_types={"line": pa.string()}),
+}
+
+
+@dataclass(frozen=True)
+class LineFormat:
+    """How one line of the interaction file splits: delimiter, field count, and which fields hold what."""
+
+    sequences: bool
+    skip_rows: int
+    fields: tuple[str, ...]  # names of the fields of a line (the header, for pairs)
+    user: int
+    item: int
+    time: int  # -1 for sequences
+
+
+def line_format(spec: RawSpec, files: RawFiles) -> LineFormat:
+    if files.sequences:
+        return LineFormat(True, int(has_header(files.pairs)), ("user", "items"), 0, 1, -1)
+    header = tuple(_header(files.pairs))
+    return LineFormat(False, 1, header, header.index(spec.user_col), header.index(spec.item_col),
+                      header.index(spec.time_col))
+
+
+def _read_options(fmt: LineFormat) -> pacsv.ReadOptions:
+    return pacsv.ReadOptions(column_names=["line"], skip_rows=fmt.skip_rows,
+                             block_size=TSV_BLOCK_BYTES if fmt.sequences else 1 << 20)
+
+
+def read_interactions(fmt: LineFormat, files: RawFiles):
+    """The interaction file as a Ray Dataset of text lines (never collected); :func:`parse` makes int64 ids."""
+    import ray.data
+
+    return ray.data.read_csv(str(files.pairs), read_options=_read_options(fmt), **LINE_OPTIONS)
+
+
+@dataclass(frozen=True)
+class BadValue:
+    """The first bad line of a batch: its row in the batch, the field (or None: the line's shape), the text."""
+
+    row: int
+    field: str | None
+    value: str
+    count: int
+
+
+_INT = r"^[+-]?[0-9]{1,18}$"
+
+
+def _ints(col: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """(int64 values with 0 where invalid, invalid mask) of a text column."""
+    text = pc.utf8_trim(col, ' "\r\t')
+    ok = pc.fill_null(pc.match_substring_regex(text, _INT), False)
+    values = pc.cast(pc.if_else(ok, text, "0"), pa.int64())
+    bad = np.asarray(pc.invert(ok).to_numpy(zero_copy_only=False), dtype=bool)
+    return values, bad
+
+
+def _split_lines(lines: pa.Array, fmt: LineFormat) -> tuple[pa.ListArray, np.ndarray]:
+    """Lines split into their fields, and the mask of lines with the wrong number of fields (replaced by zeros)."""
+    delim = "\t" if fmt.sequences else ","
+    n = len(fmt.fields)
+    count = pc.add(pc.count_substring(lines, delim), 1).to_numpy(zero_copy_only=False)
+    bad = count < n if fmt.sequences else count != n  # a sequence's items may hold no tab; more tabs: bad
+    safe = pc.if_else(pa.array(bad), delim.join(["0"] * n), lines)
+    return pc.split_pattern(safe, delim, max_splits=n - 1), bad
+
+
+def parse(batch: pa.Table, fmt: LineFormat) -> tuple[pa.Table, BadValue | None]:
+    """Text lines → int64 ``user``, ``item``, ``ts`` (sequences: ``ts`` = position in the line).
+
+    Lines with the wrong number of fields or a non-integer value are dropped and the first one is described by
+    the returned BadValue (None when the batch is clean).
+    """
+    lines = batch.column("line").combine_chunks()
+    parts, bad_shape = _split_lines(lines, fmt)
+    if fmt.sequences:
+        table, bad_value, where = _parse_sequences(parts, bad_shape)
+    else:
+        cols, bad_value, where = {}, np.zeros(len(lines), dtype=bool), {}
+        for name, k in (("user", fmt.user), ("item", fmt.item), ("ts", fmt.time)):
+            cols[name], bad = _ints(pc.list_element(parts, k))
+            bad &= ~bad_shape
+            for row in np.flatnonzero(bad)[:1]:
+                where.setdefault(int(row), (fmt.fields[k], pc.list_element(parts, k)[row].as_py()))
+            bad_value |= bad
+        table = pa.table(cols).filter(pa.array(~(bad_value | bad_shape)))
+    bad_any = bad_value | bad_shape
+    if not bad_any.any():
+        return table, None
+    row = int(np.argmax(bad_any))
+    field, value = (None, lines[row].as_py()) if bad_shape[row] else where[row]
+    return table, BadValue(row, field, value, int(bad_any.sum()))
+
+
+def _parse_sequences(parts: pa.ListArray, bad_shape: np.ndarray) -> tuple[pa.Table, np.ndarray, dict]:
+    user, bad_user = _ints(pc.list_element(parts, 0))
+    text = pc.utf8_trim_whitespace(pc.list_element(parts, 1))
+    lists = pc.split_pattern(text, " ")  # ListArray, offset 0
+    flat = pc.list_flatten(lists)
+    parent = pc.list_parent_indices(lists).to_numpy()
+    pos = np.arange(len(flat)) - lists.offsets.to_numpy()[:-1][parent]  # position of each item in its line
+    nonempty = np.asarray(pc.not_equal(flat, "").to_numpy(zero_copy_only=False), dtype=bool)  # double spaces
+    item, bad_item = _ints(flat)
+    bad_item &= nonempty
+    bad_line = bad_user & ~bad_shape
+    bad_line[parent[bad_item]] |= ~bad_shape[parent[bad_item]]
+    keep = nonempty & ~(bad_line | bad_shape)[parent]
+    table = pa.table({"user": pc.take(user, pa.array(parent[keep])), "item": pc.filter(item, pa.array(keep)),
+                      "ts": pa.array(pos[keep], pa.int64())})
+    where = {}
+    for row in np.flatnonzero(bad_line)[:1]:
+        if bad_user[row]:
+            where[int(row)] = ("user", pc.list_element(parts, 0)[row].as_py())
+        else:
+            where[int(row)] = ("items", flat[int(np.flatnonzero((parent == row) & bad_item)[0])].as_py())
+    return table, bad_line, where
+
+
+def first_bad_line(fmt: LineFormat, files: RawFiles) -> str:
+    """Scan the interaction file on the driver (streamed) for the first bad line: the error message.
+
+    Runs only after the distributed pass counted bad lines, so the normal path never reads the file here.
+    """
+    line = fmt.skip_rows
+    with pacsv.open_csv(files.pairs, read_options=_read_options(fmt), **LINE_OPTIONS) as reader:
+        for rb in reader:
+            _, bad = parse(pa.Table.from_batches([rb]), fmt)
+            if bad is not None:
+                where = f"{files.pairs}: line {line + bad.row + 1}"
+                if bad.field is None:
+                    return f"{where}: {bad.value!r} does not have the fields {','.join(fmt.fields)}"
+                what = "timestamp (ms)" if bad.field == fmt.fields[fmt.time] and fmt.time >= 0 else "id"
+                return f"{where}: column {bad.field}: {bad.value!r} is not an integer {what}"
+            line += rb.num_rows
+    return f"{files.pairs}: bad lines (not found again on a second read)"

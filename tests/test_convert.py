@@ -1,0 +1,318 @@
+"""`mmctr convert`: raw MicroLens files written here → the challenge layout, checked row by row against a plain
+reference implementation (ids, strict-past histories, splits, negatives), determinism, and bad raw input."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from mmctr_ray.config import FusionConfig
+from mmctr_ray.convert.items import levels
+from mmctr_ray.convert.pipeline import STAGING, run_convert
+from mmctr_ray.convert.raw import RawSpec
+from mmctr_ray.convert.rows import RowSpec
+from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
+from mmctr_ray.schema import SEQ_LEN, SPLITS, Layout
+from mmctr_ray.validate import validate
+
+ROOT = Path(__file__).parent.parent
+K = 3  # negatives per positive (the default)
+FAST = {"shuffle": "sort", "partitions": 3}  # no aggregator actors to start: seconds on a 2-core box
+
+pytestmark = pytest.mark.slow
+
+
+def make_raw(root: Path, seed: int = 0, users: int = 120, items: int = 300) -> pd.DataFrame:
+    """MicroLens-style raw files in ``root``; returns the interactions (raw ids) the pairs file holds.
+
+    Raw ids are sparse and the files unsorted; timestamps tie now and then; one (user, item) repeats later;
+    one user has 130 interactions (history truncation); some users have 1 or 2.
+    """
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    item_ids = 1000 + 7 * rng.permutation(items)
+    titles = pd.DataFrame({"item": item_ids, "title": [f'Title {i}, with "quotes"' for i in item_ids]})
+    titles.to_csv(root / "MicroLens-tiny_title_en.csv", index=False)
+    lv = pd.DataFrame({"item": item_ids, "likes": rng.integers(0, 50, items), "views": rng.integers(0, 5000, items)})
+    lv.to_csv(root / "MicroLens-tiny_likes_and_views.txt", sep="\t", header=False, index=False)
+    pd.DataFrame({"item": item_ids[:20], "tags": ["cats|pets" if i % 2 else "food" for i in range(20)]}).to_csv(
+        root / "MicroLens-tiny_tags.csv", index=False)
+    (root / "MicroLens-tiny_covers").mkdir()
+    for i in item_ids[:5]:
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (int(i) % 255, 0, 0)).save(buf, format="JPEG")
+        (root / "MicroLens-tiny_covers" / f"{i}.jpg").write_bytes(buf.getvalue())
+    weights = 1.0 / np.arange(1, items + 1)  # popular and unpopular items
+    rows = []
+    for u in range(users):
+        n = 130 if u == 0 else int(rng.integers(1, 14))
+        chosen = rng.choice(items - 40, size=n, replace=False, p=weights[:-40] / weights[:-40].sum())  # 40 unused
+        ts = 1_600_000_000_000 + np.sort(rng.integers(0, 40, n)) * 1000  # ties
+        rows += [(500 + 11 * u, int(item_ids[c]), int(t)) for c, t in zip(chosen, ts)]
+    again = next(r for r in rows if r[0] == 500 + 11 * 5)
+    rows.append((again[0], again[1], 1_700_000_000_000))  # a repeat: only the first occurrence counts
+    pairs = pd.DataFrame(rows, columns=["user", "item", "timestamp"]).sample(frac=1.0, random_state=seed)
+    pairs.to_csv(root / "MicroLens-tiny_pairs.csv", index=False)
+    return pairs
+
+
+def reference(pairs: pd.DataFrame) -> dict[tuple[int, int], tuple[str, tuple[int, ...]]]:
+    """(raw user, raw item) of every positive row → (split, history of raw items), computed the plain way."""
+    df = pairs.sort_values(["user", "item", "timestamp"]).drop_duplicates(["user", "item"], keep="first")
+    out = {}
+    for user, g in df.sort_values(["user", "timestamp", "item"]).groupby("user"):
+        items, ts, n = g["item"].tolist(), g["timestamp"].tolist(), len(g)
+        for p in range(n):
+            hist = [items[j] for j in range(p) if ts[j] < ts[p]][-SEQ_LEN:]
+            if hist:
+                split = "test" if n >= 3 and p == n - 1 else "valid" if n >= 3 and p == n - 2 else "train"
+                out[(user, items[p])] = (split, tuple(hist))
+    return out
+
+
+def read_rows(out: Path) -> pd.DataFrame:
+    """Every row of the three splits with ids mapped back to raw ones."""
+    users = pq.read_table(out / "mapping" / "users.parquet").to_pandas().set_index("user_id")["raw_user"]
+    item_raw = np.r_[0, pq.read_table(out / "mapping" / "items.parquet").column("raw_item").to_numpy()]
+    frames = []
+    for split in SPLITS:
+        df = pq.read_table(Layout(out).split(split)).to_pandas()
+        df["split"] = split
+        frames.append(df)
+    df = pd.concat(frames, ignore_index=True)
+    df["raw_user"] = users.loc[df["user_id"]].to_numpy()
+    df["raw_item"] = item_raw[df["item_id"]]
+    df["hist"] = [tuple(item_raw[s[s > 0]].tolist()) for s in df["item_seq"]]
+    return df
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from mmctr_ray.ray_env import quiet_ray_data
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    quiet_ray_data()
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def converted(ray_local, tmp_path_factory):
+    base = tmp_path_factory.mktemp("convert")
+    pairs = make_raw(base / "raw")
+    manifest = run_convert(RawSpec(base / "raw"), base / "out", RowSpec(), progress=lambda m: None, **FAST)
+    return base, pairs, manifest
+
+
+def test_output_validates_and_manifest(converted):
+    base, pairs, _ = converted
+    out = base / "out"
+    assert validate(out) == []  # covers present: not even the missing-images warning
+    assert not (out / STAGING).exists()
+    on_disk = json.loads((out / "convert.json").read_text())
+    assert on_disk["interactions"] == len(pairs) and on_disk["users"] == pairs["user"].nunique()
+    assert on_disk["items"] == 300 and on_disk["covers"] == 5
+    assert on_disk["placeholder_embeddings"] == ["item_emb_d128", "txt_emb_BERT", "img_emb_CLIPRN50"]
+
+
+def test_id_mappings_round_trip(converted):
+    base, pairs, _ = converted
+    out = base / "out"
+    titles = pd.read_csv(base / "raw" / "MicroLens-tiny_title_en.csv")
+    items = pq.read_table(out / "mapping" / "items.parquet").to_pandas()
+    assert items["item_id"].tolist() == list(range(1, 301))
+    assert items["raw_item"].tolist() == sorted(titles["item"])
+    feat = pq.read_table(Layout(out).item_feature, columns=["item_id", "item_title"]).to_pandas()
+    by_raw = titles.set_index("item")["title"]
+    assert feat["item_title"].tolist() == by_raw.loc[items["raw_item"]].tolist()
+    users = pq.read_table(out / "mapping" / "users.parquet").to_pandas()
+    assert users["user_id"].tolist() == list(range(1, len(users) + 1))
+    assert users["raw_user"].tolist() == sorted(pairs["user"].unique())
+    info = pq.read_table(Layout(out).item_info).to_pandas()
+    assert info["item_id"].tolist() == list(range(301)) and not np.stack(info["item_emb_d128"]).any()
+    tags = pq.read_table(out / "mapping" / "tags.parquet").to_pandas()
+    assert tags["tag"].tolist() == ["cats", "food", "pets"]  # by item count, ties by name
+    first = items.index[items["raw_item"] == titles["item"][0]][0] + 1  # raw tags "food" (row 0)
+    assert info["item_tags"][first].tolist() == [0, 0, 0, 0, 2]
+
+
+def test_every_positive_matches_the_reference(converted):
+    """Splits, histories (strictly earlier, last 100, left-padded), de-duplication and no-history events."""
+    base, pairs, _ = converted
+    rows = read_rows(base / "out")
+    pos = rows[rows["label"] == 1]
+    got = {(u, i): (s, h) for u, i, s, h in zip(pos["raw_user"], pos["raw_item"], pos["split"], pos["hist"])}
+    assert len(got) == len(pos)  # one positive per (user, item)
+    assert got == reference(pairs)
+    seq = np.stack(rows["item_seq"])
+    assert seq.shape[1] == SEQ_LEN and seq[:, -1].all()  # left-padded, most recent last
+    assert max(len(h) for h in rows["hist"]) == SEQ_LEN  # the 130-interaction user is truncated
+
+
+def test_no_history_holds_the_target_or_a_later_item(converted):
+    base, pairs, _ = converted
+    rows = read_rows(base / "out")
+    first_ts = pairs.groupby(["user", "item"])["timestamp"].min().to_dict()
+    for u, i, label, hist in zip(rows["raw_user"], rows["raw_item"], rows["label"], rows["hist"]):
+        assert i not in hist
+        if label == 1:
+            assert all(first_ts[(u, h)] < first_ts[(u, i)] for h in hist)
+
+
+def test_split_sizes_and_negative_ratio(converted):
+    base, pairs, manifest = converted
+    ref = reference(pairs)
+    for split in SPLITS:
+        n_pos = sum(s == split for s, _ in ref.values())
+        assert manifest["splits"][split] == {"rows": n_pos * (1 + K), "positives": n_pos}
+        assert pq.ParquetFile(Layout(base / "out").split(split)).metadata.num_rows == n_pos * (1 + K)
+    counts = pairs.groupby("user")["item"].nunique()
+    assert manifest["splits"]["test"]["positives"] == int((counts >= 3).sum())  # users with < 3: train only
+
+
+def test_negatives_are_unseen_distinct_and_popularity_weighted(converted):
+    base, pairs, _ = converted
+    rows = read_rows(base / "out")
+    seen = set(zip(pairs["user"], pairs["item"]))
+    neg = rows[rows["label"] == 0]
+    assert not any((u, i) in seen for u, i in zip(neg["raw_user"], neg["raw_item"]))
+    # a positive and its K negatives share a history (positives with tied timestamps share one too)
+    for _, g in rows.groupby(["split", "raw_user", "hist"]):
+        assert len(g) == (1 + K) * g["label"].sum()
+        if g["label"].sum() == 1:
+            assert g["raw_item"].nunique() == 1 + K  # distinct negatives, none equal to the positive
+    popularity = pairs["item"].value_counts()
+    drawn = neg["raw_item"].value_counts()
+    assert set(drawn.index) <= set(popularity.index)  # never-clicked items have weight 0
+    both = pd.concat([popularity, drawn], axis=1).fillna(0)
+    assert both.corr(method="spearman").iloc[0, 1] > 0.5
+
+
+def test_levels_are_deciles_of_likes_and_views(converted):
+    base, _, _ = converted
+    out = base / "out"
+    lv = pd.read_csv(base / "raw" / "MicroLens-tiny_likes_and_views.txt", sep="\t", names=["item", "likes", "views"])
+    lv = lv.set_index("item").sort_index()
+    feat = pq.read_table(Layout(out).item_feature).to_pandas()
+    assert feat["likes_level"].tolist() == levels(lv["likes"].to_numpy()).tolist()
+    assert feat["views_level"].tolist() == levels(lv["views"].to_numpy()).tolist()
+    train = pq.read_table(Layout(out).split("train")).to_pandas()
+    assert (feat["likes_level"].to_numpy()[train["item_id"] - 1] == train["likes_level"]).all()
+    assert levels(np.array([0, 0, 0, 5])).tolist() == [0, 0, 0, 7]  # ties share a level
+
+
+def _digests(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != "convert.json"}
+
+
+def test_same_seed_same_bytes_and_other_partitions_same_rows(converted, tmp_path):
+    base, _, _ = converted
+    run_convert(RawSpec(base / "raw"), tmp_path / "again", RowSpec(), progress=lambda m: None, **FAST)
+    assert _digests(tmp_path / "again") == _digests(base / "out")
+    run_convert(RawSpec(base / "raw"), tmp_path / "p2", RowSpec(), shuffle="sort", partitions=2,
+                progress=lambda m: None)
+    cols = ["split", "raw_user", "raw_item", "label", "hist"]
+    a = read_rows(base / "out")[cols].sort_values(cols).reset_index(drop=True)
+    b = read_rows(tmp_path / "p2")[cols].sort_values(cols).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        run_convert(RawSpec(base / "raw"), tmp_path / "p2", RowSpec(), progress=lambda m: None, **FAST)
+
+
+def test_time_split_and_sequences_tsv(ray_local, tmp_path):
+    raw = tmp_path / "raw"
+    pairs = make_raw(raw, seed=3, users=40)
+    cut_valid, cut_test = 1_600_000_020_000, 1_600_000_030_000
+    spec = RowSpec(split="time", valid_from=cut_valid, test_from=cut_test, negatives=2, seed=9)
+    run_convert(RawSpec(raw), tmp_path / "time", spec, progress=lambda m: None, **FAST)
+    rows = read_rows(tmp_path / "time")
+    first_ts = pairs.groupby(["user", "item"])["timestamp"].min()
+    pos = rows[rows["label"] == 1]
+    ts = pd.Series(first_ts.loc[list(zip(pos["raw_user"], pos["raw_item"]))].to_numpy(), index=pos["split"].to_numpy())
+    assert (ts["train"] < cut_valid).all() and (ts["test"] >= cut_test).all()
+    assert ((ts["valid"] >= cut_valid) & (ts["valid"] < cut_test)).all()
+    assert len(rows) == 3 * len(pos)
+
+    # the same users as chronological sequences (user<TAB>item item ...): the position is the time
+    seq = pairs.sort_values(["user", "item", "timestamp"]).drop_duplicates(["user", "item"])
+    seq = seq.sort_values(["user", "timestamp", "item"]).assign(ts=lambda d: d.groupby("user").cumcount())
+    lines = seq.groupby("user")["item"].apply(lambda s: " ".join(map(str, s)))
+    tsv = raw / "MicroLens-tiny_pairs.tsv"
+    tsv.write_text("".join(f"{u}\t{items}\n" for u, items in lines.items()))
+    run_convert(RawSpec(raw, pairs=tsv.name), tmp_path / "tsv", RowSpec(), progress=lambda m: None, **FAST)
+    rows = read_rows(tmp_path / "tsv")
+    pos = rows[rows["label"] == 1]
+    got = {(u, i): (s, h) for u, i, s, h in zip(pos["raw_user"], pos["raw_item"], pos["split"], pos["hist"])}
+    assert got == reference(seq.drop(columns="timestamp").rename(columns={"ts": "timestamp"}))
+
+
+def _corrupt(raw: Path, case: str) -> None:
+    path = raw / "MicroLens-tiny_pairs.csv"
+    lines = path.read_text().splitlines()
+    if case == "missing column":
+        lines[0] = "user,item,time"
+    elif case == "non-numeric timestamp":
+        lines[7] = lines[7].rsplit(",", 1)[0] + ",yesterday"
+    elif case == "extra field":
+        lines[4] += ",7"
+    else:  # an item with no title row
+        lines[9] = f"{lines[9].split(',')[0]},999999,1600000000000"
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing column", "MicroLens-tiny_pairs.csv: missing column 'timestamp' (header: user,item,time"),
+    ("non-numeric timestamp", "MicroLens-tiny_pairs.csv: line 8: column timestamp: 'yesterday' is not an integer"),
+    ("unknown item", "1 interaction with 1 item not in MicroLens-tiny_title_en.csv (first: item 999999)"),
+    ("extra field", "MicroLens-tiny_pairs.csv: line 5: '"),
+])
+def test_bad_raw_input_is_one_line_and_leaves_nothing(ray_local, tmp_path, case, message):
+    make_raw(tmp_path / "raw", users=30)
+    _corrupt(tmp_path / "raw", case)
+    with pytest.raises(DataError) as err:
+        run_convert(RawSpec(tmp_path / "raw"), tmp_path / "out", RowSpec(), progress=lambda m: None, **FAST)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_cli_bad_raw_input_exits_2_with_one_line(tmp_path):
+    make_raw(tmp_path / "raw", users=30)
+    _corrupt(tmp_path / "raw", "non-numeric timestamp")
+    r = subprocess.run([sys.executable, "-m", "mmctr_ray.cli", "convert", "--raw", str(tmp_path / "raw"), "--out",
+                        str(tmp_path / "out"), "--shuffle", "sort", "--num-cpus", "2"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
+    expected = (f"mmctr convert: error: {tmp_path / 'raw' / 'MicroLens-tiny_pairs.csv'}: line 8: column timestamp: "
+                f"'yesterday' is not an integer timestamp (ms) (1 bad line)")
+    assert errors == [expected]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_options_are_checked():
+    with pytest.raises(ConfigError, match="--valid-from <= --test-from"):
+        RowSpec(split="time", valid_from=5)
+    with pytest.raises(ConfigError, match="--negatives must be >= 0"):
+        RowSpec(negatives=-1)
+
+
+def test_fuse_refuses_the_placeholder_vectors(converted, tmp_path):
+    from mmctr_ray.fuse import run_fuse
+
+    base, _, _ = converted
+    for strategy in ("given", "v1"):
+        with pytest.raises(ConfigError, match="zero placeholders; run `mmctr embed"):
+            run_fuse(base / "out", tmp_path / "emb.parquet", FusionConfig(strategy))
