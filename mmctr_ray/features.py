@@ -105,6 +105,12 @@ def _read_fused(path: Path, num_items: int) -> np.ndarray:
     return out
 
 
+def has_placeholder_embeddings(data_dir: str | Path) -> bool:
+    """True for data written by ``mmctr convert``: its shipped embedding columns are all-zero placeholders."""
+    manifest = Path(data_dir) / "convert.json"
+    return manifest.is_file() and bool(json.loads(manifest.read_text()).get("placeholder_embeddings"))
+
+
 def load_item_table(data_dir: str | Path, item_vector: str = "given") -> ItemTable:
     """Build the item table from ``item_info.parquet`` and the chosen item vectors.
 
@@ -127,6 +133,9 @@ def load_item_table(data_dir: str | Path, item_vector: str = "given") -> ItemTab
                         f"be in item_id order from 0 (padding)")
     tags = list_matrix(info.column("item_tags"), f"{lay.item_info}: column item_tags").astype(np.int64)
     if item_vector == "given":
+        if has_placeholder_embeddings(data_dir):
+            raise DataError(f"{lay.item_info}: column item_emb_d128: zero placeholders written by `mmctr convert`; "
+                            f"expected real item vectors: embed and fuse, then train with --fusion FILE")
         vectors = list_matrix(info.column("item_emb_d128"), f"{lay.item_info}: column item_emb_d128")
         vectors = vectors.astype(np.float32)
         source = {"item_vector": "given", "file": str(lay.item_info), "column": "item_emb_d128"}

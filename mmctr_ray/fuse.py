@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from mmctr_ray.config import FusionConfig
 from mmctr_ray.data.writer import list_array
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
-from mmctr_ray.features import FUSED_VECTOR_COLUMN, list_matrix
+from mmctr_ray.features import FUSED_VECTOR_COLUMN, has_placeholder_embeddings, list_matrix
 from mmctr_ray.fusion import FittedFusion, ModalityBatch, fit_fusion, modalities_needed
 from mmctr_ray.schema import PAD_ID, Layout
 
@@ -131,9 +131,8 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
 
 def _refuse_placeholders(data_dir: Path, strategy: str, source: str) -> None:
     """Data written by ``mmctr convert`` ships all-zero embedding columns: fusing them would train on nothing."""
-    manifest = data_dir / "convert.json"
     shipped = strategy == "given" or source == "shipped"
-    if shipped and manifest.is_file() and json.loads(manifest.read_text()).get("placeholder_embeddings"):
+    if shipped and has_placeholder_embeddings(data_dir):
         raise ConfigError(f"{data_dir}: converted by `mmctr convert`, its shipped embedding columns are zero "
                           f"placeholders; run `mmctr embed --data {data_dir} --out item_raw_emb.parquet` and fuse "
                           f"v1..v4 with --source item_raw_emb.parquet")

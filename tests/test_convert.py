@@ -316,3 +316,8 @@ def test_fuse_refuses_the_placeholder_vectors(converted, tmp_path):
     for strategy in ("given", "v1"):
         with pytest.raises(ConfigError, match="zero placeholders; run `mmctr embed"):
             run_fuse(base / "out", tmp_path / "emb.parquet", FusionConfig(strategy))
+    from mmctr_ray.errors import DataError
+    from mmctr_ray.features import load_item_table
+
+    with pytest.raises(DataError, match="item_emb_d128: zero placeholders written by `mmctr convert`"):
+        load_item_table(base / "out")  # train and predict with the shipped vectors refuse too
