@@ -3,6 +3,8 @@ its traceback."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 
 class UserError(Exception):
     """Base of every error caused by the user's input (data, config, arguments, existing outputs)."""
@@ -20,10 +22,10 @@ class OutputExistsError(UserError, FileExistsError):
     """The output already holds results and ``--overwrite`` was not given."""
 
 
-def find_user_error(err: BaseException) -> UserError | None:
-    """The user error behind ``err``, if there is one: bad data met in a Ray task or a training worker reaches
-    the driver wrapped (``RayTaskError.cause``, Ray Train's ``WorkerGroupError.worker_failures``, chained
-    causes), and its message is the one line the user needs."""
+def find_cause(err: BaseException, match: Callable[[BaseException], bool]) -> BaseException | None:
+    """The first exception behind ``err`` (itself included) that ``match`` accepts: errors met in a Ray task or a
+    training worker reach the driver wrapped (``RayTaskError.cause``, Ray Train's
+    ``WorkerGroupError.worker_failures``, chained causes)."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [err]
     while todo:
@@ -31,9 +33,17 @@ def find_user_error(err: BaseException) -> UserError | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        cause = getattr(e, "cause", None)
-        if isinstance(e, UserError) and not isinstance(cause, BaseException):
-            return e  # a plain user error (a wrapper that subclasses it has a ``cause``: look there)
-        todo += [*getattr(e, "worker_failures", {}).values(), cause, getattr(e, "controller_failure", None),
-                 e.__cause__, e.__context__]
+        if match(e):
+            return e
+        todo += [*getattr(e, "worker_failures", {}).values(), getattr(e, "cause", None),
+                 getattr(e, "controller_failure", None), e.__cause__, e.__context__]
     return None
+
+
+def find_user_error(err: BaseException) -> UserError | None:
+    """The user error behind ``err``, if there is one; its message is the one line the user needs. (A Ray wrapper
+    that subclasses the user error's class carries the remote traceback in its text and the error in ``cause``:
+    the search goes on to that.)"""
+    found = find_cause(err, lambda e: isinstance(e, UserError) and not isinstance(getattr(e, "cause", None),
+                                                                                   BaseException))
+    return found  # type: ignore[return-value]

@@ -36,7 +36,7 @@ from mmctr_ray.convert.raw import (LineFormat, RawFiles, RawItems, RawSpec, firs
                                    parse, read_interactions, read_items)
 from mmctr_ray.convert.rows import SPLIT_CODES, Lookups, RowSpec, build_rows, hash_u64, sort_events
 from mmctr_ray.data.writer import SPLIT_SCHEMA, _publish, list_array
-from mmctr_ray.errors import ConfigError, DataError, OutputExistsError, UserError
+from mmctr_ray.errors import ConfigError, DataError, OutputExistsError, find_cause, find_user_error
 from mmctr_ray.schema import Layout
 
 log = logging.getLogger(__name__)
@@ -296,8 +296,6 @@ def _ray_errors() -> Iterator[None]:
     """A user error raised inside a Ray task, or a raw file Arrow cannot parse, surfaces as one DataError line."""
     try:
         yield
-    except UserError:
-        raise
     except Exception as err:
         cause = _user_cause(err)
         if cause is None:
@@ -305,16 +303,16 @@ def _ray_errors() -> Iterator[None]:
         raise cause from None
 
 
-def _user_cause(err: BaseException) -> DataError | None:
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [err]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        text = str(e.args[0]) if e.args else ""  # a RayTaskError's str() holds the remote traceback; args do not
-        if isinstance(e, UserError | pa.ArrowInvalid) or text.startswith("Failed to read CSV file"):
-            return DataError(text.strip().splitlines()[0] if text.strip() else type(e).__name__)
-        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
-    return None
+def _user_cause(err: BaseException) -> BaseException | None:
+    user = find_user_error(err)
+    if user is not None:
+        return user
+
+    def unreadable(e: BaseException) -> bool:  # a RayTaskError's str() holds the remote traceback; args do not
+        return isinstance(e, pa.ArrowInvalid) or str(e.args[0] if e.args else "").startswith("Failed to read CSV")
+
+    found = find_cause(err, unreadable)
+    if found is None:
+        return None
+    text = str(found.args[0]).strip() if found.args else ""
+    return DataError(text.splitlines()[0] if text else type(found).__name__)
