@@ -3,6 +3,7 @@ its traceback."""
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 
@@ -41,9 +42,26 @@ def find_cause(err: BaseException, match: Callable[[BaseException], bool]) -> Ba
 
 
 def find_user_error(err: BaseException) -> UserError | None:
-    """The user error behind ``err``, if there is one; its message is the one line the user needs. (A Ray wrapper
-    that subclasses the user error's class carries the remote traceback in its text and the error in ``cause``:
-    the search goes on to that.)"""
+    """The user error behind ``err``, if there is one; its message is the one line the user needs.
+
+    A Ray wrapper that subclasses the user error's class carries the remote traceback in its text and the error
+    in ``cause``: the search goes on to that. Where the error object itself did not survive the trip (an
+    exception raised inside a Ray Data task that fed a training worker arrives as text: pickling drops
+    ``__cause__``), the remote traceback's last line for one of these classes is read back.
+    """
     found = find_cause(err, lambda e: isinstance(e, UserError) and not isinstance(getattr(e, "cause", None),
                                                                                    BaseException))
-    return found  # type: ignore[return-value]
+    if found is not None:
+        return found  # type: ignore[return-value]
+    texts: list[str] = []
+    find_cause(err, lambda e: bool(texts.append(str(e))))  # every exception's text, outermost first
+    for text in texts:
+        lines = REMOTE_LINE.findall(text)
+        if lines:
+            kind, message = lines[-1]
+            return USER_ERRORS[kind](message.strip())
+    return None
+
+
+USER_ERRORS: dict[str, type[UserError]] = {c.__name__: c for c in (UserError, ConfigError, DataError, OutputExistsError)}
+REMOTE_LINE = re.compile(r"^mmctr_ray\.errors\.(" + "|".join(USER_ERRORS) + r"): (.+)$", re.MULTILINE)
