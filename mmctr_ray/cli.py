@@ -552,8 +552,8 @@ WRITERS = ("synth", "convert", "features", "embed", "fuse", "train", "predict", 
 def _refuse_existing_output(args: argparse.Namespace) -> None:
     """An output that holds results is never replaced without --overwrite (or continued without --resume);
     checked here, before Ray starts, and again by each stage's own function."""
-    if getattr(args, "overwrite", False) or getattr(args, "resume", False):
-        return
+    if getattr(args, "overwrite", False) or getattr(args, "resume", False) or args.command in ("pipeline", "demo"):
+        return  # the pipeline checks OUT itself (pipeline.check_out), also before Ray starts
     out = storage.normalize(str(args.out))
     if storage.is_file(out) or (storage.exists(out) and storage.listdir(out)):
         how = "--resume to continue it or --overwrite to replace it" if hasattr(args, "resume") else (

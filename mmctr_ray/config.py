@@ -209,9 +209,9 @@ class TrainConfig:
         precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
         shuffle_buffer: rows in each worker's local shuffle buffer (0: read order).
         deterministic: read the training split in file order (Ray Data ``preserve_order``), so that the seed
-            alone fixes the order of the rows each epoch, for some throughput. Kernels are not made
-            bit-reproducible: two runs still differ in the last bits (about 0.002 valid AUC after 2 epochs of
-            the tiny config on CPU, against 0.003 after one epoch without this).
+            alone fixes the order of the rows each epoch, for some throughput. Runs are still not
+            bit-reproducible: on CPU, two runs of the tiny config differed by up to 0.002 valid AUC with it
+            (0.003 without it).
     """
 
     batch_size: int = 8192
