@@ -126,6 +126,36 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class MemoryPeaks:
+    """Peaks of this process's resident memory by kind, sampled from /proc/self/status (Linux; empty elsewhere):
+    ``anon`` is memory the process allocated itself, ``shmem`` the shared pages it maps (Ray's object store:
+    blocks read zero-copy), which ru_maxrss counts too although no process owns them alone."""
+
+    FIELDS = {"RssAnon:": "anon", "RssShmem:": "shmem"}
+
+    def __init__(self) -> None:
+        self.peaks: dict[str, float] = {}
+
+    def sample(self) -> None:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    key = self.FIELDS.get(line.split(":", 1)[0] + ":")
+                    if key:
+                        mib = int(line.split()[1]) / 1024
+                        self.peaks[key] = max(self.peaks.get(key, 0.0), mib)
+        except OSError:
+            pass
+
+
+def _memory_row(memory: MemoryPeaks) -> dict[str, list[float]]:
+    """Per-rank peaks for metrics.jsonl: ``worker_peak_rss_mib`` (getrusage) and, where /proc tells,
+    ``worker_peak_anon_mib`` and ``worker_peak_shmem_mib``."""
+    memory.sample()
+    ranks = _gather({"rss": peak_rss_mib(), **memory.peaks})
+    return {f"worker_peak_{k}_mib": [round(r[k], 1) for r in ranks] for k in ranks[0]}
+
+
 def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, resume_from: str | None) -> TrainState | None:
     import ray.train
 
@@ -176,6 +206,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     per_worker = max(1, cfg.train.batch_size // world)
     steps_per_epoch = max(1, config["train_rows"] // (per_worker * world))
     stop = state.bad_epochs >= cfg.train.patience  # a resumed run that had already stopped early stays stopped
+    memory = MemoryPeaks()
     while state.epoch < cfg.train.epochs and not stop:
         for group in optimizer.param_groups:
             group["lr"] = state.lr
@@ -192,6 +223,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             rows += len(batch["label"]) * world
             _maybe_fault((epoch - 1) * steps_per_epoch + step, config.get("fault") if rank == 0 else None)
             run_log.progress(epoch, step, steps_per_epoch, rows, t0, loss_sum)
+            if step % 16 == 1:
+                memory.sample()
         seconds = time.perf_counter() - t0
         epoch_seconds = time.perf_counter() - start
         metrics = None
@@ -205,7 +238,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                "valid_logloss": metrics["logloss"], "valid_rows": metrics["rows"], "lr": state.lr,
                "samples_per_s": rows / seconds if seconds > 0 and step > 1 else None,
                "epoch_seconds": epoch_seconds,
-               "worker_peak_rss_mib": [round(m, 1) for m in _gather(peak_rss_mib())]}  # one per rank
+               **_memory_row(memory)}
         stop = update_schedule(state, metrics["auc"], cfg.train)
         state.history = [*(state.history or []), row]
         with tempfile.TemporaryDirectory() as tmp:
@@ -213,7 +246,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 save_checkpoint(Path(tmp), model, optimizer, state, cfg, fmap, table.source)
                 run_log.epoch_end(state)
             checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
-            scalars = {k: v for k, v in row.items() if k != "worker_peak_rss_mib"}  # metrics.jsonl keeps the list
+            scalars = {k: v for k, v in row.items() if not k.startswith("worker_peak_")}  # metrics.jsonl keeps lists
             ray.train.report({**scalars, "best_valid_auc": state.best_auc}, checkpoint=checkpoint,
                              checkpoint_dir_name=f"checkpoint_epoch_{epoch:03d}")
     run_log.close()
