@@ -139,7 +139,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mmctr_ray.train_driver import check_inputs, resume_config, run_location, run_training
+    from mmctr_ray.train_driver import resume_config, run_location, run_training
 
     if args.resume and (args.config or getattr(args, "fusion", None)):
         raise ConfigError("--resume continues RUN with its own config.yaml: drop --config/--fusion (use --set "
@@ -150,11 +150,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         args = argparse.Namespace(**{**vars(args), "overrides": [*fusion_overrides(args.fusion), *args.overrides]})
     run_location(str(args.out))  # a RUN URI that cannot be used fails here, before Ray starts
     cfg = resume_config(str(args.out), args.overrides) if args.resume else _config(args)
-    check_inputs(args.data, cfg)  # bad data fails before Ray starts
-    _start_ray(args, ray_train=True)
     summary = run_training(args.data, str(args.out), cfg, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                            cpus_per_worker=args.cpus_per_worker, resume=args.resume, overwrite=args.overwrite,
-                           verbose=args.verbose)
+                           verbose=args.verbose, start_ray=lambda: _start_ray(args, ray_train=True))
     oracle = summary.get("oracle_valid_auc")
     log.info("best valid AUC %.4f (logloss %.4f) at epoch %d of %d%s; checkpoint %s",
              summary["best_valid_auc"], summary["best_valid_logloss"], summary["best_epoch"], summary["epochs"],
@@ -546,15 +544,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-WRITERS = ("synth", "convert", "features", "embed", "fuse", "train", "predict", "tune", "demo", "pipeline")  # stages with an --out
+# the stages with an --out
+WRITERS = ("synth", "convert", "features", "embed", "fuse", "train", "predict", "tune", "demo", "pipeline")
 
 
-def _refuse_existing_output(args: argparse.Namespace) -> None:
+def _refuse_existing_output(args: argparse.Namespace, out: storage.Location) -> None:
     """An output that holds results is never replaced without --overwrite (or continued without --resume);
     checked here, before Ray starts, and again by each stage's own function."""
     if getattr(args, "overwrite", False) or getattr(args, "resume", False) or args.command in ("pipeline", "demo"):
         return  # the pipeline checks OUT itself (pipeline.check_out), also before Ray starts
-    out = storage.normalize(str(args.out))
     if storage.is_file(out) or (storage.exists(out) and storage.listdir(out)):
         how = "--resume to continue it or --overwrite to replace it" if hasattr(args, "resume") else (
             "--overwrite to replace it" if hasattr(args, "overwrite") else "another --out")
@@ -566,11 +564,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        out = getattr(args, "out", None)
-        if out is None or args.command not in WRITERS:
+        if getattr(args, "out", None) is None or args.command not in WRITERS:
             return args.func(args)
-        _refuse_existing_output(args)
-        with output_lock(storage.normalize(str(out)), args.command):
+        out = storage.normalize(str(args.out))
+        _refuse_existing_output(args, out)
+        with output_lock(out, args.command):
             return args.func(args)
     except Exception as err:
         user = find_user_error(err)  # also when a Ray task or worker met it

@@ -63,5 +63,6 @@ def find_user_error(err: BaseException) -> UserError | None:
     return None
 
 
-USER_ERRORS: dict[str, type[UserError]] = {c.__name__: c for c in (UserError, ConfigError, DataError, OutputExistsError)}
+USER_ERRORS: dict[str, type[UserError]] = {c.__name__: c
+                                           for c in (UserError, ConfigError, DataError, OutputExistsError)}
 REMOTE_LINE = re.compile(r"^mmctr_ray\.errors\.(" + "|".join(USER_ERRORS) + r"): (.+)$", re.MULTILINE)

@@ -19,7 +19,7 @@ import os
 import posixpath
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mmctr_ray import storage
 from mmctr_ray.checkpoint import best_checkpoint, epoch_checkpoints
@@ -123,9 +123,12 @@ def resume_config(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> 
 def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfig, workers: int = 1,
                  gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0, resume: bool = False,
                  overwrite: bool = False, max_failures: int = 2, verbose: bool = False,
-                 callbacks: list[Any] | None = None) -> dict[str, Any]:
+                 callbacks: list[Any] | None = None, start_ray: Callable[[], None] | None = None) -> dict[str, Any]:
     """Train ``cfg`` on ``data_dir`` into ``run_dir`` (a local path or a storage URI) with ``workers`` DDP
     workers; return the summary.
+
+    ``start_ray`` is called once the inputs and RUN are checked, before anything needs Ray: the CLI starts its
+    private Ray there, so bad input fails without waiting for a cluster and is checked only once.
 
     With ``resume`` the run continues from its latest checkpoint; ``cfg`` may differ from the saved config only
     in its train section (e.g. more epochs). ``callbacks`` go to the trainer's ``RunConfig`` (``mmctr tune``
@@ -152,6 +155,8 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     loop_config = {"cfg": cfg.to_dict(), "data_dir": str(data_dir), "run_dir": str(run),
                    "feature_map": fmap.__dict__, "train_rows": rows["train"],
                    "resume_from": str(done[-1]) if done else None, "fault": _fault_from_env(), "verbose": verbose}
+    if start_ray is not None:
+        start_ray()
     fs, fs_path = storage.resolve(run)  # Ray Train writes checkpoints to storage_path/name = RUN
     trainer = TorchTrainer(
         train_loop_per_worker,

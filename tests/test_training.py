@@ -147,8 +147,8 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(plain_run, synth_dir,
     run, marker = tmp_path / "f", tmp_path / "killed"
     steps_per_epoch = 3_000 // 256
     monkeypatch.setenv(FAULT_ENV, f"{steps_per_epoch + 3}:{marker}")  # mid-way through epoch 2
-    summary = run_training(synth_dir, str(run), tiny_cfg("train.epochs=2", "train.patience=3", "train.deterministic=true"),
-                           max_failures=1)
+    cfg = tiny_cfg("train.epochs=2", "train.patience=3", "train.deterministic=true")
+    summary = run_training(synth_dir, str(run), cfg, max_failures=1)
     assert marker.read_text() == "killed\n"
     rows = _metrics(run)
     assert [r["epoch"] for r in rows] == [1, 2]
