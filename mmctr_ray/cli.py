@@ -404,8 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partitions", type=int, help="user buckets / shuffle partitions (default: ~64 MiB of raw "
                                                   "interactions each, at least 4)")
     p.add_argument("--shuffle", choices=["hash", "sort"], default="hash",
-                   help="Ray Data shuffle: hash (aggregator actors, for clusters; default) or sort (no actors: "
-                        "faster on one machine and small data)")
+                   help="Ray Data shuffle of the user buckets: hash (aggregator actors; default) or sort (no "
+                        "actors, but the driver's memory grows with the data)")
     p.add_argument("--overwrite", action="store_true", help="replace data already in --out")
     _add_ray_args(p)
     p.set_defaults(func=cmd_convert)

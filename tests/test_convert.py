@@ -17,7 +17,7 @@ from PIL import Image
 
 from mmctr_ray.config import FusionConfig
 from mmctr_ray.convert.items import levels
-from mmctr_ray.convert.pipeline import STAGING, run_convert
+from mmctr_ray.convert.pipeline import STAGING, _UserSet, run_convert
 from mmctr_ray.convert.raw import RawSpec
 from mmctr_ray.convert.rows import RowSpec
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
@@ -321,3 +321,15 @@ def test_fuse_refuses_the_placeholder_vectors(converted, tmp_path):
 
     with pytest.raises(DataError, match="item_emb_d128: zero placeholders written by `mmctr convert`"):
         load_item_table(base / "out")  # train and predict with the shipped vectors refuse too
+
+
+def test_user_ids_merged_from_streamed_block_counts_are_the_sorted_distinct_ids():
+    """The driver merges each block's distinct users as they stream in (folding pending arrays into the merged
+    set once they outgrow it); the result must be exactly the sorted distinct ids, across merges."""
+    rng = np.random.default_rng(3)
+    blocks = [np.unique(rng.integers(0, 3_000_000, size=n)) for n in (10, 700_000, 500_000, 1_300_000, 5, 0)]
+    users = _UserSet()
+    for b in blocks:
+        users.add(b)
+    assert users.merged.size > 0  # at least one merge happened before the end
+    np.testing.assert_array_equal(users.sorted(), np.unique(np.concatenate(blocks)))
