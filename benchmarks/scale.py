@@ -1,7 +1,8 @@
 """Scale: `mmctr synth` + one training epoch at 1×, 4× and 16× the default train rows (run by hand).
 
     PYTHONPATH=. .venv/bin/python benchmarks/scale.py [--base-rows 200000] [--factors 1 4 16]
-        [--config configs/baseline.yaml] [--workers 1] [--num-cpus N] [--set train.batch_size=4096]
+        [--config configs/baseline.yaml] [--workers 1] [--num-cpus N] [--object-store-mib MIB]
+        [--set train.batch_size=4096]
 
 Every size runs in fresh processes: `mmctr synth` (wall time; its memory is benchmarks/synth_memory.py's), then
 `mmctr train` for one epoch on a private local Ray started by that process, so no Ray worker is reused across
@@ -44,6 +45,7 @@ def one_size(rows: int, args: argparse.Namespace, work: Path) -> dict:
     data, run_dir = work / f"data_{rows}", work / f"run_{rows}"
     synth_s = run(["synth", "--out", str(data), "--train-rows", str(rows), "--images", "0"])
     extra = ["--num-cpus", str(args.num_cpus)] if args.num_cpus else []
+    extra += ["--object-store-mib", str(args.object_store_mib)] if args.object_store_mib else []
     for override in ["train.epochs=1", "train.patience=100", *args.overrides]:
         extra += ["--set", override]
     train_s = run(["train", "--data", str(data), "--out", str(run_dir), "--config", str(args.config),
@@ -66,6 +68,8 @@ def main() -> None:
     ap.add_argument("--config", type=Path, default=Path("configs/baseline.yaml"))
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of each local Ray")
+    ap.add_argument("--object-store-mib", type=int, default=None,
+                    help="object store of each local Ray (default: Ray's, 30%% of RAM)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()

@@ -33,9 +33,18 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override one config value, e.g. --set data.max_len=32 (repeatable)")
 
 
+def _object_store_mib(text: str) -> int:
+    if not text.isdigit() or int(text) < 100:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 100 (MiB), got {text!r}")
+    return int(text)
+
+
 def _add_ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a private local Ray)")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of a private local Ray")
+    p.add_argument("--object-store-mib", type=_object_store_mib, metavar="MIB",
+                   help="object store of a private local Ray, in MiB (default: Ray's, 30%% of RAM); bounds the "
+                        "shared memory Ray Data's blocks occupy, which processes that read them keep in their RSS")
     p.add_argument("--dashboard", action="store_true",
                    help="start the private local Ray's dashboard on 127.0.0.1 (off by default, except for the "
                         "stages that run Ray Train, whose clean-up queries the dashboard's state API)")
@@ -44,7 +53,8 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
 def _start_ray(args: argparse.Namespace, ray_train: bool = False) -> None:
     from mmctr_ray.ray_env import init_ray
 
-    init_ray(args.address, args.num_cpus, args.verbose, dashboard=args.dashboard or ray_train)
+    init_ray(args.address, args.num_cpus, args.verbose, dashboard=args.dashboard or ray_train,
+             object_store_mib=args.object_store_mib)
 
 
 def _add_data_arg(p: argparse.ArgumentParser) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
+from mmctr_ray.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -57,12 +59,14 @@ def pin_ray_address() -> None:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = False,
-             dashboard: bool = False) -> None:
+             dashboard: bool = False, object_store_mib: int | None = None) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a private local Ray.
 
     The private local Ray listens on loopback only, uses token authentication (a token Ray keeps in
     ``~/.ray/auth_token``), has ``num_cpus`` logical CPUs when given, and starts the dashboard (on 127.0.0.1)
-    only when ``dashboard`` is set. Stages that run Ray Train set it: Train V2's placement-group cleaner asks
+    only when ``dashboard`` is set, and an object store of ``object_store_mib`` MiB when given (Ray's default:
+    30% of RAM; the store keeps the shared memory it has once used until Ray stops, and every process that read
+    an object keeps its pages in its RSS, so this bounds both). Stages that run Ray Train set it: Train V2's placement-group cleaner asks
     the dashboard's state API whether the run's controller lives, and without an answer it takes the run's
     placement group away mid-training (seen with Ray 2.60). A cluster's own settings are the cluster's.
     """
@@ -79,7 +83,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
     _loopback_only()
     _token_auth_on()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a private Ray reports nothing to the network
+    if object_store_mib is not None and object_store_mib < 100:
+        raise ConfigError(f"--object-store-mib must be >= 100 (MiB), got {object_store_mib}")
     ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+             object_store_memory=object_store_mib * 2**20 if object_store_mib else None,
              logging_level=logging.WARNING, runtime_env={"worker_process_setup_hook": pin_ray_address})
     log.info("started a local Ray%s: %s", " with its dashboard on 127.0.0.1" if dashboard else "",
              ray.cluster_resources())

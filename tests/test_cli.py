@@ -84,6 +84,17 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
     assert r.returncode == 2 and "--items must be >= 1" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_too_small_object_store_is_refused_before_anything_is_written(synth_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(synth_dir), "--out", str(run), "--object-store-mib", "50"])
+    assert exit_info.value.code == 2
+    assert "--object-store-mib: expected an integer >= 100 (MiB), got '50'" in capsys.readouterr().err
+    assert not run.exists() and not list(tmp_path.iterdir())
+    args = build_parser().parse_args(["train", "--data", "D", "--out", "R", "--object-store-mib", "512"])
+    assert args.object_store_mib == 512
+
+
 def test_unusable_run_uris_are_one_line_errors_before_ray_starts(synth_dir):
     r = run_cli("train", "--data", str(synth_dir), "--out", "foo://bucket/run")
     assert r.returncode == 2 and "Traceback" not in r.stderr
