@@ -19,6 +19,7 @@ from mmctr_ray.data.synthetic import PRESETS, SynthSpec
 from mmctr_ray.data.writer import write_synthetic
 from mmctr_ray.errors import ConfigError, OutputExistsError, find_user_error
 from mmctr_ray.locking import output_lock
+from mmctr_ray.ray_env import MIN_OBJECT_STORE_MIB
 
 log = logging.getLogger("mmctr")
 
@@ -34,8 +35,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _object_store_mib(text: str) -> int:
-    if not text.isdigit() or int(text) < 100:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 100 (MiB), got {text!r}")
+    if not text.isdigit() or int(text) < MIN_OBJECT_STORE_MIB:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {MIN_OBJECT_STORE_MIB} (MiB), got {text!r}")
     return int(text)
 
 

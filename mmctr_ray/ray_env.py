@@ -9,6 +9,8 @@ from mmctr_ray.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+MIN_OBJECT_STORE_MIB = 100  # a smaller store leaves Ray Data too little room to stream blocks
+
 
 def quiet_ray_data(verbose: bool = False) -> None:
     """Ray Data logs every operator's progress at INFO when stderr is not a terminal: keep that for -v.
@@ -66,9 +68,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
     ``~/.ray/auth_token``), has ``num_cpus`` logical CPUs when given, and starts the dashboard (on 127.0.0.1)
     only when ``dashboard`` is set, and an object store of ``object_store_mib`` MiB when given (Ray's default:
     30% of RAM; the store keeps the shared memory it has once used until Ray stops, and every process that read
-    an object keeps its pages in its RSS, so this bounds both). Stages that run Ray Train set it: Train V2's placement-group cleaner asks
-    the dashboard's state API whether the run's controller lives, and without an answer it takes the run's
-    placement group away mid-training (seen with Ray 2.60). A cluster's own settings are the cluster's.
+    an object keeps its pages in its RSS, so this bounds both). Stages that run Ray Train set ``dashboard``:
+    Train V2's placement-group cleaner asks the dashboard's state API whether the run's controller lives, and
+    without an answer it takes the run's placement group away mid-training (seen with Ray 2.60). A cluster's own
+    settings are the cluster's.
     """
     import ray
 
@@ -83,8 +86,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
     _loopback_only()
     _token_auth_on()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a private Ray reports nothing to the network
-    if object_store_mib is not None and object_store_mib < 100:
-        raise ConfigError(f"--object-store-mib must be >= 100 (MiB), got {object_store_mib}")
+    if object_store_mib is not None and object_store_mib < MIN_OBJECT_STORE_MIB:
+        raise ConfigError(f"--object-store-mib must be >= {MIN_OBJECT_STORE_MIB} (MiB), got {object_store_mib}")
     ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
              object_store_memory=object_store_mib * 2**20 if object_store_mib else None,
              logging_level=logging.WARNING, runtime_env={"worker_process_setup_hook": pin_ray_address})

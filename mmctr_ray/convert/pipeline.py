@@ -114,7 +114,7 @@ def _convert(raw: RawSpec, files: RawFiles, stage: Layout, spec: RowSpec, partit
                 .groupby("bucket", num_partitions=partitions)
                 .map_groups(_bucket_rows, batch_format="numpy",
                             fn_kwargs={"lookups": lookups, "spec": spec, "parts": str(parts)}))
-        splits = _write_splits(rows, stage, progress, t0)
+        splits = _write_splits(rows, parts, stage, progress, t0)
     for name, s in splits.items():
         if not s["rows"]:
             raise DataError(f"{files.pairs}: no {name} rows (leave-last-out needs users with >= 3 interactions; "
@@ -153,10 +153,11 @@ def _interaction_stats(interactions, fmt: LineFormat, items: RawItems,
     for b in counts.iter_batches(batch_format="numpy", batch_size=None):
         kind, key, n = b["kind"], b["key"], b["n"]
         users.add(key[kind == 0])
-        dense, known = items.dense(key[kind == 1])
-        np.add.at(popularity, dense, n[kind == 1])
+        item_keys, item_n = key[kind == 1], n[kind == 1]
+        dense, known = items.dense(item_keys)
+        np.add.at(popularity, dense, item_n)
         if not known.all():
-            unknown.append(np.unique(key[kind == 1][~known]))
+            unknown.append(np.unique(item_keys[~known]))
         bad += int(n[kind == 2].sum())
     if bad:
         raise DataError(f"{first_bad_line(fmt, files)} ({_count(bad, 'bad line')})")
@@ -231,7 +232,7 @@ def _lookups(ref) -> Lookups:
 
 def _bucket_rows(group: dict[str, np.ndarray], lookups, spec: RowSpec, parts: str) -> dict[str, np.ndarray]:
     """All interactions of one user bucket → rows, CHUNK_EVENTS events (whole users) at a time, streamed into the
-    bucket's own part file; returns one summary row (bucket, path, rows).
+    bucket's own part file; returns one summary row: the bucket and its file ("" when it holds no rows).
 
     The task writes the file itself: Ray Data's parquet sink collects all of a write task's blocks before
     writing, which held a whole bucket's rows (8 GiB per worker at 8M interactions in 4 buckets) in memory.
@@ -247,7 +248,7 @@ def _bucket_rows(group: dict[str, np.ndarray], lookups, spec: RowSpec, parts: st
     cuts = firsts[np.searchsorted(firsts, np.arange(CHUNK_EVENTS, len(user), CHUNK_EVENTS)).clip(0, len(firsts) - 1)]
     bounds = np.unique(np.r_[0, cuts, len(user)])
     path = Path(parts) / f"bucket-{bucket:05d}.parquet"
-    rows, writer = 0, None
+    writer = None
     try:
         for lo, hi in itertools.pairwise(bounds):
             cols = build_rows(user[lo:hi], raw_user[lo:hi], item[lo:hi], ts[lo:hi], spec, lk)
@@ -256,18 +257,16 @@ def _bucket_rows(group: dict[str, np.ndarray], lookups, spec: RowSpec, parts: st
                                   "item_seq": list_array(cols["item_seq"], pa.int64())})
                 writer = writer or pq.ParquetWriter(path, table.schema)
                 writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
-                rows += table.num_rows
     finally:
         if writer is not None:
             writer.close()
-    return {"bucket": np.array([bucket]), "path": np.array([str(path) if rows else ""]), "rows": np.array([rows])}
+    return {"bucket": np.array([bucket]), "path": np.array([str(path) if writer is not None else ""])}
 
 
-def _write_splits(rows, stage: Layout, progress: Callable[[str], None], t0: float) -> dict:
-    """Run the bucket tasks (each writes its part file), then read the parts once, in bucket order, batch by
-    batch, and route each row to its split's single layout file: the driver holds at most a few batches and
-    never maps the workers' blocks, whatever the data size."""
-    parts = stage.root / ".parts"
+def _write_splits(rows, parts: Path, stage: Layout, progress: Callable[[str], None], t0: float) -> dict:
+    """Run the bucket tasks (each writes its part file into ``parts``), then read the parts once, in bucket order,
+    batch by batch, and route each row to its split's single layout file: the driver holds at most a few batches
+    and never maps the workers' blocks, whatever the data size."""
     summary = sorted((int(r["bucket"]), str(r["path"])) for r in rows.iter_rows())
     progress(f"rows: written by the workers ({time.perf_counter() - t0:.1f}s)")
     writer = _SplitWriter(stage)
