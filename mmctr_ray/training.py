@@ -29,6 +29,7 @@ from mmctr_ray.metrics import evaluate
 from mmctr_ray.model import DINModel
 from mmctr_ray.ray_env import quiet_ray_data
 from mmctr_ray.run_log import RunLog
+from mmctr_ray.store_pages import release_store_pages
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +129,12 @@ def peak_rss_mib() -> float:
 
 class MemoryPeaks:
     """Peaks of this process's resident memory by kind, sampled from /proc/self/status (Linux; empty elsewhere):
-    ``anon`` is memory the process allocated itself, ``shmem`` the shared pages it maps (Ray's object store:
-    blocks read zero-copy), which ru_maxrss counts too although no process owns them alone."""
+    ``rss`` the whole resident set, ``anon`` memory the process allocated itself, ``shmem`` the shared pages it
+    maps (Ray's object store: blocks read zero-copy), which RSS counts too although no process owns them alone.
+    The training loop samples just before it releases the store's pages (:mod:`store_pages`), so ``rss`` holds
+    the highest level between two releases even where the kernel's high-water mark (ru_maxrss) misses it."""
 
-    FIELDS = {"RssAnon:": "anon", "RssShmem:": "shmem"}
+    FIELDS = {"VmRSS:": "rss", "RssAnon:": "anon", "RssShmem:": "shmem"}
 
     def __init__(self) -> None:
         self.peaks: dict[str, float] = {}
@@ -149,10 +152,10 @@ class MemoryPeaks:
 
 
 def _memory_row(memory: MemoryPeaks) -> dict[str, list[float]]:
-    """Per-rank peaks for metrics.jsonl: ``worker_peak_rss_mib`` (getrusage) and, where /proc tells,
-    ``worker_peak_anon_mib`` and ``worker_peak_shmem_mib``."""
+    """Per-rank peaks for metrics.jsonl: ``worker_peak_rss_mib`` (the larger of getrusage's and the sampled peak)
+    and, where /proc tells, ``worker_peak_anon_mib`` and ``worker_peak_shmem_mib``."""
     memory.sample()
-    ranks = _gather({"rss": peak_rss_mib(), **memory.peaks})
+    ranks = _gather({**memory.peaks, "rss": max(peak_rss_mib(), memory.peaks.get("rss", 0.0))})
     return {f"worker_peak_{k}_mib": [round(r[k], 1) for r in ranks] for k in ranks[0]}
 
 
@@ -223,8 +226,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             rows += len(batch["label"]) * world
             _maybe_fault((epoch - 1) * steps_per_epoch + step, config.get("fault") if rank == 0 else None)
             run_log.progress(epoch, step, steps_per_epoch, rows, t0, loss_sum)
-            if step % 16 == 1:
+            if step % 16 == 1:  # ~16 batches of store pages at most stay mapped (ray-project/ray#65544)
                 memory.sample()
+                release_store_pages()
         seconds = time.perf_counter() - t0
         epoch_seconds = time.perf_counter() - start
         metrics = None
