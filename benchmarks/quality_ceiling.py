@@ -1,6 +1,7 @@
 """How close to the oracle can a model class get on the synthetic world? Ceilings from the planted terms (by hand).
 
     PYTHONPATH=. .venv/bin/python benchmarks/quality_ceiling.py --data DATA     # a `mmctr synth` output
+    PYTHONPATH=. .venv/bin/python benchmarks/quality_ceiling.py --data DATA --vectors item_emb.parquet  # + a fused table
     PYTHONPATH=. .venv/bin/python benchmarks/quality_ceiling.py [--rows 200000] [--seed 2025]   # fresh rows
 
 The oracle AUC in ``oracle.json`` scores the true click probabilities, which use terms no DIN-family model here can
@@ -11,7 +12,8 @@ item ids reveal (learnable only from clicks). This script rebuilds the world of 
 **true** latent content, fits a logistic regression on the train rows with the terms a model class could compute
 at best, and prints its AUC on the valid rows, the ones ``mmctr train`` is scored on. Each
 figure is an upper bound for that class: it assumes the content similarity of every item pair is known exactly,
-which a model must instead learn from noisy vectors, tags and 200k clicks.
+which a model must instead learn from noisy vectors, tags and 200k clicks. With ``--vectors`` (a `mmctr fuse`
+table), one more class: tags + the content those vectors reveal, the same way as for ``item_emb_d128``.
 """
 
 from __future__ import annotations
@@ -80,8 +82,16 @@ CLASSES = [  # (what the model class can compute, the terms it gets)
     ("topic level only (tags), no positions, no item-id factors",
      ["topic_affinity", "topic_max", "length", "pop"]),
 ]
-GIVEN_CLASS = ("topics (tags) + content as item_emb_d128 reveals it (linear decoding), no positions, no id factors",
-               ["topic_affinity", "topic_max", "given_affinity", "given_max", "given_sum", "length", "pop"])
+GIVEN_COLUMNS = ["topic_affinity", "topic_max", "given_affinity", "given_max", "given_sum", "length", "pop"]
+
+
+def read_vectors(path: Path, column: str, n_items: int) -> np.ndarray:
+    """(N+1, d) vectors by item id from a parquet table with ``item_id`` and a list column (row 0: padding)."""
+    table = pq.read_table(path, columns=["item_id", column])
+    flat = np.asarray(table.column(column).combine_chunks().flatten())
+    out = np.zeros((n_items + 1, len(flat) // table.num_rows))
+    out[table.column("item_id").to_numpy()] = flat.reshape(table.num_rows, -1)
+    return out
 
 
 def read_rows(data: Path, split: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -94,6 +104,7 @@ def read_rows(data: Path, split: str) -> tuple[dict[str, np.ndarray], np.ndarray
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, help="a `mmctr synth` output: fit on its train rows, score its valid rows")
+    ap.add_argument("--vectors", type=Path, help="with --data: a `mmctr fuse` table (item_id, item_emb) to judge too")
     ap.add_argument("--rows", type=int, default=200_000, help="without --data: rows drawn; half fit, half score")
     ap.add_argument("--seed", type=int, default=SynthSpec().seed, help="without --data: the world's seed")
     args = ap.parse_args()
@@ -102,9 +113,9 @@ def main() -> None:
         world = World(SynthSpec(**meta["spec"]))
         (fit_rows, fit_y), (score_rows, score_y) = read_rows(args.data, "train"), read_rows(args.data, "valid")
         oracle = json.loads((args.data / "oracle.json").read_text())["valid"]["oracle_auc"]
-        info = pq.read_table(Layout(args.data).item_info, columns=["item_emb_d128"])
-        vectors = np.asarray(info.column("item_emb_d128").combine_chunks().flatten()).reshape(info.num_rows, -1)
-        given = decoded_content(world, vectors)
+        readings = {"item_emb_d128": read_vectors(Layout(args.data).item_info, "item_emb_d128", world.spec.items)}
+        if args.vectors:
+            readings[args.vectors.name] = read_vectors(args.vectors, "item_emb", world.spec.items)
         print(f"{args.data}: fit on {len(fit_y):,} train rows, AUC on {len(score_y):,} valid rows")
     else:
         world = World(SynthSpec(seed=args.seed))
@@ -114,14 +125,18 @@ def main() -> None:
         fit_rows, fit_y = {k: v[:half] for k, v in rows.items()}, labels[:half]
         score_rows, score_y = {k: v[half:] for k, v in rows.items()}, labels[half:]
         oracle = roc_auc_score(score_y, score_rows["prob"])
-        given = None
+        readings = {}
         print(f"{args.rows:,} fresh rows of the default world (seed {args.seed}); AUC on the {len(score_y):,} held out")
-    fit_terms, score_terms = planted_terms(world, fit_rows, given), planted_terms(world, score_rows, given)
-    print(f"{'oracle (true probabilities)':<96} {oracle:.4f}")
-    for name, cols in CLASSES + ([GIVEN_CLASS] if given is not None else []):
+    print(f"{'oracle (true probabilities)':<104} {oracle:.4f}")
+    classes = [(name, cols, None) for name, cols in CLASSES]
+    classes += [(f"topics (tags) + content as {name} reveals it (linear decoding), no positions, no id factors",
+                 GIVEN_COLUMNS, vectors) for name, vectors in readings.items()]
+    for name, cols, vectors in classes:
+        given = None if vectors is None else decoded_content(world, vectors)
+        fit_terms, score_terms = planted_terms(world, fit_rows, given), planted_terms(world, score_rows, given)
         model = LogisticRegression(max_iter=2000).fit(np.column_stack([fit_terms[c] for c in cols]), fit_y)
         auc = roc_auc_score(score_y, model.decision_function(np.column_stack([score_terms[c] for c in cols])))
-        print(f"{name:<96} {auc:.4f} ({auc - oracle:+.4f})")
+        print(f"{name:<104} {auc:.4f} ({auc - oracle:+.4f})")
 
 
 if __name__ == "__main__":
