@@ -6,7 +6,8 @@
 
 Every size runs in fresh processes: `mmctr synth` (wall time; its memory is benchmarks/synth_memory.py's), then
 `mmctr train` for one epoch on a private local Ray started by that process, so no Ray worker is reused across
-sizes. The training workers record their own peak RSS (getrusage of the worker process) in metrics.jsonl
+sizes. The training workers record their own peak RSS (the larger of getrusage's high-water mark and VmRSS
+sampled every 16 steps, just before the worker drops the object-store pages it has read) in metrics.jsonl
 (``worker_peak_rss_mib``, one value per rank); the table shows the largest. Time per row: the epoch's steady
 rate as the worker measures it (1 / samples_per_s: reading, batching and the step; start-up and validation
 excluded), and the whole epoch (epoch_seconds / rows, which adds the wait for the first batch). Use a base size

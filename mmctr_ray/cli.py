@@ -45,7 +45,8 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=int, help="logical CPUs of a private local Ray")
     p.add_argument("--object-store-mib", type=_object_store_mib, metavar="MIB",
                    help="object store of a private local Ray, in MiB (default: Ray's, 30%% of RAM); bounds the "
-                        "shared memory Ray Data's blocks occupy, which processes that read them keep in their RSS")
+                        "shared memory Ray Data's blocks occupy on this node (training workers drop the pages they "
+                        "have read from their RSS every 16 steps; other readers keep them mapped)")
     p.add_argument("--dashboard", action="store_true",
                    help="start the private local Ray's dashboard on 127.0.0.1 (off by default, except for the "
                         "stages that run Ray Train, whose clean-up queries the dashboard's state API)")
