@@ -28,6 +28,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from mmctr_ray.data.synthetic import RECENCY_DECAY, SynthSpec, World, rng_for
+from mmctr_ray.features import load_item_table
 from mmctr_ray.schema import Layout
 
 
@@ -85,15 +86,6 @@ CLASSES = [  # (what the model class can compute, the terms it gets)
 GIVEN_COLUMNS = ["topic_affinity", "topic_max", "given_affinity", "given_max", "given_sum", "length", "pop"]
 
 
-def read_vectors(path: Path, column: str, n_items: int) -> np.ndarray:
-    """(N+1, d) vectors by item id from a parquet table with ``item_id`` and a list column (row 0: padding)."""
-    table = pq.read_table(path, columns=["item_id", column])
-    flat = np.asarray(table.column(column).combine_chunks().flatten())
-    out = np.zeros((n_items + 1, len(flat) // table.num_rows))
-    out[table.column("item_id").to_numpy()] = flat.reshape(table.num_rows, -1)
-    return out
-
-
 def read_rows(data: Path, split: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
     table = pq.read_table(Layout(data).split(split), columns=["item_seq", "item_id", "label"])
     seq = np.asarray(table.column("item_seq").combine_chunks().flatten()).reshape(table.num_rows, -1)
@@ -113,9 +105,9 @@ def main() -> None:
         world = World(SynthSpec(**meta["spec"]))
         (fit_rows, fit_y), (score_rows, score_y) = read_rows(args.data, "train"), read_rows(args.data, "valid")
         oracle = json.loads((args.data / "oracle.json").read_text())["valid"]["oracle_auc"]
-        readings = {"item_emb_d128": read_vectors(Layout(args.data).item_info, "item_emb_d128", world.spec.items)}
+        readings = {"item_emb_d128": load_item_table(args.data).vectors}
         if args.vectors:
-            readings[args.vectors.name] = read_vectors(args.vectors, "item_emb", world.spec.items)
+            readings[args.vectors.name] = load_item_table(args.data, str(args.vectors)).vectors
         print(f"{args.data}: fit on {len(fit_y):,} train rows, AUC on {len(score_y):,} valid rows")
     else:
         world = World(SynthSpec(seed=args.seed))
@@ -128,12 +120,15 @@ def main() -> None:
         readings = {}
         print(f"{args.rows:,} fresh rows of the default world (seed {args.seed}); AUC on the {len(score_y):,} held out")
     print(f"{'oracle (true probabilities)':<104} {oracle:.4f}")
+    terms = {None: (planted_terms(world, fit_rows), planted_terms(world, score_rows))}  # per reading, computed once
+    for reading, vectors in readings.items():
+        given = decoded_content(world, vectors)
+        terms[reading] = (planted_terms(world, fit_rows, given), planted_terms(world, score_rows, given))
     classes = [(name, cols, None) for name, cols in CLASSES]
-    classes += [(f"topics (tags) + content as {name} reveals it (linear decoding), no positions, no id factors",
-                 GIVEN_COLUMNS, vectors) for name, vectors in readings.items()]
-    for name, cols, vectors in classes:
-        given = None if vectors is None else decoded_content(world, vectors)
-        fit_terms, score_terms = planted_terms(world, fit_rows, given), planted_terms(world, score_rows, given)
+    classes += [(f"topics (tags) + content as {reading} reveals it (linear decoding), no positions, no id factors",
+                 GIVEN_COLUMNS, reading) for reading in readings]
+    for name, cols, reading in classes:
+        fit_terms, score_terms = terms[reading]
         model = LogisticRegression(max_iter=2000).fit(np.column_stack([fit_terms[c] for c in cols]), fit_y)
         auc = roc_auc_score(score_y, model.decision_function(np.column_stack([score_terms[c] for c in cols])))
         print(f"{name:<104} {auc:.4f} ({auc - oracle:+.4f})")
