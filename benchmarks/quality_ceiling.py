@@ -12,8 +12,9 @@ item ids reveal (learnable only from clicks). This script rebuilds the world of 
 **true** latent content, fits a logistic regression on the train rows with the terms a model class could compute
 at best, and prints its AUC on the valid rows, the ones ``mmctr train`` is scored on. Each
 figure is an upper bound for that class: it assumes the content similarity of every item pair is known exactly,
-which a model must instead learn from noisy vectors, tags and 200k clicks. With ``--vectors`` (a `mmctr fuse`
-table), one more class: tags + the content those vectors reveal, the same way as for ``item_emb_d128``.
+which a model must instead learn from noisy vectors, tags and 200k clicks. For ``item_emb_d128`` (and, with
+``--vectors``, a `mmctr fuse` table) two more classes: tags + the content the vectors reveal, and the same + the
+item-id factors, which a model with an item-id embedding can learn from clicks.
 """
 
 from __future__ import annotations
@@ -125,8 +126,11 @@ def main() -> None:
         given = decoded_content(world, vectors)
         terms[reading] = (planted_terms(world, fit_rows, given), planted_terms(world, score_rows, given))
     classes = [(name, cols, None) for name, cols in CLASSES]
-    classes += [(f"topics (tags) + content as {reading} reveals it (linear decoding), no positions, no id factors",
-                 GIVEN_COLUMNS, reading) for reading in readings]
+    for reading in readings:
+        classes += [(f"topics (tags) + content as {reading} reveals it (linear decoding), no positions, no id factors",
+                     GIVEN_COLUMNS, reading),
+                    ("  the same + item-id factors learnt exactly (what id embeddings add at best besides content)",
+                     GIVEN_COLUMNS + ["cf"], reading)]
     for name, cols, reading in classes:
         fit_terms, score_terms = terms[reading]
         model = LogisticRegression(max_iter=2000).fit(np.column_stack([fit_terms[c] for c in cols]), fit_y)
