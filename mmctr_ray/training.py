@@ -28,6 +28,7 @@ from mmctr_ray.features import FeatureMap, load_item_table
 from mmctr_ray.metrics import evaluate
 from mmctr_ray.model import DINModel
 from mmctr_ray.ray_env import quiet_ray_data
+from mmctr_ray.resident import MIB, ResidentShard, ShardRecorder, resident_budget
 from mmctr_ray.run_log import RunLog
 from mmctr_ray.store_pages import release_store_pages
 
@@ -182,6 +183,34 @@ def _maybe_fault(step: int, fault: dict[str, Any] | None) -> None:
         os._exit(1)
 
 
+def _streamed_batches(shard: Any, per_worker: int, device: torch.device, cfg: TrainConfig, epoch: int,
+                      recorder: ShardRecorder) -> Iterable[dict[str, torch.Tensor]]:
+    """One epoch of full batches from this rank's Ray Data shard, each handed to ``recorder`` on the way; while
+    it records, the last partial batch is read too (kept, not trained on), so the kept shard lacks no row."""
+    for batch in shard.iter_torch_batches(
+            batch_size=per_worker, device=device, drop_last=not recorder.enabled, prefetch_batches=2,
+            local_shuffle_buffer_size=cfg.shuffle_buffer or None, local_shuffle_seed=cfg.seed + epoch):
+        recorder.add(batch)
+        if len(batch["label"]) == per_worker:
+            yield batch
+
+
+def _keep_shard(recorder: ShardRecorder, per_worker: int, rank: int) -> tuple[ResidentShard | None, int]:
+    """After a streamed epoch: the shard every later epoch trains from, and its steps per epoch (the same on
+    every rank, or DDP would wait forever), or (None, 0) when any rank could not keep its shard."""
+    shard = recorder.finish()
+    steps = min(_gather(shard.steps(per_worker) if shard is not None else 0))
+    if steps == 0:
+        if rank == 0:
+            log.info("streaming the training split every epoch: %s", recorder.reason or "another rank did not keep "
+                     "its shard")
+        return None, 0
+    if rank == 0:
+        log.info("keeping the training shard on %s for the next epochs: %d rows, %.0f MiB",
+                 shard.columns["label"].device, shard.rows, shard.nbytes / MIB)
+    return shard, steps
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker function: ``config`` holds the resolved config, paths and the feature map."""
     import ray.train
@@ -210,13 +239,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     steps_per_epoch = max(1, config["train_rows"] // (per_worker * world))
     stop = state.bad_epochs >= cfg.train.patience  # a resumed run that had already stopped early stays stopped
     memory = MemoryPeaks()
+    budget = resident_budget(cfg.train.resident, cfg.train.resident_max_mib, device)
+    shard: ResidentShard | None = None
+    resident_steps = 0
+    valid_batches: list[dict[str, torch.Tensor]] | None = None
     while state.epoch < cfg.train.epochs and not stop:
         for group in optimizer.param_groups:
             group["lr"] = state.lr
         epoch = state.epoch + 1
-        batches = ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=per_worker, device=device, drop_last=True, prefetch_batches=2,
-            local_shuffle_buffer_size=cfg.train.shuffle_buffer or None, local_shuffle_seed=cfg.train.seed + epoch)
+        recorder = None
+        if shard is None:
+            recorder = ShardRecorder(budget, -(-config["train_rows"] // world))
+            batches = _streamed_batches(ray.train.get_dataset_shard("train"), per_worker, device, cfg.train,
+                                        epoch, recorder)
+        else:
+            batches = shard.batches(per_worker, resident_steps, cfg.train.seed + epoch)
+        resident = recorder is None
         start = time.perf_counter()
         t0, rows, step, loss_sum = start, 0, 0, torch.zeros((), device=device)
         for step, batch in enumerate(batches, start=1):
@@ -225,23 +263,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss_sum += train_step(ddp, batch, optimizer, tables, cfg.train, device)
             rows += len(batch["label"]) * world
             _maybe_fault((epoch - 1) * steps_per_epoch + step, config.get("fault") if rank == 0 else None)
-            run_log.progress(epoch, step, steps_per_epoch, rows, t0, loss_sum)
+            run_log.progress(epoch, step, resident_steps if resident else steps_per_epoch, rows, t0, loss_sum)
             if step % 16 == 1:  # ~16 batches of store pages at most stay mapped (ray-project/ray#65544)
                 memory.sample()
                 release_store_pages()
         seconds = time.perf_counter() - t0
         epoch_seconds = time.perf_counter() - start
+        if recorder is not None:
+            shard, resident_steps = _keep_shard(recorder, per_worker, rank)
+            budget = budget if shard is not None else 0  # a shard that was not kept is not tried again
         metrics = None
         if rank == 0:
-            labels, probs = predict(model, ray.train.get_dataset_shard("valid").iter_torch_batches(
-                batch_size=cfg.train.eval_batch_size, device=device), cfg.train, device)
+            valid_recorder = ShardRecorder(budget - (shard.nbytes if shard else 0), config["valid_rows"])
+            if valid_batches is None:  # read it (and keep it, when the budget allows: it is read in order)
+                valid_iter = ray.train.get_dataset_shard("valid").iter_torch_batches(
+                    batch_size=cfg.train.eval_batch_size, device=device)
+                valid_iter = (valid_recorder.add(b) or b for b in valid_iter)
+            labels, probs = predict(model, valid_batches or valid_iter, cfg.train, device)
+            if valid_batches is None and valid_recorder.enabled and valid_recorder.parts:
+                valid_batches = valid_recorder.parts
             metrics = evaluate(labels, probs)
         metrics = _broadcast(metrics)
         state.epoch = epoch
         row = {"epoch": epoch, "train_loss": float(loss_sum) / max(step, 1), "valid_auc": metrics["auc"],
                "valid_logloss": metrics["logloss"], "valid_rows": metrics["rows"], "lr": state.lr,
                "samples_per_s": rows / seconds if seconds > 0 and step > 1 else None,
-               "epoch_seconds": epoch_seconds,
+               "epoch_seconds": epoch_seconds, "steps": step, "resident": resident,
                **_memory_row(memory)}
         stop = update_schedule(state, metrics["auc"], cfg.train)
         state.history = [*(state.history or []), row]

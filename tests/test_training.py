@@ -57,7 +57,8 @@ def ray_local():
 @pytest.fixture(scope="module")
 def two_worker_run(ray_local, synth_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "two"
-    summary = run_training(synth_dir, str(run), tiny_cfg("train.epochs=2"), workers=2)
+    # train.resident=on: epoch 2 trains from the shards the workers kept on their device (CPU here)
+    summary = run_training(synth_dir, str(run), tiny_cfg("train.epochs=2", "train.resident=on"), workers=2)
     return run, summary
 
 
@@ -66,10 +67,13 @@ def _metrics(run: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_run_directory_holds_config_metrics_checkpoints_and_summary(two_worker_run):
+def test_run_directory_holds_config_metrics_checkpoints_and_summary(two_worker_run, synth_dir):
     run, summary = two_worker_run
     rows = _metrics(run)
     assert [r["epoch"] for r in rows] == [1, 2]
+    assert [r["resident"] for r in rows] == [False, True]  # streamed from Ray Data, then from the kept shard
+    train_rows = pq.ParquetFile(Layout(synth_dir).split("train")).metadata.num_rows
+    assert [r["steps"] for r in rows] == [train_rows // 256] * 2  # the kept shards hold every row of the split
     assert {"train_loss", "valid_auc", "valid_logloss", "lr", "samples_per_s", "epoch_seconds"} <= set(rows[0])
     assert load_config(run / "config.yaml").train.epochs == 2
     assert [p.name for p in epoch_checkpoints(run)] == ["checkpoint_epoch_001", "checkpoint_epoch_002"]

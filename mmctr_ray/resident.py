@@ -1,0 +1,106 @@
+"""A training worker's shard kept on its device after the first epoch (``train.resident``).
+
+The first epoch streams the shard from Ray Data as always and, when the shard fits the budget, copies each batch
+into device memory as it goes. Every later epoch draws its batches from those tensors: a fresh uniform
+permutation of the whole shard per epoch (a better shuffle than Ray Data's local buffer), gathered with
+``index_select`` on the device, with no reading, decoding or host-to-device copy. That is the data path of the
+"plain loop" `benchmarks/train_throughput.py` compares against. The rows are the same ones: the shard Ray Train
+gave this rank in the first epoch, every row of it, including the remainder the first epoch's full batches left
+out.
+
+Why by hand: Ray Data re-executes the read and the batching every epoch (``materialize()`` caches blocks in the
+object store, which still pays the per-batch conversion and copy); no library keeps a rank's shard as device
+tensors across epochs.
+
+Streaming stays the only path when the shard would not fit: the budget is ``train.resident_max_mib`` and, on
+CUDA, half of the device memory free when training starts; the first batch's size per row times the shard's
+expected rows decides before anything is kept, so a large split never grows the worker's memory. ``auto`` keeps
+the shard on CUDA devices only (host memory on CPU workers is left to the object store and the model).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import torch
+
+log = logging.getLogger("mmctr.train")
+MIB = 1 << 20
+
+
+def resident_budget(mode: str, max_mib: int, device: torch.device) -> int:
+    """Bytes this worker may keep on ``device`` (0: stream every epoch)."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return 0
+    budget = max_mib * MIB
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(budget, free // 2)
+    return budget
+
+
+def batch_bytes(batch: dict[str, torch.Tensor]) -> int:
+    return sum(t.element_size() * t.numel() for t in batch.values())
+
+
+class ShardRecorder:
+    """Collects the first epoch's batches when ``expected_rows`` of them fit in ``budget`` bytes."""
+
+    def __init__(self, budget: int, expected_rows: int) -> None:
+        self.budget, self.expected_rows = budget, expected_rows
+        self.enabled = budget > 0
+        self.reason = "train.resident is off" if not self.enabled else ""
+        self.parts: list[dict[str, torch.Tensor]] = []
+        self.rows = 0
+
+    def add(self, batch: dict[str, torch.Tensor]) -> None:
+        if not self.enabled:
+            return
+        rows = len(batch["label"])
+        if not self.parts:  # decide once, from the first batch: a shard that does not fit is never collected
+            need = batch_bytes(batch) // max(rows, 1) * self.expected_rows
+            if need > self.budget:
+                self.enabled = False
+                self.reason = f"the shard (~{need / MIB:,.0f} MiB) exceeds the budget of {self.budget / MIB:,.0f} MiB"
+                return
+        # Ray Data hands out views of object-store blocks on CPU: copy, so the store can free them
+        self.parts.append({k: v.clone() if v.device.type == "cpu" else v for k, v in batch.items()})
+        self.rows += rows
+        if self.rows > 2 * self.expected_rows:  # far more rows than the shard was said to hold: stop keeping
+            self.enabled, self.parts = False, []
+            self.reason = f"the shard holds more than twice the {self.expected_rows:,} rows expected"
+
+    def finish(self) -> ResidentShard | None:
+        """The collected shard, or None (with ``reason`` saying why) when it was not kept."""
+        if not self.enabled or not self.parts:
+            self.reason = self.reason or "the first epoch yielded no rows"
+            return None
+        columns = {}
+        for key in list(self.parts[0]):  # concatenate column by column, dropping each column's parts as it goes
+            columns[key] = torch.cat([part.pop(key) for part in self.parts])
+        self.parts = []
+        return ResidentShard(columns)
+
+
+class ResidentShard:
+    """A rank's training rows as device tensors, served as shuffled full batches."""
+
+    def __init__(self, columns: dict[str, torch.Tensor]) -> None:
+        self.columns = columns
+        self.rows = len(columns["label"])
+        self.nbytes = sum(t.element_size() * t.numel() for t in columns.values())
+
+    def steps(self, batch_size: int) -> int:
+        return self.rows // batch_size
+
+    def batches(self, batch_size: int, steps: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        """``steps`` batches of ``batch_size`` rows under the permutation ``seed`` fixes (no row twice)."""
+        if steps * batch_size > self.rows:
+            raise ValueError(f"{steps} batches of {batch_size} rows need more than the shard's {self.rows} rows")
+        generator = torch.Generator().manual_seed(seed)
+        device = self.columns["label"].device
+        order = torch.randperm(self.rows, generator=generator).to(device)
+        for step in range(steps):
+            idx = order[step * batch_size:(step + 1) * batch_size]
+            yield {k: v.index_select(0, idx) for k, v in self.columns.items()}

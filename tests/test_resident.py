@@ -1,0 +1,89 @@
+"""The training shard kept on the worker's device after the first epoch (mmctr_ray.resident)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmctr_ray.config import ConfigError, load_config
+from mmctr_ray.resident import MIB, ResidentShard, ShardRecorder, resident_budget
+
+
+def stream(rows: int, batch: int) -> list[dict[str, torch.Tensor]]:
+    """Batches the way Ray Data hands them out: full ones, then the remainder; row r carries id r."""
+    ids = torch.arange(rows)
+    return [{"item_id": ids[lo:lo + batch], "item_seq": ids[lo:lo + batch, None].repeat(1, 4),
+             "label": (ids[lo:lo + batch] % 2).float()} for lo in range(0, rows, batch)]
+
+
+def test_recorder_keeps_every_row_including_the_remainder():
+    recorder = ShardRecorder(budget=1 << 30, expected_rows=103)
+    for b in stream(103, 10):
+        recorder.add(b)
+    shard = recorder.finish()
+    assert shard is not None and shard.rows == 103
+    assert torch.equal(shard.columns["item_id"], torch.arange(103))
+    assert torch.equal(shard.columns["item_seq"][:, 0], torch.arange(103))
+    assert shard.nbytes == 103 * (8 + 4 * 8 + 4)
+
+
+def test_recorder_copies_cpu_batches():  # Ray Data's CPU batches may be views of object-store blocks
+    batch = stream(8, 8)[0]
+    recorder = ShardRecorder(budget=1 << 30, expected_rows=8)
+    recorder.add(batch)
+    batch["item_id"].fill_(-1)
+    assert torch.equal(recorder.finish().columns["item_id"], torch.arange(8))
+
+
+def test_recorder_keeps_nothing_when_the_shard_exceeds_the_budget():
+    per_row = 8 + 4 * 8 + 4
+    recorder = ShardRecorder(budget=1000 * per_row - 1, expected_rows=1000)
+    for b in stream(1000, 100):
+        recorder.add(b)
+    assert not recorder.enabled and recorder.parts == []  # decided at the first batch: nothing was collected
+    assert recorder.finish() is None and "exceeds the budget" in recorder.reason
+    fits = ShardRecorder(budget=1000 * per_row, expected_rows=1000)
+    for b in stream(1000, 100):
+        fits.add(b)
+    assert fits.finish().rows == 1000
+
+
+def test_recorder_off_and_empty_shards():
+    off = ShardRecorder(budget=0, expected_rows=10)
+    off.add(stream(10, 10)[0])
+    assert off.finish() is None and off.reason == "train.resident is off"
+    empty = ShardRecorder(budget=1 << 20, expected_rows=10)
+    assert empty.finish() is None and "no rows" in empty.reason
+
+
+def test_resident_batches_are_a_fresh_permutation_each_epoch():
+    shard = ResidentShard({k: torch.cat([b[k] for b in stream(1000, 64)]) for k in ("item_id", "item_seq", "label")})
+    steps = shard.steps(64)
+    assert steps == 15
+    epochs = [list(shard.batches(64, steps, seed)) for seed in (1, 2, 1)]
+    for batches in epochs:
+        assert len(batches) == steps and all(len(b["label"]) == 64 for b in batches)
+        seen = torch.cat([b["item_id"] for b in batches])
+        assert len(set(seen.tolist())) == steps * 64  # no row twice in an epoch
+        for b in batches:  # every column gathered with the same rows
+            assert torch.equal(b["item_seq"][:, 3], b["item_id"]) and torch.equal(b["label"], (b["item_id"] % 2).float())
+    ids = [torch.cat([b["item_id"] for b in batches]) for batches in epochs]
+    assert torch.equal(ids[0], ids[2]) and not torch.equal(ids[0], ids[1])  # the seed fixes the order
+    assert not torch.equal(ids[0][:64], torch.arange(64))  # shuffled, not read order
+    with pytest.raises(ValueError, match="need more than the shard's 1000 rows"):
+        next(shard.batches(64, 16, 0))
+
+
+def test_budget_by_mode_and_device():
+    cpu = torch.device("cpu")
+    assert resident_budget("off", 1024, cpu) == 0
+    assert resident_budget("auto", 1024, cpu) == 0  # auto keeps shards on CUDA devices only
+    assert resident_budget("on", 1024, cpu) == 1024 * MIB
+
+
+def test_config_checks_the_resident_keys():
+    assert load_config("configs/tiny.yaml", ["train.resident=off"]).train.resident == "off"
+    with pytest.raises(ConfigError, match=r"train.resident='yes': expected one of auto, on, off"):
+        load_config("configs/tiny.yaml", ["train.resident=yes"])
+    with pytest.raises(ConfigError, match=r"train.resident_max_mib=-1"):
+        load_config("configs/tiny.yaml", ["train.resident_max_mib=-1"])
