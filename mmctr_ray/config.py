@@ -215,8 +215,9 @@ class TrainConfig:
             (0.003 without it).
         resident: after the first epoch, keep each worker's shard of the training split (and rank 0's
             validation split) in device memory and shuffle it there, instead of streaming it from Ray Data
-            every epoch (:mod:`mmctr_ray.resident`): ``auto`` on CUDA devices only, ``on`` on any device,
-            ``off`` never. A shard over the budget streams every epoch.
+            every epoch (:mod:`mmctr_ray.resident`): ``auto`` up to ``resident_max_mib`` on CUDA and 256 MiB on
+            CPU, not in deterministic runs; ``on`` up to ``resident_max_mib`` on any device; ``off`` never. A
+            shard over the budget streams every epoch.
         resident_max_mib: the budget per worker, MiB (on CUDA also at most half the free device memory).
     """
 

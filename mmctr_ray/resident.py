@@ -12,10 +12,9 @@ Why by hand: Ray Data re-executes the read and the batching every epoch (``mater
 object store, which still pays the per-batch conversion and copy); no library keeps a rank's shard as device
 tensors across epochs.
 
-Streaming stays the only path when the shard would not fit: the budget is ``train.resident_max_mib`` and, on
-CUDA, half of the device memory free when training starts; the first batch's size per row times the shard's
-expected rows decides before anything is kept, so a large split never grows the worker's memory. ``auto`` keeps
-the shard on CUDA devices only (host memory on CPU workers is left to the object store and the model).
+Streaming stays the only path when the shard would not fit the budget (:func:`resident_budget`); the first
+batch's size per row times the shard's expected rows decides before anything is kept, so a large split never
+grows the worker's memory.
 """
 
 from __future__ import annotations
@@ -29,14 +28,25 @@ log = logging.getLogger("mmctr.train")
 MIB = 1 << 20
 
 
-def resident_budget(mode: str, max_mib: int, device: torch.device) -> int:
-    """Bytes this worker may keep on ``device`` (0: stream every epoch)."""
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+CPU_AUTO_MIB = 256
+
+
+def resident_budget(mode: str, max_mib: int, device: torch.device, deterministic: bool = False) -> int:
+    """Bytes this worker may keep on ``device`` (0: stream every epoch).
+
+    ``auto``: on CUDA up to ``max_mib`` (a streamed batch costs about as much as a model step there); on CPU up
+    to CPU_AUTO_MIB only (a step takes seconds, so keeping a large shard buys nothing, while Ray Data's start of
+    ~3 s per epoch dominates the epochs of a small split); never in a ``deterministic`` run, whose order must not
+    depend on whether a restarted worker still holds its shard. ``on``: up to ``max_mib`` on any device.
+    On CUDA the budget is also at most half the device memory free now."""
+    if mode == "off" or (mode == "auto" and deterministic):
         return 0
     budget = max_mib * MIB
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = min(budget, free // 2)
+    elif mode == "auto":
+        budget = min(budget, CPU_AUTO_MIB * MIB)
     return budget
 
 

@@ -239,17 +239,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     steps_per_epoch = max(1, config["train_rows"] // (per_worker * world))
     stop = state.bad_epochs >= cfg.train.patience  # a resumed run that had already stopped early stays stopped
     memory = MemoryPeaks()
-    budget = resident_budget(cfg.train.resident, cfg.train.resident_max_mib, device)
+    budget = resident_budget(cfg.train.resident, cfg.train.resident_max_mib, device, cfg.train.deterministic)
     shard: ResidentShard | None = None
-    resident_steps = 0
+    resident_steps, keep_tried = 0, False
     valid_batches: list[dict[str, torch.Tensor]] | None = None
     while state.epoch < cfg.train.epochs and not stop:
         for group in optimizer.param_groups:
             group["lr"] = state.lr
         epoch = state.epoch + 1
         recorder = None
-        if shard is None:
-            recorder = ShardRecorder(budget, -(-config["train_rows"] // world))
+        if shard is None:  # keep it while streaming, the first time only (a shard that was not kept stays streamed)
+            recorder = ShardRecorder(0 if keep_tried else budget, -(-config["train_rows"] // world))
             batches = _streamed_batches(ray.train.get_dataset_shard("train"), per_worker, device, cfg.train,
                                         epoch, recorder)
         else:
@@ -269,12 +269,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 release_store_pages()
         seconds = time.perf_counter() - t0
         epoch_seconds = time.perf_counter() - start
-        if recorder is not None:
+        if recorder is not None and not keep_tried:
             shard, resident_steps = _keep_shard(recorder, per_worker, rank)
-            budget = budget if shard is not None else 0  # a shard that was not kept is not tried again
+            keep_tried = True
         metrics = None
         if rank == 0:
-            valid_recorder = ShardRecorder(budget - (shard.nbytes if shard else 0), config["valid_rows"])
+            valid_recorder = ShardRecorder(budget - shard.nbytes if shard else 0, config["valid_rows"])
             if valid_batches is None:  # read it (and keep it, when the budget allows: it is read in order)
                 valid_iter = ray.train.get_dataset_shard("valid").iter_torch_batches(
                     batch_size=cfg.train.eval_batch_size, device=device)

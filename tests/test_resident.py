@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmctr_ray.config import ConfigError, load_config
-from mmctr_ray.resident import MIB, ResidentShard, ShardRecorder, resident_budget
+from mmctr_ray.resident import CPU_AUTO_MIB, MIB, ResidentShard, ShardRecorder, resident_budget
 
 
 def stream(rows: int, batch: int) -> list[dict[str, torch.Tensor]]:
@@ -77,8 +77,10 @@ def test_resident_batches_are_a_fresh_permutation_each_epoch():
 def test_budget_by_mode_and_device():
     cpu = torch.device("cpu")
     assert resident_budget("off", 1024, cpu) == 0
-    assert resident_budget("auto", 1024, cpu) == 0  # auto keeps shards on CUDA devices only
-    assert resident_budget("on", 1024, cpu) == 1024 * MIB
+    assert resident_budget("auto", 1024, cpu) == CPU_AUTO_MIB * MIB  # small shards only on CPU
+    assert resident_budget("auto", 100, cpu) == 100 * MIB
+    assert resident_budget("auto", 1024, cpu, deterministic=True) == 0
+    assert resident_budget("on", 1024, cpu) == resident_budget("on", 1024, cpu, deterministic=True) == 1024 * MIB
 
 
 def test_config_checks_the_resident_keys():
