@@ -62,7 +62,7 @@ def ray_train(data: Path, cfg, gpu: bool, epochs: int, workdir: Path, num_cpus: 
     from mmctr_ray.ray_env import init_ray
     from mmctr_ray.train_driver import run_training
 
-    init_ray(num_cpus=num_cpus)
+    init_ray(num_cpus=num_cpus, dashboard=True)  # Train V2's placement-group cleaner needs the state API
     summary = run_training(data, str(workdir / "run"), cfg, workers=1, gpus_per_worker=1.0 if gpu else 0.0)
     rows = [json.loads(line) for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
     summary["epoch_rates"] = [r["samples_per_s"] for r in rows]

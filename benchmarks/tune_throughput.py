@@ -56,7 +56,7 @@ def main() -> None:
         if not Layout(data).item_info.is_file():
             write_synthetic(data, SynthSpec(users=args.users, items=args.items, train_rows=args.train_rows,
                                             valid_rows=2_000, test_rows=2_000, image_size=0), progress=lambda m: None)
-    init_ray(num_cpus=args.num_cpus)
+    init_ray(num_cpus=args.num_cpus, dashboard=True)  # Train V2's placement-group cleaner needs the state API
     t0 = time.perf_counter()
     summary = run_tuning(data, work / "tune", args.config, num_samples=args.num_samples,
                          max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial, overwrite=True)
