@@ -217,7 +217,7 @@ class TrainConfig:
             validation split) in device memory and shuffle it there, instead of streaming it from Ray Data
             every epoch (:mod:`mmctr_ray.resident`): ``auto`` up to ``resident_max_mib`` on CUDA and 256 MiB on
             CPU, not in deterministic runs; ``on`` up to ``resident_max_mib`` on any device; ``off`` never. A
-            shard over the budget streams every epoch.
+            shard over the budget streams every epoch. With ``shuffle_buffer: 0`` a kept shard keeps read order.
         resident_max_mib: the budget per worker, MiB (on CUDA also at most half the free device memory).
     """
 

@@ -31,20 +31,22 @@ MIB = 1 << 20
 CPU_AUTO_MIB = 256
 
 
-def resident_budget(mode: str, max_mib: int, device: torch.device, deterministic: bool = False) -> int:
+def resident_budget(mode: str, max_mib: int, device: torch.device, deterministic: bool = False,
+                    gpu_fraction: float = 1.0) -> int:
     """Bytes this worker may keep on ``device`` (0: stream every epoch).
 
     ``auto``: on CUDA up to ``max_mib`` (a streamed batch costs about as much as a model step there); on CPU up
     to CPU_AUTO_MIB only (a step takes seconds, so keeping a large shard buys nothing, while Ray Data's start of
     ~3 s per epoch dominates the epochs of a small split); never in a ``deterministic`` run, whose order must not
     depend on whether a restarted worker still holds its shard. ``on``: up to ``max_mib`` on any device.
-    On CUDA the budget is also at most half the device memory free now."""
+    On CUDA the budget is also at most half the device memory free now, and half of this worker's share of the
+    device (``gpu_fraction`` of its memory: workers or trials given fractions of one GPU share it)."""
     if mode == "off" or (mode == "auto" and deterministic):
         return 0
     budget = max_mib * MIB
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = min(budget, free // 2)
+        free, total = torch.cuda.mem_get_info(device)
+        budget = min(budget, free // 2, int(total * min(gpu_fraction, 1.0)) // 2)
     elif mode == "auto":
         budget = min(budget, CPU_AUTO_MIB * MIB)
     return budget
@@ -55,41 +57,42 @@ def batch_bytes(batch: dict[str, torch.Tensor]) -> int:
 
 
 class ShardRecorder:
-    """Collects the first epoch's batches when ``expected_rows`` of them fit in ``budget`` bytes."""
+    """Copies the first epoch's batches into columns allocated once, at the first batch, for ``expected_rows``
+    rows (no list of parts and no concatenation: the peak is the shard itself), when they fit in ``budget``."""
 
     def __init__(self, budget: int, expected_rows: int) -> None:
         self.budget, self.expected_rows = budget, expected_rows
         self.enabled = budget > 0
         self.reason = "train.resident is off" if not self.enabled else ""
-        self.parts: list[dict[str, torch.Tensor]] = []
+        self.columns: dict[str, torch.Tensor] | None = None
         self.rows = 0
 
     def add(self, batch: dict[str, torch.Tensor]) -> None:
         if not self.enabled:
             return
         rows = len(batch["label"])
-        if not self.parts:  # decide once, from the first batch: a shard that does not fit is never collected
+        if self.columns is None:  # decide once, from the first batch: a shard that does not fit is never collected
             need = batch_bytes(batch) // max(rows, 1) * self.expected_rows
             if need > self.budget:
                 self.enabled = False
                 self.reason = f"the shard (~{need / MIB:,.0f} MiB) exceeds the budget of {self.budget / MIB:,.0f} MiB"
                 return
-        # Ray Data hands out views of object-store blocks on CPU: copy, so the store can free them
-        self.parts.append({k: v.clone() if v.device.type == "cpu" else v for k, v in batch.items()})
+            self.columns = {k: v.new_empty((self.expected_rows, *v.shape[1:])) for k, v in batch.items()}
+        if self.rows + rows > self.expected_rows:
+            self.enabled, self.columns = False, None
+            self.reason = f"the shard holds more than the {self.expected_rows:,} rows expected"
+            return
+        for key, column in self.columns.items():  # a copy: on CPU Ray Data's batches may be object-store views
+            column[self.rows:self.rows + rows].copy_(batch[key])
         self.rows += rows
-        if self.rows > 2 * self.expected_rows:  # far more rows than the shard was said to hold: stop keeping
-            self.enabled, self.parts = False, []
-            self.reason = f"the shard holds more than twice the {self.expected_rows:,} rows expected"
 
     def finish(self) -> ResidentShard | None:
         """The collected shard, or None (with ``reason`` saying why) when it was not kept."""
-        if not self.enabled or not self.parts:
+        if not self.enabled or not self.rows:
             self.reason = self.reason or "the first epoch yielded no rows"
+            self.columns = None
             return None
-        columns = {}
-        for key in list(self.parts[0]):  # concatenate column by column, dropping each column's parts as it goes
-            columns[key] = torch.cat([part.pop(key) for part in self.parts])
-        self.parts = []
+        columns, self.columns = {k: v[:self.rows] for k, v in self.columns.items()}, None
         return ResidentShard(columns)
 
 
@@ -104,13 +107,23 @@ class ResidentShard:
     def steps(self, batch_size: int) -> int:
         return self.rows // batch_size
 
-    def batches(self, batch_size: int, steps: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-        """``steps`` batches of ``batch_size`` rows under the permutation ``seed`` fixes (no row twice)."""
+    def batches(self, batch_size: int, steps: int, seed: int | None) -> Iterator[dict[str, torch.Tensor]]:
+        """``steps`` batches of ``batch_size`` rows under the permutation ``seed`` fixes (no row twice); in the
+        kept order when ``seed`` is None (``train.shuffle_buffer: 0``, read order)."""
         if steps * batch_size > self.rows:
             raise ValueError(f"{steps} batches of {batch_size} rows need more than the shard's {self.rows} rows")
+        if seed is None:
+            for step in range(steps):
+                yield {k: v[step * batch_size:(step + 1) * batch_size] for k, v in self.columns.items()}
+            return
         generator = torch.Generator().manual_seed(seed)
         device = self.columns["label"].device
         order = torch.randperm(self.rows, generator=generator).to(device)
         for step in range(steps):
             idx = order[step * batch_size:(step + 1) * batch_size]
             yield {k: v.index_select(0, idx) for k, v in self.columns.items()}
+
+    def in_order(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Every row in the kept order, ``batch_size`` at a time (the last batch may be short): for validation."""
+        for lo in range(0, self.rows, batch_size):
+            yield {k: v[lo:lo + batch_size] for k, v in self.columns.items()}

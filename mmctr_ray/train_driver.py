@@ -153,7 +153,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     fmap.to_json(storage.join(run, "feature_map.json"))
     done = epoch_checkpoints(run) if resume else []
     loop_config = {"cfg": cfg.to_dict(), "data_dir": str(data_dir), "run_dir": str(run),
-                   "feature_map": fmap.__dict__, "train_rows": rows["train"], "valid_rows": rows["valid"],
+                   "feature_map": fmap.__dict__, "train_rows": rows["train"], "valid_rows": rows["valid"], "gpus_per_worker": gpus_per_worker,
                    "resume_from": str(done[-1]) if done else None, "fault": _fault_from_env(), "verbose": verbose}
     if start_ray is not None:
         start_ray()

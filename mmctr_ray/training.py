@@ -187,12 +187,20 @@ def _streamed_batches(shard: Any, per_worker: int, device: torch.device, cfg: Tr
                       recorder: ShardRecorder) -> Iterable[dict[str, torch.Tensor]]:
     """One epoch of full batches from this rank's Ray Data shard, each handed to ``recorder`` on the way; while
     it records, the last partial batch is read too (kept, not trained on), so the kept shard lacks no row."""
-    for batch in shard.iter_torch_batches(
-            batch_size=per_worker, device=device, drop_last=not recorder.enabled, prefetch_batches=2,
-            local_shuffle_buffer_size=cfg.shuffle_buffer or None, local_shuffle_seed=cfg.seed + epoch):
-        recorder.add(batch)
+    batches = shard.iter_torch_batches(
+        batch_size=per_worker, device=device, drop_last=not recorder.enabled, prefetch_batches=2,
+        local_shuffle_buffer_size=cfg.shuffle_buffer or None, local_shuffle_seed=cfg.seed + epoch)
+    for batch in _recorded(batches, recorder):
         if len(batch["label"]) == per_worker:
             yield batch
+
+
+def _recorded(batches: Iterable[dict[str, torch.Tensor]],
+              recorder: ShardRecorder) -> Iterable[dict[str, torch.Tensor]]:
+    """``batches`` unchanged, each handed to ``recorder`` first."""
+    for batch in batches:
+        recorder.add(batch)
+        yield batch
 
 
 def _keep_shard(recorder: ShardRecorder, per_worker: int, rank: int) -> tuple[ResidentShard | None, int]:
@@ -202,8 +210,8 @@ def _keep_shard(recorder: ShardRecorder, per_worker: int, rank: int) -> tuple[Re
     steps = min(_gather(shard.steps(per_worker) if shard is not None else 0))
     if steps == 0:
         if rank == 0:
-            log.info("streaming the training split every epoch: %s", recorder.reason or "another rank did not keep "
-                     "its shard")
+            why = recorder.reason if shard is None else "a rank kept no shard, or one smaller than a batch"
+            log.info("streaming the training split every epoch: %s", why)
         return None, 0
     if rank == 0:
         log.info("keeping the training shard on %s for the next epochs: %d rows, %.0f MiB",
@@ -239,10 +247,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     steps_per_epoch = max(1, config["train_rows"] // (per_worker * world))
     stop = state.bad_epochs >= cfg.train.patience  # a resumed run that had already stopped early stays stopped
     memory = MemoryPeaks()
-    budget = resident_budget(cfg.train.resident, cfg.train.resident_max_mib, device, cfg.train.deterministic)
+    budget = resident_budget(cfg.train.resident, cfg.train.resident_max_mib, device, cfg.train.deterministic,
+                             config.get("gpus_per_worker") or 1.0)
+    if rank == 0 and cfg.train.resident == "on" and cfg.train.deterministic:
+        log.warning("train.resident=on in a deterministic run: a restarted worker streams the epoch it resumes in, "
+                    "so its order differs from an uninterrupted run's (auto keeps nothing in deterministic runs)")
     shard: ResidentShard | None = None
     resident_steps, keep_tried = 0, False
-    valid_batches: list[dict[str, torch.Tensor]] | None = None
+    valid_kept: ResidentShard | None = None
     while state.epoch < cfg.train.epochs and not stop:
         for group in optimizer.param_groups:
             group["lr"] = state.lr
@@ -253,7 +265,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batches = _streamed_batches(ray.train.get_dataset_shard("train"), per_worker, device, cfg.train,
                                         epoch, recorder)
         else:
-            batches = shard.batches(per_worker, resident_steps, cfg.train.seed + epoch)
+            batches = shard.batches(per_worker, resident_steps,
+                                    cfg.train.seed + epoch if cfg.train.shuffle_buffer else None)
         resident = recorder is None
         start = time.perf_counter()
         t0, rows, step, loss_sum = start, 0, 0, torch.zeros((), device=device)
@@ -274,14 +287,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             keep_tried = True
         metrics = None
         if rank == 0:
-            valid_recorder = ShardRecorder(budget - shard.nbytes if shard else 0, config["valid_rows"])
-            if valid_batches is None:  # read it (and keep it, when the budget allows: it is read in order)
-                valid_iter = ray.train.get_dataset_shard("valid").iter_torch_batches(
+            if valid_kept is not None:
+                labels, probs = predict(model, valid_kept.in_order(cfg.train.eval_batch_size), cfg.train, device)
+            else:  # read it, and keep it in read order when the training shard was kept and the rest of the budget allows
+                valid_recorder = ShardRecorder(budget - shard.nbytes if shard else 0, config["valid_rows"])
+                valid = ray.train.get_dataset_shard("valid").iter_torch_batches(
                     batch_size=cfg.train.eval_batch_size, device=device)
-                valid_iter = (valid_recorder.add(b) or b for b in valid_iter)
-            labels, probs = predict(model, valid_batches or valid_iter, cfg.train, device)
-            if valid_batches is None and valid_recorder.enabled and valid_recorder.parts:
-                valid_batches = valid_recorder.parts
+                labels, probs = predict(model, _recorded(valid, valid_recorder), cfg.train, device)
+                valid_kept = valid_recorder.finish()
             metrics = evaluate(labels, probs)
         metrics = _broadcast(metrics)
         state.epoch = epoch
@@ -289,6 +302,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                "valid_logloss": metrics["logloss"], "valid_rows": metrics["rows"], "lr": state.lr,
                "samples_per_s": rows / seconds if seconds > 0 and step > 1 else None,
                "epoch_seconds": epoch_seconds, "steps": step, "resident": resident,
+               "resident_rows": shard.rows if shard is not None else None,
                **_memory_row(memory)}
         stop = update_schedule(state, metrics["auc"], cfg.train)
         state.history = [*(state.history or []), row]

@@ -40,12 +40,19 @@ def test_recorder_keeps_nothing_when_the_shard_exceeds_the_budget():
     recorder = ShardRecorder(budget=1000 * per_row - 1, expected_rows=1000)
     for b in stream(1000, 100):
         recorder.add(b)
-    assert not recorder.enabled and recorder.parts == []  # decided at the first batch: nothing was collected
+    assert not recorder.enabled and recorder.columns is None  # decided at the first batch: nothing was collected
     assert recorder.finish() is None and "exceeds the budget" in recorder.reason
     fits = ShardRecorder(budget=1000 * per_row, expected_rows=1000)
     for b in stream(1000, 100):
         fits.add(b)
     assert fits.finish().rows == 1000
+
+
+def test_recorder_gives_up_on_more_rows_than_expected():
+    recorder = ShardRecorder(budget=1 << 30, expected_rows=95)
+    for b in stream(103, 10):
+        recorder.add(b)
+    assert recorder.finish() is None and "more than the 95 rows expected" in recorder.reason
 
 
 def test_recorder_off_and_empty_shards():
@@ -72,6 +79,26 @@ def test_resident_batches_are_a_fresh_permutation_each_epoch():
     assert not torch.equal(ids[0][:64], torch.arange(64))  # shuffled, not read order
     with pytest.raises(ValueError, match="need more than the shard's 1000 rows"):
         next(shard.batches(64, 16, 0))
+
+
+def test_read_order_without_a_seed_and_in_order_for_validation():
+    shard = ResidentShard({k: torch.cat([b[k] for b in stream(100, 64)]) for k in ("item_id", "item_seq", "label")})
+    assert [b["item_id"].tolist() for b in shard.batches(30, 3, seed=None)] == [
+        list(range(0, 30)), list(range(30, 60)), list(range(60, 90))]  # train.shuffle_buffer: 0 keeps read order
+    assert [len(b["label"]) for b in shard.in_order(40)] == [40, 40, 20]
+    assert torch.equal(torch.cat([b["item_id"] for b in shard.in_order(40)]), torch.arange(100))
+
+
+def test_cuda_budget_is_half_the_free_memory_and_of_the_worker_share(monkeypatch):
+    gib = 1 << 30
+    free = {"now": 10 * gib}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["now"], 80 * gib))
+    cuda = torch.device("cuda", 0)
+    assert resident_budget("auto", 8192, cuda) == 5 * gib  # half of what is free
+    free["now"] = 60 * gib
+    assert resident_budget("auto", 8192, cuda) == 8 * gib  # train.resident_max_mib
+    assert resident_budget("auto", 8192, cuda, gpu_fraction=0.1) == 4 * gib  # half of a 0.1 share of 80 GiB
+    assert resident_budget("auto", 8192, cuda, deterministic=True) == 0
 
 
 def test_budget_by_mode_and_device():
