@@ -123,7 +123,8 @@ def resume_config(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> 
 def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfig, workers: int = 1,
                  gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0, resume: bool = False,
                  overwrite: bool = False, max_failures: int = 2, verbose: bool = False,
-                 callbacks: list[Any] | None = None, start_ray: Callable[[], None] | None = None) -> dict[str, Any]:
+                 callbacks: list[Any] | None = None, start_ray: Callable[[], None] | None = None,
+                 datasets: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``cfg`` on ``data_dir`` into ``run_dir`` (a local path or a storage URI) with ``workers`` DDP
     workers; return the summary.
 
@@ -167,8 +168,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
         run_config=RunConfig(name=posixpath.basename(fs_path), storage_path=posixpath.dirname(fs_path),
                              storage_filesystem=fs, failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=None), callbacks=callbacks or []),
-        datasets={"train": read_split(data_dir, "train", cfg.data.max_len),
-                  "valid": read_split(data_dir, "valid", cfg.data.max_len)},
+        datasets=datasets or {split: read_split(data_dir, split, cfg.data.max_len) for split in ("train", "valid")},
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=_ingest_options(cfg)),
     )
     t0 = time.perf_counter()

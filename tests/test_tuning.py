@@ -18,7 +18,7 @@ from mmctr_ray.config import FusionConfig, load_config
 from mmctr_ray.errors import ConfigError
 from mmctr_ray.pca_cache import cached_fusion, fusion_key
 from mmctr_ray.search_space import load_search
-from mmctr_ray.tuning import FAULT_ENV, trial_concurrency
+from mmctr_ray.tuning import FAULT_ENV, shared_datasets, trial_concurrency
 
 ROOT = Path(__file__).parent.parent
 SEARCH_CONFIGS = ["configs/search_paper.yaml", "configs/search_tiny.yaml"]
@@ -78,6 +78,14 @@ def test_bad_search_sections_are_one_line_errors(tmp_path, space, message):
     with pytest.raises(ConfigError) as err:
         load_search(path)
     assert message in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_splits_too_large_for_the_object_store_are_read_by_each_trial(monkeypatch, tmp_path):
+    import ray
+
+    # 3.6M + 10k rows of 64-item histories: ~1.9 GiB, over a quarter of a 4 GiB store; nothing is read (no Ray needed)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2, "object_store_memory": 4 * 2**30})
+    assert shared_datasets(tmp_path, 64, {"train": 3_600_000, "valid": 10_000}) == {}
 
 
 def test_concurrency_is_sized_from_resources():
