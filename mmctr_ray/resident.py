@@ -19,16 +19,12 @@ grows the worker's memory.
 
 from __future__ import annotations
 
-import logging
 from typing import Iterator
 
 import torch
 
-log = logging.getLogger("mmctr.train")
 MIB = 1 << 20
-
-
-CPU_AUTO_MIB = 256
+CPU_AUTO_MIB = 256  # auto's budget on CPU workers
 
 
 def resident_budget(mode: str, max_mib: int, device: torch.device, deterministic: bool = False,

@@ -133,7 +133,9 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
 
     With ``resume`` the run continues from its latest checkpoint; ``cfg`` may differ from the saved config only
     in its train section (e.g. more epochs). ``callbacks`` go to the trainer's ``RunConfig`` (``mmctr tune``
-    passes Tune's ``TuneReportCallback`` so each epoch's metrics reach the scheduler).
+    passes Tune's ``TuneReportCallback`` so each epoch's metrics reach the scheduler). ``datasets`` (``train`` and
+    ``valid``, as :func:`read_split` builds them, e.g. materialized once for many runs: ``mmctr tune``) replaces
+    reading the splits from ``data_dir``.
 
     Raises:
         OutputExistsError: ``run_dir`` holds a run and neither ``resume`` nor ``overwrite`` was given.
@@ -154,7 +156,8 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     fmap.to_json(storage.join(run, "feature_map.json"))
     done = epoch_checkpoints(run) if resume else []
     loop_config = {"cfg": cfg.to_dict(), "data_dir": str(data_dir), "run_dir": str(run),
-                   "feature_map": fmap.__dict__, "train_rows": rows["train"], "valid_rows": rows["valid"], "gpus_per_worker": gpus_per_worker,
+                   "feature_map": fmap.__dict__, "train_rows": rows["train"], "valid_rows": rows["valid"],
+                   "gpus_per_worker": gpus_per_worker,
                    "resume_from": str(done[-1]) if done else None, "fault": _fault_from_env(), "verbose": verbose}
     if start_ray is not None:
         start_ray()

@@ -16,8 +16,9 @@ TUNE holds::
     results.csv, best.yaml, plots/      written by :mod:`mmctr_ray.tune_report` when the search ends
 
 The train and valid splits are read once per search into Ray's object store when they fit a quarter of it
-(:func:`shared_datasets`), so trials skip Ray Data's listing and reading. Concurrency comes from the resources
-Ray reports: a trial holds its workers' CPUs and GPUs (its driver, which
+(:func:`shared_datasets`), so trials skip Ray Data's listing and reading.
+
+Concurrency comes from the resources Ray reports: a trial holds its workers' CPUs and GPUs (its driver, which
 mostly waits, reserves ``TRIAL_DRIVER_CPU``), and ``DATA_CPU_RESERVE`` CPUs stay free for the Ray Data tasks
 that feed the workers, so trials never wait on each other for CPUs they cannot get.
 """
