@@ -289,7 +289,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             if valid_kept is not None:
                 labels, probs = predict(model, valid_kept.in_order(cfg.train.eval_batch_size), cfg.train, device)
-            else:  # read it, and keep it in read order when the training shard was kept and the rest of the budget allows
+            else:  # read it; keep it in read order when the training shard was kept and the budget's rest allows
                 valid_recorder = ShardRecorder(budget - shard.nbytes if shard else 0, config["valid_rows"])
                 valid = ray.train.get_dataset_shard("valid").iter_torch_batches(
                     batch_size=cfg.train.eval_batch_size, device=device)

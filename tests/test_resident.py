@@ -73,7 +73,8 @@ def test_resident_batches_are_a_fresh_permutation_each_epoch():
         seen = torch.cat([b["item_id"] for b in batches])
         assert len(set(seen.tolist())) == steps * 64  # no row twice in an epoch
         for b in batches:  # every column gathered with the same rows
-            assert torch.equal(b["item_seq"][:, 3], b["item_id"]) and torch.equal(b["label"], (b["item_id"] % 2).float())
+            assert torch.equal(b["item_seq"][:, 3], b["item_id"])
+            assert torch.equal(b["label"], (b["item_id"] % 2).float())
     ids = [torch.cat([b["item_id"] for b in batches]) for batches in epochs]
     assert torch.equal(ids[0], ids[2]) and not torch.equal(ids[0], ids[1])  # the seed fixes the order
     assert not torch.equal(ids[0][:64], torch.arange(64))  # shuffled, not read order
