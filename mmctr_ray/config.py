@@ -218,7 +218,8 @@ class TrainConfig:
             every epoch (:mod:`mmctr_ray.resident`): ``auto`` up to ``resident_max_mib`` on CUDA and 256 MiB on
             CPU, not in deterministic runs; ``on`` up to ``resident_max_mib`` on any device; ``off`` never. A
             shard over the budget streams every epoch. With ``shuffle_buffer: 0`` a kept shard keeps read order.
-        resident_max_mib: the budget per worker, MiB (on CUDA also at most half the free device memory).
+        resident_max_mib: the budget per worker, MiB (on CUDA also at most half the free device memory and half
+            the worker's share of the device).
     """
 
     batch_size: int = 8192

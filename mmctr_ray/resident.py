@@ -98,7 +98,7 @@ class ResidentShard:
     def __init__(self, columns: dict[str, torch.Tensor]) -> None:
         self.columns = columns
         self.rows = len(columns["label"])
-        self.nbytes = sum(t.element_size() * t.numel() for t in columns.values())
+        self.nbytes = batch_bytes(columns)
 
     def steps(self, batch_size: int) -> int:
         return self.rows // batch_size
