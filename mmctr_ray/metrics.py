@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import log_loss, roc_auc_score
 
 
 def evaluate(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
@@ -16,6 +15,9 @@ def evaluate(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     Returns:
         ``{"auc", "logloss", "rows", "positive_rate"}``; AUC is NaN when only one class is present.
     """
+    from sklearn.metrics import log_loss, roc_auc_score  # here: importing scikit-learn costs ~1 s, paid by every
+    # process that imports the training loop (the trial, the Train controller), where only rank 0 evaluates
+
     labels = np.asarray(labels, dtype=np.float64)
     probs = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
     both = 0 < labels.sum() < len(labels)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from mmctr_ray.config import load_config
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.predict import load_model, run_predict, score_parquet
 from mmctr_ray.schema import Layout
-from mmctr_ray.train_driver import FAULT_ENV, resume_config, run_training
+from mmctr_ray.train_driver import FAULT_ENV, POLL_INTERVAL_ENV, POLL_INTERVAL_S, _data_config, resume_config, run_training
 from mmctr_ray.training import embedding_l2, update_schedule
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -134,6 +135,18 @@ def plain_run(ray_local, synth_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "plain"
     run_training(synth_dir, str(run), tiny_cfg("train.epochs=2", "train.patience=3", "train.deterministic=true"))
     return run, _metrics(run)
+
+
+@pytest.mark.slow
+def test_one_worker_reads_the_whole_split_itself(plain_run, synth_dir):
+    _, rows = plain_run
+    train_rows = pq.ParquetFile(Layout(synth_dir).split("train")).metadata.num_rows
+    assert [r["steps"] for r in rows] == [train_rows // 256] * 2  # every full batch of the split (none twice)
+    cfg = tiny_cfg()
+    assert _data_config(cfg, 1)._datasets_to_split == []  # no streaming_split, no coordinator actor to start
+    assert _data_config(cfg, 2)._datasets_to_split == ["train"]
+    # run_training sets Ray Train's poll interval where the user did not: the end of training is seen in ~0.5 s
+    assert os.environ[POLL_INTERVAL_ENV] == POLL_INTERVAL_S
 
 
 @pytest.mark.slow
