@@ -101,13 +101,18 @@ def _fault_from_env() -> dict[str, Any] | None:
 
 
 def _ingest_options(cfg: ExperimentConfig) -> Any:
-    """Ray Train's default ingest options, in file order when the run asks to be deterministic."""
-    from ray.train import DataConfig
+    """Ray Train's default ingest options (carried over from the driver's DataContext), in file order when the run
+    asks to be deterministic. Built here rather than by ``DataConfig.default_ingest_options()``, which passes the
+    deprecated ``exclude_resources`` and so printed a RayDeprecationWarning in every run and every trial (Ray 2.60);
+    a non-zero ``exclude_resources`` a user set is still carried over."""
+    from ray.data import DataContext, ExecutionOptions
 
-    options = DataConfig.default_ingest_options()
-    if cfg.train.deterministic:
-        options.preserve_order = True
-    return options
+    current = DataContext.get_current().execution_options
+    excluded = current.exclude_resources
+    return ExecutionOptions(resource_limits=current.resource_limits,
+                            exclude_resources=None if excluded.is_zero() else excluded,
+                            preserve_order=current.preserve_order or cfg.train.deterministic,
+                            verbose_progress=current.verbose_progress, label_selector=current.label_selector)
 
 
 def _data_config(cfg: ExperimentConfig, workers: int) -> Any:

@@ -22,6 +22,14 @@ from mmctr_ray.search_space import SearchSpace, load_search
 COLUMNS = ("trial", "trial_id", "status", "best_valid_auc", "best_epoch", "epochs", "strategy", "pca_width")
 
 
+def trial_outcome(run: Path, epochs: int, max_epochs: int) -> str:
+    """How a trial that is not running ended: a run that returned wrote its ``summary.json``; ASHA stopped the
+    others."""
+    if (run / "summary.json").is_file():
+        return "completed" if epochs >= max_epochs else "early-stopped"
+    return "pruned" if epochs else "no result"
+
+
 def _trial_rows(tdir: Path, space: SearchSpace, errors: dict[str, str]) -> list[dict[str, Any]]:
     rows = []
     started = sorted((tdir / "trials").glob("*.params.json"), key=lambda p: p.stat().st_mtime_ns)  # trial order
@@ -31,12 +39,7 @@ def _trial_rows(tdir: Path, space: SearchSpace, errors: dict[str, str]) -> list[
         history = read_metrics(run, missing_ok=True)
         error = next((msg for name, msg in errors.items() if trial_id in name), None)
         best = max(history, key=lambda r: r["valid_auc"]) if history else None
-        if error:
-            status = "error"
-        elif (run / "summary.json").is_file():
-            status = "completed" if len(history) >= space.max_epochs else "early-stopped"
-        else:
-            status = "pruned" if history else "no result"
+        status = "error" if error else trial_outcome(run, len(history), space.max_epochs)
         fusion = yaml.safe_load((run / "config.yaml").read_text())["fusion"] if (run / "config.yaml").is_file() else {}
         strategy = fusion.get("strategy", "")
         width = {"given": 128, "v4": fusion.get("text_dim", 0) + fusion.get("image_dim", 0)}.get(

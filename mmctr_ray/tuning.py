@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,51 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
                  callbacks=[TuneReportCallback()], datasets=(datasets or {}).get(cfg.data.max_len))
 
 
+def progress_line(trials: list[Any], trial: Any, outcome: str, total: int, elapsed: float, ended_here: int) -> str:
+    """One line for the log when ``trial`` ends: its result, the best so far and the search's pace (the time left
+    assumes the pace of the trials this driver saw end)."""
+    result = trial.last_result or {}
+    scored = [(t.last_result[METRIC], t.trial_id) for t in trials if (t.last_result or {}).get(METRIC) is not None]
+    ended = sum(t is trial or t.status in ("TERMINATED", "ERROR") for t in trials)
+    running = sum(t is not trial and t.status == "RUNNING" for t in trials)
+    auc = f"best valid AUC {result[METRIC]:.4f} at epoch {result.get('epoch', '?')}" if METRIC in result else "no epoch"
+    best = f"best so far {max(scored)[0]:.4f} ({max(scored)[1]})" if scored else "no result yet"
+    left = (total - ended) * elapsed / ended_here if ended_here else float("nan")
+    return (f"trial {trial.trial_id} {outcome}: {auc}; {best}; {ended}/{total} ended, {running} running; "
+            f"{elapsed / 60:.1f} min, ~{left / 60:.1f} min left")
+
+
+class _Progress:
+    """A Tune callback on the driver: one log line per ended trial (:func:`progress_line`), so a search can be
+    watched without Tune's status tables. ``setup`` runs again when a search resumes, so the pace restarts there."""
+
+    def __new__(cls, tune_dir: Path, max_epochs: int):  # built lazily: importing this module stays light
+        from ray.tune import Callback
+
+        from mmctr_ray.tune_report import trial_outcome
+
+        class Progress(Callback):
+            def setup(self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None,
+                      **info: Any) -> None:
+                self.total = total_num_samples or num_samples or 0
+                self.t0, self.ended_here = time.monotonic(), 0
+
+            def _log(self, trials: list, trial: Any, outcome: str | None = None) -> None:
+                self.ended_here += 1
+                epochs = int((trial.last_result or {}).get("epoch") or 0)
+                outcome = outcome or trial_outcome(tune_dir / "trials" / trial.trial_id, epochs, max_epochs)
+                log.info("%s", progress_line(trials, trial, outcome, max(self.total, len(trials)),
+                                             time.monotonic() - self.t0, self.ended_here))
+
+            def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                self._log(trials, trial)
+
+            def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                self._log(trials, trial, "failed")
+
+        return Progress()
+
+
 class _ExitAfterTrials:
     """Test hook: a Tune callback that ends the driver process abruptly after ``$MMCTR_FAULT_TUNE_EXIT_AFTER_TRIALS``
     finished trials."""
@@ -245,8 +291,8 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
                              datasets=datasets),
         {"CPU": TRIAL_DRIVER_CPU, "memory": TRIAL_DRIVER_MEMORY})
     fault = int(os.environ.get(FAULT_ENV, "0"))
-    run_config = tune.RunConfig(name="tune", storage_path=str(tdir), callbacks=[_ExitAfterTrials()] if fault else [],
-                                verbose=0)
+    callbacks = [_Progress(tdir, space.max_epochs), *([_ExitAfterTrials()] if fault else [])]
+    run_config = tune.RunConfig(name="tune", storage_path=str(tdir), callbacks=callbacks, verbose=0)
     if resume:
         log.info("resuming the search in %s (%d trials at a time)", tdir, k)
         tuner = tune.Tuner.restore(str(tdir / "tune"), trainable=trainable, resume_errored=True)

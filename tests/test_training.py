@@ -19,7 +19,8 @@ from mmctr_ray.config import load_config
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.predict import load_model, run_predict, score_parquet
 from mmctr_ray.schema import Layout
-from mmctr_ray.train_driver import FAULT_ENV, POLL_INTERVAL_ENV, POLL_INTERVAL_S, _data_config, resume_config, run_training
+from mmctr_ray.train_driver import (FAULT_ENV, POLL_INTERVAL_ENV, POLL_INTERVAL_S, _data_config, _ingest_options,
+                                    resume_config, run_training)
 from mmctr_ray.training import embedding_l2, update_schedule
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -135,6 +136,19 @@ def plain_run(ray_local, synth_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "plain"
     run_training(synth_dir, str(run), tiny_cfg("train.epochs=2", "train.patience=3", "train.deterministic=true"))
     return run, _metrics(run)
+
+
+def test_ingest_options_are_ray_trains_defaults_without_its_deprecation_warning():
+    import warnings
+
+    from ray.train import DataConfig
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        options = _ingest_options(tiny_cfg())
+    assert not [w for w in caught if "exclude_resources" in str(w.message)]
+    assert options == DataConfig.default_ingest_options() and not options.preserve_order
+    assert _ingest_options(tiny_cfg("train.deterministic=true")).preserve_order
 
 
 @pytest.mark.slow

@@ -6,9 +6,11 @@ import csv
 import json
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -18,7 +20,8 @@ from mmctr_ray.config import FusionConfig, load_config
 from mmctr_ray.errors import ConfigError
 from mmctr_ray.pca_cache import cached_fusion, fusion_key
 from mmctr_ray.search_space import load_search
-from mmctr_ray.tuning import FAULT_ENV, shared_datasets, trial_concurrency
+from mmctr_ray.tune_report import trial_outcome
+from mmctr_ray.tuning import FAULT_ENV, progress_line, shared_datasets, trial_concurrency
 
 ROOT = Path(__file__).parent.parent
 SEARCH_CONFIGS = ["configs/search_paper.yaml", "configs/search_tiny.yaml"]
@@ -102,6 +105,26 @@ def test_concurrency_is_sized_from_resources():
         trial_concurrency({"CPU": 2}, workers=2, cpus_per_worker=1, gpus_per_worker=0)
 
 
+def test_an_ended_trial_is_one_line_with_the_best_so_far_and_the_time_left(tmp_path):
+    def trial(trial_id, status, auc=None, epoch=None):
+        return SimpleNamespace(trial_id=trial_id, status=status,
+                               last_result={"best_valid_auc": auc, "epoch": epoch} if auc is not None else {})
+
+    trials = [trial("a", "TERMINATED", 0.80, 3), trial("b", "RUNNING", 0.75, 1), trial("c", "RUNNING", 0.70, 2),
+              trial("d", "PENDING")]
+    line = progress_line(trials, trials[1], "pruned", total=8, elapsed=120.0, ended_here=2)
+    assert line == ("trial b pruned: best valid AUC 0.7500 at epoch 1; best so far 0.8000 (a); 2/8 ended, "
+                    "1 running; 2.0 min, ~6.0 min left")  # 6 trials left at 60 s per trial ended here
+    failed = trial("e", "RUNNING")
+    assert progress_line([failed], failed, "failed", 1, 5.0, 1).endswith("failed: no epoch; no result yet; 1/1 ended, "
+                                                                          "0 running; 0.1 min, ~0.0 min left")
+    run = tmp_path / "t"
+    run.mkdir()
+    assert [trial_outcome(run, 0, 3), trial_outcome(run, 1, 3)] == ["no result", "pruned"]
+    (run / "summary.json").write_text("{}")
+    assert [trial_outcome(run, 2, 3), trial_outcome(run, 3, 3)] == ["early-stopped", "completed"]
+
+
 def test_the_pca_cache_fits_a_key_once(synth_dir, tmp_path):
     cfg = FusionConfig("v4", text_dim=6, image_dim=5)
     table, fitted = cached_fusion(tmp_path, synth_dir, cfg)
@@ -139,12 +162,15 @@ def test_a_killed_search_resumes_without_losing_or_repeating_trials(synth_dir, t
     common = ["--data", str(synth_dir), "--out", str(tune_dir), "--num-cpus", "4"]
     first = run_tune(*common, "--config", str(search), env={FAULT_ENV: "1"})
     assert first.returncode == 75, first.stderr[-3000:]
+    ended = r"trial \w+ (completed|early-stopped|pruned): best valid AUC 0\.\d{4} at epoch 1; best so far 0\.\d{4} \(\w+\); "
+    assert re.search(ended + r"1/3 ended", first.stderr), first.stderr[-3000:]  # progress, one line a trial
     assert (tune_dir / "optuna.db").is_file() and (tune_dir / "tune").is_dir()
     before = {p.parent.name: p.stat().st_mtime_ns for p in (tune_dir / "trials").glob("*/metrics.jsonl")}
     assert before, "at least one trial trained before the driver died"
 
     second = run_tune(*common, "--resume")
     assert second.returncode == 0, second.stderr[-3000:]
+    assert re.search(ended + r"3/3 ended, 0 running", second.stderr), second.stderr[-3000:]
     with open(tune_dir / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and len({r["trial_id"] for r in rows}) == 3, "every trial once: none lost, none repeated"
