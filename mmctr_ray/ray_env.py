@@ -24,6 +24,18 @@ def quiet_ray_data(verbose: bool = False) -> None:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+def quiet_ray_train(verbose: bool = False) -> None:
+    """In a Train worker: Ray Train logs two INFO lines per epoch (the checkpoint's path, then the whole report);
+    keep them for -v. The run's own epoch line says what happened."""
+    if not verbose:
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
+        try:  # Ray 2.60 names the logger of the report line by its module's file path, outside "ray.train"
+            from ray.train.v2._internal.execution import context
+        except ImportError:
+            return
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def _loopback_only() -> None:
     """Make the private local Ray's node address 127.0.0.1, so every server it starts listens on loopback only.
 
@@ -86,6 +98,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
     _loopback_only()
     _token_auth_on()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a private Ray reports nothing to the network
+    # One machine loses no node to preemption; Train's watcher is one more actor per run, and its creation logged an
+    # error-level restart warning (core_worker.cc) in every run and trial. Processes of this Ray inherit the setting.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     if object_store_mib is not None and object_store_mib < MIN_OBJECT_STORE_MIB:
         raise ConfigError(f"--object-store-mib must be >= {MIN_OBJECT_STORE_MIB} (MiB), got {object_store_mib}")
     ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",

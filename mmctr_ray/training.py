@@ -27,7 +27,7 @@ from mmctr_ray.config import ExperimentConfig, TrainConfig, from_dict
 from mmctr_ray.features import FeatureMap, load_item_table
 from mmctr_ray.metrics import evaluate
 from mmctr_ray.model import DINModel
-from mmctr_ray.ray_env import quiet_ray_data
+from mmctr_ray.ray_env import quiet_ray_data, quiet_ray_train
 from mmctr_ray.resident import MIB, ResidentShard, ShardRecorder, resident_budget
 from mmctr_ray.run_log import RunLog
 from mmctr_ray.store_pages import release_store_pages
@@ -225,6 +225,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     quiet_ray_data(config.get("verbose", False))
+    quiet_ray_train(config.get("verbose", False))
     cfg: ExperimentConfig = from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -151,6 +151,28 @@ def test_ingest_options_are_ray_trains_defaults_without_its_deprecation_warning(
     assert _ingest_options(tiny_cfg("train.deterministic=true")).preserve_order
 
 
+def test_ray_trains_per_epoch_lines_are_quiet_unless_verbose():
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    from mmctr_ray.ray_env import quiet_ray_train
+
+    loggers = [logging.getLogger("ray.train.v2._internal.execution.storage"), logging.getLogger(context.__file__)]
+    saved = [(lg, lg.level) for lg in (logging.getLogger("ray.train"), loggers[1])]
+    try:
+        for lg, _ in saved:
+            lg.setLevel(logging.INFO)  # as in a Train worker
+        quiet_ray_train(verbose=True)
+        assert [lg.isEnabledFor(logging.INFO) for lg in loggers] == [True, True]
+        quiet_ray_train(verbose=False)  # the checkpoint line and the report line
+        assert [lg.isEnabledFor(logging.INFO) for lg in loggers] == [False, False]
+        assert all(lg.isEnabledFor(logging.WARNING) for lg in loggers)
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
 @pytest.mark.slow
 def test_one_worker_reads_the_whole_split_itself(plain_run, synth_dir):
     _, rows = plain_run

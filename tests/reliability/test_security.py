@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -107,8 +108,10 @@ def test_the_dashboard_starts_only_when_asked(monkeypatch, flag):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     for var in ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_USAGE_STATS_ENABLED"):
         monkeypatch.setenv(var, "")  # restored after the test: init_ray sets them for the Ray it starts
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
     init_ray(num_cpus=1, dashboard=flag)
     assert seen["include_dashboard"] is flag and seen["dashboard_host"] == "127.0.0.1"
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"  # no preemption on one machine: no watcher
 
 
 def _calls(name: str):
