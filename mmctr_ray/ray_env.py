@@ -12,6 +12,9 @@ log = logging.getLogger(__name__)
 MIN_OBJECT_STORE_MIB = 100  # a smaller store leaves Ray Data too little room to stream blocks
 
 
+PROGRESS_BARS_OFF_KEY = "ray_data_progress_manager_disabled"
+
+
 def quiet_ray_data(verbose: bool = False) -> None:
     """Ray Data logs every operator's progress at INFO when stderr is not a terminal: keep that for -v.
 
@@ -19,9 +22,13 @@ def quiet_ray_data(verbose: bool = False) -> None:
     """
     if not verbose:
         import ray.data
+        from ray.util.debug import log_once
 
         ray.data.DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # Ray Data warns once per process that the bars are off ("Progress bars disabled. To enable, ..."): we turn
+        # them off on purpose, so take its once-only key first (Ray 2.60's name; another name only brings it back)
+        log_once(PROGRESS_BARS_OFF_KEY)
 
 
 def quiet_ray_train(verbose: bool = False) -> None:

@@ -151,6 +151,15 @@ def test_ingest_options_are_ray_trains_defaults_without_its_deprecation_warning(
     assert _ingest_options(tiny_cfg("train.deterministic=true")).preserve_order
 
 
+def test_ray_datas_progress_bar_notice_is_taken_before_it_prints():
+    from ray.util.debug import log_once
+
+    from mmctr_ray.ray_env import PROGRESS_BARS_OFF_KEY, quiet_ray_data
+
+    quiet_ray_data(verbose=False)
+    assert log_once(PROGRESS_BARS_OFF_KEY) is False  # Ray Data's own log_once() call now says "already logged"
+
+
 def test_ray_trains_per_epoch_lines_are_quiet_unless_verbose():
     import logging
 
