@@ -150,7 +150,8 @@ def progress_line(trials: list[Any], trial: Any, outcome: str, total: int, elaps
     ended = sum(t is trial or t.status in ("TERMINATED", "ERROR") for t in trials)
     running = sum(t is not trial and t.status == "RUNNING" for t in trials)
     auc = f"best valid AUC {result[METRIC]:.4f} at epoch {result.get('epoch', '?')}" if METRIC in result else "no epoch"
-    best = f"best so far {max(scored)[0]:.4f} ({max(scored)[1]})" if scored else "no result yet"
+    top = max(scored, default=None)
+    best = f"best so far {top[0]:.4f} ({top[1]})" if top else "no result yet"
     left = (total - ended) * elapsed / ended_here if ended_here else float("nan")
     return (f"trial {trial.trial_id} {outcome}: {auc}; {best}; {ended}/{total} ended, {running} running; "
             f"{elapsed / 60:.1f} min, ~{left / 60:.1f} min left")
