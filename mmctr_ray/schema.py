@@ -109,6 +109,29 @@ class Layout:
         """Written by ``mmctr synth`` only: the true test labels and probabilities (ID order)."""
         return self.root / "synthetic_truth" / "test_labels.parquet"
 
+    @property
+    def convert_manifest(self) -> Path:
+        """Written by ``mmctr convert`` only: its inputs, options and counts."""
+        return self.root / "convert.json"
+
+    @property
+    def mapping_dir(self) -> Path:
+        """Written by ``mmctr convert`` only: dense id <-> raw id tables."""
+        return self.root / "mapping"
+
+    @property
+    def manifests(self) -> list[Path]:
+        """The completion markers: each producer writes its own last."""
+        return [self.synth_manifest, self.convert_manifest]
+
+    @property
+    def produced(self) -> list[Path]:
+        """Every top-level entry ``mmctr synth`` or ``mmctr convert`` writes into a data directory. A new output
+        replaces all of them, so nothing of an older one (another producer's truth, oracle or mapping) survives
+        next to it looking current."""
+        return [self.dataset_dir, self.item_feature, self.images_dir, self.oracle, self.hidden_test_labels.parent,
+                self.mapping_dir, *self.manifests]
+
 
 def kind_name(kind: object) -> str:
     """Human-readable name of a column kind, for error messages."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from mmctr_ray.convert.items import levels
 from mmctr_ray.convert.pipeline import STAGING, _UserSet, run_convert
 from mmctr_ray.convert.raw import RawSpec
 from mmctr_ray.convert.rows import RowSpec
+from mmctr_ray.data.writer import write_synthetic
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.schema import SEQ_LEN, SPLITS, Layout
 from mmctr_ray.validate import validate
@@ -229,6 +231,27 @@ def test_same_seed_same_bytes_and_other_partitions_same_rows(converted, tmp_path
     pd.testing.assert_frame_equal(a, b)
     with pytest.raises(OutputExistsError, match="--overwrite"):
         run_convert(RawSpec(base / "raw"), tmp_path / "p2", RowSpec(), progress=lambda m: None, **FAST)
+
+
+def test_overwrite_leaves_nothing_of_another_producers_output(converted, tmp_path, tiny_spec):
+    """convert over a synth output: no stale oracle, test truth, synth.json or covers (embed would encode the
+    old covers under the new ids; predict would score against the old labels); synth over a convert output: no
+    stale convert.json or id mapping."""
+    base, _, _ = converted
+    out, lay = tmp_path / "data", Layout(tmp_path / "data")
+    write_synthetic(out, tiny_spec, progress=lambda m: None)
+    assert lay.images_dir.is_dir() and lay.hidden_test_labels.is_file()
+    raw = tmp_path / "raw"
+    shutil.copytree(base / "raw", raw)
+    shutil.rmtree(raw / "MicroLens-tiny_covers")
+    run_convert(RawSpec(raw), out, RowSpec(), overwrite=True, progress=lambda m: None, **FAST)
+    gone = [lay.oracle, lay.synth_manifest, lay.hidden_test_labels.parent, lay.images_dir]
+    assert [p.name for p in gone if p.exists()] == []
+    assert lay.convert_manifest.is_file() and lay.mapping_dir.is_dir()
+    assert [str(p) for p in validate(out) if p.is_error] == []  # test rows are no longer checked against synth.json
+    write_synthetic(out, tiny_spec, overwrite=True, progress=lambda m: None)
+    assert not lay.convert_manifest.exists() and not lay.mapping_dir.exists()
+    assert lay.oracle.is_file() and lay.images_dir.is_dir() and validate(out) == []
 
 
 def test_time_split_and_sequences_tsv(ray_local, tmp_path):

@@ -135,6 +135,30 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_spec):
     write_synthetic(tmp_path, spec, overwrite=True, progress=lambda m: None)
 
 
+def test_an_interrupted_overwrite_leaves_no_completion_marker_and_the_new_one_lands_last(tmp_path, tiny_spec,
+                                                                                        monkeypatch):
+    import mmctr_ray.data.writer as writer
+
+    spec = SynthSpec(**{**tiny_spec.__dict__, "image_size": 0})
+    write_synthetic(tmp_path, spec, progress=lambda m: None)
+    moved, real_replace = [], writer.os.replace
+
+    def replace(src, dst):
+        if len(moved) == 1:
+            raise OSError("disk gone")
+        moved.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(writer.os, "replace", replace)
+    with pytest.raises(OSError, match="disk gone"):
+        write_synthetic(tmp_path, SynthSpec(**{**spec.__dict__, "seed": 12}), overwrite=True, progress=lambda m: None)
+    assert not Layout(tmp_path).synth_manifest.exists()  # half old, half new data must not look complete
+    monkeypatch.setattr(writer.os, "replace", lambda src, dst: (moved.append(dst), real_replace(src, dst)))
+    moved.clear()
+    write_synthetic(tmp_path, spec, overwrite=True, progress=lambda m: None)
+    assert moved[-1] == Layout(tmp_path).synth_manifest and len(moved) >= 4
+
+
 @pytest.mark.parametrize("field,value,match", [("items", 0, "--items"), ("tags", 3, "--tags"),
                                                ("image_size", -1, "--images"), ("topics", 0, "topics")])
 def test_bad_spec_names_the_flag(field, value, match):

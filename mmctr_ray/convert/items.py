@@ -22,7 +22,6 @@ from mmctr_ray.data.writer import ITEM_FEATURE_SCHEMA, ITEM_INFO_SCHEMA, list_ar
 from mmctr_ray.schema import BERT_DIM, CLIP_DIM, GIVEN_EMB_DIM, LEVELS, TAGS_LEN, Layout
 
 ITEM_CHUNK = 8_192
-MAPPING_DIR = "mapping"
 
 
 def levels(values: np.ndarray) -> np.ndarray:
@@ -96,7 +95,7 @@ def copy_covers(covers: Path | None, stage: Layout, raw_ids: np.ndarray) -> dict
 
 def write_mappings(root: Path, item_raw: np.ndarray, users: np.ndarray, vocab: list[str]) -> None:
     """``mapping/items.parquet`` (item_id, raw_item), ``users.parquet`` (user_id, raw_user), ``tags.parquet``."""
-    out = root / MAPPING_DIR
+    out = Layout(root).mapping_dir
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"item_id": np.arange(1, len(item_raw) + 1, dtype=np.int64), "raw_item": item_raw}),
                    out / "items.parquet")

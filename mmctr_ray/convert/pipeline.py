@@ -31,28 +31,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mmctr_ray.convert.items import MAPPING_DIR, copy_covers, levels, tag_matrix, write_item_tables, write_mappings
+from mmctr_ray.convert.items import copy_covers, levels, tag_matrix, write_item_tables, write_mappings
 from mmctr_ray.convert.raw import (LineFormat, RawFiles, RawItems, RawSpec, first_bad_line, line_format, locate,
                                    parse, read_interactions, read_items)
 from mmctr_ray.convert.rows import SPLIT_CODES, Lookups, RowSpec, build_rows, hash_u64, sort_events
-from mmctr_ray.data.writer import SPLIT_SCHEMA, _publish, list_array
+from mmctr_ray.data.writer import SPLIT_SCHEMA, _publish, existing_outputs, list_array
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError, find_cause, find_user_error
 from mmctr_ray.schema import Layout
 
 log = logging.getLogger(__name__)
 
 STAGING = ".mmctr-convert.partial"
-MANIFEST = "convert.json"
 CHUNK_EVENTS = 16_384  # events turned into rows at a time inside a group (bounds a task's memory)
 PARTITION_BYTES = 64 << 20  # raw interaction bytes per partition when --partitions is not given
 ROW_GROUP_ROWS = 32_768
 PLACEHOLDERS = ("item_emb_d128", "txt_emb_BERT", "img_emb_CLIPRN50")
-
-
-def existing_outputs(out: Path) -> list[str]:
-    lay = Layout(out)
-    cands = [lay.dataset_dir, lay.item_feature, lay.images_dir, out / MAPPING_DIR, out / MANIFEST]
-    return [p.name for p in cands if p.exists()]
 
 
 def auto_partitions(files: RawFiles) -> int:
@@ -129,7 +122,7 @@ def _convert(raw: RawSpec, files: RawFiles, stage: Layout, spec: RowSpec, partit
         "note": "embedding columns are all-zero placeholders: run `mmctr embed`, then `mmctr fuse --source`",
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    (stage.root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # written last: marks completion
+    stage.convert_manifest.write_text(json.dumps(manifest, indent=2) + "\n")  # written last: marks completion
     return manifest
 
 

@@ -127,22 +127,30 @@ def _length_stats(hist: np.ndarray) -> dict:
 
 
 def _publish(stage_root: Path, out: Path) -> None:
-    """Move the staged entries into ``out``, replacing older ones (the caller checked ``overwrite``)."""
-    for entry in sorted(stage_root.iterdir()):
-        dest = out / entry.name
-        if dest.is_dir() and not dest.is_symlink():
-            shutil.rmtree(dest)
-        elif dest.exists():
-            dest.unlink()
-        os.replace(entry, dest)
+    """Move the staged entries into ``out`` (the caller checked ``overwrite``), so that an interruption at any
+    point leaves no completion marker next to a mix of old and new entries: the old markers go first, then every
+    entry of an older output the new one does not replace (another producer's oracle, test truth, covers or id
+    mapping would otherwise survive and be read as this data's), then the new entries, and the new marker last."""
+    staged, lay = Layout(stage_root), Layout(out)
+    markers = [m.name for m in staged.manifests if m.exists()]
+    for old in [*lay.manifests, *(p for p in lay.produced if not (stage_root / p.name).exists())]:
+        _remove(old)
+    for entry in sorted(stage_root.iterdir(), key=lambda e: e.name in markers):
+        _remove(out / entry.name)
+        os.replace(entry, out / entry.name)
     stage_root.rmdir()
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 def existing_outputs(out: Path) -> list[str]:
-    """Names of layout entries already in ``out`` (what a new synth would replace)."""
-    lay = Layout(out)
-    cands = [lay.dataset_dir, lay.item_feature, lay.images_dir, lay.oracle, lay.synth_manifest]
-    return [p.name for p in cands if p.exists()]
+    """Names of the entries of an earlier synth or convert output in ``out`` (what a new one would replace)."""
+    return [p.name for p in Layout(out).produced if p.exists()]
 
 
 def write_synthetic(out: str | Path, spec: SynthSpec, overwrite: bool = False,
