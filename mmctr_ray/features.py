@@ -184,21 +184,12 @@ class FeatureMap:
 
 
 def max_user_id(data_dir: str | Path) -> int:
-    """Largest ``user_id`` over the three splits: from the parquet column statistics, else streamed one column
-    at a time."""
+    """Largest ``user_id`` over the three splits (from the parquet column statistics where they exist)."""
     from mmctr_ray.preflight import value_range
 
     lay = Layout(Path(data_dir))
-    largest = 0
-    for split in SPLITS:
-        pf = pq.ParquetFile(lay.split(split))
-        seen = value_range(pf, "user_id")
-        if seen is not None:
-            largest = max(largest, int(seen[1]))
-            continue
-        for batch in pf.iter_batches(batch_size=1 << 20, columns=["user_id"]):
-            largest = max(largest, int(pc.max(batch.column(0)).as_py() or 0))
-    return largest
+    seen = [value_range(pq.ParquetFile(lay.split(split)), "user_id") for split in SPLITS]
+    return max([int(s[1]) for s in seen if s is not None], default=0)
 
 
 def build_feature_map(data_dir: str | Path, table: ItemTable) -> FeatureMap:

@@ -11,9 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mmctr_ray.errors import DataError
+from mmctr_ray.errors import ConfigError, DataError
 from mmctr_ray.schema import ITEM_INFO_COLUMNS, LEVELS, SEQ_LEN, SPLIT_COLUMNS, Layout
 from mmctr_ray.validate import Problem, _open
 
@@ -41,25 +43,53 @@ def _leaf(pf: pq.ParquetFile, column: str) -> int:
     return next(j for j in range(pf.metadata.num_columns) if schema.column(j).path.split(".")[0] == column)
 
 
-def value_range(pf: pq.ParquetFile, column: str) -> tuple[float, float] | None:
-    """(min, max) of ``column`` (of its elements for a list column) from the row-group statistics; None when a
-    row group has none."""
+def column_stats(pf: pq.ParquetFile, column: str) -> tuple[float | None, float | None, int]:
+    """(min, max, nulls) of ``column`` (of its elements for a list column): from the row-group statistics, or,
+    when a row group has none (a writer may omit them), streamed from the column itself. (None, None, n) when
+    the column holds no value."""
     j = _leaf(pf, column)
     lo = hi = None
+    nulls = 0
     for g in range(pf.metadata.num_row_groups):
         stats = pf.metadata.row_group(g).column(j).statistics
-        if stats is None or not stats.has_min_max:
-            return None
-        lo = stats.min if lo is None else min(lo, stats.min)
-        hi = stats.max if hi is None else max(hi, stats.max)
+        if stats is None or not stats.has_null_count or (not stats.has_min_max and stats.null_count < stats.num_values):
+            return _scanned_stats(pf, column)
+        nulls += stats.null_count
+        if stats.has_min_max:
+            lo = stats.min if lo is None else min(lo, stats.min)
+            hi = stats.max if hi is None else max(hi, stats.max)
+    return lo, hi, nulls
+
+
+def _scanned_stats(pf: pq.ParquetFile, column: str) -> tuple[float | None, float | None, int]:
+    lo = hi = None
+    nulls = 0
+    for batch in pf.iter_batches(batch_size=1 << 16, columns=[column]):
+        values = batch.column(0)
+        if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+            nulls += values.null_count
+            values = values.flatten()
+        nulls += values.null_count
+        seen = pc.min_max(values)
+        if seen["min"].is_valid:
+            lo = seen["min"].as_py() if lo is None else min(lo, seen["min"].as_py())
+            hi = seen["max"].as_py() if hi is None else max(hi, seen["max"].as_py())
+    return lo, hi, nulls
+
+
+def value_range(pf: pq.ParquetFile, column: str) -> tuple[float, float] | None:
+    """(min, max) of ``column`` (of its elements for a list column); None when it holds no value."""
+    lo, hi, _ = column_stats(pf, column)
     return None if lo is None else (lo, hi)
 
 
 def _check_range(pf: pq.ParquetFile, path: Path, column: str, lo: float, hi: float | None, expected: str,
                  hint: str) -> None:
-    seen = value_range(pf, column)
-    if seen is not None and (seen[0] < lo or (hi is not None and seen[1] > hi)):
-        raise DataError(f"{path}: column {column}: values span {seen[0] + 0:g}..{seen[1] + 0:g}, expected {expected}; "
+    seen_lo, seen_hi, nulls = column_stats(pf, column)
+    if nulls:
+        raise DataError(f"{path}: column {column}: {nulls:,} null values, expected {expected}; {hint}")
+    if seen_lo is not None and (seen_lo < lo or (hi is not None and seen_hi > hi)):
+        raise DataError(f"{path}: column {column}: values span {seen_lo + 0:g}..{seen_hi + 0:g}, expected {expected}; "
                         f"{hint}")
 
 
@@ -96,6 +126,28 @@ def check_split(data_dir: str | Path, split: str, items: int | None = None) -> i
     if split != "test":  # the test split's labels are placeholders
         _check_range(pf, path, "label", 0, 1, "labels 0 or 1", hint)
     return pf.metadata.num_rows
+
+
+def check_valid_labels(data_dir: str | Path) -> None:
+    """Raise a one-line DataError if the valid split cannot rank: no rows, or one label only (its AUC, which the
+    schedule and early stopping follow, would be undefined)."""
+    path = Layout(Path(data_dir)).split("valid")
+    pf = pq.ParquetFile(path)
+    lo, hi, _ = column_stats(pf, "label")
+    if lo is None or lo == hi:
+        held = "no rows" if lo is None else f"label {lo + 0:g} in all {pf.metadata.num_rows:,} rows"
+        raise DataError(f"{path}: column label: {held}, expected clicks (1) and non-clicks (0): validation AUC, "
+                        f"which the schedule and early stopping follow, needs both")
+
+
+def check_batch_size(batch_size: int, train_rows: int, workers: int) -> None:
+    """Raise a one-line ConfigError when the training split holds no full batch: every epoch would take no step
+    (a worker trains on full batches of ``batch_size // workers`` rows) and validate an untrained model."""
+    per_worker = max(1, batch_size // workers)
+    if train_rows < per_worker * workers:
+        split = f" ({workers} workers x {per_worker:,})" if workers > 1 else ""
+        raise ConfigError(f"train.batch_size={batch_size:,}{split} exceeds the {train_rows:,} rows of the training "
+                          f"split: not one full batch to train on; lower train.batch_size")
 
 
 def check_splits(data_dir: str | Path, splits: Iterable[str]) -> dict[str, int]:

@@ -26,7 +26,7 @@ from mmctr_ray.checkpoint import best_checkpoint, epoch_checkpoints
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError, find_user_error
 from mmctr_ray.features import FeatureMap, build_feature_map, load_item_table, read_split
-from mmctr_ray.preflight import check_splits
+from mmctr_ray.preflight import check_batch_size, check_splits, check_valid_labels
 from mmctr_ray.schema import SPLITS, Layout
 from mmctr_ray.training import train_loop_per_worker
 
@@ -127,8 +127,10 @@ def check_inputs(data_dir: str | Path, cfg: ExperimentConfig) -> tuple[dict[str,
     """Check the splits (footers) and build the item table and feature map, all on the driver and without Ray;
     return the splits' row counts and the feature map. Raises a one-line DataError on bad input."""
     rows = check_splits(data_dir, SPLITS)  # test too: its users and items size the embedding tables
+    check_valid_labels(data_dir)
     table = load_item_table(data_dir, cfg.data.item_vector)
     return rows, build_feature_map(data_dir, table)
+
 
 
 def resume_config(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
@@ -169,6 +171,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     run = run_location(run_dir)
     cfg = _absolute_item_vector(cfg)
     rows, fmap = check_inputs(data_dir, cfg)  # bad input fails here, before RUN is touched
+    check_batch_size(cfg.train.batch_size, rows["train"], workers)
     _prepare_run_dir(run, cfg, resume, overwrite)
     if resume:
         _check_feature_map(run, fmap)

@@ -37,7 +37,7 @@ from typing import Any
 
 from mmctr_ray.config import ExperimentConfig
 from mmctr_ray.errors import ConfigError, OutputExistsError
-from mmctr_ray.preflight import check_splits
+from mmctr_ray.preflight import check_batch_size, check_splits, check_valid_labels
 from mmctr_ray.schema import SPLITS
 from mmctr_ray.search_space import SearchSpace, load_search
 
@@ -251,16 +251,28 @@ def _prepare(tune_dir: Path, search_yaml: Path | None, settings: dict[str, Any],
 
 
 def check_inputs(data_dir: str | Path, search_yaml: str | Path | None, overrides: list[str] = (),
-                 resume: bool = False) -> dict[str, int]:
+                 resume: bool = False, workers: int = 1) -> dict[str, int]:
     """Raise a one-line error, before Ray starts and before TUNE is touched, if the search cannot run: its
     YAML (search section and the experiment config under it) or the data's splits; return the splits' rows."""
     if resume and search_yaml is not None:
         raise ConfigError("--resume continues TUNE with its own search.yaml: drop --config")
     if not resume and search_yaml is None:
         raise ConfigError("--config is required: an experiment YAML with a search: section")
-    if search_yaml is not None:
-        load_search(Path(search_yaml), list(overrides))
-    return check_splits(data_dir, SPLITS)
+    space = load_search(Path(search_yaml), list(overrides)) if search_yaml is not None else None
+    rows = check_splits(data_dir, SPLITS)
+    check_valid_labels(data_dir)
+    if space is not None:  # the largest batch any trial can draw must fit the training split
+        check_batch_size(max(batch_sizes(space)), rows["train"], workers)
+    return rows
+
+
+def batch_sizes(space: SearchSpace) -> list[int]:
+    """Every ``train.batch_size`` a trial of ``space`` can use: the base config's, or the searched values."""
+    searched = [p for p in space.params if p.key == "train.batch_size"]
+    if not searched:
+        return [space.trial_config({}).train.batch_size]
+    p = searched[0]
+    return [int(v) for v in (p.values if p.kind == "choice" else p.values[1:])]
 
 
 def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Path | None, overrides: list[str] = (),
@@ -278,7 +290,7 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
     data, tdir = Path(data_dir).resolve(), Path(tune_dir).resolve()
     settings = {"data": str(data), "workers": workers, "cpus_per_worker": cpus_per_worker,
                 "gpus_per_worker": gpus_per_trial / workers, "source": source, "overrides": list(overrides)}
-    rows = check_inputs(data, search_yaml, overrides, resume)
+    rows = check_inputs(data, search_yaml, overrides, resume, workers)
     if not resume:  # a search that cannot fit fails before anything is written
         trial_concurrency(ray.cluster_resources(), workers, cpus_per_worker, settings["gpus_per_worker"])
     settings = _prepare(tdir, Path(search_yaml) if search_yaml else None, settings, resume, overwrite)

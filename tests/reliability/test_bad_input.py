@@ -126,6 +126,33 @@ def label_not_binary(d, t):
     return _train(d, t)
 
 
+def null_item_id(d, t):
+    _edit(train_split(d), lambda tb: _first(tb, "item_id", None))
+    return _train(d, t)
+
+
+def null_label_without_statistics(d, t):
+    """A writer that keeps no column statistics: the checks stream the column instead of skipping it."""
+    tb = _first(pq.read_table(train_split(d)), "label", None)
+    pq.write_table(tb, train_split(d), write_statistics=False)
+    return _train(d, t)
+
+
+def out_of_range_without_statistics(d, t):
+    tb = _first(pq.read_table(Layout(d).split("valid")), "item_id", 999)
+    pq.write_table(tb, Layout(d).split("valid"), write_statistics=False)
+    return _train(d, t)
+
+
+def valid_of_one_class(d, t):
+    _edit(Layout(d).split("valid"), lambda tb: _set(tb, "label", np.zeros(tb.num_rows)))
+    return _train(d, t)
+
+
+def batch_larger_than_the_split(d, t):
+    return _train(d, t, "--set", "train.batch_size=100000")
+
+
 def nan_item_vector(d, t):
     def change(tb):
         vecs = tb.column("item_emb_d128").to_pylist()
@@ -279,6 +306,12 @@ def bad_search_space(d, t):
     return ["tune", "--data", str(d), "--out", str(t / "tune"), "--config", str(t / "s.yaml")]
 
 
+def search_batch_larger_than_the_split(d, t):
+    (t / "s.yaml").write_text(yaml.safe_dump({**yaml.safe_load((ROOT / "configs/search_tiny.yaml").read_text()),
+                                             "search": {"space": {"train.batch_size": {"choice": [256, 65536]}}}}))
+    return ["tune", "--data", str(d), "--out", str(t / "tune"), "--config", str(t / "s.yaml")]
+
+
 def synth_impossible_size(d, t):
     return ["synth", "--out", str(t / "s"), "--items", "0"]
 
@@ -303,6 +336,12 @@ CASES = [
     (history_too_long, ["train.parquet: column item_seq:", "expected fixed-width histories of 100"], ["run"]),
     (level_out_of_range, ["column likes_level: values span 0..12, expected levels in 0..9"], ["run"]),
     (label_not_binary, ["column label: values span 0..2, expected labels 0 or 1"], ["run"]),
+    (null_item_id, ["train.parquet: column item_id: 1 null values, expected item ids in 1..200"], ["run"]),
+    (null_label_without_statistics, ["train.parquet: column label: 1 null values, expected labels 0 or 1"], ["run"]),
+    (out_of_range_without_statistics, ["valid.parquet: column item_id: values span", "..999"], ["run"]),
+    (valid_of_one_class, ["valid.parquet: column label: label 0 in all", "expected clicks (1) and non-clicks (0)"],
+     ["run"]),
+    (batch_larger_than_the_split, ["train.batch_size=100,000 exceeds the", "rows of the training split"], ["run"]),
     (nan_item_vector, ["item_info.parquet: column item_emb_d128: NaN/inf in the vector of item 5"], ["run"]),
     (item_rows_out_of_order, ["item_info.parquet: column item_id: row 1 holds 2"], ["run"]),
     (missing_item_info, ["item_info.parquet: missing file"], ["run"]),
@@ -327,6 +366,7 @@ CASES = [
     (existing_submission, ["sub.zip: already exists; pass --overwrite"], []),
     (predict_without_a_run, ["not-a-run"], ["sub.zip"]),
     (checkpoint_of_other_data, ["checkpoint was trained with num_items=200", "has 240"], ["sub.zip"]),
+    (search_batch_larger_than_the_split, ["train.batch_size=65,536 exceeds the", "training split"], ["tune"]),
     (bad_search_space, ["s.yaml", "float expects [low, high] with low < high"], ["tune"]),
     (synth_impossible_size, ["--items must be >= 1"], ["s"]),
     (report_not_a_run, ["empty/metrics.jsonl: missing file"], []),
