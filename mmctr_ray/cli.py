@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from mmctr_ray import storage
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
@@ -67,11 +67,24 @@ def _add_worker_args(p: argparse.ArgumentParser, name: str, what: str) -> None:
     p.add_argument(f"--{name}", type=int, default=1, help=f"number of {what} (default 1)")
 
 
+def _positive(kind: type) -> Callable[[str], Any]:
+    """An argparse type: a number of ``kind`` above 0."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a value above 0, got {text}")
+        return value
+    return parse
+
+
 def _add_training_args(p: argparse.ArgumentParser) -> None:
     _add_worker_args(p, "workers", "DDP training workers")
     p.add_argument("--gpus-per-worker", type=float, default=0.0,
                    help="GPUs per training worker and scoring actor (0: CPU, gloo)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0,
+    p.add_argument("--cpus-per-worker", type=_positive(float), default=1.0,
                    help="logical CPUs Ray reserves per worker (a CPU worker's torch threads use the node's cores, "
                         "shared among the workers on the node)")
 
@@ -236,7 +249,8 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from mmctr_ray.tuning import check_inputs, run_tuning
 
-    check_inputs(args.data, args.config, args.overrides, args.resume, args.workers_per_trial)  # before Ray starts
+    check_inputs(args.data, args.config, args.overrides, args.resume, args.workers_per_trial, args.source,
+                 args.gpus_per_trial)  # before Ray starts
     _start_ray(args, ray_train=True)
     summary = run_tuning(args.data, args.out, args.config, args.overrides, num_samples=args.num_samples,
                          max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial,
@@ -503,12 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_arg(p)
     p.add_argument("--out", type=Path, required=True, help="search directory (TUNE)")
     _add_config_args(p)
-    p.add_argument("--num-samples", type=int, help="trials (default: search.num_samples)")
-    p.add_argument("--max-concurrent", type=int, help="at most this many trials at once (default: as many as Ray's "
+    p.add_argument("--num-samples", type=_positive(int), help="trials (default: search.num_samples)")
+    p.add_argument("--max-concurrent", type=_positive(int), help="at most this many trials at once (default: as many as Ray's "
                                                       "CPUs and GPUs fit)")
     p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; fractions share a GPU")
-    p.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers per trial (default 1)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="logical CPUs per training worker")
+    p.add_argument("--workers-per-trial", type=_positive(int), default=1, help="DDP workers per trial (default 1)")
+    p.add_argument("--cpus-per-worker", type=_positive(float), default=1.0, help="logical CPUs per training worker")
     p.add_argument("--source", default="shipped", metavar="shipped|FILE", help="raw vectors for fusion (as `fuse`)")
     p.add_argument("--resume", action="store_true", help="continue the search in TUNE (its own search.yaml)")
     p.add_argument("--overwrite", action="store_true", help="replace a search already in TUNE")

@@ -4,7 +4,7 @@ Example (``configs/search_tiny.yaml`` is a complete one)::
 
     search:
       num_samples: 20          # trials
-      max_epochs: 3            # each trial's epoch cap (ASHA's max_t)
+      max_epochs: 3            # each trial's epoch cap (ASHA cuts only at epochs before it)
       grace_period: 1          # epochs every trial gets before ASHA may stop it
       reduction_factor: 3
       seed: 2025               # TPE sampler seed
@@ -115,6 +115,10 @@ def _param(key: str, spec: Any, keys: list[str], where: str) -> Param:
         raise ConfigError(f"{at}: {kind} expects [low, high] with low < high, got {values}")
     if kind == "int" and not all(isinstance(v, int) for v in values):
         raise ConfigError(f"{at}: int expects integer bounds, got {values}")
+    if spec.get("log") and kind != "choice" and values[0] <= 0:
+        raise ConfigError(f"{at}: log: true expects a positive low bound, got {values}")
+    if spec.get("log") and spec.get("step") is not None:
+        raise ConfigError(f"{at}: log and step cannot be combined (Optuna samples one or the other)")
     when = spec.get("when", {})
     if not isinstance(when, dict) or not all(isinstance(v, list) for v in when.values()):
         raise ConfigError(f"{at}: when expects a mapping of earlier parameters to lists of values")

@@ -137,7 +137,8 @@ def _importances(tdir: Path, space: SearchSpace) -> tuple[dict[str, float], str]
         params = [p.key for p in space.params if not p.when and len({t.params.get(p.key) for t in done}) > 1]
         if len(done) < 2 or not params:
             return {}, f"parameter importance needs 2+ finished trials that differ ({len(done)} finished)"
-        return optuna.importance.get_param_importances(study, params=params), ""
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=space.seed)  # what the plot's label says
+        return optuna.importance.get_param_importances(study, params=params, evaluator=evaluator), ""
     except (KeyError, ValueError, RuntimeError) as err:
         return {}, f"parameter importance unavailable: {err}"
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from mmctr_ray.config import ExperimentConfig
-from mmctr_ray.errors import ConfigError, OutputExistsError
+from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.preflight import check_batch_size, check_splits, check_valid_labels
 from mmctr_ray.schema import SPLITS
 from mmctr_ray.search_space import SearchSpace, load_search
@@ -132,11 +132,11 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
             ray.tune.report({**row, METRIC: best})
         if (run_dir / "summary.json").is_file():
             return
-    cfg = _trial_config(space, config, tdir, data, settings["source"])
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     params = run_dir.with_suffix(".params.json")
-    if not params.is_file():  # written once, when the trial first starts (its time orders the results table)
-        params.write_text(json.dumps(config, indent=2) + "\n")
+    if not params.is_file():  # written once, when the trial first starts (its time orders the results table), and
+        params.write_text(json.dumps(config, indent=2) + "\n")  # before its config: a failing trial has its row
+    cfg = _trial_config(space, config, tdir, data, settings["source"])
     run_training(data, str(run_dir), cfg, workers=settings["workers"], gpus_per_worker=settings["gpus_per_worker"],
                  cpus_per_worker=settings["cpus_per_worker"], resume=resume, overwrite=not resume,
                  callbacks=[TuneReportCallback()], datasets=(datasets or {}).get(cfg.data.max_len))
@@ -225,6 +225,21 @@ def _searcher() -> type:
     return ResumableOptunaSearch
 
 
+def _scheduler(space: SearchSpace) -> Any:
+    """ASHA with every rung before the last epoch: a trial that survives them ends by returning (summary written,
+    trainer released), never by a stop at its final epoch, which saves nothing and would race its summary. ASHA
+    puts rungs at grace_period · reduction_factor^k up to max_t, so max_t is the epoch before the last (rungs at
+    max_t itself do not stop trials with ``stop_last_trials=False``). With no epoch before the last to cut at,
+    trials run to the end (Tune's FIFO scheduler)."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if space.grace_period >= space.max_epochs:
+        return FIFOScheduler()
+    return ASHAScheduler(metric=METRIC, mode="max", time_attr="epoch", max_t=space.max_epochs - 1,
+                         grace_period=space.grace_period, reduction_factor=space.reduction_factor,
+                         stop_last_trials=False)
+
+
 def _prepare(tune_dir: Path, search_yaml: Path | None, settings: dict[str, Any], resume: bool, overwrite: bool) -> dict:
     saved = tune_dir / "settings.json"
     if resume:
@@ -244,16 +259,21 @@ def _prepare(tune_dir: Path, search_yaml: Path | None, settings: dict[str, Any],
             raise OutputExistsError(f"{tune_dir}: not empty and not a search of `mmctr tune` (no settings.json); "
                                     f"--overwrite replaces searches only")
         shutil.rmtree(tune_dir)
-    tune_dir.mkdir(parents=True)
+    tune_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(search_yaml, tune_dir / "search.yaml")
     saved.write_text(json.dumps(settings, indent=2) + "\n")
     return settings
 
 
 def check_inputs(data_dir: str | Path, search_yaml: str | Path | None, overrides: list[str] = (),
-                 resume: bool = False, workers: int = 1) -> dict[str, int]:
+                 resume: bool = False, workers: int = 1, source: str = "shipped",
+                 gpus_per_trial: float = 0.0) -> dict[str, int]:
     """Raise a one-line error, before Ray starts and before TUNE is touched, if the search cannot run: its
-    YAML (search section and the experiment config under it) or the data's splits; return the splits' rows."""
+    YAML (search section and the experiment config under it), the data's splits, the raw vectors' file or the
+    trial's resources; return the splits' rows."""
+    check_resources(workers, gpus_per_trial)
+    if source != "shipped" and not Path(source).is_file():
+        raise DataError(f"{source}: missing file (--source is 'shipped' or a parquet written by `mmctr embed`)")
     if resume and search_yaml is not None:
         raise ConfigError("--resume continues TUNE with its own search.yaml: drop --config")
     if not resume and search_yaml is None:
@@ -264,6 +284,22 @@ def check_inputs(data_dir: str | Path, search_yaml: str | Path | None, overrides
     if space is not None:  # the largest batch any trial can draw must fit the training split
         check_batch_size(max(batch_sizes(space)), rows["train"], workers)
     return rows
+
+
+def check_resources(workers: int, gpus_per_trial: float) -> None:
+    """A trial's GPUs must split into workers Ray and NCCL accept: a share of one GPU for a single worker, whole
+    GPUs each for two or more (two DDP ranks on one GPU fail in NCCL with "Duplicate GPU detected")."""
+    if workers < 1:
+        raise ConfigError(f"--workers-per-trial must be >= 1, got {workers}")
+    if gpus_per_trial < 0:
+        raise ConfigError(f"--gpus-per-trial must be >= 0, got {gpus_per_trial:g}")
+    per_worker = gpus_per_trial / workers
+    if workers > 1 and per_worker and (per_worker < 1 or per_worker != int(per_worker)):
+        raise ConfigError(f"--gpus-per-trial {gpus_per_trial:g} over {workers} workers gives each {per_worker:g} "
+                          f"GPU: with 2+ workers per trial each needs whole GPUs (fractions share a GPU between "
+                          f"trials of one worker)")
+    if per_worker > 1 and per_worker != int(per_worker):
+        raise ConfigError(f"--gpus-per-trial {gpus_per_trial:g}: above 1 GPU a worker needs a whole number of GPUs")
 
 
 def batch_sizes(space: SearchSpace) -> list[int]:
@@ -283,14 +319,13 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
     import optuna
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
     from mmctr_ray.tune_report import write_outputs
 
     data, tdir = Path(data_dir).resolve(), Path(tune_dir).resolve()
+    source = source if source == "shipped" else str(Path(source).resolve())  # trials run in their own folders
     settings = {"data": str(data), "workers": workers, "cpus_per_worker": cpus_per_worker,
                 "gpus_per_worker": gpus_per_trial / workers, "source": source, "overrides": list(overrides)}
-    rows = check_inputs(data, search_yaml, overrides, resume, workers)
+    rows = check_inputs(data, search_yaml, overrides, resume, workers, source, gpus_per_trial)
     if not resume:  # a search that cannot fit fails before anything is written
         trial_concurrency(ray.cluster_resources(), workers, cpus_per_worker, settings["gpus_per_worker"])
     settings = _prepare(tdir, Path(search_yaml) if search_yaml else None, settings, resume, overwrite)
@@ -313,10 +348,7 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
         searcher = _searcher()(space=space.define_by_run, metric=METRIC, mode="max", seed=space.seed,
                                 study_name=STUDY_NAME,
                                 storage=optuna.storages.RDBStorage(f"sqlite:///{tdir}/optuna.db"))
-        # max_t one past the last epoch: ASHA then never stops a trial at its final epoch, so every trial that
-        # survives the rungs ends by returning (summary written, trainer released), not by being stopped
-        scheduler = ASHAScheduler(metric=METRIC, mode="max", time_attr="epoch", max_t=space.max_epochs + 1,
-                                  grace_period=space.grace_period, reduction_factor=space.reduction_factor)
+        scheduler = _scheduler(space)
         n = num_samples or space.num_samples
         log.info("searching %d trials, %d at a time (Ray: %s)", n, k, ray.cluster_resources())
         tuner = tune.Tuner(trainable, run_config=run_config,

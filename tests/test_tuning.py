@@ -19,9 +19,10 @@ import yaml
 from mmctr_ray.config import FusionConfig, load_config
 from mmctr_ray.errors import ConfigError
 from mmctr_ray.pca_cache import cached_fusion, fusion_key
-from mmctr_ray.search_space import load_search
+from mmctr_ray.search_space import SearchSpace, load_search
 from mmctr_ray.tune_report import trial_outcome
-from mmctr_ray.tuning import FAULT_ENV, progress_line, shared_datasets, trial_concurrency
+from mmctr_ray.tuning import (FAULT_ENV, METRIC, _scheduler, check_resources, progress_line, shared_datasets,
+                               trial_concurrency)
 
 ROOT = Path(__file__).parent.parent
 SEARCH_CONFIGS = ["configs/search_paper.yaml", "configs/search_tiny.yaml"]
@@ -74,6 +75,8 @@ def test_define_by_run_samples_each_parameter_only_where_it_applies(tmp_path):
       "model.bilinear": {"choice": ["off"], "when": {"model.senet": [True]}}}, "form a cycle"),
     ({"model.cross_layers": {"int": [1.5, 4]}}, "int expects integer bounds"),
     ({"model.senet": {"choice": [True], "iff": {}}}, "unknown key iff"),
+    ({"train.lr": {"float": [0.0, 0.01], "log": True}}, "log: true expects a positive low bound"),
+    ({"train.lr": {"float": [1e-4, 1e-2], "log": True, "step": 1e-4}}, "log and step cannot be combined"),
 ])
 def test_bad_search_sections_are_one_line_errors(tmp_path, space, message):
     path = tmp_path / "s.yaml"
@@ -103,6 +106,44 @@ def test_concurrency_is_sized_from_resources():
     with pytest.raises(ConfigError, match=r"one trial needs 3 CPUs \(2 workers × 1 CPU, 1 CPU for data loading\); Ray "
                                           r"has 2 CPUs"):
         trial_concurrency({"CPU": 2}, workers=2, cpus_per_worker=1, gpus_per_worker=0)
+
+
+@pytest.mark.parametrize("max_epochs, grace, rf", [(3, 1, 3), (2, 1, 2), (4, 1, 2), (12, 1, 3), (9, 3, 3)])
+def test_asha_never_stops_a_trial_at_its_last_epoch_but_still_prunes_earlier(max_epochs, grace, rf):
+    """Ray's ASHA puts a rung at max_t when log(max_t / grace) / log(rf) is close to an integer (3 epochs, rf 3:
+    rungs 1 and 3), where stopping saves nothing and races the trial's summary (completed or pruned, by chance)."""
+    from ray.tune.schedulers import TrialScheduler
+
+    space = SearchSpace(params=(), max_epochs=max_epochs, grace_period=grace, reduction_factor=rf)
+    sched = _scheduler(space)
+    trials = [SimpleNamespace(trial_id=f"t{i}", config={}) for i in range(8)]
+    for t in trials:
+        sched.on_trial_add(None, t)
+    actions = {}
+    for epoch in range(1, max_epochs + 1):
+        for i, t in enumerate(trials):  # later trials are worse at every epoch
+            actions[t.trial_id, epoch] = sched.on_trial_result(None, t, {"epoch": epoch, METRIC: 1.0 - 0.01 * i})
+    assert all(actions[t.trial_id, max_epochs] == TrialScheduler.CONTINUE for t in trials)
+    assert TrialScheduler.STOP in {actions[t.trial_id, grace] for t in trials}
+
+
+def test_a_search_whose_grace_period_is_its_last_epoch_prunes_nothing():
+    from ray.tune.schedulers import FIFOScheduler
+
+    assert isinstance(_scheduler(SearchSpace(params=(), max_epochs=2, grace_period=2)), FIFOScheduler)
+
+
+@pytest.mark.parametrize("workers, gpus, message", [
+    (2, 0.5, "--gpus-per-trial 0.5 over 2 workers gives each 0.25 GPU: with 2+ workers per trial each needs whole"),
+    (2, 3.0, "gives each 1.5 GPU"),
+    (1, 1.5, "--gpus-per-trial 1.5: above 1 GPU a worker needs a whole number of GPUs"),
+])
+def test_gpu_shares_that_ray_or_nccl_would_refuse_are_one_line_errors(workers, gpus, message):
+    with pytest.raises(ConfigError) as err:
+        check_resources(workers, gpus)
+    assert message in str(err.value)
+    for ok in [(1, 0.25), (1, 1.0), (2, 2.0), (2, 0.0), (1, 2.0)]:
+        check_resources(*ok)
 
 
 def test_an_ended_trial_is_one_line_with_the_best_so_far_and_the_time_left(tmp_path):

@@ -312,6 +312,18 @@ def search_batch_larger_than_the_split(d, t):
     return ["tune", "--data", str(d), "--out", str(t / "tune"), "--config", str(t / "s.yaml")]
 
 
+def _tune(d: Path, t: Path, *extra: str) -> list[str]:
+    return ["tune", "--data", str(d), "--out", str(t / "tune"), "--config", "configs/search_tiny.yaml", *extra]
+
+
+def tune_missing_source(d, t):
+    return _tune(d, t, "--source", str(t / "no-emb.parquet"))
+
+
+def tune_gpu_fraction_over_two_workers(d, t):
+    return _tune(d, t, "--gpus-per-trial", "0.5", "--workers-per-trial", "2")
+
+
 def synth_impossible_size(d, t):
     return ["synth", "--out", str(t / "s"), "--items", "0"]
 
@@ -367,6 +379,9 @@ CASES = [
     (predict_without_a_run, ["not-a-run"], ["sub.zip"]),
     (checkpoint_of_other_data, ["checkpoint was trained with num_items=200", "has 240"], ["sub.zip"]),
     (search_batch_larger_than_the_split, ["train.batch_size=65,536 exceeds the", "training split"], ["tune"]),
+    (tune_missing_source, ["no-emb.parquet: missing file (--source is 'shipped' or a parquet"], ["tune"]),
+    (tune_gpu_fraction_over_two_workers, ["gives each 0.25 GPU: with 2+ workers per trial each needs whole"],
+     ["tune"]),
     (bad_search_space, ["s.yaml", "float expects [low, high] with low < high"], ["tune"]),
     (synth_impossible_size, ["--items must be >= 1"], ["s"]),
     (report_not_a_run, ["empty/metrics.jsonl: missing file"], []),
@@ -392,6 +407,19 @@ def test_bad_input_is_one_line_and_leaves_nothing(data, tmp_path, capsys, damage
     started = ray.is_initialized()
     ray.shutdown()  # so that one failing case does not fail the next ones too
     assert not started, "bad input must fail before Ray starts"
+
+
+@pytest.mark.parametrize("flag, value", [("--max-concurrent", "0"), ("--num-samples", "-2"),
+                                         ("--cpus-per-worker", "0"), ("--workers-per-trial", "0")])
+def test_counts_and_shares_below_one_are_refused_by_the_parser(data, tmp_path, capsys, flag, value):
+    """Before: --cpus-per-worker 0 divided by zero and --max-concurrent 0 lifted Tune's limit."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["tune", "--data", str(data), "--out", str(tmp_path / "tune"), "--config", "configs/search_tiny.yaml",
+              flag, value])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"mmctr tune: error: argument {flag}: expected a value above "
+                                                         f"0, got {value}")
+    assert not (tmp_path / "tune").exists()
 
 
 def test_an_existing_submission_is_left_as_it_was(data, tmp_path):
