@@ -250,7 +250,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from mmctr_ray.tuning import check_inputs, run_tuning
 
     check_inputs(args.data, args.config, args.overrides, args.resume, args.workers_per_trial, args.source,
-                 args.gpus_per_trial)  # before Ray starts
+                 args.gpus_per_trial, args.num_samples, args.max_concurrent)  # before Ray starts
     _start_ray(args, ray_train=True)
     summary = run_tuning(args.data, args.out, args.config, args.overrides, num_samples=args.num_samples,
                          max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial,

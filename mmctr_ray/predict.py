@@ -23,7 +23,7 @@ import torch
 
 from mmctr_ray.checkpoint import best_checkpoint, load_checkpoint
 from mmctr_ray.errors import DataError, OutputExistsError
-from mmctr_ray.features import MODEL_INPUTS, load_item_table, read_split, to_model_batch
+from mmctr_ray.features import MODEL_INPUTS, load_item_table, max_user_id, read_split, to_model_batch
 from mmctr_ray.metrics import evaluate
 from mmctr_ray.model import DINModel
 from mmctr_ray.preflight import check_split
@@ -50,6 +50,9 @@ def load_model(checkpoint_dir: Location, data_dir: str | Path, device: str = "cp
         if value > expected or (key != "tag_vocab" and value != expected):
             raise DataError(f"{checkpoint_dir}: checkpoint was trained with {key}={expected} but {data_dir} has "
                             f"{value} (a checkpoint of other data or another fusion)")
+    if ck.cfg.model.use_user_id and (largest := max_user_id(data_dir)) >= ck.fmap.num_users:
+        raise DataError(f"{data_dir}: column user_id: values up to {largest}, but the checkpoint's user embedding "
+                        f"has ids 0..{ck.fmap.num_users - 1} (model.use_user_id; a checkpoint of other data)")
     model = DINModel(ck.cfg.model, ck.fmap, **table.to_torch(device))
     model.load_state_dict(ck.model_state)
     model.experiment_cfg = ck.cfg  # its max_len and the precision it was validated in

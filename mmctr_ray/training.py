@@ -283,6 +283,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 release_store_pages()
         seconds = time.perf_counter() - t0
         epoch_seconds = time.perf_counter() - start
+        if world > 1:  # the mean over every rank's batches, not rank 0's alone (one collective per epoch)
+            torch.distributed.all_reduce(loss_sum)
+            loss_sum /= world
         if recorder is not None and not keep_tried:
             shard, resident_steps = _keep_shard(recorder, per_worker, rank)
             keep_tried = True

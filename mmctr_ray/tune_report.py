@@ -56,8 +56,15 @@ def _trial_rows(tdir: Path, space: SearchSpace, errors: dict[str, str]) -> list[
 
 
 def write_outputs(tdir: Path, space: SearchSpace | None = None, errors: dict[str, str] | None = None) -> dict[str, Any]:
-    """Write results.csv, best.yaml and plots/ for the search in ``tdir``; return a summary."""
+    """Write results.csv, best.yaml and plots/ for the search in ``tdir``; return a summary. ``errors`` (Tune's
+    error line per failed trial, by trial folder name) are kept in ``errors.json``, which a later call without
+    them (``mmctr report TUNE``) reads, so a failed trial stays "error" there."""
     space = space or load_search(tdir / "search.yaml", json.loads((tdir / "settings.json").read_text())["overrides"])
+    saved = tdir / "errors.json"
+    if errors is not None:
+        saved.write_text(json.dumps(errors, indent=2) + "\n")
+    elif saved.is_file():
+        errors = json.loads(saved.read_text())
     rows = _trial_rows(tdir, space, errors or {})
     if not rows:
         raise DataError(f"{tdir / 'trials'}: no trial has started yet")

@@ -78,7 +78,9 @@ def _trial_config(space: SearchSpace, params: dict[str, Any], tune_dir: Path, da
     from mmctr_ray.pca_cache import cached_fusion
 
     cfg = space.trial_config(params)
-    vector = "given"
+    # "given" is the shipped vector when the search picks the strategy; otherwise the base config's table stays
+    searched = any(p.key == "fusion.strategy" for p in space.params)
+    vector = "given" if searched else cfg.data.item_vector
     if cfg.fusion.strategy != "given":
         table, fitted = cached_fusion(tune_dir / "pca_cache", data_dir, cfg.fusion, source, seed=cfg.train.seed)
         log.info("fusion %s: %s (%s)", cfg.fusion.strategy, table.name, "fitted" if fitted else "from the cache")
@@ -266,12 +268,15 @@ def _prepare(tune_dir: Path, search_yaml: Path | None, settings: dict[str, Any],
 
 
 def check_inputs(data_dir: str | Path, search_yaml: str | Path | None, overrides: list[str] = (),
-                 resume: bool = False, workers: int = 1, source: str = "shipped",
-                 gpus_per_trial: float = 0.0) -> dict[str, int]:
+                 resume: bool = False, workers: int = 1, source: str = "shipped", gpus_per_trial: float = 0.0,
+                 num_samples: int | None = None, max_concurrent: int | None = None) -> dict[str, int]:
     """Raise a one-line error, before Ray starts and before TUNE is touched, if the search cannot run: its
     YAML (search section and the experiment config under it), the data's splits, the raw vectors' file or the
     trial's resources; return the splits' rows."""
     check_resources(workers, gpus_per_trial)
+    if resume and (num_samples is not None or max_concurrent is not None):  # Tune restores its own TuneConfig
+        raise ConfigError("--resume continues TUNE with the trial count and concurrency it started with: drop "
+                          "--num-samples and --max-concurrent")
     if source != "shipped" and not Path(source).is_file():
         raise DataError(f"{source}: missing file (--source is 'shipped' or a parquet written by `mmctr embed`)")
     if resume and search_yaml is not None:
@@ -325,7 +330,8 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
     source = source if source == "shipped" else str(Path(source).resolve())  # trials run in their own folders
     settings = {"data": str(data), "workers": workers, "cpus_per_worker": cpus_per_worker,
                 "gpus_per_worker": gpus_per_trial / workers, "source": source, "overrides": list(overrides)}
-    rows = check_inputs(data, search_yaml, overrides, resume, workers, source, gpus_per_trial)
+    rows = check_inputs(data, search_yaml, overrides, resume, workers, source, gpus_per_trial, num_samples,
+                        max_concurrent)
     if not resume:  # a search that cannot fit fails before anything is written
         trial_concurrency(ray.cluster_resources(), workers, cpus_per_worker, settings["gpus_per_worker"])
     settings = _prepare(tdir, Path(search_yaml) if search_yaml else None, settings, resume, overwrite)
@@ -342,7 +348,7 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
     callbacks = [_Progress(tdir, space.max_epochs), *([_ExitAfterTrials()] if fault else [])]
     run_config = tune.RunConfig(name="tune", storage_path=str(tdir), callbacks=callbacks, verbose=0)
     if resume:
-        log.info("resuming the search in %s (%d trials at a time)", tdir, k)
+        log.info("resuming the search in %s (its own trial count and concurrency; %d trials fit now)", tdir, k)
         tuner = tune.Tuner.restore(str(tdir / "tune"), trainable=trainable, resume_errored=True)
     else:
         searcher = _searcher()(space=space.define_by_run, metric=METRIC, mode="max", seed=space.seed,

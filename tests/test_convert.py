@@ -325,6 +325,14 @@ def test_cli_bad_raw_input_exits_2_with_one_line(tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_a_byte_order_mark_before_the_header_is_not_part_of_the_first_name(tmp_path):
+    from mmctr_ray.convert.raw import _require_columns
+
+    path = tmp_path / "pairs.csv"
+    path.write_bytes("\ufeffuser,item,timestamp\n1,2,3\n".encode("utf-8"))
+    _require_columns(path, ["user", "item", "timestamp"], "--user-col")
+
+
 def test_options_are_checked():
     with pytest.raises(ConfigError, match="--valid-from <= --test-from"):
         RowSpec(split="time", valid_from=5)

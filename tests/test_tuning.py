@@ -146,6 +146,59 @@ def test_gpu_shares_that_ray_or_nccl_would_refuse_are_one_line_errors(workers, g
         check_resources(*ok)
 
 
+def test_an_empty_existing_out_folder_is_used_as_it_is(tmp_path):
+    from mmctr_ray.tuning import _prepare
+
+    out = tmp_path / "tune"
+    out.mkdir()  # e.g. made by hand, or a mount point; before, mkdir raised FileExistsError
+    settings = {"data": str(tmp_path / "data"), "overrides": []}
+    assert _prepare(out, ROOT / "configs/search_tiny.yaml", settings, resume=False, overwrite=False) == settings
+    assert (out / "search.yaml").is_file() and json.loads((out / "settings.json").read_text()) == settings
+
+
+def test_a_base_item_table_is_kept_unless_the_search_picks_the_strategy(tmp_path):
+    from mmctr_ray.tuning import _trial_config
+
+    raw = yaml.safe_load((ROOT / "configs/search_tiny.yaml").read_text())
+    raw.setdefault("data", {})["item_vector"] = str(tmp_path / "my_fused.parquet")
+    raw["fusion"] = {"strategy": "given"}  # a table fused by hand; only model settings searched
+    strategy_searched = dict(raw["search"]["space"])
+    raw["search"]["space"] = {"model.dropout": {"float": [0.0, 0.2]}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    cfg = _trial_config(load_search(tmp_path / "s.yaml"), {"model.dropout": 0.1}, tmp_path, tmp_path, "shipped")
+    assert cfg.data.item_vector == str(tmp_path / "my_fused.parquet")  # before: silently "given"
+    assert "fusion.strategy" in strategy_searched
+    raw["search"]["space"] = strategy_searched
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    cfg = _trial_config(load_search(tmp_path / "s.yaml"), {"fusion.strategy": "given"}, tmp_path, tmp_path, "shipped")
+    assert cfg.data.item_vector == "given"  # a searched "given" is the shipped vector
+
+
+def test_report_keeps_a_failed_trials_error_status(tmp_path):
+    """`mmctr report TUNE` rebuilds the tables without Tune's results: the errors the search saw come from
+    errors.json (before, a trial that failed at epoch 1 was listed as pruned)."""
+    from mmctr_ray.config import save_config
+    from mmctr_ray.tune_report import write_outputs
+
+    tdir = tmp_path / "tune"
+    (tdir / "trials" / "aaa").mkdir(parents=True)
+    (tdir / "trials" / "bbb").mkdir()
+    (tdir / "search.yaml").write_text((ROOT / "configs/search_tiny.yaml").read_text())
+    (tdir / "settings.json").write_text(json.dumps({"overrides": []}))
+    space = load_search(tdir / "search.yaml")
+    for trial in ("aaa", "bbb"):
+        (tdir / "trials" / f"{trial}.params.json").write_text(json.dumps({"train.lr": 1e-3}))
+        save_config(load_config(ROOT / "configs/tiny.yaml"), tdir / "trials" / trial / "config.yaml")
+        (tdir / "trials" / trial / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "valid_auc": 0.6}) + "\n")
+    (tdir / "trials" / "aaa" / "summary.json").write_text("{}")
+    errors = {"run_trial_bbb_00001": "RuntimeError: worker died"}
+    assert write_outputs(tdir, space, errors)["error"] == 1
+    again = write_outputs(tdir)  # as `mmctr report TUNE` calls it
+    assert again["error"] == 1 and again["completed"] + again["early-stopped"] == 1
+    with open(tdir / "results.csv", newline="") as f:
+        assert {r["trial_id"]: r["status"] for r in csv.DictReader(f)}["bbb"] == "error"
+
+
 def test_an_ended_trial_is_one_line_with_the_best_so_far_and_the_time_left(tmp_path):
     def trial(trial_id, status, auc=None, epoch=None):
         return SimpleNamespace(trial_id=trial_id, status=status,

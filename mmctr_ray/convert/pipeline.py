@@ -141,7 +141,7 @@ def _interaction_stats(interactions, fmt: LineFormat, items: RawItems,
     counts = interactions.map_batches(_key_counts, batch_format="pyarrow", fn_kwargs={"fmt": fmt})
     users = _UserSet()
     popularity = np.zeros(len(items.raw_ids) + 1, dtype=np.float64)  # slot 0: unknown items
-    unknown: list[np.ndarray] = []
+    unknown = _UserSet()  # distinct unknown item ids: bounded however many blocks hold them
     bad = 0
     for b in counts.iter_batches(batch_format="numpy", batch_size=None):
         kind, key, n = b["kind"], b["key"], b["n"]
@@ -150,15 +150,15 @@ def _interaction_stats(interactions, fmt: LineFormat, items: RawItems,
         dense, known = items.dense(item_keys)
         np.add.at(popularity, dense, item_n)
         if not known.all():
-            unknown.append(np.unique(item_keys[~known]))
+            unknown.add(item_keys[~known])
         bad += int(n[kind == 2].sum())
     if bad:
         raise DataError(f"{first_bad_line(fmt, files)} ({_count(bad, 'bad line')})")
     users_arr = users.sorted()
     if not len(users_arr):
         raise DataError(f"{files.pairs}: no interactions")
-    if unknown:
-        ids = np.unique(np.concatenate(unknown))
+    if popularity[0]:
+        ids = unknown.sorted()
         raise DataError(f"{files.pairs}: {_count(int(popularity[0]), 'interaction')} with "
                         f"{_count(len(ids), 'item')} not in {files.titles.name} (first: item {int(ids[0])}); "
                         f"every item needs a title row")
@@ -166,8 +166,9 @@ def _interaction_stats(interactions, fmt: LineFormat, items: RawItems,
 
 
 class _UserSet:
-    """Distinct user ids merged from per-block uniques: pending arrays are folded in once they outgrow the merged
-    set, so the driver does O(n log n) work in all and holds at most ~3× the distinct users."""
+    """Distinct ids (the users; also the unknown items) merged from per-block uniques: pending arrays are folded in
+    once they outgrow the merged set, so the driver does O(n log n) work in all and holds at most ~3× the distinct
+    ids."""
 
     def __init__(self) -> None:
         self.merged = np.zeros(0, dtype=np.int64)

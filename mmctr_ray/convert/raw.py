@@ -106,7 +106,7 @@ def locate(spec: RawSpec) -> RawFiles:
 
 
 def _header(path: Path, delimiter: str = ",") -> list[str]:
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's byte-order mark is not a name
         return next(csv.reader(f, delimiter=delimiter), [])
 
 

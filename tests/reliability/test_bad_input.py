@@ -284,14 +284,20 @@ def checkpoint_of_other_data(d, t):
     return ["predict", "--run", str(t / "run"), "--data", str(d), "--out", str(t / "sub.zip")]
 
 
-def _checkpoint_for(data: Path, run: Path) -> None:
+def user_ids_beyond_the_checkpoint(d, t):
+    _checkpoint_for(d, t / "run", ["model.use_user_id=true"])
+    _edit(Layout(d).split("test"), lambda tb: _first(tb, "user_id", 10**6))
+    return ["predict", "--run", str(t / "run"), "--data", str(d), "--out", str(t / "sub.zip")]
+
+
+def _checkpoint_for(data: Path, run: Path, overrides: list[str] = ()) -> None:
     """A real checkpoint of the tiny config on ``data``, written without Ray (as a worker would write it)."""
     from mmctr_ray.checkpoint import TrainState, save_checkpoint
     from mmctr_ray.config import load_config
     from mmctr_ray.features import build_feature_map, load_item_table
     from mmctr_ray.model import DINModel
 
-    cfg = load_config(ROOT / CONFIG)
+    cfg = load_config(ROOT / CONFIG, overrides)
     table = load_item_table(data)
     fmap = build_feature_map(data, table)
     model = DINModel(cfg.model, fmap, **table.to_torch())
@@ -318,6 +324,10 @@ def _tune(d: Path, t: Path, *extra: str) -> list[str]:
 
 def tune_missing_source(d, t):
     return _tune(d, t, "--source", str(t / "no-emb.parquet"))
+
+
+def tune_resume_with_new_counts(d, t):
+    return ["tune", "--data", str(d), "--out", str(t / "tune"), "--resume", "--num-samples", "5"]
 
 
 def tune_gpu_fraction_over_two_workers(d, t):
@@ -378,8 +388,12 @@ CASES = [
     (existing_submission, ["sub.zip: already exists; pass --overwrite"], []),
     (predict_without_a_run, ["not-a-run"], ["sub.zip"]),
     (checkpoint_of_other_data, ["checkpoint was trained with num_items=200", "has 240"], ["sub.zip"]),
+    (user_ids_beyond_the_checkpoint, ["column user_id: values up to 1000000", "has ids 0..",
+                                      "(model.use_user_id; a checkpoint of other data)"], ["sub.zip"]),
     (search_batch_larger_than_the_split, ["train.batch_size=65,536 exceeds the", "training split"], ["tune"]),
     (tune_missing_source, ["no-emb.parquet: missing file (--source is 'shipped' or a parquet"], ["tune"]),
+    (tune_resume_with_new_counts, ["--resume continues TUNE with the trial count and concurrency it started with"],
+     ["tune"]),
     (tune_gpu_fraction_over_two_workers, ["gives each 0.25 GPU: with 2+ workers per trial each needs whole"],
      ["tune"]),
     (bad_search_space, ["s.yaml", "float expects [low, high] with low < high"], ["tune"]),
