@@ -160,20 +160,38 @@ def _memory_row(memory: MemoryPeaks) -> dict[str, list[float]]:
     return {f"worker_peak_{k}_mib": [round(r[k], 1) for r in ranks] for k in ranks[0]}
 
 
-def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, resume_from: str | None) -> TrainState | None:
+def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, resume_from: str | None,
+             cfg: TrainConfig) -> TrainState | None:
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     context = ckpt.as_directory() if ckpt else contextlib.nullcontext(resume_from)
     with context as directory:
-        if directory is None:
-            return None
-        loaded = load_checkpoint(directory)
-        model.load_state_dict(loaded.model_state)
-        if loaded.optimizer_state is not None:
-            optimizer.load_state_dict(loaded.optimizer_state)
-        log.info("resumed from %s (epoch %d done)", directory, loaded.state.epoch)
-        return loaded.state
+        return None if directory is None else load_into(model, optimizer, directory, cfg)
+
+
+def load_into(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | Path,
+              cfg: TrainConfig) -> TrainState:
+    """Load a checkpoint's model and optimizer state; return its training state.
+
+    The optimizer keeps the checkpoint's moments but this run's settings (``optimizer.load_state_dict`` would also
+    bring back the saved ones: a run resumed with another optimizer, or moved from CPU to CUDA, silently kept the
+    old weight decay or kernels). The learning rate stays the schedule's (``state.lr``) unless this run's
+    ``train.lr`` differs from the checkpoint's: a resume with ``--set train.lr=...`` continues at that rate."""
+    loaded = load_checkpoint(directory)
+    model.load_state_dict(loaded.model_state)
+    if loaded.optimizer_state is not None:
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        optimizer.load_state_dict(loaded.optimizer_state)
+        for group, own in zip(optimizer.param_groups, settings):
+            group.update(own)
+    state = loaded.state
+    if cfg.lr != loaded.cfg.train.lr:
+        log.info("train.lr is %g in this run and %g in the checkpoint: continuing at %g (the schedule was at %g)",
+                 cfg.lr, loaded.cfg.train.lr, cfg.lr, state.lr)
+        state.lr = cfg.lr
+    log.info("resumed from %s (epoch %d done)", directory, state.epoch)
+    return state
 
 
 def _maybe_fault(step: int, fault: dict[str, Any] | None) -> None:
@@ -237,7 +255,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     fmap = FeatureMap(**config["feature_map"])
     model = DINModel(cfg.model, fmap, **table.to_torch(device)).to(device)
     optimizer = make_optimizer(model, cfg.train, device)
-    state = _restore(model, optimizer, config.get("resume_from")) or TrainState(lr=cfg.train.lr)
+    state = _restore(model, optimizer, config.get("resume_from"), cfg.train) or TrainState(lr=cfg.train.lr)
     tables = model.embedding_tables()
     if world > 1:  # the item table is the same on every rank: keep DDP from broadcasting it every step
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(

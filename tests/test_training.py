@@ -42,6 +42,37 @@ def test_schedule_decays_on_plateau_with_a_floor_and_stops_after_patience():
     assert state.best_epoch == 5 and state.best_auc == 0.73
 
 
+def test_a_resumed_optimizer_keeps_its_moments_but_takes_this_runs_settings(synth_dir, tmp_path):
+    import dataclasses
+
+    from mmctr_ray.checkpoint import save_checkpoint
+    from mmctr_ray.features import build_feature_map, load_item_table
+    from mmctr_ray.model import DINModel
+    from mmctr_ray.training import load_into, make_optimizer
+
+    cfg = tiny_cfg()
+    table = load_item_table(synth_dir)
+    fmap = build_feature_map(synth_dir, table)
+    model = DINModel(cfg.model, fmap, **table.to_torch())
+    optimizer = make_optimizer(model, cfg.train, torch.device("cpu"))
+    model({"item_id": torch.tensor([1, 2]), "item_seq": torch.tensor([[0, 3], [4, 5]]),
+           "likes_level": torch.tensor([1, 2]), "views_level": torch.tensor([3, 4])}).sum().backward()
+    optimizer.step()
+    state = TrainState(epoch=2, lr=cfg.train.lr * 0.1, best_auc=0.7, best_epoch=1, bad_epochs=1, history=[])
+    save_checkpoint(tmp_path, model, optimizer, state, cfg, fmap, table.source)
+
+    same = make_optimizer(model, cfg.train, torch.device("cpu"))
+    assert load_into(model, same, tmp_path, cfg.train).lr == cfg.train.lr * 0.1  # the schedule's rate stays
+    moments = same.state_dict()["state"]
+    assert moments and all(int(v["step"]) == 1 for v in moments.values())
+
+    adamw = dataclasses.replace(cfg.train, optimizer="adamw", lr=3e-4)
+    switched = make_optimizer(model, adamw, torch.device("cpu"))
+    resumed = load_into(model, switched, tmp_path, adamw)
+    assert switched.param_groups[0]["weight_decay"] == torch.optim.AdamW([torch.zeros(1)]).defaults["weight_decay"]
+    assert resumed.lr == 3e-4 and resumed.epoch == 2  # an explicit new train.lr wins over the schedule's
+
+
 def test_embedding_l2_is_half_the_squared_norm_of_the_tables_only():
     a, b = torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.full((4,), 2.0))
     assert embedding_l2([a, b], 0.1).item() == pytest.approx(0.1 / 2 * (6 + 16))
