@@ -262,6 +262,10 @@ def _write_splits(rows, parts: Path, stage: Layout, progress: Callable[[str], No
     batch by batch, and route each row to its split's single layout file: the driver holds at most a few batches
     and never maps the workers' blocks, whatever the data size."""
     summary = sorted((int(r["bucket"]), str(r["path"])) for r in rows.iter_rows())
+    buckets = [b for b, _ in summary]
+    if len(set(buckets)) != len(buckets):  # each bucket must be one group: a second task would rewrite its file
+        raise RuntimeError(f"convert: a user bucket was processed {len(buckets) - len(set(buckets)) + 1} times; "
+                           f"its part file cannot be trusted")
     progress(f"rows: written by the workers ({time.perf_counter() - t0:.1f}s)")
     writer = _SplitWriter(stage)
     try:
