@@ -79,6 +79,15 @@ def pin_ray_address() -> None:
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
+_PRIVATE = {"started": False}
+
+
+def private_local_ray() -> bool:
+    """Whether this process started the Ray it uses (:func:`init_ray` without an address): one machine, fixed
+    resources. False on a cluster it joined, which an autoscaler may grow."""
+    return _PRIVATE["started"]
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = False,
              dashboard: bool = False, object_store_mib: int | None = None) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a private local Ray.
@@ -113,5 +122,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
     ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
              object_store_memory=object_store_mib * 2**20 if object_store_mib else None,
              logging_level=logging.WARNING, runtime_env={"worker_process_setup_hook": pin_ray_address})
+    _PRIVATE["started"] = True
     log.info("started a local Ray%s: %s", " with its dashboard on 127.0.0.1" if dashboard else "",
              ray.cluster_resources())

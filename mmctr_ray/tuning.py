@@ -38,6 +38,7 @@ from typing import Any
 from mmctr_ray.config import ExperimentConfig
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.preflight import check_batch_size, check_splits, check_valid_labels
+from mmctr_ray.ray_env import private_local_ray
 from mmctr_ray.schema import SPLITS
 from mmctr_ray.search_space import SearchSpace, load_search
 
@@ -53,18 +54,29 @@ FAULT_ENV = "MMCTR_FAULT_TUNE_EXIT_AFTER_TRIALS"  # tests: the driver exits hard
 
 
 def trial_concurrency(resources: dict[str, float], workers: int, cpus_per_worker: float, gpus_per_worker: float,
-                      requested: int | None = None) -> int:
-    """How many trials fit at once in ``resources`` (Ray's cluster resources); at most ``requested``."""
+                      requested: int | None = None, elastic: bool = False) -> int:
+    """How many trials fit at once in ``resources`` (Ray's cluster resources); at most ``requested``.
+
+    ``elastic``: Ray is a cluster this process joined, which may grow (``cluster.yaml`` starts with no GPU
+    worker): an explicit ``requested`` is then trusted beyond what fits now, since the trials' pending resource
+    requests are what makes the autoscaler add nodes. The private local Ray cannot grow, so there the fit caps it
+    (trials beyond it would wait for CPUs that never come)."""
     cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
     per_trial_cpu = TRIAL_DRIVER_CPU + workers * cpus_per_worker
     by_cpu = math.floor((cpus - DATA_CPU_RESERVE) / per_trial_cpu + 1e-9)
     by_gpu = math.floor(gpus / (workers * gpus_per_worker) + 1e-9) if gpus_per_worker else by_cpu
-    fits = min(by_cpu, by_gpu)
+    fits = max(min(by_cpu, by_gpu), 0)
+    if elastic and requested is not None and requested > fits:
+        log.warning("--max-concurrent %d: %d trials fit in what Ray has now (%g CPUs, %g GPUs); the rest wait for "
+                    "the autoscaler to add nodes (on a cluster that cannot grow they wait for good: lower "
+                    "--max-concurrent)", requested, fits, cpus, gpus)
+        return requested
     if fits < 1:
         need = f"{per_trial_cpu + DATA_CPU_RESERVE:g} CPUs" + (f" and {workers * gpus_per_worker:g} GPUs"
                                                                if gpus_per_worker else "")
+        hint = "; on an autoscaling cluster pass --max-concurrent to start the trials anyway" if elastic else ""
         raise ConfigError(f"one trial needs {need} ({workers} workers × {cpus_per_worker:g} CPU, "
-                          f"{DATA_CPU_RESERVE:g} CPU for data loading); Ray has {cpus:g} CPUs and {gpus:g} GPUs")
+                          f"{DATA_CPU_RESERVE:g} CPU for data loading); Ray has {cpus:g} CPUs and {gpus:g} GPUs{hint}")
     if requested is not None and requested < fits:
         return requested
     if requested is not None and requested > fits:
@@ -332,12 +344,14 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
                 "gpus_per_worker": gpus_per_trial / workers, "source": source, "overrides": list(overrides)}
     rows = check_inputs(data, search_yaml, overrides, resume, workers, source, gpus_per_trial, num_samples,
                         max_concurrent)
+    elastic = not private_local_ray()
     if not resume:  # a search that cannot fit fails before anything is written
-        trial_concurrency(ray.cluster_resources(), workers, cpus_per_worker, settings["gpus_per_worker"])
+        trial_concurrency(ray.cluster_resources(), workers, cpus_per_worker, settings["gpus_per_worker"],
+                          max_concurrent, elastic)
     settings = _prepare(tdir, Path(search_yaml) if search_yaml else None, settings, resume, overwrite)
     space = load_search(tdir / "search.yaml", settings["overrides"])
     k = trial_concurrency(ray.cluster_resources(), settings["workers"], settings["cpus_per_worker"],
-                          settings["gpus_per_worker"], max_concurrent)
+                          settings["gpus_per_worker"], max_concurrent, elastic)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # save the experiment state often: cheap, and resumable
     datasets = shared_datasets(data, space.trial_config({}).data.max_len, rows)
     trainable = tune.with_resources(

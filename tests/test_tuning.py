@@ -108,6 +108,20 @@ def test_concurrency_is_sized_from_resources():
         trial_concurrency({"CPU": 2}, workers=2, cpus_per_worker=1, gpus_per_worker=0)
 
 
+
+def test_a_joined_cluster_that_can_grow_takes_the_requested_concurrency():
+    """cluster.yaml starts with no GPU worker: a GPU search on it must start its trials so that their pending
+    requests make the autoscaler add nodes, instead of failing on the 0 GPUs Ray reports at start."""
+    head_only = {"CPU": 8, "GPU": 0}
+    assert trial_concurrency(head_only, 1, 1, 1.0, requested=4, elastic=True) == 4
+    assert trial_concurrency({"CPU": 8, "GPU": 1}, 1, 1, 0.5, requested=2, elastic=True) == 2
+    with pytest.raises(ConfigError, match="on an autoscaling cluster pass --max-concurrent"):
+        trial_concurrency(head_only, 1, 1, 1.0, elastic=True)
+    with pytest.raises(ConfigError, match="Ray has 8 CPUs and 0 GPUs$"):  # the private local Ray cannot grow
+        trial_concurrency(head_only, 1, 1, 1.0, requested=4)
+    assert trial_concurrency({"CPU": 4}, workers=2, cpus_per_worker=1, gpus_per_worker=0, requested=3) == 1
+
+
 @pytest.mark.parametrize("max_epochs, grace, rf", [(3, 1, 3), (2, 1, 2), (4, 1, 2), (12, 1, 3), (9, 3, 3)])
 def test_asha_never_stops_a_trial_at_its_last_epoch_but_still_prunes_earlier(max_epochs, grace, rf):
     """Ray's ASHA puts a rung at max_t when log(max_t / grace) / log(rf) is close to an integer (3 epochs, rf 3:
