@@ -320,7 +320,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     steps += [("validate", lambda: cmd_validate(argparse.Namespace(data=data, expect_test_rows=None))),
               ("features", lambda: cmd_features(ns(out=work / "features")))]
     if args.embed and not (resume and raw.is_file()):
-        steps.append(("embed", lambda: cmd_embed(ns(out=raw, pooling="cls", batch_size=64, max_length=32,
+        steps.append(("embed", lambda: cmd_embed(ns(out=raw, pooling="auto", batch_size=64, max_length=32,
                                                     shard_items=4096, seed=0, cpus_per_actor=1.0,
                                                     overwrite=args.overwrite))))
     if not (resume and fused.is_file()):
@@ -457,7 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-model", default="RN50", metavar="ARCH[:WEIGHTS]",
                    help="open_clip architecture or model-config .json, and a local weights file (default RN50; "
                         "without weights the image model is random: a pipeline check, not features)")
-    p.add_argument("--pooling", choices=["cls", "mean"], default="cls", help="text vector: CLS token or mean")
+    p.add_argument("--pooling", choices=["auto", "cls", "mean"], default="auto",
+                   help="text vector: CLS token or mean over tokens; auto (default): the pooling a sentence-transformers "
+                        "model ships (1_Pooling/config.json), else CLS")
     _add_worker_args(p, "actors", "encoder actors")
     p.add_argument("--gpus-per-actor", type=float, default=0.0,
                    help="GPUs per encoder actor; fractions share one GPU (0: CPU)")

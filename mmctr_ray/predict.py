@@ -82,8 +82,9 @@ def score_parquet(model: DINModel, path: str | Path, max_len: int, batch_rows: i
 class Scorer:
     """Ray Data callable class: loads the model once, then maps batches to click probabilities."""
 
-    def __init__(self, checkpoint_dir: str, data_dir: str) -> None:
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+    def __init__(self, checkpoint_dir: str, data_dir: str, use_gpu: bool = False) -> None:
+        # only an actor Ray gave a GPU uses one: Ray 2.60 leaves GPUs visible to actors that asked for none
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.model = load_model(checkpoint_dir, data_dir, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -112,7 +113,8 @@ def _score(checkpoint: Location, data_dir: str | Path, split: str, max_len: int,
 
     ds = read_split(data_dir, split, max_len=max_len, batch_rows=batch_size)
     scored = ds.map_batches(Scorer, fn_constructor_kwargs={"checkpoint_dir": str(checkpoint),
-                                                           "data_dir": str(Path(data_dir).resolve())},
+                                                           "data_dir": str(Path(data_dir).resolve()),
+                                                           "use_gpu": gpus_per_actor > 0},
                             batch_size=batch_size, batch_format="numpy", num_gpus=gpus_per_actor,
                             num_cpus=0 if gpus_per_actor else 1, compute=ActorPoolStrategy(size=actors))
     probs, labels = [], []

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -185,9 +186,95 @@ def test_the_offline_minilm_works_as_text_model():
     assert len(load_tokenizer(str(minilm_path()))) > 30_000
 
 
+def test_auto_pooling_is_the_models_own_and_cls_for_a_plain_bert(bert_tiny):
+    from mmctr_ray.embed.text import resolve_pooling
+
+    assert resolve_pooling(minilm_path(), "auto") == "mean"  # sentence-transformers: 1_Pooling says mean
+    assert resolve_pooling(bert_tiny, "auto") == "cls"
+    assert resolve_pooling(minilm_path(), "cls") == "cls"
+    with pytest.raises(ConfigError, match="--pooling 'max'"):
+        resolve_pooling(bert_tiny, "max")
+
+
+def test_shards_of_other_data_are_never_assembled(tmp_path):
+    """A killed run's shards next to re-synthesised data: settings differ (the data fingerprint), and a shard whose
+    ids are not its slice of the items is refused at assembly, leaving no output and no partial file."""
+    from mmctr_ray.embed.pipeline import EmbedSettings, ShardStore, _assemble, _shard_table
+
+    out = tmp_path / "emb.parquet"
+    settings = EmbedSettings("text", "RN50", "cls", 32, 0, 5, data="aaaa")
+    store = ShardStore(out, settings, overwrite=False)
+    with pytest.raises(OutputExistsError, match="holds shards of a run with other settings"):
+        ShardStore(out, EmbedSettings("text", "RN50", "cls", 32, 0, 5, data="bbbb"), overwrite=False)
+
+    def shard(ids):
+        n = len(ids)
+        return _shard_table([{"item_id": np.array(ids), "txt_emb": np.ones((n, 4)), "img_emb": np.ones((n, 3)),
+                              "image_status": np.zeros(n, dtype=np.int8)}])
+
+    store.write(0, shard([1, 2, 3, 4, 5]))
+    store.write(1, shard([1, 2, 3, 4, 5]))  # the same items again: one shard written twice, or other data
+    items = pa.table({"item_id": np.arange(1, 11), "item_title": [f"t{i}" for i in range(10)]})
+    with pytest.raises(DataError, match=r"shard_00001.parquet: holds 5 vectors that are not items 6..10"):
+        _assemble(out, store, 2, settings, items, 1.0, {"encoded": 0}, Layout(tmp_path), 1.0)
+    assert not out.exists() and not list(tmp_path.glob(".emb.parquet.partial-*"))
+
+
+@pytest.mark.parametrize("w, h", [(999, 333), (300, 225), (641, 480), (225, 300), (100, 700), (224, 224)])
+def test_covers_are_resized_and_cropped_exactly_as_clips_own_transform(tmp_path, w, h):
+    from PIL import Image
+    from torchvision import transforms as T
+
+    path = tmp_path / "c.png"
+    Image.fromarray(np.random.default_rng(w * h).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+    from mmctr_ray.embed.image import load_cover
+
+    ours, status = load_cover(path, 224)
+    reference = T.CenterCrop(224)(T.Resize(224, interpolation=T.InterpolationMode.BICUBIC)(Image.open(path)))
+    assert status == OK and np.array_equal(ours, np.asarray(reference.convert("RGB")))
+
+
+def test_a_decompression_bomb_is_a_corrupt_cover_not_a_failed_job(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from mmctr_ray.embed.image import load_cover
+
+    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(tmp_path / "1.jpg")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1,600 pixels: past twice the limit, PIL refuses
+    assert load_cover(tmp_path / "1.jpg", 32)[1] == CORRUPT
+
+
+def test_openais_torchscript_checkpoints_load_like_their_state_dict(tmp_path):
+    """OpenAI ships CLIP weights (RN50.pt, ...) as TorchScript archives, which open_clip's create_model cannot
+    read; they go through open_clip's OpenAI loader (QuickGELU, OpenAI's preprocessing)."""
+    import open_clip
+    import torch
+
+    from mmctr_ray.embed.image import is_torchscript
+
+    config = tmp_path / "clip-openai-tiny.json"  # widths of 64: the OpenAI loader infers heads as width // 64
+    config.write_text('{"embed_dim": 32, "quick_gelu": true, "vision_cfg": {"image_size": 32, "layers": 1, '
+                      '"width": 64, "patch_size": 16}, "text_cfg": {"context_length": 8, "vocab_size": 49408, '
+                      '"width": 64, "heads": 1, "layers": 1}}')
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    model = open_clip.create_model("clip-openai-tiny").eval()
+    del model.attn_mask  # OpenAI's archives hold no attention-mask buffer
+    archive, state = tmp_path / "tiny-openai.pt", tmp_path / "tiny.bin"
+    torch.jit.trace_module(model, {"encode_image": torch.zeros(1, 3, 32, 32)}).save(str(archive))
+    torch.save(model.state_dict(), state)
+    assert is_torchscript(archive) and not is_torchscript(state)
+    pixels = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    from_archive = ImageEncoder(f"{config}:{archive}").encode(pixels)
+    from_state = ImageEncoder(f"{config}:{state}").encode(pixels)
+    assert from_archive.shape == (3, 32) and np.allclose(from_archive, from_state, atol=1e-2 * np.abs(from_state).max())
+
+
 def test_image_model_specs_are_checked_before_any_download(tmp_path):
     with pytest.raises(ConfigError, match="unknown open_clip architecture"):
         ImageEncoder("ViT-Nope-99")
+    with pytest.raises(ConfigError, match="text tower is a Hugging Face model that open_clip fetches from the hub"):
+        ImageEncoder("roberta-ViT-B-32")
     with pytest.raises(ConfigError, match="weights not found .* never downloaded"):
         ImageEncoder(f"RN50:{tmp_path / 'openai.pt'}")
 

@@ -43,11 +43,26 @@ def parse_image_model(spec: str) -> tuple[str, Path | None, Path | None]:
         if arch not in open_clip.list_models():
             raise ConfigError(f"--image-model {arch!r}: unknown open_clip architecture (e.g. RN50, ViT-B-32, "
                               f"ViT-L-14, or the path of a model-config .json)")
+    if config is None and (open_clip.get_model_config(arch) or {}).get("text_cfg", {}).get("hf_model_name"):
+        raise ConfigError(f"--image-model {arch!r}: its text tower is a Hugging Face model that open_clip fetches "
+                          f"from the hub when it builds the model (nothing is downloaded here); use a CLIP "
+                          f"architecture with its own text tower (RN50, ViT-B-32, ViT-L-14, ...)")
     wpath = Path(weights) if weights else None
     if wpath is not None and not wpath.is_file():
         raise ConfigError(f"{wpath}: image model weights not found (expected a local checkpoint file; weights are "
                           f"never downloaded)")
     return arch, (config.resolve() if config else None), (wpath.resolve() if wpath else None)
+
+
+def is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip holding ``constants.pkl`` or ``code/``), as OpenAI ships
+    its CLIP checkpoints, rather than a state dict."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in zf.namelist())
 
 
 class ImageEncoder:
@@ -68,16 +83,26 @@ class ImageEncoder:
         if weights is None:
             log.warning("image model %s has random weights (no :WEIGHTS given): vectors are not CLIP features", arch)
             torch.manual_seed(seed)
+        elif "openai" in weights.name.lower() and arch.startswith("ViT") and "quickgelu" not in arch:
+            log.warning("%s looks like OpenAI's weights, which were trained with QuickGELU; %s builds GELU: use "
+                        "%s-quickgelu", weights.name, arch, arch)
         root, level = logging.getLogger(), logging.getLogger().level
         root.setLevel(logging.ERROR)  # open_clip logs its own "no pretrained weights" on the root logger
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                model = open_clip.create_model(arch, pretrained=str(weights) if weights else None)
+                if weights is not None and is_torchscript(weights):
+                    # OpenAI's own checkpoints (RN50.pt, ...) are TorchScript archives, which open_clip's
+                    # create_model cannot read (it loads with weights_only=True); its OpenAI loader rebuilds the
+                    # model from the archive's state dict, with OpenAI's QuickGELU
+                    model = open_clip.load_openai_model(str(weights), precision="fp32", device="cpu")
+                else:
+                    model = open_clip.create_model(arch, pretrained=str(weights) if weights else None)
         finally:
             root.setLevel(level)
         self.visual = model.visual.to(device).eval()
-        cfg = self.visual.preprocess_cfg
+        cfg = getattr(self.visual, "preprocess_cfg", None) or {
+            "size": self.visual.image_size, "mean": self.visual.image_mean, "std": self.visual.image_std}
         self.size = int(cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0])
         self.device = torch.device(device)
         self.mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1)
@@ -110,13 +135,14 @@ def load_cover(path: Path, size: int) -> tuple[np.ndarray, int]:
         with Image.open(path) as img:
             img = img.convert("RGB")
             w, h = img.size
-            scale = size / min(w, h)
-            img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
-            left, top = (img.width - size) // 2, (img.height - size) // 2
+            short, long = min(w, h), max(w, h)
+            side = (size, int(size * long / short))  # as torchvision's Resize(size): the long side truncated
+            img = img.resize(side if w <= h else side[::-1], Image.Resampling.BICUBIC)
+            left, top = int(round((img.width - size) / 2)), int(round((img.height - size) / 2))  # CenterCrop
             return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8), OK
     except FileNotFoundError:
         return np.zeros((size, size, 3), dtype=np.uint8), MISSING
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return np.zeros((size, size, 3), dtype=np.uint8), CORRUPT
 
 

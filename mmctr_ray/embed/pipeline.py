@@ -20,6 +20,7 @@ final file is assembled (under a temporary name, then renamed) only when every s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ import pyarrow.parquet as pq
 
 from mmctr_ray.data.writer import list_array
 from mmctr_ray.embed.image import CORRUPT, MISSING, OK, decode_covers, image_size, parse_image_model
-from mmctr_ray.embed.text import POOLINGS, check_model_dir, load_tokenizer, tokenize
+from mmctr_ray.embed.text import check_model_dir, load_tokenizer, resolve_pooling, tokenize
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.schema import Layout
 
@@ -54,6 +55,7 @@ class EmbedSettings:
     max_length: int = 32
     seed: int = 0
     shard_items: int = 4_096
+    data: str = ""  # fingerprint of the items embedded (ids, titles, cover folder): shards of other data never mix
 
 
 def prepare_batch(batch: dict[str, np.ndarray], images_dir: str, size: int, text_model: str,
@@ -68,7 +70,7 @@ def prepare_batch(batch: dict[str, np.ndarray], images_dir: str, size: int, text
 class Encoder:
     """Ray Data callable class: both encoders, loaded once per actor, on its GPU when it has one."""
 
-    def __init__(self, settings: dict[str, Any], threads: int) -> None:
+    def __init__(self, settings: dict[str, Any], threads: int, use_gpu: bool = False) -> None:
         import torch
         from transformers.utils import logging as hf_logging
 
@@ -76,7 +78,8 @@ class Encoder:
         from mmctr_ray.embed.text import TextEncoder
 
         hf_logging.disable_progress_bar()
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # only an actor Ray gave a GPU uses one: Ray 2.60 leaves GPUs visible to actors that asked for none
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         if device == "cpu":
             torch.set_num_threads(threads)
         s = EmbedSettings(**settings)
@@ -128,6 +131,15 @@ class ShardStore:
         os.replace(tmp, self.path(shard))
 
 
+def _fingerprint(items: pa.Table, lay: Layout) -> str:
+    """What the shards were computed from: the item ids, their titles and the cover folder."""
+    digest = hashlib.sha1(items.column("item_id").to_numpy().tobytes())
+    for title in items.column("item_title").to_pylist():
+        digest.update(b"\0" + ("" if title is None else str(title)).encode())
+    digest.update(str(lay.images_dir.resolve()).encode())
+    return digest.hexdigest()[:16]
+
+
 def _read_items(lay: Layout) -> pa.Table:
     if not lay.item_feature.is_file():
         raise DataError(f"{lay.item_feature}: missing file (embed reads item_id and item_title from it)")
@@ -164,7 +176,7 @@ class _Progress:
                           f"ETA {(self.total - self.done) / max(rate, 1e-9):.0f} s")
 
 
-def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, image_model: str, pooling: str = "cls",
+def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, image_model: str, pooling: str = "auto",
               gpus_per_actor: float = 0.0, actors: int = 1, batch_size: int = 64, max_length: int = 32,
               shard_items: int = 4_096, seed: int = 0, cpus_per_actor: float = 1.0, overwrite: bool = False,
               max_bad_covers: float = MAX_BAD_COVERS, progress: Callable[[str], None] = log.info) -> dict[str, Any]:
@@ -180,20 +192,20 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
         raise ConfigError(f"{out}: --out must name a .parquet file")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: already exists; pass --overwrite to replace it")
-    if pooling not in POOLINGS:
-        raise ConfigError(f"--pooling {pooling!r}: expected one of {', '.join(POOLINGS)}")
+    pooling = resolve_pooling(check_model_dir(text_model), pooling)
     for name, value, low in (("--actors", actors, 1), ("--batch-size", batch_size, 1), ("--max-length", max_length, 2),
                              ("--shard-items", shard_items, 1)):
         if value < low:
             raise ConfigError(f"{name}={value}: expected an integer >= {low}")
-    settings = EmbedSettings(str(check_model_dir(text_model)), image_model, pooling, max_length, seed, shard_items)
     parse_image_model(image_model)
-    load_tokenizer(settings.text_model)  # a broken tokenizer fails here, as one line, not inside a task
+    load_tokenizer(str(check_model_dir(text_model)))  # a broken tokenizer fails here, as one line, not in a task
     if not 0 <= max_bad_covers <= 1:
         raise ConfigError(f"--max-bad-covers={max_bad_covers}: expected a share in [0, 1]")
     items = _read_items(lay)
     if not items.num_rows:
         raise DataError(f"{lay.item_feature}: no items to embed")
+    settings = EmbedSettings(str(check_model_dir(text_model)), image_model, pooling, max_length, seed, shard_items,
+                             _fingerprint(items, lay))
     absent = [i for i in items.column("item_id").to_pylist() if not lay.image(i).is_file()]
     _check_bad_covers(len(absent), len(items), max_bad_covers, "missing", lay.image(absent[0]) if absent else None)
     store = ShardStore(out, settings, overwrite)
@@ -208,7 +220,7 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
         timing = _encode_shards(items, pending, store, settings, lay, gpus_per_actor, actors, batch_size,
                                 cpus_per_actor, progress)
     seconds = time.perf_counter() - t0
-    summary = _assemble(out, store, n_shards, settings, n, seconds, timing, lay, max_bad_covers)
+    summary = _assemble(out, store, n_shards, settings, items, seconds, timing, lay, max_bad_covers)
     progress(f"embed: wrote {out}: {n} items ({summary['image_missing']} without a usable cover) in {seconds:.1f} s")
     return summary
 
@@ -229,7 +241,8 @@ def _encode_shards(items: pa.Table, pending: list[int], store: ShardStore, s: Em
         fn_kwargs={"images_dir": str(lay.images_dir), "size": image_size(s.image_model),
                    "text_model": s.text_model, "max_length": s.max_length})
     threads = max(1, (os.cpu_count() or 1) // actors)
-    ds = ds.map_batches(Encoder, fn_constructor_kwargs={"settings": asdict(s), "threads": threads},
+    ds = ds.map_batches(Encoder, fn_constructor_kwargs={"settings": asdict(s), "threads": threads,
+                                                        "use_gpu": gpus_per_actor > 0},
                         batch_size=batch_size, batch_format="numpy", num_gpus=gpus_per_actor,
                         num_cpus=0 if gpus_per_actor else cpus_per_actor, compute=ActorPoolStrategy(size=actors))
     expected = {p: t.num_rows for p, t in zip(pending, slices)}
@@ -260,8 +273,9 @@ def _check_bad_covers(bad: int, total: int, limit: float, what: str, first: Path
                         f"--max-bad-covers={limit:g} of them (check the cover folder, or raise the limit)")
 
 
-def _assemble(out: Path, store: ShardStore, n_shards: int, s: EmbedSettings, n: int, seconds: float,
+def _assemble(out: Path, store: ShardStore, n_shards: int, s: EmbedSettings, items: pa.Table, seconds: float,
               timing: dict[str, Any], lay: Layout, max_bad_covers: float) -> dict[str, Any]:
+    ids, n = items.column("item_id").to_numpy(), items.num_rows
     missing = [p for p in range(n_shards) if not store.done(p)]
     if missing:
         raise DataError(f"{store.path(missing[0])}: shard missing after the pipeline finished")
@@ -272,6 +286,11 @@ def _assemble(out: Path, store: ShardStore, n_shards: int, s: EmbedSettings, n: 
     try:
         for p in range(n_shards):
             table = pq.read_table(store.path(p))
+            expected = ids[p * s.shard_items:(p + 1) * s.shard_items]
+            if not np.array_equal(table.column("item_id").to_numpy(), expected):
+                raise DataError(f"{store.path(p)}: holds {table.num_rows:,} vectors that are not items "
+                                f"{expected[0]}..{expected[-1]} of {lay.item_feature} (a shard of other data, or one "
+                                f"written twice); pass --overwrite to embed again")
             status = table.column("image_status").to_numpy()
             counts["image_missing"] += int((status != OK).sum())
             counts["cover_file_missing"] += int((status == MISSING).sum())
@@ -281,9 +300,12 @@ def _assemble(out: Path, store: ShardStore, n_shards: int, s: EmbedSettings, n: 
             writer = writer or pq.ParquetWriter(tmp, table.schema)
             writer.write_table(table)
         dims = {"text_dim": len(table.column("txt_emb")[0]), "image_dim": len(table.column("img_emb")[0])}
-    finally:
+    except BaseException:
         if writer is not None:
             writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    writer.close()
     try:
         # too many missing files failed before encoding: past the limit now means corrupt ones among them
         _check_bad_covers(counts["image_missing"], n, max_bad_covers, "missing or corrupt", first_corrupt)

@@ -20,6 +20,24 @@ import torch
 from mmctr_ray.errors import ConfigError
 
 POOLINGS = ("cls", "mean")
+
+
+def resolve_pooling(path: str | Path, pooling: str) -> str:
+    """``cls`` or ``mean`` for ``pooling``; ``auto`` takes the pooling a sentence-transformers model ships in
+    ``1_Pooling/config.json`` (all-MiniLM-L6-v2, the offline default, was trained with mean pooling: its CLS
+    vector is not its sentence embedding), else CLS (a plain BERT checkpoint)."""
+    if pooling != "auto":
+        if pooling not in POOLINGS:
+            raise ConfigError(f"--pooling {pooling!r}: expected auto or one of {', '.join(POOLINGS)}")
+        return pooling
+    config = Path(path) / "1_Pooling" / "config.json"
+    if config.is_file():
+        import json
+
+        modes = json.loads(config.read_text())
+        if modes.get("pooling_mode_mean_tokens"):
+            return "mean"
+    return "cls"
 MIN_VOCAB = 1_000  # transformers 5.x can silently return a 5-token vocabulary for a tokenizer it could not find
 
 
