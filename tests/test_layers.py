@@ -346,6 +346,16 @@ def test_senet_reweights_each_field_by_its_gate():
 
 
 @pytest.mark.parametrize("kind", ["field_all", "field_each", "field_interaction"])
+def test_bilinear_maps_start_as_a_linear_layer_of_their_width_would(kind):
+    """Each (D, D) map gets xavier for D -> D (std 1/sqrt(D)), as FiBiNET's per-field Linear layers do; xavier on
+    the whole (count, D, D) tensor started them 6-7 times smaller at D=64, by a factor that depended on the type."""
+    torch.manual_seed(0)
+    weight = BilinearInteraction(10, 64, kind).weight.detach()
+    for w in weight:
+        assert abs(float(w.std()) - 64 ** -0.5) < 0.012
+
+
+@pytest.mark.parametrize("kind", ["field_all", "field_each", "field_interaction"])
 def test_bilinear_matches_loop_reference(kind):
     module = fill_deterministic(BilinearInteraction(F, D, kind))
     pairs = [(i, j) for i in range(F) for j in range(i + 1, F)]  # triu order

@@ -129,7 +129,7 @@ class MultiHeadTargetAttention(TargetAttention):
         k = per_position(self.k(history), inverse).view(-1, h, dh)  # (n, H, dh)
         v = per_position(self.v(history), inverse).view(-1, h, dh)
         # softmax statistics in fp32 (bf16 under autocast otherwise); rows with no real position stay 0
-        scores = (q.index_select(0, rows) * k).sum(-1).float() / math.sqrt(dh)  # (n, H)
+        scores = (q.index_select(0, rows).float() * k.float()).sum(-1) / math.sqrt(dh)  # (n, H)
         index = rows.unsqueeze(1).expand(-1, h)  # (n, H)
         top = scores.new_zeros(b, h).scatter_reduce_(0, index, scores.detach(), "amax", include_self=False)
         # the shift cancels in the softmax, so it needs no gradient; each row's denominator is >= 1

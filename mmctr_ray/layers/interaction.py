@@ -64,7 +64,8 @@ class BilinearInteraction(nn.Module):
         self.register_buffer("right", right, persistent=False)
         count = {"field_all": 1, "field_each": num_fields, "field_interaction": left.numel()}[kind]
         self.weight = nn.Parameter(torch.empty(count, dim, dim))
-        nn.init.xavier_normal_(self.weight)
+        for w in self.weight.data:  # each (D, D) map as its own Linear(D, D) would be (FiBiNET); xavier on the 3-d
+            nn.init.xavier_normal_(w)  # tensor would take fan_in D·D and start every map ~sqrt(count·D) too small
         self.num_pairs = left.numel()
 
     def forward(self, fields: torch.Tensor) -> torch.Tensor:
