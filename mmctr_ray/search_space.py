@@ -155,6 +155,20 @@ def _check_key(key: str, where: str) -> None:
         raise ConfigError(f"{where}: search.space.{key}: unknown config key {section}.{name}")
 
 
+def _check_values(space: SearchSpace, where: str) -> None:
+    """Every value a trial can draw must make a valid config, so a bad one (YAML reads an unquoted ``off`` as
+    false; a width the model refuses) fails here, not as errored trials: each choice and each bound of a range,
+    with the conditions that activate it set to their first allowed value."""
+    for p in space.params:
+        context = {key: allowed[0] for key, allowed in p.when}
+        for value in p.values:  # the choices, or a range's two bounds
+            try:
+                space.trial_config({**context, p.key: _encode(value)})
+            except ConfigError as err:
+                raise ConfigError(f"{where}: search.space.{p.key}: the value {value!r} gives no valid config "
+                                  f"({err})") from None
+
+
 def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SearchSpace:
     """Parse the ``search:`` section of ``path``; the other sections (plus ``overrides``) are the base config."""
     raw = read_yaml(path)
@@ -178,6 +192,7 @@ def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         if not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "seed" else 1):
             raise ConfigError(f"{where}: search.{k}={v!r}: expected a positive integer")
     space = SearchSpace(tuple(params), base=raw, **settings)
+    _check_values(space, where)
     if space.grace_period > space.max_epochs:
         raise ConfigError(f"{where}: search.grace_period={space.grace_period}: expected at most "
                           f"search.max_epochs={space.max_epochs}")

@@ -77,6 +77,9 @@ def test_define_by_run_samples_each_parameter_only_where_it_applies(tmp_path):
     ({"model.senet": {"choice": [True], "iff": {}}}, "unknown key iff"),
     ({"train.lr": {"float": [0.0, 0.01], "log": True}}, "log: true expects a positive low bound"),
     ({"train.lr": {"float": [1e-4, 1e-2], "log": True, "step": 1e-4}}, "log and step cannot be combined"),
+    ({"model.bilinear": {"choice": [False, "field_all"]}},  # YAML reads an unquoted off as false
+     "search.space.model.bilinear: the value False gives no valid config (model.bilinear=False: expected a string)"),
+    ({"model.dropout": {"float": [0.0, 1.5]}}, "model.dropout: the value 1.5 gives no valid config"),
 ])
 def test_bad_search_sections_are_one_line_errors(tmp_path, space, message):
     path = tmp_path / "s.yaml"
