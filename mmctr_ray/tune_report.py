@@ -30,7 +30,8 @@ def trial_outcome(run: Path, epochs: int, max_epochs: int) -> str:
     return "pruned" if epochs else "no result"
 
 
-def _trial_rows(tdir: Path, space: SearchSpace, errors: dict[str, str]) -> list[dict[str, Any]]:
+def _trial_rows(tdir: Path, space: SearchSpace, errors: dict[str, str],
+                known: list[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     started = sorted((tdir / "trials").glob("*.params.json"), key=lambda p: p.stat().st_mtime_ns)  # trial order
     for n, params_file in enumerate(started):
@@ -39,7 +40,10 @@ def _trial_rows(tdir: Path, space: SearchSpace, errors: dict[str, str]) -> list[
         history = read_metrics(run, missing_ok=True)
         error = next((msg for name, msg in errors.items() if trial_id in name), None)
         best = max(history, key=lambda r: r["valid_auc"]) if history else None
-        status = "error" if error else trial_outcome(run, len(history), space.max_epochs)
+        if known is not None and not any(trial_id in name for name in known):
+            status = "interrupted"
+        else:
+            status = "error" if error else trial_outcome(run, len(history), space.max_epochs)
         fusion = yaml.safe_load((run / "config.yaml").read_text())["fusion"] if (run / "config.yaml").is_file() else {}
         strategy = fusion.get("strategy", "")
         width = {"given": 128, "v4": fusion.get("text_dim", 0) + fusion.get("image_dim", 0)}.get(
@@ -55,17 +59,21 @@ def _trial_rows(tdir: Path, space: SearchSpace, errors: dict[str, str]) -> list[
     return rows
 
 
-def write_outputs(tdir: Path, space: SearchSpace | None = None, errors: dict[str, str] | None = None) -> dict[str, Any]:
-    """Write results.csv, best.yaml and plots/ for the search in ``tdir``; return a summary. ``errors`` (Tune's
-    error line per failed trial, by trial folder name) are kept in ``errors.json``, which a later call without
-    them (``mmctr report TUNE``) reads, so a failed trial stays "error" there."""
+def write_outputs(tdir: Path, space: SearchSpace | None = None, errors: dict[str, str] | None = None,
+                  known: list[str] | None = None) -> dict[str, Any]:
+    """Write results.csv, best.yaml and plots/ for the search in ``tdir``; return a summary.
+
+    ``errors`` (Tune's error line per failed trial) and ``known`` (every trial Tune's results hold), both by trial
+    folder name, are kept in ``tune_results.json``, which a later call without them (``mmctr report TUNE``) reads:
+    a failed trial stays "error" there, and a trial folder Tune does not know (started just before the driver
+    was killed, after Tune's last saved state; the resumed search drew a new trial instead) is "interrupted"."""
     space = space or load_search(tdir / "search.yaml", json.loads((tdir / "settings.json").read_text())["overrides"])
-    saved = tdir / "errors.json"
+    saved = tdir / "tune_results.json"
     if errors is not None:
-        saved.write_text(json.dumps(errors, indent=2) + "\n")
+        saved.write_text(json.dumps({"errors": errors, "trials": known}, indent=2) + "\n")
     elif saved.is_file():
-        errors = json.loads(saved.read_text())
-    rows = _trial_rows(tdir, space, errors or {})
+        errors, known = json.loads(saved.read_text())["errors"], json.loads(saved.read_text())["trials"]
+    rows = _trial_rows(tdir, space, errors or {}, known)
     if not rows:
         raise DataError(f"{tdir / 'trials'}: no trial has started yet")
     fields = [*COLUMNS, *(p.key for p in space.params)]
@@ -76,7 +84,7 @@ def write_outputs(tdir: Path, space: SearchSpace | None = None, errors: dict[str
     scored = [r for r in rows if r["best_valid_auc"] != ""]
     summary: dict[str, Any] = {"trials": len(rows), "results": str(tdir / "results.csv"),
                                **{s: sum(r["status"] == s for r in rows)
-                                  for s in ("completed", "early-stopped", "pruned", "error")}}
+                                  for s in ("completed", "early-stopped", "pruned", "error", "interrupted")}}
     if scored:
         best = max(scored, key=lambda r: r["best_valid_auc"])
         cfg = load_config(tdir / "trials" / best["trial_id"] / "config.yaml",

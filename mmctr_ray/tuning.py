@@ -375,5 +375,19 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
                            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=n,
                                                        max_concurrent_trials=k))
     results = tuner.fit()
+    _close_orphans(tdir)
     errors = {Path(r.path).name: str(r.error).splitlines()[0] for r in results if r.error}
-    return write_outputs(tdir, space, errors)
+    return write_outputs(tdir, space, errors, [Path(r.path).name for r in results])
+
+
+def _close_orphans(tdir: Path) -> None:
+    """Once the search has ended no trial runs, but the study still shows RUNNING the trials Optuna was asked
+    for after Tune's last saved state when the driver was killed (the resumed searcher never tells them): mark
+    them FAIL, so optuna-dashboard and the sampler see them as ended."""
+    import optuna
+
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{tdir}/optuna.db")
+    for trial in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        log.info("study trial %d: started before the driver was killed and never resumed; marked failed",
+                 trial.number)

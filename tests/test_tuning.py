@@ -192,8 +192,9 @@ def test_a_base_item_table_is_kept_unless_the_search_picks_the_strategy(tmp_path
 
 
 def test_report_keeps_a_failed_trials_error_status(tmp_path):
-    """`mmctr report TUNE` rebuilds the tables without Tune's results: the errors the search saw come from
-    errors.json (before, a trial that failed at epoch 1 was listed as pruned)."""
+    """`mmctr report TUNE` rebuilds the tables without Tune's results: the errors and the trials the search saw
+    come from tune_results.json (before, a trial that failed at epoch 1 was listed as pruned, and a folder Tune
+    never knew, started just before a killed driver's last saved state, as pruned too)."""
     from mmctr_ray.config import save_config
     from mmctr_ray.tune_report import write_outputs
 
@@ -203,17 +204,20 @@ def test_report_keeps_a_failed_trials_error_status(tmp_path):
     (tdir / "search.yaml").write_text((ROOT / "configs/search_tiny.yaml").read_text())
     (tdir / "settings.json").write_text(json.dumps({"overrides": []}))
     space = load_search(tdir / "search.yaml")
-    for trial in ("aaa", "bbb"):
+    (tdir / "trials" / "ccc").mkdir()
+    for trial in ("aaa", "bbb", "ccc"):
         (tdir / "trials" / f"{trial}.params.json").write_text(json.dumps({"train.lr": 1e-3}))
         save_config(load_config(ROOT / "configs/tiny.yaml"), tdir / "trials" / trial / "config.yaml")
         (tdir / "trials" / trial / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "valid_auc": 0.6}) + "\n")
     (tdir / "trials" / "aaa" / "summary.json").write_text("{}")
     errors = {"run_trial_bbb_00001": "RuntimeError: worker died"}
-    assert write_outputs(tdir, space, errors)["error"] == 1
+    known = ["run_trial_aaa_00000", "run_trial_bbb_00001"]
+    assert write_outputs(tdir, space, errors, known)["error"] == 1
     again = write_outputs(tdir)  # as `mmctr report TUNE` calls it
-    assert again["error"] == 1 and again["completed"] + again["early-stopped"] == 1
+    assert again["error"] == 1 and again["completed"] + again["early-stopped"] == 1 and again["interrupted"] == 1
     with open(tdir / "results.csv", newline="") as f:
-        assert {r["trial_id"]: r["status"] for r in csv.DictReader(f)}["bbb"] == "error"
+        status = {r["trial_id"]: r["status"] for r in csv.DictReader(f)}
+    assert status["bbb"] == "error" and status["ccc"] == "interrupted"
 
 
 def test_an_ended_trial_is_one_line_with_the_best_so_far_and_the_time_left(tmp_path):
@@ -281,6 +285,8 @@ def test_a_killed_search_resumes_without_losing_or_repeating_trials(synth_dir, t
 
     second = run_tune(*common, "--resume")
     assert second.returncode == 0, second.stderr[-3000:]
+    study = optuna.load_study(study_name="mmctr", storage=f"sqlite:///{tune_dir}/optuna.db")
+    assert not study.get_trials(states=[optuna.trial.TrialState.RUNNING])  # none left running in the dashboard
     assert re.search(ended + r"3/3 ended, 0 running", second.stderr), second.stderr[-3000:]
     with open(tune_dir / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
