@@ -95,10 +95,15 @@ def load_checkpoint(directory: Location, with_optimizer: bool = True) -> LoadedC
         )
 
 
+PREFIX = "checkpoint_epoch_"
+
+
 def epoch_checkpoints(run_dir: Location) -> list[Location]:
     """The run's complete checkpoint directories, oldest first (one cut short while copied is skipped)."""
     required = [f for f in FILES if f != "optimizer.pt"]
-    found = [storage.join(run_dir, name) for name in storage.listdir(run_dir) if name.startswith("checkpoint_epoch_")]
+    epochs = {int(n.removeprefix(PREFIX)): n for n in storage.listdir(run_dir)
+              if n.startswith(PREFIX) and n.removeprefix(PREFIX).isdigit()}
+    found = [storage.join(run_dir, epochs[e]) for e in sorted(epochs)]  # by number: epoch 1000 after 999
     return [p for p in found if all(storage.is_file(storage.join(p, f)) for f in required)]
 
 

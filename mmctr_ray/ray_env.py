@@ -80,6 +80,7 @@ def pin_ray_address() -> None:
 
 
 _PRIVATE = {"started": False}
+WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def private_local_ray() -> bool:
@@ -108,6 +109,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        # a private Ray this process ran before (tests, notebooks) set these for itself, not for a cluster
+        _PRIVATE["started"] = False
+        if _PRIVATE.pop("watcher_off", False):
+            os.environ.pop(WATCHER_ENV, None)
         ray.init(address=address, logging_level=logging.WARNING)
         log.info("joined Ray at %s: %s", address, ray.cluster_resources())
         return
@@ -116,7 +121,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a private Ray reports nothing to the network
     # One machine loses no node to preemption; Train's watcher is one more actor per run, and its creation logged an
     # error-level restart warning (core_worker.cc) in every run and trial. Processes of this Ray inherit the setting.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    if WATCHER_ENV not in os.environ:
+        os.environ[WATCHER_ENV] = "0"
+        _PRIVATE["watcher_off"] = True
     if object_store_mib is not None and object_store_mib < MIN_OBJECT_STORE_MIB:
         raise ConfigError(f"--object-store-mib must be >= {MIN_OBJECT_STORE_MIB} (MiB), got {object_store_mib}")
     ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",

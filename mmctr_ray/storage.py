@@ -13,6 +13,7 @@ Local locations stay ``Path`` objects and URIs stay strings (``Path`` would coll
 from __future__ import annotations
 
 import contextlib
+import os
 import posixpath
 import re
 import tempfile
@@ -39,6 +40,8 @@ def normalize(location: Location) -> Location:
     if not is_uri(location):
         return Path(location).resolve()
     parts = urlsplit(str(location))
+    if parts.fragment or str(location).endswith("#"):  # pyarrow drops '#...': the run would land elsewhere
+        raise ConfigError(f"{location}: '#' starts a URI fragment, which storage drops; write it as %23")
     return urlunsplit(parts._replace(path=parts.path.rstrip("/") or parts.path[:1]))
 
 
@@ -129,7 +132,15 @@ def read_text(location: Location) -> str:
 
 
 def write_bytes(location: Location, data: bytes) -> None:
-    """Write a whole file (its folder is created first); an object store writes it in one piece."""
+    """Write a whole file (its folder is created first) in one piece: an object store puts it whole; a local
+    file is written under a temporary name and renamed, so a reader never sees it half-written."""
+    if not is_uri(location):
+        path = Path(location)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return
     fs, path = resolve(location)
     fs.create_dir(posixpath.dirname(path), recursive=True)
     with fs.open_output_stream(path) as f:

@@ -274,66 +274,72 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shard: ResidentShard | None = None
     resident_steps, keep_tried = 0, False
     valid_kept: ResidentShard | None = None
-    while state.epoch < cfg.train.epochs and not stop:
-        for group in optimizer.param_groups:
-            group["lr"] = state.lr
-        epoch = state.epoch + 1
-        recorder = None
-        if shard is None:  # keep it while streaming, the first time only (a shard that was not kept stays streamed)
-            recorder = ShardRecorder(0 if keep_tried else budget, -(-config["train_rows"] // world))
-            batches = _streamed_batches(ray.train.get_dataset_shard("train"), per_worker, device, cfg.train,
-                                        epoch, recorder)
-        else:
-            batches = shard.batches(per_worker, resident_steps,
-                                    cfg.train.seed + epoch if cfg.train.shuffle_buffer else None)
-        resident = recorder is None
-        start = time.perf_counter()
-        t0, rows, step, loss_sum = start, 0, 0, torch.zeros((), device=device)
-        for step, batch in enumerate(batches, start=1):
-            if step == 2:  # steady-state rate: from the second batch on (the first waits for the pipeline)
-                t0, rows = time.perf_counter(), 0
-            loss_sum += train_step(ddp, batch, optimizer, tables, cfg.train, device)
-            rows += len(batch["label"]) * world
-            _maybe_fault((epoch - 1) * steps_per_epoch + step, config.get("fault") if rank == 0 else None)
-            run_log.progress(epoch, step, resident_steps if resident else steps_per_epoch, rows, t0, loss_sum)
-            if step % 16 == 1:  # ~16 batches of store pages at most stay mapped (ray-project/ray#65544)
-                memory.sample()
-                release_store_pages()
-        seconds = time.perf_counter() - t0
-        epoch_seconds = time.perf_counter() - start
-        if world > 1:  # the mean over every rank's batches, not rank 0's alone (one collective per epoch)
-            torch.distributed.all_reduce(loss_sum)
-            loss_sum /= world
-        if recorder is not None and not keep_tried:
-            shard, resident_steps = _keep_shard(recorder, per_worker, rank)
-            keep_tried = True
-        metrics = None
-        if rank == 0:
-            if valid_kept is not None:
-                labels, probs = predict(model, valid_kept.in_order(cfg.train.eval_batch_size), cfg.train, device)
-            else:  # read it; keep it in read order when the training shard was kept and the budget's rest allows
-                valid_recorder = ShardRecorder(budget - shard.nbytes if shard else 0, config["valid_rows"])
-                valid = ray.train.get_dataset_shard("valid").iter_torch_batches(
-                    batch_size=cfg.train.eval_batch_size, device=device)
-                labels, probs = predict(model, _recorded(valid, valid_recorder), cfg.train, device)
-                valid_kept = valid_recorder.finish()
-            metrics = evaluate(labels, probs)
-        metrics = _broadcast(metrics)
-        state.epoch = epoch
-        row = {"epoch": epoch, "train_loss": float(loss_sum) / max(step, 1), "valid_auc": metrics["auc"],
-               "valid_logloss": metrics["logloss"], "valid_rows": metrics["rows"], "lr": state.lr,
-               "samples_per_s": rows / seconds if seconds > 0 and step > 1 else None,
-               "epoch_seconds": epoch_seconds, "steps": step, "resident": resident,
-               "resident_rows": shard.rows if shard is not None else None,
-               **_memory_row(memory)}
-        stop = update_schedule(state, metrics["auc"], cfg.train)
-        state.history = [*(state.history or []), row]
-        with tempfile.TemporaryDirectory() as tmp:
+    try:
+        while state.epoch < cfg.train.epochs and not stop:
+            for group in optimizer.param_groups:
+                group["lr"] = state.lr
+            epoch = state.epoch + 1
+            recorder = None
+            if shard is None:  # keep it while streaming, the first time only (a shard that was not kept stays streamed)
+                recorder = ShardRecorder(0 if keep_tried else budget, -(-config["train_rows"] // world))
+                batches = _streamed_batches(ray.train.get_dataset_shard("train"), per_worker, device, cfg.train,
+                                            epoch, recorder)
+            else:
+                batches = shard.batches(per_worker, resident_steps,
+                                        cfg.train.seed + epoch if cfg.train.shuffle_buffer else None)
+            resident = recorder is None
+            start = time.perf_counter()
+            t0, rows, step, loss_sum = start, 0, 0, torch.zeros((), device=device)
+            for step, batch in enumerate(batches, start=1):
+                if step == 2:  # steady-state rate: from the second batch on (the first waits for the pipeline)
+                    t0, rows = time.perf_counter(), 0
+                loss_sum += train_step(ddp, batch, optimizer, tables, cfg.train, device)
+                rows += len(batch["label"]) * world
+                _maybe_fault((epoch - 1) * steps_per_epoch + step, config.get("fault") if rank == 0 else None)
+                run_log.progress(epoch, step, resident_steps if resident else steps_per_epoch, rows, t0, loss_sum)
+                if step % 16 == 1:  # ~16 batches of store pages at most stay mapped (ray-project/ray#65544)
+                    memory.sample()
+                    release_store_pages()
+            seconds = time.perf_counter() - t0
+            epoch_seconds = time.perf_counter() - start
+            if world > 1:  # the mean over every rank's batches, not rank 0's alone (one collective per epoch)
+                torch.distributed.all_reduce(loss_sum)
+                loss_sum /= world
+            if recorder is not None and not keep_tried:
+                shard, resident_steps = _keep_shard(recorder, per_worker, rank)
+                keep_tried = True
+            metrics = None
             if rank == 0:
-                save_checkpoint(Path(tmp), model, optimizer, state, cfg, fmap, table.source)
-                run_log.epoch_end(state)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
-            scalars = {k: v for k, v in row.items() if not k.startswith("worker_peak_")}  # metrics.jsonl keeps lists
-            ray.train.report({**scalars, "best_valid_auc": state.best_auc}, checkpoint=checkpoint,
-                             checkpoint_dir_name=f"checkpoint_epoch_{epoch:03d}")
+                if valid_kept is not None:
+                    labels, probs = predict(model, valid_kept.in_order(cfg.train.eval_batch_size), cfg.train, device)
+                else:  # read it; keep it in read order when the training shard was kept and the budget's rest allows
+                    valid_recorder = ShardRecorder(budget - shard.nbytes if shard else 0, config["valid_rows"])
+                    valid = ray.train.get_dataset_shard("valid").iter_torch_batches(
+                        batch_size=cfg.train.eval_batch_size, device=device)
+                    labels, probs = predict(model, _recorded(valid, valid_recorder), cfg.train, device)
+                    valid_kept = valid_recorder.finish()
+                metrics = evaluate(labels, probs)
+            metrics = _broadcast(metrics)
+            state.epoch = epoch
+            row = {"epoch": epoch, "train_loss": float(loss_sum) / max(step, 1), "valid_auc": metrics["auc"],
+                   "valid_logloss": metrics["logloss"], "valid_rows": metrics["rows"], "lr": state.lr,
+                   "samples_per_s": rows / seconds if seconds > 0 and step > 1 else None,
+                   "epoch_seconds": epoch_seconds, "steps": step, "resident": resident,
+                   "resident_rows": shard.rows if shard is not None else None,
+                   **_memory_row(memory)}
+            stop = update_schedule(state, metrics["auc"], cfg.train)
+            state.history = [*(state.history or []), row]
+            with tempfile.TemporaryDirectory() as tmp:
+                if rank == 0:
+                    save_checkpoint(Path(tmp), model, optimizer, state, cfg, fmap, table.source)
+                    run_log.epoch_end(state)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+                # metrics.jsonl keeps the per-worker lists; Ray's report takes scalars
+                scalars = {k: v for k, v in row.items() if not k.startswith("worker_peak_")}
+                ray.train.report({**scalars, "best_valid_auc": state.best_auc}, checkpoint=checkpoint,
+                                 checkpoint_dir_name=f"checkpoint_epoch_{epoch:03d}")
+    except BaseException:  # a failed attempt too: TensorBoard's staging folder is uploaded and removed
+        with contextlib.suppress(Exception):  # the failure that got here is the one to report
+            run_log.close()
+        raise
     run_log.close()

@@ -145,6 +145,21 @@ def test_demo_runs_the_main_job(tmp_path):
     assert "demo done" in r.stderr
 
 
+def test_pipeline_with_embed_runs_every_stage(tmp_path):
+    """`pipeline --embed`: the route for converted and larger data sets (it crashed: its embed step lacked a
+    setting `mmctr embed` reads)."""
+    out = tmp_path / "p"
+    r = run_cli("pipeline", "--out", str(out), "--embed", "--image-model", "tests/assets/clip-tiny.json",
+                "--config", "configs/tiny.yaml", "--set", "train.epochs=1", "--users", "200", "--items", "100",
+                "--train-rows", "2000", "--valid-rows", "300", "--test-rows", "300", "--tags", "100", "--topics", "5",
+                "--images", "8", "--num-cpus", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    embedded = json.loads((out / "item_raw_emb.embed.json").read_text())
+    assert embedded["items"] == 100 and embedded["pooling"] == "mean"  # the offline MiniLM's own pooling
+    assert json.loads((out / "item_emb.fusion.json").read_text())["source"].endswith("item_raw_emb.parquet")
+    assert (out / "submission.zip").is_file() and "pipeline: valid AUC" in r.stdout
+
+
 def test_pipeline_refuses_before_any_stage_runs(tmp_path):
     """A non-empty OUT needs --resume or --overwrite; a URI OUT needs --work (the run refers to files there)."""
     out = tmp_path / "out"

@@ -103,6 +103,23 @@ def _write_checkpoint(tmp: Path, epoch: int, auc: float) -> Path:
     return directory
 
 
+def test_a_fragment_in_a_run_uri_is_refused_rather_than_dropped():
+    """pyarrow resolves file:///tmp/r#1 to /tmp/r: a run (and --overwrite) would act on another folder."""
+    with pytest.raises(ConfigError, match=r"^s3://b/exp#3: '#' starts a URI fragment, which storage drops"):
+        run_location("s3://b/exp#3")
+    assert storage.normalize("s3://b/exp%233/") == "s3://b/exp%233"
+
+
+def test_epoch_1000_sorts_after_999_and_local_writes_replace_whole(tmp_path):
+    for epoch in (999, 1000, 101):
+        _write_checkpoint(tmp_path, epoch, 0.5 + epoch / 10_000)
+    assert [Path(p).name for p in epoch_checkpoints(tmp_path)] == [
+        "checkpoint_epoch_101", "checkpoint_epoch_999", "checkpoint_epoch_1000"]
+    storage.write_text(tmp_path / "metrics.jsonl", "a\n")
+    storage.write_text(tmp_path / "metrics.jsonl", "b\n")  # renamed over the old file: never seen half-written
+    assert (tmp_path / "metrics.jsonl").read_text() == "b\n" and not list(tmp_path.glob(".metrics.jsonl.partial*"))
+
+
 def test_checkpoint_discovery_and_loading_through_a_filesystem(memory_root, tmp_path):
     run = f"{memory_root}/run"
     for epoch, auc in ((1, 0.60), (2, 0.70), (3, 0.65)):

@@ -423,17 +423,30 @@ def test_bad_input_is_one_line_and_leaves_nothing(data, tmp_path, capsys, damage
     assert not started, "bad input must fail before Ray starts"
 
 
-@pytest.mark.parametrize("flag, value", [("--max-concurrent", "0"), ("--num-samples", "-2"),
-                                         ("--cpus-per-worker", "0"), ("--workers-per-trial", "0")])
-def test_counts_and_shares_below_one_are_refused_by_the_parser(data, tmp_path, capsys, flag, value):
-    """Before: --cpus-per-worker 0 divided by zero and --max-concurrent 0 lifted Tune's limit."""
+@pytest.mark.parametrize("stage, flag, value", [
+    ("tune", "--max-concurrent", "0"), ("tune", "--num-samples", "-2"), ("tune", "--cpus-per-worker", "0"),
+    ("tune", "--workers-per-trial", "0"), ("train", "--workers", "0"), ("train", "--num-cpus", "0"),
+    ("predict", "--actors", "0"), ("embed", "--cpus-per-actor", "0"),
+])
+def test_counts_and_shares_below_one_are_refused_by_the_parser(data, tmp_path, capsys, stage, flag, value):
+    """Before: --cpus-per-worker 0 and --workers 0 divided by zero, --max-concurrent 0 lifted Tune's limit,
+    --actors 0 failed inside Ray Data after Ray had started."""
+    argv = {"tune": ["--out", str(tmp_path / "out"), "--config", "configs/search_tiny.yaml"],
+            "train": ["--out", str(tmp_path / "out"), "--config", CONFIG],
+            "predict": ["--run", str(tmp_path / "run"), "--out", str(tmp_path / "out")],
+            "embed": ["--out", str(tmp_path / "out")]}[stage]
     with pytest.raises(SystemExit) as exit_:
-        main(["tune", "--data", str(data), "--out", str(tmp_path / "tune"), "--config", "configs/search_tiny.yaml",
-              flag, value])
+        main([stage, "--data", str(data), *argv, flag, value])
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == (f"mmctr tune: error: argument {flag}: expected a value above "
-                                                         f"0, got {value}")
-    assert not (tmp_path / "tune").exists()
+    assert capsys.readouterr().err.splitlines()[-1] == (f"mmctr {stage}: error: argument {flag}: expected a value "
+                                                         f"above 0, got {value}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_negative_gpu_share_is_refused_by_the_parser(data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(data), "--out", str(tmp_path / "out"), "--gpus-per-worker", "-1"])
+    assert capsys.readouterr().err.splitlines()[-1].endswith("argument --gpus-per-worker: expected a value >= 0, got -1")
 
 
 def test_an_existing_submission_is_left_as_it_was(data, tmp_path):

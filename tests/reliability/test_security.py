@@ -112,6 +112,13 @@ def test_the_dashboard_starts_only_when_asked(monkeypatch, flag):
     init_ray(num_cpus=1, dashboard=flag)
     assert seen["include_dashboard"] is flag and seen["dashboard_host"] == "127.0.0.1"
     assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"  # no preemption on one machine: no watcher
+    from mmctr_ray.ray_env import private_local_ray
+
+    assert private_local_ray()
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(joined=kw))
+    init_ray(address="ray://head:10001")  # later, the same process joins a cluster (spot nodes can go)
+    assert seen["joined"]["address"] == "ray://head:10001" and not private_local_ray()
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ  # the private Ray's setting is not the cluster's
 
 
 def _calls(name: str):
