@@ -6,7 +6,8 @@ kept on its device (``train.resident``). Run by hand.
 
 Streamed: the training loop's own ``_streamed_batches`` (``iter_torch_batches`` on the train split read by
 ``read_split``, local shuffle buffer, prefetch 2, onto the device, full batches only), every batch touched on
-the device (a sum) so a lazy copy is paid for; the first epoch also keeps the shard, as training does. Resident: ``ResidentShard.batches`` over the rows the first streamed epoch kept. The
+the device (a sum) so a lazy copy is paid for; the first epoch also keeps the shard, as training does.
+Resident: ``ResidentShard.batches`` over the rows the first streamed epoch kept. The
 figure that matters is the time per batch against the model step's (``benchmarks/model_step.py``): where the
 path takes a large share of the step, it bounds the training rate.
 """

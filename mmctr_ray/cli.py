@@ -42,7 +42,7 @@ def _object_store_mib(text: str) -> int:
 
 def _add_ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a private local Ray)")
-    p.add_argument("--num-cpus", type=_positive(int), help="logical CPUs of a private local Ray")
+    p.add_argument("--num-cpus", type=POSITIVE_INT, help="logical CPUs of a private local Ray")
     p.add_argument("--object-store-mib", type=_object_store_mib, metavar="MIB",
                    help="object store of a private local Ray, in MiB (default: Ray's, 30%% of RAM); bounds the "
                         "shared memory Ray Data's blocks occupy on this node (training workers drop the pages they "
@@ -64,38 +64,33 @@ def _add_data_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _add_worker_args(p: argparse.ArgumentParser, name: str, what: str) -> None:
-    p.add_argument(f"--{name}", type=_positive(int), default=1, help=f"number of {what} (default 1)")
+    p.add_argument(f"--{name}", type=POSITIVE_INT, default=1, help=f"number of {what} (default 1)")
 
 
-def _positive(kind: type) -> Callable[[str], Any]:
-    """An argparse type: a number of ``kind`` above 0."""
+def _number(kind: type, above: float | None = None, at_least: float | None = None) -> Callable[[str], Any]:
+    """An argparse type: a number of ``kind`` above ``above`` or at least ``at_least``."""
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a value above 0, got {text}")
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"expected a value above {above:g}, got {text}")
+        if at_least is not None and value < at_least:
+            raise argparse.ArgumentTypeError(f"expected a value >= {at_least:g}, got {text}")
         return value
     return parse
 
 
-def _non_negative(text: str) -> float:
-    """An argparse type: a number >= 0 (GPU shares)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a value >= 0, got {text}")
-    return value
+POSITIVE_INT, POSITIVE, NON_NEGATIVE = _number(int, above=0), _number(float, above=0), _number(float, at_least=0)
 
 
 def _add_training_args(p: argparse.ArgumentParser) -> None:
     _add_worker_args(p, "workers", "DDP training workers")
-    p.add_argument("--gpus-per-worker", type=_non_negative, default=0.0,
+    p.add_argument("--gpus-per-worker", type=NON_NEGATIVE, default=0.0,
                    help="GPUs per training worker and scoring actor (0: CPU, gloo)")
-    p.add_argument("--cpus-per-worker", type=_positive(float), default=1.0,
+    p.add_argument("--cpus-per-worker", type=POSITIVE, default=1.0,
                    help="logical CPUs Ray reserves per worker (a CPU worker's torch threads use the node's cores, "
                         "shared among the workers on the node)")
 
@@ -377,7 +372,7 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-bad-covers", type=float, default=0.1,
                    help="with --embed: share of items whose cover may be missing or corrupt (default 0.1)")
     _add_worker_args(p, "actors", "encoder and scoring actors")
-    p.add_argument("--gpus-per-actor", type=_non_negative, help="GPUs per encoder/scoring actor (default: "
+    p.add_argument("--gpus-per-actor", type=NON_NEGATIVE, help="GPUs per encoder/scoring actor (default: "
                                                         "--gpus-per-worker)")
     p.add_argument("--resume", action="store_true", help="continue in OUT: keep the data, embed shards and fused "
                                                          "table there, resume training from the latest checkpoint")
@@ -471,12 +466,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open_clip architecture or model-config .json, and a local weights file (default RN50; "
                         "without weights the image model is random: a pipeline check, not features)")
     p.add_argument("--pooling", choices=["auto", "cls", "mean"], default="auto",
-                   help="text vector: CLS token or mean over tokens; auto (default): the pooling a sentence-transformers "
-                        "model ships (1_Pooling/config.json), else CLS")
+                   help="text vector: CLS token or mean over tokens; auto (default): the pooling a "
+                        "sentence-transformers model ships (1_Pooling/config.json), else CLS")
     _add_worker_args(p, "actors", "encoder actors")
-    p.add_argument("--gpus-per-actor", type=_non_negative, default=0.0,
+    p.add_argument("--gpus-per-actor", type=NON_NEGATIVE, default=0.0,
                    help="GPUs per encoder actor; fractions share one GPU (0: CPU)")
-    p.add_argument("--cpus-per-actor", type=_positive(float), default=1.0, help="logical CPUs per CPU encoder actor")
+    p.add_argument("--cpus-per-actor", type=POSITIVE, default=1.0, help="logical CPUs per CPU encoder actor")
     p.add_argument("--batch-size", type=int, default=64, help="items per encoder call (default 64)")
     p.add_argument("--max-length", type=int, default=32, help="title tokens kept (default 32)")
     p.add_argument("--shard-items", type=int, default=4096, help="items per resumable shard (default 4096)")
@@ -532,12 +527,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_arg(p)
     p.add_argument("--out", type=Path, required=True, help="search directory (TUNE)")
     _add_config_args(p)
-    p.add_argument("--num-samples", type=_positive(int), help="trials (default: search.num_samples)")
-    p.add_argument("--max-concurrent", type=_positive(int), help="at most this many trials at once (default: as many as Ray's "
-                                                      "CPUs and GPUs fit)")
-    p.add_argument("--gpus-per-trial", type=_non_negative, default=0.0, help="GPUs per trial; fractions share a GPU")
-    p.add_argument("--workers-per-trial", type=_positive(int), default=1, help="DDP workers per trial (default 1)")
-    p.add_argument("--cpus-per-worker", type=_positive(float), default=1.0, help="logical CPUs per training worker")
+    p.add_argument("--num-samples", type=POSITIVE_INT, help="trials (default: search.num_samples)")
+    p.add_argument("--max-concurrent", type=POSITIVE_INT,
+                   help="at most this many trials at once (default: as many as Ray's CPUs and GPUs fit)")
+    p.add_argument("--gpus-per-trial", type=NON_NEGATIVE, default=0.0, help="GPUs per trial; fractions share a GPU")
+    p.add_argument("--workers-per-trial", type=POSITIVE_INT, default=1, help="DDP workers per trial (default 1)")
+    p.add_argument("--cpus-per-worker", type=POSITIVE, default=1.0, help="logical CPUs per training worker")
     p.add_argument("--source", default="shipped", metavar="shipped|FILE", help="raw vectors for fusion (as `fuse`)")
     p.add_argument("--resume", action="store_true", help="continue the search in TUNE (its own search.yaml)")
     p.add_argument("--overwrite", action="store_true", help="replace a search already in TUNE")
@@ -552,7 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="submission zip to write")
     p.add_argument("--split", choices=["test", "valid", "train"], default="test", help="split to score")
     _add_worker_args(p, "actors", "scoring actors")
-    p.add_argument("--gpus-per-actor", type=_non_negative, default=0.0, help="GPUs per scoring actor (fractions share one)")
+    p.add_argument("--gpus-per-actor", type=NON_NEGATIVE, default=0.0,
+                   help="GPUs per scoring actor (fractions share one)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing submission")
     _add_ray_args(p)
     p.set_defaults(func=cmd_predict)

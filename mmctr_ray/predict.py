@@ -27,6 +27,7 @@ from mmctr_ray.features import MODEL_INPUTS, load_item_table, max_user_id, read_
 from mmctr_ray.metrics import evaluate
 from mmctr_ray.model import DINModel
 from mmctr_ray.preflight import check_split
+from mmctr_ray.ray_env import actor_device
 from mmctr_ray.schema import Layout
 from mmctr_ray.storage import Location
 from mmctr_ray.training import probabilities
@@ -83,8 +84,7 @@ class Scorer:
     """Ray Data callable class: loads the model once, then maps batches to click probabilities."""
 
     def __init__(self, checkpoint_dir: str, data_dir: str, use_gpu: bool = False) -> None:
-        # only an actor Ray gave a GPU uses one: Ray 2.60 leaves GPUs visible to actors that asked for none
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.device = actor_device(use_gpu)
         self.model = load_model(checkpoint_dir, data_dir, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

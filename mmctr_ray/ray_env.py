@@ -43,6 +43,14 @@ def quiet_ray_train(verbose: bool = False) -> None:
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def actor_device(use_gpu: bool) -> str:
+    """The device of a Ray actor: ``cuda`` only when Ray gave it a GPU. Ray 2.60 leaves a node's GPUs visible to
+    actors that asked for none, so ``torch.cuda.is_available()`` alone would put them on cuda:0 uncounted."""
+    import torch
+
+    return "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+
+
 def _loopback_only() -> None:
     """Make the private local Ray's node address 127.0.0.1, so every server it starts listens on loopback only.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -86,6 +87,18 @@ class RunLog:
     def _upload_tensorboard(self) -> None:
         if self._tb_staging is not None:
             storage.upload_dir(self._tb_staging, storage.join(self.run_dir, "tensorboard"))
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        """Close on success and on a failed attempt too (TensorBoard's staging folder is uploaded and removed);
+        when an error is on its way out, a failure to close does not replace it."""
+        if exc_type is None:
+            self.close()
+            return
+        with contextlib.suppress(Exception):
+            self.close()
 
     def close(self) -> None:
         if self._tb is not None:

@@ -132,7 +132,6 @@ def check_inputs(data_dir: str | Path, cfg: ExperimentConfig) -> tuple[dict[str,
     return rows, build_feature_map(data_dir, table)
 
 
-
 def resume_config(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """The config a resumed run continues with: its saved config.yaml plus ``overrides`` (train.* only)."""
     config_path = storage.join(run_location(run_dir), "config.yaml")

@@ -274,7 +274,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shard: ResidentShard | None = None
     resident_steps, keep_tried = 0, False
     valid_kept: ResidentShard | None = None
-    try:
+    with run_log:  # closed on a failed attempt too
         while state.epoch < cfg.train.epochs and not stop:
             for group in optimizer.param_groups:
                 group["lr"] = state.lr
@@ -338,8 +338,3 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 scalars = {k: v for k, v in row.items() if not k.startswith("worker_peak_")}
                 ray.train.report({**scalars, "best_valid_auc": state.best_auc}, checkpoint=checkpoint,
                                  checkpoint_dir_name=f"checkpoint_epoch_{epoch:03d}")
-    except BaseException:  # a failed attempt too: TensorBoard's staging folder is uploaded and removed
-        with contextlib.suppress(Exception):  # the failure that got here is the one to report
-            run_log.close()
-        raise
-    run_log.close()

@@ -72,7 +72,8 @@ def write_outputs(tdir: Path, space: SearchSpace | None = None, errors: dict[str
     if errors is not None:
         saved.write_text(json.dumps({"errors": errors, "trials": known}, indent=2) + "\n")
     elif saved.is_file():
-        errors, known = json.loads(saved.read_text())["errors"], json.loads(saved.read_text())["trials"]
+        kept = json.loads(saved.read_text())
+        errors, known = kept["errors"], kept["trials"]
     rows = _trial_rows(tdir, space, errors or {}, known)
     if not rows:
         raise DataError(f"{tdir / 'trials'}: no trial has started yet")

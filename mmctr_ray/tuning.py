@@ -336,6 +336,7 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
     import optuna
     import ray
     from ray import tune
+
     from mmctr_ray.tune_report import write_outputs
 
     data, tdir = Path(data_dir).resolve(), Path(tune_dir).resolve()

@@ -18,7 +18,7 @@ from PIL import Image
 
 from mmctr_ray.config import FusionConfig
 from mmctr_ray.convert.items import levels
-from mmctr_ray.convert.pipeline import STAGING, _UserSet, run_convert
+from mmctr_ray.convert.pipeline import STAGING, _DistinctIds, run_convert
 from mmctr_ray.convert.raw import RawSpec
 from mmctr_ray.convert.rows import RowSpec
 from mmctr_ray.data.writer import write_synthetic
@@ -359,7 +359,7 @@ def test_user_ids_merged_from_streamed_block_counts_are_the_sorted_distinct_ids(
     set once they outgrow it); the result must be exactly the sorted distinct ids, across merges."""
     rng = np.random.default_rng(3)
     blocks = [np.unique(rng.integers(0, 3_000_000, size=n)) for n in (10, 700_000, 500_000, 1_300_000, 5, 0)]
-    users = _UserSet()
+    users = _DistinctIds()
     for b in blocks:
         users.add(b)
     assert users.merged.size > 0  # at least one merge happened before the end

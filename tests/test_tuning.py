@@ -277,7 +277,8 @@ def test_a_killed_search_resumes_without_losing_or_repeating_trials(synth_dir, t
     common = ["--data", str(synth_dir), "--out", str(tune_dir), "--num-cpus", "4"]
     first = run_tune(*common, "--config", str(search), env={FAULT_ENV: "1"})
     assert first.returncode == 75, first.stderr[-3000:]
-    ended = r"trial \w+ (completed|early-stopped|pruned): best valid AUC 0\.\d{4} at epoch 1; best so far 0\.\d{4} \(\w+\); "
+    ended = (r"trial \w+ (completed|early-stopped|pruned): best valid AUC 0\.\d{4} at epoch 1; "
+             r"best so far 0\.\d{4} \(\w+\); ")
     assert re.search(ended + r"1/3 ended", first.stderr), first.stderr[-3000:]  # progress, one line a trial
     assert (tune_dir / "optuna.db").is_file() and (tune_dir / "tune").is_dir()
     before = {p.parent.name: p.stat().st_mtime_ns for p in (tune_dir / "trials").glob("*/metrics.jsonl")}

@@ -139,9 +139,9 @@ def _interaction_stats(interactions, fmt: LineFormat, items: RawItems,
     afterwards, so bad input ends in one DataError naming the file, line and value, not a failed Ray task.
     """
     counts = interactions.map_batches(_key_counts, batch_format="pyarrow", fn_kwargs={"fmt": fmt})
-    users = _UserSet()
+    users = _DistinctIds()
     popularity = np.zeros(len(items.raw_ids) + 1, dtype=np.float64)  # slot 0: unknown items
-    unknown = _UserSet()  # distinct unknown item ids: bounded however many blocks hold them
+    unknown = _DistinctIds()  # item ids without a title: bounded however many blocks hold them
     bad = 0
     for b in counts.iter_batches(batch_format="numpy", batch_size=None):
         kind, key, n = b["kind"], b["key"], b["n"]
@@ -165,10 +165,9 @@ def _interaction_stats(interactions, fmt: LineFormat, items: RawItems,
     return users_arr, popularity[1:], int(popularity[1:].sum())
 
 
-class _UserSet:
-    """Distinct ids (the users; also the unknown items) merged from per-block uniques: pending arrays are folded in
-    once they outgrow the merged set, so the driver does O(n log n) work in all and holds at most ~3× the distinct
-    ids."""
+class _DistinctIds:
+    """Distinct ids (the users; the unknown items) merged from per-block uniques: pending arrays are folded in once
+    they outgrow the merged set, so the driver does O(n log n) work in all and holds at most ~3× the distinct ids."""
 
     def __init__(self) -> None:
         self.merged = np.zeros(0, dtype=np.int64)

@@ -76,10 +76,10 @@ class Encoder:
 
         from mmctr_ray.embed.image import ImageEncoder
         from mmctr_ray.embed.text import TextEncoder
+        from mmctr_ray.ray_env import actor_device
 
         hf_logging.disable_progress_bar()
-        # only an actor Ray gave a GPU uses one: Ray 2.60 leaves GPUs visible to actors that asked for none
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        device = actor_device(use_gpu)
         if device == "cpu":
             torch.set_num_threads(threads)
         s = EmbedSettings(**settings)
@@ -192,20 +192,20 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
         raise ConfigError(f"{out}: --out must name a .parquet file")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: already exists; pass --overwrite to replace it")
-    pooling = resolve_pooling(check_model_dir(text_model), pooling)
+    text_dir = str(check_model_dir(text_model))
+    pooling = resolve_pooling(text_dir, pooling)
     for name, value, low in (("--actors", actors, 1), ("--batch-size", batch_size, 1), ("--max-length", max_length, 2),
                              ("--shard-items", shard_items, 1)):
         if value < low:
             raise ConfigError(f"{name}={value}: expected an integer >= {low}")
     parse_image_model(image_model)
-    load_tokenizer(str(check_model_dir(text_model)))  # a broken tokenizer fails here, as one line, not in a task
+    load_tokenizer(text_dir)  # a broken tokenizer fails here, as one line, not inside a task
     if not 0 <= max_bad_covers <= 1:
         raise ConfigError(f"--max-bad-covers={max_bad_covers}: expected a share in [0, 1]")
     items = _read_items(lay)
     if not items.num_rows:
         raise DataError(f"{lay.item_feature}: no items to embed")
-    settings = EmbedSettings(str(check_model_dir(text_model)), image_model, pooling, max_length, seed, shard_items,
-                             _fingerprint(items, lay))
+    settings = EmbedSettings(text_dir, image_model, pooling, max_length, seed, shard_items, _fingerprint(items, lay))
     absent = [i for i in items.column("item_id").to_pylist() if not lay.image(i).is_file()]
     _check_bad_covers(len(absent), len(items), max_bad_covers, "missing", lay.image(absent[0]) if absent else None)
     store = ShardStore(out, settings, overwrite)

@@ -11,6 +11,7 @@ the encoder actor trims each batch to its longest real title before running the 
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 from mmctr_ray.errors import ConfigError
 
 POOLINGS = ("cls", "mean")
+MIN_VOCAB = 1_000  # transformers 5.x can silently return a 5-token vocabulary for a tokenizer it could not find
 
 
 def resolve_pooling(path: str | Path, pooling: str) -> str:
@@ -32,13 +34,10 @@ def resolve_pooling(path: str | Path, pooling: str) -> str:
         return pooling
     config = Path(path) / "1_Pooling" / "config.json"
     if config.is_file():
-        import json
-
         modes = json.loads(config.read_text())
         if modes.get("pooling_mode_mean_tokens"):
             return "mean"
     return "cls"
-MIN_VOCAB = 1_000  # transformers 5.x can silently return a 5-token vocabulary for a tokenizer it could not find
 
 
 def check_model_dir(path: str | Path) -> Path:

@@ -446,7 +446,8 @@ def test_counts_and_shares_below_one_are_refused_by_the_parser(data, tmp_path, c
 def test_a_negative_gpu_share_is_refused_by_the_parser(data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--data", str(data), "--out", str(tmp_path / "out"), "--gpus-per-worker", "-1"])
-    assert capsys.readouterr().err.splitlines()[-1].endswith("argument --gpus-per-worker: expected a value >= 0, got -1")
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.endswith("argument --gpus-per-worker: expected a value >= 0, got -1")
 
 
 def test_an_existing_submission_is_left_as_it_was(data, tmp_path):
