@@ -10,6 +10,9 @@
 # 7. `mmctr tune` trials per hour, paper-size search on MicroLens-1M-sized data, 4 trials per GPU (ONLY=tune).
 #    Sections 1-5 take the whole time box: run 6 or 7 alone. ONLY=train: the data path alone and section 4 on
 #    1M rows over 3 epochs (the first streamed, the others from the shard each worker keeps: train.resident).
+#    ONLY=both (one call of ~10 min, `timeout_s` 600): one --preset 1m dataset (3.6M train rows), section 4 on
+#    it over 3 epochs, then section 7 with a time budget (no trial starts after it; the running ones finish) so
+#    the search ends inside the call. Full logs land in $OUT/train.log and $OUT/tune.log.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -31,6 +34,29 @@ if [ "${ONLY:-}" = train ]; then
   python3 -m mmctr_ray.cli synth --out "$W/data1m" --train-rows 1000000 --items 91717 --images 0 2>&1 | tail -1
   timeout 120 python3 benchmarks/data_path.py --data "$W/data1m" --gpu --epochs 2 2>&1 | grep -vE "^\(|INFO|WARN" | tail -5
   timeout 300 python3 benchmarks/train_throughput.py --gpu --data "$W/data1m" --epochs 3 2>&1 | grep -vE "^\(|INFO|WARN" | tail -8
+  echo "== done in $SECONDS s"; exit 0
+fi
+if [ "${ONLY:-}" = both ]; then
+  echo "== 4c. one --preset 1m dataset (3.6M train rows, 91,717 items) ($SECONDS s)"
+  python3 -m mmctr_ray.cli synth --out "$W/data1m" --preset 1m --images 0 2>&1 | tail -1
+  echo "== 4c. mmctr train (1 GPU worker) vs plain loop, batch 8192, 3 epochs (1: streamed, 2-3: kept shard) ($SECONDS s)"
+  timeout 220 python3 benchmarks/train_throughput.py --gpu --data "$W/data1m" --epochs 3 >"$OUT/train.log" 2>&1
+  echo "rc $?"; grep -vE "^\(|^.\[36m\(|INFO|WARN" "$OUT/train.log" | tail -8
+  left=$((${END_S:-555} - SECONDS)); budget=$((left - ${TAIL_S:-170}))
+  echo "== 7. tune: search_paper.yaml on the same data, 0.25 GPU per trial, no trial started after ${budget} s (${left} s left) ($SECONDS s)"
+  if [ "$budget" -gt 30 ]; then
+    timeout "$left" python3 benchmarks/tune_throughput.py --config configs/search_paper.yaml --num-samples 100 \
+      --data "$W/data1m" --gpus-per-trial 0.25 --out "$W/tune" --time-budget-s "$budget" >"$OUT/tune.log" 2>&1
+    echo "rc $?"; grep -E "^tune throughput|^wall|^per-trial|Error|error" "$OUT/tune.log" | grep -v "^.\[36m" | tail -8
+    python3 - "$W/tune/tune/trials" <<'PY'
+import json, sys, pathlib
+trials = [p for p in pathlib.Path(sys.argv[1]).iterdir() if p.is_dir()]
+done = [p for p in trials if (p / "summary.json").is_file()]
+epochs = [len((p / "metrics.jsonl").read_text().splitlines()) for p in trials if (p / "metrics.jsonl").is_file()]
+print(f"trial folders {len(trials)}, with a summary {len(done)}, epochs per trial {sorted(epochs)}")
+PY
+    python3 -m mmctr_ray.cli report "$W/tune/tune" --top 5 2>&1 | tail -8
+  fi
   echo "== done in $SECONDS s"; exit 0
 fi
 if [ "${ONLY:-}" = tune ]; then

@@ -256,12 +256,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from mmctr_ray.tuning import check_inputs, run_tuning
 
     check_inputs(args.data, args.config, args.overrides, args.resume, args.workers_per_trial, args.source,
-                 args.gpus_per_trial, args.num_samples, args.max_concurrent)  # before Ray starts
+                 args.gpus_per_trial, args.num_samples, args.max_concurrent, args.time_budget_s)  # before Ray starts
     _start_ray(args, ray_train=True)
     summary = run_tuning(args.data, args.out, args.config, args.overrides, num_samples=args.num_samples,
                          max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial,
                          workers=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker, source=args.source,
-                         resume=args.resume, overwrite=args.overwrite)
+                         resume=args.resume, overwrite=args.overwrite, time_budget_s=args.time_budget_s)
     log.info("%d trials (%d completed, %d early-stopped, %d pruned, %d errors); best valid AUC %s (trial %s); "
              "%s, %s", summary["trials"], summary["completed"], summary["early-stopped"], summary["pruned"],
              summary["error"], summary.get("best_valid_auc"), summary.get("best_trial"), summary["results"],
@@ -530,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=POSITIVE_INT, help="trials (default: search.num_samples)")
     p.add_argument("--max-concurrent", type=POSITIVE_INT,
                    help="at most this many trials at once (default: as many as Ray's CPUs and GPUs fit)")
+    p.add_argument("--time-budget-s", type=POSITIVE, metavar="SECONDS",
+                   help="start no trial after this many seconds; running trials finish and are kept (as Optuna's "
+                        "timeout; the search is then finished, --resume starts no more)")
     p.add_argument("--gpus-per-trial", type=NON_NEGATIVE, default=0.0, help="GPUs per trial; fractions share a GPU")
     p.add_argument("--workers-per-trial", type=POSITIVE_INT, default=1, help="DDP workers per trial (default 1)")
     p.add_argument("--cpus-per-worker", type=POSITIVE, default=1.0, help="logical CPUs per training worker")

@@ -223,12 +223,25 @@ class _ExitAfterTrials:
 
 
 def _searcher() -> type:
-    """OptunaSearch that tolerates a trial the SQLite study already finished: after the driver is killed,
-    Tune's restored state can lag the study by the last trials, which then report again."""
+    """OptunaSearch that tolerates a trial the SQLite study already finished (after the driver is killed, Tune's
+    restored state can lag the study by the last trials, which then report again), and that starts no trial
+    after its ``deadline`` (wall-clock seconds since the epoch, or None): Optuna's ``timeout`` semantics, where
+    running trials finish and are kept. The deadline is saved with the searcher, so a resumed search keeps it."""
     import optuna
+    from ray.tune.search import Searcher
     from ray.tune.search.optuna import OptunaSearch
 
     class ResumableOptunaSearch(OptunaSearch):
+        deadline: float | None = None
+
+        def suggest(self, trial_id: str) -> dict | str | None:
+            if self.deadline is not None and time.time() >= self.deadline:
+                if not getattr(self, "_budget_logged", False):
+                    log.info("time budget spent: no new trial starts; the running ones finish")
+                    self._budget_logged = True
+                return Searcher.FINISHED
+            return super().suggest(trial_id)
+
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             try:
                 super().on_trial_result(trial_id, result)
@@ -281,14 +294,18 @@ def _prepare(tune_dir: Path, search_yaml: Path | None, settings: dict[str, Any],
 
 def check_inputs(data_dir: str | Path, search_yaml: str | Path | None, overrides: list[str] = (),
                  resume: bool = False, workers: int = 1, source: str = "shipped", gpus_per_trial: float = 0.0,
-                 num_samples: int | None = None, max_concurrent: int | None = None) -> dict[str, int]:
+                 num_samples: int | None = None, max_concurrent: int | None = None,
+                 time_budget_s: float | None = None) -> dict[str, int]:
     """Raise a one-line error, before Ray starts and before TUNE is touched, if the search cannot run: its
     YAML (search section and the experiment config under it), the data's splits, the raw vectors' file or the
     trial's resources; return the splits' rows."""
     check_resources(workers, gpus_per_trial)
-    if resume and (num_samples is not None or max_concurrent is not None):  # Tune restores its own TuneConfig
-        raise ConfigError("--resume continues TUNE with the trial count and concurrency it started with: drop "
-                          "--num-samples and --max-concurrent")
+    if resume and (num_samples is not None or max_concurrent is not None or time_budget_s is not None):
+        raise ConfigError("--resume continues TUNE with the trial count, concurrency and time budget it started "
+                          "with (Tune restores its own settings): drop --num-samples, --max-concurrent and "
+                          "--time-budget-s")
+    if time_budget_s is not None and time_budget_s <= 0:
+        raise ConfigError(f"--time-budget-s must be > 0, got {time_budget_s:g}")
     if source != "shipped" and not Path(source).is_file():
         raise DataError(f"{source}: missing file (--source is 'shipped' or a parquet written by `mmctr embed`)")
     if resume and search_yaml is not None:
@@ -331,8 +348,9 @@ def batch_sizes(space: SearchSpace) -> list[int]:
 def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Path | None, overrides: list[str] = (),
                num_samples: int | None = None, max_concurrent: int | None = None, gpus_per_trial: float = 0.0,
                workers: int = 1, cpus_per_worker: float = 1.0, source: str = "shipped", resume: bool = False,
-               overwrite: bool = False) -> dict[str, Any]:
-    """Run (or with ``resume`` continue) the search declared in ``search_yaml``; return the outputs' summary."""
+               overwrite: bool = False, time_budget_s: float | None = None) -> dict[str, Any]:
+    """Run (or with ``resume`` continue) the search declared in ``search_yaml``; return the outputs' summary.
+    With ``time_budget_s``, no trial starts once that many seconds have passed; the running ones finish."""
     import optuna
     import ray
     from ray import tune
@@ -344,7 +362,7 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
     settings = {"data": str(data), "workers": workers, "cpus_per_worker": cpus_per_worker,
                 "gpus_per_worker": gpus_per_trial / workers, "source": source, "overrides": list(overrides)}
     rows = check_inputs(data, search_yaml, overrides, resume, workers, source, gpus_per_trial, num_samples,
-                        max_concurrent)
+                        max_concurrent, time_budget_s)
     elastic = not private_local_ray()
     if not resume:  # a search that cannot fit fails before anything is written
         trial_concurrency(ray.cluster_resources(), workers, cpus_per_worker, settings["gpus_per_worker"],
@@ -369,9 +387,11 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
         searcher = _searcher()(space=space.define_by_run, metric=METRIC, mode="max", seed=space.seed,
                                 study_name=STUDY_NAME,
                                 storage=optuna.storages.RDBStorage(f"sqlite:///{tdir}/optuna.db"))
+        searcher.deadline = time.time() + time_budget_s if time_budget_s else None
         scheduler = _scheduler(space)
         n = num_samples or space.num_samples
-        log.info("searching %d trials, %d at a time (Ray: %s)", n, k, ray.cluster_resources())
+        log.info("searching %d trials, %d at a time%s (Ray: %s)", n, k,
+                 f", none started after {time_budget_s:g} s" if time_budget_s else "", ray.cluster_resources())
         tuner = tune.Tuner(trainable, run_config=run_config,
                            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=n,
                                                        max_concurrent_trials=k))

@@ -163,6 +163,35 @@ def test_gpu_shares_that_ray_or_nccl_would_refuse_are_one_line_errors(workers, g
         check_resources(*ok)
 
 
+def test_no_trial_starts_after_the_time_budget_and_the_study_is_not_asked(tmp_path):
+    import time
+
+    from ray.tune.search import Searcher
+
+    from mmctr_ray.tuning import _searcher
+
+    space = load_search(ROOT / "configs/search_tiny.yaml")
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/optuna.db")
+    searcher = _searcher()(space=space.define_by_run, metric=METRIC, mode="max", seed=0, study_name="s",
+                           storage=storage)
+    searcher.deadline = time.time() + 3600
+    assert "fusion.strategy" in searcher.suggest("a")  # within the budget: Optuna samples a trial
+    searcher.deadline = time.time() - 1
+    assert searcher.suggest("b") == Searcher.FINISHED
+    assert len(optuna.load_study(study_name="s", storage=storage).trials) == 1  # no trial asked past the budget
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(resume=True, time_budget_s=60.0), "drop --num-samples, --max-concurrent and --time-budget-s"),
+    (dict(time_budget_s=0.0), "--time-budget-s must be > 0, got 0"),
+])
+def test_a_time_budget_on_resume_or_not_above_zero_is_refused(tmp_path, kwargs, message):
+    from mmctr_ray.tuning import check_inputs
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_inputs(tmp_path, ROOT / "configs/search_tiny.yaml", **kwargs)
+
+
 def test_an_empty_existing_out_folder_is_used_as_it_is(tmp_path):
     from mmctr_ray.tuning import _prepare
 
