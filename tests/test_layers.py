@@ -185,6 +185,24 @@ def test_attention_all_padding_pools_to_exact_zeros(name, train):
     assert torch.equal(out, torch.zeros(B, D))
 
 
+@pytest.mark.parametrize("name", ATTENTIONS)
+def test_attention_trains_on_a_batch_with_a_single_real_history_position(name):
+    module = attention(name, True)
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    mask[1, 2] = True  # the whole batch has one real position: a dice's BatchNorm sees one row
+    out = module(TARGET, HISTORY, mask)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and out[1].abs().sum() > 0
+    assert torch.equal(out[0], torch.zeros(D)) and torch.equal(out[2], torch.zeros(D))
+
+
+def test_dice_on_one_row_in_training_uses_the_running_statistics():
+    module = Dice(6).train()
+    module.alpha.data.fill_(0.25)
+    x = torch.randn(1, 6, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(module(x), module.eval()(x))  # the same normalisation as at inference
+
+
 def test_attention_padded_row_is_zero_among_real_rows():
     for name in ATTENTIONS:
         out = attention(name, False)(*ATTENTION_ARGS)

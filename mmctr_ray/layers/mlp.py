@@ -22,7 +22,12 @@ class Dice(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = torch.sigmoid(self.bn(x))
+        if self.training and x.shape[0] == 1:  # one row has no batch statistics (BatchNorm refuses it): use the
+            # running ones, e.g. a DIN attention batch with a single real history position among its rows
+            z = nn.functional.batch_norm(x, self.bn.running_mean, self.bn.running_var, training=False, eps=self.bn.eps)
+        else:
+            z = self.bn(x)
+        p = torch.sigmoid(z)
         return p * x + (1 - p) * self.alpha * x
 
 
