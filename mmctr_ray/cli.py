@@ -309,6 +309,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     resume = args.resume
     pipeline.check_out(out, resume, args.overwrite)
     work = pipeline.work_dir(out, args.work)  # a URI OUT without --work fails here, before Ray starts
+    if resume:
+        pipeline.check_resume(out, work, _config(args), args.overrides, args.embed)
     _start_ray(args, ray_train=True)  # one Ray for every step, with the state API that training needs
     run = storage.join(out, "run")
     continuing = resume and storage.is_file(storage.join(run, "config.yaml"))  # else train starts the run

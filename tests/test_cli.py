@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -172,3 +173,36 @@ def test_pipeline_refuses_before_any_stage_runs(tmp_path):
     r = run_cli("pipeline", "--out", f"file://{tmp_path}/uri_out")
     assert r.returncode == 2 and "OUT is a URI, so pass --work DIR" in r.stderr
     assert not (tmp_path / "uri_out").exists()
+
+
+def test_pipeline_resume_refuses_a_config_that_is_not_what_out_keeps(tmp_path, capsys):
+    """--resume reuses OUT's run (its own config) or, before training started, its fused table: asking for a
+    different config or fusion is a one-line error before Ray starts, not silently ignored or mixed."""
+    from mmctr_ray.config import load_config
+
+    out = tmp_path / "out"
+    (out / "run").mkdir(parents=True)
+    base = ["pipeline", "--out", str(out), "--resume", "--config", "configs/tiny.yaml"]
+    # before training started: a fused table kept from an attempt with tiny.yaml's fusion (v4, 32 + 32) from the
+    # shipped vectors
+    pq.write_table(pa.table({"item_id": [0], "item_emb": [[0.0]]}), out / "item_emb.parquet")
+    (out / "item_emb.fusion.json").write_text(json.dumps({"strategy": "v4", "dims": 128, "text_dim": 32,
+                                                          "image_dim": 32, "source": "/d/item_feature.parquet"}))
+    capsys.readouterr()
+    assert main([*base, "--set", "fusion.text_dim=64"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"{out / 'item_emb.parquet'}: kept from the earlier attempt with fusion.text_dim=32, this command asks 64; "
+        f"--resume reuses it: pass the --config and --embed it started with, or --overwrite to start again")
+    assert main([*base, "--embed"]) == 2
+    assert "fused from the shipped vectors, this command asks --embed" in capsys.readouterr().err
+    from mmctr_ray import pipeline
+
+    pipeline.check_resume(str(out), out, load_config("configs/tiny.yaml"), [], embed=False)  # what OUT keeps
+    # once the run exists, its config.yaml is what continues: another model is refused, --set train.* is not
+    cfg = load_config("configs/tiny.yaml", [f"data.item_vector={out / 'item_emb.parquet'}"])
+    (out / "run" / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    assert main([*base, "--set", "model.dropout=0.3"]) == 2
+    assert f"{out / 'run' / 'config.yaml'}: model.dropout is {cfg.model.dropout!r}, this command asks 0.3; " \
+           f"--resume continues the run with its own config" in capsys.readouterr().err
+    pipeline.check_resume(str(out), out, load_config("configs/tiny.yaml", ["train.epochs=9"]), ["train.epochs=9"],
+                          embed=False)  # the same run, more epochs: accepted
