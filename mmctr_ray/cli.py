@@ -156,7 +156,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_features(args: argparse.Namespace) -> int:
     from mmctr_ray.feature_summary import format_summary, summarize_features
 
+    from mmctr_ray.preflight import check_files
+    from mmctr_ray.schema import SPLITS
+
     cfg = _config(args)
+    check_files(args.data, SPLITS)  # a wrong --data fails before Ray starts
     _start_ray(args)
     summary = summarize_features(args.data, cfg)
     print(format_summary(summary))
@@ -205,19 +209,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from mmctr_ray.embed.image import parse_image_model
     from mmctr_ray.embed.pipeline import run_embed
-    from mmctr_ray.embed.text import check_model_dir
 
     text_model = args.text_model or _default_text_model()
-    check_model_dir(text_model)  # unusable models fail before Ray starts
-    parse_image_model(args.image_model)
-    _start_ray(args)
     summary = run_embed(args.data, args.out, text_model, args.image_model, pooling=args.pooling,
                         gpus_per_actor=args.gpus_per_actor, actors=args.actors, batch_size=args.batch_size,
                         max_length=args.max_length, shard_items=args.shard_items, seed=args.seed,
                         max_bad_covers=args.max_bad_covers,
-                        cpus_per_actor=args.cpus_per_actor, overwrite=args.overwrite)
+                        cpus_per_actor=args.cpus_per_actor, overwrite=args.overwrite,
+                        start_ray=lambda: _start_ray(args))  # once the inputs are checked, if a shard is left
     log.info("%d items: text %d-d, image %d-d; %d covers missing, %d undecodable; %s items/s",
              summary["items"], summary["text_dim"], summary["image_dim"], summary["cover_file_missing"],
              summary["cover_corrupt"], summary["items_per_s"])

@@ -179,8 +179,12 @@ class _Progress:
 def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, image_model: str, pooling: str = "auto",
               gpus_per_actor: float = 0.0, actors: int = 1, batch_size: int = 64, max_length: int = 32,
               shard_items: int = 4_096, seed: int = 0, cpus_per_actor: float = 1.0, overwrite: bool = False,
-              max_bad_covers: float = MAX_BAD_COVERS, progress: Callable[[str], None] = log.info) -> dict[str, Any]:
+              max_bad_covers: float = MAX_BAD_COVERS, progress: Callable[[str], None] = log.info,
+              start_ray: Callable[[], None] | None = None) -> dict[str, Any]:
     """Embed every item of ``data_dir`` into ``out``; return the summary (also written as ``X.embed.json``).
+
+    ``start_ray`` is called once the inputs are checked and only when a shard is left to encode: the CLI starts
+    its private Ray there, so bad input fails at once and a finished embed resumes without Ray.
 
     Items whose cover is missing or corrupt get a zero image vector and a status; more of them than the share
     ``max_bad_covers`` is an error (a wrong cover folder, a broken download): missing files are counted before
@@ -217,6 +221,8 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
     t0 = time.perf_counter()
     timing: dict[str, Any] = {"encoded": 0}
     if pending:
+        if start_ray is not None:
+            start_ray()
         timing = _encode_shards(items, pending, store, settings, lay, gpus_per_actor, actors, batch_size,
                                 cpus_per_actor, progress)
     seconds = time.perf_counter() - t0

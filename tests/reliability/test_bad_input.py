@@ -343,6 +343,15 @@ def report_not_a_run(d, t):
     return ["report", str(t / "empty")]
 
 
+def features_of_a_missing_folder(d, t):
+    return ["features", "--data", str(t / "nowhere"), "--out", str(t / "features")]
+
+
+def embed_without_item_feature(d, t):
+    Layout(d).item_feature.unlink()
+    return ["embed", "--data", str(d), "--out", str(t / "emb.parquet"), "--text-model", str(_minilm())]
+
+
 CASES = [
     # (damage, fragments the error line must hold, outputs that must not exist afterwards)
     (missing_split, ["train.parquet: missing file"], ["run"]),
@@ -392,13 +401,18 @@ CASES = [
                                       "(model.use_user_id; a checkpoint of other data)"], ["sub.zip"]),
     (search_batch_larger_than_the_split, ["train.batch_size=65,536 exceeds the", "training split"], ["tune"]),
     (tune_missing_source, ["no-emb.parquet: missing file (--source is 'shipped' or a parquet"], ["tune"]),
-    (tune_resume_with_new_counts, ["--resume continues TUNE with the trial count and concurrency it started with"],
+    (tune_resume_with_new_counts, ["--resume continues TUNE with the trial count, concurrency and time budget it "
+                                   "started with"],
      ["tune"]),
     (tune_gpu_fraction_over_two_workers, ["gives each 0.25 GPU: with 2+ workers per trial each needs whole"],
      ["tune"]),
     (bad_search_space, ["s.yaml", "float expects [low, high] with low < high"], ["tune"]),
     (synth_impossible_size, ["--items must be >= 1"], ["s"]),
     (report_not_a_run, ["empty/metrics.jsonl: missing file"], []),
+    (features_of_a_missing_folder, ["nowhere/MicroLens_1M_x1/item_info.parquet: missing file (is --data the folder"],
+     ["features"]),
+    (embed_without_item_feature, ["item_feature.parquet: missing file (embed reads item_id and item_title"],
+     ["emb.parquet"]),
 ]
 
 
