@@ -8,6 +8,8 @@ A checkpoint directory (one per epoch, ``RUN/checkpoint_epoch_NNN``; RUN a local
     config.yaml        the resolved experiment config
     feature_map.json   vocabulary sizes the model was built for
     item_source.json   where the item table's frozen vectors came from (given column or fused file)
+    files.json         the size of each file above, written last: a checkpoint whose files do not match it
+                       (a copy to RUN cut short by a kill, even one that left every name) is not complete
 
 Everything prediction needs is here; the item table itself is rebuilt from the data directory (it is 50 MB
 for MicroLens-1M and would otherwise be copied into every epoch's checkpoint).
@@ -16,6 +18,7 @@ for MicroLens-1M and would otherwise be copied into every epoch's checkpoint).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,10 @@ from mmctr_ray.errors import DataError
 from mmctr_ray.features import FeatureMap
 from mmctr_ray.storage import Location
 
+log = logging.getLogger(__name__)
+
 FILES = ("model.pt", "optimizer.pt", "state.json", "config.yaml", "feature_map.json", "item_source.json")
+MANIFEST = "files.json"
 
 
 @dataclass
@@ -57,6 +63,26 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
     save_config(cfg, directory / "config.yaml")
     fmap.to_json(directory / "feature_map.json")
     (directory / "item_source.json").write_text(json.dumps(item_source, indent=2) + "\n")
+    sizes = {name: (directory / name).stat().st_size for name in FILES if (directory / name).is_file()}
+    (directory / MANIFEST).write_text(json.dumps(sizes, indent=2) + "\n")
+
+
+def incomplete(directory: Location) -> str | None:
+    """Why the checkpoint in ``directory`` is not whole (a file missing or of another size than its
+    ``files.json`` says, or that manifest unreadable), or None. Checkpoints written before the manifest
+    existed are judged by their files' presence alone."""
+    sizes = storage.file_sizes(directory)
+    if MANIFEST not in sizes:
+        missing = [f for f in FILES if f != "optimizer.pt" and f not in sizes]
+        return f"{missing[0]} missing" if missing else None
+    try:
+        expected = json.loads(storage.read_text(storage.join(directory, MANIFEST)))
+    except ValueError:
+        return f"{MANIFEST} unreadable"
+    for name, size in expected.items():
+        if sizes.get(name) != size:
+            return f"{name} {'missing' if name not in sizes else f'has {sizes[name]} bytes, expected {size}'}"
+    return None
 
 
 @dataclass
@@ -80,6 +106,9 @@ def load_checkpoint(directory: Location, with_optimizer: bool = True) -> LoadedC
             if not (local / name).is_file():
                 raise DataError(f"{storage.join(directory, name)}: missing checkpoint file (is this a checkpoint "
                                 f"of `mmctr train`?)")
+        why = incomplete(local)
+        if why:
+            raise DataError(f"{directory}: incomplete checkpoint ({why}): a copy cut short")
         opt_path = local / "optimizer.pt"
         raw = json.loads((local / "state.json").read_text())
         state = TrainState(**{k: raw[k] for k in ("epoch", "lr", "best_auc", "best_epoch", "bad_epochs", "history")})
@@ -100,11 +129,17 @@ PREFIX = "checkpoint_epoch_"
 
 def epoch_checkpoints(run_dir: Location) -> list[Location]:
     """The run's complete checkpoint directories, oldest first (one cut short while copied is skipped)."""
-    required = [f for f in FILES if f != "optimizer.pt"]
     epochs = {int(n.removeprefix(PREFIX)): n for n in storage.listdir(run_dir)
               if n.startswith(PREFIX) and n.removeprefix(PREFIX).isdigit()}
     found = [storage.join(run_dir, epochs[e]) for e in sorted(epochs)]  # by number: epoch 1000 after 999
-    return [p for p in found if all(storage.is_file(storage.join(p, f)) for f in required)]
+    complete = []
+    for path in found:
+        why = incomplete(path)
+        if why:
+            log.warning("%s: skipped, incomplete (%s): its copy was cut short", path, why)
+        else:
+            complete.append(path)
+    return complete
 
 
 def best_checkpoint(run_dir: Location) -> Location:

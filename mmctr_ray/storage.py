@@ -118,6 +118,14 @@ def listdir(location: Location) -> list[str]:
     return sorted(posixpath.basename(info.path.rstrip("/")) for info in infos)
 
 
+def file_sizes(location: Location) -> dict[str, int]:
+    """``{name: bytes}`` of the files directly in a folder (one listing, also on object stores); ``{}`` when it
+    does not exist."""
+    fs, path = resolve(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return {posixpath.basename(i.path.rstrip("/")): i.size for i in infos if i.type == pafs.FileType.File}
+
+
 def read_bytes(location: Location) -> bytes:
     fs, path = resolve(location)
     try:

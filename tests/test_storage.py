@@ -148,3 +148,21 @@ def test_local_runs_keep_their_paths(tmp_path):
     assert epoch_checkpoints(run) == [run / "checkpoint_epoch_001"]
     assert best_checkpoint(str(run)) == run / "checkpoint_epoch_001"
     assert json.loads((best_checkpoint(run) / "state.json").read_text())["epoch"] == 1
+
+
+def test_a_checkpoint_with_every_file_but_one_cut_short_is_not_complete(memory_root, tmp_path, caplog):
+    """A kill while Ray copies a checkpoint into RUN can leave every name with a short file: the sizes in
+    files.json (written last) tell, so resume and predict use the epoch before, and loading it names the file."""
+    run = f"{memory_root}/run"
+    for epoch, auc in ((1, 0.60), (2, 0.70)):
+        storage.upload_dir(_write_checkpoint(tmp_path, epoch, auc), f"{run}/checkpoint_epoch_{epoch:03d}")
+    whole = storage.read_bytes(f"{run}/checkpoint_epoch_002/model.pt")
+    storage.write_bytes(f"{run}/checkpoint_epoch_002/model.pt", whole[: len(whole) // 2])
+    with caplog.at_level("WARNING"):
+        assert epoch_checkpoints(run) == [f"{run}/checkpoint_epoch_001"]
+    assert f"model.pt has {len(whole) // 2} bytes, expected {len(whole)}" in caplog.text
+    assert best_checkpoint(run) == f"{run}/checkpoint_epoch_001"  # not the better epoch 2, which is broken
+    with pytest.raises(DataError, match=f"^{run}/checkpoint_epoch_002: incomplete checkpoint \\(model.pt has "):
+        load_checkpoint(f"{run}/checkpoint_epoch_002")
+    storage.write_text(f"{run}/checkpoint_epoch_001/files.json", '{"model.pt": 1')  # the manifest itself cut
+    assert epoch_checkpoints(run) == []
