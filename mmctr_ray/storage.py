@@ -164,6 +164,13 @@ def make_dir(location: Location) -> None:
     fs.create_dir(path, recursive=True)
 
 
+def remove_file(location: Location) -> None:
+    """Delete a file; nothing to do when it does not exist."""
+    if is_file(location):
+        fs, path = resolve(location)
+        fs.delete_file(path)
+
+
 def remove_dir(location: Location) -> None:
     fs, path = resolve(location)
     fs.delete_dir(path)

@@ -28,7 +28,7 @@ from mmctr_ray.errors import ConfigError, DataError, OutputExistsError, find_use
 from mmctr_ray.features import FeatureMap, build_feature_map, load_item_table, read_split
 from mmctr_ray.preflight import check_batch_size, check_splits, check_valid_labels
 from mmctr_ray.schema import SPLITS, Layout
-from mmctr_ray.training import train_loop_per_worker
+from mmctr_ray.training import DIVERGED, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 FAULT_ENV = "MMCTR_FAULT_KILL_AT_STEP"  # "STEP:MARKER_FILE": recovery tests kill rank 0 once at STEP
@@ -68,6 +68,8 @@ def _prepare_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool,
             if getattr(saved, section) != getattr(cfg, section):
                 raise ConfigError(f"{run}: --resume with a different {section} section than the run's "
                                   f"config.yaml; only train.* may change when resuming")
+        for name in (DIVERGED, "summary.json"):  # this attempt decides anew; until it ends, the run is not complete
+            storage.remove_file(storage.join(run, name))
     elif storage.listdir(run):
         if not overwrite:
             raise OutputExistsError(f"{run}: already holds a run; pass --resume to continue it or --overwrite "
@@ -204,6 +206,9 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
         if cause is None:
             raise
         raise DataError(str(cause)) from None  # bad input a worker met: one line, not the workers' tracebacks
+    diverged = storage.join(run, DIVERGED)
+    if storage.is_file(diverged):  # the workers ended the run themselves: no summary; earlier checkpoints stay
+        raise ConfigError(f"{run}: {storage.read_text(diverged).strip()}")
     return _summary(run, data_dir, time.perf_counter() - t0)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import resource
 import tempfile
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmctr_ray import storage
 from mmctr_ray.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from mmctr_ray.config import ExperimentConfig, TrainConfig, from_dict
 from mmctr_ray.features import FeatureMap, load_item_table
@@ -31,6 +33,8 @@ from mmctr_ray.ray_env import quiet_ray_data, quiet_ray_train
 from mmctr_ray.resident import MIB, ResidentShard, ShardRecorder, resident_budget
 from mmctr_ray.run_log import RunLog
 from mmctr_ray.store_pages import release_store_pages
+
+DIVERGED = "diverged.txt"  # in RUN: why the workers ended the run on a non-finite loss or prediction
 
 log = logging.getLogger(__name__)
 
@@ -308,8 +312,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if recorder is not None and not keep_tried:
                 shard, resident_steps = _keep_shard(recorder, per_worker, rank)
                 keep_tried = True
+            train_loss = float(loss_sum) / max(step, 1)  # the same on every rank (all-reduced)
+            diverged = None if math.isfinite(train_loss) else f"train loss {train_loss} in epoch {epoch}"
             metrics = None
-            if rank == 0:
+            if rank == 0 and diverged is None:
                 if valid_kept is not None:
                     labels, probs = predict(model, valid_kept.in_order(cfg.train.eval_batch_size), cfg.train, device)
                 else:  # read it; keep it in read order when the training shard was kept and the budget's rest allows
@@ -318,10 +324,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         batch_size=cfg.train.eval_batch_size, device=device)
                     labels, probs = predict(model, _recorded(valid, valid_recorder), cfg.train, device)
                     valid_kept = valid_recorder.finish()
-                metrics = evaluate(labels, probs)
+                bad = int((~np.isfinite(probs)).sum())
+                metrics = {"diverged": f"{bad:,} non-finite predictions on the valid split after epoch {epoch}"} \
+                    if bad else evaluate(labels, probs)
             metrics = _broadcast(metrics)
+            diverged = diverged or (metrics or {}).get("diverged")
+            if diverged:  # every rank ends here, together, and the driver raises: a retry would diverge again
+                fix = "lower train.lr" + ("" if cfg.train.grad_clip else " or set train.grad_clip")
+                message = f"training diverged: {diverged} (lr {state.lr:g}); " + (
+                    f"the checkpoints of epochs 1-{state.epoch} are kept: {fix} (`mmctr train --resume RUN --set "
+                    f"train.lr=...` continues from the last)" if state.epoch else f"{fix} and start again")
+                if rank == 0:
+                    log.error(message)
+                    storage.write_text(storage.join(config["run_dir"], DIVERGED), message + "\n")
+                return
             state.epoch = epoch
-            row = {"epoch": epoch, "train_loss": float(loss_sum) / max(step, 1), "valid_auc": metrics["auc"],
+            row = {"epoch": epoch, "train_loss": train_loss, "valid_auc": metrics["auc"],
                    "valid_logloss": metrics["logloss"], "valid_rows": metrics["rows"], "lr": state.lr,
                    "samples_per_s": rows / seconds if seconds > 0 and step > 1 else None,
                    "epoch_seconds": epoch_seconds, "steps": step, "resident": resident,
