@@ -364,3 +364,15 @@ def test_user_ids_merged_from_streamed_block_counts_are_the_sorted_distinct_ids(
         users.add(b)
     assert users.merged.size > 0  # at least one merge happened before the end
     np.testing.assert_array_equal(users.sorted(), np.unique(np.concatenate(blocks)))
+
+
+def test_a_bad_line_is_numbered_as_an_editor_shows_it_empty_lines_included(tmp_path):
+    from types import SimpleNamespace
+
+    from mmctr_ray.convert.raw import LineFormat, first_bad_line
+
+    path = tmp_path / "pairs.csv"
+    path.write_text("user,item,timestamp\n1,2,3\n\n4,5,6\n\n7,8,yesterday\n")  # Arrow skips lines 3 and 5
+    fmt = LineFormat(False, 1, ("user", "item", "timestamp"), 0, 1, 2)
+    assert first_bad_line(fmt, SimpleNamespace(pairs=path)) == (
+        f"{path}: line 6: column timestamp: 'yesterday' is not an integer timestamp (ms)")

@@ -327,11 +327,14 @@ def first_bad_line(fmt: LineFormat, files: RawFiles) -> str:
     Runs only after the distributed pass counted bad lines, so the normal path never reads the file here.
     """
     line = fmt.skip_rows
-    with pacsv.open_csv(files.pairs, read_options=_read_options(fmt), **LINE_OPTIONS) as reader:
-        for rb in reader:
-            _, bad = parse(pa.Table.from_batches([rb]), fmt)
+    options = {**LINE_OPTIONS, "parse_options": pacsv.ParseOptions(delimiter="\x1f", quote_char=False,
+                                                                    ignore_empty_lines=False)}
+    with pacsv.open_csv(files.pairs, read_options=_read_options(fmt), **options) as reader:
+        for rb in reader:  # empty lines kept here, so that line numbers count them, and left out of the parse
+            kept = np.flatnonzero(pc.not_equal(rb.column(0), "").to_numpy(zero_copy_only=False))
+            _, bad = parse(pa.Table.from_batches([rb]).take(kept), fmt)
             if bad is not None:
-                where = f"{files.pairs}: line {line + bad.row + 1}"
+                where = f"{files.pairs}: line {line + int(kept[bad.row]) + 1}"
                 if bad.field is None:
                     return f"{where}: {bad.value!r} does not have the fields {','.join(fmt.fields)}"
                 what = "timestamp (ms)" if bad.field == fmt.fields[fmt.time] and fmt.time >= 0 else "id"
