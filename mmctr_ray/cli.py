@@ -376,9 +376,10 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     _add_worker_args(p, "actors", "encoder and scoring actors")
     p.add_argument("--gpus-per-actor", type=NON_NEGATIVE, help="GPUs per encoder/scoring actor (default: "
                                                         "--gpus-per-worker)")
-    p.add_argument("--resume", action="store_true", help="continue in OUT: keep the data, embed shards and fused "
+    once = p.add_mutually_exclusive_group()  # continue what OUT holds, or replace it: not both
+    once.add_argument("--resume", action="store_true", help="continue in OUT: keep the data, embed shards and fused "
                                                          "table there, resume training from the latest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in OUT")
+    once.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in OUT")
     _add_training_args(p)
     _add_synth_args(p)
     _add_config_args(p)
@@ -516,8 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fusion", type=Path, metavar="FILE", help="fused item table from `mmctr fuse` (sets "
                    "data.item_vector, and fusion.* from FILE's .fusion.json)")
     _add_training_args(p)
-    p.add_argument("--resume", action="store_true", help="continue RUN from its latest checkpoint (its own config)")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in RUN")
+    once = p.add_mutually_exclusive_group()
+    once.add_argument("--resume", action="store_true", help="continue RUN from its latest checkpoint (its own config)")
+    once.add_argument("--overwrite", action="store_true", help="replace a run already in RUN")
     _add_ray_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -539,8 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers-per-trial", type=POSITIVE_INT, default=1, help="DDP workers per trial (default 1)")
     p.add_argument("--cpus-per-worker", type=POSITIVE, default=1.0, help="logical CPUs per training worker")
     p.add_argument("--source", default="shipped", metavar="shipped|FILE", help="raw vectors for fusion (as `fuse`)")
-    p.add_argument("--resume", action="store_true", help="continue the search in TUNE (its own search.yaml)")
-    p.add_argument("--overwrite", action="store_true", help="replace a search already in TUNE")
+    once = p.add_mutually_exclusive_group()
+    once.add_argument("--resume", action="store_true", help="continue the search in TUNE (its own search.yaml)")
+    once.add_argument("--overwrite", action="store_true", help="replace a search already in TUNE")
     _add_ray_args(p)
     p.set_defaults(func=cmd_tune)
 

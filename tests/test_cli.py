@@ -206,3 +206,13 @@ def test_pipeline_resume_refuses_a_config_that_is_not_what_out_keeps(tmp_path, c
            f"--resume continues the run with its own config" in capsys.readouterr().err
     pipeline.check_resume(str(out), out, load_config("configs/tiny.yaml", ["train.epochs=9"]), ["train.epochs=9"],
                           embed=False)  # the same run, more epochs: accepted
+
+
+@pytest.mark.parametrize("stage", ["train", "tune", "pipeline", "demo"])
+def test_resume_and_overwrite_together_are_refused_by_the_parser(stage, tmp_path, capsys):
+    """Before, --resume silently won (or, in the pipeline, each step took the flag it read first)."""
+    with pytest.raises(SystemExit) as exit_:
+        main([stage, "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--resume", "--overwrite"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("argument --overwrite: not allowed with argument --resume")
+    assert not (tmp_path / "o").exists()
