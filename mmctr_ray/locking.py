@@ -14,6 +14,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import unquote, urlsplit
 
 import filelock
 
@@ -22,7 +23,11 @@ from mmctr_ray.errors import OutputExistsError
 
 
 def lock_path(target: storage.Location) -> Path:
-    """Where the lock file of output ``target`` lives."""
+    """Where the lock file of output ``target`` lives: one file for every spelling of one output (``file:///x``
+    and ``/x``, a trailing slash or not)."""
+    target = storage.normalize(target)
+    if storage.is_uri(target) and urlsplit(str(target)).scheme == "file":
+        target = unquote(urlsplit(str(target)).path)  # a local folder, as a plain path names it
     if storage.is_uri(target):
         key = hashlib.sha256(str(target).encode()).hexdigest()[:24]
         base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mmctr" / "locks"

@@ -166,3 +166,14 @@ def test_a_checkpoint_with_every_file_but_one_cut_short_is_not_complete(memory_r
         load_checkpoint(f"{run}/checkpoint_epoch_002")
     storage.write_text(f"{run}/checkpoint_epoch_001/files.json", '{"model.pt": 1')  # the manifest itself cut
     assert epoch_checkpoints(run) == []
+
+
+def test_every_spelling_of_one_output_takes_one_lock(tmp_path, monkeypatch):
+    """Before, `--out file:///x/run` and `--out /x/run/` locked different files and could write one run at once."""
+    from mmctr_ray.locking import lock_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    run = tmp_path / "runs" / "r 1"
+    spellings = [run, str(run) + "/", run.as_uri(), run.as_uri() + "/"]
+    assert len({lock_path(s) for s in spellings}) == 1 and lock_path(run).parent == run.parent
+    assert lock_path("s3://b/runs/r1/") == lock_path("s3://b/runs/r1") != lock_path("s3://b/runs/r2")
