@@ -59,7 +59,7 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
     torch.save(model.state_dict(), directory / "model.pt")
     if optimizer is not None:
         torch.save(optimizer.state_dict(), directory / "optimizer.pt")
-    (directory / "state.json").write_text(json.dumps(state.to_json(), indent=2) + "\n")
+    (directory / "state.json").write_text(json.dumps({**state.to_json(), MANIFEST: True}, indent=2) + "\n")
     save_config(cfg, directory / "config.yaml")
     fmap.to_json(directory / "feature_map.json")
     (directory / "item_source.json").write_text(json.dumps(item_source, indent=2) + "\n")
@@ -69,12 +69,18 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
 
 def incomplete(directory: Location) -> str | None:
     """Why the checkpoint in ``directory`` is not whole (a file missing or of another size than its
-    ``files.json`` says, or that manifest unreadable), or None. Checkpoints written before the manifest
-    existed are judged by their files' presence alone."""
+    ``files.json`` says, or that manifest unreadable or missing while state.json says it was written), or
+    None. Checkpoints written before the manifest existed are judged by their files' presence alone."""
     sizes = storage.file_sizes(directory)
-    if MANIFEST not in sizes:
+    if MANIFEST not in sizes:  # not copied yet (Ray copies a checkpoint's files in parallel), or an older format
         missing = [f for f in FILES if f != "optimizer.pt" and f not in sizes]
-        return f"{missing[0]} missing" if missing else None
+        if missing:
+            return f"{missing[0]} missing"
+        try:
+            state = json.loads(storage.read_text(storage.join(directory, "state.json")))
+        except ValueError:
+            return "state.json unreadable"
+        return f"{MANIFEST} missing" if state.get(MANIFEST) else None
     try:
         expected = json.loads(storage.read_text(storage.join(directory, MANIFEST)))
     except ValueError:

@@ -310,7 +310,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     pipeline.check_out(out, resume, args.overwrite)
     work = pipeline.work_dir(out, args.work)  # a URI OUT without --work fails here, before Ray starts
     if resume:
-        pipeline.check_resume(out, work, _config(args), args.overrides, args.embed)
+        pipeline.check_resume(out, work, _config(args), args.embed)
     _start_ray(args, ray_train=True)  # one Ray for every step, with the state API that training needs
     run = storage.join(out, "run")
     continuing = resume and storage.is_file(storage.join(run, "config.yaml"))  # else train starts the run
@@ -536,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most this many trials at once (default: as many as Ray's CPUs and GPUs fit)")
     p.add_argument("--time-budget-s", type=POSITIVE, metavar="SECONDS",
                    help="start no trial after this many seconds; running trials finish and are kept (as Optuna's "
-                        "timeout; the search is then finished, --resume starts no more)")
+                        "timeout). A resumed search keeps the wall-clock deadline; a finished one starts no more")
     p.add_argument("--gpus-per-trial", type=NON_NEGATIVE, default=0.0, help="GPUs per trial; fractions share a GPU")
     p.add_argument("--workers-per-trial", type=POSITIVE_INT, default=1, help="DDP workers per trial (default 1)")
     p.add_argument("--cpus-per-worker", type=POSITIVE, default=1.0, help="logical CPUs per training worker")

@@ -52,42 +52,39 @@ def work_dir(out: storage.Location, work: Path | None) -> Path:
     return folder
 
 
-def check_resume(out: storage.Location, work: Path, cfg: ExperimentConfig, overrides: list[str],
-                 embed: bool) -> None:
+def check_resume(out: storage.Location, work: Path, cfg: ExperimentConfig, embed: bool) -> None:
     """On ``--resume``, what OUT keeps must be what this command would make, since it is reused as it is: the
-    run (continued with its own config.yaml plus ``--set train.*``), else the fused table (the run starts on
-    it). A different ``--config`` or ``--embed`` is a one-line error, before Ray starts, instead of being
-    ignored (the run) or mixed with the kept table's fusion (a new run on an old table)."""
+    fused table (its fusion and source) and the run (continued with its own config.yaml; only ``train.*`` may
+    change, as for ``mmctr train --resume``). A different ``--config`` or ``--embed`` is a one-line error, before
+    Ray starts, instead of being ignored (the run) or mixed with the kept table (a new run on an old table)."""
     from mmctr_ray.fuse import read_fusion_summary
     from mmctr_ray.train_driver import resume_config
 
     run = storage.join(out, "run")
     again = "pass the --config and --embed it started with, or --overwrite to start again"
-    if storage.is_file(storage.join(run, "config.yaml")):
-        kept = resume_config(run, [o for o in overrides if o.startswith("train.")]).to_dict()  # train's --resume
-        want = cfg.to_dict()
+    fused = work / "item_emb.parquet"
+    summary = read_fusion_summary(fused) if fused.is_file() else None
+    if summary is not None:
+        fields = {"given": (), "v4": ("text_dim", "image_dim")}.get(cfg.fusion.strategy, ("dims",))
+        for key in ("strategy", *fields):
+            if summary.get(key) != getattr(cfg.fusion, key):
+                raise ConfigError(f"{fused}: kept from the earlier attempt with fusion.{key}={summary.get(key)!r}, "
+                                  f"this command asks {getattr(cfg.fusion, key)!r}; --resume reuses it: {again}")
+        embedded = Path(str(summary.get("source", ""))).name == "item_raw_emb.parquet"
+        if cfg.fusion.strategy != "given" and embedded != embed:
+            raise ConfigError(f"{fused}: kept from the earlier attempt, fused from "
+                              f"{'embedded' if embedded else 'the shipped'} vectors, this command asks "
+                              f"{'--embed' if embed else 'the shipped ones'}; --resume reuses it: {again}")
+    if storage.is_file(storage.join(run, "config.yaml")):  # train --resume takes train.* changes; nothing else
+        kept, want = resume_config(run).to_dict(), cfg.to_dict()
         for c in (kept, want):
             c["data"].pop("item_vector")  # the run's is the fused table's path
+            c.pop("train")
         diff = _differences(kept, want)
         if diff:
             key, (was, now) = next(iter(diff.items()))
             raise ConfigError(f"{storage.join(run, 'config.yaml')}: {key} is {was!r}, this command asks {now!r}; "
                               f"--resume continues the run with its own config: {again}")
-        return
-    fused = work / "item_emb.parquet"
-    summary = read_fusion_summary(fused) if fused.is_file() else None
-    if summary is None:
-        return
-    fields = {"given": (), "v4": ("text_dim", "image_dim")}.get(cfg.fusion.strategy, ("dims",))
-    for key in ("strategy", *fields):
-        if summary.get(key) != getattr(cfg.fusion, key):
-            raise ConfigError(f"{fused}: kept from the earlier attempt with fusion.{key}={summary.get(key)!r}, this "
-                              f"command asks {getattr(cfg.fusion, key)!r}; --resume reuses it: {again}")
-    embedded = Path(str(summary.get("source", ""))).name == "item_raw_emb.parquet"
-    if cfg.fusion.strategy != "given" and embedded != embed:
-        raise ConfigError(f"{fused}: kept from the earlier attempt, fused from "
-                          f"{'embedded' if embedded else 'the shipped'} vectors, this command asks "
-                          f"{'--embed' if embed else 'the shipped ones'}; --resume reuses it: {again}")
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:

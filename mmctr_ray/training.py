@@ -331,6 +331,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             diverged = diverged or (metrics or {}).get("diverged")
             if diverged:  # every rank ends here, together, and the driver raises: a retry would diverge again
                 fix = "lower train.lr" + ("" if cfg.train.grad_clip else " or set train.grad_clip")
+                if "predictions" in diverged and not isinstance(autocast(cfg.train, device), contextlib.nullcontext):
+                    fix += " or set train.precision=fp32 (the train loss was finite: bf16 inference overflowed)"
                 message = f"training diverged: {diverged} (lr {state.lr:g}); " + (
                     f"the checkpoints of epochs 1-{state.epoch} are kept: {fix} (`mmctr train --resume RUN --set "
                     f"train.lr=...` continues from the last)" if state.epoch else f"{fix} and start again")

@@ -132,6 +132,7 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
 
     from mmctr_ray.report import read_metrics
     from mmctr_ray.train_driver import run_training
+    from mmctr_ray.training import DIVERGED
 
     tdir, data = Path(tune_dir), Path(data_dir)
     trial_id = ray.tune.get_context().get_trial_id()
@@ -146,6 +147,8 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
             ray.tune.report({**row, METRIC: best})
         if (run_dir / "summary.json").is_file():
             return
+    if (run_dir / DIVERGED).is_file():  # an errored trial that --resume retries: at its lr it would diverge again
+        raise ConfigError(f"{run_dir}: {(run_dir / DIVERGED).read_text().strip()}")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     params = run_dir.with_suffix(".params.json")
     if not params.is_file():  # written once, when the trial first starts (its time orders the results table), and

@@ -197,15 +197,17 @@ def test_pipeline_resume_refuses_a_config_that_is_not_what_out_keeps(tmp_path, c
     assert "fused from the shipped vectors, this command asks --embed" in capsys.readouterr().err
     from mmctr_ray import pipeline
 
-    pipeline.check_resume(str(out), out, load_config("configs/tiny.yaml"), [], embed=False)  # what OUT keeps
+    pipeline.check_resume(str(out), out, load_config("configs/tiny.yaml"), embed=False)  # what OUT keeps
     # once the run exists, its config.yaml is what continues: another model is refused, --set train.* is not
     cfg = load_config("configs/tiny.yaml", [f"data.item_vector={out / 'item_emb.parquet'}"])
     (out / "run" / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     assert main([*base, "--set", "model.dropout=0.3"]) == 2
     assert f"{out / 'run' / 'config.yaml'}: model.dropout is {cfg.model.dropout!r}, this command asks 0.3; " \
            f"--resume continues the run with its own config" in capsys.readouterr().err
-    pipeline.check_resume(str(out), out, load_config("configs/tiny.yaml", ["train.epochs=9"]), ["train.epochs=9"],
-                          embed=False)  # the same run, more epochs: accepted
+    pipeline.check_resume(str(out), out, load_config("configs/tiny.yaml", ["train.epochs=9", "train.lr=1e-4"]),
+                          embed=False)  # the same run, more epochs at another lr: train --resume takes them
+    assert main([*base, "--embed"]) == 2  # the run exists: the kept table still says how it was fused
+    assert "fused from the shipped vectors, this command asks --embed" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("stage", ["train", "tune", "pipeline", "demo"])

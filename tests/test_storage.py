@@ -177,3 +177,18 @@ def test_every_spelling_of_one_output_takes_one_lock(tmp_path, monkeypatch):
     spellings = [run, str(run) + "/", run.as_uri(), run.as_uri() + "/"]
     assert len({lock_path(s) for s in spellings}) == 1 and lock_path(run).parent == run.parent
     assert lock_path("s3://b/runs/r1/") == lock_path("s3://b/runs/r1") != lock_path("s3://b/runs/r2")
+
+
+def test_a_checkpoint_whose_manifest_was_not_copied_yet_is_not_complete(tmp_path):
+    """Ray copies a checkpoint's files in parallel: every other file can land, short, before files.json."""
+    from mmctr_ray.checkpoint import incomplete
+
+    directory = _write_checkpoint(tmp_path, 1, 0.6)
+    assert incomplete(directory) is None
+    (directory / "files.json").unlink()
+    assert incomplete(directory) == "files.json missing"  # state.json says the manifest was written
+    state = json.loads((directory / "state.json").read_text())
+    (directory / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "files.json"}))
+    assert incomplete(directory) is None  # a checkpoint from before the manifest: judged by presence
+    (directory / "state.json").write_text('{"epoch": 1, "lr"')
+    assert incomplete(directory) == "state.json unreadable"

@@ -341,3 +341,17 @@ def test_a_killed_search_resumes_without_losing_or_repeating_trials(synth_dir, t
                            capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert train.returncode == 0, train.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs"] >= 1
+
+
+def test_a_trial_that_diverged_is_not_trained_again_when_the_search_resumes(tmp_path, monkeypatch):
+    """--resume retries errored trials from their checkpoint, at the same lr: it would diverge again."""
+    import ray.tune
+
+    from mmctr_ray.tuning import run_trial
+
+    monkeypatch.setattr(ray.tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t1"))
+    trial = tmp_path / "trials" / "t1"
+    trial.mkdir(parents=True)
+    (trial / "diverged.txt").write_text("training diverged: train loss nan in epoch 2 (lr 0.003); ...\n")
+    with pytest.raises(ConfigError, match=r"t1: training diverged: train loss nan in epoch 2 \(lr 0.003\)"):
+        run_trial({}, load_search(ROOT / "configs/search_tiny.yaml"), str(tmp_path), str(tmp_path / "data"), {})
