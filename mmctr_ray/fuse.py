@@ -146,36 +146,56 @@ def run_fuse(data_dir: str | Path, out: str | Path, cfg: FusionConfig, source: s
         OutputExistsError: ``out`` exists and ``overwrite`` is not set.
         DataError: a source file or column is missing or holds bad values (named in the message).
     """
-    data_dir, out = Path(data_dir), Path(out)
-    paths = sidecars(out)
+    out = Path(out)
+    check_out(out, overwrite)
+    t0 = time.perf_counter()
+    table, fitted, summary = fuse_items(data_dir, cfg, source, pca, seed, progress)
+    return write_fused(out, table, fitted, summary, t0, progress)
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """``out`` must name a parquet file whose outputs are absent, or replaceable with ``overwrite``."""
     if out.suffix != ".parquet":
         raise ConfigError(f"{out}: --out must name a .parquet file")
-    if not overwrite and (existing := [p for p in paths.values() if p.exists()]):
+    if not overwrite and (existing := [p for p in sidecars(out).values() if p.exists()]):
         raise OutputExistsError(f"{existing[0]}: already exists; pass --overwrite to replace it")
-    t0 = time.perf_counter()
+
+
+def fuse_items(data_dir: str | Path, cfg: FusionConfig, source: str = "shipped", pca: str = "auto", seed: int = 0,
+               progress: Callable[[str], None] = log.info) -> tuple[np.ndarray, FittedFusion | None, dict[str, Any]]:
+    """(the fused table, row = item id, row 0 and items without vectors zero; its fit, None for ``given``; the
+    summary's fields) of ``cfg`` over the items of ``data_dir``."""
+    data_dir = Path(data_dir)
     lay = Layout(data_dir)
     _refuse_placeholders(data_dir, cfg.strategy, source)
     n = _num_items(lay)
     summary: dict[str, Any] = {"strategy": cfg.strategy, **{k: v for k, v in asdict(cfg).items() if k != "strategy"},
                                "data": str(data_dir.resolve()), "num_items": n}
     if cfg.strategy == "given":
-        table, fitted = _given_table(lay), None
         summary.update(source=str(lay.item_info), column="item_emb_d128")
-    else:
-        src = ItemSource(data_dir, source, cfg.strategy)
-        progress(f"fuse: fitting {cfg.strategy} PCA on {src.num_rows} items of {src.path}")
-        fitted = fit_fusion(cfg, src.batches, src.num_rows, pca=pca, seed=seed)
-        table = np.zeros((n + 1, fitted.dim), dtype=np.float32)
-        missing = 0
-        for b in src.batches():
-            table[b.ids] = fitted.transform(b)
-            missing += int(b.image_missing.sum())
-        summary.update(source=str(src.path.resolve()), source_rows=src.num_rows, pca=pca, seed=seed,
-                       items_without_vectors=n - src.num_rows, image_missing=missing,
-                       explained_variance_ratio={p.name: round(float(p.explained_variance_ratio.sum()), 6)
-                                                 for p in fitted.parts})
+        return _given_table(lay), None, summary
+    src = ItemSource(data_dir, source, cfg.strategy)
+    progress(f"fuse: fitting {cfg.strategy} PCA on {src.num_rows} items of {src.path}")
+    fitted = fit_fusion(cfg, src.batches, src.num_rows, pca=pca, seed=seed)
+    table = np.zeros((n + 1, fitted.dim), dtype=np.float32)
+    missing = 0
+    for b in src.batches():
+        table[b.ids] = fitted.transform(b)
+        missing += int(b.image_missing.sum())
+    summary.update(source=str(src.path.resolve()), source_rows=src.num_rows, pca=pca, seed=seed,
+                   items_without_vectors=n - src.num_rows, image_missing=missing)
+    return table, fitted, summary
+
+
+def write_fused(out: Path, table: np.ndarray, fitted: FittedFusion | None, summary: dict[str, Any], t0: float,
+                progress: Callable[[str], None] = log.info) -> dict[str, Any]:
+    """Write ``table`` (with ``fitted``'s npz and the summary, completed here) as ``out``; the table last."""
+    paths = sidecars(out)
+    if fitted is not None:
+        summary["explained_variance_ratio"] = {p.name: round(float(p.explained_variance_ratio.sum()), 6)
+                                               for p in fitted.parts}
     summary.update(dim=int(table.shape[1]), seconds=round(time.perf_counter() - t0, 3))
-    ids = pa.array(np.arange(n + 1, dtype=np.int64))
+    ids = pa.array(np.arange(len(table), dtype=np.int64))
     tmps: dict[str, Path] = {}
     try:
         if fitted is not None:
@@ -192,7 +212,7 @@ def run_fuse(data_dir: str | Path, out: str | Path, cfg: FusionConfig, source: s
             tmp.unlink(missing_ok=True)
     if fitted is None and paths["pca"].exists():
         paths["pca"].unlink()  # an earlier fit's PCA does not describe a 'given' table
-    progress(f"fuse: wrote {out} ({n + 1} rows × {table.shape[1]}) in {summary['seconds']:.1f} s")
+    progress(f"fuse: wrote {out} ({len(table)} rows × {table.shape[1]}) in {summary['seconds']:.1f} s")
     return summary
 
 

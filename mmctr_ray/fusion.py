@@ -10,8 +10,9 @@ v3       PCA(text ‖ image) → ``dims`` (concatenate the raw vectors, then red
 v4       PCA(text) → ``text_dim`` ‖ PCA(image) → ``image_dim`` (reduce each, then concatenate)
 ======== =====================================================================
 
-PCA is scikit-learn's: ``PCA`` on the whole item matrix when it fits in memory, ``IncrementalPCA`` over
-streamed batches when it does not. A fitted fusion is a list of parts, each ``(x - mean) @ components.T``
+PCA is scikit-learn's: an exact ``PCA`` (the eigenvectors of the covariance, so its first k axes are the
+k-axis fit) on the whole item matrix when it fits in memory, ``IncrementalPCA`` over streamed batches when it
+does not. A fitted fusion is a list of parts, each ``(x - mean) @ components.T``
 over its inputs, saved as plain arrays in an npz (no pickle), so the same items transform to the same table.
 
 Missing covers: rows flagged ``image_missing`` get ``image_fill``, the mean image vector of the items that
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 from sklearn.decomposition import PCA, IncrementalPCA
@@ -95,7 +96,24 @@ class FittedFusion:
         raw = _filled(batch, self.image_fill)
         return np.concatenate([p.transform(_concat(raw, p.inputs)) for p in self.parts], axis=1)
 
-    def save(self, path: str | Path) -> None:
+    def select(self, cfg: FusionConfig) -> tuple[FittedFusion, np.ndarray]:
+        """The fit of ``cfg`` taken from this wider one, and which columns of this fit's fused vectors it keeps
+        (its transform is those columns): each of ``cfg``'s parts is this fit's part of that name cut to its first
+        axes, which for an exact (``full``) fit is the fit of that width. A v4 fit holds v1's and v2's parts."""
+        starts = dict(zip((p.name for p in self.parts),
+                          np.cumsum([0] + [p.components.shape[0] for p in self.parts])[:-1]))
+        parts, columns = [], []
+        for name, _, field in PARTS[cfg.strategy]:
+            p, k = next((p for p in self.parts if p.name == name), None), getattr(cfg, field)
+            if p is None or k > p.components.shape[0]:
+                raise ValueError(f"{cfg.strategy}'s {name} part ({k} axes) is not in this {self.strategy} fit")
+            parts.append(PCAPart(p.name, p.inputs, p.mean, p.components[:k], p.explained_variance[:k],
+                                 p.explained_variance_ratio[:k]))
+            columns.append(np.arange(starts[name], starts[name] + k))
+        fill = self.image_fill if "image" in modalities_needed(cfg.strategy) else None
+        return FittedFusion(cfg.strategy, tuple(parts), fill), np.concatenate(columns)
+
+    def save(self, path: str | Path | BinaryIO) -> None:
         arrays: dict[str, np.ndarray] = {"strategy": np.array(self.strategy),
                                          "parts": np.array([p.name for p in self.parts])}
         if self.image_fill is not None:
@@ -104,6 +122,9 @@ class FittedFusion:
             arrays[f"{p.name}.inputs"] = np.array(p.inputs)
             for field in ("mean", "components", "explained_variance", "explained_variance_ratio"):
                 arrays[f"{p.name}.{field}"] = getattr(p, field)
+        if not isinstance(path, (str, Path)):  # an open file
+            np.savez(path, **arrays)
+            return
         with open(path, "wb") as f:
             np.savez(f, **arrays)
 
@@ -186,7 +207,9 @@ def fit_fusion(cfg: FusionConfig, batches: Callable[[], Iterator[ModalityBatch]]
         parts = []
         for name, inputs, k in specs:
             x = np.concatenate([_concat(r, inputs) for r in raws], axis=0)
-            parts.append(_part(name, inputs, PCA(n_components=k, random_state=seed).fit(x)))
+            # exact (the eigenvectors of the covariance): the first k axes of a wider fit are this fit's axes,
+            # so a search can fit each strategy once at full width and slice every size from it (pca_cache)
+            parts.append(_part(name, inputs, PCA(n_components=k, svd_solver="covariance_eigh").fit(x)))
         return FittedFusion(cfg.strategy, tuple(parts), fill)
     if pca != "incremental":
         raise ConfigError(f"pca={pca!r}: expected auto, full or incremental")

@@ -1,33 +1,51 @@
-"""Fused item tables shared by the trials of a search: each (strategy, sizes, source) is fitted once.
+"""Fused item tables shared by the trials of a search: each strategy is fitted once per source, each size is
+sliced from that fit.
 
-Trials that sample the same fusion ask :func:`cached_fusion` for it; the first one fits the PCA (``mmctr fuse``
-into ``CACHE/<key>.parquet``) while holding a file lock on the key, so a concurrent trial asking for the same
-key waits and then reads the finished table instead of fitting again. ``run_fuse`` writes the table last and
-atomically, so a table that exists is complete. The lock is an OS file lock (``filelock``): it serialises
+PCA is exact here (the eigenvectors of the covariance, :func:`mmctr_ray.fusion.fit_fusion`), so the first k axes
+of a full-width fit are the k-axis fit: the first trial that needs a strategy fits it at full width and keeps
+the projection of every item on every axis (``CACHE/basis-<strategy>-<source>.npz`` and ``.npy``; v1 and v2
+use v4's, whose parts they are); a trial that samples any size takes the table's columns from it
+(``CACHE/<key>.parquet``, with the same ``.pca.npz`` and ``.fusion.json`` as `mmctr fuse` of that size writes)
+without reading the source again. A source
+too large for an exact fit in memory (``pca: auto`` picks the incremental fit there) is fitted per size instead.
+
+Each step holds a file lock on its name, so concurrent trials asking for the same basis or table wait and then
+read the finished file instead of fitting again. Every file is written under a temporary name and renamed, the
+table last, so a file that exists is complete. The lock is an OS file lock (``filelock``): it serialises
 processes on one machine and on shared file systems that support locking (NFS v4).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
+import os
+import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from filelock import FileLock
 
 from mmctr_ray.config import FusionConfig
-from mmctr_ray.fuse import run_fuse
+from mmctr_ray.fuse import ItemSource, fuse_items, run_fuse, write_fused
+from mmctr_ray.fusion import FULL_PCA_MAX_BYTES, PARTS, FittedFusion
 
 
 def fusion_key(cfg: FusionConfig, source: str = "shipped") -> str:
-    """The cache key: the strategy, the widths it uses, and the source of the raw vectors."""
+    """The cache key of a table: the strategy, the widths it uses, and the source of the raw vectors."""
     sizes = f"t{cfg.text_dim}-i{cfg.image_dim}" if cfg.strategy == "v4" else f"d{cfg.dims}"
-    src = "shipped" if source == "shipped" else hashlib.sha1(str(Path(source).resolve()).encode()).hexdigest()[:10]
-    return f"{cfg.strategy}-{sizes}-{src}"
+    return f"{cfg.strategy}-{sizes}-{_source_key(source)}"
+
+
+def _source_key(source: str) -> str:
+    return "shipped" if source == "shipped" else hashlib.sha1(str(Path(source).resolve()).encode()).hexdigest()[:10]
 
 
 def cached_fusion(cache_dir: str | Path, data_dir: str | Path, cfg: FusionConfig, source: str = "shipped",
                   seed: int = 0) -> tuple[Path, bool]:
-    """(path of the fused table for ``cfg``, whether this call fitted it); ``given`` needs no table."""
+    """(path of the fused table for ``cfg``, whether this call wrote it); ``given`` needs no table."""
     if cfg.strategy == "given":
         raise ValueError("the given strategy uses item_info's vectors directly: no fused table to cache")
     cache = Path(cache_dir)
@@ -37,7 +55,65 @@ def cached_fusion(cache_dir: str | Path, data_dir: str | Path, cfg: FusionConfig
     if table.is_file():
         return table, False
     with FileLock(str(cache / f"{key}.lock")):
-        if table.is_file():  # fitted by another trial while this one waited
+        if table.is_file():  # written by another trial while this one waited
             return table, False
-        run_fuse(data_dir, table, cfg, source=source, seed=seed, overwrite=True, progress=lambda msg: None)
+        t0 = time.perf_counter()
+        strategy = BASIS[cfg.strategy]
+        basis = _basis(cache, data_dir, strategy, source, seed)
+        if basis is None:  # too large for an exact fit in memory: this size on its own
+            run_fuse(data_dir, table, cfg, source=source, seed=seed, overwrite=True, progress=lambda msg: None)
+            return table, True
+        full, projected, summary = basis
+        fitted, columns = full.select(cfg)
+        summary = {**summary, **dataclasses.asdict(cfg), "basis": str(_stem(cache, strategy, source)) + ".npz"}
+        if fitted.image_fill is None:  # v1 reads no cover flags
+            summary["image_missing"] = 0
+        write_fused(table, np.ascontiguousarray(projected[:, columns]), fitted, summary, t0, progress=lambda m: None)
         return table, True
+
+
+BASIS = {"v1": "v4", "v2": "v4", "v3": "v3", "v4": "v4"}  # v4's parts are v1's (text) and v2's (image) fits
+
+
+def _stem(cache: Path, strategy: str, source: str) -> Path:
+    return cache / f"basis-{strategy}-{_source_key(source)}"
+
+
+def _basis(cache: Path, data_dir: str | Path, strategy: str, source: str,
+           seed: int) -> tuple[FittedFusion, np.ndarray, dict[str, Any]] | None:
+    """The full-width exact fit of ``strategy`` over ``source``, every item's projection on all its axes (memory
+    mapped) and the fit's summary fields; fitted by the first caller. None when the source is too large for it."""
+    stem = _stem(cache, strategy, source)
+    paths = {"fit": stem.with_suffix(".npz"), "projected": stem.with_suffix(".npy"),
+             "summary": stem.with_suffix(".json")}
+    with FileLock(str(stem.with_suffix(".lock"))):
+        if not paths["summary"].is_file():
+            widths = _full_widths(data_dir, strategy, source)
+            if widths is None:
+                return None
+            full = FusionConfig(strategy, dims=widths.get("dims", 1), text_dim=widths.get("text_dim", 1),
+                                image_dim=widths.get("image_dim", 1))
+            projected, fitted, summary = fuse_items(data_dir, full, source, pca="full", seed=seed,
+                                                    progress=lambda msg: None)
+            text = (json.dumps(summary, indent=2) + "\n").encode()
+            for name, write in (("fit", fitted.save), ("projected", lambda f: np.save(f, projected)),
+                                ("summary", lambda f: f.write(text))):  # the summary last: it means the rest is there
+                tmp = paths[name].with_name(f".{paths[name].name}.partial-{os.getpid()}")
+                with open(tmp, "wb") as f:  # a file, not a path: np.save would add .npy to the temporary name
+                    write(f)
+                os.replace(tmp, paths[name])
+    summary = json.loads(paths["summary"].read_text())
+    return FittedFusion.load(paths["fit"]), np.load(paths["projected"], mmap_mode="r"), summary
+
+
+def _full_widths(data_dir: str | Path, strategy: str, source: str) -> dict[str, int] | None:
+    """Each part's full width (``min(items, input width)``), keyed by its FusionConfig field; None when the
+    input matrix is over what an exact fit holds in memory."""
+    src = ItemSource(Path(data_dir), source, strategy)
+    first = next(iter(src.batches()))
+    widths = {"text": 0 if first.text is None else first.text.shape[1],
+              "image": 0 if first.image is None else first.image.shape[1]}
+    parts = PARTS[strategy]
+    if 4 * src.num_rows * sum(widths[m] for _, inputs, _ in parts for m in inputs) > FULL_PCA_MAX_BYTES:
+        return None
+    return {field: min(src.num_rows, sum(widths[m] for m in inputs)) for _, inputs, field in parts}

@@ -10,7 +10,7 @@ TUNE holds::
     search.yaml        the YAML the search was started with       settings.json   data, workers, GPUs, source
     optuna.db          the Optuna study (SQLite; `optuna-dashboard sqlite:///TUNE/optuna.db`)
     tune/              Tune's experiment state (what --resume restores)
-    pca_cache/         fused tables, one per (strategy, sizes, source)
+    pca_cache/         one exact fit per (strategy, source); the fused table of each sampled size, sliced from it
     trials/<trial_id>/ each trial's run directory (config.yaml, metrics.jsonl, checkpoints), and beside it
     trials/<trial_id>.params.json   the parameters Optuna sampled for it
     results.csv, best.yaml, plots/      written by :mod:`mmctr_ray.tune_report` when the search ends
@@ -95,7 +95,7 @@ def _trial_config(space: SearchSpace, params: dict[str, Any], tune_dir: Path, da
     vector = "given" if searched else cfg.data.item_vector
     if cfg.fusion.strategy != "given":
         table, fitted = cached_fusion(tune_dir / "pca_cache", data_dir, cfg.fusion, source, seed=cfg.train.seed)
-        log.info("fusion %s: %s (%s)", cfg.fusion.strategy, table.name, "fitted" if fitted else "from the cache")
+        log.info("fusion %s: %s (%s)", cfg.fusion.strategy, table.name, "written" if fitted else "from the cache")
         vector = str(table)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, item_vector=vector))
 

@@ -35,15 +35,20 @@ def fused(path):
     return t.column("item_id").to_numpy(), list_matrix(t.column("item_emb"), "f")
 
 
+def exact_pca(k, x):
+    """scikit-learn's PCA by a float64 SVD: the exact fit (its default picks a randomized SVD for wide inputs, which
+    was off by up to 0.4 on v3's 1,792 columns of 100 items)."""
+    return PCA(k, svd_solver="full").fit_transform(x.astype(np.float64))
+
+
 def sklearn_reference(strategy, text, image):
     if strategy == "v1":
-        return PCA(12, random_state=0).fit_transform(text)
+        return exact_pca(12, text)
     if strategy == "v2":
-        return PCA(12, random_state=0).fit_transform(image)
+        return exact_pca(12, image)
     if strategy == "v3":
-        return PCA(12, random_state=0).fit_transform(np.concatenate([text, image], axis=1))
-    return np.concatenate([PCA(10, random_state=0).fit_transform(text), PCA(6, random_state=0).fit_transform(image)],
-                          axis=1)
+        return exact_pca(12, np.concatenate([text, image], axis=1))
+    return np.concatenate([exact_pca(10, text), exact_pca(6, image)], axis=1)
 
 
 @pytest.mark.parametrize("strategy", ["v1", "v2", "v3", "v4"])

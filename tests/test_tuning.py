@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import optuna
 import pytest
 import yaml
@@ -278,6 +279,47 @@ def test_the_pca_cache_fits_a_key_once(synth_dir, tmp_path):
     other, fitted_other = cached_fusion(tmp_path, synth_dir, FusionConfig("v4", text_dim=6, image_dim=7))
     assert fitted_other and other != table
     assert fusion_key(FusionConfig("v1", dims=8)) == "v1-d8-shipped"
+
+
+def test_every_size_of_a_strategy_is_sliced_from_one_exact_fit(synth_dir, tmp_path, monkeypatch):
+    """The first trial of a strategy fits it at full width; other sizes take columns of that fit, equal to what
+    `mmctr fuse` writes for them, and read the source no more."""
+    import pyarrow.parquet as pq
+
+    import mmctr_ray.fuse
+    from mmctr_ray.fuse import run_fuse
+
+    fits = []
+    real = mmctr_ray.fuse.fit_fusion
+    monkeypatch.setattr(mmctr_ray.fuse, "fit_fusion", lambda cfg, *a, **k: fits.append(cfg) or real(cfg, *a, **k))
+    monkeypatch.setattr(mmctr_ray.fuse.ItemSource, "batches", _counted(mmctr_ray.fuse.ItemSource.batches, reads := []))
+
+    def table(path):
+        return np.stack(pq.read_table(path).column("item_emb").to_numpy(zero_copy_only=False))
+
+    basis_reads = []
+    for cfg in (FusionConfig("v4", text_dim=6, image_dim=5), FusionConfig("v4", text_dim=9, image_dim=3),
+                FusionConfig("v1", dims=7), FusionConfig("v2", dims=4)):  # v1 and v2 are v4's parts
+        path, wrote = cached_fusion(tmp_path / "cache", synth_dir, cfg)
+        assert wrote
+        n_fits, n_reads = len(fits), len(reads)
+        basis_reads.append(n_reads)
+        reference = run_fuse(synth_dir, tmp_path / "ref.parquet", cfg, overwrite=True, progress=lambda m: None)
+        np.testing.assert_allclose(table(path), table(tmp_path / "ref.parquet"), atol=1e-4)
+        summary = json.loads(path.with_name(path.stem + ".fusion.json").read_text())
+        for key in ("strategy", "dims", "text_dim", "image_dim", "dim", "image_missing", "source_rows"):
+            assert summary[key] == reference[key], key
+        assert summary["explained_variance_ratio"] == pytest.approx(reference["explained_variance_ratio"], abs=1e-5)
+        del fits[n_fits:], reads[n_reads:]  # the reference's own fit and reads
+    assert len(fits) == 1 and fits[0].text_dim > 9  # one fit, at full width, for every size and v1, v2
+    assert basis_reads[0] > 0 and set(basis_reads) == {basis_reads[0]}  # the later tables read nothing of the source
+
+
+def _counted(method, calls: list):
+    def wrapper(self, *args, **kwargs):
+        calls.append(1)
+        return method(self, *args, **kwargs)
+    return wrapper
 
 
 def _ask_cache(args):
