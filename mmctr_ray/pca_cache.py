@@ -3,8 +3,8 @@ sliced from that fit.
 
 PCA is exact here (the eigenvectors of the covariance, :func:`mmctr_ray.fusion.fit_fusion`), so the first k axes
 of a full-width fit are the k-axis fit: the first trial that needs a strategy fits it at full width and keeps
-the projection of every item on every axis (``CACHE/basis-<strategy>-<source>.npz`` and ``.npy``; v1 and v2
-use v4's, whose parts they are); a trial that samples any size takes the table's columns from it
+the projection of every item on every axis (``CACHE/basis-<strategy>-<source>.npz`` and ``.npy``; v2 uses
+v4's, whose image part it is); a trial that samples any size takes the table's columns from it
 (``CACHE/<key>.parquet``, with the same ``.pca.npz`` and ``.fusion.json`` as `mmctr fuse` of that size writes)
 without reading the source again. A source
 too large for an exact fit in memory (``pca: auto`` picks the incremental fit there) is fitted per size instead.
@@ -68,11 +68,12 @@ def cached_fusion(cache_dir: str | Path, data_dir: str | Path, cfg: FusionConfig
         summary = {**summary, **dataclasses.asdict(cfg), "basis": str(_stem(cache, strategy, source)) + ".npz"}
         if fitted.image_fill is None:  # v1 reads no cover flags
             summary["image_missing"] = 0
-        write_fused(table, np.ascontiguousarray(projected[:, columns]), fitted, summary, t0, progress=lambda m: None)
+        vectors = np.ascontiguousarray(projected[columns].T)  # the kept axes' rows only are read from disk
+        write_fused(table, vectors, fitted, summary, t0, progress=lambda m: None)
         return table, True
 
 
-BASIS = {"v1": "v4", "v2": "v4", "v3": "v3", "v4": "v4"}  # v4's parts are v1's (text) and v2's (image) fits
+BASIS = {"v1": "v1", "v2": "v4", "v3": "v3", "v4": "v4"}  # v4's image part is v2's fit (v1 reads no covers)
 
 
 def _stem(cache: Path, strategy: str, source: str) -> Path:
@@ -82,7 +83,8 @@ def _stem(cache: Path, strategy: str, source: str) -> Path:
 def _basis(cache: Path, data_dir: str | Path, strategy: str, source: str,
            seed: int) -> tuple[FittedFusion, np.ndarray, dict[str, Any]] | None:
     """The full-width exact fit of ``strategy`` over ``source``, every item's projection on all its axes (memory
-    mapped) and the fit's summary fields; fitted by the first caller. None when the source is too large for it."""
+    mapped, one row per axis) and the fit's summary fields; fitted by the first caller. None when the source is
+    too large for it."""
     stem = _stem(cache, strategy, source)
     paths = {"fit": stem.with_suffix(".npz"), "projected": stem.with_suffix(".npy"),
              "summary": stem.with_suffix(".json")}
@@ -96,12 +98,17 @@ def _basis(cache: Path, data_dir: str | Path, strategy: str, source: str,
             projected, fitted, summary = fuse_items(data_dir, full, source, pca="full", seed=seed,
                                                     progress=lambda msg: None)
             text = (json.dumps(summary, indent=2) + "\n").encode()
-            for name, write in (("fit", fitted.save), ("projected", lambda f: np.save(f, projected)),
+            by_axis = np.ascontiguousarray(projected.T)  # (axes, items): a size reads its axes' rows alone
+            del projected
+            for name, write in (("fit", fitted.save), ("projected", lambda f: np.save(f, by_axis)),
                                 ("summary", lambda f: f.write(text))):  # the summary last: it means the rest is there
                 tmp = paths[name].with_name(f".{paths[name].name}.partial-{os.getpid()}")
-                with open(tmp, "wb") as f:  # a file, not a path: np.save would add .npy to the temporary name
-                    write(f)
-                os.replace(tmp, paths[name])
+                try:
+                    with open(tmp, "wb") as f:  # a file, not a path: np.save would add .npy to the temporary name
+                        write(f)
+                    os.replace(tmp, paths[name])
+                finally:
+                    tmp.unlink(missing_ok=True)
     summary = json.loads(paths["summary"].read_text())
     return FittedFusion.load(paths["fit"]), np.load(paths["projected"], mmap_mode="r"), summary
 

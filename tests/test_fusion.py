@@ -187,3 +187,15 @@ def test_cli_fuse_flags(synth_dir, tmp_path, capsys):
     rc = main(["fuse", "--data", str(synth_dir), "--strategy", "v4", "--dims", "5", "--out", str(tmp_path / "x")])
     assert rc == 2
     assert "--dims sets the width of v1, v2, v3; v4 takes --text-dim and --image-dim" in capsys.readouterr().err
+
+
+def test_the_exact_fit_stays_exact_on_vectors_far_from_centred():
+    """BERT's and CLIP's vectors are not centred: a float32 covariance of them cancels digits unless centred first."""
+    from mmctr_ray.fusion import ModalityBatch, fit_fusion
+
+    rng = np.random.default_rng(0)
+    n = 5000
+    text = (rng.standard_normal((n, 64)) * np.linspace(1, 0.01, 64) + 5).astype(np.float32)
+    batch = ModalityBatch(np.arange(1, n + 1), text, None, np.zeros(n, dtype=bool))
+    fitted = fit_fusion(FusionConfig("v1", dims=16), lambda: iter([batch]), n, pca="full")
+    np.testing.assert_allclose(fitted.transform(batch), exact_pca(16, text), atol=1e-3)
