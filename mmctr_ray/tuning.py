@@ -159,9 +159,10 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
                  callbacks=[TuneReportCallback()], datasets=(datasets or {}).get(cfg.data.max_len))
 
 
-def progress_line(trials: list[Any], trial: Any, outcome: str, total: int, elapsed: float, ended_here: int) -> str:
+def progress_line(trials: list[Any], trial: Any, outcome: str, total: int, elapsed: float, ended_here: int,
+                  budget_left: float | None = None) -> str:
     """One line for the log when ``trial`` ends: its result, the best so far and the search's pace (the time left
-    assumes the pace of the trials this driver saw end)."""
+    assumes the pace of the trials this driver saw end; with a time budget, also the time until the last start)."""
     result = trial.last_result or {}
     scored = [(t.last_result[METRIC], t.trial_id) for t in trials if (t.last_result or {}).get(METRIC) is not None]
     ended = sum(t is trial or t.status in ("TERMINATED", "ERROR") for t in trials)
@@ -170,15 +171,18 @@ def progress_line(trials: list[Any], trial: Any, outcome: str, total: int, elaps
     top = max(scored, default=None)
     best = f"best so far {top[0]:.4f} ({top[1]})" if top else "no result yet"
     left = (total - ended) * elapsed / ended_here if ended_here else float("nan")
+    budget = "" if budget_left is None else (f"; new trials for {budget_left / 60:.1f} more min" if budget_left > 0
+                                             else "; time budget spent: no new trial starts")
     return (f"trial {trial.trial_id} {outcome}: {auc}; {best}; {ended}/{total} ended, {running} running; "
-            f"{elapsed / 60:.1f} min, ~{left / 60:.1f} min left")
+            f"{elapsed / 60:.1f} min, ~{left / 60:.1f} min left{budget}")
 
 
 class _Progress:
     """A Tune callback on the driver: one log line per ended trial (:func:`progress_line`), so a search can be
     watched without Tune's status tables. ``setup`` runs again when a search resumes, so the pace restarts there."""
 
-    def __new__(cls, tune_dir: Path, max_epochs: int):  # built lazily: importing this module stays light
+    def __new__(cls, tune_dir: Path, max_epochs: int, deadline: float | None = None):  # built lazily: importing
+        # this module stays light
         from ray.tune import Callback
 
         from mmctr_ray.tune_report import trial_outcome
@@ -194,7 +198,8 @@ class _Progress:
                 epochs = int((trial.last_result or {}).get("epoch") or 0)
                 outcome = outcome or trial_outcome(tune_dir / "trials" / trial.trial_id, epochs, max_epochs)
                 log.info("%s", progress_line(trials, trial, outcome, max(self.total, len(trials)),
-                                             time.monotonic() - self.t0, self.ended_here))
+                                             time.monotonic() - self.t0, self.ended_here,
+                                             None if deadline is None else deadline - time.time()))
 
             def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
                 self._log(trials, trial)
@@ -381,7 +386,8 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
                              datasets=datasets),
         {"CPU": TRIAL_DRIVER_CPU, "memory": TRIAL_DRIVER_MEMORY})
     fault = int(os.environ.get(FAULT_ENV, "0"))
-    callbacks = [_Progress(tdir, space.max_epochs), *([_ExitAfterTrials()] if fault else [])]
+    deadline = time.time() + time_budget_s if time_budget_s and not resume else None
+    callbacks = [_Progress(tdir, space.max_epochs, deadline), *([_ExitAfterTrials()] if fault else [])]
     run_config = tune.RunConfig(name="tune", storage_path=str(tdir), callbacks=callbacks, verbose=0)
     if resume:
         log.info("resuming the search in %s (its own trial count and concurrency; %d trials fit now)", tdir, k)
@@ -390,7 +396,7 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
         searcher = _searcher()(space=space.define_by_run, metric=METRIC, mode="max", seed=space.seed,
                                 study_name=STUDY_NAME,
                                 storage=optuna.storages.RDBStorage(f"sqlite:///{tdir}/optuna.db"))
-        searcher.deadline = time.time() + time_budget_s if time_budget_s else None
+        searcher.deadline = deadline
         scheduler = _scheduler(space)
         n = num_samples or space.num_samples
         log.info("searching %d trials, %d at a time%s (Ray: %s)", n, k,
