@@ -170,11 +170,15 @@ def progress_line(trials: list[Any], trial: Any, outcome: str, total: int, elaps
     auc = f"best valid AUC {result[METRIC]:.4f} at epoch {result.get('epoch', '?')}" if METRIC in result else "no epoch"
     top = max(scored, default=None)
     best = f"best so far {top[0]:.4f} ({top[1]})" if top else "no result yet"
-    left = (total - ended) * elapsed / ended_here if ended_here else float("nan")
-    budget = "" if budget_left is None else (f"; new trials for {budget_left / 60:.1f} more min" if budget_left > 0
-                                             else "; time budget spent: no new trial starts")
+    pace = elapsed / ended_here if ended_here else float("nan")
+    left = f"~{(total - ended) * pace / 60:.1f} min left"
+    if budget_left is not None and budget_left <= 0:
+        left = "time budget spent: no new trial starts"
+    elif budget_left is not None:  # no trial starts after the budget; the last ones take about one trial's time
+        left = f"~{min((total - ended) * pace, budget_left + pace) / 60:.1f} min left, new trials for " \
+               f"{budget_left / 60:.1f} more min"
     return (f"trial {trial.trial_id} {outcome}: {auc}; {best}; {ended}/{total} ended, {running} running; "
-            f"{elapsed / 60:.1f} min, ~{left / 60:.1f} min left{budget}")
+            f"{elapsed / 60:.1f} min, {left}")
 
 
 class _Progress:

@@ -261,9 +261,9 @@ def test_an_ended_trial_is_one_line_with_the_best_so_far_and_the_time_left(tmp_p
     assert line == ("trial b pruned: best valid AUC 0.7500 at epoch 1; best so far 0.8000 (a); 2/8 ended, "
                     "1 running; 2.0 min, ~6.0 min left")  # 6 trials left at 60 s per trial ended here
     assert progress_line(trials, trials[1], "pruned", 8, 120.0, 2, budget_left=90.0).endswith(
-        "~6.0 min left; new trials for 1.5 more min")  # --time-budget-s: until the last start
+        "2.0 min, ~2.5 min left, new trials for 1.5 more min")  # --time-budget-s: the last start + one trial
     assert progress_line(trials, trials[1], "pruned", 8, 120.0, 2, budget_left=-3.0).endswith(
-        "; time budget spent: no new trial starts")
+        "1 running; 2.0 min, time budget spent: no new trial starts")
     failed = trial("e", "RUNNING")
     assert progress_line([failed], failed, "failed", 1, 5.0, 1).endswith("failed: no epoch; no result yet; 1/1 ended, "
                                                                           "0 running; 0.1 min, ~0.0 min left")
