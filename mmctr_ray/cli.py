@@ -138,12 +138,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from mmctr_ray.convert.pipeline import run_convert
-    from mmctr_ray.convert.raw import RawSpec
+    from mmctr_ray.convert.raw import RawSpec, locate
     from mmctr_ray.convert.rows import RowSpec
 
     raw = RawSpec(args.raw, **{k: getattr(args, k) for k in CONVERT_RAW_FLAGS})
     rows = RowSpec(negatives=args.negatives, seed=args.seed, split=args.split, valid_from=args.valid_from,
                    test_from=args.test_from, min_history=args.min_history)
+    locate(raw)  # a missing folder, file or column fails before Ray starts
     _start_ray(args)
     m = run_convert(raw, args.out, rows, partitions=args.partitions, shuffle=args.shuffle, overwrite=args.overwrite,
                     progress=log.info)
@@ -155,7 +156,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_features(args: argparse.Namespace) -> int:
     from mmctr_ray.feature_summary import format_summary, summarize_features
-
     from mmctr_ray.preflight import check_files
     from mmctr_ray.schema import SPLITS
 

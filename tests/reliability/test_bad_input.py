@@ -343,6 +343,10 @@ def report_not_a_run(d, t):
     return ["report", str(t / "empty")]
 
 
+def convert_of_a_missing_raw_folder(d, t):
+    return ["convert", "--raw", str(t / "no-raw"), "--out", str(t / "converted")]
+
+
 def features_of_a_missing_folder(d, t):
     return ["features", "--data", str(t / "nowhere"), "--out", str(t / "features")]
 
@@ -413,6 +417,7 @@ CASES = [
      ["features"]),
     (embed_without_item_feature, ["item_feature.parquet: missing file (embed reads item_id and item_title"],
      ["emb.parquet"]),
+    (convert_of_a_missing_raw_folder, ["no-raw: raw data folder not found"], ["converted"]),
 ]
 
 
