@@ -110,7 +110,7 @@ def _basis(cache: Path, data_dir: str | Path, strategy: str, source: str,
                 finally:
                     tmp.unlink(missing_ok=True)
     summary = json.loads(paths["summary"].read_text())
-    return FittedFusion.load(paths["fit"]), np.load(paths["projected"], mmap_mode="r"), summary
+    return FittedFusion.load(paths["fit"]), np.load(paths["projected"], mmap_mode="r", allow_pickle=False), summary
 
 
 def _full_widths(data_dir: str | Path, strategy: str, source: str) -> dict[str, int] | None:
