@@ -86,6 +86,13 @@ def _number(kind: type, above: float | None = None, at_least: float | None = Non
 POSITIVE_INT, POSITIVE, NON_NEGATIVE = _number(int, above=0), _number(float, above=0), _number(float, at_least=0)
 
 
+def _add_resume_args(p: argparse.ArgumentParser, resume: str, overwrite: str) -> None:
+    """``--resume`` and ``--overwrite``: continue what the output holds, or replace it; not both."""
+    once = p.add_mutually_exclusive_group()
+    once.add_argument("--resume", action="store_true", help=resume)
+    once.add_argument("--overwrite", action="store_true", help=overwrite)
+
+
 def _add_training_args(p: argparse.ArgumentParser) -> None:
     _add_worker_args(p, "workers", "DDP training workers")
     p.add_argument("--gpus-per-worker", type=NON_NEGATIVE, default=0.0,
@@ -376,10 +383,8 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     _add_worker_args(p, "actors", "encoder and scoring actors")
     p.add_argument("--gpus-per-actor", type=NON_NEGATIVE, help="GPUs per encoder/scoring actor (default: "
                                                         "--gpus-per-worker)")
-    once = p.add_mutually_exclusive_group()  # continue what OUT holds, or replace it: not both
-    once.add_argument("--resume", action="store_true", help="continue in OUT: keep the data, embed shards and fused "
-                                                         "table there, resume training from the latest checkpoint")
-    once.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in OUT")
+    _add_resume_args(p, "continue in OUT: keep the data, embed shards and fused table there, resume training from "
+                        "the latest checkpoint", "replace the outputs of an earlier run in OUT")
     _add_training_args(p)
     _add_synth_args(p)
     _add_config_args(p)
@@ -517,9 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fusion", type=Path, metavar="FILE", help="fused item table from `mmctr fuse` (sets "
                    "data.item_vector, and fusion.* from FILE's .fusion.json)")
     _add_training_args(p)
-    once = p.add_mutually_exclusive_group()
-    once.add_argument("--resume", action="store_true", help="continue RUN from its latest checkpoint (its own config)")
-    once.add_argument("--overwrite", action="store_true", help="replace a run already in RUN")
+    _add_resume_args(p, "continue RUN from its latest checkpoint (its own config)", "replace a run already in RUN")
     _add_ray_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -541,9 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers-per-trial", type=POSITIVE_INT, default=1, help="DDP workers per trial (default 1)")
     p.add_argument("--cpus-per-worker", type=POSITIVE, default=1.0, help="logical CPUs per training worker")
     p.add_argument("--source", default="shipped", metavar="shipped|FILE", help="raw vectors for fusion (as `fuse`)")
-    once = p.add_mutually_exclusive_group()
-    once.add_argument("--resume", action="store_true", help="continue the search in TUNE (its own search.yaml)")
-    once.add_argument("--overwrite", action="store_true", help="replace a search already in TUNE")
+    _add_resume_args(p, "continue the search in TUNE (its own search.yaml)", "replace a search already in TUNE")
     _add_ray_args(p)
     p.set_defaults(func=cmd_tune)
 

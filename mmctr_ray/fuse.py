@@ -121,12 +121,20 @@ def _given_table(lay: Layout) -> np.ndarray:
     return table
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write through ``write`` to a hidden temporary name beside ``path``; return that name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    write(tmp)
-    return tmp
+def write_files(files: list[tuple[Path, Callable[[Path], None]]]) -> None:
+    """Write each ``(path, write)`` through ``write`` to a hidden temporary name beside ``path``, then rename them
+    in order, so the last one's presence means the rest is there; on a failure no temporary file stays."""
+    tmps: list[tuple[Path, Path]] = []
+    try:
+        for path, write in files:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmps.append((path.with_name(f".{path.name}.partial-{os.getpid()}"), path))
+            write(tmps[-1][0])
+        for tmp, path in tmps:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in tmps:
+            tmp.unlink(missing_ok=True)
 
 
 def _refuse_placeholders(data_dir: Path, strategy: str, source: str) -> None:
@@ -196,20 +204,10 @@ def write_fused(out: Path, table: np.ndarray, fitted: FittedFusion | None, summa
                                                for p in fitted.parts}
     summary.update(dim=int(table.shape[1]), seconds=round(time.perf_counter() - t0, 3))
     ids = pa.array(np.arange(len(table), dtype=np.int64))
-    tmps: dict[str, Path] = {}
-    try:
-        if fitted is not None:
-            tmps["pca"] = _write_atomic(paths["pca"], fitted.save)
-        tmps["summary"] = _write_atomic(paths["summary"],
-                                        lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
-        tmps["table"] = _write_atomic(out, lambda p: pq.write_table(
-            pa.table({"item_id": ids, FUSED_VECTOR_COLUMN: list_array(table, pa.float32())}), p))
-        for key in ("pca", "summary", "table"):  # the table last: its presence means the rest is there
-            if key in tmps:
-                os.replace(tmps.pop(key), paths[key])
-    finally:
-        for tmp in tmps.values():
-            tmp.unlink(missing_ok=True)
+    write_files([*([(paths["pca"], fitted.save)] if fitted is not None else []),
+                 (paths["summary"], lambda p: p.write_text(json.dumps(summary, indent=2) + "\n")),
+                 (out, lambda p: pq.write_table(  # the table last: its presence means the rest is there
+                     pa.table({"item_id": ids, FUSED_VECTOR_COLUMN: list_array(table, pa.float32())}), p))])
     if fitted is None and paths["pca"].exists():
         paths["pca"].unlink()  # an earlier fit's PCA does not describe a 'given' table
     progress(f"fuse: wrote {out} ({len(table)} rows × {table.shape[1]}) in {summary['seconds']:.1f} s")

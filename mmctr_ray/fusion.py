@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 from sklearn.decomposition import PCA, IncrementalPCA
@@ -116,7 +116,7 @@ class FittedFusion:
         fill = self.image_fill if "image" in modalities_needed(cfg.strategy) else None
         return FittedFusion(cfg.strategy, tuple(parts), fill), np.concatenate(columns)
 
-    def save(self, path: str | Path | BinaryIO) -> None:
+    def save(self, path: str | Path) -> None:
         arrays: dict[str, np.ndarray] = {"strategy": np.array(self.strategy),
                                          "parts": np.array([p.name for p in self.parts])}
         if self.image_fill is not None:
@@ -125,9 +125,6 @@ class FittedFusion:
             arrays[f"{p.name}.inputs"] = np.array(p.inputs)
             for field in ("mean", "components", "explained_variance", "explained_variance_ratio"):
                 arrays[f"{p.name}.{field}"] = getattr(p, field)
-        if not isinstance(path, (str, Path)):  # an open file
-            np.savez(path, **arrays)
-            return
         with open(path, "wb") as f:
             np.savez(f, **arrays)
 
@@ -140,6 +137,18 @@ class FittedFusion:
                           for name in z["parts"])
             fill = z["image_fill"] if "image_fill" in z.files else None
             return cls(str(z["strategy"]), parts, fill)
+
+
+def input_widths(batch: ModalityBatch) -> dict[str, int]:
+    """Each modality's vector width in ``batch`` (0 for one it does not carry)."""
+    return {"text": 0 if batch.text is None else batch.text.shape[1],
+            "image": 0 if batch.image is None else batch.image.shape[1]}
+
+
+def input_bytes(strategy: str, n_items: int, widths: dict[str, int]) -> int:
+    """The float32 input matrices of ``strategy``'s parts over ``n_items`` items: ``pca="auto"`` fits them whole
+    (exact) up to ``FULL_PCA_MAX_BYTES``."""
+    return 4 * n_items * sum(widths[m] for _, inputs, _ in PARTS[strategy] for m in inputs)
 
 
 def modalities_needed(strategy: str) -> set[str]:
@@ -195,14 +204,11 @@ def fit_fusion(cfg: FusionConfig, batches: Callable[[], Iterator[ModalityBatch]]
     if cfg.strategy not in PARTS:
         raise ConfigError(f"fusion.strategy={cfg.strategy!r}: no PCA to fit (expected one of {', '.join(PARTS)})")
     needs_image = "image" in modalities_needed(cfg.strategy)
-    first = next(iter(batches()))
-    widths = {"text": 0 if first.text is None else first.text.shape[1],
-              "image": 0 if first.image is None else first.image.shape[1]}
+    widths = input_widths(next(iter(batches())))
     specs = [(name, inputs, _check_width(cfg, name, wf, n_items, sum(widths[m] for m in inputs)))
              for name, inputs, wf in PARTS[cfg.strategy]]
-    in_bytes = 4 * n_items * sum(widths[m] for _, inputs, _ in specs for m in inputs)
     if pca == "auto":
-        pca = "full" if in_bytes <= FULL_PCA_MAX_BYTES else "incremental"
+        pca = "full" if input_bytes(cfg.strategy, n_items, widths) <= FULL_PCA_MAX_BYTES else "incremental"
     if pca == "full":  # one read of the source: the fill and the fit both use the batches held in memory
         loaded = list(batches())
         fill = _image_fill(loaded) if needs_image else None

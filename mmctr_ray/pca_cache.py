@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,8 @@ import numpy as np
 from filelock import FileLock
 
 from mmctr_ray.config import FusionConfig
-from mmctr_ray.fuse import ItemSource, fuse_items, run_fuse, write_fused
-from mmctr_ray.fusion import FULL_PCA_MAX_BYTES, PARTS, FittedFusion
+from mmctr_ray.fuse import ItemSource, fuse_items, run_fuse, write_files, write_fused
+from mmctr_ray.fusion import FULL_PCA_MAX_BYTES, PARTS, FittedFusion, input_bytes, input_widths
 
 
 def fusion_key(cfg: FusionConfig, source: str = "shipped") -> str:
@@ -97,30 +96,24 @@ def _basis(cache: Path, data_dir: str | Path, strategy: str, source: str,
                                 image_dim=widths.get("image_dim", 1))
             projected, fitted, summary = fuse_items(data_dir, full, source, pca="full", seed=seed,
                                                     progress=lambda msg: None)
-            text = (json.dumps(summary, indent=2) + "\n").encode()
             by_axis = np.ascontiguousarray(projected.T)  # (axes, items): a size reads its axes' rows alone
             del projected
-            for name, write in (("fit", fitted.save), ("projected", lambda f: np.save(f, by_axis)),
-                                ("summary", lambda f: f.write(text))):  # the summary last: it means the rest is there
-                tmp = paths[name].with_name(f".{paths[name].name}.partial-{os.getpid()}")
-                try:
-                    with open(tmp, "wb") as f:  # a file, not a path: np.save would add .npy to the temporary name
-                        write(f)
-                    os.replace(tmp, paths[name])
-                finally:
-                    tmp.unlink(missing_ok=True)
+            write_files([(paths["fit"], fitted.save), (paths["projected"], lambda p: _save_npy(p, by_axis)),
+                         (paths["summary"], lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))])
     summary = json.loads(paths["summary"].read_text())
     return FittedFusion.load(paths["fit"]), np.load(paths["projected"], mmap_mode="r", allow_pickle=False), summary
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # an open file: np.save would add .npy to a temporary name
+        np.save(f, array)
 
 
 def _full_widths(data_dir: str | Path, strategy: str, source: str) -> dict[str, int] | None:
     """Each part's full width (``min(items, input width)``), keyed by its FusionConfig field; None when the
     input matrix is over what an exact fit holds in memory."""
     src = ItemSource(Path(data_dir), source, strategy)
-    first = next(iter(src.batches()))
-    widths = {"text": 0 if first.text is None else first.text.shape[1],
-              "image": 0 if first.image is None else first.image.shape[1]}
-    parts = PARTS[strategy]
-    if 4 * src.num_rows * sum(widths[m] for _, inputs, _ in parts for m in inputs) > FULL_PCA_MAX_BYTES:
+    widths = input_widths(next(iter(src.batches())))
+    if input_bytes(strategy, src.num_rows, widths) > FULL_PCA_MAX_BYTES:
         return None
-    return {field: min(src.num_rows, sum(widths[m] for m in inputs)) for _, inputs, field in parts}
+    return {field: min(src.num_rows, sum(widths[m] for m in inputs)) for _, inputs, field in PARTS[strategy]}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-
 from typing import Any
 
 from mmctr_ray import storage
@@ -58,6 +57,7 @@ def check_resume(out: storage.Location, work: Path, cfg: ExperimentConfig, embed
     change, as for ``mmctr train --resume``). A different ``--config`` or ``--embed`` is a one-line error, before
     Ray starts, instead of being ignored (the run) or mixed with the kept table (a new run on an old table)."""
     from mmctr_ray.fuse import read_fusion_summary
+    from mmctr_ray.fusion import PARTS
     from mmctr_ray.train_driver import resume_config
 
     run = storage.join(out, "run")
@@ -65,7 +65,7 @@ def check_resume(out: storage.Location, work: Path, cfg: ExperimentConfig, embed
     fused = work / "item_emb.parquet"
     summary = read_fusion_summary(fused) if fused.is_file() else None
     if summary is not None:
-        fields = {"given": (), "v4": ("text_dim", "image_dim")}.get(cfg.fusion.strategy, ("dims",))
+        fields = [field for _, _, field in PARTS.get(cfg.fusion.strategy, ())]  # the widths the strategy uses
         for key in ("strategy", *fields):
             if summary.get(key) != getattr(cfg.fusion, key):
                 raise ConfigError(f"{fused}: kept from the earlier attempt with fusion.{key}={summary.get(key)!r}, "

@@ -113,12 +113,12 @@ def num_items(data_dir: str | Path) -> int:
 def check_files(data_dir: str | Path, splits: Iterable[str]) -> None:
     """Raise a one-line DataError unless item_info and each of ``splits`` open as parquet with the columns the
     stages read (the cheap check a stage runs before it starts Ray; :func:`check_split` also checks values)."""
-    info = Layout(Path(data_dir)).item_info
-    if not info.is_file():
-        raise DataError(f"{info}: missing file (is --data the folder that holds MicroLens_1M_x1/?)")
+    lay = Layout(Path(data_dir))
+    if not lay.item_info.is_file():
+        raise DataError(f"{lay.item_info}: missing file (is --data the folder that holds MicroLens_1M_x1/?)")
     num_items(data_dir)
     for split in splits:
-        _opened(Layout(Path(data_dir)).split(split), SPLIT_COLUMNS)
+        _opened(lay.split(split), SPLIT_COLUMNS)
 
 
 def check_split(data_dir: str | Path, split: str, items: int | None = None) -> int:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mmctr_ray import storage
-from mmctr_ray.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from mmctr_ray.checkpoint import PREFIX, TrainState, load_checkpoint, save_checkpoint
 from mmctr_ray.config import ExperimentConfig, TrainConfig, from_dict
 from mmctr_ray.features import FeatureMap, load_item_table
 from mmctr_ray.metrics import evaluate
@@ -51,10 +51,14 @@ def embedding_l2(tables: list[nn.Parameter], weight: float) -> torch.Tensor:
     return weight / 2 * sum(w.square().sum() for w in tables)
 
 
+def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether ``train.precision`` asks for bf16 autocast on ``device`` (``auto``: on CUDA only)."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+
 def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast when ``train.precision`` asks for it (``auto``: on CUDA only)."""
-    use = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use else contextlib.nullcontext()
+    """bf16 autocast when ``train.precision`` asks for it (:func:`uses_bf16`), else nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(cfg, device) else contextlib.nullcontext()
 
 
 def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
@@ -331,7 +335,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             diverged = diverged or (metrics or {}).get("diverged")
             if diverged:  # every rank ends here, together, and the driver raises: a retry would diverge again
                 fix = "lower train.lr" + ("" if cfg.train.grad_clip else " or set train.grad_clip")
-                if "predictions" in diverged and not isinstance(autocast(cfg.train, device), contextlib.nullcontext):
+                if "predictions" in diverged and uses_bf16(cfg.train, device):
                     fix += " or set train.precision=fp32 (the train loss was finite: bf16 inference overflowed)"
                 message = f"training diverged: {diverged} (lr {state.lr:g}); " + (
                     f"the checkpoints of epochs 1-{state.epoch} are kept: {fix} (`mmctr train --resume RUN --set "
@@ -357,4 +361,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 # metrics.jsonl keeps the per-worker lists; Ray's report takes scalars
                 scalars = {k: v for k, v in row.items() if not k.startswith("worker_peak_")}
                 ray.train.report({**scalars, "best_valid_auc": state.best_auc}, checkpoint=checkpoint,
-                                 checkpoint_dir_name=f"checkpoint_epoch_{epoch:03d}")
+                                 checkpoint_dir_name=f"{PREFIX}{epoch:03d}")

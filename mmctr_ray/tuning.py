@@ -247,10 +247,8 @@ def _searcher() -> type:
         deadline: float | None = None
 
         def suggest(self, trial_id: str) -> dict | str | None:
-            if self.deadline is not None and time.time() >= self.deadline:
-                if not getattr(self, "_budget_logged", False):
-                    log.info("time budget spent: no new trial starts; the running ones finish")
-                    self._budget_logged = True
+            if self.deadline is not None and time.time() >= self.deadline:  # Tune asks no more after FINISHED
+                log.info("time budget spent: no new trial starts; the running ones finish")
                 return Searcher.FINISHED
             return super().suggest(trial_id)
 
@@ -377,12 +375,13 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
                         max_concurrent, time_budget_s)
     elastic = not private_local_ray()
     if not resume:  # a search that cannot fit fails before anything is written
-        trial_concurrency(ray.cluster_resources(), workers, cpus_per_worker, settings["gpus_per_worker"],
-                          max_concurrent, elastic)
+        k = trial_concurrency(ray.cluster_resources(), workers, cpus_per_worker, settings["gpus_per_worker"],
+                              max_concurrent, elastic)
     settings = _prepare(tdir, Path(search_yaml) if search_yaml else None, settings, resume, overwrite)
     space = load_search(tdir / "search.yaml", settings["overrides"])
-    k = trial_concurrency(ray.cluster_resources(), settings["workers"], settings["cpus_per_worker"],
-                          settings["gpus_per_worker"], max_concurrent, elastic)
+    if resume:  # with the settings the search started with
+        k = trial_concurrency(ray.cluster_resources(), settings["workers"], settings["cpus_per_worker"],
+                              settings["gpus_per_worker"], max_concurrent, elastic)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # save the experiment state often: cheap, and resumable
     datasets = shared_datasets(data, space.trial_config({}).data.max_len, rows)
     trainable = tune.with_resources(
