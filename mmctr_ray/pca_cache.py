@@ -6,8 +6,9 @@ of a full-width fit are the k-axis fit: the first trial that needs a strategy fi
 the projection of every item on every axis (``CACHE/basis-<strategy>-<source>.npz`` and ``.npy``; v2 uses
 v4's, whose image part it is); a trial that samples any size takes the table's columns from it
 (``CACHE/<key>.parquet``, with the same ``.pca.npz`` and ``.fusion.json`` as `mmctr fuse` of that size writes)
-without reading the source again. A source
-too large for an exact fit in memory (``pca: auto`` picks the incremental fit there) is fitted per size instead.
+without reading the source again. A source is named by the path, size and modification time of its file and of
+item_info: rewritten vectors get new fits. A source too large for an exact fit in memory (``pca: auto`` picks
+the incremental fit there) is fitted per size instead.
 
 Each step holds a file lock on its name, so concurrent trials asking for the same basis or table wait and then
 read the finished file instead of fitting again. Every file is written under a temporary name and renamed, the
@@ -20,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -30,16 +32,31 @@ from filelock import FileLock
 from mmctr_ray.config import FusionConfig
 from mmctr_ray.fuse import ItemSource, fuse_items, run_fuse, write_files, write_fused
 from mmctr_ray.fusion import FULL_PCA_MAX_BYTES, PARTS, FittedFusion, input_bytes, input_widths
+from mmctr_ray.schema import Layout
 
 
-def fusion_key(cfg: FusionConfig, source: str = "shipped") -> str:
-    """The cache key of a table: the strategy, the widths it uses, and the source of the raw vectors."""
+def fusion_key(cfg: FusionConfig, data_dir: str | Path, source: str = "shipped") -> str:
+    """The cache key of a table: the strategy, the widths it uses, and the version of the raw vectors."""
     sizes = f"t{cfg.text_dim}-i{cfg.image_dim}" if cfg.strategy == "v4" else f"d{cfg.dims}"
-    return f"{cfg.strategy}-{sizes}-{_source_key(source)}"
+    return f"{cfg.strategy}-{sizes}-{_source_key(data_dir, source)}"
 
 
-def _source_key(source: str) -> str:
-    return "shipped" if source == "shipped" else hashlib.sha1(str(Path(source).resolve()).encode()).hexdigest()[:10]
+def _source_key(data_dir: str | Path, source: str) -> str:
+    """``shipped-<hash>`` or ``file-<hash>``: the hash of the path, size and modification time of the vectors'
+    file and of item_info (whose rows are the table's rows), so a source rewritten during a search, or before
+    its --resume, gets new fits instead of the tables of the old vectors."""
+    lay = Layout(Path(data_dir))
+    files = [lay.item_feature if source == "shipped" else Path(source), lay.item_info]
+    stamp = [(str(f.resolve()), *((st.st_size, st.st_mtime_ns) if (st := _stat(f)) else ())) for f in files]
+    digest = hashlib.sha1(json.dumps(stamp).encode()).hexdigest()[:10]
+    return f"{'shipped' if source == 'shipped' else 'file'}-{digest}"
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except OSError:  # a missing file: the fit that follows names it
+        return None
 
 
 def cached_fusion(cache_dir: str | Path, data_dir: str | Path, cfg: FusionConfig, source: str = "shipped",
@@ -49,7 +66,7 @@ def cached_fusion(cache_dir: str | Path, data_dir: str | Path, cfg: FusionConfig
         raise ValueError("the given strategy uses item_info's vectors directly: no fused table to cache")
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    key = fusion_key(cfg, source)
+    key = fusion_key(cfg, data_dir, source)
     table = cache / f"{key}.parquet"
     if table.is_file():
         return table, False
@@ -64,7 +81,8 @@ def cached_fusion(cache_dir: str | Path, data_dir: str | Path, cfg: FusionConfig
             return table, True
         full, projected, summary = basis
         fitted, columns = full.select(cfg)
-        summary = {**summary, **dataclasses.asdict(cfg), "basis": str(_stem(cache, strategy, source)) + ".npz"}
+        stem = _stem(cache, data_dir, strategy, source)
+        summary = {**summary, **dataclasses.asdict(cfg), "basis": f"{stem}.npz"}
         if fitted.image_fill is None:  # v1 reads no cover flags
             summary["image_missing"] = 0
         vectors = np.ascontiguousarray(projected[columns].T)  # the kept axes' rows only are read from disk
@@ -75,8 +93,8 @@ def cached_fusion(cache_dir: str | Path, data_dir: str | Path, cfg: FusionConfig
 BASIS = {"v1": "v1", "v2": "v4", "v3": "v3", "v4": "v4"}  # v4's image part is v2's fit (v1 reads no covers)
 
 
-def _stem(cache: Path, strategy: str, source: str) -> Path:
-    return cache / f"basis-{strategy}-{_source_key(source)}"
+def _stem(cache: Path, data_dir: str | Path, strategy: str, source: str) -> Path:
+    return cache / f"basis-{strategy}-{_source_key(data_dir, source)}"
 
 
 def _basis(cache: Path, data_dir: str | Path, strategy: str, source: str,
@@ -84,7 +102,7 @@ def _basis(cache: Path, data_dir: str | Path, strategy: str, source: str,
     """The full-width exact fit of ``strategy`` over ``source``, every item's projection on all its axes (memory
     mapped, one row per axis) and the fit's summary fields; fitted by the first caller. None when the source is
     too large for it."""
-    stem = _stem(cache, strategy, source)
+    stem = _stem(cache, data_dir, strategy, source)
     paths = {"fit": stem.with_suffix(".npz"), "projected": stem.with_suffix(".npy"),
              "summary": stem.with_suffix(".json")}
     with FileLock(str(stem.with_suffix(".lock"))):

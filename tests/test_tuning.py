@@ -19,7 +19,9 @@ import yaml
 
 from mmctr_ray.config import FusionConfig, load_config
 from mmctr_ray.errors import ConfigError
+from mmctr_ray.fuse import run_fuse
 from mmctr_ray.pca_cache import cached_fusion, fusion_key
+from mmctr_ray.schema import Layout
 from mmctr_ray.search_space import SearchSpace, load_search
 from mmctr_ray.tune_report import trial_outcome
 from mmctr_ray.tuning import (FAULT_ENV, METRIC, _scheduler, check_resources, progress_line, shared_datasets,
@@ -282,7 +284,38 @@ def test_the_pca_cache_fits_a_key_once(synth_dir, tmp_path):
     assert fitted and not refitted and again == table and table.stat().st_mtime_ns == stamp
     other, fitted_other = cached_fusion(tmp_path, synth_dir, FusionConfig("v4", text_dim=6, image_dim=7))
     assert fitted_other and other != table
-    assert fusion_key(FusionConfig("v1", dims=8)) == "v1-d8-shipped"
+    assert re.fullmatch(r"v1-d8-shipped-[0-9a-f]{10}", fusion_key(FusionConfig("v1", dims=8), synth_dir))
+
+
+def test_vectors_rewritten_during_a_search_are_fitted_again(synth_dir, tmp_path):
+    """The cache names a source by its file's size and modification time: a table of the old vectors is never
+    served for new ones (a source replaced mid-search, or before its --resume)."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data, ignore=shutil.ignore_patterns("item_images"))
+    cfg = FusionConfig("v1", dims=5)
+    before, _ = cached_fusion(tmp_path / "cache", data, cfg)
+    path = Layout(data).item_feature
+    items = pq.read_table(path)
+    i = items.schema.get_field_index("txt_emb_BERT")
+    text = np.stack(items.column(i).to_numpy(zero_copy_only=False))
+    rng = np.random.default_rng(0)
+    new = text + 3.0 * rng.standard_normal(text.shape).astype(np.float32)  # other vectors, same shape
+    pq.write_table(items.set_column(i, "txt_emb_BERT", pa.array(list(new), type=items.schema.field(i).type)), path)
+    after, refitted = cached_fusion(tmp_path / "cache", data, cfg)
+    assert refitted and after != before
+    reference = tmp_path / "ref.parquet"
+    run_fuse(data, reference, cfg, overwrite=True, progress=lambda m: None)
+
+    def table(p):
+        return np.stack(pq.read_table(p).column("item_emb").to_numpy(zero_copy_only=False))
+
+    np.testing.assert_allclose(table(after), table(reference), atol=1e-4)
+    assert np.abs(table(after) - table(before)).max() > 0.1
 
 
 def test_every_size_of_a_strategy_is_sliced_from_one_exact_fit(synth_dir, tmp_path, monkeypatch):
@@ -291,7 +324,6 @@ def test_every_size_of_a_strategy_is_sliced_from_one_exact_fit(synth_dir, tmp_pa
     import pyarrow.parquet as pq
 
     import mmctr_ray.fuse
-    from mmctr_ray.fuse import run_fuse
 
     fits = []
     real = mmctr_ray.fuse.fit_fusion
