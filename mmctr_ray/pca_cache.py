@@ -45,7 +45,7 @@ def _source_key(data_dir: str | Path, source: str) -> str:
     """``shipped-<hash>`` or ``file-<hash>``: the hash of the path, size and modification time of the vectors'
     file and of item_info (whose rows are the table's rows), so a source rewritten during a search, or before
     its --resume, gets new fits instead of the tables of the old vectors."""
-    lay = Layout(Path(data_dir))
+    lay = Layout(data_dir)
     files = [lay.item_feature if source == "shipped" else Path(source), lay.item_info]
     stamp = [(str(f.resolve()), *((st.st_size, st.st_mtime_ns) if (st := _stat(f)) else ())) for f in files]
     digest = hashlib.sha1(json.dumps(stamp).encode()).hexdigest()[:10]

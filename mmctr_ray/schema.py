@@ -70,6 +70,9 @@ class Layout:
 
     root: Path
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))  # a str from a caller works too
+
     @property
     def dataset_dir(self) -> Path:
         return self.root / DATASET_NAME

@@ -194,7 +194,8 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
                                                            **({"GPU": gpus_per_worker} if gpus_per_worker else {})}),
         run_config=RunConfig(name=posixpath.basename(fs_path), storage_path=posixpath.dirname(fs_path),
                              storage_filesystem=fs, failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=None), callbacks=callbacks or []),
+                             checkpoint_config=CheckpointConfig(num_to_keep=None),
+                             callbacks=[_end_on_user_error(), *(callbacks or [])]),
         datasets=datasets or {split: read_split(data_dir, split, cfg.data.max_len) for split in ("train", "valid")},
         dataset_config=_data_config(cfg, workers),
     )
@@ -210,6 +211,27 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     if storage.is_file(diverged):  # the workers ended the run themselves: no summary; earlier checkpoints stay
         raise ConfigError(f"{run}: {storage.read_text(diverged).strip()}")
     return _summary(run, data_dir, time.perf_counter() - t0)
+
+
+def _end_on_user_error() -> Any:
+    """A Ray Train callback that ends the run, with no retry, when a worker fails on bad input.
+
+    ``FailureConfig`` restarts a run whose worker raised anything, which is right for a dead process but not for
+    a bad row or file that one rank met while streaming: every retry would meet it again after reloading the last
+    checkpoint. The controller calls ``after_exception`` when it sees a worker's error, before its failure policy
+    decides; a ``ControllerError`` raised there is not retryable (Ray retries only worker-group start-up failures
+    of the controller) and the controller shuts every rank down, those waiting in a collective included.
+    """
+    from ray.train import ControllerError, UserCallback
+
+    class EndOnUserError(UserCallback):
+        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+            for err in worker_exceptions.values():
+                cause = find_user_error(err)
+                if cause is not None:
+                    raise ControllerError(cause)
+
+    return EndOnUserError()
 
 
 def _summary(run_dir: storage.Location, data_dir: Path, seconds: float) -> dict[str, Any]:
