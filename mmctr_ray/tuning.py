@@ -10,6 +10,7 @@ TUNE holds::
     search.yaml        the YAML the search was started with       settings.json   data, workers, GPUs, source
     optuna.db          the Optuna study (SQLite; `optuna-dashboard sqlite:///TUNE/optuna.db`)
     tune/              Tune's experiment state (what --resume restores)
+    asha.json          ASHA's rung records (Tune does not save its scheduler; --resume reads them back)
     pca_cache/         one exact fit per (strategy, source); the fused table of each sampled size, sliced from it
     trials/<trial_id>/ each trial's run directory (config.yaml, metrics.jsonl, checkpoints), and beside it
     trials/<trial_id>.params.json   the parameters Optuna sampled for it
@@ -49,6 +50,7 @@ TRIAL_DRIVER_CPU = 0.0
 TRIAL_DRIVER_MEMORY = 256 * 2**20  # Tune needs some resource in a trial's bundle; memory is one that blocks no CPU
 DATA_CPU_RESERVE = 1.0  # left free for the Ray Data read and map tasks of the running trials
 STUDY_NAME = "mmctr"
+ASHA_RECORDS = "asha.json"
 METRIC = "best_valid_auc"  # what Optuna and ASHA compare: the trial's best epoch so far, the one it would keep
 FAULT_ENV = "MMCTR_FAULT_TUNE_EXIT_AFTER_TRIALS"  # tests: the driver exits hard after N finished trials
 
@@ -262,17 +264,20 @@ def _searcher() -> type:
     return ResumableOptunaSearch
 
 
-def _scheduler(space: SearchSpace) -> Any:
+def _scheduler(space: SearchSpace, records: Path) -> Any:
     """ASHA with every rung before the last epoch: a trial that survives them ends by returning (summary written,
     trainer released), never by a stop at its final epoch, which saves nothing and would race its summary. ASHA
     puts rungs at grace_period · reduction_factor^k up to max_t, so max_t is the epoch before the last (rungs at
     max_t itself do not stop trials with ``stop_last_trials=False``). With no epoch before the last to cut at,
-    trials run to the end (Tune's FIFO scheduler)."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    trials run to the end (Tune's FIFO scheduler). ASHA's rung records are kept in ``records`` for --resume
+    (:mod:`mmctr_ray.asha`)."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    from mmctr_ray.asha import ResumableASHA
 
     if space.grace_period >= space.max_epochs:
         return FIFOScheduler()
-    return ASHAScheduler(metric=METRIC, mode="max", time_attr="epoch", max_t=space.max_epochs - 1,
+    return ResumableASHA(records, metric=METRIC, mode="max", time_attr="epoch", max_t=space.max_epochs - 1,
                          grace_period=space.grace_period, reduction_factor=space.reduction_factor,
                          stop_last_trials=False)
 
@@ -400,7 +405,7 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
                                 study_name=STUDY_NAME,
                                 storage=optuna.storages.RDBStorage(f"sqlite:///{tdir}/optuna.db"))
         searcher.deadline = deadline
-        scheduler = _scheduler(space)
+        scheduler = _scheduler(space, tdir / ASHA_RECORDS)
         n = num_samples or space.num_samples
         log.info("searching %d trials, %d at a time%s (Ray: %s)", n, k,
                  f", none started after {time_budget_s:g} s" if time_budget_s else "", ray.cluster_resources())

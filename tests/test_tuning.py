@@ -129,13 +129,13 @@ def test_a_joined_cluster_that_can_grow_takes_the_requested_concurrency():
 
 
 @pytest.mark.parametrize("max_epochs, grace, rf", [(3, 1, 3), (2, 1, 2), (4, 1, 2), (12, 1, 3), (9, 3, 3)])
-def test_asha_never_stops_a_trial_at_its_last_epoch_but_still_prunes_earlier(max_epochs, grace, rf):
+def test_asha_never_stops_a_trial_at_its_last_epoch_but_still_prunes_earlier(max_epochs, grace, rf, tmp_path):
     """Ray's ASHA puts a rung at max_t when log(max_t / grace) / log(rf) is close to an integer (3 epochs, rf 3:
     rungs 1 and 3), where stopping saves nothing and races the trial's summary (completed or pruned, by chance)."""
     from ray.tune.schedulers import TrialScheduler
 
     space = SearchSpace(params=(), max_epochs=max_epochs, grace_period=grace, reduction_factor=rf)
-    sched = _scheduler(space)
+    sched = _scheduler(space, tmp_path / "asha.json")
     trials = [SimpleNamespace(trial_id=f"t{i}", config={}) for i in range(8)]
     for t in trials:
         sched.on_trial_add(None, t)
@@ -147,10 +147,40 @@ def test_asha_never_stops_a_trial_at_its_last_epoch_but_still_prunes_earlier(max
     assert TrialScheduler.STOP in {actions[t.trial_id, grace] for t in trials}
 
 
-def test_a_search_whose_grace_period_is_its_last_epoch_prunes_nothing():
+def test_a_search_whose_grace_period_is_its_last_epoch_prunes_nothing(tmp_path):
     from ray.tune.schedulers import FIFOScheduler
 
-    assert isinstance(_scheduler(SearchSpace(params=(), max_epochs=2, grace_period=2)), FIFOScheduler)
+    space = SearchSpace(params=(), max_epochs=2, grace_period=2)
+    assert isinstance(_scheduler(space, tmp_path / "asha.json"), FIFOScheduler)
+
+
+def test_asha_prunes_a_resumed_search_against_the_trials_before_the_kill(tmp_path):
+    """Tune restores the scheduler as it was created (empty rungs): the records come back from asha.json."""
+    import pickle
+
+    from ray.tune.schedulers import TrialScheduler
+
+    space = SearchSpace(params=(), max_epochs=3, grace_period=1, reduction_factor=2)
+    records = tmp_path / "asha.json"
+    created = pickle.dumps(_scheduler(space, records))  # what Tuner pickles into tuner.pkl at the start
+    before = pickle.loads(created)
+    trials = [SimpleNamespace(trial_id=f"t{i}", config={}) for i in range(4)]
+    for i, t in enumerate(trials):
+        before.on_trial_add(None, t)
+        assert before.on_trial_result(None, t, {"epoch": 1, METRIC: 0.80 + 0.01 * i}) == TrialScheduler.CONTINUE
+    # the driver dies; --resume unpickles the scheduler of the start, and re-adds the unfinished trial t3
+    after = pickle.loads(created)
+    late, resumed = SimpleNamespace(trial_id="t4", config={}), trials[3]
+    after.on_trial_add(None, resumed)
+    after.on_trial_add(None, late)
+    assert after.on_trial_result(None, resumed, {"epoch": 1, METRIC: 0.83}) == TrialScheduler.CONTINUE  # judged once
+    assert after.on_trial_result(None, late, {"epoch": 1, METRIC: 0.79}) == TrialScheduler.STOP  # below the cutoff
+    fresh = pickle.loads(created)  # what the resumed search had before: no records, so no cutoff
+    records.unlink()
+    fresh.on_trial_add(None, late)
+    assert fresh.on_trial_result(None, late, {"epoch": 1, METRIC: 0.79}) == TrialScheduler.CONTINUE
+    saved = json.loads(records.read_text())["brackets"][0]
+    assert {t for _, recorded in saved for t in recorded} == {"t4"}  # and its own records, written as it goes
 
 
 @pytest.mark.parametrize("workers, gpus, message", [
