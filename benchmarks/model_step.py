@@ -9,7 +9,11 @@ a vocabulary of 11,740, 128-d frozen vectors); histories max_len wide with the r
 * ``packed``: the model as it is — only the n real history ids are embedded, attention over them;
 * ``embed_all``: every B×L history position embedded, then ``sequence(target, history, mask)`` (the model
   before packing; DIN attention still packs inside);
-* ``padded``: every position embedded and attended (the textbook FuxiCTR computation).
+* ``padded``: every position embedded and attended (the textbook FuxiCTR computation);
+* ``compiled``: ``packed`` through ``torch.compile(dynamic=True)``, with dynamo tracing the data-dependent
+  ``nonzero`` of packing (one graph, no break); the first step of each batch size and precision compiles. Not
+  used by `mmctr train` yet: this measures whether fusing the step's small kernels pays where a step is
+  launch-bound (a GPU at batch 8192).
 
 fp32 and ``torch.autocast(<device>, dtype=torch.bfloat16)``; CPU, or CUDA when available. The speed-up column
 is against the first path named.
@@ -57,10 +61,24 @@ def unpacked_forward(model: DINModel, batch: dict[str, torch.Tensor], textbook: 
     return model.head(*model.interaction(fields))
 
 
+_COMPILED: dict[int, Callable] = {}
+
+
+def compiled_forward(model: DINModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    if id(model) not in _COMPILED:
+        import torch._dynamo
+
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True  # pack's nonzero: traced, not a graph break
+        torch._dynamo.config.capture_scalar_outputs = True
+        _COMPILED[id(model)] = torch.compile(model, dynamic=True)
+    return _COMPILED[id(model)](batch)
+
+
 PATHS: dict[str, Callable[[DINModel, dict], torch.Tensor]] = {
     "packed": lambda m, b: m(b),
     "embed_all": lambda m, b: unpacked_forward(m, b, textbook=False),
     "padded": lambda m, b: unpacked_forward(m, b, textbook=True),
+    "compiled": compiled_forward,
 }
 
 
