@@ -105,7 +105,7 @@ class DINModel(nn.Module):
         d = cfg.embedding_dim
         self.cfg = cfg
         self.item_embedding = ItemEmbedding(item_tags, item_vectors, fmap.tag_vocab, d, cfg.item_vector_proj,
-                                            cfg.use_tags)
+                                            cfg.use_tags, cfg.item_vector_rms)
         self.side_embedding = SideEmbedding(d, fmap.num_users if cfg.use_user_id else 0)
         item_dim = self.item_embedding.out_dim
         self.sequence = make_attention(cfg.attention, item_dim, cfg.attention_units, cfg.attention_activation,

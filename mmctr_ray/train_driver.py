@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from mmctr_ray import storage
 from mmctr_ray.checkpoint import best_checkpoint, epoch_checkpoints
-from mmctr_ray.config import ExperimentConfig, load_config, save_config
+from mmctr_ray.config import ExperimentConfig, load_saved_config, save_config
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError, find_user_error
 from mmctr_ray.features import FeatureMap, build_feature_map, load_item_table, read_split
 from mmctr_ray.preflight import check_batch_size, check_splits, check_valid_labels
@@ -63,7 +63,7 @@ def _prepare_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool,
     if resume:
         if not storage.is_file(config_path):
             raise ConfigError(f"{run}: nothing to resume (no config.yaml of an earlier `mmctr train`)")
-        saved = load_config(config_path)
+        saved = load_saved_config(config_path)
         for section in ("data", "fusion", "model"):
             if getattr(saved, section) != getattr(cfg, section):
                 raise ConfigError(f"{run}: --resume with a different {section} section than the run's "
@@ -139,7 +139,7 @@ def resume_config(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> 
     config_path = storage.join(run_location(run_dir), "config.yaml")
     if not storage.is_file(config_path):
         raise ConfigError(f"{run_dir}: nothing to resume (no config.yaml of an earlier `mmctr train`)")
-    return load_config(config_path, overrides)
+    return load_saved_config(config_path, overrides)
 
 
 def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfig, workers: int = 1,

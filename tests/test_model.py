@@ -193,3 +193,34 @@ def test_logits_under_bf16_autocast_are_fp32_so_scores_do_not_tie():
         logits = model(rows)
     assert logits.dtype == torch.float32
     assert len(torch.unique(logits)) > 0.99 * 2048
+
+
+def test_scaled_item_vectors_make_the_model_blind_to_the_tables_scale():
+    """PCA tables come 2.5-5x the shipped vector's scale; the multiplicative modules raise it to a power (a search
+    trial on an unscaled v4 table started with logits of standard deviation 4.5e4)."""
+    loud = {"crossnet": "v1", "cross_layers": 2, "bilinear": "field_interaction", "senet": "true"}
+    table = item_table()
+    b = batch(b=64, seed=5)
+
+    def logits(scale: float, rms: float) -> torch.Tensor:
+        sets = [f"model.{k}={v}" for k, v in {**loud, "item_vector_rms": rms}.items()]
+        cfg = load_config(CONFIGS / "tiny.yaml", sets)
+        torch.manual_seed(0)
+        model = DINModel(cfg.model, FMAP, table["item_tags"], table["item_vectors"] * scale).eval()
+        vectors = model.item_embedding.item_vectors
+        assert not vectors[0].any()  # the padding row stays zero
+        if rms:
+            assert vectors[1:].square().mean().sqrt().item() == pytest.approx(rms, rel=1e-5)
+        else:  # 0: the vectors as given
+            assert torch.equal(vectors, table["item_vectors"] * scale)
+        with torch.no_grad():
+            return model(b)
+
+    torch.testing.assert_close(logits(1.0, 0.4), logits(5.0, 0.4), rtol=1e-4, atol=1e-5)
+    assert logits(5.0, 0.0).std() > 100 * logits(5.0, 0.4).std()  # as given, the scale reaches the logits
+
+
+def test_the_baseline_feeds_the_shipped_vector_unscaled():
+    cfg = load_config(CONFIGS / "baseline.yaml")
+    assert cfg.model.item_vector_rms == 0
+    assert load_config(CONFIGS / "paper.yaml").model.item_vector_rms == pytest.approx(0.4)

@@ -15,6 +15,13 @@ from torch import nn
 from mmctr_ray.schema import LEVELS, PAD_ID
 
 
+def root_mean_square(vectors: torch.Tensor) -> torch.Tensor:
+    """Root mean square of the frozen vectors over the real items (row 0 is padding) and every dimension; 1 for an
+    all-zero table."""
+    rms = vectors[1:].double().square().mean().sqrt().float()
+    return rms if rms > 0 else torch.ones(())
+
+
 class ItemEmbedding(nn.Module):
     """Item id → representation, gathering tags and the frozen vector from the resident item table.
 
@@ -25,17 +32,23 @@ class ItemEmbedding(nn.Module):
         dim: D, width of id and tag embeddings.
         proj_dim: P, width of the trainable projection of the frozen vector (Linear V→P, no bias).
         use_tags: include the pooled tags part.
+        vector_rms: 0 feeds the vectors as given; above 0, they are scaled by one fixed factor so that their root
+            mean square over the real items and dimensions is this (recomputed from the same table wherever the
+            model is built: training workers, prediction).
 
     Shape:
         ids (...) long → (..., D + D·use_tags + P)
     """
 
     def __init__(self, item_tags: torch.Tensor, item_vectors: torch.Tensor, tag_vocab: int, dim: int,
-                 proj_dim: int, use_tags: bool = True) -> None:
+                 proj_dim: int, use_tags: bool = True, vector_rms: float = 0.0) -> None:
         super().__init__()
         num_rows = item_tags.shape[0]
+        vectors = item_vectors.float()
+        if vector_rms > 0:
+            vectors = vectors * (vector_rms / root_mean_square(vectors))
         self.register_buffer("item_tags", item_tags.long(), persistent=False)
-        self.register_buffer("item_vectors", item_vectors.float(), persistent=False)
+        self.register_buffer("item_vectors", vectors, persistent=False)
         self.id_emb = nn.Embedding(num_rows, dim, padding_idx=PAD_ID)
         self.tag_emb = nn.Embedding(tag_vocab, dim, padding_idx=PAD_ID) if use_tags else None
         self.proj = nn.Linear(item_vectors.shape[1], proj_dim, bias=False)
