@@ -34,7 +34,7 @@ fi
 if [ "${ONLY:-}" = step ]; then  # ~3 min: is the compiled step faster where a step is launch-bound?
   echo "== 3b. model step, eager against torch.compile ($SECONDS s)"
   timeout 300 python3 benchmarks/model_step.py --batch 8192 16384 --repeats 20 --paths packed compiled \
-    --precision bf16 fp32 2>&1 | grep -vE "^W[0-9]" | tail -8
+    --precision bf16 fp32 2>&1 | grep -E "^(device|precision| +(bf16|fp32) )"
   echo "== done in $SECONDS s"; exit 0
 fi
 if [ "${ONLY:-}" = train ]; then

@@ -4,22 +4,29 @@ Tune saves the searcher with its experiment state but not the scheduler: ``Tuner
 scheduler as it was when the search was created, with empty rungs. A resumed search then had no cutoff at any
 rung until new trials reached it again, so the first trials after a resume were never pruned. Here every result
 that ASHA records is also written to ``records`` (JSON: per bracket, each rung's milestone and the value each
-trial had when it reached it), and a scheduler that finds that file before its first trial loads it, so the
-resumed search prunes against every trial the search has seen. A trial that reports an epoch it had already
-reported before the kill (it restarts from its checkpoint) finds its record there and is not judged twice.
+trial had when it reached it; and the trials ASHA stopped, with the epoch), and a scheduler that finds that file
+before its first trial loads it, so the resumed search prunes against every trial the search has seen. A trial
+that reports an epoch again after the kill (it restarts from its checkpoint) gets the decision it had: its rung
+record is there, and a trial stopped at that epoch is stopped again.
 
-Only the records are kept: they are all ASHA's state besides the trial-to-bracket map, which Tune rebuilds by
-adding every unfinished trial again.
+These are all of ASHA's state besides the trial-to-bracket map, which Tune rebuilds by adding every unfinished
+trial again (one bracket here, so every trial is in it). The file is the one ``records_path`` names for this
+process (``mmctr tune`` sets it on every start, so a TUNE folder that was moved is still found), else the path
+the scheduler was created with.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+log = logging.getLogger(__name__)
+records_path: str | None = None  # set by mmctr tune for this process: TUNE/asha.json
 
 
 class ResumableASHA(ASHAScheduler):
@@ -28,7 +35,9 @@ class ResumableASHA(ASHAScheduler):
     def __init__(self, records: str | Path, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._records = str(records)
+        self._stopped: dict[str, float] = {}  # trial id -> the epoch ASHA stopped it at
         self._loaded = False
+        self._save_failed = False
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_loaded": False}  # an unpickled copy (Tuner.restore) reads the file first
@@ -39,7 +48,13 @@ class ResumableASHA(ASHAScheduler):
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         self._load()
+        at = result.get(self._time_attr)
+        stopped = self._stopped.get(trial.trial_id)
+        if stopped is not None and at == stopped:
+            return TrialScheduler.STOP  # stopped at this epoch before the kill: the same decision again
         action = super().on_trial_result(tune_controller, trial, result)
+        if action == TrialScheduler.STOP and at is not None:
+            self._stopped[trial.trial_id] = float(at)
         self._save()
         return action
 
@@ -53,16 +68,27 @@ class ResumableASHA(ASHAScheduler):
         if self._loaded:
             return
         self._loaded = True
-        if not os.path.isfile(self._records):
+        if not os.path.isfile(self._path):
             return
-        saved = json.loads(Path(self._records).read_text())["brackets"]
-        for bracket, rungs in zip(self._brackets, saved):
+        saved = json.loads(Path(self._path).read_text())
+        self._stopped.update(saved.get("stopped", {}))
+        for bracket, rungs in zip(self._brackets, saved["brackets"]):
             by_milestone = {float(milestone): recorded for milestone, recorded in rungs}
             for milestone, recorded in bracket._rungs:
                 recorded.update(by_milestone.get(float(milestone), {}))
 
+    @property
+    def _path(self) -> str:
+        return records_path or self._records
+
     def _save(self) -> None:
-        state = {"brackets": [[[milestone, recorded] for milestone, recorded in b._rungs] for b in self._brackets]}
-        tmp = f"{self._records}.tmp"
-        Path(tmp).write_text(json.dumps(state))
-        os.replace(tmp, self._records)  # whole or not at all: a kill mid-write keeps the previous records
+        state = {"brackets": [[[milestone, recorded] for milestone, recorded in b._rungs] for b in self._brackets],
+                 "stopped": self._stopped}
+        tmp = f"{self._path}.tmp"
+        try:
+            Path(tmp).write_text(json.dumps(state))
+            os.replace(tmp, self._path)  # whole or not at all: a kill mid-write keeps the previous records
+        except OSError as err:  # the search goes on; only a later --resume would prune less
+            if not self._save_failed:
+                log.warning("%s: ASHA's rung records not saved (%s); a --resume would start them empty", tmp, err)
+            self._save_failed = True

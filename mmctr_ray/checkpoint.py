@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from mmctr_ray import storage
-from mmctr_ray.config import ExperimentConfig, load_saved_config, save_config
+from mmctr_ray.config import ExperimentConfig, load_config, save_config
 from mmctr_ray.errors import DataError
 from mmctr_ray.features import FeatureMap
 from mmctr_ray.storage import Location
@@ -124,7 +124,7 @@ def load_checkpoint(directory: Location, with_optimizer: bool = True) -> LoadedC
             optimizer_state=(torch.load(opt_path, map_location="cpu", weights_only=True)
                              if with_optimizer and opt_path.is_file() else None),
             state=state,
-            cfg=load_saved_config(local / "config.yaml"),
+            cfg=load_config(local / "config.yaml"),
             fmap=FeatureMap.from_json(local / "feature_map.json"),
             item_source=json.loads((local / "item_source.json").read_text()),
         )

@@ -21,9 +21,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from mmctr_ray import storage
 from mmctr_ray.checkpoint import best_checkpoint, epoch_checkpoints
-from mmctr_ray.config import ExperimentConfig, load_saved_config, save_config
+from mmctr_ray.config import ExperimentConfig, load_config, save_config
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError, find_user_error
 from mmctr_ray.features import FeatureMap, build_feature_map, load_item_table, read_split
 from mmctr_ray.preflight import check_batch_size, check_splits, check_valid_labels
@@ -63,7 +65,7 @@ def _prepare_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool,
     if resume:
         if not storage.is_file(config_path):
             raise ConfigError(f"{run}: nothing to resume (no config.yaml of an earlier `mmctr train`)")
-        saved = load_saved_config(config_path)
+        saved = load_config(config_path)
         for section in ("data", "fusion", "model"):
             if getattr(saved, section) != getattr(cfg, section):
                 raise ConfigError(f"{run}: --resume with a different {section} section than the run's "
@@ -131,7 +133,25 @@ def check_inputs(data_dir: str | Path, cfg: ExperimentConfig) -> tuple[dict[str,
     rows = check_splits(data_dir, SPLITS)  # test too: its users and items size the embedding tables
     check_valid_labels(data_dir)
     table = load_item_table(data_dir, cfg.data.item_vector)
+    warn_unscaled_vectors(cfg, table.vectors)
     return rows, build_feature_map(data_dir, table)
+
+
+UNSCALED_RMS_WARN = 0.8  # 2x the paper configs' model.item_vector_rms: past it the cross terms grow steeply
+
+
+def warn_unscaled_vectors(cfg: ExperimentConfig, vectors: Any) -> None:
+    """Warn when large item vectors meet CrossNet or bilinear interaction unscaled: those modules raise the vectors'
+    scale to a power (a search trial on an unscaled v4 table of RMS 1.7 started with logits of std 4.5e4)."""
+    m = cfg.model
+    if m.item_vector_rms or (m.crossnet == "off" and m.bilinear == "off"):
+        return
+    rms = float(np.sqrt(np.mean(np.square(vectors[1:], dtype=np.float64))))
+    if rms > UNSCALED_RMS_WARN:
+        log.warning("item vectors of RMS %.2f (%s) go unscaled into %s, which raise their scale to a power: set "
+                    "model.item_vector_rms (the paper configs use 0.4)", rms, cfg.data.item_vector,
+                    " and ".join(x for x, on in (("CrossNet", m.crossnet != "off"),
+                                                 ("bilinear interaction", m.bilinear != "off")) if on))
 
 
 def resume_config(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
@@ -139,7 +159,7 @@ def resume_config(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> 
     config_path = storage.join(run_location(run_dir), "config.yaml")
     if not storage.is_file(config_path):
         raise ConfigError(f"{run_dir}: nothing to resume (no config.yaml of an earlier `mmctr train`)")
-    return load_saved_config(config_path, overrides)
+    return load_config(config_path, overrides)
 
 
 def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfig, workers: int = 1,

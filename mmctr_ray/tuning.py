@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmctr_ray.config import ExperimentConfig
+from mmctr_ray.config import ExperimentConfig, load_config
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.preflight import check_batch_size, check_splits, check_valid_labels
 from mmctr_ray.ray_env import private_local_ray
@@ -155,7 +155,10 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
     params = run_dir.with_suffix(".params.json")
     if not params.is_file():  # written once, when the trial first starts (its time orders the results table), and
         params.write_text(json.dumps(config, indent=2) + "\n")  # before its config: a failing trial has its row
-    cfg = _trial_config(space, config, tdir, data, settings["source"])
+    if resume:  # it continues as it started, on its own fused table: a source rewritten since gives new trials
+        cfg = load_config(run_dir / "config.yaml")  # new fits, not this one (its checkpoints learnt the old)
+    else:
+        cfg = _trial_config(space, config, tdir, data, settings["source"])
     run_training(data, str(run_dir), cfg, workers=settings["workers"], gpus_per_worker=settings["gpus_per_worker"],
                  cpus_per_worker=settings["cpus_per_worker"], resume=resume, overwrite=not resume,
                  callbacks=[TuneReportCallback()], datasets=(datasets or {}).get(cfg.data.max_len))
@@ -397,6 +400,9 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
     deadline = time.time() + time_budget_s if time_budget_s and not resume else None
     callbacks = [_Progress(tdir, space.max_epochs, deadline), *([_ExitAfterTrials()] if fault else [])]
     run_config = tune.RunConfig(name="tune", storage_path=str(tdir), callbacks=callbacks, verbose=0)
+    import mmctr_ray.asha
+
+    mmctr_ray.asha.records_path = str(tdir / ASHA_RECORDS)  # the restored scheduler may hold an older TUNE path
     if resume:
         log.info("resuming the search in %s (its own trial count and concurrency; %d trials fit now)", tdir, k)
         tuner = tune.Tuner.restore(str(tdir / "tune"), trainable=trainable, resume_errored=True)

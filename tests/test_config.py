@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmctr_ray.config import ExperimentConfig, apply_override, from_dict, load_config, load_saved_config, save_config
+from mmctr_ray.config import ExperimentConfig, apply_override, from_dict, load_config, save_config
 from mmctr_ray.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -153,16 +153,3 @@ def test_on_off_yes_no_stay_strings(tmp_path):
     with pytest.raises(ConfigError, match="model.senet='yes': expected true or false"):
         load_config(None, ["model.senet=yes"])
 
-
-def test_a_run_saved_before_a_key_existed_keeps_what_it_did(tmp_path):
-    """Runs saved before model.item_vector_rms fed their vectors unscaled: their checkpoints predict, and the runs
-    resume, that way; a config a user writes without the key takes today's default."""
-    paper = load_config(Path(__file__).parent.parent / "configs" / "paper.yaml")
-    path = save_config(paper, tmp_path / "config.yaml")
-    raw = yaml.safe_load(path.read_text())
-    del raw["model"]["item_vector_rms"]
-    path.write_text(yaml.safe_dump(raw))
-    assert load_saved_config(path).model.item_vector_rms == 0.0
-    assert load_saved_config(path, ["model.item_vector_rms=0.4"]).model.item_vector_rms == 0.4
-    assert load_config(path).model.item_vector_rms == 0.4
-    assert load_saved_config(save_config(paper, tmp_path / "today.yaml")).model.item_vector_rms == 0.4

@@ -220,7 +220,7 @@ def test_scaled_item_vectors_make_the_model_blind_to_the_tables_scale():
     assert logits(5.0, 0.0).std() > 100 * logits(5.0, 0.4).std()  # as given, the scale reaches the logits
 
 
-def test_the_baseline_feeds_the_shipped_vector_unscaled():
-    cfg = load_config(CONFIGS / "baseline.yaml")
-    assert cfg.model.item_vector_rms == 0
-    assert load_config(CONFIGS / "paper.yaml").model.item_vector_rms == pytest.approx(0.4)
+def test_the_baseline_feeds_the_shipped_vector_unscaled_and_the_paper_configs_scale_theirs():
+    assert load_config(CONFIGS / "baseline.yaml").model.item_vector_rms == 0 == load_config().model.item_vector_rms
+    for name in ("paper.yaml", "search_paper.yaml", "search_tiny.yaml"):
+        assert load_config(CONFIGS / name).model.item_vector_rms == pytest.approx(0.4), name

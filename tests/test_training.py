@@ -20,7 +20,7 @@ from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.predict import load_model, run_predict, score_parquet
 from mmctr_ray.schema import Layout
 from mmctr_ray.train_driver import (FAULT_ENV, POLL_INTERVAL_ENV, POLL_INTERVAL_S, _data_config, _ingest_options,
-                                    resume_config, run_training)
+                                    resume_config, run_training, warn_unscaled_vectors)
 from mmctr_ray.training import embedding_l2, update_schedule
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -370,3 +370,16 @@ def test_a_diverged_run_ends_at_once_with_one_line_and_keeps_its_earlier_checkpo
     (run / "summary.json").write_text("{}")  # as an earlier attempt would have left it
     _prepare_run_dir(str(run), resume_config(str(run), ["train.lr=1e-3"]), resume=True, overwrite=False)
     assert not (run / "diverged.txt").exists() and not (run / "summary.json").exists()  # the resume decides anew
+
+
+def test_large_unscaled_vectors_into_cross_or_bilinear_modules_are_warned_about(caplog):
+    vectors = np.zeros((101, 8), np.float32)
+    vectors[1:] = 1.7  # the RMS of a small v4 table of the tiny search
+    with caplog.at_level("WARNING", logger="mmctr_ray.train_driver"):
+        warn_unscaled_vectors(tiny_cfg("model.crossnet=v1", "model.bilinear=off"), vectors)
+        assert "item vectors of RMS 1.70 (given) go unscaled into CrossNet, which raise" in caplog.text
+        caplog.clear()
+        warn_unscaled_vectors(tiny_cfg("model.crossnet=v1", "model.item_vector_rms=0.4"), vectors)
+        warn_unscaled_vectors(tiny_cfg("model.crossnet=off", "model.bilinear=off"), vectors)
+        warn_unscaled_vectors(tiny_cfg("model.crossnet=off", "model.bilinear=field_all"), vectors * 0.3)  # the shipped vector's size
+        assert caplog.text == ""

@@ -154,12 +154,15 @@ def test_a_search_whose_grace_period_is_its_last_epoch_prunes_nothing(tmp_path):
     assert isinstance(_scheduler(space, tmp_path / "asha.json"), FIFOScheduler)
 
 
-def test_asha_prunes_a_resumed_search_against_the_trials_before_the_kill(tmp_path):
+def test_asha_prunes_a_resumed_search_against_the_trials_before_the_kill(tmp_path, monkeypatch):
     """Tune restores the scheduler as it was created (empty rungs): the records come back from asha.json."""
     import pickle
 
+    import mmctr_ray.asha
     from ray.tune.schedulers import TrialScheduler
 
+    CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
+    monkeypatch.setattr(mmctr_ray.asha, "records_path", None)
     space = SearchSpace(params=(), max_epochs=3, grace_period=1, reduction_factor=2)
     records = tmp_path / "asha.json"
     created = pickle.dumps(_scheduler(space, records))  # what Tuner pickles into tuner.pkl at the start
@@ -167,34 +170,32 @@ def test_asha_prunes_a_resumed_search_against_the_trials_before_the_kill(tmp_pat
     trials = [SimpleNamespace(trial_id=f"t{i}", config={}) for i in range(4)]
     for i, t in enumerate(trials):
         before.on_trial_add(None, t)
-        assert before.on_trial_result(None, t, {"epoch": 1, METRIC: 0.80 + 0.01 * i}) == TrialScheduler.CONTINUE
-    # the driver dies; --resume unpickles the scheduler of the start, and re-adds the unfinished trial t3
+        assert before.on_trial_result(None, t, {"epoch": 1, METRIC: 0.80 + 0.01 * i}) == CONTINUE
+    weak = SimpleNamespace(trial_id="weak", config={})
+    before.on_trial_add(None, weak)
+    assert before.on_trial_result(None, weak, {"epoch": 1, METRIC: 0.70}) == STOP
+    # the driver dies before Tune saved the stop; --resume unpickles the scheduler of the start and re-adds the
+    # unfinished trials, whose epoch 1 reaches it again
     after = pickle.loads(created)
     late, resumed = SimpleNamespace(trial_id="t4", config={}), trials[3]
-    after.on_trial_add(None, resumed)
-    after.on_trial_add(None, late)
-    assert after.on_trial_result(None, resumed, {"epoch": 1, METRIC: 0.83}) == TrialScheduler.CONTINUE  # judged once
-    assert after.on_trial_result(None, late, {"epoch": 1, METRIC: 0.79}) == TrialScheduler.STOP  # below the cutoff
+    for t in (resumed, weak, late):
+        after.on_trial_add(None, t)
+    assert after.on_trial_result(None, resumed, {"epoch": 1, METRIC: 0.83}) == CONTINUE  # judged once
+    assert after.on_trial_result(None, weak, {"epoch": 1, METRIC: 0.70}) == STOP  # the same decision again
+    assert after.on_trial_result(None, late, {"epoch": 1, METRIC: 0.79}) == STOP  # below the cutoff
     fresh = pickle.loads(created)  # what the resumed search had before: no records, so no cutoff
     records.unlink()
     fresh.on_trial_add(None, late)
-    assert fresh.on_trial_result(None, late, {"epoch": 1, METRIC: 0.79}) == TrialScheduler.CONTINUE
-    saved = json.loads(records.read_text())["brackets"][0]
-    assert {t for _, recorded in saved for t in recorded} == {"t4"}  # and its own records, written as it goes
-
-
-@pytest.mark.parametrize("workers, gpus, message", [
-    (2, 0.5, "--gpus-per-trial 0.5 over 2 workers gives each 0.25 GPU: with 2+ workers per trial each needs whole"),
-    (2, 3.0, "gives each 1.5 GPU"),
-    (1, 1.5, "--gpus-per-trial 1.5: above 1 GPU a worker needs a whole number of GPUs"),
-])
-def test_gpu_shares_that_ray_or_nccl_would_refuse_are_one_line_errors(workers, gpus, message):
-    with pytest.raises(ConfigError) as err:
-        check_resources(workers, gpus)
-    assert message in str(err.value)
-    for ok in [(1, 0.25), (1, 1.0), (2, 2.0), (2, 0.0), (1, 2.0)]:
-        check_resources(*ok)
-
+    assert fresh.on_trial_result(None, late, {"epoch": 1, METRIC: 0.79}) == CONTINUE
+    saved = json.loads(records.read_text())
+    assert {t for _, recorded in saved["brackets"][0] for t in recorded} == {"t4"}  # its own, written as it goes
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    monkeypatch.setattr(mmctr_ray.asha, "records_path", str(moved / "asha.json"))  # mmctr tune names the file
+    elsewhere = pickle.loads(created)
+    elsewhere.on_trial_add(None, late)
+    elsewhere.on_trial_result(None, late, {"epoch": 1, METRIC: 0.79})
+    assert (moved / "asha.json").is_file()
 
 def test_no_trial_starts_after_the_time_budget_and_the_study_is_not_asked(tmp_path):
     import time
@@ -463,3 +464,33 @@ def test_a_trial_that_diverged_is_not_trained_again_when_the_search_resumes(tmp_
     (trial / "diverged.txt").write_text("training diverged: train loss nan in epoch 2 (lr 0.003); ...\n")
     with pytest.raises(ConfigError, match=r"t1: training diverged: train loss nan in epoch 2 \(lr 0.003\)"):
         run_trial({}, load_search(ROOT / "configs/search_tiny.yaml"), str(tmp_path), str(tmp_path / "data"), {})
+
+
+def test_an_interrupted_trial_resumes_on_its_own_config_and_table(tmp_path, monkeypatch):
+    """Its checkpoints learnt the table it started with: a cache key changed since (vectors rewritten before the
+    --resume) gives new trials new fits, but this one continues as it started instead of failing the resume check."""
+    import ray.tune
+    import ray.tune.integration.ray_train
+
+    import mmctr_ray.train_driver
+    import mmctr_ray.tuning
+    from mmctr_ray.config import save_config
+
+    monkeypatch.setattr(ray.tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t1"))
+    monkeypatch.setattr(ray.tune, "report", lambda metrics: None)
+    monkeypatch.setattr(ray.tune.integration.ray_train, "TuneReportCallback", lambda: None)
+    trial = tmp_path / "trials" / "t1"
+    (trial / "checkpoint_epoch_001").mkdir(parents=True)
+    started = load_config(ROOT / "configs/tiny.yaml", ["data.item_vector=/old/cache/v4-t8-i8-shipped-0.parquet"])
+    save_config(started, trial / "config.yaml")
+
+    def rebuilt(*args):
+        raise AssertionError("an interrupted trial's config is not rebuilt from the search")
+
+    seen = {}
+    monkeypatch.setattr(mmctr_ray.tuning, "_trial_config", rebuilt)
+    monkeypatch.setattr(mmctr_ray.train_driver, "run_training", lambda data, run, cfg, **kw: seen.update(cfg=cfg, **kw))
+    settings = {"source": "shipped", "workers": 1, "gpus_per_worker": 0.0, "cpus_per_worker": 1.0}
+    mmctr_ray.tuning.run_trial({}, load_search(ROOT / "configs/search_tiny.yaml"), str(tmp_path),
+                               str(tmp_path / "data"), settings)
+    assert seen["cfg"] == started and seen["resume"] is True
