@@ -381,5 +381,6 @@ def test_large_unscaled_vectors_into_cross_or_bilinear_modules_are_warned_about(
         caplog.clear()
         warn_unscaled_vectors(tiny_cfg("model.crossnet=v1", "model.item_vector_rms=0.4"), vectors)
         warn_unscaled_vectors(tiny_cfg("model.crossnet=off", "model.bilinear=off"), vectors)
-        warn_unscaled_vectors(tiny_cfg("model.crossnet=off", "model.bilinear=field_all"), vectors * 0.3)  # the shipped vector's size
+        shipped_size = vectors * 0.3
+        warn_unscaled_vectors(tiny_cfg("model.crossnet=off", "model.bilinear=field_all"), shipped_size)
         assert caplog.text == ""

@@ -197,6 +197,19 @@ def test_asha_prunes_a_resumed_search_against_the_trials_before_the_kill(tmp_pat
     elsewhere.on_trial_result(None, late, {"epoch": 1, METRIC: 0.79})
     assert (moved / "asha.json").is_file()
 
+
+@pytest.mark.parametrize("workers, gpus, message", [
+    (2, 0.5, "--gpus-per-trial 0.5 over 2 workers gives each 0.25 GPU: with 2+ workers per trial each needs whole"),
+    (2, 3.0, "gives each 1.5 GPU"),
+    (1, 1.5, "--gpus-per-trial 1.5: above 1 GPU a worker needs a whole number of GPUs"),
+])
+def test_gpu_shares_that_ray_or_nccl_would_refuse_are_one_line_errors(workers, gpus, message):
+    with pytest.raises(ConfigError) as err:
+        check_resources(workers, gpus)
+    assert message in str(err.value)
+    for ok in [(1, 0.25), (1, 1.0), (2, 2.0), (2, 0.0), (1, 2.0)]:
+        check_resources(*ok)
+
 def test_no_trial_starts_after_the_time_budget_and_the_study_is_not_asked(tmp_path):
     import time
 
