@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/fusion_table.py [--data DIR] [--config configs/baseline.yaml] [--epochs 4]
         [--dims 128] [--text-dim 64 --image-dim 64] [--strategies given,v1,v2,v3,v4] [--gpus-per-worker 0]
+        [--set model.item_vector_rms=0.4 ...]
 
 Without ``--data`` it writes the default ``mmctr synth`` data (200k training rows, no covers) to a temporary
 folder. For each strategy it runs ``mmctr fuse`` on the shipped vectors (txt_emb_BERT, img_emb_CLIPRN50) and
@@ -40,6 +41,8 @@ def main() -> None:
     ap.add_argument("--strategies", default="given,v1,v2,v3,v4")
     ap.add_argument("--gpus-per-worker", type=float, default=0.0)
     ap.add_argument("--num-cpus", type=int)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for every run (e.g. model.item_vector_rms=0.4: every table at one scale)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     out = args.out or Path(tempfile.mkdtemp(prefix="fusion-table-"))
@@ -56,7 +59,7 @@ def main() -> None:
         fcfg = FusionConfig(strategy, dims=args.dims, text_dim=args.text_dim, image_dim=args.image_dim)
         table = out / f"{strategy}.parquet"
         fsum = run_fuse(data, table, fcfg, overwrite=True)
-        cfg = load_config(args.config, [f"train.epochs={args.epochs}", *fusion_overrides(table)])
+        cfg = load_config(args.config, [f"train.epochs={args.epochs}", *args.overrides, *fusion_overrides(table)])
         t0 = time.perf_counter()
         summary = run_training(data, str(out / f"run_{strategy}"), cfg, gpus_per_worker=args.gpus_per_worker,
                                overwrite=True)
@@ -68,7 +71,9 @@ def main() -> None:
 
 
 def print_table(rows, oracle: float, args) -> None:
-    print(f"\nfusion comparison: config {args.config}, at most {args.epochs} epochs; oracle valid AUC {oracle:.4f}")
+    sets = "".join(f" --set {o}" for o in args.overrides)
+    print(f"\nfusion comparison: config {args.config}{sets}, at most {args.epochs} epochs; oracle valid AUC "
+          f"{oracle:.4f}")
     print(f"{'strategy':<9}{'dim':>5}  {'explained variance':<24}{'valid AUC':>10}{'gap':>8}{'epoch':>7}{'s':>7}")
     for s, dim, evr, auc, best, epochs, secs in rows:
         print(f"{s:<9}{dim:>5}  {evr:<24}{auc:>10.4f}{oracle - auc:>8.4f}{f'{best}/{epochs}':>7}{secs:>7.0f}")
