@@ -1,7 +1,7 @@
 """How close to the oracle can a model class get on the synthetic world? Ceilings from the planted terms (by hand).
 
     PYTHONPATH=. .venv/bin/python benchmarks/quality_ceiling.py --data DATA     # a `mmctr synth` output
-    PYTHONPATH=. .venv/bin/python benchmarks/quality_ceiling.py --data DATA --vectors item_emb.parquet  # + a fused table
+    PYTHONPATH=. .venv/bin/python benchmarks/quality_ceiling.py --data DATA --vectors v4.parquet  # + a fused table
     PYTHONPATH=. .venv/bin/python benchmarks/quality_ceiling.py [--rows 200000] [--seed 2025]   # fresh rows
 
 The oracle AUC in ``oracle.json`` scores the true click probabilities, which use terms no DIN-family model here can
