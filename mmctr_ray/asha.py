@@ -11,8 +11,8 @@ record is there, and a trial stopped at that epoch is stopped again.
 
 These are all of ASHA's state besides the trial-to-bracket map, which Tune rebuilds by adding every unfinished
 trial again (one bracket here, so every trial is in it). The file is the one ``records_path`` names for this
-process (``mmctr tune`` sets it on every start, so a TUNE folder that was moved is still found), else the path
-the scheduler was created with.
+process (``mmctr tune`` sets it to TUNE/asha.json on every start), else the path pickled with the scheduler when
+the search was created.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ class ResumableASHA(ASHAScheduler):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_loaded": False}  # an unpickled copy (Tuner.restore) reads the file first
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"_stopped": {}, "_save_failed": False, **state})  # a pickle of an older version
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         self._load()

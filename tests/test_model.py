@@ -222,5 +222,5 @@ def test_scaled_item_vectors_make_the_model_blind_to_the_tables_scale():
 
 def test_the_baseline_feeds_the_shipped_vector_unscaled_and_the_paper_configs_scale_theirs():
     assert load_config(CONFIGS / "baseline.yaml").model.item_vector_rms == 0 == load_config().model.item_vector_rms
-    for name in ("paper.yaml", "search_paper.yaml", "search_tiny.yaml"):
+    for name in ("paper.yaml", "tiny.yaml", "search_paper.yaml", "search_tiny.yaml"):
         assert load_config(CONFIGS / name).model.item_vector_rms == pytest.approx(0.4), name

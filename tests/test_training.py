@@ -376,11 +376,12 @@ def test_large_unscaled_vectors_into_cross_or_bilinear_modules_are_warned_about(
     vectors = np.zeros((101, 8), np.float32)
     vectors[1:] = 1.7  # the RMS of a small v4 table of the tiny search
     with caplog.at_level("WARNING", logger="mmctr_ray.train_driver"):
-        warn_unscaled_vectors(tiny_cfg("model.crossnet=v1", "model.bilinear=off"), vectors)
+        warn_unscaled_vectors(tiny_cfg("model.crossnet=v1", "model.bilinear=off", "model.item_vector_rms=0"), vectors)
         assert "item vectors of RMS 1.70 (given) go unscaled into CrossNet, which raise" in caplog.text
         caplog.clear()
         warn_unscaled_vectors(tiny_cfg("model.crossnet=v1", "model.item_vector_rms=0.4"), vectors)
-        warn_unscaled_vectors(tiny_cfg("model.crossnet=off", "model.bilinear=off"), vectors)
+        warn_unscaled_vectors(tiny_cfg("model.crossnet=off", "model.bilinear=off", "model.item_vector_rms=0"), vectors)
         shipped_size = vectors * 0.3
-        warn_unscaled_vectors(tiny_cfg("model.crossnet=off", "model.bilinear=field_all"), shipped_size)
+        warn_unscaled_vectors(tiny_cfg("model.crossnet=off", "model.bilinear=field_all", "model.item_vector_rms=0"),
+                              shipped_size)
         assert caplog.text == ""

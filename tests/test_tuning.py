@@ -192,10 +192,16 @@ def test_asha_prunes_a_resumed_search_against_the_trials_before_the_kill(tmp_pat
     moved = tmp_path / "moved"
     moved.mkdir()
     monkeypatch.setattr(mmctr_ray.asha, "records_path", str(moved / "asha.json"))  # mmctr tune names the file
-    elsewhere = pickle.loads(created)
+    (moved / "asha.json").write_text(json.dumps({"brackets": [[[1, {"a": 0.9, "b": 0.91}]]], "stopped": {}}))
+    elsewhere = pickle.loads(created)  # reads the file mmctr tune names, not the pickled path
     elsewhere.on_trial_add(None, late)
-    elsewhere.on_trial_result(None, late, {"epoch": 1, METRIC: 0.79})
-    assert (moved / "asha.json").is_file()
+    assert elsewhere.on_trial_result(None, late, {"epoch": 1, METRIC: 0.85}) == STOP  # below a and b only
+    rungs = dict((m, rec) for m, rec in json.loads((moved / "asha.json").read_text())["brackets"][0])
+    assert set(rungs[1]) == {"a", "b", "t4"}
+    monkeypatch.setattr(mmctr_ray.asha, "records_path", str(tmp_path / "gone" / "asha.json"))
+    unwritable = pickle.loads(created)
+    unwritable.on_trial_add(None, late)
+    assert unwritable.on_trial_result(None, late, {"epoch": 1, METRIC: 0.85}) == CONTINUE  # a warning, no crash
 
 
 @pytest.mark.parametrize("workers, gpus, message", [
@@ -209,6 +215,7 @@ def test_gpu_shares_that_ray_or_nccl_would_refuse_are_one_line_errors(workers, g
     assert message in str(err.value)
     for ok in [(1, 0.25), (1, 1.0), (2, 2.0), (2, 0.0), (1, 2.0)]:
         check_resources(*ok)
+
 
 def test_no_trial_starts_after_the_time_budget_and_the_study_is_not_asked(tmp_path):
     import time
