@@ -46,12 +46,17 @@ def sidecars(out: Path) -> dict[str, Path]:
     return {"table": out, "pca": Path(f"{stem}.pca.npz"), "summary": Path(f"{stem}.fusion.json")}
 
 
+def source_file(data_dir: str | Path, source: str) -> Path:
+    """The file that holds the raw vectors of ``source``: item_feature.parquet for ``shipped``, else ``source``."""
+    return Layout(data_dir).item_feature if source == "shipped" else Path(source)
+
+
 class ItemSource:
     """Streams the raw vectors of a source file batch by batch, checking them on the way."""
 
     def __init__(self, data_dir: Path, source: str, strategy: str, batch_rows: int = 16_384) -> None:
         lay = Layout(data_dir)
-        self.path = lay.item_feature if source == "shipped" else Path(source)
+        self.path = source_file(data_dir, source)
         if not self.path.is_file():
             raise DataError(f"{self.path}: missing file (--source is 'shipped' or a parquet written by `mmctr embed`)")
         self.text_col, self.image_col, self.missing_col = SHIPPED_COLUMNS if source == "shipped" else EMBED_COLUMNS

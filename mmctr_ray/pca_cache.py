@@ -30,23 +30,26 @@ import numpy as np
 from filelock import FileLock
 
 from mmctr_ray.config import FusionConfig
-from mmctr_ray.fuse import ItemSource, fuse_items, run_fuse, write_files, write_fused
+from mmctr_ray.fuse import ItemSource, fuse_items, run_fuse, source_file, write_files, write_fused
 from mmctr_ray.fusion import FULL_PCA_MAX_BYTES, PARTS, FittedFusion, input_bytes, input_widths
 from mmctr_ray.schema import Layout
 
 
 def fusion_key(cfg: FusionConfig, data_dir: str | Path, source: str = "shipped") -> str:
     """The cache key of a table: the strategy, the widths it uses, and the version of the raw vectors."""
+    return _table_key(cfg, _source_key(data_dir, source))
+
+
+def _table_key(cfg: FusionConfig, source: str) -> str:
     sizes = f"t{cfg.text_dim}-i{cfg.image_dim}" if cfg.strategy == "v4" else f"d{cfg.dims}"
-    return f"{cfg.strategy}-{sizes}-{_source_key(data_dir, source)}"
+    return f"{cfg.strategy}-{sizes}-{source}"
 
 
 def _source_key(data_dir: str | Path, source: str) -> str:
     """``shipped-<hash>`` or ``file-<hash>``: the hash of the path, size and modification time of the vectors'
     file and of item_info (whose rows are the table's rows), so a source rewritten during a search, or before
     its --resume, gets new fits instead of the tables of the old vectors."""
-    lay = Layout(data_dir)
-    files = [lay.item_feature if source == "shipped" else Path(source), lay.item_info]
+    files = [source_file(data_dir, source), Layout(data_dir).item_info]
     stamp = [(str(f.resolve()), *((st.st_size, st.st_mtime_ns) if (st := _stat(f)) else ())) for f in files]
     digest = hashlib.sha1(json.dumps(stamp).encode()).hexdigest()[:10]
     return f"{'shipped' if source == 'shipped' else 'file'}-{digest}"
@@ -66,7 +69,8 @@ def cached_fusion(cache_dir: str | Path, data_dir: str | Path, cfg: FusionConfig
         raise ValueError("the given strategy uses item_info's vectors directly: no fused table to cache")
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    key = fusion_key(cfg, data_dir, source)
+    version = _source_key(data_dir, source)  # once: the table and its basis name the same version of the source
+    key = _table_key(cfg, version)
     table = cache / f"{key}.parquet"
     if table.is_file():
         return table, False
@@ -74,14 +78,13 @@ def cached_fusion(cache_dir: str | Path, data_dir: str | Path, cfg: FusionConfig
         if table.is_file():  # written by another trial while this one waited
             return table, False
         t0 = time.perf_counter()
-        strategy = BASIS[cfg.strategy]
-        basis = _basis(cache, data_dir, strategy, source, seed)
+        stem = cache / f"basis-{BASIS[cfg.strategy]}-{version}"
+        basis = _basis(stem, data_dir, BASIS[cfg.strategy], source, seed)
         if basis is None:  # too large for an exact fit in memory: this size on its own
             run_fuse(data_dir, table, cfg, source=source, seed=seed, overwrite=True, progress=lambda msg: None)
             return table, True
         full, projected, summary = basis
         fitted, columns = full.select(cfg)
-        stem = _stem(cache, data_dir, strategy, source)
         summary = {**summary, **dataclasses.asdict(cfg), "basis": f"{stem}.npz"}
         if fitted.image_fill is None:  # v1 reads no cover flags
             summary["image_missing"] = 0
@@ -93,16 +96,11 @@ def cached_fusion(cache_dir: str | Path, data_dir: str | Path, cfg: FusionConfig
 BASIS = {"v1": "v1", "v2": "v4", "v3": "v3", "v4": "v4"}  # v4's image part is v2's fit (v1 reads no covers)
 
 
-def _stem(cache: Path, data_dir: str | Path, strategy: str, source: str) -> Path:
-    return cache / f"basis-{strategy}-{_source_key(data_dir, source)}"
-
-
-def _basis(cache: Path, data_dir: str | Path, strategy: str, source: str,
+def _basis(stem: Path, data_dir: str | Path, strategy: str, source: str,
            seed: int) -> tuple[FittedFusion, np.ndarray, dict[str, Any]] | None:
-    """The full-width exact fit of ``strategy`` over ``source``, every item's projection on all its axes (memory
-    mapped, one row per axis) and the fit's summary fields; fitted by the first caller. None when the source is
-    too large for it."""
-    stem = _stem(cache, data_dir, strategy, source)
+    """The full-width exact fit of ``strategy`` over ``source`` (files ``stem``.npz, .npy, .json), every item's
+    projection on all its axes (memory mapped, one row per axis) and the fit's summary fields; fitted by the first
+    caller. None when the source is too large for it."""
     paths = {"fit": stem.with_suffix(".npz"), "projected": stem.with_suffix(".npy"),
              "summary": stem.with_suffix(".json")}
     with FileLock(str(stem.with_suffix(".lock"))):
