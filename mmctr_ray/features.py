@@ -122,7 +122,7 @@ def load_item_table(data_dir: str | Path, item_vector: str = "given") -> ItemTab
     Raises:
         DataError: naming the file, column and value when the table cannot be built.
     """
-    lay = Layout(Path(data_dir))
+    lay = Layout(data_dir)
     if not lay.item_info.is_file():
         raise DataError(f"{lay.item_info}: missing file (is --data the folder that holds MicroLens_1M_x1/?)")
     info = pq.read_table(lay.item_info, columns=["item_id", "item_tags", "item_emb_d128"])
@@ -187,7 +187,7 @@ def max_user_id(data_dir: str | Path) -> int:
     """Largest ``user_id`` over the three splits (from the parquet column statistics where they exist)."""
     from mmctr_ray.preflight import value_range
 
-    lay = Layout(Path(data_dir))
+    lay = Layout(data_dir)
     seen = [value_range(pq.ParquetFile(lay.split(split)), "user_id") for split in SPLITS]
     return max([int(s[1]) for s in seen if s is not None], default=0)
 
@@ -230,7 +230,7 @@ def read_split(data_dir: str | Path, split: str, max_len: int = 64, batch_rows: 
     """
     import ray.data
 
-    path = Layout(Path(data_dir)).split(split)
+    path = Layout(data_dir).split(split)
     if not path.is_file():
         raise DataError(f"{path}: missing file")
     ds = ray.data.read_parquet(str(path.resolve())).select_columns([*SPLIT_FEATURES, "item_seq"])

@@ -159,12 +159,12 @@ def run_predict(run_dir: Location, data_dir: str | Path, out: str | Path, split:
     write_submission(probs, out)
     summary: dict[str, Any] = {"submission": str(out), "rows": len(probs), "split": split,
                                "checkpoint": str(checkpoint)}
-    truth = Layout(Path(data_dir)).hidden_test_labels
+    truth = Layout(data_dir).hidden_test_labels
     if split != "test":
         summary["metrics"] = evaluate(labels, probs)
     elif truth.is_file():  # synthetic data: the test labels the real split hides
         summary["metrics"] = evaluate(pq.read_table(truth).column("label").to_numpy(), probs)
-    oracle = Layout(Path(data_dir)).oracle
+    oracle = Layout(data_dir).oracle
     if oracle.is_file() and split in ("valid", "test"):
         summary["oracle_auc"] = json.loads(oracle.read_text())[split]["oracle_auc"]
     return summary

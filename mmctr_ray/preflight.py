@@ -106,14 +106,14 @@ def _check_width(pf: pq.ParquetFile, path: Path, hint: str) -> None:
 
 def num_items(data_dir: str | Path) -> int:
     """Items of the data set (item_info rows less the padding row 0), from item_info's footer."""
-    path = Layout(Path(data_dir)).item_info
+    path = Layout(data_dir).item_info
     return _opened(path, {"item_id": ITEM_INFO_COLUMNS["item_id"]}).metadata.num_rows - 1
 
 
 def check_files(data_dir: str | Path, splits: Iterable[str]) -> None:
     """Raise a one-line DataError unless item_info and each of ``splits`` open as parquet with the columns the
     stages read (the cheap check a stage runs before it starts Ray; :func:`check_split` also checks values)."""
-    lay = Layout(Path(data_dir))
+    lay = Layout(data_dir)
     if not lay.item_info.is_file():
         raise DataError(f"{lay.item_info}: missing file (is --data the folder that holds MicroLens_1M_x1/?)")
     num_items(data_dir)
@@ -142,7 +142,7 @@ def check_split(data_dir: str | Path, split: str, items: int | None = None) -> i
 def check_valid_labels(data_dir: str | Path) -> None:
     """Raise a one-line DataError if the valid split cannot rank: no rows, or one label only (its AUC, which the
     schedule and early stopping follow, would be undefined)."""
-    path = Layout(Path(data_dir)).split("valid")
+    path = Layout(data_dir).split("valid")
     pf = pq.ParquetFile(path)
     lo, hi, _ = column_stats(pf, "label")
     if lo is None or lo == hi:

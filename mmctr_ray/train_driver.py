@@ -21,13 +21,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
+import torch
 
 from mmctr_ray import storage
 from mmctr_ray.checkpoint import best_checkpoint, epoch_checkpoints
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError, find_user_error
 from mmctr_ray.features import FeatureMap, build_feature_map, load_item_table, read_split
+from mmctr_ray.layers.embedding import root_mean_square
 from mmctr_ray.preflight import check_batch_size, check_splits, check_valid_labels
 from mmctr_ray.schema import SPLITS, Layout
 from mmctr_ray.training import DIVERGED, train_loop_per_worker
@@ -146,7 +147,7 @@ def warn_unscaled_vectors(cfg: ExperimentConfig, vectors: Any) -> None:
     m = cfg.model
     if m.item_vector_rms or (m.crossnet == "off" and m.bilinear == "off"):
         return
-    rms = float(np.sqrt(np.mean(np.square(vectors[1:], dtype=np.float64))))
+    rms = float(root_mean_square(torch.as_tensor(vectors)))  # the measure the model scales by
     if rms > UNSCALED_RMS_WARN:
         log.warning("item vectors of RMS %.2f (%s) go unscaled into %s, which raise their scale to a power: set "
                     "model.item_vector_rms (the paper configs use 0.4)", rms, cfg.data.item_vector,

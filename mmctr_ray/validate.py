@@ -249,7 +249,7 @@ def _expected_test_rows(lay: Layout, n_items: int | None, expect: int | None) ->
 
 def validate(root: str | Path, expect_test_rows: int | None = None) -> list[Problem]:
     """All problems found in the data directory ``root`` (empty list: it validates clean)."""
-    lay = Layout(Path(root))
+    lay = Layout(root)
     problems: list[Problem] = []
     if not lay.root.is_dir():
         return [Problem(str(lay.root), None, "data directory not found")]
