@@ -346,25 +346,28 @@ def test_a_uri_run_is_never_overwritten_silently_either(synth_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_diverged_run_ends_at_once_with_one_line_and_keeps_its_earlier_checkpoints(ray_local, synth_dir,
+def test_a_diverged_run_ends_at_once_with_one_line_and_keeps_its_earlier_checkpoints(plain_run, synth_dir,
                                                                                        tmp_path, capsys):
     """A non-finite loss ends every worker together (not three attempts from the last checkpoint, each
     diverging again, then scikit-learn's "Input contains NaN" from a worker); no summary is written, the
     earlier epochs' checkpoints stay for a resume at a lower learning rate, which clears the verdict."""
+    import shutil
+
     from mmctr_ray.cli import main
 
     run = tmp_path / "run"
+    shutil.copytree(plain_run[0], run)  # a finished run (2 epochs, 3 if the resume test ran first)
+    done = len(_metrics(run))
     train = ["train", "--data", str(synth_dir), "--out", str(run)]
-    assert main([*train, "--config", str(CONFIGS / "tiny.yaml"), "--set", "train.batch_size=256",
-                 "--set", "train.epochs=1"]) == 0
     capsys.readouterr()
-    assert main([*train, "--resume", "--set", "train.epochs=2", "--set", "train.lr=1e6",
+    assert main([*train, "--resume", "--set", f"train.epochs={done + 1}", "--set", "train.lr=1e6",
                  "--set", "train.grad_clip=0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"mmctr train: error: {run}: training diverged: train loss nan in epoch 2 (lr 1e+06); "
-                          f"the checkpoints of epochs 1-1 are kept: lower train.lr or set train.grad_clip"), err
-    assert [r["epoch"] for r in _metrics(run)] == [1] and not (run / "summary.json").exists()
-    assert [p.name for p in epoch_checkpoints(run)] == ["checkpoint_epoch_001"]
+    assert err.startswith(f"mmctr train: error: {run}: training diverged: train loss nan in epoch {done + 1} "
+                          f"(lr 1e+06); the checkpoints of epochs 1-{done} are kept: lower train.lr or set "
+                          f"train.grad_clip"), err
+    assert [r["epoch"] for r in _metrics(run)] == list(range(1, done + 1)) and not (run / "summary.json").exists()
+    assert [p.name for p in epoch_checkpoints(run)] == [f"checkpoint_epoch_00{e}" for e in range(1, done + 1)]
     from mmctr_ray.train_driver import _prepare_run_dir, resume_config
 
     (run / "summary.json").write_text("{}")  # as an earlier attempt would have left it
