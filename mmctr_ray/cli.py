@@ -321,7 +321,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     _start_ray(args, ray_train=True)  # one Ray for every step, with the state API that training needs
     run = storage.join(out, "run")
     continuing = resume and storage.is_file(storage.join(run, "config.yaml"))  # else train starts the run
-    data = pipeline.local_data(args.data, work, resume) if args.data else work / "data"
+    data = pipeline.local_data(args.data, work, resume, args.overwrite) if args.data else work / "data"
     raw, fused = work / "item_raw_emb.parquet", work / "item_emb.parquet"
     gpus_per_actor = args.gpus_per_worker if args.gpus_per_actor is None else args.gpus_per_actor
     step_args = {**vars(args), "data": data, "gpus_per_actor": gpus_per_actor}

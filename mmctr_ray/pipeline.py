@@ -12,6 +12,7 @@ never copied up.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -111,16 +112,28 @@ def publish(stage: str, work: Path, out: storage.Location) -> None:
             storage.write_bytes(storage.join(out, name), local.read_bytes())
 
 
-def local_data(data: str, work: Path, resume: bool) -> Path:
-    """``--data`` as a local folder: itself, or a URI downloaded into ``work/data`` (kept there on ``resume``)."""
+def local_data(data: str, work: Path, resume: bool, overwrite: bool = False) -> Path:
+    """``--data`` as a local folder: itself, or a URI downloaded into ``work/data`` (kept there on ``resume``,
+    replaced on ``overwrite``, else refused when not empty).
+
+    The download goes to ``work/data.partial`` and takes its name only when every file arrived, so a cut download
+    is never reused as if it were the data set: ``--resume`` downloads it again."""
     if not storage.is_uri(data):
         return Path(data).resolve()
-    local = work / "data"
-    if resume and local.is_dir() and any(local.iterdir()):
+    local, partial = work / "data", work / "data.partial"
+    filled = local.is_dir() and any(local.iterdir())
+    if resume and filled:
         log.info("%s: reusing the copy in %s", data, local)
         return local
+    if filled and not overwrite:
+        raise OutputExistsError(f"{local}: not empty; pass --resume to use it as the copy of {data} or --overwrite "
+                                f"to download it again")
     if not storage.exists(data):
         raise DataError(f"{data}: data directory not found")
+    for stale in (partial, local):  # a cut download; the copy --overwrite replaces
+        if stale.exists():
+            shutil.rmtree(stale)
     log.info("downloading %s to %s", data, local)
-    storage.download_dir(data, local)
+    storage.download_dir(data, partial)
+    partial.rename(local)
     return local

@@ -192,3 +192,40 @@ def test_a_checkpoint_whose_manifest_was_not_copied_yet_is_not_complete(tmp_path
     assert incomplete(directory) is None  # a checkpoint from before the manifest: judged by presence
     (directory / "state.json").write_text('{"epoch": 1, "lr"')
     assert incomplete(directory) == "state.json unreadable"
+
+
+def test_a_cut_download_of_the_data_is_fetched_again_and_a_kept_copy_is_not_replaced_unasked(tmp_path, monkeypatch):
+    """`pipeline --data URI` downloads into WORK/data; a download cut short was reused by --resume as the data."""
+    from mmctr_ray import pipeline
+    from mmctr_ray.errors import OutputExistsError
+
+    source = tmp_path / "bucket" / "data"
+    (source / "MicroLens_1M_x1").mkdir(parents=True)
+    for name in ("train.parquet", "valid.parquet", "test.parquet"):
+        (source / "MicroLens_1M_x1" / name).write_text(name)
+    work, uri = tmp_path / "work", source.as_uri()
+    real = storage.download_dir
+
+    def cut(location, local_dir):
+        Path(local_dir, "MicroLens_1M_x1").mkdir(parents=True)
+        Path(local_dir, "MicroLens_1M_x1", "train.parquet").write_text("tra")
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(storage, "download_dir", cut)
+    with pytest.raises(OSError, match="connection reset"):
+        pipeline.local_data(uri, work, resume=False)
+    assert not (work / "data").exists()  # nothing that looks like the data set
+    monkeypatch.setattr(storage, "download_dir", real)
+    local = pipeline.local_data(uri, work, resume=True)
+    assert local == work / "data" and not (work / "data.partial").exists()
+    assert sorted(p.name for p in (local / "MicroLens_1M_x1").iterdir()) == ["test.parquet", "train.parquet",
+                                                                              "valid.parquet"]
+    assert (local / "MicroLens_1M_x1" / "train.parquet").read_text() == "train.parquet"
+    (local / "MicroLens_1M_x1" / "valid.parquet").write_text("edited")
+    assert pipeline.local_data(uri, work, resume=True) == local  # the kept copy, as it is
+    assert (local / "MicroLens_1M_x1" / "valid.parquet").read_text() == "edited"
+    with pytest.raises(OutputExistsError, match=f"^{local}: not empty; pass --resume .* or --overwrite"):
+        pipeline.local_data(uri, work, resume=False)
+    assert (local / "MicroLens_1M_x1" / "valid.parquet").read_text() == "edited"
+    pipeline.local_data(uri, work, resume=False, overwrite=True)
+    assert (local / "MicroLens_1M_x1" / "valid.parquet").read_text() == "valid.parquet"
