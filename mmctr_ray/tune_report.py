@@ -8,18 +8,35 @@ also while a search runs or after one was interrupted.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mmctr_ray.config import TrainConfig, load_config, save_config
+from mmctr_ray.config import ExperimentConfig, TrainConfig, load_config, save_config
 from mmctr_ray.errors import DataError
 from mmctr_ray.report import read_metrics
 from mmctr_ray.search_space import SearchSpace, load_search
 
+CACHE_DIR = "pca_cache"  # TUNE/pca_cache: the fused tables of the trials (mmctr_ray.pca_cache)
 COLUMNS = ("trial", "trial_id", "status", "best_valid_auc", "best_epoch", "epochs", "strategy", "pca_width")
+
+
+def trial_config(trial_dir: Path, tune_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """A trial's saved ``config.yaml`` (plus ``overrides``), its fused table found in this TUNE's cache.
+
+    Configs name a fused table by its absolute path (training workers change directory; ``mmctr train --config
+    best.yaml`` runs from anywhere), so a config saved before the TUNE folder moved, or on a node that mounts it
+    elsewhere, names the table under the old folder: the table of that name in ``tune_dir``'s cache is taken
+    instead, when the old path is gone and this one exists."""
+    cfg = load_config(trial_dir / "config.yaml", overrides)
+    saved = Path(cfg.data.item_vector)
+    here = tune_dir / CACHE_DIR / saved.name
+    if cfg.data.item_vector == "given" or saved.is_file() or saved.parent.name != CACHE_DIR or not here.is_file():
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, item_vector=str(here.resolve())))
 
 
 def trial_outcome(run: Path, epochs: int, max_epochs: int) -> str:
@@ -88,8 +105,8 @@ def write_outputs(tdir: Path, space: SearchSpace | None = None, errors: dict[str
                                   for s in ("completed", "early-stopped", "pruned", "error", "interrupted")}}
     if scored:
         best = max(scored, key=lambda r: r["best_valid_auc"])
-        cfg = load_config(tdir / "trials" / best["trial_id"] / "config.yaml",
-                          [f"train.epochs={space.base.get('train', {}).get('epochs', TrainConfig().epochs)}"])
+        cfg = trial_config(tdir / "trials" / best["trial_id"], tdir,
+                           [f"train.epochs={space.base.get('train', {}).get('epochs', TrainConfig().epochs)}"])
         save_config(cfg, tdir / "best.yaml")  # the full schedule again: the trial ran at most max_epochs
         summary.update(best_trial=best["trial_id"], best_valid_auc=best["best_valid_auc"],
                        best_yaml=str(tdir / "best.yaml"))

@@ -90,13 +90,14 @@ def trial_concurrency(resources: dict[str, float], workers: int, cpus_per_worker
 def _trial_config(space: SearchSpace, params: dict[str, Any], tune_dir: Path, data_dir: Path,
                   source: str) -> ExperimentConfig:
     from mmctr_ray.pca_cache import cached_fusion
+    from mmctr_ray.tune_report import CACHE_DIR
 
     cfg = space.trial_config(params)
     # "given" is the shipped vector when the search picks the strategy; otherwise the base config's table stays
     searched = any(p.key == "fusion.strategy" for p in space.params)
     vector = "given" if searched else cfg.data.item_vector
     if cfg.fusion.strategy != "given":
-        table, fitted = cached_fusion(tune_dir / "pca_cache", data_dir, cfg.fusion, source, seed=cfg.train.seed)
+        table, fitted = cached_fusion(tune_dir / CACHE_DIR, data_dir, cfg.fusion, source, seed=cfg.train.seed)
         log.info("fusion %s: %s (%s)", cfg.fusion.strategy, table.name, "written" if fitted else "from the cache")
         vector = str(table)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, item_vector=vector))
@@ -132,8 +133,10 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from mmctr_ray.config import save_config
     from mmctr_ray.report import read_metrics
     from mmctr_ray.train_driver import run_training
+    from mmctr_ray.tune_report import trial_config
     from mmctr_ray.training import DIVERGED
 
     tdir, data = Path(tune_dir), Path(data_dir)
@@ -156,7 +159,9 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
     if not params.is_file():  # written once, when the trial first starts (its time orders the results table), and
         params.write_text(json.dumps(config, indent=2) + "\n")  # before its config: a failing trial has its row
     if resume:  # it continues as it started, on its own fused table: a source rewritten since gives new trials
-        cfg = load_config(run_dir / "config.yaml")  # new fits, not this one (its checkpoints learnt the old)
+        cfg = trial_config(run_dir, tdir)  # new fits, not this one (its checkpoints learnt the old)
+        if cfg != load_config(run_dir / "config.yaml"):  # TUNE has moved: the run continues on the table here
+            save_config(cfg, run_dir / "config.yaml")
     else:
         cfg = _trial_config(space, config, tdir, data, settings["source"])
     run_training(data, str(run_dir), cfg, workers=settings["workers"], gpus_per_worker=settings["gpus_per_worker"],

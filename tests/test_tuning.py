@@ -524,3 +524,45 @@ def test_an_interrupted_trial_resumes_on_its_own_config_and_table(tmp_path, monk
     mmctr_ray.tuning.run_trial({}, load_search(ROOT / "configs/search_tiny.yaml"), str(tmp_path),
                                str(tmp_path / "data"), settings)
     assert seen["cfg"] == started and seen["resume"] is True
+
+
+def test_a_moved_search_finds_its_tables_in_its_own_cache(tmp_path, monkeypatch):
+    """Trial configs name their fused table by absolute path: after TUNE moved (or is mounted elsewhere), an
+    interrupted trial resumes on the table of that name in this TUNE's cache, and best.yaml names that one."""
+    import ray.tune
+    import ray.tune.integration.ray_train
+
+    import mmctr_ray.train_driver
+    import mmctr_ray.tuning
+    from mmctr_ray.config import save_config
+    from mmctr_ray.tune_report import write_outputs
+
+    monkeypatch.setattr(ray.tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t1"))
+    monkeypatch.setattr(ray.tune, "report", lambda metrics: None)
+    monkeypatch.setattr(ray.tune.integration.ray_train, "TuneReportCallback", lambda: None)
+    tune_dir = tmp_path / "moved"
+    trial = tune_dir / "trials" / "t1"
+    (trial / "checkpoint_epoch_001").mkdir(parents=True)
+    name = "v4-t8-i8-shipped-0123456789.parquet"
+    (tune_dir / "pca_cache").mkdir()
+    (tune_dir / "pca_cache" / name).write_bytes(b"")
+    started = load_config(ROOT / "configs/tiny.yaml", [f"data.item_vector={tmp_path / 'tune' / 'pca_cache' / name}"])
+    save_config(started, trial / "config.yaml")
+    seen = {}
+    monkeypatch.setattr(mmctr_ray.train_driver, "run_training", lambda data, run, cfg, **kw: seen.update(cfg=cfg, **kw))
+    settings = {"source": "shipped", "workers": 1, "gpus_per_worker": 0.0, "cpus_per_worker": 1.0}
+    space = load_search(ROOT / "configs/search_tiny.yaml")
+    mmctr_ray.tuning.run_trial({}, space, str(tune_dir), str(tmp_path / "data"), settings)
+    here = str((tune_dir / "pca_cache" / name).resolve())
+    assert seen["cfg"].data.item_vector == here and seen["resume"] is True
+    assert seen["cfg"].model == started.model and seen["cfg"].fusion == started.fusion
+    assert load_config(trial / "config.yaml") == seen["cfg"]  # the run's resume check compares against this file
+
+    (trial / "config.yaml").write_text((trial / "config.yaml").read_text().replace(here, started.data.item_vector))
+    (trial / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "valid_auc": 0.7}) + "\n")
+    (tune_dir / "trials" / "t1.params.json").write_text("{}")
+    (tune_dir / "settings.json").write_text(json.dumps({"overrides": []}))
+    (tune_dir / "search.yaml").write_text((ROOT / "configs/search_tiny.yaml").read_text())
+    monkeypatch.setattr("mmctr_ray.tune_report._plots", lambda *args: [])
+    write_outputs(tune_dir, space)
+    assert load_config(tune_dir / "best.yaml").data.item_vector == here
