@@ -112,28 +112,52 @@ def publish(stage: str, work: Path, out: storage.Location) -> None:
             storage.write_bytes(storage.join(out, name), local.read_bytes())
 
 
-def local_data(data: str, work: Path, resume: bool, overwrite: bool = False) -> Path:
-    """``--data`` as a local folder: itself, or a URI downloaded into ``work/data`` (kept there on ``resume``,
-    replaced on ``overwrite``, else refused when not empty).
+DATA_SOURCE = "data.source"  # beside WORK/data: the URI it is a whole copy of
 
-    The download goes to ``work/data.partial`` and takes its name only when every file arrived, so a cut download
-    is never reused as if it were the data set: ``--resume`` downloads it again."""
-    if not storage.is_uri(data):
-        return Path(data).resolve()
-    local, partial = work / "data", work / "data.partial"
-    filled = local.is_dir() and any(local.iterdir())
-    if resume and filled:
-        log.info("%s: reusing the copy in %s", data, local)
-        return local
-    if filled and not overwrite:
+
+def check_data_copy(data: str | None, work: Path, resume: bool, overwrite: bool) -> None:
+    """Before Ray starts: the local copy of a ``--data`` URI (``WORK/data``) that holds files is reused on ``resume``
+    only when it is a whole copy of this URI, replaced on ``overwrite``, and refused otherwise."""
+    local = work / "data"
+    if not data or not storage.is_uri(data) or overwrite or not (local.is_dir() and any(local.iterdir())):
+        return
+    if not resume:
         raise OutputExistsError(f"{local}: not empty; pass --resume to use it as the copy of {data} or --overwrite "
                                 f"to download it again")
+    marker = work / DATA_SOURCE
+    recorded = marker.read_text().strip() if marker.is_file() else None
+    if recorded is not None and recorded != data:
+        raise OutputExistsError(f"{local}: the copy of {recorded}, not of {data}; pass the --data it started with, "
+                                f"or --overwrite to download {data} instead")
+
+
+def local_data(data: str, work: Path, resume: bool, overwrite: bool = False) -> Path:
+    """``--data`` as a local folder: itself, or a URI downloaded into ``work/data`` (see :func:`check_data_copy`).
+
+    The download goes to ``work/data.partial`` and takes its name only when every file arrived, so a cut download
+    is never reused as if it were the data set: ``--resume`` downloads it again. ``work/data.source`` records the
+    URI of the copy."""
+    if not storage.is_uri(data):
+        return Path(data).resolve()
+    check_data_copy(data, work, resume, overwrite)
+    local, partial, marker = work / "data", work / "data.partial", work / DATA_SOURCE
+    if resume and local.is_dir() and any(local.iterdir()):
+        if not marker.is_file():
+            log.warning("%s: reused as the copy of %s without %s to confirm it (a copy made before it was "
+                        "recorded)", local, data, marker)
+        log.info("%s: reusing the copy in %s", data, local)
+        return local
     if not storage.exists(data):
         raise DataError(f"{data}: data directory not found")
-    for stale in (partial, local):  # a cut download; the copy --overwrite replaces
-        if stale.exists():
-            shutil.rmtree(stale)
+    if partial.exists():  # a cut download
+        shutil.rmtree(partial)
     log.info("downloading %s to %s", data, local)
     storage.download_dir(data, partial)
+    if not (partial.is_dir() and any(partial.iterdir())):
+        shutil.rmtree(partial, ignore_errors=True)
+        raise DataError(f"{data}: no files to download (expected the challenge layout under it)")
+    if local.exists():  # the copy --overwrite replaces, once the new one is whole
+        shutil.rmtree(local)
+    marker.write_text(data + "\n")
     partial.rename(local)
     return local

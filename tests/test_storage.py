@@ -229,3 +229,14 @@ def test_a_cut_download_of_the_data_is_fetched_again_and_a_kept_copy_is_not_repl
     assert (local / "MicroLens_1M_x1" / "valid.parquet").read_text() == "edited"
     pipeline.local_data(uri, work, resume=False, overwrite=True)
     assert (local / "MicroLens_1M_x1" / "valid.parquet").read_text() == "valid.parquet"
+    assert (work / "data.source").read_text() == uri + "\n"
+    other = tmp_path / "bucket" / "other"
+    other.mkdir()
+    with pytest.raises(OutputExistsError, match=f"^{local}: the copy of {uri}, not of {other.as_uri()}; "):
+        pipeline.check_data_copy(other.as_uri(), work, resume=True, overwrite=False)  # before Ray starts
+    from mmctr_ray.errors import DataError
+
+    with pytest.raises(DataError, match=f"^{other.as_uri()}: no files to download"):
+        pipeline.local_data(other.as_uri(), work, resume=False, overwrite=True)
+    assert not (work / "data.partial").exists()  # and the copy it would have replaced is still there
+    assert (local / "MicroLens_1M_x1" / "valid.parquet").read_text() == "valid.parquet"
