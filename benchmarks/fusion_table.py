@@ -8,7 +8,8 @@ Without ``--data`` it writes the default ``mmctr synth`` data (200k training row
 folder. For each strategy it runs ``mmctr fuse`` on the shipped vectors (txt_emb_BERT, img_emb_CLIPRN50) and
 ``mmctr train`` with the same config and seed, then prints one table: strategy, vector width, explained
 variance, best valid AUC and its epoch, and the oracle AUC of the data. ``--epochs`` caps the schedule (early
-stopping still applies); runs stay under ``--out`` for ``mmctr report``.
+stopping still applies); runs stay under ``--out`` for ``mmctr report``. Last it prints ``mmctr compare`` of the
+runs (the first strategy is the reference): each AUC's standard error and the paired test of each difference.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from mmctr_ray.compare import compare_runs, markdown
 from mmctr_ray.config import FusionConfig, load_config
 from mmctr_ray.data.synthetic import SynthSpec
 from mmctr_ray.data.writer import write_synthetic
@@ -67,6 +69,8 @@ def main() -> None:
         rows.append((strategy, fsum["dim"], " ".join(f"{k} {v:.3f}" for k, v in evr.items()) or "-",
                      summary["best_valid_auc"], summary["best_epoch"], summary["epochs"], time.perf_counter() - t0))
         print_table(rows, oracle, args)
+    print()
+    print(markdown(compare_runs([str(out / f"run_{row[0]}") for row in rows], data)), end="")
     print(f"runs and fused tables under {out}")
 
 

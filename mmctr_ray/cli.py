@@ -19,6 +19,7 @@ from mmctr_ray.data.synthetic import PRESETS, SynthSpec
 from mmctr_ray.data.writer import write_synthetic
 from mmctr_ray.errors import ConfigError, OutputExistsError, find_user_error
 from mmctr_ray.locking import output_lock
+from mmctr_ray.metrics import se_text
 from mmctr_ray.ray_env import MIN_OBJECT_STORE_MIB
 
 log = logging.getLogger("mmctr")
@@ -196,9 +197,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                            cpus_per_worker=args.cpus_per_worker, resume=args.resume, overwrite=args.overwrite,
                            verbose=args.verbose, start_ray=lambda: _start_ray(args, ray_train=True))
     oracle = summary.get("oracle_valid_auc")
-    log.info("best valid AUC %.4f (logloss %.4f) at epoch %d of %d%s; checkpoint %s",
-             summary["best_valid_auc"], summary["best_valid_logloss"], summary["best_epoch"], summary["epochs"],
-             f"; oracle AUC {oracle:.4f}" if oracle else "", summary["best_checkpoint"])
+    log.info("best valid AUC %.4f%s (logloss %.4f) at epoch %d of %d%s; checkpoint %s",
+             summary["best_valid_auc"], se_text(summary.get("best_valid_auc_se")), summary["best_valid_logloss"],
+             summary["best_epoch"], summary["epochs"], f"; oracle AUC {oracle:.4f}" if oracle else "",
+             summary["best_checkpoint"])
     return 0
 
 
@@ -210,7 +212,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     summary = run_predict(args.run, args.data, args.out, split=args.split, actors=args.actors,
                           gpus_per_actor=args.gpus_per_actor, overwrite=args.overwrite)
     m = summary.get("metrics")
-    score = f"; {args.split} AUC {m['auc']:.4f} (oracle {summary.get('oracle_auc', float('nan')):.4f})" if m else ""
+    score = (f"; {args.split} AUC {m['auc']:.4f}{se_text(m.get('auc_se'))} "
+             f"(oracle {summary.get('oracle_auc', float('nan')):.4f})") if m else ""
     log.info("wrote %s: %d rows from %s%s", summary["submission"], summary["rows"], summary["checkpoint"], score)
     return 0
 
@@ -291,6 +294,28 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    import math
+
+    import torch
+
+    from mmctr_ray.compare import compare_runs, markdown
+
+    if args.json is not None and args.json.exists() and not args.overwrite:
+        raise OutputExistsError(f"{args.json}: already exists; pass --overwrite to replace it")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible to this process")
+    result = compare_runs(args.runs, args.data, args.split, args.device, progress=log.info)
+    print(markdown(result), end="")
+    if args.json is not None:
+        for row in result["runs"]:  # undefined figures (a class of one row) as null: JSON has no NaN
+            row.update({k: None for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)})
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        log.info("wrote %s", args.json)
+    return 0
+
+
 def _fuse_step(args: argparse.Namespace, data: Path, out: Path, source: str) -> int:
     """The config's fusion section over ``source`` (the shipped vectors, or a file of embed) → the item table."""
     from mmctr_ray.fuse import run_fuse
@@ -318,6 +343,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     work = pipeline.work_dir(out, args.work)  # a URI OUT without --work fails here, before Ray starts
     if resume:
         pipeline.check_resume(out, work, _config(args), args.embed)
+    pipeline.check_data_copy(args.data, work, resume, args.overwrite)
     _start_ray(args, ray_train=True)  # one Ray for every step, with the state API that training needs
     run = storage.join(out, "run")
     continuing = resume and storage.is_file(storage.join(run, "config.yaml"))  # else train starts the run
@@ -355,7 +381,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         pipeline.publish(name, work, out)
     summary = json.loads(storage.read_text(storage.join(run, "summary.json")))
     oracle = summary.get("oracle_valid_auc")
-    print(f"{label}: valid AUC {summary['best_valid_auc']:.4f}{f' (oracle {oracle:.4f})' if oracle else ''} at "
+    print(f"{label}: valid AUC {summary['best_valid_auc']:.4f}{se_text(summary.get('best_valid_auc_se'))}"
+          f"{f' (oracle {oracle:.4f})' if oracle else ''} at "
           f"epoch {summary['best_epoch']}; submission {storage.join(out, 'submission.zip')}; report "
           f"{storage.join(run, 'report')}")
     log.info("%s done: outputs under %s", label, out)
@@ -570,6 +597,26 @@ def build_parser() -> argparse.ArgumentParser:
                                "`mmctr tune`")
     p.add_argument("--top", type=int, default=10, help="trials to list for a search (default 10)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="AUC ± standard error of runs on the same rows, and the paired test between "
+                                       "them",
+                       description="Score the valid split (or the synthetic test split) with each run's best "
+                                   "checkpoint, in this process, and print each AUC with its standard error (DeLong) "
+                                   "and each run's difference to the first with the standard error and p-value of "
+                                   "the paired DeLong test: runs scored on the same rows err alike, so their "
+                                   "difference is known far better than either AUC.")
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run directories of `mmctr train` (local paths or URIs; their best checkpoint) or checkpoint "
+                        "folders (RUN/checkpoint_epoch_NNN); the first is the reference")
+    p.add_argument("--data", type=Path, required=True, help="the local data directory the runs were trained on")
+    p.add_argument("--split", choices=("valid", "test"), default="valid",
+                   help="rows to score (default valid; test needs the labels synthetic data keeps)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where to score (default cpu: fp32, as a CPU run validates; on cuda a run's "
+                        "train.precision applies, as in its validation on a GPU)")
+    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("pipeline", help="the whole chain on DATA (or synthetic data): validate → features → "
                                         "[embed] → fuse → train → predict → report",

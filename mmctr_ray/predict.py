@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from mmctr_ray import storage
 from mmctr_ray.checkpoint import best_checkpoint, load_checkpoint
 from mmctr_ray.errors import DataError, OutputExistsError
 from mmctr_ray.features import MODEL_INPUTS, load_item_table, max_user_id, read_split, to_model_batch
@@ -44,7 +45,13 @@ def load_model(checkpoint_dir: Location, data_dir: str | Path, device: str = "cp
     """
     ck = load_checkpoint(checkpoint_dir, with_optimizer=False)
     source = ck.item_source
-    table = load_item_table(data_dir, source["file"] if source.get("item_vector") == "fused" else "given")
+    vector = source["file"] if source.get("item_vector") == "fused" else "given"
+    if vector != "given" and not storage.is_uri(checkpoint_dir):  # a trial of a search whose folder has moved
+        from mmctr_ray.tune_report import search_of, table_here
+
+        tune_dir = search_of(Path(checkpoint_dir).parent)
+        vector = table_here(vector, tune_dir) if tune_dir is not None else vector
+    table = load_item_table(data_dir, vector)
     found = {"num_items": table.num_items, "vector_dim": table.vector_dim, "tag_vocab": table.tag_vocab}
     for key, value in found.items():
         expected = getattr(ck.fmap, key)

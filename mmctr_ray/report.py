@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from typing import Any
 
 from mmctr_ray import storage
 from mmctr_ray.errors import DataError
+from mmctr_ray.metrics import se_text
 from mmctr_ray.storage import Location
 
 
@@ -55,9 +57,16 @@ def markdown_summary(run_dir: Location, rows: list[dict[str, Any]]) -> str:
     best = max(rows, key=lambda r: r["valid_auc"])
     summary_path = storage.join(run_dir, "summary.json")
     summary = json.loads(storage.read_text(summary_path)) if storage.is_file(summary_path) else {}
+    se = best.get("valid_auc_se")
     lines = [f"# Run `{storage.basename(run_dir)}`", "",
-             f"Best validation AUC **{best['valid_auc']:.4f}** (logloss {best['valid_logloss']:.4f}) at epoch "
-             f"{best['epoch']} of {len(rows)}."]
+             f"Best validation AUC **{best['valid_auc']:.4f}**{se_text(se)} (logloss {best['valid_logloss']:.4f}) "
+             f"at epoch {best['epoch']} of {len(rows)}."]
+    if se is not None and math.isfinite(se):
+        rows_text = f"{best['valid_rows']:,} " if best.get("valid_rows") else ""
+        lines.append(f"± is the AUC's standard error over the {rows_text}validation rows (DeLong). Two independent "
+                     f"AUCs of this precision would need to differ by about {2 * math.sqrt(2) * se:.4f} to be told "
+                     f"apart; runs scored on the same rows err alike, so `mmctr compare` (the paired test) tells "
+                     f"smaller differences apart.")
     if summary.get("oracle_valid_auc"):
         lines.append(f"Oracle AUC of the synthetic data: {summary['oracle_valid_auc']:.4f} "
                      f"(gap {summary['oracle_valid_auc'] - best['valid_auc']:.4f}).")

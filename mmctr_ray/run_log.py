@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from mmctr_ray import storage
+from mmctr_ray.metrics import se_text
 
 log = logging.getLogger("mmctr.train")
 PROGRESS_EVERY_S = 10.0
@@ -74,11 +75,12 @@ class RunLog:
         text = "".join(json.dumps(r) + "\n" for r in state.history)
         storage.write_text(storage.join(self.run_dir, "metrics.jsonl"), text)
         rate = row["samples_per_s"] or 0.0
-        log.info("epoch %d: train loss %.4f, valid AUC %.4f, logloss %.4f, lr %.1e, %.0f samples/s "
+        log.info("epoch %d: train loss %.4f, valid AUC %.4f%s, logloss %.4f, lr %.1e, %.0f samples/s "
                  "(best AUC %.4f at epoch %d)", row["epoch"], row["train_loss"], row["valid_auc"],
-                 row["valid_logloss"], row["lr"], rate, state.best_auc, state.best_epoch)
+                 se_text(row.get("valid_auc_se")), row["valid_logloss"], row["lr"], rate, state.best_auc,
+                 state.best_epoch)
         if self._tb is not None:
-            for key in ("train_loss", "valid_auc", "valid_logloss", "lr", "samples_per_s"):
+            for key in ("train_loss", "valid_auc", "valid_auc_se", "valid_logloss", "lr", "samples_per_s"):
                 if row.get(key) is not None:
                     self._tb.add_scalar(f"epoch/{key}", row[key], row["epoch"])
             self._tb.flush()

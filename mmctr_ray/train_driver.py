@@ -264,6 +264,7 @@ def _summary(run_dir: storage.Location, data_dir: Path, seconds: float) -> dict[
     rates = [r["samples_per_s"] for r in history if r.get("samples_per_s")]
     summary = {"run_dir": str(run_dir), "data": str(data_dir), "epochs": len(history),
                "best_epoch": best_row["epoch"], "best_valid_auc": best_row["valid_auc"],
+               "best_valid_auc_se": best_row.get("valid_auc_se"),
                "best_valid_logloss": best_row["valid_logloss"], "best_checkpoint": str(best),
                "oracle_valid_auc": oracle, "mean_samples_per_s": sum(rates) / len(rates) if rates else None,
                "wall_seconds": seconds}

@@ -346,7 +346,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 return
             state.epoch = epoch
             row = {"epoch": epoch, "train_loss": train_loss, "valid_auc": metrics["auc"],
-                   "valid_logloss": metrics["logloss"], "valid_rows": metrics["rows"], "lr": state.lr,
+                   "valid_auc_se": metrics["auc_se"], "valid_logloss": metrics["logloss"],
+                   "valid_rows": metrics["rows"], "lr": state.lr,
                    "samples_per_s": rows / seconds if seconds > 0 and step > 1 else None,
                    "epoch_seconds": epoch_seconds, "steps": step, "resident": resident,
                    "resident_rows": shard.rows if shard is not None else None,

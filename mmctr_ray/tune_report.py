@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ from mmctr_ray.report import read_metrics
 from mmctr_ray.search_space import SearchSpace, load_search
 
 CACHE_DIR = "pca_cache"  # TUNE/pca_cache: the fused tables of the trials (mmctr_ray.pca_cache)
-COLUMNS = ("trial", "trial_id", "status", "best_valid_auc", "best_epoch", "epochs", "strategy", "pca_width")
+COLUMNS = ("trial", "trial_id", "status", "best_valid_auc", "best_epoch", "epochs", "strategy", "pca_width",
+           "valid_auc_se")
 
 
 def trial_config(trial_dir: Path, tune_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
@@ -32,11 +34,26 @@ def trial_config(trial_dir: Path, tune_dir: Path, overrides: list[str] | tuple[s
     elsewhere, names the table under the old folder: the table of that name in ``tune_dir``'s cache is taken
     instead, when the old path is gone and this one exists."""
     cfg = load_config(trial_dir / "config.yaml", overrides)
-    saved = Path(cfg.data.item_vector)
-    here = tune_dir / CACHE_DIR / saved.name
-    if cfg.data.item_vector == "given" or saved.is_file() or saved.parent.name != CACHE_DIR or not here.is_file():
+    if cfg.data.item_vector == "given":
         return cfg
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, item_vector=str(here.resolve())))
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
+                                                             item_vector=table_here(cfg.data.item_vector, tune_dir)))
+
+
+def table_here(saved: str, tune_dir: Path) -> str:
+    """``saved`` (a fused table's absolute path), or the table of its name in ``tune_dir``'s cache when ``saved``
+    is gone, names a file of a search's cache, and that file is here (see :func:`trial_config`)."""
+    path = Path(saved)
+    here = tune_dir / CACHE_DIR / path.name
+    if path.is_file() or path.parent.name != CACHE_DIR or not here.is_file():
+        return saved
+    return str(here.resolve())
+
+
+def search_of(run_dir: Path) -> Path | None:
+    """The TUNE folder a run belongs to (``TUNE/trials/<trial_id>``), or None for a run of `mmctr train`."""
+    tune_dir = run_dir.resolve().parent.parent
+    return tune_dir if run_dir.resolve().parent.name == "trials" and (tune_dir / "settings.json").is_file() else None
 
 
 def trial_outcome(run: Path, epochs: int, max_epochs: int) -> str:
@@ -68,7 +85,9 @@ def _trial_rows(tdir: Path, space: SearchSpace, errors: dict[str, str],
         row = {"trial": n, "trial_id": trial_id, "status": status,
                "best_valid_auc": round(best["valid_auc"], 6) if best else "",
                "best_epoch": best["epoch"] if best else "",
-               "epochs": len(history), "strategy": strategy, "pca_width": width}
+               "epochs": len(history), "strategy": strategy, "pca_width": width,
+               "valid_auc_se": round(best["valid_auc_se"], 6) if best and best.get("valid_auc_se") is not None and
+               math.isfinite(best["valid_auc_se"]) else ""}
         params = json.loads(params_file.read_text())
         row.update({p.key: json.dumps(params[p.key]) if isinstance(params.get(p.key), list) else params.get(p.key, "")
                     for p in space.params})
@@ -204,12 +223,13 @@ def top_trials(tdir: str | Path, n: int = 10) -> str:
         rows = [r for r in csv.DictReader(f) if r["best_valid_auc"]]
     rows.sort(key=lambda r: float(r["best_valid_auc"]), reverse=True)
     params = [k for k in rows[0] if k not in COLUMNS] if rows else []
-    head = ["rank", "trial_id", "status", "best_valid_auc", "epochs", *params]
+    head = ["rank", "trial_id", "status", "best_valid_auc", "± SE", "epochs", *params]
     lines = [f"# Search `{tdir.name}`: {summary['trials']} trials ({summary['completed']} completed, "
              f"{summary['early-stopped']} early-stopped, {summary['pruned']} pruned, {summary['error']} errors)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, r in enumerate(rows[:n], start=1):
-        lines.append("| " + " | ".join([str(i), r["trial_id"], r["status"], f"{float(r['best_valid_auc']):.4f}",
+        se = f"{float(r['valid_auc_se']):.4f}" if r.get("valid_auc_se") else "–"
+        lines.append("| " + " | ".join([str(i), r["trial_id"], r["status"], f"{float(r['best_valid_auc']):.4f}", se,
                                         r["epochs"], *(_short(r[p]) for p in params)]) + " |")
     if summary.get("best_yaml"):
         lines += ["", f"Best config: `{summary['best_yaml']}` (`mmctr train --config {summary['best_yaml']}`)."]

@@ -15,7 +15,7 @@ import yaml
 from mmctr_ray.cli import build_parser, main
 from mmctr_ray.schema import Layout
 
-STAGES = ["synth", "convert", "validate", "features", "embed", "fuse", "train", "tune", "predict", "report",
+STAGES = ["synth", "convert", "validate", "features", "embed", "fuse", "train", "tune", "predict", "report", "compare",
           "pipeline", "demo"]
 ROOT = Path(__file__).parent.parent
 

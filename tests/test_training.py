@@ -286,8 +286,39 @@ def test_report_writes_curves_and_a_markdown_table(two_worker_run, tmp_path):
     assert paths["curves"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = paths["summary"].read_text()
     assert f"{summary['best_valid_auc']:.4f}" in text and text.count("\n| ") == 1 + 2  # header + 2 epochs
+    se = summary["best_valid_auc_se"]  # DeLong's, over the 500 validation rows (test_metrics.py checks the method)
+    assert 0 < se < 0.1 and f"**{summary['best_valid_auc']:.4f}** ± {se:.4f}" in text and "over the 500 valid" in text
     with pytest.raises(DataError, match="metrics.jsonl: missing file"):
         write_report(tmp_path)
+
+
+@pytest.mark.slow
+def test_compare_scores_runs_on_the_same_rows_with_the_paired_test(two_worker_run, plain_run, synth_dir, tiny_spec,
+                                                                   tmp_path, capsys):
+    from mmctr_ray.cli import main
+
+    (two, summary), (plain, _) = two_worker_run, plain_run
+    out = tmp_path / "compare.json"
+    first = plain / "checkpoint_epoch_001"  # a checkpoint folder names itself; a run, its best checkpoint
+    args = ["compare", "--data", str(synth_dir), str(two), str(first), "--json", str(out)]
+    capsys.readouterr()
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["split"] == "valid" and result["rows"] == tiny_spec.valid_rows
+    ref, other = result["runs"]
+    assert ref["checkpoint"] == str(best_checkpoint(two)) and ref["epoch"] == summary["best_epoch"]
+    assert ref["auc"] == pytest.approx(summary["best_valid_auc"], abs=1e-6)  # the AUC the run reported
+    assert other["epoch"] == 1 and other["auc"] == pytest.approx(_metrics(plain)[0]["valid_auc"], abs=1e-6)
+    assert other["diff"] == pytest.approx(other["auc"] - ref["auc"]) and 0 < other["diff_se"] < 0.1
+    assert 0 < ref["se"] < 0.05 and ref["diff"] == 0
+    assert f"| {two} | {ref['epoch']} | {ref['auc']:.4f} | {ref['se']:.4f} | – | – | – |" in text
+    assert f"| {first} | 1 | {other['auc']:.4f} | {other['se']:.4f} | {other['diff']:+.4f} |" in text
+    assert main(args) == 2  # the JSON file is kept
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["compare", "--data", str(synth_dir), str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{tmp_path}: not a run of `mmctr train` (no config.yaml) nor "
+                                                    f"one of its checkpoint folders")
 
 
 def test_an_unsupported_storage_scheme_is_a_one_line_error(synth_dir):

@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ from mmctr_ray.predict import load_model, score_parquet
 from mmctr_ray.schema import Layout
 from mmctr_ray.search_space import SearchSpace, load_search
 from mmctr_ray.train_driver import check_inputs
-from mmctr_ray.tune_report import trial_outcome
+from mmctr_ray.tune_report import trial_config, trial_outcome
 from mmctr_ray.tuning import (FAULT_ENV, METRIC, _scheduler, check_resources, progress_line, shared_datasets,
                                trial_concurrency)
 
@@ -463,23 +464,33 @@ def test_a_killed_search_resumes_without_losing_or_repeating_trials(synth_dir, t
     for name in ("auc_by_trial.png", "param_importance.png", "auc_vs_pca.png"):
         assert (tune_dir / "plots" / name).read_bytes()[:4] == b"\x89PNG"
 
+    assert all(float(r["valid_auc_se"]) > 0 for r in rows)  # each best AUC with its standard error
+
     best = yaml.safe_load((tune_dir / "best.yaml").read_text())
     best_row = max(rows, key=lambda r: float(r["best_valid_auc"]))
     assert best["fusion"]["strategy"] == best_row["fusion.strategy"] and best["train"]["epochs"] == 2
-    report = subprocess.run([sys.executable, "-m", "mmctr_ray.cli", "report", str(tune_dir), "--top", "2"],
+    moved = tmp_path / "moved"  # the search's folder moves (or is mounted elsewhere): configs name tables by path
+    shutil.move(tune_dir, moved)
+    report = subprocess.run([sys.executable, "-m", "mmctr_ray.cli", "report", str(moved), "--top", "2"],
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert report.returncode == 0 and f"| 1 | {best_row['trial_id']} |" in report.stdout
-    # best.yaml is what `mmctr train --config` reads: the best trial's own config at the full schedule, whose
-    # inputs check out and whose checkpoint scores the validation split at the AUC the search reported
-    trial = tune_dir / "trials" / best_row["trial_id"]
-    assert load_config(tune_dir / "best.yaml") == load_config(trial / "config.yaml", ["train.epochs=2"])
-    _, fmap = check_inputs(synth_dir, load_config(tune_dir / "best.yaml"))
+    # best.yaml is what `mmctr train --config` reads: the best trial's own config at the full schedule, its table
+    # in the moved cache, inputs that check out; each trial's checkpoint scores the validation split at the AUC
+    # the search reported, its table found in the moved cache too
+    best_cfg = load_config(moved / "best.yaml")
+    trial = moved / "trials" / best_row["trial_id"]
+    assert best_cfg == trial_config(trial, moved, ["train.epochs=2"])
+    assert best_cfg.data.item_vector == "given" or best_cfg.data.item_vector.startswith(f"{moved}/pca_cache/")
+    _, fmap = check_inputs(synth_dir, best_cfg)
     assert load_checkpoint(best_checkpoint(trial), with_optimizer=False).fmap == fmap
-    model = load_model(best_checkpoint(trial), synth_dir)
+    fused = [r for r in rows if r["fusion.strategy"] != "given"]
+    assert fused, "the seeded sampler drew a fused table for at least one of the 3 trials"
     valid = Layout(synth_dir).split("valid")
-    probs = score_parquet(model, valid, model.experiment_cfg.data.max_len)
     labels = pq.read_table(valid, columns=["label"]).column("label").to_numpy()
-    assert roc_auc_score(labels, probs) == pytest.approx(float(best_row["best_valid_auc"]), abs=1e-5)
+    for row in {r["trial_id"]: r for r in (best_row, fused[0])}.values():
+        model = load_model(best_checkpoint(moved / "trials" / row["trial_id"]), synth_dir)
+        probs = score_parquet(model, valid, model.experiment_cfg.data.max_len)
+        assert roc_auc_score(labels, probs) == pytest.approx(float(row["best_valid_auc"]), abs=1e-5)
 
 
 def test_a_trial_that_diverged_is_not_trained_again_when_the_search_resumes(tmp_path, monkeypatch):
@@ -566,3 +577,7 @@ def test_a_moved_search_finds_its_tables_in_its_own_cache(tmp_path, monkeypatch)
     monkeypatch.setattr("mmctr_ray.tune_report._plots", lambda *args: [])
     write_outputs(tune_dir, space)
     assert load_config(tune_dir / "best.yaml").data.item_vector == here
+    old = Path(started.data.item_vector)  # a table still where the config says is taken from there
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"")
+    assert trial_config(trial, tune_dir).data.item_vector == str(old)

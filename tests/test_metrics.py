@@ -1,0 +1,79 @@
+"""Exact validation metrics: the AUC and its standard error over the whole split."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from mmctr_ray.metrics import auc_with_se, compare_aucs, evaluate
+
+
+def _scores(rng: np.random.Generator, n: int, shift: float = 1.4):
+    labels = rng.random(n) < 0.25
+    return labels, rng.normal(size=n) + shift * labels
+
+
+def test_delong_auc_is_scikit_learns_ties_included():
+    rng = np.random.default_rng(0)
+    labels, scores = _scores(rng, 3_000)
+    scores = np.round(scores, 1)  # many ties: each counts half
+    auc, _ = auc_with_se(labels, scores)
+    assert auc == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_the_standard_error_is_the_spread_of_the_auc_over_resampled_rows():
+    rng = np.random.default_rng(1)
+    labels, scores = _scores(rng, 2_000)
+    _, se = auc_with_se(labels, scores)
+    boot = []
+    for _ in range(1_000):
+        i = rng.integers(0, len(labels), len(labels))
+        boot.append(roc_auc_score(labels[i], scores[i]))
+    assert se == pytest.approx(np.std(boot), rel=0.1)
+    # and it shrinks as the square root of the rows
+    labels4, scores4 = _scores(rng, 8_000)
+    assert auc_with_se(labels4, scores4)[1] == pytest.approx(se / 2, rel=0.15)
+
+
+def test_evaluate_reports_the_standard_error_and_nan_for_one_class():
+    rng = np.random.default_rng(2)
+    labels, scores = _scores(rng, 1_000)
+    probs = 1 / (1 + np.exp(-scores))
+    got = evaluate(labels, probs)
+    assert got["auc_se"] == pytest.approx(auc_with_se(labels, probs)[1]) and 0 < got["auc_se"] < 0.05
+    one = evaluate(np.zeros(10), np.full(10, 0.3))
+    assert np.isnan(one["auc"]) and np.isnan(one["auc_se"])
+    with pytest.raises(ValueError, match="both classes: 0 positives, 10 negatives"):
+        auc_with_se(np.zeros(10), np.full(10, 0.3))
+
+
+def test_the_paired_test_knows_that_runs_on_the_same_rows_err_alike():
+    rng = np.random.default_rng(3)
+    labels, signal = _scores(rng, 3_000)
+    a = signal + rng.normal(scale=0.3, size=len(labels))
+    b = signal + 0.15 * labels + rng.normal(scale=0.3, size=len(labels))  # a little better, mostly the same order
+    first, second = compare_aucs(labels, [a, b])
+    assert first["diff"] == 0 and first["p"] == 1.0
+    assert second["auc"] == pytest.approx(roc_auc_score(labels, b)) and second["diff"] > 0
+    assert second["diff_se"] < 0.5 * np.hypot(first["se"], second["se"])  # far below the independent bound
+    diffs = []
+    for _ in range(1_000):
+        i = rng.integers(0, len(labels), len(labels))
+        diffs.append(roc_auc_score(labels[i], b[i]) - roc_auc_score(labels[i], a[i]))
+    assert second["diff_se"] == pytest.approx(np.std(diffs), rel=0.1)
+    assert second["p"] == pytest.approx(math.erfc(second["diff"] / second["diff_se"] / math.sqrt(2)))
+    same = compare_aucs(labels, [a, a.copy()])[1]
+    assert same["diff"] == 0 and same["diff_se"] == 0 and same["p"] == 1.0
+
+
+def test_undefined_figures_are_nan_never_a_certain_difference():
+    """A run that scored NaN, or a class of one row, has no standard error: never p = 0."""
+    labels = np.array([1, 1, 0, 0, 0])
+    ok, broken = np.array([0.9, 0.8, 0.2, 0.3, 0.1]), np.array([0.9, np.nan, 0.2, 0.3, 0.1])
+    row = compare_aucs(labels, [ok, broken])[1]
+    assert all(np.isnan(row[k]) for k in ("se", "diff_se", "z", "p"))
+    single = compare_aucs(np.array([1, 0, 0, 0]), [ok[:4], np.array([0.1, 0.8, 0.2, 0.3])])
+    assert single[1]["diff"] == -1.0 and all(np.isnan(single[1][k]) for k in ("se", "diff_se", "z", "p"))
