@@ -52,6 +52,7 @@ DATA_CPU_RESERVE = 1.0  # left free for the Ray Data read and map tasks of the r
 STUDY_NAME = "mmctr"
 ASHA_RECORDS = "asha.json"
 METRIC = "best_valid_auc"  # what Optuna and ASHA compare: the trial's best epoch so far, the one it would keep
+tune_dir_now: str | None = None  # set by run_tuning: this process's TUNE (Tune restores callbacks with older paths)
 FAULT_ENV = "MMCTR_FAULT_TUNE_EXIT_AFTER_TRIALS"  # tests: the driver exits hard after N finished trials
 
 
@@ -210,7 +211,10 @@ class _Progress:
             def _log(self, trials: list, trial: Any, outcome: str | None = None) -> None:
                 self.ended_here += 1
                 epochs = int((trial.last_result or {}).get("epoch") or 0)
-                outcome = outcome or trial_outcome(tune_dir / "trials" / trial.trial_id, epochs, max_epochs)
+                from mmctr_ray import tuning  # read at call time: a callback restored from an older TUNE path
+
+                base = Path(tuning.tune_dir_now or tune_dir)
+                outcome = outcome or trial_outcome(base / "trials" / trial.trial_id, epochs, max_epochs)
                 log.info("%s", progress_line(trials, trial, outcome, max(self.total, len(trials)),
                                              time.monotonic() - self.t0, self.ended_here,
                                              None if deadline is None else deadline - time.time()))
@@ -374,7 +378,6 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
                overwrite: bool = False, time_budget_s: float | None = None) -> dict[str, Any]:
     """Run (or with ``resume`` continue) the search declared in ``search_yaml``; return the outputs' summary.
     With ``time_budget_s``, no trial starts once that many seconds have passed; the running ones finish."""
-    import optuna
     import ray
     from ray import tune
 
@@ -406,15 +409,21 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
     callbacks = [_Progress(tdir, space.max_epochs, deadline), *([_ExitAfterTrials()] if fault else [])]
     run_config = tune.RunConfig(name="tune", storage_path=str(tdir), callbacks=callbacks, verbose=0)
     import mmctr_ray.asha
+    import mmctr_ray.study
+
+    study_url = mmctr_ray.study.sqlite_url(tdir)
 
     mmctr_ray.asha.records_path = str(tdir / ASHA_RECORDS)  # the restored scheduler may hold an older TUNE path
+    mmctr_ray.study.url = study_url  # and the restored searcher an older optuna.db
+    global tune_dir_now
+    tune_dir_now = str(tdir)  # and the restored progress callback an older TUNE
     if resume:
         log.info("resuming the search in %s (its own trial count and concurrency; %d trials fit now)", tdir, k)
         tuner = tune.Tuner.restore(str(tdir / "tune"), trainable=trainable, resume_errored=True)
     else:
         searcher = _searcher()(space=space.define_by_run, metric=METRIC, mode="max", seed=space.seed,
                                 study_name=STUDY_NAME,
-                                storage=optuna.storages.RDBStorage(f"sqlite:///{tdir}/optuna.db"))
+                                storage=mmctr_ray.study.StudyStorage(study_url))
         searcher.deadline = deadline
         scheduler = _scheduler(space, tdir / ASHA_RECORDS)
         n = num_samples or space.num_samples

@@ -581,3 +581,25 @@ def test_a_moved_search_finds_its_tables_in_its_own_cache(tmp_path, monkeypatch)
     old.parent.mkdir(parents=True)
     old.write_bytes(b"")
     assert trial_config(trial, tune_dir).data.item_vector == str(old)
+
+
+def test_a_restored_search_opens_the_study_in_its_own_folder(tmp_path, monkeypatch):
+    """Tune pickles the searcher with its Optuna storage, which reconnects to the URL it was pickled with: a moved
+    TUNE reopened the old optuna.db ("unable to open database file")."""
+    import pickle
+    import shutil
+
+    import mmctr_ray.study
+    from mmctr_ray.study import StudyStorage, sqlite_url
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    study = optuna.create_study(study_name="mmctr", storage=StudyStorage(sqlite_url(old)))
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    pickled = pickle.dumps(study)
+    shutil.move(old, new)
+    monkeypatch.setattr(mmctr_ray.study, "url", sqlite_url(new))
+    restored = pickle.loads(pickled)
+    assert len(restored.trials) == 2 and not old.exists()
+    restored.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
+    assert len(optuna.load_study(study_name="mmctr", storage=sqlite_url(new)).trials) == 3
