@@ -333,7 +333,6 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     table) and continues training from the run's latest checkpoint; predict and report run again.
     """
     from mmctr_ray import pipeline
-    from mmctr_ray.schema import Layout
 
     label = getattr(args, "command", None) or "pipeline"
     out = storage.normalize(str(args.out))
@@ -344,8 +343,19 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     if resume:
         pipeline.check_resume(out, work, _config(args), args.embed)
     pipeline.check_data_copy(args.data, work, resume, args.overwrite)
-    _start_ray(args, ray_train=True)  # one Ray for every step, with the state API that training needs
     run = storage.join(out, "run")
+    with output_lock(run):  # OUT is held by main(); a `mmctr train --out OUT/run` would write the same run
+        return _pipeline_steps(args, label, out, work, run)
+
+
+def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location, work: Path,
+                    run: storage.Location) -> int:
+    """The steps of :func:`cmd_pipeline`, once OUT and the data copy are checked and OUT/run is held."""
+    from mmctr_ray import pipeline
+    from mmctr_ray.schema import Layout
+
+    resume = args.resume
+    _start_ray(args, ray_train=True)  # one Ray for every step, with the state API that training needs
     continuing = resume and storage.is_file(storage.join(run, "config.yaml"))  # else train starts the run
     data = pipeline.local_data(args.data, work, resume, args.overwrite) if args.data else work / "data"
     raw, fused = work / "item_raw_emb.parquet", work / "item_emb.parquet"
@@ -661,7 +671,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.func(args)
         out = storage.normalize(str(args.out))
         _refuse_existing_output(args, out)
-        with output_lock(out, args.command):
+        with output_lock(out):
             return args.func(args)
     except Exception as err:
         user = find_user_error(err)  # also when a Ray task or worker met it

@@ -22,6 +22,9 @@ from mmctr_ray import storage
 from mmctr_ray.errors import OutputExistsError
 
 
+LOCK_SUFFIX = ".mmctr.lock"
+
+
 def lock_path(target: storage.Location) -> Path:
     """Where the lock file of output ``target`` lives: one file for every spelling of one output (``file:///x``
     and ``/x``, a trailing slash or not)."""
@@ -35,18 +38,18 @@ def lock_path(target: storage.Location) -> Path:
         return base / f"{key}.lock"
     path = Path(target).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.parent / f".{path.name}.mmctr.lock"
+    return path.parent / f".{path.name}{LOCK_SUFFIX}"
 
 
 @contextmanager
-def output_lock(target: storage.Location, stage: str) -> Iterator[None]:
+def output_lock(target: storage.Location) -> Iterator[None]:
     """Hold ``target``'s lock for the block; raise OutputExistsError at once if another process holds it."""
     path = lock_path(target)
     lock = filelock.FileLock(str(path), timeout=0)
     try:
         lock.acquire()
     except filelock.Timeout:
-        raise OutputExistsError(f"{target}: in use by another `mmctr {stage}` (it holds {path}); wait for it to end "
+        raise OutputExistsError(f"{target}: in use by another mmctr command (it holds {path}); wait for it to end "
                                 f"or choose another output") from None
     try:
         yield

@@ -504,7 +504,7 @@ def test_existing_outputs_are_never_replaced_without_overwrite(data, tmp_path, c
 LOCK_HOLDER = """
 import sys, time
 from mmctr_ray.locking import output_lock
-with output_lock(sys.argv[1], "train"):
+with output_lock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(120)
 """
@@ -521,10 +521,30 @@ def test_two_runs_on_one_output_refuse_clearly(data, tmp_path, capsys):
         capsys.readouterr()
         assert main(["train", "--data", str(data), "--out", str(run), "--resume"]) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert err.startswith(f"mmctr train: error: {run}: in use by another `mmctr train`")
+        assert err.startswith(f"mmctr train: error: {run}: in use by another mmctr command")
     finally:
         holder.kill()
         holder.wait()
     # the holder is gone (killed, as a crashed run would be): its lock went with it
     assert main(["train", "--data", str(data), "--out", str(run), "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_a_pipeline_and_a_train_on_its_run_refuse_each_other(data, tmp_path, capsys):
+    """`mmctr pipeline --out OUT` trains into OUT/run: it holds that run's lock too, so a `mmctr train --out OUT/run`
+    meanwhile (or a pipeline while such a train runs) refuses at once, before Ray starts."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out / "run")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        capsys.readouterr()
+        assert main(["pipeline", "--data", str(data), "--out", str(out)]) == 2  # OUT holds only that lock file
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"mmctr pipeline: error: {out / 'run'}: in use by another mmctr command"), err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [p.name for p in out.iterdir()] == [".run.mmctr.lock"]  # nothing else was written
