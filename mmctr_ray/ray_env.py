@@ -97,18 +97,6 @@ def private_local_ray() -> bool:
     return _PRIVATE["started"]
 
 
-def state_api_answers() -> bool:
-    """Whether the connected Ray's state API (served by the dashboard) answers."""
-    from ray.util.state import list_nodes
-    from ray.util.state.exception import RayStateApiException
-
-    try:
-        list_nodes(limit=1, timeout=10)
-    except RayStateApiException:
-        return False
-    return True
-
-
 def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = False,
              dashboard: bool = False, object_store_mib: int | None = None) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a private local Ray.
@@ -125,11 +113,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
     import ray
 
     quiet_ray_data(verbose)
-    if ray.is_initialized():  # a Ray this process started or joined before (a notebook, a test, a job driver)
-        if dashboard and not state_api_answers():
-            log.warning("Ray is already running in this process without the dashboard's state API; Ray Train's "
-                        "placement-group cleaner asks it whether the run's controller lives and will warn "
-                        "every second (ray.init(include_dashboard=True) before this call avoids it)")
+    if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:

@@ -157,24 +157,3 @@ def test_yaml_is_safe_loaded_and_no_shell_runs():
     shells = [str(p) for name in ("subprocess.run", "subprocess.Popen", "subprocess.call", "subprocess.check_call",
                                   "subprocess.check_output") for p, n in _calls(name) if _keyword(n, "shell")]
     assert shells == []
-
-
-def test_a_ray_already_up_without_the_state_api_is_warned_about_once_training_needs_it(monkeypatch, caplog):
-    """init_ray leaves a Ray this process already has alone; a stage that runs Ray Train is told when its
-    dashboard (the state API Train's placement-group cleaner polls) is missing."""
-    import ray
-
-    from mmctr_ray import ray_env
-
-    asked = []
-    monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(ray_env, "state_api_answers", lambda: asked.append(1) or False)
-    with caplog.at_level("WARNING", logger="mmctr_ray.ray_env"):
-        ray_env.init_ray(dashboard=False)
-        assert not asked and not caplog.text  # stages without Ray Train do not need it
-        ray_env.init_ray(dashboard=True)
-    assert asked and "without the dashboard's state API" in caplog.text
-    monkeypatch.setattr(ray_env, "state_api_answers", lambda: True)
-    caplog.clear()
-    ray_env.init_ray(dashboard=True)
-    assert not caplog.text
