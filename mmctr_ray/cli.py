@@ -340,11 +340,11 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     resume = args.resume
     pipeline.check_out(out, resume, args.overwrite)
     work = pipeline.work_dir(out, args.work)  # a URI OUT without --work fails here, before Ray starts
-    if resume:
-        pipeline.check_resume(out, work, _config(args), args.embed)
-    pipeline.check_data_copy(args.data, work, resume, args.overwrite)
     run = storage.join(out, "run")
     with output_lock(run):  # OUT is held by main(); a `mmctr train --out OUT/run` would write the same run
+        if resume:
+            pipeline.check_resume(out, work, _config(args), args.embed)
+        pipeline.check_data_copy(args.data, work, resume, args.overwrite)
         return _pipeline_steps(args, label, out, work, run)
 
 

@@ -432,7 +432,10 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
         tuner = tune.Tuner(trainable, run_config=run_config,
                            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=n,
                                                        max_concurrent_trials=k))
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+    finally:  # this search's paths served what Tune restored; a later search in this process sets its own
+        mmctr_ray.asha.records_path = mmctr_ray.study.url = tune_dir_now = None
     _close_orphans(tdir)
     errors = {Path(r.path).name: str(r.error).splitlines()[0] for r in results if r.error}
     return write_outputs(tdir, space, errors, [Path(r.path).name for r in results])

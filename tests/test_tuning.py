@@ -603,3 +603,22 @@ def test_a_restored_search_opens_the_study_in_its_own_folder(tmp_path, monkeypat
     assert len(restored.trials) == 2 and not old.exists()
     restored.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
     assert len(optuna.load_study(study_name="mmctr", storage=sqlite_url(new)).trials) == 3
+
+
+def test_a_restored_progress_callback_reads_this_searchs_trials(tmp_path, monkeypatch, caplog):
+    """Tune restores its callbacks from its pickled state, with the TUNE path of the search's start: after a move the
+    progress line called every finished trial of the resumed search pruned (no summary.json at the old path)."""
+    import cloudpickle
+
+    import mmctr_ray.tuning as tuning
+
+    restored = cloudpickle.loads(cloudpickle.dumps(tuning._Progress(tmp_path / "old", max_epochs=2)))
+    new = tmp_path / "new"
+    (new / "trials" / "t1").mkdir(parents=True)
+    (new / "trials" / "t1" / "summary.json").write_text("{}")
+    monkeypatch.setattr(tuning, "tune_dir_now", str(new))
+    restored.setup(total_num_samples=1)
+    trial = SimpleNamespace(trial_id="t1", last_result={"epoch": 2, METRIC: 0.8}, status="TERMINATED")
+    with caplog.at_level("INFO", logger="mmctr_ray.tuning"):
+        restored.on_trial_complete(0, [trial], trial)
+    assert "trial t1 completed: best valid AUC 0.8000 at epoch 2" in caplog.text
