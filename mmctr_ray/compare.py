@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from mmctr_ray import storage
-from mmctr_ray.checkpoint import FILES, best_checkpoint
+from mmctr_ray.checkpoint import PREFIX, best_checkpoint, incomplete
 from mmctr_ray.errors import DataError
 from mmctr_ray.metrics import compare_aucs
 from mmctr_ray.schema import Layout
@@ -27,7 +27,10 @@ from mmctr_ray.schema import Layout
 def _checkpoint(target: str) -> storage.Location:
     """A run's best checkpoint, or ``target`` itself when it is a checkpoint folder (``RUN/checkpoint_epoch_003``)."""
     location = storage.normalize(target)
-    if storage.is_file(storage.join(location, FILES[0])):
+    if storage.basename(location).startswith(PREFIX):  # a checkpoint folder, whole or cut short
+        why = incomplete(location) if storage.exists(location) else "not found"
+        if why:
+            raise DataError(f"{target}: not a whole checkpoint ({why})")
         return location
     if not storage.is_file(storage.join(location, "config.yaml")):
         raise DataError(f"{target}: not a run of `mmctr train` (no config.yaml) nor one of its checkpoint folders")

@@ -295,6 +295,8 @@ def test_report_writes_curves_and_a_markdown_table(two_worker_run, tmp_path):
 @pytest.mark.slow
 def test_compare_scores_runs_on_the_same_rows_with_the_paired_test(two_worker_run, plain_run, synth_dir, tiny_spec,
                                                                    tmp_path, capsys):
+    import shutil
+
     from mmctr_ray.cli import main
 
     (two, summary), (plain, _) = two_worker_run, plain_run
@@ -319,6 +321,13 @@ def test_compare_scores_runs_on_the_same_rows_with_the_paired_test(two_worker_ru
     assert main(["compare", "--data", str(synth_dir), str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip().endswith(f"{tmp_path}: not a run of `mmctr train` (no config.yaml) nor "
                                                     f"one of its checkpoint folders")
+    cut = tmp_path / "cut" / "checkpoint_epoch_001"
+    shutil.copytree(first, cut)
+    (cut / "model.pt").unlink()
+    assert main(["compare", "--data", str(synth_dir), str(cut)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{cut}: not a whole checkpoint (model.pt missing)")
+    assert main(["compare", "--data", str(synth_dir), two.as_uri(), "--json", str(tmp_path / "uri.json")]) == 0
+    assert json.loads((tmp_path / "uri.json").read_text())["runs"][0]["auc"] == pytest.approx(ref["auc"], abs=1e-6)
 
 
 def test_an_unsupported_storage_scheme_is_a_one_line_error(synth_dir):
