@@ -624,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where to score (default cpu: fp32, as a CPU run validates; on cuda a run's "
                         "train.precision applies, as in its validation on a GPU)")
-    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=cmd_compare)
 
