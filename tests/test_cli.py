@@ -148,6 +148,12 @@ def test_demo_runs_the_main_job_and_with_embed_every_stage(tmp_path):
     embedded = json.loads((out / "item_raw_emb.embed.json").read_text())
     assert embedded["items"] == 100 and embedded["pooling"] == "mean"  # the offline MiniLM's own pooling
     assert json.loads((out / "item_emb.fusion.json").read_text())["source"].endswith("item_raw_emb.parquet")
+    # the train step took the fused table as `mmctr train --fusion` does: config and checkpoints record it
+    saved = yaml.safe_load((out / "run" / "config.yaml").read_text())
+    assert Path(saved["data"]["item_vector"]) == (out / "item_emb.parquet").resolve()
+    assert saved["fusion"]["strategy"] == "v4" and saved["fusion"]["text_dim"] == 32
+    source = json.loads((out / "run" / "checkpoint_epoch_001" / "item_source.json").read_text())
+    assert source["dim"] == 64 and Path(source["fusion"]["source"]) == (out / "item_raw_emb.parquet").resolve()
     assert (out / "submission.zip").is_file() and (out / "run" / "report" / "curves.png").is_file()
     assert "demo: valid AUC" in r.stdout and "oracle" in r.stdout
     assert "demo done" in r.stderr

@@ -146,27 +146,6 @@ def test_killed_embed_resumes_from_its_shards_and_equals_an_uninterrupted_run(em
         embed(covers_data, out, bert_tiny)
 
 
-@pytest.mark.slow
-def test_embed_then_fuse_then_train_end_to_end(embedded, covers_data, tmp_path):
-    from mmctr_ray.cli import main
-
-    raw, _ = embedded
-    fused = tmp_path / "item_emb.parquet"
-    assert main(["fuse", "--data", str(covers_data), "--strategy", "v4", "--text-dim", "8", "--image-dim", "8",
-                 "--source", str(raw), "--out", str(fused)]) == 0
-    run = tmp_path / "run"
-    assert main(["train", "--data", str(covers_data), "--out", str(run), "--config", str(ROOT / "configs/tiny.yaml"),
-                 "--fusion", str(fused), "--set", "train.epochs=1"]) == 0
-    import json
-
-    import yaml
-
-    saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["data"]["item_vector"] == str(fused) and saved["fusion"]["text_dim"] == 8
-    source = json.loads((run / "checkpoint_epoch_001" / "item_source.json").read_text())
-    assert source["dim"] == 16 and source["fusion"]["source"] == str(raw) and source["fusion"]["image_missing"] == 2
-
-
 def test_text_model_must_be_a_local_directory_with_a_real_vocabulary(tmp_path):
     with pytest.raises(ConfigError, match="not a local text-model directory"):
         TextEncoder(tmp_path / "bert-base-uncased")
