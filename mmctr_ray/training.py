@@ -361,5 +361,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
                 # metrics.jsonl keeps the per-worker lists; Ray's report takes scalars
                 scalars = {k: v for k, v in row.items() if not k.startswith("worker_peak_")}
-                ray.train.report({**scalars, "best_valid_auc": state.best_auc}, checkpoint=checkpoint,
-                                 checkpoint_dir_name=f"{PREFIX}{epoch:03d}")
+                best_se = next((r.get("valid_auc_se") for r in state.history if r["epoch"] == state.best_epoch), None)
+                ray.train.report({**scalars, "best_valid_auc": state.best_auc, "best_valid_auc_se": best_se},
+                                 checkpoint=checkpoint, checkpoint_dir_name=f"{PREFIX}{epoch:03d}")

@@ -38,6 +38,7 @@ from typing import Any
 
 from mmctr_ray.config import ExperimentConfig, load_config
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
+from mmctr_ray.metrics import se_text
 from mmctr_ray.preflight import check_batch_size, check_splits, check_valid_labels
 from mmctr_ray.ray_env import private_local_ray
 from mmctr_ray.schema import SPLITS
@@ -147,10 +148,10 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
     resume = (run_dir / "config.yaml").is_file() and any(run_dir.glob("checkpoint_epoch_*"))
     if resume or (run_dir / "summary.json").is_file():
         # a trial the driver had started before it was restarted: Tune hears its epochs again (no retraining)
-        best = float("-inf")
+        best: dict[str, Any] = {"valid_auc": float("-inf")}
         for row in history:
-            best = max(best, row["valid_auc"])
-            ray.tune.report({**row, METRIC: best})
+            best = max(best, row, key=lambda r: r["valid_auc"])  # the earliest among equals, as the run keeps
+            ray.tune.report({**row, METRIC: best["valid_auc"], "best_valid_auc_se": best.get("valid_auc_se")})
         if (run_dir / "summary.json").is_file():
             return
     if (run_dir / DIVERGED).is_file():  # an errored trial that --resume retries: at its lr it would diverge again
@@ -178,7 +179,8 @@ def progress_line(trials: list[Any], trial: Any, outcome: str, total: int, elaps
     scored = [(t.last_result[METRIC], t.trial_id) for t in trials if (t.last_result or {}).get(METRIC) is not None]
     ended = sum(t is trial or t.status in ("TERMINATED", "ERROR") for t in trials)
     running = sum(t is not trial and t.status == "RUNNING" for t in trials)
-    auc = f"best valid AUC {result[METRIC]:.4f} at epoch {result.get('epoch', '?')}" if METRIC in result else "no epoch"
+    auc = (f"best valid AUC {result[METRIC]:.4f}{se_text(result.get('best_valid_auc_se'))} at epoch "
+           f"{result.get('epoch', '?')}") if METRIC in result else "no epoch"
     top = max(scored, default=None)
     best = f"best so far {top[0]:.4f} ({top[1]})" if top else "no result yet"
     pace = elapsed / ended_here if ended_here else float("nan")

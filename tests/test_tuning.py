@@ -326,6 +326,9 @@ def test_an_ended_trial_is_one_line_with_the_best_so_far_and_the_time_left(tmp_p
     failed = trial("e", "RUNNING")
     assert progress_line([failed], failed, "failed", 1, 5.0, 1).endswith("failed: no epoch; no result yet; 1/1 ended, "
                                                                           "0 running; 0.1 min, ~0.0 min left")
+    trials[0].last_result["best_valid_auc_se"] = 0.0123  # the best epoch's standard error, as training reports it
+    assert progress_line(trials, trials[0], "completed", 8, 120.0, 2).startswith(
+        "trial a completed: best valid AUC 0.8000 ± 0.0123 at epoch 3; best so far 0.8000 (a); ")
     run = tmp_path / "t"
     run.mkdir()
     assert [trial_outcome(run, 0, 3), trial_outcome(run, 1, 3)] == ["no result", "pruned"]
@@ -441,7 +444,7 @@ def test_a_killed_search_resumes_without_losing_or_repeating_trials(synth_dir, t
     common = ["--data", str(synth_dir), "--out", str(tune_dir), "--num-cpus", "4"]
     first = run_tune(*common, "--config", str(search), env={FAULT_ENV: "1"})
     assert first.returncode == 75, first.stderr[-3000:]
-    ended = (r"trial \w+ (completed|early-stopped|pruned): best valid AUC 0\.\d{4} at epoch 1; "
+    ended = (r"trial \w+ (completed|early-stopped|pruned): best valid AUC 0\.\d{4} ± 0\.\d{4} at epoch 1; "
              r"best so far 0\.\d{4} \(\w+\); ")
     assert re.search(ended + r"1/3 ended", first.stderr), first.stderr[-3000:]  # progress, one line a trial
     assert (tune_dir / "optuna.db").is_file() and (tune_dir / "tune").is_dir()
