@@ -18,15 +18,16 @@ def evaluate(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
         ``{"auc", "auc_se", "logloss", "rows", "positive_rate"}``: ``auc_se`` is the AUC's standard error
         (:func:`auc_with_se`); both are NaN when only one class is present.
     """
-    from sklearn.metrics import log_loss, roc_auc_score  # here: importing scikit-learn costs ~1 s, paid by every
-    # process that imports the training loop (the trial, the Train controller), where only rank 0 evaluates
+    from sklearn.metrics import log_loss  # here: importing scikit-learn costs ~1 s, paid by every process that
+    # imports the training loop (the trial, the Train controller), where only rank 0 evaluates
 
     labels = np.asarray(labels, dtype=np.float64)
     probs = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
     both = 0 < labels.sum() < len(labels)
-    _, se = auc_with_se(labels, probs) if both else (None, float("nan"))
+    auc, se = auc_with_se(labels, probs) if both else (float("nan"), float("nan"))  # scikit-learn's AUC (a test
+    # checks it, ties included) and its standard error from one ranking
     return {
-        "auc": float(roc_auc_score(labels, probs)) if both else float("nan"),
+        "auc": auc,
         "auc_se": se,
         "logloss": float(log_loss(labels, probs, labels=[0, 1])),
         "rows": int(len(labels)),
