@@ -26,14 +26,13 @@ COLUMNS = ("trial", "trial_id", "status", "best_valid_auc", "best_epoch", "epoch
            "valid_auc_se")
 
 
-def trial_config(trial_dir: Path, tune_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """A trial's saved ``config.yaml`` (plus ``overrides``), its fused table found in this TUNE's cache.
+def in_this_search(cfg: ExperimentConfig, tune_dir: Path) -> ExperimentConfig:
+    """A trial's config with its fused table found in this TUNE's cache.
 
     Configs name a fused table by its absolute path (training workers change directory; ``mmctr train --config
     best.yaml`` runs from anywhere), so a config saved before the TUNE folder moved, or on a node that mounts it
     elsewhere, names the table under the old folder: the table of that name in ``tune_dir``'s cache is taken
     instead, when the old path is gone and this one exists."""
-    cfg = load_config(trial_dir / "config.yaml", overrides)
     if cfg.data.item_vector == "given":
         return cfg
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
@@ -42,7 +41,7 @@ def trial_config(trial_dir: Path, tune_dir: Path, overrides: list[str] | tuple[s
 
 def table_here(saved: str, tune_dir: Path) -> str:
     """``saved`` (a fused table's absolute path), or the table of its name in ``tune_dir``'s cache when ``saved``
-    is gone, names a file of a search's cache, and that file is here (see :func:`trial_config`)."""
+    is gone, names a file of a search's cache, and that file is here (see :func:`in_this_search`)."""
     path = Path(saved)
     here = tune_dir / CACHE_DIR / path.name
     if path.is_file() or path.parent.name != CACHE_DIR or not here.is_file():
@@ -124,8 +123,9 @@ def write_outputs(tdir: Path, space: SearchSpace | None = None, errors: dict[str
                                   for s in ("completed", "early-stopped", "pruned", "error", "interrupted")}}
     if scored:
         best = max(scored, key=lambda r: r["best_valid_auc"])
-        cfg = trial_config(tdir / "trials" / best["trial_id"], tdir,
-                           [f"train.epochs={space.base.get('train', {}).get('epochs', TrainConfig().epochs)}"])
+        epochs = space.base.get("train", {}).get("epochs", TrainConfig().epochs)
+        cfg = in_this_search(load_config(tdir / "trials" / best["trial_id"] / "config.yaml",
+                                         [f"train.epochs={epochs}"]), tdir)
         save_config(cfg, tdir / "best.yaml")  # the full schedule again: the trial ran at most max_epochs
         summary.update(best_trial=best["trial_id"], best_valid_auc=best["best_valid_auc"],
                        best_yaml=str(tdir / "best.yaml"))

@@ -138,7 +138,7 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
     from mmctr_ray.config import save_config
     from mmctr_ray.report import read_metrics
     from mmctr_ray.train_driver import run_training
-    from mmctr_ray.tune_report import trial_config
+    from mmctr_ray.tune_report import in_this_search
     from mmctr_ray.training import DIVERGED
 
     tdir, data = Path(tune_dir), Path(data_dir)
@@ -161,8 +161,9 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
     if not params.is_file():  # written once, when the trial first starts (its time orders the results table), and
         params.write_text(json.dumps(config, indent=2) + "\n")  # before its config: a failing trial has its row
     if resume:  # it continues as it started, on its own fused table: a source rewritten since gives new trials
-        cfg = trial_config(run_dir, tdir)  # new fits, not this one (its checkpoints learnt the old)
-        if cfg != load_config(run_dir / "config.yaml"):  # TUNE has moved: the run continues on the table here
+        saved = load_config(run_dir / "config.yaml")  # new fits, not this one (its checkpoints learnt the old)
+        cfg = in_this_search(saved, tdir)
+        if cfg != saved:  # TUNE has moved: the run continues on the table here
             save_config(cfg, run_dir / "config.yaml")
     else:
         cfg = _trial_config(space, config, tdir, data, settings["source"])

@@ -29,7 +29,7 @@ from mmctr_ray.predict import load_model, score_parquet
 from mmctr_ray.schema import Layout
 from mmctr_ray.search_space import SearchSpace, load_search
 from mmctr_ray.train_driver import check_inputs
-from mmctr_ray.tune_report import trial_config, trial_outcome
+from mmctr_ray.tune_report import in_this_search, trial_outcome
 from mmctr_ray.tuning import (FAULT_ENV, METRIC, _scheduler, check_resources, progress_line, shared_datasets,
                                trial_concurrency)
 
@@ -482,7 +482,7 @@ def test_a_killed_search_resumes_without_losing_or_repeating_trials(synth_dir, t
     # the search reported, its table found in the moved cache too
     best_cfg = load_config(moved / "best.yaml")
     trial = moved / "trials" / best_row["trial_id"]
-    assert best_cfg == trial_config(trial, moved, ["train.epochs=2"])
+    assert best_cfg == in_this_search(load_config(trial / "config.yaml", ["train.epochs=2"]), moved)
     assert best_cfg.data.item_vector == "given" or best_cfg.data.item_vector.startswith(f"{moved}/pca_cache/")
     _, fmap = check_inputs(synth_dir, best_cfg)
     assert load_checkpoint(best_checkpoint(trial), with_optimizer=False).fmap == fmap
@@ -583,7 +583,7 @@ def test_a_moved_search_finds_its_tables_in_its_own_cache(tmp_path, monkeypatch)
     old = Path(started.data.item_vector)  # a table still where the config says is taken from there
     old.parent.mkdir(parents=True)
     old.write_bytes(b"")
-    assert trial_config(trial, tune_dir).data.item_vector == str(old)
+    assert in_this_search(load_config(trial / "config.yaml"), tune_dir).data.item_vector == str(old)
 
 
 def test_a_restored_search_opens_the_study_in_its_own_folder(tmp_path, monkeypatch):
