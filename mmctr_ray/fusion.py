@@ -217,7 +217,7 @@ def fit_fusion(cfg: FusionConfig, batches: Callable[[], Iterator[ModalityBatch]]
         for name, inputs, k in specs:
             x = np.concatenate([_concat(r, inputs) for r in raws], axis=0).astype(np.float32, copy=False)
             # exact (the eigenvectors of the covariance): the first k axes of a wider fit are this fit's axes,
-            # so a search can fit each strategy once at full width and slice every size from it (pca_cache).
+            # so a search can fit each strategy once, as wide as it may ask, and slice every size from it (pca_cache).
             # Centred first, the mean in float64: a float32 covariance of uncentred vectors (BERT's and CLIP's are
             # not centred) cancels digits (an offset of 5 on 20k x 256 put the axes 0.25 off a float64 SVD)
             mean = x.mean(axis=0, dtype=np.float64)

@@ -2,11 +2,16 @@
 sliced from that fit.
 
 PCA is exact here (the eigenvectors of the covariance, :func:`mmctr_ray.fusion.fit_fusion`), so the first k axes
-of a full-width fit are the k-axis fit: the first trial that needs a strategy fits it at full width and keeps
-the projection of every item on every axis (``CACHE/basis-<strategy>-<source>.npz`` and ``.npy``; v2 uses
-v4's, whose image part it is); a trial that samples any size takes the table's columns from it
+of a wider fit are the k-axis fit: the first trial that needs a strategy fits it as wide as the search may ask
+(``axes``: the largest PCA size its space can sample; every part at full width without it) and keeps the
+projection of every item on those axes (``CACHE/basis-<strategy>-a<axes>-<source>.npz`` and ``.npy``; v2 uses
+v4's, whose image part it is); a trial that samples any size up to that takes the table's columns from it
 (``CACHE/<key>.parquet``, with the same ``.pca.npz`` and ``.fusion.json`` as `mmctr fuse` of that size writes)
-without reading the source again. A source is named by the path, size and modification time of its file and of
+without reading the source again. A size wider than the basis (its search.yaml widened before a --resume) is
+fitted on its own. Keeping only the searched axes matters at MicroLens size: a full-width v4 or v3 basis holds every
+item's projection on 1,792 axes (657 MB for 91,717 items), where a search up to 256 per part reads at most 512.
+
+A source is named by the path, size and modification time of its file and of
 item_info: rewritten vectors get new fits. A source too large for an exact fit in memory (``pca: auto`` picks
 the incremental fit there) is fitted per size instead.
 
@@ -63,8 +68,13 @@ def _stat(path: Path) -> os.stat_result | None:
 
 
 def cached_fusion(cache_dir: str | Path, data_dir: str | Path, cfg: FusionConfig, source: str = "shipped",
-                  seed: int = 0) -> tuple[Path, bool]:
-    """(path of the fused table for ``cfg``, whether this call wrote it); ``given`` needs no table."""
+                  seed: int = 0, axes: int | None = None) -> tuple[Path, bool]:
+    """(path of the fused table for ``cfg``, whether this call wrote it); ``given`` needs no table.
+
+    Args:
+        axes: the most axes of each PCA part any call on this cache asks for (the search space's widest size);
+            the basis keeps that many. None keeps every axis.
+    """
     if cfg.strategy == "given":
         raise ValueError("the given strategy uses item_info's vectors directly: no fused table to cache")
     cache = Path(cache_dir)
@@ -78,9 +88,10 @@ def cached_fusion(cache_dir: str | Path, data_dir: str | Path, cfg: FusionConfig
         if table.is_file():  # written by another trial while this one waited
             return table, False
         t0 = time.perf_counter()
-        stem = cache / f"basis-{BASIS[cfg.strategy]}-{version}"
-        basis = _basis(stem, data_dir, BASIS[cfg.strategy], source, seed)
-        if basis is None:  # too large for an exact fit in memory: this size on its own
+        stem = _basis_stem(cache, BASIS[cfg.strategy], version, axes)
+        basis = _basis(stem, data_dir, BASIS[cfg.strategy], source, seed, axes)
+        if basis is None or not _covers(basis[0], cfg):
+            # too large for an exact fit in memory, or wider than the basis: this size on its own
             run_fuse(data_dir, table, cfg, source=source, seed=seed, overwrite=True, progress=lambda msg: None)
             return table, True
         full, projected, summary = basis
@@ -96,11 +107,26 @@ def cached_fusion(cache_dir: str | Path, data_dir: str | Path, cfg: FusionConfig
 BASIS = {"v1": "v1", "v2": "v4", "v3": "v3", "v4": "v4"}  # v4's image part is v2's fit (v1 reads no covers)
 
 
-def _basis(stem: Path, data_dir: str | Path, strategy: str, source: str,
-           seed: int) -> tuple[FittedFusion, np.ndarray, dict[str, Any]] | None:
-    """The full-width exact fit of ``strategy`` over ``source`` (files ``stem``.npz, .npy, .json), every item's
-    projection on all its axes (memory mapped, one row per axis) and the fit's summary fields; fitted by the first
-    caller. None when the source is too large for it."""
+def _basis_stem(cache: Path, strategy: str, version: str, axes: int | None) -> Path:
+    """The basis's file stem: ``basis-<strategy>-<source>`` at full width, ``basis-<strategy>-a<axes>-<source>``
+    cut to ``axes``; a full-width basis already in the cache (a search started before the cut) serves any width."""
+    full = cache / f"basis-{strategy}-{version}"
+    if axes is None or full.with_suffix(".json").is_file():
+        return full
+    return cache / f"basis-{strategy}-a{axes}-{version}"
+
+
+def _covers(fitted: FittedFusion, cfg: FusionConfig) -> bool:
+    """Whether every part ``cfg`` takes from the basis ``fitted`` has at least the axes ``cfg`` asks for."""
+    width = {p.name: p.components.shape[0] for p in fitted.parts}
+    return all(getattr(cfg, field) <= width.get(name, 0) for name, _, field in PARTS[cfg.strategy])
+
+
+def _basis(stem: Path, data_dir: str | Path, strategy: str, source: str, seed: int,
+           axes: int | None = None) -> tuple[FittedFusion, np.ndarray, dict[str, Any]] | None:
+    """The exact fit of ``strategy`` over ``source`` with each part's first ``axes`` axes (all without it; files
+    ``stem``.npz, .npy, .json), every item's projection on them (memory mapped, one row per axis) and the fit's
+    summary fields; fitted by the first caller. None when the source is too large for it."""
     paths = {"fit": stem.with_suffix(".npz"), "projected": stem.with_suffix(".npy"),
              "summary": stem.with_suffix(".json")}
     with FileLock(str(stem.with_suffix(".lock"))):
@@ -108,6 +134,8 @@ def _basis(stem: Path, data_dir: str | Path, strategy: str, source: str,
             widths = _full_widths(data_dir, strategy, source)
             if widths is None:
                 return None
+            if axes is not None:
+                widths = {field: min(width, axes) for field, width in widths.items()}
             full = FusionConfig(strategy, dims=widths.get("dims", 1), text_dim=widths.get("text_dim", 1),
                                 image_dim=widths.get("image_dim", 1))
             projected, fitted, summary = fuse_items(data_dir, full, source, pca="full", seed=seed,

@@ -33,6 +33,7 @@ from mmctr_ray.config import ConfigError, ExperimentConfig, apply_override, from
 
 KINDS = ("choice", "int", "float")
 PARAM_KEYS = {*KINDS, "log", "step", "when"}
+FUSION_WIDTHS = ("fusion.dims", "fusion.text_dim", "fusion.image_dim")
 SEARCH_KEYS = ("num_samples", "max_epochs", "grace_period", "reduction_factor", "seed", "space")
 
 
@@ -88,6 +89,15 @@ class SearchSpace:
         for p in self.params:
             if p.active(sampled):
                 sampled[p.key] = p.suggest(trial)
+
+    def fusion_axes(self) -> int:
+        """The widest PCA part any trial can ask for: the base config's sizes and the highest value of every
+        searched ``fusion.dims``, ``fusion.text_dim`` and ``fusion.image_dim`` (the search's PCA cache keeps that
+        many axes of each fit)."""
+        base = self.trial_config({}).fusion
+        widths = [base.dims, base.text_dim, base.image_dim]
+        widths += [int(v) for p in self.params if p.key in FUSION_WIDTHS for v in p.values]
+        return max(widths)
 
     def trial_config(self, params: dict[str, Any]) -> ExperimentConfig:
         """The base config with the sampled ``params`` (flat ``section.key`` names) applied, checked."""

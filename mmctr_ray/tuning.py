@@ -11,7 +11,8 @@ TUNE holds::
     optuna.db          the Optuna study (SQLite; `optuna-dashboard sqlite:///TUNE/optuna.db`)
     tune/              Tune's experiment state (what --resume restores)
     asha.json          ASHA's rung records (Tune does not save its scheduler; --resume reads them back)
-    pca_cache/         one exact fit per (strategy, source); the fused table of each sampled size, sliced from it
+    pca_cache/         one exact fit per (strategy, source), as wide as the space's widest size; the fused table
+                       of each sampled size, sliced from it
     trials/<trial_id>/ each trial's run directory (config.yaml, metrics.jsonl, checkpoints), and beside it
     trials/<trial_id>.params.json   the parameters Optuna sampled for it
     results.csv, best.yaml, plots/      written by :mod:`mmctr_ray.tune_report` when the search ends
@@ -99,7 +100,8 @@ def _trial_config(space: SearchSpace, params: dict[str, Any], tune_dir: Path, da
     searched = any(p.key == "fusion.strategy" for p in space.params)
     vector = "given" if searched else cfg.data.item_vector
     if cfg.fusion.strategy != "given":
-        table, fitted = cached_fusion(tune_dir / CACHE_DIR, data_dir, cfg.fusion, source, seed=cfg.train.seed)
+        table, fitted = cached_fusion(tune_dir / CACHE_DIR, data_dir, cfg.fusion, source, seed=cfg.train.seed,
+                                      axes=space.fusion_axes())
         log.info("fusion %s: %s (%s)", cfg.fusion.strategy, table.name, "written" if fitted else "from the cache")
         vector = str(table)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, item_vector=vector))

@@ -411,6 +411,57 @@ def test_every_size_of_a_strategy_is_sliced_from_one_exact_fit(synth_dir, tmp_pa
     assert basis_reads[1] == basis_reads[0] > 0 and basis_reads[3] == basis_reads[2]  # sliced: no source read
 
 
+def test_a_basis_cut_to_the_widest_searched_size_serves_every_size_up_to_it(synth_dir, tiny_spec, tmp_path,
+                                                                            monkeypatch):
+    """With ``axes`` (the search's widest size) the basis keeps that many axes of each part: sizes up to it are
+    sliced from it and equal `mmctr fuse` of that size; a wider size (its search.yaml widened before a --resume) is
+    fitted on its own, also equal to `mmctr fuse`; a full-width basis left by an older search serves every size."""
+    import pyarrow.parquet as pq
+
+    import mmctr_ray.fuse
+
+    fits = []
+    real = mmctr_ray.fuse.fit_fusion
+    monkeypatch.setattr(mmctr_ray.fuse, "fit_fusion", lambda cfg, *a, **k: fits.append(cfg) or real(cfg, *a, **k))
+
+    def table(path):
+        return np.stack(pq.read_table(path).column("item_emb").to_numpy(zero_copy_only=False))
+
+    cache = tmp_path / "cache"
+    for cfg in (FusionConfig("v4", text_dim=6, image_dim=3), FusionConfig("v2", dims=8),
+                FusionConfig("v4", text_dim=8, image_dim=8), FusionConfig("v4", text_dim=9, image_dim=2)):
+        path, wrote = cached_fusion(cache, synth_dir, cfg, axes=8)
+        assert wrote
+        n_fits = len(fits)
+        run_fuse(synth_dir, tmp_path / "ref.parquet", cfg, overwrite=True, progress=lambda m: None)
+        np.testing.assert_allclose(table(path), table(tmp_path / "ref.parquet"), atol=1e-4)
+        del fits[n_fits:]  # the reference's own fit
+    # one basis of 8 + 8 axes for the first three sizes; text_dim 9 is over it: that size alone, at its width
+    assert [(f.text_dim, f.image_dim) for f in fits] == [(8, 8), (9, 2)]
+    [basis] = cache.glob("basis-v4-a8-*.npy")
+    assert np.load(basis, mmap_mode="r").shape == (16, tiny_spec.items + 1)  # 8 + 8 axes × items and padding
+    # a full-width basis of an older search in the same cache is used instead of cutting a new one
+    fits.clear()
+    old = tmp_path / "old"
+    cached_fusion(old, synth_dir, FusionConfig("v1", dims=4))
+    path, _ = cached_fusion(old, synth_dir, FusionConfig("v1", dims=20), axes=8)
+    assert len(fits) == 1 and not list(old.glob("basis-v1-a8-*")) and table(path).shape[1] == 20
+
+
+def test_the_search_cache_keeps_as_many_axes_as_the_widest_size_the_space_can_sample(tmp_path):
+    spec = {"fusion": {"strategy": "v4", "text_dim": 16, "image_dim": 16},
+            "search": {"space": {"fusion.strategy": {"choice": ["v1", "v4"]},
+                                 "fusion.dims": {"int": [8, 48], "when": {"fusion.strategy": ["v1"]}},
+                                 "fusion.image_dim": {"choice": [8, 24]}}}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert load_search(path).fusion_axes() == 128  # the base's fusion.dims (its default) is the widest
+    spec["fusion"]["dims"] = 32
+    path.write_text(yaml.safe_dump(spec))
+    assert load_search(path).fusion_axes() == 48
+    assert load_search(ROOT / "configs/search_paper.yaml").fusion_axes() == 256
+
+
 def _counted(method, calls: list):
     def wrapper(self, *args, **kwargs):
         calls.append(1)
