@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/convert_scale.py --base-interactions 2000000            # 2M, 8M, 32M
     .venv/bin/python benchmarks/convert_scale.py --base-interactions 50000 --shuffle sort --num-cpus 2   # smoke
+    .venv/bin/python benchmarks/convert_scale.py --base-interactions 500000 --split-layout parts         # part files
     RAY_ADDRESS=auto .venv/bin/python benchmarks/convert_scale.py --base-interactions 50000000           # cluster
 
 Writes synthetic raw MicroLens files per scale (``user,item,timestamp`` pairs, titles, likes/views; users grow
@@ -83,7 +84,7 @@ def child(args: argparse.Namespace) -> None:
     sampler.start()
     t0 = time.perf_counter()
     m = run_convert(RawSpec(Path(args.raw)), args.out, RowSpec(negatives=args.negatives), partitions=args.partitions,
-                    shuffle=args.shuffle, progress=lambda msg: None)
+                    shuffle=args.shuffle, progress=lambda msg: None, split_layout=args.split_layout)
     seconds = time.perf_counter() - t0
     sampler.done.set()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB → MiB (Linux)
@@ -97,7 +98,7 @@ def run_scale(scale: int, args: argparse.Namespace, workdir: Path) -> dict:
     raw, out = workdir / f"raw_{scale}x", workdir / f"out_{scale}x"
     write_raw(raw, args.base_interactions * scale, args.items, args.seed)
     cmd = [sys.executable, __file__, "--child", "--raw", str(raw), "--out", str(out), "--negatives",
-           str(args.negatives), "--shuffle", args.shuffle]
+           str(args.negatives), "--shuffle", args.shuffle, "--split-layout", args.split_layout]
     for flag in ("num_cpus", "partitions", "address"):
         if getattr(args, flag) is not None:
             cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
@@ -117,6 +118,7 @@ def main() -> None:
     ap.add_argument("--negatives", type=int, default=3)
     ap.add_argument("--shuffle", choices=["hash", "sort"], default="hash")
     ap.add_argument("--partitions", type=int, help="default: convert's own (from the raw size)")
+    ap.add_argument("--split-layout", choices=["file", "parts"], default="file", help="convert's --split-layout")
     ap.add_argument("--num-cpus", type=int, help="logical CPUs of the private local Ray")
     ap.add_argument("--address", help="Ray cluster to join (a shared path must then hold --workdir)")
     ap.add_argument("--seed", type=int, default=0)

@@ -155,7 +155,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     locate(raw)  # a missing folder, file or column fails before Ray starts
     _start_ray(args)
     m = run_convert(raw, args.out, rows, partitions=args.partitions, shuffle=args.shuffle, overwrite=args.overwrite,
-                    progress=log.info)
+                    progress=log.info, split_layout=args.split_layout)
     sizes = ", ".join(f"{s} {v['rows']:,}" for s, v in m["splits"].items())
     log.info("wrote %s: %s users, %s items; rows %s (%.1fs); next: mmctr validate %s", args.out, f"{m['users']:,}",
              f"{m['items']:,}", sizes, m["seconds"], args.out)
@@ -485,6 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shuffle", choices=["hash", "sort"], default="hash",
                    help="Ray Data shuffle of the user buckets: hash (aggregator actors; default) or sort (no "
                         "actors, but the driver's memory grows with the data)")
+    p.add_argument("--split-layout", choices=["file", "parts"], default="file",
+                   help="file: each split one parquet file, as the challenge ships it (default; the driver writes "
+                        "every row once); parts: each split a folder of part files, one per user bucket, written by "
+                        "the workers (same rows, same order, no serial driver pass: for the full MicroLens)")
     p.add_argument("--overwrite", action="store_true", help="replace data already in --out")
     _add_ray_args(p)
     p.set_defaults(func=cmd_convert)

@@ -21,7 +21,7 @@ from mmctr_ray import storage
 from mmctr_ray.checkpoint import PREFIX, best_checkpoint, incomplete
 from mmctr_ray.errors import DataError
 from mmctr_ray.metrics import compare_aucs
-from mmctr_ray.schema import Layout
+from mmctr_ray.schema import Layout, parquet_parts
 
 
 def _checkpoint(target: str) -> storage.Location:
@@ -38,14 +38,16 @@ def _checkpoint(target: str) -> storage.Location:
 
 
 def split_labels(data_dir: str | Path, split: str) -> tuple[Path, Any]:
-    """The split's file and its labels (the test split's are the hidden ones synthetic data keeps)."""
+    """The split's path (a file or a folder of part files) and its labels in row order (the test split's are the
+    hidden ones synthetic data keeps)."""
     layout = Layout(data_dir)
     path = layout.split(split)
     truth = layout.hidden_test_labels if split == "test" else path
-    if not truth.is_file():
+    files = parquet_parts(truth)
+    if not files:
         raise DataError(f"{truth}: missing file: {split} labels are needed to compare runs"
                         + (" (the real test split has none; compare on valid)" if split == "test" else ""))
-    return path, pq.read_table(truth, columns=["label"]).column("label").to_numpy()
+    return path, np.concatenate([pq.read_table(f, columns=["label"]).column("label").to_numpy() for f in files])
 
 
 def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid", device: str = "cpu",

@@ -188,7 +188,7 @@ def max_user_id(data_dir: str | Path) -> int:
     from mmctr_ray.preflight import value_range
 
     lay = Layout(data_dir)
-    seen = [value_range(pq.ParquetFile(lay.split(split)), "user_id") for split in SPLITS]
+    seen = [value_range(pq.ParquetFile(part), "user_id") for split in SPLITS for part in lay.split_files(split)]
     return max([int(s[1]) for s in seen if s is not None], default=0)
 
 
@@ -223,7 +223,8 @@ def to_model_batch(batch: pa.Table, max_len: int, source: str = "split") -> dict
 
 
 def read_split(data_dir: str | Path, split: str, max_len: int = 64, batch_rows: int = 16_384) -> Any:
-    """The split as a Ray Dataset of model-ready rows (Ray must be initialised by the caller).
+    """The split as a Ray Dataset of model-ready rows (Ray must be initialised by the caller); a split held as a
+    folder is read from its part files, in their order.
 
     Columns: ``user_id``, ``item_id``, ``likes_level``, ``views_level`` (int64), ``label`` (float32) and
     ``item_seq`` (int64 tensor column of shape (max_len,), most recent item last, 0 = padding).
@@ -231,8 +232,9 @@ def read_split(data_dir: str | Path, split: str, max_len: int = 64, batch_rows: 
     import ray.data
 
     path = Layout(data_dir).split(split)
-    if not path.is_file():
-        raise DataError(f"{path}: missing file")
-    ds = ray.data.read_parquet(str(path.resolve())).select_columns([*SPLIT_FEATURES, "item_seq"])
+    parts = Layout(data_dir).split_files(split)
+    if not parts:
+        raise DataError(f"{path}: missing file" if not path.exists() else f"{path}: no part files (*.parquet)")
+    ds = ray.data.read_parquet([str(p.resolve()) for p in parts]).select_columns([*SPLIT_FEATURES, "item_seq"])
     return ds.map_batches(to_model_batch, batch_format="pyarrow", batch_size=batch_rows, zero_copy_batch=True,
                           fn_kwargs={"max_len": max_len, "source": str(path)})

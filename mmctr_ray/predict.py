@@ -29,7 +29,7 @@ from mmctr_ray.metrics import evaluate
 from mmctr_ray.model import DINModel
 from mmctr_ray.preflight import check_split
 from mmctr_ray.ray_env import actor_device
-from mmctr_ray.schema import Layout
+from mmctr_ray.schema import Layout, parquet_parts
 from mmctr_ray.storage import Location
 from mmctr_ray.training import probabilities
 
@@ -75,16 +75,18 @@ def model_inputs(cols: dict[str, np.ndarray], device: str | torch.device) -> dic
 
 @torch.no_grad()
 def score_parquet(model: DINModel, path: str | Path, max_len: int, batch_rows: int = 16_384) -> np.ndarray:
-    """Probabilities for every row of one split file, in file order, in this process (no Ray).
+    """Probabilities for every row of a split (a file, or a folder of part files), in row order, in this process
+    (no Ray).
 
     The reference for the Ray Data path, and the plain loop the benchmarks compare against.
     """
     device = next(model.parameters()).device
     out = []
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
-        cols = to_model_batch(pa.Table.from_batches([batch]), max_len)
-        out.append(probabilities(model, model_inputs(cols, device), model.experiment_cfg.train))
-    return np.concatenate(out)
+    for part in parquet_parts(path):
+        for batch in pq.ParquetFile(part).iter_batches(batch_size=batch_rows):
+            cols = to_model_batch(pa.Table.from_batches([batch]), max_len)
+            out.append(probabilities(model, model_inputs(cols, device), model.experiment_cfg.train))
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
 class Scorer:

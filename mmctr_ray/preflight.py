@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from mmctr_ray.errors import ConfigError, DataError
 from mmctr_ray.schema import ITEM_INFO_COLUMNS, LEVELS, SEQ_LEN, SPLIT_COLUMNS, Layout
-from mmctr_ray.validate import Problem, _open
+from mmctr_ray.validate import NO_PARTS, Problem, _open
 
 HINT = "run `mmctr validate {data}` for the rows"
 
@@ -29,12 +29,25 @@ def _fail(problems: list[Problem]) -> None:
         raise DataError(f"{where}: {p.message}")
 
 
-def _opened(path: Path, columns: dict[str, object]) -> pq.ParquetFile:
+def _opened(path: Path, columns: dict[str, object], allow_empty: bool = False) -> pq.ParquetFile:
     problems: list[Problem] = []
-    pf = _open(path, str(path), columns, problems)
+    pf = _open(path, str(path), columns, problems, allow_empty)
     _fail(problems)
     assert pf is not None
     return pf
+
+
+def split_files(data_dir: str | Path, split: str) -> list[tuple[Path, pq.ParquetFile]]:
+    """The split's files and each opened, in row order, their columns checked (:meth:`Layout.split_files`); a one-line
+    DataError for a missing split, a folder without parts, an unreadable part, or no rows at all."""
+    path = Layout(data_dir).split(split)
+    parts = Layout(data_dir).split_files(split)
+    if path.is_dir() and not parts:
+        raise DataError(f"{path}: {NO_PARTS}")
+    opened = [(part, _opened(part, SPLIT_COLUMNS, allow_empty=path.is_dir())) for part in parts or [path]]
+    if path.is_dir() and not sum(pf.metadata.num_rows for _, pf in opened):
+        raise DataError(f"{path}: empty split: 0 rows in its {len(parts)} part files")
+    return opened
 
 
 def _leaf(pf: pq.ParquetFile, column: str) -> int:
@@ -118,35 +131,38 @@ def check_files(data_dir: str | Path, splits: Iterable[str]) -> None:
         raise DataError(f"{lay.item_info}: missing file (is --data the folder that holds MicroLens_1M_x1/?)")
     num_items(data_dir)
     for split in splits:
-        _opened(lay.split(split), SPLIT_COLUMNS)
+        split_files(data_dir, split)
 
 
 def check_split(data_dir: str | Path, split: str, items: int | None = None) -> int:
     """Raise a one-line DataError if ``split`` cannot feed the model; return its row count."""
     data_dir = Path(data_dir)
-    path = Layout(data_dir).split(split)
     items = num_items(data_dir) if items is None else items
     hint = HINT.format(data=data_dir)
-    pf = _opened(path, SPLIT_COLUMNS)
-    _check_width(pf, path, hint)
-    _check_range(pf, path, "user_id", 0, None, "non-negative ids", hint)
-    _check_range(pf, path, "item_id", 1, items, f"item ids in 1..{items} (item_info rows)", hint)
-    _check_range(pf, path, "item_seq", 0, items, f"item ids in 0..{items} (0 = padding)", hint)
-    for name in ("likes_level", "views_level"):
-        _check_range(pf, path, name, 0, LEVELS - 1, f"levels in 0..{LEVELS - 1}", hint)
-    if split != "test":  # the test split's labels are placeholders
-        _check_range(pf, path, "label", 0, 1, "labels 0 or 1", hint)
-    return pf.metadata.num_rows
+    parts = split_files(data_dir, split)
+    for path, pf in parts:
+        _check_width(pf, path, hint)
+        _check_range(pf, path, "user_id", 0, None, "non-negative ids", hint)
+        _check_range(pf, path, "item_id", 1, items, f"item ids in 1..{items} (item_info rows)", hint)
+        _check_range(pf, path, "item_seq", 0, items, f"item ids in 0..{items} (0 = padding)", hint)
+        for name in ("likes_level", "views_level"):
+            _check_range(pf, path, name, 0, LEVELS - 1, f"levels in 0..{LEVELS - 1}", hint)
+        if split != "test":  # the test split's labels are placeholders
+            _check_range(pf, path, "label", 0, 1, "labels 0 or 1", hint)
+    return sum(pf.metadata.num_rows for _, pf in parts)
 
 
 def check_valid_labels(data_dir: str | Path) -> None:
     """Raise a one-line DataError if the valid split cannot rank: no rows, or one label only (its AUC, which the
     schedule and early stopping follow, would be undefined)."""
     path = Layout(data_dir).split("valid")
-    pf = pq.ParquetFile(path)
-    lo, hi, _ = column_stats(pf, "label")
+    parts = [pq.ParquetFile(part) for part in Layout(data_dir).split_files("valid")]
+    seen = [(lo, hi) for lo, hi, _ in (column_stats(pf, "label") for pf in parts) if lo is not None]
+    lo = min((s[0] for s in seen), default=None)
+    hi = max((s[1] for s in seen), default=None)
     if lo is None or lo == hi:
-        held = "no rows" if lo is None else f"label {lo + 0:g} in all {pf.metadata.num_rows:,} rows"
+        rows = sum(pf.metadata.num_rows for pf in parts)
+        held = "no rows" if lo is None else f"label {lo + 0:g} in all {rows:,} rows"
         raise DataError(f"{path}: column label: {held}, expected clicks (1) and non-clicks (0): validation AUC, "
                         f"which the schedule and early stopping follow, needs both")
 

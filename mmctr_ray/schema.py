@@ -10,6 +10,10 @@ A data directory ``DATA`` holds::
                                             txt_emb_BERT (768), img_emb_CLIPRN50 (1024)
     DATA/item_images/{item_id}.jpg          cover images
 
+A split may also be a folder of that name holding part files (``train.parquet/part-00000.parquet`` …), as
+Spark, Ray Data and ``mmctr convert --split-layout parts`` write large splits: every stage reads the parts in
+name order, which is the split's row order (:func:`parquet_parts`).
+
 Conventions: ``PAD_ID = 0`` pads ``item_seq`` (fixed width 100, left-padded, most recent item last) and
 ``item_tags`` (width 5, left-padded). Integer columns may be stored 32 or 64 bit and float columns 32 or 64
 bit: readers here accept either and normalise (int64, float32).
@@ -59,6 +63,17 @@ ITEM_FEATURE_COLUMNS: dict[str, object] = {
 }
 
 
+def parquet_parts(path: str | Path) -> list[Path]:
+    """The files of a split: ``path`` itself when it is a file; when it is a folder, its ``*.parquet`` files in name
+    order (the split's row order), leaving out names that start with ``.`` or ``_`` (partial files, ``_SUCCESS``,
+    checksums), as pyarrow's datasets do; empty when ``path`` is missing or holds no part."""
+    path = Path(path)
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.suffix == ".parquet" and not p.name.startswith((".", "_"))
+                      and p.is_file())
+    return [path] if path.is_file() else []
+
+
 @dataclass(frozen=True)
 class Layout:
     """Paths of one data directory in the challenge layout.
@@ -78,9 +93,14 @@ class Layout:
         return self.root / DATASET_NAME
 
     def split(self, name: str) -> Path:
+        """The split's path: one parquet file, or a folder of part files (:meth:`split_files`)."""
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}: expected one of {', '.join(SPLITS)}")
         return self.dataset_dir / f"{name}.parquet"
+
+    def split_files(self, name: str) -> list[Path]:
+        """The split's parquet files in row order (:func:`parquet_parts`)."""
+        return parquet_parts(self.split(name))
 
     @property
     def item_info(self) -> Path:

@@ -109,6 +109,8 @@ class _FileCheck:
 
 
 _READ_ERRORS = (pa.ArrowException, OSError)
+NO_PARTS = ("a folder without part files (*.parquet); expected the split as one parquet file or a folder of "
+            "them")
 
 
 def _unreadable(rel: str, err: Exception) -> Problem:
@@ -116,7 +118,10 @@ def _unreadable(rel: str, err: Exception) -> Problem:
     return Problem(rel, None, f"not a readable parquet file ({first})")
 
 
-def _open(path: Path, rel: str, columns: dict[str, object], problems: list[Problem]) -> pq.ParquetFile | None:
+def _open(path: Path, rel: str, columns: dict[str, object], problems: list[Problem],
+          allow_empty: bool = False) -> pq.ParquetFile | None:
+    """The file opened, its columns checked; None (with the problem added) when it cannot be read. A part of a
+    split held as a folder may be empty (``allow_empty``): the split as a whole may not."""
     if not path.is_file():
         problems.append(Problem(rel, None, "missing file"))
         return None
@@ -125,7 +130,7 @@ def _open(path: Path, rel: str, columns: dict[str, object], problems: list[Probl
     except _READ_ERRORS as err:
         problems.append(_unreadable(rel, err))
         return None
-    if pf.metadata.num_rows == 0:
+    if pf.metadata.num_rows == 0 and not allow_empty:
         problems.append(Problem(rel, None, "empty file: 0 rows"))
         return None
     schema = pf.schema_arrow
@@ -277,19 +282,31 @@ def validate(root: str | Path, expect_test_rows: int | None = None) -> list[Prob
         problems += check.problems()
     for split in SPLITS:
         path = lay.split(split)
-        pf = _open(path, rel(path), SPLIT_COLUMNS, problems)
-        if pf is None:
+        parts = lay.split_files(split)
+        if path.is_dir() and not parts:
+            problems.append(Problem(rel(path), None, NO_PARTS))
             continue
-        check = _FileCheck(path, rel(path))
-        try:
-            _scan_split(check, pf, n_items, is_test=split == "test")
-        except _READ_ERRORS as err:
-            problems.append(_unreadable(rel(path), err))
-        problems += check.problems()
+        rows, readable = 0, True
+        for part in parts or [path]:  # a missing split: _open reports the missing file
+            pf = _open(part, rel(part), SPLIT_COLUMNS, problems, allow_empty=path.is_dir())
+            if pf is None:
+                readable = False
+                continue
+            rows += pf.metadata.num_rows
+            check = _FileCheck(part, rel(part))
+            try:
+                _scan_split(check, pf, n_items, is_test=split == "test")
+            except _READ_ERRORS as err:
+                problems.append(_unreadable(rel(part), err))
+            problems += check.problems()
+        if not readable:
+            continue
+        if path.is_dir() and rows == 0:
+            problems.append(Problem(rel(path), None, f"empty split: 0 rows in its {len(parts)} part files"))
         if split == "test":
             expected, why = _expected_test_rows(lay, n_items, expect_test_rows)
-            if expected is not None and pf.metadata.num_rows != expected:
-                problems.append(Problem(rel(path), None, f"has {pf.metadata.num_rows:,} rows; a submission needs "
+            if expected is not None and rows != expected:
+                problems.append(Problem(rel(path), None, f"has {rows:,} rows; a submission needs "
                                                          f"{expected:,} ({why})"))
     if not lay.images_dir.is_dir():
         problems.append(Problem(rel(lay.images_dir), None, "no cover images (image embedding needs them)", False))

@@ -27,3 +27,32 @@ def synth_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
     write_synthetic(out, TINY_SPEC, progress=lambda msg: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def split_into_parts():
+    """``split_into_parts(data_dir, split, parts)``: see :func:`_split_into_parts`."""
+    return _split_into_parts
+
+
+def _split_into_parts(data_dir, split: str, parts: int) -> list:
+    """Turn ``split`` of ``data_dir`` into a folder of that name holding ``parts`` part files (row order kept, the
+    last part empty when ``parts`` exceeds the rows), with a ``_SUCCESS`` marker and a hidden checksum file that
+    are not parts, as Spark writes them; return the part paths."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from mmctr_ray.schema import Layout
+
+    path = Layout(data_dir).split(split)
+    table = pq.read_table(path)
+    path.unlink()
+    path.mkdir()
+    bounds = np.linspace(0, table.num_rows, parts, dtype=int).tolist() + [table.num_rows]
+    out = []
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        out.append(path / f"part-{i:05d}.parquet")
+        pq.write_table(table.slice(lo, hi - lo), out[-1], row_group_size=128)
+    (path / "_SUCCESS").write_text("")
+    (path / ".part-00000.parquet.crc").write_bytes(b"\x00")
+    return out

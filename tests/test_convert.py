@@ -233,6 +233,25 @@ def test_same_seed_same_bytes_and_other_partitions_same_rows(converted, tmp_path
         run_convert(RawSpec(base / "raw"), tmp_path / "p2", RowSpec(), progress=lambda m: None, **FAST)
 
 
+def test_split_layout_parts_writes_the_same_rows_in_the_same_order_as_part_files(converted, tmp_path):
+    """--split-layout parts: every split is a folder of one part file per user bucket, written by the bucket tasks;
+    read in name order they hold the file layout's rows in its order, and the result validates."""
+    import pyarrow as pa
+
+    base, _, manifest = converted
+    out = tmp_path / "parts"
+    parted = run_convert(RawSpec(base / "raw"), out, RowSpec(), progress=lambda m: None, split_layout="parts", **FAST)
+    assert validate(out) == [] and parted["split_layout"] == "parts" and parted["splits"] == manifest["splits"]
+    for split in SPLITS:
+        files = Layout(out).split_files(split)
+        assert Layout(out).split(split).is_dir() and 1 < len(files) <= FAST["partitions"]
+        assert all(f.name.startswith("part-") for f in files)
+        rows = pa.concat_tables([pq.read_table(f) for f in files])
+        assert rows.equals(pq.read_table(Layout(base / "out").split(split))), split
+    with pytest.raises(ConfigError, match="--split-layout must be one of file, parts"):
+        run_convert(RawSpec(base / "raw"), tmp_path / "x", RowSpec(), split_layout="folder")
+
+
 def test_overwrite_leaves_nothing_of_another_producers_output(converted, tmp_path, tiny_spec):
     """convert over a synth output: no stale oracle, test truth, synth.json or covers (embed would encode the
     old covers under the new ids; predict would score against the old labels); synth over a convert output: no

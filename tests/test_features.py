@@ -155,3 +155,26 @@ def test_null_placeholder_labels_become_zero():
     batch = pa.table({"user_id": [1, 2], "item_seq": list_array(seq, pa.int64()), "item_id": [4, 5],
                       "likes_level": [0, 1], "views_level": [2, 3], "label": pa.nulls(2, pa.float64())})
     np.testing.assert_array_equal(to_model_batch(batch, max_len=4)["label"], [0.0, 0.0])
+
+
+@pytest.mark.slow
+def test_read_split_of_a_folder_of_parts_keeps_the_row_order(ray_local, synth_dir, tmp_path, split_into_parts):
+    """A split held as part files is read part by part in name order: with Ray Data's preserve_order (what
+    predict sets) the rows come in the order of the single file they were cut from."""
+    import shutil
+
+    data = shutil.copytree(synth_dir, tmp_path / "data", ignore=shutil.ignore_patterns("item_images"))
+    expected = pq.read_table(Layout(synth_dir).split("test"))
+    split_into_parts(data, "test", 4)
+    ctx = ray_local.data.DataContext.get_current()
+    keep, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    try:
+        batches = list(read_split(data, "test", max_len=8, batch_rows=64).iter_batches(batch_size=None,
+                                                                                       batch_format="numpy"))
+    finally:
+        ctx.execution_options.preserve_order = keep
+    got = {k: np.concatenate([b[k] for b in batches]) for k in ("user_id", "item_id", "item_seq")}
+    np.testing.assert_array_equal(got["user_id"], expected.column("user_id").to_numpy())
+    np.testing.assert_array_equal(got["item_id"], expected.column("item_id").to_numpy())
+    seq = np.stack(expected.column("item_seq").to_numpy(zero_copy_only=False))[:, -8:]
+    np.testing.assert_array_equal(got["item_seq"], seq)

@@ -141,7 +141,8 @@ def test_existing_run_is_never_overwritten_silently(two_worker_run, synth_dir):
 
 
 @pytest.mark.slow
-def test_predict_writes_the_submission_in_test_row_order(two_worker_run, synth_dir, tiny_spec, tmp_path):
+def test_predict_writes_the_submission_in_test_row_order(two_worker_run, synth_dir, tiny_spec, tmp_path,
+                                                         split_into_parts):
     run, _ = two_worker_run
     out = tmp_path / "sub.zip"
     summary = run_predict(run, synth_dir, out)
@@ -159,6 +160,15 @@ def test_predict_writes_the_submission_in_test_row_order(two_worker_run, synth_d
     assert summary["rows"] == tiny_spec.test_rows and 0.5 < summary["metrics"]["auc"] <= 1
     with pytest.raises(OutputExistsError):
         run_predict(run, synth_dir, out)
+    # the test split as a folder of part files: the same submission, rows in the parts' order
+    import shutil
+
+    parted = shutil.copytree(synth_dir, tmp_path / "parted", ignore=shutil.ignore_patterns("item_images"))
+    split_into_parts(parted, "test", 4)
+    again = run_predict(run, parted, tmp_path / "parted.zip")
+    with zipfile.ZipFile(tmp_path / "parted.zip") as zf:
+        assert zf.read("prediction.csv").decode() == text
+    assert again["rows"] == tiny_spec.test_rows and again["metrics"]["auc"] == summary["metrics"]["auc"]
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +304,7 @@ def test_report_writes_curves_and_a_markdown_table(two_worker_run, tmp_path):
 
 @pytest.mark.slow
 def test_compare_scores_runs_on_the_same_rows_with_the_paired_test(two_worker_run, plain_run, synth_dir, tiny_spec,
-                                                                   tmp_path, capsys):
+                                                                   tmp_path, capsys, split_into_parts):
     import shutil
 
     from mmctr_ray.cli import main
@@ -328,6 +338,11 @@ def test_compare_scores_runs_on_the_same_rows_with_the_paired_test(two_worker_ru
     assert capsys.readouterr().err.strip().endswith(f"{cut}: not a whole checkpoint (model.pt missing)")
     assert main(["compare", "--data", str(synth_dir), two.as_uri(), "--json", str(tmp_path / "uri.json")]) == 0
     assert json.loads((tmp_path / "uri.json").read_text())["runs"][0]["auc"] == pytest.approx(ref["auc"], abs=1e-6)
+    parted = shutil.copytree(synth_dir, tmp_path / "parted", ignore=shutil.ignore_patterns("item_images"))
+    split_into_parts(parted, "valid", 3)  # the valid split as part files: the same rows, the same AUC
+    assert main(["compare", "--data", str(parted), str(two), "--json", str(tmp_path / "parted.json")]) == 0
+    parted_run = json.loads((tmp_path / "parted.json").read_text())["runs"][0]
+    assert parted_run["auc"] == pytest.approx(ref["auc"], abs=1e-6) and parted_run["se"] == pytest.approx(ref["se"])
 
 
 def test_an_unsupported_storage_scheme_is_a_one_line_error(synth_dir):

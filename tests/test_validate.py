@@ -283,3 +283,37 @@ def test_every_problem_is_one_line(data):
         assert "\n" not in text and "\r" not in text, text
         assert text.startswith("error: " if p.is_error else "warning: "), text
         assert text.split(": ", 2)[1] == p.file, text
+
+
+def test_a_split_held_as_a_folder_of_parts_validates_and_preflights_like_one_file(data, synth_dir, split_into_parts):
+    """Spark, Ray Data and `mmctr convert --split-layout parts` write a split as a folder of part files: validate
+    and the stages' preflight read every part (an empty part, `_SUCCESS` and hidden files are fine), count the rows
+    over all of them, and name the part a problem is in."""
+    from mmctr_ray.errors import DataError
+    from mmctr_ray.features import max_user_id
+    from mmctr_ray.preflight import check_files, check_splits, check_valid_labels
+
+    single = check_splits(synth_dir, ("train", "valid", "test"))
+    parts = {split: split_into_parts(data, split, 3) for split in ("train", "valid", "test")}
+    assert [p.name for p in Layout(data).split_files("valid")] == [p.name for p in parts["valid"]]
+    assert validate(data) == []
+    check_files(data, ("train", "valid", "test"))
+    assert check_splits(data, ("train", "valid", "test")) == single
+    check_valid_labels(data)
+    assert max_user_id(data) == max_user_id(synth_dir)
+    the_error(data, "MicroLens_1M_x1/test.parquet", None, f"has {single['test']:,} rows; a submission needs "
+              f"{single['test'] + 1:,}", expect_test_rows=single["test"] + 1)
+    bad = parts["valid"][1]  # a value out of range in the second part: the problem names that part
+    rewrite(bad, set_cell("likes_level", 2, 12))
+    the_error(data, str(bad.relative_to(data)), "likes_level", "1 value not levels in 0..9", "first 12 at row 2")
+    with pytest.raises(DataError, match=r"valid.parquet/part-00001.parquet: column likes_level: values span"):
+        check_splits(data, ("valid",))
+    for part in parts["train"]:  # a folder without parts: one line, from validate and from a stage
+        part.unlink()
+    the_error(data, TRAIN, None, "a folder without part files (*.parquet)")
+    with pytest.raises(DataError, match=r"train.parquet: a folder without part files"):
+        check_files(data, ("train",))
+    rewrite(parts["test"][0], lambda t: t.slice(0, 0))
+    rewrite(parts["test"][1], lambda t: t.slice(0, 0))
+    with pytest.raises(DataError, match=r"test.parquet: empty split: 0 rows in its 3 part files"):
+        check_splits(data, ("test",))

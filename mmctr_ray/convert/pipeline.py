@@ -8,6 +8,8 @@ Stages (the driver holds item-level arrays and the sorted user ids, never intera
     interactions ─▶ bucket = hash(user) % P ─▶ groupby(bucket).map_groups: sort each user's events, split,
                    histories, negatives (rows.py), streamed into one part file per bucket ─▶ driver reads the
                    parts batch by batch, in bucket order, into train/valid/test.parquet
+                   (--split-layout parts: each bucket task writes its rows straight into
+                   train.parquet/part-<bucket>.parquet, valid.parquet/…, test.parquet/…; no driver pass)
 
 Every file is written under ``OUT/.mmctr-convert.partial`` and moved into place at the end (``convert.json``
 last); a failed run removes its staging folder, so nothing that looks complete is left behind.
@@ -54,8 +56,13 @@ def auto_partitions(files: RawFiles) -> int:
 
 
 def run_convert(raw: RawSpec, out: str | Path, spec: RowSpec, partitions: int | None = None, shuffle: str = "hash",
-                overwrite: bool = False, progress: Callable[[str], None] = log.info) -> dict:
+                overwrite: bool = False, progress: Callable[[str], None] = log.info,
+                split_layout: str = "file") -> dict:
     """Convert raw MicroLens files into ``out`` (the challenge layout); return the manifest (convert.json).
+
+    ``split_layout``: ``file`` writes each split as one parquet file, as the challenge ships them (the driver
+    routes every row once); ``parts`` writes each split as a folder of one part file per user bucket, written by
+    the bucket tasks themselves (the same rows in the same order, without the driver's serial pass).
 
     Ray must be initialised by the caller. Raises DataError (bad raw input), OutputExistsError, ConfigError.
     """
@@ -68,13 +75,15 @@ def run_convert(raw: RawSpec, out: str | Path, spec: RowSpec, partitions: int | 
         raise ConfigError(f"convert: --partitions must be >= 1, got {partitions}")
     if shuffle not in SHUFFLES:
         raise ConfigError(f"convert: --shuffle must be one of {', '.join(SHUFFLES)}, got {shuffle!r}")
+    if split_layout not in SPLIT_LAYOUTS:
+        raise ConfigError(f"convert: --split-layout must be one of {', '.join(SPLIT_LAYOUTS)}, got {split_layout!r}")
     stage_root = out / STAGING
     if stage_root.exists():
         shutil.rmtree(stage_root)  # leftovers of an interrupted run, never published
     stage_root.mkdir(parents=True)
     try:
         manifest = _convert(raw, files, Layout(stage_root), spec, partitions or auto_partitions(files), shuffle,
-                            progress)
+                            progress, split_layout)
         _publish(stage_root, out)
     except BaseException:
         shutil.rmtree(stage_root, ignore_errors=True)
@@ -83,7 +92,7 @@ def run_convert(raw: RawSpec, out: str | Path, spec: RowSpec, partitions: int | 
 
 
 def _convert(raw: RawSpec, files: RawFiles, stage: Layout, spec: RowSpec, partitions: int, shuffle: str,
-             progress: Callable[[str], None]) -> dict:
+             progress: Callable[[str], None], split_layout: str = "file") -> dict:
     import ray
 
     t0 = time.perf_counter()
@@ -100,14 +109,20 @@ def _convert(raw: RawSpec, files: RawFiles, stage: Layout, spec: RowSpec, partit
         covers = copy_covers(files.covers, stage, items.raw_ids)
         write_mappings(stage.root, items.raw_ids, users, vocab)
         lookups = ray.put(Lookups(users, items.raw_ids, np.cumsum(popularity, dtype=np.float64), likes, views))
-        parts = stage.root / ".parts"
-        parts.mkdir()
+        if split_layout == "parts":  # the bucket tasks write into the split folders
+            parts = stage.dataset_dir
+            for name in SPLIT_CODES:
+                stage.split(name).mkdir()
+        else:
+            parts = stage.root / ".parts"
+            parts.mkdir()
         rows = (interactions.map_batches(_parse_with_bucket, batch_format="pyarrow",
                                          fn_kwargs={"fmt": fmt, "partitions": partitions})
                 .groupby("bucket", num_partitions=partitions)
                 .map_groups(_bucket_rows, batch_format="numpy",
-                            fn_kwargs={"lookups": lookups, "spec": spec, "parts": str(parts)}))
-        splits = _write_splits(rows, parts, stage, progress, t0)
+                            fn_kwargs={"lookups": lookups, "spec": spec, "parts": str(parts),
+                                       "by_split": split_layout == "parts"}))
+        splits = _write_splits(rows, parts, stage, progress, t0, by_split=split_layout == "parts")
     for name, s in splits.items():
         if not s["rows"]:
             raise DataError(f"{files.pairs}: no {name} rows (leave-last-out needs users with >= 3 interactions; "
@@ -116,7 +131,8 @@ def _convert(raw: RawSpec, files: RawFiles, stage: Layout, spec: RowSpec, partit
         "converter": "mmctr_ray.convert", "version": 1,
         "inputs": {k: str(v) if isinstance(v, Path) else v for k, v in vars(files).items()},
         "columns": {k: v for k, v in asdict(raw).items() if k.endswith(("_col", "_sep"))},
-        "rows": asdict(spec), "partitions": partitions, "shuffle": shuffle, "interactions": total, "users": len(users),
+        "rows": asdict(spec), "partitions": partitions, "shuffle": shuffle, "split_layout": split_layout,
+        "interactions": total, "users": len(users),
         "items": len(items.raw_ids), "tags": len(vocab), "items_without_likes_views": items.no_likes_views,
         **covers, "splits": splits, "placeholder_embeddings": list(PLACEHOLDERS),
         "note": "embedding columns are all-zero placeholders: run `mmctr embed`, then `mmctr fuse --source`",
@@ -223,9 +239,12 @@ def _lookups(ref) -> Lookups:
     return _LOOKUPS[key]
 
 
-def _bucket_rows(group: dict[str, np.ndarray], lookups, spec: RowSpec, parts: str) -> dict[str, np.ndarray]:
+def _bucket_rows(group: dict[str, np.ndarray], lookups, spec: RowSpec, parts: str,
+                 by_split: bool = False) -> dict[str, np.ndarray]:
     """All interactions of one user bucket → rows, CHUNK_EVENTS events (whole users) at a time, streamed into the
-    bucket's own part file; returns one summary row: the bucket and its file ("" when it holds no rows).
+    bucket's own part file; returns one summary row: the bucket and its file ("" when it holds no rows). With
+    ``by_split`` (``parts`` is then the dataset folder) the rows go straight to the bucket's part file of each
+    split, ``<split>.parquet/part-<bucket>.parquet``, and the summary row carries each split's rows and positives.
 
     The task writes the file itself: Ray Data's parquet sink collects all of a write task's blocks before
     writing, which held a whole bucket's rows (8 GiB per worker at 8M interactions in 4 buckets) in memory.
@@ -240,6 +259,8 @@ def _bucket_rows(group: dict[str, np.ndarray], lookups, spec: RowSpec, parts: st
     firsts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
     cuts = firsts[np.searchsorted(firsts, np.arange(CHUNK_EVENTS, len(user), CHUNK_EVENTS)).clip(0, len(firsts) - 1)]
     bounds = np.unique(np.r_[0, cuts, len(user)])
+    if by_split:
+        return _bucket_split_rows(Path(parts), bucket, bounds, (user, raw_user, item, ts), spec, lk)
     path = Path(parts) / f"bucket-{bucket:05d}.parquet"
     writer = None
     try:
@@ -256,16 +277,42 @@ def _bucket_rows(group: dict[str, np.ndarray], lookups, spec: RowSpec, parts: st
     return {"bucket": np.array([bucket]), "path": np.array([str(path) if writer is not None else ""])}
 
 
-def _write_splits(rows, parts: Path, stage: Layout, progress: Callable[[str], None], t0: float) -> dict:
+def _bucket_split_rows(dataset_dir: Path, bucket: int, bounds: np.ndarray, events: tuple[np.ndarray, ...],
+                       spec: RowSpec, lk: Lookups) -> dict[str, np.ndarray]:
+    """:func:`_bucket_rows` for ``--split-layout parts``: each chunk's rows routed by split into this bucket's part
+    file of each split folder (a split with no row from this bucket gets no file)."""
+    user, raw_user, item, ts = events
+    writer = _SplitWriter(Layout(dataset_dir.parent), part=f"part-{bucket:05d}.parquet")
+    try:
+        for lo, hi in itertools.pairwise(bounds):
+            cols = build_rows(user[lo:hi], raw_user[lo:hi], item[lo:hi], ts[lo:hi], spec, lk)
+            if len(cols["label"]):
+                writer.add(pa.table({**{k: v for k, v in cols.items() if k != "item_seq"},
+                                     "item_seq": list_array(cols["item_seq"], pa.int64())}))
+    finally:
+        writer.close()
+    return {"bucket": np.array([bucket]), "path": np.array([""]),
+            **{f"{name}_{k}": np.array([v[k]]) for name, v in writer.stats.items() for k in ("rows", "positives")}}
+
+
+def _write_splits(rows, parts: Path, stage: Layout, progress: Callable[[str], None], t0: float,
+                  by_split: bool = False) -> dict:
     """Run the bucket tasks (each writes its part file into ``parts``), then read the parts once, in bucket order,
     batch by batch, and route each row to its split's single layout file: the driver holds at most a few batches
-    and never maps the workers' blocks, whatever the data size."""
-    summary = sorted((int(r["bucket"]), str(r["path"])) for r in rows.iter_rows())
+    and never maps the workers' blocks, whatever the data size. With ``by_split`` the tasks wrote the split
+    folders themselves: only their counts are summed."""
+    results = list(rows.iter_rows())
+    summary = sorted((int(r["bucket"]), str(r["path"])) for r in results)
     buckets = [b for b, _ in summary]
     if len(set(buckets)) != len(buckets):  # each bucket must be one group: a second task would rewrite its file
         raise RuntimeError(f"convert: a user bucket was processed {len(buckets) - len(set(buckets)) + 1} times; "
                            f"its part file cannot be trusted")
     progress(f"rows: written by the workers ({time.perf_counter() - t0:.1f}s)")
+    if by_split:
+        stats = {s: {k: sum(int(r[f"{s}_{k}"]) for r in results) for k in ("rows", "positives")} for s in SPLIT_CODES}
+        progress("rows: " + ", ".join(f"{s} {v['rows']:,}" for s, v in stats.items())
+                 + f" in {len(buckets)} parts per split ({time.perf_counter() - t0:.1f}s)")
+        return stats
     writer = _SplitWriter(stage)
     try:
         for _, path in summary:
@@ -282,10 +329,14 @@ def _write_splits(rows, parts: Path, stage: Layout, progress: Callable[[str], No
 
 
 class _SplitWriter:
-    """Routes rows to the train/valid/test parquet writers, in row groups of about ROW_GROUP_ROWS rows."""
+    """Routes rows to the train/valid/test parquet writers, in row groups of about ROW_GROUP_ROWS rows: each split's
+    layout file, or with ``part`` the file of that name in each split's folder, opened at its first row."""
 
-    def __init__(self, stage: Layout) -> None:
-        self.writers = {s: pq.ParquetWriter(stage.split(s), SPLIT_SCHEMA) for s in SPLIT_CODES}
+    def __init__(self, stage: Layout, part: str | None = None) -> None:
+        self.paths = {s: stage.split(s) / part if part else stage.split(s) for s in SPLIT_CODES}
+        self.writers: dict[str, pq.ParquetWriter] = {}
+        if part is None:  # the layout files exist even when a split gets no row (run_convert then refuses it)
+            self.writers = {s: pq.ParquetWriter(self.paths[s], SPLIT_SCHEMA) for s in SPLIT_CODES}
         self.pending: dict[str, list[pa.Table]] = {s: [] for s in SPLIT_CODES}
         self.stats = {s: {"rows": 0, "positives": 0} for s in SPLIT_CODES}
 
@@ -301,16 +352,20 @@ class _SplitWriter:
 
     def _flush(self, name: str) -> None:
         if self.pending[name]:
+            if name not in self.writers:
+                self.writers[name] = pq.ParquetWriter(self.paths[name], SPLIT_SCHEMA)
             self.writers[name].write_table(pa.concat_tables(self.pending[name]))
             self.pending[name] = []
 
     def close(self) -> None:
-        for name, writer in self.writers.items():
+        for name in SPLIT_CODES:
             self._flush(name)
+        for writer in self.writers.values():
             writer.close()
 
 
 SHUFFLES = ("hash", "sort")
+SPLIT_LAYOUTS = ("file", "parts")
 
 
 @contextlib.contextmanager
