@@ -88,6 +88,7 @@ def pin_ray_address() -> None:
 
 
 _PRIVATE = {"started": False}
+DATA_CPU_RESERVE = 1.0  # CPUs left free beside the training workers for the Ray Data read and map tasks that feed them
 WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import posixpath
 import time
@@ -30,6 +31,7 @@ from mmctr_ray.errors import ConfigError, DataError, OutputExistsError, find_use
 from mmctr_ray.features import FeatureMap, build_feature_map, load_item_table, read_split
 from mmctr_ray.layers.embedding import root_mean_square
 from mmctr_ray.preflight import check_batch_size, check_splits, check_valid_labels
+from mmctr_ray.ray_env import DATA_CPU_RESERVE, private_local_ray
 from mmctr_ray.schema import SPLITS, Layout
 from mmctr_ray.training import DIVERGED, train_loop_per_worker
 
@@ -61,7 +63,9 @@ def _absolute_item_vector(cfg: ExperimentConfig) -> ExperimentConfig:
     return dataclasses.replace(cfg, data=data)
 
 
-def _prepare_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool, overwrite: bool) -> None:
+def _check_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool, overwrite: bool) -> None:
+    """Raise a one-line error unless RUN can take this run (a resumable run, an empty or missing folder, or a run
+    to replace with ``overwrite``); writes nothing."""
     config_path = storage.join(run, "config.yaml")
     if resume:
         if not storage.is_file(config_path):
@@ -71,8 +75,6 @@ def _prepare_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool,
             if getattr(saved, section) != getattr(cfg, section):
                 raise ConfigError(f"{run}: --resume with a different {section} section than the run's "
                                   f"config.yaml; only train.* may change when resuming")
-        for name in (DIVERGED, "summary.json"):  # this attempt decides anew; until it ends, the run is not complete
-            storage.remove_file(storage.join(run, name))
     elif storage.listdir(run):
         if not overwrite:
             raise OutputExistsError(f"{run}: already holds a run; pass --resume to continue it or --overwrite "
@@ -80,9 +82,34 @@ def _prepare_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool,
         if not storage.is_file(config_path):
             raise OutputExistsError(f"{run}: not empty and not a run of `mmctr train` (no config.yaml); "
                                     f"--overwrite replaces runs only")
+
+
+def _prepare_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool, overwrite: bool) -> None:
+    _check_run_dir(run, cfg, resume, overwrite)
+    if resume:
+        for name in (DIVERGED, "summary.json"):  # this attempt decides anew; until it ends, the run is not complete
+            storage.remove_file(storage.join(run, name))
+    elif storage.listdir(run):
         storage.remove_dir(run)
     storage.make_dir(run)
-    save_config(cfg, config_path)
+    save_config(cfg, storage.join(run, "config.yaml"))
+
+
+def check_worker_resources(resources: dict[str, float], workers: int, cpus_per_worker: float,
+                           gpus_per_worker: float) -> None:
+    """Raise a one-line ConfigError when a private local Ray (fixed resources: ``resources``) cannot hold the
+    workers and still run the Ray Data tasks that feed them: the run would wait for good (Ray Data only warns
+    that "the job may hang forever")."""
+    cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+    need = workers * cpus_per_worker + DATA_CPU_RESERVE
+    if cpus + 1e-9 < need:
+        raise ConfigError(f"{workers} workers × {cpus_per_worker:g} CPU and {DATA_CPU_RESERVE:g} CPU for reading the "
+                          f"data need {need:g} CPUs; this local Ray has {cpus:g}: lower --workers (or "
+                          f"--cpus-per-worker), or give it {math.ceil(need)} logical CPUs with --num-cpus "
+                          f"{math.ceil(need)} (the workers then share cores)")
+    if gpus_per_worker and gpus + 1e-9 < workers * gpus_per_worker:
+        raise ConfigError(f"{workers} workers × {gpus_per_worker:g} GPU need {workers * gpus_per_worker:g} GPUs; "
+                          f"this local Ray has {gpus:g}: lower --workers or --gpus-per-worker")
 
 
 def _check_feature_map(run: storage.Location, fmap: FeatureMap) -> None:
@@ -194,6 +221,13 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     cfg = _absolute_item_vector(cfg)
     rows, fmap = check_inputs(data_dir, cfg)  # bad input fails here, before RUN is touched
     check_batch_size(cfg.train.batch_size, rows["train"], workers)
+    _check_run_dir(run, cfg, resume, overwrite)
+    if start_ray is not None:
+        start_ray()
+    if private_local_ray():  # one machine: what Ray has now is all it will have
+        import ray
+
+        check_worker_resources(ray.cluster_resources(), workers, cpus_per_worker, gpus_per_worker)
     _prepare_run_dir(run, cfg, resume, overwrite)
     if resume:
         _check_feature_map(run, fmap)
@@ -203,8 +237,6 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
                    "feature_map": fmap.__dict__, "train_rows": rows["train"], "valid_rows": rows["valid"],
                    "gpus_per_worker": gpus_per_worker,
                    "resume_from": str(done[-1]) if done else None, "fault": _fault_from_env(), "verbose": verbose}
-    if start_ray is not None:
-        start_ray()
     os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
     fs, fs_path = storage.resolve(run)  # Ray Train writes checkpoints to storage_path/name = RUN
     trainer = TorchTrainer(

@@ -41,7 +41,7 @@ from mmctr_ray.config import ExperimentConfig, load_config
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.metrics import se_text
 from mmctr_ray.preflight import check_batch_size, check_splits, check_valid_labels
-from mmctr_ray.ray_env import private_local_ray
+from mmctr_ray.ray_env import DATA_CPU_RESERVE, private_local_ray
 from mmctr_ray.schema import SPLITS
 from mmctr_ray.search_space import SearchSpace, load_search
 
@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 # 2 CPUs then fit one trial); concurrency is capped by trial_concurrency, so unreserved drivers cannot pile up
 TRIAL_DRIVER_CPU = 0.0
 TRIAL_DRIVER_MEMORY = 256 * 2**20  # Tune needs some resource in a trial's bundle; memory is one that blocks no CPU
-DATA_CPU_RESERVE = 1.0  # left free for the Ray Data read and map tasks of the running trials
 STUDY_NAME = "mmctr"
 ASHA_RECORDS = "asha.json"
 METRIC = "best_valid_auc"  # what Optuna and ASHA compare: the trial's best epoch so far, the one it would keep

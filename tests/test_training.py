@@ -20,7 +20,7 @@ from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.predict import load_model, run_predict, score_parquet
 from mmctr_ray.schema import Layout
 from mmctr_ray.train_driver import (FAULT_ENV, POLL_INTERVAL_ENV, POLL_INTERVAL_S, _data_config, _ingest_options,
-                                    resume_config, run_training, warn_unscaled_vectors)
+                                    check_worker_resources, resume_config, run_training, warn_unscaled_vectors)
 from mmctr_ray.training import embedding_l2, update_schedule
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -343,6 +343,35 @@ def test_compare_scores_runs_on_the_same_rows_with_the_paired_test(two_worker_ru
     assert main(["compare", "--data", str(parted), str(two), "--json", str(tmp_path / "parted.json")]) == 0
     parted_run = json.loads((tmp_path / "parted.json").read_text())["runs"][0]
     assert parted_run["auc"] == pytest.approx(ref["auc"], abs=1e-6) and parted_run["se"] == pytest.approx(ref["se"])
+
+
+def test_more_workers_than_a_local_ray_can_feed_is_a_one_line_error_before_run_is_written(synth_dir, tmp_path,
+                                                                                          monkeypatch):
+    """`mmctr train --workers 2` on a 2-core machine: the workers took both CPUs, Ray Data's reads never ran and the
+    run waited for good. A private local Ray cannot grow, so the driver refuses such a run once Ray is up, before
+    RUN is written; a cluster it joined (which may grow) is not checked."""
+    import ray
+
+    import mmctr_ray.train_driver as driver
+
+    check_worker_resources({"CPU": 2.0}, workers=1, cpus_per_worker=1, gpus_per_worker=0)  # the demo's: fits
+    with pytest.raises(ConfigError, match=r"^2 workers × 1 CPU and 1 CPU for reading the data need 3 CPUs; this "
+                                          r"local Ray has 2: lower --workers .* --num-cpus 3 "):
+        check_worker_resources({"CPU": 2.0}, workers=2, cpus_per_worker=1, gpus_per_worker=0)
+    with pytest.raises(ConfigError, match=r"^2 workers × 1 GPU need 2 GPUs; this local Ray has 1"):
+        check_worker_resources({"CPU": 8.0, "GPU": 1.0}, workers=2, cpus_per_worker=1, gpus_per_worker=1)
+    started = []
+    monkeypatch.setattr(driver, "private_local_ray", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match="need 3 CPUs; this local Ray has 2"):
+        run_training(synth_dir, str(run), tiny_cfg(), workers=2, start_ray=lambda: started.append(1))
+    assert started == [1] and not run.exists()  # checked once Ray was up; nothing written
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="already holds a run"):  # RUN is still checked before Ray
+        run_training(synth_dir, str(run), tiny_cfg(), workers=2, start_ray=lambda: started.append(2))
+    assert started == [1]
 
 
 def test_an_unsupported_storage_scheme_is_a_one_line_error(synth_dir):
