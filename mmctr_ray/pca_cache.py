@@ -7,9 +7,11 @@ of a wider fit are the k-axis fit: the first trial that needs a strategy fits it
 projection of every item on those axes (``CACHE/basis-<strategy>-a<axes>-<source>.npz`` and ``.npy``; v2 uses
 v4's, whose image part it is); a trial that samples any size up to that takes the table's columns from it
 (``CACHE/<key>.parquet``, with the same ``.pca.npz`` and ``.fusion.json`` as `mmctr fuse` of that size writes)
-without reading the source again. A size wider than the basis (its search.yaml widened before a --resume) is
-fitted on its own. Keeping only the searched axes matters at MicroLens size: a full-width v4 or v3 basis holds every
-item's projection on 1,792 axes (657 MB for 91,717 items), where a search up to 256 per part reads at most 512.
+without reading the source again. A basis at least as wide already in the cache serves instead (a full-width one
+of an older search, a wider one after the space was narrowed before a --resume); a size wider than the basis
+(only a caller with a fixed ``axes`` asks for one) is fitted on its own. Keeping only the searched axes matters
+at MicroLens size: a full-width v4 or v3 basis holds every item's projection on 1,792 axes (657 MB for 91,717
+items), where a search up to 256 per part reads at most 512.
 
 A source is named by the path, size and modification time of its file and of
 item_info: rewritten vectors get new fits. A source too large for an exact fit in memory (``pca: auto`` picks
@@ -109,11 +111,18 @@ BASIS = {"v1": "v1", "v2": "v4", "v3": "v3", "v4": "v4"}  # v4's image part is v
 
 def _basis_stem(cache: Path, strategy: str, version: str, axes: int | None) -> Path:
     """The basis's file stem: ``basis-<strategy>-<source>`` at full width, ``basis-<strategy>-a<axes>-<source>``
-    cut to ``axes``; a full-width basis already in the cache (a search started before the cut) serves any width."""
+    cut to ``axes``. A basis already in the cache that is at least as wide serves instead (the narrowest such):
+    a full-width one of a search started before the cut, or a wider cut one when the space was narrowed before a
+    --resume. A space widened before a --resume gets a new, wider basis (one more fit)."""
     full = cache / f"basis-{strategy}-{version}"
     if axes is None or full.with_suffix(".json").is_file():
         return full
-    return cache / f"basis-{strategy}-a{axes}-{version}"
+    wider = []
+    for done in cache.glob(f"basis-{strategy}-a*-{version}.json"):  # a finished fit: its summary is written last
+        width = done.name[len(f"basis-{strategy}-a"):-len(f"-{version}.json")]
+        if width.isdigit() and int(width) >= axes:
+            wider.append((int(width), done.with_suffix("")))
+    return min(wider)[1] if wider else cache / f"basis-{strategy}-a{axes}-{version}"
 
 
 def _covers(fitted: FittedFusion, cfg: FusionConfig) -> bool:

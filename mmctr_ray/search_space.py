@@ -33,7 +33,7 @@ from mmctr_ray.config import ConfigError, ExperimentConfig, apply_override, from
 
 KINDS = ("choice", "int", "float")
 PARAM_KEYS = {*KINDS, "log", "step", "when"}
-FUSION_WIDTHS = ("fusion.dims", "fusion.text_dim", "fusion.image_dim")
+FUSION_WIDTHS = {"fusion.dims": {"v1", "v2", "v3"}, "fusion.text_dim": {"v4"}, "fusion.image_dim": {"v4"}}  # users
 SEARCH_KEYS = ("num_samples", "max_epochs", "grace_period", "reduction_factor", "seed", "space")
 
 
@@ -91,13 +91,28 @@ class SearchSpace:
                 sampled[p.key] = p.suggest(trial)
 
     def fusion_axes(self) -> int:
-        """The widest PCA part any trial can ask for: the base config's sizes and the highest value of every
-        searched ``fusion.dims``, ``fusion.text_dim`` and ``fusion.image_dim`` (the search's PCA cache keeps that
-        many axes of each fit)."""
+        """The widest PCA part any trial can ask for (the search's PCA cache keeps that many axes of each fit): the
+        highest value of every searched ``fusion.dims``, ``fusion.text_dim`` and ``fusion.image_dim``, and the base
+        config's size of each of them that some trial can use unsampled (a strategy the search can pick uses it,
+        and it is not searched whenever such a strategy is: its ``when`` holds only ``fusion.strategy`` values
+        covering every such strategy)."""
         base = self.trial_config({}).fusion
-        widths = [base.dims, base.text_dim, base.image_dim]
-        widths += [int(v) for p in self.params if p.key in FUSION_WIDTHS for v in p.values]
-        return max(widths)
+        by_key = {p.key: p for p in self.params}
+        picked = by_key.get("fusion.strategy")
+        strategies = set(picked.values) if picked is not None else {base.strategy}
+        widths = []
+        for key, users in FUSION_WIDTHS.items():
+            users = users & strategies
+            if not users:
+                continue  # no trial reads this size
+            p = by_key.get(key)
+            if p is not None:
+                widths += [int(v) for v in p.values]
+                when = dict(p.when)
+                if not (set(when) - {"fusion.strategy"}) and users <= set(when.get("fusion.strategy", users)):
+                    continue  # sampled by every trial that reads it
+            widths.append(getattr(base, key.split(".")[1]))
+        return max(widths, default=max(base.dims, base.text_dim, base.image_dim))
 
     def trial_config(self, params: dict[str, Any]) -> ExperimentConfig:
         """The base config with the sampled ``params`` (flat ``section.key`` names) applied, checked."""

@@ -440,6 +440,9 @@ def test_a_basis_cut_to_the_widest_searched_size_serves_every_size_up_to_it(synt
     assert [(f.text_dim, f.image_dim) for f in fits] == [(8, 8), (9, 2)]
     [basis] = cache.glob("basis-v4-a8-*.npy")
     assert np.load(basis, mmap_mode="r").shape == (16, tiny_spec.items + 1)  # 8 + 8 axes × items and padding
+    fits.clear()  # a narrower search on the same cache (search.yaml narrowed before --resume) reuses the wider basis
+    path, wrote = cached_fusion(cache, synth_dir, FusionConfig("v4", text_dim=5, image_dim=4), axes=6)
+    assert wrote and fits == [] and not list(cache.glob("basis-v4-a6-*"))
     # a full-width basis of an older search in the same cache is used instead of cutting a new one
     fits.clear()
     old = tmp_path / "old"
@@ -449,16 +452,24 @@ def test_a_basis_cut_to_the_widest_searched_size_serves_every_size_up_to_it(synt
 
 
 def test_the_search_cache_keeps_as_many_axes_as_the_widest_size_the_space_can_sample(tmp_path):
+    """The widest searched size, and a base size only where some trial uses it unsampled."""
     spec = {"fusion": {"strategy": "v4", "text_dim": 16, "image_dim": 16},
             "search": {"space": {"fusion.strategy": {"choice": ["v1", "v4"]},
                                  "fusion.dims": {"int": [8, 48], "when": {"fusion.strategy": ["v1"]}},
                                  "fusion.image_dim": {"choice": [8, 24]}}}}
     path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    assert load_search(path).fusion_axes() == 128  # the base's fusion.dims (its default) is the widest
-    spec["fusion"]["dims"] = 32
-    path.write_text(yaml.safe_dump(spec))
-    assert load_search(path).fusion_axes() == 48
+
+    def axes() -> int:
+        path.write_text(yaml.safe_dump(spec))
+        return load_search(path).fusion_axes()
+
+    assert axes() == 48  # the base's fusion.dims (128 by default) is read by no trial: every v1 trial samples it
+    spec["search"]["space"]["fusion.strategy"]["choice"].append("v3")
+    assert axes() == 128  # v3 trials read the base's dims
+    spec["fusion"]["text_dim"] = 200
+    assert axes() == 200  # text_dim is not searched: v4 trials read the base's
+    spec["search"]["space"]["fusion.strategy"]["choice"] = ["given", "v1"]
+    assert axes() == 48  # no v4 or v3 trial: neither text_dim nor the base's dims is read
     assert load_search(ROOT / "configs/search_paper.yaml").fusion_axes() == 256
 
 
