@@ -44,6 +44,8 @@ def split_labels(data_dir: str | Path, split: str) -> tuple[Path, Any]:
     path = layout.split(split)
     truth = layout.hidden_test_labels if split == "test" else path
     files = parquet_parts(truth)
+    if truth.is_dir() and not files:
+        raise DataError(f"{truth}: a folder without part files (*.parquet): {split} labels are needed to compare runs")
     if not files:
         raise DataError(f"{truth}: missing file: {split} labels are needed to compare runs"
                         + (" (the real test split has none; compare on valid)" if split == "test" else ""))

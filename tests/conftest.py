@@ -37,8 +37,8 @@ def split_into_parts():
 
 def _split_into_parts(data_dir, split: str, parts: int) -> list:
     """Turn ``split`` of ``data_dir`` into a folder of that name holding ``parts`` part files (row order kept, the
-    last part empty when ``parts`` exceeds the rows), with a ``_SUCCESS`` marker and a hidden checksum file that
-    are not parts, as Spark writes them; return the part paths."""
+    last part empty), beside files that are not parts (a ``_SUCCESS`` marker, a checksum, a hidden partial
+    ``.parquet`` and an ``_``-prefixed metadata file, none of them a readable split); return the part paths."""
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -55,4 +55,6 @@ def _split_into_parts(data_dir, split: str, parts: int) -> list:
         pq.write_table(table.slice(lo, hi - lo), out[-1], row_group_size=128)
     (path / "_SUCCESS").write_text("")
     (path / ".part-00000.parquet.crc").write_bytes(b"\x00")
+    (path / ".part-00009.parquet").write_bytes(b"partial")  # hidden: a writer's temporary file, not a part
+    (path / "_common_metadata.parquet").write_bytes(b"PAR1")
     return out

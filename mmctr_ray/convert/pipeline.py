@@ -121,7 +121,7 @@ def _convert(raw: RawSpec, files: RawFiles, stage: Layout, spec: RowSpec, partit
                 .groupby("bucket", num_partitions=partitions)
                 .map_groups(_bucket_rows, batch_format="numpy",
                             fn_kwargs={"lookups": lookups, "spec": spec, "parts": str(parts),
-                                       "by_split": split_layout == "parts"}))
+                                       "by_split": split_layout == "parts", "partitions": partitions}))
         splits = _write_splits(rows, parts, stage, progress, t0, by_split=split_layout == "parts")
     for name, s in splits.items():
         if not s["rows"]:
@@ -239,8 +239,8 @@ def _lookups(ref) -> Lookups:
     return _LOOKUPS[key]
 
 
-def _bucket_rows(group: dict[str, np.ndarray], lookups, spec: RowSpec, parts: str,
-                 by_split: bool = False) -> dict[str, np.ndarray]:
+def _bucket_rows(group: dict[str, np.ndarray], lookups, spec: RowSpec, parts: str, by_split: bool = False,
+                 partitions: int = 1) -> dict[str, np.ndarray]:
     """All interactions of one user bucket → rows, CHUNK_EVENTS events (whole users) at a time, streamed into the
     bucket's own part file; returns one summary row: the bucket and its file ("" when it holds no rows). With
     ``by_split`` (``parts`` is then the dataset folder) the rows go straight to the bucket's part file of each
@@ -260,7 +260,8 @@ def _bucket_rows(group: dict[str, np.ndarray], lookups, spec: RowSpec, parts: st
     cuts = firsts[np.searchsorted(firsts, np.arange(CHUNK_EVENTS, len(user), CHUNK_EVENTS)).clip(0, len(firsts) - 1)]
     bounds = np.unique(np.r_[0, cuts, len(user)])
     if by_split:
-        return _bucket_split_rows(Path(parts), bucket, bounds, (user, raw_user, item, ts), spec, lk)
+        name = f"part-{bucket:0{max(5, len(str(partitions - 1)))}d}.parquet"  # name order = bucket order
+        return _bucket_split_rows(Path(parts), name, bounds, (user, raw_user, item, ts), spec, lk, bucket)
     path = Path(parts) / f"bucket-{bucket:05d}.parquet"
     writer = None
     try:
@@ -277,12 +278,12 @@ def _bucket_rows(group: dict[str, np.ndarray], lookups, spec: RowSpec, parts: st
     return {"bucket": np.array([bucket]), "path": np.array([str(path) if writer is not None else ""])}
 
 
-def _bucket_split_rows(dataset_dir: Path, bucket: int, bounds: np.ndarray, events: tuple[np.ndarray, ...],
-                       spec: RowSpec, lk: Lookups) -> dict[str, np.ndarray]:
+def _bucket_split_rows(dataset_dir: Path, name: str, bounds: np.ndarray, events: tuple[np.ndarray, ...],
+                       spec: RowSpec, lk: Lookups, bucket: int) -> dict[str, np.ndarray]:
     """:func:`_bucket_rows` for ``--split-layout parts``: each chunk's rows routed by split into this bucket's part
     file of each split folder (a split with no row from this bucket gets no file)."""
     user, raw_user, item, ts = events
-    writer = _SplitWriter(Layout(dataset_dir.parent), part=f"part-{bucket:05d}.parquet")
+    writer = _SplitWriter(Layout(dataset_dir.parent), part=name)
     try:
         for lo, hi in itertools.pairwise(bounds):
             cols = build_rows(user[lo:hi], raw_user[lo:hi], item[lo:hi], ts[lo:hi], spec, lk)
