@@ -348,6 +348,17 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         return _pipeline_steps(args, label, out, work, run)
 
 
+def _check_local_workers(args: argparse.Namespace) -> None:
+    """On a private local Ray, refuse training workers it cannot hold (:func:`check_worker_resources`)."""
+    from mmctr_ray.ray_env import private_local_ray
+    from mmctr_ray.train_driver import check_worker_resources
+
+    if private_local_ray():
+        import ray
+
+        check_worker_resources(ray.cluster_resources(), args.workers, args.cpus_per_worker, args.gpus_per_worker)
+
+
 def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location, work: Path,
                     run: storage.Location) -> int:
     """The steps of :func:`cmd_pipeline`, once OUT and the data copy are checked and OUT/run is held."""
@@ -356,6 +367,7 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
 
     resume = args.resume
     _start_ray(args, ray_train=True)  # one Ray for every step, with the state API that training needs
+    _check_local_workers(args)  # before the steps ahead of training, which may take hours at full scale
     continuing = resume and storage.is_file(storage.join(run, "config.yaml"))  # else train starts the run
     data = pipeline.local_data(args.data, work, resume, args.overwrite) if args.data else work / "data"
     raw, fused = work / "item_raw_emb.parquet", work / "item_emb.parquet"

@@ -210,8 +210,8 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     Raises:
         OutputExistsError: ``run_dir`` holds a run and neither ``resume`` nor ``overwrite`` was given.
         DataError: a split or the item table cannot be read.
-        ConfigError: ``run_dir`` is a URI whose storage cannot be opened, or a resume that changes more than
-            ``train.*``.
+        ConfigError: ``run_dir`` is a URI whose storage cannot be opened, a resume that changes more than
+            ``train.*``, or more workers than a private local Ray can hold and feed (:func:`check_worker_resources`).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer

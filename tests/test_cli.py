@@ -173,6 +173,25 @@ def test_pipeline_refuses_before_any_stage_runs(tmp_path):
     assert not (tmp_path / "uri_out").exists()
 
 
+def test_pipeline_refuses_workers_a_local_ray_cannot_feed_before_its_first_step(tmp_path, capsys, monkeypatch):
+    """The worker check runs once Ray is up, before synth and the other steps ahead of training (which take hours
+    at full scale with --embed), not only when the train step starts."""
+    import ray
+
+    import mmctr_ray.cli as cli
+    import mmctr_ray.ray_env as ray_env
+
+    monkeypatch.setattr(cli, "_start_ray", lambda args, ray_train=False: None)  # a 2-CPU local Ray, as if started
+    monkeypatch.setattr(ray_env, "private_local_ray", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    out = tmp_path / "out"
+    assert main(["demo", "--out", str(out), "--workers", "2"]) == 2
+    assert capsys.readouterr().err.strip().endswith("need 3 CPUs; this local Ray has 2: lower --workers (or "
+                                                    "--cpus-per-worker), or give it 3 logical CPUs with --num-cpus "
+                                                    "3 (the workers then share cores)")
+    assert not Layout(out / "data").item_info.exists()  # no step ran
+
+
 def test_pipeline_resume_refuses_a_config_that_is_not_what_out_keeps(tmp_path, capsys):
     """--resume reuses OUT's run (its own config) or, before training started, its fused table: asking for a
     different config or fusion is a one-line error before Ray starts, not silently ignored or mixed."""
