@@ -40,7 +40,7 @@ def main() -> None:
     device = torch.device("cuda" if args.gpu else "cpu")
     init_ray(num_cpus=args.num_cpus)
     ds = read_split(args.data, "train")
-    rows = pq.ParquetFile(Layout(args.data).split("train")).metadata.num_rows  # the footer: no extra read pass
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in Layout(args.data).split_files("train"))  # footers only
     recorder = ShardRecorder(budget=1 << 40, expected_rows=rows)
     cfg = TrainConfig(batch_size=args.batch, shuffle_buffer=args.shuffle_buffer)
     sink = torch.zeros((), device=device)

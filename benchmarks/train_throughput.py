@@ -95,7 +95,7 @@ def main() -> None:
     device = torch.device("cuda" if args.gpu else "cpu")
     plain = plain_loop(data, cfg, device, args.epochs)
     ray_rate, summary = ray_train(data, cfg, args.gpu, args.epochs, work, args.num_cpus)
-    rows = pq.ParquetFile(Layout(data).split("train")).metadata.num_rows
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in Layout(data).split_files("train"))
     print(f"device {device}, {torch.get_num_threads()} threads, model {cfg.name}, batch {args.batch}, "
           f"{rows:,} train rows, {args.epochs} epoch(s)")
     print(f"plain PyTorch loop (data resident): {plain:>12,.0f} samples/s")
