@@ -348,15 +348,17 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         return _pipeline_steps(args, label, out, work, run)
 
 
-def _check_local_workers(args: argparse.Namespace) -> None:
-    """On a private local Ray, refuse training workers it cannot hold (:func:`check_worker_resources`)."""
-    from mmctr_ray.ray_env import private_local_ray
+def _check_local_workers(args: argparse.Namespace, gpus_per_actor: float) -> None:
+    """On a private local Ray, refuse training workers, or the embed and predict steps' actors, that it cannot
+    hold beside the Ray Data tasks feeding them (:func:`mmctr_ray.ray_env.check_pool`)."""
+    from mmctr_ray.ray_env import check_actors, private_local_ray
     from mmctr_ray.train_driver import check_worker_resources
 
     if private_local_ray():
         import ray
 
         check_worker_resources(ray.cluster_resources(), args.workers, args.cpus_per_worker, args.gpus_per_worker)
+        check_actors(args.actors, gpus_per_actor)  # predict's; embed's too (the pipeline gives it 1 CPU an actor)
 
 
 def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location, work: Path,
@@ -367,11 +369,11 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
 
     resume = args.resume
     _start_ray(args, ray_train=True)  # one Ray for every step, with the state API that training needs
-    _check_local_workers(args)  # before the steps ahead of training, which may take hours at full scale
+    gpus_per_actor = args.gpus_per_worker if args.gpus_per_actor is None else args.gpus_per_actor
+    _check_local_workers(args, gpus_per_actor)  # before the steps ahead of training: hours at full scale
     continuing = resume and storage.is_file(storage.join(run, "config.yaml"))  # else train starts the run
     data = pipeline.local_data(args.data, work, resume, args.overwrite) if args.data else work / "data"
     raw, fused = work / "item_raw_emb.parquet", work / "item_emb.parquet"
-    gpus_per_actor = args.gpus_per_worker if args.gpus_per_actor is None else args.gpus_per_actor
     step_args = {**vars(args), "data": data, "gpus_per_actor": gpus_per_actor}
 
     def ns(**changes) -> argparse.Namespace:

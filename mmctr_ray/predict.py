@@ -29,6 +29,7 @@ from mmctr_ray.metrics import evaluate
 from mmctr_ray.model import DINModel
 from mmctr_ray.preflight import check_split
 from mmctr_ray.ray_env import actor_device
+from mmctr_ray.ray_env import check_actors
 from mmctr_ray.schema import Layout, parquet_parts
 from mmctr_ray.storage import Location
 from mmctr_ray.training import probabilities
@@ -120,6 +121,7 @@ def _score(checkpoint: Location, data_dir: str | Path, split: str, max_len: int,
            batch_size: int) -> tuple[np.ndarray, np.ndarray, Location]:
     from ray.data import ActorPoolStrategy
 
+    check_actors(actors, gpus_per_actor)  # a pool the local Ray cannot hold beside the reads would wait for good
     ds = read_split(data_dir, split, max_len=max_len, batch_rows=batch_size)
     scored = ds.map_batches(Scorer, fn_constructor_kwargs={"checkpoint_dir": str(checkpoint),
                                                            "data_dir": str(Path(data_dir).resolve()),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 from mmctr_ray.errors import ConfigError
@@ -90,6 +91,43 @@ def pin_ray_address() -> None:
 _PRIVATE = {"started": False}
 DATA_CPU_RESERVE = 1.0  # CPUs left free beside the training workers for the Ray Data read and map tasks that feed them
 WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
+def check_pool(resources: dict[str, float], count: int, cpus_each: float, gpus_each: float, noun: str,
+               lower: str, lower_gpus: str) -> None:
+    """Raise a one-line ConfigError when ``count`` {noun} of ``cpus_each`` CPUs and ``gpus_each`` GPUs, plus
+    DATA_CPU_RESERVE CPU for the Ray Data tasks that feed them, do not fit in a fixed ``resources``: they would
+    wait for good (Ray Data only warns that the job "may hang forever"). ``lower``/``lower_gpus``: the flags to
+    lower, named in the message."""
+    cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+    need = count * cpus_each + DATA_CPU_RESERVE
+    if cpus + 1e-9 < need:
+        raise ConfigError(f"{count} {noun} × {cpus_each:g} CPU and {DATA_CPU_RESERVE:g} CPU for reading the data "
+                          f"need {need:g} CPUs; this local Ray has {cpus:g}: lower {lower}, or give it "
+                          f"{math.ceil(need)} logical CPUs with --num-cpus {math.ceil(need)} (the {noun} then share "
+                          f"cores)")
+    if gpus_each and gpus + 1e-9 < count * gpus_each:
+        total = count * gpus_each
+        raise ConfigError(f"{count} {noun} × {gpus_each:g} GPU need {total:g} GPU{'' if total == 1 else 's'}; this "
+                          f"local Ray has {gpus:g}: lower {lower_gpus}")
+
+
+def check_local_pool(count: int, cpus_each: float, gpus_each: float, noun: str, lower: str,
+                     lower_gpus: str) -> None:
+    """:func:`check_pool` against the private local Ray's resources (one machine: what it has now is all it will
+    have); nothing on a cluster this process joined, which an autoscaler may grow."""
+    if private_local_ray():
+        import ray
+
+        check_pool(ray.cluster_resources(), count, cpus_each, gpus_each, noun, lower, lower_gpus)
+
+
+def check_actors(actors: int, gpus_per_actor: float, cpus_per_actor: float = 1.0, cpus_flag: bool = False) -> None:
+    """:func:`check_local_pool` for a Ray Data actor pool (GPU actors take no CPU); ``cpus_flag``: the command
+    has ``--cpus-per-actor``."""
+    lower = "--actors (or --cpus-per-actor)" if cpus_flag and not gpus_per_actor else "--actors"
+    check_local_pool(actors, 0.0 if gpus_per_actor else cpus_per_actor, gpus_per_actor, "actors", lower,
+                     "--actors or --gpus-per-actor")
 
 
 def private_local_ray() -> bool:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import posixpath
 import time
@@ -31,7 +30,7 @@ from mmctr_ray.errors import ConfigError, DataError, OutputExistsError, find_use
 from mmctr_ray.features import FeatureMap, build_feature_map, load_item_table, read_split
 from mmctr_ray.layers.embedding import root_mean_square
 from mmctr_ray.preflight import check_batch_size, check_splits, check_valid_labels
-from mmctr_ray.ray_env import DATA_CPU_RESERVE, private_local_ray
+from mmctr_ray.ray_env import check_pool, private_local_ray
 from mmctr_ray.schema import SPLITS, Layout
 from mmctr_ray.training import DIVERGED, train_loop_per_worker
 
@@ -98,18 +97,9 @@ def _prepare_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool,
 def check_worker_resources(resources: dict[str, float], workers: int, cpus_per_worker: float,
                            gpus_per_worker: float) -> None:
     """Raise a one-line ConfigError when a private local Ray (fixed resources: ``resources``) cannot hold the
-    workers and still run the Ray Data tasks that feed them: the run would wait for good (Ray Data only warns
-    that "the job may hang forever")."""
-    cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
-    need = workers * cpus_per_worker + DATA_CPU_RESERVE
-    if cpus + 1e-9 < need:
-        raise ConfigError(f"{workers} workers × {cpus_per_worker:g} CPU and {DATA_CPU_RESERVE:g} CPU for reading the "
-                          f"data need {need:g} CPUs; this local Ray has {cpus:g}: lower --workers (or "
-                          f"--cpus-per-worker), or give it {math.ceil(need)} logical CPUs with --num-cpus "
-                          f"{math.ceil(need)} (the workers then share cores)")
-    if gpus_per_worker and gpus + 1e-9 < workers * gpus_per_worker:
-        raise ConfigError(f"{workers} workers × {gpus_per_worker:g} GPU need {workers * gpus_per_worker:g} GPUs; "
-                          f"this local Ray has {gpus:g}: lower --workers or --gpus-per-worker")
+    workers and still run the Ray Data tasks that feed them (:func:`mmctr_ray.ray_env.check_pool`)."""
+    check_pool(resources, workers, cpus_per_worker, gpus_per_worker, "workers", "--workers (or --cpus-per-worker)",
+               "--workers or --gpus-per-worker")
 
 
 def _check_feature_map(run: storage.Location, fmap: FeatureMap) -> None:

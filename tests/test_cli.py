@@ -190,6 +190,9 @@ def test_pipeline_refuses_workers_a_local_ray_cannot_feed_before_its_first_step(
                                                     "--cpus-per-worker), or give it 3 logical CPUs with --num-cpus "
                                                     "3 (the workers then share cores)")
     assert not Layout(out / "data").item_info.exists()  # no step ran
+    assert main(["demo", "--out", str(tmp_path / "out2"), "--actors", "2"]) == 2  # predict's (and embed's) actors
+    assert "2 actors × 1 CPU and 1 CPU for reading the data need 3 CPUs" in capsys.readouterr().err
+    assert not Layout(tmp_path / "out2" / "data").item_info.exists()
 
 
 def test_pipeline_resume_refuses_a_config_that_is_not_what_out_keeps(tmp_path, capsys):

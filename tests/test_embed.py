@@ -146,6 +146,26 @@ def test_killed_embed_resumes_from_its_shards_and_equals_an_uninterrupted_run(em
         embed(covers_data, out, bert_tiny)
 
 
+def test_actors_a_local_ray_cannot_hold_beside_the_reads_are_a_one_line_error(covers_data, bert_tiny, tmp_path,
+                                                                             monkeypatch):
+    """`mmctr embed --actors 2` on a 2-core machine: two CPU actors and the decode tasks cannot all run, and the
+    pool waited for good. On a private local Ray it is refused once Ray is up, before any encoding."""
+    import ray
+
+    import mmctr_ray.ray_env as ray_env
+
+    monkeypatch.setattr(ray_env, "private_local_ray", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    out = tmp_path / "emb.parquet"
+    with pytest.raises(ConfigError, match=r"^2 actors × 1 CPU and 1 CPU for reading the data need 3 CPUs; this "
+                                          r"local Ray has 2: lower --actors \(or --cpus-per-actor\), or give it 3 "):
+        embed(covers_data, out, bert_tiny, gpus_per_actor=0.0, start_ray=lambda: None)
+    with pytest.raises(ConfigError, match=r"^2 actors × 0.5 GPU need 1 GPU; this local Ray has 0: lower --actors "
+                                          r"or --gpus-per-actor"):
+        embed(covers_data, out, bert_tiny, start_ray=lambda: None)
+    assert not out.exists()
+
+
 def test_text_model_must_be_a_local_directory_with_a_real_vocabulary(tmp_path):
     with pytest.raises(ConfigError, match="not a local text-model directory"):
         TextEncoder(tmp_path / "bert-base-uncased")

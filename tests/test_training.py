@@ -374,6 +374,21 @@ def test_more_workers_than_a_local_ray_can_feed_is_a_one_line_error_before_run_i
     assert started == [1]
 
 
+def test_scoring_actors_a_local_ray_cannot_feed_are_a_one_line_error(plain_run, synth_dir, tmp_path, monkeypatch):
+    """`mmctr predict --actors 2` on a 2-core machine waited for good (two actors, no CPU for the reads)."""
+    import ray
+
+    import mmctr_ray.ray_env as ray_env
+
+    run, _ = plain_run
+    monkeypatch.setattr(ray_env, "private_local_ray", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with pytest.raises(ConfigError, match=r"^2 actors × 1 CPU and 1 CPU for reading the data need 3 CPUs; this local "
+                                          r"Ray has 2: lower --actors, or give it 3 logical CPUs with --num-cpus 3"):
+        run_predict(run, synth_dir, tmp_path / "sub.zip", actors=2)
+    assert not (tmp_path / "sub.zip").exists()
+
+
 def test_an_unsupported_storage_scheme_is_a_one_line_error(synth_dir):
     with pytest.raises(ConfigError, match="^foo://bucket/run: unsupported storage scheme foo://"):
         run_training(synth_dir, "foo://bucket/run", tiny_cfg())

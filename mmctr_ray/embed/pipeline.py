@@ -38,6 +38,7 @@ from mmctr_ray.data.writer import list_array
 from mmctr_ray.embed.image import CORRUPT, MISSING, OK, decode_covers, image_size, parse_image_model
 from mmctr_ray.embed.text import check_model_dir, load_tokenizer, resolve_pooling, tokenize
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
+from mmctr_ray.ray_env import check_actors
 from mmctr_ray.schema import Layout
 
 log = logging.getLogger(__name__)
@@ -238,6 +239,7 @@ def _encode_shards(items: pa.Table, pending: list[int], store: ShardStore, s: Em
     import ray.data
     from ray.data import ActorPoolStrategy
 
+    check_actors(actors, gpus_per_actor, cpus_per_actor, cpus_flag=True)  # else the pool beside the reads waits
     block = max(batch_size, 256)
     slices = [items.slice(start, min(s.shard_items, items.num_rows - start))
               for start in (p * s.shard_items for p in pending)]
