@@ -132,8 +132,13 @@ def check_actors(actors: int, gpus_per_actor: float, cpus_per_actor: float = 1.0
 
 def private_local_ray() -> bool:
     """Whether this process started the Ray it uses (:func:`init_ray` without an address): one machine, fixed
-    resources. False on a cluster it joined, which an autoscaler may grow."""
-    return _PRIVATE["started"]
+    resources. False on a cluster it joined, which an autoscaler may grow, also when the process shut its private
+    Ray down and then called ``ray.init(address=...)`` itself (the running Ray is not the one it started)."""
+    if not _PRIVATE["started"]:
+        return False
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().gcs_address == _PRIVATE.get("gcs")
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = False,
@@ -176,6 +181,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
     ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
              object_store_memory=object_store_mib * 2**20 if object_store_mib else None,
              logging_level=logging.WARNING, runtime_env={"worker_process_setup_hook": pin_ray_address})
-    _PRIVATE["started"] = True
+    _PRIVATE["started"], _PRIVATE["gcs"] = True, ray.get_runtime_context().gcs_address
     log.info("started a local Ray%s: %s", " with its dashboard on 127.0.0.1" if dashboard else "",
              ray.cluster_resources())

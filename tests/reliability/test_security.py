@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -99,9 +100,11 @@ def test_the_dashboard_starts_only_when_asked(monkeypatch, flag):
     from mmctr_ray.ray_env import init_ray
 
     seen = {}
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    up = {"now": False, "gcs": "127.0.0.1:6379"}
+    monkeypatch.setattr(ray, "is_initialized", lambda: up["now"])
     monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
     monkeypatch.setattr(ray, "cluster_resources", lambda: {})
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(gcs_address=up["gcs"]))
     from ray._private import ray_constants
 
     monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", ray_constants.ENABLE_RAY_CLUSTER)
@@ -114,7 +117,11 @@ def test_the_dashboard_starts_only_when_asked(monkeypatch, flag):
     assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"  # no preemption on one machine: no watcher
     from mmctr_ray.ray_env import private_local_ray
 
+    up["now"] = True
     assert private_local_ray()
+    up["gcs"] = "10.0.0.5:6379"  # shut down, then `ray.init(address=...)` by hand: not the Ray this process started
+    assert not private_local_ray()
+    up["now"] = False
     monkeypatch.setattr(ray, "init", lambda **kw: seen.update(joined=kw))
     init_ray(address="ray://head:10001")  # later, the same process joins a cluster (spot nodes can go)
     assert seen["joined"]["address"] == "ray://head:10001" and not private_local_ray()
