@@ -110,6 +110,9 @@ def check_pool(resources: dict[str, float], count: int, cpus_each: float, gpus_e
         total = count * gpus_each
         raise ConfigError(f"{count} {noun} × {gpus_each:g} GPU need {total:g} GPU{'' if total == 1 else 's'}; this "
                           f"local Ray has {gpus:g}: lower {lower_gpus}")
+    if 0 < gpus_each < 1 and count > (fit := math.floor(gpus + 1e-9) * math.floor(1 / gpus_each + 1e-9)):
+        raise ConfigError(f"{count} {noun} × {gpus_each:g} GPU: Ray places a fraction within one GPU, so {fit} fit on "
+                          f"this local Ray's {gpus:g} GPUs: lower {lower_gpus}")
 
 
 def check_local_pool(count: int, cpus_each: float, gpus_each: float, noun: str, lower: str,

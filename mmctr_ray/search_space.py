@@ -100,6 +100,8 @@ class SearchSpace:
         by_key = {p.key: p for p in self.params}
         picked = by_key.get("fusion.strategy")
         strategies = set(picked.values) if picked is not None else {base.strategy}
+        if picked is not None and picked.when:  # trials where it is not sampled keep the base's
+            strategies.add(base.strategy)
         widths = []
         for key, users in FUSION_WIDTHS.items():
             users = users & strategies

@@ -164,6 +164,12 @@ def test_actors_a_local_ray_cannot_hold_beside_the_reads_are_a_one_line_error(co
                                           r"or --gpus-per-actor"):
         embed(covers_data, out, bert_tiny, start_ray=lambda: None)
     assert not out.exists()
+    earlier = out.with_name(out.name + ".parts")  # an earlier run's shards: --overwrite would remove them
+    earlier.mkdir(exist_ok=True)  # the refused runs above left the empty shard folder they opened
+    (earlier / "shard_00000.parquet").write_bytes(b"kept")
+    with pytest.raises(ConfigError, match="need 3 CPUs"):
+        embed(covers_data, out, bert_tiny, gpus_per_actor=0.0, overwrite=True, start_ray=lambda: None)
+    assert (earlier / "shard_00000.parquet").read_bytes() == b"kept"  # refused before they went
 
 
 def test_text_model_must_be_a_local_directory_with_a_real_vocabulary(tmp_path):

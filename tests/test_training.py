@@ -360,6 +360,9 @@ def test_more_workers_than_a_local_ray_can_feed_is_a_one_line_error_before_run_i
         check_worker_resources({"CPU": 2.0}, workers=2, cpus_per_worker=1, gpus_per_worker=0)
     with pytest.raises(ConfigError, match=r"^2 workers × 1 GPU need 2 GPUs; this local Ray has 1"):
         check_worker_resources({"CPU": 8.0, "GPU": 1.0}, workers=2, cpus_per_worker=1, gpus_per_worker=1)
+    check_worker_resources({"CPU": 8.0, "GPU": 2.0}, workers=4, cpus_per_worker=1, gpus_per_worker=0.5)
+    with pytest.raises(ConfigError, match=r"^3 workers × 0.6 GPU: Ray places a fraction within one GPU, so 2 fit"):
+        check_worker_resources({"CPU": 8.0, "GPU": 2.0}, workers=3, cpus_per_worker=1, gpus_per_worker=0.6)
     started = []
     monkeypatch.setattr(driver, "private_local_ray", lambda: True)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})

@@ -470,6 +470,9 @@ def test_the_search_cache_keeps_as_many_axes_as_the_widest_size_the_space_can_sa
     assert axes() == 200  # text_dim is not searched: v4 trials read the base's
     spec["search"]["space"]["fusion.strategy"]["choice"] = ["given", "v1"]
     assert axes() == 48  # no v4 or v3 trial: neither text_dim nor the base's dims is read
+    spec["search"]["space"]["fusion.strategy"]["when"] = {"model.crossnet": ["v1"]}
+    spec["search"]["space"] = {"model.crossnet": {"choice": ["off", "v1"]}, **spec["search"]["space"]}
+    assert axes() == 200  # a conditional strategy: trials that do not sample it keep the base's v4
     assert load_search(ROOT / "configs/search_paper.yaml").fusion_axes() == 256
 
 

@@ -184,8 +184,9 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
               start_ray: Callable[[], None] | None = None) -> dict[str, Any]:
     """Embed every item of ``data_dir`` into ``out``; return the summary (also written as ``X.embed.json``).
 
-    ``start_ray`` is called once the inputs are checked and only when a shard is left to encode: the CLI starts
-    its private Ray there, so bad input fails at once and a finished embed resumes without Ray.
+    ``start_ray`` is called once the inputs are checked and only when a shard is left to encode (with
+    ``overwrite``, before the earlier run's shards are removed): the CLI starts its private Ray there, so bad input
+    fails at once and a finished embed resumes without Ray.
 
     Items whose cover is missing or corrupt get a zero image vector and a status; more of them than the share
     ``max_bad_covers`` is an error (a wrong cover folder, a broken download): missing files are counted before
@@ -213,6 +214,10 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
     settings = EmbedSettings(text_dir, image_model, pooling, max_length, seed, shard_items, _fingerprint(items, lay))
     absent = [i for i in items.column("item_id").to_pylist() if not lay.image(i).is_file()]
     _check_bad_covers(len(absent), len(items), max_bad_covers, "missing", lay.image(absent[0]) if absent else None)
+    if overwrite:  # the shards of an earlier run go next: refuse a pool the local Ray cannot hold before that
+        if start_ray is not None:
+            start_ray()
+        check_actors(actors, gpus_per_actor, cpus_per_actor, cpus_flag=True)
     store = ShardStore(out, settings, overwrite)
     n = len(items)
     n_shards = -(-n // shard_items)
