@@ -28,8 +28,7 @@ from mmctr_ray.features import MODEL_INPUTS, load_item_table, max_user_id, read_
 from mmctr_ray.metrics import evaluate
 from mmctr_ray.model import DINModel
 from mmctr_ray.preflight import check_split
-from mmctr_ray.ray_env import actor_device
-from mmctr_ray.ray_env import check_actors
+from mmctr_ray.ray_env import actor_device, check_actors
 from mmctr_ray.schema import Layout, parquet_parts
 from mmctr_ray.storage import Location
 from mmctr_ray.training import probabilities

@@ -89,16 +89,16 @@ def pin_ray_address() -> None:
 
 
 _PRIVATE = {"started": False}
-DATA_CPU_RESERVE = 1.0  # CPUs left free beside the training workers for the Ray Data read and map tasks that feed them
+DATA_CPU_RESERVE = 1.0  # CPUs left beside a pool of training workers or actors for the Ray Data tasks that feed it
 WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def check_pool(resources: dict[str, float], count: int, cpus_each: float, gpus_each: float, noun: str,
                lower: str, lower_gpus: str) -> None:
-    """Raise a one-line ConfigError when ``count`` {noun} of ``cpus_each`` CPUs and ``gpus_each`` GPUs, plus
-    DATA_CPU_RESERVE CPU for the Ray Data tasks that feed them, do not fit in a fixed ``resources``: they would
-    wait for good (Ray Data only warns that the job "may hang forever"). ``lower``/``lower_gpus``: the flags to
-    lower, named in the message."""
+    """Raise a one-line ConfigError when a pool of ``count`` members (``noun``: workers, actors) of ``cpus_each``
+    CPUs and ``gpus_each`` GPUs, plus DATA_CPU_RESERVE CPU for the Ray Data tasks that feed it, does not fit in a
+    fixed ``resources``: it would wait for good (Ray Data only warns that the job "may hang forever"). A GPU
+    fraction is placed within one GPU. ``lower``/``lower_gpus``: the flags to lower, named in the message."""
     cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
     need = count * cpus_each + DATA_CPU_RESERVE
     if cpus + 1e-9 < need:
