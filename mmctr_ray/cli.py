@@ -348,29 +348,20 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         return _pipeline_steps(args, label, out, work, run)
 
 
-def _check_local_workers(args: argparse.Namespace, gpus_per_actor: float) -> None:
-    """On a private local Ray, refuse training workers, or the embed and predict steps' actors, that it cannot
-    hold beside the Ray Data tasks feeding them (:func:`mmctr_ray.ray_env.check_pool`)."""
-    from mmctr_ray.ray_env import check_actors, private_local_ray
-    from mmctr_ray.train_driver import check_worker_resources
-
-    if private_local_ray():
-        import ray
-
-        check_worker_resources(ray.cluster_resources(), args.workers, args.cpus_per_worker, args.gpus_per_worker)
-        check_actors(args.actors, gpus_per_actor)  # predict's; embed's too (the pipeline gives it 1 CPU an actor)
-
-
 def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location, work: Path,
                     run: storage.Location) -> int:
     """The steps of :func:`cmd_pipeline`, once OUT and the data copy are checked and OUT/run is held."""
     from mmctr_ray import pipeline
+    from mmctr_ray.ray_env import check_actors
     from mmctr_ray.schema import Layout
+    from mmctr_ray.train_driver import check_local_workers
 
     resume = args.resume
     _start_ray(args, ray_train=True)  # one Ray for every step, with the state API that training needs
     gpus_per_actor = args.gpus_per_worker if args.gpus_per_actor is None else args.gpus_per_actor
-    _check_local_workers(args, gpus_per_actor)  # before the steps ahead of training: hours at full scale
+    # pools a private local Ray cannot feed: refused before the steps ahead of training (hours at full scale)
+    check_local_workers(args.workers, args.cpus_per_worker, args.gpus_per_worker)
+    check_actors(args.actors, gpus_per_actor)  # predict's; embed's too (the pipeline gives it 1 CPU an actor)
     continuing = resume and storage.is_file(storage.join(run, "config.yaml"))  # else train starts the run
     data = pipeline.local_data(args.data, work, resume, args.overwrite) if args.data else work / "data"
     raw, fused = work / "item_raw_emb.parquet", work / "item_emb.parquet"

@@ -30,7 +30,7 @@ from mmctr_ray.errors import ConfigError, DataError, OutputExistsError, find_use
 from mmctr_ray.features import FeatureMap, build_feature_map, load_item_table, read_split
 from mmctr_ray.layers.embedding import root_mean_square
 from mmctr_ray.preflight import check_batch_size, check_splits, check_valid_labels
-from mmctr_ray.ray_env import check_pool, private_local_ray
+from mmctr_ray.ray_env import check_local_pool, check_pool
 from mmctr_ray.schema import SPLITS, Layout
 from mmctr_ray.training import DIVERGED, train_loop_per_worker
 
@@ -94,12 +94,19 @@ def _prepare_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool,
     save_config(cfg, storage.join(run, "config.yaml"))
 
 
+WORKER_FLAGS = ("workers", "--workers (or --cpus-per-worker)", "--workers or --gpus-per-worker")  # for messages
+
+
 def check_worker_resources(resources: dict[str, float], workers: int, cpus_per_worker: float,
                            gpus_per_worker: float) -> None:
     """Raise a one-line ConfigError when a private local Ray (fixed resources: ``resources``) cannot hold the
     workers and still run the Ray Data tasks that feed them (:func:`mmctr_ray.ray_env.check_pool`)."""
-    check_pool(resources, workers, cpus_per_worker, gpus_per_worker, "workers", "--workers (or --cpus-per-worker)",
-               "--workers or --gpus-per-worker")
+    check_pool(resources, workers, cpus_per_worker, gpus_per_worker, *WORKER_FLAGS)
+
+
+def check_local_workers(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> None:
+    """:func:`check_worker_resources` against the private local Ray, if that is the Ray in use."""
+    check_local_pool(workers, cpus_per_worker, gpus_per_worker, *WORKER_FLAGS)
 
 
 def _check_feature_map(run: storage.Location, fmap: FeatureMap) -> None:
@@ -214,10 +221,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     _check_run_dir(run, cfg, resume, overwrite)
     if start_ray is not None:
         start_ray()
-    if private_local_ray():  # one machine: what Ray has now is all it will have
-        import ray
-
-        check_worker_resources(ray.cluster_resources(), workers, cpus_per_worker, gpus_per_worker)
+    check_local_workers(workers, cpus_per_worker, gpus_per_worker)  # one machine: what Ray has now is all it gets
     _prepare_run_dir(run, cfg, resume, overwrite)
     if resume:
         _check_feature_map(run, fmap)

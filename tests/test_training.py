@@ -352,7 +352,7 @@ def test_more_workers_than_a_local_ray_can_feed_is_a_one_line_error_before_run_i
     RUN is written; a cluster it joined (which may grow) is not checked."""
     import ray
 
-    import mmctr_ray.train_driver as driver
+    import mmctr_ray.ray_env as ray_env
 
     check_worker_resources({"CPU": 2.0}, workers=1, cpus_per_worker=1, gpus_per_worker=0)  # the demo's: fits
     with pytest.raises(ConfigError, match=r"^2 workers × 1 CPU and 1 CPU for reading the data need 3 CPUs; this "
@@ -364,7 +364,7 @@ def test_more_workers_than_a_local_ray_can_feed_is_a_one_line_error_before_run_i
     with pytest.raises(ConfigError, match=r"^3 workers × 0.6 GPU: Ray places a fraction within one GPU, so 2 fit"):
         check_worker_resources({"CPU": 8.0, "GPU": 2.0}, workers=3, cpus_per_worker=1, gpus_per_worker=0.6)
     started = []
-    monkeypatch.setattr(driver, "private_local_ray", lambda: True)
+    monkeypatch.setattr(ray_env, "private_local_ray", lambda: True)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     run = tmp_path / "run"
     with pytest.raises(ConfigError, match="need 3 CPUs; this local Ray has 2"):

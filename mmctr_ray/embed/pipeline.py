@@ -214,10 +214,14 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
     settings = EmbedSettings(text_dir, image_model, pooling, max_length, seed, shard_items, _fingerprint(items, lay))
     absent = [i for i in items.column("item_id").to_pylist() if not lay.image(i).is_file()]
     _check_bad_covers(len(absent), len(items), max_bad_covers, "missing", lay.image(absent[0]) if absent else None)
-    if overwrite:  # the shards of an earlier run go next: refuse a pool the local Ray cannot hold before that
+
+    def ray_ready() -> None:  # Ray up, and an actor pool it can hold beside the decode tasks (else it waits for good)
         if start_ray is not None:
             start_ray()
         check_actors(actors, gpus_per_actor, cpus_per_actor, cpus_flag=True)
+
+    if overwrite:  # the shards of an earlier run go next: refuse such a pool before that
+        ray_ready()
     store = ShardStore(out, settings, overwrite)
     n = len(items)
     n_shards = -(-n // shard_items)
@@ -227,8 +231,8 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
     t0 = time.perf_counter()
     timing: dict[str, Any] = {"encoded": 0}
     if pending:
-        if start_ray is not None:
-            start_ray()
+        if not overwrite:  # with it, checked above
+            ray_ready()
         timing = _encode_shards(items, pending, store, settings, lay, gpus_per_actor, actors, batch_size,
                                 cpus_per_actor, progress)
     seconds = time.perf_counter() - t0
@@ -244,7 +248,6 @@ def _encode_shards(items: pa.Table, pending: list[int], store: ShardStore, s: Em
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    check_actors(actors, gpus_per_actor, cpus_per_actor, cpus_flag=True)  # else the pool beside the reads waits
     block = max(batch_size, 256)
     slices = [items.slice(start, min(s.shard_items, items.num_rows - start))
               for start in (p * s.shard_items for p in pending)]
