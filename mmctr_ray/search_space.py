@@ -33,7 +33,6 @@ from mmctr_ray.config import ConfigError, ExperimentConfig, apply_override, from
 
 KINDS = ("choice", "int", "float")
 PARAM_KEYS = {*KINDS, "log", "step", "when"}
-FUSION_WIDTHS = {"fusion.dims": {"v1", "v2", "v3"}, "fusion.text_dim": {"v4"}, "fusion.image_dim": {"v4"}}  # users
 SEARCH_KEYS = ("num_samples", "max_epochs", "grace_period", "reduction_factor", "seed", "space")
 
 
@@ -96,6 +95,8 @@ class SearchSpace:
         config's size of each of them that some trial can use unsampled (a strategy the search can pick uses it,
         and it is not searched whenever such a strategy is: its ``when`` holds only ``fusion.strategy`` values
         covering every such strategy)."""
+        from mmctr_ray.fusion import PARTS  # which strategy reads which size (here: scikit-learn loads with it)
+
         base = self.trial_config({}).fusion
         by_key = {p.key: p for p in self.params}
         picked = by_key.get("fusion.strategy")
@@ -103,17 +104,17 @@ class SearchSpace:
         if picked is not None and picked.when:  # trials where it is not sampled keep the base's
             strategies.add(base.strategy)
         widths = []
-        for key, users in FUSION_WIDTHS.items():
-            users = users & strategies
+        for size in ("dims", "text_dim", "image_dim"):
+            users = {s for s, parts in PARTS.items() if any(f == size for _, _, f in parts)} & strategies
             if not users:
                 continue  # no trial reads this size
-            p = by_key.get(key)
+            p = by_key.get(f"fusion.{size}")
             if p is not None:
                 widths += [int(v) for v in p.values]
                 when = dict(p.when)
                 if not (set(when) - {"fusion.strategy"}) and users <= set(when.get("fusion.strategy", users)):
                     continue  # sampled by every trial that reads it
-            widths.append(getattr(base, key.split(".")[1]))
+            widths.append(getattr(base, size))
         return max(widths, default=max(base.dims, base.text_dim, base.image_dim))
 
     def trial_config(self, params: dict[str, Any]) -> ExperimentConfig:
