@@ -21,7 +21,7 @@ from mmctr_ray import storage
 from mmctr_ray.checkpoint import PREFIX, best_checkpoint, incomplete
 from mmctr_ray.errors import DataError
 from mmctr_ray.metrics import compare_aucs
-from mmctr_ray.schema import Layout, parquet_parts
+from mmctr_ray.schema import NO_PARTS, Layout, parquet_parts
 
 
 def _checkpoint(target: str) -> storage.Location:
@@ -45,7 +45,7 @@ def split_labels(data_dir: str | Path, split: str) -> tuple[Path, Any]:
     truth = layout.hidden_test_labels if split == "test" else path
     files = parquet_parts(truth)
     if truth.is_dir() and not files:
-        raise DataError(f"{truth}: a folder without part files (*.parquet): {split} labels are needed to compare runs")
+        raise DataError(f"{truth}: {NO_PARTS}")
     if not files:
         raise DataError(f"{truth}: missing file: {split} labels are needed to compare runs"
                         + (" (the real test split has none; compare on valid)" if split == "test" else ""))

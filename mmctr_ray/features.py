@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from mmctr_ray import storage
 from mmctr_ray.errors import DataError  # re-exported
-from mmctr_ray.schema import PAD_ID, SPLITS, Layout
+from mmctr_ray.schema import NO_PARTS, PAD_ID, SPLITS, Layout
 
 SPLIT_FEATURES = ("user_id", "item_id", "likes_level", "views_level", "label")
 MODEL_INPUTS = ("item_id", "item_seq", "likes_level", "views_level", "user_id")  # what DINModel reads
@@ -234,7 +234,7 @@ def read_split(data_dir: str | Path, split: str, max_len: int = 64, batch_rows: 
     path = Layout(data_dir).split(split)
     parts = Layout(data_dir).split_files(split)
     if not parts:
-        raise DataError(f"{path}: missing file" if not path.exists() else f"{path}: no part files (*.parquet)")
+        raise DataError(f"{path}: missing file" if not path.exists() else f"{path}: {NO_PARTS}")
     ds = ray.data.read_parquet([str(p.resolve()) for p in parts]).select_columns([*SPLIT_FEATURES, "item_seq"])
     return ds.map_batches(to_model_batch, batch_format="pyarrow", batch_size=batch_rows, zero_copy_batch=True,
                           fn_kwargs={"max_len": max_len, "source": str(path)})

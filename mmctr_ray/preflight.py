@@ -16,8 +16,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mmctr_ray.errors import ConfigError, DataError
-from mmctr_ray.schema import ITEM_INFO_COLUMNS, LEVELS, SEQ_LEN, SPLIT_COLUMNS, Layout
-from mmctr_ray.validate import NO_PARTS, Problem, _open
+from mmctr_ray.schema import ITEM_INFO_COLUMNS, LEVELS, NO_PARTS, SEQ_LEN, SPLIT_COLUMNS, Layout
+from mmctr_ray.validate import Problem, _open
 
 HINT = "run `mmctr validate {data}` for the rows"
 

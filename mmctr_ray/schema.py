@@ -63,6 +63,10 @@ ITEM_FEATURE_COLUMNS: dict[str, object] = {
 }
 
 
+NO_PARTS = ("a folder without part files (*.parquet); expected the split as one parquet file or a folder of "
+            "them")  # the message for a split folder parquet_parts finds empty
+
+
 def parquet_parts(path: str | Path) -> list[Path]:
     """The files of a split: ``path`` itself when it is a file; when it is a folder, its ``*.parquet`` files in name
     order (the split's row order), leaving out names that start with ``.`` or ``_`` (partial files, ``_SUCCESS``,

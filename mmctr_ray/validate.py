@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mmctr_ray.schema import (ITEM_FEATURE_COLUMNS, ITEM_INFO_COLUMNS, LEVELS, REAL_NUM_ITEMS, REAL_TEST_ROWS,
-                              SPLIT_COLUMNS, SPLITS, Layout, kind_name)
+from mmctr_ray.schema import (ITEM_FEATURE_COLUMNS, ITEM_INFO_COLUMNS, LEVELS, NO_PARTS, REAL_NUM_ITEMS,
+                              REAL_TEST_ROWS, SPLIT_COLUMNS, SPLITS, Layout, kind_name)
 
 BATCH_BYTES = 32 << 20  # decoded bytes per scanned batch: bounds memory for wide files (item_feature)
 
@@ -109,8 +109,6 @@ class _FileCheck:
 
 
 _READ_ERRORS = (pa.ArrowException, OSError)
-NO_PARTS = ("a folder without part files (*.parquet); expected the split as one parquet file or a folder of "
-            "them")
 
 
 def _unreadable(rel: str, err: Exception) -> Problem:
