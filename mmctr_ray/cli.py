@@ -53,11 +53,17 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
                         "stages that run Ray Train, whose clean-up queries the dashboard's state API)")
 
 
-def _start_ray(args: argparse.Namespace, ray_train: bool = False) -> None:
+def _start_ray(args: argparse.Namespace, ray_train: bool = False, pool_cpus: float = 0.0) -> None:
+    """Join ``--address`` or start the private local Ray; ``pool_cpus``: the CPUs the command's training workers or
+    actors take (:func:`mmctr_ray.ray_env.logical_cpus` gives its reads room beside them on a small machine)."""
     from mmctr_ray.ray_env import init_ray
 
     init_ray(args.address, args.num_cpus, args.verbose, dashboard=args.dashboard or ray_train,
-             object_store_mib=args.object_store_mib)
+             object_store_mib=args.object_store_mib, pool_cpus=pool_cpus)
+
+
+def _actor_cpus(actors: int, gpus_per_actor: float, cpus_per_actor: float = 1.0) -> float:
+    return 0.0 if gpus_per_actor else actors * cpus_per_actor  # a GPU actor takes no CPU
 
 
 def _add_data_arg(p: argparse.ArgumentParser) -> None:
@@ -195,7 +201,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = resume_config(str(args.out), args.overrides) if args.resume else _config(args)
     summary = run_training(args.data, str(args.out), cfg, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                            cpus_per_worker=args.cpus_per_worker, resume=args.resume, overwrite=args.overwrite,
-                           verbose=args.verbose, start_ray=lambda: _start_ray(args, ray_train=True))
+                           verbose=args.verbose, start_ray=lambda: _start_ray(args, ray_train=True,
+                                                        pool_cpus=args.workers * args.cpus_per_worker))
     oracle = summary.get("oracle_valid_auc")
     log.info("best valid AUC %.4f%s (logloss %.4f) at epoch %d of %d%s; checkpoint %s",
              summary["best_valid_auc"], se_text(summary.get("best_valid_auc_se")), summary["best_valid_logloss"],
@@ -208,7 +215,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from mmctr_ray.predict import check_inputs, run_predict
 
     check_inputs(args.run, args.data, args.split)  # bad data or a checkpoint of other data fails before Ray starts
-    _start_ray(args)
+    _start_ray(args, pool_cpus=_actor_cpus(args.actors, args.gpus_per_actor))
     summary = run_predict(args.run, args.data, args.out, split=args.split, actors=args.actors,
                           gpus_per_actor=args.gpus_per_actor, overwrite=args.overwrite)
     m = summary.get("metrics")
@@ -222,12 +229,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from mmctr_ray.embed.pipeline import run_embed
 
     text_model = args.text_model or _default_text_model()
+    pool_cpus = _actor_cpus(args.actors, args.gpus_per_actor, args.cpus_per_actor)
+    # Ray starts once the inputs are checked, and only if a shard is left to encode
     summary = run_embed(args.data, args.out, text_model, args.image_model, pooling=args.pooling,
                         gpus_per_actor=args.gpus_per_actor, actors=args.actors, batch_size=args.batch_size,
                         max_length=args.max_length, shard_items=args.shard_items, seed=args.seed,
                         max_bad_covers=args.max_bad_covers,
                         cpus_per_actor=args.cpus_per_actor, overwrite=args.overwrite,
-                        start_ray=lambda: _start_ray(args))  # once the inputs are checked, if a shard is left
+                        start_ray=lambda: _start_ray(args, pool_cpus=pool_cpus))
     log.info("%d items: text %d-d, image %d-d; %d covers missing, %d undecodable; %s items/s",
              summary["items"], summary["text_dim"], summary["image_dim"], summary["cover_file_missing"],
              summary["cover_corrupt"], summary["items_per_s"])
@@ -267,7 +276,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     check_inputs(args.data, args.config, args.overrides, args.resume, args.workers_per_trial, args.source,
                  args.gpus_per_trial, args.num_samples, args.max_concurrent, args.time_budget_s)  # before Ray starts
-    _start_ray(args, ray_train=True)
+    _start_ray(args, ray_train=True, pool_cpus=args.workers_per_trial * args.cpus_per_worker)
     summary = run_tuning(args.data, args.out, args.config, args.overrides, num_samples=args.num_samples,
                          max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial,
                          workers=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker, source=args.source,
@@ -357,8 +366,10 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
     from mmctr_ray.train_driver import check_local_workers
 
     resume = args.resume
-    _start_ray(args, ray_train=True)  # one Ray for every step, with the state API that training needs
     gpus_per_actor = args.gpus_per_worker if args.gpus_per_actor is None else args.gpus_per_actor
+    # one Ray for every step, with the state API that training needs; its pools run one at a time
+    _start_ray(args, ray_train=True, pool_cpus=max(args.workers * args.cpus_per_worker,
+                                                   _actor_cpus(args.actors, gpus_per_actor)))
     # pools a private local Ray cannot feed: refused before the steps ahead of training (hours at full scale)
     check_local_workers(args.workers, args.cpus_per_worker, args.gpus_per_worker)
     check_actors(args.actors, gpus_per_actor)  # predict's; embed's too (the pipeline gives it 1 CPU an actor)

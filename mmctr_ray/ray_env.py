@@ -101,6 +101,7 @@ def check_pool(resources: dict[str, float], count: int, cpus_each: float, gpus_e
     fraction is placed within one GPU. ``lower``/``lower_gpus``: the flags to lower, named in the message."""
     cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
     need = count * cpus_each + DATA_CPU_RESERVE
+    noun = noun[:-1] if count == 1 and noun.endswith("s") else noun  # "1 worker", "2 workers"
     if cpus + 1e-9 < need:
         raise ConfigError(f"{count} {noun} × {cpus_each:g} CPU and {DATA_CPU_RESERVE:g} CPU for reading the data "
                           f"need {need:g} CPUs; this local Ray has {cpus:g}: lower {lower}, or give it "
@@ -133,6 +134,18 @@ def check_actors(actors: int, gpus_per_actor: float, cpus_per_actor: float = 1.0
                      "--actors or --gpus-per-actor")
 
 
+def logical_cpus(cores: float, pool_cpus: float) -> int | None:
+    """The logical CPUs to give a private local Ray whose size the user did not set (``--num-cpus``): ``None`` (Ray
+    counts the machine's ``cores``) unless the command's pool of workers or actors (``pool_cpus``) fits in the cores
+    but leaves fewer than DATA_CPU_RESERVE for the Ray Data reads that feed it; then the pool plus the reserve, so the
+    reads share cores with the pool (on a 1-core machine, one training worker) instead of waiting for good. A pool
+    larger than the machine is left to :func:`check_pool`'s error: the user asked for more than there is."""
+    need = pool_cpus + DATA_CPU_RESERVE
+    if cores + 1e-9 >= need or pool_cpus > cores + 1e-9:
+        return None
+    return math.ceil(need - 1e-9)
+
+
 def private_local_ray() -> bool:
     """Whether this process started the Ray it uses (:func:`init_ray` without an address): one machine, fixed
     resources. False on a cluster it joined, which an autoscaler may grow, also when the process shut its private
@@ -145,17 +158,18 @@ def private_local_ray() -> bool:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = False,
-             dashboard: bool = False, object_store_mib: int | None = None) -> None:
+             dashboard: bool = False, object_store_mib: int | None = None, pool_cpus: float = 0.0) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a private local Ray.
 
     The private local Ray listens on loopback only, uses token authentication (a token Ray keeps in
-    ``~/.ray/auth_token``), has ``num_cpus`` logical CPUs when given, and starts the dashboard (on 127.0.0.1)
-    only when ``dashboard`` is set, and an object store of ``object_store_mib`` MiB when given (Ray's default:
-    30% of RAM; the store keeps the shared memory it has once used until Ray stops, and every process that read
-    an object keeps its pages in its RSS, so this bounds both). Stages that run Ray Train set ``dashboard``:
-    Train V2's placement-group cleaner asks the dashboard's state API whether the run's controller lives, and
-    without an answer it takes the run's placement group away mid-training (seen with Ray 2.60). A cluster's own
-    settings are the cluster's.
+    ``~/.ray/auth_token``), has ``num_cpus`` logical CPUs when given (else the machine's, raised by
+    :func:`logical_cpus` where the command's pool of ``pool_cpus`` CPUs would leave none for its reads), starts the
+    dashboard (on 127.0.0.1) only when ``dashboard`` is set, and an object store of ``object_store_mib`` MiB when
+    given (Ray's default: 30% of RAM; the store keeps the shared memory it has once used until Ray stops, and every
+    process that read an object keeps its pages in its RSS, so this bounds both). Stages that run Ray Train set
+    ``dashboard``: Train V2's placement-group cleaner asks the dashboard's state API whether the run's controller
+    lives, and without an answer it takes the run's placement group away mid-training (seen with Ray 2.60). A
+    cluster's own settings are the cluster's.
     """
     import ray
 
@@ -181,6 +195,15 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
         _PRIVATE["watcher_off"] = True
     if object_store_mib is not None and object_store_mib < MIN_OBJECT_STORE_MIB:
         raise ConfigError(f"--object-store-mib must be >= {MIN_OBJECT_STORE_MIB} (MiB), got {object_store_mib}")
+    if num_cpus is None:
+        from ray._private.utils import get_num_cpus  # what Ray itself counts (cgroup limits included)
+
+        cores = get_num_cpus()
+        num_cpus = logical_cpus(cores, pool_cpus)
+        if num_cpus is not None:
+            log.info("this machine has %g CPU%s and the workers or actors take %g: the local Ray gets %d logical CPUs "
+                     "so the Ray Data reads that feed them share cores (--num-cpus sets another count)", cores,
+                     "" if cores == 1 else "s", pool_cpus, num_cpus)
     ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
              object_store_memory=object_store_mib * 2**20 if object_store_mib else None,
              logging_level=logging.WARNING, runtime_env={"worker_process_setup_hook": pin_ray_address})

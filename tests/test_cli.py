@@ -181,7 +181,7 @@ def test_pipeline_refuses_workers_a_local_ray_cannot_feed_before_its_first_step(
     import mmctr_ray.cli as cli
     import mmctr_ray.ray_env as ray_env
 
-    monkeypatch.setattr(cli, "_start_ray", lambda args, ray_train=False: None)  # a 2-CPU local Ray, as if started
+    monkeypatch.setattr(cli, "_start_ray", lambda *a, **k: None)  # a 2-CPU local Ray (--num-cpus 2), as if started
     monkeypatch.setattr(ray_env, "private_local_ray", lambda: True)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     out = tmp_path / "out"
@@ -193,6 +193,46 @@ def test_pipeline_refuses_workers_a_local_ray_cannot_feed_before_its_first_step(
     assert main(["demo", "--out", str(tmp_path / "out2"), "--actors", "2"]) == 2  # predict's (and embed's) actors
     assert "2 actors × 1 CPU and 1 CPU for reading the data need 3 CPUs" in capsys.readouterr().err
     assert not Layout(tmp_path / "out2" / "data").item_info.exists()
+
+
+def test_on_a_small_machine_the_local_ray_gives_the_reads_a_logical_cpu_beside_the_pool(synth_dir, tmp_path,
+                                                                                        monkeypatch, caplog):
+    """One training worker on a 1-core machine (or two on 2 cores) takes every CPU Ray counts, and the Ray Data
+    reads that feed it would wait for good: without --num-cpus the private local Ray gets one more logical CPU. A
+    pool larger than the machine, or an explicit --num-cpus, is left to the pool check's one-line error."""
+    import ray
+    from ray._private import utils as ray_utils
+
+    import mmctr_ray.ray_env as ray_env
+
+    # cores, pool CPUs -> logical CPUs (None: Ray's own count)
+    cases = {(1, 1.0): 2, (2, 2.0): 3, (2, 1.0): None, (1, 0.0): None, (2, 3.0): None, (4, 3.5): 5, (8, 8.0): 9}
+    assert {case: ray_env.logical_cpus(*case) for case in cases} == cases
+
+    started = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_env, "_loopback_only", lambda: None)
+    monkeypatch.setattr(ray_env, "_token_auth_on", lambda: None)
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # init_ray leaves a set value alone
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray_utils, "get_num_cpus", lambda *a, **k: 1)
+
+    def init(**kw):  # what the private local Ray would be started with; the command then stops
+        started.append(kw["num_cpus"])
+        raise ray_env.ConfigError("stopped before Ray started")
+
+    monkeypatch.setattr(ray, "init", init)
+    caplog.set_level("INFO", logger="mmctr_ray.ray_env")
+    train = ["train", "--data", str(synth_dir), "--out", str(tmp_path / "run"), "--config", "configs/tiny.yaml"]
+    for argv, logical in [(train, 2), ([*train, "--num-cpus", "1"], 1),
+                          (["demo", "--out", str(tmp_path / "demo")], 2)]:
+        assert main(argv) == 2 and started.pop() == logical, argv
+    assert "this machine has 1 CPU and the workers or actors take 1: the local Ray gets 2 logical CPUs" in caplog.text
+    monkeypatch.setattr(ray_utils, "get_num_cpus", lambda *a, **k: 2)
+    for argv, logical in [([*train, "--workers", "2"], 3), ([*train, "--workers", "3"], None),
+                          (["demo", "--out", str(tmp_path / "demo"), "--actors", "2"], 3),
+                          (["demo", "--out", str(tmp_path / "demo"), "--actors", "2", "--gpus-per-actor", "1"], None)]:
+        assert main(argv) == 2 and started.pop() == logical, argv
 
 
 def test_pipeline_resume_refuses_a_config_that_is_not_what_out_keeps(tmp_path, capsys):

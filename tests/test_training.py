@@ -355,6 +355,9 @@ def test_more_workers_than_a_local_ray_can_feed_is_a_one_line_error_before_run_i
     import mmctr_ray.ray_env as ray_env
 
     check_worker_resources({"CPU": 2.0}, workers=1, cpus_per_worker=1, gpus_per_worker=0)  # the demo's: fits
+    with pytest.raises(ConfigError, match=r"^1 worker × 1 CPU and 1 CPU for reading the data need 2 CPUs; this "
+                                          r"local Ray has 1: "):  # `--num-cpus 1`
+        check_worker_resources({"CPU": 1.0}, workers=1, cpus_per_worker=1, gpus_per_worker=0)
     with pytest.raises(ConfigError, match=r"^2 workers × 1 CPU and 1 CPU for reading the data need 3 CPUs; this "
                                           r"local Ray has 2: lower --workers .* --num-cpus 3 "):
         check_worker_resources({"CPU": 2.0}, workers=2, cpus_per_worker=1, gpus_per_worker=0)
