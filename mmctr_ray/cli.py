@@ -43,7 +43,9 @@ def _object_store_mib(text: str) -> int:
 
 def _add_ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a private local Ray)")
-    p.add_argument("--num-cpus", type=POSITIVE_INT, help="logical CPUs of a private local Ray")
+    p.add_argument("--num-cpus", type=POSITIVE_INT,
+                   help="logical CPUs of a private local Ray (default: the machine's, one more where the workers or "
+                        "actors would leave none for the data reads)")
     p.add_argument("--object-store-mib", type=_object_store_mib, metavar="MIB",
                    help="object store of a private local Ray, in MiB (default: Ray's, 30%% of RAM); bounds the "
                         "shared memory Ray Data's blocks occupy on this node (training workers drop the pages they "
