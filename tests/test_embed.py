@@ -163,9 +163,9 @@ def test_actors_a_local_ray_cannot_hold_beside_the_reads_are_a_one_line_error(co
     with pytest.raises(ConfigError, match=r"^2 actors × 0.5 GPU need 1 GPU; this local Ray has 0: lower --actors "
                                           r"or --gpus-per-actor"):
         embed(covers_data, out, bert_tiny, start_ray=lambda: None)
-    assert not out.exists()
     earlier = out.with_name(out.name + ".parts")  # an earlier run's shards: --overwrite would remove them
-    earlier.mkdir(exist_ok=True)  # the refused runs above left the empty shard folder they opened
+    assert not out.exists() and not earlier.exists()  # the refused runs left no shard folder to look like a start
+    earlier.mkdir()
     (earlier / "shard_00000.parquet").write_bytes(b"kept")
     with pytest.raises(ConfigError, match="need 3 CPUs"):
         embed(covers_data, out, bert_tiny, gpus_per_actor=0.0, overwrite=True, start_ray=lambda: None)
@@ -209,6 +209,7 @@ def test_shards_of_other_data_are_never_assembled(tmp_path):
     out = tmp_path / "emb.parquet"
     settings = EmbedSettings("text", "RN50", "cls", 32, 0, 5, data="aaaa")
     store = ShardStore(out, settings, overwrite=False)
+    store.open()
     with pytest.raises(OutputExistsError, match="holds shards of a run with other settings"):
         ShardStore(out, EmbedSettings("text", "RN50", "cls", 32, 0, 5, data="bbbb"), overwrite=False)
 

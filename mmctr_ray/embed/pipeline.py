@@ -110,15 +110,18 @@ class ShardStore:
     """``X.parquet.parts/``: settings.json and one ``shard_NNNNN.parquet`` per completed shard."""
 
     def __init__(self, out: Path, settings: EmbedSettings, overwrite: bool) -> None:
-        self.dir = out.with_name(out.name + ".parts")
+        self.dir, self.settings = out.with_name(out.name + ".parts"), settings
         meta = self.dir / "settings.json"
         if self.dir.exists() and overwrite:
             shutil.rmtree(self.dir)
         if meta.is_file() and json.loads(meta.read_text()) != asdict(settings):
             raise OutputExistsError(f"{self.dir}: holds shards of a run with other settings ({meta}); re-run with "
                                     f"those settings to resume, or pass --overwrite to start again")
+
+    def open(self) -> None:
+        """Create the folder with its settings, once encoding starts (a run refused before it leaves none)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        meta.write_text(json.dumps(asdict(settings), indent=2) + "\n")
+        (self.dir / "settings.json").write_text(json.dumps(asdict(self.settings), indent=2) + "\n")
 
     def path(self, shard: int) -> Path:
         return self.dir / f"shard_{shard:05d}.parquet"
@@ -233,6 +236,7 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
     if pending:
         if not overwrite:  # with it, checked above
             ray_ready()
+        store.open()
         timing = _encode_shards(items, pending, store, settings, lay, gpus_per_actor, actors, batch_size,
                                 cpus_per_actor, progress)
     seconds = time.perf_counter() - t0
