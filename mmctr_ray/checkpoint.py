@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,12 @@ def load_checkpoint(directory: Location, with_optimizer: bool = True) -> LoadedC
 
 
 PREFIX = "checkpoint_epoch_"
+
+
+def checkpoint_epoch(path: Location | str) -> int | None:
+    """The epoch in a checkpoint directory's name (``.../checkpoint_epoch_003`` → 3); None for another name."""
+    name = posixpath.basename(str(path).rstrip("/"))
+    return int(name.removeprefix(PREFIX)) if name.startswith(PREFIX) and name[len(PREFIX):].isdigit() else None
 
 
 def epoch_checkpoints(run_dir: Location) -> list[Location]:

@@ -17,7 +17,7 @@ from mmctr_ray import storage
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
 from mmctr_ray.data.synthetic import PRESETS, SynthSpec
 from mmctr_ray.data.writer import write_synthetic
-from mmctr_ray.errors import ConfigError, OutputExistsError, find_user_error
+from mmctr_ray.errors import ConfigError, Interrupted, OutputExistsError, find_user_error
 from mmctr_ray.locking import output_lock
 from mmctr_ray.metrics import se_text
 from mmctr_ray.ray_env import MIN_OBJECT_STORE_MIB
@@ -684,6 +684,12 @@ def _refuse_existing_output(args: argparse.Namespace, out: storage.Location) -> 
         raise OutputExistsError(f"{args.out}: already exists; pass {how}")
 
 
+INTERRUPTED = 130  # a shell's exit status for a command ended by Ctrl-C (128 + SIGINT)
+RESUME = "run the same command with --resume (in place of --overwrite) to continue"
+CONTINUE = {"train": RESUME, "tune": RESUME, "pipeline": RESUME, "demo": RESUME,
+            "embed": "run the same command again (without --overwrite) to continue from the shards already encoded"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -695,6 +701,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _refuse_existing_output(args, out)
         with output_lock(out):
             return args.func(args)
+    except (KeyboardInterrupt, Interrupted) as err:  # Ctrl-C: one line, what is kept and how to go on
+        kept = f": {err}" if isinstance(err, Interrupted) else ""
+        how = CONTINUE.get(args.command, "") if kept or args.command not in ("train", "tune") else ""
+        print(f"mmctr {args.command}: interrupted{kept}{'; ' + how if how else ''}", file=sys.stderr)
+        return INTERRUPTED
     except Exception as err:
         user = find_user_error(err)  # also when a Ray task or worker met it
         if user is None:

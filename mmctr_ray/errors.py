@@ -23,6 +23,11 @@ class OutputExistsError(UserError, FileExistsError):
     """The output already holds results and ``--overwrite`` was not given."""
 
 
+class Interrupted(Exception):
+    """The user stopped the command (Ctrl-C) and what it wrote so far can be continued; the message says what is
+    kept. Not a :class:`UserError`: the CLI prints it as one line and exits 130, as a shell does for Ctrl-C."""
+
+
 def find_cause(err: BaseException, match: Callable[[BaseException], bool]) -> BaseException | None:
     """The first exception behind ``err`` (itself included) that ``match`` accepts: errors met in a Ray task or a
     training worker reach the driver wrapped (``RayTaskError.cause``, Ray Train's

@@ -24,9 +24,9 @@ from typing import Any, Callable
 import torch
 
 from mmctr_ray import storage
-from mmctr_ray.checkpoint import best_checkpoint, epoch_checkpoints
+from mmctr_ray.checkpoint import best_checkpoint, checkpoint_epoch, epoch_checkpoints
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
-from mmctr_ray.errors import ConfigError, DataError, OutputExistsError, find_user_error
+from mmctr_ray.errors import ConfigError, DataError, Interrupted, OutputExistsError, find_user_error
 from mmctr_ray.features import FeatureMap, build_feature_map, load_item_table, read_split
 from mmctr_ray.layers.embedding import root_mean_square
 from mmctr_ray.preflight import check_batch_size, check_splits, check_valid_labels
@@ -249,6 +249,12 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     t0 = time.perf_counter()
     try:
         trainer.fit()
+    except SystemExit:  # Ray Train's own Ctrl-C handler aborts the run; Ray then ends the wait for it this way
+        if not _in_driver_main_thread():
+            raise  # a Ray worker told to exit (a Tune trial stopped by its scheduler): Ray's own way out
+        done = epoch_checkpoints(run)
+        raise Interrupted(f"{run} keeps the checkpoints of epochs {checkpoint_epoch(done[0])}–"
+                          f"{checkpoint_epoch(done[-1])}" if done else f"{run} holds no checkpoint yet") from None
     except TrainingFailedError as err:
         cause = find_user_error(err)
         if cause is None:
@@ -258,6 +264,16 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     if storage.is_file(diverged):  # the workers ended the run themselves: no summary; earlier checkpoints stay
         raise ConfigError(f"{run}: {storage.read_text(diverged).strip()}")
     return _summary(run, data_dir, time.perf_counter() - t0)
+
+
+def _in_driver_main_thread() -> bool:
+    """Whether this is the main thread of the driver (the process a user started), where Ctrl-C lands."""
+    import threading
+
+    import ray
+
+    return (threading.current_thread() is threading.main_thread()
+            and ray._private.worker.global_worker.mode == ray.SCRIPT_MODE)
 
 
 def _end_on_user_error() -> Any:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mmctr_ray import storage
-from mmctr_ray.checkpoint import PREFIX, TrainState, load_checkpoint, save_checkpoint
+from mmctr_ray.checkpoint import PREFIX, TrainState, checkpoint_epoch, load_checkpoint, save_checkpoint
 from mmctr_ray.config import ExperimentConfig, TrainConfig, from_dict
 from mmctr_ray.features import FeatureMap, load_item_table
 from mmctr_ray.metrics import evaluate
@@ -172,8 +172,11 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, resume_from: st
              cfg: TrainConfig) -> TrainState | None:
     import ray.train
 
-    ckpt = ray.train.get_checkpoint()
-    context = ckpt.as_directory() if ckpt else contextlib.nullcontext(resume_from)
+    ckpt = ray.train.get_checkpoint()  # the latest Ray Train registered: after a worker restart, in this run
+    # ``resume_from`` (--resume) is the latest complete one in RUN, which is newer when the last run was stopped
+    # (Ctrl-C) after a worker wrote its checkpoint and before Ray Train registered it
+    newer = resume_from and ckpt and (checkpoint_epoch(resume_from) or 0) > (checkpoint_epoch(ckpt.path) or 0)
+    context = ckpt.as_directory() if ckpt and not newer else contextlib.nullcontext(resume_from)
     with context as directory:
         return None if directory is None else load_into(model, optimizer, directory, cfg)
 

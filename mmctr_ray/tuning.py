@@ -33,12 +33,14 @@ import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from mmctr_ray.config import ExperimentConfig, load_config
-from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
+from mmctr_ray.errors import ConfigError, DataError, Interrupted, OutputExistsError
 from mmctr_ray.metrics import se_text
 from mmctr_ray.preflight import check_batch_size, check_splits, check_valid_labels
 from mmctr_ray.ray_env import DATA_CPU_RESERVE, private_local_ray
@@ -436,13 +438,54 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
         tuner = tune.Tuner(trainable, run_config=run_config,
                            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=n,
                                                        max_concurrent_trials=k))
+    watch = _CtrlC()
     try:
         results = tuner.fit()
     finally:  # this search's paths served what Tune restored; a later search in this process sets its own
         mmctr_ray.asha.records_path = mmctr_ray.study.url = tune_dir_now = None
-    _close_orphans(tdir)
+        interrupted = watch.pressed()
     errors = {Path(r.path).name: str(r.error).splitlines()[0] for r in results if r.error}
-    return write_outputs(tdir, space, errors, [Path(r.path).name for r in results])
+    known = [Path(r.path).name for r in results]
+    if not interrupted:
+        _close_orphans(tdir)  # after Ctrl-C the trials still running are not orphans: --resume resumes them
+        return write_outputs(tdir, space, errors, known)
+    try:  # what the search has so far, said to be so
+        summary = write_outputs(tdir, space, errors, known)
+    except DataError:  # no trial folder yet
+        raise Interrupted("no trial had started") from None
+    ended = sum(summary[s] for s in ("completed", "early-stopped", "pruned", "error"))
+    running = f"{summary['trials'] - ended} started and not ended"
+    kept = f"{summary['results']}{' and best.yaml' if summary.get('best_yaml') else ''} hold them so far"
+    raise Interrupted(f"{ended} trial{'' if ended == 1 else 's'} ended ({kept}), {running}" if ended
+                      else f"no trial ended, {running}")
+
+
+class _CtrlC:
+    """Whether Ctrl-C ended ``Tuner.fit()``, which returns as if the search were done. Tune (2.60) installs its own
+    SIGINT handler for the search and, on the first Ctrl-C, saves the search's state and puts back the handler it
+    found: a marker handler installed before ``fit`` is therefore back in place exactly when Ctrl-C was pressed.
+    Only in the main thread (elsewhere neither can install a handler)."""
+
+    def __init__(self) -> None:
+        self.before = self.marker = None
+        if threading.current_thread() is threading.main_thread():
+            self.before = signal.getsignal(signal.SIGINT)
+
+            def marker(signum: int, frame: Any) -> None:  # a second Ctrl-C: what was there before
+                if callable(self.before):
+                    self.before(signum, frame)
+                elif self.before != signal.SIG_IGN:
+                    raise KeyboardInterrupt
+
+            self.marker = marker
+            signal.signal(signal.SIGINT, marker)
+
+    def pressed(self) -> bool:
+        if self.marker is None:
+            return False
+        pressed = signal.getsignal(signal.SIGINT) is self.marker
+        signal.signal(signal.SIGINT, signal.SIG_DFL if self.before is None else self.before)  # None: not set in Python
+        return pressed
 
 
 def _close_orphans(tdir: Path) -> None:

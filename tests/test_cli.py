@@ -235,6 +235,34 @@ def test_on_a_small_machine_the_local_ray_gives_the_reads_a_logical_cpu_beside_t
         assert main(argv) == 2 and started.pop() == logical, argv
 
 
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt, or a stage's Interrupted saying what it keeps) is no traceback: one line and the
+    shell's status for it, with how to continue where the command can."""
+    import mmctr_ray.cli as cli
+    from mmctr_ray.errors import Interrupted
+
+    def stop(error):
+        def command(args):
+            raise error
+        return command
+
+    resume = "run the same command with --resume (in place of --overwrite) to continue"
+    train = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")]
+    for name, argv, error, line in [
+            ("cmd_report", ["report", str(tmp_path)], KeyboardInterrupt(), "mmctr report: interrupted"),
+            ("cmd_train", train, KeyboardInterrupt(), "mmctr train: interrupted"),  # RUN not known to hold anything
+            ("cmd_train", train, Interrupted("RUN keeps the checkpoints of epochs 1–2"),
+             f"mmctr train: interrupted: RUN keeps the checkpoints of epochs 1–2; {resume}"),
+            ("cmd_pipeline", ["demo", "--out", str(tmp_path / "demo")], KeyboardInterrupt(),
+             f"mmctr demo: interrupted; {resume}"),
+            ("cmd_embed", ["embed", "--data", str(tmp_path), "--out", str(tmp_path / "e.parquet")], KeyboardInterrupt(),
+             "mmctr embed: interrupted; run the same command again (without --overwrite) to continue from the shards "
+             "already encoded")]:
+        monkeypatch.setattr(cli, name, stop(error))
+        assert main(argv) == 130
+        assert capsys.readouterr().err.strip() == line
+
+
 def test_pipeline_resume_refuses_a_config_that_is_not_what_out_keeps(tmp_path, capsys):
     """--resume reuses OUT's run (its own config) or, before training started, its fused table: asking for a
     different config or fusion is a one-line error before Ray starts, not silently ignored or mixed."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import zipfile
 from pathlib import Path
 
@@ -247,6 +248,27 @@ def test_resume_continues_from_the_latest_checkpoint(plain_run, synth_dir):
 
 
 @pytest.mark.slow
+def test_resume_takes_a_complete_checkpoint_ray_train_had_not_registered(plain_run, synth_dir, monkeypatch):
+    """Ctrl-C can stop a run after a worker wrote its epoch's checkpoint and before Ray Train registered it: --resume
+    then continued from the registered, older one (the Ctrl-C line had named the newer). The newer of the two is
+    taken; after a worker restart within a run, the registered one stays the newer."""
+    import ray.train
+
+    from mmctr_ray.training import _restore, make_optimizer
+
+    run = plain_run[0]
+    first, second = (str(run / f"checkpoint_epoch_{e:03d}") for e in (1, 2))
+    model = load_model(first, synth_dir)
+    cfg = model.experiment_cfg
+    optimizer = make_optimizer(model, cfg.train, torch.device("cpu"))
+    for registered, on_disk, epoch in [(first, second, 2), (second, first, 2), (first, first, 1), (first, None, 1),
+                                       (None, second, 2)]:
+        monkeypatch.setattr(ray.train, "get_checkpoint",
+                            lambda r=registered: r and ray.train.Checkpoint.from_directory(r))
+        assert _restore(model, optimizer, on_disk, cfg.train).epoch == epoch, (registered, on_disk)
+
+
+@pytest.mark.slow
 def test_a_killed_worker_restarts_from_the_last_checkpoint(plain_run, synth_dir, tmp_path, monkeypatch):
     run, marker = tmp_path / "f", tmp_path / "killed"
     steps_per_epoch = 3_000 // 256
@@ -261,6 +283,39 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(plain_run, synth_dir,
     # are not bit-reproducible on CPU: two uninterrupted ones differed by up to 0.0018 valid AUC here, epoch 1
     # included, over 500 validation rows)
     assert rows[1]["valid_auc"] == pytest.approx(plain_run[1][1]["valid_auc"], abs=0.005)
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_a_run_with_one_line_that_says_what_is_kept(synth_dir, tmp_path):
+    """Ctrl-C in a terminal: SIGINT to the command's process group. Ray Train aborts the run and Ray ends the
+    driver's wait with SystemExit(1); before, the command exited 1 without a word. Now: exit 130, one line naming
+    the checkpoints RUN keeps and how to continue (`--resume`, which test_resume_continues_from_the_latest_checkpoint
+    covers), and no summary.json to make the run look finished."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run, log = tmp_path / "run", tmp_path / "log"
+    argv = [sys.executable, "-m", "mmctr_ray.cli", "train", "--data", str(synth_dir), "--out", str(run), "--config",
+            str(CONFIGS / "tiny.yaml"), "--set", "train.epochs=200",
+            "--set", "train.patience=200"]  # far from done when Ctrl-C comes
+    with open(log, "w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        deadline = time.time() + 240
+        while proc.poll() is None and "epoch 1:" not in log.read_text() and time.time() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+    lines = [line for line in log.read_text().splitlines() if line.startswith("mmctr train:")]
+    assert len(lines) == 1 and re.fullmatch(
+        rf"mmctr train: interrupted: {re.escape(str(run))} keeps the checkpoints of epochs 1–(\d+); run the same "
+        r"command with --resume \(in place of --overwrite\) to continue", lines[0]), lines
+    last = int(re.search(r"epochs 1–(\d+)", lines[0]).group(1))
+    assert [Path(c).name for c in epoch_checkpoints(run)][-1] == f"checkpoint_epoch_{last:03d}"
+    assert not (run / "summary.json").exists()
 
 
 @pytest.mark.slow

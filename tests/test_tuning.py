@@ -561,6 +561,33 @@ def test_a_killed_search_resumes_without_losing_or_repeating_trials(synth_dir, t
         assert roc_auc_score(labels, probs) == pytest.approx(float(row["best_valid_auc"]), abs=1e-5)
 
 
+def test_ctrl_c_during_a_search_is_told_apart_from_its_end():
+    """`Tuner.fit()` returns after Ctrl-C as it does after the last trial (it saves the search's state first), and
+    `mmctr tune` then closed the running trials in the study as failed, so their results were lost on --resume
+    ("Cannot tell a FAIL trial"), and it exited 0. `_CtrlC` tells the two apart by what Tune's own SIGINT handler
+    does on the first Ctrl-C: it puts back the handler it found. This pins that behaviour of Tune's handler."""
+    import signal
+
+    from ray.tune import tune as tune_module
+
+    from mmctr_ray.tuning import _CtrlC
+
+    before, usr1 = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1)
+    try:
+        watch = _CtrlC()
+        tune_module._setup_signal_catching()  # what Tuner.fit() installs for the search
+        assert not watch.pressed()  # the search ended by itself
+        assert signal.getsignal(signal.SIGINT) is before
+        watch = _CtrlC()
+        stop = tune_module._setup_signal_catching()
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: Tune's handler takes it (else the marker's KeyboardInterrupt)
+        assert stop.is_set() and watch.pressed()
+        assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        signal.signal(signal.SIGINT, before)
+        signal.signal(signal.SIGUSR1, usr1)
+
+
 def test_a_trial_that_diverged_is_not_trained_again_when_the_search_resumes(tmp_path, monkeypatch):
     """--resume retries errored trials from their checkpoint, at the same lr: it would diverge again."""
     import ray.tune
