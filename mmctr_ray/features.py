@@ -124,7 +124,7 @@ def load_item_table(data_dir: str | Path, item_vector: str = "given") -> ItemTab
     """
     lay = Layout(data_dir)
     if not lay.item_info.is_file():
-        raise DataError(f"{lay.item_info}: missing file (is --data the folder that holds MicroLens_1M_x1/?)")
+        raise DataError(lay.missing(lay.item_info))
     info = pq.read_table(lay.item_info, columns=["item_id", "item_tags", "item_emb_d128"])
     ids = info.column("item_id").to_numpy()
     if (ids != np.arange(len(ids))).any():

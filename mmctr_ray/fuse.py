@@ -115,7 +115,7 @@ def _repeats(ids: np.ndarray) -> np.ndarray:
 
 def _num_items(lay: Layout) -> int:
     if not lay.item_info.is_file():
-        raise DataError(f"{lay.item_info}: missing file (is --data the folder that holds MicroLens_1M_x1/?)")
+        raise DataError(lay.missing(lay.item_info))
     return pq.ParquetFile(lay.item_info).metadata.num_rows - 1
 
 

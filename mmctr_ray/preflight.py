@@ -119,17 +119,16 @@ def _check_width(pf: pq.ParquetFile, path: Path, hint: str) -> None:
 
 def num_items(data_dir: str | Path) -> int:
     """Items of the data set (item_info rows less the padding row 0), from item_info's footer."""
-    path = Layout(data_dir).item_info
-    return _opened(path, {"item_id": ITEM_INFO_COLUMNS["item_id"]}).metadata.num_rows - 1
+    lay = Layout(data_dir)
+    if not lay.item_info.is_file():
+        raise DataError(lay.missing(lay.item_info))
+    return _opened(lay.item_info, {"item_id": ITEM_INFO_COLUMNS["item_id"]}).metadata.num_rows - 1
 
 
 def check_files(data_dir: str | Path, splits: Iterable[str]) -> None:
     """Raise a one-line DataError unless item_info and each of ``splits`` open as parquet with the columns the
     stages read (the cheap check a stage runs before it starts Ray; :func:`check_split` also checks values)."""
-    lay = Layout(data_dir)
-    if not lay.item_info.is_file():
-        raise DataError(f"{lay.item_info}: missing file (is --data the folder that holds MicroLens_1M_x1/?)")
-    num_items(data_dir)
+    num_items(data_dir)  # item_info first: a wrong --data is named as such
     for split in splits:
         split_files(data_dir, split)
 

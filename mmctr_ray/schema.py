@@ -110,6 +110,23 @@ class Layout:
     def item_info(self) -> Path:
         return self.dataset_dir / "item_info.parquet"
 
+    def not_a_data_dir(self) -> str | None:
+        """Why the root is not a data directory, said of the root (None: it holds MicroLens_1M_x1/). The most common
+        slip is passing the MicroLens_1M_x1 folder itself."""
+        if self.dataset_dir.is_dir():
+            return None
+        if not self.root.is_dir():
+            return "no such data directory"
+        name = DATASET_NAME
+        if self.root.name == name or any((self.root / f"{n}.parquet").exists() for n in ("item_info", *SPLITS)):
+            return f"looks like the {name} folder itself: --data is the folder above it, here {self.root.parent}"
+        return f"holds no {name}/ folder: --data is the folder that holds {name}/ and item_feature.parquet"
+
+    def missing(self, path: Path) -> str:
+        """The one-line message for a missing ``path`` of this layout, with :meth:`not_a_data_dir`'s reason."""
+        why = self.not_a_data_dir()
+        return f"{path}: missing file" + (f" ({self.root}: {why})" if why else "")
+
     @property
     def item_feature(self) -> Path:
         return self.root / "item_feature.parquet"

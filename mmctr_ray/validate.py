@@ -256,6 +256,8 @@ def validate(root: str | Path, expect_test_rows: int | None = None) -> list[Prob
     problems: list[Problem] = []
     if not lay.root.is_dir():
         return [Problem(str(lay.root), None, "data directory not found")]
+    if (why := lay.not_a_data_dir()) is not None:  # one line saying so, not one per missing file
+        return [Problem(str(lay.root), None, why)]
     rel = lambda p: str(p.relative_to(lay.root))  # noqa: E731
     n_items = None
     # a footer can be intact while pages behind it fail to decode: _open passes, the scan raises

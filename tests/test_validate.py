@@ -91,6 +91,24 @@ def test_data_directory_not_found(tmp_path):
     assert [str(p) for p in validate(tmp_path / "nope")] == [f"error: {tmp_path / 'nope'}: data directory not found"]
 
 
+def test_the_dataset_folder_itself_or_a_folder_without_it_is_one_line_naming_the_right_one(data, tmp_path):
+    """`--data DATA/MicroLens_1M_x1` (the folder the splits are in) gave five "missing file" lines: one line now
+    names the folder to pass; so does every stage's check, which gave `.../MicroLens_1M_x1/MicroLens_1M_x1/...`."""
+    from mmctr_ray.errors import DataError
+    from mmctr_ray.preflight import check_files
+
+    inner = data / "MicroLens_1M_x1"
+    assert [str(p) for p in validate(inner)] == [
+        f"error: {inner}: looks like the MicroLens_1M_x1 folder itself: --data is the folder above it, here {data}"]
+    with pytest.raises(DataError, match=rf"^{inner}/MicroLens_1M_x1/item_info.parquet: missing file \({inner}: looks "
+                                        rf"like the MicroLens_1M_x1 folder itself: --data is the folder above it, "
+                                        rf"here {data}\)$"):
+        check_files(inner, ["train"])
+    assert [str(p) for p in validate(tmp_path)] == [
+        f"error: {tmp_path}: holds no MicroLens_1M_x1/ folder: --data is the folder that holds MicroLens_1M_x1/ and "
+        f"item_feature.parquet"]
+
+
 @pytest.mark.parametrize("file,column,kind", [(TRAIN, "label", "float"), (TEST, "item_seq", "list<int> of length 100"),
                                               (INFO, "item_emb_d128", "list<float> of length 128"),
                                               (FEATURE, "item_title", "string")])
