@@ -274,11 +274,12 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from mmctr_ray.tuning import check_inputs, run_tuning
+    from mmctr_ray.tuning import check_inputs, run_tuning, trial_cpus
 
     check_inputs(args.data, args.config, args.overrides, args.resume, args.workers_per_trial, args.source,
                  args.gpus_per_trial, args.num_samples, args.max_concurrent, args.time_budget_s)  # before Ray starts
-    _start_ray(args, ray_train=True, pool_cpus=args.workers_per_trial * args.cpus_per_worker)
+    _start_ray(args, ray_train=True, pool_cpus=trial_cpus(args.out, args.resume, args.workers_per_trial,
+                                                          args.cpus_per_worker))
     summary = run_tuning(args.data, args.out, args.config, args.overrides, num_samples=args.num_samples,
                          max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial,
                          workers=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker, source=args.source,
@@ -685,9 +686,19 @@ def _refuse_existing_output(args: argparse.Namespace, out: storage.Location) -> 
 
 
 INTERRUPTED = 130  # a shell's exit status for a command ended by Ctrl-C (128 + SIGINT)
-RESUME = "run the same command with --resume (in place of --overwrite) to continue"
-CONTINUE = {"train": RESUME, "tune": RESUME, "pipeline": RESUME, "demo": RESUME,
-            "embed": "run the same command again (without --overwrite) to continue from the shards already encoded"}
+
+
+def _how_to_continue(args: argparse.Namespace, known: bool) -> str:
+    """After Ctrl-C: the command that continues what ``args``' command left; ``known``: the stage said what it
+    keeps (train and tune only then: before their first checkpoint or trial there may be nothing to resume)."""
+    if args.command in ("train", "tune") and known:
+        what = "RUN keeps its config" if args.command == "train" else "TUNE keeps its search and settings"
+        return f"continue with `mmctr {args.command} --data {args.data} --out {args.out} --resume` ({what})"
+    if args.command in ("pipeline", "demo"):
+        return "run the same command with --resume (in place of --overwrite) to continue"
+    if args.command == "embed":
+        return "run the same command again (without --overwrite) to continue from the shards already encoded"
+    return ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -703,7 +714,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.func(args)
     except (KeyboardInterrupt, Interrupted) as err:  # Ctrl-C: one line, what is kept and how to go on
         kept = f": {err}" if isinstance(err, Interrupted) else ""
-        how = CONTINUE.get(args.command, "") if kept or args.command not in ("train", "tune") else ""
+        how = _how_to_continue(args, bool(kept))
         print(f"mmctr {args.command}: interrupted{kept}{'; ' + how if how else ''}", file=sys.stderr)
         return INTERRUPTED
     except Exception as err:

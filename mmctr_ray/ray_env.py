@@ -105,8 +105,8 @@ def check_pool(resources: dict[str, float], count: int, cpus_each: float, gpus_e
     if cpus + 1e-9 < need:
         raise ConfigError(f"{count} {noun} × {cpus_each:g} CPU and {DATA_CPU_RESERVE:g} CPU for reading the data "
                           f"need {need:g} CPUs; this local Ray has {cpus:g}: lower {lower}, or give it "
-                          f"{math.ceil(need)} logical CPUs with --num-cpus {math.ceil(need)} (the {noun} then share "
-                          f"cores)")
+                          f"{math.ceil(need)} logical CPUs with --num-cpus {math.ceil(need)} (the {noun} then "
+                          f"share{'s' if count == 1 else ''} cores)")
     if gpus_each and gpus + 1e-9 < count * gpus_each:
         total = count * gpus_each
         raise ConfigError(f"{count} {noun} × {gpus_each:g} GPU need {total:g} GPU{'' if total == 1 else 's'}; this "
@@ -198,7 +198,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
     if num_cpus is None:
         from ray._private.utils import get_num_cpus  # what Ray itself counts (cgroup limits included)
 
-        cores = get_num_cpus()
+        cores = get_num_cpus(override_docker_cpu_warning=True)  # Ray warns once itself, when it starts
         num_cpus = logical_cpus(cores, pool_cpus)
         if num_cpus is not None:
             log.info("this machine has %g CPU%s and the workers or actors take %g: the local Ray gets %d logical CPUs "

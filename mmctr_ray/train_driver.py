@@ -12,14 +12,17 @@ with its own saved config.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import posixpath
+import signal
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -248,10 +251,11 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     )
     t0 = time.perf_counter()
     try:
-        trainer.fit()
+        with _driver_signals() as terminated:
+            trainer.fit()
     except SystemExit:  # Ray Train's own Ctrl-C handler aborts the run; Ray then ends the wait for it this way
-        if not _in_driver_main_thread():
-            raise  # a Ray worker told to exit (a Tune trial stopped by its scheduler): Ray's own way out
+        if not _in_driver_main_thread() or terminated["sigterm"]:
+            raise  # a Ray worker told to exit (a Tune trial stopped by its scheduler), or SIGTERM: Ray's own way out
         done = epoch_checkpoints(run)
         raise Interrupted(f"{run} keeps the checkpoints of epochs {checkpoint_epoch(done[0])}–"
                           f"{checkpoint_epoch(done[-1])}" if done else f"{run} holds no checkpoint yet") from None
@@ -266,10 +270,36 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     return _summary(run, data_dir, time.perf_counter() - t0)
 
 
+@contextlib.contextmanager
+def _driver_signals() -> Iterator[dict[str, bool]]:
+    """Around ``trainer.fit()``. Ray Train installs its own SIGINT handler for the run (Ctrl-C aborts it) and leaves
+    it installed: the later steps of a pipeline would then ignore Ctrl-C twice and exit 0 on the third, so the
+    handler before is put back. Ray's driver turns SIGTERM into SystemExit too: the yielded ``sigterm`` flag says
+    it came, so that it is not reported as Ctrl-C. Only in the main thread (elsewhere no handler can be set)."""
+    state = {"sigterm": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+    sigint, sigterm = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        state["sigterm"] = True
+        if callable(sigterm):
+            sigterm(signum, frame)
+        elif sigterm != signal.SIG_IGN:  # the default: end the process as SIGTERM does
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield state
+    finally:  # None: a handler not set from Python
+        signal.signal(signal.SIGINT, signal.SIG_DFL if sigint is None else sigint)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if sigterm is None else sigterm)
+
+
 def _in_driver_main_thread() -> bool:
     """Whether this is the main thread of the driver (the process a user started), where Ctrl-C lands."""
-    import threading
-
     import ray
 
     return (threading.current_thread() is threading.main_thread()

@@ -55,17 +55,32 @@ def search_of(run_dir: Path) -> Path | None:
     return tune_dir if run_dir.resolve().parent.name == "trials" and (tune_dir / "settings.json").is_file() else None
 
 
-def trial_outcome(run: Path, epochs: int, max_epochs: int) -> str:
-    """How a trial that is not running ended: a run that returned wrote its ``summary.json``; ASHA stopped the
-    others."""
+ASHA_RECORDS = "asha.json"  # TUNE/asha.json: ASHA's rung records and the trials it stopped (mmctr_ray.asha)
+
+
+def asha_stopped(tdir: Path) -> set[str] | None:
+    """The ids of the trials ASHA stopped in the search in ``tdir``; None where its records predate that list."""
+    path = tdir / ASHA_RECORDS
+    if not path.is_file():  # no ASHA (every trial runs to the end) or no result yet
+        return set()
+    saved = json.loads(path.read_text())
+    return set(saved["stopped"]) if "stopped" in saved else None
+
+
+def trial_outcome(run: Path, epochs: int, max_epochs: int, stopped: set[str] | None = None) -> str:
+    """How a trial stands: a run that returned wrote its ``summary.json``; of the others, those ASHA stopped
+    (``stopped``, :func:`asha_stopped`; None: any) were pruned and the rest still run, or ran when the search was
+    interrupted (Ctrl-C), and ``--resume`` continues them."""
     if (run / "summary.json").is_file():
         return "completed" if epochs >= max_epochs else "early-stopped"
-    return "pruned" if epochs else "no result"
+    if not epochs:
+        return "no result"
+    return "pruned" if stopped is None or run.name in stopped else "running"
 
 
 def _trial_rows(tdir: Path, space: SearchSpace, errors: dict[str, str],
                 known: list[str] | None = None) -> list[dict[str, Any]]:
-    rows = []
+    rows, stopped = [], asha_stopped(tdir)
     started = sorted((tdir / "trials").glob("*.params.json"), key=lambda p: p.stat().st_mtime_ns)  # trial order
     for n, params_file in enumerate(started):
         trial_id = params_file.name.removesuffix(".params.json")
@@ -76,7 +91,7 @@ def _trial_rows(tdir: Path, space: SearchSpace, errors: dict[str, str],
         if known is not None and not any(trial_id in name for name in known):
             status = "interrupted"
         else:
-            status = "error" if error else trial_outcome(run, len(history), space.max_epochs)
+            status = "error" if error else trial_outcome(run, len(history), space.max_epochs, stopped)
         fusion = yaml.safe_load((run / "config.yaml").read_text())["fusion"] if (run / "config.yaml").is_file() else {}
         strategy = fusion.get("strategy", "")
         width = {"given": 128, "v4": fusion.get("text_dim", 0) + fusion.get("image_dim", 0)}.get(
@@ -120,7 +135,8 @@ def write_outputs(tdir: Path, space: SearchSpace | None = None, errors: dict[str
     scored = [r for r in rows if r["best_valid_auc"] != ""]
     summary: dict[str, Any] = {"trials": len(rows), "results": str(tdir / "results.csv"),
                                **{s: sum(r["status"] == s for r in rows)
-                                  for s in ("completed", "early-stopped", "pruned", "error", "interrupted")}}
+                                  for s in ("completed", "early-stopped", "pruned", "error", "interrupted",
+                                            "running")}}
     if scored:
         best = max(scored, key=lambda r: r["best_valid_auc"])
         epochs = space.base.get("train", {}).get("epochs", TrainConfig().epochs)
@@ -224,8 +240,10 @@ def top_trials(tdir: str | Path, n: int = 10) -> str:
     rows.sort(key=lambda r: float(r["best_valid_auc"]), reverse=True)
     params = [k for k in rows[0] if k not in COLUMNS] if rows else []
     head = ["rank", "trial_id", "status", "best_valid_auc", "± SE", "epochs", *params]
+    running = f", {summary['running']} running" if summary.get("running") else ""
     lines = [f"# Search `{tdir.name}`: {summary['trials']} trials ({summary['completed']} completed, "
-             f"{summary['early-stopped']} early-stopped, {summary['pruned']} pruned, {summary['error']} errors)", "",
+             f"{summary['early-stopped']} early-stopped, {summary['pruned']} pruned, {summary['error']} errors"
+             f"{running})", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, r in enumerate(rows[:n], start=1):
         se = f"{float(r['valid_auc_se']):.4f}" if r.get("valid_auc_se") else "–"

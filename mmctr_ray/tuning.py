@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 TRIAL_DRIVER_CPU = 0.0
 TRIAL_DRIVER_MEMORY = 256 * 2**20  # Tune needs some resource in a trial's bundle; memory is one that blocks no CPU
 STUDY_NAME = "mmctr"
-ASHA_RECORDS = "asha.json"
 METRIC = "best_valid_auc"  # what Optuna and ASHA compare: the trial's best epoch so far, the one it would keep
 tune_dir_now: str | None = None  # set by run_tuning: this process's TUNE (Tune restores callbacks with older paths)
 FAULT_ENV = "MMCTR_FAULT_TUNE_EXIT_AFTER_TRIALS"  # tests: the driver exits hard after N finished trials
@@ -206,7 +205,7 @@ class _Progress:
         # this module stays light
         from ray.tune import Callback
 
-        from mmctr_ray.tune_report import trial_outcome
+        from mmctr_ray.tune_report import asha_stopped, trial_outcome
 
         class Progress(Callback):
             def setup(self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None,
@@ -220,7 +219,8 @@ class _Progress:
                 from mmctr_ray import tuning  # read at call time: a callback restored from an older TUNE path
 
                 base = Path(tuning.tune_dir_now or tune_dir)
-                outcome = outcome or trial_outcome(base / "trials" / trial.trial_id, epochs, max_epochs)
+                outcome = outcome or trial_outcome(base / "trials" / trial.trial_id, epochs, max_epochs,
+                                                   asha_stopped(base))
                 log.info("%s", progress_line(trials, trial, outcome, max(self.total, len(trials)),
                                              time.monotonic() - self.t0, self.ended_here,
                                              None if deadline is None else deadline - time.time()))
@@ -325,6 +325,16 @@ def _prepare(tune_dir: Path, search_yaml: Path | None, settings: dict[str, Any],
     return settings
 
 
+def trial_cpus(tune_dir: str | Path, resume: bool, workers: int, cpus_per_worker: float) -> float:
+    """The CPUs one trial's training workers take: on ``resume``, those of the search as it started (its
+    ``settings.json``), which the resumed search runs with whatever the command line says."""
+    saved = Path(tune_dir) / "settings.json"
+    if resume and saved.is_file():
+        settings = json.loads(saved.read_text())
+        workers, cpus_per_worker = settings["workers"], settings["cpus_per_worker"]
+    return TRIAL_DRIVER_CPU + workers * cpus_per_worker
+
+
 def check_inputs(data_dir: str | Path, search_yaml: str | Path | None, overrides: list[str] = (),
                  resume: bool = False, workers: int = 1, source: str = "shipped", gpus_per_trial: float = 0.0,
                  num_samples: int | None = None, max_concurrent: int | None = None,
@@ -387,7 +397,7 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
     import ray
     from ray import tune
 
-    from mmctr_ray.tune_report import write_outputs
+    from mmctr_ray.tune_report import ASHA_RECORDS
 
     data, tdir = Path(data_dir).resolve(), Path(tune_dir).resolve()
     source = source if source == "shipped" else str(Path(source).resolve())  # trials run in their own folders
@@ -444,6 +454,14 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
     finally:  # this search's paths served what Tune restored; a later search in this process sets its own
         mmctr_ray.asha.records_path = mmctr_ray.study.url = tune_dir_now = None
         interrupted = watch.pressed()
+    return end_of_search(tdir, space, results, interrupted)
+
+
+def end_of_search(tdir: Path, space: SearchSpace, results: Any, interrupted: bool) -> dict[str, Any]:
+    """Write the search's outputs once ``Tuner.fit()`` returned ``results``; return the summary. After Ctrl-C
+    (``interrupted``) they are written too, as what the search has so far, and Interrupted says so."""
+    from mmctr_ray.tune_report import write_outputs
+
     errors = {Path(r.path).name: str(r.error).splitlines()[0] for r in results if r.error}
     known = [Path(r.path).name for r in results]
     if not interrupted:
@@ -454,7 +472,7 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
     except DataError:  # no trial folder yet
         raise Interrupted("no trial had started") from None
     ended = sum(summary[s] for s in ("completed", "early-stopped", "pruned", "error"))
-    running = f"{summary['trials'] - ended} started and not ended"
+    running = f"{summary['trials'] - ended} started and not ended (--resume continues them)"
     kept = f"{summary['results']}{' and best.yaml' if summary.get('best_yaml') else ''} hold them so far"
     raise Interrupted(f"{ended} trial{'' if ended == 1 else 's'} ended ({kept}), {running}" if ended
                       else f"no trial ended, {running}")
@@ -463,12 +481,14 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
 class _CtrlC:
     """Whether Ctrl-C ended ``Tuner.fit()``, which returns as if the search were done. Tune (2.60) installs its own
     SIGINT handler for the search and, on the first Ctrl-C, saves the search's state and puts back the handler it
-    found: a marker handler installed before ``fit`` is therefore back in place exactly when Ctrl-C was pressed.
-    Only in the main thread (elsewhere neither can install a handler)."""
+    found: a marker handler installed before ``fit`` is therefore back in place exactly when Ctrl-C was pressed (or
+    SIGUSR1, which Tune takes the same way). Only in the main thread (elsewhere neither can install a handler), and
+    not when ``TUNE_DISABLE_SIGINT_HANDLER`` keeps Tune's handler out (Ctrl-C is then a KeyboardInterrupt)."""
 
     def __init__(self) -> None:
         self.before = self.marker = None
-        if threading.current_thread() is threading.main_thread():
+        if (threading.current_thread() is threading.main_thread()
+                and not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0"))):
             self.before = signal.getsignal(signal.SIGINT)
 
             def marker(signum: int, frame: Any) -> None:  # a second Ctrl-C: what was there before

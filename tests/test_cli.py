@@ -247,12 +247,17 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
         return command
 
     resume = "run the same command with --resume (in place of --overwrite) to continue"
-    train = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")]
+    train = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--config", "configs/tiny.yaml"]
+    tune = ["tune", "--data", str(tmp_path), "--out", str(tmp_path / "tune"), "--config", "search.yaml"]
     for name, argv, error, line in [
             ("cmd_report", ["report", str(tmp_path)], KeyboardInterrupt(), "mmctr report: interrupted"),
             ("cmd_train", train, KeyboardInterrupt(), "mmctr train: interrupted"),  # RUN not known to hold anything
-            ("cmd_train", train, Interrupted("RUN keeps the checkpoints of epochs 1–2"),
-             f"mmctr train: interrupted: RUN keeps the checkpoints of epochs 1–2; {resume}"),
+            ("cmd_train", train, Interrupted("RUN keeps the checkpoints of epochs 1–2"),  # --resume takes no --config
+             f"mmctr train: interrupted: RUN keeps the checkpoints of epochs 1–2; continue with `mmctr train --data "
+             f"{tmp_path} --out {tmp_path / 'run'} --resume` (RUN keeps its config)"),
+            ("cmd_tune", tune, Interrupted("1 trial ended"),
+             f"mmctr tune: interrupted: 1 trial ended; continue with `mmctr tune --data {tmp_path} --out "
+             f"{tmp_path / 'tune'} --resume` (TUNE keeps its search and settings)"),
             ("cmd_pipeline", ["demo", "--out", str(tmp_path / "demo")], KeyboardInterrupt(),
              f"mmctr demo: interrupted; {resume}"),
             ("cmd_embed", ["embed", "--data", str(tmp_path), "--out", str(tmp_path / "e.parquet")], KeyboardInterrupt(),

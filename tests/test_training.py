@@ -303,16 +303,18 @@ def test_ctrl_c_ends_a_run_with_one_line_that_says_what_is_kept(synth_dir, tmp_p
     with open(log, "w") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        first = run / "checkpoint_epoch_001" / "files.json"  # written last: the checkpoint is complete in RUN
         deadline = time.time() + 240
-        while proc.poll() is None and "epoch 1:" not in log.read_text() and time.time() < deadline:
+        while proc.poll() is None and not first.is_file() and time.time() < deadline:
             time.sleep(0.2)
         assert proc.poll() is None, log.read_text()[-3000:]
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
     lines = [line for line in log.read_text().splitlines() if line.startswith("mmctr train:")]
     assert len(lines) == 1 and re.fullmatch(
-        rf"mmctr train: interrupted: {re.escape(str(run))} keeps the checkpoints of epochs 1–(\d+); run the same "
-        r"command with --resume \(in place of --overwrite\) to continue", lines[0]), lines
+        rf"mmctr train: interrupted: {re.escape(str(run))} keeps the checkpoints of epochs 1–(\d+); continue with "
+        rf"`mmctr train --data {re.escape(str(synth_dir))} --out {re.escape(str(run))} --resume` \(RUN keeps its "
+        r"config\)", lines[0]), lines
     last = int(re.search(r"epochs 1–(\d+)", lines[0]).group(1))
     assert [Path(c).name for c in epoch_checkpoints(run)][-1] == f"checkpoint_epoch_{last:03d}"
     assert not (run / "summary.json").exists()

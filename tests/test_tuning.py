@@ -29,7 +29,7 @@ from mmctr_ray.predict import load_model, score_parquet
 from mmctr_ray.schema import Layout
 from mmctr_ray.search_space import SearchSpace, load_search
 from mmctr_ray.train_driver import check_inputs
-from mmctr_ray.tune_report import in_this_search, trial_outcome
+from mmctr_ray.tune_report import asha_stopped, in_this_search, trial_outcome
 from mmctr_ray.tuning import (FAULT_ENV, METRIC, _scheduler, check_resources, progress_line, shared_datasets,
                                trial_concurrency)
 
@@ -119,6 +119,18 @@ def test_concurrency_is_sized_from_resources():
                                           r"has 2 CPUs"):
         trial_concurrency({"CPU": 2}, workers=2, cpus_per_worker=1, gpus_per_worker=0)
 
+
+
+def test_a_resumed_search_sizes_the_local_ray_for_the_trials_it_started_with(tmp_path):
+    """`tune --resume` runs its trials with the workers of settings.json, not the command line's defaults: the
+    private local Ray is sized for those (ray_env.logical_cpus), else a search started with --workers-per-trial 2
+    on 2 cores (3 logical CPUs) could not resume there."""
+    from mmctr_ray.tuning import trial_cpus
+
+    assert trial_cpus(tmp_path, False, 2, 1.5) == 3.0
+    assert trial_cpus(tmp_path, True, 1, 1.0) == 1.0  # nothing saved yet: the command line's (the resume fails later)
+    (tmp_path / "settings.json").write_text(json.dumps({"workers": 2, "cpus_per_worker": 1.0}))
+    assert trial_cpus(tmp_path, True, 1, 1.0) == 2.0 and trial_cpus(tmp_path, False, 1, 1.0) == 1.0
 
 
 def test_a_joined_cluster_that_can_grow_takes_the_requested_concurrency():
@@ -329,9 +341,18 @@ def test_an_ended_trial_is_one_line_with_the_best_so_far_and_the_time_left(tmp_p
     trials[0].last_result["best_valid_auc_se"] = 0.0123  # the best epoch's standard error, as training reports it
     assert progress_line(trials, trials[0], "completed", 8, 120.0, 2).startswith(
         "trial a completed: best valid AUC 0.8000 ± 0.0123 at epoch 3; best so far 0.8000 (a); ")
-    run = tmp_path / "t"
-    run.mkdir()
-    assert [trial_outcome(run, 0, 3), trial_outcome(run, 1, 3)] == ["no result", "pruned"]
+    run = tmp_path / "trials" / "t"
+    run.mkdir(parents=True)
+    assert [trial_outcome(run, 0, 3), trial_outcome(run, 1, 3)] == ["no result", "pruned"]  # records without stops
+    # a trial with epochs and no summary: pruned if ASHA stopped it, else it runs (or ran when Ctrl-C came, and
+    # --resume continues it); before, every such trial was called pruned
+    assert asha_stopped(tmp_path) == set()  # no ASHA records: FIFO, nothing stopped
+    (tmp_path / "asha.json").write_text(json.dumps({"brackets": [], "stopped": {"u": 1.0}}))
+    assert trial_outcome(run, 1, 3, asha_stopped(tmp_path)) == "running"
+    (tmp_path / "asha.json").write_text(json.dumps({"brackets": [], "stopped": {"t": 1.0}}))
+    assert trial_outcome(run, 1, 3, asha_stopped(tmp_path)) == "pruned"
+    (tmp_path / "asha.json").write_text(json.dumps({"brackets": []}))  # records of a version without the list
+    assert asha_stopped(tmp_path) is None and trial_outcome(run, 1, 3, None) == "pruned"
     (run / "summary.json").write_text("{}")
     assert [trial_outcome(run, 2, 3), trial_outcome(run, 3, 3)] == ["early-stopped", "completed"]
 
@@ -586,6 +607,42 @@ def test_ctrl_c_during_a_search_is_told_apart_from_its_end():
     finally:
         signal.signal(signal.SIGINT, before)
         signal.signal(signal.SIGUSR1, usr1)
+
+
+def test_after_ctrl_c_the_running_trials_stay_running_for_resume(tmp_path):
+    """What run_tuning does once Tuner.fit() returned: after Ctrl-C the trial still running keeps its RUNNING
+    study trial (--resume continues it and tells the study its result; closing it as failed lost that result),
+    results.csv calls it running, not pruned, and Interrupted says what ended. After a search that ended, a study
+    trial still RUNNING is an orphan and is closed."""
+    from mmctr_ray.errors import Interrupted
+    from mmctr_ray.tuning import STUDY_NAME, end_of_search
+
+    space = load_search(ROOT / "configs/search_tiny.yaml")
+    trials = tmp_path / "trials"
+    for trial_id, epochs, done in (("a", 2, True), ("b", 1, False)):  # a ended; b ran one epoch of two
+        (trials / trial_id).mkdir(parents=True)
+        (trials / f"{trial_id}.params.json").write_text("{}")
+        shutil.copy(ROOT / "configs/tiny.yaml", trials / trial_id / "config.yaml")
+        (trials / trial_id / "metrics.jsonl").write_text("".join(
+            json.dumps({"epoch": e, "valid_auc": 0.7 + e / 100, "valid_auc_se": 0.01}) + "\n"
+            for e in range(1, epochs + 1)))
+        if done:
+            (trials / trial_id / "summary.json").write_text("{}")
+    (tmp_path / "asha.json").write_text(json.dumps({"brackets": [], "stopped": {}}))
+    study = optuna.create_study(study_name=STUDY_NAME, storage=f"sqlite:///{tmp_path}/optuna.db", direction="maximize")
+    study.tell(study.ask(), 0.72)
+    study.ask()  # b's, running
+    results = [SimpleNamespace(path=str(trials / t), error=None) for t in ("a", "b")]
+    with pytest.raises(Interrupted, match=rf"^1 trial ended \({tmp_path}/results.csv and best.yaml hold them so "
+                                          r"far\), 1 started and not ended \(--resume continues them\)$"):
+        end_of_search(tmp_path, space, results, interrupted=True)
+    states = lambda: [t.state.name for t in optuna.load_study(  # noqa: E731
+        study_name=STUDY_NAME, storage=f"sqlite:///{tmp_path}/optuna.db").trials]
+    assert states() == ["COMPLETE", "RUNNING"]
+    with open(tmp_path / "results.csv", newline="") as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["completed", "running"]
+    end_of_search(tmp_path, space, results, interrupted=False)  # the search ended: a RUNNING study trial is an orphan
+    assert states() == ["COMPLETE", "FAIL"]
 
 
 def test_a_trial_that_diverged_is_not_trained_again_when_the_search_resumes(tmp_path, monkeypatch):
