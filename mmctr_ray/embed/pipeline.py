@@ -162,20 +162,28 @@ def _read_items(lay: Layout) -> pa.Table:
 
 
 class _Progress:
-    def __init__(self, total: int, progress: Callable[[str], None], every_s: float = 10.0) -> None:
-        self.total, self.progress, self.every_s = total, progress, every_s
-        self.t0 = self.last = time.perf_counter()
-        self.done = 0
+    """A progress line every ``every_s`` seconds. Its rate, and the ETA from it, are counted from the first result
+    on, once there is a second: before it the actors start and load their models (tens of seconds), which
+    made the first lines' ETA several times too long."""
+
+    def __init__(self, total: int, progress: Callable[[str], None], every_s: float = 10.0,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.total, self.progress, self.every_s, self.clock = total, progress, every_s, clock
+        self.t0 = self.last = clock()
+        self.done = self.first_rows = 0
         self.first: float | None = None
 
     def add(self, rows: int) -> None:
         self.done += rows
-        now = time.perf_counter()
+        now = self.clock()
         if self.first is None:
             self.first = now - self.t0  # actors started, models loaded, the first block encoded
+            self.first_rows = self.done
         if now - self.last >= self.every_s:
             self.last = now
-            rate = self.done / (now - self.t0)
+            steady = now - self.t0 - self.first
+            rate = ((self.done - self.first_rows) / steady if self.done > self.first_rows and steady > 0
+                    else self.done / max(now - self.t0, 1e-9))
             self.progress(f"embed: {self.done}/{self.total} items, {rate:.1f} items/s, "
                           f"ETA {(self.total - self.done) / max(rate, 1e-9):.0f} s")
 
