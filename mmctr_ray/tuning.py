@@ -448,12 +448,14 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
         tuner = tune.Tuner(trainable, run_config=run_config,
                            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=n,
                                                        max_concurrent_trials=k))
-    watch = _CtrlC()
+    watch, tune_log = _CtrlC(), logging.getLogger("ray.tune.tune")
+    tune_log.addFilter(_no_tuner_restore_hint)
     try:
         results = tuner.fit()
     finally:  # this search's paths served what Tune restored; a later search in this process sets its own
         mmctr_ray.asha.records_path = mmctr_ray.study.url = tune_dir_now = None
         interrupted = watch.pressed()
+        tune_log.removeFilter(_no_tuner_restore_hint)
     return end_of_search(tdir, space, results, interrupted)
 
 
@@ -476,6 +478,12 @@ def end_of_search(tdir: Path, space: SearchSpace, results: Any, interrupted: boo
     kept = f"{summary['results']}{' and best.yaml' if summary.get('best_yaml') else ''} hold them so far"
     raise Interrupted(f"{ended} trial{'' if ended == 1 else 's'} ended ({kept}), {running}" if ended
                       else f"no trial ended, {running}")
+
+
+def _no_tuner_restore_hint(record: logging.LogRecord) -> bool:
+    """A filter for Tune's log: after Ctrl-C Tune says "Resume experiment with: Tuner.restore(path=...,
+    trainable=...)", which is not how a search of mmctr resumes; the command's own last line says how."""
+    return not record.getMessage().startswith("Experiment has been interrupted")
 
 
 class _CtrlC:

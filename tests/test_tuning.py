@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -604,6 +605,12 @@ def test_ctrl_c_during_a_search_is_told_apart_from_its_end():
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: Tune's handler takes it (else the marker's KeyboardInterrupt)
         assert stop.is_set() and watch.pressed()
         assert signal.getsignal(signal.SIGINT) is before
+        from mmctr_ray.tuning import _no_tuner_restore_hint  # Tune's own advice after Ctrl-C, not a way for mmctr
+
+        record = lambda msg: logging.LogRecord("ray.tune.tune", logging.WARNING, "", 0, msg, (), None)  # noqa: E731
+        assert not _no_tuner_restore_hint(record("Experiment has been interrupted, but the most recent state was "
+                                                 "saved.\nResume experiment with: Tuner.restore(path=...)"))
+        assert _no_tuner_restore_hint(record("Stop signal received (e.g. via SIGINT/Ctrl+C), ending Ray Tune run."))
     finally:
         signal.signal(signal.SIGINT, before)
         signal.signal(signal.SIGUSR1, usr1)
