@@ -715,6 +715,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, Interrupted) as err:  # Ctrl-C: one line, what is kept and how to go on
         kept = f": {err}" if isinstance(err, Interrupted) else ""
         how = _how_to_continue(args, bool(kept))
+        from mmctr_ray.ray_env import stop_ray
+
+        stop_ray()  # its actors' last log lines (an aborted run's clean-up) come before this line, not after it
         print(f"mmctr {args.command}: interrupted{kept}{'; ' + how if how else ''}", file=sys.stderr)
         return INTERRUPTED
     except Exception as err:

@@ -266,6 +266,15 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
         monkeypatch.setattr(cli, name, stop(error))
         assert main(argv) == 130
         assert capsys.readouterr().err.strip() == line
+    import ray
+
+    import mmctr_ray.ray_env as ray_env
+
+    shut = []  # the Ray the command started goes down before the line (its actors' last logs come first) ...
+    monkeypatch.setattr(ray, "shutdown", lambda: shut.append(1))
+    monkeypatch.setitem(ray_env._PRIVATE, "connected", True)
+    assert main(["report", str(tmp_path)]) == 130 and shut == [1]
+    assert main(["report", str(tmp_path)]) == 130 and shut == [1]  # ... and a Ray it did not start stays up
 
 
 def test_pipeline_resume_refuses_a_config_that_is_not_what_out_keeps(tmp_path, capsys):
