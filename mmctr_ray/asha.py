@@ -36,6 +36,7 @@ class ResumableASHA(ASHAScheduler):
         super().__init__(**kwargs)
         self._records = str(records)
         self._stopped: dict[str, float] = {}  # trial id -> the epoch ASHA stopped it at
+        self._stops_complete = True  # False once resumed from a version that kept no list: it lacks earlier stops
         self._loaded = False
         self._save_failed = False
 
@@ -43,7 +44,9 @@ class ResumableASHA(ASHAScheduler):
         return {**self.__dict__, "_loaded": False}  # an unpickled copy (Tuner.restore) reads the file first
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"_stopped": {}, "_save_failed": False, **state})  # a pickle of an older version
+        # a pickle of an older version: without a list of stops, the stops made before it are not known
+        self.__dict__.update({"_stopped": {}, "_save_failed": False, "_stops_complete": "_stopped" in state,
+                              **state})
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         self._load()
@@ -75,6 +78,7 @@ class ResumableASHA(ASHAScheduler):
             return
         saved = json.loads(Path(self._path).read_text())
         self._stopped.update(saved.get("stopped", {}))
+        self._stops_complete = self._stops_complete and "stopped" in saved and saved.get("stops_complete", True)
         for bracket, rungs in zip(self._brackets, saved["brackets"]):
             by_milestone = {float(milestone): recorded for milestone, recorded in rungs}
             for milestone, recorded in bracket._rungs:
@@ -86,7 +90,7 @@ class ResumableASHA(ASHAScheduler):
 
     def _save(self) -> None:
         state = {"brackets": [[[milestone, recorded] for milestone, recorded in b._rungs] for b in self._brackets],
-                 "stopped": self._stopped}
+                 "stopped": self._stopped, "stops_complete": self._stops_complete}
         tmp = f"{self._path}.tmp"
         try:
             Path(tmp).write_text(json.dumps(state))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -688,20 +689,47 @@ def _refuse_existing_output(args: argparse.Namespace, out: storage.Location) -> 
 INTERRUPTED = 130  # a shell's exit status for a command ended by Ctrl-C (128 + SIGINT)
 
 
-def _how_to_continue(args: argparse.Namespace, known: bool) -> str:
-    """After Ctrl-C: the command that continues what ``args``' command left; ``known``: the stage said what it
-    keeps (train and tune only then: before their first checkpoint or trial there may be nothing to resume)."""
-    if args.command in ("train", "tune") and known:
-        what = "RUN keeps its config" if args.command == "train" else "TUNE keeps its search and settings"
-        return f"continue with `mmctr {args.command} --data {args.data} --out {args.out} --resume` ({what})"
-    if args.command in ("pipeline", "demo"):
-        return "run the same command with --resume (in place of --overwrite) to continue"
+RESUME_DROPS = {  # what --resume refuses: the run or search keeps its own
+    "train": ("--config", "--fusion", "--overwrite"),
+    "tune": ("--config", "--num-samples", "--max-concurrent", "--time-budget-s", "--set", "--overwrite"),
+    "pipeline": ("--overwrite",), "demo": ("--overwrite",)}
+
+
+def _resume_argv(argv: Sequence[str], command: str) -> list[str]:
+    """``argv`` (the stage's own, flags and values) as a --resume: without what --resume refuses (a train
+    ``--set`` other than ``train.*``), with --resume once."""
+    stage = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    switches = {s for a in stage._actions if a.nargs == 0 for s in a.option_strings}  # flags without a value
+    drops, out, i = RESUME_DROPS[command], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        flag, has_value = arg.split("=", 1)[0], "=" in arg
+        takes = flag.startswith("-") and flag not in switches and not has_value
+        value = argv[i + 1] if takes and i + 1 < len(argv) else (arg.split("=", 1)[1] if has_value else None)
+        step = 2 if takes else 1
+        if flag in drops or flag == "--resume" or (
+                command == "train" and flag == "--set" and not str(value).startswith("train.")):
+            i += step
+            continue
+        out += argv[i:i + step]
+        i += step
+    return [*out, "--resume"]
+
+
+def _how_to_continue(args: argparse.Namespace, argv: Sequence[str], known: bool) -> str:
+    """After Ctrl-C: the command that continues what ``args``' command left (``argv``: the command line);
+    ``known``: the stage said what it keeps (train and tune only then: before their first checkpoint or trial
+    there may be nothing to resume)."""
+    if args.command in ("train", "tune", "pipeline", "demo") and (known or args.command in ("pipeline", "demo")):
+        at = list(argv).index(args.command)
+        return f"continue with `{shlex.join(['mmctr', *argv[:at + 1], *_resume_argv(argv[at + 1:], args.command)])}`"
     if args.command == "embed":
         return "run the same command again (without --overwrite) to continue from the shards already encoded"
     return ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
@@ -714,11 +742,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.func(args)
     except (KeyboardInterrupt, Interrupted) as err:  # Ctrl-C: one line, what is kept and how to go on
         kept = f": {err}" if isinstance(err, Interrupted) else ""
-        how = _how_to_continue(args, bool(kept))
+        how = _how_to_continue(args, argv, bool(kept))
         from mmctr_ray.ray_env import stop_ray
 
-        stop_ray()  # its actors' last log lines (an aborted run's clean-up) come before this line, not after it
-        print(f"mmctr {args.command}: interrupted{kept}{'; ' + how if how else ''}", file=sys.stderr)
+        try:
+            stop_ray()  # its actors' last log lines (an aborted run's clean-up) come before this line, not after it
+        except (KeyboardInterrupt, Exception):  # a second Ctrl-C, or a Ray that went first: the line still comes
+            pass
+        finally:
+            print(f"mmctr {args.command}: interrupted{kept}{'; ' + how if how else ''}", file=sys.stderr)
         return INTERRUPTED
     except Exception as err:
         user = find_user_error(err)  # also when a Ray task or worker met it

@@ -160,11 +160,13 @@ def private_local_ray() -> bool:
 def stop_ray() -> None:
     """Shut down the private local Ray :func:`init_ray` started, or leave the cluster it joined, as at exit; a Ray
     this process had before (a notebook's, a test's) is left alone."""
-    if _PRIVATE.pop("connected", False):
+    gcs = _PRIVATE.pop("connected", None)
+    if gcs is not None:
         import ray
 
-        ray.shutdown()
-        _PRIVATE["started"] = False
+        if ray.is_initialized() and ray.get_runtime_context().gcs_address == gcs:  # still the one it started or joined
+            ray.shutdown()
+            _PRIVATE["started"] = False
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = False,
@@ -193,7 +195,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
         if _PRIVATE.pop("watcher_off", False):
             os.environ.pop(WATCHER_ENV, None)
         ray.init(address=address, logging_level=logging.WARNING)
-        _PRIVATE["connected"] = True
+        _PRIVATE["connected"] = ray.get_runtime_context().gcs_address
         log.info("joined Ray at %s: %s", address, ray.cluster_resources())
         return
     _loopback_only()
@@ -219,6 +221,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
              object_store_memory=object_store_mib * 2**20 if object_store_mib else None,
              logging_level=logging.WARNING, runtime_env={"worker_process_setup_hook": pin_ray_address})
     _PRIVATE["started"], _PRIVATE["gcs"] = True, ray.get_runtime_context().gcs_address
-    _PRIVATE["connected"] = True
+    _PRIVATE["connected"] = _PRIVATE["gcs"]
     log.info("started a local Ray%s: %s", " with its dashboard on 127.0.0.1" if dashboard else "",
              ray.cluster_resources())

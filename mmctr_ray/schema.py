@@ -117,9 +117,9 @@ class Layout:
             return None
         if not self.root.is_dir():
             return "no such data directory"
-        name = DATASET_NAME
-        if self.root.name == name or any((self.root / f"{n}.parquet").exists() for n in ("item_info", *SPLITS)):
-            return f"looks like the {name} folder itself: --data is the folder above it, here {self.root.parent}"
+        name, root = DATASET_NAME, self.root.resolve()  # `--data .` too
+        if root.name == name or any((root / f"{n}.parquet").exists() for n in ("item_info", *SPLITS)):
+            return f"looks like the {name} folder itself: --data is the folder above it, here {root.parent}"
         return f"holds no {name}/ folder: --data is the folder that holds {name}/ and item_feature.parquet"
 
     def missing(self, path: Path) -> str:

@@ -58,13 +58,18 @@ def search_of(run_dir: Path) -> Path | None:
 ASHA_RECORDS = "asha.json"  # TUNE/asha.json: ASHA's rung records and the trials it stopped (mmctr_ray.asha)
 
 
-def asha_stopped(tdir: Path) -> set[str] | None:
-    """The ids of the trials ASHA stopped in the search in ``tdir``; None where its records predate that list."""
+def asha_stopped(tdir: Path, fifo: bool = False) -> set[str] | None:
+    """The ids of the trials ASHA stopped in the search in ``tdir``; None where that is not known: no records
+    (a search older than them) or records without the full list (older, or resumed from older ones), or records
+    that cannot be read. ``fifo``: the search has no ASHA (every trial runs to its end), so none was stopped."""
     path = tdir / ASHA_RECORDS
-    if not path.is_file():  # no ASHA (every trial runs to the end) or no result yet
+    if fifo:
         return set()
-    saved = json.loads(path.read_text())
-    return set(saved["stopped"]) if "stopped" in saved else None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return set(saved["stopped"]) if "stopped" in saved and saved.get("stops_complete", True) else None
 
 
 def trial_outcome(run: Path, epochs: int, max_epochs: int, stopped: set[str] | None = None) -> str:
@@ -80,7 +85,7 @@ def trial_outcome(run: Path, epochs: int, max_epochs: int, stopped: set[str] | N
 
 def _trial_rows(tdir: Path, space: SearchSpace, errors: dict[str, str],
                 known: list[str] | None = None) -> list[dict[str, Any]]:
-    rows, stopped = [], asha_stopped(tdir)
+    rows, stopped = [], asha_stopped(tdir, fifo=space.grace_period >= space.max_epochs)  # as tuning._scheduler
     started = sorted((tdir / "trials").glob("*.params.json"), key=lambda p: p.stat().st_mtime_ns)  # trial order
     for n, params_file in enumerate(started):
         trial_id = params_file.name.removesuffix(".params.json")

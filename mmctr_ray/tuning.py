@@ -474,7 +474,9 @@ def end_of_search(tdir: Path, space: SearchSpace, results: Any, interrupted: boo
     except DataError:  # no trial folder yet
         raise Interrupted("no trial had started") from None
     ended = sum(summary[s] for s in ("completed", "early-stopped", "pruned", "error"))
-    running = f"{summary['trials'] - ended} started and not ended (--resume continues them)"
+    lost = summary["interrupted"]  # started after Tune's last saved state: --resume draws new trials instead
+    running = f"{summary['trials'] - ended - lost} started and not ended (--resume continues them)" + (
+        f", {lost} interrupted before Tune saved them (--resume starts new trials instead)" if lost else "")
     kept = f"{summary['results']}{' and best.yaml' if summary.get('best_yaml') else ''} hold them so far"
     raise Interrupted(f"{ended} trial{'' if ended == 1 else 's'} ended ({kept}), {running}" if ended
                       else f"no trial ended, {running}")

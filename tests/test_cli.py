@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -246,20 +247,22 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
             raise error
         return command
 
-    resume = "run the same command with --resume (in place of --overwrite) to continue"
     train = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--config", "configs/tiny.yaml"]
     tune = ["tune", "--data", str(tmp_path), "--out", str(tmp_path / "tune"), "--config", "search.yaml"]
     for name, argv, error, line in [
             ("cmd_report", ["report", str(tmp_path)], KeyboardInterrupt(), "mmctr report: interrupted"),
             ("cmd_train", train, KeyboardInterrupt(), "mmctr train: interrupted"),  # RUN not known to hold anything
-            ("cmd_train", train, Interrupted("RUN keeps the checkpoints of epochs 1–2"),  # --resume takes no --config
+            ("cmd_train", [*train, "--workers", "2", "--set", "train.epochs=9", "--set", "model.dropout=0.2"],
+             Interrupted("RUN keeps the checkpoints of epochs 1–2"),  # --resume takes no --config nor model.*
              f"mmctr train: interrupted: RUN keeps the checkpoints of epochs 1–2; continue with `mmctr train --data "
-             f"{tmp_path} --out {tmp_path / 'run'} --resume` (RUN keeps its config)"),
-            ("cmd_tune", tune, Interrupted("1 trial ended"),
+             f"{tmp_path} --out {tmp_path / 'run'} --workers 2 --set train.epochs=9 --resume`"),
+            ("cmd_tune", [*tune, "--num-samples", "8", "--num-cpus=3"], Interrupted("1 trial ended"),
              f"mmctr tune: interrupted: 1 trial ended; continue with `mmctr tune --data {tmp_path} --out "
-             f"{tmp_path / 'tune'} --resume` (TUNE keeps its search and settings)"),
-            ("cmd_pipeline", ["demo", "--out", str(tmp_path / "demo")], KeyboardInterrupt(),
-             f"mmctr demo: interrupted; {resume}"),
+             f"{tmp_path / 'tune'} --num-cpus=3 --resume`"),
+            ("cmd_pipeline", ["demo", "--out", str(tmp_path / "my demo"), "--overwrite", "--embed", "--set",
+                              "train.epochs=3"], KeyboardInterrupt(),
+             f"mmctr demo: interrupted; continue with `mmctr demo --out '{tmp_path / 'my demo'}' --embed --set "
+             f"train.epochs=3 --resume`"),
             ("cmd_embed", ["embed", "--data", str(tmp_path), "--out", str(tmp_path / "e.parquet")], KeyboardInterrupt(),
              "mmctr embed: interrupted; run the same command again (without --overwrite) to continue from the shards "
              "already encoded")]:
@@ -272,9 +275,13 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
 
     shut = []  # the Ray the command started goes down before the line (its actors' last logs come first) ...
     monkeypatch.setattr(ray, "shutdown", lambda: shut.append(1))
-    monkeypatch.setitem(ray_env._PRIVATE, "connected", True)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(gcs_address="127.0.0.1:1"))
+    monkeypatch.setitem(ray_env._PRIVATE, "connected", "127.0.0.1:1")
     assert main(["report", str(tmp_path)]) == 130 and shut == [1]
-    assert main(["report", str(tmp_path)]) == 130 and shut == [1]  # ... and a Ray it did not start stays up
+    assert main(["report", str(tmp_path)]) == 130 and shut == [1]  # ... and a Ray it did not start stays up:
+    monkeypatch.setitem(ray_env._PRIVATE, "connected", "127.0.0.1:2")  # one started after it shut its own down
+    assert main(["report", str(tmp_path)]) == 130 and shut == [1]
 
 
 def test_pipeline_resume_refuses_a_config_that_is_not_what_out_keeps(tmp_path, capsys):

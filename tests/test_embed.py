@@ -187,6 +187,14 @@ def test_progress_rate_and_eta_leave_out_the_start_up():
     assert meter.first == 60.0
 
 
+def test_a_data_folder_that_is_the_dataset_folder_itself_is_named_as_such(synth_dir, bert_tiny, tmp_path):
+    inner = synth_dir / "MicroLens_1M_x1"
+    with pytest.raises(DataError, match=rf"^{inner}/item_feature.parquet: missing file \({inner}: looks like the "
+                                        rf"MicroLens_1M_x1 folder itself: --data is the folder above it, here "
+                                        rf"{synth_dir}\)$"):
+        embed(inner, tmp_path / "e.parquet", bert_tiny, start_ray=lambda: None)
+
+
 def test_text_model_must_be_a_local_directory_with_a_real_vocabulary(tmp_path):
     with pytest.raises(ConfigError, match="not a local text-model directory"):
         TextEncoder(tmp_path / "bert-base-uncased")

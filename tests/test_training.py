@@ -247,6 +247,36 @@ def test_resume_continues_from_the_latest_checkpoint(plain_run, synth_dir):
     assert load_checkpoint(epoch_checkpoints(run)[-1]).state.epoch == 3
 
 
+def test_the_driver_puts_back_the_sigint_handler_ray_train_leaves_and_tells_sigterm_apart():
+    """Ray Train installs its own SIGINT handler in trainer.fit() and leaves it: a pipeline's later steps ignored
+    Ctrl-C twice and exited 0 on the third. Ray's driver turns SIGTERM into SystemExit too, which is not Ctrl-C."""
+    import signal
+
+    from mmctr_ray.train_driver import _driver_signals
+
+    before_int, before_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+    def rays_sigterm(signum, frame):  # what ray.init installs in the driver
+        raise SystemExit(signum)
+
+    signal.signal(signal.SIGTERM, rays_sigterm)
+    try:
+        with _driver_signals() as seen:
+            signal.signal(signal.SIGINT, lambda *a: None)  # Ray Train's, for the run
+        assert signal.getsignal(signal.SIGINT) is before_int and signal.getsignal(signal.SIGTERM) is rays_sigterm
+        assert not seen["sigterm"]
+        with pytest.raises(SystemExit) as exit_info:
+            with _driver_signals() as seen:
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(100):  # the handler runs between bytecodes
+                    pass
+        assert exit_info.value.code == signal.SIGTERM and seen["sigterm"]
+        assert signal.getsignal(signal.SIGTERM) is rays_sigterm
+    finally:
+        signal.signal(signal.SIGINT, before_int)
+        signal.signal(signal.SIGTERM, before_term)
+
+
 @pytest.mark.slow
 def test_resume_takes_a_complete_checkpoint_ray_train_had_not_registered(plain_run, synth_dir, monkeypatch):
     """Ctrl-C can stop a run after a worker wrote its epoch's checkpoint and before Ray Train registered it: --resume
@@ -313,8 +343,8 @@ def test_ctrl_c_ends_a_run_with_one_line_that_says_what_is_kept(synth_dir, tmp_p
     lines = [line for line in log.read_text().splitlines() if line.startswith("mmctr train:")]
     assert len(lines) == 1 and re.fullmatch(
         rf"mmctr train: interrupted: {re.escape(str(run))} keeps the checkpoints of epochs 1–(\d+); continue with "
-        rf"`mmctr train --data {re.escape(str(synth_dir))} --out {re.escape(str(run))} --resume` \(RUN keeps its "
-        r"config\)", lines[0]), lines
+        rf"`mmctr train --data {re.escape(str(synth_dir))} --out {re.escape(str(run))} --set train.epochs=200 --set "
+        r"train.patience=200 --resume`", lines[0]), lines  # the command line without --config, which RUN keeps
     last = int(re.search(r"epochs 1–(\d+)", lines[0]).group(1))
     assert [Path(c).name for c in epoch_checkpoints(run)][-1] == f"checkpoint_epoch_{last:03d}"
     assert not (run / "summary.json").exists()

@@ -217,6 +217,14 @@ def test_asha_prunes_a_resumed_search_against_the_trials_before_the_kill(tmp_pat
     assert elsewhere.on_trial_result(None, late, {"epoch": 1, METRIC: 0.85}) == STOP  # below a and b only
     rungs = dict((m, rec) for m, rec in json.loads((moved / "asha.json").read_text())["brackets"][0])
     assert set(rungs[1]) == {"a", "b", "t4"}
+    assert json.loads((moved / "asha.json").read_text())["stops_complete"]
+    # records of a version that kept no list of stops: the stops after the resume are not all of them, so the
+    # list is marked incomplete for results.csv (tune_report.asha_stopped), now and in every later save
+    (moved / "asha.json").write_text(json.dumps({"brackets": [[[1, {"a": 0.9}]]]}))
+    older = pickle.loads(created)
+    older.on_trial_add(None, late)
+    older.on_trial_result(None, late, {"epoch": 1, METRIC: 0.95})
+    assert json.loads((moved / "asha.json").read_text())["stops_complete"] is False
     monkeypatch.setattr(mmctr_ray.asha, "records_path", str(tmp_path / "gone" / "asha.json"))
     unwritable = pickle.loads(created)
     unwritable.on_trial_add(None, late)
@@ -347,13 +355,18 @@ def test_an_ended_trial_is_one_line_with_the_best_so_far_and_the_time_left(tmp_p
     assert [trial_outcome(run, 0, 3), trial_outcome(run, 1, 3)] == ["no result", "pruned"]  # records without stops
     # a trial with epochs and no summary: pruned if ASHA stopped it, else it runs (or ran when Ctrl-C came, and
     # --resume continues it); before, every such trial was called pruned
-    assert asha_stopped(tmp_path) == set()  # no ASHA records: FIFO, nothing stopped
+    assert asha_stopped(tmp_path, fifo=True) == set()  # no ASHA: nothing stopped
+    assert asha_stopped(tmp_path) is None  # ASHA without records: a search older than them, stops unknown
     (tmp_path / "asha.json").write_text(json.dumps({"brackets": [], "stopped": {"u": 1.0}}))
     assert trial_outcome(run, 1, 3, asha_stopped(tmp_path)) == "running"
     (tmp_path / "asha.json").write_text(json.dumps({"brackets": [], "stopped": {"t": 1.0}}))
     assert trial_outcome(run, 1, 3, asha_stopped(tmp_path)) == "pruned"
-    (tmp_path / "asha.json").write_text(json.dumps({"brackets": []}))  # records of a version without the list
-    assert asha_stopped(tmp_path) is None and trial_outcome(run, 1, 3, None) == "pruned"
+    for unknown in ({"brackets": []},  # records of a version without the list
+                    {"brackets": [], "stopped": {}, "stops_complete": False}):  # resumed from such records
+        (tmp_path / "asha.json").write_text(json.dumps(unknown))
+        assert asha_stopped(tmp_path) is None and trial_outcome(run, 1, 3, None) == "pruned"
+    (tmp_path / "asha.json").write_text('{"brackets": [')  # cut short: stops unknown, no traceback
+    assert asha_stopped(tmp_path) is None
     (run / "summary.json").write_text("{}")
     assert [trial_outcome(run, 2, 3), trial_outcome(run, 3, 3)] == ["early-stopped", "completed"]
 
@@ -607,6 +620,7 @@ def test_ctrl_c_during_a_search_is_told_apart_from_its_end():
         assert signal.getsignal(signal.SIGINT) is before
         from mmctr_ray.tuning import _no_tuner_restore_hint  # Tune's own advice after Ctrl-C, not a way for mmctr
 
+        assert tune_module.logger.name == "ray.tune.tune"  # the logger run_tuning filters
         record = lambda msg: logging.LogRecord("ray.tune.tune", logging.WARNING, "", 0, msg, (), None)  # noqa: E731
         assert not _no_tuner_restore_hint(record("Experiment has been interrupted, but the most recent state was "
                                                  "saved.\nResume experiment with: Tuner.restore(path=...)"))

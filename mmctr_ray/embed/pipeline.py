@@ -146,7 +146,8 @@ def _fingerprint(items: pa.Table, lay: Layout) -> str:
 
 def _read_items(lay: Layout) -> pa.Table:
     if not lay.item_feature.is_file():
-        raise DataError(f"{lay.item_feature}: missing file (embed reads item_id and item_title from it)")
+        raise DataError(lay.missing(lay.item_feature) if lay.not_a_data_dir() else
+                        f"{lay.item_feature}: missing file (embed reads item_id and item_title from it)")
     names = pq.read_schema(lay.item_feature).names
     if "item_title" not in names or "item_id" not in names:
         raise DataError(f"{lay.item_feature}: missing column {'item_id' if 'item_id' not in names else 'item_title'}"
