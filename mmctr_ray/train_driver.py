@@ -270,6 +270,9 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     return _summary(run, data_dir, time.perf_counter() - t0)
 
 
+SIGINT_LOGGER = "ray.train.v2.api.data_parallel_trainer"  # Ray Train's Ctrl-C handler logs here (Ray 2.60)
+
+
 @contextlib.contextmanager
 def _driver_signals() -> Iterator[dict[str, bool]]:
     """Around ``trainer.fit()``. Ray Train installs its own SIGINT handler for the run (Ctrl-C aborts it) and leaves
@@ -291,9 +294,12 @@ def _driver_signals() -> Iterator[dict[str, bool]]:
             os.kill(os.getpid(), signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    said = logging.getLogger(SIGINT_LOGGER)  # its handler's "Received SIGINT. Gracefully aborting ..." at once,
+    level, said.level = said.level, logging.INFO  # not 10 s of silence before the command's own line
     try:
         yield state
     finally:  # None: a handler not set from Python
+        said.setLevel(level)
         signal.signal(signal.SIGINT, signal.SIG_DFL if sigint is None else sigint)
         signal.signal(signal.SIGTERM, signal.SIG_DFL if sigterm is None else sigterm)
 
