@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -686,9 +687,6 @@ def _refuse_existing_output(args: argparse.Namespace, out: storage.Location) -> 
         raise OutputExistsError(f"{args.out}: already exists; pass {how}")
 
 
-INTERRUPTED = 130  # a shell's exit status for a command ended by Ctrl-C (128 + SIGINT)
-
-
 RESUME_DROPS = {  # what --resume refuses: the run or search keeps its own
     "train": ("--config", "--fusion", "--overwrite"),
     "tune": ("--config", "--num-samples", "--max-concurrent", "--time-budget-s", "--set", "--overwrite"),
@@ -740,8 +738,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _refuse_existing_output(args, out)
         with output_lock(out):
             return args.func(args)
-    except (KeyboardInterrupt, Interrupted) as err:  # Ctrl-C: one line, what is kept and how to go on
+    except (KeyboardInterrupt, Interrupted) as err:  # Ctrl-C (or SIGTERM): one line, what is kept, how to go on
         kept = f": {err}" if isinstance(err, Interrupted) else ""
+        signum = getattr(err, "signum", signal.SIGINT)
         how = _how_to_continue(args, argv, bool(kept))
         from mmctr_ray.ray_env import stop_ray
 
@@ -750,8 +749,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (KeyboardInterrupt, Exception):  # a second Ctrl-C, or a Ray that went first: the line still comes
             pass
         finally:
-            print(f"mmctr {args.command}: interrupted{kept}{'; ' + how if how else ''}", file=sys.stderr)
-        return INTERRUPTED
+            print(f"mmctr {args.command}: {'terminated' if signum == signal.SIGTERM else 'interrupted'}{kept}"
+                  f"{'; ' + how if how else ''}", file=sys.stderr)
+        return 128 + signum  # a shell's status for a command ended by that signal: 130 for Ctrl-C
     except Exception as err:
         user = find_user_error(err)  # also when a Ray task or worker met it
         if user is None:

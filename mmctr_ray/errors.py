@@ -24,8 +24,13 @@ class OutputExistsError(UserError, FileExistsError):
 
 
 class Interrupted(Exception):
-    """The user stopped the command (Ctrl-C) and what it wrote so far can be continued; the message says what is
-    kept. Not a :class:`UserError`: the CLI prints it as one line and exits 130, as a shell does for Ctrl-C."""
+    """The user stopped the command (Ctrl-C: ``signum`` SIGINT; a scheduler's SIGTERM) and what it wrote so far can
+    be continued; the message says what is kept. Not a :class:`UserError`: the CLI prints it as one line and exits
+    128 + ``signum``, as a shell reports a command ended by that signal."""
+
+    def __init__(self, message: str, signum: int = 2) -> None:  # 2: SIGINT
+        super().__init__(message)
+        self.signum = signum
 
 
 def find_cause(err: BaseException, match: Callable[[BaseException], bool]) -> BaseException | None:

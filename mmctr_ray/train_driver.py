@@ -253,12 +253,15 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     try:
         with _driver_signals() as terminated:
             trainer.fit()
-    except SystemExit:  # Ray Train's own Ctrl-C handler aborts the run; Ray then ends the wait for it this way
-        if not _in_driver_main_thread() or terminated["sigterm"]:
-            raise  # a Ray worker told to exit (a Tune trial stopped by its scheduler), or SIGTERM: Ray's own way out
-        done = epoch_checkpoints(run)
-        raise Interrupted(f"{run} keeps the checkpoints of epochs {checkpoint_epoch(done[0])}–"
-                          f"{checkpoint_epoch(done[-1])}" if done else f"{run} holds no checkpoint yet") from None
+    except SystemExit:  # Ray Train's own Ctrl-C handler aborts the run, Ray's SIGTERM handler exits: both end
+        # the wait for the run this way
+        if not _in_driver_main_thread():
+            raise  # a Ray worker told to exit (a Tune trial stopped by its scheduler): Ray's own way out
+        epochs = [checkpoint_epoch(c) for c in epoch_checkpoints(run)]
+        kept = (f"the checkpoint of epoch {epochs[0]}" if len(epochs) == 1 else
+                f"the checkpoints of epochs {epochs[0]}–{epochs[-1]}")
+        raise Interrupted(f"{run} keeps {kept}" if epochs else f"{run} holds no checkpoint yet",
+                          signal.SIGTERM if terminated["sigterm"] else signal.SIGINT) from None
     except TrainingFailedError as err:
         cause = find_user_error(err)
         if cause is None:
@@ -277,8 +280,9 @@ SIGINT_LOGGER = "ray.train.v2.api.data_parallel_trainer"  # Ray Train's Ctrl-C h
 def _driver_signals() -> Iterator[dict[str, bool]]:
     """Around ``trainer.fit()``. Ray Train installs its own SIGINT handler for the run (Ctrl-C aborts it) and leaves
     it installed: the later steps of a pipeline would then ignore Ctrl-C twice and exit 0 on the third, so the
-    handler before is put back. Ray's driver turns SIGTERM into SystemExit too: the yielded ``sigterm`` flag says
-    it came, so that it is not reported as Ctrl-C. Only in the main thread (elsewhere no handler can be set)."""
+    handler before is put back. Ray's driver turns SIGTERM (a scheduler's preemption, `timeout`) into SystemExit
+    too: the yielded ``sigterm`` flag says it came, so that it is reported as such, not as Ctrl-C. Only in the
+    main thread (elsewhere no handler can be set)."""
     state = {"sigterm": False}
     if threading.current_thread() is not threading.main_thread():
         yield state

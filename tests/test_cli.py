@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -256,6 +257,9 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
              Interrupted("RUN keeps the checkpoints of epochs 1–2"),  # --resume takes no --config nor model.*
              f"mmctr train: interrupted: RUN keeps the checkpoints of epochs 1–2; continue with `mmctr train --data "
              f"{tmp_path} --out {tmp_path / 'run'} --workers 2 --set train.epochs=9 --resume`"),
+            ("cmd_train", train, Interrupted("RUN keeps the checkpoint of epoch 1", signal.SIGTERM),  # a scheduler's
+             f"mmctr train: terminated: RUN keeps the checkpoint of epoch 1; continue with `mmctr train --data "
+             f"{tmp_path} --out {tmp_path / 'run'} --resume`"),
             ("cmd_tune", [*tune, "--num-samples", "8", "--num-cpus=3"], Interrupted("1 trial ended"),
              f"mmctr tune: interrupted: 1 trial ended; continue with `mmctr tune --data {tmp_path} --out "
              f"{tmp_path / 'tune'} --num-cpus=3 --resume`"),
@@ -267,7 +271,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
              "mmctr embed: interrupted; run the same command again (without --overwrite) to continue from the shards "
              "already encoded")]:
         monkeypatch.setattr(cli, name, stop(error))
-        assert main(argv) == 130
+        assert main(argv) == 128 + getattr(error, "signum", signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM
         assert capsys.readouterr().err.strip() == line
     import ray
 
