@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+from typing import Any, Iterator
 
 from mmctr_ray.errors import ConfigError
 
@@ -157,6 +159,49 @@ def private_local_ray() -> bool:
     return ray.is_initialized() and ray.get_runtime_context().gcs_address == _PRIVATE.get("gcs")
 
 
+def _keep_python_sigterm() -> None:
+    """``ray.init`` sets a Python SIGTERM handler in the driver (``sys.exit(15)``), then its core worker puts a
+    crash handler of its own in front of it at the C level: a SIGTERM (a scheduler's preemption, ``timeout``) then
+    printed a stack dump and could abort the process (seen in ``mmctr tune``: exit -6). Installing Ray's Python
+    handler again puts it back in front, so SIGTERM ends the command as ``SystemExit(15)``, which the stages turn
+    into one line. Main thread only (elsewhere no handler can be set)."""
+    import signal
+    import threading
+
+    handler = signal.getsignal(signal.SIGTERM)
+    if callable(handler) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+@contextlib.contextmanager
+def sigterm_flag() -> Iterator[dict[str, bool]]:
+    """Yield ``{"sigterm": False}``, set to True if SIGTERM comes meanwhile; the handler in place still runs (Ray's
+    driver handler exits with SystemExit, which Ray may re-raise as ``SystemExit(1)`` out of a ``ray.get``: the
+    flag, not the exit code, tells a SIGTERM from Ctrl-C). Main thread only (elsewhere no handler can be set)."""
+    import signal
+    import threading
+
+    state = {"sigterm": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+    before = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        state["sigterm"] = True
+        if callable(before):
+            before(signum, frame)
+        elif before != signal.SIG_IGN:  # the default: end the process as SIGTERM does
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)  # None: not set from Python
+
+
 def stop_ray() -> None:
     """Shut down the private local Ray :func:`init_ray` started, or leave the cluster it joined, as at exit; a Ray
     this process had before (a notebook's, a test's) is left alone."""
@@ -195,6 +240,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
         if _PRIVATE.pop("watcher_off", False):
             os.environ.pop(WATCHER_ENV, None)
         ray.init(address=address, logging_level=logging.WARNING)
+        _keep_python_sigterm()
         _PRIVATE["connected"] = ray.get_runtime_context().gcs_address
         log.info("joined Ray at %s: %s", address, ray.cluster_resources())
         return
@@ -220,6 +266,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
     ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
              object_store_memory=object_store_mib * 2**20 if object_store_mib else None,
              logging_level=logging.WARNING, runtime_env={"worker_process_setup_hook": pin_ray_address})
+    _keep_python_sigterm()
     _PRIVATE["started"], _PRIVATE["gcs"] = True, ray.get_runtime_context().gcs_address
     _PRIVATE["connected"] = _PRIVATE["gcs"]
     log.info("started a local Ray%s: %s", " with its dashboard on 127.0.0.1" if dashboard else "",

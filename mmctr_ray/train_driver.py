@@ -33,7 +33,7 @@ from mmctr_ray.errors import ConfigError, DataError, Interrupted, OutputExistsEr
 from mmctr_ray.features import FeatureMap, build_feature_map, load_item_table, read_split
 from mmctr_ray.layers.embedding import root_mean_square
 from mmctr_ray.preflight import check_batch_size, check_splits, check_valid_labels
-from mmctr_ray.ray_env import check_local_pool, check_pool
+from mmctr_ray.ray_env import check_local_pool, check_pool, sigterm_flag
 from mmctr_ray.schema import SPLITS, Layout
 from mmctr_ray.training import DIVERGED, train_loop_per_worker
 
@@ -280,32 +280,20 @@ SIGINT_LOGGER = "ray.train.v2.api.data_parallel_trainer"  # Ray Train's Ctrl-C h
 def _driver_signals() -> Iterator[dict[str, bool]]:
     """Around ``trainer.fit()``. Ray Train installs its own SIGINT handler for the run (Ctrl-C aborts it) and leaves
     it installed: the later steps of a pipeline would then ignore Ctrl-C twice and exit 0 on the third, so the
-    handler before is put back. Ray's driver turns SIGTERM (a scheduler's preemption, `timeout`) into SystemExit
-    too: the yielded ``sigterm`` flag says it came, so that it is reported as such, not as Ctrl-C. Only in the
-    main thread (elsewhere no handler can be set)."""
-    state = {"sigterm": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield state
-        return
-    sigint, sigterm = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        state["sigterm"] = True
-        if callable(sigterm):
-            sigterm(signum, frame)
-        elif sigterm != signal.SIG_IGN:  # the default: end the process as SIGTERM does
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    said = logging.getLogger(SIGINT_LOGGER)  # its handler's "Received SIGINT. Gracefully aborting ..." at once,
-    level, said.level = said.level, logging.INFO  # not 10 s of silence before the command's own line
-    try:
-        yield state
-    finally:  # None: a handler not set from Python
-        said.setLevel(level)
-        signal.signal(signal.SIGINT, signal.SIG_DFL if sigint is None else sigint)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if sigterm is None else sigterm)
+    handler before is put back. The yielded ``sigterm`` flag (:func:`mmctr_ray.ray_env.sigterm_flag`) tells a
+    SIGTERM's SystemExit from Ctrl-C's. Only in the main thread (elsewhere no handler can be set)."""
+    with sigterm_flag() as state:
+        if threading.current_thread() is not threading.main_thread():
+            yield state
+            return
+        sigint = signal.getsignal(signal.SIGINT)
+        said = logging.getLogger(SIGINT_LOGGER)  # its handler's "Received SIGINT. Gracefully aborting ..." at once,
+        level, said.level = said.level, logging.INFO  # not 10 s of silence before the command's own line
+        try:
+            yield state
+        finally:  # None: a handler not set from Python
+            said.setLevel(level)
+            signal.signal(signal.SIGINT, signal.SIG_DFL if sigint is None else sigint)
 
 
 def _in_driver_main_thread() -> bool:

@@ -43,7 +43,7 @@ from mmctr_ray.config import ExperimentConfig, load_config
 from mmctr_ray.errors import ConfigError, DataError, Interrupted, OutputExistsError
 from mmctr_ray.metrics import se_text
 from mmctr_ray.preflight import check_batch_size, check_splits, check_valid_labels
-from mmctr_ray.ray_env import DATA_CPU_RESERVE, private_local_ray
+from mmctr_ray.ray_env import DATA_CPU_RESERVE, private_local_ray, sigterm_flag
 from mmctr_ray.schema import SPLITS
 from mmctr_ray.search_space import SearchSpace, load_search
 
@@ -451,7 +451,12 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
     watch, tune_log = _CtrlC(), logging.getLogger("ray.tune.tune")
     tune_log.addFilter(_no_tuner_restore_hint)
     try:
-        results = tuner.fit()
+        with sigterm_flag() as seen:
+            results = tuner.fit()
+    except SystemExit:  # SIGTERM: Ray's driver handler exits; Tune saved the search's state as it went
+        if not seen["sigterm"]:
+            raise
+        raise Interrupted("the search's state is saved as it goes (every 2 s)", signal.SIGTERM) from None
     finally:  # this search's paths served what Tune restored; a later search in this process sets its own
         mmctr_ray.asha.records_path = mmctr_ray.study.url = tune_dir_now = None
         interrupted = watch.pressed()

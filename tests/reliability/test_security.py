@@ -93,6 +93,19 @@ def test_the_local_ray_listens_on_loopback_only_with_token_auth():
     assert got["webui"].startswith("127.0.0.1:")
 
 
+@pytest.mark.slow
+def test_sigterm_ends_the_driver_as_rays_own_handler_says_without_a_crash_dump():
+    """ray.init sets a Python SIGTERM handler (SystemExit(15)), then its core worker puts a crash handler in front:
+    a SIGTERM (a scheduler's preemption) printed a stack dump and could abort the process (`mmctr tune`: exit -6).
+    init_ray puts Ray's Python handler back in front, so the stages can turn it into one line."""
+    code = ("import os, signal, time\nfrom mmctr_ray.ray_env import init_ray\ninit_ray(num_cpus=1)\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(30)\nprint('not ended')\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 15 and "not ended" not in r.stdout, (r.returncode, r.stderr[-2000:])
+    assert "SIGTERM received" not in r.stderr, r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("flag", [False, True])
 def test_the_dashboard_starts_only_when_asked(monkeypatch, flag):
     import ray
