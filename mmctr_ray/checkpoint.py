@@ -142,8 +142,7 @@ def checkpoint_epoch(path: Location | str) -> int | None:
 
 def epoch_checkpoints(run_dir: Location) -> list[Location]:
     """The run's complete checkpoint directories, oldest first (one cut short while copied is skipped)."""
-    epochs = {int(n.removeprefix(PREFIX)): n for n in storage.listdir(run_dir)
-              if n.startswith(PREFIX) and n.removeprefix(PREFIX).isdigit()}
+    epochs = {e: n for n in storage.listdir(run_dir) if (e := checkpoint_epoch(n)) is not None}
     found = [storage.join(run_dir, epochs[e]) for e in sorted(epochs)]  # by number: epoch 1000 after 999
     complete = []
     for path in found:
