@@ -6,6 +6,8 @@ import contextlib
 import logging
 import math
 import os
+import signal
+import threading
 from typing import Any, Iterator
 
 from mmctr_ray.errors import ConfigError
@@ -165,9 +167,6 @@ def _keep_python_sigterm() -> None:
     printed a stack dump and could abort the process (seen in ``mmctr tune``: exit -6). Installing Ray's Python
     handler again puts it back in front, so SIGTERM ends the command as ``SystemExit(15)``, which the stages turn
     into one line. Main thread only (elsewhere no handler can be set)."""
-    import signal
-    import threading
-
     handler = signal.getsignal(signal.SIGTERM)
     if callable(handler) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
@@ -178,9 +177,6 @@ def sigterm_flag() -> Iterator[dict[str, bool]]:
     """Yield ``{"sigterm": False}``, set to True if SIGTERM comes meanwhile; the handler in place still runs (Ray's
     driver handler exits with SystemExit, which Ray may re-raise as ``SystemExit(1)`` out of a ``ray.get``: the
     flag, not the exit code, tells a SIGTERM from Ctrl-C). Main thread only (elsewhere no handler can be set)."""
-    import signal
-    import threading
-
     state = {"sigterm": False}
     if threading.current_thread() is not threading.main_thread():
         yield state
@@ -205,7 +201,7 @@ def sigterm_flag() -> Iterator[dict[str, bool]]:
 def stop_ray() -> None:
     """Shut down the private local Ray :func:`init_ray` started, or leave the cluster it joined, as at exit; a Ray
     this process had before (a notebook's, a test's) is left alone."""
-    gcs = _PRIVATE.pop("connected", None)
+    gcs = _PRIVATE.pop("gcs", None)
     if gcs is not None:
         import ray
 
@@ -241,7 +237,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
             os.environ.pop(WATCHER_ENV, None)
         ray.init(address=address, logging_level=logging.WARNING)
         _keep_python_sigterm()
-        _PRIVATE["connected"] = ray.get_runtime_context().gcs_address
+        _PRIVATE["gcs"] = ray.get_runtime_context().gcs_address  # for stop_ray; not private: "started" stays False
         log.info("joined Ray at %s: %s", address, ray.cluster_resources())
         return
     _loopback_only()
@@ -268,6 +264,5 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
              logging_level=logging.WARNING, runtime_env={"worker_process_setup_hook": pin_ray_address})
     _keep_python_sigterm()
     _PRIVATE["started"], _PRIVATE["gcs"] = True, ray.get_runtime_context().gcs_address
-    _PRIVATE["connected"] = _PRIVATE["gcs"]
     log.info("started a local Ray%s: %s", " with its dashboard on 127.0.0.1" if dashboard else "",
              ray.cluster_resources())

@@ -281,10 +281,10 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(ray, "shutdown", lambda: shut.append(1))
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(gcs_address="127.0.0.1:1"))
-    monkeypatch.setitem(ray_env._PRIVATE, "connected", "127.0.0.1:1")
+    monkeypatch.setitem(ray_env._PRIVATE, "gcs", "127.0.0.1:1")
     assert main(["report", str(tmp_path)]) == 130 and shut == [1]
     assert main(["report", str(tmp_path)]) == 130 and shut == [1]  # ... and a Ray it did not start stays up:
-    monkeypatch.setitem(ray_env._PRIVATE, "connected", "127.0.0.1:2")  # one started after it shut its own down
+    monkeypatch.setitem(ray_env._PRIVATE, "gcs", "127.0.0.1:2")  # one started after it shut its own down
     assert main(["report", str(tmp_path)]) == 130 and shut == [1]
 
 
