@@ -21,6 +21,7 @@ from mmctr_ray import storage
 from mmctr_ray.checkpoint import PREFIX, best_checkpoint, incomplete
 from mmctr_ray.errors import DataError
 from mmctr_ray.metrics import compare_aucs
+from mmctr_ray.report import describe_run, item_source
 from mmctr_ray.schema import NO_PARTS, Layout, parquet_parts
 
 
@@ -63,7 +64,7 @@ def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid",
     if len(targets) < 1:
         raise DataError("compare: no run given")
     path, labels = split_labels(data_dir, split)
-    scores, checkpoints = [], []
+    scores, checkpoints, described = [], [], []
     for target in targets:
         checkpoint = _checkpoint(target)
         model = load_model(checkpoint, data_dir, device)
@@ -76,13 +77,14 @@ def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid",
                             f"overflow on a GPU: score on the CPU)")
         scores.append(probs)
         checkpoints.append(checkpoint)
+        described.append(describe_run(model.experiment_cfg, item_source(checkpoint)))
         if progress is not None:
             progress(f"scored {split} with {checkpoint}")
     rows = compare_aucs(labels, scores)
     runs = []
-    for target, checkpoint, row in zip(targets, checkpoints, rows):
+    for target, checkpoint, trained, row in zip(targets, checkpoints, described, rows):
         state = json.loads(storage.read_text(storage.join(checkpoint, "state.json")))
-        runs.append({"run": target, "checkpoint": str(checkpoint), "epoch": state["epoch"], **row})
+        runs.append({"run": target, "checkpoint": str(checkpoint), "epoch": state["epoch"], "trained": trained, **row})
     return {"data": str(data_dir), "split": split, "rows": int(len(labels)), "positives": int(labels.sum()),
             "runs": runs}
 
@@ -96,4 +98,6 @@ def markdown(result: dict[str, Any]) -> str:
     for i, r in enumerate(result["runs"]):
         versus = ["–", "–", "–"] if i == 0 else [f"{r['diff']:+.4f}", f"{r['diff_se']:.4f}", f"{r['p']:.2g}"]
         lines.append(f"| {r['run']} | {r['epoch']} | {r['auc']:.4f} | {r['se']:.4f} | " + " | ".join(versus) + " |")
+    trained = [f"- {r['run']}: {r['trained']}" for r in result["runs"] if r.get("trained")]
+    lines += ["", "What each run trained:", *trained] if trained else []
     return "\n".join(lines) + "\n"

@@ -3,12 +3,15 @@ RUN/report/ (RUN a local path or a storage URI: the files are written through it
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
+import posixpath
 from typing import Any
 
 from mmctr_ray import storage
+from mmctr_ray.config import ExperimentConfig
 from mmctr_ray.errors import DataError
 from mmctr_ray.metrics import se_text
 from mmctr_ray.storage import Location
@@ -25,6 +28,81 @@ def read_metrics(run_dir: Location, missing_ok: bool = False) -> list[dict[str, 
         return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: line {err.lineno} is not JSON") from None
+
+
+def describe_item_vector(source: dict[str, Any], rms: float = 0.0) -> str:
+    """What a run's frozen item vector is, from its checkpoint's ``item_source.json``: ``item_emb_d128 as shipped
+    (given)`` or the fusion its table came from (``v4 = PCA(text) 64 ‖ PCA(image) 64 of item_feature.parquet``)."""
+    if source.get("item_vector") == "given":
+        text = f"{source.get('column', 'item_emb_d128')} as shipped (given)"
+    else:
+        fusion = source.get("fusion") or {}
+        widths = {"v1": f"PCA(text) {fusion.get('dims')}", "v2": f"PCA(image) {fusion.get('dims')}",
+                  "v3": f"PCA(text ‖ image) {fusion.get('dims')}",
+                  "v4": f"PCA(text) {fusion.get('text_dim')} ‖ PCA(image) {fusion.get('image_dim')}"}
+        strategy = fusion.get("strategy")
+        if strategy in widths:
+            origin = posixpath.basename(str(fusion.get("source", ""))) or "?"
+            text = f"{strategy} = {widths[strategy]} of {origin} ({posixpath.basename(str(source.get('file')))})"
+        else:  # a table not written by `mmctr fuse` (no .fusion.json)
+            text = f"{source.get('file')} ({source.get('dim')} dims)"
+    return text + (f", scaled to RMS {rms:g}" if rms else "")
+
+
+def describe_model(cfg: ExperimentConfig) -> str:
+    """The model a config builds, in one line: its attention, interaction modules and DNN head."""
+    m, parts = cfg.model, []
+    if not m.use_history:
+        parts.append("no history (model.use_history=false)")
+    elif m.attention == "multihead":
+        parts.append(f"multi-head target attention ({m.num_heads} heads) over the last {cfg.data.max_len} clicks")
+    else:
+        parts.append(f"DIN attention {list(m.attention_units)} over the last {cfg.data.max_len} clicks")
+    if m.senet:
+        parts.append(f"SENet (ratio {m.senet_ratio})")
+    if m.bilinear != "off":
+        parts.append(f"bilinear interaction ({m.bilinear})")
+    if m.crossnet != "off":
+        parts.append(f"CrossNet {m.crossnet} ({m.cross_layers} layers)")
+    parts.append(f"DNN {list(m.dnn_units)}")
+    fields = ["item id", *(["tags"] if m.use_tags else []), *(["user id"] if m.use_user_id else [])]
+    return ", ".join(parts) + f"; embeddings of {m.embedding_dim} ({', '.join(fields)})"
+
+
+def describe_run(cfg: ExperimentConfig, source: dict[str, Any] | None) -> str:
+    """``config `NAME`: <model>; item vector <what>`` (the item vector from the checkpoint's ``item_source.json``
+    when there is one, else from the config)."""
+    if source is None:
+        source = ({"item_vector": "given"} if cfg.data.item_vector == "given"
+                  else {"item_vector": "fused", "file": cfg.data.item_vector, "dim": "?"})
+    t = cfg.train
+    return (f"config `{cfg.name}`: {describe_model(cfg)}; item vector "
+            f"{describe_item_vector(source, cfg.model.item_vector_rms)}; batch {t.batch_size}, {t.optimizer} lr "
+            f"{t.lr:g}, dropout {cfg.model.dropout:g}, embedding L2 {t.embedding_l2:g}")
+
+
+def run_description(run_dir: Location, checkpoint: Location | None = None) -> str | None:
+    """:func:`describe_run` of a run from its ``config.yaml`` and the item source of ``checkpoint`` (default: its
+    best); None when the run has no readable config."""
+    from mmctr_ray.checkpoint import best_checkpoint
+    from mmctr_ray.config import load_config
+    from mmctr_ray.errors import ConfigError
+
+    try:
+        cfg = load_config(storage.join(run_dir, "config.yaml"))
+    except (ConfigError, OSError):
+        return None
+    with contextlib.suppress(DataError, OSError):
+        return describe_run(cfg, item_source(checkpoint if checkpoint is not None else best_checkpoint(run_dir)))
+    return describe_run(cfg, None)
+
+
+def item_source(checkpoint: Location) -> dict[str, Any] | None:
+    """A checkpoint's ``item_source.json`` (what its item vectors were built from), or None when unreadable."""
+    path = storage.join(checkpoint, "item_source.json")
+    with contextlib.suppress(OSError, json.JSONDecodeError):
+        return json.loads(storage.read_text(path)) if storage.is_file(path) else None
+    return None
 
 
 def plot_curves(rows: list[dict[str, Any]]) -> bytes:
@@ -58,7 +136,8 @@ def markdown_summary(run_dir: Location, rows: list[dict[str, Any]]) -> str:
     summary_path = storage.join(run_dir, "summary.json")
     summary = json.loads(storage.read_text(summary_path)) if storage.is_file(summary_path) else {}
     se = best.get("valid_auc_se")
-    lines = [f"# Run `{storage.basename(run_dir)}`", "",
+    described = run_description(run_dir, summary.get("best_checkpoint"))
+    lines = [f"# Run `{storage.basename(run_dir)}`", "", *([f"Trained: {described}.", ""] if described else []),
              f"Best validation AUC **{best['valid_auc']:.4f}**{se_text(se)} (logloss {best['valid_logloss']:.4f}) "
              f"at epoch {best['epoch']} of {len(rows)}."]
     if se is not None and math.isfinite(se):

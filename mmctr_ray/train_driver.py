@@ -34,6 +34,7 @@ from mmctr_ray.features import FeatureMap, build_feature_map, load_item_table, r
 from mmctr_ray.layers.embedding import root_mean_square
 from mmctr_ray.preflight import check_batch_size, check_splits, check_valid_labels
 from mmctr_ray.ray_env import check_local_pool, check_pool, sigterm_flag
+from mmctr_ray.report import describe_run
 from mmctr_ray.schema import SPLITS, Layout
 from mmctr_ray.training import DIVERGED, train_loop_per_worker
 
@@ -162,6 +163,8 @@ def check_inputs(data_dir: str | Path, cfg: ExperimentConfig) -> tuple[dict[str,
     check_valid_labels(data_dir)
     table = load_item_table(data_dir, cfg.data.item_vector)
     warn_unscaled_vectors(cfg, table.vectors)
+    warn_fusion_mismatch(cfg, table.source)
+    log.info("training %s", describe_run(cfg, table.source))
     return rows, build_feature_map(data_dir, table)
 
 
@@ -180,6 +183,33 @@ def warn_unscaled_vectors(cfg: ExperimentConfig, vectors: Any) -> None:
                     "model.item_vector_rms (the paper configs use 0.4)", rms, cfg.data.item_vector,
                     " and ".join(x for x, on in (("CrossNet", m.crossnet != "off"),
                                                  ("bilinear interaction", m.bilinear != "off")) if on))
+
+
+def _fusion_text(fusion: dict[str, Any]) -> str:
+    """``v4 64+64``, ``v3 16``, ``given``: a fusion strategy with the widths it uses."""
+    strategy = fusion.get("strategy")
+    widths = ((fusion.get("text_dim"), fusion.get("image_dim")) if strategy == "v4"
+              else (fusion.get("dims"),) if strategy in ("v1", "v2", "v3") else ())
+    return " ".join([str(strategy), *(["+".join(map(str, widths))] if widths else [])])
+
+
+def warn_fusion_mismatch(cfg: ExperimentConfig, source: dict[str, Any]) -> None:
+    """Warn when the config's ``fusion`` section names other item vectors than the run trains on: the model trains on
+    ``data.item_vector`` (``configs/paper.yaml`` says v4, yet without ``--fusion`` it trains on ``item_emb_d128``),
+    and the run's config would say a fusion it was not trained on."""
+    said = dataclasses.asdict(cfg.fusion)
+    if source["item_vector"] == "given":
+        if said["strategy"] != "given":
+            log.warning("fusion.strategy is %s but data.item_vector is 'given': this run trains on item_info's "
+                        "item_emb_d128 as shipped, not on %s vectors; for those, write the table with `mmctr fuse "
+                        "--strategy %s` and pass it with --fusion FILE (`mmctr pipeline` fuses first)",
+                        said["strategy"], said["strategy"], said["strategy"])
+        return
+    made = source.get("fusion") or {}
+    if made.get("strategy") and _fusion_text(made) != _fusion_text(said):
+        log.warning("%s holds %s vectors (its .fusion.json) but the config's fusion section says %s: the run trains "
+                    "on the table; pass it with --fusion FILE so the run's config records its fusion",
+                    source["file"], _fusion_text(made), _fusion_text(said))
 
 
 def resume_config(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:

@@ -386,6 +386,8 @@ def test_report_writes_curves_and_a_markdown_table(two_worker_run, tmp_path):
     assert f"{summary['best_valid_auc']:.4f}" in text and text.count("\n| ") == 1 + 2  # header + 2 epochs
     se = summary["best_valid_auc_se"]  # DeLong's, over the 500 validation rows (test_metrics.py checks the method)
     assert 0 < se < 0.1 and f"**{summary['best_valid_auc']:.4f}** ± {se:.4f}" in text and "over the 500 valid" in text
+    assert "Trained: config `tiny`: multi-head target attention (2 heads) over the last 16 clicks" in text
+    assert "; item vector item_emb_d128 as shipped (given), scaled to RMS 0.4; batch 256," in text  # item_source.json
     with pytest.raises(DataError, match="metrics.jsonl: missing file"):
         write_report(tmp_path)
 
@@ -414,6 +416,8 @@ def test_compare_scores_runs_on_the_same_rows_with_the_paired_test(two_worker_ru
     assert 0 < ref["se"] < 0.05 and ref["diff"] == 0
     assert f"| {two} | {ref['epoch']} | {ref['auc']:.4f} | {ref['se']:.4f} | – | – | – |" in text
     assert f"| {first} | 1 | {other['auc']:.4f} | {other['se']:.4f} | {other['diff']:+.4f} |" in text
+    assert f"\n- {two}: config `tiny`: multi-head" in text and f"\n- {first}: config `tiny`: " in text
+    assert ref["trained"].endswith("batch 256, adam lr 0.001, dropout 0, embedding L2 1e-06")
     assert main(args) == 2  # the JSON file is kept
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert main(["compare", "--data", str(synth_dir), str(tmp_path)]) == 2
@@ -581,3 +585,46 @@ def test_large_unscaled_vectors_into_cross_or_bilinear_modules_are_warned_about(
         warn_unscaled_vectors(tiny_cfg("model.crossnet=off", "model.bilinear=field_all", "model.item_vector_rms=0"),
                               shipped_size)
         assert caplog.text == ""
+
+
+def test_a_fusion_section_the_item_vectors_do_not_match_is_warned_about_and_runs_say_what_they_train(caplog):
+    """`mmctr train --config configs/paper.yaml` without --fusion trained on item_emb_d128 while its config said v4,
+    without a word; the run's config, report and `mmctr compare` then read as a v4 run."""
+    from mmctr_ray.report import describe_run
+    from mmctr_ray.train_driver import warn_fusion_mismatch
+
+    given = {"item_vector": "given", "file": "D/item_info.parquet", "column": "item_emb_d128", "dim": 128}
+    v3 = {"item_vector": "fused", "file": "/t/v3.parquet", "column": "item_emb", "dim": 16,
+          "fusion": {"strategy": "v3", "dims": 16, "text_dim": 64, "image_dim": 64, "source": "D/item_feature.parquet"}}
+    with caplog.at_level("WARNING", logger="mmctr_ray.train_driver"):
+        warn_fusion_mismatch(tiny_cfg(), given)  # tiny.yaml, like paper.yaml, says v4 and item_vector: given
+        assert ("fusion.strategy is v4 but data.item_vector is 'given': this run trains on item_info's item_emb_d128 "
+                "as shipped, not on v4 vectors; for those, write the table with `mmctr fuse --strategy v4` and pass "
+                "it with --fusion FILE") in caplog.text
+        caplog.clear()
+        warn_fusion_mismatch(tiny_cfg(), v3)
+        assert ("/t/v3.parquet holds v3 16 vectors (its .fusion.json) but the config's fusion section says v4 32+32: "
+                "the run trains on the table") in caplog.text
+        caplog.clear()
+        warn_fusion_mismatch(tiny_cfg("fusion.strategy=v3", "fusion.dims=32"), v3)  # another width
+        assert "holds v3 16 vectors (its .fusion.json) but the config's fusion section says v3 32" in caplog.text
+        caplog.clear()
+        warn_fusion_mismatch(load_config(CONFIGS / "baseline.yaml"), given)
+        warn_fusion_mismatch(tiny_cfg("fusion.strategy=v3", "fusion.dims=16"), v3)  # what --fusion sets
+        warn_fusion_mismatch(tiny_cfg(), {**v3, "fusion": None})  # a table of the user's own: nothing to compare
+        assert caplog.text == ""
+
+    assert describe_run(load_config(CONFIGS / "baseline.yaml"), given) == (
+        "config `baseline`: DIN attention [512, 256] over the last 64 clicks, DNN [1024, 512, 256]; embeddings of 64 "
+        "(item id, tags); item vector item_emb_d128 as shipped (given); batch 8192, adam lr 0.001, dropout 0.1, "
+        "embedding L2 1e-06")
+    v4 = {**v3, "file": "/t/item_emb.parquet",
+          "fusion": {"strategy": "v4", "text_dim": 64, "image_dim": 64, "source": "/d/item_feature.parquet"}}
+    assert describe_run(load_config(CONFIGS / "paper.yaml"), v4).startswith(
+        "config `paper`: multi-head target attention (4 heads) over the last 64 clicks, SENet (ratio 3), bilinear "
+        "interaction (field_interaction), CrossNet v2 (3 layers), DNN [1024, 512, 256]; embeddings of 64 (item id, "
+        "tags); item vector v4 = PCA(text) 64 ‖ PCA(image) 64 of item_feature.parquet (item_emb.parquet), scaled to "
+        "RMS 0.4; batch ")
+    ablation = describe_run(tiny_cfg("model.use_history=false", "model.use_user_id=true"), None)
+    assert ablation.startswith("config `tiny`: no history (model.use_history=false), SENet") and "(item id, tags, " \
+        "user id)" in ablation and "item vector item_emb_d128 as shipped (given)" in ablation  # from the config
