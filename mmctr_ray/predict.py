@@ -140,9 +140,13 @@ def write_submission(probs: np.ndarray, out: Path, column: str = "Task2") -> Non
     text.write(f"ID,{column}\n")
     np.savetxt(text, np.column_stack([np.arange(len(probs)), probs]), fmt=["%d", "%.8f"], delimiter=",")
     partial = out.with_name(out.name + ".partial")
-    with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("prediction.csv", text.getvalue())
-    partial.replace(out)
+    try:
+        with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("prediction.csv", text.getvalue())
+        partial.replace(out)
+    except BaseException:  # Ctrl-C or a full disk while zipping: no half-written zip is left beside OUT
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def check_inputs(run_dir: Location, data_dir: str | Path, split: str = "test") -> int:

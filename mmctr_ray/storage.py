@@ -146,8 +146,12 @@ def write_bytes(location: Location, data: bytes) -> None:
         path = Path(location)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except BaseException:  # Ctrl-C or a full disk: the earlier file stays, and no partial one is left
+            tmp.unlink(missing_ok=True)
+            raise
         return
     fs, path = resolve(location)
     fs.create_dir(posixpath.dirname(path), recursive=True)

@@ -240,3 +240,33 @@ def test_a_cut_download_of_the_data_is_fetched_again_and_a_kept_copy_is_not_repl
         pipeline.local_data(other.as_uri(), work, resume=False, overwrite=True)
     assert not (work / "data.partial").exists()  # and the copy it would have replaced is still there
     assert (local / "MicroLens_1M_x1" / "valid.parquet").read_text() == "valid.parquet"
+
+
+def test_an_interrupted_write_keeps_the_earlier_file_and_leaves_no_partial_one(tmp_path, monkeypatch):
+    """Ctrl-C (or a full disk) while a file or a submission zip is written: the earlier file stays whole and no
+    half-written temporary file is left beside it (`predict` left `submission.zip.partial`)."""
+    import os
+    import zipfile
+
+    import numpy as np
+
+    from mmctr_ray.predict import write_submission
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    target, zipped = tmp_path / "summary.json", tmp_path / "submission.zip"
+    storage.write_text(target, "earlier")
+    write_submission(np.array([0.25, 0.75]), zipped)
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            storage.write_text(target, "later")
+    with monkeypatch.context() as m:
+        m.setattr(zipfile.ZipFile, "writestr", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            write_submission(np.array([0.5, 0.5, 0.5]), zipped)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["submission.zip", "summary.json"]
+    assert target.read_text() == "earlier"
+    with zipfile.ZipFile(zipped) as zf:
+        assert zf.read("prediction.csv").decode().splitlines() == ["ID,Task2", "0,0.25000000", "1,0.75000000"]
