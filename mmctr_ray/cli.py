@@ -726,6 +726,23 @@ def _how_to_continue(args: argparse.Namespace, argv: Sequence[str], known: bool)
     return ""
 
 
+def _ended_by_signal(args: argparse.Namespace, argv: Sequence[str], kept: str, signum: int) -> int:
+    """Print one line (``interrupted`` or ``terminated``, what is ``kept``, the command that continues) after the
+    Ray the command started is down, and return the shell's status for that signal: 130 for Ctrl-C, 143 for
+    SIGTERM."""
+    from mmctr_ray.ray_env import stop_ray
+
+    how = _how_to_continue(args, argv, bool(kept))
+    try:
+        stop_ray()  # its actors' last log lines (an aborted run's clean-up) come before this line, not after it
+    except (KeyboardInterrupt, Exception):  # a second Ctrl-C, or a Ray that went first: the line still comes
+        pass
+    finally:
+        print(f"mmctr {args.command}: {'terminated' if signum == signal.SIGTERM else 'interrupted'}{kept}"
+              f"{'; ' + how if how else ''}", file=sys.stderr)
+    return 128 + signum
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -740,18 +757,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.func(args)
     except (KeyboardInterrupt, Interrupted) as err:  # Ctrl-C (or SIGTERM): one line, what is kept, how to go on
         kept = f": {err}" if isinstance(err, Interrupted) else ""
-        signum = getattr(err, "signum", signal.SIGINT)
-        how = _how_to_continue(args, argv, bool(kept))
-        from mmctr_ray.ray_env import stop_ray
+        return _ended_by_signal(args, argv, kept, getattr(err, "signum", signal.SIGINT))
+    except SystemExit:  # Ray's driver turns SIGTERM into SystemExit(15), or (1) out of a ray.get; train and tune
+        from mmctr_ray.ray_env import sigterm_received  # raise Interrupted instead, saying what they keep
 
-        try:
-            stop_ray()  # its actors' last log lines (an aborted run's clean-up) come before this line, not after it
-        except (KeyboardInterrupt, Exception):  # a second Ctrl-C, or a Ray that went first: the line still comes
-            pass
-        finally:
-            print(f"mmctr {args.command}: {'terminated' if signum == signal.SIGTERM else 'interrupted'}{kept}"
-                  f"{'; ' + how if how else ''}", file=sys.stderr)
-        return 128 + signum  # a shell's status for a command ended by that signal: 130 for Ctrl-C
+        if not sigterm_received():
+            raise
+        return _ended_by_signal(args, argv, "", signal.SIGTERM)
     except Exception as err:
         user = find_user_error(err)  # also when a Ray task or worker met it
         if user is None:

@@ -166,10 +166,21 @@ def _keep_python_sigterm() -> None:
     crash handler of its own in front of it at the C level: a SIGTERM (a scheduler's preemption, ``timeout``) then
     printed a stack dump and could abort the process (seen in ``mmctr tune``: exit -6). Installing Ray's Python
     handler again puts it back in front, so SIGTERM ends the command as ``SystemExit(15)``, which the stages turn
-    into one line. Main thread only (elsewhere no handler can be set)."""
+    into one line (:func:`sigterm_received` tells it apart from other exits). Main thread only (elsewhere no
+    handler can be set)."""
     handler = signal.getsignal(signal.SIGTERM)
     if callable(handler) and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
+        def on_sigterm(signum: int, frame: Any) -> None:
+            _PRIVATE["sigterm"] = True  # what ends the command is then a SIGTERM, whatever SystemExit's code says
+            handler(signum, frame)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def sigterm_received() -> bool:
+    """Whether a SIGTERM reached the handler :func:`init_ray` installed (so the ``SystemExit`` ending the command
+    is a scheduler's preemption or ``timeout``, which ``mmctr`` turns into one line)."""
+    return bool(_PRIVATE.get("sigterm"))
 
 
 @contextlib.contextmanager
