@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import shlex
 import math
 from pathlib import Path
 from typing import Any
@@ -255,5 +256,9 @@ def top_trials(tdir: str | Path, n: int = 10) -> str:
         lines.append("| " + " | ".join([str(i), r["trial_id"], r["status"], f"{float(r['best_valid_auc']):.4f}", se,
                                         r["epochs"], *(_short(r[p]) for p in params)]) + " |")
     if summary.get("best_yaml"):
-        lines += ["", f"Best config: `{summary['best_yaml']}` (`mmctr train --config {summary['best_yaml']}`)."]
+        settings = tdir / "settings.json"
+        data = json.loads(settings.read_text()).get("data") if settings.is_file() else None
+        train = shlex.join(["mmctr", "train", "--data", data or "DATA", "--out", "RUN", "--config",
+                            str(summary["best_yaml"])])
+        lines += ["", f"Best config: `{summary['best_yaml']}`; train it with the full schedule: `{train}`."]
     return "\n".join(lines) + "\n"

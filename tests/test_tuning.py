@@ -577,6 +577,8 @@ def test_a_killed_search_resumes_without_losing_or_repeating_trials(synth_dir, t
     report = subprocess.run([sys.executable, "-m", "mmctr_ray.cli", "report", str(moved), "--top", "2"],
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert report.returncode == 0 and f"| 1 | {best_row['trial_id']} |" in report.stdout
+    assert f"train it with the full schedule: `mmctr train --data {synth_dir} --out RUN --config {moved}/best.yaml`" \
+        in report.stdout
     # best.yaml is what `mmctr train --config` reads: the best trial's own config at the full schedule, its table
     # in the moved cache, inputs that check out; each trial's checkpoint scores the validation split at the AUC
     # the search reported, its table found in the moved cache too
