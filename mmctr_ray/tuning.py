@@ -27,15 +27,18 @@ that feed the workers, so trials never wait on each other for CPUs they cannot g
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -451,7 +454,7 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
     watch, tune_log = _CtrlC(), logging.getLogger("ray.tune.tune")
     tune_log.addFilter(_no_tuner_restore_hint)
     try:
-        with sigterm_flag() as seen:
+        with sigterm_flag() as seen, _quiet_replay():
             results = tuner.fit()
     except SystemExit:  # SIGTERM: Ray's driver handler exits; Tune saved the search's state as it went
         if not seen["sigterm"]:
@@ -491,6 +494,34 @@ def _no_tuner_restore_hint(record: logging.LogRecord) -> bool:
     """A filter for Tune's log: after Ctrl-C Tune says "Resume experiment with: Tuner.restore(path=...,
     trainable=...)", which is not how a search of mmctr resumes; the command's own last line says how."""
     return not record.getMessage().startswith("Experiment has been interrupted")
+
+
+REPLAY_NOISE = re.compile(r"Cannot tell a (COMPLETE|PRUNED) trial")
+OPTUNA_SEARCH_LOGGER = "ray.tune.search.optuna.optuna_search"
+
+
+def _no_replay_noise(record: logging.LogRecord) -> bool:
+    """A filter for OptunaSearch's log: a trial the search had started before it was stopped replays its epochs on
+    ``--resume`` (:func:`run_trial`), and one the study had already closed as complete or pruned (it ended in the
+    seconds before a kill, before Tune saved its state) is told again, which Optuna refuses with a warning. The
+    study keeps its first, same result. "Cannot tell a FAIL trial" (a result that would be lost) still shows."""
+    return not REPLAY_NOISE.match(record.getMessage())
+
+
+@contextlib.contextmanager
+def _quiet_replay() -> Any:
+    """While a search runs: no warnings for what a resumed trial's replayed epochs tell Optuna again (each epoch's
+    intermediate value, already in the study: "The reported value is ignored because this `step=1` is already
+    reported"; a closed trial's end: :func:`_no_replay_noise`)."""
+    search_log = logging.getLogger(OPTUNA_SEARCH_LOGGER)
+    search_log.addFilter(_no_replay_noise)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"The reported value is ignored because this `step=\d+` is already "
+                                              r"reported", UserWarning)
+            yield
+    finally:
+        search_log.removeFilter(_no_replay_noise)
 
 
 class _CtrlC:
