@@ -286,10 +286,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
                          max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial,
                          workers=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker, source=args.source,
                          resume=args.resume, overwrite=args.overwrite, time_budget_s=args.time_budget_s)
-    log.info("%d trials (%d completed, %d early-stopped, %d pruned, %d errors); best valid AUC %s (trial %s); "
-             "%s, %s", summary["trials"], summary["completed"], summary["early-stopped"], summary["pruned"],
-             summary["error"], summary.get("best_valid_auc"), summary.get("best_trial"), summary["results"],
-             summary.get("best_yaml"))
+    counts = (f"{summary['trials']} trials ({summary['completed']} completed, {summary['early-stopped']} "
+              f"early-stopped, {summary['pruned']} pruned, {summary['error']} errors)")
+    if summary.get("best_yaml") is None:
+        log.info("%s; no trial reported a valid AUC; %s", counts, summary["results"])
+        return 0
+    from mmctr_ray.tune_report import train_best_command
+
+    log.info("%s; best valid AUC %.4f%s (trial %s); %s, %s; train the best with the full schedule: `%s`", counts,
+             summary["best_valid_auc"], se_text(summary.get("best_valid_auc_se")), summary["best_trial"],
+             summary["results"], summary["best_yaml"], train_best_command(args.out))
     return 0
 
 

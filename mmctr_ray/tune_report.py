@@ -150,7 +150,7 @@ def write_outputs(tdir: Path, space: SearchSpace | None = None, errors: dict[str
                                          [f"train.epochs={epochs}"]), tdir)
         save_config(cfg, tdir / "best.yaml")  # the full schedule again: the trial ran at most max_epochs
         summary.update(best_trial=best["trial_id"], best_valid_auc=best["best_valid_auc"],
-                       best_yaml=str(tdir / "best.yaml"))
+                       best_valid_auc_se=best.get("valid_auc_se") or None, best_yaml=str(tdir / "best.yaml"))
     summary["plots"] = [str(p) for p in _plots(tdir, rows, space)]
     return summary
 
@@ -256,9 +256,14 @@ def top_trials(tdir: str | Path, n: int = 10) -> str:
         lines.append("| " + " | ".join([str(i), r["trial_id"], r["status"], f"{float(r['best_valid_auc']):.4f}", se,
                                         r["epochs"], *(_short(r[p]) for p in params)]) + " |")
     if summary.get("best_yaml"):
-        settings = tdir / "settings.json"
-        data = json.loads(settings.read_text()).get("data") if settings.is_file() else None
-        train = shlex.join(["mmctr", "train", "--data", data or "DATA", "--out", "RUN", "--config",
-                            str(summary["best_yaml"])])
-        lines += ["", f"Best config: `{summary['best_yaml']}`; train it with the full schedule: `{train}`."]
+        lines += ["", f"Best config: `{summary['best_yaml']}`; train it with the full schedule: "
+                      f"`{train_best_command(tdir)}`."]
     return "\n".join(lines) + "\n"
+
+
+def train_best_command(tdir: str | Path) -> str:
+    """``mmctr train --data DATA --out RUN --config TUNE/best.yaml``, with the search's own data folder."""
+    settings = Path(tdir) / "settings.json"
+    data = json.loads(settings.read_text()).get("data") if settings.is_file() else None
+    return shlex.join(["mmctr", "train", "--data", data or "DATA", "--out", "RUN", "--config",
+                       str(Path(tdir) / "best.yaml")])

@@ -556,6 +556,9 @@ def test_a_killed_search_resumes_without_losing_or_repeating_trials(synth_dir, t
     study = optuna.load_study(study_name="mmctr", storage=f"sqlite:///{tune_dir}/optuna.db")
     assert not study.get_trials(states=[optuna.trial.TrialState.RUNNING])  # none left running in the dashboard
     assert re.search(ended + r"3/3 ended, 0 running", second.stderr), second.stderr[-3000:]
+    assert re.search(r"3 trials \(\d completed, \d early-stopped, \d pruned, 0 errors\); best valid AUC 0\.\d{4} ± "
+                     r"0\.\d{4} \(trial \w+\); .*; train the best with the full schedule: " + re.escape(
+                         f"`mmctr train --data {synth_dir} --out RUN --config {tune_dir}/best.yaml`"), second.stderr)
     with open(tune_dir / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and len({r["trial_id"] for r in rows}) == 3, "every trial once: none lost, none repeated"
