@@ -37,7 +37,8 @@ def describe_item_vector(source: dict[str, Any], rms: float = 0.0) -> str:
         text = f"{source.get('column', 'item_emb_d128')} as shipped (given)"
     else:
         fusion = source.get("fusion") or {}
-        widths = {"v1": f"PCA(text) {fusion.get('dims')}", "v2": f"PCA(image) {fusion.get('dims')}",
+        widths = {"given": str(fusion.get("column", "item_emb_d128")),
+                  "v1": f"PCA(text) {fusion.get('dims')}", "v2": f"PCA(image) {fusion.get('dims')}",
                   "v3": f"PCA(text ‖ image) {fusion.get('dims')}",
                   "v4": f"PCA(text) {fusion.get('text_dim')} ‖ PCA(image) {fusion.get('image_dim')}"}
         strategy = fusion.get("strategy")

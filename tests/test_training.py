@@ -625,6 +625,9 @@ def test_a_fusion_section_the_item_vectors_do_not_match_is_warned_about_and_runs
         "interaction (field_interaction), CrossNet v2 (3 layers), DNN [1024, 512, 256]; embeddings of 64 (item id, "
         "tags); item vector v4 = PCA(text) 64 ‖ PCA(image) 64 of item_feature.parquet (item_emb.parquet), scaled to "
         "RMS 0.4; batch ")
+    shipped = {**v3, "fusion": {"strategy": "given", "column": "item_emb_d128", "source": "D/item_info.parquet"}}
+    assert "; item vector given = item_emb_d128 of item_info.parquet (v3.parquet), scaled" in describe_run(tiny_cfg(),
+                                                                                                           shipped)
     ablation = describe_run(tiny_cfg("model.use_history=false", "model.use_user_id=true"), None)
     assert ablation.startswith("config `tiny`: no history (model.use_history=false), SENet") and "(item id, tags, " \
         "user id)" in ablation and "item vector item_emb_d128 as shipped (given)" in ablation  # from the config
