@@ -741,8 +741,8 @@ def _ended_by_signal(args: argparse.Namespace, argv: Sequence[str], kept: str, s
     how = _how_to_continue(args, argv, bool(kept))
     try:
         stop_ray()  # its actors' last log lines (an aborted run's clean-up) come before this line, not after it
-    except (KeyboardInterrupt, Exception):  # a second Ctrl-C, or a Ray that went first: the line still comes
-        pass
+    except (KeyboardInterrupt, SystemExit, Exception):  # a second Ctrl-C or SIGTERM, a Ray that went first: the
+        pass  # line still comes
     finally:
         print(f"mmctr {args.command}: {'terminated' if signum == signal.SIGTERM else 'interrupted'}{kept}"
               f"{'; ' + how if how else ''}", file=sys.stderr)
@@ -752,6 +752,9 @@ def _ended_by_signal(args: argparse.Namespace, argv: Sequence[str], kept: str, s
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    from mmctr_ray.ray_env import forget_sigterm
+
+    forget_sigterm()  # a SIGTERM an earlier command in this process met is not this one's
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     try:

@@ -21,7 +21,7 @@ from mmctr_ray import storage
 from mmctr_ray.checkpoint import PREFIX, best_checkpoint, incomplete
 from mmctr_ray.errors import DataError
 from mmctr_ray.metrics import compare_aucs
-from mmctr_ray.report import describe_run, item_source
+from mmctr_ray.report import describe_run
 from mmctr_ray.schema import NO_PARTS, Layout, parquet_parts
 
 
@@ -77,7 +77,7 @@ def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid",
                             f"overflow on a GPU: score on the CPU)")
         scores.append(probs)
         checkpoints.append(checkpoint)
-        described.append(describe_run(model.experiment_cfg, item_source(checkpoint)))
+        described.append(describe_run(model.experiment_cfg, model.item_source))
         if progress is not None:
             progress(f"scored {split} with {checkpoint}")
     rows = compare_aucs(labels, scores)

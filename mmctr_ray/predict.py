@@ -64,6 +64,7 @@ def load_model(checkpoint_dir: Location, data_dir: str | Path, device: str = "cp
     model = DINModel(ck.cfg.model, ck.fmap, **table.to_torch(device))
     model.load_state_dict(ck.model_state)
     model.experiment_cfg = ck.cfg  # its max_len and the precision it was validated in
+    model.item_source = source  # what its item vectors were built from (item_source.json)
     return model.to(device).eval()
 
 

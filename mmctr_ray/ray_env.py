@@ -177,6 +177,11 @@ def _keep_python_sigterm() -> None:
         signal.signal(signal.SIGTERM, on_sigterm)
 
 
+def forget_sigterm() -> None:
+    """Clear what :func:`sigterm_received` says (a command starting in a process where an earlier one met SIGTERM)."""
+    _PRIVATE.pop("sigterm", None)
+
+
 def sigterm_received() -> bool:
     """Whether a SIGTERM reached the handler :func:`init_ray` installed (so the ``SystemExit`` ending the command
     is a scheduler's preemption or ``timeout``, which ``mmctr`` turns into one line)."""

@@ -37,17 +37,27 @@ def describe_item_vector(source: dict[str, Any], rms: float = 0.0) -> str:
         text = f"{source.get('column', 'item_emb_d128')} as shipped (given)"
     else:
         fusion = source.get("fusion") or {}
-        widths = {"given": str(fusion.get("column", "item_emb_d128")),
-                  "v1": f"PCA(text) {fusion.get('dims')}", "v2": f"PCA(image) {fusion.get('dims')}",
-                  "v3": f"PCA(text ‖ image) {fusion.get('dims')}",
-                  "v4": f"PCA(text) {fusion.get('text_dim')} ‖ PCA(image) {fusion.get('image_dim')}"}
-        strategy = fusion.get("strategy")
-        if strategy in widths:
+        strategy, what = fusion.get("strategy"), _fused_what(fusion)
+        if what:
             origin = posixpath.basename(str(fusion.get("source", ""))) or "?"
-            text = f"{strategy} = {widths[strategy]} of {origin} ({posixpath.basename(str(source.get('file')))})"
+            text = f"{strategy} = {what} of {origin} ({posixpath.basename(str(source.get('file')))})"
         else:  # a table not written by `mmctr fuse` (no .fusion.json)
             text = f"{source.get('file')} ({source.get('dim')} dims)"
     return text + (f", scaled to RMS {rms:g}" if rms else "")
+
+
+def _fused_what(fusion: dict[str, Any]) -> str | None:
+    """``PCA(text) 64 ‖ PCA(image) 64`` for a table's fusion summary (a width it does not record is left out)."""
+    from mmctr_ray.fusion import PARTS
+
+    strategy = fusion.get("strategy")
+    if strategy == "given":
+        return str(fusion.get("column", "item_emb_d128"))
+    if strategy not in PARTS:
+        return None
+    inputs = {"text": "text", "image": "image", "joint": "text ‖ image"}
+    return " ‖ ".join(f"PCA({inputs[name]})" + (f" {fusion[field]}" if fusion.get(field) else "")
+                      for name, _, field in PARTS[strategy])
 
 
 def describe_model(cfg: ExperimentConfig) -> str:
@@ -137,7 +147,7 @@ def markdown_summary(run_dir: Location, rows: list[dict[str, Any]]) -> str:
     summary_path = storage.join(run_dir, "summary.json")
     summary = json.loads(storage.read_text(summary_path)) if storage.is_file(summary_path) else {}
     se = best.get("valid_auc_se")
-    described = run_description(run_dir, summary.get("best_checkpoint"))
+    described = run_description(run_dir)  # its best checkpoint in RUN as it is now (a moved run too)
     lines = [f"# Run `{storage.basename(run_dir)}`", "", *([f"Trained: {described}.", ""] if described else []),
              f"Best validation AUC **{best['valid_auc']:.4f}**{se_text(se)} (logloss {best['valid_logloss']:.4f}) "
              f"at epoch {best['epoch']} of {len(rows)}."]

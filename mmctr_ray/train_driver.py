@@ -156,14 +156,17 @@ def _data_config(cfg: ExperimentConfig, workers: int) -> Any:
     return DataConfig(datasets_to_split=["train"] if workers > 1 else [], execution_options=_ingest_options(cfg))
 
 
-def check_inputs(data_dir: str | Path, cfg: ExperimentConfig) -> tuple[dict[str, int], FeatureMap]:
+def check_inputs(data_dir: str | Path, cfg: ExperimentConfig,
+                 resume: bool = False) -> tuple[dict[str, int], FeatureMap]:
     """Check the splits (footers) and build the item table and feature map, all on the driver and without Ray;
-    return the splits' row counts and the feature map. Raises a one-line DataError on bad input."""
+    return the splits' row counts and the feature map. Raises a one-line DataError on bad input. A ``resume``
+    continues with the run's own item vectors, so a mismatch its start warned about is not warned about again."""
     rows = check_splits(data_dir, SPLITS)  # test too: its users and items size the embedding tables
     check_valid_labels(data_dir)
     table = load_item_table(data_dir, cfg.data.item_vector)
     warn_unscaled_vectors(cfg, table.vectors)
-    warn_fusion_mismatch(cfg, table.source)
+    if not resume:
+        warn_fusion_mismatch(cfg, table.source)
     log.info("training %s", describe_run(cfg, table.source))
     return rows, build_feature_map(data_dir, table)
 
@@ -185,31 +188,34 @@ def warn_unscaled_vectors(cfg: ExperimentConfig, vectors: Any) -> None:
                                                  ("bilinear interaction", m.bilinear != "off")) if on))
 
 
-def _fusion_text(fusion: dict[str, Any]) -> str:
-    """``v4 64+64``, ``v3 16``, ``given``: a fusion strategy with the widths it uses."""
-    strategy = fusion.get("strategy")
-    widths = ((fusion.get("text_dim"), fusion.get("image_dim")) if strategy == "v4"
-              else (fusion.get("dims"),) if strategy in ("v1", "v2", "v3") else ())
-    return " ".join([str(strategy), *(["+".join(map(str, widths))] if widths else [])])
+def _fusion_text(fusion: dict[str, Any], keys: tuple[str, ...] | None = None) -> str:
+    """``v4 64+64``, ``v3 16``, ``given``: a fusion strategy with the widths it uses (of those in ``keys``)."""
+    from mmctr_ray.fusion import PARTS
+
+    fields = [f for _, _, f in PARTS.get(fusion.get("strategy"), ()) if keys is None or f in keys]
+    return " ".join([str(fusion.get("strategy")), *(["+".join(str(fusion[f]) for f in fields)] if fields else [])])
 
 
 def warn_fusion_mismatch(cfg: ExperimentConfig, source: dict[str, Any]) -> None:
     """Warn when the config's ``fusion`` section names other item vectors than the run trains on: the model trains on
     ``data.item_vector`` (``configs/paper.yaml`` says v4, yet without ``--fusion`` it trains on ``item_emb_d128``),
     and the run's config would say a fusion it was not trained on."""
+    from mmctr_ray.fusion import PARTS
+
     said = dataclasses.asdict(cfg.fusion)
     if source["item_vector"] == "given":
         if said["strategy"] != "given":
+            widths = " ".join(f"--{f.replace('_', '-')} {said[f]}" for _, _, f in PARTS[said["strategy"]])
             log.warning("fusion.strategy is %s but data.item_vector is 'given': this run trains on item_info's "
                         "item_emb_d128 as shipped, not on %s vectors; for those, write the table with `mmctr fuse "
-                        "--strategy %s` and pass it with --fusion FILE (`mmctr pipeline` fuses first)",
-                        said["strategy"], said["strategy"], said["strategy"])
+                        "--strategy %s %s --out FILE` and train with --fusion FILE (`mmctr pipeline` fuses first)",
+                        said["strategy"], said["strategy"], said["strategy"], widths)
         return
     made = source.get("fusion") or {}
-    if made.get("strategy") and _fusion_text(made) != _fusion_text(said):
+    if made.get("strategy") and _fusion_text(made, tuple(made)) != _fusion_text(said, tuple(made)):
         log.warning("%s holds %s vectors (its .fusion.json) but the config's fusion section says %s: the run trains "
                     "on the table; pass it with --fusion FILE so the run's config records its fusion",
-                    source["file"], _fusion_text(made), _fusion_text(said))
+                    source["file"], _fusion_text(made, tuple(made)), _fusion_text(said))
 
 
 def resume_config(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
@@ -249,7 +255,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     data_dir = Path(data_dir).resolve()
     run = run_location(run_dir)
     cfg = _absolute_item_vector(cfg)
-    rows, fmap = check_inputs(data_dir, cfg)  # bad input fails here, before RUN is touched
+    rows, fmap = check_inputs(data_dir, cfg, resume)  # bad input fails here, before RUN is touched
     check_batch_size(cfg.train.batch_size, rows["train"], workers)
     _check_run_dir(run, cfg, resume, overwrite)
     if start_ray is not None:

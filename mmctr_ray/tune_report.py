@@ -10,8 +10,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import shlex
 import math
+import shlex
 from pathlib import Path
 from typing import Any
 

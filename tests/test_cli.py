@@ -275,21 +275,28 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
         assert capsys.readouterr().err.strip() == line
     import mmctr_ray.ray_env as ray_env
 
+    def terminated(code):  # what the SIGTERM handler init_ray installs does: record it, then Ray's sys.exit(15)
+        def command(args):
+            ray_env._PRIVATE["sigterm"] = True
+            raise SystemExit(code)
+        return command
+
     embed = ["embed", "--data", str(tmp_path), "--out", str(tmp_path / "e.parquet")]
     monkeypatch.setattr(cli, "cmd_embed", stop(SystemExit(15)))  # not a SIGTERM: sys.exit(15) of some code
     with pytest.raises(SystemExit):
         main(embed)
-    monkeypatch.setitem(ray_env._PRIVATE, "sigterm", True)  # what the SIGTERM handler init_ray installs records
     for code in (15, 1):  # Ray's driver handler exits 15; a ray.get re-raises it as SystemExit(1)
-        monkeypatch.setattr(cli, "cmd_embed", stop(SystemExit(code)))
+        monkeypatch.setattr(cli, "cmd_embed", terminated(code))
         assert main(embed) == 143
         assert capsys.readouterr().err.strip() == ("mmctr embed: terminated; run the same command again (without "
                                                    "--overwrite) to continue from the shards already encoded")
-    monkeypatch.setattr(cli, "cmd_pipeline", stop(SystemExit(15)))
+    monkeypatch.setattr(cli, "cmd_pipeline", terminated(15))
     assert main(["pipeline", "--data", str(tmp_path), "--out", str(tmp_path / "p")]) == 143
     assert capsys.readouterr().err.strip() == (f"mmctr pipeline: terminated; continue with `mmctr pipeline --data "
                                                f"{tmp_path} --out {tmp_path / 'p'} --resume`")
-    monkeypatch.delitem(ray_env._PRIVATE, "sigterm")
+    monkeypatch.setattr(cli, "cmd_embed", stop(SystemExit(15)))  # the next command in this process: not SIGTERM'd
+    with pytest.raises(SystemExit):
+        main(embed)
     import ray
 
     shut = []  # the Ray the command started goes down before the line (its actors' last logs come first) ...

@@ -587,7 +587,8 @@ def test_large_unscaled_vectors_into_cross_or_bilinear_modules_are_warned_about(
         assert caplog.text == ""
 
 
-def test_a_fusion_section_the_item_vectors_do_not_match_is_warned_about_and_runs_say_what_they_train(caplog):
+def test_a_fusion_section_the_item_vectors_do_not_match_is_warned_about_and_runs_say_what_they_train(caplog,
+                                                                                                   synth_dir):
     """`mmctr train --config configs/paper.yaml` without --fusion trained on item_emb_d128 while its config said v4,
     without a word; the run's config, report and `mmctr compare` then read as a v4 run."""
     from mmctr_ray.report import describe_run
@@ -599,8 +600,15 @@ def test_a_fusion_section_the_item_vectors_do_not_match_is_warned_about_and_runs
     with caplog.at_level("WARNING", logger="mmctr_ray.train_driver"):
         warn_fusion_mismatch(tiny_cfg(), given)  # tiny.yaml, like paper.yaml, says v4 and item_vector: given
         assert ("fusion.strategy is v4 but data.item_vector is 'given': this run trains on item_info's item_emb_d128 "
-                "as shipped, not on v4 vectors; for those, write the table with `mmctr fuse --strategy v4` and pass "
-                "it with --fusion FILE") in caplog.text
+                "as shipped, not on v4 vectors; for those, write the table with `mmctr fuse --strategy v4 --text-dim "
+                "32 --image-dim 32 --out FILE` and train with --fusion FILE") in caplog.text
+        caplog.clear()
+        from mmctr_ray.train_driver import check_inputs
+
+        check_inputs(synth_dir, tiny_cfg(), resume=True)  # --resume takes no --fusion: its start warned already
+        assert "fusion.strategy is v4" not in caplog.text
+        check_inputs(synth_dir, tiny_cfg())
+        assert "fusion.strategy is v4 but data.item_vector is 'given'" in caplog.text
         caplog.clear()
         warn_fusion_mismatch(tiny_cfg(), v3)
         assert ("/t/v3.parquet holds v3 16 vectors (its .fusion.json) but the config's fusion section says v4 32+32: "
@@ -612,6 +620,8 @@ def test_a_fusion_section_the_item_vectors_do_not_match_is_warned_about_and_runs
         warn_fusion_mismatch(load_config(CONFIGS / "baseline.yaml"), given)
         warn_fusion_mismatch(tiny_cfg("fusion.strategy=v3", "fusion.dims=16"), v3)  # what --fusion sets
         warn_fusion_mismatch(tiny_cfg(), {**v3, "fusion": None})  # a table of the user's own: nothing to compare
+        bare = {**v3, "fusion": {"strategy": "v4"}}  # a .fusion.json that records no width: only the strategy counts
+        warn_fusion_mismatch(tiny_cfg(), bare)
         assert caplog.text == ""
 
     assert describe_run(load_config(CONFIGS / "baseline.yaml"), given) == (
@@ -625,6 +635,7 @@ def test_a_fusion_section_the_item_vectors_do_not_match_is_warned_about_and_runs
         "interaction (field_interaction), CrossNet v2 (3 layers), DNN [1024, 512, 256]; embeddings of 64 (item id, "
         "tags); item vector v4 = PCA(text) 64 ‖ PCA(image) 64 of item_feature.parquet (item_emb.parquet), scaled to "
         "RMS 0.4; batch ")
+    assert "; item vector v4 = PCA(text) ‖ PCA(image) of ? (v3.parquet), scaled" in describe_run(tiny_cfg(), bare)
     shipped = {**v3, "fusion": {"strategy": "given", "column": "item_emb_d128", "source": "D/item_info.parquet"}}
     assert "; item vector given = item_emb_d128 of item_info.parquet (v3.parquet), scaled" in describe_run(tiny_cfg(),
                                                                                                            shipped)

@@ -97,12 +97,16 @@ def test_the_local_ray_listens_on_loopback_only_with_token_auth():
 def test_sigterm_ends_the_driver_as_rays_own_handler_says_without_a_crash_dump():
     """ray.init sets a Python SIGTERM handler (SystemExit(15)), then its core worker puts a crash handler in front:
     a SIGTERM (a scheduler's preemption) printed a stack dump and could abort the process (`mmctr tune`: exit -6).
-    init_ray puts Ray's Python handler back in front, so the stages can turn it into one line."""
-    code = ("import os, signal, time\nfrom mmctr_ray.ray_env import init_ray\ninit_ray(num_cpus=1)\n"
-            "os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(30)\nprint('not ended')\n")
+    init_ray puts Ray's Python handler back in front, and records the SIGTERM, so `mmctr` can turn it into one line
+    (test_cli.py::test_ctrl_c_is_one_line_and_exit_130 reads the record)."""
+    code = ("import os, signal, time\nfrom mmctr_ray.ray_env import init_ray, sigterm_received\n"
+            "init_ray(num_cpus=1)\nprint('before', sigterm_received())\ntry:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(30)\n    print('not ended')\n"
+            "except SystemExit:\n    print('after', sigterm_received(), flush=True)\n    raise\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env)
     assert r.returncode == 15 and "not ended" not in r.stdout, (r.returncode, r.stderr[-2000:])
+    assert "before False" in r.stdout and "after True" in r.stdout  # what `mmctr` reads to say "terminated"
     assert "SIGTERM received" not in r.stderr, r.stderr[-2000:]
 
 
