@@ -87,6 +87,23 @@ def _check_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool, o
                                     f"--overwrite replaces runs only")
 
 
+def _nothing_to_train(run: storage.Location, cfg: ExperimentConfig) -> str | None:
+    """Why a ``--resume`` of ``run`` with ``cfg`` would train no epoch (it has trained ``train.epochs``, or stopped
+    early at ``train.patience``), or None: said before Ray starts, instead of a Ray Train run that trains nothing."""
+    done = epoch_checkpoints(run)
+    if not done:
+        return None
+    state = json.loads(storage.read_text(storage.join(done[-1], "state.json")))
+    t = cfg.train
+    if state["epoch"] >= t.epochs:
+        return (f"epoch {state['epoch']} of train.epochs={t.epochs} is done; pass --set train.epochs=N with N above "
+                f"{state['epoch']} to train more")
+    if state["bad_epochs"] >= t.patience:
+        return (f"it stopped early after epoch {state['epoch']} ({state['bad_epochs']} epochs without a better valid "
+                f"AUC reached train.patience={t.patience}); pass a larger --set train.patience=N to train more")
+    return None
+
+
 def _prepare_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool, overwrite: bool) -> None:
     _check_run_dir(run, cfg, resume, overwrite)
     if resume:
@@ -258,6 +275,13 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     rows, fmap = check_inputs(data_dir, cfg, resume)  # bad input fails here, before RUN is touched
     check_batch_size(cfg.train.batch_size, rows["train"], workers)
     _check_run_dir(run, cfg, resume, overwrite)
+    ended = _nothing_to_train(run, cfg) if resume and not callbacks else None  # a Tune trial (callbacks) reports
+    if ended:  # its epochs to Tune, which run_trial does itself
+        log.warning("%s: nothing to train: %s", run, ended)
+        summary_path = storage.join(run, "summary.json")
+        if storage.is_file(summary_path):
+            return json.loads(storage.read_text(summary_path))
+        return _summary(run, data_dir, 0.0)
     if start_ray is not None:
         start_ray()
     check_local_workers(workers, cpus_per_worker, gpus_per_worker)  # one machine: what Ray has now is all it gets

@@ -642,3 +642,38 @@ def test_a_fusion_section_the_item_vectors_do_not_match_is_warned_about_and_runs
     ablation = describe_run(tiny_cfg("model.use_history=false", "model.use_user_id=true"), None)
     assert ablation.startswith("config `tiny`: no history (model.use_history=false), SENet") and "(item id, tags, " \
         "user id)" in ablation and "item vector item_emb_d128 as shipped (given)" in ablation  # from the config
+
+
+def test_a_resume_with_nothing_to_train_says_so_before_ray_starts(tmp_path, monkeypatch):
+    """`mmctr train --resume` of a run that had trained all its epochs, or stopped early, started Ray and Ray Train
+    (~16 s on 2 CPUs), trained nothing and said nothing of it."""
+    import mmctr_ray.train_driver as driver
+
+    last = tmp_path / "checkpoint_epoch_004"
+    last.mkdir()
+    monkeypatch.setattr(driver, "epoch_checkpoints", lambda run: [last])
+    for epoch, bad, sets, why in [
+            (4, 0, ["train.epochs=4"], "epoch 4 of train.epochs=4 is done; pass --set train.epochs=N with N above 4 "
+                                       "to train more"),
+            (4, 2, ["train.epochs=9", "train.patience=2"], "it stopped early after epoch 4 (2 epochs without a better "
+             "valid AUC reached train.patience=2); pass a larger --set train.patience=N to train more"),
+            (4, 2, ["train.epochs=9", "train.patience=3"], None),
+            (4, 0, ["train.epochs=5"], None)]:
+        (last / "state.json").write_text(json.dumps({"epoch": epoch, "bad_epochs": bad}))
+        assert driver._nothing_to_train(tmp_path, tiny_cfg(*sets)) == why
+    monkeypatch.setattr(driver, "epoch_checkpoints", lambda run: [])
+    assert driver._nothing_to_train(tmp_path, tiny_cfg()) is None  # no checkpoint yet: train from the start
+
+
+@pytest.mark.slow
+def test_resuming_a_run_that_has_trained_its_epochs_starts_no_ray(two_worker_run, synth_dir, caplog):
+    run, summary = two_worker_run
+
+    def no_ray():
+        raise AssertionError("Ray started for a run with nothing to train")
+
+    with caplog.at_level("WARNING", logger="mmctr_ray.train_driver"):
+        again = run_training(synth_dir, str(run), tiny_cfg("train.epochs=2", "train.resident=on"), resume=True,
+                             start_ray=no_ray)
+    assert again == summary and json.loads((run / "summary.json").read_text()) == summary
+    assert f"{run}: nothing to train: epoch 2 of train.epochs=2 is done" in caplog.text
