@@ -248,6 +248,14 @@ def _keep_shard(recorder: ShardRecorder, per_worker: int, rank: int) -> tuple[Re
     return shard, steps
 
 
+def seed_rank(seed: int, rank: int, world: int) -> None:
+    """Once the model is built from ``seed`` (the same initial weights on every rank; DDP also broadcasts rank 0's):
+    each rank of several its own random stream, so their dropout masks differ (one seed gave every rank the same
+    masks on its different rows). One worker keeps ``seed``'s stream as it is."""
+    if world > 1:
+        torch.manual_seed(seed + rank)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker function: ``config`` holds the resolved config, paths and the feature map."""
     import ray.train
@@ -265,6 +273,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     table = load_item_table(config["data_dir"], cfg.data.item_vector)
     fmap = FeatureMap(**config["feature_map"])
     model = DINModel(cfg.model, fmap, **table.to_torch(device)).to(device)
+    seed_rank(cfg.train.seed, rank, world)  # after the model: the same initial weights on every rank
     optimizer = make_optimizer(model, cfg.train, device)
     state = _restore(model, optimizer, config.get("resume_from"), cfg.train) or TrainState(lr=cfg.train.lr)
     tables = model.embedding_tables()

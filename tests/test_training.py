@@ -677,3 +677,20 @@ def test_resuming_a_run_that_has_trained_its_epochs_starts_no_ray(two_worker_run
                              start_ray=no_ray)
     assert again == summary and json.loads((run / "summary.json").read_text()) == summary
     assert f"{run}: nothing to train: epoch 2 of train.epochs=2 is done" in caplog.text
+
+
+def test_each_rank_draws_its_own_dropout_masks_from_the_same_initial_weights():
+    from mmctr_ray.training import seed_rank
+
+    def masks(rank, world):
+        torch.manual_seed(7)
+        weights = torch.nn.Linear(8, 8).weight.detach().clone()  # the model, built before seed_rank
+        seed_rank(7, rank, world)
+        return weights, torch.nn.functional.dropout(torch.ones(64), 0.5)
+
+    (w0, m0), (w1, m1), (w_one, m_one) = masks(0, 2), masks(1, 2), masks(0, 1)
+    assert torch.equal(w0, w1) and torch.equal(w0, w_one)  # the same initial weights everywhere
+    assert not torch.equal(m0, m1)  # two ranks, two masks
+    torch.manual_seed(7)
+    torch.nn.Linear(8, 8)
+    assert torch.equal(m_one, torch.nn.functional.dropout(torch.ones(64), 0.5))  # one worker: the stream as before
