@@ -92,9 +92,9 @@ def describe_run(cfg: ExperimentConfig, source: dict[str, Any] | None) -> str:
             f"{t.lr:g}, dropout {cfg.model.dropout:g}, embedding L2 {t.embedding_l2:g}")
 
 
-def run_description(run_dir: Location, checkpoint: Location | None = None) -> str | None:
-    """:func:`describe_run` of a run from its ``config.yaml`` and the item source of ``checkpoint`` (default: its
-    best); None when the run has no readable config."""
+def run_description(run_dir: Location) -> str | None:
+    """:func:`describe_run` of a run from its ``config.yaml`` and the item source of its best checkpoint in RUN as
+    it is now; None when the run has no readable config."""
     from mmctr_ray.checkpoint import best_checkpoint
     from mmctr_ray.config import load_config
     from mmctr_ray.errors import ConfigError
@@ -104,7 +104,7 @@ def run_description(run_dir: Location, checkpoint: Location | None = None) -> st
     except (ConfigError, OSError):
         return None
     with contextlib.suppress(DataError, OSError):
-        return describe_run(cfg, item_source(checkpoint if checkpoint is not None else best_checkpoint(run_dir)))
+        return describe_run(cfg, item_source(best_checkpoint(run_dir)))
     return describe_run(cfg, None)
 
 
@@ -147,7 +147,7 @@ def markdown_summary(run_dir: Location, rows: list[dict[str, Any]]) -> str:
     summary_path = storage.join(run_dir, "summary.json")
     summary = json.loads(storage.read_text(summary_path)) if storage.is_file(summary_path) else {}
     se = best.get("valid_auc_se")
-    described = run_description(run_dir)  # its best checkpoint in RUN as it is now (a moved run too)
+    described = run_description(run_dir)
     lines = [f"# Run `{storage.basename(run_dir)}`", "", *([f"Trained: {described}.", ""] if described else []),
              f"Best validation AUC **{best['valid_auc']:.4f}**{se_text(se)} (logloss {best['valid_logloss']:.4f}) "
              f"at epoch {best['epoch']} of {len(rows)}."]
