@@ -94,13 +94,13 @@ def _nothing_to_train(run: storage.Location, cfg: ExperimentConfig) -> str | Non
     if not done:
         return None
     state = json.loads(storage.read_text(storage.join(done[-1], "state.json")))
-    t = cfg.train
-    if state["epoch"] >= t.epochs:
-        return (f"epoch {state['epoch']} of train.epochs={t.epochs} is done; pass --set train.epochs=N with N above "
-                f"{state['epoch']} to train more")
-    if state["bad_epochs"] >= t.patience:
-        return (f"it stopped early after epoch {state['epoch']} ({state['bad_epochs']} epochs without a better valid "
-                f"AUC reached train.patience={t.patience}); pass a larger --set train.patience=N to train more")
+    t, epoch, bad = cfg.train, state["epoch"], state["bad_epochs"]
+    if epoch >= t.epochs:
+        return (f"it has trained {epoch} epoch{'s' * (epoch != 1)}, and train.epochs={t.epochs}; pass --set "
+                f"train.epochs=N with N above {epoch} to train more")
+    if bad >= t.patience:
+        return (f"after epoch {epoch} it has had {bad} epoch{'s' * (bad != 1)} without a better valid AUC, and "
+                f"train.patience={t.patience} (early stop); pass a larger --set train.patience=N to train more")
     return None
 
 
@@ -275,13 +275,14 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     rows, fmap = check_inputs(data_dir, cfg, resume)  # bad input fails here, before RUN is touched
     check_batch_size(cfg.train.batch_size, rows["train"], workers)
     _check_run_dir(run, cfg, resume, overwrite)
-    ended = _nothing_to_train(run, cfg) if resume and not callbacks else None  # a Tune trial (callbacks) reports
-    if ended:  # its epochs to Tune, which run_trial does itself
+    ended = _nothing_to_train(run, cfg) if resume and not callbacks else None  # (a Tune trial, with callbacks,
+    if ended:  # is left to Ray Train and run_trial, as before)
+        _check_feature_map(run, fmap)  # the data the run started on, as any resume
         log.warning("%s: nothing to train: %s", run, ended)
-        summary_path = storage.join(run, "summary.json")
-        if storage.is_file(summary_path):
-            return json.loads(storage.read_text(summary_path))
-        return _summary(run, data_dir, 0.0)
+        before = storage.join(run, "summary.json")
+        wall = json.loads(storage.read_text(before)).get("wall_seconds", 0.0) if storage.is_file(before) else 0.0
+        _prepare_run_dir(run, cfg, resume, overwrite)  # this config and a summary of RUN as it is now, as a resume
+        return _summary(run, data_dir, wall)
     if start_ray is not None:
         start_ray()
     check_local_workers(workers, cpus_per_worker, gpus_per_worker)  # one machine: what Ray has now is all it gets

@@ -252,8 +252,8 @@ def seed_rank(seed: int, rank: int, world: int) -> None:
     """Once the model is built from ``seed`` (the same initial weights on every rank; DDP also broadcasts rank 0's):
     each rank of several its own random stream, so their dropout masks differ (one seed gave every rank the same
     masks on its different rows). One worker keeps ``seed``'s stream as it is."""
-    if world > 1:
-        torch.manual_seed(seed + rank)
+    if world > 1:  # (seed, rank) mixed, so that seed 7's rank 1 is not seed 8's rank 0
+        torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> 1))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

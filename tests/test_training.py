@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -653,10 +654,12 @@ def test_a_resume_with_nothing_to_train_says_so_before_ray_starts(tmp_path, monk
     last.mkdir()
     monkeypatch.setattr(driver, "epoch_checkpoints", lambda run: [last])
     for epoch, bad, sets, why in [
-            (4, 0, ["train.epochs=4"], "epoch 4 of train.epochs=4 is done; pass --set train.epochs=N with N above 4 "
-                                       "to train more"),
-            (4, 2, ["train.epochs=9", "train.patience=2"], "it stopped early after epoch 4 (2 epochs without a better "
-             "valid AUC reached train.patience=2); pass a larger --set train.patience=N to train more"),
+            (4, 0, ["train.epochs=4"], "it has trained 4 epochs, and train.epochs=4; pass --set train.epochs=N with "
+                                       "N above 4 to train more"),
+            (1, 0, ["train.epochs=1"], "it has trained 1 epoch, and train.epochs=1; pass --set train.epochs=N with "
+                                       "N above 1 to train more"),
+            (4, 2, ["train.epochs=9", "train.patience=2"], "after epoch 4 it has had 2 epochs without a better valid "
+             "AUC, and train.patience=2 (early stop); pass a larger --set train.patience=N to train more"),
             (4, 2, ["train.epochs=9", "train.patience=3"], None),
             (4, 0, ["train.epochs=5"], None)]:
         (last / "state.json").write_text(json.dumps({"epoch": epoch, "bad_epochs": bad}))
@@ -666,17 +669,32 @@ def test_a_resume_with_nothing_to_train_says_so_before_ray_starts(tmp_path, monk
 
 
 @pytest.mark.slow
-def test_resuming_a_run_that_has_trained_its_epochs_starts_no_ray(two_worker_run, synth_dir, caplog):
+def test_resuming_a_run_that_has_trained_its_epochs_starts_no_ray(two_worker_run, synth_dir, tmp_path, caplog):
+    import shutil
+
+    from mmctr_ray.errors import ConfigError
+
     run, summary = two_worker_run
+    moved = shutil.copytree(run, tmp_path / "moved")  # a copy: the fixture's run stays as other tests read it
+    (moved / "summary.json").unlink()  # e.g. a run ended by Ctrl-C after its last epoch
 
     def no_ray():
         raise AssertionError("Ray started for a run with nothing to train")
 
     with caplog.at_level("WARNING", logger="mmctr_ray.train_driver"):
-        again = run_training(synth_dir, str(run), tiny_cfg("train.epochs=2", "train.resident=on"), resume=True,
+        again = run_training(synth_dir, str(moved), tiny_cfg("train.epochs=2", "train.resident=on"), resume=True,
                              start_ray=no_ray)
-    assert again == summary and json.loads((run / "summary.json").read_text()) == summary
-    assert f"{run}: nothing to train: epoch 2 of train.epochs=2 is done" in caplog.text
+    assert f"{moved}: nothing to train: it has trained 2 epochs, and train.epochs=2" in caplog.text
+    assert again == json.loads((moved / "summary.json").read_text())  # a summary of RUN where it is now
+    assert again["best_checkpoint"] == str(moved / Path(summary["best_checkpoint"]).name)
+    assert again["best_valid_auc"] == summary["best_valid_auc"] and again["epochs"] == 2
+    other = shutil.copytree(synth_dir, tmp_path / "other", ignore=shutil.ignore_patterns("item_images"))
+    info = pq.read_table(other / "MicroLens_1M_x1" / "item_info.parquet")  # one more item: other vocabularies
+    extra = info.slice(info.num_rows - 1).set_column(0, "item_id", pa.array([info.num_rows], pa.int64()))
+    pq.write_table(pa.concat_tables([info, extra]), other / "MicroLens_1M_x1" / "item_info.parquet")
+    with pytest.raises(ConfigError, match="resume with the data the run started on"):  # as any resume
+        run_training(other, str(moved), tiny_cfg("train.epochs=2", "train.resident=on"), resume=True,
+                     start_ray=no_ray)
 
 
 def test_each_rank_draws_its_own_dropout_masks_from_the_same_initial_weights():
