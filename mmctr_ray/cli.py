@@ -22,7 +22,7 @@ from mmctr_ray.data.writer import write_synthetic
 from mmctr_ray.errors import ConfigError, Interrupted, OutputExistsError, find_user_error
 from mmctr_ray.locking import output_lock
 from mmctr_ray.metrics import se_text
-from mmctr_ray.ray_env import MIN_OBJECT_STORE_MIB
+from mmctr_ray.ray_env import MIN_OBJECT_STORE_MIB, forget_sigterm, sigterm_received, stop_ray
 
 log = logging.getLogger("mmctr")
 
@@ -736,8 +736,6 @@ def _ended_by_signal(args: argparse.Namespace, argv: Sequence[str], kept: str, s
     """Print one line (``interrupted`` or ``terminated``, what is ``kept``, the command that continues) after the
     Ray the command started is down, and return the shell's status for that signal: 130 for Ctrl-C, 143 for
     SIGTERM."""
-    from mmctr_ray.ray_env import stop_ray
-
     how = _how_to_continue(args, argv, bool(kept))
     try:
         stop_ray()  # its actors' last log lines (an aborted run's clean-up) come before this line, not after it
@@ -752,8 +750,6 @@ def _ended_by_signal(args: argparse.Namespace, argv: Sequence[str], kept: str, s
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    from mmctr_ray.ray_env import forget_sigterm
-
     forget_sigterm()  # a SIGTERM an earlier command in this process met is not this one's
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
@@ -767,10 +763,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, Interrupted) as err:  # Ctrl-C (or SIGTERM): one line, what is kept, how to go on
         kept = f": {err}" if isinstance(err, Interrupted) else ""
         return _ended_by_signal(args, argv, kept, getattr(err, "signum", signal.SIGINT))
-    except SystemExit:  # Ray's driver turns SIGTERM into SystemExit(15), or (1) out of a ray.get; train and tune
-        from mmctr_ray.ray_env import sigterm_received  # raise Interrupted instead, saying what they keep
-
-        if not sigterm_received():
+    except SystemExit:  # Ray's driver turns SIGTERM into SystemExit(15), or (1) out of a ray.get (train and tune
+        if not sigterm_received():  # raise Interrupted instead, saying what they keep)
             raise
         return _ended_by_signal(args, argv, "", signal.SIGTERM)
     except Exception as err:
