@@ -82,6 +82,11 @@ class SearchSpace:
     seed: int = 2025
     base: dict[str, Any] = field(default_factory=dict)  # the rest of the YAML: the config every trial starts from
 
+    @property
+    def prunes(self) -> bool:
+        """Whether ASHA has an epoch before the last to stop trials at (else every trial runs to its end)."""
+        return self.grace_period < self.max_epochs
+
     def define_by_run(self, trial: Any) -> None:
         """Optuna define-by-run function: suggests each active parameter in order (no computation)."""
         sampled: dict[str, Any] = {}

@@ -86,7 +86,7 @@ def trial_outcome(run: Path, epochs: int, max_epochs: int, stopped: set[str] | N
 
 def _trial_rows(tdir: Path, space: SearchSpace, errors: dict[str, str],
                 known: list[str] | None = None) -> list[dict[str, Any]]:
-    rows, stopped = [], asha_stopped(tdir, fifo=space.grace_period >= space.max_epochs)  # as tuning._scheduler
+    rows, stopped = [], asha_stopped(tdir, fifo=not space.prunes)
     started = sorted((tdir / "trials").glob("*.params.json"), key=lambda p: p.stat().st_mtime_ns)  # trial order
     for n, params_file in enumerate(started):
         trial_id = params_file.name.removesuffix(".params.json")

@@ -296,7 +296,7 @@ def _scheduler(space: SearchSpace, records: Path) -> Any:
 
     from mmctr_ray.asha import ResumableASHA
 
-    if space.grace_period >= space.max_epochs:
+    if not space.prunes:
         return FIFOScheduler()
     return ResumableASHA(records, metric=METRIC, mode="max", time_attr="epoch", max_t=space.max_epochs - 1,
                          grace_period=space.grace_period, reduction_factor=space.reduction_factor,
