@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 
 from mmctr_ray.layers.attention import DINAttention, MultiHeadTargetAttention, make_attention
 from mmctr_ray.layers.cross import CrossNet
+from mmctr_ray.layers.dropout import Dropout
 from mmctr_ray.layers.embedding import ItemEmbedding, SideEmbedding
 from mmctr_ray.layers.interaction import BilinearInteraction, SENet
 from mmctr_ray.layers.mlp import MLP, Dice, activation
@@ -445,3 +447,48 @@ def test_distinct_items_with_inverse_equal_per_position_history(name):
     torch.manual_seed(0)
     spread = module.forward_packed(target, items[inverse], rows)
     torch.testing.assert_close(shared, spread, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+def test_cpu_dropout_keeps_each_element_with_its_probability_and_the_expectation(p):
+    """The mask draws four 16-bit values from each 64-bit word: every lane must be uniform (a word drawn over
+    [0, 2^63) alone, ``random_()``'s default, would keep every fourth element always for p < 0.5)."""
+    torch.manual_seed(0)
+    module = Dropout(p).train()
+    x = torch.ones(4000, 64, requires_grad=True)
+    y = module(x)
+    keep = round((1 - p) * 65536) / 65536
+    assert abs(keep - (1 - p)) < 8e-6
+    kept = y != 0
+    for lane in range(4):  # the lanes of one word: about 64,000 elements each; 5 standard errors
+        rate = kept.reshape(-1, 4)[:, lane].float().mean().item()
+        assert abs(rate - keep) < 5 * math.sqrt(keep * (1 - keep) / 64_000), (lane, rate)
+    assert torch.equal(torch.unique(y), torch.tensor([0.0, 1 / keep]))  # kept elements scaled by 1/keep
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient is the same mask and scale
+    torch.manual_seed(0)
+    assert torch.equal(Dropout(p).train()(torch.ones(4000, 64)), y.detach())  # torch's generator: repeatable
+    assert not torch.equal(Dropout(p).train()(torch.ones(4000, 64)), y.detach())  # and the next mask is another
+
+
+def test_cpu_dropout_is_the_identity_in_eval_and_at_zero_and_drops_all_at_one():
+    x = pattern((7, 5), 3)
+    assert torch.equal(Dropout(0.5).eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+    torch.manual_seed(1)
+    odd = Dropout(0.5).train()(torch.ones(3, 7, 5, dtype=torch.bfloat16))  # 105 elements: not whole words
+    assert odd.shape == (3, 7, 5) and odd.dtype == torch.bfloat16 and set(odd.unique().tolist()) == {0.0, 2.0}
+
+
+def test_every_dropout_in_the_layers_is_the_cpu_one():
+    from mmctr_ray.config import load_config
+    from mmctr_ray.features import FeatureMap
+    from mmctr_ray.model import DINModel
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "paper.yaml")
+    fmap = FeatureMap(num_items=10, tag_vocab=7, tags_per_item=5, vector_dim=16, num_users=0)
+    model = DINModel(cfg.model, fmap, torch.zeros(11, 5, dtype=torch.long), torch.zeros(11, 16))
+    drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert drops and all(type(m) is Dropout for m in drops)
+    din = DINAttention(D, (6, 4), dropout=0.1)
+    assert [type(m) for m in din.modules() if isinstance(m, nn.Dropout)] == [Dropout, Dropout]

@@ -14,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from mmctr_ray.layers.dropout import Dropout
 from mmctr_ray.layers.mlp import MLP, activation
 from mmctr_ray.layers.packing import pack
 
@@ -75,7 +76,7 @@ class DINAttention(TargetAttention):
         self.dim = dim
         self.first = nn.Linear(4 * dim, units[0])
         self.first_act = activation(act, units[0])
-        self.first_drop = nn.Dropout(dropout)
+        self.first_drop = Dropout(dropout)
         self.rest = MLP(units[0], tuple(units[1:]), act=act, dropout=dropout, out_dim=1)
 
     def forward_packed(self, target: torch.Tensor, history: torch.Tensor, rows: torch.Tensor,
@@ -120,7 +121,7 @@ class MultiHeadTargetAttention(TargetAttention):
         self.k = nn.Linear(dim, dim, bias=False)
         self.v = nn.Linear(dim, dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)  # no bias: an all-padding history pools to exact zeros
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward_packed(self, target: torch.Tensor, history: torch.Tensor, rows: torch.Tensor,
                        inverse: torch.Tensor | None = None) -> torch.Tensor:

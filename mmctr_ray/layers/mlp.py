@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmctr_ray.layers.dropout import Dropout
+
 
 class Dice(nn.Module):
     """Data-adaptive PReLU from DIN: ``p·x + (1-p)·alpha·x`` with ``p = sigmoid(BN(x))``.
@@ -69,7 +71,7 @@ class MLP(nn.Module):
                 layers.append(nn.BatchNorm1d(u))
             layers.append(activation(act, u))
             if dropout > 0:
-                layers.append(nn.Dropout(dropout))
+                layers.append(Dropout(dropout))
             width = u
         if out_dim is not None:
             layers.append(nn.Linear(width, out_dim))
