@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import signal
 import threading
 from typing import Any, Iterator
@@ -226,6 +227,47 @@ def stop_ray() -> None:
             _PRIVATE["started"] = False
 
 
+# Lines Ray's own processes log at error level for what is its normal path. The GCS kills an actor by an RPC the
+# dying worker never answers, and logs the closed socket as a failure (Ray's developers call the failing RPC the
+# success path: ray-project/ray#53412, and demoted the log at another call site in #58544); Ray 2.60 still forwards
+# it to the driver, once or twice in every `mmctr train` after a Ray Data stage.
+BENIGN_RAY_LINES = {
+    "gcs_server": re.compile(r"Failed to kill actor \w+, return status: Invalid: KillActor RPC failed for actor \w+: "
+                             r"RpcError: RPC error: Socket closed"),
+}
+RAY_LOG_HANDLER = "ray_print_logs"  # the name Ray 2.60 gives the handler that prints its processes' lines
+
+
+def drop_benign_ray_lines() -> bool:
+    """Keep :data:`BENIGN_RAY_LINES` out of what Ray prints from its processes' logs; every other line, those of
+    the same processes included, still prints. Return whether the filter is in place (False where this Ray prints
+    no logs, or names its printing handler otherwise: then nothing changes)."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return False
+    printers = [h for name, h in dispatcher.handlers if name == RAY_LOG_HANDLER]
+    if len(printers) != 1:
+        return False
+    if getattr(printers[0], "drops_benign_lines", False):
+        return True
+
+    def print_logs(data: dict, _print=printers[0]) -> None:
+        benign = BENIGN_RAY_LINES.get(data.get("pid"))
+        if benign is not None:
+            lines = [line for line in data.get("lines", []) if not benign.search(line)]
+            if not lines:
+                return
+            data = {**data, "lines": lines}
+        _print(data)
+
+    print_logs.drops_benign_lines = True
+    # one assignment, as Ray's remove_handler makes: no line is emitted between two printers, and Ray's shutdown
+    # removes the filter by the name it gave its printer
+    dispatcher.handlers = [(name, print_logs if h is printers[0] else h) for name, h in dispatcher.handlers]
+    return True
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = False,
              dashboard: bool = False, object_store_mib: int | None = None, pool_cpus: float = 0.0) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a private local Ray.
@@ -253,6 +295,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
             os.environ.pop(WATCHER_ENV, None)
         ray.init(address=address, logging_level=logging.WARNING)
         _keep_python_sigterm()
+        drop_benign_ray_lines()
         _PRIVATE["gcs"] = ray.get_runtime_context().gcs_address  # for stop_ray; not private: "started" stays False
         log.info("joined Ray at %s: %s", address, ray.cluster_resources())
         return
@@ -279,6 +322,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
              object_store_memory=object_store_mib * 2**20 if object_store_mib else None,
              logging_level=logging.WARNING, runtime_env={"worker_process_setup_hook": pin_ray_address})
     _keep_python_sigterm()
+    drop_benign_ray_lines()
     _PRIVATE["started"], _PRIVATE["gcs"] = True, ray.get_runtime_context().gcs_address
     log.info("started a local Ray%s: %s", " with its dashboard on 127.0.0.1" if dashboard else "",
              ray.cluster_resources())

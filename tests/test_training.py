@@ -278,6 +278,32 @@ def test_the_driver_puts_back_the_sigint_handler_ray_train_leaves_and_tells_sigt
         signal.signal(signal.SIGTERM, before_term)
 
 
+def test_rays_benign_kill_actor_error_is_not_printed_and_every_other_line_is():
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from mmctr_ray.ray_env import RAY_LOG_HANDLER, drop_benign_ray_lines
+
+    benign = ("[2026-11-30 10:52:25,747 E 706 706] (gcs_server) gcs_actor_scheduler.cc:538: Failed to kill actor "
+              "611e54fb296365b2e401457f01000000, return status: Invalid: KillActor RPC failed for actor "
+              "611e54fb296365b2e401457f01000000: RpcError: RPC error: Socket closed rpc_code: 14")
+    real = "[2026-11-30 10:52:25,800 E 706 706] (gcs_server) gcs_actor_manager.cc:99: Actor died: out of memory"
+    printed = []
+    saved = dispatcher.handlers
+    try:
+        dispatcher.handlers = [("other", lambda data: None), (RAY_LOG_HANDLER, printed.append)]
+        assert drop_benign_ray_lines() and drop_benign_ray_lines()  # the second call wraps nothing twice
+        assert [name for name, _ in dispatcher.handlers] == ["other", RAY_LOG_HANDLER]
+        dispatcher.emit({"pid": "gcs_server", "is_err": True, "lines": [benign]})  # nothing left: nothing printed
+        dispatcher.emit({"pid": "gcs_server", "is_err": True, "lines": [benign, real]})
+        dispatcher.emit({"pid": 4242, "is_err": True, "lines": [benign]})  # a worker's line is its own business
+        assert printed == [{"pid": "gcs_server", "is_err": True, "lines": [real]},
+                           {"pid": 4242, "is_err": True, "lines": [benign]}]
+        dispatcher.handlers = [("other", lambda data: None)]  # a Ray that prints no logs (log_to_driver=False)
+        assert not drop_benign_ray_lines()
+    finally:
+        dispatcher.handlers = saved
+
+
 @pytest.mark.slow
 def test_resume_takes_a_complete_checkpoint_ray_train_had_not_registered(plain_run, synth_dir, monkeypatch):
     """Ctrl-C can stop a run after a worker wrote its epoch's checkpoint and before Ray Train registered it: --resume
