@@ -17,6 +17,7 @@ from torch import nn
 
 from mmctr_ray.layers.attention import DINAttention, MultiHeadTargetAttention, make_attention
 from mmctr_ray.layers.cross import CrossNet
+from mmctr_ray.layers import dropout as dropout_module
 from mmctr_ray.layers.dropout import Dropout
 from mmctr_ray.layers.embedding import ItemEmbedding, SideEmbedding
 from mmctr_ray.layers.interaction import BilinearInteraction, SENet
@@ -449,8 +450,14 @@ def test_distinct_items_with_inverse_equal_per_position_history(name):
     torch.testing.assert_close(shared, spread, rtol=1e-5, atol=1e-6)
 
 
+@pytest.fixture
+def own_draws(monkeypatch):
+    """The module's own mask, on any processor (on Intel with MKL it would be ``nn.Dropout``'s)."""
+    monkeypatch.setattr(dropout_module, "torch_draws_fast", lambda: False)
+
+
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
-def test_cpu_dropout_keeps_each_element_with_its_probability_and_the_expectation(p):
+def test_cpu_dropout_keeps_each_element_with_its_probability_and_the_expectation(p, own_draws):
     """The mask draws four 16-bit values from each 64-bit word: every lane must be uniform (a word drawn over
     [0, 2^63) alone, ``random_()``'s default, would keep every fourth element always for p < 0.5)."""
     torch.manual_seed(0)
@@ -471,13 +478,26 @@ def test_cpu_dropout_keeps_each_element_with_its_probability_and_the_expectation
     assert not torch.equal(Dropout(p).train()(torch.ones(4000, 64)), y.detach())  # and the next mask is another
 
 
-def test_cpu_dropout_is_the_identity_in_eval_and_at_zero_and_drops_all_at_one():
+def test_cpu_dropout_is_the_identity_in_eval_and_at_zero_and_drops_all_at_one(own_draws):
     x = pattern((7, 5), 3)
     assert torch.equal(Dropout(0.5).eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
     assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+    for p in (1e-6, 1 - 1e-6):  # rounds to keeping all or nothing: nn.Dropout's own draw, as p asks
+        torch.manual_seed(2)
+        expected = nn.functional.dropout(torch.ones(50_000), p)
+        torch.manual_seed(2)
+        assert torch.equal(Dropout(p).train()(torch.ones(50_000)), expected)
     torch.manual_seed(1)
     odd = Dropout(0.5).train()(torch.ones(3, 7, 5, dtype=torch.bfloat16))  # 105 elements: not whole words
     assert odd.shape == (3, 7, 5) and odd.dtype == torch.bfloat16 and set(odd.unique().tolist()) == {0.0, 2.0}
+
+
+def test_where_torch_draws_fast_itself_the_dropout_is_torchs(monkeypatch):
+    monkeypatch.setattr(dropout_module, "torch_draws_fast", lambda: True)  # MKL on an Intel processor
+    torch.manual_seed(3)
+    expected = nn.functional.dropout(torch.ones(1000), 0.3)
+    torch.manual_seed(3)
+    assert torch.equal(Dropout(0.3).train()(torch.ones(1000)), expected)
 
 
 def test_every_dropout_in_the_layers_is_the_cpu_one():

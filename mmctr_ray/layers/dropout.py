@@ -1,22 +1,27 @@
-"""Dropout whose CPU mask costs a quarter of a random word per element.
+"""Dropout whose CPU mask costs a quarter of a random word per element, where PyTorch's costs a whole draw.
 
-On the CPU, PyTorch draws a dropout mask one element at a time through its Mersenne Twister (``bernoulli_``
-takes MKL's vectorised generator on Intel processors only), and the baseline model's five dropout layers see
-about 50M elements a training step at batch 8192 (the attention MLP's two layers run once per real history
-position). Measured on the 2-core AMD EPYC tests run on, 65,536 × 512 elements: ``F.dropout`` 326 ms, of which
-the Bernoulli draw 260 ms; 64-bit words from the same generator, four 16-bit draws each, 60 ms
-(``benchmarks/model_step.py`` has the step's figures). No library offers a faster seeded CPU dropout, so this
-module draws the words and compares each 16-bit draw with a threshold.
+On the CPU, PyTorch draws a dropout mask through ``bernoulli_``, which takes MKL's vectorised, multi-threaded
+generator on Intel processors only; on any other processor it is a loop over the elements, one Mersenne Twister
+draw each. The baseline model's five dropout layers see about 65M elements a training step at batch 8192 (the
+attention MLP's two layers run once per real history position: ~50M of them). Measured on the 2-core AMD EPYC the
+tests run on, 65,536 × 512 elements, forward and backward: ``nn.Dropout`` 429 ms, this module 241 ms (64-bit
+words from the same generator, four 16-bit draws each, compared with a threshold; ``benchmarks/model_step.py`` and
+the README have the step's figures). No library offers a faster seeded CPU dropout there, so this one is written
+here; on Intel processors with MKL, where PyTorch's own is the fast one, it is ``nn.Dropout``.
 
 The keep probability is ``round((1 - p) · 65536) / 65536`` (within 7.7e-6 of ``1 - p``) and kept elements are
-scaled by its inverse, so the expectation of every element is exactly its input, as with ``nn.Dropout``. The
-draws come from torch's default CPU generator: ``torch.manual_seed`` makes the masks repeatable. On other devices,
-and in evaluation, it is ``nn.Dropout`` itself (CUDA's dropout is a fused Philox kernel already).
+scaled by its inverse, so the expectation of every element is exactly its input, as with ``nn.Dropout``; a ``p``
+that rounds to keeping all or nothing (within 7.7e-6 of 0 or 1) is left to ``nn.Dropout``. The draws come from
+torch's default CPU generator: ``torch.manual_seed`` makes the masks repeatable. On other devices, and in
+evaluation, it is ``nn.Dropout`` itself (CUDA's dropout is a fused Philox kernel already).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import platform
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,6 +40,18 @@ def keep_mask(shape: torch.Size, p: float) -> tuple[torch.Tensor, float]:
     return draws < keep - _LEVELS // 2, (_LEVELS / keep if keep else 0.0)
 
 
+@functools.cache
+def torch_draws_fast() -> bool:
+    """Whether PyTorch's own CPU ``bernoulli_`` takes MKL's vectorised path here: a build with MKL on an Intel
+    processor (the condition ATen checks)."""
+    if not torch.backends.mkl.is_available():
+        return False
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        return "GenuineIntel" in cpuinfo.read_text(errors="replace")
+    return "intel" in platform.processor().lower()
+
+
 class Dropout(nn.Dropout):
     """``nn.Dropout`` (same arguments, no state) with a cheaper mask on the CPU; see the module's docstring.
 
@@ -46,7 +63,8 @@ class Dropout(nn.Dropout):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace:
+        if (not self.training or x.device.type != "cpu" or self.inplace or torch_draws_fast()
+                or not 0 < round((1.0 - self.p) * _LEVELS) < _LEVELS):
             return super().forward(x)
         keep, scale = keep_mask(x.shape, self.p)
         return x * keep.to(x.dtype).mul_(scale)
