@@ -232,8 +232,7 @@ def stop_ray() -> None:
 # success path: ray-project/ray#53412, and demoted the log at another call site in #58544); Ray 2.60 still forwards
 # it to the driver, once or twice in every `mmctr train` after a Ray Data stage.
 BENIGN_RAY_LINES = {
-    "gcs_server": re.compile(r"Failed to kill actor \w+, return status: Invalid: KillActor RPC failed for actor \w+: "
-                             r"RpcError: RPC error: Socket closed"),
+    "gcs_server": re.compile(r"Failed to kill actor \w+, return status: .*KillActor RPC failed.*Socket closed"),
 }
 RAY_LOG_HANDLER = "ray_print_logs"  # the name Ray 2.60 gives the handler that prints its processes' lines
 
@@ -264,7 +263,8 @@ def drop_benign_ray_lines() -> bool:
     print_logs.drops_benign_lines = True
     # one assignment, as Ray's remove_handler makes: no line is emitted between two printers, and Ray's shutdown
     # removes the filter by the name it gave its printer
-    dispatcher.handlers = [(name, print_logs if h is printers[0] else h) for name, h in dispatcher.handlers]
+    with getattr(dispatcher, "_lock", None) or contextlib.nullcontext():
+        dispatcher.handlers = [(name, print_logs if h is printers[0] else h) for name, h in dispatcher.handlers]
     return True
 
 

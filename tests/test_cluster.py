@@ -70,6 +70,7 @@ def test_job_entrypoints_forward_to_the_cli(job, monkeypatch, capsys):
     import runpy
 
     monkeypatch.setattr(sys, "argv", [str(ROOT / "jobs" / job), "--help"])
+    monkeypatch.syspath_prepend(str(ROOT / "jobs"))  # as `python jobs/JOB.py` puts the script's folder first
     with pytest.raises(SystemExit) as ended:
         runpy.run_path(str(ROOT / "jobs" / job), run_name="__main__")
     assert ended.value.code in (0, None)
