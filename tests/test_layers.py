@@ -453,7 +453,7 @@ def test_distinct_items_with_inverse_equal_per_position_history(name):
 @pytest.fixture
 def own_draws(monkeypatch):
     """The module's own mask, on any processor (on Intel with MKL it would be ``nn.Dropout``'s)."""
-    monkeypatch.setattr(dropout_module, "torch_draws_fast", lambda: False)
+    monkeypatch.setattr(dropout_module, "TORCH_DRAWS_FAST", False)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
@@ -493,7 +493,7 @@ def test_cpu_dropout_is_the_identity_in_eval_and_at_zero_and_drops_all_at_one(ow
 
 
 def test_where_torch_draws_fast_itself_the_dropout_is_torchs(monkeypatch):
-    monkeypatch.setattr(dropout_module, "torch_draws_fast", lambda: True)  # MKL on an Intel processor
+    monkeypatch.setattr(dropout_module, "TORCH_DRAWS_FAST", True)  # MKL on an Intel processor
     torch.manual_seed(3)
     expected = nn.functional.dropout(torch.ones(1000), 0.3)
     torch.manual_seed(3)

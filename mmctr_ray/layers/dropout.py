@@ -4,7 +4,7 @@ On the CPU, PyTorch draws a dropout mask through ``bernoulli_``, which takes MKL
 generator on Intel processors only; on any other processor it is a loop over the elements, one Mersenne Twister
 draw each. The baseline model's five dropout layers see about 65M elements a training step at batch 8192 (the
 attention MLP's two layers run once per real history position: ~50M of them). Measured on the 2-core AMD EPYC the
-tests run on, 65,536 × 512 elements, forward and backward: ``nn.Dropout`` 429 ms, this module 241 ms (64-bit
+tests run on, 65,536 × 512 elements, forward and backward: ``nn.Dropout`` 383–429 ms, this module 241–265 ms (64-bit
 words from the same generator, four 16-bit draws each, compared with a threshold; ``benchmarks/model_step.py`` and
 the README have the step's figures). No library offers a faster seeded CPU dropout there, so this one is written
 here; on Intel processors with MKL, where PyTorch's own is the fast one, it is ``nn.Dropout``.
@@ -18,7 +18,6 @@ evaluation, it is ``nn.Dropout`` itself (CUDA's dropout is a fused Philox kernel
 
 from __future__ import annotations
 
-import functools
 import math
 import platform
 from pathlib import Path
@@ -35,13 +34,13 @@ def keep_mask(shape: torch.Size, p: float) -> tuple[torch.Tensor, float]:
     and the scale ``65536 / round((1 - p) · 65536)`` that keeps the expectation (0 where nothing is kept)."""
     n = math.prod(shape)
     keep = round((1.0 - p) * _LEVELS)
-    words = torch.empty(-(-n // _PER_WORD), dtype=torch.int64).random_(-(1 << 63), None)  # all 64 bits uniform
+    # every 64-bit value but the largest (an out-of-place draw, which torch.compile traces): all 64 bits uniform
+    words = torch.randint(-(1 << 63), (1 << 63) - 1, (-(-n // _PER_WORD),), dtype=torch.int64)
     draws = words.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
     return draws < keep - _LEVELS // 2, (_LEVELS / keep if keep else 0.0)
 
 
-@functools.cache
-def torch_draws_fast() -> bool:
+def _torch_draws_fast() -> bool:
     """Whether PyTorch's own CPU ``bernoulli_`` takes MKL's vectorised path here: a build with MKL on an Intel
     processor (the condition ATen checks)."""
     if not torch.backends.mkl.is_available():
@@ -50,6 +49,9 @@ def torch_draws_fast() -> bool:
     if cpuinfo.is_file():
         return "GenuineIntel" in cpuinfo.read_text(errors="replace")
     return "intel" in platform.processor().lower()
+
+
+TORCH_DRAWS_FAST = _torch_draws_fast()  # once, at import: a constant to torch.compile, not a call it cannot trace
 
 
 class Dropout(nn.Dropout):
@@ -63,7 +65,7 @@ class Dropout(nn.Dropout):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not self.training or x.device.type != "cpu" or self.inplace or torch_draws_fast()
+        if (not self.training or x.device.type != "cpu" or self.inplace or TORCH_DRAWS_FAST
                 or not 0 < round((1.0 - self.p) * _LEVELS) < _LEVELS):
             return super().forward(x)
         keep, scale = keep_mask(x.shape, self.p)
