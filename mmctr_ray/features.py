@@ -222,9 +222,34 @@ def to_model_batch(batch: pa.Table, max_len: int, source: str = "split") -> dict
     return out
 
 
+# Ray Data's Parquet reader (V2, Ray 2.60's default) lists every read's files on a pool of footer-reading actors it
+# starts and kills per read (32 by default, each a new worker process): 1.3-3 s before the first row on the 2-core
+# test machine, for a 300-row split too, and once an epoch for a split read every epoch. The older reader (V1)
+# reads a few files' footers where the read is planned: 0.10-0.15 s. V1 streams fewer rows a second, though
+# (`benchmarks/data_path.py`, 200k rows: 0.37-0.49M against 0.88-1.1M), a cost of ~1.3 us a row against V2's start
+# of 1-2.5 s: V1 reads a split up to V1_MAX_ROWS (below the break-even of ~1.5M rows, so that a GPU step, which the
+# read must keep up with, never waits on it for long), V2 anything larger, or of more files than V1_MAX_FILES.
+V1_MAX_ROWS = 500_000
+V1_MAX_FILES = 64
+
+
+def small_split(parts: list[Path]) -> bool:
+    """Whether ``parts`` hold at most :data:`V1_MAX_ROWS` rows in at most :data:`V1_MAX_FILES` files (rows from
+    the footers)."""
+    if len(parts) > V1_MAX_FILES:
+        return False
+    rows = 0
+    for part in parts:
+        rows += pq.read_metadata(part).num_rows
+        if rows > V1_MAX_ROWS:
+            return False
+    return True
+
+
 def read_split(data_dir: str | Path, split: str, max_len: int = 64, batch_rows: int = 16_384) -> Any:
     """The split as a Ray Dataset of model-ready rows (Ray must be initialised by the caller); a split held as a
-    folder is read from its part files, in their order.
+    folder is read from its part files, in their order. A small split (:func:`small_split`) is read by Ray Data's
+    V1 Parquet reader, a larger one by its default (V2).
 
     Columns: ``user_id``, ``item_id``, ``likes_level``, ``views_level`` (int64), ``label`` (float32) and
     ``item_seq`` (int64 tensor column of shape (max_len,), most recent item last, 0 = padding).
@@ -235,6 +260,13 @@ def read_split(data_dir: str | Path, split: str, max_len: int = 64, batch_rows: 
     parts = Layout(data_dir).split_files(split)
     if not parts:
         raise DataError(f"{path}: missing file" if not path.exists() else f"{path}: {NO_PARTS}")
-    ds = ray.data.read_parquet([str(p.resolve()) for p in parts]).select_columns([*SPLIT_FEATURES, "item_seq"])
+    ctx = ray.data.DataContext.get_current()
+    v2 = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = v2 and not small_split(parts)  # read by read_parquet alone, when it is called
+    try:
+        ds = ray.data.read_parquet([str(p.resolve()) for p in parts])
+    finally:
+        ctx.use_datasource_v2 = v2
+    ds = ds.select_columns([*SPLIT_FEATURES, "item_seq"])
     return ds.map_batches(to_model_batch, batch_format="pyarrow", batch_size=batch_rows, zero_copy_batch=True,
                           fn_kwargs={"max_len": max_len, "source": str(path)})

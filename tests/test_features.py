@@ -127,8 +127,53 @@ def test_read_split_as_ray_dataset(ray_local, synth_dir, tiny_spec):
     np.testing.assert_array_equal(np.sort(np.concatenate(seen_ids)), np.sort(raw_ids))
 
 
+@pytest.fixture(params=["v1", "v2"])
+def reader(request, monkeypatch):
+    """Each of Ray Data's two Parquet readers read_split chooses between: the tiny splits here are small (V1);
+    with no row allowed to V1, V2 reads them as it reads a large split."""
+    import mmctr_ray.features as features
+
+    if request.param == "v2":
+        monkeypatch.setattr(features, "V1_MAX_ROWS", 0)
+    return request.param
+
+
+def _operators(ds) -> list[str]:
+    ops, todo = [], [ds._logical_plan.dag]
+    while todo:
+        op = todo.pop()
+        ops.append(type(op).__name__)
+        todo += op.input_dependencies
+    return ops
+
+
 @pytest.mark.slow
-def test_read_split_rows_match_source_exactly(ray_local, synth_dir):
+def test_a_small_split_is_read_without_the_footer_actors_of_ray_datas_default_reader(ray_local, synth_dir,
+                                                                                      monkeypatch):
+    """Ray 2.60's default Parquet reader (V2) starts a pool of footer-reading actors per read: over a second for
+    any split; V1 plans a few files where it is called. A split over V1_MAX_ROWS, or of more files than
+    V1_MAX_FILES, goes to V2, whose parallel read units and faster stream pay for its start there."""
+    import mmctr_ray.features as features
+
+    ctx = ray_local.data.DataContext.get_current()
+    assert ctx.use_datasource_v2  # Ray's default, which read_split narrows for one call only
+    assert "ListFiles" not in _operators(read_split(synth_dir, "valid")) and ctx.use_datasource_v2
+    monkeypatch.setattr(features, "V1_MAX_ROWS", 499)  # the valid split has 500 rows
+    assert "ListFiles" in _operators(read_split(synth_dir, "valid")) and ctx.use_datasource_v2
+    monkeypatch.setattr(features, "V1_MAX_ROWS", 500)
+    assert "ListFiles" not in _operators(read_split(synth_dir, "valid"))
+    monkeypatch.setattr(features, "V1_MAX_FILES", 0)
+    assert "ListFiles" in _operators(read_split(synth_dir, "valid"))
+    ctx.use_datasource_v2 = False  # a user who turned V2 off keeps it off
+    try:
+        monkeypatch.setattr(features, "V1_MAX_ROWS", 0)
+        assert "ListFiles" not in _operators(read_split(synth_dir, "valid")) and not ctx.use_datasource_v2
+    finally:
+        ctx.use_datasource_v2 = True
+
+
+@pytest.mark.slow
+def test_read_split_rows_match_source_exactly(ray_local, synth_dir, reader):
     """Every source row arrives once with its 32 most recent items (order-free: Ray may reorder blocks)."""
     raw = pq.read_table(Layout(synth_dir).split("test"))
     seq = np.stack(raw.column("item_seq").to_numpy(zero_copy_only=False))[:, -32:]
@@ -158,7 +203,8 @@ def test_null_placeholder_labels_become_zero():
 
 
 @pytest.mark.slow
-def test_read_split_of_a_folder_of_parts_keeps_the_row_order(ray_local, synth_dir, tmp_path, split_into_parts):
+def test_read_split_of_a_folder_of_parts_keeps_the_row_order(ray_local, synth_dir, tmp_path, split_into_parts,
+                                                             reader):
     """A split held as part files is read part by part in name order: with Ray Data's preserve_order (what
     predict sets) the rows come in the order of the single file they were cut from."""
     import shutil
