@@ -240,7 +240,10 @@ def small_split(parts: list[Path]) -> bool:
         return False
     rows = 0
     for part in parts:
-        rows += pq.read_metadata(part).num_rows
+        try:
+            rows += pq.read_metadata(part).num_rows
+        except (OSError, pa.ArrowException) as err:  # callers that did not validate the data first
+            raise DataError(f"{part}: not a readable parquet file ({err})") from None
         if rows > V1_MAX_ROWS:
             return False
     return True
@@ -262,7 +265,8 @@ def read_split(data_dir: str | Path, split: str, max_len: int = 64, batch_rows: 
         raise DataError(f"{path}: missing file" if not path.exists() else f"{path}: {NO_PARTS}")
     ctx = ray.data.DataContext.get_current()
     v2 = ctx.use_datasource_v2
-    ctx.use_datasource_v2 = v2 and not small_split(parts)  # read by read_parquet alone, when it is called
+    # read by read_parquet alone, when it is called; process-wide meanwhile (no other thread reads here)
+    ctx.use_datasource_v2 = v2 and not small_split(parts)
     try:
         ds = ray.data.read_parquet([str(p.resolve()) for p in parts])
     finally:

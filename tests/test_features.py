@@ -149,21 +149,28 @@ def _operators(ds) -> list[str]:
 
 @pytest.mark.slow
 def test_a_small_split_is_read_without_the_footer_actors_of_ray_datas_default_reader(ray_local, synth_dir,
-                                                                                      monkeypatch):
+                                                                                      monkeypatch, tmp_path):
     """Ray 2.60's default Parquet reader (V2) starts a pool of footer-reading actors per read: over a second for
     any split; V1 plans a few files where it is called. A split over V1_MAX_ROWS, or of more files than
     V1_MAX_FILES, goes to V2, whose parallel read units and faster stream pay for its start there."""
     import mmctr_ray.features as features
 
     ctx = ray_local.data.DataContext.get_current()
-    assert ctx.use_datasource_v2  # Ray's default, which read_split narrows for one call only
-    assert "ListFiles" not in _operators(read_split(synth_dir, "valid")) and ctx.use_datasource_v2
+    if not ctx.use_datasource_v2:
+        pytest.skip("RAY_DATA_USE_DATASOURCE_V2=0 in this environment: every read is V1")
+    assert "Read" in _operators(read_split(synth_dir, "valid")) and ctx.use_datasource_v2  # V1's operator
     monkeypatch.setattr(features, "V1_MAX_ROWS", 499)  # the valid split has 500 rows
     assert "ListFiles" in _operators(read_split(synth_dir, "valid")) and ctx.use_datasource_v2
     monkeypatch.setattr(features, "V1_MAX_ROWS", 500)
     assert "ListFiles" not in _operators(read_split(synth_dir, "valid"))
     monkeypatch.setattr(features, "V1_MAX_FILES", 0)
     assert "ListFiles" in _operators(read_split(synth_dir, "valid"))
+    bad = tmp_path  # a caller that skipped validation: the file named, not Arrow's words
+    (bad / "MicroLens_1M_x1").mkdir(parents=True, exist_ok=True)
+    (bad / "MicroLens_1M_x1" / "valid.parquet").write_bytes(b"not parquet")
+    monkeypatch.setattr(features, "V1_MAX_FILES", 64)
+    with pytest.raises(DataError, match=r"^.*valid\.parquet: not a readable parquet file \("):
+        read_split(bad, "valid")
     ctx.use_datasource_v2 = False  # a user who turned V2 off keeps it off
     try:
         monkeypatch.setattr(features, "V1_MAX_ROWS", 0)
@@ -179,6 +186,7 @@ def test_read_split_rows_match_source_exactly(ray_local, synth_dir, reader):
     seq = np.stack(raw.column("item_seq").to_numpy(zero_copy_only=False))[:, -32:]
     key = raw.column("user_id").to_numpy() * 10**6 + raw.column("item_id").to_numpy()
     ds = read_split(synth_dir, "test", max_len=32)
+    assert ("ListFiles" in _operators(ds)) == (reader == "v2")
     batch = {k: [] for k in ("user_id", "item_id", "item_seq")}
     for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for k in batch:
@@ -215,8 +223,9 @@ def test_read_split_of_a_folder_of_parts_keeps_the_row_order(ray_local, synth_di
     ctx = ray_local.data.DataContext.get_current()
     keep, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
     try:
-        batches = list(read_split(data, "test", max_len=8, batch_rows=64).iter_batches(batch_size=None,
-                                                                                       batch_format="numpy"))
+        ds = read_split(data, "test", max_len=8, batch_rows=64)
+        assert ("ListFiles" in _operators(ds)) == (reader == "v2")
+        batches = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     finally:
         ctx.execution_options.preserve_order = keep
     got = {k: np.concatenate([b[k] for b in batches]) for k in ("user_id", "item_id", "item_seq")}
