@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -500,15 +499,6 @@ def test_where_torch_draws_fast_itself_the_dropout_is_torchs(monkeypatch):
     assert torch.equal(Dropout(0.3).train()(torch.ones(1000)), expected)
 
 
-def test_every_dropout_in_the_layers_is_the_cpu_one():
-    from mmctr_ray.config import load_config
-    from mmctr_ray.features import FeatureMap
-    from mmctr_ray.model import DINModel
-
-    cfg = load_config(Path(__file__).parents[1] / "configs" / "paper.yaml")
-    fmap = FeatureMap(num_items=10, tag_vocab=7, tags_per_item=5, vector_dim=16, num_users=0)
-    model = DINModel(cfg.model, fmap, torch.zeros(11, 5, dtype=torch.long), torch.zeros(11, 16))
-    drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
-    assert drops and all(type(m) is Dropout for m in drops)
+def test_every_dropout_in_the_layers_is_the_cpu_one():  # the whole model's: test_model.py
     din = DINAttention(D, (6, 4), dropout=0.1)
     assert [type(m) for m in din.modules() if isinstance(m, nn.Dropout)] == [Dropout, Dropout]

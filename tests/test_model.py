@@ -89,6 +89,14 @@ def test_paper_config_builds_every_module():
     assert model.head.cross is not None and model.head.cross.version == "v2"
 
 
+def test_every_dropout_of_the_paper_model_is_the_cpu_one():
+    from mmctr_ray.layers.dropout import Dropout
+
+    model = DINModel(load_config(CONFIGS / "paper.yaml").model, FMAP, **item_table())
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops and all(type(m) is Dropout for m in drops)
+
+
 COMBOS = list(itertools.product(["din", "multihead"], [False, True],
                                 ["off", "field_all", "field_each", "field_interaction"], ["off", "v1", "v2"]))
 
