@@ -290,11 +290,9 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     if resume:
         _check_feature_map(run, fmap)
     fmap.to_json(storage.join(run, "feature_map.json"))
-    done = epoch_checkpoints(run) if resume else []
     loop_config = {"cfg": cfg.to_dict(), "data_dir": str(data_dir), "run_dir": str(run),
                    "feature_map": fmap.__dict__, "train_rows": rows["train"], "valid_rows": rows["valid"],
-                   "gpus_per_worker": gpus_per_worker,
-                   "resume_from": str(done[-1]) if done else None, "fault": _fault_from_env(), "verbose": verbose}
+                   "gpus_per_worker": gpus_per_worker, "fault": _fault_from_env(), "verbose": verbose}
     os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
     fs, fs_path = storage.resolve(run)  # Ray Train writes checkpoints to storage_path/name = RUN
     trainer = TorchTrainer(

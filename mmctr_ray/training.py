@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from mmctr_ray import storage
-from mmctr_ray.checkpoint import PREFIX, TrainState, checkpoint_epoch, load_checkpoint, save_checkpoint
+from mmctr_ray.checkpoint import (PREFIX, TrainState, checkpoint_epoch, epoch_checkpoints, load_checkpoint,
+                                  save_checkpoint)
 from mmctr_ray.config import ExperimentConfig, TrainConfig, from_dict
 from mmctr_ray.features import FeatureMap, load_item_table
 from mmctr_ray.metrics import evaluate
@@ -173,8 +174,10 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, resume_from: st
     import ray.train
 
     ckpt = ray.train.get_checkpoint()  # the latest Ray Train registered: after a worker restart, in this run
-    # ``resume_from`` (--resume) is the latest complete one in RUN, which is newer when the last run was stopped
-    # (Ctrl-C) after a worker wrote its checkpoint and before Ray Train registered it
+    # ``resume_from`` is the latest complete one in RUN, which is newer when the last run was stopped (Ctrl-C), or
+    # this run's worker died, after a worker wrote its checkpoint and before Ray Train registered it (the
+    # controller learns of a report at its next poll of the worker: a worker killed soon after its report
+    # restarted from the epoch before, or from scratch)
     newer = resume_from and ckpt and (checkpoint_epoch(resume_from) or 0) > (checkpoint_epoch(ckpt.path) or 0)
     context = ckpt.as_directory() if ckpt and not newer else contextlib.nullcontext(resume_from)
     with context as directory:
@@ -248,12 +251,15 @@ def _keep_shard(recorder: ShardRecorder, per_worker: int, rank: int) -> tuple[Re
     return shard, steps
 
 
-def seed_rank(seed: int, rank: int, world: int) -> None:
-    """Once the model is built from ``seed`` (the same initial weights on every rank; DDP also broadcasts rank 0's):
-    each rank of several its own random stream, so their dropout masks differ (one seed gave every rank the same
-    masks on its different rows). One worker keeps ``seed``'s stream as it is."""
-    if world > 1:  # (seed, rank) mixed, so that seed 7's rank 1 is not seed 8's rank 0
-        torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> 1))
+def seed_epoch(seed: int, rank: int, epoch: int) -> None:
+    """Seed torch's generators (the dropout masks) for one rank's epoch from ``(seed, rank, epoch)`` alone.
+
+    Each rank of several draws its own masks (one stream for all gave every rank the same masks on its different
+    rows), and an epoch draws the same masks however the run got there: a run resumed with ``--resume`` or
+    restarted after a worker died starts the epoch where an uninterrupted run does, so in a deterministic run it
+    repeats that run bit for bit. The model is built from ``seed`` before this (the same initial weights on every
+    rank)."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1, np.uint64)[0] >> 1))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -273,9 +279,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     table = load_item_table(config["data_dir"], cfg.data.item_vector)
     fmap = FeatureMap(**config["feature_map"])
     model = DINModel(cfg.model, fmap, **table.to_torch(device)).to(device)
-    seed_rank(cfg.train.seed, rank, world)  # after the model: the same initial weights on every rank
     optimizer = make_optimizer(model, cfg.train, device)
-    state = _restore(model, optimizer, config.get("resume_from"), cfg.train) or TrainState(lr=cfg.train.lr)
+    done = epoch_checkpoints(config["run_dir"])  # this run's (RUN starts empty unless resumed), complete ones only
+    state = _restore(model, optimizer, str(done[-1]) if done else None, cfg.train) or TrainState(lr=cfg.train.lr)
+    resumed_from = state.epoch  # 0: a fresh start
     tables = model.embedding_tables()
     if world > 1:  # the item table is the same on every rank: keep DDP from broadcasting it every step
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
@@ -299,6 +306,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = state.lr
             epoch = state.epoch + 1
+            seed_epoch(cfg.train.seed, rank, epoch)  # after the model: the same initial weights on every rank
             recorder = None
             if shard is None:  # keep it while streaming, the first time only (a shard that was not kept stays streamed)
                 recorder = ShardRecorder(0 if keep_tried else budget, -(-config["train_rows"] // world))
@@ -362,7 +370,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "valid_rows": metrics["rows"], "lr": state.lr,
                    "samples_per_s": rows / seconds if seconds > 0 and step > 1 else None,
                    "epoch_seconds": epoch_seconds, "steps": step, "resident": resident,
-                   "resident_rows": shard.rows if shard is not None else None,
+                   "resident_rows": shard.rows if shard is not None else None, "resumed_from_epoch": resumed_from,
                    **_memory_row(memory)}
             stop = update_schedule(state, metrics["auc"], cfg.train)
             state.history = [*(state.history or []), row]
