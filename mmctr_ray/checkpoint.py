@@ -154,6 +154,19 @@ def epoch_checkpoints(run_dir: Location) -> list[Location]:
     return complete
 
 
+def latest_checkpoint(run_dir: Location) -> Location | None:
+    """The run's newest complete checkpoint directory, or None: :func:`epoch_checkpoints`' last, found newest first
+    (one check of completeness per checkpoint cut short, instead of one per epoch of the run)."""
+    epochs = {e: n for n in storage.listdir(run_dir) if (e := checkpoint_epoch(n)) is not None}
+    for epoch in sorted(epochs, reverse=True):
+        path = storage.join(run_dir, epochs[epoch])
+        why = incomplete(path)
+        if not why:
+            return path
+        log.warning("%s: skipped, incomplete (%s): its copy was cut short", path, why)
+    return None
+
+
 def best_checkpoint(run_dir: Location) -> Location:
     """The checkpoint of the epoch with the best validation AUC (the earliest among equals)."""
     best, best_auc = None, float("-inf")

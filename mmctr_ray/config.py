@@ -219,8 +219,9 @@ class TrainConfig:
         shuffle_buffer: rows in each worker's local shuffle buffer (0: read order).
         deterministic: read the training split in file order (Ray Data ``preserve_order``), so that the seed
             alone fixes the order of the rows each epoch, for some throughput. On the CPU such a run repeats bit
-            for bit, resumed or restarted after a worker died too (dropout is seeded per epoch); on CUDA it does
-            not (``index_add``, the backward of the model's gathers, adds with atomics there).
+            for bit, resumed or restarted after a worker died too (dropout is seeded per epoch), unless
+            ``resident`` is ``on``; on CUDA it does not (``index_add``, the backward of the model's gathers, adds
+            with atomics there).
         resident: after the first epoch, keep each worker's shard of the training split (and rank 0's
             validation split) in device memory and shuffle it there, instead of streaming it from Ray Data
             every epoch (:mod:`mmctr_ray.resident`): ``auto`` up to ``resident_max_mib`` on CUDA and 256 MiB on

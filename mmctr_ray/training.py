@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mmctr_ray import storage
-from mmctr_ray.checkpoint import (PREFIX, TrainState, checkpoint_epoch, epoch_checkpoints, load_checkpoint,
+from mmctr_ray.checkpoint import (PREFIX, TrainState, checkpoint_epoch, latest_checkpoint, load_checkpoint,
                                   save_checkpoint)
 from mmctr_ray.config import ExperimentConfig, TrainConfig, from_dict
 from mmctr_ray.features import FeatureMap, load_item_table
@@ -184,6 +184,29 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, resume_from: st
         return None if directory is None else load_into(model, optimizer, directory, cfg)
 
 
+def _reported(row: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
+    """What ``ray.train.report`` carries for the epoch of ``row``: its scalars (metrics.jsonl keeps the per-worker
+    lists; Ray's report takes scalars) and the best epoch's AUC up to it (the earliest among equals, as the
+    schedule keeps it)."""
+    best = None
+    for r in history:
+        if r["epoch"] <= row["epoch"] and (best is None or r["valid_auc"] > best["valid_auc"]):
+            best = r
+    scalars = {k: v for k, v in row.items() if not k.startswith("worker_peak_")}
+    return {**scalars, "best_valid_auc": best["valid_auc"], "best_valid_auc_se": best.get("valid_auc_se")}
+
+
+def _report_unheard(history: list[dict[str, Any]] | None, heard: int) -> None:
+    """Report again, without checkpoints, the epochs after ``heard`` that the restored checkpoint has done: a worker
+    that died after writing an epoch's checkpoint and before Ray Train's controller took its report (at its next
+    poll) left that report unheard, and a Tune trial (``mmctr tune``) learns of its epochs from these reports."""
+    import ray.train
+
+    for row in history or []:
+        if row["epoch"] > heard:
+            ray.train.report(_reported(row, history))
+
+
 def load_into(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | Path,
               cfg: TrainConfig) -> TrainState:
     """Load a checkpoint's model and optimizer state; return its training state.
@@ -208,9 +231,10 @@ def load_into(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str
     return state
 
 
-def _maybe_fault(step: int, fault: dict[str, Any] | None) -> None:
-    """Fault injection for the recovery tests: kill this worker process once, at a given step."""
-    if fault and step == fault["step"] and not Path(fault["marker"]).exists():
+def _maybe_fault(fault: dict[str, Any] | None, **where: int) -> None:
+    """Fault injection for the recovery tests: kill this worker process once, at a given ``step`` or right after
+    its ``report`` of a given epoch (``where`` says which of the two this call is)."""
+    if fault and all(fault.get(k) == v for k, v in where.items()) and not Path(fault["marker"]).exists():
         Path(fault["marker"]).write_text("killed\n")
         os._exit(1)
 
@@ -280,9 +304,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     fmap = FeatureMap(**config["feature_map"])
     model = DINModel(cfg.model, fmap, **table.to_torch(device)).to(device)
     optimizer = make_optimizer(model, cfg.train, device)
-    done = epoch_checkpoints(config["run_dir"])  # this run's (RUN starts empty unless resumed), complete ones only
-    state = _restore(model, optimizer, str(done[-1]) if done else None, cfg.train) or TrainState(lr=cfg.train.lr)
+    # the newest complete checkpoint in RUN (which starts empty unless resumed), as rank 0 sees it: every rank
+    # starts from the same one even where a shared file system shows a new file to some nodes later than others
+    latest = _broadcast(str(latest_checkpoint(config["run_dir"]) or "") if rank == 0 else None) or None
+    state = _restore(model, optimizer, latest, cfg.train) or TrainState(lr=cfg.train.lr)
     resumed_from = state.epoch  # 0: a fresh start
+    registered = ray.train.get_checkpoint()  # the same on every rank
+    _report_unheard(state.history, max(config.get("start_epoch", 0),
+                                       (checkpoint_epoch(registered.path) or 0) if registered else 0))
     tables = model.embedding_tables()
     if world > 1:  # the item table is the same on every rank: keep DDP from broadcasting it every step
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
@@ -323,7 +352,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     t0, rows = time.perf_counter(), 0
                 loss_sum += train_step(ddp, batch, optimizer, tables, cfg.train, device)
                 rows += len(batch["label"]) * world
-                _maybe_fault((epoch - 1) * steps_per_epoch + step, config.get("fault") if rank == 0 else None)
+                _maybe_fault(config.get("fault") if rank == 0 else None, step=(epoch - 1) * steps_per_epoch + step)
                 run_log.progress(epoch, step, resident_steps if resident else steps_per_epoch, rows, t0, loss_sum)
                 if step % 16 == 1:  # ~16 batches of store pages at most stay mapped (ray-project/ray#65544)
                     memory.sample()
@@ -379,8 +408,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     save_checkpoint(Path(tmp), model, optimizer, state, cfg, fmap, table.source)
                     run_log.epoch_end(state)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
-                # metrics.jsonl keeps the per-worker lists; Ray's report takes scalars
-                scalars = {k: v for k, v in row.items() if not k.startswith("worker_peak_")}
-                best_se = next((r.get("valid_auc_se") for r in state.history if r["epoch"] == state.best_epoch), None)
-                ray.train.report({**scalars, "best_valid_auc": state.best_auc, "best_valid_auc_se": best_se},
-                                 checkpoint=checkpoint, checkpoint_dir_name=f"{PREFIX}{epoch:03d}")
+                ray.train.report(_reported(row, state.history), checkpoint=checkpoint,
+                                 checkpoint_dir_name=f"{PREFIX}{epoch:03d}")
+            _maybe_fault(config.get("fault") if rank == 0 else None, report=epoch)

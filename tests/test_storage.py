@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from mmctr_ray import storage
-from mmctr_ray.checkpoint import TrainState, best_checkpoint, epoch_checkpoints, load_checkpoint, save_checkpoint
+from mmctr_ray.checkpoint import (TrainState, best_checkpoint, epoch_checkpoints, latest_checkpoint, load_checkpoint,
+                                  save_checkpoint)
 from mmctr_ray.config import load_config
 from mmctr_ray.errors import ConfigError, DataError
 from mmctr_ray.features import FeatureMap
@@ -128,6 +129,7 @@ def test_checkpoint_discovery_and_loading_through_a_filesystem(memory_root, tmp_
     storage.write_text(f"{run}/metrics.jsonl", "{}\n")
     found = epoch_checkpoints(run)
     assert found == [f"{run}/checkpoint_epoch_{e:03d}" for e in (1, 2, 3)]
+    assert latest_checkpoint(run) == found[-1] and latest_checkpoint(f"{memory_root}/none") is None
     assert best_checkpoint(run) == f"{run}/checkpoint_epoch_002"
     loaded = load_checkpoint(best_checkpoint(run))
     local = torch.load(tmp_path / "checkpoint_epoch_002" / "model.pt", weights_only=True)
@@ -160,12 +162,13 @@ def test_a_checkpoint_with_every_file_but_one_cut_short_is_not_complete(memory_r
     storage.write_bytes(f"{run}/checkpoint_epoch_002/model.pt", whole[: len(whole) // 2])
     with caplog.at_level("WARNING"):
         assert epoch_checkpoints(run) == [f"{run}/checkpoint_epoch_001"]
+        assert latest_checkpoint(run) == f"{run}/checkpoint_epoch_001"  # where a restarted worker resumes
     assert f"model.pt has {len(whole) // 2} bytes, expected {len(whole)}" in caplog.text
     assert best_checkpoint(run) == f"{run}/checkpoint_epoch_001"  # not the better epoch 2, which is broken
     with pytest.raises(DataError, match=f"^{run}/checkpoint_epoch_002: incomplete checkpoint \\(model.pt has "):
         load_checkpoint(f"{run}/checkpoint_epoch_002")
     storage.write_text(f"{run}/checkpoint_epoch_001/files.json", '{"model.pt": 1')  # the manifest itself cut
-    assert epoch_checkpoints(run) == []
+    assert epoch_checkpoints(run) == [] and latest_checkpoint(run) is None
 
 
 def test_every_spelling_of_one_output_takes_one_lock(tmp_path, monkeypatch):

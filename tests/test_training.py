@@ -174,8 +174,10 @@ def test_predict_writes_the_submission_in_test_row_order(two_worker_run, synth_d
 
 
 def plain_cfg(*sets: str):
-    """The deterministic config of :func:`plain_run`, with dropout so that the masks' seeding counts too."""
-    return tiny_cfg("train.epochs=2", "train.patience=3", "train.deterministic=true", "model.dropout=0.2", *sets)
+    """The deterministic config of :func:`plain_run`, with dropout and a local shuffle buffer, so that the seeding of
+    the masks and of the shuffle counts too."""
+    return tiny_cfg("train.epochs=2", "train.patience=3", "train.deterministic=true", "model.dropout=0.2",
+                    "train.shuffle_buffer=1000", *sets)
 
 
 @pytest.fixture(scope="module")
@@ -191,12 +193,16 @@ SAME_RUN = ("epoch", "train_loss", "valid_auc", "valid_auc_se", "valid_logloss",
 
 def assert_repeats(run: Path, plain_run) -> None:
     """``run`` repeats the first epochs of the uninterrupted ``plain_run`` bit for bit: metrics and weights."""
-    (reference, reference_rows), rows = plain_run, _metrics(run)
+    (reference, reference_rows), rows, mine = plain_run, _metrics(run), epoch_checkpoints(run)
+    assert rows and len(mine) == len(rows) <= len(reference_rows)
     same = [[{k: r[k] for k in SAME_RUN} for r in rs] for rs in (rows, reference_rows[:len(rows)])]
     assert same[0] == same[1]
-    for mine, theirs in zip(epoch_checkpoints(run), epoch_checkpoints(reference)):
-        a, b = load_checkpoint(mine).model_state, load_checkpoint(theirs).model_state
-        assert [k for k in a if not torch.equal(a[k], b[k])] == [], mine
+    for path, theirs in zip(mine, epoch_checkpoints(reference)):
+        a, b = load_checkpoint(path), load_checkpoint(theirs)
+        assert [k for k in a.model_state if not torch.equal(a.model_state[k], b.model_state[k])] == [], path
+        moments = [(x, y) for x, y in zip(a.optimizer_state["state"].values(), b.optimizer_state["state"].values())]
+        assert len(moments) == len(b.optimizer_state["state"]) > 0
+        assert all(torch.equal(x[k], y[k]) for x, y in moments for k in x), path
 
 
 def test_ingest_options_are_ray_trains_defaults_without_its_deprecation_warning():
@@ -269,8 +275,8 @@ def test_resume_continues_from_the_latest_checkpoint(plain_run, synth_dir):
 @pytest.mark.slow
 def test_a_deterministic_run_resumed_repeats_the_uninterrupted_run_bit_for_bit(plain_run, synth_dir, tmp_path):
     """Stopped after epoch 1 and resumed, a deterministic run ends where the one never stopped ends: the same data
-    order (file order, seeded shuffle), the same dropout masks (seeded per epoch), the same gradients (no parallel
-    atomic adds on the CPU: see test_model.py)."""
+    order (file order, the local shuffle seeded per epoch), the same dropout masks (seeded per epoch), the same
+    gradients (no parallel atomic adds on the CPU: see test_model.py)."""
     run = tmp_path / "resumed"
     run_training(synth_dir, str(run), plain_cfg("train.epochs=1"))
     run_training(synth_dir, str(run), resume_config(str(run), ["train.epochs=2"]), resume=True)
@@ -361,16 +367,31 @@ def test_resume_takes_a_complete_checkpoint_ray_train_had_not_registered(plain_r
 
 
 @pytest.mark.slow
-def test_a_killed_worker_restarts_from_the_last_checkpoint(plain_run, synth_dir, tmp_path, monkeypatch):
-    run, marker = tmp_path / "f", tmp_path / "killed"
+@pytest.mark.parametrize("when", ["mid-epoch", "after-report"])
+def test_a_killed_worker_restarts_from_the_last_checkpoint(plain_run, synth_dir, tmp_path, monkeypatch, when):
+    """Killed mid-way through epoch 2, or right after it reported epoch 1 (before Ray Train's controller could poll
+    it and take that report), the worker restarts from the checkpoint of epoch 1 and the run ends as the
+    uninterrupted one did."""
+    import ray.train
+
+    run, marker, heard = tmp_path / "f", tmp_path / "killed", tmp_path / "reports.txt"
     steps_per_epoch = 3_000 // 256
-    monkeypatch.setenv(FAULT_ENV, f"{steps_per_epoch + 3}:{marker}")  # mid-way through epoch 2
-    summary = run_training(synth_dir, str(run), plain_cfg(), max_failures=1)
+    monkeypatch.setenv(FAULT_ENV, f"{steps_per_epoch + 3 if when == 'mid-epoch' else 'report1'}:{marker}")
+
+    class Reports(ray.train.UserCallback):  # on Ray Train's controller: what its reports brought it, in order
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(heard, "a") as f:
+                f.write(f"{metrics[0]['epoch']}\n")
+
+    summary = run_training(synth_dir, str(run), plain_cfg(), max_failures=1, callbacks=[Reports()])
     assert marker.read_text() == "killed\n"
     assert summary["epochs"] == 2
-    # the worker restarted from the checkpoint it wrote after epoch 1, whether or not Ray Train had registered it (it
-    # had not: the controller polls its workers every 0.25 s, and this one died a few steps after its report)
+    # the restarted worker took the checkpoint written after epoch 1, whether Ray Train had registered it or not (a
+    # report reaches the controller at its next poll of the worker, every 0.25 s: before, a worker killed soon after
+    # its report restarted from the epoch before, here from scratch) ...
     assert [(r["epoch"], r["resumed_from_epoch"]) for r in _metrics(run)] == [(1, 0), (2, 1)]
+    # ... Ray Train (so a Tune trial) heard every epoch once: a report left unheard is made again after the restart
+    assert heard.read_text().split() == ["1", "2"]
     # the same seed, data order and schedule, uninterrupted: the restarted epoch 2 repeats it bit for bit
     assert_repeats(run, plain_run)
 
