@@ -196,15 +196,24 @@ def _reported(row: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, A
     return {**scalars, "best_valid_auc": best["valid_auc"], "best_valid_auc_se": best.get("valid_auc_se")}
 
 
-def _report_unheard(history: list[dict[str, Any]] | None, heard: int) -> None:
-    """Report again, without checkpoints, the epochs after ``heard`` that the restored checkpoint has done: a worker
-    that died after writing an epoch's checkpoint and before Ray Train's controller took its report (at its next
-    poll) left that report unheard, and a Tune trial (``mmctr tune``) learns of its epochs from these reports."""
+def _report_unheard(history: list[dict[str, Any]] | None, heard: int, rank: int) -> None:
+    """Report again the epochs after ``heard`` that the restored checkpoint has done: a worker that died after
+    writing an epoch's checkpoint and before Ray Train's controller took its report (at its next poll) left that
+    report unheard, and a Tune trial (``mmctr tune``) learns of its epochs from these reports. The last of them
+    carries its checkpoint, already in RUN (not copied again), so that Ray Train registers it: a second restart
+    then finds it registered and says nothing twice."""
     import ray.train
+    from ray.train import Checkpoint, CheckpointUploadMode
 
-    for row in history or []:
-        if row["epoch"] > heard:
-            ray.train.report(_reported(row, history))
+    unheard = [row for row in history or [] if row["epoch"] > heard]
+    for row in unheard:
+        checkpoint = None
+        if rank == 0 and row is unheard[-1]:
+            where = ray.train.get_context().get_storage()  # Ray Train's own filesystem and path of RUN
+            checkpoint = Checkpoint(f"{where.experiment_fs_path}/{PREFIX}{row['epoch']:03d}",
+                                    filesystem=where.storage_filesystem)
+        ray.train.report(_reported(row, history), checkpoint=checkpoint,
+                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
 
 def load_into(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | Path,
@@ -231,12 +240,13 @@ def load_into(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str
     return state
 
 
-def _maybe_fault(fault: dict[str, Any] | None, **where: int) -> None:
-    """Fault injection for the recovery tests: kill this worker process once, at a given ``step`` or right after
-    its ``report`` of a given epoch (``where`` says which of the two this call is)."""
-    if fault and all(fault.get(k) == v for k, v in where.items()) and not Path(fault["marker"]).exists():
-        Path(fault["marker"]).write_text("killed\n")
-        os._exit(1)
+def _maybe_fault(faults: list[dict[str, Any]] | None, **where: int) -> None:
+    """Fault injection for the recovery tests: kill this worker process, once per fault, at a given ``step`` or right
+    after its ``report`` of a given epoch (``where`` says which of the two this call is)."""
+    for fault in faults or []:
+        if all(fault.get(k) == v for k, v in where.items()) and not Path(fault["marker"]).exists():
+            Path(fault["marker"]).write_text("killed\n")
+            os._exit(1)
 
 
 def _streamed_batches(shard: Any, per_worker: int, device: torch.device, cfg: TrainConfig, epoch: int,
@@ -311,7 +321,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     resumed_from = state.epoch  # 0: a fresh start
     registered = ray.train.get_checkpoint()  # the same on every rank
     _report_unheard(state.history, max(config.get("start_epoch", 0),
-                                       (checkpoint_epoch(registered.path) or 0) if registered else 0))
+                                       (checkpoint_epoch(registered.path) or 0) if registered else 0), rank)
     tables = model.embedding_tables()
     if world > 1:  # the item table is the same on every rank: keep DDP from broadcasting it every step
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(

@@ -188,6 +188,19 @@ def plain_run(ray_local, synth_dir, tmp_path_factory):
     return run, _metrics(run)
 
 
+def recording_reports(path: Path):
+    """A Ray Train callback that appends the epoch of every report Ray Train takes to ``path`` (it runs on Train's
+    controller, where a Tune trial's reports go on to Tune)."""
+    import ray.train
+
+    class Reports(ray.train.UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(path, "a") as f:
+                f.write(f"{metrics[0]['epoch']}\n")
+
+    return Reports()
+
+
 SAME_RUN = ("epoch", "train_loss", "valid_auc", "valid_auc_se", "valid_logloss", "lr", "steps")
 
 
@@ -201,7 +214,7 @@ def assert_repeats(run: Path, plain_run) -> None:
         a, b = load_checkpoint(path), load_checkpoint(theirs)
         assert [k for k in a.model_state if not torch.equal(a.model_state[k], b.model_state[k])] == [], path
         moments = [(x, y) for x, y in zip(a.optimizer_state["state"].values(), b.optimizer_state["state"].values())]
-        assert len(moments) == len(b.optimizer_state["state"]) > 0
+        assert len(moments) == len(a.optimizer_state["state"]) == len(b.optimizer_state["state"]) > 0
         assert all(torch.equal(x[k], y[k]) for x, y in moments for k in x), path
 
 
@@ -277,10 +290,12 @@ def test_a_deterministic_run_resumed_repeats_the_uninterrupted_run_bit_for_bit(p
     """Stopped after epoch 1 and resumed, a deterministic run ends where the one never stopped ends: the same data
     order (file order, the local shuffle seeded per epoch), the same dropout masks (seeded per epoch), the same
     gradients (no parallel atomic adds on the CPU: see test_model.py)."""
-    run = tmp_path / "resumed"
-    run_training(synth_dir, str(run), plain_cfg("train.epochs=1"))
-    run_training(synth_dir, str(run), resume_config(str(run), ["train.epochs=2"]), resume=True)
+    run, heard = tmp_path / "resumed", tmp_path / "reports.txt"
+    run_training(synth_dir, str(run), plain_cfg("train.epochs=1"), callbacks=[recording_reports(heard)])
+    run_training(synth_dir, str(run), resume_config(str(run), ["train.epochs=2"]), resume=True,
+                 callbacks=[recording_reports(heard)])
     assert [(r["epoch"], r["resumed_from_epoch"]) for r in _metrics(run)] == [(1, 0), (2, 1)]
+    assert heard.read_text().split() == ["1", "2"]  # the resumed run does not report epoch 1 again
     assert_repeats(run, plain_run)
 
 
@@ -370,27 +385,23 @@ def test_resume_takes_a_complete_checkpoint_ray_train_had_not_registered(plain_r
 @pytest.mark.parametrize("when", ["mid-epoch", "after-report"])
 def test_a_killed_worker_restarts_from_the_last_checkpoint(plain_run, synth_dir, tmp_path, monkeypatch, when):
     """Killed mid-way through epoch 2, or right after it reported epoch 1 (before Ray Train's controller could poll
-    it and take that report), the worker restarts from the checkpoint of epoch 1 and the run ends as the
-    uninterrupted one did."""
-    import ray.train
-
-    run, marker, heard = tmp_path / "f", tmp_path / "killed", tmp_path / "reports.txt"
-    steps_per_epoch = 3_000 // 256
-    monkeypatch.setenv(FAULT_ENV, f"{steps_per_epoch + 3 if when == 'mid-epoch' else 'report1'}:{marker}")
-
-    class Reports(ray.train.UserCallback):  # on Ray Train's controller: what its reports brought it, in order
-        def after_report(self, run_context, metrics, checkpoint):
-            with open(heard, "a") as f:
-                f.write(f"{metrics[0]['epoch']}\n")
-
-    summary = run_training(synth_dir, str(run), plain_cfg(), max_failures=1, callbacks=[Reports()])
-    assert marker.read_text() == "killed\n"
+    it and take that report) and then again mid-way through epoch 2, the worker restarts from the checkpoint of
+    epoch 1 and the run ends as the uninterrupted one did."""
+    run, heard = tmp_path / "f", tmp_path / "reports.txt"
+    mid_epoch_2 = 3_000 // 256 + 3
+    faults = {tmp_path / "killed": mid_epoch_2} if when == "mid-epoch" else {
+        tmp_path / "killed_after_report": "report1", tmp_path / "killed": mid_epoch_2}
+    monkeypatch.setenv(FAULT_ENV, ",".join(f"{at}:{marker}" for marker, at in faults.items()))
+    summary = run_training(synth_dir, str(run), plain_cfg(), max_failures=len(faults),
+                           callbacks=[recording_reports(heard)])
+    assert [marker.read_text() for marker in faults] == ["killed\n"] * len(faults)
     assert summary["epochs"] == 2
     # the restarted worker took the checkpoint written after epoch 1, whether Ray Train had registered it or not (a
     # report reaches the controller at its next poll of the worker, every 0.25 s: before, a worker killed soon after
     # its report restarted from the epoch before, here from scratch) ...
     assert [(r["epoch"], r["resumed_from_epoch"]) for r in _metrics(run)] == [(1, 0), (2, 1)]
-    # ... Ray Train (so a Tune trial) heard every epoch once: a report left unheard is made again after the restart
+    # ... Ray Train (so a Tune trial) heard every epoch once: a report left unheard is made again after the restart,
+    # with its checkpoint, so that the second restart finds it registered and does not make it a third time
     assert heard.read_text().split() == ["1", "2"]
     # the same seed, data order and schedule, uninterrupted: the restarted epoch 2 repeats it bit for bit
     assert_repeats(run, plain_run)
