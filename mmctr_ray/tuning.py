@@ -140,6 +140,7 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from mmctr_ray.checkpoint import checkpoint_epoch, latest_checkpoint
     from mmctr_ray.config import save_config
     from mmctr_ray.report import read_metrics
     from mmctr_ray.train_driver import run_training
@@ -151,6 +152,9 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
     run_dir = tdir / "trials" / trial_id
     history = read_metrics(run_dir, missing_ok=True)
     resume = (run_dir / "config.yaml").is_file() and any(run_dir.glob("checkpoint_epoch_*"))
+    if resume and not (run_dir / "summary.json").is_file():  # rank 0 writes an epoch's row before Ray copies its
+        latest = latest_checkpoint(run_dir)  # checkpoint: a kill between the two left a row the run trains again
+        history = [row for row in history if row["epoch"] <= ((checkpoint_epoch(latest) or 0) if latest else 0)]
     if resume or (run_dir / "summary.json").is_file():
         # a trial the driver had started before it was restarted: Tune hears its epochs again (no retraining)
         best: dict[str, Any] = {"valid_auc": float("-inf")}

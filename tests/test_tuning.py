@@ -18,6 +18,7 @@ import numpy as np
 import optuna
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 from sklearn.metrics import roc_auc_score
 
@@ -171,6 +172,38 @@ def test_a_search_whose_grace_period_is_its_last_epoch_prunes_nothing(tmp_path):
 
     space = SearchSpace(params=(), max_epochs=2, grace_period=2)
     assert isinstance(_scheduler(space, tmp_path / "asha.json"), FIFOScheduler)
+
+
+def test_a_resumed_trial_tells_tune_only_the_epochs_its_checkpoints_hold(tmp_path, monkeypatch):
+    """Rank 0 writes an epoch's metrics.jsonl row before Ray Train copies that epoch's checkpoint into RUN: a search
+    killed between the two left a row for an epoch the resumed trial trains again, and reports then. Tune hears the
+    epochs before it from the replay, that one from the training: each once."""
+    import ray.tune
+    import ray.tune.integration.ray_train
+
+    import mmctr_ray.train_driver
+    from mmctr_ray.checkpoint import TrainState, save_checkpoint
+    from mmctr_ray.config import save_config
+    from mmctr_ray.features import FeatureMap
+    from mmctr_ray.tuning import run_trial
+
+    trial = tmp_path / "trials" / "t1"
+    (trial / "checkpoint_epoch_001").mkdir(parents=True)
+    cfg = load_config(None)
+    save_config(cfg, trial / "config.yaml")
+    rows = [{"epoch": e, "valid_auc": 0.6 + e / 100, "valid_auc_se": 0.01} for e in (1, 2)]
+    (trial / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fmap = FeatureMap(num_items=5, tag_vocab=6, tags_per_item=2, vector_dim=4, num_users=0)
+    save_checkpoint(trial / "checkpoint_epoch_001", torch.nn.Linear(3, 1), None,
+                    TrainState(epoch=1, lr=1e-3, history=rows[:1]), cfg, fmap, {"item_vector": "given"})
+    heard, runs = [], []
+    monkeypatch.setattr(ray.tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t1"))
+    monkeypatch.setattr(ray.tune, "report", lambda metrics, **_: heard.append(metrics["epoch"]))
+    monkeypatch.setattr(ray.tune.integration.ray_train, "TuneReportCallback", lambda: None)
+    monkeypatch.setattr(mmctr_ray.train_driver, "run_training", lambda *a, **kw: runs.append(kw["resume"]))
+    settings = {"workers": 1, "gpus_per_worker": 0, "cpus_per_worker": 1, "source": None}
+    run_trial({}, SearchSpace(params=()), str(tmp_path), str(tmp_path / "data"), settings)
+    assert heard == [1] and runs == [True]  # epoch 2 is trained again (from epoch 1's checkpoint) and reported then
 
 
 def test_asha_prunes_a_resumed_search_against_the_trials_before_the_kill(tmp_path, monkeypatch):
