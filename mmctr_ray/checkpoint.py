@@ -140,31 +140,29 @@ def checkpoint_epoch(path: Location | str) -> int | None:
     return int(name.removeprefix(PREFIX)) if name.startswith(PREFIX) and name[len(PREFIX):].isdigit() else None
 
 
+def _in_epoch_order(run_dir: Location) -> list[Location]:
+    """The run's checkpoint directories, complete or not, oldest first (by number: epoch 1000 after 999)."""
+    epochs = {e: n for n in storage.listdir(run_dir) if (e := checkpoint_epoch(n)) is not None}
+    return [storage.join(run_dir, epochs[e]) for e in sorted(epochs)]
+
+
+def _complete(path: Location) -> bool:
+    """Whether the checkpoint in ``path`` is whole; a warning says why not (a copy cut short)."""
+    why = incomplete(path)
+    if why:
+        log.warning("%s: skipped, incomplete (%s): its copy was cut short", path, why)
+    return not why
+
+
 def epoch_checkpoints(run_dir: Location) -> list[Location]:
     """The run's complete checkpoint directories, oldest first (one cut short while copied is skipped)."""
-    epochs = {e: n for n in storage.listdir(run_dir) if (e := checkpoint_epoch(n)) is not None}
-    found = [storage.join(run_dir, epochs[e]) for e in sorted(epochs)]  # by number: epoch 1000 after 999
-    complete = []
-    for path in found:
-        why = incomplete(path)
-        if why:
-            log.warning("%s: skipped, incomplete (%s): its copy was cut short", path, why)
-        else:
-            complete.append(path)
-    return complete
+    return [path for path in _in_epoch_order(run_dir) if _complete(path)]
 
 
 def latest_checkpoint(run_dir: Location) -> Location | None:
     """The run's newest complete checkpoint directory, or None: :func:`epoch_checkpoints`' last, found newest first
     (one check of completeness per checkpoint cut short, instead of one per epoch of the run)."""
-    epochs = {e: n for n in storage.listdir(run_dir) if (e := checkpoint_epoch(n)) is not None}
-    for epoch in sorted(epochs, reverse=True):
-        path = storage.join(run_dir, epochs[epoch])
-        why = incomplete(path)
-        if not why:
-            return path
-        log.warning("%s: skipped, incomplete (%s): its copy was cut short", path, why)
-    return None
+    return next((path for path in reversed(_in_epoch_order(run_dir)) if _complete(path)), None)
 
 
 def best_checkpoint(run_dir: Location) -> Location:
