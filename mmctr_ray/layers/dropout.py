@@ -29,15 +29,18 @@ _LEVELS = 1 << 16  # equally likely values of one 16-bit draw
 _PER_WORD = 4  # 16-bit draws in one 64-bit word
 
 
-def keep_mask(shape: torch.Size, p: float) -> tuple[torch.Tensor, float]:
-    """A boolean CPU mask of ``shape`` keeping each element with probability ``round((1 - p) · 65536) / 65536``,
-    and the scale ``65536 / round((1 - p) · 65536)`` that keeps the expectation (0 where nothing is kept)."""
+def keep_levels(p: float) -> int:
+    """How many of a 16-bit draw's 65536 equally likely values keep an element: ``round((1 - p) · 65536)``."""
+    return round((1.0 - p) * _LEVELS)
+
+
+def keep_mask(shape: torch.Size, keep: int) -> torch.Tensor:
+    """A boolean CPU mask of ``shape`` keeping each element with probability ``keep / 65536``."""
     n = math.prod(shape)
-    keep = round((1.0 - p) * _LEVELS)
     # every 64-bit value but the largest (an out-of-place draw, which torch.compile traces): all 64 bits uniform
     words = torch.randint(-(1 << 63), (1 << 63) - 1, (-(-n // _PER_WORD),), dtype=torch.int64)
     draws = words.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
-    return draws < keep - _LEVELS // 2, (_LEVELS / keep if keep else 0.0)
+    return draws < keep - _LEVELS // 2
 
 
 def _torch_draws_fast() -> bool:
@@ -65,8 +68,9 @@ class Dropout(nn.Dropout):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = keep_levels(self.p)
         if (not self.training or x.device.type != "cpu" or self.inplace or TORCH_DRAWS_FAST
-                or not 0 < round((1.0 - self.p) * _LEVELS) < _LEVELS):
+                or not 0 < keep < _LEVELS):
             return super().forward(x)
-        keep, scale = keep_mask(x.shape, self.p)
-        return x * keep.to(x.dtype).mul_(scale)
+        # kept elements scaled by 65536 / keep: the expectation of each element is its input
+        return x * keep_mask(x.shape, keep).to(x.dtype).mul_(_LEVELS / keep)
