@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from mmctr_ray import storage
-from mmctr_ray.checkpoint import best_checkpoint, checkpoint_epoch, epoch_checkpoints
+from mmctr_ray.checkpoint import best_checkpoint, checkpoint_epoch, epoch_checkpoints, latest_checkpoint
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
 from mmctr_ray.errors import ConfigError, DataError, Interrupted, OutputExistsError, find_user_error
 from mmctr_ray.features import FeatureMap, build_feature_map, load_item_table, read_split
@@ -91,10 +91,10 @@ def _check_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool, o
 def _nothing_to_train(run: storage.Location, cfg: ExperimentConfig) -> str | None:
     """Why a ``--resume`` of ``run`` with ``cfg`` would train no epoch (it has trained ``train.epochs``, or stopped
     early at ``train.patience``), or None: said before Ray starts, instead of a Ray Train run that trains nothing."""
-    done = epoch_checkpoints(run)
-    if not done:
+    latest = latest_checkpoint(run)
+    if latest is None:
         return None
-    state = json.loads(storage.read_text(storage.join(done[-1], "state.json")))
+    state = json.loads(storage.read_text(storage.join(latest, "state.json")))
     t, epoch, bad = cfg.train, state["epoch"], state["bad_epochs"]
     if epoch >= t.epochs:
         return (f"it has trained {epoch} epoch{'s' * (epoch != 1)}, and train.epochs={t.epochs}; pass --set "
@@ -294,10 +294,10 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     if resume:
         _check_feature_map(run, fmap)
     fmap.to_json(storage.join(run, "feature_map.json"))
-    done = epoch_checkpoints(run) if resume else []  # epochs reported before this run (a Tune trial replays them)
+    latest = latest_checkpoint(run) if resume else None  # epochs reported before this run (a trial replays them)
     loop_config = {"cfg": cfg.to_dict(), "data_dir": str(data_dir), "run_dir": str(run),
                    "feature_map": fmap.__dict__, "train_rows": rows["train"], "valid_rows": rows["valid"],
-                   "gpus_per_worker": gpus_per_worker, "start_epoch": checkpoint_epoch(done[-1]) if done else 0,
+                   "gpus_per_worker": gpus_per_worker, "start_epoch": checkpoint_epoch(latest) if latest else 0,
                    "fault": _fault_from_env(), "verbose": verbose}
     os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
     fs, fs_path = storage.resolve(run)  # Ray Train writes checkpoints to storage_path/name = RUN
@@ -392,7 +392,7 @@ def _end_on_user_error() -> Any:
 
 def _summary(run_dir: storage.Location, data_dir: Path, seconds: float) -> dict[str, Any]:
     best = best_checkpoint(run_dir)
-    history = json.loads(storage.read_text(storage.join(epoch_checkpoints(run_dir)[-1], "state.json")))["history"]
+    history = json.loads(storage.read_text(storage.join(latest_checkpoint(run_dir), "state.json")))["history"]
     best_row = max(history, key=lambda r: r["valid_auc"])
     oracle_path = Layout(data_dir).oracle
     oracle = json.loads(oracle_path.read_text())["valid"].get("oracle_auc") if oracle_path.is_file() else None

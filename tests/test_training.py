@@ -743,7 +743,7 @@ def test_a_resume_with_nothing_to_train_says_so_before_ray_starts(tmp_path, monk
 
     last = tmp_path / "checkpoint_epoch_004"
     last.mkdir()
-    monkeypatch.setattr(driver, "epoch_checkpoints", lambda run: [last])
+    monkeypatch.setattr(driver, "latest_checkpoint", lambda run: last)
     for epoch, bad, sets, why in [
             (4, 0, ["train.epochs=4"], "it has trained 4 epochs, and train.epochs=4; pass --set train.epochs=N with "
                                        "N above 4 to train more"),
@@ -755,7 +755,7 @@ def test_a_resume_with_nothing_to_train_says_so_before_ray_starts(tmp_path, monk
             (4, 0, ["train.epochs=5"], None)]:
         (last / "state.json").write_text(json.dumps({"epoch": epoch, "bad_epochs": bad}))
         assert driver._nothing_to_train(tmp_path, tiny_cfg(*sets)) == why
-    monkeypatch.setattr(driver, "epoch_checkpoints", lambda run: [])
+    monkeypatch.setattr(driver, "latest_checkpoint", lambda run: None)
     assert driver._nothing_to_train(tmp_path, tiny_cfg()) is None  # no checkpoint yet: train from the start
 
 
