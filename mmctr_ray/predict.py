@@ -150,9 +150,30 @@ def write_submission(probs: np.ndarray, out: Path, column: str = "Task2") -> Non
         raise
 
 
-def check_inputs(run_dir: Location, data_dir: str | Path, split: str = "test") -> int:
-    """Raise a one-line error if ``split`` of ``data_dir`` cannot be scored by the run's best checkpoint, without
-    Ray; return the split's row count."""
+def check_finite(probs: np.ndarray, checkpoint: Location, rows: str | Path) -> None:
+    """Refuse scores that are not numbers (clipping into (0, 1) leaves NaN as it is), naming the checkpoint."""
+    bad = int((~np.isfinite(probs)).sum())
+    if bad:
+        raise DataError(f"{checkpoint}: {bad:,} non-finite predictions on {rows} (a diverged checkpoint, or bf16 "
+                        f"overflow on a GPU: score on the CPU); nothing written")
+
+
+def check_output(out: str | Path, overwrite: bool = False) -> Path:
+    """The submission path, or a one-line error: a zip already there (without ``overwrite``), or not a zip."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out}: already exists; pass --overwrite to replace it")
+    if out.suffix != ".zip":
+        raise DataError(f"{out}: the submission must be a .zip file")
+    return out
+
+
+def check_inputs(run_dir: Location, data_dir: str | Path, split: str = "test", out: str | Path | None = None,
+                 overwrite: bool = False) -> int:
+    """Raise a one-line error if ``split`` of ``data_dir`` cannot be scored by the run's best checkpoint, or the
+    submission ``out`` cannot be written, without Ray; return the split's row count."""
+    if out is not None:
+        check_output(out, overwrite)
     rows = check_split(data_dir, split)
     load_model(best_checkpoint(run_dir), data_dir)
     return rows
@@ -161,15 +182,12 @@ def check_inputs(run_dir: Location, data_dir: str | Path, split: str = "test") -
 def run_predict(run_dir: Location, data_dir: str | Path, out: str | Path, split: str = "test",
                 actors: int = 1, gpus_per_actor: float = 0.0, overwrite: bool = False) -> dict[str, Any]:
     """Score ``split`` and write the submission zip ``out``; return a summary (AUC when labels are known)."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out}: already exists; pass --overwrite to replace it")
-    if out.suffix != ".zip":
-        raise DataError(f"{out}: the submission must be a .zip file")
+    out = check_output(out, overwrite)
     expected = check_split(data_dir, split)
     probs, labels, checkpoint = score_split(run_dir, data_dir, split, actors, gpus_per_actor)
     if len(probs) != expected:
         raise DataError(f"{split}: scored {len(probs)} rows but the split has {expected}; nothing written")
+    check_finite(probs, checkpoint, f"the {split} split")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_submission(probs, out)
     summary: dict[str, Any] = {"submission": str(out), "rows": len(probs), "split": split,

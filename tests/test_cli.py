@@ -98,6 +98,31 @@ def test_a_too_small_object_store_is_refused_before_anything_is_written(synth_di
     assert args.object_store_mib == 512
 
 
+def test_a_uri_given_to_a_local_path_flag_is_a_usage_error_not_a_local_folder(tmp_path, capsys, monkeypatch):
+    """`predict --out s3://b/sub.zip` wrote the submission to the local folder `s3:/b/sub.zip` and exited 0
+    (``type=Path`` collapses `//`). Every flag that takes a local path only now refuses a URI by name."""
+    from mmctr_ray.cli import _local_path
+
+    monkeypatch.chdir(tmp_path)
+    local_only = [(name, action.option_strings[0] if action.option_strings else action.dest)
+                  for name, sub in build_parser()._subparsers._group_actions[0].choices.items()
+                  for action in sub._actions if action.type is _local_path]
+    assert ("predict", "--out") in local_only and ("tune", "--out") in local_only and len(local_only) >= 15
+    assert ("train", "--out") not in local_only and ("predict", "--run") not in local_only  # these take URIs
+    for stage, flag in [("predict", "--out"), ("train", "--data"), ("compare", "--json")]:
+        argv = {"predict": ["predict", "--run", "r", "--data", "d", "--out", "o.zip"],
+                "train": ["train", "--data", "d", "--out", "r"],
+                "compare": ["compare", "r", "--data", "d", "--json", "f.json"]}[stage]
+        argv[argv.index(flag) + 1] = "s3://bucket/x"
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"mmctr {stage}: error: argument {flag}: s3://bucket/x: expected a local path"), err
+    assert not list(tmp_path.iterdir())  # no s3:/ folder
+    assert _local_path("runs/a") == Path("runs/a")
+
+
 def test_unusable_run_uris_are_one_line_errors_before_ray_starts(synth_dir):
     r = run_cli("train", "--data", str(synth_dir), "--out", "foo://bucket/run")
     assert r.returncode == 2 and "Traceback" not in r.stderr

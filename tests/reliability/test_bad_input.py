@@ -273,6 +273,11 @@ def existing_submission(d, t):
     return ["predict", "--run", str(t / "run"), "--data", str(d), "--out", str(t / "sub.zip")]
 
 
+def submission_not_a_zip(d, t):
+    _checkpoint_for(d, t / "run")
+    return ["predict", "--run", str(t / "run"), "--data", str(d), "--out", str(t / "sub.csv")]
+
+
 def predict_without_a_run(d, t):
     return ["predict", "--run", str(t / "not-a-run"), "--data", str(d), "--out", str(t / "sub.zip")]
 
@@ -399,6 +404,7 @@ CASES = [
     (unreadable_text_model, ["no-model: not a local text-model directory"], ["emb.parquet"]),
     (unknown_image_model, ["--image-model 'NoSuchNet-9': unknown open_clip architecture"], ["emb.parquet"]),
     (existing_submission, ["sub.zip: already exists; pass --overwrite"], []),
+    (submission_not_a_zip, ["sub.csv: the submission must be a .zip file"], ["sub.csv"]),
     (predict_without_a_run, ["not-a-run"], ["sub.zip"]),
     (checkpoint_of_other_data, ["checkpoint was trained with num_items=200", "has 240"], ["sub.zip"]),
     (user_ids_beyond_the_checkpoint, ["column user_id: values up to 1000000", "has ids 0..",
