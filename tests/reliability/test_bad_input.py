@@ -126,6 +126,18 @@ def label_not_binary(d, t):
     return _train(d, t)
 
 
+def nan_label(d, t):
+    """Column statistics leave NaN out of min and max: the run used to start and stop on a NaN loss, blaming the
+    learning rate."""
+    _edit(Layout(d).split("valid"), lambda tb: _first(tb, "label", float("nan")))
+    return _train(d, t)
+
+
+def fractional_label(d, t):
+    _edit(train_split(d), lambda tb: _first(tb, "label", 0.5))
+    return _train(d, t)
+
+
 def null_item_id(d, t):
     _edit(train_split(d), lambda tb: _first(tb, "item_id", None))
     return _train(d, t)
@@ -375,7 +387,9 @@ CASES = [
     (history_id_out_of_range, ["train.parquet: column item_seq:", "5000", "expected item ids in 0..200"], ["run"]),
     (history_too_long, ["train.parquet: column item_seq:", "expected fixed-width histories of 100"], ["run"]),
     (level_out_of_range, ["column likes_level: values span 0..12, expected levels in 0..9"], ["run"]),
-    (label_not_binary, ["column label: values span 0..2, expected labels 0 or 1"], ["run"]),
+    (label_not_binary, ["train.parquet: column label: row 0 holds 2, expected labels 0 or 1"], ["run"]),
+    (nan_label, ["valid.parquet: column label: row 0 holds nan, expected labels 0 or 1"], ["run"]),
+    (fractional_label, ["train.parquet: column label: row 0 holds 0.5, expected labels 0 or 1"], ["run"]),
     (null_item_id, ["train.parquet: column item_id: 1 null values, expected item ids in 1..200"], ["run"]),
     (null_label_without_statistics, ["train.parquet: column label: 1 null values, expected labels 0 or 1"], ["run"]),
     (out_of_range_without_statistics, ["valid.parquet: column item_id: values span", "..999"], ["run"]),
