@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -105,6 +106,39 @@ def _read_fused(path: Path, num_items: int) -> np.ndarray:
     return out
 
 
+def items_fingerprint(info: pa.Table, where: str) -> str:
+    """What identifies a data set's items: a hash of item_info's ``item_tags`` and ``item_emb_d128``, which a fused
+    table records (``items`` in its ``.fusion.json``) so that it is never used with the items of other data."""
+    digest = hashlib.sha256()
+    for name in ("item_tags", "item_emb_d128"):
+        matrix = list_matrix(info.column(name), f"{where}: column {name}")
+        digest.update(np.ascontiguousarray(matrix, dtype=np.int64 if name == "item_tags" else np.float32).data)
+    return digest.hexdigest()[:16]
+
+
+def check_fused_for(path: str | Path, summary: dict[str, Any] | None, data_dir: str | Path, info: pa.Table) -> None:
+    """A one-line DataError when the fused table at ``path`` was fused from the items of other data than
+    ``data_dir``'s (whose item_info is ``info``): its vectors would go to other items, or to none (zeros)."""
+    if not summary or "num_items" not in summary:
+        return  # not written by `mmctr fuse`: nothing to compare with
+    items = info.num_rows - 1
+    same = summary["num_items"] == items and summary.get("items", "") in ("", items_fingerprint(info, str(path)))
+    if not same:
+        theirs = f"{summary['num_items']:,} items" + ("" if summary["num_items"] != items else ", other tags/vectors")
+        raise DataError(f"{path}: fused from the items of {summary.get('data', 'other data')} ({theirs}), not those "
+                        f"of {data_dir} ({items:,} items): fuse again with --data {data_dir}")
+
+
+def check_same_table(saved: dict[str, Any], now: dict[str, Any], where: str) -> None:
+    """A one-line DataError when the fused table a checkpoint was trained on (``saved``, its item_source.json) has
+    been rewritten since (``now``, the table as it is): the model would meet other vectors than it learnt."""
+    then = (saved.get("fusion") or {}).get("table")
+    if then and then != (now.get("fusion") or {}).get("table"):
+        raise DataError(f"{now.get('file')}: rewritten since {where} was trained on it (a new `mmctr fuse` into the "
+                        f"same file): its vectors are not the ones the model learnt; use the table it was trained on, "
+                        f"or train again")
+
+
 def has_placeholder_embeddings(data_dir: str | Path) -> bool:
     """True for data written by ``mmctr convert``: its shipped embedding columns are all-zero placeholders."""
     manifest = Path(data_dir) / "convert.json"
@@ -143,8 +177,10 @@ def load_item_table(data_dir: str | Path, item_vector: str = "given") -> ItemTab
         vectors = _read_fused(Path(item_vector), len(ids) - 1)
         from mmctr_ray.fuse import read_fusion_summary
 
+        fusion = read_fusion_summary(item_vector)
+        check_fused_for(item_vector, fusion, data_dir, info)
         source = {"item_vector": "fused", "file": str(Path(item_vector).resolve()), "column": FUSED_VECTOR_COLUMN,
-                  "fusion": read_fusion_summary(item_vector)}
+                  "fusion": fusion}
     if not np.isfinite(vectors).all():
         item = int(np.flatnonzero(~np.isfinite(vectors).all(axis=1))[0])
         raise DataError(f"{source['file']}: column {source['column']}: NaN/inf in the vector of item {item}; "

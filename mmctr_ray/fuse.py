@@ -14,6 +14,7 @@ looks finished is finished. Training reads ``X.parquet`` through ``--fusion X.pa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ import pyarrow.parquet as pq
 from mmctr_ray.config import FusionConfig
 from mmctr_ray.data.writer import list_array
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
-from mmctr_ray.features import FUSED_VECTOR_COLUMN, has_placeholder_embeddings, list_matrix
+from mmctr_ray.features import FUSED_VECTOR_COLUMN, has_placeholder_embeddings, items_fingerprint, list_matrix
 from mmctr_ray.fusion import FittedFusion, ModalityBatch, fit_fusion, modalities_needed
 from mmctr_ray.schema import PAD_ID, Layout
 
@@ -182,8 +183,10 @@ def fuse_items(data_dir: str | Path, cfg: FusionConfig, source: str = "shipped",
     lay = Layout(data_dir)
     _refuse_placeholders(data_dir, cfg.strategy, source)
     n = _num_items(lay)
+    info = pq.read_table(lay.item_info, columns=["item_tags", "item_emb_d128"])
     summary: dict[str, Any] = {"strategy": cfg.strategy, **{k: v for k, v in asdict(cfg).items() if k != "strategy"},
-                               "data": str(data_dir.resolve()), "num_items": n}
+                               "data": str(data_dir.resolve()), "num_items": n,
+                               "items": items_fingerprint(info, str(lay.item_info))}
     if cfg.strategy == "given":
         summary.update(source=str(lay.item_info), column="item_emb_d128")
         return _given_table(lay), None, summary
@@ -207,7 +210,8 @@ def write_fused(out: Path, table: np.ndarray, fitted: FittedFusion | None, summa
     if fitted is not None:
         summary["explained_variance_ratio"] = {p.name: round(float(p.explained_variance_ratio.sum()), 6)
                                                for p in fitted.parts}
-    summary.update(dim=int(table.shape[1]), seconds=round(time.perf_counter() - t0, 3))
+    summary.update(dim=int(table.shape[1]), seconds=round(time.perf_counter() - t0, 3),
+                   table=hashlib.sha256(np.ascontiguousarray(table, dtype=np.float32).data).hexdigest()[:16])
     ids = pa.array(np.arange(len(table), dtype=np.int64))
     write_files([*([(paths["pca"], fitted.save)] if fitted is not None else []),
                  (paths["summary"], lambda p: p.write_text(json.dumps(summary, indent=2) + "\n")),

@@ -24,7 +24,7 @@ import torch
 from mmctr_ray import storage
 from mmctr_ray.checkpoint import best_checkpoint, load_checkpoint
 from mmctr_ray.errors import DataError, OutputExistsError
-from mmctr_ray.features import MODEL_INPUTS, load_item_table, max_user_id, read_split, to_model_batch
+from mmctr_ray.features import MODEL_INPUTS, check_same_table, load_item_table, max_user_id, read_split, to_model_batch
 from mmctr_ray.metrics import evaluate
 from mmctr_ray.model import DINModel
 from mmctr_ray.preflight import check_split
@@ -52,6 +52,7 @@ def load_model(checkpoint_dir: Location, data_dir: str | Path, device: str = "cp
         tune_dir = search_of(Path(checkpoint_dir).parent)
         vector = table_here(vector, tune_dir) if tune_dir is not None else vector
     table = load_item_table(data_dir, vector)
+    check_same_table(source, table.source, str(checkpoint_dir))
     found = {"num_items": table.num_items, "vector_dim": table.vector_dim, "tag_vocab": table.tag_vocab}
     for key, value in found.items():
         expected = getattr(ck.fmap, key)

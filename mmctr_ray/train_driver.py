@@ -30,7 +30,7 @@ from mmctr_ray import storage
 from mmctr_ray.checkpoint import best_checkpoint, checkpoint_epoch, epoch_checkpoints, latest_checkpoint
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
 from mmctr_ray.errors import ConfigError, DataError, Interrupted, OutputExistsError, find_user_error
-from mmctr_ray.features import FeatureMap, build_feature_map, load_item_table, read_split
+from mmctr_ray.features import FeatureMap, build_feature_map, check_same_table, load_item_table, read_split
 from mmctr_ray.layers.embedding import root_mean_square
 from mmctr_ray.preflight import check_batch_size, check_splits, check_valid_labels
 from mmctr_ray.ray_env import check_local_pool, check_pool, sigterm_flag
@@ -177,14 +177,19 @@ def _data_config(cfg: ExperimentConfig, workers: int) -> Any:
     return DataConfig(datasets_to_split=["train"] if workers > 1 else [], execution_options=_ingest_options(cfg))
 
 
-def check_inputs(data_dir: str | Path, cfg: ExperimentConfig,
-                 resume: bool = False) -> tuple[dict[str, int], FeatureMap]:
+def check_inputs(data_dir: str | Path, cfg: ExperimentConfig, resume: bool = False,
+                 run: storage.Location | None = None) -> tuple[dict[str, int], FeatureMap]:
     """Check the splits (footers) and build the item table and feature map, all on the driver and without Ray;
     return the splits' row counts and the feature map. Raises a one-line DataError on bad input. A ``resume``
-    continues with the run's own item vectors, so a mismatch its start warned about is not warned about again."""
+    continues with the run's own item vectors, so a mismatch its start warned about is not warned about again;
+    they must still be the vectors it trained on (those of ``run``'s newest checkpoint)."""
     rows = check_splits(data_dir, SPLITS)  # test too: its users and items size the embedding tables
     check_valid_labels(data_dir)
     table = load_item_table(data_dir, cfg.data.item_vector)
+    latest = latest_checkpoint(run) if resume and run is not None else None
+    if latest is not None:
+        check_same_table(json.loads(storage.read_text(storage.join(latest, "item_source.json"))), table.source,
+                         str(latest))
     warn_unscaled_vectors(cfg, table.vectors)
     if not resume:
         warn_fusion_mismatch(cfg, table.source)
@@ -276,7 +281,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     data_dir = Path(data_dir).resolve()
     run = run_location(run_dir)
     cfg = _absolute_item_vector(cfg)
-    rows, fmap = check_inputs(data_dir, cfg, resume)  # bad input fails here, before RUN is touched
+    rows, fmap = check_inputs(data_dir, cfg, resume, run)  # bad input fails here, before RUN is touched
     check_batch_size(cfg.train.batch_size, rows["train"], workers)
     _check_run_dir(run, cfg, resume, overwrite)
     ended = _nothing_to_train(run, cfg) if resume and not callbacks else None  # (a Tune trial, with callbacks,

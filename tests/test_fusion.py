@@ -77,6 +77,24 @@ def test_transforming_the_same_items_again_reproduces_the_table(synth_dir, tmp_p
     np.testing.assert_allclose(again, fused(out)[1][1:], atol=1e-5)
 
 
+def test_a_fused_table_records_its_items_and_vectors_and_serves_a_copy_of_its_data(synth_dir, tmp_path):
+    """``.fusion.json`` names the items it was fused from (a hash of item_info's tags and vectors) and its own
+    vectors: other data is refused (tests/reliability), a copy of the same data in another folder is not."""
+    import shutil
+
+    out = tmp_path / "v1.parquet"
+    summary = run_fuse(synth_dir, out, CFG["v1"], progress=lambda m: None)
+    assert len(summary["items"]) == len(summary["table"]) == 16
+    copy = tmp_path / "copy"
+    shutil.copytree(synth_dir, copy)
+    table = load_item_table(copy, str(out))
+    assert table.source["fusion"]["items"] == summary["items"] and table.source["fusion"]["data"] != str(copy)
+    again = run_fuse(copy, tmp_path / "again.parquet", CFG["v1"], progress=lambda m: None)
+    assert (again["items"], again["table"]) == (summary["items"], summary["table"])  # one fit, one table
+    other = run_fuse(synth_dir, tmp_path / "v3.parquet", CFG["v3"], progress=lambda m: None)
+    assert other["items"] == summary["items"] and other["table"] != summary["table"]
+
+
 def test_incremental_pca_streams_chunks_and_matches_full_pca(synth_dir):
     ids, text, _ = shipped(synth_dir)
 

@@ -222,6 +222,42 @@ def fusion_not_a_fused_table(d, t):
     return [*_train(d, t), "--fusion", str(item_info(d))]
 
 
+def _fused(d: Path, out: Path, strategy: str = "v1") -> Path:
+    from mmctr_ray.config import FusionConfig
+    from mmctr_ray.fuse import run_fuse
+
+    run_fuse(d, out, FusionConfig(strategy, dims=12), overwrite=True, progress=lambda m: None)
+    return out
+
+
+def fusion_of_other_items(d, t):
+    """A table fused from other data with as many items (re-synthesised, say) gave every item another's vector."""
+    table = _fused(d, t / "e.parquet")
+    _edit(item_info(d), lambda tb: pa.concat_tables([tb.slice(0, 1),
+                                                     _first(tb.slice(1), "item_tags", [0, 0, 0, 1, 2])]))
+    return [*_train(d, t), "--fusion", str(table)]
+
+
+def fused_table_rewritten_since_the_checkpoint(d, t):
+    """`mmctr fuse --overwrite` into the table a run trained on, with another strategy of the same width: predict
+    scored the old model on the new vectors."""
+    table = _fused(d, t / "e.parquet", "v1")
+    _checkpoint_for(d, t / "run", [f"data.item_vector={table}"])
+    _fused(d, table, "v3")
+    return ["predict", "--run", str(t / "run"), "--data", str(d), "--out", str(t / "sub.zip")]
+
+
+def resume_on_a_rewritten_fused_table(d, t):
+    from mmctr_ray.checkpoint import load_checkpoint
+    from mmctr_ray.config import save_config
+
+    table = _fused(d, t / "e.parquet", "v1")
+    _checkpoint_for(d, t / "run", [f"data.item_vector={table}"])
+    save_config(load_checkpoint(t / "run" / "checkpoint_epoch_001").cfg, t / "run" / "config.yaml")
+    _fused(d, table, "v3")
+    return ["train", "--data", str(d), "--out", str(t / "run"), "--resume"]
+
+
 def _fuse(d: Path, t: Path, *extra: str) -> list[str]:
     return ["fuse", "--data", str(d), "--out", str(t / "fused.parquet"), *extra]
 
@@ -315,7 +351,7 @@ def _checkpoint_for(data: Path, run: Path, overrides: list[str] = ()) -> None:
     from mmctr_ray.model import DINModel
 
     cfg = load_config(ROOT / CONFIG, overrides)
-    table = load_item_table(data)
+    table = load_item_table(data, cfg.data.item_vector)
     fmap = build_feature_map(data, table)
     model = DINModel(cfg.model, fmap, **table.to_torch())
     ck = run / "checkpoint_epoch_001"
@@ -407,6 +443,12 @@ CASES = [
     (bad_override_syntax, ["override 'train.lr'", "expected section.key=value"], ["run"]),
     (unsupported_run_uri, ["foo://bucket/run: unsupported storage scheme foo://"], []),
     (resume_without_a_run, ["run: nothing to resume"], ["run"]),
+    (fusion_of_other_items, ["e.parquet: fused from the items of", "(200 items, other tags/vectors), not those of",
+                             "fuse again with --data"], ["run"]),
+    (fused_table_rewritten_since_the_checkpoint, ["e.parquet: rewritten since", "checkpoint_epoch_001 was trained on "
+                                                  "it"], ["sub.zip"]),
+    (resume_on_a_rewritten_fused_table, ["e.parquet: rewritten since", "checkpoint_epoch_001 was trained on it"],
+     ["run/checkpoint_epoch_002"]),
     (fusion_not_a_fused_table, ["item_info.parquet: --fusion needs a fused item table written by `mmctr fuse`"],
      ["run"]),
     (duplicate_item_ids, ["raw.parquet: column item_id: duplicate item id"], ["fused.parquet"]),
