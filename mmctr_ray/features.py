@@ -87,11 +87,21 @@ class ItemTable:
                 "item_vectors": torch.as_tensor(self.vectors, device=device)}
 
 
+def open_parquet(path: str | Path, expected: str) -> pq.ParquetFile:
+    """``path`` opened as parquet, or a one-line DataError naming it (a half-copied file, a JSON sidecar given by
+    mistake): pyarrow's own error is a traceback about magic bytes."""
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"{path}: not a readable parquet file ({first}); expected {expected}") from None
+
+
 def _read_fused(path: Path, num_items: int) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{path}: item vector file not found (data.item_vector must be 'given' or a parquet "
                         f"written by `mmctr fuse`)")
-    table = pq.read_table(path)
+    table = open_parquet(path, "a fused item table written by `mmctr fuse`").read()
     for name in ("item_id", FUSED_VECTOR_COLUMN):
         if name not in table.column_names:
             raise DataError(f"{path}: missing column {name} (expected item_id and {FUSED_VECTOR_COLUMN})")

@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 from mmctr_ray.config import FusionConfig
 from mmctr_ray.data.writer import list_array
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
-from mmctr_ray.features import FUSED_VECTOR_COLUMN, has_placeholder_embeddings, items_fingerprint, list_matrix
+from mmctr_ray.features import (FUSED_VECTOR_COLUMN, has_placeholder_embeddings, items_fingerprint, list_matrix,
+                                open_parquet)
 from mmctr_ray.fusion import FittedFusion, ModalityBatch, fit_fusion, modalities_needed
 from mmctr_ray.schema import PAD_ID, Layout
 
@@ -65,12 +66,15 @@ class ItemSource:
         self.columns = ["item_id"] + [c for c, m in ((self.text_col, "text"), (self.image_col, "image")) if m in need]
         if self.missing_col and "image" in need:
             self.columns.append(self.missing_col)
-        schema = pq.read_schema(self.path)
+        opened = open_parquet(self.path, "the raw item vectors (--source is 'shipped' or a parquet written by "
+                                         "`mmctr embed`)")
         for col in self.columns:
-            if col not in schema.names:
+            if col not in opened.schema_arrow.names:
                 raise DataError(f"{self.path}: missing column {col} (expected {', '.join(self.columns)})")
         self.num_items = _num_items(lay)
-        self.num_rows = pq.ParquetFile(self.path).metadata.num_rows
+        self.num_rows = opened.metadata.num_rows
+        if not self.num_rows:
+            raise DataError(f"{self.path}: empty file: 0 rows, expected the items' raw vectors")
         self.batch_rows = batch_rows
         self.widths: dict[str, int] = {}
 
@@ -233,8 +237,9 @@ def fusion_overrides(table_path: str | Path) -> list[str]:
     """Config overrides that train on a fused table: ``data.item_vector`` = the table, ``fusion.*`` from its
     ``.fusion.json`` (so the run's config says which fusion it was trained on)."""
     table = Path(table_path)
-    if not table.is_file() or "item_emb" not in pq.read_schema(table).names:
-        raise ConfigError(f"{table}: --fusion needs a fused item table written by `mmctr fuse` (item_id, item_emb)")
+    expected = "a fused item table written by `mmctr fuse` (item_id, item_emb)"
+    if not table.is_file() or "item_emb" not in open_parquet(table, expected).schema_arrow.names:
+        raise ConfigError(f"{table}: --fusion needs {expected}")
     out = [f"data.item_vector={table.resolve()}"]
     summary = read_fusion_summary(table)
     if summary:

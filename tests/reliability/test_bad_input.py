@@ -270,6 +270,21 @@ def _raw_source(d: Path, t: Path, change: Callable[[pa.Table], pa.Table]) -> str
     return str(t / "raw.parquet")
 
 
+def source_not_parquet(d, t):
+    """The embed summary given as the source, or a half-copied file: pyarrow's traceback about magic bytes."""
+    (t / "raw.embed.json").write_text("{}\n")
+    return _fuse(d, t, "--strategy", "v1", "--dims", "8", "--source", str(t / "raw.embed.json"))
+
+
+def empty_source(d, t):
+    return _fuse(d, t, "--strategy", "v1", "--dims", "8", "--source", _raw_source(d, t, lambda tb: tb.slice(0, 0)))
+
+
+def fusion_not_parquet(d, t):
+    (t / "e.parquet").write_bytes(b"PAR1 cut short")
+    return [*_train(d, t), "--fusion", str(t / "e.parquet")]
+
+
 def duplicate_item_ids(d, t):
     return _fuse(d, t, "--strategy", "v1", "--dims", "8", "--source",
                  _raw_source(d, t, lambda tb: _first(tb, "item_id", tb.column("item_id")[1].as_py())))
@@ -451,6 +466,10 @@ CASES = [
      ["run/checkpoint_epoch_002"]),
     (fusion_not_a_fused_table, ["item_info.parquet: --fusion needs a fused item table written by `mmctr fuse`"],
      ["run"]),
+    (source_not_parquet, ["raw.embed.json: not a readable parquet file (", "expected the raw item vectors"],
+     ["fused.parquet"]),
+    (empty_source, ["raw.parquet: empty file: 0 rows, expected the items' raw vectors"], ["fused.parquet"]),
+    (fusion_not_parquet, ["e.parquet: not a readable parquet file (", "expected a fused item table"], ["run"]),
     (duplicate_item_ids, ["raw.parquet: column item_id: duplicate item id"], ["fused.parquet"]),
     (mismatched_widths, ["raw.parquet: column txt_emb: lists of one length expected; row 199 has 765, row 0 has 768"],
      ["fused.parquet"]),
