@@ -697,7 +697,8 @@ def _refuse_existing_output(args: argparse.Namespace, out: storage.Location) -> 
     checked here, before Ray starts, and again by each stage's own function."""
     if getattr(args, "overwrite", False) or getattr(args, "resume", False) or args.command in ("pipeline", "demo"):
         return  # the pipeline checks OUT itself (pipeline.check_out), also before Ray starts
-    if storage.is_file(out) or (storage.exists(out) and storage.listdir(out)):
+    leftovers = (".mmctr-synth.partial", ".mmctr-convert.partial")  # an interrupted synth/convert: never published
+    if storage.is_file(out) or (storage.exists(out) and set(storage.listdir(out)) - set(leftovers)):
         how = "--resume to continue it or --overwrite to replace it" if hasattr(args, "resume") else (
             "--overwrite to replace it" if hasattr(args, "overwrite") else "another --out")
         raise OutputExistsError(f"{args.out}: already exists; pass {how}")

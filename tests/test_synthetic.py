@@ -159,8 +159,35 @@ def test_an_interrupted_overwrite_leaves_no_completion_marker_and_the_new_one_la
     assert moved[-1] == Layout(tmp_path).synth_manifest and len(moved) >= 4
 
 
+def test_an_interrupted_synth_leaves_nothing_and_blocks_no_rerun(tmp_path, tiny_spec, monkeypatch, capsys):
+    """Ctrl-C during generation left OUT/.mmctr-synth.partial, and the next `mmctr synth --out OUT` was refused
+    ("already exists; pass --overwrite") though nothing had been published. A process killed outright still
+    leaves it: the command does not count it as an output."""
+    import mmctr_ray.data.writer as writer
+    from mmctr_ray.cli import main
+
+    spec = SynthSpec(**{**tiny_spec.__dict__, "image_size": 0})
+    real = writer._write_split
+
+    def interrupted(world, stage, split, *args):
+        if split == "valid":
+            raise KeyboardInterrupt
+        return real(world, stage, split, *args)
+
+    monkeypatch.setattr(writer, "_write_split", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_synthetic(tmp_path / "out", spec, progress=lambda m: None)
+    assert list((tmp_path / "out").iterdir()) == []
+    monkeypatch.setattr(writer, "_write_split", real)
+    (tmp_path / "out" / STAGING / "MicroLens_1M_x1").mkdir(parents=True)  # what a SIGKILL leaves
+    assert main(["synth", "--out", str(tmp_path / "out"), "--users", "50", "--items", "40", "--train-rows", "300",
+                 "--valid-rows", "60", "--test-rows", "70", "--tags", "50", "--topics", "4", "--images", "0"]) == 0
+    assert Layout(tmp_path / "out").synth_manifest.is_file() and not (tmp_path / "out" / STAGING).exists()
+
+
 @pytest.mark.parametrize("field,value,match", [("items", 0, "--items"), ("tags", 3, "--tags"),
-                                               ("image_size", -1, "--images"), ("topics", 0, "topics")])
+                                               ("image_size", -1, "--images"), ("topics", 0, "topics"),
+                                               ("seed", -1, "--seed")])
 def test_bad_spec_names_the_flag(field, value, match):
     with pytest.raises(ConfigError, match=match):
         SynthSpec(**{field: value})

@@ -101,6 +101,8 @@ class SynthSpec:
             raise ConfigError(f"synth: --tags must be >= 5 per topic ({5 * self.topics}), got {self.tags}")
         if self.image_size < 0:
             raise ConfigError(f"synth: --images must be >= 0 pixels, got {self.image_size}")
+        if self.seed < 0:
+            raise ConfigError(f"synth: --seed must be >= 0, got {self.seed}")
 
 
 PRESETS: dict[str, dict[str, int]] = {

@@ -163,7 +163,17 @@ def write_synthetic(out: str | Path, spec: SynthSpec, overwrite: bool = False,
     stage_root = out / STAGING
     if stage_root.exists():
         shutil.rmtree(stage_root)  # leftovers of an interrupted run, never published
-    stage = Layout(stage_root)
+    try:
+        manifest = _generate(Layout(stage_root), spec, progress)
+        _publish(stage_root, out)
+    except BaseException:  # Ctrl-C, a full disk: nothing half-written is left (what was published stays)
+        shutil.rmtree(stage_root, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _generate(stage: Layout, spec: SynthSpec, progress: Callable[[str], None]) -> dict:
+    """Write every file of ``spec`` into the staging layout ``stage``; return the manifest (written last)."""
     stage.dataset_dir.mkdir(parents=True)
     t0 = time.perf_counter()
     world = World(spec)
@@ -183,5 +193,4 @@ def write_synthetic(out: str | Path, spec: SynthSpec, overwrite: bool = False,
                 "spec": asdict(spec), "bias": world.bias, "splits": splits,
                 "history_length": _length_stats(length_hist), "images": bool(spec.image_size)}
     stage.synth_manifest.write_text(json.dumps(manifest, indent=2) + "\n")  # written last: marks completion
-    _publish(stage_root, out)
     return manifest
