@@ -314,8 +314,12 @@ def validate(root: str | Path, expect_test_rows: int | None = None) -> list[Prob
 
 
 def _check_padding_row(lay: Layout, pf: pq.ParquetFile, problems: list[Problem]) -> None:
-    first = pf.read_row_group(0, columns=_usable(pf, ITEM_INFO_COLUMNS)).slice(0, 1).to_pylist()[0]
-    for name, value in first.items():
+    # the first row of the file, not of its first row group: a writer may leave that one empty
+    batch = next((b for b in pf.iter_batches(batch_size=1, columns=_usable(pf, ITEM_INFO_COLUMNS)) if b.num_rows),
+                 None)
+    if batch is None:
+        return  # no row at all: reported as an empty file
+    for name, value in batch.to_pylist()[0].items():
         flat = np.asarray(value if isinstance(value, list) else [value], dtype=float)
         if np.any(flat != 0):
             problems.append(Problem(str(lay.item_info.relative_to(lay.root)), name,
@@ -324,6 +328,8 @@ def _check_padding_row(lay: Layout, pf: pq.ParquetFile, problems: list[Problem])
 
 def _check_feature_ids(rel: str, ids: np.ndarray, n_items: int | None) -> list[Problem]:
     out = []
+    if ids.dtype.kind == "f":  # null ids read as NaN (the scan reports them): the rest are checked here
+        ids = ids[~np.isnan(ids)].astype(np.int64)
     uniq, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():
         dup = uniq[counts > 1]

@@ -270,6 +270,29 @@ def test_null_value(data, file, column):
     assert any("1 value not non-null (null found); first None at row 13" in p for p in found), found
 
 
+def test_null_item_ids_in_item_feature_are_listed_not_a_traceback(data):
+    """Two null ids made the duplicate check convert NaN to int (ValueError)."""
+    rewrite(data / FEATURE, lambda t: set_cell("item_id", 14, None)(set_cell("item_id", 13, None)(t)))
+    found = [str(p) for p in errors(data) if p.file == FEATURE and p.column == "item_id"]
+    assert any("2 values not non-null (null found); first None at row 13" in p for p in found), found
+    assert any("have no row; first 14" in p for p in found), found  # the items those rows held
+
+
+def test_an_item_info_whose_first_row_group_is_empty_validates(data):
+    """The padding check read row 0 of row group 0, which a writer may leave empty (IndexError)."""
+    def write_after_an_empty_group(table: pa.Table) -> None:
+        with pq.ParquetWriter(data / INFO, table.schema) as writer:
+            writer.write_table(table.slice(0, 0))
+            writer.write_table(table)
+        assert pq.ParquetFile(data / INFO).metadata.row_group(0).num_rows == 0
+
+    table = pq.read_table(data / INFO)
+    write_after_an_empty_group(table)
+    assert not [p for p in errors(data) if p.file == INFO]
+    write_after_an_empty_group(set_cell("item_emb_d128", 0, [0.5] * 128)(table))
+    the_error(data, INFO, "item_emb_d128", "row 0 must be the all-zero padding item; found 0.5")
+
+
 @pytest.mark.parametrize("file,column", [(VALID, "item_seq"), (FEATURE, "item_tags")])
 def test_null_inside_a_list(data, file, column):
     rewrite(data / file, set_elem(column, 4, -1, None))
