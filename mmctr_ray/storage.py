@@ -140,8 +140,13 @@ def read_text(location: Location) -> str:
 
 
 def write_bytes(location: Location, data: bytes) -> None:
-    """Write a whole file (its folder is created first) in one piece: an object store puts it whole; a local
-    file is written under a temporary name and renamed, so a reader never sees it half-written."""
+    """Write a whole file (its folder is created first) in one piece: an object store puts it whole; a local file
+    (a path or a ``file://`` URI) is written under a temporary name and renamed, so a reader never sees it
+    half-written and a failed write leaves the earlier file. (``hdfs://`` and fsspec file systems are written in
+    place.)"""
+    fs, fs_path = resolve(location) if is_uri(location) else (None, "")
+    if fs is not None and isinstance(fs, pafs.LocalFileSystem):
+        location = Path(fs_path)  # file://: pyarrow's output stream truncates the file first
     if not is_uri(location):
         path = Path(location)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,9 +158,8 @@ def write_bytes(location: Location, data: bytes) -> None:
             tmp.unlink(missing_ok=True)
             raise
         return
-    fs, path = resolve(location)
-    fs.create_dir(posixpath.dirname(path), recursive=True)
-    with fs.open_output_stream(path) as f:
+    fs.create_dir(posixpath.dirname(fs_path), recursive=True)
+    with fs.open_output_stream(fs_path) as f:
         f.write(data)
 
 

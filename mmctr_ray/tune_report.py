@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
+import os
 import shlex
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from mmctr_ray import storage
 from mmctr_ray.config import ExperimentConfig, TrainConfig, load_config, save_config
 from mmctr_ray.errors import DataError
 from mmctr_ray.report import read_metrics
@@ -126,7 +129,7 @@ def write_outputs(tdir: Path, space: SearchSpace | None = None, errors: dict[str
     space = space or load_search(tdir / "search.yaml", json.loads((tdir / "settings.json").read_text())["overrides"])
     saved = tdir / "tune_results.json"
     if errors is not None:
-        saved.write_text(json.dumps({"errors": errors, "trials": known}, indent=2) + "\n")
+        storage.write_text(saved, json.dumps({"errors": errors, "trials": known}, indent=2) + "\n")
     elif saved.is_file():
         kept = json.loads(saved.read_text())
         errors, known = kept["errors"], kept["trials"]
@@ -134,10 +137,11 @@ def write_outputs(tdir: Path, space: SearchSpace | None = None, errors: dict[str
     if not rows:
         raise DataError(f"{tdir / 'trials'}: no trial has started yet")
     fields = [*COLUMNS, *(p.key for p in space.params)]
-    with open(tdir / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_text(tdir / "results.csv", text.getvalue())  # whole or not at all: `report` may run meanwhile
     scored = [r for r in rows if r["best_valid_auc"] != ""]
     summary: dict[str, Any] = {"trials": len(rows), "results": str(tdir / "results.csv"),
                                **{s: sum(r["status"] == s for r in rows)
@@ -203,7 +207,10 @@ def _plots(tdir: Path, rows: list[dict[str, Any]], space: SearchSpace) -> list[P
 
 def _importances(tdir: Path, space: SearchSpace) -> tuple[dict[str, float], str]:
     import optuna
+    from sqlalchemy.exc import SQLAlchemyError
 
+    if not (tdir / "optuna.db").is_file():  # load_study would create an empty one
+        return {}, f"parameter importance unavailable: {tdir / 'optuna.db'}: missing file"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study = optuna.load_study(study_name="mmctr", storage=f"sqlite:///{tdir}/optuna.db")
@@ -213,13 +220,18 @@ def _importances(tdir: Path, space: SearchSpace) -> tuple[dict[str, float], str]
             return {}, f"parameter importance needs 2+ finished trials that differ ({len(done)} finished)"
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=space.seed)  # what the plot's label says
         return optuna.importance.get_param_importances(study, params=params, evaluator=evaluator), ""
-    except (KeyError, ValueError, RuntimeError) as err:
-        return {}, f"parameter importance unavailable: {err}"
+    except (KeyError, ValueError, RuntimeError, SQLAlchemyError) as err:  # e.g. the running search's write lock
+        return {}, f"parameter importance unavailable: {(str(err).strip().splitlines() or [type(err).__name__])[0]}"
 
 
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")  # a reader never sees a plot half-written
+    try:
+        fig.savefig(partial, dpi=110)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     import matplotlib.pyplot as plt
 
     plt.close(fig)

@@ -315,6 +315,9 @@ def _prepare(tune_dir: Path, search_yaml: Path | None, settings: dict[str, Any],
         old = json.loads(saved.read_text())
         if old["data"] != settings["data"]:
             raise ConfigError(f"{tune_dir}: the search ran on {old['data']}; resume it with that --data")
+        # Tune's errors and trial list as the earlier part ended: `mmctr report TUNE` during the resumed search would
+        # read every trial started since as "interrupted" (the search's end writes the file again)
+        (tune_dir / "tune_results.json").unlink(missing_ok=True)
         return old
     assert search_yaml is not None
     load_search(search_yaml, settings["overrides"])  # a bad search section fails before anything is written

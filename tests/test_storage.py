@@ -121,6 +121,26 @@ def test_epoch_1000_sorts_after_999_and_local_writes_replace_whole(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == "b\n" and not list(tmp_path.glob(".metrics.jsonl.partial*"))
 
 
+@pytest.mark.parametrize("kind", ["path", "file://"])
+def test_a_failed_write_keeps_the_earlier_file_also_under_a_file_uri(tmp_path, monkeypatch, kind):
+    """A file:// run (how NFS is named) went through pyarrow's output stream, which truncates the file first: a
+    full disk mid-write lost metrics.jsonl, and a reader could see it half-written."""
+    where = tmp_path / "metrics.jsonl" if kind == "path" else f"file://{tmp_path}/metrics.jsonl"
+    storage.write_text(where, "epoch 1\n")
+    real = Path.write_bytes
+
+    def disk_full(self, data):
+        real(self, data[:3])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        storage.write_text(where, "epoch 1\nepoch 2\n")
+    monkeypatch.undo()
+    assert (tmp_path / "metrics.jsonl").read_text() == "epoch 1\n" and [p.name for p in tmp_path.iterdir()] == [
+        "metrics.jsonl"]
+
+
 def test_checkpoint_discovery_and_loading_through_a_filesystem(memory_root, tmp_path):
     run = f"{memory_root}/run"
     for epoch, auc in ((1, 0.60), (2, 0.70), (3, 0.65)):

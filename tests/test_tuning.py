@@ -361,6 +361,16 @@ def test_report_keeps_a_failed_trials_error_status(tmp_path):
     with open(tdir / "results.csv", newline="") as f:
         status = {r["trial_id"]: r["status"] for r in csv.DictReader(f)}
     assert status["bbb"] == "error" and status["ccc"] == "interrupted"
+    # a --resume drops that record until the resumed search ends: ccc, a trial it runs again, was "interrupted"
+    # in a report made meanwhile
+    from mmctr_ray.tuning import _prepare
+
+    (tdir / "tune").mkdir()
+    (tdir / "settings.json").write_text(json.dumps({"overrides": [], "data": "D"}))
+    _prepare(tdir, None, {"overrides": [], "data": "D"}, resume=True, overwrite=False)
+    assert not (tdir / "tune_results.json").exists()
+    assert write_outputs(tdir)["interrupted"] == 0
+    assert not list(tdir.glob(".*partial*")) and not list((tdir / "plots").glob(".*partial*"))
 
 
 def test_an_ended_trial_is_one_line_with_the_best_so_far_and_the_time_left(tmp_path):
