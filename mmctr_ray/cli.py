@@ -739,7 +739,7 @@ def _how_to_continue(args: argparse.Namespace, argv: Sequence[str], known: bool)
         at = list(argv).index(args.command)
         return f"continue with `{shlex.join(['mmctr', *argv[:at + 1], *_resume_argv(argv[at + 1:], args.command)])}`"
     if args.command == "embed":
-        return "run the same command again (without --overwrite) to continue from the shards already encoded"
+        return "run the same command again to continue from the shards already encoded"
     return ""
 
 

@@ -293,7 +293,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
              f"mmctr demo: interrupted; continue with `mmctr demo --out '{tmp_path / 'my demo'}' --embed --set "
              f"train.epochs=3 --resume`"),
             ("cmd_embed", ["embed", "--data", str(tmp_path), "--out", str(tmp_path / "e.parquet")], KeyboardInterrupt(),
-             "mmctr embed: interrupted; run the same command again (without --overwrite) to continue from the shards "
+             "mmctr embed: interrupted; run the same command again to continue from the shards "
              "already encoded")]:
         monkeypatch.setattr(cli, name, stop(error))
         assert main(argv) == 128 + getattr(error, "signum", signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM
@@ -313,8 +313,8 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
     for code in (15, 1):  # Ray's driver handler exits 15; a ray.get re-raises it as SystemExit(1)
         monkeypatch.setattr(cli, "cmd_embed", terminated(code))
         assert main(embed) == 143
-        assert capsys.readouterr().err.strip() == ("mmctr embed: terminated; run the same command again (without "
-                                                   "--overwrite) to continue from the shards already encoded")
+        assert capsys.readouterr().err.strip() == ("mmctr embed: terminated; run the same command again to "
+                                                   "continue from the shards already encoded")
     monkeypatch.setattr(cli, "cmd_pipeline", terminated(15))
     assert main(["pipeline", "--data", str(tmp_path), "--out", str(tmp_path / "p")]) == 143
     assert capsys.readouterr().err.strip() == (f"mmctr pipeline: terminated; continue with `mmctr pipeline --data "

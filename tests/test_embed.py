@@ -249,6 +249,30 @@ def test_shards_of_other_data_are_never_assembled(tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".emb.parquet.partial-*"))
 
 
+def test_overwrite_keeps_the_shards_of_the_same_settings_and_models_and_drops_the_others(tmp_path, bert_tiny):
+    """An interrupted `embed --overwrite` (the earlier OUT still there) could not continue: without --overwrite it
+    was refused, with it every shard was encoded again. Shards of the same settings hold the same vectors; a model
+    replaced since (same path, other files) is part of the settings."""
+    from mmctr_ray.embed.pipeline import EmbedSettings, ShardStore, _models_fingerprint
+
+    out, text_model = tmp_path / "emb.parquet", tmp_path / "bert"
+    shutil.copytree(bert_tiny, text_model)  # its files' times change below: the shared fixture's must not
+    models = _models_fingerprint(text_model, CLIP_TINY)
+    settings = EmbedSettings(str(text_model), CLIP_TINY, "cls", 32, 0, 5, data="aaaa", models=models)
+    store = ShardStore(out, settings, overwrite=False)
+    store.open()
+    store.write(0, pa.table({"item_id": [1]}))
+    assert ShardStore(out, settings, overwrite=True).done(0)  # kept
+    model_file = next(p for p in text_model.iterdir() if p.is_file())
+    os.utime(model_file, ns=(model_file.stat().st_atime_ns, model_file.stat().st_mtime_ns + 10**9))
+    replaced = _models_fingerprint(text_model, CLIP_TINY)
+    assert replaced != models
+    with pytest.raises(OutputExistsError, match="holds shards of a run with other settings"):
+        ShardStore(out, EmbedSettings(**{**settings.__dict__, "models": replaced}), overwrite=False)
+    assert not ShardStore(out, EmbedSettings(**{**settings.__dict__, "models": replaced}), overwrite=True).done(0)
+    assert not store.dir.exists()
+
+
 @pytest.mark.parametrize("w, h", [(999, 333), (300, 225), (641, 480), (225, 300), (100, 700), (224, 224)])
 def test_covers_are_resized_and_cropped_exactly_as_clips_own_transform(tmp_path, w, h):
     from PIL import Image
@@ -297,6 +321,37 @@ def test_openais_torchscript_checkpoints_load_like_their_state_dict(tmp_path):
     from_archive = ImageEncoder(f"{config}:{archive}").encode(pixels)
     from_state = ImageEncoder(f"{config}:{state}").encode(pixels)
     assert from_archive.shape == (3, 32) and np.allclose(from_archive, from_state, atol=1e-2 * np.abs(from_state).max())
+
+
+def test_image_weights_that_do_not_fit_the_architecture_are_one_line_before_ray(synth_dir, bert_tiny, tmp_path):
+    """Weights of another architecture failed inside every encoder actor, as a traceback, after Ray had started;
+    a TorchScript archive (which loads as its own architecture) of another cover size took ARCH's size."""
+    import open_clip
+    import torch
+
+    other = tmp_path / "clip-other.json"
+    other.write_text(Path(CLIP_TINY).read_text().replace('"width": 64', '"width": 96'))
+    open_clip.add_model_config(other)
+    state = tmp_path / "other.bin"
+    torch.save(open_clip.create_model("clip-other").state_dict(), state)
+    with pytest.raises(ConfigError, match=rf"^{state}: cannot load as --image-model clip-tiny weights "
+                                          r"\(RuntimeError: "):
+        run_embed(synth_dir, tmp_path / "e.parquet", bert_tiny, f"{CLIP_TINY}:{state}",
+                  start_ray=lambda: pytest.fail("Ray started"))
+    config = tmp_path / "clip-openai-tiny.json"  # as OpenAI's loader rebuilds it: widths of 64, 32-pixel covers
+    config.write_text('{"embed_dim": 32, "quick_gelu": true, "vision_cfg": {"image_size": 32, "layers": 1, '
+                      '"width": 64, "patch_size": 16}, "text_cfg": {"context_length": 8, "vocab_size": 49408, '
+                      '"width": 64, "heads": 1, "layers": 1}}')
+    open_clip.add_model_config(config)
+    model = open_clip.create_model("clip-openai-tiny").eval()
+    del model.attn_mask
+    archive = tmp_path / "tiny-openai.pt"
+    torch.jit.trace_module(model, {"encode_image": torch.zeros(1, 3, 32, 32)}).save(str(archive))
+    with pytest.raises(ConfigError, match=rf"^{archive}: a model for 32-pixel covers, but --image-model names RN50 "
+                                          r"\(224 pixels\)"):
+        run_embed(synth_dir, tmp_path / "e.parquet", bert_tiny, f"RN50:{archive}",
+                  start_ray=lambda: pytest.fail("Ray started"))
+    assert not list(tmp_path.glob("e.parquet*"))
 
 
 def test_image_model_specs_are_checked_before_any_download(tmp_path):

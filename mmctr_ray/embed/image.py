@@ -118,6 +118,26 @@ class ImageEncoder:
         return out.float().cpu().numpy()
 
 
+def check_image_model(spec: str) -> None:
+    """Build ``spec``'s vision tower once on the CPU, before Ray starts, when it names weights: weights that do not
+    fit the architecture failed inside every encoder actor, as a traceback, after Ray had started; a TorchScript
+    archive of another architecture (its own, whatever ``ARCH`` says) would get covers of ``ARCH``'s size."""
+    arch, _, weights = parse_image_model(spec)
+    if weights is None:
+        return  # random weights of the named architecture: nothing to fit
+    try:
+        encoder = ImageEncoder(spec)
+    except ConfigError:
+        raise
+    except Exception as err:  # open_clip: RuntimeError (shapes), AssertionError, KeyError, ... for a foreign file
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"{weights}: cannot load as --image-model {arch} weights ({type(err).__name__}: "
+                          f"{first})") from None
+    if encoder.size != image_size(spec):
+        raise ConfigError(f"{weights}: a model for {encoder.size}-pixel covers, but --image-model names {arch} "
+                          f"({image_size(spec)} pixels): name the architecture the weights are for")
+
+
 def image_size(spec: str) -> int:
     """Input side of the model ``spec`` names, read from its config (no weights are built)."""
     import open_clip

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmctr_ray.data.writer import list_array
-from mmctr_ray.embed.image import CORRUPT, MISSING, OK, decode_covers, image_size, parse_image_model
+from mmctr_ray.embed.image import CORRUPT, MISSING, OK, check_image_model, decode_covers, image_size
 from mmctr_ray.embed.text import check_model_dir, load_tokenizer, resolve_pooling, tokenize
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.ray_env import check_actors
@@ -57,6 +57,7 @@ class EmbedSettings:
     seed: int = 0
     shard_items: int = 4_096
     data: str = ""  # fingerprint of the items embedded (ids, titles, cover folder): shards of other data never mix
+    models: str = ""  # fingerprint of the model files (names, sizes, times): shards of a model since replaced neither
 
 
 def prepare_batch(batch: dict[str, np.ndarray], images_dir: str, size: int, text_model: str,
@@ -112,8 +113,10 @@ class ShardStore:
     def __init__(self, out: Path, settings: EmbedSettings, overwrite: bool) -> None:
         self.dir, self.settings = out.with_name(out.name + ".parts"), settings
         meta = self.dir / "settings.json"
-        if self.dir.exists() and overwrite:
-            shutil.rmtree(self.dir)
+        same = meta.is_file() and json.loads(meta.read_text()) == asdict(settings)
+        if self.dir.exists() and overwrite and not same:
+            shutil.rmtree(self.dir)  # shards of other settings; those of these settings are these vectors: kept, so
+            # that an --overwrite interrupted (the earlier OUT still there) continues with the same command
         if meta.is_file() and json.loads(meta.read_text()) != asdict(settings):
             raise OutputExistsError(f"{self.dir}: holds shards of a run with other settings ({meta}); re-run with "
                                     f"those settings to resume, or pass --overwrite to start again")
@@ -133,6 +136,20 @@ class ShardStore:
         tmp = self.dir / f".shard_{shard:05d}.partial"
         pq.write_table(table, tmp)
         os.replace(tmp, self.path(shard))
+
+
+def _models_fingerprint(text_dir: str, image_model: str) -> str:
+    """What the encoders were loaded from: the name, size and modification time of every file of the text model's
+    folder and of the image weights (random weights: the architecture name alone, already in the settings)."""
+    from mmctr_ray.embed.image import parse_image_model
+
+    files = sorted(p for p in Path(text_dir).rglob("*") if p.is_file())
+    weights = parse_image_model(image_model)[2]
+    digest = hashlib.sha1()
+    for path in [*files, *([weights] if weights else [])]:
+        stat = path.stat()
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def _fingerprint(items: pa.Table, lay: Layout) -> str:
@@ -216,14 +233,15 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
                              ("--shard-items", shard_items, 1)):
         if value < low:
             raise ConfigError(f"{name}={value}: expected an integer >= {low}")
-    parse_image_model(image_model)
+    check_image_model(image_model)  # weights that do not fit the architecture fail here, as one line
     load_tokenizer(text_dir)  # a broken tokenizer fails here, as one line, not inside a task
     if not 0 <= max_bad_covers <= 1:
         raise ConfigError(f"--max-bad-covers={max_bad_covers}: expected a share in [0, 1]")
     items = _read_items(lay)
     if not items.num_rows:
         raise DataError(f"{lay.item_feature}: no items to embed")
-    settings = EmbedSettings(text_dir, image_model, pooling, max_length, seed, shard_items, _fingerprint(items, lay))
+    settings = EmbedSettings(text_dir, image_model, pooling, max_length, seed, shard_items, _fingerprint(items, lay),
+                             _models_fingerprint(text_dir, image_model))
     absent = [i for i in items.column("item_id").to_pylist() if not lay.image(i).is_file()]
     _check_bad_covers(len(absent), len(items), max_bad_covers, "missing", lay.image(absent[0]) if absent else None)
 
