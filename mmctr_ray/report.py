@@ -151,6 +151,10 @@ def markdown_summary(run_dir: Location, rows: list[dict[str, Any]]) -> str:
     lines = [f"# Run `{storage.basename(run_dir)}`", "", *([f"Trained: {described}.", ""] if described else []),
              f"Best validation AUC **{best['valid_auc']:.4f}**{se_text(se)} (logloss {best['valid_logloss']:.4f}) "
              f"at epoch {best['epoch']} of {len(rows)}."]
+    scored = _scored_epoch(run_dir)
+    if scored is not None and scored != best["epoch"]:  # rank 0 writes an epoch's row before Ray copies its checkpoint
+        lines.append(f"Epoch {best['epoch']}'s checkpoint is not complete in the run (it stopped while the checkpoint "
+                     f"was copied): `mmctr predict` scores with epoch {scored}'s, the best complete one.")
     if se is not None and math.isfinite(se):
         rows_text = f"{best['valid_rows']:,} " if best.get("valid_rows") else ""
         lines.append(f"± is the AUC's standard error over the {rows_text}validation rows (DeLong). Two independent "
@@ -168,6 +172,16 @@ def markdown_summary(run_dir: Location, rows: list[dict[str, Any]]) -> str:
                      f"{r['lr']:.0e} | {rate} | {r['epoch_seconds']:.1f} |")
     lines += ["", "![training curves](curves.png)", ""]
     return "\n".join(lines)
+
+
+def _scored_epoch(run_dir: Location) -> int | None:
+    """The epoch of the checkpoint ``mmctr predict`` scores with (the best complete one); None without one."""
+    from mmctr_ray.checkpoint import best_checkpoint, checkpoint_epoch
+
+    try:
+        return checkpoint_epoch(best_checkpoint(run_dir))
+    except DataError:
+        return None
 
 
 def write_report(run_dir: Location) -> dict[str, Location]:

@@ -104,6 +104,21 @@ def _write_checkpoint(tmp: Path, epoch: int, auc: float) -> Path:
     return directory
 
 
+def test_a_report_says_when_predict_scores_another_epoch_than_the_best_row(tmp_path):
+    """A run stopped after rank 0 wrote epoch 2's row and before its checkpoint was complete: summary.md named
+    epoch 2 as the best while `mmctr predict` scored with epoch 1's checkpoint."""
+    from mmctr_ray.report import markdown_summary
+
+    rows = [{"epoch": e, "valid_auc": auc, "valid_logloss": 0.5, "train_loss": 0.5, "lr": 1e-3, "epoch_seconds": 1.0}
+            for e, auc in ((1, 0.60), (2, 0.70))]
+    _write_checkpoint(tmp_path, 1, 0.60)
+    second = _write_checkpoint(tmp_path, 2, 0.70)
+    assert "not complete" not in markdown_summary(tmp_path, rows)
+    (second / "model.pt").write_bytes(b"cut short")
+    assert ("Epoch 2's checkpoint is not complete in the run (it stopped while the checkpoint was copied): "
+            "`mmctr predict` scores with epoch 1's, the best complete one.") in markdown_summary(tmp_path, rows)
+
+
 def test_a_fragment_in_a_run_uri_is_refused_rather_than_dropped():
     """pyarrow resolves file:///tmp/r#1 to /tmp/r: a run (and --overwrite) would act on another folder."""
     with pytest.raises(ConfigError, match=r"^s3://b/exp#3: '#' starts a URI fragment, which storage drops"):
