@@ -353,10 +353,13 @@ def test_a_byte_order_mark_before_the_header_is_not_part_of_the_first_name(tmp_p
 
 
 def test_options_are_checked():
-    with pytest.raises(ConfigError, match="--valid-from <= --test-from"):
+    with pytest.raises(ConfigError, match="--valid-from < --test-from"):
         RowSpec(split="time", valid_from=5)
-    with pytest.raises(ConfigError, match="--negatives must be >= 0"):
-        RowSpec(negatives=-1)
+    with pytest.raises(ConfigError, match="equal ones leave the valid split empty"):  # refused after the whole job
+        RowSpec(split="time", valid_from=5, test_from=5)
+    for negatives in (-1, 0):  # 0: every row a click, which train refuses only after the whole conversion
+        with pytest.raises(ConfigError, match=f"--negatives must be >= 1 .*, got {negatives}"):
+            RowSpec(negatives=negatives)
 
 
 def test_fuse_refuses_the_placeholder_vectors(converted, tmp_path):

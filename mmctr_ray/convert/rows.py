@@ -36,7 +36,7 @@ class RowSpec:
     """How events become rows.
 
     Attributes:
-        negatives: sampled negatives per positive (k).
+        negatives: sampled negatives per positive (k >= 1).
         seed: seed of the negative draws and of the row order within a chunk (>= 0).
         split: ``last`` (per-user leave-last-out) or ``time`` (global cut at ``valid_from`` / ``test_from``).
         valid_from, test_from: timestamps (raw units, ms for pairs) of the time cut.
@@ -51,8 +51,9 @@ class RowSpec:
     min_history: int = 1
 
     def __post_init__(self) -> None:
-        if self.negatives < 0:
-            raise ConfigError(f"convert: --negatives must be >= 0, got {self.negatives}")
+        if self.negatives < 1:  # raw interactions are clicks only: without sampled non-clicks no split can rank
+            raise ConfigError(f"convert: --negatives must be >= 1 (every row would be a click, and validation AUC "
+                              f"needs non-clicks), got {self.negatives}")
         if self.seed < 0:
             raise ConfigError(f"convert: --seed must be >= 0, got {self.seed}")
         if not 0 <= self.min_history <= SEQ_LEN:
@@ -60,8 +61,9 @@ class RowSpec:
         if self.split not in ("last", "time"):
             raise ConfigError(f"convert: --split must be 'last' or 'time', got {self.split!r}")
         if self.split == "time" and (self.valid_from is None or self.test_from is None
-                                     or self.valid_from > self.test_from):
-            raise ConfigError("convert: --split time needs --valid-from <= --test-from (timestamps)")
+                                     or self.valid_from >= self.test_from):
+            raise ConfigError("convert: --split time needs --valid-from < --test-from (timestamps; equal ones leave "
+                              "the valid split empty)")
 
 
 @dataclass(frozen=True)
