@@ -565,7 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail when more than this share of the items have a missing or corrupt cover (default "
                         "0.1; those below it get a zero image vector and a flag)")
     p.add_argument("--seed", type=int, default=0, help="seed of random image weights (default 0)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT and any shards of an earlier run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT; shards of an earlier run with other settings are dropped, those with the same "
+                        "settings kept")
     _add_ray_args(p)
     p.set_defaults(func=cmd_embed)
 
@@ -584,7 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "embed`")
     p.add_argument("--pca", choices=["auto", "full", "incremental"], default="auto",
                    help="full PCA, IncrementalPCA over chunks, or auto (full up to 2 GiB of input)")
-    p.add_argument("--seed", type=int, default=0, help="PCA random state (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="recorded in .fusion.json; both PCA fits (exact and "
+                                                       "incremental) are deterministic and draw nothing (default 0)")
     p.add_argument("--out", type=_local_path, required=True, help="fused table to write (item_emb.parquet)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT and its .pca.npz/.fusion.json")
     p.set_defaults(func=cmd_fuse)

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmctr_ray import storage
 from mmctr_ray.config import FusionConfig
 from mmctr_ray.data.writer import list_array
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
@@ -50,6 +51,9 @@ def sidecars(out: Path) -> dict[str, Path]:
 
 def source_file(data_dir: str | Path, source: str) -> Path:
     """The file that holds the raw vectors of ``source``: item_feature.parquet for ``shipped``, else ``source``."""
+    if storage.is_uri(source):  # Path would make s3://b/x the local s3:/b/x, "missing file"
+        raise ConfigError(f"--source {source}: expected 'shipped' or a local parquet file written by `mmctr embed` "
+                          f"(storage URIs are not read here)")
     return Layout(data_dir).item_feature if source == "shipped" else Path(source)
 
 

@@ -9,6 +9,7 @@ CUDA they run on the CPU), which exercises fractional-GPU scheduling.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -214,7 +215,7 @@ def test_the_offline_minilm_works_as_text_model():
     assert len(load_tokenizer(str(minilm_path()))) > 30_000
 
 
-def test_auto_pooling_is_the_models_own_and_cls_for_a_plain_bert(bert_tiny):
+def test_auto_pooling_is_the_models_own_and_cls_for_a_plain_bert(bert_tiny, tmp_path):
     from mmctr_ray.embed.text import resolve_pooling
 
     assert resolve_pooling(minilm_path(), "auto") == "mean"  # sentence-transformers: 1_Pooling says mean
@@ -222,6 +223,15 @@ def test_auto_pooling_is_the_models_own_and_cls_for_a_plain_bert(bert_tiny):
     assert resolve_pooling(minilm_path(), "cls") == "cls"
     with pytest.raises(ConfigError, match="--pooling 'max'"):
         resolve_pooling(bert_tiny, "max")
+    for mode, pooled in (("pooling_mode_max_tokens", None), ("pooling_mode_cls_token", "cls")):
+        model = tmp_path / mode
+        shutil.copytree(minilm_path(), model)
+        (model / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 384, mode: True}))
+        if pooled:
+            assert resolve_pooling(model, "auto") == pooled
+        else:  # before: CLS without a word, another sentence embedding than the model's
+            with pytest.raises(ConfigError, match=r"pools with max_tokens, which embed does not compute; pass "):
+                resolve_pooling(model, "auto")
 
 
 def test_shards_of_other_data_are_never_assembled(tmp_path):

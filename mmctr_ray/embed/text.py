@@ -37,6 +37,11 @@ def resolve_pooling(path: str | Path, pooling: str) -> str:
         modes = json.loads(config.read_text())
         if modes.get("pooling_mode_mean_tokens"):
             return "mean"
+        other = [k.removeprefix("pooling_mode_") for k, on in modes.items()
+                 if k.startswith("pooling_mode_") and on and k != "pooling_mode_cls_token"]
+        if other:  # max, weighted mean, last token: taking CLS instead would be another sentence embedding
+            raise ConfigError(f"{config}: the model's sentence embedding pools with {', '.join(other)}, which embed "
+                              f"does not compute; pass --pooling cls or --pooling mean")
     return "cls"
 
 

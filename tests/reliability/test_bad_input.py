@@ -394,6 +394,10 @@ def tune_missing_source(d, t):
     return _tune(d, t, "--source", str(t / "no-emb.parquet"))
 
 
+def fuse_source_uri(d, t):
+    return _fuse(d, t, "--strategy", "v1", "--dims", "8", "--source", "s3://bucket/raw.parquet")
+
+
 def tune_resume_with_new_counts(d, t):
     return ["tune", "--data", str(d), "--out", str(t / "tune"), "--resume", "--num-samples", "5"]
 
@@ -485,6 +489,8 @@ CASES = [
     (user_ids_beyond_the_checkpoint, ["column user_id: values up to 1000000", "has ids 0..",
                                       "(model.use_user_id; a checkpoint of other data)"], ["sub.zip"]),
     (search_batch_larger_than_the_split, ["train.batch_size=65,536 exceeds the", "training split"], ["tune"]),
+    (fuse_source_uri, ["--source s3://bucket/raw.parquet: expected 'shipped' or a local parquet file"],
+     ["fused.parquet"]),
     (tune_missing_source, ["no-emb.parquet: missing file (--source is 'shipped' or a parquet"], ["tune"]),
     (tune_resume_with_new_counts, ["--resume continues TUNE with the trial count, concurrency and time budget it "
                                    "started with"],
