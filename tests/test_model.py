@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmctr_ray.config import load_config
 from mmctr_ray.features import FeatureMap, history_mask
+from mmctr_ray.layers.attention import DINAttention
 from mmctr_ray.model import DINModel
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -139,21 +140,51 @@ def test_every_module_combination_trains_a_step(attention, senet, bilinear, cros
     assert torch.isfinite(model(batch())).all()
 
 
+def noisy_padding_item(model: DINModel) -> None:
+    """Give the padding item (id 0) a large non-zero representation: it is all zeros by construction, so without
+    this a padded position that leaked into DIN's sum (no softmax) would add nothing and go unseen."""
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for table in (model.item_embedding.id_emb.weight, model.item_embedding.item_vectors):
+            table[0] = torch.randn(table.shape[1], generator=g) * 3
+
+
 @pytest.mark.parametrize("attention", ["din", "multihead"])
 def test_wider_left_padding_never_changes_the_output(attention):
     model = tiny_model(attention=attention).eval()
+    noisy_padding_item(model)
+    assert model.item_embedding(torch.tensor([0])).abs().sum() > 1  # the padding item is not zeros here
     short = batch(length=8)
     wide = dict(short, item_seq=torch.cat([torch.zeros(6, 24, dtype=torch.long), short["item_seq"]], dim=1))
     torch.testing.assert_close(model(wide), model(short), rtol=1e-5, atol=1e-6)
 
 
+def padded_attention(module: torch.nn.Module, target: torch.Tensor, history: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """Target attention computed over all L positions, padding included, then masked, written independently of
+    the packed modules: DIN's MLP over the built concatenation [t, h, t-h, t*h], scores × mask, no softmax;
+    multi-head through torch's scaled_dot_product_attention with the mask (an all-padding row pools to zeros)."""
+    if isinstance(module, DINAttention):
+        t = target.unsqueeze(1).expand_as(history)
+        concat = torch.cat([t, history, t - history, t * history], dim=-1)  # (B, L, 4D)
+        scores = module.rest(module.first_act(module.first(concat)))  # (B, L, 1), every position
+        return (scores * mask.unsqueeze(-1) * history).sum(1)
+    (b, length, d), h = history.shape, module.num_heads
+    q = module.q(target).view(b, h, 1, d // h)
+    k, v = (proj(history).view(b, length, h, d // h).transpose(1, 2) for proj in (module.k, module.v))
+    pooled = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+    pooled = torch.nan_to_num(pooled) * mask.any(1)[:, None, None, None]  # SDPA over no position: NaN
+    return module.out(pooled.reshape(b, d))
+
+
 def padded_forward(model: DINModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model with every history position embedded, padding included, and the masked sequence call."""
+    """The model with every history position embedded, padding included (as a large non-zero item), and the
+    attention computed over every position, then masked."""
     seq = batch["item_seq"]
     target = model.item_embedding(batch["item_id"])  # (B, R)
     history = model.item_embedding(seq)  # (B, L, R)
     side = model.side_embedding(batch["likes_level"], batch["views_level"], batch.get("user_id"))
-    pooled = model.sequence(target, history, history_mask(seq))
+    pooled = padded_attention(model.sequence, target, history, history_mask(seq))
     b, d = target.shape[0], model.cfg.embedding_dim
     fields = torch.cat([side, target.view(b, -1, d), pooled.view(b, -1, d)], dim=1)
     return model.head(*model.interaction(fields))
@@ -165,6 +196,7 @@ def test_packed_history_equals_embedding_every_position(attention):
     with torch.no_grad():
         for p in model.parameters():  # weights large enough that the history matters (init std is 1e-4)
             p.normal_(0, 0.5, generator=torch.Generator().manual_seed(p.numel()))
+    noisy_padding_item(model)
     b = batch(b=16, length=10, seed=4)
     logits = model(b)
     assert logits.std() > 1e-3
