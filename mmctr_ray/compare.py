@@ -68,11 +68,11 @@ def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid",
     for target in targets:
         checkpoint = _checkpoint(target)
         model = load_model(checkpoint, data_dir, device)
-        probs = score_parquet(model, path, model.experiment_cfg.data.max_len)
-        if len(probs) != len(labels):
-            raise DataError(f"{path}: {len(probs)} rows scored but {len(labels)} labels")
-        check_finite(probs, checkpoint, path)
-        scores.append(probs)
+        logits = score_parquet(model, path, model.experiment_cfg.data.max_len, logits=True)  # AUC ranks logits
+        if len(logits) != len(labels):
+            raise DataError(f"{path}: {len(logits)} rows scored but {len(labels)} labels")
+        check_finite(logits, checkpoint, path)
+        scores.append(logits)
         checkpoints.append(checkpoint)
         described.append(describe_run(model.experiment_cfg, model.item_source))
         if progress is not None:

@@ -7,12 +7,14 @@ import math
 import numpy as np
 
 
-def evaluate(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+def evaluate(labels: np.ndarray, probs: np.ndarray, scores: np.ndarray | None = None) -> dict[str, float]:
     """AUC and logloss of predicted click probabilities over every row given.
 
     Args:
         labels: (N,) 0/1.
         probs: (N,) predicted probabilities.
+        scores: (N,) what the AUC ranks, in the order of ``probs`` (the logits: probabilities clipped into (0, 1)
+            tie the rows the model is surest of); ``probs`` when not given.
 
     Returns:
         ``{"auc", "auc_se", "logloss", "rows", "positive_rate"}``: ``auc_se`` is the AUC's standard error
@@ -24,7 +26,8 @@ def evaluate(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     labels = np.asarray(labels, dtype=np.float64)
     probs = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
     both = 0 < labels.sum() < len(labels)
-    auc, se = auc_with_se(labels, probs) if both else (float("nan"), float("nan"))  # scikit-learn's AUC (a test
+    ranked = probs if scores is None else np.asarray(scores, dtype=np.float64)
+    auc, se = auc_with_se(labels, ranked) if both else (float("nan"), float("nan"))  # scikit-learn's AUC (a test
     # checks it, ties included) and its standard error from one ranking
     return {
         "auc": auc,

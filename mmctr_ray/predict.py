@@ -31,7 +31,7 @@ from mmctr_ray.preflight import check_split
 from mmctr_ray.ray_env import actor_device, check_actors
 from mmctr_ray.schema import Layout, parquet_parts
 from mmctr_ray.storage import Location
-from mmctr_ray.training import probabilities
+from mmctr_ray.training import logits_of, to_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,10 @@ def model_inputs(cols: dict[str, np.ndarray], device: str | torch.device) -> dic
 
 
 @torch.no_grad()
-def score_parquet(model: DINModel, path: str | Path, max_len: int, batch_rows: int = 16_384) -> np.ndarray:
-    """Probabilities for every row of a split (a file, or a folder of part files), in row order, in this process
-    (no Ray).
+def score_parquet(model: DINModel, path: str | Path, max_len: int, batch_rows: int = 16_384,
+                  logits: bool = False) -> np.ndarray:
+    """Probabilities (or with ``logits``, the fp32 logits, what AUC ranks) for every row of a split (a file, or a
+    folder of part files), in row order, in this process (no Ray).
 
     The reference for the Ray Data path, and the plain loop the benchmarks compare against.
     """
@@ -87,25 +88,26 @@ def score_parquet(model: DINModel, path: str | Path, max_len: int, batch_rows: i
     for part in parquet_parts(path):
         for batch in pq.ParquetFile(part).iter_batches(batch_size=batch_rows):
             cols = to_model_batch(pa.Table.from_batches([batch]), max_len)
-            out.append(probabilities(model, model_inputs(cols, device), model.experiment_cfg.train))
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+            out.append(logits_of(model, model_inputs(cols, device), model.experiment_cfg.train))
+    scores = np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+    return scores if logits else to_probabilities(scores)
 
 
 class Scorer:
-    """Ray Data callable class: loads the model once, then maps batches to click probabilities."""
+    """Ray Data callable class: loads the model once, then maps batches to logits (fp32)."""
 
     def __init__(self, checkpoint_dir: str, data_dir: str, use_gpu: bool = False) -> None:
         self.device = actor_device(use_gpu)
         self.model = load_model(checkpoint_dir, data_dir, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        probs = probabilities(self.model, model_inputs(batch, self.device), self.model.experiment_cfg.train)
-        return {"prob": probs, "label": batch["label"]}
+        logits = logits_of(self.model, model_inputs(batch, self.device), self.model.experiment_cfg.train)
+        return {"logit": logits, "label": batch["label"]}
 
 
 def score_split(run_dir: Location, data_dir: str | Path, split: str = "test", actors: int = 1,
                 gpus_per_actor: float = 0.0, batch_size: int = 16_384) -> tuple[np.ndarray, np.ndarray, Location]:
-    """(probabilities, labels, checkpoint used) for every row of ``split``, in file order."""
+    """(logits, labels, checkpoint used) for every row of ``split``, in file order."""
     import ray.data
 
     checkpoint = best_checkpoint(run_dir)
@@ -129,11 +131,11 @@ def _score(checkpoint: Location, data_dir: str | Path, split: str, max_len: int,
                                                            "use_gpu": gpus_per_actor > 0},
                             batch_size=batch_size, batch_format="numpy", num_gpus=gpus_per_actor,
                             num_cpus=0 if gpus_per_actor else 1, compute=ActorPoolStrategy(size=actors))
-    probs, labels = [], []
+    logits, labels = [], []
     for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
-        probs.append(batch["prob"])
+        logits.append(batch["logit"])
         labels.append(batch["label"])
-    return np.concatenate(probs), np.concatenate(labels), checkpoint
+    return np.concatenate(logits), np.concatenate(labels), checkpoint
 
 
 def write_submission(probs: np.ndarray, out: Path, column: str = "Task2") -> None:
@@ -151,9 +153,9 @@ def write_submission(probs: np.ndarray, out: Path, column: str = "Task2") -> Non
         raise
 
 
-def check_finite(probs: np.ndarray, checkpoint: Location, rows: str | Path) -> None:
+def check_finite(scores: np.ndarray, checkpoint: Location, rows: str | Path) -> None:
     """Refuse scores that are not numbers (clipping into (0, 1) leaves NaN as it is), naming the checkpoint."""
-    bad = int((~np.isfinite(probs)).sum())
+    bad = int((~np.isfinite(scores)).sum())
     if bad:
         raise DataError(f"{checkpoint}: {bad:,} non-finite predictions on {rows} (a diverged checkpoint, or bf16 "
                         f"overflow on a GPU: score on the CPU); nothing written")
@@ -185,19 +187,20 @@ def run_predict(run_dir: Location, data_dir: str | Path, out: str | Path, split:
     """Score ``split`` and write the submission zip ``out``; return a summary (AUC when labels are known)."""
     out = check_output(out, overwrite)
     expected = check_split(data_dir, split)
-    probs, labels, checkpoint = score_split(run_dir, data_dir, split, actors, gpus_per_actor)
-    if len(probs) != expected:
-        raise DataError(f"{split}: scored {len(probs)} rows but the split has {expected}; nothing written")
-    check_finite(probs, checkpoint, f"the {split} split")
+    logits, labels, checkpoint = score_split(run_dir, data_dir, split, actors, gpus_per_actor)
+    if len(logits) != expected:
+        raise DataError(f"{split}: scored {len(logits)} rows but the split has {expected}; nothing written")
+    check_finite(logits, checkpoint, f"the {split} split")
+    probs = to_probabilities(logits)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_submission(probs, out)
     summary: dict[str, Any] = {"submission": str(out), "rows": len(probs), "split": split,
                                "checkpoint": str(checkpoint)}
     truth = Layout(data_dir).hidden_test_labels
     if split != "test":
-        summary["metrics"] = evaluate(labels, probs)
+        summary["metrics"] = evaluate(labels, probs, scores=logits)
     elif truth.is_file():  # synthetic data: the test labels the real split hides
-        summary["metrics"] = evaluate(pq.read_table(truth).column("label").to_numpy(), probs)
+        summary["metrics"] = evaluate(pq.read_table(truth).column("label").to_numpy(), probs, scores=logits)
     oracle = Layout(data_dir).oracle
     if oracle.is_file() and split in ("valid", "test"):
         summary["oracle_auc"] = json.loads(oracle.read_text())[split]["oracle_auc"]

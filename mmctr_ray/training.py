@@ -81,27 +81,33 @@ PROB_EPS = 1e-7
 
 
 @torch.no_grad()
-def probabilities(model: nn.Module, inputs: dict[str, torch.Tensor], cfg: TrainConfig) -> np.ndarray:
-    """Click probabilities of one batch in ``cfg``'s precision, clipped into (0, 1)."""
+def logits_of(model: nn.Module, inputs: dict[str, torch.Tensor], cfg: TrainConfig) -> np.ndarray:
+    """The model's fp32 logits for one batch, computed in ``cfg``'s precision: what AUC ranks (probabilities in
+    fp32 and clipped into (0, 1) tie every logit beyond ±16, and close ones near 0 or 1)."""
     with autocast(cfg, next(model.parameters()).device):
         logits = model(inputs)
-    return np.clip(torch.sigmoid(logits.float()).cpu().numpy(), PROB_EPS, 1 - PROB_EPS)
+    return logits.float().cpu().numpy()
+
+
+def to_probabilities(logits: np.ndarray) -> np.ndarray:
+    """Click probabilities of logits (the sigmoid in float64), clipped into (0, 1)."""
+    return np.clip(1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64))), PROB_EPS, 1 - PROB_EPS)
 
 
 @torch.no_grad()
 def predict(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], cfg: TrainConfig,
             device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, probabilities) over every batch, in iteration order."""
+    """(labels, logits) over every batch, in iteration order."""
     was_training = model.training
     model.eval()
-    labels, probs = [], []
+    labels, logits = [], []
     for batch in batches:
-        probs.append(probabilities(model, batch, cfg))
+        logits.append(logits_of(model, batch, cfg))
         labels.append(batch["label"].cpu().numpy())
     model.train(was_training)
-    if not probs:
+    if not logits:
         return np.zeros(0), np.zeros(0)
-    return np.concatenate(labels), np.concatenate(probs)
+    return np.concatenate(labels), np.concatenate(logits)
 
 
 def update_schedule(state: TrainState, auc: float, cfg: TrainConfig) -> bool:
@@ -380,16 +386,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics = None
             if rank == 0 and diverged is None:
                 if valid_kept is not None:
-                    labels, probs = predict(model, valid_kept.in_order(cfg.train.eval_batch_size), cfg.train, device)
+                    labels, logits = predict(model, valid_kept.in_order(cfg.train.eval_batch_size), cfg.train, device)
                 else:  # read it; keep it in read order when the training shard was kept and the budget's rest allows
                     valid_recorder = ShardRecorder(budget - shard.nbytes if shard else 0, config["valid_rows"])
                     valid = ray.train.get_dataset_shard("valid").iter_torch_batches(
                         batch_size=cfg.train.eval_batch_size, device=device)
-                    labels, probs = predict(model, _recorded(valid, valid_recorder), cfg.train, device)
+                    labels, logits = predict(model, _recorded(valid, valid_recorder), cfg.train, device)
                     valid_kept = valid_recorder.finish()
-                bad = int((~np.isfinite(probs)).sum())
+                bad = int((~np.isfinite(logits)).sum())
                 metrics = {"diverged": f"{bad:,} non-finite predictions on the valid split after epoch {epoch}"} \
-                    if bad else evaluate(labels, probs)
+                    if bad else evaluate(labels, to_probabilities(logits), scores=logits)
             metrics = _broadcast(metrics)
             diverged = diverged or (metrics or {}).get("diverged")
             if diverged:  # every rank ends here, together, and the driver raises: a retry would diverge again

@@ -50,6 +50,22 @@ def test_evaluate_reports_the_standard_error_and_nan_for_one_class():
         auc_with_se(np.zeros(10), np.full(10, 0.3))
 
 
+def test_auc_ranks_the_logits_not_the_clipped_probabilities():
+    """Probabilities clipped into (0, 1) tie every logit beyond ±16 (and fp32 ones close logits near 0 or 1): the
+    AUC of these four rows was 0.625 where the model's own ranking gives 0.75."""
+    from sklearn.metrics import roc_auc_score
+
+    from mmctr_ray.training import to_probabilities
+
+    labels = np.array([1, 0, 1, 0])
+    logits = np.array([17, 16.5, 0.3, 0.1], dtype=np.float32)
+    probs = to_probabilities(logits)
+    assert evaluate(labels, probs)["auc"] == 0.625  # 17 and 16.5 tie once clipped
+    got = evaluate(labels, probs, scores=logits)
+    assert got["auc"] == pytest.approx(roc_auc_score(labels, logits)) == pytest.approx(0.75)
+    assert got["logloss"] == evaluate(labels, probs)["logloss"]  # from the probabilities, as before
+
+
 def test_the_paired_test_knows_that_runs_on_the_same_rows_err_alike():
     rng = np.random.default_rng(3)
     labels, signal = _scores(rng, 3_000)

@@ -640,8 +640,8 @@ def test_a_killed_search_resumes_without_losing_or_repeating_trials(synth_dir, t
     labels = pq.read_table(valid, columns=["label"]).column("label").to_numpy()
     for row in {r["trial_id"]: r for r in (best_row, fused[0])}.values():
         model = load_model(best_checkpoint(moved / "trials" / row["trial_id"]), synth_dir)
-        probs = score_parquet(model, valid, model.experiment_cfg.data.max_len)
-        assert roc_auc_score(labels, probs) == pytest.approx(float(row["best_valid_auc"]), abs=1e-5)
+        logits = score_parquet(model, valid, model.experiment_cfg.data.max_len, logits=True)
+        assert roc_auc_score(labels, logits) == pytest.approx(float(row["best_valid_auc"]), abs=1e-5)
 
 
 def test_ctrl_c_during_a_search_is_told_apart_from_its_end():
