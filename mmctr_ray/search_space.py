@@ -152,6 +152,11 @@ def _param(key: str, spec: Any, keys: list[str], where: str) -> Param:
         raise ConfigError(f"{at}: log: true expects a positive low bound, got {values}")
     if spec.get("log") and spec.get("step") is not None:
         raise ConfigError(f"{at}: log and step cannot be combined (Optuna samples one or the other)")
+    step = spec.get("step")
+    if step is not None and (kind == "choice" or isinstance(step, bool) or not isinstance(step, (int, float))
+                             or step <= 0 or (kind == "int" and not isinstance(step, int))):
+        raise ConfigError(f"{at}: step expects a positive {'integer' if kind == 'int' else 'number'} for an int or "
+                          f"float range, got {step!r}")
     when = spec.get("when", {})
     if not isinstance(when, dict) or not all(isinstance(v, list) for v in when.values()):
         raise ConfigError(f"{at}: when expects a mapping of earlier parameters to lists of values")
@@ -180,6 +185,9 @@ def _check_key(key: str, where: str) -> None:
     """A searched key must name a field of a config section (``section.name``)."""
     if key.count(".") != 1:
         raise ConfigError(f"{where}: search.space.{key}: expected a config key section.name (e.g. model.dropout)")
+    if key == "train.epochs":  # trial_config sets it: the sampled value would be shown and never used
+        raise ConfigError(f"{where}: search.space.train.epochs: every trial trains search.max_epochs epochs (ASHA "
+                          f"stops it earlier); set search.max_epochs instead")
     section, name = key.split(".")
     if section not in {f.name for f in dataclasses.fields(ExperimentConfig)} or section == "name":
         raise ConfigError(f"{where}: search.space.{key}: unknown config section {section}")
@@ -192,9 +200,21 @@ def _check_values(space: SearchSpace, where: str) -> None:
     """Every value a trial can draw must make a valid config, so a bad one (YAML reads an unquoted ``off`` as
     false; a width the model refuses) fails here, not as errored trials: each choice and each bound of a range,
     with the conditions that activate it set to their first allowed value."""
+    by_key = {p.key: p for p in space.params}
     for p in space.params:
+        for key, allowed in p.when:  # a value the parameter it names can never take: p would never be sampled
+            parent = by_key[key]
+            never = [v for v in allowed if (v not in parent.values if parent.kind == "choice"
+                                            else not parent.values[0] <= v <= parent.values[1])]
+            if never:
+                raise ConfigError(f"{where}: search.space.{p.key}: when {key} is {never[0]!r}, a value {key} "
+                                  f"never takes ({'choices' if parent.kind == 'choice' else 'range'} "
+                                  f"{list(parent.values)})")
         context = {key: allowed[0] for key, allowed in p.when}
-        for value in p.values:  # the choices, or a range's two bounds
+        values = p.values
+        if p.kind == "int" and (p.values[1] - p.values[0]) // int(p.step or 1) < 256:
+            values = tuple(range(p.values[0], p.values[1] + 1, int(p.step or 1)))  # each integer a trial can draw
+        for value in values:  # the choices, each integer of a small int range, or a range's two bounds
             try:
                 space.trial_config({**context, p.key: _encode(value)})
             except ConfigError as err:
@@ -226,6 +246,9 @@ def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             raise ConfigError(f"{where}: search.{k}={v!r}: expected a positive integer")
     space = SearchSpace(tuple(params), base=raw, **settings)
     _check_values(space, where)
+    if space.reduction_factor < 2:
+        raise ConfigError(f"{where}: search.reduction_factor={space.reduction_factor}: expected at least 2 (ASHA keeps "
+                          f"1/reduction_factor of the trials at each rung)")
     if space.grace_period > space.max_epochs:
         raise ConfigError(f"{where}: search.grace_period={space.grace_period}: expected at most "
                           f"search.max_epochs={space.max_epochs}")

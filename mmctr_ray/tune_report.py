@@ -149,10 +149,11 @@ def write_outputs(tdir: Path, space: SearchSpace | None = None, errors: dict[str
                                             "running")}}
     if scored:
         best = max(scored, key=lambda r: r["best_valid_auc"])
-        epochs = space.base.get("train", {}).get("epochs", TrainConfig().epochs)
+        # the full schedule again (a trial ran at most max_epochs), and never fewer epochs than the trials had
+        epochs = max(space.base.get("train", {}).get("epochs", TrainConfig().epochs), space.max_epochs)
         cfg = in_this_search(load_config(tdir / "trials" / best["trial_id"] / "config.yaml",
                                          [f"train.epochs={epochs}"]), tdir)
-        save_config(cfg, tdir / "best.yaml")  # the full schedule again: the trial ran at most max_epochs
+        save_config(cfg, tdir / "best.yaml")
         summary.update(best_trial=best["trial_id"], best_valid_auc=best["best_valid_auc"],
                        best_valid_auc_se=best.get("valid_auc_se") or None, best_yaml=str(tdir / "best.yaml"))
     summary["plots"] = [str(p) for p in _plots(tdir, rows, space)]
