@@ -298,9 +298,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
                          resume=args.resume, overwrite=args.overwrite, time_budget_s=args.time_budget_s)
     counts = (f"{summary['trials']} trials ({summary['completed']} completed, {summary['early-stopped']} "
               f"early-stopped, {summary['pruned']} pruned, {summary['error']} errors)")
-    if summary.get("best_yaml") is None:
-        log.info("%s; no trial reported a valid AUC; %s", counts, summary["results"])
-        return 0
+    if summary.get("best_yaml") is None:  # a search that found nothing is not a success (a cluster job sees 1)
+        log.error("%s; no trial reported a valid AUC: see %s and each trial's error in Tune's log", counts,
+                  summary["results"])
+        return 1
     from mmctr_ray.tune_report import train_best_command
 
     log.info("%s; best valid AUC %.4f%s (trial %s); %s, %s; train the best with the full schedule: `%s`", counts,

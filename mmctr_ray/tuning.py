@@ -44,6 +44,7 @@ from typing import Any
 
 from mmctr_ray.config import ExperimentConfig, load_config
 from mmctr_ray.errors import ConfigError, DataError, Interrupted, OutputExistsError
+from mmctr_ray.features import has_placeholder_embeddings
 from mmctr_ray.metrics import se_text
 from mmctr_ray.preflight import check_batch_size, check_splits, check_valid_labels
 from mmctr_ray.ray_env import DATA_CPU_RESERVE, private_local_ray, sigterm_flag
@@ -315,6 +316,12 @@ def _prepare(tune_dir: Path, search_yaml: Path | None, settings: dict[str, Any],
         old = json.loads(saved.read_text())
         if old["data"] != settings["data"]:
             raise ConfigError(f"{tune_dir}: the search ran on {old['data']}; resume it with that --data")
+        flags = {"workers": "--workers-per-trial", "cpus_per_worker": "--cpus-per-worker",
+                 "gpus_per_worker": "--gpus-per-trial / workers", "source": "--source"}
+        differ = [f"{flag} {old[key]}" for key, flag in flags.items() if key in old and old[key] != settings[key]]
+        if differ:
+            log.warning("--resume continues the search with the settings it started with (%s), not this command "
+                        "line's", ", ".join(differ))
         # Tune's errors and trial list as the earlier part ended: `mmctr report TUNE` during the resumed search would
         # read every trial started since as "interrupted" (the search's end writes the file again)
         (tune_dir / "tune_results.json").unlink(missing_ok=True)
@@ -363,6 +370,9 @@ def check_inputs(data_dir: str | Path, search_yaml: str | Path | None, overrides
         raise DataError(f"{source}: missing file (--source is 'shipped' or a parquet written by `mmctr embed`)")
     if resume and search_yaml is not None:
         raise ConfigError("--resume continues TUNE with its own search.yaml: drop --config")
+    if resume and overrides:  # they were dropped without a word: the search keeps the overrides it started with
+        raise ConfigError("--resume continues TUNE with its own search.yaml and the --set values it started with "
+                          "(settings.json): drop --set")
     if not resume and search_yaml is None:
         raise ConfigError("--config is required: an experiment YAML with a search: section")
     space = load_search(Path(search_yaml), list(overrides)) if search_yaml is not None else None
@@ -370,7 +380,26 @@ def check_inputs(data_dir: str | Path, search_yaml: str | Path | None, overrides
     check_valid_labels(data_dir)
     if space is not None:  # the largest batch any trial can draw must fit the training split
         check_batch_size(max(batch_sizes(space)), rows["train"], workers)
+        _refuse_placeholders(data_dir, space, source)
     return rows
+
+
+def _refuse_placeholders(data_dir: str | Path, space: SearchSpace, source: str) -> None:
+    """Data written by ``mmctr convert`` holds zero placeholder vectors: a trial fusing the shipped ones (``--source
+    shipped``) or training on ``given`` fails at its start, so a search made only of such trials ended with every
+    trial errored (and exit 0)."""
+    if not has_placeholder_embeddings(data_dir):
+        return
+    base = space.trial_config({})
+    picked = next((p for p in space.params if p.key == "fusion.strategy"), None)
+    strategies = set(picked.values) if picked is not None else set()
+    if picked is None or picked.when:  # trials that do not sample it keep the base's vectors
+        strategies |= {base.fusion.strategy} if base.data.item_vector == "given" else set()
+    if strategies and (source == "shipped" or "given" in strategies):
+        raise ConfigError(f"{data_dir}: converted by `mmctr convert`, its shipped embedding columns are zero "
+                          f"placeholders, which trials of fusion.strategy {', '.join(sorted(strategies))} with "
+                          f"--source {source} would train on: run `mmctr embed --data {data_dir} --out "
+                          f"item_raw_emb.parquet`, then search v1..v4 with --source item_raw_emb.parquet")
 
 
 def check_resources(workers: int, gpus_per_trial: float) -> None:

@@ -98,6 +98,21 @@ def test_a_too_small_object_store_is_refused_before_anything_is_written(synth_di
     assert args.object_store_mib == 512
 
 
+def test_a_search_whose_every_trial_failed_exits_1(tmp_path, monkeypatch, caplog):
+    """It logged "no trial reported a valid AUC" and exited 0: a cluster job saw success."""
+    import mmctr_ray.cli as cli
+    import mmctr_ray.tuning as tuning
+
+    summary = {"trials": 3, "completed": 0, "early-stopped": 0, "pruned": 0, "error": 3,
+               "results": str(tmp_path / "results.csv")}
+    monkeypatch.setattr(tuning, "check_inputs", lambda *a, **k: {})
+    monkeypatch.setattr(tuning, "run_tuning", lambda *a, **k: summary)
+    monkeypatch.setattr(cli, "_start_ray", lambda *a, **k: None)
+    with caplog.at_level("ERROR", logger="mmctr"):
+        assert main(["tune", "--data", str(tmp_path), "--out", str(tmp_path / "t"), "--config", "c.yaml"]) == 1
+    assert "3 trials (0 completed, 0 early-stopped, 0 pruned, 3 errors); no trial reported a valid AUC" in caplog.text
+
+
 def test_a_uri_given_to_a_local_path_flag_is_a_usage_error_not_a_local_folder(tmp_path, capsys, monkeypatch):
     """`predict --out s3://b/sub.zip` wrote the submission to the local folder `s3:/b/sub.zip` and exited 0
     (``type=Path`` collapses `//`). Every flag that takes a local path only now refuses a URI by name."""

@@ -91,10 +91,22 @@ def test_define_by_run_samples_each_parameter_only_where_it_applies(tmp_path):
     ({"model.bilinear": {"choice": [False, "field_all"]}},  # YAML reads an unquoted off as false
      "search.space.model.bilinear: the value False gives no valid config (model.bilinear=False: expected a string)"),
     ({"model.dropout": {"float": [0.0, 1.5]}}, "model.dropout: the value 1.5 gives no valid config"),
+    # these failed inside tuner.fit() as tracebacks (after TUNE was written), or were silently never sampled:
+    ({"model.cross_layers": {"int": [1, 4], "step": 0.5}}, "step expects a positive integer for an int or float range"),
+    ({"train.lr": {"float": [1e-4, 1e-2], "step": 0}}, "step expects a positive number"),
+    ({"model.attention": {"choice": ["multihead"]},  # the bounds 1 and 8 divide the width 256, 3 does not
+      "model.num_heads": {"int": [1, 8], "when": {"model.attention": ["multihead"]}}},
+     "model.num_heads: the value 3 gives no valid config"),
+    ({"model.crossnet": {"choice": ["off", "v1"]},
+      "model.cross_layers": {"int": [1, 3], "when": {"model.crossnet": ["v2"]}}},
+     "model.cross_layers: when model.crossnet is 'v2', a value model.crossnet never takes (choices ['off', 'v1'])"),
+    ({"train.epochs": {"int": [2, 5]}}, "every trial trains search.max_epochs epochs"),
+    ({"model.dropout": {"float": [0.0, 0.2]}, "reduction_factor": 1}, "search.reduction_factor=1: expected at least 2"),
 ])
 def test_bad_search_sections_are_one_line_errors(tmp_path, space, message):
     path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump({"name": "s", "search": {"space": space}}))
+    settings = {k: space.pop(k) for k in list(space) if "." not in k}  # search.* settings beside the space
+    path.write_text(yaml.safe_dump({"name": "s", "search": {"space": space, **settings}}))
     with pytest.raises(ConfigError) as err:
         load_search(path)
     assert message in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
@@ -316,6 +328,22 @@ def test_an_empty_existing_out_folder_is_used_as_it_is(tmp_path):
     assert (out / "search.yaml").is_file() and json.loads((out / "settings.json").read_text()) == settings
 
 
+def test_a_resume_says_which_of_the_command_lines_settings_it_does_not_use(tmp_path, caplog):
+    from mmctr_ray.tuning import _prepare
+
+    out = tmp_path / "tune"
+    started = {"data": "D", "overrides": [], "workers": 2, "cpus_per_worker": 1.0, "gpus_per_worker": 0.0,
+               "source": "shipped"}
+    _prepare(out, ROOT / "configs/search_tiny.yaml", started, resume=False, overwrite=False)
+    (out / "tune").mkdir()
+    with caplog.at_level("WARNING", logger="mmctr_ray.tuning"):
+        assert _prepare(out, None, {**started, "workers": 1}, resume=True, overwrite=False) == started
+    assert "continues the search with the settings it started with (--workers-per-trial 2)" in caplog.text
+    caplog.clear()
+    _prepare(out, None, started, resume=True, overwrite=False)
+    assert "settings it started with" not in caplog.text
+
+
 def test_a_base_item_table_is_kept_unless_the_search_picks_the_strategy(tmp_path):
     from mmctr_ray.tuning import _trial_config
 
@@ -344,7 +372,8 @@ def test_report_keeps_a_failed_trials_error_status(tmp_path):
     tdir = tmp_path / "tune"
     (tdir / "trials" / "aaa").mkdir(parents=True)
     (tdir / "trials" / "bbb").mkdir()
-    (tdir / "search.yaml").write_text((ROOT / "configs/search_tiny.yaml").read_text())
+    (tdir / "search.yaml").write_text((ROOT / "configs/search_tiny.yaml").read_text().replace(
+        "max_epochs: 2", "max_epochs: 4"))  # trials of 4 epochs, a base of 2
     (tdir / "settings.json").write_text(json.dumps({"overrides": []}))
     space = load_search(tdir / "search.yaml")
     (tdir / "trials" / "ccc").mkdir()
@@ -356,6 +385,7 @@ def test_report_keeps_a_failed_trials_error_status(tmp_path):
     errors = {"run_trial_bbb_00001": "RuntimeError: worker died"}
     known = ["run_trial_aaa_00000", "run_trial_bbb_00001"]
     assert write_outputs(tdir, space, errors, known)["error"] == 1
+    assert load_config(tdir / "best.yaml").train.epochs == 4  # as many as the trials had (was the base's 2)
     again = write_outputs(tdir)  # as `mmctr report TUNE` calls it
     assert again["error"] == 1 and again["completed"] + again["early-stopped"] == 1 and again["interrupted"] == 1
     with open(tdir / "results.csv", newline="") as f:

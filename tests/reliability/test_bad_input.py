@@ -9,6 +9,8 @@ stage's own tests; docs/reliability.md lists them all.
 
 from __future__ import annotations
 
+import json
+
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -394,8 +396,20 @@ def tune_missing_source(d, t):
     return _tune(d, t, "--source", str(t / "no-emb.parquet"))
 
 
+def tune_on_placeholder_vectors(d, t):
+    """Converted data (zero placeholder vectors) searched with the shipped source: every trial failed at its start
+    and the search exited 0."""
+    (d / "convert.json").write_text(json.dumps({"placeholder_embeddings": True}))
+    return _tune(d, t)
+
+
 def fuse_source_uri(d, t):
     return _fuse(d, t, "--strategy", "v1", "--dims", "8", "--source", "s3://bucket/raw.parquet")
+
+
+def tune_resume_with_set(d, t):
+    """--set with --resume was dropped without a word (the search keeps the overrides it started with)."""
+    return ["tune", "--data", str(d), "--out", str(t / "tune"), "--resume", "--set", "train.lr=5e-4"]
 
 
 def tune_resume_with_new_counts(d, t):
@@ -489,12 +503,17 @@ CASES = [
     (user_ids_beyond_the_checkpoint, ["column user_id: values up to 1000000", "has ids 0..",
                                       "(model.use_user_id; a checkpoint of other data)"], ["sub.zip"]),
     (search_batch_larger_than_the_split, ["train.batch_size=65,536 exceeds the", "training split"], ["tune"]),
+    (tune_on_placeholder_vectors, ["converted by `mmctr convert`, its shipped embedding columns are zero "
+                                   "placeholders, which trials of fusion.strategy", "with --source shipped"],
+     ["tune"]),
     (fuse_source_uri, ["--source s3://bucket/raw.parquet: expected 'shipped' or a local parquet file"],
      ["fused.parquet"]),
     (tune_missing_source, ["no-emb.parquet: missing file (--source is 'shipped' or a parquet"], ["tune"]),
     (tune_resume_with_new_counts, ["--resume continues TUNE with the trial count, concurrency and time budget it "
                                    "started with"],
      ["tune"]),
+    (tune_resume_with_set, ["--resume continues TUNE with its own search.yaml and the --set values it started with",
+                            "drop --set"], ["tune"]),
     (tune_gpu_fraction_over_two_workers, ["gives each 0.25 GPU: with 2+ workers per trial each needs whole"],
      ["tune"]),
     (bad_search_space, ["s.yaml", "float expects [low, high] with low < high"], ["tune"]),
