@@ -272,6 +272,12 @@ def _searcher() -> type:
     from ray.tune.search.optuna import OptunaSearch
 
     class ResumableOptunaSearch(OptunaSearch):
+        """An errored trial is told to the study as FAIL, which Optuna never reopens; ``--resume`` runs it again
+        (``resume_errored``) under the same trial id, whose results OptunaSearch then drops ("already finished"):
+        the study kept FAIL, so TPE and the importances never saw a trial that results.csv lists as completed,
+        maybe the best. Its results are collected here instead and added to the study, on completion, as a new
+        trial with the same parameters (the FAIL one stays: it did fail once)."""
+
         deadline: float | None = None
 
         def suggest(self, trial_id: str) -> dict | str | None:
@@ -280,12 +286,36 @@ def _searcher() -> type:
                 return Searcher.FINISHED
             return super().suggest(trial_id)
 
+        def _failed_before(self, trial_id: str) -> optuna.trial.FrozenTrial | None:
+            """The study's trial of ``trial_id`` when it was told FAIL (an errored trial run again), else None."""
+            if trial_id not in self._completed_trials or trial_id not in self._ot_trials:
+                return None
+            frozen = self._ot_study._storage.get_trial(self._ot_trials[trial_id]._trial_id)
+            return frozen if frozen.state == optuna.trial.TrialState.FAIL else None
+
         def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if self._failed_before(trial_id) is not None and self.metric in result:
+                retried = self.__dict__.setdefault("retried", {})  # pickled with the searcher: kept on --resume
+                retried.setdefault(trial_id, {})[int(result["training_iteration"])] = float(result[self.metric])
+                return
             try:
                 super().on_trial_result(trial_id, result)
             except optuna.exceptions.UpdateFinishedTrialError:
                 log.info("trial %s: finished in the study before the restart; its new results are not re-told",
                          trial_id)
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            failed = self._failed_before(trial_id)
+            values = self.__dict__.get("retried", {}).pop(trial_id, {})
+            if failed is None or error:
+                return super().on_trial_complete(trial_id, result, error)
+            value = (result or {}).get(self.metric)
+            state = optuna.trial.TrialState.COMPLETE if value is not None else optuna.trial.TrialState.PRUNED
+            self._ot_study.add_trial(optuna.trial.create_trial(
+                params=failed.params, distributions=failed.distributions, value=value, state=state,
+                intermediate_values=values, user_attrs={"retry_of_trial": failed.number, "ray_trial_id": trial_id}))
+            log.info("trial %s: failed before the restart and completed now; told to the study as a new trial with "
+                     "the same parameters", trial_id)
 
     return ResumableOptunaSearch
 

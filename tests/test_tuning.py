@@ -328,6 +328,32 @@ def test_an_empty_existing_out_folder_is_used_as_it_is(tmp_path):
     assert (out / "search.yaml").is_file() and json.loads((out / "settings.json").read_text()) == settings
 
 
+def test_an_errored_trial_run_again_by_resume_reaches_the_study(tmp_path):
+    """The study keeps an errored trial as FAIL and OptunaSearch dropped every result of its second run under the
+    same trial id ("already finished"): TPE and the importances never saw it, though results.csv said completed."""
+    import optuna
+
+    from mmctr_ray.tuning import METRIC, _searcher
+
+    space = load_search(ROOT / "configs/search_tiny.yaml")
+    searcher = _searcher()(space=space.define_by_run, metric=METRIC, mode="max", seed=1, study_name="s",
+                           storage=optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/optuna.db"))
+    params = searcher.suggest("t1")
+    searcher.on_trial_complete("t1", error=True)  # the first run errored
+    for epoch, auc in ((1, 0.61), (2, 0.64)):  # --resume runs it again under the same id
+        searcher.on_trial_result("t1", {METRIC: auc, "training_iteration": epoch})
+    searcher.on_trial_complete("t1", {METRIC: 0.64, "training_iteration": 2})
+    trials = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db").get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[1].value == 0.64 and trials[1].intermediate_values == {1: 0.61, 2: 0.64}
+    assert trials[1].params == trials[0].params and trials[1].user_attrs["retry_of_trial"] == 0
+    assert params  # it drew something to run
+    searcher.suggest("t2")  # a trial that did not fail before is told as OptunaSearch tells it
+    searcher.on_trial_complete("t2", {METRIC: 0.7})
+    assert [t.state.name for t in optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db")
+            .get_trials()] == ["FAIL", "COMPLETE", "COMPLETE"]
+
+
 def test_a_resume_says_which_of_the_command_lines_settings_it_does_not_use(tmp_path, caplog):
     from mmctr_ray.tuning import _prepare
 
