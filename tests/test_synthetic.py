@@ -103,6 +103,40 @@ def test_test_split_label_is_placeholder_and_truth_kept(synth_dir, tiny_spec):
     assert oracle["test"]["oracle_auc"] == pytest.approx(auc)
 
 
+def planted_logit(world: World, table: pa.Table) -> np.ndarray:
+    """The planted click logit of written rows, recomputed from the rows alone (user, history, target) with the
+    model documented in mmctr_ray/data/synthetic.py: independent of the streams the writer drew them from."""
+    from mmctr_ray.data import synthetic as syn
+
+    users = table.column("user_id").to_numpy() - 1
+    target = table.column("item_id").to_numpy()
+    seq = np.stack(table.column("item_seq").to_numpy(zero_copy_only=False))
+    real = seq > 0
+    age = np.broadcast_to(SEQ_LEN - 1 - np.arange(SEQ_LEN), seq.shape)  # 0 = the most recent slot
+    w = np.where(real, syn.RECENCY_DECAY ** age, 0.0)
+    sims = np.einsum("nd,nld->nl", world.content[target], world.content[seq]) * real
+    cf = np.einsum("nd,nld->nl", world.cf[target], world.cf[seq]) * real
+    lengths = real.sum(1)
+    return (world.bias + syn.USER_BIAS_STD * world.user_bias[users] + syn.W_PREF * sims.sum(1) / lengths
+            + syn.W_CF * cf.sum(1) / np.sqrt(lengths) + syn.W_HIST * (w * sims).sum(1) / w.sum(1)
+            + syn.W_POP * world.pop[target])
+
+
+def test_the_oracle_is_the_auc_of_the_planted_probabilities_of_the_rows_as_written(synth_dir, tiny_spec):
+    """oracle.json's valid and test AUCs, recomputed from the written rows and labels (not from the arrays the
+    writer kept): a row written apart from its label or probability would show here."""
+    world, lay = World(tiny_spec), Layout(synth_dir)
+    oracle = json.loads(lay.oracle.read_text())
+    valid, test = pq.read_table(lay.split("valid")), pq.read_table(lay.split("test"))
+    truth = pq.read_table(lay.hidden_test_labels)
+    p_valid = 1 / (1 + np.exp(-planted_logit(world, valid)))
+    p_test = 1 / (1 + np.exp(-planted_logit(world, test)))
+    np.testing.assert_allclose(p_test, truth.column("prob").to_numpy(), rtol=1e-9)
+    assert oracle["valid"]["oracle_auc"] == pytest.approx(roc_auc_score(valid.column("label").to_numpy(), p_valid))
+    assert oracle["test"]["oracle_auc"] == pytest.approx(roc_auc_score(truth.column("label").to_numpy(), p_test))
+    assert 0.6 < oracle["valid"]["oracle_auc"] < 0.99  # the labels follow the probabilities, not a coin
+
+
 def test_synth_output_validates_clean(synth_dir):
     assert [str(p) for p in validate(synth_dir)] == []
 
@@ -229,12 +263,11 @@ def test_planted_model_rewards_history_and_content(world_rows):
     assert oracle - roc_auc_score(y, no_user) < 0.01
 
 
-def test_modalities_carry_complementary_content(synth_dir):
+def test_modalities_carry_complementary_content(synth_dir, tiny_spec):
     """Text reads c_a, image reads c_b: each predicts its own part of the content better than the other."""
     from mmctr_ray.data.synthetic import K_A
 
-    world = World(SynthSpec(users=300, items=200, train_rows=3_000, valid_rows=500, test_rows=400, tags=100,
-                            topics=8, image_size=16, seed=11, chunk_rows=1_000))
+    world = World(tiny_spec)  # the world synth_dir was written from
     feat = pq.read_table(Layout(synth_dir).item_feature)
     c = world.content[1:]
     r2 = {}  # share of the embedding's variance explained by each content part (8 regressors, 200 items)
