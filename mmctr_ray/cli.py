@@ -356,8 +356,8 @@ def _fuse_step(args: argparse.Namespace, data: Path, out: Path, source: str) -> 
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    """The whole chain, as `mmctr pipeline` and `mmctr demo` run it: [synth] → validate → features → [embed] →
-    fuse → train → predict → report; each step is the stage's own command function.
+    """The whole chain, as `mmctr pipeline` and `mmctr demo` run it: [synth] → validate → [embed] → fuse →
+    features → train → predict → report; each step is the stage's own command function.
 
     OUT (``--out``) is a local path or a storage URI (see :mod:`mmctr_ray.pipeline`). Without ``--data`` the data
     is synthesized into the work folder. ``--resume`` keeps what earlier steps left (data, embed shards, fused
@@ -370,6 +370,10 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     log.info("%s: mmctr_ray from %s", label, Path(__file__).parent)  # on a cluster: the job's working_dir copy
     resume = args.resume
     pipeline.check_out(out, resume, args.overwrite)
+    if args.embed and _config(args).fusion.strategy == "given":  # before embed's hours of encoding
+        raise ConfigError("--embed: the config's fusion.strategy is given, which trains on the shipped "
+                          "item_emb_d128 and never reads the embeddings: set a strategy that fuses them (--set "
+                          "fusion.strategy=v4, or --config configs/paper.yaml)")
     work = pipeline.work_dir(out, args.work)  # a URI OUT without --work fails here, before Ray starts
     run = storage.join(out, "run")
     with output_lock(run):  # OUT is held by main(); a `mmctr train --out OUT/run` would write the same run
@@ -383,6 +387,7 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
                     run: storage.Location) -> int:
     """The steps of :func:`cmd_pipeline`, once OUT and the data copy are checked and OUT/run is held."""
     from mmctr_ray import pipeline
+    from mmctr_ray.fuse import fusion_overrides
     from mmctr_ray.ray_env import check_actors
     from mmctr_ray.schema import Layout
     from mmctr_ray.train_driver import check_local_workers
@@ -406,14 +411,18 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
     steps: list[tuple[str, Callable[[], int]]] = []
     if not args.data and not (resume and Layout(data).synth_manifest.is_file()):
         steps.append(("synth", lambda: cmd_synth(ns(out=data))))
-    steps += [("validate", lambda: cmd_validate(argparse.Namespace(data=data, expect_test_rows=None))),
-              ("features", lambda: cmd_features(ns(out=work / "features")))]
+    steps.append(("validate", lambda: cmd_validate(argparse.Namespace(data=data, expect_test_rows=None))))
     if args.embed and not (resume and raw.is_file()):
         steps.append(("embed", lambda: cmd_embed(ns(out=raw, pooling="auto", batch_size=64, max_length=32,
                                                     shard_items=4096, seed=0, cpus_per_actor=1.0,
                                                     overwrite=args.overwrite))))
     if not (resume and fused.is_file()):
         steps.append(("fuse", lambda: _fuse_step(args, data, fused, str(raw) if args.embed else "shipped")))
+    if not (resume and (work / "features" / "features_summary.json").is_file()):
+        # after fuse: it describes the item table the run trains on (converted data's shipped vectors, which the
+        # config's data.item_vector names, are zero placeholders that load_item_table refuses)
+        steps.append(("features", lambda: cmd_features(ns(out=work / "features",
+                                                          overrides=[*fusion_overrides(fused), *args.overrides]))))
     steps += [("train", lambda: cmd_train(ns(out=str(run), resume=continuing, overwrite=args.overwrite,
                                              fusion=None if continuing else fused,
                                              config=None if continuing else args.config))),
@@ -673,8 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("pipeline", help="the whole chain on DATA (or synthetic data): validate → features → "
-                                        "[embed] → fuse → train → predict → report",
+    p = sub.add_parser("pipeline", help="the whole chain on DATA (or synthetic data): validate → [embed] → "
+                                        "fuse → features → train → predict → report",
                        description="Run every stage into OUT (a local path or a storage URI): data/ (synthetic, "
                                    "without --data), features/, item_emb.parquet (fused from the shipped vectors, "
                                    "or from item_raw_emb.parquet with --embed), run/, submission.zip, "
@@ -684,7 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipeline_args(p)
     p.set_defaults(func=cmd_pipeline)
 
-    p = sub.add_parser("demo", help="the main job on synthetic data: synth → validate → features → fuse → "
+    p = sub.add_parser("demo", help="the main job on synthetic data: synth → validate → fuse → features → "
                                     "train → predict → report",
                        description="Run the whole pipeline on freshly generated synthetic data under --out.")
     _add_pipeline_args(p)

@@ -174,19 +174,22 @@ def test_features_writes_summary_and_resolved_config(synth_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_runs_the_main_job_and_with_embed_every_stage(tmp_path):
-    """`mmctr demo` is `pipeline` without --data; with --embed it runs every stage, the route for converted and
-    larger data sets (that route crashed once: its embed step lacked a setting `mmctr embed` reads). The pipeline
-    from the shipped vectors, as `make demo` runs it, is the cluster job of test_cluster.py."""
-    out = tmp_path / "demo"
-    r = run_cli("demo", "--out", str(out), "--embed", "--image-model", "tests/assets/clip-tiny.json",
-                "--config", "configs/tiny.yaml", "--users", "200", "--items", "100", "--train-rows", "2000",
-                "--valid-rows", "300", "--test-rows", "300", "--tags", "100", "--topics", "5", "--images", "8",
-                "--num-cpus", "2")
+def test_pipeline_with_embed_runs_every_stage_on_converted_data(tmp_path):
+    """With --embed the pipeline runs every stage, the route for converted and larger data sets. That route
+    crashed once (its embed step lacked a setting `mmctr embed` reads), and on converted data it always failed:
+    the features step loaded the config's shipped vectors, zero placeholders there. The pipeline without --data
+    (synth first, shipped vectors, as `make demo` runs it) is the cluster job of test_cluster.py."""
+    data, out = tmp_path / "data", tmp_path / "demo"
+    assert main(["synth", "--out", str(data), "--users", "200", "--items", "100", "--train-rows", "2000",
+                 "--valid-rows", "300", "--test-rows", "300", "--tags", "100", "--topics", "5", "--images", "8"]) == 0
+    (data / "convert.json").write_text(json.dumps({"placeholder_embeddings": True}))  # as `mmctr convert` marks it
+    r = run_cli("pipeline", "--data", str(data), "--out", str(out), "--embed", "--image-model",
+                "tests/assets/clip-tiny.json", "--config", "configs/tiny.yaml", "--num-cpus", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "OK (0 errors, 0 warnings)" in r.stdout
-    assert (out / "data" / "oracle.json").is_file()
-    assert json.loads((out / "features" / "features_summary.json").read_text())["splits"]["valid"]["rows"] == 300
+    features = json.loads((out / "features" / "features_summary.json").read_text())
+    assert features["splits"]["valid"]["rows"] == 300
+    assert features["item_table"]["source"]["file"] == str((out / "item_emb.parquet").resolve())  # what it trains on
     embedded = json.loads((out / "item_raw_emb.embed.json").read_text())
     assert embedded["items"] == 100 and embedded["pooling"] == "mean"  # the offline MiniLM's own pooling
     assert json.loads((out / "item_emb.fusion.json").read_text())["source"].endswith("item_raw_emb.parquet")
@@ -197,8 +200,8 @@ def test_demo_runs_the_main_job_and_with_embed_every_stage(tmp_path):
     source = json.loads((out / "run" / "checkpoint_epoch_001" / "item_source.json").read_text())
     assert source["dim"] == 64 and Path(source["fusion"]["source"]) == (out / "item_raw_emb.parquet").resolve()
     assert (out / "submission.zip").is_file() and (out / "run" / "report" / "curves.png").is_file()
-    assert "demo: valid AUC" in r.stdout and "oracle" in r.stdout
-    assert "demo done" in r.stderr
+    assert "pipeline: valid AUC" in r.stdout and "oracle" in r.stdout
+    assert "pipeline done" in r.stderr
 
 
 def test_pipeline_refuses_before_any_stage_runs(tmp_path):
@@ -213,6 +216,11 @@ def test_pipeline_refuses_before_any_stage_runs(tmp_path):
     r = run_cli("pipeline", "--out", f"file://{tmp_path}/uri_out")
     assert r.returncode == 2 and "OUT is a URI, so pass --work DIR" in r.stderr
     assert not (tmp_path / "uri_out").exists()
+    # --embed under a config that trains on the shipped vectors (the default's fusion.strategy given): embed's hours
+    # of encoding were thrown away without a word
+    r = run_cli("pipeline", "--out", str(tmp_path / "embed_out"), "--embed")
+    assert r.returncode == 2 and "--embed: the config's fusion.strategy is given" in r.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "embed_out").exists()
 
 
 def test_pipeline_refuses_workers_a_local_ray_cannot_feed_before_its_first_step(tmp_path, capsys, monkeypatch):
