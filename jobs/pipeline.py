@@ -1,4 +1,4 @@
-"""Ray job entrypoint for `mmctr pipeline`: validate → features → [embed] → fuse → train → predict → report.
+"""Ray job entrypoint for `mmctr pipeline`: validate → [embed] → fuse → features → train → predict → report.
 
     ray job submit --working-dir . -- python jobs/pipeline.py --out s3://bucket/mmctr/p1 --data /shared/DATA \\
         --config configs/paper.yaml --workers 4 --gpus-per-worker 1

@@ -7,6 +7,8 @@ and exit 2; a data directory that fails validation exits 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import logging
 import shlex
@@ -374,11 +376,32 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         raise ConfigError("--embed: the config's fusion.strategy is given, which trains on the shipped "
                           "item_emb_d128 and never reads the embeddings: set a strategy that fuses them (--set "
                           "fusion.strategy=v4, or --config configs/paper.yaml)")
+    ignored = [what for what, given in (
+        ("--work (OUT is local: the stages write into OUT)", args.work is not None and not storage.is_uri(out)),
+        ("--text-model/--image-model/--max-bad-covers (they apply with --embed)",
+         not args.embed and (args.text_model is not None or args.image_model != "RN50" or args.max_bad_covers != 0.1)),
+        ("the synth size flags (they apply without --data)",
+         args.data is not None and (args.preset != "small" or args.images is not None
+                                    or any(getattr(args, k) is not None for k in SIZE_FLAGS)))) if given]
+    for what in ignored:
+        log.warning("%s: %s not used", label, what)
     work = pipeline.work_dir(out, args.work)  # a URI OUT without --work fails here, before Ray starts
     run = storage.join(out, "run")
-    with output_lock(run):  # OUT is held by main(); a `mmctr train --out OUT/run` would write the same run
+    # OUT is held by main(); a `mmctr train --out OUT/run` would write the same run; a URI OUT's --work, what another
+    # pipeline with the same --work would write
+    with output_lock(run), output_lock(work) if storage.is_uri(out) else contextlib.nullcontext():
+        pipeline.check_work(out, work, resume, args.overwrite)
+        if args.overwrite:
+            pipeline.drop_submission(out, work)
         if resume:
-            pipeline.check_resume(out, work, _config(args), args.embed)
+            models = None
+            if args.embed:
+                from mmctr_ray.embed.text import check_model_dir
+
+                models = {"text_model": str(check_model_dir(args.text_model or _default_text_model())),
+                          "image_model": args.image_model}
+            synth = dataclasses.asdict(_spec_from_args(args)) if not args.data else None
+            pipeline.check_resume(out, work, _config(args), args.embed, synth=synth, models=models)
         pipeline.check_data_copy(args.data, work, resume, args.overwrite)
         return _pipeline_steps(args, label, out, work, run)
 
@@ -423,6 +446,8 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
         # config's data.item_vector names, are zero placeholders that load_item_table refuses)
         steps.append(("features", lambda: cmd_features(ns(out=work / "features",
                                                           overrides=[*fusion_overrides(fused), *args.overrides]))))
+    for skipped in {"embed", "fuse", "features"} - {name for name, _ in steps}:  # kept by an earlier attempt,
+        pipeline.publish(skipped, work, out, missing_only=True)  # whose upload to a URI OUT a kill may have cut
     steps += [("train", lambda: cmd_train(ns(out=str(run), resume=continuing, overwrite=args.overwrite,
                                              fusion=None if continuing else fused,
                                              config=None if continuing else args.config))),
@@ -698,6 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the whole pipeline on freshly generated synthetic data under --out.")
     _add_pipeline_args(p)
     p.set_defaults(func=cmd_demo)
+    for stage in sub.choices.values():  # after the stage too (`mmctr train ... -v`, and a Ray job's jobs/*.py, which
+        # put the stage first); SUPPRESS: a stage that is not given -v keeps what `mmctr -v STAGE` set
+        stage.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     return parser
 
 

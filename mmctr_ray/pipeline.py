@@ -11,6 +11,7 @@ never copied up.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -41,6 +42,28 @@ def check_out(out: storage.Location, resume: bool, overwrite: bool) -> None:
                                 f"to replace its outputs")
 
 
+def check_work(out: storage.Location, work: Path, resume: bool, overwrite: bool) -> None:
+    """With a URI OUT, ``--work`` holds what the run refers to (the data, the fused table): another pipeline's
+    outputs there are used only when asked, as OUT's are (a second OUT with the same --work silently replaced the
+    fused table the first run had trained on)."""
+    if not storage.is_uri(out) or resume or overwrite:
+        return
+    kept = [p.name for p in work.iterdir() if not p.name.endswith(LOCK_SUFFIX)] if work.is_dir() else []
+    if kept:
+        raise OutputExistsError(f"{work}: --work holds {', '.join(sorted(kept)[:3])}{', ...' if len(kept) > 3 else ''}"
+                                f" of another pipeline; pass --resume to continue it, --overwrite to replace them, or "
+                                f"another --work")
+
+
+def drop_submission(out: storage.Location, work: Path) -> None:
+    """On ``--overwrite``, before any step: the earlier run's submission goes with that run (train deletes it), so a
+    new attempt that fails before predict leaves no submission beside it that looks like its own."""
+    for location in {storage.join(out, "submission.zip"), work / "submission.zip"}:
+        if storage.is_file(location):
+            storage.remove_file(location)
+            log.info("%s: removed (the submission of the run --overwrite replaces)", location)
+
+
 def work_dir(out: storage.Location, work: Path | None) -> Path:
     """The local folder the file-based stages write: OUT when local, else ``work`` (required then)."""
     if not storage.is_uri(out):
@@ -55,16 +78,37 @@ def work_dir(out: storage.Location, work: Path | None) -> Path:
     return folder
 
 
-def check_resume(out: storage.Location, work: Path, cfg: ExperimentConfig, embed: bool) -> None:
+def check_resume(out: storage.Location, work: Path, cfg: ExperimentConfig, embed: bool,
+                 synth: dict[str, Any] | None = None, models: dict[str, str] | None = None) -> None:
     """On ``--resume``, what OUT keeps must be what this command would make, since it is reused as it is: the
-    fused table (its fusion and source) and the run (continued with its own config.yaml; only ``train.*`` may
-    change, as for ``mmctr train --resume``). A different ``--config`` or ``--embed`` is a one-line error, before
-    Ray starts, instead of being ignored (the run) or mixed with the kept table (a new run on an old table)."""
+    synthesized data (``synth``: the spec this command's size flags give, without ``--data``), the embeddings
+    (``models``: the text and image models ``--embed`` would load), the fused table (its fusion and source) and the
+    run (continued with its own config.yaml; only ``train.*`` may change, as for ``mmctr train --resume``). A
+    difference is a one-line error, before Ray starts, instead of being ignored (the data, the embeddings, the
+    run) or mixed with the kept table (a new run on an old table)."""
     from mmctr_ray.fuse import read_fusion_summary
     from mmctr_ray.fusion import PARTS
+    from mmctr_ray.schema import Layout
     from mmctr_ray.train_driver import resume_config
 
     run = storage.join(out, "run")
+    manifest = Layout(work / "data").synth_manifest
+    if synth is not None and manifest.is_file():  # --preset 1m after an interrupted --preset small trained on small
+        kept = json.loads(manifest.read_text())["spec"]
+        diff = {k: (kept.get(k), v) for k, v in synth.items() if kept.get(k) != v}
+        if diff:
+            key, (was, now) = next(iter(diff.items()))
+            raise ConfigError(f"{work / 'data'}: synthesized with {key}={was!r}, this command asks {now!r}; --resume "
+                              f"reuses it: pass the size flags (--preset, --train-rows, --seed, ...) it started with, "
+                              f"or --overwrite to start again")
+    embedded = work / "item_raw_emb.embed.json"
+    if models is not None and embedded.is_file():
+        kept = json.loads(embedded.read_text())
+        for key, flag in (("text_model", "--text-model"), ("image_model", "--image-model")):
+            if kept.get(key) != models[key]:
+                raise ConfigError(f"{embedded}: embedded with {flag} {kept.get(key)}, this command asks {models[key]}; "
+                                  f"--resume reuses the embeddings: pass the {flag} it started with, or --overwrite "
+                                  f"to start again")
     again = "pass the --config and --embed it started with, or --overwrite to start again"
     fused = work / "item_emb.parquet"
     summary = read_fusion_summary(fused) if fused.is_file() else None
@@ -103,15 +147,18 @@ def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict
     return out
 
 
-def publish(stage: str, work: Path, out: storage.Location) -> None:
-    """Copy ``stage``'s outputs from the work folder up to a URI OUT (nothing to do when OUT is local)."""
+def publish(stage: str, work: Path, out: storage.Location, missing_only: bool = False) -> None:
+    """Copy ``stage``'s outputs from the work folder up to a URI OUT (nothing to do when OUT is local); with
+    ``missing_only``, those OUT lacks (a file of another size counts as lacking): a stage that a ``--resume``
+    skips, whose upload a kill may have cut, is published again."""
     if not storage.is_uri(out):
         return
+    there = storage.file_sizes(out) if missing_only else {}
     for name in PUBLISHED.get(stage, []):
         local = work / name
-        if local.is_dir():
+        if local.is_dir() and not (missing_only and storage.exists(storage.join(out, name))):
             storage.upload_dir(local, storage.join(out, name))
-        elif local.is_file():
+        elif local.is_file() and not (missing_only and there.get(name) == local.stat().st_size):
             storage.write_bytes(storage.join(out, name), local.read_bytes())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 import yaml
 
 from mmctr_ray.cli import build_parser, main
+from mmctr_ray.errors import ConfigError
 from mmctr_ray.schema import Layout
 
 STAGES = ["synth", "convert", "validate", "features", "embed", "fuse", "train", "tune", "predict", "report", "compare",
@@ -40,6 +42,13 @@ def test_stage_help(stage, capsys):
         build_parser().parse_args([stage, "--help"])
     assert exc.value.code == 0
     assert f"usage: mmctr {stage}" in capsys.readouterr().out
+
+
+def test_verbose_may_follow_the_stage_as_a_ray_jobs_entry_point_puts_it():
+    """jobs/*.py call main(["STAGE", *argv]): `python jobs/pipeline.py -v ...` was "unrecognized arguments: -v"."""
+    parse = build_parser().parse_args
+    assert parse(["pipeline", "--out", "o", "-v"]).verbose and parse(["-v", "pipeline", "--out", "o"]).verbose
+    assert parse(["pipeline", "--out", "o"]).verbose is False
 
 
 def test_synth_flags_reach_the_data(tmp_path):
@@ -216,11 +225,54 @@ def test_pipeline_refuses_before_any_stage_runs(tmp_path):
     r = run_cli("pipeline", "--out", f"file://{tmp_path}/uri_out")
     assert r.returncode == 2 and "OUT is a URI, so pass --work DIR" in r.stderr
     assert not (tmp_path / "uri_out").exists()
+    # a URI OUT's --work holding another pipeline's fused table: it was replaced under that pipeline's run
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "item_emb.parquet").write_bytes(b"another pipeline's table")
+    r = run_cli("pipeline", "--out", f"file://{tmp_path}/uri_out", "--work", str(work))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
+        f"{work}: --work holds item_emb.parquet of another pipeline; pass --resume to continue it, --overwrite to "
+        f"replace them, or another --work")
+    assert (work / "item_emb.parquet").read_bytes() == b"another pipeline's table"
     # --embed under a config that trains on the shipped vectors (the default's fusion.strategy given): embed's hours
     # of encoding were thrown away without a word
     r = run_cli("pipeline", "--out", str(tmp_path / "embed_out"), "--embed")
     assert r.returncode == 2 and "--embed: the config's fusion.strategy is given" in r.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "embed_out").exists()
+
+
+def test_pipeline_overwrite_drops_the_replaced_runs_submission_first(tmp_path):
+    """`--overwrite` replaced the run but kept its submission.zip: a new attempt that failed before predict left
+    the old submission beside the new run, looking like its own."""
+    from mmctr_ray.pipeline import drop_submission
+
+    local, work, uri_out = tmp_path / "local", tmp_path / "work", tmp_path / "uri_out"
+    for folder in (local, work, uri_out):
+        folder.mkdir()
+        (folder / "submission.zip").write_bytes(b"the replaced run's")
+        (folder / "item_emb.parquet").write_bytes(b"kept: its step rewrites it")
+    drop_submission(local, local)
+    drop_submission(f"file://{uri_out}", work)
+    for folder in (local, work, uri_out):
+        assert [p.name for p in folder.iterdir()] == ["item_emb.parquet"]
+
+
+def test_a_resumed_pipeline_publishes_what_a_kill_cut_from_a_uri_outs_upload(tmp_path):
+    """A stage --resume skips (its output kept in --work) was never uploaded again: a kill during its upload left
+    OUT without it, or with a cut copy, for good."""
+    from mmctr_ray.pipeline import publish
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    out.mkdir()
+    for name in ("item_emb.parquet", "item_emb.pca.npz", "item_emb.fusion.json"):
+        (work / name).write_bytes(name.encode() * 10)
+    (out / "item_emb.parquet").write_bytes(b"cut")  # the upload the kill stopped
+    (out / "item_emb.fusion.json").write_bytes(b"item_emb.fusion.json" * 10)  # whole: not sent again
+    os.utime(out / "item_emb.fusion.json", ns=(0, 0))
+    publish("fuse", work, f"file://{out}", missing_only=True)
+    assert all((out / n).read_bytes() == (work / n).read_bytes() for n in ("item_emb.parquet", "item_emb.pca.npz"))
+    assert (out / "item_emb.fusion.json").stat().st_mtime_ns == 0
 
 
 def test_pipeline_refuses_workers_a_local_ray_cannot_feed_before_its_first_step(tmp_path, capsys, monkeypatch):
@@ -391,6 +443,23 @@ def test_pipeline_resume_refuses_a_config_that_is_not_what_out_keeps(tmp_path, c
                           embed=False)  # the same run, more epochs at another lr: train --resume takes them
     assert main([*base, "--embed"]) == 2  # the run exists: the kept table still says how it was fused
     assert "fused from the shipped vectors, this command asks --embed" in capsys.readouterr().err
+    # the data it synthesized and the embeddings it made are reused too: other size flags or models are refused
+    import dataclasses
+
+    from mmctr_ray.data.synthetic import SynthSpec
+
+    other = tmp_path / "other"
+    (other / "data").mkdir(parents=True)
+    (other / "data" / "synth.json").write_text(json.dumps({"spec": dataclasses.asdict(SynthSpec(train_rows=999))}))
+    (other / "item_raw_emb.embed.json").write_text(json.dumps({"text_model": "/models/bert", "image_model": "RN50"}))
+    synth = dataclasses.asdict(SynthSpec())  # what the default flags ask: --preset small
+    with pytest.raises(ConfigError, match=r"data: synthesized with train_rows=999, this command asks 200000; "
+                                          r"--resume reuses it: pass the size flags"):
+        pipeline.check_resume(str(other), other, load_config(None), embed=False, synth=synth)
+    pipeline.check_resume(str(other), other, load_config(None), False, synth={**synth, "train_rows": 999})
+    with pytest.raises(ConfigError, match=r"embedded with --image-model RN50, this command asks ViT-B-32; "):
+        pipeline.check_resume(str(other), other, load_config(None), embed=True,
+                              models={"text_model": "/models/bert", "image_model": "ViT-B-32"})
 
 
 @pytest.mark.parametrize("stage", ["train", "tune", "pipeline", "demo"])
