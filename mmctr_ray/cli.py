@@ -104,7 +104,7 @@ def _local_path(text: str) -> Path:
     into the local folder ``s3:/b/x`` and write there without a word)."""
     if storage.is_uri(text):
         raise argparse.ArgumentTypeError(f"{text}: expected a local path; storage URIs are taken by train --out, "
-                                         "predict --run, report, and pipeline --out and --data")
+                                         "predict --run, report, compare RUN, and pipeline --out and --data")
     return Path(text)
 
 
@@ -391,8 +391,6 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     # pipeline with the same --work would write
     with output_lock(run), output_lock(work) if storage.is_uri(out) else contextlib.nullcontext():
         pipeline.check_work(out, work, resume, args.overwrite)
-        if args.overwrite:
-            pipeline.drop_submission(out, work)
         if resume:
             models = None
             if args.embed:
@@ -425,6 +423,8 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
     check_actors(args.actors, gpus_per_actor)  # predict's; embed's too (the pipeline gives it 1 CPU an actor)
     continuing = resume and storage.is_file(storage.join(run, "config.yaml"))  # else train starts the run
     data = pipeline.local_data(args.data, work, resume, args.overwrite) if args.data else work / "data"
+    if args.overwrite:  # the checks that can still refuse the command are behind it
+        pipeline.drop_submission(out, work)
     raw, fused = work / "item_raw_emb.parquet", work / "item_emb.parquet"
     step_args = {**vars(args), "data": data, "gpus_per_actor": gpus_per_actor}
 

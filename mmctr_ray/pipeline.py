@@ -48,10 +48,13 @@ def check_work(out: storage.Location, work: Path, resume: bool, overwrite: bool)
     fused table the first run had trained on)."""
     if not storage.is_uri(out) or resume or overwrite:
         return
-    kept = [p.name for p in work.iterdir() if not p.name.endswith(LOCK_SUFFIX)] if work.is_dir() else []
+    # what the steps write over without asking (the data and the embeddings refuse by themselves): the fused table,
+    # which an earlier pipeline's run refers to, the features summary and the submission
+    names = [*PUBLISHED["fuse"], *PUBLISHED["features"], *PUBLISHED["predict"]]
+    kept = [name for name in names if (work / name).exists()]
     if kept:
-        raise OutputExistsError(f"{work}: --work holds {', '.join(sorted(kept)[:3])}{', ...' if len(kept) > 3 else ''}"
-                                f" of another pipeline; pass --resume to continue it, --overwrite to replace them, or "
+        raise OutputExistsError(f"{work}: --work holds {', '.join(kept)} of an earlier pipeline (whose run refers to "
+                                f"its fused table); pass --resume to continue it, --overwrite to replace them, or "
                                 f"another --work")
 
 
@@ -153,12 +156,21 @@ def publish(stage: str, work: Path, out: storage.Location, missing_only: bool = 
     skips, whose upload a kill may have cut, is published again."""
     if not storage.is_uri(out):
         return
-    there = storage.file_sizes(out) if missing_only else {}
+    def whole(local: Path, there: dict[str, int]) -> bool:  # OUT holds it at its size (a folder: every file)
+        files = [p for p in local.iterdir() if p.is_file()] if local.is_dir() else [local]
+        return all(there.get(p.name) == p.stat().st_size for p in files)
+
+    sizes = storage.file_sizes(out) if missing_only else {}
     for name in PUBLISHED.get(stage, []):
         local = work / name
-        if local.is_dir() and not (missing_only and storage.exists(storage.join(out, name))):
+        if not local.exists():
+            continue
+        there = storage.file_sizes(storage.join(out, name)) if local.is_dir() else sizes
+        if missing_only and whole(local, there):
+            continue
+        if local.is_dir():
             storage.upload_dir(local, storage.join(out, name))
-        elif local.is_file() and not (missing_only and there.get(name) == local.stat().st_size):
+        else:
             storage.write_bytes(storage.join(out, name), local.read_bytes())
 
 

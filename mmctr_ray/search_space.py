@@ -185,9 +185,6 @@ def _check_key(key: str, where: str) -> None:
     """A searched key must name a field of a config section (``section.name``)."""
     if key.count(".") != 1:
         raise ConfigError(f"{where}: search.space.{key}: expected a config key section.name (e.g. model.dropout)")
-    if key == "train.epochs":  # trial_config sets it: the sampled value would be shown and never used
-        raise ConfigError(f"{where}: search.space.train.epochs: every trial trains search.max_epochs epochs (ASHA "
-                          f"stops it earlier); set search.max_epochs instead")
     section, name = key.split(".")
     if section not in {f.name for f in dataclasses.fields(ExperimentConfig)} or section == "name":
         raise ConfigError(f"{where}: search.space.{key}: unknown config section {section}")
@@ -198,8 +195,16 @@ def _check_key(key: str, where: str) -> None:
 
 def _check_values(space: SearchSpace, where: str) -> None:
     """Every value a trial can draw must make a valid config, so a bad one (YAML reads an unquoted ``off`` as
-    false; a width the model refuses) fails here, not as errored trials: each choice and each bound of a range,
-    with the conditions that activate it set to their first allowed value."""
+    false; a width the model refuses) fails here, not as errored trials: each choice, each integer of a small int
+    range and each bound of a larger range, with the conditions that activate it set to their first allowed value;
+    every ``when`` value must be one its parameter can take; ``train.epochs`` is not searched (every trial trains
+    ``max_epochs``); ``reduction_factor`` is at least 2 (Ray's ASHA asserts it inside ``tuner.fit()``)."""
+    if any(p.key == "train.epochs" for p in space.params):  # trial_config sets it: a sampled value goes unused
+        raise ConfigError(f"{where}: search.space.train.epochs: every trial trains search.max_epochs epochs (ASHA "
+                          f"stops it earlier); set search.max_epochs instead")
+    if space.reduction_factor < 2:
+        raise ConfigError(f"{where}: search.reduction_factor={space.reduction_factor}: expected at least 2 (ASHA keeps "
+                          f"1/reduction_factor of the trials at each rung)")
     by_key = {p.key: p for p in space.params}
     for p in space.params:
         for key, allowed in p.when:  # a value the parameter it names can never take: p would never be sampled
@@ -222,8 +227,10 @@ def _check_values(space: SearchSpace, where: str) -> None:
                                   f"({err})") from None
 
 
-def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SearchSpace:
-    """Parse the ``search:`` section of ``path``; the other sections (plus ``overrides``) are the base config."""
+def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = (), strict: bool = True) -> SearchSpace:
+    """Parse the ``search:`` section of ``path``; the other sections (plus ``overrides``) are the base config.
+    ``strict=False`` skips the checks of the values trials can draw (:func:`_check_values`): for a search's own
+    ``TUNE/search.yaml``, which a report or a resume reads as it is, checked or not when the search began."""
     raw = read_yaml(path)
     where = str(path)
     search = raw.pop("search", None)
@@ -245,10 +252,8 @@ def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         if not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "seed" else 1):
             raise ConfigError(f"{where}: search.{k}={v!r}: expected a positive integer")
     space = SearchSpace(tuple(params), base=raw, **settings)
-    _check_values(space, where)
-    if space.reduction_factor < 2:
-        raise ConfigError(f"{where}: search.reduction_factor={space.reduction_factor}: expected at least 2 (ASHA keeps "
-                          f"1/reduction_factor of the trials at each rung)")
+    if strict:
+        _check_values(space, where)
     if space.grace_period > space.max_epochs:
         raise ConfigError(f"{where}: search.grace_period={space.grace_period}: expected at most "
                           f"search.max_epochs={space.max_epochs}")

@@ -126,13 +126,14 @@ def write_outputs(tdir: Path, space: SearchSpace | None = None, errors: dict[str
     folder name, are kept in ``tune_results.json``, which a later call without them (``mmctr report TUNE``) reads:
     a failed trial stays "error" there, and a trial folder Tune does not know (started just before the driver
     was killed, after Tune's last saved state; the resumed search drew a new trial instead) is "interrupted"."""
-    space = space or load_search(tdir / "search.yaml", json.loads((tdir / "settings.json").read_text())["overrides"])
+    space = space or load_search(tdir / "search.yaml", json.loads((tdir / "settings.json").read_text())["overrides"],
+                                 strict=False)  # the search's own, as it ran
     saved = tdir / "tune_results.json"
     if errors is not None:
         storage.write_text(saved, json.dumps({"errors": errors, "trials": known}, indent=2) + "\n")
     elif saved.is_file():
         kept = json.loads(saved.read_text())
-        errors, known = kept["errors"], kept["trials"]
+        errors, known = kept["errors"], None if kept.get("resumed") else kept["trials"]  # resumed: trials run on
     rows = _trial_rows(tdir, space, errors or {}, known)
     if not rows:
         raise DataError(f"{tdir / 'trials'}: no trial has started yet")

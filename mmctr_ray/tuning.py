@@ -42,9 +42,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from mmctr_ray import storage
 from mmctr_ray.config import ExperimentConfig, load_config
 from mmctr_ray.errors import ConfigError, DataError, Interrupted, OutputExistsError
 from mmctr_ray.features import has_placeholder_embeddings
+from mmctr_ray.fuse import source_file
 from mmctr_ray.metrics import se_text
 from mmctr_ray.preflight import check_batch_size, check_splits, check_valid_labels
 from mmctr_ray.ray_env import DATA_CPU_RESERVE, private_local_ray, sigterm_flag
@@ -234,9 +236,11 @@ class _Progress:
                                              None if deadline is None else deadline - time.time()))
 
             def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                _retried_completed(trial.trial_id, trial.last_result)
                 self._log(trials, trial)
 
             def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                _retried_completed(trial.trial_id, None, error=True)
                 self._log(trials, trial, "failed")
 
         return Progress()
@@ -262,6 +266,17 @@ class _ExitAfterTrials:
         return ExitAfter()
 
 
+_RETRYING: dict[str, Any] = {}  # trial id → the searcher collecting a retried errored trial's results
+
+
+def _retried_completed(trial_id: str, result: dict | None, error: bool = False) -> None:
+    """The end of a trial (from the driver's progress callback): a retried errored trial's reaches its searcher
+    here, since Tune's ConcurrencyLimiter drops it (nothing happens when the searcher was told already)."""
+    searcher = _RETRYING.get(trial_id)
+    if searcher is not None:
+        searcher.on_trial_complete(trial_id, result, error)
+
+
 def _searcher() -> type:
     """OptunaSearch that tolerates a trial the SQLite study already finished (after the driver is killed, Tune's
     restored state can lag the study by the last trials, which then report again), and that starts no trial
@@ -276,7 +291,9 @@ def _searcher() -> type:
         (``resume_errored``) under the same trial id, whose results OptunaSearch then drops ("already finished"):
         the study kept FAIL, so TPE and the importances never saw a trial that results.csv lists as completed,
         maybe the best. Its results are collected here instead and added to the study, on completion, as a new
-        trial with the same parameters (the FAIL one stays: it did fail once)."""
+        trial with the same parameters (the FAIL one stays: it did fail once). Tune's ``ConcurrencyLimiter``, which
+        wraps this searcher whenever ``max_concurrent_trials`` is set, forgot the trial when it errored and drops
+        its second completion, so the driver's progress callback hands that over (:func:`_retried_completed`)."""
 
         deadline: float | None = None
 
@@ -297,6 +314,7 @@ def _searcher() -> type:
             if self._failed_before(trial_id) is not None and self.metric in result:
                 retried = self.__dict__.setdefault("retried", {})  # pickled with the searcher: kept on --resume
                 retried.setdefault(trial_id, {})[int(result["training_iteration"])] = float(result[self.metric])
+                _RETRYING[trial_id] = self  # for the progress callback (this process's searcher, restored by Tune)
                 return
             try:
                 super().on_trial_result(trial_id, result)
@@ -306,9 +324,10 @@ def _searcher() -> type:
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             failed = self._failed_before(trial_id)
-            values = self.__dict__.get("retried", {}).pop(trial_id, {})
-            if failed is None or error:
-                return super().on_trial_complete(trial_id, result, error)
+            values = self.__dict__.get("retried", {}).pop(trial_id, None)
+            _RETRYING.pop(trial_id, None)
+            if failed is None or error or values is None:  # not a retry, a retry that failed again, or told already
+                return None if failed is not None else super().on_trial_complete(trial_id, result, error)
             value = (result or {}).get(self.metric)
             state = optuna.trial.TrialState.COMPLETE if value is not None else optuna.trial.TrialState.PRUNED
             self._ot_study.add_trial(optuna.trial.create_trial(
@@ -352,9 +371,13 @@ def _prepare(tune_dir: Path, search_yaml: Path | None, settings: dict[str, Any],
         if differ:
             log.warning("--resume continues the search with the settings it started with (%s), not this command "
                         "line's", ", ".join(differ))
-        # Tune's errors and trial list as the earlier part ended: `mmctr report TUNE` during the resumed search would
-        # read every trial started since as "interrupted" (the search's end writes the file again)
-        (tune_dir / "tune_results.json").unlink(missing_ok=True)
+        # Tune's errors and trial list as the earlier part ended: `mmctr report TUNE` during the resumed search read
+        # every trial started since as "interrupted"; marked as resumed, its trial list is not used until the
+        # search's end writes the file again (its errors are kept: the file may be all that records them)
+        results = tune_dir / "tune_results.json"
+        if results.is_file():
+            storage.write_text(results, json.dumps({**json.loads(results.read_text()), "resumed": True}, indent=2)
+                               + "\n")
         return old
     assert search_yaml is not None
     load_search(search_yaml, settings["overrides"])  # a bad search section fails before anything is written
@@ -396,7 +419,7 @@ def check_inputs(data_dir: str | Path, search_yaml: str | Path | None, overrides
                           "--time-budget-s")
     if time_budget_s is not None and time_budget_s <= 0:
         raise ConfigError(f"--time-budget-s must be > 0, got {time_budget_s:g}")
-    if source != "shipped" and not Path(source).is_file():
+    if source != "shipped" and not source_file(data_dir, source).is_file():  # a URI: one line naming it
         raise DataError(f"{source}: missing file (--source is 'shipped' or a parquet written by `mmctr embed`)")
     if resume and search_yaml is not None:
         raise ConfigError("--resume continues TUNE with its own search.yaml: drop --config")
@@ -479,7 +502,7 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
         k = trial_concurrency(ray.cluster_resources(), workers, cpus_per_worker, settings["gpus_per_worker"],
                               max_concurrent, elastic)
     settings = _prepare(tdir, Path(search_yaml) if search_yaml else None, settings, resume, overwrite)
-    space = load_search(tdir / "search.yaml", settings["overrides"])
+    space = load_search(tdir / "search.yaml", settings["overrides"], strict=not resume)  # as it began, on resume
     if resume:  # with the settings the search started with
         k = trial_concurrency(ray.cluster_resources(), settings["workers"], settings["cpus_per_worker"],
                               settings["gpus_per_worker"], max_concurrent, elastic)

@@ -231,9 +231,15 @@ def test_pipeline_refuses_before_any_stage_runs(tmp_path):
     (work / "item_emb.parquet").write_bytes(b"another pipeline's table")
     r = run_cli("pipeline", "--out", f"file://{tmp_path}/uri_out", "--work", str(work))
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
-        f"{work}: --work holds item_emb.parquet of another pipeline; pass --resume to continue it, --overwrite to "
-        f"replace them, or another --work")
+        f"{work}: --work holds item_emb.parquet of an earlier pipeline (whose run refers to its fused table); pass "
+        f"--resume to continue it, --overwrite to replace them, or another --work")
     assert (work / "item_emb.parquet").read_bytes() == b"another pipeline's table"
+    (work / "item_emb.parquet").unlink()  # what a first attempt that failed before fuse leaves: its run again works
+    (work / "data").mkdir()
+    (work / "item_raw_emb.parquet.parts").mkdir()
+    from mmctr_ray.pipeline import check_work
+
+    check_work(f"file://{tmp_path}/uri_out", work, resume=False, overwrite=False)
     # --embed under a config that trains on the shipped vectors (the default's fusion.strategy given): embed's hours
     # of encoding were thrown away without a word
     r = run_cli("pipeline", "--out", str(tmp_path / "embed_out"), "--embed")
@@ -273,6 +279,13 @@ def test_a_resumed_pipeline_publishes_what_a_kill_cut_from_a_uri_outs_upload(tmp
     publish("fuse", work, f"file://{out}", missing_only=True)
     assert all((out / n).read_bytes() == (work / n).read_bytes() for n in ("item_emb.parquet", "item_emb.pca.npz"))
     assert (out / "item_emb.fusion.json").stat().st_mtime_ns == 0
+    (work / "features").mkdir()  # a folder: a kill between its files left one of two
+    for name in ("features_summary.json", "config.yaml"):
+        (work / "features" / name).write_text(name)
+    (out / "features").mkdir()
+    (out / "features" / "config.yaml").write_text("config.yaml")
+    publish("features", work, f"file://{out}", missing_only=True)
+    assert sorted(p.name for p in (out / "features").iterdir()) == ["config.yaml", "features_summary.json"]
 
 
 def test_pipeline_refuses_workers_a_local_ray_cannot_feed_before_its_first_step(tmp_path, capsys, monkeypatch):

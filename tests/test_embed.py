@@ -283,6 +283,25 @@ def test_overwrite_keeps_the_shards_of_the_same_settings_and_models_and_drops_th
     assert not store.dir.exists()
 
 
+def test_covers_fixed_in_place_change_the_settings_the_shards_were_made_with(synth_dir, tmp_path):
+    """`embed --overwrite` keeps shards of the same settings: a cover rewritten after an interrupted run must make
+    them other settings (its size and time are part of the data's fingerprint), or its old vector would stay."""
+    from mmctr_ray.embed.pipeline import _cover_stats, _fingerprint, _read_items
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    lay = Layout(data)
+    items = _read_items(lay)
+    before = _fingerprint(items, lay, _cover_stats(items, lay))
+    assert before == _fingerprint(items, lay, _cover_stats(items, lay))
+    cover = lay.image(int(items.column("item_id")[3].as_py()))
+    os.utime(cover, ns=(cover.stat().st_atime_ns, cover.stat().st_mtime_ns + 10**9))
+    assert _fingerprint(items, lay, _cover_stats(items, lay)) != before
+    cover.unlink()
+    stats = _cover_stats(items, lay)
+    assert stats[3] is None and all(s is not None for i, s in enumerate(stats) if i != 3)
+
+
 @pytest.mark.parametrize("w, h", [(999, 333), (300, 225), (641, 480), (225, 300), (100, 700), (224, 224)])
 def test_covers_are_resized_and_cropped_exactly_as_clips_own_transform(tmp_path, w, h):
     from PIL import Image

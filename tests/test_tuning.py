@@ -307,6 +307,16 @@ def test_no_trial_starts_after_the_time_budget_and_the_study_is_not_asked(tmp_pa
     assert len(optuna.load_study(study_name="s", storage=storage).trials) == 1  # no trial asked past the budget
 
 
+def test_a_searchs_own_search_yaml_is_read_as_it_ran(tmp_path):
+    """The checks of what trials can draw came after some searches began: `mmctr report TUNE` and `--resume` read
+    TUNE/search.yaml without them (a new search is checked)."""
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump({"name": "s", "search": {"space": {"train.epochs": {"int": [2, 5]}}}}))
+    with pytest.raises(ConfigError, match="every trial trains search.max_epochs epochs"):
+        load_search(path)
+    assert [p.key for p in load_search(path, strict=False).params] == ["train.epochs"]
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(resume=True, time_budget_s=60.0), "drop --num-samples, --max-concurrent and --time-budget-s"),
     (dict(time_budget_s=0.0), "--time-budget-s must be > 0, got 0"),
@@ -335,23 +345,36 @@ def test_an_errored_trial_run_again_by_resume_reaches_the_study(tmp_path):
 
     from mmctr_ray.tuning import METRIC, _searcher
 
+    from ray.tune.search import ConcurrencyLimiter
+
+    from mmctr_ray.tuning import _Progress
+
     space = load_search(ROOT / "configs/search_tiny.yaml")
-    searcher = _searcher()(space=space.define_by_run, metric=METRIC, mode="max", seed=1, study_name="s",
-                           storage=optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/optuna.db"))
-    params = searcher.suggest("t1")
-    searcher.on_trial_complete("t1", error=True)  # the first run errored
-    for epoch, auc in ((1, 0.61), (2, 0.64)):  # --resume runs it again under the same id
-        searcher.on_trial_result("t1", {METRIC: auc, "training_iteration": epoch})
-    searcher.on_trial_complete("t1", {METRIC: 0.64, "training_iteration": 2})
-    trials = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db").get_trials()
-    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
-    assert trials[1].value == 0.64 and trials[1].intermediate_values == {1: 0.61, 2: 0.64}
-    assert trials[1].params == trials[0].params and trials[1].user_attrs["retry_of_trial"] == 0
-    assert params  # it drew something to run
-    searcher.suggest("t2")  # a trial that did not fail before is told as OptunaSearch tells it
-    searcher.on_trial_complete("t2", {METRIC: 0.7})
-    assert [t.state.name for t in optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db")
-            .get_trials()] == ["FAIL", "COMPLETE", "COMPLETE"]
+    (tmp_path / "trials").mkdir()
+    for limited in (False, True):  # Tune wraps it in a ConcurrencyLimiter whenever max_concurrent_trials is set
+        url = f"sqlite:///{tmp_path}/optuna-{limited}.db"
+        searcher = _searcher()(space=space.define_by_run, metric=METRIC, mode="max", seed=1, study_name="s",
+                               storage=optuna.storages.RDBStorage(url))
+        tune_side = ConcurrencyLimiter(searcher, max_concurrent=2) if limited else searcher
+        progress = _Progress(tmp_path, space.max_epochs)  # the driver's callback, as Tune calls it
+        progress.setup(total_num_samples=2)
+        assert tune_side.suggest("t1")
+        tune_side.on_trial_complete("t1", error=True)  # the first run errored (the limiter forgets t1)
+        progress.on_trial_error(0, [], SimpleNamespace(trial_id="t1", last_result={}, status="ERROR"))
+        for epoch, auc in ((1, 0.61), (2, 0.64)):  # --resume runs it again under the same id
+            tune_side.on_trial_result("t1", {METRIC: auc, "training_iteration": epoch})
+        last = {METRIC: 0.64, "training_iteration": 2, "epoch": 2}
+        tune_side.on_trial_complete("t1", last)  # dropped by the limiter: t1 is not live there any more
+        trial = SimpleNamespace(trial_id="t1", last_result=last, status="TERMINATED")
+        progress.on_trial_complete(0, [trial], trial)
+        trials = optuna.load_study(study_name="s", storage=url).get_trials()
+        assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"], limited  # once, by one path or the other
+        assert trials[1].value == 0.64 and trials[1].intermediate_values == {1: 0.61, 2: 0.64}
+        assert trials[1].params == trials[0].params and trials[1].user_attrs["retry_of_trial"] == 0
+        assert tune_side.suggest("t2")  # a trial that did not fail before is told as OptunaSearch tells it
+        tune_side.on_trial_complete("t2", {METRIC: 0.7})
+        assert [t.state.name for t in optuna.load_study(study_name="s", storage=url).get_trials()] == [
+            "FAIL", "COMPLETE", "COMPLETE"]
 
 
 def test_a_resume_says_which_of_the_command_lines_settings_it_does_not_use(tmp_path, caplog):
@@ -424,8 +447,9 @@ def test_report_keeps_a_failed_trials_error_status(tmp_path):
     (tdir / "tune").mkdir()
     (tdir / "settings.json").write_text(json.dumps({"overrides": [], "data": "D"}))
     _prepare(tdir, None, {"overrides": [], "data": "D"}, resume=True, overwrite=False)
-    assert not (tdir / "tune_results.json").exists()
-    assert write_outputs(tdir)["interrupted"] == 0
+    assert json.loads((tdir / "tune_results.json").read_text())["resumed"] is True
+    again = write_outputs(tdir)
+    assert again["interrupted"] == 0 and again["error"] == 1  # the errors stay: the file may be all that has them
     assert not list(tdir.glob(".*partial*")) and not list((tdir / "plots").glob(".*partial*"))
 
 

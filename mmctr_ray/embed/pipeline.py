@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -144,20 +145,35 @@ def _models_fingerprint(text_dir: str, image_model: str) -> str:
     from mmctr_ray.embed.image import parse_image_model
 
     files = sorted(p for p in Path(text_dir).rglob("*") if p.is_file())
-    weights = parse_image_model(image_model)[2]
+    _, config, weights = parse_image_model(image_model)  # a model-config JSON is read as a file too
     digest = hashlib.sha1()
-    for path in [*files, *([weights] if weights else [])]:
-        stat = path.stat()
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    for path in [*files, *(p for p in (config, weights) if p is not None)]:
+        info = path.stat()
+        digest.update(f"{path}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 
-def _fingerprint(items: pa.Table, lay: Layout) -> str:
-    """What the shards were computed from: the item ids, their titles and the cover folder."""
+def _cover_stats(items: pa.Table, lay: Layout) -> list[tuple[int, int] | None]:
+    """(size, modification time) of each item's cover, None where it is missing: one stat per cover."""
+    out: list[tuple[int, int] | None] = []
+    for item in items.column("item_id").to_pylist():
+        try:
+            found = lay.image(item).stat()
+        except OSError:  # missing (or unreadable: decoding will say so)
+            out.append(None)
+            continue
+        out.append((found.st_size, found.st_mtime_ns) if stat.S_ISREG(found.st_mode) else None)
+    return out
+
+
+def _fingerprint(items: pa.Table, lay: Layout, covers: list[tuple[int, int] | None]) -> str:
+    """What the shards were computed from: the item ids, their titles, the cover folder and each cover's size and
+    time (covers fixed in place after an interrupted run are encoded again, with --overwrite too)."""
     digest = hashlib.sha1(items.column("item_id").to_numpy().tobytes())
     for title in items.column("item_title").to_pylist():
         digest.update(b"\0" + ("" if title is None else str(title)).encode())
     digest.update(str(lay.images_dir.resolve()).encode())
+    digest.update(repr(covers).encode())
     return digest.hexdigest()[:16]
 
 
@@ -240,9 +256,11 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
     items = _read_items(lay)
     if not items.num_rows:
         raise DataError(f"{lay.item_feature}: no items to embed")
-    settings = EmbedSettings(text_dir, image_model, pooling, max_length, seed, shard_items, _fingerprint(items, lay),
+    covers = _cover_stats(items, lay)
+    settings = EmbedSettings(text_dir, image_model, pooling, max_length, seed, shard_items,
+                             _fingerprint(items, lay, covers),
                              _models_fingerprint(text_dir, image_model))
-    absent = [i for i in items.column("item_id").to_pylist() if not lay.image(i).is_file()]
+    absent = [i for i, cover in zip(items.column("item_id").to_pylist(), covers) if cover is None]
     _check_bad_covers(len(absent), len(items), max_bad_covers, "missing", lay.image(absent[0]) if absent else None)
 
     def ray_ready() -> None:  # Ray up, and an actor pool it can hold beside the decode tasks (else it waits for good)
@@ -337,7 +355,7 @@ def _assemble(out: Path, store: ShardStore, n_shards: int, s: EmbedSettings, ite
             if not np.array_equal(table.column("item_id").to_numpy(), expected):
                 raise DataError(f"{store.path(p)}: holds {table.num_rows:,} vectors that are not items "
                                 f"{expected[0]}..{expected[-1]} of {lay.item_feature} (a shard of other data, or one "
-                                f"written twice); pass --overwrite to embed again")
+                                f"written twice); delete {store.dir} to embed again")
             status = table.column("image_status").to_numpy()
             counts["image_missing"] += int((status != OK).sum())
             counts["cover_file_missing"] += int((status == MISSING).sum())
