@@ -407,6 +407,10 @@ def fuse_source_uri(d, t):
     return _fuse(d, t, "--strategy", "v1", "--dims", "8", "--source", "s3://bucket/raw.parquet")
 
 
+def tune_source_uri(d, t):
+    return _tune(d, t, "--source", "s3://bucket/raw.parquet")
+
+
 def tune_resume_with_set(d, t):
     """--set with --resume was dropped without a word (the search keeps the overrides it started with)."""
     return ["tune", "--data", str(d), "--out", str(t / "tune"), "--resume", "--set", "train.lr=5e-4"]
@@ -512,6 +516,7 @@ CASES = [
     (tune_resume_with_new_counts, ["--resume continues TUNE with the trial count, concurrency and time budget it "
                                    "started with"],
      ["tune"]),
+    (tune_source_uri, ["--source s3://bucket/raw.parquet: expected 'shipped' or a local parquet file"], ["tune"]),
     (tune_resume_with_set, ["--resume continues TUNE with its own search.yaml and the --set values it started with",
                             "drop --set"], ["tune"]),
     (tune_gpu_fraction_over_two_workers, ["gives each 0.25 GPU: with 2+ workers per trial each needs whole"],
