@@ -33,6 +33,12 @@ class Interrupted(Exception):
         self.signum = signum
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): for one-line errors that quote
+    what a library said."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
 def find_cause(err: BaseException, match: Callable[[BaseException], bool]) -> BaseException | None:
     """The first exception behind ``err`` (itself included) that ``match`` accepts: errors met in a Ray task or a
     training worker reach the driver wrapped (``RayTaskError.cause``, Ray Train's

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mmctr_ray import storage
-from mmctr_ray.errors import DataError  # re-exported
+from mmctr_ray.errors import DataError, first_line  # DataError re-exported
 from mmctr_ray.schema import NO_PARTS, PAD_ID, SPLITS, Layout
 
 SPLIT_FEATURES = ("user_id", "item_id", "likes_level", "views_level", "label")
@@ -93,8 +93,7 @@ def open_parquet(path: str | Path, expected: str) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise DataError(f"{path}: not a readable parquet file ({first}); expected {expected}") from None
+        raise DataError(f"{path}: not a readable parquet file ({first_line(err)}); expected {expected}") from None
 
 
 def _read_fused(path: Path, num_items: int) -> np.ndarray:

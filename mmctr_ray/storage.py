@@ -24,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from mmctr_ray.errors import ConfigError, DataError
+from mmctr_ray.errors import ConfigError, DataError, first_line
 
 Location = str | Path
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -58,9 +58,9 @@ def resolve(location: Location) -> tuple[pafs.FileSystem, str]:
         return pafs.FileSystem.from_uri(uri)
     except pa.ArrowInvalid as err:
         if "Unrecognized filesystem type" not in str(err):
-            raise ConfigError(f"{uri}: {_first_line(err)}") from None
+            raise ConfigError(f"{uri}: {first_line(err)}") from None
     except OSError as err:  # e.g. hdfs:// without a JVM, or no credentials
-        raise ConfigError(f"{uri}: cannot open this storage ({_first_line(err)})") from None
+        raise ConfigError(f"{uri}: cannot open this storage ({first_line(err)})") from None
     return _fsspec(uri)
 
 
@@ -71,15 +71,11 @@ def _fsspec(uri: str) -> tuple[pafs.FileSystem, str]:
     try:
         fs, path = fsspec.core.url_to_fs(uri)
     except ImportError as err:  # fsspec knows the scheme, its package is not installed
-        raise ConfigError(f"{uri}: {scheme}:// needs a package that is not installed ({_first_line(err)})") from None
+        raise ConfigError(f"{uri}: {scheme}:// needs a package that is not installed ({first_line(err)})") from None
     except ValueError:
         raise ConfigError(f"{uri}: unsupported storage scheme {scheme}:// (expected a local path or a URI: "
                           f"{SCHEMES_HINT})") from None
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def join(location: Location, *names: str) -> Location:

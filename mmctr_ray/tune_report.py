@@ -21,7 +21,7 @@ import yaml
 
 from mmctr_ray import storage
 from mmctr_ray.config import ExperimentConfig, TrainConfig, load_config, save_config
-from mmctr_ray.errors import DataError
+from mmctr_ray.errors import DataError, first_line
 from mmctr_ray.report import read_metrics
 from mmctr_ray.search_space import SearchSpace, load_search
 
@@ -223,7 +223,7 @@ def _importances(tdir: Path, space: SearchSpace) -> tuple[dict[str, float], str]
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=space.seed)  # what the plot's label says
         return optuna.importance.get_param_importances(study, params=params, evaluator=evaluator), ""
     except (KeyError, ValueError, RuntimeError, SQLAlchemyError) as err:  # e.g. the running search's write lock
-        return {}, f"parameter importance unavailable: {(str(err).strip().splitlines() or [type(err).__name__])[0]}"
+        return {}, f"parameter importance unavailable: {first_line(err)}"
 
 
 def _save(fig: Any, path: Path) -> Path:

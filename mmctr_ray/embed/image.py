@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mmctr_ray.errors import ConfigError
+from mmctr_ray.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 OK, MISSING, CORRUPT = 0, 1, 2  # cover status codes
@@ -130,9 +130,8 @@ def check_image_model(spec: str) -> None:
     except ConfigError:
         raise
     except Exception as err:  # open_clip: RuntimeError (shapes), AssertionError, KeyError, ... for a foreign file
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(f"{weights}: cannot load as --image-model {arch} weights ({type(err).__name__}: "
-                          f"{first})") from None
+                          f"{first_line(err)})") from None
     if encoder.size != image_size(spec):
         raise ConfigError(f"{weights}: a model for {encoder.size}-pixel covers, but --image-model names {arch} "
                           f"({image_size(spec)} pixels): name the architecture the weights are for")
