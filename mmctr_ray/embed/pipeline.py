@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmctr_ray.data.writer import list_array
-from mmctr_ray.embed.image import CORRUPT, MISSING, OK, check_image_model, decode_covers, image_size
+from mmctr_ray.embed.image import CORRUPT, MISSING, OK, check_image_model, decode_covers, image_size, parse_image_model
 from mmctr_ray.embed.text import check_model_dir, load_tokenizer, resolve_pooling, tokenize
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.ray_env import check_actors
@@ -118,7 +118,7 @@ class ShardStore:
         if self.dir.exists() and overwrite and not same:
             shutil.rmtree(self.dir)  # shards of other settings; those of these settings are these vectors: kept, so
             # that an --overwrite interrupted (the earlier OUT still there) continues with the same command
-        if meta.is_file() and json.loads(meta.read_text()) != asdict(settings):
+        elif meta.is_file() and not same:
             raise OutputExistsError(f"{self.dir}: holds shards of a run with other settings ({meta}); re-run with "
                                     f"those settings to resume, or pass --overwrite to start again")
 
@@ -142,8 +142,6 @@ class ShardStore:
 def _models_fingerprint(text_dir: str, image_model: str) -> str:
     """What the encoders were loaded from: the name, size and modification time of every file of the text model's
     folder and of the image weights (random weights: the architecture name alone, already in the settings)."""
-    from mmctr_ray.embed.image import parse_image_model
-
     files = sorted(p for p in Path(text_dir).rglob("*") if p.is_file())
     _, config, weights = parse_image_model(image_model)  # a model-config JSON is read as a file too
     digest = hashlib.sha1()
