@@ -178,16 +178,15 @@ def _data_config(cfg: ExperimentConfig, workers: int) -> Any:
 
 
 def check_inputs(data_dir: str | Path, cfg: ExperimentConfig, resume: bool = False,
-                 run: storage.Location | None = None) -> tuple[dict[str, int], FeatureMap]:
+                 latest: storage.Location | None = None) -> tuple[dict[str, int], FeatureMap]:
     """Check the splits (footers) and build the item table and feature map, all on the driver and without Ray;
     return the splits' row counts and the feature map. Raises a one-line DataError on bad input. A ``resume``
     continues with the run's own item vectors, so a mismatch its start warned about is not warned about again;
-    they must still be the vectors it trained on (those of ``run``'s newest checkpoint)."""
+    they must still be the vectors it trained on (those of ``latest``, the run's newest checkpoint)."""
     rows = check_splits(data_dir, SPLITS)  # test too: its users and items size the embedding tables
     check_valid_labels(data_dir)
     table = load_item_table(data_dir, cfg.data.item_vector)
-    latest = latest_checkpoint(run) if resume and run is not None else None
-    if latest is not None:
+    if resume and latest is not None:
         check_same_table(json.loads(storage.read_text(storage.join(latest, "item_source.json"))), table.source,
                          str(latest))
     warn_unscaled_vectors(cfg, table.vectors)
@@ -281,7 +280,8 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     data_dir = Path(data_dir).resolve()
     run = run_location(run_dir)
     cfg = _absolute_item_vector(cfg)
-    rows, fmap = check_inputs(data_dir, cfg, resume, run)  # bad input fails here, before RUN is touched
+    latest = latest_checkpoint(run) if resume else None  # where a resume continues (the driver writes none)
+    rows, fmap = check_inputs(data_dir, cfg, resume, latest)  # bad input fails here, before RUN is touched
     check_batch_size(cfg.train.batch_size, rows["train"], workers)
     _check_run_dir(run, cfg, resume, overwrite)
     ended = _nothing_to_train(run, cfg) if resume and not callbacks else None  # (a Tune trial, with callbacks,
@@ -299,7 +299,6 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     if resume:
         _check_feature_map(run, fmap)
     fmap.to_json(storage.join(run, "feature_map.json"))
-    latest = latest_checkpoint(run) if resume else None  # epochs reported before this run (a trial replays them)
     loop_config = {"cfg": cfg.to_dict(), "data_dir": str(data_dir), "run_dir": str(run),
                    "feature_map": fmap.__dict__, "train_rows": rows["train"], "valid_rows": rows["valid"],
                    "gpus_per_worker": gpus_per_worker, "start_epoch": checkpoint_epoch(latest) if latest else 0,
