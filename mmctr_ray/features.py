@@ -130,8 +130,8 @@ def check_fused_for(path: str | Path, summary: dict[str, Any] | None, data_dir: 
     ``data_dir``'s (whose item_info is ``info``): its vectors would go to other items, or to none (zeros)."""
     if not summary or "num_items" not in summary:
         return  # not written by `mmctr fuse`: nothing to compare with
-    items = info.num_rows - 1
-    same = summary["num_items"] == items and summary.get("items", "") in ("", items_fingerprint(info, str(path)))
+    items, kept = info.num_rows - 1, summary.get("items")  # a table fused before the hash was kept: counts only
+    same = summary["num_items"] == items and (not kept or kept == items_fingerprint(info, str(path)))
     if not same:
         theirs = f"{summary['num_items']:,} items" + ("" if summary["num_items"] != items else ", other tags/vectors")
         raise DataError(f"{path}: fused from the items of {summary.get('data', 'other data')} ({theirs}), not those "

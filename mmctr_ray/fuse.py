@@ -128,8 +128,8 @@ def _num_items(lay: Layout) -> int:
     return pq.ParquetFile(lay.item_info).metadata.num_rows - 1
 
 
-def _given_table(lay: Layout) -> np.ndarray:
-    info = pq.read_table(lay.item_info, columns=["item_emb_d128"])
+def _given_table(lay: Layout, info: pa.Table) -> np.ndarray:
+    """item_info's ``item_emb_d128`` (``info``: the columns fuse_items read from it) as the table, row 0 zeros."""
     table = list_matrix(info.column("item_emb_d128"), f"{lay.item_info}: column item_emb_d128").astype(np.float32)
     table[PAD_ID] = 0.0
     return table
@@ -197,7 +197,7 @@ def fuse_items(data_dir: str | Path, cfg: FusionConfig, source: str = "shipped",
                                "items": items_fingerprint(info, str(lay.item_info))}
     if cfg.strategy == "given":
         summary.update(source=str(lay.item_info), column="item_emb_d128")
-        return _given_table(lay), None, summary
+        return _given_table(lay, info), None, summary
     src = ItemSource(data_dir, source, cfg.strategy)
     progress(f"fuse: fitting {cfg.strategy} PCA on {src.num_rows} items of {src.path}")
     fitted = fit_fusion(cfg, src.batches, src.num_rows, pca=pca, seed=seed)
