@@ -502,7 +502,8 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
         k = trial_concurrency(ray.cluster_resources(), workers, cpus_per_worker, settings["gpus_per_worker"],
                               max_concurrent, elastic)
     settings = _prepare(tdir, Path(search_yaml) if search_yaml else None, settings, resume, overwrite)
-    space = load_search(tdir / "search.yaml", settings["overrides"], strict=not resume)  # as it began, on resume
+    # a new search's was checked as check_inputs and _prepare read it; a resumed search's is read as it began
+    space = load_search(tdir / "search.yaml", settings["overrides"], strict=False)
     if resume:  # with the settings the search started with
         k = trial_concurrency(ray.cluster_resources(), settings["workers"], settings["cpus_per_worker"],
                               settings["gpus_per_worker"], max_concurrent, elastic)
