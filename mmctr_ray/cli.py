@@ -738,7 +738,9 @@ def _refuse_existing_output(args: argparse.Namespace, out: storage.Location) -> 
     checked here, before Ray starts, and again by each stage's own function."""
     if getattr(args, "overwrite", False) or getattr(args, "resume", False) or args.command in ("pipeline", "demo"):
         return  # the pipeline checks OUT itself (pipeline.check_out), also before Ray starts
-    leftovers = (".mmctr-synth.partial", ".mmctr-convert.partial")  # an interrupted synth/convert: never published
+    from mmctr_ray.schema import CONVERT_STAGING, SYNTH_STAGING
+
+    leftovers = (SYNTH_STAGING, CONVERT_STAGING)  # an interrupted synth/convert's staging folder: never published
     if storage.is_file(out) or (storage.exists(out) and set(storage.listdir(out)) - set(leftovers)):
         how = "--resume to continue it or --overwrite to replace it" if hasattr(args, "resume") else (
             "--overwrite to replace it" if hasattr(args, "overwrite") else "another --out")

@@ -63,6 +63,10 @@ ITEM_FEATURE_COLUMNS: dict[str, object] = {
 }
 
 
+# where `mmctr synth` and `mmctr convert` stage a data directory inside OUT until it is whole (an interrupted one
+# leaves it: never published, so it is no output)
+SYNTH_STAGING, CONVERT_STAGING = ".mmctr-synth.partial", ".mmctr-convert.partial"
+
 NO_PARTS = ("a folder without part files (*.parquet); expected the split as one parquet file or a folder of "
             "them")  # the message for a split folder parquet_parts finds empty
 

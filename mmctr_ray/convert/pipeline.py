@@ -39,11 +39,11 @@ from mmctr_ray.convert.raw import (LineFormat, RawFiles, RawItems, RawSpec, firs
 from mmctr_ray.convert.rows import SPLIT_CODES, Lookups, RowSpec, build_rows, hash_u64, sort_events
 from mmctr_ray.data.writer import SPLIT_SCHEMA, _publish, existing_outputs, list_array
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError, find_cause, find_user_error
-from mmctr_ray.schema import Layout
+from mmctr_ray.schema import CONVERT_STAGING, Layout
 
 log = logging.getLogger(__name__)
 
-STAGING = ".mmctr-convert.partial"
+STAGING = CONVERT_STAGING
 CHUNK_EVENTS = 16_384  # events turned into rows at a time inside a group (bounds a task's memory)
 PARTITION_BYTES = 64 << 20  # raw interaction bytes per partition when --partitions is not given
 ROW_GROUP_ROWS = 32_768

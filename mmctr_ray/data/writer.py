@@ -24,12 +24,12 @@ from sklearn.metrics import log_loss, roc_auc_score
 from mmctr_ray.data.modalities import GIVEN, IMAGE, TEXT, ItemRenderer
 from mmctr_ray.data.synthetic import SynthSpec, World, rng_for
 from mmctr_ray.errors import OutputExistsError  # re-exported
-from mmctr_ray.schema import DATASET_NAME, SEQ_LEN, SPLITS, Layout
+from mmctr_ray.schema import DATASET_NAME, SEQ_LEN, SPLITS, SYNTH_STAGING, Layout
 
 log = logging.getLogger(__name__)
 
 ITEM_CHUNK = 8_192
-STAGING = ".mmctr-synth.partial"
+STAGING = SYNTH_STAGING
 SPLIT_STREAM = {"train": 10, "valid": 11, "test": 12}
 GENERATOR_VERSION = 2
 
