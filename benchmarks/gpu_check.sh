@@ -41,7 +41,7 @@ if [ "${ONLY:-}" = train ]; then
   echo "== 4b. data path alone, then mmctr train vs plain loop, 3 epochs (1: streamed, 2-3: resident) ($SECONDS s)"
   python3 -m mmctr_ray.cli synth --out "$W/data1m" --train-rows 1000000 --items 91717 --images 0 2>&1 | tail -1
   timeout 120 python3 benchmarks/data_path.py --data "$W/data1m" --gpu --epochs 2 2>&1 | grep -vE "^\(|INFO|WARN" | tail -5
-  timeout 300 python3 benchmarks/train_throughput.py --gpu --data "$W/data1m" --epochs 3 2>&1 | grep -vE "^\(|INFO|WARN" | tail -12
+  timeout 300 python3 benchmarks/train_throughput.py --gpu --data "$W/data1m" --epochs 3 --no-after 2>&1 | grep -vE "^\(|INFO|WARN" | tail -12
   echo "== done in $SECONDS s"; exit 0
 fi
 if [ "${ONLY:-}" = both ]; then
@@ -49,7 +49,7 @@ if [ "${ONLY:-}" = both ]; then
   echo "== 4c. one --preset 1m dataset (3.6M train rows, 91,717 items) ($SECONDS s)"
   python3 -m mmctr_ray.cli synth --out "$W/data1m" --preset 1m --images 0 2>&1 | tail -1
   echo "== 4c. mmctr train (1 GPU worker) vs plain loop, batch 8192, 3 epochs (1: streamed, 2-3: kept shard) ($SECONDS s)"
-  timeout 220 python3 benchmarks/train_throughput.py --gpu --data "$W/data1m" --epochs 3 >"$OUT/train.log" 2>&1
+  timeout 220 python3 benchmarks/train_throughput.py --gpu --data "$W/data1m" --epochs 3 --no-after >"$OUT/train.log" 2>&1
   echo "rc $?"; grep -vE "^\(|^.\[36m\(|INFO|WARN" "$OUT/train.log" | tail -12
   left=$((${END_S:-555} - SECONDS)); budget=$((left - ${TAIL_S:-170}))
   echo "== 7. tune: search_paper.yaml on the same data, 0.25 GPU per trial, no trial started after ${budget} s (${left} s left) ($SECONDS s)"
@@ -105,7 +105,7 @@ PY
 echo "== 3. model step (baseline, item table of MicroLens-1M size)"
 timeout 75 python3 benchmarks/model_step.py --batch 8192 16384 --repeats 10 --paths packed embed_all padded --precision bf16 fp32
 echo "== 4. mmctr train (1 GPU worker) vs plain loop, 1M train rows, batch 8192 ($SECONDS s so far)"
-timeout 150 python3 benchmarks/train_throughput.py --gpu --train-rows 1000000 --items 91717 --epochs 3 2>&1 | grep -vE "^\(|INFO|WARN" | tail -12
+timeout 150 python3 benchmarks/train_throughput.py --gpu --train-rows 1000000 --items 91717 --epochs 3 --no-after 2>&1 | grep -vE "^\(|INFO|WARN" | tail -12
 echo "== 5. quality on the default synth data (baseline / no history / paper), mmctr train on the GPU ($SECONDS s)"
 python3 -m mmctr_ray.cli synth --out "$W/data" --images 0 2>&1 | tail -1
 for spec in "baseline|configs/baseline.yaml|" "nohist|configs/baseline.yaml|model.use_history=false" "paper|configs/paper.yaml|"; do

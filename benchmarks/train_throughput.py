@@ -1,7 +1,7 @@
 """Training throughput: `mmctr train` (Ray Train + Ray Data, 1 worker) against a plain PyTorch loop (run by hand).
 
     .venv/bin/python benchmarks/train_throughput.py [--data DIR | --train-rows 200000 --items 20000]
-        [--config configs/baseline.yaml] [--batch 8192] [--gpu] [--epochs 1]
+        [--config configs/baseline.yaml] [--batch 8192] [--gpu] [--epochs 1] [--no-after] [--set k=v]
 
 Both sides train the same model (default: the challenge baseline) on the same training split with the same
 batch size; the plain loop holds the whole split in memory as tensors on the device (the ceiling: no data
@@ -12,15 +12,23 @@ pipeline at all). Both are measured the same two ways, each as rows trained over
 * **whole epoch**: every step of every epoch, the first included (validation and start-up excluded on both
   sides): what an epoch costs.
 
-Prints both sides, both ratios, and with more than one epoch each epoch's rates: the first streams from Ray
-Data; with ``train.resident`` (on CUDA by default, ``--set train.resident=on`` on CPU) the later ones train from
+The plain loop runs before and after the Ray run and counts both (``--no-after``: before only): this machine's
+speed drifts by 10% or more within an hour, and a ceiling from one side only would carry that drift into the
+ratio. Prints both sides, both ratios, and with more than one epoch each epoch's rates: the first streams from Ray
+Data; with ``train.resident`` (by default on CUDA, and on the CPU up to 256 MiB) the later ones train from
 the shard the worker kept.
+
+The plain loop runs in a process of its own started with the environment a training worker gets: on the CPU
+the malloc tunables of ``train.keep_freed_memory`` (on by default; ``--set train.keep_freed_memory=false``
+measures both sides with the allocator as it is).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +40,7 @@ from mmctr_ray.config import load_config
 from mmctr_ray.data.synthetic import SynthSpec
 from mmctr_ray.data.writer import write_synthetic
 from mmctr_ray.features import build_feature_map, load_item_table, to_model_batch
+from mmctr_ray.host_malloc import worker_env
 from mmctr_ray.model import DINModel
 from mmctr_ray.schema import Layout
 from mmctr_ray.training import make_optimizer, train_step
@@ -68,6 +77,23 @@ def plain_loop(data: Path, cfg, device: torch.device, epochs: int) -> list[dict[
         out.append({"rows": steps * bs, "seconds": end - start, "steady_rows": (steps - 1) * bs,
                     "steady_seconds": end - second})
     return out
+
+
+def plain_loop_process(data: Path, cfg, device: torch.device, epochs: int) -> list[dict[str, float]]:
+    """:func:`plain_loop` in a new process started with the environment a training worker on ``device`` gets."""
+    env = worker_env(cfg.train.keep_freed_memory, device.type == "cuda", dict(os.environ))
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # a spawned process starts with it (glibc reads GLIBC_TUNABLES at start only)
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(1)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+    with pool:
+        return pool.apply(plain_loop, (data, cfg, device, epochs))
 
 
 def sync(device: torch.device) -> None:
@@ -110,6 +136,8 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true", help="train on CUDA (plain loop and the Ray worker)")
     ap.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--no-after", action="store_true",
+                    help="run the plain loop before the Ray run only (default: before and after, both counted)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="train_bench_"))
     data = args.data
@@ -122,25 +150,31 @@ def main() -> None:
     cfg = load_config(args.config, [f"train.batch_size={args.batch}", f"train.epochs={args.epochs}",
                                     "train.patience=100", *args.overrides])
     device = torch.device("cuda" if args.gpu else "cpu")
-    plain = plain_loop(data, cfg, device, args.epochs)
+    before = plain_loop_process(data, cfg, device, args.epochs)
     ray, summary = ray_train(data, cfg, args.gpu, work, args.num_cpus)
+    after = [] if args.no_after else plain_loop_process(data, cfg, device, args.epochs)
+    plain = before + after  # the ceiling, from both sides of the Ray run: a machine whose speed drifts moves both
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in Layout(data).split_files("train"))
     print(f"device {device}, {torch.get_num_threads()} threads, model {cfg.name}, batch {args.batch}, "
           f"{rows:,} train rows, {args.epochs} epoch(s); samples/s = rows / seconds over the epochs")
     print(f"{'':36}{'steady':>12}{'whole epoch':>14}")
     for name, epochs in (("plain PyTorch loop (data resident)", plain), ("mmctr train (Ray Train + Ray Data)", ray)):
         print(f"{name + ':':36}{rate(epochs, True):>12,.0f}{rate(epochs, False):>14,.0f}")
+    if after:
+        print(f"{'  plain loop before / after Ray:':36}{rate(before, True):>6,.0f} / {rate(after, True):,.0f}"
+              f"{rate(before, False):>7,.0f} / {rate(after, False):,.0f}")
     print(f"{'ratio Ray / plain:':36}{rate(ray, True) / rate(plain, True):>12.3f}"
           f"{rate(ray, False) / rate(plain, False):>14.3f}")
     if len(ray) > 1:
-        for e, (mine, base) in enumerate(zip(ray, plain), start=1):
-            steady, whole = rate([mine], True) / rate([base], True), rate([mine], False) / rate([base], False)
+        per_epoch = [[b, *([a] if after else [])] for b, a in zip(before, after or before)]
+        for e, (mine, base) in enumerate(zip(ray, per_epoch), start=1):
+            steady, whole = rate([mine], True) / rate(base, True), rate([mine], False) / rate(base, False)
             print(f"epoch {e} ({'resident' if mine['resident'] else 'streamed'}): Ray {rate([mine], True):,.0f} / "
-                  f"{rate([mine], False):,.0f}, plain {rate([base], True):,.0f} / {rate([base], False):,.0f}, "
+                  f"{rate([mine], False):,.0f}, plain {rate(base, True):,.0f} / {rate(base, False):,.0f}, "
                   f"ratio {steady:.3f} / {whole:.3f} (steady / whole epoch)")
-        kept = [(m, b) for m, b in zip(ray, plain) if m["resident"]]
+        kept = [(m, b) for m, b in zip(ray, per_epoch) if m["resident"]]
         if kept:
-            mine, base = [m for m, _ in kept], [b for _, b in kept]
+            mine, base = [m for m, _ in kept], [x for _, b in kept for x in b]
             print(f"{'epochs from the kept shard:':36}{rate(mine, True):>12,.0f}{rate(mine, False):>14,.0f}"
                   f"  ratio {rate(mine, True) / rate(base, True):.3f} / {rate(mine, False) / rate(base, False):.3f}")
     print(f"valid AUC after {summary['epochs']} epoch(s): {summary['best_valid_auc']:.4f}; "

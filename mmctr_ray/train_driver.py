@@ -31,6 +31,7 @@ from mmctr_ray.checkpoint import best_checkpoint, checkpoint_epoch, epoch_checkp
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
 from mmctr_ray.errors import ConfigError, DataError, Interrupted, OutputExistsError, find_user_error
 from mmctr_ray.features import FeatureMap, build_feature_map, check_same_table, load_item_table, read_split
+from mmctr_ray.host_malloc import worker_env
 from mmctr_ray.layers.embedding import root_mean_square
 from mmctr_ray.preflight import check_batch_size, check_splits, check_valid_labels
 from mmctr_ray.ray_env import check_local_pool, check_pool, sigterm_flag
@@ -314,7 +315,9 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
         run_config=RunConfig(name=posixpath.basename(fs_path), storage_path=posixpath.dirname(fs_path),
                              storage_filesystem=fs, failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=None),
-                             callbacks=[_end_on_user_error(), *(callbacks or [])]),
+                             callbacks=[_end_on_user_error(), *(callbacks or [])],
+                             worker_runtime_env={"env_vars": worker_env(cfg.train.keep_freed_memory,
+                                                                        gpus_per_worker > 0, dict(os.environ))}),
         datasets=datasets or {split: read_split(data_dir, split, cfg.data.max_len) for split in ("train", "valid")},
         dataset_config=_data_config(cfg, workers),
     )

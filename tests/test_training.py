@@ -19,6 +19,7 @@ from sklearn.metrics import roc_auc_score
 from mmctr_ray.checkpoint import TrainState, best_checkpoint, epoch_checkpoints, load_checkpoint
 from mmctr_ray.config import load_config
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
+from mmctr_ray.host_malloc import glibc_tunables
 from mmctr_ray.predict import load_model, run_predict, score_parquet
 from mmctr_ray.schema import Layout
 from mmctr_ray.train_driver import (FAULT_ENV, POLL_INTERVAL_ENV, POLL_INTERVAL_S, _data_config, _ingest_options,
@@ -104,6 +105,26 @@ def two_worker_run(ray_local, synth_dir, tmp_path_factory):
     # train.resident=on: epoch 2 trains from the shards the workers kept on their device (CPU here)
     summary = run_training(synth_dir, str(run), tiny_cfg("train.epochs=2", "train.resident=on"), workers=2)
     return run, summary
+
+
+def test_cpu_workers_start_with_the_malloc_tunables_unless_the_config_says_no(ray_local, synth_dir, tmp_path,
+                                                                              monkeypatch):
+    """glibc reads GLIBC_TUNABLES when a process starts: the driver hands it to Ray Train's workers (what the
+    tunables do in a worker's thread: tests/test_host_malloc.py)."""
+    import ray.train.torch
+
+    class Built(Exception):
+        pass
+
+    def trainer(*args, **kwargs):
+        raise Built(kwargs["run_config"].worker_runtime_env)
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", trainer)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0")
+    for keep, want in ((True, {"GLIBC_TUNABLES": glibc_tunables("glibc.malloc.tcache_count=0")}), (False, {})):
+        with pytest.raises(Built) as built:
+            run_training(synth_dir, str(tmp_path / str(keep)), tiny_cfg(f"train.keep_freed_memory={keep}"))
+        assert built.value.args[0]["env_vars"].get("GLIBC_TUNABLES") == want.get("GLIBC_TUNABLES")
 
 
 def _metrics(run: Path) -> list[dict]:
