@@ -229,10 +229,11 @@ class TrainConfig:
             shard over the budget streams every epoch. With ``shuffle_buffer: 0`` a kept shard keeps read order.
         resident_max_mib: the budget per worker, MiB (on CUDA also at most half the free device memory and half
             the worker's share of the device).
-        keep_freed_memory: let a CPU worker keep the memory each step frees for the next step instead of handing
-            it back to the kernel, which zeroes fresh pages for every step (glibc's malloc tunables in the
-            workers' environment, :mod:`mmctr_ray.host_malloc`): faster CPU training for a higher peak RSS.
-            ``false`` leaves the allocator as it is; GPU workers are left as they are.
+        keep_freed_memory: let a CPU training worker (and a CPU scoring actor of ``mmctr predict`` for this run)
+            keep the memory each step frees for the next step instead of handing it back to the kernel, which
+            zeroes fresh pages for every step (glibc's malloc tunables in their environment,
+            :mod:`mmctr_ray.host_malloc`): faster on the CPU for a higher peak RSS. ``false`` leaves the
+            allocator as it is; GPU workers and actors are left as they are.
     """
 
     batch_size: int = 8192

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from mmctr_ray import storage
 from mmctr_ray.checkpoint import best_checkpoint, load_checkpoint
 from mmctr_ray.errors import DataError, OutputExistsError
 from mmctr_ray.features import MODEL_INPUTS, check_same_table, load_item_table, max_user_id, read_split, to_model_batch
+from mmctr_ray.host_malloc import worker_env
 from mmctr_ray.metrics import evaluate
 from mmctr_ray.model import DINModel
 from mmctr_ray.preflight import check_split
@@ -96,8 +98,10 @@ def score_parquet(model: DINModel, path: str | Path, max_len: int, batch_rows: i
 class Scorer:
     """Ray Data callable class: loads the model once, then maps batches to logits (fp32)."""
 
-    def __init__(self, checkpoint_dir: str, data_dir: str, use_gpu: bool = False) -> None:
+    def __init__(self, checkpoint_dir: str, data_dir: str, use_gpu: bool = False, threads: int = 1) -> None:
         self.device = actor_device(use_gpu)
+        if self.device == "cpu":  # Ray sets one thread per logical CPU the actor asked for: share the node's cores
+            torch.set_num_threads(threads)
         self.model = load_model(checkpoint_dir, data_dir, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -115,22 +119,26 @@ def score_split(run_dir: Location, data_dir: str | Path, split: str = "test", ac
     ctx = ray.data.DataContext.get_current()
     keep_order, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
     try:
-        return _score(checkpoint, data_dir, split, cfg.data.max_len, actors, gpus_per_actor, batch_size)
+        return _score(checkpoint, data_dir, split, cfg.data.max_len, actors, gpus_per_actor, batch_size,
+                      cfg.train.keep_freed_memory)
     finally:
         ctx.execution_options.preserve_order = keep_order
 
 
 def _score(checkpoint: Location, data_dir: str | Path, split: str, max_len: int, actors: int, gpus_per_actor: float,
-           batch_size: int) -> tuple[np.ndarray, np.ndarray, Location]:
+           batch_size: int, keep_freed_memory: bool) -> tuple[np.ndarray, np.ndarray, Location]:
     from ray.data import ActorPoolStrategy
 
     check_actors(actors, gpus_per_actor)  # a pool the local Ray cannot hold beside the reads would wait for good
     ds = read_split(data_dir, split, max_len=max_len, batch_rows=batch_size)
+    env = worker_env(keep_freed_memory, gpus_per_actor > 0, dict(os.environ))  # as the run's training workers
     scored = ds.map_batches(Scorer, fn_constructor_kwargs={"checkpoint_dir": str(checkpoint),
                                                            "data_dir": str(Path(data_dir).resolve()),
-                                                           "use_gpu": gpus_per_actor > 0},
+                                                           "use_gpu": gpus_per_actor > 0,
+                                                           "threads": max(1, (os.cpu_count() or 1) // actors)},
                             batch_size=batch_size, batch_format="numpy", num_gpus=gpus_per_actor,
-                            num_cpus=0 if gpus_per_actor else 1, compute=ActorPoolStrategy(size=actors))
+                            num_cpus=0 if gpus_per_actor else 1, compute=ActorPoolStrategy(size=actors),
+                            **({"runtime_env": {"env_vars": env}} if env else {}))
     logits, labels = [], []
     for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
         logits.append(batch["logit"])

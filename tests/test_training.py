@@ -127,6 +127,35 @@ def test_cpu_workers_start_with_the_malloc_tunables_unless_the_config_says_no(ra
         assert built.value.args[0]["env_vars"].get("GLIBC_TUNABLES") == want.get("GLIBC_TUNABLES")
 
 
+def test_cpu_scoring_actors_share_the_nodes_cores_and_keep_freed_memory_as_the_run_says(ray_local, synth_dir,
+                                                                                        monkeypatch):
+    """Ray starts an actor that asked for 1 CPU with one torch thread (OMP_NUM_THREADS=1): `mmctr predict` scored
+    on one core of the node's; and its actors get the run's malloc tunables as its training workers did."""
+    import ray.data
+
+    import mmctr_ray.predict as predict
+
+    class Mapped(Exception):
+        pass
+
+    original = ray.data.Dataset.map_batches
+
+    def map_batches(self, fn, **kwargs):
+        if fn is not predict.Scorer:  # read_split's own conversion
+            return original(self, fn, **kwargs)
+        raise Mapped(kwargs)
+
+    monkeypatch.setattr(ray.data.Dataset, "map_batches", map_batches)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    for keep in (True, False):
+        with pytest.raises(Mapped) as mapped:
+            predict._score("ckpt", synth_dir, "test", 8, actors=1, gpus_per_actor=0.0, batch_size=256,
+                           keep_freed_memory=keep)
+        kwargs = mapped.value.args[0]
+        assert kwargs["fn_constructor_kwargs"]["threads"] == (os.cpu_count() or 1)
+        assert kwargs.get("runtime_env") == ({"env_vars": {"GLIBC_TUNABLES": glibc_tunables(None)}} if keep else None)
+
+
 def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
