@@ -165,9 +165,8 @@ def publish(stage: str, work: Path, out: storage.Location, missing_only: bool = 
         local = work / name
         if not local.exists():
             continue
-        there = storage.file_sizes(storage.join(out, name)) if local.is_dir() else sizes
-        if missing_only and whole(local, there):
-            continue
+        if missing_only and whole(local, storage.file_sizes(storage.join(out, name)) if local.is_dir() else sizes):
+            continue  # (a plain publish lists nothing on OUT)
         if local.is_dir():
             storage.upload_dir(local, storage.join(out, name))
         else:
