@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from mmctr_ray.host_malloc import worker_env
 from mmctr_ray.metrics import evaluate
 from mmctr_ray.model import DINModel
 from mmctr_ray.preflight import check_split
-from mmctr_ray.ray_env import actor_device, check_actors
+from mmctr_ray.ray_env import actor_device, check_actors, cpu_threads
 from mmctr_ray.schema import Layout, parquet_parts
 from mmctr_ray.storage import Location
 from mmctr_ray.training import logits_of, to_probabilities
@@ -131,11 +130,11 @@ def _score(checkpoint: Location, data_dir: str | Path, split: str, max_len: int,
 
     check_actors(actors, gpus_per_actor)  # a pool the local Ray cannot hold beside the reads would wait for good
     ds = read_split(data_dir, split, max_len=max_len, batch_rows=batch_size)
-    env = worker_env(keep_freed_memory, gpus_per_actor > 0, dict(os.environ))  # as the run's training workers
+    env = worker_env(keep_freed_memory, gpus_per_actor > 0)  # as the run's training workers
     scored = ds.map_batches(Scorer, fn_constructor_kwargs={"checkpoint_dir": str(checkpoint),
                                                            "data_dir": str(Path(data_dir).resolve()),
                                                            "use_gpu": gpus_per_actor > 0,
-                                                           "threads": max(1, (os.cpu_count() or 1) // actors)},
+                                                           "threads": cpu_threads(actors)},
                             batch_size=batch_size, batch_format="numpy", num_gpus=gpus_per_actor,
                             num_cpus=0 if gpus_per_actor else 1, compute=ActorPoolStrategy(size=actors),
                             **({"runtime_env": {"env_vars": env}} if env else {}))

@@ -49,6 +49,12 @@ def quiet_ray_train(verbose: bool = False) -> None:
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def cpu_threads(sharers: int) -> int:
+    """Torch threads for one of ``sharers`` CPU processes on a node: its share of the node's cores. Ray starts a
+    worker or actor with one thread per logical CPU it asked for (``OMP_NUM_THREADS``), one core of the node's."""
+    return max(1, (os.cpu_count() or 1) // sharers)
+
+
 def actor_device(use_gpu: bool) -> str:
     """The device of a Ray actor: ``cuda`` only when Ray gave it a GPU. Ray 2.60 leaves a node's GPUs visible to
     actors that asked for none, so ``torch.cuda.is_available()`` alone would put them on cuda:0 uncounted."""

@@ -30,7 +30,7 @@ from mmctr_ray.config import ExperimentConfig, TrainConfig, from_dict
 from mmctr_ray.features import FeatureMap, load_item_table
 from mmctr_ray.metrics import evaluate
 from mmctr_ray.model import DINModel
-from mmctr_ray.ray_env import quiet_ray_data, quiet_ray_train
+from mmctr_ray.ray_env import cpu_threads, quiet_ray_data, quiet_ray_train
 from mmctr_ray.resident import MIB, ResidentShard, ShardRecorder, resident_budget
 from mmctr_ray.run_log import RunLog
 from mmctr_ray.store_pages import release_store_pages
@@ -319,7 +319,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":  # Ray sets 1 thread per logical CPU requested; use this node's cores instead
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
+        torch.set_num_threads(cpu_threads(ctx.get_local_world_size()))
     torch.manual_seed(cfg.train.seed)
     table = load_item_table(config["data_dir"], cfg.data.item_vector)
     fmap = FeatureMap(**config["feature_map"])

@@ -39,7 +39,7 @@ from mmctr_ray.data.writer import list_array
 from mmctr_ray.embed.image import CORRUPT, MISSING, OK, check_image_model, decode_covers, image_size, parse_image_model
 from mmctr_ray.embed.text import check_model_dir, load_tokenizer, resolve_pooling, tokenize
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
-from mmctr_ray.ray_env import check_actors
+from mmctr_ray.ray_env import check_actors, cpu_threads
 from mmctr_ray.schema import Layout
 
 log = logging.getLogger(__name__)
@@ -303,7 +303,7 @@ def _encode_shards(items: pa.Table, pending: list[int], store: ShardStore, s: Em
         prepare_batch, batch_format="numpy", batch_size=None, num_cpus=1,
         fn_kwargs={"images_dir": str(lay.images_dir), "size": image_size(s.image_model),
                    "text_model": s.text_model, "max_length": s.max_length})
-    threads = max(1, (os.cpu_count() or 1) // actors)
+    threads = cpu_threads(actors)
     ds = ds.map_batches(Encoder, fn_constructor_kwargs={"settings": asdict(s), "threads": threads,
                                                         "use_gpu": gpus_per_actor > 0},
                         batch_size=batch_size, batch_format="numpy", num_gpus=gpus_per_actor,
