@@ -32,6 +32,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import pyarrow.parquet as pq
 import torch
@@ -81,17 +82,9 @@ def plain_loop(data: Path, cfg, device: torch.device, epochs: int) -> list[dict[
 
 def plain_loop_process(data: Path, cfg, device: torch.device, epochs: int) -> list[dict[str, float]]:
     """:func:`plain_loop` in a new process started with the environment a training worker on ``device`` gets."""
-    env = worker_env(cfg.train.keep_freed_memory, device.type == "cuda", dict(os.environ))
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # a spawned process starts with it (glibc reads GLIBC_TUNABLES at start only)
-    try:
+    # a spawned process starts with this environment (glibc reads GLIBC_TUNABLES at start only); ours is put back
+    with mock.patch.dict(os.environ, worker_env(cfg.train.keep_freed_memory, device.type == "cuda")):
         pool = multiprocessing.get_context("spawn").Pool(1)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k)
-            else:
-                os.environ[k] = v
     with pool:
         return pool.apply(plain_loop, (data, cfg, device, epochs))
 

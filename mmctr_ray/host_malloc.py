@@ -31,6 +31,9 @@ tcmalloc would need ``LD_PRELOAD`` and a system package).
 
 from __future__ import annotations
 
+import os
+from typing import Mapping
+
 ENV = "GLIBC_TUNABLES"
 KEEP = 2**31 - 1  # bytes: above any one block a training step allocates
 TUNABLES = {"glibc.malloc.arena_max": "1", "glibc.malloc.mmap_threshold": str(KEEP),
@@ -45,8 +48,8 @@ def glibc_tunables(existing: str | None) -> str:
     return ":".join([*items, *(f"{k}={v}" for k, v in TUNABLES.items() if k not in named)])
 
 
-def worker_env(keep: bool, gpu: bool, environ: dict[str, str]) -> dict[str, str]:
+def worker_env(keep: bool, gpu: bool, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """Environment variables for the training workers: the tunables for CPU workers when ``keep``
-    (``train.keep_freed_memory``), on top of the driver's ``GLIBC_TUNABLES`` in ``environ``; none on GPU workers,
-    whose steps allocate on the device."""
+    (``train.keep_freed_memory``), on top of the driver's ``GLIBC_TUNABLES`` in ``environ`` (this process's
+    environment); none on GPU workers, whose steps allocate on the device."""
     return {ENV: glibc_tunables(environ.get(ENV))} if keep and not gpu else {}

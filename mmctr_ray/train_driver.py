@@ -317,7 +317,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
                              checkpoint_config=CheckpointConfig(num_to_keep=None),
                              callbacks=[_end_on_user_error(), *(callbacks or [])],
                              worker_runtime_env={"env_vars": worker_env(cfg.train.keep_freed_memory,
-                                                                        gpus_per_worker > 0, dict(os.environ))}),
+                                                                        gpus_per_worker > 0)}),
         datasets=datasets or {split: read_split(data_dir, split, cfg.data.max_len) for split in ("train", "valid")},
         dataset_config=_data_config(cfg, workers),
     )
