@@ -270,10 +270,16 @@ def to_model_batch(batch: pa.Table, max_len: int, source: str = "split") -> dict
 # Ray Data's Parquet reader (V2, Ray 2.60's default) lists every read's files on a pool of footer-reading actors it
 # starts and kills per read (32 by default, each a new worker process): 1.3-3 s before the first row on the 2-core
 # test machine, for a 300-row split too, and once an epoch for a split read every epoch. The older reader (V1)
-# reads a few files' footers where the read is planned: 0.10-0.15 s. V1 streams fewer rows a second, though
-# (`benchmarks/data_path.py`, 200k rows: 0.37-0.49M against 0.88-1.1M), a cost of ~1.3 us a row against V2's start
-# of 1-2.5 s: V1 reads a split up to V1_MAX_ROWS (below the break-even of ~1.5M rows, so that a GPU step, which the
-# read must keep up with, never waits on it for long), V2 anything larger, or of more files than V1_MAX_FILES.
+# reads a few files' footers where the read is planned: 0.10-0.15 s. V1 reads each file in one task, though, where
+# V2 spreads a file's row groups over tasks (and a cluster's nodes): V1 reads a split up to V1_MAX_ROWS, V2 anything
+# larger, or of more files than V1_MAX_FILES.
+#
+# V1 by default cuts each read task's output into ~200 blocks (Ray Data's minimum read parallelism;
+# "ReadParquet->SplitBlocks(163)" for a 200k-row file), and a split read cannot fuse with what follows: the blocks
+# of 1,226 rows went through the object store one by one. With one block list per file (``override_num_blocks``),
+# `benchmarks/data_path.py` (200k rows, 2 cores) streams 0.73-0.90M rows/s against 0.27-0.36M split, and
+# `mmctr predict`, whose reads share the node's CPUs with the scoring actor, scores 9,300-11,700 rows/s against
+# 5,200-6,000 (the split read of 200k rows took ~20 s there). V2 plans its own read units and keeps its default.
 V1_MAX_ROWS = 500_000
 V1_MAX_FILES = 64
 
@@ -297,7 +303,7 @@ def small_split(parts: list[Path]) -> bool:
 def read_split(data_dir: str | Path, split: str, max_len: int = 64, batch_rows: int = 16_384) -> Any:
     """The split as a Ray Dataset of model-ready rows (Ray must be initialised by the caller); a split held as a
     folder is read from its part files, in their order. A small split (:func:`small_split`) is read by Ray Data's
-    V1 Parquet reader, a larger one by its default (V2).
+    V1 Parquet reader, one task and one stream of blocks per file, a larger one by its default (V2).
 
     Columns: ``user_id``, ``item_id``, ``likes_level``, ``views_level`` (int64), ``label`` (float32) and
     ``item_seq`` (int64 tensor column of shape (max_len,), most recent item last, 0 = padding).
@@ -313,7 +319,8 @@ def read_split(data_dir: str | Path, split: str, max_len: int = 64, batch_rows: 
     # read by read_parquet alone, when it is called; process-wide meanwhile (no other thread reads here)
     ctx.use_datasource_v2 = v2 and not small_split(parts)
     try:
-        ds = ray.data.read_parquet([str(p.resolve()) for p in parts])
+        ds = ray.data.read_parquet([str(p.resolve()) for p in parts],
+                                   override_num_blocks=len(parts) if not ctx.use_datasource_v2 else None)
     finally:
         ctx.use_datasource_v2 = v2
     ds = ds.select_columns([*SPLIT_FEATURES, "item_seq"])
