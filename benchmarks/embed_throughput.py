@@ -12,16 +12,21 @@ models and covers (random weights unless a local path is given; speed does not d
 * mmctr embed: ``run_embed`` on an already started Ray, wall time from call to assembled file (actor start
   and model loading included).
 
-Prints items/s of the three and the ratios embed/plain-loop and embed/plain-model.
+Prints items/s of the three and the ratios embed/plain-loop and embed/plain-model. The plain side runs in a
+process of its own started with the environment an encoder actor gets: on the CPU the malloc tunables of
+``--keep-freed-memory`` (on by default; ``--no-keep-freed-memory`` measures both sides without them).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
+import os
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import pyarrow.parquet as pq
 import torch
@@ -31,6 +36,7 @@ from mmctr_ray.data.writer import write_synthetic
 from mmctr_ray.embed.image import ImageEncoder, decode_covers
 from mmctr_ray.embed.pipeline import run_embed
 from mmctr_ray.embed.text import TextEncoder, load_tokenizer, tokenize
+from mmctr_ray.host_malloc import worker_env
 from mmctr_ray.schema import Layout
 
 
@@ -53,6 +59,16 @@ def text_model_dir(kind: str, workdir: Path, tokenizer: Path | None) -> Path:
         BertModel(BertConfig(vocab_size=len(tok))).save_pretrained(out)
         tok.save_pretrained(out)
     return out
+
+
+def plain_side(data: Path, text_path: Path, image_model: str, batch: int, device: str,
+               keep_freed_memory: bool) -> tuple[float, float]:
+    """:func:`plain_loop` in a spawned process started with an encoder actor's environment."""
+    # glibc reads GLIBC_TUNABLES at a process's start only; ours is put back
+    with mock.patch.dict(os.environ, worker_env(keep_freed_memory, device == "cuda")):
+        pool = multiprocessing.get_context("spawn").Pool(1)
+    with pool:
+        return pool.apply(plain_loop, (data, text_path, image_model, batch, device))
 
 
 def plain_loop(data: Path, text_path: Path, image_model: str, batch: int, device: str) -> tuple[float, float]:
@@ -108,6 +124,8 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true", help="plain side on CUDA (use with --gpus-per-actor)")
     ap.add_argument("--num-cpus", type=int)
     ap.add_argument("--workdir", type=Path)
+    ap.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                    help="malloc tunables on CPU actors and on the plain side (default on, as mmctr embed)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="embed-bench-"))
@@ -117,20 +135,20 @@ def main() -> None:
                                         image_size=args.image_px), progress=lambda m: None)
     text_path = text_model_dir(args.text, work, args.tokenizer)
     device = "cuda" if args.gpu else "cpu"
-    if device == "cpu":
-        torch.set_num_threads(torch.get_num_threads())
-    loop_rate, model_rate = plain_loop(data, text_path, args.image_model, args.batch_size, device)
+    loop_rate, model_rate = plain_side(data, text_path, args.image_model, args.batch_size, device,
+                                       args.keep_freed_memory)
 
     from mmctr_ray.ray_env import init_ray
 
     init_ray(num_cpus=args.num_cpus)
     t0 = time.perf_counter()
     summary = run_embed(data, work / "emb.parquet", text_path, args.image_model, gpus_per_actor=args.gpus_per_actor,
-                        actors=args.actors, batch_size=args.batch_size, overwrite=True, progress=lambda m: None)
+                        actors=args.actors, batch_size=args.batch_size, overwrite=True, progress=lambda m: None,
+                        keep_freed_memory=args.keep_freed_memory)
     ray_rate = args.items / (time.perf_counter() - t0)
     print(f"\nembed throughput: {args.items} items, {args.image_px}px JPEG covers, text {args.text}, image "
           f"{args.image_model}, batch {args.batch_size}, device {device}, actors {args.actors} × "
-          f"{args.gpus_per_actor} GPU")
+          f"{args.gpus_per_actor} GPU, keep freed memory {'on' if args.keep_freed_memory else 'off'}")
     print(f"plain loop (decode + tokenize + encode, one process): {loop_rate:10.1f} items/s")
     print(f"plain model (encoders only, batches on device):       {model_rate:10.1f} items/s")
     print(f"mmctr embed (Ray Data, start-up included):            {ray_rate:10.1f} items/s")

@@ -254,7 +254,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
                         max_length=args.max_length, shard_items=args.shard_items, seed=args.seed,
                         max_bad_covers=args.max_bad_covers,
                         cpus_per_actor=args.cpus_per_actor, overwrite=args.overwrite,
-                        start_ray=lambda: _start_ray(args, pool_cpus=pool_cpus))
+                        start_ray=lambda: _start_ray(args, pool_cpus=pool_cpus),
+                        keep_freed_memory=args.keep_freed_memory)
     log.info("%d items: text %d-d, image %d-d; %d covers missing, %d undecodable; %s items/s",
              summary["items"], summary["text_dim"], summary["image_dim"], summary["cover_file_missing"],
              summary["cover_corrupt"], summary["items_per_s"])
@@ -441,7 +442,8 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
     if args.embed and not (resume and raw.is_file()):
         steps.append(("embed", lambda: cmd_embed(ns(out=raw, pooling="auto", batch_size=64, max_length=32,
                                                     shard_items=4096, seed=0, cpus_per_actor=1.0,
-                                                    overwrite=args.overwrite))))
+                                                    overwrite=args.overwrite,
+                                                    keep_freed_memory=_config(args).train.keep_freed_memory))))
     if not (resume and fused.is_file()):
         steps.append(("fuse", lambda: _fuse_step(args, data, fused, str(raw) if args.embed else "shipped")))
     if not (resume and (work / "features" / "features_summary.json").is_file()):
@@ -603,6 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail when more than this share of the items have a missing or corrupt cover (default "
                         "0.1; those below it get a zero image vector and a flag)")
     p.add_argument("--seed", type=int, default=0, help="seed of random image weights (default 0)")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU actors keep the memory an encoder call frees for the next one (glibc malloc "
+                        "tunables, as train.keep_freed_memory; default on: faster, a higher resident peak)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT; shards of an earlier run with other settings are dropped, those with the same "
                         "settings kept")

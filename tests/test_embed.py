@@ -26,6 +26,7 @@ from mmctr_ray.embed.pipeline import FAULT_ENV, run_embed
 from mmctr_ray.embed.text import TextEncoder, load_tokenizer, tokenize
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.features import list_matrix
+from mmctr_ray.host_malloc import glibc_tunables
 from mmctr_ray.schema import Layout
 
 ROOT = Path(__file__).parent.parent
@@ -171,6 +172,38 @@ def test_actors_a_local_ray_cannot_hold_beside_the_reads_are_a_one_line_error(co
     with pytest.raises(ConfigError, match="need 3 CPUs"):
         embed(covers_data, out, bert_tiny, gpus_per_actor=0.0, overwrite=True, start_ray=lambda: None)
     assert (earlier / "shard_00000.parquet").read_bytes() == b"kept"  # refused before they went
+
+
+def test_cpu_encoder_actors_and_their_decode_tasks_keep_freed_memory_unless_told_not_to(covers_data, bert_tiny,
+                                                                                        ray_one_gpu, tmp_path,
+                                                                                        monkeypatch):
+    """An encoder call frees and allocates large blocks as a training step does: CPU actors get the malloc
+    tunables of `train.keep_freed_memory` (`--no-keep-freed-memory`: none), and the decode tasks the same (Ray Data
+    fuses them into the actors only when both ask for the same runtime_env); GPU actors none."""
+    import ray.data
+
+    import mmctr_ray.embed.pipeline as pipeline
+
+    class Mapped(Exception):
+        pass
+
+    original, seen = ray.data.Dataset.map_batches, []
+
+    def map_batches(self, fn, **kwargs):
+        seen.append(kwargs.get("runtime_env"))
+        if fn is pipeline.Encoder:
+            raise Mapped
+        return original(self, fn, **kwargs)
+
+    monkeypatch.setattr(ray.data.Dataset, "map_batches", map_batches)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    tunables = {"env_vars": {"GLIBC_TUNABLES": glibc_tunables(None)}}
+    for gpus, keep, expected in ((0.0, True, tunables), (0.0, False, None), (0.5, True, None)):
+        seen.clear()
+        with pytest.raises(Mapped):
+            embed(covers_data, tmp_path / "emb.parquet", bert_tiny, actors=1, gpus_per_actor=gpus,
+                  keep_freed_memory=keep, overwrite=True)
+        assert seen == [expected, expected], (gpus, keep)
 
 
 def test_progress_rate_and_eta_leave_out_the_start_up():

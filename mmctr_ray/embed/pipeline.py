@@ -39,6 +39,7 @@ from mmctr_ray.data.writer import list_array
 from mmctr_ray.embed.image import CORRUPT, MISSING, OK, check_image_model, decode_covers, image_size, parse_image_model
 from mmctr_ray.embed.text import check_model_dir, load_tokenizer, resolve_pooling, tokenize
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
+from mmctr_ray.host_malloc import worker_env
 from mmctr_ray.ray_env import check_actors, cpu_threads
 from mmctr_ray.schema import Layout
 
@@ -224,7 +225,7 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
               gpus_per_actor: float = 0.0, actors: int = 1, batch_size: int = 64, max_length: int = 32,
               shard_items: int = 4_096, seed: int = 0, cpus_per_actor: float = 1.0, overwrite: bool = False,
               max_bad_covers: float = MAX_BAD_COVERS, progress: Callable[[str], None] = log.info,
-              start_ray: Callable[[], None] | None = None) -> dict[str, Any]:
+              start_ray: Callable[[], None] | None = None, keep_freed_memory: bool = True) -> dict[str, Any]:
     """Embed every item of ``data_dir`` into ``out``; return the summary (also written as ``X.embed.json``).
 
     ``start_ray`` is called once the inputs are checked and only when a shard is left to encode (with
@@ -235,6 +236,9 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
     ``max_bad_covers`` is an error (a wrong cover folder, a broken download): missing files are counted before
     any encoding, corrupt ones when the shards are assembled (the shards stay, so a re-run with a higher limit
     encodes nothing again).
+
+    ``keep_freed_memory`` (``--no-keep-freed-memory`` turns it off) starts CPU actors and their decode tasks with
+    the malloc tunables of :mod:`mmctr_ray.host_malloc`, as training's ``train.keep_freed_memory``.
     """
     out, lay = Path(out).resolve(), Layout(Path(data_dir).resolve())
     if out.suffix != ".parquet":
@@ -281,7 +285,7 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
             ray_ready()
         store.open()
         timing = _encode_shards(items, pending, store, settings, lay, gpus_per_actor, actors, batch_size,
-                                cpus_per_actor, progress)
+                                cpus_per_actor, progress, worker_env(keep_freed_memory, gpus_per_actor > 0))
     seconds = time.perf_counter() - t0
     summary = _assemble(out, store, n_shards, settings, items, seconds, timing, lay, max_bad_covers)
     progress(f"embed: wrote {out}: {n} items ({summary['image_missing']} without a usable cover) in {seconds:.1f} s")
@@ -290,8 +294,10 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
 
 def _encode_shards(items: pa.Table, pending: list[int], store: ShardStore, s: EmbedSettings, lay: Layout,
                    gpus_per_actor: float, actors: int, batch_size: int, cpus_per_actor: float,
-                   progress: Callable[[str], None]) -> dict[str, Any]:
-    """Run the pipeline over the ``pending`` shards, writing each as it completes; return rows and timings."""
+                   progress: Callable[[str], None], env: dict[str, str]) -> dict[str, Any]:
+    """Run the pipeline over the ``pending`` shards, writing each as it completes; return rows and timings.
+    ``env``: environment variables of the decode tasks and the encoder actors (the same on both, or Ray Data
+    would not fuse the decoding into the actors)."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -299,15 +305,17 @@ def _encode_shards(items: pa.Table, pending: list[int], store: ShardStore, s: Em
     slices = [items.slice(start, min(s.shard_items, items.num_rows - start))
               for start in (p * s.shard_items for p in pending)]
     blocks = [t.slice(i, block) for t in slices for i in range(0, t.num_rows, block)]
+    runtime_env = {"runtime_env": {"env_vars": env}} if env else {}
     ds = ray.data.from_arrow(blocks).map_batches(
-        prepare_batch, batch_format="numpy", batch_size=None, num_cpus=1,
+        prepare_batch, batch_format="numpy", batch_size=None, num_cpus=1, **runtime_env,
         fn_kwargs={"images_dir": str(lay.images_dir), "size": image_size(s.image_model),
                    "text_model": s.text_model, "max_length": s.max_length})
     threads = cpu_threads(actors)
     ds = ds.map_batches(Encoder, fn_constructor_kwargs={"settings": asdict(s), "threads": threads,
                                                         "use_gpu": gpus_per_actor > 0},
                         batch_size=batch_size, batch_format="numpy", num_gpus=gpus_per_actor,
-                        num_cpus=0 if gpus_per_actor else cpus_per_actor, compute=ActorPoolStrategy(size=actors))
+                        num_cpus=0 if gpus_per_actor else cpus_per_actor, compute=ActorPoolStrategy(size=actors),
+                        **runtime_env)
     expected = {p: t.num_rows for p, t in zip(pending, slices)}
     first_ids = np.array([t.column("item_id")[0].as_py() for t in slices])
     buffers: dict[int, list[dict[str, np.ndarray]]] = {p: [] for p in pending}
