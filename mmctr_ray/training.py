@@ -167,12 +167,15 @@ class MemoryPeaks:
             pass
 
 
-def _memory_row(memory: MemoryPeaks) -> dict[str, list[float]]:
-    """Per-rank peaks for metrics.jsonl: ``worker_peak_rss_mib`` (the larger of getrusage's and the sampled peak)
-    and, where /proc tells, ``worker_peak_anon_mib`` and ``worker_peak_shmem_mib``."""
+def _worker_row(memory: MemoryPeaks) -> dict[str, list[float]]:
+    """Per-rank figures for metrics.jsonl: ``worker_threads`` (torch's), ``worker_peak_rss_mib`` (the larger of
+    getrusage's and the sampled peak) and, where /proc tells, ``worker_peak_anon_mib`` and
+    ``worker_peak_shmem_mib``."""
     memory.sample()
-    ranks = _gather({**memory.peaks, "rss": max(peak_rss_mib(), memory.peaks.get("rss", 0.0))})
-    return {f"worker_peak_{k}_mib": [round(r[k], 1) for r in ranks] for k in ranks[0]}
+    ranks = _gather({**memory.peaks, "rss": max(peak_rss_mib(), memory.peaks.get("rss", 0.0)),
+                     "threads": torch.get_num_threads()})
+    return {"worker_threads": [r.pop("threads") for r in ranks],
+            **{f"worker_peak_{k}_mib": [round(r[k], 1) for r in ranks] for k in ranks[0]}}
 
 
 def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, resume_from: str | None,
@@ -198,7 +201,7 @@ def _reported(row: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, A
     for r in history:
         if r["epoch"] <= row["epoch"] and (best is None or r["valid_auc"] > best["valid_auc"]):
             best = r
-    scalars = {k: v for k, v in row.items() if not k.startswith("worker_peak_")}
+    scalars = {k: v for k, v in row.items() if not k.startswith("worker_")}
     return {**scalars, "best_valid_auc": best["valid_auc"], "best_valid_auc_se": best.get("valid_auc_se")}
 
 
@@ -318,8 +321,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    if device.type == "cpu":  # Ray sets 1 thread per logical CPU requested; use this node's cores instead
-        torch.set_num_threads(cpu_threads(ctx.get_local_world_size()))
+    if device.type == "cpu":  # Ray sets 1 thread per logical CPU requested: share this node's cores instead, with
+        # this run's other workers there and, in a search, the other trials' (`runs_per_node`)
+        torch.set_num_threads(cpu_threads(ctx.get_local_world_size() * config.get("runs_per_node", 1)))
     torch.manual_seed(cfg.train.seed)
     table = load_item_table(config["data_dir"], cfg.data.item_vector)
     fmap = FeatureMap(**config["feature_map"])
@@ -421,7 +425,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "samples_per_s": rows / seconds if seconds > 0 and step > 1 else None,
                    "epoch_seconds": epoch_seconds, "steps": step, "resident": resident,
                    "resident_rows": shard.rows if shard is not None else None, "resumed_from_epoch": resumed_from,
-                   **_memory_row(memory)}
+                   **_worker_row(memory)}
             stop = update_schedule(state, metrics["auc"], cfg.train)
             state.history = [*(state.history or []), row]
             with tempfile.TemporaryDirectory() as tmp:

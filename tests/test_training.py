@@ -127,6 +127,16 @@ def test_cpu_workers_start_with_the_malloc_tunables_unless_the_config_says_no(ra
         assert built.value.args[0]["env_vars"].get("GLIBC_TUNABLES") == want.get("GLIBC_TUNABLES")
 
 
+@pytest.mark.slow
+def test_a_cpu_worker_shares_its_nodes_cores_with_the_runs_that_run_beside_it(plain_run, synth_dir, tmp_path):
+    """Ray starts a worker with one torch thread per logical CPU it asked for: the worker takes its share of the
+    node's cores instead, with the other runs' workers there too (`mmctr tune`'s concurrent trials)."""
+    assert [r["worker_threads"] for r in plain_run[1]] == [[os.cpu_count()]] * 2  # alone on the node
+    run = tmp_path / "run"
+    run_training(synth_dir, str(run), tiny_cfg("train.epochs=1"), runs_per_node=2)
+    assert _metrics(run)[0]["worker_threads"] == [max(1, os.cpu_count() // 2)]
+
+
 def test_cpu_scoring_actors_share_the_nodes_cores_and_keep_freed_memory_as_the_run_says(ray_local, synth_dir,
                                                                                         monkeypatch):
     """Ray starts an actor that asked for 1 CPU with one torch thread (OMP_NUM_THREADS=1): `mmctr predict` scored
@@ -170,6 +180,7 @@ def test_run_directory_holds_config_metrics_checkpoints_and_summary(two_worker_r
     assert rows[0]["resident_rows"] == train_rows // 2  # rank 0 kept its whole half, the last short batch included
     assert [r["steps"] for r in rows] == [train_rows // 256] * 2
     assert {"train_loss", "valid_auc", "valid_logloss", "lr", "samples_per_s", "epoch_seconds"} <= set(rows[0])
+    assert rows[0]["worker_threads"] == [max(1, os.cpu_count() // 2)] * 2  # the two workers share the node's cores
     assert load_config(run / "config.yaml").train.epochs == 2
     assert [p.name for p in epoch_checkpoints(run)] == ["checkpoint_epoch_001", "checkpoint_epoch_002"]
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))

@@ -33,7 +33,7 @@ from mmctr_ray.search_space import SearchSpace, load_search
 from mmctr_ray.train_driver import check_inputs
 from mmctr_ray.tune_report import asha_stopped, in_this_search, trial_outcome
 from mmctr_ray.tuning import (FAULT_ENV, METRIC, _scheduler, check_resources, progress_line, shared_datasets,
-                               trial_concurrency)
+                               trial_concurrency, trials_per_node)
 
 ROOT = Path(__file__).parent.parent
 SEARCH_CONFIGS = ["configs/search_paper.yaml", "configs/search_tiny.yaml"]
@@ -147,6 +147,18 @@ def test_a_resumed_search_sizes_the_local_ray_for_the_trials_it_started_with(tmp
     assert trial_cpus(tmp_path, True, 1, 1.0) == 2.0 and trial_cpus(tmp_path, False, 1, 1.0) == 1.0
 
 
+def test_trials_that_run_at_once_on_a_node_share_its_cores():
+    """Each trial's CPU worker took every core of the node: on 2 cores, two processes of the baseline step with 2
+    threads each ran 3,702 samples/s in all, against 6,368 with 1 thread each."""
+    assert trials_per_node([2.0], concurrent=1, workers=1, cpus_per_worker=1) == 1  # a laptop: one at a time
+    assert trials_per_node([16.0], concurrent=15, workers=1, cpus_per_worker=1) == 15  # one machine: all of them
+    assert trials_per_node([16.0], concurrent=2, workers=1, cpus_per_worker=1) == 2
+    assert trials_per_node([16.0, 16.0], concurrent=30, workers=1, cpus_per_worker=1) == 16  # what a node holds
+    assert trials_per_node([8.0, 32.0], concurrent=30, workers=2, cpus_per_worker=2) == 8  # the largest node
+    assert trials_per_node([0.0, 8.0], concurrent=3, workers=1, cpus_per_worker=0.5) == 3
+    assert trials_per_node([0.0], concurrent=4, workers=1, cpus_per_worker=1) == 1  # never below one
+
+
 def test_a_joined_cluster_that_can_grow_takes_the_requested_concurrency():
     """cluster.yaml starts with no GPU worker: a GPU search on it must start its trials so that their pending
     requests make the autoscaler add nodes, instead of failing on the 0 GPUs Ray reports at start."""
@@ -212,10 +224,12 @@ def test_a_resumed_trial_tells_tune_only_the_epochs_its_checkpoints_hold(tmp_pat
     monkeypatch.setattr(ray.tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t1"))
     monkeypatch.setattr(ray.tune, "report", lambda metrics, **_: heard.append(metrics["epoch"]))
     monkeypatch.setattr(ray.tune.integration.ray_train, "TuneReportCallback", lambda: None)
-    monkeypatch.setattr(mmctr_ray.train_driver, "run_training", lambda *a, **kw: runs.append(kw["resume"]))
+    monkeypatch.setattr(mmctr_ray.train_driver, "run_training",
+                        lambda *a, **kw: runs.append((kw["resume"], kw["runs_per_node"])))
     settings = {"workers": 1, "gpus_per_worker": 0, "cpus_per_worker": 1, "source": None}
-    run_trial({}, SearchSpace(params=()), str(tmp_path), str(tmp_path / "data"), settings)
-    assert heard == [1] and runs == [True]  # epoch 2 is trained again (from epoch 1's checkpoint) and reported then
+    run_trial({}, SearchSpace(params=()), str(tmp_path), str(tmp_path / "data"), settings, sharing=3)
+    assert heard == [1]  # epoch 2 is trained again (from epoch 1's checkpoint) and reported then
+    assert runs == [(True, 3)]  # its CPU workers share their node's cores with the other trials there
 
 
 def test_asha_prunes_a_resumed_search_against_the_trials_before_the_kill(tmp_path, monkeypatch):
