@@ -49,10 +49,24 @@ def quiet_ray_train(verbose: bool = False) -> None:
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def node_cores() -> int:
+    """The cores this process may run on: Ray's count of the node's CPUs (a container's CPU quota, a Kubernetes
+    ``limits: {cpu: N}``, and its cpuset included, as :func:`init_ray` counts them), fewer where this process's CPU
+    affinity (``taskset``) says so. ``os.cpu_count()`` counts the host's cores in a container: a pod limited to 8
+    CPUs on a 96-core node would run 96 torch threads on 8 cores' worth of time."""
+    from ray._private.utils import get_num_cpus  # Ray's own (private) count, as init_ray's
+
+    cores = int(get_num_cpus(override_docker_cpu_warning=True))
+    with contextlib.suppress(AttributeError, OSError):  # no sched_getaffinity off Linux
+        cores = min(cores, len(os.sched_getaffinity(0)))
+    return max(1, cores)
+
+
 def cpu_threads(sharers: int) -> int:
-    """Torch threads for one of ``sharers`` CPU processes on a node: its share of the node's cores. Ray starts a
-    worker or actor with one thread per logical CPU it asked for (``OMP_NUM_THREADS``), one core of the node's."""
-    return max(1, (os.cpu_count() or 1) // sharers)
+    """Torch threads for one of ``sharers`` CPU processes on a node: its share of the node's cores
+    (:func:`node_cores`). Ray starts a worker or actor with one thread per logical CPU it asked for
+    (``OMP_NUM_THREADS``), one core of the node's."""
+    return max(1, node_cores() // sharers)
 
 
 def actor_device(use_gpu: bool) -> str:

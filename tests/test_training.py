@@ -21,6 +21,7 @@ from mmctr_ray.config import load_config
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.host_malloc import glibc_tunables
 from mmctr_ray.predict import load_model, run_predict, score_parquet
+from mmctr_ray.ray_env import node_cores
 from mmctr_ray.schema import Layout
 from mmctr_ray.train_driver import (FAULT_ENV, POLL_INTERVAL_ENV, POLL_INTERVAL_S, _data_config, _ingest_options,
                                     check_worker_resources, resume_config, run_training, warn_unscaled_vectors)
@@ -127,14 +128,30 @@ def test_cpu_workers_start_with_the_malloc_tunables_unless_the_config_says_no(ra
         assert built.value.args[0]["env_vars"].get("GLIBC_TUNABLES") == want.get("GLIBC_TUNABLES")
 
 
+def test_a_nodes_cores_are_what_its_container_and_the_process_affinity_allow(monkeypatch):
+    """os.cpu_count() counts the host's cores in a container: the CPUs Ray counts (its quota and cpuset), fewer
+    where the process's affinity says so, never none."""
+    from ray._private import utils as ray_utils
+
+    from mmctr_ray.ray_env import cpu_threads
+
+    monkeypatch.setattr(ray_utils, "get_num_cpus", lambda **_: 8)  # a pod's limits: {cpu: 8} on a larger host
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(96)), raising=False)
+    assert node_cores() == 8 and cpu_threads(3) == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # taskset -c 0,1
+    assert node_cores() == 2 and cpu_threads(4) == 1
+    monkeypatch.setattr(ray_utils, "get_num_cpus", lambda **_: 0)  # a quota under one CPU, truncated
+    assert node_cores() == 1
+
+
 @pytest.mark.slow
 def test_a_cpu_worker_shares_its_nodes_cores_with_the_runs_that_run_beside_it(plain_run, synth_dir, tmp_path):
     """Ray starts a worker with one torch thread per logical CPU it asked for: the worker takes its share of the
     node's cores instead, with the other runs' workers there too (`mmctr tune`'s concurrent trials)."""
-    assert [r["worker_threads"] for r in plain_run[1]] == [[os.cpu_count()]] * 2  # alone on the node
+    assert [r["worker_threads"] for r in plain_run[1]] == [[node_cores()]] * 2  # alone on the node
     run = tmp_path / "run"
     run_training(synth_dir, str(run), tiny_cfg("train.epochs=1"), runs_per_node=2)
-    assert _metrics(run)[0]["worker_threads"] == [max(1, os.cpu_count() // 2)]
+    assert _metrics(run)[0]["worker_threads"] == [max(1, node_cores() // 2)]
 
 
 def test_cpu_scoring_actors_share_the_nodes_cores_and_keep_freed_memory_as_the_run_says(ray_local, synth_dir,
@@ -162,7 +179,7 @@ def test_cpu_scoring_actors_share_the_nodes_cores_and_keep_freed_memory_as_the_r
             predict._score("ckpt", synth_dir, "test", 8, actors=1, gpus_per_actor=0.0, batch_size=256,
                            keep_freed_memory=keep)
         kwargs = mapped.value.args[0]
-        assert kwargs["fn_constructor_kwargs"]["threads"] == (os.cpu_count() or 1)
+        assert kwargs["fn_constructor_kwargs"]["threads"] == node_cores()
         assert kwargs.get("runtime_env") == ({"env_vars": {"GLIBC_TUNABLES": glibc_tunables(None)}} if keep else None)
 
 
@@ -180,7 +197,7 @@ def test_run_directory_holds_config_metrics_checkpoints_and_summary(two_worker_r
     assert rows[0]["resident_rows"] == train_rows // 2  # rank 0 kept its whole half, the last short batch included
     assert [r["steps"] for r in rows] == [train_rows // 256] * 2
     assert {"train_loss", "valid_auc", "valid_logloss", "lr", "samples_per_s", "epoch_seconds"} <= set(rows[0])
-    assert rows[0]["worker_threads"] == [max(1, os.cpu_count() // 2)] * 2  # the two workers share the node's cores
+    assert rows[0]["worker_threads"] == [max(1, node_cores() // 2)] * 2  # the two workers share the node's cores
     assert load_config(run / "config.yaml").train.epochs == 2
     assert [p.name for p in epoch_checkpoints(run)] == ["checkpoint_epoch_001", "checkpoint_epoch_002"]
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
