@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import multiprocessing
-import os
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 import pyarrow.parquet as pq
 import torch
@@ -36,7 +33,7 @@ from mmctr_ray.data.writer import write_synthetic
 from mmctr_ray.embed.image import ImageEncoder, decode_covers
 from mmctr_ray.embed.pipeline import run_embed
 from mmctr_ray.embed.text import TextEncoder, load_tokenizer, tokenize
-from mmctr_ray.host_malloc import worker_env
+from mmctr_ray.host_malloc import in_worker_process
 from mmctr_ray.schema import Layout
 
 
@@ -64,11 +61,8 @@ def text_model_dir(kind: str, workdir: Path, tokenizer: Path | None) -> Path:
 def plain_side(data: Path, text_path: Path, image_model: str, batch: int, device: str,
                keep_freed_memory: bool) -> tuple[float, float]:
     """:func:`plain_loop` in a spawned process started with an encoder actor's environment."""
-    # glibc reads GLIBC_TUNABLES at a process's start only; ours is put back
-    with mock.patch.dict(os.environ, worker_env(keep_freed_memory, device == "cuda")):
-        pool = multiprocessing.get_context("spawn").Pool(1)
-    with pool:
-        return pool.apply(plain_loop, (data, text_path, image_model, batch, device))
+    return in_worker_process(plain_loop, (data, text_path, image_model, batch, device), keep_freed_memory,
+                             device == "cuda")
 
 
 def plain_loop(data: Path, text_path: Path, image_model: str, batch: int, device: str) -> tuple[float, float]:

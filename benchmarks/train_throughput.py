@@ -27,12 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
-import os
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 import pyarrow.parquet as pq
 import torch
@@ -41,7 +38,7 @@ from mmctr_ray.config import load_config
 from mmctr_ray.data.synthetic import SynthSpec
 from mmctr_ray.data.writer import write_synthetic
 from mmctr_ray.features import build_feature_map, load_item_table, to_model_batch
-from mmctr_ray.host_malloc import worker_env
+from mmctr_ray.host_malloc import in_worker_process
 from mmctr_ray.model import DINModel
 from mmctr_ray.schema import Layout
 from mmctr_ray.training import make_optimizer, train_step
@@ -82,11 +79,8 @@ def plain_loop(data: Path, cfg, device: torch.device, epochs: int) -> list[dict[
 
 def plain_loop_process(data: Path, cfg, device: torch.device, epochs: int) -> list[dict[str, float]]:
     """:func:`plain_loop` in a new process started with the environment a training worker on ``device`` gets."""
-    # a spawned process starts with this environment (glibc reads GLIBC_TUNABLES at start only); ours is put back
-    with mock.patch.dict(os.environ, worker_env(cfg.train.keep_freed_memory, device.type == "cuda")):
-        pool = multiprocessing.get_context("spawn").Pool(1)
-    with pool:
-        return pool.apply(plain_loop, (data, cfg, device, epochs))
+    return in_worker_process(plain_loop, (data, cfg, device, epochs), cfg.train.keep_freed_memory,
+                             device.type == "cuda")
 
 
 def sync(device: torch.device) -> None:

@@ -32,7 +32,7 @@ tcmalloc would need ``LD_PRELOAD`` and a system package).
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 ENV = "GLIBC_TUNABLES"
 KEEP = 2**31 - 1  # bytes: above any one block a training step allocates
@@ -53,3 +53,22 @@ def worker_env(keep: bool, gpu: bool, environ: Mapping[str, str] = os.environ) -
     (``train.keep_freed_memory``), on top of the driver's ``GLIBC_TUNABLES`` in ``environ`` (this process's
     environment); none on GPU workers, whose steps allocate on the device."""
     return {ENV: glibc_tunables(environ.get(ENV))} if keep and not gpu else {}
+
+
+def actor_options(keep: bool, gpu: bool) -> dict[str, Any]:
+    """``map_batches`` options that start Ray Data's CPU actors (and tasks) with :func:`worker_env`: a
+    ``runtime_env`` when there is something to set, else none."""
+    env = worker_env(keep, gpu)
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
+def in_worker_process(fn: Callable[..., Any], args: tuple, keep: bool, gpu: bool) -> Any:
+    """``fn(*args)`` in a new (spawned) process started with :func:`worker_env`, as a worker's (the benchmarks'
+    plain side): glibc reads ``GLIBC_TUNABLES`` when a process starts, so setting it here would come too late."""
+    import multiprocessing
+    from unittest import mock
+
+    with mock.patch.dict(os.environ, worker_env(keep, gpu)):  # ours is put back once the process has started
+        pool = multiprocessing.get_context("spawn").Pool(1)
+    with pool:
+        return pool.apply(fn, args)

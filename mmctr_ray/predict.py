@@ -25,7 +25,7 @@ from mmctr_ray import storage
 from mmctr_ray.checkpoint import best_checkpoint, load_checkpoint
 from mmctr_ray.errors import DataError, OutputExistsError
 from mmctr_ray.features import MODEL_INPUTS, check_same_table, load_item_table, max_user_id, read_split, to_model_batch
-from mmctr_ray.host_malloc import worker_env
+from mmctr_ray.host_malloc import actor_options
 from mmctr_ray.metrics import evaluate
 from mmctr_ray.model import DINModel
 from mmctr_ray.preflight import check_split
@@ -97,10 +97,10 @@ def score_parquet(model: DINModel, path: str | Path, max_len: int, batch_rows: i
 class Scorer:
     """Ray Data callable class: loads the model once, then maps batches to logits (fp32)."""
 
-    def __init__(self, checkpoint_dir: str, data_dir: str, use_gpu: bool = False, threads: int = 1) -> None:
+    def __init__(self, checkpoint_dir: str, data_dir: str, use_gpu: bool = False, sharers: int = 1) -> None:
         self.device = actor_device(use_gpu)
-        if self.device == "cpu":  # Ray sets one thread per logical CPU the actor asked for: share the node's cores
-            torch.set_num_threads(threads)
+        if self.device == "cpu":  # Ray sets one thread per logical CPU the actor asked for: share the cores of the
+            torch.set_num_threads(cpu_threads(sharers))  # node it runs on with the pool's other actors
         self.model = load_model(checkpoint_dir, data_dir, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -130,14 +130,12 @@ def _score(checkpoint: Location, data_dir: str | Path, split: str, max_len: int,
 
     check_actors(actors, gpus_per_actor)  # a pool the local Ray cannot hold beside the reads would wait for good
     ds = read_split(data_dir, split, max_len=max_len, batch_rows=batch_size)
-    env = worker_env(keep_freed_memory, gpus_per_actor > 0)  # as the run's training workers
     scored = ds.map_batches(Scorer, fn_constructor_kwargs={"checkpoint_dir": str(checkpoint),
                                                            "data_dir": str(Path(data_dir).resolve()),
-                                                           "use_gpu": gpus_per_actor > 0,
-                                                           "threads": cpu_threads(actors)},
+                                                           "use_gpu": gpus_per_actor > 0, "sharers": actors},
                             batch_size=batch_size, batch_format="numpy", num_gpus=gpus_per_actor,
                             num_cpus=0 if gpus_per_actor else 1, compute=ActorPoolStrategy(size=actors),
-                            **({"runtime_env": {"env_vars": env}} if env else {}))
+                            **actor_options(keep_freed_memory, gpus_per_actor > 0))  # as the run's workers
     logits, labels = [], []
     for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
         logits.append(batch["logit"])

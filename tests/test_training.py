@@ -179,8 +179,18 @@ def test_cpu_scoring_actors_share_the_nodes_cores_and_keep_freed_memory_as_the_r
             predict._score("ckpt", synth_dir, "test", 8, actors=1, gpus_per_actor=0.0, batch_size=256,
                            keep_freed_memory=keep)
         kwargs = mapped.value.args[0]
-        assert kwargs["fn_constructor_kwargs"]["threads"] == node_cores()
+        assert kwargs["fn_constructor_kwargs"]["sharers"] == 1  # the pool's actors
         assert kwargs.get("runtime_env") == ({"env_vars": {"GLIBC_TUNABLES": glibc_tunables(None)}} if keep else None)
+    # the actor counts the cores of the node it runs on (its constructor, here in this process)
+    monkeypatch.setattr(predict, "load_model", lambda *args: None)
+    threads = torch.get_num_threads()
+    try:
+        for sharers in (1, 2):
+            torch.set_num_threads(1)  # as Ray starts the actor
+            predict.Scorer("ckpt", str(synth_dir), sharers=sharers)
+            assert torch.get_num_threads() == max(1, node_cores() // sharers)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _metrics(run: Path) -> list[dict]:

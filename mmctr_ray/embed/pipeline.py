@@ -39,7 +39,7 @@ from mmctr_ray.data.writer import list_array
 from mmctr_ray.embed.image import CORRUPT, MISSING, OK, check_image_model, decode_covers, image_size, parse_image_model
 from mmctr_ray.embed.text import check_model_dir, load_tokenizer, resolve_pooling, tokenize
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
-from mmctr_ray.host_malloc import worker_env
+from mmctr_ray.host_malloc import actor_options
 from mmctr_ray.ray_env import check_actors, cpu_threads
 from mmctr_ray.schema import Layout
 
@@ -74,7 +74,7 @@ def prepare_batch(batch: dict[str, np.ndarray], images_dir: str, size: int, text
 class Encoder:
     """Ray Data callable class: both encoders, loaded once per actor, on its GPU when it has one."""
 
-    def __init__(self, settings: dict[str, Any], threads: int, use_gpu: bool = False) -> None:
+    def __init__(self, settings: dict[str, Any], sharers: int, use_gpu: bool = False) -> None:
         import torch
         from transformers.utils import logging as hf_logging
 
@@ -84,8 +84,8 @@ class Encoder:
 
         hf_logging.disable_progress_bar()
         device = actor_device(use_gpu)
-        if device == "cpu":
-            torch.set_num_threads(threads)
+        if device == "cpu":  # the cores of the node it runs on, shared with the pool's other actors
+            torch.set_num_threads(cpu_threads(sharers))
         s = EmbedSettings(**settings)
         self.text = TextEncoder(s.text_model, s.pooling, device)
         self.image = ImageEncoder(s.image_model, device, s.seed)
@@ -285,7 +285,7 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
             ray_ready()
         store.open()
         timing = _encode_shards(items, pending, store, settings, lay, gpus_per_actor, actors, batch_size,
-                                cpus_per_actor, progress, worker_env(keep_freed_memory, gpus_per_actor > 0))
+                                cpus_per_actor, progress, actor_options(keep_freed_memory, gpus_per_actor > 0))
     seconds = time.perf_counter() - t0
     summary = _assemble(out, store, n_shards, settings, items, seconds, timing, lay, max_bad_covers)
     progress(f"embed: wrote {out}: {n} items ({summary['image_missing']} without a usable cover) in {seconds:.1f} s")
@@ -294,10 +294,10 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
 
 def _encode_shards(items: pa.Table, pending: list[int], store: ShardStore, s: EmbedSettings, lay: Layout,
                    gpus_per_actor: float, actors: int, batch_size: int, cpus_per_actor: float,
-                   progress: Callable[[str], None], env: dict[str, str]) -> dict[str, Any]:
+                   progress: Callable[[str], None], options: dict[str, Any]) -> dict[str, Any]:
     """Run the pipeline over the ``pending`` shards, writing each as it completes; return rows and timings.
-    ``env``: environment variables of the decode tasks and the encoder actors (the same on both, or Ray Data
-    would not fuse the decoding into the actors)."""
+    ``options``: :func:`actor_options` of the decode tasks and the encoder actors (the same on both, or Ray
+    Data would not fuse the decoding into the actors)."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -305,17 +305,15 @@ def _encode_shards(items: pa.Table, pending: list[int], store: ShardStore, s: Em
     slices = [items.slice(start, min(s.shard_items, items.num_rows - start))
               for start in (p * s.shard_items for p in pending)]
     blocks = [t.slice(i, block) for t in slices for i in range(0, t.num_rows, block)]
-    runtime_env = {"runtime_env": {"env_vars": env}} if env else {}
     ds = ray.data.from_arrow(blocks).map_batches(
-        prepare_batch, batch_format="numpy", batch_size=None, num_cpus=1, **runtime_env,
+        prepare_batch, batch_format="numpy", batch_size=None, num_cpus=1, **options,
         fn_kwargs={"images_dir": str(lay.images_dir), "size": image_size(s.image_model),
                    "text_model": s.text_model, "max_length": s.max_length})
-    threads = cpu_threads(actors)
-    ds = ds.map_batches(Encoder, fn_constructor_kwargs={"settings": asdict(s), "threads": threads,
+    ds = ds.map_batches(Encoder, fn_constructor_kwargs={"settings": asdict(s), "sharers": actors,
                                                         "use_gpu": gpus_per_actor > 0},
                         batch_size=batch_size, batch_format="numpy", num_gpus=gpus_per_actor,
                         num_cpus=0 if gpus_per_actor else cpus_per_actor, compute=ActorPoolStrategy(size=actors),
-                        **runtime_env)
+                        **options)
     expected = {p: t.num_rows for p, t in zip(pending, slices)}
     first_ids = np.array([t.column("item_id")[0].as_py() for t in slices])
     buffers: dict[int, list[dict[str, np.ndarray]]] = {p: [] for p in pending}
