@@ -41,7 +41,7 @@ from mmctr_ray.training import DIVERGED, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 FAULT_ENV = "MMCTR_FAULT_KILL_AT_STEP"  # "STEP:MARKER_FILE": recovery tests kill rank 0 once at STEP, or right after
-# it reported epoch E with "reportE:MARKER_FILE"; several, comma-separated, each once
+# it reported epoch E with "reportE:MARKER_FILE"; "rR/..." kills rank R instead; several, comma-separated, each once
 # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s) and needs about two
 # polls to notice that training ended, so every run paid ~4.5 s after its last epoch (measured on a 20k-row run:
 # 4.3 s at 2 s, 1.3 s at 0.5 s, 0.55 s at 0.25 s). A poll is one small actor call per worker. A value the user sets
@@ -148,10 +148,12 @@ def _fault_from_env() -> list[dict[str, Any]]:
     faults = []
     for spec in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
         where, marker = spec.split(":", 1)
+        rank, _, where = where.rpartition("/")
+        fault = {"rank": int(rank.removeprefix("r") or 0), "marker": marker}
         if where.startswith("report"):
-            faults.append({"report": int(where.removeprefix("report")), "marker": marker})
+            faults.append({**fault, "report": int(where.removeprefix("report"))})
         else:
-            faults.append({"step": int(where), "marker": marker})
+            faults.append({**fault, "step": int(where)})
     return faults
 
 

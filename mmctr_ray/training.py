@@ -254,11 +254,13 @@ def load_into(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str
     return state
 
 
-def _maybe_fault(faults: list[dict[str, Any]] | None, **where: int) -> None:
-    """Fault injection for the recovery tests: kill this worker process, once per fault, at a given ``step`` or right
-    after its ``report`` of a given epoch (``where`` says which of the two this call is)."""
+def _maybe_fault(faults: list[dict[str, Any]] | None, rank: int, **where: int) -> None:
+    """Fault injection for the recovery tests: kill this worker process, once per fault, when it is the fault's
+    ``rank``, at a given ``step`` or right after its ``report`` of a given epoch (``where`` says which of the two
+    this call is)."""
     for fault in faults or []:
-        if all(fault.get(k) == v for k, v in where.items()) and not Path(fault["marker"]).exists():
+        if fault["rank"] == rank and all(fault.get(k) == v for k, v in where.items()) \
+                and not Path(fault["marker"]).exists():
             Path(fault["marker"]).write_text("killed\n")
             os._exit(1)
 
@@ -349,9 +351,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     memory = MemoryPeaks()
     budget = resident_budget(cfg.train.resident, cfg.train.resident_max_mib, device, cfg.train.deterministic,
                              config.get("gpus_per_worker") or 1.0)
-    if rank == 0 and cfg.train.resident == "on" and cfg.train.deterministic:
+    if rank == 0 and cfg.train.resident == "on" and cfg.train.deterministic and cfg.train.shuffle_buffer:
         log.warning("train.resident=on in a deterministic run: a restarted worker streams the epoch it resumes in, "
-                    "so its order differs from an uninterrupted run's (auto keeps nothing in deterministic runs)")
+                    "so its order differs from an uninterrupted run's, which shuffles the kept shard (auto keeps "
+                    "nothing in deterministic runs; with train.shuffle_buffer=0 both keep the read order)")
     shard: ResidentShard | None = None
     resident_steps, keep_tried = 0, False
     valid_kept: ResidentShard | None = None
@@ -377,7 +380,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     t0, rows = time.perf_counter(), 0
                 loss_sum += train_step(ddp, batch, optimizer, tables, cfg.train, device)
                 rows += len(batch["label"]) * world
-                _maybe_fault(config.get("fault") if rank == 0 else None, step=(epoch - 1) * steps_per_epoch + step)
+                _maybe_fault(config.get("fault"), rank, step=(epoch - 1) * steps_per_epoch + step)
                 run_log.progress(epoch, step, resident_steps if resident else steps_per_epoch, rows, t0, loss_sum)
                 if step % 16 == 1:  # ~16 batches of store pages at most stay mapped (ray-project/ray#65544)
                     memory.sample()
@@ -435,4 +438,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
                 ray.train.report(_reported(row, state.history), checkpoint=checkpoint,
                                  checkpoint_dir_name=f"{PREFIX}{epoch:03d}")
-            _maybe_fault(config.get("fault") if rank == 0 else None, report=epoch)
+            _maybe_fault(config.get("fault"), rank, report=epoch)

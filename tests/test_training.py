@@ -100,11 +100,17 @@ def ray_local():
     ray.shutdown()
 
 
+def two_worker_cfg():
+    # train.resident=on: epoch 2 trains from the shards the workers kept on their device (CPU here), in the order
+    # read (train.shuffle_buffer=0); deterministic, with dropout masks drawn per rank and epoch: a restarted run
+    # repeats it (test_a_dead_worker_of_two_restarts_the_group_from_the_last_checkpoint)
+    return tiny_cfg("train.epochs=2", "train.resident=on", "train.deterministic=true", "model.dropout=0.2")
+
+
 @pytest.fixture(scope="module")
 def two_worker_run(ray_local, synth_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "two"
-    # train.resident=on: epoch 2 trains from the shards the workers kept on their device (CPU here)
-    summary = run_training(synth_dir, str(run), tiny_cfg("train.epochs=2", "train.resident=on"), workers=2)
+    summary = run_training(synth_dir, str(run), two_worker_cfg(), workers=2)
     return run, summary
 
 
@@ -515,6 +521,25 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(plain_run, synth_dir,
     assert heard.read_text().split() == ["1", "2"]
     # the same seed, data order and schedule, uninterrupted: the restarted epoch 2 repeats it bit for bit
     assert_repeats(run, plain_run)
+
+
+@pytest.mark.slow
+def test_a_dead_worker_of_two_restarts_the_group_from_the_last_checkpoint(two_worker_run, synth_dir, tmp_path,
+                                                                          monkeypatch):
+    """DDP over two workers, rank 1 killed mid-way through epoch 2 while rank 0 waits for it in the gradient
+    all-reduce (a node lost on a cluster): Ray Train ends the group and starts a new one, both ranks take the
+    checkpoint of epoch 1 and stream the epoch they resume in, and the run ends as the same run uninterrupted
+    (whose epoch 2 trained from the kept shards) did, bit for bit."""
+    run, heard, marker = tmp_path / "f", tmp_path / "reports.txt", tmp_path / "killed"
+    monkeypatch.setenv(FAULT_ENV, f"r1/{3_000 // 256 + 3}:{marker}")  # a step is a batch of both ranks: 256 rows
+    summary = run_training(synth_dir, str(run), two_worker_cfg(), workers=2, max_failures=1,
+                           callbacks=[recording_reports(heard)])
+    assert marker.read_text() == "killed\n"
+    assert summary["epochs"] == 2
+    assert [(r["epoch"], r["resumed_from_epoch"], r["resident"]) for r in _metrics(run)] == [(1, 0, False),
+                                                                                            (2, 1, False)]
+    assert heard.read_text().split() == ["1", "2"]
+    assert_repeats(run, (two_worker_run[0], _metrics(two_worker_run[0])))
 
 
 @pytest.mark.slow
