@@ -12,6 +12,11 @@ pipeline at all). Both are measured the same two ways, each as rows trained over
 * **whole epoch**: every step of every epoch, the first included (validation and start-up excluded on both
   sides): what an epoch costs.
 
+Neither side takes a warm-up step: each pays its process's first steps in its first epoch. On the 2-core VM the
+first step of a process faults in ~1.9 GB of fresh activation memory (~490k page faults, the kernel zeroing the
+pages in half of its samples) and took 4.4-5.0 s against ~1.7 s later (2026-12-01); a plain loop warmed up first
+(as this benchmark did until then) left that cost out of its own whole-epoch rate but not out of the Ray side's.
+
 The plain loop runs before and after the Ray run and counts both (``--no-after``: before only): this machine's
 speed drifts by 10% or more within an hour, and a ceiling from one side only would carry that drift into the
 ratio. Prints both sides, both ratios, and with more than one epoch each epoch's rates: the first streams from Ray
@@ -56,7 +61,6 @@ def plain_loop(data: Path, cfg, device: torch.device, epochs: int) -> list[dict[
     tensors = {k: torch.as_tensor(v, device=device) for k, v in cols.items()}
     rows = len(tensors["label"])
     bs = cfg.train.batch_size
-    train_step(model, {k: v[:bs] for k, v in tensors.items()}, optimizer, tables, cfg.train, device)  # warm-up
     out = []
     for _ in range(epochs):
         sync(device)
