@@ -103,7 +103,7 @@ def ray_local():
 def two_worker_cfg():
     # train.resident=on: epoch 2 trains from the shards the workers kept on their device (CPU here), in the order
     # read (train.shuffle_buffer=0); deterministic, with dropout masks drawn per rank and epoch: a restarted run
-    # repeats it (test_a_dead_worker_of_two_restarts_the_group_from_the_last_checkpoint)
+    # repeats it (test_a_killed_worker_of_two_restarts_the_group_from_the_last_checkpoint)
     return tiny_cfg("train.epochs=2", "train.resident=on", "train.deterministic=true", "model.dropout=0.2")
 
 
@@ -524,8 +524,8 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(plain_run, synth_dir,
 
 
 @pytest.mark.slow
-def test_a_dead_worker_of_two_restarts_the_group_from_the_last_checkpoint(two_worker_run, synth_dir, tmp_path,
-                                                                          monkeypatch):
+def test_a_killed_worker_of_two_restarts_the_group_from_the_last_checkpoint(two_worker_run, synth_dir, tmp_path,
+                                                                            monkeypatch):
     """DDP over two workers, rank 1 killed mid-way through epoch 2 while rank 0 waits for it in the gradient
     all-reduce (a node lost on a cluster): Ray Train ends the group and starts a new one, both ranks take the
     checkpoint of epoch 1 and stream the epoch they resume in, and the run ends as the same run uninterrupted
