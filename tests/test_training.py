@@ -907,8 +907,7 @@ def test_resuming_a_run_that_has_trained_its_epochs_starts_no_ray(two_worker_run
         raise AssertionError("Ray started for a run with nothing to train")
 
     with caplog.at_level("WARNING", logger="mmctr_ray.train_driver"):
-        again = run_training(synth_dir, str(moved), two_worker_cfg(), resume=True,
-                             start_ray=no_ray)
+        again = run_training(synth_dir, str(moved), two_worker_cfg(), resume=True, start_ray=no_ray)
     assert f"{moved}: nothing to train: it has trained 2 epochs, and train.epochs=2" in caplog.text
     assert again == json.loads((moved / "summary.json").read_text())  # a summary of RUN where it is now
     assert again["best_checkpoint"] == str(moved / Path(summary["best_checkpoint"]).name)
@@ -918,8 +917,7 @@ def test_resuming_a_run_that_has_trained_its_epochs_starts_no_ray(two_worker_run
     extra = info.slice(info.num_rows - 1).set_column(0, "item_id", pa.array([info.num_rows], pa.int64()))
     pq.write_table(pa.concat_tables([info, extra]), other / "MicroLens_1M_x1" / "item_info.parquet")
     with pytest.raises(ConfigError, match="resume with the data the run started on"):  # as any resume
-        run_training(other, str(moved), two_worker_cfg(), resume=True,
-                     start_ray=no_ray)
+        run_training(other, str(moved), two_worker_cfg(), resume=True, start_ray=no_ray)
 
 
 def test_each_rank_and_epoch_draws_its_own_dropout_masks_from_the_same_initial_weights():
