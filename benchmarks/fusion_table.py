@@ -55,7 +55,7 @@ def main() -> None:
             write_synthetic(data, SynthSpec(image_size=0), progress=lambda m: None)
     oracle = json.loads(Layout(data).oracle.read_text())["valid"]["oracle_auc"] if Layout(data).oracle.is_file() \
         else float("nan")
-    init_ray(num_cpus=args.num_cpus, dashboard=True)  # Train V2's placement-group cleaner needs the state API
+    init_ray(num_cpus=args.num_cpus)  # as `mmctr train`: runs on it drop the placement-group cleaner
     rows = []
     for strategy in args.strategies.split(","):
         fcfg = FusionConfig(strategy, dims=args.dims, text_dim=args.text_dim, image_dim=args.image_dim)

@@ -103,7 +103,7 @@ def ray_train(data: Path, cfg, gpu: bool, workdir: Path, num_cpus: int | None) -
     from mmctr_ray.ray_env import init_ray
     from mmctr_ray.train_driver import run_training
 
-    init_ray(num_cpus=num_cpus, dashboard=True)  # Train V2's placement-group cleaner needs the state API
+    init_ray(num_cpus=num_cpus)  # as `mmctr train`: runs on it drop the placement-group cleaner
     summary = run_training(data, str(workdir / "run"), cfg, workers=1, gpus_per_worker=1.0 if gpu else 0.0)
     epochs = []
     for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines():

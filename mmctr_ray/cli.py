@@ -57,16 +57,18 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
                         "shared memory Ray Data's blocks occupy on this node (training workers drop the pages they "
                         "have read from their RSS every 16 steps; other readers keep them mapped)")
     p.add_argument("--dashboard", action="store_true",
-                   help="start the private local Ray's dashboard on 127.0.0.1 (off by default, except for the "
-                        "stages that run Ray Train, whose clean-up queries the dashboard's state API)")
+                   help="start the private local Ray's dashboard on 127.0.0.1 (off by default, except for `mmctr "
+                        "tune`: its trials' clean-up queries the dashboard's state API)")
 
 
-def _start_ray(args: argparse.Namespace, ray_train: bool = False, pool_cpus: float = 0.0) -> None:
+def _start_ray(args: argparse.Namespace, state_api: bool = False, pool_cpus: float = 0.0) -> None:
     """Join ``--address`` or start the private local Ray; ``pool_cpus``: the CPUs the command's training workers or
-    actors take (:func:`mmctr_ray.ray_env.logical_cpus` gives its reads room beside them on a small machine)."""
+    actors take (:func:`mmctr_ray.ray_env.logical_cpus` gives its reads room beside them on a small machine);
+    ``state_api``: start the dashboard, whose state API Ray Train's placement-group cleaner asks (`mmctr tune`'s
+    trials keep the cleaner: :func:`mmctr_ray.ray_env.torch_trainer`)."""
     from mmctr_ray.ray_env import init_ray
 
-    init_ray(args.address, args.num_cpus, args.verbose, dashboard=args.dashboard or ray_train,
+    init_ray(args.address, args.num_cpus, args.verbose, dashboard=args.dashboard or state_api,
              object_store_mib=args.object_store_mib, pool_cpus=pool_cpus)
 
 
@@ -218,8 +220,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = resume_config(str(args.out), args.overrides) if args.resume else _config(args)
     summary = run_training(args.data, str(args.out), cfg, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                            cpus_per_worker=args.cpus_per_worker, resume=args.resume, overwrite=args.overwrite,
-                           verbose=args.verbose, start_ray=lambda: _start_ray(args, ray_train=True,
-                                                        pool_cpus=args.workers * args.cpus_per_worker))
+                           verbose=args.verbose,
+                           start_ray=lambda: _start_ray(args, pool_cpus=args.workers * args.cpus_per_worker))
     oracle = summary.get("oracle_valid_auc")
     log.info("best valid AUC %.4f%s (logloss %.4f) at epoch %d of %d%s; checkpoint %s",
              summary["best_valid_auc"], se_text(summary.get("best_valid_auc_se")), summary["best_valid_logloss"],
@@ -295,7 +297,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     check_inputs(args.data, args.config, args.overrides, args.resume, args.workers_per_trial, args.source,
                  args.gpus_per_trial, args.num_samples, args.max_concurrent, args.time_budget_s)  # before Ray starts
-    _start_ray(args, ray_train=True, pool_cpus=trial_cpus(args.out, args.resume, args.workers_per_trial,
+    _start_ray(args, state_api=True, pool_cpus=trial_cpus(args.out, args.resume, args.workers_per_trial,
                                                           args.cpus_per_worker))
     summary = run_tuning(args.data, args.out, args.config, args.overrides, num_samples=args.num_samples,
                          max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial,
@@ -419,9 +421,8 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
 
     resume = args.resume
     gpus_per_actor = args.gpus_per_worker if args.gpus_per_actor is None else args.gpus_per_actor
-    # one Ray for every step, with the state API that training needs; its pools run one at a time
-    _start_ray(args, ray_train=True, pool_cpus=max(args.workers * args.cpus_per_worker,
-                                                   _actor_cpus(args.actors, gpus_per_actor)))
+    # one Ray for every step; its pools run one at a time
+    _start_ray(args, pool_cpus=max(args.workers * args.cpus_per_worker, _actor_cpus(args.actors, gpus_per_actor)))
     # pools a private local Ray cannot feed: refused before the steps ahead of training (hours at full scale)
     check_local_workers(args.workers, args.cpus_per_worker, args.gpus_per_worker)
     check_actors(args.actors, gpus_per_actor)  # predict's; embed's too (the pipeline gives it 1 CPU an actor)

@@ -182,6 +182,36 @@ def private_local_ray() -> bool:
     return ray.is_initialized() and ray.get_runtime_context().gcs_address == _PRIVATE.get("gcs")
 
 
+def torch_trainer() -> type:
+    """Ray Train's ``TorchTrainer``, or on the private local Ray (:func:`private_local_ray`) a subclass that runs
+    without Train V2's placement-group cleaner.
+
+    The cleaner is a detached actor, one per run, that removes the run's placement group when the run's controller
+    dies while the Ray job goes on (a placement group an actor makes otherwise lasts as long as the job). A Tune
+    trial needs it: the scheduler stops a trial by killing its actor while the search's driver goes on, and without
+    the cleaner that trial's CPUs stay taken. So does a run started from a process that outlives it (a notebook). On
+    the private local Ray the command's own process is the job: a controller that dies fails the run, the command
+    exits and its Ray goes with every placement group. There the cleaner cost one more process per run (~3.5 s of
+    CPU, importing Ray Train), the controller waited for it before starting the workers and again at the end, and
+    it needed the dashboard's state API. A warm 1-epoch run of the tests' data took 11.0-14.4 s without it against
+    14.7-17.4 s with it (2 cores, 2026-12-01)."""
+    from ray.train.torch import TorchTrainer
+
+    if not private_local_ray():
+        return TorchTrainer
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:  # another Ray than the one tested (2.60): its own defaults
+        return TorchTrainer
+
+    class LocalTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list:
+            return [cb for cb in super()._create_default_callbacks()
+                    if not isinstance(cb, PlacementGroupCleanerCallback)]
+
+    return LocalTorchTrainer
+
+
 def _keep_python_sigterm() -> None:
     """``ray.init`` sets a Python SIGTERM handler in the driver (``sys.exit(15)``), then its core worker puts a
     crash handler of its own in front of it at the C level: a SIGTERM (a scheduler's preemption, ``timeout``) then
@@ -297,10 +327,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
     :func:`logical_cpus` where the command's pool of ``pool_cpus`` CPUs would leave none for its reads), starts the
     dashboard (on 127.0.0.1) only when ``dashboard`` is set, and an object store of ``object_store_mib`` MiB when
     given (Ray's default: 30% of RAM; the store keeps the shared memory it has once used until Ray stops, and every
-    process that read an object keeps its pages in its RSS, so this bounds both). Stages that run Ray Train set
-    ``dashboard``: Train V2's placement-group cleaner asks the dashboard's state API whether the run's controller
-    lives, and without an answer it takes the run's placement group away mid-training (seen with Ray 2.60). A
-    cluster's own settings are the cluster's.
+    process that read an object keeps its pages in its RSS, so this bounds both). ``mmctr tune`` sets
+    ``dashboard``: its trials keep Train V2's placement-group cleaner (:func:`torch_trainer`), which asks the
+    dashboard's state API whether the run's controller lives, and without an answer takes the run's placement group
+    away mid-training (seen with Ray 2.60). A cluster's own settings are the cluster's.
     """
     import ray
 

@@ -34,7 +34,7 @@ from mmctr_ray.features import FeatureMap, build_feature_map, check_same_table, 
 from mmctr_ray.host_malloc import worker_env
 from mmctr_ray.layers.embedding import root_mean_square
 from mmctr_ray.preflight import check_batch_size, check_splits, check_valid_labels
-from mmctr_ray.ray_env import check_local_pool, check_pool, sigterm_flag
+from mmctr_ray.ray_env import check_local_pool, check_pool, sigterm_flag, torch_trainer
 from mmctr_ray.report import describe_run
 from mmctr_ray.schema import SPLITS, Layout
 from mmctr_ray.training import DIVERGED, train_loop_per_worker
@@ -279,7 +279,6 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
             ``train.*``, or more workers than a private local Ray can hold and feed (:func:`check_worker_resources`).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchTrainer
 
     data_dir = Path(data_dir).resolve()
     run = run_location(run_dir)
@@ -309,7 +308,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
                    "fault": _fault_from_env(), "verbose": verbose, "runs_per_node": runs_per_node}
     os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
     fs, fs_path = storage.resolve(run)  # Ray Train writes checkpoints to storage_path/name = RUN
-    trainer = TorchTrainer(
+    trainer = torch_trainer()(  # on the private local Ray, without the placement-group cleaner
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,

@@ -93,11 +93,16 @@ def test_embedding_l2_is_half_the_squared_norm_of_the_tables_only():
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
+    """The private local Ray `mmctr train` starts (loopback, token auth, no dashboard, no preemption watcher, runs
+    without the placement-group cleaner), with 4 CPUs; the environment it set for itself is put back after."""
+    from mmctr_ray.ray_env import init_ray, stop_ray
 
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR")
+    environ = dict(os.environ)
+    init_ray(num_cpus=4)
     yield
-    ray.shutdown()
+    stop_ray()
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 def two_worker_cfg():
@@ -118,7 +123,7 @@ def test_cpu_workers_start_with_the_malloc_tunables_unless_the_config_says_no(ra
                                                                               monkeypatch):
     """glibc reads GLIBC_TUNABLES when a process starts: the driver hands it to Ray Train's workers (what the
     tunables do in a worker's thread: tests/test_host_malloc.py)."""
-    import ray.train.torch
+    from mmctr_ray import train_driver
 
     class Built(Exception):
         pass
@@ -126,7 +131,7 @@ def test_cpu_workers_start_with_the_malloc_tunables_unless_the_config_says_no(ra
     def trainer(*args, **kwargs):
         raise Built(kwargs["run_config"].worker_runtime_env)
 
-    monkeypatch.setattr(ray.train.torch, "TorchTrainer", trainer)
+    monkeypatch.setattr(train_driver, "torch_trainer", lambda: trainer)
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0")
     for keep, want in ((True, {"GLIBC_TUNABLES": glibc_tunables("glibc.malloc.tcache_count=0")}), (False, {})):
         with pytest.raises(Built) as built:
@@ -363,6 +368,35 @@ def test_ray_trains_per_epoch_lines_are_quiet_unless_verbose():
     finally:
         for lg, level in saved:
             lg.setLevel(level)
+
+
+@pytest.mark.slow
+def test_runs_on_the_private_local_ray_start_no_placement_group_cleaner_and_no_preemption_watcher(plain_run):
+    """Each was one more process per run, on the path to the workers' start; neither has work on one machine whose
+    Ray ends with the command (`torch_trainer`). The actors Ray's GCS knows of, dead ones included."""
+    from ray._private import state
+
+    actors = {a["ActorClassName"] for a in state.actors().values()}
+    assert {"TrainController", "RayTrainWorker"} <= actors
+    assert not actors & {"PlacementGroupCleaner", "PreemptionWatcher"}, actors
+
+
+def test_only_a_run_on_the_private_local_ray_drops_the_placement_group_cleaner(monkeypatch):
+    """A Tune trial (which its scheduler stops by killing it while the search goes on) and a run on a Ray the caller
+    started keep it: without it a placement group whose controller died stays until the job ends."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from mmctr_ray import ray_env
+
+    for private in (True, False):
+        monkeypatch.setattr(ray_env, "private_local_ray", lambda: private)
+        trainer = ray_env.torch_trainer()(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+        assert isinstance(trainer, TorchTrainer)
+        callbacks = trainer._create_default_callbacks()
+        assert any(isinstance(cb, PlacementGroupCleanerCallback) for cb in callbacks) is not private
+        assert len(callbacks) == len(TorchTrainer._create_default_callbacks(trainer)) - private
 
 
 @pytest.mark.slow
