@@ -675,7 +675,7 @@ def run_tune(*args, env=None):
 def test_a_killed_search_resumes_without_losing_or_repeating_trials(synth_dir, tmp_path):
     search = tmp_path / "search.yaml"
     raw = yaml.safe_load((ROOT / "configs/search_tiny.yaml").read_text())
-    raw["search"].update(num_samples=3, max_epochs=1)
+    raw["search"].update(num_samples=2, max_epochs=1)  # both at once: one ends, the other runs on
     search.write_text(yaml.safe_dump(raw))
     tune_dir = tmp_path / "tune"
     common = ["--data", str(synth_dir), "--out", str(tune_dir), "--num-cpus", "4"]
@@ -683,7 +683,7 @@ def test_a_killed_search_resumes_without_losing_or_repeating_trials(synth_dir, t
     assert first.returncode == 75, first.stderr[-3000:]
     ended = (r"trial \w+ (completed|early-stopped|pruned): best valid AUC 0\.\d{4} ± 0\.\d{4} at epoch 1; "
              r"best so far 0\.\d{4} \(\w+\); ")
-    assert re.search(ended + r"1/3 ended", first.stderr), first.stderr[-3000:]  # progress, one line a trial
+    assert re.search(ended + r"1/2 ended", first.stderr), first.stderr[-3000:]  # progress, one line a trial
     assert (tune_dir / "optuna.db").is_file() and (tune_dir / "tune").is_dir()
     before = {p.parent.name: p.stat().st_mtime_ns for p in (tune_dir / "trials").glob("*/metrics.jsonl")}
     assert before, "at least one trial trained before the driver died"
@@ -692,18 +692,18 @@ def test_a_killed_search_resumes_without_losing_or_repeating_trials(synth_dir, t
     assert second.returncode == 0, second.stderr[-3000:]
     study = optuna.load_study(study_name="mmctr", storage=f"sqlite:///{tune_dir}/optuna.db")
     assert not study.get_trials(states=[optuna.trial.TrialState.RUNNING])  # none left running in the dashboard
-    assert re.search(ended + r"3/3 ended, 0 running", second.stderr), second.stderr[-3000:]
-    assert re.search(r"3 trials \(\d completed, \d early-stopped, \d pruned, 0 errors\); best valid AUC 0\.\d{4} ± "
+    assert re.search(ended + r"2/2 ended, 0 running", second.stderr), second.stderr[-3000:]
+    assert re.search(r"2 trials \(\d completed, \d early-stopped, \d pruned, 0 errors\); best valid AUC 0\.\d{4} ± "
                      r"0\.\d{4} \(trial \w+\); .*; train the best with the full schedule: " + re.escape(
                          f"`mmctr train --data {synth_dir} --out RUN --config {tune_dir}/best.yaml`"), second.stderr)
     with open(tune_dir / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 3 and len({r["trial_id"] for r in rows}) == 3, "every trial once: none lost, none repeated"
+    assert len(rows) == 2 and len({r["trial_id"] for r in rows}) == 2, "every trial once: none lost, none repeated"
     assert all(r["status"] in ("completed", "early-stopped", "pruned") and r["best_valid_auc"] for r in rows)
     after = {p.parent.name: p.stat().st_mtime_ns for p in (tune_dir / "trials").glob("*/metrics.jsonl")}
     assert all(after[t] == stamp for t, stamp in before.items()), "trials trained before the kill are not retrained"
     study = optuna.load_study(study_name="mmctr", storage=f"sqlite:///{tune_dir}/optuna.db")
-    assert len(study.trials) == 3
+    assert len(study.trials) == 2
     for name in ("auc_by_trial.png", "param_importance.png", "auc_vs_pca.png"):
         assert (tune_dir / "plots" / name).read_bytes()[:4] == b"\x89PNG"
 
@@ -729,7 +729,7 @@ def test_a_killed_search_resumes_without_losing_or_repeating_trials(synth_dir, t
     _, fmap = check_inputs(synth_dir, best_cfg)
     assert load_checkpoint(best_checkpoint(trial), with_optimizer=False).fmap == fmap
     fused = [r for r in rows if r["fusion.strategy"] != "given"]
-    assert fused, "the seeded sampler drew a fused table for at least one of the 3 trials"
+    assert fused, "the seeded sampler drew a fused table for at least one of the 2 trials"
     valid = Layout(synth_dir).split("valid")
     labels = pq.read_table(valid, columns=["label"]).column("label").to_numpy()
     for row in {r["trial_id"]: r for r in (best_row, fused[0])}.values():
