@@ -108,7 +108,7 @@ def ray_local():
 def two_worker_cfg():
     # train.resident=on: epoch 2 trains from the shards the workers kept on their device (CPU here), in the order
     # read (train.shuffle_buffer=0); deterministic, with dropout masks drawn per rank and epoch: a restarted run
-    # repeats it (test_a_killed_worker_of_two_restarts_the_group_from_the_last_checkpoint)
+    # repeats it (test_killed_workers_restart_the_group_from_the_last_checkpoint)
     return tiny_cfg("train.epochs=2", "train.resident=on", "train.deterministic=true", "model.dropout=0.2")
 
 
@@ -532,45 +532,28 @@ def test_resume_takes_a_complete_checkpoint_ray_train_had_not_registered(plain_r
 
 
 @pytest.mark.slow
-def test_a_killed_worker_restarts_from_the_last_checkpoint(plain_run, synth_dir, tmp_path, monkeypatch):
-    """Killed right after it reported epoch 1 (before Ray Train's controller could poll it and take that report)
-    and then again mid-way through epoch 2, the worker restarts from the checkpoint of epoch 1 both times and the
-    run ends as the uninterrupted one did. (A kill mid-way through epoch 2 alone is this test's second half; with
-    two workers: test_a_killed_worker_of_two_restarts_the_group_from_the_last_checkpoint.)"""
+def test_killed_workers_restart_the_group_from_the_last_checkpoint(two_worker_run, synth_dir, tmp_path, monkeypatch):
+    """DDP over two workers, killed twice: rank 0 right after it reported epoch 1 (before Ray Train's controller
+    could poll it and take that report), then rank 1 mid-way through epoch 2 while rank 0 waits for it in the
+    gradient all-reduce (a node lost on a cluster). Each time Ray Train ends the group and starts a new one, both
+    ranks take the checkpoint of epoch 1, whether Ray Train had registered it or not, and stream the epoch they
+    resume in; the run ends as the same run uninterrupted (whose epoch 2 trained from the kept shards) did, bit for
+    bit. (One worker killed and resumed with a shuffle buffer: the deterministic resume test.)"""
     run, heard = tmp_path / "f", tmp_path / "reports.txt"
-    mid_epoch_2 = 3_000 // 256 + 3
-    faults = {tmp_path / "killed_after_report": "report1", tmp_path / "killed": mid_epoch_2}
+    mid_epoch_2 = 3_000 // 256 + 3  # a step is a batch of both ranks: 256 rows
+    faults = {tmp_path / "killed_after_report": "r0/report1", tmp_path / "killed": f"r1/{mid_epoch_2}"}
     monkeypatch.setenv(FAULT_ENV, ",".join(f"{at}:{marker}" for marker, at in faults.items()))
-    summary = run_training(synth_dir, str(run), plain_cfg(), max_failures=len(faults),
+    summary = run_training(synth_dir, str(run), two_worker_cfg(), workers=2, max_failures=len(faults),
                            callbacks=[recording_reports(heard)])
     assert [marker.read_text() for marker in faults] == ["killed\n"] * len(faults)
     assert summary["epochs"] == 2
-    # the restarted worker took the checkpoint written after epoch 1, whether Ray Train had registered it or not (a
-    # report reaches the controller at its next poll of the worker, every 0.25 s: before, a worker killed soon after
-    # its report restarted from the epoch before, here from scratch) ...
-    assert [(r["epoch"], r["resumed_from_epoch"]) for r in _metrics(run)] == [(1, 0), (2, 1)]
-    # ... Ray Train (so a Tune trial) heard every epoch once: a report left unheard is made again after the restart,
-    # with its checkpoint, so that the second restart finds it registered and does not make it a third time
-    assert heard.read_text().split() == ["1", "2"]
-    # the same seed, data order and schedule, uninterrupted: the restarted epoch 2 repeats it bit for bit
-    assert_repeats(run, plain_run)
-
-
-@pytest.mark.slow
-def test_a_killed_worker_of_two_restarts_the_group_from_the_last_checkpoint(two_worker_run, synth_dir, tmp_path,
-                                                                            monkeypatch):
-    """DDP over two workers, rank 1 killed mid-way through epoch 2 while rank 0 waits for it in the gradient
-    all-reduce (a node lost on a cluster): Ray Train ends the group and starts a new one, both ranks take the
-    checkpoint of epoch 1 and stream the epoch they resume in, and the run ends as the same run uninterrupted
-    (whose epoch 2 trained from the kept shards) did, bit for bit."""
-    run, heard, marker = tmp_path / "f", tmp_path / "reports.txt", tmp_path / "killed"
-    monkeypatch.setenv(FAULT_ENV, f"r1/{3_000 // 256 + 3}:{marker}")  # a step is a batch of both ranks: 256 rows
-    summary = run_training(synth_dir, str(run), two_worker_cfg(), workers=2, max_failures=1,
-                           callbacks=[recording_reports(heard)])
-    assert marker.read_text() == "killed\n"
-    assert summary["epochs"] == 2
+    # the restarted workers took the checkpoint written after epoch 1, whether Ray Train had registered it or not
+    # (a report reaches the controller at its next poll of the worker, every 0.25 s: before, a worker killed soon
+    # after its report restarted from the epoch before, here from scratch) ...
     assert [(r["epoch"], r["resumed_from_epoch"], r["resident"]) for r in _metrics(run)] == [(1, 0, False),
                                                                                             (2, 1, False)]
+    # ... Ray Train (so a Tune trial) heard every epoch once: a report left unheard is made again after the restart,
+    # with its checkpoint, so that the second restart finds it registered and does not make it a third time
     assert heard.read_text().split() == ["1", "2"]
     assert_repeats(run, (two_worker_run[0], _metrics(two_worker_run[0])))
 
