@@ -183,8 +183,12 @@ def private_local_ray() -> bool:
 
 
 def torch_trainer() -> type:
-    """Ray Train's ``TorchTrainer``, or on the private local Ray (:func:`private_local_ray`) a subclass that runs
-    without Train V2's placement-group cleaner.
+    """Ray Train's ``TorchTrainer`` with two changes where this Ray allows them (Ray 2.60 does; elsewhere its own
+    defaults):
+
+    * its process group is set up from the workers (:class:`mmctr_ray.torch_backend.WorkerTorchConfig`), so the
+      run's controller does not import torch: ~2.8 s and ~500 MB less per run and per Tune trial;
+    * on the private local Ray (:func:`private_local_ray`) it runs without Train V2's placement-group cleaner.
 
     The cleaner is a detached actor, one per run, that removes the run's placement group when the run's controller
     dies while the Ray job goes on (a placement group an actor makes otherwise lasts as long as the job). A Tune
@@ -197,19 +201,30 @@ def torch_trainer() -> type:
     14.7-17.4 s with it (2 cores, 2026-12-01)."""
     from ray.train.torch import TorchTrainer
 
-    if not private_local_ray():
-        return TorchTrainer
-    try:
-        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-    except ImportError:  # another Ray than the one tested (2.60): its own defaults
+    from mmctr_ray import torch_backend
+
+    worker_side = torch_backend.available()
+    cleaner: type | None = None
+    if private_local_ray():
+        try:
+            from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+            cleaner = PlacementGroupCleanerCallback
+        except ImportError:  # another Ray than the one tested (2.60): its own defaults
+            pass
+    if not worker_side and cleaner is None:
         return TorchTrainer
 
-    class LocalTorchTrainer(TorchTrainer):
+    class MmctrTorchTrainer(TorchTrainer):
+        def __init__(self, *args: Any, scaling_config: Any = None, torch_config: Any = None, **kwargs: Any) -> None:
+            if torch_config is None and worker_side:
+                use_gpu = bool(scaling_config and scaling_config.use_gpu)
+                torch_config = torch_backend.WorkerTorchConfig(backend="nccl" if use_gpu else "gloo")
+            super().__init__(*args, scaling_config=scaling_config, torch_config=torch_config, **kwargs)
+
         def _create_default_callbacks(self) -> list:
-            return [cb for cb in super()._create_default_callbacks()
-                    if not isinstance(cb, PlacementGroupCleanerCallback)]
+            return [cb for cb in super()._create_default_callbacks() if cleaner is None or not isinstance(cb, cleaner)]
 
-    return LocalTorchTrainer
+    return MmctrTorchTrainer
 
 
 def _keep_python_sigterm() -> None:

@@ -399,6 +399,36 @@ def test_only_a_run_on_the_private_local_ray_drops_the_placement_group_cleaner(m
         assert len(callbacks) == len(TorchTrainer._create_default_callbacks(trainer)) - private
 
 
+def test_a_runs_controller_gets_a_backend_and_callbacks_that_need_no_torch(tmp_path):
+    """Every run's controller, a process of its own, unpickles the trainer's backend config and its callbacks. Ray's
+    `TorchConfig` lives in a module that imports torch, so each controller imported torch for it alone (~2.8 s and
+    ~500 MB a run, 2026-12-01); `torch_backend.WorkerTorchConfig` sets the process group up from the workers. What
+    `run_training` hands the controller is unpickled here in a fresh process, which must not import torch."""
+    import subprocess
+    import sys
+
+    from ray import cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+
+    from mmctr_ray import ray_env, torch_backend
+    from mmctr_ray.train_driver import _end_on_user_error
+    from mmctr_ray.training import train_loop_per_worker
+
+    for use_gpu, backend in ((True, "nccl"), (False, "gloo")):
+        trainer = ray_env.torch_trainer()(train_loop_per_worker, train_loop_config={"cfg": tiny_cfg().to_dict()},
+                                          scaling_config=ScalingConfig(num_workers=2, use_gpu=use_gpu),
+                                          run_config=RunConfig(callbacks=[_end_on_user_error()]))
+        assert isinstance(trainer.backend_config, torch_backend.WorkerTorchConfig)
+        assert trainer.backend_config.backend == backend
+    payload = tmp_path / "controller.pkl"
+    payload.write_bytes(cloudpickle.dumps((trainer.train_run_context, trainer._create_default_callbacks())))
+    r = subprocess.run([sys.executable, "-c", "import pickle, sys; pickle.loads(open(sys.argv[1], 'rb').read()); "
+                        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))", str(payload)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]"
+
+
 @pytest.mark.slow
 def test_one_worker_reads_the_whole_split_itself(plain_run, synth_dir):
     _, rows = plain_run
