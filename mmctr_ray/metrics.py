@@ -20,9 +20,6 @@ def evaluate(labels: np.ndarray, probs: np.ndarray, scores: np.ndarray | None = 
         ``{"auc", "auc_se", "logloss", "rows", "positive_rate"}``: ``auc_se`` is the AUC's standard error
         (:func:`auc_with_se`); both are NaN when only one class is present.
     """
-    from sklearn.metrics import log_loss  # here: importing scikit-learn costs ~1 s, paid by every process that
-    # imports the training loop (the trial, the Train controller), where only rank 0 evaluates
-
     labels = np.asarray(labels, dtype=np.float64)
     probs = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
     both = 0 < labels.sum() < len(labels)
@@ -32,10 +29,33 @@ def evaluate(labels: np.ndarray, probs: np.ndarray, scores: np.ndarray | None = 
     return {
         "auc": auc,
         "auc_se": se,
-        "logloss": float(log_loss(labels, probs, labels=[0, 1])),
+        "logloss": logloss(labels, probs),
         "rows": int(len(labels)),
         "positive_rate": float(labels.mean()) if len(labels) else float("nan"),
     }
+
+
+def logloss(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Mean binary cross-entropy of probabilities already clipped into (0, 1) (scikit-learn's ``log_loss`` of
+    them; a test checks it). NaN for no rows."""
+    if not len(labels):
+        return float("nan")
+    return float(-np.mean(labels * np.log(probs) + (1 - labels) * np.log1p(-probs)))
+
+
+def midranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..N of ``x``, ties given the mean of their ranks; all NaN where ``x`` holds a NaN (``scipy.stats``'
+    ``rankdata`` with its defaults; a test checks it).
+
+    By hand, with NumPy, because importing ``scipy.stats`` took ~1 s and scikit-learn's metrics ~2 s (2-core VM,
+    2026-12-01), paid at the first validation of every training run and every Tune trial, whose workers are new
+    processes; both stay the tests' references."""
+    x = np.asarray(x, dtype=np.float64)
+    if np.isnan(x).any():
+        return np.full(len(x), np.nan)
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)  # the rank of each distinct value's last copy
+    return ((last - counts + 1 + last) / 2.0)[inverse.reshape(-1)]
 
 
 def auc_with_se(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
@@ -58,12 +78,10 @@ def compare_aucs(labels: np.ndarray, scores: list[np.ndarray]) -> list[dict[str,
     fewer than two rows of a class, or non-finite scores.
 
     The covariance of the AUCs is that of the placements (see :func:`auc_with_se`) over the positives plus that over
-    the negatives, each divided by its count; placements come from midranks (``scipy.stats.rankdata``), so this is
+    the negatives, each divided by its count; placements come from midranks (:func:`midranks`), so this is
     O(N log N) per vector. Scores that order the rows alike have correlated AUCs, so the standard error of their
     difference is far below the root of the sum of their squares.
     """
-    from scipy.stats import rankdata
-
     labels = np.asarray(labels).astype(bool)
     m, n = int(labels.sum()), int((~labels).sum())
     if not (m and n):
@@ -72,9 +90,9 @@ def compare_aucs(labels: np.ndarray, scores: list[np.ndarray]) -> list[dict[str,
     for s in scores:
         s = np.asarray(s, dtype=np.float64)
         pos, neg = s[labels], s[~labels]
-        ranks = rankdata(np.concatenate([pos, neg]))
-        above.append((ranks[:m] - rankdata(pos)) / n)  # per positive: the share of negatives below it
-        below.append(1.0 - (ranks[m:] - rankdata(neg)) / m)  # per negative: the share of positives above it
+        ranks = midranks(np.concatenate([pos, neg]))
+        above.append((ranks[:m] - midranks(pos)) / n)  # per positive: the share of negatives below it
+        below.append(1.0 - (ranks[m:] - midranks(neg)) / m)  # per negative: the share of positives above it
     a, b = np.stack(above, axis=1), np.stack(below, axis=1)
     k = len(scores)
     if m < 2 or n < 2:  # one row of a class: its placements have no variance to estimate

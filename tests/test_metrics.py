@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from mmctr_ray.metrics import auc_with_se, compare_aucs, evaluate
+from mmctr_ray.metrics import auc_with_se, compare_aucs, evaluate, logloss, midranks
 
 
 def _scores(rng: np.random.Generator, n: int, shift: float = 1.4):
@@ -22,6 +22,29 @@ def test_delong_auc_is_scikit_learns_ties_included():
     scores = np.round(scores, 1)  # many ties: each counts half
     auc, _ = auc_with_se(labels, scores)
     assert auc == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_midranks_and_logloss_are_scipys_and_scikit_learns():
+    """Written with NumPy so that a training worker's first validation does not import scipy.stats and
+    scikit-learn's metrics (~2 s); the libraries stay the references."""
+    from scipy.stats import rankdata
+    from sklearn.metrics import log_loss
+
+    rng = np.random.default_rng(5)
+    for x in (np.round(rng.normal(size=2_001), 1),  # many ties
+              rng.normal(size=500).astype(np.float32),  # none
+              np.array([3.0, -np.inf, np.inf, 3.0, -0.0, 0.0, 1e300]),  # infinities, signed zeros
+              np.full(7, 2.5), np.array([1.0]), np.zeros(0)):
+        assert np.array_equal(midranks(x), rankdata(x))
+    with_nan = np.array([0.3, np.nan, 0.1])
+    assert np.isnan(midranks(with_nan)).all() and np.isnan(rankdata(with_nan)).all()
+    labels = (rng.random(3_000) < 0.3).astype(np.float64)
+    probs = np.clip(rng.random(3_000), 1e-7, 1 - 1e-7)
+    probs[:5] = [1e-7, 1 - 1e-7, 0.5, 1e-7, 1 - 1e-7]
+    assert logloss(labels, probs) == pytest.approx(log_loss(labels, probs), rel=1e-12)
+    assert evaluate(labels, probs)["logloss"] == pytest.approx(log_loss(labels, probs), rel=1e-12)
+    assert logloss(np.zeros(4), np.full(4, 0.2)) == pytest.approx(log_loss(np.zeros(4), np.full(4, 0.2),
+                                                                             labels=[0, 1]), rel=1e-12)
 
 
 def test_the_standard_error_is_the_spread_of_the_auc_over_resampled_rows():
