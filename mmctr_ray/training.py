@@ -17,7 +17,7 @@ import resource
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -178,8 +178,9 @@ def _worker_row(memory: MemoryPeaks) -> dict[str, list[float]]:
             **{f"worker_peak_{k}_mib": [round(r[k], 1) for r in ranks] for k in ranks[0]}}
 
 
-def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, resume_from: str | None,
-             cfg: TrainConfig) -> TrainState | None:
+def _resume_point(resume_from: str | None) -> tuple[Any, int]:
+    """Where this attempt resumes and the epoch that checkpoint holds: Ray Train's registered checkpoint (after a
+    worker restart, in this run), or ``resume_from``, or ``(None, 0)`` for a fresh start."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()  # the latest Ray Train registered: after a worker restart, in this run
@@ -188,9 +189,51 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, resume_from: st
     # controller learns of a report at its next poll of the worker: a worker killed soon after its report
     # restarted from the epoch before, or from scratch)
     newer = resume_from and ckpt and (checkpoint_epoch(resume_from) or 0) > (checkpoint_epoch(ckpt.path) or 0)
-    context = ckpt.as_directory() if ckpt and not newer else contextlib.nullcontext(resume_from)
+    if ckpt and not newer:
+        return ckpt, checkpoint_epoch(ckpt.path) or 0
+    return (resume_from, checkpoint_epoch(resume_from) or 0) if resume_from else (None, 0)
+
+
+def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, resume_from: str | None,
+             cfg: TrainConfig) -> TrainState | None:
+    """Load :func:`_resume_point`'s checkpoint into ``model`` and ``optimizer``; its state, or None (a fresh start)."""
+    source, _ = _resume_point(resume_from)
+    context = source.as_directory() if hasattr(source, "as_directory") else contextlib.nullcontext(source)
     with context as directory:
         return None if directory is None else load_into(model, optimizer, directory, cfg)
+
+
+class EarlyBatches:
+    """``batches`` with its first item fetched from construction on, in a thread of its own: the Ray Data pipeline
+    starts while the caller builds its model and optimizer.
+
+    A training worker's first batch of a fresh Ray came 3.3 s after the set-up, which itself took ~2.4 s, nearly all
+    of it the first ``torch.optim`` call importing ``torch._dynamo`` (2-core VM, 2026-12-01). Iterating yields the
+    first item (raising what fetching it raised) and then the rest; :meth:`close` ends a stream that is not
+    wanted after all."""
+
+    _END = object()
+
+    def __init__(self, batches: Iterator[Any]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._batches = batches
+        pool = ThreadPoolExecutor(1, thread_name_prefix="mmctr-first-batch")
+        self._first = pool.submit(next, batches, self._END)
+        pool.shutdown(wait=False)
+
+    def __iter__(self) -> Iterator[Any]:
+        first = self._first.result()
+        if first is not self._END:
+            yield first
+            yield from self._batches
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # the stream is dropped: what reading it raised no longer matters
+            self._first.result()
+        close = getattr(self._batches, "close", None)
+        if close is not None:
+            close()
 
 
 def _reported(row: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -326,14 +369,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if device.type == "cpu":  # Ray sets 1 thread per logical CPU requested: share this node's cores instead, with
         # this run's other workers there and, in a search, the other trials' (`runs_per_node`)
         torch.set_num_threads(cpu_threads(ctx.get_local_world_size() * config.get("runs_per_node", 1)))
-    torch.manual_seed(cfg.train.seed)
+    # the newest complete checkpoint in RUN (which starts empty unless resumed), as rank 0 sees it: every rank
+    # starts from the same one even where a shared file system shows a new file to some nodes later than others
+    latest = _broadcast(str(latest_checkpoint(config["run_dir"]) or "") if rank == 0 else None) or None
+    per_worker = max(1, cfg.train.batch_size // world)
+    steps_per_epoch = max(1, config["train_rows"] // (per_worker * world))
+    budget = resident_budget(cfg.train.resident, cfg.train.resident_max_mib, device, cfg.train.deterministic,
+                             config.get("gpus_per_worker") or 1.0)
+    first_epoch = _resume_point(latest)[1] + 1
+    early = None  # the first epoch of this attempt starts streaming now, while the model is built (EarlyBatches)
+    if first_epoch <= cfg.train.epochs:
+        early_recorder = ShardRecorder(budget, -(-config["train_rows"] // world))
+        early = (first_epoch, early_recorder, EarlyBatches(iter(_streamed_batches(
+            ray.train.get_dataset_shard("train"), per_worker, device, cfg.train, first_epoch, early_recorder))))
+    torch.manual_seed(cfg.train.seed)  # the stream's thread draws nothing from torch's generators
     table = load_item_table(config["data_dir"], cfg.data.item_vector)
     fmap = FeatureMap(**config["feature_map"])
     model = DINModel(cfg.model, fmap, **table.to_torch(device)).to(device)
     optimizer = make_optimizer(model, cfg.train, device)
-    # the newest complete checkpoint in RUN (which starts empty unless resumed), as rank 0 sees it: every rank
-    # starts from the same one even where a shared file system shows a new file to some nodes later than others
-    latest = _broadcast(str(latest_checkpoint(config["run_dir"]) or "") if rank == 0 else None) or None
     state = _restore(model, optimizer, latest, cfg.train) or TrainState(lr=cfg.train.lr)
     resumed_from = state.epoch  # 0: a fresh start
     registered = ray.train.get_checkpoint()  # the same on every rank
@@ -345,12 +398,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             model, ["item_embedding.item_tags", "item_embedding.item_vectors"])
     ddp = ray.train.torch.prepare_model(model) if world > 1 else model
     run_log = RunLog(config["run_dir"], enabled=rank == 0)
-    per_worker = max(1, cfg.train.batch_size // world)
-    steps_per_epoch = max(1, config["train_rows"] // (per_worker * world))
     stop = state.bad_epochs >= cfg.train.patience  # a resumed run that had already stopped early stays stopped
+    if early is not None and (stop or early[0] != state.epoch + 1):  # no epoch to train, or not that one
+        early[2].close()
+        early = None
     memory = MemoryPeaks()
-    budget = resident_budget(cfg.train.resident, cfg.train.resident_max_mib, device, cfg.train.deterministic,
-                             config.get("gpus_per_worker") or 1.0)
     if rank == 0 and cfg.train.resident == "on" and cfg.train.deterministic and cfg.train.shuffle_buffer:
         log.warning("train.resident=on in a deterministic run: a restarted worker streams the epoch it resumes in, "
                     "so its order differs from an uninterrupted run's, which shuffles the kept shard (auto keeps "
@@ -365,7 +417,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             epoch = state.epoch + 1
             seed_epoch(cfg.train.seed, rank, epoch)  # after the model: the same initial weights on every rank
             recorder = None
-            if shard is None:  # keep it while streaming, the first time only (a shard that was not kept stays streamed)
+            if early is not None and early[0] == epoch:  # the stream started during the set-up
+                _, recorder, batches = early
+                early = None
+            elif shard is None:  # keep it while streaming, the first time only (a shard not kept stays streamed)
                 recorder = ShardRecorder(0 if keep_tried else budget, -(-config["train_rows"] // world))
                 batches = _streamed_batches(ray.train.get_dataset_shard("train"), per_worker, device, cfg.train,
                                             epoch, recorder)

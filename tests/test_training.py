@@ -527,6 +527,39 @@ def test_rays_benign_kill_actor_error_is_not_printed_and_every_other_line_is(mon
     assert not drop_benign_ray_lines()
 
 
+def test_early_batches_fetch_the_first_batch_before_iteration_and_yield_every_batch_once():
+    """A worker starts its first epoch's stream before it builds the model (`EarlyBatches`): the first batch is
+    read meanwhile, then iteration yields it and the rest unchanged; a failed read raises at iteration, and a
+    stream that is not wanted (a resumed run that had stopped early) is closed."""
+    import threading
+
+    from mmctr_ray.training import EarlyBatches
+
+    fetched, closed = threading.Event(), []
+
+    def source(n, fail=False):
+        try:
+            for i in range(n):
+                if fail:
+                    raise DataError("train.parquet: bad row")
+                fetched.set()
+                yield i
+        finally:
+            closed.append(n)
+
+    early = EarlyBatches(source(5))
+    assert fetched.wait(10)  # read without anyone iterating
+    assert list(early) == [0, 1, 2, 3, 4] and closed == [5]
+    assert list(EarlyBatches(source(0))) == []
+    failed = EarlyBatches(source(3, fail=True))
+    with pytest.raises(DataError, match="bad row"):
+        list(failed)
+    closed.clear()
+    unwanted = EarlyBatches(source(7))
+    unwanted.close()
+    assert closed == [7]
+
+
 def test_the_progress_line_times_the_steps_its_clock_saw(tmp_path, caplog):
     """The clock starts at step 2 (step 1 waits for the data pipeline), so at step 3 it has seen 2 steps: the ETA
     divided by 3 and came out a third short (half, on the first line of an epoch, at step 2)."""
@@ -547,7 +580,7 @@ def test_resume_takes_a_complete_checkpoint_ray_train_had_not_registered(plain_r
     taken; after a worker restart within a run, the registered one stays the newer."""
     import ray.train
 
-    from mmctr_ray.training import _restore, make_optimizer
+    from mmctr_ray.training import _restore, _resume_point, make_optimizer
 
     run = plain_run[0]
     first, second = (str(run / f"checkpoint_epoch_{e:03d}") for e in (1, 2))
@@ -559,6 +592,7 @@ def test_resume_takes_a_complete_checkpoint_ray_train_had_not_registered(plain_r
         monkeypatch.setattr(ray.train, "get_checkpoint",
                             lambda r=registered: r and ray.train.Checkpoint.from_directory(r))
         assert _restore(model, optimizer, on_disk, cfg.train).epoch == epoch, (registered, on_disk)
+        assert _resume_point(on_disk)[1] == epoch  # what the worker streams before it loads the checkpoint
 
 
 @pytest.mark.slow
