@@ -10,7 +10,9 @@ pipeline at all). Both are measured the same two ways, each as rows trained over
 * **steady**: from each epoch's second step on (the rate `mmctr train` logs: its first step waits for Ray Data's
   pipeline to fill, the plain loop's for nothing much);
 * **whole epoch**: every step of every epoch, the first included (validation and start-up excluded on both
-  sides): what an epoch costs.
+  sides): what an epoch costs. Start-up is the plain loop's read of the split into tensors and, since 2026-12-01,
+  the part of Ray Data's first fetch that a worker's set-up overlaps (``training.EarlyBatches``): the worker's
+  first-epoch clock starts after its model is built, and the wait for the first batch that remains is in it.
 
 Neither side takes a warm-up step: each pays its process's first steps in its first epoch. On the 2-core VM the
 first step of a process faults in ~1.9 GB of fresh activation memory (~490k page faults, the kernel zeroing the
