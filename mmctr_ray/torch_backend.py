@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -49,8 +50,6 @@ def _load_torch() -> None:
 
 
 def _environment(addr: str, port: int) -> None:
-    import os
-
     from ray.train.torch.config import _set_torch_distributed_env_vars
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)

@@ -376,12 +376,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     steps_per_epoch = max(1, config["train_rows"] // (per_worker * world))
     budget = resident_budget(cfg.train.resident, cfg.train.resident_max_mib, device, cfg.train.deterministic,
                              config.get("gpus_per_worker") or 1.0)
+
+    def stream(epoch: int, keep_budget: int) -> tuple[ShardRecorder, Iterator[dict[str, torch.Tensor]]]:
+        """Epoch ``epoch`` streamed from this rank's shard, recorded for keeping within ``keep_budget`` bytes."""
+        recorder = ShardRecorder(keep_budget, -(-config["train_rows"] // world))
+        return recorder, _streamed_batches(ray.train.get_dataset_shard("train"), per_worker, device, cfg.train,
+                                           epoch, recorder)
+
     first_epoch = _resume_point(latest)[1] + 1
     early = None  # the first epoch of this attempt starts streaming now, while the model is built (EarlyBatches)
     if first_epoch <= cfg.train.epochs:
-        early_recorder = ShardRecorder(budget, -(-config["train_rows"] // world))
-        early = (first_epoch, early_recorder, EarlyBatches(iter(_streamed_batches(
-            ray.train.get_dataset_shard("train"), per_worker, device, cfg.train, first_epoch, early_recorder))))
+        early_recorder, early_batches = stream(first_epoch, budget)
+        early = (first_epoch, early_recorder, EarlyBatches(early_batches))
     torch.manual_seed(cfg.train.seed)  # the stream's thread draws nothing from torch's generators
     table = load_item_table(config["data_dir"], cfg.data.item_vector)
     fmap = FeatureMap(**config["feature_map"])
@@ -421,9 +427,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 _, recorder, batches = early
                 early = None
             elif shard is None:  # keep it while streaming, the first time only (a shard not kept stays streamed)
-                recorder = ShardRecorder(0 if keep_tried else budget, -(-config["train_rows"] // world))
-                batches = _streamed_batches(ray.train.get_dataset_shard("train"), per_worker, device, cfg.train,
-                                            epoch, recorder)
+                recorder, batches = stream(epoch, 0 if keep_tried else budget)
             else:
                 batches = shard.batches(per_worker, resident_steps,
                                         cfg.train.seed + epoch if cfg.train.shuffle_buffer else None)
