@@ -217,7 +217,7 @@ class TrainConfig:
         seed: seed for weights and data order.
         precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
         shuffle_buffer: rows in each worker's local shuffle buffer (0: read order).
-        deterministic: read the training split in file order (Ray Data ``preserve_order``), so that the seed
+        deterministic: read the training split in a fixed order (Ray Data ``preserve_order``), so that the seed
             alone fixes the order of the rows each epoch, for some throughput. On the CPU such a run repeats bit
             for bit, resumed or restarted after a worker died too (dropout is seeded per epoch), unless
             ``resident`` is ``on``; on CUDA it does not (``index_add``, the backward of the model's gathers, adds

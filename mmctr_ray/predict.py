@@ -3,8 +3,10 @@
 The submission is a zip holding ``prediction.csv`` with header ``ID,Task2``: ``ID`` is the row's position in
 the split (0..N-1, in file order) and ``Task2`` its predicted click probability, clipped into (0, 1). Scoring
 runs in a pool of actors (the model is loaded once per actor from the run's best checkpoint, downloaded first
-when the run is a storage URI; the item table is rebuilt from the data directory); Ray Data's ``preserve_order``
-keeps rows in file order. The run may be a local path or a storage URI; data and submission are local paths.
+when the run is a storage URI; the item table is rebuilt from the data directory); the split is read by Ray
+Data's V1 Parquet reader whatever its size (``read_split(ordered=True)``: V2 reads a large split out of row order)
+and ``preserve_order`` keeps its rows in file order. The run may be a local path or a storage URI; data and
+submission are local paths.
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ def _score(checkpoint: Location, data_dir: str | Path, split: str, max_len: int,
     from ray.data import ActorPoolStrategy
 
     check_actors(actors, gpus_per_actor)  # a pool the local Ray cannot hold beside the reads would wait for good
-    ds = read_split(data_dir, split, max_len=max_len, batch_rows=batch_size)
+    ds = read_split(data_dir, split, max_len=max_len, batch_rows=batch_size, ordered=True)  # IDs: row order
     scored = ds.map_batches(Scorer, fn_constructor_kwargs={"checkpoint_dir": str(checkpoint),
                                                            "data_dir": str(Path(data_dir).resolve()),
                                                            "use_gpu": gpus_per_actor > 0, "sharers": actors},

@@ -252,7 +252,7 @@ def test_existing_run_is_never_overwritten_silently(two_worker_run, synth_dir):
 
 @pytest.mark.slow
 def test_predict_writes_the_submission_in_test_row_order(two_worker_run, synth_dir, tiny_spec, tmp_path,
-                                                         split_into_parts):
+                                                         split_into_parts, monkeypatch):
     run, _ = two_worker_run
     out = tmp_path / "sub.zip"
     summary = run_predict(run, synth_dir, out)
@@ -270,11 +270,16 @@ def test_predict_writes_the_submission_in_test_row_order(two_worker_run, synth_d
     assert summary["rows"] == tiny_spec.test_rows and 0.5 < summary["metrics"]["auc"] <= 1
     with pytest.raises(OutputExistsError):
         run_predict(run, synth_dir, out)
-    # the test split as a folder of part files: the same submission, rows in the parts' order
+    # the test split as a folder of part files: the same submission, rows in the parts' order, also where the
+    # split is large enough for Ray Data's default reader (V2), which reads out of file order (tests/test_features.py)
     import shutil
+
+    import mmctr_ray.features as features
 
     parted = shutil.copytree(synth_dir, tmp_path / "parted", ignore=shutil.ignore_patterns("item_images"))
     split_into_parts(parted, "test", 4)
+    monkeypatch.setattr(features, "V1_MAX_ROWS", 0)
+    monkeypatch.setenv("RAY_DATA_PARQUET_BIN_PACKING_BYTES", str(4 << 10))  # V2's read units: a row group each
     again = run_predict(run, parted, tmp_path / "parted.zip")
     with zipfile.ZipFile(tmp_path / "parted.zip") as zf:
         assert zf.read("prediction.csv").decode() == text
