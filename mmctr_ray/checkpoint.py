@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,8 +134,10 @@ PREFIX = "checkpoint_epoch_"
 
 
 def checkpoint_epoch(path: Location | str) -> int | None:
-    """The epoch in a checkpoint directory's name (``.../checkpoint_epoch_003`` → 3); None for another name."""
-    name = posixpath.basename(str(path).rstrip("/"))
+    """The epoch in a checkpoint directory's name (``.../checkpoint_epoch_003`` → 3); None for another name.
+
+    A URI's query (``s3://b/run/checkpoint_epoch_003?region=x``) is not part of the name."""
+    name = storage.basename(path)
     return int(name.removeprefix(PREFIX)) if name.startswith(PREFIX) and name[len(PREFIX):].isdigit() else None
 
 

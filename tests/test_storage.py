@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from mmctr_ray import storage
-from mmctr_ray.checkpoint import (TrainState, best_checkpoint, epoch_checkpoints, latest_checkpoint, load_checkpoint,
-                                  save_checkpoint)
+from mmctr_ray.checkpoint import (TrainState, best_checkpoint, checkpoint_epoch, epoch_checkpoints, latest_checkpoint,
+                                  load_checkpoint, save_checkpoint)
 from mmctr_ray.config import load_config
 from mmctr_ray.errors import ConfigError, DataError
 from mmctr_ray.features import FeatureMap
@@ -134,6 +134,24 @@ def test_epoch_1000_sorts_after_999_and_local_writes_replace_whole(tmp_path):
     storage.write_text(tmp_path / "metrics.jsonl", "a\n")
     storage.write_text(tmp_path / "metrics.jsonl", "b\n")  # renamed over the old file: never seen half-written
     assert (tmp_path / "metrics.jsonl").read_text() == "b\n" and not list(tmp_path.glob(".metrics.jsonl.partial*"))
+
+
+def test_the_epoch_in_a_checkpoint_uri_ignores_its_query(monkeypatch):
+    """A run on ``s3://b/run?region=x`` names its checkpoints ``s3://b/run/checkpoint_epoch_003?region=x``: the epoch
+    read None, so a resume missed a checkpoint written after Ray Train's registered one and trained that epoch again."""
+    import types
+
+    import ray.train
+
+    from mmctr_ray.training import _resume_point
+
+    newer = "s3://b/run/checkpoint_epoch_003?region=eu-west-1"
+    assert checkpoint_epoch(newer) == 3 and checkpoint_epoch("s3://b/run/checkpoint_epoch_003/?region=x") == 3
+    assert checkpoint_epoch(Path("/r/checkpoint_epoch_012/")) == 12 and checkpoint_epoch("/r/metrics.jsonl") is None
+    registered = types.SimpleNamespace(path="b/run/checkpoint_epoch_002")  # Ray's path: inside its filesystem
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: registered)
+    assert _resume_point(newer) == (newer, 3)
+    assert _resume_point("s3://b/run/checkpoint_epoch_001?region=x") == (registered, 2)
 
 
 @pytest.mark.parametrize("kind", ["path", "file://"])
