@@ -193,6 +193,17 @@ def check_batch_size(batch_size: int, train_rows: int, workers: int) -> None:
                           f"split: not one full batch to train on; lower train.batch_size")
 
 
+def check_batch_norm_rows(batch_size: int, workers: int, batch_norm: bool) -> None:
+    """Raise a one-line ConfigError when ``model.batch_norm`` would see one-row batches: each worker trains on
+    ``batch_size // workers`` rows, and BatchNorm has no batch statistics for one row (it stops the first step)."""
+    per_worker = max(1, batch_size // workers)
+    if batch_norm and per_worker < 2:
+        split = f" over {workers} workers" if workers > 1 else ""
+        raise ConfigError(f"train.batch_size={batch_size:,}{split} gives each worker a batch of {per_worker} row: "
+                          f"model.batch_norm needs at least 2; raise train.batch_size to {2 * workers} or more, "
+                          f"or set model.batch_norm=false")
+
+
 def check_splits(data_dir: str | Path, splits: Iterable[str]) -> dict[str, int]:
     """:func:`check_split` for each of ``splits``; their row counts."""
     items = num_items(data_dir)

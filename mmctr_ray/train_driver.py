@@ -33,7 +33,7 @@ from mmctr_ray.errors import ConfigError, DataError, Interrupted, OutputExistsEr
 from mmctr_ray.features import FeatureMap, build_feature_map, check_same_table, load_item_table, read_split
 from mmctr_ray.host_malloc import worker_env
 from mmctr_ray.layers.embedding import root_mean_square
-from mmctr_ray.preflight import check_batch_size, check_splits, check_valid_labels
+from mmctr_ray.preflight import check_batch_norm_rows, check_batch_size, check_splits, check_valid_labels
 from mmctr_ray.ray_env import check_local_pool, check_pool, sigterm_flag, torch_trainer
 from mmctr_ray.report import describe_run
 from mmctr_ray.schema import SPLITS, Layout
@@ -286,6 +286,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     latest = latest_checkpoint(run) if resume else None  # where a resume continues (the driver writes none)
     rows, fmap = check_inputs(data_dir, cfg, resume, latest)  # bad input fails here, before RUN is touched
     check_batch_size(cfg.train.batch_size, rows["train"], workers)
+    check_batch_norm_rows(cfg.train.batch_size, workers, cfg.model.batch_norm and bool(cfg.model.dnn_units))
     _check_run_dir(run, cfg, resume, overwrite)
     ended = _nothing_to_train(run, cfg) if resume and not callbacks else None  # (a Tune trial, with callbacks,
     if ended:  # is left to Ray Train and run_trial, as before)

@@ -48,7 +48,7 @@ from mmctr_ray.errors import ConfigError, DataError, Interrupted, OutputExistsEr
 from mmctr_ray.features import has_placeholder_embeddings
 from mmctr_ray.fuse import source_file
 from mmctr_ray.metrics import se_text
-from mmctr_ray.preflight import check_batch_size, check_splits, check_valid_labels
+from mmctr_ray.preflight import check_batch_norm_rows, check_batch_size, check_splits, check_valid_labels
 from mmctr_ray.ray_env import DATA_CPU_RESERVE, private_local_ray, sigterm_flag
 from mmctr_ray.schema import SPLITS
 from mmctr_ray.search_space import SearchSpace, load_search
@@ -454,6 +454,7 @@ def check_inputs(data_dir: str | Path, search_yaml: str | Path | None, overrides
     check_valid_labels(data_dir)
     if space is not None:  # the largest batch any trial can draw must fit the training split
         check_batch_size(max(batch_sizes(space)), rows["train"], workers)
+        check_batch_norm_rows(min(batch_sizes(space)), workers, _can_batch_norm(space))
         _refuse_placeholders(data_dir, space, source)
     return rows
 
@@ -492,13 +493,21 @@ def check_resources(workers: int, gpus_per_trial: float) -> None:
         raise ConfigError(f"--gpus-per-trial {gpus_per_trial:g}: above 1 GPU a worker needs a whole number of GPUs")
 
 
+def _can_batch_norm(space: SearchSpace) -> bool:
+    """Whether a trial of ``space`` can train with ``model.batch_norm`` on: the base config's, or a searched value."""
+    searched = [p for p in space.params if p.key == "model.batch_norm"]
+    return space.trial_config({}).model.batch_norm or any(v is True for p in searched for v in p.values)
+
+
 def batch_sizes(space: SearchSpace) -> list[int]:
-    """Every ``train.batch_size`` a trial of ``space`` can use: the base config's, or the searched values."""
+    """The ``train.batch_size`` values a trial of ``space`` can use (a searched range as its two ends): the searched
+    ones, and the base config's where the search may leave it (a conditional search of it, or none)."""
     searched = [p for p in space.params if p.key == "train.batch_size"]
+    base = [space.trial_config({}).train.batch_size]
     if not searched:
-        return [space.trial_config({}).train.batch_size]
+        return base
     p = searched[0]
-    return [int(v) for v in (p.values if p.kind == "choice" else p.values[1:])]
+    return [int(v) for v in p.values] + (base if p.when else [])
 
 
 def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Path | None, overrides: list[str] = (),

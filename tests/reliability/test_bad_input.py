@@ -167,6 +167,10 @@ def batch_larger_than_the_split(d, t):
     return _train(d, t, "--set", "train.batch_size=100000")
 
 
+def one_row_batches_under_batch_norm(d, t):  # before: BatchNorm1d stopped the first step inside a worker
+    return _train(d, t, "--workers", "2", "--set", "train.batch_size=3")
+
+
 def nan_item_vector(d, t):
     def change(tb):
         vecs = tb.column("item_emb_d128").to_pylist()
@@ -388,6 +392,12 @@ def search_batch_larger_than_the_split(d, t):
     return ["tune", "--data", str(d), "--out", str(t / "tune"), "--config", str(t / "s.yaml")]
 
 
+def search_of_one_row_batches_under_batch_norm(d, t):
+    (t / "s.yaml").write_text(yaml.safe_dump({**yaml.safe_load((ROOT / "configs/search_tiny.yaml").read_text()),
+                                             "search": {"space": {"train.batch_size": {"int": [1, 256]}}}}))
+    return ["tune", "--data", str(d), "--out", str(t / "tune"), "--config", str(t / "s.yaml")]
+
+
 def _tune(d: Path, t: Path, *extra: str) -> list[str]:
     return ["tune", "--data", str(d), "--out", str(t / "tune"), "--config", "configs/search_tiny.yaml", *extra]
 
@@ -469,6 +479,8 @@ CASES = [
     (valid_of_one_class, ["valid.parquet: column label: label 0 in all", "expected clicks (1) and non-clicks (0)"],
      ["run"]),
     (batch_larger_than_the_split, ["train.batch_size=100,000 exceeds the", "rows of the training split"], ["run"]),
+    (one_row_batches_under_batch_norm, ["train.batch_size=3 over 2 workers gives each worker a batch of 1 row: "
+                                        "model.batch_norm needs at least 2"], ["run"]),
     (nan_item_vector, ["item_info.parquet: column item_emb_d128: NaN/inf in the vector of item 5"], ["run"]),
     (item_rows_out_of_order, ["item_info.parquet: column item_id: row 1 holds 2"], ["run"]),
     (missing_item_info, ["item_info.parquet: missing file"], ["run"]),
@@ -507,6 +519,8 @@ CASES = [
     (user_ids_beyond_the_checkpoint, ["column user_id: values up to 1000000", "has ids 0..",
                                       "(model.use_user_id; a checkpoint of other data)"], ["sub.zip"]),
     (search_batch_larger_than_the_split, ["train.batch_size=65,536 exceeds the", "training split"], ["tune"]),
+    (search_of_one_row_batches_under_batch_norm, ["train.batch_size=1 gives each worker a batch of 1 row",
+                                                  "or set model.batch_norm=false"], ["tune"]),
     (tune_on_placeholder_vectors, ["converted by `mmctr convert`, its shipped embedding columns are zero "
                                    "placeholders, which trials of fusion.strategy", "with --source shipped"],
      ["tune"]),
