@@ -120,15 +120,24 @@ def _trial_config(space: SearchSpace, params: dict[str, Any], tune_dir: Path, da
     from mmctr_ray.tune_report import CACHE_DIR
 
     cfg = space.trial_config(params)
-    # "given" is the shipped vector when the search picks the strategy; otherwise the base config's table stays
-    searched = any(p.key == "fusion.strategy" for p in space.params)
-    vector = "given" if searched else cfg.data.item_vector
-    if cfg.fusion.strategy != "given":
+    if cfg.fusion.strategy == "given":  # a sampled "given" is the shipped vector; the base's strategy, its table
+        vector = "given" if "fusion.strategy" in params else cfg.data.item_vector
+    elif not _fits_in_trial(params, cfg):  # the base's fused table (e.g. a best.yaml), fused as this trial asks
+        vector = cfg.data.item_vector
+    else:
         table, fitted = cached_fusion(tune_dir / CACHE_DIR, data_dir, cfg.fusion, source, seed=cfg.train.seed,
                                       axes=space.fusion_axes())
         log.info("fusion %s: %s (%s)", cfg.fusion.strategy, table.name, "written" if fitted else "from the cache")
         vector = str(table)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, item_vector=vector))
+
+
+def _fits_in_trial(params: dict[str, Any], cfg: ExperimentConfig) -> bool:
+    """Whether a trial with ``cfg`` (a v1..v4 strategy) fuses its table from ``--source``: when it sampled a
+    ``fusion.*`` key, or its base config names no fused table (``data.item_vector: given``). Otherwise it trains on
+    the base config's table, which was fused with the same settings (before, a search reusing best.yaml refitted
+    it, from whatever ``--source`` this search was given)."""
+    return any(k.startswith("fusion.") for k in params) or cfg.data.item_vector == "given"
 
 
 SHARED_DATA_FRACTION = 0.25  # splits read once per search when they take at most this share of the object store
@@ -468,8 +477,10 @@ def _refuse_placeholders(data_dir: str | Path, space: SearchSpace, source: str) 
     base = space.trial_config({})
     picked = next((p for p in space.params if p.key == "fusion.strategy"), None)
     strategies = set(picked.values) if picked is not None else set()
-    if picked is None or picked.when:  # trials that do not sample it keep the base's vectors
-        strategies |= {base.fusion.strategy} if base.data.item_vector == "given" else set()
+    if picked is None or picked.when:  # trials that do not sample it: the base's strategy, fused from --source
+        others = any(p.key.startswith("fusion.") and p.key != "fusion.strategy" for p in space.params)
+        if base.data.item_vector == "given" or (others and base.fusion.strategy != "given"):  # (_fits_in_trial)
+            strategies.add(base.fusion.strategy)
     if strategies and (source == "shipped" or "given" in strategies):
         raise ConfigError(f"{data_dir}: converted by `mmctr convert`, its shipped embedding columns are zero "
                           f"placeholders, which trials of fusion.strategy {', '.join(sorted(strategies))} with "

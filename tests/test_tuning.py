@@ -425,6 +425,36 @@ def test_a_base_item_table_is_kept_unless_the_search_picks_the_strategy(tmp_path
     assert cfg.data.item_vector == "given"  # a searched "given" is the shipped vector
 
 
+def test_a_fused_base_table_is_refitted_only_when_the_trial_samples_fusion(tmp_path, monkeypatch):
+    """best.yaml reused as a search's base (fusion v3, its fused table) for a search of model settings: every
+    trial refitted v3 from this search's --source (another source: other vectors than the base's), and on
+    converted data with --source shipped each trial failed at its start, which the up-front check missed."""
+    import mmctr_ray.pca_cache
+    from mmctr_ray.tuning import _refuse_placeholders, _trial_config
+
+    fits = []
+    monkeypatch.setattr(mmctr_ray.pca_cache, "cached_fusion", lambda cache, data, fusion, source, seed, axes: (
+        fits.append((fusion.strategy, fusion.dims, source)) or (tmp_path / "fit.parquet", True)))
+    raw = yaml.safe_load((ROOT / "configs/search_tiny.yaml").read_text())
+    raw["data"]["item_vector"] = str(tmp_path / "best_fused.parquet")
+    raw["fusion"] = {"strategy": "v3", "dims": 16}
+    for space, params, table in (({"model.dropout": {"float": [0.0, 0.2]}}, {"model.dropout": 0.1}, "best_fused"),
+                                 ({"fusion.dims": {"int": [8, 32]}}, {"fusion.dims": 8}, "fit")):
+        raw["search"]["space"] = space
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+        cfg = _trial_config(load_search(tmp_path / "s.yaml"), params, tmp_path, tmp_path, "raw.parquet")
+        assert cfg.data.item_vector == str(tmp_path / f"{table}.parquet")
+    assert fits == [("v3", 8, "raw.parquet")]  # the dims sampled: a fit; the model settings alone: none
+
+    (tmp_path / "convert.json").write_text(json.dumps({"placeholder_embeddings": True}))
+    _refuse_placeholders(tmp_path, load_search(tmp_path / "s.yaml"), "raw.parquet")  # fits from raw: fine
+    with pytest.raises(ConfigError, match="which trials of fusion.strategy v3 with --source shipped"):
+        _refuse_placeholders(tmp_path, load_search(tmp_path / "s.yaml"), "shipped")  # fits from the zeros
+    raw["search"]["space"] = {"model.dropout": {"float": [0.0, 0.2]}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    _refuse_placeholders(tmp_path, load_search(tmp_path / "s.yaml"), "shipped")  # the base table: no vector read
+
+
 def test_report_keeps_a_failed_trials_error_status(tmp_path):
     """`mmctr report TUNE` rebuilds the tables without Tune's results: the errors and the trials the search saw
     come from tune_results.json (before, a trial that failed at epoch 1 was listed as pruned, and a folder Tune
