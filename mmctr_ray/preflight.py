@@ -124,7 +124,10 @@ def num_items(data_dir: str | Path) -> int:
     lay = Layout(data_dir)
     if not lay.item_info.is_file():
         raise DataError(lay.missing(lay.item_info))
-    return _opened(lay.item_info, {"item_id": ITEM_INFO_COLUMNS["item_id"]}).metadata.num_rows - 1
+    items = _opened(lay.item_info, {"item_id": ITEM_INFO_COLUMNS["item_id"]}).metadata.num_rows - 1
+    if items < 1:
+        raise DataError(f"{lay.item_info}: holds only the padding row 0, expected the items 1..N after it")
+    return items
 
 
 def check_files(data_dir: str | Path, splits: Iterable[str]) -> None:

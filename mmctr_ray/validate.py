@@ -176,14 +176,14 @@ def _scan_split(check: _FileCheck, pf: pq.ParquetFile, n_items: int | None, is_t
         if "user_id" in cols:
             uid = cols["user_id"].to_numpy(zero_copy_only=False)
             check.bad("user_id", "non-negative ids", uid < 0, uid, offset)
-        if "item_id" in cols and n_items:
+        if "item_id" in cols and n_items is not None:
             iid = cols["item_id"].to_numpy(zero_copy_only=False)
             check.bad("item_id", f"item ids in 1..{n_items} (item_info rows)", (iid < 1) | (iid > n_items), iid, offset)
         if "item_seq" in cols:
             seq = cols["item_seq"]
             lengths = pc.list_value_length(seq).to_numpy(zero_copy_only=False)
             flat, rows = _list_values(check, seq, "item_seq", SPLIT_COLUMNS["item_seq"][2], offset)
-            if n_items:
+            if n_items is not None:
                 check.bad("item_seq", f"item ids in 0..{n_items} (0 = padding)", (flat < 0) | (flat > n_items),
                           flat, offset, rows)
             if len(np.unique(lengths)) == 1 and lengths[0] > 1:
@@ -268,6 +268,10 @@ def validate(root: str | Path, expect_test_rows: int | None = None) -> list[Prob
             _scan_items(check, pf, ITEM_INFO_COLUMNS, first_id=0)
             _check_padding_row(lay, pf, problems)
             n_items = pf.metadata.num_rows - 1
+            if n_items < 1:  # ids of the other files are then not checked against an empty range
+                problems.append(Problem(rel(lay.item_info), None, "holds only the padding row 0, expected the "
+                                                                  "items 1..N after it"))
+                n_items = None
         except _READ_ERRORS as err:
             problems.append(_unreadable(rel(lay.item_info), err))
         problems += check.problems()

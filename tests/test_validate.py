@@ -237,6 +237,14 @@ def test_embedding_wrong_width(data, file, column, width):
     the_error(data, file, column, f"lists of length {width}", f"first {width - 1} at row 2")
 
 
+def test_item_info_of_only_the_padding_row(data):
+    """Before: no error of its own, and the splits' ids went unchecked (a range of 1..0 read as "no range")."""
+    rewrite(data / INFO, lambda t: t.slice(0, 1))
+    the_error(data, INFO, None, "holds only the padding row 0, expected the items 1..N after it")
+    assert [str(p) for p in errors(data)] == [f"error: {INFO}: holds only the padding row 0, expected the items "
+                                              f"1..N after it"]
+
+
 def test_item_feature_duplicate_ids(data):
     rewrite(data / FEATURE, lambda t: pa.concat_tables([t, t.slice(41, 1)]))
     the_error(data, FEATURE, "item_id", "1 duplicate item ids; first 42")

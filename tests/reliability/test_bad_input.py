@@ -185,6 +185,11 @@ def item_rows_out_of_order(d, t):
     return _train(d, t)
 
 
+def item_info_of_only_the_padding_row(d, t):
+    _edit(item_info(d), lambda tb: tb.slice(0, 1))
+    return _train(d, t)
+
+
 def missing_item_info(d, t):
     item_info(d).unlink()
     return _train(d, t)
@@ -483,6 +488,8 @@ CASES = [
                                         "model.batch_norm needs at least 2"], ["run"]),
     (nan_item_vector, ["item_info.parquet: column item_emb_d128: NaN/inf in the vector of item 5"], ["run"]),
     (item_rows_out_of_order, ["item_info.parquet: column item_id: row 1 holds 2"], ["run"]),
+    (item_info_of_only_the_padding_row, ["item_info.parquet: holds only the padding row 0, expected the items 1..N"],
+     ["run"]),
     (missing_item_info, ["item_info.parquet: missing file"], ["run"]),
     (missing_data_dir, ["nowhere/MicroLens_1M_x1/", "missing file"], ["run"]),
     (invalid_yaml, ["bad.yaml", "line"], ["run"]),
