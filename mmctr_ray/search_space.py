@@ -225,6 +225,37 @@ def _check_values(space: SearchSpace, where: str) -> None:
             except ConfigError as err:
                 raise ConfigError(f"{where}: search.space.{p.key}: the value {value!r} gives no valid config "
                                   f"({err})") from None
+    _check_pairs(space, where)
+
+
+def _drawn(p: Param) -> tuple[Any, ...]:
+    """The values of ``p`` tried with another parameter's: its choices, each integer of an int range of at most 16,
+    or a range's two bounds."""
+    if p.kind == "int" and (p.values[1] - p.values[0]) // int(p.step or 1) < 16:
+        return tuple(range(p.values[0], p.values[1] + 1, int(p.step or 1)))
+    return tuple(p.values)
+
+
+def _check_pairs(space: SearchSpace, where: str) -> None:
+    """Every two values two parameters can draw together must make a valid config too: the config's rules across
+    keys (``item_vector_proj`` a multiple of ``embedding_dim``, the attention width a multiple of ``num_heads``,
+    ``min_lr`` at most ``lr``) otherwise failed as errored trials. Two parameters whose ``when`` conditions
+    cannot hold together are never drawn together and are skipped."""
+    for i, p in enumerate(space.params):
+        for q in space.params[i + 1:]:
+            allowed: dict[str, list[Any]] = {}  # the values each condition key may take, in the YAML's order
+            for key, values in (*p.when, *q.when):
+                allowed[key] = [v for v in allowed.get(key, values) if v in values]
+            if any(not v for v in allowed.values()):
+                continue  # p and q are never active in one trial
+            context = {k: v[0] for k, v in allowed.items() if k not in (p.key, q.key)}
+            for a in (v for v in _drawn(p) if v in allowed.get(p.key, [v])):
+                for b in (v for v in _drawn(q) if v in allowed.get(q.key, [v])):
+                    try:
+                        space.trial_config({**context, p.key: _encode(a), q.key: _encode(b)})
+                    except ConfigError as err:
+                        raise ConfigError(f"{where}: search.space: {p.key}={a!r} with {q.key}={b!r} gives no valid "
+                                          f"config ({err}); a trial can draw them together") from None
 
 
 def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = (), strict: bool = True) -> SearchSpace:

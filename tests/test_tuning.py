@@ -101,6 +101,15 @@ def test_define_by_run_samples_each_parameter_only_where_it_applies(tmp_path):
       "model.cross_layers": {"int": [1, 3], "when": {"model.crossnet": ["v2"]}}},
      "model.cross_layers: when model.crossnet is 'v2', a value model.crossnet never takes (choices ['off', 'v1'])"),
     ({"train.epochs": {"int": [2, 5]}}, "every trial trains search.max_epochs epochs"),
+    # each value valid alone, not together: trials drawing both errored at their start
+    ({"model.embedding_dim": {"choice": [64, 128]}, "model.item_vector_proj": {"choice": [128, 192]}},
+     "search.space: model.embedding_dim=128 with model.item_vector_proj=192 gives no valid config "
+     "(model.item_vector_proj=192: expected a multiple of model.embedding_dim=128)"),
+    ({"train.lr": {"float": [1e-5, 1e-2], "log": True}, "train.min_lr": {"float": [1e-6, 1e-4], "log": True}},
+     "train.lr=1e-05 with train.min_lr=0.0001 gives no valid config"),
+    ({"model.attention": {"choice": ["din", "multihead"]}, "model.item_vector_proj": {"choice": [128, 192]},
+      "model.num_heads": {"choice": [2, 128], "when": {"model.attention": ["multihead"]}}},  # widths 256 and 320
+     "model.item_vector_proj=192 with model.num_heads=128 gives no valid config"),
     ({"model.dropout": {"float": [0.0, 0.2]}, "reduction_factor": 1}, "search.reduction_factor=1: expected at least 2"),
 ])
 def test_bad_search_sections_are_one_line_errors(tmp_path, space, message):
