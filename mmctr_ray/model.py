@@ -126,6 +126,8 @@ class DINModel(nn.Module):
                 nn.init.xavier_normal_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+        if self.interaction.senet is not None:
+            self.interaction.senet.open_gates()  # no field starts with a gate stuck at 0
 
     def embedding_tables(self) -> list[nn.Parameter]:
         """The embedding tables (the only parameters the embedding L2 penalty applies to)."""

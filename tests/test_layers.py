@@ -365,6 +365,25 @@ def test_senet_reweights_each_field_by_its_gate():
         torch.testing.assert_close(out[b], FIELDS[b] * gate.unsqueeze(-1))
 
 
+def test_no_senet_field_starts_with_a_gate_stuck_at_zero():
+    """W2's rows start non-negative: an all-negative row gates its field to 0 for every input (the bottleneck is a
+    ReLU's output) and passes no gradient, so the field stayed off for the run (10 fields, ratio 3: in 75% of
+    seeds). Each field's gate must open for some input, in the layer alone and after the model's re-init."""
+    from mmctr_ray.config import ModelConfig
+    from mmctr_ray.features import FeatureMap
+    from mmctr_ray.model import DINModel
+
+    fmap = FeatureMap(num_items=5, tag_vocab=4, tags_per_item=2, vector_dim=8, num_users=3)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        senet = DINModel(ModelConfig(embedding_dim=4, item_vector_proj=8, senet=True, senet_ratio=3, num_heads=2),
+                         fmap, torch.zeros(6, 2, dtype=torch.long), torch.randn(6, 8)).interaction.senet
+        for module in (senet, SENet(10, ratio=3)):
+            z = torch.rand(256, module.excite[0].in_features) * 2 - 1  # squeezed fields of either sign
+            gates = module.excite(z)
+            assert (gates > 0).any(dim=0).all(), (seed, gates.amax(dim=0))
+
+
 @pytest.mark.parametrize("kind", ["field_all", "field_each", "field_interaction"])
 def test_bilinear_maps_start_as_a_linear_layer_of_their_width_would(kind):
     """Each (D, D) map gets xavier for D -> D (std 1/sqrt(D)), as FiBiNET's per-field Linear layers do; xavier on
