@@ -216,10 +216,7 @@ def _check_values(space: SearchSpace, where: str) -> None:
                                   f"never takes ({'choices' if parent.kind == 'choice' else 'range'} "
                                   f"{list(parent.values)})")
         context = {key: allowed[0] for key, allowed in p.when}
-        values = p.values
-        if p.kind == "int" and (p.values[1] - p.values[0]) // int(p.step or 1) < 256:
-            values = tuple(range(p.values[0], p.values[1] + 1, int(p.step or 1)))  # each integer a trial can draw
-        for value in values:  # the choices, each integer of a small int range, or a range's two bounds
+        for value in _drawn(p, most=256):
             try:
                 space.trial_config({**context, p.key: _encode(value)})
             except ConfigError as err:
@@ -228,10 +225,10 @@ def _check_values(space: SearchSpace, where: str) -> None:
     _check_pairs(space, where)
 
 
-def _drawn(p: Param) -> tuple[Any, ...]:
-    """The values of ``p`` tried with another parameter's: its choices, each integer of an int range of at most 16,
-    or a range's two bounds."""
-    if p.kind == "int" and (p.values[1] - p.values[0]) // int(p.step or 1) < 16:
+def _drawn(p: Param, most: int) -> tuple[Any, ...]:
+    """The values of ``p`` a check tries: its choices, each integer of an int range of at most ``most``, or a
+    range's two bounds."""
+    if p.kind == "int" and (p.values[1] - p.values[0]) // int(p.step or 1) < most:
         return tuple(range(p.values[0], p.values[1] + 1, int(p.step or 1)))
     return tuple(p.values)
 
@@ -249,8 +246,8 @@ def _check_pairs(space: SearchSpace, where: str) -> None:
             if any(not v for v in allowed.values()):
                 continue  # p and q are never active in one trial
             context = {k: v[0] for k, v in allowed.items() if k not in (p.key, q.key)}
-            for a in (v for v in _drawn(p) if v in allowed.get(p.key, [v])):
-                for b in (v for v in _drawn(q) if v in allowed.get(q.key, [v])):
+            for a in (v for v in _drawn(p, most=16) if v in allowed.get(p.key, [v])):
+                for b in (v for v in _drawn(q, most=16) if v in allowed.get(q.key, [v])):
                     try:
                         space.trial_config({**context, p.key: _encode(a), q.key: _encode(b)})
                     except ConfigError as err:

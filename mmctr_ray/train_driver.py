@@ -286,7 +286,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     latest = latest_checkpoint(run) if resume else None  # where a resume continues (the driver writes none)
     rows, fmap = check_inputs(data_dir, cfg, resume, latest)  # bad input fails here, before RUN is touched
     check_batch_size(cfg.train.batch_size, rows["train"], workers)
-    check_batch_norm_rows(cfg.train.batch_size, workers, cfg.model.batch_norm and bool(cfg.model.dnn_units))
+    check_batch_norm_rows(cfg.train.batch_size, workers, cfg.model.batch_norm)
     _check_run_dir(run, cfg, resume, overwrite)
     ended = _nothing_to_train(run, cfg) if resume and not callbacks else None  # (a Tune trial, with callbacks,
     if ended:  # is left to Ray Train and run_trial, as before)

@@ -39,6 +39,7 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -132,12 +133,12 @@ def _trial_config(space: SearchSpace, params: dict[str, Any], tune_dir: Path, da
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, item_vector=vector))
 
 
-def _fits_in_trial(params: dict[str, Any], cfg: ExperimentConfig) -> bool:
-    """Whether a trial with ``cfg`` (a v1..v4 strategy) fuses its table from ``--source``: when it sampled a
-    ``fusion.*`` key, or its base config names no fused table (``data.item_vector: given``). Otherwise it trains on
-    the base config's table, which was fused with the same settings (before, a search reusing best.yaml refitted
-    it, from whatever ``--source`` this search was given)."""
-    return any(k.startswith("fusion.") for k in params) or cfg.data.item_vector == "given"
+def _fits_in_trial(sampled: Iterable[str], cfg: ExperimentConfig) -> bool:
+    """Whether a trial with ``cfg`` (a v1..v4 strategy) that sampled the keys ``sampled`` fuses its table from
+    ``--source``: when it sampled a ``fusion.*`` key, or its base config names no fused table
+    (``data.item_vector: given``). Otherwise it trains on the base config's table, which was fused with the same
+    settings (before, a search reusing best.yaml refitted it, from whatever ``--source`` this search was given)."""
+    return any(k.startswith("fusion.") for k in sampled) or cfg.data.item_vector == "given"
 
 
 SHARED_DATA_FRACTION = 0.25  # splits read once per search when they take at most this share of the object store
@@ -462,8 +463,9 @@ def check_inputs(data_dir: str | Path, search_yaml: str | Path | None, overrides
     rows = check_splits(data_dir, SPLITS)
     check_valid_labels(data_dir)
     if space is not None:  # the largest batch any trial can draw must fit the training split
-        check_batch_size(max(batch_sizes(space)), rows["train"], workers)
-        check_batch_norm_rows(min(batch_sizes(space)), workers, _can_batch_norm(space))
+        sizes = batch_sizes(space)
+        check_batch_size(max(sizes), rows["train"], workers)
+        check_batch_norm_rows(min(sizes), workers, _can_batch_norm(space))
         _refuse_placeholders(data_dir, space, source)
     return rows
 
@@ -478,8 +480,8 @@ def _refuse_placeholders(data_dir: str | Path, space: SearchSpace, source: str) 
     picked = next((p for p in space.params if p.key == "fusion.strategy"), None)
     strategies = set(picked.values) if picked is not None else set()
     if picked is None or picked.when:  # trials that do not sample it: the base's strategy, fused from --source
-        others = any(p.key.startswith("fusion.") and p.key != "fusion.strategy" for p in space.params)
-        if base.data.item_vector == "given" or (others and base.fusion.strategy != "given"):  # (_fits_in_trial)
+        others = [p.key for p in space.params if p.key != "fusion.strategy"]  # what such a trial may sample
+        if (_fits_in_trial(others, base) if base.fusion.strategy != "given" else base.data.item_vector == "given"):
             strategies.add(base.fusion.strategy)
     if strategies and (source == "shipped" or "given" in strategies):
         raise ConfigError(f"{data_dir}: converted by `mmctr convert`, its shipped embedding columns are zero "
