@@ -24,9 +24,9 @@ STAGES = ["synth", "convert", "validate", "features", "embed", "fuse", "train", 
 ROOT = Path(__file__).parent.parent
 
 
-def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mmctr_ray.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+                          cwd=cwd, timeout=timeout)
 
 
 def test_top_level_help_lists_every_stage():
@@ -193,7 +193,8 @@ def test_pipeline_with_embed_runs_every_stage_on_converted_data(tmp_path):
                  "--valid-rows", "300", "--test-rows", "300", "--tags", "100", "--topics", "5", "--images", "8"]) == 0
     (data / "convert.json").write_text(json.dumps({"placeholder_embeddings": True}))  # as `mmctr convert` marks it
     r = run_cli("pipeline", "--data", str(data), "--out", str(out), "--embed", "--image-model",
-                "tests/assets/clip-tiny.json", "--config", "configs/tiny.yaml", "--num-cpus", "2")
+                "tests/assets/clip-tiny.json", "--config", "configs/tiny.yaml", "--num-cpus", "2",
+                timeout=540)  # every stage on 2 cores: 236 s on a slow day; pytest's own limit is 600 s
     assert r.returncode == 0, r.stderr[-3000:]
     assert "OK (0 errors, 0 warnings)" in r.stdout
     features = json.loads((out / "features" / "features_summary.json").read_text())

@@ -565,16 +565,19 @@ def test_early_batches_fetch_the_first_batch_before_iteration_and_yield_every_ba
     assert closed == [7]
 
 
-def test_the_progress_line_times_the_steps_its_clock_saw(tmp_path, caplog):
+def test_the_progress_line_times_the_steps_its_clock_saw(tmp_path, caplog, monkeypatch):
     """The clock starts at step 2 (step 1 waits for the data pipeline), so at step 3 it has seen 2 steps: the ETA
     divided by 3 and came out a third short (half, on the first line of an epoch, at step 2)."""
-    import time
+    from types import SimpleNamespace
 
+    import mmctr_ray.run_log
     from mmctr_ray.run_log import RunLog
 
     progress = RunLog(str(tmp_path), enabled=True)
+    # a clock of its own: the real one, read again inside, moved the rate to 255 after 4 ms of delay
+    monkeypatch.setattr(mmctr_ray.run_log, "time", SimpleNamespace(perf_counter=lambda: 102.0))
     with caplog.at_level("INFO", logger="mmctr.train"):
-        progress.progress(1, 3, 10, 2 * 256, time.perf_counter() - 2.0, torch.tensor(1.5))  # 2 steps in 2 s
+        progress.progress(1, 3, 10, 2 * 256, 100.0, torch.tensor(1.5))  # 2 steps in 2 s
     assert "epoch 1 step 3/10 loss 0.5000 256 samples/s ETA 7s" in caplog.text  # 7 steps left at 1 s each
 
 
@@ -645,9 +648,9 @@ def test_ctrl_c_ends_a_run_with_one_line_that_says_what_is_kept(synth_dir, tmp_p
     with open(log, "w") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        first = run / "checkpoint_epoch_001" / "files.json"  # written last: the checkpoint is complete in RUN
+        # complete in RUN: files.json says so only with every file at its size (Ray copies the files in parallel)
         deadline = time.time() + 240
-        while proc.poll() is None and not first.is_file() and time.time() < deadline:
+        while proc.poll() is None and not epoch_checkpoints(run) and time.time() < deadline:
             time.sleep(0.2)
         assert proc.poll() is None, log.read_text()[-3000:]
         os.killpg(proc.pid, signal.SIGINT)

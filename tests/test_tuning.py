@@ -708,7 +708,7 @@ def test_concurrent_trials_asking_for_one_key_fit_it_once(synth_dir, tmp_path):
 
 def run_tune(*args, env=None):
     return subprocess.run([sys.executable, "-m", "mmctr_ray.cli", "tune", *args], capture_output=True, text=True,
-                          timeout=900, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+                          timeout=540, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
 @pytest.mark.slow
