@@ -199,6 +199,11 @@ PRECISIONS = ("auto", "fp32", "bf16")
 RESIDENT_MODES = ("auto", "on", "off")
 
 
+def worker_batch(batch_size: int, workers: int) -> int:
+    """The rows of one worker's training step: ``train.batch_size`` split over the run's workers (at least 1)."""
+    return max(1, batch_size // workers)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The training schedule (the challenge baseline's by default).

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mmctr_ray.config import worker_batch
 from mmctr_ray.errors import ConfigError, DataError
 from mmctr_ray.schema import ITEM_INFO_COLUMNS, LEVELS, NO_PARTS, SEQ_LEN, SPLIT_COLUMNS, Layout
 from mmctr_ray.validate import Problem, _open
@@ -189,7 +190,7 @@ def check_valid_labels(data_dir: str | Path) -> None:
 def check_batch_size(batch_size: int, train_rows: int, workers: int) -> None:
     """Raise a one-line ConfigError when the training split holds no full batch: every epoch would take no step
     (a worker trains on full batches of ``batch_size // workers`` rows) and validate an untrained model."""
-    per_worker = max(1, batch_size // workers)
+    per_worker = worker_batch(batch_size, workers)
     if train_rows < per_worker * workers:
         split = f" ({workers} workers x {per_worker:,})" if workers > 1 else ""
         raise ConfigError(f"train.batch_size={batch_size:,}{split} exceeds the {train_rows:,} rows of the training "
@@ -199,7 +200,7 @@ def check_batch_size(batch_size: int, train_rows: int, workers: int) -> None:
 def check_batch_norm_rows(batch_size: int, workers: int, batch_norm: bool) -> None:
     """Raise a one-line ConfigError when ``model.batch_norm`` would see one-row batches: each worker trains on
     ``batch_size // workers`` rows, and BatchNorm has no batch statistics for one row (it stops the first step)."""
-    per_worker = max(1, batch_size // workers)
+    per_worker = worker_batch(batch_size, workers)
     if batch_norm and per_worker < 2:
         split = f" over {workers} workers" if workers > 1 else ""
         raise ConfigError(f"train.batch_size={batch_size:,}{split} gives each worker a batch of {per_worker} row: "

@@ -26,7 +26,7 @@ from torch import nn
 from mmctr_ray import storage
 from mmctr_ray.checkpoint import (PREFIX, TrainState, checkpoint_epoch, latest_checkpoint, load_checkpoint,
                                   save_checkpoint)
-from mmctr_ray.config import ExperimentConfig, TrainConfig, from_dict
+from mmctr_ray.config import ExperimentConfig, TrainConfig, from_dict, worker_batch
 from mmctr_ray.features import FeatureMap, load_item_table
 from mmctr_ray.metrics import evaluate
 from mmctr_ray.model import DINModel
@@ -372,7 +372,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # the newest complete checkpoint in RUN (which starts empty unless resumed), as rank 0 sees it: every rank
     # starts from the same one even where a shared file system shows a new file to some nodes later than others
     latest = _broadcast(str(latest_checkpoint(config["run_dir"]) or "") if rank == 0 else None) or None
-    per_worker = max(1, cfg.train.batch_size // world)
+    per_worker = worker_batch(cfg.train.batch_size, world)
     steps_per_epoch = max(1, config["train_rows"] // (per_worker * world))
     budget = resident_budget(cfg.train.resident, cfg.train.resident_max_mib, device, cfg.train.deterministic,
                              config.get("gpus_per_worker") or 1.0)
