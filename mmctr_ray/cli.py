@@ -594,7 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "without weights the image model is random: a pipeline check, not features)")
     p.add_argument("--pooling", choices=["auto", "cls", "mean"], default="auto",
                    help="text vector: CLS token or mean over tokens; auto (default): the pooling a "
-                        "sentence-transformers model ships (1_Pooling/config.json), else CLS")
+                        "sentence-transformers model ships (1_Pooling/config.json), else CLS, and its unit length "
+                        "where modules.json lists Normalize (as MiniLM's does)")
     _add_worker_args(p, "actors", "encoder actors")
     p.add_argument("--gpus-per-actor", type=NON_NEGATIVE, default=0.0,
                    help="GPUs per encoder actor; fractions share one GPU (0: CPU)")

@@ -75,6 +75,9 @@ class ItemSource:
         for col in self.columns:
             if col not in opened.schema_arrow.names:
                 raise DataError(f"{self.path}: missing column {col} (expected {', '.join(self.columns)})")
+        id_type = opened.schema_arrow.field("item_id").type
+        if not pa.types.is_integer(id_type):
+            raise DataError(f"{self.path}: column item_id: type {id_type}; expected integer item ids 1..N")
         self.num_items = _num_items(lay)
         self.num_rows = opened.metadata.num_rows
         if not self.num_rows:
@@ -86,7 +89,12 @@ class ItemSource:
         seen = np.zeros(self.num_items + 1, dtype=bool)
         row0 = 0
         for rb in pq.ParquetFile(self.path).iter_batches(batch_size=self.batch_rows, columns=self.columns):
-            ids = rb.column("item_id").to_numpy().astype(np.int64)
+            column = rb.column("item_id")
+            if column.null_count:
+                row = row0 + int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+                raise DataError(f"{self.path}: column item_id: null at row {row}; expected item ids "
+                                f"1..{self.num_items}")
+            ids = column.to_numpy().astype(np.int64)
             bad = np.flatnonzero((ids < 1) | (ids > self.num_items))
             if len(bad):
                 raise DataError(f"{self.path}: column item_id: value {ids[bad[0]]} at row {row0 + bad[0]} outside "

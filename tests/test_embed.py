@@ -267,6 +267,84 @@ def test_auto_pooling_is_the_models_own_and_cls_for_a_plain_bert(bert_tiny, tmp_
                 resolve_pooling(model, "auto")
 
 
+def test_minilms_sentence_vector_has_the_unit_length_the_model_ships(bert_tiny):
+    """all-MiniLM-L6-v2's modules.json ends in a Normalize module: its sentence embedding is the mean pooled vector
+    scaled to unit length. Before, `--pooling auto` took its mean pooling but not its normalisation (norms 3 to 7)."""
+    from mmctr_ray.embed.text import resolve_normalize
+
+    assert resolve_normalize(minilm_path(), "auto") and not resolve_normalize(minilm_path(), "mean")
+    assert not resolve_normalize(bert_tiny, "auto")  # a plain BERT ships no modules.json
+    titles = tokenize(["a cat video", "cooking sushi with friends", ""], str(minilm_path()), 16)
+    raw = TextEncoder(minilm_path(), pooling="mean").encode(**titles)
+    unit = TextEncoder(minilm_path(), pooling="mean", normalize=True).encode(**titles)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-3)
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(unit, raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=1e-5)
+
+
+def test_run_embed_settings_follow_the_model_and_name_the_image_model_one_way(synth_dir, bert_tiny, monkeypatch):
+    """What a run's shards are made with: the text model's normalisation (MiniLM's, with --pooling auto), and the
+    image model with absolute paths, so `tests/assets/clip-tiny.json` and its absolute path resume each other's
+    shards (before: refused as other settings, and --overwrite encoded everything again)."""
+    import mmctr_ray.embed.pipeline as pipeline
+
+    class Made(Exception):
+        pass
+
+    def store(out, settings, overwrite):  # the parts folder's settings: what the run would write and compare
+        raise Made(settings)
+
+    monkeypatch.setattr(pipeline, "ShardStore", store)
+    monkeypatch.chdir(ROOT)
+    made = []
+    for text_model, image_model in ((bert_tiny, "tests/assets/clip-tiny.json"), (bert_tiny, CLIP_TINY),
+                                    (minilm_path(), CLIP_TINY)):
+        with pytest.raises(Made) as err:
+            run_embed(synth_dir, ROOT / "unused.parquet", text_model, image_model, start_ray=lambda: None)
+        made.append(err.value.args[0])
+    assert made[0] == made[1] and made[0].image_model == CLIP_TINY and not made[0].normalize
+    assert made[2].normalize and made[2].pooling == "mean"
+
+
+def test_bad_item_ids_and_lengths_are_one_line_errors_before_ray(synth_dir, bert_tiny, tmp_path):
+    def no_ray():
+        raise AssertionError("Ray started")
+
+    with pytest.raises(ConfigError, match=r"^--max-length=65: .*config.json has max_position_embeddings 64; expected "
+                                          r"at most 64 tokens$"):  # before: a traceback in an actor, per long title
+        embed(synth_dir, tmp_path / "e.parquet", bert_tiny, max_length=65, start_ray=no_ray)
+    lay = Layout(synth_dir)
+    table = pq.read_table(lay.item_feature, columns=["item_id", "item_title"])
+    ids = table.column("item_id").to_pylist()
+    for i, (column, expected) in enumerate([
+            (pa.array([None if k == 2 else v for k, v in enumerate(ids)], pa.int64()), "null at row 2"),
+            (pa.array(np.asarray(ids, dtype=np.float64) + 0.5), "type double")]):
+        data = tmp_path / f"data{i}"
+        shutil.copytree(synth_dir, data, ignore=shutil.ignore_patterns("item_images"))
+        pq.write_table(table.set_column(0, "item_id", column), Layout(data).item_feature)
+        with pytest.raises(DataError) as err:  # before: nulls became NaN ids, floats a pyarrow traceback
+            embed(data, tmp_path / f"e{i}.parquet", bert_tiny, start_ray=no_ray)
+        assert str(err.value) == (f"{Layout(data).item_feature}: column item_id: {expected}; expected "
+                                  f"{'unique ' if i == 0 else 'integer '}item ids 1..N")
+
+
+def test_a_parts_folder_with_unreadable_settings_is_one_of_other_settings(tmp_path):
+    """Its settings.json cut short (written in place before, and killed): a JSONDecodeError traceback on every
+    re-run; now the refusal that names --overwrite, which replaces it."""
+    from mmctr_ray.embed.pipeline import EmbedSettings, ShardStore
+
+    out = tmp_path / "emb.parquet"
+    settings = EmbedSettings("text", "RN50", "cls", 32, 0, 5, data="aaaa")
+    ShardStore(out, settings, overwrite=False).open()
+    meta = out.with_name(out.name + ".parts") / "settings.json"
+    assert json.loads(meta.read_text())["data"] == "aaaa" and not list(meta.parent.glob(".*partial"))
+    meta.write_text('{"text_model": "te')
+    with pytest.raises(OutputExistsError, match="holds shards of a run with other settings"):
+        ShardStore(out, settings, overwrite=False)
+    ShardStore(out, settings, overwrite=True)
+    assert not meta.parent.exists()
+
+
 def test_shards_of_other_data_are_never_assembled(tmp_path):
     """A killed run's shards next to re-synthesised data: settings differ (the data fingerprint), and a shard whose
     ids are not its slice of the items is refused at assembly, leaving no output and no partial file."""

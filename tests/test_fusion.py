@@ -176,6 +176,11 @@ def test_bad_sources_are_one_line_errors(synth_dir, tmp_path):
          "column item_id: duplicate item id 1 at row 1"),
         (lambda t: _set(t, "item_id", pa.array(np.r_[t.column("item_id").to_numpy()[:-1], 10_000])),
          "column item_id: value 10000 at row 199 outside 1..200"),
+        (lambda t: _set(t, "item_id", pa.array([None if i == 5 else v for i, v in
+                                                 enumerate(t.column("item_id").to_pylist())], pa.int64())),
+         "column item_id: null at row 5; expected item ids 1..200"),  # before: a pyarrow traceback
+        (lambda t: _set(t, "item_id", t.column("item_id").cast(pa.float64())),
+         "column item_id: type double; expected integer item ids 1..N"),  # before: 1.5 read as item 1
     ]
     for i, (edit, expected) in enumerate(cases):
         data = corrupt_feature(synth_dir, tmp_path / str(i), edit)

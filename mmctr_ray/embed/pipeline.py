@@ -37,7 +37,8 @@ import pyarrow.parquet as pq
 
 from mmctr_ray.data.writer import list_array
 from mmctr_ray.embed.image import CORRUPT, MISSING, OK, check_image_model, decode_covers, image_size, parse_image_model
-from mmctr_ray.embed.text import check_model_dir, load_tokenizer, resolve_pooling, tokenize
+from mmctr_ray.embed.text import (check_max_length, check_model_dir, load_tokenizer, resolve_normalize, resolve_pooling,
+                                  tokenize)
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.host_malloc import actor_options
 from mmctr_ray.ray_env import check_actors, cpu_threads
@@ -60,6 +61,7 @@ class EmbedSettings:
     shard_items: int = 4_096
     data: str = ""  # fingerprint of the items embedded (ids, titles, cover folder): shards of other data never mix
     models: str = ""  # fingerprint of the model files (names, sizes, times): shards of a model since replaced neither
+    normalize: bool = False  # text vectors scaled to unit length (the model's own Normalize module, --pooling auto)
 
 
 def prepare_batch(batch: dict[str, np.ndarray], images_dir: str, size: int, text_model: str,
@@ -87,7 +89,7 @@ class Encoder:
         if device == "cpu":  # the cores of the node it runs on, shared with the pool's other actors
             torch.set_num_threads(cpu_threads(sharers))
         s = EmbedSettings(**settings)
-        self.text = TextEncoder(s.text_model, s.pooling, device)
+        self.text = TextEncoder(s.text_model, s.pooling, device, s.normalize)
         self.image = ImageEncoder(s.image_model, device, s.seed)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -109,13 +111,22 @@ def _shard_table(parts: list[dict[str, np.ndarray]]) -> pa.Table:
                      "image_status": pa.array(cols["image_status"][order].astype(np.int8))})
 
 
+def _saved_settings(meta: Path) -> dict[str, Any] | None:
+    """The settings a parts folder's shards were made with; None when unreadable (written in place and cut short
+    by a kill before that write became atomic, or edited by hand): other settings, which --overwrite replaces."""
+    try:
+        return json.loads(meta.read_text())
+    except ValueError:
+        return None
+
+
 class ShardStore:
     """``X.parquet.parts/``: settings.json and one ``shard_NNNNN.parquet`` per completed shard."""
 
     def __init__(self, out: Path, settings: EmbedSettings, overwrite: bool) -> None:
         self.dir, self.settings = out.with_name(out.name + ".parts"), settings
         meta = self.dir / "settings.json"
-        same = meta.is_file() and json.loads(meta.read_text()) == asdict(settings)
+        same = meta.is_file() and _saved_settings(meta) == asdict(settings)
         if self.dir.exists() and overwrite and not same:
             shutil.rmtree(self.dir)  # shards of other settings; those of these settings are these vectors: kept, so
             # that an --overwrite interrupted (the earlier OUT still there) continues with the same command
@@ -126,7 +137,9 @@ class ShardStore:
     def open(self) -> None:
         """Create the folder with its settings, once encoding starts (a run refused before it leaves none)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "settings.json").write_text(json.dumps(asdict(self.settings), indent=2) + "\n")
+        tmp = self.dir / ".settings.json.partial"  # a kill while writing leaves the old file, or this one
+        tmp.write_text(json.dumps(asdict(self.settings), indent=2) + "\n")
+        os.replace(tmp, self.dir / "settings.json")
 
     def path(self, shard: int) -> Path:
         return self.dir / f"shard_{shard:05d}.parquet"
@@ -176,6 +189,13 @@ def _fingerprint(items: pa.Table, lay: Layout, covers: list[tuple[int, int] | No
     return digest.hexdigest()[:16]
 
 
+def _resolved(image_model: str) -> str:
+    """``ARCH[:WEIGHTS]`` with absolute paths (the model-config JSON, the weights), as the shards' settings keep it
+    and the actors, whose working directory may be another, load it."""
+    arch, config, weights = parse_image_model(image_model)
+    return f"{config or arch}{f':{weights}' if weights else ''}"
+
+
 def _read_items(lay: Layout) -> pa.Table:
     if not lay.item_feature.is_file():
         raise DataError(lay.missing(lay.item_feature) if lay.not_a_data_dir() else
@@ -185,7 +205,13 @@ def _read_items(lay: Layout) -> pa.Table:
         raise DataError(f"{lay.item_feature}: missing column {'item_id' if 'item_id' not in names else 'item_title'}"
                         f" (embed reads item_id and item_title)")
     table = pq.read_table(lay.item_feature, columns=["item_id", "item_title"])
-    table = table.set_column(0, "item_id", table.column("item_id").cast(pa.int64())).sort_by("item_id")
+    column = table.column("item_id")
+    if column.null_count:
+        row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DataError(f"{lay.item_feature}: column item_id: null at row {row}; expected unique item ids 1..N")
+    if not pa.types.is_integer(column.type):
+        raise DataError(f"{lay.item_feature}: column item_id: type {column.type}; expected integer item ids 1..N")
+    table = table.set_column(0, "item_id", column.cast(pa.int64())).sort_by("item_id")
     ids = table.column("item_id").to_numpy()
     if len(ids) and (ids[0] < 1 or (np.diff(ids) == 0).any()):
         bad = ids[0] if ids[0] < 1 else ids[1:][np.diff(ids) == 0][0]
@@ -246,12 +272,15 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: already exists; pass --overwrite to replace it")
     text_dir = str(check_model_dir(text_model))
+    normalize = resolve_normalize(text_dir, pooling)
     pooling = resolve_pooling(text_dir, pooling)
     for name, value, low in (("--actors", actors, 1), ("--batch-size", batch_size, 1), ("--max-length", max_length, 2),
                              ("--shard-items", shard_items, 1)):
         if value < low:
             raise ConfigError(f"{name}={value}: expected an integer >= {low}")
+    check_max_length(text_dir, max_length)
     check_image_model(image_model)  # weights that do not fit the architecture fail here, as one line
+    image_model = _resolved(image_model)  # one spelling of the same files: RN50:w.pt and RN50:./w.pt resume alike
     load_tokenizer(text_dir)  # a broken tokenizer fails here, as one line, not inside a task
     if not 0 <= max_bad_covers <= 1:
         raise ConfigError(f"--max-bad-covers={max_bad_covers}: expected a share in [0, 1]")
@@ -261,7 +290,7 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
     covers = _cover_stats(items, lay)
     settings = EmbedSettings(text_dir, image_model, pooling, max_length, seed, shard_items,
                              _fingerprint(items, lay, covers),
-                             _models_fingerprint(text_dir, image_model))
+                             _models_fingerprint(text_dir, image_model), normalize)
     absent = [i for i, cover in zip(items.column("item_id").to_pylist(), covers) if cover is None]
     _check_bad_covers(len(absent), len(items), max_bad_covers, "missing", lay.image(absent[0]) if absent else None)
 

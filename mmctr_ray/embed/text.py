@@ -45,6 +45,30 @@ def resolve_pooling(path: str | Path, pooling: str) -> str:
     return "cls"
 
 
+def resolve_normalize(path: str | Path, pooling: str) -> bool:
+    """Whether the sentence vector is L2-normalised: with ``--pooling auto``, as the model ships it (a
+    sentence-transformers ``modules.json`` listing a ``Normalize`` module, as all-MiniLM-L6-v2's does: its sentence
+    embedding has unit length); an explicit ``cls`` or ``mean`` is the pooled vector as it is."""
+    modules = Path(path) / "modules.json"
+    if pooling != "auto" or not modules.is_file():
+        return False
+    try:
+        listed = json.loads(modules.read_text())
+    except ValueError as err:
+        raise ConfigError(f"{modules}: not readable as JSON ({err}); pass --pooling cls or --pooling mean") from None
+    return any(str(m.get("type", "")).rsplit(".", 1)[-1] == "Normalize" for m in listed if isinstance(m, dict))
+
+
+def check_max_length(path: str | Path, max_length: int) -> None:
+    """A one-line error when titles of ``max_length`` tokens exceed the model's position table
+    (``max_position_embeddings`` in its config.json): the encoder would fail on the first long title, in an actor."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    positions = config.get("max_position_embeddings")
+    if isinstance(positions, int) and max_length > positions:
+        raise ConfigError(f"--max-length={max_length}: {Path(path) / 'config.json'} has "
+                          f"max_position_embeddings {positions}; expected at most {positions} tokens")
+
+
 def check_model_dir(path: str | Path) -> Path:
     """``path`` as a local text-model directory, or a one-line error saying what it must hold."""
     p = Path(path)
@@ -84,9 +108,10 @@ class TextEncoder:
         path: local model directory.
         pooling: ``cls`` (the first token's last hidden state) or ``mean`` (mean over real tokens).
         device: torch device; bf16 autocast on CUDA.
+        normalize: scale each vector to unit length (:func:`resolve_normalize`).
     """
 
-    def __init__(self, path: str | Path, pooling: str = "cls", device: str = "cpu") -> None:
+    def __init__(self, path: str | Path, pooling: str = "cls", device: str = "cpu", normalize: bool = False) -> None:
         from transformers import AutoModel
 
         if pooling not in POOLINGS:
@@ -98,7 +123,7 @@ class TextEncoder:
         except (OSError, ValueError) as err:
             raise ConfigError(f"{path}: cannot load a text model from it ({type(err).__name__}: "
                               f"{str(err).splitlines()[0]})") from None
-        self.pooling, self.device = pooling, torch.device(device)
+        self.pooling, self.device, self.normalize = pooling, torch.device(device), normalize
         self.dim = int(self.model.config.hidden_size)
 
     @torch.inference_mode()
@@ -114,4 +139,6 @@ class TextEncoder:
         else:
             m = mask.unsqueeze(-1).float()
             out = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        if self.normalize:
+            out = torch.nn.functional.normalize(out, dim=1)
         return out.cpu().numpy()
