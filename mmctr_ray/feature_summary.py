@@ -28,7 +28,8 @@ def _split_stats(data_dir: Path, split: str, max_len: int) -> dict[str, Any]:
         lengths = history_mask(batch["item_seq"]).sum(axis=1)
         length_hist += np.bincount(lengths, minlength=max_len + 1)
         truncated += int((lengths == max_len).sum())
-        positives += int(batch["label"].sum())
+        if split != "test":  # the test split's labels are placeholders: null (read as 0) or NaN
+            positives += int(batch["label"].sum())
         rows += n
         if not shapes:
             shapes = {k: f"{v.dtype}{list(v.shape[1:])}" for k, v in batch.items()}

@@ -230,6 +230,26 @@ def test_null_placeholder_labels_become_zero():
 
 
 @pytest.mark.slow
+def test_the_features_summary_reads_nan_placeholder_labels_in_test(ray_local, synth_dir, tmp_path):
+    """validate and the stages accept NaN as the test split's placeholder label; the features summary summed the
+    test labels too and stopped with `cannot convert float NaN to integer` after validate had passed."""
+    import shutil
+
+    from mmctr_ray.feature_summary import _split_stats
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data, ignore=shutil.ignore_patterns("item_images"))
+    test = pq.read_table(Layout(data).split("test"))
+    labels = pa.array(np.full(test.num_rows, np.nan))
+    pq.write_table(test.set_column(test.schema.get_field_index("label"), "label", labels), Layout(data).split("test"))
+    stats = _split_stats(data, "test", 16)
+    assert stats["rows"] == test.num_rows and "positive_rate" not in stats
+    valid = _split_stats(data, "valid", 16)
+    labels = pq.read_table(Layout(data).split("valid"), columns=["label"]).column("label").to_numpy()
+    assert valid["positive_rate"] == pytest.approx(labels.mean())
+
+
+@pytest.mark.slow
 def test_read_split_of_a_folder_of_parts_keeps_the_row_order(ray_local, synth_dir, tmp_path, split_into_parts,
                                                              reader, monkeypatch):
     """A split held as part files is read part by part in name order: with Ray Data's preserve_order (what
