@@ -741,6 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # the stages with an --out
 WRITERS = ("synth", "convert", "features", "embed", "fuse", "train", "predict", "tune", "demo", "pipeline")
+FOLDER_OUTPUTS = ("synth", "convert", "features", "train", "tune", "demo", "pipeline")  # the others write one file
 
 
 def _refuse_existing_output(args: argparse.Namespace, out: storage.Location) -> None:
@@ -821,6 +822,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "out", None) is None or args.command not in WRITERS:
             return args.func(args)
         out = storage.normalize(str(args.out))
+        if args.command in FOLDER_OUTPUTS and storage.is_file(out):  # --overwrite replaces outputs in a folder,
+            raise ConfigError(f"{args.out}: a file; expected a folder for the outputs of {args.command} (--out)")
         _refuse_existing_output(args, out)
         with output_lock(out):
             return args.func(args)

@@ -96,6 +96,19 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
     assert r.returncode == 2 and "--items must be >= 1" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("argv", [["synth", "--overwrite"], ["convert", "--raw", "R", "--overwrite"],
+                                  ["pipeline", "--overwrite"], ["train", "--data", "D", "--overwrite"],
+                                  ["tune", "--data", "D", "--resume"], ["features", "--data", "D"]])
+def test_a_file_named_as_an_output_folder_is_one_line_even_with_overwrite(tmp_path, capsys, argv):
+    """synth --overwrite into a file was a NotADirectoryError traceback, pipeline --overwrite a FileExistsError."""
+    out = tmp_path / "afile"
+    out.write_text("kept")
+    assert main([*argv, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (f"mmctr {argv[0]}: error: {out}: a file; expected a folder for the "
+                                               f"outputs of {argv[0]} (--out)")
+    assert out.read_text() == "kept" and sorted(tmp_path.iterdir()) == [out]
+
+
 def test_a_too_small_object_store_is_refused_before_anything_is_written(synth_dir, tmp_path, capsys):
     run = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:

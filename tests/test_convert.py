@@ -352,6 +352,32 @@ def test_a_byte_order_mark_before_the_header_is_not_part_of_the_first_name(tmp_p
     _require_columns(path, ["user", "item", "timestamp"], "--user-col")
 
 
+def test_raw_files_that_cannot_be_read_as_headed_text_are_one_line_errors(tmp_path):
+    """Before Ray: a titles file not UTF-8 in its first 8 KiB, or a folder given as a file, were tracebacks."""
+    from mmctr_ray.convert.raw import _require_columns, locate
+
+    raw = tmp_path / "raw"
+    make_raw(raw, users=30)
+    titles = next(raw.glob("*title*"))
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(b"item,caf\xe9\n10,x\n")
+    with pytest.raises(DataError) as err:
+        _require_columns(path, ["item", "title"], "--title-col")
+    assert str(err.value) == f"{path}: line 1: byte 0xe9 at position 8 is not UTF-8; expected UTF-8 text"
+    path.write_bytes(b"item,title\n10,caf\xe9\n")  # after the header: Arrow reads the file and says where
+    _require_columns(path, ["item", "title"], "--title-col")
+    with pytest.raises(DataError) as err:
+        locate(RawSpec(raw, titles=str(raw / "covers-or-any-folder")))
+    assert str(err.value).endswith("covers-or-any-folder: not found (--titles)")
+    (raw / "a_folder").mkdir()
+    with pytest.raises(DataError) as err:
+        locate(RawSpec(raw, titles="a_folder"))
+    assert str(err.value) == f"{raw / 'a_folder'}: a folder; expected a file (--titles)"
+    with pytest.raises(DataError) as err:
+        locate(RawSpec(raw, covers=titles.name))
+    assert str(err.value) == f"{titles}: a file; expected the covers folder (--covers)"
+
+
 def test_options_are_checked():
     with pytest.raises(ConfigError, match="--valid-from < --test-from"):
         RowSpec(split="time", valid_from=5)

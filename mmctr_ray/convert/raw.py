@@ -78,6 +78,9 @@ def _find(spec: RawSpec, kind: str, required: bool) -> Path | None:
         path = Path(given) if Path(given).is_absolute() else spec.raw / given
         if not path.exists():
             raise DataError(f"{path}: not found ({flag})")
+        if path.is_dir() != (kind == "covers"):
+            raise DataError(f"{path}: {'a file' if kind == 'covers' else 'a folder'}; expected "
+                            f"{'the covers folder' if kind == 'covers' else 'a file'} ({flag})")
         return path
     for pattern in PATTERNS[kind]:
         found = sorted(p for p in spec.raw.glob(pattern) if p.is_dir() == (kind == "covers"))
@@ -106,8 +109,19 @@ def locate(spec: RawSpec) -> RawFiles:
 
 
 def _header(path: Path, delimiter: str = ",") -> list[str]:
-    with open(path, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's byte-order mark is not a name
-        return next(csv.reader(f, delimiter=delimiter), [])
+    """The fields of the first line. Only that line is decoded: a byte that is not UTF-8 further on is Arrow's to
+    report, with its line (before, one within the first 8 KiB was a UnicodeDecodeError traceback)."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 20)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read it ({err.strerror or type(err).__name__})") from None
+    try:
+        text = first.decode("utf-8-sig")  # a spreadsheet's byte-order mark is not a name
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: line 1: byte {first[err.start]:#04x} at position {err.start} is not UTF-8; "
+                        f"expected UTF-8 text") from None
+    return next(csv.reader([text], delimiter=delimiter), [])
 
 
 def _require_columns(path: Path, names: list[str], flags: str) -> None:
