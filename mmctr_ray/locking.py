@@ -27,12 +27,12 @@ LOCK_SUFFIX = ".mmctr.lock"
 
 def lock_path(target: storage.Location) -> Path:
     """Where the lock file of output ``target`` lives: one file for every spelling of one output (``file:///x``
-    and ``/x``, a trailing slash or not)."""
+    and ``/x``, a trailing slash or not, a URI with or without its query, e.g. ``?region=``)."""
     target = storage.normalize(target)
     if storage.is_uri(target) and urlsplit(str(target)).scheme == "file":
         target = unquote(urlsplit(str(target)).path)  # a local folder, as a plain path names it
     if storage.is_uri(target):
-        key = hashlib.sha256(str(target).encode()).hexdigest()[:24]
+        key = hashlib.sha256(str(target).split("?", 1)[0].encode()).hexdigest()[:24]  # the query: how to reach it
         base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mmctr" / "locks"
         base.mkdir(parents=True, exist_ok=True)
         return base / f"{key}.lock"

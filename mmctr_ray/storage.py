@@ -19,7 +19,7 @@ import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -42,7 +42,14 @@ def normalize(location: Location) -> Location:
     parts = urlsplit(str(location))
     if parts.fragment or str(location).endswith("#"):  # pyarrow drops '#...': the run would land elsewhere
         raise ConfigError(f"{location}: '#' starts a URI fragment, which storage drops; write it as %23")
-    return urlunsplit(parts._replace(path=parts.path.rstrip("/") or parts.path[:1]))
+    return _unsplit(parts._replace(path=parts.path.rstrip("/") or parts.path[:1]))
+
+
+def _unsplit(parts: SplitResult) -> str:
+    """``urlunsplit`` that keeps ``//`` whatever the scheme: it writes ``hdfs:///a`` (the default namenode's /a)
+    as ``hdfs:/a``, which is no URI any more but a relative local path, for every scheme outside urllib's list."""
+    path = parts.path if not parts.netloc or not parts.path or parts.path.startswith("/") else "/" + parts.path
+    return f"{parts.scheme}://{parts.netloc}{path}" + (f"?{parts.query}" if parts.query else "")
 
 
 def resolve(location: Location) -> tuple[pafs.FileSystem, str]:
@@ -83,7 +90,7 @@ def join(location: Location, *names: str) -> Location:
     if not is_uri(location):
         return Path(location).joinpath(*names)
     parts = urlsplit(str(location))
-    return urlunsplit(parts._replace(path=posixpath.join(parts.path, *names)))
+    return _unsplit(parts._replace(path=posixpath.join(parts.path, *names)))
 
 
 def basename(location: Location) -> str:

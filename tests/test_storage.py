@@ -46,6 +46,11 @@ def test_local_paths_stay_paths_and_uris_stay_strings(tmp_path):
     assert storage.normalize("rel") == Path("rel").resolve()
     assert storage.basename("gs://bucket/runs/r1/") == "r1" and storage.basename(tmp_path / "r") == "r"
     assert not storage.is_uri(Path("s3:/bucket")) and storage.is_uri("s3://bucket")
+    # an empty host (HDFS's default namenode, memory://): before, urllib wrote `hdfs:/user/me/out`, a relative local
+    # path, so the run went to the driver's disk without a word
+    assert storage.normalize("hdfs:///user/me/out/") == "hdfs:///user/me/out"
+    assert storage.join("hdfs:///user/me/out", "run") == "hdfs:///user/me/out/run"
+    assert storage.join("memory:///a?x=1", "b") == "memory:///a/b?x=1" and storage.join("s3://b", "r") == "s3://b/r"
 
 
 @pytest.mark.parametrize("kind", ["memory", "file"])
@@ -233,6 +238,7 @@ def test_every_spelling_of_one_output_takes_one_lock(tmp_path, monkeypatch):
     spellings = [run, str(run) + "/", run.as_uri(), run.as_uri() + "/"]
     assert len({lock_path(s) for s in spellings}) == 1 and lock_path(run).parent == run.parent
     assert lock_path("s3://b/runs/r1/") == lock_path("s3://b/runs/r1") != lock_path("s3://b/runs/r2")
+    assert lock_path("s3://b/runs/r1?region=us-west-2") == lock_path("s3://b/runs/r1")  # one run, however reached
 
 
 def test_a_checkpoint_whose_manifest_was_not_copied_yet_is_not_complete(tmp_path):
