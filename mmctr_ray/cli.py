@@ -321,7 +321,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from mmctr_ray.report import write_report
 
     run = Path(args.run)
-    if "://" not in str(args.run) and (run / "settings.json").is_file() and (run / "trials").is_dir():
+    if "://" not in str(args.run) and (run / "settings.json").is_file():  # a search (trials/ comes with its first)
         from mmctr_ray.tune_report import top_trials
 
         print(top_trials(args.run, args.top))
@@ -341,6 +341,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if args.json is not None and args.json.exists() and not args.overwrite:
         raise OutputExistsError(f"{args.json}: already exists; pass --overwrite to replace it")
+    if args.json is not None and (args.json.is_dir() or any(p.exists() and not p.is_dir() for p in args.json.parents)):
+        raise ConfigError(f"{args.json}: --json names a file to write; it is a folder or lies below a file")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible to this process")
     result = compare_runs(args.runs, args.data, args.split, args.device, progress=log.info)
@@ -399,11 +401,12 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         pipeline.check_work(out, work, resume, args.overwrite)
         if resume:
             models = None
-            if args.embed:
+            if args.embed:  # as embed keeps them: absolute paths
+                from mmctr_ray.embed.pipeline import resolved_image_model
                 from mmctr_ray.embed.text import check_model_dir
 
                 models = {"text_model": str(check_model_dir(args.text_model or _default_text_model())),
-                          "image_model": args.image_model}
+                          "image_model": resolved_image_model(args.image_model)}
             synth = dataclasses.asdict(_spec_from_args(args)) if not args.data else None
             pipeline.check_resume(out, work, _config(args), args.embed, synth=synth, models=models)
         pipeline.check_data_copy(args.data, work, resume, args.overwrite)
@@ -454,9 +457,13 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
                                                           overrides=[*fusion_overrides(fused), *args.overrides]))))
     for skipped in {"embed", "fuse", "features"} - {name for name, _ in steps}:  # kept by an earlier attempt,
         pipeline.publish(skipped, work, out, missing_only=True)  # whose upload to a URI OUT a kill may have cut
+    # a run continued takes the train.* the command asks, from --config as from --set (its other sections must
+    # be the run's: check_resume); before, only --set's reached it and --config's were dropped without a word
+    changes = pipeline.train_changes(run, _config(args)) if continuing else []
     steps += [("train", lambda: cmd_train(ns(out=str(run), resume=continuing, overwrite=args.overwrite,
                                              fusion=None if continuing else fused,
-                                             config=None if continuing else args.config))),
+                                             config=None if continuing else args.config,
+                                             overrides=[*changes, *args.overrides]))),
               ("predict", lambda: cmd_predict(ns(run=str(run), out=work / "submission.zip", split="test",
                                                  overwrite=True))),
               ("report", lambda: cmd_report(argparse.Namespace(run=str(run), top=10)))]

@@ -50,7 +50,12 @@ def split_labels(data_dir: str | Path, split: str) -> tuple[Path, Any]:
     if not files:
         raise DataError(f"{truth}: missing file: {split} labels are needed to compare runs"
                         + (" (the real test split has none; compare on valid)" if split == "test" else ""))
-    return path, np.concatenate([pq.read_table(f, columns=["label"]).column("label").to_numpy() for f in files])
+    labels = np.concatenate([pq.read_table(f, columns=["label"]).column("label").to_numpy() for f in files])
+    positives = int((labels == 1).sum())
+    if positives in (0, len(labels)):  # before any checkpoint is loaded and scored
+        raise DataError(f"{truth}: the {split} labels hold one class only ({positives:,} clicks of {len(labels):,} "
+                        f"rows); an AUC needs clicks and non-clicks")
+    return path, labels
 
 
 def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid", device: str = "cpu",

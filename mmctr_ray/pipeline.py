@@ -11,6 +11,7 @@ never copied up.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -56,6 +57,18 @@ def check_work(out: storage.Location, work: Path, resume: bool, overwrite: bool)
         raise OutputExistsError(f"{work}: --work holds {', '.join(kept)} of an earlier pipeline (whose run refers to "
                                 f"its fused table); pass --resume to continue it, --overwrite to replace them, or "
                                 f"another --work")
+
+
+def train_changes(run: storage.Location, asked: ExperimentConfig) -> list[str]:
+    """``train.KEY=VALUE`` for each training setting ``asked`` that the run's config.yaml does not hold (logged):
+    what a continued run takes from the command, as `mmctr train --resume --set train.KEY=VALUE` would."""
+    from mmctr_ray.train_driver import resume_config
+
+    kept = dataclasses.asdict(resume_config(str(run)).train)
+    changes = {k: v for k, v in dataclasses.asdict(asked.train).items() if kept[k] != v}
+    for key, value in changes.items():
+        log.info("--resume: train.%s %s, the run had %s", key, value, kept[key])
+    return [f"train.{key}={json.dumps(value)}" for key, value in changes.items()]
 
 
 def drop_submission(out: storage.Location, work: Path) -> None:

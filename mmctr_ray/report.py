@@ -17,17 +17,36 @@ from mmctr_ray.metrics import se_text
 from mmctr_ray.storage import Location
 
 
-def read_metrics(run_dir: Location, missing_ok: bool = False) -> list[dict[str, Any]]:
-    """The run's metrics.jsonl rows, one per epoch; ``[]`` for a run with no epoch yet when ``missing_ok``."""
+EPOCH_KEYS = ("epoch", "valid_auc")  # what every reader of a run's epochs uses
+REPORT_KEYS = ("epoch", "train_loss", "valid_auc", "valid_logloss", "lr", "epoch_seconds")  # a report's table
+
+
+def read_metrics(run_dir: Location, missing_ok: bool = False, keys: tuple[str, ...] = EPOCH_KEYS
+                 ) -> list[dict[str, Any]]:
+    """The run's metrics.jsonl rows, one per epoch, each with the numbers ``keys``; ``[]`` for a run with no epoch
+    yet when ``missing_ok``."""
     path = storage.join(run_dir, "metrics.jsonl")
     if not storage.is_file(path):
         if missing_ok:
             return []
         raise DataError(f"{path}: missing file (is {run_dir} a run directory of `mmctr train`?)")
     try:
-        return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+        rows = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: line {err.lineno} is not JSON") from None
+    for i, row in enumerate(rows, start=1):  # a hand-edited or foreign file: one line, not a KeyError later
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), (int, float)) for k in keys):
+            raise DataError(f"{path}: record {i} is not an epoch's; expected an object with the numbers "
+                            f"{', '.join(keys)}")
+    return rows
+
+
+def best_epoch(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The epoch row a run keeps as its best, as training and ``best_checkpoint`` pick it: the highest finite
+    validation AUC, the earliest among equals (``max`` alone kept a NaN that came first); the first row when no
+    AUC is finite."""
+    finite = [r for r in rows if math.isfinite(r["valid_auc"])]
+    return max(finite, key=lambda r: r["valid_auc"]) if finite else rows[0]
 
 
 def describe_item_vector(source: dict[str, Any], rms: float = 0.0) -> str:
@@ -133,7 +152,7 @@ def plot_curves(rows: list[dict[str, Any]]) -> bytes:
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    best = max(rows, key=lambda r: r["valid_auc"])
+    best = best_epoch(rows)
     axes[0].axvline(best["epoch"], color="grey", linestyle="--", linewidth=1)
     fig.tight_layout()
     png = io.BytesIO()
@@ -143,7 +162,7 @@ def plot_curves(rows: list[dict[str, Any]]) -> bytes:
 
 
 def markdown_summary(run_dir: Location, rows: list[dict[str, Any]]) -> str:
-    best = max(rows, key=lambda r: r["valid_auc"])
+    best = best_epoch(rows)
     summary_path = storage.join(run_dir, "summary.json")
     summary = json.loads(storage.read_text(summary_path)) if storage.is_file(summary_path) else {}
     se = best.get("valid_auc_se")
@@ -186,7 +205,7 @@ def _scored_epoch(run_dir: Location) -> int | None:
 
 def write_report(run_dir: Location) -> dict[str, Location]:
     """Write RUN/report/{curves.png, summary.md}; return their locations (``Path`` for a local run)."""
-    rows = read_metrics(run_dir)
+    rows = read_metrics(run_dir, keys=REPORT_KEYS)
     if not rows:
         raise DataError(f"{storage.join(run_dir, 'metrics.jsonl')}: no epoch recorded yet")
     paths = {"curves": storage.join(run_dir, "report", "curves.png"),

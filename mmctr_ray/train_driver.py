@@ -35,7 +35,7 @@ from mmctr_ray.host_malloc import worker_env
 from mmctr_ray.layers.embedding import root_mean_square
 from mmctr_ray.preflight import check_batch_norm_rows, check_batch_size, check_splits, check_valid_labels
 from mmctr_ray.ray_env import check_local_pool, check_pool, sigterm_flag, torch_trainer
-from mmctr_ray.report import describe_run
+from mmctr_ray.report import best_epoch, describe_run
 from mmctr_ray.schema import SPLITS, Layout
 from mmctr_ray.training import DIVERGED, train_loop_per_worker
 
@@ -403,7 +403,7 @@ def _end_on_user_error() -> Any:
 def _summary(run_dir: storage.Location, data_dir: Path, seconds: float) -> dict[str, Any]:
     best = best_checkpoint(run_dir)
     history = json.loads(storage.read_text(storage.join(latest_checkpoint(run_dir), "state.json")))["history"]
-    best_row = max(history, key=lambda r: r["valid_auc"])
+    best_row = best_epoch(history)
     oracle_path = Layout(data_dir).oracle
     oracle = json.loads(oracle_path.read_text())["valid"].get("oracle_auc") if oracle_path.is_file() else None
     rates = [r["samples_per_s"] for r in history if r.get("samples_per_s")]

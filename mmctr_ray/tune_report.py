@@ -22,7 +22,7 @@ import yaml
 from mmctr_ray import storage
 from mmctr_ray.config import ExperimentConfig, TrainConfig, load_config, save_config
 from mmctr_ray.errors import DataError, first_line
-from mmctr_ray.report import read_metrics
+from mmctr_ray.report import best_epoch, read_metrics
 from mmctr_ray.search_space import SearchSpace, load_search
 
 CACHE_DIR = "pca_cache"  # TUNE/pca_cache: the fused tables of the trials (mmctr_ray.pca_cache)
@@ -96,7 +96,8 @@ def _trial_rows(tdir: Path, space: SearchSpace, errors: dict[str, str],
         run = params_file.with_name(trial_id)
         history = read_metrics(run, missing_ok=True)
         error = next((msg for name, msg in errors.items() if trial_id in name), None)
-        best = max(history, key=lambda r: r["valid_auc"]) if history else None
+        best = best_epoch(history) if history else None
+        best = best if best and math.isfinite(best["valid_auc"]) else None  # no finite AUC: no result to rank
         if known is not None and not any(trial_id in name for name in known):
             status = "interrupted"
         else:
@@ -190,7 +191,8 @@ def _plots(tdir: Path, rows: list[dict[str, Any]], space: SearchSpace) -> list[P
         ax.scatter([r["pca_width"] for r in pts], [r["best_valid_auc"] for r in pts], label=strategy)
     ax.set(xscale="log", xlabel="item vector width (PCA dims; given = 128 as shipped)", ylabel="best valid AUC",
            title="valid AUC against PCA size")
-    ax.legend(fontsize=8)
+    if scored:  # no trial with a result yet: an empty plot, without matplotlib's warning of an empty legend
+        ax.legend(fontsize=8)
     paths.append(_save(fig, out / "auc_vs_pca.png"))
 
     importances, note = _importances(tdir, space)

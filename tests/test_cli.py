@@ -22,6 +22,7 @@ from mmctr_ray.schema import Layout
 STAGES = ["synth", "convert", "validate", "features", "embed", "fuse", "train", "tune", "predict", "report", "compare",
           "pipeline", "demo"]
 ROOT = Path(__file__).parent.parent
+CLIP_TINY = str(ROOT / "tests" / "assets" / "clip-tiny.json")
 
 
 def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -487,6 +488,40 @@ def test_pipeline_resume_refuses_a_config_that_is_not_what_out_keeps(tmp_path, c
     with pytest.raises(ConfigError, match=r"embedded with --image-model RN50, this command asks ViT-B-32; "):
         pipeline.check_resume(str(other), other, load_config(None), embed=True,
                               models={"text_model": "/models/bert", "image_model": "ViT-B-32"})
+
+
+def test_pipeline_resume_takes_the_train_settings_of_its_config_and_knows_its_embeddings(tmp_path, caplog):
+    """A continued run took the train.* of --set only: `--resume --config b.yaml` (b: more epochs) ended at the old
+    count with "nothing to train". And embed keeps its image model with absolute paths, which a relative
+    --image-model never equalled: `--resume --embed` was refused for the command it started with."""
+    from mmctr_ray import pipeline
+    from mmctr_ray.config import load_config
+
+    run = tmp_path / "out" / "run"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(load_config("configs/tiny.yaml").to_dict()))
+    asked = load_config("configs/tiny.yaml", ["train.epochs=20", "train.lr=1e-4", "model.dropout=0.5"])
+    with caplog.at_level("INFO", logger="mmctr_ray.pipeline"):
+        changes = pipeline.train_changes(run, asked)
+    assert changes == ["train.epochs=20", "train.lr=0.0001"]  # train.* only: check_resume refuses the others
+    assert "--resume: train.epochs 20, the run had 2" in caplog.text  # tiny.yaml: 2 epochs
+    resumed = load_config(run / "config.yaml", changes)
+    assert resumed.train == asked.train and resumed.model == load_config("configs/tiny.yaml").model
+    assert pipeline.train_changes(run, load_config("configs/tiny.yaml")) == []
+
+    out = tmp_path / "emb"
+    text = tmp_path / "bert"
+    text.mkdir()
+    (text / "config.json").write_text("{}")
+    out.mkdir()
+    (out / "item_raw_emb.embed.json").write_text(json.dumps({"text_model": str(text), "image_model": CLIP_TINY}))
+    (out / "item_emb.parquet").write_bytes(b"")
+    (out / "item_emb.fusion.json").write_text(json.dumps({"strategy": "v4", "dims": 128, "text_dim": 32,
+                                                          "image_dim": 32, "source": "/d/item_feature.parquet"}))
+    r = run_cli("pipeline", "--out", str(out), "--resume", "--embed", "--text-model", str(text), "--image-model",
+                "tests/assets/clip-tiny.json", "--config", "configs/tiny.yaml")  # relative, as typed in ROOT
+    assert r.returncode == 2 and "embedded with" not in r.stderr, r.stderr  # the embeddings pass; the table not:
+    assert "fused from the shipped vectors, this command asks --embed" in r.stderr
 
 
 @pytest.mark.parametrize("stage", ["train", "tune", "pipeline", "demo"])

@@ -189,7 +189,7 @@ def _fingerprint(items: pa.Table, lay: Layout, covers: list[tuple[int, int] | No
     return digest.hexdigest()[:16]
 
 
-def _resolved(image_model: str) -> str:
+def resolved_image_model(image_model: str) -> str:
     """``ARCH[:WEIGHTS]`` with absolute paths (the model-config JSON, the weights), as the shards' settings keep it
     and the actors, whose working directory may be another, load it."""
     arch, config, weights = parse_image_model(image_model)
@@ -280,7 +280,7 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
             raise ConfigError(f"{name}={value}: expected an integer >= {low}")
     check_max_length(text_dir, max_length)
     check_image_model(image_model)  # weights that do not fit the architecture fail here, as one line
-    image_model = _resolved(image_model)  # one spelling of the same files: RN50:w.pt and RN50:./w.pt resume alike
+    image_model = resolved_image_model(image_model)  # one spelling: RN50:w.pt and RN50:./w.pt resume alike
     load_tokenizer(text_dir)  # a broken tokenizer fails here, as one line, not inside a task
     if not 0 <= max_bad_covers <= 1:
         raise ConfigError(f"--max-bad-covers={max_bad_covers}: expected a share in [0, 1]")

@@ -1,0 +1,101 @@
+"""What `mmctr report` and `mmctr compare` read before they write: a run's epochs, a search folder, the labels."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mmctr_ray.cli import main
+from mmctr_ray.errors import DataError
+from mmctr_ray.report import best_epoch, markdown_summary, read_metrics
+from mmctr_ray.schema import Layout
+
+ROOT = Path(__file__).parent.parent
+
+
+def epoch(e: int, auc: float) -> dict:
+    return {"epoch": e, "valid_auc": auc, "valid_logloss": 0.5, "train_loss": 0.5, "lr": 1e-3, "epoch_seconds": 1.0}
+
+
+def test_a_nan_auc_is_never_the_best_epoch_as_training_never_keeps_it(tmp_path):
+    """max() kept a NaN that came first: the report called epoch 1 (AUC nan) the best, where training and
+    best_checkpoint (which compare with >) keep epoch 3."""
+    rows = [epoch(1, math.nan), epoch(2, 0.70), epoch(3, 0.72), epoch(4, 0.72)]
+    assert best_epoch(rows)["epoch"] == 3  # the earliest among equals, as training keeps it
+    assert "Best validation AUC **0.7200** ± " not in markdown_summary(tmp_path, rows)  # no SE in these rows
+    assert "Best validation AUC **0.7200** (logloss 0.5000) at epoch 3 of 4." in markdown_summary(tmp_path, rows)
+    assert best_epoch([epoch(1, math.nan)])["epoch"] == 1  # none finite: the report still has a row to show
+
+
+def test_a_search_trial_without_a_finite_auc_has_no_result_to_rank(tmp_path):
+    """A search whose every trial scored NaN wrote best.yaml for one of them and ended as a success."""
+    from mmctr_ray.config import load_config, save_config
+    from mmctr_ray.tune_report import write_outputs
+
+    tdir = tmp_path / "tune"
+    (tdir / "trials" / "aaa").mkdir(parents=True)
+    (tdir / "search.yaml").write_text((ROOT / "configs/search_tiny.yaml").read_text())
+    (tdir / "settings.json").write_text(json.dumps({"overrides": []}))
+    (tdir / "trials" / "aaa.params.json").write_text(json.dumps({"train.lr": 1e-3}))
+    save_config(load_config(ROOT / "configs/tiny.yaml"), tdir / "trials" / "aaa" / "config.yaml")
+    (tdir / "trials" / "aaa" / "metrics.jsonl").write_text(json.dumps(epoch(1, math.nan)) + "\n")
+    summary = write_outputs(tdir)
+    assert "best_trial" not in summary and not (tdir / "best.yaml").exists()
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("[1, 2]", "record 2 is not an epoch's; expected an object with the numbers epoch, train_loss, valid_auc, "
+               "valid_logloss, lr, epoch_seconds"),
+    ('{"epoch": 2}', "record 2 is not an epoch's"),
+    ('{"epoch": 2, "valid_auc": "0.7", "valid_logloss": 0.5, "train_loss": 0.5, "lr": 0.001, "epoch_seconds": 1}',
+     "record 2 is not an epoch's"),
+])
+def test_a_metrics_file_that_is_not_a_runs_is_one_line(tmp_path, capsys, line, expected):
+    """Before: a TypeError or KeyError traceback out of the report's table."""
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(epoch(1, 0.6)) + "\n" + line + "\n")
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"mmctr report: error: {tmp_path / 'metrics.jsonl'}: {expected}") and "\n" not in err
+    assert not (tmp_path / "report").exists()
+    if line != "[1, 2]":  # the readers that need only the epoch and its AUC read what they need
+        with pytest.raises(DataError, match="record 2 is not an epoch's; expected an object with the numbers epoch, "
+                                            "valid_auc$"):
+            read_metrics(tmp_path)
+
+
+def test_report_of_a_search_before_its_first_trial_says_so(tmp_path, capsys):
+    """A search folder before trials/ exists was read as a run: "metrics.jsonl: missing file (is it a run
+    directory of `mmctr train`?)"."""
+    (tmp_path / "search.yaml").write_text((ROOT / "configs/search_tiny.yaml").read_text())
+    (tmp_path / "settings.json").write_text(json.dumps({"overrides": []}))
+    (tmp_path / "trials").mkdir()  # as _trial_rows finds it empty; without it, the same line
+    assert main(["report", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"mmctr report: error: {tmp_path / 'trials'}: no trial has started yet"
+    (tmp_path / "trials").rmdir()
+    assert main(["report", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"mmctr report: error: {tmp_path / 'trials'}: no trial has started yet"
+
+
+def test_compare_refuses_one_class_labels_and_a_json_folder_before_scoring(tmp_path, capsys, monkeypatch):
+    """Both ended in a traceback after every run was scored (hours on a large split)."""
+    import mmctr_ray.compare as compare
+
+    lay = Layout(tmp_path)
+    lay.dataset_dir.mkdir(parents=True)
+    pq.write_table(pa.table({"label": np.zeros(50, dtype=np.float32)}), lay.split("valid"))
+    with pytest.raises(DataError) as err:
+        compare.split_labels(tmp_path, "valid")
+    assert str(err.value) == (f"{lay.split('valid')}: the valid labels hold one class only (0 clicks of 50 rows); "
+                              f"an AUC needs clicks and non-clicks")
+    monkeypatch.setattr(compare, "compare_runs", lambda *a, **k: pytest.fail("scored before the check"))
+    (tmp_path / "out.json").mkdir()
+    assert main(["compare", "r1", "r2", "--data", str(tmp_path), "--json", str(tmp_path / "out.json"),
+                 "--overwrite"]) == 2
+    assert capsys.readouterr().err.strip() == (f"mmctr compare: error: {tmp_path / 'out.json'}: --json names a "
+                                               f"file to write; it is a folder or lies below a file")
