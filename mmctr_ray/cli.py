@@ -35,8 +35,9 @@ IMAGE_MODEL, MAX_BAD_COVERS = "RN50", 0.1  # defaults of embed's and the pipelin
 SIZE_FLAGS = ("users", "items", "train_rows", "valid_rows", "test_rows", "tags", "topics", "seed", "chunk_rows")
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=_local_path, help="experiment YAML (default: built-in defaults = the baseline)")
+def _add_config_args(p: argparse.ArgumentParser,
+                     config_help: str = "experiment YAML (default: built-in defaults = the baseline)") -> None:
+    p.add_argument("--config", type=_local_path, help=config_help)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set data.max_len=32 (repeatable)")
 
@@ -108,7 +109,8 @@ def _local_path(text: str) -> Path:
     into the local folder ``s3:/b/x`` and write there without a word)."""
     if storage.is_uri(text):
         raise argparse.ArgumentTypeError(f"{text}: expected a local path; storage URIs are taken by train --out, "
-                                         "predict --run, report, compare RUN, and pipeline --out and --data")
+                                         "predict --run, report, compare RUN, pipeline --out and --data, and "
+                                         "demo --out")
     return Path(text)
 
 
@@ -119,10 +121,10 @@ def _add_resume_args(p: argparse.ArgumentParser, resume: str, overwrite: str) ->
     once.add_argument("--overwrite", action="store_true", help=overwrite)
 
 
-def _add_training_args(p: argparse.ArgumentParser) -> None:
+def _add_training_args(p: argparse.ArgumentParser, gpus_help: str = "GPUs per training worker (0: CPU, gloo)"
+                        ) -> None:
     _add_worker_args(p, "workers", "DDP training workers")
-    p.add_argument("--gpus-per-worker", type=NON_NEGATIVE, default=0.0,
-                   help="GPUs per training worker and scoring actor (0: CPU, gloo)")
+    p.add_argument("--gpus-per-worker", type=NON_NEGATIVE, default=0.0, help=gpus_help)
     p.add_argument("--cpus-per-worker", type=POSITIVE, default=1.0,
                    help="logical CPUs Ray reserves per worker (a CPU worker's torch threads use the node's cores, "
                         "shared among the workers on the node)")
@@ -507,7 +509,8 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
                                                         "--gpus-per-worker)")
     _add_resume_args(p, "continue in OUT: keep the data, embed shards and fused table there, resume training from "
                         "the latest checkpoint", "replace the outputs of an earlier run in OUT")
-    _add_training_args(p)
+    _add_training_args(p, "GPUs per training worker, and per encoder/scoring actor unless --gpus-per-actor "
+                          "(0: CPU, gloo)")
     _add_synth_args(p)
     _add_config_args(p)
     _add_ray_args(p)
@@ -666,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "trials/, results.csv, best.yaml and plots/.")
     _add_data_arg(p)
     p.add_argument("--out", type=_local_path, required=True, help="search directory (TUNE)")
-    _add_config_args(p)
+    _add_config_args(p, "experiment YAML with a search: section (required unless --resume)")
     p.add_argument("--num-samples", type=POSITIVE_INT, help="trials (default: search.num_samples)")
     p.add_argument("--max-concurrent", type=POSITIVE_INT,
                    help="at most this many trials at once (default: as many as Ray's CPUs and GPUs fit)")
@@ -727,8 +730,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="the whole chain on DATA (or synthetic data): validate → [embed] → "
                                         "fuse → features → train → predict → report",
                        description="Run every stage into OUT (a local path or a storage URI): data/ (synthetic, "
-                                   "without --data), features/, item_emb.parquet (fused from the shipped vectors, "
-                                   "or from item_raw_emb.parquet with --embed), run/, submission.zip, "
+                                   "without --data; with a URI OUT it stays in --work), features/, "
+                                   "item_emb.parquet (fused from the shipped vectors, or from item_raw_emb.parquet "
+                                   "with --embed), run/, submission.zip, "
                                    "run/report/. The same chain as `mmctr demo`; jobs/pipeline.py submits it.")
     p.add_argument("--data", help="data directory (holds MicroLens_1M_x1/): a local or shared path, or a URI "
                                   "copied into the work folder; default: synthesize it (size flags below)")
@@ -737,7 +741,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on synthetic data: synth → validate → fuse → features → "
                                     "train → predict → report",
-                       description="Run the whole pipeline on freshly generated synthetic data under --out.")
+                       description="Run the whole pipeline on synthetic data it generates under --out (which "
+                                   "--resume keeps).")
     _add_pipeline_args(p)
     p.set_defaults(func=cmd_demo)
     for stage in sub.choices.values():  # after the stage too (`mmctr train ... -v`, and a Ray job's jobs/*.py, which
