@@ -452,7 +452,10 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
                                                     keep_freed_memory=_config(args).train.keep_freed_memory))))
     if not (resume and fused.is_file()):
         steps.append(("fuse", lambda: _fuse_step(args, data, fused, str(raw) if args.embed else "shipped")))
-    if not (resume and (work / "features" / "features_summary.json").is_file()):
+    features = work / "features"  # kept when it describes the data this command trains on (an attempt killed
+    # before training started may have summarised other data.* settings, which the run's config does not yet pin)
+    if not (resume and fused.is_file() and (features / "features_summary.json").is_file() and pipeline.same_data(
+            features / "config.yaml", load_config(args.config, [*fusion_overrides(fused), *args.overrides]))):
         # after fuse: it describes the item table the run trains on (converted data's shipped vectors, which the
         # config's data.item_vector names, are zero placeholders that load_item_table refuses)
         steps.append(("features", lambda: cmd_features(ns(out=work / "features",

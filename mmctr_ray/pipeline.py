@@ -59,6 +59,13 @@ def check_work(out: storage.Location, work: Path, resume: bool, overwrite: bool)
                                 f"another --work")
 
 
+def same_data(saved: Path, asked: ExperimentConfig) -> bool:
+    """Whether the config a step saved (``features/config.yaml``) has the data section ``asked`` has."""
+    from mmctr_ray.config import load_config
+
+    return saved.is_file() and load_config(saved).data == asked.data
+
+
 def train_changes(run: storage.Location, asked: ExperimentConfig) -> list[str]:
     """``train.KEY=VALUE`` for each training setting ``asked`` that the run's config.yaml does not hold (logged):
     what a continued run takes from the command, as `mmctr train --resume --set train.KEY=VALUE` would."""

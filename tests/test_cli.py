@@ -524,6 +524,39 @@ def test_pipeline_resume_takes_the_train_settings_of_its_config_and_knows_its_em
     assert "fused from the shipped vectors, this command asks --embed" in r.stderr
 
 
+def test_pipeline_resume_summarises_the_data_again_when_its_data_settings_changed(synth_dir, tmp_path, monkeypatch):
+    """An attempt killed after features and before training: --resume kept features/ whatever data.* the command
+    asked (the run's config, which pins them, did not exist yet), so OUT described other settings than its run."""
+    import ray
+
+    import mmctr_ray.cli as cli
+    import mmctr_ray.ray_env as ray_env
+    from mmctr_ray.config import load_config, save_config
+    from mmctr_ray.fuse import fusion_overrides, run_fuse
+
+    monkeypatch.setattr(cli, "_start_ray", lambda *a, **k: None)
+    monkeypatch.setattr(ray_env, "private_local_ray", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    ran = []
+    for name in ("cmd_validate", "cmd_features", "cmd_train", "cmd_predict", "cmd_report"):
+        monkeypatch.setattr(cli, name, lambda args, name=name: ran.append(name.removeprefix("cmd_")) or 0)
+    out = tmp_path / "out"
+    tiny = load_config("configs/tiny.yaml")
+    fused = out / "item_emb.parquet"
+    out.mkdir()
+    run_fuse(synth_dir, fused, tiny.fusion, progress=lambda m: None)  # as the killed attempt fused it
+    (out / "features").mkdir()
+    save_config(load_config("configs/tiny.yaml", fusion_overrides(fused)), out / "features" / "config.yaml")
+    (out / "features" / "features_summary.json").write_text("{}")
+    (out / "run").mkdir()  # the final line reads the run's summary (train is not run here)
+    (out / "run" / "summary.json").write_text(json.dumps({"best_valid_auc": 0.5, "best_epoch": 1}))
+    base = ["pipeline", "--data", str(synth_dir), "--out", str(out), "--resume", "--config", "configs/tiny.yaml"]
+    assert main(base) == 0 and ran == ["validate", "train", "predict", "report"]  # the same data.*: kept
+    ran.clear()
+    assert main([*base, "--set", "data.max_len=8"]) == 0 and ran == ["validate", "features", "train", "predict",
+                                                                       "report"]
+
+
 @pytest.mark.parametrize("stage", ["train", "tune", "pipeline", "demo"])
 def test_resume_and_overwrite_together_are_refused_by_the_parser(stage, tmp_path, capsys):
     """Before, --resume silently won (or, in the pipeline, each step took the flag it read first)."""
