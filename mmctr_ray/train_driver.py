@@ -288,9 +288,10 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     check_batch_size(cfg.train.batch_size, rows["train"], workers)
     check_batch_norm_rows(cfg.train.batch_size, workers, cfg.model.batch_norm)
     _check_run_dir(run, cfg, resume, overwrite)
+    if resume:  # the data the run started on: checked before Ray starts and RUN is touched (before, a refused
+        _check_feature_map(run, fmap)  # resume had already dropped summary.json and saved its config.yaml)
     ended = _nothing_to_train(run, cfg) if resume and not callbacks else None  # (a Tune trial, with callbacks,
     if ended:  # is left to Ray Train and run_trial, as before)
-        _check_feature_map(run, fmap)  # the data the run started on, as any resume
         log.warning("%s: nothing to train: %s", run, ended)
         before = storage.join(run, "summary.json")
         wall = json.loads(storage.read_text(before)).get("wall_seconds", 0.0) if storage.is_file(before) else 0.0
@@ -300,8 +301,6 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
         start_ray()
     check_local_workers(workers, cpus_per_worker, gpus_per_worker)  # one machine: what Ray has now is all it gets
     _prepare_run_dir(run, cfg, resume, overwrite)
-    if resume:
-        _check_feature_map(run, fmap)
     fmap.to_json(storage.join(run, "feature_map.json"))
     loop_config = {"cfg": cfg.to_dict(), "data_dir": str(data_dir), "run_dir": str(run),
                    "feature_map": fmap.__dict__, "train_rows": rows["train"], "valid_rows": rows["valid"],

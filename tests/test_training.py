@@ -1026,3 +1026,29 @@ def test_each_rank_and_epoch_draws_its_own_dropout_masks_from_the_same_initial_w
     assert torch.equal(masks(0, 2, drawn_before=1000)[1], m_next)  # epoch 2 draws the same, however it was reached
     seed_epoch(8, 0, 1)
     assert not torch.equal(Dropout(0.5).train()(torch.ones(64)), m1)  # seed 8's rank 0 is not seed 7's rank 1
+
+
+def test_a_resume_on_other_data_is_refused_before_ray_and_leaves_the_run_as_it_was(synth_dir, tmp_path):
+    """The vocabularies were compared after Ray had started and after RUN was prepared: the refused resume had
+    already removed the finished run's summary.json and saved its config.yaml with train settings that never ran
+    (which the next resume then took, resetting the learning rate the schedule had decayed)."""
+    import dataclasses
+
+    from mmctr_ray.config import save_config
+    from mmctr_ray.features import build_feature_map, load_item_table
+    from mmctr_ray.train_driver import run_training
+
+    cfg = load_config(CONFIGS / "tiny.yaml")
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(cfg, run / "config.yaml")
+    fmap = build_feature_map(synth_dir, load_item_table(synth_dir, cfg.data.item_vector))
+    dataclasses.replace(fmap, num_users=fmap.num_users + 1).to_json(run / "feature_map.json")  # other users
+    (run / "summary.json").write_text('{"best_valid_auc": 0.7}')
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    resumed = load_config(run / "config.yaml", ["train.epochs=9", "train.lr=5e-4"])
+    with pytest.raises(ConfigError, match=rf"feature_map.json: the run was built with num_users={fmap.num_users + 1} "
+                                          rf"but --data gives {fmap.num_users}; resume with the data the run "
+                                          rf"started on$"):
+        run_training(synth_dir, run, resumed, resume=True, start_ray=lambda: pytest.fail("Ray started"))
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
