@@ -157,6 +157,10 @@ def _param(key: str, spec: Any, keys: list[str], where: str) -> Param:
                              or step <= 0 or (kind == "int" and not isinstance(step, int))):
         raise ConfigError(f"{at}: step expects a positive {'integer' if kind == 'int' else 'number'} for an int or "
                           f"float range, got {step!r}")
+    if step is not None and kind != "choice" and step > values[1] - values[0]:
+        raise ConfigError(f"{at}: step {step} is wider than the range {values}: only {values[0]} could be drawn")
+    if kind == "float":  # YAML reads [1024, 4096] as integers: the bounds' check then missed that a trial draws
+        values = [float(v) for v in values]  # 2709.95, which an integer key refuses in every trial
     when = spec.get("when", {})
     if not isinstance(when, dict) or not all(isinstance(v, list) for v in when.values()):
         raise ConfigError(f"{at}: when expects a mapping of earlier parameters to lists of values")
@@ -183,7 +187,7 @@ def _dependency_order(params: list[Param], where: str) -> list[Param]:
 
 def _check_key(key: str, where: str) -> None:
     """A searched key must name a field of a config section (``section.name``)."""
-    if key.count(".") != 1:
+    if not isinstance(key, str) or key.count(".") != 1:
         raise ConfigError(f"{where}: search.space.{key}: expected a config key section.name (e.g. model.dropout)")
     section, name = key.split(".")
     if section not in {f.name for f in dataclasses.fields(ExperimentConfig)} or section == "name":

@@ -547,9 +547,15 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
     settings = _prepare(tdir, Path(search_yaml) if search_yaml else None, settings, resume, overwrite)
     # a new search's was checked as check_inputs and _prepare read it; a resumed search's is read as it began
     space = load_search(tdir / "search.yaml", settings["overrides"], strict=False)
-    if resume:  # with the settings the search started with
+    if resume:  # with the settings the search started with, and its concurrency, which Tune restores: the thread
+        # share follows it (before: what fits now, so 2 trials of 16 CPUs got a 15th each; and a GPU search on an
+        # autoscaling cluster with no GPU node up yet could not resume at all)
         k = trial_concurrency(ray.cluster_resources(), settings["workers"], settings["cpus_per_worker"],
-                              settings["gpus_per_worker"], max_concurrent, elastic)
+                              settings["gpus_per_worker"], settings.get("concurrency"), elastic)
+    else:  # Tune never runs more trials at once than the search has: the cores of the rest are shared out too
+        k = min(k, num_samples or space.num_samples)
+        settings = {**settings, "concurrency": k}
+        storage.write_text(tdir / "settings.json", json.dumps(settings, indent=2) + "\n")
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # save the experiment state often: cheap, and resumable
     datasets = shared_datasets(data, space.trial_config({}).data.max_len, rows)
     trainable = tune.with_resources(
@@ -571,7 +577,7 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
     global tune_dir_now
     tune_dir_now = str(tdir)  # and the restored progress callback an older TUNE
     if resume:
-        log.info("resuming the search in %s (its own trial count and concurrency; %d trials fit now)", tdir, k)
+        log.info("resuming the search in %s (its own trial count and concurrency, %d at a time)", tdir, k)
         tuner = tune.Tuner.restore(str(tdir / "tune"), trainable=trainable, resume_errored=True)
     else:
         searcher = _searcher()(space=space.define_by_run, metric=METRIC, mode="max", seed=space.seed,

@@ -112,10 +112,17 @@ def test_define_by_run_samples_each_parameter_only_where_it_applies(tmp_path):
       "model.num_heads": {"choice": [2, 128], "when": {"model.attention": ["multihead"]}}},  # widths 256 and 320
      "model.item_vector_proj=192 with model.num_heads=128 gives no valid config"),
     ({"model.dropout": {"float": [0.0, 0.2]}, "reduction_factor": 1}, "search.reduction_factor=1: expected at least 2"),
+    # a float range on an integer key: its integer bounds passed, and every trial drew 2709.95 and errored
+    ({"train.batch_size": {"float": [1024, 4096]}},
+     "search.space.train.batch_size: the value 1024.0 gives no valid config (train.batch_size=1024.0: expected an "
+     "integer)"),
+    ({"train.batch_size": {"int": [256, 512], "step": 1024}}, "step 1024 is wider than the range [256, 512]: only "
+                                                               "256 could be drawn"),  # silently always 256
+    ({1: {"choice": [1, 2]}}, "search.space.1: expected a config key section.name"),  # was an AttributeError
 ])
 def test_bad_search_sections_are_one_line_errors(tmp_path, space, message):
     path = tmp_path / "s.yaml"
-    settings = {k: space.pop(k) for k in list(space) if "." not in k}  # search.* settings beside the space
+    settings = {k: space.pop(k) for k in list(space) if isinstance(k, str) and "." not in k}  # search.* settings
     path.write_text(yaml.safe_dump({"name": "s", "search": {"space": space, **settings}}))
     with pytest.raises(ConfigError) as err:
         load_search(path)
@@ -731,8 +738,12 @@ def test_a_killed_search_resumes_without_losing_or_repeating_trials(synth_dir, t
               if (p.parent / "summary.json").is_file()}
     assert before, "at least one trial ended before the driver died"
 
+    # 3 trials fit in 4 CPUs; the search has 2: its 2 at a time share the cores, and the resumed part keeps that
+    assert json.loads((tune_dir / "settings.json").read_text())["concurrency"] == 2
+
     second = run_tune(*common, "--resume")
     assert second.returncode == 0, second.stderr[-3000:]
+    assert "(its own trial count and concurrency, 2 at a time)" in second.stderr
     study = optuna.load_study(study_name="mmctr", storage=f"sqlite:///{tune_dir}/optuna.db")
     assert not study.get_trials(states=[optuna.trial.TrialState.RUNNING])  # none left running in the dashboard
     assert re.search(ended + r"2/2 ended, 0 running", second.stderr), second.stderr[-3000:]
