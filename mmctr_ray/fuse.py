@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mmctr_ray import storage
@@ -91,7 +92,7 @@ class ItemSource:
         for rb in pq.ParquetFile(self.path).iter_batches(batch_size=self.batch_rows, columns=self.columns):
             column = rb.column("item_id")
             if column.null_count:
-                row = row0 + int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+                row = row0 + pc.index(pc.is_null(column), True).as_py()
                 raise DataError(f"{self.path}: column item_id: null at row {row}; expected item ids "
                                 f"1..{self.num_items}")
             ids = column.to_numpy().astype(np.int64)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mmctr_ray import storage
-from mmctr_ray.config import ExperimentConfig
+from mmctr_ray.config import ExperimentConfig, load_config
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.locking import LOCK_SUFFIX
 
@@ -61,8 +61,6 @@ def check_work(out: storage.Location, work: Path, resume: bool, overwrite: bool)
 
 def same_data(saved: Path, asked: ExperimentConfig) -> bool:
     """Whether the config a step saved (``features/config.yaml``) has the data section ``asked`` has."""
-    from mmctr_ray.config import load_config
-
     return saved.is_file() and load_config(saved).data == asked.data
 
 

@@ -439,10 +439,10 @@ def trial_cpus(tune_dir: str | Path, resume: bool, workers: int, cpus_per_worker
 def check_inputs(data_dir: str | Path, search_yaml: str | Path | None, overrides: list[str] = (),
                  resume: bool = False, workers: int = 1, source: str = "shipped", gpus_per_trial: float = 0.0,
                  num_samples: int | None = None, max_concurrent: int | None = None,
-                 time_budget_s: float | None = None) -> dict[str, int]:
+                 time_budget_s: float | None = None) -> tuple[dict[str, int], SearchSpace | None]:
     """Raise a one-line error, before Ray starts and before TUNE is touched, if the search cannot run: its
     YAML (search section and the experiment config under it), the data's splits, the raw vectors' file or the
-    trial's resources; return the splits' rows."""
+    trial's resources; return the splits' rows and the search space read (None on ``resume``)."""
     check_resources(workers, gpus_per_trial)
     if resume and (num_samples is not None or max_concurrent is not None or time_budget_s is not None):
         raise ConfigError("--resume continues TUNE with the trial count, concurrency and time budget it started "
@@ -467,7 +467,7 @@ def check_inputs(data_dir: str | Path, search_yaml: str | Path | None, overrides
         check_batch_size(max(sizes), rows["train"], workers)
         check_batch_norm_rows(min(sizes), workers, _can_batch_norm(space))
         _refuse_placeholders(data_dir, space, source)
-    return rows
+    return rows, space
 
 
 def _refuse_placeholders(data_dir: str | Path, space: SearchSpace, source: str) -> None:
@@ -538,24 +538,25 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
     source = source if source == "shipped" else str(Path(source).resolve())  # trials run in their own folders
     settings = {"data": str(data), "workers": workers, "cpus_per_worker": cpus_per_worker,
                 "gpus_per_worker": gpus_per_trial / workers, "source": source, "overrides": list(overrides)}
-    rows = check_inputs(data, search_yaml, overrides, resume, workers, source, gpus_per_trial, num_samples,
-                        max_concurrent, time_budget_s)
+    rows, asked = check_inputs(data, search_yaml, overrides, resume, workers, source, gpus_per_trial, num_samples,
+                               max_concurrent, time_budget_s)
     elastic = not private_local_ray()
-    if not resume:  # a search that cannot fit fails before anything is written
-        k = trial_concurrency(ray.cluster_resources(), workers, cpus_per_worker, settings["gpus_per_worker"],
-                              max_concurrent, elastic)
+    if asked is not None:  # a new search: one that cannot fit fails before anything is written; Tune never runs
+        # more trials at once than the search has, so the cores of the rest are shared out too. settings.json
+        # keeps the count for --resume
+        fits = trial_concurrency(ray.cluster_resources(), workers, cpus_per_worker, settings["gpus_per_worker"],
+                                 max_concurrent, elastic)
+        settings["concurrency"] = min(fits, num_samples or asked.num_samples)
     settings = _prepare(tdir, Path(search_yaml) if search_yaml else None, settings, resume, overwrite)
     # a new search's was checked as check_inputs and _prepare read it; a resumed search's is read as it began
     space = load_search(tdir / "search.yaml", settings["overrides"], strict=False)
-    if resume:  # with the settings the search started with, and its concurrency, which Tune restores: the thread
-        # share follows it (before: what fits now, so 2 trials of 16 CPUs got a 15th each; and a GPU search on an
-        # autoscaling cluster with no GPU node up yet could not resume at all)
+    if resume:  # its own concurrency, which Tune restores: the thread share follows it (before: what fits now, so 2
+        # trials of 16 CPUs got a 15th each; and a GPU search on an autoscaling cluster with no GPU node up yet could
+        # not resume at all). A search from before the count was kept: what fits now, as then
         k = trial_concurrency(ray.cluster_resources(), settings["workers"], settings["cpus_per_worker"],
                               settings["gpus_per_worker"], settings.get("concurrency"), elastic)
-    else:  # Tune never runs more trials at once than the search has: the cores of the rest are shared out too
-        k = min(k, num_samples or space.num_samples)
-        settings = {**settings, "concurrency": k}
-        storage.write_text(tdir / "settings.json", json.dumps(settings, indent=2) + "\n")
+    else:
+        k = settings["concurrency"]
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # save the experiment state often: cheap, and resumable
     datasets = shared_datasets(data, space.trial_config({}).data.max_len, rows)
     trainable = tune.with_resources(

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mmctr_ray.data.writer import list_array
@@ -207,7 +208,7 @@ def _read_items(lay: Layout) -> pa.Table:
     table = pq.read_table(lay.item_feature, columns=["item_id", "item_title"])
     column = table.column("item_id")
     if column.null_count:
-        row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+        row = pc.index(pc.is_null(column), True).as_py()
         raise DataError(f"{lay.item_feature}: column item_id: null at row {row}; expected unique item ids 1..N")
     if not pa.types.is_integer(column.type):
         raise DataError(f"{lay.item_feature}: column item_id: type {column.type}; expected integer item ids 1..N")
