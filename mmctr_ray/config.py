@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -26,7 +27,7 @@ from typing import Any
 import yaml
 
 from mmctr_ray import storage
-from mmctr_ray.errors import ConfigError  # re-exported
+from mmctr_ray.errors import ConfigError, first_line  # ConfigError re-exported
 
 
 class _Loader(yaml.SafeLoader):
@@ -43,6 +44,49 @@ _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                               re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
                               list("-+0123456789."))
+
+
+_INT = "tag:yaml.org,2002:int"  # YAML 1.2 core: decimal, 0o octal, 0x hex (1.1 read 010 as 8 and 1:30 as 90)
+for _ch, _resolvers in list(_Loader.yaml_implicit_resolvers.items()):
+    _Loader.yaml_implicit_resolvers[_ch] = [(tag, rx) for tag, rx in _resolvers if tag != _INT]
+_Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
+
+
+def _int(loader: _Loader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    return int(text, 0) if text.startswith(("0o", "0x")) else int(text, 10)  # 010 is ten
+
+
+_Loader.add_constructor(_INT, _int)
+
+
+def _mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    """A mapping whose keys are unique: a second ``train:`` section or ``lr:`` key would silently replace the
+    first, so it is an error at its line."""
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                        lambda loader, node: dict(_mapping(loader, node, deep=True)))
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes what :class:`_Loader` reads back the same: a string that would load as a number or a boolean
+    there (``1e3``, ``0o17``) is quoted."""
+
+
+_Dumper.yaml_implicit_resolvers = {ch: list(r) for ch, r in _Loader.yaml_implicit_resolvers.items()}
+
+
+def safe_dump(data: Any) -> str:
+    """YAML text of ``data`` that :func:`safe_load` reads back equal (keys in the order given)."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
 
 
 def safe_load(text: str) -> Any:
@@ -272,6 +316,7 @@ class TrainConfig:
         _check(self.shuffle_buffer >= 0, "train.shuffle_buffer", self.shuffle_buffer, ">= 0 rows")
         _check(self.resident in RESIDENT_MODES, "train.resident", self.resident, "one of " + ", ".join(RESIDENT_MODES))
         _check(self.resident_max_mib >= 0, "train.resident_max_mib", self.resident_max_mib, ">= 0 MiB")
+        _check(0 <= self.seed < 2**32, "train.seed", self.seed, "an integer in 0..4294967295")
 
 
 @dataclass(frozen=True)
@@ -317,7 +362,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         _check(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
         return value
     if hint is float:
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "a number")
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), key, value,
+               "a finite number")
         return float(value)
     if hint is str:
         _check(isinstance(value, str), key, value, "a string")
@@ -371,11 +417,19 @@ def read_yaml(path: storage.Location) -> dict[str, Any]:
     if not storage.is_file(path):
         raise ConfigError(f"{where}: config file not found")
     try:
-        loaded = safe_load(storage.read_text(path))
+        text = storage.read_text(path)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{where}: not UTF-8 text (byte {err.start}: {err.reason}); expected a YAML config") \
+            from None
+    except OSError as err:
+        raise ConfigError(f"{where}: cannot read the config ({first_line(err)})") from None
+    try:
+        loaded = safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{where}: invalid YAML{at}: {getattr(err, 'problem', err)}") from None
+        why = getattr(err, "problem", None) or first_line(err)
+        raise ConfigError(f"{where}: invalid YAML{at}: {why}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -406,5 +460,5 @@ def load_config(path: storage.Location | None = None, overrides: list[str] | tup
 def save_config(cfg: ExperimentConfig, path: storage.Location) -> storage.Location:
     """Write the resolved config as YAML (sorted as declared) to a local path or a storage URI; return it."""
     path = path if storage.is_uri(path) else Path(path)
-    storage.write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    storage.write_text(path, safe_dump(cfg.to_dict()))
     return path
