@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,17 @@ class LoadedCheckpoint:
     item_source: dict[str, Any]
 
 
+def _tensors(path: Path, name: Location) -> dict[str, Any]:
+    """A state dict saved by ``torch.save``, read without running any code it holds (``weights_only``): a file
+    holding anything but tensors and plain containers is a one-line error, never executed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # torch's message is a paragraph: keep its line that names the object
+        lines = [x.strip() for x in str(err).splitlines() if x.strip()]
+        why = next((x for x in lines if "GLOBAL" in x), lines[-1] if lines else type(err).__name__)
+        raise DataError(f"{name}: not a state dict of tensors; refused without running it ({why})") from None
+
+
 def load_checkpoint(directory: Location, with_optimizer: bool = True) -> LoadedCheckpoint:
     """Read a checkpoint directory (local, or a URI: downloaded to a temporary folder first); a missing file is
     an error naming it."""
@@ -120,8 +132,8 @@ def load_checkpoint(directory: Location, with_optimizer: bool = True) -> LoadedC
         state = TrainState(**{k: raw[k] for k in ("epoch", "lr", "best_auc", "best_epoch", "bad_epochs", "history")})
         return LoadedCheckpoint(
             path=directory,
-            model_state=torch.load(local / "model.pt", map_location="cpu", weights_only=True),
-            optimizer_state=(torch.load(opt_path, map_location="cpu", weights_only=True)
+            model_state=_tensors(local / "model.pt", storage.join(directory, "model.pt")),
+            optimizer_state=(_tensors(opt_path, storage.join(directory, "optimizer.pt"))
                              if with_optimizer and opt_path.is_file() else None),
             state=state,
             cfg=load_config(local / "config.yaml"),

@@ -34,13 +34,15 @@ def one():
 
 assert ray.get(one.remote()) == 1
 me = psutil.Process()
-listens = []
+listens, unread = [], []
 for proc in [me, *me.children(recursive=True)]:
     try:
         listens += [[proc.name(), c.laddr.ip, c.laddr.port] for c in proc.net_connections("inet")
                     if c.status == psutil.CONN_LISTEN]
-    except psutil.Error:
+    except psutil.NoSuchProcess:  # ended between the listing and the read
         pass
+    except psutil.Error as err:  # a process whose sockets could not be read is a process not checked
+        unread.append(repr(err))
 webui = worker._global_node.address_info.get("webui_url") or ""
 
 
@@ -61,7 +63,8 @@ if webui:
                 "ray's": status(get_auth_headers_if_auth_enabled({}))}
 from mmctr_ray.ray_env import drop_benign_ray_lines
 
-print("PROBE" + json.dumps({"token_auth": is_token_auth_enabled(), "listens": listens, "webui": webui,
+print("PROBE" + json.dumps({"token_auth": is_token_auth_enabled(), "listens": listens, "unread": unread,
+                            "gcs": worker._global_node.address_info["gcs_address"], "webui": webui,
                             "jobs_api": statuses, "benign_filter": drop_benign_ray_lines()}))
 """
 
@@ -88,7 +91,9 @@ def test_the_local_ray_listens_on_loopback_only_with_token_auth():
     # with the dashboard asked for, so that its servers are checked too; RAY_AUTH_MODE=disabled in the
     # environment must not switch authentication off for the CLI's own Ray
     got = _probe(dashboard=True, env_auth="disabled")
-    assert got["listens"], "no listening socket found: the probe is not looking at Ray's processes"
+    assert got["unread"] == []
+    ports = {s[2] for s in got["listens"]}  # the probe sees Ray's own servers: the GCS and the dashboard
+    assert int(got["gcs"].rsplit(":", 1)[1]) in ports and int(got["webui"].rsplit(":", 1)[1]) in ports
     assert [s for s in got["listens"] if not _loopback(s[1])] == []
     assert got["token_auth"] is True
     assert got["jobs_api"] == {"none": 401, "wrong": 403, "ray's": 200}
@@ -185,3 +190,50 @@ def test_yaml_is_safe_loaded_and_no_shell_runs():
     shells = [str(p) for name in ("subprocess.run", "subprocess.Popen", "subprocess.call", "subprocess.check_call",
                                   "subprocess.check_output") for p, n in _calls(name) if _keyword(n, "shell")]
     assert shells == []
+
+
+class _RunsCode:
+    """A pickled object that, when unpickled, creates a marker file: what a tampered checkpoint could hold."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (str(self.marker),))
+
+
+def test_a_checkpoint_holding_code_is_refused_without_running_it(tmp_path):
+    import torch
+
+    from mmctr_ray.checkpoint import FILES, MANIFEST, TrainState, load_checkpoint, save_checkpoint
+    from mmctr_ray.config import load_config
+    from mmctr_ray.errors import DataError
+    from mmctr_ray.features import FeatureMap
+
+    ck = tmp_path / "checkpoint_epoch_001"
+    ck.mkdir()
+    model = torch.nn.Linear(3, 1)
+    save_checkpoint(ck, model, None, TrainState(epoch=1, lr=1e-3), load_config(None),
+                    FeatureMap(num_items=5, tag_vocab=6, tags_per_item=2, vector_dim=4, num_users=7), {})
+    assert set(load_checkpoint(ck).model_state) == {"weight", "bias"}  # the untampered checkpoint loads
+    marker = tmp_path / "code-ran"
+    torch.save({"weight": _RunsCode(marker)}, ck / "model.pt")
+    sizes = {f: (ck / f).stat().st_size for f in FILES if (ck / f).is_file()}  # a whole copy, by its manifest
+    (ck / MANIFEST).write_text(json.dumps(sizes))
+    with pytest.raises(DataError, match=r"checkpoint_epoch_001/model\.pt: not a state dict of tensors; refused "
+                                        r"without running it \(.*GLOBAL os\.makedirs"):
+        load_checkpoint(ck)
+    assert not marker.exists()
+
+
+def test_a_fusion_fit_holding_an_object_array_is_refused_without_running_it(tmp_path):
+    import numpy as np
+
+    from mmctr_ray.fusion import FittedFusion
+
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "fit.npz"
+    np.savez(path, strategy=np.array("v1"), parts=np.array([_RunsCode(marker)], dtype=object))
+    with pytest.raises(ValueError, match="allow_pickle=False"):
+        FittedFusion.load(path)
+    assert not marker.exists()
