@@ -240,9 +240,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _start_ray(args, pool_cpus=_actor_cpus(args.actors, args.gpus_per_actor))
     summary = run_predict(args.run, args.data, args.out, split=args.split, actors=args.actors,
                           gpus_per_actor=args.gpus_per_actor, overwrite=args.overwrite)
-    m = summary.get("metrics")
-    score = (f"; {args.split} AUC {m['auc']:.4f}{se_text(m.get('auc_se'))} "
-             f"(oracle {summary.get('oracle_auc', float('nan')):.4f})") if m else ""
+    m, oracle = summary.get("metrics"), summary.get("oracle_auc")  # null in oracle.json for a split of one class
+    score = (f"; {args.split} AUC {m['auc']:.4f}{se_text(m.get('auc_se'))}"
+             f"{f' (oracle {oracle:.4f})' if oracle is not None else ''}") if m else ""
     log.info("wrote %s: %d rows from %s%s", summary["submission"], summary["rows"], summary["checkpoint"], score)
     return 0
 
@@ -420,12 +420,13 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
     """The steps of :func:`cmd_pipeline`, once OUT and the data copy are checked and OUT/run is held."""
     from mmctr_ray import pipeline
     from mmctr_ray.fuse import fusion_overrides
-    from mmctr_ray.ray_env import check_actors
+    from mmctr_ray.ray_env import check_actors, check_gpu_split
     from mmctr_ray.schema import Layout
     from mmctr_ray.train_driver import check_local_workers
 
     resume = args.resume
     gpus_per_actor = args.gpus_per_worker if args.gpus_per_actor is None else args.gpus_per_actor
+    check_gpu_split(args.workers, args.gpus_per_worker, "--gpus-per-worker")  # before the steps ahead of training
     # one Ray for every step; its pools run one at a time
     _start_ray(args, pool_cpus=max(args.workers * args.cpus_per_worker, _actor_cpus(args.actors, gpus_per_actor)))
     # pools a private local Ray cannot feed: refused before the steps ahead of training (hours at full scale)

@@ -141,6 +141,20 @@ def check_pool(resources: dict[str, float], count: int, cpus_each: float, gpus_e
                           f"this local Ray's {gpus:g} GPUs: lower {lower_gpus}")
 
 
+def check_gpu_split(workers: int, gpus_each: float, flag: str, given: float | None = None) -> None:
+    """Raise a one-line ConfigError when DDP workers of ``gpus_each`` GPUs each cannot train together: two or more
+    workers need whole GPUs each (Ray packs fractions onto one GPU, where two NCCL ranks fail with "Duplicate GPU
+    detected", after the run's retries), and above one GPU a worker needs a whole number. ``flag``: the option
+    that set it, whose value ``given`` (``gpus_each`` unless the flag splits a total between the workers)."""
+    given = gpus_each if given is None else given
+    split = f" over {workers} workers gives each {gpus_each:g} GPU" if given != gpus_each else ""
+    if workers > 1 and gpus_each and (gpus_each < 1 or gpus_each != int(gpus_each)):
+        raise ConfigError(f"{flag} {given:g}{split}: with 2+ DDP workers each needs whole GPUs (Ray places "
+                          f"fractions on one GPU, where two NCCL ranks fail); use 1 worker for a share of a GPU")
+    if gpus_each > 1 and gpus_each != int(gpus_each):
+        raise ConfigError(f"{flag} {given:g}{split}: above 1 GPU a worker needs a whole number of GPUs")
+
+
 def check_local_pool(count: int, cpus_each: float, gpus_each: float, noun: str, lower: str,
                      lower_gpus: str) -> None:
     """:func:`check_pool` against the private local Ray's resources (one machine: what it has now is all it will
@@ -358,7 +372,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
         _PRIVATE["started"] = False
         if _PRIVATE.pop("watcher_off", False):
             os.environ.pop(WATCHER_ENV, None)
-        ray.init(address=address, logging_level=logging.WARNING)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except (ValueError, ConnectionError) as err:  # an HTTP (dashboard) address, no Ray at "auto", a bad form
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"Ray address {address!r} (--address or RAY_ADDRESS): {first}") from None
         _keep_python_sigterm()
         drop_benign_ray_lines()
         _PRIVATE["gcs"] = ray.get_runtime_context().gcs_address  # for stop_ray; not private: "started" stays False
@@ -383,7 +401,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
             log.info("this machine has %g CPU%s and the workers or actors take %g: the local Ray gets %d logical CPUs "
                      "so the Ray Data reads that feed them share cores (--num-cpus sets another count)", cores,
                      "" if cores == 1 else "s", pool_cpus, num_cpus)
-    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+    # "local": a new Ray of its own, never the cluster a `ray start` on this machine left in /tmp/ray, which
+    # ray.init() without an address joins (its resources are not this command's to size, nor its own to stop)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
              object_store_memory=object_store_mib * 2**20 if object_store_mib else None,
              logging_level=logging.WARNING, runtime_env={"worker_process_setup_hook": pin_ray_address})
     _keep_python_sigterm()

@@ -34,7 +34,7 @@ from mmctr_ray.features import FeatureMap, build_feature_map, check_same_table, 
 from mmctr_ray.host_malloc import worker_env
 from mmctr_ray.layers.embedding import root_mean_square
 from mmctr_ray.preflight import check_batch_norm_rows, check_batch_size, check_splits, check_valid_labels
-from mmctr_ray.ray_env import check_local_pool, check_pool, sigterm_flag, torch_trainer
+from mmctr_ray.ray_env import check_gpu_split, check_local_pool, check_pool, sigterm_flag, torch_trainer
 from mmctr_ray.report import best_epoch, describe_run
 from mmctr_ray.schema import SPLITS, Layout
 from mmctr_ray.training import DIVERGED, train_loop_per_worker
@@ -276,10 +276,12 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
         OutputExistsError: ``run_dir`` holds a run and neither ``resume`` nor ``overwrite`` was given.
         DataError: a split or the item table cannot be read.
         ConfigError: ``run_dir`` is a URI whose storage cannot be opened, a resume that changes more than
-            ``train.*``, or more workers than a private local Ray can hold and feed (:func:`check_worker_resources`).
+            ``train.*``, more workers than a private local Ray can hold and feed (:func:`check_worker_resources`),
+            or GPU shares DDP cannot train on (:func:`mmctr_ray.ray_env.check_gpu_split`).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 
+    check_gpu_split(workers, gpus_per_worker, "--gpus-per-worker")
     data_dir = Path(data_dir).resolve()
     run = run_location(run_dir)
     cfg = _absolute_item_vector(cfg)

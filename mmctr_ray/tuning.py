@@ -50,7 +50,7 @@ from mmctr_ray.features import has_placeholder_embeddings
 from mmctr_ray.fuse import source_file
 from mmctr_ray.metrics import se_text
 from mmctr_ray.preflight import check_batch_norm_rows, check_batch_size, check_splits, check_valid_labels
-from mmctr_ray.ray_env import DATA_CPU_RESERVE, private_local_ray, sigterm_flag
+from mmctr_ray.ray_env import DATA_CPU_RESERVE, check_gpu_split, private_local_ray, sigterm_flag
 from mmctr_ray.schema import SPLITS
 from mmctr_ray.search_space import SearchSpace, load_search
 
@@ -497,13 +497,7 @@ def check_resources(workers: int, gpus_per_trial: float) -> None:
         raise ConfigError(f"--workers-per-trial must be >= 1, got {workers}")
     if gpus_per_trial < 0:
         raise ConfigError(f"--gpus-per-trial must be >= 0, got {gpus_per_trial:g}")
-    per_worker = gpus_per_trial / workers
-    if workers > 1 and per_worker and (per_worker < 1 or per_worker != int(per_worker)):
-        raise ConfigError(f"--gpus-per-trial {gpus_per_trial:g} over {workers} workers gives each {per_worker:g} "
-                          f"GPU: with 2+ workers per trial each needs whole GPUs (fractions share a GPU between "
-                          f"trials of one worker)")
-    if per_worker > 1 and per_worker != int(per_worker):
-        raise ConfigError(f"--gpus-per-trial {gpus_per_trial:g}: above 1 GPU a worker needs a whole number of GPUs")
+    check_gpu_split(workers, gpus_per_trial / workers, "--gpus-per-trial", gpus_per_trial)
 
 
 def _can_batch_norm(space: SearchSpace) -> bool:

@@ -308,7 +308,7 @@ def test_asha_prunes_a_resumed_search_against_the_trials_before_the_kill(tmp_pat
 
 
 @pytest.mark.parametrize("workers, gpus, message", [
-    (2, 0.5, "--gpus-per-trial 0.5 over 2 workers gives each 0.25 GPU: with 2+ workers per trial each needs whole"),
+    (2, 0.5, "--gpus-per-trial 0.5 over 2 workers gives each 0.25 GPU: with 2+ DDP workers each needs whole GPUs"),
     (2, 3.0, "gives each 1.5 GPU"),
     (1, 1.5, "--gpus-per-trial 1.5: above 1 GPU a worker needs a whole number of GPUs"),
 ])

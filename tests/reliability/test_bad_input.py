@@ -217,6 +217,15 @@ def zero_heads(d, t):
     return _train(d, t, "--set", "model.attention=multihead", "--set", "model.num_heads=0")
 
 
+def gpu_fractions_over_ddp_workers(d, t):  # Ray packs both halves onto one GPU: NCCL refuses two ranks there
+    return _train(d, t, "--workers", "2", "--gpus-per-worker", "0.5")
+
+
+def pipeline_of_gpu_fractions_over_ddp_workers(d, t):  # refused before any step (embed, fuse) runs
+    return ["pipeline", "--data", str(d), "--out", str(t / "out"), "--config", CONFIG, "--workers", "2",
+            "--gpus-per-worker", "0.5"]
+
+
 def bad_override_syntax(d, t):
     return _train(d, t, "--set", "train.lr")
 
@@ -356,6 +365,18 @@ def predict_without_a_run(d, t):
     return ["predict", "--run", str(t / "not-a-run"), "--data", str(d), "--out", str(t / "sub.zip")]
 
 
+def submission_below_a_file(d, t):  # the folder OUT goes in cannot be made
+    (t / "afile").write_text("mine")
+    return ["predict", "--run", str(t / "run"), "--data", str(d), "--out", str(t / "afile" / "sub.zip")]
+
+
+def submission_is_a_folder(d, t):  # --overwrite replaces a submission, not a folder: refused before scoring
+    _checkpoint_for(d, t / "run")
+    (t / "sub.zip").mkdir()
+    (t / "sub.zip" / "mine.txt").write_text("mine")
+    return ["predict", "--run", str(t / "run"), "--data", str(d), "--out", str(t / "sub.zip"), "--overwrite"]
+
+
 def checkpoint_of_other_data(d, t):
     _checkpoint_for(d, t / "run")
     _edit(item_info(d), lambda tb: pa.concat_tables([tb, tb.slice(1, 40)]).set_column(
@@ -492,10 +513,13 @@ CASES = [
      ["run"]),
     (missing_item_info, ["item_info.parquet: missing file"], ["run"]),
     (missing_data_dir, ["nowhere/MicroLens_1M_x1/", "missing file"], ["run"]),
-    (invalid_yaml, ["bad.yaml", "line"], ["run"]),
+    (invalid_yaml, ["bad.yaml: invalid YAML at line 3"], ["run"]),
     (unknown_config_key, ["bad.yaml", "model.dropuot", "dropout"], ["run"]),
     (negative_learning_rate, ["train.lr", "-0.001", "> 0"], ["run"]),
-    (zero_heads, ["model.num_heads", "0"], ["run"]),
+    (zero_heads, ["model.num_heads=0: expected a positive integer"], ["run"]),
+    (gpu_fractions_over_ddp_workers, ["--gpus-per-worker 0.5: with 2+ DDP workers each needs whole GPUs"], ["run"]),
+    (pipeline_of_gpu_fractions_over_ddp_workers, ["--gpus-per-worker 0.5: with 2+ DDP workers each needs whole "
+                                                  "GPUs"], ["out/run", "out/item_emb.parquet", "out/features"]),
     (bad_override_syntax, ["override 'train.lr'", "expected section.key=value"], ["run"]),
     (unsupported_run_uri, ["foo://bucket/run: unsupported storage scheme foo://"], []),
     (resume_without_a_run, ["run: nothing to resume"], ["run"]),
@@ -516,12 +540,15 @@ CASES = [
      ["fused.parquet"]),
     (nan_raw_vector, ["raw.parquet: column img_emb: NaN/inf in the vector of item 5"], ["fused.parquet"]),
     (source_missing_column, ["raw.parquet: missing column img_emb"], ["fused.parquet"]),
-    (pca_wider_than_items, ["5000"], ["fused.parquet"]),
+    (pca_wider_than_items, ["fusion.dims=5000: expected at most min(items, input width) = min(200, 768)"],
+     ["fused.parquet"]),
     (unreadable_text_model, ["no-model: not a local text-model directory"], ["emb.parquet"]),
     (unknown_image_model, ["--image-model 'NoSuchNet-9': unknown open_clip architecture"], ["emb.parquet"]),
     (existing_submission, ["sub.zip: already exists; pass --overwrite"], []),
     (submission_not_a_zip, ["sub.csv: the submission must be a .zip file"], ["sub.csv"]),
-    (predict_without_a_run, ["not-a-run"], ["sub.zip"]),
+    (predict_without_a_run, ["not-a-run: no checkpoint found (expected checkpoint_epoch_*/"], ["sub.zip"]),
+    (submission_below_a_file, ["afile/sub.zip: cannot create the folder it goes in ([Errno 17] File exists"], []),
+    (submission_is_a_folder, ["sub.zip: a folder; expected the submission's .zip file"], ["sub.zip.partial"]),
     (checkpoint_of_other_data, ["checkpoint was trained with num_items=200", "has 240"], ["sub.zip"]),
     (user_ids_beyond_the_checkpoint, ["column user_id: values up to 1000000", "has ids 0..",
                                       "(model.use_user_id; a checkpoint of other data)"], ["sub.zip"]),
