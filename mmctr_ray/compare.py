@@ -73,7 +73,8 @@ def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid",
     for target in targets:
         checkpoint = _checkpoint(target)
         model = load_model(checkpoint, data_dir, device)
-        logits = score_parquet(model, path, model.experiment_cfg.data.max_len, logits=True)  # AUC ranks logits
+        cfg = model.experiment_cfg  # rows a step as in the run's validation; AUC ranks the logits
+        logits = score_parquet(model, path, cfg.data.max_len, batch_rows=cfg.train.eval_batch_size, logits=True)
         if len(logits) != len(labels):
             raise DataError(f"{path}: {len(logits)} rows scored but {len(labels)} labels")
         check_finite(logits, checkpoint, path)

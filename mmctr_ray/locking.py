@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlsplit
 import filelock
 
 from mmctr_ray import storage
-from mmctr_ray.errors import OutputExistsError
+from mmctr_ray.errors import ConfigError, OutputExistsError, first_line
 
 
 LOCK_SUFFIX = ".mmctr.lock"
@@ -37,7 +37,10 @@ def lock_path(target: storage.Location) -> Path:
         base.mkdir(parents=True, exist_ok=True)
         return base / f"{key}.lock"
     path = Path(target).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file where a folder of the path should be, no permission
+        raise ConfigError(f"{target}: cannot create the folder it goes in ({first_line(err)})") from None
     return path.parent / f".{path.name}{LOCK_SUFFIX}"
 
 

@@ -111,17 +111,18 @@ class Scorer:
 
 
 def score_split(run_dir: Location, data_dir: str | Path, split: str = "test", actors: int = 1,
-                gpus_per_actor: float = 0.0, batch_size: int = 16_384) -> tuple[np.ndarray, np.ndarray, Location]:
-    """(logits, labels, checkpoint used) for every row of ``split``, in file order."""
+                gpus_per_actor: float = 0.0, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray, Location]:
+    """(logits, labels, checkpoint used) for every row of ``split``, in file order; ``batch_size`` rows a step
+    (default: the run's ``train.eval_batch_size``, as in its validation)."""
     import ray.data
 
-    checkpoint = best_checkpoint(run_dir)
+    checkpoint = storage.normalize(best_checkpoint(run_dir))  # absolute: actors may not share this directory
     cfg = load_model(checkpoint, data_dir).experiment_cfg  # fails here, as one line, if the data does not fit
     ctx = ray.data.DataContext.get_current()
     keep_order, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
     try:
-        return _score(checkpoint, data_dir, split, cfg.data.max_len, actors, gpus_per_actor, batch_size,
-                      cfg.train.keep_freed_memory)
+        return _score(checkpoint, data_dir, split, cfg.data.max_len, actors, gpus_per_actor,
+                      batch_size or cfg.train.eval_batch_size, cfg.train.keep_freed_memory)
     finally:
         ctx.execution_options.preserve_order = keep_order
 
@@ -171,6 +172,8 @@ def check_finite(scores: np.ndarray, checkpoint: Location, rows: str | Path) -> 
 def check_output(out: str | Path, overwrite: bool = False) -> Path:
     """The submission path, or a one-line error: a zip already there (without ``overwrite``), or not a zip."""
     out = Path(out)
+    if out.is_dir():  # --overwrite replaces a submission, not a folder (the rename would fail after scoring)
+        raise DataError(f"{out}: a folder; expected the submission's .zip file")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: already exists; pass --overwrite to replace it")
     if out.suffix != ".zip":

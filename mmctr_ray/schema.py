@@ -12,7 +12,7 @@ A data directory ``DATA`` holds::
 
 A split may also be a folder of that name holding part files (``train.parquet/part-00000.parquet`` …), as
 Spark, Ray Data and ``mmctr convert --split-layout parts`` write large splits: every stage reads the parts in
-name order, which is the split's row order (:func:`parquet_parts`).
+name order, numbers by value (``part-2`` before ``part-10``), which is the split's row order (:func:`parquet_parts`).
 
 Conventions: ``PAD_ID = 0`` pads ``item_seq`` (fixed width 100, left-padded, most recent item last) and
 ``item_tags`` (width 5, left-padded). Integer columns may be stored 32 or 64 bit and float columns 32 or 64
@@ -21,6 +21,7 @@ bit: readers here accept either and normalise (int64, float32).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,9 +78,16 @@ def parquet_parts(path: str | Path) -> list[Path]:
     checksums), as pyarrow's datasets do; empty when ``path`` is missing or holds no part."""
     path = Path(path)
     if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.suffix == ".parquet" and not p.name.startswith((".", "_"))
-                      and p.is_file())
+        return sorted((p for p in path.iterdir() if p.suffix == ".parquet" and not p.name.startswith((".", "_"))
+                       and p.is_file()), key=lambda p: natural_key(p.name))
     return [path] if path.is_file() else []
+
+
+def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key of a part file's name with its runs of digits compared as numbers: writers that do not pad their
+    part numbers (pyarrow's ``part-{i}``, Dask's ``part.{i}``) put ``part-10`` after ``part-9``, where plain name
+    order reads it before ``part-2``. Padded names (``part-00010``) sort the same either way."""
+    return tuple((0, int(run)) if run.isdigit() else (1, run) for run in re.split(r"(\d+)", name) if run)
 
 
 @dataclass(frozen=True)

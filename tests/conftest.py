@@ -35,10 +35,11 @@ def split_into_parts():
     return _split_into_parts
 
 
-def _split_into_parts(data_dir, split: str, parts: int) -> list:
+def _split_into_parts(data_dir, split: str, parts: int, padded: bool = True) -> list:
     """Turn ``split`` of ``data_dir`` into a folder of that name holding ``parts`` part files (row order kept, the
     last part empty), beside files that are not parts (a ``_SUCCESS`` marker, a checksum, a hidden partial
-    ``.parquet`` and an ``_``-prefixed metadata file, none of them a readable split); return the part paths."""
+    ``.parquet`` and an ``_``-prefixed metadata file, none of them a readable split); return the part paths.
+    ``padded``: ``part-00002.parquet`` (Spark, Ray Data), else ``part-2.parquet`` (pyarrow, Dask)."""
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -51,7 +52,7 @@ def _split_into_parts(data_dir, split: str, parts: int) -> list:
     bounds = np.linspace(0, table.num_rows, parts, dtype=int).tolist() + [table.num_rows]
     out = []
     for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-        out.append(path / f"part-{i:05d}.parquet")
+        out.append(path / (f"part-{i:05d}.parquet" if padded else f"part-{i}.parquet"))
         pq.write_table(table.slice(lo, hi - lo), out[-1], row_group_size=128)
     (path / "_SUCCESS").write_text("")
     (path / ".part-00000.parquet.crc").write_bytes(b"\x00")

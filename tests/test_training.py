@@ -252,7 +252,7 @@ def test_existing_run_is_never_overwritten_silently(two_worker_run, synth_dir):
 
 @pytest.mark.slow
 def test_predict_writes_the_submission_in_test_row_order(two_worker_run, synth_dir, tiny_spec, tmp_path,
-                                                         split_into_parts, monkeypatch):
+                                                         split_into_parts, monkeypatch, caplog):
     run, _ = two_worker_run
     out = tmp_path / "sub.zip"
     summary = run_predict(run, synth_dir, out)
@@ -277,13 +277,22 @@ def test_predict_writes_the_submission_in_test_row_order(two_worker_run, synth_d
     import mmctr_ray.features as features
 
     parted = shutil.copytree(synth_dir, tmp_path / "parted", ignore=shutil.ignore_patterns("item_images"))
-    split_into_parts(parted, "test", 4)
+    split_into_parts(parted, "test", 12, padded=False)  # part-2 before part-10, as their writer numbered them
     monkeypatch.setattr(features, "V1_MAX_ROWS", 0)
     monkeypatch.setenv("RAY_DATA_PARQUET_BIN_PACKING_BYTES", str(4 << 10))  # V2's read units: a row group each
     again = run_predict(run, parted, tmp_path / "parted.zip")
     with zipfile.ZipFile(tmp_path / "parted.zip") as zf:
         assert zf.read("prediction.csv").decode() == text
     assert again["rows"] == tiny_spec.test_rows and again["metrics"]["auc"] == summary["metrics"]["auc"]
+    # `mmctr predict` where oracle.json has no oracle AUC for the split (null: a split of one class)
+    from mmctr_ray.cli import main
+
+    oracle = json.loads(Layout(parted).oracle.read_text())
+    Layout(parted).oracle.write_text(json.dumps({**oracle, "test": {**oracle["test"], "oracle_auc": None}}))
+    with caplog.at_level("INFO", logger="mmctr"):
+        assert main(["predict", "--run", str(run), "--data", str(parted), "--out", str(tmp_path / "null.zip")]) == 0
+    said = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("wrote "))
+    assert f"test AUC {summary['metrics']['auc']:.4f}" in said and "oracle" not in said, said
 
 
 def plain_cfg(*sets: str):
@@ -1052,3 +1061,26 @@ def test_a_resume_on_other_data_is_refused_before_ray_and_leaves_the_run_as_it_w
                                           rf"started on$"):
         run_training(synth_dir, run, resumed, resume=True, start_ray=lambda: pytest.fail("Ray started"))
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+@pytest.mark.parametrize("precision, cpu, cuda", [("auto", False, True), ("bf16", True, True), ("fp32", False, False)])
+def test_train_precision_chooses_bf16_per_device(precision, cpu, cuda):
+    """`auto`: bf16 autocast on CUDA only; `bf16` on the CPU too; `fp32` never (no GPU needed: the choice only)."""
+    from mmctr_ray.training import uses_bf16
+
+    cfg = tiny_cfg(f"train.precision={precision}").train
+    assert (uses_bf16(cfg, torch.device("cpu")), uses_bf16(cfg, torch.device("cuda"))) == (cpu, cuda)
+
+
+def test_train_precision_fp16_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"train.precision='fp16': expected one of auto, fp32, bf16"):
+        tiny_cfg("train.precision=fp16")
+
+
+def test_non_finite_scores_are_refused_and_nothing_is_written():
+    from mmctr_ray.predict import check_finite
+
+    check_finite(np.array([0.1, -3.0], dtype=np.float32), "ck", "test.parquet")
+    with pytest.raises(DataError, match=r"^ck: 2 non-finite predictions on test.parquet \(a diverged checkpoint, "
+                                        r"or bf16 overflow on a GPU: score on the CPU\); nothing written$"):
+        check_finite(np.array([0.1, np.nan, np.inf], dtype=np.float32), "ck", "test.parquet")
