@@ -60,7 +60,7 @@ def bert_tiny(tmp_path_factory) -> Path:
 def ray_one_gpu():
     import ray
 
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()
 
@@ -137,10 +137,11 @@ def test_killed_embed_resumes_from_its_shards_and_equals_an_uninterrupted_run(em
     assert r.returncode == 75, r.stderr[-2000:]
     parts = out.with_name(out.name + ".parts")
     assert not out.exists() and len(list(parts.glob("shard_*.parquet"))) >= 1
-    written = {p.name: p.stat().st_mtime_ns for p in parts.glob("shard_*.parquet")}
+    written = {p.name: pq.ParquetFile(p).metadata.num_rows for p in parts.glob("shard_*.parquet")}  # items
     messages = []
-    embed(covers_data, out, bert_tiny, actors=1, gpus_per_actor=0.0, progress=messages.append)
+    summary = embed(covers_data, out, bert_tiny, actors=1, gpus_per_actor=0.0, progress=messages.append)
     assert any(f"{len(written)} of 4 shards already" in m for m in messages)
+    assert summary["encoded_now"] == 200 - sum(written.values())  # the kept shards were not encoded again
     reference = columns(embedded[0])
     for got, want in zip(columns(out), reference):
         np.testing.assert_allclose(got, want, atol=1e-4)

@@ -115,5 +115,5 @@ def test_config_checks_the_resident_keys():
     assert load_config("configs/tiny.yaml", ["train.resident=off"]).train.resident == "off"
     with pytest.raises(ConfigError, match=r"train.resident='yes': expected one of auto, on, off"):
         load_config("configs/tiny.yaml", ["train.resident=yes"])
-    with pytest.raises(ConfigError, match=r"train.resident_max_mib=-1"):
+    with pytest.raises(ConfigError, match=r"train\.resident_max_mib=-1: expected >= 0 MiB"):
         load_config("configs/tiny.yaml", ["train.resident_max_mib=-1"])
