@@ -23,6 +23,12 @@ class OutputExistsError(UserError, FileExistsError):
     """The output already holds results and ``--overwrite`` was not given."""
 
 
+class StorageError(UserError, OSError):
+    """A storage URI that could not be read or written (no credentials, access denied, no such bucket, network
+    down): one line for the user. A training run still retries it from its last checkpoint (a network blip heals);
+    every other user error ends a run at once."""
+
+
 class Interrupted(Exception):
     """The user stopped the command (Ctrl-C: ``signum`` SIGINT; a scheduler's SIGTERM) and what it wrote so far can
     be continued; the message says what is kept. Not a :class:`UserError`: the CLI prints it as one line and exits
@@ -80,5 +86,6 @@ def find_user_error(err: BaseException) -> UserError | None:
 
 
 USER_ERRORS: dict[str, type[UserError]] = {c.__name__: c
-                                           for c in (UserError, ConfigError, DataError, OutputExistsError)}
+                                           for c in (UserError, ConfigError, DataError, OutputExistsError,
+                                                     StorageError)}
 REMOTE_LINE = re.compile(r"^mmctr_ray\.errors\.(" + "|".join(USER_ERRORS) + r"): (.+)$", re.MULTILINE)

@@ -24,7 +24,7 @@ from urllib.parse import SplitResult, urlsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from mmctr_ray.errors import ConfigError, DataError, first_line
+from mmctr_ray.errors import ConfigError, DataError, StorageError, UserError, first_line
 
 Location = str | Path
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -85,6 +85,21 @@ def _fsspec(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
+@contextlib.contextmanager
+def _reaching(location: Location) -> Iterator[None]:
+    """Turn a storage URI's access failure (credentials, permissions, a missing bucket, the network: pyarrow raises
+    OSError with the service's message) into a one-line StorageError naming the location. A missing file stays
+    FileNotFoundError (callers decide what it means); local paths keep their own errors."""
+    try:
+        yield
+    except (FileNotFoundError, UserError):
+        raise
+    except OSError as err:
+        if not is_uri(location):
+            raise
+        raise StorageError(f"{location}: cannot access this storage ({first_line(err)})") from None
+
+
 def join(location: Location, *names: str) -> Location:
     """``location/name/...``, a ``Path`` for a local location and a URI string (query kept) for a URI."""
     if not is_uri(location):
@@ -101,7 +116,8 @@ def basename(location: Location) -> str:
 
 def _type(location: Location) -> pafs.FileType:
     fs, path = resolve(location)
-    return fs.get_file_info(path).type
+    with _reaching(location):
+        return fs.get_file_info(path).type
 
 
 def exists(location: Location) -> bool:
@@ -115,9 +131,10 @@ def is_file(location: Location) -> bool:
 def listdir(location: Location) -> list[str]:
     """Sorted names in a folder; ``[]`` when it does not exist."""
     fs, path = resolve(location)
-    if fs.get_file_info(path).type == pafs.FileType.File:
-        raise DataError(f"{location}: is a file; expected a directory")
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    with _reaching(location):
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            raise DataError(f"{location}: is a file; expected a directory")
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     return sorted(posixpath.basename(info.path.rstrip("/")) for info in infos)
 
 
@@ -125,14 +142,15 @@ def file_sizes(location: Location) -> dict[str, int]:
     """``{name: bytes}`` of the files directly in a folder (one listing, also on object stores); ``{}`` when it
     does not exist."""
     fs, path = resolve(location)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    with _reaching(location):
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     return {posixpath.basename(i.path.rstrip("/")): i.size for i in infos if i.type == pafs.FileType.File}
 
 
 def read_bytes(location: Location) -> bytes:
     fs, path = resolve(location)
     try:
-        with fs.open_input_stream(path) as f:
+        with _reaching(location), fs.open_input_stream(path) as f:
             return f.read()
     except FileNotFoundError:
         raise DataError(f"{location}: missing file") from None
@@ -161,9 +179,10 @@ def write_bytes(location: Location, data: bytes) -> None:
             tmp.unlink(missing_ok=True)
             raise
         return
-    fs.create_dir(posixpath.dirname(fs_path), recursive=True)
-    with fs.open_output_stream(fs_path) as f:
-        f.write(data)
+    with _reaching(location):
+        fs.create_dir(posixpath.dirname(fs_path), recursive=True)
+        with fs.open_output_stream(fs_path) as f:
+            f.write(data)
 
 
 def write_text(location: Location, text: str) -> None:
@@ -172,36 +191,41 @@ def write_text(location: Location, text: str) -> None:
 
 def make_dir(location: Location) -> None:
     fs, path = resolve(location)
-    fs.create_dir(path, recursive=True)
+    with _reaching(location):
+        fs.create_dir(path, recursive=True)
 
 
 def remove_file(location: Location) -> None:
     """Delete a file; nothing to do when it does not exist."""
     if is_file(location):
         fs, path = resolve(location)
-        fs.delete_file(path)
+        with _reaching(location):
+            fs.delete_file(path)
 
 
 def remove_dir(location: Location) -> None:
     fs, path = resolve(location)
-    fs.delete_dir(path)
+    with _reaching(location):
+        fs.delete_dir(path)
 
 
 def upload_dir(local_dir: str | Path, location: Location) -> None:
     """Copy every file under the local folder to ``location`` (files already there and not local are kept)."""
     fs, path = resolve(location)
-    fs.create_dir(path, recursive=True)
-    pafs.copy_files(Path(local_dir).resolve().as_posix(), path, source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=fs)
+    with _reaching(location):
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(Path(local_dir).resolve().as_posix(), path, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs)
 
 
 def download_dir(location: Location, local_dir: str | Path) -> None:
     """Copy every file under ``location`` into the local folder (nothing when ``location`` does not exist)."""
     fs, path = resolve(location)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return
-    pafs.copy_files(path, Path(local_dir).resolve().as_posix(), source_filesystem=fs,
-                    destination_filesystem=pafs.LocalFileSystem())
+    with _reaching(location):
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return
+        pafs.copy_files(path, Path(local_dir).resolve().as_posix(), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
 
 
 @contextlib.contextmanager

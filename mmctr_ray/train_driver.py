@@ -29,7 +29,8 @@ import torch
 from mmctr_ray import storage
 from mmctr_ray.checkpoint import best_checkpoint, checkpoint_epoch, epoch_checkpoints, latest_checkpoint
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
-from mmctr_ray.errors import ConfigError, DataError, Interrupted, OutputExistsError, find_user_error
+from mmctr_ray.errors import (ConfigError, DataError, Interrupted, OutputExistsError, StorageError,
+                              find_user_error)
 from mmctr_ray.features import FeatureMap, build_feature_map, check_same_table, load_item_table, read_split
 from mmctr_ray.host_malloc import worker_env
 from mmctr_ray.layers.embedding import root_mean_square
@@ -395,7 +396,7 @@ def _end_on_user_error() -> Any:
         def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
             for err in worker_exceptions.values():
                 cause = find_user_error(err)
-                if cause is not None:
+                if cause is not None and not isinstance(cause, StorageError):  # storage: FailureConfig retries
                     raise ControllerError(cause)
 
     return EndOnUserError()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import uuid
 from pathlib import Path
 
@@ -332,3 +333,25 @@ def test_an_interrupted_write_keeps_the_earlier_file_and_leaves_no_partial_one(t
     assert target.read_text() == "earlier"
     with zipfile.ZipFile(zipped) as zf:
         assert zf.read("prediction.csv").decode().splitlines() == ["ID,Task2", "0,0.25000000", "1,0.75000000"]
+
+
+def test_storage_that_cannot_be_reached_is_one_line_and_a_run_retries_it(monkeypatch):
+    """An S3 endpoint nobody listens on (as no credentials, access denied or a missing bucket): pyarrow's OSError
+    became a traceback from the first look at RUN. Training workers still retry it (FailureConfig), where every
+    other user error ends the run at once."""
+    from ray.train import ControllerError
+
+    from mmctr_ray.errors import DataError, StorageError
+    from mmctr_ray.train_driver import _end_on_user_error
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "a")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "b")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    uri = "s3://bucket/runs/r1?endpoint_override=127.0.0.1:9&scheme=http"
+    with pytest.raises(StorageError, match=re.escape(f"{uri}: cannot access this storage (When getting information "
+                                                     f"for key 'runs/r1' in bucket 'bucket': AWS Error")):
+        storage.is_file(uri)
+    callback = _end_on_user_error()
+    callback.after_exception(None, {0: StorageError("s3://b/r: cannot access this storage (network)")})
+    with pytest.raises(ControllerError):
+        callback.after_exception(None, {0: DataError("train.parquet: bad row")})
