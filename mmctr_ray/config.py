@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import math
@@ -46,14 +47,16 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                               list("-+0123456789."))
 
 
-_INT = "tag:yaml.org,2002:int"  # YAML 1.2 core: decimal, 0o octal, 0x hex (1.1 read 010 as 8 and 1:30 as 90)
+# YAML 1.2 core integers: decimal (with _ separators), 0o octal, 0x hex (1.1 read 010 as 8, 1:30 as 90)
+_INT = "tag:yaml.org,2002:int"
 for _ch, _resolvers in list(_Loader.yaml_implicit_resolvers.items()):
     _Loader.yaml_implicit_resolvers[_ch] = [(tag, rx) for tag, rx in _resolvers if tag != _INT]
-_Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                              list("-+0123456789"))
 
 
 def _int(loader: _Loader, node: yaml.ScalarNode) -> int:
-    text = loader.construct_scalar(node)
+    text = loader.construct_scalar(node).replace("_", "")  # 16_384 as PyYAML reads it
     return int(text, 0) if text.startswith(("0o", "0x")) else int(text, 10)  # 010 is ten
 
 
@@ -65,7 +68,12 @@ def _mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dic
     first, so it is an error at its line."""
     seen: set[Any] = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: keys the mapping's own may override
+            continue
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, collections.abc.Hashable):  # SafeLoader's own error, before `in seen` fails
+            raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                    "found unhashable key", key_node.start_mark)
         if key in seen:
             raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         seen.add(key)
@@ -81,7 +89,11 @@ class _Dumper(yaml.SafeDumper):
     there (``1e3``, ``0o17``) is quoted."""
 
 
-_Dumper.yaml_implicit_resolvers = {ch: list(r) for ch, r in _Loader.yaml_implicit_resolvers.items()}
+# a string either reader takes for something else is quoted: this module's (1e3, 0o17) and plain YAML 1.1's
+# (off, yes, 1_000), so a saved config also reads back the same with yaml.safe_load
+_Dumper.yaml_implicit_resolvers = {
+    ch: [*yaml.SafeDumper.yaml_implicit_resolvers.get(ch, []), *_Loader.yaml_implicit_resolvers.get(ch, [])]
+    for ch in {*yaml.SafeDumper.yaml_implicit_resolvers, *_Loader.yaml_implicit_resolvers}}
 
 
 def safe_dump(data: Any) -> str:

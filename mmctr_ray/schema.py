@@ -79,7 +79,7 @@ def parquet_parts(path: str | Path) -> list[Path]:
     path = Path(path)
     if path.is_dir():
         return sorted((p for p in path.iterdir() if p.suffix == ".parquet" and not p.name.startswith((".", "_"))
-                       and p.is_file()), key=lambda p: natural_key(p.name))
+                       and p.is_file()), key=lambda p: (natural_key(p.name), p.name))
     return [path] if path.is_file() else []
 
 

@@ -95,7 +95,7 @@ def _reaching(location: Location) -> Iterator[None]:
     except (FileNotFoundError, UserError):
         raise
     except OSError as err:
-        if not is_uri(location):
+        if not is_uri(location) or err.errno is not None:  # errno: this machine's side of a copy (a full disk)
             raise
         raise StorageError(f"{location}: cannot access this storage ({first_line(err)})") from None
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmctr_ray.config import ExperimentConfig, apply_override, from_dict, load_config, save_config
+from mmctr_ray.config import ExperimentConfig, apply_override, from_dict, load_config, read_yaml, save_config
 from mmctr_ray.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -183,15 +183,27 @@ def test_integers_read_as_yaml_1_2_writes_them():
     assert (cfg.train.seed, cfg.train.epochs, cfg.train.patience) == (10, 16, 3)
     with pytest.raises(ConfigError, match=re.escape("train.epochs='1:30': expected an integer")):
         load_config(None, ["train.epochs=1:30"])
+    assert load_config(None, ["train.batch_size=16_384"]).train.batch_size == 16384  # as PyYAML read it before
 
 
-@pytest.mark.parametrize("name", ["1e3", "2E-5", "0o17", "0x1F", "010", "true", "off", "null", "1:30"])
+def test_merge_keys_still_merge_and_an_unhashable_key_is_one_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("base: &b\n  lr: 0.1\n  epochs: 2\ntrain:\n  <<: *b\n  epochs: 3\n")
+    assert read_yaml(p)["train"] == {"lr": 0.1, "epochs": 3}
+    p.write_text("[1, 2]: 3\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{p}: invalid YAML at line 1: found unhashable key")):
+        read_yaml(p)
+
+
+@pytest.mark.parametrize("name", ["1e3", "2E-5", "0o17", "0x1F", "010", "true", "off", "yes", "null", "1:30",
+                                  "1_000", "0b1", "2001-01-01"])
 def test_a_saved_config_loads_back_equal_whatever_its_strings_look_like(tmp_path, name):
     """A name or path that reads as a number (``1e3``) was written unquoted and refused on reload: every
     checkpoint's config.yaml of that run could not be read by predict, --resume or compare."""
     cfg = load_config(None, [f"name='{name}'", f"data.item_vector='{name}'"])
     assert cfg.name == name
     assert load_config(save_config(cfg, tmp_path / "c.yaml")) == cfg
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text()) == cfg.to_dict()  # plain YAML 1.1 too (bilinear: 'off')
 
 
 def test_a_config_that_is_not_utf8_text_is_one_line(tmp_path):
