@@ -139,8 +139,9 @@ def main() -> None:
     summary = run_embed(data, work / "emb.parquet", text_path, args.image_model, gpus_per_actor=args.gpus_per_actor,
                         actors=args.actors, batch_size=args.batch_size, overwrite=True, progress=lambda m: None,
                         keep_freed_memory=args.keep_freed_memory)
-    ray_rate = args.items / (time.perf_counter() - t0)
-    print(f"\nembed throughput: {args.items} items, {args.image_px}px JPEG covers, text {args.text}, image "
+    ray_rate = summary["items"] / (time.perf_counter() - t0)  # the items on disk (a reused --workdir keeps its own)
+    print(f"\nembed throughput: {summary['items']} items, {args.image_px}px JPEG covers (as asked; a reused --workdir "
+          f"keeps those it was made with), text {args.text}, image "
           f"{args.image_model}, batch {args.batch_size}, device {device}, actors {args.actors} × "
           f"{args.gpus_per_actor} GPU, keep freed memory {'on' if args.keep_freed_memory else 'off'}")
     print(f"plain loop (decode + tokenize + encode, one process): {loop_rate:10.1f} items/s")

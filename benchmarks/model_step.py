@@ -1,4 +1,5 @@
-"""A full DINModel training step (forward + loss + backward): packed history against the padded paths.
+"""A DINModel training step without the optimizer (forward + loss + backward), fastest of the repeats: packed
+history against the padded paths.
 
     .venv/bin/python benchmarks/model_step.py [--batch 2048 8192] [--repeats 3] [--paths embed_all packed]
 

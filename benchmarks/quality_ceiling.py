@@ -11,8 +11,11 @@ item ids reveal (learnable only from clicks). This script rebuilds the world of 
 ``synth.json`` (or draws fresh rows from the default world), computes each planted term of every row from the
 **true** latent content, fits a logistic regression on the train rows with the terms a model class could compute
 at best, and prints its AUC on the valid rows, the ones ``mmctr train`` is scored on. Each
-figure is an upper bound for that class: it assumes the content similarity of every item pair is known exactly,
-which a model must instead learn from noisy vectors, tags and 200k clicks. For ``item_emb_d128`` (and, with
+figure is a reference point for that class, not a strict bound: it takes the content similarity of every item pair
+as known exactly, which a model must instead learn from noisy vectors, tags and 200k clicks, but a model may also
+compute other functions of what it sees than these planted summaries (without a term, the best predictor is not in
+general linear in the others), the decoding of the content from the vectors is linear, and the histories are read
+whole (100 slots, where the baseline keeps 64). For ``item_emb_d128`` (and, with
 ``--vectors``, a `mmctr fuse` table) two more classes: tags + the content the vectors reveal, and the same + the
 item-id factors, which a model with an item-id embedding can learn from clicks.
 """
@@ -35,7 +38,8 @@ from mmctr_ray.schema import Layout
 
 def decoded_content(world: World, vectors: np.ndarray) -> np.ndarray:
     """Unit content vectors as well as ``vectors`` (rows = item ids, 0 = padding) reveal them: the least-squares
-    linear decoding of the true content, fitted on every item (an upper bound for what a model learns)."""
+    linear decoding of the true content, fitted on every item (a model learns from far less, though not only
+    linearly)."""
     x = np.c_[vectors[1:], np.ones(len(vectors) - 1)]
     coef, *_ = np.linalg.lstsq(x, world.content[1:], rcond=None)
     out = np.zeros_like(world.content)

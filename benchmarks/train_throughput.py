@@ -170,7 +170,8 @@ def main() -> None:
             mine, base = [m for m, _ in kept], [x for _, b in kept for x in b]
             print(f"{'epochs from the kept shard:':36}{rate(mine, True):>12,.0f}{rate(mine, False):>14,.0f}"
                   f"  ratio {rate(mine, True) / rate(base, True):.3f} / {rate(mine, False) / rate(base, False):.3f}")
-    print(f"valid AUC after {summary['epochs']} epoch(s): {summary['best_valid_auc']:.4f}; "
+    print(f"best valid AUC over {summary['epochs']} epoch(s): {summary['best_valid_auc']:.4f} (epoch "
+          f"{summary['best_epoch']}); "
           f"wall {summary['wall_seconds']:.0f}s; an epoch of 3.6M rows at the whole-epoch rate: "
           f"{3.6e6 / rate(ray, False):,.0f}s")
 

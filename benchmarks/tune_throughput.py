@@ -74,7 +74,8 @@ def main() -> None:
           f"{summary['completed']} completed, {summary['early-stopped']} early-stopped, {summary['pruned']} pruned, "
           f"{summary['error']} errors; best valid AUC {summary.get('best_valid_auc')}")
     if overheads:
-        print(f"per-trial start-up overhead (first report minus a later epoch, {len(overheads)} trials): "
+        print(f"per-trial start-up overhead (first report minus a later epoch; only the {len(overheads)} trials "
+              f"with 2+ epochs, not those stopped after one): "
               f"median {statistics.median(overheads):.1f} s, min {min(overheads):.1f} s, max {max(overheads):.1f} s")
 
 
