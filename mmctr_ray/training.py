@@ -378,7 +378,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                              config.get("gpus_per_worker") or 1.0)
 
     def stream(epoch: int, keep_budget: int) -> tuple[ShardRecorder, Iterator[dict[str, torch.Tensor]]]:
-        """Epoch ``epoch`` streamed from this rank's shard, recorded for keeping within ``keep_budget`` bytes."""
+        """Epoch ``epoch`` streamed from this rank's shard, recorded for keeping within ``keep_budget`` bytes,
+        unless it is the schedule's last epoch (no later epoch would train from the copy: a one-epoch run)."""
+        keep_budget = keep_budget if epoch < cfg.train.epochs else 0
         recorder = ShardRecorder(keep_budget, -(-config["train_rows"] // world))
         return recorder, _streamed_batches(ray.train.get_dataset_shard("train"), per_worker, device, cfg.train,
                                            epoch, recorder)
@@ -449,7 +451,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if world > 1:  # the mean over every rank's batches, not rank 0's alone (one collective per epoch)
                 torch.distributed.all_reduce(loss_sum)
                 loss_sum /= world
-            if recorder is not None and not keep_tried:
+            if recorder is not None and not keep_tried and epoch < cfg.train.epochs:
                 shard, resident_steps = _keep_shard(recorder, per_worker, rank)
                 keep_tried = True
             train_loss = float(loss_sum) / max(step, 1)  # the same on every rank (all-reduced)

@@ -163,6 +163,7 @@ def test_a_cpu_worker_shares_its_nodes_cores_with_the_runs_that_run_beside_it(pl
     run = tmp_path / "run"
     run_training(synth_dir, str(run), tiny_cfg("train.epochs=1"), runs_per_node=2)
     assert _metrics(run)[0]["worker_threads"] == [max(1, node_cores() // 2)]
+    assert _metrics(run)[0]["resident_rows"] is None  # one epoch: no copy of the shard kept, no later epoch reads it
 
 
 def test_cpu_scoring_actors_share_the_nodes_cores_and_keep_freed_memory_as_the_run_says(ray_local, synth_dir,
