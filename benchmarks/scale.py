@@ -10,7 +10,8 @@ sizes. The training workers record their own peak RSS (the larger of getrusage's
 sampled every 16 steps, just before the worker drops the object-store pages it has read) in metrics.jsonl
 (``worker_peak_rss_mib``, one value per rank); the table shows the largest. Time per row: the epoch's steady
 rate as the worker measures it (1 / samples_per_s: reading, batching and the step; start-up and validation
-excluded), and the whole epoch (epoch_seconds / rows, which adds the wait for the first batch). Use a base size
+excluded), and the whole epoch (epoch_seconds / the rows of its full batches, which adds the wait for the first
+batch). Use a base size
 of the default (200k rows) or more for a verdict: a split of a few dozen batches is mostly start-up. Only the
 train split grows; users, items, valid and test stay at the synth defaults. The targets, from 1× to the
 largest size: time per row within 1.2×, worker peak RSS within +20% (training memory must not grow with the
@@ -29,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from mmctr_ray.config import load_config
 from mmctr_ray.data.synthetic import SynthSpec
 
 TIME_LIMIT, RSS_LIMIT = 1.2, 1.2
@@ -52,11 +54,12 @@ def one_size(rows: int, args: argparse.Namespace, work: Path) -> dict:
     train_s = run(["train", "--data", str(data), "--out", str(run_dir), "--config", str(args.config),
                    "--workers", str(args.workers), *extra])
     (epoch,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    trained = epoch["steps"] * load_config(run_dir / "config.yaml").train.batch_size  # full batches only
     shutil.rmtree(data)
     shutil.rmtree(run_dir)
     return {"rows": rows, "synth_s": synth_s,
             "train_s": train_s, "us_per_row": 1e6 / epoch["samples_per_s"],
-            "epoch_us_per_row": 1e6 * epoch["epoch_seconds"] / rows,
+            "epoch_us_per_row": 1e6 * epoch["epoch_seconds"] / trained,
             "worker_rss_mib": max(epoch["worker_peak_rss_mib"]),
             "worker_anon_mib": max(epoch.get("worker_peak_anon_mib", [float("nan")])),
             "worker_shmem_mib": max(epoch.get("worker_peak_shmem_mib", [float("nan")]))}
