@@ -51,7 +51,12 @@ def glibc_tunables(existing: str | None) -> str:
 def worker_env(keep: bool, gpu: bool, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """Environment variables for the training workers: the tunables for CPU workers when ``keep``
     (``train.keep_freed_memory``), on top of the driver's ``GLIBC_TUNABLES`` in ``environ`` (this process's
-    environment); none on GPU workers, whose steps allocate on the device."""
+    environment); none on GPU workers, whose steps allocate on the device.
+
+    Ray gives the tasks a worker starts the worker's runtime environment, so the Ray Data tasks a CPU worker runs
+    itself get these tunables too (checked with Ray 2.60): rank 0's reads of the valid split, and with one worker
+    the training split's reads and batching. Every throughput and memory figure since 2026-11-30 was measured so;
+    what they cost or gain there on their own was not measured."""
     return {ENV: glibc_tunables(environ.get(ENV))} if keep and not gpu else {}
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -17,6 +19,7 @@ from mmctr_ray.metrics import se_text
 
 log = logging.getLogger("mmctr.train")
 PROGRESS_EVERY_S = 10.0
+_WRITERS = itertools.count()  # event files this process opened
 
 
 def _ensure_handler() -> None:
@@ -35,10 +38,16 @@ class RunLog:
     object stores); ``RUN/tensorboard/`` holds event files: written there live when RUN is a local path; for a
     URI, written to a local temporary folder and uploaded at the end of every epoch (TensorBoard writes local
     files only).
+
+    Every scalar is logged at a global step, ``steps_per_epoch`` a training epoch (``epoch/*`` at the last step of
+    its epoch), so that an attempt that continues after epoch ``resumed_epoch`` (``--resume``, or a restart after
+    a worker died) opens its event file with TensorBoard's purge step just past it: the points an earlier
+    attempt wrote for the epochs done again are hidden, not drawn twice.
     """
 
-    def __init__(self, run_dir: str, enabled: bool) -> None:
+    def __init__(self, run_dir: str, enabled: bool, steps_per_epoch: int = 1, resumed_epoch: int = 0) -> None:
         self.enabled = enabled
+        self.steps_per_epoch = steps_per_epoch
         self._last = 0.0
         self._tb = None
         self._tb_staging: str | None = None  # local folder uploaded to RUN/tensorboard when RUN is a URI
@@ -50,7 +59,11 @@ class RunLog:
         self.run_dir = storage.normalize(run_dir)
         if storage.is_uri(self.run_dir):
             self._tb_staging = tempfile.mkdtemp(prefix="mmctr-tensorboard-")
-        self._tb = SummaryWriter(self._tb_staging or str(storage.join(self.run_dir, "tensorboard")), flush_secs=10)
+        # the file's name holds the second it was opened (tensorboardX opens it "wb"): a second writer in the same
+        # second would empty the first's file without the process id and a count
+        self._tb = SummaryWriter(self._tb_staging or str(storage.join(self.run_dir, "tensorboard")), flush_secs=10,
+                                 purge_step=resumed_epoch * steps_per_epoch + 1 if resumed_epoch else None,
+                                 filename_suffix=f".{os.getpid()}.{next(_WRITERS)}")
 
     def progress(self, epoch: int, step: int, steps: int, rows: int, t0: float, loss_sum: torch.Tensor) -> None:
         """Log epoch, step, samples/s and ETA every PROGRESS_EVERY_S seconds."""
@@ -63,7 +76,7 @@ class RunLog:
         loss = float(loss_sum) / step
         log.info("epoch %d step %d/%d loss %.4f %.0f samples/s ETA %.0fs", epoch, step, steps, loss, rate, eta)
         if self._tb is not None:
-            global_step = (epoch - 1) * steps + step
+            global_step = (epoch - 1) * self.steps_per_epoch + min(step, self.steps_per_epoch)
             self._tb.add_scalar("train/loss", loss, global_step)
             self._tb.add_scalar("train/samples_per_s", rate, global_step)
 
@@ -82,7 +95,7 @@ class RunLog:
         if self._tb is not None:
             for key in ("train_loss", "valid_auc", "valid_auc_se", "valid_logloss", "lr", "samples_per_s"):
                 if row.get(key) is not None:
-                    self._tb.add_scalar(f"epoch/{key}", row[key], row["epoch"])
+                    self._tb.add_scalar(f"epoch/{key}", row[key], row["epoch"] * self.steps_per_epoch)
             self._tb.flush()
             self._upload_tensorboard()
 

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -91,7 +92,9 @@ def logits_of(model: nn.Module, inputs: dict[str, torch.Tensor], cfg: TrainConfi
 
 def to_probabilities(logits: np.ndarray) -> np.ndarray:
     """Click probabilities of logits (the sigmoid in float64), clipped into (0, 1)."""
-    return np.clip(1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64))), PROB_EPS, 1 - PROB_EPS)
+    with np.errstate(over="ignore"):  # below a logit of -709 exp overflows to inf, and 1 / inf is the right 0
+        probs = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+    return np.clip(probs, PROB_EPS, 1 - PROB_EPS)
 
 
 @torch.no_grad()
@@ -139,8 +142,8 @@ def _gather(obj: Any) -> list[Any]:
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident set size so far, MiB (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident set size so far, MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
 class MemoryPeaks:
@@ -405,7 +408,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             model, ["item_embedding.item_tags", "item_embedding.item_vectors"])
     ddp = ray.train.torch.prepare_model(model) if world > 1 else model
-    run_log = RunLog(config["run_dir"], enabled=rank == 0)
+    run_log = RunLog(config["run_dir"], enabled=rank == 0, steps_per_epoch=steps_per_epoch, resumed_epoch=state.epoch)
     stop = state.bad_epochs >= cfg.train.patience  # a resumed run that had already stopped early stays stopped
     if early is not None and (stop or early[0] != state.epoch + 1):  # no epoch to train, or not that one
         early[2].close()

@@ -1085,3 +1085,78 @@ def test_non_finite_scores_are_refused_and_nothing_is_written():
     with pytest.raises(DataError, match=r"^ck: 2 non-finite predictions on test.parquet \(a diverged checkpoint, "
                                         r"or bf16 overflow on a GPU: score on the CPU\); nothing written$"):
         check_finite(np.array([0.1, np.nan, np.inf], dtype=np.float32), "ck", "test.parquet")
+
+
+def _tensorboard_events(folder: Path) -> list[list[tuple[str, int, float]]]:
+    """Per event file (in the order written): (tag or 'START', step, value) of each scalar and session start.
+    TFRecord framing: length (8 bytes), its CRC (4), the Event proto, its CRC (4)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    files = []
+    for path in sorted(folder.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns):
+        data, at, events = path.read_bytes(), 0, []
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 16 + length
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                events.append(("START", event.step, 0.0))
+            events += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+        files.append(events)
+    return files
+
+
+def test_a_resumed_attempt_hides_the_tensorboard_points_of_the_epochs_it_trains_again(tmp_path, monkeypatch):
+    """An attempt that continues after epoch 1 (--resume, or a restart after a worker died) wrote epoch 2's points
+    again beside the first attempt's: TensorBoard drew both. Every point has a global step now, and the new
+    event file starts with TensorBoard's purge step just past epoch 1 (its last step, 10)."""
+    from types import SimpleNamespace
+
+    from mmctr_ray.run_log import RunLog
+
+    def epoch(log: RunLog, n: int, auc: float) -> None:
+        log.progress(n, 5, 10, 512, 100.0, torch.tensor(2.0))
+        log.epoch_end(SimpleNamespace(history=[{"epoch": n, "train_loss": 0.5, "valid_auc": auc, "valid_logloss": 0.4,
+                                                "lr": 1e-3, "samples_per_s": 100.0}], best_auc=auc, best_epoch=n))
+
+    monkeypatch.setattr("mmctr_ray.run_log.PROGRESS_EVERY_S", 0.0)
+    first = RunLog(str(tmp_path), enabled=True, steps_per_epoch=10)
+    epoch(first, 1, 0.6)
+    epoch(first, 2, 0.7)  # then the attempt dies before epoch 2's checkpoint
+    first.close()
+    second = RunLog(str(tmp_path), enabled=True, steps_per_epoch=10, resumed_epoch=1)
+    epoch(second, 2, 0.75)
+    second.close()
+    old, new = _tensorboard_events(tmp_path / "tensorboard")
+    auc = lambda events: [(s, v) for t, s, v in events if t == "epoch/valid_auc"]  # noqa: E731
+    assert auc(old) == [(10, pytest.approx(0.6)), (20, pytest.approx(0.7))]
+    assert [(t, s) for t, s, _ in new if t in ("START", "train/loss")] == [("START", 11), ("train/loss", 15)]
+    assert auc(new) == [(20, pytest.approx(0.75))]  # epoch 2 again, past the purge step: the 0.7 at 20 is hidden
+
+
+def test_probabilities_of_extreme_logits_stay_inside_0_1_without_a_warning():
+    import warnings
+
+    from mmctr_ray.training import to_probabilities
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "overflow encountered in exp" at a logit below -709
+        probs = to_probabilities(np.array([-1000.0, -20.0, 0.0, 20.0, 1000.0]))
+    assert probs[0] == probs[1] == 1e-7 and probs[2] == 0.5 and probs[3] == probs[4] == 1 - 1e-7
+
+
+def test_peak_rss_is_mib_on_linux_and_on_macos(monkeypatch):
+    """getrusage's ru_maxrss is KiB on Linux and bytes on macOS (a laptop's worker reported 1024× its memory)."""
+    import resource
+    import sys
+    from types import SimpleNamespace
+
+    from mmctr_ray.training import peak_rss_mib
+
+    monkeypatch.setattr(resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=300 * 2**20))
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert peak_rss_mib() == 300.0
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert peak_rss_mib() == 300.0 * 1024
