@@ -335,10 +335,12 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
         if not _in_driver_main_thread():
             raise  # a Ray worker told to exit (a Tune trial stopped by its scheduler): Ray's own way out
         epochs = [checkpoint_epoch(c) for c in epoch_checkpoints(run)]
-        kept = (f"the checkpoint of epoch {epochs[0]}" if len(epochs) == 1 else
-                f"the checkpoints of epochs {epochs[0]}–{epochs[-1]}")
-        raise Interrupted(f"{run} keeps {kept}" if epochs else f"{run} holds no checkpoint yet",
-                          signal.SIGTERM if terminated["sigterm"] else signal.SIGINT) from None
+        if not epochs:  # stopped before the first epoch's checkpoint
+            kept = f"{run} holds no checkpoint yet"
+        else:
+            kept = f"{run} keeps " + (f"the checkpoint of epoch {epochs[0]}" if len(epochs) == 1 else
+                                      f"the checkpoints of epochs {epochs[0]}–{epochs[-1]}")
+        raise Interrupted(kept, signal.SIGTERM if terminated["sigterm"] else signal.SIGINT) from None
     except TrainingFailedError as err:
         cause = find_user_error(err)
         if cause is None:

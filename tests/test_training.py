@@ -1160,3 +1160,25 @@ def test_peak_rss_is_mib_on_linux_and_on_macos(monkeypatch):
     assert peak_rss_mib() == 300.0
     monkeypatch.setattr(sys, "platform", "linux")
     assert peak_rss_mib() == 300.0 * 1024
+
+
+def test_ctrl_c_before_the_first_checkpoint_is_one_line_too(ray_local, synth_dir, tmp_path, monkeypatch):
+    """Ctrl-C while the workers start (no checkpoint yet) ended in an IndexError traceback, exit status 1."""
+    import signal
+
+    from mmctr_ray import train_driver
+    from mmctr_ray.errors import Interrupted
+
+    class Aborted:  # Ray Train's SIGINT handler aborts the run: trainer.fit() ends in SystemExit
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self):
+            raise SystemExit(1)
+
+    monkeypatch.setattr(train_driver, "torch_trainer", lambda: Aborted)
+    monkeypatch.setattr(train_driver, "_in_driver_main_thread", lambda: True)
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted) as stopped:
+        run_training(synth_dir, str(run), tiny_cfg())
+    assert str(stopped.value) == f"{run} holds no checkpoint yet" and stopped.value.signum == signal.SIGINT
