@@ -298,8 +298,8 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
         log.warning("%s: nothing to train: %s", run, ended)
         before = storage.join(run, "summary.json")
         wall = json.loads(storage.read_text(before)).get("wall_seconds", 0.0) if storage.is_file(before) else 0.0
-        _prepare_run_dir(run, cfg, resume, overwrite)  # this config and a summary of RUN as it is now, as a resume
-        return _summary(run, data_dir, wall)
+        storage.remove_file(storage.join(run, DIVERGED))  # a summary of RUN as it is now; its config.yaml stays the
+        return _summary(run, data_dir, wall)  # one it trained with (train.epochs=1 after 4 epochs would misstate it)
     if start_ray is not None:
         start_ray()
     check_local_workers(workers, cpus_per_worker, gpus_per_worker)  # one machine: what Ray has now is all it gets

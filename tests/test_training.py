@@ -1011,6 +1011,10 @@ def test_resuming_a_run_that_has_trained_its_epochs_starts_no_ray(two_worker_run
     assert again == json.loads((moved / "summary.json").read_text())  # a summary of RUN where it is now
     assert again["best_checkpoint"] == str(moved / Path(summary["best_checkpoint"]).name)
     assert again["best_valid_auc"] == summary["best_valid_auc"] and again["epochs"] == 2
+    saved = (moved / "config.yaml").read_text()
+    run_training(synth_dir, str(moved), tiny_cfg("train.epochs=1", "train.resident=on", "train.deterministic=true",
+                                                "model.dropout=0.2"), resume=True, start_ray=no_ray)
+    assert (moved / "config.yaml").read_text() == saved  # still the config it trained 2 epochs with
     other = shutil.copytree(synth_dir, tmp_path / "other", ignore=shutil.ignore_patterns("item_images"))
     info = pq.read_table(other / "MicroLens_1M_x1" / "item_info.parquet")  # one more item: other vocabularies
     extra = info.slice(info.num_rows - 1).set_column(0, "item_id", pa.array([info.num_rows], pa.int64()))
