@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import collections.abc
+import copy
 import dataclasses
 import difflib
 import math
@@ -461,12 +462,23 @@ def load_config(path: storage.Location | None = None, overrides: list[str] | tup
     raw = read_yaml(path) if path is not None else {}
     raw.pop("search", None)
     where = str(path) if path is not None else "defaults"
+    given = copy.deepcopy(raw)
     try:
         for assignment in overrides:
             apply_override(raw, assignment)
         return from_dict(raw)
     except ConfigError as err:
+        if overrides and (path is None or _valid(given)):  # the file alone is fine: an override broke it
+            where = "--set"
         raise ConfigError(f"{where}: {err}") from None
+
+
+def _valid(raw: dict[str, Any]) -> bool:
+    try:
+        from_dict(copy.deepcopy(raw))
+    except ConfigError:
+        return False
+    return True
 
 
 def save_config(cfg: ExperimentConfig, path: storage.Location) -> storage.Location:

@@ -216,3 +216,17 @@ def test_a_config_that_is_not_utf8_text_is_one_line(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(p)
     assert str(err.value) == f"{p}: invalid YAML: unacceptable character #x0007: special characters are not allowed"
+
+
+def test_a_mistake_in_a_set_is_blamed_on_the_set_not_on_the_file(tmp_path):
+    """A typo in --set was reported as the config file's ("tiny.yaml: unknown config key ..."): users searched it."""
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  max_len: 32\n")
+    with pytest.raises(ConfigError, match=re.escape("--set: unknown config key data.max_lenn (did you mean "
+                                                    "data.max_len?)")):
+        load_config(p, ["data.max_lenn=32"])
+    with pytest.raises(ConfigError, match=re.escape("--set: train.epochs='abc': expected an integer")):
+        load_config(None, ["train.epochs=abc"])
+    p.write_text("data:\n  max_lenn: 32\n")  # the file's own mistake stays the file's, with or without --set
+    with pytest.raises(ConfigError, match=re.escape(f"{p}: unknown config key data.max_lenn")):
+        load_config(p, ["train.epochs=3"])

@@ -567,7 +567,7 @@ CASES = [
     (tune_source_uri, ["--source s3://bucket/raw.parquet: expected 'shipped' or a local parquet file"], ["tune"]),
     (tune_resume_with_set, ["--resume continues TUNE with its own search.yaml and the --set values it started with",
                             "drop --set"], ["tune"]),
-    (tune_gpu_fraction_over_two_workers, ["gives each 0.25 GPU: with 2+ workers per trial each needs whole"],
+    (tune_gpu_fraction_over_two_workers, ["gives each 0.25 GPU: with 2+ DDP workers each needs whole GPUs"],
      ["tune"]),
     (bad_search_space, ["s.yaml", "float expects [low, high] with low < high"], ["tune"]),
     (synth_impossible_size, ["--items must be >= 1"], ["s"]),
