@@ -69,9 +69,9 @@ def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid",
     if len(targets) < 1:
         raise DataError("compare: no run given")
     path, labels = split_labels(data_dir, split)
-    scores, checkpoints, described = [], [], []
-    for target in targets:
-        checkpoint = _checkpoint(target)
+    checkpoints = [_checkpoint(target) for target in targets]  # every target checked before any is scored
+    scores, described = [], []
+    for checkpoint in checkpoints:
         model = load_model(checkpoint, data_dir, device)
         cfg = model.experiment_cfg  # rows a step as in the run's validation; AUC ranks the logits
         logits = score_parquet(model, path, cfg.data.max_len, batch_rows=cfg.train.eval_batch_size, logits=True)
@@ -79,7 +79,6 @@ def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid",
             raise DataError(f"{path}: {len(logits)} rows scored but {len(labels)} labels")
         check_finite(logits, checkpoint, path)
         scores.append(logits)
-        checkpoints.append(checkpoint)
         described.append(describe_run(model.experiment_cfg, model.item_source))
         if progress is not None:
             progress(f"scored {split} with {checkpoint}")

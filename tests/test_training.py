@@ -719,7 +719,7 @@ def test_report_writes_curves_and_a_markdown_table(two_worker_run, tmp_path):
 
 @pytest.mark.slow
 def test_compare_scores_runs_on_the_same_rows_with_the_paired_test(two_worker_run, plain_run, synth_dir, tiny_spec,
-                                                                   tmp_path, capsys, split_into_parts):
+                                                                   tmp_path, capsys, split_into_parts, monkeypatch):
     import shutil
 
     from mmctr_ray.cli import main
@@ -746,6 +746,16 @@ def test_compare_scores_runs_on_the_same_rows_with_the_paired_test(two_worker_ru
     assert main(args) == 2  # the JSON file is kept
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert main(["compare", "--data", str(synth_dir), str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{tmp_path}: not a run of `mmctr train` (no config.yaml) nor "
+                                                    f"one of its checkpoint folders")
+    import mmctr_ray.predict
+
+    def scored(*args, **kwargs):
+        raise AssertionError("a run was scored before every target was checked")
+
+    with monkeypatch.context() as patch:  # a bad second target is refused before the first is scored
+        patch.setattr(mmctr_ray.predict, "load_model", scored)
+        assert main(["compare", "--data", str(synth_dir), str(two), str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip().endswith(f"{tmp_path}: not a run of `mmctr train` (no config.yaml) nor "
                                                     f"one of its checkpoint folders")
     cut = tmp_path / "cut" / "checkpoint_epoch_001"
