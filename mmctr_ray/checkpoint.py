@@ -189,3 +189,15 @@ def best_checkpoint(run_dir: Location) -> Location:
     if best is None:
         raise DataError(f"{run_dir}: no checkpoint found (expected checkpoint_epoch_*/ written by `mmctr train`)")
     return best
+
+
+def run_or_checkpoint(location: Location) -> Location:
+    """The checkpoint ``location`` names: itself when it is a checkpoint folder (``RUN/checkpoint_epoch_003``, which
+    must be whole), else the run's best (:func:`best_checkpoint`)."""
+    location = storage.normalize(location)
+    if checkpoint_epoch(location) is not None:
+        why = incomplete(location) if storage.exists(location) else "not found"
+        if why:
+            raise DataError(f"{location}: not a whole checkpoint ({why})")
+        return location
+    return best_checkpoint(location)

@@ -691,7 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="score the test split with the best checkpoint; write the submission zip",
                        description="Score a split with Ray Data actors and write a zip holding prediction.csv "
                                    "(header ID,Task2; IDs 0..N-1 in row order).")
-    p.add_argument("--run", required=True, help="run directory written by `mmctr train` (a local path or a URI)")
+    p.add_argument("--run", required=True, help="run directory written by `mmctr train` (a local path or a URI): "
+                   "its best checkpoint; or one of its checkpoint_epoch_NNN folders")
     _add_data_arg(p)
     p.add_argument("--out", type=_local_path, required=True, help="submission zip to write")
     p.add_argument("--split", choices=["test", "valid", "train"], default="test", help="split to score")

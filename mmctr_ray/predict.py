@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from mmctr_ray import storage
-from mmctr_ray.checkpoint import best_checkpoint, load_checkpoint
+from mmctr_ray.checkpoint import load_checkpoint, run_or_checkpoint
 from mmctr_ray.errors import DataError, OutputExistsError
 from mmctr_ray.features import MODEL_INPUTS, check_same_table, load_item_table, max_user_id, read_split, to_model_batch
 from mmctr_ray.host_malloc import actor_options
@@ -116,7 +116,7 @@ def score_split(run_dir: Location, data_dir: str | Path, split: str = "test", ac
     (default: the run's ``train.eval_batch_size``, as in its validation)."""
     import ray.data
 
-    checkpoint = storage.normalize(best_checkpoint(run_dir))  # absolute: actors may not share this directory
+    checkpoint = storage.normalize(run_or_checkpoint(run_dir))  # absolute: actors may not share this directory
     cfg = load_model(checkpoint, data_dir).experiment_cfg  # fails here, as one line, if the data does not fit
     ctx = ray.data.DataContext.get_current()
     keep_order, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
@@ -188,7 +188,7 @@ def check_inputs(run_dir: Location, data_dir: str | Path, split: str = "test", o
     if out is not None:
         check_output(out, overwrite)
     rows = check_split(data_dir, split)
-    load_model(best_checkpoint(run_dir), data_dir)
+    load_model(run_or_checkpoint(run_dir), data_dir)
     return rows
 
 

@@ -271,6 +271,9 @@ def test_predict_writes_the_submission_in_test_row_order(two_worker_run, synth_d
     assert summary["rows"] == tiny_spec.test_rows and 0.5 < summary["metrics"]["auc"] <= 1
     with pytest.raises(OutputExistsError):
         run_predict(run, synth_dir, out)
+    named = run_predict(best_checkpoint(run), synth_dir, tmp_path / "named.zip")  # --run RUN/checkpoint_epoch_NNN
+    with zipfile.ZipFile(tmp_path / "named.zip") as zf:
+        assert zf.read("prediction.csv").decode() == text and named["checkpoint"] == str(best_checkpoint(run))
     # the test split as a folder of part files: the same submission, rows in the parts' order, also where the
     # split is large enough for Ray Data's default reader (V2), which reads out of file order (tests/test_features.py)
     import shutil
