@@ -133,6 +133,13 @@ def check_resume(out: storage.Location, work: Path, cfg: ExperimentConfig, embed
     again = "pass the --config and --embed it started with, or --overwrite to start again"
     fused = work / "item_emb.parquet"
     summary = read_fusion_summary(fused) if fused.is_file() else None
+    used = (summary or {}).get("data")
+    if synth is not None and not manifest.is_file() and used and Path(used) != (work / "data").resolve():
+        # without --data the pipeline synthesizes data: here it would make a new data set beside the old one's run
+        source = work / DATA_SOURCE
+        was = source.read_text().strip() if source.is_file() else used
+        raise ConfigError(f"{out}: the earlier attempt ran on --data {was}; pass it again with --resume (without "
+                          f"--data the pipeline synthesizes a data set)")
     if summary is not None:
         fields = [field for _, _, field in PARTS.get(cfg.fusion.strategy, ())]  # the widths the strategy uses
         for key in ("strategy", *fields):

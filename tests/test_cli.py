@@ -491,6 +491,14 @@ def test_pipeline_resume_refuses_a_config_that_is_not_what_out_keeps(tmp_path, c
     with pytest.raises(ConfigError, match=r"embedded with --image-model RN50, this command asks ViT-B-32; "):
         pipeline.check_resume(str(other), other, load_config(None), embed=True,
                               models={"text_model": "/models/bert", "image_model": "ViT-B-32"})
+    # an attempt on --data, resumed without it: refused before a new data set is synthesized beside its run
+    (out / "item_emb.fusion.json").write_text(json.dumps({"strategy": "v4", "dims": 128, "text_dim": 32,
+                                                          "image_dim": 32, "data": "/d", "source": "shipped"}))
+    assert main(base) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"{out}: the earlier attempt ran on --data /d; pass it again with --resume (without --data the pipeline "
+        f"synthesizes a data set)")
+    assert not (out / "data").exists()
 
 
 def test_pipeline_resume_takes_the_train_settings_of_its_config_and_knows_its_embeddings(tmp_path, caplog):
