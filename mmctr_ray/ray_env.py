@@ -8,6 +8,7 @@ import math
 import os
 import re
 import signal
+import sys
 import threading
 from typing import Any, Iterator
 
@@ -347,6 +348,14 @@ def drop_benign_ray_lines() -> bool:
     return True
 
 
+def plain_log_prefixes() -> None:
+    """Ray colours the ``(RayTrainWorker pid=…)`` prefix of every line its processes print on the driver: escape
+    codes in a log redirected to a file. Off (``RAY_COLOR_PREFIX=0``, which Ray reads as it prints) unless both
+    streams are a terminal, and unless the user set it."""
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = False,
              dashboard: bool = False, object_store_mib: int | None = None, pool_cpus: float = 0.0) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a private local Ray.
@@ -364,6 +373,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
     import ray
 
     quiet_ray_data(verbose)
+    plain_log_prefixes()
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")

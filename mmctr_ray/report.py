@@ -29,6 +29,8 @@ def read_metrics(run_dir: Location, missing_ok: bool = False, keys: tuple[str, .
     if not storage.is_file(path):
         if missing_ok:
             return []
+        if not storage.exists(run_dir):
+            raise DataError(f"{run_dir}: not found (expected a run directory of `mmctr train`)")
         raise DataError(f"{path}: missing file (is {run_dir} a run directory of `mmctr train`?)")
     try:
         rows = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]

@@ -261,6 +261,7 @@ def _check_pairs(space: SearchSpace, where: str) -> None:
 
 def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = (), strict: bool = True) -> SearchSpace:
     """Parse the ``search:`` section of ``path``; the other sections (plus ``overrides``) are the base config.
+    An override ``search.KEY=V`` (``--set search.max_epochs=2``) sets the search section's own key.
     ``strict=False`` skips the checks of the values trials can draw (:func:`_check_values`): for a search's own
     ``TUNE/search.yaml``, which a report or a resume reads as it is, checked or not when the search began."""
     raw = read_yaml(path)
@@ -268,11 +269,13 @@ def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = (), s
     search = raw.pop("search", None)
     if not isinstance(search, dict) or not isinstance(search.get("space"), dict) or not search["space"]:
         raise ConfigError(f"{where}: expected a search: section with a non-empty space: mapping")
+    for assignment in overrides:  # search.* into the search section (the same dict), the rest into the base
+        if assignment.strip().startswith("search.space"):
+            raise ConfigError(f"--set {assignment}: the search space is set in the YAML, not with --set")
+        apply_override({"search": search} if assignment.strip().startswith("search.") else raw, assignment)
     unknown = set(search) - set(SEARCH_KEYS)
     if unknown:
         raise ConfigError(f"{where}: unknown key search.{sorted(unknown)[0]} (known: {', '.join(SEARCH_KEYS)})")
-    for assignment in overrides:
-        apply_override(raw, assignment)
     from_dict(raw)  # the base must be a valid config on its own
     keys = list(search["space"])
     for key in keys:

@@ -170,7 +170,7 @@ def test_unusable_run_uris_are_one_line_errors_before_ray_starts(synth_dir):
                                 "installed fsspec package)")
     r = run_cli("report", "file:///nonexistent/run")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
-    assert "file:///nonexistent/run/metrics.jsonl: missing file" in r.stderr
+    assert "file:///nonexistent/run: not found (expected a run directory of `mmctr train`)" in r.stderr
 
 
 def test_synth_refuses_to_overwrite(synth_dir, tmp_path):
@@ -576,3 +576,21 @@ def test_resume_and_overwrite_together_are_refused_by_the_parser(stage, tmp_path
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().endswith("argument --overwrite: not allowed with argument --resume")
     assert not (tmp_path / "o").exists()
+
+
+def test_rays_line_prefixes_are_plain_in_a_log_file_and_coloured_on_a_terminal(monkeypatch):
+    import sys
+
+    from mmctr_ray.ray_env import plain_log_prefixes
+
+    monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    plain_log_prefixes()
+    assert "RAY_COLOR_PREFIX" not in os.environ  # a terminal: Ray's colours
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)  # `mmctr train ... 2> train.log`
+    plain_log_prefixes()
+    assert os.environ["RAY_COLOR_PREFIX"] == "0"
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "1")  # the user's own choice stays
+    plain_log_prefixes()
+    assert os.environ["RAY_COLOR_PREFIX"] == "1"

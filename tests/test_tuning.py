@@ -1032,3 +1032,14 @@ def test_a_restored_progress_callback_reads_this_searchs_trials(tmp_path, monkey
     with caplog.at_level("INFO", logger="mmctr_ray.tuning"):
         restored.on_trial_complete(0, [trial], trial)
     assert "trial t1 completed: best valid AUC 0.8000 at epoch 2" in caplog.text
+
+
+def test_set_reaches_the_search_sections_own_keys():
+    """`tune --set search.max_epochs=1` was refused with "unknown config key search", for a file with a search:."""
+    space = load_search(ROOT / "configs/search_tiny.yaml", ["search.max_epochs=1", "search.grace_period=1",
+                                                            "search.num_samples=3", "train.lr=0.01"])
+    assert (space.max_epochs, space.num_samples, space.base["train"]["lr"]) == (1, 3, 0.01)
+    with pytest.raises(ConfigError, match=r"unknown key search.num_sample \(known: num_samples, max_epochs"):
+        load_search(ROOT / "configs/search_tiny.yaml", ["search.num_sample=3"])
+    with pytest.raises(ConfigError, match=r"^--set search.space.model.dropout=1: the search space is set in the YAML"):
+        load_search(ROOT / "configs/search_tiny.yaml", ["search.space.model.dropout=1"])

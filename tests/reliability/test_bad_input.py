@@ -469,6 +469,10 @@ def report_not_a_run(d, t):
     return ["report", str(t / "empty")]
 
 
+def report_of_nothing(d, t):  # a mistyped path: not found, not "is it a run directory?"
+    return ["report", str(t / "nope")]
+
+
 def convert_of_a_missing_raw_folder(d, t):
     return ["convert", "--raw", str(t / "no-raw"), "--out", str(t / "converted")]
 
@@ -572,6 +576,7 @@ CASES = [
     (bad_search_space, ["s.yaml", "float expects [low, high] with low < high"], ["tune"]),
     (synth_impossible_size, ["--items must be >= 1"], ["s"]),
     (report_not_a_run, ["empty/metrics.jsonl: missing file"], []),
+    (report_of_nothing, ["nope: not found (expected a run directory of `mmctr train`)"], ["nope"]),
     (features_of_a_missing_folder, ["nowhere/MicroLens_1M_x1/item_info.parquet: missing file (", "/nowhere: no such "
                                     "data directory)"],
      ["features"]),
