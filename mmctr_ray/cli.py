@@ -36,10 +36,10 @@ SIZE_FLAGS = ("users", "items", "train_rows", "valid_rows", "test_rows", "tags",
 
 
 def _add_config_args(p: argparse.ArgumentParser,
-                     config_help: str = "experiment YAML (default: built-in defaults = the baseline)") -> None:
+                     config_help: str = "experiment YAML (default: built-in defaults = the baseline)",
+                     set_help: str = "override one config value, e.g. --set data.max_len=32 (repeatable)") -> None:
     p.add_argument("--config", type=_local_path, help=config_help)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config value, e.g. --set data.max_len=32 (repeatable)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
 
 
 def _object_store_mib(text: str) -> int:
@@ -673,7 +673,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "trials/, results.csv, best.yaml and plots/.")
     _add_data_arg(p)
     p.add_argument("--out", type=_local_path, required=True, help="search directory (TUNE)")
-    _add_config_args(p, "experiment YAML with a search: section (required unless --resume)")
+    _add_config_args(p, "experiment YAML with a search: section (required unless --resume)",
+                     "override one value of the base config (--set train.batch_size=4096) or of the search section "
+                     "(--set search.max_epochs=4; not its space) (repeatable)")
     p.add_argument("--num-samples", type=POSITIVE_INT, help="trials (default: search.num_samples)")
     p.add_argument("--max-concurrent", type=POSITIVE_INT,
                    help="at most this many trials at once (default: as many as Ray's CPUs and GPUs fit)")
