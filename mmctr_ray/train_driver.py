@@ -78,9 +78,11 @@ def _check_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool, o
             raise ConfigError(f"{run}: nothing to resume (no config.yaml of an earlier `mmctr train`)")
         saved = load_config(config_path)
         for section in ("data", "fusion", "model"):
-            if getattr(saved, section) != getattr(cfg, section):
-                raise ConfigError(f"{run}: --resume with a different {section} section than the run's "
-                                  f"config.yaml; only train.* may change when resuming")
+            was, now = getattr(saved, section).__dict__, getattr(cfg, section).__dict__
+            key = next((k for k in was if was[k] != now[k]), None)
+            if key is not None:
+                raise ConfigError(f"{run}: --resume with {section}.{key}={now[key]!r} where the run's config.yaml "
+                                  f"has {was[key]!r}; only train.* may change when resuming")
     elif storage.listdir(run):
         if not overwrite:
             raise OutputExistsError(f"{run}: already holds a run; pass --resume to continue it or --overwrite "
@@ -237,7 +239,8 @@ def warn_fusion_mismatch(cfg: ExperimentConfig, source: dict[str, Any]) -> None:
             widths = " ".join(f"--{f.replace('_', '-')} {said[f]}" for _, _, f in PARTS[said["strategy"]])
             log.warning("fusion.strategy is %s but data.item_vector is 'given': this run trains on item_info's "
                         "item_emb_d128 as shipped, not on %s vectors; for those, write the table with `mmctr fuse "
-                        "--strategy %s %s --out FILE` and train with --fusion FILE (`mmctr pipeline` fuses first)",
+                        "--data DATA --strategy %s %s --out FILE` and train with --fusion FILE (`mmctr pipeline` fuses "
+                        "first)",
                         said["strategy"], said["strategy"], said["strategy"], widths)
         return
     made = source.get("fusion") or {}

@@ -938,8 +938,8 @@ def test_a_fusion_section_the_item_vectors_do_not_match_is_warned_about_and_runs
     with caplog.at_level("WARNING", logger="mmctr_ray.train_driver"):
         warn_fusion_mismatch(tiny_cfg(), given)  # tiny.yaml, like paper.yaml, says v4 and item_vector: given
         assert ("fusion.strategy is v4 but data.item_vector is 'given': this run trains on item_info's item_emb_d128 "
-                "as shipped, not on v4 vectors; for those, write the table with `mmctr fuse --strategy v4 --text-dim "
-                "32 --image-dim 32 --out FILE` and train with --fusion FILE") in caplog.text
+                "as shipped, not on v4 vectors; for those, write the table with `mmctr fuse --data DATA --strategy v4 "
+                "--text-dim 32 --image-dim 32 --out FILE` and train with --fusion FILE") in caplog.text
         caplog.clear()
         from mmctr_ray.train_driver import check_inputs
 
@@ -1199,3 +1199,17 @@ def test_ctrl_c_before_the_first_checkpoint_is_one_line_too(ray_local, synth_dir
     with pytest.raises(Interrupted) as stopped:
         run_training(synth_dir, str(run), tiny_cfg())
     assert str(stopped.value) == f"{run} holds no checkpoint yet" and stopped.value.signum == signal.SIGINT
+
+
+def test_a_resume_that_changes_more_than_train_names_the_key(tmp_path):
+    """Only train.* may change on --resume; the refusal said "a different model section" without the key."""
+    from mmctr_ray.config import save_config
+    from mmctr_ray.errors import ConfigError
+    from mmctr_ray.train_driver import _check_run_dir
+
+    save_config(tiny_cfg(), tmp_path / "config.yaml")
+    _check_run_dir(tmp_path, tiny_cfg("train.epochs=9", "train.lr=0.01"), resume=True, overwrite=False)
+    dropout = tiny_cfg().model.dropout
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path}: --resume with model.dropout=0.33 where the run's "
+                                                    f"config.yaml has {dropout!r}; only train.* may change")):
+        _check_run_dir(tmp_path, tiny_cfg("model.dropout=0.33"), resume=True, overwrite=False)
