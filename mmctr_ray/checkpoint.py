@@ -191,13 +191,13 @@ def best_checkpoint(run_dir: Location) -> Location:
     return best
 
 
-def run_or_checkpoint(location: Location) -> Location:
-    """The checkpoint ``location`` names: itself when it is a checkpoint folder (``RUN/checkpoint_epoch_003``, which
-    must be whole), else the run's best (:func:`best_checkpoint`)."""
-    location = storage.normalize(location)
-    if checkpoint_epoch(location) is not None:
+def run_or_checkpoint(given: Location) -> Location:
+    """The checkpoint ``given`` names, as an absolute location: itself when it is a checkpoint folder
+    (``RUN/checkpoint_epoch_003``, which must be whole), else the run's best (:func:`best_checkpoint`)."""
+    location = storage.normalize(given)
+    if storage.basename(location).startswith(PREFIX):  # a checkpoint folder, whole or cut short
         why = incomplete(location) if storage.exists(location) else "not found"
         if why:
-            raise DataError(f"{location}: not a whole checkpoint ({why})")
+            raise DataError(f"{given}: not a whole checkpoint ({why})")
         return location
     return best_checkpoint(location)

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from mmctr_ray import storage
-from mmctr_ray.checkpoint import PREFIX, best_checkpoint, incomplete
+from mmctr_ray.checkpoint import PREFIX, run_or_checkpoint
 from mmctr_ray.errors import DataError
 from mmctr_ray.metrics import compare_aucs
 from mmctr_ray.report import describe_run
@@ -27,15 +27,10 @@ from mmctr_ray.schema import NO_PARTS, Layout, parquet_parts
 
 def _checkpoint(target: str) -> storage.Location:
     """A run's best checkpoint, or ``target`` itself when it is a checkpoint folder (``RUN/checkpoint_epoch_003``)."""
-    location = storage.normalize(target)
-    if storage.basename(location).startswith(PREFIX):  # a checkpoint folder, whole or cut short
-        why = incomplete(location) if storage.exists(location) else "not found"
-        if why:
-            raise DataError(f"{target}: not a whole checkpoint ({why})")
-        return location
-    if not storage.is_file(storage.join(location, "config.yaml")):
+    location = storage.normalize(target)  # a checkpoint folder, whole or cut short, is run_or_checkpoint's to judge
+    if not (storage.basename(location).startswith(PREFIX) or storage.is_file(storage.join(location, "config.yaml"))):
         raise DataError(f"{target}: not a run of `mmctr train` (no config.yaml) nor one of its checkpoint folders")
-    return best_checkpoint(location)
+    return run_or_checkpoint(target)
 
 
 def split_labels(data_dir: str | Path, split: str) -> tuple[Path, Any]:
@@ -79,7 +74,7 @@ def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid",
             raise DataError(f"{path}: {len(logits)} rows scored but {len(labels)} labels")
         check_finite(logits, checkpoint, path)
         scores.append(logits)
-        described.append(describe_run(model.experiment_cfg, model.item_source))
+        described.append(describe_run(cfg, model.item_source))
         if progress is not None:
             progress(f"scored {split} with {checkpoint}")
     rows = compare_aucs(labels, scores)

@@ -462,20 +462,20 @@ def load_config(path: storage.Location | None = None, overrides: list[str] | tup
     raw = read_yaml(path) if path is not None else {}
     raw.pop("search", None)
     where = str(path) if path is not None else "defaults"
-    given = copy.deepcopy(raw)
+    merged = copy.deepcopy(raw) if overrides else raw  # the file's own, kept to tell whose mistake it is
     try:
         for assignment in overrides:
-            apply_override(raw, assignment)
-        return from_dict(raw)
+            apply_override(merged, assignment)
+        return from_dict(merged)
     except ConfigError as err:
-        if overrides and (path is None or _valid(given)):  # the file alone is fine: an override broke it
+        if overrides and _valid(raw):  # the file alone (or the defaults) is fine: an override broke it
             where = "--set"
         raise ConfigError(f"{where}: {err}") from None
 
 
 def _valid(raw: dict[str, Any]) -> bool:
     try:
-        from_dict(copy.deepcopy(raw))
+        from_dict(raw)
     except ConfigError:
         return False
     return True

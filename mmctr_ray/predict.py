@@ -116,7 +116,7 @@ def score_split(run_dir: Location, data_dir: str | Path, split: str = "test", ac
     (default: the run's ``train.eval_batch_size``, as in its validation)."""
     import ray.data
 
-    checkpoint = storage.normalize(run_or_checkpoint(run_dir))  # absolute: actors may not share this directory
+    checkpoint = run_or_checkpoint(run_dir)  # absolute: actors may not share this directory
     cfg = load_model(checkpoint, data_dir).experiment_cfg  # fails here, as one line, if the data does not fit
     ctx = ray.data.DataContext.get_current()
     keep_order, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True

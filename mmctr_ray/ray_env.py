@@ -12,7 +12,7 @@ import sys
 import threading
 from typing import Any, Iterator
 
-from mmctr_ray.errors import ConfigError
+from mmctr_ray.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -385,8 +385,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
         try:
             ray.init(address=address, logging_level=logging.WARNING)
         except (ValueError, ConnectionError) as err:  # an HTTP (dashboard) address, no Ray at "auto", a bad form
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f"Ray address {address!r} (--address or RAY_ADDRESS): {first}") from None
+            raise ConfigError(f"Ray address {address!r} (--address or RAY_ADDRESS): {first_line(err)}") from None
         _keep_python_sigterm()
         drop_benign_ray_lines()
         _PRIVATE["gcs"] = ray.get_runtime_context().gcs_address  # for stop_ray; not private: "started" stays False
