@@ -378,33 +378,3 @@ def test_the_real_items_without_synth_json_need_the_real_test_rows(data, monkeyp
     rows = pq.ParquetFile(Layout(data).split("test")).metadata.num_rows
     the_error(data, "MicroLens_1M_x1/test.parquet", None, f"has {rows:,} rows; a submission needs 379,142 (for a "
               f"MicroLens_1M_x1 submission)")
-
-
-def test_parts_may_store_columns_at_other_widths(data, synth_dir, split_into_parts):
-    """One part of int32/float32 columns beside parts of int64/float64: every reader normalises per batch."""
-    from mmctr_ray.features import read_split
-    from mmctr_ray.preflight import check_splits
-
-    single = check_splits(synth_dir, ("train",))
-    parts = split_into_parts(data, "train", 3)
-    narrow = {"user_id": pa.int32(), "item_id": pa.int32(), "likes_level": pa.int8(), "label": pa.float32(),
-              "item_seq": pa.list_(pa.int32())}
-    rewrite(parts[1], lambda t: t.cast(pa.schema([pa.field(f.name, narrow.get(f.name, f.type)) for f in t.schema])))
-    wide = {"label": pa.float64()}
-    rewrite(parts[0], lambda t: t.cast(pa.schema([pa.field(f.name, wide.get(f.name, f.type)) for f in t.schema])))
-    assert pq.ParquetFile(parts[1]).schema_arrow.field("user_id").type == pa.int32()
-    assert validate(data) == []
-    assert check_splits(data, ("train",)) == single
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    try:
-        batches = list(read_split(data, "train", max_len=8, batch_rows=4096).iter_batches(batch_format="numpy"))
-    finally:
-        ray.shutdown()
-    assert {(k, str(v.dtype)) for b in batches for k, v in b.items()} == {
-        ("user_id", "int64"), ("item_id", "int64"), ("likes_level", "int64"), ("views_level", "int64"),
-        ("label", "float32"), ("item_seq", "int64")}
-    want = pq.read_table(Layout(synth_dir).split("train"))
-    got = np.concatenate([b["user_id"] for b in batches])
-    assert sorted(got.tolist()) == sorted(want.column("user_id").to_pylist())
