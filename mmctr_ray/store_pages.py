@@ -12,6 +12,13 @@ table: the store keeps their contents, nothing is freed or copied, and a block s
 back in when it is next read (a minor fault). So calling :func:`release_store_pages` between batches changes
 what the process holds mapped, not what any reader sees. No library offers this (Ray reads the mapping in C++
 and exposes no release for readers), hence the few lines of ``ctypes`` here.
+
+Only the store's main mapping is advised. When the store is full Ray puts an object in a file of its own in the
+fallback directory and unmaps it as soon as the object is released, from any of the process's threads; an
+address read from ``/proc/self/maps`` may then be reused by a private mapping (a tensor's memory) before the
+``madvise`` reaches it, and ``MADV_DONTNEED`` on private memory zeroes it. The main mapping stays for the
+process's life; it is told apart by its size, the node's object-store capacity (which Ray maps whole), and a
+fallback mapping never keeps pages after its object is gone, so leaving those alone costs no memory.
 """
 
 from __future__ import annotations
@@ -42,10 +49,37 @@ def store_mappings(maps: str) -> list[tuple[int, int]]:
     return ranges
 
 
+CAPACITY_SLACK = 1 << 20  # the main mapping is the capacity rounded up to pages plus Ray's gap: measured 7.8 KiB
+
+
+def main_store_mapping(maps: str, capacity: int) -> tuple[int, int] | None:
+    """The object store's main mapping in a ``/proc/<pid>/maps`` text: the one shared ``plasma…`` mapping whose
+    size is the store's ``capacity`` in bytes (up to :data:`CAPACITY_SLACK` more). None when there is none, or
+    when more than one fits (a fallback file of that very size: which is which cannot be told, so neither)."""
+    fits = [(start, end) for start, end in store_mappings(maps) if 0 <= end - start - capacity <= CAPACITY_SLACK]
+    return fits[0] if len(fits) == 1 else None
+
+
+def node_store_capacity() -> int | None:
+    """This node's object-store capacity in bytes, as Ray reports it; None outside Ray or when it cannot tell."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        node = ray.get_runtime_context().get_node_id()
+        found = [n["Resources"].get("object_store_memory") for n in ray.nodes() if n.get("NodeID") == node]
+    except Exception as e:  # noqa: BLE001 - keeping the pages is always safe: say why, once
+        log.warning("cannot tell this node's object-store capacity (%s); keeping the store's pages", e)
+        return None
+    return int(found[0]) if found and found[0] else None
+
+
 class _Releaser:
-    def __init__(self) -> None:
+    def __init__(self, capacity: int | None) -> None:
         self.madvise = None
-        if sys.platform.startswith("linux"):
+        self.capacity = capacity
+        if sys.platform.startswith("linux") and capacity:
             try:
                 libc = ctypes.CDLL(None, use_errno=True)
                 libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -59,27 +93,29 @@ class _Releaser:
             return 0
         try:
             with open("/proc/self/maps") as f:
-                ranges = store_mappings(f.read())
+                found = main_store_mapping(f.read(), self.capacity)
         except OSError:
             return 0
-        released = 0
-        for start, end in ranges:
-            if self.madvise(start, end - start, MADV_DONTNEED) == 0:
-                released += end - start
-            else:
-                log.warning("madvise(MADV_DONTNEED) on the object store mapping failed: errno %d; keeping its pages",
-                            ctypes.get_errno())
-                self.madvise = None
-                break
-        return released
+        if found is None:  # not mapped yet (nothing read from the store so far), or not told apart
+            return 0
+        start, end = found
+        if self.madvise(start, end - start, MADV_DONTNEED) != 0:
+            log.warning("madvise(MADV_DONTNEED) on the object store mapping failed: errno %d; keeping its pages",
+                        ctypes.get_errno())
+            self.madvise = None
+            return 0
+        return end - start
 
 
 _release = None
 
 
-def release_store_pages() -> int:
-    """Unmap the object store's pages from this process's page table; returns the bytes of mapping advised."""
+def release_store_pages(capacity: int | None = None) -> int:
+    """Unmap the object store's main mapping from this process's page table; returns the bytes advised.
+
+    ``capacity``: the store's size in bytes; by default this node's, asked of Ray on the first call (outside
+    Ray nothing is released). The first call fixes it for the process."""
     global _release
     if _release is None:
-        _release = _Releaser()
+        _release = _Releaser(capacity if capacity is not None else node_store_capacity())
     return _release()

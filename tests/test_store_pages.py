@@ -1,4 +1,5 @@
-"""Releasing the object store's pages from a reader's resident set: the mapping parser and the real madvise."""
+"""Releasing the object store's pages from a reader's resident set: the mapping parser, the real madvise, and
+that a Ray worker advises the store's main mapping and never a fallback file's (which Ray may unmap at any time)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmctr_ray.store_pages import release_store_pages, store_mappings
+from mmctr_ray import store_pages
+from mmctr_ray.store_pages import main_store_mapping, release_store_pages, store_mappings
 
 MAPS = """\
 55d0c0000000-55d0c0021000 r--p 00000000 fd:01 1234      /usr/bin/python3.12
@@ -27,13 +29,22 @@ def test_only_shared_object_store_mappings_are_taken():
     assert store_mappings(MAPS) == [(0x7F40A1400000, 0x7F40B4000000), (0x7F40B5000000, 0x7F40B5200000)]
 
 
+def test_the_main_mapping_is_the_one_of_the_store_s_size():
+    main = (0x7F40A1400000, 0x7F40B4000000)  # 300 MiB; the fallback file in MAPS is 2 MiB
+    assert main_store_mapping(MAPS, 300 << 20) == main
+    assert main_store_mapping(MAPS, (300 << 20) - 7813) == main  # a capacity that is no page multiple: rounded up
+    assert main_store_mapping(MAPS, 100 << 20) is None  # nothing of that size mapped yet
+    twin = MAPS + "7f40c0000000-7f40d2c00000 rw-s 00000000 fd:01 78        /tmp/ray/session_1/plasmaAbCdEf\n"
+    assert main_store_mapping(twin, 300 << 20) is None  # a fallback file of the store's size: neither is taken
+
+
 def _status(key: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(key))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not Path("/dev/shm").is_dir(), reason="Linux tmpfs")
-def test_release_unmaps_the_pages_and_keeps_their_contents():
+def test_release_unmaps_the_pages_and_keeps_their_contents(monkeypatch):
     path = Path("/dev/shm") / f"plasma-test-{uuid.uuid4().hex}"
     size = 32 << 20
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -43,7 +54,8 @@ def test_release_unmaps_the_pages_and_keeps_their_contents():
         view = np.frombuffer(buf, dtype=np.int64)
         view[:] = np.arange(len(view))  # touch every page
         before = _status("RssShmem:")
-        assert release_store_pages() >= size
+        monkeypatch.setattr(store_pages, "_release", None)
+        assert release_store_pages(capacity=size) == size
         after = _status("RssShmem:")
         assert before - after >= (size >> 10) * 0.9, (before, after)  # KiB: the 32 MiB left this process's RSS
         assert np.array_equal(view, np.arange(len(view)))  # the contents are still there when read again
@@ -53,3 +65,51 @@ def test_release_unmaps_the_pages_and_keeps_their_contents():
     finally:
         os.close(fd)
         path.unlink()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc maps")
+def test_a_ray_worker_advises_the_main_mapping_and_leaves_fallback_files_alone():
+    """A 100 MiB store with spilling off: the third 40 MiB object goes to a fallback file. The worker reads all
+    three; the release must take the main mapping's pages only, and the fallback object must keep its pages."""
+    import ray
+
+    store = 100 << 20
+    ray.init(address="local", num_cpus=1, object_store_memory=store, include_dashboard=False,
+             _system_config={"automatic_object_spilling_enabled": False})
+    try:
+        refs = [ray.put(np.full(40 << 20, i + 1, dtype=np.uint8)) for i in range(3)]
+
+        @ray.remote
+        def read_and_release(refs):
+            def resident():  # KiB resident per object-store mapping, from /proc/self/smaps
+                sizes, mapping = {}, None
+                with open("/proc/self/smaps") as f:
+                    for line in f:
+                        head = line.split()
+                        if "-" in head[0] and len(head) >= 6 and head[1][3:4] == "s" and "plasma" in head[5]:
+                            start, end = (int(x, 16) for x in head[0].split("-"))
+                            mapping = end - start
+                        elif "-" in head[0] and not head[0].endswith(":"):
+                            mapping = None
+                        elif head[0] == "Rss:" and mapping is not None:
+                            sizes[mapping] = int(head[1])
+                return sizes
+
+            arrays = [ray.get(r) for r in refs]
+            assert [int(a[:: 1 << 12].sum()) for a in arrays] == [(i + 1) * ((40 << 20) >> 12) for i in range(3)]
+            before = resident()
+            released = release_store_pages()
+            after = resident()
+            intact = [bool((a[:: 1 << 12] == i + 1).all()) for i, a in enumerate(arrays)]
+            return released, before, after, intact
+
+        released, before, after, intact = ray.get(read_and_release.remote(refs))
+    finally:
+        ray.shutdown()
+    assert len(before) == 2, before  # {mapping size: resident KiB}: the main mapping and one fallback file
+    main, fallback = max(before), min(before)
+    assert fallback < store <= main
+    assert released == main  # the main mapping, whole, and nothing else
+    assert intact == [True, True, True]
+    assert before[main] >= (80 << 10) * 0.9 and after[main] <= (1 << 10), (before, after)  # two objects, released
+    assert before[fallback] >= (40 << 10) * 0.9 and after[fallback] == before[fallback], (before, after)
