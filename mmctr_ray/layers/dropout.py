@@ -6,8 +6,8 @@ draw each. The baseline model's five dropout layers see about 65M elements a tra
 attention MLP's two layers run once per real history position: ~50M of them). Measured on the 2-core AMD EPYC the
 tests run on, 65,536 × 512 elements, forward and backward: ``nn.Dropout`` 383–429 ms, this module 241–265 ms (64-bit
 words from the same generator, four 16-bit draws each, compared with a threshold; ``benchmarks/model_step.py`` and
-the README have the step's figures). No library offers a faster seeded CPU dropout there, so this one is written
-here; on Intel processors with MKL, where PyTorch's own is the fast one, it is ``nn.Dropout``.
+docs/performance.md have the step's figures). No library offers a faster seeded CPU dropout there, so this one is
+written here; on Intel processors with MKL, where PyTorch's own is the fast one, it is ``nn.Dropout``.
 
 The keep probability is ``round((1 - p) · 65536) / 65536`` (within 7.7e-6 of ``1 - p``) and kept elements are
 scaled by its inverse, so the expectation of every element is exactly its input, as with ``nn.Dropout``; a ``p``
