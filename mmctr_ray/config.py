@@ -290,7 +290,8 @@ class TrainConfig:
             CPU, not in deterministic runs; ``on`` up to ``resident_max_mib`` on any device; ``off`` never. A
             shard over the budget streams every epoch. With ``shuffle_buffer: 0`` a kept shard keeps read order.
         resident_max_mib: the budget per worker, MiB (on CUDA also at most half the free device memory and half
-            the worker's share of the device).
+            the worker's share of the device; on CPU at most half the host memory available, within its cgroup's
+            limit, split between the node's training processes).
         keep_freed_memory: let a CPU training worker (and a CPU scoring actor of ``mmctr predict`` for this run)
             keep the memory each step frees for the next step instead of handing it back to the kernel, which
             zeroes fresh pages for every step (glibc's malloc tunables in their environment,

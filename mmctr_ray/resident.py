@@ -19,6 +19,7 @@ grows the worker's memory.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -27,8 +28,35 @@ MIB = 1 << 20
 CPU_AUTO_MIB = 256  # auto's budget on CPU workers
 
 
+def host_available_bytes(proc: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Memory this process can still take: ``MemAvailable`` of ``/proc/meminfo``, and at most what the memory
+    limits of its cgroup (v2) and the cgroups above it leave (a container's limit, which a container's
+    ``/proc/meminfo`` does not show); None where none of these can be read (not Linux)."""
+    found = []
+    try:
+        found += [int(line.split()[1]) * 1024 for line in (proc / "meminfo").read_text().splitlines()
+                  if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # "0::/path" is this process's cgroup v2 (cgroup v1 has no such line, and no memory.max files)
+        own = next(line[3:] for line in (proc / "self/cgroup").read_text().splitlines() if line.startswith("0::"))
+    except (OSError, StopIteration):
+        own = "/"
+    folder = (cgroup_root / own.strip().lstrip("/")).resolve()
+    for group in [folder, *folder.parents]:
+        try:
+            limit = (group / "memory.max").read_text().strip()
+            if limit != "max":
+                found.append(max(int(limit) - int((group / "memory.current").read_text()), 0))
+        except (OSError, ValueError):
+            pass
+        if group == cgroup_root.resolve():
+            break
+    return min(found) if found else None
+
+
 def resident_budget(mode: str, max_mib: int, device: torch.device, deterministic: bool = False,
-                    gpu_fraction: float = 1.0) -> int:
+                    gpu_fraction: float = 1.0, host_share: int = 1) -> int:
     """Bytes this worker may keep on ``device`` (0: stream every epoch).
 
     ``auto``: on CUDA up to ``max_mib`` (a streamed batch costs about as much as a model step there); on CPU up
@@ -36,15 +64,21 @@ def resident_budget(mode: str, max_mib: int, device: torch.device, deterministic
     ~3 s per epoch dominates the epochs of a small split); never in a ``deterministic`` run, whose order must not
     depend on whether a restarted worker still holds its shard. ``on``: up to ``max_mib`` on any device.
     On CUDA the budget is also at most half the device memory free now, and half of this worker's share of the
-    device (``gpu_fraction`` of its memory: workers or trials given fractions of one GPU share it)."""
+    device (``gpu_fraction`` of its memory: workers or trials given fractions of one GPU share it). On CPU it is
+    also at most half the host memory available now (:func:`host_available_bytes`), split between the
+    ``host_share`` training processes of this node: a shard kept there is the process's own memory."""
     if mode == "off" or (mode == "auto" and deterministic):
         return 0
     budget = max_mib * MIB
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         budget = min(budget, free // 2, int(total * min(gpu_fraction, 1.0)) // 2)
-    elif mode == "auto":
-        budget = min(budget, CPU_AUTO_MIB * MIB)
+    else:
+        if mode == "auto":
+            budget = min(budget, CPU_AUTO_MIB * MIB)
+        available = host_available_bytes()
+        if available is not None:
+            budget = min(budget, available // 2 // max(host_share, 1))
     return budget
 
 

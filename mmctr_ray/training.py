@@ -378,7 +378,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     per_worker = worker_batch(cfg.train.batch_size, world)
     steps_per_epoch = max(1, config["train_rows"] // (per_worker * world))
     budget = resident_budget(cfg.train.resident, cfg.train.resident_max_mib, device, cfg.train.deterministic,
-                             config.get("gpus_per_worker") or 1.0)
+                             config.get("gpus_per_worker") or 1.0,
+                             ctx.get_local_world_size() * config.get("runs_per_node", 1))
 
     def stream(epoch: int, keep_budget: int) -> tuple[ShardRecorder, Iterator[dict[str, torch.Tensor]]]:
         """Epoch ``epoch`` streamed from this rank's shard, recorded for keeping within ``keep_budget`` bytes,

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from mmctr_ray.config import ConfigError, load_config
-from mmctr_ray.resident import CPU_AUTO_MIB, MIB, ResidentShard, ShardRecorder, resident_budget
+from mmctr_ray import resident
+from mmctr_ray.resident import (CPU_AUTO_MIB, MIB, ResidentShard, ShardRecorder, host_available_bytes,
+                                 resident_budget)
 
 
 def stream(rows: int, batch: int) -> list[dict[str, torch.Tensor]]:
@@ -102,7 +104,39 @@ def test_cuda_budget_is_half_the_free_memory_and_of_the_worker_share(monkeypatch
     assert resident_budget("auto", 8192, cuda, deterministic=True) == 0
 
 
-def test_budget_by_mode_and_device():
+def test_host_memory_is_what_meminfo_and_every_cgroup_limit_above_leave(tmp_path):
+    gib = 1 << 30
+    proc, root = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text(f"MemTotal: {32 * gib >> 10} kB\nMemAvailable: {10 * gib >> 10} kB\n")
+    (proc / "self/cgroup").write_text("0::/kubepods/pod1/ray\n")
+    pod, own = root / "kubepods/pod1", root / "kubepods/pod1/ray"
+    own.mkdir(parents=True)
+    for group, limit, current in [(root / "kubepods", "max", 9 * gib), (pod, 4 * gib, 1 * gib), (own, "max", gib)]:
+        (group / "memory.max").write_text(f"{limit}\n")
+        (group / "memory.current").write_text(f"{current}\n")
+    assert host_available_bytes(proc, root) == 3 * gib  # the pod's limit, two levels up, leaves 3 of the 10 GiB
+    (pod / "memory.max").write_text("max\n")
+    assert host_available_bytes(proc, root) == 10 * gib  # no limit: what the machine has available
+    (pod / "memory.max").write_text(f"{gib}\n")
+    assert host_available_bytes(proc, root) == 0  # over its limit already: nothing left, never negative
+    assert host_available_bytes(tmp_path / "none", tmp_path / "none") is None  # nothing readable: no cap
+
+
+def test_cpu_budget_is_at_most_half_the_host_memory_split_between_its_workers(monkeypatch):
+    cpu, gib = torch.device("cpu"), 1 << 30
+    monkeypatch.setattr(resident, "host_available_bytes", lambda: 6 * gib)
+    assert resident_budget("on", 8192, cpu) == 3 * gib  # not 8 GiB: half of the 6 available
+    assert resident_budget("on", 8192, cpu, host_share=3) == gib  # three training processes on this node
+    assert resident_budget("on", 1024, cpu, host_share=3) == gib  # train.resident_max_mib below the cap
+    assert resident_budget("auto", 8192, cpu) == CPU_AUTO_MIB * MIB  # auto's own cap is lower
+    assert resident_budget("auto", 8192, cpu, host_share=24) == 128 * MIB  # 6 GiB / 2 / 24 is lower still
+    monkeypatch.setattr(resident, "host_available_bytes", lambda: None)  # not Linux: the configured budget
+    assert resident_budget("on", 8192, cpu) == 8192 * MIB
+
+
+def test_budget_by_mode_and_device(monkeypatch):
+    monkeypatch.setattr(resident, "host_available_bytes", lambda: None)  # this machine's free memory aside
     cpu = torch.device("cpu")
     assert resident_budget("off", 1024, cpu) == 0
     assert resident_budget("auto", 1024, cpu) == CPU_AUTO_MIB * MIB  # small shards only on CPU
