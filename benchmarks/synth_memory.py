@@ -10,7 +10,7 @@ no more than ~2 GB RSS.
 from __future__ import annotations
 
 import argparse
-import resource
+import os
 import shutil
 import subprocess
 import sys
@@ -20,17 +20,20 @@ from pathlib import Path
 
 
 def run_once(train_rows: int, preset: str, images: int, workdir: Path) -> tuple[float, float]:
+    """Seconds and peak RSS (GiB) of one `mmctr synth` process: its own rusage (``wait4``), where getrusage's
+    RUSAGE_CHILDREN would give the largest peak of every child so far."""
     out = workdir / f"synth_{train_rows}"
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "mmctr_ray.cli", "synth", "--out", str(out), "--preset", preset,
-                    "--train-rows", str(train_rows), "--images", str(images)], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen([sys.executable, "-m", "mmctr_ray.cli", "synth", "--out", str(out), "--preset", preset,
+                              "--train-rows", str(train_rows), "--images", str(images)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - t0
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise SystemExit(f"mmctr synth --train-rows {train_rows} exited {child.returncode}")
     shutil.rmtree(out)
-    # ru_maxrss of children is the max over all children so far: run sizes in increasing order
-    return seconds, max(peak_kib, before) / 2**20
+    return seconds, usage.ru_maxrss / 2**20  # KiB on Linux
 
 
 def main() -> None:
