@@ -25,6 +25,8 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
+from mmctr_ray.storage import json_text, nan_for_null
+
 log = logging.getLogger(__name__)
 records_path: str | None = None  # set by mmctr tune for this process: TUNE/asha.json
 
@@ -80,7 +82,8 @@ class ResumableASHA(ASHAScheduler):
         self._stopped.update(saved.get("stopped", {}))
         self._stops_complete = self._stops_complete and "stopped" in saved and saved.get("stops_complete", True)
         for bracket, rungs in zip(self._brackets, saved["brackets"]):
-            by_milestone = {float(milestone): recorded for milestone, recorded in rungs}
+            # null: a value JSON has no number for (json_text), a NaN of a trial without a finite AUC yet
+            by_milestone = {float(milestone): nan_for_null(recorded, list(recorded)) for milestone, recorded in rungs}
             for milestone, recorded in bracket._rungs:
                 recorded.update(by_milestone.get(float(milestone), {}))
 
@@ -93,7 +96,7 @@ class ResumableASHA(ASHAScheduler):
                  "stopped": self._stopped, "stops_complete": self._stops_complete}
         tmp = f"{self._path}.tmp"
         try:
-            Path(tmp).write_text(json.dumps(state))
+            Path(tmp).write_text(json_text(state))
             os.replace(tmp, self._path)  # whole or not at all: a kill mid-write keeps the previous records
         except OSError as err:  # the search goes on; only a later --resume would prune less
             if not self._save_failed:

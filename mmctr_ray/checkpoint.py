@@ -30,7 +30,8 @@ from mmctr_ray import storage
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
 from mmctr_ray.errors import DataError
 from mmctr_ray.features import FeatureMap
-from mmctr_ray.storage import Location
+from mmctr_ray.report import EPOCH_NUMBERS
+from mmctr_ray.storage import Location, json_text, nan_for_null
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +61,24 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
     torch.save(model.state_dict(), directory / "model.pt")
     if optimizer is not None:
         torch.save(optimizer.state_dict(), directory / "optimizer.pt")
-    (directory / "state.json").write_text(json.dumps({**state.to_json(), MANIFEST: True}, indent=2) + "\n")
+    (directory / "state.json").write_text(json_text({**state.to_json(), MANIFEST: True}, indent=2) + "\n")
     save_config(cfg, directory / "config.yaml")
     fmap.to_json(directory / "feature_map.json")
-    (directory / "item_source.json").write_text(json.dumps(item_source, indent=2) + "\n")
+    (directory / "item_source.json").write_text(json_text(item_source, indent=2) + "\n")
     sizes = {name: (directory / name).stat().st_size for name in FILES if (directory / name).is_file()}
-    (directory / MANIFEST).write_text(json.dumps(sizes, indent=2) + "\n")
+    (directory / MANIFEST).write_text(json_text(sizes, indent=2) + "\n")
+
+
+def read_state(directory: Location) -> dict[str, Any]:
+    """A checkpoint's ``state.json``, with the numbers JSON has no token for back (:func:`storage.json_text` wrote
+    them as null): NaN in its epoch rows (:data:`EPOCH_NUMBERS`), and -inf for ``best_auc``, the schedule's start
+    before any finite AUC (a NaN there would never be beaten)."""
+    state = json.loads(storage.read_text(storage.join(directory, "state.json")))
+    if "best_auc" in state and state["best_auc"] is None:
+        state["best_auc"] = float("-inf")
+    if state.get("history"):
+        state["history"] = [nan_for_null(row, EPOCH_NUMBERS) for row in state["history"]]
+    return state
 
 
 def incomplete(directory: Location) -> str | None:
@@ -128,7 +141,7 @@ def load_checkpoint(directory: Location, with_optimizer: bool = True) -> LoadedC
         if why:
             raise DataError(f"{directory}: incomplete checkpoint ({why}): a copy cut short")
         opt_path = local / "optimizer.pt"
-        raw = json.loads((local / "state.json").read_text())
+        raw = read_state(local)
         state = TrainState(**{k: raw[k] for k in ("epoch", "lr", "best_auc", "best_epoch", "bad_epochs", "history")})
         return LoadedCheckpoint(
             path=directory,
@@ -182,7 +195,7 @@ def best_checkpoint(run_dir: Location) -> Location:
     """The checkpoint of the epoch with the best validation AUC (the earliest among equals)."""
     best, best_auc = None, float("-inf")
     for path in epoch_checkpoints(run_dir):
-        history = json.loads(storage.read_text(storage.join(path, "state.json")))["history"]
+        history = read_state(path)["history"]
         auc = history[-1]["valid_auc"] if history else float("-inf")
         if auc > best_auc:
             best, best_auc = path, auc

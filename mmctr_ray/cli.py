@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import logging
 import shlex
 import signal
@@ -203,7 +202,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-        (out / "features_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / "features_summary.json").write_text(storage.json_text(summary, indent=2) + "\n")
         log.info("wrote %s and %s", out / "features_summary.json", out / "config.yaml")
     return 0
 
@@ -335,8 +334,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    import math
-
     import torch
 
     from mmctr_ray.compare import compare_runs, markdown
@@ -349,11 +346,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError("--device cuda: no CUDA device is visible to this process")
     result = compare_runs(args.runs, args.data, args.split, args.device, progress=log.info)
     print(markdown(result), end="")
-    if args.json is not None:
-        for row in result["runs"]:  # undefined figures (a class of one row) as null: JSON has no NaN
-            row.update({k: None for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)})
+    if args.json is not None:  # undefined figures (a class of one row) as null: JSON has no NaN
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        args.json.write_text(storage.json_text(result, indent=2) + "\n")
         log.info("wrote %s", args.json)
     return 0
 
@@ -422,7 +417,7 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
     from mmctr_ray.fuse import fusion_overrides
     from mmctr_ray.ray_env import check_actors, check_gpu_split
     from mmctr_ray.schema import Layout
-    from mmctr_ray.train_driver import check_local_workers
+    from mmctr_ray.train_driver import check_local_workers, read_summary
 
     resume = args.resume
     gpus_per_actor = args.gpus_per_worker if args.gpus_per_actor is None else args.gpus_per_actor
@@ -480,7 +475,7 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
             log.error("%s stopped: %s exited %d", label, name, rc)
             return rc
         pipeline.publish(name, work, out)
-    summary = json.loads(storage.read_text(storage.join(run, "summary.json")))
+    summary = read_summary(run)
     oracle = summary.get("oracle_valid_auc")
     print(f"{label}: valid AUC {summary['best_valid_auc']:.4f}{se_text(summary.get('best_valid_auc_se'))}"
           f"{f' (oracle {oracle:.4f})' if oracle else ''} at "

@@ -217,7 +217,7 @@ class FeatureMap:
     num_users: int
 
     def to_json(self, path: storage.Location) -> None:
-        storage.write_text(path, json.dumps(asdict(self), indent=2) + "\n")
+        storage.write_text(path, storage.json_text(asdict(self), indent=2) + "\n")
 
     @classmethod
     def from_json(cls, path: storage.Location) -> FeatureMap:

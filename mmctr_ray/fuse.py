@@ -231,7 +231,7 @@ def write_fused(out: Path, table: np.ndarray, fitted: FittedFusion | None, summa
                    table=hashlib.sha256(np.ascontiguousarray(table, dtype=np.float32).data).hexdigest()[:16])
     ids = pa.array(np.arange(len(table), dtype=np.int64))
     write_files([*([(paths["pca"], fitted.save)] if fitted is not None else []),
-                 (paths["summary"], lambda p: p.write_text(json.dumps(summary, indent=2) + "\n")),
+                 (paths["summary"], lambda p: p.write_text(storage.json_text(summary, indent=2) + "\n")),
                  (out, lambda p: pq.write_table(  # the table last: its presence means the rest is there
                      pa.table({"item_id": ids, FUSED_VECTOR_COLUMN: list_array(table, pa.float32())}), p))])
     if fitted is None and paths["pca"].exists():

@@ -40,6 +40,7 @@ from mmctr_ray.config import FusionConfig
 from mmctr_ray.fuse import ItemSource, fuse_items, run_fuse, source_file, write_files, write_fused
 from mmctr_ray.fusion import FULL_PCA_MAX_BYTES, PARTS, FittedFusion, input_bytes, input_widths
 from mmctr_ray.schema import Layout
+from mmctr_ray.storage import json_text
 
 
 def fusion_key(cfg: FusionConfig, data_dir: str | Path, source: str = "shipped") -> str:
@@ -152,7 +153,7 @@ def _basis(stem: Path, data_dir: str | Path, strategy: str, source: str, seed: i
             by_axis = np.ascontiguousarray(projected.T)  # (axes, items): a size reads its axes' rows alone
             del projected
             write_files([(paths["fit"], fitted.save), (paths["projected"], lambda p: _save_npy(p, by_axis)),
-                         (paths["summary"], lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))])
+                         (paths["summary"], lambda p: p.write_text(json_text(summary, indent=2) + "\n"))])
     summary = json.loads(paths["summary"].read_text())
     return FittedFusion.load(paths["fit"]), np.load(paths["projected"], mmap_mode="r", allow_pickle=False), summary
 

@@ -19,12 +19,14 @@ from mmctr_ray.storage import Location
 
 EPOCH_KEYS = ("epoch", "valid_auc")  # what every reader of a run's epochs uses
 REPORT_KEYS = ("epoch", "train_loss", "valid_auc", "valid_logloss", "lr", "epoch_seconds")  # a report's table
+# the numbers an epoch's row always holds: a null among them is a NaN (storage.json_text), e.g. a one-class AUC
+EPOCH_NUMBERS = ("train_loss", "valid_auc", "valid_auc_se", "valid_logloss", "lr", "epoch_seconds")
 
 
 def read_metrics(run_dir: Location, missing_ok: bool = False, keys: tuple[str, ...] = EPOCH_KEYS
                  ) -> list[dict[str, Any]]:
-    """The run's metrics.jsonl rows, one per epoch, each with the numbers ``keys``; ``[]`` for a run with no epoch
-    yet when ``missing_ok``."""
+    """The run's metrics.jsonl rows, one per epoch, each with the numbers ``keys`` (a null among ``EPOCH_NUMBERS``
+    read as the NaN it was written for); ``[]`` for a run with no epoch yet when ``missing_ok``."""
     path = storage.join(run_dir, "metrics.jsonl")
     if not storage.is_file(path):
         if missing_ok:
@@ -36,6 +38,7 @@ def read_metrics(run_dir: Location, missing_ok: bool = False, keys: tuple[str, .
         rows = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: line {err.lineno} is not JSON") from None
+    rows = [storage.nan_for_null(row, EPOCH_NUMBERS) if isinstance(row, dict) else row for row in rows]
     for i, row in enumerate(rows, start=1):  # a hand-edited or foreign file: one line, not a KeyError later
         if not isinstance(row, dict) or not all(isinstance(row.get(k), (int, float)) for k in keys):
             raise DataError(f"{path}: record {i} is not an epoch's; expected an object with the numbers "

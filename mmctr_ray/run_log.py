@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import os
 import shutil
@@ -85,7 +84,7 @@ class RunLog:
         if not self.enabled:
             return
         row = state.history[-1]
-        text = "".join(json.dumps(r) + "\n" for r in state.history)
+        text = "".join(storage.json_text(r) + "\n" for r in state.history)  # a NaN AUC as null: strict JSON
         storage.write_text(storage.join(self.run_dir, "metrics.jsonl"), text)
         rate = row["samples_per_s"] or 0.0
         log.info("epoch %d: train loss %.4f, valid AUC %.4f%s, logloss %.4f, lr %.1e, %.0f samples/s "

@@ -13,12 +13,15 @@ Local locations stay ``Path`` objects and URIs stay strings (``Path`` would coll
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import posixpath
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
 import pyarrow as pa
@@ -187,6 +190,30 @@ def write_bytes(location: Location, data: bytes) -> None:
 
 def write_text(location: Location, text: str) -> None:
     write_bytes(location, text.encode())
+
+
+def json_text(obj: Any, indent: int | None = None) -> str:
+    """``obj`` as strict JSON, every float that is not finite written as ``null`` (JSON's convention): ``json.dumps``
+    writes the bare tokens ``NaN``/``Infinity`` (an AUC over one class is NaN), which Python reads back but jq,
+    JavaScript, Go and most dashboards refuse. Readers turn a ``null`` where a number belongs back into a NaN
+    (:func:`nan_for_null`)."""
+    return json.dumps(_finite_or_null(obj), indent=indent, allow_nan=False)  # allow_nan: nothing slipped through
+
+
+def _finite_or_null(obj: Any) -> Any:
+    if isinstance(obj, float):  # NumPy's float64 too
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite_or_null(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(value) for value in obj]
+    return obj
+
+
+def nan_for_null(record: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """``record`` with NaN for a ``null`` at each of ``keys``, numbers it always holds: how :func:`json_text` wrote a
+    NaN (a key the record lacks stays absent)."""
+    return {**record, **{key: math.nan for key in keys if key in record and record[key] is None}}
 
 
 def make_dir(location: Location) -> None:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from mmctr_ray import storage
-from mmctr_ray.checkpoint import best_checkpoint, checkpoint_epoch, epoch_checkpoints, latest_checkpoint
+from mmctr_ray.checkpoint import best_checkpoint, checkpoint_epoch, epoch_checkpoints, latest_checkpoint, read_state
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
 from mmctr_ray.errors import (ConfigError, DataError, Interrupted, OutputExistsError, StorageError,
                               find_user_error)
@@ -98,7 +98,7 @@ def _nothing_to_train(run: storage.Location, cfg: ExperimentConfig) -> str | Non
     latest = latest_checkpoint(run)
     if latest is None:
         return None
-    state = json.loads(storage.read_text(storage.join(latest, "state.json")))
+    state = read_state(latest)
     t, epoch, bad = cfg.train, state["epoch"], state["bad_epochs"]
     if epoch >= t.epochs:
         return (f"it has trained {epoch} epoch{'s' * (epoch != 1)}, and train.epochs={t.epochs}; pass --set "
@@ -300,7 +300,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     if ended:  # is left to Ray Train and run_trial, as before)
         log.warning("%s: nothing to train: %s", run, ended)
         before = storage.join(run, "summary.json")
-        wall = json.loads(storage.read_text(before)).get("wall_seconds", 0.0) if storage.is_file(before) else 0.0
+        wall = read_summary(run).get("wall_seconds", 0.0) if storage.is_file(before) else 0.0
         storage.remove_file(storage.join(run, DIVERGED))  # a summary of RUN as it is now; its config.yaml stays the
         return _summary(run, data_dir, wall)  # one it trained with (train.epochs=1 after 4 epochs would misstate it)
     if start_ray is not None:
@@ -409,7 +409,7 @@ def _end_on_user_error() -> Any:
 
 def _summary(run_dir: storage.Location, data_dir: Path, seconds: float) -> dict[str, Any]:
     best = best_checkpoint(run_dir)
-    history = json.loads(storage.read_text(storage.join(latest_checkpoint(run_dir), "state.json")))["history"]
+    history = read_state(latest_checkpoint(run_dir))["history"]
     best_row = best_epoch(history)
     oracle_path = Layout(data_dir).oracle
     oracle = json.loads(oracle_path.read_text())["valid"].get("oracle_auc") if oracle_path.is_file() else None
@@ -420,5 +420,15 @@ def _summary(run_dir: storage.Location, data_dir: Path, seconds: float) -> dict[
                "best_valid_logloss": best_row["valid_logloss"], "best_checkpoint": str(best),
                "oracle_valid_auc": oracle, "mean_samples_per_s": sum(rates) / len(rates) if rates else None,
                "wall_seconds": seconds}
-    storage.write_text(storage.join(run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    storage.write_text(storage.join(run_dir, "summary.json"), storage.json_text(summary, indent=2) + "\n")
     return summary
+
+
+SUMMARY_NUMBERS = ("best_valid_auc", "best_valid_auc_se", "best_valid_logloss", "wall_seconds")
+
+
+def read_summary(run_dir: storage.Location) -> dict[str, Any]:
+    """RUN/summary.json, a null among :data:`SUMMARY_NUMBERS` read as the NaN it was written for (no epoch had a
+    finite AUC: :func:`storage.json_text`)."""
+    return storage.nan_for_null(json.loads(storage.read_text(storage.join(run_dir, "summary.json"))),
+                                SUMMARY_NUMBERS)

@@ -131,7 +131,7 @@ def write_outputs(tdir: Path, space: SearchSpace | None = None, errors: dict[str
                                  strict=False)  # the search's own, as it ran
     saved = tdir / "tune_results.json"
     if errors is not None:
-        storage.write_text(saved, json.dumps({"errors": errors, "trials": known}, indent=2) + "\n")
+        storage.write_text(saved, storage.json_text({"errors": errors, "trials": known}, indent=2) + "\n")
     elif saved.is_file():
         kept = json.loads(saved.read_text())
         errors, known = kept["errors"], None if kept.get("resumed") else kept["trials"]  # resumed: trials run on

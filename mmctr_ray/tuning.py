@@ -201,7 +201,7 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     params = run_dir.with_suffix(".params.json")
     if not params.is_file():  # written once, when the trial first starts (its time orders the results table), and
-        params.write_text(json.dumps(config, indent=2) + "\n")  # before its config: a failing trial has its row
+        params.write_text(storage.json_text(config, indent=2) + "\n")  # before its config: a failing trial has its row
     if resume:  # it continues as it started, on its own fused table: a source rewritten since gives new trials
         saved = load_config(run_dir / "config.yaml")  # new fits, not this one (its checkpoints learnt the old)
         cfg = in_this_search(saved, tdir)
@@ -407,8 +407,8 @@ def _prepare(tune_dir: Path, search_yaml: Path | None, settings: dict[str, Any],
         # search's end writes the file again (its errors are kept: the file may be all that records them)
         results = tune_dir / "tune_results.json"
         if results.is_file():
-            storage.write_text(results, json.dumps({**json.loads(results.read_text()), "resumed": True}, indent=2)
-                               + "\n")
+            storage.write_text(results, storage.json_text({**json.loads(results.read_text()), "resumed": True},
+                                                          indent=2) + "\n")
         return old
     assert search_yaml is not None
     load_search(search_yaml, settings["overrides"])  # a bad search section fails before anything is written
@@ -422,7 +422,7 @@ def _prepare(tune_dir: Path, search_yaml: Path | None, settings: dict[str, Any],
         shutil.rmtree(tune_dir)
     tune_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(search_yaml, tune_dir / "search.yaml")
-    saved.write_text(json.dumps(settings, indent=2) + "\n")
+    saved.write_text(storage.json_text(settings, indent=2) + "\n")
     return settings
 
 

@@ -30,6 +30,17 @@ def synth_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def strict_json():
+    """``strict_json(text)``: ``json.loads`` that refuses ``NaN``/``Infinity``, as jq and JavaScript do."""
+    import json
+
+    def refuse(token: str):
+        raise ValueError(f"{token} is not JSON")
+
+    return lambda text: json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(scope="session")
 def split_into_parts():
     """``split_into_parts(data_dir, split, parts)``: see :func:`_split_into_parts`."""
     return _split_into_parts

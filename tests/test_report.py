@@ -32,6 +32,29 @@ def test_a_nan_auc_is_never_the_best_epoch_as_training_never_keeps_it(tmp_path):
     assert best_epoch([epoch(1, math.nan)])["epoch"] == 1  # none finite: the report still has a row to show
 
 
+def test_a_nan_auc_is_written_as_null_and_the_report_still_picks_the_best_finite_epoch(tmp_path, strict_json):
+    """metrics.jsonl held the bare token NaN for the AUC of a one-class validation split: Python read it back, but
+    it is not JSON (jq, JavaScript and dashboards refused the file). It is null now, read back as NaN."""
+    from types import SimpleNamespace
+
+    from mmctr_ray.run_log import RunLog
+
+    rows = [{**epoch(1, math.nan), "valid_auc_se": math.nan, "samples_per_s": None},
+            {**epoch(2, 0.70), "valid_auc_se": 0.01, "samples_per_s": 100.0},
+            {**epoch(3, 0.72), "valid_auc_se": math.inf, "samples_per_s": 100.0}]
+    with RunLog(str(tmp_path), enabled=True) as run_log:
+        run_log.epoch_end(SimpleNamespace(history=rows, best_auc=0.72, best_epoch=3))
+    written = [strict_json(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["valid_auc"], r["valid_auc_se"]) for r in written] == [(None, None), (0.70, 0.01), (0.72, None)]
+    back = read_metrics(tmp_path, keys=("epoch", "valid_auc", "valid_auc_se"))
+    assert math.isnan(back[0]["valid_auc"]) and math.isnan(back[0]["valid_auc_se"]) and back[0]["samples_per_s"] is None
+    assert best_epoch(back)["epoch"] == 3
+    assert main(["report", str(tmp_path)]) == 0
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "Best validation AUC **0.7200** (logloss 0.5000) at epoch 3 of 3." in summary
+    assert "| 1 | 0.5000 | nan | 0.5000 |" in summary  # the epoch without an AUC, as before
+
+
 def test_a_search_trial_without_a_finite_auc_has_no_result_to_rank(tmp_path):
     """A search whose every trial scored NaN wrote best.yaml for one of them and ended as a success."""
     from mmctr_ray.config import load_config, save_config

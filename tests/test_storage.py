@@ -98,10 +98,12 @@ def test_a_run_needs_its_own_folder_below_the_storage_root(tmp_path):
         run_location("file:///")
 
 
-def _write_checkpoint(tmp: Path, epoch: int, auc: float) -> Path:
+def _write_checkpoint(tmp: Path, epoch: int, auc: float, **row: object) -> Path:
+    """A checkpoint of ``epoch`` whose every epoch row has ``auc`` (and ``row``'s other fields)."""
     torch.manual_seed(epoch)
     model = torch.nn.Linear(3, 1)
-    state = TrainState(epoch=epoch, lr=1e-3, history=[{"epoch": e, "valid_auc": auc} for e in range(1, epoch + 1)])
+    state = TrainState(epoch=epoch, lr=1e-3,
+                       history=[{"epoch": e, "valid_auc": auc, **row} for e in range(1, epoch + 1)])
     fmap = FeatureMap(num_items=5, tag_vocab=6, tags_per_item=2, vector_dim=4, num_users=7)
     directory = tmp / f"checkpoint_epoch_{epoch:03d}"
     directory.mkdir()
@@ -199,6 +201,50 @@ def test_checkpoint_discovery_and_loading_through_a_filesystem(memory_root, tmp_
         load_checkpoint(f"{run}/checkpoint_epoch_004")
     with pytest.raises(DataError, match=f"^{memory_root}/none: no checkpoint found"):
         best_checkpoint(f"{memory_root}/none")
+
+
+def test_json_text_writes_what_is_not_finite_as_null_and_the_rest_as_json_dumps_does(strict_json):
+    import math
+
+    import numpy as np
+
+    data = {"auc": math.nan, "rows": [1, 0.5, (math.inf, -math.inf)], "se": np.float64("nan"), "name": "r1",
+            "none": None, "nested": {"p": np.float64(0.25)}}
+    text = storage.json_text(data, indent=2)
+    assert strict_json(text) == {"auc": None, "rows": [1, 0.5, [None, None]], "se": None, "name": "r1", "none": None,
+                                 "nested": {"p": 0.25}}
+    finite = {"a": [1, 2.5, {"b": "c"}], "d": None}
+    assert storage.json_text(finite, indent=2) == json.dumps(finite, indent=2)
+    assert storage.json_text(finite) == json.dumps(finite)
+    assert storage.nan_for_null({"a": None, "b": None, "c": 1.0}, ("a", "c", "missing")) == {
+        "a": pytest.approx(math.nan, nan_ok=True), "b": None, "c": 1.0}
+
+
+def test_nan_and_minus_inf_of_a_run_are_written_as_null_and_read_back(tmp_path, strict_json):
+    """state.json held NaN (the AUC of a one-class split, the standard error with one row of a class) and -Infinity
+    (best_auc before any finite AUC), and summary.json NaN: not JSON. They are null now, and every reader gets its
+    number back: a resumed schedule starts from -inf again (a NaN best would never be beaten), best_checkpoint
+    compares a NaN AUC as before, and the summary's standard error is NaN again."""
+    import math
+
+    from mmctr_ray.train_driver import _summary, read_summary
+
+    row = {"valid_auc_se": math.nan, "valid_logloss": 0.69, "train_loss": 0.7, "samples_per_s": None}
+    run = tmp_path / "run"
+    run.mkdir()
+    first = _write_checkpoint(run, 1, math.nan, **row)
+    state = strict_json((first / "state.json").read_text())
+    assert state["best_auc"] is None and state["history"][0]["valid_auc"] is None
+    loaded = load_checkpoint(first).state
+    assert loaded.best_auc == -math.inf and math.isnan(loaded.history[0]["valid_auc"])
+    assert math.isnan(loaded.history[0]["valid_auc_se"]) and loaded.history[0]["samples_per_s"] is None
+    second = _write_checkpoint(run, 2, 0.6, **row)
+    assert best_checkpoint(run) == second  # a finite AUC beats the NaN
+    summary = _summary(run, tmp_path / "no-data", 5.0)
+    assert strict_json((run / "summary.json").read_text())["best_valid_auc_se"] is None
+    back = read_summary(run)
+    assert math.isnan(back["best_valid_auc_se"]) and back["best_valid_auc"] == summary["best_valid_auc"] == 0.6
+    assert back["oracle_valid_auc"] is None and back["mean_samples_per_s"] is None  # None where nothing was measured
 
 
 def test_local_runs_keep_their_paths(tmp_path):

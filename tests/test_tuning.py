@@ -307,6 +307,31 @@ def test_asha_prunes_a_resumed_search_against_the_trials_before_the_kill(tmp_pat
     assert unwritable.on_trial_result(None, late, {"epoch": 1, METRIC: 0.85}) == CONTINUE  # a warning, no crash
 
 
+def test_asha_records_a_nan_result_as_null_and_a_resumed_search_reads_it_as_nan(tmp_path, monkeypatch, strict_json):
+    """A trial without a finite AUC reports NaN, which asha.json held as the bare token NaN (not JSON): it is null
+    now, and a resumed search reads it back as the NaN ASHA's cutoff leaves out (a None there would fail it)."""
+    import pickle
+
+    import mmctr_ray.asha
+    from ray.tune.schedulers import TrialScheduler
+
+    monkeypatch.setattr(mmctr_ray.asha, "records_path", None)
+    space = SearchSpace(params=(), max_epochs=3, grace_period=1, reduction_factor=2)
+    records = tmp_path / "asha.json"
+    created = pickle.dumps(_scheduler(space, records))
+    before = pickle.loads(created)
+    for trial_id, auc in (("good", 0.80), ("none", float("nan"))):
+        trial = SimpleNamespace(trial_id=trial_id, config={})
+        before.on_trial_add(None, trial)
+        assert before.on_trial_result(None, trial, {"epoch": 1, METRIC: auc}) == TrialScheduler.CONTINUE
+    assert strict_json(records.read_text())["brackets"][0][-1] == [1, {"good": 0.80, "none": None}]
+    after = pickle.loads(created)
+    late = SimpleNamespace(trial_id="late", config={})
+    after.on_trial_add(None, late)
+    assert after.on_trial_result(None, late, {"epoch": 1, METRIC: 0.79}) == TrialScheduler.STOP  # below 0.80 alone
+    assert np.isnan(dict(after._brackets[0]._rungs)[1]["none"])
+
+
 @pytest.mark.parametrize("workers, gpus, message", [
     (2, 0.5, "--gpus-per-trial 0.5 over 2 workers gives each 0.25 GPU: with 2+ DDP workers each needs whole GPUs"),
     (2, 3.0, "gives each 1.5 GPU"),

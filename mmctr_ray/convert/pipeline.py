@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import math
 import shutil
@@ -40,6 +39,7 @@ from mmctr_ray.convert.rows import SPLIT_CODES, Lookups, RowSpec, build_rows, ha
 from mmctr_ray.data.writer import SPLIT_SCHEMA, _publish, existing_outputs, list_array
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError, find_cause, find_user_error
 from mmctr_ray.schema import CONVERT_STAGING, Layout
+from mmctr_ray.storage import json_text
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def _convert(raw: RawSpec, files: RawFiles, stage: Layout, spec: RowSpec, partit
         "note": "embedding columns are all-zero placeholders: run `mmctr embed`, then `mmctr fuse --source`",
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    stage.convert_manifest.write_text(json.dumps(manifest, indent=2) + "\n")  # written last: marks completion
+    stage.convert_manifest.write_text(json_text(manifest, indent=2) + "\n")  # written last: marks completion
     return manifest
 
 

@@ -7,7 +7,6 @@ Memory is bounded by ``spec.chunk_rows`` rows and a fixed item chunk, whatever t
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -25,6 +24,7 @@ from mmctr_ray.data.modalities import GIVEN, IMAGE, TEXT, ItemRenderer
 from mmctr_ray.data.synthetic import SynthSpec, World, rng_for
 from mmctr_ray.errors import OutputExistsError  # re-exported
 from mmctr_ray.schema import DATASET_NAME, SEQ_LEN, SPLITS, SYNTH_STAGING, Layout
+from mmctr_ray.storage import json_text
 
 log = logging.getLogger(__name__)
 
@@ -188,9 +188,9 @@ def _generate(stage: Layout, spec: SynthSpec, progress: Callable[[str], None]) -
         progress(f"{split}: {splits[split]['rows']:,} rows, positive rate {splits[split]['positive_rate']:.3f}"
                  f" ({time.perf_counter() - t0:.1f}s)")
     oracle = {s: {k: v for k, v in splits[s].items() if k.startswith("oracle")} for s in ("valid", "test")}
-    stage.oracle.write_text(json.dumps(oracle, indent=2) + "\n")
+    stage.oracle.write_text(json_text(oracle, indent=2) + "\n")
     manifest = {"generator": "mmctr_ray.data.synthetic", "version": GENERATOR_VERSION, "dataset": DATASET_NAME,
                 "spec": asdict(spec), "bias": world.bias, "splits": splits,
                 "history_length": _length_stats(length_hist), "images": bool(spec.image_size)}
-    stage.synth_manifest.write_text(json.dumps(manifest, indent=2) + "\n")  # written last: marks completion
+    stage.synth_manifest.write_text(json_text(manifest, indent=2) + "\n")  # written last: marks completion
     return manifest

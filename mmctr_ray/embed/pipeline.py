@@ -44,6 +44,7 @@ from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.host_malloc import actor_options
 from mmctr_ray.ray_env import check_actors, cpu_threads
 from mmctr_ray.schema import Layout
+from mmctr_ray.storage import json_text
 
 log = logging.getLogger(__name__)
 MAX_BAD_COVERS = 0.1  # default share of items whose cover may be missing or corrupt
@@ -139,7 +140,7 @@ class ShardStore:
         """Create the folder with its settings, once encoding starts (a run refused before it leaves none)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / ".settings.json.partial"  # a kill while writing leaves the old file, or this one
-        tmp.write_text(json.dumps(asdict(self.settings), indent=2) + "\n")
+        tmp.write_text(json_text(asdict(self.settings), indent=2) + "\n")
         os.replace(tmp, self.dir / "settings.json")
 
     def path(self, shard: int) -> Path:
@@ -414,7 +415,7 @@ def _assemble(out: Path, store: ShardStore, n_shards: int, s: EmbedSettings, ite
     encoded = timing.pop("encoded")
     summary = {**asdict(s), **dims, "items": n, **counts, "encoded_now": encoded, "seconds": round(seconds, 3),
                "items_per_s": round(encoded / seconds, 2) if seconds > 0 and encoded else None, **timing}
-    Path(f"{out.with_suffix('')}.embed.json").write_text(json.dumps(summary, indent=2) + "\n")
+    Path(f"{out.with_suffix('')}.embed.json").write_text(json_text(summary, indent=2) + "\n")
     os.replace(tmp, out)
     shutil.rmtree(store.dir)
     return summary
