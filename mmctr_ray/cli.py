@@ -532,7 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a data directory against the challenge layout",
                        description="Check every file, column, dtype and value; one line per problem; exit 1 on "
                                    "errors.")
-    p.add_argument("data", type=_local_path, help="data directory (holds MicroLens_1M_x1/)")
+    p.add_argument("data", nargs="?", type=_local_path, help="data directory (holds MicroLens_1M_x1/)")
+    p.add_argument("--data", dest="data_option", type=_local_path, metavar="DATA",
+                   help="the same, spelt as the other stages spell it")
     p.add_argument("--expect-test-rows", type=int, help="rows the test split must have (default: from synth.json, "
                                                         "or 379,142 for the real MicroLens_1M_x1)")
     p.set_defaults(func=cmd_validate)
@@ -704,8 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="For a run: write RUN/report/curves.png and summary.md and print the summary. "
                                    "For a search (TUNE of `mmctr tune`): rebuild results.csv, best.yaml and plots/ "
                                    "and print the top trials.")
-    p.add_argument("run", help="run directory of `mmctr train` (a local path or a URI) or search directory of "
-                               "`mmctr tune`")
+    p.add_argument("run", nargs="?", help="run directory of `mmctr train` (a local path or a URI) or search "
+                                          "directory of `mmctr tune`")
+    p.add_argument("--run", dest="run_option", metavar="RUN", help="the same, spelt as predict spells it")
     p.add_argument("--top", type=int, default=10, help="trials to list for a search (default 10)")
     p.set_defaults(func=cmd_report)
 
@@ -826,9 +829,29 @@ def _ended_by_signal(args: argparse.Namespace, argv: Sequence[str], kept: str, s
     return 128 + signum
 
 
+SPELLINGS = {"validate": ("data", "DATA"), "report": ("run", "RUN")}  # positional, or --data / --run as elsewhere
+
+
+def _one_spelling(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The stages whose input is positional take it as an option too (``validate --data DIR``, ``report --run
+    RUN``, as train, predict and the rest spell them): one of the two, or both naming the same, is required."""
+    if args.command not in SPELLINGS:
+        return
+    name, metavar = SPELLINGS[args.command]
+    stage = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    positional, option = getattr(args, name), getattr(args, f"{name}_option")
+    if positional is None and option is None:
+        stage.error(f"{metavar} is missing: mmctr {args.command} {metavar}, or mmctr {args.command} --{name} {metavar}")
+    if positional is not None and option is not None and str(positional) != str(option):
+        stage.error(f"{metavar} given twice, as {positional} and as --{name} {option}: give one")
+    setattr(args, name, positional if positional is not None else option)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _one_spelling(parser, args)
     forget_sigterm()  # a SIGTERM an earlier command in this process met is not this one's
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")

@@ -86,6 +86,30 @@ def test_validate_exit_codes(synth_dir, tmp_path):
     assert "error: " in r.stdout and "data directory not found" in r.stdout
 
 
+def test_validate_and_report_take_their_input_as_the_other_stages_spell_it(synth_dir, tmp_path, capsys):
+    """`mmctr validate --data DIR` and `mmctr report --run RUN` (train, predict and the rest spell them so) were
+    "unrecognized arguments"; the positional form stays, both forms naming one input are fine, two are refused."""
+    assert main(["validate", "--data", str(synth_dir)]) == 0
+    assert main(["validate", str(synth_dir), "--data", str(synth_dir)]) == 0
+    assert capsys.readouterr().out.count("OK (0 errors") == 2
+    assert main(["validate", "--data", str(tmp_path / "missing")]) == 1  # the option's value is what is checked
+    assert "data directory not found" in capsys.readouterr().out
+    for argv, message in [(["validate"], "mmctr validate: error: DATA is missing: mmctr validate DATA, or mmctr "
+                                         "validate --data DATA"),
+                          (["validate", str(synth_dir), "--data", str(tmp_path)],
+                           f"mmctr validate: error: DATA given twice, as {synth_dir} and as --data {tmp_path}: give "
+                           "one"),
+                          (["report"], "mmctr report: error: RUN is missing: mmctr report RUN, or mmctr report --run "
+                                       "RUN"),
+                          (["report", "a", "--run", "b"], "mmctr report: error: RUN given twice, as a and as --run b")]:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err.splitlines()[-1]
+    assert main(["report", "--run", str(tmp_path / "norun")]) == 2  # reached the report: the run is what is missing
+    assert f"mmctr report: error: {tmp_path / 'norun'}: not found" in capsys.readouterr().err
+
+
 def test_user_errors_are_one_line_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  dnn_unit: [8]\n")
