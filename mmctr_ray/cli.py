@@ -586,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build the item table and the model-ready Ray Datasets; print a summary.")
     _add_data_arg(p)
     p.add_argument("--out", type=_local_path, help="write features_summary.json and the resolved config.yaml here")
+    p.add_argument("--overwrite", action="store_true", help="replace the two files an earlier run wrote in --out")
     _add_config_args(p)
     _add_ray_args(p)
     p.set_defaults(func=cmd_features)

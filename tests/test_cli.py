@@ -219,6 +219,15 @@ def test_features_writes_summary_and_resolved_config(synth_dir, tmp_path):
     assert summary["splits"]["train"]["history_len"]["max"] == 8
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["data"]["max_len"] == 8 and saved["name"] == "tiny"
+    again = ["features", "--data", str(synth_dir), "--config", "configs/tiny.yaml", "--set", "data.max_len=6",
+             "--out", str(out), "--num-cpus", "2"]
+    r = run_cli(*again)  # refused before Ray starts, the files kept; features had no --overwrite to suggest
+    assert r.returncode == 2 and r.stderr.strip().endswith(f"{out}: already exists; pass --overwrite to replace it")
+    assert json.loads((out / "features_summary.json").read_text())["max_len"] == 8
+    r = run_cli(*again, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "features_summary.json").read_text())["max_len"] == 6
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["max_len"] == 6
 
 
 @pytest.mark.slow
