@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mmctr_ray import store_pages
-from mmctr_ray.store_pages import main_store_mapping, release_store_pages, store_mappings
+from mmctr_ray.store_pages import main_store_mapping, release_store_pages, store_directories, store_mappings
 
 MAPS = """\
 55d0c0000000-55d0c0021000 r--p 00000000 fd:01 1234      /usr/bin/python3.12
@@ -29,13 +29,32 @@ def test_only_shared_object_store_mappings_are_taken():
     assert store_mappings(MAPS) == [(0x7F40A1400000, 0x7F40B4000000), (0x7F40B5000000, 0x7F40B5200000)]
 
 
-def test_the_main_mapping_is_the_one_of_the_store_s_size():
-    main = (0x7F40A1400000, 0x7F40B4000000)  # 300 MiB; the fallback file in MAPS is 2 MiB
-    assert main_store_mapping(MAPS, 300 << 20) == main
-    assert main_store_mapping(MAPS, (300 << 20) - 7813) == main  # a capacity that is no page multiple: rounded up
-    assert main_store_mapping(MAPS, 100 << 20) is None  # nothing of that size mapped yet
-    twin = MAPS + "7f40c0000000-7f40d2c00000 rw-s 00000000 fd:01 78        /tmp/ray/session_1/plasmaAbCdEf\n"
-    assert main_store_mapping(twin, 300 << 20) is None  # a fallback file of the store's size: neither is taken
+def test_the_main_mapping_is_the_one_in_the_plasma_directory():
+    main = (0x7F40A1400000, 0x7F40B4000000)
+    assert main_store_mapping(MAPS, "/dev/shm", "/tmp/ray/session_1") == main
+    assert main_store_mapping(MAPS, "/dev/shm/", "/tmp/ray/session_1/") == main  # the folders as a user spells them
+    assert main_store_mapping(MAPS, "/tmp", "/tmp/ray/session_1") is None  # the store not mapped yet
+    # an object larger than the store, in a fallback file of about the store's size: still not the main mapping
+    big = MAPS + "7f40c0000000-7f40d2c00000 rw-s 00000000 fd:01 78        /tmp/ray/session_1/plasmaAbCdEf\n"
+    assert main_store_mapping(big, "/dev/shm", "/tmp/ray/session_1") == main
+    assert main_store_mapping(MAPS, "/dev/shm", "/dev/shm") is None  # one folder for both: never guess
+    two = MAPS + "7f40c0000000-7f40d2c00000 rw-s 00000000 00:1a 91        /dev/shm/plasmaOther\n"
+    assert main_store_mapping(two, "/dev/shm", "/tmp/ray/session_1") is None  # two stores in one folder
+
+
+def test_the_store_folders_come_from_the_raylet_that_started_the_worker(tmp_path, monkeypatch):
+    proc = tmp_path / "proc"
+    (proc / "7").mkdir(parents=True)
+    (proc / "7" / "cmdline").write_bytes(b"/venv/ray/core/src/ray/raylet/raylet\0--raylet_socket_name=/s\0"
+                                         b"--plasma_directory=/dev/shm\0--fallback_directory=/tmp/ray/session_9\0")
+    (proc / "8").mkdir()
+    (proc / "8" / "cmdline").write_bytes(b"/usr/bin/python3\0-m\0pytest\0")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(str(path).replace("/proc", str(proc), 1),
+                                                                         *a, **k))
+    assert store_directories(7) == ("/dev/shm", "/tmp/ray/session_9")
+    assert store_directories(8) is None  # not started by a raylet: nothing is released
+    assert store_directories(9) is None  # gone, or not readable
 
 
 def _status(key: str) -> int:
@@ -45,7 +64,9 @@ def _status(key: str) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not Path("/dev/shm").is_dir(), reason="Linux tmpfs")
 def test_release_unmaps_the_pages_and_keeps_their_contents(monkeypatch):
-    path = Path("/dev/shm") / f"plasma-test-{uuid.uuid4().hex}"
+    folder = Path("/dev/shm") / f"mmctr-test-{uuid.uuid4().hex}"  # its own folder: no other store's file in it
+    folder.mkdir()
+    path = folder / "plasmaTest"
     size = 32 << 20
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -55,7 +76,7 @@ def test_release_unmaps_the_pages_and_keeps_their_contents(monkeypatch):
         view[:] = np.arange(len(view))  # touch every page
         before = _status("RssShmem:")
         monkeypatch.setattr(store_pages, "_release", None)
-        assert release_store_pages(capacity=size) == size
+        assert release_store_pages((str(folder), "/nonexistent/fallback")) == size
         after = _status("RssShmem:")
         assert before - after >= (size >> 10) * 0.9, (before, after)  # KiB: the 32 MiB left this process's RSS
         assert np.array_equal(view, np.arange(len(view)))  # the contents are still there when read again
@@ -65,6 +86,7 @@ def test_release_unmaps_the_pages_and_keeps_their_contents(monkeypatch):
     finally:
         os.close(fd)
         path.unlink()
+        folder.rmdir()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc maps")
