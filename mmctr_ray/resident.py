@@ -28,30 +28,60 @@ MIB = 1 << 20
 CPU_AUTO_MIB = 256  # auto's budget on CPU workers
 
 
+V1_NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as 2**63 - 1 rounded down to pages
+
+
+def _stat(group: Path, keys: tuple[str, ...]) -> int:
+    """The sum of ``keys`` in ``group``'s memory.stat (0 for a key it lacks, or without the file)."""
+    try:
+        fields = dict(line.split()[:2] for line in (group / "memory.stat").read_text().splitlines() if " " in line)
+    except OSError:
+        return 0
+    return sum(int(fields.get(key, 0)) for key in keys)
+
+
 def host_available_bytes(proc: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgroup")) -> int | None:
     """Memory this process can still take: ``MemAvailable`` of ``/proc/meminfo``, and at most what the memory
-    limits of its cgroup (v2) and the cgroups above it leave (a container's limit, which a container's
-    ``/proc/meminfo`` does not show); None where none of these can be read (not Linux)."""
+    limits of its cgroup leave (a container's limit, which a container's ``/proc/meminfo`` does not show): in
+    cgroup v2 those of its group and every group above it, in v1 its group's hierarchical limit. The page cache
+    a group holds counts as free, as ``MemAvailable`` counts it (the kernel reclaims it before it fails an
+    allocation), so usage is ``memory.current`` (v1: ``memory.usage_in_bytes``) less the group's file pages.
+    None where none of these can be read (not Linux)."""
     found = []
     try:
         found += [int(line.split()[1]) * 1024 for line in (proc / "meminfo").read_text().splitlines()
                   if line.startswith("MemAvailable:")]
     except (OSError, ValueError, IndexError):
         pass
-    try:  # "0::/path" is this process's cgroup v2 (cgroup v1 has no such line, and no memory.max files)
-        own = next(line[3:] for line in (proc / "self/cgroup").read_text().splitlines() if line.startswith("0::"))
-    except (OSError, StopIteration):
-        own = "/"
-    folder = (cgroup_root / own.strip().lstrip("/")).resolve()
+    try:
+        lines = (proc / "self/cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    own = next((line[3:].strip() for line in lines if line.startswith("0::")), "/")  # v2: "0::/path"
+    folder = (cgroup_root / own.lstrip("/")).resolve()
     for group in [folder, *folder.parents]:
         try:
             limit = (group / "memory.max").read_text().strip()
             if limit != "max":
-                found.append(max(int(limit) - int((group / "memory.current").read_text()), 0))
+                used = int((group / "memory.current").read_text()) - _stat(group, ("inactive_file", "active_file"))
+                found.append(max(int(limit) - used, 0))
         except (OSError, ValueError):
             pass
         if group == cgroup_root.resolve():
             break
+    v1 = next((line.split(":", 2)[2].strip() for line in lines
+               if line.count(":") >= 2 and "memory" in line.split(":", 2)[1].split(",")), None)  # "4:memory:/path"
+    # inside a container the v1 mount is its own group, whatever path the host's view gives it
+    for group in ([cgroup_root / "memory" / v1.lstrip("/"), cgroup_root / "memory"] if v1 is not None else []):
+        try:
+            limit = _stat(group, ("hierarchical_memory_limit",)) or int((group / "memory.limit_in_bytes").read_text())
+            if limit < V1_NO_LIMIT:
+                used = int((group / "memory.usage_in_bytes").read_text()) - _stat(
+                    group, ("total_inactive_file", "total_active_file"))
+                found.append(max(limit - used, 0))
+            break
+        except (OSError, ValueError):
+            continue
     return min(found) if found else None
 
 

@@ -116,11 +116,39 @@ def test_host_memory_is_what_meminfo_and_every_cgroup_limit_above_leave(tmp_path
         (group / "memory.max").write_text(f"{limit}\n")
         (group / "memory.current").write_text(f"{current}\n")
     assert host_available_bytes(proc, root) == 3 * gib  # the pod's limit, two levels up, leaves 3 of the 10 GiB
+    (pod / "memory.current").write_text(f"{4 * gib}\n")  # at its limit, but half of it the page cache of files read
+    (pod / "memory.stat").write_text(f"anon {2 * gib}\nfile {2 * gib}\nactive_file {gib}\ninactive_file {gib}\n")
+    assert host_available_bytes(proc, root) == 2 * gib  # the cache counts as free, as MemAvailable counts it
     (pod / "memory.max").write_text("max\n")
     assert host_available_bytes(proc, root) == 10 * gib  # no limit: what the machine has available
     (pod / "memory.max").write_text(f"{gib}\n")
     assert host_available_bytes(proc, root) == 0  # over its limit already: nothing left, never negative
     assert host_available_bytes(tmp_path / "none", tmp_path / "none") is None  # nothing readable: no cap
+
+
+def test_host_memory_under_a_cgroup_v1_limit(tmp_path):
+    """cgroup v1 (and hybrid hosts, whose /proc/self/cgroup also has a "0::/" line): the memory controller's own
+    hierarchy, its hierarchical limit, and the group's path as the host names it or the container's own mount."""
+    gib = 1 << 30
+    proc, root = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text(f"MemAvailable: {10 * gib >> 10} kB\n")
+    (proc / "self/cgroup").write_text("5:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n0::/\n")
+    mount = root / "memory"  # inside the container: its own group is the mount, /docker/abc is the host's path
+    mount.mkdir(parents=True)
+    (mount / "memory.limit_in_bytes").write_text(f"{9223372036854771712}\n")
+    (mount / "memory.usage_in_bytes").write_text(f"{3 * gib}\n")
+    (mount / "memory.stat").write_text(f"hierarchical_memory_limit {6 * gib}\ntotal_active_file {gib}\n"
+                                       f"total_inactive_file {0}\n")
+    assert host_available_bytes(proc, root) == 4 * gib  # 6 GiB limit (a parent's), 3 used less 1 of file cache
+    host_view = mount / "docker/abc"  # on the host the group's own folder is found first
+    host_view.mkdir(parents=True)
+    (host_view / "memory.limit_in_bytes").write_text(f"{2 * gib}\n")
+    (host_view / "memory.usage_in_bytes").write_text(f"{gib}\n")
+    (host_view / "memory.stat").write_text("total_active_file 0\n")
+    assert host_available_bytes(proc, root) == gib
+    (host_view / "memory.limit_in_bytes").write_text(f"{9223372036854771712}\n")
+    assert host_available_bytes(proc, root) == 10 * gib  # no limit: MemAvailable
 
 
 def test_cpu_budget_is_at_most_half_the_host_memory_split_between_its_workers(monkeypatch):
