@@ -25,7 +25,7 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from mmctr_ray.storage import json_text, nan_for_null
+from mmctr_ray.storage import json_text
 
 log = logging.getLogger(__name__)
 records_path: str | None = None  # set by mmctr tune for this process: TUNE/asha.json
@@ -82,8 +82,11 @@ class ResumableASHA(ASHAScheduler):
         self._stopped.update(saved.get("stopped", {}))
         self._stops_complete = self._stops_complete and "stopped" in saved and saved.get("stops_complete", True)
         for bracket, rungs in zip(self._brackets, saved["brackets"]):
-            # null: a value JSON has no number for (json_text), a NaN of a trial without a finite AUC yet
-            by_milestone = {float(milestone): nan_for_null(recorded, list(recorded)) for milestone, recorded in rungs}
+            # null: a value JSON has no number for (json_text): a trial without a finite AUC yet, which a resumed
+            # trial reports as -inf (tuning.run_trial) and ASHA's cutoff counts as the lowest (a NaN it would skip)
+            by_milestone = {float(milestone): {trial: float("-inf") if value is None else value
+                                               for trial, value in recorded.items()}
+                            for milestone, recorded in rungs}
             for milestone, recorded in bracket._rungs:
                 recorded.update(by_milestone.get(float(milestone), {}))
 

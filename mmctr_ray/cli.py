@@ -843,7 +843,8 @@ def _one_spelling(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     positional, option = getattr(args, name), getattr(args, f"{name}_option")
     if positional is None and option is None:
         stage.error(f"{metavar} is missing: mmctr {args.command} {metavar}, or mmctr {args.command} --{name} {metavar}")
-    if positional is not None and option is not None and str(positional) != str(option):
+    if positional is not None and option is not None and storage.normalize(str(positional)) != storage.normalize(
+            str(option)):  # one place spelt two ways (a trailing slash, relative and absolute) is one
         stage.error(f"{metavar} given twice, as {positional} and as --{name} {option}: give one")
     setattr(args, name, positional if positional is not None else option)
 

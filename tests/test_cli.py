@@ -91,7 +91,8 @@ def test_validate_and_report_take_their_input_as_the_other_stages_spell_it(synth
     "unrecognized arguments"; the positional form stays, both forms naming one input are fine, two are refused."""
     assert main(["validate", "--data", str(synth_dir)]) == 0
     assert main(["validate", str(synth_dir), "--data", str(synth_dir)]) == 0
-    assert capsys.readouterr().out.count("OK (0 errors") == 2
+    assert main(["validate", f"{synth_dir}/", "--data", os.path.relpath(synth_dir)]) == 0  # one folder, two ways
+    assert capsys.readouterr().out.count("OK (0 errors") == 3
     assert main(["validate", "--data", str(tmp_path / "missing")]) == 1  # the option's value is what is checked
     assert "data directory not found" in capsys.readouterr().out
     for argv, message in [(["validate"], "mmctr validate: error: DATA is missing: mmctr validate DATA, or mmctr "

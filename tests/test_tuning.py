@@ -307,9 +307,12 @@ def test_asha_prunes_a_resumed_search_against_the_trials_before_the_kill(tmp_pat
     assert unwritable.on_trial_result(None, late, {"epoch": 1, METRIC: 0.85}) == CONTINUE  # a warning, no crash
 
 
-def test_asha_records_a_nan_result_as_null_and_a_resumed_search_reads_it_as_nan(tmp_path, monkeypatch, strict_json):
-    """A trial without a finite AUC reports NaN, which asha.json held as the bare token NaN (not JSON): it is null
-    now, and a resumed search reads it back as the NaN ASHA's cutoff leaves out (a None there would fail it)."""
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # ASHA's percentile over -inf
+def test_asha_records_a_result_without_a_finite_auc_as_null_and_reads_it_back_as_the_lowest(tmp_path, monkeypatch,
+                                                                                          strict_json):
+    """A trial without a finite AUC reports -inf when a resumed search replays it (NaN when it trains): asha.json
+    held the bare tokens (not JSON); it is null now, read back as -inf, the lowest value ASHA's cutoff counts (a
+    None there would fail it)."""
     import pickle
 
     import mmctr_ray.asha
@@ -320,16 +323,21 @@ def test_asha_records_a_nan_result_as_null_and_a_resumed_search_reads_it_as_nan(
     records = tmp_path / "asha.json"
     created = pickle.dumps(_scheduler(space, records))
     before = pickle.loads(created)
-    for trial_id, auc in (("good", 0.80), ("none", float("nan"))):
+    for trial_id, auc in (("good", 0.80), ("none", float("-inf"))):
         trial = SimpleNamespace(trial_id=trial_id, config={})
         before.on_trial_add(None, trial)
-        assert before.on_trial_result(None, trial, {"epoch": 1, METRIC: auc}) == TrialScheduler.CONTINUE
+        before.on_trial_result(None, trial, {"epoch": 1, METRIC: auc})
     assert strict_json(records.read_text())["brackets"][0][-1] == [1, {"good": 0.80, "none": None}]
     after = pickle.loads(created)
-    late = SimpleNamespace(trial_id="late", config={})
-    after.on_trial_add(None, late)
-    assert after.on_trial_result(None, late, {"epoch": 1, METRIC: 0.79}) == TrialScheduler.STOP  # below 0.80 alone
-    assert np.isnan(dict(after._brackets[0]._rungs)[1]["none"])
+    after._load()
+    assert dict(after._brackets[0]._rungs)[1] == {"good": 0.80, "none": float("-inf")}
+    for auc in (0.79, 0.81):  # a later trial: the resumed search decides as the one that was never stopped
+        late = SimpleNamespace(trial_id=f"late{auc}", config={})
+        decisions = []
+        for scheduler in (before, after):
+            scheduler.on_trial_add(None, late)
+            decisions.append(scheduler.on_trial_result(None, late, {"epoch": 1, METRIC: auc}))
+        assert decisions[0] == decisions[1], (auc, decisions)
 
 
 @pytest.mark.parametrize("workers, gpus, message", [
