@@ -316,7 +316,6 @@ def test_asha_records_a_result_without_a_finite_auc_as_null_and_reads_it_back_as
     import pickle
 
     import mmctr_ray.asha
-    from ray.tune.schedulers import TrialScheduler
 
     monkeypatch.setattr(mmctr_ray.asha, "records_path", None)
     space = SearchSpace(params=(), max_epochs=3, grace_period=1, reduction_factor=2)
