@@ -833,6 +833,14 @@ def _ended_by_signal(args: argparse.Namespace, argv: Sequence[str], kept: str, s
 SPELLINGS = {"validate": ("data", "DATA"), "report": ("run", "RUN")}  # positional, or --data / --run as elsewhere
 
 
+def _place(location: Any) -> Any:
+    """One place however it is spelt (a trailing slash, relative or absolute); a URI storage refuses, as given."""
+    try:
+        return storage.normalize(str(location))
+    except ConfigError:  # the stage itself says why, once it runs
+        return str(location)
+
+
 def _one_spelling(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The stages whose input is positional take it as an option too (``validate --data DIR``, ``report --run
     RUN``, as train, predict and the rest spell them): one of the two, or both naming the same, is required."""
@@ -843,8 +851,7 @@ def _one_spelling(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     positional, option = getattr(args, name), getattr(args, f"{name}_option")
     if positional is None and option is None:
         stage.error(f"{metavar} is missing: mmctr {args.command} {metavar}, or mmctr {args.command} --{name} {metavar}")
-    if positional is not None and option is not None and storage.normalize(str(positional)) != storage.normalize(
-            str(option)):  # one place spelt two ways (a trailing slash, relative and absolute) is one
+    if positional is not None and option is not None and _place(positional) != _place(option):
         stage.error(f"{metavar} given twice, as {positional} and as --{name} {option}: give one")
     setattr(args, name, positional if positional is not None else option)
 
