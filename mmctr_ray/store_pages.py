@@ -38,7 +38,9 @@ MADV_DONTNEED = 4  # Linux <asm-generic/mman-common.h>
 
 
 def _mapped_file(line: str) -> tuple[int, int, str] | None:
-    """(start, end, file) of a shared mapping of a ``plasma…`` file in one ``/proc/<pid>/maps`` line."""
+    """(start, end, file) of a shared mapping of a ``plasma…`` file in one ``/proc/<pid>/maps`` line: Ray's plasma
+    store maps files named so, the main one in its plasma directory and, when the store is full, one per object in
+    its fallback directory."""
     parts = line.split(maxsplit=5)
     if len(parts) < 6 or parts[1][3:4] != "s":  # private mappings would lose their contents
         return None
@@ -47,13 +49,6 @@ def _mapped_file(line: str) -> tuple[int, int, str] | None:
         return None
     start, end = (int(x, 16) for x in parts[0].split("-"))
     return start, end, path
-
-
-def store_mappings(maps: str) -> list[tuple[int, int]]:
-    """(start, end) of every shared mapping of an object-store file in a ``/proc/<pid>/maps`` text: Ray's plasma
-    store maps files named ``plasma…``, the main one in its plasma directory and, when the store is full, one
-    per object in its fallback directory."""
-    return [(start, end) for start, end, _ in filter(None, map(_mapped_file, maps.splitlines()))]
 
 
 def main_store_mapping(maps: str, plasma_dir: str, fallback_dir: str) -> tuple[int, int] | None:
@@ -130,6 +125,5 @@ def release_store_pages(dirs: tuple[str, str] | None = None) -> int:
     call fixes them for the process."""
     global _release
     if _release is None:
-        _release = _Releaser(dirs if dirs is not None else
-                             store_directories() if sys.platform.startswith("linux") else None)
+        _release = _Releaser(dirs if dirs is not None else store_directories())
     return _release()
