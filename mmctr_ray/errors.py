@@ -45,6 +45,13 @@ def first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
+def worker_failure_reason(err: BaseException) -> str:
+    """One line for a Ray Train worker's failure: what Ray says of a dead worker's process (its exit type and
+    detail, up to Ray's list of possible causes) where it says so, else the error's first line."""
+    died = next((line.strip() for line in str(err).splitlines() if line.strip().startswith("The actor is dead")), None)
+    return died.split(". End of file")[0] if died else first_line(err)
+
+
 def find_cause(err: BaseException, match: Callable[[BaseException], bool]) -> BaseException | None:
     """The first exception behind ``err`` (itself included) that ``match`` accepts: errors met in a Ray task or a
     training worker reach the driver wrapped (``RayTaskError.cause``, Ray Train's

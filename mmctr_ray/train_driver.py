@@ -30,7 +30,7 @@ from mmctr_ray import storage
 from mmctr_ray.checkpoint import best_checkpoint, checkpoint_epoch, epoch_checkpoints, latest_checkpoint, read_state
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
 from mmctr_ray.errors import (ConfigError, DataError, Interrupted, OutputExistsError, StorageError,
-                              find_user_error)
+                              find_user_error, worker_failure_reason)
 from mmctr_ray.features import FeatureMap, build_feature_map, check_same_table, load_item_table, read_split
 from mmctr_ray.host_malloc import worker_env
 from mmctr_ray.layers.embedding import root_mean_square
@@ -283,7 +283,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
             ``train.*``, more workers than a private local Ray can hold and feed (:func:`check_worker_resources`),
             or GPU shares DDP cannot train on (:func:`mmctr_ray.ray_env.check_gpu_split`).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
 
     check_gpu_split(workers, gpus_per_worker, "--gpus-per-worker")
     data_dir = Path(data_dir).resolve()
@@ -323,7 +323,10 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
         run_config=RunConfig(name=posixpath.basename(fs_path), storage_path=posixpath.dirname(fs_path),
                              storage_filesystem=fs, failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=None),
-                             callbacks=[_end_on_user_error(), *(callbacks or [])],
+                             callbacks=[_worker_failures(max_failures), *(callbacks or [])],
+                             # Ray Train's INFO lines (resources asked, each worker group started, its failure policy's
+                             # multi-line report of a restart) with -v; the run's own lines say what happened
+                             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),
                              worker_runtime_env={"env_vars": worker_env(cfg.train.keep_freed_memory,
                                                                         gpus_per_worker > 0)}),
         datasets=datasets or {split: read_split(data_dir, split, cfg.data.max_len) for split in ("train", "valid")},
@@ -386,25 +389,40 @@ def _in_driver_main_thread() -> bool:
             and ray._private.worker.global_worker.mode == ray.SCRIPT_MODE)
 
 
-def _end_on_user_error() -> Any:
-    """A Ray Train callback that ends the run, with no retry, when a worker fails on bad input.
+def _worker_failures(max_failures: int) -> Any:
+    """A Ray Train callback for a worker's failure: it ends the run, with no retry, when the worker failed on bad
+    input, and otherwise says in one line which rank failed, why, and that the run restarts from its last checkpoint
+    (or ends, its restarts spent).
 
     ``FailureConfig`` restarts a run whose worker raised anything, which is right for a dead process but not for
     a bad row or file that one rank met while streaming: every retry would meet it again after reloading the last
     checkpoint. The controller calls ``after_exception`` when it sees a worker's error, before its failure policy
     decides; a ``ControllerError`` raised there is not retryable (Ray retries only worker-group start-up failures
-    of the controller) and the controller shuts every rank down, those waiting in a collective included.
+    of the controller) and the controller shuts every rank down, those waiting in a collective included. Ray Train's
+    own report of the decision is an INFO block of ~40 lines, shown with -v only (:func:`run_training`).
     """
     from ray.train import ControllerError, UserCallback
 
-    class EndOnUserError(UserCallback):
+    # what this class uses comes from modules the controller can import without torch (no train_driver function)
+    class WorkerFailures(UserCallback):
+        def __init__(self) -> None:
+            self.failures = 0  # this run's, over its restarts: the controller keeps one callback for the run
+
         def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
             for err in worker_exceptions.values():
                 cause = find_user_error(err)
                 if cause is not None and not isinstance(cause, StorageError):  # storage: FailureConfig retries
                     raise ControllerError(cause)
+            self.failures += 1
+            rank, err = min(worker_exceptions.items())
+            limit = "" if max_failures < 0 else f" of at most {max_failures}"  # -1: no limit (FailureConfig)
+            then = (f"the workers restart from the run's last checkpoint (restart {self.failures}{limit})"
+                    if max_failures < 0 or self.failures <= max_failures else
+                    f"the run ends: its {max_failures} restart{'' if max_failures == 1 else 's'} are spent")
+            log.warning("rank %d failed (%s: %s); %s", rank, type(err).__name__, worker_failure_reason(err), then)
 
-    return EndOnUserError()
+    return WorkerFailures()
+
 
 
 def _summary(run_dir: storage.Location, data_dir: Path, seconds: float) -> dict[str, Any]:

@@ -589,7 +589,7 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
     watch, tune_log = _CtrlC(), logging.getLogger("ray.tune.tune")
     tune_log.addFilter(_no_tuner_restore_hint)
     try:
-        with sigterm_flag() as seen, _quiet_replay():
+        with sigterm_flag() as seen, _quiet_replay(), _no_tune_table():
             results = tuner.fit()
     except SystemExit:  # SIGTERM: Ray's driver handler exits; Tune saved the search's state as it went
         if not seen["sigterm"]:
@@ -658,6 +658,26 @@ def _quiet_replay() -> Any:
     finally:
         search_log.removeFilter(_no_replay_noise)
 
+
+
+NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"  # Ray's switch between Tune's two console reporters (default "1": the new one)
+
+
+@contextlib.contextmanager
+def _no_tune_table() -> Any:
+    """While a search runs: Tune's console output off. Its newer reporter prints a table of the searcher and
+    scheduler, the experiment's folder and a TensorBoard hint (naming Ray's session folder, not the search's) at
+    ``verbose=0`` too; the older one, which ``RAY_AIR_NEW_OUTPUT=0`` picks as Tune starts, prints nothing at
+    ``verbose=0``. :class:`_Progress` says what the search does, one line a trial, and where its results are."""
+    before = os.environ.get(NEW_OUTPUT_ENV)
+    os.environ[NEW_OUTPUT_ENV] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(NEW_OUTPUT_ENV, None)
+        else:
+            os.environ[NEW_OUTPUT_ENV] = before
 
 class _CtrlC:
     """Whether Ctrl-C ended ``Tuner.fit()``, which returns as if the search were done. Tune (2.60) installs its own

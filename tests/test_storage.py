@@ -388,7 +388,7 @@ def test_storage_that_cannot_be_reached_is_one_line_and_a_run_retries_it(monkeyp
     from ray.train import ControllerError
 
     from mmctr_ray.errors import DataError, StorageError
-    from mmctr_ray.train_driver import _end_on_user_error
+    from mmctr_ray.train_driver import _worker_failures
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "a")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "b")
@@ -397,7 +397,7 @@ def test_storage_that_cannot_be_reached_is_one_line_and_a_run_retries_it(monkeyp
     with pytest.raises(StorageError, match=re.escape(f"{uri}: cannot access this storage (When getting information "
                                                      f"for key 'runs/r1' in bucket 'bucket': AWS Error")):
         storage.is_file(uri)
-    callback = _end_on_user_error()
+    callback = _worker_failures(max_failures=2)
     callback.after_exception(None, {0: StorageError("s3://b/r: cannot access this storage (network)")})
     with pytest.raises(ControllerError):
         callback.after_exception(None, {0: DataError("train.parquet: bad row")})

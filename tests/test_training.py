@@ -429,13 +429,13 @@ def test_a_runs_controller_gets_a_backend_and_callbacks_that_need_no_torch(tmp_p
     from ray.train import RunConfig, ScalingConfig
 
     from mmctr_ray import ray_env, torch_backend
-    from mmctr_ray.train_driver import _end_on_user_error
+    from mmctr_ray.train_driver import _worker_failures
     from mmctr_ray.training import train_loop_per_worker
 
     for use_gpu, backend in ((True, "nccl"), (False, "gloo")):
         trainer = ray_env.torch_trainer()(train_loop_per_worker, train_loop_config={"cfg": tiny_cfg().to_dict()},
                                           scaling_config=ScalingConfig(num_workers=2, use_gpu=use_gpu),
-                                          run_config=RunConfig(callbacks=[_end_on_user_error()]))
+                                          run_config=RunConfig(callbacks=[_worker_failures(2)]))
         assert isinstance(trainer.backend_config, torch_backend.WorkerTorchConfig)
         assert trainer.backend_config.backend == backend
     payload = tmp_path / "controller.pkl"
@@ -643,6 +643,59 @@ def test_killed_workers_restart_the_group_from_the_last_checkpoint(two_worker_ru
     assert_repeats(run, (two_worker_run[0], _metrics(two_worker_run[0])))
 
 
+
+def test_a_failed_worker_is_one_line_that_says_why_and_whether_the_run_restarts(caplog):
+    """Ray Train reports a restart as an INFO block of ~40 lines (shown with -v only): the run says it in one line,
+    from the controller, with what Ray says of the dead process; bad input still ends the run without a line."""
+    import logging
+
+    from ray.train import ControllerError
+
+    from mmctr_ray.train_driver import _worker_failures
+
+    died = RuntimeError("A worker health check failed.\nWorker info: Worker(\n  pid=5066,\n)\nThe actor died "
+                        "unexpectedly before finishing this task.\n\tpid: 5066\nThe actor is dead because its worker "
+                        "process has died. Worker exit type: SYSTEM_ERROR Worker exit detail: Worker unexpectedly "
+                        "exits with a connection error code 2. End of file. There are some potential root causes.")
+    callback = _worker_failures(max_failures=2)
+    with caplog.at_level(logging.WARNING, logger="mmctr_ray.train_driver"):
+        for _ in range(3):
+            callback.after_exception(None, {1: died, 0: died})
+        with pytest.raises(ControllerError):  # bad rows: no retry, and the driver says it as the run's one line
+            callback.after_exception(None, {0: DataError("train.parquet: bad row")})
+        _worker_failures(max_failures=-1).after_exception(None, {0: RuntimeError("lost\nmore")})
+    reason = ("rank 0 failed (RuntimeError: The actor is dead because its worker process has died. Worker exit type: "
+              "SYSTEM_ERROR Worker exit detail: Worker unexpectedly exits with a connection error code 2); ")
+    assert [r.getMessage() for r in caplog.records] == [
+        reason + "the workers restart from the run's last checkpoint (restart 1 of at most 2)",
+        reason + "the workers restart from the run's last checkpoint (restart 2 of at most 2)",
+        reason + "the run ends: its 2 restarts are spent",
+        "rank 0 failed (RuntimeError: lost); the workers restart from the run's last checkpoint (restart 1)"]
+
+
+@pytest.mark.slow
+def test_the_process_group_of_a_group_with_a_dead_worker_ends_without_an_error(ray_local):
+    """Before a restart Ray Train shuts the old group's process group down; the dead worker's call raised its
+    ActorDiedError, which Ray Train logged with a traceback ("Graceful shutdown of backend failed") in every
+    restart. A live worker's own error still comes through."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    from mmctr_ray.torch_backend import end_group
+
+    @ray.remote(num_cpus=0)
+    class Worker:
+        def shutdown(self, fail: bool = False) -> None:
+            if fail:
+                raise ValueError("gloo: cannot end")
+
+    dead, live = Worker.remote(), Worker.remote()
+    ray.get([dead.shutdown.remote(), live.shutdown.remote()])
+    ray.kill(dead)
+    end_group([dead.shutdown.remote(), live.shutdown.remote()], timeout=60)
+    with pytest.raises(RayTaskError, match="gloo: cannot end"):
+        end_group([dead.shutdown.remote(), live.shutdown.remote(fail=True)], timeout=60)
+
 @pytest.mark.slow
 def test_ctrl_c_ends_a_run_with_one_line_that_says_what_is_kept(synth_dir, tmp_path):
     """Ctrl-C in a terminal: SIGINT to the command's process group. Ray Train aborts the run and Ray ends the
@@ -674,6 +727,8 @@ def test_ctrl_c_ends_a_run_with_one_line_that_says_what_is_kept(synth_dir, tmp_p
         rf"`mmctr train --data {re.escape(str(synth_dir))} --out {re.escape(str(run))} --set train.epochs=200 --set "
         r"train.patience=200 --resume`", lines[0]), lines  # the command line without --config, which RUN keeps
     assert "Received SIGINT. Gracefully aborting the training run" in log.read_text()  # said at once, by Ray Train
+    # Ray Train's INFO lines (resources asked, the worker group started) only with -v
+    assert "Requesting resources" not in log.read_text() and "training worker group" not in log.read_text()
     last = int(re.search(r"epochs? (?:1–)?(\d+);", lines[0]).group(1))
     assert [Path(c).name for c in epoch_checkpoints(run)][-1] == f"checkpoint_epoch_{last:03d}"
     assert not (run / "summary.json").exists()
