@@ -198,6 +198,15 @@ def test_unusable_run_uris_are_one_line_errors_before_ray_starts(synth_dir):
     assert "file:///nonexistent/run: not found (expected a run directory of `mmctr train`)" in r.stderr
 
 
+def test_report_refuses_a_uri_fragment_as_every_stage_does(tmp_path, capsys):
+    """pyarrow drops a URI's '#...': `report 'file:///x/r#2'` read and wrote file:///x/r, another run."""
+    (tmp_path / "r").mkdir()
+    uri = f"{tmp_path.as_uri()}/r#2"
+    assert main(["report", uri]) == 2
+    assert capsys.readouterr().err.strip() == (f"mmctr report: error: {uri}: '#' starts a URI fragment, which storage "
+                                               "drops; write it as %23")
+    assert not (tmp_path / "r" / "report").exists()
+
 def test_synth_refuses_to_overwrite(synth_dir, tmp_path):
     out = tmp_path / "d"
     assert main(["synth", "--out", str(out), "--items", "30", "--users", "20", "--train-rows", "50",
