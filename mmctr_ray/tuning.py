@@ -575,6 +575,10 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
         log.info("resuming the search in %s (its own trial count and concurrency, %d at a time)", tdir, k)
         tuner = tune.Tuner.restore(str(tdir / "tune"), trainable=trainable, resume_errored=True)
     else:
+        if not logging.getLogger().isEnabledFor(logging.DEBUG):  # Optuna's own "[I ...] A new study created in RDB
+            import optuna  # with name: mmctr" line, in a format of its own, with -v only: the next line says more
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
         searcher = _searcher()(space=space.define_by_run, metric=METRIC, mode="max", seed=space.seed,
                                 study_name=STUDY_NAME,
                                 storage=mmctr_ray.study.StudyStorage(study_url))
