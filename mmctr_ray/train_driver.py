@@ -35,7 +35,8 @@ from mmctr_ray.features import FeatureMap, build_feature_map, check_same_table, 
 from mmctr_ray.host_malloc import worker_env
 from mmctr_ray.layers.embedding import root_mean_square
 from mmctr_ray.preflight import check_batch_norm_rows, check_batch_size, check_splits, check_valid_labels
-from mmctr_ray.ray_env import check_gpu_split, check_local_pool, check_pool, sigterm_flag, torch_trainer
+from mmctr_ray.ray_env import (check_gpu_split, check_local_pool, check_pool, private_local_ray, sigterm_flag,
+                               torch_trainer)
 from mmctr_ray.report import best_epoch, describe_run
 from mmctr_ray.schema import SPLITS, Layout
 from mmctr_ray.training import DIVERGED, train_loop_per_worker
@@ -324,9 +325,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
                              storage_filesystem=fs, failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=None),
                              callbacks=[_worker_failures(max_failures), *(callbacks or [])],
-                             # Ray Train's INFO lines (resources asked, each worker group started, its failure policy's
-                             # multi-line report of a restart) with -v; the run's own lines say what happened
-                             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),
+                             logging_config=LoggingConfig(log_level=_train_log_level(verbose, bool(callbacks))),
                              worker_runtime_env={"env_vars": worker_env(cfg.train.keep_freed_memory,
                                                                         gpus_per_worker > 0)}),
         datasets=datasets or {split: read_split(data_dir, split, cfg.data.max_len) for split in ("train", "valid")},
@@ -387,6 +386,15 @@ def _in_driver_main_thread() -> bool:
 
     return (threading.current_thread() is threading.main_thread()
             and ray._private.worker.global_worker.mode == ray.SCRIPT_MODE)
+
+
+def _train_log_level(verbose: bool, trial: bool) -> str:
+    """The level of Ray Train's own console lines for a run: its INFO lines (the resources asked, each worker group
+    started, its failure policy's ~40-line report of a restart) with -v, and on a cluster this command joined, where
+    the run may wait for its resources and those lines say what it asked for and when its workers started. Not on
+    the private local Ray, sized for the run before it started (:func:`check_local_workers`), nor in a search's
+    trials, sized to fit the cluster: there the run's own lines say what happened."""
+    return "INFO" if verbose or not (private_local_ray() or trial) else "WARNING"
 
 
 def _worker_failures(max_failures: int) -> Any:

@@ -289,6 +289,9 @@ def test_pipeline_job_on_a_token_auth_head(ray_head, tmp_path):
         lines = z.read("prediction.csv").decode().splitlines()
     assert lines[0] == "ID,Task2" and len(lines) == 301 and lines[1].startswith("0,")
     assert "pipeline: valid AUC" in logs and not (out / "data").exists()  # the data stays in --work
+    # on a cluster it joined, the run may wait for its workers: Ray Train's lines say what it asked for and when they
+    # started (quiet on the private local Ray, sized for the run: test_ctrl_c_ends_a_run_with_one_line_...)
+    assert "Requesting resources" in logs and "Started training worker group of size 1" in logs
 
 
 def test_kuberay_rayjob_runs_the_pipeline_job():
