@@ -45,6 +45,15 @@ def first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
+def dead_worker(err: BaseException) -> BaseException | None:
+    """The ``RayActorError`` behind a Ray Train worker's failure when the worker's process died (Ray Train wraps it
+    in its health-check error), else None: the worker raised, or failed beside a dead peer (a collective cut off)."""
+    from ray.exceptions import RayActorError
+
+    inner = getattr(err, "health_check_failure", err)
+    return inner if isinstance(inner, RayActorError) else None
+
+
 def worker_failure_reason(err: BaseException) -> str:
     """One line for a Ray Train worker's failure: what Ray says of a dead worker's process (its exit type and
     detail, up to Ray's list of possible causes) where it says so, else the error's first line."""

@@ -106,22 +106,25 @@ class _WorkerTorchBackend(Backend):
 
 
 def end_group(futures: list, timeout: float) -> None:
-    """Wait for the workers' process-group shutdown. A worker whose process died (the failure that has the group
-    shut down before a restart) has no group left to end: passed over, where Ray's own backend raised its
-    ``ActorDiedError`` and Ray Train logged it with a traceback ("Graceful shutdown of backend failed") in
-    every restart. Any other error a live worker raises still comes through."""
+    """Wait for the workers' process-group shutdown, up to ``timeout`` seconds. Once a worker turns out dead (the
+    failure that has the group shut down before a restart), the wait ends without an error: the group goes with its
+    actors, and a survivor's shutdown may wait on the dead peer. Ray's own backend raised the dead worker's
+    ``ActorDiedError``, which Ray Train logged with a traceback ("Graceful shutdown of backend failed") in every
+    restart. Another error a worker's shutdown raises still comes through."""
+    import time
+
     from ray.exceptions import RayActorError
 
-    if not futures:
-        return
-    done, pending = ray.wait(futures, num_returns=len(futures), timeout=timeout)
-    for ref in done:
+    pending, deadline = list(futures), time.monotonic() + timeout
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not done:
+            log.warning("the workers' torch process group did not shut down within %g s", timeout)
+            return
         try:
-            ray.get(ref)
+            ray.get(done[0])
         except RayActorError:
-            pass
-    if pending:
-        log.warning("the workers' torch process group did not shut down within %g s", timeout)
+            return
 
 
 @dataclass

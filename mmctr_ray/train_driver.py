@@ -30,7 +30,7 @@ from mmctr_ray import storage
 from mmctr_ray.checkpoint import best_checkpoint, checkpoint_epoch, epoch_checkpoints, latest_checkpoint, read_state
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
 from mmctr_ray.errors import (ConfigError, DataError, Interrupted, OutputExistsError, StorageError,
-                              find_user_error, worker_failure_reason)
+                              dead_worker, find_user_error, worker_failure_reason)
 from mmctr_ray.features import FeatureMap, build_feature_map, check_same_table, load_item_table, read_split
 from mmctr_ray.host_malloc import worker_env
 from mmctr_ray.layers.embedding import root_mean_square
@@ -421,12 +421,17 @@ def _worker_failures(max_failures: int) -> Any:
                 cause = find_user_error(err)
                 if cause is not None and not isinstance(cause, StorageError):  # storage: FailureConfig retries
                     raise ControllerError(cause)
-            self.failures += 1
-            rank, err = min(worker_exceptions.items())
+            dead = {rank: dead_worker(err) for rank, err in worker_exceptions.items()}
+            if any(getattr(err, "preempted", False) for err in dead.values()):  # a node reclaimed: Ray Train counts
+                return  # it apart (max_preemption_failures), waits the preemption out and says so itself
+            self.failures += 1  # as Ray Train's failure policy counts a worker group's failures
+            # the rank whose process died, if one did: the others then fail beside it (a collective cut off)
+            rank = min((r for r, err in dead.items() if err is not None), default=min(worker_exceptions))
+            err = worker_exceptions[rank]
             limit = "" if max_failures < 0 else f" of at most {max_failures}"  # -1: no limit (FailureConfig)
             then = (f"the workers restart from the run's last checkpoint (restart {self.failures}{limit})"
                     if max_failures < 0 or self.failures <= max_failures else
-                    f"the run ends: its {max_failures} restart{'' if max_failures == 1 else 's'} are spent")
+                    "the run ends: it restarts at most " + (f"{max_failures} times" if max_failures != 1 else "once"))
             log.warning("rank %d failed (%s: %s); %s", rank, type(err).__name__, worker_failure_reason(err), then)
 
     return WorkerFailures()
