@@ -31,7 +31,9 @@ def quiet_ray_data(verbose: bool = False) -> None:
         import ray.data
         from ray.util.debug import log_once
 
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        ctx = ray.data.DataContext.get_current()  # travels with each dataset, to a split coordinator's process too
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False  # "Starting execution of Dataset ...", "Execution plan of ...", per run
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         # Ray Data warns once per process that the bars are off ("Progress bars disabled. To enable, ..."): we turn
         # them off on purpose, so take its once-only key first (Ray 2.60's name; another name only brings it back)

@@ -364,6 +364,11 @@ def test_ray_datas_progress_bar_notice_is_taken_before_it_prints():
 
     quiet_ray_data(verbose=False)
     assert log_once(PROGRESS_BARS_OFF_KEY) is False  # Ray Data's own log_once() call now says "already logged"
+    # and no "Starting execution of Dataset ..." / "Execution plan of ..." pair per epoch from a 2-worker run's split
+    # coordinator, which runs with the dataset's DataContext (seen in `mmctr train --workers 2` before 2026-12-02)
+    import ray.data
+
+    assert ray.data.DataContext.get_current().print_on_execution_start is False
 
 
 def test_ray_trains_per_epoch_lines_are_quiet_unless_verbose():
