@@ -407,7 +407,8 @@ def _worker_failures(max_failures: int) -> Any:
     checkpoint. The controller calls ``after_exception`` when it sees a worker's error, before its failure policy
     decides; a ``ControllerError`` raised there is not retryable (Ray retries only worker-group start-up failures
     of the controller) and the controller shuts every rank down, those waiting in a collective included. Ray Train's
-    own report of the decision is an INFO block of ~40 lines, shown with -v only (:func:`run_training`).
+    own report of the decision is an INFO block of ~40 lines, shown with -v or on a joined cluster only
+    (:func:`_train_log_level`).
     """
     from ray.train import ControllerError, UserCallback
 
@@ -435,7 +436,6 @@ def _worker_failures(max_failures: int) -> Any:
             log.warning("rank %d failed (%s: %s); %s", rank, type(err).__name__, worker_failure_reason(err), then)
 
     return WorkerFailures()
-
 
 
 def _summary(run_dir: storage.Location, data_dir: Path, seconds: float) -> dict[str, Any]:

@@ -663,7 +663,6 @@ def _quiet_replay() -> Any:
         search_log.removeFilter(_no_replay_noise)
 
 
-
 NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"  # Ray's switch between Tune's two console reporters (default "1": the new one)
 
 
@@ -682,6 +681,7 @@ def _no_tune_table() -> Any:
             os.environ.pop(NEW_OUTPUT_ENV, None)
         else:
             os.environ[NEW_OUTPUT_ENV] = before
+
 
 class _CtrlC:
     """Whether Ctrl-C ended ``Tuner.fit()``, which returns as if the search were done. Tune (2.60) installs its own

@@ -650,9 +650,9 @@ def test_killed_workers_restart_the_group_from_the_last_checkpoint(two_worker_ru
 
 
 def test_a_failed_worker_is_one_line_that_says_why_and_whether_the_run_restarts(caplog):
-    """Ray Train reports a restart as an INFO block of ~40 lines (shown with -v only): the run says it in one line,
-    from the controller, naming the rank whose process died (not a survivor cut off in a collective) and what Ray
-    says of it; bad input still ends the run without a line, and a preemption is left to Ray Train."""
+    """Ray Train reports a restart as an INFO block of ~40 lines (shown with -v, or on a joined cluster): the run says
+    it in one line, from the controller, naming the rank whose process died (not a survivor cut off in a collective)
+    and what Ray says of it; bad input still ends the run without a line, and a preemption is left to Ray Train."""
     import logging
 
     from ray.exceptions import ActorDiedError
