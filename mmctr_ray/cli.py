@@ -321,7 +321,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from mmctr_ray.report import write_report
 
-    storage.normalize(str(args.run))  # a URI with a '#' fragment is refused, as by every stage (pyarrow drops it)
     run = Path(args.run)
     if "://" not in str(args.run) and (run / "settings.json").is_file():  # a search (trials/ comes with its first)
         from mmctr_ray.tune_report import top_trials

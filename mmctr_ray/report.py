@@ -210,6 +210,7 @@ def _scored_epoch(run_dir: Location) -> int | None:
 
 def write_report(run_dir: Location) -> dict[str, Location]:
     """Write RUN/report/{curves.png, summary.md}; return their locations (``Path`` for a local run)."""
+    storage.normalize(run_dir)  # a URI with a '#' fragment is refused, as compare and predict refuse it
     rows = read_metrics(run_dir, keys=REPORT_KEYS)
     if not rows:
         raise DataError(f"{storage.join(run_dir, 'metrics.jsonl')}: no epoch recorded yet")

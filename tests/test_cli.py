@@ -206,6 +206,7 @@ def test_report_refuses_a_uri_fragment_as_every_stage_does(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (f"mmctr report: error: {uri}: '#' starts a URI fragment, which storage "
                                                "drops; write it as %23")
 
+
 def test_synth_refuses_to_overwrite(synth_dir, tmp_path):
     out = tmp_path / "d"
     assert main(["synth", "--out", str(out), "--items", "30", "--users", "20", "--train-rows", "50",
