@@ -303,7 +303,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     summary = run_tuning(args.data, args.out, args.config, args.overrides, num_samples=args.num_samples,
                          max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial,
                          workers=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker, source=args.source,
-                         resume=args.resume, overwrite=args.overwrite, time_budget_s=args.time_budget_s)
+                         resume=args.resume, overwrite=args.overwrite, time_budget_s=args.time_budget_s,
+                         verbose=args.verbose)
     counts = (f"{summary['trials']} trials ({summary['completed']} completed, {summary['early-stopped']} "
               f"early-stopped, {summary['pruned']} pruned, {summary['error']} errors)")
     if summary.get("best_yaml") is None:  # a search that found nothing is not a success (a cluster job sees 1)

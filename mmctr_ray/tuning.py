@@ -167,9 +167,10 @@ def shared_datasets(data_dir: Path, max_len: int, rows: dict[str, int]) -> dict[
 
 def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_dir: str,
               settings: dict[str, Any], datasets: dict[int, dict[str, Any]] | None = None,
-              sharing: int = 1) -> None:
+              sharing: int = 1, verbose: bool = False) -> None:
     """The Tune function trainable: one ``mmctr train`` run in ``TUNE/trials/<trial_id>``, its CPU workers sharing
-    their node's cores with those of ``sharing`` trials in all (:func:`trials_per_node`)."""
+    their node's cores with those of ``sharing`` trials in all (:func:`trials_per_node`); ``verbose`` (``mmctr tune
+    -v``, not kept for a resume) shows Ray Train's and Ray Data's own lines of the run, as ``mmctr train -v`` does."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -212,7 +213,7 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
     run_training(data, str(run_dir), cfg, workers=settings["workers"], gpus_per_worker=settings["gpus_per_worker"],
                  cpus_per_worker=settings["cpus_per_worker"], resume=resume, overwrite=not resume,
                  callbacks=[TuneReportCallback()], datasets=(datasets or {}).get(cfg.data.max_len),
-                 runs_per_node=sharing)
+                 runs_per_node=sharing, verbose=verbose)
 
 
 def progress_line(trials: list[Any], trial: Any, outcome: str, total: int, elapsed: float, ended_here: int,
@@ -520,9 +521,10 @@ def batch_sizes(space: SearchSpace) -> list[int]:
 def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Path | None, overrides: list[str] = (),
                num_samples: int | None = None, max_concurrent: int | None = None, gpus_per_trial: float = 0.0,
                workers: int = 1, cpus_per_worker: float = 1.0, source: str = "shipped", resume: bool = False,
-               overwrite: bool = False, time_budget_s: float | None = None) -> dict[str, Any]:
+               overwrite: bool = False, time_budget_s: float | None = None, verbose: bool = False) -> dict[str, Any]:
     """Run (or with ``resume`` continue) the search declared in ``search_yaml``; return the outputs' summary.
-    With ``time_budget_s``, no trial starts once that many seconds have passed; the running ones finish."""
+    With ``time_budget_s``, no trial starts once that many seconds have passed; the running ones finish. With
+    ``verbose`` each trial's run shows Ray Train's and Ray Data's own lines (:func:`run_trial`)."""
     import ray
     from ray import tune
 
@@ -556,7 +558,8 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, space=space, tune_dir=str(tdir), data_dir=str(data), settings=settings,
                              datasets=datasets, sharing=trials_per_node(_node_cpus(), k, settings["workers"],
-                                                                        settings["cpus_per_worker"])),
+                                                                        settings["cpus_per_worker"]),
+                             verbose=verbose),
         {"CPU": TRIAL_DRIVER_CPU, "memory": TRIAL_DRIVER_MEMORY})
     fault = int(os.environ.get(FAULT_ENV, "0"))
     deadline = time.time() + time_budget_s if time_budget_s and not resume else None

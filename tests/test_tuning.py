@@ -242,11 +242,49 @@ def test_a_resumed_trial_tells_tune_only_the_epochs_its_checkpoints_hold(tmp_pat
     monkeypatch.setattr(ray.tune, "report", lambda metrics, **_: heard.append(metrics["epoch"]))
     monkeypatch.setattr(ray.tune.integration.ray_train, "TuneReportCallback", lambda: None)
     monkeypatch.setattr(mmctr_ray.train_driver, "run_training",
-                        lambda *a, **kw: runs.append((kw["resume"], kw["runs_per_node"])))
+                        lambda *a, **kw: runs.append((kw["resume"], kw["runs_per_node"], kw["verbose"])))
     settings = {"workers": 1, "gpus_per_worker": 0, "cpus_per_worker": 1, "source": None}
-    run_trial({}, SearchSpace(params=()), str(tmp_path), str(tmp_path / "data"), settings, sharing=3)
+    run_trial({}, SearchSpace(params=()), str(tmp_path), str(tmp_path / "data"), settings, sharing=3, verbose=True)
     assert heard == [1]  # epoch 2 is trained again (from epoch 1's checkpoint) and reported then
-    assert runs == [(True, 3)]  # its CPU workers share their node's cores with the other trials there
+    assert runs == [(True, 3, True)]  # its CPU workers share their node's cores with the other trials there; and
+    # `mmctr tune -v` shows the run's Ray Train and Ray Data lines, as `mmctr train -v` does
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_tune_v_reaches_every_trials_run(synth_dir, tmp_path, monkeypatch, verbose):
+    """`mmctr tune -v` left each trial's run at the quiet level: Ray Train's lines (resources asked, worker group
+    started) stayed hidden where a search that waits for its workers needs them most."""
+    import ray
+    import ray.tune
+
+    import mmctr_ray.cli
+    import mmctr_ray.tuning
+
+    class Stop(Exception):
+        pass
+
+    def trainable_of(fn, **kwargs):  # where run_tuning builds the trial's function: its arguments, then stop
+        raise Stop(kwargs)
+
+    forwarded = {}
+    monkeypatch.setattr(mmctr_ray.tuning, "run_tuning",
+                        lambda *a, **kw: forwarded.update(kw) or dict.fromkeys(
+                            ("trials", "completed", "early-stopped", "pruned", "error", "results"), 0))
+    monkeypatch.setattr(mmctr_ray.tuning, "check_inputs", lambda *a, **k: None)
+    monkeypatch.setattr(mmctr_ray.cli, "_start_ray", lambda *a, **k: None)
+    mmctr_ray.cli.main(["tune", "--data", str(synth_dir), "--out", str(tmp_path / "t"), "--config", "c.yaml",
+                        *(["-v"] if verbose else [])])
+    assert forwarded["verbose"] is verbose
+    monkeypatch.undo()
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    monkeypatch.setattr(mmctr_ray.tuning, "_node_cpus", lambda: [4.0])
+    monkeypatch.setattr(mmctr_ray.tuning, "shared_datasets", lambda *a: {})
+    monkeypatch.setattr(ray.tune, "with_parameters", trainable_of)
+    with pytest.raises(Stop) as stop:
+        mmctr_ray.tuning.run_tuning(synth_dir, tmp_path / "tune", ROOT / "configs/search_tiny.yaml",
+                                    verbose=verbose)
+    assert stop.value.args[0]["verbose"] is verbose
 
 
 def test_asha_prunes_a_resumed_search_against_the_trials_before_the_kill(tmp_path, monkeypatch):
