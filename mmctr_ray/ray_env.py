@@ -116,6 +116,33 @@ def pin_ray_address() -> None:
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
+# Ray Train 2.60's controller asks Ray Data's AutoscalingCoordinator actor for the run's resources when it starts,
+# with a 5 s limit; on a busy machine that actor is still starting, and the controller logs a WARNING with a ~20-line
+# traceback it calls "safe to ignore". On the private local Ray no autoscaler serves the request.
+TRAIN_REQUEST_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
+
+
+class _ToDebug(logging.Filter):
+    """Demote a logger's WARNING records to DEBUG: off the console at every Ray Train log level (-v is INFO), still
+    in Ray Train's own controller log file (``logs/train/`` of the Ray session), which records every level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+def private_worker_setup() -> None:
+    """The ``worker_process_setup_hook`` of the private local Ray: :func:`pin_ray_address`, and Ray Train's warning
+    that a resource request to the autoscaling coordinator timed out demoted to DEBUG (:data:`TRAIN_REQUEST_LOGGER`):
+    this Ray has no autoscaler for the request to reach. Neither imports Ray Train or Ray Data (each worker runs
+    it as it starts). A cluster the command joins keeps the warning."""
+    pin_ray_address()
+    requests = logging.getLogger(TRAIN_REQUEST_LOGGER)
+    if not any(isinstance(f, _ToDebug) for f in requests.filters):
+        requests.addFilter(_ToDebug())
+
+
 _PRIVATE = {"started": False}
 DATA_CPU_RESERVE = 1.0  # CPUs left beside a pool of training workers or actors for the Ray Data tasks that feed it
 WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
@@ -416,7 +443,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
     # ray.init() without an address joins (its resources are not this command's to size, nor its own to stop)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
              object_store_memory=object_store_mib * 2**20 if object_store_mib else None,
-             logging_level=logging.WARNING, runtime_env={"worker_process_setup_hook": pin_ray_address})
+             logging_level=logging.WARNING, runtime_env={"worker_process_setup_hook": private_worker_setup})
     _keep_python_sigterm()
     drop_benign_ray_lines()
     _PRIVATE["started"], _PRIVATE["gcs"] = True, ray.get_runtime_context().gcs_address

@@ -690,6 +690,51 @@ def test_a_failed_worker_is_one_line_that_says_why_and_whether_the_run_restarts(
         cut_off + "the workers restart from the run's last checkpoint (restart 1 of at most 1)"]
 
 
+def test_a_timed_out_resource_request_is_no_warning_on_the_local_ray(ray_local):
+    """On a busy machine each run's controller printed Ray Train's "Failed to send resource request ... safe to
+    ignore" WARNING with a ~20-line traceback: on the private local Ray no autoscaler serves that request. Its
+    workers (the controller among them) demote it to DEBUG, kept in Ray Train's log file; a process without the
+    private Ray's setup (a cluster's) still warns."""
+    import logging
+
+    import ray
+    from ray.train.v2._internal.execution.scaling_policy import autoscaling_coordinator_client as client
+
+    from mmctr_ray.ray_env import TRAIN_REQUEST_LOGGER
+
+    def timed_out_request() -> list:
+        """Ray Train's own code path when its controller's request to the AutoscalingCoordinator fails: the records
+        its logger passes on, as (level, message, shown on the console at Ray Train's WARNING level, at INFO)."""
+        from types import SimpleNamespace
+
+        from ray.train import ScalingConfig
+        from ray.train.v2._internal.logging.logging import TrainLogLevelFilter
+
+        def timed_out(**kwargs):
+            raise TimeoutError("Get timed out: some object(s) not ready")
+
+        seen = []
+        keep = logging.Handler()
+        keep.emit = seen.append
+        client.logger.addHandler(keep)
+        try:
+            requests = client.TrainAutoscalingCoordinatorClient("train-test")
+            requests.__dict__["_autoscaling_coordinator"] = SimpleNamespace(
+                request_resources=SimpleNamespace(remote=timed_out))
+            requests.send_resource_request(ScalingConfig(num_workers=1), 1)
+        finally:
+            client.logger.removeHandler(keep)
+        return [(r.levelno, r.getMessage(), TrainLogLevelFilter("WARNING").filter(r),
+                 TrainLogLevelFilter("INFO").filter(r)) for r in seen]
+
+    assert client.logger.name == TRAIN_REQUEST_LOGGER  # the logger Ray 2.60 warns on
+    in_worker = ray.get(ray.remote(num_cpus=0)(timed_out_request).remote())  # a worker of the private Ray
+    assert [(level, shown, verbose) for level, _, shown, verbose in in_worker] == [(logging.DEBUG, False, False)]
+    assert in_worker[0][1].startswith("Failed to send resource request for train-test.")
+    here = timed_out_request()  # the test's process: no setup hook ran here
+    assert [(level, shown) for level, _, shown, _ in here] == [(logging.WARNING, True)]
+
+
 @pytest.mark.slow
 def test_the_process_group_of_a_group_with_a_dead_worker_ends_without_an_error(ray_local):
     """Before a restart Ray Train shuts the old group's process group down; the dead worker's call raised its
