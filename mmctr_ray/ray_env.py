@@ -132,15 +132,51 @@ class _ToDebug(logging.Filter):
         return True
 
 
-def private_worker_setup() -> None:
-    """The ``worker_process_setup_hook`` of the private local Ray: :func:`pin_ray_address`, and Ray Train's warning
-    that a resource request to the autoscaling coordinator timed out demoted to DEBUG (:data:`TRAIN_REQUEST_LOGGER`):
-    this Ray has no autoscaler for the request to reach. Neither imports Ray Train or Ray Data (each worker runs
-    it as it starts). A cluster the command joins keeps the warning."""
+# Ray Data's console lines that a worker of the private local Ray hides unless -v, by logger: the "✔️ Dataset ...
+# execution finished in N seconds" line each run of a dataset logs at INFO (a 2-worker run's split coordinator, once
+# per epoch and split), and the once-per-process hint that progress bars are off (quiet_ray_data turns them off on
+# purpose). Ray Data's own ``hide`` attribute keeps them off its console handler and in its log file (ray-data.log).
+RAY_DATA_HIDDEN = {
+    "ray.data._internal.execution.streaming_executor": re.compile(r"Dataset \S+ execution finished in "),
+    "ray.data._internal.progress": re.compile(r"^Progress bars disabled\."),
+}
+
+
+class _HideOnConsole(logging.Filter):
+    """Mark a logger's records that match ``pattern`` with Ray Data's ``hide`` (its console handler's filter)."""
+
+    def __init__(self, pattern: re.Pattern) -> None:
+        super().__init__()
+        self.pattern = pattern
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.pattern.search(record.getMessage()):
+            record.hide = True
+        return True
+
+
+def _add_filter(name: str, make: Any) -> None:
+    """Give logger ``name`` a filter of ``make``'s type, once (a hook may run again in a process)."""
+    target = logging.getLogger(name)
+    made = make()
+    if not any(type(f) is type(made) for f in target.filters):
+        target.addFilter(made)
+
+
+def private_worker_setup_verbose() -> None:
+    """The ``worker_process_setup_hook`` of the private local Ray with -v: :func:`pin_ray_address`, and Ray Train's
+    warning that a resource request to the autoscaling coordinator timed out demoted to DEBUG
+    (:data:`TRAIN_REQUEST_LOGGER`): this Ray has no autoscaler for the request to reach. Neither imports Ray Train or
+    Ray Data (each worker runs it as it starts). A cluster the command joins keeps the warning."""
     pin_ray_address()
-    requests = logging.getLogger(TRAIN_REQUEST_LOGGER)
-    if not any(isinstance(f, _ToDebug) for f in requests.filters):
-        requests.addFilter(_ToDebug())
+    _add_filter(TRAIN_REQUEST_LOGGER, _ToDebug)
+
+
+def private_worker_setup() -> None:
+    """The same, and :data:`RAY_DATA_HIDDEN` off the console: the hook without -v."""
+    private_worker_setup_verbose()
+    for name, pattern in RAY_DATA_HIDDEN.items():
+        _add_filter(name, lambda: _HideOnConsole(pattern))
 
 
 _PRIVATE = {"started": False}
@@ -441,9 +477,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
                      "" if cores == 1 else "s", pool_cpus, num_cpus)
     # "local": a new Ray of its own, never the cluster a `ray start` on this machine left in /tmp/ray, which
     # ray.init() without an address joins (its resources are not this command's to size, nor its own to stop)
+    setup = private_worker_setup_verbose if verbose else private_worker_setup
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
              object_store_memory=object_store_mib * 2**20 if object_store_mib else None,
-             logging_level=logging.WARNING, runtime_env={"worker_process_setup_hook": private_worker_setup})
+             logging_level=logging.WARNING, runtime_env={"worker_process_setup_hook": setup})
     _keep_python_sigterm()
     drop_benign_ray_lines()
     _PRIVATE["started"], _PRIVATE["gcs"] = True, ray.get_runtime_context().gcs_address

@@ -735,6 +735,39 @@ def test_a_timed_out_resource_request_is_no_warning_on_the_local_ray(ray_local):
     assert [(level, shown) for level, _, shown, _ in here] == [(logging.WARNING, True)]
 
 
+def test_ray_datas_lines_for_each_run_of_a_dataset_stay_off_the_console_of_the_local_rays_workers(ray_local):
+    """A 2-worker run's split coordinator printed "✔️ Dataset train_.. execution finished in N seconds" per epoch and
+    split, and Ray Data's hint that progress bars are off (off on purpose). The private Ray's workers hide both
+    from the console as Ray Data's own ``hide`` does (its log file keeps them); its other lines still print."""
+    import logging
+
+    import ray
+
+    def run_a_dataset() -> list:
+        import ray.data
+        from ray.data._internal.logging import HiddenRecordFilter
+
+        seen = []
+        keep = logging.Handler(logging.INFO)
+        keep.emit = seen.append
+        logging.getLogger("ray.data").addHandler(keep)  # where the records of Ray Data's modules go
+        try:
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            ray.data.range(4, override_num_blocks=1).materialize()
+            logging.getLogger("ray.data._internal.execution.streaming_executor").info("another line")
+        finally:
+            logging.getLogger("ray.data").removeHandler(keep)
+        return [(r.getMessage(), HiddenRecordFilter().filter(r)) for r in seen]
+
+    fresh = {"env_vars": {"MMCTR_TEST_FRESH_WORKER": "1"}}  # a process of its own: Ray Data's hint is once a process
+    lines = dict(ray.get(ray.remote(num_cpus=0, runtime_env=fresh)(run_a_dataset).remote()))
+    finished = [line for line in lines if "execution finished in" in line]
+    hint = [line for line in lines if line.startswith("Progress bars disabled")]
+    assert len(finished) == 1 and len(hint) == 1, lines
+    assert not lines[finished[0]] and not lines[hint[0]]  # off the console
+    assert lines["another line"]  # the rest prints
+
+
 @pytest.mark.slow
 def test_the_process_group_of_a_group_with_a_dead_worker_ends_without_an_error(ray_local):
     """Before a restart Ray Train shuts the old group's process group down; the dead worker's call raised its
