@@ -192,6 +192,22 @@ def check_inputs(run_dir: Location, data_dir: str | Path, split: str = "test", o
     return rows
 
 
+def hidden_test_labels(data_dir: str | Path, rows: int) -> np.ndarray | None:
+    """The labels the test split hides, where synthetic data keeps them (``synthetic_truth/test_labels.parquet``), for
+    a test split of ``rows`` rows; None without that file, and with a warning when its rows are not the split's (a
+    test split cut or replaced since `mmctr synth` wrote it: the labels no longer belong to its rows, so no test AUC;
+    the submission itself scores the split as it is)."""
+    truth = Layout(data_dir).hidden_test_labels
+    if not truth.is_file():
+        return None
+    labels = pq.read_table(truth, columns=["label"]).column("label").to_numpy()
+    if len(labels) != rows:
+        log.warning("%s: %d labels for a test split of %d rows: no test AUC (the split is not the one `mmctr synth` "
+                    "wrote; `mmctr validate` says what differs)", truth, len(labels), rows)
+        return None
+    return labels
+
+
 def run_predict(run_dir: Location, data_dir: str | Path, out: str | Path, split: str = "test",
                 actors: int = 1, gpus_per_actor: float = 0.0, overwrite: bool = False) -> dict[str, Any]:
     """Score ``split`` and write the submission zip ``out``; return a summary (AUC when labels are known)."""
@@ -206,11 +222,12 @@ def run_predict(run_dir: Location, data_dir: str | Path, out: str | Path, split:
     write_submission(probs, out)
     summary: dict[str, Any] = {"submission": str(out), "rows": len(probs), "split": split,
                                "checkpoint": str(checkpoint)}
-    truth = Layout(data_dir).hidden_test_labels
     if split != "test":
         summary["metrics"] = evaluate(labels, probs, scores=logits)
-    elif truth.is_file():  # synthetic data: the test labels the real split hides
-        summary["metrics"] = evaluate(pq.read_table(truth).column("label").to_numpy(), probs, scores=logits)
+    else:
+        truth = hidden_test_labels(data_dir, len(probs))
+        if truth is not None:
+            summary["metrics"] = evaluate(truth, probs, scores=logits)
     oracle = Layout(data_dir).oracle
     if oracle.is_file() and split in ("valid", "test"):
         summary["oracle_auc"] = json.loads(oracle.read_text())[split]["oracle_auc"]

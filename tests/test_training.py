@@ -299,6 +299,37 @@ def test_predict_writes_the_submission_in_test_row_order(two_worker_run, synth_d
     assert f"test AUC {summary['metrics']['auc']:.4f}" in said and "oracle" not in said, said
 
 
+def test_predict_on_a_test_split_cut_since_synth_writes_the_submission_without_a_test_auc(synth_dir, tmp_path,
+                                                                                          monkeypatch, caplog):
+    """The hidden test labels of synthetic data no longer matched a test split cut since: predict ended in an
+    IndexError traceback (exit 1) after writing the zip. The submission scores the split as it is; the AUC against
+    labels of other rows is not computed, and a warning says why."""
+    import shutil
+
+    import mmctr_ray.predict
+
+    data = shutil.copytree(synth_dir, tmp_path / "cut", ignore=shutil.ignore_patterns("item_images"))
+    test = Layout(data).split("test")
+    pq.write_table(pq.read_table(test).slice(0, 399), test)  # 400 rows as synth wrote it
+    scored = []
+
+    def score_split(run_dir, data_dir, split, actors, gpus_per_actor):  # the scores of the rows there are
+        rows = pq.read_metadata(Layout(data_dir).split(split)).num_rows
+        scored.append(rows)
+        return np.linspace(-2, 2, rows), np.zeros(rows), tmp_path / "run" / "checkpoint_epoch_001"
+
+    monkeypatch.setattr(mmctr_ray.predict, "score_split", score_split)
+    with caplog.at_level("WARNING", logger="mmctr_ray.predict"):
+        summary = run_predict(tmp_path / "run", data, tmp_path / "sub.zip")
+    assert scored == [399] and summary["rows"] == 399 and "metrics" not in summary
+    with zipfile.ZipFile(tmp_path / "sub.zip") as zf:
+        assert len(zf.read("prediction.csv").decode().splitlines()) == 400  # the header and the 399 rows
+    assert f"{Layout(data).hidden_test_labels}: 400 labels for a test split of 399 rows: no test AUC" in caplog.text
+    summary = run_predict(tmp_path / "run", synth_dir, tmp_path / "whole.zip")  # the split as written: its AUC
+    assert summary["metrics"]["auc"] == pytest.approx(roc_auc_score(
+        pq.read_table(Layout(synth_dir).hidden_test_labels).column("label").to_numpy(), np.linspace(-2, 2, 400)))
+
+
 def plain_cfg(*sets: str):
     """The deterministic config of :func:`plain_run`, with dropout and a local shuffle buffer, so that the seeding of
     the masks and of the shuffle counts too."""
