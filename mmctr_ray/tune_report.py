@@ -62,21 +62,22 @@ def search_of(run_dir: Path) -> Path | None:
 ASHA_RECORDS = "asha.json"  # TUNE/asha.json: ASHA's rung records and the trials it stopped (mmctr_ray.asha)
 
 
-def asha_stopped(tdir: Path, fifo: bool = False) -> set[str] | None:
-    """The ids of the trials ASHA stopped in the search in ``tdir``; None where that is not known: no records
-    (a search older than them) or records without the full list (older, or resumed from older ones), or records
-    that cannot be read. ``fifo``: the search has no ASHA (every trial runs to its end), so none was stopped."""
+def asha_stopped(tdir: Path, fifo: bool = False) -> dict[str, float] | None:
+    """The trials ASHA stopped in the search in ``tdir``, each with the epoch it stopped it at; None where that is
+    not known: no records (a search older than them) or records without the full list (older, or resumed from older
+    ones), or records that cannot be read. ``fifo``: the search has no ASHA (every trial runs to its end), so none
+    was stopped."""
     path = tdir / ASHA_RECORDS
     if fifo:
-        return set()
+        return {}
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return set(saved["stopped"]) if "stopped" in saved and saved.get("stops_complete", True) else None
+    return dict(saved["stopped"]) if "stopped" in saved and saved.get("stops_complete", True) else None
 
 
-def trial_outcome(run: Path, epochs: int, max_epochs: int, stopped: set[str] | None = None) -> str:
+def trial_outcome(run: Path, epochs: int, max_epochs: int, stopped: dict[str, float] | None = None) -> str:
     """How a trial stands: a run that returned wrote its ``summary.json``; of the others, those ASHA stopped
     (``stopped``, :func:`asha_stopped`; None: any) were pruned and the rest still run, or ran when the search was
     interrupted (Ctrl-C), and ``--resume`` continues them."""
@@ -95,6 +96,10 @@ def _trial_rows(tdir: Path, space: SearchSpace, errors: dict[str, str],
         trial_id = params_file.name.removesuffix(".params.json")
         run = params_file.with_name(trial_id)
         history = read_metrics(run, missing_ok=True)
+        if stopped and trial_id in stopped and not (run / "summary.json").is_file():
+            # what ASHA and the study judged: the run goes on until Tune's stop reaches it, and a short epoch (a
+            # small split, an epoch from the kept shard) can end, and write its row, before that
+            history = [row for row in history if row["epoch"] <= stopped[trial_id]]
         error = next((msg for name, msg in errors.items() if trial_id in name), None)
         best = best_epoch(history) if history else None
         best = best if best and math.isfinite(best["valid_auc"]) else None  # no finite AUC: no result to rank

@@ -542,6 +542,35 @@ def test_a_fused_base_table_is_refitted_only_when_the_trial_samples_fusion(tmp_p
     _refuse_placeholders(tmp_path, load_search(tmp_path / "s.yaml"), "shipped")  # the base table: no vector read
 
 
+def test_a_pruned_trial_counts_the_epochs_asha_judged_not_one_its_run_ended_before_the_stop_reached_it(tmp_path):
+    """Tune's stop reaches a trial's run a moment after ASHA's decision: an epoch that short (a small split, an epoch
+    from the kept shard) ended and wrote its row first, and results.csv then called the trial pruned with that later
+    epoch as its best, where the log, ASHA's records and the study had the epoch ASHA stopped it at."""
+    from mmctr_ray.config import save_config
+    from mmctr_ray.tune_report import write_outputs
+
+    tdir = tmp_path / "tune"
+    tdir.mkdir()
+    (tdir / "search.yaml").write_text((ROOT / "configs/search_tiny.yaml").read_text())
+    (tdir / "settings.json").write_text(json.dumps({"overrides": []}))
+    aucs = {"won": [0.70, 0.72], "cut": [0.52, 0.54]}  # max_epochs 2; "cut" stopped at epoch 1, then ran epoch 2
+    for trial, values in aucs.items():
+        (tdir / "trials" / trial).mkdir(parents=True)
+        (tdir / "trials" / f"{trial}.params.json").write_text(json.dumps({"train.lr": 1e-3}))
+        save_config(load_config(ROOT / "configs/tiny.yaml"), tdir / "trials" / trial / "config.yaml")
+        (tdir / "trials" / trial / "metrics.jsonl").write_text("".join(
+            json.dumps({"epoch": e, "valid_auc": auc, "valid_auc_se": 0.02}) + "\n" for e, auc in enumerate(values, 1)))
+    (tdir / "trials" / "won" / "summary.json").write_text("{}")
+    (tdir / "asha.json").write_text(json.dumps({"brackets": [], "stopped": {"cut": 1.0}}))
+    summary = write_outputs(tdir)
+    assert summary["pruned"] == 1 and summary["completed"] == 1
+    with open(tdir / "results.csv", newline="") as f:
+        rows = {r["trial_id"]: r for r in csv.DictReader(f)}
+    assert (rows["cut"]["status"], rows["cut"]["best_valid_auc"], rows["cut"]["best_epoch"], rows["cut"]["epochs"]) \
+        == ("pruned", "0.52", "1", "1")
+    assert (rows["won"]["best_valid_auc"], rows["won"]["epochs"]) == ("0.72", "2")  # a completed trial: every epoch
+
+
 def test_report_keeps_a_failed_trials_error_status(tmp_path):
     """`mmctr report TUNE` rebuilds the tables without Tune's results: the errors and the trials the search saw
     come from tune_results.json (before, a trial that failed at epoch 1 was listed as pruned, and a folder Tune
@@ -609,7 +638,7 @@ def test_an_ended_trial_is_one_line_with_the_best_so_far_and_the_time_left(tmp_p
     assert [trial_outcome(run, 0, 3), trial_outcome(run, 1, 3)] == ["no result", "pruned"]  # records without stops
     # a trial with epochs and no summary: pruned if ASHA stopped it, else it runs (or ran when Ctrl-C came, and
     # --resume continues it); before, every such trial was called pruned
-    assert asha_stopped(tmp_path, fifo=True) == set()  # no ASHA: nothing stopped
+    assert asha_stopped(tmp_path, fifo=True) == {}  # no ASHA: nothing stopped
     assert asha_stopped(tmp_path) is None  # ASHA without records: a search older than them, stops unknown
     (tmp_path / "asha.json").write_text(json.dumps({"brackets": [], "stopped": {"u": 1.0}}))
     assert trial_outcome(run, 1, 3, asha_stopped(tmp_path)) == "running"
