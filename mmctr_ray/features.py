@@ -263,8 +263,25 @@ def to_model_batch(batch: pa.Table, max_len: int, source: str = "split") -> dict
     # the test split's label is a placeholder, possibly null: nulls become 0
     out["label"] = pc.fill_null(batch.column("label"), 0).to_numpy().astype(np.float32, copy=False)
     seq = list_matrix(batch.column("item_seq"), f"{source}: column item_seq").astype(np.int64, copy=False)
+    check_left_padded(seq, f"{source}: column item_seq")
     out["item_seq"] = history_window(seq, max_len)
     return out
+
+
+def check_left_padded(seq: np.ndarray, where: str) -> None:
+    """A one-line DataError when a (B, W) history holds a padding 0 after an item id: right-padded, or a gap. The
+    model reads the last ``max_len`` slots as the most recent clicks, so such a row would train and score on an
+    empty or cut history without a word (`mmctr validate` reports it, with the row in the file). ~0.4 ms for
+    8192 × 100 ids (2-core VM), in the Ray Data tasks that feed the workers."""
+    real = seq != PAD_ID
+    gaps = real[:, :-1] > real[:, 1:]  # an id, then a 0
+    if gaps.any():
+        row = seq[int(np.flatnonzero(gaps.any(axis=1))[0])]
+        first = int(np.flatnonzero(row)[0])
+        shown = row[first:first + 8].tolist()
+        raise DataError(f"{where}: a history with a padding 0 after an item id ({shown}"
+                        f"{'…' if len(row) - first > 8 else ''}); expected left-padded lists, all 0s before the "
+                        f"history, most recent last (run `mmctr validate` for the row)")
 
 
 # Ray Data's Parquet reader (V2, Ray 2.60's default) lists every read's files on a pool of footer-reading actors it

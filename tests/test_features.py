@@ -53,6 +53,25 @@ def test_to_model_batch_dtypes_and_truncation():
     np.testing.assert_array_equal(history_mask(out["item_seq"]).sum(1), [2, 64, 64])
 
 
+@pytest.mark.parametrize("history, shown", [
+    ([85, 85, 85] + [0] * 97, "[85, 85, 85, 0, 0, 0, 0, 0]…"),  # right-padded: the last 64 slots are all 0
+    ([0] * 90 + [4, 5, 0, 6] + [7] * 6, "[4, 5, 0, 6, 7, 7, 7, 7]…"),  # a gap inside the history
+    ([0] * 97 + [3, 4, 0], "[3, 4, 0]"),
+])
+def test_a_history_that_is_not_left_padded_is_one_line_not_a_silently_empty_history(history, shown):
+    """`train` read a right-padded row as an empty history (its last slots) without a word, while `mmctr validate`
+    reports it and the README said a worker meeting such a row ends the run."""
+    good = [0] * 98 + [1, 2]
+    batch = pa.table({"user_id": [1, 2], "item_seq": pa.array([good, history], pa.list_(pa.int64())),
+                      "item_id": [4, 5], "likes_level": [0, 1], "views_level": [1, 0], "label": [1.0, 0.0]})
+    with pytest.raises(DataError) as err:
+        to_model_batch(batch, max_len=64, source="train.parquet")
+    assert str(err.value) == (f"train.parquet: column item_seq: a history with a padding 0 after an item id ({shown}); "
+                              "expected left-padded lists, all 0s before the history, most recent last (run `mmctr "
+                              "validate` for the row)")
+    assert to_model_batch(batch.slice(0, 1), max_len=64)["item_seq"].shape == (1, 64)  # the left-padded row passes
+
+
 def test_list_matrix_rejects_ragged_lists():
     arr = pa.array([[1, 2, 3], [1, 2]], pa.list_(pa.int64()))
     with pytest.raises(DataError, match="row 1 has 2"):
