@@ -4,7 +4,8 @@ however large the splits, and bad input ends as one line naming the file, the co
 worker's traceback after Ray has started.
 
 They are not a full validation: a value that column statistics cannot show (a history with a gap in its padding) is
-for ``mmctr validate``, which scans every row.
+for ``mmctr validate``, which scans every row, and for the workers that convert each batch
+(:func:`mmctr_ray.features.check_left_padded`), which end the run on it.
 """
 
 from __future__ import annotations
