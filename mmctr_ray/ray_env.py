@@ -163,13 +163,34 @@ def _add_filter(name: str, make: Any) -> None:
         target.addFilter(made)
 
 
+# Ray Train's placement-group cleaner (on in `mmctr tune`: see init_ray) warns "Detected that the Ray Train controller
+# actor (...) is dead. Cleaning up placement group ..." whenever a trial's controller ends before its group was
+# removed: its designed path each time ASHA stops a trial. Its process has no Ray Train log configuration (its lines
+# go to Ray's own handler at every level), so the private Ray's workers drop that line; its other warnings stay.
+PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+PG_CLEANED = re.compile(r"^Detected that the Ray Train controller actor \(\S+\) is dead\. Cleaning up placement group")
+
+
+class _Drop(logging.Filter):
+    """Drop a logger's records that match ``pattern``."""
+
+    def __init__(self, pattern: re.Pattern) -> None:
+        super().__init__()
+        self.pattern = pattern
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
 def private_worker_setup_verbose() -> None:
     """The ``worker_process_setup_hook`` of the private local Ray with -v: :func:`pin_ray_address`, and Ray Train's
     warning that a resource request to the autoscaling coordinator timed out demoted to DEBUG
-    (:data:`TRAIN_REQUEST_LOGGER`): this Ray has no autoscaler for the request to reach. Neither imports Ray Train or
-    Ray Data (each worker runs it as it starts). A cluster the command joins keeps the warning."""
+    (:data:`TRAIN_REQUEST_LOGGER`): this Ray has no autoscaler for the request to reach; and the placement-group
+    cleaner's line for a trial's ended controller dropped (:data:`PG_CLEANED`). Neither imports Ray Train or Ray Data
+    (each worker runs it as it starts). A cluster the command joins keeps both lines."""
     pin_ray_address()
     _add_filter(TRAIN_REQUEST_LOGGER, _ToDebug)
+    _add_filter(PG_CLEANER_LOGGER, lambda: _Drop(PG_CLEANED))
 
 
 def private_worker_setup() -> None:

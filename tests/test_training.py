@@ -766,6 +766,44 @@ def test_a_timed_out_resource_request_is_no_warning_on_the_local_ray(ray_local):
     assert [(level, shown) for level, _, shown, _ in here] == [(logging.WARNING, True)]
 
 
+def test_the_cleaners_line_for_a_trials_ended_controller_is_dropped_on_the_local_ray(ray_local):
+    """In `mmctr tune` Ray Train's placement-group cleaner warned "Detected that the Ray Train controller actor (...)
+    is dead. Cleaning up placement group ..." after every trial ASHA stopped: its designed path. The private Ray's
+    workers drop that line; the cleaner still removes the group, and a process without that setup still warns."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    from mmctr_ray.ray_env import PG_CLEANER_LOGGER
+
+    def clean(group) -> list:
+        """Ray Train's cleaner on a group whose controller is gone: the messages its logger passes on."""
+        import logging
+
+        from ray.train.v2._internal.execution.controller import placement_group_cleaner as cleaner
+
+        seen = []
+        keep = logging.Handler()
+        keep.emit = seen.append
+        cleaner.logger.addHandler(keep)
+        try:
+            cleaner.PlacementGroupCleaner("ffffffffffffffffffffffff01000000", 1.0, 1.0, None)._cleanup_placement_group(
+                group)
+        finally:
+            cleaner.logger.removeHandler(keep)
+        return [(r.levelname, r.getMessage()) for r in seen]
+
+    groups = [placement_group([{"CPU": 0.1}]) for _ in range(2)]
+    ray.get([g.ready() for g in groups])
+    assert ray.get(ray.remote(num_cpus=0)(clean).remote(groups[0])) == []  # a worker of the private Ray
+    assert placement_group_table(groups[0])["state"] == "REMOVED"  # cleaned all the same
+    said = clean(groups[1])  # the test's process: no setup hook ran here
+    assert [level for level, _ in said] == ["WARNING"] and said[0][1].startswith(
+        "Detected that the Ray Train controller actor (ffffffffffffffffffffffff01000000) is dead. Cleaning up ")
+    from ray.train.v2._internal.execution.controller import placement_group_cleaner
+
+    assert placement_group_cleaner.logger.name == PG_CLEANER_LOGGER
+
+
 def test_ray_datas_lines_for_each_run_of_a_dataset_stay_off_the_console_of_the_local_rays_workers(ray_local):
     """A 2-worker run's split coordinator printed "✔️ Dataset train_.. execution finished in N seconds" per epoch and
     split, and Ray Data's hint that progress bars are off (off on purpose). The private Ray's workers hide both
