@@ -536,8 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", nargs="?", type=_local_path, help="data directory (holds MicroLens_1M_x1/)")
     p.add_argument("--data", dest="data_option", type=_local_path, metavar="DATA",
                    help="the same, spelt as the other stages spell it")
-    p.add_argument("--expect-test-rows", type=int, help="rows the test split must have (default: from synth.json, "
-                                                        "or 379,142 for the real MicroLens_1M_x1)")
+    p.add_argument("--expect-test-rows", type=POSITIVE_INT,
+                   help="rows the test split must have (default: from synth.json, or 379,142 for the real "
+                        "MicroLens_1M_x1)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("convert", help="raw MicroLens files → the challenge layout (Ray Data; ids, histories, "

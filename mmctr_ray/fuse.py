@@ -251,6 +251,8 @@ def fusion_overrides(table_path: str | Path) -> list[str]:
     ``.fusion.json`` (so the run's config says which fusion it was trained on)."""
     table = Path(table_path)
     expected = "a fused item table written by `mmctr fuse` (item_id, item_emb)"
+    if not table.exists():
+        raise ConfigError(f"{table}: missing file; --fusion needs {expected}")
     if not table.is_file() or "item_emb" not in open_parquet(table, expected).schema_arrow.names:
         raise ConfigError(f"{table}: --fusion needs {expected}")
     out = [f"data.item_vector={table.resolve()}"]

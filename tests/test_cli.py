@@ -147,6 +147,16 @@ def test_a_too_small_object_store_is_refused_before_anything_is_written(synth_di
     assert args.object_store_mib == 512
 
 
+@pytest.mark.parametrize("rows, expected", [("-3", "a value above 0, got -3"), ("0", "a value above 0, got 0"),
+                                             ("1.5", "an integer, got '1.5'")])
+def test_validate_takes_a_positive_count_of_test_rows(synth_dir, rows, expected, capsys):
+    """`validate --expect-test-rows -3` read the data and reported "a submission needs -3 (as requested)"."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", str(synth_dir), "--expect-test-rows", rows])
+    assert exit_info.value.code == 2
+    assert f"argument --expect-test-rows: expected {expected}" in capsys.readouterr().err
+
+
 def test_a_search_whose_every_trial_failed_exits_1(tmp_path, monkeypatch, caplog):
     """It logged "no trial reported a valid AUC" and exited 0: a cluster job saw success."""
     import mmctr_ray.cli as cli

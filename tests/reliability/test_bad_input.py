@@ -242,6 +242,10 @@ def fusion_not_a_fused_table(d, t):
     return [*_train(d, t), "--fusion", str(item_info(d))]
 
 
+def fusion_missing(d, t):
+    return [*_train(d, t), "--fusion", str(t / "nofuse.parquet")]
+
+
 def _fused(d: Path, out: Path, strategy: str = "v1") -> Path:
     from mmctr_ray.config import FusionConfig
     from mmctr_ray.fuse import run_fuse
@@ -534,6 +538,8 @@ CASES = [
     (resume_on_a_rewritten_fused_table, ["e.parquet: rewritten since", "checkpoint_epoch_001 was trained on it"],
      ["run/checkpoint_epoch_002"]),
     (fusion_not_a_fused_table, ["item_info.parquet: --fusion needs a fused item table written by `mmctr fuse`"],
+     ["run"]),
+    (fusion_missing, ["nofuse.parquet: missing file; --fusion needs a fused item table written by `mmctr fuse`"],
      ["run"]),
     (source_not_parquet, ["raw.embed.json: not a readable parquet file (", "expected the raw item vectors"],
      ["fused.parquet"]),
