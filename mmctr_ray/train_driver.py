@@ -290,11 +290,11 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     data_dir = Path(data_dir).resolve()
     run = run_location(run_dir)
     cfg = _absolute_item_vector(cfg)
+    _check_run_dir(run, cfg, resume, overwrite)  # first: a refused resume said "training ..." before it said why
     latest = latest_checkpoint(run) if resume else None  # where a resume continues (the driver writes none)
     rows, fmap = check_inputs(data_dir, cfg, resume, latest)  # bad input fails here, before RUN is touched
     check_batch_size(cfg.train.batch_size, rows["train"], workers)
     check_batch_norm_rows(cfg.train.batch_size, workers, cfg.model.batch_norm)
-    _check_run_dir(run, cfg, resume, overwrite)
     if resume:  # the data the run started on: checked before Ray starts and RUN is touched (before, a refused
         _check_feature_map(run, fmap)  # resume had already dropped summary.json and saved its config.yaml)
     ended = _nothing_to_train(run, cfg) if resume and not callbacks else None  # (a Tune trial, with callbacks,

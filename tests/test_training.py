@@ -1430,8 +1430,9 @@ def test_ctrl_c_before_the_first_checkpoint_is_one_line_too(ray_local, synth_dir
     assert str(stopped.value) == f"{run} holds no checkpoint yet" and stopped.value.signum == signal.SIGINT
 
 
-def test_a_resume_that_changes_more_than_train_names_the_key(tmp_path):
-    """Only train.* may change on --resume; the refusal said "a different model section" without the key."""
+def test_a_resume_that_changes_more_than_train_names_the_key(tmp_path, synth_dir, caplog):
+    """Only train.* may change on --resume; the refusal said "a different model section" without the key, and it
+    came after the line that describes the run ("training config `tiny`: ... dropout 0.33"), as if it trained."""
     from mmctr_ray.config import save_config
     from mmctr_ray.errors import ConfigError
     from mmctr_ray.train_driver import _check_run_dir
@@ -1442,3 +1443,6 @@ def test_a_resume_that_changes_more_than_train_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match=re.escape(f"{tmp_path}: --resume with model.dropout=0.33 where the run's "
                                                     f"config.yaml has {dropout!r}; only train.* may change")):
         _check_run_dir(tmp_path, tiny_cfg("model.dropout=0.33"), resume=True, overwrite=False)
+    with caplog.at_level("INFO", logger="mmctr_ray"), pytest.raises(ConfigError, match="only train.* may change"):
+        run_training(synth_dir, str(tmp_path), tiny_cfg("model.dropout=0.33"), resume=True)
+    assert not [r for r in caplog.records if r.getMessage().startswith("training ")]  # nothing said of a run
