@@ -23,7 +23,9 @@ so PCA sizes are sampled only for the strategies that use them. Choices may be l
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,6 +261,14 @@ def _check_pairs(space: SearchSpace, where: str) -> None:
                                           f"config ({err}); a trial can draw them together") from None
 
 
+def _valid_base(raw: dict[str, Any]) -> bool:
+    try:
+        from_dict(raw)
+    except ConfigError:
+        return False
+    return True
+
+
 def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = (), strict: bool = True) -> SearchSpace:
     """Parse the ``search:`` section of ``path``; the other sections (plus ``overrides``) are the base config.
     An override ``search.KEY=V`` (``--set search.max_epochs=2``) sets the search section's own key.
@@ -269,14 +279,21 @@ def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = (), s
     search = raw.pop("search", None)
     if not isinstance(search, dict) or not isinstance(search.get("space"), dict) or not search["space"]:
         raise ConfigError(f"{where}: expected a search: section with a non-empty space: mapping")
+    own_keys, own_base = set(search), copy.deepcopy(raw)  # the file's own: whose mistake an error is
     for assignment in overrides:  # search.* into the search section (the same dict), the rest into the base
         if assignment.strip().startswith("search.space"):
             raise ConfigError(f"--set {assignment}: the search space is set in the YAML, not with --set")
         apply_override({"search": search} if assignment.strip().startswith("search.") else raw, assignment)
-    unknown = set(search) - set(SEARCH_KEYS)
+    unknown = sorted(set(search) - set(SEARCH_KEYS))
     if unknown:
-        raise ConfigError(f"{where}: unknown key search.{sorted(unknown)[0]} (known: {', '.join(SEARCH_KEYS)})")
-    from_dict(raw)  # the base must be a valid config on its own
+        close = difflib.get_close_matches(unknown[0], SEARCH_KEYS, n=1)
+        hint = f"did you mean search.{close[0]}?" if close else f"known: {', '.join(SEARCH_KEYS)}"
+        whose = where if unknown[0] in own_keys else "--set"
+        raise ConfigError(f"{whose}: unknown key search.{unknown[0]} ({hint})")
+    try:
+        from_dict(raw)  # the base must be a valid config on its own
+    except ConfigError as err:
+        raise ConfigError(f"{'--set' if overrides and _valid_base(own_base) else where}: {err}") from None
     keys = list(search["space"])
     for key in keys:
         _check_key(key, where)

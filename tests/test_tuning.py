@@ -1136,12 +1136,29 @@ def test_a_restored_progress_callback_reads_this_searchs_trials(tmp_path, monkey
     assert "trial t1 completed: best valid AUC 0.8000 at epoch 2" in caplog.text
 
 
-def test_set_reaches_the_search_sections_own_keys():
+def test_set_reaches_the_search_sections_own_keys(tmp_path):
     """`tune --set search.max_epochs=1` was refused with "unknown config key search", for a file with a search:."""
     space = load_search(ROOT / "configs/search_tiny.yaml", ["search.max_epochs=1", "search.grace_period=1",
                                                             "search.num_samples=3", "train.lr=0.01"])
     assert (space.max_epochs, space.num_samples, space.base["train"]["lr"]) == (1, 3, 0.01)
-    with pytest.raises(ConfigError, match=r"unknown key search.num_sample \(known: num_samples, max_epochs"):
+    # a mistake of --set is said to be one, with the key it resembles (it blamed the file and listed every key,
+    # or named no one)
+    with pytest.raises(ConfigError,
+                       match=r"^--set: unknown key search.num_sample \(did you mean search.num_samples\?\)$"):
         load_search(ROOT / "configs/search_tiny.yaml", ["search.num_sample=3"])
+    with pytest.raises(ConfigError,
+                       match=r"^--set: unknown config key model.dnn_unit \(did you mean model.dnn_units\?"):
+        load_search(ROOT / "configs/search_tiny.yaml", ["model.dnn_unit=[8]"])
+    raw = yaml.safe_load((ROOT / "configs/search_tiny.yaml").read_text())  # the file's own mistakes stay the file's
+    raw["search"]["max_epoch"], raw["model"]["dnn_unit"] = 2, [8]
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))}: unknown key search.max_epoch \(did you mean "
+                                          r"search.max_epochs\?\)$"):
+        load_search(bad)
+    del raw["search"]["max_epoch"]
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))}: unknown config key model.dnn_unit"):
+        load_search(bad, ["train.lr=0.01"])
     with pytest.raises(ConfigError, match=r"^--set search.space.model.dropout=1: the search space is set in the YAML"):
         load_search(ROOT / "configs/search_tiny.yaml", ["search.space.model.dropout=1"])
