@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from mmctr_ray import storage
 from mmctr_ray.errors import DataError, first_line  # DataError re-exported
-from mmctr_ray.schema import NO_PARTS, PAD_ID, SPLITS, Layout
+from mmctr_ray.schema import NO_PARTS, PAD_ID, SPLITS, Layout, history_around_gap
 
 SPLIT_FEATURES = ("user_id", "item_id", "likes_level", "views_level", "label")
 MODEL_INPUTS = ("item_id", "item_seq", "likes_level", "views_level", "user_id")  # what DINModel reads
@@ -277,11 +277,9 @@ def check_left_padded(seq: np.ndarray, where: str) -> None:
     gaps = real[:, :-1] > real[:, 1:]  # an id, then a 0
     if gaps.any():
         row = seq[int(np.flatnonzero(gaps.any(axis=1))[0])]
-        first = int(np.flatnonzero(row)[0])
-        shown = row[first:first + 8].tolist()
-        raise DataError(f"{where}: a history with a padding 0 after an item id ({shown}"
-                        f"{'…' if len(row) - first > 8 else ''}); expected left-padded lists, all 0s before the "
-                        f"history, most recent last (run `mmctr validate` for the row)")
+        shown = history_around_gap(row[int(np.flatnonzero(row)[0]):].tolist())
+        raise DataError(f"{where}: a history with a padding 0 after an item id ({shown}); expected left-padded "
+                        f"lists, all 0s before the history, most recent last (run `mmctr validate` for the row)")
 
 
 # Ray Data's Parquet reader (V2, Ray 2.60's default) lists every read's files on a pool of footer-reading actors it

@@ -195,3 +195,14 @@ def kind_name(kind: object) -> str:
         _, inner, width = kind
         return f"list<{inner}> of length {width}" if width else f"list<{inner}>"
     return {"int": "integer", "float": "float", "str": "string"}[kind]  # type: ignore[index]
+
+
+SHOWN_IDS = 12  # the most ids of a history an error message shows
+
+
+def history_around_gap(history: list[int]) -> str:
+    """A history that is not left-padded, from its first id, for an error message: up to its first padding 0, the
+    last :data:`SHOWN_IDS` ids at most, "…" for what is left out."""
+    end = history.index(PAD_ID) + 1
+    shown = ", ".join(str(v) for v in history[max(0, end - SHOWN_IDS):end])
+    return f"[{'…, ' if end > SHOWN_IDS else ''}{shown}{', …' if len(history) > end else ''}]"

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mmctr_ray.schema import (ITEM_FEATURE_COLUMNS, ITEM_INFO_COLUMNS, LEVELS, NO_PARTS, REAL_NUM_ITEMS,
-                              REAL_TEST_ROWS, SPLIT_COLUMNS, SPLITS, Layout, kind_name)
+                              REAL_TEST_ROWS, SPLIT_COLUMNS, SPLITS, Layout, history_around_gap, kind_name)
 
 BATCH_BYTES = 32 << 20  # decoded bytes per scanned batch: bounds memory for wide files (item_feature)
 
@@ -68,6 +68,10 @@ def _kind_matches(actual: object, expected: object) -> bool:
     return actual == expected
 
 
+class _Text(str):
+    """An offender's description, shown as it is (not as a quoted repr)."""
+
+
 @dataclass
 class _Tally:
     """Counts of one kind of bad value in one column, with the first offender."""
@@ -83,7 +87,7 @@ class _Tally:
                 value = values[idx[0]]
                 value = value.item() if isinstance(value, np.generic) else value  # 5, not np.int64(5)
                 row = int(rows[idx[0]]) if rows is not None else int(idx[0])
-                self.first = f"{value!r} at row {offset + row}"
+                self.first = f"{value if isinstance(value, _Text) else repr(value)} at row {offset + row}"
             self.count += len(idx)
 
 
@@ -149,8 +153,11 @@ def _list_values(check: _FileCheck, col: pa.Array, name: str, width: int | None,
                  offset: int) -> tuple[np.ndarray, np.ndarray]:
     """Check list lengths and nulls inside lists; return the flattened values and the row of each, as numpy."""
     lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
-    if width is not None:
-        check.bad(name, f"lists of length {width}", lengths != width, lengths, offset)
+    if width is not None and (lengths != width).any():
+        shown = np.empty(len(lengths), dtype=object)
+        i = int(np.flatnonzero(lengths != width)[0])
+        shown[i] = _Text(f"a list of {lengths[i]}")
+        check.bad(name, f"lists of length {width}", lengths != width, shown, offset)
     flat = pc.list_flatten(col)
     rows = pc.list_parent_indices(col).to_numpy(zero_copy_only=False)
     if flat.null_count:
@@ -192,7 +199,8 @@ def _scan_split(check: _FileCheck, pf: pq.ParquetFile, n_items: int | None, is_t
                 if gap.any():
                     shown = np.empty(len(gap), dtype=object)
                     i = int(np.flatnonzero(gap)[0])
-                    shown[i] = "history " + str(mat[i][np.argmax(mat[i] > 0):].tolist())  # from the first item
+                    history = mat[i][np.argmax(mat[i] > 0):].tolist()  # from the first item
+                    shown[i] = _Text(f"history {history_around_gap(history)}")
                     check.bad("item_seq", "left-padded (all padding 0s before the history, most recent last)",
                               gap, shown, offset)
         for name in ("likes_level", "views_level"):

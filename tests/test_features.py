@@ -54,8 +54,9 @@ def test_to_model_batch_dtypes_and_truncation():
 
 
 @pytest.mark.parametrize("history, shown", [
-    ([85, 85, 85] + [0] * 97, "[85, 85, 85, 0, 0, 0, 0, 0]…"),  # right-padded: the last 64 slots are all 0
-    ([0] * 90 + [4, 5, 0, 6] + [7] * 6, "[4, 5, 0, 6, 7, 7, 7, 7]…"),  # a gap inside the history
+    ([85, 85, 85] + [0] * 97, "[85, 85, 85, 0, …]"),  # right-padded: the last 64 slots are all 0
+    ([0] * 90 + [4, 5, 0, 6] + [7] * 6, "[4, 5, 0, …]"),  # a gap inside the history
+    ([0] * 70 + list(range(1, 21)) + [0] * 10, "[…, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 0, …]"),
     ([0] * 97 + [3, 4, 0], "[3, 4, 0]"),
 ])
 def test_a_history_that_is_not_left_padded_is_one_line_not_a_silently_empty_history(history, shown):

@@ -176,7 +176,7 @@ def test_item_seq_id_out_of_range(data, value):
 
 def test_item_seq_of_wrong_length(data):
     rewrite(data / VALID, lambda t: set_cell("item_seq", 3, t["item_seq"][3].as_py()[1:])(t))
-    the_error(data, VALID, "item_seq", "lists of length 100", "first 99 at row 3")
+    the_error(data, VALID, "item_seq", "lists of length 100; first a list of 99 at row 3")  # was "first 99"
 
 
 def test_item_seq_not_left_padded(data):
@@ -184,7 +184,11 @@ def test_item_seq_not_left_padded(data):
     start = next(i for i, v in enumerate(seq) if v)
     assert start < 99  # a history of at least two items
     rewrite(data / VALID, set_elem("item_seq", 5, -1, 0))  # a 0 after the first real item
-    the_error(data, VALID, "item_seq", "left-padded", "at row 5", f"history {seq[start:-1] + [0]}")
+    shown = seq[start:-1] + [0]  # the history up to its gap, its last 12 ids at most, as is (it was quoted whole)
+    shown = ("[…, " if len(shown) > 12 else "[") + ", ".join(map(str, shown[-12:])) + "]"
+    the_error(data, VALID, "item_seq", "left-padded", f"; first history {shown} at row 5")
+    rewrite(data / VALID, lambda t: set_cell("item_seq", 5, [7, 8, 9] + [0] * 97)(t))  # right-padded
+    the_error(data, VALID, "item_seq", "; first history [7, 8, 9, 0, …] at row 5")
 
 
 @pytest.mark.parametrize("placeholder", [lambda n: np.full(n, -1.0), lambda n: pa.nulls(n, pa.float64())],
@@ -219,7 +223,7 @@ def test_item_info_padding_row_not_zero(data, column, value, shown):
 @pytest.mark.parametrize("file", [INFO, FEATURE])
 def test_item_tags_wrong_length(data, file):
     rewrite(data / file, set_cell("item_tags", 9, [1, 2, 3]))
-    the_error(data, file, "item_tags", "lists of length 5", "first 3 at row 9")
+    the_error(data, file, "item_tags", "lists of length 5", "first a list of 3 at row 9")
 
 
 @pytest.mark.parametrize("file,column", [(INFO, "item_emb_d128"), (FEATURE, "txt_emb_BERT"),
@@ -234,7 +238,7 @@ def test_embedding_not_finite(data, file, column, value):
                                                (FEATURE, "img_emb_CLIPRN50", 1024)])
 def test_embedding_wrong_width(data, file, column, width):
     rewrite(data / file, set_cell(column, 2, [0.5] * (width - 1)))
-    the_error(data, file, column, f"lists of length {width}", f"first {width - 1} at row 2")
+    the_error(data, file, column, f"lists of length {width}", f"first a list of {width - 1} at row 2")
 
 
 def test_item_info_of_only_the_padding_row(data):
