@@ -139,8 +139,15 @@ def check_fused_for(path: str | Path, summary: dict[str, Any] | None, data_dir: 
 
 
 def check_same_table(saved: dict[str, Any], now: dict[str, Any], where: str) -> None:
-    """A one-line DataError when the fused table a checkpoint was trained on (``saved``, its item_source.json) has
-    been rewritten since (``now``, the table as it is): the model would meet other vectors than it learnt."""
+    """A one-line DataError when the item vectors a checkpoint was trained on (``saved``, its item_source.json) are
+    not the ones now (``now``): a fused table rewritten since, or, for item_info's own vectors (``given``), the items
+    of other data or an item_info rewritten since (:func:`items_fingerprint`; checkpoints from before it was kept are
+    not compared). The model would meet other vectors and tags than it learnt, for the same item ids."""
+    if saved.get("item_vector") == "given" == now.get("item_vector") and saved.get("items") and \
+            saved["items"] != now.get("items"):
+        raise DataError(f"{now.get('file')}: its items (item_tags, item_emb_d128) are not those {where} was trained "
+                        f"on: other data, or item_info rewritten since; use the data the run was trained on, or "
+                        f"train again")
     then = (saved.get("fusion") or {}).get("table")
     if then and then != (now.get("fusion") or {}).get("table"):
         raise DataError(f"{now.get('file')}: rewritten since {where} was trained on it (a new `mmctr fuse` into the "
@@ -181,7 +188,8 @@ def load_item_table(data_dir: str | Path, item_vector: str = "given") -> ItemTab
                             f"expected real item vectors: embed and fuse, then train with --fusion FILE")
         vectors = list_matrix(info.column("item_emb_d128"), f"{lay.item_info}: column item_emb_d128")
         vectors = vectors.astype(np.float32)
-        source = {"item_vector": "given", "file": str(lay.item_info), "column": "item_emb_d128"}
+        source = {"item_vector": "given", "file": str(lay.item_info), "column": "item_emb_d128",
+                  "items": items_fingerprint(info, str(lay.item_info))}
     else:
         vectors = _read_fused(Path(item_vector), len(ids) - 1)
         from mmctr_ray.fuse import read_fusion_summary

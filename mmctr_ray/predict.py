@@ -55,13 +55,13 @@ def load_model(checkpoint_dir: Location, data_dir: str | Path, device: str = "cp
         tune_dir = search_of(Path(checkpoint_dir).parent)
         vector = table_here(vector, tune_dir) if tune_dir is not None else vector
     table = load_item_table(data_dir, vector)
-    check_same_table(source, table.source, str(checkpoint_dir))
     found = {"num_items": table.num_items, "vector_dim": table.vector_dim, "tag_vocab": table.tag_vocab}
     for key, value in found.items():
         expected = getattr(ck.fmap, key)
         if value > expected or (key != "tag_vocab" and value != expected):
             raise DataError(f"{checkpoint_dir}: checkpoint was trained with {key}={expected} but {data_dir} has "
                             f"{value} (a checkpoint of other data or another fusion)")
+    check_same_table(source, table.source, str(checkpoint_dir))  # the same sizes: are they the same items?
     if ck.cfg.model.use_user_id and (largest := max_user_id(data_dir)) >= ck.fmap.num_users:
         raise DataError(f"{data_dir}: column user_id: values up to {largest}, but the checkpoint's user embedding "
                         f"has ids 0..{ck.fmap.num_users - 1} (model.use_user_id; a checkpoint of other data)")

@@ -94,6 +94,30 @@ def test_item_table_from_given_vectors(synth_dir, tiny_spec):
     assert tuple(t["item_vectors"].shape) == (n + 1, 128) and str(t["item_tags"].dtype) == "torch.int64"
 
 
+def test_a_checkpoint_on_item_infos_own_vectors_is_refused_on_the_items_of_other_data(synth_dir, tmp_path):
+    """A run trained on `given` was scored (predict, compare) or resumed on data with other items of the same
+    count without a word: the model met other tags and vectors than it learnt, for the same ids."""
+    import shutil
+
+    from mmctr_ray.features import check_same_table
+
+    trained = load_item_table(synth_dir).source
+    other = shutil.copytree(synth_dir, tmp_path / "other", ignore=shutil.ignore_patterns("item_images"))
+    info = pq.read_table(Layout(other).item_info)
+    vectors = list_matrix(info.column("item_emb_d128"), "x") * 1.5
+    i = info.schema.get_field_index("item_emb_d128")
+    pq.write_table(info.set_column(i, "item_emb_d128", list_array(vectors, info.schema.field(i).type.value_type)),
+                   Layout(other).item_info)
+    check_same_table(trained, load_item_table(synth_dir).source, "ck")  # the same data: the same items
+    with pytest.raises(DataError) as err:
+        check_same_table(trained, load_item_table(other).source, "run/checkpoint_epoch_002")
+    assert str(err.value) == (f"{Layout(other).item_info}: its items (item_tags, item_emb_d128) are not those "
+                              "run/checkpoint_epoch_002 was trained on: other data, or item_info rewritten since; "
+                              "use the data the run was trained on, or train again")
+    check_same_table({k: v for k, v in trained.items() if k != "items"}, load_item_table(other).source, "ck")  # a
+    # checkpoint from before the fingerprint was kept: not compared
+
+
 def test_item_table_from_fused_file_scatters_by_item_id(synth_dir, tiny_spec, tmp_path):
     n = tiny_spec.items
     ids = np.arange(n, 0, -1)  # reverse order: must be placed by item_id, not position
