@@ -142,6 +142,26 @@ RAY_DATA_HIDDEN = {
 }
 
 
+# Ray Train logs a worker's exception as "Error in training function:" and its ~40-line traceback. For bad input a
+# worker met (a DataError, which the command reports as one line naming the file, column and value) that traceback
+# says nothing more: the private Ray's workers demote it to DEBUG unless -v (Ray Train's log file keeps it).
+TRAIN_ERROR_LOGGER = "ray.train.v2._internal.util"
+BAD_INPUT_TRACEBACK = re.compile(r"^Error in training function:\n(?s:.*)\bmmctr_ray\.errors\.DataError: ")
+
+
+class _ToDebugIf(_ToDebug):
+    """Demote to DEBUG the records at WARNING or above that match ``pattern``."""
+
+    def __init__(self, pattern: re.Pattern) -> None:
+        super().__init__()
+        self.pattern = pattern
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING and self.pattern.search(record.getMessage()):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
 class _HideOnConsole(logging.Filter):
     """Mark a logger's records that match ``pattern`` with Ray Data's ``hide`` (its console handler's filter)."""
 
@@ -194,8 +214,10 @@ def private_worker_setup_verbose() -> None:
 
 
 def private_worker_setup() -> None:
-    """The same, and :data:`RAY_DATA_HIDDEN` off the console: the hook without -v."""
+    """The same, :data:`RAY_DATA_HIDDEN` off the console, and the worker's traceback of bad input demoted
+    (:data:`BAD_INPUT_TRACEBACK`): the hook without -v."""
     private_worker_setup_verbose()
+    _add_filter(TRAIN_ERROR_LOGGER, lambda: _ToDebugIf(BAD_INPUT_TRACEBACK))
     for name, pattern in RAY_DATA_HIDDEN.items():
         _add_filter(name, lambda: _HideOnConsole(pattern))
 

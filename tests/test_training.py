@@ -766,6 +766,45 @@ def test_a_timed_out_resource_request_is_no_warning_on_the_local_ray(ray_local):
     assert [(level, shown) for level, _, shown, _ in here] == [(logging.WARNING, True)]
 
 
+def test_a_workers_traceback_of_bad_input_stays_off_the_console_of_the_local_ray(ray_local):
+    """A row a worker refused (a DataError, which `mmctr train` reports in one line naming the file and column)
+    also printed Ray Train's "Error in training function:" with a ~40-line traceback from the worker. The private
+    Ray's workers demote that one to DEBUG (Ray Train's log file keeps it); any other error's traceback prints."""
+    import ray
+
+    def tracebacks() -> list:
+        """Ray Train's own report of a training function's error, for bad input and for another error: the levels
+        its logger passes on."""
+        import logging
+
+        from ray.train.v2._internal import util
+
+        from mmctr_ray.errors import DataError
+
+        seen = []
+        keep = logging.Handler()
+        keep.emit = seen.append
+        util.logger.addHandler(keep)
+        try:
+            for error in (DataError("train.parquet: column item_seq: a history ..."), RuntimeError("a bug")):
+                try:
+                    raise error
+                except Exception as e:
+                    util.construct_user_exception_with_traceback(e)
+        finally:
+            util.logger.removeHandler(keep)
+        return [(r.levelname, r.getMessage().splitlines()[-1]) for r in seen]
+
+    from mmctr_ray.ray_env import TRAIN_ERROR_LOGGER
+    from ray.train.v2._internal import util
+
+    assert util.logger.name == TRAIN_ERROR_LOGGER
+    assert ray.get(ray.remote(num_cpus=0)(tracebacks).remote()) == [
+        ("DEBUG", "mmctr_ray.errors.DataError: train.parquet: column item_seq: a history ..."),
+        ("ERROR", "RuntimeError: a bug")]
+    assert [level for level, _ in tracebacks()] == ["ERROR", "ERROR"]  # no setup hook in the test's process
+
+
 def test_the_cleaners_line_for_a_trials_ended_controller_is_dropped_on_the_local_ray(ray_local):
     """In `mmctr tune` Ray Train's placement-group cleaner warned "Detected that the Ray Train controller actor (...)
     is dead. Cleaning up placement group ..." after every trial ASHA stopped: its designed path. The private Ray's
