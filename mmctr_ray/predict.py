@@ -90,7 +90,7 @@ def score_parquet(model: DINModel, path: str | Path, max_len: int, batch_rows: i
     out = []
     for part in parquet_parts(path):
         for batch in pq.ParquetFile(part).iter_batches(batch_size=batch_rows):
-            cols = to_model_batch(pa.Table.from_batches([batch]), max_len)
+            cols = to_model_batch(pa.Table.from_batches([batch]), max_len, source=str(part))
             out.append(logits_of(model, model_inputs(cols, device), model.experiment_cfg.train))
     scores = np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
     return scores if logits else to_probabilities(scores)
@@ -194,9 +194,9 @@ def check_inputs(run_dir: Location, data_dir: str | Path, split: str = "test", o
 
 def hidden_test_labels(data_dir: str | Path, rows: int) -> np.ndarray | None:
     """The labels the test split hides, where synthetic data keeps them (``synthetic_truth/test_labels.parquet``), for
-    a test split of ``rows`` rows; None without that file, and with a warning when its rows are not the split's (a
-    test split cut or replaced since `mmctr synth` wrote it: the labels no longer belong to its rows, so no test AUC;
-    the submission itself scores the split as it is)."""
+    a test split of ``rows`` rows; None without that file, and with a warning when it holds another count of labels
+    (a test split cut or grown since `mmctr synth` wrote it: the labels no longer belong to its rows, so no test AUC;
+    the submission itself scores the split as it is). A split replaced by as many other rows is not detected."""
     truth = Layout(data_dir).hidden_test_labels
     if not truth.is_file():
         return None
@@ -229,6 +229,6 @@ def run_predict(run_dir: Location, data_dir: str | Path, out: str | Path, split:
         if truth is not None:
             summary["metrics"] = evaluate(truth, probs, scores=logits)
     oracle = Layout(data_dir).oracle
-    if oracle.is_file() and split in ("valid", "test"):
+    if oracle.is_file() and split in ("valid", "test") and "metrics" in summary:  # beside the AUC it is for
         summary["oracle_auc"] = json.loads(oracle.read_text())[split]["oracle_auc"]
     return summary

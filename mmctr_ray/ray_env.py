@@ -118,13 +118,15 @@ def pin_ray_address() -> None:
 
 # Ray Train 2.60's controller asks Ray Data's AutoscalingCoordinator actor for the run's resources when it starts,
 # with a 5 s limit; on a busy machine that actor is still starting, and the controller logs a WARNING with a ~20-line
-# traceback it calls "safe to ignore". On the private local Ray no autoscaler serves the request.
+# traceback it calls "safe to ignore" (and one like it when cancelling the request fails: the request expires on its
+# own). On the private local Ray no autoscaler serves the request. Both warnings are this logger's only ones.
 TRAIN_REQUEST_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
 
 
 class _ToDebug(logging.Filter):
-    """Demote a logger's WARNING records to DEBUG: off the console at every Ray Train log level (-v is INFO), still
-    in Ray Train's own controller log file (``logs/train/`` of the Ray session), which records every level."""
+    """Demote a logger's WARNING records to DEBUG. For a ``ray.train`` logger in a process where Ray Train set up its
+    logging (its default: the controller and the workers), that is off the console at every Ray Train log level (-v
+    is INFO) and still in Ray Train's own log files (``logs/train/`` of the Ray session), which record every level."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno == logging.WARNING:

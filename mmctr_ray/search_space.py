@@ -300,13 +300,15 @@ def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = (), s
     params = [_param(key, spec, keys, where) for key, spec in search["space"].items()]
     params = _dependency_order(params, where)
     settings = {k: search[k] for k in SEARCH_KEYS if k in search and k != "space"}
+    by_set = {a.split("=", 1)[0].strip().removeprefix("search.") for a in overrides if a.strip().startswith("search.")}
     for k, v in settings.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "seed" else 1):
-            raise ConfigError(f"{where}: search.{k}={v!r}: expected a positive integer")
+            raise ConfigError(f"{'--set' if k in by_set else where}: search.{k}={v!r}: expected a positive integer")
     space = SearchSpace(tuple(params), base=raw, **settings)
     if strict:
         _check_values(space, where)
     if space.grace_period > space.max_epochs:
-        raise ConfigError(f"{where}: search.grace_period={space.grace_period}: expected at most "
+        whose = "--set" if by_set & {"grace_period", "max_epochs"} else where
+        raise ConfigError(f"{whose}: search.grace_period={space.grace_period}: expected at most "
                           f"search.max_epochs={space.max_epochs}")
     return space

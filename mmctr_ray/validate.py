@@ -153,11 +153,12 @@ def _list_values(check: _FileCheck, col: pa.Array, name: str, width: int | None,
                  offset: int) -> tuple[np.ndarray, np.ndarray]:
     """Check list lengths and nulls inside lists; return the flattened values and the row of each, as numpy."""
     lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
-    if width is not None and (lengths != width).any():
+    wrong = (lengths != width) & ~np.isnan(lengths.astype(np.float64)) if width is not None else None  # a null list
+    if wrong is not None and wrong.any():  # is the null check's (its lengths turn float, NaN for the null)
         shown = np.empty(len(lengths), dtype=object)
-        i = int(np.flatnonzero(lengths != width)[0])
-        shown[i] = _Text(f"a list of {lengths[i]}")
-        check.bad(name, f"lists of length {width}", lengths != width, shown, offset)
+        i = int(np.flatnonzero(wrong)[0])
+        shown[i] = _Text(f"a list of {int(lengths[i])}")
+        check.bad(name, f"lists of length {width}", wrong, shown, offset)
     flat = pc.list_flatten(col)
     rows = pc.list_parent_indices(col).to_numpy(zero_copy_only=False)
     if flat.null_count:

@@ -321,11 +321,12 @@ def test_predict_on_a_test_split_cut_since_synth_writes_the_submission_without_a
     monkeypatch.setattr(mmctr_ray.predict, "score_split", score_split)
     with caplog.at_level("WARNING", logger="mmctr_ray.predict"):
         summary = run_predict(tmp_path / "run", data, tmp_path / "sub.zip")
-    assert scored == [399] and summary["rows"] == 399 and "metrics" not in summary
+    assert scored == [399] and summary["rows"] == 399 and "metrics" not in summary and "oracle_auc" not in summary
     with zipfile.ZipFile(tmp_path / "sub.zip") as zf:
         assert len(zf.read("prediction.csv").decode().splitlines()) == 400  # the header and the 399 rows
     assert f"{Layout(data).hidden_test_labels}: 400 labels for a test split of 399 rows: no test AUC" in caplog.text
     summary = run_predict(tmp_path / "run", synth_dir, tmp_path / "whole.zip")  # the split as written: its AUC
+    assert summary["oracle_auc"] == json.loads(Layout(synth_dir).oracle.read_text())["test"]["oracle_auc"]
     assert summary["metrics"]["auc"] == pytest.approx(roc_auc_score(
         pq.read_table(Layout(synth_dir).hidden_test_labels).column("label").to_numpy(), np.linspace(-2, 2, 400)))
 

@@ -1149,6 +1149,10 @@ def test_set_reaches_the_search_sections_own_keys(tmp_path):
     with pytest.raises(ConfigError,
                        match=r"^--set: unknown config key model.dnn_unit \(did you mean model.dnn_units\?"):
         load_search(ROOT / "configs/search_tiny.yaml", ["model.dnn_unit=[8]"])
+    for sets, message in ((["search.max_epochs=0"], "search.max_epochs=0: expected a positive integer"),
+                          (["search.grace_period=99"], "search.grace_period=99: expected at most search.max_epochs=2")):
+        with pytest.raises(ConfigError, match=rf"^--set: {re.escape(message)}"):
+            load_search(ROOT / "configs/search_tiny.yaml", sets)
     raw = yaml.safe_load((ROOT / "configs/search_tiny.yaml").read_text())  # the file's own mistakes stay the file's
     raw["search"]["max_epoch"], raw["model"]["dnn_unit"] = 2, [8]
     bad = tmp_path / "typo.yaml"

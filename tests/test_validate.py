@@ -280,6 +280,8 @@ def test_null_value(data, file, column):
     rewrite(data / file, set_cell(column, 13, None))
     found = [str(p) for p in errors(data) if p.file == file and p.column == column]
     assert any("1 value not non-null (null found); first None at row 13" in p for p in found), found
+    assert not [p for p in found if "lists of length" in p], found  # a null list is the null check's (it was also
+    # "1 value not lists of length 100; first nan at row 13")
 
 
 def test_null_item_ids_in_item_feature_are_listed_not_a_traceback(data):
