@@ -1301,8 +1301,17 @@ def test_resuming_a_run_that_has_trained_its_epochs_starts_no_ray(two_worker_run
     info = pq.read_table(other / "MicroLens_1M_x1" / "item_info.parquet")  # one more item: other vocabularies
     extra = info.slice(info.num_rows - 1).set_column(0, "item_id", pa.array([info.num_rows], pa.int64()))
     pq.write_table(pa.concat_tables([info, extra]), other / "MicroLens_1M_x1" / "item_info.parquet")
-    with pytest.raises(ConfigError, match="resume with the data the run started on"):  # as any resume
-        run_training(other, str(moved), two_worker_cfg(), resume=True, start_ray=no_ray)
+    with pytest.raises(DataError, match=r"item_info.parquet: its items \(item_tags, item_emb_d128\) are not those "):
+        run_training(other, str(moved), two_worker_cfg(), resume=True, start_ray=no_ray)  # as any resume
+    users = shutil.copytree(synth_dir, tmp_path / "users", ignore=shutil.ignore_patterns("item_images"))
+    test = users / "MicroLens_1M_x1" / "test.parquet"  # the same items, one more user: another user vocabulary
+    table = pq.read_table(test)
+    ids = table.column("user_id").to_numpy().copy()
+    ids[0] = ids.max() + 1000
+    pq.write_table(table.set_column(table.schema.get_field_index("user_id"), "user_id",
+                                    pa.array(ids, table.schema.field("user_id").type)), test)
+    with pytest.raises(ConfigError, match="num_users=.* resume with the data the run started on"):
+        run_training(users, str(moved), two_worker_cfg(), resume=True, start_ray=no_ray)
 
 
 def test_each_rank_and_epoch_draws_its_own_dropout_masks_from_the_same_initial_weights():
