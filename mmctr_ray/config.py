@@ -469,12 +469,13 @@ def load_config(path: storage.Location | None = None, overrides: list[str] | tup
             apply_override(merged, assignment)
         return from_dict(merged)
     except ConfigError as err:
-        if overrides and _valid(raw):  # the file alone (or the defaults) is fine: an override broke it
+        if overrides and is_valid(raw):  # the file alone (or the defaults) is fine: an override broke it
             where = "--set"
         raise ConfigError(f"{where}: {err}") from None
 
 
-def _valid(raw: dict[str, Any]) -> bool:
+def is_valid(raw: dict[str, Any]) -> bool:
+    """Whether ``raw`` (a config's sections as a plain dict) builds a valid config: whose mistake an error is."""
     try:
         from_dict(raw)
     except ConfigError:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmctr_ray.config import ConfigError, ExperimentConfig, apply_override, from_dict, read_yaml
+from mmctr_ray.config import ConfigError, ExperimentConfig, apply_override, from_dict, is_valid, read_yaml
 
 KINDS = ("choice", "int", "float")
 PARAM_KEYS = {*KINDS, "log", "step", "when"}
@@ -261,14 +261,6 @@ def _check_pairs(space: SearchSpace, where: str) -> None:
                                           f"config ({err}); a trial can draw them together") from None
 
 
-def _valid_base(raw: dict[str, Any]) -> bool:
-    try:
-        from_dict(raw)
-    except ConfigError:
-        return False
-    return True
-
-
 def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = (), strict: bool = True) -> SearchSpace:
     """Parse the ``search:`` section of ``path``; the other sections (plus ``overrides``) are the base config.
     An override ``search.KEY=V`` (``--set search.max_epochs=2``) sets the search section's own key.
@@ -293,7 +285,7 @@ def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = (), s
     try:
         from_dict(raw)  # the base must be a valid config on its own
     except ConfigError as err:
-        raise ConfigError(f"{'--set' if overrides and _valid_base(own_base) else where}: {err}") from None
+        raise ConfigError(f"{'--set' if overrides and is_valid(own_base) else where}: {err}") from None
     keys = list(search["space"])
     for key in keys:
         _check_key(key, where)
