@@ -119,20 +119,12 @@ def pin_ray_address() -> None:
 # Ray Train 2.60's controller asks Ray Data's AutoscalingCoordinator actor for the run's resources when it starts,
 # with a 5 s limit; on a busy machine that actor is still starting, and the controller logs a WARNING with a ~20-line
 # traceback it calls "safe to ignore" (and one like it when cancelling the request fails: the request expires on its
-# own). On the private local Ray no autoscaler serves the request. Both warnings are this logger's only ones.
+# own). On the private local Ray no autoscaler serves the request. Demoted to DEBUG: for a ``ray.train`` logger in a
+# process where Ray Train set up its logging (its default: the controller and the workers), that is off the console
+# at every Ray Train log level (-v is INFO) and still in Ray Train's own log files (``logs/train/`` of the Ray
+# session), which record every level.
 TRAIN_REQUEST_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
-
-
-class _ToDebug(logging.Filter):
-    """Demote a logger's WARNING records to DEBUG. For a ``ray.train`` logger in a process where Ray Train set up its
-    logging (its default: the controller and the workers), that is off the console at every Ray Train log level (-v
-    is INFO) and still in Ray Train's own log files (``logs/train/`` of the Ray session), which record every level."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.WARNING:
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return True
-
+REQUEST_FAILED = re.compile(r"^Failed to (send|cancel) resource request for ")
 
 # Ray Data's console lines that a worker of the private local Ray hides unless -v, by logger: the "✔️ Dataset ...
 # execution finished in N seconds" line each run of a dataset logs at INFO (a 2-worker run's split coordinator, once
@@ -143,47 +135,15 @@ RAY_DATA_HIDDEN = {
     "ray.data._internal.progress": re.compile(r"^Progress bars disabled\."),
 }
 
-
 # Ray Train logs a worker's exception as "Error in training function:" and its ~40-line traceback. For bad input a
 # worker met (a DataError, which the command reports as one line naming the file, column and value) that traceback
-# says nothing more: the private Ray's workers demote it to DEBUG unless -v (Ray Train's log file keeps it).
+# says nothing more: the private Ray's workers demote it to DEBUG unless -v (Ray Train's log file keeps it). The
+# DataError is raised in a Ray Data task, so the traceback ends in the errors that wrap it ("The above exception was
+# the direct cause of ..."); one that goes on "During handling of the above exception" after it is another error
+# (a bug met while handling bad input) and prints.
 TRAIN_ERROR_LOGGER = "ray.train.v2._internal.util"
-BAD_INPUT_TRACEBACK = re.compile(r"^Error in training function:\n(?s:.*)\bmmctr_ray\.errors\.DataError: ")
-
-
-class _ToDebugIf(_ToDebug):
-    """Demote to DEBUG the records at WARNING or above that match ``pattern``."""
-
-    def __init__(self, pattern: re.Pattern) -> None:
-        super().__init__()
-        self.pattern = pattern
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING and self.pattern.search(record.getMessage()):
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return True
-
-
-class _HideOnConsole(logging.Filter):
-    """Mark a logger's records that match ``pattern`` with Ray Data's ``hide`` (its console handler's filter)."""
-
-    def __init__(self, pattern: re.Pattern) -> None:
-        super().__init__()
-        self.pattern = pattern
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.pattern.search(record.getMessage()):
-            record.hide = True
-        return True
-
-
-def _add_filter(name: str, make: Any) -> None:
-    """Give logger ``name`` a filter of ``make``'s type, once (a hook may run again in a process)."""
-    target = logging.getLogger(name)
-    made = make()
-    if not any(type(f) is type(made) for f in target.filters):
-        target.addFilter(made)
-
+BAD_INPUT_TRACEBACK = re.compile(r"^Error in training function:\n(?s:.*)\bmmctr_ray\.errors\.DataError: "
+                                 r"(?!(?s:.*)^During handling of the above exception)", re.MULTILINE)
 
 # Ray Train's placement-group cleaner (on in `mmctr tune`: see init_ray) warns "Detected that the Ray Train controller
 # actor (...) is dead. Cleaning up placement group ..." whenever a trial's controller ends before its group was
@@ -193,35 +153,58 @@ PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group
 PG_CLEANED = re.compile(r"^Detected that the Ray Train controller actor \(\S+\) is dead\. Cleaning up placement group")
 
 
-class _Drop(logging.Filter):
-    """Drop a logger's records that match ``pattern``."""
+class _Matching(logging.Filter):
+    """What a logger does with its records whose message matches ``pattern``: ``debug`` demotes those at WARNING or
+    above to DEBUG, ``hide`` marks them with Ray Data's ``hide`` (its console handler's filter), ``drop`` drops
+    them. Other records pass as they are."""
 
-    def __init__(self, pattern: re.Pattern) -> None:
+    def __init__(self, pattern: re.Pattern, action: str) -> None:
         super().__init__()
-        self.pattern = pattern
+        if action not in ("debug", "hide", "drop"):
+            raise ValueError(f"unknown log filter action {action!r}")
+        self.pattern, self.action = pattern, action
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not self.pattern.search(record.getMessage())
+        try:
+            message = record.getMessage()
+        except Exception:  # a record whose arguments do not fit its format: a logger filter's error would raise
+            return True    # at the logging call in Ray's code; the handler reports it as a logging error instead
+        if not self.pattern.search(message):
+            return True
+        if self.action == "drop":
+            return False
+        if self.action == "hide":
+            record.hide = True
+        elif record.levelno >= logging.WARNING:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+def _add_filter(name: str, pattern: re.Pattern, action: str) -> None:
+    """Give logger ``name`` a :class:`_Matching` filter, once (a hook may run again in a process)."""
+    target = logging.getLogger(name)
+    if not any(isinstance(f, _Matching) and (f.pattern, f.action) == (pattern, action) for f in target.filters):
+        target.addFilter(_Matching(pattern, action))
 
 
 def private_worker_setup_verbose() -> None:
-    """The ``worker_process_setup_hook`` of the private local Ray with -v: :func:`pin_ray_address`, and Ray Train's
-    warning that a resource request to the autoscaling coordinator timed out demoted to DEBUG
-    (:data:`TRAIN_REQUEST_LOGGER`): this Ray has no autoscaler for the request to reach; and the placement-group
+    """The ``worker_process_setup_hook`` of the private local Ray with -v: :func:`pin_ray_address`, Ray Train's
+    warnings that a resource request to the autoscaling coordinator failed demoted to DEBUG
+    (:data:`REQUEST_FAILED`): this Ray has no autoscaler for the request to reach; and the placement-group
     cleaner's line for a trial's ended controller dropped (:data:`PG_CLEANED`). Neither imports Ray Train or Ray Data
     (each worker runs it as it starts). A cluster the command joins keeps both lines."""
     pin_ray_address()
-    _add_filter(TRAIN_REQUEST_LOGGER, _ToDebug)
-    _add_filter(PG_CLEANER_LOGGER, lambda: _Drop(PG_CLEANED))
+    _add_filter(TRAIN_REQUEST_LOGGER, REQUEST_FAILED, "debug")
+    _add_filter(PG_CLEANER_LOGGER, PG_CLEANED, "drop")
 
 
 def private_worker_setup() -> None:
     """The same, :data:`RAY_DATA_HIDDEN` off the console, and the worker's traceback of bad input demoted
     (:data:`BAD_INPUT_TRACEBACK`): the hook without -v."""
     private_worker_setup_verbose()
-    _add_filter(TRAIN_ERROR_LOGGER, lambda: _ToDebugIf(BAD_INPUT_TRACEBACK))
+    _add_filter(TRAIN_ERROR_LOGGER, BAD_INPUT_TRACEBACK, "debug")
     for name, pattern in RAY_DATA_HIDDEN.items():
-        _add_filter(name, lambda: _HideOnConsole(pattern))
+        _add_filter(name, pattern, "hide")
 
 
 _PRIVATE = {"started": False}

@@ -25,6 +25,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 PAD_ID = 0
 DATASET_NAME = "MicroLens_1M_x1"
 SPLITS = ("train", "valid", "test")
@@ -200,9 +202,17 @@ def kind_name(kind: object) -> str:
 SHOWN_IDS = 12  # the most ids of a history an error message shows
 
 
-def history_around_gap(history: list[int]) -> str:
-    """A history that is not left-padded, from its first id, for an error message: up to its first padding 0, the
-    last :data:`SHOWN_IDS` ids at most, "…" for what is left out."""
+def padding_gaps(histories: np.ndarray) -> np.ndarray:
+    """Which rows of (B, W) stored histories hold a padding 0 after an item id (right-padded, or a gap): the
+    layout's lists are left-padded, all 0s before the history, most recent last."""
+    real = histories != PAD_ID
+    return (real[:, :-1] > real[:, 1:]).any(axis=1)
+
+
+def history_around_gap(row: np.ndarray) -> str:
+    """A stored history row that :func:`padding_gaps` flags, for an error message: from its first id up to its
+    first padding 0 after it, the last :data:`SHOWN_IDS` ids at most, "…" for what is left out."""
+    history = row[int(np.flatnonzero(row != PAD_ID)[0]):].tolist()
     end = history.index(PAD_ID) + 1
     shown = ", ".join(str(v) for v in history[max(0, end - SHOWN_IDS):end])
     return f"[{'…, ' if end > SHOWN_IDS else ''}{shown}{', …' if len(history) > end else ''}]"

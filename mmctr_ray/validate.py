@@ -21,7 +21,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mmctr_ray.schema import (ITEM_FEATURE_COLUMNS, ITEM_INFO_COLUMNS, LEVELS, NO_PARTS, REAL_NUM_ITEMS,
-                              REAL_TEST_ROWS, SPLIT_COLUMNS, SPLITS, Layout, history_around_gap, kind_name)
+                              REAL_TEST_ROWS, SPLIT_COLUMNS, SPLITS, Layout, history_around_gap, kind_name,
+                              padding_gaps)
 
 BATCH_BYTES = 32 << 20  # decoded bytes per scanned batch: bounds memory for wide files (item_feature)
 
@@ -196,12 +197,11 @@ def _scan_split(check: _FileCheck, pf: pq.ParquetFile, n_items: int | None, is_t
                           flat, offset, rows)
             if len(np.unique(lengths)) == 1 and lengths[0] > 1:
                 mat = flat.reshape(len(lengths), lengths[0])
-                gap = ((mat[:, :-1] > 0) & (mat[:, 1:] == 0)).any(axis=1)
+                gap = padding_gaps(mat)
                 if gap.any():
                     shown = np.empty(len(gap), dtype=object)
                     i = int(np.flatnonzero(gap)[0])
-                    history = mat[i][np.argmax(mat[i] > 0):].tolist()  # from the first item
-                    shown[i] = _Text(f"history {history_around_gap(history)}")
+                    shown[i] = _Text(f"history {history_around_gap(mat[i])}")
                     check.bad("item_seq", "left-padded (all padding 0s before the history, most recent last)",
                               gap, shown, offset)
         for name in ("likes_level", "views_level"):

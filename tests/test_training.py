@@ -770,7 +770,8 @@ def test_a_timed_out_resource_request_is_no_warning_on_the_local_ray(ray_local):
 def test_a_workers_traceback_of_bad_input_stays_off_the_console_of_the_local_ray(ray_local):
     """A row a worker refused (a DataError, which `mmctr train` reports in one line naming the file and column)
     also printed Ray Train's "Error in training function:" with a ~40-line traceback from the worker. The private
-    Ray's workers demote that one to DEBUG (Ray Train's log file keeps it); any other error's traceback prints."""
+    Ray's workers demote that one to DEBUG (Ray Train's log file keeps it), wrapped in Ray Data's error as a worker
+    meets it too; any other error's traceback prints, a bug met while handling bad input included."""
     import ray
 
     def tracebacks() -> list:
@@ -780,16 +781,36 @@ def test_a_workers_traceback_of_bad_input_stays_off_the_console_of_the_local_ray
 
         from ray.train.v2._internal import util
 
+        from ray.exceptions import UserCodeException
+
         from mmctr_ray.errors import DataError
+
+        def bad_input():
+            raise DataError("train.parquet: column item_seq: a history ...")
+
+        def wrapped():  # as a worker meets it: raised in a Ray Data task, whose error wraps it
+            try:
+                bad_input()
+            except DataError as e:
+                raise UserCodeException("UDF failed to process a data block.") from e
+
+        def a_bug():
+            raise RuntimeError("a bug")
+
+        def a_bug_while_handling_bad_input():
+            try:
+                bad_input()
+            except DataError:
+                a_bug()
 
         seen = []
         keep = logging.Handler()
         keep.emit = seen.append
         util.logger.addHandler(keep)
         try:
-            for error in (DataError("train.parquet: column item_seq: a history ..."), RuntimeError("a bug")):
+            for raises in (bad_input, wrapped, a_bug, a_bug_while_handling_bad_input):
                 try:
-                    raise error
+                    raises()
                 except Exception as e:
                     util.construct_user_exception_with_traceback(e)
         finally:
@@ -802,8 +823,9 @@ def test_a_workers_traceback_of_bad_input_stays_off_the_console_of_the_local_ray
     assert util.logger.name == TRAIN_ERROR_LOGGER
     assert ray.get(ray.remote(num_cpus=0)(tracebacks).remote()) == [
         ("DEBUG", "mmctr_ray.errors.DataError: train.parquet: column item_seq: a history ..."),
-        ("ERROR", "RuntimeError: a bug")]
-    assert [level for level, _ in tracebacks()] == ["ERROR", "ERROR"]  # no setup hook in the test's process
+        ("DEBUG", "ray.exceptions.UserCodeException: UDF failed to process a data block."),
+        ("ERROR", "RuntimeError: a bug"), ("ERROR", "RuntimeError: a bug")]
+    assert [level for level, _ in tracebacks()] == ["ERROR"] * 4  # no setup hook in the test's process
 
 
 def test_the_cleaners_line_for_a_trials_ended_controller_is_dropped_on_the_local_ray(ray_local):
@@ -875,6 +897,22 @@ def test_ray_datas_lines_for_each_run_of_a_dataset_stay_off_the_console_of_the_l
     assert len(finished) == 1 and len(hint) == 1, lines
     assert not lines[finished[0]] and not lines[hint[0]]  # off the console
     assert lines["another line"]  # the rest prints
+
+
+def test_a_log_filter_passes_a_record_whose_arguments_do_not_fit_its_message():
+    """A filter that raised on such a record would raise at the logging call in Ray's code (a logger's filters run
+    unguarded); it passes it on, and the handler reports the formatting error as logging does."""
+    import logging
+
+    from mmctr_ray.ray_env import PG_CLEANED, _Matching
+
+    record = logging.LogRecord("ray.x", logging.WARNING, __file__, 1, "%d items", ("many",), None)
+    for action in ("debug", "hide", "drop"):
+        assert _Matching(PG_CLEANED, action).filter(record) is True
+    with pytest.raises(TypeError):
+        record.getMessage()
+    with pytest.raises(ValueError, match="unknown log filter action 'quiet'"):
+        _Matching(PG_CLEANED, "quiet")
 
 
 @pytest.mark.slow
