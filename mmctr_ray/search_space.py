@@ -261,6 +261,23 @@ def _check_pairs(space: SearchSpace, where: str) -> None:
                                           f"config ({err}); a trial can draw them together") from None
 
 
+def _own_space(params: list[Param], base: dict[str, Any], search: dict[str, Any]) -> SearchSpace | None:
+    """The space of a search file without the ``--set`` overrides; None when its own settings are not valid."""
+    settings = {k: search[k] for k in SEARCH_KEYS if k in search and k != "space"}
+    if not is_valid(base) or not all(isinstance(v, int) and not isinstance(v, bool) for v in settings.values()):
+        return None
+    return SearchSpace(tuple(params), base=base, **settings)
+
+
+def _passes(check: Any, *args: Any) -> bool:
+    """Whether ``check(*args)`` raises no ConfigError."""
+    try:
+        check(*args)
+    except ConfigError:
+        return False
+    return True
+
+
 def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = (), strict: bool = True) -> SearchSpace:
     """Parse the ``search:`` section of ``path``; the other sections (plus ``overrides``) are the base config.
     An override ``search.KEY=V`` (``--set search.max_epochs=2``) sets the search section's own key.
@@ -271,7 +288,8 @@ def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = (), s
     search = raw.pop("search", None)
     if not isinstance(search, dict) or not isinstance(search.get("space"), dict) or not search["space"]:
         raise ConfigError(f"{where}: expected a search: section with a non-empty space: mapping")
-    own_keys, own_base = set(search), copy.deepcopy(raw)  # the file's own: whose mistake an error is
+    own_search, own_base = copy.deepcopy(search), copy.deepcopy(raw)  # the file's own: whose mistake an error is
+    own_keys = set(own_search)
     for assignment in overrides:  # search.* into the search section (the same dict), the rest into the base
         if assignment.strip().startswith("search.space"):
             raise ConfigError(f"--set {assignment}: the search space is set in the YAML, not with --set")
@@ -297,10 +315,17 @@ def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = (), s
         if not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "seed" else 1):
             raise ConfigError(f"{'--set' if k in by_set else where}: search.{k}={v!r}: expected a positive integer")
     space = SearchSpace(tuple(params), base=raw, **settings)
+    own = _own_space(params, own_base, own_search) if overrides else None  # None: the file's own is no valid space
     if strict:
-        _check_values(space, where)
+        try:
+            _check_values(space, where)
+        except ConfigError as err:
+            if own is None or not _passes(_check_values, own, where):
+                raise
+            raise ConfigError(f"--set{str(err).removeprefix(where)}") from None  # the file's values alone pass
     if space.grace_period > space.max_epochs:
-        whose = "--set" if by_set & {"grace_period", "max_epochs"} else where
+        by_file = own.grace_period > own.max_epochs if own is not None else not by_set & {"grace_period", "max_epochs"}
+        whose = where if by_file else "--set"
         raise ConfigError(f"{whose}: search.grace_period={space.grace_period}: expected at most "
                           f"search.max_epochs={space.max_epochs}")
     return space

@@ -1150,7 +1150,11 @@ def test_set_reaches_the_search_sections_own_keys(tmp_path):
                        match=r"^--set: unknown config key model.dnn_unit \(did you mean model.dnn_units\?"):
         load_search(ROOT / "configs/search_tiny.yaml", ["model.dnn_unit=[8]"])
     for sets, message in ((["search.max_epochs=0"], "search.max_epochs=0: expected a positive integer"),
-                          (["search.grace_period=99"], "search.grace_period=99: expected at most search.max_epochs=2")):
+                          (["search.grace_period=99"], "search.grace_period=99: expected at most search.max_epochs=2"),
+                          (["search.reduction_factor=1"], "search.reduction_factor=1: expected at least 2"),
+                          # a valid base that makes a value the file's space draws invalid: --set's mistake too
+                          (["train.min_lr=0.002", "train.lr=0.002"],
+                           "search.space.train.lr: the value 0.001 gives no valid config")):
         with pytest.raises(ConfigError, match=rf"^--set: {re.escape(message)}"):
             load_search(ROOT / "configs/search_tiny.yaml", sets)
     raw = yaml.safe_load((ROOT / "configs/search_tiny.yaml").read_text())  # the file's own mistakes stay the file's
@@ -1164,5 +1168,13 @@ def test_set_reaches_the_search_sections_own_keys(tmp_path):
     bad.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))}: unknown config key model.dnn_unit"):
         load_search(bad, ["train.lr=0.01"])
+    del raw["model"]["dnn_unit"]
+    raw["search"]["reduction_factor"], raw["search"]["grace_period"] = 1, 3
+    bad.write_text(yaml.safe_dump(raw))
+    for sets, message in ((["train.lr=0.01"], "search.reduction_factor=1: expected at least 2"),
+                          (["search.reduction_factor=2", "search.max_epochs=2"],
+                           "search.grace_period=3: expected at most search.max_epochs=2")):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))}: {re.escape(message)}"):
+            load_search(bad, sets)
     with pytest.raises(ConfigError, match=r"^--set search.space.model.dropout=1: the search space is set in the YAML"):
         load_search(ROOT / "configs/search_tiny.yaml", ["search.space.model.dropout=1"])
