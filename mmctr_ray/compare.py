@@ -46,6 +46,11 @@ def split_labels(data_dir: str | Path, split: str) -> tuple[Path, Any]:
         raise DataError(f"{truth}: missing file: {split} labels are needed to compare runs"
                         + (" (the real test split has none; compare on valid)" if split == "test" else ""))
     labels = np.concatenate([pq.read_table(f, columns=["label"]).column("label").to_numpy() for f in files])
+    parts = parquet_parts(path) if split == "test" else []
+    rows = sum(pq.read_metadata(f).num_rows for f in parts)
+    if parts and rows != len(labels):  # a test split cut or grown since `mmctr synth` wrote it: not its rows' labels
+        raise DataError(f"{truth}: {len(labels):,} labels for a test split of {rows:,} rows ({path}); the split is "
+                        f"not the one `mmctr synth` wrote: compare on valid")
     positives = int((labels == 1).sum())
     if positives in (0, len(labels)):  # before any checkpoint is loaded and scored
         raise DataError(f"{truth}: the {split} labels hold one class only ({positives:,} clicks of {len(labels):,} "

@@ -12,7 +12,6 @@ submission are local paths.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import zipfile
 from pathlib import Path
@@ -213,6 +212,7 @@ def run_predict(run_dir: Location, data_dir: str | Path, out: str | Path, split:
     """Score ``split`` and write the submission zip ``out``; return a summary (AUC when labels are known)."""
     out = check_output(out, overwrite)
     expected = check_split(data_dir, split)
+    truth = hidden_test_labels(data_dir, expected) if split == "test" else None  # its warning before the scoring
     logits, labels, checkpoint = score_split(run_dir, data_dir, split, actors, gpus_per_actor)
     if len(logits) != expected:
         raise DataError(f"{split}: scored {len(logits)} rows but the split has {expected}; nothing written")
@@ -224,11 +224,9 @@ def run_predict(run_dir: Location, data_dir: str | Path, out: str | Path, split:
                                "checkpoint": str(checkpoint)}
     if split != "test":
         summary["metrics"] = evaluate(labels, probs, scores=logits)
-    else:
-        truth = hidden_test_labels(data_dir, len(probs))
-        if truth is not None:
-            summary["metrics"] = evaluate(truth, probs, scores=logits)
-    oracle = Layout(data_dir).oracle
-    if oracle.is_file() and split in ("valid", "test") and "metrics" in summary:  # beside the AUC it is for
-        summary["oracle_auc"] = json.loads(oracle.read_text())[split]["oracle_auc"]
+    elif truth is not None:
+        summary["metrics"] = evaluate(truth, probs, scores=logits)
+    oracle = Layout(data_dir).oracle_auc(split, len(probs)) if split in ("valid", "test") else None
+    if oracle is not None and "metrics" in summary:  # beside the AUC it is for
+        summary["oracle_auc"] = oracle
     return summary

@@ -21,6 +21,7 @@ bit: readers here accept either and normalise (int64, float32).
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +157,16 @@ class Layout:
     def oracle(self) -> Path:
         """Written by ``mmctr synth`` only: AUC of the planted click probabilities."""
         return self.root / "oracle.json"
+
+    def oracle_auc(self, split: str, rows: int | None) -> float | None:
+        """:attr:`oracle`'s AUC for ``split`` when it is the AUC of the split's ``rows`` rows; None without the file
+        (data not from `mmctr synth`), for a split of one class, and for a split cut or grown since synth wrote it
+        (its oracle is another set of rows'; a file from before oracle.json recorded ``rows``, or ``rows`` None, is
+        taken as it is)."""
+        if not self.oracle.is_file():
+            return None
+        entry = json.loads(self.oracle.read_text()).get(split) or {}
+        return entry.get("oracle_auc") if rows is None or entry.get("rows", rows) == rows else None
 
     @property
     def synth_manifest(self) -> Path:

@@ -442,8 +442,7 @@ def _summary(run_dir: storage.Location, data_dir: Path, seconds: float) -> dict[
     best = best_checkpoint(run_dir)
     history = read_state(latest_checkpoint(run_dir))["history"]
     best_row = best_epoch(history)
-    oracle_path = Layout(data_dir).oracle
-    oracle = json.loads(oracle_path.read_text())["valid"].get("oracle_auc") if oracle_path.is_file() else None
+    oracle = Layout(data_dir).oracle_auc("valid", best_row.get("valid_rows"))  # rows None: older runs kept none
     rates = [r["samples_per_s"] for r in history if r.get("samples_per_s")]
     summary = {"run_dir": str(run_dir), "data": str(data_dir), "epochs": len(history),
                "best_epoch": best_row["epoch"], "best_valid_auc": best_row["valid_auc"],

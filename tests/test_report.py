@@ -115,6 +115,17 @@ def test_compare_refuses_one_class_labels_and_a_json_folder_before_scoring(tmp_p
         compare.split_labels(tmp_path, "valid")
     assert str(err.value) == (f"{lay.split('valid')}: the valid labels hold one class only (0 clicks of 50 rows); "
                               f"an AUC needs clicks and non-clicks")
+    # synthetic data's hidden test labels for a test split cut since: "N rows scored but M labels" after the first
+    # run was scored, naming the split
+    lay.hidden_test_labels.parent.mkdir()
+    pq.write_table(pa.table({"label": np.arange(50) % 2.0}), lay.hidden_test_labels)
+    pq.write_table(pa.table({"label": np.zeros(49)}), lay.split("test"))
+    with pytest.raises(DataError) as err:
+        compare.split_labels(tmp_path, "test")
+    assert str(err.value) == (f"{lay.hidden_test_labels}: 50 labels for a test split of 49 rows ({lay.split('test')});"
+                              f" the split is not the one `mmctr synth` wrote: compare on valid")
+    pq.write_table(pa.table({"label": np.zeros(50)}), lay.split("test"))
+    assert compare.split_labels(tmp_path, "test")[1].tolist() == (np.arange(50) % 2.0).tolist()
     monkeypatch.setattr(compare, "compare_runs", lambda *a, **k: pytest.fail("scored before the check"))
     (tmp_path / "out.json").mkdir()
     assert main(["compare", "r1", "r2", "--data", str(tmp_path), "--json", str(tmp_path / "out.json"),

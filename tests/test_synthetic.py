@@ -135,6 +135,22 @@ def test_the_oracle_is_the_auc_of_the_planted_probabilities_of_the_rows_as_writt
     assert oracle["valid"]["oracle_auc"] == pytest.approx(roc_auc_score(valid.column("label").to_numpy(), p_valid))
     assert oracle["test"]["oracle_auc"] == pytest.approx(roc_auc_score(truth.column("label").to_numpy(), p_test))
     assert 0.6 < oracle["valid"]["oracle_auc"] < 0.99  # the labels follow the probabilities, not a coin
+    assert (oracle["valid"]["rows"], oracle["test"]["rows"]) == (valid.num_rows, test.num_rows)
+
+
+def test_the_oracle_is_shown_for_the_rows_it_is_of(synth_dir, tmp_path):
+    """A split cut or grown since synth wrote it has no oracle AUC (oracle.json's is of other rows): `mmctr train`'s
+    summary and `mmctr predict` printed it beside an AUC of the rows there are."""
+    lay = Layout(synth_dir)
+    oracle = json.loads(lay.oracle.read_text())
+    rows = oracle["valid"]["rows"]
+    assert lay.oracle_auc("valid", rows) == oracle["valid"]["oracle_auc"]
+    assert lay.oracle_auc("valid", rows - 1) is None and lay.oracle_auc("test", oracle["test"]["rows"] + 1) is None
+    assert lay.oracle_auc("valid", None) == oracle["valid"]["oracle_auc"]  # a run that recorded no row count
+    assert Layout(tmp_path).oracle_auc("valid", rows) is None  # no oracle.json: not synthetic data
+    older = Layout(tmp_path)  # an oracle.json written before it recorded rows: taken as it is
+    older.oracle.write_text(json.dumps({s: {"oracle_auc": 0.8} for s in ("valid", "test")}))
+    assert older.oracle_auc("valid", 7) == 0.8
 
 
 def test_synth_output_validates_clean(synth_dir):

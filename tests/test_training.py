@@ -224,6 +224,7 @@ def test_run_directory_holds_config_metrics_checkpoints_and_summary(two_worker_r
     assert [p.name for p in epoch_checkpoints(run)] == ["checkpoint_epoch_001", "checkpoint_epoch_002"]
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((run / "summary.json").read_text())["best_checkpoint"] == summary["best_checkpoint"]
+    assert summary["oracle_valid_auc"] == json.loads(Layout(synth_dir).oracle.read_text())["valid"]["oracle_auc"]
     ck = load_checkpoint(best_checkpoint(run))
     assert ck.optimizer_state is not None and ck.cfg == load_config(run / "config.yaml")
     assert ck.item_source["item_vector"] == "given" and ck.fmap.num_items == 200
@@ -315,13 +316,14 @@ def test_predict_on_a_test_split_cut_since_synth_writes_the_submission_without_a
 
     def score_split(run_dir, data_dir, split, actors, gpus_per_actor):  # the scores of the rows there are
         rows = pq.read_metadata(Layout(data_dir).split(split)).num_rows
-        scored.append(rows)
+        scored.append((rows, "no test AUC" in caplog.text))  # warned before the split is scored (hours on a large one)
         return np.linspace(-2, 2, rows), np.zeros(rows), tmp_path / "run" / "checkpoint_epoch_001"
 
     monkeypatch.setattr(mmctr_ray.predict, "score_split", score_split)
     with caplog.at_level("WARNING", logger="mmctr_ray.predict"):
         summary = run_predict(tmp_path / "run", data, tmp_path / "sub.zip")
-    assert scored == [399] and summary["rows"] == 399 and "metrics" not in summary and "oracle_auc" not in summary
+    assert scored == [(399, True)] and summary["rows"] == 399
+    assert "metrics" not in summary and "oracle_auc" not in summary
     with zipfile.ZipFile(tmp_path / "sub.zip") as zf:
         assert len(zf.read("prediction.csv").decode().splitlines()) == 400  # the header and the 399 rows
     assert f"{Layout(data).hidden_test_labels}: 400 labels for a test split of 399 rows: no test AUC" in caplog.text

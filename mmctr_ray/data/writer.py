@@ -187,7 +187,8 @@ def _generate(stage: Layout, spec: SynthSpec, progress: Callable[[str], None]) -
         splits[split] = _write_split(world, stage, split, getattr(spec, f"{split}_rows"), length_hist)
         progress(f"{split}: {splits[split]['rows']:,} rows, positive rate {splits[split]['positive_rate']:.3f}"
                  f" ({time.perf_counter() - t0:.1f}s)")
-    oracle = {s: {k: v for k, v in splits[s].items() if k.startswith("oracle")} for s in ("valid", "test")}
+    oracle = {s: {k: v for k, v in splits[s].items() if k.startswith("oracle") or k == "rows"}  # rows: whose AUC
+              for s in ("valid", "test")}
     stage.oracle.write_text(json_text(oracle, indent=2) + "\n")
     manifest = {"generator": "mmctr_ray.data.synthetic", "version": GENERATOR_VERSION, "dataset": DATASET_NAME,
                 "spec": asdict(spec), "bias": world.bias, "splits": splits,
