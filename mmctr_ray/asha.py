@@ -29,6 +29,9 @@ from mmctr_ray.storage import json_text
 
 log = logging.getLogger(__name__)
 records_path: str | None = None  # set by mmctr tune for this process: TUNE/asha.json
+# trial id -> the epoch ASHA stopped it at, in this process (the driver, where Tune runs the scheduler and the
+# searcher): the searcher tells the study such a trial was pruned
+stopped_trials: dict[str, float] = {}
 
 
 class ResumableASHA(ASHAScheduler):
@@ -62,7 +65,7 @@ class ResumableASHA(ASHAScheduler):
             return TrialScheduler.STOP  # stopped at this epoch before the kill: the same decision again
         action = super().on_trial_result(tune_controller, trial, result)
         if action == TrialScheduler.STOP and at is not None:
-            self._stopped[trial.trial_id] = float(at)
+            self._stopped[trial.trial_id] = stopped_trials[trial.trial_id] = float(at)
         self._save()
         return action
 
@@ -80,6 +83,7 @@ class ResumableASHA(ASHAScheduler):
             return
         saved = json.loads(Path(self._path).read_text())
         self._stopped.update(saved.get("stopped", {}))
+        stopped_trials.update(self._stopped)
         self._stops_complete = self._stops_complete and "stopped" in saved and saved.get("stops_complete", True)
         for bracket, rungs in zip(self._brackets, saved["brackets"]):
             # null: a value JSON has no number for (json_text): a trial without a finite AUC yet, which a resumed

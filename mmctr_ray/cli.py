@@ -311,6 +311,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
         log.error("%s; no trial reported a valid AUC: see %s and each trial's error in Tune's log", counts,
                   summary["results"])
         return 1
+    if not any(summary[s] for s in ("completed", "early-stopped", "pruned")):  # every trial failed after an epoch
+        log.error("%s; every trial failed: the best valid AUC %.4f (trial %s) is of an epoch before its error; see "
+                  "%s and each trial's error in %s", counts, summary["best_valid_auc"], summary["best_trial"],
+                  summary["results"], Path(summary["results"]).with_name("tune_results.json"))
+        return 1
     from mmctr_ray.tune_report import train_best_command
 
     log.info("%s; best valid AUC %.4f%s (trial %s); %s, %s; train the best with the full schedule: `%s`", counts,

@@ -38,6 +38,7 @@ def quiet_ray_data(verbose: bool = False) -> None:
         # Ray Data warns once per process that the bars are off ("Progress bars disabled. To enable, ..."): we turn
         # them off on purpose, so take its once-only key first (Ray 2.60's name; another name only brings it back)
         log_once(PROGRESS_BARS_OFF_KEY)
+        hide_ray_data_lines()
 
 
 def quiet_ray_train(verbose: bool = False) -> None:
@@ -126,13 +127,22 @@ def pin_ray_address() -> None:
 TRAIN_REQUEST_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
 REQUEST_FAILED = re.compile(r"^Failed to (send|cancel) resource request for ")
 
-# Ray Data's console lines that a worker of the private local Ray hides unless -v, by logger: the "✔️ Dataset ...
-# execution finished in N seconds" line each run of a dataset logs at INFO (a 2-worker run's split coordinator, once
-# per epoch and split), and the once-per-process hint that progress bars are off (quiet_ray_data turns them off on
-# purpose). Ray Data's own ``hide`` attribute keeps them off its console handler and in its log file (ray-data.log).
+# Ray Data's console lines hidden unless -v, by logger: the "✔️ Dataset ... execution finished in N seconds" line each
+# run of a dataset logs at INFO (a 2-worker run's split coordinator, once per epoch and split); the once-per-process
+# hint that progress bars are off (quiet_ray_data turns them off on purpose); and the two ERROR lines of a map task
+# whose own code raised, before the error itself (for bad input, the one line naming the file, column and value):
+# "... Dataset execution will now abort. To ignore this exception and continue, set DataContext.max_errored_blocks"
+# (which would train on without the rows) and "Exception occurred in user code, with the abbreviated stack trace
+# below" (which the console does not get). Ray Data's own ``hide`` attribute keeps them off its console handler and in
+# its log file (ray-data.log); a record that carries a traceback (Ray Data's own errors) is never hidden. Hidden in
+# the processes that run mmctr's code (:func:`quiet_ray_data`) and in every worker of the private local Ray (the
+# split coordinator of a 2-worker run among them).
 RAY_DATA_HIDDEN = {
     "ray.data._internal.execution.streaming_executor": re.compile(r"Dataset \S+ execution finished in "),
     "ray.data._internal.progress": re.compile(r"^Progress bars disabled\."),
+    "ray.data._internal.execution.streaming_executor_state": re.compile(
+        r'^An exception was raised from a task of operator "[^"]*"\. Dataset execution will now abort\.'),
+    "ray.data.exceptions": re.compile(r"^Exception occurred in user code, with the abbreviated stack trace below\."),
 }
 
 # Ray Train logs a worker's exception as "Error in training function:" and its ~40-line traceback. For bad input a
@@ -155,8 +165,8 @@ PG_CLEANED = re.compile(r"^Detected that the Ray Train controller actor \(\S+\) 
 
 class _Matching(logging.Filter):
     """What a logger does with its records whose message matches ``pattern``: ``debug`` demotes those at WARNING or
-    above to DEBUG, ``hide`` marks them with Ray Data's ``hide`` (its console handler's filter), ``drop`` drops
-    them. Other records pass as they are."""
+    above to DEBUG, ``hide`` marks those without a traceback with Ray Data's ``hide`` (its console handler's filter),
+    ``drop`` drops them. Other records pass as they are."""
 
     def __init__(self, pattern: re.Pattern, action: str) -> None:
         super().__init__()
@@ -174,7 +184,8 @@ class _Matching(logging.Filter):
         if self.action == "drop":
             return False
         if self.action == "hide":
-            record.hide = True
+            if not record.exc_info:  # a traceback stays
+                record.hide = True
         elif record.levelno >= logging.WARNING:
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return True
@@ -203,6 +214,11 @@ def private_worker_setup() -> None:
     (:data:`BAD_INPUT_TRACEBACK`): the hook without -v."""
     private_worker_setup_verbose()
     _add_filter(TRAIN_ERROR_LOGGER, BAD_INPUT_TRACEBACK, "debug")
+    hide_ray_data_lines()
+
+
+def hide_ray_data_lines() -> None:
+    """:data:`RAY_DATA_HIDDEN` off this process's console (Ray Data's log file keeps them)."""
     for name, pattern in RAY_DATA_HIDDEN.items():
         _add_filter(name, pattern, "hide")
 

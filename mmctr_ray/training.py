@@ -241,14 +241,15 @@ class EarlyBatches:
 
 def _reported(row: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
     """What ``ray.train.report`` carries for the epoch of ``row``: its scalars (metrics.jsonl keeps the per-worker
-    lists; Ray's report takes scalars) and the best epoch's AUC up to it (the earliest among equals, as the
+    lists; Ray's report takes scalars) and the best epoch up to it, with its AUC (the earliest among equals, as the
     schedule keeps it)."""
     best = None
     for r in history:
         if r["epoch"] <= row["epoch"] and (best is None or r["valid_auc"] > best["valid_auc"]):
             best = r
     scalars = {k: v for k, v in row.items() if not k.startswith("worker_")}
-    return {**scalars, "best_valid_auc": best["valid_auc"], "best_valid_auc_se": best.get("valid_auc_se")}
+    return {**scalars, "best_valid_auc": best["valid_auc"], "best_valid_auc_se": best.get("valid_auc_se"),
+            "best_epoch": best["epoch"]}
 
 
 def _report_unheard(history: list[dict[str, Any]] | None, heard: int, rank: int) -> None:

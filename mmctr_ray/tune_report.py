@@ -226,7 +226,8 @@ def _importances(tdir: Path, space: SearchSpace) -> tuple[dict[str, float], str]
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         params = [p.key for p in space.params if not p.when and len({t.params.get(p.key) for t in done}) > 1]
         if len(done) < 2 or not params:
-            return {}, f"parameter importance needs 2+ finished trials that differ ({len(done)} finished)"
+            return {}, (f"parameter importance needs 2+ trials that differ and ran to their end, not pruned "
+                        f"({len(done)} did)")
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=space.seed)  # what the plot's label says
         return optuna.importance.get_param_importances(study, params=params, evaluator=evaluator), ""
     except (KeyError, ValueError, RuntimeError, SQLAlchemyError) as err:  # e.g. the running search's write lock

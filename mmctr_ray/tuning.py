@@ -45,7 +45,7 @@ from typing import Any
 
 from mmctr_ray import storage
 from mmctr_ray.config import ExperimentConfig, load_config
-from mmctr_ray.errors import ConfigError, DataError, Interrupted, OutputExistsError
+from mmctr_ray.errors import ConfigError, DataError, Interrupted, OutputExistsError, find_user_error
 from mmctr_ray.features import has_placeholder_embeddings
 from mmctr_ray.fuse import source_file
 from mmctr_ray.metrics import se_text
@@ -194,7 +194,8 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
         best: dict[str, Any] = {"valid_auc": float("-inf")}
         for row in history:
             best = max(best, row, key=lambda r: r["valid_auc"])  # the earliest among equals, as the run keeps
-            ray.tune.report({**row, METRIC: best["valid_auc"], "best_valid_auc_se": best.get("valid_auc_se")})
+            ray.tune.report({**row, METRIC: best["valid_auc"], "best_valid_auc_se": best.get("valid_auc_se"),
+                             "best_epoch": best["epoch"]})
         if (run_dir / "summary.json").is_file():
             return
     if (run_dir / DIVERGED).is_file():  # an errored trial that --resume retries: at its lr it would diverge again
@@ -224,8 +225,9 @@ def progress_line(trials: list[Any], trial: Any, outcome: str, total: int, elaps
     scored = [(t.last_result[METRIC], t.trial_id) for t in trials if (t.last_result or {}).get(METRIC) is not None]
     ended = sum(t is trial or t.status in ("TERMINATED", "ERROR") for t in trials)
     running = sum(t is not trial and t.status == "RUNNING" for t in trials)
-    auc = (f"best valid AUC {result[METRIC]:.4f}{se_text(result.get('best_valid_auc_se'))} at epoch "
-           f"{result.get('epoch', '?')}") if METRIC in result else "no epoch"
+    last, at = result.get("epoch", "?"), result.get("best_epoch", result.get("epoch", "?"))  # best_epoch: since 12-03
+    auc = (f"best valid AUC {result[METRIC]:.4f}{se_text(result.get('best_valid_auc_se'))} at epoch {at}"
+           f"{f' of {last}' if at != last else ''}") if METRIC in result else "no epoch"
     top = max(scored, default=None)
     best = f"best so far {top[0]:.4f} ({top[1]})" if top else "no result yet"
     pace = elapsed / ended_here if ended_here else float("nan")
@@ -358,10 +360,17 @@ def _searcher() -> type:
             failed = self._failed_before(trial_id)
             values = self.__dict__.get("retried", {}).pop(trial_id, None)
             _RETRYING.pop(trial_id, None)
+            from mmctr_ray.asha import stopped_trials
+
+            pruned = not error and trial_id in stopped_trials
+            if failed is None and pruned:  # OptunaSearch tells a trial with a result COMPLETE, a stopped one too:
+                result = {k: v for k, v in (result or {}).items() if k != self.metric}  # without it, PRUNED, and
+                # Optuna takes its last intermediate value (the best AUC of its epochs) as the pruned trial's value
             if failed is None or error or values is None:  # not a retry, a retry that failed again, or told already
                 return None if failed is not None else super().on_trial_complete(trial_id, result, error)
             value = (result or {}).get(self.metric)
-            state = optuna.trial.TrialState.COMPLETE if value is not None else optuna.trial.TrialState.PRUNED
+            complete = value is not None and not pruned
+            state = optuna.trial.TrialState.COMPLETE if complete else optuna.trial.TrialState.PRUNED
             self._ot_study.add_trial(optuna.trial.create_trial(
                 params=failed.params, distributions=failed.distributions, value=value, state=state,
                 intermediate_values=values, user_attrs={"retry_of_trial": failed.number, "ray_trial_id": trial_id}))
@@ -604,9 +613,22 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
         raise Interrupted("the search's state is saved as it goes (every 2 s)", signal.SIGTERM) from None
     finally:  # this search's paths served what Tune restored; a later search in this process sets its own
         mmctr_ray.asha.records_path = mmctr_ray.study.url = tune_dir_now = None
+        mmctr_ray.asha.stopped_trials.clear()
         interrupted = watch.pressed()
         tune_log.removeFilter(_no_tuner_restore_hint)
     return end_of_search(tdir, space, results, interrupted)
+
+
+def trial_error_line(err: BaseException) -> str:
+    """One line for a failed trial (tune_results.json): the user error behind it (bad input, a config the trial
+    drew), else the innermost error Ray wraps, by type and first line. Tune's error's own first line is Ray's
+    ``ray::ImplicitFunc.train() (pid=…)`` header, and an error without a message has no line at all."""
+    user = find_user_error(err)
+    inner: BaseException = user if user is not None else err
+    while user is None and isinstance(getattr(inner, "cause", None), BaseException):
+        inner = inner.cause  # type: ignore[attr-defined]
+    text = str(inner).strip()
+    return f"{type(inner).__name__}: {text.splitlines()[0]}" if text else type(inner).__name__
 
 
 def end_of_search(tdir: Path, space: SearchSpace, results: Any, interrupted: bool) -> dict[str, Any]:
@@ -614,7 +636,7 @@ def end_of_search(tdir: Path, space: SearchSpace, results: Any, interrupted: boo
     (``interrupted``) they are written too, as what the search has so far, and Interrupted says so."""
     from mmctr_ray.tune_report import write_outputs
 
-    errors = {Path(r.path).name: str(r.error).splitlines()[0] for r in results if r.error}
+    errors = {Path(r.path).name: trial_error_line(r.error) for r in results if r.error}
     known = [Path(r.path).name for r in results]
     if not interrupted:
         _close_orphans(tdir)  # after Ctrl-C the trials still running are not orphans: --resume resumes them

@@ -170,6 +170,16 @@ def test_a_search_whose_every_trial_failed_exits_1(tmp_path, monkeypatch, caplog
     with caplog.at_level("ERROR", logger="mmctr"):
         assert main(["tune", "--data", str(tmp_path), "--out", str(tmp_path / "t"), "--config", "c.yaml"]) == 1
     assert "3 trials (0 completed, 0 early-stopped, 0 pruned, 3 errors); no trial reported a valid AUC" in caplog.text
+    # every trial failed after an epoch or more (out of memory at epoch 2): best.yaml is written, but the search
+    # failed (it exited 0)
+    summary.update(best_yaml=str(tmp_path / "best.yaml"), best_valid_auc=0.81, best_trial="t1")
+    caplog.clear()
+    with caplog.at_level("ERROR", logger="mmctr"):
+        assert main(["tune", "--data", str(tmp_path), "--out", str(tmp_path / "t"), "--config", "c.yaml"]) == 1
+    assert ("3 trials (0 completed, 0 early-stopped, 0 pruned, 3 errors); every trial failed: the best valid AUC "
+            "0.8100 (trial t1) is of an epoch before its error") in caplog.text
+    summary.update(pruned=1, error=2)
+    assert main(["tune", "--data", str(tmp_path), "--out", str(tmp_path / "t"), "--config", "c.yaml"]) == 0
 
 
 def test_a_uri_given_to_a_local_path_flag_is_a_usage_error_not_a_local_folder(tmp_path, capsys, monkeypatch):

@@ -870,8 +870,10 @@ def test_the_cleaners_line_for_a_trials_ended_controller_is_dropped_on_the_local
 
 def test_ray_datas_lines_for_each_run_of_a_dataset_stay_off_the_console_of_the_local_rays_workers(ray_local):
     """A 2-worker run's split coordinator printed "✔️ Dataset train_.. execution finished in N seconds" per epoch and
-    split, and Ray Data's hint that progress bars are off (off on purpose). The private Ray's workers hide both
-    from the console as Ray Data's own ``hide`` does (its log file keeps them); its other lines still print."""
+    split, and Ray Data's hint that progress bars are off (off on purpose); a map task that met bad input printed
+    two ERROR lines before the error's own line ("... will now abort. To ignore this exception and continue, set
+    DataContext.max_errored_blocks"). The private Ray's workers hide them from the console as Ray Data's own ``hide``
+    does (its log file keeps them); its other lines still print."""
     import logging
 
     import ray
@@ -888,6 +890,18 @@ def test_ray_datas_lines_for_each_run_of_a_dataset_stay_off_the_console_of_the_l
             ray.data.DataContext.get_current().enable_progress_bars = False
             ray.data.range(4, override_num_blocks=1).materialize()
             logging.getLogger("ray.data._internal.execution.streaming_executor").info("another line")
+
+            def bad_input(batch):
+                from mmctr_ray.errors import DataError
+
+                raise DataError("train.parquet: column item_seq: a history ...")
+
+            try:
+                ray.data.range(4, override_num_blocks=1).map_batches(bad_input).materialize()
+            except Exception as e:
+                assert "train.parquet: column item_seq: a history ..." in str(e)
+            else:
+                raise AssertionError("the map task raised nothing")
         finally:
             logging.getLogger("ray.data").removeHandler(keep)
         return [(r.getMessage(), HiddenRecordFilter().filter(r)) for r in seen]
@@ -896,9 +910,53 @@ def test_ray_datas_lines_for_each_run_of_a_dataset_stay_off_the_console_of_the_l
     lines = dict(ray.get(ray.remote(num_cpus=0, runtime_env=fresh)(run_a_dataset).remote()))
     finished = [line for line in lines if "execution finished in" in line]
     hint = [line for line in lines if line.startswith("Progress bars disabled")]
-    assert len(finished) == 1 and len(hint) == 1, lines
-    assert not lines[finished[0]] and not lines[hint[0]]  # off the console
+    abort = [line for line in lines if "Dataset execution will now abort" in line]
+    user_code = [line for line in lines if line.startswith("Exception occurred in user code")]
+    assert len(finished) == 2 and len(hint) == 1 and len(abort) == 1 and len(user_code) == 1, lines
+    assert not any(lines[line] for line in [*finished, *hint, *abort, *user_code])  # off the console
     assert lines["another line"]  # the rest prints
+
+
+def test_ray_datas_lines_of_bad_input_stay_off_the_console_of_the_commands_process():
+    """The same lines where a command's own process runs Ray Data (`mmctr predict` reads the test split there):
+    hidden unless -v, but a record that carries a traceback (Ray Data's own errors) prints."""
+    import logging
+    import sys
+
+    from ray.data._internal.logging import HiddenRecordFilter
+
+    from mmctr_ray.ray_env import quiet_ray_data
+
+    quiet_ray_data(verbose=False)
+    logger = logging.getLogger("ray.data._internal.execution.streaming_executor_state")
+    abort = 'An exception was raised from a task of operator "MapBatches(f)". Dataset execution will now abort.'
+    try:
+        raise RuntimeError("Ray Data's own error")
+    except RuntimeError:
+        with_traceback = sys.exc_info()
+    seen = []
+    keep = logging.Handler()
+    keep.emit = seen.append
+    logger.addHandler(keep)
+    try:
+        logger.error(abort)
+        logger.error(abort, exc_info=with_traceback)
+        logger.error("another line")
+    finally:
+        logger.removeHandler(keep)
+    assert [HiddenRecordFilter().filter(r) for r in seen] == [False, True, True]
+
+
+def test_an_epochs_report_carries_the_best_epoch_up_to_it():
+    """Tune's line for an ended trial named the last epoch beside the best epoch's AUC."""
+    from mmctr_ray.training import _reported
+
+    history = [{"epoch": e, "valid_auc": auc, "valid_auc_se": 0.01 * e, "worker_rows": [1, 2]}
+               for e, auc in ((1, 0.80), (2, 0.82), (3, 0.81), (4, 0.82))]
+    assert _reported(history[2], history) == {"epoch": 3, "valid_auc": 0.81, "valid_auc_se": 0.03,
+                                              "best_valid_auc": 0.82, "best_valid_auc_se": 0.02, "best_epoch": 2}
+    assert _reported(history[3], history)["best_epoch"] == 2  # the earliest among equals, as the schedule keeps
+    assert _reported(history[0], history)["best_epoch"] == 1  # epochs after the row's do not count
 
 
 def test_a_log_filter_passes_a_record_whose_arguments_do_not_fit_its_message():

@@ -429,6 +429,42 @@ def test_a_time_budget_on_resume_or_not_above_zero_is_refused(tmp_path, kwargs, 
         check_inputs(tmp_path, ROOT / "configs/search_tiny.yaml", **kwargs)
 
 
+def test_a_trial_asha_stopped_is_pruned_in_the_study(tmp_path, monkeypatch):
+    """OptunaSearch told a trial that ASHA stopped after epoch 1 COMPLETE with its epoch-1 AUC: optuna-dashboard
+    called it complete, and the importances mixed 1-epoch AUCs with full-schedule ones. It is PRUNED now, with its
+    last reported value as Optuna keeps for a pruned trial; a trial that ran to its end stays COMPLETE."""
+    import optuna
+
+    import mmctr_ray.asha
+    from mmctr_ray.tuning import METRIC, _searcher
+
+    space = load_search(ROOT / "configs/search_tiny.yaml")
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    searcher = _searcher()(space=space.define_by_run, metric=METRIC, mode="max", seed=1, study_name="s",
+                           storage=optuna.storages.RDBStorage(url))
+    monkeypatch.setattr(mmctr_ray.asha, "stopped_trials", {"cut": 1.0})  # what ResumableASHA records on a stop
+    for trial_id, epochs in (("cut", 1), ("ran", 2)):
+        assert searcher.suggest(trial_id)
+        for epoch in range(1, epochs + 1):
+            searcher.on_trial_result(trial_id, {METRIC: 0.6 + epoch / 100, "training_iteration": epoch})
+        searcher.on_trial_complete(trial_id, {METRIC: 0.6 + epochs / 100, "training_iteration": epochs})
+    trials = optuna.load_study(study_name="s", storage=url).get_trials()
+    assert [(t.state.name, t.value) for t in trials] == [("PRUNED", 0.61), ("COMPLETE", 0.62)]
+    from mmctr_ray.asha import ResumableASHA
+    from ray.tune.schedulers import TrialScheduler
+
+    monkeypatch.setattr(mmctr_ray.asha, "stopped_trials", {})
+    asha = ResumableASHA(tmp_path / "asha.json", metric=METRIC, mode="max", time_attr="epoch", max_t=2,
+                         grace_period=1, reduction_factor=2, stop_last_trials=False)
+    decisions = []
+    for trial_id, auc in (("a", 0.7), ("b", 0.6)):  # b reaches the rung below a's cutoff: stopped
+        trial = SimpleNamespace(trial_id=trial_id, config={}, evaluated_params={})
+        asha.on_trial_add(None, trial)
+        decisions.append(asha.on_trial_result(None, trial, {"epoch": 1, METRIC: auc}))
+    assert decisions == [TrialScheduler.CONTINUE, TrialScheduler.STOP]
+    assert mmctr_ray.asha.stopped_trials == {"b": 1.0}  # where the searcher looks
+
+
 def test_an_empty_existing_out_folder_is_used_as_it_is(tmp_path):
     from mmctr_ray.tuning import _prepare
 
@@ -633,6 +669,9 @@ def test_an_ended_trial_is_one_line_with_the_best_so_far_and_the_time_left(tmp_p
     trials[0].last_result["best_valid_auc_se"] = 0.0123  # the best epoch's standard error, as training reports it
     assert progress_line(trials, trials[0], "completed", 8, 120.0, 2).startswith(
         "trial a completed: best valid AUC 0.8000 ± 0.0123 at epoch 3; best so far 0.8000 (a); ")
+    trials[0].last_result["best_epoch"] = 2  # the best epoch before the last: named as the best (it named the last)
+    assert progress_line(trials, trials[0], "completed", 8, 120.0, 2).startswith(
+        "trial a completed: best valid AUC 0.8000 ± 0.0123 at epoch 2 of 3; best so far 0.8000 (a); ")
     run = tmp_path / "trials" / "t"
     run.mkdir(parents=True)
     assert [trial_outcome(run, 0, 3), trial_outcome(run, 1, 3)] == ["no result", "pruned"]  # records without stops
@@ -1003,6 +1042,22 @@ def test_after_ctrl_c_the_running_trials_stay_running_for_resume(tmp_path):
         assert [r["status"] for r in csv.DictReader(f)] == ["completed", "running"]
     end_of_search(tmp_path, space, results, interrupted=False)  # the search ended: a RUNNING study trial is an orphan
     assert states() == ["COMPLETE", "FAIL"]
+
+
+def test_a_failed_trials_line_says_what_failed():
+    """tune_results.json kept the first line of Tune's error: Ray's "ray::ImplicitFunc.train() (pid=...)" header;
+    and an error without a message ended the search in an IndexError after every trial had run."""
+    from ray.exceptions import RayTaskError
+
+    from mmctr_ray.tuning import trial_error_line
+
+    remote = RuntimeError("ray::ImplicitFunc.train() (pid=7, ip=127.0.0.1)\n  File \"x.py\", line 1\n"
+                          "mmctr_ray.errors.ConfigError: model.num_heads=3: expected a divisor of 16")
+    assert trial_error_line(remote) == "ConfigError: model.num_heads=3: expected a divisor of 16"
+    wrapped = RayTaskError("train", "ray::ImplicitFunc.train() (pid=7)\n  File ...", MemoryError("out of memory"))
+    assert str(wrapped).splitlines()[0].startswith("ray::ImplicitFunc.train()")  # what the line was
+    assert trial_error_line(wrapped) == "MemoryError: out of memory"
+    assert trial_error_line(RuntimeError("")) == "RuntimeError"
 
 
 def test_a_trial_that_diverged_is_not_trained_again_when_the_search_resumes(tmp_path, monkeypatch):
