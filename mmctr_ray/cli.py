@@ -13,6 +13,7 @@ import logging
 import shlex
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -296,6 +297,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from mmctr_ray.tuning import check_inputs, run_tuning, trial_cpus
 
+    started = time.time()  # --time-budget-s counts from here: Ray's start and the reading of the splits count
     check_inputs(args.data, args.config, args.overrides, args.resume, args.workers_per_trial, args.source,
                  args.gpus_per_trial, args.num_samples, args.max_concurrent, args.time_budget_s)  # before Ray starts
     _start_ray(args, state_api=True, pool_cpus=trial_cpus(args.out, args.resume, args.workers_per_trial,
@@ -304,7 +306,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                          max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial,
                          workers=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker, source=args.source,
                          resume=args.resume, overwrite=args.overwrite, time_budget_s=args.time_budget_s,
-                         verbose=args.verbose)
+                         verbose=args.verbose, started=started)
     counts = (f"{summary['trials']} trials ({summary['completed']} completed, {summary['early-stopped']} "
               f"early-stopped, {summary['pruned']} pruned, {summary['error']} errors)")
     if summary.get("best_yaml") is None:  # a search that found nothing is not a success (a cluster job sees 1)
@@ -685,8 +687,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=POSITIVE_INT,
                    help="at most this many trials at once (default: as many as Ray's CPUs and GPUs fit)")
     p.add_argument("--time-budget-s", type=POSITIVE, metavar="SECONDS",
-                   help="start no trial after this many seconds; running trials finish and are kept (as Optuna's "
-                        "timeout). A resumed search keeps the wall-clock deadline; a finished one starts no more")
+                   help="start no trial after this many seconds from the command's start; running trials finish and "
+                        "are kept (as Optuna's timeout). A resumed search keeps the wall-clock deadline; a finished "
+                        "one starts no more, errored ones included")
     p.add_argument("--gpus-per-trial", type=NON_NEGATIVE, default=0.0, help="GPUs per trial; fractions share a GPU")
     p.add_argument("--workers-per-trial", type=POSITIVE_INT, default=1, help="DDP workers per trial (default 1)")
     p.add_argument("--cpus-per-worker", type=POSITIVE, default=1.0, help="logical CPUs per training worker")

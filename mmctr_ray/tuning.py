@@ -527,13 +527,23 @@ def batch_sizes(space: SearchSpace) -> list[int]:
     return [int(v) for v in p.values] + (base if p.when else [])
 
 
+def budget_spent(settings: dict[str, Any], now: float | None = None) -> bool:
+    """Whether a search's time budget (its ``deadline`` in settings.json; none before 2026-12-03) has passed: Tune
+    runs a resumed search's errored trials again whatever its searcher says, so the resume must not ask it to."""
+    deadline = settings.get("deadline")
+    return deadline is not None and (time.time() if now is None else now) >= deadline
+
+
 def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Path | None, overrides: list[str] = (),
                num_samples: int | None = None, max_concurrent: int | None = None, gpus_per_trial: float = 0.0,
                workers: int = 1, cpus_per_worker: float = 1.0, source: str = "shipped", resume: bool = False,
-               overwrite: bool = False, time_budget_s: float | None = None, verbose: bool = False) -> dict[str, Any]:
+               overwrite: bool = False, time_budget_s: float | None = None, verbose: bool = False,
+               started: float | None = None) -> dict[str, Any]:
     """Run (or with ``resume`` continue) the search declared in ``search_yaml``; return the outputs' summary.
-    With ``time_budget_s``, no trial starts once that many seconds have passed; the running ones finish. With
-    ``verbose`` each trial's run shows Ray Train's and Ray Data's own lines (:func:`run_trial`)."""
+    With ``time_budget_s``, no trial starts once that many seconds have passed since ``started`` (wall-clock
+    seconds since the epoch: when the command began, so Ray's start and the reading of the splits count; default
+    now); the running ones finish, and a ``resume`` after that runs no errored trial again. With ``verbose`` each
+    trial's run shows Ray Train's and Ray Data's own lines (:func:`run_trial`)."""
     import ray
     from ray import tune
 
@@ -543,6 +553,8 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
     source = source if source == "shipped" else str(Path(source).resolve())  # trials run in their own folders
     settings = {"data": str(data), "workers": workers, "cpus_per_worker": cpus_per_worker,
                 "gpus_per_worker": gpus_per_trial / workers, "source": source, "overrides": list(overrides)}
+    if time_budget_s and not resume:  # kept in settings.json too: a resume after it runs no errored trial again
+        settings["deadline"] = (time.time() if started is None else started) + time_budget_s
     rows, asked = check_inputs(data, search_yaml, overrides, resume, workers, source, gpus_per_trial, num_samples,
                                max_concurrent, time_budget_s)
     elastic = not private_local_ray()
@@ -571,7 +583,7 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
                              verbose=verbose),
         {"CPU": TRIAL_DRIVER_CPU, "memory": TRIAL_DRIVER_MEMORY})
     fault = int(os.environ.get(FAULT_ENV, "0"))
-    deadline = time.time() + time_budget_s if time_budget_s and not resume else None
+    deadline = settings.get("deadline") if not resume else None
     callbacks = [_Progress(tdir, space.max_epochs, deadline), *([_ExitAfterTrials()] if fault else [])]
     run_config = tune.RunConfig(name="tune", storage_path=str(tdir), callbacks=callbacks, verbose=0)
     import mmctr_ray.asha
@@ -585,7 +597,10 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
     tune_dir_now = str(tdir)  # and the restored progress callback an older TUNE
     if resume:
         log.info("resuming the search in %s (its own trial count and concurrency, %d at a time)", tdir, k)
-        tuner = tune.Tuner.restore(str(tdir / "tune"), trainable=trainable, resume_errored=True)
+        spent = budget_spent(settings)
+        if spent:
+            log.info("its time budget is spent: no trial starts, errored ones included; the unfinished ones finish")
+        tuner = tune.Tuner.restore(str(tdir / "tune"), trainable=trainable, resume_errored=not spent)
     else:
         if not logging.getLogger().isEnabledFor(logging.DEBUG):  # Optuna's own "[I ...] A new study created in RDB
             import optuna  # with name: mmctr" line, in a format of its own, with -v only: the next line says more

@@ -182,6 +182,26 @@ def test_a_search_whose_every_trial_failed_exits_1(tmp_path, monkeypatch, caplog
     assert main(["tune", "--data", str(tmp_path), "--out", str(tmp_path / "t"), "--config", "c.yaml"]) == 0
 
 
+def test_the_time_budget_counts_from_the_commands_start(tmp_path, monkeypatch):
+    """--time-budget-s counted from after Ray's start and the reading of the splits into the object store
+    (minutes on MicroLens-1M): a 1-hour budget started trials past the hour."""
+    import time
+
+    import mmctr_ray.cli as cli
+    import mmctr_ray.tuning as tuning
+
+    seen = {}
+    monkeypatch.setattr(tuning, "check_inputs", lambda *a, **k: seen.setdefault("checked", time.time()))
+    monkeypatch.setattr(tuning, "run_tuning", lambda *a, **k: seen.update(k) or {"best_yaml": None, **{
+        s: 0 for s in ("trials", "completed", "early-stopped", "pruned", "error")}, "results": "r.csv"})
+    monkeypatch.setattr(cli, "_start_ray", lambda *a, **k: time.sleep(0.05))
+    before = time.time()
+    main(["tune", "--data", str(tmp_path), "--out", str(tmp_path / "t"), "--config", "c.yaml", "--time-budget-s", "60"])
+    assert before <= seen["started"] <= seen["checked"] and seen["time_budget_s"] == 60
+    assert tuning.budget_spent({"deadline": 100.0}, now=100.0) and not tuning.budget_spent({"deadline": 100.0}, now=99)
+    assert not tuning.budget_spent({})  # no budget, or a search from before settings.json kept its deadline
+
+
 def test_a_uri_given_to_a_local_path_flag_is_a_usage_error_not_a_local_folder(tmp_path, capsys, monkeypatch):
     """`predict --out s3://b/sub.zip` wrote the submission to the local folder `s3:/b/sub.zip` and exited 0
     (``type=Path`` collapses `//`). Every flag that takes a local path only now refuses a URI by name."""
