@@ -401,6 +401,9 @@ def _scheduler(space: SearchSpace, records: Path) -> Any:
 def _prepare(tune_dir: Path, search_yaml: Path | None, settings: dict[str, Any], resume: bool, overwrite: bool) -> dict:
     saved = tune_dir / "settings.json"
     if resume:
+        if saved.is_file() and not (tune_dir / "tune").is_dir():  # it ended before Tune began (reading the splits)
+            raise ConfigError(f"{tune_dir}: nothing to resume: the search ended before its first trial (settings.json "
+                              f"but no tune/); start it again with --overwrite")
         if not saved.is_file() or not (tune_dir / "tune").is_dir():
             raise ConfigError(f"{tune_dir}: nothing to resume (no settings.json and tune/ of an earlier `mmctr tune`)")
         old = json.loads(saved.read_text())
@@ -423,6 +426,9 @@ def _prepare(tune_dir: Path, search_yaml: Path | None, settings: dict[str, Any],
     assert search_yaml is not None
     load_search(search_yaml, settings["overrides"])  # a bad search section fails before anything is written
     if tune_dir.exists() and any(tune_dir.iterdir()):
+        if not overwrite and saved.is_file() and not (tune_dir / "tune").is_dir():
+            raise OutputExistsError(f"{tune_dir}: holds a search that ended before its first trial (settings.json but "
+                                    f"no tune/); pass --overwrite to start it again")
         if not overwrite:
             raise OutputExistsError(f"{tune_dir}: already holds a search; pass --resume to continue it or --overwrite "
                                     f"to replace it")

@@ -24,7 +24,7 @@ from sklearn.metrics import roc_auc_score
 
 from mmctr_ray.checkpoint import best_checkpoint, load_checkpoint
 from mmctr_ray.config import FusionConfig, load_config
-from mmctr_ray.errors import ConfigError
+from mmctr_ray.errors import ConfigError, OutputExistsError
 from mmctr_ray.fuse import run_fuse
 from mmctr_ray.pca_cache import cached_fusion, fusion_key
 from mmctr_ray.predict import load_model, score_parquet
@@ -427,6 +427,26 @@ def test_a_time_budget_on_resume_or_not_above_zero_is_refused(tmp_path, kwargs, 
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_inputs(tmp_path, ROOT / "configs/search_tiny.yaml", **kwargs)
+
+
+def test_a_search_that_ended_before_its_first_trial_says_how_to_start_again(tmp_path):
+    """A data error or Ctrl-C while the splits were read left settings.json without tune/: a rerun said "already
+    holds a search; pass --resume", and --resume "nothing to resume (no settings.json and tune/ ...)"."""
+    from mmctr_ray.tuning import _prepare
+
+    out = tmp_path / "tune"
+    settings = {"data": str(tmp_path / "data"), "overrides": []}
+    _prepare(out, ROOT / "configs/search_tiny.yaml", settings, resume=False, overwrite=False)  # then it failed
+    with pytest.raises(OutputExistsError, match=rf"^{re.escape(str(out))}: holds a search that ended before its "
+                                                r"first trial \(settings.json but no tune/\); pass --overwrite"):
+        _prepare(out, ROOT / "configs/search_tiny.yaml", settings, resume=False, overwrite=False)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(out))}: nothing to resume: the search ended before its "
+                                          r"first trial .*; start it again with --overwrite$"):
+        _prepare(out, None, settings, resume=True, overwrite=False)
+    assert _prepare(out, ROOT / "configs/search_tiny.yaml", settings, resume=False, overwrite=True) == settings
+    (out / "tune").mkdir()  # a search that began: the usual answers
+    with pytest.raises(OutputExistsError, match="already holds a search; pass --resume to continue it"):
+        _prepare(out, ROOT / "configs/search_tiny.yaml", settings, resume=False, overwrite=False)
 
 
 def test_a_trial_asha_stopped_is_pruned_in_the_study(tmp_path, monkeypatch):
