@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -407,6 +408,7 @@ def _prepare(tune_dir: Path, search_yaml: Path | None, settings: dict[str, Any],
         if not saved.is_file() or not (tune_dir / "tune").is_dir():
             raise ConfigError(f"{tune_dir}: nothing to resume (no settings.json and tune/ of an earlier `mmctr tune`)")
         old = json.loads(saved.read_text())
+        _check_search_unchanged(tune_dir, old)
         if old["data"] != settings["data"]:
             raise ConfigError(f"{tune_dir}: the search ran on {old['data']}; resume it with that --data")
         flags = {"workers": "--workers-per-trial", "cpus_per_worker": "--cpus-per-worker",
@@ -438,8 +440,23 @@ def _prepare(tune_dir: Path, search_yaml: Path | None, settings: dict[str, Any],
         shutil.rmtree(tune_dir)
     tune_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(search_yaml, tune_dir / "search.yaml")
+    settings = {**settings, "search_sha256": _sha256(tune_dir / "search.yaml")}
     saved.write_text(storage.json_text(settings, indent=2) + "\n")
     return settings
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _check_search_unchanged(tune_dir: Path, settings: dict[str, Any]) -> None:
+    """A resumed search draws from the space it began with (Tune restores its searcher, sampler and all): an edited
+    ``TUNE/search.yaml`` would change the base config of its new trials only, and the results' columns."""
+    path = tune_dir / "search.yaml"
+    if settings.get("search_sha256") and path.is_file() and _sha256(path) != settings["search_sha256"]:
+        raise ConfigError(f"{path}: changed since the search began; a resumed search draws from the space it began "
+                          f"with (Tune restores its sampler), so the edit would reach only the base config of its "
+                          f"new trials: restore the file, or start a new search from it (another --out)")
 
 
 def trial_cpus(tune_dir: str | Path, resume: bool, workers: int, cpus_per_worker: float) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -443,7 +444,8 @@ def test_a_search_that_ended_before_its_first_trial_says_how_to_start_again(tmp_
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(out))}: nothing to resume: the search ended before its "
                                           r"first trial .*; start it again with --overwrite$"):
         _prepare(out, None, settings, resume=True, overwrite=False)
-    assert _prepare(out, ROOT / "configs/search_tiny.yaml", settings, resume=False, overwrite=True) == settings
+    assert _prepare(out, ROOT / "configs/search_tiny.yaml", settings, resume=False, overwrite=True)["data"] == \
+        settings["data"]
     (out / "tune").mkdir()  # a search that began: the usual answers
     with pytest.raises(OutputExistsError, match="already holds a search; pass --resume to continue it"):
         _prepare(out, ROOT / "configs/search_tiny.yaml", settings, resume=False, overwrite=False)
@@ -491,8 +493,29 @@ def test_an_empty_existing_out_folder_is_used_as_it_is(tmp_path):
     out = tmp_path / "tune"
     out.mkdir()  # e.g. made by hand, or a mount point; before, mkdir raised FileExistsError
     settings = {"data": str(tmp_path / "data"), "overrides": []}
-    assert _prepare(out, ROOT / "configs/search_tiny.yaml", settings, resume=False, overwrite=False) == settings
-    assert (out / "search.yaml").is_file() and json.loads((out / "settings.json").read_text()) == settings
+    saved = _prepare(out, ROOT / "configs/search_tiny.yaml", settings, resume=False, overwrite=False)
+    assert saved == {**settings, "search_sha256": hashlib.sha256((out / "search.yaml").read_bytes()).hexdigest()}
+    assert (out / "search.yaml").is_file() and json.loads((out / "settings.json").read_text()) == saved
+
+
+def test_a_resume_refuses_an_edited_search_yaml(tmp_path):
+    """A resumed search samples the space it began with (Tune restores its searcher): an edited TUNE/search.yaml
+    changed only the base config of new trials and the results' columns, without a word."""
+    from mmctr_ray.tuning import _prepare
+
+    out = tmp_path / "tune"
+    settings = {"data": str(tmp_path / "data"), "overrides": []}
+    _prepare(out, ROOT / "configs/search_tiny.yaml", settings, resume=False, overwrite=False)
+    (out / "tune").mkdir()  # the search began
+    assert _prepare(out, None, settings, resume=True, overwrite=False)["data"] == settings["data"]
+    text = (out / "search.yaml").read_text()
+    (out / "search.yaml").write_text(text.replace("model.dropout: {float: [0.0, 0.3]}", "model.dropout: {float: "
+                                                                                         "[0.0, 0.5]}"))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(out / 'search.yaml'))}: changed since the search began; "
+                                          r"a resumed search draws from the space it began with"):
+        _prepare(out, None, settings, resume=True, overwrite=False)
+    (out / "search.yaml").write_text(text)  # restored: it resumes
+    assert _prepare(out, None, settings, resume=True, overwrite=False)["data"] == settings["data"]
 
 
 def test_an_errored_trial_run_again_by_resume_reaches_the_study(tmp_path):
@@ -791,8 +814,9 @@ def test_every_size_of_a_strategy_is_sliced_from_one_exact_fit(synth_dir, tmp_pa
 def test_a_basis_cut_to_the_widest_searched_size_serves_every_size_up_to_it(synth_dir, tiny_spec, tmp_path,
                                                                             monkeypatch):
     """With ``axes`` (the search's widest size) the basis keeps that many axes of each part: sizes up to it are
-    sliced from it and equal `mmctr fuse` of that size; a wider size (its search.yaml widened before a --resume) is
-    fitted on its own, also equal to `mmctr fuse`; a full-width basis left by an older search serves every size."""
+    sliced from it and equal `mmctr fuse` of that size; a wider size (which no trial of the search asks for: a
+    fallback) is fitted on its own, also equal to `mmctr fuse`; a full-width basis left by an older search serves
+    every size."""
     import pyarrow.parquet as pq
 
     import mmctr_ray.fuse
@@ -817,7 +841,7 @@ def test_a_basis_cut_to_the_widest_searched_size_serves_every_size_up_to_it(synt
     assert [(f.text_dim, f.image_dim) for f in fits] == [(8, 8), (9, 2)]
     [basis] = cache.glob("basis-v4-a8-*.npy")
     assert np.load(basis, mmap_mode="r").shape == (16, tiny_spec.items + 1)  # 8 + 8 axes × items and padding
-    fits.clear()  # a narrower search on the same cache (search.yaml narrowed before --resume) reuses the wider basis
+    fits.clear()  # a narrower search on the same cache (another search's, copied in) reuses the wider basis
     path, wrote = cached_fusion(cache, synth_dir, FusionConfig("v4", text_dim=5, image_dim=4), axes=6)
     assert wrote and fits == [] and not list(cache.glob("basis-v4-a6-*"))
     # a full-width basis of an older search in the same cache is used instead of cutting a new one
