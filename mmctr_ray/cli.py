@@ -413,7 +413,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
                 models = {"text_model": str(check_model_dir(args.text_model or _default_text_model())),
                           "image_model": resolved_image_model(args.image_model)}
             synth = dataclasses.asdict(_spec_from_args(args)) if not args.data else None
-            pipeline.check_resume(out, work, _config(args), args.embed, synth=synth, models=models)
+            pipeline.check_resume(out, work, _config(args), args.embed, synth=synth, models=models, data=args.data)
         pipeline.check_data_copy(args.data, work, resume, args.overwrite)
         return _pipeline_steps(args, label, out, work, run)
 

@@ -100,10 +100,12 @@ def work_dir(out: storage.Location, work: Path | None) -> Path:
 
 
 def check_resume(out: storage.Location, work: Path, cfg: ExperimentConfig, embed: bool,
-                 synth: dict[str, Any] | None = None, models: dict[str, str] | None = None) -> None:
+                 synth: dict[str, Any] | None = None, models: dict[str, str] | None = None,
+                 data: str | None = None) -> None:
     """On ``--resume``, what OUT keeps must be what this command would make, since it is reused as it is: the
     synthesized data (``synth``: the spec this command's size flags give, without ``--data``), the embeddings
-    (``models``: the text and image models ``--embed`` would load), the fused table (its fusion and source) and the
+    (``models``: the text and image models ``--embed`` would load), the fused table (its fusion and source, and the
+    data it was fused for: a local ``data``; a URI's copy is checked by :func:`check_data_copy`) and the
     run (continued with its own config.yaml; only ``train.*`` may change, as for ``mmctr train --resume``). A
     difference is a one-line error, before Ray starts, instead of being ignored (the data, the embeddings, the
     run) or mixed with the kept table (a new run on an old table)."""
@@ -140,6 +142,12 @@ def check_resume(out: storage.Location, work: Path, cfg: ExperimentConfig, embed
         was = source.read_text().strip() if source.is_file() else used
         raise ConfigError(f"{out}: the earlier attempt ran on --data {was}; pass it again with --resume (without "
                           f"--data the pipeline synthesizes a data set)")
+    if data and not storage.is_uri(data) and used and Path(used) != Path(data).resolve():
+        source = work / DATA_SOURCE  # the earlier attempt's --data was a URI, copied to WORK/data
+        was = source.read_text().strip() if source.is_file() and Path(used) == (work / "data").resolve() else used
+        raise ConfigError(f"{fused}: kept from the earlier attempt on --data {was}, this command asks {data}; "
+                          f"--resume reuses it and the run: pass the --data it started with, or --overwrite to start "
+                          f"again")
     if summary is not None:
         fields = [field for _, _, field in PARTS.get(cfg.fusion.strategy, ())]  # the widths the strategy uses
         for key in ("strategy", *fields):

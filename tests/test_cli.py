@@ -582,6 +582,12 @@ def test_pipeline_resume_refuses_a_config_that_is_not_what_out_keeps(tmp_path, c
         f"{out}: the earlier attempt ran on --data /d; pass it again with --resume (without --data the pipeline "
         f"synthesizes a data set)")
     assert not (out / "data").exists()
+    # resumed with another --data: its fused table (and run) are of /d's items; they trained on without a word
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(out / 'item_emb.parquet'))}: kept from the earlier "
+                                          rf"attempt on --data /d, this command asks {re.escape(str(tmp_path))}; "
+                                          r"--resume reuses it and the run: pass the --data it started with"):
+        pipeline.check_resume(str(out), out, load_config("configs/tiny.yaml"), False, data=str(tmp_path))
+    pipeline.check_resume(str(out), out, load_config("configs/tiny.yaml"), False, data="/d")  # the same: resumes
 
 
 def test_pipeline_resume_takes_the_train_settings_of_its_config_and_knows_its_embeddings(tmp_path, caplog):
