@@ -67,8 +67,9 @@ FAULT_ENV = "MMCTR_FAULT_TUNE_EXIT_AFTER_TRIALS"  # tests: the driver exits hard
 
 
 def trial_concurrency(resources: dict[str, float], workers: int, cpus_per_worker: float, gpus_per_worker: float,
-                      requested: int | None = None, elastic: bool = False) -> int:
-    """How many trials fit at once in ``resources`` (Ray's cluster resources); at most ``requested``.
+                      requested: int | None = None, elastic: bool = False, resumed: bool = False) -> int:
+    """How many trials fit at once in ``resources`` (Ray's cluster resources); at most ``requested`` (``--max-
+    concurrent``, or with ``resumed`` the concurrency the search began with, which Tune restores).
 
     ``elastic``: Ray is a cluster this process joined, which may grow (``cluster.yaml`` starts with no GPU
     worker): an explicit ``requested`` is then trusted beyond what fits now, since the trials' pending resource
@@ -79,10 +80,11 @@ def trial_concurrency(resources: dict[str, float], workers: int, cpus_per_worker
     by_cpu = math.floor((cpus - DATA_CPU_RESERVE) / per_trial_cpu + 1e-9)
     by_gpu = math.floor(gpus / (workers * gpus_per_worker) + 1e-9) if gpus_per_worker else by_cpu
     fits = max(min(by_cpu, by_gpu), 0)
+    asked = f"the search's {requested} at a time (settings.json)" if resumed else f"--max-concurrent {requested}"
     if elastic and requested is not None and requested > fits:
-        log.warning("--max-concurrent %d: %d trials fit in what Ray has now (%g CPUs, %g GPUs); the rest wait for "
-                    "the autoscaler to add nodes (on a cluster that cannot grow they wait for good: lower "
-                    "--max-concurrent)", requested, fits, cpus, gpus)
+        log.warning("%s: %d trials fit in what Ray has now (%g CPUs, %g GPUs); the rest wait for the autoscaler to "
+                    "add nodes (on a cluster that cannot grow they wait for good%s)", asked, fits, cpus, gpus,
+                    "" if resumed else ": lower --max-concurrent")
         return requested
     if fits < 1:
         need = f"{per_trial_cpu + DATA_CPU_RESERVE:g} CPUs" + (f" and {workers * gpus_per_worker:g} GPUs"
@@ -92,9 +94,12 @@ def trial_concurrency(resources: dict[str, float], workers: int, cpus_per_worker
                           f"{DATA_CPU_RESERVE:g} CPU for data loading); Ray has {cpus:g} CPUs and {gpus:g} GPUs{hint}")
     if requested is not None and requested < fits:
         return requested
-    if requested is not None and requested > fits:
-        log.warning("--max-concurrent %d: only %d trials fit in Ray's resources (%g CPUs, %g GPUs); running %d",
-                    requested, fits, cpus, gpus, fits)
+    if requested is not None and requested > fits and resumed:  # Tune starts them all; the rest wait for resources
+        log.warning("%s: only %d trials fit in Ray's resources (%g CPUs, %g GPUs); the others wait for a trial to "
+                    "end", asked, fits, cpus, gpus)
+    elif requested is not None and requested > fits:
+        log.warning("%s: only %d trials fit in Ray's resources (%g CPUs, %g GPUs); running %d", asked, fits, cpus,
+                    gpus, fits)
     return fits
 
 
@@ -594,7 +599,7 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
         # trials of 16 CPUs got a 15th each; and a GPU search on an autoscaling cluster with no GPU node up yet could
         # not resume at all). A search from before the count was kept: what fits now, as then
         k = trial_concurrency(ray.cluster_resources(), settings["workers"], settings["cpus_per_worker"],
-                              settings["gpus_per_worker"], settings.get("concurrency"), elastic)
+                              settings["gpus_per_worker"], settings.get("concurrency"), elastic, resumed=True)
     else:
         k = settings["concurrency"]
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # save the experiment state often: cheap, and resumable

@@ -152,6 +152,17 @@ def test_concurrency_is_sized_from_resources():
         trial_concurrency({"CPU": 2}, workers=2, cpus_per_worker=1, gpus_per_worker=0)
 
 
+def test_a_resumed_search_on_fewer_resources_names_its_own_concurrency(caplog):
+    """A resume said "--max-concurrent 4: ...; running 2", a flag --resume refuses, while Tune restores its 4."""
+    with caplog.at_level("WARNING", logger="mmctr_ray.tuning"):
+        assert trial_concurrency({"CPU": 3}, 1, 1, 0, requested=4, resumed=True) == 2
+        assert trial_concurrency({"CPU": 3}, 1, 1, 0, requested=4) == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "the search's 4 at a time (settings.json): only 2 trials fit in Ray's resources (3 CPUs, 0 GPUs); the others "
+        "wait for a trial to end",
+        "--max-concurrent 4: only 2 trials fit in Ray's resources (3 CPUs, 0 GPUs); running 2"]
+
+
 
 def test_a_resumed_search_sizes_the_local_ray_for_the_trials_it_started_with(tmp_path):
     """`tune --resume` runs its trials with the workers of settings.json, not the command line's defaults: the
