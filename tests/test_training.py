@@ -912,7 +912,7 @@ def test_ray_datas_lines_for_each_run_of_a_dataset_stay_off_the_console_of_the_l
     hint = [line for line in lines if line.startswith("Progress bars disabled")]
     abort = [line for line in lines if "Dataset execution will now abort" in line]
     user_code = [line for line in lines if line.startswith("Exception occurred in user code")]
-    assert len(finished) == 2 and len(hint) == 1 and len(abort) == 1 and len(user_code) == 1, lines
+    assert len(finished) == 1 and len(hint) == 1 and len(abort) == 1 and len(user_code) == 1, lines
     assert not any(lines[line] for line in [*finished, *hint, *abort, *user_code])  # off the console
     assert lines["another line"]  # the rest prints
 
