@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from mmctr_ray.embed.image import CORRUPT, MISSING, OK, ImageEncoder, decode_covers
 from mmctr_ray.embed.pipeline import FAULT_ENV, run_embed
@@ -31,6 +32,9 @@ from mmctr_ray.schema import Layout
 
 ROOT = Path(__file__).parent.parent
 CLIP_TINY = str(ROOT / "tests" / "assets" / "clip-tiny.json")
+# the fixture's actors take the (logical) GPU: where CUDA is visible they encode in bf16 autocast (~3 significant
+# digits) while the encoders called directly here run in fp32 on the CPU; on a CPU host both are fp32
+TOL = {"rtol": 2e-2, "atol": 2e-2} if torch.cuda.is_available() else {"rtol": 1e-7, "atol": 1e-4}
 
 
 def minilm_path() -> Path:
@@ -107,10 +111,10 @@ def test_embed_writes_every_item_in_order_and_flags_bad_covers(embedded, covers_
     # the pipeline computes what the encoders compute directly, in one process
     titles = pq.read_table(Layout(covers_data).item_feature, columns=["item_title"]).column(0).to_pylist()
     direct_text = TextEncoder(bert_tiny).encode(**tokenize(titles[:20], str(bert_tiny), 32))
-    np.testing.assert_allclose(text[:20], direct_text, atol=1e-4)
+    np.testing.assert_allclose(text[:20], direct_text, **TOL)
     pixels, st = decode_covers(np.arange(1, 21), str(Layout(covers_data).images_dir), 32)
     direct_image = ImageEncoder(CLIP_TINY).encode(pixels[st == OK])
-    np.testing.assert_allclose(image[:20][st == OK], direct_image, atol=1e-4)
+    np.testing.assert_allclose(image[:20][st == OK], direct_image, **TOL)
 
 
 @pytest.mark.slow
@@ -144,7 +148,7 @@ def test_killed_embed_resumes_from_its_shards_and_equals_an_uninterrupted_run(em
     assert summary["encoded_now"] == 200 - sum(written.values())  # the kept shards were not encoded again
     reference = columns(embedded[0])
     for got, want in zip(columns(out), reference):
-        np.testing.assert_allclose(got, want, atol=1e-4)
+        np.testing.assert_allclose(got, want, **TOL)
     with pytest.raises(OutputExistsError):
         embed(covers_data, out, bert_tiny)
 
@@ -198,8 +202,10 @@ def test_cpu_encoder_actors_and_their_decode_tasks_keep_freed_memory_unless_told
 
     monkeypatch.setattr(ray.data.Dataset, "map_batches", map_batches)
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    tunables = {"env_vars": {"GLIBC_TUNABLES": glibc_tunables(None)}}
-    for gpus, keep, expected in ((0.0, True, tunables), (0.0, False, None), (0.5, True, None)):
+    offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # every one of them: models load from local paths
+    tunables = {"env_vars": {"GLIBC_TUNABLES": glibc_tunables(None), **offline}}
+    for gpus, keep, expected in ((0.0, True, tunables), (0.0, False, {"env_vars": offline}),
+                                 (0.5, True, {"env_vars": offline})):
         seen.clear()
         with pytest.raises(Mapped):
             embed(covers_data, tmp_path / "emb.parquet", bert_tiny, actors=1, gpus_per_actor=gpus,
@@ -502,6 +508,30 @@ def test_image_model_specs_are_checked_before_any_download(tmp_path):
         ImageEncoder("roberta-ViT-B-32")
     with pytest.raises(ConfigError, match="weights not found .* never downloaded"):
         ImageEncoder(f"RN50:{tmp_path / 'openai.pt'}")
+    # a model-config JSON with a Hugging Face text tower: open_clip would fetch that model (and its weights) from
+    # the hub as it builds the encoder, in every actor
+    hf = json.loads(Path(CLIP_TINY).read_text())
+    hf["text_cfg"] = {"hf_model_name": "FacebookAI/roberta-base", "hf_tokenizer_name": "FacebookAI/roberta-base"}
+    (tmp_path / "clip-hf.json").write_text(json.dumps(hf))
+    with pytest.raises(ConfigError, match=r"clip-hf.json: text_cfg.hf_model_name 'FacebookAI/roberta-base': a Hugging "
+                                          r"Face text tower, which open_clip fetches from the hub"):
+        ImageEncoder(str(tmp_path / "clip-hf.json"))
+    for text, why in (("{not json", "not an open_clip model-config JSON"), ("[1, 2]", "expected a mapping with")):
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(ConfigError, match=rf"bad.json: .*{why}"):
+            ImageEncoder(str(tmp_path / "bad.json"))
+
+
+def test_the_processes_that_load_the_models_are_offline_for_the_hugging_face_libraries(monkeypatch):
+    """Models load from local paths; where they load, huggingface_hub and transformers are told to look nothing up
+    on the hub either (a tokenizer or text tower a model's files name would otherwise be fetched)."""
+    from mmctr_ray.embed.pipeline import embed_options
+    from mmctr_ray.host_malloc import ENV
+
+    monkeypatch.delenv(ENV, raising=False)
+    cpu, gpu = embed_options(keep=True, gpu=False), embed_options(keep=True, gpu=True)
+    assert cpu["runtime_env"]["env_vars"].keys() == {ENV, "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"}
+    assert gpu == {"runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}}
 
 
 def test_missing_and_corrupt_covers_decode_to_zeros_with_a_status(tmp_path):

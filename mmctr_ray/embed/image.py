@@ -14,6 +14,7 @@ on its device. A missing or undecodable cover never fails the job: its pixels ar
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -36,6 +37,18 @@ def parse_image_model(spec: str) -> tuple[str, Path | None, Path | None]:
         config = Path(arch)
         if not config.is_file():
             raise ConfigError(f"{config}: image model config not found (expected an open_clip model-config JSON)")
+        try:
+            model_cfg = json.loads(config.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{config}: not an open_clip model-config JSON ({first_line(err)})") from None
+        text_cfg = model_cfg.get("text_cfg") if isinstance(model_cfg, dict) else None
+        if not isinstance(text_cfg, dict) or not isinstance(model_cfg.get("vision_cfg"), dict):
+            raise ConfigError(f"{config}: not an open_clip model-config JSON (expected a mapping with vision_cfg and "
+                              f"text_cfg)")
+        if text_cfg.get("hf_model_name"):
+            raise ConfigError(f"{config}: text_cfg.hf_model_name {text_cfg['hf_model_name']!r}: a Hugging Face text "
+                              f"tower, which open_clip fetches from the hub when it builds the model (nothing is "
+                              f"downloaded here); use a config whose text tower is its own")
         arch = config.stem
     else:
         import open_clip
