@@ -737,8 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("valid", "test"), default="valid",
                    help="rows to score (default valid; test needs the labels synthetic data keeps)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="where to score (default cpu: fp32, as a CPU run validates; on cuda a run's "
-                        "train.precision applies, as in its validation on a GPU)")
+                   help="where to score (default cpu); each run's train.precision applies, as in its validation "
+                        "there (auto: fp32 on the cpu, bf16 on cuda)")
     p.add_argument("--json", type=_local_path, metavar="FILE", help="also write the figures to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=cmd_compare)

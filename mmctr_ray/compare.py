@@ -62,8 +62,8 @@ def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid",
                  progress: Any = None) -> dict[str, Any]:
     """Score ``split`` of ``data_dir`` with each target's checkpoint on ``device``; return the split, its rows and
     positives, and per target its checkpoint, epoch and :func:`compare_aucs`'s row (the first target is the
-    reference). On the CPU the scores are fp32, as a CPU run's validation; on CUDA a run's ``train.precision``
-    decides, as in its validation on the GPU."""
+    reference). Each run's ``train.precision`` decides on ``device``, as in its validation there (``auto``: fp32
+    on the CPU, bf16 on CUDA)."""
     from mmctr_ray.predict import check_finite, load_model, score_parquet
 
     if len(targets) < 1:

@@ -117,19 +117,23 @@ def describe_run(cfg: ExperimentConfig, source: dict[str, Any] | None) -> str:
 
 
 def run_description(run_dir: Location) -> str | None:
-    """:func:`describe_run` of a run from its ``config.yaml`` and the item source of its best checkpoint in RUN as
-    it is now; None when the run has no readable config."""
+    """:func:`describe_run` of a run's best checkpoint in RUN as it is now: its own ``config.yaml`` (a resume with
+    other ``train.*`` rewrites RUN's, which the best epoch may not have trained with) and item source; RUN's
+    ``config.yaml`` where the checkpoint has none readable; None when neither is readable."""
     from mmctr_ray.checkpoint import best_checkpoint
     from mmctr_ray.config import load_config
     from mmctr_ray.errors import ConfigError
 
-    try:
-        cfg = load_config(storage.join(run_dir, "config.yaml"))
-    except (ConfigError, OSError):
-        return None
+    best = None
     with contextlib.suppress(DataError, OSError):
-        return describe_run(cfg, item_source(best_checkpoint(run_dir)))
-    return describe_run(cfg, None)
+        best = best_checkpoint(run_dir)
+    for where in ([best] if best is not None else []) + [run_dir]:
+        try:
+            cfg = load_config(storage.join(where, "config.yaml"))
+        except (ConfigError, OSError):
+            continue
+        return describe_run(cfg, item_source(best) if best is not None else None)
+    return None
 
 
 def item_source(checkpoint: Location) -> dict[str, Any] | None:

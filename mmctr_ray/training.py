@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import resource
+import shlex
 import sys
 import tempfile
 import time
@@ -244,9 +245,12 @@ def _reported(row: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, A
     lists; Ray's report takes scalars) and the best epoch up to it, with its AUC (the earliest among equals, as the
     schedule keeps it)."""
     best = None
-    for r in history:
-        if r["epoch"] <= row["epoch"] and (best is None or r["valid_auc"] > best["valid_auc"]):
+    for r in history:  # a NaN AUC is no best (it would stay the best: nothing compares greater), as the schedule
+        if r["epoch"] <= row["epoch"] and math.isfinite(r["valid_auc"]) and (  # skips it
+                best is None or r["valid_auc"] > best["valid_auc"]):
             best = r
+    if best is None:  # no finite AUC yet
+        best = {"valid_auc": float("nan"), "epoch": None}
     scalars = {k: v for k, v in row.items() if not k.startswith("worker_")}
     return {**scalars, "best_valid_auc": best["valid_auc"], "best_valid_auc_se": best.get("valid_auc_se"),
             "best_epoch": best["epoch"]}
@@ -480,9 +484,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 fix = "lower train.lr" + ("" if cfg.train.grad_clip else " or set train.grad_clip")
                 if "predictions" in diverged and uses_bf16(cfg.train, device):
                     fix += " or set train.precision=fp32 (the train loss was finite: bf16 inference overflowed)"
+                again = shlex.join(["mmctr", "train", "--data", config["data_dir"], "--out", config["run_dir"],
+                                    "--resume", "--set", "train.lr=..."])
                 message = f"training diverged: {diverged} (lr {state.lr:g}); " + (
-                    f"the checkpoints of epochs 1-{state.epoch} are kept: {fix} (`mmctr train --resume RUN --set "
-                    f"train.lr=...` continues from the last)" if state.epoch else f"{fix} and start again")
+                    f"the checkpoints of epochs 1-{state.epoch} are kept: {fix} (`{again}` continues from the "
+                    f"last)" if state.epoch else f"{fix} and start again")
                 if rank == 0:
                     log.error(message)
                     storage.write_text(storage.join(config["run_dir"], DIVERGED), message + "\n")

@@ -201,7 +201,7 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
         for row in history:
             best = max(best, row, key=lambda r: r["valid_auc"])  # the earliest among equals, as the run keeps
             ray.tune.report({**row, METRIC: best["valid_auc"], "best_valid_auc_se": best.get("valid_auc_se"),
-                             "best_epoch": best["epoch"]})
+                             "best_epoch": best.get("epoch")})
         if (run_dir / "summary.json").is_file():
             return
     if (run_dir / DIVERGED).is_file():  # an errored trial that --resume retries: at its lr it would diverge again
@@ -231,7 +231,8 @@ def progress_line(trials: list[Any], trial: Any, outcome: str, total: int, elaps
     scored = [(t.last_result[METRIC], t.trial_id) for t in trials if (t.last_result or {}).get(METRIC) is not None]
     ended = sum(t is trial or t.status in ("TERMINATED", "ERROR") for t in trials)
     running = sum(t is not trial and t.status == "RUNNING" for t in trials)
-    last, at = result.get("epoch", "?"), result.get("best_epoch", result.get("epoch", "?"))  # best_epoch: since 12-03
+    last = result.get("epoch", "?")
+    at = result.get("best_epoch") or last  # none before 2026-12-03, or before a finite AUC
     auc = (f"best valid AUC {result[METRIC]:.4f}{se_text(result.get('best_valid_auc_se'))} at epoch {at}"
            f"{f' of {last}' if at != last else ''}") if METRIC in result else "no epoch"
     top = max(scored, default=None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import zipfile
@@ -17,7 +18,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from mmctr_ray.checkpoint import TrainState, best_checkpoint, epoch_checkpoints, load_checkpoint
-from mmctr_ray.config import load_config
+from mmctr_ray.config import load_config, save_config
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.host_malloc import glibc_tunables
 from mmctr_ray.predict import load_model, run_predict, score_parquet
@@ -957,6 +958,10 @@ def test_an_epochs_report_carries_the_best_epoch_up_to_it():
                                               "best_valid_auc": 0.82, "best_valid_auc_se": 0.02, "best_epoch": 2}
     assert _reported(history[3], history)["best_epoch"] == 2  # the earliest among equals, as the schedule keeps
     assert _reported(history[0], history)["best_epoch"] == 1  # epochs after the row's do not count
+    history[0]["valid_auc"] = float("nan")  # no best at NaN: it stayed the best, since nothing compares greater
+    assert _reported(history[2], history)["best_epoch"] == 2
+    first = _reported(history[0], history)
+    assert math.isnan(first["best_valid_auc"]) and first["best_epoch"] is None and first["best_valid_auc_se"] is None
 
 
 def test_a_log_filter_passes_a_record_whose_arguments_do_not_fit_its_message():
@@ -1085,6 +1090,15 @@ def test_report_writes_curves_and_a_markdown_table(two_worker_run, tmp_path):
     assert "; item vector item_emb_d128 as shipped (given), scaled to RMS 0.4; batch 256," in text  # item_source.json
     with pytest.raises(DataError, match="metrics.jsonl: missing file"):
         write_report(tmp_path)
+    # RUN's config.yaml after a resume that asked another lr (and diverged, or was stopped, before its first
+    # checkpoint): the best epoch trained with its checkpoint's config, which the report describes
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    lr = load_config(best_checkpoint(run) / "config.yaml").train.lr
+    save_config(load_config(copy / "config.yaml", ["train.lr=0.5"]), copy / "config.yaml")
+    assert f", adam lr {lr:g}, " in write_report(copy)["summary"].read_text() and lr != 0.5
 
 
 @pytest.mark.slow
@@ -1265,9 +1279,10 @@ def test_a_diverged_run_ends_at_once_with_one_line_and_keeps_its_earlier_checkpo
     assert main([*train, "--resume", "--set", f"train.epochs={done + 1}", "--set", "train.lr=1e6",
                  "--set", "train.grad_clip=0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"mmctr train: error: {run}: training diverged: train loss nan in epoch {done + 1} "
-                          f"(lr 1e+06); the checkpoints of epochs 1-{done} are kept: lower train.lr or set "
-                          f"train.grad_clip"), err
+    assert err == (f"mmctr train: error: {run}: training diverged: train loss nan in epoch {done + 1} "
+                   f"(lr 1e+06); the checkpoints of epochs 1-{done} are kept: lower train.lr or set train.grad_clip "
+                   f"(`mmctr train --data {synth_dir} --out {run} --resume --set train.lr=...` continues from the "
+                   f"last)"), err
     assert [r["epoch"] for r in _metrics(run)] == list(range(1, done + 1)) and not (run / "summary.json").exists()
     assert [p.name for p in epoch_checkpoints(run)] == [f"checkpoint_epoch_00{e}" for e in range(1, done + 1)]
     from mmctr_ray.train_driver import _prepare_run_dir, resume_config
