@@ -125,6 +125,18 @@ def items_fingerprint(info: pa.Table, where: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def titles_fingerprint(items: pa.Table) -> str:
+    """What `mmctr embed` encoded: a hash of item_feature's ``item_id`` and ``item_title`` in id order, which its
+    ``.embed.json`` records (``titles``) so that `mmctr fuse` never fits the vectors of other items."""
+    ids = items.column("item_id").to_numpy(zero_copy_only=False).astype(np.int64)
+    order = np.argsort(ids, kind="stable")
+    titles = items.column("item_title").to_pylist()
+    digest = hashlib.sha256(ids[order].tobytes())
+    for i in order:
+        digest.update(b"\0" + ("" if titles[i] is None else str(titles[i])).encode())
+    return digest.hexdigest()[:16]
+
+
 def check_fused_for(path: str | Path, summary: dict[str, Any] | None, data_dir: str | Path, info: pa.Table) -> None:
     """A one-line DataError when the fused table at ``path`` was fused from the items of other data than
     ``data_dir``'s (whose item_info is ``info``): its vectors would go to other items, or to none (zeros)."""

@@ -33,7 +33,7 @@ from mmctr_ray.config import FusionConfig
 from mmctr_ray.data.writer import list_array
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.features import (FUSED_VECTOR_COLUMN, has_placeholder_embeddings, items_fingerprint, list_matrix,
-                                open_parquet)
+                                open_parquet, titles_fingerprint)
 from mmctr_ray.fusion import FittedFusion, ModalityBatch, fit_fusion, modalities_needed
 from mmctr_ray.schema import PAD_ID, Layout
 
@@ -58,6 +58,24 @@ def source_file(data_dir: str | Path, source: str) -> Path:
     return Layout(data_dir).item_feature if source == "shipped" else Path(source)
 
 
+def _check_embedded_for(path: Path, lay: Layout) -> None:
+    """An embed output (``X.embed.json`` beside it records the items it encoded) must be of this data's items:
+    other data of as many items (another synth seed, an item_feature written again) passed the id checks."""
+    sidecar = Path(f"{path.with_suffix('')}.embed.json")
+    try:
+        kept = json.loads(sidecar.read_text()).get("titles") if sidecar.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        kept = None  # no record to compare (an embed before it was kept, or a file made otherwise)
+    if kept is None or not lay.item_feature.is_file() or not {"item_id", "item_title"} <= set(
+            pq.read_schema(lay.item_feature).names):
+        return
+    now = titles_fingerprint(pq.read_table(lay.item_feature, columns=["item_id", "item_title"]))
+    if kept != now:
+        raise DataError(f"{path}: embedded from other items than {lay.item_feature} holds now (their ids and titles "
+                        f"differ: another data set, or one written again since); run `mmctr embed --data "
+                        f"{lay.root}` for this data")
+
+
 class ItemSource:
     """Streams the raw vectors of a source file batch by batch, checking them on the way."""
 
@@ -80,6 +98,8 @@ class ItemSource:
         if not pa.types.is_integer(id_type):
             raise DataError(f"{self.path}: column item_id: type {id_type}; expected integer item ids 1..N")
         self.num_items = _num_items(lay)
+        if source != "shipped":
+            _check_embedded_for(self.path, lay)
         self.num_rows = opened.metadata.num_rows
         if not self.num_rows:
             raise DataError(f"{self.path}: empty file: 0 rows, expected the items' raw vectors")

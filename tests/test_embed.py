@@ -107,6 +107,11 @@ def test_embed_writes_every_item_in_order_and_flags_bad_covers(embedded, covers_
     assert status[2] == MISSING and status[6] == CORRUPT and missing[[2, 6]].all() and missing.sum() == 2
     assert (image[[2, 6]] == 0).all() and (np.abs(image[~missing]).sum(axis=1) > 0).all()
     assert summary["cover_file_missing"] == 1 and summary["cover_corrupt"] == 1 and summary["items"] == 200
+    from mmctr_ray.features import titles_fingerprint  # what `mmctr fuse --source` checks against its data
+
+    items = pq.read_table(Layout(covers_data).item_feature, columns=["item_id", "item_title"])
+    assert summary["titles"] == titles_fingerprint(items)
+    assert json.loads(out.with_name("item_raw_emb.embed.json").read_text())["titles"] == summary["titles"]
     assert not out.with_name(out.name + ".parts").exists(), "shards are removed once the file is assembled"
     # the pipeline computes what the encoders compute directly, in one process
     titles = pq.read_table(Layout(covers_data).item_feature, columns=["item_title"]).column(0).to_pylist()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -141,6 +142,29 @@ def test_items_without_a_cover_get_the_mean_image_vector(synth_dir, tmp_path):
     table = fused(out)[1]
     # the mean vector sits at the origin of the image PCA space: "no image information"
     np.testing.assert_allclose(table[ids[flags]], 0.0, atol=1e-4)
+
+
+def test_fuse_refuses_an_embed_output_of_other_items(synth_dir, tmp_path):
+    """`mmctr embed` of one data set fused into another of as many items (another seed, or the data written again
+    since) passed every id check and trained on vectors of other items."""
+    from mmctr_ray.features import titles_fingerprint
+
+    src = tmp_path / "raw.parquet"
+    embed_like_source(synth_dir, src)
+    items = pq.read_table(Layout(synth_dir).item_feature, columns=["item_id", "item_title"])
+    sidecar = tmp_path / "raw.embed.json"
+    sidecar.write_text(json.dumps({"titles": titles_fingerprint(items)}))  # as embed records it
+    run_fuse(synth_dir, tmp_path / "ok.parquet", CFG["v2"], source=str(src), progress=lambda m: None)
+    assert titles_fingerprint(items.take(np.arange(items.num_rows)[::-1])) == titles_fingerprint(items)  # id order
+    titles = ["x" + str(t) for t in items.column("item_title").to_pylist()]
+    renamed = items.set_column(1, "item_title", pa.array(titles))
+    sidecar.write_text(json.dumps({"titles": titles_fingerprint(renamed)}))  # another data set's items
+    with pytest.raises(DataError, match=rf"^{re.escape(str(src))}: embedded from other items than "
+                                        rf"{re.escape(str(Layout(synth_dir).item_feature))} holds now"):
+        run_fuse(synth_dir, tmp_path / "bad.parquet", CFG["v2"], source=str(src), progress=lambda m: None)
+    assert not (tmp_path / "bad.parquet").exists()
+    sidecar.write_text("{}")  # an embed from before it recorded them: nothing to compare
+    run_fuse(synth_dir, tmp_path / "old.parquet", CFG["v2"], source=str(src), progress=lambda m: None)
 
 
 def test_training_reads_the_fused_table_and_records_its_fusion(synth_dir, tmp_path):

@@ -41,6 +41,7 @@ from mmctr_ray.embed.image import CORRUPT, MISSING, OK, check_image_model, decod
 from mmctr_ray.embed.text import (check_max_length, check_model_dir, load_tokenizer, resolve_normalize, resolve_pooling,
                                   tokenize)
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
+from mmctr_ray.features import titles_fingerprint
 from mmctr_ray.host_malloc import actor_options
 from mmctr_ray.ray_env import check_actors, cpu_threads
 from mmctr_ray.schema import Layout
@@ -426,7 +427,8 @@ def _assemble(out: Path, store: ShardStore, n_shards: int, s: EmbedSettings, ite
         os.unlink(tmp)
         raise
     encoded = timing.pop("encoded")
-    summary = {**asdict(s), **dims, "items": n, **counts, "encoded_now": encoded, "seconds": round(seconds, 3),
+    summary = {**asdict(s), **dims, "items": n, "titles": titles_fingerprint(items), **counts,
+               "encoded_now": encoded, "seconds": round(seconds, 3),
                "items_per_s": round(encoded / seconds, 2) if seconds > 0 and encoded else None, **timing}
     Path(f"{out.with_suffix('')}.embed.json").write_text(json_text(summary, indent=2) + "\n")
     os.replace(tmp, out)
