@@ -37,15 +37,16 @@ MODEL_INPUTS = ("item_id", "item_seq", "likes_level", "views_level", "user_id") 
 FUSED_VECTOR_COLUMN = "item_emb"  # column of an item_emb.parquet written by `mmctr fuse`
 
 
-def list_matrix(col: pa.ChunkedArray | pa.Array, where: str) -> np.ndarray:
-    """A list column whose lists all have one length → (rows, width) numpy matrix (no per-row Python)."""
+def list_matrix(col: pa.ChunkedArray | pa.Array, where: str, row0: int = 0) -> np.ndarray:
+    """A list column whose lists all have one length → (rows, width) numpy matrix (no per-row Python). ``row0``:
+    the file row of the column's first (a batch's), for the message."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
     if len(lengths) and (lengths != lengths[0]).any():
         row = int(np.flatnonzero(lengths != lengths[0])[0])
-        raise DataError(f"{where}: lists of one length expected; row {row} has {lengths[row]}, row 0 has "
-                        f"{lengths[0]} (run `mmctr validate`)")
+        raise DataError(f"{where}: lists of one length expected; row {row0 + row} has {lengths[row]}, row {row0} "
+                        f"has {lengths[0]} (run `mmctr validate`)")
     width = int(lengths[0]) if len(lengths) else 0
     return pc.list_flatten(col).to_numpy(zero_copy_only=False).reshape(len(lengths), width)
 

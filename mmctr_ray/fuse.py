@@ -131,7 +131,7 @@ class ItemSource:
             row0 += len(ids)
 
     def _matrix(self, rb: pa.RecordBatch, col: str, row0: int) -> np.ndarray:
-        mat = list_matrix(rb.column(col), f"{self.path}: column {col}").astype(np.float32, copy=False)
+        mat = list_matrix(rb.column(col), f"{self.path}: column {col}", row0).astype(np.float32, copy=False)
         width = self.widths.setdefault(col, mat.shape[1])
         if mat.shape[1] != width:
             raise DataError(f"{self.path}: column {col}: vectors of width {mat.shape[1]} from row {row0}; earlier rows "
@@ -228,6 +228,10 @@ def fuse_items(data_dir: str | Path, cfg: FusionConfig, source: str = "shipped",
         summary.update(source=str(lay.item_info), column="item_emb_d128")
         return _given_table(lay, info), None, summary
     src = ItemSource(data_dir, source, cfg.strategy)
+    if src.num_rows < n:  # the ids were checked: fewer rows are a subset of the items
+        log.warning("%s: vectors of %d of the %d items of item_info: the PCA is fitted on those, and the other %d "
+                    "items get zero vectors (items_without_vectors in the summary)", src.path, src.num_rows, n,
+                    n - src.num_rows)
     progress(f"fuse: fitting {cfg.strategy} PCA on {src.num_rows} items of {src.path}")
     fitted = fit_fusion(cfg, src.batches, src.num_rows, pca=pca, seed=seed)
     table = np.zeros((n + 1, fitted.dim), dtype=np.float32)

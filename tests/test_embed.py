@@ -503,6 +503,12 @@ def test_image_weights_that_do_not_fit_the_architecture_are_one_line_before_ray(
                                           r"\(224 pixels\)"):
         run_embed(synth_dir, tmp_path / "e.parquet", bert_tiny, f"RN50:{archive}",
                   start_ray=lambda: pytest.fail("Ray started"))
+    wide = tmp_path / "clip-wide.json"  # covers of the same size, vectors of another width: it passed, mislabelled
+    wide.write_text(config.read_text().replace('"embed_dim": 32', '"embed_dim": 48'))
+    with pytest.raises(ConfigError, match=rf"^{archive}: a model of 32-d image vectors, but --image-model names "
+                                          r"clip-wide \(48-d\)"):
+        run_embed(synth_dir, tmp_path / "e.parquet", bert_tiny, f"{wide}:{archive}",
+                  start_ray=lambda: pytest.fail("Ray started"))
     assert not list(tmp_path.glob("e.parquet*"))
 
 

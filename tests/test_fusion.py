@@ -215,6 +215,30 @@ def test_bad_sources_are_one_line_errors(synth_dir, tmp_path):
         assert not (tmp_path / f"out{i}.parquet").exists(), "no output after a failed fuse"
 
 
+def test_a_source_of_some_items_only_is_said_to_be(synth_dir, tmp_path, caplog):
+    """Fewer rows than items: the PCA is fitted on those and the rest get zero vectors; only the summary said so."""
+    src = tmp_path / "raw.parquet"
+    embed_like_source(synth_dir, src)
+    pq.write_table(pq.read_table(src).slice(0, 190), src)
+    with caplog.at_level("WARNING", logger="mmctr_ray.fuse"):
+        summary = run_fuse(synth_dir, tmp_path / "v2.parquet", CFG["v2"], source=str(src), progress=lambda m: None)
+    assert f"{src}: vectors of 190 of the 200 items of item_info: the PCA is fitted on those" in caplog.text
+    assert summary["items_without_vectors"] == 10 and (fused(tmp_path / "v2.parquet")[1][191:] == 0).all()
+
+
+def test_a_short_vector_is_named_by_its_row_in_the_file(synth_dir, tmp_path):
+    """The row was counted within the batch being read (16,384 rows): file row 20,000 was called row 3,616."""
+    def short_vector(t):
+        text = t.column("txt_emb_BERT").to_pylist()
+        text[150] = text[150][:-1]
+        return _set(t, "txt_emb_BERT", pa.array(text, t.schema.field("txt_emb_BERT").type))
+
+    data = corrupt_feature(synth_dir, tmp_path, short_vector)
+    with pytest.raises(DataError, match=r"column txt_emb_BERT: lists of one length expected; row 150 has 767, row 148 "
+                                        r"has 768"):
+        list(ItemSource(data, "shipped", "v4", batch_rows=37).batches())  # row 150 is the 3rd of the 5th batch
+
+
 def test_widths_beyond_the_data_and_existing_outputs_are_refused(synth_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"fusion.dims=300: expected at most min\(items, input width\) = min\(200"):
         run_fuse(synth_dir, tmp_path / "a.parquet", FusionConfig("v1", dims=300), progress=lambda m: None)

@@ -148,16 +148,25 @@ def check_image_model(spec: str) -> None:
     if encoder.size != image_size(spec):
         raise ConfigError(f"{weights}: a model for {encoder.size}-pixel covers, but --image-model names {arch} "
                           f"({image_size(spec)} pixels): name the architecture the weights are for")
+    dim = int(_model_config(spec)["embed_dim"])
+    if encoder.dim != dim:  # a TorchScript archive of another architecture for covers of the same size
+        raise ConfigError(f"{weights}: a model of {encoder.dim}-d image vectors, but --image-model names {arch} "
+                          f"({dim}-d): name the architecture the weights are for")
 
 
-def image_size(spec: str) -> int:
-    """Input side of the model ``spec`` names, read from its config (no weights are built)."""
+def _model_config(spec: str) -> dict:
+    """open_clip's config of the model ``spec`` names (no weights are built)."""
     import open_clip
 
     arch, config, _ = parse_image_model(spec)
     if config is not None:
         open_clip.add_model_config(config)
-    size = open_clip.get_model_config(arch)["vision_cfg"]["image_size"]
+    return open_clip.get_model_config(arch)
+
+
+def image_size(spec: str) -> int:
+    """Input side of the model ``spec`` names, read from its config (no weights are built)."""
+    size = _model_config(spec)["vision_cfg"]["image_size"]
     return int(size if isinstance(size, int) else size[0])
 
 
