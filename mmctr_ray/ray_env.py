@@ -75,9 +75,13 @@ def cpu_threads(sharers: int) -> int:
 
 def actor_device(use_gpu: bool) -> str:
     """The device of a Ray actor: ``cuda`` only when Ray gave it a GPU. Ray 2.60 leaves a node's GPUs visible to
-    actors that asked for none, so ``torch.cuda.is_available()`` alone would put them on cuda:0 uncounted."""
+    actors that asked for none, so ``torch.cuda.is_available()`` alone would put them on cuda:0 uncounted. An actor
+    given a GPU that torch cannot use (a CPU-only torch, no driver) says so and runs on the CPU."""
     import torch
 
+    if use_gpu and not torch.cuda.is_available():
+        log.warning("this actor was given a GPU, but torch %s sees no CUDA device: it runs on the CPU (slower, and on "
+                    "CPUs its GPU request did not reserve)", torch.__version__)
     return "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
 
 

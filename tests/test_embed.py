@@ -545,6 +545,19 @@ def test_the_processes_that_load_the_models_are_offline_for_the_hugging_face_lib
     assert gpu == {"runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}}
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a host where torch sees no CUDA device")
+def test_an_actor_given_a_gpu_torch_cannot_use_says_so(caplog):
+    """--gpus-per-actor on a CPU-only torch (or no driver) ran every actor on the CPU, hours slower, without a word
+    (and on CPUs its GPU request had not reserved)."""
+    from mmctr_ray.ray_env import actor_device
+
+    with caplog.at_level("WARNING", logger="mmctr_ray.ray_env"):
+        assert actor_device(False) == "cpu" and not caplog.records
+        assert actor_device(True) == "cpu"
+    assert "this actor was given a GPU, but torch " in caplog.text and "sees no CUDA device: it runs on the CPU" \
+        in caplog.text
+
+
 def test_missing_and_corrupt_covers_decode_to_zeros_with_a_status(tmp_path):
     from PIL import Image
 
