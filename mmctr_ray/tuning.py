@@ -370,9 +370,13 @@ def _searcher() -> type:
             from mmctr_ray.asha import stopped_trials
 
             pruned = not error and trial_id in stopped_trials
-            if failed is None and pruned:  # OptunaSearch tells a trial with a result COMPLETE, a stopped one too:
-                result = {k: v for k, v in (result or {}).items() if k != self.metric}  # without it, PRUNED, and
-                # Optuna takes its last intermediate value (the best AUC of its epochs) as the pruned trial's value
+            if failed is None and pruned:  # OptunaSearch tells a trial with a result COMPLETE, a stopped one too.
+                # Tune gives the searcher no result of the epoch a scheduler stops at: reported here, it is the last
+                # intermediate value, which Optuna takes as a PRUNED trial's value (told without one)
+                value, step = (result or {}).get(self.metric), (result or {}).get("training_iteration")
+                if value is not None and step is not None and trial_id in self._ot_trials:
+                    self._ot_trials[trial_id].report(float(value), int(step))
+                result = {k: v for k, v in (result or {}).items() if k != self.metric}
             if failed is None or error or values is None:  # not a retry, a retry that failed again, or told already
                 return None if failed is not None else super().on_trial_complete(trial_id, result, error)
             value = (result or {}).get(self.metric)

@@ -476,13 +476,15 @@ def test_a_trial_asha_stopped_is_pruned_in_the_study(tmp_path, monkeypatch):
     searcher = _searcher()(space=space.define_by_run, metric=METRIC, mode="max", seed=1, study_name="s",
                            storage=optuna.storages.RDBStorage(url))
     monkeypatch.setattr(mmctr_ray.asha, "stopped_trials", {"cut": 1.0})  # what ResumableASHA records on a stop
-    for trial_id, epochs in (("cut", 1), ("ran", 2)):
+    for trial_id, epochs, stopped_at in (("cut", 2, 2), ("ran", 2, None)):
         assert searcher.suggest(trial_id)
         for epoch in range(1, epochs + 1):
-            searcher.on_trial_result(trial_id, {METRIC: 0.6 + epoch / 100, "training_iteration": epoch})
+            if epoch != stopped_at:  # Tune gives the searcher no result of the epoch the scheduler stops at
+                searcher.on_trial_result(trial_id, {METRIC: 0.6 + epoch / 100, "training_iteration": epoch})
         searcher.on_trial_complete(trial_id, {METRIC: 0.6 + epochs / 100, "training_iteration": epochs})
     trials = optuna.load_study(study_name="s", storage=url).get_trials()
-    assert [(t.state.name, t.value) for t in trials] == [("PRUNED", 0.61), ("COMPLETE", 0.62)]
+    assert [(t.state.name, t.value) for t in trials] == [("PRUNED", 0.62), ("COMPLETE", 0.62)]
+    assert trials[0].intermediate_values == {1: 0.61, 2: 0.62}  # the stopping epoch's too
     from mmctr_ray.asha import ResumableASHA
     from ray.tune.schedulers import TrialScheduler
 
