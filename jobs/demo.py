@@ -1,6 +1,6 @@
 """Ray job entrypoint for the main job (`mmctr demo`): synthetic data through every stage that exists.
 
-    ray job submit --working-dir . -- python jobs/demo.py --out /shared/demo --config configs/tiny.yaml
+    ray job submit --working-dir . -- python jobs/demo.py --out /mnt/shared/demo --config configs/tiny.yaml
 """
 
 import sys

@@ -298,6 +298,9 @@ def test_time_split_and_sequences_tsv(ray_local, tmp_path):
     pos = rows[rows["label"] == 1]
     got = {(u, i): (s, h) for u, i, s, h in zip(pos["raw_user"], pos["raw_item"], pos["split"], pos["hist"])}
     assert got == reference(seq.drop(columns="timestamp").rename(columns={"ts": "timestamp"}))
+    with pytest.raises(ConfigError, match=r"pairs.tsv: user<TAB>items sequences have no timestamps for --split time"):
+        run_convert(RawSpec(raw, pairs=tsv.name), tmp_path / "tsv-time", spec, progress=lambda m: None, **FAST)
+    assert not (tmp_path / "tsv-time").exists()
 
 
 def _corrupt(raw: Path, case: str) -> None:
@@ -384,6 +387,8 @@ def test_options_are_checked():
         RowSpec(split="time", valid_from=5)
     with pytest.raises(ConfigError, match="equal ones leave the valid split empty"):  # refused after the whole job
         RowSpec(split="time", valid_from=5, test_from=5)
+    with pytest.raises(ConfigError, match="--valid-from/--test-from cut --split time only; with --split last"):
+        RowSpec(test_from=5)  # ignored without a word
     for negatives in (-1, 0):  # 0: every row a click, which train refuses only after the whole conversion
         with pytest.raises(ConfigError, match=f"--negatives must be >= 1 .*, got {negatives}"):
             RowSpec(negatives=negatives)

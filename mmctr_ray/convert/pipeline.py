@@ -24,7 +24,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +66,13 @@ def run_convert(raw: RawSpec, out: str | Path, spec: RowSpec, partitions: int | 
 
     Ray must be initialised by the caller. Raises DataError (bad raw input), OutputExistsError, ConfigError.
     """
-    out = Path(out)
+    # absolute: the Ray tasks that read the raw files (and with split_layout parts write the parts) may run in
+    # another working directory, or on another node of a cluster with the same mount
+    out, raw = Path(out).resolve(), replace(raw, raw=Path(raw.raw).resolve())
     files = locate(raw)
+    if files.sequences and spec.split == "time":  # its positions are no times to cut every user at
+        raise ConfigError(f"{files.pairs}: user<TAB>items sequences have no timestamps for --split time (a cut at "
+                          f"--valid-from/--test-from); use a *pairs.csv with a time column, or --split last")
     found = existing_outputs(out)
     if found and not overwrite:
         raise OutputExistsError(f"{out}: already holds {', '.join(found)}; pass --overwrite to replace it")

@@ -64,6 +64,9 @@ class RowSpec:
                                      or self.valid_from >= self.test_from):
             raise ConfigError("convert: --split time needs --valid-from < --test-from (timestamps; equal ones leave "
                               "the valid split empty)")
+        if self.split == "last" and (self.valid_from is not None or self.test_from is not None):
+            raise ConfigError("convert: --valid-from/--test-from cut --split time only; with --split last (the "
+                              "default) they would be ignored: add --split time, or drop them")
 
 
 @dataclass(frozen=True)
