@@ -76,13 +76,16 @@ def train_changes(run: storage.Location, asked: ExperimentConfig) -> list[str]:
     return [f"train.{key}={json.dumps(value)}" for key, value in changes.items()]
 
 
-def drop_submission(out: storage.Location, work: Path) -> None:
+def drop_submission(out: storage.Location, work: Path, embed: bool = True) -> None:
     """On ``--overwrite``, before any step: the earlier run's submission goes with that run (train deletes it), so a
-    new attempt that fails before predict leaves no submission beside it that looks like its own."""
-    for location in {storage.join(out, "submission.zip"), work / "submission.zip"}:
+    new attempt that fails before predict leaves no submission beside it that looks like its own; and without
+    ``embed`` the earlier attempt's embeddings, which no step of this one rewrites (they stayed beside the new run
+    looking like its own). The other outputs are rewritten by their steps."""
+    names = [*PUBLISHED["predict"], *([] if embed else PUBLISHED["embed"])]
+    for location in {loc for name in names for loc in (storage.join(out, name), work / name)}:
         if storage.is_file(location):
             storage.remove_file(location)
-            log.info("%s: removed (the submission of the run --overwrite replaces)", location)
+            log.info("%s: removed (of the attempt --overwrite replaces)", location)
 
 
 def work_dir(out: storage.Location, work: Path | None) -> Path:

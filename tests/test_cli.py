@@ -356,10 +356,14 @@ def test_pipeline_overwrite_drops_the_replaced_runs_submission_first(tmp_path):
         folder.mkdir()
         (folder / "submission.zip").write_bytes(b"the replaced run's")
         (folder / "item_emb.parquet").write_bytes(b"kept: its step rewrites it")
+        (folder / "item_raw_emb.parquet").write_bytes(b"kept by an attempt with --embed: embed rewrites it")
     drop_submission(local, local)
     drop_submission(f"file://{uri_out}", work)
     for folder in (local, work, uri_out):
-        assert [p.name for p in folder.iterdir()] == ["item_emb.parquet"]
+        assert sorted(p.name for p in folder.iterdir()) == ["item_emb.parquet", "item_raw_emb.parquet"]
+    (local / "item_raw_emb.embed.json").write_text("{}")
+    drop_submission(local, local, embed=False)  # no embed step rewrites them: they went with the replaced attempt
+    assert [p.name for p in local.iterdir()] == ["item_emb.parquet"]
 
 
 def test_a_resumed_pipeline_publishes_what_a_kill_cut_from_a_uri_outs_upload(tmp_path):
