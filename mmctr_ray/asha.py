@@ -29,9 +29,18 @@ from mmctr_ray.storage import json_text
 
 log = logging.getLogger(__name__)
 records_path: str | None = None  # set by mmctr tune for this process: TUNE/asha.json
-# trial id -> the epoch ASHA stopped it at, in this process (the driver, where Tune runs the scheduler and the
-# searcher): the searcher tells the study such a trial was pruned
-stopped_trials: dict[str, float] = {}
+
+
+def stops_recorded() -> dict[str, float]:
+    """The trials ASHA stopped in this process's search (trial id → epoch), from :data:`records_path`, which the
+    scheduler writes before Tune ends the trial: the searcher tells the study such a trial was pruned. Empty
+    without records (no search here, or FIFO)."""
+    if records_path is None or not os.path.isfile(records_path):
+        return {}
+    try:
+        return dict(json.loads(Path(records_path).read_text()).get("stopped", {}))
+    except (OSError, ValueError, AttributeError):  # cut short by a kill: the study keeps OptunaSearch's verdict
+        return {}
 
 
 class ResumableASHA(ASHAScheduler):
@@ -65,7 +74,7 @@ class ResumableASHA(ASHAScheduler):
             return TrialScheduler.STOP  # stopped at this epoch before the kill: the same decision again
         action = super().on_trial_result(tune_controller, trial, result)
         if action == TrialScheduler.STOP and at is not None:
-            self._stopped[trial.trial_id] = stopped_trials[trial.trial_id] = float(at)
+            self._stopped[trial.trial_id] = float(at)
         self._save()
         return action
 
@@ -83,7 +92,6 @@ class ResumableASHA(ASHAScheduler):
             return
         saved = json.loads(Path(self._path).read_text())
         self._stopped.update(saved.get("stopped", {}))
-        stopped_trials.update(self._stopped)
         self._stops_complete = self._stops_complete and "stopped" in saved and saved.get("stops_complete", True)
         for bracket, rungs in zip(self._brackets, saved["brackets"]):
             # null: a value JSON has no number for (json_text): a trial without a finite AUC yet, which a resumed

@@ -367,9 +367,9 @@ def _searcher() -> type:
             failed = self._failed_before(trial_id)
             values = self.__dict__.get("retried", {}).pop(trial_id, None)
             _RETRYING.pop(trial_id, None)
-            from mmctr_ray.asha import stopped_trials
+            from mmctr_ray.asha import stops_recorded
 
-            pruned = not error and trial_id in stopped_trials
+            pruned = not error and trial_id in stops_recorded()
             if failed is None and pruned:  # OptunaSearch tells a trial with a result COMPLETE, a stopped one too.
                 # Tune gives the searcher no result of the epoch a scheduler stops at: reported here, it is the last
                 # intermediate value, which Optuna takes as a PRUNED trial's value (told without one)
@@ -661,7 +661,6 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
         raise Interrupted("the search's state is saved as it goes (every 2 s)", signal.SIGTERM) from None
     finally:  # this search's paths served what Tune restored; a later search in this process sets its own
         mmctr_ray.asha.records_path = mmctr_ray.study.url = tune_dir_now = None
-        mmctr_ray.asha.stopped_trials.clear()
         interrupted = watch.pressed()
         tune_log.removeFilter(_no_tuner_restore_hint)
     return end_of_search(tdir, space, results, interrupted)

@@ -475,7 +475,9 @@ def test_a_trial_asha_stopped_is_pruned_in_the_study(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path}/optuna.db"
     searcher = _searcher()(space=space.define_by_run, metric=METRIC, mode="max", seed=1, study_name="s",
                            storage=optuna.storages.RDBStorage(url))
-    monkeypatch.setattr(mmctr_ray.asha, "stopped_trials", {"cut": 1.0})  # what ResumableASHA records on a stop
+    records = tmp_path / "asha.json"  # as ResumableASHA wrote it on the stop, before Tune ended the trial
+    records.write_text(json.dumps({"brackets": [], "stopped": {"cut": 2.0}}))
+    monkeypatch.setattr(mmctr_ray.asha, "records_path", str(records))
     for trial_id, epochs, stopped_at in (("cut", 2, 2), ("ran", 2, None)):
         assert searcher.suggest(trial_id)
         for epoch in range(1, epochs + 1):
@@ -488,8 +490,8 @@ def test_a_trial_asha_stopped_is_pruned_in_the_study(tmp_path, monkeypatch):
     from mmctr_ray.asha import ResumableASHA
     from ray.tune.schedulers import TrialScheduler
 
-    monkeypatch.setattr(mmctr_ray.asha, "stopped_trials", {})
-    asha = ResumableASHA(tmp_path / "asha.json", metric=METRIC, mode="max", time_attr="epoch", max_t=2,
+    records.unlink()  # a new search's scheduler writes the records the searcher reads, as it decides
+    asha = ResumableASHA(tmp_path / "unused.json", metric=METRIC, mode="max", time_attr="epoch", max_t=2,
                          grace_period=1, reduction_factor=2, stop_last_trials=False)
     decisions = []
     for trial_id, auc in (("a", 0.7), ("b", 0.6)):  # b reaches the rung below a's cutoff: stopped
@@ -497,7 +499,9 @@ def test_a_trial_asha_stopped_is_pruned_in_the_study(tmp_path, monkeypatch):
         asha.on_trial_add(None, trial)
         decisions.append(asha.on_trial_result(None, trial, {"epoch": 1, METRIC: auc}))
     assert decisions == [TrialScheduler.CONTINUE, TrialScheduler.STOP]
-    assert mmctr_ray.asha.stopped_trials == {"b": 1.0}  # where the searcher looks
+    assert mmctr_ray.asha.stops_recorded() == {"b": 1.0}  # where the searcher looks
+    monkeypatch.setattr(mmctr_ray.asha, "records_path", None)
+    assert mmctr_ray.asha.stops_recorded() == {}  # no search in this process
 
 
 def test_an_empty_existing_out_folder_is_used_as_it_is(tmp_path):
@@ -576,10 +580,10 @@ def test_a_resume_says_which_of_the_command_lines_settings_it_does_not_use(tmp_p
     out = tmp_path / "tune"
     started = {"data": "D", "overrides": [], "workers": 2, "cpus_per_worker": 1.0, "gpus_per_worker": 0.0,
                "source": "shipped"}
-    _prepare(out, ROOT / "configs/search_tiny.yaml", started, resume=False, overwrite=False)
+    saved = _prepare(out, ROOT / "configs/search_tiny.yaml", started, resume=False, overwrite=False)
     (out / "tune").mkdir()
     with caplog.at_level("WARNING", logger="mmctr_ray.tuning"):
-        assert _prepare(out, None, {**started, "workers": 1}, resume=True, overwrite=False) == started
+        assert _prepare(out, None, {**started, "workers": 1}, resume=True, overwrite=False) == saved
     assert "continues the search with the settings it started with (--workers-per-trial 2)" in caplog.text
     caplog.clear()
     _prepare(out, None, started, resume=True, overwrite=False)
