@@ -294,6 +294,35 @@ def test_minilms_sentence_vector_has_the_unit_length_the_model_ships(bert_tiny):
     np.testing.assert_allclose(unit, raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=1e-5)
 
 
+def test_a_sentence_model_with_a_projection_after_its_pooling_is_not_auto_pooled(tmp_path):
+    """`--pooling auto` honoured Pooling and Normalize only: a model whose modules.json lists a Dense layer after
+    them (LaBSE-style) got its pooled vector, which is not its sentence embedding, without a word."""
+    from mmctr_ray.embed.text import resolve_normalize
+
+    listed = json.loads((minilm_path() / "modules.json").read_text())
+    dense = [*listed[:2], {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}]
+    (tmp_path / "modules.json").write_text(json.dumps(dense))
+    with pytest.raises(ConfigError, match=r"modules.json: the model's sentence embedding goes through Dense after "
+                                          r"its pooling, which embed does not compute; pass --pooling cls"):
+        resolve_normalize(tmp_path, "auto")
+    assert not resolve_normalize(tmp_path, "mean")  # the pooled vector, asked for
+
+
+def test_titles_are_padded_on_the_right_whatever_the_tokenizers_side(bert_tiny):
+    """The encoder keeps the first columns (it trims the padding at the end) and CLS pooling reads the first token:
+    a tokenizer configured to pad on the left lost the real tokens of shorter titles."""
+    from mmctr_ray.embed.text import load_tokenizer
+
+    tok = load_tokenizer(str(bert_tiny))
+    side = tok.padding_side
+    try:
+        tok.padding_side = "left"
+        enc = tokenize(["a", "a much longer title than that"], str(bert_tiny), 12)
+    finally:
+        tok.padding_side = side
+    assert (enc["attention_mask"][:, 0] == 1).all() and enc["attention_mask"][0, -1] == 0
+
+
 def test_run_embed_settings_follow_the_model_and_name_the_image_model_one_way(synth_dir, bert_tiny, monkeypatch):
     """What a run's shards are made with: the text model's normalisation (MiniLM's, with --pooling auto), and the
     image model with absolute paths, so `tests/assets/clip-tiny.json` and its absolute path resume each other's

@@ -45,6 +45,9 @@ def resolve_pooling(path: str | Path, pooling: str) -> str:
     return "cls"
 
 
+SENTENCE_MODULES = ("Transformer", "Pooling", "Normalize")  # the sentence-transformers modules embed computes
+
+
 def resolve_normalize(path: str | Path, pooling: str) -> bool:
     """Whether the sentence vector is L2-normalised: with ``--pooling auto``, as the model ships it (a
     sentence-transformers ``modules.json`` listing a ``Normalize`` module, as all-MiniLM-L6-v2's does: its sentence
@@ -56,7 +59,13 @@ def resolve_normalize(path: str | Path, pooling: str) -> bool:
         listed = json.loads(modules.read_text())
     except ValueError as err:
         raise ConfigError(f"{modules}: not readable as JSON ({err}); pass --pooling cls or --pooling mean") from None
-    return any(str(m.get("type", "")).rsplit(".", 1)[-1] == "Normalize" for m in listed if isinstance(m, dict))
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in listed if isinstance(m, dict)]
+    other = [k for k in kinds if k not in SENTENCE_MODULES]
+    if other:  # a Dense projection after the pooling (LaBSE-style): the pooled vector is not the sentence embedding
+        raise ConfigError(f"{modules}: the model's sentence embedding goes through {', '.join(other)} after its "
+                          f"pooling, which embed does not compute; pass --pooling cls or --pooling mean for the "
+                          f"pooled vector")
+    return "Normalize" in kinds
 
 
 def check_max_length(path: str | Path, max_length: int) -> None:
@@ -95,9 +104,12 @@ def load_tokenizer(path: str) -> Any:
 
 
 def tokenize(titles: list[str], path: str, max_length: int) -> dict[str, np.ndarray]:
-    """Titles → ``input_ids`` and ``attention_mask`` (B, max_length) int32, padded to ``max_length``."""
+    """Titles → ``input_ids`` and ``attention_mask`` (B, max_length) int32, padded to ``max_length`` on the right
+    (whatever the tokenizer's own side: the encoder trims the padding columns at the end, and CLS pooling reads the
+    first token)."""
     tok = load_tokenizer(path)
-    enc = tok(titles, padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
+    enc = tok(titles, padding="max_length", truncation=True, max_length=max_length, return_tensors="np",
+              padding_side="right")
     return {"input_ids": enc["input_ids"].astype(np.int32), "attention_mask": enc["attention_mask"].astype(np.int32)}
 
 
