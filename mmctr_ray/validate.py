@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -323,6 +324,14 @@ def validate(root: str | Path, expect_test_rows: int | None = None) -> list[Prob
                                                          f"{expected:,} ({why})"))
     if not lay.images_dir.is_dir():
         problems.append(Problem(rel(lay.images_dir), None, "no cover images (image embedding needs them)", False))
+    elif n_items:  # one listing: a converted set may hold most covers and not all
+        names = {entry.name for entry in os.scandir(lay.images_dir)}
+        missing = [item for item in range(1, n_items + 1) if f"{item}.jpg" not in names]
+        if missing:
+            problems.append(Problem(rel(lay.images_dir), None, f"{len(missing):,} of {n_items:,} items have no cover "
+                                                               f"(the first: {missing[0]}.jpg); embed flags them "
+                                                               f"missing, up to --max-bad-covers (10% by default)",
+                                    False))
     return problems
 
 
