@@ -354,6 +354,16 @@ def test_bad_item_ids_and_lengths_are_one_line_errors_before_ray(synth_dir, bert
     with pytest.raises(ConfigError, match=r"^--max-length=65: .*config.json has max_position_embeddings 64; expected "
                                           r"at most 64 tokens$"):  # before: a traceback in an actor, per long title
         embed(synth_dir, tmp_path / "e.parquet", bert_tiny, max_length=65, start_ray=no_ray)
+    from mmctr_ray.embed.text import check_max_length
+
+    roberta = tmp_path / "roberta"  # position ids start after the pad id: 514 embeddings hold 512 tokens
+    roberta.mkdir()
+    (roberta / "config.json").write_text(json.dumps({"model_type": "roberta", "max_position_embeddings": 514,
+                                                     "pad_token_id": 1}))
+    check_max_length(roberta, 512)
+    with pytest.raises(ConfigError, match=r"^--max-length=513: .*max_position_embeddings 514, of which roberta uses "
+                                          r"512; expected at most 512 tokens$"):  # before: passed, failed in actors
+        check_max_length(roberta, 513)
     lay = Layout(synth_dir)
     table = pq.read_table(lay.item_feature, columns=["item_id", "item_title"])
     ids = table.column("item_id").to_pylist()

@@ -68,14 +68,26 @@ def resolve_normalize(path: str | Path, pooling: str) -> bool:
     return "Normalize" in kinds
 
 
+# model types whose position ids start at pad_token_id + 1 (transformers' create_position_ids_from_input_ids): 514
+# position embeddings hold 512 tokens
+OFFSET_POSITIONS = ("roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer",
+                    "data2vec-text", "xmod", "mpnet", "ibert", "luke", "lilt", "markuplm", "esm")
+
+
 def check_max_length(path: str | Path, max_length: int) -> None:
     """A one-line error when titles of ``max_length`` tokens exceed the model's position table
     (``max_position_embeddings`` in its config.json): the encoder would fail on the first long title, in an actor."""
     config = json.loads((Path(path) / "config.json").read_text())
     positions = config.get("max_position_embeddings")
-    if isinstance(positions, int) and max_length > positions:
+    if not isinstance(positions, int):
+        return
+    usable, why = positions, ""
+    if config.get("model_type") in OFFSET_POSITIONS and isinstance(config.get("pad_token_id", 1), int):
+        usable = positions - config.get("pad_token_id", 1) - 1  # RoBERTa's position ids start after the pad id
+        why = f", of which {config.get('model_type')} uses {usable}"
+    if max_length > usable:
         raise ConfigError(f"--max-length={max_length}: {Path(path) / 'config.json'} has "
-                          f"max_position_embeddings {positions}; expected at most {positions} tokens")
+                          f"max_position_embeddings {positions}{why}; expected at most {usable} tokens")
 
 
 def check_model_dir(path: str | Path) -> Path:
