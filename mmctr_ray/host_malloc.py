@@ -60,10 +60,10 @@ def worker_env(keep: bool, gpu: bool, environ: Mapping[str, str] = os.environ) -
     return {ENV: glibc_tunables(environ.get(ENV))} if keep and not gpu else {}
 
 
-def actor_options(keep: bool, gpu: bool) -> dict[str, Any]:
-    """``map_batches`` options that start Ray Data's CPU actors (and tasks) with :func:`worker_env`: a
+def actor_options(keep: bool, gpu: bool, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``map_batches`` options that start Ray Data's CPU actors (and tasks) with :func:`worker_env` and ``env``: a
     ``runtime_env`` when there is something to set, else none."""
-    env = worker_env(keep, gpu)
+    env = {**worker_env(keep, gpu), **(env or {})}
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 

@@ -575,11 +575,11 @@ def test_image_model_specs_are_checked_before_any_download(tmp_path):
 def test_the_processes_that_load_the_models_are_offline_for_the_hugging_face_libraries(monkeypatch):
     """Models load from local paths; where they load, huggingface_hub and transformers are told to look nothing up
     on the hub either (a tokenizer or text tower a model's files name would otherwise be fetched)."""
-    from mmctr_ray.embed.pipeline import embed_options
-    from mmctr_ray.host_malloc import ENV
+    from mmctr_ray.embed.pipeline import OFFLINE_ENV
+    from mmctr_ray.host_malloc import ENV, actor_options
 
     monkeypatch.delenv(ENV, raising=False)
-    cpu, gpu = embed_options(keep=True, gpu=False), embed_options(keep=True, gpu=True)
+    cpu, gpu = actor_options(True, False, OFFLINE_ENV), actor_options(True, True, OFFLINE_ENV)
     assert cpu["runtime_env"]["env_vars"].keys() == {ENV, "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"}
     assert gpu == {"runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}}
 

@@ -317,7 +317,8 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
             ray_ready()
         store.open()
         timing = _encode_shards(items, pending, store, settings, lay, gpus_per_actor, actors, batch_size,
-                                cpus_per_actor, progress, embed_options(keep_freed_memory, gpus_per_actor > 0))
+                                cpus_per_actor, progress,
+                                actor_options(keep_freed_memory, gpus_per_actor > 0, OFFLINE_ENV))
     seconds = time.perf_counter() - t0
     summary = _assemble(out, store, n_shards, settings, items, seconds, timing, lay, max_bad_covers)
     progress(f"embed: wrote {out}: {n} items ({summary['image_missing']} without a usable cover) in {seconds:.1f} s")
@@ -329,20 +330,12 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def embed_options(keep: bool, gpu: bool) -> dict[str, Any]:
-    """The ``map_batches`` options of the decode tasks and the encoder actors: :func:`actor_options` with
-    :data:`OFFLINE_ENV`."""
-    options = actor_options(keep, gpu)
-    env = {**options.get("runtime_env", {}).get("env_vars", {}), **OFFLINE_ENV}
-    return {**options, "runtime_env": {**options.get("runtime_env", {}), "env_vars": env}}
-
-
 def _encode_shards(items: pa.Table, pending: list[int], store: ShardStore, s: EmbedSettings, lay: Layout,
                    gpus_per_actor: float, actors: int, batch_size: int, cpus_per_actor: float,
                    progress: Callable[[str], None], options: dict[str, Any]) -> dict[str, Any]:
     """Run the pipeline over the ``pending`` shards, writing each as it completes; return rows and timings.
-    ``options``: :func:`embed_options` of the decode tasks and the encoder actors (the same on both, or Ray
-    Data would not fuse the decoding into the actors)."""
+    ``options``: :func:`actor_options` (with :data:`OFFLINE_ENV`) of the decode tasks and the encoder actors (the
+    same on both, or Ray Data would not fuse the decoding into the actors)."""
     import ray.data
     from ray.data import ActorPoolStrategy
 

@@ -81,10 +81,10 @@ def check_max_length(path: str | Path, max_length: int) -> None:
     positions = config.get("max_position_embeddings")
     if not isinstance(positions, int):
         return
-    usable, why = positions, ""
-    if config.get("model_type") in OFFSET_POSITIONS and isinstance(config.get("pad_token_id", 1), int):
-        usable = positions - config.get("pad_token_id", 1) - 1  # RoBERTa's position ids start after the pad id
-        why = f", of which {config.get('model_type')} uses {usable}"
+    usable, why, pad = positions, "", config.get("pad_token_id", 1)
+    if config.get("model_type") in OFFSET_POSITIONS and isinstance(pad, int):
+        usable = positions - pad - 1  # RoBERTa's position ids start after the pad id
+        why = f", of which {config['model_type']} uses {usable}"
     if max_length > usable:
         raise ConfigError(f"--max-length={max_length}: {Path(path) / 'config.json'} has "
                           f"max_position_embeddings {positions}{why}; expected at most {usable} tokens")
