@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from mmctr_ray.config import FusionConfig
 from mmctr_ray.convert.items import levels
-from mmctr_ray.convert.pipeline import STAGING, _DistinctIds, run_convert
+from mmctr_ray.convert.pipeline import STAGING, _DistinctIds, bucket_keys, run_convert
 from mmctr_ray.convert.raw import RawSpec
 from mmctr_ray.convert.rows import RowSpec
 from mmctr_ray.data.writer import write_synthetic
@@ -234,6 +235,40 @@ def test_same_seed_same_bytes_and_other_partitions_same_rows(converted, tmp_path
     pd.testing.assert_frame_equal(a, b)
     with pytest.raises(OutputExistsError, match="--overwrite"):
         run_convert(RawSpec(base / "raw"), tmp_path / "p2", RowSpec(), progress=lambda m: None, **FAST)
+
+
+def test_the_default_hash_shuffle_writes_the_sort_shuffles_rows_in_bucket_part_files(converted, tmp_path,
+                                                                                      monkeypatch):
+    """The other tests convert with the sort shuffle (no aggregator actors to start); the default is Ray's hash
+    shuffle, grouping by the keys of :func:`bucket_keys`. Same partitions: each split's part files are named by
+    user bucket (0..P-1, not by the group key) and hold the sort shuffle's rows in its order."""
+    import mmctr_ray.convert.pipeline as pipeline
+
+    asked = []
+    monkeypatch.setattr(pipeline, "bucket_keys", lambda p: asked.append(p) or bucket_keys(p))
+    base, _, _ = converted
+    out = tmp_path / "hash"
+    manifest = run_convert(RawSpec(base / "raw"), out, RowSpec(), progress=lambda m: None, split_layout="parts",
+                           partitions=FAST["partitions"])
+    assert manifest["shuffle"] == "hash" and asked == [FAST["partitions"]]
+    names = {f"part-{b:05d}.parquet" for b in range(FAST["partitions"])}
+    for split in SPLITS:
+        files = Layout(out).split_files(split)
+        assert len(files) > 1 and {f.name for f in files} <= names, split
+        rows = pa.concat_tables([pq.read_table(f) for f in files])
+        assert rows.equals(pq.read_table(Layout(base / "out").split(split))), split
+
+
+@pytest.mark.parametrize("partitions", [2, 3, 8, 16, 64, 470])
+def test_bucket_keys_send_each_user_bucket_to_a_shuffle_partition_of_its_own(partitions):
+    """Ray's hash shuffle hashes the group key again: the plain keys 0..P-1 shared partitions (P=8: four buckets
+    in one partition, four partitions empty). The keys are checked with the function the shuffle calls."""
+    from ray.data._internal.arrow_ops.transform_pyarrow import hash_partition
+
+    keys = bucket_keys(partitions)
+    assert sorted(keys % partitions) == list(range(partitions))  # _bucket_rows reads the bucket as key % P
+    parts = hash_partition(pa.table({"bucket": keys}), hash_cols=["bucket"], num_partitions=partitions)
+    assert len(parts) == partitions and {t.num_rows for t in parts.values()} == {1}
 
 
 def test_split_layout_parts_writes_the_same_rows_in_the_same_order_as_part_files(converted, tmp_path):

@@ -5,7 +5,7 @@ Stages (the driver holds item-level arrays and the sorted user ids, never intera
     raw files ──driver──▶ item catalogue (titles), likes/views levels, tags, covers, item mapping
     interactions (read_csv) ─▶ per-block user and item counts ─▶ driver merges them as they stream: sorted
                                                             users, item popularity, unknown items, bad values
-    interactions ─▶ bucket = hash(user) % P ─▶ groupby(bucket).map_groups: sort each user's events, split,
+    interactions ─▶ bucket = hash(user) % P ─▶ groupby(bucket key).map_groups: sort each user's events, split,
                    histories, negatives (rows.py), streamed into one part file per bucket ─▶ driver reads the
                    parts batch by batch, in bucket order, into train/valid/test.parquet
                    (--split-layout parts: each bucket task writes its rows straight into
@@ -121,8 +121,9 @@ def _convert(raw: RawSpec, files: RawFiles, stage: Layout, spec: RowSpec, partit
         else:
             parts = stage.root / ".parts"
             parts.mkdir()
+        keys = bucket_keys(partitions) if shuffle == "hash" else np.arange(partitions, dtype=np.int64)
         rows = (interactions.map_batches(_parse_with_bucket, batch_format="pyarrow",
-                                         fn_kwargs={"fmt": fmt, "partitions": partitions})
+                                         fn_kwargs={"fmt": fmt, "keys": keys})
                 .groupby("bucket", num_partitions=partitions)
                 .map_groups(_bucket_rows, batch_format="numpy",
                             fn_kwargs={"lookups": lookups, "spec": spec, "parts": str(parts),
@@ -224,11 +225,62 @@ def _key_counts(batch: pa.Table, fmt: LineFormat) -> dict[str, np.ndarray]:
             "key": np.r_[u, i, np.zeros(len(b), np.int64)].astype(np.int64), "n": np.r_[nu, ni, b].astype(np.int64)}
 
 
-def _parse_with_bucket(batch: pa.Table, fmt: LineFormat, partitions: int) -> dict[str, np.ndarray]:
+def bucket_keys(partitions: int) -> np.ndarray:
+    """The group-by key of each user bucket for Ray's hash shuffle: ``bucket + partitions * k``, with ``k`` chosen so
+    that every bucket lands in a shuffle partition of its own (the bucket is the key modulo ``partitions``).
+
+    The shuffle hashes the key again into ``partitions`` partitions; with the plain keys ``0..P-1`` that second
+    hash put two, three or four buckets into one partition and left others empty (P=8: four buckets in one, four
+    partitions empty; P=470: 158 empty), so a few tasks did the work of many. The partition of each candidate key is
+    computed with the function the shuffle itself calls (a private Ray function: where it is missing or fails, the
+    plain keys are kept, which changes the balance, never the rows). Buckets are matched greedily, in order, to the
+    first candidate whose partition is free; one that finds none among its candidates keeps its plain key.
+    """
+    keys = np.arange(partitions, dtype=np.int64)
+    if partitions < 2:
+        return keys
+    try:
+        from ray.data._internal.arrow_ops.transform_pyarrow import hash_partition
+
+        def partition_of(values: np.ndarray) -> np.ndarray:
+            parts = hash_partition(pa.table({"bucket": values}), hash_cols=["bucket"], num_partitions=partitions)
+            out = np.empty(len(values), dtype=np.int64)
+            for p, table in parts.items():
+                out[np.searchsorted(values, table.column("bucket").to_numpy())] = p
+            return out
+
+        per_bucket = 64  # candidates per bucket and round
+        taken = np.zeros(partitions, dtype=bool)
+        todo = list(range(partitions))
+        for start in range(0, 8 * per_bucket, per_bucket):  # the last bucket needs ~P candidates on average
+            k = np.arange(start, start + per_bucket, dtype=np.int64)
+            candidates = (np.asarray(todo, dtype=np.int64)[:, None] + partitions * k[None, :]).ravel()
+            order = np.argsort(candidates)
+            where = np.empty_like(candidates)
+            where[order] = partition_of(candidates[order])
+            where = where.reshape(len(todo), per_bucket)
+            left = []
+            for row, bucket in enumerate(todo):
+                free = np.flatnonzero(~taken[where[row]])
+                if len(free):
+                    taken[where[row, free[0]]] = True
+                    keys[bucket] = bucket + partitions * k[free[0]]
+                else:
+                    left.append(bucket)
+            todo = left
+            if not todo:
+                break
+    except Exception as e:  # noqa: BLE001 - balance only: the plain keys give the same rows
+        log.debug("convert: plain bucket keys (%s)", e)
+        return np.arange(partitions, dtype=np.int64)
+    return keys
+
+
+def _parse_with_bucket(batch: pa.Table, fmt: LineFormat, keys: np.ndarray) -> dict[str, np.ndarray]:
     table, _ = parse(batch, fmt)  # lines were checked by the stats pass
     user = table.column("user").to_numpy()
     return {"user": user, "item": table.column("item").to_numpy(), "ts": table.column("ts").to_numpy(),
-            "bucket": (hash_u64(0, user) % np.uint64(partitions)).astype(np.int64)}
+            "bucket": keys[hash_u64(0, user) % np.uint64(len(keys))]}
 
 
 _LOOKUPS: dict[str, Lookups] = {}  # per worker process: the broadcast arrays of the current conversion
@@ -244,8 +296,8 @@ def _lookups(ref) -> Lookups:
     return _LOOKUPS[key]
 
 
-def _bucket_rows(group: dict[str, np.ndarray], lookups, spec: RowSpec, parts: str, by_split: bool = False,
-                 partitions: int = 1) -> dict[str, np.ndarray]:
+def _bucket_rows(group: dict[str, np.ndarray], lookups, spec: RowSpec, parts: str, partitions: int,
+                 by_split: bool = False) -> dict[str, np.ndarray]:
     """All interactions of one user bucket → rows, CHUNK_EVENTS events (whole users) at a time, streamed into the
     bucket's own part file; returns one summary row: the bucket and its file ("" when it holds no rows). With
     ``by_split`` (``parts`` is then the dataset folder) the rows go straight to the bucket's part file of each
@@ -256,7 +308,7 @@ def _bucket_rows(group: dict[str, np.ndarray], lookups, spec: RowSpec, parts: st
     Here a task holds its bucket's interactions and one chunk of rows.
     """
     lk = _lookups(lookups)
-    bucket = int(group["bucket"][0])
+    bucket = int(group["bucket"][0]) % partitions  # the group key is bucket + partitions * k (bucket_keys)
     raw_user = group["user"]
     user = np.searchsorted(lk.users, raw_user) + 1
     item = np.searchsorted(lk.item_raw, group["item"]) + 1  # every item is known: checked by the stats pass
