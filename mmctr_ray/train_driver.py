@@ -307,54 +307,61 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     if start_ray is not None:
         start_ray()
     check_local_workers(workers, cpus_per_worker, gpus_per_worker)  # one machine: what Ray has now is all it gets
+    config_path = storage.join(run, "config.yaml")
+    kept_config = storage.read_text(config_path) if resume else None  # the config the latest checkpoint trained with
     _prepare_run_dir(run, cfg, resume, overwrite)
-    fmap.to_json(storage.join(run, "feature_map.json"))
-    loop_config = {"cfg": cfg.to_dict(), "data_dir": str(data_dir), "run_dir": str(run),
-                   "feature_map": fmap.__dict__, "train_rows": rows["train"], "valid_rows": rows["valid"],
-                   "gpus_per_worker": gpus_per_worker, "start_epoch": checkpoint_epoch(latest) if latest else 0,
-                   "fault": _fault_from_env(), "verbose": verbose, "runs_per_node": runs_per_node}
-    os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
-    fs, fs_path = storage.resolve(run)  # Ray Train writes checkpoints to storage_path/name = RUN
-    trainer = torch_trainer()(  # on the private local Ray, without the placement-group cleaner
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
-                                     resources_per_worker={"CPU": cpus_per_worker,
-                                                           **({"GPU": gpus_per_worker} if gpus_per_worker else {})}),
-        run_config=RunConfig(name=posixpath.basename(fs_path), storage_path=posixpath.dirname(fs_path),
-                             storage_filesystem=fs, failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=None),
-                             callbacks=[_worker_failures(max_failures), *(callbacks or [])],
-                             logging_config=LoggingConfig(log_level=_train_log_level(verbose, bool(callbacks))),
-                             worker_runtime_env={"env_vars": worker_env(cfg.train.keep_freed_memory,
-                                                                        gpus_per_worker > 0)}),
-        datasets=datasets or {split: read_split(data_dir, split, cfg.data.max_len) for split in ("train", "valid")},
-        dataset_config=_data_config(cfg, workers),
-    )
-    t0 = time.perf_counter()
     try:
-        with _driver_signals() as terminated:
-            trainer.fit()
-    except SystemExit:  # Ray Train's own Ctrl-C handler aborts the run, Ray's SIGTERM handler exits: both end
-        # the wait for the run this way
-        if not _in_driver_main_thread():
-            raise  # a Ray worker told to exit (a Tune trial stopped by its scheduler): Ray's own way out
-        epochs = [checkpoint_epoch(c) for c in epoch_checkpoints(run)]
-        if not epochs:  # stopped before the first epoch's checkpoint
-            kept = f"{run} holds no checkpoint yet"
-        else:
-            kept = f"{run} keeps " + (f"the checkpoint of epoch {epochs[0]}" if len(epochs) == 1 else
-                                      f"the checkpoints of epochs {epochs[0]}–{epochs[-1]}")
-        raise Interrupted(kept, signal.SIGTERM if terminated["sigterm"] else signal.SIGINT) from None
-    except TrainingFailedError as err:
-        cause = find_user_error(err)
-        if cause is None:
-            raise
-        raise DataError(str(cause)) from None  # bad input a worker met: one line, not the workers' tracebacks
-    diverged = storage.join(run, DIVERGED)
-    if storage.is_file(diverged):  # the workers ended the run themselves: no summary; earlier checkpoints stay
-        raise ConfigError(f"{run}: {storage.read_text(diverged).strip()}")
-    return _summary(run, data_dir, time.perf_counter() - t0)
+        fmap.to_json(storage.join(run, "feature_map.json"))
+        loop_config = {"cfg": cfg.to_dict(), "data_dir": str(data_dir), "run_dir": str(run),
+                       "feature_map": fmap.__dict__, "train_rows": rows["train"], "valid_rows": rows["valid"],
+                       "gpus_per_worker": gpus_per_worker, "start_epoch": checkpoint_epoch(latest) if latest else 0,
+                       "fault": _fault_from_env(), "verbose": verbose, "runs_per_node": runs_per_node}
+        os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
+        fs, fs_path = storage.resolve(run)  # Ray Train writes checkpoints to storage_path/name = RUN
+        trainer = torch_trainer()(  # on the private local Ray, without the placement-group cleaner
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(
+                num_workers=workers, use_gpu=gpus_per_worker > 0,
+                resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}),
+            run_config=RunConfig(name=posixpath.basename(fs_path), storage_path=posixpath.dirname(fs_path),
+                                 storage_filesystem=fs, failure_config=FailureConfig(max_failures=max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=None),
+                                 callbacks=[_worker_failures(max_failures), *(callbacks or [])],
+                                 logging_config=LoggingConfig(log_level=_train_log_level(verbose, bool(callbacks))),
+                                 worker_runtime_env={"env_vars": worker_env(cfg.train.keep_freed_memory,
+                                                                            gpus_per_worker > 0)}),
+            datasets=datasets or {split: read_split(data_dir, split, cfg.data.max_len) for split in ("train", "valid")},
+            dataset_config=_data_config(cfg, workers),
+        )
+        t0 = time.perf_counter()
+        try:
+            with _driver_signals() as terminated:
+                trainer.fit()
+        except SystemExit:  # Ray Train's own Ctrl-C handler aborts the run, Ray's SIGTERM handler exits: both end
+            # the wait for the run this way
+            if not _in_driver_main_thread():
+                raise  # a Ray worker told to exit (a Tune trial stopped by its scheduler): Ray's own way out
+            epochs = [checkpoint_epoch(c) for c in epoch_checkpoints(run)]
+            if not epochs:  # stopped before the first epoch's checkpoint
+                kept = f"{run} holds no checkpoint yet"
+            else:
+                kept = f"{run} keeps " + (f"the checkpoint of epoch {epochs[0]}" if len(epochs) == 1 else
+                                          f"the checkpoints of epochs {epochs[0]}–{epochs[-1]}")
+            raise Interrupted(kept, signal.SIGTERM if terminated["sigterm"] else signal.SIGINT) from None
+        except TrainingFailedError as err:
+            cause = find_user_error(err)
+            if cause is None:
+                raise
+            raise DataError(str(cause)) from None  # bad input a worker met: one line, not the workers' tracebacks
+        diverged = storage.join(run, DIVERGED)
+        if storage.is_file(diverged):  # the workers ended the run themselves: no summary; earlier checkpoints stay
+            raise ConfigError(f"{run}: {storage.read_text(diverged).strip()}")
+        return _summary(run, data_dir, time.perf_counter() - t0)
+    except BaseException:
+        if kept_config is not None and latest_checkpoint(run) == latest:  # this attempt kept no epoch: a later
+            storage.write_text(config_path, kept_config)  # --resume starts from the latest checkpoint's config, not
+        raise  # from this attempt's train.* (a diverging learning rate would come back with every --set)
 
 
 SIGINT_LOGGER = "ray.train.v2.api.data_parallel_trainer"  # Ray Train's Ctrl-C handler logs here (Ray 2.60)

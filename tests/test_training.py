@@ -1090,8 +1090,8 @@ def test_report_writes_curves_and_a_markdown_table(two_worker_run, tmp_path):
     assert "; item vector item_emb_d128 as shipped (given), scaled to RMS 0.4; batch 256," in text  # item_source.json
     with pytest.raises(DataError, match="metrics.jsonl: missing file"):
         write_report(tmp_path)
-    # RUN's config.yaml after a resume that asked another lr (and diverged, or was stopped, before its first
-    # checkpoint): the best epoch trained with its checkpoint's config, which the report describes
+    # RUN's config.yaml after a resume that asked another lr and whose driver was killed (kill -9) before its first
+    # checkpoint: the best epoch trained with its checkpoint's config, which the report describes
     import shutil
 
     copy = tmp_path / "copy"
@@ -1275,6 +1275,7 @@ def test_a_diverged_run_ends_at_once_with_one_line_and_keeps_its_earlier_checkpo
     shutil.copytree(plain_run[0], run)  # a finished run (2 epochs, 3 if the resume test ran first)
     done = len(_metrics(run))
     train = ["train", "--data", str(synth_dir), "--out", str(run)]
+    before = (run / "config.yaml").read_text()
     capsys.readouterr()
     assert main([*train, "--resume", "--set", f"train.epochs={done + 1}", "--set", "train.lr=1e6",
                  "--set", "train.grad_clip=0"]) == 2
@@ -1285,6 +1286,9 @@ def test_a_diverged_run_ends_at_once_with_one_line_and_keeps_its_earlier_checkpo
                    f"last)"), err
     assert [r["epoch"] for r in _metrics(run)] == list(range(1, done + 1)) and not (run / "summary.json").exists()
     assert [p.name for p in epoch_checkpoints(run)] == [f"checkpoint_epoch_00{e}" for e in range(1, done + 1)]
+    # the attempt kept no epoch: RUN's config.yaml is the latest checkpoint's again, so a resume that sets only
+    # train.lr does not take lr 1e6's train.grad_clip=0 and train.epochs with it
+    assert (run / "config.yaml").read_text() == before
     from mmctr_ray.train_driver import _prepare_run_dir, resume_config
 
     (run / "summary.json").write_text("{}")  # as an earlier attempt would have left it
