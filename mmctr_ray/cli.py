@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mmctr_ray import storage
-from mmctr_ray.config import ExperimentConfig, load_config, save_config
+from mmctr_ray.config import PRECISIONS, ExperimentConfig, load_config, save_config
 from mmctr_ray.data.synthetic import PRESETS, SynthSpec
 from mmctr_ray.data.writer import write_synthetic
 from mmctr_ray.errors import ConfigError, Interrupted, OutputExistsError, find_user_error
@@ -259,7 +259,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
                         max_bad_covers=args.max_bad_covers,
                         cpus_per_actor=args.cpus_per_actor, overwrite=args.overwrite,
                         start_ray=lambda: _start_ray(args, pool_cpus=pool_cpus),
-                        keep_freed_memory=args.keep_freed_memory)
+                        keep_freed_memory=args.keep_freed_memory, precision=args.precision)
     log.info("%d items: text %d-d, image %d-d; %d covers missing, %d undecodable; %s items/s",
              summary["items"], summary["text_dim"], summary["image_dim"], summary["cover_file_missing"],
              summary["cover_corrupt"], summary["items_per_s"])
@@ -452,7 +452,7 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
     if args.embed and not (resume and raw.is_file()):
         steps.append(("embed", lambda: cmd_embed(ns(out=raw, pooling="auto", batch_size=64, max_length=32,
                                                     shard_items=4096, seed=0, cpus_per_actor=1.0,
-                                                    overwrite=args.overwrite,
+                                                    overwrite=args.overwrite, precision="auto",
                                                     keep_freed_memory=_config(args).train.keep_freed_memory))))
     if not (resume and fused.is_file()):
         steps.append(("fuse", lambda: _fuse_step(args, data, fused, str(raw) if args.embed else "shipped")))
@@ -621,6 +621,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-actor", type=NON_NEGATIVE, default=0.0,
                    help="GPUs per encoder actor; fractions share one GPU (0: CPU)")
     p.add_argument("--cpus-per-actor", type=POSITIVE, default=1.0, help="logical CPUs per CPU encoder actor")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="encoders' precision: auto (default): bf16 autocast on GPU actors, fp32 on CPU ones; "
+                        "fp32: fp32 on GPUs too. Kept with the shards, so a re-run on other devices does not mix "
+                        "the two in one table")
     p.add_argument("--batch-size", type=int, default=64, help="items per encoder call (default 64)")
     p.add_argument("--max-length", type=int, default=32, help="title tokens kept (default 32)")
     p.add_argument("--shard-items", type=int, default=4096, help="items per resumable shard (default 4096)")

@@ -345,6 +345,18 @@ def test_run_embed_settings_follow_the_model_and_name_the_image_model_one_way(sy
         made.append(err.value.args[0])
     assert made[0] == made[1] and made[0].image_model == CLIP_TINY and not made[0].normalize
     assert made[2].normalize and made[2].pooling == "mean"
+    # the precision is a setting: shards encoded in bf16 on GPU actors and in fp32 on CPU ones never mix (a re-run
+    # on other devices resumed the other's shards before)
+    for gpus, precision, kept in ((0, "auto", "fp32"), (0.5, "auto", "bf16"), (1, "fp32", "fp32"), (1, "bf16", "bf16")):
+        with pytest.raises(Made) as err:
+            run_embed(synth_dir, ROOT / "unused.parquet", bert_tiny, CLIP_TINY, gpus_per_actor=gpus,
+                      precision=precision, start_ray=lambda: None)
+        assert err.value.args[0].precision == kept, (gpus, precision)
+    with pytest.raises(ConfigError, match=r"^--precision bf16 needs GPU actors \(--gpus-per-actor\); the CPU actors "
+                                          r"encode in fp32$"):
+        run_embed(synth_dir, ROOT / "unused.parquet", bert_tiny, CLIP_TINY, precision="bf16", start_ray=lambda: None)
+    with pytest.raises(ConfigError, match=r"^--precision 'fp16': expected one of auto, fp32, bf16$"):
+        run_embed(synth_dir, ROOT / "unused.parquet", bert_tiny, CLIP_TINY, precision="fp16", start_ray=lambda: None)
 
 
 def test_bad_item_ids_and_lengths_are_one_line_errors_before_ray(synth_dir, bert_tiny, tmp_path):

@@ -83,11 +83,12 @@ class ImageEncoder:
 
     Args:
         spec: ``ARCH[:WEIGHTS]`` (see the module docstring).
-        device: torch device; bf16 autocast on CUDA.
+        device: torch device.
         seed: seeds the random weights when no ``WEIGHTS`` is given.
+        bf16: bf16 autocast where ``device`` is CUDA (the CPU always runs fp32).
     """
 
-    def __init__(self, spec: str, device: str = "cpu", seed: int = 0) -> None:
+    def __init__(self, spec: str, device: str = "cpu", seed: int = 0, bf16: bool = True) -> None:
         import open_clip
 
         arch, config, weights = parse_image_model(spec)
@@ -118,6 +119,7 @@ class ImageEncoder:
             "size": self.visual.image_size, "mean": self.visual.image_mean, "std": self.visual.image_std}
         self.size = int(cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0])
         self.device = torch.device(device)
+        self.bf16 = bf16 and self.device.type == "cuda"
         self.mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg["std"], device=self.device).view(1, 3, 1, 1)
         self.dim = int(self.visual.output_dim)
@@ -126,7 +128,7 @@ class ImageEncoder:
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         x = torch.as_tensor(pixels, device=self.device).permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, S, S)
         x = (x - self.mean) / self.std
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.visual(x)
         return out.float().cpu().numpy()
 

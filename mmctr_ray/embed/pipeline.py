@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mmctr_ray.config import PRECISIONS
 from mmctr_ray.data.writer import list_array
 from mmctr_ray.embed.image import CORRUPT, MISSING, OK, check_image_model, decode_covers, image_size, parse_image_model
 from mmctr_ray.embed.text import (check_max_length, check_model_dir, load_tokenizer, resolve_normalize, resolve_pooling,
@@ -65,6 +66,7 @@ class EmbedSettings:
     data: str = ""  # fingerprint of the items embedded (ids, titles, cover folder): shards of other data never mix
     models: str = ""  # fingerprint of the model files (names, sizes, times): shards of a model since replaced neither
     normalize: bool = False  # text vectors scaled to unit length (the model's own Normalize module, --pooling auto)
+    precision: str = "fp32"  # bf16: autocast on the actors' GPUs (shards of both would mix in one table)
 
 
 def prepare_batch(batch: dict[str, np.ndarray], images_dir: str, size: int, text_model: str,
@@ -92,8 +94,8 @@ class Encoder:
         if device == "cpu":  # the cores of the node it runs on, shared with the pool's other actors
             torch.set_num_threads(cpu_threads(sharers))
         s = EmbedSettings(**settings)
-        self.text = TextEncoder(s.text_model, s.pooling, device, s.normalize)
-        self.image = ImageEncoder(s.image_model, device, s.seed)
+        self.text = TextEncoder(s.text_model, s.pooling, device, s.normalize, bf16=s.precision == "bf16")
+        self.image = ImageEncoder(s.image_model, device, s.seed, bf16=s.precision == "bf16")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["image_status"] == OK
@@ -192,6 +194,15 @@ def _fingerprint(items: pa.Table, lay: Layout, covers: list[tuple[int, int] | No
     return digest.hexdigest()[:16]
 
 
+def resolve_precision(precision: str, gpus_per_actor: float) -> str:
+    """``--precision`` → ``bf16`` or ``fp32`` (``auto``: bf16 on GPU actors, fp32 on CPU ones)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" and not gpus_per_actor:
+        raise ConfigError("--precision bf16 needs GPU actors (--gpus-per-actor); the CPU actors encode in fp32")
+    return precision if precision != "auto" else "bf16" if gpus_per_actor else "fp32"
+
+
 def resolved_image_model(image_model: str) -> str:
     """``ARCH[:WEIGHTS]`` with absolute paths (the model-config JSON, the weights), as the shards' settings keep it
     and the actors, whose working directory may be another, load it."""
@@ -254,7 +265,8 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
               gpus_per_actor: float = 0.0, actors: int = 1, batch_size: int = 64, max_length: int = 32,
               shard_items: int = 4_096, seed: int = 0, cpus_per_actor: float = 1.0, overwrite: bool = False,
               max_bad_covers: float = MAX_BAD_COVERS, progress: Callable[[str], None] = log.info,
-              start_ray: Callable[[], None] | None = None, keep_freed_memory: bool = True) -> dict[str, Any]:
+              start_ray: Callable[[], None] | None = None, keep_freed_memory: bool = True,
+              precision: str = "auto") -> dict[str, Any]:
     """Embed every item of ``data_dir`` into ``out``; return the summary (also written as ``X.embed.json``).
 
     ``start_ray`` is called once the inputs are checked and only when a shard is left to encode (with
@@ -265,6 +277,9 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
     ``max_bad_covers`` is an error (a wrong cover folder, a broken download): missing files are counted before
     any encoding, corrupt ones when the shards are assembled (the shards stay, so a re-run with a higher limit
     encodes nothing again).
+
+    ``precision``: ``bf16`` (autocast on the actors' GPUs), ``fp32``, or ``auto`` (bf16 on GPU actors, else fp32); it
+    is one of the shards' settings, so a re-run on other devices does not mix bf16 and fp32 vectors in one table.
 
     ``keep_freed_memory`` (``--no-keep-freed-memory`` turns it off) starts CPU actors and their decode tasks with
     the malloc tunables of :mod:`mmctr_ray.host_malloc`, as training's ``train.keep_freed_memory``.
@@ -282,6 +297,7 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
         if value < low:
             raise ConfigError(f"{name}={value}: expected an integer >= {low}")
     check_max_length(text_dir, max_length)
+    precision = resolve_precision(precision, gpus_per_actor)
     check_image_model(image_model)  # weights that do not fit the architecture fail here, as one line
     image_model = resolved_image_model(image_model)  # one spelling: RN50:w.pt and RN50:./w.pt resume alike
     load_tokenizer(text_dir)  # a broken tokenizer fails here, as one line, not inside a task
@@ -293,7 +309,7 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
     covers = _cover_stats(items, lay)
     settings = EmbedSettings(text_dir, image_model, pooling, max_length, seed, shard_items,
                              _fingerprint(items, lay, covers),
-                             _models_fingerprint(text_dir, image_model), normalize)
+                             _models_fingerprint(text_dir, image_model), normalize, precision)
     absent = [i for i, cover in zip(items.column("item_id").to_pylist(), covers) if cover is None]
     _check_bad_covers(len(absent), len(items), max_bad_covers, "missing", lay.image(absent[0]) if absent else None)
 

@@ -131,11 +131,13 @@ class TextEncoder:
     Args:
         path: local model directory.
         pooling: ``cls`` (the first token's last hidden state) or ``mean`` (mean over real tokens).
-        device: torch device; bf16 autocast on CUDA.
+        device: torch device.
         normalize: scale each vector to unit length (:func:`resolve_normalize`).
+        bf16: bf16 autocast where ``device`` is CUDA (the CPU always runs fp32).
     """
 
-    def __init__(self, path: str | Path, pooling: str = "cls", device: str = "cpu", normalize: bool = False) -> None:
+    def __init__(self, path: str | Path, pooling: str = "cls", device: str = "cpu", normalize: bool = False,
+                 bf16: bool = True) -> None:
         from transformers import AutoModel
 
         if pooling not in POOLINGS:
@@ -148,6 +150,7 @@ class TextEncoder:
             raise ConfigError(f"{path}: cannot load a text model from it ({type(err).__name__}: "
                               f"{str(err).splitlines()[0]})") from None
         self.pooling, self.device, self.normalize = pooling, torch.device(device), normalize
+        self.bf16 = bf16 and self.device.type == "cuda"
         self.dim = int(self.model.config.hidden_size)
 
     @torch.inference_mode()
@@ -155,7 +158,7 @@ class TextEncoder:
         width = max(1, int(attention_mask.sum(axis=1).max()))  # trim the padding no title in the batch uses
         ids = torch.tensor(input_ids[:, :width], dtype=torch.long, device=self.device)  # a copy: batches are read-only
         mask = torch.tensor(attention_mask[:, :width], dtype=torch.long, device=self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
         hidden = hidden.float()
         if self.pooling == "cls":
