@@ -80,8 +80,12 @@ def covers_data(synth_dir, tmp_path_factory) -> Path:
     return data
 
 
+MAX_LENGTH = 8  # the tiny data's titles have 5 to 11 tokens: some are cut
+
+
 def embed(data, out, model, **kw):
-    args = {"shard_items": 64, "batch_size": 16, "actors": 2, "gpus_per_actor": 0.5, "progress": lambda m: None}
+    args = {"shard_items": 64, "batch_size": 16, "actors": 2, "gpus_per_actor": 0.5, "max_length": MAX_LENGTH,
+            "progress": lambda m: None}
     return run_embed(data, out, model, CLIP_TINY, **{**args, **kw})
 
 
@@ -111,11 +115,16 @@ def test_embed_writes_every_item_in_order_and_flags_bad_covers(embedded, covers_
 
     items = pq.read_table(Layout(covers_data).item_feature, columns=["item_id", "item_title"])
     assert summary["titles"] == titles_fingerprint(items)
+    # the titles cut at --max-length: OUT's title_cut column and the summary's count, against the whole token count
+    full = np.array([len(load_tokenizer(str(bert_tiny))(t)["input_ids"]) for t in items.column(1).to_pylist()])
+    cut = pq.read_table(out, columns=["title_cut"]).column(0).to_numpy(zero_copy_only=False)
+    np.testing.assert_array_equal(cut, full > MAX_LENGTH)
+    assert 0 < summary["titles_cut"] == cut.sum() < 200 and (full == MAX_LENGTH).any()  # and one that just fits
     assert json.loads(out.with_name("item_raw_emb.embed.json").read_text())["titles"] == summary["titles"]
     assert not out.with_name(out.name + ".parts").exists(), "shards are removed once the file is assembled"
     # the pipeline computes what the encoders compute directly, in one process
     titles = pq.read_table(Layout(covers_data).item_feature, columns=["item_title"]).column(0).to_pylist()
-    direct_text = TextEncoder(bert_tiny).encode(**tokenize(titles[:20], str(bert_tiny), 32))
+    direct_text = TextEncoder(bert_tiny).encode(**tokenize(titles[:20], str(bert_tiny), MAX_LENGTH))
     np.testing.assert_allclose(text[:20], direct_text, **TOL)
     pixels, st = decode_covers(np.arange(1, 21), str(Layout(covers_data).images_dir), 32)
     direct_image = ImageEncoder(CLIP_TINY).encode(pixels[st == OK])
@@ -141,8 +150,8 @@ def test_killed_embed_resumes_from_its_shards_and_equals_an_uninterrupted_run(em
     env = {**os.environ, FAULT_ENV: "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-m", "mmctr_ray.cli", "embed", "--data", str(covers_data), "--out", str(out),
                         "--text-model", str(bert_tiny), "--image-model", CLIP_TINY, "--shard-items", "64",
-                        "--batch-size", "16", "--num-cpus", "2"], env=env, capture_output=True, text=True,
-                       timeout=300)
+                        "--batch-size", "16", "--max-length", str(MAX_LENGTH), "--num-cpus", "2"], env=env,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 75, r.stderr[-2000:]
     parts = out.with_name(out.name + ".parts")
     assert not out.exists() and len(list(parts.glob("shard_*.parquet"))) >= 1
@@ -423,7 +432,7 @@ def test_shards_of_other_data_are_never_assembled(tmp_path):
     def shard(ids):
         n = len(ids)
         return _shard_table([{"item_id": np.array(ids), "txt_emb": np.ones((n, 4)), "img_emb": np.ones((n, 3)),
-                              "image_status": np.zeros(n, dtype=np.int8)}])
+                              "image_status": np.zeros(n, dtype=np.int8), "title_cut": np.zeros(n, dtype=bool)}])
 
     store.write(0, shard([1, 2, 3, 4, 5]))
     store.write(1, shard([1, 2, 3, 4, 5]))  # the same items again: one shard written twice, or other data

@@ -40,7 +40,7 @@ from mmctr_ray.config import PRECISIONS
 from mmctr_ray.data.writer import list_array
 from mmctr_ray.embed.image import CORRUPT, MISSING, OK, check_image_model, decode_covers, image_size, parse_image_model
 from mmctr_ray.embed.text import (check_max_length, check_model_dir, load_tokenizer, resolve_normalize, resolve_pooling,
-                                  tokenize)
+                                  titles_cut, tokenize)
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.features import titles_fingerprint
 from mmctr_ray.host_malloc import actor_options
@@ -71,11 +71,11 @@ class EmbedSettings:
 
 def prepare_batch(batch: dict[str, np.ndarray], images_dir: str, size: int, text_model: str,
                   max_length: int) -> dict[str, np.ndarray]:
-    """CPU stage: covers → uint8 pixels and status; titles → fixed-width token ids."""
+    """CPU stage: covers → uint8 pixels and status; titles → fixed-width token ids, and which titles they cut."""
     pixels, status = decode_covers(batch["item_id"], images_dir, size)
     titles = ["" if t is None else str(t) for t in batch["item_title"]]
     return {"item_id": batch["item_id"], "pixels": pixels, "image_status": status,
-            **tokenize(titles, text_model, max_length)}
+            "title_cut": titles_cut(titles, text_model, max_length), **tokenize(titles, text_model, max_length)}
 
 
 class Encoder:
@@ -103,17 +103,19 @@ class Encoder:
         if ok.any():
             img[ok] = self.image.encode(batch["pixels"][ok])
         return {"item_id": batch["item_id"], "txt_emb": self.text.encode(batch["input_ids"], batch["attention_mask"]),
-                "img_emb": img, "image_status": batch["image_status"]}
+                "img_emb": img, "image_status": batch["image_status"], "title_cut": batch["title_cut"]}
 
 
 def _shard_table(parts: list[dict[str, np.ndarray]]) -> pa.Table:
-    cols = {k: np.concatenate([p[k] for p in parts]) for k in ("item_id", "txt_emb", "img_emb", "image_status")}
+    cols = {k: np.concatenate([p[k] for p in parts])
+            for k in ("item_id", "txt_emb", "img_emb", "image_status", "title_cut")}
     order = np.argsort(cols["item_id"], kind="stable")
     return pa.table({"item_id": pa.array(cols["item_id"][order].astype(np.int64)),
                      "txt_emb": list_array(cols["txt_emb"][order].astype(np.float32), pa.float32()),
                      "img_emb": list_array(cols["img_emb"][order].astype(np.float32), pa.float32()),
                      "image_missing": pa.array(cols["image_status"][order] != OK),
-                     "image_status": pa.array(cols["image_status"][order].astype(np.int8))})
+                     "image_status": pa.array(cols["image_status"][order].astype(np.int8)),
+                     "title_cut": pa.array(cols["title_cut"][order].astype(bool))})
 
 
 def _saved_settings(meta: Path) -> dict[str, Any] | None:
@@ -403,7 +405,7 @@ def _assemble(out: Path, store: ShardStore, n_shards: int, s: EmbedSettings, ite
     if missing:
         raise DataError(f"{store.path(missing[0])}: shard missing after the pipeline finished")
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    counts = {"image_missing": 0, "cover_file_missing": 0, "cover_corrupt": 0}
+    counts = {"image_missing": 0, "cover_file_missing": 0, "cover_corrupt": 0, "titles_cut": 0}
     first_corrupt = None
     writer = None
     try:
@@ -418,6 +420,7 @@ def _assemble(out: Path, store: ShardStore, n_shards: int, s: EmbedSettings, ite
             counts["image_missing"] += int((status != OK).sum())
             counts["cover_file_missing"] += int((status == MISSING).sum())
             counts["cover_corrupt"] += int((status == CORRUPT).sum())
+            counts["titles_cut"] += int(pc.sum(table.column("title_cut")).as_py() or 0)
             if first_corrupt is None and (status == CORRUPT).any():
                 first_corrupt = lay.image(int(table.column("item_id")[int(np.argmax(status == CORRUPT))].as_py()))
             writer = writer or pq.ParquetWriter(tmp, table.schema)
@@ -435,6 +438,10 @@ def _assemble(out: Path, store: ShardStore, n_shards: int, s: EmbedSettings, ite
     except DataError:
         os.unlink(tmp)
         raise
+    if counts["titles_cut"]:
+        log.warning("%s of %s titles have more than --max-length %d tokens: their text vectors are of the first %d "
+                    "(OUT's title_cut column names them)", f"{counts['titles_cut']:,}", f"{n:,}", s.max_length,
+                    s.max_length)
     encoded = timing.pop("encoded")
     summary = {**asdict(s), **dims, "items": n, "titles": titles_fingerprint(items), **counts,
                "encoded_now": encoded, "seconds": round(seconds, 3),

@@ -125,6 +125,14 @@ def tokenize(titles: list[str], path: str, max_length: int) -> dict[str, np.ndar
     return {"input_ids": enc["input_ids"].astype(np.int32), "attention_mask": enc["attention_mask"].astype(np.int32)}
 
 
+def titles_cut(titles: list[str], path: str, max_length: int) -> np.ndarray:
+    """Which titles have more than ``max_length`` tokens (special tokens included), so that :func:`tokenize` cuts
+    them: a second tokenization, truncated one token later (no warning about over-long inputs)."""
+    ids = load_tokenizer(path)(titles, truncation=True, max_length=max_length + 1, return_attention_mask=False,
+                               return_token_type_ids=False)["input_ids"]
+    return np.fromiter((len(row) > max_length for row in ids), dtype=bool, count=len(titles))
+
+
 class TextEncoder:
     """A BERT-family encoder; ``encode`` maps token ids to (B, H) float32 vectors.
 
