@@ -359,9 +359,33 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
             raise ConfigError(f"{run}: {storage.read_text(diverged).strip()}")
         return _summary(run, data_dir, time.perf_counter() - t0)
     except BaseException:
-        if kept_config is not None and latest_checkpoint(run) == latest:  # this attempt kept no epoch: a later
-            storage.write_text(config_path, kept_config)  # --resume starts from the latest checkpoint's config, not
-        raise  # from this attempt's train.* (a diverging learning rate would come back with every --set)
+        if not callbacks:  # a Tune trial's RUN is run_trial's to read back as it is
+            _tidy_after_failed_attempt(run, latest, kept_config)
+        raise
+
+
+def _tidy_after_failed_attempt(run: storage.Location, started_from: storage.Location | None,
+                               kept_config: str | None) -> None:
+    """RUN as of its latest checkpoint after an attempt that failed, diverged or was stopped: its config.yaml back
+    when the attempt kept no epoch (a later ``--resume`` would take this attempt's ``train.*``, a diverging learning
+    rate say, with its own ``--set``), and no metrics.jsonl row of an epoch without a checkpoint (rank 0 writes the
+    row just before Ray Train copies the checkpoint: a stop between the two left a row that `report` showed).
+    The attempt's own error is the one to report: a failure here is a warning."""
+    try:
+        latest = latest_checkpoint(run)
+        kept = (checkpoint_epoch(latest) or 0) if latest else 0
+        if kept_config is not None and kept == ((checkpoint_epoch(started_from) or 0) if started_from else 0):
+            storage.write_text(storage.join(run, "config.yaml"), kept_config)
+        path = storage.join(run, "metrics.jsonl")
+        if storage.is_file(path):
+            lines = [line for line in storage.read_text(path).splitlines() if line.strip()]
+            rows = [json.loads(line) for line in lines]
+            if any(not isinstance(r, dict) or not isinstance(r.get("epoch"), int) for r in rows):
+                return  # not the file the workers write: left as it is
+            if any(r["epoch"] > kept for r in rows):
+                storage.write_text(path, "".join(line + "\n" for line, r in zip(lines, rows) if r["epoch"] <= kept))
+    except Exception as err:  # noqa: BLE001
+        log.warning("%s: could not put the run back as of its latest checkpoint: %s", run, err)
 
 
 SIGINT_LOGGER = "ray.train.v2.api.data_parallel_trainer"  # Ray Train's Ctrl-C handler logs here (Ray 2.60)
