@@ -279,7 +279,8 @@ def fusion_overrides(table_path: str | Path) -> list[str]:
         raise ConfigError(f"{table}: missing file; --fusion needs {expected}")
     if not table.is_file() or "item_emb" not in open_parquet(table, expected).schema_arrow.names:
         raise ConfigError(f"{table}: --fusion needs {expected}")
-    out = [f"data.item_vector={table.resolve()}"]
+    out = [f"data.item_vector={json.dumps(str(table.resolve()))}"]  # quoted: --set values are read as YAML, where
+    # " #" starts a comment and ": " a mapping (a run folder `exp #3` trained on the table at `.../exp`)
     summary = read_fusion_summary(table)
     if summary:
         out += [f"fusion.{k}={summary[k]}" for k in ("strategy", "dims", "text_dim", "image_dim") if k in summary]

@@ -252,11 +252,16 @@ def warn_fusion_mismatch(cfg: ExperimentConfig, source: dict[str, Any]) -> None:
 
 
 def resume_config(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """The config a resumed run continues with: its saved config.yaml plus ``overrides`` (train.* only)."""
-    config_path = storage.join(run_location(run_dir), "config.yaml")
+    """The config a resumed run continues with: the config its latest checkpoint was trained with (RUN's own
+    config.yaml when it has none) plus ``overrides`` (train.* only). Not RUN's config.yaml alone: an attempt that
+    was killed before it kept an epoch has left its own ``train.*`` there (a diverging learning rate, say), which
+    the next ``--resume`` would take with its ``--set``."""
+    run = run_location(run_dir)
+    config_path = storage.join(run, "config.yaml")
     if not storage.is_file(config_path):
         raise ConfigError(f"{run_dir}: nothing to resume (no config.yaml of an earlier `mmctr train`)")
-    return load_config(config_path, overrides)
+    latest = latest_checkpoint(run)
+    return load_config(storage.join(latest, "config.yaml") if latest is not None else config_path, overrides)
 
 
 def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfig, workers: int = 1,
@@ -307,8 +312,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     if start_ray is not None:
         start_ray()
     check_local_workers(workers, cpus_per_worker, gpus_per_worker)  # one machine: what Ray has now is all it gets
-    config_path = storage.join(run, "config.yaml")
-    kept_config = storage.read_text(config_path) if resume else None  # the config the latest checkpoint trained with
+    before = storage.read_text(storage.join(run, "config.yaml")) if resume else None  # RUN's, before this attempt
     _prepare_run_dir(run, cfg, resume, overwrite)
     try:
         fmap.to_json(storage.join(run, "feature_map.json"))
@@ -358,34 +362,25 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
         if storage.is_file(diverged):  # the workers ended the run themselves: no summary; earlier checkpoints stay
             raise ConfigError(f"{run}: {storage.read_text(diverged).strip()}")
         return _summary(run, data_dir, time.perf_counter() - t0)
-    except BaseException:
-        if not callbacks:  # a Tune trial's RUN is run_trial's to read back as it is
-            _tidy_after_failed_attempt(run, latest, kept_config)
+    except Exception as err:
+        if before is not None and not callbacks and not isinstance(err, Interrupted):  # a Tune trial's RUN is
+            _put_back_config(run, latest, before)  # run_trial's to read back as it is
         raise
 
 
-def _tidy_after_failed_attempt(run: storage.Location, started_from: storage.Location | None,
-                               kept_config: str | None) -> None:
-    """RUN as of its latest checkpoint after an attempt that failed, diverged or was stopped: its config.yaml back
-    when the attempt kept no epoch (a later ``--resume`` would take this attempt's ``train.*``, a diverging learning
-    rate say, with its own ``--set``), and no metrics.jsonl row of an epoch without a checkpoint (rank 0 writes the
-    row just before Ray Train copies the checkpoint: a stop between the two left a row that `report` showed).
-    The attempt's own error is the one to report: a failure here is a warning."""
+def _put_back_config(run: storage.Location, started_from: storage.Location | None, text: str) -> None:
+    """After a ``--resume`` that failed or diverged before it kept an epoch: RUN's config.yaml as it was (``text``),
+    as the run is where it was (the next ``--resume`` continues from the latest checkpoint's own config either way:
+    :func:`resume_config`). Not after an interrupt, whose workers may still be copying a checkpoint. The attempt's
+    own error is the one to report: a failure here is a warning."""
+    def epoch(checkpoint: storage.Location | None) -> int:
+        return (checkpoint_epoch(checkpoint) or 0) if checkpoint is not None else 0
+
     try:
-        latest = latest_checkpoint(run)
-        kept = (checkpoint_epoch(latest) or 0) if latest else 0
-        if kept_config is not None and kept == ((checkpoint_epoch(started_from) or 0) if started_from else 0):
-            storage.write_text(storage.join(run, "config.yaml"), kept_config)
-        path = storage.join(run, "metrics.jsonl")
-        if storage.is_file(path):
-            lines = [line for line in storage.read_text(path).splitlines() if line.strip()]
-            rows = [json.loads(line) for line in lines]
-            if any(not isinstance(r, dict) or not isinstance(r.get("epoch"), int) for r in rows):
-                return  # not the file the workers write: left as it is
-            if any(r["epoch"] > kept for r in rows):
-                storage.write_text(path, "".join(line + "\n" for line, r in zip(lines, rows) if r["epoch"] <= kept))
+        if epoch(latest_checkpoint(run)) == epoch(started_from):
+            storage.write_text(storage.join(run, "config.yaml"), text)
     except Exception as err:  # noqa: BLE001
-        log.warning("%s: could not put the run back as of its latest checkpoint: %s", run, err)
+        log.warning("%s: could not put its config.yaml back: %s", run, err)
 
 
 SIGINT_LOGGER = "ray.train.v2.api.data_parallel_trainer"  # Ray Train's Ctrl-C handler logs here (Ray 2.60)

@@ -172,6 +172,16 @@ def test_training_reads_the_fused_table_and_records_its_fusion(synth_dir, tmp_pa
     run_fuse(synth_dir, out, CFG["v4"], progress=lambda m: None)
     table = load_item_table(synth_dir, str(out))
     assert table.vector_dim == 16 and table.source["fusion"]["strategy"] == "v4"
+    # `--fusion TABLE` as a config: the path whole, whatever YAML would make of it (` #` a comment, `: ` a mapping)
+    from mmctr_ray.config import load_config
+    from mmctr_ray.fuse import fusion_overrides
+
+    odd = tmp_path / "exp #3" / "a: b" / "v4.parquet"
+    odd.parent.mkdir(parents=True)
+    for name in ("v4.parquet", "v4.fusion.json"):
+        shutil.copy(out.with_name(name), odd.with_name(name))
+    cfg = load_config(None, fusion_overrides(odd))
+    assert cfg.data.item_vector == str(odd.resolve()) and cfg.fusion.strategy == "v4"
 
 
 def corrupt_feature(synth_dir, tmp_path, edit):

@@ -1296,30 +1296,36 @@ def test_a_diverged_run_ends_at_once_with_one_line_and_keeps_its_earlier_checkpo
     assert not (run / "diverged.txt").exists() and not (run / "summary.json").exists()  # the resume decides anew
 
 
-def test_a_failed_attempt_leaves_run_as_of_its_latest_checkpoint(plain_run, tmp_path, caplog):
-    """After an attempt that failed or was stopped: no metrics.jsonl row of an epoch whose checkpoint was never
-    copied (rank 0 writes the row first: `report` showed an epoch that --resume trains again), and RUN's config.yaml
-    back where the attempt kept no epoch; a file that is not the workers' is left alone."""
+def test_a_resume_continues_with_its_latest_checkpoints_config_whatever_an_attempt_left(plain_run, tmp_path,
+                                                                                          caplog):
+    """An attempt killed (kill -9) before it kept an epoch leaves its own train.* in RUN's config.yaml: the next
+    --resume takes the latest checkpoint's config and only its own --set. After a failure that ends the driver's
+    wait, RUN's config.yaml is put back too, unless the attempt kept an epoch."""
     import shutil
 
-    from mmctr_ray.train_driver import _tidy_after_failed_attempt
+    from mmctr_ray.train_driver import _put_back_config, resume_config
 
     run = tmp_path / "run"
     shutil.copytree(plain_run[0], run)
-    done = len(_metrics(run))
-    started_from = epoch_checkpoints(run)[-2]  # the attempt began after the epoch before the last
-    shutil.rmtree(epoch_checkpoints(run)[-1])  # and was stopped before the last epoch's checkpoint was copied
     kept = (run / "config.yaml").read_text()
-    save_config(load_config(run / "config.yaml", ["train.lr=0.5"]), run / "config.yaml")  # the attempt's --set
-    _tidy_after_failed_attempt(str(run), str(started_from), kept)
-    assert [r["epoch"] for r in _metrics(run)] == list(range(1, done)) and (run / "config.yaml").read_text() == kept
-    _tidy_after_failed_attempt(str(run), None, "not this")  # an attempt that kept an epoch: its config stays
+    lr = load_config(run / "config.yaml").train.lr
+    save_config(load_config(run / "config.yaml", ["train.lr=0.5", "train.grad_clip=0"]), run / "config.yaml")
+    cfg = resume_config(str(run), ["train.grad_clip=3"])
+    assert (cfg.train.lr, cfg.train.grad_clip) == (lr, 3) and lr != 0.5
+    latest = epoch_checkpoints(run)[-1]
+    _put_back_config(run, latest, kept)
     assert (run / "config.yaml").read_text() == kept
-    (run / "metrics.jsonl").write_text('{"epoch": 9}\nnot json\n')
+    attempt = (run / "config.yaml").read_text().replace(f"lr: {lr}", "lr: 0.5")
+    (run / "config.yaml").write_text(attempt)
+    _put_back_config(run, epoch_checkpoints(run)[-2], kept)  # the attempt kept an epoch: its config stays
+    assert (run / "config.yaml").read_text() == attempt
+    (tmp_path / "a-file").write_text("")
     with caplog.at_level("WARNING", logger="mmctr_ray.train_driver"):
-        _tidy_after_failed_attempt(str(run), None, None)
-    assert (run / "metrics.jsonl").read_text() == '{"epoch": 9}\nnot json\n'
-    assert "could not put the run back as of its latest checkpoint" in caplog.text
+        _put_back_config(tmp_path / "a-file" / "run", None, kept)  # never raises over the attempt's own error
+    assert "a-file/run: could not put its config.yaml back" in caplog.text
+    shutil.rmtree(run / "checkpoint_epoch_001")
+    shutil.rmtree(latest)
+    assert resume_config(str(run)).train.lr == 0.5  # no checkpoint: RUN's own
 
 
 def test_large_unscaled_vectors_into_cross_or_bilinear_modules_are_warned_about(caplog):
