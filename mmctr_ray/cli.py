@@ -604,7 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Encode every item's title (BERT family, transformers) and cover (CLIP, "
                                    "open_clip) with a Ray Data pipeline: CPU tasks decode and tokenize, an actor "
                                    "pool encodes. Writes OUT (item_id, txt_emb, img_emb, image_missing, "
-                                   "image_status, title_cut: more tokens than --max-length) ordered by item_id, and "
+                                   "image_status, title_cut: more tokens than --max-length, special tokens included) "
+                                   "ordered by item_id, and "
                                    "OUT's .embed.json summary. A re-run "
                                    "after an interruption skips the shards already in OUT.parts/.")
     _add_data_arg(p)

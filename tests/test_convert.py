@@ -259,7 +259,7 @@ def test_the_default_hash_shuffle_writes_the_sort_shuffles_rows_in_bucket_part_f
         assert rows.equals(pq.read_table(Layout(base / "out").split(split))), split
 
 
-@pytest.mark.parametrize("partitions", [2, 3, 8, 16, 64, 470])
+@pytest.mark.parametrize("partitions", [2, 3, 8, 16, 64, 470, 1000, 4096])
 def test_bucket_keys_send_each_user_bucket_to_a_shuffle_partition_of_its_own(partitions):
     """Ray's hash shuffle hashes the group key again: the plain keys 0..P-1 shared partitions (P=8: four buckets
     in one partition, four partitions empty). The keys are checked with the function the shuffle calls."""

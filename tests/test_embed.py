@@ -426,8 +426,19 @@ def test_shards_of_other_data_are_never_assembled(tmp_path):
     settings = EmbedSettings("text", "RN50", "cls", 32, 0, 5, data="aaaa")
     store = ShardStore(out, settings, overwrite=False)
     store.open()
-    with pytest.raises(OutputExistsError, match="holds shards of a run with other settings"):
+    with pytest.raises(OutputExistsError, match=r"holds shards of a run with other settings \(.*settings.json: the "
+                                                r"items or covers changed since\); re-run with those settings"):
         ShardStore(out, EmbedSettings("text", "RN50", "cls", 32, 0, 5, data="bbbb"), overwrite=False)
+    with pytest.raises(OutputExistsError, match=r"settings.json: precision 'fp32' there, 'bf16' now\); re-run"):
+        ShardStore(out, EmbedSettings("text", "RN50", "cls", 32, 0, 5, data="aaaa", precision="bf16"), False)
+    meta = store.dir / "settings.json"
+    older = json.loads(meta.read_text())
+    del older["precision"]  # a folder of the version before precision (and title_cut): nothing but --overwrite
+    meta.write_text(json.dumps(older))
+    with pytest.raises(OutputExistsError, match=r"settings.json: made by an earlier version of `mmctr embed`, which "
+                                                r"did not record precision\); pass --overwrite to start again$"):
+        ShardStore(out, settings, overwrite=False)
+    store.open()
 
     def shard(ids):
         n = len(ids)

@@ -234,7 +234,9 @@ def bucket_keys(partitions: int) -> np.ndarray:
     partitions empty; P=470: 158 empty), so a few tasks did the work of many. The partition of each candidate key is
     computed with the function the shuffle itself calls (a private Ray function: where it is missing or fails, the
     plain keys are kept, which changes the balance, never the rows). Buckets are matched greedily, in order, to the
-    first candidate whose partition is free; one that finds none among its candidates keeps its plain key.
+    first candidate whose partition is free; one that finds none among its 8·P candidates keeps its plain key. The
+    keys are those of the driver's Ray: a cluster whose workers hash otherwise (polars installed on one side only)
+    gets the plain keys' balance.
     """
     keys = np.arange(partitions, dtype=np.int64)
     if partitions < 2:
@@ -252,7 +254,8 @@ def bucket_keys(partitions: int) -> np.ndarray:
         per_bucket = 64  # candidates per bucket and round
         taken = np.zeros(partitions, dtype=bool)
         todo = list(range(partitions))
-        for start in range(0, 8 * per_bucket, per_bucket):  # the last bucket needs ~P candidates on average
+        rounds = max(8, math.ceil(8 * partitions / per_bucket))  # the last buckets need ~P candidates on average
+        for start in range(0, rounds * per_bucket, per_bucket):
             k = np.arange(start, start + per_bucket, dtype=np.int64)
             candidates = (np.asarray(todo, dtype=np.int64)[:, None] + partitions * k[None, :]).ravel()
             order = np.argsort(candidates)

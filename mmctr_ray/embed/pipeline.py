@@ -127,6 +127,20 @@ def _saved_settings(meta: Path) -> dict[str, Any] | None:
         return None
 
 
+def _settings_difference(saved: dict[str, Any] | None, now: dict[str, Any]) -> str:
+    """What differs between a parts folder's settings and this run's, for the refusal: the first setting that
+    does, or that an earlier version of `mmctr embed` made the folder."""
+    if not isinstance(saved, dict):
+        return ": unreadable"
+    missing = [k for k in now if k not in saved]
+    if missing:  # its shards lack what this version writes (title_cut): no command line continues them
+        return f": made by an earlier version of `mmctr embed`, which did not record {missing[0]}"
+    key = next((k for k in now if saved[k] != now[k]), None)
+    if key in ("data", "models"):
+        return f": {'the items or covers' if key == 'data' else 'the model files'} changed since"
+    return f": {key} {saved[key]!r} there, {now[key]!r} now" if key else ""
+
+
 class ShardStore:
     """``X.parquet.parts/``: settings.json and one ``shard_NNNNN.parquet`` per completed shard."""
 
@@ -138,8 +152,13 @@ class ShardStore:
             shutil.rmtree(self.dir)  # shards of other settings; those of these settings are these vectors: kept, so
             # that an --overwrite interrupted (the earlier OUT still there) continues with the same command
         elif meta.is_file() and not same:
-            raise OutputExistsError(f"{self.dir}: holds shards of a run with other settings ({meta}); re-run with "
-                                    f"those settings to resume, or pass --overwrite to start again")
+            saved = _saved_settings(meta)
+            older = isinstance(saved, dict) and any(k not in saved for k in asdict(settings))
+            raise OutputExistsError(
+                f"{self.dir}: holds shards of a run with other settings ({meta}"
+                f"{_settings_difference(saved, asdict(settings))}); " + (
+                    "pass --overwrite to start again" if older else
+                    "re-run with those settings to resume, or pass --overwrite to start again"))
 
     def open(self) -> None:
         """Create the folder with its settings, once encoding starts (a run refused before it leaves none)."""
