@@ -154,11 +154,11 @@ def check_split(data_dir: str | Path, split: str, items: int | None = None) -> i
         for name in ("likes_level", "views_level"):
             _check_range(pf, path, name, 0, LEVELS - 1, f"levels in 0..{LEVELS - 1}", hint)
         if split != "test":  # the test split's labels are placeholders
-            _check_labels(pf, path, hint)
+            check_labels(pf, path, hint)
     return sum(pf.metadata.num_rows for _, pf in parts)
 
 
-def _check_labels(pf: pq.ParquetFile, path: Path, hint: str) -> None:
+def check_labels(pf: pq.ParquetFile, path: Path, hint: str) -> None:
     """Every label is 0 or 1. Read from the column itself (one float per row, streamed): column statistics leave
     NaN out of their min and max, and cannot tell a 0.5 from the 0s and 1s around it; a NaN label made the first
     epoch's loss NaN, which the run then blamed on the learning rate."""

@@ -104,28 +104,52 @@ def test_report_of_a_search_before_its_first_trial_says_so(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"mmctr report: error: {tmp_path / 'trials'}: no trial has started yet"
 
 
-def test_compare_refuses_one_class_labels_and_a_json_folder_before_scoring(tmp_path, capsys, monkeypatch):
-    """Both ended in a traceback after every run was scored (hours on a large split)."""
+def test_compare_refuses_bad_or_one_class_labels_and_a_json_folder_before_scoring(synth_dir, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """Each ended in a traceback after every run was scored (hours on a large split), or, for a label that is not
+    0 or 1, in AUCs that counted it as a click; compare now checks the split as train and predict do."""
+    import shutil
+
     import mmctr_ray.compare as compare
 
-    lay = Layout(tmp_path)
-    lay.dataset_dir.mkdir(parents=True)
-    pq.write_table(pa.table({"label": np.zeros(50, dtype=np.float32)}), lay.split("valid"))
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data, ignore=shutil.ignore_patterns("item_images"))
+    lay = Layout(data)
+
+    def relabel(path, labels):
+        table = pq.read_table(path)
+        pq.write_table(table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels)), path)
+
+    valid = pq.read_table(lay.split("valid"), columns=["label"]).column(0).to_numpy()
+    n = len(valid)
+    relabel(lay.split("valid"), np.r_[valid[:-1], 0.5])
     with pytest.raises(DataError) as err:
-        compare.split_labels(tmp_path, "valid")
-    assert str(err.value) == (f"{lay.split('valid')}: the valid labels hold one class only (0 clicks of 50 rows); "
+        compare.split_labels(data, "valid")
+    assert str(err.value) == (f"{lay.split('valid')}: column label: row {n - 1:,} holds 0.5, expected labels 0 or 1; "
+                              f"run `mmctr validate {data}` for the rows")
+    relabel(lay.split("valid"), np.zeros(n))
+    with pytest.raises(DataError) as err:
+        compare.split_labels(data, "valid")
+    assert str(err.value) == (f"{lay.split('valid')}: the valid labels hold one class only (0 clicks of {n:,} rows); "
                               f"an AUC needs clicks and non-clicks")
     # synthetic data's hidden test labels for a test split cut since: "N rows scored but M labels" after the first
     # run was scored, naming the split
-    lay.hidden_test_labels.parent.mkdir()
-    pq.write_table(pa.table({"label": np.arange(50) % 2.0}), lay.hidden_test_labels)
-    pq.write_table(pa.table({"label": np.zeros(49)}), lay.split("test"))
+    test = pq.read_table(lay.split("test"))
+    truth = pq.read_table(lay.hidden_test_labels)
+    pq.write_table(test.slice(0, len(test) - 1), lay.split("test"))
     with pytest.raises(DataError) as err:
-        compare.split_labels(tmp_path, "test")
-    assert str(err.value) == (f"{lay.hidden_test_labels}: 50 labels for a test split of 49 rows ({lay.split('test')});"
-                              f" the split is not the one `mmctr synth` wrote: compare on valid")
-    pq.write_table(pa.table({"label": np.zeros(50)}), lay.split("test"))
-    assert compare.split_labels(tmp_path, "test")[1].tolist() == (np.arange(50) % 2.0).tolist()
+        compare.split_labels(data, "test")
+    assert str(err.value) == (f"{lay.hidden_test_labels}: {len(test):,} labels for a test split of {len(test) - 1:,} "
+                              f"rows ({lay.split('test')}); the split is not the one `mmctr synth` wrote: compare on "
+                              f"valid")
+    pq.write_table(test, lay.split("test"))
+    assert compare.split_labels(data, "test")[1].tolist() == truth.column("label").to_numpy().tolist()
+    labels = truth.column("label").to_numpy().astype(float)
+    labels[3] = np.nan
+    pq.write_table(truth.set_column(truth.schema.get_field_index("label"), "label", pa.array(labels)),
+                   lay.hidden_test_labels)
+    with pytest.raises(DataError, match=r"test_labels.parquet: column label: row 3 holds nan, expected labels 0 or 1"):
+        compare.split_labels(data, "test")
     monkeypatch.setattr(compare, "compare_runs", lambda *a, **k: pytest.fail("scored before the check"))
     (tmp_path / "out.json").mkdir()
     assert main(["compare", "r1", "r2", "--data", str(tmp_path), "--json", str(tmp_path / "out.json"),
