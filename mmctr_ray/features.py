@@ -204,11 +204,11 @@ def load_item_table(data_dir: str | Path, item_vector: str = "given") -> ItemTab
         source = {"item_vector": "given", "file": str(lay.item_info), "column": "item_emb_d128",
                   "items": items_fingerprint(info, str(lay.item_info))}
     else:
-        vectors = _read_fused(Path(item_vector), len(ids) - 1)
         from mmctr_ray.fuse import read_fusion_summary
 
         fusion = read_fusion_summary(item_vector)
-        check_fused_for(item_vector, fusion, data_dir, info)
+        check_fused_for(item_vector, fusion, data_dir, info)  # first: a table of more items fails in the read as
+        vectors = _read_fused(Path(item_vector), len(ids) - 1)  # an id out of range, not as what it is
         source = {"item_vector": "fused", "file": str(Path(item_vector).resolve()), "column": FUSED_VECTOR_COLUMN,
                   "fusion": fusion}
     if not np.isfinite(vectors).all():

@@ -184,6 +184,21 @@ def test_training_reads_the_fused_table_and_records_its_fusion(synth_dir, tmp_pa
     assert cfg.data.item_vector == str(odd.resolve()) and cfg.fusion.strategy == "v4"
 
 
+def test_a_table_fused_from_other_data_is_named_as_such(synth_dir, tmp_path):
+    """Fused from more items than the data has: the read failed first, on an item id out of range."""
+    out = tmp_path / "v1.parquet"
+    run_fuse(synth_dir, out, CFG["v1"], progress=lambda m: None)
+    data = tmp_path / "fewer"
+    shutil.copytree(synth_dir, data, ignore=shutil.ignore_patterns("item_images"))
+    info = pq.read_table(Layout(data).item_info)
+    pq.write_table(info.slice(0, info.num_rows - 5), Layout(data).item_info)
+    items = info.num_rows - 1
+    with pytest.raises(DataError) as err:
+        load_item_table(data, str(out))
+    assert str(err.value) == (f"{out}: fused from the items of {synth_dir} ({items:,} items), not those of {data} "
+                              f"({items - 5:,} items): fuse again with --data {data}")
+
+
 def corrupt_feature(synth_dir, tmp_path, edit):
     data = tmp_path / "data"
     shutil.copytree(synth_dir, data, ignore=shutil.ignore_patterns("item_images"))
