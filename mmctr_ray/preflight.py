@@ -69,7 +69,8 @@ def column_stats(pf: pq.ParquetFile, column: str) -> tuple[float | None, float |
     nulls = 0
     for g in range(pf.metadata.num_row_groups):
         stats = pf.metadata.row_group(g).column(j).statistics
-        if stats is None or not stats.has_null_count or (not stats.has_min_max and stats.null_count < stats.num_values):
+        if stats is None or not stats.has_null_count or (not stats.has_min_max and stats.num_values > 0):  # values
+            # (num_values counts the non-null ones) but no min/max: read them
             return _scanned_stats(pf, column)
         nulls += stats.null_count
         if stats.has_min_max:

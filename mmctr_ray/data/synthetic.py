@@ -54,6 +54,8 @@ import numpy as np
 from mmctr_ray.errors import ConfigError
 from mmctr_ray.schema import LEVELS, SEQ_LEN, TAGS_LEN
 
+MAX_LIST_VALUES = 2**31 - 1  # ids one Arrow list array can hold (int32 offsets)
+
 K_A = 8  # content dims seen mainly by text
 K_B = 8  # content dims seen mainly by image
 K_CF = 8  # collaborative dims (id only)
@@ -98,6 +100,10 @@ class SynthSpec:
         for name in ("users", "items", "train_rows", "valid_rows", "test_rows", "chunk_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"synth: --{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.chunk_rows * SEQ_LEN > MAX_LIST_VALUES:  # a chunk's histories are one Arrow list array: past
+            # its int32 offsets the write failed ("Negative offsets") after the chunk was generated
+            raise ConfigError(f"synth: --chunk-rows must be at most {MAX_LIST_VALUES // SEQ_LEN:,} (a chunk's "
+                              f"{SEQ_LEN} history ids per row fill one Arrow list), got {self.chunk_rows:,}")
         if not 1 <= self.topics <= self.items:
             raise ConfigError(f"synth: topics must be in 1..items ({self.items}), got {self.topics}")
         if self.tags < 5 * self.topics:
