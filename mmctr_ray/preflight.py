@@ -107,8 +107,13 @@ def _check_range(pf: pq.ParquetFile, path: Path, column: str, lo: float, hi: flo
     if nulls:
         raise DataError(f"{path}: column {column}: {nulls:,} null values, expected {expected}; {hint}")
     if seen_lo is not None and (seen_lo < lo or (hi is not None and seen_hi > hi)):
-        raise DataError(f"{path}: column {column}: values span {seen_lo + 0:g}..{seen_hi + 0:g}, expected {expected}; "
-                        f"{hint}")
+        raise DataError(f"{path}: column {column}: values span {_number(seen_lo)}..{_number(seen_hi)}, expected "
+                        f"{expected}; {hint}")
+
+
+def _number(value: float) -> str:
+    """An id or level as written (1000000, not :g's 1e+06), a float as :g writes it."""
+    return str(int(value)) if float(value).is_integer() else f"{value + 0:g}"
 
 
 def _check_width(pf: pq.ParquetFile, path: Path, hint: str) -> None:

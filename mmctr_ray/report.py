@@ -197,7 +197,7 @@ def markdown_summary(run_dir: Location, rows: list[dict[str, Any]]) -> str:
     for r in rows:
         rate = f"{r['samples_per_s']:,.0f}" if r.get("samples_per_s") else "-"
         lines.append(f"| {r['epoch']} | {r['train_loss']:.4f} | {r['valid_auc']:.4f} | {r['valid_logloss']:.4f} | "
-                     f"{r['lr']:.0e} | {rate} | {r['epoch_seconds']:.1f} |")
+                     f"{r['lr']:.2g} | {rate} | {r['epoch_seconds']:.1f} |")
     lines += ["", "![training curves](curves.png)", ""]
     return "\n".join(lines)
 

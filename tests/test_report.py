@@ -30,6 +30,8 @@ def test_a_nan_auc_is_never_the_best_epoch_as_training_never_keeps_it(tmp_path):
     assert best_epoch(rows)["epoch"] == 3  # the earliest among equals, as training keeps it
     assert "Best validation AUC **0.7200** (logloss 0.5000) at epoch 3 of 4." in markdown_summary(tmp_path, rows)
     assert best_epoch([epoch(1, math.nan)])["epoch"] == 1  # none finite: the report still has a row to show
+    tuned = markdown_summary(tmp_path, [{**epoch(1, 0.7), "lr": 3.7e-4}, {**epoch(2, 0.7), "lr": 3.7e-5}])
+    assert "| 0.5000 | 0.00037 |" in tuned and "| 0.5000 | 3.7e-05 |" in tuned  # a tuned lr as set (.0e: 4e-04)
 
 
 def test_a_nan_auc_is_written_as_null_and_the_report_still_picks_the_best_finite_epoch(tmp_path, strict_json):

@@ -367,7 +367,7 @@ def test_a_split_held_as_a_folder_of_parts_validates_and_preflights_like_one_fil
     bad = parts["valid"][1]  # a value out of range in the second part: the problem names that part
     rewrite(bad, set_cell("likes_level", 2, 12))
     the_error(data, str(bad.relative_to(data)), "likes_level", "1 value not levels in 0..9", "first 12 at row 2")
-    with pytest.raises(DataError, match=r"valid.parquet/part-00001.parquet: column likes_level: values span"):
+    with pytest.raises(DataError, match=r"valid.parquet/part-00001.parquet: column likes_level: values span 0\.\.12, "):
         check_splits(data, ("valid",))
     for part in parts["train"]:  # a folder without parts: one line, from validate and from a stage
         part.unlink()
