@@ -37,14 +37,18 @@ MODEL_INPUTS = ("item_id", "item_seq", "likes_level", "views_level", "user_id") 
 FUSED_VECTOR_COLUMN = "item_emb"  # column of an item_emb.parquet written by `mmctr fuse`
 
 
-def list_matrix(col: pa.ChunkedArray | pa.Array, where: str, row0: int = 0) -> np.ndarray:
+def list_matrix(col: pa.ChunkedArray | pa.Array, where: str, row0: int | None = 0) -> np.ndarray:
     """A list column whose lists all have one length → (rows, width) numpy matrix (no per-row Python). ``row0``:
-    the file row of the column's first (a batch's), for the message."""
+    the file row of the column's first (a batch's), for the message; None where it is not known (a batch that Ray
+    Data read)."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
     if len(lengths) and (lengths != lengths[0]).any():
         row = int(np.flatnonzero(lengths != lengths[0])[0])
+        if row0 is None:
+            raise DataError(f"{where}: lists of one length expected; a row has {lengths[row]} values where another "
+                            f"of its batch has {lengths[0]} (run `mmctr validate` for the file and row)")
         raise DataError(f"{where}: lists of one length expected; row {row0 + row} has {lengths[row]}, row {row0} "
                         f"has {lengths[0]} (run `mmctr validate`)")
     width = int(lengths[0]) if len(lengths) else 0
@@ -277,13 +281,15 @@ def history_mask(seq: Any) -> Any:
     return seq > PAD_ID
 
 
-def to_model_batch(batch: pa.Table, max_len: int, source: str = "split") -> dict[str, np.ndarray]:
-    """One Arrow batch of a split (the file ``source``) → fixed-width numpy columns (ids int64, label float32)."""
+def to_model_batch(batch: pa.Table, max_len: int, source: str = "split", row0: int | None = None
+                   ) -> dict[str, np.ndarray]:
+    """One Arrow batch of a split (the file or folder ``source``; ``row0``: the file row of its first, where known)
+    → fixed-width numpy columns (ids int64, label float32)."""
     out = {name: batch.column(name).to_numpy().astype(np.int64, copy=False)
            for name in SPLIT_FEATURES if name != "label"}
     # the test split's label is a placeholder, possibly null: nulls become 0
     out["label"] = pc.fill_null(batch.column("label"), 0).to_numpy().astype(np.float32, copy=False)
-    seq = list_matrix(batch.column("item_seq"), f"{source}: column item_seq").astype(np.int64, copy=False)
+    seq = list_matrix(batch.column("item_seq"), f"{source}: column item_seq", row0).astype(np.int64, copy=False)
     check_left_padded(seq, f"{source}: column item_seq")
     out["item_seq"] = history_window(seq, max_len)
     return out

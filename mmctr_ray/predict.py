@@ -88,8 +88,10 @@ def score_parquet(model: DINModel, path: str | Path, max_len: int, batch_rows: i
     device = next(model.parameters()).device
     out = []
     for part in parquet_parts(path):
+        row0 = 0
         for batch in pq.ParquetFile(part).iter_batches(batch_size=batch_rows):
-            cols = to_model_batch(pa.Table.from_batches([batch]), max_len, source=str(part))
+            cols = to_model_batch(pa.Table.from_batches([batch]), max_len, source=str(part), row0=row0)
+            row0 += batch.num_rows
             out.append(logits_of(model, model_inputs(cols, device), model.experiment_cfg.train))
     scores = np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
     return scores if logits else to_probabilities(scores)

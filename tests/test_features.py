@@ -51,6 +51,13 @@ def test_to_model_batch_dtypes_and_truncation():
     np.testing.assert_array_equal(out["item_seq"][1], np.arange(7, 71))  # the 64 most recent of 70
     np.testing.assert_array_equal(out["item_seq"][2], np.arange(37, 101))
     np.testing.assert_array_equal(history_mask(out["item_seq"]).sum(1), [2, 64, 64])
+    short = batch.set_column(1, "item_seq", pa.array([list(r) for r in seq[:2]] + [list(seq[2, 1:])]))
+    with pytest.raises(DataError, match=r"^p.parquet: column item_seq: lists of one length expected; row 12 has 99, "
+                                        r"row 10 has 100 \(run `mmctr validate`\)$"):
+        to_model_batch(short, max_len=64, source="p.parquet", row0=10)  # a batch from file row 10 (predict's)
+    with pytest.raises(DataError, match=r"; a row has 99 values where another of its batch has 100 \(run `mmctr "
+                                        r"validate` for the file and row\)$"):
+        to_model_batch(short, max_len=64, source="train.parquet")  # a batch Ray Data read: its file row unknown
 
 
 @pytest.mark.parametrize("history, shown", [
