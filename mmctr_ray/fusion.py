@@ -34,7 +34,7 @@ import numpy as np
 from sklearn.decomposition import PCA, IncrementalPCA
 
 from mmctr_ray.config import FusionConfig
-from mmctr_ray.errors import ConfigError
+from mmctr_ray.errors import ConfigError, DataError
 
 # strategy → its parts: (part name, modalities concatenated as input, FusionConfig field giving the width)
 PARTS: dict[str, tuple[tuple[str, tuple[str, ...], str], ...]] = {
@@ -188,21 +188,30 @@ def _check_width(cfg: FusionConfig, name: str, width_field: str, n_items: int, i
     return k
 
 
-def _part(name: str, inputs: tuple[str, ...], est: PCA | IncrementalPCA) -> PCAPart:
+def _part(name: str, inputs: tuple[str, ...], est: PCA | IncrementalPCA, where: str) -> PCAPart:
+    """The fitted part; a one-line DataError when its inputs have no variance: every item's vector the same (empty
+    titles, say), whose projection is 0 for every item, so the table would carry no content without a word."""
+    if not est.explained_variance_.sum() > 0:
+        raise DataError(f"{where}: every item's {' ‖ '.join(inputs)} vector is the same (no variance), so the {name} "
+                        f"PCA would give every item a zero vector; expected vectors that differ between items")
     return PCAPart(name, inputs, est.mean_.astype(np.float32), est.components_.astype(np.float32),
                    est.explained_variance_.astype(np.float32), est.explained_variance_ratio_.astype(np.float32))
 
 
 def fit_fusion(cfg: FusionConfig, batches: Callable[[], Iterator[ModalityBatch]], n_items: int,
-               pca: str = "auto", seed: int = 0, chunk_rows: int = 16_384) -> FittedFusion:
+               pca: str = "auto", seed: int = 0, chunk_rows: int = 16_384, where: str = "the item vectors"
+               ) -> FittedFusion:
     """Fit ``cfg.strategy``'s PCA parts on the items that ``batches()`` yields (it may be called several times).
 
     Args:
+        where: the source, for messages.
         pca: ``full`` (scikit-learn ``PCA`` on the whole matrix), ``incremental`` (``IncrementalPCA`` over
             chunks of ``chunk_rows``; memory bounded by the chunk) or ``auto`` (full up to 2 GiB of input).
     """
     if cfg.strategy not in PARTS:
         raise ConfigError(f"fusion.strategy={cfg.strategy!r}: no PCA to fit (expected one of {', '.join(PARTS)})")
+    if n_items < 2:  # one item: numpy's "Eigenvalues did not converge", or NaN ratios from the incremental fit
+        raise DataError(f"{where}: vectors of {n_items} item{'s' * (n_items != 1)}; a PCA needs at least 2")
     needs_image = "image" in modalities_needed(cfg.strategy)
     widths = input_widths(next(iter(batches())))
     specs = [(name, inputs, _check_width(cfg, name, wf, n_items, sum(widths[m] for m in inputs)))
@@ -222,9 +231,10 @@ def fit_fusion(cfg: FusionConfig, batches: Callable[[], Iterator[ModalityBatch]]
             # not centred) cancels digits (an offset of 5 on 20k x 256 put the axes 0.25 off a float64 SVD)
             mean = x.mean(axis=0, dtype=np.float64)
             x -= mean.astype(np.float32)
-            est = PCA(n_components=k, svd_solver="covariance_eigh").fit(x)
+            with np.errstate(invalid="ignore", divide="ignore"):  # no variance: 0/0 ratios, refused in _part
+                est = PCA(n_components=k, svd_solver="covariance_eigh").fit(x)
             est.mean_ = est.mean_ + mean
-            parts.append(_part(name, inputs, est))
+            parts.append(_part(name, inputs, est, where))
         return FittedFusion(cfg.strategy, tuple(parts), fill)
     if pca != "incremental":
         raise ConfigError(f"pca={pca!r}: expected auto, full or incremental")
@@ -232,8 +242,9 @@ def fit_fusion(cfg: FusionConfig, batches: Callable[[], Iterator[ModalityBatch]]
     ests = [IncrementalPCA(n_components=k) for _, _, k in specs]
     for chunk in _chunks(batches, fill, max(chunk_rows, *(k for _, _, k in specs))):
         for est, (_, inputs, _) in zip(ests, specs):
-            est.partial_fit(_concat(chunk, inputs))
-    return FittedFusion(cfg.strategy, tuple(_part(n, i, e) for (n, i, _), e in zip(specs, ests)), fill)
+            with np.errstate(invalid="ignore", divide="ignore"):  # as above
+                est.partial_fit(_concat(chunk, inputs))
+    return FittedFusion(cfg.strategy, tuple(_part(n, i, e, where) for (n, i, _), e in zip(specs, ests)), fill)
 
 
 def _chunks(batches: Callable[[], Iterator[ModalityBatch]], fill: np.ndarray | None,

@@ -113,6 +113,27 @@ def test_incremental_pca_streams_chunks_and_matches_full_pca(synth_dir):
     assert cosines.min() > 0.8
 
 
+@pytest.mark.parametrize("pca", ["full", "incremental"])
+def test_vectors_without_variance_or_a_single_item_are_one_line_errors(pca):
+    """Every item's text vector the same (every title empty, say): the fit gave every item a zero vector without a
+    word (NaN explained-variance ratios). One item: numpy's LinAlgError (full) or NaN ratios (incremental)."""
+    n = 40
+    rng = np.random.default_rng(0)
+    same = np.tile(rng.standard_normal(16).astype(np.float32), (n, 1))
+    image = rng.standard_normal((n, 8)).astype(np.float32)
+
+    def batches(text, image, n=n):
+        return lambda: iter([ModalityBatch(np.arange(1, n + 1), text[:n], image[:n], np.zeros(n, dtype=bool))])
+
+    with pytest.raises(DataError, match=r"^emb.parquet: every item's text vector is the same \(no variance\), so the "
+                                        r"text PCA would give every item a zero vector; expected vectors that differ"):
+        fit_fusion(FusionConfig("v4", text_dim=4, image_dim=4), batches(same, image), n, pca=pca, where="emb.parquet")
+    fitted = fit_fusion(FusionConfig("v3", dims=4), batches(same, image), n, pca=pca)  # text ‖ image still varies
+    assert np.isfinite(fitted.parts[0].explained_variance_ratio).all()
+    with pytest.raises(DataError, match=r"^emb.parquet: vectors of 1 item; a PCA needs at least 2$"):
+        fit_fusion(FusionConfig("v1", dims=1), batches(image, image, 1), 1, pca=pca, where="emb.parquet")
+
+
 def test_given_copies_item_emb_d128(synth_dir, tmp_path):
     out = tmp_path / "given.parquet"
     run_fuse(synth_dir, out, FusionConfig("given"), progress=lambda m: None)
