@@ -223,7 +223,13 @@ def test_run_directory_holds_config_metrics_checkpoints_and_summary(two_worker_r
     assert rows[0]["worker_threads"] == [max(1, node_cores() // 2)] * 2  # the two workers share the node's cores
     assert load_config(run / "config.yaml").train.epochs == 2
     assert [p.name for p in epoch_checkpoints(run)] == ["checkpoint_epoch_001", "checkpoint_epoch_002"]
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    # what `tensorboard --logdir RUN` shows (tensorboard comes with `make setup`): each epoch's valid AUC
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    board = EventMultiplexer().AddRunsFromDirectory(str(run)).Reload()
+    assert list(board.Runs()) == ["tensorboard"]
+    shown = [(e.value, e.step) for e in board.Scalars("tensorboard", "epoch/valid_auc")]
+    assert shown == [(pytest.approx(r["valid_auc"]), r["epoch"] * r["steps"]) for r in rows]  # at epoch ends
     assert json.loads((run / "summary.json").read_text())["best_checkpoint"] == summary["best_checkpoint"]
     assert summary["oracle_valid_auc"] == json.loads(Layout(synth_dir).oracle.read_text())["valid"]["oracle_auc"]
     ck = load_checkpoint(best_checkpoint(run))
