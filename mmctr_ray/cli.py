@@ -783,10 +783,13 @@ def _refuse_existing_output(args: argparse.Namespace, out: storage.Location) -> 
     checked here, before Ray starts, and again by each stage's own function."""
     if getattr(args, "overwrite", False) or getattr(args, "resume", False) or args.command in ("pipeline", "demo"):
         return  # the pipeline checks OUT itself (pipeline.check_out), also before Ray starts
+    from mmctr_ray.locking import LOCK_SUFFIX
     from mmctr_ray.schema import CONVERT_STAGING, SYNTH_STAGING
 
     leftovers = (SYNTH_STAGING, CONVERT_STAGING)  # an interrupted synth/convert's staging folder: never published
-    if storage.is_file(out) or (storage.exists(out) and set(storage.listdir(out)) - set(leftovers)):
+    held = {name for name in (storage.listdir(out) if storage.exists(out) and not storage.is_file(out) else [])
+            if not name.endswith(LOCK_SUFFIX)}  # the lock files of outputs inside it (a failed `train --out OUT/run`)
+    if storage.is_file(out) or held - set(leftovers):
         how = "--resume to continue it or --overwrite to replace it" if hasattr(args, "resume") else (
             "--overwrite to replace it" if hasattr(args, "overwrite") else "another --out")
         raise OutputExistsError(f"{args.out}: already exists; pass {how}")

@@ -4,7 +4,9 @@ at the same RUN, TUNE or file refuses at once instead of interleaving with the f
 The lock is an OS file lock (``filelock``): it ends with the process that holds it, so a killed run leaves no
 stale lock behind. A local output's lock file sits beside it (``.NAME.mmctr.lock``; on a shared filesystem
 with POSIX locks it guards every machine that mounts it). A storage URI's lock lives in this machine's cache
-(``~/.cache/mmctr/locks``): object stores have no locks, so two machines writing one URI are not stopped.
+(``~/.cache/mmctr/locks``): object stores have no locks, so two machines writing one URI are not stopped. So does
+the lock of a local output whose folder this user cannot write beside (``--out /mnt/shared`` with ``/mnt`` the
+root's): it then guards this machine only.
 """
 
 from __future__ import annotations
@@ -32,16 +34,21 @@ def lock_path(target: storage.Location) -> Path:
     if storage.is_uri(target) and urlsplit(str(target)).scheme == "file":
         target = unquote(urlsplit(str(target)).path)  # a local folder, as a plain path names it
     if storage.is_uri(target):
-        key = hashlib.sha256(str(target).split("?", 1)[0].encode()).hexdigest()[:24]  # the query: how to reach it
-        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mmctr" / "locks"
-        base.mkdir(parents=True, exist_ok=True)
-        return base / f"{key}.lock"
+        return _cached_lock(str(target).split("?", 1)[0])  # the query: how to reach it, not what it is
     path = Path(target).resolve()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a file where a folder of the path should be, no permission
         raise ConfigError(f"{target}: cannot create the folder it goes in ({first_line(err)})") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):  # OUT itself may be writable where its parent is not
+        return _cached_lock(str(path))
     return path.parent / f".{path.name}{LOCK_SUFFIX}"
+
+
+def _cached_lock(key: str) -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mmctr" / "locks"
+    base.mkdir(parents=True, exist_ok=True)
+    return base / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.lock"
 
 
 @contextmanager
@@ -54,6 +61,8 @@ def output_lock(target: storage.Location) -> Iterator[None]:
     except filelock.Timeout:
         raise OutputExistsError(f"{target}: in use by another mmctr command (it holds {path}); wait for it to end "
                                 f"or choose another output") from None
+    except OSError as err:  # a lock file that cannot be created or opened (a read-only filesystem, say)
+        raise ConfigError(f"{target}: cannot lock it ({path}: {first_line(err)})") from None
     try:
         yield
     finally:

@@ -67,6 +67,21 @@ def test_synth_flags_reach_the_data(tmp_path):
     assert manifest["spec"]["seed"] == 3 and manifest["spec"]["users"] == 50
 
 
+def test_a_folder_holding_only_lock_files_is_not_an_existing_output(tmp_path, capsys):
+    """A failed `mmctr train --out D/run` leaves its lock file in D (by design: an OS lock ends with its process):
+    `synth --out D` then said "D: already exists"."""
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / ".run.mmctr.lock").write_text("")
+    small = ["--users", "50", "--items", "40", "--train-rows", "300", "--valid-rows", "60", "--test-rows", "70",
+             "--tags", "50", "--topics", "4", "--images", "0"]
+    assert main(["synth", "--out", str(out), *small]) == 0
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "notes.txt").write_text("mine")
+    assert main(["synth", "--out", str(tmp_path / "e"), *small]) == 2
+    assert capsys.readouterr().err.strip().endswith("e: already exists; pass --overwrite to replace it")
+
+
 def test_preset_1m_has_the_real_sizes():
     from mmctr_ray.cli import _spec_from_args
 

@@ -288,6 +288,33 @@ def test_every_spelling_of_one_output_takes_one_lock(tmp_path, monkeypatch):
     assert lock_path("s3://b/runs/r1?region=us-west-2") == lock_path("s3://b/runs/r1")  # one run, however reached
 
 
+def test_an_output_whose_folder_cannot_be_written_beside_is_locked_in_the_cache(tmp_path, monkeypatch):
+    """`--out /mnt/shared` with /mnt the root's: the lock file beside it raised a PermissionError traceback (or, where
+    the open failed otherwise, "in use by another mmctr command"). A lock file that cannot be opened at all is one
+    line naming it."""
+    import os
+
+    import filelock
+
+    from mmctr_ray.errors import ConfigError
+    from mmctr_ray.locking import lock_path, output_lock
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    shared = tmp_path / "mnt" / "shared"
+    shared.mkdir(parents=True)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and Path(p) != shared.parent)  # root passes all
+    held = lock_path(shared)
+    assert held.parent == tmp_path / "cache" / "mmctr" / "locks" and lock_path(str(shared) + "/") == held
+    with output_lock(shared):
+        assert held.is_file()
+    monkeypatch.setattr(filelock.FileLock, "acquire", lambda self, *a, **k: (_ for _ in ()).throw(
+        OSError(30, "Read-only file system")))
+    with pytest.raises(ConfigError, match=r"shared: cannot lock it \(.*\.lock: \[Errno 30\] Read-only file system\)$"):
+        with output_lock(shared):
+            pass
+
+
 def test_a_checkpoint_whose_manifest_was_not_copied_yet_is_not_complete(tmp_path):
     """Ray copies a checkpoint's files in parallel: every other file can land, short, before files.json."""
     from mmctr_ray.checkpoint import incomplete
