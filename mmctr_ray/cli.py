@@ -104,6 +104,14 @@ def _number(kind: type, above: float | None = None, at_least: float | None = Non
 POSITIVE_INT, POSITIVE, NON_NEGATIVE = _number(int, above=0), _number(float, above=0), _number(float, at_least=0)
 
 
+def ACTOR_GPUS(text: str) -> float:  # noqa: N802 - an argparse type, named as the others
+    """GPUs per actor: a share of one GPU, or whole GPUs (Ray refuses 1.5 in the actors, after Ray started)."""
+    value = NON_NEGATIVE(text)
+    if value > 1 and value != int(value):
+        raise argparse.ArgumentTypeError(f"above 1 GPU an actor needs a whole number of GPUs, got {text}")
+    return value
+
+
 def _local_path(text: str) -> Path:
     """A flag that takes a local path only: a storage URI there is a usage error (``Path`` would turn ``s3://b/x``
     into the local folder ``s3:/b/x`` and write there without a word)."""
@@ -281,6 +289,14 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     from mmctr_ray.fuse import run_fuse
 
     v4 = args.strategy == "v4"
+    if args.strategy == "given":  # item_info's item_emb_d128 as shipped: no PCA, no source, 128 wide
+        asked = [flag for flag, value, default in (("--dims", args.dims, None), ("--text-dim", args.text_dim, None),
+                                                   ("--image-dim", args.image_dim, None),
+                                                   ("--source", args.source, "shipped"), ("--pca", args.pca, "auto"))
+                 if value != default]
+        if asked:
+            raise ConfigError(f"{asked[0]}: --strategy given copies item_info's item_emb_d128 as shipped (no PCA, "
+                              f"128 wide); the PCA strategies v1..v4 take {asked[0]}")
     if v4 and args.dims is not None:
         raise ConfigError("--dims sets the width of v1, v2, v3; v4 takes --text-dim and --image-dim")
     if not v4 and (args.text_dim is not None or args.image_dim is not None):
@@ -512,7 +528,7 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-bad-covers", type=float, default=MAX_BAD_COVERS,
                    help="with --embed: share of items whose cover may be missing or corrupt (default 0.1)")
     _add_worker_args(p, "actors", "encoder and scoring actors")
-    p.add_argument("--gpus-per-actor", type=NON_NEGATIVE, help="GPUs per encoder/scoring actor (default: "
+    p.add_argument("--gpus-per-actor", type=ACTOR_GPUS, help="GPUs per encoder/scoring actor (default: "
                                                         "--gpus-per-worker)")
     _add_resume_args(p, "continue in OUT: keep the data, embed shards and fused table there, resume training from "
                         "the latest checkpoint", "replace the outputs of an earlier run in OUT")
@@ -523,11 +539,19 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     _add_ray_args(p)
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated flags: the command line an interrupted run prints to continue it drops what --resume refuses
+    by name (``--config``), and an abbreviation (``--conf``) stayed in it, so the printed command failed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmctr", description="Multimodal CTR prediction (MMCTR 2025 winner's "
-                                     "method) on Ray: one subcommand per pipeline stage.")
+    parser = _Parser(prog="mmctr", description="Multimodal CTR prediction (MMCTR 2025 winner's method) on Ray: one "
+                     "subcommand per pipeline stage.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE", parser_class=_Parser)
 
     p = sub.add_parser("synth", help="write synthetic data in the exact MicroLens_1M_x1 layout",
                        description="Write synthetic data in the challenge layout with a planted click model "
@@ -620,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "sentence-transformers model ships (1_Pooling/config.json), else CLS, and its unit length "
                         "where modules.json lists Normalize (as MiniLM's does)")
     _add_worker_args(p, "actors", "encoder actors")
-    p.add_argument("--gpus-per-actor", type=NON_NEGATIVE, default=0.0,
+    p.add_argument("--gpus-per-actor", type=ACTOR_GPUS, default=0.0,
                    help="GPUs per encoder actor; fractions share one GPU (0: CPU)")
     p.add_argument("--cpus-per-actor", type=POSITIVE, default=1.0, help="logical CPUs per CPU encoder actor")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -713,7 +737,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=_local_path, required=True, help="submission zip to write")
     p.add_argument("--split", choices=["test", "valid", "train"], default="test", help="split to score")
     _add_worker_args(p, "actors", "scoring actors")
-    p.add_argument("--gpus-per-actor", type=NON_NEGATIVE, default=0.0,
+    p.add_argument("--gpus-per-actor", type=ACTOR_GPUS, default=0.0,
                    help="GPUs per scoring actor (fractions share one)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing submission")
     _add_ray_args(p)
@@ -726,7 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", nargs="?", help="run directory of `mmctr train` (a local path or a URI) or search "
                                           "directory of `mmctr tune`")
     p.add_argument("--run", dest="run_option", metavar="RUN", help="the same, spelt as predict spells it")
-    p.add_argument("--top", type=int, default=10, help="trials to list for a search (default 10)")
+    p.add_argument("--top", type=POSITIVE_INT, default=10, help="trials to list for a search (default 10)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("compare", help="AUC ± standard error of runs on the same rows, and the paired test between "

@@ -82,6 +82,22 @@ def test_a_folder_holding_only_lock_files_is_not_an_existing_output(tmp_path, ca
     assert capsys.readouterr().err.strip().endswith("e: already exists; pass --overwrite to replace it")
 
 
+def test_flags_are_not_abbreviated_and_report_top_is_positive(tmp_path, capsys):
+    """`--conf c.yaml` was taken as --config, and stayed in the `--resume` command an interrupted run printed
+    (which drops --config by name), so that command failed; `report --top -2` listed all trials but two."""
+    with pytest.raises(SystemExit) as err:
+        main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--conf", "c.yaml"])
+    assert err.value.code == 2 and "unrecognized arguments: --conf c.yaml" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["report", str(tmp_path), "--top", "-2"])
+    assert "argument --top: expected a value above 0, got -2" in capsys.readouterr().err
+    for stage in ("predict", "embed", "pipeline"):  # Ray refused 1.5 in the actors, after it started
+        with pytest.raises(SystemExit):
+            main([stage, "--gpus-per-actor", "1.5"])
+        assert "argument --gpus-per-actor: above 1 GPU an actor needs a whole number of GPUs, got 1.5" in \
+            capsys.readouterr().err
+
+
 def test_preset_1m_has_the_real_sizes():
     from mmctr_ray.cli import _spec_from_args
 
