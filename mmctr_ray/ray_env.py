@@ -492,7 +492,15 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    if address == "local":  # Ray's own word for a new Ray of this process's own: the private one, with its checks
+        address = None
     if address:
+        given = [flag for flag, value in (("--num-cpus", num_cpus), ("--object-store-mib", object_store_mib))
+                 if value is not None]
+        if given:
+            log.warning("%s: for the private local Ray only; joining the Ray at %s (%s), whose resources are its "
+                        "own", ", ".join(given), address, "--address" if address != os.environ.get("RAY_ADDRESS")
+                        else "RAY_ADDRESS")
         # a private Ray this process ran before (tests, notebooks) set these for itself, not for a cluster
         _PRIVATE["started"] = False
         if _PRIVATE.pop("watcher_off", False):

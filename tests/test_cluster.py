@@ -342,15 +342,16 @@ import functools
 import ray._private.services as services
 from mmctr_ray.errors import ConfigError
 from mmctr_ray.ray_env import init_ray
+from mmctr_ray.ray_env import private_local_ray
 try:
-    init_ray(address="http://127.0.0.1:8265")
+    init_ray(address="http://127.0.0.1:8265", num_cpus=2)
 except ConfigError as err:
     print("ERROR", err)
 services.find_bootstrap_address = lambda temp_dir=None: "192.0.2.1:6379"  # as a `ray start` here would leave it
 services.find_gcs_addresses = functools.lru_cache(lambda: ["192.0.2.1:6379"])  # ray.init clears its cache
-init_ray(num_cpus=1)
+init_ray(address="local", num_cpus=1)  # Ray's word for a new Ray of its own: the private one, with its checks
 import ray
-print("GCS", ray.get_runtime_context().gcs_address, ray.cluster_resources()["CPU"])
+print("GCS", ray.get_runtime_context().gcs_address, ray.cluster_resources()["CPU"], private_local_ray())
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
@@ -358,5 +359,9 @@ print("GCS", ray.get_runtime_context().gcs_address, ray.cluster_resources()["CPU
     said = dict(line.split(" ", 1) for line in r.stdout.splitlines() if line.startswith(("ERROR", "GCS")))
     assert said["ERROR"].startswith("Ray address 'http://127.0.0.1:8265' (--address or RAY_ADDRESS): Invalid Ray "
                                     "address: 'http://127.0.0.1:8265'."), said["ERROR"]
-    gcs, cpus = said["GCS"].split()
+    gcs, cpus, private = said["GCS"].split()
     assert not gcs.startswith("192.0.2.1") and float(cpus) == 1.0  # a Ray of its own, with the CPUs it asked for
+    assert private == "True"
+    # a flag that sizes the private Ray, given while an address is in effect: said, not dropped without a word
+    assert "--num-cpus: for the private local Ray only; joining the Ray at http://127.0.0.1:8265 (--address), whose " \
+        "resources are its own" in r.stderr
