@@ -172,10 +172,14 @@ def _in_epoch_order(run_dir: Location) -> list[Location]:
     return [storage.join(run_dir, epochs[e]) for e in sorted(epochs)]
 
 
+_WARNED: set[tuple[str, str]] = set()  # (checkpoint, why) said once a process: a resume looks three times
+
+
 def _complete(path: Location) -> bool:
-    """Whether the checkpoint in ``path`` is whole; a warning says why not (a copy cut short)."""
+    """Whether the checkpoint in ``path`` is whole; a warning says why not (a copy cut short), once."""
     why = incomplete(path)
-    if why:
+    if why and (str(path), why) not in _WARNED:
+        _WARNED.add((str(path), why))
         log.warning("%s: skipped, incomplete (%s): its copy was cut short", path, why)
     return not why
 

@@ -49,7 +49,8 @@ def _object_store_mib(text: str) -> int:
 
 
 def _add_ray_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a private local Ray)")
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a private local Ray; "
+                                     "'local': the private local Ray whatever RAY_ADDRESS says)")
     p.add_argument("--num-cpus", type=POSITIVE_INT,
                    help="logical CPUs of a private local Ray (default: the machine's, one more where the workers or "
                         "actors would leave none for the data reads)")
@@ -807,13 +808,11 @@ def _refuse_existing_output(args: argparse.Namespace, out: storage.Location) -> 
     checked here, before Ray starts, and again by each stage's own function."""
     if getattr(args, "overwrite", False) or getattr(args, "resume", False) or args.command in ("pipeline", "demo"):
         return  # the pipeline checks OUT itself (pipeline.check_out), also before Ray starts
-    from mmctr_ray.locking import LOCK_SUFFIX
+    from mmctr_ray.locking import entries
     from mmctr_ray.schema import CONVERT_STAGING, SYNTH_STAGING
 
     leftovers = (SYNTH_STAGING, CONVERT_STAGING)  # an interrupted synth/convert's staging folder: never published
-    held = {name for name in (storage.listdir(out) if storage.exists(out) and not storage.is_file(out) else [])
-            if not name.endswith(LOCK_SUFFIX)}  # the lock files of outputs inside it (a failed `train --out OUT/run`)
-    if storage.is_file(out) or held - set(leftovers):
+    if storage.is_file(out) or (storage.exists(out) and set(entries(out)) - set(leftovers)):
         how = "--resume to continue it or --overwrite to replace it" if hasattr(args, "resume") else (
             "--overwrite to replace it" if hasattr(args, "overwrite") else "another --out")
         raise OutputExistsError(f"{args.out}: already exists; pass {how}")

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import yaml
 
 from mmctr_ray import storage
 from mmctr_ray.config import FusionConfig
@@ -270,6 +271,14 @@ def read_fusion_summary(table_path: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _yaml_string(text: str) -> str:
+    """``text`` as one double-quoted YAML scalar: --set values are read as YAML, where " #" starts a comment and
+    ": " a mapping (a run folder `exp #3` trained on the table at `.../exp`). PyYAML's own quoting, not JSON's:
+    PyYAML reads a JSON surrogate pair (an emoji) as two lone surrogates."""
+    return yaml.safe_dump(text, default_style='"', allow_unicode=True, width=float("inf")).removesuffix(
+        "\n...\n").rstrip("\n")
+
+
 def fusion_overrides(table_path: str | Path) -> list[str]:
     """Config overrides that train on a fused table: ``data.item_vector`` = the table, ``fusion.*`` from its
     ``.fusion.json`` (so the run's config says which fusion it was trained on)."""
@@ -279,8 +288,7 @@ def fusion_overrides(table_path: str | Path) -> list[str]:
         raise ConfigError(f"{table}: missing file; --fusion needs {expected}")
     if not table.is_file() or "item_emb" not in open_parquet(table, expected).schema_arrow.names:
         raise ConfigError(f"{table}: --fusion needs {expected}")
-    out = [f"data.item_vector={json.dumps(str(table.resolve()))}"]  # quoted: --set values are read as YAML, where
-    # " #" starts a comment and ": " a mapping (a run folder `exp #3` trained on the table at `.../exp`)
+    out = [f"data.item_vector={_yaml_string(str(table.resolve()))}"]
     summary = read_fusion_summary(table)
     if summary:
         out += [f"fusion.{k}={summary[k]}" for k in ("strategy", "dims", "text_dim", "image_dim") if k in summary]

@@ -188,12 +188,17 @@ def _check_width(cfg: FusionConfig, name: str, width_field: str, n_items: int, i
     return k
 
 
-def _part(name: str, inputs: tuple[str, ...], est: PCA | IncrementalPCA, where: str) -> PCAPart:
-    """The fitted part; a one-line DataError when its inputs have no variance: every item's vector the same (empty
-    titles, say), whose projection is 0 for every item, so the table would carry no content without a word."""
-    if not est.explained_variance_.sum() > 0:
+def _check_spread(name: str, inputs: tuple[str, ...], lo: np.ndarray, hi: np.ndarray, where: str) -> None:
+    """A one-line DataError when every item's input vector is the same (empty titles, say): each item's projection
+    is then 0, and the table would carry no content without a word. Told by the inputs' range (``lo``, ``hi``: the
+    columns' minima and maxima), not by the fit's variance, which an incremental fit over several chunks leaves at
+    rounding level (5e-10), with ratios far above 1."""
+    if not (hi > lo).any():
         raise DataError(f"{where}: every item's {' ‖ '.join(inputs)} vector is the same (no variance), so the {name} "
                         f"PCA would give every item a zero vector; expected vectors that differ between items")
+
+
+def _part(name: str, inputs: tuple[str, ...], est: PCA | IncrementalPCA) -> PCAPart:
     return PCAPart(name, inputs, est.mean_.astype(np.float32), est.components_.astype(np.float32),
                    est.explained_variance_.astype(np.float32), est.explained_variance_ratio_.astype(np.float32))
 
@@ -225,26 +230,32 @@ def fit_fusion(cfg: FusionConfig, batches: Callable[[], Iterator[ModalityBatch]]
         parts = []
         for name, inputs, k in specs:
             x = np.concatenate([_concat(r, inputs) for r in raws], axis=0).astype(np.float32, copy=False)
+            _check_spread(name, inputs, x.min(axis=0), x.max(axis=0), where)
             # exact (the eigenvectors of the covariance): the first k axes of a wider fit are this fit's axes,
             # so a search can fit each strategy once, as wide as it may ask, and slice every size from it (pca_cache).
             # Centred first, the mean in float64: a float32 covariance of uncentred vectors (BERT's and CLIP's are
             # not centred) cancels digits (an offset of 5 on 20k x 256 put the axes 0.25 off a float64 SVD)
             mean = x.mean(axis=0, dtype=np.float64)
             x -= mean.astype(np.float32)
-            with np.errstate(invalid="ignore", divide="ignore"):  # no variance: 0/0 ratios, refused in _part
-                est = PCA(n_components=k, svd_solver="covariance_eigh").fit(x)
+            est = PCA(n_components=k, svd_solver="covariance_eigh").fit(x)
             est.mean_ = est.mean_ + mean
-            parts.append(_part(name, inputs, est, where))
+            parts.append(_part(name, inputs, est))
         return FittedFusion(cfg.strategy, tuple(parts), fill)
     if pca != "incremental":
         raise ConfigError(f"pca={pca!r}: expected auto, full or incremental")
     fill = _image_fill(batches()) if needs_image else None
     ests = [IncrementalPCA(n_components=k) for _, _, k in specs]
+    ranges: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(specs)
     for chunk in _chunks(batches, fill, max(chunk_rows, *(k for _, _, k in specs))):
-        for est, (_, inputs, _) in zip(ests, specs):
-            with np.errstate(invalid="ignore", divide="ignore"):  # as above
-                est.partial_fit(_concat(chunk, inputs))
-    return FittedFusion(cfg.strategy, tuple(_part(n, i, e, where) for (n, i, _), e in zip(specs, ests)), fill)
+        for j, (est, (_, inputs, _)) in enumerate(zip(ests, specs)):
+            x = _concat(chunk, inputs)
+            lo, hi = x.min(axis=0), x.max(axis=0)
+            ranges[j] = (lo, hi) if ranges[j] is None else (np.minimum(ranges[j][0], lo), np.maximum(ranges[j][1], hi))
+            with np.errstate(invalid="ignore", divide="ignore"):  # one that is refused below: 0/0 ratios
+                est.partial_fit(x)
+    for (name, inputs, _), (lo, hi) in zip(specs, ranges):
+        _check_spread(name, inputs, lo, hi, where)
+    return FittedFusion(cfg.strategy, tuple(_part(n, i, e) for (n, i, _), e in zip(specs, ests)), fill)
 
 
 def _chunks(batches: Callable[[], Iterator[ModalityBatch]], fill: np.ndarray | None,

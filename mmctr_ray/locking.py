@@ -51,6 +51,12 @@ def _cached_lock(key: str) -> Path:
     return base / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.lock"
 
 
+def entries(folder: storage.Location) -> list[str]:
+    """The names in ``folder`` less the lock files of outputs inside it (an OS lock's file outlives its command, by
+    design: a failed `train --out D/run` leaves ``D/.run.mmctr.lock``, which does not make D an output)."""
+    return [name for name in storage.listdir(folder) if not name.endswith(LOCK_SUFFIX)]
+
+
 @contextmanager
 def output_lock(target: storage.Location) -> Iterator[None]:
     """Hold ``target``'s lock for the block; raise OutputExistsError at once if another process holds it."""

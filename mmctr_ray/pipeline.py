@@ -21,7 +21,7 @@ from typing import Any
 from mmctr_ray import storage
 from mmctr_ray.config import ExperimentConfig, load_config
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
-from mmctr_ray.locking import LOCK_SUFFIX
+from mmctr_ray.locking import entries
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def check_out(out: storage.Location, resume: bool, overwrite: bool) -> None:
     """A non-empty OUT is used only when asked: ``resume`` continues it, ``overwrite`` replaces its outputs."""
     if resume or overwrite or not storage.exists(out):
         return
-    if [name for name in storage.listdir(out) if not name.endswith(LOCK_SUFFIX)]:  # OUT/run's lock file is in OUT
+    if entries(out):  # OUT/run's lock file is in OUT
         raise OutputExistsError(f"{out}: not empty; pass --resume to continue the pipeline there or --overwrite "
                                 f"to replace its outputs")
 

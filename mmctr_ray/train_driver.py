@@ -34,6 +34,7 @@ from mmctr_ray.errors import (ConfigError, DataError, Interrupted, OutputExistsE
 from mmctr_ray.features import FeatureMap, build_feature_map, check_same_table, load_item_table, read_split
 from mmctr_ray.host_malloc import worker_env
 from mmctr_ray.layers.embedding import root_mean_square
+from mmctr_ray.locking import entries
 from mmctr_ray.preflight import check_batch_norm_rows, check_batch_size, check_splits, check_valid_labels
 from mmctr_ray.ray_env import (check_gpu_split, check_local_pool, check_pool, private_local_ray, sigterm_flag,
                                torch_trainer)
@@ -84,7 +85,7 @@ def _check_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool, o
             if key is not None:
                 raise ConfigError(f"{run}: --resume with {section}.{key}={now[key]!r} where the run's config.yaml "
                                   f"has {was[key]!r}; only train.* may change when resuming")
-    elif storage.listdir(run):
+    elif entries(run):
         if not overwrite:
             raise OutputExistsError(f"{run}: already holds a run; pass --resume to continue it or --overwrite "
                                     f"to replace it")
@@ -307,8 +308,10 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
         log.warning("%s: nothing to train: %s", run, ended)
         before = storage.join(run, "summary.json")
         wall = read_summary(run).get("wall_seconds", 0.0) if storage.is_file(before) else 0.0
-        storage.remove_file(storage.join(run, DIVERGED))  # a summary of RUN as it is now; its config.yaml stays the
-        return _summary(run, data_dir, wall)  # one it trained with (train.epochs=1 after 4 epochs would misstate it)
+        storage.remove_file(storage.join(run, DIVERGED))  # a summary of RUN as it is now, and its config.yaml the one
+        storage.write_text(storage.join(run, "config.yaml"),  # its latest checkpoint trained with, not this command's
+                           storage.read_text(storage.join(latest, "config.yaml")))  # (train.epochs=1 after 4 epochs
+        return _summary(run, data_dir, wall)  # would misstate it), nor a killed attempt's left there
     if start_ray is not None:
         start_ray()
     check_local_workers(workers, cpus_per_worker, gpus_per_worker)  # one machine: what Ray has now is all it gets

@@ -48,6 +48,7 @@ from mmctr_ray import storage
 from mmctr_ray.config import ExperimentConfig, load_config
 from mmctr_ray.errors import ConfigError, DataError, Interrupted, OutputExistsError, find_user_error
 from mmctr_ray.features import has_placeholder_embeddings
+from mmctr_ray.locking import entries
 from mmctr_ray.fuse import source_file
 from mmctr_ray.metrics import se_text
 from mmctr_ray.preflight import check_batch_norm_rows, check_batch_size, check_splits, check_valid_labels
@@ -437,7 +438,7 @@ def _prepare(tune_dir: Path, search_yaml: Path | None, settings: dict[str, Any],
         return old
     assert search_yaml is not None
     load_search(search_yaml, settings["overrides"])  # a bad search section fails before anything is written
-    if tune_dir.exists() and any(tune_dir.iterdir()):
+    if tune_dir.exists() and entries(tune_dir):  # lock files of outputs inside it aside
         if not overwrite and saved.is_file() and not (tune_dir / "tune").is_dir():
             raise OutputExistsError(f"{tune_dir}: holds a search that ended before its first trial (settings.json but "
                                     f"no tune/); pass --overwrite to start it again")

@@ -76,6 +76,16 @@ def test_a_folder_holding_only_lock_files_is_not_an_existing_output(tmp_path, ca
     small = ["--users", "50", "--items", "40", "--train-rows", "300", "--valid-rows", "60", "--test-rows", "70",
              "--tags", "50", "--topics", "4", "--images", "0"]
     assert main(["synth", "--out", str(out), *small]) == 0
+    from mmctr_ray.config import load_config
+    from mmctr_ray.train_driver import _check_run_dir
+    from mmctr_ray.tuning import _prepare
+
+    for folder in (tmp_path / "r", tmp_path / "t"):  # the stages' own checks too
+        folder.mkdir()
+        (folder / ".run.mmctr.lock").write_text("")
+    _check_run_dir(str(tmp_path / "r"), load_config("configs/tiny.yaml"), resume=False, overwrite=False)
+    _prepare(tmp_path / "t", Path("configs/search_tiny.yaml"), {"data": str(out), "overrides": []}, resume=False,
+             overwrite=False)
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "notes.txt").write_text("mine")
     assert main(["synth", "--out", str(tmp_path / "e"), *small]) == 2

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +44,8 @@ def test_cluster_setup_installs_torch_then_the_project(cluster_cfg):
     first, second = cluster_cfg["setup_commands"]
     assert all(f'"{pin}"' in first for pin in torch_pins) and "mmctr_ray" not in first
     mount = next(remote for remote, local in cluster_cfg["file_mounts"].items() if local == ".")
-    assert f'-e "{mount.replace("~", "$HOME")}[test]"' in second
+    extras = re.search(r"pip install -q -e '\.(\[[a-z,]+\])'", makefile).group(1)  # the Makefile's: [test,viz]
+    assert f'-e "{mount.replace("~", "$HOME")}{extras}"' in second
     assert "~/.ray/auth_token" in cluster_cfg["file_mounts"]
     for cmd in (cluster_cfg["head_start_ray_commands"][-1], cluster_cfg["worker_start_ray_commands"][-1]):
         assert cmd.startswith("RAY_AUTH_MODE=token ray start")

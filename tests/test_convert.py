@@ -237,28 +237,6 @@ def test_same_seed_same_bytes_and_other_partitions_same_rows(converted, tmp_path
         run_convert(RawSpec(base / "raw"), tmp_path / "p2", RowSpec(), progress=lambda m: None, **FAST)
 
 
-def test_the_default_hash_shuffle_writes_the_sort_shuffles_rows_in_bucket_part_files(converted, tmp_path,
-                                                                                      monkeypatch):
-    """The other tests convert with the sort shuffle (no aggregator actors to start); the default is Ray's hash
-    shuffle, grouping by the keys of :func:`bucket_keys`. Same partitions: each split's part files are named by
-    user bucket (0..P-1, not by the group key) and hold the sort shuffle's rows in its order."""
-    import mmctr_ray.convert.pipeline as pipeline
-
-    asked = []
-    monkeypatch.setattr(pipeline, "bucket_keys", lambda p: asked.append(p) or bucket_keys(p))
-    base, _, _ = converted
-    out = tmp_path / "hash"
-    manifest = run_convert(RawSpec(base / "raw"), out, RowSpec(), progress=lambda m: None, split_layout="parts",
-                           partitions=FAST["partitions"])
-    assert manifest["shuffle"] == "hash" and asked == [FAST["partitions"]]
-    names = {f"part-{b:05d}.parquet" for b in range(FAST["partitions"])}
-    for split in SPLITS:
-        files = Layout(out).split_files(split)
-        assert len(files) > 1 and {f.name for f in files} <= names, split
-        rows = pa.concat_tables([pq.read_table(f) for f in files])
-        assert rows.equals(pq.read_table(Layout(base / "out").split(split))), split
-
-
 @pytest.mark.parametrize("partitions", [2, 3, 8, 16, 64, 470, 1000, 4096])
 def test_bucket_keys_send_each_user_bucket_to_a_shuffle_partition_of_its_own(partitions):
     """Ray's hash shuffle hashes the group key again: the plain keys 0..P-1 shared partitions (P=8: four buckets
@@ -271,20 +249,27 @@ def test_bucket_keys_send_each_user_bucket_to_a_shuffle_partition_of_its_own(par
     assert len(parts) == partitions and {t.num_rows for t in parts.values()} == {1}
 
 
-def test_split_layout_parts_writes_the_same_rows_in_the_same_order_as_part_files(converted, tmp_path):
+def test_split_layout_parts_with_the_default_hash_shuffle_writes_the_same_rows_in_the_same_order(converted, tmp_path,
+                                                                                                monkeypatch):
     """--split-layout parts: every split is a folder of one part file per user bucket, written by the bucket tasks;
-    read in name order they hold the file layout's rows in its order, and the result validates."""
-    import pyarrow as pa
+    read in name order they hold the file layout's rows in its order, and the result validates. With the default
+    hash shuffle (the other tests use the sort shuffle: no aggregator actors to start), which groups by the keys of
+    :func:`bucket_keys`: the part files are named by user bucket (0..P-1), not by the group key."""
+    import mmctr_ray.convert.pipeline as pipeline
 
+    asked = []
+    monkeypatch.setattr(pipeline, "bucket_keys", lambda p: asked.append(p) or bucket_keys(p))
     base, _, manifest = converted
     out = tmp_path / "parts"
-    parted = run_convert(RawSpec(base / "raw"), out, RowSpec(), progress=lambda m: None, split_layout="parts", **FAST)
+    parted = run_convert(RawSpec(base / "raw"), out, RowSpec(), progress=lambda m: None, split_layout="parts",
+                         partitions=FAST["partitions"])
+    assert parted["shuffle"] == "hash" and asked == [FAST["partitions"]]
     assert [p.is_error for p in validate(out)] == [False]  # the covers warning of the file layout's output
     assert parted["split_layout"] == "parts" and parted["splits"] == manifest["splits"]
+    names = {f"part-{b:05d}.parquet" for b in range(FAST["partitions"])}
     for split in SPLITS:
         files = Layout(out).split_files(split)
-        assert Layout(out).split(split).is_dir() and 1 < len(files) <= FAST["partitions"]
-        assert all(f.name.startswith("part-") for f in files)
+        assert Layout(out).split(split).is_dir() and 1 < len(files) and {f.name for f in files} <= names, split
         rows = pa.concat_tables([pq.read_table(f) for f in files])
         assert rows.equals(pq.read_table(Layout(base / "out").split(split))), split
     with pytest.raises(ConfigError, match="--split-layout must be one of file, parts"):

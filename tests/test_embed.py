@@ -438,6 +438,10 @@ def test_shards_of_other_data_are_never_assembled(tmp_path):
     with pytest.raises(OutputExistsError, match=r"settings.json: made by an earlier version of `mmctr embed`, which "
                                                 r"did not record precision\); pass --overwrite to start again$"):
         ShardStore(out, settings, overwrite=False)
+    meta.write_text(json.dumps({**older, "precision": "fp32", "future": 1}))  # a later version's
+    with pytest.raises(OutputExistsError, match=r"settings.json: made by another version of `mmctr embed`, which "
+                                                r"records future\); pass --overwrite to start again$"):
+        ShardStore(out, settings, overwrite=False)
     store.open()
 
     def shard(ids):

@@ -116,22 +116,26 @@ def test_incremental_pca_streams_chunks_and_matches_full_pca(synth_dir):
 @pytest.mark.parametrize("pca", ["full", "incremental"])
 def test_vectors_without_variance_or_a_single_item_are_one_line_errors(pca):
     """Every item's text vector the same (every title empty, say): the fit gave every item a zero vector without a
-    word (NaN explained-variance ratios). One item: numpy's LinAlgError (full) or NaN ratios (incremental)."""
-    n = 40
+    word (NaN explained-variance ratios; an incremental fit over several chunks, variance at rounding level and
+    ratios of 1e21). One item: numpy's LinAlgError (full) or NaN ratios (incremental)."""
+    n = 100
     rng = np.random.default_rng(0)
-    same = np.tile(rng.standard_normal(16).astype(np.float32), (n, 1))
+    same = np.tile(rng.standard_normal(16).astype(np.float32) * 3 + 1, (n, 1))
     image = rng.standard_normal((n, 8)).astype(np.float32)
 
-    def batches(text, image, n=n):
-        return lambda: iter([ModalityBatch(np.arange(1, n + 1), text[:n], image[:n], np.zeros(n, dtype=bool))])
+    def batches(text, image, n=n, rows=10):
+        return lambda: (ModalityBatch(np.arange(s + 1, min(s + rows, n) + 1), text[s:s + rows][:n - s],
+                                      image[s:s + rows][:n - s], np.zeros(min(rows, n - s), dtype=bool))
+                        for s in range(0, n, rows))
 
+    kw = {"pca": pca, "chunk_rows": 16}  # incremental: several partial fits
     with pytest.raises(DataError, match=r"^emb.parquet: every item's text vector is the same \(no variance\), so the "
                                         r"text PCA would give every item a zero vector; expected vectors that differ"):
-        fit_fusion(FusionConfig("v4", text_dim=4, image_dim=4), batches(same, image), n, pca=pca, where="emb.parquet")
-    fitted = fit_fusion(FusionConfig("v3", dims=4), batches(same, image), n, pca=pca)  # text ‖ image still varies
+        fit_fusion(FusionConfig("v4", text_dim=4, image_dim=4), batches(same, image), n, where="emb.parquet", **kw)
+    fitted = fit_fusion(FusionConfig("v3", dims=4), batches(same, image), n, **kw)  # text ‖ image still varies
     assert np.isfinite(fitted.parts[0].explained_variance_ratio).all()
     with pytest.raises(DataError, match=r"^emb.parquet: vectors of 1 item; a PCA needs at least 2$"):
-        fit_fusion(FusionConfig("v1", dims=1), batches(image, image, 1), 1, pca=pca, where="emb.parquet")
+        fit_fusion(FusionConfig("v1", dims=1), batches(image, image, 1), 1, where="emb.parquet", **kw)
 
 
 def test_given_copies_item_emb_d128(synth_dir, tmp_path):
@@ -197,7 +201,7 @@ def test_training_reads_the_fused_table_and_records_its_fusion(synth_dir, tmp_pa
     from mmctr_ray.config import load_config
     from mmctr_ray.fuse import fusion_overrides
 
-    odd = tmp_path / "exp #3" / "a: b" / "v4.parquet"
+    odd = tmp_path / "exp #3" / "a: b 😀" / "v4.parquet"
     odd.parent.mkdir(parents=True)
     for name in ("v4.parquet", "v4.fusion.json"):
         shutil.copy(out.with_name(name), odd.with_name(name))

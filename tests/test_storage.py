@@ -182,15 +182,17 @@ def test_a_failed_write_keeps_the_earlier_file_also_under_a_file_uri(tmp_path, m
         "metrics.jsonl"]
 
 
-def test_checkpoint_discovery_and_loading_through_a_filesystem(memory_root, tmp_path):
+def test_checkpoint_discovery_and_loading_through_a_filesystem(memory_root, tmp_path, caplog):
     run = f"{memory_root}/run"
     for epoch, auc in ((1, 0.60), (2, 0.70), (3, 0.65)):
         storage.upload_dir(_write_checkpoint(tmp_path, epoch, auc), f"{run}/checkpoint_epoch_{epoch:03d}")
     storage.write_text(f"{run}/checkpoint_epoch_004/model.pt", "cut short while copied")  # incomplete: skipped
     storage.write_text(f"{run}/metrics.jsonl", "{}\n")
-    found = epoch_checkpoints(run)
+    with caplog.at_level("WARNING", logger="mmctr_ray.checkpoint"):
+        found = epoch_checkpoints(run)
+        assert latest_checkpoint(run) == found[-1] and latest_checkpoint(f"{memory_root}/none") is None
     assert found == [f"{run}/checkpoint_epoch_{e:03d}" for e in (1, 2, 3)]
-    assert latest_checkpoint(run) == found[-1] and latest_checkpoint(f"{memory_root}/none") is None
+    assert caplog.text.count("checkpoint_epoch_004: skipped, incomplete") == 1  # once (a resume looks 3 times)
     assert best_checkpoint(run) == f"{run}/checkpoint_epoch_002"
     loaded = load_checkpoint(best_checkpoint(run))
     local = torch.load(tmp_path / "checkpoint_epoch_002" / "model.pt", weights_only=True)

@@ -1331,8 +1331,8 @@ def test_a_resume_continues_with_its_latest_checkpoints_config_whatever_an_attem
     with caplog.at_level("WARNING", logger="mmctr_ray.train_driver"):
         _put_back_config(tmp_path / "a-file" / "run", None, kept)  # never raises over the attempt's own error
     assert "a-file/run: could not put its config.yaml back" in caplog.text
-    shutil.rmtree(run / "checkpoint_epoch_001")
-    shutil.rmtree(latest)
+    for checkpoint in epoch_checkpoints(run):  # 2 epochs, or 3 where the resume test ran first
+        shutil.rmtree(checkpoint)
     assert resume_config(str(run)).train.lr == 0.5  # no checkpoint: RUN's own
 
 
@@ -1454,6 +1454,10 @@ def test_resuming_a_run_that_has_trained_its_epochs_starts_no_ray(two_worker_run
     run_training(synth_dir, str(moved), tiny_cfg("train.epochs=1", "train.resident=on", "train.deterministic=true",
                                                 "model.dropout=0.2"), resume=True, start_ray=no_ray)
     assert (moved / "config.yaml").read_text() == saved  # still the config it trained 2 epochs with
+    assert saved == (epoch_checkpoints(moved)[-1] / "config.yaml").read_text()
+    save_config(load_config(moved / "config.yaml", ["train.epochs=8"]), moved / "config.yaml")  # as a killed
+    run_training(synth_dir, str(moved), two_worker_cfg(), resume=True, start_ray=no_ray)  # `--set train.epochs=8`
+    assert (moved / "config.yaml").read_text() == saved  # the summary's run is the checkpoint's, not that attempt's
     other = shutil.copytree(synth_dir, tmp_path / "other", ignore=shutil.ignore_patterns("item_images"))
     info = pq.read_table(other / "MicroLens_1M_x1" / "item_info.parquet")  # one more item: other vocabularies
     extra = info.slice(info.num_rows - 1).set_column(0, "item_id", pa.array([info.num_rows], pa.int64()))

@@ -234,7 +234,8 @@ def bucket_keys(partitions: int) -> np.ndarray:
     partitions empty; P=470: 158 empty), so a few tasks did the work of many. The partition of each candidate key is
     computed with the function the shuffle itself calls (a private Ray function: where it is missing or fails, the
     plain keys are kept, which changes the balance, never the rows). Buckets are matched greedily, in order, to the
-    first candidate whose partition is free; one that finds none among its 8·P candidates keeps its plain key. The
+    first candidate whose partition is free; one that finds none among its max(8·P, 512) candidates keeps its plain
+    key. The
     keys are those of the driver's Ray: a cluster whose workers hash otherwise (polars installed on one side only)
     gets the plain keys' balance.
     """

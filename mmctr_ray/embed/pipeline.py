@@ -135,6 +135,9 @@ def _settings_difference(saved: dict[str, Any] | None, now: dict[str, Any]) -> s
     missing = [k for k in now if k not in saved]
     if missing:  # its shards lack what this version writes (title_cut): no command line continues them
         return f": made by an earlier version of `mmctr embed`, which did not record {missing[0]}"
+    unknown = [k for k in saved if k not in now]
+    if unknown:
+        return f": made by another version of `mmctr embed`, which records {unknown[0]}"
     key = next((k for k in now if saved[k] != now[k]), None)
     if key in ("data", "models"):
         return f": {'the items or covers' if key == 'data' else 'the model files'} changed since"
@@ -153,7 +156,7 @@ class ShardStore:
             # that an --overwrite interrupted (the earlier OUT still there) continues with the same command
         elif meta.is_file() and not same:
             saved = _saved_settings(meta)
-            older = isinstance(saved, dict) and any(k not in saved for k in asdict(settings))
+            older = isinstance(saved, dict) and set(saved) != set(asdict(settings))  # another version's
             raise OutputExistsError(
                 f"{self.dir}: holds shards of a run with other settings ({meta}"
                 f"{_settings_difference(saved, asdict(settings))}); " + (
