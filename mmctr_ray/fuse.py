@@ -240,7 +240,7 @@ def fuse_items(data_dir: str | Path, cfg: FusionConfig, source: str = "shipped",
     for b in src.batches():
         table[b.ids] = fitted.transform(b)
         missing += int(b.image_missing.sum())
-    summary.update(source=str(src.path.resolve()), source_rows=src.num_rows, pca=pca, seed=seed,
+    summary.update(source=str(src.path.resolve()), source_rows=src.num_rows, pca=pca, pca_fit=fitted.method, seed=seed,
                    items_without_vectors=n - src.num_rows, image_missing=missing)
     return table, fitted, summary
 

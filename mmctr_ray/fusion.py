@@ -86,6 +86,7 @@ class FittedFusion:
     strategy: str
     parts: tuple[PCAPart, ...]
     image_fill: np.ndarray | None  # (Di,) mean image vector given to items without a usable cover
+    method: str = ""  # the fit fit_fusion made: "full" (exact: a narrower fit is a slice) or "incremental"; "" unknown
 
     @property
     def dim(self) -> int:
@@ -114,13 +115,15 @@ class FittedFusion:
                                  p.explained_variance_ratio[:k]))
             columns.append(np.arange(starts[name], starts[name] + k))
         fill = self.image_fill if "image" in modalities_needed(cfg.strategy) else None
-        return FittedFusion(cfg.strategy, tuple(parts), fill), np.concatenate(columns)
+        return FittedFusion(cfg.strategy, tuple(parts), fill, self.method), np.concatenate(columns)
 
     def save(self, path: str | Path) -> None:
         arrays: dict[str, np.ndarray] = {"strategy": np.array(self.strategy),
                                          "parts": np.array([p.name for p in self.parts])}
         if self.image_fill is not None:
             arrays["image_fill"] = self.image_fill
+        if self.method:
+            arrays["method"] = np.array(self.method)
         for p in self.parts:
             arrays[f"{p.name}.inputs"] = np.array(p.inputs)
             for field in ("mean", "components", "explained_variance", "explained_variance_ratio"):
@@ -136,7 +139,7 @@ class FittedFusion:
                                                                  "explained_variance_ratio")))
                           for name in z["parts"])
             fill = z["image_fill"] if "image_fill" in z.files else None
-            return cls(str(z["strategy"]), parts, fill)
+            return cls(str(z["strategy"]), parts, fill, str(z["method"]) if "method" in z.files else "")
 
 
 def input_widths(batch: ModalityBatch) -> dict[str, int]:
@@ -240,7 +243,7 @@ def fit_fusion(cfg: FusionConfig, batches: Callable[[], Iterator[ModalityBatch]]
             est = PCA(n_components=k, svd_solver="covariance_eigh").fit(x)
             est.mean_ = est.mean_ + mean
             parts.append(_part(name, inputs, est))
-        return FittedFusion(cfg.strategy, tuple(parts), fill)
+        return FittedFusion(cfg.strategy, tuple(parts), fill, "full")
     if pca != "incremental":
         raise ConfigError(f"pca={pca!r}: expected auto, full or incremental")
     fill = _image_fill(batches()) if needs_image else None
@@ -255,7 +258,7 @@ def fit_fusion(cfg: FusionConfig, batches: Callable[[], Iterator[ModalityBatch]]
                 est.partial_fit(x)
     for (name, inputs, _), (lo, hi) in zip(specs, ranges):
         _check_spread(name, inputs, lo, hi, where)
-    return FittedFusion(cfg.strategy, tuple(_part(n, i, e) for (n, i, _), e in zip(specs, ests)), fill)
+    return FittedFusion(cfg.strategy, tuple(_part(n, i, e) for (n, i, _), e in zip(specs, ests)), fill, "incremental")
 
 
 def _chunks(batches: Callable[[], Iterator[ModalityBatch]], fill: np.ndarray | None,

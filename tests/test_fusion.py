@@ -64,8 +64,9 @@ def test_strategies_equal_scikit_learn_and_write_the_documented_files(synth_dir,
     files = sidecars(out)
     assert files["pca"].is_file() and json.loads(files["summary"].read_text()) == summary
     assert summary["dim"] == table.shape[1] == (16 if strategy == "v4" else 12)
+    assert summary["pca"] == "full" == summary["pca_fit"] == load_fitted(out).method  # the fit made, recorded
     with np.load(files["pca"], allow_pickle=False) as z:  # plain arrays only: loads without pickle
-        assert {"strategy", "parts"} <= set(z.files)
+        assert {"strategy", "parts", "method"} <= set(z.files)
         assert all(f"{p}.components" in z.files for p in z["parts"])
 
 
@@ -106,6 +107,8 @@ def test_incremental_pca_streams_chunks_and_matches_full_pca(synth_dir):
     cfg = FusionConfig("v1", dims=8)
     full = fit_fusion(cfg, batches, len(ids), pca="full")
     inc = fit_fusion(cfg, batches, len(ids), pca="incremental", chunk_rows=64)
+    assert (full.method, inc.method, fit_fusion(cfg, batches, len(ids)).method) == ("full", "incremental", "full")
+    assert full.select(FusionConfig("v1", dims=4))[0].method == "full"  # a slice of an exact fit is exact
     # the same variance is captured, and the subspaces agree (cosines of principal angles near 1)
     assert inc.parts[0].explained_variance_ratio.sum() == pytest.approx(
         full.parts[0].explained_variance_ratio.sum(), rel=0.03)

@@ -820,7 +820,7 @@ def test_every_size_of_a_strategy_is_sliced_from_one_exact_fit(synth_dir, tmp_pa
         reference = run_fuse(synth_dir, tmp_path / "ref.parquet", cfg, overwrite=True, progress=lambda m: None)
         np.testing.assert_allclose(table(path), table(tmp_path / "ref.parquet"), atol=1e-4)
         summary = json.loads(path.with_name(path.stem + ".fusion.json").read_text())
-        for key in ("strategy", "dims", "text_dim", "image_dim", "dim", "image_missing", "source_rows"):
+        for key in ("strategy", "dims", "text_dim", "image_dim", "dim", "image_missing", "source_rows", "pca_fit"):
             assert summary[key] == reference[key], key
         assert summary["explained_variance_ratio"] == pytest.approx(reference["explained_variance_ratio"], abs=1e-5)
         del fits[n_fits:], reads[n_reads:]  # the reference's own fit and reads
