@@ -127,21 +127,22 @@ def _saved_settings(meta: Path) -> dict[str, Any] | None:
         return None
 
 
-def _settings_difference(saved: dict[str, Any] | None, now: dict[str, Any]) -> str:
+def _settings_difference(saved: dict[str, Any] | None, now: dict[str, Any]) -> tuple[str, bool]:
     """What differs between a parts folder's settings and this run's, for the refusal: the first setting that
-    does, or that an earlier version of `mmctr embed` made the folder."""
+    does, or that another version of `mmctr embed` made the folder; and whether a re-run with the folder's
+    settings could continue it (not another version's: no command line gives its settings)."""
     if not isinstance(saved, dict):
-        return ": unreadable"
+        return ": unreadable", True
     missing = [k for k in now if k not in saved]
     if missing:  # its shards lack what this version writes (title_cut): no command line continues them
-        return f": made by an earlier version of `mmctr embed`, which did not record {missing[0]}"
+        return f": made by an earlier version of `mmctr embed`, which did not record {missing[0]}", False
     unknown = [k for k in saved if k not in now]
     if unknown:
-        return f": made by another version of `mmctr embed`, which records {unknown[0]}"
+        return f": made by another version of `mmctr embed`, which records {unknown[0]}", False
     key = next((k for k in now if saved[k] != now[k]), None)
     if key in ("data", "models"):
-        return f": {'the items or covers' if key == 'data' else 'the model files'} changed since"
-    return f": {key} {saved[key]!r} there, {now[key]!r} now" if key else ""
+        return f": {'the items or covers' if key == 'data' else 'the model files'} changed since", True
+    return (f": {key} {saved[key]!r} there, {now[key]!r} now" if key else ""), True
 
 
 class ShardStore:
@@ -150,18 +151,17 @@ class ShardStore:
     def __init__(self, out: Path, settings: EmbedSettings, overwrite: bool) -> None:
         self.dir, self.settings = out.with_name(out.name + ".parts"), settings
         meta = self.dir / "settings.json"
-        same = meta.is_file() and _saved_settings(meta) == asdict(settings)
+        saved = _saved_settings(meta) if meta.is_file() else None
+        same = saved == asdict(settings)
         if self.dir.exists() and overwrite and not same:
             shutil.rmtree(self.dir)  # shards of other settings; those of these settings are these vectors: kept, so
             # that an --overwrite interrupted (the earlier OUT still there) continues with the same command
         elif meta.is_file() and not same:
-            saved = _saved_settings(meta)
-            older = isinstance(saved, dict) and set(saved) != set(asdict(settings))  # another version's
+            detail, resumable = _settings_difference(saved, asdict(settings))
             raise OutputExistsError(
-                f"{self.dir}: holds shards of a run with other settings ({meta}"
-                f"{_settings_difference(saved, asdict(settings))}); " + (
-                    "pass --overwrite to start again" if older else
-                    "re-run with those settings to resume, or pass --overwrite to start again"))
+                f"{self.dir}: holds shards of a run with other settings ({meta}{detail}); " + (
+                    "re-run with those settings to resume, or pass --overwrite to start again" if resumable else
+                    "pass --overwrite to start again"))
 
     def open(self) -> None:
         """Create the folder with its settings, once encoding starts (a run refused before it leaves none)."""
