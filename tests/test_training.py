@@ -993,7 +993,7 @@ def test_the_process_group_of_a_group_with_a_dead_worker_ends_without_an_error(r
     restart. Now the wait ends there, without waiting for a survivor (whose shutdown may wait on the dead peer);
     a worker's own error still comes through."""
     import ray
-    from ray.exceptions import RayTaskError
+    from ray.exceptions import RayActorError, RayTaskError
 
     from mmctr_ray.torch_backend import end_group
 
@@ -1010,8 +1010,13 @@ def test_the_process_group_of_a_group_with_a_dead_worker_ends_without_an_error(r
     dead, stuck = Worker.remote(), Worker.remote()
     ray.get([dead.shutdown.remote(), stuck.shutdown.remote()])
     ray.kill(dead)
+    # Ray Train shuts the group down once it knows a worker died; so does this test. Calling the killed actor
+    # before Ray knew it dead raced: once in a clean clone the stuck worker's call was done first.
+    died = dead.shutdown.remote()
+    with pytest.raises(RayActorError):
+        ray.get(died, timeout=120)
     waiting = stuck.shutdown.remote(stuck=True)
-    end_group([waiting, dead.shutdown.remote()], timeout=600)
+    end_group([waiting, died], timeout=600)
     assert ray.wait([waiting], timeout=0)[1] == [waiting]  # ended without waiting for the stuck one
     ray.kill(stuck)
     end_group([Worker.remote().shutdown.remote()], timeout=60)
