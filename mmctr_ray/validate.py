@@ -67,7 +67,8 @@ def _kind_of(t: pa.DataType) -> object:
 def _kind_matches(actual: object, expected: object) -> bool:
     if isinstance(expected, tuple):
         return isinstance(actual, tuple) and actual[1] == expected[1]
-    return actual == expected
+    # a float column (the label) may hold integers: 0/1 labels exported as integers read as the same floats
+    return actual == expected or (expected, actual) == ("float", "int")
 
 
 class _Text(str):

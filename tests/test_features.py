@@ -340,8 +340,9 @@ def test_read_split_of_a_folder_of_parts_keeps_the_row_order(ray_local, synth_di
 
 @pytest.mark.slow
 def test_parts_may_store_columns_at_other_widths(ray_local, synth_dir, tmp_path, split_into_parts):
-    """One part of int32/float32 columns beside parts of int64/float64: validate, the stages' preflight and the
-    reader (which normalises per batch) take them as one split."""
+    """One part of int32/float32 columns beside parts of int64/float64, and one of integer labels (0/1 as a
+    pandas or Spark export may store them): validate, the stages' preflight and the reader (which normalises per
+    batch) take them as one split."""
     import shutil
 
     from mmctr_ray.preflight import check_splits
@@ -349,14 +350,15 @@ def test_parts_may_store_columns_at_other_widths(ray_local, synth_dir, tmp_path,
 
     single = check_splits(synth_dir, ("train",))
     data = shutil.copytree(synth_dir, tmp_path / "data")  # covers too: validate warns without them
-    parts = split_into_parts(data, "train", 3)
+    parts = split_into_parts(data, "train", 4)  # the last one empty
     for part, widths in ((parts[1], {"user_id": pa.int32(), "item_id": pa.int32(), "likes_level": pa.int8(),
                                      "label": pa.float32(), "item_seq": pa.list_(pa.int32())}),
-                         (parts[0], {"label": pa.float64()})):
+                         (parts[0], {"label": pa.float64()}), (parts[2], {"label": pa.int8()})):
         table = pq.read_table(part)
         pq.write_table(table.cast(pa.schema([pa.field(f.name, widths.get(f.name, f.type)) for f in table.schema])),
                        part)
     assert pq.ParquetFile(parts[1]).schema_arrow.field("user_id").type == pa.int32()
+    assert pq.ParquetFile(parts[2]).schema_arrow.field("label").type == pa.int8()
     assert validate(data) == []
     assert check_splits(data, ("train",)) == single
     batches = list(read_split(data, "train", max_len=8, batch_rows=4096).iter_batches(batch_format="numpy"))
@@ -366,3 +368,5 @@ def test_parts_may_store_columns_at_other_widths(ray_local, synth_dir, tmp_path,
     want = pq.read_table(Layout(synth_dir).split("train"))
     got = np.concatenate([b["user_id"] for b in batches])
     assert sorted(got.tolist()) == sorted(want.column("user_id").to_pylist())
+    labels = np.concatenate([b["label"] for b in batches])
+    assert labels.sum() == want.column("label").to_numpy().sum() and set(np.unique(labels)) == {0.0, 1.0}
