@@ -60,6 +60,10 @@ def search_of(run_dir: Path) -> Path | None:
 
 
 ASHA_RECORDS = "asha.json"  # TUNE/asha.json: ASHA's rung records and the trials it stopped (mmctr_ray.asha)
+# the key of a trial's params.json that holds when it first started (Unix seconds): the results' trial order. A copy
+# of the search (`cp -r`, a bucket sync) gives every file a new modification time, in no order; files of searches
+# before this key are ordered by that time (also seconds, so both kinds sort together)
+STARTED = "started_at"
 
 
 def asha_stopped(tdir: Path, fifo: bool = False) -> dict[str, float] | None:
@@ -91,7 +95,8 @@ def trial_outcome(run: Path, epochs: int, max_epochs: int, stopped: dict[str, fl
 def _trial_rows(tdir: Path, space: SearchSpace, errors: dict[str, str],
                 known: list[str] | None = None) -> list[dict[str, Any]]:
     rows, stopped = [], asha_stopped(tdir, fifo=not space.prunes)
-    started = sorted((tdir / "trials").glob("*.params.json"), key=lambda p: p.stat().st_mtime_ns)  # trial order
+    sampled = {p: json.loads(p.read_text()) for p in (tdir / "trials").glob("*.params.json")}
+    started = sorted(sampled, key=lambda p: (sampled[p].get(STARTED, p.stat().st_mtime), p.name))  # trial order
     for n, params_file in enumerate(started):
         trial_id = params_file.name.removesuffix(".params.json")
         run = params_file.with_name(trial_id)
@@ -117,7 +122,7 @@ def _trial_rows(tdir: Path, space: SearchSpace, errors: dict[str, str],
                "epochs": len(history), "strategy": strategy, "pca_width": width,
                "valid_auc_se": round(best["valid_auc_se"], 6) if best and best.get("valid_auc_se") is not None and
                math.isfinite(best["valid_auc_se"]) else ""}
-        params = json.loads(params_file.read_text())
+        params = sampled[params_file]
         row.update({p.key: json.dumps(params[p.key]) if isinstance(params.get(p.key), list) else params.get(p.key, "")
                     for p in space.params})
         rows.append(row)

@@ -14,7 +14,7 @@ TUNE holds::
     pca_cache/         one exact fit per (strategy, source), as wide as the space's widest size; the fused table
                        of each sampled size, sliced from it
     trials/<trial_id>/ each trial's run directory (config.yaml, metrics.jsonl, checkpoints), and beside it
-    trials/<trial_id>.params.json   the parameters Optuna sampled for it
+    trials/<trial_id>.params.json   the parameters Optuna sampled for it, and when it first started
     results.csv, best.yaml, plots/      written by :mod:`mmctr_ray.tune_report` when the search ends
 
 The train and valid splits are read once per search into Ray's object store when they fit a quarter of it
@@ -185,7 +185,7 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
     from mmctr_ray.config import save_config
     from mmctr_ray.report import read_metrics
     from mmctr_ray.train_driver import run_training
-    from mmctr_ray.tune_report import in_this_search
+    from mmctr_ray.tune_report import STARTED, in_this_search
     from mmctr_ray.training import DIVERGED
 
     tdir, data = Path(tune_dir), Path(data_dir)
@@ -210,7 +210,8 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     params = run_dir.with_suffix(".params.json")
     if not params.is_file():  # written once, when the trial first starts (its time orders the results table), and
-        params.write_text(storage.json_text(config, indent=2) + "\n")  # before its config: a failing trial has its row
+        # before its config: a failing trial has its row
+        params.write_text(storage.json_text({**config, STARTED: round(time.time(), 6)}, indent=2) + "\n")
     if resume:  # it continues as it started, on its own fused table: a source rewritten since gives new trials
         saved = load_config(run_dir / "config.yaml")  # new fits, not this one (its checkpoints learnt the old)
         cfg = in_this_search(saved, tdir)

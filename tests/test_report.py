@@ -73,6 +73,35 @@ def test_a_search_trial_without_a_finite_auc_has_no_result_to_rank(tmp_path):
     assert "best_trial" not in summary and not (tdir / "best.yaml").exists()
 
 
+def test_a_searchs_trials_keep_their_start_order_when_the_folder_is_copied(tmp_path):
+    """results.csv numbered the trials by their params.json's modification time, which a copy of the search
+    (`cp -r`, a bucket sync) resets in no order. The time a trial started is kept in params.json; a search of an
+    older version (no such key) still orders by modification time, and both kinds sort together."""
+    import csv
+    import os
+
+    from mmctr_ray.config import load_config, save_config
+    from mmctr_ray.tune_report import STARTED, write_outputs
+
+    tdir = tmp_path / "tune"
+    (tdir / "trials").mkdir(parents=True)
+    (tdir / "search.yaml").write_text((ROOT / "configs/search_tiny.yaml").read_text())
+    (tdir / "settings.json").write_text(json.dumps({"overrides": []}))
+    # started c, old (no key: its file's time), a, b; the copy's modification times say b, a, old, c
+    for trial, started, mtime in (("c", 1000.5, 4000), ("old", None, 1500), ("a", 2000.25, 3000), ("b", 2000.75, 900)):
+        (tdir / "trials" / trial).mkdir()
+        params = {"train.lr": 1e-3, **({STARTED: started} if started else {})}
+        (tdir / "trials" / f"{trial}.params.json").write_text(json.dumps(params))
+        os.utime(tdir / "trials" / f"{trial}.params.json", (mtime, mtime))
+        save_config(load_config(ROOT / "configs/tiny.yaml"), tdir / "trials" / trial / "config.yaml")
+        (tdir / "trials" / trial / "metrics.jsonl").write_text(json.dumps(epoch(1, 0.7)) + "\n")
+    write_outputs(tdir)
+    with open(tdir / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["trial"], r["trial_id"]) for r in rows] == [("0", "c"), ("1", "old"), ("2", "a"), ("3", "b")]
+    assert STARTED not in rows[0] and rows[0]["train.lr"] == "0.001"  # the time is no search parameter
+
+
 @pytest.mark.parametrize("line, expected", [
     ("[1, 2]", "record 2 is not an epoch's; expected an object with the numbers epoch, train_loss, valid_auc, "
                "valid_logloss, lr, epoch_seconds"),
