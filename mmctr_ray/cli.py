@@ -200,11 +200,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_features(args: argparse.Namespace) -> int:
     from mmctr_ray.feature_summary import format_summary, summarize_features
-    from mmctr_ray.preflight import check_files
+    from mmctr_ray.preflight import check_splits
     from mmctr_ray.schema import SPLITS
 
     cfg = _config(args)
-    check_files(args.data, SPLITS)  # a wrong --data fails before Ray starts
+    check_splits(args.data, SPLITS)  # bad data (a wrong --data, a null in a history) fails before Ray starts
     _start_ray(args)
     summary = summarize_features(args.data, cfg)
     print(format_summary(summary))

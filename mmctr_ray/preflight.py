@@ -138,14 +138,6 @@ def num_items(data_dir: str | Path) -> int:
     return items
 
 
-def check_files(data_dir: str | Path, splits: Iterable[str]) -> None:
-    """Raise a one-line DataError unless item_info and each of ``splits`` open as parquet with the columns the
-    stages read (the cheap check a stage runs before it starts Ray; :func:`check_split` also checks values)."""
-    num_items(data_dir)  # item_info first: a wrong --data is named as such
-    for split in splits:
-        split_files(data_dir, split)
-
-
 def check_split(data_dir: str | Path, split: str, items: int | None = None) -> int:
     """Raise a one-line DataError if ``split`` cannot feed the model; return its row count."""
     data_dir = Path(data_dir)

@@ -101,7 +101,7 @@ def test_the_dataset_folder_itself_or_a_folder_without_it_is_one_line_naming_the
     """`--data DATA/MicroLens_1M_x1` (the folder the splits are in) gave five "missing file" lines: one line now
     names the folder to pass; so does every stage's check, which gave `.../MicroLens_1M_x1/MicroLens_1M_x1/...`."""
     from mmctr_ray.errors import DataError
-    from mmctr_ray.preflight import check_files
+    from mmctr_ray.preflight import check_splits
 
     inner = data / "MicroLens_1M_x1"
     assert [str(p) for p in validate(inner)] == [
@@ -109,7 +109,7 @@ def test_the_dataset_folder_itself_or_a_folder_without_it_is_one_line_naming_the
     with pytest.raises(DataError, match=rf"^{inner}/MicroLens_1M_x1/item_info.parquet: missing file \({inner}: looks "
                                         rf"like the MicroLens_1M_x1 folder itself: --data is the folder above it, "
                                         rf"here {data}\)$"):
-        check_files(inner, ["train"])
+        check_splits(inner, ["train"])
     assert [str(p) for p in validate(tmp_path)] == [
         f"error: {tmp_path}: holds no MicroLens_1M_x1/ folder: --data is the folder that holds MicroLens_1M_x1/ and "
         f"item_feature.parquet"]
@@ -352,13 +352,12 @@ def test_a_split_held_as_a_folder_of_parts_validates_and_preflights_like_one_fil
     over all of them, and name the part a problem is in."""
     from mmctr_ray.errors import DataError
     from mmctr_ray.features import max_user_id
-    from mmctr_ray.preflight import check_files, check_splits, check_valid_labels
+    from mmctr_ray.preflight import check_splits, check_valid_labels
 
     single = check_splits(synth_dir, ("train", "valid", "test"))
     parts = {split: split_into_parts(data, split, 3) for split in ("train", "valid", "test")}
     assert [p.name for p in Layout(data).split_files("valid")] == [p.name for p in parts["valid"]]
     assert validate(data) == []
-    check_files(data, ("train", "valid", "test"))
     assert check_splits(data, ("train", "valid", "test")) == single
     check_valid_labels(data)
     assert max_user_id(data) == max_user_id(synth_dir)
@@ -373,7 +372,7 @@ def test_a_split_held_as_a_folder_of_parts_validates_and_preflights_like_one_fil
         part.unlink()
     the_error(data, TRAIN, None, "a folder without part files (*.parquet)")
     with pytest.raises(DataError, match=r"train.parquet: a folder without part files"):
-        check_files(data, ("train",))
+        check_splits(data, ("train",))
     rewrite(parts["test"][0], lambda t: t.slice(0, 0))
     rewrite(parts["test"][1], lambda t: t.slice(0, 0))
     with pytest.raises(DataError, match=r"test.parquet: empty split: 0 rows in its 3 part files"):

@@ -485,6 +485,12 @@ def features_of_a_missing_folder(d, t):
     return ["features", "--data", str(t / "nowhere"), "--out", str(t / "features")]
 
 
+def features_of_a_null_inside_a_history(d, t):
+    """`features` checked only that the files open: a null inside a history became INT64_MIN in its summary."""
+    _edit(train_split(d), lambda tb: _first(tb, "item_seq", [0] * 98 + [None, 7]))
+    return ["features", "--data", str(d), "--out", str(t / "features")]
+
+
 def embed_without_item_feature(d, t):
     Layout(d).item_feature.unlink()
     return ["embed", "--data", str(d), "--out", str(t / "emb.parquet"), "--text-model", str(_minilm())]
@@ -586,6 +592,8 @@ CASES = [
     (features_of_a_missing_folder, ["nowhere/MicroLens_1M_x1/item_info.parquet: missing file (", "/nowhere: no such "
                                     "data directory)"],
      ["features"]),
+    (features_of_a_null_inside_a_history, ["train.parquet: column item_seq: 1 null values, expected item ids in "
+                                           "0..200"], ["features"]),
     (embed_without_item_feature, ["item_feature.parquet: missing file (embed reads item_id and item_title"],
      ["emb.parquet"]),
     (convert_of_a_missing_raw_folder, ["no-raw: raw data folder not found"], ["converted"]),
