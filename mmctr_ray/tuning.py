@@ -357,7 +357,12 @@ def _searcher() -> type:
             if self._failed_before(trial_id) is not None and self.metric in result:
                 retried = self.__dict__.setdefault("retried", {})  # pickled with the searcher: kept on --resume
                 retried.setdefault(trial_id, {})[int(result["training_iteration"])] = float(result[self.metric])
-                _RETRYING[trial_id] = self  # for the progress callback (this process's searcher, restored by Tune)
+                # for the progress callback (this process's searcher, restored by Tune). The module's dict, looked up
+                # now: Tune pickles this class by value, with a copy of the globals it names, so a searcher restored
+                # by --resume wrote into that copy and the callback never found it
+                from mmctr_ray import tuning
+
+                tuning._RETRYING[trial_id] = self
                 return
             try:
                 super().on_trial_result(trial_id, result)
@@ -368,8 +373,10 @@ def _searcher() -> type:
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             failed = self._failed_before(trial_id)
             values = self.__dict__.get("retried", {}).pop(trial_id, None)
-            _RETRYING.pop(trial_id, None)
+            from mmctr_ray import tuning
             from mmctr_ray.asha import stops_recorded
+
+            tuning._RETRYING.pop(trial_id, None)
 
             pruned = not error and trial_id in stops_recorded()
             if failed is None and pruned:  # OptunaSearch tells a trial with a result COMPLETE, a stopped one too.

@@ -574,6 +574,55 @@ def test_an_errored_trial_run_again_by_resume_reaches_the_study(tmp_path):
             "FAIL", "COMPLETE", "COMPLETE"]
 
 
+RESTORED_SEARCHER = """
+import json, sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+from ray import cloudpickle
+
+from mmctr_ray.tuning import METRIC, _Progress
+
+tune_side = cloudpickle.loads(Path(sys.argv[1]).read_bytes())
+progress = _Progress(Path(sys.argv[2]), 2)
+progress.setup(total_num_samples=2)
+for epoch, auc in ((1, 0.61), (2, 0.64)):
+    tune_side.on_trial_result("t1", {METRIC: auc, "training_iteration": epoch})
+last = {METRIC: 0.64, "training_iteration": 2, "epoch": 2}
+tune_side.on_trial_complete("t1", last)
+trial = SimpleNamespace(trial_id="t1", last_result=last, status="TERMINATED")
+progress.on_trial_complete(0, [trial], trial)
+print(json.dumps([t.state.name for t in optuna.load_study(study_name="s", storage=sys.argv[3]).get_trials()]))
+"""
+
+
+def test_a_retried_trial_reaches_the_study_from_a_searcher_that_resume_restored(tmp_path):
+    """What --resume does: Tune pickles the searcher (in its ConcurrencyLimiter) in one driver and restores it in the
+    next. The searcher's class is defined in a function, so cloudpickle saves it by value with a copy of the module
+    globals it names: the retried trial's handover went into that copy, the progress callback read the module's
+    own (empty) dict, and the study kept only the FAIL."""
+    from ray import cloudpickle
+    from ray.tune.search import ConcurrencyLimiter
+
+    from mmctr_ray.tuning import METRIC, _searcher
+
+    space = load_search(ROOT / "configs/search_tiny.yaml")
+    (tmp_path / "trials").mkdir()
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    tune_side = ConcurrencyLimiter(_searcher()(space=space.define_by_run, metric=METRIC, mode="max", seed=1,
+                                               study_name="s", storage=optuna.storages.RDBStorage(url)),
+                                   max_concurrent=2)
+    assert tune_side.suggest("t1")
+    tune_side.on_trial_complete("t1", error=True)
+    (tmp_path / "searcher.pkl").write_bytes(cloudpickle.dumps(tune_side))  # the first driver's saved state
+    resumed = subprocess.run([sys.executable, "-c", RESTORED_SEARCHER, str(tmp_path / "searcher.pkl"),
+                              str(tmp_path), url], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads(resumed.stdout.splitlines()[-1]) == ["FAIL", "COMPLETE"]
+
+
 def test_a_resume_says_which_of_the_command_lines_settings_it_does_not_use(tmp_path, caplog):
     from mmctr_ray.tuning import _prepare
 
