@@ -271,7 +271,7 @@ def read_fusion_summary(table_path: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _yaml_string(text: str) -> str:
+def yaml_string(text: str) -> str:
     """``text`` as one double-quoted YAML scalar: --set values are read as YAML, where " #" starts a comment and
     ": " a mapping (a run folder `exp #3` trained on the table at `.../exp`). PyYAML's own quoting, not JSON's:
     PyYAML reads a JSON surrogate pair (an emoji) as two lone surrogates."""
@@ -288,7 +288,7 @@ def fusion_overrides(table_path: str | Path) -> list[str]:
         raise ConfigError(f"{table}: missing file; --fusion needs {expected}")
     if not table.is_file() or "item_emb" not in open_parquet(table, expected).schema_arrow.names:
         raise ConfigError(f"{table}: --fusion needs {expected}")
-    out = [f"data.item_vector={_yaml_string(str(table.resolve()))}"]
+    out = [f"data.item_vector={yaml_string(str(table.resolve()))}"]
     summary = read_fusion_summary(table)
     if summary:
         out += [f"fusion.{k}={summary[k]}" for k in ("strategy", "dims", "text_dim", "image_dim") if k in summary]

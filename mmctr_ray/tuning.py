@@ -49,7 +49,7 @@ from mmctr_ray.config import ExperimentConfig, load_config
 from mmctr_ray.errors import ConfigError, DataError, Interrupted, OutputExistsError, find_user_error
 from mmctr_ray.features import has_placeholder_embeddings
 from mmctr_ray.locking import entries
-from mmctr_ray.fuse import source_file
+from mmctr_ray.fuse import source_file, yaml_string
 from mmctr_ray.metrics import se_text
 from mmctr_ray.preflight import check_batch_norm_rows, check_batch_size, check_splits, check_valid_labels
 from mmctr_ray.ray_env import DATA_CPU_RESERVE, check_gpu_split, private_local_ray, sigterm_flag
@@ -446,6 +446,7 @@ def _prepare(tune_dir: Path, search_yaml: Path | None, settings: dict[str, Any],
         return old
     assert search_yaml is not None
     load_search(search_yaml, settings["overrides"])  # a bad search section fails before anything is written
+    text = search_yaml.read_bytes()  # before --overwrite empties TUNE: it may be the search's own TUNE/search.yaml
     if tune_dir.exists() and entries(tune_dir):  # lock files of outputs inside it aside
         if not overwrite and saved.is_file() and not (tune_dir / "tune").is_dir():
             raise OutputExistsError(f"{tune_dir}: holds a search that ended before its first trial (settings.json but "
@@ -458,7 +459,7 @@ def _prepare(tune_dir: Path, search_yaml: Path | None, settings: dict[str, Any],
                                     f"--overwrite replaces searches only")
         shutil.rmtree(tune_dir)
     tune_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(search_yaml, tune_dir / "search.yaml")
+    (tune_dir / "search.yaml").write_bytes(text)
     settings = {**settings, "search_sha256": _sha256(tune_dir / "search.yaml")}
     saved.write_text(storage.json_text(settings, indent=2) + "\n")
     return settings
@@ -512,6 +513,10 @@ def check_inputs(data_dir: str | Path, search_yaml: str | Path | None, overrides
     if not resume and search_yaml is None:
         raise ConfigError("--config is required: an experiment YAML with a search: section")
     space = load_search(Path(search_yaml), list(overrides)) if search_yaml is not None else None
+    table = _base_table(space) if space is not None else None
+    if table is not None and not table.is_file():  # every trial that trains on it failed, one by one
+        raise DataError(f"{table}: missing file (data.item_vector of {search_yaml}: the fused item table its trials "
+                        f"train on unless they sample a fusion.* setting)")
     rows = check_splits(data_dir, SPLITS)
     check_valid_labels(data_dir)
     if space is not None:  # the largest batch any trial can draw must fit the training split
@@ -520,6 +525,18 @@ def check_inputs(data_dir: str | Path, search_yaml: str | Path | None, overrides
         check_batch_norm_rows(min(sizes), workers, _can_batch_norm(space))
         _refuse_placeholders(data_dir, space, source)
     return rows, space
+
+
+def _base_table(space: SearchSpace) -> Path | None:
+    """The fused table the search's base config names (``data.item_vector``) when some trial may train on it
+    (:func:`_trial_config`): one that does not sample ``fusion.strategy`` where the base's strategy is ``given``,
+    or no ``fusion.*`` key at all where it is v1..v4; None when it names no table, or every trial samples so.
+    Relative to the directory the search was started in, as ``mmctr train --config`` reads it."""
+    base = space.trial_config({})
+    always = {p.key for p in space.params if not p.when}  # sampled by every trial
+    fuses = "fusion.strategy" in always if base.fusion.strategy == "given" else any(
+        k.startswith("fusion.") for k in always)
+    return None if base.data.item_vector == "given" or fuses else Path(base.data.item_vector)
 
 
 def _refuse_placeholders(data_dir: str | Path, space: SearchSpace, source: str) -> None:
@@ -606,6 +623,10 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
         fits = trial_concurrency(ray.cluster_resources(), workers, cpus_per_worker, settings["gpus_per_worker"],
                                  max_concurrent, elastic)
         settings["concurrency"] = min(fits, num_samples or asked.num_samples)
+        table = _base_table(asked)
+        if table is not None and not table.is_absolute():  # trials run in their own folders (Tune changes into
+            # them), where it named another file; kept in settings.json, so a resume reads it from anywhere
+            settings["overrides"].append(f"data.item_vector={yaml_string(str(table.resolve()))}")
     settings = _prepare(tdir, Path(search_yaml) if search_yaml else None, settings, resume, overwrite)
     # a new search's was checked as check_inputs and _prepare read it; a resumed search's is read as it began
     space = load_search(tdir / "search.yaml", settings["overrides"], strict=False)

@@ -25,7 +25,7 @@ from sklearn.metrics import roc_auc_score
 
 from mmctr_ray.checkpoint import best_checkpoint, load_checkpoint
 from mmctr_ray.config import FusionConfig, load_config
-from mmctr_ray.errors import ConfigError, OutputExistsError
+from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.fuse import run_fuse
 from mmctr_ray.pca_cache import cached_fusion, fusion_key
 from mmctr_ray.predict import load_model, score_parquet
@@ -655,6 +655,73 @@ def test_a_base_item_table_is_kept_unless_the_search_picks_the_strategy(tmp_path
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
     cfg = _trial_config(load_search(tmp_path / "s.yaml"), {"fusion.strategy": "given"}, tmp_path, tmp_path, "shipped")
     assert cfg.data.item_vector == "given"  # a searched "given" is the shipped vector
+
+
+def test_a_base_table_named_relative_is_the_one_beside_the_command_in_every_trial(synth_dir, tmp_path,
+                                                                                  monkeypatch):
+    """A search YAML naming its fused table relatively (`data.item_vector: fused/v3.parquet`, as `mmctr train
+    --config` reads it, from the current directory) failed in every trial: Tune runs each in its own folder. The
+    search now records the table's absolute path among its overrides (settings.json, so --resume reads it from
+    anywhere); a table that is not there is one line before Ray starts."""
+    import ray
+    import ray.tune
+
+    import mmctr_ray.tuning
+    from mmctr_ray.tuning import _trial_config, check_inputs
+
+    class Stop(Exception):
+        pass
+
+    raw = yaml.safe_load((ROOT / "configs/search_tiny.yaml").read_text())
+    raw["data"]["item_vector"] = "fused/v3.parquet"
+    raw["fusion"] = {"strategy": "v3", "dims": 16}
+    raw["search"]["space"] = {"model.dropout": {"float": [0.0, 0.2]},  # a fusion key only some trials sample
+                              "model.crossnet": {"choice": ["v1", "off"]},
+                              "fusion.dims": {"choice": [8, 16], "when": {"model.crossnet": ["v1"]}}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"^fused/v3.parquet: missing file \(data.item_vector of s.yaml: the fused item "
+                                        r"table its trials train on unless they sample a fusion.\* setting\)$"):
+        check_inputs(synth_dir, "s.yaml")
+    (tmp_path / "fused").mkdir()
+    (tmp_path / "fused" / "v3.parquet").write_bytes(b"a table")
+    check_inputs(synth_dir, "s.yaml")
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    monkeypatch.setattr(mmctr_ray.tuning, "_node_cpus", lambda: [4.0])
+    monkeypatch.setattr(mmctr_ray.tuning, "shared_datasets", lambda *a: {})
+    monkeypatch.setattr(ray.tune, "with_parameters", lambda fn, **kw: (_ for _ in ()).throw(Stop(kw)))
+    with pytest.raises(Stop) as stop:
+        mmctr_ray.tuning.run_tuning(synth_dir, tmp_path / "tune", "s.yaml")
+    trial = stop.value.args[0]
+    table = str(tmp_path / "fused" / "v3.parquet")
+    assert json.loads((tmp_path / "tune" / "settings.json").read_text())["overrides"] == [
+        f'data.item_vector="{table}"']
+    monkeypatch.chdir(tmp_path / "tune")  # where a trial runs, as far as the path goes
+    cfg = _trial_config(trial["space"], {"model.dropout": 0.1, "model.crossnet": "off"}, tmp_path / "tune",
+                        synth_dir, "shipped")
+    assert cfg.data.item_vector == table
+
+    raw["search"]["space"]["fusion.dims"].pop("when")  # every trial fuses its own: the base table is never read
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "fused" / "v3.parquet").unlink()
+    monkeypatch.chdir(tmp_path)
+    check_inputs(synth_dir, "s.yaml")
+
+
+def test_overwrite_restarts_a_search_from_its_own_search_yaml(tmp_path):
+    """`mmctr tune --config TUNE/search.yaml --out TUNE --overwrite` emptied TUNE before it copied the file it had
+    just removed: a FileNotFoundError traceback, the old search gone and no new one."""
+    from mmctr_ray.tuning import _prepare
+
+    out = tmp_path / "tune"
+    settings = {"data": "D", "overrides": [], "workers": 1, "cpus_per_worker": 1.0, "gpus_per_worker": 0.0,
+                "source": "shipped"}
+    _prepare(out, ROOT / "configs/search_tiny.yaml", settings, resume=False, overwrite=False)
+    (out / "tune").mkdir()
+    (out / "trials").mkdir()
+    again = _prepare(out, out / "search.yaml", settings, resume=False, overwrite=True)
+    assert (out / "search.yaml").read_bytes() == (ROOT / "configs/search_tiny.yaml").read_bytes()
+    assert not (out / "trials").exists() and again["search_sha256"]
 
 
 def test_a_fused_base_table_is_refitted_only_when_the_trial_samples_fusion(tmp_path, monkeypatch):
