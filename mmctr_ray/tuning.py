@@ -384,7 +384,14 @@ def _searcher() -> type:
                 # intermediate value, which Optuna takes as a PRUNED trial's value (told without one)
                 value, step = (result or {}).get(self.metric), (result or {}).get("training_iteration")
                 if value is not None and step is not None and trial_id in self._ot_trials:
-                    self._ot_trials[trial_id].report(float(value), int(step))
+                    try:
+                        self._ot_trials[trial_id].report(float(value), int(step))
+                    except optuna.exceptions.UpdateFinishedTrialError:  # pruned in the study just before the
+                        # driver was killed, and stopped again on --resume: Tune took the error as the trial's,
+                        # and each later --resume ran it again into the same error
+                        log.info("trial %s: pruned in the study before the restart", trial_id)
+                        self._completed_trials.add(trial_id)
+                        return None
                 result = {k: v for k, v in (result or {}).items() if k != self.metric}
             if failed is None or error or values is None:  # not a retry, a retry that failed again, or told already
                 return None if failed is not None else super().on_trial_complete(trial_id, result, error)

@@ -574,6 +574,34 @@ def test_an_errored_trial_run_again_by_resume_reaches_the_study(tmp_path):
             "FAIL", "COMPLETE", "COMPLETE"]
 
 
+def test_a_trial_pruned_just_before_a_kill_is_pruned_again_on_resume_without_an_error(tmp_path, monkeypatch):
+    """ASHA stopped a trial and the study recorded it PRUNED; the driver died before Tune saved its state, so the
+    restored Tune still had it running. --resume replays its epochs and ASHA stops it again: the restored searcher's
+    report of the stopping epoch to the finished study trial raised UpdateFinishedTrialError, which Tune took as
+    the trial's error (results.csv "error"), and every later --resume ran it into the same error."""
+    from ray import cloudpickle
+
+    import mmctr_ray.asha
+    from mmctr_ray.tuning import METRIC, _searcher
+
+    space = load_search(ROOT / "configs/search_tiny.yaml")
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    first = _searcher()(space=space.define_by_run, metric=METRIC, mode="max", seed=1, study_name="s",
+                        storage=optuna.storages.RDBStorage(url))
+    assert first.suggest("t1")
+    first.on_trial_result("t1", {METRIC: 0.61, "training_iteration": 1})
+    saved = cloudpickle.dumps(first)  # Tune's last saved state: t1 running
+    records = tmp_path / "asha.json"
+    records.write_text(json.dumps({"brackets": [], "stopped": {"t1": 2.0}}))
+    monkeypatch.setattr(mmctr_ray.asha, "records_path", str(records))
+    stopped = {METRIC: 0.62, "training_iteration": 2}  # Tune gives a searcher no result of the epoch ASHA stops at
+    first.on_trial_complete("t1", stopped)  # ASHA stopped it at epoch 2; then the driver was killed
+    restored = cloudpickle.loads(saved)
+    restored.on_trial_complete("t1", stopped)  # --resume: the trial replays its epochs, ASHA stops it again
+    trials = optuna.load_study(study_name="s", storage=url).get_trials()
+    assert [(t.state.name, t.value) for t in trials] == [("PRUNED", 0.62)]
+
+
 RESTORED_SEARCHER = """
 import json, sys
 from pathlib import Path
