@@ -241,7 +241,9 @@ def _importances(tdir: Path, space: SearchSpace) -> tuple[dict[str, float], str]
 
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    partial = path.with_name(f".{path.stem}.partial{path.suffix}")  # a reader never sees a plot half-written
+    # a reader never sees a plot half-written; the process's own name: `mmctr report TUNE` may write the plots while
+    # the search's end does (one moved the other's file away, whose replace then failed)
+    partial = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
     try:
         fig.savefig(partial, dpi=110)
         os.replace(partial, path)

@@ -73,6 +73,34 @@ def test_a_search_trial_without_a_finite_auc_has_no_result_to_rank(tmp_path):
     assert "best_trial" not in summary and not (tdir / "best.yaml").exists()
 
 
+def test_two_processes_writing_one_plot_leave_it_whole(tmp_path, monkeypatch):
+    """`mmctr report TUNE` may write a search's plots while the search's end does: both wrote through one temporary
+    name, so one moved the other's file into place and the other's replace failed (a traceback after the search)."""
+    import itertools
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mmctr_ray import tune_report
+
+    pids = itertools.count(1)
+    monkeypatch.setattr(os, "getpid", lambda: next(pids))
+    path = tmp_path / "auc_by_trial.png"
+    mine, theirs = plt.figure(), plt.figure()
+    write = mine.savefig
+
+    def interleaved(target, **kwargs):  # the other process writes the plot between this one's write and replace
+        write(target, **kwargs)
+        tune_report._save(theirs, path)
+
+    mine.savefig = interleaved
+    tune_report._save(mine, path)
+    assert path.read_bytes()[:4] == b"\x89PNG" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 def test_a_searchs_trials_keep_their_start_order_when_the_folder_is_copied(tmp_path):
     """results.csv numbered the trials by their params.json's modification time, which a copy of the search
     (`cp -r`, a bucket sync) resets in no order. The time a trial started is kept in params.json; a search of an
