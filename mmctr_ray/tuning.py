@@ -724,6 +724,12 @@ def end_of_search(tdir: Path, space: SearchSpace, results: Any, interrupted: boo
     known = [Path(r.path).name for r in results]
     if not interrupted:
         _close_orphans(tdir)  # after Ctrl-C the trials still running are not orphans: --resume resumes them
+        saved = tdir / "settings.json"
+        if not any((tdir / "trials").glob("*.params.json")) and saved.is_file() and budget_spent(
+                json.loads(saved.read_text())):  # rather than "no trial has started yet"
+            raise ConfigError(f"{tdir}: the time budget ran out before the first trial started (Ray's start and the "
+                              f"reading of the splits count); start the search again with --overwrite and a larger "
+                              f"--time-budget-s")
         return write_outputs(tdir, space, errors, known)
     try:  # what the search has so far, said to be so
         summary = write_outputs(tdir, space, errors, known)

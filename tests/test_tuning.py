@@ -1249,6 +1249,21 @@ def test_after_ctrl_c_the_running_trials_stay_running_for_resume(tmp_path):
     assert states() == ["COMPLETE", "FAIL"]
 
 
+def test_a_budget_spent_before_the_first_trial_says_so(tmp_path):
+    """A --time-budget-s shorter than Ray's start and the reading of the splits: no trial started, and the search
+    ended with "TUNE/trials: no trial has started yet", which did not say why."""
+    from mmctr_ray.tuning import STUDY_NAME, end_of_search
+
+    space = load_search(ROOT / "configs/search_tiny.yaml")
+    optuna.create_study(study_name=STUDY_NAME, storage=f"sqlite:///{tmp_path}/optuna.db")
+    (tmp_path / "settings.json").write_text(json.dumps({"overrides": [], "deadline": 1.0}))
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}: the time budget ran out before the first trial started "):
+        end_of_search(tmp_path, space, [], interrupted=False)
+    (tmp_path / "settings.json").write_text(json.dumps({"overrides": []}))  # no budget: not the reason
+    with pytest.raises(DataError, match="no trial has started yet"):
+        end_of_search(tmp_path, space, [], interrupted=False)
+
+
 def test_a_failed_trials_line_says_what_failed():
     """tune_results.json kept the first line of Tune's error: Ray's "ray::ImplicitFunc.train() (pid=...)" header;
     and an error without a message ended the search in an IndexError after every trial had run."""
