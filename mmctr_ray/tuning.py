@@ -425,6 +425,10 @@ def _scheduler(space: SearchSpace, records: Path) -> Any:
                          stop_last_trials=False)
 
 
+# settings.json's values of the flags a resumed search takes from its start, when the flags are not given
+RESUME_DEFAULTS = {"workers": 1, "cpus_per_worker": 1.0, "gpus_per_worker": 0.0, "source": "shipped"}
+
+
 def _prepare(tune_dir: Path, search_yaml: Path | None, settings: dict[str, Any], resume: bool, overwrite: bool) -> dict:
     saved = tune_dir / "settings.json"
     if resume:
@@ -439,7 +443,10 @@ def _prepare(tune_dir: Path, search_yaml: Path | None, settings: dict[str, Any],
             raise ConfigError(f"{tune_dir}: the search ran on {old['data']}; resume it with that --data")
         flags = {"workers": "--workers-per-trial", "cpus_per_worker": "--cpus-per-worker",
                  "gpus_per_worker": "--gpus-per-trial / workers", "source": "--source"}
-        differ = [f"{flag} {old[key]}" for key, flag in flags.items() if key in old and old[key] != settings[key]]
+        # a flag at its default was most likely not given (the README's resume command gives none of them): a
+        # search started with --workers-per-trial 2 and resumed without it was warned about it every time
+        differ = [f"{flag} {old[key]}" for key, flag in flags.items()
+                  if key in old and old[key] != settings[key] != RESUME_DEFAULTS[key]]
         if differ:
             log.warning("--resume continues the search with the settings it started with (%s), not this command "
                         "line's", ", ".join(differ))

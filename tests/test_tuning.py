@@ -660,10 +660,19 @@ def test_a_resume_says_which_of_the_command_lines_settings_it_does_not_use(tmp_p
     saved = _prepare(out, ROOT / "configs/search_tiny.yaml", started, resume=False, overwrite=False)
     (out / "tune").mkdir()
     with caplog.at_level("WARNING", logger="mmctr_ray.tuning"):
-        assert _prepare(out, None, {**started, "workers": 1}, resume=True, overwrite=False) == saved
+        assert _prepare(out, None, {**started, "workers": 3}, resume=True, overwrite=False) == saved
     assert "continues the search with the settings it started with (--workers-per-trial 2)" in caplog.text
     caplog.clear()
     _prepare(out, None, started, resume=True, overwrite=False)
+    assert "settings it started with" not in caplog.text
+    # README's `mmctr tune --data DATA --out TUNE --resume` gives none of them: the flags' defaults say nothing
+    from mmctr_ray.cli import build_parser
+    from mmctr_ray.tuning import RESUME_DEFAULTS
+
+    args = build_parser().parse_args(["tune", "--data", "D", "--out", str(out), "--resume"])
+    assert RESUME_DEFAULTS == {"workers": args.workers_per_trial, "cpus_per_worker": args.cpus_per_worker,
+                               "gpus_per_worker": args.gpus_per_trial / args.workers_per_trial, "source": args.source}
+    _prepare(out, None, {**started, **RESUME_DEFAULTS}, resume=True, overwrite=False)
     assert "settings it started with" not in caplog.text
 
 
