@@ -230,7 +230,8 @@ def progress_line(trials: list[Any], trial: Any, outcome: str, total: int, elaps
     """One line for the log when ``trial`` ends: its result, the best so far and the search's pace (the time left
     assumes the pace of the trials this driver saw end; with a time budget, also the time until the last start)."""
     result = trial.last_result or {}
-    scored = [(t.last_result[METRIC], t.trial_id) for t in trials if (t.last_result or {}).get(METRIC) is not None]
+    scored = [(auc, t.trial_id) for t in trials  # a NaN or -inf AUC ranks nothing (a NaN first in line stayed max's)
+              if (auc := (t.last_result or {}).get(METRIC)) is not None and math.isfinite(auc)]
     ended = sum(t is trial or t.status in ("TERMINATED", "ERROR") for t in trials)
     running = sum(t is not trial and t.status == "RUNNING" for t in trials)
     last = result.get("epoch", "?")

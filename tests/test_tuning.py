@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import multiprocessing
 import os
 import re
@@ -876,6 +877,8 @@ def test_an_ended_trial_is_one_line_with_the_best_so_far_and_the_time_left(tmp_p
         "2.0 min, ~2.5 min left, new trials for 1.5 more min")  # --time-budget-s: the last start + one trial
     assert progress_line(trials, trials[1], "pruned", 8, 120.0, 2, budget_left=-3.0).endswith(
         "1 running; 2.0 min, time budget spent: no new trial starts")
+    diverged = [trial("n", "TERMINATED", math.nan, 1), trial("m", "TERMINATED", -math.inf, 1), *trials]
+    assert "; best so far 0.8000 (a); " in progress_line(diverged, trials[1], "pruned", 8, 120.0, 2)  # was: nan (n)
     failed = trial("e", "RUNNING")
     assert progress_line([failed], failed, "failed", 1, 5.0, 1).endswith("failed: no epoch; no result yet; 1/1 ended, "
                                                                           "0 running; 0.1 min, ~0.0 min left")
