@@ -211,7 +211,7 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
     params = run_dir.with_suffix(".params.json")
     if not params.is_file():  # written once, when the trial first starts (its time orders the results table), and
         # before its config: a failing trial has its row
-        params.write_text(storage.json_text({**config, STARTED: round(time.time(), 6)}, indent=2) + "\n")
+        storage.write_text(params, storage.json_text({**config, STARTED: round(time.time(), 6)}, indent=2) + "\n")
     if resume:  # it continues as it started, on its own fused table: a source rewritten since gives new trials
         saved = load_config(run_dir / "config.yaml")  # new fits, not this one (its checkpoints learnt the old)
         cfg = in_this_search(saved, tdir)
