@@ -35,12 +35,12 @@ def _checkpoint(target: str) -> storage.Location:
 
 def split_labels(data_dir: str | Path, split: str) -> tuple[Path, Any]:
     """The split's path (a file or a folder of part files) and its labels in row order (the test split's are the
-    hidden ones synthetic data keeps)."""
+    hidden ones synthetic data keeps, or its own where `mmctr convert` wrote it)."""
     from mmctr_ray.preflight import check_labels, check_split
 
     layout = Layout(data_dir)
     path = layout.split(split)
-    truth = layout.hidden_test_labels if split == "test" else path
+    truth = layout.hidden_test_labels if split == "test" and not layout.labelled_test else path
     files = parquet_parts(truth)
     if truth.is_dir() and not files:
         raise DataError(f"{truth}: {NO_PARTS}")
@@ -48,11 +48,11 @@ def split_labels(data_dir: str | Path, split: str) -> tuple[Path, Any]:
         raise DataError(f"{truth}: missing file: {split} labels are needed to compare runs"
                         + (" (the real test split has none; compare on valid)" if split == "test" else ""))
     check_split(data_dir, split)  # what train and predict check first: ids in range, widths, 0/1 labels (a null or
-    if split == "test":  # 0.5 label counted as a click in the AUCs), here before any checkpoint is scored
+    if truth != path:  # 0.5 label counted as a click in the AUCs), here before any checkpoint is scored
         for f in files:
             check_labels(pq.ParquetFile(f), f, "the hidden test labels `mmctr synth` wrote: synthesize the data again")
     labels = np.concatenate([pq.read_table(f, columns=["label"]).column("label").to_numpy() for f in files])
-    parts = parquet_parts(path) if split == "test" else []
+    parts = parquet_parts(path) if truth != path else []
     rows = sum(pq.read_metadata(f).num_rows for f in parts)
     if parts and rows != len(labels):  # a test split cut or grown since `mmctr synth` wrote it: not its rows' labels
         raise DataError(f"{truth}: {len(labels):,} labels for a test split of {rows:,} rows ({path}); the split is "

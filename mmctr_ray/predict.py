@@ -213,8 +213,9 @@ def run_predict(run_dir: Location, data_dir: str | Path, out: str | Path, split:
                 actors: int = 1, gpus_per_actor: float = 0.0, overwrite: bool = False) -> dict[str, Any]:
     """Score ``split`` and write the submission zip ``out``; return a summary (AUC when labels are known)."""
     out = check_output(out, overwrite)
-    expected = check_split(data_dir, split)
-    truth = hidden_test_labels(data_dir, expected) if split == "test" else None  # its warning before the scoring
+    expected = check_split(data_dir, split)  # the labels of a converted test split too: they are true ones
+    own = split != "test" or Layout(data_dir).labelled_test
+    truth = None if own else hidden_test_labels(data_dir, expected)  # its warning before the scoring
     logits, labels, checkpoint = score_split(run_dir, data_dir, split, actors, gpus_per_actor)
     if len(logits) != expected:
         raise DataError(f"{split}: scored {len(logits)} rows but the split has {expected}; nothing written")
@@ -224,7 +225,7 @@ def run_predict(run_dir: Location, data_dir: str | Path, out: str | Path, split:
     write_submission(probs, out)
     summary: dict[str, Any] = {"submission": str(out), "rows": len(probs), "split": split,
                                "checkpoint": str(checkpoint)}
-    if split != "test":
+    if own:
         summary["metrics"] = evaluate(labels, probs, scores=logits)
     elif truth is not None:
         summary["metrics"] = evaluate(truth, probs, scores=logits)

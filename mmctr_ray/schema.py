@@ -184,6 +184,13 @@ class Layout:
         return self.root / "convert.json"
 
     @property
+    def labelled_test(self) -> bool:
+        """Whether the test split's own labels are true ones: ``mmctr convert`` keeps them (the test split is the
+        user's held-out set); the challenge's test split holds placeholders, and ``mmctr synth`` keeps the true ones
+        apart (:attr:`hidden_test_labels`)."""
+        return self.convert_manifest.is_file()
+
+    @property
     def mapping_dir(self) -> Path:
         """Written by ``mmctr convert`` only: dense id <-> raw id tables."""
         return self.root / "mapping"

@@ -209,6 +209,11 @@ def test_compare_refuses_bad_or_one_class_labels_and_a_json_folder_before_scorin
                    lay.hidden_test_labels)
     with pytest.raises(DataError, match=r"test_labels.parquet: column label: row 3 holds nan, expected labels 0 or 1"):
         compare.split_labels(data, "test")
+    # data of `mmctr convert`: the test split keeps its true labels (compare said "missing file" for the hidden ones)
+    relabel(lay.split("test"), truth.column("label").to_numpy())
+    shutil.rmtree(lay.hidden_test_labels.parent)
+    lay.convert_manifest.write_text("{}")
+    assert compare.split_labels(data, "test")[1].tolist() == truth.column("label").to_numpy().tolist()
     monkeypatch.setattr(compare, "compare_runs", lambda *a, **k: pytest.fail("scored before the check"))
     (tmp_path / "out.json").mkdir()
     assert main(["compare", "r1", "r2", "--data", str(tmp_path), "--json", str(tmp_path / "out.json"),

@@ -340,6 +340,34 @@ def test_predict_on_a_test_split_cut_since_synth_writes_the_submission_without_a
         pq.read_table(Layout(synth_dir).hidden_test_labels).column("label").to_numpy(), np.linspace(-2, 2, 400)))
 
 
+def test_predict_on_converted_data_scores_the_test_split_against_its_own_labels(synth_dir, tmp_path, monkeypatch):
+    """`mmctr convert` keeps the test split's true labels (the user's held-out set), but predict looked for them only
+    where `mmctr synth` keeps hidden ones, so a converted test split never had a test AUC."""
+    import shutil
+
+    import mmctr_ray.predict
+
+    data = shutil.copytree(synth_dir, tmp_path / "converted", ignore=shutil.ignore_patterns("item_images"))
+    lay = Layout(data)
+    labels = pq.read_table(lay.hidden_test_labels, columns=["label"]).column("label").to_numpy()
+    test = pq.read_table(lay.split("test"))  # as convert writes it: the true labels in the split
+    pq.write_table(test.set_column(test.schema.get_field_index("label"), "label", pa.array(labels)), lay.split("test"))
+    shutil.rmtree(lay.hidden_test_labels.parent)
+    for path in (lay.oracle, lay.synth_manifest):
+        path.unlink()
+    lay.convert_manifest.write_text(json.dumps({"placeholder_embeddings": True}))
+    monkeypatch.setattr(mmctr_ray.predict, "score_split", lambda run_dir, data_dir, split, actors, gpus: (
+        np.linspace(-2, 2, len(labels)), labels, tmp_path / "run" / "checkpoint_epoch_001"))
+    summary = run_predict(tmp_path / "run", data, tmp_path / "sub.zip")
+    assert summary["metrics"]["auc"] == pytest.approx(roc_auc_score(labels, np.linspace(-2, 2, len(labels))))
+    assert "oracle_auc" not in summary
+    pq.write_table(test.set_column(test.schema.get_field_index("label"), "label",
+                                   pa.array(np.r_[labels[:-1], 0.5])), lay.split("test"))
+    with pytest.raises(DataError, match=rf"^{lay.split('test')}: column label: row {len(labels) - 1} holds 0.5, "):
+        run_predict(tmp_path / "run", data, tmp_path / "bad.zip")  # checked as the other splits' labels are
+    assert not (tmp_path / "bad.zip").exists()
+
+
 def plain_cfg(*sets: str):
     """The deterministic config of :func:`plain_run`, with dropout and a local shuffle buffer, so that the seeding of
     the masks and of the shuffle counts too."""
