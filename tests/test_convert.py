@@ -444,6 +444,19 @@ def test_user_ids_merged_from_streamed_block_counts_are_the_sorted_distinct_ids(
     np.testing.assert_array_equal(users.sorted(), np.unique(np.concatenate(blocks)))
 
 
+def test_a_signed_id_is_read_as_its_number():
+    """`+5` matched the integer pattern but Arrow's cast refused it: an ArrowInvalid from a Ray task, with neither
+    file nor line, where the value is simply 5."""
+    from mmctr_ray.convert.raw import LineFormat, parse
+
+    fmt = LineFormat(False, 1, ("user", "item", "timestamp"), 0, 1, 2)
+    table, bad = parse(pa.table({"line": ["+5,12,1700000000000", "-3,+7,+1"]}), fmt)
+    assert bad is None and table.to_pydict() == {"user": [5, -3], "item": [12, 7], "ts": [1700000000000, 1]}
+    fmt = LineFormat(True, 0, ("user", "items"), 0, 1, -1)
+    table, bad = parse(pa.table({"line": ["+5\t+1 2"]}), fmt)
+    assert bad is None and table.to_pydict() == {"user": [5, 5], "item": [1, 2], "ts": [0, 1]}
+
+
 def test_a_bad_line_is_numbered_as_an_editor_shows_it_empty_lines_included(tmp_path):
     from types import SimpleNamespace
 

@@ -269,7 +269,7 @@ def _ints(col: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray]:
     """(int64 values with 0 where invalid, invalid mask) of a text column."""
     text = pc.utf8_trim(col, ' "\r\t')
     ok = pc.fill_null(pc.match_substring_regex(text, _INT), False)
-    values = pc.cast(pc.if_else(ok, text, "0"), pa.int64())
+    values = pc.cast(pc.if_else(ok, pc.utf8_ltrim(text, "+"), "0"), pa.int64())  # Arrow's cast refuses "+5"
     bad = np.asarray(pc.invert(ok).to_numpy(zero_copy_only=False), dtype=bool)
     return values, bad
 
