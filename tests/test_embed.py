@@ -321,6 +321,26 @@ def test_a_sentence_model_with_a_projection_after_its_pooling_is_not_auto_pooled
     assert not resolve_normalize(tmp_path, "mean")  # the pooled vector, asked for
 
 
+def test_a_cut_or_odd_json_file_in_the_text_model_folder_is_one_line(tmp_path):
+    """An interrupted copy of a model folder leaves a cut config.json or 1_Pooling/config.json: a JSONDecodeError
+    traceback (and an AttributeError for a pooling config that is a list)."""
+    from mmctr_ray.embed.text import check_max_length, resolve_normalize, resolve_pooling
+
+    model = tmp_path / "minilm"
+    shutil.copytree(minilm_path(), model, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    (model / "config.json").write_text('{"max_position_embeddings": 5')
+    with pytest.raises(ConfigError, match=rf"^{model}/config.json: not readable as JSON \(.*\); expected the model's "
+                                          r"config, as save_pretrained writes it$"):
+        check_max_length(model, 16)
+    (model / "1_Pooling" / "config.json").write_text("[]")
+    with pytest.raises(ConfigError, match=rf"^{model}/1_Pooling/config.json: a JSON list, expected a JSON object; "
+                                          r"pass --pooling cls or --pooling mean$"):
+        resolve_pooling(model, "auto")
+    (model / "modules.json").write_text('[{"idx": 0')
+    with pytest.raises(ConfigError, match=r"modules.json: not readable as JSON \(.*\); pass --pooling cls"):
+        resolve_normalize(model, "auto")
+
+
 def test_titles_are_padded_on_the_right_whatever_the_tokenizers_side(bert_tiny):
     """The encoder keeps the first columns (it trims the padding at the end) and CLS pooling reads the first token:
     a tokenizer configured to pad on the left lost the real tokens of shorter titles."""

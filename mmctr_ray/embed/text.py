@@ -24,6 +24,19 @@ POOLINGS = ("cls", "mean")
 MIN_VOCAB = 1_000  # transformers 5.x can silently return a 5-token vocabulary for a tokenizer it could not find
 
 
+def _read_json(path: Path, kind: type, hint: str) -> Any:
+    """``path``'s JSON, a ``kind`` (dict or list), or a one-line error ending in ``hint`` (an interrupted copy of a
+    model folder leaves a cut file: a JSONDecodeError traceback before)."""
+    try:
+        value = json.loads(path.read_text())
+    except ValueError as err:  # UnicodeDecodeError too
+        raise ConfigError(f"{path}: not readable as JSON ({err}); {hint}") from None
+    if not isinstance(value, kind):
+        raise ConfigError(f"{path}: a JSON {type(value).__name__}, expected a JSON "
+                          f"{'object' if kind is dict else 'list'}; {hint}")
+    return value
+
+
 def resolve_pooling(path: str | Path, pooling: str) -> str:
     """``cls`` or ``mean`` for ``pooling``; ``auto`` takes the pooling a sentence-transformers model ships in
     ``1_Pooling/config.json`` (all-MiniLM-L6-v2, the offline default, was trained with mean pooling: its CLS
@@ -34,7 +47,7 @@ def resolve_pooling(path: str | Path, pooling: str) -> str:
         return pooling
     config = Path(path) / "1_Pooling" / "config.json"
     if config.is_file():
-        modes = json.loads(config.read_text())
+        modes = _read_json(config, dict, "pass --pooling cls or --pooling mean")
         if modes.get("pooling_mode_mean_tokens"):
             return "mean"
         other = [k.removeprefix("pooling_mode_") for k, on in modes.items()
@@ -55,10 +68,7 @@ def resolve_normalize(path: str | Path, pooling: str) -> bool:
     modules = Path(path) / "modules.json"
     if pooling != "auto" or not modules.is_file():
         return False
-    try:
-        listed = json.loads(modules.read_text())
-    except ValueError as err:
-        raise ConfigError(f"{modules}: not readable as JSON ({err}); pass --pooling cls or --pooling mean") from None
+    listed = _read_json(modules, list, "pass --pooling cls or --pooling mean")
     kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in listed if isinstance(m, dict)]
     other = [k for k in kinds if k not in SENTENCE_MODULES]
     if other:  # a Dense projection after the pooling (LaBSE-style): the pooled vector is not the sentence embedding
@@ -77,7 +87,7 @@ OFFSET_POSITIONS = ("roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-rober
 def check_max_length(path: str | Path, max_length: int) -> None:
     """A one-line error when titles of ``max_length`` tokens exceed the model's position table
     (``max_position_embeddings`` in its config.json): the encoder would fail on the first long title, in an actor."""
-    config = json.loads((Path(path) / "config.json").read_text())
+    config = _read_json(Path(path) / "config.json", dict, "expected the model's config, as save_pretrained writes it")
     positions = config.get("max_position_embeddings")
     if not isinstance(positions, int):
         return
