@@ -441,7 +441,7 @@ def test_a_parts_folder_with_unreadable_settings_is_one_of_other_settings(tmp_pa
     assert not meta.parent.exists()
 
 
-def test_shards_of_other_data_are_never_assembled(tmp_path):
+def test_shards_of_other_data_are_never_assembled(tmp_path, monkeypatch):
     """A killed run's shards next to re-synthesised data: settings differ (the data fingerprint), and a shard whose
     ids are not its slice of the items is refused at assembly, leaving no output and no partial file."""
     from mmctr_ray.embed.pipeline import EmbedSettings, ShardStore, _assemble, _shard_table
@@ -479,6 +479,26 @@ def test_shards_of_other_data_are_never_assembled(tmp_path):
     with pytest.raises(DataError, match=r"shard_00001.parquet: holds 5 vectors that are not items 6..10"):
         _assemble(out, store, 2, settings, items, 1.0, {"encoded": 0}, Layout(tmp_path), 1.0)
     assert not out.exists() and not list(tmp_path.glob(".emb.parquet.partial-*"))
+
+    # the table goes into place before its record: a kill between them leaves the new vectors beside the old
+    # record (of other items: fuse refuses the pair), never the old vectors beside a record of these items
+    import mmctr_ray.embed.pipeline as pipeline
+
+    store.write(1, shard([6, 7, 8, 9, 10]))
+    pq.write_table(pa.table({"item_id": [1, 2]}), out)  # an earlier OUT, of other items
+    record = tmp_path / "emb.embed.json"
+    record.write_text('{"titles": "of the other items"}')
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _assemble(out, store, 2, settings, items, 1.0, {"encoded": 0}, Layout(tmp_path), 1.0)
+    assert pq.read_table(out).num_rows == 10 and record.read_text() == '{"titles": "of the other items"}'
+    monkeypatch.undo()
+    assert _assemble(out, store, 2, settings, items, 1.0, {"encoded": 0}, Layout(tmp_path), 1.0)["items"] == 10
+    assert json.loads(record.read_text())["titles"] == pipeline.titles_fingerprint(items)
 
 
 def test_overwrite_keeps_the_shards_of_the_same_settings_and_models_and_drops_the_others(tmp_path, bert_tiny):

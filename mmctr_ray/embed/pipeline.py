@@ -46,7 +46,7 @@ from mmctr_ray.features import titles_fingerprint
 from mmctr_ray.host_malloc import actor_options
 from mmctr_ray.ray_env import check_actors, cpu_threads
 from mmctr_ray.schema import Layout
-from mmctr_ray.storage import json_text
+from mmctr_ray.storage import json_text, write_text
 
 log = logging.getLogger(__name__)
 MAX_BAD_COVERS = 0.1  # default share of items whose cover may be missing or corrupt
@@ -468,7 +468,10 @@ def _assemble(out: Path, store: ShardStore, n_shards: int, s: EmbedSettings, ite
     summary = {**asdict(s), **dims, "items": n, "titles": titles_fingerprint(items), **counts,
                "encoded_now": encoded, "seconds": round(seconds, 3),
                "items_per_s": round(encoded / seconds, 2) if seconds > 0 and encoded else None, **timing}
-    Path(f"{out.with_suffix('')}.embed.json").write_text(json_text(summary, indent=2) + "\n")
+    # the table first, then its record (whole, under a temporary name): a kill between them leaves the new vectors
+    # beside the old record, which `fuse` refuses for other data; the other way round, the old vectors of other
+    # items beside a record of these passed fuse's check
     os.replace(tmp, out)
+    write_text(f"{out.with_suffix('')}.embed.json", json_text(summary, indent=2) + "\n")
     shutil.rmtree(store.dir)
     return summary
