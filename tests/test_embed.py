@@ -435,8 +435,9 @@ def test_a_parts_folder_with_unreadable_settings_is_one_of_other_settings(tmp_pa
     meta = out.with_name(out.name + ".parts") / "settings.json"
     assert json.loads(meta.read_text())["data"] == "aaaa" and not list(meta.parent.glob(".*partial"))
     meta.write_text('{"text_model": "te')
-    with pytest.raises(OutputExistsError, match="holds shards of a run with other settings"):
-        ShardStore(out, settings, overwrite=False)
+    with pytest.raises(OutputExistsError, match=r"holds shards of a run with other settings \(.*settings.json: "
+                                                r"unreadable\); pass --overwrite to start again$"):
+        ShardStore(out, settings, overwrite=False)  # not "re-run with those settings": nobody can read them
     ShardStore(out, settings, overwrite=True)
     assert not meta.parent.exists()
 

@@ -131,8 +131,8 @@ def _settings_difference(saved: dict[str, Any] | None, now: dict[str, Any]) -> t
     """What differs between a parts folder's settings and this run's, for the refusal: the first setting that
     does, or that another version of `mmctr embed` made the folder; and whether a re-run with the folder's
     settings could continue it (not another version's: no command line gives its settings)."""
-    if not isinstance(saved, dict):
-        return ": unreadable", True
+    if not isinstance(saved, dict):  # no command line matches settings nobody can read
+        return ": unreadable", False
     missing = [k for k in now if k not in saved]
     if missing:  # its shards lack what this version writes (title_cut): no command line continues them
         return f": made by an earlier version of `mmctr embed`, which did not record {missing[0]}", False
