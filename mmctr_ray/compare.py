@@ -46,7 +46,7 @@ def split_labels(data_dir: str | Path, split: str) -> tuple[Path, Any]:
         raise DataError(f"{truth}: {NO_PARTS}")
     if not files:
         raise DataError(f"{truth}: missing file: {split} labels are needed to compare runs"
-                        + (" (the real test split has none; compare on valid)" if split == "test" else ""))
+                        + (" (the real test split has none; compare on valid)" if truth != path else ""))
     check_split(data_dir, split)  # what train and predict check first: ids in range, widths, 0/1 labels (a null or
     if truth != path:  # 0.5 label counted as a click in the AUCs), here before any checkpoint is scored
         for f in files:

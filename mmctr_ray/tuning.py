@@ -460,7 +460,11 @@ def _prepare(tune_dir: Path, search_yaml: Path | None, settings: dict[str, Any],
                                                           indent=2) + "\n")
         return old
     assert search_yaml is not None
-    load_search(search_yaml, settings["overrides"])  # a bad search section fails before anything is written
+    space = load_search(search_yaml, settings["overrides"])  # a bad search section fails before anything is written
+    table = _base_table(space)
+    if overwrite and table is not None and table.resolve().is_relative_to(tune_dir.resolve()):
+        raise ConfigError(f"{table}: the base config's fused table (data.item_vector) lies in {tune_dir}, which "
+                          f"--overwrite empties first; copy it out of there, or search into another --out")
     text = search_yaml.read_bytes()  # before --overwrite empties TUNE: it may be the search's own TUNE/search.yaml
     if tune_dir.exists() and entries(tune_dir):  # lock files of outputs inside it aside
         if not overwrite and saved.is_file() and not (tune_dir / "tune").is_dir():
@@ -733,7 +737,7 @@ def end_of_search(tdir: Path, space: SearchSpace, results: Any, interrupted: boo
     if not interrupted:
         _close_orphans(tdir)  # after Ctrl-C the trials still running are not orphans: --resume resumes them
         saved = tdir / "settings.json"
-        if not any((tdir / "trials").glob("*.params.json")) and saved.is_file() and budget_spent(
+        if not known and not any((tdir / "trials").glob("*.params.json")) and saved.is_file() and budget_spent(
                 json.loads(saved.read_text())):  # rather than "no trial has started yet"
             raise ConfigError(f"{tdir}: the time budget ran out before the first trial started (Ray's start and the "
                               f"reading of the splits count); start the search again with --overwrite and a larger "

@@ -760,6 +760,16 @@ def test_overwrite_restarts_a_search_from_its_own_search_yaml(tmp_path):
     again = _prepare(out, out / "search.yaml", settings, resume=False, overwrite=True)
     assert (out / "search.yaml").read_bytes() == (ROOT / "configs/search_tiny.yaml").read_bytes()
     assert not (out / "trials").exists() and again["search_sha256"]
+    # a base table inside TUNE (a best.yaml's, in TUNE/pca_cache) would go with it: every trial then failed
+    raw = yaml.safe_load((ROOT / "configs/search_tiny.yaml").read_text())
+    raw["data"]["item_vector"] = str(out / "pca_cache" / "v3.parquet")
+    raw["fusion"] = {"strategy": "v3", "dims": 16}
+    raw["search"]["space"] = {"model.dropout": {"float": [0.0, 0.2]}}
+    (tmp_path / "best.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=rf"v3.parquet: the base config's fused table \(data.item_vector\) lies in "
+                                          rf"{out}, which --overwrite empties first"):
+        _prepare(out, tmp_path / "best.yaml", settings, resume=False, overwrite=True)
+    assert (out / "search.yaml").is_file()  # refused before anything went
 
 
 def test_a_fused_base_table_is_refitted_only_when_the_trial_samples_fusion(tmp_path, monkeypatch):
@@ -1271,6 +1281,9 @@ def test_a_budget_spent_before_the_first_trial_says_so(tmp_path):
     (tmp_path / "settings.json").write_text(json.dumps({"overrides": [], "deadline": 1.0}))
     with pytest.raises(ConfigError, match=rf"^{tmp_path}: the time budget ran out before the first trial started "):
         end_of_search(tmp_path, space, [], interrupted=False)
+    ran = [SimpleNamespace(path=str(tmp_path / "tune" / "run_trial_a"), error=RuntimeError("no such module"))]
+    with pytest.raises(DataError, match="no trial has started yet"):  # trials ran (and failed early): not the budget
+        end_of_search(tmp_path, space, ran, interrupted=False)
     (tmp_path / "settings.json").write_text(json.dumps({"overrides": []}))  # no budget: not the reason
     with pytest.raises(DataError, match="no trial has started yet"):
         end_of_search(tmp_path, space, [], interrupted=False)
