@@ -29,6 +29,12 @@ class StorageError(UserError, OSError):
     every other user error ends a run at once."""
 
 
+class WorkersFailed(UserError):
+    """A training run Ray Train ended because its workers' processes kept dying (killed for memory, a node lost)
+    until its restarts were spent: not bad input, but nothing Ray's traceback says better than one line naming
+    what died and what the run keeps."""
+
+
 class Interrupted(Exception):
     """The user stopped the command (Ctrl-C: ``signum`` SIGINT; a scheduler's SIGTERM) and what it wrote so far can
     be continued; the message says what is kept. Not a :class:`UserError`: the CLI prints it as one line and exits

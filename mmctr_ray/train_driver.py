@@ -29,8 +29,8 @@ import torch
 from mmctr_ray import storage
 from mmctr_ray.checkpoint import best_checkpoint, checkpoint_epoch, epoch_checkpoints, latest_checkpoint, read_state
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
-from mmctr_ray.errors import (ConfigError, DataError, Interrupted, OutputExistsError, StorageError,
-                              dead_worker, find_user_error, worker_failure_reason)
+from mmctr_ray.errors import (ConfigError, DataError, Interrupted, OutputExistsError, StorageError, UserError,
+                              WorkersFailed, dead_worker, find_cause, find_user_error, worker_failure_reason)
 from mmctr_ray.features import FeatureMap, build_feature_map, check_same_table, load_item_table, read_split
 from mmctr_ray.host_malloc import worker_env
 from mmctr_ray.layers.embedding import root_mean_square
@@ -349,18 +349,12 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
             # the wait for the run this way
             if not _in_driver_main_thread():
                 raise  # a Ray worker told to exit (a Tune trial stopped by its scheduler): Ray's own way out
-            epochs = [checkpoint_epoch(c) for c in epoch_checkpoints(run)]
-            if not epochs:  # stopped before the first epoch's checkpoint
-                kept = f"{run} holds no checkpoint yet"
-            else:
-                kept = f"{run} keeps " + (f"the checkpoint of epoch {epochs[0]}" if len(epochs) == 1 else
-                                          f"the checkpoints of epochs {epochs[0]}–{epochs[-1]}")
-            raise Interrupted(kept, signal.SIGTERM if terminated["sigterm"] else signal.SIGINT) from None
+            raise Interrupted(_kept(run), signal.SIGTERM if terminated["sigterm"] else signal.SIGINT) from None
         except TrainingFailedError as err:
-            cause = find_user_error(err)
-            if cause is None:
-                raise
-            raise DataError(str(cause)) from None  # bad input a worker met: one line, not the workers' tracebacks
+            ended = _run_ended(err, run, max_failures)
+            if ended is None:
+                raise  # a worker's own error (a bug): its traceback
+            raise ended from None  # one line, not the workers' tracebacks
         diverged = storage.join(run, DIVERGED)
         if storage.is_file(diverged):  # the workers ended the run themselves: no summary; earlier checkpoints stay
             raise ConfigError(f"{run}: {storage.read_text(diverged).strip()}")
@@ -465,6 +459,32 @@ def _worker_failures(max_failures: int) -> Any:
             log.warning("rank %d failed (%s: %s); %s", rank, type(err).__name__, worker_failure_reason(err), then)
 
     return WorkerFailures()
+
+
+def _kept(run: storage.Location) -> str:
+    """What ``run`` keeps of a run that ended early: its epochs' checkpoints, which ``--resume`` continues from."""
+    epochs = [checkpoint_epoch(c) for c in epoch_checkpoints(run)]
+    if not epochs:  # stopped before the first epoch's checkpoint
+        return f"{run} holds no checkpoint yet"
+    return f"{run} keeps " + (f"the checkpoint of epoch {epochs[0]}" if len(epochs) == 1 else
+                              f"the checkpoints of epochs {epochs[0]}–{epochs[-1]}")
+
+
+def _run_ended(err: BaseException, run: storage.Location, max_failures: int) -> UserError | None:
+    """One line for a run Ray Train ended with ``err``: bad input a worker met, or a worker whose process died
+    once more than the run restarts (its last failure, what the run keeps); None for a worker's own error."""
+    cause = find_user_error(err)
+    if cause is not None:
+        return DataError(str(cause))
+    died = find_cause(err, lambda e: dead_worker(e) is not None)
+    if died is None:
+        return None
+    restarts = {0: "not restarted (none asked)", 1: "restarted once"}.get(max_failures,
+                                                                        f"restarted {max_failures} times")
+    kept = _kept(run)
+    return WorkersFailed(f"{run}: a worker's process died ({worker_failure_reason(died)}) and the run, "
+                         f"{restarts}, ends; {kept}" + ("" if not epoch_checkpoints(run) else
+                                                       ": --resume continues from the last"))
 
 
 def _summary(run_dir: storage.Location, data_dir: Path, seconds: float) -> dict[str, Any]:

@@ -759,6 +759,41 @@ def test_a_failed_worker_is_one_line_that_says_why_and_whether_the_run_restarts(
         cut_off + "the workers restart from the run's last checkpoint (restart 1 of at most 1)"]
 
 
+def test_a_run_whose_workers_die_past_its_restarts_ends_in_one_line(tmp_path, monkeypatch):
+    """The callback's line said "the run ends: it restarts at most 2 times", and then the command printed Ray
+    Train's whole TrainingFailedError traceback, as for a bug. A worker's process that died (killed for memory, a
+    node lost) once more than the run restarts is one line saying what died and what RUN keeps; bad input a worker
+    met stays its own line, and a worker's own error (a bug) keeps its traceback."""
+    from ray.exceptions import ActorDiedError
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    from mmctr_ray.errors import WorkersFailed
+    from mmctr_ray.train_driver import _run_ended
+
+    died = ActorDiedError()
+    died.error_msg = ("The actor died unexpectedly before finishing this task.\n\tpid: 5066\nThe actor is dead because "
+                      "its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit detail: Worker "
+                      "unexpectedly exits with a connection error code 2. End of file.")
+    dead = WorkerHealthCheckFailedError("A worker health check failed.", died)
+    survivor = RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:29500")
+    ended = _run_ended(WorkerGroupError("Training failed.", {0: survivor, 1: dead}), tmp_path / "run", 2)
+    assert isinstance(ended, WorkersFailed) and str(ended) == (
+        f"{tmp_path / 'run'}: a worker's process died (The actor is dead because its worker process has died. Worker "
+        f"exit type: SYSTEM_ERROR Worker exit detail: Worker unexpectedly exits with a connection error code 2) and the "
+        f"run, restarted 2 times, ends; {tmp_path / 'run'} holds no checkpoint yet")
+    import mmctr_ray.train_driver
+
+    monkeypatch.setattr(mmctr_ray.train_driver, "epoch_checkpoints", lambda run: [
+        Path(run) / "checkpoint_epoch_001", Path(run) / "checkpoint_epoch_002"])
+    assert str(_run_ended(WorkerGroupError("Training failed.", {1: dead}), tmp_path / "run", 1)).endswith(
+        f"and the run, restarted once, ends; {tmp_path / 'run'} keeps the checkpoints of epochs 1–2: --resume "
+        f"continues from the last")
+    bad = _run_ended(WorkerGroupError("Training failed.", {0: DataError("train.parquet: bad row")}), tmp_path, 2)
+    assert isinstance(bad, DataError) and str(bad) == "train.parquet: bad row"
+    assert _run_ended(WorkerGroupError("Training failed.", {0: survivor}), tmp_path, 2) is None
+
+
 def test_a_timed_out_resource_request_is_no_warning_on_the_local_ray(ray_local):
     """On a busy machine each run's controller printed Ray Train's "Failed to send resource request ... safe to
     ignore" WARNING with a ~20-line traceback: on the private local Ray no autoscaler serves that request. Its
