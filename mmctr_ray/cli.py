@@ -232,7 +232,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = run_training(args.data, str(args.out), cfg, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                            cpus_per_worker=args.cpus_per_worker, resume=args.resume, overwrite=args.overwrite,
                            verbose=args.verbose,
-                           start_ray=lambda: _start_ray(args, pool_cpus=args.workers * args.cpus_per_worker))
+                           start_ray=lambda: _start_ray(args, pool_cpus=args.workers * args.cpus_per_worker),
+                           lr_set=args.resume and any(o.split("=", 1)[0].strip() == "train.lr" for o in args.overrides))
     oracle = summary.get("oracle_valid_auc")
     log.info("best valid AUC %.4f%s (logloss %.4f) at epoch %d of %d%s; checkpoint %s",
              summary["best_valid_auc"], se_text(summary.get("best_valid_auc_se")), summary["best_valid_logloss"],

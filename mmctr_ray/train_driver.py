@@ -269,7 +269,8 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
                  gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0, resume: bool = False,
                  overwrite: bool = False, max_failures: int = 2, verbose: bool = False,
                  callbacks: list[Any] | None = None, start_ray: Callable[[], None] | None = None,
-                 datasets: dict[str, Any] | None = None, runs_per_node: int = 1) -> dict[str, Any]:
+                 datasets: dict[str, Any] | None = None, runs_per_node: int = 1,
+                 lr_set: bool = False) -> dict[str, Any]:
     """Train ``cfg`` on ``data_dir`` into ``run_dir`` (a local path or a storage URI) with ``workers`` DDP
     workers; return the summary.
 
@@ -282,6 +283,8 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     ``valid``, as :func:`read_split` builds them, e.g. materialized once for many runs: ``mmctr tune``) replaces
     reading the splits from ``data_dir``. ``runs_per_node``: how many runs' CPU workers may share a node at once
     (``mmctr tune``'s concurrent trials); each CPU worker takes its share of the node's cores as torch threads.
+    ``lr_set``: a resume given ``train.lr`` (``--set``) continues at that rate even where it is the run's own, which
+    the schedule had lowered (:func:`mmctr_ray.training.load_into`).
 
     Raises:
         OutputExistsError: ``run_dir`` holds a run and neither ``resume`` nor ``overwrite`` was given.
@@ -322,7 +325,8 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
         loop_config = {"cfg": cfg.to_dict(), "data_dir": str(data_dir), "run_dir": str(run),
                        "feature_map": fmap.__dict__, "train_rows": rows["train"], "valid_rows": rows["valid"],
                        "gpus_per_worker": gpus_per_worker, "start_epoch": checkpoint_epoch(latest) if latest else 0,
-                       "fault": _fault_from_env(), "verbose": verbose, "runs_per_node": runs_per_node}
+                       "fault": _fault_from_env(), "verbose": verbose, "runs_per_node": runs_per_node,
+                       "lr_set": lr_set}
         os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
         fs, fs_path = storage.resolve(run)  # Ray Train writes checkpoints to storage_path/name = RUN
         trainer = torch_trainer()(  # on the private local Ray, without the placement-group cleaner

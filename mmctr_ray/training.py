@@ -199,12 +199,13 @@ def _resume_point(resume_from: str | None) -> tuple[Any, int]:
 
 
 def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, resume_from: str | None,
-             cfg: TrainConfig) -> TrainState | None:
-    """Load :func:`_resume_point`'s checkpoint into ``model`` and ``optimizer``; its state, or None (a fresh start)."""
+             cfg: TrainConfig, lr_at: int | None = None, verbose: bool = True) -> TrainState | None:
+    """Load :func:`_resume_point`'s checkpoint into ``model`` and ``optimizer``; its state, or None (a fresh start).
+    ``lr_at``, ``verbose``: :func:`load_into`'s."""
     source, _ = _resume_point(resume_from)
     context = source.as_directory() if hasattr(source, "as_directory") else contextlib.nullcontext(source)
     with context as directory:
-        return None if directory is None else load_into(model, optimizer, directory, cfg)
+        return None if directory is None else load_into(model, optimizer, directory, cfg, lr_at, verbose)
 
 
 class EarlyBatches:
@@ -277,13 +278,16 @@ def _report_unheard(history: list[dict[str, Any]] | None, heard: int, rank: int)
 
 
 def load_into(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | Path,
-              cfg: TrainConfig) -> TrainState:
+              cfg: TrainConfig, lr_at: int | None = None, verbose: bool = True) -> TrainState:
     """Load a checkpoint's model and optimizer state; return its training state.
 
     The optimizer keeps the checkpoint's moments but this run's settings (``optimizer.load_state_dict`` would also
     bring back the saved ones: a run resumed with another optimizer, or moved from CPU to CUDA, silently kept the
     old weight decay or kernels). The learning rate stays the schedule's (``state.lr``) unless this run's
-    ``train.lr`` differs from the checkpoint's: a resume with ``--set train.lr=...`` continues at that rate."""
+    ``train.lr`` differs from the checkpoint's, or the checkpoint is of epoch ``lr_at`` (where a ``--resume`` given
+    ``--set train.lr=...`` continues, the run's own rate too: it stayed at the decayed one): the run continues at
+    ``train.lr``. A worker restarted later in the run takes its checkpoint's schedule. ``verbose``: say so in the
+    log (rank 0)."""
     loaded = load_checkpoint(directory)
     model.load_state_dict(loaded.model_state)
     if loaded.optimizer_state is not None:
@@ -297,11 +301,13 @@ def load_into(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str
                     if torch.is_tensor(state.get("step")):
                         state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
     state = loaded.state
-    if cfg.lr != loaded.cfg.train.lr:
-        log.info("train.lr is %g in this run and %g in the checkpoint: continuing at %g (the schedule was at %g)",
-                 cfg.lr, loaded.cfg.train.lr, cfg.lr, state.lr)
+    if cfg.lr != loaded.cfg.train.lr or (lr_at is not None and state.epoch == lr_at and state.lr != cfg.lr):
+        if verbose:
+            log.info("train.lr is %g in this run and %g in the checkpoint: continuing at %g (the schedule was at %g)",
+                     cfg.lr, loaded.cfg.train.lr, cfg.lr, state.lr)
         state.lr = cfg.lr
-    log.info("resumed from %s (epoch %d done)", directory, state.epoch)
+    if verbose:
+        log.info("resumed from %s (epoch %d done)", directory, state.epoch)
     return state
 
 
@@ -404,7 +410,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     fmap = FeatureMap(**config["feature_map"])
     model = DINModel(cfg.model, fmap, **table.to_torch(device)).to(device)
     optimizer = make_optimizer(model, cfg.train, device)
-    state = _restore(model, optimizer, latest, cfg.train) or TrainState(lr=cfg.train.lr)
+    state = _restore(model, optimizer, latest, cfg.train, config.get("start_epoch") if config.get("lr_set") else None,
+                     verbose=rank == 0) or TrainState(lr=cfg.train.lr)
     resumed_from = state.epoch  # 0: a fresh start
     registered = ray.train.get_checkpoint()  # the same on every rank
     _report_unheard(state.history, max(config.get("start_epoch", 0),

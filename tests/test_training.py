@@ -68,6 +68,10 @@ def test_a_resumed_optimizer_keeps_its_moments_but_takes_this_runs_settings(synt
 
     same = make_optimizer(model, cfg.train, torch.device("cpu"))
     assert load_into(model, same, tmp_path, cfg.train).lr == cfg.train.lr * 0.1  # the schedule's rate stays
+    # `--resume --set train.lr=` the run's own rate: the resume point's checkpoint (epoch 2) goes back to it (it
+    # stayed at the decayed rate, without a word); a worker restarted later in that run loads a later one
+    assert load_into(model, same, tmp_path, cfg.train, lr_at=2).lr == cfg.train.lr
+    assert load_into(model, same, tmp_path, cfg.train, lr_at=1).lr == cfg.train.lr * 0.1
     moments = same.state_dict()["state"]
     assert moments and all(int(v["step"]) == 1 for v in moments.values())
 
@@ -85,6 +89,24 @@ def test_a_resumed_optimizer_keeps_its_moments_but_takes_this_runs_settings(synt
     assert steps and all(t.dtype == torch.float32 and t.device == torch.device("cpu") for t in steps)
     fused.step()
     assert all(int(s["step"]) == 2 for s in fused.state.values())
+
+
+@pytest.mark.parametrize("sets, lr_set", [(["train.epochs=9"], False), (["train.lr=1e-3", "train.epochs=9"], True),
+                                          (["train.lr = 1e-3"], True)])
+def test_a_resume_given_train_lr_tells_the_workers_so(tmp_path, monkeypatch, sets, lr_set):
+    """What `mmctr train --resume` hands the run: whether train.lr was given (its workers then continue at it, the
+    run's own rate too: see the test above); a fresh run never says so."""
+    import mmctr_ray.train_driver
+    from mmctr_ray.cli import main
+
+    seen = {}
+    monkeypatch.setattr(mmctr_ray.train_driver, "resume_config", lambda run, overrides: tiny_cfg())
+    monkeypatch.setattr(mmctr_ray.train_driver, "run_training", lambda *a, **kw: seen.update(kw) or {
+        "best_valid_auc": 0.7, "best_valid_logloss": 0.5, "best_epoch": 1, "epochs": 1, "best_checkpoint": "c"})
+    argv = ["train", "--data", "D", "--out", str(tmp_path / "run")]
+    assert main([*argv, "--resume", *(a for s in sets for a in ("--set", s))]) == 0
+    assert seen["lr_set"] is lr_set
+    assert main([*argv, "--overwrite", "--set", "train.lr=1e-3"]) == 0 and seen["lr_set"] is False
 
 
 def test_embedding_l2_is_half_the_squared_norm_of_the_tables_only():
@@ -780,8 +802,8 @@ def test_a_run_whose_workers_die_past_its_restarts_ends_in_one_line(tmp_path, mo
     ended = _run_ended(WorkerGroupError("Training failed.", {0: survivor, 1: dead}), tmp_path / "run", 2)
     assert isinstance(ended, WorkersFailed) and str(ended) == (
         f"{tmp_path / 'run'}: a worker's process died (The actor is dead because its worker process has died. Worker "
-        f"exit type: SYSTEM_ERROR Worker exit detail: Worker unexpectedly exits with a connection error code 2) and the "
-        f"run, restarted 2 times, ends; {tmp_path / 'run'} holds no checkpoint yet")
+        f"exit type: SYSTEM_ERROR Worker exit detail: Worker unexpectedly exits with a connection error code 2) and "
+        f"the run, restarted 2 times, ends; {tmp_path / 'run'} holds no checkpoint yet")
     import mmctr_ray.train_driver
 
     monkeypatch.setattr(mmctr_ray.train_driver, "epoch_checkpoints", lambda run: [
