@@ -122,6 +122,19 @@ def planted_logit(world: World, table: pa.Table) -> np.ndarray:
             + syn.W_POP * world.pop[target])
 
 
+def test_covers_rendered_a_few_at_a_time_are_the_same_bytes(tiny_spec, monkeypatch):
+    """A chunk's covers were rendered at once as float64 arrays of (8,192, S, S, 3): ~30 GB at 224 px (measured on 200
+    covers: 729 MiB at once, 32 MiB a batch at a time). Rendered COVER_PIXELS at a time, from the chunk's one
+    noise stream in item order, the bytes are those of one batch."""
+    import mmctr_ray.data.modalities as modalities
+
+    render = modalities.ItemRenderer(World(tiny_spec))
+    ids = np.arange(1, 41)
+    whole = render.covers(ids, 3, 24)  # 40 covers of 24 px fit one batch
+    monkeypatch.setattr(modalities, "COVER_PIXELS", 24 * 24 * 3)  # 3 covers a batch, the last of one
+    assert render.covers(ids, 3, 24) == whole and len(set(whole)) == 40
+
+
 def test_the_oracle_is_the_auc_of_the_planted_probabilities_of_the_rows_as_written(synth_dir, tiny_spec):
     """oracle.json's valid and test AUCs, recomputed from the written rows and labels (not from the arrays the
     writer kept): a row written apart from its label or probability would show here."""
