@@ -3,7 +3,8 @@
 The public MicroLens download is broken, so tests and the demo run on data written by this module in
 exactly the challenge layout (see :mod:`mmctr_ray.schema`). The point of the planted model is that the
 method's levers can be measured: a model that reads the history and the multimodal item vectors must be
-able to beat one that does not, and no model can beat the oracle.
+able to beat one that does not, and no model can beat the oracle in expectation (on a finite split a model
+close to it may score above it by chance).
 
 The world (all drawn from one seed):
 
