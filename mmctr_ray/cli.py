@@ -456,7 +456,7 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
     continuing = resume and storage.is_file(storage.join(run, "config.yaml"))  # else train starts the run
     data = pipeline.local_data(args.data, work, resume, args.overwrite) if args.data else work / "data"
     if args.overwrite:  # the checks that can still refuse the command are behind it
-        pipeline.drop_submission(out, work, args.embed)
+        pipeline.drop_replaced(out, work, args.embed)
     raw, fused = work / "item_raw_emb.parquet", work / "item_emb.parquet"
     step_args = {**vars(args), "data": data, "gpus_per_actor": gpus_per_actor}
 

@@ -76,16 +76,23 @@ def train_changes(run: storage.Location, asked: ExperimentConfig) -> list[str]:
     return [f"train.{key}={json.dumps(value)}" for key, value in changes.items()]
 
 
-def drop_submission(out: storage.Location, work: Path, embed: bool = True) -> None:
-    """On ``--overwrite``, before any step: the earlier run's submission goes with that run (train deletes it), so a
-    new attempt that fails before predict leaves no submission beside it that looks like its own; and without
-    ``embed`` the earlier attempt's embeddings, which no step of this one rewrites (they stayed beside the new run
-    looking like its own). The other outputs are rewritten by their steps."""
+def drop_replaced(out: storage.Location, work: Path, embed: bool = True) -> None:
+    """On ``--overwrite``, before any step, what of the earlier attempt no step of this one may take as its own:
+    its run (``OUT/run``) and features summary, which a ``--resume`` of this attempt killed before it trained
+    continued as they were (the run of the replaced data: ``--train-rows`` changes no item, so nothing refused
+    it), and its submission, which stayed beside a new run that failed before predict; without ``embed``, its
+    embeddings, which no step rewrites. The data, embeddings and fused table stay for their steps, which check
+    and rewrite them (embed's shards of the same settings are reused)."""
     names = [*PUBLISHED["predict"], *([] if embed else PUBLISHED["embed"])]
     for location in {loc for name in names for loc in (storage.join(out, name), work / name)}:
         if storage.is_file(location):
             storage.remove_file(location)
             log.info("%s: removed (of the attempt --overwrite replaces)", location)
+    for name in ("run", *PUBLISHED["features"]):
+        for location in {storage.join(out, name), work / name}:
+            if storage.exists(location):
+                storage.remove_dir(location)
+                log.info("%s: removed (of the attempt --overwrite replaces)", location)
 
 
 def work_dir(out: storage.Location, work: Path | None) -> Path:

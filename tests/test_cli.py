@@ -387,10 +387,12 @@ def test_pipeline_refuses_before_any_stage_runs(tmp_path):
     assert not (tmp_path / "embed_out").exists()
 
 
-def test_pipeline_overwrite_drops_the_replaced_runs_submission_first(tmp_path):
+def test_pipeline_overwrite_drops_the_replaced_runs_outputs_first(tmp_path):
     """`--overwrite` replaced the run but kept its submission.zip: a new attempt that failed before predict left
-    the old submission beside the new run, looking like its own."""
-    from mmctr_ray.pipeline import drop_submission
+    the old submission beside the new run, looking like its own. And it left the run and the features summary until
+    their steps: `--resume` of an attempt killed before training continued the replaced run (on data synthesized
+    anew with other `--train-rows`: no item changed, so no check refused it) and kept the old summary."""
+    from mmctr_ray.pipeline import drop_replaced
 
     local, work, uri_out = tmp_path / "local", tmp_path / "work", tmp_path / "uri_out"
     for folder in (local, work, uri_out):
@@ -398,12 +400,15 @@ def test_pipeline_overwrite_drops_the_replaced_runs_submission_first(tmp_path):
         (folder / "submission.zip").write_bytes(b"the replaced run's")
         (folder / "item_emb.parquet").write_bytes(b"kept: its step rewrites it")
         (folder / "item_raw_emb.parquet").write_bytes(b"kept by an attempt with --embed: embed rewrites it")
-    drop_submission(local, local)
-    drop_submission(f"file://{uri_out}", work)
+        for name in ("run/checkpoint_epoch_001/model.pt", "run/config.yaml", "features/features_summary.json"):
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text("the replaced attempt's")
+    drop_replaced(local, local)
+    drop_replaced(f"file://{uri_out}", work)
     for folder in (local, work, uri_out):
         assert sorted(p.name for p in folder.iterdir()) == ["item_emb.parquet", "item_raw_emb.parquet"]
     (local / "item_raw_emb.embed.json").write_text("{}")
-    drop_submission(local, local, embed=False)  # no embed step rewrites them: they went with the replaced attempt
+    drop_replaced(local, local, embed=False)  # no embed step rewrites them: they went with the replaced attempt
     assert [p.name for p in local.iterdir()] == ["item_emb.parquet"]
 
 
