@@ -465,7 +465,11 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
 
     steps: list[tuple[str, Callable[[], int]]] = []
     if not args.data and not (resume and Layout(data).synth_manifest.is_file()):
-        steps.append(("synth", lambda: cmd_synth(ns(out=data))))
+        def synth() -> int:  # WORK/data is no longer a --data URI's copy (an --overwrite of an attempt on one)
+            (work / pipeline.DATA_SOURCE).unlink(missing_ok=True)
+            return cmd_synth(ns(out=data))
+
+        steps.append(("synth", synth))
     steps.append(("validate", lambda: cmd_validate(argparse.Namespace(data=data, expect_test_rows=None))))
     if args.embed and not (resume and raw.is_file()):
         steps.append(("embed", lambda: cmd_embed(ns(out=raw, pooling="auto", batch_size=64, max_length=32,

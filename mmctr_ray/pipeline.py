@@ -125,7 +125,14 @@ def check_resume(out: storage.Location, work: Path, cfg: ExperimentConfig, embed
     from mmctr_ray.train_driver import resume_config
 
     run = storage.join(out, "run")
-    manifest = Layout(work / "data").synth_manifest
+    manifest, source = Layout(work / "data").synth_manifest, work / DATA_SOURCE
+    if synth is not None and source.is_file():  # WORK/data is the copy of an earlier attempt's --data URI (whose
+        # synth.json, if it has one, is not this command's to compare): the synth step would refuse it after Ray
+        raise ConfigError(f"{out}: the earlier attempt ran on --data {source.read_text().strip()}; pass it again with "
+                          f"--resume (without --data the pipeline synthesizes a data set)")
+    if data and storage.is_uri(data) and manifest.is_file() and not source.is_file():
+        raise ConfigError(f"{work / 'data'}: synthesized by the earlier attempt (it ran without --data), not a copy "
+                          f"of {data}; resume without --data, or pass --overwrite to download {data} instead")
     if synth is not None and manifest.is_file():  # --preset 1m after an interrupted --preset small trained on small
         kept = json.loads(manifest.read_text())["spec"]
         diff = {k: (kept.get(k), v) for k, v in synth.items() if kept.get(k) != v}
@@ -148,13 +155,13 @@ def check_resume(out: storage.Location, work: Path, cfg: ExperimentConfig, embed
     used = (summary or {}).get("data")
     if synth is not None and not manifest.is_file() and used and Path(used) != (work / "data").resolve():
         # without --data the pipeline synthesizes data: here it would make a new data set beside the old one's run
-        source = work / DATA_SOURCE
-        was = source.read_text().strip() if source.is_file() else used
-        raise ConfigError(f"{out}: the earlier attempt ran on --data {was}; pass it again with --resume (without "
+        raise ConfigError(f"{out}: the earlier attempt ran on --data {used}; pass it again with --resume (without "
                           f"--data the pipeline synthesizes a data set)")
-    if data and not storage.is_uri(data) and used and Path(used) != Path(data).resolve():
-        source = work / DATA_SOURCE  # the earlier attempt's --data was a URI, copied to WORK/data
-        was = source.read_text().strip() if source.is_file() and Path(used) == (work / "data").resolve() else used
+    # where this command's data is: a URI's copy is WORK/data, whose source check_data_copy compares
+    here = ((work / "data").resolve() if storage.is_uri(data) else Path(data).resolve()) if data else None
+    if here is not None and used and Path(used) != here:  # a local --data X, then another X or a URI
+        copied = source.is_file() and Path(used) == (work / "data").resolve()  # the earlier --data was a URI
+        was = source.read_text().strip() if copied else used
         raise ConfigError(f"{fused}: kept from the earlier attempt on --data {was}, this command asks {data}; "
                           f"--resume reuses it and the run: pass the --data it started with, or --overwrite to start "
                           f"again")

@@ -412,6 +412,27 @@ def test_pipeline_overwrite_drops_the_replaced_runs_outputs_first(tmp_path):
     assert [p.name for p in local.iterdir()] == ["item_emb.parquet"]
 
 
+def test_a_pipeline_that_synthesizes_its_data_forgets_the_uri_its_data_was_a_copy_of(tmp_path, monkeypatch):
+    """`--overwrite` without --data after an attempt on a --data URI synthesizes WORK/data anew: its data.source
+    (which says WORK/data is that URI's copy) goes first, or a later --resume would be refused as "ran on --data"."""
+    import mmctr_ray.cli as cli
+    import mmctr_ray.train_driver
+    from mmctr_ray import pipeline, ray_env
+
+    out = tmp_path / "out"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "x.parquet").write_bytes(b"the copy of the URI")
+    (out / pipeline.DATA_SOURCE).write_text("s3://bucket/real\n")
+    monkeypatch.setattr(cli, "_start_ray", lambda *a, **k: None)
+    monkeypatch.setattr(mmctr_ray.train_driver, "check_local_workers", lambda *a: None)
+    monkeypatch.setattr(ray_env, "check_actors", lambda *a: None)
+    synthesized = []
+    monkeypatch.setattr(cli, "cmd_synth", lambda args: synthesized.append(
+        (args.out, (out / pipeline.DATA_SOURCE).exists())) or 1)  # the steps stop there
+    assert main(["pipeline", "--out", str(out), "--overwrite"]) == 1
+    assert synthesized == [(out / "data", False)]
+
+
 def test_a_resumed_pipeline_publishes_what_a_kill_cut_from_a_uri_outs_upload(tmp_path):
     """A stage --resume skips (its output kept in --work) was never uploaded again: a kill during its upload left
     OUT without it, or with a cut copy, for good."""
@@ -638,6 +659,23 @@ def test_pipeline_resume_refuses_a_config_that_is_not_what_out_keeps(tmp_path, c
                                           r"--resume reuses it and the run: pass the --data it started with"):
         pipeline.check_resume(str(out), out, load_config("configs/tiny.yaml"), False, data=str(tmp_path))
     pipeline.check_resume(str(out), out, load_config("configs/tiny.yaml"), False, data="/d")  # the same: resumes
+    # ... or with a --data URI: its copy would be WORK/data, where /d's table and run are not from
+    with pytest.raises(ConfigError, match=r"kept from the earlier attempt on --data /d, this command asks "
+                                          r"s3://bucket/real; "):
+        pipeline.check_resume(str(out), out, load_config("configs/tiny.yaml"), False, data="s3://bucket/real")
+    # an attempt that synthesized its data, resumed with a --data URI: WORK/data was reused as its "copy"
+    (other / "item_raw_emb.embed.json").unlink()
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(other / 'data'))}: synthesized by the earlier attempt "
+                                          r"\(it ran without --data\), not a copy of s3://bucket/real; resume "
+                                          r"without --data, or pass --overwrite to download s3://bucket/real instead"):
+        pipeline.check_resume(str(other), other, load_config(None), False, data="s3://bucket/real")
+    # an attempt on a --data URI (its copy in WORK/data), resumed without --data: the synth step refused it after
+    # Ray started, advising --overwrite (which would delete the download)
+    (other / pipeline.DATA_SOURCE).write_text("s3://bucket/real\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(other))}: the earlier attempt ran on --data "
+                                          r"s3://bucket/real; pass it again with --resume"):
+        pipeline.check_resume(str(other), other, load_config(None), False, synth={**synth, "train_rows": 999})
+    pipeline.check_resume(str(other), other, load_config(None), False, data="s3://bucket/real")  # its copy
 
 
 def test_pipeline_resume_takes_the_train_settings_of_its_config_and_knows_its_embeddings(tmp_path, caplog):
