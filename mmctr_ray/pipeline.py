@@ -105,7 +105,12 @@ def work_dir(out: storage.Location, work: Path | None) -> Path:
                           f"file-based outputs before they are copied to OUT")
     else:
         folder = Path(work).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a shared mount still the root's, a path below a file: a traceback before
+        flag = "--work" if storage.is_uri(out) else "--out"
+        raise ConfigError(f"{folder}: cannot create the folder ({err.strerror or err}); {flag} must be a folder this "
+                          f"user can write") from None
     return folder
 
 

@@ -412,6 +412,15 @@ def test_pipeline_overwrite_drops_the_replaced_runs_outputs_first(tmp_path):
     assert [p.name for p in local.iterdir()] == ["item_emb.parquet"]
 
 
+def test_a_work_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    """`--work /mnt/shared/work/p1` on a mount still the root's (cluster.yaml leaves its chown commented out), or
+    below a file: a PermissionError or NotADirectoryError traceback."""
+    (tmp_path / "afile").write_text("")
+    assert main(["pipeline", "--out", f"file://{tmp_path}/uri_out", "--work", str(tmp_path / "afile" / "w")]) == 2
+    assert capsys.readouterr().err.strip() == (f"mmctr pipeline: error: {tmp_path / 'afile' / 'w'}: cannot create the "
+                                               f"folder (Not a directory); --work must be a folder this user can write")
+
+
 def test_a_pipeline_that_synthesizes_its_data_forgets_the_uri_its_data_was_a_copy_of(tmp_path, monkeypatch):
     """`--overwrite` without --data after an attempt on a --data URI synthesizes WORK/data anew: its data.source
     (which says WORK/data is that URI's copy) goes first, or a later --resume would be refused as "ran on --data"."""
