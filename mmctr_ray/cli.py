@@ -486,7 +486,8 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
         # config's data.item_vector names, are zero placeholders that load_item_table refuses)
         steps.append(("features", lambda: cmd_features(ns(out=work / "features",
                                                           overrides=[*fusion_overrides(fused), *args.overrides]))))
-    for skipped in {"embed", "fuse", "features"} - {name for name, _ in steps}:  # kept by an earlier attempt,
+    for skipped in {*(["embed"] if args.embed else []), "fuse", "features"} - {name for name, _ in steps}:  # kept by
+        # an earlier attempt (without --embed, an attempt's embeddings are not this one's to publish),
         pipeline.publish(skipped, work, out, missing_only=True)  # whose upload to a URI OUT a kill may have cut
     # a run continued takes the train.* the command asks, from --config as from --set (its other sections must
     # be the run's: check_resume); before, only --set's reached it and --config's were dropped without a word

@@ -467,6 +467,29 @@ def test_a_resumed_pipeline_publishes_what_a_kill_cut_from_a_uri_outs_upload(tmp
     assert sorted(p.name for p in (out / "features").iterdir()) == ["config.yaml", "features_summary.json"]
 
 
+def test_a_resume_without_embed_does_not_publish_an_embed_attempts_embeddings(tmp_path, monkeypatch):
+    """An attempt with --embed killed before fuse, resumed without it (allowed: nothing fused yet), uploaded that
+    attempt's item_raw_emb.parquet to the URI OUT as if the run had used it."""
+    import dataclasses
+
+    import mmctr_ray.cli as cli
+    import mmctr_ray.train_driver
+    from mmctr_ray import ray_env
+    from mmctr_ray.data.synthetic import SynthSpec
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "data").mkdir(parents=True)
+    out.mkdir()
+    (work / "data" / "synth.json").write_text(json.dumps({"spec": dataclasses.asdict(SynthSpec())}))
+    (work / "item_raw_emb.parquet").write_bytes(b"the --embed attempt's")
+    monkeypatch.setattr(cli, "_start_ray", lambda *a, **k: None)
+    monkeypatch.setattr(mmctr_ray.train_driver, "check_local_workers", lambda *a: None)
+    monkeypatch.setattr(ray_env, "check_actors", lambda *a: None)
+    monkeypatch.setattr(cli, "cmd_validate", lambda args: 1)  # the steps stop at the first
+    assert main(["pipeline", "--out", f"file://{out}", "--work", str(work), "--resume"]) == 1
+    assert not (out / "item_raw_emb.parquet").exists()
+
+
 def test_pipeline_refuses_workers_a_local_ray_cannot_feed_before_its_first_step(tmp_path, capsys, monkeypatch):
     """The worker check runs once Ray is up, before synth and the other steps ahead of training (which take hours
     at full scale with --embed), not only when the train step starts."""
