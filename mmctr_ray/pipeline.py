@@ -242,7 +242,7 @@ def check_data_copy(data: str | None, work: Path, resume: bool, overwrite: bool)
                                 f"to download it again")
     marker = work / DATA_SOURCE
     recorded = marker.read_text().strip() if marker.is_file() else None
-    if recorded is not None and recorded != data:
+    if recorded is not None and storage.normalize(recorded) != storage.normalize(data):  # s3://b/D/ is s3://b/D
         raise OutputExistsError(f"{local}: the copy of {recorded}, not of {data}; pass the --data it started with, "
                                 f"or --overwrite to download {data} instead")
 

@@ -372,6 +372,7 @@ def test_a_cut_download_of_the_data_is_fetched_again_and_a_kept_copy_is_not_repl
     other.mkdir()
     with pytest.raises(OutputExistsError, match=f"^{local}: the copy of {uri}, not of {other.as_uri()}; "):
         pipeline.check_data_copy(other.as_uri(), work, resume=True, overwrite=False)  # before Ray starts
+    pipeline.check_data_copy(uri + "/", work, resume=True, overwrite=False)  # the same folder, spelt with a slash
     from mmctr_ray.errors import DataError
 
     with pytest.raises(DataError, match=f"^{other.as_uri()}: no files to download"):
