@@ -22,6 +22,7 @@ bit: readers here accept either and normalise (int64, float32).
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,8 +166,14 @@ class Layout:
         taken as it is)."""
         if not self.oracle.is_file():
             return None
-        entry = json.loads(self.oracle.read_text()).get(split) or {}
-        return entry.get("oracle_auc") if rows is None or entry.get("rows", rows) == rows else None
+        try:  # shown beside an AUC at the end of a run: a file edited by hand must not fail the run there
+            entry = json.loads(self.oracle.read_text()).get(split) or {}
+            auc = entry.get("oracle_auc") if rows is None or entry.get("rows", rows) == rows else None
+        except (ValueError, AttributeError) as err:
+            logging.getLogger(__name__).warning("%s: not the oracle.json `mmctr synth` writes (%s): no oracle AUC",
+                                                self.oracle, err)
+            return None
+        return auc if isinstance(auc, (int, float)) else None
 
     @property
     def synth_manifest(self) -> Path:

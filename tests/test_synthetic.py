@@ -164,6 +164,9 @@ def test_the_oracle_is_shown_for_the_rows_it_is_of(synth_dir, tmp_path):
     older = Layout(tmp_path)  # an oracle.json written before it recorded rows: taken as it is
     older.oracle.write_text(json.dumps({s: {"oracle_auc": 0.8} for s in ("valid", "test")}))
     assert older.oracle_auc("valid", 7) == 0.8
+    for edited in ('{"valid": {"oracle_auc": 0.8', '["valid"]', '{"valid": {"oracle_auc": "high"}}'):
+        older.oracle.write_text(edited)  # by hand: read at the end of a run, it failed the run there (a traceback)
+        assert older.oracle_auc("valid", 7) is None
 
 
 def test_synth_output_validates_clean(synth_dir):
