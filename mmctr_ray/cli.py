@@ -554,6 +554,19 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args``, with arguments its stage does not know refused by that stage's parser (``usage: mmctr
+    predict ...``), not by the top-level one, whose usage lists no stage flag; a ``--set KEY VALUE`` is told it
+    takes one ``KEY=VALUE``."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        stages = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+        spaced = any(flag == "--set" and "=" not in value for flag, value in zip(argv, argv[1:]))
+        stages.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}" + (
+            "; --set takes KEY=VALUE as one argument (--set train.epochs=3)" if spaced else ""))
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mmctr", description="Multimodal CTR prediction (MMCTR 2025 winner's method) on Ray: one "
                      "subcommand per pipeline stage.")
@@ -907,7 +920,7 @@ def _one_spelling(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     _one_spelling(parser, args)
     forget_sigterm()  # a SIGTERM an earlier command in this process met is not this one's
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

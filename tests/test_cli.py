@@ -152,6 +152,21 @@ def test_validate_and_report_take_their_input_as_the_other_stages_spell_it(synth
     assert f"mmctr report: error: {tmp_path / 'norun'}: not found" in capsys.readouterr().err
 
 
+def test_a_flag_the_stage_does_not_know_is_refused_by_that_stage(capsys):
+    """`mmctr predict ... --fusion F` (a flag of train) and `--set train.epochs 3` were refused by the top-level
+    parser: `usage: mmctr [-h] [-v] STAGE ...`, no flag of the stage, and `mmctr: error:`."""
+    for argv, line in ((["predict", "--run", "R", "--data", "D", "--out", "s.zip", "--fusion", "F"],
+                        "mmctr predict: error: unrecognized arguments: --fusion F"),
+                       (["train", "--data", "D", "--out", "R", "--set", "train.epochs", "3"],
+                        "mmctr train: error: unrecognized arguments: 3; --set takes KEY=VALUE as one argument "
+                        "(--set train.epochs=3)")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.strip().splitlines()[-1] == line
+        assert err.startswith(f"usage: mmctr {argv[0]} ")
+
+
 def test_user_errors_are_one_line_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  dnn_unit: [8]\n")
