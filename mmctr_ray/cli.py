@@ -176,7 +176,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for p in problems:
         print(p)
     errors = sum(p.is_error for p in problems)
-    print(f"{args.data}: {'OK' if not errors else 'INVALID'} ({errors} errors, {len(problems) - errors} warnings)")
+    warnings = len(problems) - errors
+    print(f"{args.data}: {'OK' if not errors else 'INVALID'} ({errors} error{'' if errors == 1 else 's'}, {warnings} "
+          f"warning{'' if warnings == 1 else 's'})")
     return 1 if errors else 0
 
 

@@ -152,6 +152,11 @@ def test_validate_and_report_take_their_input_as_the_other_stages_spell_it(synth
     assert f"mmctr report: error: {tmp_path / 'norun'}: not found" in capsys.readouterr().err
 
 
+def test_validate_counts_its_problems_in_words_that_agree(tmp_path, capsys):
+    assert main(["validate", str(tmp_path)]) == 1  # a folder without MicroLens_1M_x1/: one error
+    assert capsys.readouterr().out.strip().endswith(f"{tmp_path}: INVALID (1 error, 0 warnings)")  # was "1 errors"
+
+
 def test_a_flag_the_stage_does_not_know_is_refused_by_that_stage(capsys):
     """`mmctr predict ... --fusion F` (a flag of train) and `--set train.epochs 3` were refused by the top-level
     parser: `usage: mmctr [-h] [-v] STAGE ...`, no flag of the stage, and `mmctr: error:`."""
