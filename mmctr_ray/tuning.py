@@ -242,7 +242,9 @@ def progress_line(trials: list[Any], trial: Any, outcome: str, total: int, elaps
     best = f"best so far {top[0]:.4f} ({top[1]})" if top else "no result yet"
     pace = elapsed / ended_here if ended_here else float("nan")
     left = f"~{(total - ended) * pace / 60:.1f} min left"
-    if budget_left is not None and budget_left <= 0:
+    if ended >= total and not running:  # the last trial: "~0.0 min left" said it less plainly
+        left = "every trial ended"
+    elif budget_left is not None and budget_left <= 0:
         left = "time budget spent: no new trial starts"
     elif budget_left is not None:  # no trial starts after the budget; the last ones take about one trial's time
         left = f"~{min((total - ended) * pace, budget_left + pace) / 60:.1f} min left, new trials for " \

@@ -891,7 +891,7 @@ def test_an_ended_trial_is_one_line_with_the_best_so_far_and_the_time_left(tmp_p
     assert "; best so far 0.8000 (a); " in progress_line(diverged, trials[1], "pruned", 8, 120.0, 2)  # was: nan (n)
     failed = trial("e", "RUNNING")
     assert progress_line([failed], failed, "failed", 1, 5.0, 1).endswith("failed: no epoch; no result yet; 1/1 ended, "
-                                                                          "0 running; 0.1 min, ~0.0 min left")
+                                                                          "0 running; 0.1 min, every trial ended")
     trials[0].last_result["best_valid_auc_se"] = 0.0123  # the best epoch's standard error, as training reports it
     assert progress_line(trials, trials[0], "completed", 8, 120.0, 2).startswith(
         "trial a completed: best valid AUC 0.8000 ± 0.0123 at epoch 3; best so far 0.8000 (a); ")
