@@ -12,7 +12,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -240,18 +239,16 @@ def _importances(tdir: Path, space: SearchSpace) -> tuple[dict[str, float], str]
 
 
 def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    # a reader never sees a plot half-written; the process's own name: `mmctr report TUNE` may write the plots while
-    # the search's end does (one moved the other's file away, whose replace then failed)
-    partial = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
-    try:
-        fig.savefig(partial, dpi=110)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    """``fig`` as a PNG at ``path``, written whole by :func:`mmctr_ray.storage.write_bytes` (under a temporary name
+    of this process, then renamed): a reader never sees a plot half-written, and `mmctr report TUNE` writing the
+    same plot while the search's end does takes neither's file away (a shared temporary name did)."""
     import matplotlib.pyplot as plt
 
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    storage.write_bytes(path, png.getvalue())
     return path
 
 

@@ -90,13 +90,14 @@ def test_two_processes_writing_one_plot_leave_it_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "getpid", lambda: next(pids))
     path = tmp_path / "auc_by_trial.png"
     mine, theirs = plt.figure(), plt.figure()
-    write = mine.savefig
+    replace = os.replace
 
-    def interleaved(target, **kwargs):  # the other process writes the plot between this one's write and replace
-        write(target, **kwargs)
+    def interleaved(src, dst):  # the other process writes the plot between this one's write and its replace
+        monkeypatch.setattr(os, "replace", replace)
         tune_report._save(theirs, path)
+        replace(src, dst)
 
-    mine.savefig = interleaved
+    monkeypatch.setattr(os, "replace", interleaved)
     tune_report._save(mine, path)
     assert path.read_bytes()[:4] == b"\x89PNG" and [p.name for p in tmp_path.iterdir()] == [path.name]
 
