@@ -144,6 +144,7 @@ def check_split(data_dir: str | Path, split: str, items: int | None = None) -> i
     items = num_items(data_dir) if items is None else items
     hint = HINT.format(data=data_dir)
     parts = split_files(data_dir, split)
+    labels = split != "test" or Layout(data_dir).labelled_test  # the test split's are placeholders, unless converted
     for path, pf in parts:
         _check_width(pf, path, hint)
         _check_range(pf, path, "user_id", 0, None, "non-negative ids", hint)
@@ -151,7 +152,7 @@ def check_split(data_dir: str | Path, split: str, items: int | None = None) -> i
         _check_range(pf, path, "item_seq", 0, items, f"item ids in 0..{items} (0 = padding)", hint)
         for name in ("likes_level", "views_level"):
             _check_range(pf, path, name, 0, LEVELS - 1, f"levels in 0..{LEVELS - 1}", hint)
-        if split != "test" or Layout(data_dir).labelled_test:  # the test split's are placeholders, unless converted
+        if labels:
             check_labels(pf, path, hint)
     return sum(pf.metadata.num_rows for _, pf in parts)
 

@@ -465,13 +465,14 @@ def _worker_failures(max_failures: int) -> Any:
     return WorkerFailures()
 
 
-def _kept(run: storage.Location) -> str:
-    """What ``run`` keeps of a run that ended early: its epochs' checkpoints, which ``--resume`` continues from."""
+def _kept(run: storage.Location, then: str = "") -> str:
+    """What ``run`` keeps of a run that ended early: its epochs' checkpoints, which ``--resume`` continues from;
+    ``then`` follows when there is one."""
     epochs = [checkpoint_epoch(c) for c in epoch_checkpoints(run)]
     if not epochs:  # stopped before the first epoch's checkpoint
         return f"{run} holds no checkpoint yet"
     return f"{run} keeps " + (f"the checkpoint of epoch {epochs[0]}" if len(epochs) == 1 else
-                              f"the checkpoints of epochs {epochs[0]}–{epochs[-1]}")
+                              f"the checkpoints of epochs {epochs[0]}–{epochs[-1]}") + then
 
 
 def _run_ended(err: BaseException, run: storage.Location, max_failures: int) -> UserError | None:
@@ -485,10 +486,8 @@ def _run_ended(err: BaseException, run: storage.Location, max_failures: int) -> 
         return None
     restarts = {0: "not restarted (none asked)", 1: "restarted once"}.get(max_failures,
                                                                         f"restarted {max_failures} times")
-    kept = _kept(run)
     return WorkersFailed(f"{run}: a worker's process died ({worker_failure_reason(died)}) and the run, "
-                         f"{restarts}, ends; {kept}" + ("" if not epoch_checkpoints(run) else
-                                                       ": --resume continues from the last"))
+                         f"{restarts}, ends; {_kept(run, ': --resume continues from the last')}")
 
 
 def _summary(run_dir: storage.Location, data_dir: Path, seconds: float) -> dict[str, Any]:
