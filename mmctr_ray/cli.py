@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mmctr_ray import storage
-from mmctr_ray.config import PRECISIONS, ExperimentConfig, load_config, save_config
+from mmctr_ray.config import PRECISIONS, ExperimentConfig, load_config, override_key, save_config
 from mmctr_ray.data.synthetic import PRESETS, SynthSpec
 from mmctr_ray.data.writer import write_synthetic
 from mmctr_ray.errors import ConfigError, Interrupted, OutputExistsError, find_user_error
@@ -235,7 +235,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                            cpus_per_worker=args.cpus_per_worker, resume=args.resume, overwrite=args.overwrite,
                            verbose=args.verbose,
                            start_ray=lambda: _start_ray(args, pool_cpus=args.workers * args.cpus_per_worker),
-                           lr_set=args.resume and any(o.split("=", 1)[0].strip() == "train.lr" for o in args.overrides))
+                           lr_set=args.resume and any(override_key(o) == "train.lr" for o in args.overrides))
     oracle = summary.get("oracle_valid_auc")
     log.info("best valid AUC %.4f%s (logloss %.4f) at epoch %d of %d%s; checkpoint %s",
              summary["best_valid_auc"], se_text(summary.get("best_valid_auc_se")), summary["best_valid_logloss"],

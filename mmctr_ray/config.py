@@ -404,12 +404,17 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     return _build(ExperimentConfig, raw)
 
 
+def override_key(assignment: str) -> str:
+    """The dotted key a ``section.key=value`` override sets (``train.lr`` of ``train.lr = 1e-3``)."""
+    return assignment.split("=", 1)[0].strip()
+
+
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply one ``section.key=value`` override to a raw config dict in place."""
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r}: expected section.key=value")
-    path, text = assignment.split("=", 1)
-    keys = path.strip().split(".")
+    text = assignment.split("=", 1)[1]
+    keys = override_key(assignment).split(".")
     if not all(keys):
         raise ConfigError(f"override {assignment!r}: expected section.key=value")
     try:

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmctr_ray.config import ConfigError, ExperimentConfig, apply_override, from_dict, is_valid, read_yaml
+from mmctr_ray.config import (ConfigError, ExperimentConfig, apply_override, from_dict, is_valid, override_key,
+                              read_yaml)
 
 KINDS = ("choice", "int", "float")
 PARAM_KEYS = {*KINDS, "log", "step", "when"}
@@ -310,7 +311,7 @@ def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = (), s
     params = [_param(key, spec, keys, where) for key, spec in search["space"].items()]
     params = _dependency_order(params, where)
     settings = {k: search[k] for k in SEARCH_KEYS if k in search and k != "space"}
-    by_set = {a.split("=", 1)[0].strip().removeprefix("search.") for a in overrides if a.strip().startswith("search.")}
+    by_set = {override_key(a).removeprefix("search.") for a in overrides if a.strip().startswith("search.")}
     for k, v in settings.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "seed" else 1):
             raise ConfigError(f"{'--set' if k in by_set else where}: search.{k}={v!r}: expected a positive integer")
