@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import math
 import posixpath
 from typing import Any
@@ -170,10 +171,25 @@ def plot_curves(rows: list[dict[str, Any]]) -> bytes:
     return png.getvalue()
 
 
+def _oracle_auc(run_dir: Location) -> float | None:
+    """The oracle AUC the run's ``summary.json`` records; None without one (a run still training, data not from
+    `mmctr synth`), and, with a warning, for a file training did not write (cut, edited by hand): the report of
+    the epochs is still written (it was a JSONDecodeError traceback and no report)."""
+    path = storage.join(run_dir, "summary.json")
+    if not storage.is_file(path):
+        return None
+    try:
+        oracle = json.loads(storage.read_text(path)).get("oracle_valid_auc")
+    except (ValueError, AttributeError) as err:
+        logging.getLogger(__name__).warning("%s: not the summary.json `mmctr train` writes (%s): no oracle AUC in "
+                                            "the report", path, err)
+        return None
+    return float(oracle) if isinstance(oracle, (int, float)) and math.isfinite(oracle) else None
+
+
 def markdown_summary(run_dir: Location, rows: list[dict[str, Any]]) -> str:
     best = best_epoch(rows)
-    summary_path = storage.join(run_dir, "summary.json")
-    summary = json.loads(storage.read_text(summary_path)) if storage.is_file(summary_path) else {}
+    oracle = _oracle_auc(run_dir)
     se = best.get("valid_auc_se")
     described = run_description(run_dir)
     lines = [f"# Run `{storage.basename(run_dir)}`", "", *([f"Trained: {described}.", ""] if described else []),
@@ -189,9 +205,8 @@ def markdown_summary(run_dir: Location, rows: list[dict[str, Any]]) -> str:
                      f"AUCs of this precision would need to differ by about {2 * math.sqrt(2) * se:.4f} to be told "
                      f"apart; runs scored on the same rows err alike, so `mmctr compare` (the paired test) tells "
                      f"smaller differences apart.")
-    if summary.get("oracle_valid_auc"):
-        lines.append(f"Oracle AUC of the synthetic data: {summary['oracle_valid_auc']:.4f} "
-                     f"(gap {summary['oracle_valid_auc'] - best['valid_auc']:.4f}).")
+    if oracle is not None:
+        lines.append(f"Oracle AUC of the synthetic data: {oracle:.4f} (gap {oracle - best['valid_auc']:.4f}).")
     lines += ["", "| epoch | train loss | valid AUC | valid logloss | lr | samples/s | seconds |",
               "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:

@@ -221,3 +221,23 @@ def test_compare_refuses_bad_or_one_class_labels_and_a_json_folder_before_scorin
                  "--overwrite"]) == 2
     assert capsys.readouterr().err.strip() == (f"mmctr compare: error: {tmp_path / 'out.json'}: --json names a "
                                                f"file to write; it is a folder or lies below a file")
+
+
+def test_a_report_is_written_beside_a_summary_json_training_did_not_write(tmp_path, caplog):
+    """The oracle line read summary.json unguarded: a cut or hand-edited file was a JSONDecodeError traceback (a
+    list an AttributeError) and no report at all. The epochs' report is written, with a warning naming the file."""
+    rows = [epoch(1, 0.70), epoch(2, 0.72)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "summary.json").write_text(json.dumps({"oracle_valid_auc": 0.8907}))
+    report = markdown_summary(tmp_path, read_metrics(tmp_path))
+    assert "Oracle AUC of the synthetic data: 0.8907 (gap 0.1707)." in report
+    for garbled in ('{"oracle_valid_auc": 0.89', "[0.8907]", '{"oracle_valid_auc": null}'):
+        (tmp_path / "summary.json").write_text(garbled)
+        caplog.clear()
+        assert main(["report", str(tmp_path)]) == 0, garbled
+        summary = (tmp_path / "report" / "summary.md").read_text()
+        assert "Best validation AUC **0.7200**" in summary and "Oracle AUC" not in summary
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warned) == (0 if "null" in garbled else 1), garbled
+        assert all(w.startswith(f"{tmp_path / 'summary.json'}: not the summary.json `mmctr train` writes (")
+                   and w.endswith("): no oracle AUC in the report") for w in warned)
