@@ -139,9 +139,11 @@ class Layout:
         return f"holds no {name}/ folder: --data is the folder that holds {name}/ and item_feature.parquet"
 
     def missing(self, path: Path) -> str:
-        """The one-line message for a missing ``path`` of this layout, with :meth:`not_a_data_dir`'s reason."""
+        """The one-line message for a missing ``path`` of this layout; when the root is not a data directory, that
+        reason (:meth:`not_a_data_dir`) alone, said of the folder the user typed, as `mmctr validate` says it (it came
+        after a path under that folder: ``DATA/MicroLens_1M_x1/MicroLens_1M_x1/item_info.parquet: missing file``)."""
         why = self.not_a_data_dir()
-        return f"{path}: missing file" + (f" ({self.root}: {why})" if why else "")
+        return f"{self.root}: {why}" if why else f"{path}: missing file"
 
     @property
     def item_feature(self) -> Path:

@@ -248,9 +248,8 @@ def test_progress_rate_and_eta_leave_out_the_start_up():
 
 def test_a_data_folder_that_is_the_dataset_folder_itself_is_named_as_such(synth_dir, bert_tiny, tmp_path):
     inner = synth_dir / "MicroLens_1M_x1"
-    with pytest.raises(DataError, match=rf"^{inner}/item_feature.parquet: missing file \({inner}: looks like the "
-                                        rf"MicroLens_1M_x1 folder itself: --data is the folder above it, here "
-                                        rf"{synth_dir}\)$"):
+    with pytest.raises(DataError, match=rf"^{inner}: looks like the MicroLens_1M_x1 folder itself: --data is the "
+                                        rf"folder above it, here {synth_dir}$"):
         embed(inner, tmp_path / "e.parquet", bert_tiny, start_ray=lambda: None)
 
 

@@ -139,7 +139,10 @@ def test_item_table_from_fused_file_scatters_by_item_id(synth_dir, tiny_spec, tm
 
 
 def test_item_table_errors_name_file_and_column(synth_dir, tmp_path):
-    with pytest.raises(DataError, match="item_info.parquet: missing file"):
+    with pytest.raises(DataError, match=f"^{tmp_path}: holds no MicroLens_1M_x1/ folder"):  # the folder typed
+        load_item_table(tmp_path)
+    (tmp_path / "MicroLens_1M_x1").mkdir()
+    with pytest.raises(DataError, match=f"^{tmp_path}/MicroLens_1M_x1/item_info.parquet: missing file$"):
         load_item_table(tmp_path)
     bad = tmp_path / "emb.parquet"
     pq.write_table(pa.table({"item_id": [1], "vec": [[1.0]]}), bad)

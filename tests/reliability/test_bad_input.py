@@ -526,7 +526,7 @@ CASES = [
     (item_info_of_only_the_padding_row, ["item_info.parquet: holds only the padding row 0, expected the items 1..N"],
      ["run"]),
     (missing_item_info, ["item_info.parquet: missing file"], ["run"]),
-    (missing_data_dir, ["nowhere/MicroLens_1M_x1/", "missing file"], ["run"]),
+    (missing_data_dir, ["/nowhere: no such data directory"], ["run"]),
     (invalid_yaml, ["bad.yaml: invalid YAML at line 3"], ["run"]),
     (unknown_config_key, ["bad.yaml", "model.dropuot", "dropout"], ["run"]),
     (negative_learning_rate, ["train.lr", "-0.001", "> 0"], ["run"]),
@@ -589,8 +589,7 @@ CASES = [
     (synth_impossible_size, ["--items must be >= 1"], ["s"]),
     (report_not_a_run, ["empty/metrics.jsonl: missing file"], []),
     (report_of_nothing, ["nope: not found (expected a run directory of `mmctr train`)"], ["nope"]),
-    (features_of_a_missing_folder, ["nowhere/MicroLens_1M_x1/item_info.parquet: missing file (", "/nowhere: no such "
-                                    "data directory)"],
+    (features_of_a_missing_folder, ["/nowhere: no such data directory"],
      ["features"]),
     (features_of_a_null_inside_a_history, ["train.parquet: column item_seq: 1 null values, expected item ids in "
                                            "0..200"], ["features"]),
