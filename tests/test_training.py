@@ -329,6 +329,42 @@ def test_predict_writes_the_submission_in_test_row_order(two_worker_run, synth_d
     assert f"test AUC {summary['metrics']['auc']:.4f}" in said and "oracle" not in said, said
 
 
+def test_scores_come_back_in_row_order_from_actors_that_finish_out_of_order(two_worker_run, synth_dir, tmp_path,
+                                                                             monkeypatch):
+    """IDs are row positions, so the scores must come back in the split's row order. With one actor and a test
+    split of one block they did whatever Ray Data's `preserve_order` said, and the submission test above could not
+    tell. Here two actors score a split of several parts, and the actor that gets the first batch takes 2 s over it:
+    the other actor's parts are done first, and without `preserve_order` they came back first."""
+    import shutil
+    import time
+
+    import mmctr_ray.predict as predict
+
+    run, _ = two_worker_run
+    max_len = load_config(run / "config.yaml").data.max_len
+    expected = score_parquet(load_model(best_checkpoint(run), synth_dir), Layout(synth_dir).split("test"), max_len,
+                             logits=True)
+    parted = shutil.copytree(synth_dir, tmp_path / "parted", ignore=shutil.ignore_patterns("item_images"))
+    path = Layout(parted).split("test")
+    table = pq.read_table(path)
+    path.unlink()
+    path.mkdir()
+    bounds = [*range(0, table.num_rows, 50), table.num_rows]
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        pq.write_table(table.slice(lo, hi - lo), path / f"part-{i:05d}.parquet")
+    first = table.column("user_id").to_numpy()[:4], table.column("item_id").to_numpy()[:4]
+
+    class SlowOverTheFirstBatch(predict.Scorer):  # a local class: Ray pickles it whole for its actors
+        def __call__(self, batch):
+            if np.array_equal(batch["user_id"], first[0]) and np.array_equal(batch["item_id"], first[1]):
+                time.sleep(2.0)
+            return super().__call__(batch)
+
+    monkeypatch.setattr(predict, "Scorer", SlowOverTheFirstBatch)
+    logits, _, _ = predict.score_split(run, parted, "test", actors=2, batch_size=4)
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+
+
 def test_predict_on_a_test_split_cut_since_synth_writes_the_submission_without_a_test_auc(synth_dir, tmp_path,
                                                                                           monkeypatch, caplog):
     """The hidden test labels of synthetic data no longer matched a test split cut since: predict ended in an
