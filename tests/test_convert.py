@@ -467,3 +467,40 @@ def test_a_bad_line_is_numbered_as_an_editor_shows_it_empty_lines_included(tmp_p
     fmt = LineFormat(False, 1, ("user", "item", "timestamp"), 0, 1, 2)
     assert first_bad_line(fmt, SimpleNamespace(pairs=path)) == (
         f"{path}: line 6: column timestamp: 'yesterday' is not an integer timestamp (ms)")
+
+
+def test_the_item_files_read_signed_ids_as_the_interactions_do_and_name_a_bad_value(tmp_path):
+    """The titles, likes/views and tags files were parsed by Arrow: `+5` was refused (the interactions file takes
+    it as 5), and a bad value was Arrow's "CSV conversion error to int64" without its row."""
+    from mmctr_ray.convert.raw import locate, read_items
+
+    raw = tmp_path / "raw"
+    make_raw(raw, users=30)
+    files = locate(RawSpec(raw))
+    plain = read_items(RawSpec(raw), files)
+    for path, sep in ((files.titles, ","), (files.likes_views, "\t"), (files.tags, ",")):
+        lines = path.read_text().splitlines()
+        body = 1 if sep == "," else 0  # the likes/views file has no header
+        path.write_text("\n".join(lines[:body] + [f'+{line}' if i % 2 else f' "{line.split(sep)[0]}"{sep}'
+                                                  + sep.join(line.split(sep)[1:])
+                                                  for i, line in enumerate(lines[body:])]) + "\n")
+    signed = read_items(RawSpec(raw), files)  # the likes/views file's first line: `"id"`, then `+id`, header-less
+    np.testing.assert_array_equal(signed.raw_ids, plain.raw_ids)
+    np.testing.assert_array_equal(signed.likes, plain.likes)
+    np.testing.assert_array_equal(signed.views, plain.views)
+    assert signed.titles == plain.titles and signed.tags == plain.tags
+    lines = files.likes_views.read_text().splitlines()
+    files.likes_views.write_text("\n".join(lines[:3] + ["1007\tmany\t5"] + lines[3:]) + "\n")
+    with pytest.raises(DataError) as err:
+        read_items(RawSpec(raw), files)
+    assert str(err.value) == f"{files.likes_views}: column likes: 'many' at data row 4 is not an integer"
+    files.likes_views.write_text("\n".join(lines) + "\n")
+    files.titles.write_text(files.titles.read_text() + ",untitled\n")  # an empty id: said as before
+    with pytest.raises(DataError) as err:
+        read_items(RawSpec(raw), files)
+    assert str(err.value) == f"{files.titles}: column item: empty value at data row 301; expected an integer id"
+    from mmctr_ray.convert.raw import has_header
+
+    (tmp_path / "seq.tsv").write_text("+5\t1 2\n")  # a header-less first line, signed: it was taken for a header
+    (tmp_path / "named.tsv").write_text("user\titems\n5\t1 2\n")
+    assert not has_header(tmp_path / "seq.tsv") and has_header(tmp_path / "named.tsv")

@@ -16,6 +16,7 @@ and are read on the driver; interactions are read as a Ray Dataset and never col
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,9 +133,10 @@ def _require_columns(path: Path, names: list[str], flags: str) -> None:
 
 
 def has_header(path: Path, delimiter: str = "\t") -> bool:
-    """A header-less MicroLens text file starts with a numeric id; anything else is a header line."""
+    """A header-less MicroLens text file starts with a numeric id, as the readers take one (signed, quoted, padded:
+    ``+5`` was taken for a header, and its line dropped without a word); anything else is a header line."""
     first = _header(path, delimiter)
-    return bool(first) and not first[0].strip().lstrip("-").isdigit()
+    return bool(first) and re.fullmatch(r"[+-]?[0-9]+", first[0].strip(' "\r\t')) is None
 
 
 def _arrow_error(path: Path, err: Exception) -> DataError:
@@ -142,11 +144,32 @@ def _arrow_error(path: Path, err: Exception) -> DataError:
 
 
 def _read_csv(path: Path, columns: dict[str, pa.DataType], **kw) -> pa.Table:
+    """``columns`` of a CSV file, the integer ones read as text and parsed as the interactions are
+    (:func:`_int_column`): Arrow's own parsing refused ``+5``, which the interactions file takes as 5, and named
+    neither the column nor the row of a bad value."""
+    as_text = {name: pa.string() if pa.types.is_integer(kind) else kind for name, kind in columns.items()}
     try:
-        return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
-            column_types=columns, include_columns=list(columns), strings_can_be_null=False), **kw)
+        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+            column_types=as_text, include_columns=list(columns), strings_can_be_null=False), **kw)
     except (pa.ArrowInvalid, pa.ArrowKeyError) as err:
         raise _arrow_error(path, err) from None
+    for name, kind in columns.items():
+        if pa.types.is_integer(kind):
+            table = table.set_column(table.schema.get_field_index(name), name,
+                                     _int_column(table.column(name), name, path))
+    return table
+
+
+def _int_column(col: pa.ChunkedArray, name: str, path: Path) -> pa.Array:
+    """int64 values of a text column, null where a value is empty (as Arrow reads an empty integer); a value that
+    is not an integer is a one-line error naming the column, the data row and the value."""
+    text = pc.utf8_trim(col.combine_chunks(), ' "\r\t')
+    empty = pc.equal(text, "")
+    ok = pc.or_(empty, pc.match_substring_regex(text, _INT))
+    if not pc.all(ok).as_py():
+        row = int(pc.index(ok, False).as_py())
+        raise DataError(f"{path}: column {name}: {text[row].as_py()!r} at data row {row + 1} is not an integer")
+    return pc.cast(pc.if_else(empty, pa.scalar(None, pa.string()), pc.utf8_ltrim(text, "+")), pa.int64())
 
 
 def _ids(table: pa.Table, name: str, path: Path) -> np.ndarray:
