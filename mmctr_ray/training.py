@@ -205,7 +205,17 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, resume_from: st
     source, _ = _resume_point(resume_from)
     context = source.as_directory() if hasattr(source, "as_directory") else contextlib.nullcontext(source)
     with context as directory:
-        return None if directory is None else load_into(model, optimizer, directory, cfg, lr_at, verbose)
+        return None if directory is None else load_into(model, optimizer, directory, cfg, lr_at, verbose,
+                                                        shown=_checkpoint_name(source))
+
+
+def _checkpoint_name(source: Any) -> str:
+    """A resume point as the log names it: Ray Train's checkpoint by its place in storage (``as_directory`` gives a
+    temporary copy of a remote one), with the storage's scheme where it has one (``s3://...``)."""
+    if not hasattr(source, "path"):
+        return str(source)
+    scheme = getattr(getattr(source, "filesystem", None), "type_name", "local").removeprefix("py::fsspec+")
+    return f"{scheme}://{source.path}" if scheme.isalnum() and scheme not in ("local", "mock") else source.path
 
 
 class EarlyBatches:
@@ -278,7 +288,8 @@ def _report_unheard(history: list[dict[str, Any]] | None, heard: int, rank: int)
 
 
 def load_into(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | Path,
-              cfg: TrainConfig, lr_at: int | None = None, verbose: bool = True) -> TrainState:
+              cfg: TrainConfig, lr_at: int | None = None, verbose: bool = True, shown: str | None = None
+              ) -> TrainState:
     """Load a checkpoint's model and optimizer state; return its training state.
 
     The optimizer keeps the checkpoint's moments but this run's settings (``optimizer.load_state_dict`` would also
@@ -287,7 +298,7 @@ def load_into(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str
     ``train.lr`` differs from the checkpoint's, or the checkpoint is of epoch ``lr_at`` (where a ``--resume`` given
     ``--set train.lr=...`` continues, the run's own rate too: it stayed at the decayed one): the run continues at
     ``train.lr``. A worker restarted later in the run takes its checkpoint's schedule. ``verbose``: say so in the
-    log (rank 0)."""
+    log (rank 0), naming the checkpoint ``shown`` (default: ``directory``)."""
     loaded = load_checkpoint(directory)
     model.load_state_dict(loaded.model_state)
     if loaded.optimizer_state is not None:
@@ -307,7 +318,7 @@ def load_into(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str
                      cfg.lr, loaded.cfg.train.lr, cfg.lr, state.lr)
         state.lr = cfg.lr
     if verbose:
-        log.info("resumed from %s (epoch %d done)", directory, state.epoch)
+        log.info("resumed from %s (epoch %d done)", shown or directory, state.epoch)
     return state
 
 

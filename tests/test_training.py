@@ -1375,6 +1375,24 @@ def test_a_run_under_a_storage_uri_trains_resumes_predicts_and_reports(ray_local
     assert main(["report", uri + "-missing"]) == 2
 
 
+def test_a_resume_from_remote_storage_is_named_by_its_uri_not_its_temporary_copy():
+    """A restarted worker loads Ray Train's checkpoint through ``as_directory``, a temporary copy for remote storage:
+    the log said "resumed from /tmp/tmpXXXX" for a run in s3://."""
+    import fsspec
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    from mmctr_ray.training import _checkpoint_name
+
+    remote = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem("memory")))
+    assert _checkpoint_name(Checkpoint("bucket/run/checkpoint_epoch_002", remote)) == \
+        "memory://bucket/run/checkpoint_epoch_002"
+    s3 = pafs.S3FileSystem(anonymous=True, region="us-east-1")  # built without a request
+    assert _checkpoint_name(Checkpoint("b/run/checkpoint_epoch_002", s3)) == "s3://b/run/checkpoint_epoch_002"
+    assert _checkpoint_name(Checkpoint("/runs/r/checkpoint_epoch_002")) == "/runs/r/checkpoint_epoch_002"
+    assert _checkpoint_name("s3://b/run/checkpoint_epoch_001") == "s3://b/run/checkpoint_epoch_001"  # RUN's own
+
+
 def test_overwrite_never_deletes_a_directory_that_is_not_a_run(synth_dir, tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(OutputExistsError, match="not a run of `mmctr train`"):
