@@ -180,11 +180,13 @@ def _oracle_auc(run_dir: Location) -> float | None:
         return None
     try:
         oracle = json.loads(storage.read_text(path)).get("oracle_valid_auc")
+        if oracle is not None and (isinstance(oracle, bool) or not isinstance(oracle, (int, float))):
+            raise ValueError(f"oracle_valid_auc {oracle!r} is not a number")
     except (ValueError, AttributeError) as err:
         logging.getLogger(__name__).warning("%s: not the summary.json `mmctr train` writes (%s): no oracle AUC in "
                                             "the report", path, err)
         return None
-    return float(oracle) if isinstance(oracle, (int, float)) and math.isfinite(oracle) else None
+    return float(oracle) if oracle is not None and math.isfinite(oracle) else None
 
 
 def markdown_summary(run_dir: Location, rows: list[dict[str, Any]]) -> str:

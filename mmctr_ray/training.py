@@ -214,8 +214,12 @@ def _checkpoint_name(source: Any) -> str:
     temporary copy of a remote one), with the storage's scheme where it has one (``s3://...``)."""
     if not hasattr(source, "path"):
         return str(source)
-    scheme = getattr(getattr(source, "filesystem", None), "type_name", "local").removeprefix("py::fsspec+")
-    return f"{scheme}://{source.path}" if scheme.isalnum() and scheme not in ("local", "mock") else source.path
+    filesystem = getattr(source, "filesystem", None)
+    wrapped = getattr(getattr(filesystem, "handler", None), "fs", None)  # an fsspec one (abfs://, memory://, ...)
+    if wrapped is not None and hasattr(wrapped, "unstrip_protocol"):
+        return wrapped.unstrip_protocol(source.path)
+    scheme = {"s3": "s3", "gcs": "gs", "hdfs": "hdfs"}.get(getattr(filesystem, "type_name", "local"))
+    return f"{scheme}://{source.path}" if scheme else source.path
 
 
 class EarlyBatches:

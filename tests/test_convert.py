@@ -493,12 +493,22 @@ def test_the_item_files_read_signed_ids_as_the_interactions_do_and_name_a_bad_va
     files.likes_views.write_text("\n".join(lines[:3] + ["1007\tmany\t5"] + lines[3:]) + "\n")
     with pytest.raises(DataError) as err:
         read_items(RawSpec(raw), files)
-    assert str(err.value) == f"{files.likes_views}: column likes: 'many' at data row 4 is not an integer"
+    assert str(err.value) == (f"{files.likes_views}: column likes: 'many' at data row 4 is not an integer of at "
+                              f"most 18 digits")
     files.likes_views.write_text("\n".join(lines) + "\n")
     files.titles.write_text(files.titles.read_text() + ",untitled\n")  # an empty id: said as before
     with pytest.raises(DataError) as err:
         read_items(RawSpec(raw), files)
     assert str(err.value) == f"{files.titles}: column item: empty value at data row 301; expected an integer id"
+    files.titles.write_text("item,title\n")  # a header alone: no items, as before (no values: all() was null)
+    with pytest.raises(DataError) as err:
+        read_items(RawSpec(raw), files)
+    assert str(err.value) == f"{files.titles}: no items"
+    files.titles.write_text("item,title\n1000000000000000000,x\n")  # past the 18 digits ids may have
+    with pytest.raises(DataError) as err:
+        read_items(RawSpec(raw), files)
+    assert str(err.value) == (f"{files.titles}: column item: '1000000000000000000' at data row 1 is not an integer "
+                              f"of at most 18 digits")
     from mmctr_ray.convert.raw import has_header
 
     (tmp_path / "seq.tsv").write_text("+5\t1 2\n")  # a header-less first line, signed: it was taken for a header

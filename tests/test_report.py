@@ -231,7 +231,8 @@ def test_a_report_is_written_beside_a_summary_json_training_did_not_write(tmp_pa
     (tmp_path / "summary.json").write_text(json.dumps({"oracle_valid_auc": 0.8907}))
     report = markdown_summary(tmp_path, read_metrics(tmp_path))
     assert "Oracle AUC of the synthetic data: 0.8907 (gap 0.1707)." in report
-    for garbled in ('{"oracle_valid_auc": 0.89', "[0.8907]", '{"oracle_valid_auc": null}'):
+    for garbled in ('{"oracle_valid_auc": 0.89', "[0.8907]", '{"oracle_valid_auc": true}',
+                    '{"oracle_valid_auc": "0.9"}', '{"oracle_valid_auc": null}'):
         (tmp_path / "summary.json").write_text(garbled)
         caplog.clear()
         assert main(["report", str(tmp_path)]) == 0, garbled

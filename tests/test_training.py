@@ -329,6 +329,7 @@ def test_predict_writes_the_submission_in_test_row_order(two_worker_run, synth_d
     assert f"test AUC {summary['metrics']['auc']:.4f}" in said and "oracle" not in said, said
 
 
+@pytest.mark.slow
 def test_scores_come_back_in_row_order_from_actors_that_finish_out_of_order(two_worker_run, synth_dir, tmp_path,
                                                                              monkeypatch):
     """IDs are row positions, so the scores must come back in the split's row order. With one actor and a test
@@ -353,16 +354,21 @@ def test_scores_come_back_in_row_order_from_actors_that_finish_out_of_order(two_
     for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         pq.write_table(table.slice(lo, hi - lo), path / f"part-{i:05d}.parquet")
     first = table.column("user_id").to_numpy()[:4], table.column("item_id").to_numpy()[:4]
+    marks = tmp_path / "marks"
+    marks.mkdir()
 
     class SlowOverTheFirstBatch(predict.Scorer):  # a local class: Ray pickles it whole for its actors
         def __call__(self, batch):
+            (marks / f"scored-by-{os.getpid()}").touch()
             if np.array_equal(batch["user_id"], first[0]) and np.array_equal(batch["item_id"], first[1]):
+                (marks / "slowed").touch()
                 time.sleep(2.0)
             return super().__call__(batch)
 
     monkeypatch.setattr(predict, "Scorer", SlowOverTheFirstBatch)
     logits, _, _ = predict.score_split(run, parted, "test", actors=2, batch_size=4)
     np.testing.assert_allclose(logits, expected, atol=1e-5)
+    assert (marks / "slowed").exists() and len(list(marks.glob("scored-by-*"))) == 2  # the case it is meant to be
 
 
 def test_predict_on_a_test_split_cut_since_synth_writes_the_submission_without_a_test_auc(synth_dir, tmp_path,
@@ -1391,6 +1397,15 @@ def test_a_resume_from_remote_storage_is_named_by_its_uri_not_its_temporary_copy
     assert _checkpoint_name(Checkpoint("b/run/checkpoint_epoch_002", s3)) == "s3://b/run/checkpoint_epoch_002"
     assert _checkpoint_name(Checkpoint("/runs/r/checkpoint_epoch_002")) == "/runs/r/checkpoint_epoch_002"
     assert _checkpoint_name("s3://b/run/checkpoint_epoch_001") == "s3://b/run/checkpoint_epoch_001"  # RUN's own
+    gcs = pafs.GcsFileSystem(anonymous=True)
+    assert _checkpoint_name(Checkpoint("b/run/checkpoint_epoch_002", gcs)) == "gs://b/run/checkpoint_epoch_002"
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class Azure(MemoryFileSystem):  # a protocol of several names, as adlfs's: pyarrow's type_name is a tuple's repr
+        protocol = ("abfs", "az")
+
+    azure = pafs.PyFileSystem(pafs.FSSpecHandler(Azure()))
+    assert _checkpoint_name(Checkpoint("c/run/checkpoint_epoch_002", azure)) == "abfs://c/run/checkpoint_epoch_002"
 
 
 def test_overwrite_never_deletes_a_directory_that_is_not_a_run(synth_dir, tmp_path):

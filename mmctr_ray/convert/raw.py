@@ -166,9 +166,10 @@ def _int_column(col: pa.ChunkedArray, name: str, path: Path) -> pa.Array:
     text = pc.utf8_trim(col.combine_chunks(), ' "\r\t')
     empty = pc.equal(text, "")
     ok = pc.or_(empty, pc.match_substring_regex(text, _INT))
-    if not pc.all(ok).as_py():
+    if len(text) and not pc.all(ok).as_py():  # (all() of no values is null)
         row = int(pc.index(ok, False).as_py())
-        raise DataError(f"{path}: column {name}: {text[row].as_py()!r} at data row {row + 1} is not an integer")
+        raise DataError(f"{path}: column {name}: {text[row].as_py()!r} at data row {row + 1} is not an integer of "
+                        f"at most 18 digits")
     return pc.cast(pc.if_else(empty, pa.scalar(None, pa.string()), pc.utf8_ltrim(text, "+")), pa.int64())
 
 
