@@ -450,13 +450,21 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
     resume = args.resume
     gpus_per_actor = args.gpus_per_worker if args.gpus_per_actor is None else args.gpus_per_actor
     check_gpu_split(args.workers, args.gpus_per_worker, "--gpus-per-worker")  # before the steps ahead of training
+    steps: list[tuple[str, Callable[[], int]]] = []
+    data = Path(args.data).resolve() if args.data and not storage.is_uri(args.data) else None  # else set below
+    validate = ("validate", lambda: cmd_validate(argparse.Namespace(data=data, expect_test_rows=None)))
+    if data is not None:  # local data: its problems are told before Ray starts (a bad --data waited for it)
+        rc = _run_steps(label, [validate], work, out)
+        if rc:
+            return rc
     # one Ray for every step; its pools run one at a time
     _start_ray(args, pool_cpus=max(args.workers * args.cpus_per_worker, _actor_cpus(args.actors, gpus_per_actor)))
     # pools a private local Ray cannot feed: refused before the steps ahead of training (hours at full scale)
     check_local_workers(args.workers, args.cpus_per_worker, args.gpus_per_worker)
     check_actors(args.actors, gpus_per_actor)  # predict's; embed's too (the pipeline gives it 1 CPU an actor)
     continuing = resume and storage.is_file(storage.join(run, "config.yaml"))  # else train starts the run
-    data = pipeline.local_data(args.data, work, resume, args.overwrite) if args.data else work / "data"
+    validated = data is not None
+    data = data or (pipeline.local_data(args.data, work, resume, args.overwrite) if args.data else work / "data")
     if args.overwrite:  # the checks that can still refuse the command are behind it
         pipeline.drop_replaced(out, work, args.embed)
     raw, fused = work / "item_raw_emb.parquet", work / "item_emb.parquet"
@@ -465,14 +473,14 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
     def ns(**changes) -> argparse.Namespace:
         return argparse.Namespace(**{**step_args, **changes})
 
-    steps: list[tuple[str, Callable[[], int]]] = []
     if not args.data and not (resume and Layout(data).synth_manifest.is_file()):
         def synth() -> int:  # WORK/data is no longer a --data URI's copy (an --overwrite of an attempt on one)
             (work / pipeline.DATA_SOURCE).unlink(missing_ok=True)
             return cmd_synth(ns(out=data))
 
         steps.append(("synth", synth))
-    steps.append(("validate", lambda: cmd_validate(argparse.Namespace(data=data, expect_test_rows=None))))
+    if not validated:
+        steps.append(validate)
     if args.embed and not (resume and raw.is_file()):
         steps.append(("embed", lambda: cmd_embed(ns(out=raw, pooling="auto", batch_size=64, max_length=32,
                                                     shard_items=4096, seed=0, cpus_per_actor=1.0,
@@ -501,13 +509,9 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
               ("predict", lambda: cmd_predict(ns(run=str(run), out=work / "submission.zip", split="test",
                                                  overwrite=True))),
               ("report", lambda: cmd_report(argparse.Namespace(run=str(run), top=10)))]
-    for name, step in steps:
-        log.info("== %s: %s", label, name)
-        rc = step()
-        if rc:
-            log.error("%s stopped: %s exited %d", label, name, rc)
-            return rc
-        pipeline.publish(name, work, out)
+    rc = _run_steps(label, steps, work, out)
+    if rc:
+        return rc
     summary = read_summary(run)
     oracle = summary.get("oracle_valid_auc")
     print(f"{label}: valid AUC {summary['best_valid_auc']:.4f}{se_text(summary.get('best_valid_auc_se'))}"
@@ -515,6 +519,20 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
           f"epoch {summary['best_epoch']}; submission {storage.join(out, 'submission.zip')}; report "
           f"{storage.join(run, 'report')}")
     log.info("%s done: outputs under %s", label, out)
+    return 0
+
+
+def _run_steps(label: str, steps: list[tuple[str, Callable[[], int]]], work: Path, out: storage.Location) -> int:
+    """Run the pipeline's ``steps`` in order, publishing each one's outputs; the first non-zero exit, or 0."""
+    from mmctr_ray import pipeline
+
+    for name, step in steps:
+        log.info("== %s: %s", label, name)
+        rc = step()
+        if rc:
+            log.error("%s stopped: %s exited %d", label, name, rc)
+            return rc
+        pipeline.publish(name, work, out)
     return 0
 
 

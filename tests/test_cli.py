@@ -407,6 +407,18 @@ def test_pipeline_refuses_before_any_stage_runs(tmp_path):
     assert not (tmp_path / "embed_out").exists()
 
 
+def test_pipeline_on_local_data_tells_its_problems_before_ray_starts(tmp_path):
+    """The pipeline validated `--data` as its first step after Ray had started: a wrong folder waited for a local
+    Ray (seconds, and its start-up lines) before its one-line reason."""
+    (tmp_path / "empty").mkdir()
+    r = run_cli("pipeline", "--out", str(tmp_path / "out"), "--data", str(tmp_path / "empty"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"error: {tmp_path / 'empty'}: holds no MicroLens_1M_x1/ folder" in r.stdout
+    assert "pipeline stopped: validate exited 1" in r.stderr
+    assert "started a local Ray" not in r.stderr and "== pipeline: fuse" not in r.stderr
+    assert not [p.name for p in (tmp_path / "out").iterdir() if not p.name.endswith(".mmctr.lock")]
+
+
 def test_pipeline_overwrite_drops_the_replaced_runs_outputs_first(tmp_path):
     """`--overwrite` replaced the run but kept its submission.zip: a new attempt that failed before predict left
     the old submission beside the new run, looking like its own. And it left the run and the features summary until
