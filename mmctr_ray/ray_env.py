@@ -410,16 +410,49 @@ def sigterm_flag() -> Iterator[dict[str, bool]]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)  # None: not set from Python
 
 
-def stop_ray() -> None:
+def stop_ray(grace_s: float = 5.0) -> None:
     """Shut down the private local Ray :func:`init_ray` started, or leave the cluster it joined, as at exit; a Ray
-    this process had before (a notebook's, a test's) is left alone."""
+    this process had before (a notebook's, a test's) is left alone.
+
+    A private Ray's worker processes still running ``grace_s`` after its shutdown are killed, with a warning: Ray
+    2.60's core worker can deadlock in its own exit (``~CoreWorkerProcessImpl`` → the pubsub publisher's destructor
+    → ``pthread_cond_signal`` under a lock it holds; seen in a ``ray::TrainController`` whose actor handle was
+    dropped), and such a process outlived the command, reparented to init, for good."""
     gcs = _PRIVATE.pop("gcs", None)
     if gcs is not None:
         import ray
 
         if ray.is_initialized() and ray.get_runtime_context().gcs_address == gcs:  # still the one it started or joined
+            workers = _ray_workers() if _PRIVATE["started"] else []
             ray.shutdown()
             _PRIVATE["started"] = False
+            _end_stragglers(workers, grace_s)
+
+
+def _ray_workers() -> list[Any]:
+    """This process's descendants that are Ray worker processes (``ray::...``): the private Ray's raylet, started by
+    this process, is their parent while it runs."""
+    import psutil
+
+    workers = []
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if proc.name().startswith("ray::") or (proc.cmdline()[:1] or [""])[0].startswith("ray::"):
+                workers.append(proc)
+    return workers
+
+
+def _end_stragglers(workers: list[Any], grace_s: float) -> None:
+    """Kill the ``workers`` still running ``grace_s`` after their Ray's shutdown (see :func:`stop_ray`)."""
+    import psutil
+
+    _, alive = psutil.wait_procs(workers, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            name = " ".join(proc.cmdline()) or proc.name()
+            proc.kill()
+            log.warning("a worker process of the local Ray outlived its shutdown by %.0f s (pid %d, %s): killed",
+                        grace_s, proc.pid, name)
 
 
 # Lines Ray's own processes log at error level for what is its normal path. The GCS kills an actor by an RPC the
