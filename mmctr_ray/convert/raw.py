@@ -132,11 +132,15 @@ def _require_columns(path: Path, names: list[str], flags: str) -> None:
         raise DataError(f"{path}: missing column {missing[0]!r} (header: {','.join(header) or 'empty'}; set {flags})")
 
 
+_INT = r"^[+-]?[0-9]{1,18}$"  # an integer id or timestamp, once PADDING is trimmed (18 digits fit in int64)
+PADDING = ' "\r\t'  # around a value: spaces, the quotes of a quoted field, a Windows line end, tabs
+
+
 def has_header(path: Path, delimiter: str = "\t") -> bool:
     """A header-less MicroLens text file starts with a numeric id, as the readers take one (signed, quoted, padded:
     ``+5`` was taken for a header, and its line dropped without a word); anything else is a header line."""
     first = _header(path, delimiter)
-    return bool(first) and re.fullmatch(r"[+-]?[0-9]+", first[0].strip(' "\r\t')) is None
+    return bool(first) and re.fullmatch(r"[+-]?[0-9]+", first[0].strip(PADDING)) is None
 
 
 def _arrow_error(path: Path, err: Exception) -> DataError:
@@ -161,16 +165,17 @@ def _read_csv(path: Path, columns: dict[str, pa.DataType], **kw) -> pa.Table:
 
 
 def _int_column(col: pa.ChunkedArray, name: str, path: Path) -> pa.Array:
-    """int64 values of a text column, null where a value is empty (as Arrow reads an empty integer); a value that
-    is not an integer is a one-line error naming the column, the data row and the value."""
-    text = pc.utf8_trim(col.combine_chunks(), ' "\r\t')
-    empty = pc.equal(text, "")
-    ok = pc.or_(empty, pc.match_substring_regex(text, _INT))
-    if len(text) and not pc.all(ok).as_py():  # (all() of no values is null)
-        row = int(pc.index(ok, False).as_py())
-        raise DataError(f"{path}: column {name}: {text[row].as_py()!r} at data row {row + 1} is not an integer of "
-                        f"at most 18 digits")
-    return pc.cast(pc.if_else(empty, pa.scalar(None, pa.string()), pc.utf8_ltrim(text, "+")), pa.int64())
+    """int64 values of a text column as :func:`_ints` parses them, null where a value is empty (as Arrow reads an
+    empty integer); a value that is not an integer is a one-line error naming the column, the data row and the
+    value."""
+    text = pc.utf8_trim(col.combine_chunks(), PADDING)
+    values, bad = _ints(text)
+    empty = np.asarray(pc.equal(text, "").to_numpy(zero_copy_only=False), dtype=bool)
+    wrong = np.flatnonzero(bad & ~empty)
+    if len(wrong):
+        raise DataError(f"{path}: column {name}: {text[int(wrong[0])].as_py()!r} at data row {wrong[0] + 1} is not an "
+                        f"integer of at most 18 digits")
+    return pc.if_else(pa.array(empty), pa.scalar(None, pa.int64()), values)
 
 
 def _ids(table: pa.Table, name: str, path: Path) -> np.ndarray:
@@ -286,12 +291,11 @@ class BadValue:
     count: int
 
 
-_INT = r"^[+-]?[0-9]{1,18}$"
 
 
 def _ints(col: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray]:
     """(int64 values with 0 where invalid, invalid mask) of a text column."""
-    text = pc.utf8_trim(col, ' "\r\t')
+    text = pc.utf8_trim(col, PADDING)
     ok = pc.fill_null(pc.match_substring_regex(text, _INT), False)
     values = pc.cast(pc.if_else(ok, pc.utf8_ltrim(text, "+"), "0"), pa.int64())  # Arrow's cast refuses "+5"
     bad = np.asarray(pc.invert(ok).to_numpy(zero_copy_only=False), dtype=bool)
