@@ -208,6 +208,18 @@ def check_batch_norm_rows(batch_size: int, workers: int, batch_norm: bool) -> No
                           f"or set model.batch_norm=false")
 
 
+def batch_split_note(batch_size: int, workers: int) -> str | None:
+    """A line for the log when ``train.batch_size`` does not split evenly over ``workers``: each worker steps on
+    ``batch_size // workers`` rows, so a step trains a few rows fewer than the config says; None when it splits."""
+    if workers < 2 or batch_size % workers == 0:
+        return None
+    per_worker = worker_batch(batch_size, workers)
+    even = batch_size - batch_size % workers
+    return (f"train.batch_size={batch_size:,} does not split evenly over {workers} workers: each steps on "
+            f"{per_worker:,} rows, {per_worker * workers:,} a step (train.batch_size={even:,} or "
+            f"{even + workers:,} splits evenly)")
+
+
 def check_splits(data_dir: str | Path, splits: Iterable[str]) -> dict[str, int]:
     """:func:`check_split` for each of ``splits``; their row counts."""
     items = num_items(data_dir)

@@ -35,7 +35,8 @@ from mmctr_ray.features import FeatureMap, build_feature_map, check_same_table, 
 from mmctr_ray.host_malloc import worker_env
 from mmctr_ray.layers.embedding import root_mean_square
 from mmctr_ray.locking import entries
-from mmctr_ray.preflight import check_batch_norm_rows, check_batch_size, check_splits, check_valid_labels
+from mmctr_ray.preflight import (batch_split_note, check_batch_norm_rows, check_batch_size, check_splits,
+                                 check_valid_labels)
 from mmctr_ray.ray_env import (check_gpu_split, check_local_pool, check_pool, private_local_ray, sigterm_flag,
                                torch_trainer)
 from mmctr_ray.report import best_epoch, describe_run
@@ -304,6 +305,8 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     rows, fmap = check_inputs(data_dir, cfg, resume, latest)  # bad input fails here, before RUN is touched
     check_batch_size(cfg.train.batch_size, rows["train"], workers)
     check_batch_norm_rows(cfg.train.batch_size, workers, cfg.model.batch_norm)
+    if (uneven := batch_split_note(cfg.train.batch_size, workers)) and not callbacks:  # (a search says it once)
+        log.warning(uneven)
     if resume:  # the data the run started on: checked before Ray starts and RUN is touched (before, a refused
         _check_feature_map(run, fmap)  # resume had already dropped summary.json and saved its config.yaml)
     ended = _nothing_to_train(run, cfg) if resume and not callbacks else None  # (a Tune trial, with callbacks,

@@ -301,7 +301,9 @@ def load_into(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str
     old weight decay or kernels). The learning rate stays the schedule's (``state.lr``) unless this run's
     ``train.lr`` differs from the checkpoint's, or the checkpoint is of epoch ``lr_at`` (where a ``--resume`` given
     ``--set train.lr=...`` continues, the run's own rate too: it stayed at the decayed one): the run continues at
-    ``train.lr``. A worker restarted later in the run takes its checkpoint's schedule. ``verbose``: say so in the
+    ``train.lr``. A rate below this run's ``train.min_lr`` (a resume that raised the floor) continues at the floor,
+    not below it until the next decay lifts it there. A worker restarted later in the run takes its checkpoint's
+    schedule. ``verbose``: say so in the
     log (rank 0), naming the checkpoint ``shown`` (default: ``directory``)."""
     loaded = load_checkpoint(directory)
     model.load_state_dict(loaded.model_state)
@@ -321,6 +323,11 @@ def load_into(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str
             log.info("train.lr is %g in this run and %g in the checkpoint: continuing at %g (the schedule was at %g)",
                      cfg.lr, loaded.cfg.train.lr, cfg.lr, state.lr)
         state.lr = cfg.lr
+    if state.lr < cfg.min_lr:  # a resume that raised the floor above the schedule's rate continues at the floor
+        if verbose:
+            log.info("train.min_lr is %g in this run: continuing at %g (the schedule was at %g)", cfg.min_lr,
+                     cfg.min_lr, state.lr)
+        state.lr = cfg.min_lr
     if verbose:
         log.info("resumed from %s (epoch %d done)", shown or directory, state.epoch)
     return state

@@ -51,7 +51,8 @@ from mmctr_ray.features import has_placeholder_embeddings
 from mmctr_ray.locking import entries
 from mmctr_ray.fuse import source_file, yaml_string
 from mmctr_ray.metrics import se_text
-from mmctr_ray.preflight import check_batch_norm_rows, check_batch_size, check_splits, check_valid_labels
+from mmctr_ray.preflight import (batch_split_note, check_batch_norm_rows, check_batch_size, check_splits,
+                                 check_valid_labels)
 from mmctr_ray.ray_env import DATA_CPU_RESERVE, check_gpu_split, private_local_ray, sigterm_flag
 from mmctr_ray.schema import SPLITS
 from mmctr_ray.search_space import SearchSpace, load_search
@@ -544,6 +545,10 @@ def check_inputs(data_dir: str | Path, search_yaml: str | Path | None, overrides
         sizes = batch_sizes(space)
         check_batch_size(max(sizes), rows["train"], workers)
         check_batch_norm_rows(min(sizes), workers, _can_batch_norm(space))
+        uneven = [note for size in sorted(set(sizes)) if (note := batch_split_note(size, workers))]
+        if uneven:
+            log.warning("%s%s", uneven[0], f" (and {len(uneven) - 1} more of the space's batch sizes)"
+                        if len(uneven) > 1 else "")
         _refuse_placeholders(data_dir, space, source)
     return rows, space
 

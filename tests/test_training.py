@@ -48,6 +48,29 @@ def test_schedule_decays_on_plateau_with_a_floor_and_stops_after_patience():
     assert state.best_epoch == 5 and state.best_auc == 0.73
 
 
+def test_a_batch_that_does_not_split_over_the_workers_is_said_before_ray_starts(synth_dir, tmp_path, caplog):
+    from mmctr_ray.preflight import batch_split_note
+    from mmctr_ray.train_driver import run_training
+
+    assert batch_split_note(8192, 1) is None and batch_split_note(8192, 4) is None
+    assert batch_split_note(8192, 3) == ("train.batch_size=8,192 does not split evenly over 3 workers: each steps on "
+                                         "2,730 rows, 8,190 a step (train.batch_size=8,190 or 8,193 splits evenly)")
+
+    class Stop(Exception):
+        pass
+
+    def start_ray():
+        raise Stop
+
+    for workers, said in [(3, True), (2, False)]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="mmctr_ray.train_driver"), pytest.raises(Stop):
+            run_training(synth_dir, tmp_path / f"run{workers}", tiny_cfg("train.batch_size=256"), workers=workers,
+                         start_ray=start_ray)
+        lines = [r.getMessage() for r in caplog.records if "does not split evenly" in r.getMessage()]
+        assert lines == ([batch_split_note(256, 3)] if said else [])
+
+
 def test_a_resumed_optimizer_keeps_its_moments_but_takes_this_runs_settings(synth_dir, tmp_path):
     import dataclasses
 
@@ -73,6 +96,11 @@ def test_a_resumed_optimizer_keeps_its_moments_but_takes_this_runs_settings(synt
     # stayed at the decayed rate, without a word); a worker restarted later in that run loads a later one
     assert load_into(model, same, tmp_path, cfg.train, lr_at=2).lr == cfg.train.lr
     assert load_into(model, same, tmp_path, cfg.train, lr_at=1).lr == cfg.train.lr * 0.1
+    # `--resume --set train.min_lr=` above the schedule's rate continues at the floor (it trained an epoch below
+    # it, and then a "decay" raised the rate to it); a floor below the rate leaves it
+    floor = dataclasses.replace(cfg.train, min_lr=cfg.train.lr * 0.5)
+    assert load_into(model, same, tmp_path, floor).lr == cfg.train.lr * 0.5
+    assert load_into(model, same, tmp_path, dataclasses.replace(cfg.train, min_lr=1e-9)).lr == cfg.train.lr * 0.1
     moments = same.state_dict()["state"]
     assert moments and all(int(v["step"]) == 1 for v in moments.values())
 

@@ -442,6 +442,17 @@ def test_a_time_budget_on_resume_or_not_above_zero_is_refused(tmp_path, kwargs, 
         check_inputs(tmp_path, ROOT / "configs/search_tiny.yaml", **kwargs)
 
 
+def test_a_search_says_once_when_its_batch_sizes_do_not_split_over_a_trials_workers(synth_dir, caplog):
+    from mmctr_ray.preflight import batch_split_note
+    from mmctr_ray.tuning import check_inputs
+
+    for workers, said in [(3, [batch_split_note(256, 3) + " (and 1 more of the space's batch sizes)"]), (2, [])]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="mmctr_ray.tuning"):
+            check_inputs(synth_dir, ROOT / "configs/search_tiny.yaml", workers=workers)  # train.batch_size 256|512
+        assert [r.getMessage() for r in caplog.records if "split evenly" in r.getMessage()] == said
+
+
 def test_a_search_that_ended_before_its_first_trial_says_how_to_start_again(tmp_path):
     """A data error or Ctrl-C while the splits were read left settings.json without tune/: a rerun said "already
     holds a search; pass --resume", and --resume "nothing to resume (no settings.json and tune/ ...)"."""
