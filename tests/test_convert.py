@@ -325,6 +325,16 @@ def test_time_split_and_sequences_tsv(ray_local, tmp_path):
     with pytest.raises(ConfigError, match=r"pairs.tsv: user<TAB>items sequences have no timestamps for --split time"):
         run_convert(RawSpec(raw, pairs=tsv.name), tmp_path / "tsv-time", spec, progress=lambda m: None, **FAST)
     assert not (tmp_path / "tsv-time").exists()
+    # a user on a second line: their positions restarted at 0 there, and the two lines' items were histories of
+    # each other as ties (nothing said); now one line naming both (line numbers as an editor shows them)
+    text = tsv.read_text().splitlines()
+    user, items = text[0].split("\t")
+    tsv.write_text("\n".join([*text[:5], "", f"{user}\t{items}", *text[5:]]) + "\n")
+    with pytest.raises(DataError) as err:
+        run_convert(RawSpec(raw, pairs=tsv.name), tmp_path / "tsv-twice", RowSpec(), progress=lambda m: None, **FAST)
+    assert str(err.value) == (f"{tsv}: line 7: user {user} again (first on line 1); expected one line per user "
+                              f"holding all of their items in time order")
+    assert not any((tmp_path / "tsv-twice").iterdir())  # nothing left that looks like an output
 
 
 def _corrupt(raw: Path, case: str) -> None:

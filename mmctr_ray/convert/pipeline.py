@@ -33,8 +33,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mmctr_ray.convert.items import copy_covers, levels, tag_matrix, write_item_tables, write_mappings
-from mmctr_ray.convert.raw import (LineFormat, RawFiles, RawItems, RawSpec, first_bad_line, line_format, locate,
-                                   parse, read_interactions, read_items)
+from mmctr_ray.convert.raw import (LineFormat, RawFiles, RawItems, RawSpec, first_bad_line, first_repeated_user,
+                                   line_format, locate, parse, read_interactions, read_items)
 from mmctr_ray.convert.rows import SPLIT_CODES, Lookups, RowSpec, build_rows, hash_u64, sort_events
 from mmctr_ray.data.writer import SPLIT_SCHEMA, _publish, existing_outputs, list_array
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError, find_cause, find_user_error
@@ -164,10 +164,11 @@ def _interaction_stats(interactions, fmt: LineFormat, items: RawItems,
     users = _DistinctIds()
     popularity = np.zeros(len(items.raw_ids) + 1, dtype=np.float64)  # slot 0: unknown items
     unknown = _DistinctIds()  # item ids without a title: bounded however many blocks hold them
-    bad = 0
+    bad = lines = 0
     for b in counts.iter_batches(batch_format="numpy", batch_size=None):
         kind, key, n = b["kind"], b["key"], b["n"]
         users.add(key[kind == 0])
+        lines += int(n[kind == 3].sum())
         item_keys, item_n = key[kind == 1], n[kind == 1]
         dense, known = items.dense(item_keys)
         np.add.at(popularity, dense, item_n)
@@ -179,6 +180,8 @@ def _interaction_stats(interactions, fmt: LineFormat, items: RawItems,
     users_arr = users.sorted()
     if not len(users_arr):
         raise DataError(f"{files.pairs}: no interactions")
+    if lines > len(users_arr):  # user<TAB>items: a user on two lines (their positions would restart, as ties)
+        raise DataError(first_repeated_user(fmt, files))
     if popularity[0]:
         ids = unknown.sorted()
         raise DataError(f"{files.pairs}: {_count(int(popularity[0]), 'interaction')} with "
@@ -216,13 +219,20 @@ def _count(n: int, word: str) -> str:
 
 
 def _key_counts(batch: pa.Table, fmt: LineFormat) -> dict[str, np.ndarray]:
-    """One block's interactions per user (kind 0) and per item (kind 1); bad lines (kind 2)."""
+    """One block's interactions per user (kind 0) and per item (kind 1); bad lines (kind 2); for ``user<TAB>items``
+    lines, the lines with items (kind 3: more of them in all than distinct users means a user on two lines)."""
     table, bad = parse(batch, fmt)
     u, nu = np.unique(table.column("user").to_numpy(), return_counts=True)
     i, ni = np.unique(table.column("item").to_numpy(), return_counts=True)
     b = np.array([bad.count] if bad else [], dtype=np.int64)
-    return {"kind": np.r_[np.zeros(len(u), np.int8), np.ones(len(i), np.int8), np.full(len(b), 2, np.int8)],
-            "key": np.r_[u, i, np.zeros(len(b), np.int64)].astype(np.int64), "n": np.r_[nu, ni, b].astype(np.int64)}
+    if fmt.sequences:  # a line's first item has position 0 (a line with a bad value is dropped whole)
+        b_lines = np.array([int(pc.sum(pc.equal(table.column("ts"), 0)).as_py() or 0)], dtype=np.int64)
+    else:
+        b_lines = np.zeros(0, dtype=np.int64)
+    return {"kind": np.r_[np.zeros(len(u), np.int8), np.ones(len(i), np.int8), np.full(len(b), 2, np.int8),
+                          np.full(len(b_lines), 3, np.int8)],
+            "key": np.r_[u, i, np.zeros(len(b) + len(b_lines), np.int64)].astype(np.int64),
+            "n": np.r_[nu, ni, b, b_lines].astype(np.int64)}
 
 
 def bucket_keys(partitions: int) -> np.ndarray:

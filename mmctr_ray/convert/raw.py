@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -363,23 +364,56 @@ def _parse_sequences(parts: pa.ListArray, bad_shape: np.ndarray) -> tuple[pa.Tab
     return table, bad_line, where
 
 
+def _numbered_lines(fmt: LineFormat, files: RawFiles) -> Iterator[tuple[pa.RecordBatch, int]]:
+    """The interaction file's lines on the driver (streamed), empty ones kept so that line numbers count them as
+    an editor does: each batch with the number of the line before its first."""
+    line = fmt.skip_rows
+    options = {**LINE_OPTIONS, "parse_options": pacsv.ParseOptions(delimiter="\x1f", quote_char=False,
+                                                                    ignore_empty_lines=False)}
+    with pacsv.open_csv(files.pairs, read_options=_read_options(fmt), **options) as reader:
+        for rb in reader:
+            yield rb, line
+            line += rb.num_rows
+
+
+def first_repeated_user(fmt: LineFormat, files: RawFiles) -> str:
+    """Scan a ``user<TAB>items`` file on the driver for the first user on a second line: the error message.
+
+    Each line is one user's whole history, its positions the time; a user on two lines would have their items
+    interleaved as ties. Runs only after the distributed pass counted more lines with items than distinct users,
+    and holds 16 bytes a line (user and line number), so the normal path never reads the file here."""
+    users, numbers = [], []
+    for rb, line in _numbered_lines(fmt, files):
+        parts, bad_shape = _split_lines(rb.column(0), fmt)  # an empty line has no tab: a bad shape, left out
+        user, bad_user = _ints(pc.list_element(parts, 0))
+        items = pc.utf8_trim_whitespace(pc.list_element(parts, 1))
+        has_items = np.asarray(pc.not_equal(items, "").to_numpy(zero_copy_only=False), dtype=bool)
+        kept = np.flatnonzero(has_items & ~bad_shape & ~bad_user)
+        users.append(user.to_numpy()[kept])
+        numbers.append(line + kept + 1)
+    users_all = np.concatenate([np.zeros(0, np.int64), *users])
+    order = np.argsort(users_all, kind="stable")  # each user's lines in file order
+    u, n = users_all[order], np.concatenate([np.zeros(0, np.int64), *numbers])[order]
+    again = np.flatnonzero(u[1:] == u[:-1]) + 1
+    if not len(again):
+        return f"{files.pairs}: a user on more than one line (not found again on a second read)"
+    first = again[np.argmin(n[again])]  # the earliest second line of any user
+    return (f"{files.pairs}: line {int(n[first])}: user {int(u[first])} again (first on line {int(n[first - 1])}); "
+            f"expected one line per user holding all of their items in time order")
+
+
 def first_bad_line(fmt: LineFormat, files: RawFiles) -> str:
     """Scan the interaction file on the driver (streamed) for the first bad line: the error message.
 
     Runs only after the distributed pass counted bad lines, so the normal path never reads the file here.
     """
-    line = fmt.skip_rows
-    options = {**LINE_OPTIONS, "parse_options": pacsv.ParseOptions(delimiter="\x1f", quote_char=False,
-                                                                    ignore_empty_lines=False)}
-    with pacsv.open_csv(files.pairs, read_options=_read_options(fmt), **options) as reader:
-        for rb in reader:  # empty lines kept here, so that line numbers count them, and left out of the parse
-            kept = np.flatnonzero(pc.not_equal(rb.column(0), "").to_numpy(zero_copy_only=False))
-            _, bad = parse(pa.Table.from_batches([rb]).take(kept), fmt)
-            if bad is not None:
-                where = f"{files.pairs}: line {line + int(kept[bad.row]) + 1}"
-                if bad.field is None:
-                    return f"{where}: {bad.value!r} does not have the fields {','.join(fmt.fields)}"
-                what = "timestamp (ms)" if bad.field == fmt.fields[fmt.time] and fmt.time >= 0 else "id"
-                return f"{where}: column {bad.field}: {bad.value!r} is not an integer {what}"
-            line += rb.num_rows
+    for rb, line in _numbered_lines(fmt, files):  # empty lines left out of the parse
+        kept = np.flatnonzero(pc.not_equal(rb.column(0), "").to_numpy(zero_copy_only=False))
+        _, bad = parse(pa.Table.from_batches([rb]).take(kept), fmt)
+        if bad is not None:
+            where = f"{files.pairs}: line {line + int(kept[bad.row]) + 1}"
+            if bad.field is None:
+                return f"{where}: {bad.value!r} does not have the fields {','.join(fmt.fields)}"
+            what = "timestamp (ms)" if bad.field == fmt.fields[fmt.time] and fmt.time >= 0 else "id"
+            return f"{where}: column {bad.field}: {bad.value!r} is not an integer {what}"
     return f"{files.pairs}: bad lines (not found again on a second read)"
