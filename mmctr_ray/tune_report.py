@@ -80,10 +80,16 @@ def asha_stopped(tdir: Path, fifo: bool = False) -> dict[str, float] | None:
     return dict(saved["stopped"]) if "stopped" in saved and saved.get("stops_complete", True) else None
 
 
+ENDED = ("completed", "early-stopped", "pruned")  # the trials best.yaml is drawn from while any has a result
+
+
 def trial_outcome(run: Path, epochs: int, max_epochs: int, stopped: dict[str, float] | None = None) -> str:
     """How a trial stands: a run that returned wrote its ``summary.json``; of the others, those ASHA stopped
     (``stopped``, :func:`asha_stopped`; None: any) were pruned and the rest still run, or ran when the search was
-    interrupted (Ctrl-C), and ``--resume`` continues them."""
+    interrupted (Ctrl-C), and ``--resume`` continues them. A trial ASHA stopped is pruned even where its run ended
+    (``summary.json``) before Tune's stop reached it: the study has it PRUNED at the epoch ASHA judged."""
+    if stopped is not None and run.name in stopped and epochs:
+        return "pruned"
     if (run / "summary.json").is_file():
         return "completed" if epochs >= max_epochs else "early-stopped"
     if not epochs:
@@ -100,9 +106,10 @@ def _trial_rows(tdir: Path, space: SearchSpace, errors: dict[str, str],
         trial_id = params_file.name.removesuffix(".params.json")
         run = params_file.with_name(trial_id)
         history = read_metrics(run, missing_ok=True)
-        if stopped and trial_id in stopped and not (run / "summary.json").is_file():
+        if stopped and trial_id in stopped:
             # what ASHA and the study judged: the run goes on until Tune's stop reaches it, and a short epoch (a
-            # small split, an epoch from the kept shard) can end, and write its row, before that
+            # small split, an epoch from the kept shard) can end, and write its row, before that; the last one
+            # too, and the run its summary.json (it was then "completed", ranked by an epoch the study never had)
             history = [row for row in history if row["epoch"] <= stopped[trial_id]]
         error = next((msg for name, msg in errors.items() if trial_id in name), None)
         best = best_epoch(history) if history else None
@@ -158,8 +165,10 @@ def write_outputs(tdir: Path, space: SearchSpace | None = None, errors: dict[str
                                **{s: sum(r["status"] == s for r in rows)
                                   for s in ("completed", "early-stopped", "pruned", "error", "interrupted",
                                             "running")}}
-    if scored:
-        best = max(scored, key=lambda r: r["best_valid_auc"])
+    if scored:  # of the trials that ended, if any did: an errored one (diverged, say) would fail again in `mmctr
+        # train`, and a running or interrupted one has not been judged by ASHA to its end
+        ended = [r for r in scored if r["status"] in ENDED]
+        best = max(ended or scored, key=lambda r: r["best_valid_auc"])
         # the full schedule again (a trial ran at most max_epochs), and never fewer epochs than the trials had
         epochs = max(space.base.get("train", {}).get("epochs", TrainConfig().epochs), space.max_epochs)
         cfg = in_this_search(load_config(tdir / "trials" / best["trial_id"] / "config.yaml",

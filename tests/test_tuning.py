@@ -840,6 +840,16 @@ def test_a_pruned_trial_counts_the_epochs_asha_judged_not_one_its_run_ended_befo
     assert (rows["cut"]["status"], rows["cut"]["best_valid_auc"], rows["cut"]["best_epoch"], rows["cut"]["epochs"]) \
         == ("pruned", "0.52", "1", "1")
     assert (rows["won"]["best_valid_auc"], rows["won"]["epochs"]) == ("0.72", "2")  # a completed trial: every epoch
+    # the stop reached the run after its last epoch, and it wrote its summary.json: still pruned at epoch 1 (it was
+    # "completed" at 0.54, and with a better epoch 2 it would have been best.yaml's trial, against the study's PRUNED)
+    (tdir / "trials" / "cut" / "summary.json").write_text("{}")
+    (tdir / "trials" / "cut" / "metrics.jsonl").write_text("".join(
+        json.dumps({"epoch": e, "valid_auc": auc, "valid_auc_se": 0.02}) + "\n" for e, auc in [(1, 0.52), (2, 0.90)]))
+    summary = write_outputs(tdir)
+    assert summary["pruned"] == 1 and summary["completed"] == 1 and summary["best_trial"] == "won"
+    with open(tdir / "results.csv", newline="") as f:
+        rows = {r["trial_id"]: r for r in csv.DictReader(f)}
+    assert (rows["cut"]["status"], rows["cut"]["best_valid_auc"], rows["cut"]["epochs"]) == ("pruned", "0.52", "1")
 
 
 def test_report_keeps_a_failed_trials_error_status(tmp_path):
@@ -871,6 +881,13 @@ def test_report_keeps_a_failed_trials_error_status(tmp_path):
     with open(tdir / "results.csv", newline="") as f:
         status = {r["trial_id"]: r["status"] for r in csv.DictReader(f)}
     assert status["bbb"] == "error" and status["ccc"] == "interrupted"
+    # best.yaml is the best trial that ended (a diverged one's config diverges again under `mmctr train`); an
+    # errored or interrupted one only where no trial ended with a result
+    for trial, auc in (("bbb", 0.9), ("ccc", 0.95)):
+        (tdir / "trials" / trial / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "valid_auc": auc}) + "\n")
+    assert write_outputs(tdir)["best_trial"] == "aaa"
+    (tdir / "trials" / "aaa" / "metrics.jsonl").unlink()
+    assert write_outputs(tdir)["best_trial"] == "ccc"
     # a --resume drops that record until the resumed search ends: ccc, a trial it runs again, was "interrupted"
     # in a report made meanwhile
     from mmctr_ray.tuning import _prepare
