@@ -163,7 +163,10 @@ class TextEncoder:
         path = check_model_dir(path)
         load_tokenizer(str(path))  # fail early, as one line, on a broken tokenizer
         try:
-            self.model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
+            # fp32 weights whatever dtype the checkpoint was saved in (transformers 5 loads it as saved: a half
+            # checkpoint ran half on CPU actors and under --precision fp32 too); bf16 is autocast's, on CUDA
+            self.model = AutoModel.from_pretrained(str(path), local_files_only=True,
+                                                   dtype=torch.float32).to(device).eval()
         except (OSError, ValueError) as err:
             raise ConfigError(f"{path}: cannot load a text model from it ({type(err).__name__}: "
                               f"{str(err).splitlines()[0]})") from None
