@@ -74,7 +74,8 @@ def plain_loop(data: Path, text_path: Path, image_model: str, batch: int, device
     text, image = TextEncoder(text_path, device=device), ImageEncoder(image_model, device=device)
     batches = []
     for lo in range(0, len(ids), batch):
-        pixels, status = decode_covers(ids[lo:lo + batch], str(lay.images_dir), image.size)
+        pixels, status = decode_covers(ids[lo:lo + batch], str(lay.images_dir), image.size,
+                                       image.preprocess["resize_mode"], image.preprocess["interpolation"])
         tok = tokenize(titles[lo:lo + batch], str(text_path), 32)
         text.encode(**tok)
         image.encode(pixels[status == 0])

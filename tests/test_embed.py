@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -263,6 +264,22 @@ def test_text_model_must_be_a_local_directory_with_a_real_vocabulary(tmp_path):
     with pytest.raises(ConfigError) as err:
         TextEncoder(broken)
     assert "vocabulary has 5 tokens; expected at least 1000" in str(err.value) and str(broken) in str(err.value)
+
+
+def test_a_half_precision_text_checkpoint_encodes_in_fp32(bert_tiny, tmp_path):
+    """transformers 5 loads a checkpoint in the dtype it was saved in: a float16 one ran in float16 on the CPU and
+    under --precision fp32, with the settings and summary saying fp32."""
+    from transformers import AutoModel
+
+    half = tmp_path / "bert-half"
+    shutil.copytree(bert_tiny, half)
+    AutoModel.from_pretrained(str(bert_tiny), local_files_only=True).half().save_pretrained(half)
+    assert json.loads((half / "config.json").read_text()).get("dtype", "float16") == "float16"
+    enc = TextEncoder(half, pooling="mean")
+    assert {p.dtype for p in enc.model.parameters()} == {torch.float32}
+    titles = tokenize(["a red bicycle", "two cats on a sofa"], str(half), MAX_LENGTH)
+    reference = TextEncoder(bert_tiny, pooling="mean").encode(**titles)  # the fp32 weights, before rounding
+    assert np.abs(enc.encode(**titles) - reference).max() < 1e-2
 
 
 def test_the_offline_minilm_works_as_text_model():
@@ -556,6 +573,44 @@ def test_covers_are_resized_and_cropped_exactly_as_clips_own_transform(tmp_path,
     ours, status = load_cover(path, 224)
     reference = T.CenterCrop(224)(T.Resize(224, interpolation=T.InterpolationMode.BICUBIC)(Image.open(path)))
     assert status == OK and np.array_equal(ours, np.asarray(reference.convert("RGB")))
+
+
+def test_covers_are_prepared_as_the_architectures_published_weights_were_trained(tmp_path, caplog, monkeypatch):
+    """open_clip gives a model built from a local weights file OpenAI CLIP's preprocessing: SigLIP's weights
+    (mean and std 0.5, covers squashed to a square) got covers normalised and cropped otherwise than in training."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+    from PIL import Image
+
+    from mmctr_ray.embed.image import load_cover, preprocessing
+
+    openai = {"mean": list(PreprocessCfg().mean), "std": list(PreprocessCfg().std), "interpolation": "bicubic",
+              "resize_mode": "shortest"}
+    assert preprocessing("RN50") == preprocessing("ViT-B-32") == openai
+    siglip = preprocessing("ViT-B-16-SigLIP")
+    assert siglip == {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "resize_mode": "squash"}
+    with caplog.at_level("WARNING", logger="mmctr_ray.embed.image"):
+        assert preprocessing("ViT-L-14", warn=True) == openai  # its tags disagree: OpenAI's, and a warning
+    assert [r.getMessage() for r in caplog.records] == [
+        "ViT-L-14: open_clip's pretrained weights of it were trained with 2 preprocessings; covers get OpenAI "
+        "CLIP's (mean (0.481, 0.458, 0.408), shortest resize), not that of the tags laion2b_s32b_b82k"]
+    # pixel for pixel and after normalisation, what open_clip's own transform of those settings gives
+    path = tmp_path / "c.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 255, (300, 641, 3), dtype=np.uint8)).save(path)
+    for pp in (siglip, openai):
+        ours, status = load_cover(path, 224, pp["resize_mode"], pp["interpolation"])
+        x = (torch.tensor(ours).permute(2, 0, 1).float() / 255 - torch.tensor(pp["mean"]).view(3, 1, 1)) \
+            / torch.tensor(pp["std"]).view(3, 1, 1)
+        theirs = image_transform_v2(PreprocessCfg(size=224, **pp), is_train=False)(Image.open(path))
+        assert status == OK and torch.allclose(x, theirs, atol=1e-5)
+    assert preprocessing(CLIP_TINY) == openai  # a model-config JSON: no pretrained tags to go by
+    # a resize load_cover cannot do (no open_clip tag pads covers yet) is refused, as one line
+    longest = {"mean": (0.5,) * 3, "std": (0.5,) * 3, "resize_mode": "longest"}
+    with monkeypatch.context() as m:
+        m.setattr(open_clip, "get_pretrained_cfg", lambda arch, tag: longest)
+        with pytest.raises(ConfigError, match=re.escape("--image-model RN50: its open_clip pretrained weights resize "
+                                                        "covers with resize_mode 'longest'")):
+            preprocessing("RN50")
 
 
 def test_a_decompression_bomb_is_a_corrupt_cover_not_a_failed_job(tmp_path, monkeypatch):

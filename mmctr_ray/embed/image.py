@@ -5,11 +5,13 @@ the path of an open_clip model-config JSON (its file stem becomes the name); ``W
 file. Without ``WEIGHTS`` the model has random weights drawn from ``seed`` (identical in every actor): fine for
 tests and for checking a pipeline, meaningless as features; a warning says so.
 
-Covers are decoded and resized in CPU tasks (:func:`decode_covers`) the way CLIP preprocesses them (shortest
-side to the model's input size, bicubic, centre crop) and travel as uint8; the encoder actor normalises them
-on its device. A missing or undecodable cover never fails the job: its pixels are zeros, its status says why
-(:data:`MISSING`, :data:`CORRUPT`), the actor skips it, and its image vector is all zeros with
-``image_missing`` set (``mmctr fuse`` then gives such items the mean image vector).
+Covers are decoded and resized in CPU tasks (:func:`decode_covers`) the way the model's published weights were
+trained (:func:`preprocessing`: OpenAI CLIP's shortest side to the input size, bicubic, centre crop, unless every
+open_clip pretrained tag of the architecture says otherwise, as SigLIP's squash and mean/std of 0.5 do) and
+travel as uint8; the encoder actor normalises them on its device. A missing or undecodable cover never fails
+the job: its pixels are zeros, its status says why (:data:`MISSING`, :data:`CORRUPT`), the actor skips it, and
+its image vector is all zeros with ``image_missing`` set (``mmctr fuse`` then gives such items the mean image
+vector).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,6 +68,49 @@ def parse_image_model(spec: str) -> tuple[str, Path | None, Path | None]:
         raise ConfigError(f"{wpath}: image model weights not found (expected a local checkpoint file; weights are "
                           f"never downloaded)")
     return arch, (config.resolve() if config else None), (wpath.resolve() if wpath else None)
+
+
+RESIZE_MODES = ("shortest", "squash")  # those of open_clip's that load_cover does (no pretrained tag pads)
+INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+def preprocessing(spec: str, warn: bool = False) -> dict[str, Any]:
+    """How covers are prepared for the model ``spec`` names: ``mean``, ``std``, ``interpolation``, ``resize_mode``.
+
+    open_clip attaches the preprocessing of a pretrained tag only when a model is built by that tag's name; built
+    from a local weights file (the only way here) it gets OpenAI CLIP's, which is wrong for weights trained
+    otherwise (SigLIP: mean and std 0.5, covers squashed to a square). So: the architecture's, where every
+    open_clip pretrained tag of it agrees (SigLIP, CLIPA, ...); else OpenAI CLIP's (RN50, ViT-B-32, a model-config
+    JSON; with ``warn``, a warning where the tags disagree, as ViT-L-14's do)."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg
+
+    arch, config, _ = parse_image_model(spec)
+    default = {k: getattr(PreprocessCfg(), k) for k in ("mean", "std", "interpolation", "resize_mode")}
+
+    def key(cfg: dict[str, Any]) -> tuple:
+        return tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v)
+                     for k, v in ((k, cfg.get(k, default[k])) for k in default))
+
+    seen: dict[tuple, list[str]] = {}
+    for tag in open_clip.list_pretrained_tags_by_model(arch) if config is None else []:
+        seen.setdefault(key(open_clip.get_pretrained_cfg(arch, tag)), []).append(tag)
+    out = dict(next(iter(seen))) if len(seen) == 1 else dict(default)
+    if len(seen) > 1 and warn:
+        other = "; ".join(", ".join(tags) for k, tags in seen.items() if k != key(default))
+        log.warning("%s: open_clip's pretrained weights of it were trained with %d preprocessings; covers get "
+                    "OpenAI CLIP's (mean %s, %s resize), not that of the tags %s", arch, len(seen),
+                    _short(default["mean"]), default["resize_mode"], other)
+    out["mean"], out["std"] = [float(v) for v in out["mean"]], [float(v) for v in out["std"]]
+    if out["resize_mode"] not in RESIZE_MODES or out["interpolation"] not in INTERPOLATIONS:
+        raise ConfigError(f"--image-model {arch}: its open_clip pretrained weights resize covers with resize_mode "
+                          f"{out['resize_mode']!r} and interpolation {out['interpolation']!r}; supported here: "
+                          f"resize_mode {' or '.join(RESIZE_MODES)}, interpolation {' or '.join(INTERPOLATIONS)}")
+    return out
+
+
+def _short(values: Any) -> str:
+    return "(" + ", ".join(f"{float(v):.3g}" for v in values) + ")"
 
 
 def is_torchscript(path: Path) -> bool:
@@ -115,13 +161,13 @@ class ImageEncoder:
         finally:
             root.setLevel(level)
         self.visual = model.visual.to(device).eval()
-        cfg = getattr(self.visual, "preprocess_cfg", None) or {
-            "size": self.visual.image_size, "mean": self.visual.image_mean, "std": self.visual.image_std}
-        self.size = int(cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0])
+        size = self.visual.image_size
+        self.size = int(size if isinstance(size, int) else size[0])
         self.device = torch.device(device)
         self.bf16 = bf16 and self.device.type == "cuda"
-        self.mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(cfg["std"], device=self.device).view(1, 3, 1, 1)
+        self.preprocess = preprocessing(spec)  # mean/std here; the decode tasks resize as it says
+        self.mean = torch.tensor(self.preprocess["mean"], device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.preprocess["std"], device=self.device).view(1, 3, 1, 1)
         self.dim = int(self.visual.output_dim)
 
     @torch.inference_mode()
@@ -172,15 +218,19 @@ def image_size(spec: str) -> int:
     return int(size if isinstance(size, int) else size[0])
 
 
-def load_cover(path: Path, size: int) -> tuple[np.ndarray, int]:
-    """One cover → (size, size, 3) uint8 and its status; zeros when missing or undecodable."""
+def load_cover(path: Path, size: int, resize_mode: str = "shortest",
+               interpolation: str = "bicubic") -> tuple[np.ndarray, int]:
+    """One cover → (size, size, 3) uint8 and its status; zeros when missing or undecodable. ``resize_mode``
+    ``shortest``: the short side to ``size``, then the centre crop; ``squash``: both sides to ``size``."""
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")
+            if resize_mode == "squash":
+                return np.asarray(img.resize((size, size), INTERPOLATIONS[interpolation]), dtype=np.uint8), OK
             w, h = img.size
             short, long = min(w, h), max(w, h)
             side = (size, int(size * long / short))  # as torchvision's Resize(size): the long side truncated
-            img = img.resize(side if w <= h else side[::-1], Image.Resampling.BICUBIC)
+            img = img.resize(side if w <= h else side[::-1], INTERPOLATIONS[interpolation])
             left, top = int(round((img.width - size) / 2)), int(round((img.height - size) / 2))  # CenterCrop
             return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8), OK
     except FileNotFoundError:
@@ -189,11 +239,12 @@ def load_cover(path: Path, size: int) -> tuple[np.ndarray, int]:
         return np.zeros((size, size, 3), dtype=np.uint8), CORRUPT
 
 
-def decode_covers(item_ids: np.ndarray, images_dir: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+def decode_covers(item_ids: np.ndarray, images_dir: str, size: int, resize_mode: str = "shortest",
+                  interpolation: str = "bicubic") -> tuple[np.ndarray, np.ndarray]:
     """Covers of ``item_ids`` (``{images_dir}/{id}.jpg``) → pixels (B, size, size, 3) uint8, status (B,) int8."""
     pixels = np.empty((len(item_ids), size, size, 3), dtype=np.uint8)
     status = np.empty(len(item_ids), dtype=np.int8)
     root = Path(images_dir)
     for i, item in enumerate(item_ids):
-        pixels[i], status[i] = load_cover(root / f"{int(item)}.jpg", size)
+        pixels[i], status[i] = load_cover(root / f"{int(item)}.jpg", size, resize_mode, interpolation)
     return pixels, status

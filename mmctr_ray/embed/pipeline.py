@@ -38,7 +38,8 @@ import pyarrow.parquet as pq
 
 from mmctr_ray.config import PRECISIONS
 from mmctr_ray.data.writer import list_array
-from mmctr_ray.embed.image import CORRUPT, MISSING, OK, check_image_model, decode_covers, image_size, parse_image_model
+from mmctr_ray.embed.image import (CORRUPT, MISSING, OK, check_image_model, decode_covers, image_size,
+                                  parse_image_model, preprocessing)
 from mmctr_ray.embed.text import (check_max_length, check_model_dir, load_tokenizer, resolve_normalize, resolve_pooling,
                                   titles_cut, tokenize)
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
@@ -67,12 +68,14 @@ class EmbedSettings:
     models: str = ""  # fingerprint of the model files (names, sizes, times): shards of a model since replaced neither
     normalize: bool = False  # text vectors scaled to unit length (the model's own Normalize module, --pooling auto)
     precision: str = "fp32"  # bf16: autocast on the actors' GPUs (shards of both would mix in one table)
+    image_preprocess: str = ""  # the covers' resize and normalisation (image.preprocessing), as JSON
 
 
 def prepare_batch(batch: dict[str, np.ndarray], images_dir: str, size: int, text_model: str,
-                  max_length: int) -> dict[str, np.ndarray]:
+                  max_length: int, resize_mode: str = "shortest",
+                  interpolation: str = "bicubic") -> dict[str, np.ndarray]:
     """CPU stage: covers → uint8 pixels and status; titles → fixed-width token ids, and which titles they cut."""
-    pixels, status = decode_covers(batch["item_id"], images_dir, size)
+    pixels, status = decode_covers(batch["item_id"], images_dir, size, resize_mode, interpolation)
     titles = ["" if t is None else str(t) for t in batch["item_title"]]
     return {"item_id": batch["item_id"], "pixels": pixels, "image_status": status,
             "title_cut": titles_cut(titles, text_model, max_length), **tokenize(titles, text_model, max_length)}
@@ -333,7 +336,8 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
     covers = _cover_stats(items, lay)
     settings = EmbedSettings(text_dir, image_model, pooling, max_length, seed, shard_items,
                              _fingerprint(items, lay, covers),
-                             _models_fingerprint(text_dir, image_model), normalize, precision)
+                             _models_fingerprint(text_dir, image_model), normalize, precision,
+                             json.dumps(preprocessing(image_model, warn=True), sort_keys=True))
     absent = [i for i, cover in zip(items.column("item_id").to_pylist(), covers) if cover is None]
     _check_bad_covers(len(absent), len(items), max_bad_covers, "missing", lay.image(absent[0]) if absent else None)
 
@@ -386,7 +390,8 @@ def _encode_shards(items: pa.Table, pending: list[int], store: ShardStore, s: Em
     ds = ray.data.from_arrow(blocks).map_batches(
         prepare_batch, batch_format="numpy", batch_size=None, num_cpus=1, **options,
         fn_kwargs={"images_dir": str(lay.images_dir), "size": image_size(s.image_model),
-                   "text_model": s.text_model, "max_length": s.max_length})
+                   "text_model": s.text_model, "max_length": s.max_length,
+                   **{k: v for k, v in preprocessing(s.image_model).items() if k in ("resize_mode", "interpolation")}})
     ds = ds.map_batches(Encoder, fn_constructor_kwargs={"settings": asdict(s), "sharers": actors,
                                                         "use_gpu": gpus_per_actor > 0},
                         batch_size=batch_size, batch_format="numpy", num_gpus=gpus_per_actor,
