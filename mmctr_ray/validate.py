@@ -197,13 +197,20 @@ def _scan_split(check: _FileCheck, pf: pq.ParquetFile, n_items: int | None, is_t
             if n_items is not None:
                 check.bad("item_seq", f"item ids in 0..{n_items} (0 = padding)", (flat < 0) | (flat > n_items),
                           flat, offset, rows)
-            if len(np.unique(lengths)) == 1 and lengths[0] > 1:
-                mat = flat.reshape(len(lengths), lengths[0])
-                gap = padding_gaps(mat)
+            # the rows of the right width without nulls (a batch holding one short or null row skipped them all,
+            # so the padding errors came only on the run after the width fixed)
+            width = SPLIT_COLUMNS["item_seq"][2]
+            whole = lengths == width
+            if flat.dtype.kind == "f":  # nulls inside lists: their rows are the null check's
+                whole[np.unique(rows[np.isnan(flat)])] = False
+            if width > 1 and whole.any():
+                mat = flat[whole[rows]].astype(np.int64).reshape(-1, width)
+                gap = np.zeros(len(lengths), dtype=bool)
+                gap[np.flatnonzero(whole)[padding_gaps(mat)]] = True
                 if gap.any():
                     shown = np.empty(len(gap), dtype=object)
                     i = int(np.flatnonzero(gap)[0])
-                    shown[i] = _Text(f"history {history_around_gap(mat[i])}")
+                    shown[i] = _Text(f"history {history_around_gap(mat[int(whole[:i].sum())])}")
                     check.bad("item_seq", "left-padded (all padding 0s before the history, most recent last)",
                               gap, shown, offset)
         for name in ("likes_level", "views_level"):

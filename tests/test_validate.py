@@ -194,6 +194,15 @@ def test_item_seq_not_left_padded(data):
     the_error(data, VALID, "item_seq", "left-padded", f"; first history {shown} at row 5")
     rewrite(data / VALID, lambda t: set_cell("item_seq", 5, [7, 8, 9] + [0] * 97)(t))  # right-padded
     the_error(data, VALID, "item_seq", "; first history [7, 8, 9, 0, …] at row 5")
+    # beside a row of the wrong width in the same batch: both said in one run (the padding check skipped the
+    # batch, so its error came only on the run after the width was fixed), a null inside a list too
+    rewrite(data / VALID, lambda t: set_cell("item_seq", 2, [4, 5])(t))
+    rewrite(data / VALID, lambda t: set_cell("item_seq", 3, [None] + [6] * 99)(t))
+    said = [str(p) for p in errors(data) if p.file == VALID and p.column == "item_seq"]
+    assert len(said) == 3, said
+    assert any("lists of length 100" in e and "at row 2" in e for e in said)
+    assert any("not non-null" in e and "at row 3" in e for e in said)
+    assert any("left-padded" in e and "first history [7, 8, 9, 0, …] at row 5" in e for e in said)
 
 
 @pytest.mark.parametrize("placeholder", [lambda n: np.full(n, -1.0), lambda n: pa.nulls(n, pa.float64())],
