@@ -400,8 +400,12 @@ def _searcher() -> type:
             if failed is None or error or values is None:  # not a retry, a retry that failed again, or told already
                 return None if failed is not None else super().on_trial_complete(trial_id, result, error)
             value = (result or {}).get(self.metric)
+            if value is not None and not math.isfinite(value):  # no AUC to tell: Optuna refuses a NaN value (it
+                value = None  # raised here, and the search with it); a FAIL, as OptunaSearch tells a live one
             complete = value is not None and not pruned
             state = optuna.trial.TrialState.COMPLETE if complete else optuna.trial.TrialState.PRUNED
+            if value is None and not pruned:
+                state = optuna.trial.TrialState.FAIL
             self._ot_study.add_trial(optuna.trial.create_trial(
                 params=failed.params, distributions=failed.distributions, value=value, state=state,
                 intermediate_values=values, user_attrs={"retry_of_trial": failed.number, "ray_trial_id": trial_id}))

@@ -627,9 +627,10 @@ from mmctr_ray.tuning import METRIC, _Progress
 tune_side = cloudpickle.loads(Path(sys.argv[1]).read_bytes())
 progress = _Progress(Path(sys.argv[2]), 2)
 progress.setup(total_num_samples=2)
-for epoch, auc in ((1, 0.61), (2, 0.64)):
+final = float(sys.argv[4])
+for epoch, auc in ((1, 0.61), (2, final)):
     tune_side.on_trial_result("t1", {METRIC: auc, "training_iteration": epoch})
-last = {METRIC: 0.64, "training_iteration": 2, "epoch": 2}
+last = {METRIC: final, "training_iteration": 2, "epoch": 2}
 tune_side.on_trial_complete("t1", last)
 trial = SimpleNamespace(trial_id="t1", last_result=last, status="TERMINATED")
 progress.on_trial_complete(0, [trial], trial)
@@ -637,7 +638,8 @@ print(json.dumps([t.state.name for t in optuna.load_study(study_name="s", storag
 """
 
 
-def test_a_retried_trial_reaches_the_study_from_a_searcher_that_resume_restored(tmp_path):
+@pytest.mark.parametrize("final, states", [("0.64", ["FAIL", "COMPLETE"]), ("nan", ["FAIL", "FAIL"])])
+def test_a_retried_trial_reaches_the_study_from_a_searcher_that_resume_restored(tmp_path, final, states):
     """What --resume does: Tune pickles the searcher (in its ConcurrencyLimiter) in one driver and restores it in the
     next. The searcher's class is defined in a function, so cloudpickle saves it by value with a copy of the module
     globals it names: the retried trial's handover went into that copy, the progress callback read the module's
@@ -657,10 +659,10 @@ def test_a_retried_trial_reaches_the_study_from_a_searcher_that_resume_restored(
     tune_side.on_trial_complete("t1", error=True)
     (tmp_path / "searcher.pkl").write_bytes(cloudpickle.dumps(tune_side))  # the first driver's saved state
     resumed = subprocess.run([sys.executable, "-c", RESTORED_SEARCHER, str(tmp_path / "searcher.pkl"),
-                              str(tmp_path), url], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                              str(tmp_path), url, final], capture_output=True, text=True, timeout=120, cwd=ROOT,
                              env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert json.loads(resumed.stdout.splitlines()[-1]) == ["FAIL", "COMPLETE"]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]  # a NaN: Optuna refused it, a ValueError out of Tune
+    assert json.loads(resumed.stdout.splitlines()[-1]) == states
 
 
 def test_a_resume_says_which_of_the_command_lines_settings_it_does_not_use(tmp_path, caplog):
