@@ -306,6 +306,21 @@ def test_auto_pooling_is_the_models_own_and_cls_for_a_plain_bert(bert_tiny, tmp_
         else:  # before: CLS without a word, another sentence embedding than the model's
             with pytest.raises(ConfigError, match=r"pools with max_tokens, which embed does not compute; pass "):
                 resolve_pooling(model, "auto")
+    # mean and max joined (sentence-transformers concatenates them) was taken for mean; a Pooling module in a
+    # folder of another name than 1_Pooling, as modules.json names it, was not found (CLS without a word)
+    model = tmp_path / "joined"
+    shutil.copytree(minilm_path(), model)
+    (model / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True,
+                                                                  "pooling_mode_max_tokens": True}))
+    with pytest.raises(ConfigError, match=r"pools with mean_tokens \+ max_tokens, which embed does not compute"):
+        resolve_pooling(model, "auto")
+    model = tmp_path / "renamed"
+    shutil.copytree(minilm_path(), model)
+    (model / "1_Pooling").rename(model / "pool")
+    modules = json.loads((model / "modules.json").read_text())
+    (model / "modules.json").write_text(json.dumps([{**m, "path": "pool"} if m["path"] == "1_Pooling" else m
+                                                    for m in modules]))
+    assert resolve_pooling(model, "auto") == "mean"
 
 
 def test_minilms_sentence_vector_has_the_unit_length_the_model_ships(bert_tiny):

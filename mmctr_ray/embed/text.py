@@ -38,24 +38,37 @@ def _read_json(path: Path, kind: type, hint: str) -> Any:
 
 
 def resolve_pooling(path: str | Path, pooling: str) -> str:
-    """``cls`` or ``mean`` for ``pooling``; ``auto`` takes the pooling a sentence-transformers model ships in
-    ``1_Pooling/config.json`` (all-MiniLM-L6-v2, the offline default, was trained with mean pooling: its CLS
-    vector is not its sentence embedding), else CLS (a plain BERT checkpoint)."""
+    """``cls`` or ``mean`` for ``pooling``; ``auto`` takes the pooling a sentence-transformers model ships (the
+    ``Pooling`` module's ``config.json``, in the folder its ``modules.json`` names, else ``1_Pooling``;
+    all-MiniLM-L6-v2, the offline default, was trained with mean pooling: its CLS vector is not its sentence
+    embedding), else CLS (a plain BERT checkpoint)."""
     if pooling != "auto":
         if pooling not in POOLINGS:
             raise ConfigError(f"--pooling {pooling!r}: expected auto or one of {', '.join(POOLINGS)}")
         return pooling
-    config = Path(path) / "1_Pooling" / "config.json"
+    config = _pooling_dir(Path(path)) / "config.json"
     if config.is_file():
         modes = _read_json(config, dict, "pass --pooling cls or --pooling mean")
-        if modes.get("pooling_mode_mean_tokens"):
+        on = [k.removeprefix("pooling_mode_") for k, v in modes.items() if k.startswith("pooling_mode_") and v]
+        if on == ["mean_tokens"]:
             return "mean"
-        other = [k.removeprefix("pooling_mode_") for k, on in modes.items()
-                 if k.startswith("pooling_mode_") and on and k != "pooling_mode_cls_token"]
-        if other:  # max, weighted mean, last token: taking CLS instead would be another sentence embedding
-            raise ConfigError(f"{config}: the model's sentence embedding pools with {', '.join(other)}, which embed "
+        if on not in ([], ["cls_token"]):  # max, weighted mean, last token, or several joined: taking one would
+            # be another sentence embedding than the model's
+            raise ConfigError(f"{config}: the model's sentence embedding pools with {' + '.join(on)}, which embed "
                               f"does not compute; pass --pooling cls or --pooling mean")
     return "cls"
+
+
+def _pooling_dir(path: Path) -> Path:
+    """The folder of a sentence-transformers model's Pooling module: as its ``modules.json`` lists it, else
+    ``1_Pooling`` (where sentence-transformers writes it)."""
+    modules = path / "modules.json"
+    if modules.is_file():
+        listed = _read_json(modules, list, "pass --pooling cls or --pooling mean")
+        for m in listed:
+            if isinstance(m, dict) and str(m.get("type", "")).rsplit(".", 1)[-1] == "Pooling" and m.get("path"):
+                return path / str(m["path"])
+    return path / "1_Pooling"
 
 
 SENTENCE_MODULES = ("Transformer", "Pooling", "Normalize")  # the sentence-transformers modules embed computes
