@@ -72,12 +72,18 @@ def ray_one_gpu():
 
 @pytest.fixture(scope="module")
 def covers_data(synth_dir, tmp_path_factory) -> Path:
-    """The tiny data set with item 3's cover deleted and item 7's cover truncated to garbage."""
+    """The tiny data set with item 3's cover deleted, item 7's cover truncated to garbage, and items 4 and 50
+    without a title (blank, empty)."""
     data = tmp_path_factory.mktemp("embed-data")
     shutil.copytree(synth_dir, data, dirs_exist_ok=True)
     lay = Layout(data)
     lay.image(3).unlink()
     lay.image(7).write_bytes(b"\xff\xd8\xff not a jpeg")
+    table = pq.read_table(lay.item_feature)
+    titles = table.column("item_title").to_pylist()
+    titles[3], titles[49] = "   ", ""
+    pq.write_table(table.set_column(table.schema.get_field_index("item_title"), "item_title",
+                                    pa.array(titles, table.schema.field("item_title").type)), lay.item_feature)
     return data
 
 
@@ -121,6 +127,7 @@ def test_embed_writes_every_item_in_order_and_flags_bad_covers(embedded, covers_
     cut = pq.read_table(out, columns=["title_cut"]).column(0).to_numpy(zero_copy_only=False)
     np.testing.assert_array_equal(cut, full > MAX_LENGTH)
     assert 0 < summary["titles_cut"] == cut.sum() < 200 and (full == MAX_LENGTH).any()  # and one that just fits
+    assert summary["titles_empty"] == 2 and np.array_equal(text[3], text[49])  # said (OUT marks them nowhere)
     assert json.loads(out.with_name("item_raw_emb.embed.json").read_text())["titles"] == summary["titles"]
     assert not out.with_name(out.name + ".parts").exists(), "shards are removed once the file is assembled"
     # the pipeline computes what the encoders compute directly, in one process

@@ -469,6 +469,12 @@ def _assemble(out: Path, store: ShardStore, n_shards: int, s: EmbedSettings, ite
         log.warning("%s of %s titles have more than --max-length %d tokens: their text vectors are of the first %d "
                     "(OUT's title_cut column names them)", f"{counts['titles_cut']:,}", f"{n:,}", s.max_length,
                     s.max_length)
+    text = pc.utf8_trim_whitespace(pc.fill_null(items.column("item_title").cast(pa.string()), ""))
+    counts["titles_empty"] = int(pc.sum(pc.equal(text, "")).as_py() or 0)
+    if counts["titles_empty"]:  # unlike a missing cover, nothing marks them in OUT: they are said here
+        first = items.column("item_id")[int(np.argmax(pc.equal(text, "").to_numpy(zero_copy_only=False)))]
+        log.warning("%s of %s items have no title (null or blank; first: item %s): their text vectors are all one, "
+                    "the model's vector of an empty text", f"{counts['titles_empty']:,}", f"{n:,}", first)
     encoded = timing.pop("encoded")
     summary = {**asdict(s), **dims, "items": n, "titles": titles_fingerprint(items), **counts,
                "encoded_now": encoded, "seconds": round(seconds, 3),
