@@ -583,7 +583,8 @@ def test_covers_fixed_in_place_change_the_settings_the_shards_were_made_with(syn
     assert stats[3] is None and all(s is not None for i, s in enumerate(stats) if i != 3)
 
 
-@pytest.mark.parametrize("w, h", [(999, 333), (300, 225), (641, 480), (225, 300), (100, 700), (224, 224)])
+@pytest.mark.parametrize("w, h", [(999, 333), (300, 225), (641, 480), (225, 300), (100, 700), (224, 224),
+                                  (40, 2000), (3000, 50)])  # the last two cut to their centre first (MAX_ASPECT)
 def test_covers_are_resized_and_cropped_exactly_as_clips_own_transform(tmp_path, w, h):
     from PIL import Image
     from torchvision import transforms as T
@@ -595,6 +596,27 @@ def test_covers_are_resized_and_cropped_exactly_as_clips_own_transform(tmp_path,
     ours, status = load_cover(path, 224)
     reference = T.CenterCrop(224)(T.Resize(224, interpolation=T.InterpolationMode.BICUBIC)(Image.open(path)))
     assert status == OK and np.array_equal(ours, np.asarray(reference.convert("RGB")))
+
+
+def test_a_strip_of_a_cover_is_cut_to_its_centre_before_it_is_resized(tmp_path, monkeypatch):
+    """A 1 x 200,000 px image resized whole to a short side of 224 is 224 x 44.8M px (30 GB): the task failed, or
+    took the node's memory, where a bad cover never fails the job. (The resize is watched, not run that big.)"""
+    from PIL import Image
+
+    from mmctr_ray.embed.image import MAX_ASPECT, load_cover
+
+    path = tmp_path / "strip.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20_000, 1, 3), dtype=np.uint8)).save(path)
+    asked, resize = [], Image.Image.resize
+
+    def watched(self, size, *args, **kwargs):
+        asked.append(tuple(size))
+        return resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", watched)
+    pixels, status = load_cover(path, 224)
+    assert status == OK and pixels.shape == (224, 224, 3) and pixels.std() > 0
+    assert asked == [(224, 224 * MAX_ASPECT)]  # not (224, 4,480,000)
 
 
 def test_covers_are_prepared_as_the_architectures_published_weights_were_trained(tmp_path, caplog, monkeypatch):

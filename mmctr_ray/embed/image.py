@@ -70,6 +70,7 @@ def parse_image_model(spec: str) -> tuple[str, Path | None, Path | None]:
     return arch, (config.resolve() if config else None), (wpath.resolve() if wpath else None)
 
 
+MAX_ASPECT = 16  # a cover longer than this many times its width is cut to its centre before it is resized
 RESIZE_MODES = ("shortest", "squash")  # those of open_clip's that load_cover does (no pretrained tag pads)
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
@@ -229,6 +230,11 @@ def load_cover(path: Path, size: int, resize_mode: str = "shortest",
                 return np.asarray(img.resize((size, size), INTERPOLATIONS[interpolation]), dtype=np.uint8), OK
             w, h = img.size
             short, long = min(w, h), max(w, h)
+            if long > MAX_ASPECT * short:  # a strip (1 x 50,000 px): resized whole it took gigabytes, or the task;
+                keep, off = MAX_ASPECT * short, (long - MAX_ASPECT * short) // 2  # only its centre is kept anyway
+                img = img.crop((off, 0, off + keep, h) if w > h else (0, off, w, off + keep))
+                w, h = img.size
+                short, long = min(w, h), max(w, h)
             side = (size, int(size * long / short))  # as torchvision's Resize(size): the long side truncated
             img = img.resize(side if w <= h else side[::-1], INTERPOLATIONS[interpolation])
             left, top = int(round((img.width - size) / 2)), int(round((img.height - size) / 2))  # CenterCrop
