@@ -502,10 +502,13 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
     # a run continued takes the train.* the command asks, from --config as from --set (its other sections must
     # be the run's: check_resume); before, only --set's reached it and --config's were dropped without a word
     changes = pipeline.train_changes(run, _config(args)) if continuing else []
+    # continuing, the command's own train.lr (the rate the run started at) is no change: passed on, it set the rate
+    # the run continues at, so "the same command again with --resume" lost the schedule's decayed rate
+    passed = [o for o in args.overrides if not continuing or override_key(o) != "train.lr"]
     steps += [("train", lambda: cmd_train(ns(out=str(run), resume=continuing, overwrite=args.overwrite,
                                              fusion=None if continuing else fused,
                                              config=None if continuing else args.config,
-                                             overrides=[*changes, *args.overrides]))),
+                                             overrides=[*changes, *passed]))),
               ("predict", lambda: cmd_predict(ns(run=str(run), out=work / "submission.zip", split="test",
                                                  overwrite=True))),
               ("report", lambda: cmd_report(argparse.Namespace(run=str(run), top=10)))]
@@ -865,7 +868,9 @@ RESUME_DROPS = {  # what --resume refuses: the run or search keeps its own
 
 def _resume_argv(argv: Sequence[str], command: str) -> list[str]:
     """``argv`` (the stage's own, flags and values) as a --resume: without what --resume refuses (a train
-    ``--set`` other than ``train.*``), with --resume once."""
+    ``--set`` other than ``train.*``), nor a train ``--set train.lr`` (on --resume it sets the rate the run continues
+    at, where the command's own meant the rate it starts at: the schedule's decayed rate was lost), with --resume
+    once."""
     stage = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
     switches = {s for a in stage._actions if a.nargs == 0 for s in a.option_strings}  # flags without a value
     drops, out, i = RESUME_DROPS[command], [], 0
@@ -875,8 +880,8 @@ def _resume_argv(argv: Sequence[str], command: str) -> list[str]:
         takes = flag.startswith("-") and flag not in switches and not has_value
         value = argv[i + 1] if takes and i + 1 < len(argv) else (arg.split("=", 1)[1] if has_value else None)
         step = 2 if takes else 1
-        if flag in drops or flag == "--resume" or (
-                command == "train" and flag == "--set" and not str(value).startswith("train.")):
+        if flag in drops or flag == "--resume" or (command == "train" and flag == "--set" and (
+                not str(value).startswith("train.") or override_key(str(value)) == "train.lr")):
             i += step
             continue
         out += argv[i:i + step]

@@ -600,7 +600,8 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
     for name, argv, error, line in [
             ("cmd_report", ["report", str(tmp_path)], KeyboardInterrupt(), "mmctr report: interrupted"),
             ("cmd_train", train, KeyboardInterrupt(), "mmctr train: interrupted"),  # RUN not known to hold anything
-            ("cmd_train", [*train, "--workers", "2", "--set", "train.epochs=9", "--set", "model.dropout=0.2"],
+            ("cmd_train", [*train, "--workers", "2", "--set", "train.epochs=9", "--set", "model.dropout=0.2",
+                           "--set", "train.lr = 3e-4"],  # on --resume, train.lr resets the decayed rate: dropped
              Interrupted("RUN keeps the checkpoints of epochs 1–2"),  # --resume takes no --config nor model.*
              f"mmctr train: interrupted: RUN keeps the checkpoints of epochs 1–2; continue with `mmctr train --data "
              f"{tmp_path} --out {tmp_path / 'run'} --workers 2 --set train.epochs=9 --resume`"),
@@ -789,9 +790,10 @@ def test_pipeline_resume_summarises_the_data_again_when_its_data_settings_change
     monkeypatch.setattr(cli, "_start_ray", lambda *a, **k: None)
     monkeypatch.setattr(ray_env, "private_local_ray", lambda: True)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
-    ran = []
+    ran, trained = [], []
     for name in ("cmd_validate", "cmd_features", "cmd_train", "cmd_predict", "cmd_report"):
-        monkeypatch.setattr(cli, name, lambda args, name=name: ran.append(name.removeprefix("cmd_")) or 0)
+        monkeypatch.setattr(cli, name, lambda args, name=name: ran.append(name.removeprefix("cmd_")) or (
+            trained.append(args) if name == "cmd_train" else None) or 0)
     out = tmp_path / "out"
     tiny = load_config("configs/tiny.yaml")
     fused = out / "item_emb.parquet"
@@ -807,6 +809,14 @@ def test_pipeline_resume_summarises_the_data_again_when_its_data_settings_change
     ran.clear()
     assert main([*base, "--set", "data.max_len=8"]) == 0 and ran == ["validate", "features", "train", "predict",
                                                                        "report"]
+    # a run to continue: "the same command again with --resume" keeps the rate the schedule reached (its own
+    # --set train.lr, passed on, set the rate the run continues at); a train.lr the run did not have is a change
+    save_config(load_config("configs/tiny.yaml", [*fusion_overrides(fused), "data.max_len=8"]), out / "run" /
+                "config.yaml")
+    for lr, passed in ((tiny.train.lr, []), (1e-5, ["train.lr=1e-05"])):
+        trained.clear()
+        assert main([*base, "--set", "data.max_len=8", "--set", f"train.lr={lr}"]) == 0
+        assert trained[0].resume and [o for o in trained[0].overrides if o.startswith("train.lr")] == passed
 
 
 @pytest.mark.parametrize("stage", ["train", "tune", "pipeline", "demo"])
