@@ -214,7 +214,8 @@ def cmd_features(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-        (out / "features_summary.json").write_text(storage.json_text(summary, indent=2) + "\n")
+        # whole or not at all (a temporary name, then renamed): the pipeline's --resume keeps a summary it finds
+        storage.write_text(out / "features_summary.json", storage.json_text(summary, indent=2) + "\n")
         log.info("wrote %s and %s", out / "features_summary.json", out / "config.yaml")
     return 0
 
