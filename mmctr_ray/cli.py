@@ -482,10 +482,11 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
         steps.append(("synth", synth))
     if not validated:
         steps.append(validate)
-    if args.embed and not (resume and raw.is_file()):
+    if args.embed and not (resume and pipeline.embeddings_kept(work)):  # a table without its record: again
         steps.append(("embed", lambda: cmd_embed(ns(out=raw, pooling="auto", batch_size=64, max_length=32,
                                                     shard_items=4096, seed=0, cpus_per_actor=1.0,
-                                                    overwrite=args.overwrite, precision="auto",
+                                                    overwrite=args.overwrite or (resume and raw.is_file()),
+                                                    precision="auto",
                                                     keep_freed_memory=_config(args).train.keep_freed_memory))))
     if not (resume and fused.is_file()):
         steps.append(("fuse", lambda: _fuse_step(args, data, fused, str(raw) if args.embed else "shipped")))

@@ -34,6 +34,14 @@ PUBLISHED = {
 }
 
 
+def embeddings_kept(work: Path) -> bool:
+    """Whether an earlier attempt's embeddings are whole, the table and its record: `mmctr embed` writes the record
+    after the table, so a kill between the two left a table whose models no check could name (a --resume with
+    another --text-model kept it without a word). Without the record, the step runs again and reassembles the
+    table from the shards, which it keeps until the record is written."""
+    return all((work / name).is_file() for name in PUBLISHED["embed"])
+
+
 def check_out(out: storage.Location, resume: bool, overwrite: bool) -> None:
     """A non-empty OUT is used only when asked: ``resume`` continues it, ``overwrite`` replaces its outputs."""
     if resume or overwrite or not storage.exists(out):

@@ -819,6 +819,47 @@ def test_pipeline_resume_summarises_the_data_again_when_its_data_settings_change
         assert trained[0].resume and [o for o in trained[0].overrides if o.startswith("train.lr")] == passed
 
 
+def test_a_pipeline_resume_embeds_again_where_a_kill_left_the_table_without_its_record(synth_dir, tmp_path,
+                                                                                         monkeypatch):
+    """`mmctr embed` writes its record (.embed.json) after the table: a kill between the two left a table that
+    --resume kept, whatever --text-model the command gave (the models are checked against the record). Now the step
+    runs again, over the table, and reassembles it from the shards it keeps until the record is written."""
+    import ray
+
+    import mmctr_ray.cli as cli
+    import mmctr_ray.ray_env as ray_env
+
+    monkeypatch.setattr(cli, "_start_ray", lambda *a, **k: None)
+    monkeypatch.setattr(ray_env, "private_local_ray", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    from mmctr_ray.config import load_config
+    from mmctr_ray.fuse import run_fuse
+
+    calls = {}
+    for name in ("cmd_validate", "cmd_embed", "cmd_features", "cmd_train", "cmd_predict", "cmd_report"):
+        monkeypatch.setattr(cli, name, lambda *a, name=name, **k: calls.setdefault(name, a) and 0)
+    monkeypatch.setattr(cli, "_fuse_step", lambda args, data, fused, source: run_fuse(  # a table the steps after
+        data, fused, load_config("configs/tiny.yaml").fusion, progress=lambda m: None) and 0)  # it read, not the
+    # one asked
+    out = tmp_path / "out"
+    (out / "run").mkdir(parents=True)  # the final line reads the run's summary (train is not run here)
+    (out / "run" / "summary.json").write_text(json.dumps({"best_valid_auc": 0.5, "best_epoch": 1}))
+    (out / "item_raw_emb.parquet").write_bytes(b"PAR1")  # the table, its record cut off by the kill
+    text = tmp_path / "bert"
+    text.mkdir()
+    (text / "config.json").write_text("{}")
+    argv = ["pipeline", "--data", str(synth_dir), "--out", str(out), "--resume", "--config", "configs/tiny.yaml",
+            "--embed", "--text-model", str(text), "--image-model", CLIP_TINY]
+    assert main(argv) == 0
+    assert "cmd_embed" in calls and calls["cmd_embed"][0].overwrite  # over the table it left
+    calls.clear()
+    for name in ("item_emb.parquet", "item_emb.pca.npz", "item_emb.fusion.json"):  # fused from the shipped
+        (out / name).unlink(missing_ok=True)  # vectors here: --resume --embed would refuse it
+    (out / "item_raw_emb.embed.json").write_text(json.dumps({"text_model": str(text.resolve()),
+                                                            "image_model": CLIP_TINY}))
+    assert main(argv) == 0 and "cmd_embed" not in calls  # whole: kept
+
+
 @pytest.mark.parametrize("stage", ["train", "tune", "pipeline", "demo"])
 def test_resume_and_overwrite_together_are_refused_by_the_parser(stage, tmp_path, capsys):
     """Before, --resume silently won (or, in the pipeline, each step took the flag it read first)."""
