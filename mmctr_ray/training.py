@@ -301,10 +301,10 @@ def load_into(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str
     old weight decay or kernels). The learning rate stays the schedule's (``state.lr``) unless this run's
     ``train.lr`` differs from the checkpoint's, or the checkpoint is of epoch ``lr_at`` (where a ``--resume`` given
     ``--set train.lr=...`` continues, the run's own rate too: it stayed at the decayed one): the run continues at
-    ``train.lr``. A rate below this run's ``train.min_lr`` (a resume that raised the floor) continues at the floor,
-    not below it until the next decay lifts it there. A worker restarted later in the run takes its checkpoint's
-    schedule. ``verbose``: say so in the
-    log (rank 0), naming the checkpoint ``shown`` (default: ``directory``)."""
+    ``train.lr``. A rate below this run's ``train.min_lr`` (a resume that raised the floor) continues at the floor
+    (it trained an epoch below it, until a "decay" raised it there). A worker restarted later in the run takes its
+    checkpoint's schedule. ``verbose``: say so in the log (rank 0), naming the checkpoint ``shown`` (default:
+    ``directory``)."""
     loaded = load_checkpoint(directory)
     model.load_state_dict(loaded.model_state)
     if loaded.optimizer_state is not None:
