@@ -402,10 +402,8 @@ def _searcher() -> type:
             value = (result or {}).get(self.metric)
             if value is not None and not math.isfinite(value):  # no AUC to tell: Optuna refuses a NaN value (it
                 value = None  # raised here, and the search with it); a FAIL, as OptunaSearch tells a live one
-            complete = value is not None and not pruned
-            state = optuna.trial.TrialState.COMPLETE if complete else optuna.trial.TrialState.PRUNED
-            if value is None and not pruned:
-                state = optuna.trial.TrialState.FAIL
+            states = optuna.trial.TrialState
+            state = states.PRUNED if pruned else states.COMPLETE if value is not None else states.FAIL
             self._ot_study.add_trial(optuna.trial.create_trial(
                 params=failed.params, distributions=failed.distributions, value=value, state=state,
                 intermediate_values=values, user_attrs={"retry_of_trial": failed.number, "ray_trial_id": trial_id}))

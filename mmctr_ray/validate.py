@@ -198,7 +198,7 @@ def _scan_split(check: _FileCheck, pf: pq.ParquetFile, n_items: int | None, is_t
                 check.bad("item_seq", f"item ids in 0..{n_items} (0 = padding)", (flat < 0) | (flat > n_items),
                           flat, offset, rows)
             # the rows of the right width without nulls (a batch holding one short or null row skipped them all,
-            # so the padding errors came only on the run after the width fixed)
+            # so the padding errors came only on the run after the width was fixed)
             width = SPLIT_COLUMNS["item_seq"][2]
             whole = lengths == width
             if flat.dtype.kind == "f":  # nulls inside lists: their rows are the null check's

@@ -292,8 +292,6 @@ class BadValue:
     count: int
 
 
-
-
 def _ints(col: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray]:
     """(int64 values with 0 where invalid, invalid mask) of a text column."""
     text = pc.utf8_trim(col, PADDING)

@@ -391,7 +391,8 @@ def _encode_shards(items: pa.Table, pending: list[int], store: ShardStore, s: Em
         prepare_batch, batch_format="numpy", batch_size=None, num_cpus=1, **options,
         fn_kwargs={"images_dir": str(lay.images_dir), "size": image_size(s.image_model),
                    "text_model": s.text_model, "max_length": s.max_length,
-                   **{k: v for k, v in preprocessing(s.image_model).items() if k in ("resize_mode", "interpolation")}})
+                   **{k: v for k, v in json.loads(s.image_preprocess).items()
+                      if k in ("resize_mode", "interpolation")}})  # as the shards' settings record it
     ds = ds.map_batches(Encoder, fn_constructor_kwargs={"settings": asdict(s), "sharers": actors,
                                                         "use_gpu": gpus_per_actor > 0},
                         batch_size=batch_size, batch_format="numpy", num_gpus=gpus_per_actor,

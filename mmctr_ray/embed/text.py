@@ -62,13 +62,20 @@ def resolve_pooling(path: str | Path, pooling: str) -> str:
 def _pooling_dir(path: Path) -> Path:
     """The folder of a sentence-transformers model's Pooling module: as its ``modules.json`` lists it, else
     ``1_Pooling`` (where sentence-transformers writes it)."""
-    modules = path / "modules.json"
-    if modules.is_file():
-        listed = _read_json(modules, list, "pass --pooling cls or --pooling mean")
-        for m in listed:
-            if isinstance(m, dict) and str(m.get("type", "")).rsplit(".", 1)[-1] == "Pooling" and m.get("path"):
-                return path / str(m["path"])
+    for kind, module in _sentence_modules(path):
+        if kind == "Pooling" and module.get("path"):
+            return path / str(module["path"])
     return path / "1_Pooling"
+
+
+def _sentence_modules(path: Path) -> list[tuple[str, dict]]:
+    """(kind, entry) of each module a sentence-transformers ``modules.json`` lists (kind: the type's class name);
+    none without the file."""
+    modules = path / "modules.json"
+    if not modules.is_file():
+        return []
+    listed = _read_json(modules, list, "pass --pooling cls or --pooling mean")
+    return [(str(m.get("type", "")).rsplit(".", 1)[-1], m) for m in listed if isinstance(m, dict)]
 
 
 SENTENCE_MODULES = ("Transformer", "Pooling", "Normalize")  # the sentence-transformers modules embed computes
@@ -78,11 +85,10 @@ def resolve_normalize(path: str | Path, pooling: str) -> bool:
     """Whether the sentence vector is L2-normalised: with ``--pooling auto``, as the model ships it (a
     sentence-transformers ``modules.json`` listing a ``Normalize`` module, as all-MiniLM-L6-v2's does: its sentence
     embedding has unit length); an explicit ``cls`` or ``mean`` is the pooled vector as it is."""
-    modules = Path(path) / "modules.json"
-    if pooling != "auto" or not modules.is_file():
+    if pooling != "auto":
         return False
-    listed = _read_json(modules, list, "pass --pooling cls or --pooling mean")
-    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in listed if isinstance(m, dict)]
+    modules = Path(path) / "modules.json"
+    kinds = [kind for kind, _ in _sentence_modules(Path(path))]
     other = [k for k in kinds if k not in SENTENCE_MODULES]
     if other:  # a Dense projection after the pooling (LaBSE-style): the pooled vector is not the sentence embedding
         raise ConfigError(f"{modules}: the model's sentence embedding goes through {', '.join(other)} after its "
