@@ -38,15 +38,20 @@ class RunLog:
     URI, written to a local temporary folder and uploaded at the end of every epoch (TensorBoard writes local
     files only).
 
-    Every scalar is logged at a global step, ``steps_per_epoch`` a training epoch (``epoch/*`` at the last step of
-    its epoch), so that an attempt that continues after epoch ``resumed_epoch`` (``--resume``, or a restart after
-    a worker died) opens its event file with TensorBoard's purge step just past it: the points an earlier
-    attempt wrote for the epochs done again are hidden, not drawn twice.
+    Every scalar is logged at a global step: the optimizer steps trained so far, counted from the epochs of
+    ``history`` (the rows of the checkpoint this attempt continues from: each holds the steps its epoch took, so
+    a run resumed with another batch size or data keeps counting where it was) plus the current epoch's
+    (``epoch/*`` at the last step of its epoch). Every attempt opens its event file with TensorBoard's purge step
+    just past the checkpoint's last step (step 1 when it starts from none): the points an earlier attempt wrote
+    for the epochs done again (``--resume``, or a restart after a worker died, before the first checkpoint too)
+    are hidden, not drawn twice.
     """
 
-    def __init__(self, run_dir: str, enabled: bool, steps_per_epoch: int = 1, resumed_epoch: int = 0) -> None:
+    def __init__(self, run_dir: str, enabled: bool, steps_per_epoch: int = 1,
+                 history: list[dict[str, Any]] | None = None) -> None:
         self.enabled = enabled
-        self.steps_per_epoch = steps_per_epoch
+        self.steps_per_epoch = steps_per_epoch  # an epoch's steps where a row does not say (older checkpoints)
+        self._done = sum(self._steps(row) for row in history or [])  # global step at the end of the last epoch
         self._last = 0.0
         self._tb = None
         self._tb_staging: str | None = None  # local folder uploaded to RUN/tensorboard when RUN is a URI
@@ -61,7 +66,7 @@ class RunLog:
         # the file's name holds the second it was opened (tensorboardX opens it "wb"): a second writer in the same
         # second would empty the first's file without the process id and a count
         self._tb = SummaryWriter(self._tb_staging or str(storage.join(self.run_dir, "tensorboard")), flush_secs=10,
-                                 purge_step=resumed_epoch * steps_per_epoch + 1 if resumed_epoch else None,
+                                 purge_step=self._done + 1,
                                  filename_suffix=f".{os.getpid()}.{next(_WRITERS)}")
 
     def progress(self, epoch: int, step: int, steps: int, rows: int, t0: float, loss_sum: torch.Tensor) -> None:
@@ -75,15 +80,15 @@ class RunLog:
         loss = float(loss_sum) / step
         log.info("epoch %d step %d/%d loss %.4f %.0f samples/s ETA %.0fs", epoch, step, steps, loss, rate, eta)
         if self._tb is not None:
-            global_step = (epoch - 1) * self.steps_per_epoch + min(step, self.steps_per_epoch)
-            self._tb.add_scalar("train/loss", loss, global_step)
-            self._tb.add_scalar("train/samples_per_s", rate, global_step)
+            self._tb.add_scalar("train/loss", loss, self._done + step)
+            self._tb.add_scalar("train/samples_per_s", rate, self._done + step)
 
     def epoch_end(self, state: Any) -> None:
         """Record the epoch just ended (``state.history[-1]``): log line, metrics.jsonl, TensorBoard."""
         if not self.enabled:
             return
         row = state.history[-1]
+        self._done += self._steps(row)
         text = "".join(storage.json_text(r) + "\n" for r in state.history)  # a NaN AUC as null: strict JSON
         storage.write_text(storage.join(self.run_dir, "metrics.jsonl"), text)
         rate = row["samples_per_s"] or 0.0
@@ -94,9 +99,12 @@ class RunLog:
         if self._tb is not None:
             for key in ("train_loss", "valid_auc", "valid_auc_se", "valid_logloss", "lr", "samples_per_s"):
                 if row.get(key) is not None:
-                    self._tb.add_scalar(f"epoch/{key}", row[key], row["epoch"] * self.steps_per_epoch)
+                    self._tb.add_scalar(f"epoch/{key}", row[key], self._done)
             self._tb.flush()
             self._upload_tensorboard()
+
+    def _steps(self, row: dict[str, Any]) -> int:
+        return int(row.get("steps") or self.steps_per_epoch)
 
     def _upload_tensorboard(self) -> None:
         if self._tb_staging is not None:

@@ -443,7 +443,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             model, ["item_embedding.item_tags", "item_embedding.item_vectors"])
     ddp = ray.train.torch.prepare_model(model) if world > 1 else model
-    run_log = RunLog(config["run_dir"], enabled=rank == 0, steps_per_epoch=steps_per_epoch, resumed_epoch=state.epoch)
+    run_log = RunLog(config["run_dir"], enabled=rank == 0, steps_per_epoch=steps_per_epoch, history=state.history)
     stop = state.bad_epochs >= cfg.train.patience  # a resumed run that had already stopped early stays stopped
     if early is not None and (stop or early[0] != state.epoch + 1):  # no epoch to train, or not that one
         early[2].close()

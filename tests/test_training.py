@@ -1777,7 +1777,7 @@ def test_a_resumed_attempt_hides_the_tensorboard_points_of_the_epochs_it_trains_
     epoch(first, 1, 0.6)
     epoch(first, 2, 0.7)  # then the attempt dies before epoch 2's checkpoint
     first.close()
-    second = RunLog(str(tmp_path), enabled=True, steps_per_epoch=10, resumed_epoch=1)
+    second = RunLog(str(tmp_path), enabled=True, steps_per_epoch=10, history=[{"epoch": 1}])
     epoch(second, 2, 0.75)
     second.close()
     old, new = _tensorboard_events(tmp_path / "tensorboard")
@@ -1785,6 +1785,42 @@ def test_a_resumed_attempt_hides_the_tensorboard_points_of_the_epochs_it_trains_
     assert auc(old) == [(10, pytest.approx(0.6)), (20, pytest.approx(0.7))]
     assert [(t, s) for t, s, _ in new if t in ("START", "train/loss")] == [("START", 11), ("train/loss", 15)]
     assert auc(new) == [(20, pytest.approx(0.75))]  # epoch 2 again, past the purge step: the 0.7 at 20 is hidden
+
+
+def test_tensorboard_steps_count_the_steps_each_epoch_took(tmp_path, monkeypatch):
+    """The global step was epoch x the current attempt's steps per epoch. A run resumed with another batch size (24
+    steps an epoch, then 195) drew its new epochs over the old ones, and its purge step hid a range of the wrong
+    epochs; an attempt restarted before the first checkpoint had no purge step at all, so epoch 1's points were
+    drawn twice. The steps each epoch took are counted now, and every attempt purges past its checkpoint."""
+    from types import SimpleNamespace
+
+    from mmctr_ray.run_log import RunLog
+
+    monkeypatch.setattr("mmctr_ray.run_log.PROGRESS_EVERY_S", 0.0)
+    rows: list[dict] = []
+
+    def epoch(log: RunLog, n: int, steps: int, auc: float) -> None:
+        log.progress(n, steps // 2, steps, 512, 100.0, torch.tensor(2.0))
+        rows.append({"epoch": n, "train_loss": 0.5, "valid_auc": auc, "valid_logloss": 0.4, "lr": 1e-3,
+                     "samples_per_s": 100.0, "steps": steps})
+        log.epoch_end(SimpleNamespace(history=rows, best_auc=auc, best_epoch=n))
+
+    killed = RunLog(str(tmp_path), enabled=True, steps_per_epoch=24)
+    killed.progress(1, 12, 24, 512, 100.0, torch.tensor(2.0))  # then its worker died, before any checkpoint
+    killed.close()
+    first = RunLog(str(tmp_path), enabled=True, steps_per_epoch=24)  # the restart, from no checkpoint
+    epoch(first, 1, 24, 0.6)
+    epoch(first, 2, 24, 0.7)
+    first.close()
+    resumed = RunLog(str(tmp_path), enabled=True, steps_per_epoch=195, history=list(rows))  # --resume, batch / 8
+    epoch(resumed, 3, 195, 0.8)
+    resumed.close()
+    files = _tensorboard_events(tmp_path / "tensorboard")
+    assert [[(t, s) for t, s, _ in events if t in ("START", "train/loss")] for events in files] == [
+        [("START", 1), ("train/loss", 12)], [("START", 1), ("train/loss", 12), ("train/loss", 36)],
+        [("START", 49), ("train/loss", 48 + 97)]]  # the killed attempt's point at 12 is hidden by the restart's
+    assert [(s, round(v, 4)) for events in files for t, s, v in events if t == "epoch/valid_auc"] == [
+        (24, 0.6), (48, 0.7), (48 + 195, 0.8)]
 
 
 def test_probabilities_of_extreme_logits_stay_inside_0_1_without_a_warning():
