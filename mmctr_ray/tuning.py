@@ -407,8 +407,10 @@ def _searcher() -> type:
             self._ot_study.add_trial(optuna.trial.create_trial(
                 params=failed.params, distributions=failed.distributions, value=value, state=state,
                 intermediate_values=values, user_attrs={"retry_of_trial": failed.number, "ray_trial_id": trial_id}))
-            log.info("trial %s: failed before the restart and completed now; told to the study as a new trial with "
-                     "the same parameters", trial_id)
+            ended = {states.PRUNED: "was pruned", states.COMPLETE: "completed",
+                     states.FAIL: "ended without a finite AUC"}[state]
+            log.info("trial %s: failed before the restart and %s now; told to the study as a new trial with the same "
+                     "parameters (%s)", trial_id, ended, state.name)
 
     return ResumableOptunaSearch
 

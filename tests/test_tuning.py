@@ -619,11 +619,14 @@ import json, sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import logging
+
 import optuna
 from ray import cloudpickle
 
 from mmctr_ray.tuning import METRIC, _Progress
 
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 tune_side = cloudpickle.loads(Path(sys.argv[1]).read_bytes())
 progress = _Progress(Path(sys.argv[2]), 2)
 progress.setup(total_num_samples=2)
@@ -638,8 +641,12 @@ print(json.dumps([t.state.name for t in optuna.load_study(study_name="s", storag
 """
 
 
-@pytest.mark.parametrize("final, states", [("0.64", ["FAIL", "COMPLETE"]), ("nan", ["FAIL", "FAIL"])])
-def test_a_retried_trial_reaches_the_study_from_a_searcher_that_resume_restored(tmp_path, final, states):
+@pytest.mark.parametrize("final, states, said", [
+    ("0.64", ["FAIL", "COMPLETE"], "completed now; told to the study as a new trial with the same parameters "
+                                   "(COMPLETE)"),
+    ("nan", ["FAIL", "FAIL"], "ended without a finite AUC now; told to the study as a new trial with the same "
+                              "parameters (FAIL)")])  # the log said "completed now" for the FAIL too
+def test_a_retried_trial_reaches_the_study_from_a_searcher_that_resume_restored(tmp_path, final, states, said):
     """What --resume does: Tune pickles the searcher (in its ConcurrencyLimiter) in one driver and restores it in the
     next. The searcher's class is defined in a function, so cloudpickle saves it by value with a copy of the module
     globals it names: the retried trial's handover went into that copy, the progress callback read the module's
@@ -663,6 +670,7 @@ def test_a_retried_trial_reaches_the_study_from_a_searcher_that_resume_restored(
                              env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert resumed.returncode == 0, resumed.stderr[-3000:]  # a NaN: Optuna refused it, a ValueError out of Tune
     assert json.loads(resumed.stdout.splitlines()[-1]) == states
+    assert f"mmctr_ray.tuning: trial t1: failed before the restart and {said}" in resumed.stderr
 
 
 def test_a_resume_says_which_of_the_command_lines_settings_it_does_not_use(tmp_path, caplog):
