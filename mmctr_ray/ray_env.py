@@ -430,16 +430,24 @@ def stop_ray(grace_s: float = 5.0) -> None:
 
 
 def _ray_workers() -> list[Any]:
-    """This process's descendants that are Ray worker processes (``ray::...``): the private Ray's raylet, started by
-    this process, is their parent while it runs."""
+    """The Ray worker processes (``ray::...``) of the private Ray: the descendants of its raylet, which this process
+    started (its child). A ``ray::`` process of another Ray, one a child of this process started, is not taken."""
     import psutil
 
     workers = []
-    for proc in psutil.Process().children(recursive=True):
+    for raylet in psutil.Process().children():
         with contextlib.suppress(psutil.Error):
-            if proc.name().startswith("ray::") or (proc.cmdline()[:1] or [""])[0].startswith("ray::"):
-                workers.append(proc)
+            if raylet.name() == "raylet":
+                workers += [proc for proc in raylet.children(recursive=True) if _is_ray_worker(proc)]
     return workers
+
+
+def _is_ray_worker(proc: Any) -> bool:
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        return proc.name().startswith("ray::") or (proc.cmdline()[:1] or [""])[0].startswith("ray::")
+    return False
 
 
 def _end_stragglers(workers: list[Any], grace_s: float) -> None:

@@ -370,17 +370,32 @@ print("GCS", ray.get_runtime_context().gcs_address, ray.cluster_resources()["CPU
 
 
 STRAGGLER = """
-import subprocess, sys, ray
+import os, subprocess, sys, time
+import psutil, ray
 from mmctr_ray.ray_env import init_ray, stop_ray
+os.environ["RAY_kill_child_processes_on_worker_exit"] = "0"  # Ray's worker kills its children as it exits
 init_ray(num_cpus=1)
-ray.get(ray.remote(lambda: 1).remote())
-# a process named as Ray's workers are that does not end with the Ray (Ray's own worker kills its children as it
-# exits, and the deadlocked worker cannot be had on demand): this process's child, as the raylet's workers are
-straggler = subprocess.Popen(["bash", "-c", "exec -a 'ray::Straggler' sleep 300"], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-print(straggler.pid, flush=True)
+# a process named as Ray's workers are that does not end with the Ray (the deadlocked worker cannot be had on
+# demand): a worker's child, in the raylet's tree as the workers are, in a session of its own (in the worker's,
+# Ray's shutdown ended it before stop_ray looked)
+spawn = lambda: subprocess.Popen(["bash", "-c", "exec -a 'ray::Straggler' sleep 300"], start_new_session=True,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid
+straggler = ray.get(ray.remote(spawn).remote())
+# a `ray::` process of another Ray (one a child of this process started): this process's descendant, not the raylet's
+other = subprocess.Popen(["bash", "-c", "exec -a 'ray::Other' sleep 300"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+print(straggler, flush=True)
 stop_ray(grace_s=2)
-print(straggler.wait(timeout=10), flush=True)
+def ended(pid):
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+deadline = time.monotonic() + 10
+while not ended(straggler) and time.monotonic() < deadline:
+    time.sleep(0.1)
+print(ended(straggler), other.poll(), flush=True)
+other.kill()
 """
 
 
@@ -388,12 +403,13 @@ print(straggler.wait(timeout=10), flush=True)
 def test_a_worker_process_that_outlives_the_local_rays_shutdown_is_killed_with_a_warning():
     """Ray 2.60's core worker can deadlock in its own exit; such a `ray::TrainController` outlived a CI run,
     reparented to init. `stop_ray` kills a private Ray's `ray::` processes still running after its shutdown; the
-    real workers, gone by then, are left alone (no other warning)."""
+    real workers, gone by then, are left alone (no other warning), and so is a `ray::` process outside the private
+    Ray's raylet (every `ray::` descendant of the process was killed, another Ray's a child had started too)."""
     r = subprocess.run([sys.executable, "-c", STRAGGLER], capture_output=True, text=True, cwd=ROOT, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr[-2000:]
-    pid, code = map(int, r.stdout.split())
-    assert code == -9  # SIGKILL
+    pid, killed, other = r.stdout.split()
+    assert (killed, other) == ("True", "None")  # the raylet's straggler ended; the other still ran
     warned = [line for line in r.stderr.splitlines() if "outlived" in line]
     assert warned == [f"a worker process of the local Ray outlived its shutdown by 2 s (pid {pid}, ray::Straggler "
                       f"300): killed"], r.stderr[-2000:]
