@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import math
@@ -429,6 +430,13 @@ def stop_ray(grace_s: float = 5.0) -> None:
             _end_stragglers(workers, grace_s)
 
 
+def _stop_at_exit() -> None:
+    """:func:`stop_ray` as the process exits (a command that ended normally, or with an error): Ray's own shutdown at
+    exit leaves a worker deadlocked in its exit running for good; a Ray already stopped is not touched."""
+    with contextlib.suppress(Exception):
+        stop_ray()
+
+
 def _ray_workers() -> list[Any]:
     """The Ray worker processes (``ray::...``) of the private Ray: the descendants of its raylet, which this process
     started (its child). A ``ray::`` process of another Ray, one a child of this process started, is not taken."""
@@ -583,5 +591,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
     _keep_python_sigterm()
     drop_benign_ray_lines()
     _PRIVATE["started"], _PRIVATE["gcs"] = True, ray.get_runtime_context().gcs_address
+    if not _PRIVATE.get("at_exit"):  # run before Ray's own shutdown at exit (atexit runs the last registered first)
+        atexit.register(_stop_at_exit)
+        _PRIVATE["at_exit"] = True
     log.info("started a local Ray%s: %s", " with its dashboard on 127.0.0.1" if dashboard else "",
              ray.cluster_resources())

@@ -7,8 +7,10 @@ import copy
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -370,8 +372,8 @@ print("GCS", ray.get_runtime_context().gcs_address, ray.cluster_resources()["CPU
 
 
 STRAGGLER = """
-import os, subprocess, sys, time
-import psutil, ray
+import os, subprocess, sys
+import ray
 from mmctr_ray.ray_env import init_ray, stop_ray
 os.environ["RAY_kill_child_processes_on_worker_exit"] = "0"  # Ray's worker kills its children as it exits
 init_ray(num_cpus=1)
@@ -384,32 +386,43 @@ straggler = ray.get(ray.remote(spawn).remote())
 # a `ray::` process of another Ray (one a child of this process started): this process's descendant, not the raylet's
 other = subprocess.Popen(["bash", "-c", "exec -a 'ray::Other' sleep 300"], stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
-print(straggler, flush=True)
-stop_ray(grace_s=2)
-def ended(pid):
+print(straggler, other.pid, flush=True)
+if sys.argv[1] == "stop_ray":
+    stop_ray(grace_s=2)
+"""  # otherwise the script ends here, as a command that ended normally
+
+
+def _ended(pid: int) -> bool:
+    import psutil
+
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
-deadline = time.monotonic() + 10
-while not ended(straggler) and time.monotonic() < deadline:
-    time.sleep(0.1)
-print(ended(straggler), other.poll(), flush=True)
-other.kill()
-"""
 
 
 @pytest.mark.slow
-def test_a_worker_process_that_outlives_the_local_rays_shutdown_is_killed_with_a_warning():
+@pytest.mark.parametrize("how, grace", [("stop_ray", 2), ("exit", 5)])
+def test_a_worker_process_that_outlives_the_local_rays_shutdown_is_killed_with_a_warning(how, grace):
     """Ray 2.60's core worker can deadlock in its own exit; such a `ray::TrainController` outlived a CI run,
-    reparented to init. `stop_ray` kills a private Ray's `ray::` processes still running after its shutdown; the
-    real workers, gone by then, are left alone (no other warning), and so is a `ray::` process outside the private
-    Ray's raylet (every `ray::` descendant of the process was killed, another Ray's a child had started too)."""
-    r = subprocess.run([sys.executable, "-c", STRAGGLER], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert r.returncode == 0, r.stderr[-2000:]
-    pid, killed, other = r.stdout.split()
-    assert (killed, other) == ("True", "None")  # the raylet's straggler ended; the other still ran
+    reparented to init. `stop_ray` kills a private Ray's `ray::` processes still running after its shutdown, and
+    runs as the process exits too (it ran on Ctrl-C and SIGTERM only: a command that ended normally, or with an
+    error, left Ray's own shutdown at exit to it, which leaves them). The real workers, gone by then, are left alone
+    (no other warning), and so is a `ray::` process outside the private Ray's raylet (every `ray::` descendant of the
+    process was killed, another Ray's a child had started too)."""
+    r = subprocess.run([sys.executable, "-c", STRAGGLER, how], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    pid, other = map(int, r.stdout.split())
+    try:
+        assert r.returncode == 0, r.stderr[-2000:]
+        deadline = time.monotonic() + 10
+        while not _ended(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _ended(pid) and not _ended(other)  # the raylet's straggler ended; the other still runs
+    finally:
+        for left in (pid, other):
+            with contextlib.suppress(OSError):
+                os.kill(left, signal.SIGKILL)
     warned = [line for line in r.stderr.splitlines() if "outlived" in line]
-    assert warned == [f"a worker process of the local Ray outlived its shutdown by 2 s (pid {pid}, ray::Straggler "
-                      f"300): killed"], r.stderr[-2000:]
+    assert warned == [f"a worker process of the local Ray outlived its shutdown by {grace} s (pid {pid}, "
+                      f"ray::Straggler 300): killed"], r.stderr[-2000:]
