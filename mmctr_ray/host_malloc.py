@@ -39,25 +39,29 @@ KEEP = 2**31 - 1  # bytes: above any one block a training step allocates
 TUNABLES = {"glibc.malloc.arena_max": "1", "glibc.malloc.mmap_threshold": str(KEEP),
             "glibc.malloc.trim_threshold": str(KEEP)}
 
+LEGACY = {"glibc.malloc.arena_max": "MALLOC_ARENA_MAX", "glibc.malloc.mmap_threshold": "MALLOC_MMAP_THRESHOLD_",
+          "glibc.malloc.trim_threshold": "MALLOC_TRIM_THRESHOLD_"}  # glibc's older variables for the same settings
 
-def glibc_tunables(existing: str | None) -> str:
+
+def glibc_tunables(existing: str | None, environ: Mapping[str, str] | None = None) -> str:
     """``GLIBC_TUNABLES`` with the settings that keep freed memory added to ``existing`` (a ``name=value:…``
-    list); a setting ``existing`` already names keeps its value there."""
+    list); a setting ``existing`` already names keeps its value there, and so does one that ``environ`` sets by its
+    older variable (``MALLOC_ARENA_MAX``, ...): the user chose that value, and glibc would read both."""
     items = [item for item in (existing or "").split(":") if item]
-    named = {item.split("=", 1)[0] for item in items}
+    named = {item.split("=", 1)[0] for item in items} | {k for k, var in LEGACY.items() if var in (environ or {})}
     return ":".join([*items, *(f"{k}={v}" for k, v in TUNABLES.items() if k not in named)])
 
 
 def worker_env(keep: bool, gpu: bool, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """Environment variables for the training workers: the tunables for CPU workers when ``keep``
-    (``train.keep_freed_memory``), on top of the driver's ``GLIBC_TUNABLES`` in ``environ`` (this process's
-    environment); none on GPU workers, whose steps allocate on the device.
+    (``train.keep_freed_memory``), on top of the driver's ``GLIBC_TUNABLES`` and ``MALLOC_*`` in ``environ`` (this
+    process's environment, which the workers inherit); none on GPU workers, whose steps allocate on the device.
 
     Ray gives the tasks a worker starts the worker's runtime environment, so the Ray Data tasks a CPU worker runs
     itself get these tunables too (checked with Ray 2.60): rank 0's reads of the valid split, and with one worker
     the training split's reads and batching. Every throughput and memory figure since 2026-11-30 was measured so;
     what they cost or gain there on their own was not measured."""
-    return {ENV: glibc_tunables(environ.get(ENV))} if keep and not gpu else {}
+    return {ENV: glibc_tunables(environ.get(ENV), environ)} if keep and not gpu else {}
 
 
 def actor_options(keep: bool, gpu: bool, env: dict[str, str] | None = None) -> dict[str, Any]:

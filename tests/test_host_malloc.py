@@ -66,6 +66,9 @@ def test_only_cpu_workers_get_them_and_only_when_asked():
     assert worker_env(True, False, {ENV: "glibc.malloc.tcache_count=0"}) == {
         ENV: glibc_tunables("glibc.malloc.tcache_count=0")}
     assert worker_env(True, True, {}) == {}
+    # the older variable for a setting (which the workers inherit) keeps its value: ours for that one steps aside
+    assert worker_env(True, False, {"MALLOC_ARENA_MAX": "4", "MALLOC_TRIM_THRESHOLD_": "0"}) == {
+        ENV: f"glibc.malloc.mmap_threshold={TUNABLES['glibc.malloc.mmap_threshold']}"}
     assert worker_env(False, False, {}) == {}
     assert from_dict({}).train.keep_freed_memory is True
     assert from_dict({"train": {"keep_freed_memory": False}}).train.keep_freed_memory is False
