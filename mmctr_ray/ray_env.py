@@ -95,6 +95,7 @@ def _loopback_only() -> None:
     """
     from ray._private import ray_constants
 
+    _remember_env(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time by ray._private.services
 
@@ -106,7 +107,32 @@ def _token_auth_on() -> None:
     mode = os.environ.get("RAY_AUTH_MODE")
     if mode is not None and mode.lower() != "token":
         log.warning("RAY_AUTH_MODE=%s ignored: the local Ray mmctr starts always uses token authentication", mode)
+    _remember_env("RAY_AUTH_MODE")
     _enable_token_auth()  # sets RAY_AUTH_MODE=token for this process and its children, as ray.init would
+
+
+def _remember_env(name: str) -> None:
+    """Keep the value ``name`` had before the private Ray's first set-up changed it (None: unset)."""
+    _PRIVATE.setdefault("env_before", {}).setdefault(name, os.environ.get(name))
+
+
+def _forget_private_env() -> None:
+    """Put back what :func:`_loopback_only` and :func:`_token_auth_on` changed for a private Ray this process ran
+    before: a cluster joined later needs the driver's routable address and the cluster's own authentication mode."""
+    before = _PRIVATE.pop("env_before", None)
+    if not before:
+        return
+    from ray._private import ray_constants
+    from ray._raylet import Config
+
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR,
+                                                              not ray_constants.IS_WINDOWS_OR_OSX)
+    Config.initialize("")  # Ray's cached config reads RAY_AUTH_MODE again
 
 
 def pin_ray_address() -> None:
@@ -554,6 +580,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
         _PRIVATE["started"] = False
         if _PRIVATE.pop("watcher_off", False):
             os.environ.pop(WATCHER_ENV, None)
+        _forget_private_env()
         try:
             ray.init(address=address, logging_level=logging.WARNING)
         except (ValueError, ConnectionError) as err:  # an HTTP (dashboard) address, no Ray at "auto", a bad form

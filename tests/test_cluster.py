@@ -426,3 +426,43 @@ def test_a_worker_process_that_outlives_the_local_rays_shutdown_is_killed_with_a
     warned = [line for line in r.stderr.splitlines() if "outlived" in line]
     assert warned == [f"a worker process of the local Ray outlived its shutdown by {grace} s (pid {pid}, "
                       f"ray::Straggler 300): killed"], r.stderr[-2000:]
+
+
+def test_a_cluster_joined_after_a_private_ray_gets_the_environment_the_private_one_changed_back(monkeypatch):
+    """The private Ray keeps its servers on loopback (Ray's cluster switch off) and token authentication on, through
+    this process's environment. A cluster joined later in the same process (a notebook's second command) was
+    joined with both: the driver on 127.0.0.1, which the cluster's nodes cannot reach, and the private Ray's
+    authentication mode instead of the cluster's."""
+    import ray
+    from ray._private import ray_constants
+    from ray._raylet import Config
+
+    from mmctr_ray import ray_env
+    from mmctr_ray.errors import ConfigError
+
+    switch = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    monkeypatch.delenv(switch, raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    monkeypatch.setitem(ray_env._PRIVATE, "env_before", {})
+    ray_env._loopback_only()  # what init_ray does before it starts the private Ray
+    ray_env._token_auth_on()
+    assert (os.environ.get(switch), os.environ["RAY_AUTH_MODE"], ray_constants.ENABLE_RAY_CLUSTER) == ("0", "token",
+                                                                                                      False)
+    seen = {}
+
+    def join(address, **kwargs):  # the environment the join starts from; no cluster answers at this address
+        seen.update(env=os.environ.get(switch), auth=os.environ.get("RAY_AUTH_MODE"),
+                    clusters=ray_constants.ENABLE_RAY_CLUSTER)
+        raise ConnectionError(f"no Ray at {address}")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", join)
+    try:
+        with pytest.raises(ConfigError, match=r"^Ray address '192.0.2.1:6379' \(--address or RAY_ADDRESS\): no Ray "
+                                              r"at 192.0.2.1:6379$"):
+            ray_env.init_ray(address="192.0.2.1:6379")
+    finally:
+        monkeypatch.undo()
+        Config.initialize("")  # Ray's cached config, from this process's environment again
+    assert seen == {"env": None, "auth": "disabled", "clusters": True}
