@@ -45,17 +45,30 @@ LEGACY = {"glibc.malloc.arena_max": "MALLOC_ARENA_MAX", "glibc.malloc.mmap_thres
 
 def glibc_tunables(existing: str | None, environ: Mapping[str, str] | None = None) -> str:
     """``GLIBC_TUNABLES`` with the settings that keep freed memory added to ``existing`` (a ``name=value:…``
-    list); a setting ``existing`` already names keeps its value there, and so does one that ``environ`` sets by its
-    older variable (``MALLOC_ARENA_MAX``, ...): the user chose that value, and glibc would read both."""
+    list). A setting ``existing`` already names keeps its value there; one that ``environ`` sets by its older
+    variable (``MALLOC_ARENA_MAX``, ...) is written in with that variable's value: the user chose it, glibc would
+    read both (the later in the environment wins), and on a cluster the variable itself does not reach the
+    workers, which other nodes' raylets start with the runtime environment only. A value glibc would ignore (not
+    a whole number) leaves the setting out, as glibc would have."""
     items = [item for item in (existing or "").split(":") if item]
-    named = {item.split("=", 1)[0] for item in items} | {k for k, var in LEGACY.items() if var in (environ or {})}
-    return ":".join([*items, *(f"{k}={v}" for k, v in TUNABLES.items() if k not in named)])
+    named = {item.split("=", 1)[0] for item in items}
+    added = []
+    for name, value in TUNABLES.items():
+        if name in named:
+            continue
+        legacy = (environ or {}).get(LEGACY[name])
+        if legacy is None:
+            added.append(f"{name}={value}")
+        elif legacy.strip().isdigit():
+            added.append(f"{name}={legacy.strip()}")
+    return ":".join([*items, *added])
 
 
 def worker_env(keep: bool, gpu: bool, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """Environment variables for the training workers: the tunables for CPU workers when ``keep``
     (``train.keep_freed_memory``), on top of the driver's ``GLIBC_TUNABLES`` and ``MALLOC_*`` in ``environ`` (this
-    process's environment, which the workers inherit); none on GPU workers, whose steps allocate on the device.
+    process's environment: a private Ray's workers inherit it, a cluster's get only what this returns); none on GPU
+    workers, whose steps allocate on the device.
 
     Ray gives the tasks a worker starts the worker's runtime environment, so the Ray Data tasks a CPU worker runs
     itself get these tunables too (checked with Ray 2.60): rank 0's reads of the valid split, and with one worker

@@ -28,7 +28,7 @@ from mmctr_ray.embed.pipeline import FAULT_ENV, run_embed
 from mmctr_ray.embed.text import TextEncoder, load_tokenizer, tokenize
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.features import list_matrix
-from mmctr_ray.host_malloc import glibc_tunables
+from mmctr_ray.host_malloc import LEGACY, glibc_tunables
 from mmctr_ray.schema import Layout
 
 ROOT = Path(__file__).parent.parent
@@ -228,6 +228,8 @@ def test_cpu_encoder_actors_and_their_decode_tasks_keep_freed_memory_unless_told
 
     monkeypatch.setattr(ray.data.Dataset, "map_batches", map_batches)
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    for var in LEGACY.values():  # the machine's own would change what the workers get
+        monkeypatch.delenv(var, raising=False)
     offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # every one of them: models load from local paths
     tunables = {"env_vars": {"GLIBC_TUNABLES": glibc_tunables(None), **offline}}
     for gpus, keep, expected in ((0.0, True, tunables), (0.0, False, {"env_vars": offline}),

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from mmctr_ray.config import from_dict
-from mmctr_ray.host_malloc import ENV, TUNABLES, glibc_tunables, worker_env
+from mmctr_ray.host_malloc import ENV, LEGACY, TUNABLES, glibc_tunables, worker_env
 
 # Ray Train V2 runs the training function in a thread: the cycles run in one too. Each allocates, writes and frees
 # a 64 MiB tensor, larger than a thread arena's heap (64 MiB at most) and than glibc's mmap threshold (at most
@@ -41,7 +41,7 @@ print(out[0])
 
 
 def _faults(env: dict[str, str]) -> int:
-    environ = {k: v for k, v in os.environ.items() if k != ENV}
+    environ = {k: v for k, v in os.environ.items() if k != ENV and k not in LEGACY.values()}  # glibc's defaults
     return int(subprocess.run([sys.executable, "-c", CYCLES], env={**environ, **env}, capture_output=True,
                               text=True, check=True).stdout)
 
@@ -66,9 +66,16 @@ def test_only_cpu_workers_get_them_and_only_when_asked():
     assert worker_env(True, False, {ENV: "glibc.malloc.tcache_count=0"}) == {
         ENV: glibc_tunables("glibc.malloc.tcache_count=0")}
     assert worker_env(True, True, {}) == {}
-    # the older variable for a setting (which the workers inherit) keeps its value: ours for that one steps aside
+    # the older variable for a setting keeps its value, written into the tunables: a cluster's raylets start the
+    # workers with the runtime environment only, where MALLOC_ARENA_MAX alone would not reach them
     assert worker_env(True, False, {"MALLOC_ARENA_MAX": "4", "MALLOC_TRIM_THRESHOLD_": "0"}) == {
-        ENV: f"glibc.malloc.mmap_threshold={TUNABLES['glibc.malloc.mmap_threshold']}"}
+        ENV: f"glibc.malloc.arena_max=4:glibc.malloc.mmap_threshold={TUNABLES['glibc.malloc.mmap_threshold']}"
+             ":glibc.malloc.trim_threshold=0"}
+    # one glibc ignores (not a whole number) leaves the setting at glibc's default, as it would have; the
+    # driver's GLIBC_TUNABLES still comes first
+    assert worker_env(True, False, {ENV: "glibc.malloc.trim_threshold=7", "MALLOC_ARENA_MAX": "two",
+                                    "MALLOC_TRIM_THRESHOLD_": "0"}) == {
+        ENV: f"glibc.malloc.trim_threshold=7:glibc.malloc.mmap_threshold={TUNABLES['glibc.malloc.mmap_threshold']}"}
     assert worker_env(False, False, {}) == {}
     assert from_dict({}).train.keep_freed_memory is True
     assert from_dict({"train": {"keep_freed_memory": False}}).train.keep_freed_memory is False

@@ -21,7 +21,7 @@ from sklearn.metrics import roc_auc_score
 from mmctr_ray.checkpoint import TrainState, best_checkpoint, epoch_checkpoints, load_checkpoint
 from mmctr_ray.config import load_config, save_config
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
-from mmctr_ray.host_malloc import glibc_tunables
+from mmctr_ray.host_malloc import LEGACY, glibc_tunables
 from mmctr_ray.predict import load_model, run_predict, score_parquet
 from mmctr_ray.ray_env import node_cores
 from mmctr_ray.schema import Layout
@@ -185,6 +185,8 @@ def test_cpu_workers_start_with_the_malloc_tunables_unless_the_config_says_no(ra
 
     monkeypatch.setattr(train_driver, "torch_trainer", lambda: trainer)
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0")
+    for var in LEGACY.values():  # the machine's own would change what the workers get
+        monkeypatch.delenv(var, raising=False)
     for keep, want in ((True, {"GLIBC_TUNABLES": glibc_tunables("glibc.malloc.tcache_count=0")}), (False, {})):
         with pytest.raises(Built) as built:
             run_training(synth_dir, str(tmp_path / str(keep)), tiny_cfg(f"train.keep_freed_memory={keep}"))
@@ -238,6 +240,8 @@ def test_cpu_scoring_actors_share_the_nodes_cores_and_keep_freed_memory_as_the_r
 
     monkeypatch.setattr(ray.data.Dataset, "map_batches", map_batches)
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    for var in LEGACY.values():  # the machine's own would change what the workers get
+        monkeypatch.delenv(var, raising=False)
     for keep in (True, False):
         with pytest.raises(Mapped) as mapped:
             predict._score("ckpt", synth_dir, "test", 8, actors=1, gpus_per_actor=0.0, batch_size=256,
