@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from typing import Any, Iterator
 
 from mmctr_ray.errors import ConfigError, first_line
@@ -95,7 +96,7 @@ def _loopback_only() -> None:
     """
     from ray._private import ray_constants
 
-    _remember_env(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)
+    _remember_env(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time by ray._private.services
 
@@ -107,25 +108,32 @@ def _token_auth_on() -> None:
     mode = os.environ.get("RAY_AUTH_MODE")
     if mode is not None and mode.lower() != "token":
         log.warning("RAY_AUTH_MODE=%s ignored: the local Ray mmctr starts always uses token authentication", mode)
-    _remember_env("RAY_AUTH_MODE")
+    _remember_env("RAY_AUTH_MODE", "token")
     _enable_token_auth()  # sets RAY_AUTH_MODE=token for this process and its children, as ray.init would
 
 
-def _remember_env(name: str) -> None:
-    """Keep the value ``name`` had before the private Ray's first set-up changed it (None: unset)."""
-    _PRIVATE.setdefault("env_before", {}).setdefault(name, os.environ.get(name))
+def _remember_env(name: str, ours: str) -> None:
+    """Keep the value ``name`` has before the private Ray's set-up sets it to ``ours`` (None: unset). A value other
+    than ours since the last set-up (the user's) replaces what was kept."""
+    kept = _PRIVATE.setdefault("env_before", {})
+    now = os.environ.get(name)
+    if name not in kept or now != kept[name][1]:
+        kept[name] = (now, ours)
 
 
 def _forget_private_env() -> None:
     """Put back what :func:`_loopback_only` and :func:`_token_auth_on` changed for a private Ray this process ran
-    before: a cluster joined later needs the driver's routable address and the cluster's own authentication mode."""
+    before: a cluster joined later needs the driver's routable address and the cluster's own authentication mode.
+    A variable set since to something other than the private Ray's value is the user's, and stays."""
     before = _PRIVATE.pop("env_before", None)
     if not before:
         return
     from ray._private import ray_constants
     from ray._raylet import Config
 
-    for name, value in before.items():
+    for name, (value, ours) in before.items():
+        if os.environ.get(name) != ours:
+            continue
         if value is None:
             os.environ.pop(name, None)
         else:
@@ -437,21 +445,23 @@ def sigterm_flag() -> Iterator[dict[str, bool]]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)  # None: not set from Python
 
 
-def stop_ray(grace_s: float = 5.0) -> None:
+def stop_ray(grace_s: float = 5.0, *, exiting: bool = False) -> None:
     """Shut down the private local Ray :func:`init_ray` started, or leave the cluster it joined, as at exit; a Ray
     this process had before (a notebook's, a test's) is left alone.
 
     A private Ray's worker processes still running ``grace_s`` after its shutdown are killed, with a warning: Ray
     2.60's core worker can deadlock in its own exit (``~CoreWorkerProcessImpl`` → the pubsub publisher's destructor
     → ``pthread_cond_signal`` under a lock it holds; seen in a ``ray::TrainController`` whose actor handle was
-    dropped), and such a process outlived the command, reparented to init, for good."""
+    dropped), and such a process outlived the command, reparented to init, for good. ``exiting``: the process is
+    exiting (Ray's shutdown then waits a moment for the workers' last log lines to reach the driver, as its own
+    shutdown at exit would)."""
     gcs = _PRIVATE.pop("gcs", None)
     if gcs is not None:
         import ray
 
         if ray.is_initialized() and ray.get_runtime_context().gcs_address == gcs:  # still the one it started or joined
             workers = _ray_workers() if _PRIVATE["started"] else []
-            ray.shutdown()
+            ray.shutdown(_exiting_interpreter=exiting)
             _PRIVATE["started"] = False
             _end_stragglers(workers, grace_s)
 
@@ -460,7 +470,7 @@ def _stop_at_exit() -> None:
     """:func:`stop_ray` as the process exits (a command that ended normally, or with an error): Ray's own shutdown at
     exit leaves a worker deadlocked in its exit running for good; a Ray already stopped is not touched."""
     with contextlib.suppress(Exception):
-        stop_ray()
+        stop_ray(exiting=True)
 
 
 def _ray_workers() -> list[Any]:
@@ -484,11 +494,23 @@ def _is_ray_worker(proc: Any) -> bool:
     return False
 
 
+def _running(proc: Any) -> bool:
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE  # is_running: not a reused pid
+    return False
+
+
 def _end_stragglers(workers: list[Any], grace_s: float) -> None:
     """Kill the ``workers`` still running ``grace_s`` after their Ray's shutdown (see :func:`stop_ray`)."""
     import psutil
 
-    _, alive = psutil.wait_procs(workers, timeout=grace_s)
+    deadline = time.monotonic() + grace_s
+    alive = [proc for proc in workers if _running(proc)]
+    while alive and time.monotonic() < deadline:  # not psutil.wait_procs: a worker that exited stays a zombie
+        time.sleep(0.05)  # until its parent (the raylet, or init) reaps it, and wait_procs counts that as running
+        alive = [proc for proc in alive if _running(proc)]
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             name = " ".join(proc.cmdline()) or proc.name()

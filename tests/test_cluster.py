@@ -412,15 +412,16 @@ def test_a_worker_process_that_outlives_the_local_rays_shutdown_is_killed_with_a
     process was killed, another Ray's a child had started too)."""
     r = subprocess.run([sys.executable, "-c", STRAGGLER, how], capture_output=True, text=True, cwd=ROOT,
                        timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    pid, other = map(int, r.stdout.split())
+    pids = [int(word) for word in r.stdout.split() if word.isdigit()]
     try:
-        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.returncode == 0 and len(pids) == 2, r.stderr[-2000:]
+        pid, other = pids
         deadline = time.monotonic() + 10
         while not _ended(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert _ended(pid) and not _ended(other)  # the raylet's straggler ended; the other still runs
     finally:
-        for left in (pid, other):
+        for left in pids:
             with contextlib.suppress(OSError):
                 os.kill(left, signal.SIGKILL)
     warned = [line for line in r.stderr.splitlines() if "outlived" in line]
@@ -428,11 +429,71 @@ def test_a_worker_process_that_outlives_the_local_rays_shutdown_is_killed_with_a
                       f"ray::Straggler 300): killed"], r.stderr[-2000:]
 
 
-def test_a_cluster_joined_after_a_private_ray_gets_the_environment_the_private_one_changed_back(monkeypatch):
+def test_a_worker_that_exited_is_not_waited_for_or_killed_while_it_waits_to_be_reaped(caplog):
+    """A Ray worker that exited stays a zombie until its parent reaps it: the raylet, or init once the raylet is
+    gone, and a container's first process may never do it. psutil.wait_procs counts a zombie that is not this
+    process's child as running: every command's exit waited the whole grace and warned of a worker it "killed"."""
+    import psutil
+
+    from mmctr_ray import ray_env
+
+    # a child that exited under a parent that never reaps it (sleep, exec'd by the shell that started it): a zombie
+    # that is not this process's child, as a worker under the raylet is
+    parent = subprocess.Popen(["bash", "-c", "true & exec sleep 300"])
+    running = subprocess.Popen(["sleep", "300"])
+    try:
+        deadline = time.monotonic() + 10
+        while not (children := psutil.Process(parent.pid).children()) or children[0].status() != \
+                psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, children
+            time.sleep(0.05)
+        zombie = children[0]
+        t0 = time.monotonic()
+        ray_env._end_stragglers([zombie], grace_s=60)
+        assert time.monotonic() - t0 < 30  # not the whole grace
+        assert not [r for r in caplog.records if "outlived" in r.getMessage()]
+        ray_env._end_stragglers([zombie, psutil.Process(running.pid)], grace_s=0.5)
+        assert running.wait(timeout=10) == -signal.SIGKILL
+        warned = [r.getMessage() for r in caplog.records if "outlived" in r.getMessage()]
+        assert len(warned) == 1 and f"(pid {running.pid}, sleep 300)" in warned[0], warned
+    finally:
+        for proc in (running, parent):  # the zombie goes with its parent
+            proc.kill()
+            proc.wait()
+
+
+def test_the_shutdown_at_exit_waits_for_the_workers_last_lines_as_rays_own_does(monkeypatch):
+    """Ray's shutdown at exit waits half a second for the workers' last log lines to reach the driver; ours runs
+    before it, and with a plain ray.shutdown() Ray's found nothing left to wait for."""
+    import ray
+
+    from mmctr_ray import ray_env
+
+    calls = []
+
+    class Context:
+        gcs_address = "127.0.0.1:1"
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: Context())
+    monkeypatch.setattr(ray, "shutdown", lambda **kwargs: calls.append(kwargs))
+    for stop in (ray_env._stop_at_exit, ray_env.stop_ray):
+        monkeypatch.setitem(ray_env._PRIVATE, "gcs", Context.gcs_address)
+        monkeypatch.setitem(ray_env._PRIVATE, "started", False)  # a joined Ray: no workers of ours to look for
+        stop()
+    assert calls == [{"_exiting_interpreter": True}, {"_exiting_interpreter": False}]
+
+
+@pytest.mark.parametrize("before, since, again", [("disabled", None, False), (None, "disabled", False),
+                                                  (None, "disabled", True)],
+                         ids=["the environment's", "set after the private Ray", "set between two private Rays"])
+def test_a_cluster_joined_after_a_private_ray_gets_the_environment_the_private_one_changed_back(monkeypatch, before,
+                                                                                                since, again):
     """The private Ray keeps its servers on loopback (Ray's cluster switch off) and token authentication on, through
     this process's environment. A cluster joined later in the same process (a notebook's second command) was
     joined with both: the driver on 127.0.0.1, which the cluster's nodes cannot reach, and the private Ray's
-    authentication mode instead of the cluster's."""
+    authentication mode instead of the cluster's. What the user set since (for the cluster, before joining it) is
+    the user's: it was put back to the value from before the first private Ray."""
     import ray
     from ray._private import ray_constants
     from ray._raylet import Config
@@ -442,13 +503,21 @@ def test_a_cluster_joined_after_a_private_ray_gets_the_environment_the_private_o
 
     switch = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
     monkeypatch.delenv(switch, raising=False)
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    if before is None:
+        monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    else:
+        monkeypatch.setenv("RAY_AUTH_MODE", before)
     monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
     monkeypatch.setitem(ray_env._PRIVATE, "env_before", {})
     ray_env._loopback_only()  # what init_ray does before it starts the private Ray
     ray_env._token_auth_on()
     assert (os.environ.get(switch), os.environ["RAY_AUTH_MODE"], ray_constants.ENABLE_RAY_CLUSTER) == ("0", "token",
                                                                                                       False)
+    if since is not None:
+        monkeypatch.setenv("RAY_AUTH_MODE", since)
+    if again:  # another command on a private Ray
+        ray_env._loopback_only()
+        ray_env._token_auth_on()
     seen = {}
 
     def join(address, **kwargs):  # the environment the join starts from; no cluster answers at this address

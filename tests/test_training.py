@@ -1750,17 +1750,20 @@ def _tensorboard_events(folder: Path) -> list[list[tuple[str, int, float]]]:
     from tensorboardX.proto.event_pb2 import Event, SessionLog
 
     files = []
-    for path in sorted(folder.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns):
-        data, at, events = path.read_bytes(), 0, []
+    for path in folder.glob("events.out.tfevents.*"):
+        data, at, events, began = path.read_bytes(), 0, [], None
         while at < len(data):
             (length,) = struct.unpack("<Q", data[at:at + 8])
             event = Event.FromString(data[at + 12:at + 12 + length])
             at += 16 + length
+            began = event.wall_time if began is None else began
             if event.HasField("session_log") and event.session_log.status == SessionLog.START:
                 events.append(("START", event.step, 0.0))
             events += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
-        files.append(events)
-    return files
+        files.append((began, events))
+    # by the first event's time (microseconds): the names hold whole seconds and the writer's pid, and files written
+    # milliseconds apart can share a modification time
+    return [events for _, events in sorted(files, key=lambda f: f[0])]
 
 
 def test_a_resumed_attempt_hides_the_tensorboard_points_of_the_epochs_it_trains_again(tmp_path, monkeypatch):
