@@ -123,6 +123,15 @@ def _local_path(text: str) -> Path:
     return Path(text)
 
 
+def _zip_path(text: str) -> Path:
+    """A submission to write: a local ``.zip`` (said before anything else: an existing ``x.csv`` was "already exists;
+    pass --overwrite", and then, with --overwrite, "must be a .zip file")."""
+    path = _local_path(text)
+    if path.suffix != ".zip":
+        raise argparse.ArgumentTypeError(f"{text}: the submission must be a .zip file")
+    return path
+
+
 def _add_resume_args(p: argparse.ArgumentParser, resume: str, overwrite: str) -> None:
     """``--resume`` and ``--overwrite``: continue what the output holds, or replace it; not both."""
     once = p.add_mutually_exclusive_group()
@@ -779,7 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory written by `mmctr train` (a local path or a URI): "
                    "its best checkpoint; or one of its checkpoint_epoch_NNN folders")
     _add_data_arg(p)
-    p.add_argument("--out", type=_local_path, required=True, help="submission zip to write")
+    p.add_argument("--out", type=_zip_path, required=True, help="submission zip to write")
     p.add_argument("--split", choices=["test", "valid", "train"], default="test", help="split to score")
     _add_worker_args(p, "actors", "scoring actors")
     p.add_argument("--gpus-per-actor", type=ACTOR_GPUS, default=0.0,

@@ -175,10 +175,10 @@ def check_output(out: str | Path, overwrite: bool = False) -> Path:
     out = Path(out)
     if out.is_dir():  # --overwrite replaces a submission, not a folder (the rename would fail after scoring)
         raise DataError(f"{out}: a folder; expected the submission's .zip file")
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out}: already exists; pass --overwrite to replace it")
     if out.suffix != ".zip":
         raise DataError(f"{out}: the submission must be a .zip file")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out}: already exists; pass --overwrite to replace it")
     return out
 
 

@@ -147,6 +147,17 @@ def item_source(checkpoint: Location) -> dict[str, Any] | None:
 
 def plot_curves(rows: list[dict[str, Any]]) -> bytes:
     """Valid AUC, valid logloss and train loss per epoch, side by side, as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(rows)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    plt.close(fig)
+    return png.getvalue()
+
+
+def curves_figure(rows: list[dict[str, Any]]) -> Any:
+    """The figure :func:`plot_curves` draws (a matplotlib ``Figure``; close it with ``plt.close``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,15 +171,15 @@ def plot_curves(rows: list[dict[str, Any]]) -> bytes:
         ax.plot(epochs, [r[key] for r in rows], marker="o")
         ax.set_title(title)
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(epochs) <= 12:  # MaxNLocator's integer ticks give way to 0.95, 0.96, ... with one epoch in view
+            ax.set_xticks(epochs)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     best = best_epoch(rows)
     axes[0].axvline(best["epoch"], color="grey", linestyle="--", linewidth=1)
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    plt.close(fig)
-    return png.getvalue()
+    return fig
 
 
 def _oracle_auc(run_dir: Location) -> float | None:
@@ -230,13 +241,16 @@ def _scored_epoch(run_dir: Location) -> int | None:
 
 
 def write_report(run_dir: Location) -> dict[str, Location]:
-    """Write RUN/report/{curves.png, summary.md}; return their locations (``Path`` for a local run)."""
-    storage.normalize(run_dir)  # a URI with a '#' fragment is refused, as compare and predict refuse it
+    """Write RUN/report/{curves.png, summary.md}; return their locations (``Path`` for a local run). Both are made
+    before either is written, and the summary, which links the curves, is written last: a failure leaves no new
+    summary beside old curves."""
+    run_dir = storage.normalize(run_dir)  # the run's name for the title (`report .`); a URI fragment is refused
     rows = read_metrics(run_dir, keys=REPORT_KEYS)
     if not rows:
         raise DataError(f"{storage.join(run_dir, 'metrics.jsonl')}: no epoch recorded yet")
     paths = {"curves": storage.join(run_dir, "report", "curves.png"),
              "summary": storage.join(run_dir, "report", "summary.md")}
-    storage.write_text(paths["summary"], markdown_summary(run_dir, rows))
-    storage.write_bytes(paths["curves"], plot_curves(rows))
+    curves, summary = plot_curves(rows), markdown_summary(run_dir, rows)
+    storage.write_bytes(paths["curves"], curves)
+    storage.write_text(paths["summary"], summary)
     return paths

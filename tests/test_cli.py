@@ -308,6 +308,19 @@ def test_report_refuses_a_uri_fragment_as_every_stage_does(tmp_path, capsys):
                                                "drops; write it as %23")
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_predict_says_first_that_the_submission_must_be_a_zip(tmp_path, capsys, overwrite):
+    """An existing `--out x.csv` was "already exists; pass --overwrite", and with --overwrite "must be a .zip"."""
+    out = tmp_path / "submission.csv"
+    out.write_text("ID,Task2\n")
+    with pytest.raises(SystemExit) as exited:
+        main(["predict", "--run", str(tmp_path / "run"), "--data", str(tmp_path), "--out", str(out), *overwrite])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"mmctr predict: error: argument --out: {out}: the submission must be a .zip file")
+    assert out.read_text() == "ID,Task2\n"
+
+
 def test_synth_refuses_to_overwrite(synth_dir, tmp_path):
     out = tmp_path / "d"
     assert main(["synth", "--out", str(out), "--items", "30", "--users", "20", "--train-rows", "50",

@@ -242,3 +242,47 @@ def test_a_report_is_written_beside_a_summary_json_training_did_not_write(tmp_pa
         assert len(warned) == (0 if "null" in garbled else 1), garbled
         assert all(w.startswith(f"{tmp_path / 'summary.json'}: not the summary.json `mmctr train` writes (")
                    and w.endswith("): no oracle AUC in the report") for w in warned)
+
+
+@pytest.mark.parametrize("epochs, ticks", [([1], [1.0]), ([1, 2, 3], [1.0, 2.0, 3.0]), ([3, 4], [3.0, 4.0])])
+def test_the_curves_tick_whole_epochs_even_for_one_epoch(epochs, ticks):
+    """MaxNLocator(integer=True) gives way when fewer than two whole numbers are in view: a one-epoch run (epochs=1,
+    or stopped after epoch 1) drew its axis as 0.945, 0.960, ... 1.065."""
+    import matplotlib.pyplot as plt
+
+    from mmctr_ray.report import curves_figure
+
+    fig = curves_figure([epoch(e, 0.7) for e in epochs])
+    try:
+        assert [list(ax.get_xticks()) for ax in fig.axes] == [ticks] * 3
+    finally:
+        plt.close(fig)
+    many = curves_figure([epoch(e, 0.7) for e in range(1, 41)])  # more epochs: whole numbers, not one tick each
+    try:
+        shown = [t for t in many.axes[0].get_xticks() if 1 <= t <= 40]
+        assert 2 <= len(shown) < 20 and all(float(t).is_integer() for t in shown), shown
+    finally:
+        plt.close(many)
+
+
+def test_a_report_names_its_run_as_given_by_dot_and_writes_its_summary_last(tmp_path, monkeypatch):
+    """`cd RUN && mmctr report .` titled the summary "# Run ``" (the name of '.'); and summary.md was written before
+    the curves were drawn, so a failure to draw or write them left a new summary beside the old curves."""
+    from mmctr_ray import report
+
+    run = tmp_path / "baseline_run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(epoch(e, 0.7 + e / 100)) + "\n" for e in (1, 2)))
+    monkeypatch.chdir(run)
+    assert main(["report", "."]) == 0
+    summary = (run / "report" / "summary.md").read_text()
+    assert summary.startswith("# Run `baseline_run`\n")
+    (run / "metrics.jsonl").write_text("".join(json.dumps(epoch(e, 0.7 + e / 100)) + "\n" for e in (1, 2, 3)))
+
+    def fail(rows):
+        raise RuntimeError("the figure could not be drawn")
+
+    monkeypatch.setattr(report, "plot_curves", fail)
+    with pytest.raises(RuntimeError):
+        report.write_report(".")
+    assert (run / "report" / "summary.md").read_text() == summary  # the earlier summary, still beside its curves
