@@ -28,7 +28,7 @@ import torch
 
 from mmctr_ray import storage
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
-from mmctr_ray.errors import DataError
+from mmctr_ray.errors import DataError, first_line
 from mmctr_ray.features import FeatureMap
 from mmctr_ray.report import EPOCH_NUMBERS
 from mmctr_ray.storage import Location, json_text, nan_for_null
@@ -73,7 +73,15 @@ def read_state(directory: Location) -> dict[str, Any]:
     """A checkpoint's ``state.json``, with the numbers JSON has no token for back (:func:`storage.json_text` wrote
     them as null): NaN in its epoch rows (:data:`EPOCH_NUMBERS`), and -inf for ``best_auc``, the schedule's start
     before any finite AUC (a NaN there would never be beaten)."""
-    state = json.loads(storage.read_text(storage.join(directory, "state.json")))
+    path = storage.join(directory, "state.json")
+    try:
+        state = json.loads(storage.read_text(path))
+    except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8: a file training did not write
+        raise DataError(f"{path}: not the state.json `mmctr train` writes ({first_line(err)})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("history", []), list) or not all(
+            isinstance(row, dict) and "valid_auc" in row for row in state.get("history", [])):
+        raise DataError(f"{path}: not the state.json `mmctr train` writes (expected an object whose history is a "
+                        f"list of epoch rows with valid_auc)")
     if "best_auc" in state and state["best_auc"] is None:
         state["best_auc"] = float("-inf")
     if state.get("history"):
@@ -198,11 +206,15 @@ def latest_checkpoint(run_dir: Location) -> Location | None:
 def best_checkpoint(run_dir: Location) -> Location:
     """The checkpoint of the epoch with the best validation AUC (the earliest among equals)."""
     best, best_auc = None, float("-inf")
-    for path in epoch_checkpoints(run_dir):
-        history = read_state(path)["history"]
+    found = epoch_checkpoints(run_dir)
+    for path in found:
+        history = read_state(path).get("history") or []
         auc = history[-1]["valid_auc"] if history else float("-inf")
         if auc > best_auc:
             best, best_auc = path, auc
+    if best is None and found:
+        raise DataError(f"{run_dir}: no checkpoint with a finite validation AUC among {len(found)} (the model "
+                        f"diverged, or the validation split holds one class): nothing to score with")
     if best is None:
         raise DataError(f"{run_dir}: no checkpoint found (expected checkpoint_epoch_*/ written by `mmctr train`)")
     return best

@@ -50,7 +50,7 @@ def read_metrics(run_dir: Location, missing_ok: bool = False, keys: tuple[str, .
 def best_epoch(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The epoch row a run keeps as its best, as training and ``best_checkpoint`` pick it: the highest finite
     validation AUC, the earliest among equals (``max`` alone kept a NaN that came first); the first row when no
-    AUC is finite."""
+    AUC is finite (to show; ``best_checkpoint`` then has none to score with)."""
     finite = [r for r in rows if math.isfinite(r["valid_auc"])]
     return max(finite, key=lambda r: r["valid_auc"]) if finite else rows[0]
 

@@ -127,6 +127,27 @@ def test_a_report_says_when_predict_scores_another_epoch_than_the_best_row(tmp_p
             "`mmctr predict` scores with epoch 1's, the best complete one.") in markdown_summary(tmp_path, rows)
 
 
+def test_a_checkpoint_state_training_did_not_write_or_without_a_finite_auc_is_one_line(tmp_path):
+    """A state.json that is not JSON (edited by hand, same size) was a JSONDecodeError traceback from `mmctr predict`
+    and `mmctr report`; checkpoints whose AUCs are all NaN were "no checkpoint found" beside the checkpoints."""
+    import math
+
+    from mmctr_ray.report import markdown_summary
+
+    _write_checkpoint(tmp_path, 1, math.nan)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path))}: no checkpoint with a finite validation AUC "
+                                        r"among 1 \(the model diverged"):
+        best_checkpoint(tmp_path)
+    second = _write_checkpoint(tmp_path, 2, 0.7)
+    assert best_checkpoint(tmp_path) == second
+    state = second / "state.json"
+    state.write_text("[" + state.read_text()[1:])  # the size files.json records: a whole checkpoint, garbled
+    with pytest.raises(DataError, match=rf"^{re.escape(str(state))}: not the state.json `mmctr train` writes \("):
+        best_checkpoint(tmp_path)
+    rows = [{"epoch": 2, "valid_auc": 0.7, "valid_logloss": 0.5, "train_loss": 0.5, "lr": 1e-3, "epoch_seconds": 1.0}]
+    assert "Best validation AUC **0.7000**" in markdown_summary(tmp_path, rows)  # the report is still written
+
+
 def test_a_fragment_in_a_run_uri_is_refused_rather_than_dropped():
     """pyarrow resolves file:///tmp/r#1 to /tmp/r: a run (and --overwrite) would act on another folder."""
     with pytest.raises(ConfigError, match=r"^s3://b/exp#3: '#' starts a URI fragment, which storage drops"):
