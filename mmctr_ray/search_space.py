@@ -125,6 +125,33 @@ class SearchSpace:
             widths.append(getattr(base, size))
         return max(widths, default=max(base.dims, base.text_dim, base.image_dim))
 
+    def fused_sizes(self) -> dict[str, dict[str, list[tuple[int, str]]]]:
+        """What trials that fuse their own table (:func:`mmctr_ray.tuning._fits_in_trial`) can ask each strategy's
+        PCA parts for: ``{strategy: {size field: [(value, where it comes from), ...]}}``, a searched size's
+        bounds (``search.space.fusion.dims``) and the base config's size where some trial of the strategy uses it
+        unsampled (``fusion.dims``)."""
+        from mmctr_ray.fusion import PARTS
+
+        base = self.trial_config({})
+        by_key = {p.key: p for p in self.params}
+        picked = by_key.get("fusion.strategy")
+        strategies = set(picked.values) if picked is not None else set()
+        searches_fusion = any(p.key.startswith("fusion.") for p in self.params)
+        if (picked is None or picked.when) and (searches_fusion or base.data.item_vector == "given"):
+            strategies.add(base.fusion.strategy)  # trials that keep the base's strategy and fuse its table
+        sizes: dict[str, dict[str, list[tuple[int, str]]]] = {}
+        for strategy in sorted(strategies & set(PARTS)):
+            for _, _, size in PARTS[strategy]:
+                drawn = sizes.setdefault(strategy, {}).setdefault(size, [])
+                p = by_key.get(f"fusion.{size}")
+                when = dict(p.when) if p is not None else {}
+                if p is not None and strategy in when.get("fusion.strategy", [strategy]):
+                    drawn += [(int(max(p.values)), f"search.space.fusion.{size}")]
+                    if set(when) <= {"fusion.strategy"}:
+                        continue  # sampled by every trial of this strategy
+                drawn.append((getattr(base.fusion, size), f"fusion.{size}"))
+        return sizes
+
     def trial_config(self, params: dict[str, Any]) -> ExperimentConfig:
         """The base config with the sampled ``params`` (flat ``section.key`` names) applied, checked."""
         raw = json.loads(json.dumps(self.base))

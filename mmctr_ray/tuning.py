@@ -402,6 +402,11 @@ def _searcher() -> type:
             value = (result or {}).get(self.metric)
             if value is not None and not math.isfinite(value):  # no AUC to tell: Optuna refuses a NaN value (it
                 value = None  # raised here, and the search with it); a FAIL, as OptunaSearch tells a live one
+            if any(t.user_attrs.get("ray_trial_id") == trial_id for t in self._ot_study.get_trials(deepcopy=False)):
+                # told already: the driver was stopped after add_trial and before Tune saved the searcher that
+                # knew it, and --resume ran the trial again; a second copy would count the configuration twice
+                log.info("trial %s: its retry is in the study already; not told again", trial_id)
+                return None
             states = optuna.trial.TrialState
             state = states.PRUNED if pruned else states.COMPLETE if value is not None else states.FAIL
             self._ot_study.add_trial(optuna.trial.create_trial(
@@ -554,7 +559,33 @@ def check_inputs(data_dir: str | Path, search_yaml: str | Path | None, overrides
             log.warning("%s%s", uneven[0], f" (and {len(uneven) - 1} more of the space's batch sizes)"
                         if len(uneven) > 1 else "")
         _refuse_placeholders(data_dir, space, source)
+        _check_fused_sizes(data_dir, space, source)
     return rows, space
+
+
+def _check_fused_sizes(data_dir: str | Path, space: SearchSpace, source: str) -> None:
+    """A PCA size a trial can draw must fit its part: at most min(items, input width) of the raw vectors (768 for
+    the shipped BERT text, 384 for MiniLM's); every larger draw otherwise failed as an errored trial, which TPE
+    learns nothing from. Read from the source's first rows."""
+    from mmctr_ray.fuse import ItemSource
+    from mmctr_ray.fusion import PARTS, input_widths
+
+    sizes = space.fused_sizes()
+    if not sizes:
+        return
+    needed = {m for strategy in sizes for _, inputs, _ in PARTS[strategy] for m in inputs}
+    src = ItemSource(Path(data_dir), source, "v3" if needed == {"text", "image"} else
+                     "v1" if needed == {"text"} else "v2", batch_rows=64)
+    widths = input_widths(next(iter(src.batches())))
+    for strategy, by_size in sizes.items():
+        for name, inputs, size in PARTS[strategy]:
+            limit = min(src.num_rows, sum(widths[m] for m in inputs))
+            for value, where in by_size[size]:
+                if value > limit:
+                    raise ConfigError(f"{where}: {value} is wider than the {strategy} {name} PCA can be: at most "
+                                      f"min(items, input width) = min({src.num_rows}, "
+                                      f"{' + '.join(str(widths[m]) for m in inputs)}) = {limit} for the raw vectors "
+                                      f"of {src.path}")
 
 
 def _base_table(space: SearchSpace) -> Path | None:

@@ -580,6 +580,13 @@ def test_an_errored_trial_run_again_by_resume_reaches_the_study(tmp_path):
         assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"], limited  # once, by one path or the other
         assert trials[1].value == 0.64 and trials[1].intermediate_values == {1: 0.61, 2: 0.64}
         assert trials[1].params == trials[0].params and trials[1].user_attrs["retry_of_trial"] == 0
+        # the driver stopped after the study took the retry and before Tune saved a searcher that knew it: --resume
+        # runs t1 once more; the study keeps one copy (two counted its configuration twice in TPE and importances)
+        for epoch, auc in ((1, 0.61), (2, 0.64)):
+            searcher.on_trial_result("t1", {METRIC: auc, "training_iteration": epoch})
+        searcher.on_trial_complete("t1", last)
+        assert [t.state.name for t in optuna.load_study(study_name="s", storage=url).get_trials()] == [
+            "FAIL", "COMPLETE"], limited
         assert tune_side.suggest("t2")  # a trial that did not fail before is told as OptunaSearch tells it
         tune_side.on_trial_complete("t2", {METRIC: 0.7})
         assert [t.state.name for t in optuna.load_study(study_name="s", storage=url).get_trials()] == [
@@ -765,6 +772,35 @@ def test_a_base_table_named_relative_is_the_one_beside_the_command_in_every_tria
     (tmp_path / "fused" / "v3.parquet").unlink()
     monkeypatch.chdir(tmp_path)
     check_inputs(synth_dir, "s.yaml")
+
+
+def test_a_pca_size_wider_than_the_raw_vectors_allow_is_refused_before_the_search(synth_dir, tmp_path):
+    """A PCA part is at most min(items, input width) wide: every draw above it (fusion.dims up to 1500 over v1's
+    768-wide BERT text) was an errored trial, which TPE learns nothing from. The searched bound and the base's size a
+    strategy uses unsampled are checked against the source's widths, before the search."""
+    from mmctr_ray.tuning import check_inputs
+
+    raw = yaml.safe_load((ROOT / "configs/search_tiny.yaml").read_text())
+    raw["search"]["space"] = {"fusion.strategy": {"choice": ["given", "v1", "v4"]},
+                              "fusion.dims": {"int": [8, 256], "when": {"fusion.strategy": ["v1"]}},
+                              "fusion.text_dim": {"int": [8, 64], "when": {"fusion.strategy": ["v4"]}}}
+    item_feature = synth_dir / "item_feature.parquet"
+    search = tmp_path / "s.yaml"
+    search.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=rf"^search.space.fusion.dims: 256 is wider than the v1 text PCA can be: at "
+                                          rf"most min\(items, input width\) = min\(200, 768\) = 200 for the raw "
+                                          rf"vectors of {re.escape(str(item_feature))}$"):
+        check_inputs(synth_dir, search)
+    raw["search"]["space"]["fusion.dims"]["int"] = [8, 200]
+    raw["fusion"]["image_dim"] = 300  # v4's image part is not searched: every v4 trial takes the base's
+    search.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"^fusion.image_dim: 300 is wider than the v4 image PCA can be: at most "
+                                          r"min\(items, input width\) = min\(200, 1024\) = 200 for the raw"):
+        check_inputs(synth_dir, search)
+    raw["fusion"]["image_dim"] = 200
+    raw["fusion"]["dims"] = 900  # a size no trial uses unsampled (v1 always samples it): not checked
+    search.write_text(yaml.safe_dump(raw))
+    check_inputs(synth_dir, search)
 
 
 def test_overwrite_restarts_a_search_from_its_own_search_yaml(tmp_path):
