@@ -123,15 +123,6 @@ def _local_path(text: str) -> Path:
     return Path(text)
 
 
-def _zip_path(text: str) -> Path:
-    """A submission to write: a local ``.zip`` (said before anything else: an existing ``x.csv`` was "already exists;
-    pass --overwrite", and then, with --overwrite, "must be a .zip file")."""
-    path = _local_path(text)
-    if path.suffix != ".zip":
-        raise argparse.ArgumentTypeError(f"{text}: the submission must be a .zip file")
-    return path
-
-
 def _add_resume_args(p: argparse.ArgumentParser, resume: str, overwrite: str) -> None:
     """``--resume`` and ``--overwrite``: continue what the output holds, or replace it; not both."""
     once = p.add_mutually_exclusive_group()
@@ -631,7 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Convert raw MicroLens files (interaction pairs or sequences, titles, likes/views, "
                                    "covers, tags) into the challenge layout with a Ray Data pipeline: dense ids "
                                    "(mapping/ beside the output), histories of strictly earlier items (100 wide, "
-                                   "left-padded), likes/views deciles, a chronological split, popularity-weighted "
+                                   "left-padded), likes/views deciles, a per-user leave-last-out split (--split time: "
+                                   "a global time cut), popularity-weighted "
                                    "negatives. Embedding columns are zero placeholders: run `mmctr embed` and "
                                    "`mmctr fuse --source`. Writes OUT/convert.json last.")
     p.add_argument("--raw", type=_local_path, required=True, help="folder holding the raw MicroLens files")
@@ -639,10 +631,12 @@ def build_parser() -> argparse.ArgumentParser:
     files = p.add_argument_group("raw files (default: found in --raw by their MicroLens names)")
     files.add_argument("--pairs", help="interactions: user,item,timestamp CSV (*pairs.csv) or user<TAB>items TSV "
                                        "(*pairs.tsv; the position in the line is the time)")
-    files.add_argument("--titles", help="item,title CSV (*title_en.csv); its items are the catalogue")
+    files.add_argument("--titles", help="item,title CSV (*title_en.csv; header-less: the id, then the title to the "
+                                        "line's end); its items are the catalogue")
     files.add_argument("--likes-views", help="item<TAB>likes<TAB>views text (*likes_and_views.txt)")
     files.add_argument("--covers", help="folder of {item}.jpg covers (*covers)")
-    files.add_argument("--tags", help="item,tags CSV with tags joined by --tag-sep (*tags*.csv)")
+    files.add_argument("--tags", help="item,tags CSV with tags joined by --tag-sep (*tags*.csv; header-less as "
+                                      "--titles)")
     cols = p.add_argument_group("column names")
     for name, default in (("user_col", "user"), ("item_col", "item"), ("time_col", "timestamp"),
                           ("title_col", "title"), ("tag_col", "tags"), ("tag_sep", "|")):
@@ -788,7 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory written by `mmctr train` (a local path or a URI): "
                    "its best checkpoint; or one of its checkpoint_epoch_NNN folders")
     _add_data_arg(p)
-    p.add_argument("--out", type=_zip_path, required=True, help="submission zip to write")
+    p.add_argument("--out", type=_local_path, required=True, help="submission zip to write")
     p.add_argument("--split", choices=["test", "valid", "train"], default="test", help="split to score")
     _add_worker_args(p, "actors", "scoring actors")
     p.add_argument("--gpus-per-actor", type=ACTOR_GPUS, default=0.0,
@@ -967,6 +961,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = storage.normalize(str(args.out))
         if args.command in FOLDER_OUTPUTS and storage.is_file(out):  # --overwrite replaces outputs in a folder,
             raise ConfigError(f"{args.out}: a file; expected a folder for the outputs of {args.command} (--out)")
+        if args.command == "predict":  # not a .zip is said first: it was "already exists; pass --overwrite", and
+            from mmctr_ray.predict import check_output  # with --overwrite then "must be a .zip file"
+
+            check_output(args.out, args.overwrite)
         _refuse_existing_output(args, out)
         with output_lock(out):
             return args.func(args)
