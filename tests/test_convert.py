@@ -416,6 +416,38 @@ def test_raw_files_that_cannot_be_read_as_headed_text_are_one_line_errors(tmp_pa
     assert str(err.value) == f"{titles}: a file; expected the covers folder (--covers)"
 
 
+def test_header_less_titles_and_tags_as_microlens_100k_ships_them_are_read_to_the_line_end(tmp_path, caplog):
+    """MicroLens-100k_title_en.csv and tags_to_summary.csv have no header line, and a title runs from the first
+    comma to the line's end, commas unquoted: convert refused the real files ("missing column 'item' (header:
+    1,A cat, a dog...)"), and a CSV reader would have split such a title."""
+    from mmctr_ray.convert.raw import locate, read_items
+
+    raw = tmp_path / "raw"
+    make_raw(raw, users=30)
+    files = locate(RawSpec(raw))
+    headed = read_items(RawSpec(raw), files)
+    titles = pd.read_csv(files.titles)
+    tags = pd.read_csv(files.tags)
+    files.titles.write_text("".join(f"{i},{t}\n" for i, t in zip(titles["item"], titles["title"])))  # unquoted
+    files.tags.write_text("".join(f'{i},"{t}"\n' for i, t in zip(tags["item"], tags["tags"])))  # quoted as CSV does
+    assert files.titles.read_text().startswith(f'{titles["item"][0]},Title {titles["item"][0]}, with "quotes"\n')
+    bare = read_items(RawSpec(raw), locate(RawSpec(raw)))  # no header: --item-col/--title-col do not apply
+    np.testing.assert_array_equal(bare.raw_ids, headed.raw_ids)
+    assert bare.titles == headed.titles and bare.tags == headed.tags
+    assert any(", with" in t for t in bare.titles)
+    (raw / "other_tags.csv").write_text("1,x\n")  # two files of the tags name: the one read is said
+    with caplog.at_level("WARNING"):
+        assert locate(RawSpec(raw)).tags == files.tags
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{raw}: 2 files match *tags*.csv (MicroLens-tiny_tags.csv, other_tags.csv); reading MicroLens-tiny_tags.csv: "
+        f"pass --tags to read another"]
+    files.titles.write_text(files.titles.read_text() + "12x,A title\n")
+    with pytest.raises(DataError) as err:
+        read_items(RawSpec(raw), files)
+    assert str(err.value) == (f"{files.titles}: column item (the first field; no header line): '12x' at data row "
+                              f"{len(titles) + 1} is not an integer of at most 18 digits")
+
+
 def test_options_are_checked():
     with pytest.raises(ConfigError, match="--valid-from < --test-from"):
         RowSpec(split="time", valid_from=5)

@@ -4,10 +4,11 @@ Inputs (names are options; the defaults find MicroLens-100K's and the full set's
 
     *pairs.csv            interactions: user,item,timestamp (header; timestamp in ms)
     *pairs.tsv            or chronological sequences: user<TAB>item item item ... (one line per user)
-    *title_en.csv         item,title (header)
+    *title_en.csv         item,title: a headed CSV, or header-less as MicroLens-100K ships it (id, first comma,
+                          then the title to the line's end, commas included)
     *likes_and_views.txt  item<TAB>likes<TAB>views (a header line is detected and skipped)
     *covers/{item}.jpg    cover images (optional)
-    *tags*.csv            item,tags with tags joined by '|' (optional)
+    *tags*.csv            item,tags with tags joined by '|' (optional; headed, or header-less as the titles)
 
 User and item ids must be integers (MicroLens' are). Item-level files are small (1.14M items for the full set)
 and are read on the driver; interactions are read as a Ray Dataset and never collected.
@@ -16,6 +17,7 @@ and are read on the driver; interactions are read as a Ray Dataset and never col
 from __future__ import annotations
 
 import csv
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +29,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from mmctr_ray.errors import DataError
+
+log = logging.getLogger(__name__)
 
 PATTERNS = {
     "pairs": ("*pairs.csv", "*pairs.tsv"),
@@ -86,6 +90,9 @@ def _find(spec: RawSpec, kind: str, required: bool) -> Path | None:
         return path
     for pattern in PATTERNS[kind]:
         found = sorted(p for p in spec.raw.glob(pattern) if p.is_dir() == (kind == "covers"))
+        if len(found) > 1:  # said, not chosen without a word: another file of the name may be the one meant
+            log.warning("%s: %d files match %s (%s); reading %s: pass %s to read another", spec.raw, len(found),
+                        pattern, ", ".join(p.name for p in found), found[0].name, flag)
         if found:
             return found[0]
     if required:
@@ -104,8 +111,9 @@ def locate(spec: RawSpec) -> RawFiles:
                      _find(spec, "covers", False), _find(spec, "tags", False))
     if not sequences:
         _require_columns(pairs, [spec.user_col, spec.item_col, spec.time_col], "--user-col/--item-col/--time-col")
-    _require_columns(files.titles, [spec.item_col, spec.title_col], "--item-col/--title-col")
-    if files.tags:
+    if has_header(files.titles, ","):
+        _require_columns(files.titles, [spec.item_col, spec.title_col], "--item-col/--title-col")
+    if files.tags and has_header(files.tags, ","):
         _require_columns(files.tags, [spec.item_col, spec.tag_col], "--item-col/--tag-col")
     return files
 
@@ -165,6 +173,24 @@ def _read_csv(path: Path, columns: dict[str, pa.DataType], **kw) -> pa.Table:
     return table
 
 
+def _read_id_text(path: Path, id_name: str, text_name: str) -> pa.Table:
+    """A header-less ``id,text`` file, as MicroLens-100K ships its titles (``MicroLens-100k_title_en.csv``) and
+    categories (``tags_to_summary.csv``): the id is a line's first field and the text the rest of the line, commas
+    included (those titles are not quoted: a CSV reader split them); a text quoted as CSV quotes it is unquoted. A
+    line with no comma has an empty text."""
+    try:
+        lines = pacsv.read_csv(path, read_options=pacsv.ReadOptions(column_names=["line"]), **LINE_OPTIONS)
+    except (pa.ArrowInvalid, pa.ArrowKeyError) as err:
+        raise _arrow_error(path, err) from None
+    parts = pc.extract_regex(lines.column("line").combine_chunks(), r"^(?P<id>[^,]*)(?:,(?P<text>.*))?$")
+    text = parts.field("text")
+    quoted = pc.and_(pc.and_(pc.starts_with(text, '"'), pc.ends_with(text, '"')),
+                     pc.greater_equal(pc.utf8_length(text), 2))
+    text = pc.if_else(quoted, pc.replace_substring(pc.utf8_slice_codeunits(text, 1, -1), '""', '"'), text)
+    ids = _int_column(pa.chunked_array([parts.field("id")]), f"{id_name} (the first field; no header line)", path)
+    return pa.table({id_name: ids, text_name: text})
+
+
 def _int_column(col: pa.ChunkedArray, name: str, path: Path) -> pa.Array:
     """int64 values of a text column as :func:`_ints` parses them, null where a value is empty (as Arrow reads an
     empty integer); a value that is not an integer is a one-line error naming the column, the data row and the
@@ -206,7 +232,8 @@ class RawItems:
 
 
 def read_items(spec: RawSpec, files: RawFiles) -> RawItems:
-    titles = _read_csv(files.titles, {spec.item_col: pa.int64(), spec.title_col: pa.string()})
+    titles = (_read_csv(files.titles, {spec.item_col: pa.int64(), spec.title_col: pa.string()})
+              if has_header(files.titles, ",") else _read_id_text(files.titles, spec.item_col, spec.title_col))
     raw = _ids(titles, spec.item_col, files.titles)
     if len(raw) == 0:
         raise DataError(f"{files.titles}: no items")
@@ -238,7 +265,8 @@ def _read_likes_views(path: Path, items: RawItems) -> None:
 
 
 def _read_tags(spec: RawSpec, path: Path, items: RawItems) -> None:
-    table = _read_csv(path, {spec.item_col: pa.int64(), spec.tag_col: pa.string()})
+    table = (_read_csv(path, {spec.item_col: pa.int64(), spec.tag_col: pa.string()}) if has_header(path, ",")
+             else _read_id_text(path, spec.item_col, spec.tag_col))
     dense, known = items.dense(_ids(table, spec.item_col, path))
     for i, text in zip(dense[known], np.asarray(table.column(spec.tag_col).to_pylist(), dtype=object)[known]):
         items.tags[i - 1] = [t.strip() for t in (text or "").split(spec.tag_sep) if t.strip()]
