@@ -732,6 +732,26 @@ def test_image_weights_that_do_not_fit_the_architecture_are_one_line_before_ray(
     assert not list(tmp_path.glob("e.parquet*"))
 
 
+@pytest.mark.parametrize("tower", ["timm", "tokens"])
+def test_towers_without_output_dim_or_with_tokens_encode(tmp_path, tower):
+    """open_clip's timm towers (SigLIP, ConvNeXt, EVA, MobileCLIP: 76 of its 144 architectures) have no
+    output_dim, and CoCa's returns (pooled, tokens): the encoder raised AttributeError for the first and
+    "'tuple' object has no attribute 'float'" for the second, in every actor."""
+    config = json.loads(Path(CLIP_TINY).read_text())
+    if tower == "timm":
+        config["vision_cfg"] = {"timm_model_name": "resnet18", "timm_model_pretrained": False, "timm_pool": "avg",
+                                "timm_proj": "linear", "image_size": 32}
+    else:
+        config["vision_cfg"]["output_tokens"] = True
+    spec = tmp_path / f"clip-{tower}.json"
+    spec.write_text(json.dumps(config))
+    encoder = ImageEncoder(str(spec))
+    assert encoder.dim == 32 and encoder.size == 32
+    vectors = encoder.encode(np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
+    assert vectors.shape == (3, 32) and vectors.dtype == np.float32 and np.isfinite(vectors).all()
+    assert not np.allclose(vectors[0], vectors[1])  # each cover its own vector
+
+
 def test_image_model_specs_are_checked_before_any_download(tmp_path):
     with pytest.raises(ConfigError, match="unknown open_clip architecture"):
         ImageEncoder("ViT-Nope-99")

@@ -169,7 +169,8 @@ class ImageEncoder:
         self.preprocess = preprocessing(spec)  # mean/std here; the decode tasks resize as it says
         self.mean = torch.tensor(self.preprocess["mean"], device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(self.preprocess["std"], device=self.device).view(1, 3, 1, 1)
-        self.dim = int(self.visual.output_dim)
+        # a timm tower (SigLIP, ConvNeXt, EVA, MobileCLIP) has no output_dim: the model's embed_dim is its width
+        self.dim = int(getattr(self.visual, "output_dim", None) or _model_config(spec)["embed_dim"])
 
     @torch.inference_mode()
     def encode(self, pixels: np.ndarray) -> np.ndarray:
@@ -177,6 +178,8 @@ class ImageEncoder:
         x = (x - self.mean) / self.std
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.visual(x)
+        if isinstance(out, tuple):  # a tower that also returns its tokens (CoCa): the pooled embedding comes first
+            out = out[0]
         return out.float().cpu().numpy()
 
 
