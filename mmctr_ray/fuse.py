@@ -155,7 +155,7 @@ def _repeats(ids: np.ndarray) -> np.ndarray:
 def _num_items(lay: Layout) -> int:
     if not lay.item_info.is_file():
         raise DataError(lay.missing(lay.item_info))
-    return pq.ParquetFile(lay.item_info).metadata.num_rows - 1
+    return open_parquet(lay.item_info, "item_info.parquet of the challenge layout").metadata.num_rows - 1
 
 
 def _given_table(lay: Layout, info: pa.Table) -> np.ndarray:
@@ -221,6 +221,10 @@ def fuse_items(data_dir: str | Path, cfg: FusionConfig, source: str = "shipped",
     lay = Layout(data_dir)
     _refuse_placeholders(data_dir, cfg.strategy, source)
     n = _num_items(lay)
+    names = open_parquet(lay.item_info, "item_info.parquet of the challenge layout").schema_arrow.names
+    for name in ("item_tags", "item_emb_d128"):  # the items' fingerprint, which the fused table records
+        if name not in names:
+            raise DataError(f"{lay.item_info}: missing column {name} (expected item_id, item_tags and item_emb_d128)")
     info = pq.read_table(lay.item_info, columns=["item_tags", "item_emb_d128"])
     summary: dict[str, Any] = {"strategy": cfg.strategy, **{k: v for k, v in asdict(cfg).items() if k != "strategy"},
                                "data": str(data_dir.resolve()), "num_items": n,

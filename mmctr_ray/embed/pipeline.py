@@ -43,7 +43,7 @@ from mmctr_ray.embed.image import (CORRUPT, MISSING, OK, check_image_model, deco
 from mmctr_ray.embed.text import (check_max_length, check_model_dir, load_tokenizer, resolve_normalize, resolve_pooling,
                                   titles_cut, tokenize)
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
-from mmctr_ray.features import titles_fingerprint
+from mmctr_ray.features import open_parquet, titles_fingerprint
 from mmctr_ray.host_malloc import actor_options
 from mmctr_ray.ray_env import check_actors, cpu_threads
 from mmctr_ray.schema import Layout
@@ -241,7 +241,7 @@ def _read_items(lay: Layout) -> pa.Table:
     if not lay.item_feature.is_file():
         raise DataError(lay.missing(lay.item_feature) if lay.not_a_data_dir() else
                         f"{lay.item_feature}: missing file (embed reads item_id and item_title from it)")
-    names = pq.read_schema(lay.item_feature).names
+    names = open_parquet(lay.item_feature, "item_feature.parquet of the challenge layout").schema_arrow.names
     if "item_title" not in names or "item_id" not in names:
         raise DataError(f"{lay.item_feature}: missing column {'item_id' if 'item_id' not in names else 'item_title'}"
                         f" (embed reads item_id and item_title)")

@@ -491,6 +491,23 @@ def features_of_a_null_inside_a_history(d, t):
     return ["features", "--data", str(d), "--out", str(t / "features")]
 
 
+def item_info_cut_short_for_fuse(d, t):
+    """A half-copied item_info.parquet: pyarrow's ArrowInvalid traceback ("Parquet file size is 7 bytes")."""
+    item_info(d).write_bytes(item_info(d).read_bytes()[:7])
+    return _fuse(d, t, "--strategy", "v1", "--dims", "8")
+
+
+def item_info_without_its_vectors_for_fuse(d, t):
+    """v1..v4 read item_emb_d128 only for the items' fingerprint: its absence was a FieldRef traceback."""
+    _edit(item_info(d), lambda tb: tb.drop_columns(["item_emb_d128"]))
+    return _fuse(d, t, "--strategy", "v1", "--dims", "8")
+
+
+def item_feature_cut_short_for_embed(d, t):
+    Layout(d).item_feature.write_bytes(Layout(d).item_feature.read_bytes()[:7])
+    return ["embed", "--data", str(d), "--out", str(t / "emb.parquet"), "--text-model", str(_minilm())]
+
+
 def embed_without_item_feature(d, t):
     Layout(d).item_feature.unlink()
     return ["embed", "--data", str(d), "--out", str(t / "emb.parquet"), "--text-model", str(_minilm())]
@@ -549,6 +566,12 @@ CASES = [
      ["run"]),
     (source_not_parquet, ["raw.embed.json: not a readable parquet file (", "expected the raw item vectors"],
      ["fused.parquet"]),
+    (item_info_cut_short_for_fuse, ["item_info.parquet: not a readable parquet file (", "expected item_info.parquet "
+                                    "of the challenge layout"], ["fused.parquet"]),
+    (item_info_without_its_vectors_for_fuse, ["item_info.parquet: missing column item_emb_d128 (expected item_id, "
+                                              "item_tags and item_emb_d128)"], ["fused.parquet"]),
+    (item_feature_cut_short_for_embed, ["item_feature.parquet: not a readable parquet file (", "expected "
+                                        "item_feature.parquet of the challenge layout"], ["emb.parquet"]),
     (empty_source, ["raw.parquet: empty file: 0 rows, expected the items' raw vectors"], ["fused.parquet"]),
     (fusion_not_parquet, ["e.parquet: not a readable parquet file (", "expected a fused item table"], ["run"]),
     (duplicate_item_ids, ["raw.parquet: column item_id: duplicate item id"], ["fused.parquet"]),
