@@ -381,6 +381,19 @@ def test_a_cut_or_odd_json_file_in_the_text_model_folder_is_one_line(tmp_path):
         resolve_normalize(model, "auto")
 
 
+def test_text_weights_cut_short_are_one_line_before_ray_starts(bert_tiny, synth_dir, tmp_path):
+    """An interrupted copy leaves model.safetensors cut short: safetensors' own error (not an OSError) was a
+    traceback, raised in every encoder actor after Ray had started. The driver loads the model once first."""
+    model = tmp_path / "bert-cut"
+    shutil.copytree(bert_tiny, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ConfigError, match=rf"^{model}: cannot load a text model from it \("):
+        run_embed(synth_dir, tmp_path / "e.parquet", str(model), CLIP_TINY,
+                  start_ray=lambda: pytest.fail("Ray started"))
+    assert not list(tmp_path.glob("e.parquet*"))
+
+
 def test_titles_are_padded_on_the_right_whatever_the_tokenizers_side(bert_tiny):
     """The encoder keeps the first columns (it trims the padding at the end) and CLS pooling reads the first token:
     a tokenizer configured to pad on the left lost the real tokens of shorter titles."""

@@ -40,8 +40,8 @@ from mmctr_ray.config import PRECISIONS
 from mmctr_ray.data.writer import list_array
 from mmctr_ray.embed.image import (CORRUPT, MISSING, OK, check_image_model, decode_covers, image_size,
                                   parse_image_model, preprocessing)
-from mmctr_ray.embed.text import (check_max_length, check_model_dir, load_tokenizer, resolve_normalize, resolve_pooling,
-                                  titles_cut, tokenize)
+from mmctr_ray.embed.text import (check_max_length, check_model_dir, check_text_model, load_tokenizer,
+                                  resolve_normalize, resolve_pooling, titles_cut, tokenize)
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.features import open_parquet, titles_fingerprint
 from mmctr_ray.host_malloc import actor_options
@@ -328,6 +328,7 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
     check_image_model(image_model)  # weights that do not fit the architecture fail here, as one line
     image_model = resolved_image_model(image_model)  # one spelling: RN50:w.pt and RN50:./w.pt resume alike
     load_tokenizer(text_dir)  # a broken tokenizer fails here, as one line, not inside a task
+    check_text_model(text_dir, pooling)  # so do weights cut short: loaded once here, not in each actor
     if not 0 <= max_bad_covers <= 1:
         raise ConfigError(f"--max-bad-covers={max_bad_covers}: expected a share in [0, 1]")
     items = _read_items(lay)

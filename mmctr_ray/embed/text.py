@@ -162,6 +162,13 @@ def titles_cut(titles: list[str], path: str, max_length: int) -> np.ndarray:
     return np.fromiter((len(row) > max_length for row in ids), dtype=bool, count=len(titles))
 
 
+def check_text_model(path: str | Path, pooling: str) -> None:
+    """Build the text model once on the CPU, before Ray starts: weights cut short (an interrupted copy) or of no
+    model failed inside every encoder actor, as a Ray traceback, after Ray had started. The cost is one load of
+    the model on the driver (BERT-base: ~0.4 GB for the moment it takes)."""
+    TextEncoder(path, pooling)
+
+
 class TextEncoder:
     """A BERT-family encoder; ``encode`` maps token ids to (B, H) float32 vectors.
 
@@ -186,9 +193,9 @@ class TextEncoder:
             # checkpoint ran half on CPU actors and under --precision fp32 too); bf16 is autocast's, on CUDA
             self.model = AutoModel.from_pretrained(str(path), local_files_only=True,
                                                    dtype=torch.float32).to(device).eval()
-        except (OSError, ValueError) as err:
+        except Exception as err:  # OSError, ValueError; safetensors' own error for a file cut short; ...
             raise ConfigError(f"{path}: cannot load a text model from it ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0]})") from None
+                              f"{(str(err).splitlines() or [''])[0]})") from None
         self.pooling, self.device, self.normalize = pooling, torch.device(device), normalize
         self.bf16 = bf16 and self.device.type == "cuda"
         self.dim = int(self.model.config.hidden_size)
