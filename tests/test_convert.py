@@ -436,6 +436,7 @@ def test_header_less_titles_and_tags_as_microlens_100k_ships_them_are_read_to_th
     assert bare.titles == headed.titles and bare.tags == headed.tags
     assert any(", with" in t for t in bare.titles)
     (raw / "other_tags.csv").write_text("1,x\n")  # two files of the tags name: the one read is said
+    caplog.clear()
     with caplog.at_level("WARNING"):
         assert locate(RawSpec(raw)).tags == files.tags
     assert [r.getMessage() for r in caplog.records] == [
@@ -446,6 +447,30 @@ def test_header_less_titles_and_tags_as_microlens_100k_ships_them_are_read_to_th
         read_items(RawSpec(raw), files)
     assert str(err.value) == (f"{files.titles}: column item (the first field; no header line): '12x' at data row "
                               f"{len(titles) + 1} is not an integer of at most 18 digits")
+
+
+def test_item_files_of_other_ids_or_that_leave_items_out_are_said(tmp_path, caplog):
+    """A likes/views file of another id space (0-based ids, another release) gave every item level 0, and its rows
+    were dropped, with only a count in convert.json; now a warning names the file, the rows and the items."""
+    from mmctr_ray.convert.raw import locate, read_items
+
+    raw = tmp_path / "raw"
+    make_raw(raw, users=30)
+    files = locate(RawSpec(raw))
+    with caplog.at_level("WARNING"):
+        read_items(RawSpec(raw), files)
+    assert [r.getMessage() for r in caplog.records] == [  # the tags file covers 20 of the 300 items
+        f"{files.tags}: 280 of the 300 items have no row here: no tags"]
+    lines = files.likes_views.read_text().splitlines()
+    files.likes_views.write_text("".join(f"{int(line.split(chr(9))[0]) - 1000}\t1\t2\n" for line in lines[:10]))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        items = read_items(RawSpec(raw), files)
+    assert items.no_likes_views == 300 and not items.likes.any()
+    first = int(lines[0].split("\t")[0]) - 1000
+    assert [r.getMessage() for r in caplog.records][:2] == [
+        f"{files.likes_views}: 10 of 10 rows are of items not in the titles file (first: item {first}): ignored",
+        f"{files.likes_views}: 300 of the 300 items have no row here: likes/views levels 0"]
 
 
 def test_options_are_checked():

@@ -257,19 +257,35 @@ def _read_likes_views(path: Path, items: RawItems) -> None:
     names = ["item", "likes", "views"]
     table = _read_csv(path, {n: pa.int64() for n in names}, parse_options=pacsv.ParseOptions(delimiter="\t"),
                       read_options=pacsv.ReadOptions(column_names=names, skip_rows=int(has_header(path))))
-    dense, known = items.dense(_ids(table, "item", path))
+    raw = _ids(table, "item", path)
+    dense, known = items.dense(raw)
     for name in ("likes", "views"):
         values = pc.fill_null(table.column(name), 0).to_numpy()
         getattr(items, name)[dense[known] - 1] = values[known]
     items.no_likes_views = len(items.raw_ids) - len(np.unique(dense[known]))
+    _say_unmatched(path, raw, known, len(items.raw_ids), items.no_likes_views, "likes/views levels 0")
+
+
+def _say_unmatched(path: Path, raw: np.ndarray, known: np.ndarray, items: int, without: int, so: str) -> None:
+    """A warning for an item file's rows of items not in the catalogue (another id space: 0-based, or another
+    release) and for the catalogue items it leaves out: they were dropped, and those items' features left at
+    their default, with only a count in convert.json."""
+    if not known.all():
+        log.warning("%s: %d of %d rows are of items not in the titles file (first: item %d): ignored", path,
+                    int((~known).sum()), len(known), int(raw[~known][0]))
+    if without:
+        log.warning("%s: %d of the %d items have no row here: %s", path, without, items, so)
 
 
 def _read_tags(spec: RawSpec, path: Path, items: RawItems) -> None:
     table = (_read_csv(path, {spec.item_col: pa.int64(), spec.tag_col: pa.string()}) if has_header(path, ",")
              else _read_id_text(path, spec.item_col, spec.tag_col))
-    dense, known = items.dense(_ids(table, spec.item_col, path))
+    raw = _ids(table, spec.item_col, path)
+    dense, known = items.dense(raw)
     for i, text in zip(dense[known], np.asarray(table.column(spec.tag_col).to_pylist(), dtype=object)[known]):
         items.tags[i - 1] = [t.strip() for t in (text or "").split(spec.tag_sep) if t.strip()]
+    _say_unmatched(path, raw, known, len(items.raw_ids), len(items.raw_ids) - len(np.unique(dense[known])),
+                   "no tags")
 
 
 LINE_OPTIONS = {  # one text column per line: structure and values are checked by parse(), not by Arrow
