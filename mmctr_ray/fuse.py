@@ -77,6 +77,21 @@ def _check_embedded_for(path: Path, lay: Layout) -> None:
                         f"{lay.root}` for this data")
 
 
+def _say_random_image_weights(path: Path, strategy: str) -> None:
+    """A warning when ``path``'s ``X.embed.json`` says its image vectors came from random weights (`mmctr embed`
+    without ``--image-model ARCH:WEIGHTS``, the default): a fit on them is a fit on noise that only looks like
+    CLIP's."""
+    sidecar = Path(f"{path.with_suffix('')}.embed.json")
+    try:
+        model = json.loads(sidecar.read_text()).get("image_model") if sidecar.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return
+    if isinstance(model, str) and model and not model.partition(":")[2]:
+        log.warning("%s: its image vectors come from %s with random weights (`mmctr embed` was given no "
+                    "--image-model %s:WEIGHTS), so %s fits their PCA on vectors that carry no image content",
+                    path, model, model, strategy)
+
+
 class ItemSource:
     """Streams the raw vectors of a source file batch by batch, checking them on the way."""
 
@@ -101,6 +116,8 @@ class ItemSource:
         self.num_items = _num_items(lay)
         if source != "shipped":
             _check_embedded_for(self.path, lay)
+            if "image" in need:
+                _say_random_image_weights(self.path, strategy)
         self.num_rows = opened.metadata.num_rows
         if not self.num_rows:
             raise DataError(f"{self.path}: empty file: 0 rows, expected the items' raw vectors")

@@ -195,6 +195,25 @@ def test_fuse_refuses_an_embed_output_of_other_items(synth_dir, tmp_path):
     run_fuse(synth_dir, tmp_path / "old.parquet", CFG["v2"], source=str(src), progress=lambda m: None)
 
 
+def test_fusing_image_vectors_of_random_weights_is_said(synth_dir, tmp_path, caplog):
+    """`mmctr embed` without --image-model ARCH:WEIGHTS (its default) encodes covers with a randomly initialised
+    tower; fuse fitted v2/v3/v4 on those vectors without a word."""
+    src = tmp_path / "raw.parquet"
+    embed_like_source(synth_dir, src)
+    sidecar = tmp_path / "raw.embed.json"
+    for model, warned in (("RN50", True), (f"RN50:{tmp_path / 'rn50.pt'}", False)):
+        sidecar.write_text(json.dumps({"image_model": model}))
+        for strategy in ("v1", "v2"):
+            caplog.clear()
+            with caplog.at_level("WARNING"):
+                run_fuse(synth_dir, tmp_path / f"{strategy}.parquet", CFG[strategy], source=str(src),
+                         progress=lambda m: None, overwrite=True)
+            said = [r.getMessage() for r in caplog.records if "random weights" in r.getMessage()]
+            assert said == ([f"{src}: its image vectors come from RN50 with random weights (`mmctr embed` was given "
+                             f"no --image-model RN50:WEIGHTS), so v2 fits their PCA on vectors that carry no image "
+                             f"content"] if warned and strategy == "v2" else []), (model, strategy)
+
+
 def test_training_reads_the_fused_table_and_records_its_fusion(synth_dir, tmp_path):
     out = tmp_path / "v4.parquet"
     run_fuse(synth_dir, out, CFG["v4"], progress=lambda m: None)
