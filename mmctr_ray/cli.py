@@ -106,10 +106,12 @@ POSITIVE_INT, POSITIVE, NON_NEGATIVE = _number(int, above=0), _number(float, abo
 
 
 def ACTOR_GPUS(text: str) -> float:  # noqa: N802 - an argparse type, named as the others
-    """GPUs per actor: a share of one GPU, or whole GPUs (Ray refuses 1.5 in the actors, after Ray started)."""
+    """GPUs per actor: a share of one GPU, or one. An encoder or scoring actor runs its model on one device, so a
+    second GPU was reserved and left idle (and Ray refuses 1.5 in the actors, after Ray started)."""
     value = NON_NEGATIVE(text)
-    if value > 1 and value != int(value):
-        raise argparse.ArgumentTypeError(f"above 1 GPU an actor needs a whole number of GPUs, got {text}")
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"an actor runs its model on one GPU: expected at most 1 (a share such as "
+                                         f"0.5 puts several actors on one GPU; --actors adds GPUs), got {text}")
     return value
 
 

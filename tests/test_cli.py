@@ -101,11 +101,13 @@ def test_flags_are_not_abbreviated_and_report_top_is_positive(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["report", str(tmp_path), "--top", "-2"])
     assert "argument --top: expected a value above 0, got -2" in capsys.readouterr().err
-    for stage in ("predict", "embed", "pipeline"):  # Ray refused 1.5 in the actors, after it started
-        with pytest.raises(SystemExit):
-            main([stage, "--gpus-per-actor", "1.5"])
-        assert "argument --gpus-per-actor: above 1 GPU an actor needs a whole number of GPUs, got 1.5" in \
-            capsys.readouterr().err
+    for stage in ("predict", "embed", "pipeline"):  # Ray refused 1.5 in the actors, after it started; 2 left one
+        for gpus in ("1.5", "2"):  # of an actor's two GPUs idle (the model runs on one device)
+            with pytest.raises(SystemExit):
+                main([stage, "--gpus-per-actor", gpus])
+            assert (f"argument --gpus-per-actor: an actor runs its model on one GPU: expected at most 1 (a share such "
+                    f"as 0.5 puts several actors on one GPU; --actors adds GPUs), got {gpus}") in \
+                capsys.readouterr().err
 
 
 def test_preset_1m_has_the_real_sizes():
