@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -944,6 +945,14 @@ def test_report_keeps_a_failed_trials_error_status(tmp_path):
     assert json.loads((tdir / "tune_results.json").read_text())["resumed"] is True
     again = write_outputs(tdir)
     assert again["interrupted"] == 0 and again["error"] == 1  # the errors stay: the file may be all that has them
+    # ... but not for a trial the resumed search ran again and that has returned since (it stayed "error", out of
+    # best.yaml however good, until the resumed search ended)
+    os.utime(tdir / "tune_results.json", (time.time() - 10, time.time() - 10))
+    (tdir / "trials" / "bbb" / "summary.json").write_text("{}")
+    again = write_outputs(tdir)
+    with open(tdir / "results.csv", newline="") as f:
+        status = {r["trial_id"]: r["status"] for r in csv.DictReader(f)}
+    assert again["error"] == 0 and status["bbb"] == "early-stopped"  # 1 epoch of 4, returned: ranked again
     assert not list(tdir.glob(".*partial*")) and not list((tdir / "plots").glob(".*partial*"))
 
 
