@@ -427,6 +427,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     # pipeline with the same --work would write
     with output_lock(run), output_lock(work) if storage.is_uri(out) else contextlib.nullcontext():
         pipeline.check_work(out, work, resume, args.overwrite)
+        if args.overwrite:
+            pipeline.check_replaceable(out, work, synthesizes=not args.data)
         if resume:
             models = None
             if args.embed:  # as embed keeps them: absolute paths

@@ -84,6 +84,28 @@ def train_changes(run: storage.Location, asked: ExperimentConfig) -> list[str]:
     return [f"train.{key}={json.dumps(value)}" for key, value in changes.items()]
 
 
+def check_replaceable(out: storage.Location, work: Path, synthesizes: bool) -> None:
+    """``--overwrite`` replaces a pipeline's outputs only, refused before anything is removed: ``OUT/run`` and
+    ``OUT/features`` must be what `mmctr train` and `mmctr features` write (their config.yaml), and, when the
+    command synthesizes its data (no ``--data``), ``OUT/data`` what `mmctr synth` wrote (its synth.json). They were
+    removed or replaced whatever they held: a user's real MicroLens files kept in ``OUT/data`` became synthetic."""
+    for name, what, marks in (("run", "a run of `mmctr train`", ("config.yaml",)),
+                              (PUBLISHED["features"][0], "a summary of `mmctr features`",
+                               ("config.yaml", "features_summary.json"))):
+        for location in {storage.join(out, name), work / name}:
+            if storage.exists(location) and entries(location) and not any(
+                    storage.is_file(storage.join(location, mark)) for mark in marks):
+                raise OutputExistsError(f"{location}: not {what} (no {marks[0]}); --overwrite replaces a pipeline's "
+                                        f"outputs only: move it away, or pass another --out")
+    from mmctr_ray.schema import Layout
+
+    data = work / "data"  # a pipeline's copy of a --data URI (its DATA_SOURCE record) is the pipeline's too
+    if synthesizes and data.is_dir() and entries(data) and not Layout(data).synth_manifest.is_file() and not (
+            work / DATA_SOURCE).is_file():
+        raise OutputExistsError(f"{data}: data `mmctr synth` did not write (no synth.json), which --overwrite would "
+                                f"replace with synthetic data: pass --data {data} to use it, or another --out")
+
+
 def drop_replaced(out: storage.Location, work: Path, embed: bool = True) -> None:
     """On ``--overwrite``, before any step, what of the earlier attempt no step of this one may take as its own:
     its run (``OUT/run``) and features summary, which a ``--resume`` of this attempt killed before it trained

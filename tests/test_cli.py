@@ -458,6 +458,36 @@ def test_pipeline_overwrite_drops_the_replaced_runs_outputs_first(tmp_path):
     assert [p.name for p in local.iterdir()] == ["item_emb.parquet"]
 
 
+def test_pipeline_overwrite_replaces_only_what_a_pipeline_wrote(tmp_path, capsys):
+    """`demo --out ~/proj --overwrite` replaced real MicroLens files kept in ~/proj/data with synthetic data (the
+    synth step overwrote a folder without synth.json), and removed a ~/proj/run or ~/proj/features of anything.
+    Refused before anything is touched; a pipeline's own outputs are still replaced."""
+    out = tmp_path / "proj"
+    real = out / "data" / "MicroLens_1M_x1" / "train.parquet"
+    real.parent.mkdir(parents=True)
+    real.write_bytes(b"the user's real data")
+    assert main(["demo", "--out", str(out), "--overwrite"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"mmctr demo: error: {out / 'data'}: data `mmctr synth` did not write (no synth.json), which --overwrite "
+        f"would replace with synthetic data: pass --data {out / 'data'} to use it, or another --out")
+    (out / "data" / "synth.json").write_text("{}")  # a pipeline's synthetic data: replaced as before
+    (out / "run").mkdir()
+    (out / "run" / "notes.txt").write_text("mine")
+    assert main(["pipeline", "--out", str(out), "--overwrite"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"mmctr pipeline: error: {out / 'run'}: not a run of `mmctr train` (no config.yaml); --overwrite replaces a "
+        f"pipeline's outputs only: move it away, or pass another --out")
+    assert real.read_bytes() == b"the user's real data" and (out / "run" / "notes.txt").is_file()
+    from mmctr_ray.pipeline import check_replaceable
+
+    (out / "run" / "config.yaml").write_text("{}")
+    (out / "features").mkdir()
+    (out / "features" / "features_summary.json").write_text("{}")
+    check_replaceable(str(out), out, synthesizes=True)  # all of them a pipeline's: nothing refused
+    (out / "data" / "synth.json").unlink()
+    check_replaceable(str(out), out, synthesizes=False)  # --data given: OUT/data is not synthesized into
+
+
 def test_a_work_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
     """`--work /mnt/shared/work/p1` on a mount still the root's (cluster.yaml leaves its chown commented out), or
     below a file: a PermissionError or NotADirectoryError traceback."""
