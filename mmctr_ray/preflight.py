@@ -84,7 +84,8 @@ def _scanned_stats(pf: pq.ParquetFile, column: str) -> tuple[float | None, float
     nulls = 0
     for batch in pf.iter_batches(batch_size=1 << 16, columns=[column]):
         values = batch.column(0)
-        if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+        if (pa.types.is_list(values.type) or pa.types.is_large_list(values.type)
+                or pa.types.is_fixed_size_list(values.type)):  # min_max has no kernel for the lists themselves
             nulls += values.null_count
             values = values.flatten()
         nulls += values.null_count

@@ -218,6 +218,26 @@ def test_label_not_binary_in_train(data, value):
     the_error(data, TRAIN, "label", "1 value not 0 or 1", f"first {value!r} at row 11")
 
 
+def test_a_valid_split_of_one_class_is_an_error_as_training_refuses_it(data):
+    """validate said OK, and `mmctr train` refused the split only after the pipeline's embed and fuse had run."""
+    rewrite(data / VALID, lambda t: replace(t, "label", [0.0] * t.num_rows))
+    the_error(data, VALID, "label", "label 0 in all", "expected clicks (1) and non-clicks (0)")
+    rewrite(data / TRAIN, lambda t: replace(t, "label", [1.0] * t.num_rows))  # training labels: any mix is fine
+    assert [p.file for p in errors(data)] == [VALID]
+
+
+def test_an_item_seq_of_fixed_size_lists_is_checked_as_a_list(data):
+    """A history column stored as fixed_size_list (and without column statistics) passed validate, then training's
+    preflight failed with pyarrow's "no kernel for min_max on fixed_size_list" traceback."""
+    from mmctr_ray.preflight import check_split
+
+    table = pq.read_table(data / TRAIN)
+    fixed = table.set_column(table.schema.get_field_index("item_seq"), "item_seq",
+                             table["item_seq"].cast(pa.list_(pa.int64(), 100)))
+    pq.write_table(fixed, data / TRAIN, write_statistics=False)
+    check_split(data, "train")
+
+
 def test_item_info_rows_out_of_order(data):
     def swap(t):
         order = list(range(t.num_rows))
