@@ -255,7 +255,7 @@ def publish(stage: str, work: Path, out: storage.Location, missing_only: bool = 
         if local.is_dir():
             storage.upload_dir(local, storage.join(out, name))
         else:
-            storage.write_bytes(storage.join(out, name), local.read_bytes())
+            storage.upload_file(local, storage.join(out, name))  # streamed: not the whole file in memory
 
 
 DATA_SOURCE = "data.source"  # beside WORK/data: the URI it is a whole copy of

@@ -18,6 +18,7 @@ import math
 import os
 import posixpath
 import re
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -190,6 +191,28 @@ def write_bytes(location: Location, data: bytes) -> None:
 
 def write_text(location: Location, text: str) -> None:
     write_bytes(location, text.encode())
+
+
+def upload_file(local: str | Path, location: Location) -> None:
+    """Copy a local file to ``location`` streamed, in pieces (:func:`write_bytes` holds the whole file in memory:
+    the raw embeddings of the full MicroLens are ~8 GB), whole as :func:`write_bytes` writes it: under a
+    temporary name and renamed where ``location`` is local, an object store's put otherwise."""
+    fs, fs_path = resolve(location) if is_uri(location) else (None, "")
+    if fs is None or isinstance(fs, pafs.LocalFileSystem):
+        path = Path(fs_path) if fs is not None else Path(location)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        try:
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return
+    with _reaching(location):
+        fs.create_dir(posixpath.dirname(fs_path), recursive=True)
+        pafs.copy_files(Path(local).resolve().as_posix(), fs_path, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs)
 
 
 def json_text(obj: Any, indent: int | None = None) -> str:
