@@ -62,11 +62,7 @@ def source_file(data_dir: str | Path, source: str) -> Path:
 def _check_embedded_for(path: Path, lay: Layout) -> None:
     """An embed output (``X.embed.json`` beside it records the items it encoded) must be of this data's items:
     other data of as many items (another synth seed, an item_feature written again) passed the id checks."""
-    sidecar = Path(f"{path.with_suffix('')}.embed.json")
-    try:
-        kept = json.loads(sidecar.read_text()).get("titles") if sidecar.is_file() else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        kept = None  # no record to compare (an embed before it was kept, or a file made otherwise)
+    kept = _embed_record(path).get("titles")  # None: no record to compare
     if kept is None or not lay.item_feature.is_file() or not {"item_id", "item_title"} <= set(
             pq.read_schema(lay.item_feature).names):
         return
@@ -77,15 +73,22 @@ def _check_embedded_for(path: Path, lay: Layout) -> None:
                         f"{lay.root}` for this data")
 
 
+def _embed_record(path: Path) -> dict[str, Any]:
+    """The ``X.embed.json`` `mmctr embed` wrote beside its output ``path``, or {}: none (an embed from before it
+    was kept, a file made otherwise) or unreadable."""
+    sidecar = Path(f"{path.with_suffix('')}.embed.json")
+    try:
+        record = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def _say_random_image_weights(path: Path, strategy: str) -> None:
     """A warning when ``path``'s ``X.embed.json`` says its image vectors came from random weights (`mmctr embed`
     without ``--image-model ARCH:WEIGHTS``, the default): a fit on them is a fit on noise that only looks like
     CLIP's."""
-    sidecar = Path(f"{path.with_suffix('')}.embed.json")
-    try:
-        model = json.loads(sidecar.read_text()).get("image_model") if sidecar.is_file() else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return
+    model = _embed_record(path).get("image_model")
     if isinstance(model, str) and model and not model.partition(":")[2]:
         log.warning("%s: its image vectors come from %s with random weights (`mmctr embed` was given no "
                     "--image-model %s:WEIGHTS), so %s fits their PCA on vectors that carry no image content",
@@ -169,10 +172,14 @@ def _repeats(ids: np.ndarray) -> np.ndarray:
     return out
 
 
-def _num_items(lay: Layout) -> int:
+def _item_info(lay: Layout) -> pq.ParquetFile:
     if not lay.item_info.is_file():
         raise DataError(lay.missing(lay.item_info))
-    return open_parquet(lay.item_info, "item_info.parquet of the challenge layout").metadata.num_rows - 1
+    return open_parquet(lay.item_info, "item_info.parquet of the challenge layout")
+
+
+def _num_items(lay: Layout) -> int:
+    return _item_info(lay).metadata.num_rows - 1
 
 
 def _given_table(lay: Layout, info: pa.Table) -> np.ndarray:
@@ -237,12 +244,12 @@ def fuse_items(data_dir: str | Path, cfg: FusionConfig, source: str = "shipped",
     data_dir = Path(data_dir)
     lay = Layout(data_dir)
     _refuse_placeholders(data_dir, cfg.strategy, source)
-    n = _num_items(lay)
-    names = open_parquet(lay.item_info, "item_info.parquet of the challenge layout").schema_arrow.names
+    info_file = _item_info(lay)
+    n = info_file.metadata.num_rows - 1
     for name in ("item_tags", "item_emb_d128"):  # the items' fingerprint, which the fused table records
-        if name not in names:
+        if name not in info_file.schema_arrow.names:
             raise DataError(f"{lay.item_info}: missing column {name} (expected item_id, item_tags and item_emb_d128)")
-    info = pq.read_table(lay.item_info, columns=["item_tags", "item_emb_d128"])
+    info = info_file.read(columns=["item_tags", "item_emb_d128"])
     summary: dict[str, Any] = {"strategy": cfg.strategy, **{k: v for k, v in asdict(cfg).items() if k != "strategy"},
                                "data": str(data_dir.resolve()), "num_items": n,
                                "items": items_fingerprint(info, str(lay.item_info))}

@@ -148,6 +148,12 @@ def input_widths(batch: ModalityBatch) -> dict[str, int]:
             "image": 0 if batch.image is None else batch.image.shape[1]}
 
 
+def part_limits(strategy: str, n_items: int, widths: dict[str, int]) -> dict[str, int]:
+    """The widest PCA each of ``strategy``'s parts can have over ``n_items`` items of these input ``widths``
+    (:func:`input_widths`): min(items, input width), keyed by the part's FusionConfig size field."""
+    return {field: min(n_items, sum(widths[m] for m in inputs)) for _, inputs, field in PARTS[strategy]}
+
+
 def input_bytes(strategy: str, n_items: int, widths: dict[str, int]) -> int:
     """The float32 input matrices of ``strategy``'s parts over ``n_items`` items: ``pca="auto"`` fits them whole
     (exact) up to ``FULL_PCA_MAX_BYTES``."""

@@ -38,7 +38,7 @@ from filelock import FileLock
 
 from mmctr_ray.config import FusionConfig
 from mmctr_ray.fuse import ItemSource, fuse_items, run_fuse, source_file, write_files, write_fused
-from mmctr_ray.fusion import FULL_PCA_MAX_BYTES, PARTS, FittedFusion, input_bytes, input_widths
+from mmctr_ray.fusion import FULL_PCA_MAX_BYTES, PARTS, FittedFusion, input_bytes, input_widths, part_limits
 from mmctr_ray.schema import Layout
 from mmctr_ray.storage import json_text
 
@@ -170,4 +170,4 @@ def _full_widths(data_dir: str | Path, strategy: str, source: str) -> dict[str, 
     widths = input_widths(next(iter(src.batches())))
     if input_bytes(strategy, src.num_rows, widths) > FULL_PCA_MAX_BYTES:
         return None
-    return {field: min(src.num_rows, sum(widths[m] for m in inputs)) for _, inputs, field in PARTS[strategy]}
+    return part_limits(strategy, src.num_rows, widths)

@@ -173,19 +173,26 @@ def check_labels(pf: pq.ParquetFile, path: Path, hint: str) -> None:
         row += len(values)
 
 
-def check_valid_labels(data_dir: str | Path) -> None:
-    """Raise a one-line DataError if the valid split cannot rank: no rows, or one label only (its AUC, which the
-    schedule and early stopping follow, would be undefined)."""
-    path = Layout(data_dir).split("valid")
+def valid_labels_problem(data_dir: str | Path) -> str | None:
+    """Why the valid split's label column cannot rank (no rows, or one label only: its AUC, which the schedule and
+    early stopping follow, would be undefined), or None."""
     parts = [pq.ParquetFile(part) for part in Layout(data_dir).split_files("valid")]
     seen = [(lo, hi) for lo, hi, _ in (column_stats(pf, "label") for pf in parts) if lo is not None]
     lo = min((s[0] for s in seen), default=None)
     hi = max((s[1] for s in seen), default=None)
-    if lo is None or lo == hi:
-        rows = sum(pf.metadata.num_rows for pf in parts)
-        held = "no rows" if lo is None else f"label {lo + 0:g} in all {rows:,} rows"
-        raise DataError(f"{path}: column label: {held}, expected clicks (1) and non-clicks (0): validation AUC, "
-                        f"which the schedule and early stopping follow, needs both")
+    if lo is not None and lo != hi:
+        return None
+    rows = sum(pf.metadata.num_rows for pf in parts)
+    held = "no rows" if lo is None else f"label {lo + 0:g} in all {rows:,} rows"
+    return (f"{held}, expected clicks (1) and non-clicks (0): validation AUC, which the schedule and early stopping "
+            f"follow, needs both")
+
+
+def check_valid_labels(data_dir: str | Path) -> None:
+    """Raise a one-line DataError if the valid split cannot rank (:func:`valid_labels_problem`)."""
+    why = valid_labels_problem(data_dir)
+    if why is not None:
+        raise DataError(f"{Layout(data_dir).split('valid')}: column label: {why}")
 
 
 def check_batch_size(batch_size: int, train_rows: int, workers: int) -> None:

@@ -461,10 +461,7 @@ def stop_ray(grace_s: float = 5.0, *, exiting: bool = False) -> None:
 
         if ray.is_initialized() and ray.get_runtime_context().gcs_address == gcs:  # still the one it started or joined
             workers = _ray_workers() if _PRIVATE["started"] else []
-            if exiting:
-                ray.shutdown(_exiting_interpreter=True)
-            else:
-                ray.shutdown()
+            ray.shutdown(_exiting_interpreter=exiting)
             _PRIVATE["started"] = False
             _end_stragglers(workers, grace_s)
 

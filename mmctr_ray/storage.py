@@ -164,24 +164,38 @@ def read_text(location: Location) -> str:
     return read_bytes(location).decode()
 
 
+def _local_target(location: Location) -> tuple[Any, str, Path | None]:
+    """``(fs, path in fs, local Path)`` of a place to write: the local Path of a local path or a ``file://`` URI
+    (pyarrow's output stream would truncate that file first), else None with the URI's file system."""
+    if not is_uri(location):
+        return None, "", Path(location)
+    fs, fs_path = resolve(location)
+    return fs, fs_path, Path(fs_path) if isinstance(fs, pafs.LocalFileSystem) else None
+
+
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` (its folder created first) to write, renamed over ``path`` when the block
+    ends: a reader never sees it half-written, and on a failure (Ctrl-C, a full disk) the earlier file stays and no
+    partial one is left."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_bytes(location: Location, data: bytes) -> None:
     """Write a whole file (its folder is created first) in one piece: an object store puts it whole; a local file
-    (a path or a ``file://`` URI) is written under a temporary name and renamed, so a reader never sees it
-    half-written and a failed write leaves the earlier file. (``hdfs://`` and fsspec file systems are written in
-    place.)"""
-    fs, fs_path = resolve(location) if is_uri(location) else (None, "")
-    if fs is not None and isinstance(fs, pafs.LocalFileSystem):
-        location = Path(fs_path)  # file://: pyarrow's output stream truncates the file first
-    if not is_uri(location):
-        path = Path(location)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        try:
+    (a path or a ``file://`` URI) is written under a temporary name and renamed (:func:`_replacing`). (``hdfs://``
+    and fsspec file systems are written in place.)"""
+    fs, fs_path, local = _local_target(location)
+    if local is not None:
+        with _replacing(local) as tmp:
             tmp.write_bytes(data)
-            os.replace(tmp, path)
-        except BaseException:  # Ctrl-C or a full disk: the earlier file stays, and no partial one is left
-            tmp.unlink(missing_ok=True)
-            raise
         return
     with _reaching(location):
         fs.create_dir(posixpath.dirname(fs_path), recursive=True)
@@ -197,17 +211,10 @@ def upload_file(local: str | Path, location: Location) -> None:
     """Copy a local file to ``location`` streamed, in pieces (:func:`write_bytes` holds the whole file in memory:
     the raw embeddings of the full MicroLens are ~8 GB), whole as :func:`write_bytes` writes it: under a
     temporary name and renamed where ``location`` is local, an object store's put otherwise."""
-    fs, fs_path = resolve(location) if is_uri(location) else (None, "")
-    if fs is None or isinstance(fs, pafs.LocalFileSystem):
-        path = Path(fs_path) if fs is not None else Path(location)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        try:
+    fs, fs_path, target = _local_target(location)
+    if target is not None:
+        with _replacing(target) as tmp:
             shutil.copyfile(local, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return
     with _reaching(location):
         fs.create_dir(posixpath.dirname(fs_path), recursive=True)

@@ -153,10 +153,9 @@ def write_outputs(tdir: Path, space: SearchSpace | None = None, errors: dict[str
         errors, known = kept["errors"], None if kept.get("resumed") else kept["trials"]  # resumed: trials run on
         if kept.get("resumed"):  # and the errored ones run again: one whose run has returned since is no error
             since = saved.stat().st_mtime  # (results.csv said "error" until the resumed search ended)
-            runs = [p for p in (tdir / "trials").iterdir() if p.is_dir()] if (tdir / "trials").is_dir() else []
-            errors = {name: msg for name, msg in errors.items()
-                      if not any(run.name in name and (run / "summary.json").is_file()
-                                 and (run / "summary.json").stat().st_mtime > since for run in runs)}
+            returned = [summary.parent.name for summary in (tdir / "trials").glob("*/summary.json")
+                        if summary.stat().st_mtime > since]
+            errors = {name: msg for name, msg in errors.items() if not any(run in name for run in returned)}
     rows = _trial_rows(tdir, space, errors or {}, known)
     if not rows:
         raise DataError(f"{tdir / 'trials'}: no trial has started yet")

@@ -568,7 +568,7 @@ def _check_fused_sizes(data_dir: str | Path, space: SearchSpace, source: str) ->
     the shipped BERT text, 384 for MiniLM's); every larger draw otherwise failed as an errored trial, which TPE
     learns nothing from. Read from the source's first rows."""
     from mmctr_ray.fuse import ItemSource
-    from mmctr_ray.fusion import PARTS, input_widths
+    from mmctr_ray.fusion import PARTS, input_widths, part_limits
 
     sizes = space.fused_sizes()
     if not sizes:
@@ -578,8 +578,9 @@ def _check_fused_sizes(data_dir: str | Path, space: SearchSpace, source: str) ->
                      "v1" if needed == {"text"} else "v2", batch_rows=64)
     widths = input_widths(next(iter(src.batches())))
     for strategy, by_size in sizes.items():
+        limits = part_limits(strategy, src.num_rows, widths)
         for name, inputs, size in PARTS[strategy]:
-            limit = min(src.num_rows, sum(widths[m] for m in inputs))
+            limit = limits[size]
             for value, where in by_size[size]:
                 if value > limit:
                     raise ConfigError(f"{where}: {value} is wider than the {strategy} {name} PCA can be: at most "

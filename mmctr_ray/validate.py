@@ -326,13 +326,11 @@ def validate(root: str | Path, expect_test_rows: int | None = None) -> list[Prob
         if path.is_dir() and rows == 0:
             problems.append(Problem(rel(path), None, f"empty split: 0 rows in its {len(parts)} part files"))
         if split == "valid" and rows and not any(p.is_error and p.file.startswith(rel(path)) for p in problems):
-            from mmctr_ray.errors import DataError
-            from mmctr_ray.preflight import check_valid_labels  # (preflight imports this module)
+            from mmctr_ray.preflight import valid_labels_problem  # (preflight imports this module)
 
-            try:  # one class: training refuses it (no AUC to follow), after the pipeline's embed and fuse had run
-                check_valid_labels(lay.root)
-            except DataError as err:
-                problems.append(Problem(rel(path), "label", str(err).split("column label: ", 1)[-1]))
+            why = valid_labels_problem(lay.root)  # one class: training refuses it, after the pipeline's embed and
+            if why is not None:  # fuse had run
+                problems.append(Problem(rel(path), "label", why))
         if split == "test":
             expected, why = _expected_test_rows(lay, n_items, expect_test_rows)
             if expected is not None and rows != expected:

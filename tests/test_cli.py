@@ -694,7 +694,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
     import ray
 
     shut = []  # the Ray the command started goes down before the line (its actors' last logs come first) ...
-    monkeypatch.setattr(ray, "shutdown", lambda: shut.append(1))
+    monkeypatch.setattr(ray, "shutdown", lambda **kwargs: shut.append(1))
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(gcs_address="127.0.0.1:1"))
     monkeypatch.setitem(ray_env._PRIVATE, "gcs", "127.0.0.1:1")

@@ -481,7 +481,7 @@ def test_the_shutdown_at_exit_waits_for_the_workers_last_lines_as_rays_own_does(
         monkeypatch.setitem(ray_env._PRIVATE, "gcs", Context.gcs_address)
         monkeypatch.setitem(ray_env._PRIVATE, "started", False)  # a joined Ray: no workers of ours to look for
         stop()
-    assert calls == [{"_exiting_interpreter": True}, {}]
+    assert calls == [{"_exiting_interpreter": True}, {"_exiting_interpreter": False}]
 
 
 @pytest.mark.parametrize("before, since, again", [("disabled", None, False), (None, "disabled", False),
