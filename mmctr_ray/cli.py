@@ -115,6 +115,12 @@ def ACTOR_GPUS(text: str) -> float:  # noqa: N802 - an argparse type, named as t
     return value
 
 
+def pipeline_actor_gpus(gpus_per_worker: float, gpus_per_actor: float | None) -> float:
+    """The pipeline's GPUs per encoder/scoring actor: ``--gpus-per-actor``, else ``--gpus-per-worker`` up to one (an
+    actor runs on one GPU, :func:`ACTOR_GPUS`: ``--gpus-per-worker 2`` reserved a second GPU per actor, left idle)."""
+    return min(1.0, gpus_per_worker) if gpus_per_actor is None else gpus_per_actor
+
+
 def _local_path(text: str) -> Path:
     """A flag that takes a local path only: a storage URI there is a usage error (``Path`` would turn ``s3://b/x``
     into the local folder ``s3:/b/x`` and write there without a word)."""
@@ -453,7 +459,7 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
     from mmctr_ray.train_driver import check_local_workers, read_summary
 
     resume = args.resume
-    gpus_per_actor = args.gpus_per_worker if args.gpus_per_actor is None else args.gpus_per_actor
+    gpus_per_actor = pipeline_actor_gpus(args.gpus_per_worker, args.gpus_per_actor)
     check_gpu_split(args.workers, args.gpus_per_worker, "--gpus-per-worker")  # before the steps ahead of training
     steps: list[tuple[str, Callable[[], int]]] = []
     data = Path(args.data).resolve() if args.data and not storage.is_uri(args.data) else None  # else set below
@@ -564,8 +570,8 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-bad-covers", type=float, default=MAX_BAD_COVERS,
                    help="with --embed: share of items whose cover may be missing or corrupt (default 0.1)")
     _add_worker_args(p, "actors", "encoder and scoring actors")
-    p.add_argument("--gpus-per-actor", type=ACTOR_GPUS, help="GPUs per encoder/scoring actor (default: "
-                                                        "--gpus-per-worker)")
+    p.add_argument("--gpus-per-actor", type=ACTOR_GPUS, help="GPUs per encoder/scoring actor, at most 1 "
+                                                        "(default: --gpus-per-worker, at most 1)")
     _add_resume_args(p, "continue in OUT: keep the data, embed shards and fused table there, resume training from "
                         "the latest checkpoint", "replace the outputs of an earlier run in OUT")
     _add_training_args(p, "GPUs per training worker, and per encoder/scoring actor unless --gpus-per-actor "

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from mmctr_ray.cli import build_parser, main
+from mmctr_ray.cli import build_parser, main, pipeline_actor_gpus
 from mmctr_ray.errors import ConfigError
 from mmctr_ray.schema import Layout
 
@@ -108,6 +108,9 @@ def test_flags_are_not_abbreviated_and_report_top_is_positive(tmp_path, capsys):
             assert (f"argument --gpus-per-actor: an actor runs its model on one GPU: expected at most 1 (a share such "
                     f"as 0.5 puts several actors on one GPU; --actors adds GPUs), got {gpus}") in \
                 capsys.readouterr().err
+    # the pipeline's actors default to --gpus-per-worker, which may be above 1: one GPU an actor, as the flag allows
+    assert [pipeline_actor_gpus(w, None) for w in (0.0, 0.5, 1.0, 2.0)] == [0.0, 0.5, 1.0, 1.0]
+    assert pipeline_actor_gpus(2.0, 0.25) == 0.25
 
 
 def test_preset_1m_has_the_real_sizes():
