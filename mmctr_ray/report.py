@@ -210,8 +210,11 @@ def markdown_summary(run_dir: Location, rows: list[dict[str, Any]]) -> str:
              f"at epoch {best['epoch']} of {len(rows)}."]
     scored = _scored_epoch(run_dir)
     if scored is not None and scored != best["epoch"]:  # rank 0 writes an epoch's row before Ray copies its checkpoint
-        lines.append(f"Epoch {best['epoch']}'s checkpoint is not complete in the run (it stopped while the checkpoint "
-                     f"was copied): `mmctr predict` scores with epoch {scored}'s, the best complete one.")
+        # a run still training is between the two as well: it writes summary.json when it ends
+        why = ("it stopped while the checkpoint was copied" if storage.is_file(storage.join(run_dir, "summary.json"))
+               else "the run is still training, or it stopped while the checkpoint was copied")
+        lines.append(f"Epoch {best['epoch']}'s checkpoint is not complete in the run ({why}): `mmctr predict` scores "
+                     f"with epoch {scored}'s, the best complete one.")
     if se is not None and math.isfinite(se):
         rows_text = f"{best['valid_rows']:,} " if best.get("valid_rows") else ""
         lines.append(f"± is the AUC's standard error over the {rows_text}validation rows (DeLong). Two independent "

@@ -124,6 +124,11 @@ def test_a_report_says_when_predict_scores_another_epoch_than_the_best_row(tmp_p
     second = _write_checkpoint(tmp_path, 2, 0.70)
     assert "not complete" not in markdown_summary(tmp_path, rows)
     (second / "model.pt").write_bytes(b"cut short")
+    # no summary.json: the run may still be training (rank 0 writes the row before Ray copies the checkpoint)
+    assert ("Epoch 2's checkpoint is not complete in the run (the run is still training, or it stopped while the "
+            "checkpoint was copied): `mmctr predict` scores with epoch 1's, the best complete one."
+            ) in markdown_summary(tmp_path, rows)
+    (tmp_path / "summary.json").write_text(json.dumps({"best_valid_auc": 0.7}))  # the run ended
     assert ("Epoch 2's checkpoint is not complete in the run (it stopped while the checkpoint was copied): "
             "`mmctr predict` scores with epoch 1's, the best complete one.") in markdown_summary(tmp_path, rows)
 
