@@ -135,6 +135,10 @@ def work_dir(out: storage.Location, work: Path | None) -> Path:
                           f"file-based outputs before they are copied to OUT")
     else:
         folder = Path(work).resolve()
+        _, _, local = storage._local_target(out)
+        if local is not None and local.resolve() == folder:  # the lock it takes is OUT's, held: "in use", of itself
+            raise ConfigError(f"{work}: --work is OUT's own folder ({out}); pass --out {folder} (a local OUT, which "
+                              f"the stages write into), or another --work")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a shared mount still the root's, a path below a file: a traceback before

@@ -401,6 +401,11 @@ def test_pipeline_refuses_before_any_stage_runs(tmp_path):
                                      "to replace its outputs")
     r = run_cli("pipeline", "--out", f"file://{tmp_path}/uri_out")
     assert r.returncode == 2 and "OUT is a URI, so pass --work DIR" in r.stderr
+    # --work the folder of a file:// OUT: its lock is OUT's, which main() holds (refused as "in use" by itself)
+    r = run_cli("pipeline", "--out", f"file://{tmp_path}/uri_out/", "--work", str(tmp_path / "uri_out"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
+        f"{tmp_path / 'uri_out'}: --work is OUT's own folder (file://{tmp_path}/uri_out); pass --out "
+        f"{tmp_path / 'uri_out'} (a local OUT, which the stages write into), or another --work")
     assert not (tmp_path / "uri_out").exists()
     # a URI OUT's --work holding another pipeline's fused table: it was replaced under that pipeline's run
     work = tmp_path / "work"
