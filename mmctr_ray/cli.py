@@ -463,7 +463,8 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
     check_gpu_split(args.workers, args.gpus_per_worker, "--gpus-per-worker")  # before the steps ahead of training
     steps: list[tuple[str, Callable[[], int]]] = []
     data = Path(args.data).resolve() if args.data and not storage.is_uri(args.data) else None  # else set below
-    validate = ("validate", lambda: cmd_validate(argparse.Namespace(data=data, expect_test_rows=None)))
+    validate = ("validate", lambda: cmd_validate(argparse.Namespace(
+        data=data, expect_test_rows=getattr(args, "expect_test_rows", None))))  # demo: synth.json's count
     if data is not None:  # local data: its problems are told before Ray starts (a bad --data waited for it)
         rc = _run_steps(label, [validate], work, out)
         if rc:
@@ -840,6 +841,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "run/report/. The same chain as `mmctr demo`; jobs/pipeline.py submits it.")
     p.add_argument("--data", help="data directory (holds MicroLens_1M_x1/): a local or shared path, or a URI "
                                   "copied into the work folder; default: synthesize it (size flags below)")
+    p.add_argument("--expect-test-rows", type=POSITIVE_INT,
+                   help="rows the test split must have, as `mmctr validate` (default: from synth.json, or 379,142 "
+                        "for the real MicroLens_1M_x1; a subsample of the real data needs its own count)")
     _add_pipeline_args(p)
     p.set_defaults(func=cmd_pipeline)
 

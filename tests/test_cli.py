@@ -390,6 +390,18 @@ def test_pipeline_with_embed_runs_every_stage_on_converted_data(tmp_path):
     assert "pipeline done" in r.stderr
 
 
+def test_pipeline_holds_the_test_split_to_expect_test_rows(synth_dir, tmp_path):
+    """A subsample of the real data (its 91,717 items, fewer test rows) stopped at the pipeline's validate, held to
+    the challenge's 379,142 rows, with no way to say how many it has: `mmctr validate` took --expect-test-rows,
+    `mmctr pipeline` did not."""
+    rows = pq.ParquetFile(Layout(synth_dir).split("test")).metadata.num_rows
+    r = run_cli("pipeline", "--data", str(synth_dir), "--out", str(tmp_path / "out"), "--expect-test-rows",
+                str(rows + 1))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"has {rows:,} rows; a submission needs {rows + 1:,} (as requested)" in r.stdout
+    assert not (tmp_path / "out" / "run").exists()  # before Ray and every step after validate
+
+
 def test_pipeline_refuses_before_any_stage_runs(tmp_path):
     """A non-empty OUT needs --resume or --overwrite; a URI OUT needs --work (the run refers to files there)."""
     out = tmp_path / "out"
