@@ -139,13 +139,15 @@ def _tensors(path: Path, name: Location) -> dict[str, Any]:
 
 def load_checkpoint(directory: Location, with_optimizer: bool = True) -> LoadedCheckpoint:
     """Read a checkpoint directory (local, or a URI: downloaded to a temporary folder first); a missing file is
-    an error naming it."""
-    with storage.local_copy(directory) as local:
+    an error naming it. Without ``with_optimizer`` a URI's ``optimizer.pt`` (twice the model's size with Adam) is not
+    downloaded: predict loads the checkpoint on the driver and in each actor."""
+    skip = () if with_optimizer else ("optimizer.pt",)
+    with storage.local_copy(directory, skip) as local:
         for name in ("model.pt", "state.json", "config.yaml", "feature_map.json", "item_source.json"):
             if not (local / name).is_file():
                 raise DataError(f"{storage.join(directory, name)}: missing checkpoint file (is this a checkpoint "
                                 f"of `mmctr train`?)")
-        why = incomplete(local)
+        why = incomplete(directory if skip and storage.is_uri(directory) else local)  # the files as they are there
         if why:
             raise DataError(f"{directory}: incomplete checkpoint ({why}): a copy cut short")
         opt_path = local / "optimizer.pt"

@@ -275,22 +275,34 @@ def upload_dir(local_dir: str | Path, location: Location) -> None:
                         destination_filesystem=fs)
 
 
-def download_dir(location: Location, local_dir: str | Path) -> None:
-    """Copy every file under ``location`` into the local folder (nothing when ``location`` does not exist)."""
+def download_dir(location: Location, local_dir: str | Path, skip: Iterable[str] = ()) -> None:
+    """Copy every file under ``location`` into the local folder (nothing when ``location`` does not exist), but
+    those whose path below ``location`` is in ``skip``."""
     fs, path = resolve(location)
+    local, skip = Path(local_dir).resolve(), set(skip)
     with _reaching(location):
         if fs.get_file_info(path).type == pafs.FileType.NotFound:
             return
-        pafs.copy_files(path, Path(local_dir).resolve().as_posix(), source_filesystem=fs,
-                        destination_filesystem=pafs.LocalFileSystem())
+        if not skip:
+            pafs.copy_files(path, local.as_posix(), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+            return
+        for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+            name = posixpath.relpath(info.path, path)
+            if info.type != pafs.FileType.File or name in skip:
+                continue
+            (local / name).parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(info.path, (local / name).as_posix(), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
 
 
 @contextlib.contextmanager
-def local_copy(location: Location) -> Iterator[Path]:
-    """A local folder holding ``location``'s files: the folder itself when local, else a temporary download."""
+def local_copy(location: Location, skip: Iterable[str] = ()) -> Iterator[Path]:
+    """A local folder holding ``location``'s files: the folder itself when local, else a temporary download of
+    those not in ``skip`` (their paths below ``location``)."""
     if not is_uri(location):
         yield Path(location)
         return
     with tempfile.TemporaryDirectory(prefix="mmctr-") as tmp:
-        download_dir(location, tmp)
+        download_dir(location, tmp, skip)
         yield Path(tmp)

@@ -72,6 +72,8 @@ def test_read_write_list_copy_and_remove_through_the_filesystem(kind, memory_roo
     with storage.local_copy(storage.join(root, "up")) as local:
         assert local != src and (local / "x.bin").read_bytes() == b"\x00\x01"
         assert (local / "sub" / "y.txt").read_text() == "y"
+    with storage.local_copy(storage.join(root, "up"), skip=["x.bin"]) as local:  # predict's checkpoint less its
+        assert sorted(p.relative_to(local).as_posix() for p in local.rglob("*")) == ["sub", "sub/y.txt"]  # optimizer
     storage.remove_dir(root)
     assert not storage.exists(root)
 
@@ -131,6 +133,36 @@ def test_a_report_says_when_predict_scores_another_epoch_than_the_best_row(tmp_p
     (tmp_path / "summary.json").write_text(json.dumps({"best_valid_auc": 0.7}))  # the run ended
     assert ("Epoch 2's checkpoint is not complete in the run (it stopped while the checkpoint was copied): "
             "`mmctr predict` scores with epoch 1's, the best complete one.") in markdown_summary(tmp_path, rows)
+
+
+@pytest.mark.parametrize("kind", ["memory", "file"])
+def test_a_checkpoint_under_a_uri_is_scored_without_downloading_its_optimizer(kind, memory_root, tmp_path,
+                                                                               monkeypatch):
+    """predict loads the best checkpoint on the driver and in every actor; each download took optimizer.pt too
+    (Adam's state: twice the model, the item embeddings included), which scoring never reads."""
+    from mmctr_ray.checkpoint import load_checkpoint
+
+    local = _write_checkpoint(tmp_path, 1, 0.6)
+    root = memory_root if kind == "memory" else (tmp_path / "store").as_uri()
+    uri = storage.join(root, local.name)
+    storage.upload_dir(local, uri)
+    downloaded: list[list[str]] = []
+    real = storage.download_dir
+
+    def recording(location, local_dir, skip=()):
+        real(location, local_dir, skip)
+        downloaded.append(sorted(os.listdir(local_dir)))
+
+    monkeypatch.setattr(storage, "download_dir", recording)
+    scoring = load_checkpoint(uri, with_optimizer=False)
+    assert "optimizer.pt" not in downloaded[-1] and "model.pt" in downloaded[-1]
+    assert scoring.optimizer_state is None and scoring.state.epoch == 1
+    resuming = load_checkpoint(uri)
+    assert "optimizer.pt" in downloaded[-1] and resuming.optimizer_state is not None
+    assert all(torch.equal(scoring.model_state[k], resuming.model_state[k]) for k in resuming.model_state)
+    storage.write_bytes(storage.join(uri, "model.pt"), b"cut short")  # still judged whole or not, as it is there
+    with pytest.raises(DataError, match=r"incomplete checkpoint \(model.pt has 9 bytes, expected \d+\)"):
+        load_checkpoint(uri, with_optimizer=False)
 
 
 def test_a_checkpoint_state_training_did_not_write_or_without_a_finite_auc_is_one_line(tmp_path):
