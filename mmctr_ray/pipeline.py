@@ -252,7 +252,11 @@ def publish(stage: str, work: Path, out: storage.Location, missing_only: bool = 
     sizes = storage.file_sizes(out) if missing_only else {}
     for name in PUBLISHED.get(stage, []):
         local = work / name
-        if not local.exists():
+        if not local.exists():  # the stage did not write it this time (a `given` fuse writes no PCA): an earlier
+            there = storage.join(out, name)  # attempt's in OUT would describe another table
+            if storage.is_file(there):
+                storage.remove_file(there)
+                log.info("%s: removed (%s wrote none this time)", there, stage)
             continue
         if missing_only and whole(local, storage.file_sizes(storage.join(out, name)) if local.is_dir() else sizes):
             continue  # (a plain publish lists nothing on OUT)

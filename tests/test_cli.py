@@ -561,6 +561,10 @@ def test_a_resumed_pipeline_publishes_what_a_kill_cut_from_a_uri_outs_upload(tmp
     (out / "features" / "config.yaml").write_text("config.yaml")
     publish("features", work, f"file://{out}", missing_only=True)
     assert sorted(p.name for p in (out / "features").iterdir()) == ["config.yaml", "features_summary.json"]
+    # fused again as `given` (--overwrite), which writes no PCA: the earlier fit's stayed in OUT beside the new table
+    (work / "item_emb.pca.npz").unlink()
+    publish("fuse", work, f"file://{out}")
+    assert not (out / "item_emb.pca.npz").exists() and (out / "item_emb.parquet").is_file()
 
 
 def test_a_resume_without_embed_does_not_publish_an_embed_attempts_embeddings(tmp_path, monkeypatch):
