@@ -189,9 +189,10 @@ def load_item_table(data_dir: str | Path, item_vector: str = "given") -> ItemTab
     Raises:
         DataError: naming the file, column and value when the table cannot be built.
     """
+    from mmctr_ray.preflight import num_items
+
     lay = Layout(data_dir)
-    if not lay.item_info.is_file():
-        raise DataError(lay.missing(lay.item_info))
+    num_items(data_dir)  # its columns, types, nulls and tag ids, from the footer: one line, not a worker's traceback
     info = pq.read_table(lay.item_info, columns=["item_id", "item_tags", "item_emb_d128"])
     ids = info.column("item_id").to_numpy()
     if (ids != np.arange(len(ids))).any():

@@ -129,13 +129,21 @@ def _check_width(pf: pq.ParquetFile, path: Path, hint: str) -> None:
 
 
 def num_items(data_dir: str | Path) -> int:
-    """Items of the data set (item_info rows less the padding row 0), from item_info's footer."""
+    """Items of the data set (item_info rows less the padding row 0), from item_info's footer, once its columns,
+    types, nulls and tag ids are checked (from the statistics): the item table is built from it in every worker,
+    where a negative tag was an IndexError in the model's lookup, a null tag a huge negative id, a tag list of floats
+    cut to integers, a missing column or a null id a traceback."""
     lay = Layout(data_dir)
     if not lay.item_info.is_file():
         raise DataError(lay.missing(lay.item_info))
-    items = _opened(lay.item_info, {"item_id": ITEM_INFO_COLUMNS["item_id"]}).metadata.num_rows - 1
+    pf = _opened(lay.item_info, ITEM_INFO_COLUMNS)
+    items = pf.metadata.num_rows - 1
     if items < 1:
         raise DataError(f"{lay.item_info}: holds only the padding row 0, expected the items 1..N after it")
+    hint = HINT.format(data=data_dir)
+    _check_range(pf, lay.item_info, "item_id", 0, items, f"item ids 0..{items} in row order", hint)
+    _check_range(pf, lay.item_info, "item_tags", 0, None, "tag ids >= 0 (0 = padding)", hint)
+    _check_range(pf, lay.item_info, "item_emb_d128", -np.inf, None, "vectors of numbers", hint)
     return items
 
 

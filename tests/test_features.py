@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -153,6 +155,46 @@ def test_item_table_errors_name_file_and_column(synth_dir, tmp_path):
         load_item_table(synth_dir, str(bad))
     with pytest.raises(DataError, match="not found"):
         load_item_table(synth_dir, str(tmp_path / "nope.parquet"))
+
+
+def _tags(t: pa.Table, row: int, tags: list) -> pa.Table:
+    values = t.column("item_tags").to_pylist()
+    values[row] = tags
+    return t.set_column(t.schema.get_field_index("item_tags"), "item_tags", pa.array(values, pa.list_(pa.int64())))
+
+
+def _null_at(t: pa.Table, column: str, row: int) -> pa.Table:
+    values = t.column(column).to_pylist()
+    values[row] = None
+    return t.set_column(t.schema.get_field_index(column), column, pa.array(values, t.schema.field(column).type))
+
+
+@pytest.mark.parametrize("change, error", [
+    (lambda t: _tags(t, 3, [0, 0, 0, 1, -2]), r"column item_tags: values span -2\.\.\d+, expected tag ids >= 0 \(0 = "
+                                              r"padding\); run `mmctr validate "),
+    (lambda t: _tags(t, 3, [0, 0, 0, 1, None]), r"column item_tags: 1 null values, expected tag ids >= 0"),
+    (lambda t: _null_at(t, "item_emb_d128", 3), r"column item_emb_d128: 1 null values, expected vectors of numbers"),
+    (lambda t: _null_at(t, "item_id", 3), r"column item_id: 1 null values, expected item ids 0\.\.200 in row order"),
+    (lambda t: t.set_column(1, "item_tags", pa.array([[float(x) for x in r] for r in t.column(1).to_pylist()])),
+     r"column item_tags: has type list<element: double>, expected list<int> of length 5$"),
+    (lambda t: t.drop(["item_emb_d128"]), r"column item_emb_d128: missing column \(expected list<float> of length "
+                                          r"128\)$"),
+])
+def test_a_bad_item_info_is_one_line_before_the_item_table_is_built(synth_dir, tmp_path, change, error):
+    """Only item_info's item_id was checked before Ray: a negative tag was an IndexError in each worker's tag lookup
+    (a device assert on CUDA), a null tag a huge negative id, float tags cut to integers, a null id a ValueError, a
+    null vector a "row 3 has nan" and a missing column an ArrowInvalid traceback. The driver's preflight
+    (num_items, which train, predict and compare run before Ray) and the table's build say it in one line."""
+    from mmctr_ray.preflight import num_items
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    info = Layout(data).item_info
+    assert pq.read_table(info).column_names[1] == "item_tags"
+    pq.write_table(change(pq.read_table(info)), info)
+    for build in (num_items, load_item_table):
+        with pytest.raises(DataError, match=f"^{info}: {error}"):
+            build(data)
 
 
 @pytest.fixture(scope="module")

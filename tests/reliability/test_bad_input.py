@@ -185,6 +185,13 @@ def item_rows_out_of_order(d, t):
     return _train(d, t)
 
 
+def negative_tag_id(d, t):
+    """Before: an IndexError in each training worker's tag lookup (a device assert on CUDA), after Ray started."""
+    _edit(item_info(d), lambda tb: pa.concat_tables([tb.slice(0, 1),
+                                                     _first(tb.slice(1), "item_tags", [0, 0, 0, 1, -2])]))
+    return _train(d, t)
+
+
 def item_info_of_only_the_padding_row(d, t):
     _edit(item_info(d), lambda tb: tb.slice(0, 1))
     return _train(d, t)
@@ -540,6 +547,8 @@ CASES = [
                                         "model.batch_norm needs at least 2"], ["run"]),
     (nan_item_vector, ["item_info.parquet: column item_emb_d128: NaN/inf in the vector of item 5"], ["run"]),
     (item_rows_out_of_order, ["item_info.parquet: column item_id: row 1 holds 2"], ["run"]),
+    (negative_tag_id, ["item_info.parquet: column item_tags: values span -2..", "expected tag ids >= 0 (0 = padding)"],
+     ["run"]),
     (item_info_of_only_the_padding_row, ["item_info.parquet: holds only the padding row 0, expected the items 1..N"],
      ["run"]),
     (missing_item_info, ["item_info.parquet: missing file"], ["run"]),
