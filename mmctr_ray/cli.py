@@ -728,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fuse", help="PCA-fuse text and image vectors into one item table (given, v1..v4)",
                        description="Fit the fusion strategy's PCA on every item and write OUT (item_id, item_emb; "
-                                   "row 0 = padding), OUT's .pca.npz (no pickle) and .fusion.json. Strategies: "
+                                   "row 0 = padding), OUT's .pca.npz (v1..v4; no pickle) and .fusion.json. Strategies: "
                                    "given = item_emb_d128; v1 = PCA(text); v2 = PCA(image); v3 = PCA(text‖image); "
                                    "v4 = PCA(text) ‖ PCA(image).")
     _add_data_arg(p)
@@ -814,8 +814,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="AUC ± standard error of runs on the same rows, and the paired test between "
                                        "them",
-                       description="Score the valid split (or the synthetic test split) with each run's best "
-                                   "checkpoint, in this process, and print each AUC with its standard error (DeLong) "
+                       description="Score the valid split (or a labelled test split: synthetic, or converted) "
+                                   "with each run's best checkpoint, in this process, and print each AUC with its standard error (DeLong) "
                                    "and each run's difference to the first with the standard error and p-value of "
                                    "the paired DeLong test: runs scored on the same rows err alike, so their "
                                    "difference is known far better than either AUC.")
@@ -824,7 +824,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "folders (RUN/checkpoint_epoch_NNN); the first is the reference")
     p.add_argument("--data", type=_local_path, required=True, help="the local data directory the runs were trained on")
     p.add_argument("--split", choices=("valid", "test"), default="valid",
-                   help="rows to score (default valid; test needs the labels synthetic data keeps)")
+                   help="rows to score (default valid; test needs labels: those synthetic data keeps, or "
+                        "the true ones `mmctr convert` keeps in the split)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where to score (default cpu); each run's train.precision applies, as in its validation "
                         "there (auto: fp32 on the cpu, bf16 on cuda)")
@@ -847,10 +848,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipeline_args(p)
     p.set_defaults(func=cmd_pipeline)
 
-    p = sub.add_parser("demo", help="the main job on synthetic data: synth → validate → fuse → features → "
-                                    "train → predict → report",
-                       description="Run the whole pipeline on synthetic data it generates under --out (which "
-                                   "--resume keeps).")
+    p = sub.add_parser("demo", help="the main job on synthetic data: synth → validate → [embed] → fuse → "
+                                    "features → train → predict → report",
+                       description="Run the whole pipeline on synthetic data it generates under --out (with a "
+                                   "URI --out: under --work; --resume keeps it).")
     _add_pipeline_args(p)
     p.set_defaults(func=cmd_demo)
     for stage in sub.choices.values():  # after the stage too (`mmctr train ... -v`, and a Ray job's jobs/*.py, which

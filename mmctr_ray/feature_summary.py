@@ -1,7 +1,8 @@
 """``mmctr features``: build the item table and stream every split through Ray Data once, and report.
 
 The report is what a user checks before training: item table size and source, and per split the rows,
-positive rate, real history lengths after truncation to ``max_len`` and how many rows were truncated.
+positive rate, real history lengths after truncation to ``max_len`` and how many rows fill all ``max_len`` slots
+(those truncated and those exactly that long: the batches hold the history already cut, so the two are one count).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from mmctr_ray.schema import SPLITS
 
 def _split_stats(data_dir: Path, split: str, max_len: int) -> dict[str, Any]:
     ds = read_split(data_dir, split, max_len=max_len)
-    rows = positives = truncated = 0
+    rows = positives = full = 0
     length_hist = np.zeros(max_len + 1, dtype=np.int64)
     shapes: dict[str, str] = {}
     t0 = time.perf_counter()
@@ -27,7 +28,7 @@ def _split_stats(data_dir: Path, split: str, max_len: int) -> dict[str, Any]:
         n = len(batch["label"])
         lengths = history_mask(batch["item_seq"]).sum(axis=1)
         length_hist += np.bincount(lengths, minlength=max_len + 1)
-        truncated += int((lengths == max_len).sum())
+        full += int((lengths == max_len).sum())
         if split != "test":  # the test split's labels are placeholders: null (read as 0) or NaN
             positives += int(batch["label"].sum())
         rows += n
@@ -41,7 +42,7 @@ def _split_stats(data_dir: Path, split: str, max_len: int) -> dict[str, Any]:
         "history_len": {"mean": float((length_hist * np.arange(max_len + 1)).sum() / max(rows, 1)),
                         "median": int(np.searchsorted(cum, rows / 2)),
                         "max": int(np.flatnonzero(length_hist)[-1]) if rows else 0},
-        "rows_at_max_len": truncated,
+        "rows_at_max_len": full,
         "rows_per_s": rows / seconds if seconds > 0 else None,
     }
     if split != "test":

@@ -83,7 +83,8 @@ class SynthSpec:
         topics: number of latent topics.
         image_size: side of the square JPEG covers in pixels; 0 writes no covers.
         seed: the one seed everything is drawn from.
-        chunk_rows: rows generated and written at a time (bounds memory).
+        chunk_rows: rows generated and written at a time (bounds memory); also part of what the data is, as the
+            seed: each chunk draws from its own random stream, so another value draws other rows.
     """
 
     users: int = 5_000
