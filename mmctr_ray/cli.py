@@ -815,10 +815,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="AUC ± standard error of runs on the same rows, and the paired test between "
                                        "them",
                        description="Score the valid split (or a labelled test split: synthetic, or converted) "
-                                   "with each run's best checkpoint, in this process, and print each AUC with its standard error (DeLong) "
-                                   "and each run's difference to the first with the standard error and p-value of "
-                                   "the paired DeLong test: runs scored on the same rows err alike, so their "
-                                   "difference is known far better than either AUC.")
+                                   "with each run's best checkpoint, in this process, and print each AUC with its "
+                                   "standard error (DeLong) and each run's difference to the first with the "
+                                   "standard error and p-value of the paired DeLong test: runs scored on the same "
+                                   "rows err alike, so their difference is known far better than either AUC.")
     p.add_argument("runs", nargs="+", metavar="RUN",
                    help="run directories of `mmctr train` (local paths or URIs; their best checkpoint) or checkpoint "
                         "folders (RUN/checkpoint_epoch_NNN); the first is the reference")
