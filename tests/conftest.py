@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,17 @@ from mmctr_ray.data.writer import write_synthetic  # noqa: E402
 
 TINY_SPEC = SynthSpec(users=300, items=200, train_rows=3_000, valid_rows=500, test_rows=400, tags=100,
                       topics=8, image_size=16, seed=11, chunk_rows=1_000)
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _in_the_repository():
+    """Tests name the shipped configs as a user in the repository does (``configs/tiny.yaml``): run from any folder
+    (``pytest /path/to/tests/...``), they found none. First of every fixture; a test's own ``monkeypatch.chdir``
+    comes back here."""
+    os.chdir(REPO)
 
 
 @pytest.fixture(scope="session")

@@ -943,7 +943,8 @@ def test_rays_line_prefixes_are_plain_in_a_log_file_and_coloured_on_a_terminal(m
 
     from mmctr_ray.ray_env import plain_log_prefixes
 
-    monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "x")  # recorded as it was (unset too), so what the function sets below
+    monkeypatch.delenv("RAY_COLOR_PREFIX")  # is undone after the test: its "0" stayed for the rest of the session
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     plain_log_prefixes()

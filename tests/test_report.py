@@ -283,6 +283,6 @@ def test_a_report_names_its_run_as_given_by_dot_and_writes_its_summary_last(tmp_
         raise RuntimeError("the figure could not be drawn")
 
     monkeypatch.setattr(report, "plot_curves", fail)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="^the figure could not be drawn$"):
         report.write_report(".")
     assert (run / "report" / "summary.md").read_text() == summary  # the earlier summary, still beside its curves

@@ -252,7 +252,8 @@ def test_an_interrupted_synth_leaves_nothing_and_blocks_no_rerun(tmp_path, tiny_
 
 
 @pytest.mark.parametrize("field,value,match", [("items", 0, "--items"), ("tags", 3, "--tags"),
-                                               ("image_size", -1, "--images"), ("topics", 0, "topics"),
+                                               ("image_size", -1, "--images"),
+                                               ("topics", 0, r"topics must be in 1\.\.items"),
                                                ("seed", -1, "--seed"),
                                                ("chunk_rows", 21_474_837, r"--chunk-rows must be at most 21,474,836 ")])
 def test_bad_spec_names_the_flag(field, value, match):

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 import zipfile
 from pathlib import Path
@@ -367,8 +368,9 @@ def test_scores_come_back_in_row_order_from_actors_that_finish_out_of_order(two_
                                                                              monkeypatch):
     """IDs are row positions, so the scores must come back in the split's row order. With one actor and a test
     split of one block they did whatever Ray Data's `preserve_order` said, and the submission test above could not
-    tell. Here two actors score a split of several parts, and the actor that gets the first batch takes 2 s over it:
-    the other actor's parts are done first, and without `preserve_order` they came back first."""
+    tell. Here two actors score a split of several parts, and the actor that gets the first batch holds it until the
+    other actor has scored a batch of its own (a barrier, not a fixed sleep, which a loaded machine outlasts): the
+    other actor's parts are done first, and without `preserve_order` they came back first."""
     import shutil
 
     import mmctr_ray.predict as predict
@@ -394,7 +396,10 @@ def test_scores_come_back_in_row_order_from_actors_that_finish_out_of_order(two_
             (marks / f"scored-by-{os.getpid()}").touch()
             if np.array_equal(batch["user_id"], first[0]) and np.array_equal(batch["item_id"], first[1]):
                 (marks / "slowed").touch()
-                time.sleep(2.0)
+                mine, deadline = f"scored-by-{os.getpid()}", time.monotonic() + 120
+                while time.monotonic() < deadline and all(p.name == mine for p in marks.glob("scored-by-*")):
+                    time.sleep(0.05)  # (past the deadline the assertion below says the other actor never scored)
+                time.sleep(0.5)  # and its batch is on its way back before this one
             return super().__call__(batch)
 
     monkeypatch.setattr(predict, "Scorer", SlowOverTheFirstBatch)
@@ -630,8 +635,9 @@ def test_one_worker_reads_the_whole_split_itself(plain_run, synth_dir):
 
 
 @pytest.mark.slow
-def test_resume_continues_from_the_latest_checkpoint(plain_run, synth_dir):
-    run, before = plain_run
+def test_resume_continues_from_the_latest_checkpoint(plain_run, synth_dir, tmp_path):
+    run, before = tmp_path / "run", plain_run[1]
+    shutil.copytree(plain_run[0], run)  # the module's run stays as it was, 2 epochs, for the tests after this one
     with pytest.raises(ConfigError, match="only train"):
         run_training(synth_dir, str(run), tiny_cfg("train.epochs=3", "model.dropout=0.5"), resume=True)
     run_training(synth_dir, str(run), resume_config(str(run), ["train.epochs=3"]), resume=True)
@@ -1479,8 +1485,9 @@ def test_a_diverged_run_ends_at_once_with_one_line_and_keeps_its_earlier_checkpo
     from mmctr_ray.cli import main
 
     run = tmp_path / "run"
-    shutil.copytree(plain_run[0], run)  # a finished run (2 epochs, 3 if the resume test ran first)
+    shutil.copytree(plain_run[0], run)  # a finished run of 2 epochs
     done = len(_metrics(run))
+    assert done == 2
     train = ["train", "--data", str(synth_dir), "--out", str(run)]
     before = (run / "config.yaml").read_text()
     capsys.readouterr()
@@ -1530,7 +1537,7 @@ def test_a_resume_continues_with_its_latest_checkpoints_config_whatever_an_attem
     with caplog.at_level("WARNING", logger="mmctr_ray.train_driver"):
         _put_back_config(tmp_path / "a-file" / "run", None, kept)  # never raises over the attempt's own error
     assert "a-file/run: could not put its config.yaml back" in caplog.text
-    for checkpoint in epoch_checkpoints(run):  # 2 epochs, or 3 where the resume test ran first
+    for checkpoint in epoch_checkpoints(run):  # its 2 epochs
         shutil.rmtree(checkpoint)
     assert resume_config(str(run)).train.lr == 0.5  # no checkpoint: RUN's own
 

@@ -229,13 +229,22 @@ def test_a_valid_split_of_one_class_is_an_error_as_training_refuses_it(data):
 def test_an_item_seq_of_fixed_size_lists_is_checked_as_a_list(data):
     """A history column stored as fixed_size_list (and without column statistics) passed validate, then training's
     preflight failed with pyarrow's "no kernel for min_max on fixed_size_list" traceback."""
+    from mmctr_ray.errors import DataError
     from mmctr_ray.preflight import check_split
 
     table = pq.read_table(data / TRAIN)
     fixed = table.set_column(table.schema.get_field_index("item_seq"), "item_seq",
                              table["item_seq"].cast(pa.list_(pa.int64(), 100)))
     pq.write_table(fixed, data / TRAIN, write_statistics=False)
-    check_split(data, "train")
+    assert check_split(data, "train") == table.num_rows and errors(data) == []
+    seqs = table["item_seq"].to_pylist()  # and its values are read: an id past the items is still found
+    seqs[0][-1] = n_items(data) + 5
+    bad = fixed.set_column(fixed.schema.get_field_index("item_seq"), "item_seq",
+                           pa.array(seqs, pa.list_(pa.int64(), 100)))
+    pq.write_table(bad, data / TRAIN, write_statistics=False)
+    with pytest.raises(DataError, match=rf"column item_seq: values span 0\.\.{n_items(data) + 5}, expected item ids"):
+        check_split(data, "train")
+    the_error(data, TRAIN, "item_seq", str(n_items(data) + 5))
 
 
 def test_item_info_rows_out_of_order(data):
