@@ -122,6 +122,8 @@ def main() -> None:
     ap.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                     help="malloc tunables on CPU actors and on the plain side (default on, as mmctr embed)")
     args = ap.parse_args()
+    if args.gpu != (args.gpus_per_actor > 0):  # a ratio of a GPU side against a CPU side measures the devices
+        ap.error("--gpu (the plain side on CUDA) and --gpus-per-actor > 0 (the actors on GPUs) go together")
     logging.basicConfig(level=logging.WARNING)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="embed-bench-"))
     data = work / "data"

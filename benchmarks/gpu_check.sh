@@ -19,7 +19,8 @@ set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 exec > >(tee "$OUT/gpu_check.log") 2>&1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "gpu_check: installing .whl/*.whl failed (run bash benchmarks/gpu_wheels.sh here first)"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD
 W=/tmp/mmctr_gpu; rm -rf "$W"; mkdir -p "$W"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

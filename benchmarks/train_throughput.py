@@ -21,9 +21,12 @@ pages in half of its samples) and took 4.4-5.0 s against ~1.7 s later (2026-12-0
 
 The plain loop runs before and after the Ray run and counts both (``--no-after``: before only): this machine's
 speed drifts by 10% or more within an hour, and a ceiling from one side only would carry that drift into the
-ratio. Prints both sides, both ratios, and with more than one epoch each epoch's rates: the first streams from Ray
-Data; with ``train.resident`` (by default on CUDA, and on the CPU up to 256 MiB) the later ones train from
-the shard the worker kept.
+ratio. The local Ray is shut down (its raylet, GCS and idle workers ended) before the loop after it: until
+2026-12-05 that loop shared the 2 cores with them and was slower than the one before in 16 of 19 runs, which
+lowered the ceiling and raised the ratio. Prints both sides, both ratios, and with more than one epoch each
+epoch's rates: the first streams from Ray Data; with ``train.resident`` (by default on CUDA, and on the CPU up to
+256 MiB) the later ones train from the shard the worker kept. Last, each epoch of `mmctr train` as measured, and
+scaled to MicroLens_1M_x1's 3.6M training rows.
 
 The plain loop runs in a process of its own started with the environment a training worker gets: on the CPU
 the malloc tunables of ``train.keep_freed_memory`` (on by default; ``--set train.keep_freed_memory=false``
@@ -54,6 +57,10 @@ from mmctr_ray.training import make_optimizer, train_step
 def plain_loop(data: Path, cfg, device: torch.device, epochs: int) -> list[dict[str, float]]:
     """Per epoch of a single-process loop over the split held on ``device``: rows and seconds, whole and steady
     (from the second step on)."""
+    from mmctr_ray.ray_env import cpu_threads
+
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(1))  # as a lone training worker on this node sets its own
     torch.manual_seed(cfg.train.seed)
     table = load_item_table(data, cfg.data.item_vector)
     model = DINModel(cfg.model, build_feature_map(data, table), **table.to_torch(device)).to(device)
@@ -101,12 +108,16 @@ def rate(epochs: list[dict[str, float]], steady: bool) -> float:
 
 
 def ray_train(data: Path, cfg, gpu: bool, workdir: Path, num_cpus: int | None) -> tuple[list[dict], dict]:
-    """Per epoch of `mmctr train` (1 worker), from its metrics.jsonl: rows and seconds, whole and steady."""
-    from mmctr_ray.ray_env import init_ray
+    """Per epoch of `mmctr train` (1 worker), from its metrics.jsonl: rows and seconds, whole and steady. The local
+    Ray is shut down before it returns, its processes ended: the plain loop after it gets the machine Ray's had."""
+    from mmctr_ray.ray_env import init_ray, stop_ray
     from mmctr_ray.train_driver import run_training
 
     init_ray(num_cpus=num_cpus)  # as `mmctr train`: runs on it drop the placement-group cleaner
-    summary = run_training(data, str(workdir / "run"), cfg, workers=1, gpus_per_worker=1.0 if gpu else 0.0)
+    try:
+        summary = run_training(data, str(workdir / "run"), cfg, workers=1, gpus_per_worker=1.0 if gpu else 0.0)
+    finally:
+        stop_ray()
     epochs = []
     for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
@@ -148,14 +159,14 @@ def main() -> None:
     after = [] if args.no_after else plain_loop_process(data, cfg, device, args.epochs)
     plain = before + after  # the ceiling, from both sides of the Ray run: a machine whose speed drifts moves both
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in Layout(data).split_files("train"))
-    print(f"device {device}, {torch.get_num_threads()} threads, model {cfg.name}, batch {args.batch}, "
+    print(f"device {device}, model {cfg.name}, batch {cfg.train.batch_size}, "
           f"{rows:,} train rows, {args.epochs} epoch(s); samples/s = rows / seconds over the epochs")
     print(f"{'':36}{'steady':>12}{'whole epoch':>14}")
     for name, epochs in (("plain PyTorch loop (data resident)", plain), ("mmctr train (Ray Train + Ray Data)", ray)):
         print(f"{name + ':':36}{rate(epochs, True):>12,.0f}{rate(epochs, False):>14,.0f}")
     if after:
-        print(f"{'  plain loop before / after Ray:':36}{rate(before, True):>6,.0f} / {rate(after, True):,.0f}"
-              f"{rate(before, False):>7,.0f} / {rate(after, False):,.0f}")
+        print(f"  plain loop before / after Ray: steady {rate(before, True):,.0f} / {rate(after, True):,.0f}, "
+              f"whole epoch {rate(before, False):,.0f} / {rate(after, False):,.0f}")
     print(f"{'ratio Ray / plain:':36}{rate(ray, True) / rate(plain, True):>12.3f}"
           f"{rate(ray, False) / rate(plain, False):>14.3f}")
     if len(ray) > 1:
@@ -172,8 +183,12 @@ def main() -> None:
                   f"  ratio {rate(mine, True) / rate(base, True):.3f} / {rate(mine, False) / rate(base, False):.3f}")
     print(f"best valid AUC over {summary['epochs']} epoch(s): {summary['best_valid_auc']:.4f} (epoch "
           f"{summary['best_epoch']}); "
-          f"wall {summary['wall_seconds']:.0f}s; an epoch of 3.6M rows at the whole-epoch rate: "
-          f"{3.6e6 / rate(ray, False):,.0f}s")
+          f"wall {summary['wall_seconds']:.0f}s")
+    # measured, each epoch of mmctr train as it ran (its first streamed, the others from the kept shard where
+    # train.resident kept one), and at that epoch's whole-epoch rate for the 3.6M rows of MicroLens_1M_x1's train split
+    print("mmctr train epochs (training, validation excluded): " + "; ".join(
+        f"{e} {'resident' if m['resident'] else 'streamed'} {m['seconds']:.1f}s for {m['rows']:,} rows "
+        f"(3.6M rows: {3.6e6 * m['seconds'] / m['rows']:,.1f}s)" for e, m in enumerate(ray, start=1)))
 
 
 if __name__ == "__main__":
