@@ -205,6 +205,7 @@ def test_actors_a_local_ray_cannot_hold_beside_the_reads_are_a_one_line_error(co
     assert (earlier / "shard_00000.parquet").read_bytes() == b"kept"  # refused before they went
 
 
+@pytest.mark.slow
 def test_cpu_encoder_actors_and_their_decode_tasks_keep_freed_memory_unless_told_not_to(covers_data, bert_tiny,
                                                                                         ray_one_gpu, tmp_path,
                                                                                         monkeypatch):

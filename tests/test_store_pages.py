@@ -90,6 +90,7 @@ def test_release_unmaps_the_pages_and_keeps_their_contents(monkeypatch):
         folder.rmdir()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc maps")
 def test_a_ray_worker_advises_the_main_mapping_and_leaves_fallback_files_alone():
     """A 100 MiB store with spilling off: the third 40 MiB object goes to a fallback file. The worker reads all

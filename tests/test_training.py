@@ -172,6 +172,7 @@ def two_worker_run(ray_local, synth_dir, tmp_path_factory):
     return run, summary
 
 
+@pytest.mark.slow
 def test_cpu_workers_start_with_the_malloc_tunables_unless_the_config_says_no(ray_local, synth_dir, tmp_path,
                                                                               monkeypatch):
     """glibc reads GLIBC_TUNABLES when a process starts: the driver hands it to Ray Train's workers (what the
@@ -221,6 +222,7 @@ def test_a_cpu_worker_shares_its_nodes_cores_with_the_runs_that_run_beside_it(pl
     assert _metrics(run)[0]["resident_rows"] is None  # one epoch: no copy of the shard kept, no later epoch reads it
 
 
+@pytest.mark.slow
 def test_cpu_scoring_actors_share_the_nodes_cores_and_keep_freed_memory_as_the_run_says(ray_local, synth_dir,
                                                                                         monkeypatch):
     """Ray starts an actor that asked for 1 CPU with one torch thread (OMP_NUM_THREADS=1): `mmctr predict` scored
@@ -896,6 +898,7 @@ def test_a_run_whose_workers_die_past_its_restarts_ends_in_one_line(tmp_path, mo
     assert _run_ended(WorkerGroupError("Training failed.", {0: survivor}), tmp_path, 2) is None
 
 
+@pytest.mark.slow
 def test_a_timed_out_resource_request_is_no_warning_on_the_local_ray(ray_local):
     """On a busy machine each run's controller printed Ray Train's "Failed to send resource request ... safe to
     ignore" WARNING with a ~20-line traceback: on the private local Ray no autoscaler serves that request. Its
@@ -941,6 +944,7 @@ def test_a_timed_out_resource_request_is_no_warning_on_the_local_ray(ray_local):
     assert [(level, shown) for level, _, shown, _ in here] == [(logging.WARNING, True)]
 
 
+@pytest.mark.slow
 def test_a_workers_traceback_of_bad_input_stays_off_the_console_of_the_local_ray(ray_local):
     """A row a worker refused (a DataError, which `mmctr train` reports in one line naming the file and column)
     also printed Ray Train's "Error in training function:" with a ~40-line traceback from the worker. The private
@@ -1002,6 +1006,7 @@ def test_a_workers_traceback_of_bad_input_stays_off_the_console_of_the_local_ray
     assert [level for level, _ in tracebacks()] == ["ERROR"] * 4  # no setup hook in the test's process
 
 
+@pytest.mark.slow
 def test_the_cleaners_line_for_a_trials_ended_controller_is_dropped_on_the_local_ray(ray_local):
     """In `mmctr tune` Ray Train's placement-group cleaner warned "Detected that the Ray Train controller actor (...)
     is dead. Cleaning up placement group ..." after every trial ASHA stopped: its designed path. The private Ray's
@@ -1040,6 +1045,7 @@ def test_the_cleaners_line_for_a_trials_ended_controller_is_dropped_on_the_local
     assert placement_group_cleaner.logger.name == PG_CLEANER_LOGGER
 
 
+@pytest.mark.slow
 def test_ray_datas_lines_for_each_run_of_a_dataset_stay_off_the_console_of_the_local_rays_workers(ray_local):
     """A 2-worker run's split coordinator printed "✔️ Dataset train_.. execution finished in N seconds" per epoch and
     split, and Ray Data's hint that progress bars are off (off on purpose); a map task that met bad input printed
@@ -1377,6 +1383,7 @@ def test_more_workers_than_a_local_ray_can_feed_is_a_one_line_error_before_run_i
     assert started == [1]
 
 
+@pytest.mark.slow
 def test_scoring_actors_a_local_ray_cannot_feed_are_a_one_line_error(plain_run, synth_dir, tmp_path, monkeypatch):
     """`mmctr predict --actors 2` on a 2-core machine waited for good (two actors, no CPU for the reads)."""
     import ray
@@ -1510,6 +1517,7 @@ def test_a_diverged_run_ends_at_once_with_one_line_and_keeps_its_earlier_checkpo
     assert not (run / "diverged.txt").exists() and not (run / "summary.json").exists()  # the resume decides anew
 
 
+@pytest.mark.slow
 def test_a_resume_continues_with_its_latest_checkpoints_config_whatever_an_attempt_left(plain_run, tmp_path,
                                                                                           caplog):
     """An attempt killed (kill -9) before it kept an epoch leaves its own train.* in RUN's config.yaml: the next
@@ -1863,6 +1871,7 @@ def test_peak_rss_is_mib_on_linux_and_on_macos(monkeypatch):
     assert peak_rss_mib() == 300.0 * 1024
 
 
+@pytest.mark.slow
 def test_ctrl_c_before_the_first_checkpoint_is_one_line_too(ray_local, synth_dir, tmp_path, monkeypatch):
     """Ctrl-C while the workers start (no checkpoint yet) ended in an IndexError traceback, exit status 1."""
     import signal
