@@ -135,7 +135,7 @@ def work_dir(out: storage.Location, work: Path | None) -> Path:
                           f"file-based outputs before they are copied to OUT")
     else:
         folder = Path(work).resolve()
-        _, _, local = storage._local_target(out)
+        local = storage.local_path(out)
         if local is not None and local.resolve() == folder:  # the lock it takes is OUT's, held: "in use", of itself
             raise ConfigError(f"{work}: --work is OUT's own folder ({out}); pass --out {folder} (a local OUT, which "
                               f"the stages write into), or another --work")

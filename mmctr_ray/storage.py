@@ -173,6 +173,11 @@ def _local_target(location: Location) -> tuple[Any, str, Path | None]:
     return fs, fs_path, Path(fs_path) if isinstance(fs, pafs.LocalFileSystem) else None
 
 
+def local_path(location: Location) -> Path | None:
+    """The local path a location names (a path, or a ``file://`` URI), else None."""
+    return _local_target(location)[2]
+
+
 @contextlib.contextmanager
 def _replacing(path: Path) -> Iterator[Path]:
     """A temporary name beside ``path`` (its folder created first) to write, renamed over ``path`` when the block

@@ -380,6 +380,13 @@ def _keep_shard(recorder: ShardRecorder, per_worker: int, rank: int) -> tuple[Re
     return shard, steps
 
 
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a CUDA step returns before its kernels end): a clock read after it
+    times the work, not its launch. Nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def seed_epoch(seed: int, rank: int, epoch: int) -> None:
     """Seed torch's generators (the dropout masks) for one rank's epoch from ``(seed, rank, epoch)`` alone.
 
@@ -475,8 +482,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             start = time.perf_counter()
             t0, rows, step, loss_sum = start, 0, 0, torch.zeros((), device=device)
             for step, batch in enumerate(batches, start=1):
-                if step == 2:  # steady-state rate: from the second batch on (the first waits for the pipeline)
-                    t0, rows = time.perf_counter(), 0
                 loss_sum += train_step(ddp, batch, optimizer, tables, cfg.train, device)
                 rows += len(batch["label"]) * world
                 _maybe_fault(config.get("fault"), rank, step=(epoch - 1) * steps_per_epoch + step)
@@ -484,6 +489,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if step % 16 == 1:  # ~16 batches of store pages at most stay mapped (ray-project/ray#65544)
                     memory.sample()
                     release_store_pages()
+                if step == 1:  # the steady rate: from the end of the first step (which waits for the pipeline),
+                    _synchronize(device)  # the second batch's fetch included; its GPU work done first
+                    t0, rows = time.perf_counter(), 0
+            _synchronize(device)  # the last step's GPU work inside the epoch's time
             seconds = time.perf_counter() - t0
             epoch_seconds = time.perf_counter() - start
             if world > 1:  # the mean over every rank's batches, not rank 0's alone (one collective per epoch)
