@@ -345,12 +345,12 @@ def _maybe_fault(faults: list[dict[str, Any]] | None, rank: int, **where: int) -
 
 
 def _streamed_batches(shard: Any, per_worker: int, device: torch.device, cfg: TrainConfig, epoch: int,
-                      recorder: ShardRecorder) -> Iterable[dict[str, torch.Tensor]]:
+                      recorder: ShardRecorder, rank: int = 0) -> Iterable[dict[str, torch.Tensor]]:
     """One epoch of full batches from this rank's Ray Data shard, each handed to ``recorder`` on the way; while
     it records, the last partial batch is read too (kept, not trained on), so the kept shard lacks no row."""
     batches = shard.iter_torch_batches(
         batch_size=per_worker, device=device, drop_last=not recorder.enabled, prefetch_batches=2,
-        local_shuffle_buffer_size=cfg.shuffle_buffer or None, local_shuffle_seed=cfg.seed + epoch)
+        local_shuffle_buffer_size=cfg.shuffle_buffer or None, local_shuffle_seed=shuffle_seed(cfg.seed, rank, epoch))
     for batch in _recorded(batches, recorder):
         if len(batch["label"]) == per_worker:
             yield batch
@@ -362,6 +362,18 @@ def _recorded(batches: Iterable[dict[str, torch.Tensor]],
     for batch in batches:
         recorder.add(batch)
         yield batch
+
+
+def _releasing(batches: Iterable[dict[str, torch.Tensor]], memory: MemoryPeaks,
+               every: int = 16) -> Iterable[dict[str, torch.Tensor]]:
+    """``batches`` unchanged; after every ``every``-th the memory peaks are sampled and the object store's pages this
+    process mapped are released, as the training loop does (ray-project/ray#65544): the validation split, read
+    zero-copy each epoch where it is not kept, stayed mapped until the next epoch's first step, and in the peaks."""
+    for i, batch in enumerate(batches):
+        yield batch
+        if i % every == 0:
+            memory.sample()
+            release_store_pages()
 
 
 def _keep_shard(recorder: ShardRecorder, per_worker: int, rank: int) -> tuple[ResidentShard | None, int]:
@@ -398,6 +410,13 @@ def seed_epoch(seed: int, rank: int, epoch: int) -> None:
     torch.manual_seed(int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1, np.uint64)[0] >> 1))
 
 
+def shuffle_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of one rank's shuffle in one epoch (Ray Data's local shuffle buffer, or the kept shard's order), from
+    ``(seed, rank, epoch)`` as :func:`seed_epoch`'s: with ``seed + epoch`` every rank shuffled its rows by the same
+    permutation, so one global step took the rows at the same places of every shard, epoch after epoch."""
+    return int(np.random.SeedSequence([seed, rank, epoch, 1]).generate_state(1)[0])
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker function: ``config`` holds the resolved config, paths and the feature map."""
     import ray.train
@@ -427,7 +446,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         keep_budget = keep_budget if epoch < cfg.train.epochs else 0
         recorder = ShardRecorder(keep_budget, -(-config["train_rows"] // world))
         return recorder, _streamed_batches(ray.train.get_dataset_shard("train"), per_worker, device, cfg.train,
-                                           epoch, recorder)
+                                           epoch, recorder, rank)
 
     first_epoch = _resume_point(latest)[1] + 1
     early = None  # the first epoch of this attempt starts streaming now, while the model is built (EarlyBatches)
@@ -477,7 +496,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 recorder, batches = stream(epoch, 0 if keep_tried else budget)
             else:
                 batches = shard.batches(per_worker, resident_steps,
-                                        cfg.train.seed + epoch if cfg.train.shuffle_buffer else None)
+                                        shuffle_seed(cfg.train.seed, rank, epoch) if cfg.train.shuffle_buffer else None)
             resident = recorder is None
             start = time.perf_counter()
             t0, rows, step, loss_sum = start, 0, 0, torch.zeros((), device=device)
@@ -511,7 +530,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     valid_recorder = ShardRecorder(budget - shard.nbytes if shard else 0, config["valid_rows"])
                     valid = ray.train.get_dataset_shard("valid").iter_torch_batches(
                         batch_size=cfg.train.eval_batch_size, device=device)
-                    labels, logits = predict(model, _recorded(valid, valid_recorder), cfg.train, device)
+                    labels, logits = predict(model, _recorded(_releasing(valid, memory), valid_recorder), cfg.train,
+                                             device)
                     valid_kept = valid_recorder.finish()
                 bad = int((~np.isfinite(logits)).sum())
                 metrics = {"diverged": f"{bad:,} non-finite predictions on the valid split after epoch {epoch}"} \

@@ -1708,6 +1708,66 @@ def test_each_rank_and_epoch_draws_its_own_dropout_masks_from_the_same_initial_w
     assert not torch.equal(Dropout(0.5).train()(torch.ones(64)), m1)  # seed 8's rank 0 is not seed 7's rank 1
 
 
+def test_a_runs_samples_per_s_is_its_rows_over_its_seconds_not_a_mean_of_its_epochs_rates():
+    """summary.json's mean_samples_per_s was the mean of the epochs' rates: a slow streamed epoch then seven fast ones
+    from the kept shard (3k, then 10k) gave 9.1k samples/s for 7.7k."""
+    from mmctr_ray.train_driver import steady_rate
+
+    history = [{"steps": 25, "samples_per_s": 3_000.0}, *[{"steps": 25, "samples_per_s": 10_000.0}] * 7]
+    assert steady_rate(history) == pytest.approx(24 * 8 / (24 / 3_000 + 7 * 24 / 10_000))  # 7,742
+    # epochs of other lengths (a resumed run's kept shard of other steps): 10 steady steps at 1k, 40 at 2k, 1,667
+    uneven = [{"steps": 11, "samples_per_s": 1_000.0}, {"steps": 41, "samples_per_s": 2_000.0}]  # (the mean 1,500,
+    assert steady_rate(uneven) == pytest.approx(50 / (10 / 1_000 + 40 / 2_000))  # the harmonic mean 1,333)
+    assert steady_rate([{"steps": 1, "samples_per_s": None}]) is None  # one-step epochs time no steady rate
+
+
+def test_the_validation_pass_releases_the_store_pages_it_reads_as_training_does(monkeypatch):
+    """Rank 0 reads the validation split zero-copy from the object store each epoch it is not kept; only the
+    training loop released those pages, so the split stayed in the worker's RSS, and in its reported peaks, until
+    the next epoch's first step."""
+    import mmctr_ray.training as training
+
+    released, sampled = [], []
+
+    class Peaks:
+        def sample(self):
+            sampled.append(len(seen))
+
+    monkeypatch.setattr(training, "release_store_pages", lambda: released.append(len(seen)))
+    seen = []
+    for batch in training._releasing(({"i": i} for i in range(40)), Peaks()):
+        seen.append(batch["i"])
+    assert seen == list(range(40))  # every batch, in order
+    assert released == sampled == [1, 17, 33]  # after the 1st, 17th and 33rd: 16 batches at most stay mapped
+
+
+def test_each_rank_shuffles_its_rows_by_its_own_permutation_each_epoch():
+    """Ray Data's local shuffle and the kept shard were both seeded with seed + epoch: every rank put its rows in the
+    same order, so one global step took the rows at the same places of every shard, epoch after epoch."""
+    from mmctr_ray.resident import ResidentShard
+    from mmctr_ray.training import TrainConfig, _streamed_batches, shuffle_seed
+
+    seeds = {(rank, epoch): shuffle_seed(7, rank, epoch) for rank in range(4) for epoch in range(1, 4)}
+    assert len(set(seeds.values())) == len(seeds) and all(0 <= s < 2**32 for s in seeds.values())
+    assert shuffle_seed(7, 1, 2) == seeds[1, 2] != shuffle_seed(8, 1, 2)  # a function of (seed, rank, epoch) alone
+    shard = ResidentShard({"label": torch.arange(64.0)})
+    orders = [torch.cat([b["label"] for b in shard.batches(16, 4, seeds[rank, 1])]) for rank in (0, 1)]
+    assert not torch.equal(orders[0], orders[1]) and torch.equal(orders[0].sort().values, torch.arange(64.0))
+
+    class Shard:  # what the worker's Ray Data shard is asked
+        def iter_torch_batches(self, **kwargs):
+            self.kwargs = kwargs
+            return iter(())
+
+    class Recorder:
+        enabled = False
+
+    for rank in (0, 1):
+        ray_shard = Shard()
+        list(_streamed_batches(ray_shard, 16, torch.device("cpu"), TrainConfig(seed=7), 2, Recorder(), rank))
+        assert ray_shard.kwargs["local_shuffle_seed"] == seeds[rank, 2]
+
+
 def test_a_resume_on_other_data_is_refused_before_ray_and_leaves_the_run_as_it_was(synth_dir, tmp_path):
     """The vocabularies were compared after Ray had started and after RUN was prepared: the refused resume had
     already removed the finished run's summary.json and saved its config.yaml with train settings that never ran
