@@ -123,8 +123,10 @@ class RunLog:
             self.close()
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._upload_tensorboard()
-        if self._tb_staging is not None:
-            shutil.rmtree(self._tb_staging, ignore_errors=True)
+        try:
+            if self._tb is not None:
+                self._tb.close()
+                self._upload_tensorboard()
+        finally:  # an upload that failed (storage out of reach) left a mmctr-tensorboard-* folder for each attempt
+            if self._tb_staging is not None:
+                shutil.rmtree(self._tb_staging, ignore_errors=True)

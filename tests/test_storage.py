@@ -165,6 +165,25 @@ def test_a_checkpoint_under_a_uri_is_scored_without_downloading_its_optimizer(ki
         load_checkpoint(uri, with_optimizer=False)
 
 
+def test_tensorboards_staging_folder_goes_even_when_its_upload_fails(memory_root, monkeypatch):
+    """A run under a URI writes its TensorBoard events in a local folder uploaded at each epoch and on close; an
+    upload that raised on close (storage out of reach) left a mmctr-tensorboard-* folder behind for each attempt."""
+    from mmctr_ray.errors import StorageError
+    from mmctr_ray.run_log import RunLog
+
+    run_log = RunLog(storage.join(memory_root, "run"), enabled=True)
+    staging = Path(run_log._tb_staging)
+    assert staging.is_dir()
+
+    def unreachable(*args):
+        raise StorageError("memory:///run: storage out of reach")
+
+    monkeypatch.setattr(storage, "upload_dir", unreachable)
+    with pytest.raises(StorageError, match="out of reach"):
+        run_log.close()
+    assert not staging.exists()
+
+
 def test_a_checkpoint_state_training_did_not_write_or_without_a_finite_auc_is_one_line(tmp_path):
     """A state.json that is not JSON (edited by hand, same size) was a JSONDecodeError traceback from `mmctr predict`
     and `mmctr report`; checkpoints whose AUCs are all NaN were "no checkpoint found" beside the checkpoints."""
