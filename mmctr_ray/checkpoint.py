@@ -22,7 +22,7 @@ import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import torch
 
@@ -89,10 +89,11 @@ def read_state(directory: Location) -> dict[str, Any]:
     return state
 
 
-def incomplete(directory: Location) -> str | None:
+def incomplete(directory: Location, skipped: Collection[str] = ()) -> str | None:
     """Why the checkpoint in ``directory`` is not whole (a file missing or of another size than its
     ``files.json`` says, or that manifest unreadable or missing while state.json says it was written), or
-    None. Checkpoints written before the manifest existed are judged by their files' presence alone."""
+    None. Checkpoints written before the manifest existed are judged by their files' presence alone. ``skipped``:
+    files a copy left out on purpose (scoring's copy has no optimizer.pt)."""
     sizes = storage.file_sizes(directory)
     if MANIFEST not in sizes:  # not copied yet (Ray copies a checkpoint's files in parallel), or an older format
         missing = [f for f in FILES if f != "optimizer.pt" and f not in sizes]
@@ -108,7 +109,7 @@ def incomplete(directory: Location) -> str | None:
     except ValueError:
         return f"{MANIFEST} unreadable"
     for name, size in expected.items():
-        if sizes.get(name) != size:
+        if name not in skipped and sizes.get(name) != size:
             return f"{name} {'missing' if name not in sizes else f'has {sizes[name]} bytes, expected {size}'}"
     return None
 
@@ -147,7 +148,7 @@ def load_checkpoint(directory: Location, with_optimizer: bool = True) -> LoadedC
             if not (local / name).is_file():
                 raise DataError(f"{storage.join(directory, name)}: missing checkpoint file (is this a checkpoint "
                                 f"of `mmctr train`?)")
-        why = incomplete(directory if skip and storage.is_uri(directory) else local)  # the files as they are there
+        why = incomplete(local, skip)  # the copy that is loaded, less what it left out
         if why:
             raise DataError(f"{directory}: incomplete checkpoint ({why}): a copy cut short")
         opt_path = local / "optimizer.pt"
