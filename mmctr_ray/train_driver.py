@@ -494,11 +494,17 @@ def _run_ended(err: BaseException, run: storage.Location, max_failures: int) -> 
 
 
 def steady_rate(history: list[dict[str, Any]]) -> float | None:
-    """The run's steady samples/s: the rows its epochs' steady clocks counted over their seconds summed (each epoch's
-    steady rows are its steps but the first, of one batch size). The mean of the epochs' rates, which it was,
-    overstated a run of a slow streamed epoch and fast epochs from the kept shard (3k, then 10k × 7: 9.1k for 7.7k)."""
-    timed = [(max(int(r.get("steps") or 2) - 1, 1), r["samples_per_s"]) for r in history if r.get("samples_per_s")]
-    return sum(s for s, _ in timed) / sum(s / rate for s, rate in timed) if timed else None
+    """The run's steady samples/s: the rows its epochs' steady clocks counted over their seconds summed (rows =
+    rate × steady_seconds; an epoch row written before steady_seconds was kept counts its steps but the first, as
+    if of the others' batch size). The mean of the epochs' rates, which it was, overstated a run of a slow streamed
+    epoch and fast epochs from the kept shard (3k, then 10k × 7: 9.1k for 7.7k)."""
+    timed = [(r.get("steady_seconds"), r["samples_per_s"], max(int(r.get("steps") or 2) - 1, 1))
+             for r in history if r.get("samples_per_s")]
+    if not timed:
+        return None
+    if all(seconds for seconds, _, _ in timed):
+        return sum(seconds * rate for seconds, rate, _ in timed) / sum(seconds for seconds, _, _ in timed)
+    return sum(steps for _, _, steps in timed) / sum(steps / rate for _, rate, steps in timed)
 
 
 def _summary(run_dir: storage.Location, data_dir: Path, seconds: float) -> dict[str, Any]:

@@ -417,6 +417,13 @@ def shuffle_seed(seed: int, rank: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, rank, epoch, 1]).generate_state(1)[0])
 
 
+def kept_batches(shard: ResidentShard, per_worker: int, steps: int, cfg: TrainConfig, rank: int,
+                 epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of ``steps`` batches from a rank's kept shard: in this rank's own permutation of the epoch
+    (:func:`shuffle_seed`), or in read order with ``shuffle_buffer: 0``."""
+    return shard.batches(per_worker, steps, shuffle_seed(cfg.seed, rank, epoch) if cfg.shuffle_buffer else None)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker function: ``config`` holds the resolved config, paths and the feature map."""
     import ray.train
@@ -495,8 +502,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             elif shard is None:  # keep it while streaming, the first time only (a shard not kept stays streamed)
                 recorder, batches = stream(epoch, 0 if keep_tried else budget)
             else:
-                batches = shard.batches(per_worker, resident_steps,
-                                        shuffle_seed(cfg.train.seed, rank, epoch) if cfg.train.shuffle_buffer else None)
+                batches = kept_batches(shard, per_worker, resident_steps, cfg.train, rank, epoch)
             resident = recorder is None
             start = time.perf_counter()
             t0, rows, step, loss_sum = start, 0, 0, torch.zeros((), device=device)
@@ -556,7 +562,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "valid_auc_se": metrics["auc_se"], "valid_logloss": metrics["logloss"],
                    "valid_rows": metrics["rows"], "lr": state.lr,
                    "samples_per_s": rows / seconds if seconds > 0 and step > 1 else None,
-                   "epoch_seconds": epoch_seconds, "steps": step, "resident": resident,
+                   "steady_seconds": seconds if step > 1 else None, "epoch_seconds": epoch_seconds, "steps": step,
+                   "resident": resident,
                    "resident_rows": shard.rows if shard is not None else None, "resumed_from_epoch": resumed_from,
                    **_worker_row(memory)}
             stop = update_schedule(state, metrics["auc"], cfg.train)

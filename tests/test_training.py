@@ -1713,18 +1713,23 @@ def test_a_runs_samples_per_s_is_its_rows_over_its_seconds_not_a_mean_of_its_epo
     from the kept shard (3k, then 10k) gave 9.1k samples/s for 7.7k."""
     from mmctr_ray.train_driver import steady_rate
 
-    history = [{"steps": 25, "samples_per_s": 3_000.0}, *[{"steps": 25, "samples_per_s": 10_000.0}] * 7]
-    assert steady_rate(history) == pytest.approx(24 * 8 / (24 / 3_000 + 7 * 24 / 10_000))  # 7,742
-    # epochs of other lengths (a resumed run's kept shard of other steps): 10 steady steps at 1k, 40 at 2k, 1,667
-    uneven = [{"steps": 11, "samples_per_s": 1_000.0}, {"steps": 41, "samples_per_s": 2_000.0}]  # (the mean 1,500,
-    assert steady_rate(uneven) == pytest.approx(50 / (10 / 1_000 + 40 / 2_000))  # the harmonic mean 1,333)
+    history = [{"steps": 25, "samples_per_s": 3_000.0, "steady_seconds": 8.0},
+               *[{"steps": 25, "samples_per_s": 10_000.0, "steady_seconds": 2.4}] * 7]
+    assert steady_rate(history) == pytest.approx((24_000 + 7 * 24_000) / (8.0 + 7 * 2.4))  # 7,742
+    # a run resumed at half the batch: as many rows in twice the steps (the steps alone weighed them 1:2)
+    halved = [{"steps": 11, "samples_per_s": 1_000.0, "steady_seconds": 10.0},
+              {"steps": 21, "samples_per_s": 2_000.0, "steady_seconds": 5.0}]
+    assert steady_rate(halved) == pytest.approx(20_000 / 15.0)  # 1,333, not the 1,500 of the mean or of the steps
+    # epoch rows written before steady_seconds was kept: weighed by their steady steps
+    older = [{"steps": 11, "samples_per_s": 1_000.0}, {"steps": 41, "samples_per_s": 2_000.0}]
+    assert steady_rate(older) == pytest.approx(50 / (10 / 1_000 + 40 / 2_000))
     assert steady_rate([{"steps": 1, "samples_per_s": None}]) is None  # one-step epochs time no steady rate
 
 
-def test_the_validation_pass_releases_the_store_pages_it_reads_as_training_does(monkeypatch):
-    """Rank 0 reads the validation split zero-copy from the object store each epoch it is not kept; only the
-    training loop released those pages, so the split stayed in the worker's RSS, and in its reported peaks, until
-    the next epoch's first step."""
+def test_releasing_passes_every_batch_on_and_releases_the_store_pages_every_16(monkeypatch):
+    """What the validation pass now reads through (rank 0 reads the split zero-copy from the object store each
+    epoch it is not kept; only the training loop released those pages, so the split stayed in the worker's RSS,
+    and in its reported peaks, until the next epoch's first step)."""
     import mmctr_ray.training as training
 
     released, sampled = [], []
@@ -1745,14 +1750,19 @@ def test_each_rank_shuffles_its_rows_by_its_own_permutation_each_epoch():
     """Ray Data's local shuffle and the kept shard were both seeded with seed + epoch: every rank put its rows in the
     same order, so one global step took the rows at the same places of every shard, epoch after epoch."""
     from mmctr_ray.resident import ResidentShard
-    from mmctr_ray.training import TrainConfig, _streamed_batches, shuffle_seed
+    from mmctr_ray.training import TrainConfig, _streamed_batches, kept_batches, shuffle_seed
 
     seeds = {(rank, epoch): shuffle_seed(7, rank, epoch) for rank in range(4) for epoch in range(1, 4)}
     assert len(set(seeds.values())) == len(seeds) and all(0 <= s < 2**32 for s in seeds.values())
     assert shuffle_seed(7, 1, 2) == seeds[1, 2] != shuffle_seed(8, 1, 2)  # a function of (seed, rank, epoch) alone
-    shard = ResidentShard({"label": torch.arange(64.0)})
-    orders = [torch.cat([b["label"] for b in shard.batches(16, 4, seeds[rank, 1])]) for rank in (0, 1)]
+    shard = ResidentShard({"label": torch.arange(64.0)})  # the same rows on two ranks: each its own order
+    orders = [torch.cat([b["label"] for b in kept_batches(shard, 16, 4, TrainConfig(seed=7), rank, 1)])
+              for rank in (0, 1)]
     assert not torch.equal(orders[0], orders[1]) and torch.equal(orders[0].sort().values, torch.arange(64.0))
+    again = torch.cat([b["label"] for b in kept_batches(shard, 16, 4, TrainConfig(seed=7), 1, 1)])
+    assert torch.equal(again, orders[1])  # a resumed or restarted epoch repeats its order
+    read_order = kept_batches(shard, 16, 4, TrainConfig(seed=7, shuffle_buffer=0), 1, 1)
+    assert torch.equal(torch.cat([b["label"] for b in read_order]), torch.arange(64.0))
 
     class Shard:  # what the worker's Ray Data shard is asked
         def iter_torch_batches(self, **kwargs):
