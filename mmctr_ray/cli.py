@@ -575,8 +575,8 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
                                                         "(default: --gpus-per-worker, at most 1)")
     _add_resume_args(p, "continue in OUT: keep the data, embed shards and fused table there, resume training from "
                         "the latest checkpoint", "replace the outputs of an earlier run in OUT")
-    _add_training_args(p, "GPUs per training worker, and per encoder/scoring actor unless --gpus-per-actor "
-                          "(0: CPU, gloo)")
+    _add_training_args(p, "GPUs per training worker, and per encoder/scoring actor (at most 1) unless "
+                          "--gpus-per-actor (0: CPU, gloo)")
     _add_synth_args(p)
     _add_config_args(p)
     _add_ray_args(p)

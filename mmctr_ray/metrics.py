@@ -75,7 +75,8 @@ def compare_aucs(labels: np.ndarray, scores: list[np.ndarray]) -> list[dict[str,
     """AUC ± standard error of each score vector on the same rows, and the paired DeLong test of each against the
     first: ``[{"auc", "se", "diff", "diff_se", "z", "p"}, ...]`` (``diff`` = this AUC − the first's; ``p``
     two-sided, from the normal approximation). Standard errors, ``z`` and ``p`` are NaN where they are not defined:
-    fewer than two rows of a class, or a NaN score (an infinite score ranks as the largest or smallest: defined).
+    fewer than two rows of a class, or a NaN score (which makes that run's ``auc`` and ``diff`` NaN too; an
+    infinite score ranks as the largest or smallest: defined).
 
     The covariance of the AUCs is that of the placements (see :func:`auc_with_se`) over the positives plus that over
     the negatives, each divided by its count; placements come from midranks (:func:`midranks`), so this is

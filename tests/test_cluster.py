@@ -337,6 +337,7 @@ def test_kuberay_rayjob_runs_the_pipeline_job():
         worker["resources"]["limits"]["nvidia.com/gpu"])
 
 
+@pytest.mark.slow
 def test_without_an_address_a_cluster_started_on_this_machine_is_not_joined():
     """`ray start` leaves its address in /tmp/ray/ray_current_cluster and ray.init() without an address joins it:
     the command then sized its pools against that cluster's resources and passed it settings a cluster refuses.
