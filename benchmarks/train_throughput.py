@@ -121,10 +121,9 @@ def ray_train(data: Path, cfg, gpu: bool, workdir: Path, num_cpus: int | None) -
     epochs = []
     for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
-        steady_rows = (r["steps"] - 1) * cfg.train.batch_size
         epochs.append({"rows": r["steps"] * cfg.train.batch_size, "seconds": r["epoch_seconds"],
-                       "steady_rows": steady_rows,
-                       "steady_seconds": steady_rows / r["samples_per_s"] if r["samples_per_s"] else float("nan"),
+                       "steady_rows": (r["steps"] - 1) * cfg.train.batch_size,
+                       "steady_seconds": r["steady_seconds"] or float("nan"),  # the worker's own clock
                        "resident": r.get("resident", False)})
     return epochs, summary
 

@@ -366,9 +366,10 @@ def _recorded(batches: Iterable[dict[str, torch.Tensor]],
 
 def _releasing(batches: Iterable[dict[str, torch.Tensor]], memory: MemoryPeaks,
                every: int = 16) -> Iterable[dict[str, torch.Tensor]]:
-    """``batches`` unchanged; after every ``every``-th the memory peaks are sampled and the object store's pages this
-    process mapped are released, as the training loop does (ray-project/ray#65544): the validation split, read
-    zero-copy each epoch where it is not kept, stayed mapped until the next epoch's first step, and in the peaks."""
+    """``batches`` unchanged; after the first and every ``every``-th after it, once its consumer is done with it,
+    the memory peaks are sampled and the object store's pages this process mapped are released
+    (ray-project/ray#65544): the training loop's batches and the validation split's (read zero-copy each epoch
+    where it is not kept: it stayed mapped until the next epoch's first step, and in the peaks)."""
     for i, batch in enumerate(batches):
         yield batch
         if i % every == 0:
@@ -506,14 +507,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             resident = recorder is None
             start = time.perf_counter()
             t0, rows, step, loss_sum = start, 0, 0, torch.zeros((), device=device)
-            for step, batch in enumerate(batches, start=1):
+            # ~16 batches of store pages at most stay mapped (ray-project/ray#65544), as in the validation pass
+            for step, batch in enumerate(_releasing(batches, memory), start=1):
                 loss_sum += train_step(ddp, batch, optimizer, tables, cfg.train, device)
                 rows += len(batch["label"]) * world
                 _maybe_fault(config.get("fault"), rank, step=(epoch - 1) * steps_per_epoch + step)
                 run_log.progress(epoch, step, resident_steps if resident else steps_per_epoch, rows, t0, loss_sum)
-                if step % 16 == 1:  # ~16 batches of store pages at most stay mapped (ray-project/ray#65544)
-                    memory.sample()
-                    release_store_pages()
                 if step == 1:  # the steady rate: from the end of the first step (which waits for the pipeline),
                     _synchronize(device)  # the second batch's fetch included; its GPU work done first
                     t0, rows = time.perf_counter(), 0
