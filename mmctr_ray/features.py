@@ -269,6 +269,46 @@ def build_feature_map(data_dir: str | Path, table: ItemTable) -> FeatureMap:
                       vector_dim=table.vector_dim, num_users=max_user_id(data_dir) + 1)
 
 
+# An embedding table keyed by raw id holds a row for every id up to the largest. Up to SPARSE_TABLE_ROWS rows
+# (256 MiB of weights at embedding_dim 64) any table is built; past it, one with more than SPARSE_TABLE_FACTOR rows
+# per id the data can hold is refused before Ray starts: hashed or unmapped ids. (A tag id of 10**12 was a
+# worker's allocation error of 32 TB, after Ray started, run twice more by FailureConfig; a user id of 5 * 10**7
+# in the tiny test data trained, with 6 GB of user table and Adam state for a few hundred users.)
+SPARSE_TABLE_ROWS = 1 << 20
+SPARSE_TABLE_FACTOR = 16
+TRAIN_BYTES_PER_WEIGHT = 16  # fp32 weight, its gradient and Adam's two moments
+
+
+def _table_cost(rows: int, dim: int) -> str:
+    return f"{rows:,} rows, {rows * dim * TRAIN_BYTES_PER_WEIGHT / 2**30:,.1f} GiB to train at embedding_dim {dim}"
+
+
+def check_id_tables(data_dir: str | Path, table: ItemTable, fmap: FeatureMap, use_tags: bool, use_user_id: bool,
+                    dim: int, split_rows: int) -> None:
+    """A one-line DataError, on the driver before Ray starts, when the tag or user embedding table the model would
+    build is mostly rows no id uses (see ``SPARSE_TABLE_ROWS``): the ids are not a dense vocabulary. Tags are
+    compared with the distinct tags of item_info; users (only with ``model.use_user_id``) with ``split_rows``, the
+    rows of all splits, which bound the distinct users from above."""
+    lay = Layout(data_dir)
+    if use_tags and fmap.tag_vocab > SPARSE_TABLE_ROWS:
+        distinct = int(np.count_nonzero(np.unique(table.tags)))  # less the padding 0
+        if fmap.tag_vocab > SPARSE_TABLE_FACTOR * max(distinct, 1):
+            raise DataError(f"{lay.item_info}: column item_tags: largest tag id {fmap.tag_vocab - 1:,} for "
+                            f"{distinct:,} distinct tags asks a tag embedding table of "
+                            f"{_table_cost(fmap.tag_vocab, dim)}; expected dense tag ids 1..T (0 = padding), as "
+                            f"`mmctr convert` writes: map the tags to 1..T, or set model.use_tags=false")
+    if use_user_id and fmap.num_users > SPARSE_TABLE_ROWS and fmap.num_users > SPARSE_TABLE_FACTOR * split_rows:
+        from mmctr_ray.preflight import value_range
+
+        ranges = [(value_range(pq.ParquetFile(part), "user_id"), part)
+                  for split in SPLITS for part in lay.split_files(split)]
+        where = max(((r[1], str(part)) for r, part in ranges if r is not None), default=(0, str(lay.dataset_dir)))[1]
+        raise DataError(f"{where}: column user_id: largest user id {fmap.num_users - 1:,} for at most "
+                        f"{split_rows:,} users (the rows of all splits) asks a user embedding table of "
+                        f"{_table_cost(fmap.num_users, dim)}; expected dense user ids 0..U: map the users to 0..U, "
+                        f"or set model.use_user_id=false")
+
+
 def history_window(seq: np.ndarray, max_len: int) -> np.ndarray:
     """Keep the ``max_len`` most recent items of left-padded (B, W) histories → (B, L) contiguous."""
     if max_len > seq.shape[1]:

@@ -31,7 +31,8 @@ from mmctr_ray.checkpoint import best_checkpoint, checkpoint_epoch, epoch_checkp
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
 from mmctr_ray.errors import (ConfigError, DataError, Interrupted, OutputExistsError, StorageError, UserError,
                               WorkersFailed, dead_worker, find_cause, find_user_error, worker_failure_reason)
-from mmctr_ray.features import FeatureMap, build_feature_map, check_same_table, load_item_table, read_split
+from mmctr_ray.features import (FeatureMap, build_feature_map, check_id_tables, check_same_table, load_item_table,
+                                read_split)
 from mmctr_ray.host_malloc import worker_env
 from mmctr_ray.layers.embedding import root_mean_square
 from mmctr_ray.locking import entries
@@ -202,7 +203,11 @@ def check_inputs(data_dir: str | Path, cfg: ExperimentConfig, resume: bool = Fal
     if not resume:
         warn_fusion_mismatch(cfg, table.source)
     log.info("training %s", describe_run(cfg, table.source))
-    return rows, build_feature_map(data_dir, table)
+    fmap = build_feature_map(data_dir, table)
+    if not resume:  # a resumed run has built its tables: they are what it trained, whatever their size
+        check_id_tables(data_dir, table, fmap, cfg.model.use_tags, cfg.model.use_user_id, cfg.model.embedding_dim,
+                        sum(rows.values()))
+    return rows, fmap
 
 
 UNSCALED_RMS_WARN = 0.8  # 2x the paper configs' model.item_vector_rms: past it the cross terms grow steeply

@@ -192,6 +192,21 @@ def negative_tag_id(d, t):
     return _train(d, t)
 
 
+def sparse_tag_ids(d, t):
+    """Before: each training worker's allocation error (32 TB for a 10**12-row tag table), after Ray started, and
+    two restarts from FailureConfig that met it again."""
+    _edit(item_info(d), lambda tb: pa.concat_tables([tb.slice(0, 1),
+                                                     _first(tb.slice(1), "item_tags", [0, 0, 0, 1, 10**12])]))
+    return _train(d, t)
+
+
+def sparse_user_ids(d, t):
+    """Before: the run trained, with a 5 * 10**7-row user table (6 GB with its gradient and Adam's moments at
+    embedding_dim 8) for the few hundred users of the data."""
+    _edit(Layout(d).split("valid"), lambda tb: _first(tb, "user_id", 5 * 10**7))
+    return _train(d, t, "--set", "model.use_user_id=true")
+
+
 def item_info_of_only_the_padding_row(d, t):
     _edit(item_info(d), lambda tb: tb.slice(0, 1))
     return _train(d, t)
@@ -549,6 +564,12 @@ CASES = [
     (item_rows_out_of_order, ["item_info.parquet: column item_id: row 1 holds 2"], ["run"]),
     (negative_tag_id, ["item_info.parquet: column item_tags: values span -2..", "expected tag ids >= 0 (0 = padding)"],
      ["run"]),
+    (sparse_tag_ids, ["item_info.parquet: column item_tags: largest tag id 1,000,000,000,000 for", "asks a tag "
+                      "embedding table of 1,000,000,000,001 rows, 119,209.3 GiB to train at embedding_dim 8",
+                      "expected dense tag ids 1..T (0 = padding)", "or set model.use_tags=false"], ["run"]),
+    (sparse_user_ids, ["valid.parquet: column user_id: largest user id 50,000,000 for at most", "asks a user "
+                       "embedding table of 50,000,001 rows", "expected dense user ids 0..U",
+                       "or set model.use_user_id=false"], ["run"]),
     (item_info_of_only_the_padding_row, ["item_info.parquet: holds only the padding row 0, expected the items 1..N"],
      ["run"]),
     (missing_item_info, ["item_info.parquet: missing file"], ["run"]),
