@@ -283,6 +283,15 @@ def _table_cost(rows: int, dim: int) -> str:
     return f"{rows:,} rows, {rows * dim * TRAIN_BYTES_PER_WEIGHT / 2**30:,.1f} GiB to train at embedding_dim {dim}"
 
 
+def sparse_tags(tags: np.ndarray) -> tuple[int, int] | None:
+    """(largest tag id, distinct tags) when a tag table sized by ``tags`` would be refused (see
+    ``SPARSE_TABLE_ROWS``), else None."""
+    if tags.size == 0 or int(tags.max()) + 1 <= SPARSE_TABLE_ROWS:
+        return None
+    distinct = int(np.count_nonzero(np.unique(tags)))  # less the padding 0
+    return (int(tags.max()), distinct) if int(tags.max()) + 1 > SPARSE_TABLE_FACTOR * max(distinct, 1) else None
+
+
 def check_id_tables(data_dir: str | Path, table: ItemTable, fmap: FeatureMap, use_tags: bool, use_user_id: bool,
                     dim: int, split_rows: int) -> None:
     """A one-line DataError, on the driver before Ray starts, when the tag or user embedding table the model would
@@ -290,13 +299,11 @@ def check_id_tables(data_dir: str | Path, table: ItemTable, fmap: FeatureMap, us
     compared with the distinct tags of item_info; users (only with ``model.use_user_id``) with ``split_rows``, the
     rows of all splits, which bound the distinct users from above."""
     lay = Layout(data_dir)
-    if use_tags and fmap.tag_vocab > SPARSE_TABLE_ROWS:
-        distinct = int(np.count_nonzero(np.unique(table.tags)))  # less the padding 0
-        if fmap.tag_vocab > SPARSE_TABLE_FACTOR * max(distinct, 1):
-            raise DataError(f"{lay.item_info}: column item_tags: largest tag id {fmap.tag_vocab - 1:,} for "
-                            f"{distinct:,} distinct tags asks a tag embedding table of "
-                            f"{_table_cost(fmap.tag_vocab, dim)}; expected dense tag ids 1..T (0 = padding), as "
-                            f"`mmctr convert` writes: map the tags to 1..T, or set model.use_tags=false")
+    if use_tags and (sparse := sparse_tags(table.tags)) is not None:
+        raise DataError(f"{lay.item_info}: column item_tags: largest tag id {sparse[0]:,} for {sparse[1]:,} distinct "
+                        f"tags asks a tag embedding table of {_table_cost(fmap.tag_vocab, dim)}; expected dense tag "
+                        f"ids 1..T (0 = padding), as `mmctr convert` writes: map the tags to 1..T, or set "
+                        f"model.use_tags=false")
     if use_user_id and fmap.num_users > SPARSE_TABLE_ROWS and fmap.num_users > SPARSE_TABLE_FACTOR * split_rows:
         from mmctr_ray.preflight import value_range
 

@@ -228,8 +228,10 @@ def _check_vectors(check: _FileCheck, col: pa.Array, name: str, width: int | Non
     check.bad(name, "finite floats (NaN/inf found)", ~np.isfinite(flat), flat, offset, rows)
 
 
-def _scan_items(check: _FileCheck, pf: pq.ParquetFile, spec: dict[str, object], first_id: int) -> np.ndarray:
-    """Scan item_info (first_id 0) or item_feature (first_id 1); return the item ids seen."""
+def _scan_items(check: _FileCheck, pf: pq.ParquetFile, spec: dict[str, object], first_id: int,
+                tags_seen: list[np.ndarray] | None = None) -> np.ndarray:
+    """Scan item_info (first_id 0) or item_feature (first_id 1); return the item ids seen (and append the tag ids
+    to ``tags_seen``)."""
     ids = []
     offset = 0
     for batch in pf.iter_batches(batch_size=_batch_rows(pf), columns=_usable(pf, spec)):
@@ -251,6 +253,8 @@ def _scan_items(check: _FileCheck, pf: pq.ParquetFile, spec: dict[str, object], 
             elif isinstance(kind, tuple):
                 tags, rows = _list_values(check, col, name, kind[2], offset)
                 check.bad(name, "non-negative tag ids", tags < 0, tags, offset, rows)
+                if tags_seen is not None:
+                    tags_seen.append(tags)
         offset += batch.num_rows
     return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
 
@@ -283,8 +287,10 @@ def validate(root: str | Path, expect_test_rows: int | None = None) -> list[Prob
     if pf is not None:
         check = _FileCheck(lay.item_info, rel(lay.item_info))
         try:
-            _scan_items(check, pf, ITEM_INFO_COLUMNS, first_id=0)
+            tags: list[np.ndarray] = []
+            _scan_items(check, pf, ITEM_INFO_COLUMNS, first_id=0, tags_seen=tags)
             _check_padding_row(lay, pf, problems)
+            problems += _check_tag_vocabulary(rel(lay.item_info), tags)
             n_items = pf.metadata.num_rows - 1
             if n_items < 1:  # ids of the other files are then not checked against an empty range
                 problems.append(Problem(rel(lay.item_info), None, "holds only the padding row 0, expected the "
@@ -347,6 +353,19 @@ def validate(root: str | Path, expect_test_rows: int | None = None) -> list[Prob
                                                                f"missing, up to --max-bad-covers (10% by default)",
                                     False))
     return problems
+
+
+def _check_tag_vocabulary(rel: str, tags: list[np.ndarray]) -> list[Problem]:
+    """A warning when the tag ids are not a dense vocabulary: `mmctr train` refuses them with ``model.use_tags``
+    (:func:`mmctr_ray.features.check_id_tables`)."""
+    from mmctr_ray.features import sparse_tags
+
+    sparse = sparse_tags(np.concatenate(tags)) if tags else None
+    if sparse is None:
+        return []
+    return [Problem(rel, "item_tags", f"largest tag id {sparse[0]:,} for {sparse[1]:,} distinct tags: not a dense "
+                                      f"vocabulary 1..T; `mmctr train` refuses its {sparse[0] + 1:,}-row tag table "
+                                      f"unless model.use_tags=false", False)]
 
 
 def _check_padding_row(lay: Layout, pf: pq.ParquetFile, problems: list[Problem]) -> None:

@@ -269,6 +269,17 @@ def test_item_tags_wrong_length(data, file):
     the_error(data, file, "item_tags", "lists of length 5", "first a list of 3 at row 9")
 
 
+def test_tag_ids_that_are_not_a_dense_vocabulary_are_a_warning(data):
+    """Valid layout, but `mmctr train` refuses the tag table they size unless model.use_tags=false."""
+    rewrite(data / INFO, set_elem("item_tags", 9, 4, 10**12))
+    problems = validate(data)
+    assert [(p.file, p.column, p.is_error) for p in problems] == [(INFO, "item_tags", False)], problems
+    assert str(problems[0]).startswith(f"warning: {INFO}: column item_tags: largest tag id 1,000,000,000,000 for ")
+    assert "`mmctr train` refuses its 1,000,000,000,001-row tag table unless model.use_tags=false" in str(problems[0])
+    rewrite(data / INFO, set_elem("item_tags", 9, 4, 2**20 - 1))  # a table at the bound: built, no warning
+    assert validate(data) == []
+
+
 @pytest.mark.parametrize("file,column", [(INFO, "item_emb_d128"), (FEATURE, "txt_emb_BERT"),
                                          (FEATURE, "img_emb_CLIPRN50")])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
