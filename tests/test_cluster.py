@@ -438,9 +438,11 @@ def test_a_worker_that_exited_is_not_waited_for_or_killed_while_it_waits_to_be_r
 
     from mmctr_ray import ray_env
 
-    # a child that exited under a parent that never reaps it (sleep, exec'd by the shell that started it): a zombie
-    # that is not this process's child, as a worker under the raylet is
-    parent = subprocess.Popen(["bash", "-c", "true & exec sleep 300"])
+    # a child that exited under a parent that never reaps it: a zombie that is not this process's child, as a worker
+    # under the raylet is. (A shell's `true & exec sleep 300` was one only when `true` outlived the exec; under load
+    # the shell reaped it first and no zombie came.)
+    never_reaps = "import os, time\nif os.fork() == 0:\n    os._exit(0)\ntime.sleep(300)"
+    parent = subprocess.Popen([sys.executable, "-c", never_reaps])
     running = subprocess.Popen(["sleep", "300"])
     try:
         deadline = time.monotonic() + 10
