@@ -292,27 +292,28 @@ def sparse_tags(tags: np.ndarray) -> tuple[int, int] | None:
     return (int(tags.max()), distinct) if int(tags.max()) + 1 > SPARSE_TABLE_FACTOR * max(distinct, 1) else None
 
 
-def check_id_tables(data_dir: str | Path, table: ItemTable, fmap: FeatureMap, use_tags: bool, use_user_id: bool,
+def check_id_tables(data_dir: str | Path, tags: np.ndarray, num_users: int, use_tags: bool, use_user_id: bool,
                     dim: int, split_rows: int) -> None:
     """A one-line DataError, on the driver before Ray starts, when the tag or user embedding table the model would
-    build is mostly rows no id uses (see ``SPARSE_TABLE_ROWS``): the ids are not a dense vocabulary. Tags are
-    compared with the distinct tags of item_info; users (only with ``model.use_user_id``) with ``split_rows``, the
-    rows of all splits, which bound the distinct users from above."""
+    build is mostly rows no id uses (see ``SPARSE_TABLE_ROWS``): the ids are not a dense vocabulary. ``tags``: the
+    item table's (item_info's) tag ids, compared with their distinct count; ``num_users``: the user table's rows
+    (:func:`max_user_id` + 1), checked only with ``model.use_user_id``, against ``split_rows``, the rows of all
+    splits, which bound the distinct users from above."""
     lay = Layout(data_dir)
-    if use_tags and (sparse := sparse_tags(table.tags)) is not None:
+    if use_tags and (sparse := sparse_tags(tags)) is not None:
         raise DataError(f"{lay.item_info}: column item_tags: largest tag id {sparse[0]:,} for {sparse[1]:,} distinct "
-                        f"tags asks a tag embedding table of {_table_cost(fmap.tag_vocab, dim)}; expected dense tag "
+                        f"tags asks a tag embedding table of {_table_cost(sparse[0] + 1, dim)}; expected dense tag "
                         f"ids 1..T (0 = padding), as `mmctr convert` writes: map the tags to 1..T, or set "
                         f"model.use_tags=false")
-    if use_user_id and fmap.num_users > SPARSE_TABLE_ROWS and fmap.num_users > SPARSE_TABLE_FACTOR * split_rows:
+    if use_user_id and num_users > SPARSE_TABLE_ROWS and num_users > SPARSE_TABLE_FACTOR * split_rows:
         from mmctr_ray.preflight import value_range
 
         ranges = [(value_range(pq.ParquetFile(part), "user_id"), part)
                   for split in SPLITS for part in lay.split_files(split)]
         where = max(((r[1], str(part)) for r, part in ranges if r is not None), default=(0, str(lay.dataset_dir)))[1]
-        raise DataError(f"{where}: column user_id: largest user id {fmap.num_users - 1:,} for at most "
+        raise DataError(f"{where}: column user_id: largest user id {num_users - 1:,} for at most "
                         f"{split_rows:,} users (the rows of all splits) asks a user embedding table of "
-                        f"{_table_cost(fmap.num_users, dim)}; expected dense user ids 0..U: map the users to 0..U, "
+                        f"{_table_cost(num_users, dim)}; expected dense user ids 0..U: map the users to 0..U, "
                         f"or set model.use_user_id=false")
 
 

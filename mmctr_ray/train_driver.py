@@ -205,8 +205,8 @@ def check_inputs(data_dir: str | Path, cfg: ExperimentConfig, resume: bool = Fal
     log.info("training %s", describe_run(cfg, table.source))
     fmap = build_feature_map(data_dir, table)
     if not resume:  # a resumed run has built its tables: they are what it trained, whatever their size
-        check_id_tables(data_dir, table, fmap, cfg.model.use_tags, cfg.model.use_user_id, cfg.model.embedding_dim,
-                        sum(rows.values()))
+        check_id_tables(data_dir, table.tags, fmap.num_users, cfg.model.use_tags, cfg.model.use_user_id,
+                        cfg.model.embedding_dim, sum(rows.values()))
     return rows, fmap
 
 

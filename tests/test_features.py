@@ -11,9 +11,8 @@ import pytest
 
 from mmctr_ray.data.writer import list_array
 from mmctr_ray.errors import DataError
-from mmctr_ray.features import (FUSED_VECTOR_COLUMN, SPARSE_TABLE_FACTOR, SPARSE_TABLE_ROWS, FeatureMap, ItemTable,
-                                check_id_tables, history_mask, history_window, list_matrix, load_item_table,
-                                read_split, to_model_batch)
+from mmctr_ray.features import (FUSED_VECTOR_COLUMN, SPARSE_TABLE_FACTOR, SPARSE_TABLE_ROWS, check_id_tables,
+                                history_mask, history_window, list_matrix, load_item_table, read_split, to_model_batch)
 from mmctr_ray.schema import Layout
 
 
@@ -89,33 +88,27 @@ def test_list_matrix_rejects_ragged_lists():
         list_matrix(arr, "x.parquet: column item_seq")
 
 
-def _tables_of(tags: np.ndarray, num_users: int = 1) -> tuple[ItemTable, FeatureMap]:
-    table = ItemTable(tags=tags, vectors=np.zeros((len(tags), 2), np.float32))
-    return table, FeatureMap(num_items=table.num_items, tag_vocab=table.tag_vocab, tags_per_item=tags.shape[1],
-                             vector_dim=2, num_users=num_users)
-
-
 def test_id_tables_are_built_up_to_the_bound_and_past_it_when_dense_enough(synth_dir):
     """Only an id table past SPARSE_TABLE_ROWS with more than SPARSE_TABLE_FACTOR rows per possible id is refused:
     a small sparse one (a subsample's tags) and a large dense one are built."""
     distinct = SPARSE_TABLE_ROWS // SPARSE_TABLE_FACTOR + 1  # tag ids 1..distinct-1 and the largest
     small = np.zeros((3, 5), np.int64)
     small[1:, -1] = [1, SPARSE_TABLE_ROWS - 1]  # 2 tags, the table at the bound: built
-    check_id_tables(synth_dir, *_tables_of(small), use_tags=True, use_user_id=False, dim=8, split_rows=10)
+    check_id_tables(synth_dir, small, 1, use_tags=True, use_user_id=False, dim=8, split_rows=10)
     dense = np.zeros((distinct + 1, 5), np.int64)
     dense[1:, -1] = np.r_[1:distinct, SPARSE_TABLE_ROWS]  # one row past the bound, 16 rows per tag: built
-    check_id_tables(synth_dir, *_tables_of(dense), use_tags=True, use_user_id=False, dim=8, split_rows=10)
+    check_id_tables(synth_dir, dense, 1, use_tags=True, use_user_id=False, dim=8, split_rows=10)
     dense[-1, -1] += SPARSE_TABLE_FACTOR  # now more than 16 rows per tag
     with pytest.raises(DataError, match=f"largest tag id {SPARSE_TABLE_ROWS + SPARSE_TABLE_FACTOR:,} for "
                                         f"{distinct:,} distinct tags"):
-        check_id_tables(synth_dir, *_tables_of(dense), use_tags=True, use_user_id=False, dim=8, split_rows=10)
-    check_id_tables(synth_dir, *_tables_of(dense), use_tags=False, use_user_id=False, dim=8, split_rows=10)
+        check_id_tables(synth_dir, dense, 1, use_tags=True, use_user_id=False, dim=8, split_rows=10)
+    check_id_tables(synth_dir, dense, 1, use_tags=False, use_user_id=False, dim=8, split_rows=10)
     users = SPARSE_TABLE_FACTOR * 100_000 + 1  # rows > 2**20 and > 16 per split row: refused only with the field
-    check_id_tables(synth_dir, *_tables_of(small, users), use_tags=True, use_user_id=False, dim=8, split_rows=100_000)
-    check_id_tables(synth_dir, *_tables_of(small, users - 1), use_tags=True, use_user_id=True, dim=8,
+    check_id_tables(synth_dir, small, users, use_tags=True, use_user_id=False, dim=8, split_rows=100_000)
+    check_id_tables(synth_dir, small, users - 1, use_tags=True, use_user_id=True, dim=8,
                     split_rows=100_000)
     with pytest.raises(DataError, match=r"column user_id: largest user id 1,600,000 for at most 100,000 users"):
-        check_id_tables(synth_dir, *_tables_of(small, users), use_tags=True, use_user_id=True, dim=8,
+        check_id_tables(synth_dir, small, users, use_tags=True, use_user_id=True, dim=8,
                         split_rows=100_000)
 
 

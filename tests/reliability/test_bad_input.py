@@ -450,6 +450,15 @@ def search_of_one_row_batches_under_batch_norm(d, t):
     return ["tune", "--data", str(d), "--out", str(t / "tune"), "--config", str(t / "s.yaml")]
 
 
+def search_of_user_ids_over_sparse_users(d, t):
+    """Before: each trial that drew model.use_user_id=true failed at its start (the run's own check), after Ray
+    started: errored trials, which TPE learns nothing from, and the search exited 0."""
+    _edit(Layout(d).split("valid"), lambda tb: _first(tb, "user_id", 5 * 10**7))
+    (t / "s.yaml").write_text(yaml.safe_dump({**yaml.safe_load((ROOT / "configs/search_tiny.yaml").read_text()),
+                                             "search": {"space": {"model.use_user_id": {"choice": [False, True]}}}}))
+    return ["tune", "--data", str(d), "--out", str(t / "tune"), "--config", str(t / "s.yaml")]
+
+
 def _tune(d: Path, t: Path, *extra: str) -> list[str]:
     return ["tune", "--data", str(d), "--out", str(t / "tune"), "--config", "configs/search_tiny.yaml", *extra]
 
@@ -624,6 +633,8 @@ CASES = [
     (search_batch_larger_than_the_split, ["train.batch_size=65,536 exceeds the", "training split"], ["tune"]),
     (search_of_one_row_batches_under_batch_norm, ["train.batch_size=1 gives each worker a batch of 1 row",
                                                   "or set model.batch_norm=false"], ["tune"]),
+    (search_of_user_ids_over_sparse_users, ["valid.parquet: column user_id: largest user id 50,000,000 for at most",
+                                            "or set model.use_user_id=false"], ["tune"]),
     (tune_on_placeholder_vectors, ["converted by `mmctr convert`, its shipped embedding columns are zero "
                                    "placeholders, which trials of fusion.strategy", "with --source shipped"],
      ["tune"]),
