@@ -463,8 +463,18 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
     check_gpu_split(args.workers, args.gpus_per_worker, "--gpus-per-worker")  # before the steps ahead of training
     steps: list[tuple[str, Callable[[], int]]] = []
     data = Path(args.data).resolve() if args.data and not storage.is_uri(args.data) else None  # else set below
-    validate = ("validate", lambda: cmd_validate(argparse.Namespace(
-        data=data, expect_test_rows=getattr(args, "expect_test_rows", None))))  # demo: synth.json's count
+    continuing = resume and storage.is_file(storage.join(run, "config.yaml"))  # else train starts the run
+
+    def validate_step() -> int:
+        rc = cmd_validate(argparse.Namespace(data=data, expect_test_rows=getattr(args, "expect_test_rows", None)))
+        if rc == 0 and not continuing:  # the id tables training would refuse, before the steps ahead of it
+            from mmctr_ray.features import check_data_id_tables  # (embed's hours at full scale)
+
+            model = _config(args).model
+            check_data_id_tables(data, model.use_tags, model.use_user_id, model.embedding_dim)
+        return rc
+
+    validate = ("validate", validate_step)  # expect_test_rows: demo's, synth.json's count
     if data is not None:  # local data: its problems are told before Ray starts (a bad --data waited for it)
         rc = _run_steps(label, [validate], work, out)
         if rc:
@@ -474,7 +484,6 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
     # pools a private local Ray cannot feed: refused before the steps ahead of training (hours at full scale)
     check_local_workers(args.workers, args.cpus_per_worker, args.gpus_per_worker)
     check_actors(args.actors, gpus_per_actor)  # predict's; embed's too (the pipeline gives it 1 CPU an actor)
-    continuing = resume and storage.is_file(storage.join(run, "config.yaml"))  # else train starts the run
     validated = data is not None
     data = data or (pipeline.local_data(args.data, work, resume, args.overwrite) if args.data else work / "data")
     if args.overwrite:  # the checks that can still refuse the command are behind it

@@ -317,6 +317,18 @@ def check_id_tables(data_dir: str | Path, tags: np.ndarray, num_users: int, use_
                         f"or set model.use_user_id=false")
 
 
+def check_data_id_tables(data_dir: str | Path, use_tags: bool, use_user_id: bool, dim: int) -> None:
+    """:func:`check_id_tables` from ``data_dir``'s files alone (item_info's tags, the splits' footers), for the
+    commands that check before a training run builds its item table: `tune` and `pipeline`."""
+    if not (use_tags or use_user_id):
+        return
+    lay = Layout(data_dir)
+    info = pq.read_table(lay.item_info, columns=["item_tags"])
+    tags = list_matrix(info.column("item_tags"), f"{lay.item_info}: column item_tags")
+    rows = sum(pq.ParquetFile(part).metadata.num_rows for split in SPLITS for part in lay.split_files(split))
+    check_id_tables(data_dir, tags, max_user_id(data_dir) + 1, use_tags, use_user_id, dim, rows)
+
+
 def history_window(seq: np.ndarray, max_len: int) -> np.ndarray:
     """Keep the ``max_len`` most recent items of left-padded (B, W) histories → (B, L) contiguous."""
     if max_len > seq.shape[1]:

@@ -560,7 +560,7 @@ def check_inputs(data_dir: str | Path, search_yaml: str | Path | None, overrides
                         if len(uneven) > 1 else "")
         _refuse_placeholders(data_dir, space, source)
         _check_fused_sizes(data_dir, space, source)
-        _check_id_tables(data_dir, space, sum(rows.values()))
+        _check_id_tables(data_dir, space)
     return rows, space
 
 
@@ -645,23 +645,15 @@ def _can_batch_norm(space: SearchSpace) -> bool:
     return _can_be_on(space, "model.batch_norm")
 
 
-def _check_id_tables(data_dir: str | Path, space: SearchSpace, split_rows: int) -> None:
+def _check_id_tables(data_dir: str | Path, space: SearchSpace) -> None:
     """The tag and user tables a trial can build must be dense enough (:func:`features.check_id_tables`, which each
     trial's run checks again): a search whose trials can turn on ``model.use_user_id`` over sparse user ids failed
     trial by trial, as errored trials TPE learns nothing from. The tables' cost is given at the base config's
     ``model.embedding_dim``."""
-    import pyarrow.parquet as pq
+    from mmctr_ray.features import check_data_id_tables
 
-    from mmctr_ray.features import check_id_tables, list_matrix, max_user_id
-    from mmctr_ray.schema import Layout
-
-    use_tags, use_user_id = _can_be_on(space, "model.use_tags"), _can_be_on(space, "model.use_user_id")
-    if not (use_tags or use_user_id):
-        return
-    info = Layout(data_dir).item_info
-    tags = list_matrix(pq.read_table(info, columns=["item_tags"]).column("item_tags"), f"{info}: column item_tags")
-    check_id_tables(data_dir, tags, max_user_id(data_dir) + 1, use_tags, use_user_id,
-                    space.trial_config({}).model.embedding_dim, split_rows)
+    check_data_id_tables(data_dir, _can_be_on(space, "model.use_tags"), _can_be_on(space, "model.use_user_id"),
+                         space.trial_config({}).model.embedding_dim)
 
 
 def batch_sizes(space: SearchSpace) -> list[int]:

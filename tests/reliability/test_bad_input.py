@@ -248,6 +248,11 @@ def pipeline_of_gpu_fractions_over_ddp_workers(d, t):  # refused before any step
             "--gpus-per-worker", "0.5"]
 
 
+def pipeline_of_sparse_tag_ids(d, t):  # before: refused by train, after fuse and features (and embed's hours)
+    sparse_tag_ids(d, t)
+    return ["pipeline", "--data", str(d), "--out", str(t / "out"), "--config", CONFIG]
+
+
 def bad_override_syntax(d, t):
     return _train(d, t, "--set", "train.lr")
 
@@ -590,6 +595,8 @@ CASES = [
     (gpu_fractions_over_ddp_workers, ["--gpus-per-worker 0.5: with 2+ DDP workers each needs whole GPUs"], ["run"]),
     (pipeline_of_gpu_fractions_over_ddp_workers, ["--gpus-per-worker 0.5: with 2+ DDP workers each needs whole "
                                                   "GPUs"], ["out/run", "out/item_emb.parquet", "out/features"]),
+    (pipeline_of_sparse_tag_ids, ["item_info.parquet: column item_tags: largest tag id 1,000,000,000,000 for",
+                                  "or set model.use_tags=false"], ["out/run", "out/item_emb.parquet", "out/features"]),
     (bad_override_syntax, ["override 'train.lr'", "expected section.key=value"], ["run"]),
     (unsupported_run_uri, ["foo://bucket/run: unsupported storage scheme foo://"], []),
     (resume_without_a_run, ["run: nothing to resume"], ["run"]),
