@@ -254,13 +254,19 @@ class FeatureMap:
         return cls(**raw)
 
 
-def max_user_id(data_dir: str | Path) -> int:
-    """Largest ``user_id`` over the three splits (from the parquet column statistics where they exist)."""
+def largest_user_ids(data_dir: str | Path) -> list[tuple[int, Path]]:
+    """(largest ``user_id``, file) of each split file that holds a user id (from the parquet column statistics
+    where they exist)."""
     from mmctr_ray.preflight import value_range
 
     lay = Layout(data_dir)
-    seen = [value_range(pq.ParquetFile(part), "user_id") for split in SPLITS for part in lay.split_files(split)]
-    return max([int(s[1]) for s in seen if s is not None], default=0)
+    seen = [(value_range(pq.ParquetFile(part), "user_id"), part) for split in SPLITS for part in lay.split_files(split)]
+    return [(int(r[1]), part) for r, part in seen if r is not None]
+
+
+def max_user_id(data_dir: str | Path) -> int:
+    """Largest ``user_id`` over the three splits."""
+    return max((largest for largest, _ in largest_user_ids(data_dir)), default=0)
 
 
 def build_feature_map(data_dir: str | Path, table: ItemTable) -> FeatureMap:
@@ -306,11 +312,7 @@ def check_id_tables(data_dir: str | Path, tags: np.ndarray, num_users: int, use_
                         f"ids 1..T (0 = padding), as `mmctr convert` writes: map the tags to 1..T, or set "
                         f"model.use_tags=false")
     if use_user_id and num_users > SPARSE_TABLE_ROWS and num_users > SPARSE_TABLE_FACTOR * split_rows:
-        from mmctr_ray.preflight import value_range
-
-        ranges = [(value_range(pq.ParquetFile(part), "user_id"), part)
-                  for split in SPLITS for part in lay.split_files(split)]
-        where = max(((r[1], str(part)) for r, part in ranges if r is not None), default=(0, str(lay.dataset_dir)))[1]
+        where = max(largest_user_ids(data_dir), default=(0, lay.dataset_dir))[1]  # the file of the largest
         raise DataError(f"{where}: column user_id: largest user id {num_users - 1:,} for at most "
                         f"{split_rows:,} users (the rows of all splits) asks a user embedding table of "
                         f"{_table_cost(num_users, dim)}; expected dense user ids 0..U: map the users to 0..U, "
@@ -320,13 +322,16 @@ def check_id_tables(data_dir: str | Path, tags: np.ndarray, num_users: int, use_
 def check_data_id_tables(data_dir: str | Path, use_tags: bool, use_user_id: bool, dim: int) -> None:
     """:func:`check_id_tables` from ``data_dir``'s files alone (item_info's tags, the splits' footers), for the
     commands that check before a training run builds its item table: `tune` and `pipeline`."""
-    if not (use_tags or use_user_id):
-        return
     lay = Layout(data_dir)
-    info = pq.read_table(lay.item_info, columns=["item_tags"])
-    tags = list_matrix(info.column("item_tags"), f"{lay.item_info}: column item_tags")
-    rows = sum(pq.ParquetFile(part).metadata.num_rows for split in SPLITS for part in lay.split_files(split))
-    check_id_tables(data_dir, tags, max_user_id(data_dir) + 1, use_tags, use_user_id, dim, rows)
+    tags = np.zeros((0, 0), np.int64)
+    if use_tags:
+        tags = list_matrix(pq.read_table(lay.item_info, columns=["item_tags"]).column("item_tags"),
+                           f"{lay.item_info}: column item_tags")
+    num_users = rows = 0  # the splits' footers are read for the user table only
+    if use_user_id:
+        num_users = max_user_id(data_dir) + 1
+        rows = sum(pq.ParquetFile(part).metadata.num_rows for split in SPLITS for part in lay.split_files(split))
+    check_id_tables(data_dir, tags, num_users, use_tags, use_user_id, dim, rows)
 
 
 def history_window(seq: np.ndarray, max_len: int) -> np.ndarray:

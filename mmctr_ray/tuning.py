@@ -553,7 +553,7 @@ def check_inputs(data_dir: str | Path, search_yaml: str | Path | None, overrides
     if space is not None:  # the largest batch any trial can draw must fit the training split
         sizes = batch_sizes(space)
         check_batch_size(max(sizes), rows["train"], workers)
-        check_batch_norm_rows(min(sizes), workers, _can_batch_norm(space))
+        check_batch_norm_rows(min(sizes), workers, _can_be_on(space, "model.batch_norm"))
         uneven = [note for size in sorted(set(sizes)) if (note := batch_split_note(size, workers))]
         if uneven:
             log.warning("%s%s", uneven[0], f" (and {len(uneven) - 1} more of the space's batch sizes)"
@@ -638,11 +638,6 @@ def _can_be_on(space: SearchSpace, key: str) -> bool:
     searched = [p for p in space.params if p.key == key]
     base = getattr(space.trial_config({}).model, key.removeprefix("model."))
     return base or any(v is True for p in searched for v in p.values)
-
-
-def _can_batch_norm(space: SearchSpace) -> bool:
-    """Whether a trial of ``space`` can train with ``model.batch_norm`` on."""
-    return _can_be_on(space, "model.batch_norm")
 
 
 def _check_id_tables(data_dir: str | Path, space: SearchSpace) -> None:
