@@ -324,6 +324,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from mmctr_ray.tune_report import trial_counts
     from mmctr_ray.tuning import check_inputs, run_tuning, trial_cpus
 
     started = time.time()  # --time-budget-s counts from here: Ray's start and the reading of the splits count
@@ -336,8 +337,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                          workers=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker, source=args.source,
                          resume=args.resume, overwrite=args.overwrite, time_budget_s=args.time_budget_s,
                          verbose=args.verbose, started=started)
-    counts = (f"{summary['trials']} trials ({summary['completed']} completed, {summary['early-stopped']} "
-              f"early-stopped, {summary['pruned']} pruned, {summary['error']} errors)")
+    counts = trial_counts(summary)
     if summary.get("best_yaml") is None:  # a search that found nothing is not a success (a cluster job sees 1)
         log.error("%s; no trial reported a valid AUC: see %s and each trial's error in Tune's log", counts,
                   summary["results"])
@@ -785,7 +785,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=POSITIVE_INT,
                    help="at most this many trials at once (default: as many as Ray's CPUs and GPUs fit)")
     p.add_argument("--time-budget-s", type=POSITIVE, metavar="SECONDS",
-                   help="start no trial after this many seconds from the command's start; running trials finish and "
+                   help="start no trial after this many seconds from the command's start (a trial starts when its "
+                        "workers are up; one whose workers come later is 'not started'); running trials finish and "
                         "are kept (as Optuna's timeout). A resumed search keeps the wall-clock deadline; a finished "
                         "one starts no more, errored ones included")
     p.add_argument("--gpus-per-trial", type=NON_NEGATIVE, default=0.0, help="GPUs per trial; fractions share a GPU")

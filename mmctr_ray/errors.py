@@ -35,6 +35,14 @@ class WorkersFailed(UserError):
     what died and what the run keeps."""
 
 
+class NotStarted(Exception):
+    """A search's trial whose training workers were up only after the search's time budget had ended: it did not
+    train (no trial starts after the budget, as with Optuna's ``timeout``). Not an error: the trial ends without a
+    result, and ``results.csv`` says "not started"."""
+
+    FILE = "not_started.txt"  # in RUN: why, written by rank 0 for the driver, the search's table and its study
+
+
 class Interrupted(Exception):
     """The user stopped the command (Ctrl-C: ``signum`` SIGINT; a scheduler's SIGTERM) and what it wrote so far can
     be continued; the message says what is kept. Not a :class:`UserError`: the CLI prints it as one line and exits

@@ -29,8 +29,9 @@ import torch
 from mmctr_ray import storage
 from mmctr_ray.checkpoint import best_checkpoint, checkpoint_epoch, epoch_checkpoints, latest_checkpoint, read_state
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
-from mmctr_ray.errors import (ConfigError, DataError, Interrupted, OutputExistsError, StorageError, UserError,
-                              WorkersFailed, dead_worker, find_cause, find_user_error, worker_failure_reason)
+from mmctr_ray.errors import (ConfigError, DataError, Interrupted, NotStarted, OutputExistsError, StorageError,
+                              UserError, WorkersFailed, dead_worker, find_cause, find_user_error,
+                              worker_failure_reason)
 from mmctr_ray.features import (FeatureMap, build_feature_map, check_id_tables, check_same_table, load_item_table,
                                 read_split)
 from mmctr_ray.host_malloc import worker_env
@@ -116,7 +117,8 @@ def _nothing_to_train(run: storage.Location, cfg: ExperimentConfig) -> str | Non
 def _prepare_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool, overwrite: bool) -> None:
     _check_run_dir(run, cfg, resume, overwrite)
     if resume:
-        for name in (DIVERGED, "summary.json"):  # this attempt decides anew; until it ends, the run is not complete
+        # this attempt decides anew; until it ends, the run is not complete
+        for name in (DIVERGED, NotStarted.FILE, "summary.json"):
             storage.remove_file(storage.join(run, name))
     elif storage.listdir(run):
         storage.remove_dir(run)
@@ -276,7 +278,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
                  overwrite: bool = False, max_failures: int = 2, verbose: bool = False,
                  callbacks: list[Any] | None = None, start_ray: Callable[[], None] | None = None,
                  datasets: dict[str, Any] | None = None, runs_per_node: int = 1,
-                 lr_set: bool = False) -> dict[str, Any]:
+                 lr_set: bool = False, start_by: float | None = None) -> dict[str, Any]:
     """Train ``cfg`` on ``data_dir`` into ``run_dir`` (a local path or a storage URI) with ``workers`` DDP
     workers; return the summary.
 
@@ -290,7 +292,8 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     reading the splits from ``data_dir``. ``runs_per_node``: how many runs' CPU workers may share a node at once
     (``mmctr tune``'s concurrent trials); each CPU worker takes its share of the node's cores as torch threads.
     ``lr_set``: a resume given ``train.lr`` (``--set``) continues at that rate even where it is the run's own, which
-    the schedule had lowered (:func:`mmctr_ray.training.load_into`).
+    the schedule had lowered (:func:`mmctr_ray.training.load_into`). ``start_by`` (wall-clock seconds since the
+    epoch; ``mmctr tune``'s time budget): a run that would start from no checkpoint once it has passed does not train.
 
     Raises:
         OutputExistsError: ``run_dir`` holds a run and neither ``resume`` nor ``overwrite`` was given.
@@ -298,6 +301,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
         ConfigError: ``run_dir`` is a URI whose storage cannot be opened, a resume that changes more than
             ``train.*``, more workers than a private local Ray can hold and feed (:func:`check_worker_resources`),
             or GPU shares DDP cannot train on (:func:`mmctr_ray.ray_env.check_gpu_split`).
+        NotStarted: the workers were up only after ``start_by``, with no checkpoint to continue from.
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
 
@@ -334,7 +338,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
                        "feature_map": fmap.__dict__, "train_rows": rows["train"], "valid_rows": rows["valid"],
                        "gpus_per_worker": gpus_per_worker, "start_epoch": checkpoint_epoch(latest) if latest else 0,
                        "fault": _fault_from_env(), "verbose": verbose, "runs_per_node": runs_per_node,
-                       "lr_set": lr_set}
+                       "lr_set": lr_set, "start_by": start_by}
         os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
         fs, fs_path = storage.resolve(run)  # Ray Train writes checkpoints to storage_path/name = RUN
         trainer = torch_trainer()(  # on the private local Ray, without the placement-group cleaner
@@ -367,6 +371,9 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
             if ended is None:
                 raise  # a worker's own error (a bug): its traceback
             raise ended from None  # one line, not the workers' tracebacks
+        late = storage.join(run, NotStarted.FILE)
+        if storage.is_file(late):  # the workers ended at their start: a search's time budget had ended
+            raise NotStarted(storage.read_text(late).strip())
         diverged = storage.join(run, DIVERGED)
         if storage.is_file(diverged):  # the workers ended the run themselves: no summary; earlier checkpoints stay
             raise ConfigError(f"{run}: {storage.read_text(diverged).strip()}")

@@ -29,6 +29,7 @@ from mmctr_ray import storage
 from mmctr_ray.checkpoint import (PREFIX, TrainState, checkpoint_epoch, latest_checkpoint, load_checkpoint,
                                   save_checkpoint)
 from mmctr_ray.config import ExperimentConfig, TrainConfig, from_dict, worker_batch
+from mmctr_ray.errors import NotStarted
 from mmctr_ray.features import FeatureMap, load_item_table
 from mmctr_ray.metrics import evaluate
 from mmctr_ray.model import DINModel
@@ -38,6 +39,7 @@ from mmctr_ray.run_log import RunLog
 from mmctr_ray.store_pages import release_store_pages
 
 DIVERGED = "diverged.txt"  # in RUN: why the workers ended the run on a non-finite loss or prediction
+BEGAN = "began.txt"  # in RUN of a search's trial with a time budget: when its training began (wall-clock seconds)
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +133,24 @@ def _broadcast(obj: Any) -> Any:
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _late_start(run_dir: str, start_by: float) -> str | None:
+    """On rank 0, as a run that must begin by ``start_by`` (wall-clock seconds since the epoch: a search's time
+    budget) starts from no checkpoint: why it must not train, kept in RUN for the driver (:class:`NotStarted`), or
+    None, with the start kept in RUN (:data:`BEGAN`): a run that began in time trains to its end, also where a
+    worker died before its first checkpoint and the restart comes after the deadline."""
+    began = storage.join(run_dir, BEGAN)
+    if storage.is_file(began):
+        return None
+    now = time.time()
+    if now < start_by:
+        storage.write_text(began, f"{now:.3f}\n")
+        return None
+    message = (f"not started: its workers were up {now - start_by:.0f} s after the search's time budget ended "
+               f"(at {time.strftime('%H:%M:%S', time.localtime(start_by))}), and no trial starts after it")
+    storage.write_text(storage.join(run_dir, NotStarted.FILE), message + "\n")
+    return message
 
 
 def _gather(obj: Any) -> list[Any]:
@@ -442,6 +462,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # the newest complete checkpoint in RUN (which starts empty unless resumed), as rank 0 sees it: every rank
     # starts from the same one even where a shared file system shows a new file to some nodes later than others
     latest = _broadcast(str(latest_checkpoint(config["run_dir"]) or "") if rank == 0 else None) or None
+    if config.get("start_by") is not None and not latest:  # a search's trial, whose workers may have waited for
+        # resources past its time budget (on a cluster, trials beyond what fits wait for the autoscaler): rank 0
+        # decides for every rank, as they may read the clock on either side of the deadline
+        if _broadcast(_late_start(config["run_dir"], config["start_by"]) if rank == 0 else None):
+            return  # the driver raises NotStarted; the search's progress line says it
     per_worker = worker_batch(cfg.train.batch_size, world)
     steps_per_epoch = max(1, config["train_rows"] // (per_worker * world))
     budget = resident_budget(cfg.train.resident, cfg.train.resident_max_mib, device, cfg.train.deterministic,

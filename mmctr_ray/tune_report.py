@@ -20,7 +20,7 @@ import yaml
 
 from mmctr_ray import storage
 from mmctr_ray.config import ExperimentConfig, TrainConfig, load_config, save_config
-from mmctr_ray.errors import DataError, first_line
+from mmctr_ray.errors import DataError, NotStarted, first_line
 from mmctr_ray.report import best_epoch, read_metrics
 from mmctr_ray.search_space import SearchSpace, load_search
 
@@ -88,6 +88,8 @@ def trial_outcome(run: Path, epochs: int, max_epochs: int, stopped: dict[str, fl
     (``stopped``, :func:`asha_stopped`; None: any) were pruned and the rest still run, or ran when the search was
     interrupted (Ctrl-C), and ``--resume`` continues them. A trial ASHA stopped is pruned even where its run ended
     (``summary.json``) before Tune's stop reached it: the study has it PRUNED at the epoch ASHA judged."""
+    if (run / NotStarted.FILE).is_file():  # its workers were up after the search's time budget: it did not train
+        return "not started"
     if stopped is not None and run.name in stopped and epochs:
         return "pruned"
     if (run / "summary.json").is_file():
@@ -169,7 +171,7 @@ def write_outputs(tdir: Path, space: SearchSpace | None = None, errors: dict[str
     summary: dict[str, Any] = {"trials": len(rows), "results": str(tdir / "results.csv"),
                                **{s: sum(r["status"] == s for r in rows)
                                   for s in ("completed", "early-stopped", "pruned", "error", "interrupted",
-                                            "running")}}
+                                            "running", "not started")}}
     if scored:  # of the trials that ended, if any did: an errored one (diverged, say) would fail again in `mmctr
         # train`, and a running or interrupted one has not been judged by ASHA to its end
         ended = [r for r in scored if r["status"] in ENDED]
@@ -286,10 +288,7 @@ def top_trials(tdir: str | Path, n: int = 10) -> str:
     rows.sort(key=lambda r: float(r["best_valid_auc"]), reverse=True)
     params = [k for k in rows[0] if k not in COLUMNS] if rows else []
     head = ["rank", "trial_id", "status", "best_valid_auc", "± SE", "epochs", *params]
-    running = f", {summary['running']} running" if summary.get("running") else ""
-    lines = [f"# Search `{tdir.name}`: {summary['trials']} trials ({summary['completed']} completed, "
-             f"{summary['early-stopped']} early-stopped, {summary['pruned']} pruned, {summary['error']} errors"
-             f"{running})", "",
+    lines = [f"# Search `{tdir.name}`: {trial_counts(summary)}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, r in enumerate(rows[:n], start=1):
         se = f"{float(r['valid_auc_se']):.4f}" if r.get("valid_auc_se") else "–"
@@ -299,6 +298,14 @@ def top_trials(tdir: str | Path, n: int = 10) -> str:
         lines += ["", f"Best config: `{summary['best_yaml']}`; train it with the full schedule: "
                       f"`{train_best_command(tdir)}`."]
     return "\n".join(lines) + "\n"
+
+
+def trial_counts(summary: dict[str, Any]) -> str:
+    """"N trials (… completed, … early-stopped, … pruned, … errors)" for a :func:`write_outputs` summary, with the
+    trials not started (the time budget ended before their workers were up) and those running, where there are any."""
+    rest = "".join(f", {summary[s]} {s}" for s in ("not started", "running") if summary.get(s))
+    return (f"{summary['trials']} trials ({summary['completed']} completed, {summary['early-stopped']} early-stopped, "
+            f"{summary['pruned']} pruned, {summary['error']} errors{rest})")
 
 
 def train_best_command(tdir: str | Path) -> str:

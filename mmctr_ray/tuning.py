@@ -46,7 +46,7 @@ from typing import Any
 
 from mmctr_ray import storage
 from mmctr_ray.config import ExperimentConfig, load_config
-from mmctr_ray.errors import ConfigError, DataError, Interrupted, OutputExistsError, find_user_error
+from mmctr_ray.errors import ConfigError, DataError, Interrupted, NotStarted, OutputExistsError, find_user_error
 from mmctr_ray.features import has_placeholder_embeddings
 from mmctr_ray.locking import entries
 from mmctr_ray.fuse import source_file, yaml_string
@@ -187,7 +187,7 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
     from mmctr_ray.report import read_metrics
     from mmctr_ray.train_driver import run_training
     from mmctr_ray.tune_report import STARTED, in_this_search
-    from mmctr_ray.training import DIVERGED
+    from mmctr_ray.training import BEGAN, DIVERGED
 
     tdir, data = Path(tune_dir), Path(data_dir)
     trial_id = ray.tune.get_context().get_trial_id()
@@ -220,10 +220,19 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
             save_config(cfg, run_dir / "config.yaml")
     else:
         cfg = _trial_config(space, config, tdir, data, settings["source"])
-    run_training(data, str(run_dir), cfg, workers=settings["workers"], gpus_per_worker=settings["gpus_per_worker"],
-                 cpus_per_worker=settings["cpus_per_worker"], resume=resume, overwrite=not resume,
-                 callbacks=[TuneReportCallback()], datasets=(datasets or {}).get(cfg.data.max_len),
-                 runs_per_node=sharing, verbose=verbose)
+    # no trial starts after the time budget: one whose workers come later (on a cluster, trials beyond what fits
+    # wait for resources) ends without training, unless it began in time (a resumed search's unfinished trial,
+    # which starts again from its first epoch if it had no checkpoint: RUN is then emptied, and marked again)
+    deadline = settings.get("deadline")
+    start_by = math.inf if deadline is not None and (run_dir / BEGAN).is_file() else deadline
+    try:
+        run_training(data, str(run_dir), cfg, workers=settings["workers"],
+                     gpus_per_worker=settings["gpus_per_worker"], cpus_per_worker=settings["cpus_per_worker"],
+                     resume=resume, overwrite=not resume, callbacks=[TuneReportCallback()],
+                     datasets=(datasets or {}).get(cfg.data.max_len), runs_per_node=sharing, verbose=verbose,
+                     start_by=start_by)
+    except NotStarted:  # a trial without a result: the driver's progress line and results.csv say why
+        return
 
 
 def progress_line(trials: list[Any], trial: Any, outcome: str, total: int, elapsed: float, ended_here: int,
@@ -238,7 +247,8 @@ def progress_line(trials: list[Any], trial: Any, outcome: str, total: int, elaps
     last = result.get("epoch", "?")
     at = result.get("best_epoch") or last  # none before 2026-12-03, or before a finite AUC
     auc = (f"best valid AUC {result[METRIC]:.4f}{se_text(result.get('best_valid_auc_se'))} at epoch {at}"
-           f"{f' of {last}' if at != last else ''}") if METRIC in result else "no epoch"
+           f"{f' of {last}' if at != last else ''}") if METRIC in result else (
+        "its workers were up after the time budget" if outcome == "not started" else "no epoch")
     top = max(scored, default=None)
     best = f"best so far {top[0]:.4f} ({top[1]})" if top else "no result yet"
     pace = elapsed / ended_here if ended_here else float("nan")
@@ -324,6 +334,14 @@ def _retried_completed(trial_id: str, result: dict | None, error: bool = False) 
         searcher.on_trial_complete(trial_id, result, error)
 
 
+def not_started(trial_id: str) -> str | None:
+    """Why a trial of the search this process runs did not train (:class:`NotStarted`), else None."""
+    if tune_dir_now is None:
+        return None
+    path = Path(tune_dir_now) / "trials" / trial_id / NotStarted.FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
 def _searcher() -> type:
     """OptunaSearch that tolerates a trial the SQLite study already finished (after the driver is killed, Tune's
     restored state can lag the study by the last trials, which then report again), and that starts no trial
@@ -358,7 +376,9 @@ def _searcher() -> type:
             return frozen if frozen.state == optuna.trial.TrialState.FAIL else None
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
-            if self._failed_before(trial_id) is not None and self.metric in result:
+            if self.metric not in result:  # the last result of a trial that did not start, made by Tune (_tune_env)
+                return
+            if self._failed_before(trial_id) is not None:
                 retried = self.__dict__.setdefault("retried", {})  # pickled with the searcher: kept on --resume
                 retried.setdefault(trial_id, {})[int(result["training_iteration"])] = float(result[self.metric])
                 # for the progress callback (this process's searcher, restored by Tune). The module's dict, looked up
@@ -381,6 +401,12 @@ def _searcher() -> type:
             from mmctr_ray.asha import stops_recorded
 
             tuning._RETRYING.pop(trial_id, None)
+            why = tuning.not_started(trial_id) if not error and self.metric not in (result or {}) else None
+            if why is not None and failed is None and trial_id in self._ot_trials:  # FAIL (OptunaSearch would tell
+                # a trial without a value PRUNED, which TPE ranks below every trial that ran): samplers and the
+                # importances leave it out, and its user attribute says why
+                self._ot_trials[trial_id].set_user_attr("not_started", why)
+                return super().on_trial_complete(trial_id, result, error=True)
 
             pruned = not error and trial_id in stops_recorded()
             if failed is None and pruned:  # OptunaSearch tells a trial with a result COMPLETE, a stopped one too.
@@ -759,7 +785,7 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
     watch, tune_log = _CtrlC(), logging.getLogger("ray.tune.tune")
     tune_log.addFilter(_no_tuner_restore_hint)
     try:
-        with sigterm_flag() as seen, _quiet_replay(), _no_tune_table():
+        with sigterm_flag() as seen, _quiet_replay(), _tune_env():
             results = tuner.fit()
     except SystemExit:  # SIGTERM: Ray's driver handler exits; Tune saved the search's state as it went
         if not seen["sigterm"]:
@@ -794,11 +820,13 @@ def end_of_search(tdir: Path, space: SearchSpace, results: Any, interrupted: boo
     if not interrupted:
         _close_orphans(tdir)  # after Ctrl-C the trials still running are not orphans: --resume resumes them
         saved = tdir / "settings.json"
-        if not known and not any((tdir / "trials").glob("*.params.json")) and saved.is_file() and budget_spent(
-                json.loads(saved.read_text())):  # rather than "no trial has started yet"
-            raise ConfigError(f"{tdir}: the time budget ran out before the first trial started (Ray's start and the "
-                              f"reading of the splits count); start the search again with --overwrite and a larger "
-                              f"--time-budget-s")
+        began = [p for p in (tdir / "trials").glob("*.params.json")  # trials whose workers were up in time
+                 if not (p.with_name(p.name.removesuffix(".params.json")) / NotStarted.FILE).is_file()]
+        if not began and not errors and saved.is_file() and budget_spent(json.loads(saved.read_text())):
+            # rather than "no trial has started yet", or a table of trials that did not start
+            raise ConfigError(f"{tdir}: the time budget ran out before the first trial started (Ray's start, the "
+                              f"reading of the splits and the wait for the trials' workers count); start the search "
+                              f"again with --overwrite and a larger --time-budget-s")
         return write_outputs(tdir, space, errors, known)
     try:  # what the search has so far, said to be so
         summary = write_outputs(tdir, space, errors, known)
@@ -848,23 +876,33 @@ def _quiet_replay() -> Any:
 
 
 NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"  # Ray's switch between Tune's two console reporters (default "1": the new one)
+STRICT_METRIC_ENV = "TUNE_DISABLE_STRICT_METRIC_CHECKING"  # "1": Tune takes a result without the searched metric
 
 
 @contextlib.contextmanager
-def _no_tune_table() -> Any:
-    """While a search runs: Tune's console output off. Its newer reporter prints a table of the searcher and
-    scheduler, the experiment's folder and a TensorBoard hint (naming Ray's session folder, not the search's) at
-    ``verbose=0`` too; the older one, which ``RAY_AIR_NEW_OUTPUT=0`` picks as Tune starts, prints nothing at
-    ``verbose=0``. :class:`_Progress` says what the search does, one line a trial, and where its results are."""
-    before = os.environ.get(NEW_OUTPUT_ENV)
-    os.environ[NEW_OUTPUT_ENV] = "0"
+def _tune_env() -> Any:
+    """While a search runs, two of Tune's settings (read by the driver as results come), put back after:
+
+    * Tune's console output off. Its newer reporter prints a table of the searcher and scheduler, the experiment's
+      folder and a TensorBoard hint (naming Ray's session folder, not the search's) at ``verbose=0`` too; the older
+      one, which ``RAY_AIR_NEW_OUTPUT=0`` picks as Tune starts, prints nothing at ``verbose=0``. :class:`_Progress`
+      says what the search does, one line a trial, and where its results are.
+    * Tune's check that every result holds the searched metric. When a trial function returns without reporting,
+      Tune makes its last result itself, which the check exempts only for a trial without a config (the config's
+      flattened keys count as metrics): a trial that did not start (:class:`NotStarted`) ended the whole search in
+      a ValueError. Every trial that trains reports the metric with each epoch (``TuneReportCallback``); ASHA and
+      the searcher pass over a result without it.
+    """
+    before = {key: os.environ.get(key) for key in (NEW_OUTPUT_ENV, STRICT_METRIC_ENV)}
+    os.environ.update({NEW_OUTPUT_ENV: "0", STRICT_METRIC_ENV: "1"})
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(NEW_OUTPUT_ENV, None)
-        else:
-            os.environ[NEW_OUTPUT_ENV] = before
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class _CtrlC:

@@ -1517,6 +1517,36 @@ def test_a_diverged_run_ends_at_once_with_one_line_and_keeps_its_earlier_checkpo
     assert not (run / "diverged.txt").exists() and not (run / "summary.json").exists()  # the resume decides anew
 
 
+def test_a_run_must_begin_by_its_start_by_unless_it_began_in_time_before_a_restart(tmp_path):
+    """Rank 0's decision as a run of a search's trial starts from no checkpoint (``mmctr tune --time-budget-s``)."""
+    from mmctr_ray.errors import NotStarted
+    from mmctr_ray.training import BEGAN, _late_start
+
+    run = str(tmp_path)
+    assert _late_start(run, time.time() + 60) is None and (tmp_path / BEGAN).is_file()  # in time: it trains
+    assert _late_start(run, time.time() - 60) is None  # a restart after a worker died, past the deadline: trains on
+    assert not (tmp_path / NotStarted.FILE).exists()
+    (tmp_path / BEGAN).unlink()
+    why = _late_start(run, time.time() - 60)
+    assert re.fullmatch(r"not started: its workers were up 6[01] s after the search's time budget ended \(at "
+                        r"\d\d:\d\d:\d\d\), and no trial starts after it", why), why
+    assert (tmp_path / NotStarted.FILE).read_text() == why + "\n" and not (tmp_path / BEGAN).exists()
+
+
+@pytest.mark.slow
+def test_workers_up_after_the_start_by_all_end_at_their_start_without_training(ray_local, synth_dir, tmp_path):
+    """A search's trial whose workers waited for resources past the search's time budget (on a cluster, trials
+    beyond what fits wait for the autoscaler) trained after it, to its end. Rank 0 decides for every rank, which may
+    read the clock on either side of the deadline: with 2 workers, both end, and nothing is trained or kept."""
+    from mmctr_ray.errors import NotStarted
+
+    run = tmp_path / "late"
+    with pytest.raises(NotStarted, match=r"^not started: its workers were up \d+ s after the search's time budget"):
+        run_training(synth_dir, str(run), two_worker_cfg(), workers=2, start_by=time.time() - 1)
+    assert not epoch_checkpoints(run) and not (run / "metrics.jsonl").exists() and not (run / "summary.json").exists()
+    assert (run / "not_started.txt").is_file() and not (run / "began.txt").exists()
+
+
 @pytest.mark.slow
 def test_a_resume_continues_with_its_latest_checkpoints_config_whatever_an_attempt_left(plain_run, tmp_path,
                                                                                           caplog):

@@ -1561,3 +1561,145 @@ def test_set_reaches_the_search_sections_own_keys(tmp_path):
             load_search(bad, sets)
     with pytest.raises(ConfigError, match=r"^--set search.space.model.dropout=1: the search space is set in the YAML"):
         load_search(ROOT / "configs/search_tiny.yaml", ["search.space.model.dropout=1"])
+
+
+def test_a_trial_whose_workers_come_after_the_time_budget_ends_without_a_result(tmp_path, monkeypatch):
+    """A trial's function takes no CPU, so on a cluster every trial up to --max-concurrent starts at once and its
+    workers wait there for resources: those that came after the time budget trained after it, to their end (a
+    2-CPU head, --max-concurrent 3, --time-budget-s 40: all 3 trained, the last from 39 s after the deadline). The
+    trial hands the deadline to its run, whose workers end at their start (NotStarted) unless the trial began in
+    time before a restart; the trial then ends without a result."""
+    import ray.tune
+    import ray.tune.integration.ray_train
+
+    import mmctr_ray.train_driver
+    import mmctr_ray.tuning
+    from mmctr_ray.errors import NotStarted
+    from mmctr_ray.training import BEGAN
+    from mmctr_ray.tuning import run_trial
+
+    starts, heard = [], []
+
+    def late(*args, **kwargs):
+        starts.append(kwargs["start_by"])
+        raise NotStarted("not started: its workers were up 9 s after the search's time budget ended")
+
+    monkeypatch.setattr(ray.tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t1"))
+    monkeypatch.setattr(ray.tune, "report", lambda metrics, **_: heard.append(metrics))
+    monkeypatch.setattr(ray.tune.integration.ray_train, "TuneReportCallback", lambda: None)
+    monkeypatch.setattr(mmctr_ray.tuning, "_trial_config", lambda *a: load_config(None))
+    monkeypatch.setattr(mmctr_ray.train_driver, "run_training", late)
+    settings = {"workers": 1, "gpus_per_worker": 0, "cpus_per_worker": 1, "source": "shipped", "deadline": 100.0}
+    run_trial({}, SearchSpace(params=()), str(tmp_path), str(tmp_path / "data"), settings)  # returns: no error
+    assert starts == [100.0] and heard == []
+    (tmp_path / "trials" / "t1").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "trials" / "t1" / BEGAN).write_text("99.0\n")  # it began in time, then the search was stopped
+    run_trial({}, SearchSpace(params=()), str(tmp_path), str(tmp_path / "data"), settings)
+    assert starts[-1] == math.inf  # a resumed search's unfinished trial trains on (from its first epoch)
+    run_trial({}, SearchSpace(params=()), str(tmp_path), str(tmp_path / "data"), {**settings, "deadline": None})
+    assert starts[-1] is None and heard == []  # no budget
+
+
+def test_a_trial_that_did_not_start_is_a_failed_trial_of_the_study_that_says_why(tmp_path, monkeypatch):
+    """OptunaSearch tells a trial that reported nothing PRUNED without a value, which TPE ranks below every trial
+    that ran: a configuration the budget left untried would count as a bad one."""
+    import mmctr_ray.tuning
+    from mmctr_ray.errors import NotStarted
+    from mmctr_ray.tuning import _searcher
+
+    space = load_search(ROOT / "configs/search_tiny.yaml")
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    searcher = _searcher()(space=space.define_by_run, metric=METRIC, mode="max", seed=0, study_name="s",
+                           storage=optuna.storages.RDBStorage(url))
+    monkeypatch.setattr(mmctr_ray.tuning, "tune_dir_now", str(tmp_path))
+    assert searcher.suggest("late") and searcher.suggest("quiet")
+    (tmp_path / "trials" / "late").mkdir(parents=True)
+    why = "not started: its workers were up 9 s after the search's time budget ended (at 12:00:00)"
+    (tmp_path / "trials" / "late" / NotStarted.FILE).write_text(why + "\n")
+    for trial_id in ("late", "quiet"):  # what Tune hands over for a trial function that reported nothing
+        searcher.on_trial_complete(trial_id, {"trial_id": trial_id, "done": True})
+    late, quiet = optuna.load_study(study_name="s", storage=url).get_trials()
+    assert late.state.name == "FAIL" and late.user_attrs["not_started"] == why
+    assert quiet.state.name == "PRUNED" and "not_started" not in quiet.user_attrs  # as OptunaSearch tells it
+
+
+def test_trials_that_did_not_start_are_listed_and_counted_as_such(tmp_path):
+    from mmctr_ray.config import save_config
+    from mmctr_ray.errors import NotStarted
+    from mmctr_ray.tune_report import trial_counts, write_outputs
+    from mmctr_ray.tuning import STUDY_NAME, end_of_search
+
+    tdir = tmp_path / "tune"
+    (tdir / "search.yaml").parent.mkdir()
+    optuna.create_study(study_name=STUDY_NAME, storage=f"sqlite:///{tdir}/optuna.db")
+    (tdir / "search.yaml").write_text((ROOT / "configs/search_tiny.yaml").read_text())
+    (tdir / "settings.json").write_text(json.dumps({"overrides": [], "deadline": 1.0}))
+    space = load_search(tdir / "search.yaml")
+    for trial in ("aaa", "bbb"):
+        (tdir / "trials" / trial).mkdir(parents=True)
+        (tdir / "trials" / f"{trial}.params.json").write_text(json.dumps({"train.lr": 1e-3}))
+        save_config(load_config(ROOT / "configs/tiny.yaml"), tdir / "trials" / trial / "config.yaml")
+    (tdir / "trials" / "bbb" / NotStarted.FILE).write_text("not started: its workers were up 3 s after ...\n")
+    known = [SimpleNamespace(path=f"/x/run_trial_{t}_0000{n}", error=None) for n, t in enumerate(("aaa", "bbb"))]
+    # no trial began: the search says why, as when the budget ended before Ray had started (not a table of none)
+    (tdir / "trials" / "aaa" / NotStarted.FILE).write_text("not started: its workers were up 1 s after ...\n")
+    with pytest.raises(ConfigError, match=rf"^{tdir}: the time budget ran out before the first trial started "):
+        end_of_search(tdir, space, known, interrupted=False)
+    (tdir / "trials" / "aaa" / NotStarted.FILE).unlink()
+    (tdir / "trials" / "aaa" / "metrics.jsonl").write_text(
+        "".join(json.dumps({"epoch": e, "valid_auc": 0.6 + e / 100}) + "\n" for e in (1, 2)))
+    (tdir / "trials" / "aaa" / "summary.json").write_text("{}")
+    summary = end_of_search(tdir, space, known, interrupted=False)
+    with open(tdir / "results.csv", newline="") as f:
+        status = {r["trial_id"]: (r["status"], r["best_valid_auc"]) for r in csv.DictReader(f)}
+    assert status == {"aaa": ("completed", "0.62"), "bbb": ("not started", "")}
+    assert summary["not started"] == 1 and summary["best_trial"] == "aaa"
+    assert trial_counts(summary) == "2 trials (1 completed, 0 early-stopped, 0 pruned, 0 errors, 1 not started)"
+    assert write_outputs(tdir)["not started"] == 1  # `mmctr report TUNE`, from the folders alone
+
+
+@pytest.mark.slow
+def test_a_search_whose_trials_workers_all_came_after_its_budget_ends_saying_so(synth_dir, tmp_path, monkeypatch,
+                                                                                 caplog):
+    """Through Tune's own loop, with ASHA: trials drawn in time whose workers were up after the time budget (here
+    the searcher draws past it) end at their start without a result. Tune makes the last result of such a trial
+    itself, without the metric, and its check of results refused it: the search ended in a ValueError."""
+    import mmctr_ray.tuning
+    from mmctr_ray.ray_env import init_ray, stop_ray
+
+    drawing = mmctr_ray.tuning._searcher
+
+    def drawn_before_the_deadline():
+        class DrawnInTime(drawing()):
+            def suggest(self, trial_id):
+                deadline, self.deadline = self.deadline, None
+                try:
+                    return super().suggest(trial_id)
+                finally:
+                    self.deadline = deadline
+
+        return DrawnInTime
+
+    monkeypatch.setattr(mmctr_ray.tuning, "_searcher", drawn_before_the_deadline)
+    environ = dict(os.environ)
+    init_ray(num_cpus=2)  # one trial at a time: the second is drawn after the first ended
+    try:
+        with caplog.at_level(logging.INFO, logger="mmctr_ray.tuning"), pytest.raises(
+                ConfigError, match=r"the time budget ran out before the first trial started \(Ray's start, the "
+                                   r"reading of the splits and the wait for the trials' workers count\)"):
+            mmctr_ray.tuning.run_tuning(synth_dir, tmp_path / "tune", ROOT / "configs/search_tiny.yaml",
+                                        num_samples=2, time_budget_s=1.0, started=time.time() - 60)
+    finally:
+        stop_ray()
+        os.environ.clear()
+        os.environ.update(environ)
+    trials = sorted(p for p in (tmp_path / "tune" / "trials").iterdir() if p.is_dir())
+    assert len(trials) == 2
+    for trial in trials:
+        assert (trial / "not_started.txt").read_text().startswith("not started: its workers were up ")
+        assert not list(trial.glob("checkpoint_epoch_*")) and not (trial / "metrics.jsonl").exists()
+        assert f"trial {trial.name} not started: its workers were up after the time budget; no result yet" in \
+            caplog.text
+    study = optuna.load_study(study_name="mmctr", storage=f"sqlite:///{tmp_path}/tune/optuna.db")
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
+    assert all(t.user_attrs["not_started"].startswith("not started: ") for t in study.trials)
