@@ -658,34 +658,36 @@ def check_resources(workers: int, gpus_per_trial: float) -> None:
     check_gpu_split(workers, gpus_per_trial / workers, "--gpus-per-trial", gpus_per_trial)
 
 
-def _can_be_on(space: SearchSpace, key: str) -> bool:
-    """Whether a trial of ``space`` can train with the boolean ``key`` (``model.NAME``) on: the base config's, or a
-    searched value."""
+def _values(space: SearchSpace, key: str) -> list[Any]:
+    """The values of ``key`` (``SECTION.NAME``) a trial of ``space`` can train with (a searched range as its two
+    ends): the searched ones, and the base config's where the search may leave it (a conditional search, or none)."""
+    section, name = key.split(".", 1)
+    base = [getattr(getattr(space.trial_config({}), section), name)]
     searched = [p for p in space.params if p.key == key]
-    base = getattr(space.trial_config({}).model, key.removeprefix("model."))
-    return base or any(v is True for p in searched for v in p.values)
+    if not searched:
+        return base
+    return [*searched[0].values, *(base if searched[0].when else [])]
+
+
+def _can_be_on(space: SearchSpace, key: str) -> bool:
+    """Whether a trial of ``space`` can train with the boolean ``key`` on."""
+    return any(v is True for v in _values(space, key))
 
 
 def _check_id_tables(data_dir: str | Path, space: SearchSpace) -> None:
     """The tag and user tables a trial can build must be dense enough (:func:`features.check_id_tables`, which each
     trial's run checks again): a search whose trials can turn on ``model.use_user_id`` over sparse user ids failed
-    trial by trial, as errored trials TPE learns nothing from. The tables' cost is given at the base config's
-    ``model.embedding_dim``."""
+    trial by trial, as errored trials TPE learns nothing from. The tables' cost is given at the largest
+    ``model.embedding_dim`` a trial can draw."""
     from mmctr_ray.features import check_data_id_tables
 
     check_data_id_tables(data_dir, _can_be_on(space, "model.use_tags"), _can_be_on(space, "model.use_user_id"),
-                         space.trial_config({}).model.embedding_dim)
+                         int(max(_values(space, "model.embedding_dim"))))
 
 
 def batch_sizes(space: SearchSpace) -> list[int]:
-    """The ``train.batch_size`` values a trial of ``space`` can use (a searched range as its two ends): the searched
-    ones, and the base config's where the search may leave it (a conditional search of it, or none)."""
-    searched = [p for p in space.params if p.key == "train.batch_size"]
-    base = [space.trial_config({}).train.batch_size]
-    if not searched:
-        return base
-    p = searched[0]
-    return [int(v) for v in p.values] + (base if p.when else [])
+    """The ``train.batch_size`` values a trial of ``space`` can use (:func:`_values`)."""
+    return [int(v) for v in _values(space, "train.batch_size")]
 
 
 def budget_spent(settings: dict[str, Any], now: float | None = None) -> bool:

@@ -1703,3 +1703,33 @@ def test_a_search_whose_trials_workers_all_came_after_its_budget_ends_saying_so(
     study = optuna.load_study(study_name="mmctr", storage=f"sqlite:///{tmp_path}/tune/optuna.db")
     assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
     assert all(t.user_attrs["not_started"].startswith("not started: ") for t in study.trials)
+
+
+def test_a_search_checks_the_id_tables_its_trials_can_build_at_the_widest_embedding_they_can_draw(tmp_path,
+                                                                                                   monkeypatch):
+    """The tables' cost was given at the base config's embedding_dim, and a base use_user_id=true counted even
+    where every trial draws it false."""
+    import mmctr_ray.features
+    from mmctr_ray.tuning import _check_id_tables, batch_sizes
+
+    checked = []
+    monkeypatch.setattr(mmctr_ray.features, "check_data_id_tables", lambda data, *flags: checked.append(flags))
+
+    def search(space, **model):
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump({"model": model, "search": {"space": space}}))
+        return load_search(tmp_path / "s.yaml")
+
+    _check_id_tables("D", search({"model.embedding_dim": {"choice": [16, 128]}}))
+    assert checked[-1] == (True, False, 128)  # use_tags, use_user_id (the defaults: on, off), the widest dim
+    attention = {"model.attention": {"choice": ["din", "multihead"]}}
+    _check_id_tables("D", search({**attention, "model.embedding_dim": {"choice": [4, 8],
+                                                                        "when": {"model.attention": ["din"]}}}))
+    assert checked[-1] == (True, False, 64)  # a multihead trial keeps the base's 64
+    _check_id_tables("D", search({"model.use_user_id": {"choice": [False]}}, use_user_id=True))
+    assert checked[-1] == (True, False, 64)  # every trial draws it off
+    _check_id_tables("D", search({"model.use_user_id": {"choice": [False, True]}, "model.use_tags": {
+        "choice": [False], "when": {"model.use_user_id": [True]}}}))
+    assert checked[-1] == (True, True, 64)  # a trial that draws use_user_id=false keeps the base's tags
+    assert sorted(batch_sizes(search({"train.batch_size": {"choice": [256, 1024]}}))) == [256, 1024]
+    assert sorted(batch_sizes(search({**attention, "train.batch_size": {
+        "choice": [256], "when": {"model.attention": ["din"]}}}))) == [256, load_config(None).train.batch_size]
