@@ -1534,20 +1534,6 @@ def test_a_run_must_begin_by_its_start_by_unless_it_began_in_time_before_a_resta
 
 
 @pytest.mark.slow
-def test_workers_up_after_the_start_by_all_end_at_their_start_without_training(ray_local, synth_dir, tmp_path):
-    """A search's trial whose workers waited for resources past the search's time budget (on a cluster, trials
-    beyond what fits wait for the autoscaler) trained after it, to its end. Rank 0 decides for every rank, which may
-    read the clock on either side of the deadline: with 2 workers, both end, and nothing is trained or kept."""
-    from mmctr_ray.errors import NotStarted
-
-    run = tmp_path / "late"
-    with pytest.raises(NotStarted, match=r"^not started: its workers were up \d+ s after the search's time budget"):
-        run_training(synth_dir, str(run), two_worker_cfg(), workers=2, start_by=time.time() - 1)
-    assert not epoch_checkpoints(run) and not (run / "metrics.jsonl").exists() and not (run / "summary.json").exists()
-    assert (run / "not_started.txt").is_file() and not (run / "began.txt").exists()
-
-
-@pytest.mark.slow
 def test_a_resume_continues_with_its_latest_checkpoints_config_whatever_an_attempt_left(plain_run, tmp_path,
                                                                                           caplog):
     """An attempt killed (kill -9) before it kept an epoch leaves its own train.* in RUN's config.yaml: the next
