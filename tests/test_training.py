@@ -1534,6 +1534,49 @@ def test_a_run_must_begin_by_its_start_by_unless_it_began_in_time_before_a_resta
 
 
 @pytest.mark.slow
+def test_a_search_whose_trials_workers_all_came_after_its_budget_ends_saying_so(ray_local, synth_dir, tmp_path,
+                                                                                 monkeypatch, caplog):
+    """`mmctr tune --time-budget-s` through Tune's own loop, with ASHA (here, on this module's Ray): a trial drawn
+    in time whose workers were up after the budget (the searcher draws past it) ends at their start without a
+    result; with 2 workers rank 0 decides for both (they may read the clock on either side of the deadline). Tune
+    makes the last result of such a trial itself, without the metric, and its check of results refused it: the
+    search ended in a ValueError."""
+    import logging
+
+    import optuna
+
+    import mmctr_ray.tuning
+
+    drawing = mmctr_ray.tuning._searcher
+
+    def drawn_before_the_deadline():
+        class DrawnInTime(drawing()):
+            def suggest(self, trial_id):
+                deadline, self.deadline = self.deadline, None
+                try:
+                    return super().suggest(trial_id)
+                finally:
+                    self.deadline = deadline
+
+        return DrawnInTime
+
+    monkeypatch.setattr(mmctr_ray.tuning, "_searcher", drawn_before_the_deadline)
+    with caplog.at_level(logging.INFO, logger="mmctr_ray.tuning"), pytest.raises(
+            ConfigError, match=r"the time budget ran out before the first trial started \(Ray's start, the reading "
+                               r"of the splits and the wait for the trials' workers count\)"):
+        mmctr_ray.tuning.run_tuning(synth_dir, tmp_path / "tune", CONFIGS / "search_tiny.yaml", num_samples=1,
+                                    workers=2, time_budget_s=1.0, started=time.time() - 60)
+    trial, = (p for p in (tmp_path / "tune" / "trials").iterdir() if p.is_dir())
+    assert (trial / "not_started.txt").read_text().startswith("not started: its workers were up ")
+    assert not epoch_checkpoints(trial) and not (trial / "metrics.jsonl").exists()
+    assert not (trial / "began.txt").exists() and not (trial / "summary.json").exists()
+    assert f"trial {trial.name} not started: its workers were up after the time budget; no result yet" in caplog.text
+    study = optuna.load_study(study_name="mmctr", storage=f"sqlite:///{tmp_path}/tune/optuna.db")
+    assert [t.state.name for t in study.trials] == ["FAIL"]
+    assert study.trials[0].user_attrs["not_started"] == (trial / "not_started.txt").read_text().strip()
+
+
+@pytest.mark.slow
 def test_a_resume_continues_with_its_latest_checkpoints_config_whatever_an_attempt_left(plain_run, tmp_path,
                                                                                           caplog):
     """An attempt killed (kill -9) before it kept an epoch leaves its own train.* in RUN's config.yaml: the next

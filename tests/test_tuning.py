@@ -1658,52 +1658,6 @@ def test_trials_that_did_not_start_are_listed_and_counted_as_such(tmp_path):
     assert write_outputs(tdir)["not started"] == 1  # `mmctr report TUNE`, from the folders alone
 
 
-@pytest.mark.slow
-def test_a_search_whose_trials_workers_all_came_after_its_budget_ends_saying_so(synth_dir, tmp_path, monkeypatch,
-                                                                                 caplog):
-    """Through Tune's own loop, with ASHA: a trial drawn in time whose workers were up after the time budget (here
-    the searcher draws past it) ends at their start without a result; with 2 workers rank 0 decides for both (they
-    may read the clock on either side of the deadline). Tune makes the last result of such a trial itself, without
-    the metric, and its check of results refused it: the search ended in a ValueError."""
-    import mmctr_ray.tuning
-    from mmctr_ray.ray_env import init_ray, stop_ray
-
-    drawing = mmctr_ray.tuning._searcher
-
-    def drawn_before_the_deadline():
-        class DrawnInTime(drawing()):
-            def suggest(self, trial_id):
-                deadline, self.deadline = self.deadline, None
-                try:
-                    return super().suggest(trial_id)
-                finally:
-                    self.deadline = deadline
-
-        return DrawnInTime
-
-    monkeypatch.setattr(mmctr_ray.tuning, "_searcher", drawn_before_the_deadline)
-    environ = dict(os.environ)
-    init_ray(num_cpus=3)  # a trial of 2 workers and a CPU for the data
-    try:
-        with caplog.at_level(logging.INFO, logger="mmctr_ray.tuning"), pytest.raises(
-                ConfigError, match=r"the time budget ran out before the first trial started \(Ray's start, the "
-                                   r"reading of the splits and the wait for the trials' workers count\)"):
-            mmctr_ray.tuning.run_tuning(synth_dir, tmp_path / "tune", ROOT / "configs/search_tiny.yaml",
-                                        num_samples=1, workers=2, time_budget_s=1.0, started=time.time() - 60)
-    finally:
-        stop_ray()
-        os.environ.clear()
-        os.environ.update(environ)
-    trial, = (p for p in (tmp_path / "tune" / "trials").iterdir() if p.is_dir())
-    assert (trial / "not_started.txt").read_text().startswith("not started: its workers were up ")
-    assert not list(trial.glob("checkpoint_epoch_*")) and not (trial / "metrics.jsonl").exists()
-    assert not (trial / "began.txt").exists() and not (trial / "summary.json").exists()
-    assert f"trial {trial.name} not started: its workers were up after the time budget; no result yet" in caplog.text
-    study = optuna.load_study(study_name="mmctr", storage=f"sqlite:///{tmp_path}/tune/optuna.db")
-    assert [t.state.name for t in study.trials] == ["FAIL"]
-    assert study.trials[0].user_attrs["not_started"] == (trial / "not_started.txt").read_text().strip()
-
-
 def test_a_search_checks_the_id_tables_its_trials_can_build_at_the_widest_embedding_they_can_draw(tmp_path,
                                                                                                    monkeypatch):
     """The tables' cost was given at the base config's embedding_dim, and a base use_user_id=true counted even
