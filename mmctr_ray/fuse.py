@@ -196,7 +196,7 @@ def write_files(files: list[tuple[Path, Callable[[Path], None]]]) -> None:
     try:
         for path, write in files:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmps.append((path.with_name(f".{path.name}.partial-{os.getpid()}"), path))
+            tmps.append((storage.partial_path(path), path))
             write(tmps[-1][0])
         for tmp, path in tmps:
             os.replace(tmp, path)

@@ -20,6 +20,7 @@ import posixpath
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -178,13 +179,20 @@ def local_path(location: Location) -> Path | None:
     return _local_target(location)[2]
 
 
+def partial_path(path: Path) -> Path:
+    """A hidden temporary name beside ``path`` that no other writer uses: the process id alone was shared by two
+    writers of one file in one process (threads: Ray Train runs the training function in one) and by processes of
+    other hosts on shared storage, which then wrote into one temporary file and renamed it from under each other."""
+    return path.with_name(f".{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+
+
 @contextlib.contextmanager
 def _replacing(path: Path) -> Iterator[Path]:
     """A temporary name beside ``path`` (its folder created first) to write, renamed over ``path`` when the block
     ends: a reader never sees it half-written, and on a failure (Ctrl-C, a full disk) the earlier file stays and no
     partial one is left."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp = partial_path(path)
     try:
         yield tmp
         os.replace(tmp, path)

@@ -222,6 +222,19 @@ def test_epoch_1000_sorts_after_999_and_local_writes_replace_whole(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == "b\n" and not list(tmp_path.glob(".metrics.jsonl.partial*"))
 
 
+def test_two_writers_of_one_file_in_one_process_each_replace_it_whole(tmp_path):
+    """Temporary names carried the process id only: a second writer of the same file in the process (a thread) wrote
+    into the first one's temporary file and renamed it away, so the first one's rename failed (FileNotFoundError)."""
+    target = tmp_path / "summary.json"
+    with storage._replacing(target) as first:
+        first.write_text("first")
+        storage.write_text(target, "second")  # begins and ends while the first is being written
+        assert target.read_text() == "second" and first.read_text() == "first"
+    assert target.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+    assert storage.partial_path(target) != storage.partial_path(target)
+    assert storage.partial_path(target).name.startswith(".summary.json.partial-")
+
+
 def test_the_epoch_in_a_checkpoint_uri_ignores_its_query(monkeypatch):
     """A run on ``s3://b/run?region=x`` names its checkpoints ``s3://b/run/checkpoint_epoch_003?region=x``: the epoch
     read None, so a resume missed a checkpoint written after Ray Train's registered one and trained that epoch again."""

@@ -47,7 +47,7 @@ from mmctr_ray.features import open_parquet, titles_fingerprint
 from mmctr_ray.host_malloc import actor_options
 from mmctr_ray.ray_env import check_actors, cpu_threads
 from mmctr_ray.schema import Layout
-from mmctr_ray.storage import json_text, write_text
+from mmctr_ray.storage import json_text, partial_path, write_text
 
 log = logging.getLogger(__name__)
 MAX_BAD_COVERS = 0.1  # default share of items whose cover may be missing or corrupt
@@ -433,7 +433,7 @@ def _assemble(out: Path, store: ShardStore, n_shards: int, s: EmbedSettings, ite
     missing = [p for p in range(n_shards) if not store.done(p)]
     if missing:
         raise DataError(f"{store.path(missing[0])}: shard missing after the pipeline finished")
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    tmp = partial_path(out)
     counts = {"image_missing": 0, "cover_file_missing": 0, "cover_corrupt": 0, "titles_cut": 0}
     first_corrupt = None
     writer = None
