@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
-from sklearn.decomposition import PCA, IncrementalPCA
 
 from mmctr_ray.config import FusionConfig
 from mmctr_ray.errors import ConfigError, DataError
@@ -226,6 +225,10 @@ def fit_fusion(cfg: FusionConfig, batches: Callable[[], Iterator[ModalityBatch]]
         raise ConfigError(f"fusion.strategy={cfg.strategy!r}: no PCA to fit (expected one of {', '.join(PARTS)})")
     if n_items < 2:  # one item: numpy's "Eigenvalues did not converge", or NaN ratios from the incremental fit
         raise DataError(f"{where}: vectors of {n_items} item{'s' * (n_items != 1)}; a PCA needs at least 2")
+    # here, not at the top: scikit-learn takes over a second to import, and every process that applies a fitted
+    # fusion (each training worker, each trial) imports this module without fitting anything
+    from sklearn.decomposition import PCA, IncrementalPCA
+
     needs_image = "image" in modalities_needed(cfg.strategy)
     widths = input_widths(next(iter(batches())))
     specs = [(name, inputs, _check_width(cfg, name, wf, n_items, sum(widths[m] for m in inputs)))

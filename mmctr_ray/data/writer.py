@@ -19,7 +19,6 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sklearn.metrics import log_loss, roc_auc_score
 
 from mmctr_ray.data.modalities import GIVEN, IMAGE, TEXT, ItemRenderer
 from mmctr_ray.data.synthetic import SynthSpec, World, rng_for
@@ -109,6 +108,8 @@ def _write_split(world: World, stage: Layout, split: str, rows: int, length_hist
             }, schema=SPLIT_SCHEMA))
     stats = {"rows": rows, "positive_rate": positives / rows}
     if split != "train":
+        from sklearn.metrics import log_loss, roc_auc_score  # here: importing it costs every worker a second
+
         p, y = np.concatenate(probs), np.concatenate(labels)
         stats["oracle_auc"] = float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else None
         stats["oracle_logloss"] = float(log_loss(y, p, labels=[0, 1]))
