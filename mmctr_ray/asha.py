@@ -9,6 +9,9 @@ before its first trial loads it, so the resumed search prunes against every tria
 that reports an epoch again after the kill (it restarts from its checkpoint) gets the decision it had: its rung
 record is there, and a trial stopped at that epoch is stopped again.
 
+Each bracket's cutoff counts ``-inf`` (a trial without a finite AUC yet) as the lowest value: Ray's interpolates
+with numpy, which over ``-inf`` gives NaN and prints "RuntimeWarning: invalid value encountered" on the console.
+
 These are all of ASHA's state besides the trial-to-bracket map, which Tune rebuilds by adding every unfinished
 trial again (one bracket here, so every trial is in it). The file is the one ``records_path`` names for this
 process (``mmctr tune`` sets it to TUNE/asha.json on every start), else the path pickled with the scheduler when
@@ -23,7 +26,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.schedulers.async_hyperband import _Bracket
 
 from mmctr_ray.storage import json_text
 
@@ -43,11 +48,34 @@ def stops_recorded() -> dict[str, float]:
         return {}
 
 
+class _LowestInfBracket(_Bracket):
+    """Ray's bracket with a cutoff defined where a rung holds ``-inf``: the limit of Ray's over finite values as the
+    lowest ones fall without end. Where the percentile falls between ``-inf`` and a finite value that limit is
+    ``-inf`` (no finite result is cut there, as Ray's NaN did, now without numpy's warning); elsewhere it is Ray's
+    own linear percentile. NaN results are left out, as Ray's ``nanpercentile`` leaves them; none left: no cutoff."""
+
+    def cutoff(self, recorded: dict) -> float | None:
+        values = np.array([v for v in recorded.values() if v is not None], dtype=np.float64)
+        values = values[~np.isnan(values)]
+        if not values.size:
+            return None
+        q = (1 - 1 / self.rf) * 100
+        if np.percentile(values, q, method="lower") == -np.inf:  # the lower neighbour: interpolating from -inf
+            return float("-inf")
+        return float(np.percentile(values, q))
+
+
+def _with_finite_cutoffs(brackets: list) -> None:
+    for bracket in brackets:
+        bracket.__class__ = _LowestInfBracket
+
+
 class ResumableASHA(ASHAScheduler):
     """``ASHAScheduler`` that writes its rung records to ``records`` and reads them back after a restore."""
 
     def __init__(self, records: str | Path, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        _with_finite_cutoffs(self._brackets)
         self._records = str(records)
         self._stopped: dict[str, float] = {}  # trial id -> the epoch ASHA stopped it at
         self._stops_complete = True  # False once resumed from a version that kept no list: it lacks earlier stops
@@ -61,6 +89,7 @@ class ResumableASHA(ASHAScheduler):
         # a pickle of an older version: without a list of stops, the stops made before it are not known
         self.__dict__.update({"_stopped": {}, "_save_failed": False, "_stops_complete": "_stopped" in state,
                               **state})
+        _with_finite_cutoffs(self._brackets)  # a pickle of a version without them
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         self._load()

@@ -359,7 +359,7 @@ def test_asha_prunes_a_resumed_search_against_the_trials_before_the_kill(tmp_pat
     assert unwritable.on_trial_result(None, late, {"epoch": 1, METRIC: 0.85}) == CONTINUE  # a warning, no crash
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # ASHA's percentile over -inf
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # numpy's "invalid value encountered", printed by Ray's cutoff
 def test_asha_records_a_result_without_a_finite_auc_as_null_and_reads_it_back_as_the_lowest(tmp_path, monkeypatch,
                                                                                           strict_json):
     """A trial without a finite AUC reports -inf when a resumed search replays it (NaN when it trains): asha.json
@@ -389,6 +389,31 @@ def test_asha_records_a_result_without_a_finite_auc_as_null_and_reads_it_back_as
             scheduler.on_trial_add(None, late)
             decisions.append(scheduler.on_trial_result(None, late, {"epoch": 1, METRIC: auc}))
         assert decisions[0] == decisions[1], (auc, decisions)
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_asha_cuts_as_ray_over_finite_values_and_counts_minus_inf_as_the_lowest():
+    """Ray's cutoff interpolates with numpy, which over -inf gave NaN (and a RuntimeWarning on the console). The
+    cutoff now is Ray's over finite values, and where a rung holds -inf its limit as the lowest value falls."""
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    from mmctr_ray.asha import ResumableASHA
+
+    inf = float("-inf")
+    for rf in (2, 3, 4):
+        ours = ResumableASHA("unused.json", metric=METRIC, mode="max", time_attr="epoch", max_t=4,
+                             grace_period=1, reduction_factor=rf)._brackets[0]
+        rays = _Bracket(1, 4, rf, 0)
+        for recorded in ([0.5, 0.6], [0.7, 0.55, 0.6, 0.71, 0.52], [0.6, float("nan"), 0.7], [0.61]):
+            expected = rays.cutoff(dict(enumerate(recorded)))
+            assert ours.cutoff(dict(enumerate(recorded))) == pytest.approx(expected, abs=0), (rf, recorded)
+        assert ours.cutoff({}) is None and ours.cutoff({"a": float("nan")}) is None  # nothing to cut against
+    median = ResumableASHA("unused.json", metric=METRIC, mode="max", time_attr="epoch", max_t=4, grace_period=1,
+                           reduction_factor=2)._brackets[0]
+    assert median.cutoff({"a": inf, "b": 0.6}) == inf  # between -inf and 0.6: what a falling 0.6 - x tends to
+    assert median.cutoff({"a": inf, "b": inf, "c": 0.7}) == inf
+    assert median.cutoff({"a": inf, "b": 0.55, "c": 0.6, "d": 0.7}) == pytest.approx(0.575)  # above the -inf: Ray's
+    assert median.cutoff({"a": inf, "b": float("nan"), "c": 0.6, "d": 0.7}) == pytest.approx(0.6)
 
 
 @pytest.mark.parametrize("workers, gpus, message", [
