@@ -28,12 +28,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
 from mmctr_ray.config import FusionConfig
 from mmctr_ray.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from sklearn.decomposition import PCA, IncrementalPCA
 
 # strategy → its parts: (part name, modalities concatenated as input, FusionConfig field giving the width)
 PARTS: dict[str, tuple[tuple[str, tuple[str, ...], str], ...]] = {
