@@ -683,15 +683,15 @@ def test_a_decompression_bomb_is_a_corrupt_cover_not_a_failed_job(tmp_path, monk
     assert load_cover(tmp_path / "1.jpg", 32)[1] == CORRUPT
 
 
-def test_openais_torchscript_checkpoints_load_like_their_state_dict(tmp_path):
-    """OpenAI ships CLIP weights (RN50.pt, ...) as TorchScript archives, which open_clip's create_model cannot
-    read; they go through open_clip's OpenAI loader (QuickGELU, OpenAI's preprocessing)."""
+def openai_archive(tmp_path: Path):
+    """A tiny CLIP saved as OpenAI ships its weights (RN50.pt, ...): a TorchScript archive, traced here. Returns its
+    model config (as OpenAI's loader rebuilds it: widths of 64, from which it infers heads as width // 64; 32-pixel
+    covers), the archive and the model traced."""
+    import warnings
+
     import open_clip
-    import torch
 
-    from mmctr_ray.embed.image import is_torchscript
-
-    config = tmp_path / "clip-openai-tiny.json"  # widths of 64: the OpenAI loader infers heads as width // 64
+    config = tmp_path / "clip-openai-tiny.json"
     config.write_text('{"embed_dim": 32, "quick_gelu": true, "vision_cfg": {"image_size": 32, "layers": 1, '
                       '"width": 64, "patch_size": 16}, "text_cfg": {"context_length": 8, "vocab_size": 49408, '
                       '"width": 64, "heads": 1, "layers": 1}}')
@@ -699,8 +699,20 @@ def test_openais_torchscript_checkpoints_load_like_their_state_dict(tmp_path):
     torch.manual_seed(0)
     model = open_clip.create_model("clip-openai-tiny").eval()
     del model.attn_mask  # OpenAI's archives hold no attention-mask buffer
-    archive, state = tmp_path / "tiny-openai.pt", tmp_path / "tiny.bin"
-    torch.jit.trace_module(model, {"encode_image": torch.zeros(1, 3, 32, 32)}).save(str(archive))
+    archive = tmp_path / "tiny-openai.pt"
+    with warnings.catch_warnings():  # torch's about tracing itself (deprecated, Python booleans): the archive's
+        warnings.simplefilter("ignore")  # making, which is not what these tests check
+        torch.jit.trace_module(model, {"encode_image": torch.zeros(1, 3, 32, 32)}).save(str(archive))
+    return config, archive, model
+
+
+def test_openais_torchscript_checkpoints_load_like_their_state_dict(tmp_path):
+    """OpenAI ships CLIP weights (RN50.pt, ...) as TorchScript archives, which open_clip's create_model cannot
+    read; they go through open_clip's OpenAI loader (QuickGELU, OpenAI's preprocessing)."""
+    from mmctr_ray.embed.image import is_torchscript
+
+    config, archive, model = openai_archive(tmp_path)
+    state = tmp_path / "tiny.bin"
     torch.save(model.state_dict(), state)
     assert is_torchscript(archive) and not is_torchscript(state)
     pixels = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
@@ -724,15 +736,7 @@ def test_image_weights_that_do_not_fit_the_architecture_are_one_line_before_ray(
                                           r"\(RuntimeError: "):
         run_embed(synth_dir, tmp_path / "e.parquet", bert_tiny, f"{CLIP_TINY}:{state}",
                   start_ray=lambda: pytest.fail("Ray started"))
-    config = tmp_path / "clip-openai-tiny.json"  # as OpenAI's loader rebuilds it: widths of 64, 32-pixel covers
-    config.write_text('{"embed_dim": 32, "quick_gelu": true, "vision_cfg": {"image_size": 32, "layers": 1, '
-                      '"width": 64, "patch_size": 16}, "text_cfg": {"context_length": 8, "vocab_size": 49408, '
-                      '"width": 64, "heads": 1, "layers": 1}}')
-    open_clip.add_model_config(config)
-    model = open_clip.create_model("clip-openai-tiny").eval()
-    del model.attn_mask
-    archive = tmp_path / "tiny-openai.pt"
-    torch.jit.trace_module(model, {"encode_image": torch.zeros(1, 3, 32, 32)}).save(str(archive))
+    config, archive, _ = openai_archive(tmp_path)  # 32-pixel covers
     with pytest.raises(ConfigError, match=rf"^{archive}: a model for 32-pixel covers, but --image-model names RN50 "
                                           r"\(224 pixels\)"):
         run_embed(synth_dir, tmp_path / "e.parquet", bert_tiny, f"RN50:{archive}",
