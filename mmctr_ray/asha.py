@@ -65,7 +65,7 @@ class _LowestInfBracket(_Bracket):
         return float(np.percentile(values, q))
 
 
-def _with_finite_cutoffs(brackets: list) -> None:
+def _with_lowest_inf_cutoffs(brackets: list) -> None:
     for bracket in brackets:
         bracket.__class__ = _LowestInfBracket
 
@@ -75,7 +75,7 @@ class ResumableASHA(ASHAScheduler):
 
     def __init__(self, records: str | Path, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        _with_finite_cutoffs(self._brackets)
+        _with_lowest_inf_cutoffs(self._brackets)
         self._records = str(records)
         self._stopped: dict[str, float] = {}  # trial id -> the epoch ASHA stopped it at
         self._stops_complete = True  # False once resumed from a version that kept no list: it lacks earlier stops
@@ -89,7 +89,7 @@ class ResumableASHA(ASHAScheduler):
         # a pickle of an older version: without a list of stops, the stops made before it are not known
         self.__dict__.update({"_stopped": {}, "_save_failed": False, "_stops_complete": "_stopped" in state,
                               **state})
-        _with_finite_cutoffs(self._brackets)  # a pickle of a version without them
+        _with_lowest_inf_cutoffs(self._brackets)  # a pickle of a version without them
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         self._load()
