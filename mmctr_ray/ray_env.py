@@ -560,6 +560,43 @@ def drop_benign_ray_lines() -> bool:
     return True
 
 
+# The raylet's warning each time the worker processes it started reach another multiple of the machine's cores
+# ("(raylet) WARNING: 8 PYTHON worker processes have been started on node: ... which is 4x the maximum expected
+# startup concurrency (2). This could be a result of ...", ray-project/ray#3644; no setting turns it off,
+# ray-project/ray#63800). On the private local Ray the processes are this project's own layout: a search starts a
+# Tune process, a Train controller and a worker for every trial, and Ray Data its tasks, so every `mmctr tune` on a
+# small machine printed it, with advice that does not apply. On a cluster it joined the warning still prints.
+WORKER_COUNT_WARNING = re.compile(r"PYTHON worker processes have been started on node: .* maximum expected startup "
+                                  r"concurrency")
+
+
+def quiet_worker_count_warning() -> bool:
+    """Keep :data:`WORKER_COUNT_WARNING` off the console while the Ray in use is the private local one (checked as
+    each warning comes: a process may join a cluster later). Ray prints the raylet's warnings from a thread of the
+    driver through ``ray._private.worker.print_to_stdstream``; this wraps it. Return whether the wrapper is in place
+    (False where this Ray has no such function: then nothing changes)."""
+    from ray._private import worker as ray_worker
+
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    if printer is None:
+        return False
+    if getattr(printer, "quiets_worker_count", False):
+        return True
+
+    def print_to_stdstream(data: dict, *args: Any, _print=printer, **kwargs: Any) -> None:
+        if data.get("pid") == "raylet" and any(WORKER_COUNT_WARNING.search(line) for line in data.get("lines", [])):
+            lines = [line for line in data["lines"] if not WORKER_COUNT_WARNING.search(line)]
+            if private_local_ray():
+                if not lines:
+                    return
+                data = {**data, "lines": lines}
+        _print(data, *args, **kwargs)
+
+    print_to_stdstream.quiets_worker_count = True
+    ray_worker.print_to_stdstream = print_to_stdstream
+    return True
+
+
 def plain_log_prefixes() -> None:
     """Ray colours the ``(RayTrainWorker pid=…)`` prefix of every line its processes print on the driver: escape
     codes in a log redirected to a file. Off (``RAY_COLOR_PREFIX=0``, which Ray reads as it prints) unless both
@@ -639,6 +676,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
              logging_level=logging.WARNING, runtime_env={"worker_process_setup_hook": setup})
     _keep_python_sigterm()
     drop_benign_ray_lines()
+    quiet_worker_count_warning()
     _PRIVATE["started"], _PRIVATE["gcs"] = True, ray.get_runtime_context().gcs_address
     if not _PRIVATE.get("at_exit"):  # run before Ray's own shutdown at exit (atexit runs the last registered first)
         atexit.register(_stop_at_exit)

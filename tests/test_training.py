@@ -705,6 +705,34 @@ def test_the_driver_puts_back_the_sigint_handler_ray_train_leaves_and_tells_sigt
         signal.signal(signal.SIGTERM, before_term)
 
 
+def test_the_raylets_worker_count_warning_is_not_printed_on_the_private_local_ray_only(monkeypatch):
+    from ray._private import worker as ray_worker
+
+    import mmctr_ray.ray_env as ray_env
+
+    printed = []
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", lambda data, ignore_prefix: printed.append(data))
+    assert ray_env.quiet_worker_count_warning() and ray_env.quiet_worker_count_warning()  # wrapped once
+    warning = ("WARNING: 8 PYTHON worker processes have been started on node: 9bb7b679e5a31b499b1c4a0484bfd533ef32425e"
+               "383e7a735d1e2495 with address: 127.0.0.1, which is 4x the maximum expected startup concurrency (2). "
+               "This could be a result of using a large number of actors, tasks blocked in ray.get() calls, or tasks "
+               "with fractional CPU requests (e.g., num_cpus=0.1) allowing high concurrency. See https://github.com/"
+               "ray-project/ray/issues/3644 for some discussion of workarounds.")  # Ray 2.60's, as its driver's
+    other = "WARNING: the node is running low on memory"  # listen_error_messages passes it to print_to_stdstream
+    emit = lambda lines, pid="raylet": ray_worker.print_to_stdstream(  # noqa: E731
+        {"lines": lines, "pid": pid, "is_err": False}, ignore_prefix=False)
+    monkeypatch.setattr(ray_env, "private_local_ray", lambda: True)
+    emit([warning])
+    emit([warning, other])
+    emit([other])
+    emit([warning], pid=1234)  # a worker's own line that quotes it
+    assert [d["lines"] for d in printed] == [[other], [other], [warning]]
+    printed.clear()
+    monkeypatch.setattr(ray_env, "private_local_ray", lambda: False)  # a cluster: Ray's own advice may apply there
+    emit([warning])
+    assert [d["lines"] for d in printed] == [[warning]]
+
+
 def test_rays_benign_kill_actor_error_is_not_printed_and_every_other_line_is(monkeypatch):
     from ray._private import ray_logging
 
