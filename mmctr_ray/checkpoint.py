@@ -22,9 +22,7 @@ import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection
-
-import torch
+from typing import TYPE_CHECKING, Any, Collection
 
 from mmctr_ray import storage
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
@@ -33,9 +31,14 @@ from mmctr_ray.features import FeatureMap
 from mmctr_ray.report import EPOCH_NUMBERS
 from mmctr_ray.storage import Location, json_text, nan_for_null
 
+if TYPE_CHECKING:  # torch is imported where tensors are saved or read: a run's driver and a search's trials
+    import torch  # read checkpoints' state.json only, and need no torch (~1.2 s and ~470 MB a process)
+
 log = logging.getLogger(__name__)
 
 FILES = ("model.pt", "optimizer.pt", "state.json", "config.yaml", "feature_map.json", "item_source.json")
+DIVERGED = "diverged.txt"  # in RUN: why the workers ended the run on a non-finite loss or prediction
+BEGAN = "began.txt"  # in RUN of a search's trial with a time budget: when its training began (wall-clock seconds)
 MANIFEST = "files.json"
 
 
@@ -58,6 +61,8 @@ class TrainState:
 def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     state: TrainState, cfg: ExperimentConfig, fmap: FeatureMap, item_source: dict[str, Any]) -> None:
     """Write a checkpoint into ``directory`` (which must exist)."""
+    import torch
+
     torch.save(model.state_dict(), directory / "model.pt")
     if optimizer is not None:
         torch.save(optimizer.state_dict(), directory / "optimizer.pt")
@@ -130,6 +135,8 @@ class LoadedCheckpoint:
 def _tensors(path: Path, name: Location) -> dict[str, Any]:
     """A state dict saved by ``torch.save``, read without running any code it holds (``weights_only``): a file
     holding anything but tensors and plain containers is a one-line error, never executed."""
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # torch's message is a paragraph: keep its line that names the object

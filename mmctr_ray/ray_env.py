@@ -352,7 +352,9 @@ def torch_trainer() -> type:
     defaults):
 
     * its process group is set up from the workers (:class:`mmctr_ray.torch_backend.WorkerTorchConfig`), so the
-      run's controller does not import torch: ~2.8 s and ~500 MB less per run and per Tune trial;
+      run's controller does not import torch: ~2.8 s and ~500 MB less per run and per Tune trial; and it is built as
+      Train V2 builds ``TorchTrainer`` (a ``DataParallelTrainer`` with that backend) without ``TorchTrainer``'s
+      package, which imports torch: the process that builds it, a run's driver or a search's trial, does not;
     * on the private local Ray (:func:`private_local_ray`) it runs without Train V2's placement-group cleaner.
 
     The cleaner is a detached actor, one per run, that removes the run's placement group when the run's controller
@@ -364,8 +366,6 @@ def torch_trainer() -> type:
     CPU, importing Ray Train), the controller waited for it before starting the workers and again at the end, and
     it needed the dashboard's state API. A warm 1-epoch run of the tests' data took 11.0-14.4 s without it against
     14.7-17.4 s with it (2 cores, 2026-12-01)."""
-    from ray.train.torch import TorchTrainer
-
     from mmctr_ray import torch_backend
 
     worker_side = torch_backend.available()
@@ -376,15 +376,25 @@ def torch_trainer() -> type:
             cleaner = PlacementGroupCleanerCallback
         except ImportError:  # another Ray than the one tested (2.60): its own defaults
             pass
-    if not worker_side and cleaner is None:
-        return TorchTrainer
+    if worker_side:  # TorchTrainer is Train V2's DataParallelTrainer with TorchConfig for its backend, and its package
+        # imports torch: with WorkerTorchConfig the trainer is that DataParallelTrainer, so the process that builds
+        # it (a run's driver, a search's trial) imports no torch
+        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer as base
+    else:
+        from ray.train.torch import TorchTrainer as base
 
-    class MmctrTorchTrainer(TorchTrainer):
+        if cleaner is None:
+            return base
+
+    class MmctrTorchTrainer(base):
         def __init__(self, *args: Any, scaling_config: Any = None, torch_config: Any = None, **kwargs: Any) -> None:
-            if torch_config is None and worker_side:
+            if not worker_side:
+                super().__init__(*args, scaling_config=scaling_config, torch_config=torch_config, **kwargs)
+                return
+            if torch_config is None:  # gloo on the CPU, NCCL on GPUs, as TorchTrainer chooses
                 use_gpu = bool(scaling_config and scaling_config.use_gpu)
                 torch_config = torch_backend.WorkerTorchConfig(backend="nccl" if use_gpu else "gloo")
-            super().__init__(*args, scaling_config=scaling_config, torch_config=torch_config, **kwargs)
+            super().__init__(*args, scaling_config=scaling_config, backend_config=torch_config, **kwargs)
 
         def _create_default_callbacks(self) -> list:
             return [cb for cb in super()._create_default_callbacks() if cleaner is None or not isinstance(cb, cleaner)]

@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import torch
-
 from mmctr_ray import storage
-from mmctr_ray.checkpoint import best_checkpoint, checkpoint_epoch, epoch_checkpoints, latest_checkpoint, read_state
+from mmctr_ray.checkpoint import (DIVERGED, best_checkpoint, checkpoint_epoch, epoch_checkpoints, latest_checkpoint,
+                                  read_state)
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
 from mmctr_ray.errors import (ConfigError, DataError, Interrupted, NotStarted, OutputExistsError, StorageError,
                               UserError, WorkersFailed, dead_worker, find_cause, find_user_error,
@@ -35,7 +34,6 @@ from mmctr_ray.errors import (ConfigError, DataError, Interrupted, NotStarted, O
 from mmctr_ray.features import (FeatureMap, build_feature_map, check_id_tables, check_same_table, load_item_table,
                                 read_split)
 from mmctr_ray.host_malloc import worker_env
-from mmctr_ray.layers.embedding import root_mean_square
 from mmctr_ray.locking import entries
 from mmctr_ray.preflight import (batch_split_note, check_batch_norm_rows, check_batch_size, check_splits,
                                  check_valid_labels)
@@ -43,7 +41,7 @@ from mmctr_ray.ray_env import (check_gpu_split, check_local_pool, check_pool, pr
                                torch_trainer)
 from mmctr_ray.report import best_epoch, describe_run
 from mmctr_ray.schema import SPLITS, Layout
-from mmctr_ray.training import DIVERGED, train_loop_per_worker
+from mmctr_ray.torch_backend import train_in_worker
 
 log = logging.getLogger(__name__)
 FAULT_ENV = "MMCTR_FAULT_KILL_AT_STEP"  # "STEP:MARKER_FILE": recovery tests kill rank 0 once at STEP, or right after
@@ -221,6 +219,10 @@ def warn_unscaled_vectors(cfg: ExperimentConfig, vectors: Any) -> None:
     m = cfg.model
     if m.item_vector_rms or (m.crossnet == "off" and m.bilinear == "off"):
         return
+    import torch  # here, where a run's driver needs it: only for a config that may warn
+
+    from mmctr_ray.layers.embedding import root_mean_square
+
     rms = float(root_mean_square(torch.as_tensor(vectors)))  # the measure the model scales by
     if rms > UNSCALED_RMS_WARN:
         log.warning("item vectors of RMS %.2f (%s) go unscaled into %s, which raise their scale to a power: set "
@@ -342,7 +344,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
         os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
         fs, fs_path = storage.resolve(run)  # Ray Train writes checkpoints to storage_path/name = RUN
         trainer = torch_trainer()(  # on the private local Ray, without the placement-group cleaner
-            train_loop_per_worker,
+            train_in_worker,
             train_loop_config=loop_config,
             scaling_config=ScalingConfig(
                 num_workers=workers, use_gpu=gpus_per_worker > 0,

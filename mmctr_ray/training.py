@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from mmctr_ray import storage
-from mmctr_ray.checkpoint import (PREFIX, TrainState, checkpoint_epoch, latest_checkpoint, load_checkpoint,
-                                  save_checkpoint)
+from mmctr_ray.checkpoint import (BEGAN, DIVERGED, PREFIX, TrainState, checkpoint_epoch, latest_checkpoint,
+                                  load_checkpoint, save_checkpoint)
 from mmctr_ray.config import ExperimentConfig, TrainConfig, from_dict, worker_batch
 from mmctr_ray.errors import NotStarted
 from mmctr_ray.features import FeatureMap, load_item_table
@@ -38,8 +38,6 @@ from mmctr_ray.resident import MIB, ResidentShard, ShardRecorder, resident_budge
 from mmctr_ray.run_log import RunLog
 from mmctr_ray.store_pages import release_store_pages
 
-DIVERGED = "diverged.txt"  # in RUN: why the workers ended the run on a non-finite loss or prediction
-BEGAN = "began.txt"  # in RUN of a search's trial with a time budget: when its training began (wall-clock seconds)
 
 log = logging.getLogger(__name__)
 

@@ -182,12 +182,11 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from mmctr_ray.checkpoint import checkpoint_epoch, latest_checkpoint
+    from mmctr_ray.checkpoint import BEGAN, DIVERGED, checkpoint_epoch, latest_checkpoint
     from mmctr_ray.config import save_config
     from mmctr_ray.report import read_metrics
     from mmctr_ray.train_driver import run_training
     from mmctr_ray.tune_report import STARTED, in_this_search
-    from mmctr_ray.training import BEGAN, DIVERGED
 
     tdir, data = Path(tune_dir), Path(data_dir)
     trial_id = ray.tune.get_context().get_trial_id()

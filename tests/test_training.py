@@ -593,18 +593,46 @@ def test_only_a_run_on_the_private_local_ray_drops_the_placement_group_cleaner(m
     """A Tune trial (which its scheduler stops by killing it while the search goes on) and a run on a Ray the caller
     started keep it: without it a placement group whose controller died stays until the job ends."""
     from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from mmctr_ray import ray_env
 
     for private in (True, False):
         monkeypatch.setattr(ray_env, "private_local_ray", lambda: private)
         trainer = ray_env.torch_trainer()(lambda: None, scaling_config=ScalingConfig(num_workers=1))
-        assert isinstance(trainer, TorchTrainer)
+        assert isinstance(trainer, DataParallelTrainer)  # TorchTrainer's base, as TorchTrainer is in Train V2
         callbacks = trainer._create_default_callbacks()
         assert any(isinstance(cb, PlacementGroupCleanerCallback) for cb in callbacks) is not private
-        assert len(callbacks) == len(TorchTrainer._create_default_callbacks(trainer)) - private
+        assert len(callbacks) == len(DataParallelTrainer._create_default_callbacks(trainer)) - private
+
+
+def test_the_process_that_builds_a_runs_trainer_imports_no_torch(tmp_path):
+    """A run's driver and each trial of a search build the trainer and read checkpoints' state; they imported torch
+    for that (TorchTrainer's package, the training module for its worker function, the checkpoint module): ~1.2 s
+    and ~470 MB of resident memory a process. The trainer is what TorchTrainer builds: Train V2's DataParallelTrainer
+    with a torch backend, here WorkerTorchConfig, gloo on the CPU and NCCL on GPUs."""
+    import subprocess
+    import sys
+
+    probe = """
+import sys
+from ray.train import ScalingConfig
+from mmctr_ray import ray_env, torch_backend, train_driver, tuning  # noqa: F401
+from mmctr_ray.checkpoint import read_state
+assert torch_backend.available()
+for gpu, backend in ((False, "gloo"), (True, "nccl")):
+    trainer = ray_env.torch_trainer()(train_driver.train_in_worker, scaling_config=ScalingConfig(num_workers=2,
+                                                                                                 use_gpu=gpu))
+    assert type(trainer.backend_config) is torch_backend.WorkerTorchConfig and trainer.backend_config.backend == backend
+print(type(read_state(sys.argv[1])).__name__, sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
+"""
+    state = tmp_path / "checkpoint_epoch_001"
+    state.mkdir()
+    (state / "state.json").write_text(json.dumps(TrainState(lr=1e-3).to_json()))  # what a resume reads first
+    r = subprocess.run([sys.executable, "-c", probe, str(state)], capture_output=True, text=True, timeout=120,
+                       cwd=CONFIGS.parent)
+    assert r.returncode == 0 and r.stdout.split(" ", 1)[1].strip() == "[]", r.stdout + r.stderr[-2000:]
 
 
 def test_a_runs_controller_gets_a_backend_and_callbacks_that_need_no_torch(tmp_path):
