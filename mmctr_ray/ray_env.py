@@ -594,12 +594,11 @@ def quiet_worker_count_warning() -> bool:
         return True
 
     def print_to_stdstream(data: dict, *args: Any, _print=printer, **kwargs: Any) -> None:
-        if data.get("pid") == "raylet" and any(WORKER_COUNT_WARNING.search(line) for line in data.get("lines", [])):
-            lines = [line for line in data["lines"] if not WORKER_COUNT_WARNING.search(line)]
-            if private_local_ray():
-                if not lines:
-                    return
-                data = {**data, "lines": lines}
+        if data.get("pid") == "raylet" and private_local_ray():  # the raylet's lines here are its rare warnings
+            lines = [line for line in data.get("lines", []) if not WORKER_COUNT_WARNING.search(line)]
+            if not lines:
+                return
+            data = {**data, "lines": lines}
         _print(data, *args, **kwargs)
 
     print_to_stdstream.quiets_worker_count = True
