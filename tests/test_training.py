@@ -49,17 +49,23 @@ def test_schedule_decays_on_plateau_with_a_floor_and_stops_after_patience():
     assert state.best_epoch == 5 and state.best_auc == 0.73
 
 
-def test_the_modules_a_training_worker_or_a_trial_imports_leave_scikit_learn_unloaded():
-    """Each training worker and each trial is a fresh process that imports these modules; scikit-learn, which only
-    fits PCA and scores the synthetic oracle, took 1.3 s of that start on 2 cores (a search starts one per trial)."""
+def modules_loaded(code: str, package: str, *argv: str) -> list[str]:
+    """The modules of ``package`` that a fresh interpreter holds after running ``code`` (``sys.argv[1:]``: ``argv``)."""
     import subprocess
     import sys
 
-    modules = "mmctr_ray.training, mmctr_ray.train_driver, mmctr_ray.tuning, mmctr_ray.fuse, mmctr_ray.predict"
-    probe = f"import sys; import {modules}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'sklearn'))"
-    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+    listing = f"\nimport json, sys\nprint(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == {package!r})))"
+    r = subprocess.run([sys.executable, "-c", code + listing, *argv], capture_output=True, text=True, timeout=120,
                        cwd=CONFIGS.parent)
-    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-2000:]
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+def test_the_modules_a_training_worker_or_a_trial_imports_leave_scikit_learn_unloaded():
+    """Each training worker and each trial is a fresh process that imports these modules; scikit-learn, which only
+    fits PCA and scores the synthetic oracle, took 1.3 s of that start on 2 cores (a search starts one per trial)."""
+    modules = "mmctr_ray.training, mmctr_ray.train_driver, mmctr_ray.tuning, mmctr_ray.fuse, mmctr_ray.predict"
+    assert modules_loaded(f"import {modules}", "sklearn") == []
 
 
 def test_a_batch_that_does_not_split_over_the_workers_is_said_before_ray_starts(synth_dir, tmp_path, caplog):
@@ -612,27 +618,20 @@ def test_the_process_that_builds_a_runs_trainer_imports_no_torch(tmp_path):
     for that (TorchTrainer's package, the training module for its worker function, the checkpoint module): ~1.2 s
     and ~470 MB of resident memory a process. The trainer is what TorchTrainer builds: Train V2's DataParallelTrainer
     with a torch backend, here WorkerTorchConfig, gloo on the CPU and NCCL on GPUs."""
-    import subprocess
-    import sys
-
     probe = """
 import sys
 from ray.train import ScalingConfig
 from mmctr_ray import ray_env, torch_backend, train_driver, tuning  # noqa: F401
 from mmctr_ray.checkpoint import read_state
 assert torch_backend.available()
-for gpu, backend in ((False, "gloo"), (True, "nccl")):
-    trainer = ray_env.torch_trainer()(train_driver.train_in_worker, scaling_config=ScalingConfig(num_workers=2,
-                                                                                                 use_gpu=gpu))
-    assert type(trainer.backend_config) is torch_backend.WorkerTorchConfig and trainer.backend_config.backend == backend
-print(type(read_state(sys.argv[1])).__name__, sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
+for gpu in (False, True):  # the backend each gets: the controller test below
+    ray_env.torch_trainer()(train_driver.train_in_worker, scaling_config=ScalingConfig(num_workers=2, use_gpu=gpu))
+assert read_state(sys.argv[1])["lr"] == 1e-3
 """
     state = tmp_path / "checkpoint_epoch_001"
     state.mkdir()
     (state / "state.json").write_text(json.dumps(TrainState(lr=1e-3).to_json()))  # what a resume reads first
-    r = subprocess.run([sys.executable, "-c", probe, str(state)], capture_output=True, text=True, timeout=120,
-                       cwd=CONFIGS.parent)
-    assert r.returncode == 0 and r.stdout.split(" ", 1)[1].strip() == "[]", r.stdout + r.stderr[-2000:]
+    assert modules_loaded(probe, "torch", str(state)) == []
 
 
 def test_a_runs_controller_gets_a_backend_and_callbacks_that_need_no_torch(tmp_path):
@@ -640,29 +639,23 @@ def test_a_runs_controller_gets_a_backend_and_callbacks_that_need_no_torch(tmp_p
     `TorchConfig` lives in a module that imports torch, so each controller imported torch for it alone (~2.8 s and
     ~500 MB a run, 2026-12-01); `torch_backend.WorkerTorchConfig` sets the process group up from the workers. What
     `run_training` hands the controller is unpickled here in a fresh process, which must not import torch."""
-    import subprocess
-    import sys
-
     from ray import cloudpickle
     from ray.train import RunConfig, ScalingConfig
 
     from mmctr_ray import ray_env, torch_backend
     from mmctr_ray.train_driver import _worker_failures
-    from mmctr_ray.training import train_loop_per_worker
 
     for use_gpu, backend in ((True, "nccl"), (False, "gloo")):
-        trainer = ray_env.torch_trainer()(train_loop_per_worker, train_loop_config={"cfg": tiny_cfg().to_dict()},
+        trainer = ray_env.torch_trainer()(torch_backend.train_in_worker,  # what run_training passes
+                                          train_loop_config={"cfg": tiny_cfg().to_dict()},
                                           scaling_config=ScalingConfig(num_workers=2, use_gpu=use_gpu),
                                           run_config=RunConfig(callbacks=[_worker_failures(2)]))
         assert isinstance(trainer.backend_config, torch_backend.WorkerTorchConfig)
         assert trainer.backend_config.backend == backend
     payload = tmp_path / "controller.pkl"
     payload.write_bytes(cloudpickle.dumps((trainer.train_run_context, trainer._create_default_callbacks())))
-    r = subprocess.run([sys.executable, "-c", "import pickle, sys; pickle.loads(open(sys.argv[1], 'rb').read()); "
-                        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))", str(payload)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.strip() == "[]"
+    assert modules_loaded("import pickle, sys; pickle.loads(open(sys.argv[1], 'rb').read())", "torch",
+                          str(payload)) == []
 
 
 @pytest.mark.slow
