@@ -55,7 +55,7 @@ class _LowestInfBracket(_Bracket):
     own linear percentile. NaN results are left out, as Ray's ``nanpercentile`` leaves them; none left: no cutoff."""
 
     def cutoff(self, recorded: dict) -> float | None:
-        values = np.array([v for v in recorded.values() if v is not None], dtype=np.float64)
+        values = np.array(list(recorded.values()), dtype=np.float64)
         values = values[~np.isnan(values)]
         if not values.size:
             return None
