@@ -614,6 +614,32 @@ def plain_log_prefixes() -> None:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
+def check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """A ConnectionError, at once, when nothing takes a connection at the GCS address ``address`` leads to (a
+    ``host:port``, or ``auto``: the cluster a ``ray start`` on this machine recorded). Ray's own join retried such an
+    address for many minutes, printing "Failed to connect to GCS" every 40 s, and then raised a traceback (a cluster
+    that is down, a typo in the port). Ray Client (``ray://``) and other schemes are left to Ray."""
+    import socket
+
+    from ray._private import services
+
+    if "://" in address:
+        return
+    gcs = services.canonicalize_bootstrap_address(address)  # as ray.init resolves it (localhost: this node's IP)
+    if gcs is None:
+        return
+    host, _, port = gcs.rpartition(":")
+    if not port.isdigit():
+        raise ValueError(f"port {port!r} is not a number (expected host:port)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as err:
+        why = "no answer within %g s" % timeout_s if isinstance(err, TimeoutError) else first_line(err)
+        raise ConnectionError(f"nothing answers at {gcs} ({why}); is the cluster up (`ray status --address "
+                              f"{gcs}` on its head)?") from None
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = False,
              dashboard: bool = False, object_store_mib: int | None = None, pool_cpus: float = 0.0) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a private local Ray.
@@ -650,9 +676,15 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
             os.environ.pop(WATCHER_ENV, None)
         _forget_private_env()
         try:
+            check_reachable(address)
             ray.init(address=address, logging_level=logging.WARNING)
         except (ValueError, ConnectionError) as err:  # an HTTP (dashboard) address, no Ray at "auto", a bad form
             raise ConfigError(f"Ray address {address!r} (--address or RAY_ADDRESS): {first_line(err)}") from None
+        except RuntimeError as err:  # a port that answers but is no Ray's GCS: Ray gives up after its retries
+            if "GCS" not in str(err):
+                raise
+            raise ConfigError(f"Ray address {address!r} (--address or RAY_ADDRESS): no Ray's GCS answers there "
+                              f"({first_line(err)})") from None
         _keep_python_sigterm()
         drop_benign_ray_lines()
         _PRIVATE["gcs"] = ray.get_runtime_context().gcs_address  # for stop_ray; not private: "started" stays False

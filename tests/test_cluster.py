@@ -372,6 +372,48 @@ print("GCS", ray.get_runtime_context().gcs_address, ray.cluster_resources()["CPU
         "resources are its own" in r.stderr
 
 
+
+def test_joining_an_address_where_nothing_answers_fails_at_once_as_one_line():
+    """Ray's own join retried an address where nothing listens (a cluster that is down, a wrong port) for many
+    minutes, printing "Failed to connect to GCS" every 40 s, then raised a traceback. Now: one line, at once, and
+    no Ray joined or started (a fresh interpreter: init_ray changes its process's environment)."""
+    import socket
+
+    from mmctr_ray import ray_env
+
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("0.0.0.0", 0))
+        port = s.getsockname()[1]
+    code = f"""
+import ray
+from mmctr_ray.errors import ConfigError
+from mmctr_ray.ray_env import init_ray
+for address in ("127.0.0.1:{port}", "localhost:6379x"):
+    try:
+        init_ray(address=address)
+    except ConfigError as err:
+        print("ERROR", err)
+print("INITIALIZED", ray.is_initialized())
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    started = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert time.monotonic() - started < 30  # a refused connection: at once, not after Ray's retries
+    said = [line.split(" ", 1)[1] for line in r.stdout.splitlines() if line.startswith("ERROR ")]
+    assert len(said) == 2 and "INITIALIZED False" in r.stdout, r.stdout
+    assert re.fullmatch(rf"Ray address '127\.0\.0\.1:{port}' \(--address or RAY_ADDRESS\): nothing answers at "
+                        rf"\S+:{port} \(.*refused.*\); is the cluster up \(`ray status --address \S+:{port}` on its "
+                        rf"head\)\?", said[0]), said[0]
+    assert said[1] == "Ray address 'localhost:6379x' (--address or RAY_ADDRESS): port '6379x' is not a number " \
+        "(expected host:port)"
+    assert "Failed to connect to GCS" not in r.stderr
+    with socket.socket() as s:  # something listening there: the probe lets the join go on, to Ray's own checks
+        s.bind(("0.0.0.0", 0))
+        s.listen()
+        ray_env.check_reachable(f"127.0.0.1:{s.getsockname()[1]}")
+    ray_env.check_reachable("ray://192.0.2.1:10001")  # Ray Client: left to Ray
+
 STRAGGLER = """
 import os, subprocess, sys
 import ray
@@ -529,6 +571,7 @@ def test_a_cluster_joined_after_a_private_ray_gets_the_environment_the_private_o
         raise ConnectionError(f"no Ray at {address}")
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_env, "check_reachable", lambda address: None)  # the join itself is what is looked at
     monkeypatch.setattr(ray, "init", join)
     try:
         with pytest.raises(ConfigError, match=r"^Ray address '192.0.2.1:6379' \(--address or RAY_ADDRESS\): no Ray "
