@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import posixpath
+from pathlib import Path
 from typing import Any
 
 from mmctr_ray import storage
@@ -200,14 +201,35 @@ def _oracle_auc(run_dir: Location) -> float | None:
     return float(oracle) if oracle is not None and math.isfinite(oracle) else None
 
 
+def _unended(run_dir: Location) -> str:
+    """What the best epoch's line adds for a run without its summary.json (a run writes it when it ends): the
+    epochs its config.yaml asks for, and why there may be no more (a run stopped at epoch 2 of 30 read "at epoch 2
+    of 2", as a finished one)."""
+    import yaml
+
+    try:
+        epochs = yaml.safe_load(storage.read_text(storage.join(run_dir, "config.yaml")))["train"]["epochs"]
+    except Exception:  # no file, not YAML, another shape: the report says less, and still comes
+        epochs = None
+    planned = f" (train.epochs {epochs})" if isinstance(epochs, int) and not isinstance(epochs, bool) else ""
+    from mmctr_ray.tune_report import search_of
+
+    if not storage.is_uri(run_dir) and search_of(Path(run_dir)) is not None:
+        return f"{planned}; the trial has no summary.json: its search stopped it early (ASHA), or it is still training."
+    return (f"{planned}; the run has no summary.json: it is still training, or it stopped before its end "
+            f"(`mmctr train --resume` continues it).")
+
+
 def markdown_summary(run_dir: Location, rows: list[dict[str, Any]]) -> str:
     best = best_epoch(rows)
     oracle = _oracle_auc(run_dir)
     se = best.get("valid_auc_se")
     described = run_description(run_dir)
+    ended = storage.is_file(storage.join(run_dir, "summary.json"))  # written when the run ends
+    of = f"of {len(rows)}." if ended else f"of the {len(rows)} trained so far{_unended(run_dir)}"
     lines = [f"# Run `{storage.basename(run_dir)}`", "", *([f"Trained: {described}.", ""] if described else []),
              f"Best validation AUC **{best['valid_auc']:.4f}**{se_text(se)} (logloss {best['valid_logloss']:.4f}) "
-             f"at epoch {best['epoch']} of {len(rows)}."]
+             f"at epoch {best['epoch']} {of}"]
     scored = _scored_epoch(run_dir)
     if scored is not None and scored != best["epoch"]:  # rank 0 writes an epoch's row before Ray copies its checkpoint
         # a run still training is between the two as well: it writes summary.json when it ends

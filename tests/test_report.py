@@ -28,7 +28,16 @@ def test_a_nan_auc_is_never_the_best_epoch_as_training_never_keeps_it(tmp_path):
     best_checkpoint (which compare with >) keep epoch 3."""
     rows = [epoch(1, math.nan), epoch(2, 0.70), epoch(3, 0.72), epoch(4, 0.72)]
     assert best_epoch(rows)["epoch"] == 3  # the earliest among equals, as training keeps it
-    assert "Best validation AUC **0.7200** (logloss 0.5000) at epoch 3 of 4." in markdown_summary(tmp_path, rows)
+    assert "Best validation AUC **0.7200** (logloss 0.5000) at epoch 3 of the 4 trained so far; the run has no " \
+        "summary.json: it is still training, or it stopped before its end (`mmctr train --resume` continues it)." \
+        in markdown_summary(tmp_path, rows)
+    (tmp_path / "config.yaml").write_text("train:\n  epochs: 30\n")
+    assert "at epoch 3 of the 4 trained so far (train.epochs 30); the run has no summary.json" in \
+        markdown_summary(tmp_path, rows)  # a run stopped at epoch 4 of 30 read as a finished one
+    (tmp_path / "summary.json").write_text('{"best_valid_auc": 0.72}\n')  # the run ended (early stop, say)
+    assert "Best validation AUC **0.7200** (logloss 0.5000) at epoch 3 of 4.\n" in markdown_summary(tmp_path, rows)
+    for name in ("config.yaml", "summary.json"):
+        (tmp_path / name).unlink()
     assert best_epoch([epoch(1, math.nan)])["epoch"] == 1  # none finite: the report still has a row to show
     tuned = markdown_summary(tmp_path, [{**epoch(1, 0.7), "lr": 3.7e-4}, {**epoch(2, 0.7), "lr": 3.7e-5}])
     assert "| 0.5000 | 0.00037 |" in tuned and "| 0.5000 | 3.7e-05 |" in tuned  # a tuned lr as set (.0e: 4e-04)
@@ -53,7 +62,7 @@ def test_a_nan_auc_is_written_as_null_and_the_report_still_picks_the_best_finite
     assert best_epoch(back)["epoch"] == 3
     assert main(["report", str(tmp_path)]) == 0
     summary = (tmp_path / "report" / "summary.md").read_text()
-    assert "Best validation AUC **0.7200** (logloss 0.5000) at epoch 3 of 3." in summary
+    assert "Best validation AUC **0.7200** (logloss 0.5000) at epoch 3 of the 3 trained so far;" in summary
     assert "| 1 | 0.5000 | nan | 0.5000 |" in summary  # the epoch without an AUC, as before
 
 
