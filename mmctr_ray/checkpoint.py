@@ -226,7 +226,9 @@ def best_checkpoint(run_dir: Location) -> Location:
         raise DataError(f"{run_dir}: no checkpoint with a finite validation AUC among {len(found)} (the model "
                         f"diverged, or the validation split holds one class): nothing to score with")
     if best is None:
-        raise DataError(f"{run_dir}: no checkpoint found (expected checkpoint_epoch_*/ written by `mmctr train`)")
+        missing = "not found; " if not storage.exists(run_dir) else ""  # a mistyped RUN, said as such
+        raise DataError(f"{run_dir}: {missing}no checkpoint found (expected checkpoint_epoch_*/ written by `mmctr "
+                        f"train`)")
     return best
 
 

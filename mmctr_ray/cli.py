@@ -375,10 +375,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from mmctr_ray.compare import compare_runs, markdown
 
-    if args.json is not None and args.json.exists() and not args.overwrite:
-        raise OutputExistsError(f"{args.json}: already exists; pass --overwrite to replace it")
     if args.json is not None and (args.json.is_dir() or any(p.exists() and not p.is_dir() for p in args.json.parents)):
         raise ConfigError(f"{args.json}: --json names a file to write; it is a folder or lies below a file")
+    if args.json is not None and args.json.exists():
+        from mmctr_ray.compare import is_comparison
+
+        if not is_comparison(args.json):  # --overwrite replaced a run's summary.json as readily as a comparison
+            raise OutputExistsError(f"{args.json}: not a comparison of `mmctr compare --json`; --json takes a new file "
+                                    f"or one it wrote, which --overwrite replaces")
+        if not args.overwrite:
+            raise OutputExistsError(f"{args.json}: already exists; pass --overwrite to replace it")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible to this process")
     result = compare_runs(args.runs, args.data, args.split, args.device, progress=log.info)
@@ -687,7 +693,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build the item table and the model-ready Ray Datasets; print a summary.")
     _add_data_arg(p)
     p.add_argument("--out", type=_local_path, help="write features_summary.json and the resolved config.yaml here")
-    p.add_argument("--overwrite", action="store_true", help="replace the two files an earlier run wrote in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the two files an earlier `mmctr features` wrote in --out (a folder that holds "
+                        "anything else is refused)")
     _add_config_args(p)
     _add_ray_args(p)
     p.set_defaults(func=cmd_features)
@@ -875,6 +883,41 @@ WRITERS = ("synth", "convert", "features", "embed", "fuse", "train", "predict", 
 FOLDER_OUTPUTS = ("synth", "convert", "features", "train", "tune", "demo", "pipeline")  # the others write one file
 
 
+FOLDER_KINDS = {  # the file that marks a folder as a stage's output; what else it may hold without that file (an
+    # attempt killed before it wrote it); whether it holds nothing else at all
+    "features": ("features_summary.json", {"config.yaml"}, True, "a features output"),
+    "train": ("config.yaml", set(), False, "a run of `mmctr train`"),
+    "tune": ("settings.json", {"search.yaml"}, False, "a search of `mmctr tune`")}
+
+
+def _check_output_kind(args: argparse.Namespace, out: storage.Location) -> None:
+    """The most telling error first: a folder, a file of another type, or an output of another kind than the stage's
+    (an input, a run given to `features --out`) is said as such, not as "already exists; pass --overwrite", after
+    which --overwrite replaced it (`features --out RUN --overwrite` put another config.yaml in the run)."""
+    if args.command in FOLDER_KINDS and not getattr(args, "resume", False) and storage.exists(out):
+        from mmctr_ray.locking import entries
+
+        marker, spare, exclusive, kind = FOLDER_KINDS[args.command]
+        held = set(entries(out))
+        foreign = sorted(held - {marker} - spare, key=lambda name: (name.startswith("."), name)) \
+            if exclusive or marker not in held else []  # a visible file named first, not Ray's hidden marker
+        if foreign:
+            raise OutputExistsError(f"{args.out}: not {kind} (it holds {foreign[0]}); --out takes a new or empty "
+                                    f"folder or one `mmctr {args.command}` wrote, which --overwrite replaces")
+    if args.command == "predict":
+        from mmctr_ray.predict import check_output
+
+        check_output(args.out, args.overwrite)
+    elif args.command == "fuse":
+        from mmctr_ray.fuse import check_out
+
+        check_out(Path(args.out), args.overwrite)
+    elif args.command == "embed":
+        from mmctr_ray.embed.pipeline import check_out as check_embed_out
+
+        check_embed_out(Path(args.out).resolve(), args.overwrite)
+
+
 def _refuse_existing_output(args: argparse.Namespace, out: storage.Location) -> None:
     """An output that holds results is never replaced without --overwrite (or continued without --resume);
     checked here, before Ray starts, and again by each stage's own function."""
@@ -986,10 +1029,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = storage.normalize(str(args.out))
         if args.command in FOLDER_OUTPUTS and storage.is_file(out):  # --overwrite replaces outputs in a folder,
             raise ConfigError(f"{args.out}: a file; expected a folder for the outputs of {args.command} (--out)")
-        if args.command == "predict":  # not a .zip is said first: it was "already exists; pass --overwrite", and
-            from mmctr_ray.predict import check_output  # with --overwrite then "must be a .zip file"
-
-            check_output(args.out, args.overwrite)
+        _check_output_kind(args, out)  # the most telling error first: it was "already exists; pass --overwrite", and
+        # with --overwrite then "must be a .zip file", or the replaced input
         _refuse_existing_output(args, out)
         with output_lock(out):
             return args.func(args)

@@ -97,6 +97,15 @@ def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid",
             "runs": runs}
 
 
+def is_comparison(path: Path) -> bool:
+    """Whether ``path`` holds what ``mmctr compare --json`` writes (:func:`compare_runs`' result)."""
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(found, dict) and {"data", "split", "rows", "positives", "runs"} <= found.keys()
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The comparison as a markdown table, with a line on how to read it."""
     lines = [f"{result['split']} split of {result['data']}: {result['rows']:,} rows, {result['positives']:,} "

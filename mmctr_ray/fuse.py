@@ -32,10 +32,11 @@ import yaml
 from mmctr_ray import storage
 from mmctr_ray.config import FusionConfig
 from mmctr_ray.data.writer import list_array
-from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
+from mmctr_ray.errors import ConfigError, DataError
 from mmctr_ray.features import (FUSED_VECTOR_COLUMN, has_placeholder_embeddings, items_fingerprint, list_matrix,
                                 open_parquet, titles_fingerprint)
 from mmctr_ray.fusion import FittedFusion, ModalityBatch, fit_fusion, modalities_needed
+from mmctr_ray.locking import check_table_output
 from mmctr_ray.schema import PAD_ID, Layout
 
 log = logging.getLogger(__name__)
@@ -230,11 +231,10 @@ def run_fuse(data_dir: str | Path, out: str | Path, cfg: FusionConfig, source: s
 
 
 def check_out(out: Path, overwrite: bool) -> None:
-    """``out`` must name a parquet file whose outputs are absent, or replaceable with ``overwrite``."""
-    if out.suffix != ".parquet":
-        raise ConfigError(f"{out}: --out must name a .parquet file")
-    if not overwrite and (existing := [p for p in sidecars(out).values() if p.exists()]):
-        raise OutputExistsError(f"{existing[0]}: already exists; pass --overwrite to replace it")
+    """``out`` must name a parquet file whose outputs are absent, or a fused table (with the files beside it)
+    replaceable with ``overwrite``: nothing else, not an input (:func:`mmctr_ray.locking.check_table_output`)."""
+    check_table_output(out, "fuse", "a fused item table", {"item_id", FUSED_VECTOR_COLUMN}, overwrite,
+                       [p for key, p in sidecars(out).items() if key != "table"])
 
 
 def fuse_items(data_dir: str | Path, cfg: FusionConfig, source: str = "shipped", pca: str = "auto", seed: int = 0,

@@ -15,7 +15,7 @@ import hashlib
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 from urllib.parse import unquote, urlsplit
 
 import filelock
@@ -73,3 +73,35 @@ def output_lock(target: storage.Location) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def parquet_columns(path: Path) -> set[str] | None:
+    """The column names of the parquet file ``path``, or None when it is not one that can be read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return set(pq.read_schema(path).names)
+    except (pa.ArrowException, OSError):
+        return None
+
+
+def check_table_output(out: Path, stage: str, kind: str, columns: set[str], overwrite: bool,
+                       beside: Iterable[Path] = ()) -> None:
+    """One-line errors for the ``--out`` table of ``stage`` (``fuse``, ``embed``), the most telling first: a folder,
+    a file that is not .parquet, an existing file that is not ``kind`` (a parquet holding ``columns``), then an
+    existing output (the table or a file ``beside`` it) without ``overwrite``.
+
+    ``--overwrite`` replaces the stage's own outputs only: pointed at the data set's item_feature.parquet, or at the
+    embeddings given as ``--source``, it replaced them with a fused table (the input gone), and before, the first
+    error said "already exists; pass --overwrite" and with it, only then, "must name a .parquet file"."""
+    if out.is_dir():
+        raise ConfigError(f"{out}: a folder; --out names the .parquet file of {kind}")
+    if out.suffix != ".parquet":
+        raise ConfigError(f"{out}: --out must name a .parquet file")
+    if out.exists() and not columns <= (parquet_columns(out) or set()):
+        raise OutputExistsError(f"{out}: not {kind} (a parquet of columns {', '.join(sorted(columns))}); --out takes "
+                                f"a new file or one `mmctr {stage}` wrote, which --overwrite replaces")
+    existing = [p for p in (out, *beside) if p.exists()]
+    if existing and not overwrite:
+        raise OutputExistsError(f"{existing[0]}: already exists; pass --overwrite to replace it")

@@ -54,13 +54,18 @@ def load_model(checkpoint_dir: Location, data_dir: str | Path, device: str = "cp
         tune_dir = search_of(Path(checkpoint_dir).parent)
         vector = table_here(vector, tune_dir) if tune_dir is not None else vector
     table = load_item_table(data_dir, vector)
-    found = {"num_items": table.num_items, "vector_dim": table.vector_dim, "tag_vocab": table.tag_vocab}
+    found = {"num_items": table.num_items, "tag_vocab": table.tag_vocab}
     for key, value in found.items():
         expected = getattr(ck.fmap, key)
         if value > expected or (key != "tag_vocab" and value != expected):
             raise DataError(f"{checkpoint_dir}: checkpoint was trained with {key}={expected} but {data_dir} has "
-                            f"{value} (a checkpoint of other data or another fusion)")
-    check_same_table(source, table.source, str(checkpoint_dir))  # the same sizes: are they the same items?
+                            f"{value} (a checkpoint of other data)")
+    # the same sizes: are they the same items? And a fused table rewritten since (at another width too) is named as
+    # such, before its width is compared: that said "DATA has 16", of a data set that had not changed
+    check_same_table(source, table.source, str(checkpoint_dir))
+    if table.vector_dim != ck.fmap.vector_dim:
+        raise DataError(f"{checkpoint_dir}: checkpoint was trained with item vectors of width {ck.fmap.vector_dim} "
+                        f"but {vector if vector != 'given' else data_dir} has {table.vector_dim} (another fusion)")
     if ck.cfg.model.use_user_id and (largest := max_user_id(data_dir)) >= ck.fmap.num_users:
         raise DataError(f"{data_dir}: column user_id: values up to {largest}, but the checkpoint's user embedding "
                         f"has ids 0..{ck.fmap.num_users - 1} (model.use_user_id; a checkpoint of other data)")

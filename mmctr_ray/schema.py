@@ -132,7 +132,7 @@ class Layout:
         if self.dataset_dir.is_dir():
             return None
         if not self.root.is_dir():
-            return "no such data directory"
+            return "a file, not a data directory" if self.root.is_file() else "no such data directory"
         name, root = DATASET_NAME, self.root.resolve()  # `--data .` too
         if root.name == name or any((root / f"{n}.parquet").exists() for n in ("item_info", *SPLITS)):
             return f"looks like the {name} folder itself: --data is the folder above it, here {root.parent}"

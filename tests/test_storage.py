@@ -292,7 +292,7 @@ def test_checkpoint_discovery_and_loading_through_a_filesystem(memory_root, tmp_
     assert loaded.optimizer_state is not None and loaded.fmap.num_users == 7
     with pytest.raises(DataError, match=f"^{run}/checkpoint_epoch_004/state.json: missing checkpoint file"):
         load_checkpoint(f"{run}/checkpoint_epoch_004")
-    with pytest.raises(DataError, match=f"^{memory_root}/none: no checkpoint found"):
+    with pytest.raises(DataError, match=f"^{memory_root}/none: not found; no checkpoint found"):
         best_checkpoint(f"{memory_root}/none")
 
 

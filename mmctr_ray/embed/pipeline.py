@@ -45,6 +45,7 @@ from mmctr_ray.embed.text import (check_max_length, check_model_dir, check_text_
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.features import open_parquet, titles_fingerprint
 from mmctr_ray.host_malloc import actor_options
+from mmctr_ray.locking import check_table_output
 from mmctr_ray.ray_env import check_actors, cpu_threads
 from mmctr_ray.schema import Layout
 from mmctr_ray.storage import json_text, partial_path, write_text
@@ -288,6 +289,15 @@ class _Progress:
                           f"ETA {(self.total - self.done) / max(rate, 1e-9):.0f} s")
 
 
+EMBED_COLUMNS = {"item_id", "txt_emb", "img_emb", "image_status"}  # of the table `mmctr embed` writes
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """``out`` must name a parquet file that is absent, or an embeddings table of `mmctr embed` to replace with
+    ``overwrite``: never an input (the data set's item_feature.parquet, which it read before it replaced it)."""
+    check_table_output(out, "embed", "an embeddings table", EMBED_COLUMNS, overwrite)
+
+
 def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, image_model: str, pooling: str = "auto",
               gpus_per_actor: float = 0.0, actors: int = 1, batch_size: int = 64, max_length: int = 32,
               shard_items: int = 4_096, seed: int = 0, cpus_per_actor: float = 1.0, overwrite: bool = False,
@@ -312,10 +322,7 @@ def run_embed(data_dir: str | Path, out: str | Path, text_model: str | Path, ima
     the malloc tunables of :mod:`mmctr_ray.host_malloc`, as training's ``train.keep_freed_memory``.
     """
     out, lay = Path(out).resolve(), Layout(Path(data_dir).resolve())
-    if out.suffix != ".parquet":
-        raise ConfigError(f"{out}: --out must name a .parquet file")
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out}: already exists; pass --overwrite to replace it")
+    check_out(out, overwrite)
     text_dir = str(check_model_dir(text_model))
     normalize = resolve_normalize(text_dir, pooling)
     pooling = resolve_pooling(text_dir, pooling)

@@ -221,6 +221,10 @@ def missing_data_dir(d, t):
     return _train(t / "nowhere", t)
 
 
+def data_dir_given_as_a_file(d, t):  # `--data c1.yaml`: it said "no such data directory", of a file that is there
+    return _train(Layout(d).item_feature, t)
+
+
 def invalid_yaml(d, t):
     (t / "bad.yaml").write_text("model:\n  dropout: [0.1\n")
     return ["train", "--data", str(d), "--out", str(t / "run"), "--config", str(t / "bad.yaml")]
@@ -273,11 +277,11 @@ def fusion_missing(d, t):
     return [*_train(d, t), "--fusion", str(t / "nofuse.parquet")]
 
 
-def _fused(d: Path, out: Path, strategy: str = "v1") -> Path:
+def _fused(d: Path, out: Path, strategy: str = "v1", dims: int = 12) -> Path:
     from mmctr_ray.config import FusionConfig
     from mmctr_ray.fuse import run_fuse
 
-    run_fuse(d, out, FusionConfig(strategy, dims=12), overwrite=True, progress=lambda m: None)
+    run_fuse(d, out, FusionConfig(strategy, dims=dims), overwrite=True, progress=lambda m: None)
     return out
 
 
@@ -295,6 +299,15 @@ def fused_table_rewritten_since_the_checkpoint(d, t):
     table = _fused(d, t / "e.parquet", "v1")
     _checkpoint_for(d, t / "run", [f"data.item_vector={table}"])
     _fused(d, table, "v3")
+    return ["predict", "--run", str(t / "run"), "--data", str(d), "--out", str(t / "sub.zip")]
+
+
+def fused_table_rewritten_at_another_width(d, t):
+    """The same at another width: predict (and compare) said "DATA has 8 (a checkpoint of other data or another
+    fusion)", of a data set that had not changed, and did not name the table."""
+    table = _fused(d, t / "e.parquet", "v1")
+    _checkpoint_for(d, t / "run", [f"data.item_vector={table}"])
+    _fused(d, table, "v1", dims=8)
     return ["predict", "--run", str(t / "run"), "--data", str(d), "--out", str(t / "sub.zip")]
 
 
@@ -588,6 +601,7 @@ CASES = [
      ["run"]),
     (missing_item_info, ["item_info.parquet: missing file"], ["run"]),
     (missing_data_dir, ["/nowhere: no such data directory"], ["run"]),
+    (data_dir_given_as_a_file, ["item_feature.parquet: a file, not a data directory"], ["run"]),
     (invalid_yaml, ["bad.yaml: invalid YAML at line 3"], ["run"]),
     (unknown_config_key, ["bad.yaml", "model.dropuot", "dropout"], ["run"]),
     (negative_learning_rate, ["train.lr", "-0.001", "> 0"], ["run"]),
@@ -604,6 +618,8 @@ CASES = [
                              "fuse again with --data"], ["run"]),
     (fused_table_rewritten_since_the_checkpoint, ["e.parquet: rewritten since", "checkpoint_epoch_001 was trained on "
                                                   "it"], ["sub.zip"]),
+    (fused_table_rewritten_at_another_width, ["e.parquet: rewritten since", "checkpoint_epoch_001 was trained on "
+                                              "it"], ["sub.zip"]),
     (resume_on_a_rewritten_fused_table, ["e.parquet: rewritten since", "checkpoint_epoch_001 was trained on it"],
      ["run/checkpoint_epoch_002"]),
     (fusion_not_a_fused_table, ["item_info.parquet: --fusion needs a fused item table written by `mmctr fuse`"],
@@ -631,7 +647,7 @@ CASES = [
     (unknown_image_model, ["--image-model 'NoSuchNet-9': unknown open_clip architecture"], ["emb.parquet"]),
     (existing_submission, ["sub.zip: already exists; pass --overwrite"], []),
     (submission_not_a_zip, ["sub.csv: the submission must be a .zip file"], ["sub.csv"]),
-    (predict_without_a_run, ["not-a-run: no checkpoint found (expected checkpoint_epoch_*/"], ["sub.zip"]),
+    (predict_without_a_run, ["not-a-run: not found; no checkpoint found (expected checkpoint_epoch_*/"], ["sub.zip"]),
     (submission_below_a_file, ["afile/sub.zip: cannot create the folder it goes in ([Errno 17] File exists"], []),
     (submission_is_a_folder, ["sub.zip: a folder; expected the submission's .zip file"], ["sub.zip.partial"]),
     (checkpoint_of_other_data, ["checkpoint was trained with num_items=200", "has 240"], ["sub.zip"]),
@@ -727,11 +743,16 @@ def test_an_existing_submission_is_left_as_it_was(data, tmp_path):
 @pytest.mark.parametrize("stage", ["train", "tune", "fuse", "embed", "predict", "synth"])
 def test_existing_outputs_are_never_replaced_without_overwrite(data, tmp_path, capsys, stage):
     out = tmp_path / ("out.parquet" if stage in ("fuse", "embed") else "out.zip" if stage == "predict" else "out")
-    if out.suffix:
+    if out.suffix == ".parquet":  # an earlier output of the stage: a table with its columns
+        pq.write_table(pa.table({name: [[0.5]] if name.endswith("emb") else [0] for name in
+                                 (["item_id", "item_emb"] if stage == "fuse" else
+                                  ["item_id", "txt_emb", "img_emb", "image_status"])}), out)
+    elif out.suffix:
         out.write_bytes(b"earlier results")
     else:
         out.mkdir()
-        (out / "config.yaml").write_text("earlier: results\n")
+        (out / ("settings.json" if stage == "tune" else "config.yaml")).write_text("earlier: results\n")
+    before = out.read_bytes() if out.suffix else sorted((p.name, p.read_bytes()) for p in out.iterdir())
     argv = {"train": ["train", "--data", str(data), "--config", CONFIG],
             "tune": ["tune", "--data", str(data), "--config", "configs/search_tiny.yaml"],
             "fuse": ["fuse", "--data", str(data), "--strategy", "v1"],
@@ -743,7 +764,55 @@ def test_existing_outputs_are_never_replaced_without_overwrite(data, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"mmctr {stage}: error: {out}: already exists; pass ") and "--overwrite" in err
     assert ("--resume" in err) == (stage in ("train", "tune"))
-    assert (out.read_bytes() if out.suffix else (out / "config.yaml").read_bytes()).startswith(b"earlier")
+    assert (out.read_bytes() if out.suffix else sorted((p.name, p.read_bytes()) for p in out.iterdir())) == before
+
+
+def _kept(path: Path) -> object:
+    """What ``path`` holds: its bytes, or a folder's names and bytes."""
+    if path.is_file():
+        return path.read_bytes()
+    return sorted((str(p.relative_to(path)), p.read_bytes()) for p in path.rglob("*") if p.is_file())
+
+
+def test_overwrite_replaces_the_stages_own_outputs_only_and_says_so_first(data, tmp_path, capsys):
+    """--overwrite replaced whatever --out named: `fuse --out DATA/item_feature.parquet` or `--out` its own
+    --source put a fused table in place of an input, `features --out RUN` another config.yaml in a run (whose
+    --resume then failed), `compare --json RUN/summary.json` the run's summary. Each is now refused, as one line
+    that says what the output is not, before "already exists; pass --overwrite", and nothing is touched."""
+    run = tmp_path / "run"
+    _checkpoint_for(data, run)
+    (run / "summary.json").write_text('{"best_valid_auc": 0.5}\n')
+    source = tmp_path / "raw.parquet"  # embeddings of `mmctr embed`, given to fuse as --source
+    pq.write_table(pa.table({"item_id": [1], "txt_emb": [[0.5]], "img_emb": [[0.5]], "image_status": [0]}), source)
+    feature = Layout(data).item_feature
+    cases = [
+        (["fuse", "--data", str(data), "--strategy", "v1", "--dims", "4", "--out", str(feature)], feature,
+         f"{feature}: not a fused item table (a parquet of columns item_emb, item_id); --out takes a new file or one "
+         f"`mmctr fuse` wrote, which --overwrite replaces"),
+        (["fuse", "--data", str(data), "--strategy", "v1", "--dims", "4", "--source", str(source), "--out",
+          str(source)], source, f"{source}: not a fused item table"),
+        (["fuse", "--data", str(data), "--strategy", "v1", "--dims", "4", "--out", str(run)], run,
+         f"{run}: a folder; --out names the .parquet file of a fused item table"),
+        (["embed", "--data", str(data), "--text-model", str(_minilm()), "--out", str(feature)], feature,
+         f"{feature}: not an embeddings table (a parquet of columns image_status, img_emb, item_id, txt_emb)"),
+        (["features", "--data", str(data), "--config", CONFIG, "--out", str(run)], run,
+         f"{run}: not a features output (it holds checkpoint_epoch_001); --out takes a new or empty folder or one "
+         f"`mmctr features` wrote, which --overwrite replaces"),
+        (["train", "--data", str(data), "--config", CONFIG, "--out", str(data)], data,
+         f"{data}: not a run of `mmctr train` (it holds MicroLens_1M_x1)"),
+        (["tune", "--data", str(data), "--config", "configs/search_tiny.yaml", "--out", str(run)], run,
+         f"{run}: not a search of `mmctr tune` (it holds checkpoint_epoch_001)"),
+        (["compare", "--data", str(data), str(run), "--json", str(run / "summary.json")], run / "summary.json",
+         f"{run / 'summary.json'}: not a comparison of `mmctr compare --json`; --json takes a new file or one it "
+         f"wrote, which --overwrite replaces")]
+    for argv, target, said in cases:
+        before = _kept(target)
+        for overwrite in ([], ["--overwrite"]):  # the same line with --overwrite as without
+            capsys.readouterr()
+            assert main([*argv, *overwrite]) == 2, argv
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith(f"mmctr {argv[0]}: error: {said}"), (argv, err)
+            assert _kept(target) == before, argv
 
 
 LOCK_HOLDER = """
