@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,9 @@ def _score(checkpoint: Location, data_dir: str | Path, split: str, max_len: int,
     from ray.data import ActorPoolStrategy
 
     check_actors(actors, gpus_per_actor)  # a pool the local Ray cannot hold beside the reads would wait for good
+    # Ray Data's advice, as a UserWarning with its source line, when the pool has more actors than a small split has
+    # blocks ("configure override_num_blocks earlier in the pipeline"): the split is scored all the same
+    warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
     ds = read_split(data_dir, split, max_len=max_len, batch_rows=batch_size, ordered=True)  # IDs: row order
     scored = ds.map_batches(Scorer, fn_constructor_kwargs={"checkpoint_dir": str(checkpoint),
                                                            "data_dir": str(Path(data_dir).resolve()),
