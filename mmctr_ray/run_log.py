@@ -60,6 +60,10 @@ class RunLog:
         _ensure_handler()
         from tensorboardX import SummaryWriter
 
+        # tensorboardX warns "NaN or Inf found in input tensor." for each non-finite scalar, with no name: a bare
+        # line before the run's own (a diverged run's error, a row's null AUC); the value is still written
+        logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
+
         self.run_dir = storage.normalize(run_dir)
         if storage.is_uri(self.run_dir):
             self._tb_staging = tempfile.mkdtemp(prefix="mmctr-tensorboard-")

@@ -43,7 +43,8 @@ def test_a_nan_auc_is_never_the_best_epoch_as_training_never_keeps_it(tmp_path):
     assert "| 0.5000 | 0.00037 |" in tuned and "| 0.5000 | 3.7e-05 |" in tuned  # a tuned lr as set (.0e: 4e-04)
 
 
-def test_a_nan_auc_is_written_as_null_and_the_report_still_picks_the_best_finite_epoch(tmp_path, strict_json):
+def test_a_nan_auc_is_written_as_null_and_the_report_still_picks_the_best_finite_epoch(tmp_path, strict_json,
+                                                                                        caplog):
     """metrics.jsonl held the bare token NaN for the AUC of a one-class validation split: Python read it back, but
     it is not JSON (jq, JavaScript and dashboards refused the file). It is null now, read back as NaN."""
     from types import SimpleNamespace
@@ -55,6 +56,7 @@ def test_a_nan_auc_is_written_as_null_and_the_report_still_picks_the_best_finite
             {**epoch(3, 0.72), "valid_auc_se": math.inf, "samples_per_s": 100.0}]
     with RunLog(str(tmp_path), enabled=True) as run_log:
         run_log.epoch_end(SimpleNamespace(history=rows, best_auc=0.72, best_epoch=3))
+    assert "NaN or Inf found" not in caplog.text  # tensorboardX's nameless line for each non-finite scalar
     written = [strict_json(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["valid_auc"], r["valid_auc_se"]) for r in written] == [(None, None), (0.70, 0.01), (0.72, None)]
     back = read_metrics(tmp_path, keys=("epoch", "valid_auc", "valid_auc_se"))
