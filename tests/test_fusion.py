@@ -327,11 +327,13 @@ def test_cli_fuse_flags(synth_dir, tmp_path, capsys):
     rc = main(["fuse", "--data", str(synth_dir), "--strategy", "v4", "--text-dim", "5", "--image-dim", "7",
                "--out", str(out)])
     assert rc == 0 and fused(out)[1].shape == (201, 12)
-    rc = main(["fuse", "--data", str(synth_dir), "--strategy", "v4", "--dims", "5", "--out", str(tmp_path / "x.parquet")])
+    rc = main(["fuse", "--data", str(synth_dir), "--strategy", "v4", "--dims", "5", "--out",
+               str(tmp_path / "x.parquet")])
     assert rc == 2
     assert "--dims sets the width of v1, v2, v3; v4 takes --text-dim and --image-dim" in capsys.readouterr().err
     for flags in (["--dims", "32"], ["--source", str(out)], ["--pca", "full"]):  # a 128-wide copy, without a word
-        rc = main(["fuse", "--data", str(synth_dir), "--strategy", "given", *flags, "--out", str(tmp_path / "g.parquet")])
+        rc = main(["fuse", "--data", str(synth_dir), "--strategy", "given", *flags, "--out",
+                   str(tmp_path / "g.parquet")])
         assert rc == 2 and capsys.readouterr().err.strip().endswith(
             f"{flags[0]}: --strategy given copies item_info's item_emb_d128 as shipped (no PCA, 128 wide); the PCA "
             f"strategies v1..v4 take {flags[0]}")
