@@ -135,6 +135,10 @@ class ResumableASHA(ASHAScheduler):
     def _path(self) -> str:
         return records_path or self._records
 
+    def save_records(self) -> None:
+        """Write the records as they are now (a new search's: empty)."""
+        self._save()
+
     def _save(self) -> None:
         state = {"brackets": [[[milestone, recorded] for milestone, recorded in b._rungs] for b in self._brackets],
                  "stopped": self._stopped, "stops_complete": self._stops_complete}

@@ -458,9 +458,14 @@ def _scheduler(space: SearchSpace, records: Path) -> Any:
 
     if not space.prunes:
         return FIFOScheduler()
-    return ResumableASHA(records, metric=METRIC, mode="max", time_attr="epoch", max_t=space.max_epochs - 1,
+    asha = ResumableASHA(records, metric=METRIC, mode="max", time_attr="epoch", max_t=space.max_epochs - 1,
                          grace_period=space.grace_period, reduction_factor=space.reduction_factor,
                          stop_last_trials=False)
+    # empty records from the start (a new search): TUNE without asha.json is then a search older than the records,
+    # whose stops are unknown (tune_report.asha_stopped). Written at the first result only, a search interrupted
+    # before that called its running trials "pruned" and counted them as ended
+    asha.save_records()
+    return asha
 
 
 # settings.json's values of the flags a resumed search takes from its start, when the flags are not given

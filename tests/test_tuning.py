@@ -222,6 +222,22 @@ def test_asha_never_stops_a_trial_at_its_last_epoch_but_still_prunes_earlier(max
     assert TrialScheduler.STOP in {actions[t.trial_id, grace] for t in trials}
 
 
+def test_a_new_searchs_asha_records_exist_before_any_result_so_its_running_trials_are_not_called_pruned(
+        tmp_path, monkeypatch):
+    """A search interrupted (Ctrl-C) before a result reached ASHA had no asha.json, which is how a search older than
+    the records looks: its running trials were called "pruned" in results.csv and "ended" in the interrupted line,
+    and --resume then trained them to the end. The records are written, empty, as the scheduler is created."""
+    import mmctr_ray.asha
+
+    monkeypatch.setattr(mmctr_ray.asha, "records_path", None)
+    space = SearchSpace(params=(), max_epochs=3, grace_period=1, reduction_factor=2)
+    _scheduler(space, tmp_path / "asha.json")
+    assert asha_stopped(tmp_path) == {}  # no trial stopped yet, and that is known
+    run = tmp_path / "trials" / "t"
+    run.mkdir(parents=True)
+    assert trial_outcome(run, 2, 3, asha_stopped(tmp_path)) == "running"  # 2 epochs of 3, no summary: it runs
+
+
 def test_a_search_whose_grace_period_is_its_last_epoch_prunes_nothing(tmp_path):
     from ray.tune.schedulers import FIFOScheduler
 
