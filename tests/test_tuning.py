@@ -1518,6 +1518,19 @@ def test_a_moved_search_finds_its_tables_in_its_own_cache(tmp_path, monkeypatch)
     old.parent.mkdir(parents=True)
     old.write_bytes(b"")
     assert in_this_search(load_config(trial / "config.yaml"), tune_dir).data.item_vector == str(old)
+    old.unlink()
+
+    # best.yaml written before the move (no `mmctr report` since): `mmctr train --config TUNE/best.yaml` said "item
+    # vector file not found" of the old path; the CLI's config takes the table of that name in this TUNE's cache
+    from mmctr_ray.cli import _config
+
+    (tune_dir / "best.yaml").write_text((tune_dir / "best.yaml").read_text().replace(here, str(old)))
+    assert load_config(tune_dir / "best.yaml").data.item_vector == str(old)
+    args = SimpleNamespace(config=str(tune_dir / "best.yaml"), overrides=["train.epochs=2"])
+    assert _config(args).data.item_vector == here and _config(args).train.epochs == 2
+    save_config(load_config(tune_dir / "best.yaml"), tmp_path / "elsewhere.yaml")  # a config outside a search
+    assert _config(SimpleNamespace(config=str(tmp_path / "elsewhere.yaml"), overrides=[])).data.item_vector == \
+        str(old)  # left as it is: train then names the missing file
 
 
 def test_a_restored_search_opens_the_study_in_its_own_folder(tmp_path, monkeypatch):
