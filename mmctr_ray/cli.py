@@ -977,7 +977,12 @@ def _how_to_continue(args: argparse.Namespace, argv: Sequence[str], known: bool)
     there may be nothing to resume)."""
     if args.command in ("train", "tune", "pipeline", "demo") and (known or args.command in ("pipeline", "demo")):
         at = list(argv).index(args.command)
-        return f"continue with `{shlex.join(['mmctr', *argv[:at + 1], *_resume_argv(argv[at + 1:], args.command)])}`"
+        resume = _resume_argv(argv[at + 1:], args.command)
+        script = Path(sys.argv[0])
+        if script.name == f"{args.command}.py" and script.parent.name == "jobs":  # a Ray job's entrypoint: its own
+            # command continues it, the one its spec and the README resubmit (it printed an `mmctr ...` one)
+            return f"continue with `{shlex.join(['python', sys.argv[0], *resume])}`"
+        return f"continue with `{shlex.join(['mmctr', *argv[:at + 1], *resume])}`"
     if args.command == "embed":
         return "run the same command again to continue from the shards already encoded"
     return ""

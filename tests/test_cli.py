@@ -689,6 +689,13 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
         monkeypatch.setattr(cli, name, stop(error))
         assert main(argv) == 128 + getattr(error, "signum", signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM
         assert capsys.readouterr().err.strip() == line
+    with monkeypatch.context() as job:  # a Ray job's entrypoint, jobs/train.py: main(["train", *its arguments])
+        job.setattr(sys, "argv", ["jobs/train.py", *train[1:]])
+        job.setattr(cli, "cmd_train", stop(Interrupted("RUN keeps the checkpoint of epoch 1")))
+        assert main(train) == 130
+        assert capsys.readouterr().err.strip() == (f"mmctr train: interrupted: RUN keeps the checkpoint of epoch 1; "
+                                                   f"continue with `python jobs/train.py --data {tmp_path} --out "
+                                                   f"{tmp_path / 'run'} --resume`")  # it said `mmctr train ...`
     import mmctr_ray.ray_env as ray_env
 
     def terminated(code):  # what the SIGTERM handler init_ray installs does: record it, then Ray's sys.exit(15)
