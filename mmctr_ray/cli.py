@@ -167,8 +167,7 @@ def _spec_from_args(args: argparse.Namespace) -> SynthSpec:
 
 def _config(args: argparse.Namespace) -> ExperimentConfig:
     cfg = load_config(args.config, args.overrides)
-    if args.config is not None and cfg.data.item_vector != "given" and (Path(args.config).parent /
-                                                                         "settings.json").is_file():
+    if args.config is not None and (Path(args.config).parent / "settings.json").is_file():
         # a search's best.yaml (TUNE/best.yaml) names its fused table by absolute path: in a TUNE moved since, the
         # table of that name in its pca_cache/ (it was "item vector file not found" until `mmctr report TUNE`
         # rewrote best.yaml)

@@ -205,14 +205,14 @@ def _unended(run_dir: Location) -> str:
     """What the best epoch's line adds for a run without its summary.json (a run writes it when it ends): the
     epochs its config.yaml asks for, and why there may be no more (a run stopped at epoch 2 of 30 read "at epoch 2
     of 2", as a finished one)."""
-    import yaml
-
-    try:
-        epochs = yaml.safe_load(storage.read_text(storage.join(run_dir, "config.yaml")))["train"]["epochs"]
-    except Exception:  # no file, not YAML, another shape: the report says less, and still comes
-        epochs = None
-    planned = f" (train.epochs {epochs})" if isinstance(epochs, int) and not isinstance(epochs, bool) else ""
+    from mmctr_ray.config import load_config
+    from mmctr_ray.errors import ConfigError
     from mmctr_ray.tune_report import search_of
+
+    try:  # RUN's own config.yaml: a resume rewrites it with the epochs asked for now
+        planned = f" (train.epochs {load_config(storage.join(run_dir, 'config.yaml')).train.epochs})"
+    except (ConfigError, OSError):  # none that reads, as run_description: the report says less, and still comes
+        planned = ""
 
     if not storage.is_uri(run_dir) and search_of(Path(run_dir)) is not None:
         return f"{planned}; the trial has no summary.json: its search stopped it early (ASHA), or it is still training."

@@ -752,7 +752,7 @@ def test_existing_outputs_are_never_replaced_without_overwrite(data, tmp_path, c
     else:
         out.mkdir()
         (out / ("settings.json" if stage == "tune" else "config.yaml")).write_text("earlier: results\n")
-    before = out.read_bytes() if out.suffix else sorted((p.name, p.read_bytes()) for p in out.iterdir())
+    before = _kept(out)
     argv = {"train": ["train", "--data", str(data), "--config", CONFIG],
             "tune": ["tune", "--data", str(data), "--config", "configs/search_tiny.yaml"],
             "fuse": ["fuse", "--data", str(data), "--strategy", "v1"],
@@ -764,7 +764,7 @@ def test_existing_outputs_are_never_replaced_without_overwrite(data, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"mmctr {stage}: error: {out}: already exists; pass ") and "--overwrite" in err
     assert ("--resume" in err) == (stage in ("train", "tune"))
-    assert (out.read_bytes() if out.suffix else sorted((p.name, p.read_bytes()) for p in out.iterdir())) == before
+    assert _kept(out) == before
 
 
 def _kept(path: Path) -> object:
