@@ -891,27 +891,14 @@ WRITERS = ("synth", "convert", "features", "embed", "fuse", "train", "predict", 
 FOLDER_OUTPUTS = ("synth", "convert", "features", "train", "tune", "demo", "pipeline")  # the others write one file
 
 
-FOLDER_KINDS = {  # the file that marks a folder as a stage's output; what else it may hold without that file (an
-    # attempt killed before it wrote it); whether it holds nothing else at all
-    "features": ("features_summary.json", {"config.yaml"}, True, "a features output"),
-    "train": ("config.yaml", set(), False, "a run of `mmctr train`"),
-    "tune": ("settings.json", {"search.yaml"}, False, "a search of `mmctr tune`")}
-
-
 def _check_output_kind(args: argparse.Namespace, out: storage.Location) -> None:
     """The most telling error first: a folder, a file of another type, or an output of another kind than the stage's
     (an input, a run given to `features --out`) is said as such, not as "already exists; pass --overwrite", after
     which --overwrite replaced it (`features --out RUN --overwrite` put another config.yaml in the run)."""
-    if args.command in FOLDER_KINDS and not getattr(args, "resume", False) and storage.exists(out):
-        from mmctr_ray.locking import entries
+    from mmctr_ray.locking import FOLDER_KINDS, check_folder_kind
 
-        marker, spare, exclusive, kind = FOLDER_KINDS[args.command]
-        held = set(entries(out))
-        foreign = sorted(held - {marker} - spare, key=lambda name: (name.startswith("."), name)) \
-            if exclusive or marker not in held else []  # a visible file named first, not Ray's hidden marker
-        if foreign:
-            raise OutputExistsError(f"{args.out}: not {kind} (it holds {foreign[0]}); --out takes a new or empty "
-                                    f"folder or one `mmctr {args.command}` wrote, which --overwrite replaces")
+    if args.command in FOLDER_KINDS and not getattr(args, "resume", False):
+        check_folder_kind(args.command, out, shown=str(args.out))
     if args.command == "predict":
         from mmctr_ray.predict import check_output
 

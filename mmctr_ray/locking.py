@@ -86,6 +86,32 @@ def parquet_columns(path: Path) -> set[str] | None:
         return None
 
 
+# the file that marks a folder as a stage's output; what else it may hold without that file (an attempt killed
+# before it wrote it: tune writes search.yaml, then settings.json); whether it may hold nothing else at all; what
+# to call it. One table for the CLI's check before Ray starts, each stage's own (a library caller, the pipeline's
+# steps) and the pipeline's --overwrite: they said three things in three orders
+FOLDER_KINDS = {
+    "features": ("features_summary.json", {"config.yaml"}, True, "a features output"),
+    "train": ("config.yaml", set(), False, "a run of `mmctr train`"),
+    "tune": ("settings.json", {"search.yaml"}, False, "a search of `mmctr tune`")}
+
+
+def check_folder_kind(stage: str, out: storage.Location, hint: str | None = None, shown: str | None = None) -> None:
+    """Raise a one-line OutputExistsError when ``out`` exists and holds what ``stage`` did not write (an input, a
+    run given to `features --out`, a user's files): said before "already exists; pass --overwrite", after which
+    --overwrite replaced it. A missing or empty folder, or the stage's own output, passes. ``shown``: ``out`` as
+    the user spelled it."""
+    if not storage.exists(out):
+        return
+    marker, spare, exclusive, kind = FOLDER_KINDS[stage]
+    held = set(entries(out))
+    foreign = sorted(held - {marker} - spare, key=lambda name: (name.startswith("."), name)) \
+        if exclusive or marker not in held else []  # a visible file named first, not Ray's hidden marker
+    if foreign:
+        raise OutputExistsError(f"{shown or out}: not {kind} (it holds {foreign[0]}); " + (
+            hint or f"--out takes a new or empty folder or one `mmctr {stage}` wrote, which --overwrite replaces"))
+
+
 def check_table_output(out: Path, stage: str, kind: str, columns: set[str], overwrite: bool,
                        beside: Iterable[Path] = ()) -> None:
     """One-line errors for the ``--out`` table of ``stage`` (``fuse``, ``embed``), the most telling first: a folder,

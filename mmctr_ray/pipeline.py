@@ -21,7 +21,7 @@ from typing import Any
 from mmctr_ray import storage
 from mmctr_ray.config import ExperimentConfig, load_config
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
-from mmctr_ray.locking import entries
+from mmctr_ray.locking import check_folder_kind, entries
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +89,10 @@ def check_replaceable(out: storage.Location, work: Path, synthesizes: bool) -> N
     ``OUT/features`` must be what `mmctr train` and `mmctr features` write (their config.yaml), and, when the
     command synthesizes its data (no ``--data``), ``OUT/data`` what `mmctr synth` wrote (its synth.json). They were
     removed or replaced whatever they held: a user's real MicroLens files kept in ``OUT/data`` became synthetic."""
-    for name, what, marks in (("run", "a run of `mmctr train`", ("config.yaml",)),
-                              (PUBLISHED["features"][0], "a summary of `mmctr features`",
-                               ("config.yaml", "features_summary.json"))):
+    for stage, name in (("train", "run"), ("features", PUBLISHED["features"][0])):
         for location in {storage.join(out, name), work / name}:
-            if storage.exists(location) and entries(location) and not any(
-                    storage.is_file(storage.join(location, mark)) for mark in marks):
-                raise OutputExistsError(f"{location}: not {what} (no {marks[0]}); --overwrite replaces a pipeline's "
-                                        f"outputs only: move it away, or pass another --out")
+            check_folder_kind(stage, location, hint="--overwrite replaces a pipeline's outputs only: move it away, "
+                                                    "or pass another --out")
     from mmctr_ray.schema import Layout
 
     data = work / "data"  # a pipeline's copy of a --data URI (its DATA_SOURCE record) is the pipeline's too

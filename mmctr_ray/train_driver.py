@@ -34,7 +34,7 @@ from mmctr_ray.errors import (ConfigError, DataError, Interrupted, NotStarted, O
 from mmctr_ray.features import (FeatureMap, build_feature_map, check_id_tables, check_same_table, load_item_table,
                                 read_split)
 from mmctr_ray.host_malloc import worker_env
-from mmctr_ray.locking import entries
+from mmctr_ray.locking import check_folder_kind, entries
 from mmctr_ray.preflight import (batch_split_note, check_batch_norm_rows, check_batch_size, check_splits,
                                  check_valid_labels)
 from mmctr_ray.ray_env import (check_gpu_split, check_local_pool, check_pool, private_local_ray, sigterm_flag,
@@ -86,13 +86,11 @@ def _check_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool, o
             if key is not None:
                 raise ConfigError(f"{run}: --resume with {section}.{key}={now[key]!r} where the run's config.yaml "
                                   f"has {was[key]!r}; only train.* may change when resuming")
-    elif entries(run):
-        if not overwrite:
+    else:
+        check_folder_kind("train", run)  # what is not a run is said as such first, --overwrite or not
+        if entries(run) and not overwrite:
             raise OutputExistsError(f"{run}: already holds a run; pass --resume to continue it or --overwrite "
                                     f"to replace it")
-        if not storage.is_file(config_path):
-            raise OutputExistsError(f"{run}: not empty and not a run of `mmctr train` (no config.yaml); "
-                                    f"--overwrite replaces runs only")
 
 
 def _nothing_to_train(run: storage.Location, cfg: ExperimentConfig) -> str | None:

@@ -48,7 +48,7 @@ from mmctr_ray import storage
 from mmctr_ray.config import ExperimentConfig, load_config
 from mmctr_ray.errors import ConfigError, DataError, Interrupted, NotStarted, OutputExistsError, find_user_error
 from mmctr_ray.features import has_placeholder_embeddings
-from mmctr_ray.locking import entries
+from mmctr_ray.locking import check_folder_kind, entries
 from mmctr_ray.fuse import source_file, yaml_string
 from mmctr_ray.metrics import se_text
 from mmctr_ray.preflight import (batch_split_note, check_batch_norm_rows, check_batch_size, check_splits,
@@ -508,6 +508,7 @@ def _prepare(tune_dir: Path, search_yaml: Path | None, settings: dict[str, Any],
         raise ConfigError(f"{table}: the base config's fused table (data.item_vector) lies in {tune_dir}, which "
                           f"--overwrite empties first; copy it out of there, or search into another --out")
     text = search_yaml.read_bytes()  # before --overwrite empties TUNE: it may be the search's own TUNE/search.yaml
+    check_folder_kind("tune", tune_dir)  # what is not a search is said as such first, --overwrite or not
     if tune_dir.exists() and entries(tune_dir):  # lock files of outputs inside it aside
         if not overwrite and saved.is_file() and not (tune_dir / "tune").is_dir():
             raise OutputExistsError(f"{tune_dir}: holds a search that ended before its first trial (settings.json but "
@@ -515,9 +516,6 @@ def _prepare(tune_dir: Path, search_yaml: Path | None, settings: dict[str, Any],
         if not overwrite:
             raise OutputExistsError(f"{tune_dir}: already holds a search; pass --resume to continue it or --overwrite "
                                     f"to replace it")
-        if not saved.is_file():
-            raise OutputExistsError(f"{tune_dir}: not empty and not a search of `mmctr tune` (no settings.json); "
-                                    f"--overwrite replaces searches only")
         shutil.rmtree(tune_dir)
     tune_dir.mkdir(parents=True, exist_ok=True)
     (tune_dir / "search.yaml").write_bytes(text)

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from mmctr_ray.cli import build_parser, main, pipeline_actor_gpus
-from mmctr_ray.errors import ConfigError
+from mmctr_ray.errors import ConfigError, OutputExistsError
 from mmctr_ray.schema import Layout
 
 STAGES = ["synth", "convert", "validate", "features", "embed", "fuse", "train", "tune", "predict", "report", "compare",
@@ -495,8 +495,8 @@ def test_pipeline_overwrite_replaces_only_what_a_pipeline_wrote(tmp_path, capsys
     (out / "run" / "notes.txt").write_text("mine")
     assert main(["pipeline", "--out", str(out), "--overwrite"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"mmctr pipeline: error: {out / 'run'}: not a run of `mmctr train` (no config.yaml); --overwrite replaces a "
-        f"pipeline's outputs only: move it away, or pass another --out")
+        f"mmctr pipeline: error: {out / 'run'}: not a run of `mmctr train` (it holds notes.txt); --overwrite "
+        f"replaces a pipeline's outputs only: move it away, or pass another --out")
     assert real.read_bytes() == b"the user's real data" and (out / "run" / "notes.txt").is_file()
     from mmctr_ray.pipeline import check_replaceable
 
@@ -504,6 +504,11 @@ def test_pipeline_overwrite_replaces_only_what_a_pipeline_wrote(tmp_path, capsys
     (out / "features").mkdir()
     (out / "features" / "features_summary.json").write_text("{}")
     check_replaceable(str(out), out, synthesizes=True)  # all of them a pipeline's: nothing refused
+    (out / "features" / "mine.txt").write_text("mine")  # a features output holds its two files only
+    with pytest.raises(OutputExistsError, match=r"features: not a features output \(it holds mine.txt\); --overwrite "
+                                                r"replaces a pipeline's outputs only"):
+        check_replaceable(str(out), out, synthesizes=True)
+    (out / "features" / "mine.txt").unlink()
     (out / "data" / "synth.json").unlink()
     check_replaceable(str(out), out, synthesizes=False)  # --data given: OUT/data is not synthesized into
 

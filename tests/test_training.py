@@ -1533,7 +1533,7 @@ def test_overwrite_never_deletes_a_directory_that_is_not_a_run(synth_dir, tmp_pa
 def test_a_uri_run_is_never_overwritten_silently_either(synth_dir, tmp_path):
     uri = tmp_path.as_uri()
     (tmp_path / "precious.txt").write_text("keep me")
-    with pytest.raises(OutputExistsError, match=f"^{uri}: not empty and not a run of `mmctr train`"):
+    with pytest.raises(OutputExistsError, match=f"^{uri}: not a run of `mmctr train` \\(it holds precious.txt\\)"):
         run_training(synth_dir, uri, tiny_cfg(), overwrite=True)
     (tmp_path / "config.yaml").write_text("name: earlier\n")
     with pytest.raises(OutputExistsError, match=f"^{uri}: already holds a run; pass --resume"):

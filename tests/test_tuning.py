@@ -871,6 +871,32 @@ def test_overwrite_restarts_a_search_from_its_own_search_yaml(tmp_path):
     assert (out / "search.yaml").is_file()  # refused before anything went
 
 
+def test_a_folder_that_is_not_a_search_is_said_so_first_and_one_killed_before_its_settings_restarts(tmp_path):
+    """_prepare (a library caller's, the pipeline's) said "already holds a search; pass --resume ... or --overwrite"
+    of a folder of a user's files, and only with --overwrite that it was not a search; and a search killed between
+    its search.yaml and settings.json was "already holds a search", "nothing to resume", then "not a search (no
+    settings.json)" with --overwrite: no command started it again."""
+    from mmctr_ray.tuning import _prepare
+
+    settings = {"data": "D", "overrides": [], "workers": 1, "cpus_per_worker": 1.0, "gpus_per_worker": 0.0,
+                "source": "shipped"}
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(OutputExistsError, match=rf"^{re.escape(str(mine))}: not a search of `mmctr tune` \(it "
+                                                    rf"holds notes.txt\); --out takes a new or empty folder"):
+            _prepare(mine, ROOT / "configs/search_tiny.yaml", settings, resume=False, overwrite=overwrite)
+        assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "search.yaml").write_text("an attempt's, before settings.json")
+    with pytest.raises(OutputExistsError, match="already holds a search; pass --resume to continue it"):
+        _prepare(killed, ROOT / "configs/search_tiny.yaml", settings, resume=False, overwrite=False)
+    assert _prepare(killed, ROOT / "configs/search_tiny.yaml", settings, resume=False, overwrite=True)["data"] == "D"
+    assert (killed / "search.yaml").read_bytes() == (ROOT / "configs/search_tiny.yaml").read_bytes()
+
+
 def test_a_fused_base_table_is_refitted_only_when_the_trial_samples_fusion(tmp_path, monkeypatch):
     """best.yaml reused as a search's base (fusion v3, its fused table) for a search of model settings: every
     trial refitted v3 from this search's --source (another source: other vectors than the base's), and on
