@@ -43,6 +43,15 @@ def list_matrix(col: pa.ChunkedArray | pa.Array, where: str, row0: int | None = 
     Data read)."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
+    kind = col.type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)) or not (
+            pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)):
+        raise DataError(f"{where}: a list of numbers per row expected; the column is {kind}")  # a traceback from
+        # numpy ("setting an array element with a sequence") for a list of lists
+    if col.null_count:
+        row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        at = "a row of its batch" if row0 is None else f"row {row0 + row}"
+        raise DataError(f"{where}: {at} is null; a list of numbers per row expected")
     lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
     if len(lengths) and (lengths != lengths[0]).any():
         row = int(np.flatnonzero(lengths != lengths[0])[0])

@@ -209,6 +209,23 @@ def _check_spread(name: str, inputs: tuple[str, ...], lo: np.ndarray, hi: np.nda
                         f"PCA would give every item a zero vector; expected vectors that differ between items")
 
 
+def _check_scale(name: str, inputs: tuple[str, ...], lo: np.ndarray, hi: np.ndarray, rows: int, where: str,
+                 est: PCA | IncrementalPCA | None = None) -> None:
+    """A one-line DataError for inputs of a scale whose float32 sums of squares overflow (a value of 1e30 among
+    BERT's), or a fit (``est``) that overflowed or holds what float32, the saved fit's type, cannot: the fit went
+    on with a warning, and the table was all NaN, or finite with a 1e30 vector, written with exit 0."""
+    scale = float(max(np.abs(lo).max(), np.abs(hi).max()))
+    fits = scale * scale * rows <= float(np.finfo(np.float32).max)
+    if fits and est is not None:
+        with np.errstate(over="ignore"):
+            kept = est.components_.astype(np.float32), est.explained_variance_.astype(np.float32)
+        fits = all(np.isfinite(a).all() for a in kept)
+    if not fits:
+        of = f" ({' ‖ '.join(inputs)})" if inputs != (name,) else ""
+        raise DataError(f"{where}: the {name} PCA{of} cannot be fitted in float32: its input values reach "
+                        f"{scale:.3g}; expected vectors of an embedding's scale")
+
+
 def _part(name: str, inputs: tuple[str, ...], est: PCA | IncrementalPCA) -> PCAPart:
     return PCAPart(name, inputs, est.mean_.astype(np.float32), est.components_.astype(np.float32),
                    est.explained_variance_.astype(np.float32), est.explained_variance_ratio_.astype(np.float32))
@@ -245,14 +262,18 @@ def fit_fusion(cfg: FusionConfig, batches: Callable[[], Iterator[ModalityBatch]]
         parts = []
         for name, inputs, k in specs:
             x = np.concatenate([_concat(r, inputs) for r in raws], axis=0).astype(np.float32, copy=False)
-            _check_spread(name, inputs, x.min(axis=0), x.max(axis=0), where)
+            lo, hi = x.min(axis=0), x.max(axis=0)
+            _check_spread(name, inputs, lo, hi, where)
+            _check_scale(name, inputs, lo, hi, len(x), where)
             # exact (the eigenvectors of the covariance): the first k axes of a wider fit are this fit's axes,
             # so a search can fit each strategy once, as wide as it may ask, and slice every size from it (pca_cache).
             # Centred first, the mean in float64: a float32 covariance of uncentred vectors (BERT's and CLIP's are
             # not centred) cancels digits (an offset of 5 on 20k x 256 put the axes 0.25 off a float64 SVD)
             mean = x.mean(axis=0, dtype=np.float64)
             x -= mean.astype(np.float32)
-            est = PCA(n_components=k, svd_solver="covariance_eigh").fit(x)
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, in one line
+                est = PCA(n_components=k, svd_solver="covariance_eigh").fit(x)
+            _check_scale(name, inputs, lo, hi, len(x), where, est)
             est.mean_ = est.mean_ + mean
             parts.append(_part(name, inputs, est))
         return FittedFusion(cfg.strategy, tuple(parts), fill, "full")
@@ -266,10 +287,11 @@ def fit_fusion(cfg: FusionConfig, batches: Callable[[], Iterator[ModalityBatch]]
             x = _concat(chunk, inputs)
             lo, hi = x.min(axis=0), x.max(axis=0)
             ranges[j] = (lo, hi) if ranges[j] is None else (np.minimum(ranges[j][0], lo), np.maximum(ranges[j][1], hi))
-            with np.errstate(invalid="ignore", divide="ignore"):  # one that is refused below: 0/0 ratios
+            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # refused below: 0/0 ratios, overflow
                 est.partial_fit(x)
-    for (name, inputs, _), (lo, hi) in zip(specs, ranges):
+    for (name, inputs, _), (lo, hi), est in zip(specs, ranges, ests):
         _check_spread(name, inputs, lo, hi, where)
+        _check_scale(name, inputs, lo, hi, n_items, where, est)
     return FittedFusion(cfg.strategy, tuple(_part(n, i, e) for (n, i, _), e in zip(specs, ests)), fill, "incremental")
 
 

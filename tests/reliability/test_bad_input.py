@@ -370,6 +370,33 @@ def nan_raw_vector(d, t):
     return _fuse(d, t, "--strategy", "v2", "--dims", "8", "--source", _raw_source(d, t, change))
 
 
+def huge_raw_vector(d, t):
+    """Finite but huge (1e30): the PCA overflowed float32 and an all-NaN table was written, exit 0."""
+    def change(tb):
+        rows = tb.column("txt_emb").to_pylist()
+        rows[6][0] = 1e30
+        return _set(tb, "txt_emb", rows)
+    return _fuse(d, t, "--strategy", "v1", "--dims", "8", "--source", _raw_source(d, t, change))
+
+
+def nested_raw_vector(d, t):
+    """A list of lists per row: numpy's "setting an array element with a sequence" traceback."""
+    def change(tb):
+        rows = [[v[:384], v[384:]] for v in tb.column("txt_emb").to_pylist()]
+        return tb.set_column(tb.schema.get_field_index("txt_emb"), "txt_emb",
+                             pa.array(rows, pa.list_(pa.list_(pa.float32()))))
+    return _fuse(d, t, "--strategy", "v1", "--dims", "8", "--source", _raw_source(d, t, change))
+
+
+def null_raw_vector(d, t):
+    """A null list: said as "row 8 has nan, row 0 has 768"."""
+    def change(tb):
+        rows = tb.column("txt_emb").to_pylist()
+        rows[8] = None
+        return _set(tb, "txt_emb", rows)
+    return _fuse(d, t, "--strategy", "v1", "--dims", "8", "--source", _raw_source(d, t, change))
+
+
 def source_missing_column(d, t):
     return _fuse(d, t, "--strategy", "v2", "--dims", "8", "--source",
                  _raw_source(d, t, lambda tb: tb.drop_columns(["img_emb"])))
@@ -641,6 +668,12 @@ CASES = [
      ["fused.parquet"]),
     (nan_raw_vector, ["raw.parquet: column img_emb: NaN/inf in the vector of item 5"], ["fused.parquet"]),
     (source_missing_column, ["raw.parquet: missing column img_emb"], ["fused.parquet"]),
+    (huge_raw_vector, ["raw.parquet: the text PCA cannot be fitted in float32: its input values reach 1e+30; "
+                       "expected vectors of an embedding's scale"], ["fused.parquet"]),
+    (nested_raw_vector, ["raw.parquet: column txt_emb: a list of numbers per row expected; the column is "
+                         "list<element: list<element: float>>"], ["fused.parquet"]),
+    (null_raw_vector, ["raw.parquet: column txt_emb: row 8 is null; a list of numbers per row expected"],
+     ["fused.parquet"]),
     (pca_wider_than_items, ["fusion.dims=5000: expected at most min(items, input width) = min(200, 768)"],
      ["fused.parquet"]),
     (unreadable_text_model, ["no-model: not a local text-model directory"], ["emb.parquet"]),
