@@ -207,6 +207,16 @@ def epoch_checkpoints(run_dir: Location) -> list[Location]:
     return [path for path in _in_epoch_order(run_dir) if _complete(path)]
 
 
+def kept_checkpoints(run: Location, then: str = "") -> str:
+    """What ``run`` keeps of a run that ended early: its epochs' checkpoints, which ``--resume`` continues from;
+    ``then`` follows when there is one."""
+    epochs = [checkpoint_epoch(c) for c in epoch_checkpoints(run)]
+    if not epochs:  # stopped before the first epoch's checkpoint
+        return f"{run} holds no checkpoint yet"
+    return f"{run} keeps " + (f"the checkpoint of epoch {epochs[0]}" if len(epochs) == 1 else
+                              f"the checkpoints of epochs {epochs[0]}–{epochs[-1]}") + then
+
+
 def latest_checkpoint(run_dir: Location) -> Location | None:
     """The run's newest complete checkpoint directory, or None: :func:`epoch_checkpoints`' last, found newest first
     (one check of completeness per checkpoint cut short, instead of one per epoch of the run)."""

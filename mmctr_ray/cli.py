@@ -13,6 +13,7 @@ import logging
 import shlex
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -24,7 +25,7 @@ from mmctr_ray.data.writer import write_synthetic
 from mmctr_ray.errors import ConfigError, Interrupted, OutputExistsError, find_user_error
 from mmctr_ray.locking import output_lock
 from mmctr_ray.metrics import se_text
-from mmctr_ray.ray_env import MIN_OBJECT_STORE_MIB, forget_sigterm, sigterm_received, stop_ray
+from mmctr_ray.ray_env import MIN_OBJECT_STORE_MIB, forget_sigterm, sigterm_received, sigterm_watchdog, stop_ray
 
 log = logging.getLogger("mmctr")
 
@@ -333,11 +334,13 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from mmctr_ray.tune_report import trial_counts
-    from mmctr_ray.tuning import check_inputs, run_tuning, trial_cpus
+    from mmctr_ray.tuning import check_inputs, check_resumable, run_tuning, trial_cpus
 
     started = time.time()  # --time-budget-s counts from here: Ray's start and the reading of the splits count
     check_inputs(args.data, args.config, args.overrides, args.resume, args.workers_per_trial, args.source,
                  args.gpus_per_trial, args.num_samples, args.max_concurrent, args.time_budget_s)  # before Ray starts
+    if args.resume:
+        check_resumable(args.out, args.data)
     _start_ray(args, state_api=True, pool_cpus=trial_cpus(args.out, args.resume, args.workers_per_trial,
                                                           args.cpus_per_worker))
     summary = run_tuning(args.data, args.out, args.config, args.overrides, num_samples=args.num_samples,
@@ -957,35 +960,84 @@ def _resume_argv(argv: Sequence[str], command: str) -> list[str]:
     return [*out, "--resume"]
 
 
+def _command(args: argparse.Namespace, argv: Sequence[str], rest: Sequence[str]) -> str:
+    """The command line of ``args``' stage with ``rest`` after the stage's name, as the user gave it: a Ray job's
+    entrypoint (jobs/STAGE.py) as itself, the one its spec and the README resubmit, else as `mmctr ...`."""
+    at = list(argv).index(args.command)
+    script = Path(sys.argv[0])
+    if script.name == f"{args.command}.py" and script.parent.name == "jobs":
+        return shlex.join(["python", sys.argv[0], *rest])
+    return shlex.join(["mmctr", *argv[:at + 1], *rest])
+
+
 def _how_to_continue(args: argparse.Namespace, argv: Sequence[str], known: bool) -> str:
     """After Ctrl-C: the command that continues what ``args``' command left (``argv``: the command line);
     ``known``: the stage said what it keeps (train and tune only then: before their first checkpoint or trial
     there may be nothing to resume)."""
     if args.command in ("train", "tune", "pipeline", "demo") and (known or args.command in ("pipeline", "demo")):
         at = list(argv).index(args.command)
-        resume = _resume_argv(argv[at + 1:], args.command)
-        script = Path(sys.argv[0])
-        if script.name == f"{args.command}.py" and script.parent.name == "jobs":  # a Ray job's entrypoint: its own
-            # command continues it, the one its spec and the README resubmit (it printed an `mmctr ...` one)
-            return f"continue with `{shlex.join(['python', sys.argv[0], *resume])}`"
-        return f"continue with `{shlex.join(['mmctr', *argv[:at + 1], *resume])}`"
+        return f"continue with `{_command(args, argv, _resume_argv(argv[at + 1:], args.command))}`"
     if args.command == "embed":
         return "run the same command again to continue from the shards already encoded"
     return ""
 
 
-def _ended_by_signal(args: argparse.Namespace, argv: Sequence[str], kept: str, signum: int) -> int:
+def _left_on_disk(args: argparse.Namespace, argv: Sequence[str]) -> tuple[str, str]:
+    """What the command ended by a signal left, read from its --out, and how to go on, where the stage did not say
+    (a train or tune ended while Ray started or the splits were read printed a bare "terminated", and a search
+    stopped before its first trial is not resumed but started again), or could not (a SIGTERM's line, said at once
+    by :func:`mmctr_ray.ray_env.sigterm_watchdog`)."""
+    if args.command not in ("train", "tune", "pipeline", "demo"):
+        return "", _how_to_continue(args, argv, False)
+    out = storage.normalize(str(args.out))
+    at = list(argv).index(args.command)
+
+    def ours(marker: storage.Location) -> bool:  # this command's, not the output --overwrite was to replace
+        if not storage.is_file(marker):
+            return False
+        return not getattr(args, "overwrite", False) or (  # written since it began (less a coarse clock's tick)
+            not storage.is_uri(marker) and Path(marker).stat().st_mtime >= _STARTED["at"] - 0.05)
+
+    run = out if args.command == "train" else storage.join(out, "run")
+    if args.command != "tune" and ours(storage.join(run, "config.yaml")):
+        from mmctr_ray.checkpoint import kept_checkpoints
+
+        return f": {kept_checkpoints(run)}", _how_to_continue(args, argv, True)
+    if args.command in ("pipeline", "demo"):
+        return "", _how_to_continue(args, argv, True)
+    if args.command == "tune" and ours(Path(out) / "settings.json"):
+        if (Path(out) / "tune").is_dir():
+            return ": the search's state is saved as it goes (every 2 s)", _how_to_continue(args, argv, True)
+        rest = [a for a in argv[at + 1:] if a not in ("--resume", "--overwrite")]
+        return ": no trial had started", f"start it again with `{_command(args, argv, [*rest, '--overwrite'])}`"
+    from mmctr_ray.locking import entries
+
+    return ("" if storage.exists(out) and entries(out) else ": nothing written yet"), "run the same command again"
+
+
+_STARTED = {"at": 0.0}  # when this process's command began (time.time())
+_SAID = threading.Lock()  # the line of a command a signal ended: once, from the main thread or the watchdog's
+
+
+def _say_once(line: str) -> None:
+    if _SAID.acquire(blocking=False):  # released by main() for the next command in this process
+        print(line, file=sys.stderr, flush=True)
+
+
+def _ended_by_signal(args: argparse.Namespace, argv: Sequence[str], kept: str, signum: int,
+                     stop: bool = True) -> int:
     """Print one line (``interrupted`` or ``terminated``, what is ``kept``, the command that continues) after the
-    Ray the command started is down, and return the shell's status for that signal: 130 for Ctrl-C, 143 for
-    SIGTERM."""
-    how = _how_to_continue(args, argv, bool(kept))
+    Ray the command started is down (``stop``), and return the shell's status for that signal: 130 for Ctrl-C,
+    143 for SIGTERM."""
+    kept, how = (kept, _how_to_continue(args, argv, True)) if kept else _left_on_disk(args, argv)
     try:
-        stop_ray()  # its actors' last log lines (an aborted run's clean-up) come before this line, not after it
+        if stop:
+            stop_ray()  # its actors' last log lines (an aborted run's clean-up) come before this line, not after it
     except (KeyboardInterrupt, SystemExit, Exception):  # a second Ctrl-C or SIGTERM, a Ray that went first: the
         pass  # line still comes
     finally:
-        print(f"mmctr {args.command}: {'terminated' if signum == signal.SIGTERM else 'interrupted'}{kept}"
-              f"{'; ' + how if how else ''}", file=sys.stderr)
+        _say_once(f"mmctr {args.command}: {'terminated' if signum == signal.SIGTERM else 'interrupted'}{kept}"
+                  f"{'; ' + how if how else ''}")
     return 128 + signum
 
 
@@ -1021,8 +1073,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(parser, argv)
     _one_spelling(parser, args)
     forget_sigterm()  # a SIGTERM an earlier command in this process met is not this one's
+    if _SAID.locked():  # and so is the line it printed
+        _SAID.release()
+    _STARTED["at"] = time.time()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    with sigterm_watchdog(lambda: _ended_by_signal(args, argv, "", signal.SIGTERM, stop=False)):  # its line at once
+        return _run(args, argv)
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    """The command of ``args``, its user errors and the signals that end it as one line each."""
     try:
         if getattr(args, "out", None) is None or args.command not in WRITERS:
             return args.func(args)

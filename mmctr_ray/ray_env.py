@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from mmctr_ray.errors import ConfigError, first_line
 
@@ -419,14 +419,86 @@ def _keep_python_sigterm() -> None:
 
 
 def forget_sigterm() -> None:
-    """Clear what :func:`sigterm_received` says (a command starting in a process where an earlier one met SIGTERM)."""
+    """Clear what :func:`sigterm_received` says (a command starting in a process where an earlier one met SIGTERM),
+    and what :func:`sigterm_watchdog` kept off the console after that command's line (until the process's end)."""
     _PRIVATE.pop("sigterm", None)
+    if _PRIVATE.pop("said", False):
+        logging.disable(logging.NOTSET)
 
 
 def sigterm_received() -> bool:
     """Whether a SIGTERM reached the handler :func:`init_ray` installed (so the ``SystemExit`` ending the command
     is a scheduler's preemption or ``timeout``, which ``mmctr`` turns into one line)."""
     return bool(_PRIVATE.get("sigterm"))
+
+
+# how long the main thread may take to run its SIGTERM handler (Ray's get and wait check for signals every few
+# hundred ms), and to end the command after it
+SIGTERM_HANDLER_S, SIGTERM_END_S = 5.0, 25.0
+
+
+@contextlib.contextmanager
+def sigterm_watchdog(say: Callable[[], int]) -> Iterator[None]:
+    """On SIGTERM, ``say()`` the command's last line at once (it returns the exit status), keep Ray's lines and the
+    log's off the console after it, and end the process with that status if the main thread has not run its
+    handler within SIGTERM_HANDLER_S, or has not ended the command within SIGTERM_END_S.
+
+    A SIGTERM to the whole process group (GNU ``timeout``, ``kill -- -PGID``; Slurm and systemd end every process
+    of a job) also ends the local Ray's raylet and GCS. The driver then exited from Ray's C++ with status 1 and no
+    line, either within a fraction of a second (its core worker, on the raylet's end, while the splits were read)
+    or after 60 s inside a wait on the GCS that checks no signals ("Failed to connect to GCS within 60 seconds",
+    as trials started); a scheduler's kill after its grace (30 s in Slurm and Kubernetes) came first. Python's
+    C-level handler writes the signal's number to the wakeup fd at once, whatever the main thread is doing: this
+    thread reads it there. Main thread only (elsewhere no wakeup fd can be set); a no-op where something else
+    holds the wakeup fd (an asyncio loop)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    before = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    if before != -1:  # someone else's: theirs stays
+        signal.set_wakeup_fd(before)
+        os.close(read_fd)
+        os.close(write_fd)
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            try:
+                got = os.read(read_fd, 64)
+            except OSError:
+                return
+            if not got:
+                return  # the command ended: its write end is closed
+            if signal.SIGTERM not in got:
+                continue  # SIGINT and the others: the main thread's, as before
+            start = time.monotonic()
+            status = say()
+            _PRIVATE["said"] = True  # Ray's processes' lines stay off the console after it (drop_benign_ray_lines)
+            logging.disable(logging.CRITICAL)  # and so do the log's: the line is the command's last
+            while not done.is_set() and not sigterm_received() and time.monotonic() - start < SIGTERM_HANDLER_S:
+                time.sleep(0.05)
+            if not sigterm_received() or not done.wait(max(0.0, SIGTERM_END_S - (time.monotonic() - start))):
+                if not done.is_set():
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(status)
+            return
+
+    thread = threading.Thread(target=watch, name="mmctr-sigterm-watchdog", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        signal.set_wakeup_fd(-1)
+        os.close(write_fd)
+        thread.join(timeout=1.0)
+        if not thread.is_alive():
+            os.close(read_fd)
 
 
 @contextlib.contextmanager
@@ -554,6 +626,8 @@ def drop_benign_ray_lines() -> bool:
         return True
 
     def print_logs(data: dict, _print=printers[0]) -> None:
+        if _PRIVATE.get("said"):  # a SIGTERM's line is out (sigterm_watchdog): it stays the last
+            return
         benign = BENIGN_RAY_LINES.get(data.get("pid"))
         if benign is not None:
             lines = [line for line in data.get("lines", []) if not benign.search(line)]

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from mmctr_ray import storage
-from mmctr_ray.checkpoint import (DIVERGED, best_checkpoint, checkpoint_epoch, epoch_checkpoints, latest_checkpoint,
-                                  read_state)
+from mmctr_ray.checkpoint import (DIVERGED, best_checkpoint, checkpoint_epoch, kept_checkpoints,
+                                  latest_checkpoint, read_state)
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
 from mmctr_ray.errors import (ConfigError, DataError, Interrupted, NotStarted, OutputExistsError, StorageError,
                               UserError, WorkersFailed, dead_worker, find_cause, find_user_error,
@@ -365,7 +365,8 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
             # the wait for the run this way
             if not _in_driver_main_thread():
                 raise  # a Ray worker told to exit (a Tune trial stopped by its scheduler): Ray's own way out
-            raise Interrupted(_kept(run), signal.SIGTERM if terminated["sigterm"] else signal.SIGINT) from None
+            signum = signal.SIGTERM if terminated["sigterm"] else signal.SIGINT
+            raise Interrupted(kept_checkpoints(run), signum) from None
         except TrainingFailedError as err:
             ended = _run_ended(err, run, max_failures)
             if ended is None:
@@ -480,16 +481,6 @@ def _worker_failures(max_failures: int) -> Any:
     return WorkerFailures()
 
 
-def _kept(run: storage.Location, then: str = "") -> str:
-    """What ``run`` keeps of a run that ended early: its epochs' checkpoints, which ``--resume`` continues from;
-    ``then`` follows when there is one."""
-    epochs = [checkpoint_epoch(c) for c in epoch_checkpoints(run)]
-    if not epochs:  # stopped before the first epoch's checkpoint
-        return f"{run} holds no checkpoint yet"
-    return f"{run} keeps " + (f"the checkpoint of epoch {epochs[0]}" if len(epochs) == 1 else
-                              f"the checkpoints of epochs {epochs[0]}–{epochs[-1]}") + then
-
-
 def _run_ended(err: BaseException, run: storage.Location, max_failures: int) -> UserError | None:
     """One line for a run Ray Train ended with ``err``: bad input a worker met, or a worker whose process died
     once more than the run restarts (its last failure, what the run keeps); None for a worker's own error."""
@@ -502,7 +493,7 @@ def _run_ended(err: BaseException, run: storage.Location, max_failures: int) -> 
     restarts = {0: "not restarted (none asked)", 1: "restarted once"}.get(max_failures,
                                                                         f"restarted {max_failures} times")
     return WorkersFailed(f"{run}: a worker's process died ({worker_failure_reason(died)}) and the run, "
-                         f"{restarts}, ends; {_kept(run, ': --resume continues from the last')}")
+                         f"{restarts}, ends; {kept_checkpoints(run, ': --resume continues from the last')}")
 
 
 def steady_rate(history: list[dict[str, Any]]) -> float | None:

@@ -472,18 +472,27 @@ def _scheduler(space: SearchSpace, records: Path) -> Any:
 RESUME_DEFAULTS = {"workers": 1, "cpus_per_worker": 1.0, "gpus_per_worker": 0.0, "source": "shipped"}
 
 
+def check_resumable(tune_dir: str | Path, data_dir: str | Path) -> dict[str, Any]:
+    """The settings.json of the search in ``tune_dir`` that a ``--resume`` on ``data_dir`` continues, or a one-line
+    ConfigError: read before Ray starts (an edited search.yaml, another --data were said after Ray's start)."""
+    tune_dir, data = Path(tune_dir).resolve(), str(Path(data_dir).resolve())
+    saved = tune_dir / "settings.json"
+    if saved.is_file() and not (tune_dir / "tune").is_dir():  # it ended before Tune began (reading the splits)
+        raise ConfigError(f"{tune_dir}: nothing to resume: the search ended before its first trial (settings.json "
+                          f"but no tune/); start it again with --overwrite")
+    if not saved.is_file() or not (tune_dir / "tune").is_dir():
+        raise ConfigError(f"{tune_dir}: nothing to resume (no settings.json and tune/ of an earlier `mmctr tune`)")
+    old = json.loads(saved.read_text())
+    _check_search_unchanged(tune_dir, old)
+    if old["data"] != data:
+        raise ConfigError(f"{tune_dir}: the search ran on {old['data']}; resume it with that --data")
+    return old
+
+
 def _prepare(tune_dir: Path, search_yaml: Path | None, settings: dict[str, Any], resume: bool, overwrite: bool) -> dict:
     saved = tune_dir / "settings.json"
     if resume:
-        if saved.is_file() and not (tune_dir / "tune").is_dir():  # it ended before Tune began (reading the splits)
-            raise ConfigError(f"{tune_dir}: nothing to resume: the search ended before its first trial (settings.json "
-                              f"but no tune/); start it again with --overwrite")
-        if not saved.is_file() or not (tune_dir / "tune").is_dir():
-            raise ConfigError(f"{tune_dir}: nothing to resume (no settings.json and tune/ of an earlier `mmctr tune`)")
-        old = json.loads(saved.read_text())
-        _check_search_unchanged(tune_dir, old)
-        if old["data"] != settings["data"]:
-            raise ConfigError(f"{tune_dir}: the search ran on {old['data']}; resume it with that --data")
+        old = check_resumable(tune_dir, settings["data"])
         flags = {"workers": "--workers-per-trial", "cpus_per_worker": "--cpus-per-worker",
                  "gpus_per_worker": "--gpus-per-trial / workers", "source": "--source"}
         # a flag at its default was most likely not given (the README's resume command gives none of them): a

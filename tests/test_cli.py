@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -672,7 +674,8 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
     tune = ["tune", "--data", str(tmp_path), "--out", str(tmp_path / "tune"), "--config", "search.yaml"]
     for name, argv, error, line in [
             ("cmd_report", ["report", str(tmp_path)], KeyboardInterrupt(), "mmctr report: interrupted"),
-            ("cmd_train", train, KeyboardInterrupt(), "mmctr train: interrupted"),  # RUN not known to hold anything
+            ("cmd_train", train, KeyboardInterrupt(), "mmctr train: interrupted: nothing written yet; run the same "
+                                                      "command again"),  # before the stage said what it keeps
             ("cmd_train", [*train, "--workers", "2", "--set", "train.epochs=9", "--set", "model.dropout=0.2",
                            "--set", "train.lr = 3e-4"],  # on --resume, train.lr resets the decayed rate: dropped
              Interrupted("RUN keeps the checkpoints of epochs 1–2"),  # --resume takes no --config nor model.*
@@ -694,6 +697,34 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
         monkeypatch.setattr(cli, name, stop(error))
         assert main(argv) == 128 + getattr(error, "signum", signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM
         assert capsys.readouterr().err.strip() == line
+    # ended before the stage said what it keeps (while Ray started, or the splits were read): what --out holds says
+    # how to go on; it was a bare "terminated", and a search stopped before its first trial cannot be resumed
+    def wrote(names, error=KeyboardInterrupt()):  # the stage's first files, then the signal
+        def command(args):
+            for name in names:
+                (Path(args.out) / name).parent.mkdir(parents=True, exist_ok=True)
+                (Path(args.out) / name).write_text("{}")
+            raise error
+        return command
+
+    for name, argv, names, line in [
+            ("cmd_train", train, ["config.yaml"], f"mmctr train: interrupted: {tmp_path / 'run'} holds no checkpoint "
+             f"yet; continue with `mmctr train --data {tmp_path} --out {tmp_path / 'run'} --resume`"),
+            ("cmd_train", [*train, "--overwrite"], [], "mmctr train: interrupted; run the same command again"),
+            ("cmd_tune", tune, ["search.yaml", "settings.json"], f"mmctr tune: interrupted: no trial had started; "
+             f"start it again with `mmctr tune --data {tmp_path} --out {tmp_path / 'tune'} --config search.yaml "
+             f"--overwrite`"),
+            ("cmd_tune", [*tune, "--overwrite"], ["settings.json", "tune/x"], f"mmctr tune: interrupted: the "
+             f"search's state is saved "
+             f"as it goes (every 2 s); continue with `mmctr tune --data {tmp_path} --out {tmp_path / 'tune'} "
+             f"--resume`")]:
+        monkeypatch.setattr(cli, name, wrote(names))
+        assert main(argv) == 130
+        assert capsys.readouterr().err.strip() == line
+        for earlier in Path(argv[argv.index("--out") + 1]).rglob("*"):  # what a later --overwrite replaces
+            os.utime(earlier, (time.time() - 60, time.time() - 60))
+    shutil.rmtree(tmp_path / "run")
+    shutil.rmtree(tmp_path / "tune")
     with monkeypatch.context() as job:  # a Ray job's entrypoint, jobs/train.py: main(["train", *its arguments])
         job.setattr(sys, "argv", ["jobs/train.py", *train[1:]])
         job.setattr(cli, "cmd_train", stop(Interrupted("RUN keeps the checkpoint of epoch 1")))
@@ -738,6 +769,72 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
     assert main(["report", str(tmp_path)]) == 130 and shut == [1]  # ... and a Ray it did not start stays up:
     monkeypatch.setitem(ray_env._PRIVATE, "gcs", "127.0.0.1:2")  # one started after it shut its own down
     assert main(["report", str(tmp_path)]) == 130 and shut == [1]
+
+
+STUCK_STAGE = """
+import signal, sys, threading, time
+from pathlib import Path
+import mmctr_ray.cli as cli
+import mmctr_ray.ray_env as ray_env
+
+how, end_s = sys.argv[1], float(sys.argv[2])
+ray_env.SIGTERM_END_S = end_s
+
+def train(args):  # what init_ray leaves: Ray's driver handler (sys.exit(15)), with init_ray's record of a SIGTERM
+    Path(args.out).mkdir()
+    (Path(args.out) / "config.yaml").write_text("{}")
+    ended = {"exits": lambda *a: sys.exit(15), "ignores": lambda *a: None}.get(how)
+    signal.signal(signal.SIGTERM, ended or (lambda *a: sys.exit(15)))
+    if ended:
+        ray_env._keep_python_sigterm()
+    else:  # a main thread in one of Ray's C++ waits on a GCS the same SIGTERM ended: no Python handler runs;
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # as here, where the signal reaches only the
+        # watchdog's thread (started before) and the main thread's sleep is not interrupted
+    threading.Thread(target=ready_when_asleep, daemon=True).start()
+    time.sleep(120)
+    print("not ended", flush=True)
+
+def ready_when_asleep():  # "ready" once the main thread has slept a while: in its sleep (a signal that came while
+    tid, asleep = threading.main_thread().native_id, 0  # it was still running Python would run its handler)
+    while asleep < 5:
+        time.sleep(0.05)
+        state = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        asleep = asleep + 1 if state == "S" else 0
+    print("ready", flush=True)
+
+cli.cmd_train = train
+sys.exit(cli.main(["train", "--data", sys.argv[3], "--out", sys.argv[4]]))
+"""
+
+
+@pytest.mark.parametrize("how", ["stuck", "ignores", "exits"])
+def test_a_sigterm_says_the_commands_line_at_once_and_ends_it_even_when_the_main_thread_cannot(tmp_path, how):
+    """A SIGTERM to the whole process group (GNU timeout, Slurm, systemd) also ends the local Ray's raylet and GCS,
+    and the driver exited 1 from Ray's C++ with no line: within a fraction of a second (the core worker, on the
+    raylet's end) or after 60 s in a wait on the GCS that runs no Python handler (`mmctr tune` under `timeout`: 4
+    of 24 tries). The watchdog thread says the line at once, then ends the command: at SIGTERM_HANDLER_S when the
+    main thread has run no handler, at SIGTERM_END_S when it has but the command goes on; a command whose handler
+    ends it says its line once, and it is the last."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_STAGE, how, "3", str(tmp_path), str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        if how == "stuck":  # as Ray's C++ ends the driver soon after its raylet: the line must be out by then
+            time.sleep(1.0)
+            proc.kill()
+        out, err = proc.communicate(timeout=60)  # well before the stage's sleep of 120 s ends
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == (-signal.SIGKILL if how == "stuck" else 143) and "not ended" not in out, (
+        proc.returncode, err[-2000:])
+    line = (f"mmctr train: terminated: {run} holds no checkpoint yet; continue with `mmctr train --data {tmp_path} "
+            f"--out {run} --resume`")
+    assert [x for x in err.splitlines() if x.startswith("mmctr train:")] == [line], err[-2000:]
+    assert err.strip().splitlines()[-1] == line
 
 
 def test_pipeline_resume_refuses_a_config_that_is_not_what_out_keeps(tmp_path, capsys):

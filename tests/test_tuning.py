@@ -589,6 +589,38 @@ def test_a_resume_refuses_an_edited_search_yaml(tmp_path):
     assert _prepare(out, None, settings, resume=True, overwrite=False)["data"] == settings["data"]
 
 
+def test_a_resume_that_cannot_go_on_is_said_before_ray_starts(synth_dir, tmp_path, monkeypatch, capsys):
+    """`mmctr tune --resume` of an edited search.yaml, or with another --data, started Ray and read the splits, ~10 s
+    on 2 cores, before it said so."""
+    import mmctr_ray.cli as cli
+    from mmctr_ray.tuning import _prepare
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(cli, "_start_ray", no_ray)
+    out = tmp_path / "tune"
+    _prepare(out, ROOT / "configs/search_tiny.yaml", {"data": str(Path(synth_dir).resolve()), "overrides": [],
+                                                      "workers": 1, "cpus_per_worker": 1.0, "gpus_per_worker": 0.0,
+                                                      "source": "shipped"}, resume=False, overwrite=False)
+    (out / "tune").mkdir()  # the search began
+    (out / "search.yaml").write_text((out / "search.yaml").read_text().replace("{float: [0.0, 0.3]}",
+                                                                               "{float: [0.0, 0.5]}"))
+    assert cli.main(["tune", "--data", str(synth_dir), "--out", str(out), "--resume"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"mmctr tune: error: {out / 'search.yaml'}: changed since the search began; a resumed search draws from the "
+        f"space it began with (Tune restores its sampler), so the edit would reach only the base config of its new "
+        f"trials: restore the file, or start a new search from it (another --out)")
+    (out / "search.yaml").write_bytes((ROOT / "configs/search_tiny.yaml").read_bytes())
+    other = tmp_path / "other"
+    shutil.copytree(synth_dir, other)
+    assert cli.main(["tune", "--data", str(other), "--out", str(out), "--resume"]) == 2
+    assert capsys.readouterr().err.strip() == (f"mmctr tune: error: {out}: the search ran on "
+                                               f"{Path(synth_dir).resolve()}; resume it with that --data")
+    with pytest.raises(AssertionError, match="Ray started"):  # a resume that can go on gets as far as Ray
+        cli.main(["tune", "--data", str(synth_dir), "--out", str(out), "--resume"])
+
+
 def test_an_errored_trial_run_again_by_resume_reaches_the_study(tmp_path):
     """The study keeps an errored trial as FAIL and OptunaSearch dropped every result of its second run under the
     same trial id ("already finished"): TPE and the importances never saw it, though results.csv said completed."""
