@@ -222,8 +222,11 @@ def cmd_features(args: argparse.Namespace) -> int:
     from mmctr_ray.preflight import check_splits
     from mmctr_ray.schema import SPLITS
 
+    from mmctr_ray.features import refuse_placeholders
+
     cfg = _config(args)
     check_splits(args.data, SPLITS)  # bad data (a wrong --data, a null in a history) fails before Ray starts
+    refuse_placeholders(args.data, cfg.data.item_vector)
     _start_ray(args)
     summary = summarize_features(args.data, cfg)
     print(format_summary(summary))

@@ -187,6 +187,15 @@ def has_placeholder_embeddings(data_dir: str | Path) -> bool:
     return manifest.is_file() and bool(json.loads(manifest.read_text()).get("placeholder_embeddings"))
 
 
+def refuse_placeholders(data_dir: str | Path, item_vector: str) -> None:
+    """A one-line DataError when ``item_vector`` is ``given`` and item_info's vectors are the zero placeholders
+    `mmctr convert` writes; before Ray starts in each stage (features said it after, and named train's flag)."""
+    if item_vector == "given" and has_placeholder_embeddings(data_dir):
+        raise DataError(f"{Layout(data_dir).item_info}: column item_emb_d128: zero placeholders written by `mmctr "
+                        f"convert`; expected real item vectors: run `mmctr embed` and `mmctr fuse`, then give the "
+                        f"fused table (`--fusion FILE` to train, `--set data.item_vector=FILE` elsewhere)")
+
+
 def load_item_table(data_dir: str | Path, item_vector: str = "given") -> ItemTable:
     """Build the item table from ``item_info.parquet`` and the chosen item vectors.
 
@@ -210,9 +219,7 @@ def load_item_table(data_dir: str | Path, item_vector: str = "given") -> ItemTab
                         f"be in item_id order from 0 (padding)")
     tags = list_matrix(info.column("item_tags"), f"{lay.item_info}: column item_tags").astype(np.int64)
     if item_vector == "given":
-        if has_placeholder_embeddings(data_dir):
-            raise DataError(f"{lay.item_info}: column item_emb_d128: zero placeholders written by `mmctr convert`; "
-                            f"expected real item vectors: embed and fuse, then train with --fusion FILE")
+        refuse_placeholders(data_dir, item_vector)
         vectors = list_matrix(info.column("item_emb_d128"), f"{lay.item_info}: column item_emb_d128")
         vectors = vectors.astype(np.float32)
         source = {"item_vector": "given", "file": str(lay.item_info), "column": "item_emb_d128",

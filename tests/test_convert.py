@@ -499,6 +499,22 @@ def test_fuse_refuses_the_placeholder_vectors(converted, tmp_path):
         load_item_table(base / "out")  # train and predict with the shipped vectors refuse too
 
 
+def test_features_refuses_the_placeholder_vectors_before_ray_with_its_own_flag(converted, monkeypatch, capsys):
+    """`mmctr features` on converted data started Ray, then named `--fusion FILE`, a flag features does not have."""
+    import mmctr_ray.cli as cli
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(cli, "_start_ray", no_ray)
+    base, _, _ = converted
+    assert cli.main(["features", "--data", str(base / "out")]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "item_emb_d128: zero placeholders written by `mmctr convert`; expected real item vectors: run `mmctr embed` "
+        "and `mmctr fuse`, then give the fused table (`--fusion FILE` to train, `--set data.item_vector=FILE` "
+        "elsewhere)")
+
+
 def test_user_ids_merged_from_streamed_block_counts_are_the_sorted_distinct_ids():
     """The driver merges each block's distinct users as they stream in (folding pending arrays into the merged
     set once they outgrow it); the result must be exactly the sorted distinct ids, across merges."""

@@ -253,6 +253,12 @@ def _read_items(lay: Layout) -> pa.Table:
         raise DataError(f"{lay.item_feature}: column item_id: null at row {row}; expected unique item ids 1..N")
     if not pa.types.is_integer(column.type):
         raise DataError(f"{lay.item_feature}: column item_id: type {column.type}; expected integer item ids 1..N")
+    titles = table.column("item_title")
+    if not (pa.types.is_string(titles.type) or pa.types.is_large_string(titles.type) or pa.types.is_null(titles.type)):
+        # binary titles were encoded as the text "b'...'" without a word (or failed, after encoding, with Arrow's
+        # "Invalid UTF8 payload" traceback), as validate names the column
+        raise DataError(f"{lay.item_feature}: column item_title: type {titles.type}; expected UTF-8 text (string), "
+                        f"as `mmctr validate` says: cast it to string where the file is made")
     table = table.set_column(0, "item_id", column.cast(pa.int64())).sort_by("item_id")
     ids = table.column("item_id").to_numpy()
     if len(ids) and (ids[0] < 1 or (np.diff(ids) == 0).any()):

@@ -584,6 +584,13 @@ def item_feature_cut_short_for_embed(d, t):
     return ["embed", "--data", str(d), "--out", str(t / "emb.parquet"), "--text-model", str(_minilm())]
 
 
+def binary_titles_for_embed(d, t):
+    """Titles stored as binary (old Spark and Hive exports): encoded as the text "b'...'" without a word."""
+    tb = pq.read_table(Layout(d).item_feature)
+    pq.write_table(_set(tb, "item_title", tb.column("item_title").cast(pa.binary())), Layout(d).item_feature)
+    return ["embed", "--data", str(d), "--out", str(t / "emb.parquet"), "--text-model", str(_minilm())]
+
+
 def embed_without_item_feature(d, t):
     Layout(d).item_feature.unlink()
     return ["embed", "--data", str(d), "--out", str(t / "emb.parquet"), "--text-model", str(_minilm())]
@@ -661,6 +668,8 @@ CASES = [
                                               "item_tags and item_emb_d128)"], ["fused.parquet"]),
     (item_feature_cut_short_for_embed, ["item_feature.parquet: not a readable parquet file (", "expected "
                                         "item_feature.parquet of the challenge layout"], ["emb.parquet"]),
+    (binary_titles_for_embed, ["item_feature.parquet: column item_title: type binary; expected UTF-8 text (string), "
+                               "as `mmctr validate` says"], ["emb.parquet"]),
     (empty_source, ["raw.parquet: empty file: 0 rows, expected the items' raw vectors"], ["fused.parquet"]),
     (fusion_not_parquet, ["e.parquet: not a readable parquet file (", "expected a fused item table"], ["run"]),
     (duplicate_item_ids, ["raw.parquet: column item_id: duplicate item id"], ["fused.parquet"]),
