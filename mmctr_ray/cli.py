@@ -919,6 +919,23 @@ def _check_output_kind(args: argparse.Namespace, out: storage.Location) -> None:
         check_embed_out(Path(args.out).resolve(), args.overwrite)
 
 
+JOB_PACKAGE = "/runtime_resources/working_dir_files/_ray_pkg_"  # where a Ray job's --working-dir copy runs
+
+
+def _refuse_job_package_output(args: argparse.Namespace) -> None:
+    """In a Ray job, a relative --out (or --work) lands in the job's copy of its working_dir, which Ray keeps per
+    node under its session and deletes: `python jobs/train.py --out R20` trained into
+    ``.../_ray_pkg_57144ade06c1aaf2/R20``, and the resubmitted `--resume` found nothing to resume."""
+    cwd = str(Path.cwd())
+    if JOB_PACKAGE not in cwd:
+        return
+    for flag, value in (("--out", getattr(args, "out", None)), ("--work", getattr(args, "work", None))):
+        if value is not None and not storage.is_uri(str(value)) and not Path(str(value)).is_absolute():
+            raise ConfigError(f"{flag} {value}: a relative path in a Ray job, which lands in the job's copy of its "
+                              f"working_dir ({cwd}), deleted with Ray's session; give an absolute path every node "
+                              f"reaches, or a storage URI")
+
+
 def _refuse_existing_output(args: argparse.Namespace, out: storage.Location) -> None:
     """An output that holds results is never replaced without --overwrite (or continued without --resume);
     checked here, before Ray starts, and again by each stage's own function."""
@@ -1090,6 +1107,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         if getattr(args, "out", None) is None or args.command not in WRITERS:
             return args.func(args)
+        _refuse_job_package_output(args)
         out = storage.normalize(str(args.out))
         if args.command in FOLDER_OUTPUTS and storage.is_file(out):  # --overwrite replaces outputs in a folder,
             raise ConfigError(f"{args.out}: a file; expected a folder for the outputs of {args.command} (--out)")

@@ -515,6 +515,25 @@ def test_pipeline_overwrite_replaces_only_what_a_pipeline_wrote(tmp_path, capsys
     check_replaceable(str(out), out, synthesizes=False)  # --data given: OUT/data is not synthesized into
 
 
+def test_a_relative_output_in_a_ray_job_is_refused(tmp_path, capsys, monkeypatch):
+    """A Ray job runs in its copy of the working_dir, which Ray deletes with its session: `python jobs/train.py
+    --out R20` trained there, and the resubmitted `--resume` found nothing to resume."""
+    package = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_57144ade06c1aaf2"
+    package.mkdir(parents=True)
+    monkeypatch.chdir(package)
+    assert main(["train", "--data", str(tmp_path), "--out", "R20"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"mmctr train: error: --out R20: a relative path in a Ray job, which lands in the job's copy of its "
+        f"working_dir ({package}), deleted with Ray's session; give an absolute path every node reaches, or a "
+        f"storage URI")
+    assert main(["pipeline", "--data", str(tmp_path), "--out", "file:///x/p", "--work", "w"]) == 2
+    assert "error: --work w: a relative path in a Ray job" in capsys.readouterr().err
+    assert not (package / "R20").exists()
+    monkeypatch.chdir(tmp_path)  # elsewhere a relative --out is the user's: refused here only for a missing DATA
+    main(["train", "--data", str(tmp_path / "none"), "--out", "R20"])
+    assert "a relative path in a Ray job" not in capsys.readouterr().err
+
+
 def test_a_work_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
     """`--work /mnt/shared/work/p1` on a mount still the root's (cluster.yaml leaves its chown commented out), or
     below a file: a PermissionError or NotADirectoryError traceback."""
