@@ -49,11 +49,10 @@ def load_model(checkpoint_dir: Location, data_dir: str | Path, device: str = "cp
     ck = load_checkpoint(checkpoint_dir, with_optimizer=False)
     source = ck.item_source
     vector = source["file"] if source.get("item_vector") == "fused" else "given"
-    if vector != "given" and not storage.is_uri(checkpoint_dir):  # a trial of a search whose folder has moved
-        from mmctr_ray.tune_report import search_of, table_here
+    if vector != "given" and not storage.is_uri(checkpoint_dir):  # a trial's search or a pipeline's OUT moved
+        from mmctr_ray.tune_report import table_of_run
 
-        tune_dir = search_of(Path(checkpoint_dir).parent)
-        vector = table_here(vector, tune_dir) if tune_dir is not None else vector
+        vector = table_of_run(vector, Path(checkpoint_dir).parent)
     table = load_item_table(data_dir, vector)
     found = {"num_items": table.num_items, "tag_vocab": table.tag_vocab}
     for key, value in found.items():

@@ -52,6 +52,26 @@ def table_here(saved: str, tune_dir: Path) -> str:
     return str(here.resolve())
 
 
+def table_of_run(saved: str, run: storage.Location) -> str:
+    """``saved``, the fused table a run's config or checkpoint names by its absolute path, or where it lies now when
+    the folder that holds both moved: a trial's table in its search's cache (``TUNE/trials/ID``, see
+    :func:`in_this_search`), or a pipeline's beside its run (``OUT/run`` and ``OUT/item_emb.parquet``): a moved
+    OUT's run could not be predicted, compared or resumed ("/old/OUT/item_emb.parquet: item vector file not found").
+    The table's identity is still checked against the checkpoint's record (``check_same_table``)."""
+    if saved == "given" or storage.is_uri(run) or storage.is_uri(saved) or Path(saved).is_file():
+        return saved
+    run_dir = Path(run).resolve()
+    tune_dir = search_of(run_dir)
+    if tune_dir is not None:
+        return table_here(saved, tune_dir)
+    from mmctr_ray.pipeline import PUBLISHED
+
+    here = run_dir.parent / Path(saved).name
+    if run_dir.name == "run" and Path(saved).name == PUBLISHED["fuse"][0] and here.is_file():
+        return str(here)
+    return saved
+
+
 def search_of(run_dir: Path) -> Path | None:
     """The TUNE folder a run belongs to (``TUNE/trials/<trial_id>``), or None for a run of `mmctr train`."""
     tune_dir = run_dir.resolve().parent.parent

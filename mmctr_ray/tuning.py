@@ -475,7 +475,7 @@ RESUME_DEFAULTS = {"workers": 1, "cpus_per_worker": 1.0, "gpus_per_worker": 0.0,
 def check_resumable(tune_dir: str | Path, data_dir: str | Path) -> dict[str, Any]:
     """The settings.json of the search in ``tune_dir`` that a ``--resume`` on ``data_dir`` continues, or a one-line
     ConfigError: read before Ray starts (an edited search.yaml, another --data were said after Ray's start)."""
-    tune_dir, data = Path(tune_dir).resolve(), str(Path(data_dir).resolve())
+    tune_dir, data = Path(tune_dir).resolve(), {str(data_dir), str(Path(data_dir).resolve())}  # as given, or resolved
     saved = tune_dir / "settings.json"
     if saved.is_file() and not (tune_dir / "tune").is_dir():  # it ended before Tune began (reading the splits)
         raise ConfigError(f"{tune_dir}: nothing to resume: the search ended before its first trial (settings.json "
@@ -484,7 +484,7 @@ def check_resumable(tune_dir: str | Path, data_dir: str | Path) -> dict[str, Any
         raise ConfigError(f"{tune_dir}: nothing to resume (no settings.json and tune/ of an earlier `mmctr tune`)")
     old = json.loads(saved.read_text())
     _check_search_unchanged(tune_dir, old)
-    if old["data"] != data:
+    if old["data"] not in data:
         raise ConfigError(f"{tune_dir}: the search ran on {old['data']}; resume it with that --data")
     return old
 

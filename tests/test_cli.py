@@ -390,6 +390,20 @@ def test_pipeline_with_embed_runs_every_stage_on_converted_data(tmp_path):
     assert (out / "submission.zip").is_file() and (out / "run" / "report" / "curves.png").is_file()
     assert "pipeline: valid AUC" in r.stdout and "oracle" in r.stdout
     assert "pipeline done" in r.stderr
+    # a local OUT holds everything, moved too: its run named the fused table under the old OUT, and could not be
+    # predicted, compared or resumed ("/old/OUT/item_emb.parquet: item vector file not found")
+    from mmctr_ray.checkpoint import best_checkpoint
+    from mmctr_ray.predict import load_model
+    from mmctr_ray.train_driver import _check_run_dir, resume_config
+
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)
+    assert load_model(best_checkpoint(moved / "run"), data).experiment_cfg.fusion.strategy == "v4"
+    cfg = resume_config(str(moved / "run"))
+    assert cfg.data.item_vector == str(moved / "item_emb.parquet")
+    _check_run_dir(str(moved / "run"), cfg, resume=True, overwrite=False)  # the resume's own check: the same table
+    (moved / "item_emb.parquet").rename(moved / "elsewhere.parquet")  # not there: the saved path, as before
+    assert resume_config(str(moved / "run")).data.item_vector == str((out / "item_emb.parquet").resolve())
 
 
 def test_pipeline_holds_the_test_split_to_expect_test_rows(synth_dir, tmp_path):
