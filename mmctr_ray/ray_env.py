@@ -688,6 +688,19 @@ def plain_log_prefixes() -> None:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
+def _auth_hint(err: BaseException) -> str:
+    """What to check when a GCS that answers refused the join: a cluster with token auth (the README's) refuses a
+    client without its token, or with another, only after ~20 s of Ray's "Unauthenticated ... InvalidAuthToken"
+    warnings, and Ray's last word named no token."""
+    if "Failed to connect to Ray cluster" not in str(err):
+        return ""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return ("; if the cluster uses token auth, set RAY_AUTH_MODE=token and its token (~/.ray/auth_token, "
+                "RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)")
+    return "; with RAY_AUTH_MODE=token: check that this token (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or " \
+           "RAY_AUTH_TOKEN) is the cluster's"
+
+
 def check_reachable(address: str, timeout_s: float = 10.0) -> None:
     """A ConnectionError, at once, when nothing takes a connection at the GCS address ``address`` leads to (a
     ``host:port``, or ``auto``: the cluster a ``ray start`` on this machine recorded). Ray's own join retried such an
@@ -753,7 +766,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
             check_reachable(address)
             ray.init(address=address, logging_level=logging.WARNING)
         except (ValueError, ConnectionError) as err:  # an HTTP (dashboard) address, no Ray at "auto", a bad form
-            raise ConfigError(f"Ray address {address!r} (--address or RAY_ADDRESS): {first_line(err)}") from None
+            raise ConfigError(f"Ray address {address!r} (--address or RAY_ADDRESS): {first_line(err)}"
+                              f"{_auth_hint(err)}") from None
         except RuntimeError as err:  # a port that answers but is no Ray's GCS: Ray gives up after its retries
             if "GCS" not in str(err):
                 raise

@@ -373,6 +373,34 @@ print("GCS", ray.get_runtime_context().gcs_address, ray.cluster_resources()["CPU
 
 
 
+def test_a_join_the_cluster_refuses_names_the_token(monkeypatch):
+    """A join without the cluster's token (the README's clusters use token auth), or with another, ended after ~20 s
+    of Ray's "Unauthenticated ... InvalidAuthToken" warnings in "Failed to connect to Ray cluster at ...", which
+    named no token."""
+    import ray
+
+    import mmctr_ray.ray_env as ray_env
+    from mmctr_ray.errors import ConfigError
+
+    def refused(**kwargs):
+        raise ConnectionError("Failed to connect to Ray cluster at 192.0.2.2:6399.\nmore")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refused)
+    monkeypatch.setattr(ray_env, "check_reachable", lambda address: None)  # its port answers
+    monkeypatch.setattr(ray_env, "_PRIVATE", {})  # a private Ray of this process (another test's) is left as it is
+    monkeypatch.setattr(ray_env, "_forget_private_env", lambda: None)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with pytest.raises(ConfigError, match=r"^Ray address '127.0.0.1:6399' \(--address or RAY_ADDRESS\): Failed to "
+                                          r"connect to Ray cluster at 192.0.2.2:6399.; if the cluster uses token "
+                                          r"auth, set RAY_AUTH_MODE=token and its token \(~/.ray/auth_token, "):
+        ray_env.init_ray(address="127.0.0.1:6399")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    with pytest.raises(ConfigError, match=r"6399.; with RAY_AUTH_MODE=token: check that this token .* is the "
+                                          r"cluster's$"):
+        ray_env.init_ray(address="127.0.0.1:6399")
+
+
 def test_joining_an_address_where_nothing_answers_fails_at_once_as_one_line():
     """Ray's own join retried an address where nothing listens (a cluster that is down, a wrong port) for many
     minutes, printing "Failed to connect to GCS" every 40 s, then raised a traceback. Now: one line, at once, and
