@@ -346,6 +346,10 @@ def _corrupt(raw: Path, case: str) -> None:
         lines[7] = lines[7].rsplit(",", 1)[0] + ",yesterday"
     elif case == "extra field":
         lines[4] += ",7"
+    elif case == "a byte that is not UTF-8":  # Ray Data's read of the block failed: a 165-line traceback
+        path.write_bytes("\n".join(lines[:7]).encode() + b"\n" + lines[7].encode() + b"\xe9\n"
+                         + "\n".join(lines[8:]).encode() + b"\n")
+        return
     else:  # an item with no title row
         lines[9] = f"{lines[9].split(',')[0]},999999,1600000000000"
     path.write_text("\n".join(lines) + "\n")
@@ -356,6 +360,8 @@ def _corrupt(raw: Path, case: str) -> None:
     ("non-numeric timestamp", "MicroLens-tiny_pairs.csv: line 8: column timestamp: 'yesterday' is not an integer"),
     ("unknown item", "1 interaction with 1 item not in MicroLens-tiny_title_en.csv (first: item 999999)"),
     ("extra field", ["MicroLens-tiny_pairs.csv: line 5: '", ",7' does not have the fields user,item,timestamp"]),
+    ("a byte that is not UTF-8", ["MicroLens-tiny_pairs.csv: line 8: byte 0xe9 at position ", " is not UTF-8; "
+                                  "expected UTF-8 text"]),
 ])
 def test_bad_raw_input_is_one_line_and_leaves_nothing(ray_local, tmp_path, case, message):
     make_raw(tmp_path / "raw", users=30)
@@ -552,6 +558,21 @@ def test_a_bad_line_is_numbered_as_an_editor_shows_it_empty_lines_included(tmp_p
         f"{path}: line 6: column timestamp: 'yesterday' is not an integer timestamp (ms)")
 
 
+def test_a_quoted_field_with_commas_is_csv_not_a_bad_line():
+    """Each line was split on every comma: `5,10,1,"a,b"` (valid CSV: an extra column quoted as CSV quotes it) was
+    a bad line that stopped the conversion."""
+    import pyarrow as pa
+
+    from mmctr_ray.convert.raw import LineFormat, parse
+
+    fmt = LineFormat(False, 1, ("user", "item", "timestamp", "note"), 0, 1, 2)
+    lines = ['5,10,1,"a,b"', '"6","11","2","x, y, z"', "7,12,3,plain", '8,13,"4,5",c', '9,14,5,"unclosed,d']
+    table, bad = parse(pa.table({"line": pa.array(lines)}), fmt)
+    assert table.column("user").to_pylist() == [5, 6, 7]
+    assert table.column("ts").to_pylist() == [1, 2, 3]
+    assert bad is not None and bad.count == 2 and bad.value == '8,13,"4,5",c'  # a timestamp "4,5" is no integer
+
+
 def test_the_item_files_read_signed_ids_as_the_interactions_do_and_name_a_bad_value(tmp_path):
     """The titles, likes/views and tags files were parsed by Arrow: `+5` was refused (the interactions file takes
     it as 5), and a bad value was Arrow's "CSV conversion error to int64" without its row."""
@@ -578,6 +599,20 @@ def test_the_item_files_read_signed_ids_as_the_interactions_do_and_name_a_bad_va
         read_items(RawSpec(raw), files)
     assert str(err.value) == (f"{files.likes_views}: column likes: 'many' at data row 4 is not an integer of at "
                               f"most 18 digits")
+    # Arrow's own errors named no line: a byte that is not UTF-8 ("CSV conversion error to string: invalid UTF8
+    # data"), a row of the wrong field count ("Expected 3 columns, got 2: 10\t5")
+    files.likes_views.write_text("\n".join(lines[:3] + ["1007\t5"] + lines[3:]) + "\n")
+    with pytest.raises(DataError) as err:
+        read_items(RawSpec(raw), files)
+    assert str(err.value) == f"{files.likes_views}: line 4: '1007\\t5' has 2 fields; expected 3"
+    files.likes_views.write_text("\n".join(lines) + "\n")
+    titles = files.titles.read_bytes().splitlines()
+    files.titles.write_bytes(b"\n".join([*titles[:5], titles[5] + b" caf\xe9", *titles[6:]]) + b"\n")
+    with pytest.raises(DataError) as err:
+        read_items(RawSpec(raw), files)
+    assert str(err.value) == (f"{files.titles}: line 6: byte 0xe9 at position {len(titles[5]) + 4} is not UTF-8; "
+                              f"expected UTF-8 text")
+    files.titles.write_bytes(b"\n".join(titles) + b"\n")
     files.likes_views.write_text("\n".join(lines) + "\n")
     files.titles.write_text(files.titles.read_text() + ",untitled\n")  # an empty id: said as before
     with pytest.raises(DataError) as err:

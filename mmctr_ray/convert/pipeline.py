@@ -33,8 +33,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mmctr_ray.convert.items import copy_covers, levels, tag_matrix, write_item_tables, write_mappings
-from mmctr_ray.convert.raw import (LineFormat, RawFiles, RawItems, RawSpec, first_bad_line, first_repeated_user,
-                                   line_format, locate, parse, read_interactions, read_items)
+from mmctr_ray.convert.raw import (LineFormat, RawFiles, RawItems, RawSpec, first_bad_line, first_not_utf8,
+                                   first_repeated_user, line_format, locate, parse, read_interactions, read_items)
 from mmctr_ray.convert.rows import SPLIT_CODES, Lookups, RowSpec, build_rows, hash_u64, sort_events
 from mmctr_ray.data.writer import SPLIT_SCHEMA, _publish, existing_outputs, list_array
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError, find_cause, find_user_error
@@ -165,7 +165,7 @@ def _interaction_stats(interactions, fmt: LineFormat, items: RawItems,
     popularity = np.zeros(len(items.raw_ids) + 1, dtype=np.float64)  # slot 0: unknown items
     unknown = _DistinctIds()  # item ids without a title: bounded however many blocks hold them
     bad = lines = 0
-    for b in counts.iter_batches(batch_format="numpy", batch_size=None):
+    for b in _read_pass(counts, files):
         kind, key, n = b["kind"], b["key"], b["n"]
         users.add(key[kind == 0])
         lines += int(n[kind == 3].sum())
@@ -188,6 +188,19 @@ def _interaction_stats(interactions, fmt: LineFormat, items: RawItems,
                         f"{_count(len(ids), 'item')} not in {files.titles.name} (first: item {int(ids[0])}); "
                         f"every item needs a title row")
     return users_arr, popularity[1:], int(popularity[1:].sum())
+
+
+def _read_pass(counts, files: RawFiles):
+    """The counts' batches; a byte that is not UTF-8 in the interactions fails Ray Data's read of its block with a
+    traceback of ~165 lines ending in "Failed to read CSV file ... Please check the CSV file has correct format":
+    one line naming the line and the byte instead."""
+    try:
+        yield from counts.iter_batches(batch_format="numpy", batch_size=None)
+    except Exception:
+        found = first_not_utf8(files.pairs)
+        if found is None:
+            raise
+        raise DataError(found) from None
 
 
 class _DistinctIds:

@@ -119,8 +119,9 @@ def locate(spec: RawSpec) -> RawFiles:
 
 
 def _header(path: Path, delimiter: str = ",") -> list[str]:
-    """The fields of the first line. Only that line is decoded: a byte that is not UTF-8 further on is Arrow's to
-    report, with its line (before, one within the first 8 KiB was a UnicodeDecodeError traceback)."""
+    """The fields of the first line. Only that line is decoded: a byte that is not UTF-8 further on fails Arrow's
+    read, and :func:`first_not_utf8` names its line (before, one within the first 8 KiB was a UnicodeDecodeError
+    traceback)."""
     try:
         with open(path, "rb") as f:
             first = f.readline(1 << 20)
@@ -152,8 +153,44 @@ def has_header(path: Path, delimiter: str = "\t") -> bool:
     return bool(first) and re.fullmatch(r"[+-]?[0-9]+", first[0].strip(PADDING)) is None
 
 
+def first_not_utf8(path: Path) -> str | None:
+    """The message for the first line of ``path`` that is not UTF-8 (its number, the byte and where), or None.
+    Streams the file; called only once a read has failed: Arrow's own error named no line ("CSV conversion error
+    to string: invalid UTF8 data"; in a Ray Data task, "Failed to read CSV file" and its traceback)."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return (f"{path}: line {number}: byte {line[err.start]:#04x} at position {err.start} is not UTF-8; "
+                        f"expected UTF-8 text")
+    return None
+
+
+def _line_of(path: Path, text: str) -> int | None:
+    """The number of the first line of ``path`` that reads ``text`` (Arrow names a bad row by its text only)."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if line.decode("utf-8", "replace").rstrip("\r\n").lstrip("\ufeff") == text:
+                return number
+    return None
+
+
 def _arrow_error(path: Path, err: Exception) -> DataError:
-    return DataError(f"{path}: {(str(err).strip().splitlines() or [type(err).__name__])[0]}")
+    """One line for Arrow's error reading ``path``, with the line it is about where Arrow named none: a byte that
+    is not UTF-8, a row of the wrong field count (Arrow gives the row's text)."""
+    said = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if "UTF8" in said or "UTF-8" in said:
+        found = first_not_utf8(path)
+        if found is not None:
+            return DataError(found)
+    fields = re.search(r"Expected (\d+) columns, got (\d+): (.*)$", said)
+    if fields:
+        number = _line_of(path, fields.group(3))
+        if number is not None:
+            return DataError(f"{path}: line {number}: {fields.group(3)!r} has {fields.group(2)} fields; expected "
+                             f"{fields.group(1)}")
+    return DataError(f"{path}: {said}")
 
 
 def _read_csv(path: Path, columns: dict[str, pa.DataType], **kw) -> pa.Table:
@@ -345,12 +382,35 @@ def _ints(col: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray]:
     return values, bad
 
 
+def _unquoted(lines: pa.Array, bad: np.ndarray, n: int, used: set[int]) -> tuple[pa.Array, np.ndarray]:
+    """Lines whose comma count is off because a quoted field the conversion does not read holds commas
+    (``5,10,1,"a,b"``: valid CSV) read as CSV and written back with those commas dropped, so that splitting on
+    commas finds their ``n`` fields; the other bad lines stay bad (a comma inside an id or a time: no integer). Only
+    lines already counted bad are read here (rare), so the clean path stays vectorised."""
+    rows = np.flatnonzero(bad & np.asarray(pc.match_substring(lines, '"').to_numpy(zero_copy_only=False), bool))
+    if not len(rows):
+        return lines, bad
+    texts = lines.to_pylist()
+    bad = bad.copy()
+    for row in rows:
+        try:
+            fields = next(csv.reader([texts[row]], strict=True), [])
+        except csv.Error:  # an unclosed quote: not CSV either
+            continue
+        if len(fields) == n and not any("," in fields[k] for k in used):
+            texts[row] = ",".join(f.replace(",", " ") for f in fields)
+            bad[row] = False
+    return pa.array(texts, pa.string()), bad
+
+
 def _split_lines(lines: pa.Array, fmt: LineFormat) -> tuple[pa.ListArray, np.ndarray]:
     """Lines split into their fields, and the mask of lines with the wrong number of fields (replaced by zeros)."""
     delim = "\t" if fmt.sequences else ","
     n = len(fmt.fields)
     count = pc.add(pc.count_substring(lines, delim), 1).to_numpy(zero_copy_only=False)
     bad = count < n if fmt.sequences else count != n  # a sequence's items may hold no tab; more tabs: bad
+    if not fmt.sequences and bad.any():
+        lines, bad = _unquoted(lines, bad, n, {fmt.user, fmt.item, fmt.time})
     safe = pc.if_else(pa.array(bad), delim.join(["0"] * n), lines)
     return pc.split_pattern(safe, delim, max_splits=n - 1), bad
 
