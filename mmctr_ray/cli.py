@@ -466,6 +466,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
             synth = dataclasses.asdict(_spec_from_args(args)) if not args.data else None
             pipeline.check_resume(out, work, _config(args), args.embed, synth=synth, models=models, data=args.data)
         pipeline.check_data_copy(args.data, work, resume, args.overwrite)
+        pipeline.claim_work(out, work)
         return _pipeline_steps(args, label, out, work, run)
 
 

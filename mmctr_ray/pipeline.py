@@ -51,11 +51,21 @@ def check_out(out: storage.Location, resume: bool, overwrite: bool) -> None:
                                 f"to replace its outputs")
 
 
+WORK_OWNER = "pipeline.out"  # in a URI OUT's --work: that OUT, whose run refers to the fused table there
+
+
 def check_work(out: storage.Location, work: Path, resume: bool, overwrite: bool) -> None:
     """With a URI OUT, ``--work`` holds what the run refers to (the data, the fused table): another pipeline's
     outputs there are used only when asked, as OUT's are (a second OUT with the same --work silently replaced the
-    fused table the first run had trained on)."""
-    if not storage.is_uri(out) or resume or overwrite:
+    fused table the first run had trained on); those of a pipeline of another OUT, not at all: its --overwrite,
+    which the refusal suggested, broke that OUT's run ("rewritten since ... was trained on it")."""
+    if not storage.is_uri(out):
+        return
+    owner = (work / WORK_OWNER).read_text().strip() if (work / WORK_OWNER).is_file() else None
+    if owner is not None and owner != str(out):
+        raise OutputExistsError(f"{work}: --work of the pipeline whose OUT is {owner} (its run refers to the fused "
+                                f"table there, which this one would replace); pass another --work")
+    if resume or overwrite:
         return
     # what the steps write over without asking (the data and the embeddings refuse by themselves): the fused table,
     # which an earlier pipeline's run refers to, the features summary and the submission
@@ -65,6 +75,13 @@ def check_work(out: storage.Location, work: Path, resume: bool, overwrite: bool)
         raise OutputExistsError(f"{work}: --work holds {', '.join(kept)} of an earlier pipeline (whose run refers to "
                                 f"its fused table); pass --resume to continue it, --overwrite to replace them, or "
                                 f"another --work")
+
+
+def claim_work(out: storage.Location, work: Path) -> None:
+    """Record in a URI OUT's ``--work`` that OUT's run refers to what it holds (:func:`check_work`)."""
+    if storage.is_uri(out):
+        work.mkdir(parents=True, exist_ok=True)
+        storage.write_text(work / WORK_OWNER, f"{out}\n")
 
 
 def same_data(saved: Path, asked: ExperimentConfig) -> bool:

@@ -450,6 +450,20 @@ def test_pipeline_refuses_before_any_stage_runs(tmp_path):
     from mmctr_ray.pipeline import check_work
 
     check_work(f"file://{tmp_path}/uri_out", work, resume=False, overwrite=False)
+    # the --work of a pipeline of another OUT: the refusal suggested --overwrite, which replaced the fused table that
+    # OUT's run was trained on (its predict and compare then refused it as "rewritten since")
+    from mmctr_ray.pipeline import WORK_OWNER, claim_work
+
+    claim_work(f"file://{tmp_path}/first", work)
+    (work / "item_emb.parquet").write_bytes(b"the first pipeline's table")
+    for resume, overwrite in ((False, False), (False, True), (True, False)):
+        with pytest.raises(OutputExistsError, match=rf"^{re.escape(str(work))}: --work of the pipeline whose OUT is "
+                                                    rf"file://{re.escape(str(tmp_path))}/first \(its run refers to "
+                                                    r"the fused table there, which this one would replace\); pass "
+                                                    r"another --work$"):
+            check_work(f"file://{tmp_path}/uri_out", work, resume=resume, overwrite=overwrite)
+    check_work(f"file://{tmp_path}/first", work, resume=True, overwrite=False)  # its own OUT: as before
+    assert (work / WORK_OWNER).read_text() == f"file://{tmp_path}/first\n"
     # --embed under a config that trains on the shipped vectors (the default's fusion.strategy given): embed's hours
     # of encoding were thrown away without a word
     r = run_cli("pipeline", "--out", str(tmp_path / "embed_out"), "--embed")
