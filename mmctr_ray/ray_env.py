@@ -688,6 +688,26 @@ def plain_log_prefixes() -> None:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
+JOIN_SETUP_HOOK = "mmctr_ray.ray_env.pin_ray_address"
+
+
+def _join(address: str) -> None:
+    """``ray.init`` of the cluster at ``address``, its workers given :func:`pin_ray_address` as their setup hook: with
+    another Ray on a node (a private one of another mmctr command, a second ``ray start``), Ray Train's
+    placement-group cleaner logged "Found multiple active Ray instances ... Connecting to latest cluster" every
+    1.5 s of a run, and would follow whichever cluster started last. Ray merges this with a job's own runtime_env;
+    where that sets a setup hook of its own (a conflict Ray refuses), the join goes on without this one."""
+    import ray
+
+    try:
+        ray.init(address=address, logging_level=logging.WARNING,
+                 runtime_env={"worker_process_setup_hook": JOIN_SETUP_HOOK})
+    except ValueError as err:
+        if "worker_process_setup_hook" not in str(err) or ray.is_initialized():
+            raise
+        ray.init(address=address, logging_level=logging.WARNING)
+
+
 def _auth_hint(err: BaseException) -> str:
     """What to check when a GCS that answers refused the join: a cluster with token auth (the README's) refuses a
     client without its token, or with another, only after ~20 s of Ray's "Unauthenticated ... InvalidAuthToken"
@@ -764,7 +784,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
         _forget_private_env()
         try:
             check_reachable(address)
-            ray.init(address=address, logging_level=logging.WARNING)
+            _join(address)
         except (ValueError, ConnectionError) as err:  # an HTTP (dashboard) address, no Ray at "auto", a bad form
             raise ConfigError(f"Ray address {address!r} (--address or RAY_ADDRESS): {first_line(err)}"
                               f"{_auth_hint(err)}") from None
