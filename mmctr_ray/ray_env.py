@@ -237,6 +237,20 @@ def _add_filter(name: str, pattern: re.Pattern, action: str) -> None:
         target.addFilter(_Matching(pattern, action))
 
 
+# Ray Train's controller, at every `mmctr train --resume`: "A run snapshot was found ... please configure a new,
+# unique `RunConfig(name)` or delete the existing folder", advice that is not mmctr's (the command's --resume and
+# --overwrite are); shown on a joined cluster, where Ray Train logs at INFO
+SNAPSHOT_LOGGER = "ray.train.v2._internal.execution.checkpoint.checkpoint_manager"
+SNAPSHOT_FOUND = re.compile(r"^A run snapshot was found in storage folder")
+
+
+def joined_worker_setup() -> None:
+    """The ``worker_process_setup_hook`` of a joined cluster's workers: :func:`pin_ray_address`, and Ray Train's
+    run-snapshot advice dropped (:data:`SNAPSHOT_FOUND`)."""
+    pin_ray_address()
+    _add_filter(SNAPSHOT_LOGGER, SNAPSHOT_FOUND, "drop")
+
+
 def private_worker_setup_verbose() -> None:
     """The ``worker_process_setup_hook`` of the private local Ray with -v: :func:`pin_ray_address`, Ray Train's
     warnings that a resource request to the autoscaling coordinator failed demoted to DEBUG
@@ -246,6 +260,7 @@ def private_worker_setup_verbose() -> None:
     pin_ray_address()
     _add_filter(TRAIN_REQUEST_LOGGER, REQUEST_FAILED, "debug")
     _add_filter(PG_CLEANER_LOGGER, PG_CLEANED, "drop")
+    _add_filter(SNAPSHOT_LOGGER, SNAPSHOT_FOUND, "drop")
 
 
 def private_worker_setup() -> None:
@@ -688,15 +703,16 @@ def plain_log_prefixes() -> None:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
-JOIN_SETUP_HOOK = "mmctr_ray.ray_env.pin_ray_address"
+JOIN_SETUP_HOOK = "mmctr_ray.ray_env.joined_worker_setup"
 
 
 def _join(address: str) -> None:
-    """``ray.init`` of the cluster at ``address``, its workers given :func:`pin_ray_address` as their setup hook: with
-    another Ray on a node (a private one of another mmctr command, a second ``ray start``), Ray Train's
-    placement-group cleaner logged "Found multiple active Ray instances ... Connecting to latest cluster" every
-    1.5 s of a run, and would follow whichever cluster started last. Ray merges this with a job's own runtime_env;
-    where that sets a setup hook of its own (a conflict Ray refuses), the join goes on without this one."""
+    """``ray.init`` of the cluster at ``address``, its workers given :func:`joined_worker_setup` as their setup hook.
+    Its :func:`pin_ray_address`: with another Ray on a node (a private one of another mmctr command, a second
+    ``ray start``), Ray Train's placement-group cleaner logged "Found multiple active Ray instances ... Connecting
+    to latest cluster" every 1.5 s of a run, and would follow whichever cluster started last. Ray merges this with
+    a job's own runtime_env; where that sets a setup hook of its own (a conflict Ray refuses), the join goes on
+    without this one."""
     import ray
 
     try:

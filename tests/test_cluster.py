@@ -389,15 +389,31 @@ def test_a_joined_clusters_workers_name_it_unless_the_job_sets_its_own_hook(monk
 
     monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    for conflict, seen in ((False, [{"worker_process_setup_hook": "mmctr_ray.ray_env.pin_ray_address"}]),
-                           (True, [{"worker_process_setup_hook": "mmctr_ray.ray_env.pin_ray_address"}, None])):
+    for conflict, seen in ((False, [{"worker_process_setup_hook": "mmctr_ray.ray_env.joined_worker_setup"}]),
+                           (True, [{"worker_process_setup_hook": "mmctr_ray.ray_env.joined_worker_setup"}, None])):
         calls.clear()
         ray_env._join("127.0.0.1:6399")
         assert calls == seen
     import importlib
 
     module, name = ray_env.JOIN_SETUP_HOOK.rsplit(".", 1)
-    assert getattr(importlib.import_module(module), name) is ray_env.pin_ray_address  # what a worker imports
+    assert getattr(importlib.import_module(module), name) is ray_env.joined_worker_setup  # a worker imports it
+
+
+def test_a_joined_clusters_workers_drop_ray_trains_advice_on_a_resumed_runs_snapshot(monkeypatch, caplog):
+    """Every `mmctr train --resume` on a cluster printed Ray Train's "A run snapshot was found ... configure a new,
+    unique `RunConfig(name)` or delete the existing folder": not how a run of mmctr is resumed or replaced."""
+    import logging
+
+    from mmctr_ray import ray_env
+
+    monkeypatch.setattr(ray_env, "pin_ray_address", lambda: None)  # a worker's: no Ray here
+    ray_env.joined_worker_setup()
+    snapshot = logging.getLogger(ray_env.SNAPSHOT_LOGGER)
+    with caplog.at_level(logging.INFO, logger=ray_env.SNAPSHOT_LOGGER):
+        snapshot.info("A run snapshot was found in storage folder at: '/x/run'\nThis snapshot contains ...")
+        snapshot.info("Another line of the checkpoint manager")
+    assert [r.getMessage() for r in caplog.records] == ["Another line of the checkpoint manager"]
 
 
 def test_a_join_the_cluster_refuses_names_the_token(monkeypatch):
