@@ -346,6 +346,9 @@ def _corrupt(raw: Path, case: str) -> None:
         lines[7] = lines[7].rsplit(",", 1)[0] + ",yesterday"
     elif case == "extra field":
         lines[4] += ",7"
+    elif case == "empty file":
+        path.write_bytes(b"")
+        return
     elif case == "a byte that is not UTF-8":  # Ray Data's read of the block failed: a 165-line traceback
         path.write_bytes("\n".join(lines[:7]).encode() + b"\n" + lines[7].encode() + b"\xe9\n"
                          + "\n".join(lines[8:]).encode() + b"\n")
@@ -360,6 +363,8 @@ def _corrupt(raw: Path, case: str) -> None:
     ("non-numeric timestamp", "MicroLens-tiny_pairs.csv: line 8: column timestamp: 'yesterday' is not an integer"),
     ("unknown item", "1 interaction with 1 item not in MicroLens-tiny_title_en.csv (first: item 999999)"),
     ("extra field", ["MicroLens-tiny_pairs.csv: line 5: '", ",7' does not have the fields user,item,timestamp"]),
+    ("empty file", "MicroLens-tiny_pairs.csv: empty file (0 bytes); expected a header line naming user, item, "
+                   "timestamp, then the rows"),
     ("a byte that is not UTF-8", ["MicroLens-tiny_pairs.csv: line 8: byte 0xe9 at position ", " is not UTF-8; "
                                   "expected UTF-8 text"]),
 ])

@@ -136,6 +136,9 @@ def _header(path: Path, delimiter: str = ",") -> list[str]:
 
 
 def _require_columns(path: Path, names: list[str], flags: str) -> None:
+    if path.is_file() and path.stat().st_size == 0:  # it said "missing column 'user' (header: empty ...)"
+        raise DataError(f"{path}: empty file (0 bytes); expected a header line naming {', '.join(names)}, then the "
+                        f"rows")
     header = _header(path)
     missing = [n for n in names if n not in header]
     if missing:

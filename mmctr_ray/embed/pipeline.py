@@ -488,7 +488,7 @@ def _assemble(out: Path, store: ShardStore, n_shards: int, s: EmbedSettings, ite
     counts["titles_empty"] = int(pc.sum(pc.equal(text, "")).as_py() or 0)
     if counts["titles_empty"]:  # unlike a missing cover, nothing marks them in OUT: they are said here
         first = items.column("item_id")[int(np.argmax(pc.equal(text, "").to_numpy(zero_copy_only=False)))]
-        log.warning("%s of %s items have no title (null or blank; first: item %s): their text vectors are all one, "
+        log.warning("%s of %s items have no title (null or blank; first: item %s): each gets the same text vector, "
                     "the model's vector of an empty text", f"{counts['titles_empty']:,}", f"{n:,}", first)
     encoded = timing.pop("encoded")
     summary = {**asdict(s), **dims, "items": n, "titles": titles_fingerprint(items), **counts,
