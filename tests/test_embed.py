@@ -614,6 +614,21 @@ def test_covers_are_resized_and_cropped_exactly_as_clips_own_transform(tmp_path,
     assert status == OK and np.array_equal(ours, np.asarray(reference.convert("RGB")))
 
 
+def test_a_16_bit_grayscale_cover_is_scaled_not_clipped(tmp_path):
+    """PIL's convert("RGB") clips a 16-bit PNG's values at 255: a mid-grey cover decoded as 99% white, status OK."""
+    from PIL import Image
+
+    from mmctr_ray.embed.image import load_cover
+
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))
+    Image.fromarray(ramp).save(tmp_path / "deep.png")  # mode I;16, as a scanner or a medical export writes it
+    Image.fromarray(np.rint(ramp / 257).astype(np.uint8)).save(tmp_path / "plain.png")
+    deep, status = load_cover(tmp_path / "deep.png", 32, "squash")
+    plain, _ = load_cover(tmp_path / "plain.png", 32, "squash")
+    assert status == OK and np.abs(deep.astype(int) - plain.astype(int)).max() <= 1
+    assert 100 < deep.mean() < 155  # a ramp from black to white, not white
+
+
 def test_a_strip_of_a_cover_is_cut_to_its_centre_before_it_is_resized(tmp_path, monkeypatch):
     """A 1 x 200,000 px image resized whole to a short side of 224 is 224 x 44.8M px (30 GB): the task failed, or
     took the node's memory, where a bad cover never fails the job. (The resize is watched, not run that big.)"""

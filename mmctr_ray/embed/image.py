@@ -222,13 +222,22 @@ def image_size(spec: str) -> int:
     return int(size if isinstance(size, int) else size[0])
 
 
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """A 16-bit grayscale cover (PNG; PIL's modes ``I;16*`` and ``I``) scaled to 8 bits: ``convert("RGB")`` clips its
+    values at 255, and one decoded as 99% white, status OK."""
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.getextrema()[1] > 255):
+        scaled = np.asarray(img, dtype=np.float64) / 257.0  # 65535 → 255
+        return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+    return img
+
+
 def load_cover(path: Path, size: int, resize_mode: str = "shortest",
                interpolation: str = "bicubic") -> tuple[np.ndarray, int]:
     """One cover → (size, size, 3) uint8 and its status; zeros when missing or undecodable. ``resize_mode``
     ``shortest``: the short side to ``size``, then the centre crop; ``squash``: both sides to ``size``."""
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
+            img = _eight_bit(img).convert("RGB")
             if resize_mode == "squash":
                 return np.asarray(img.resize((size, size), INTERPOLATIONS[interpolation]), dtype=np.uint8), OK
             w, h = img.size
