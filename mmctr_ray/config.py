@@ -433,8 +433,10 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
 def read_yaml(path: storage.Location) -> dict[str, Any]:
     """A YAML file (local path or URI) as a plain mapping (empty file → {}), or a one-line error naming it."""
     where = str(path)
-    if not storage.is_file(path):
-        raise ConfigError(f"{where}: config file not found")
+    if not storage.is_file(path):  # a relative path says where it was looked for (a Ray job without --working-dir
+        # runs in another folder than the one it was submitted from)
+        here = "" if storage.is_uri(path) or Path(where).is_absolute() else f" (relative to {Path.cwd()})"
+        raise ConfigError(f"{where}: config file not found{here}")
     try:
         text = storage.read_text(path)
     except UnicodeDecodeError as err:

@@ -741,11 +741,15 @@ def check_reachable(address: str, timeout_s: float = 10.0) -> None:
     """A ConnectionError, at once, when nothing takes a connection at the GCS address ``address`` leads to (a
     ``host:port``, or ``auto``: the cluster a ``ray start`` on this machine recorded). Ray's own join retried such an
     address for many minutes, printing "Failed to connect to GCS" every 40 s, and then raised a traceback (a cluster
-    that is down, a typo in the port). Ray Client (``ray://``) and other schemes are left to Ray."""
+    that is down, a typo in the port). An ``http(s)://`` address (the dashboard's, which ``ray job submit``
+    takes) is a ValueError; Ray Client (``ray://``) and other schemes are left to Ray."""
     import socket
 
     from ray._private import services
 
+    if address.startswith(("http://", "https://")):  # Ray's own error was cut at "To fix this, either:"
+        raise ValueError("an http(s) address is a dashboard's, for `ray job submit`; a command joins a cluster at "
+                         "its GCS address (HOST:6379, or `auto` on one of its nodes)")
     if "://" in address:
         return
     gcs = services.canonicalize_bootstrap_address(address)  # as ray.init resolves it (localhost: this node's IP)

@@ -110,13 +110,17 @@ def test_invalid_yaml_names_file_and_line(tmp_path):
         load_config(p)
 
 
-def test_not_a_mapping_and_missing_file(tmp_path):
+def test_not_a_mapping_and_missing_file(tmp_path, monkeypatch):
     p = tmp_path / "list.yaml"
     p.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="list.yaml: expected a mapping"):
         load_config(p)
-    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found$"):
         load_config(tmp_path / "nope.yaml")
+    monkeypatch.chdir(tmp_path)  # a relative path says where it was looked for (a Ray job's folder, say)
+    with pytest.raises(ConfigError, match=rf"^configs/nope.yaml: config file not found \(relative to "
+                                          rf"{re.escape(str(tmp_path))}\)$"):
+        load_config("configs/nope.yaml")
 
 
 def test_yaml_is_safe_loaded(tmp_path):
