@@ -1007,42 +1007,43 @@ def _left_on_disk(args: argparse.Namespace, argv: Sequence[str]) -> tuple[str, s
     """What the command ended by a signal left, read from its --out, and how to go on, where the stage did not say
     (a train or tune ended while Ray started or the splits were read printed a bare "terminated", and a search
     stopped before its first trial is not resumed but started again), or could not (a SIGTERM's line, said at once
-    by :func:`mmctr_ray.ray_env.sigterm_watchdog`)."""
+    by :func:`mmctr_ray.ray_env.sigterm_watchdog`). A storage URI is not read (it may be slow, or out of reach)."""
+    from mmctr_ray.locking import begun, entries
+
     if args.command not in ("train", "tune", "pipeline", "demo"):
         return "", _how_to_continue(args, argv, False)
     out = storage.normalize(str(args.out))
     at = list(argv).index(args.command)
-
-    def ours(marker: storage.Location) -> bool:  # this command's, not the output --overwrite was to replace
-        if not storage.is_file(marker):
-            return False
-        return not getattr(args, "overwrite", False) or (  # written since it began (less a coarse clock's tick)
-            not storage.is_uri(marker) and Path(marker).stat().st_mtime >= _STARTED["at"] - 0.05)
-
     run = out if args.command == "train" else storage.join(out, "run")
-    if args.command != "tune" and ours(storage.join(run, "config.yaml")):
+    replacing = getattr(args, "overwrite", False)
+    if storage.is_uri(out):  # a run or pipeline there continues with --resume once begun; --overwrite: again
+        return "", ("run the same command again" if replacing and not begun(run) else
+                    _how_to_continue(args, argv, args.command != "tune"))
+
+    def ours(marker: storage.Location, output: storage.Location) -> bool:  # not what --overwrite was to replace
+        return storage.is_file(marker) and (not replacing or begun(output))
+
+    if args.command != "tune" and ours(storage.join(run, "config.yaml"), run):
         from mmctr_ray.checkpoint import kept_checkpoints
 
         return f": {kept_checkpoints(run)}", _how_to_continue(args, argv, True)
-    if args.command in ("pipeline", "demo"):
-        return "", _how_to_continue(args, argv, True)
-    if args.command == "tune" and ours(Path(out) / "settings.json"):
+    if args.command in ("pipeline", "demo"):  # its steps before training may be continued, unless it replaces
+        return "", "run the same command again" if replacing else _how_to_continue(args, argv, True)
+    if args.command == "tune" and ours(Path(out) / "settings.json", out):
         if (Path(out) / "tune").is_dir():
             return ": the search's state is saved as it goes (every 2 s)", _how_to_continue(args, argv, True)
         rest = [a for a in argv[at + 1:] if a not in ("--resume", "--overwrite")]
         return ": no trial had started", f"start it again with `{_command(args, argv, [*rest, '--overwrite'])}`"
-    from mmctr_ray.locking import entries
-
     return ("" if storage.exists(out) and entries(out) else ": nothing written yet"), "run the same command again"
 
 
-_STARTED = {"at": 0.0}  # when this process's command began (time.time())
 _SAID = threading.Lock()  # the line of a command a signal ended: once, from the main thread or the watchdog's
 
 
 def _say_once(line: str) -> None:
     if _SAID.acquire(blocking=False):  # released by main() for the next command in this process
-        print(line, file=sys.stderr, flush=True)
+        sys.stderr.write(line + "\n")  # one write: a record from another thread is not glued to it
+        sys.stderr.flush()
 
 
 def _ended_by_signal(args: argparse.Namespace, argv: Sequence[str], kept: str, signum: int,
@@ -1050,7 +1051,10 @@ def _ended_by_signal(args: argparse.Namespace, argv: Sequence[str], kept: str, s
     """Print one line (``interrupted`` or ``terminated``, what is ``kept``, the command that continues) after the
     Ray the command started is down (``stop``), and return the shell's status for that signal: 130 for Ctrl-C,
     143 for SIGTERM."""
-    kept, how = (kept, _how_to_continue(args, argv, True)) if kept else _left_on_disk(args, argv)
+    try:
+        kept, how = (kept, _how_to_continue(args, argv, True)) if kept else _left_on_disk(args, argv)
+    except Exception:  # what --out holds could not be read (storage out of reach): the line still comes
+        kept, how = "", ""
     try:
         if stop:
             stop_ray()  # its actors' last log lines (an aborted run's clean-up) come before this line, not after it
@@ -1096,7 +1100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     forget_sigterm()  # a SIGTERM an earlier command in this process met is not this one's
     if _SAID.locked():  # and so is the line it printed
         _SAID.release()
-    _STARTED["at"] = time.time()
+    from mmctr_ray.locking import forget_begun
+
+    forget_begun()  # and the outputs it began
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     with sigterm_watchdog(lambda: _ended_by_signal(args, argv, "", signal.SIGTERM, stop=False)):  # its line at once

@@ -86,6 +86,24 @@ def parquet_columns(path: Path) -> set[str] | None:
         return None
 
 
+_BEGUN: set[str] = set()  # the outputs this process's command has begun (its config.yaml or settings.json written)
+
+
+def began(out: storage.Location) -> None:
+    """Record that this command has begun writing ``out`` (a run, a search): what a signal then leaves there is
+    its own, not the output an --overwrite was to replace (which the command's line would tell to resume)."""
+    _BEGUN.add(str(storage.normalize(str(out))))
+
+
+def begun(out: storage.Location) -> bool:
+    return str(storage.normalize(str(out))) in _BEGUN
+
+
+def forget_begun() -> None:
+    """For the next command in this process."""
+    _BEGUN.clear()
+
+
 # the file that marks a folder as a stage's output; what else it may hold without that file (an attempt killed
 # before it wrote it: tune writes search.yaml, then settings.json); whether it may hold nothing else at all; what
 # to call it. One table for the CLI's check before Ray starts, each stage's own (a library caller, the pipeline's
@@ -105,6 +123,8 @@ def check_folder_kind(stage: str, out: storage.Location, hint: str | None = None
         return
     marker, spare, exclusive, kind = FOLDER_KINDS[stage]
     held = set(entries(out))
+    if exclusive and marker in held:  # a hidden leftover of its own (a temporary name a kill left, NFS's .nfs*)
+        held = {name for name in held if not name.startswith(".")}
     foreign = sorted(held - {marker} - spare, key=lambda name: (name.startswith("."), name)) \
         if exclusive or marker not in held else []  # a visible file named first, not Ray's hidden marker
     if foreign:

@@ -62,9 +62,10 @@ def check_work(out: storage.Location, work: Path, resume: bool, overwrite: bool)
     if not storage.is_uri(out):
         return
     owner = (work / WORK_OWNER).read_text().strip() if (work / WORK_OWNER).is_file() else None
-    if owner is not None and owner != str(out):
-        raise OutputExistsError(f"{work}: --work of the pipeline whose OUT is {owner} (its run refers to the fused "
-                                f"table there, which this one would replace); pass another --work")
+    if owner is not None and _same_out(owner) != _same_out(out) and storage.is_file(
+            storage.join(owner, "run", "config.yaml")):  # a claim whose OUT has no run (it failed early) passes on
+        raise OutputExistsError(f"{work}: --work of the pipeline whose OUT is {owner} ({WORK_OWNER} there; its run "
+                                f"refers to the fused table here, which this one would replace); pass another --work")
     if resume or overwrite:
         return
     # what the steps write over without asking (the data and the embeddings refuse by themselves): the fused table,
@@ -75,6 +76,11 @@ def check_work(out: storage.Location, work: Path, resume: bool, overwrite: bool)
         raise OutputExistsError(f"{work}: --work holds {', '.join(kept)} of an earlier pipeline (whose run refers to "
                                 f"its fused table); pass --resume to continue it, --overwrite to replace them, or "
                                 f"another --work")
+
+
+def _same_out(out: storage.Location) -> str:
+    """One OUT however it is spelt (a trailing slash, a URI's query: how to reach it, not what it is)."""
+    return str(storage.normalize(str(out))).split("?", 1)[0]
 
 
 def claim_work(out: storage.Location, work: Path) -> None:

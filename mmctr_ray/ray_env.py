@@ -425,11 +425,13 @@ def _keep_python_sigterm() -> None:
     into one line (:func:`sigterm_received` tells it apart from other exits). Main thread only (elsewhere no
     handler can be set)."""
     handler = signal.getsignal(signal.SIGTERM)
-    if callable(handler) and threading.current_thread() is threading.main_thread():
+    if callable(handler) and threading.current_thread() is threading.main_thread() and not getattr(
+            handler, "records_sigterm", False):
         def on_sigterm(signum: int, frame: Any) -> None:
             _PRIVATE["sigterm"] = True  # what ends the command is then a SIGTERM, whatever SystemExit's code says
             handler(signum, frame)
 
+        on_sigterm.records_sigterm = True  # type: ignore[attr-defined]
         signal.signal(signal.SIGTERM, on_sigterm)
 
 
@@ -469,6 +471,34 @@ def sigterm_watchdog(say: Callable[[], int]) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    with _sigterm_before_ray():
+        yield from _watch(say)
+
+
+@contextlib.contextmanager
+def _sigterm_before_ray() -> Iterator[None]:
+    """Until Ray installs its SIGTERM handler (a stage that starts none: synth, validate, fuse; the checks before
+    Ray), one that ends the command as Ray's does, recorded: SIGTERM's default ended the process at once, 143 and
+    no line, and wrote nothing to the wakeup fd. Ray's own replaces it when Ray starts; put back after."""
+    if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        yield
+        return
+
+    def ended(signum: int, frame: Any) -> None:
+        _PRIVATE["sigterm"] = True
+        sys.exit(signum)
+
+    ended.records_sigterm = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGTERM, ended)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is ended:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _watch(say: Callable[[], int]) -> Iterator[None]:
+    """:func:`sigterm_watchdog`'s thread around the command (a generator its context manager yields from)."""
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     before = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
@@ -488,28 +518,33 @@ def sigterm_watchdog(say: Callable[[], int]) -> Iterator[None]:
                 return
             if not got:
                 return  # the command ended: its write end is closed
-            if signal.SIGTERM not in got:
+            if signal.SIGTERM not in got or done.is_set():
                 continue  # SIGINT and the others: the main thread's, as before
             start = time.monotonic()
-            status = say()
-            _PRIVATE["said"] = True  # Ray's processes' lines stay off the console after it (drop_benign_ray_lines)
-            logging.disable(logging.CRITICAL)  # and so do the log's: the line is the command's last
+            _PRIVATE["said"] = True  # Ray's processes' lines stay off the console from the line on
+            logging.disable(logging.CRITICAL)  # and so do the log's (print is neither): the line is the last
+            try:
+                status = say()
+            except BaseException:  # a closed stderr (`| tee` ended by the same scancel), storage out of reach: the
+                status = 128 + signal.SIGTERM  # end below must come whatever the line met
             while not done.is_set() and not sigterm_received() and time.monotonic() - start < SIGTERM_HANDLER_S:
                 time.sleep(0.05)
             if not sigterm_received() or not done.wait(max(0.0, SIGTERM_END_S - (time.monotonic() - start))):
                 if not done.is_set():
-                    sys.stdout.flush()
-                    sys.stderr.flush()
+                    for stream in (sys.stdout, sys.stderr):
+                        with contextlib.suppress(BaseException):
+                            stream.flush()
                     os._exit(status)
             return
 
     thread = threading.Thread(target=watch, name="mmctr-sigterm-watchdog", daemon=True)
-    thread.start()
     try:
+        thread.start()
         yield
     finally:
         done.set()
-        signal.set_wakeup_fd(-1)
+        if signal.set_wakeup_fd(-1) != write_fd:  # set meanwhile by someone else (an asyncio loop): theirs
+            signal.set_wakeup_fd(-1)
         os.close(write_fd)
         thread.join(timeout=1.0)
         if not thread.is_alive():
@@ -528,7 +563,7 @@ def sigterm_flag() -> Iterator[dict[str, bool]]:
     before = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum: int, frame: Any) -> None:
-        state["sigterm"] = True
+        state["sigterm"] = _PRIVATE["sigterm"] = True  # sigterm_watchdog: the main thread has run its handler
         if callable(before):
             before(signum, frame)
         elif before != signal.SIG_IGN:  # the default: end the process as SIGTERM does
@@ -785,7 +820,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
 
     quiet_ray_data(verbose)
     plain_log_prefixes()
-    if ray.is_initialized():
+    if ray.is_initialized():  # a Ray this process had (a notebook's, a test's): its SIGTERM recorded as ours is
+        _keep_python_sigterm()
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address == "local":  # Ray's own word for a new Ray of this process's own: the private one, with its checks

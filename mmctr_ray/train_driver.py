@@ -34,7 +34,7 @@ from mmctr_ray.errors import (ConfigError, DataError, Interrupted, NotStarted, O
 from mmctr_ray.features import (FeatureMap, build_feature_map, check_id_tables, check_same_table, load_item_table,
                                 read_split)
 from mmctr_ray.host_malloc import worker_env
-from mmctr_ray.locking import check_folder_kind, entries
+from mmctr_ray.locking import began, check_folder_kind, entries
 from mmctr_ray.preflight import (batch_split_note, check_batch_norm_rows, check_batch_size, check_splits,
                                  check_valid_labels)
 from mmctr_ray.ray_env import (check_gpu_split, check_local_pool, check_pool, private_local_ray, sigterm_flag,
@@ -120,6 +120,7 @@ def _prepare_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool,
         storage.remove_dir(run)
     storage.make_dir(run)
     save_config(cfg, storage.join(run, "config.yaml"))
+    began(run)  # a signal from here on leaves this command's run (cli._left_on_disk)
 
 
 WORKER_FLAGS = ("workers", "--workers (or --cpus-per-worker)", "--workers or --gpus-per-worker")  # for messages

@@ -43,11 +43,13 @@ def in_this_search(cfg: ExperimentConfig, tune_dir: Path) -> ExperimentConfig:
 
 
 def table_here(saved: str, tune_dir: Path) -> str:
-    """``saved`` (a fused table's absolute path), or the table of its name in ``tune_dir``'s cache when ``saved``
-    is gone, names a file of a search's cache, and that file is here (see :func:`in_this_search`)."""
+    """The table of ``saved``'s name in ``tune_dir``'s cache when ``saved`` (a fused table's absolute path) names a
+    file of a search's cache and that file is here, else ``saved`` (see :func:`in_this_search`). Here first, even
+    where ``saved`` still exists: a search copied elsewhere, and the old one run again, has other tables there
+    (the table's identity is still checked against a checkpoint's record)."""
     path = Path(saved)
     here = tune_dir / CACHE_DIR / path.name
-    if path.is_file() or path.parent.name != CACHE_DIR or not here.is_file():
+    if path.parent.name != CACHE_DIR or not here.is_file():
         return saved
     return str(here.resolve())
 
@@ -58,16 +60,16 @@ def table_of_run(saved: str, run: storage.Location) -> str:
     :func:`in_this_search`), or a pipeline's beside its run (``OUT/run`` and ``OUT/item_emb.parquet``): a moved
     OUT's run could not be predicted, compared or resumed ("/old/OUT/item_emb.parquet: item vector file not found").
     The table's identity is still checked against the checkpoint's record (``check_same_table``)."""
-    if saved == "given" or storage.is_uri(run) or storage.is_uri(saved) or Path(saved).is_file():
+    if saved == "given" or storage.is_uri(run) or storage.is_uri(saved):
         return saved
-    run_dir = Path(run).resolve()
+    from mmctr_ray.pipeline import PUBLISHED
+
+    run_dir, name = Path(run).resolve(), Path(saved).name
     tune_dir = search_of(run_dir)
     if tune_dir is not None:
         return table_here(saved, tune_dir)
-    from mmctr_ray.pipeline import PUBLISHED
-
-    here = run_dir.parent / Path(saved).name
-    if run_dir.name == "run" and Path(saved).name == PUBLISHED["fuse"][0] and here.is_file():
+    here = run_dir.parent / name  # first, as in a search (table_here)
+    if run_dir.name == "run" and name == PUBLISHED["fuse"][0] and here.is_file():  # likewise beside a pipeline's run
         return str(here)
     return saved
 

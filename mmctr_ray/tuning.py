@@ -48,7 +48,7 @@ from mmctr_ray import storage
 from mmctr_ray.config import ExperimentConfig, load_config
 from mmctr_ray.errors import ConfigError, DataError, Interrupted, NotStarted, OutputExistsError, find_user_error
 from mmctr_ray.features import has_placeholder_embeddings
-from mmctr_ray.locking import check_folder_kind, entries
+from mmctr_ray.locking import began, check_folder_kind, entries
 from mmctr_ray.fuse import source_file, yaml_string
 from mmctr_ray.metrics import se_text
 from mmctr_ray.preflight import (batch_split_note, check_batch_norm_rows, check_batch_size, check_splits,
@@ -530,6 +530,7 @@ def _prepare(tune_dir: Path, search_yaml: Path | None, settings: dict[str, Any],
     (tune_dir / "search.yaml").write_bytes(text)
     settings = {**settings, "search_sha256": _sha256(tune_dir / "search.yaml")}
     saved.write_text(storage.json_text(settings, indent=2) + "\n")
+    began(tune_dir)  # a signal from here on leaves this command's search (cli._left_on_disk)
     return settings
 
 

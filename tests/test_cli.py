@@ -456,13 +456,16 @@ def test_pipeline_refuses_before_any_stage_runs(tmp_path):
 
     claim_work(f"file://{tmp_path}/first", work)
     (work / "item_emb.parquet").write_bytes(b"the first pipeline's table")
+    check_work(f"file://{tmp_path}/uri_out", work, resume=False, overwrite=True)  # a claim whose OUT has no run
+    (tmp_path / "first" / "run").mkdir(parents=True)  # (it failed before training) is no one's to keep
+    (tmp_path / "first" / "run" / "config.yaml").write_text("{}")
     for resume, overwrite in ((False, False), (False, True), (True, False)):
         with pytest.raises(OutputExistsError, match=rf"^{re.escape(str(work))}: --work of the pipeline whose OUT is "
-                                                    rf"file://{re.escape(str(tmp_path))}/first \(its run refers to "
-                                                    r"the fused table there, which this one would replace\); pass "
-                                                    r"another --work$"):
+                                                    rf"file://{re.escape(str(tmp_path))}/first \(pipeline.out there; "
+                                                    r"its run refers to the fused table here, which this one would "
+                                                    r"replace\); pass another --work$"):
             check_work(f"file://{tmp_path}/uri_out", work, resume=resume, overwrite=overwrite)
-    check_work(f"file://{tmp_path}/first", work, resume=True, overwrite=False)  # its own OUT: as before
+    check_work(f"file://{tmp_path}/first/", work, resume=True, overwrite=False)  # its own OUT, however spelt
     assert (work / WORK_OWNER).read_text() == f"file://{tmp_path}/first\n"
     # --embed under a config that trains on the shipped vectors (the default's fusion.strategy given): embed's hours
     # of encoding were thrown away without a word
@@ -534,6 +537,8 @@ def test_pipeline_overwrite_replaces_only_what_a_pipeline_wrote(tmp_path, capsys
     (out / "features").mkdir()
     (out / "features" / "features_summary.json").write_text("{}")
     check_replaceable(str(out), out, synthesizes=True)  # all of them a pipeline's: nothing refused
+    (out / "features" / ".features_summary.json.partial-12-ab").write_text("")  # a kill's leftover: its own
+    check_replaceable(str(out), out, synthesizes=True)
     (out / "features" / "mine.txt").write_text("mine")  # a features output holds its two files only
     with pytest.raises(OutputExistsError, match=r"features: not a features output \(it holds mine.txt\); --overwrite "
                                                 r"replaces a pipeline's outputs only"):
@@ -734,10 +739,13 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
             ("cmd_tune", [*tune, "--num-samples", "8", "--num-cpus=3"], Interrupted("1 trial ended"),
              f"mmctr tune: interrupted: 1 trial ended; continue with `mmctr tune --data {tmp_path} --out "
              f"{tmp_path / 'tune'} --num-cpus=3 --resume`"),
-            ("cmd_pipeline", ["demo", "--out", str(tmp_path / "my demo"), "--overwrite", "--embed", "--set",
+            ("cmd_pipeline", ["demo", "--out", str(tmp_path / "my demo"), "--embed", "--set",
                               "train.epochs=3"], KeyboardInterrupt(),
              f"mmctr demo: interrupted; continue with `mmctr demo --out '{tmp_path / 'my demo'}' --embed --set "
              f"train.epochs=3 --resume`"),
+            ("cmd_pipeline", ["demo", "--out", str(tmp_path / "my demo"), "--overwrite"], KeyboardInterrupt(),
+             "mmctr demo: interrupted; run the same command again"),  # before its run began: --resume would
+            # continue the attempt it replaces
             ("cmd_embed", ["embed", "--data", str(tmp_path), "--out", str(tmp_path / "e.parquet")], KeyboardInterrupt(),
              "mmctr embed: interrupted; run the same command again to continue from the shards "
              "already encoded")]:
@@ -748,9 +756,13 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
     # how to go on; it was a bare "terminated", and a search stopped before its first trial cannot be resumed
     def wrote(names, error=KeyboardInterrupt()):  # the stage's first files, then the signal
         def command(args):
+            from mmctr_ray.locking import began
+
             for name in names:
                 (Path(args.out) / name).parent.mkdir(parents=True, exist_ok=True)
                 (Path(args.out) / name).write_text("{}")
+            if names:  # as train's _prepare_run_dir and tune's _prepare record the output they began
+                began(args.out)
             raise error
         return command
 
@@ -768,8 +780,6 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
         monkeypatch.setattr(cli, name, wrote(names))
         assert main(argv) == 130
         assert capsys.readouterr().err.strip() == line
-        for earlier in Path(argv[argv.index("--out") + 1]).rglob("*"):  # what a later --overwrite replaces
-            os.utime(earlier, (time.time() - 60, time.time() - 60))
     shutil.rmtree(tmp_path / "run")
     shutil.rmtree(tmp_path / "tune")
     with monkeypatch.context() as job:  # a Ray job's entrypoint, jobs/train.py: main(["train", *its arguments])
@@ -882,6 +892,25 @@ def test_a_sigterm_says_the_commands_line_at_once_and_ends_it_even_when_the_main
             f"--out {run} --resume`")
     assert [x for x in err.splitlines() if x.startswith("mmctr train:")] == [line], err[-2000:]
     assert err.strip().splitlines()[-1] == line
+
+
+def test_a_sigterm_before_ray_starts_is_the_commands_line_too(tmp_path):
+    """Before Ray installs its SIGTERM handler (synth, validate and fuse start none; every stage checks its input
+    first), SIGTERM's default ended the process at once: 143 and no line, and synth's staging folder stayed."""
+    code = ("import sys, time\nimport mmctr_ray.cli as cli\n"
+            "def validate(args):\n    print('ready', flush=True)\n    time.sleep(60)\n    print('not ended')\n"
+            "cli.cmd_validate = validate\nsys.exit(cli.main(['validate', sys.argv[1]]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 143 and "not ended" not in out, (proc.returncode, err[-2000:])
+    assert err.strip().splitlines() == ["mmctr validate: terminated"]
 
 
 def test_pipeline_resume_refuses_a_config_that_is_not_what_out_keeps(tmp_path, capsys):

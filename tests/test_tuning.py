@@ -1532,6 +1532,28 @@ def test_an_interrupted_trial_resumes_on_its_own_config_and_table(tmp_path, monk
     assert seen["cfg"] == started and seen["resume"] is True
 
 
+def test_a_runs_table_is_taken_where_the_run_is_now_even_where_the_old_one_is_still_there(tmp_path):
+    """`mv OUT OUT.bak`, the pipeline run again into OUT, then `predict --run OUT.bak/run`: the old path named the new
+    OUT's table ("rewritten since ... was trained on it") though OUT.bak's own was beside the run. Likewise for a
+    search's trial and its cache."""
+    from mmctr_ray.tune_report import table_of_run
+
+    old, moved = tmp_path / "OUT", tmp_path / "OUT.bak"
+    for out in (old, moved):
+        (out / "run").mkdir(parents=True)
+        (out / "item_emb.parquet").write_bytes(b"a table")
+    assert table_of_run(str(old / "item_emb.parquet"), moved / "run") == str(moved / "item_emb.parquet")
+    assert table_of_run(str(old / "other.parquet"), moved / "run") == str(old / "other.parquet")  # not a pipeline's
+    assert table_of_run("given", moved / "run") == "given"
+    for tune in (tmp_path / "T", tmp_path / "T.copy"):
+        (tune / "trials" / "t1").mkdir(parents=True)
+        (tune / "settings.json").write_text("{}")
+        (tune / "pca_cache").mkdir()
+        (tune / "pca_cache" / "v3-16.parquet").write_bytes(b"a table")
+    assert table_of_run(str(tmp_path / "T" / "pca_cache" / "v3-16.parquet"), tmp_path / "T.copy" / "trials" / "t1") \
+        == str((tmp_path / "T.copy" / "pca_cache" / "v3-16.parquet").resolve())
+
+
 def test_a_moved_search_finds_its_tables_in_its_own_cache(tmp_path, monkeypatch):
     """Trial configs name their fused table by absolute path: after TUNE moved (or is mounted elsewhere), an
     interrupted trial resumes on the table of that name in this TUNE's cache, and best.yaml names that one."""
@@ -1572,10 +1594,10 @@ def test_a_moved_search_finds_its_tables_in_its_own_cache(tmp_path, monkeypatch)
     monkeypatch.setattr("mmctr_ray.tune_report._plots", lambda *args: [])
     write_outputs(tune_dir, space)
     assert load_config(tune_dir / "best.yaml").data.item_vector == here
-    old = Path(started.data.item_vector)  # a table still where the config says is taken from there
-    old.parent.mkdir(parents=True)
+    old = Path(started.data.item_vector)  # a table still where the config says: the search's own comes first (a
+    old.parent.mkdir(parents=True)  # search copied elsewhere, and the old one run again, has other tables there)
     old.write_bytes(b"")
-    assert in_this_search(load_config(trial / "config.yaml"), tune_dir).data.item_vector == str(old)
+    assert in_this_search(load_config(trial / "config.yaml"), tune_dir).data.item_vector == here
     old.unlink()
 
     # best.yaml written before the move (no `mmctr report` since): `mmctr train --config TUNE/best.yaml` said "item

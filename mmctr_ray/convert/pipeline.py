@@ -196,7 +196,10 @@ def _read_pass(counts, files: RawFiles):
     one line naming the line and the byte instead."""
     try:
         yield from counts.iter_batches(batch_format="numpy", batch_size=None)
-    except Exception:
+    except Exception as err:
+        said = str(err)
+        if not ("UTF8" in said or "UTF-8" in said or "Failed to read CSV" in said):
+            raise  # a dead worker, memory: not the file's to scan
         found = first_not_utf8(files.pairs)
         if found is None:
             raise
