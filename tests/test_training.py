@@ -948,9 +948,9 @@ def test_a_run_whose_workers_die_past_its_restarts_ends_in_one_line(tmp_path, mo
         f"{tmp_path / 'run'}: a worker's process died (The actor is dead because its worker process has died. Worker "
         f"exit type: SYSTEM_ERROR Worker exit detail: Worker unexpectedly exits with a connection error code 2) and "
         f"the run, restarted 2 times, ends; {tmp_path / 'run'} holds no checkpoint yet")
-    import mmctr_ray.train_driver
+    import mmctr_ray.checkpoint
 
-    monkeypatch.setattr(mmctr_ray.train_driver, "epoch_checkpoints", lambda run: [
+    monkeypatch.setattr(mmctr_ray.checkpoint, "epoch_checkpoints", lambda run: [
         Path(run) / "checkpoint_epoch_001", Path(run) / "checkpoint_epoch_002"])
     assert str(_run_ended(WorkerGroupError("Training failed.", {1: dead}), tmp_path / "run", 1)).endswith(
         f"and the run, restarted once, ends; {tmp_path / 'run'} keeps the checkpoints of epochs 1–2: --resume "
@@ -1440,7 +1440,8 @@ def test_more_workers_than_a_local_ray_can_feed_is_a_one_line_error_before_run_i
     assert started == [1] and not run.exists()  # checked once Ray was up; nothing written
     run.mkdir()
     (run / "notes.txt").write_text("mine")
-    with pytest.raises(OutputExistsError, match="already holds a run"):  # RUN is still checked before Ray
+    with pytest.raises(OutputExistsError, match=r"not a run of `mmctr train` \(it holds notes.txt\)"):  # RUN is
+        # still checked before Ray
         run_training(synth_dir, str(run), tiny_cfg(), workers=2, start_ray=lambda: started.append(2))
     assert started == [1]
 
