@@ -920,7 +920,8 @@ def _check_output_kind(args: argparse.Namespace, out: storage.Location) -> None:
         check_embed_out(Path(args.out).resolve(), args.overwrite)
 
 
-JOB_PACKAGE = "/runtime_resources/working_dir_files/_ray_pkg_"  # where a Ray job's --working-dir copy runs
+JOB_PACKAGE = "/runtime_resources/working_dir_files/"  # where a Ray job's working_dir copy runs (a local folder's
+# `_ray_pkg_<hash>`, a remote URI's package by its own name)
 
 
 def _refuse_job_package_output(args: argparse.Namespace) -> None:
