@@ -869,7 +869,7 @@ def test_a_sigterm_says_the_commands_line_at_once_and_ends_it_even_when_the_main
     """A SIGTERM to the whole process group (GNU timeout, Slurm, systemd) also ends the local Ray's raylet and GCS,
     and the driver exited 1 from Ray's C++ with no line: within a fraction of a second (the core worker, on the
     raylet's end) or after 60 s in a wait on the GCS that runs no Python handler (`mmctr tune` under `timeout`: 4
-    of 24 tries). The watchdog thread says the line at once, then ends the command: at SIGTERM_HANDLER_S when the
+    of 34 tries). The watchdog thread says the line at once, then ends the command: at SIGTERM_HANDLER_S when the
     main thread has run no handler, at SIGTERM_END_S when it has but the command goes on; a command whose handler
     ends it says its line once, and it is the last."""
     run = tmp_path / "run"
