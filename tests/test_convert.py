@@ -450,7 +450,8 @@ def test_header_less_titles_and_tags_as_microlens_100k_ships_them_are_read_to_th
     caplog.clear()
     with caplog.at_level("WARNING"):
         assert locate(RawSpec(raw)).tags == files.tags
-    assert [r.getMessage() for r in caplog.records] == [
+        assert locate(RawSpec(raw)).tags == files.tags  # located again (the CLI's checks, then the conversion)
+    assert [r.getMessage() for r in caplog.records] == [  # said once: it was said twice
         f"{raw}: 2 files match *tags*.csv (MicroLens-tiny_tags.csv, other_tags.csv); reading MicroLens-tiny_tags.csv: "
         f"pass --tags to read another"]
     files.titles.write_text(files.titles.read_text() + "12x,A title\n")

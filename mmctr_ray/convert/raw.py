@@ -77,6 +77,9 @@ class RawFiles:
     tags: Path | None
 
 
+_SAID_MATCHES: set[tuple[str, str]] = set()  # (raw folder, pattern) whose several matches were said
+
+
 def _find(spec: RawSpec, kind: str, required: bool) -> Path | None:
     given = getattr(spec, kind)
     flag = "--" + kind.replace("_", "-")
@@ -90,7 +93,9 @@ def _find(spec: RawSpec, kind: str, required: bool) -> Path | None:
         return path
     for pattern in PATTERNS[kind]:
         found = sorted(p for p in spec.raw.glob(pattern) if p.is_dir() == (kind == "covers"))
-        if len(found) > 1:  # said, not chosen without a word: another file of the name may be the one meant
+        if len(found) > 1 and (str(spec.raw), pattern) not in _SAID_MATCHES:  # said once (the CLI's checks and the
+            # conversion both locate the files), not chosen without a word: another file may be the one meant
+            _SAID_MATCHES.add((str(spec.raw), pattern))
             log.warning("%s: %d files match %s (%s); reading %s: pass %s to read another", spec.raw, len(found),
                         pattern, ", ".join(p.name for p in found), found[0].name, flag)
         if found:
