@@ -303,6 +303,16 @@ def test_item_info_of_only_the_padding_row(data):
                                               f"1..N after it"]
 
 
+def test_item_info_without_its_padding_row_is_one_error(data):
+    """Items 1..N from row 0 (a table written from item_feature, the padding row left out) gave 11 errors for one
+    cause: row 0 of each column, every id off its row, and every split's and item_feature's id N out of range."""
+    rewrite(data / INFO, lambda t: t.slice(1))
+    n = n_items(data) + 1  # the rows now: items 1..N
+    assert [str(p) for p in errors(data)] == [f"error: {INFO}: column item_id: rows hold items 1..{n:,} with no "
+                                              f"padding row before them; expected row 0 = the all-zero padding item, "
+                                              f"then item i at row i"]
+
+
 def test_item_feature_duplicate_ids(data):
     rewrite(data / FEATURE, lambda t: pa.concat_tables([t, t.slice(41, 1)]))
     the_error(data, FEATURE, "item_id", "1 duplicate item ids; first 42")
