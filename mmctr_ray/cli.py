@@ -1017,9 +1017,10 @@ def _left_on_disk(args: argparse.Namespace, argv: Sequence[str]) -> tuple[str, s
     at = list(argv).index(args.command)
     run = out if args.command == "train" else storage.join(out, "run")
     replacing = getattr(args, "overwrite", False)
-    if storage.is_uri(out):  # a run or pipeline there continues with --resume once begun; --overwrite: again
+    if storage.is_uri(out):  # a run or pipeline there (tune's --out is local) continues with --resume once begun;
+        # --overwrite: again
         return "", ("run the same command again" if replacing and not begun(run) else
-                    _how_to_continue(args, argv, args.command != "tune"))
+                    _how_to_continue(args, argv, True))
 
     def ours(marker: storage.Location, output: storage.Location) -> bool:  # not what --overwrite was to replace
         return storage.is_file(marker) and (not replacing or begun(output))

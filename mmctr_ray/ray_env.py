@@ -257,10 +257,9 @@ def private_worker_setup_verbose() -> None:
     (:data:`REQUEST_FAILED`): this Ray has no autoscaler for the request to reach; and the placement-group
     cleaner's line for a trial's ended controller dropped (:data:`PG_CLEANED`). Neither imports Ray Train or Ray Data
     (each worker runs it as it starts). A cluster the command joins keeps both lines."""
-    pin_ray_address()
+    joined_worker_setup()  # pin_ray_address, and Ray Train's run-snapshot advice dropped
     _add_filter(TRAIN_REQUEST_LOGGER, REQUEST_FAILED, "debug")
     _add_filter(PG_CLEANER_LOGGER, PG_CLEANED, "drop")
-    _add_filter(SNAPSHOT_LOGGER, SNAPSHOT_FOUND, "drop")
 
 
 def private_worker_setup() -> None:

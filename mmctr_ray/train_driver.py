@@ -79,7 +79,9 @@ def _check_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool, o
     if resume:
         if not storage.is_file(config_path):
             raise ConfigError(f"{run}: nothing to resume (no config.yaml of an earlier `mmctr train`)")
-        saved = _found_here(load_config(config_path), run)
+        from mmctr_ray.tune_report import config_here  # a moved pipeline OUT's or search's table, where it is now
+
+        saved = config_here(load_config(config_path), run)
         for section in ("data", "fusion", "model"):
             was, now = getattr(saved, section).__dict__, getattr(cfg, section).__dict__
             key = next((k for k in was if was[k] != now[k]), None)
@@ -271,18 +273,10 @@ def resume_config(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> 
     if not storage.is_file(config_path):
         raise ConfigError(f"{run_dir}: nothing to resume (no config.yaml of an earlier `mmctr train`)")
     latest = latest_checkpoint(run)
-    return _found_here(load_config(storage.join(latest, "config.yaml") if latest is not None else config_path,
+    from mmctr_ray.tune_report import config_here  # a moved pipeline OUT's or search's table, where it is now
+
+    return config_here(load_config(storage.join(latest, "config.yaml") if latest is not None else config_path,
                                    overrides), run)
-
-
-def _found_here(cfg: ExperimentConfig, run: storage.Location) -> ExperimentConfig:
-    """``cfg`` (a run's saved config) with its fused table where it lies now, when the pipeline OUT or search that
-    holds both has moved (:func:`mmctr_ray.tune_report.table_of_run`)."""
-    from mmctr_ray.tune_report import table_of_run
-
-    moved = table_of_run(cfg.data.item_vector, run)
-    return cfg if moved == cfg.data.item_vector else dataclasses.replace(
-        cfg, data=dataclasses.replace(cfg.data, item_vector=moved))
 
 
 def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfig, workers: int = 1,

@@ -38,8 +38,18 @@ def in_this_search(cfg: ExperimentConfig, tune_dir: Path) -> ExperimentConfig:
     instead, when the old path is gone and this one exists."""
     if cfg.data.item_vector == "given":
         return cfg
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
-                                                             item_vector=table_here(cfg.data.item_vector, tune_dir)))
+    return _with_table(cfg, table_here(cfg.data.item_vector, tune_dir))
+
+
+def config_here(cfg: ExperimentConfig, run: storage.Location) -> ExperimentConfig:
+    """``cfg`` (a run's saved config) with its fused table where it lies now, when the pipeline OUT or search that
+    holds both has moved (:func:`table_of_run`)."""
+    return _with_table(cfg, table_of_run(cfg.data.item_vector, run))
+
+
+def _with_table(cfg: ExperimentConfig, table: str) -> ExperimentConfig:
+    return cfg if table == cfg.data.item_vector else dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, item_vector=table))
 
 
 def table_here(saved: str, tune_dir: Path) -> str:
