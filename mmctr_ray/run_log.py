@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,8 @@ from mmctr_ray.metrics import se_text
 log = logging.getLogger("mmctr.train")
 PROGRESS_EVERY_S = 10.0
 _WRITERS = itertools.count()  # event files this process opened
+STAGING_PREFIX = "mmctr-tensorboard-"  # then "HOST-PID-" and tempfile's random part
+STAGING_STALE_S = 3600.0  # a dead writer's staging folder untouched this long is removed by the next writer
 
 
 def _ensure_handler() -> None:
@@ -28,6 +31,41 @@ def _ensure_handler() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+
+
+def _host() -> str:
+    return os.uname().nodename.replace("-", "_") or "host"
+
+
+def remove_abandoned_staging(now: float | None = None) -> list[str]:
+    """Remove the TensorBoard staging folders (:class:`RunLog` of a URI run) whose writer is gone: a process killed
+    by SIGKILL, or one that ended through ``os._exit`` at a SIGTERM, never ran its ``close``. Only folders named for
+    this host whose process no longer exists and that nothing touched for ``STAGING_STALE_S`` are taken (a shared
+    /tmp of another machine or container is left alone); the names removed are returned."""
+    now = time.time() if now is None else now
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{STAGING_PREFIX}{_host()}-*-*"):
+        pid = folder.name[len(STAGING_PREFIX) + len(_host()) + 1:].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        try:
+            touched = max([folder.stat().st_mtime, *(f.stat().st_mtime for f in folder.iterdir())])
+        except OSError:  # another writer's sweep took it first
+            continue
+        if now - touched >= STAGING_STALE_S:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
 
 
 class RunLog:
@@ -66,7 +104,8 @@ class RunLog:
 
         self.run_dir = storage.normalize(run_dir)
         if storage.is_uri(self.run_dir):
-            self._tb_staging = tempfile.mkdtemp(prefix="mmctr-tensorboard-")
+            remove_abandoned_staging()
+            self._tb_staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{_host()}-{os.getpid()}-")
         # the file's name holds the second it was opened (tensorboardX opens it "wb"): a second writer in the same
         # second would empty the first's file without the process id and a count
         self._tb = SummaryWriter(self._tb_staging or str(storage.join(self.run_dir, "tensorboard")), flush_secs=10,

@@ -184,6 +184,35 @@ def test_tensorboards_staging_folder_goes_even_when_its_upload_fails(memory_root
     assert not staging.exists()
 
 
+def test_a_killed_writers_tensorboard_staging_folder_is_removed_by_the_next_one(tmp_path, monkeypatch):
+    """A run under a URI killed by SIGKILL (or ended by os._exit at a SIGTERM) never closed its RunLog: its
+    mmctr-tensorboard-* folder stayed in /tmp for good. The next writer removes such folders: this host's, whose
+    process is gone and that nothing touched for an hour; not a live process's, a recent one or another host's."""
+    import subprocess
+    import tempfile
+    import time
+
+    from mmctr_ray import run_log
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer runs
+    host, prefix = run_log._host(), run_log.STAGING_PREFIX
+    folders = {name: tmp_path / f"{prefix}{host}-{pid}-x{name}" for name, pid in (
+        ("dead_old", gone.pid), ("dead_recent", gone.pid), ("alive_old", os.getppid()))}
+    folders["other_host_old"] = tmp_path / f"{prefix}{host}z-{gone.pid}-xo"
+    old = time.time() - run_log.STAGING_STALE_S - 60
+    for name, folder in folders.items():
+        folder.mkdir()
+        (folder / "events.out.tfevents.1").write_bytes(b"x")
+        if name.endswith("_old"):
+            for path in (folder / "events.out.tfevents.1", folder):
+                os.utime(path, (old, old))
+    assert run_log.remove_abandoned_staging() == [folders["dead_old"].name]
+    assert [name for name, folder in folders.items() if folder.exists()] == ["dead_recent", "alive_old",
+                                                                             "other_host_old"]
+
+
 def test_a_checkpoint_state_training_did_not_write_or_without_a_finite_auc_is_one_line(tmp_path):
     """A state.json that is not JSON (edited by hand, same size) was a JSONDecodeError traceback from `mmctr predict`
     and `mmctr report`; checkpoints whose AUCs are all NaN were "no checkpoint found" beside the checkpoints."""
