@@ -797,7 +797,9 @@ def check_reachable(address: str, timeout_s: float = 10.0) -> None:
             pass
     except OSError as err:
         why = "no answer within %g s" % timeout_s if isinstance(err, TimeoutError) else first_line(err)
-        raise ConnectionError(f"nothing answers at {gcs} ({why}); is the cluster up (`ray status --address "
+        # Ray takes localhost and 127.0.0.1 to this node's IP: said, since the line names the address asked
+        where = gcs if gcs == address else f"{gcs}, where Ray takes {address}"
+        raise ConnectionError(f"nothing answers at {where} ({why}); is the cluster up (`ray status --address "
                               f"{gcs}` on its head)?") from None
 
 

@@ -474,9 +474,13 @@ print("INITIALIZED", ray.is_initialized())
     assert time.monotonic() - started < 30  # a refused connection: at once, not after Ray's retries
     said = [line.split(" ", 1)[1] for line in r.stdout.splitlines() if line.startswith("ERROR ")]
     assert len(said) == 2 and "INITIALIZED False" in r.stdout, r.stdout
+    from ray._private.services import canonicalize_bootstrap_address
+
+    gcs = canonicalize_bootstrap_address(f"127.0.0.1:{port}")  # this node's IP: said beside the address asked
+    where = re.escape(gcs if gcs == f"127.0.0.1:{port}" else f"{gcs}, where Ray takes 127.0.0.1:{port}")
     assert re.fullmatch(rf"Ray address '127\.0\.0\.1:{port}' \(--address or RAY_ADDRESS\): nothing answers at "
-                        rf"\S+:{port} \(.*refused.*\); is the cluster up \(`ray status --address \S+:{port}` on its "
-                        rf"head\)\?", said[0]), said[0]
+                        rf"{where} \(.*refused.*\); is the cluster up \(`ray status --address {re.escape(gcs)}` on "
+                        rf"its head\)\?", said[0]), said[0]
     assert said[1] == "Ray address 'localhost:6379x' (--address or RAY_ADDRESS): port '6379x' is not a number " \
         "(expected host:port)"
     assert "Failed to connect to GCS" not in r.stderr
