@@ -275,6 +275,10 @@ class TrainConfig:
         min_lr: floor of the learning rate.
         patience: stop after this many non-improving epochs.
         embedding_l2: L2 penalty on embedding tables only.
+        weight_decay: the optimizer's weight decay on every trainable parameter: decoupled for ``adamw``,
+            added to the gradients (coupled with Adam's moments) for ``adam``. 0 by default: the baseline
+            regularises the embedding tables only (``embedding_l2``); before it was a key, ``adamw`` applied
+            torch's default of 0.01 without a word.
         grad_clip: gradient clipping max norm (0 disables).
         seed: seed for weights and data order.
         precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
@@ -308,6 +312,7 @@ class TrainConfig:
     min_lr: float = 1e-6
     patience: int = 3
     embedding_l2: float = 1e-6
+    weight_decay: float = 0.0
     grad_clip: float = 10.0
     seed: int = 2025
     precision: str = "auto"
@@ -325,6 +330,7 @@ class TrainConfig:
         _check(0 < self.lr_decay <= 1, "train.lr_decay", self.lr_decay, "a factor in (0, 1]")
         _check(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr, f"a value in [0, train.lr={self.lr}]")
         _check(self.embedding_l2 >= 0, "train.embedding_l2", self.embedding_l2, ">= 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
         _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, ">= 0 (0 disables clipping)")
         _check(self.precision in PRECISIONS, "train.precision", self.precision, "one of " + ", ".join(PRECISIONS))
         _check(self.shuffle_buffer >= 0, "train.shuffle_buffer", self.shuffle_buffer, ">= 0 rows")

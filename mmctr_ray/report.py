@@ -115,7 +115,8 @@ def describe_run(cfg: ExperimentConfig, source: dict[str, Any] | None) -> str:
     t = cfg.train
     return (f"config `{cfg.name}`: {describe_model(cfg)}; item vector "
             f"{describe_item_vector(source, cfg.model.item_vector_rms)}; batch {t.batch_size}, {t.optimizer} lr "
-            f"{t.lr:g}, dropout {cfg.model.dropout:g}, embedding L2 {t.embedding_l2:g}")
+            f"{t.lr:g}, dropout {cfg.model.dropout:g}, embedding L2 {t.embedding_l2:g}"
+            + (f", weight decay {t.weight_decay:g}" if t.weight_decay else ""))
 
 
 def run_description(run_dir: Location) -> str | None:

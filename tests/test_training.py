@@ -127,7 +127,11 @@ def test_a_resumed_optimizer_keeps_its_moments_but_takes_this_runs_settings(synt
     adamw = dataclasses.replace(cfg.train, optimizer="adamw", lr=3e-4)
     switched = make_optimizer(model, adamw, torch.device("cpu"))
     resumed = load_into(model, switched, tmp_path, adamw)
-    assert switched.param_groups[0]["weight_decay"] == torch.optim.AdamW([torch.zeros(1)]).defaults["weight_decay"]
+    assert switched.param_groups[0]["weight_decay"] == 0.0  # AdamW's own 0.01 was applied without a word
+    decayed = make_optimizer(model, dataclasses.replace(adamw, weight_decay=0.05), torch.device("cpu"))
+    assert decayed.param_groups[0]["weight_decay"] == 0.05
+    assert make_optimizer(model, dataclasses.replace(cfg.train, weight_decay=0.05),
+                          torch.device("cpu")).param_groups[0]["weight_decay"] == 0.05
     assert resumed.lr == 3e-4 and resumed.epoch == 2  # an explicit new train.lr wins over the schedule's
     # a run moved to CUDA resumes into a fused optimizer: its "step" tensors go where the parameters are, in fp32
     # (torch left a CPU run's on the CPU, which the fused CUDA kernel refuses; here, on the CPU, the move is
