@@ -68,6 +68,40 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class EventFile:
+    """A TensorBoard event file whose events are on disk when :meth:`flush` returns.
+
+    tensorboardX's ``SummaryWriter`` hands events to a thread that writes them out every ``flush_secs``, and its
+    ``flush()`` does not wait for that queue: a training worker ended within those seconds of an epoch's end (Ray
+    ends a pruned trial's, an interrupted run's) lost the epoch's points for good, and a URI run's upload at the end
+    of each epoch missed its newest one. This writes each event synchronously (a few per epoch and one pair per
+    progress line) with tensorboardX's own event-file writer and scalar summaries. It opens with TensorBoard's
+    purge event at ``purge_step``: the points an earlier writer drew from that step on are hidden.
+    """
+
+    def __init__(self, logdir: str, purge_step: int, filename_suffix: str) -> None:
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        os.makedirs(logdir, exist_ok=True)
+        self._writer = EventsWriter(os.path.join(logdir, "events"), filename_suffix)  # with the file_version event
+        self._writer.write_event(Event(wall_time=time.time(), step=purge_step,
+                                       session_log=SessionLog(status=SessionLog.START)))
+        self._writer.flush()
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        self._writer.write_event(Event(wall_time=time.time(), step=step, summary=scalar(tag, float(value))))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 class RunLog:
     """Progress and per-epoch records of one run (does nothing unless ``enabled``, i.e. on rank 0).
 
@@ -96,8 +130,6 @@ class RunLog:
         if not enabled:
             return
         _ensure_handler()
-        from tensorboardX import SummaryWriter
-
         # tensorboardX warns "NaN or Inf found in input tensor." for each non-finite scalar, with no name: a bare
         # line before the run's own (a diverged run's error, a row's null AUC); the value is still written
         logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
@@ -108,9 +140,8 @@ class RunLog:
             self._tb_staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{_host()}-{os.getpid()}-")
         # the file's name holds the second it was opened (tensorboardX opens it "wb"): a second writer in the same
         # second would empty the first's file without the process id and a count
-        self._tb = SummaryWriter(self._tb_staging or str(storage.join(self.run_dir, "tensorboard")), flush_secs=10,
-                                 purge_step=self._done + 1,
-                                 filename_suffix=f".{os.getpid()}.{next(_WRITERS)}")
+        self._tb = EventFile(self._tb_staging or str(storage.join(self.run_dir, "tensorboard")),
+                             purge_step=self._done + 1, filename_suffix=f".{os.getpid()}.{next(_WRITERS)}")
 
     def progress(self, epoch: int, step: int, steps: int, rows: int, t0: float, loss_sum: torch.Tensor) -> None:
         """Log epoch, step, samples/s and ETA every PROGRESS_EVERY_S seconds."""
@@ -125,6 +156,7 @@ class RunLog:
         if self._tb is not None:
             self._tb.add_scalar("train/loss", loss, self._done + step)
             self._tb.add_scalar("train/samples_per_s", rate, self._done + step)
+            self._tb.flush()
 
     def epoch_end(self, state: Any) -> None:
         """Record the epoch just ended (``state.history[-1]``): log line, metrics.jsonl, TensorBoard."""

@@ -2005,6 +2005,32 @@ def test_a_resumed_attempt_hides_the_tensorboard_points_of_the_epochs_it_trains_
     assert auc(new) == [(20, pytest.approx(0.75))]  # epoch 2 again, past the purge step: the 0.7 at 20 is hidden
 
 
+def test_an_epochs_tensorboard_points_are_on_disk_when_the_worker_is_ended_right_after_it(tmp_path):
+    """tensorboardX's writer queued events for a thread that wrote them out every 10 s, and its flush() did not wait
+    for them: a worker Ray ended within those seconds (a trial ASHA pruned at that epoch, a run interrupted after
+    it) lost the epoch's points for good. Here a process ends by os._exit just after its second epoch."""
+    import subprocess
+    import sys
+
+    code = f"""
+import os, torch
+from types import SimpleNamespace
+from mmctr_ray.run_log import RunLog
+log = RunLog({str(tmp_path)!r}, enabled=True, steps_per_epoch=10)
+rows = []
+for n, auc in ((1, 0.6), (2, 0.7)):
+    rows.append({{"epoch": n, "train_loss": 0.5, "valid_auc": auc, "valid_logloss": 0.4, "lr": 1e-3,
+                 "samples_per_s": 100.0}})
+    log.epoch_end(SimpleNamespace(history=rows, best_auc=auc, best_epoch=n))
+os._exit(0)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (events,) = _tensorboard_events(tmp_path / "tensorboard")
+    assert [(s, round(v, 4)) for t, s, v in events if t == "epoch/valid_auc"] == [(10, 0.6), (20, 0.7)]
+    assert [(t, s) for t, s, _ in events if t == "START"] == [("START", 1)]
+
+
 def test_tensorboard_steps_count_the_steps_each_epoch_took(tmp_path, monkeypatch):
     """The global step was epoch x the current attempt's steps per epoch. A run resumed with another batch size (24
     steps an epoch, then 195) drew its new epochs over the old ones, and its purge step hid a range of the wrong
