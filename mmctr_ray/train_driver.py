@@ -327,12 +327,10 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     ended = _nothing_to_train(run, cfg) if resume and not callbacks else None  # (a Tune trial, with callbacks,
     if ended:  # is left to Ray Train and run_trial, as before)
         log.warning("%s: nothing to train: %s", run, ended)
-        before = storage.join(run, "summary.json")
-        wall = read_summary(run).get("wall_seconds", 0.0) if storage.is_file(before) else 0.0
         storage.remove_file(storage.join(run, DIVERGED))  # a summary of RUN as it is now, and its config.yaml the one
         storage.write_text(storage.join(run, "config.yaml"),  # its latest checkpoint trained with, not this command's
                            storage.read_text(storage.join(latest, "config.yaml")))  # (train.epochs=1 after 4 epochs
-        return _summary(run, data_dir, wall)  # would misstate it), nor a killed attempt's left there
+        return _summary(run, data_dir, 0.0)  # would misstate it), nor a killed attempt's; this command trained none
     if start_ray is not None:
         start_ray()
     check_local_workers(workers, cpus_per_worker, gpus_per_worker)  # one machine: what Ray has now is all it gets
@@ -526,7 +524,8 @@ def _summary(run_dir: storage.Location, data_dir: Path, seconds: float) -> dict[
                "best_valid_auc_se": best_row.get("valid_auc_se"),
                "best_valid_logloss": best_row["valid_logloss"], "best_checkpoint": str(best),
                "oracle_valid_auc": oracle, "mean_samples_per_s": steady_rate(history),
-               "wall_seconds": seconds}
+               # this command's seconds (a --resume's only), and the epochs' over every attempt
+               "wall_seconds": seconds, "epoch_seconds": sum(r.get("epoch_seconds") or 0.0 for r in history)}
     storage.write_text(storage.join(run_dir, "summary.json"), storage.json_text(summary, indent=2) + "\n")
     return summary
 

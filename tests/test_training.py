@@ -1790,6 +1790,11 @@ def test_resuming_a_run_that_has_trained_its_epochs_starts_no_ray(two_worker_run
     assert again == json.loads((moved / "summary.json").read_text())  # a summary of RUN where it is now
     assert again["best_checkpoint"] == str(moved / Path(summary["best_checkpoint"]).name)
     assert again["best_valid_auc"] == summary["best_valid_auc"] and again["epochs"] == 2
+    # this command trained nothing; the epochs' seconds are every attempt's (it kept the last summary's wall time,
+    # which was the last attempt's alone where that was a --resume)
+    assert again["wall_seconds"] == 0.0 and again["epoch_seconds"] == summary["epoch_seconds"] > 0
+    assert summary["epoch_seconds"] == pytest.approx(sum(
+        json.loads(line)["epoch_seconds"] for line in (run / "metrics.jsonl").read_text().splitlines()))
     saved = (moved / "config.yaml").read_text()
     run_training(synth_dir, str(moved), tiny_cfg("train.epochs=1", "train.resident=on", "train.deterministic=true",
                                                 "model.dropout=0.2"), resume=True, start_ray=no_ray)
