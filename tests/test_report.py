@@ -68,18 +68,38 @@ def test_a_nan_auc_is_written_as_null_and_the_report_still_picks_the_best_finite
     assert "| 1 | 0.5000 | nan | 0.5000 |" in summary  # the epoch without an AUC, as before
 
 
-def test_a_search_trial_without_a_finite_auc_has_no_result_to_rank(tmp_path):
-    """A search whose every trial scored NaN wrote best.yaml for one of them and ended as a success."""
+def _one_trial_search(tmp_path: Path, trial: str, rows: list[dict]) -> Path:
+    """A search folder of one trial of the tiny search that wrote ``rows`` as its metrics.jsonl."""
     from mmctr_ray.config import load_config, save_config
-    from mmctr_ray.tune_report import write_outputs
 
     tdir = tmp_path / "tune"
-    (tdir / "trials" / "aaa").mkdir(parents=True)
+    (tdir / "trials" / trial).mkdir(parents=True)
     (tdir / "search.yaml").write_text((ROOT / "configs/search_tiny.yaml").read_text())
     (tdir / "settings.json").write_text(json.dumps({"overrides": []}))
-    (tdir / "trials" / "aaa.params.json").write_text(json.dumps({"train.lr": 1e-3}))
-    save_config(load_config(ROOT / "configs/tiny.yaml"), tdir / "trials" / "aaa" / "config.yaml")
-    (tdir / "trials" / "aaa" / "metrics.jsonl").write_text(json.dumps(epoch(1, math.nan)) + "\n")
+    (tdir / "trials" / f"{trial}.params.json").write_text(json.dumps({"train.lr": 1e-3}))
+    save_config(load_config(ROOT / "configs/tiny.yaml"), tdir / "trials" / trial / "config.yaml")
+    (tdir / "trials" / trial / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return tdir
+
+
+def test_the_searchs_best_auc_is_the_trials_own_not_rounded_twice(tmp_path):
+    """results.csv held each best AUC rounded to 6 places, which `mmctr tune`'s last line and `mmctr report`'s
+    table then rounded to 4: a trial's 0.845649944, said 0.8456 by the trial, was 0.8457 there (its SE too)."""
+    from mmctr_ray.tune_report import top_trials, write_outputs
+
+    rows = [{**epoch(e, auc), "valid_auc_se": 0.00664995} for e, auc in ((1, 0.8), (2, 0.845649944))]
+    tdir = _one_trial_search(tmp_path, "t1", rows)
+    (tdir / "trials" / "t1" / "summary.json").write_text("{}")
+    summary = write_outputs(tdir)
+    assert (f"{summary['best_valid_auc']:.4f}", f"{summary['best_valid_auc_se']:.4f}") == ("0.8456", "0.0066")
+    assert "| 1 | t1 | completed | 0.8456 | 0.0066 | 2 |" in top_trials(tdir)
+
+
+def test_a_search_trial_without_a_finite_auc_has_no_result_to_rank(tmp_path):
+    """A search whose every trial scored NaN wrote best.yaml for one of them and ended as a success."""
+    from mmctr_ray.tune_report import write_outputs
+
+    tdir = _one_trial_search(tmp_path, "aaa", [epoch(1, math.nan)])
     summary = write_outputs(tdir)
     assert "best_trial" not in summary and not (tdir / "best.yaml").exists()
 
