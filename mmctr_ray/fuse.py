@@ -35,7 +35,7 @@ from mmctr_ray.data.writer import list_array
 from mmctr_ray.errors import ConfigError, DataError
 from mmctr_ray.features import (FUSED_VECTOR_COLUMN, has_placeholder_embeddings, items_fingerprint, list_matrix,
                                 open_parquet, titles_fingerprint)
-from mmctr_ray.fusion import FittedFusion, ModalityBatch, fit_fusion, modalities_needed
+from mmctr_ray.fusion import PARTS, FittedFusion, ModalityBatch, fit_fusion, modalities_needed
 from mmctr_ray.locking import check_table_output
 from mmctr_ray.schema import PAD_ID, Layout
 
@@ -250,7 +250,7 @@ def fuse_items(data_dir: str | Path, cfg: FusionConfig, source: str = "shipped",
         if name not in info_file.schema_arrow.names:
             raise DataError(f"{lay.item_info}: missing column {name} (expected item_id, item_tags and item_emb_d128)")
     info = info_file.read(columns=["item_tags", "item_emb_d128"])
-    summary: dict[str, Any] = {"strategy": cfg.strategy, **{k: v for k, v in asdict(cfg).items() if k != "strategy"},
+    summary: dict[str, Any] = {**fusion_fields(cfg),
                                "data": str(data_dir.resolve()), "num_items": n,
                                "items": items_fingerprint(info, str(lay.item_info))}
     if cfg.strategy == "given":
@@ -305,6 +305,13 @@ def yaml_string(text: str) -> str:
     PyYAML reads a JSON surrogate pair (an emoji) as two lone surrogates."""
     return yaml.safe_dump(text, default_style='"', allow_unicode=True, width=float("inf")).removesuffix(
         "\n...\n").rstrip("\n")
+
+
+def fusion_fields(cfg: FusionConfig) -> dict[str, Any]:
+    """The strategy and the widths it uses, as a table's ``.fusion.json`` records them (a v4 table said "dims": 128,
+    the unused default, beside its text_dim and image_dim)."""
+    widths = {field for _, _, field in PARTS.get(cfg.strategy, ())}
+    return {"strategy": cfg.strategy, **{k: v for k, v in asdict(cfg).items() if k in widths}}
 
 
 def fusion_overrides(table_path: str | Path) -> list[str]:

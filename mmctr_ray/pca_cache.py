@@ -25,7 +25,6 @@ processes on one machine and on shared file systems that support locking (NFS v4
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -37,7 +36,8 @@ import numpy as np
 from filelock import FileLock
 
 from mmctr_ray.config import FusionConfig
-from mmctr_ray.fuse import ItemSource, fuse_items, run_fuse, source_file, write_files, write_fused
+from mmctr_ray.fuse import (ItemSource, fuse_items, fusion_fields, run_fuse, source_file, write_files,
+                             write_fused)
 from mmctr_ray.fusion import FULL_PCA_MAX_BYTES, PARTS, FittedFusion, input_bytes, input_widths, part_limits
 from mmctr_ray.schema import Layout
 from mmctr_ray.storage import json_text
@@ -99,7 +99,9 @@ def cached_fusion(cache_dir: str | Path, data_dir: str | Path, cfg: FusionConfig
             return table, True
         full, projected, summary = basis
         fitted, columns = full.select(cfg)
-        summary = {**summary, **dataclasses.asdict(cfg), "basis": f"{stem}.npz"}
+        summary = {**{k: v for k, v in summary.items() if k not in ("dims", "text_dim", "image_dim")},
+                   **fusion_fields(cfg),
+                   "basis": f"{stem}.npz"}
         if fitted.image_fill is None:  # v1 reads no cover flags
             summary["image_missing"] = 0
         vectors = np.ascontiguousarray(projected[columns].T)  # the kept axes' rows only are read from disk

@@ -1168,8 +1168,12 @@ def test_every_size_of_a_strategy_is_sliced_from_one_exact_fit(synth_dir, tmp_pa
         reference = run_fuse(synth_dir, tmp_path / "ref.parquet", cfg, overwrite=True, progress=lambda m: None)
         np.testing.assert_allclose(table(path), table(tmp_path / "ref.parquet"), atol=1e-4)
         summary = json.loads(path.with_name(path.stem + ".fusion.json").read_text())
-        for key in ("strategy", "dims", "text_dim", "image_dim", "dim", "image_missing", "source_rows", "pca_fit"):
+        for key in ("strategy", "dim", "image_missing", "source_rows", "pca_fit"):
             assert summary[key] == reference[key], key
+        widths = ("text_dim", "image_dim") if cfg.strategy == "v4" else ("dims",)  # the strategy's own only
+        assert {k: v for k, v in summary.items() if k in ("dims", "text_dim", "image_dim")} == {
+            k: v for k, v in reference.items() if k in ("dims", "text_dim", "image_dim")} == {
+            k: getattr(cfg, k) for k in widths}
         assert summary["explained_variance_ratio"] == pytest.approx(reference["explained_variance_ratio"], abs=1e-5)
         del fits[n_fits:], reads[n_reads:]  # the reference's own fit and reads
     assert [f.strategy for f in fits] == ["v4", "v1"] and fits[0].text_dim > 9  # at full width, once each
