@@ -568,7 +568,7 @@ def test_a_relative_output_in_a_ray_job_is_refused(tmp_path, capsys, monkeypatch
 
 
 def test_a_work_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
-    """`--work /mnt/shared/work/p1` on a mount still the root's (cluster.yaml leaves its chown commented out), or
+    """`--work /mnt/shared/work/p1` on a mount still the root's (a cluster without cluster.yaml's chown), or
     below a file: a PermissionError or NotADirectoryError traceback."""
     (tmp_path / "afile").write_text("")
     assert main(["pipeline", "--out", f"file://{tmp_path}/uri_out", "--work", str(tmp_path / "afile" / "w")]) == 2

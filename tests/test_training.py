@@ -832,7 +832,7 @@ def test_the_progress_line_times_the_steps_its_clock_saw(tmp_path, caplog, monke
 
     progress = RunLog(str(tmp_path), enabled=True)
     # a clock of its own: the real one, read again inside, moved the rate to 255 after 4 ms of delay
-    monkeypatch.setattr(mmctr_ray.run_log, "time", SimpleNamespace(perf_counter=lambda: 102.0))
+    monkeypatch.setattr(mmctr_ray.run_log, "time", SimpleNamespace(perf_counter=lambda: 102.0, time=time.time))
     with caplog.at_level("INFO", logger="mmctr.train"):
         progress.progress(1, 3, 10, 2 * 256, 100.0, torch.tensor(1.5))  # 2 steps in 2 s
     assert "epoch 1 step 3/10 loss 0.5000 256 samples/s ETA 7s" in caplog.text  # 7 steps left at 1 s each
