@@ -526,6 +526,7 @@ def _watch(say: Callable[[], int]) -> Iterator[None]:
                 status = say()
             except BaseException:  # a closed stderr (`| tee` ended by the same scancel), storage out of reach: the
                 status = 128 + signal.SIGTERM  # end below must come whatever the line met
+            _quiet_after_line()
             while not done.is_set() and not sigterm_received() and time.monotonic() - start < SIGTERM_HANDLER_S:
                 time.sleep(0.05)
             if not sigterm_received() or not done.wait(max(0.0, SIGTERM_END_S - (time.monotonic() - start))):
@@ -548,6 +549,22 @@ def _watch(say: Callable[[], int]) -> Iterator[None]:
         thread.join(timeout=1.0)
         if not thread.is_alive():
             os.close(read_fd)
+
+
+def _quiet_after_line() -> None:
+    """Point this process's stdout and stderr at /dev/null once the SIGTERM line is out: Ray's core worker (C++)
+    writes to stderr itself as the raylet the same SIGTERM ended goes ("Attempting to recover N lost objects"), past
+    every Python filter, and Ray's log monitor flushed its deduplicated worker lines at exit: either came after the
+    line (3 of 10 group SIGTERMs in a walkthrough)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(BaseException):
+            stream.flush()
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            with contextlib.suppress(OSError):
+                os.dup2(devnull, fd)
+        os.close(devnull)
 
 
 @contextlib.contextmanager
