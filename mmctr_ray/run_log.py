@@ -38,8 +38,9 @@ def _host() -> str:
 
 
 def remove_abandoned_staging(now: float | None = None) -> list[str]:
-    """Remove the TensorBoard staging folders (:class:`RunLog` of a URI run) whose writer is gone: a process killed
-    by SIGKILL, or one that ended through ``os._exit`` at a SIGTERM, never ran its ``close``. Only folders named for
+    """Remove the TensorBoard staging folders (:class:`RunLog` of a URI run) whose writer is gone: a rank 0 worker
+    Ray ended (Ctrl-C aborts the run's workers), a process killed by SIGKILL, or one that ended through ``os._exit``
+    at a SIGTERM never ran its ``close``. Only folders named for
     this host whose process no longer exists and that nothing touched for ``STAGING_STALE_S`` are taken (a shared
     /tmp of another machine or container is left alone); the names removed are returned."""
     now = time.time() if now is None else now
