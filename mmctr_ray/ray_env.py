@@ -193,6 +193,13 @@ RAY_DATA_HIDDEN = {
 TRAIN_ERROR_LOGGER = "ray.train.v2._internal.util"
 BAD_INPUT_TRACEBACK = re.compile(r"^Error in training function:\n(?s:.*)\bmmctr_ray\.errors\.DataError: "
                                  r"(?!(?s:.*)^During handling of the above exception)", re.MULTILINE)
+# A worker whose peer died (a restart's cause, which the controller's one line names) fails beside it in the next
+# collective: gloo's "Connection reset by peer" (or closed), NCCL's "remote process exiting"; its own ~30-line
+# traceback said nothing more, and printed at every restart. Demoted the same way, when that error is the last one
+# (no later traceback, no error met while handling it).
+PEER_CUT_TRACEBACK = re.compile(
+    r"^Error in training function:\n(?s:.*)(gloo/transport\S*\] [^\n]*Connection (reset|closed) by peer|remote "
+    r"process exit)(?!(?s:.*)^(Traceback|During handling of the above exception))", re.MULTILINE)
 
 # Ray Train's placement-group cleaner (on in `mmctr tune`: see init_ray) warns "Detected that the Ray Train controller
 # actor (...) is dead. Cleaning up placement group ..." whenever a trial's controller ends before its group was
@@ -263,10 +270,11 @@ def private_worker_setup_verbose() -> None:
 
 
 def private_worker_setup() -> None:
-    """The same, :data:`RAY_DATA_HIDDEN` off the console, and the worker's traceback of bad input demoted
-    (:data:`BAD_INPUT_TRACEBACK`): the hook without -v."""
+    """The same, :data:`RAY_DATA_HIDDEN` off the console, and the worker's traceback of bad input and of a peer's
+    death demoted (:data:`BAD_INPUT_TRACEBACK`, :data:`PEER_CUT_TRACEBACK`): the hook without -v."""
     private_worker_setup_verbose()
     _add_filter(TRAIN_ERROR_LOGGER, BAD_INPUT_TRACEBACK, "debug")
+    _add_filter(TRAIN_ERROR_LOGGER, PEER_CUT_TRACEBACK, "debug")
     hide_ray_data_lines()
 
 

@@ -1015,7 +1015,9 @@ def test_a_workers_traceback_of_bad_input_stays_off_the_console_of_the_local_ray
     """A row a worker refused (a DataError, which `mmctr train` reports in one line naming the file and column)
     also printed Ray Train's "Error in training function:" with a ~40-line traceback from the worker. The private
     Ray's workers demote that one to DEBUG (Ray Train's log file keeps it), wrapped in Ray Data's error as a worker
-    meets it too; any other error's traceback prints, a bug met while handling bad input included."""
+    meets it too; any other error's traceback prints, a bug met while handling bad input included. So does a
+    survivor's, cut off in a collective by a peer's death: the restart's one line names the dead rank (its ~30-line
+    traceback printed at every restart of a two-worker run)."""
     import ray
 
     def tracebacks() -> list:
@@ -1047,12 +1049,24 @@ def test_a_workers_traceback_of_bad_input_stays_off_the_console_of_the_local_ray
             except DataError:
                 a_bug()
 
+        def peer_gone():  # a survivor's collective, cut off by its peer's death (a restart follows)
+            raise RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
+                               "[127.0.0.1]:7305: Connection reset by peer. This is typically caused by a remote "
+                               "worker hanging or crashing.")
+
+        def a_bug_while_handling_a_peers_death():
+            try:
+                peer_gone()
+            except RuntimeError:
+                a_bug()
+
         seen = []
         keep = logging.Handler()
         keep.emit = seen.append
         util.logger.addHandler(keep)
         try:
-            for raises in (bad_input, wrapped, a_bug, a_bug_while_handling_bad_input):
+            for raises in (bad_input, wrapped, a_bug, a_bug_while_handling_bad_input, peer_gone,
+                           a_bug_while_handling_a_peers_death):
                 try:
                     raises()
                 except Exception as e:
@@ -1068,8 +1082,12 @@ def test_a_workers_traceback_of_bad_input_stays_off_the_console_of_the_local_ray
     assert ray.get(ray.remote(num_cpus=0)(tracebacks).remote()) == [
         ("DEBUG", "mmctr_ray.errors.DataError: train.parquet: column item_seq: a history ..."),
         ("DEBUG", "ray.exceptions.UserCodeException: UDF failed to process a data block."),
-        ("ERROR", "RuntimeError: a bug"), ("ERROR", "RuntimeError: a bug")]
-    assert [level for level, _ in tracebacks()] == ["ERROR"] * 4  # no setup hook in the test's process
+        ("ERROR", "RuntimeError: a bug"), ("ERROR", "RuntimeError: a bug"),
+        ("DEBUG", "RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
+                  "[127.0.0.1]:7305: Connection reset by peer. This is typically caused by a remote worker hanging "
+                  "or crashing."),
+        ("ERROR", "RuntimeError: a bug")]
+    assert [level for level, _ in tracebacks()] == ["ERROR"] * 6  # no setup hook in the test's process
 
 
 @pytest.mark.slow
