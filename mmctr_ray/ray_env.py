@@ -531,10 +531,9 @@ def _watch(say: Callable[[], int]) -> Iterator[None]:
             _PRIVATE["said"] = True  # Ray's processes' lines stay off the console from the line on
             logging.disable(logging.CRITICAL)  # and so do the log's (print is neither): the line is the last
             try:
-                status = say()
+                status = _say_last(say)
             except BaseException:  # a closed stderr (`| tee` ended by the same scancel), storage out of reach: the
                 status = 128 + signal.SIGTERM  # end below must come whatever the line met
-            _quiet_after_line()
             while not done.is_set() and not sigterm_received() and time.monotonic() - start < SIGTERM_HANDLER_S:
                 time.sleep(0.05)
             if not sigterm_received() or not done.wait(max(0.0, SIGTERM_END_S - (time.monotonic() - start))):
@@ -559,20 +558,33 @@ def _watch(say: Callable[[], int]) -> Iterator[None]:
             os.close(read_fd)
 
 
-def _quiet_after_line() -> None:
-    """Point this process's stdout and stderr at /dev/null once the SIGTERM line is out: Ray's core worker (C++)
-    writes to stderr itself as the raylet the same SIGTERM ended goes ("Attempting to recover N lost objects"), past
-    every Python filter, and Ray's log monitor flushed its deduplicated worker lines at exit: either came after the
-    line (3 of 10 group SIGTERMs in a walkthrough)."""
+def _say_last(say: Callable[[], int]) -> int:
+    """``say()`` the SIGTERM line as this process's last output: stdout and stderr point at /dev/null first, and the
+    line goes to a copy of the real stderr. Ray's core worker (C++) writes to stderr itself as the raylet the same
+    SIGTERM ended goes ("Attempting to recover N lost objects"), past every Python filter, and Ray's log monitor
+    flushed its deduplicated worker lines at exit: either came after the line (3 of 10 group SIGTERMs in a
+    walkthrough). Where the descriptors cannot be copied, the line goes where stderr goes, as before."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(BaseException):
             stream.flush()
-    with contextlib.suppress(OSError):
+    real, line_to = sys.stderr, None
+    try:
+        line_to = open(os.dup(2), "w", encoding=getattr(real, "encoding", None) or "utf-8",  # noqa: SIM115
+                       errors="backslashreplace")
         devnull = os.open(os.devnull, os.O_WRONLY)
         for fd in (1, 2):
-            with contextlib.suppress(OSError):
-                os.dup2(devnull, fd)
+            os.dup2(devnull, fd)
         os.close(devnull)
+        sys.stderr = line_to
+    except OSError:
+        pass
+    try:
+        return say()
+    finally:
+        sys.stderr = real  # whose descriptor is /dev/null's now
+        if line_to is not None:
+            with contextlib.suppress(BaseException):
+                line_to.flush()
 
 
 @contextlib.contextmanager
