@@ -310,7 +310,7 @@ def _default_text_model() -> str:
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
-    from mmctr_ray.config import FusionConfig
+    from mmctr_ray.config import FUSION_WIDTHS, FusionConfig
     from mmctr_ray.fuse import run_fuse
 
     v4 = args.strategy == "v4"
@@ -326,7 +326,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         raise ConfigError("--dims sets the width of v1, v2, v3; v4 takes --text-dim and --image-dim")
     if not v4 and (args.text_dim is not None or args.image_dim is not None):
         raise ConfigError(f"--text-dim/--image-dim set the parts of v4; {args.strategy} takes --dims")
-    given = {k: getattr(args, k) for k in ("dims", "text_dim", "image_dim") if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in FUSION_WIDTHS if getattr(args, k) is not None}
     summary = run_fuse(args.data, args.out, FusionConfig(args.strategy, **given), source=args.source, pca=args.pca,
                        seed=args.seed, overwrite=args.overwrite)
     evr = summary.get("explained_variance_ratio")

@@ -131,6 +131,7 @@ class DataConfig:
 
 
 FUSION_STRATEGIES = ("given", "v1", "v2", "v3", "v4")
+FUSION_WIDTHS = ("dims", "text_dim", "image_dim")  # the fusion section's PCA widths (which strategy uses which: PARTS)
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ class FusionConfig:
     def __post_init__(self) -> None:
         _check(self.strategy in FUSION_STRATEGIES, "fusion.strategy", self.strategy,
                "one of " + ", ".join(FUSION_STRATEGIES))
-        for name in ("dims", "text_dim", "image_dim"):
+        for name in FUSION_WIDTHS:
             _check(getattr(self, name) >= 1, f"fusion.{name}", getattr(self, name), "a positive integer")
 
 

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from mmctr_ray import storage
-from mmctr_ray.config import FusionConfig
+from mmctr_ray.config import FUSION_WIDTHS, FusionConfig
 from mmctr_ray.data.writer import list_array
 from mmctr_ray.errors import ConfigError, DataError
 from mmctr_ray.features import (FUSED_VECTOR_COLUMN, has_placeholder_embeddings, items_fingerprint, list_matrix,
@@ -326,7 +326,7 @@ def fusion_overrides(table_path: str | Path) -> list[str]:
     out = [f"data.item_vector={yaml_string(str(table.resolve()))}"]
     summary = read_fusion_summary(table)
     if summary:
-        out += [f"fusion.{k}={summary[k]}" for k in ("strategy", "dims", "text_dim", "image_dim") if k in summary]
+        out += [f"fusion.{k}={summary[k]}" for k in ("strategy", *FUSION_WIDTHS) if k in summary]
     return out
 
 

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from filelock import FileLock
 
-from mmctr_ray.config import FusionConfig
+from mmctr_ray.config import FUSION_WIDTHS, FusionConfig
 from mmctr_ray.fuse import (ItemSource, fuse_items, fusion_fields, run_fuse, source_file, write_files,
                              write_fused)
 from mmctr_ray.fusion import FULL_PCA_MAX_BYTES, PARTS, FittedFusion, input_bytes, input_widths, part_limits
@@ -99,9 +99,8 @@ def cached_fusion(cache_dir: str | Path, data_dir: str | Path, cfg: FusionConfig
             return table, True
         full, projected, summary = basis
         fitted, columns = full.select(cfg)
-        summary = {**{k: v for k, v in summary.items() if k not in ("dims", "text_dim", "image_dim")},
-                   **fusion_fields(cfg),
-                   "basis": f"{stem}.npz"}
+        summary = {**{k: v for k, v in summary.items() if k not in FUSION_WIDTHS}, **fusion_fields(cfg),
+                   "basis": f"{stem}.npz"}  # the size's own widths, not its basis's
         if fitted.image_fill is None:  # v1 reads no cover flags
             summary["image_missing"] = 0
         vectors = np.ascontiguousarray(projected[columns].T)  # the kept axes' rows only are read from disk

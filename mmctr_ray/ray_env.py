@@ -538,9 +538,7 @@ def _watch(say: Callable[[], int]) -> Iterator[None]:
                 time.sleep(0.05)
             if not sigterm_received() or not done.wait(max(0.0, SIGTERM_END_S - (time.monotonic() - start))):
                 if not done.is_set():
-                    for stream in (sys.stdout, sys.stderr):
-                        with contextlib.suppress(BaseException):
-                            stream.flush()
+                    _flush_std()
                     os._exit(status)
             return
 
@@ -558,15 +556,20 @@ def _watch(say: Callable[[], int]) -> Iterator[None]:
             os.close(read_fd)
 
 
+def _flush_std() -> None:
+    """Flush sys.stdout and sys.stderr, whatever they meet (a closed pipe)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(BaseException):
+            stream.flush()
+
+
 def _say_last(say: Callable[[], int]) -> int:
     """``say()`` the SIGTERM line as this process's last output: stdout and stderr point at /dev/null first, and the
     line goes to a copy of the real stderr. Ray's core worker (C++) writes to stderr itself as the raylet the same
     SIGTERM ended goes ("Attempting to recover N lost objects"), past every Python filter, and Ray's log monitor
     flushed its deduplicated worker lines at exit: either came after the line (3 of 10 group SIGTERMs in a
     walkthrough). Where the descriptors cannot be copied, the line goes where stderr goes, as before."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(BaseException):
-            stream.flush()
+    _flush_std()
     real, line_to = sys.stderr, None
     try:
         line_to = open(os.dup(2), "w", encoding=getattr(real, "encoding", None) or "utf-8",  # noqa: SIM115

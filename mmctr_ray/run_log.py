@@ -44,9 +44,9 @@ def remove_abandoned_staging(now: float | None = None) -> list[str]:
     this host whose process no longer exists and that nothing touched for ``STAGING_STALE_S`` are taken (a shared
     /tmp of another machine or container is left alone); the names removed are returned."""
     now = time.time() if now is None else now
-    removed = []
-    for folder in Path(tempfile.gettempdir()).glob(f"{STAGING_PREFIX}{_host()}-*-*"):
-        pid = folder.name[len(STAGING_PREFIX) + len(_host()) + 1:].split("-", 1)[0]
+    removed, mine = [], f"{STAGING_PREFIX}{_host()}-"
+    for folder in Path(tempfile.gettempdir()).glob(f"{mine}*-*"):
+        pid = folder.name[len(mine):].split("-", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
             continue
         try:
@@ -83,7 +83,9 @@ class EventFile:
     def __init__(self, logdir: str, purge_step: int, filename_suffix: str) -> None:
         from tensorboardX.event_file_writer import EventsWriter
         from tensorboardX.proto.event_pb2 import Event, SessionLog
+        from tensorboardX.summary import scalar
 
+        self._event, self._scalar = Event, scalar
         os.makedirs(logdir, exist_ok=True)
         self._writer = EventsWriter(os.path.join(logdir, "events"), filename_suffix)  # with the file_version event
         self._writer.write_event(Event(wall_time=time.time(), step=purge_step,
@@ -91,10 +93,7 @@ class EventFile:
         self._writer.flush()
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
-        from tensorboardX.proto.event_pb2 import Event
-        from tensorboardX.summary import scalar
-
-        self._writer.write_event(Event(wall_time=time.time(), step=step, summary=scalar(tag, float(value))))
+        self._writer.write_event(self._event(wall_time=time.time(), step=step, summary=self._scalar(tag, float(value))))
 
     def flush(self) -> None:
         self._writer.flush()

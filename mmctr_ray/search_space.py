@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmctr_ray.config import (ConfigError, ExperimentConfig, apply_override, from_dict, is_valid, override_key,
-                              read_yaml)
+from mmctr_ray.config import (FUSION_WIDTHS, ConfigError, ExperimentConfig, apply_override, from_dict, is_valid,
+                              override_key, read_yaml)
 
 KINDS = ("choice", "int", "float")
 PARAM_KEYS = {*KINDS, "log", "step", "when"}
@@ -112,7 +112,7 @@ class SearchSpace:
         if picked is not None and picked.when:  # trials where it is not sampled keep the base's
             strategies.add(base.strategy)
         widths = []
-        for size in ("dims", "text_dim", "image_dim"):
+        for size in FUSION_WIDTHS:
             users = {s for s, parts in PARTS.items() if any(f == size for _, _, f in parts)} & strategies
             if not users:
                 continue  # no trial reads this size
