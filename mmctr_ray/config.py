@@ -136,7 +136,7 @@ FUSION_WIDTHS = ("dims", "text_dim", "image_dim")  # the fusion section's PCA wi
 
 @dataclass(frozen=True)
 class FusionConfig:
-    """How BERT and CLIP item vectors are reduced and combined (see MISSION.md, fusion strategies).
+    """How BERT and CLIP item vectors are reduced and combined (README, "Item embeddings and fusion").
 
     Attributes:
         strategy: ``given`` | ``v1`` (PCA text) | ``v2`` (PCA image) | ``v3`` (PCA of text‖image) |
@@ -166,7 +166,7 @@ ACTIVATIONS = ("relu", "prelu", "gelu", "dice")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The DIN family (MISSION.md, "The method"); each interaction module is switchable.
+    """The DIN family (README, "The model"; the paper: arXiv 2504.18961); each interaction module is switchable.
 
     Attributes:
         embedding_dim: D, width of every id/tag/level embedding.
@@ -284,8 +284,9 @@ class TrainConfig:
         seed: seed for weights and data order.
         precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
         shuffle_buffer: rows in each worker's local shuffle buffer (0: read order).
-        deterministic: read the training split in a fixed order (Ray Data ``preserve_order``), so that the seed
-            alone fixes the order of the rows each epoch, for some throughput. On the CPU such a run repeats bit
+        deterministic: read the training split in file order (Ray Data's V1 reader, whatever the split's size,
+            and ``preserve_order``), so that the seed alone fixes the order of the rows each epoch, for some
+            throughput. On the CPU such a run repeats bit
             for bit, resumed or restarted after a worker died too (dropout is seeded per epoch), unless
             ``resident`` is ``on``; on CUDA it does not (``index_add``, the backward of the model's gathers, adds
             with atomics there).

@@ -165,6 +165,14 @@ def _fault_from_env() -> list[dict[str, Any]]:
     return faults
 
 
+def split_datasets(data_dir: str | Path, max_len: int, ordered: bool) -> dict[str, Any]:
+    """The train and valid splits as a run reads them (:func:`read_split`). ``ordered`` (``train.deterministic``):
+    in file order whatever a split's size, so the seed alone fixes the data order; otherwise a split over
+    :data:`~mmctr_ray.features.V1_MAX_ROWS` rows goes to Ray Data's V2 reader, which packs its row groups into read
+    units by size and so reads them out of file order even with ``preserve_order``."""
+    return {split: read_split(data_dir, split, max_len, ordered=ordered) for split in ("train", "valid")}
+
+
 def _ingest_options(cfg: ExperimentConfig) -> Any:
     """Ray Train's default ingest options (carried over from the driver's DataContext), in file order when the run
     asks to be deterministic. Built here rather than by ``DataConfig.default_ingest_options()``, which passes the
@@ -305,7 +313,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
         OutputExistsError: ``run_dir`` holds a run and neither ``resume`` nor ``overwrite`` was given.
         DataError: a split or the item table cannot be read.
         ConfigError: ``run_dir`` is a URI whose storage cannot be opened, a resume that changes more than
-            ``train.*``, more workers than a private local Ray can hold and feed (:func:`check_worker_resources`),
+            ``train.*``, more workers than a private local Ray can hold and feed (:func:`check_local_workers`),
             or GPU shares DDP cannot train on (:func:`mmctr_ray.ray_env.check_gpu_split`).
         NotStarted: the workers were up only after ``start_by``, with no checkpoint to continue from.
     """
@@ -358,7 +366,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
                                  logging_config=LoggingConfig(log_level=_train_log_level(verbose, bool(callbacks))),
                                  worker_runtime_env={"env_vars": worker_env(cfg.train.keep_freed_memory,
                                                                             gpus_per_worker > 0)}),
-            datasets=datasets or {split: read_split(data_dir, split, cfg.data.max_len) for split in ("train", "valid")},
+            datasets=datasets or split_datasets(data_dir, cfg.data.max_len, cfg.train.deterministic),
             dataset_config=_data_config(cfg, workers),
         )
         t0 = time.perf_counter()

@@ -152,15 +152,17 @@ def _fits_in_trial(sampled: Iterable[str], cfg: ExperimentConfig) -> bool:
 SHARED_DATA_FRACTION = 0.25  # splits read once per search when they take at most this share of the object store
 
 
-def shared_datasets(data_dir: Path, max_len: int, rows: dict[str, int]) -> dict[int, dict[str, Any]]:
+def shared_datasets(data_dir: Path, max_len: int, rows: dict[str, int], ordered: bool = False
+                    ) -> dict[int, dict[str, Any]]:
     """The train and valid splits read once for the whole search and kept in Ray's object store, so a trial
     starts training without Ray Data's listing, read and conversion tasks (5–9 s of a ~20 s tiny trial on 2 CPUs):
     ``{max_len: {"train": ds, "valid": ds}}``, or ``{}`` when they would take more than SHARED_DATA_FRACTION of
     the store (trials then read the files themselves, as ``mmctr train`` does). Trials whose config asks for
-    another ``data.max_len`` read the files too."""
+    another ``data.max_len`` read the files too. ``ordered`` (the search's ``train.deterministic``): read and kept
+    in file order, as a deterministic run reads them (:func:`mmctr_ray.train_driver.split_datasets`)."""
     import ray
 
-    from mmctr_ray.features import read_split
+    from mmctr_ray.train_driver import split_datasets
 
     need = (rows["train"] + rows["valid"]) * (max_len * 8 + 5 * 8)  # item_seq + 4 ids (int64) + label
     store = float(ray.cluster_resources().get("object_store_memory", 0))
@@ -168,7 +170,11 @@ def shared_datasets(data_dir: Path, max_len: int, rows: dict[str, int]) -> dict[
         log.info("trials read the splits themselves: ~%.0f MiB is over %.0f%% of the object store (%.0f MiB)",
                  need / 2**20, 100 * SHARED_DATA_FRACTION, store / 2**20)
         return {}
-    shared = {split: read_split(data_dir, split, max_len).materialize() for split in ("train", "valid")}
+    shared = split_datasets(data_dir, max_len, ordered)
+    for split, ds in shared.items():
+        if ordered:  # the blocks kept in read order, not in the order their tasks end
+            ds.context.execution_options.preserve_order = True
+        shared[split] = ds.materialize()
     log.info("splits read once for every trial: ~%.0f MiB in the object store", need / 2**20)
     return {max_len: shared}
 
@@ -754,7 +760,8 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
     else:
         k = settings["concurrency"]
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # save the experiment state often: cheap, and resumable
-    datasets = shared_datasets(data, space.trial_config({}).data.max_len, rows)
+    base = space.trial_config({})
+    datasets = shared_datasets(data, base.data.max_len, rows, ordered=base.train.deterministic)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, space=space, tune_dir=str(tdir), data_dir=str(data), settings=settings,
                              datasets=datasets, sharing=trials_per_node(_node_cpus(), k, settings["workers"],

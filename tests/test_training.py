@@ -552,6 +552,36 @@ def test_ingest_options_are_ray_trains_defaults_without_its_deprecation_warning(
     assert _ingest_options(tiny_cfg("train.deterministic=true")).preserve_order
 
 
+def test_a_deterministic_run_reads_its_splits_in_file_order_whatever_their_size(synth_dir, monkeypatch):
+    """The configs said `deterministic: true` reads in file order, but a split over V1_MAX_ROWS went to Ray Data's
+    V2 reader, which reorders a large file's row groups even with preserve_order (predict's reason for
+    ``ordered``). Here every split counts as large; a deterministic run's reads must still be V1's."""
+    import ray.data
+
+    from mmctr_ray import features
+    from mmctr_ray.train_driver import split_datasets
+
+    class Read:  # what read_split chains on the read, without running it (no Ray needed)
+        def select_columns(self, columns):
+            return self
+
+        def map_batches(self, *args, **kwargs):
+            return self
+
+    v2_at_read = []
+
+    def read_parquet(paths, **kwargs):
+        v2_at_read.append(ray.data.DataContext.get_current().use_datasource_v2)
+        return Read()
+
+    monkeypatch.setattr(features, "V1_MAX_ROWS", 0)
+    monkeypatch.setattr(ray.data, "read_parquet", read_parquet)
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "use_datasource_v2", True)
+    assert set(split_datasets(synth_dir, 16, ordered=True)) == {"train", "valid"}
+    split_datasets(synth_dir, 16, ordered=False)
+    assert v2_at_read == [False, False, True, True]
+
+
 def test_ray_datas_progress_bar_notice_is_taken_before_it_prints():
     from ray.util.debug import log_once
 

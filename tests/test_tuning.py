@@ -140,6 +140,34 @@ def test_splits_too_large_for_the_object_store_are_read_by_each_trial(monkeypatc
     assert shared_datasets(tmp_path, 64, {"train": 3_600_000, "valid": 10_000}) == {}
 
 
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_deterministic_searchs_shared_splits_are_kept_in_file_order(monkeypatch, tmp_path, ordered):
+    """Read once for every trial, the splits were materialized in the order their read tasks ended, whatever the
+    search's train.deterministic; a deterministic one's are read in file order and kept in that order."""
+    import ray
+    from ray.data import DataContext
+
+    import mmctr_ray.train_driver
+
+    class Split:
+        def __init__(self):
+            self.context = DataContext.get_current().copy()
+
+        def materialize(self):
+            return self.context.execution_options.preserve_order
+
+    asked = []
+
+    def split_datasets(data_dir, max_len, ordered):
+        asked.append(ordered)
+        return {"train": Split(), "valid": Split()}
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2, "object_store_memory": 4 * 2**30})
+    monkeypatch.setattr(mmctr_ray.train_driver, "split_datasets", split_datasets)
+    kept = shared_datasets(tmp_path, 16, {"train": 1_000, "valid": 100}, ordered=ordered)
+    assert asked == [ordered] and kept == {16: {"train": ordered, "valid": ordered}}
+
+
 def test_concurrency_is_sized_from_resources():
     # the hang seen in a probe: 3 trials × 2 workers on 4 logical CPUs; here 1 trial at a time fits
     assert trial_concurrency({"CPU": 4}, workers=2, cpus_per_worker=1, gpus_per_worker=0, requested=3) == 1
