@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The wheels a lent GPU host needs to run this project from the source tree (Python 3.12, x86_64, torch,
 # transformers and timm preinstalled there, no registry): ../shared/device/prepare_wheels.sh (Ray without its
-# jar, Optuna, open_clip, ...) plus what Ray's dashboard imports and that host lacks. `mmctr train` and
-# `mmctr tune` start the dashboard (Train V2's placement-group cleaner asks its state API whether a run's
-# controller lives), and a Ray without these fails to start: "Cannot include dashboard with missing packages"
+# jar, Optuna, open_clip, ...) plus what Ray's dashboard imports and that host lacks. `mmctr tune` starts the
+# dashboard (its trials keep Train V2's placement-group cleaner, which asks the state API whether a run's
+# controller lives; `mmctr train` starts none unless --dashboard), and a Ray without these fails to start:
+# "Cannot include dashboard with missing packages"
 # (No module named 'aiohttp_cors'; seen 2026-11-29). ~59 MB in all, under the 64 MiB a device call carries.
 # Usage, from the project root:  bash benchmarks/gpu_wheels.sh [.whl]; then `run` with carry [".whl"].
 set -euo pipefail

@@ -1,11 +1,13 @@
 """Time and disk of a search's PCA cache: the fused tables of several sizes, with the basis kept at every axis
 or cut to the search's widest size (by hand).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/pca_cache.py --data DATA [--axes 256] [--modes full,cut]
+    PYTHONPATH=. .venv/bin/python benchmarks/pca_cache.py --data DATA [--source shipped|FILE] [--axes 256]
+        [--modes full,cut]
 
-``DATA`` is a `mmctr synth` or `mmctr convert` + `mmctr embed` output; MicroLens size is
-``mmctr synth --out DATA --items 91717 --train-rows 20000 --valid-rows 2000 --test-rows 2000 --images 8`` (the
-splits do not matter here, the item count does). For each mode the script asks a fresh cache (in a temporary
+``DATA`` is a `mmctr synth` output, or a `mmctr convert` output with ``--source`` its `mmctr embed` file;
+MicroLens size is
+``mmctr synth --out DATA --items 91717 --train-rows 20000 --valid-rows 2000 --test-rows 2000 --images 8``
+(the splits do not matter here, the item count does). For each mode the script asks a fresh cache (in a temporary
 folder) for the same sequence of tables, as the trials of a search would, and prints the seconds of each, the
 total, and the cache's size on disk at the end. ``full`` keeps every axis of each fit (what a search did before
 2026-11-30), ``cut`` keeps ``--axes`` (what `mmctr tune` passes: the space's widest size, 256 in
@@ -39,6 +41,8 @@ def disk_bytes(folder: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, help="data directory (challenge layout) with 768/1024-d vectors")
+    parser.add_argument("--source", default="shipped", metavar="shipped|FILE",
+                        help="raw vectors: item_feature's (shipped, default) or a file of `mmctr embed`")
     parser.add_argument("--axes", type=int, default=256, help="axes kept by the cut mode (default 256)")
     parser.add_argument("--modes", default="full,cut", help="full, cut or both (default full,cut)")
     parser.add_argument("--tmp", default=None, help="folder for the caches (default: the system's temporary one)")
@@ -51,7 +55,7 @@ def main() -> None:
             start = time.perf_counter()
             for cfg in SIZES:
                 t0 = time.perf_counter()
-                _, wrote = cached_fusion(cache, args.data, cfg, axes=axes)
+                _, wrote = cached_fusion(cache, args.data, cfg, source=args.source, axes=axes)
                 rows.setdefault(label(cfg), {})[mode] = time.perf_counter() - t0
                 print(f"{mode}: {label(cfg)}: {rows[label(cfg)][mode]:.1f} s", flush=True)
             rows.setdefault("total", {})[mode] = time.perf_counter() - start

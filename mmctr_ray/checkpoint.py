@@ -4,7 +4,7 @@ A checkpoint directory (one per epoch, ``RUN/checkpoint_epoch_NNN``; RUN a local
 
     model.pt           model state_dict (tensors only; loaded with torch.load(weights_only=True))
     optimizer.pt       optimizer state_dict (tensors and numbers; weights_only=True)
-    state.json         epoch, learning rate, best AUC so far, non-improving epochs, this epoch's metrics, history
+    state.json         epoch, learning rate, best AUC so far, non-improving epochs, history (every epoch's metrics)
     config.yaml        the resolved experiment config
     feature_map.json   vocabulary sizes the model was built for
     item_source.json   where the item table's frozen vectors came from (given column or fused file)

@@ -262,7 +262,7 @@ def fuse_items(data_dir: str | Path, cfg: FusionConfig, source: str = "shipped",
                     "items get zero vectors (items_without_vectors in the summary)", src.path, src.num_rows, n,
                     n - src.num_rows)
     progress(f"fuse: fitting {cfg.strategy} PCA on {src.num_rows} items of {src.path}")
-    fitted = fit_fusion(cfg, src.batches, src.num_rows, pca=pca, seed=seed, where=str(src.path))
+    fitted = fit_fusion(cfg, src.batches, src.num_rows, pca=pca, where=str(src.path))
     table = np.zeros((n + 1, fitted.dim), dtype=np.float32)
     missing = 0
     for b in src.batches():  # finite: fit_fusion refused values whose scale float32 cannot hold, and NaN/inf

@@ -1,4 +1,5 @@
-"""The fusion strategies of MISSION.md: how BERT and CLIP item vectors become one item vector, with PCA.
+"""The fusion strategies (README, "Item embeddings and fusion"): how BERT and CLIP item vectors become one item
+vector, with PCA.
 
 ======== =====================================================================
 strategy item vector
@@ -21,7 +22,7 @@ have a cover, before fitting and transforming; after centering that is the origi
 
 Example:
     >>> fitted = fit_fusion(FusionConfig("v4", text_dim=64, image_dim=64), batches, n_items=91_717)
-    >>> vectors = fitted.transform(text, image, missing)        # (B, 128)
+    >>> vectors = fitted.transform(ModalityBatch(ids, text, image, missing))  # (B, 128)
 """
 
 from __future__ import annotations
@@ -232,7 +233,7 @@ def _part(name: str, inputs: tuple[str, ...], est: PCA | IncrementalPCA) -> PCAP
 
 
 def fit_fusion(cfg: FusionConfig, batches: Callable[[], Iterator[ModalityBatch]], n_items: int,
-               pca: str = "auto", seed: int = 0, chunk_rows: int = 16_384, where: str = "the item vectors"
+               pca: str = "auto", chunk_rows: int = 16_384, where: str = "the item vectors"
                ) -> FittedFusion:
     """Fit ``cfg.strategy``'s PCA parts on the items that ``batches()`` yields (it may be called several times).
 

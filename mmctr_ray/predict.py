@@ -88,7 +88,7 @@ def score_parquet(model: DINModel, path: str | Path, max_len: int, batch_rows: i
     """Probabilities (or with ``logits``, the fp32 logits, what AUC ranks) for every row of a split (a file, or a
     folder of part files), in row order, in this process (no Ray).
 
-    The reference for the Ray Data path, and the plain loop the benchmarks compare against.
+    The in-process scorer of `mmctr compare`, and the tests' reference for the Ray Data path.
     """
     device = next(model.parameters()).device
     out = []

@@ -339,8 +339,9 @@ def check_local_pool(count: int, cpus_each: float, gpus_each: float, noun: str, 
 def check_actors(actors: int, gpus_per_actor: float, cpus_per_actor: float = 1.0, cpus_flag: bool = False) -> None:
     """:func:`check_local_pool` for a Ray Data actor pool (GPU actors take no CPU); ``cpus_flag``: the command
     has ``--cpus-per-actor``."""
-    if gpus_per_actor > 1 and gpus_per_actor != int(gpus_per_actor):  # Ray refuses such a request in the actors
-        raise ConfigError(f"--gpus-per-actor {gpus_per_actor:g}: above 1 GPU an actor needs a whole number of GPUs")
+    if gpus_per_actor > 1:  # the CLI's ACTOR_GPUS rule, for library callers: a second GPU would sit idle
+        raise ConfigError(f"--gpus-per-actor {gpus_per_actor:g}: an actor runs its model on one GPU: expected at "
+                          "most 1 (a share such as 0.5 puts several actors on one GPU; --actors adds GPUs)")
     lower = "--actors (or --cpus-per-actor)" if cpus_flag and not gpus_per_actor else "--actors"
     check_local_pool(actors, 0.0 if gpus_per_actor else cpus_per_actor, gpus_per_actor, "actors", lower,
                      "--actors or --gpus-per-actor")

@@ -78,8 +78,8 @@ NO_PARTS = ("a folder without part files (*.parquet); expected the split as one 
 
 def parquet_parts(path: str | Path) -> list[Path]:
     """The files of a split: ``path`` itself when it is a file; when it is a folder, its ``*.parquet`` files in name
-    order (the split's row order), leaving out names that start with ``.`` or ``_`` (partial files, ``_SUCCESS``,
-    checksums), as pyarrow's datasets do; empty when ``path`` is missing or holds no part."""
+    order, numbers by value (the split's row order), leaving out names that start with ``.`` or ``_`` (partial
+    files, ``_SUCCESS``, checksums), as pyarrow's datasets do; empty when ``path`` is missing or holds no part."""
     path = Path(path)
     if path.is_dir():
         return sorted((p for p in path.iterdir() if p.suffix == ".parquet" and not p.name.startswith((".", "_"))

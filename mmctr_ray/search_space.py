@@ -103,7 +103,7 @@ class SearchSpace:
         config's size of each of them that some trial can use unsampled (a strategy the search can pick uses it,
         and it is not searched whenever such a strategy is: its ``when`` holds only ``fusion.strategy`` values
         covering every such strategy)."""
-        from mmctr_ray.fusion import PARTS  # which strategy reads which size (here: scikit-learn loads with it)
+        from mmctr_ray.fusion import PARTS  # which strategy reads which size
 
         base = self.trial_config({}).fusion
         by_key = {p.key: p for p in self.params}

@@ -100,9 +100,9 @@ def to_probabilities(logits: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], cfg: TrainConfig,
-            device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, logits) over every batch, in iteration order."""
+def predict(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], cfg: TrainConfig
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, logits) over every batch (already on the model's device), in iteration order."""
     was_training = model.training
     model.eval()
     labels, logits = [], []
@@ -554,13 +554,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics = None
             if rank == 0 and diverged is None:
                 if valid_kept is not None:
-                    labels, logits = predict(model, valid_kept.in_order(cfg.train.eval_batch_size), cfg.train, device)
+                    labels, logits = predict(model, valid_kept.in_order(cfg.train.eval_batch_size), cfg.train)
                 else:  # read it; keep it in read order when the training shard was kept and the budget's rest allows
                     valid_recorder = ShardRecorder(budget - shard.nbytes if shard else 0, config["valid_rows"])
                     valid = ray.train.get_dataset_shard("valid").iter_torch_batches(
                         batch_size=cfg.train.eval_batch_size, device=device)
-                    labels, logits = predict(model, _recorded(_releasing(valid, memory), valid_recorder), cfg.train,
-                                             device)
+                    labels, logits = predict(model, _recorded(_releasing(valid, memory), valid_recorder), cfg.train)
                     valid_kept = valid_recorder.finish()
                 bad = int((~np.isfinite(logits)).sum())
                 metrics = {"diverged": f"{bad:,} non-finite predictions on the valid split after epoch {epoch}"} \

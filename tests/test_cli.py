@@ -110,6 +110,11 @@ def test_flags_are_not_abbreviated_and_report_top_is_positive(tmp_path, capsys):
             assert (f"argument --gpus-per-actor: an actor runs its model on one GPU: expected at most 1 (a share such "
                     f"as 0.5 puts several actors on one GPU; --actors adds GPUs), got {gpus}") in \
                 capsys.readouterr().err
+    from mmctr_ray.ray_env import check_actors
+    for gpus in (1.5, 2.0):  # the library's check (embed_items, score_split) says the flag's rule, not "whole GPUs"
+        with pytest.raises(ConfigError, match=f"--gpus-per-actor {gpus:g}: an actor runs its model on one GPU: "
+                                              "expected at most 1"):
+            check_actors(1, gpus)
     # the pipeline's actors default to --gpus-per-worker, which may be above 1: one GPU an actor, as the flag allows
     assert [pipeline_actor_gpus(w, None) for w in (0.0, 0.5, 1.0, 2.0)] == [0.0, 0.5, 1.0, 1.0]
     assert pipeline_actor_gpus(2.0, 0.25) == 0.25

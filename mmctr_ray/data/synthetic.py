@@ -118,7 +118,7 @@ class SynthSpec:
 
 PRESETS: dict[str, dict[str, int]] = {
     "small": {},
-    # the real MicroLens_1M_x1 row counts (MISSION.md)
+    # the row counts of the challenge's MicroLens_1M_x1
     "1m": dict(users=1_000_000, items=91_717, train_rows=3_600_000, valid_rows=10_000, test_rows=379_142,
                tags=11_740, topics=64),
 }

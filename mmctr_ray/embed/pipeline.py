@@ -11,7 +11,8 @@ Stages::
 Output (``--out X.parquet``): one row per item, ordered by item_id whatever the scheduling::
 
     item_id int64 | txt_emb list<float32> (H) | img_emb list<float32> (E) | image_missing bool |
-    image_status int8 (0 ok, 1 missing file, 2 undecodable; the vector of a missing cover is all zeros)
+    image_status int8 (0 ok, 1 missing file, 2 undecodable; the vector of a missing cover is all zeros) |
+    title_cut bool (the title had more tokens than --max-length, special tokens included)
 
 plus ``X.embed.json`` (models, widths, counts, seconds, items/s). Shards are written to ``X.parquet.parts/``
 as they complete; an interrupted run re-run with the same settings skips the shards already there, and the
