@@ -7,6 +7,22 @@ import math
 import numpy as np
 
 
+PROB_EPS = 1e-7
+
+
+def to_probabilities(logits: np.ndarray) -> np.ndarray:
+    """Click probabilities of logits (the sigmoid in float64), clipped into (0, 1)."""
+    with np.errstate(over="ignore"):  # below a logit of -709 exp overflows to inf, and 1 / inf is the right 0
+        probs = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+    return np.clip(probs, PROB_EPS, 1 - PROB_EPS)
+
+
+def evaluate_logits(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    """:func:`evaluate` of a model's logits, as validation and ``mmctr predict`` score them: the AUC ranks the logits,
+    the logloss takes their clipped probabilities (:func:`to_probabilities`)."""
+    return evaluate(labels, to_probabilities(logits), scores=logits)
+
+
 def evaluate(labels: np.ndarray, probs: np.ndarray, scores: np.ndarray | None = None) -> dict[str, float]:
     """AUC and logloss of predicted click probabilities over every row given.
 
@@ -21,7 +37,7 @@ def evaluate(labels: np.ndarray, probs: np.ndarray, scores: np.ndarray | None = 
         (:func:`auc_with_se`); both are NaN when only one class is present.
     """
     labels = np.asarray(labels, dtype=np.float64)
-    probs = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
+    probs = np.clip(np.asarray(probs, dtype=np.float64), PROB_EPS, 1 - PROB_EPS)
     both = 0 < labels.sum() < len(labels)
     ranked = probs if scores is None else np.asarray(scores, dtype=np.float64)
     auc, se = auc_with_se(labels, ranked) if both else (float("nan"), float("nan"))  # scikit-learn's AUC (a test

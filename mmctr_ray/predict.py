@@ -28,13 +28,13 @@ from mmctr_ray.checkpoint import load_checkpoint, run_or_checkpoint
 from mmctr_ray.errors import DataError, OutputExistsError
 from mmctr_ray.features import MODEL_INPUTS, check_same_table, load_item_table, max_user_id, read_split, to_model_batch
 from mmctr_ray.host_malloc import actor_options
-from mmctr_ray.metrics import evaluate
+from mmctr_ray.metrics import evaluate_logits, to_probabilities
 from mmctr_ray.model import DINModel
 from mmctr_ray.preflight import check_split
 from mmctr_ray.ray_env import actor_device, check_actors, cpu_threads
 from mmctr_ray.schema import Layout, parquet_parts
 from mmctr_ray.storage import Location
-from mmctr_ray.training import logits_of, to_probabilities
+from mmctr_ray.training import logits_of
 
 log = logging.getLogger(__name__)
 
@@ -234,9 +234,9 @@ def run_predict(run_dir: Location, data_dir: str | Path, out: str | Path, split:
     summary: dict[str, Any] = {"submission": str(out), "rows": len(probs), "split": split,
                                "checkpoint": str(checkpoint)}
     if own:
-        summary["metrics"] = evaluate(labels, probs, scores=logits)
+        summary["metrics"] = evaluate_logits(labels, logits)
     elif truth is not None:
-        summary["metrics"] = evaluate(truth, probs, scores=logits)
+        summary["metrics"] = evaluate_logits(truth, logits)
     oracle = Layout(data_dir).oracle_auc(split, len(probs)) if split in ("valid", "test") else None
     if oracle is not None and "metrics" in summary:  # beside the AUC it is for
         summary["oracle_auc"] = oracle

@@ -56,6 +56,23 @@ def best_epoch(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return max(finite, key=lambda r: r["valid_auc"]) if finite else rows[0]
 
 
+def epoch_report(row: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
+    """What Tune hears of the epoch of ``row`` (``ray.train.report`` in a run, which Tune's callback passes on, and
+    the replay of a resumed search's trial): its scalars (metrics.jsonl keeps the per-worker lists; Ray's report
+    takes scalars) and the best epoch up to it, with its AUC (the earliest among equals, as the schedule keeps it;
+    NaN and no epoch before a finite AUC)."""
+    best = None
+    for r in history:  # a NaN AUC is no best (it would stay the best: nothing compares greater), as the schedule
+        if r["epoch"] <= row["epoch"] and math.isfinite(r["valid_auc"]) and (  # skips it
+                best is None or r["valid_auc"] > best["valid_auc"]):
+            best = r
+    if best is None:  # no finite AUC yet
+        best = {"valid_auc": float("nan"), "epoch": None}
+    scalars = {k: v for k, v in row.items() if not k.startswith("worker_")}
+    return {**scalars, "best_valid_auc": best["valid_auc"], "best_valid_auc_se": best.get("valid_auc_se"),
+            "best_epoch": best["epoch"]}
+
+
 def describe_item_vector(source: dict[str, Any], rms: float = 0.0) -> str:
     """What a run's frozen item vector is, from its checkpoint's ``item_source.json``: ``item_emb_d128 as shipped
     (given)`` or the fusion its table came from (``v4 = PCA(text) 64 ‖ PCA(image) 64 of item_feature.parquet``)."""

@@ -31,8 +31,9 @@ from mmctr_ray.checkpoint import (BEGAN, DIVERGED, PREFIX, TrainState, checkpoin
 from mmctr_ray.config import ExperimentConfig, TrainConfig, from_dict, worker_batch
 from mmctr_ray.errors import NotStarted
 from mmctr_ray.features import FeatureMap, load_item_table
-from mmctr_ray.metrics import evaluate
+from mmctr_ray.metrics import evaluate_logits
 from mmctr_ray.model import DINModel
+from mmctr_ray.report import epoch_report
 from mmctr_ray.ray_env import cpu_threads, quiet_ray_data, quiet_ray_train
 from mmctr_ray.resident import MIB, ResidentShard, ShardRecorder, resident_budget
 from mmctr_ray.run_log import RunLog
@@ -80,9 +81,6 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torc
     return loss.detach()
 
 
-PROB_EPS = 1e-7
-
-
 @torch.no_grad()
 def logits_of(model: nn.Module, inputs: dict[str, torch.Tensor], cfg: TrainConfig) -> np.ndarray:
     """The model's fp32 logits for one batch, computed in ``cfg``'s precision: what AUC ranks (probabilities in
@@ -90,13 +88,6 @@ def logits_of(model: nn.Module, inputs: dict[str, torch.Tensor], cfg: TrainConfi
     with autocast(cfg, next(model.parameters()).device):
         logits = model(inputs)
     return logits.float().cpu().numpy()
-
-
-def to_probabilities(logits: np.ndarray) -> np.ndarray:
-    """Click probabilities of logits (the sigmoid in float64), clipped into (0, 1)."""
-    with np.errstate(over="ignore"):  # below a logit of -709 exp overflows to inf, and 1 / inf is the right 0
-        probs = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
-    return np.clip(probs, PROB_EPS, 1 - PROB_EPS)
 
 
 @torch.no_grad()
@@ -274,22 +265,6 @@ class EarlyBatches:
             close()
 
 
-def _reported(row: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
-    """What ``ray.train.report`` carries for the epoch of ``row``: its scalars (metrics.jsonl keeps the per-worker
-    lists; Ray's report takes scalars) and the best epoch up to it, with its AUC (the earliest among equals, as the
-    schedule keeps it)."""
-    best = None
-    for r in history:  # a NaN AUC is no best (it would stay the best: nothing compares greater), as the schedule
-        if r["epoch"] <= row["epoch"] and math.isfinite(r["valid_auc"]) and (  # skips it
-                best is None or r["valid_auc"] > best["valid_auc"]):
-            best = r
-    if best is None:  # no finite AUC yet
-        best = {"valid_auc": float("nan"), "epoch": None}
-    scalars = {k: v for k, v in row.items() if not k.startswith("worker_")}
-    return {**scalars, "best_valid_auc": best["valid_auc"], "best_valid_auc_se": best.get("valid_auc_se"),
-            "best_epoch": best["epoch"]}
-
-
 def _report_unheard(history: list[dict[str, Any]] | None, heard: int, rank: int) -> None:
     """Report again the epochs after ``heard`` that the restored checkpoint has done: a worker that died after
     writing an epoch's checkpoint and before Ray Train's controller took its report (at its next poll) left that
@@ -306,7 +281,7 @@ def _report_unheard(history: list[dict[str, Any]] | None, heard: int, rank: int)
             where = ray.train.get_context().get_storage()  # Ray Train's own filesystem and path of RUN
             checkpoint = Checkpoint(f"{where.experiment_fs_path}/{PREFIX}{row['epoch']:03d}",
                                     filesystem=where.storage_filesystem)
-        ray.train.report(_reported(row, history), checkpoint=checkpoint,
+        ray.train.report(epoch_report(row, history), checkpoint=checkpoint,
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
 
@@ -430,6 +405,26 @@ def seed_epoch(seed: int, rank: int, epoch: int) -> None:
     torch.manual_seed(int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1, np.uint64)[0] >> 1))
 
 
+def begin_epoch(optimizer: torch.optim.Optimizer, state: TrainState, seed: int, rank: int) -> int:
+    """Start the epoch after ``state.epoch`` and return its number: the optimizer takes the schedule's rate
+    (``state.lr``, lowered after non-improving epochs; the rate metrics.jsonl reports is the one it steps with),
+    and torch's generators this rank's seed for the epoch (:func:`seed_epoch`)."""
+    for group in optimizer.param_groups:
+        group["lr"] = state.lr
+    epoch = state.epoch + 1
+    seed_epoch(seed, rank, epoch)  # after the model: the same initial weights on every rank
+    return epoch
+
+
+def mean_epoch_loss(loss_sum: torch.Tensor, steps: int, world: int) -> float:
+    """The epoch's train loss from this rank's sum of step losses: the mean over every rank's steps, not rank 0's
+    alone (one all-reduce per epoch, with ``world`` > 1), the same figure on every rank."""
+    if world > 1:
+        torch.distributed.all_reduce(loss_sum)
+        loss_sum = loss_sum / world
+    return float(loss_sum) / max(steps, 1)
+
+
 def shuffle_seed(seed: int, rank: int, epoch: int) -> int:
     """The seed of one rank's shuffle in one epoch (Ray Data's local shuffle buffer, or the kept shard's order), from
     ``(seed, rank, epoch)`` as :func:`seed_epoch`'s: with ``seed + epoch`` every rank shuffled its rows by the same
@@ -516,10 +511,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     valid_kept: ResidentShard | None = None
     with run_log:  # closed on a failed attempt too
         while state.epoch < cfg.train.epochs and not stop:
-            for group in optimizer.param_groups:
-                group["lr"] = state.lr
-            epoch = state.epoch + 1
-            seed_epoch(cfg.train.seed, rank, epoch)  # after the model: the same initial weights on every rank
+            epoch = begin_epoch(optimizer, state, cfg.train.seed, rank)
             recorder = None
             if early is not None and early[0] == epoch:  # the stream started during the set-up
                 _, recorder, batches = early
@@ -543,13 +535,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _synchronize(device)  # the last step's GPU work inside the epoch's time
             seconds = time.perf_counter() - t0
             epoch_seconds = time.perf_counter() - start
-            if world > 1:  # the mean over every rank's batches, not rank 0's alone (one collective per epoch)
-                torch.distributed.all_reduce(loss_sum)
-                loss_sum /= world
+            train_loss = mean_epoch_loss(loss_sum, step, world)
             if recorder is not None and not keep_tried and epoch < cfg.train.epochs:
                 shard, resident_steps = _keep_shard(recorder, per_worker, rank)
                 keep_tried = True
-            train_loss = float(loss_sum) / max(step, 1)  # the same on every rank (all-reduced)
             diverged = None if math.isfinite(train_loss) else f"train loss {train_loss} in epoch {epoch}"
             metrics = None
             if rank == 0 and diverged is None:
@@ -563,7 +552,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     valid_kept = valid_recorder.finish()
                 bad = int((~np.isfinite(logits)).sum())
                 metrics = {"diverged": f"{bad:,} non-finite predictions on the valid split after epoch {epoch}"} \
-                    if bad else evaluate(labels, to_probabilities(logits), scores=logits)
+                    if bad else evaluate_logits(labels, logits)
             metrics = _broadcast(metrics)
             diverged = diverged or (metrics or {}).get("diverged")
             if diverged:  # every rank ends here, together, and the driver raises: a retry would diverge again
@@ -595,6 +584,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     save_checkpoint(Path(tmp), model, optimizer, state, cfg, fmap, table.source)
                     run_log.epoch_end(state)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
-                ray.train.report(_reported(row, state.history), checkpoint=checkpoint,
+                ray.train.report(epoch_report(row, state.history), checkpoint=checkpoint,
                                  checkpoint_dir_name=f"{PREFIX}{epoch:03d}")
             _maybe_fault(config.get("fault"), rank, report=epoch)

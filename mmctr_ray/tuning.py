@@ -190,7 +190,7 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
 
     from mmctr_ray.checkpoint import BEGAN, DIVERGED, checkpoint_epoch, latest_checkpoint
     from mmctr_ray.config import save_config
-    from mmctr_ray.report import read_metrics
+    from mmctr_ray.report import epoch_report, read_metrics
     from mmctr_ray.train_driver import run_training
     from mmctr_ray.tune_report import STARTED, in_this_search
 
@@ -203,12 +203,10 @@ def run_trial(config: dict[str, Any], space: SearchSpace, tune_dir: str, data_di
         latest = latest_checkpoint(run_dir)  # checkpoint: a kill between the two left a row the run trains again
         history = [row for row in history if row["epoch"] <= ((checkpoint_epoch(latest) or 0) if latest else 0)]
     if resume or (run_dir / "summary.json").is_file():
-        # a trial the driver had started before it was restarted: Tune hears its epochs again (no retraining)
-        best: dict[str, Any] = {"valid_auc": float("-inf")}
+        # a trial the driver had started before it was restarted: Tune hears its epochs again (no retraining), as
+        # the run reported them
         for row in history:
-            best = max(best, row, key=lambda r: r["valid_auc"])  # the earliest among equals, as the run keeps
-            ray.tune.report({**row, METRIC: best["valid_auc"], "best_valid_auc_se": best.get("valid_auc_se"),
-                             "best_epoch": best.get("epoch")})
+            ray.tune.report(epoch_report(row, history))
         if (run_dir / "summary.json").is_file():
             return
     if (run_dir / DIVERGED).is_file():  # an errored trial that --resume retries: at its lr it would diverge again

@@ -91,6 +91,24 @@ def test_paper_config_builds_every_module():
     assert model.head.cross is not None and model.head.cross.version == "v2"
 
 
+def test_fibinets_second_bilinear_branch_takes_the_senet_weighted_fields():
+    """base ‖ bilinear(fields) ‖ bilinear(SENet(fields)), FiBiNET's two branches: a mutation that fed the raw fields
+    to the second branch too passed every test (the model built and trained, one branch fewer than it says)."""
+    from mmctr_ray.model import Interaction
+
+    torch.manual_seed(0)
+    interaction = Interaction(5, 4, senet=True, ratio=2, bilinear="field_all")
+    for p in interaction.parameters():  # away from the near-identity start, where weighting barely moves the pairs
+        torch.nn.init.normal_(p, std=1.0)
+    fields = torch.randn(3, 5, 4)
+    weighted = interaction.senet(fields)
+    assert not torch.allclose(weighted, fields, atol=1e-3)
+    base, features = interaction(fields)
+    torch.testing.assert_close(base, weighted.flatten(1))
+    torch.testing.assert_close(features, torch.cat([weighted.flatten(1), interaction.bilinear_raw(fields).flatten(1),
+                                                    interaction.bilinear_se(weighted).flatten(1)], dim=1))
+
+
 def test_every_dropout_of_the_paper_model_is_the_cpu_one():
     from mmctr_ray.layers.dropout import Dropout
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -84,15 +85,19 @@ def _one_trial_search(tmp_path: Path, trial: str, rows: list[dict]) -> Path:
 
 def test_the_searchs_best_auc_is_the_trials_own_not_rounded_twice(tmp_path):
     """results.csv held each best AUC rounded to 6 places, which `mmctr tune`'s last line and `mmctr report`'s
-    table then rounded to 4: a trial's 0.845649944, said 0.8456 by the trial, was 0.8457 there (its SE too)."""
+    table then rounded to 4: a trial's 0.845649944, said 0.8456 by the trial, was 0.8457 there (its SE too). Its
+    best epoch, not its last (a mutation that ranked trials by their last epoch passed: every AUC rose)."""
     from mmctr_ray.tune_report import top_trials, write_outputs
 
-    rows = [{**epoch(e, auc), "valid_auc_se": 0.00664995} for e, auc in ((1, 0.8), (2, 0.845649944))]
+    rows = [{**epoch(e, auc), "valid_auc_se": 0.00664995} for e, auc in ((1, 0.8), (2, 0.845649944), (3, 0.83))]
     tdir = _one_trial_search(tmp_path, "t1", rows)
     (tdir / "trials" / "t1" / "summary.json").write_text("{}")
     summary = write_outputs(tdir)
     assert (f"{summary['best_valid_auc']:.4f}", f"{summary['best_valid_auc_se']:.4f}") == ("0.8456", "0.0066")
-    assert "| 1 | t1 | completed | 0.8456 | 0.0066 | 2 |" in top_trials(tdir)
+    assert "| 1 | t1 | completed | 0.8456 | 0.0066 | 3 |" in top_trials(tdir)  # 3 epochs trained
+    with open(tdir / "results.csv") as f:
+        row = next(csv.DictReader(f))
+    assert (row["best_valid_auc"], row["best_epoch"], row["epochs"]) == ("0.845649944", "2", "3")
 
 
 def test_a_search_trial_without_a_finite_auc_has_no_result_to_rank(tmp_path):

@@ -226,6 +226,8 @@ def test_a_checkpoint_state_training_did_not_write_or_without_a_finite_auc_is_on
         best_checkpoint(tmp_path)
     second = _write_checkpoint(tmp_path, 2, 0.7)
     assert best_checkpoint(tmp_path) == second
+    _write_checkpoint(tmp_path, 3, 0.7)  # the earliest among equals, the epoch the report and summary.json name: a
+    assert best_checkpoint(tmp_path) == second  # mutation that took the latest passed, so predict scored another
     state = second / "state.json"
     state.write_text("[" + state.read_text()[1:])  # the size files.json records: a whole checkpoint, garbled
     with pytest.raises(DataError, match=rf"^{re.escape(str(state))}: not the state.json `mmctr train` writes \("):

@@ -167,6 +167,54 @@ def test_embedding_l2_is_half_the_squared_norm_of_the_tables_only():
     assert embedding_l2([a, b], 0.1).item() == pytest.approx(0.1 / 2 * (6 + 16))
 
 
+def _step_gradients(embedding_l2: float, grad_clip: float, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """The gradients one train_step hands its optimizer, for a table and a linear layer (the same start each call)."""
+    from mmctr_ray.training import train_step
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Embedding(10, 4)
+            self.linear = torch.nn.Linear(4, 1)
+
+        def forward(self, batch):
+            return self.linear(self.table(batch["item_id"])).squeeze(-1)
+
+    class Recording(torch.optim.SGD):
+        def step(self, closure=None):
+            self.seen = {name: p.grad.clone() for name, p in model.named_parameters()}
+            return super().step(closure)
+
+    torch.manual_seed(3)
+    model = Toy()
+    with torch.no_grad():
+        model.linear.weight.mul_(scale)
+    optimizer = Recording(model.parameters(), lr=0.1)
+    batch = {"item_id": torch.tensor([1, 2, 2, 5]), "label": torch.tensor([1.0, 0.0, 1.0, 0.0])}
+    cfg = tiny_cfg(f"train.embedding_l2={embedding_l2}", f"train.grad_clip={grad_clip}").train
+    train_step(model, batch, optimizer, [model.table.weight], cfg, torch.device("cpu"))
+    return optimizer.seen
+
+
+def test_a_training_step_puts_the_l2_on_the_tables_only_and_clips_the_whole_gradient():
+    """train_step with its real tables and settings: mutations that put the L2 on every parameter, or clipped at
+    100 times train.grad_clip, passed every test (the L2 helper and the table list were tested, not the step)."""
+    plain, with_l2 = _step_gradients(0.0, 0.0), _step_gradients(0.5, 0.0)
+    torch.manual_seed(3)
+    start = torch.nn.Embedding(10, 4).weight.detach()  # the table as Toy builds it
+    torch.testing.assert_close(with_l2["table.weight"], plain["table.weight"] + 0.5 * start)
+    for name in ("linear.weight", "linear.bias"):
+        torch.testing.assert_close(with_l2[name], plain[name])
+    wild = _step_gradients(0.0, 0.0, scale=1e4)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in wild.values()]))
+    assert norm > 100
+    clipped = _step_gradients(0.0, 10.0, scale=1e4)
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in clipped.values()]))
+    assert total.item() == pytest.approx(10.0, rel=1e-4)
+    for name, grad in clipped.items():  # one factor for all: the direction is kept
+        torch.testing.assert_close(grad, wild[name] * (10.0 / norm))
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """The private local Ray `mmctr train` starts (loopback, token auth, no dashboard, no preemption watcher, runs
@@ -1241,7 +1289,7 @@ def test_ray_datas_lines_of_bad_input_stay_off_the_console_of_the_commands_proce
 
 def test_an_epochs_report_carries_the_best_epoch_up_to_it():
     """Tune's line for an ended trial named the last epoch beside the best epoch's AUC."""
-    from mmctr_ray.training import _reported
+    from mmctr_ray.report import epoch_report as _reported
 
     history = [{"epoch": e, "valid_auc": auc, "valid_auc_se": 0.01 * e, "worker_rows": [1, 2]}
                for e, auc in ((1, 0.80), (2, 0.82), (3, 0.81), (4, 0.82))]
@@ -1869,15 +1917,19 @@ def test_resuming_a_run_that_has_trained_its_epochs_starts_no_ray(two_worker_run
 
 
 def test_each_rank_and_epoch_draws_its_own_dropout_masks_from_the_same_initial_weights():
+    """As a worker starts each epoch (begin_epoch): a mutation that seeded every epoch as epoch 1 passed the
+    deterministic-resume tests, whose two runs repeated the same wrong masks."""
+    from mmctr_ray.checkpoint import TrainState
     from mmctr_ray.layers.dropout import Dropout
-    from mmctr_ray.training import seed_epoch
+    from mmctr_ray.training import begin_epoch, seed_epoch
 
     def masks(rank, epoch, drawn_before=0):
         torch.manual_seed(7)
-        weights = torch.nn.Linear(8, 8).weight.detach().clone()  # the model, built before seed_epoch
+        layer = torch.nn.Linear(8, 8)  # the model, built before the epoch's seeding
+        optimizer = torch.optim.Adam(layer.parameters(), lr=1e-3)
         torch.rand(drawn_before)  # what earlier epochs drew, in a run that was never stopped
-        seed_epoch(7, rank, epoch)
-        return weights, Dropout(0.5).train()(torch.ones(64))  # the model's dropout draws from torch's generator
+        assert begin_epoch(optimizer, TrainState(epoch=epoch - 1, lr=1e-3), 7, rank) == epoch
+        return layer.weight.detach().clone(), Dropout(0.5).train()(torch.ones(64))  # dropout: torch's generator
 
     (w0, m0), (w1, m1), (w_next, m_next) = masks(0, 1), masks(1, 1), masks(0, 2)
     assert torch.equal(w0, w1) and torch.equal(w0, w_next)  # the same initial weights everywhere
@@ -1885,6 +1937,41 @@ def test_each_rank_and_epoch_draws_its_own_dropout_masks_from_the_same_initial_w
     assert torch.equal(masks(0, 2, drawn_before=1000)[1], m_next)  # epoch 2 draws the same, however it was reached
     seed_epoch(8, 0, 1)
     assert not torch.equal(Dropout(0.5).train()(torch.ones(64)), m1)  # seed 8's rank 0 is not seed 7's rank 1
+
+
+def test_the_optimizer_steps_at_the_rate_the_schedule_reports():
+    """Each epoch begins by giving the optimizer the schedule's rate: a mutation that left it out passed every test
+    (no run of theirs had a non-improving epoch), while metrics.jsonl reported rates the optimizer never took."""
+    from mmctr_ray.checkpoint import TrainState
+    from mmctr_ray.training import begin_epoch, update_schedule
+
+    cfg = tiny_cfg("train.lr=0.001", "train.patience=3").train
+    layer = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=cfg.lr)
+    state, taken = TrainState(lr=cfg.lr), []
+    for auc in (0.70, 0.72, 0.71, 0.69):  # two non-improving epochs after the second
+        begin_epoch(optimizer, state, 7, 0)
+        taken.append(optimizer.param_groups[0]["lr"])
+        state.epoch += 1
+        update_schedule(state, auc, cfg)
+    assert taken == pytest.approx([1e-3, 1e-3, 1e-3, 1e-4])
+    begin_epoch(optimizer, state, 7, 0)
+    assert optimizer.param_groups[0]["lr"] == state.lr == pytest.approx(1e-5)
+
+
+def test_an_epochs_train_loss_is_the_mean_over_every_ranks_steps(monkeypatch):
+    """Rank 0's sum of step losses is all-reduced (summed over the ranks) and divided by the ranks and the steps: a
+    mutation that dropped the division by the ranks passed every test (a 2-worker run's loss was 1.18, not 0.59)."""
+    from mmctr_ray.training import mean_epoch_loss
+
+    other_rank = torch.tensor(6.0)  # rank 1's sum over its 10 steps
+
+    def all_reduce(tensor):
+        tensor += other_rank
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    assert mean_epoch_loss(torch.tensor(5.0), 10, 2) == pytest.approx(0.55)
+    assert mean_epoch_loss(torch.tensor(5.0), 10, 1) == pytest.approx(0.5)  # one worker: no collective
 
 
 def test_a_runs_samples_per_s_is_its_rows_over_its_seconds_not_a_mean_of_its_epochs_rates():
@@ -2123,7 +2210,7 @@ def test_tensorboard_steps_count_the_steps_each_epoch_took(tmp_path, monkeypatch
 def test_probabilities_of_extreme_logits_stay_inside_0_1_without_a_warning():
     import warnings
 
-    from mmctr_ray.training import to_probabilities
+    from mmctr_ray.metrics import to_probabilities
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "overflow encountered in exp" at a logit below -709

@@ -308,6 +308,32 @@ def test_a_resumed_trial_tells_tune_only_the_epochs_its_checkpoints_hold(tmp_pat
     # `mmctr tune -v` shows the run's Ray Train and Ray Data lines, as `mmctr train -v` does
 
 
+def test_a_finished_trials_replay_tells_tune_what_its_run_reported(tmp_path, monkeypatch):
+    """A resumed search replays a finished trial's epochs: its best epoch so far is the earliest among equals, and NaN
+    before a finite AUC, as the run reported them (the replay had its own loop: a mutation that kept the latest
+    among equals passed, and it said -inf where the run had said NaN)."""
+    import ray.tune
+
+    from mmctr_ray.report import epoch_report
+    from mmctr_ray.tuning import run_trial
+
+    trial = tmp_path / "trials" / "t1"
+    trial.mkdir(parents=True)
+    rows = [{"epoch": 1, "valid_auc": math.nan, "worker_peak_rss_mib": [1.0]},
+            *({"epoch": e, "valid_auc": 0.7, "valid_auc_se": 0.01 * e} for e in (2, 3))]
+    (trial / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (trial / "summary.json").write_text("{}")
+    heard = []
+    monkeypatch.setattr(ray.tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t1"))
+    monkeypatch.setattr(ray.tune, "report", lambda metrics, **_: heard.append(metrics))
+    settings = {"workers": 1, "gpus_per_worker": 0, "cpus_per_worker": 1, "source": None}
+    run_trial({}, SearchSpace(params=()), str(tmp_path), str(tmp_path / "data"), settings)
+    assert [(m["epoch"], m["best_epoch"], m["best_valid_auc_se"]) for m in heard] == [(1, None, None), (2, 2, 0.02),
+                                                                                      (3, 2, 0.02)]
+    assert math.isnan(heard[0][METRIC]) and [m[METRIC] for m in heard[1:]] == [0.7, 0.7]
+    assert heard[1:] == [epoch_report(r, rows) for r in rows[1:]] and "worker_peak_rss_mib" not in heard[0]
+
+
 @pytest.mark.parametrize("verbose", [False, True])
 def test_tune_v_reaches_every_trials_run(synth_dir, tmp_path, monkeypatch, verbose):
     """`mmctr tune -v` left each trial's run at the quiet level: Ray Train's lines (resources asked, worker group
@@ -337,7 +363,7 @@ def test_tune_v_reaches_every_trials_run(synth_dir, tmp_path, monkeypatch, verbo
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
     monkeypatch.setattr(mmctr_ray.tuning, "_node_cpus", lambda: [4.0])
-    monkeypatch.setattr(mmctr_ray.tuning, "shared_datasets", lambda *a: {})
+    monkeypatch.setattr(mmctr_ray.tuning, "shared_datasets", lambda *a, **k: {})
     monkeypatch.setattr(ray.tune, "with_parameters", trainable_of)
     with pytest.raises(Stop) as stop:
         mmctr_ray.tuning.run_tuning(synth_dir, tmp_path / "tune", ROOT / "configs/search_tiny.yaml",
@@ -406,7 +432,7 @@ def test_asha_prunes_a_resumed_search_against_the_trials_before_the_kill(tmp_pat
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # numpy's "invalid value encountered", printed by Ray's cutoff
 def test_asha_records_a_result_without_a_finite_auc_as_null_and_reads_it_back_as_the_lowest(tmp_path, monkeypatch,
                                                                                           strict_json):
-    """A trial without a finite AUC reports -inf when a resumed search replays it (NaN when it trains): asha.json
+    """A trial without a finite AUC reports NaN (a resumed search's replay said -inf until 2026-12-07): asha.json
     held the bare tokens (not JSON); it is null now, read back as -inf, the lowest value ASHA's cutoff counts (a
     None there would fail it)."""
     import pickle
@@ -856,7 +882,7 @@ def test_a_base_table_named_relative_is_the_one_beside_the_command_in_every_tria
     check_inputs(synth_dir, "s.yaml")
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
     monkeypatch.setattr(mmctr_ray.tuning, "_node_cpus", lambda: [4.0])
-    monkeypatch.setattr(mmctr_ray.tuning, "shared_datasets", lambda *a: {})
+    monkeypatch.setattr(mmctr_ray.tuning, "shared_datasets", lambda *a, **k: {})
     monkeypatch.setattr(ray.tune, "with_parameters", lambda fn, **kw: (_ for _ in ()).throw(Stop(kw)))
     with pytest.raises(Stop) as stop:
         mmctr_ray.tuning.run_tuning(synth_dir, tmp_path / "tune", "s.yaml")
