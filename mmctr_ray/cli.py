@@ -249,6 +249,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if getattr(args, "fusion", None):
         from mmctr_ray.fuse import fusion_overrides
 
+        clash = [o for o in args.overrides if override_key(o) == "data.item_vector" or override_key(o).startswith(
+            "fusion.")]  # applied after --fusion's, they trained on FILE's table while config.yaml said otherwise
+        if clash:
+            raise ConfigError(f"--set {clash[0]}: --fusion {args.fusion} sets data.item_vector and fusion.* from the "
+                              "table's own .fusion.json, so the run's config says what it trains on; drop one of "
+                              "the two (another fusion: `mmctr fuse` it, then --fusion that table)")
         args = argparse.Namespace(**{**vars(args), "overrides": [*fusion_overrides(args.fusion), *args.overrides]})
     run_location(str(args.out))  # a RUN URI that cannot be used fails here, before Ray starts
     cfg = resume_config(str(args.out), args.overrides) if args.resume else _config(args)

@@ -64,19 +64,39 @@ def split_labels(data_dir: str | Path, split: str) -> tuple[Path, Any]:
     return path, labels
 
 
+def config_differences(configs: list[dict[str, Any]]) -> list[dict[str, dict[str, Any]]]:
+    """Per config (a checkpoint's config.yaml, as a dict of sections), the keys whose values differ from the first
+    one's: ``{"model.batch_norm": {"value": False, "first": True}}``; the first gets ``{}``. The one-line
+    description of a run leaves most keys out (activations, batch norm, precision, the schedule's settings), so
+    ablations that differ only there read alike without it."""
+    def flat(config: dict[str, Any]) -> dict[str, Any]:
+        return {f"{section}.{key}" if isinstance(values, dict) else section: value
+                for section, values in config.items()
+                for key, value in (values.items() if isinstance(values, dict) else [(None, values)])}
+
+    first = flat(configs[0]) if configs else {}
+    out = []
+    for config in configs:
+        mine = flat(config)
+        out.append({key: {"value": mine.get(key), "first": first.get(key)} for key in sorted({*first, *mine})
+                    if mine.get(key) != first.get(key)})
+    return out
+
+
 def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid", device: str = "cpu",
                  progress: Any = None) -> dict[str, Any]:
     """Score ``split`` of ``data_dir`` with each target's checkpoint on ``device``; return the split, its rows and
-    positives, and per target its checkpoint, epoch and :func:`compare_aucs`'s row (the first target is the
-    reference). Each run's ``train.precision`` decides on ``device``, as in its validation there (``auto``: fp32
-    on the CPU, bf16 on CUDA)."""
+    positives, and per target its checkpoint, epoch, :func:`compare_aucs`'s row (the first target is the
+    reference) and the config keys it sets unlike the first (:func:`config_differences`). Each run's
+    ``train.precision`` decides on ``device``, as in its validation there (``auto``: fp32 on the CPU, bf16 on
+    CUDA)."""
     from mmctr_ray.predict import check_finite, load_model, score_parquet
 
     if len(targets) < 1:
         raise DataError("compare: no run given")
     path, labels = split_labels(data_dir, split)
     checkpoints = [_checkpoint(target) for target in targets]  # every target checked before any is scored
-    scores, described = [], []
+    scores, described, configs = [], [], []
     for checkpoint in checkpoints:
         model = load_model(checkpoint, data_dir, device)
         cfg = model.experiment_cfg  # rows a step as in the run's validation; AUC ranks the logits
@@ -86,13 +106,16 @@ def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid",
         check_finite(logits, checkpoint, path)
         scores.append(logits)
         described.append(describe_run(cfg, model.item_source))
+        configs.append(cfg.to_dict())
         if progress is not None:
             progress(f"scored {split} with {checkpoint}")
     rows = compare_aucs(labels, scores)
     runs = []
-    for target, checkpoint, trained, row in zip(targets, checkpoints, described, rows):
+    for target, checkpoint, trained, row, differs in zip(targets, checkpoints, described, rows,
+                                                         config_differences(configs)):
         state = json.loads(storage.read_text(storage.join(checkpoint, "state.json")))
-        runs.append({"run": target, "checkpoint": str(checkpoint), "epoch": state["epoch"], "trained": trained, **row})
+        runs.append({"run": target, "checkpoint": str(checkpoint), "epoch": state["epoch"], "trained": trained, **row,
+                     "config_vs_first": differs})
     return {"data": str(data_dir), "split": split, "rows": int(len(labels)), "positives": int(labels.sum()),
             "runs": runs}
 
@@ -117,4 +140,15 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {r['run']} | {r['epoch']} | {r['auc']:.4f} | {r['se']:.4f} | " + " | ".join(versus) + " |")
     trained = [f"- {r['run']}: {r['trained']}" for r in result["runs"] if r.get("trained")]
     lines += ["", "What each run trained:", *trained] if trained else []
+    later = [r for r in result["runs"][1:] if "config_vs_first" in r]
+    if later:
+        lines += ["", "Config keys unlike the first run's (its value in brackets):"]
+        lines += [f"- {r['run']}: " + (", ".join(f"{key} {_yaml(d['value'])} ({_yaml(d['first'])})"
+                                                  for key, d in r["config_vs_first"].items()) or "the same config")
+                  for r in later]
     return "\n".join(lines) + "\n"
+
+
+def _yaml(value: Any) -> str:
+    """A config value as its YAML says it (``false``, ``[64, 32]``, ``null``)."""
+    return json.dumps(value) if not isinstance(value, str) else value

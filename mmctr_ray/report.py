@@ -116,8 +116,8 @@ def describe_model(cfg: ExperimentConfig) -> str:
         parts.append(f"SENet (ratio {m.senet_ratio})")
     if m.bilinear != "off":
         parts.append(f"bilinear interaction ({m.bilinear})")
-    if m.crossnet != "off":
-        parts.append(f"CrossNet {m.crossnet} ({m.cross_layers} layers)")
+    if m.crossnet != "off" and m.cross_layers:  # 0 layers build no CrossNet (model.Head): it said "(0 layers)"
+        parts.append(f"CrossNet {m.crossnet} ({m.cross_layers} layer{'s' * (m.cross_layers != 1)})")
     parts.append(f"DNN {list(m.dnn_units)}")
     fields = ["item id", *(["tags"] if m.use_tags else []), *(["user id"] if m.use_user_id else [])]
     return ", ".join(parts) + f"; embeddings of {m.embedding_dim} ({', '.join(fields)})"

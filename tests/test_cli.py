@@ -184,6 +184,20 @@ def test_a_flag_the_stage_does_not_know_is_refused_by_that_stage(capsys):
         assert err.startswith(f"usage: mmctr {argv[0]} ")
 
 
+def test_train_fusion_and_a_set_of_the_keys_it_sets_are_refused_together(tmp_path, capsys):
+    """`--fusion F --set fusion.text_dim=30` trained on F's 8+12 table with 30 in config.yaml, and `--set
+    data.item_vector=given` dropped F without a word: --set is applied after --fusion's keys."""
+    for key in ("fusion.text_dim=30", "data.item_vector=given", "fusion.strategy=v1"):
+        code = main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--fusion", "t.parquet",
+                     "--set", "train.epochs=1", "--set", key])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err == (f"mmctr train: error: --set {key}: --fusion t.parquet sets data.item_vector and "
+                                     "fusion.* from the table's own .fusion.json, so the run's config says what it "
+                                     "trains on; drop one of the two (another fusion: `mmctr fuse` it, then --fusion "
+                                     "that table)")
+    assert not (tmp_path / "run").exists()
+
+
 def test_user_errors_are_one_line_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  dnn_unit: [8]\n")

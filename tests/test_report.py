@@ -69,6 +69,24 @@ def test_a_nan_auc_is_written_as_null_and_the_report_still_picks_the_best_finite
     assert "| 1 | 0.5000 | nan | 0.5000 |" in summary  # the epoch without an AUC, as before
 
 
+def test_compare_names_the_config_keys_each_run_sets_unlike_the_first():
+    """`mmctr compare` across ablations: runs that differ in batch norm, an activation or the precision had the same
+    one-line description, so its table could not tell them apart."""
+    from mmctr_ray.compare import config_differences, markdown
+
+    first = {"name": "tiny", "model": {"batch_norm": True, "dnn_units": [32, 16]}, "train": {"precision": "auto"}}
+    nobn = {**first, "model": {"batch_norm": False, "dnn_units": [32, 8]}}
+    assert config_differences([first, nobn, first]) == [
+        {}, {"model.batch_norm": {"value": False, "first": True}, "model.dnn_units": {"value": [32, 8],
+                                                                                     "first": [32, 16]}}, {}]
+    runs = [{"run": name, "epoch": 1, "auc": 0.7, "se": 0.01, "diff": 0.0, "diff_se": 0.0, "p": 1.0,
+             "config_vs_first": differs} for name, differs in zip("abc", config_differences([first, nobn, first]))]
+    text = markdown({"split": "valid", "data": "D", "rows": 10, "positives": 3, "runs": runs})
+    assert text.endswith("Config keys unlike the first run's (its value in brackets):\n"
+                         "- b: model.batch_norm false (true), model.dnn_units [32, 8] ([32, 16])\n"
+                         "- c: the same config\n")
+
+
 def _one_trial_search(tmp_path: Path, trial: str, rows: list[dict]) -> Path:
     """A search folder of one trial of the tiny search that wrote ``rows`` as its metrics.jsonl."""
     from mmctr_ray.config import load_config, save_config

@@ -1481,6 +1481,12 @@ def test_compare_scores_runs_on_the_same_rows_with_the_paired_test(two_worker_ru
     assert f"| {first} | 1 | {other['auc']:.4f} | {other['se']:.4f} | {other['diff']:+.4f} |" in text
     assert f"\n- {two}: config `tiny`: multi-head" in text and f"\n- {first}: config `tiny`: " in text
     assert ref["trained"].endswith("batch 256, adam lr 0.001, dropout 0.2, embedding L2 1e-06")
+    # the two describe alike; what tells them apart is in their configs: plain_cfg against two_worker_cfg
+    assert ref["config_vs_first"] == {} and other["config_vs_first"] == {
+        "train.patience": {"value": 3, "first": 1}, "train.resident": {"value": "auto", "first": "on"},
+        "train.shuffle_buffer": {"value": 1000, "first": 65536}}
+    assert (f"Config keys unlike the first run's (its value in brackets):\n- {first}: train.patience 3 (1), "
+            "train.resident auto (on), train.shuffle_buffer 1000 (65536)\n") in text
     assert main(args) == 2  # the JSON file is kept
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert main(["compare", "--data", str(synth_dir), str(tmp_path)]) == 2
@@ -1842,6 +1848,8 @@ def test_a_fusion_section_the_item_vectors_do_not_match_is_warned_about_and_runs
     ablation = describe_run(tiny_cfg("model.use_history=false", "model.use_user_id=true"), None)
     assert ablation.startswith("config `tiny`: no history (model.use_history=false), SENet") and "(item id, tags, " \
         "user id)" in ablation and "item vector item_emb_d128 as shipped (given)" in ablation  # from the config
+    assert "CrossNet" not in describe_run(tiny_cfg("model.cross_layers=0"), None)  # no CrossNet is built
+    assert "CrossNet v1 (1 layer), DNN" in describe_run(tiny_cfg("model.crossnet=v1", "model.cross_layers=1"), None)
 
 
 def test_a_resume_with_nothing_to_train_says_so_before_ray_starts(tmp_path, monkeypatch):
