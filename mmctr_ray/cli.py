@@ -497,8 +497,12 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
         if rc == 0 and not continuing:  # the id tables training would refuse, before the steps ahead of it
             from mmctr_ray.features import check_data_id_tables  # (embed's hours at full scale)
 
-            model = _config(args).model
-            check_data_id_tables(data, model.use_tags, model.use_user_id, model.embedding_dim)
+            cfg = _config(args)
+            check_data_id_tables(data, cfg.model.use_tags, cfg.model.use_user_id, cfg.model.embedding_dim)
+            if not args.embed:  # the shipped vectors: a fusion wider than they hold, before Ray and the fuse step
+                from mmctr_ray.fuse import check_widths
+
+                check_widths(data, cfg.fusion)
         return rc
 
     validate = ("validate", validate_step)  # expect_test_rows: demo's, synth.json's count

@@ -35,7 +35,8 @@ from mmctr_ray.data.writer import list_array
 from mmctr_ray.errors import ConfigError, DataError
 from mmctr_ray.features import (FUSED_VECTOR_COLUMN, has_placeholder_embeddings, items_fingerprint, list_matrix,
                                 open_parquet, titles_fingerprint)
-from mmctr_ray.fusion import PARTS, FittedFusion, ModalityBatch, fit_fusion, modalities_needed
+from mmctr_ray.fusion import (PARTS, FittedFusion, ModalityBatch, check_width, fit_fusion, input_widths,
+                              modalities_needed)
 from mmctr_ray.locking import check_table_output
 from mmctr_ray.schema import PAD_ID, Layout
 
@@ -312,6 +313,18 @@ def fusion_fields(cfg: FusionConfig) -> dict[str, Any]:
     the unused default, beside its text_dim and image_dim)."""
     widths = {field for _, _, field in PARTS.get(cfg.strategy, ())}
     return {"strategy": cfg.strategy, **{k: v for k, v in asdict(cfg).items() if k in widths}}
+
+
+def check_widths(data_dir: str | Path, cfg: FusionConfig, source: str = "shipped") -> None:
+    """The fit's own width check (each part at most min(items, input width)), from the source's first rows, for a
+    command that fuses after other steps: `mmctr pipeline` said a too wide ``fusion.*`` at its fuse step only, once
+    Ray had started. Nothing for ``given``."""
+    if cfg.strategy not in PARTS:
+        return
+    src = ItemSource(Path(data_dir), source, cfg.strategy, batch_rows=64)
+    widths = input_widths(next(iter(src.batches())))
+    for name, inputs, field in PARTS[cfg.strategy]:
+        check_width(cfg, name, field, src.num_rows, sum(widths[m] for m in inputs))
 
 
 def fusion_overrides(table_path: str | Path) -> list[str]:

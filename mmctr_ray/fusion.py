@@ -192,7 +192,8 @@ def _image_fill(batches: Iterable[ModalityBatch]) -> np.ndarray:
     return (total / count).astype(np.float32)
 
 
-def _check_width(cfg: FusionConfig, name: str, width_field: str, n_items: int, in_dim: int) -> int:
+def check_width(cfg: FusionConfig, name: str, width_field: str, n_items: int, in_dim: int) -> int:
+    """``cfg``'s width of its part ``name``, refused in one line when over min(items, input width)."""
     k = getattr(cfg, width_field)
     if k > min(n_items, in_dim):
         raise ConfigError(f"fusion.{width_field}={k}: expected at most min(items, input width) = "
@@ -252,7 +253,7 @@ def fit_fusion(cfg: FusionConfig, batches: Callable[[], Iterator[ModalityBatch]]
 
     needs_image = "image" in modalities_needed(cfg.strategy)
     widths = input_widths(next(iter(batches())))
-    specs = [(name, inputs, _check_width(cfg, name, wf, n_items, sum(widths[m] for m in inputs)))
+    specs = [(name, inputs, check_width(cfg, name, wf, n_items, sum(widths[m] for m in inputs)))
              for name, inputs, wf in PARTS[cfg.strategy]]
     if pca == "auto":
         pca = "full" if input_bytes(cfg.strategy, n_items, widths) <= FULL_PCA_MAX_BYTES else "incremental"

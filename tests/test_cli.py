@@ -1098,6 +1098,22 @@ def test_pipeline_resume_summarises_the_data_again_when_its_data_settings_change
         assert trained[0].resume and [o for o in trained[0].overrides if o.startswith("train.lr")] == passed
 
 
+def test_a_pipeline_refuses_a_fusion_wider_than_the_vectors_before_ray_starts(synth_dir, tmp_path, monkeypatch,
+                                                                            capsys):
+    """`--set fusion.text_dim=2000` was refused at the fuse step, after validate and Ray's start (~15 s)."""
+    import mmctr_ray.cli as cli
+
+    def start_ray(*args, **kwargs):
+        raise AssertionError("Ray started before the fusion's widths were checked")
+
+    monkeypatch.setattr(cli, "_start_ray", start_ray)
+    code = main(["pipeline", "--data", str(synth_dir), "--out", str(tmp_path / "out"), "--config",
+                 "configs/tiny.yaml", "--set", "fusion.text_dim=2000"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and re.fullmatch(r"mmctr pipeline: error: fusion\.text_dim=2000: expected at most min\(items, "
+                                      r"input width\) = min\(\d+, 768\) for the text PCA", err), err
+
+
 def test_a_pipeline_resume_embeds_again_where_a_kill_left_the_table_without_its_record(synth_dir, tmp_path,
                                                                                          monkeypatch):
     """`mmctr embed` writes its record (.embed.json) after the table: a kill between the two left a table that
