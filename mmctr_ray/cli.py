@@ -249,13 +249,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if getattr(args, "fusion", None):
         from mmctr_ray.fuse import fusion_overrides
 
-        clash = [o for o in args.overrides if override_key(o) == "data.item_vector" or override_key(o).startswith(
-            "fusion.")]  # applied after --fusion's, they trained on FILE's table while config.yaml said otherwise
-        if clash:
-            raise ConfigError(f"--set {clash[0]}: --fusion {args.fusion} sets data.item_vector and fusion.* from the "
+        table = fusion_overrides(args.fusion)
+        own, asked = load_config(args.config, table), load_config(args.config, [*table, *args.overrides])
+        if (own.fusion, own.data.item_vector) != (asked.fusion, asked.data.item_vector):  # --set after --fusion's
+            # keys: it trained on FILE's table while config.yaml said another fusion, or dropped FILE for given
+            clash = next(o for o in args.overrides if override_key(o) == "data.item_vector" or
+                         override_key(o).startswith("fusion."))
+            raise ConfigError(f"--set {clash}: --fusion {args.fusion} sets data.item_vector and fusion.* from the "
                               "table's own .fusion.json, so the run's config says what it trains on; drop one of "
                               "the two (another fusion: `mmctr fuse` it, then --fusion that table)")
-        args = argparse.Namespace(**{**vars(args), "overrides": [*fusion_overrides(args.fusion), *args.overrides]})
+        args = argparse.Namespace(**{**vars(args), "overrides": [*table, *args.overrides]})
     run_location(str(args.out))  # a RUN URI that cannot be used fails here, before Ray starts
     cfg = resume_config(str(args.out), args.overrides) if args.resume else _config(args)
     summary = run_training(args.data, str(args.out), cfg, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
@@ -439,6 +442,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     log.info("%s: mmctr_ray from %s", label, Path(__file__).parent)  # on a cluster: the job's working_dir copy
     resume = args.resume
     pipeline.check_out(out, resume, args.overwrite)
+    if any(override_key(o) == "data.item_vector" for o in args.overrides):  # said at the train step, after fuse
+        raise ConfigError("--set data.item_vector: the pipeline trains on the table its fuse step writes, of the "
+                          "config's fusion section (fusion.strategy=given for item_emb_d128 as shipped)")
     if args.embed and _config(args).fusion.strategy == "given":  # before embed's hours of encoding
         raise ConfigError("--embed: the config's fusion.strategy is given, which trains on the shipped "
                           "item_emb_d128 and never reads the embeddings: set a strategy that fuses them (--set "
@@ -798,7 +804,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "URI (s3://, gs://, abfs://, hdfs://, file://, or an fsspec scheme)")
     _add_config_args(p)
     p.add_argument("--fusion", type=_local_path, metavar="FILE", help="fused item table from `mmctr fuse` (sets "
-                   "data.item_vector, and fusion.* from FILE's .fusion.json)")
+                   "data.item_vector, and fusion.* from FILE's .fusion.json; a --set of those keys to other values "
+                   "is refused)")
     _add_training_args(p)
     _add_resume_args(p, "continue RUN from its latest checkpoint (its own config)", "replace a run already in RUN")
     _add_ray_args(p)

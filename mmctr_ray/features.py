@@ -395,7 +395,7 @@ def check_left_padded(seq: np.ndarray, where: str) -> None:
 # test machine, for a 300-row split too, and once an epoch for a split read every epoch. The older reader (V1)
 # reads a few files' footers where the read is planned: 0.10-0.15 s. V1 reads each file in one task, though, where
 # V2 spreads a file's row groups over tasks (and a cluster's nodes): V1 reads a split up to V1_MAX_ROWS, V2 anything
-# larger, or of more files than V1_MAX_FILES.
+# larger, or of more files than V1_MAX_FILES, unless the caller needs file order (read_split's ``ordered``).
 #
 # V1 by default cuts each read task's output into ~200 blocks (Ray Data's minimum read parallelism;
 # "ReadParquet->SplitBlocks(163)" for a 200k-row file), and a split read cannot fuse with what follows: the blocks

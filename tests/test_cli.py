@@ -184,18 +184,81 @@ def test_a_flag_the_stage_does_not_know_is_refused_by_that_stage(capsys):
         assert err.startswith(f"usage: mmctr {argv[0]} ")
 
 
-def test_train_fusion_and_a_set_of_the_keys_it_sets_are_refused_together(tmp_path, capsys):
+def test_train_fusion_and_a_set_of_the_keys_it_sets_are_refused_together(synth_dir, tmp_path, capsys, monkeypatch):
     """`--fusion F --set fusion.text_dim=30` trained on F's 8+12 table with 30 in config.yaml, and `--set
-    data.item_vector=given` dropped F without a word: --set is applied after --fusion's keys."""
+    data.item_vector=given` dropped F without a word: --set is applied after --fusion's keys. The values F sets are
+    no clash (`mmctr pipeline` passes its --set fusion.* beside the table it fused with them)."""
+    import mmctr_ray.train_driver
+    from mmctr_ray.config import load_config
+    from mmctr_ray.fuse import run_fuse
+
+    table = tmp_path / "t.parquet"
+    run_fuse(synth_dir, table, load_config("configs/tiny.yaml", ["fusion.text_dim=8"]).fusion,
+             progress=lambda m: None)
+    trained = []
+
+    def run_training(data, run, cfg, **kwargs):
+        trained.append(cfg)
+        raise ConfigError("stopped before training")
+
+    monkeypatch.setattr(mmctr_ray.train_driver, "run_training", run_training)
+    base = ["train", "--data", str(synth_dir), "--out", str(tmp_path / "run"), "--config", "configs/tiny.yaml",
+            "--fusion", str(table), "--set", "train.epochs=1"]
     for key in ("fusion.text_dim=30", "data.item_vector=given", "fusion.strategy=v1"):
-        code = main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--fusion", "t.parquet",
-                     "--set", "train.epochs=1", "--set", key])
+        code = main([*base, "--set", key])
         err = capsys.readouterr().err.strip()
-        assert code == 2 and err == (f"mmctr train: error: --set {key}: --fusion t.parquet sets data.item_vector and "
+        assert code == 2 and err == (f"mmctr train: error: --set {key}: --fusion {table} sets data.item_vector and "
                                      "fusion.* from the table's own .fusion.json, so the run's config says what it "
                                      "trains on; drop one of the two (another fusion: `mmctr fuse` it, then --fusion "
                                      "that table)")
-    assert not (tmp_path / "run").exists()
+    assert not trained and not (tmp_path / "run").exists()
+    assert main([*base, "--set", "fusion.text_dim=8", "--set", "fusion.strategy=v4"]) == 2  # F's own values
+    assert capsys.readouterr().err.strip().endswith("stopped before training")
+    assert trained[0].fusion.text_dim == 8 and trained[0].data.item_vector == str(table.resolve())
+
+
+def test_a_pipeline_set_of_fusion_keys_trains_on_the_table_it_fused(synth_dir, tmp_path, monkeypatch):
+    """README's `pipeline ... --set fusion.strategy=v4`: the train step gets the fused table (--fusion) and the
+    command's --set beside it, with the same values; train's check against a --set that contradicts --fusion
+    refused it there, after fuse and features (the review of 6d57dc9)."""
+    import ray
+
+    import mmctr_ray.cli as cli
+    import mmctr_ray.ray_env as ray_env
+    import mmctr_ray.train_driver
+
+    monkeypatch.setattr(cli, "_start_ray", lambda *a, **k: None)
+    monkeypatch.setattr(ray_env, "private_local_ray", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    for name in ("cmd_validate", "cmd_features", "cmd_predict", "cmd_report"):
+        monkeypatch.setattr(cli, name, lambda args: 0)
+    trained = []
+
+    def run_training(data, run, cfg, **kwargs):
+        trained.append(cfg)
+        Path(run).mkdir(parents=True, exist_ok=True)
+        summary = {"best_valid_auc": 0.5, "best_valid_logloss": 0.6, "best_epoch": 1, "epochs": 1,
+                   "best_checkpoint": f"{run}/checkpoint_epoch_001"}
+        (Path(run) / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(mmctr_ray.train_driver, "run_training", run_training)
+    out = tmp_path / "out"
+    assert main(["pipeline", "--data", str(synth_dir), "--out", str(out), "--config", "configs/tiny.yaml",
+                 "--set", "fusion.text_dim=16", "--set", "train.epochs=1"]) == 0
+    fused = json.loads((out / "item_emb.fusion.json").read_text())
+    assert fused["text_dim"] == 16 and trained[0].fusion.text_dim == 16
+    assert trained[0].data.item_vector == str((out / "item_emb.parquet").resolve())
+
+
+def test_a_pipeline_refuses_a_set_of_the_item_vector_before_it_starts(tmp_path, capsys):
+    """The pipeline trains on the table its fuse step writes: `--set data.item_vector=...` was refused by train's
+    --fusion check only after fuse and features."""
+    assert main(["pipeline", "--out", str(tmp_path / "out"), "--set", "data.item_vector=given"]) == 2
+    assert capsys.readouterr().err.strip() == ("mmctr pipeline: error: --set data.item_vector: the pipeline trains on "
+                                               "the table its fuse step writes, of the config's fusion section "
+                                               "(fusion.strategy=given for item_emb_d128 as shipped)")
+    assert not (tmp_path / "out").exists()
 
 
 def test_user_errors_are_one_line_without_traceback(tmp_path):
