@@ -638,3 +638,15 @@ def test_the_item_files_read_signed_ids_as_the_interactions_do_and_name_a_bad_va
     (tmp_path / "seq.tsv").write_text("+5\t1 2\n")  # a header-less first line, signed: it was taken for a header
     (tmp_path / "named.tsv").write_text("user\titems\n5\t1 2\n")
     assert not has_header(tmp_path / "seq.tsv") and has_header(tmp_path / "named.tsv")
+
+
+def test_an_item_keeps_its_first_tags_with_ids_by_decreasing_count():
+    """The first TAGS_LEN of an item's tags, left-padded; tag ids by how many items carry the tag (a mutation that
+    kept the last five, and one that numbered the rarest first, passed: the test items carried at most two tags, all
+    equally common)."""
+    from mmctr_ray.convert.items import tag_matrix
+
+    mat, vocab = tag_matrix([["a", "b", "c", "d", "e", "f", "g"]])
+    assert [vocab[i - 1] for i in mat[1]] == ["a", "b", "c", "d", "e"]
+    _, vocab = tag_matrix([["rare", "common"], ["common"], ["common", "mid"], ["mid"]])
+    assert vocab == ["common", "mid", "rare"]

@@ -839,3 +839,37 @@ def test_missing_and_corrupt_covers_decode_to_zeros_with_a_status(tmp_path):
     pixels, status = decode_covers(np.array([1, 2, 3]), str(tmp_path), 16)
     assert list(status) == [OK, CORRUPT, MISSING] and pixels.shape == (3, 16, 16, 3)
     assert pixels[0, :, :, 0].mean() > 150 and (pixels[1:] == 0).all()
+
+
+def test_mean_pooling_leaves_out_padding_and_cls_is_the_first_tokens_state(bert_tiny):
+    """A title's mean-pooled vector does not depend on the titles it is batched with, and CLS is transformers' own
+    first-token state (mutations that averaged over padding, or took the second token, passed: the existing check
+    compared the pipeline with TextEncoder itself)."""
+    from transformers import AutoModel
+
+    from mmctr_ray.embed.text import TextEncoder, tokenize
+
+    mean = TextEncoder(bert_tiny, "mean")
+    alone = mean.encode(**tokenize(["cats"], str(bert_tiny), 16))
+    beside = mean.encode(**tokenize(["cats", "a much longer title about many different things"], str(bert_tiny), 16))
+    np.testing.assert_allclose(beside[0], alone[0], rtol=1e-5, atol=1e-5)
+    tokens = tokenize(["a cat on a mat", "dogs"], str(bert_tiny), 16)
+    got = TextEncoder(bert_tiny, "cls").encode(**tokens)
+    model = AutoModel.from_pretrained(str(bert_tiny), local_files_only=True).eval()
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(tokens["input_ids"], dtype=torch.long),
+                    attention_mask=torch.tensor(tokens["attention_mask"], dtype=torch.long)).last_hidden_state[:, 0]
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_shards_rows_are_in_item_order_whatever_order_its_blocks_came_in():
+    """Unsorted, the shard's table failed the assembly's id check with a false "a shard of other data" diagnosis."""
+    from mmctr_ray.embed.pipeline import _shard_table
+
+    def part(ids):
+        n = len(ids)
+        return {"item_id": np.array(ids), "txt_emb": np.zeros((n, 2), np.float32),
+                "img_emb": np.zeros((n, 2), np.float32), "image_status": np.zeros(n, np.int8),
+                "title_cut": np.zeros(n, bool)}
+
+    assert _shard_table([part([3, 4]), part([1, 2])]).column("item_id").to_pylist() == [1, 2, 3, 4]

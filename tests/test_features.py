@@ -439,3 +439,24 @@ def test_parts_may_store_columns_at_other_widths(ray_local, synth_dir, tmp_path,
     assert sorted(got.tolist()) == sorted(want.column("user_id").to_pylist())
     labels = np.concatenate([b["label"] for b in batches])
     assert labels.sum() == want.column("label").to_numpy().sum() and set(np.unique(labels)) == {0.0, 1.0}
+
+
+def test_a_right_padded_history_of_one_item_is_a_padding_gap():
+    """[7, 0, ..., 0]: a mutation of padding_gaps that left out the first slot passed, and validate and the workers'
+    check then took the row as left-padded (the model would read its last slots: an empty history)."""
+    from mmctr_ray.errors import DataError
+    from mmctr_ray.features import check_left_padded
+    from mmctr_ray.schema import padding_gaps
+
+    row = np.array([[7] + [0] * 99])
+    assert padding_gaps(row).tolist() == [True] and padding_gaps(np.array([[0] * 99 + [7]])).tolist() == [False]
+    with pytest.raises(DataError, match="padding 0 after an item id"):
+        check_left_padded(row, "x")
+
+
+def test_the_user_table_holds_a_row_for_the_largest_user_id(synth_dir):
+    """feature_map.json's num_users is the largest id + 1 (a mutation without the + 1 passed: with
+    model.use_user_id the largest id would index past the table)."""
+    from mmctr_ray.features import build_feature_map, load_item_table, max_user_id
+
+    assert build_feature_map(synth_dir, load_item_table(synth_dir)).num_users == max_user_id(synth_dir) + 1

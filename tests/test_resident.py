@@ -179,3 +179,20 @@ def test_config_checks_the_resident_keys():
         load_config("configs/tiny.yaml", ["train.resident=yes"])
     with pytest.raises(ConfigError, match=r"train\.resident_max_mib=-1: expected >= 0 MiB"):
         load_config("configs/tiny.yaml", ["train.resident_max_mib=-1"])
+
+
+def test_a_kept_shard_holds_the_rows_it_got_and_every_rank_steps_as_the_smallest(monkeypatch):
+    """Ray's equal split can give a rank fewer rows than expected_rows (a ceiling): a mutation that kept the
+    uninitialised rest passed; and one that let every rank step as the largest kept shard (the smaller rank then
+    fails after Ray started)."""
+    import mmctr_ray.training as training
+    from mmctr_ray.resident import ShardRecorder
+
+    recorder = ShardRecorder(budget=1 << 20, expected_rows=10)
+    recorder.add({"label": torch.ones(9), "item_id": torch.arange(9)})
+    shard = recorder.finish()
+    assert shard.rows == 9 and len(shard.columns["item_id"]) == 9
+    recorder = ShardRecorder(budget=1 << 20, expected_rows=50)
+    recorder.add({"label": torch.ones(50), "item_id": torch.arange(50)})
+    monkeypatch.setattr(training, "_gather", lambda obj: [obj, 2])  # the other rank holds 2 batches
+    assert training._keep_shard(recorder, 10, rank=1)[1] == 2

@@ -314,3 +314,10 @@ def test_modalities_carry_complementary_content(synth_dir, tiny_spec):
             r2[name, part] = 1 - ((x - z @ coef) ** 2).sum() / (x**2).sum()
     assert r2["txt_emb_BERT", "a"] > r2["img_emb_CLIPRN50", "a"]
     assert r2["img_emb_CLIPRN50", "b"] > r2["txt_emb_BERT", "b"]
+
+
+def test_synthetic_levels_are_deciles_from_0_to_9():
+    """likes_level and views_level span 0..9 as the real data's (a mutation whose levels never reached 9 passed)."""
+    from mmctr_ray.data.synthetic import deciles
+
+    assert deciles(np.arange(100.0)).tolist() == np.repeat(np.arange(10), 10).tolist()

@@ -1879,3 +1879,46 @@ def test_a_search_checks_the_id_tables_its_trials_can_build_at_the_widest_embedd
     assert sorted(batch_sizes(search({"train.batch_size": {"choice": [256, 1024]}}))) == [256, 1024]
     assert sorted(batch_sizes(search({**attention, "train.batch_size": {
         "choice": [256], "when": {"model.attention": ["din"]}}}))) == [256, load_config(None).train.batch_size]
+
+
+def test_the_search_cache_knows_a_source_rewritten_at_its_size_and_records_a_tables_own_widths(synth_dir, tmp_path):
+    """A source rewritten in place at the same byte count (another embed) gets new fits (a mutation that dropped the
+    modification time from the key passed), and a table cut from a wider basis records only its own widths (v2 of
+    v4's basis said text_dim and image_dim too)."""
+    from mmctr_ray.fuse import read_fusion_summary
+    from mmctr_ray.pca_cache import _source_key
+
+    source = tmp_path / "raw.parquet"
+    source.write_bytes(b"x" * 100)
+    before = _source_key(synth_dir, str(source))
+    source.write_bytes(b"y" * 100)
+    stat = source.stat()
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert _source_key(synth_dir, str(source)) != before
+    table, _ = cached_fusion(tmp_path / "cache", synth_dir, FusionConfig("v2", dims=4), axes=8)
+    summary = read_fusion_summary(str(table))
+    assert summary["dims"] == 4 and "text_dim" not in summary and "image_dim" not in summary
+
+
+def test_search_space_conditions_ranges_and_log_scales_reach_the_trials(tmp_path):
+    """A parameter of two conditions is sampled when both hold (not either), the top of a small int range is checked
+    at load (num_heads 3 of a 3-wide vector passed, and its trials failed), and an int range's log scale reaches
+    Optuna: each was a surviving mutation."""
+    from mmctr_ray.search_space import Param
+
+    p = Param("model.cross_layers", "int", (1, 4), when=(("model.crossnet", ("v2",)), ("model.senet", (True,))))
+    assert p.active({"model.crossnet": "v2", "model.senet": True})
+    assert not p.active({"model.crossnet": "v2", "model.senet": False})
+    path = tmp_path / "s.yaml"
+    path.write_text("model:\n  attention: multihead\nsearch:\n  space:\n    model.num_heads: {int: [1, 3]}\n")
+    with pytest.raises(ConfigError, match="num_heads"):
+        load_search(path)
+
+    class Trial:
+        def suggest_int(self, name, low, high, log=False, step=1):
+            self.log = log
+            return low
+
+    trial = Trial()
+    Param("train.batch_size", "int", (64, 4096), log=True).suggest(trial)
+    assert trial.log is True

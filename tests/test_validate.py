@@ -447,3 +447,44 @@ def test_the_real_items_without_synth_json_need_the_real_test_rows(data, monkeyp
     rows = pq.ParquetFile(Layout(data).split("test")).metadata.num_rows
     the_error(data, "MicroLens_1M_x1/test.parquet", None, f"has {rows:,} rows; a submission needs 379,142 (for a "
               f"MicroLens_1M_x1 submission)")
+
+
+def _rewritten(synth_dir, tmp_path, split, column, row, value, **write):
+    from mmctr_ray.schema import Layout
+
+    data = tmp_path / "d"
+    shutil.copytree(synth_dir, data, ignore=shutil.ignore_patterns("item_images"))
+    path = Layout(data).split(split)
+    table = pq.read_table(path)
+    values = table.column(column).to_numpy().copy()
+    values[row] = value
+    i = table.schema.get_field_index(column)
+    pq.write_table(table.set_column(i, column, pa.array(values, table.schema.field(i).type)), path, **write)
+    return data, path
+
+
+def test_the_checks_before_ray_refuse_the_padding_item_as_a_target_and_read_every_row_group(synth_dir, tmp_path):
+    """train's and predict's checks from the footers: a mutation that let item id 0 (the all-zero padding item) be a
+    target passed, and so did one that read the last row group's minimum only (a negative user id in the first of
+    several row groups went through)."""
+    from mmctr_ray.errors import DataError
+    from mmctr_ray.preflight import check_split
+
+    data, _ = _rewritten(synth_dir, tmp_path / "zero", "valid", "item_id", 0, 0)
+    with pytest.raises(DataError, match=r"item_id: values span 0\.\."):
+        check_split(data, "valid")
+    data, path = _rewritten(synth_dir, tmp_path / "groups", "train", "user_id", 0, -3, row_group_size=500)
+    assert pq.ParquetFile(path).metadata.num_row_groups > 1
+    with pytest.raises(DataError, match=r"user_id: values span -3\.\."):
+        check_split(data, "train")
+
+
+def test_a_batch_is_checked_against_the_rows_every_worker_gets():
+    """Each of 2 workers steps on batch // 2 rows of its half of the split: batch 400 on 300 rows gives each 150 rows
+    and no step (a mutation that left the workers out passed, and the run validated an untrained model)."""
+    from mmctr_ray.errors import ConfigError
+    from mmctr_ray.preflight import check_batch_size
+
+    check_batch_size(100, 100, 2)  # 2 x 50: one step
+    with pytest.raises(ConfigError, match="exceeds the 300 rows"):
+        check_batch_size(400, 300, 2)
