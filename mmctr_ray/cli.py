@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mmctr_ray import storage
-from mmctr_ray.config import PRECISIONS, ExperimentConfig, load_config, override_key, save_config
+from mmctr_ray.config import PRECISIONS, ExperimentConfig, differences, load_config, override_key, save_config
 from mmctr_ray.data.synthetic import PRESETS, SynthSpec
 from mmctr_ray.data.writer import write_synthetic
 from mmctr_ray.errors import ConfigError, Interrupted, OutputExistsError, find_user_error
@@ -250,11 +250,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         from mmctr_ray.fuse import fusion_overrides
 
         table = fusion_overrides(args.fusion)
-        own, asked = load_config(args.config, table), load_config(args.config, [*table, *args.overrides])
-        if (own.fusion, own.data.item_vector) != (asked.fusion, asked.data.item_vector):  # --set after --fusion's
-            # keys: it trained on FILE's table while config.yaml said another fusion, or dropped FILE for given
-            clash = next(o for o in args.overrides if override_key(o) == "data.item_vector" or
-                         override_key(o).startswith("fusion."))
+        changed = {key for key in differences(load_config(args.config, table).to_dict(),
+                                              load_config(args.config, [*table, *args.overrides]).to_dict())
+                   if key == "data.item_vector" or key.startswith("fusion.")}
+        if changed:  # --set after --fusion's keys: it trained on FILE's table while config.yaml said another
+            # fusion, or dropped FILE for given; named: the last --set that changes one of them
+            clash = next(o for o in reversed(args.overrides) if override_key(o) in changed)
             raise ConfigError(f"--set {clash}: --fusion {args.fusion} sets data.item_vector and fusion.* from the "
                               "table's own .fusion.json, so the run's config says what it trains on; drop one of "
                               "the two (another fusion: `mmctr fuse` it, then --fusion that table)")

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from mmctr_ray import storage
 from mmctr_ray.checkpoint import PREFIX, run_or_checkpoint
+from mmctr_ray.config import differences
 from mmctr_ray.errors import DataError
 from mmctr_ray.metrics import compare_aucs
 from mmctr_ray.report import describe_run
@@ -69,18 +70,8 @@ def config_differences(configs: list[dict[str, Any]]) -> list[dict[str, dict[str
     one's: ``{"model.batch_norm": {"value": False, "first": True}}``; the first gets ``{}``. The one-line
     description of a run leaves most keys out (activations, batch norm, precision, the schedule's settings), so
     ablations that differ only there read alike without it."""
-    def flat(config: dict[str, Any]) -> dict[str, Any]:
-        return {f"{section}.{key}" if isinstance(values, dict) else section: value
-                for section, values in config.items()
-                for key, value in (values.items() if isinstance(values, dict) else [(None, values)])}
-
-    first = flat(configs[0]) if configs else {}
-    out = []
-    for config in configs:
-        mine = flat(config)
-        out.append({key: {"value": mine.get(key), "first": first.get(key)} for key in sorted({*first, *mine})
-                    if mine.get(key) != first.get(key)})
-    return out
+    return [{key: {"value": mine, "first": first} for key, (first, mine) in differences(configs[0], config).items()}
+            for config in configs]
 
 
 def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid", device: str = "cpu",

@@ -412,6 +412,19 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     return _build(ExperimentConfig, raw)
 
 
+def differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (a's value, b's value)}`` for every leaf where two nested dicts (configs' ``to_dict()``)
+    differ, in key order."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out.update(differences(x, y, f"{prefix}{key}."))
+        elif x != y:
+            out[f"{prefix}{key}"] = (x, y)
+    return out
+
+
 def override_key(assignment: str) -> str:
     """The dotted key a ``section.key=value`` override sets (``train.lr`` of ``train.lr = 1e-3``)."""
     return assignment.split("=", 1)[0].strip()

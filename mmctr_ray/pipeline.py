@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mmctr_ray import storage
-from mmctr_ray.config import ExperimentConfig, load_config
+from mmctr_ray.config import ExperimentConfig, differences, load_config
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.locking import check_folder_kind, entries
 
@@ -239,23 +239,11 @@ def check_resume(out: storage.Location, work: Path, cfg: ExperimentConfig, embed
         for c in (kept, want):
             c["data"].pop("item_vector")  # the run's is the fused table's path
             c.pop("train")
-        diff = _differences(kept, want)
+        diff = differences(kept, want)
         if diff:
             key, (was, now) = next(iter(diff.items()))
             raise ConfigError(f"{storage.join(run, 'config.yaml')}: {key} is {was!r}, this command asks {now!r}; "
                               f"--resume continues the run with its own config: {again}")
-
-
-def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
-    """``{dotted key: (a's value, b's value)}`` for every leaf where two nested dicts differ."""
-    out: dict[str, tuple[Any, Any]] = {}
-    for key in sorted(set(a) | set(b)):
-        x, y = a.get(key), b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out.update(_differences(x, y, f"{prefix}{key}."))
-        elif x != y:
-            out[f"{prefix}{key}"] = (x, y)
-    return out
 
 
 def publish(stage: str, work: Path, out: storage.Location, missing_only: bool = False) -> None:

@@ -212,6 +212,8 @@ def test_train_fusion_and_a_set_of_the_keys_it_sets_are_refused_together(synth_d
                                      "trains on; drop one of the two (another fusion: `mmctr fuse` it, then --fusion "
                                      "that table)")
     assert not trained and not (tmp_path / "run").exists()
+    assert main([*base, "--set", "fusion.strategy=v4", "--set", "fusion.text_dim=30"]) == 2  # the one that changes
+    assert capsys.readouterr().err.strip().startswith("mmctr train: error: --set fusion.text_dim=30: --fusion ")
     assert main([*base, "--set", "fusion.text_dim=8", "--set", "fusion.strategy=v4"]) == 2  # F's own values
     assert capsys.readouterr().err.strip().endswith("stopped before training")
     assert trained[0].fusion.text_dim == 8 and trained[0].data.item_vector == str(table.resolve())
