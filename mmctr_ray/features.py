@@ -429,10 +429,11 @@ def read_split(data_dir: str | Path, split: str, max_len: int = 64, batch_rows: 
     folder is read from its part files, in their order. A small split (:func:`small_split`) is read by Ray Data's
     V1 Parquet reader, one task and one stream of blocks per file, a larger one by its default (V2).
 
-    ``ordered``: the caller needs the rows in file order (with Ray Data's ``preserve_order``, which it sets): the
-    split is read by V1 whatever its size. V2 packs row groups into read units first-fit by size, and flushes a
-    large file's later row groups ahead of the rest (Ray 2.60's ``OnlineBinPacker``), so ``preserve_order`` keeps
-    the order of its read units, not of the rows: a test split over 128 MiB of row groups came back out of order.
+    ``ordered``: the caller needs the rows in file order: the split is read by V1 whatever its size, and the
+    dataset (and those derived from it, which share its context) keeps Ray Data's ``preserve_order``. V2 packs
+    row groups into read units first-fit by size, and flushes a large file's later row groups ahead of the rest
+    (Ray 2.60's ``OnlineBinPacker``), so ``preserve_order`` keeps the order of its read units, not of the rows: a
+    test split over 128 MiB of row groups came back out of order.
 
     Columns: ``user_id``, ``item_id``, ``likes_level``, ``views_level`` (int64), ``label`` (float32) and
     ``item_seq`` (int64 tensor column of shape (max_len,), most recent item last, 0 = padding).
@@ -453,5 +454,8 @@ def read_split(data_dir: str | Path, split: str, max_len: int = 64, batch_rows: 
     finally:
         ctx.use_datasource_v2 = v2
     ds = ds.select_columns([*SPLIT_FEATURES, "item_seq"])
-    return ds.map_batches(to_model_batch, batch_format="pyarrow", batch_size=batch_rows, zero_copy_batch=True,
-                          fn_kwargs={"max_len": max_len, "source": str(path)})
+    ds = ds.map_batches(to_model_batch, batch_format="pyarrow", batch_size=batch_rows, zero_copy_batch=True,
+                        fn_kwargs={"max_len": max_len, "source": str(path)})
+    if ordered:  # this dataset's own context: blocks in read order, not in the order their tasks end
+        ds.context.execution_options.preserve_order = True
+    return ds

@@ -120,17 +120,10 @@ def score_split(run_dir: Location, data_dir: str | Path, split: str = "test", ac
                 gpus_per_actor: float = 0.0, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray, Location]:
     """(logits, labels, checkpoint used) for every row of ``split``, in file order; ``batch_size`` rows a step
     (default: the run's ``train.eval_batch_size``, as in its validation)."""
-    import ray.data
-
     checkpoint = run_or_checkpoint(run_dir)  # absolute: actors may not share this directory
     cfg = load_model(checkpoint, data_dir).experiment_cfg  # fails here, as one line, if the data does not fit
-    ctx = ray.data.DataContext.get_current()
-    keep_order, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
-    try:
-        return _score(checkpoint, data_dir, split, cfg.data.max_len, actors, gpus_per_actor,
-                      batch_size or cfg.train.eval_batch_size, cfg.train.keep_freed_memory)
-    finally:
-        ctx.execution_options.preserve_order = keep_order
+    return _score(checkpoint, data_dir, split, cfg.data.max_len, actors, gpus_per_actor,
+                  batch_size or cfg.train.eval_batch_size, cfg.train.keep_freed_memory)
 
 
 def _score(checkpoint: Location, data_dir: str | Path, split: str, max_len: int, actors: int, gpus_per_actor: float,
@@ -141,7 +134,8 @@ def _score(checkpoint: Location, data_dir: str | Path, split: str, max_len: int,
     # Ray Data's advice, as a UserWarning with its source line, when the pool has more actors than a small split has
     # blocks ("configure override_num_blocks earlier in the pipeline"): the split is scored all the same
     warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
-    ds = read_split(data_dir, split, max_len=max_len, batch_rows=batch_size, ordered=True)  # IDs: row order
+    ds = read_split(data_dir, split, max_len=max_len, batch_rows=batch_size, ordered=True)  # IDs: row order (the
+    # scoring dataset shares its context, preserve_order with it)
     scored = ds.map_batches(Scorer, fn_constructor_kwargs={"checkpoint_dir": str(checkpoint),
                                                            "data_dir": str(Path(data_dir).resolve()),
                                                            "use_gpu": gpus_per_actor > 0, "sharers": actors},

@@ -170,11 +170,7 @@ def shared_datasets(data_dir: Path, max_len: int, rows: dict[str, int], ordered:
         log.info("trials read the splits themselves: ~%.0f MiB is over %.0f%% of the object store (%.0f MiB)",
                  need / 2**20, 100 * SHARED_DATA_FRACTION, store / 2**20)
         return {}
-    shared = split_datasets(data_dir, max_len, ordered)
-    for split, ds in shared.items():
-        if ordered:  # the blocks kept in read order, not in the order their tasks end
-            ds.context.execution_options.preserve_order = True
-        shared[split] = ds.materialize()
+    shared = {split: ds.materialize() for split, ds in split_datasets(data_dir, max_len, ordered).items()}
     log.info("splits read once for every trial: ~%.0f MiB in the object store", need / 2**20)
     return {max_len: shared}
 

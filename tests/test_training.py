@@ -603,13 +603,17 @@ def test_ingest_options_are_ray_trains_defaults_without_its_deprecation_warning(
 def test_a_deterministic_run_reads_its_splits_in_file_order_whatever_their_size(synth_dir, monkeypatch):
     """The configs said `deterministic: true` reads in file order, but a split over V1_MAX_ROWS went to Ray Data's
     V2 reader, which reorders a large file's row groups even with preserve_order (predict's reason for
-    ``ordered``). Here every split counts as large; a deterministic run's reads must still be V1's."""
+    ``ordered``). Here every split counts as large; a deterministic run's reads must still be V1's, and keep their
+    blocks in read order (the datasets' own preserve_order, which a search's shared splits materialize with)."""
     import ray.data
 
     from mmctr_ray import features
     from mmctr_ray.train_driver import split_datasets
 
     class Read:  # what read_split chains on the read, without running it (no Ray needed)
+        def __init__(self):
+            self.context = ray.data.DataContext.get_current().copy()
+
         def select_columns(self, columns):
             return self
 
@@ -625,9 +629,10 @@ def test_a_deterministic_run_reads_its_splits_in_file_order_whatever_their_size(
     monkeypatch.setattr(features, "V1_MAX_ROWS", 0)
     monkeypatch.setattr(ray.data, "read_parquet", read_parquet)
     monkeypatch.setattr(ray.data.DataContext.get_current(), "use_datasource_v2", True)
-    assert set(split_datasets(synth_dir, 16, ordered=True)) == {"train", "valid"}
-    split_datasets(synth_dir, 16, ordered=False)
-    assert v2_at_read == [False, False, True, True]
+    ordered, unordered = split_datasets(synth_dir, 16, ordered=True), split_datasets(synth_dir, 16, ordered=False)
+    assert v2_at_read == [False, False, True, True] and set(ordered) == {"train", "valid"}
+    assert [ds.context.execution_options.preserve_order for ds in (*ordered.values(), *unordered.values())] == [
+        True, True, False, False]
 
 
 def test_ray_datas_progress_bar_notice_is_taken_before_it_prints():

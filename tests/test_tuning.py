@@ -143,24 +143,24 @@ def test_splits_too_large_for_the_object_store_are_read_by_each_trial(monkeypatc
 @pytest.mark.parametrize("ordered", [True, False])
 def test_a_deterministic_searchs_shared_splits_are_kept_in_file_order(monkeypatch, tmp_path, ordered):
     """Read once for every trial, the splits were materialized in the order their read tasks ended, whatever the
-    search's train.deterministic; a deterministic one's are read in file order and kept in that order."""
+    search's train.deterministic; a deterministic one's are read as a deterministic run reads them (split_datasets:
+    in file order, their blocks kept in read order) and materialized so."""
     import ray
-    from ray.data import DataContext
 
     import mmctr_ray.train_driver
 
     class Split:
-        def __init__(self):
-            self.context = DataContext.get_current().copy()
+        def __init__(self, ordered):
+            self.ordered = ordered
 
         def materialize(self):
-            return self.context.execution_options.preserve_order
+            return self.ordered
 
     asked = []
 
     def split_datasets(data_dir, max_len, ordered):
         asked.append(ordered)
-        return {"train": Split(), "valid": Split()}
+        return {"train": Split(ordered), "valid": Split(ordered)}
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2, "object_store_memory": 4 * 2**30})
     monkeypatch.setattr(mmctr_ray.train_driver, "split_datasets", split_datasets)
