@@ -129,10 +129,11 @@ class ItemSource:
         self.batch_rows = batch_rows
         self.widths: dict[str, int] = {}
 
-    def batches(self) -> Iterator[ModalityBatch]:
+    def batches(self, batch_rows: int | None = None) -> Iterator[ModalityBatch]:
         seen = np.zeros(self.num_items + 1, dtype=bool)
         row0 = 0
-        for rb in pq.ParquetFile(self.path).iter_batches(batch_size=self.batch_rows, columns=self.columns):
+        for rb in pq.ParquetFile(self.path).iter_batches(batch_size=batch_rows or self.batch_rows,
+                                                         columns=self.columns):
             column = rb.column("item_id")
             if column.null_count:
                 row = row0 + pc.index(pc.is_null(column), True).as_py()
@@ -152,6 +153,11 @@ class ItemSource:
                        if self.missing_col in self.columns else np.zeros(len(ids), dtype=bool))
             yield ModalityBatch(ids, mats.get(self.text_col), mats.get(self.image_col), missing)
             row0 += len(ids)
+
+    def input_widths(self) -> dict[str, int]:
+        """Each modality's vector width (0 for one not read), from the file's first rows only: what a width check
+        before a fit needs (the fit itself checks every row's width as it reads)."""
+        return input_widths(next(iter(self.batches(batch_rows=64))))
 
     def _matrix(self, rb: pa.RecordBatch, col: str, row0: int) -> np.ndarray:
         mat = list_matrix(rb.column(col), f"{self.path}: column {col}", row0).astype(np.float32, copy=False)
@@ -321,8 +327,8 @@ def check_widths(data_dir: str | Path, cfg: FusionConfig, source: str = "shipped
     Ray had started. Nothing for ``given``."""
     if cfg.strategy not in PARTS:
         return
-    src = ItemSource(Path(data_dir), source, cfg.strategy, batch_rows=64)
-    widths = input_widths(next(iter(src.batches())))
+    src = ItemSource(Path(data_dir), source, cfg.strategy)
+    widths = src.input_widths()
     for name, inputs, field in PARTS[cfg.strategy]:
         check_width(cfg, name, field, src.num_rows, sum(widths[m] for m in inputs))
 

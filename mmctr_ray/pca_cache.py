@@ -38,7 +38,7 @@ from filelock import FileLock
 from mmctr_ray.config import FUSION_WIDTHS, FusionConfig
 from mmctr_ray.fuse import (ItemSource, fuse_items, fusion_fields, run_fuse, source_file, write_files,
                              write_fused)
-from mmctr_ray.fusion import FULL_PCA_MAX_BYTES, PARTS, FittedFusion, input_bytes, input_widths, part_limits
+from mmctr_ray.fusion import FULL_PCA_MAX_BYTES, PARTS, FittedFusion, input_bytes, part_limits
 from mmctr_ray.schema import Layout
 from mmctr_ray.storage import json_text
 
@@ -168,7 +168,7 @@ def _full_widths(data_dir: str | Path, strategy: str, source: str) -> dict[str, 
     """Each part's full width (``min(items, input width)``), keyed by its FusionConfig field; None when the
     input matrix is over what an exact fit holds in memory."""
     src = ItemSource(Path(data_dir), source, strategy)
-    widths = input_widths(next(iter(src.batches())))
+    widths = src.input_widths()
     if input_bytes(strategy, src.num_rows, widths) > FULL_PCA_MAX_BYTES:
         return None
     return part_limits(strategy, src.num_rows, widths)

@@ -607,15 +607,15 @@ def _check_fused_sizes(data_dir: str | Path, space: SearchSpace, source: str) ->
     the shipped BERT text, 384 for MiniLM's); every larger draw otherwise failed as an errored trial, which TPE
     learns nothing from. Read from the source's first rows."""
     from mmctr_ray.fuse import ItemSource
-    from mmctr_ray.fusion import PARTS, input_widths, part_limits
+    from mmctr_ray.fusion import PARTS, part_limits
 
     sizes = space.fused_sizes()
     if not sizes:
         return
     needed = {m for strategy in sizes for _, inputs, _ in PARTS[strategy] for m in inputs}
     src = ItemSource(Path(data_dir), source, "v3" if needed == {"text", "image"} else
-                     "v1" if needed == {"text"} else "v2", batch_rows=64)
-    widths = input_widths(next(iter(src.batches())))
+                     "v1" if needed == {"text"} else "v2")
+    widths = src.input_widths()
     for strategy, by_size in sizes.items():
         limits = part_limits(strategy, src.num_rows, widths)
         for name, inputs, size in PARTS[strategy]:

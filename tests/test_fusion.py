@@ -311,6 +311,24 @@ def test_a_short_vector_is_named_by_its_row_in_the_file(synth_dir, tmp_path):
         list(ItemSource(data, "shipped", "v4", batch_rows=37).batches())  # row 150 is the 3rd of the 5th batch
 
 
+def test_the_width_checks_before_a_fit_read_the_sources_first_rows_only(synth_dir, monkeypatch):
+    """pipeline's and tune's checks and the search cache's exact-fit choice need two widths: they read 64 rows, not
+    a fit's 16,384-row batch (up to ~100 MB of lists for the shipped 768 + 1024 vectors)."""
+    from mmctr_ray import pca_cache
+    from mmctr_ray.fuse import check_widths
+
+    sizes = []
+    iter_batches = pq.ParquetFile.iter_batches
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches",
+                        lambda self, batch_size=65536, **kw: sizes.append(batch_size) or iter_batches(self, batch_size,
+                                                                                                       **kw))
+    assert ItemSource(synth_dir, "shipped", "v4").input_widths() == {"text": 768, "image": 1024}
+    assert ItemSource(synth_dir, "shipped", "v1").input_widths() == {"text": 768, "image": 0}
+    check_widths(synth_dir, CFG["v4"])
+    assert pca_cache._full_widths(synth_dir, "v4", "shipped") == {"text_dim": 200, "image_dim": 200}
+    assert sizes == [64] * 4
+
+
 def test_widths_beyond_the_data_and_existing_outputs_are_refused(synth_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"fusion.dims=300: expected at most min\(items, input width\) = min\(200"):
         run_fuse(synth_dir, tmp_path / "a.parquet", FusionConfig("v1", dims=300), progress=lambda m: None)
