@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from mmctr_ray import storage
-from mmctr_ray.checkpoint import load_checkpoint, run_or_checkpoint
+from mmctr_ray.checkpoint import PREFIX, load_checkpoint, run_or_checkpoint
 from mmctr_ray.errors import DataError, OutputExistsError
 from mmctr_ray.features import MODEL_INPUTS, check_same_table, load_item_table, max_user_id, read_split, to_model_batch
 from mmctr_ray.host_malloc import actor_options
@@ -191,8 +191,21 @@ def check_inputs(run_dir: Location, data_dir: str | Path, split: str = "test", o
     if out is not None:
         check_output(out, overwrite)
     rows = check_split(data_dir, split)
-    load_model(run_or_checkpoint(run_dir), data_dir)
+    checkpoint = run_or_checkpoint(run_dir)
+    load_model(checkpoint, data_dir)
+    warn_unended(run_dir, checkpoint)
     return rows
+
+
+def warn_unended(run_dir: Location, checkpoint: Location) -> None:
+    """Warn when RUN has no ``summary.json`` (a run writes it when it ends): its best checkpoint *so far* is
+    scored, which a run still training or stopped early may better later. Nothing for a checkpoint named itself."""
+    location = storage.normalize(run_dir)
+    if storage.basename(location).startswith(PREFIX) or storage.is_file(storage.join(location, "summary.json")):
+        return
+    log.warning("%s: no summary.json: the run is still training, or it stopped before its end (`mmctr train "
+                "--resume` continues it); scoring its best checkpoint so far, %s", run_dir,
+                storage.basename(checkpoint))
 
 
 def hidden_test_labels(data_dir: str | Path, rows: int) -> np.ndarray | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
 import uuid
@@ -133,6 +134,25 @@ def test_a_report_says_when_predict_scores_another_epoch_than_the_best_row(tmp_p
     (tmp_path / "summary.json").write_text(json.dumps({"best_valid_auc": 0.7}))  # the run ended
     assert ("Epoch 2's checkpoint is not complete in the run (it stopped while the checkpoint was copied): "
             "`mmctr predict` scores with epoch 1's, the best complete one.") in markdown_summary(tmp_path, rows)
+
+
+def test_predict_warns_that_a_run_without_its_summary_is_scored_at_its_best_epoch_so_far(tmp_path, caplog):
+    """`mmctr predict --run RUN` on a run still training (or stopped early) scored its best checkpoint so far and
+    said nothing: a submission that looked final."""
+    from mmctr_ray.predict import warn_unended
+
+    _write_checkpoint(tmp_path, 1, 0.60)
+    second = _write_checkpoint(tmp_path, 2, 0.70)
+    with caplog.at_level(logging.WARNING, logger="mmctr_ray.predict"):
+        warn_unended(tmp_path, best_checkpoint(tmp_path))
+        assert [r.getMessage() for r in caplog.records] == [
+            f"{tmp_path}: no summary.json: the run is still training, or it stopped before its end (`mmctr train "
+            f"--resume` continues it); scoring its best checkpoint so far, checkpoint_epoch_002"]
+        caplog.clear()
+        warn_unended(second, second)  # --run RUN/checkpoint_epoch_002: the user chose the epoch
+        (tmp_path / "summary.json").write_text(json.dumps({"best_valid_auc": 0.7}))  # the run ended
+        warn_unended(tmp_path, second)
+    assert caplog.records == []
 
 
 @pytest.mark.parametrize("kind", ["memory", "file"])
