@@ -1140,8 +1140,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             raise ConfigError(f"{args.out}: a file; expected a folder for the outputs of {args.command} (--out)")
         _check_output_kind(args, out)  # the most telling error first: it was "already exists; pass --overwrite", and
         # with --overwrite then "must be a .zip file", or the replaced input
-        _refuse_existing_output(args, out)
-        with output_lock(out):
+        with output_lock(out):  # "in use" before "already exists": a second `train --out RUN` beside a running one
+            _refuse_existing_output(args, out)  # said "pass --resume", and the --resume then "in use"
             return args.func(args)
     except (KeyboardInterrupt, Interrupted) as err:  # Ctrl-C (or SIGTERM): one line, what is kept, how to go on
         kept = f": {err}" if isinstance(err, Interrupted) else ""

@@ -94,6 +94,26 @@ def test_a_folder_holding_only_lock_files_is_not_an_existing_output(tmp_path, ca
     assert capsys.readouterr().err.strip().endswith("e: already exists; pass --overwrite to replace it")
 
 
+def test_an_output_another_command_writes_is_said_in_use_before_already_exists(tmp_path, capsys):
+    """A second `mmctr train --out RUN` beside a running one said "already exists; pass --resume ...", and that
+    --resume then "in use by another mmctr command": the telling error came second."""
+    from mmctr_ray.locking import output_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: running\n")  # what a run in progress has written
+    with output_lock(run):  # the running command
+        for extra in ([], ["--resume"]):
+            assert main(["train", "--data", str(tmp_path), "--out", str(run), *extra]) == 2
+            assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+                f"{run}: in use by another mmctr command (it holds {tmp_path / '.run.mmctr.lock'}); wait for it to "
+                f"end or choose another output")
+    assert main(["train", "--data", str(tmp_path), "--out", str(run)]) == 2  # ended: its output is there
+    assert capsys.readouterr().err.strip().endswith(
+        f"{run}: already exists; pass --resume to continue it or --overwrite to replace it")
+    assert (run / "config.yaml").read_text() == "name: running\n"
+
+
 def test_flags_are_not_abbreviated_and_report_top_is_positive(tmp_path, capsys):
     """`--conf c.yaml` was taken as --config, and stayed in the `--resume` command an interrupted run printed
     (which drops --config by name), so that command failed; `report --top -2` listed all trials but two."""
