@@ -143,6 +143,10 @@ def _tensors(path: Path, name: Location) -> dict[str, Any]:
         lines = [x.strip() for x in str(err).splitlines() if x.strip()]
         why = next((x for x in lines if "GLOBAL" in x), lines[-1] if lines else type(err).__name__)
         raise DataError(f"{name}: not a state dict of tensors; refused without running it ({why})") from None
+    except (RuntimeError, EOFError, ValueError) as err:  # damaged bytes of a file of the size files.json records:
+        # torch's "PytorchStreamReader failed reading zip archive" traceback
+        raise DataError(f"{name}: not a readable torch.save file ({first_line(err).split('. ')[0]}): damaged, or "
+                        f"not written by `mmctr train`") from None
 
 
 def load_checkpoint(directory: Location, with_optimizer: bool = True) -> LoadedCheckpoint:
@@ -169,7 +173,8 @@ def load_checkpoint(directory: Location, with_optimizer: bool = True) -> LoadedC
             state=state,
             cfg=load_config(local / "config.yaml"),
             fmap=FeatureMap.from_json(local / "feature_map.json"),
-            item_source=json.loads((local / "item_source.json").read_text()),
+            item_source=storage.read_json_object(local / "item_source.json",
+                                                 "the item_source.json `mmctr train` writes"),
         )
 
 

@@ -18,10 +18,9 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mmctr_ray import storage
-from mmctr_ray.errors import DataError, first_line  # DataError re-exported
+from mmctr_ray.errors import DataError, find_cause, first_line  # DataError re-exported
 from mmctr_ray.schema import NO_PARTS, PAD_ID, SPLITS, Layout, history_around_gap, padding_gaps
 
 SPLIT_FEATURES = ("user_id", "item_id", "likes_level", "views_level", "label")
@@ -62,6 +61,25 @@ def list_matrix(col: pa.ChunkedArray | pa.Array, where: str, row0: int | None = 
                         f"has {lengths[0]} (run `mmctr validate`)")
     width = int(lengths[0]) if len(lengths) else 0
     return pc.list_flatten(col).to_numpy(zero_copy_only=False).reshape(len(lengths), width)
+
+
+def finite_float32(mat: np.ndarray, where: str, items: np.ndarray | None = None, row0: int | None = None
+                   ) -> np.ndarray:
+    """``mat`` (one item vector a row) as float32; a one-line DataError naming the first item (``items[row]``, else
+    the row) whose vector holds NaN/inf, or a value float32 cannot hold (a float64 such as 1e300, which the cast
+    made inf, with numpy's overflow warning and no error, in a table that looked complete)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = mat.astype(np.float32, copy=False)
+    bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
+    if len(bad):
+        row = int(bad[0])
+        item = row if items is None else items[row]
+        at = "" if row0 is None else f" (row {row0 + row})"
+        values = mat[row][~np.isfinite(out[row])]
+        what = ("NaN/inf" if not np.isfinite(values).all() else
+                f"{float(values[0]):g}, beyond float32's range,")
+        raise DataError(f"{where}: {what} in the vector of item {item}{at}; expected finite floats")
+    return out
 
 
 @dataclass(frozen=True)
@@ -110,19 +128,54 @@ def open_parquet(path: str | Path, expected: str) -> pq.ParquetFile:
         raise DataError(f"{path}: not a readable parquet file ({first_line(err)}); expected {expected}") from None
 
 
+def read_parquet(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """``pq.read_table``, with a file whose footer reads while its pages do not decode (damaged bytes behind an
+    intact footer: the checks before Ray pass it) as a one-line DataError naming it, not pyarrow's OSError."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: its data cannot be decoded ({first_line(err)}): a damaged file; `mmctr validate` "
+                        f"checks every file") from None
+
+
+def iter_parquet(path: str | Path, **kwargs: Any) -> Iterator[pa.RecordBatch]:
+    """``ParquetFile(path).iter_batches(**kwargs)``, a batch that cannot be decoded a one-line DataError, as in
+    :func:`read_parquet`."""
+    batches = pq.ParquetFile(path).iter_batches(**kwargs)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"{path}: its data cannot be decoded ({first_line(err)}): a damaged file; `mmctr "
+                            f"validate` checks every file") from None
+        yield batch
+
+
 def _read_fused(path: Path, num_items: int) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{path}: item vector file not found (data.item_vector must be 'given' or a parquet "
                         f"written by `mmctr fuse`)")
-    table = open_parquet(path, "a fused item table written by `mmctr fuse`").read()
+    open_parquet(path, "a fused item table written by `mmctr fuse`")
+    table = read_parquet(path)
     for name in ("item_id", FUSED_VECTOR_COLUMN):
         if name not in table.column_names:
             raise DataError(f"{path}: missing column {name} (expected item_id and {FUSED_VECTOR_COLUMN})")
-    ids = table.column("item_id").to_numpy()
+    column = table.column("item_id")  # a table made by hand (data.item_vector=FILE): an IndexError for float or
+    if not pa.types.is_integer(column.type) or column.null_count:  # null ids, and the later of two rows won
+        raise DataError(f"{path}: column item_id: " + (f"type {column.type}" if column.null_count == 0 else
+                        f"{column.null_count:,} nulls") + "; expected integer item ids, each once")
+    ids = column.to_numpy()
     vecs = list_matrix(table.column(FUSED_VECTOR_COLUMN), f"{path}: column {FUSED_VECTOR_COLUMN}")
     bad = (ids < 0) | (ids > num_items)
     if bad.any():
         raise DataError(f"{path}: column item_id: value {int(ids[bad][0])} outside 0..{num_items} (item_info rows)")
+    seen, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        first = int(np.flatnonzero(counts > 1)[0])
+        raise DataError(f"{path}: column item_id: item {int(seen[first])} in {int(counts[first])} rows; expected each "
+                        f"item once")
     out = np.zeros((num_items + 1, vecs.shape[1]), dtype=np.float32)
     out[ids] = vecs
     out[PAD_ID] = 0.0
@@ -135,7 +188,8 @@ def items_fingerprint(info: pa.Table, where: str) -> str:
     digest = hashlib.sha256()
     for name in ("item_tags", "item_emb_d128"):
         matrix = list_matrix(info.column(name), f"{where}: column {name}")
-        digest.update(np.ascontiguousarray(matrix, dtype=np.int64 if name == "item_tags" else np.float32).data)
+        with np.errstate(over="ignore"):  # a float64 beyond float32 (refused where the vectors are read): no warning
+            digest.update(np.ascontiguousarray(matrix, dtype=np.int64 if name == "item_tags" else np.float32).data)
     return digest.hexdigest()[:16]
 
 
@@ -184,7 +238,8 @@ def check_same_table(saved: dict[str, Any], now: dict[str, Any], where: str) -> 
 def has_placeholder_embeddings(data_dir: str | Path) -> bool:
     """True for data written by ``mmctr convert``: its shipped embedding columns are all-zero placeholders."""
     manifest = Path(data_dir) / "convert.json"
-    return manifest.is_file() and bool(json.loads(manifest.read_text()).get("placeholder_embeddings"))
+    return manifest.is_file() and bool(storage.read_json_object(manifest, "the convert.json `mmctr convert` writes")
+                                       .get("placeholder_embeddings"))
 
 
 def refuse_placeholders(data_dir: str | Path, item_vector: str) -> None:
@@ -211,7 +266,7 @@ def load_item_table(data_dir: str | Path, item_vector: str = "given") -> ItemTab
 
     lay = Layout(data_dir)
     num_items(data_dir)  # its columns, types, nulls and tag ids, from the footer: one line, not a worker's traceback
-    info = pq.read_table(lay.item_info, columns=["item_id", "item_tags", "item_emb_d128"])
+    info = read_parquet(lay.item_info, columns=["item_id", "item_tags", "item_emb_d128"])
     ids = info.column("item_id").to_numpy()
     if (ids != np.arange(len(ids))).any():
         row = int(np.flatnonzero(ids != np.arange(len(ids)))[0])
@@ -220,8 +275,9 @@ def load_item_table(data_dir: str | Path, item_vector: str = "given") -> ItemTab
     tags = list_matrix(info.column("item_tags"), f"{lay.item_info}: column item_tags").astype(np.int64)
     if item_vector == "given":
         refuse_placeholders(data_dir, item_vector)
-        vectors = list_matrix(info.column("item_emb_d128"), f"{lay.item_info}: column item_emb_d128")
-        vectors = vectors.astype(np.float32)
+        vectors = np.require(finite_float32(list_matrix(info.column("item_emb_d128"), f"{lay.item_info}: column "
+                                                        f"item_emb_d128"), f"{lay.item_info}: column item_emb_d128"),
+                             requirements="W")  # arrow's float32 buffer is read-only: torch warned, shared it
         source = {"item_vector": "given", "file": str(lay.item_info), "column": "item_emb_d128",
                   "items": items_fingerprint(info, str(lay.item_info))}
     else:
@@ -232,10 +288,7 @@ def load_item_table(data_dir: str | Path, item_vector: str = "given") -> ItemTab
         vectors = _read_fused(Path(item_vector), len(ids) - 1)  # an id out of range, not as what it is
         source = {"item_vector": "fused", "file": str(Path(item_vector).resolve()), "column": FUSED_VECTOR_COLUMN,
                   "fusion": fusion}
-    if not np.isfinite(vectors).all():
-        item = int(np.flatnonzero(~np.isfinite(vectors).all(axis=1))[0])
-        raise DataError(f"{source['file']}: column {source['column']}: NaN/inf in the vector of item {item}; "
-                        f"expected finite values")
+    vectors = finite_float32(vectors, f"{source['file']}: column {source['column']}")
     source["dim"] = int(vectors.shape[1])
     return ItemTable(tags=tags, vectors=vectors, source=source)
 
@@ -263,7 +316,7 @@ class FeatureMap:
 
     @classmethod
     def from_json(cls, path: storage.Location) -> FeatureMap:
-        raw = json.loads(storage.read_text(path))
+        raw = storage.read_json_object(path, "the feature_map.json `mmctr train` writes")
         names = {f.name for f in fields(cls)}
         if set(raw) != names:
             raise DataError(f"{path}: feature map keys {sorted(raw)} differ from the expected {sorted(names)}")
@@ -341,7 +394,7 @@ def check_data_id_tables(data_dir: str | Path, use_tags: bool, use_user_id: bool
     lay = Layout(data_dir)
     tags = np.zeros((0, 0), np.int64)
     if use_tags:
-        tags = list_matrix(pq.read_table(lay.item_info, columns=["item_tags"]).column("item_tags"),
+        tags = list_matrix(read_parquet(lay.item_info, columns=["item_tags"]).column("item_tags"),
                            f"{lay.item_info}: column item_tags")
     num_users = rows = 0  # the splits' footers are read for the user table only
     if use_user_id:
@@ -451,6 +504,13 @@ def read_split(data_dir: str | Path, split: str, max_len: int = 64, batch_rows: 
     try:
         ds = ray.data.read_parquet([str(p.resolve()) for p in parts],
                                    override_num_blocks=len(parts) if not ctx.use_datasource_v2 else None)
+    except Exception as err:  # Ray Data samples the first rows: pages that do not decode behind an intact footer
+        damaged = find_cause(err, lambda e: isinstance(e, (OSError, pa.ArrowException)) and not isinstance(
+            getattr(e, "cause", None), BaseException))  # pyarrow's own, not Ray's RayTaskError(OSError) around it
+        if damaged is None:
+            raise
+        raise DataError(f"{path}: its data cannot be decoded ({first_line(damaged)}): a damaged file; `mmctr "
+                        f"validate {data_dir}` names it") from None
     finally:
         ctx.use_datasource_v2 = v2
     ds = ds.select_columns([*SPLIT_FEATURES, "item_seq"])

@@ -33,8 +33,8 @@ from mmctr_ray import storage
 from mmctr_ray.config import FUSION_WIDTHS, FusionConfig
 from mmctr_ray.data.writer import list_array
 from mmctr_ray.errors import ConfigError, DataError
-from mmctr_ray.features import (FUSED_VECTOR_COLUMN, has_placeholder_embeddings, items_fingerprint, list_matrix,
-                                open_parquet, titles_fingerprint)
+from mmctr_ray.features import (FUSED_VECTOR_COLUMN, finite_float32, has_placeholder_embeddings, items_fingerprint,
+                                iter_parquet, list_matrix, open_parquet, read_parquet, titles_fingerprint)
 from mmctr_ray.fusion import (PARTS, FittedFusion, ModalityBatch, check_width, fit_fusion, input_widths,
                               modalities_needed)
 from mmctr_ray.locking import check_table_output
@@ -68,7 +68,7 @@ def _check_embedded_for(path: Path, lay: Layout) -> None:
     if kept is None or not lay.item_feature.is_file() or not {"item_id", "item_title"} <= set(
             pq.read_schema(lay.item_feature).names):
         return
-    now = titles_fingerprint(pq.read_table(lay.item_feature, columns=["item_id", "item_title"]))
+    now = titles_fingerprint(read_parquet(lay.item_feature, columns=["item_id", "item_title"]))
     if kept != now:
         raise DataError(f"{path}: embedded from other items than {lay.item_feature} holds now (their ids and titles "
                         f"differ: another data set, or one written again since); run `mmctr embed --data "
@@ -115,6 +115,9 @@ class ItemSource:
         for col in self.columns:
             if col not in opened.schema_arrow.names:
                 raise DataError(f"{self.path}: missing column {col} (expected {', '.join(self.columns)})")
+            if opened.schema_arrow.names.count(col) > 1:
+                raise DataError(f"{self.path}: column {col}: {opened.schema_arrow.names.count(col)} columns of that "
+                                f"name, expected one")
         id_type = opened.schema_arrow.field("item_id").type
         if not pa.types.is_integer(id_type):
             raise DataError(f"{self.path}: column item_id: type {id_type}; expected integer item ids 1..N")
@@ -132,8 +135,7 @@ class ItemSource:
     def batches(self, batch_rows: int | None = None) -> Iterator[ModalityBatch]:
         seen = np.zeros(self.num_items + 1, dtype=bool)
         row0 = 0
-        for rb in pq.ParquetFile(self.path).iter_batches(batch_size=batch_rows or self.batch_rows,
-                                                         columns=self.columns):
+        for rb in iter_parquet(self.path, batch_size=batch_rows or self.batch_rows, columns=self.columns):
             column = rb.column("item_id")
             if column.null_count:
                 row = row0 + pc.index(pc.is_null(column), True).as_py()
@@ -160,16 +162,12 @@ class ItemSource:
         return input_widths(next(iter(self.batches(batch_rows=64))))
 
     def _matrix(self, rb: pa.RecordBatch, col: str, row0: int) -> np.ndarray:
-        mat = list_matrix(rb.column(col), f"{self.path}: column {col}", row0).astype(np.float32, copy=False)
+        mat = list_matrix(rb.column(col), f"{self.path}: column {col}", row0)
         width = self.widths.setdefault(col, mat.shape[1])
         if mat.shape[1] != width:
             raise DataError(f"{self.path}: column {col}: vectors of width {mat.shape[1]} from row {row0}; earlier rows "
                             f"have {width} (one width per column expected)")
-        bad = np.flatnonzero(~np.isfinite(mat).all(axis=1))
-        if len(bad):
-            raise DataError(f"{self.path}: column {col}: NaN/inf in the vector of item {rb.column('item_id')[bad[0]]} "
-                            f"(row {row0 + bad[0]}); expected finite floats")
-        return mat
+        return finite_float32(mat, f"{self.path}: column {col}", rb.column("item_id").to_numpy(), row0)
 
 
 def _repeats(ids: np.ndarray) -> np.ndarray:
@@ -192,7 +190,9 @@ def _num_items(lay: Layout) -> int:
 
 def _given_table(lay: Layout, info: pa.Table) -> np.ndarray:
     """item_info's ``item_emb_d128`` (``info``: the columns fuse_items read from it) as the table, row 0 zeros."""
-    table = list_matrix(info.column("item_emb_d128"), f"{lay.item_info}: column item_emb_d128").astype(np.float32)
+    where = f"{lay.item_info}: column item_emb_d128"  # a NaN went into a table that looked complete
+    table = np.require(finite_float32(list_matrix(info.column("item_emb_d128"), where), where),
+                       requirements="W")  # arrow's float32 buffer is read-only
     table[PAD_ID] = 0.0
     return table
 
@@ -256,7 +256,7 @@ def fuse_items(data_dir: str | Path, cfg: FusionConfig, source: str = "shipped",
     for name in ("item_tags", "item_emb_d128"):  # the items' fingerprint, which the fused table records
         if name not in info_file.schema_arrow.names:
             raise DataError(f"{lay.item_info}: missing column {name} (expected item_id, item_tags and item_emb_d128)")
-    info = info_file.read(columns=["item_tags", "item_emb_d128"])
+    info = read_parquet(lay.item_info, columns=["item_tags", "item_emb_d128"])
     summary: dict[str, Any] = {**fusion_fields(cfg),
                                "data": str(data_dir.resolve()), "num_items": n,
                                "items": items_fingerprint(info, str(lay.item_info))}
@@ -303,7 +303,8 @@ def write_fused(out: Path, table: np.ndarray, fitted: FittedFusion | None, summa
 def read_fusion_summary(table_path: str | Path) -> dict[str, Any] | None:
     """The ``X.fusion.json`` beside a fused table, or None when the table did not come from ``mmctr fuse``."""
     path = sidecars(Path(table_path))["summary"]
-    return json.loads(path.read_text()) if path.is_file() else None
+    return storage.read_json_object(path, "the .fusion.json `mmctr fuse` writes beside its table") if path.is_file() \
+        else None
 
 
 def yaml_string(text: str) -> str:

@@ -181,6 +181,17 @@ def check_output(out: str | Path, overwrite: bool = False) -> Path:
         raise DataError(f"{out}: the submission must be a .zip file")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: already exists; pass --overwrite to replace it")
+    if out.exists():  # --overwrite replaces a submission, not any zip (docs/reliability.md: another kind is refused)
+        try:
+            with zipfile.ZipFile(out) as zf:
+                names = zf.namelist()
+        except (zipfile.BadZipFile, OSError):
+            names = None
+        if names != ["prediction.csv"]:
+            held = "not a readable zip" if names is None else f"holds {', '.join(names[:3]) or 'nothing'}" + (
+                ", ..." if len(names) > 3 else "")
+            raise OutputExistsError(f"{out}: not a submission of `mmctr predict` ({held}; expected prediction.csv "
+                                    f"alone): not replaced, even with --overwrite; choose another --out")
     return out
 
 

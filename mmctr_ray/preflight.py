@@ -69,8 +69,9 @@ def column_stats(pf: pq.ParquetFile, column: str) -> tuple[float | None, float |
     nulls = 0
     for g in range(pf.metadata.num_row_groups):
         stats = pf.metadata.row_group(g).column(j).statistics
-        if stats is None or not stats.has_null_count or (not stats.has_min_max and stats.num_values > 0):  # values
-            # (num_values counts the non-null ones) but no min/max: read them
+        if stats is None or not stats.has_null_count or (not stats.has_min_max and stats.num_values > 0) or (
+                stats.has_min_max and isinstance(stats.min, bytes)):  # values (num_values counts the non-null ones)
+            # but no min/max, or a min/max pyarrow gives as raw bytes (float16's): read them
             return _scanned_stats(pf, column)
         nulls += stats.null_count
         if stats.has_min_max:
@@ -89,6 +90,8 @@ def _scanned_stats(pf: pq.ParquetFile, column: str) -> tuple[float | None, float
             nulls += values.null_count
             values = values.flatten()
         nulls += values.null_count
+        if pa.types.is_float16(values.type):  # min_max has no float16 kernel
+            values = values.cast(pa.float32())
         seen = pc.min_max(values)
         if seen["min"].is_valid:
             lo = seen["min"].as_py() if lo is None else min(lo, seen["min"].as_py())
@@ -114,7 +117,10 @@ def _check_range(pf: pq.ParquetFile, path: Path, column: str, lo: float, hi: flo
 
 def _number(value: float) -> str:
     """An id or level as written (1000000, not :g's 1e+06), a float as :g writes it."""
-    return str(int(value)) if float(value).is_integer() else f"{value + 0:g}"
+    if isinstance(value, (int, np.integer)):
+        return str(value)
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value + 0:g}"  # 1e300: not
+    # its 301 digits
 
 
 def _check_width(pf: pq.ParquetFile, path: Path, hint: str) -> None:
@@ -143,7 +149,8 @@ def num_items(data_dir: str | Path) -> int:
     hint = HINT.format(data=data_dir)
     _check_range(pf, lay.item_info, "item_id", 0, items, f"item ids 0..{items} in row order", hint)
     _check_range(pf, lay.item_info, "item_tags", 0, None, "tag ids >= 0 (0 = padding)", hint)
-    _check_range(pf, lay.item_info, "item_emb_d128", -np.inf, None, "vectors of numbers", hint)
+    limit = float(np.finfo(np.float32).max)  # a float64 beyond it: inf once the table is read as float32
+    _check_range(pf, lay.item_info, "item_emb_d128", -limit, limit, "vectors of numbers within float32's range", hint)
     return items
 
 

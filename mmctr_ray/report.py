@@ -36,10 +36,12 @@ def read_metrics(run_dir: Location, missing_ok: bool = False, keys: tuple[str, .
         if not storage.exists(run_dir):
             raise DataError(f"{run_dir}: not found (expected a run directory of `mmctr train`)")
         raise DataError(f"{path}: missing file (is {run_dir} a run directory of `mmctr train`?)")
-    try:
-        rows = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: line {err.lineno} is not JSON") from None
+    rows = []
+    for number, line in enumerate(storage.read_text(path).splitlines(), start=1):
+        try:
+            rows += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError:  # its lineno is within the one line parsed: always 1
+            raise DataError(f"{path}: line {number} is not JSON") from None
     rows = [storage.nan_for_null(row, EPOCH_NUMBERS) if isinstance(row, dict) else row for row in rows]
     for i, row in enumerate(rows, start=1):  # a hand-edited or foreign file: one line, not a KeyError later
         if not isinstance(row, dict) or not all(isinstance(row.get(k), (int, float)) for k in keys):

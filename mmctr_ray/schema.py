@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mmctr_ray.errors import DataError
+
 PAD_ID = 0
 DATASET_NAME = "MicroLens_1M_x1"
 SPLITS = ("train", "valid", "test")
@@ -82,8 +84,12 @@ def parquet_parts(path: str | Path) -> list[Path]:
     files, ``_SUCCESS``, checksums), as pyarrow's datasets do; empty when ``path`` is missing or holds no part."""
     path = Path(path)
     if path.is_dir():
-        return sorted((p for p in path.iterdir() if p.suffix == ".parquet" and not p.name.startswith((".", "_"))
-                       and p.is_file()), key=lambda p: (natural_key(p.name), p.name))
+        named = [p for p in path.iterdir() if p.suffix == ".parquet" and not p.name.startswith((".", "_"))]
+        nested = next((p for p in named if not p.is_file()), None)
+        if nested is not None:  # another writer's dataset inside (a part written as a folder): its rows were left out
+            raise DataError(f"{nested}: a folder among the split's part files; expected *.parquet files only (its "
+                            f"rows would not be read): put its files in {path.name} itself")
+        return sorted(named, key=lambda p: (natural_key(p.name), p.name))
     return [path] if path.is_file() else []
 
 

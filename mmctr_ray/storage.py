@@ -165,6 +165,18 @@ def read_text(location: Location) -> str:
     return read_bytes(location).decode()
 
 
+def read_json_object(location: Location, expected: str) -> dict[str, Any]:
+    """The JSON object in ``location``, or a one-line DataError naming it and ``expected`` (what writes it): a file
+    cut short, edited by hand or not UTF-8 was a JSONDecodeError traceback, a list an AttributeError."""
+    try:
+        value = json.loads(read_text(location))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise DataError(f"{location}: not valid JSON ({first_line(err)}); expected {expected}") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{location}: holds a JSON {type(value).__name__}; expected {expected}, a JSON object")
+    return value
+
+
 def _local_target(location: Location) -> tuple[Any, str, Path | None]:
     """``(fs, path in fs, local Path)`` of a place to write: the local Path of a local path or a ``file://`` URI
     (pyarrow's output stream would truncate that file first), else None with the URI's file system."""

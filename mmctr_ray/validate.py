@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mmctr_ray.errors import DataError
 from mmctr_ray.schema import (ITEM_FEATURE_COLUMNS, ITEM_INFO_COLUMNS, LEVELS, NO_PARTS, REAL_NUM_ITEMS,
                               REAL_TEST_ROWS, SPLIT_COLUMNS, SPLITS, Layout, history_around_gap, kind_name,
                               padding_gaps)
@@ -128,7 +129,8 @@ def _open(path: Path, rel: str, columns: dict[str, object], problems: list[Probl
     """The file opened, its columns checked; None (with the problem added) when it cannot be read. A part of a
     split held as a folder may be empty (``allow_empty``): the split as a whole may not."""
     if not path.is_file():
-        problems.append(Problem(rel, None, "missing file"))
+        problems.append(Problem(rel, None, "a folder; expected one parquet file (only the splits may be folders of "
+                                           "parts)" if path.is_dir() else "missing file"))
         return None
     try:
         pf = pq.ParquetFile(path, pre_buffer=False)  # pre-buffering reads whole row groups ahead: memory
@@ -142,6 +144,8 @@ def _open(path: Path, rel: str, columns: dict[str, object], problems: list[Probl
     for name, kind in columns.items():
         if name not in schema.names:
             problems.append(Problem(rel, name, f"missing column (expected {kind_name(kind)})"))
+        elif schema.names.count(name) > 1:  # pyarrow's KeyError traceback in every reader
+            problems.append(Problem(rel, name, f"{schema.names.count(name)} columns of that name, expected one"))
         elif not _kind_matches(_kind_of(schema.field(name).type), kind):
             problems.append(Problem(rel, name, f"has type {schema.field(name).type}, expected {kind_name(kind)}"))
     return pf
@@ -149,7 +153,8 @@ def _open(path: Path, rel: str, columns: dict[str, object], problems: list[Probl
 
 def _usable(pf: pq.ParquetFile, columns: dict[str, object]) -> list[str]:
     schema = pf.schema_arrow
-    return [c for c, k in columns.items() if c in schema.names and _kind_matches(_kind_of(schema.field(c).type), k)]
+    return [c for c, k in columns.items() if schema.names.count(c) == 1
+            and _kind_matches(_kind_of(schema.field(c).type), k)]
 
 
 def _list_values(check: _FileCheck, col: pa.Array, name: str, width: int | None,
@@ -226,6 +231,11 @@ def _scan_split(check: _FileCheck, pf: pq.ParquetFile, n_items: int | None, is_t
 def _check_vectors(check: _FileCheck, col: pa.Array, name: str, width: int | None, offset: int) -> None:
     flat, rows = _list_values(check, col, name, width, offset)
     check.bad(name, "finite floats (NaN/inf found)", ~np.isfinite(flat), flat, offset, rows)
+    if flat.dtype.itemsize > 4:  # float64 values the stages' float32 cast turns into inf (1e300): said OK here,
+        # refused there
+        finite = np.isfinite(flat)
+        check.bad(name, "within float32's range (|x| <= 3.4e38: the stages read float32)",
+                  finite & (np.abs(np.where(finite, flat, 0)) > np.finfo(np.float32).max), flat, offset, rows)
 
 
 def _scan_items(check: _FileCheck, pf: pq.ParquetFile, spec: dict[str, object], first_id: int,
@@ -265,7 +275,7 @@ def _expected_test_rows(lay: Layout, n_items: int | None, expect: int | None) ->
     if lay.synth_manifest.is_file():
         try:
             return int(json.loads(lay.synth_manifest.read_text())["spec"]["test_rows"]), "per synth.json"
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):  # said by validate(): the check was skipped without a word
             return None, ""
     if n_items == REAL_NUM_ITEMS:
         return REAL_TEST_ROWS, "for a MicroLens_1M_x1 submission"
@@ -277,7 +287,8 @@ def validate(root: str | Path, expect_test_rows: int | None = None) -> list[Prob
     lay = Layout(root)
     problems: list[Problem] = []
     if not lay.root.is_dir():
-        return [Problem(str(lay.root), None, "data directory not found")]
+        return [Problem(str(lay.root), None, "a file; expected the data directory" if lay.root.exists() else
+                        "data directory not found")]
     if (why := lay.not_a_data_dir()) is not None:  # one line saying so, not one per missing file
         return [Problem(str(lay.root), None, why)]
     rel = lambda p: str(p.relative_to(lay.root))  # noqa: E731
@@ -351,6 +362,7 @@ def validate(root: str | Path, expect_test_rows: int | None = None) -> list[Prob
             if expected is not None and rows != expected:
                 problems.append(Problem(rel(path), None, f"has {rows:,} rows; a submission needs "
                                                          f"{expected:,} ({why})"))
+    problems += _check_manifests(lay, expect_test_rows)
     if not lay.images_dir.is_dir():
         problems.append(Problem(rel(lay.images_dir), None, "no cover images (image embedding needs them)", False))
     elif n_items:  # one listing: a converted set may hold most covers and not all
@@ -361,6 +373,24 @@ def validate(root: str | Path, expect_test_rows: int | None = None) -> list[Prob
                                                                f"(the first: {missing[0]}.jpg); embed flags them "
                                                                f"missing, up to --max-bad-covers (10% by default)",
                                     False))
+    return problems
+
+
+def _check_manifests(lay: Layout, expect_test_rows: int | None) -> list[Problem]:
+    """The JSON files beside the data the stages read: convert.json (every stage, for the placeholder vectors: a file
+    cut short failed each with a traceback while validate said OK) and synth.json (the test split's row count, whose
+    check a damaged file skipped without a word)."""
+    from mmctr_ray.features import has_placeholder_embeddings
+
+    problems = []
+    try:
+        has_placeholder_embeddings(lay.root)
+    except DataError as err:
+        problems.append(Problem("convert.json", None, str(err).split(": ", 1)[1]))
+    if lay.synth_manifest.is_file() and expect_test_rows is None and _expected_test_rows(lay, None, None)[0] is None:
+        problems.append(Problem(lay.synth_manifest.name, None, "unreadable (expected the synth.json `mmctr synth` "
+                                                               "writes, with spec.test_rows): the test split's row "
+                                                               "count is not checked", False))
     return problems
 
 

@@ -179,6 +179,20 @@ def test_item_table_errors_name_file_and_column(synth_dir, tmp_path):
         load_item_table(synth_dir, str(bad))
     with pytest.raises(DataError, match="not found"):
         load_item_table(synth_dir, str(tmp_path / "nope.parquet"))
+    # a table made by hand: float or null ids were an IndexError traceback, string ids a TypeError, and of two rows
+    # of one item the later won without a word
+    for ids, said in (([1.0, 2.0], "column item_id: type double; expected integer item ids, each once"),
+                      ([1, None], "column item_id: 1 nulls; expected integer item ids, each once"),
+                      (["1", "2"], "column item_id: type string; expected integer item ids, each once"),
+                      ([3, 1, 3, 3], "column item_id: item 3 in 3 rows; expected each item once")):
+        pq.write_table(pa.table({"item_id": ids, FUSED_VECTOR_COLUMN: [[1.0]] * len(ids)}), bad)
+        with pytest.raises(DataError, match=rf"^{bad}: {said}$"):
+            load_item_table(synth_dir, str(bad))
+    pq.write_table(pa.table({"item_id": [1, 2], FUSED_VECTOR_COLUMN: [[1.0], [2.0]]}), bad)
+    (tmp_path / "emb.fusion.json").write_text('{"strategy": "v4", ')  # cut short: a JSONDecodeError traceback
+    with pytest.raises(DataError, match=rf"^{tmp_path}/emb.fusion.json: not valid JSON \(.+\); expected the "
+                                        r"\.fusion\.json `mmctr fuse` writes beside its table$"):
+        load_item_table(synth_dir, str(bad))
 
 
 def _tags(t: pa.Table, row: int, tags: list) -> pa.Table:
@@ -460,3 +474,28 @@ def test_the_user_table_holds_a_row_for_the_largest_user_id(synth_dir):
     from mmctr_ray.features import build_feature_map, load_item_table, max_user_id
 
     assert build_feature_map(synth_dir, load_item_table(synth_dir)).num_users == max_user_id(synth_dir) + 1
+
+
+def test_a_split_whose_pages_do_not_decode_is_one_line_naming_it(synth_dir, monkeypatch):
+    """Ray Data samples a split's first rows when the dataset is made, on the driver: bytes damaged behind an intact
+    footer (the checks before Ray pass it) arrived as Ray's RayTaskError(OSError), a traceback of 88 lines."""
+    import ray.data
+
+    from mmctr_ray.features import read_split
+
+    inner = OSError("Couldn't deserialize thrift: TProtocolException: Invalid data\nDeserializing page header failed.")
+    wrapped = OSError("ray::_fetch_parquet_file_info() (pid=1, ip=127.0.0.1)\nTraceback (most recent call last):")
+    wrapped.cause = inner  # as Ray's RayTaskError(OSError) carries it
+
+    def failing(*args, **kwargs):
+        raise wrapped
+
+    monkeypatch.setattr(ray.data, "read_parquet", failing)
+    path = Layout(synth_dir).split("train")
+    with pytest.raises(DataError, match=rf"^{path}: its data cannot be decoded \(Couldn't deserialize thrift: "
+                                        rf"TProtocolException: Invalid data\): a damaged file; `mmctr validate "
+                                        rf"{synth_dir}` names it$"):
+        read_split(synth_dir, "train")
+    monkeypatch.setattr(ray.data, "read_parquet", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("other")))
+    with pytest.raises(RuntimeError, match="^other$"):  # anything else is not taken for a damaged file
+        read_split(synth_dir, "train")

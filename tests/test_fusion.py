@@ -368,3 +368,39 @@ def test_the_exact_fit_stays_exact_on_vectors_far_from_centred():
     batch = ModalityBatch(np.arange(1, n + 1), text, None, np.zeros(n, dtype=bool))
     fitted = fit_fusion(FusionConfig("v1", dims=16), lambda: iter([batch]), n, pca="full")
     np.testing.assert_allclose(fitted.transform(batch), exact_pca(16, text), atol=1e-3)
+
+
+@pytest.mark.parametrize("value,said", [(float("nan"), "NaN/inf in the vector of item 3"),
+                                        (1e300, "1e+300, beyond float32's range, in the vector of item 3")])
+def test_given_refuses_vectors_that_are_not_finite_float32_and_keeps_the_table_it_was_to_replace(synth_dir, tmp_path,
+                                                                                               value, said):
+    """--strategy given wrote NaN, and a float64 1e300 cast to inf, into a table that looked complete (exit 0), and
+    --overwrite put it in place of a good one."""
+    out = tmp_path / "given.parquet"
+    run_fuse(synth_dir, out, FusionConfig("given"), progress=lambda m: None)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    data = shutil.copytree(synth_dir, tmp_path / "data", ignore=shutil.ignore_patterns("item_images"))
+    info = Layout(data).item_info
+    table = pq.read_table(info)
+    vectors = list_matrix(table.column("item_emb_d128"), "t").astype(np.float64)
+    vectors[3, 5] = value
+    pq.write_table(_set(table, "item_emb_d128", list_array(vectors, pa.float64())), info)
+    with pytest.raises(DataError, match=rf"^{info}: column item_emb_d128: {re.escape(said)}; expected finite floats$"):
+        run_fuse(data, out, FusionConfig("given"), overwrite=True, progress=lambda m: None)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "data"} == before
+    with pytest.raises(DataError, match=r"item_emb_d128: .*(NaN/inf|\.\.1e\+300)"):  # so does the item table (1e300:
+        load_item_table(data, "given")  # its check before Ray, from the footer's statistics)
+
+
+def test_a_source_whose_pages_do_not_decode_is_one_line(synth_dir, tmp_path):
+    """Bytes damaged behind an intact footer: the footer opens, the read was pyarrow's OSError traceback."""
+    data = shutil.copytree(synth_dir, tmp_path / "data", ignore=shutil.ignore_patterns("item_images"))
+    path = Layout(data).item_feature
+    raw = bytearray(path.read_bytes())
+    raw[200:3000] = bytes(2800)
+    path.write_bytes(bytes(raw))
+    pq.ParquetFile(path)  # the footer still reads
+    with pytest.raises(DataError, match=rf"^{path}: its data cannot be decoded \(.+\): a damaged file; `mmctr "
+                                        r"validate` checks every file$"):
+        run_fuse(data, tmp_path / "v4.parquet", CFG["v4"], progress=lambda m: None)
+    assert not (tmp_path / "v4.parquet").exists()

@@ -14,6 +14,7 @@ import re
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pyarrow.fs as pafs
 import pytest
 import torch
@@ -254,6 +255,43 @@ def test_a_checkpoint_state_training_did_not_write_or_without_a_finite_auc_is_on
         best_checkpoint(tmp_path)
     rows = [{"epoch": 2, "valid_auc": 0.7, "valid_logloss": 0.5, "train_loss": 0.5, "lr": 1e-3, "epoch_seconds": 1.0}]
     assert "Best validation AUC **0.7000**" in markdown_summary(tmp_path, rows)  # the report is still written
+
+
+@pytest.mark.parametrize("name,said", [
+    ("model.pt", r"not a readable torch.save file \(.+\): damaged, or not written by `mmctr train`"),
+    ("feature_map.json", r"not valid JSON \(.+\); expected the feature_map.json `mmctr train` writes"),
+    ("item_source.json", r"not valid JSON \(.+\); expected the item_source.json `mmctr train` writes")])
+def test_a_checkpoint_file_damaged_at_its_recorded_size_is_one_line(tmp_path, name, said):
+    """Bytes garbled in place (files.json's sizes still hold): torch's RuntimeError or a JSONDecodeError traceback."""
+    directory = _write_checkpoint(tmp_path, 1, 0.6)
+    path = directory / name
+    raw = path.read_bytes()
+    path.write_bytes(raw[:len(raw) // 2] + bytes(len(raw) - len(raw) // 2))  # a zip's central directory: at its end
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: {said}$"):
+        load_checkpoint(directory)
+
+
+def test_predict_overwrite_replaces_a_submission_not_any_zip(tmp_path):
+    """--overwrite replaced a zip holding anything with prediction.csv (docs/reliability.md: an output of another
+    kind is refused, with --overwrite or not)."""
+    import zipfile
+
+    from mmctr_ray.errors import OutputExistsError
+    from mmctr_ray.predict import check_output, write_submission
+
+    out = tmp_path / "sub.zip"
+    with zipfile.ZipFile(out, "w") as zf:
+        zf.writestr("thesis/chapter1.tex", "months of work")
+    with pytest.raises(OutputExistsError, match=rf"^{out}: not a submission of `mmctr predict` \(holds "
+                                                r"thesis/chapter1.tex; expected prediction.csv alone\): not replaced, "
+                                                r"even with --overwrite; choose another --out$"):
+        check_output(out, overwrite=True)
+    out.write_bytes(b"not a zip")
+    with pytest.raises(OutputExistsError, match=r"\(not a readable zip; expected prediction.csv alone\)"):
+        check_output(out, overwrite=True)
+    out.unlink()
+    write_submission(np.array([0.25, 0.5]), out)
+    assert check_output(out, overwrite=True) == out
 
 
 def test_a_fragment_in_a_run_uri_is_refused_rather_than_dropped():

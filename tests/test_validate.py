@@ -488,3 +488,92 @@ def test_a_batch_is_checked_against_the_rows_every_worker_gets():
     check_batch_size(100, 100, 2)  # 2 x 50: one step
     with pytest.raises(ConfigError, match="exceeds the 300 rows"):
         check_batch_size(400, 300, 2)
+
+
+def test_a_column_name_stored_twice_is_one_error_in_validate_and_before_ray(data):
+    """A parquet file holding a column name twice was a KeyError traceback in validate, the checks before Ray
+    and fuse."""
+    from mmctr_ray.errors import DataError
+    from mmctr_ray.fuse import ItemSource
+    from mmctr_ray.preflight import check_split
+
+    rewrite(data / TRAIN, lambda t: t.append_column("label", t.column("label")))
+    rewrite(data / FEATURE, lambda t: t.append_column("txt_emb_BERT", t.column("txt_emb_BERT")))
+    the_error(data, TRAIN, "label", "2 columns of that name, expected one")
+    the_error(data, FEATURE, "txt_emb_BERT", "2 columns of that name, expected one")
+    with pytest.raises(DataError, match=r"train.parquet: column label: 2 columns of that name, expected one$"):
+        check_split(data, "train")
+    with pytest.raises(DataError, match=r"item_feature.parquet: column txt_emb_BERT: 2 columns of that name"):
+        ItemSource(data, "shipped", "v4")
+
+
+def test_float64_vectors_beyond_float32_are_refused_and_float16_ones_read(data):
+    """1e300 in a float64 column: validate said OK and the stages' float32 cast made it inf (fuse's `given` table
+    kept it); float16 vectors validated, then every stage failed comparing the footer's raw-bytes statistics."""
+    from mmctr_ray.errors import DataError
+    from mmctr_ray.features import load_item_table
+    from mmctr_ray.preflight import num_items
+
+    as64 = lambda t: replace(t, "item_emb_d128", t["item_emb_d128"].to_pylist(), pa.list_(pa.float64()))  # noqa: E731
+    rewrite(data / INFO, lambda t: set_elem("item_emb_d128", 4, 9, 1e300)(as64(t)))
+    the_error(data, INFO, "item_emb_d128", "1 value not within float32's range", "first 1e+300 at row 4")
+    with pytest.raises(DataError, match=r"item_emb_d128: values span .*\.\.1e\+300, expected vectors of numbers "
+                                        r"within float32's range"):
+        num_items(data)
+    rewrite(data / INFO, set_elem("item_emb_d128", 4, 9, 0.5))
+    rewrite(data / INFO, lambda t: replace(t, "item_emb_d128", t["item_emb_d128"].to_pylist(),
+                                           pa.list_(pa.float16())))
+    assert errors(data) == []
+    assert num_items(data) == n_items(data)
+    table = load_item_table(data, "given")
+    assert table.vectors.dtype == np.float32 and table.vectors.flags.writeable and np.isfinite(table.vectors).all()
+
+
+def test_damaged_json_beside_the_data_is_named_by_validate_and_the_stages(data):
+    """A convert.json cut short was a JSONDecodeError traceback in fuse, features and train while validate said OK;
+    a synth.json cut short skipped the test split's row count without a word."""
+    from mmctr_ray.errors import DataError
+    from mmctr_ray.features import has_placeholder_embeddings
+
+    (data / "convert.json").write_text('{"placeholder_embeddings": tru')
+    the_error(data, "convert.json", None, "not valid JSON (Expecting value", "expected the convert.json `mmctr "
+                                                                             "convert` writes")
+    with pytest.raises(DataError, match=r"convert.json: not valid JSON \(.*\); expected the convert.json"):
+        has_placeholder_embeddings(data)
+    (data / "convert.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match=r"convert.json: holds a JSON list; expected the convert.json `mmctr "
+                                        r"convert` writes, a JSON object$"):
+        has_placeholder_embeddings(data)
+    (data / "convert.json").unlink()
+    Layout(data).synth_manifest.write_text('{"spec": ')
+    assert [str(p) for p in validate(data)] == [
+        "warning: synth.json: unreadable (expected the synth.json `mmctr synth` writes, with spec.test_rows): the "
+        "test split's row count is not checked"]
+
+
+def test_a_file_or_a_folder_where_the_other_is_expected_is_said_as_such(data):
+    assert [str(p) for p in validate(data / "synth.json")] == [
+        f"error: {data / 'synth.json'}: a file; expected the data directory"]
+    path = data / INFO
+    table = pq.read_table(path)
+    path.unlink()
+    path.mkdir()
+    pq.write_table(table, path / "part-0.parquet")
+    the_error(data, INFO, None, "a folder; expected one parquet file (only the splits may be folders of parts)")
+
+
+def test_a_folder_among_a_splits_parts_is_refused_not_skipped(data, split_into_parts):
+    """valid.parquet/part-1.parquet/x.parquet: its rows were left out of every stage, and validate said OK."""
+    from mmctr_ray.errors import DataError
+    from mmctr_ray.preflight import check_split
+
+    split_into_parts(data, "valid", 2)
+    part = sorted((data / VALID).iterdir())[-1]
+    part.rename(data / "x.parquet")
+    part.mkdir()
+    (data / "x.parquet").rename(part / "x.parquet")
+    with pytest.raises(DataError, match=rf"^{part}: a folder among the split's part files; expected \*\.parquet files "
+                                        r"only \(its rows would not be read\)"):
+        check_split(data, "valid")
+    with pytest.raises(DataError, match="a folder among the split's part files"):
+        validate(data)
