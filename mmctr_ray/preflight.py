@@ -162,10 +162,11 @@ def check_split(data_dir: str | Path, split: str, items: int | None = None) -> i
     parts = split_files(data_dir, split)
     labels = split != "test" or Layout(data_dir).labelled_test  # the test split's are placeholders, unless converted
     for path, pf in parts:
+        # nulls first: a null history counts as one value, so the width check said "9,901 ids in 100 rows"
+        _check_range(pf, path, "item_seq", 0, items, f"item ids in 0..{items} (0 = padding)", hint)
         _check_width(pf, path, hint)
         _check_range(pf, path, "user_id", 0, None, "non-negative ids", hint)
         _check_range(pf, path, "item_id", 1, items, f"item ids in 1..{items} (item_info rows)", hint)
-        _check_range(pf, path, "item_seq", 0, items, f"item ids in 0..{items} (0 = padding)", hint)
         for name in ("likes_level", "views_level"):
             _check_range(pf, path, name, 0, LEVELS - 1, f"levels in 0..{LEVELS - 1}", hint)
         if labels:

@@ -577,3 +577,15 @@ def test_a_folder_among_a_splits_parts_is_refused_not_skipped(data, split_into_p
         check_split(data, "valid")
     with pytest.raises(DataError, match="a folder among the split's part files"):
         validate(data)
+
+
+def test_a_null_history_is_said_as_a_null_before_the_width_check(synth_dir, tmp_path):
+    """A null item_seq counts as one value in the footer: the width check ran first and said "39,901 ids in 400
+    rows", which sent the user looking for a short history."""
+    from mmctr_ray.errors import DataError
+    from mmctr_ray.preflight import check_split
+
+    data = shutil.copytree(synth_dir, tmp_path / "d", ignore=shutil.ignore_patterns("item_images"))
+    rewrite(Layout(data).split("test"), set_cell("item_seq", 7, None))
+    with pytest.raises(DataError, match=r"test.parquet: column item_seq: 1 null values, expected item ids in 0\.\."):
+        check_split(data, "test")
