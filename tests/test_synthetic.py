@@ -253,7 +253,9 @@ def test_an_interrupted_synth_leaves_nothing_and_blocks_no_rerun(tmp_path, tiny_
 
 @pytest.mark.parametrize("field,value,match", [("items", 0, "--items"), ("tags", 3, "--tags"),
                                                ("image_size", -1, "--images"),
-                                               ("topics", 0, r"topics must be in 1\.\.items"),
+                                               ("topics", 0, r"--topics must be in 1\.\.--items \(2000\), got 0$"),
+                                               ("items", 1, r"--topics must be in 1\.\.--items \(1\), got 24 \(the "
+                                                            r"default\): pass --topics too$"),  # synth --items 1
                                                ("seed", -1, "--seed"),
                                                ("chunk_rows", 21_474_837, r"--chunk-rows must be at most 21,474,836 ")])
 def test_bad_spec_names_the_flag(field, value, match):

@@ -107,7 +107,8 @@ class SynthSpec:
             raise ConfigError(f"synth: --chunk-rows must be at most {MAX_LIST_VALUES // SEQ_LEN:,} (a chunk's "
                               f"{SEQ_LEN} history ids per row fill one Arrow list), got {self.chunk_rows:,}")
         if not 1 <= self.topics <= self.items:
-            raise ConfigError(f"synth: topics must be in 1..items ({self.items}), got {self.topics}")
+            raise ConfigError(f"synth: --topics must be in 1..--items ({self.items}), got {self.topics}"
+                              + (" (the default): pass --topics too" if self.topics == SynthSpec.topics else ""))
         if self.tags < 5 * self.topics:
             raise ConfigError(f"synth: --tags must be >= 5 per topic ({5 * self.topics}), got {self.tags}")
         if self.image_size < 0:
