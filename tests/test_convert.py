@@ -388,7 +388,7 @@ def test_cli_bad_raw_input_exits_2_with_one_line(tmp_path):
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
     expected = (f"mmctr convert: error: {tmp_path / 'raw' / 'MicroLens-tiny_pairs.csv'}: line 8: column timestamp: "
-                f"'yesterday' is not an integer timestamp (ms) (1 bad line)")
+                f"'yesterday' is not an integer timestamp (ms) of at most 18 digits (1 bad line)")
     assert errors == [expected]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
@@ -561,7 +561,10 @@ def test_a_bad_line_is_numbered_as_an_editor_shows_it_empty_lines_included(tmp_p
     path.write_text("user,item,timestamp\n1,2,3\n\n4,5,6\n\n7,8,yesterday\n")  # Arrow skips lines 3 and 5
     fmt = LineFormat(False, 1, ("user", "item", "timestamp"), 0, 1, 2)
     assert first_bad_line(fmt, SimpleNamespace(pairs=path)) == (
-        f"{path}: line 6: column timestamp: 'yesterday' is not an integer timestamp (ms)")
+        f"{path}: line 6: column timestamp: 'yesterday' is not an integer timestamp (ms) of at most 18 digits")
+    path.write_text("user,item,timestamp\n1,2,3\n99999999999999999999,5,6\n")  # an integer past int64: it was "not
+    assert first_bad_line(fmt, SimpleNamespace(pairs=path)) == (  # an integer id"
+        f"{path}: line 3: column user: '99999999999999999999' is not an integer id of at most 18 digits")
 
 
 def test_a_quoted_field_with_commas_is_csv_not_a_bad_line():

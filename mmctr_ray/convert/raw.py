@@ -525,5 +525,6 @@ def first_bad_line(fmt: LineFormat, files: RawFiles) -> str:
             if bad.field is None:
                 return f"{where}: {bad.value!r} does not have the fields {','.join(fmt.fields)}"
             what = "timestamp (ms)" if bad.field == fmt.fields[fmt.time] and fmt.time >= 0 else "id"
-            return f"{where}: column {bad.field}: {bad.value!r} is not an integer {what}"
+            return f"{where}: column {bad.field}: {bad.value!r} is not an integer {what} of at most 18 digits"  # as
+            # read_items says it (99999999999999999999, 20 digits, was "not an integer")
     return f"{files.pairs}: bad lines (not found again on a second read)"
