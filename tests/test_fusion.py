@@ -404,3 +404,50 @@ def test_a_source_whose_pages_do_not_decode_is_one_line(synth_dir, tmp_path):
                                         r"validate` checks every file$"):
         run_fuse(data, tmp_path / "v4.parquet", CFG["v4"], progress=lambda m: None)
     assert not (tmp_path / "v4.parquet").exists()
+
+
+# found untested by a hand mutation audit (helper-126): each test fails on its mutant
+def test_an_item_id_repeated_in_a_later_batch_of_the_source_is_refused(synth_dir, tmp_path):
+    """The duplicate check spans batches: an id met again in a later batch is refused as one within a batch is."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmctr_ray.errors import DataError
+    from mmctr_ray.fuse import ItemSource
+
+    source = tmp_path / "raw.parquet"
+    ids = [1, 2, 3, 1]
+    pq.write_table(pa.table({"item_id": pa.array(ids, pa.int64()),
+                             "txt_emb": [[float(i), 1.0, 2.0] for i in range(len(ids))]}), source)
+    src = ItemSource(synth_dir, str(source), "v1", batch_rows=2)
+    with pytest.raises(DataError, match=r"column item_id: duplicate item id 1 at row 3"):
+        list(src.batches())
+
+
+def test_fusing_converted_data_from_its_shipped_columns_is_refused_for_every_strategy(tmp_path):
+    """`mmctr fuse` on data `mmctr convert` wrote: the shipped columns are zeros, so v1..v4 from --source shipped are
+    refused as given is; an embedded source is what they fit instead."""
+    from mmctr_ray.errors import ConfigError
+    from mmctr_ray.fuse import _refuse_placeholders
+
+    (tmp_path / "convert.json").write_text(json.dumps({"placeholder_embeddings": True}))
+    for strategy, source in (("v1", "shipped"), ("v4", "shipped"), ("given", "raw.parquet")):
+        with pytest.raises(ConfigError, match="zero placeholders"):
+            _refuse_placeholders(tmp_path, strategy, source)
+    _refuse_placeholders(tmp_path, "v3", "raw.parquet")
+
+
+def test_a_given_table_written_over_a_fitted_one_leaves_no_pca_beside_it(tmp_path):
+    """`mmctr fuse --strategy given --overwrite` over an earlier v1..v4 table: that fit's X.pca.npz, which does not
+    describe the given table, goes (`mmctr predict` and the pipeline read it as the table's fit)."""
+    import time
+
+    import numpy as np
+
+    from mmctr_ray.fuse import sidecars, write_fused
+
+    out = tmp_path / "item_emb.parquet"
+    sidecars(out)["pca"].write_bytes(b"an earlier fit")
+    write_fused(out, np.zeros((3, 4), dtype=np.float32), None, {"strategy": "given"}, time.perf_counter(),
+                progress=lambda msg: None)
+    assert out.is_file() and sidecars(out)["summary"].is_file() and not sidecars(out)["pca"].exists()

@@ -2285,3 +2285,28 @@ def test_a_resume_that_changes_more_than_train_names_the_key(tmp_path, synth_dir
     with caplog.at_level("INFO", logger="mmctr_ray"), pytest.raises(ConfigError, match="only train.* may change"):
         run_training(synth_dir, str(tmp_path), tiny_cfg("model.dropout=0.33"), resume=True)
     assert not [r for r in caplog.records if r.getMessage().startswith("training ")]  # nothing said of a run
+
+
+# found untested by a hand mutation audit (helper-126): each test fails on its mutant
+def test_a_runs_rate_mixes_epochs_with_and_without_their_steady_seconds():
+    """A run resumed across the version that began keeping steady_seconds has epochs of both kinds: its rate is
+    counted by steps over them all, not an error."""
+    from mmctr_ray.train_driver import steady_rate
+
+    rate = steady_rate([{"samples_per_s": 100.0, "steady_seconds": 2.0, "steps": 3},
+                        {"samples_per_s": 300.0, "steps": 3}])
+    assert rate == pytest.approx(4 / (2 / 100 + 2 / 300))
+
+
+def test_a_resume_that_changes_the_fusion_section_names_the_key(tmp_path):
+    """Only train.* may change on --resume: a fusion width is refused like a model key."""
+    from mmctr_ray.config import load_config, save_config
+    from mmctr_ray.errors import ConfigError
+    from mmctr_ray.train_driver import _check_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(load_config("configs/tiny.yaml"), run / "config.yaml")
+    _check_run_dir(str(run), load_config("configs/tiny.yaml", ["train.epochs=5"]), True, False)
+    with pytest.raises(ConfigError, match=r"--resume with fusion.text_dim=16 where the run's config.yaml has 32"):
+        _check_run_dir(str(run), load_config("configs/tiny.yaml", ["fusion.text_dim=16"]), True, False)

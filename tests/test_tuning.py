@@ -1922,3 +1922,301 @@ def test_search_space_conditions_ranges_and_log_scales_reach_the_trials(tmp_path
     trial = Trial()
     Param("train.batch_size", "int", (64, 4096), log=True).suggest(trial)
     assert trial.log is True
+
+
+# what a hand mutation audit of the search (helper-126, 76 mutants) found untested: each test fails on its mutant
+def _epoch(e: int, auc: float) -> dict:
+    return {"epoch": e, "valid_auc": auc, "valid_logloss": 0.5, "train_loss": 0.5, "lr": 1e-3, "epoch_seconds": 1.0}
+
+
+def _search(tmp_path: Path, trials: dict[str, tuple[list[str], list[float]]], settings: dict | None = None,
+            ended: bool = True) -> Path:
+    """A search folder of the tiny search: each trial ``id: (config overrides, its epochs' AUCs)``, started in the
+    order given; ``ended``: each run wrote its summary.json."""
+    from mmctr_ray.config import load_config, save_config
+    from mmctr_ray.tune_report import STARTED
+
+    tdir = tmp_path / "tune"
+    (tdir / "trials").mkdir(parents=True)
+    (tdir / "search.yaml").write_text((ROOT / "configs/search_tiny.yaml").read_text())
+    (tdir / "settings.json").write_text(json.dumps({"overrides": [], **(settings or {})}))
+    for n, (trial, (overrides, aucs)) in enumerate(trials.items()):
+        run = tdir / "trials" / trial
+        run.mkdir()
+        (tdir / "trials" / f"{trial}.params.json").write_text(json.dumps({"train.lr": 1e-3, STARTED: 1000.0 + n}))
+        save_config(load_config(ROOT / "configs/tiny.yaml", overrides), run / "config.yaml")
+        (run / "metrics.jsonl").write_text("".join(json.dumps(_epoch(e, a)) + "\n" for e, a in enumerate(aucs, 1)))
+        if ended:
+            (run / "summary.json").write_text("{}")
+    return tdir
+
+
+def _results(tdir: Path) -> dict[str, dict[str, str]]:
+    with open(tdir / "results.csv", newline="") as f:
+        return {r["trial_id"]: r for r in csv.DictReader(f)}
+
+
+def test_results_give_each_strategys_item_vector_width(tmp_path):
+    """results.csv's pca_width (the x axis of auc_vs_pca.png): the shipped 128 for given, text + image for v4, dims
+    for v1..v3."""
+    from mmctr_ray.tune_report import write_outputs
+
+    tdir = _search(tmp_path, {"g": (["fusion.strategy=given"], [0.7, 0.7]),
+                              "v4": (["fusion.strategy=v4", "fusion.text_dim=16", "fusion.image_dim=8"], [0.7, 0.7]),
+                              "v1": (["fusion.strategy=v1", "fusion.dims=12"], [0.7, 0.7])})
+    write_outputs(tdir)
+    widths = {trial: (r["strategy"], r["pca_width"]) for trial, r in _results(tdir).items()}
+    assert widths == {"g": ("given", "128"), "v4": ("v4", "24"), "v1": ("v1", "12")}
+
+
+def test_best_yaml_keeps_the_base_configs_longer_schedule(tmp_path):
+    """best.yaml trains the full schedule: the base config's train.epochs where it is above search.max_epochs (the
+    trials stopped at max_epochs), not max_epochs."""
+    from mmctr_ray.config import load_config
+    from mmctr_ray.tune_report import write_outputs
+
+    tdir = _search(tmp_path, {"a": ([], [0.7, 0.72])}, settings={"overrides": ["train.epochs=7"]})
+    summary = write_outputs(tdir)
+    assert summary["best_trial"] == "a"
+    assert load_config(tdir / "best.yaml").train.epochs == 7  # search_tiny's max_epochs is 2
+
+
+def test_report_top_lists_the_n_best_trials_best_first(tmp_path):
+    """`mmctr report TUNE --top N`: the N trials of the highest best AUC, ranked from the best."""
+    from mmctr_ray.tune_report import top_trials
+
+    tdir = _search(tmp_path, {"low": ([], [0.6, 0.61]), "high": ([], [0.8, 0.79]), "mid": ([], [0.7, 0.71])})
+    table = top_trials(tdir, n=2)
+    ranks = [line.split(" | ")[:2] for line in table.splitlines() if line.startswith("| ") and "rank" not in line]
+    assert ranks == [["| 1", "high"], ["| 2", "mid"]]
+    assert "low" not in table
+
+
+def test_the_trial_count_line_names_the_running_trials(tmp_path):
+    """A report of a search still running says how many of its trials run."""
+    from mmctr_ray.tune_report import trial_counts, write_outputs
+
+    tdir = _search(tmp_path, {"done": ([], [0.7, 0.71]), "busy": ([], [0.7])}, ended=False)
+    (tdir / "trials" / "done" / "summary.json").write_text("{}")
+    (tdir / "asha.json").write_text(json.dumps({"brackets": [], "stopped": {}, "stops_complete": True}))
+    summary = write_outputs(tdir)
+    assert summary["running"] == 1
+    assert trial_counts(summary) == "2 trials (1 completed, 0 early-stopped, 0 pruned, 0 errors, 1 running)"
+
+
+def test_the_train_best_command_names_the_searchs_data(tmp_path):
+    """The command the report suggests trains on the search's own data folder (settings.json), DATA without one."""
+    from mmctr_ray.tune_report import train_best_command
+
+    (tmp_path / "settings.json").write_text(json.dumps({"data": "/srv/my data"}))
+    assert train_best_command(tmp_path) == f"mmctr train --data '/srv/my data' --out RUN --config {tmp_path}/best.yaml"
+    assert train_best_command(tmp_path / "none").split()[3] == "DATA"
+
+
+def test_a_table_outside_a_search_cache_is_kept_even_where_the_cache_has_one_of_its_name(tmp_path):
+    """Only a table of a search's cache (a folder named pca_cache) is looked for in this search's cache: a base
+    config's own table of the same file name is another table."""
+    from mmctr_ray.tune_report import CACHE_DIR, table_here
+
+    tdir = tmp_path / "tune"
+    (tdir / CACHE_DIR).mkdir(parents=True)
+    (tdir / CACHE_DIR / "item_emb.parquet").write_bytes(b"x")
+    own = tmp_path / "mine" / "item_emb.parquet"
+    assert table_here(str(own), tdir) == str(own)
+    moved = f"/old/tune/{CACHE_DIR}/item_emb.parquet"  # a cached table of the search before it moved: found here
+    assert table_here(moved, tdir) == str((tdir / CACHE_DIR / "item_emb.parquet").resolve())
+
+
+def test_a_resumed_trial_keeps_the_start_time_that_orders_the_results(tmp_path, monkeypatch):
+    """A trial's params.json (its parameters and when it first started: the results' trial order) is written once:
+    the trial run again by --resume keeps it as it was."""
+    from types import SimpleNamespace
+
+    import ray.tune
+    import ray.tune.integration.ray_train
+
+    import mmctr_ray.train_driver
+    from mmctr_ray.config import load_config, save_config
+    from mmctr_ray.search_space import load_search
+    from mmctr_ray.tune_report import STARTED
+    from mmctr_ray.tuning import run_trial
+
+    monkeypatch.setattr(ray.tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t1"))
+    monkeypatch.setattr(ray.tune, "report", lambda metrics: None)
+    monkeypatch.setattr(ray.tune.integration.ray_train, "TuneReportCallback", lambda: None)
+    monkeypatch.setattr(mmctr_ray.train_driver, "run_training", lambda *a, **kw: None)
+    trial = tmp_path / "trials" / "t1"
+    (trial / "checkpoint_epoch_001").mkdir(parents=True)
+    save_config(load_config(ROOT / "configs/tiny.yaml"), trial / "config.yaml")
+    params = tmp_path / "trials" / "t1.params.json"
+    kept = json.dumps({"train.lr": 0.002, STARTED: 1000.5})
+    params.write_text(kept)
+    settings = {"source": "shipped", "workers": 1, "gpus_per_worker": 0.0, "cpus_per_worker": 1.0}
+    run_trial({"train.lr": 0.002}, load_search(ROOT / "configs/search_tiny.yaml"), str(tmp_path),
+              str(tmp_path / "data"), settings)
+    assert params.read_text() == kept
+
+
+def _search_yaml(tmp_path: Path, space: str, base_sets: str = "") -> Path:
+    """search_tiny.yaml's base config (with ``base_sets`` appended under train) and a search section of ``space``."""
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "configs/search_tiny.yaml").read_text())
+    raw["search"]["space"] = yaml.safe_load(space)
+    raw.update(yaml.safe_load(base_sets) or {})
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_a_search_whose_largest_batch_exceeds_the_training_split_is_refused_before_ray(synth_dir, tmp_path):
+    """check_inputs checks the largest batch a trial can draw against the training split (3,000 rows here), the
+    smallest against model.batch_norm's two rows per worker."""
+    from mmctr_ray.errors import ConfigError
+    from mmctr_ray.tuning import check_inputs
+
+    big = _search_yaml(tmp_path, "{train.batch_size: {choice: [256, 4096]}}")
+    with pytest.raises(ConfigError, match=r"train.batch_size=4,096 exceeds the 3,000 rows of the training split"):
+        check_inputs(synth_dir, big)
+    small = _search_yaml(tmp_path, "{train.batch_size: {choice: [3, 256]}}")
+    with pytest.raises(ConfigError, match=r"train.batch_size=3 over 2 workers gives each worker a batch of 1 row"):
+        check_inputs(synth_dir, small, workers=2)
+
+
+def test_a_pca_size_one_above_its_limit_is_refused_and_one_at_it_passes(synth_dir, tmp_path):
+    """The tiny data's 200 items limit each PCA part to 200 axes: a searched bound of 201 is refused, 200 passes."""
+    from mmctr_ray.errors import ConfigError
+    from mmctr_ray.tuning import check_inputs
+
+    space = "{fusion.strategy: {choice: [given, v1]}, fusion.dims: {int: [8, %d], when: {fusion.strategy: [v1]}}}"
+    with pytest.raises(ConfigError, match=r"search.space.fusion.dims: 201 is wider than the v1 text PCA can be"):
+        check_inputs(synth_dir, _search_yaml(tmp_path, space % 201))
+    check_inputs(synth_dir, _search_yaml(tmp_path, space % 200))
+
+
+def test_a_search_that_can_draw_given_on_converted_data_is_refused_whatever_its_source(tmp_path):
+    """On data `mmctr convert` wrote, a trial of fusion.strategy given trains on item_info's zero placeholders
+    whatever --source says: a search that can draw it is refused; one of v1..v4 from an embedded source is not."""
+    from mmctr_ray.errors import ConfigError
+    from mmctr_ray.search_space import load_search
+    from mmctr_ray.tuning import _refuse_placeholders
+
+    (tmp_path / "convert.json").write_text(json.dumps({"placeholder_embeddings": True}))
+    given = load_search(_search_yaml(tmp_path, "{fusion.strategy: {choice: [given, v1]}}"))
+    with pytest.raises(ConfigError, match=r"trials of fusion.strategy given, v1 with --source raw.parquet"):
+        _refuse_placeholders(tmp_path, given, "raw.parquet")
+    fused = load_search(_search_yaml(tmp_path, "{fusion.strategy: {choice: [v1, v4]}}"))
+    _refuse_placeholders(tmp_path, fused, "raw.parquet")
+
+
+def test_ctrl_c_counts_an_errored_trial_as_ended(tmp_path):
+    """After Ctrl-C, Interrupted says how many trials ended: an errored one ended (it is not "started and not
+    ended", which --resume would continue)."""
+    from types import SimpleNamespace
+
+    from mmctr_ray.errors import Interrupted
+    from mmctr_ray.search_space import load_search
+    from mmctr_ray.tuning import end_of_search
+
+    space = load_search(ROOT / "configs/search_tiny.yaml")
+    trials = tmp_path / "trials"
+    for trial_id, epochs, done in (("a", 2, True), ("b", 1, False), ("c", 1, False)):
+        (trials / trial_id).mkdir(parents=True)
+        (trials / f"{trial_id}.params.json").write_text("{}")
+        (trials / trial_id / "config.yaml").write_text((ROOT / "configs/tiny.yaml").read_text())
+        (trials / trial_id / "metrics.jsonl").write_text("".join(
+            json.dumps(_epoch(e, 0.7 + e / 100)) + "\n" for e in range(1, epochs + 1)))
+        if done:
+            (trials / trial_id / "summary.json").write_text("{}")
+    (tmp_path / "asha.json").write_text(json.dumps({"brackets": [], "stopped": {}}))
+    results = [SimpleNamespace(path=str(trials / "a"), error=None),
+               SimpleNamespace(path=str(trials / "b"), error=RuntimeError("out of memory")),
+               SimpleNamespace(path=str(trials / "c"), error=None)]
+    with pytest.raises(Interrupted, match=r"^2 trials ended \(.*\), 1 started and not ended \(--resume continues"):
+        end_of_search(tmp_path, space, results, interrupted=True)
+
+
+def test_a_search_of_fewer_trials_than_fit_shares_the_cores_among_those_only(synth_dir, tmp_path, monkeypatch):
+    """Tune never runs more trials at once than the search has: a 1-trial search on 8 CPUs runs 1 at a time
+    (settings.json), and its CPU workers take the node's cores as one trial's, not as 1 of 7."""
+    import ray
+    import ray.tune
+
+    import mmctr_ray.tuning
+
+    class Stop(Exception):
+        pass
+
+    def trainable_of(fn, **kwargs):
+        raise Stop(kwargs)
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    monkeypatch.setattr(mmctr_ray.tuning, "_node_cpus", lambda: [8.0])
+    monkeypatch.setattr(mmctr_ray.tuning, "shared_datasets", lambda *a, **k: {})
+    monkeypatch.setattr(ray.tune, "with_parameters", trainable_of)
+    with pytest.raises(Stop) as stop:
+        mmctr_ray.tuning.run_tuning(synth_dir, tmp_path / "tune", ROOT / "configs/search_tiny.yaml", num_samples=1)
+    assert stop.value.args[0]["sharing"] == 1
+    assert json.loads((tmp_path / "tune" / "settings.json").read_text())["concurrency"] == 1
+
+
+def test_a_search_resumes_with_its_data_given_as_a_relative_path(tmp_path, monkeypatch):
+    """settings.json keeps the data folder resolved; `--resume --data data` from its parent is that folder."""
+    from mmctr_ray.errors import ConfigError
+    from mmctr_ray.tuning import check_resumable
+
+    data = tmp_path / "data"
+    data.mkdir()
+    out = tmp_path / "tune"
+    (out / "tune").mkdir(parents=True)
+    (out / "settings.json").write_text(json.dumps({"data": str(data.resolve()), "overrides": []}))
+    monkeypatch.chdir(tmp_path)
+    assert check_resumable("tune", "data")["data"] == str(data.resolve())
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ConfigError, match=r"the search ran on .*/data; resume it with that --data"):
+        check_resumable("tune", "other")
+
+
+def _space(tmp_path: Path, space: str, **search) -> Path:
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "configs/search_tiny.yaml").read_text())
+    raw["search"] = {**raw["search"], "space": yaml.safe_load(space), **search}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_range_bounds_steps_conditions_and_a_seed_of_zero_at_their_limits(tmp_path):
+    """The search section's checks at their edges: a range needs low < high (equal bounds refused); a step as wide
+    as the range passes (it draws both bounds); a `when` value at the low end of its parent's range is one the
+    parent takes; search.seed may be 0."""
+    from mmctr_ray.errors import ConfigError
+    from mmctr_ray.search_space import load_search
+
+    with pytest.raises(ConfigError, match=r"search.space.model.cross_layers: int expects \[low, high\] with low < "
+                                          r"high, got \[3, 3\]"):
+        load_search(_space(tmp_path, "{model.cross_layers: {int: [3, 3]}}"))
+    stepped = load_search(_space(tmp_path, "{model.cross_layers: {int: [1, 3], step: 2}}"))
+    assert stepped.params[0].step == 2
+    low_when = load_search(_space(tmp_path, "{model.cross_layers: {int: [1, 4]}, "
+                                            "model.dropout: {float: [0.0, 0.3], when: {model.cross_layers: [1]}}}"))
+    assert low_when.params[1].when == (("model.cross_layers", (1,)),)
+    assert load_search(_space(tmp_path, "{model.dropout: {float: [0.0, 0.3]}}", seed=0)).seed == 0
+
+
+def test_asha_restored_from_a_pickle_without_its_list_of_stops_says_its_stops_are_incomplete():
+    """A scheduler pickled by a version that kept no list of stops does not know the stops made before: its
+    records say so (stops_complete false), and the report then calls no trial pruned from them."""
+    from mmctr_ray.asha import ResumableASHA
+
+    made = ResumableASHA("unused.json", metric="best_valid_auc", mode="max", time_attr="epoch", max_t=2,
+                         grace_period=1, reduction_factor=2)
+    state = {k: v for k, v in made.__getstate__().items() if k not in ("_stopped", "_stops_complete",
+                                                                          "_save_failed")}
+    old = ResumableASHA.__new__(ResumableASHA)
+    old.__setstate__(state)
+    assert old._stopped == {} and old._stops_complete is False
+    again = ResumableASHA.__new__(ResumableASHA)
+    again.__setstate__(made.__getstate__())
+    assert again._stops_complete is True
