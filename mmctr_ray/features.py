@@ -58,7 +58,8 @@ def list_matrix(col: pa.ChunkedArray | pa.Array, where: str, row0: int | None = 
             raise DataError(f"{where}: lists of one length expected; a row has {lengths[row]} values where another "
                             f"of its batch has {lengths[0]} (run `mmctr validate` for the file and row)")
         raise DataError(f"{where}: lists of one length expected; row {row0 + row} has {lengths[row]}, row {row0} "
-                        f"has {lengths[0]} (run `mmctr validate`)")
+                        f"has {lengths[0]}")  # the rows named: no "run `mmctr validate`", which never reads a fused
+        # table or an embedded source
     width = int(lengths[0]) if len(lengths) else 0
     return pc.list_flatten(col).to_numpy(zero_copy_only=False).reshape(len(lengths), width)
 
