@@ -540,17 +540,21 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
         steps.append(("synth", synth))
     if not validated:
         steps.append(validate)
-    if args.embed and not (resume and pipeline.embeddings_kept(work)):  # a table without its record: again
+    embedding = args.embed and not (resume and pipeline.embeddings_kept(work))  # a table without its record: again
+    if embedding:
         steps.append(("embed", lambda: cmd_embed(ns(out=raw, pooling="auto", batch_size=64, max_length=32,
                                                     shard_items=4096, seed=0, cpus_per_actor=1.0,
                                                     overwrite=args.overwrite or (resume and raw.is_file()),
                                                     precision="auto",
                                                     keep_freed_memory=_config(args).train.keep_freed_memory))))
-    if not (resume and fused.is_file()):
+    # new embeddings are fused again: a table an earlier attempt fused from other ones (an --overwrite without
+    # --embed stopped before its fuse step keeps it, and drops their record) was trained on without a word
+    fusing = embedding or not (resume and fused.is_file())
+    if fusing:
         steps.append(("fuse", lambda: _fuse_step(args, data, fused, str(raw) if args.embed else "shipped")))
     features = work / "features"  # kept when it describes the data this command trains on (an attempt killed
     # before training started may have summarised other data.* settings, which the run's config does not yet pin)
-    if not (resume and fused.is_file() and (features / "features_summary.json").is_file() and pipeline.same_data(
+    if fusing or not ((features / "features_summary.json").is_file() and pipeline.same_data(
             features / "config.yaml", load_config(args.config, [*fusion_overrides(fused), *args.overrides]))):
         # after fuse: it describes the item table the run trains on (converted data's shipped vectors, which the
         # config's data.item_vector names, are zero placeholders that load_item_table refuses)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -451,3 +453,73 @@ def test_a_given_table_written_over_a_fitted_one_leaves_no_pca_beside_it(tmp_pat
     write_fused(out, np.zeros((3, 4), dtype=np.float32), None, {"strategy": "given"}, time.perf_counter(),
                 progress=lambda msg: None)
     assert out.is_file() and sidecars(out)["summary"].is_file() and not sidecars(out)["pca"].exists()
+
+
+# found untested by a hand mutation audit (helper-127): each test fails on its mutant
+def test_the_given_table_zeroes_the_padding_row_whatever_item_info_holds(synth_dir, tmp_path):
+    """(F3) row 0 of the table is the padding item: zeros, even where item_info's row 0 holds a vector."""
+    from mmctr_ray.fuse import fuse_items
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    path = Layout(data).item_info
+    info = pq.read_table(path)
+    emb = info.column("item_emb_d128").to_pylist()
+    emb[0] = [1.0] * len(emb[1])
+    info = info.set_column(info.schema.get_field_index("item_emb_d128"), "item_emb_d128",
+                           pa.array(emb, pa.list_(pa.float32())))
+    pq.write_table(info, path)
+    table, fitted, summary = fuse_items(data, FusionConfig("given"), progress=lambda m: None)
+    assert fitted is None and not table[0].any() and table[1:].any()
+
+
+def test_a_source_of_every_item_is_not_said_to_be_a_subset(synth_dir, tmp_path, caplog):
+    """(F6) the "vectors of N of the M items" warning is for fewer rows than items only."""
+    from mmctr_ray.fuse import run_fuse
+
+    with caplog.at_level(logging.WARNING, logger="mmctr_ray.fuse"):
+        summary = run_fuse(synth_dir, tmp_path / "v1.parquet", FusionConfig("v1", dims=4), progress=lambda m: None)
+    assert summary["items_without_vectors"] == 0
+    assert "vectors of" not in caplog.text
+
+
+def test_a_table_output_that_is_a_folder_is_said_to_be_one(tmp_path):
+    """(L1) the most telling error first: a folder named x.parquet is "a folder", not "not a fused item table"."""
+    from mmctr_ray.fuse import check_out
+
+    (tmp_path / "x.parquet").mkdir()
+    with pytest.raises(ConfigError, match=r"x.parquet: a folder; --out names the .parquet file of a fused item table"):
+        check_out(tmp_path / "x.parquet", overwrite=True)
+
+
+def test_a_table_output_whose_sidecar_exists_needs_overwrite(tmp_path):
+    """(L2) X.fusion.json (or X.pca.npz) left without X.parquet is an existing output too."""
+    from mmctr_ray.fuse import check_out
+
+    (tmp_path / "x.fusion.json").write_text("{}")
+    with pytest.raises(OutputExistsError, match=r"x.fusion.json: already exists; pass --overwrite"):
+        check_out(tmp_path / "x.parquet", overwrite=False)
+    check_out(tmp_path / "x.parquet", overwrite=True)
+
+
+def test_overwrite_never_replaces_a_parquet_that_holds_only_some_of_the_tables_columns(synth_dir, tmp_path):
+    """(L3) item_info.parquet has item_id but no item_emb: not a fused table, even with --overwrite."""
+    from mmctr_ray.fuse import check_out
+
+    out = tmp_path / "item_info.parquet"
+    shutil.copy(Layout(synth_dir).item_info, out)
+    with pytest.raises(OutputExistsError, match=r"not a fused item table"):
+        check_out(out, overwrite=True)
+
+
+def test_the_narrowest_basis_wide_enough_serves(synth_dir, tmp_path):
+    """(K2) of the cut bases in the cache that are wide enough, the narrowest serves (fewest axes read)."""
+    from mmctr_ray.pca_cache import cached_fusion
+    from mmctr_ray.fuse import read_fusion_summary
+
+    cache = tmp_path / "cache"
+    cached_fusion(cache, synth_dir, FusionConfig("v1", dims=4), axes=8)
+    cached_fusion(cache, synth_dir, FusionConfig("v1", dims=12), axes=16)
+    assert len(list(cache.glob("basis-v1-a*.json"))) == 2
+    table, wrote = cached_fusion(cache, synth_dir, FusionConfig("v1", dims=5), axes=8)
+    assert wrote and Path(read_fusion_summary(table)["basis"]).name.startswith("basis-v1-a8-")
