@@ -172,9 +172,9 @@ def load_checkpoint(directory: Location, with_optimizer: bool = True) -> LoadedC
                              if with_optimizer and opt_path.is_file() else None),
             state=state,
             cfg=load_config(local / "config.yaml"),
-            fmap=FeatureMap.from_json(local / "feature_map.json"),
-            item_source=storage.read_json_object(local / "item_source.json",
-                                                 "the item_source.json `mmctr train` writes"),
+            fmap=FeatureMap.from_json(local / "feature_map.json", storage.join(directory, "feature_map.json")),
+            item_source=storage.read_json_object(local / "item_source.json", "the item_source.json `mmctr train` "
+                                                 "writes", storage.join(directory, "item_source.json")),
         )
 
 

@@ -316,11 +316,13 @@ class FeatureMap:
         storage.write_text(path, storage.json_text(asdict(self), indent=2) + "\n")
 
     @classmethod
-    def from_json(cls, path: storage.Location) -> FeatureMap:
-        raw = storage.read_json_object(path, "the feature_map.json `mmctr train` writes")
+    def from_json(cls, path: storage.Location, shown: storage.Location | None = None) -> FeatureMap:
+        """The map in ``path``; errors name it as ``shown`` (a checkpoint's URI, for its downloaded copy)."""
+        shown = path if shown is None else shown
+        raw = storage.read_json_object(path, "the feature_map.json `mmctr train` writes", shown)
         names = {f.name for f in fields(cls)}
         if set(raw) != names:
-            raise DataError(f"{path}: feature map keys {sorted(raw)} differ from the expected {sorted(names)}")
+            raise DataError(f"{shown}: feature map keys {sorted(raw)} differ from the expected {sorted(names)}")
         return cls(**raw)
 
 

@@ -165,15 +165,17 @@ def read_text(location: Location) -> str:
     return read_bytes(location).decode()
 
 
-def read_json_object(location: Location, expected: str) -> dict[str, Any]:
-    """The JSON object in ``location``, or a one-line DataError naming it and ``expected`` (what writes it): a file
-    cut short, edited by hand or not UTF-8 was a JSONDecodeError traceback, a list an AttributeError."""
+def read_json_object(location: Location, expected: str, shown: Location | None = None) -> dict[str, Any]:
+    """The JSON object in ``location``, or a one-line DataError naming it (as ``shown``, e.g. the URI a local copy
+    was downloaded from) and ``expected`` (what writes it): a file cut short, edited by hand or not UTF-8 was a
+    JSONDecodeError traceback, a list an AttributeError."""
+    shown = location if shown is None else shown
     try:
         value = json.loads(read_text(location))
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-        raise DataError(f"{location}: not valid JSON ({first_line(err)}); expected {expected}") from None
+        raise DataError(f"{shown}: not valid JSON ({first_line(err)}); expected {expected}") from None
     if not isinstance(value, dict):
-        raise DataError(f"{location}: holds a JSON {type(value).__name__}; expected {expected}, a JSON object")
+        raise DataError(f"{shown}: holds a JSON {type(value).__name__}; expected {expected}, a JSON object")
     return value
 
 

@@ -261,14 +261,19 @@ def test_a_checkpoint_state_training_did_not_write_or_without_a_finite_auc_is_on
     ("model.pt", r"not a readable torch.save file \(.+\): damaged, or not written by `mmctr train`"),
     ("feature_map.json", r"not valid JSON \(.+\); expected the feature_map.json `mmctr train` writes"),
     ("item_source.json", r"not valid JSON \(.+\); expected the item_source.json `mmctr train` writes")])
-def test_a_checkpoint_file_damaged_at_its_recorded_size_is_one_line(tmp_path, name, said):
-    """Bytes garbled in place (files.json's sizes still hold): torch's RuntimeError or a JSONDecodeError traceback."""
+def test_a_checkpoint_file_damaged_at_its_recorded_size_is_one_line(tmp_path, name, said, memory_root):
+    """Bytes garbled in place (files.json's sizes still hold): torch's RuntimeError or a JSONDecodeError traceback.
+    A checkpoint under a URI is named by its URI, not by the temporary folder it was downloaded to."""
     directory = _write_checkpoint(tmp_path, 1, 0.6)
     path = directory / name
     raw = path.read_bytes()
     path.write_bytes(raw[:len(raw) // 2] + bytes(len(raw) - len(raw) // 2))  # a zip's central directory: at its end
     with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: {said}$"):
         load_checkpoint(directory)
+    uri = storage.join(memory_root, directory.name)
+    storage.upload_dir(directory, uri)
+    with pytest.raises(DataError, match=rf"^{re.escape(storage.join(uri, name))}: {said}$"):
+        load_checkpoint(uri)
 
 
 def test_predict_overwrite_replaces_a_submission_not_any_zip(tmp_path):
