@@ -129,14 +129,18 @@ def open_parquet(path: str | Path, expected: str) -> pq.ParquetFile:
         raise DataError(f"{path}: not a readable parquet file ({first_line(err)}); expected {expected}") from None
 
 
+def _undecodable(path: str | Path, err: BaseException) -> DataError:
+    return DataError(f"{path}: its data cannot be decoded ({first_line(err)}): a damaged file; `mmctr validate` "
+                     f"checks every file")
+
+
 def read_parquet(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     """``pq.read_table``, with a file whose footer reads while its pages do not decode (damaged bytes behind an
     intact footer: the checks before Ray pass it) as a one-line DataError naming it, not pyarrow's OSError."""
     try:
         return pq.read_table(path, columns=columns)
     except (pa.ArrowException, OSError) as err:
-        raise DataError(f"{path}: its data cannot be decoded ({first_line(err)}): a damaged file; `mmctr validate` "
-                        f"checks every file") from None
+        raise _undecodable(path, err) from None
 
 
 def iter_parquet(path: str | Path, **kwargs: Any) -> Iterator[pa.RecordBatch]:
@@ -149,8 +153,7 @@ def iter_parquet(path: str | Path, **kwargs: Any) -> Iterator[pa.RecordBatch]:
         except StopIteration:
             return
         except (pa.ArrowException, OSError) as err:
-            raise DataError(f"{path}: its data cannot be decoded ({first_line(err)}): a damaged file; `mmctr "
-                            f"validate` checks every file") from None
+            raise _undecodable(path, err) from None
         yield batch
 
 

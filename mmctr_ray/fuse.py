@@ -150,7 +150,8 @@ class ItemSource:
             if len(dup):
                 raise DataError(f"{self.path}: column item_id: duplicate item id {ids[dup[0]]} at row {row0 + dup[0]}")
             seen[ids] = True
-            mats = {col: self._matrix(rb, col, row0) for col in (self.text_col, self.image_col) if col in self.columns}
+            mats = {col: self._matrix(rb, col, row0, ids) for col in (self.text_col, self.image_col)
+                    if col in self.columns}
             missing = (rb.column(self.missing_col).to_numpy(zero_copy_only=False).astype(bool)
                        if self.missing_col in self.columns else np.zeros(len(ids), dtype=bool))
             yield ModalityBatch(ids, mats.get(self.text_col), mats.get(self.image_col), missing)
@@ -161,13 +162,13 @@ class ItemSource:
         before a fit needs (the fit itself checks every row's width as it reads)."""
         return input_widths(next(iter(self.batches(batch_rows=64))))
 
-    def _matrix(self, rb: pa.RecordBatch, col: str, row0: int) -> np.ndarray:
+    def _matrix(self, rb: pa.RecordBatch, col: str, row0: int, ids: np.ndarray) -> np.ndarray:
         mat = list_matrix(rb.column(col), f"{self.path}: column {col}", row0)
         width = self.widths.setdefault(col, mat.shape[1])
         if mat.shape[1] != width:
             raise DataError(f"{self.path}: column {col}: vectors of width {mat.shape[1]} from row {row0}; earlier rows "
                             f"have {width} (one width per column expected)")
-        return finite_float32(mat, f"{self.path}: column {col}", rb.column("item_id").to_numpy(), row0)
+        return finite_float32(mat, f"{self.path}: column {col}", ids, row0)
 
 
 def _repeats(ids: np.ndarray) -> np.ndarray:

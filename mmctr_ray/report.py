@@ -38,8 +38,10 @@ def read_metrics(run_dir: Location, missing_ok: bool = False, keys: tuple[str, .
         raise DataError(f"{path}: missing file (is {run_dir} a run directory of `mmctr train`?)")
     rows = []
     for number, line in enumerate(storage.read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
         try:
-            rows += [json.loads(line)] if line.strip() else []
+            rows.append(json.loads(line))
         except json.JSONDecodeError:  # its lineno is within the one line parsed: always 1
             raise DataError(f"{path}: line {number} is not JSON") from None
     rows = [storage.nan_for_null(row, EPOCH_NUMBERS) if isinstance(row, dict) else row for row in rows]
