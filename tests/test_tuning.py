@@ -623,7 +623,7 @@ def test_an_empty_existing_out_folder_is_used_as_it_is(tmp_path):
     assert (out / "search.yaml").is_file() and json.loads((out / "settings.json").read_text()) == saved
 
 
-def test_a_resume_refuses_an_edited_search_yaml(tmp_path):
+def test_a_resume_refuses_an_edited_space(tmp_path):
     """A resumed search samples the space it began with (Tune restores its searcher): an edited TUNE/search.yaml
     changed only the base config of new trials and the results' columns, without a word."""
     from mmctr_ray.tuning import _prepare
@@ -931,7 +931,7 @@ def test_a_pca_size_wider_than_the_raw_vectors_allow_is_refused_before_the_searc
     check_inputs(synth_dir, search)
 
 
-def test_overwrite_restarts_a_search_from_its_own_search_yaml(tmp_path):
+def test_overwrite_restarts_a_search_from_its_own_space(tmp_path):
     """`mmctr tune --config TUNE/search.yaml --out TUNE --overwrite` emptied TUNE before it copied the file it had
     just removed: a FileNotFoundError traceback, the old search gone and no new one."""
     from mmctr_ray.tuning import _prepare
@@ -2057,14 +2057,13 @@ def test_a_resumed_trial_keeps_the_start_time_that_orders_the_results(tmp_path, 
     assert params.read_text() == kept
 
 
-def _search_yaml(tmp_path: Path, space: str, base_sets: str = "") -> Path:
-    """search_tiny.yaml's base config (with ``base_sets`` appended under train) and a search section of ``space``."""
+def _space(tmp_path: Path, space: str, **search) -> Path:
+    """search_tiny.yaml with its search section's space replaced by ``space`` (and other ``search`` keys set)."""
     import yaml
 
     raw = yaml.safe_load((ROOT / "configs/search_tiny.yaml").read_text())
-    raw["search"]["space"] = yaml.safe_load(space)
-    raw.update(yaml.safe_load(base_sets) or {})
-    path = tmp_path / "s.yaml"
+    raw["search"] = {**raw["search"], "space": yaml.safe_load(space), **search}
+    path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
 
@@ -2075,10 +2074,10 @@ def test_a_search_whose_largest_batch_exceeds_the_training_split_is_refused_befo
     from mmctr_ray.errors import ConfigError
     from mmctr_ray.tuning import check_inputs
 
-    big = _search_yaml(tmp_path, "{train.batch_size: {choice: [256, 4096]}}")
+    big = _space(tmp_path, "{train.batch_size: {choice: [256, 4096]}}")
     with pytest.raises(ConfigError, match=r"train.batch_size=4,096 exceeds the 3,000 rows of the training split"):
         check_inputs(synth_dir, big)
-    small = _search_yaml(tmp_path, "{train.batch_size: {choice: [3, 256]}}")
+    small = _space(tmp_path, "{train.batch_size: {choice: [3, 256]}}")
     with pytest.raises(ConfigError, match=r"train.batch_size=3 over 2 workers gives each worker a batch of 1 row"):
         check_inputs(synth_dir, small, workers=2)
 
@@ -2090,8 +2089,8 @@ def test_a_pca_size_one_above_its_limit_is_refused_and_one_at_it_passes(synth_di
 
     space = "{fusion.strategy: {choice: [given, v1]}, fusion.dims: {int: [8, %d], when: {fusion.strategy: [v1]}}}"
     with pytest.raises(ConfigError, match=r"search.space.fusion.dims: 201 is wider than the v1 text PCA can be"):
-        check_inputs(synth_dir, _search_yaml(tmp_path, space % 201))
-    check_inputs(synth_dir, _search_yaml(tmp_path, space % 200))
+        check_inputs(synth_dir, _space(tmp_path, space % 201))
+    check_inputs(synth_dir, _space(tmp_path, space % 200))
 
 
 def test_a_search_that_can_draw_given_on_converted_data_is_refused_whatever_its_source(tmp_path):
@@ -2102,10 +2101,10 @@ def test_a_search_that_can_draw_given_on_converted_data_is_refused_whatever_its_
     from mmctr_ray.tuning import _refuse_placeholders
 
     (tmp_path / "convert.json").write_text(json.dumps({"placeholder_embeddings": True}))
-    given = load_search(_search_yaml(tmp_path, "{fusion.strategy: {choice: [given, v1]}}"))
+    given = load_search(_space(tmp_path, "{fusion.strategy: {choice: [given, v1]}}"))
     with pytest.raises(ConfigError, match=r"trials of fusion.strategy given, v1 with --source raw.parquet"):
         _refuse_placeholders(tmp_path, given, "raw.parquet")
-    fused = load_search(_search_yaml(tmp_path, "{fusion.strategy: {choice: [v1, v4]}}"))
+    fused = load_search(_space(tmp_path, "{fusion.strategy: {choice: [v1, v4]}}"))
     _refuse_placeholders(tmp_path, fused, "raw.parquet")
 
 
@@ -2175,16 +2174,6 @@ def test_a_search_resumes_with_its_data_given_as_a_relative_path(tmp_path, monke
     (tmp_path / "other").mkdir()
     with pytest.raises(ConfigError, match=r"the search ran on .*/data; resume it with that --data"):
         check_resumable("tune", "other")
-
-
-def _space(tmp_path: Path, space: str, **search) -> Path:
-    import yaml
-
-    raw = yaml.safe_load((ROOT / "configs/search_tiny.yaml").read_text())
-    raw["search"] = {**raw["search"], "space": yaml.safe_load(space), **search}
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 def test_range_bounds_steps_conditions_and_a_seed_of_zero_at_their_limits(tmp_path):
