@@ -812,7 +812,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "data.item_vector, and fusion.* from FILE's .fusion.json; a --set of those keys to other values "
                    "is refused)")
     _add_training_args(p)
-    _add_resume_args(p, "continue RUN from its latest checkpoint (its own config)", "replace a run already in RUN")
+    _add_resume_args(p, "continue RUN from its latest checkpoint (its own config)",
+                     "replace a run already in RUN (kept beside it as .NAME.replaced until the new run has a "
+                     "checkpoint, and put back if the new run ends before)")
     _add_ray_args(p)
     p.set_defaults(func=cmd_train)
 

@@ -99,6 +99,11 @@ def begun(out: storage.Location) -> bool:
     return str(storage.normalize(str(out))) in _BEGUN
 
 
+def not_begun(out: storage.Location) -> None:
+    """Record that ``out`` holds again what the command found there (an --overwrite's run put back)."""
+    _BEGUN.discard(str(storage.normalize(str(out))))
+
+
 def forget_begun() -> None:
     """For the next command in this process."""
     _BEGUN.clear()

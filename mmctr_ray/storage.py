@@ -293,6 +293,29 @@ def remove_dir(location: Location) -> None:
         fs.delete_dir(path)
 
 
+def sibling(location: Location, name: str) -> Location:
+    """``name`` in the folder that holds ``location`` (of the same kind: a ``Path``, or a URI keeping its query)."""
+    if not is_uri(location):
+        return Path(location).resolve().parent / name
+    parts = urlsplit(str(location))
+    return _unsplit(parts._replace(path=posixpath.join(posixpath.dirname(parts.path.rstrip("/")), name)))
+
+
+def move_dir(source: Location, target: Location) -> None:
+    """Move the folder ``source`` to ``target`` (which must not exist) on one storage: a rename on a local or
+    mounted filesystem; elsewhere a copy, then a delete of ``source`` (an object store has no folders to rename:
+    pyarrow's S3 and GCS filesystems move single objects only)."""
+    here = local_path(source)
+    if here is not None:
+        here.rename(local_path(target) or Path(target))
+        return
+    fs, path = resolve(source)
+    _, target_path = resolve(target)
+    with _reaching(source):
+        pafs.copy_files(path, target_path, source_filesystem=fs, destination_filesystem=fs)
+        fs.delete_dir(path)
+
+
 def upload_dir(local_dir: str | Path, location: Location) -> None:
     """Copy every file under the local folder to ``location`` (files already there and not local are kept)."""
     fs, path = resolve(location)

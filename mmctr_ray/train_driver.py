@@ -6,8 +6,9 @@ line per epoch), ``tensorboard/``, ``checkpoint_epoch_NNN/`` (one per epoch) and
 its checkpoint) at the end. RUN is Ray Train's experiment folder (``RunConfig(storage_path=parent of RUN,
 name=last part of RUN)``), so the checkpoints Ray persists land beside the files written here; Ray adds its own
 bookkeeping files (``checkpoint_manager_snapshot.json``, ``.validate_storage_marker``).
-An existing RUN is never overwritten without ``overwrite``; ``resume`` continues it from its latest checkpoint
-with its own saved config.
+An existing RUN is never overwritten without ``overwrite``, which keeps the run it replaces beside RUN until the
+new run has kept a checkpoint (:func:`_prepare_run_dir`); ``resume`` continues it from its latest checkpoint with its
+own saved config.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ from mmctr_ray.checkpoint import (DIVERGED, best_checkpoint, checkpoint_epoch, k
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
 from mmctr_ray.errors import (ConfigError, DataError, Interrupted, NotStarted, OutputExistsError, StorageError,
                               UserError, WorkersFailed, dead_worker, find_cause, find_user_error,
-                              worker_failure_reason)
+                              first_line, worker_failure_reason)
 from mmctr_ray.features import (FeatureMap, build_feature_map, check_id_tables, check_same_table, load_item_table,
                                 read_split)
 from mmctr_ray.host_malloc import worker_env
-from mmctr_ray.locking import began, check_folder_kind, entries
+from mmctr_ray.locking import began, check_folder_kind, entries, not_begun
 from mmctr_ray.preflight import (batch_split_note, check_batch_norm_rows, check_batch_size, check_splits,
                                  check_valid_labels)
 from mmctr_ray.ray_env import (check_gpu_split, check_local_pool, check_pool, private_local_ray, sigterm_flag,
@@ -112,17 +113,77 @@ def _nothing_to_train(run: storage.Location, cfg: ExperimentConfig) -> str | Non
     return None
 
 
-def _prepare_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool, overwrite: bool) -> None:
+REPLACED_SUFFIX = ".replaced"  # .NAME.replaced beside RUN: the run an --overwrite replaces, until it is replaced
+
+
+def replaced_location(run: storage.Location) -> storage.Location:
+    """Where ``--overwrite`` keeps the run it replaces while the new one has no checkpoint: ``.NAME.replaced``
+    beside RUN (hidden, as RUN's lock file ``.NAME.mmctr.lock`` is)."""
+    return storage.sibling(run, f".{storage.basename(run)}{REPLACED_SUFFIX}")
+
+
+def _prepare_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool, overwrite: bool,
+                     keep_replaced: bool = True) -> storage.Location | None:
+    """Make RUN ready for this attempt; return where the run an ``overwrite`` replaces was set aside (None when
+    there was none, or ``keep_replaced`` is off: it is deleted at once, as a search's trial folders are); with
+    ``resume``, where an interrupted ``overwrite`` of RUN left it, if it did.
+
+    A run is replaced only once its successor has kept a checkpoint (:func:`_end_replacing`): bad input found by
+    the workers (a split's page that does not decode, rows the checks before Ray do not read) ended the new run
+    after RUN had been deleted, so a good run was lost to a command that trained nothing."""
     _check_run_dir(run, cfg, resume, overwrite)
+    aside = None
     if resume:
         # this attempt decides anew; until it ends, the run is not complete
         for name in (DIVERGED, NotStarted.FILE, "summary.json"):
             storage.remove_file(storage.join(run, name))
-    elif storage.listdir(run):
+        if keep_replaced and storage.exists(replaced_location(run)):  # an --overwrite interrupted before it kept a
+            aside = replaced_location(run)  # checkpoint, continued: it replaces the earlier run once it keeps one
+    elif storage.listdir(run) and not keep_replaced:
         storage.remove_dir(run)
+    elif storage.listdir(run):
+        aside = replaced_location(run)
+        if storage.exists(aside):  # an earlier --overwrite of RUN was killed: what it kept aside, this one replaces
+            log.warning("%s: deleting the run an earlier `--overwrite` of %s kept there (that command did not end)",
+                        aside, run)
+            storage.remove_dir(aside)
+        log.info("%s: the run it holds waits in %s until this one has kept a checkpoint", run, aside)
+        storage.move_dir(run, aside)
     storage.make_dir(run)
     save_config(cfg, storage.join(run, "config.yaml"))
     began(run)  # a signal from here on leaves this command's run (cli._left_on_disk)
+    return aside
+
+
+def _end_replacing(run: storage.Location, aside: storage.Location, err: BaseException | None,
+                   put_back: bool = True) -> None:
+    """After an ``overwrite``'s attempt ended (``err``: how it failed, None when it completed): the run it replaces
+    is deleted once the new one holds a checkpoint (which --resume continues from), and otherwise put back in RUN,
+    with a line that says so, where no worker can be writing to RUN any more (any end but an interrupt of the
+    training itself, whose workers may still be copying a checkpoint: then it stays beside RUN, and the interrupt's
+    line says where). Not ``put_back`` (a ``resume`` of the new run): it stays beside RUN."""
+    doing = "delete the run it replaced in"
+    try:
+        if err is None or latest_checkpoint(run) is not None:
+            storage.remove_dir(aside)
+            return
+        if not put_back:
+            return
+        if isinstance(err, Interrupted):
+            err.args = (f"{err.args[0]}; the run it was to replace is kept in {aside}",)
+            return
+        doing = "put back the run it was to replace, from"
+        storage.remove_dir(run)
+        storage.move_dir(aside, run)
+        not_begun(run)  # what RUN holds is no longer this command's (cli._left_on_disk)
+    except Exception as failed:  # noqa: BLE001: the attempt's own error is the one to report
+        log.warning("%s: could not %s %s (%s)", run, doing, aside, first_line(failed))
+        return
+    said = f"{run} holds again the run --overwrite was to replace (this command kept no checkpoint)"
+    if isinstance(err, UserError) and len(err.args) == 1 and isinstance(err.args[0], str):
+        err.args = (f"{err.args[0]}; {said}",)
+    else:
+        log.warning("%s", said)
 
 
 WORKER_FLAGS = ("workers", "--workers (or --cpus-per-worker)", "--workers or --gpus-per-worker")  # for messages
@@ -343,7 +404,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
         start_ray()
     check_local_workers(workers, cpus_per_worker, gpus_per_worker)  # one machine: what Ray has now is all it gets
     before = storage.read_text(storage.join(run, "config.yaml")) if resume else None  # RUN's, before this attempt
-    _prepare_run_dir(run, cfg, resume, overwrite)
+    aside = _prepare_run_dir(run, cfg, resume, overwrite, keep_replaced=not callbacks)
     try:
         fmap.to_json(storage.join(run, "feature_map.json"))
         loop_config = {"cfg": cfg.to_dict(), "data_dir": str(data_dir), "run_dir": str(run),
@@ -390,11 +451,16 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
         diverged = storage.join(run, DIVERGED)
         if storage.is_file(diverged):  # the workers ended the run themselves: no summary; earlier checkpoints stay
             raise ConfigError(f"{run}: {storage.read_text(diverged).strip()}")
-        return _summary(run, data_dir, time.perf_counter() - t0)
-    except Exception as err:
-        if before is not None and not callbacks and not isinstance(err, Interrupted):  # a Tune trial's RUN is
-            _put_back_config(run, latest, before)  # run_trial's to read back as it is
+        summary = _summary(run, data_dir, time.perf_counter() - t0)
+    except BaseException as err:  # (a Ctrl-C before the workers start is a KeyboardInterrupt)
+        if before is not None and not callbacks and isinstance(err, Exception) and not isinstance(err, Interrupted):
+            _put_back_config(run, latest, before)  # a Tune trial's RUN is run_trial's to read back as it is
+        if aside is not None:
+            _end_replacing(run, aside, err, put_back=not resume)
         raise
+    if aside is not None:
+        _end_replacing(run, aside, None)
+    return summary
 
 
 def _put_back_config(run: storage.Location, started_from: storage.Location | None, text: str) -> None:

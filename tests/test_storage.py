@@ -76,6 +76,13 @@ def test_read_write_list_copy_and_remove_through_the_filesystem(kind, memory_roo
         assert (local / "sub" / "y.txt").read_text() == "y"
     with storage.local_copy(storage.join(root, "up"), skip=["x.bin"]) as local:  # predict's checkpoint less its
         assert sorted(p.relative_to(local).as_posix() for p in local.rglob("*")) == ["sub", "sub/y.txt"]  # optimizer
+    # moved beside itself (train --overwrite keeps the run it replaces so): a rename on a local filesystem, a copy
+    # and a delete on an object store
+    assert storage.sibling(storage.join(root, "up"), ".up.replaced") == storage.join(root, ".up.replaced")
+    storage.move_dir(storage.join(root, "up"), storage.join(root, ".up.replaced"))
+    assert not storage.exists(storage.join(root, "up")) and storage.listdir(root) == [".up.replaced", "a"]
+    assert storage.read_bytes(storage.join(root, ".up.replaced", "x.bin")) == b"\x00\x01"
+    assert storage.read_text(storage.join(root, ".up.replaced", "sub", "y.txt")) == "y"
     storage.remove_dir(root)
     assert not storage.exists(root)
 

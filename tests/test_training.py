@@ -1408,20 +1408,27 @@ def test_ctrl_c_ends_a_run_with_one_line_that_says_what_is_kept(synth_dir, tmp_p
     assert not (run / "summary.json").exists()
 
 
-@pytest.mark.slow
-def test_bad_rows_a_worker_meets_end_the_run_at_once_as_one_line(ray_local, synth_dir, tmp_path):
-    import shutil
-
-    import pyarrow as pa
-
-    data = tmp_path / "data"
+def _rows_only_a_worker_refuses(synth_dir: Path, data: Path) -> Path:
+    """A copy of the data whose train split has histories of 99 and 101 ids in one row group: the footer's value
+    count still adds up (rows × 100), so the checks before Ray pass and a worker meets them; the split's path."""
     shutil.copytree(synth_dir, data, ignore=shutil.ignore_patterns("item_images"))
     path = Layout(data).split("train")
     table = pq.read_table(path)
     seqs = table.column("item_seq").to_pylist()
-    seqs[0], seqs[1] = seqs[0][1:], [0, *seqs[1]]  # 99 and 101 ids: the footer's value count still adds up
+    seqs[0], seqs[1] = seqs[0][1:], [0, *seqs[1]]
     i = table.schema.get_field_index("item_seq")
     pq.write_table(table.set_column(i, "item_seq", pa.array(seqs, type=table.schema.field(i).type)), path)
+    return path
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_bad_rows_a_worker_meets_end_the_run_at_once_as_one_line(ray_local, synth_dir, tmp_path):
+    data = tmp_path / "data"
+    path = _rows_only_a_worker_refuses(synth_dir, data)
     with pytest.raises(DataError) as err:
         run_training(data, str(tmp_path / "run"), tiny_cfg("train.epochs=1"), max_failures=2)
     message = str(err.value)
@@ -1431,6 +1438,23 @@ def test_bad_rows_a_worker_meets_end_the_run_at_once_as_one_line(ray_local, synt
         "validate` for the file and row)" in message
     # one attempt, not three: every retry would meet the same row (rank 0 opens one TensorBoard file per attempt)
     assert len(list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+@pytest.mark.slow
+def test_an_overwrite_whose_workers_refuse_the_data_leaves_the_run_it_was_to_replace(plain_run, synth_dir, tmp_path):
+    """`train --overwrite` deleted RUN before Ray Train started; rows only a worker reads then ended the new run at
+    once, and the earlier run was gone for a command that trained nothing. It is kept aside until the new run has
+    a checkpoint, and put back byte for byte, which the one line says."""
+    path = _rows_only_a_worker_refuses(synth_dir, tmp_path / "data")
+    run = shutil.copytree(plain_run[0], tmp_path / "run")
+    before = _files(run)
+    with pytest.raises(DataError) as err:
+        run_training(tmp_path / "data", str(run), tiny_cfg("train.epochs=1"), overwrite=True)
+    assert str(err.value).startswith(f"{path}: column item_seq: lists of one length expected")
+    assert str(err.value).endswith(f"; {run} holds again the run --overwrite was to replace (this command kept no "
+                                   f"checkpoint)")
+    assert _files(run) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".mmctr.lock")) == ["data", "run"]
 
 
 @pytest.mark.slow
@@ -1640,6 +1664,96 @@ def test_overwrite_never_deletes_a_directory_that_is_not_a_run(synth_dir, tmp_pa
     with pytest.raises(OutputExistsError, match="not a run of `mmctr train`"):
         run_training(synth_dir, str(tmp_path), tiny_cfg(), overwrite=True)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def _earlier_run(run: Path) -> dict[str, bytes]:
+    """A run's files as `mmctr train` leaves them (a config, metrics, one checkpoint); what they hold."""
+    (run / "checkpoint_epoch_001").mkdir(parents=True)
+    (run / "checkpoint_epoch_001" / "model.pt").write_bytes(b"weights")
+    (run / "config.yaml").write_text("name: earlier\n")
+    (run / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    return _files(run)
+
+
+def test_an_overwrite_keeps_the_run_it_replaces_beside_run_until_the_new_run_ends(tmp_path):
+    from mmctr_ray.train_driver import _end_replacing, _prepare_run_dir
+
+    run = tmp_path / "run"
+    before = _earlier_run(run)
+    aside = _prepare_run_dir(run, tiny_cfg(), resume=False, overwrite=True)
+    assert aside == tmp_path / ".run.replaced" and _files(aside) == before
+    assert [p.name for p in run.iterdir()] == ["config.yaml"] and "earlier" not in (run / "config.yaml").read_text()
+    _end_replacing(run, aside, None)  # it completed
+    assert not aside.exists() and (run / "config.yaml").is_file()
+    run2 = tmp_path / "trial"
+    _earlier_run(run2)  # a search's trial folder: deleted at once, as before
+    assert _prepare_run_dir(run2, tiny_cfg(), resume=False, overwrite=True, keep_replaced=False) is None
+    assert [p.name for p in run2.iterdir()] == ["config.yaml"] and not (tmp_path / ".trial.replaced").exists()
+
+
+@pytest.mark.parametrize("error", [DataError("d/train.parquet: column item_seq: ..."), KeyboardInterrupt()])
+def test_an_overwrite_that_kept_no_checkpoint_puts_the_run_it_was_to_replace_back(tmp_path, error, caplog):
+    """Ended by bad input a worker met (or a Ctrl-C before the workers started): RUN holds again what it held, the
+    attempt's own files gone, and the error's line says so (a KeyboardInterrupt has no line of its own: a warning)."""
+    from mmctr_ray.locking import begun
+    from mmctr_ray.train_driver import _end_replacing, _prepare_run_dir
+
+    run = tmp_path / "run"
+    before = _earlier_run(run)
+    aside = _prepare_run_dir(run, tiny_cfg(), resume=False, overwrite=True)
+    (run / "tensorboard").mkdir()
+    (run / "tensorboard" / "events").write_bytes(b"attempt")
+    assert begun(run)
+    _end_replacing(run, aside, error)
+    assert _files(run) == before and not aside.exists() and not begun(run)  # a signal's line: not this command's
+    said = f"{run} holds again the run --overwrite was to replace (this command kept no checkpoint)"
+    if isinstance(error, DataError):
+        assert str(error) == f"d/train.parquet: column item_seq: ...; {said}"
+    else:
+        assert said in caplog.text
+
+
+def test_an_overwrite_replaces_the_run_once_the_new_one_has_a_checkpoint_and_keeps_it_aside_on_an_interrupt(
+        tmp_path, monkeypatch):
+    """Interrupted during training before its first checkpoint, the workers may still be copying one into RUN: the
+    earlier run stays aside, and the interrupt's line says where; a --resume of the new run keeps it there until the
+    new run has a checkpoint. Once it has one (failed after, or resumed), the earlier one is deleted, the error left
+    as it was."""
+    from mmctr_ray import train_driver
+    from mmctr_ray.errors import Interrupted
+
+    run = tmp_path / "run"
+    _earlier_run(run)
+    aside = train_driver._prepare_run_dir(run, tiny_cfg(), resume=False, overwrite=True)
+    interrupted = Interrupted(f"{run} holds no checkpoint yet", 15)
+    train_driver._end_replacing(run, aside, interrupted)
+    assert str(interrupted) == f"{run} holds no checkpoint yet; the run it was to replace is kept in {aside}"
+    assert interrupted.signum == 15 and (aside / "config.yaml").read_text() == "name: earlier\n"
+    assert [p.name for p in run.iterdir()] == ["config.yaml"]
+    # the --resume the interrupt's line gives: the earlier run stays aside until the resumed run keeps a checkpoint
+    assert train_driver._prepare_run_dir(run, tiny_cfg(), resume=True, overwrite=False) == aside
+    failed = DataError("valid.parquet: ...")
+    train_driver._end_replacing(run, aside, failed, put_back=False)
+    assert str(failed) == "valid.parquet: ..." and (aside / "config.yaml").read_text() == "name: earlier\n"
+    assert [p.name for p in run.iterdir()] == ["config.yaml"]
+    monkeypatch.setattr(train_driver, "latest_checkpoint", lambda r: run / "checkpoint_epoch_001")
+    for put_back in (False, True):
+        train_driver._end_replacing(run, aside, failed, put_back=put_back)
+        assert not aside.exists() and str(failed) == "valid.parquet: ..." and (run / "config.yaml").is_file()
+        aside.mkdir()
+
+
+def test_an_earlier_overwrites_run_left_aside_is_replaced_with_a_warning(tmp_path, caplog):
+    """A killed --overwrite left its predecessor beside RUN: the next --overwrite of RUN replaces both, and says so."""
+    from mmctr_ray.train_driver import _prepare_run_dir
+
+    run = tmp_path / "run"
+    (tmp_path / ".run.replaced").mkdir()
+    (tmp_path / ".run.replaced" / "config.yaml").write_text("name: oldest\n")
+    before = _earlier_run(run)
+    aside = _prepare_run_dir(run, tiny_cfg(), resume=False, overwrite=True)
+    assert _files(aside) == before
+    assert f"{aside}: deleting the run an earlier `--overwrite` of {run} kept there" in caplog.text
 
 
 def test_a_uri_run_is_never_overwritten_silently_either(synth_dir, tmp_path):
