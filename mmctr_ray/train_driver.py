@@ -176,7 +176,7 @@ def _end_replacing(run: storage.Location, aside: storage.Location, err: BaseExce
         storage.remove_dir(run)
         storage.move_dir(aside, run)
         not_begun(run)  # what RUN holds is no longer this command's (cli._left_on_disk)
-    except Exception as failed:  # noqa: BLE001: the attempt's own error is the one to report
+    except Exception as failed:  # noqa: BLE001 (the attempt's own error is the one to report)
         log.warning("%s: could not %s %s (%s)", run, doing, aside, first_line(failed))
         return
     said = f"{run} holds again the run --overwrite was to replace (this command kept no checkpoint)"
