@@ -143,10 +143,11 @@ def read_parquet(path: str | Path, columns: list[str] | None = None) -> pa.Table
         raise _undecodable(path, err) from None
 
 
-def iter_parquet(path: str | Path, **kwargs: Any) -> Iterator[pa.RecordBatch]:
-    """``ParquetFile(path).iter_batches(**kwargs)``, a batch that cannot be decoded a one-line DataError, as in
-    :func:`read_parquet`."""
-    batches = pq.ParquetFile(path).iter_batches(**kwargs)
+def iter_parquet(path: str | Path, parquet_file: pq.ParquetFile | None = None,
+                 **kwargs: Any) -> Iterator[pa.RecordBatch]:
+    """``ParquetFile(path).iter_batches(**kwargs)`` (of ``parquet_file`` when given: ``path`` opened), a batch that
+    cannot be decoded a one-line DataError, as in :func:`read_parquet`."""
+    batches = (parquet_file or pq.ParquetFile(path)).iter_batches(**kwargs)
     while True:
         try:
             batch = next(batches)
@@ -335,7 +336,8 @@ def largest_user_ids(data_dir: str | Path) -> list[tuple[int, Path]]:
     from mmctr_ray.preflight import value_range
 
     lay = Layout(data_dir)
-    seen = [(value_range(pq.ParquetFile(part), "user_id"), part) for split in SPLITS for part in lay.split_files(split)]
+    seen = [(value_range(pq.ParquetFile(part), "user_id", part), part)
+            for split in SPLITS for part in lay.split_files(split)]
     return [(int(r[1]), part) for r, part in seen if r is not None]
 
 

@@ -1,11 +1,12 @@
-"""Checks a stage makes on its driver before any Ray work: parquet footers (schema, row counts, column statistics)
-and the label column (statistics cannot show a NaN or a 0.5 among 0s and 1s), so they cost milliseconds to seconds
-however large the splits, and bad input ends as one line naming the file, the column and the values instead of a
-worker's traceback after Ray has started.
+"""Checks a stage makes on its driver before any Ray work: parquet footers (schema, row counts, column statistics),
+then one streamed read of every split's pages (:func:`scan_part`: pages that decode, histories of 100 ids row by row
+and left-padded, labels 0 or 1, which statistics cannot show), so bad input ends as one line naming the file, the
+column and the row or values instead of a worker's ~500-line traceback after Ray has started. The footers cost
+milliseconds; the read about 3 s for a 3.6M-row split on 2 cores (~630 MiB at its peak; `benchmarks/preflight_scan.py`).
 
-They are not a full validation: a value that column statistics cannot show (a history with a gap in its padding) is
-for ``mmctr validate``, which scans every row, and for the workers that convert each batch
-(:func:`mmctr_ray.features.check_left_padded`), which end the run on it.
+They are not a full validation: the ids' values are checked by range from the statistics; ``mmctr validate``
+checks every value of every file, and the workers that convert each batch check the histories again
+(:func:`mmctr_ray.features.check_left_padded`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import pyarrow.parquet as pq
 
 from mmctr_ray.config import worker_batch
 from mmctr_ray.errors import ConfigError, DataError
-from mmctr_ray.schema import ITEM_INFO_COLUMNS, LEVELS, NO_PARTS, SEQ_LEN, SPLIT_COLUMNS, Layout
+from mmctr_ray.schema import (ITEM_INFO_COLUMNS, LEVELS, NO_PARTS, SEQ_LEN, SPLIT_COLUMNS, Layout, history_around_gap,
+                              padding_gaps)
 from mmctr_ray.validate import Problem, _open
 
 HINT = "run `mmctr validate {data}` for the rows"
@@ -60,10 +62,11 @@ def _leaf(pf: pq.ParquetFile, column: str) -> int:
     return next(j for j in range(pf.metadata.num_columns) if schema.column(j).path.split(".")[0] == column)
 
 
-def column_stats(pf: pq.ParquetFile, column: str) -> tuple[float | None, float | None, int]:
+def column_stats(pf: pq.ParquetFile, column: str, path: str | Path = "") -> tuple[float | None, float | None, int]:
     """(min, max, nulls) of ``column`` (of its elements for a list column): from the row-group statistics, or,
     when a row group has none (a writer may omit them), streamed from the column itself. (None, None, n) when
-    the column holds no value."""
+    the column holds no value. ``path``: the file ``pf`` opened, named by the one-line error of a page that does
+    not decode."""
     j = _leaf(pf, column)
     lo = hi = None
     nulls = 0
@@ -72,7 +75,7 @@ def column_stats(pf: pq.ParquetFile, column: str) -> tuple[float | None, float |
         if stats is None or not stats.has_null_count or (not stats.has_min_max and stats.num_values > 0) or (
                 stats.has_min_max and isinstance(stats.min, bytes)):  # values (num_values counts the non-null ones)
             # but no min/max, or a min/max pyarrow gives as raw bytes (float16's): read them
-            return _scanned_stats(pf, column)
+            return _scanned_stats(pf, column, path)
         nulls += stats.null_count
         if stats.has_min_max:
             lo = stats.min if lo is None else min(lo, stats.min)
@@ -80,10 +83,12 @@ def column_stats(pf: pq.ParquetFile, column: str) -> tuple[float | None, float |
     return lo, hi, nulls
 
 
-def _scanned_stats(pf: pq.ParquetFile, column: str) -> tuple[float | None, float | None, int]:
+def _scanned_stats(pf: pq.ParquetFile, column: str, path: str | Path) -> tuple[float | None, float | None, int]:
     lo = hi = None
     nulls = 0
-    for batch in pf.iter_batches(batch_size=1 << 16, columns=[column]):
+    from mmctr_ray.features import iter_parquet
+
+    for batch in iter_parquet(path, parquet_file=pf, batch_size=1 << 16, columns=[column]):
         values = batch.column(0)
         if (pa.types.is_list(values.type) or pa.types.is_large_list(values.type)
                 or pa.types.is_fixed_size_list(values.type)):  # min_max has no kernel for the lists themselves
@@ -99,15 +104,15 @@ def _scanned_stats(pf: pq.ParquetFile, column: str) -> tuple[float | None, float
     return lo, hi, nulls
 
 
-def value_range(pf: pq.ParquetFile, column: str) -> tuple[float, float] | None:
+def value_range(pf: pq.ParquetFile, column: str, path: str | Path = "") -> tuple[float, float] | None:
     """(min, max) of ``column`` (of its elements for a list column); None when it holds no value."""
-    lo, hi, _ = column_stats(pf, column)
+    lo, hi, _ = column_stats(pf, column, path)
     return None if lo is None else (lo, hi)
 
 
 def _check_range(pf: pq.ParquetFile, path: Path, column: str, lo: float, hi: float | None, expected: str,
                  hint: str) -> None:
-    seen_lo, seen_hi, nulls = column_stats(pf, column)
+    seen_lo, seen_hi, nulls = column_stats(pf, column, path)
     if nulls:
         raise DataError(f"{path}: column {column}: {nulls:,} null values, expected {expected}; {hint}")
     if seen_lo is not None and (seen_lo < lo or (hi is not None and seen_hi > hi)):
@@ -154,8 +159,9 @@ def num_items(data_dir: str | Path) -> int:
     return items
 
 
-def check_split(data_dir: str | Path, split: str, items: int | None = None) -> int:
-    """Raise a one-line DataError if ``split`` cannot feed the model; return its row count."""
+def check_split(data_dir: str | Path, split: str, items: int | None = None, scan: bool = True) -> int:
+    """Raise a one-line DataError if ``split`` cannot feed the model; return its row count. ``scan``: read every
+    page (:func:`scan_part`); without it, the footers alone (a search's trial, on splits its search scanned)."""
     data_dir = Path(data_dir)
     items = num_items(data_dir) if items is None else items
     hint = HINT.format(data=data_dir)
@@ -169,36 +175,75 @@ def check_split(data_dir: str | Path, split: str, items: int | None = None) -> i
         _check_range(pf, path, "item_id", 1, items, f"item ids in 1..{items} (item_info rows)", hint)
         for name in ("likes_level", "views_level"):
             _check_range(pf, path, name, 0, LEVELS - 1, f"levels in 0..{LEVELS - 1}", hint)
-        if labels:
-            check_labels(pf, path, hint)
+        if scan:
+            scan_part(pf, path, labels, hint)
     return sum(pf.metadata.num_rows for _, pf in parts)
+
+
+SCAN_ROWS = 1 << 16  # rows a batch of scan_part: 6.5M history ids, ~52 MB
+
+
+def scan_part(pf: pq.ParquetFile, path: Path, labels: bool, hint: str) -> None:
+    """Read every page of a split's part once, streamed: a page that does not decode behind an intact footer is a
+    one-line DataError here, not ~500 lines of Ray Data's and Ray Train's tracebacks from a worker (after Ray had
+    started, and with --overwrite after RUN was set aside); each history holds SEQ_LEN ids, row by row (a row
+    group's footer count lets 99 and 101 ids in two of its rows pass), left-padded (the workers' own check,
+    :func:`mmctr_ray.features.check_left_padded`, said it without the row); with ``labels``, each label is 0 or 1
+    (:func:`check_labels`)."""
+    from mmctr_ray.features import iter_parquet
+
+    row = 0
+    columns = [name for name in SPLIT_COLUMNS if labels or name != "label"]
+    for batch in iter_parquet(path, parquet_file=pf, batch_size=SCAN_ROWS, columns=columns):
+        lengths = pc.fill_null(pc.list_value_length(batch.column("item_seq")), SEQ_LEN)  # nulls: _check_range's
+        off = np.flatnonzero(lengths.to_numpy(zero_copy_only=False) != SEQ_LEN)
+        if len(off):
+            raise DataError(f"{path}: column item_seq: row {row + int(off[0]):,} holds {lengths[int(off[0])]} ids, "
+                            f"expected fixed-width histories of {SEQ_LEN} ids, left-padded with 0; {hint}")
+        seq = batch.column("item_seq").flatten().to_numpy(zero_copy_only=False).reshape(-1, SEQ_LEN)
+        gaps = np.flatnonzero(padding_gaps(seq))
+        if len(gaps):
+            raise DataError(f"{path}: column item_seq: row {row + int(gaps[0]):,} holds a padding 0 after an item id "
+                            f"({history_around_gap(seq[gaps[0]])}); expected left-padded histories, all 0s before "
+                            f"the history, most recent last")
+        if labels:
+            _check_label_batch(batch.column("label"), row, path, hint)
+        row += batch.num_rows
 
 
 def check_labels(pf: pq.ParquetFile, path: Path, hint: str) -> None:
     """Every label is 0 or 1. Read from the column itself (one float per row, streamed): column statistics leave
     NaN out of their min and max, and cannot tell a 0.5 from the 0s and 1s around it; a NaN label made the first
     epoch's loss NaN, which the run then blamed on the learning rate."""
+    from mmctr_ray.features import iter_parquet
+
     row = 0
-    for batch in pf.iter_batches(batch_size=1 << 20, columns=["label"]):
-        values = batch.column(0).to_numpy(zero_copy_only=False)  # a null reads as NaN
-        bad = np.flatnonzero((values != 0) & (values != 1))
-        if len(bad):
-            nulls = batch.column(0).null_count
-            found = f"{nulls:,} null values" if nulls else f"row {row + int(bad[0]):,} holds {values[bad[0]]:g}"
-            raise DataError(f"{path}: column label: {found}, expected labels 0 or 1; {hint}")
-        row += len(values)
+    for batch in iter_parquet(path, parquet_file=pf, batch_size=1 << 20, columns=["label"]):
+        _check_label_batch(batch.column(0), row, path, hint)
+        row += batch.num_rows
+
+
+def _check_label_batch(column: pa.Array, row: int, path: Path, hint: str) -> None:
+    """A one-line DataError at the first label of ``column`` (rows from ``row`` of ``path``) that is not 0 or 1."""
+    values = column.to_numpy(zero_copy_only=False)  # a null reads as NaN
+    bad = np.flatnonzero((values != 0) & (values != 1))
+    if len(bad):
+        nulls = column.null_count
+        found = f"{nulls:,} null values" if nulls else f"row {row + int(bad[0]):,} holds {values[bad[0]]:g}"
+        raise DataError(f"{path}: column label: {found}, expected labels 0 or 1; {hint}")
 
 
 def valid_labels_problem(data_dir: str | Path) -> str | None:
     """Why the valid split's label column cannot rank (no rows, or one label only: its AUC, which the schedule and
     early stopping follow, would be undefined), or None."""
-    parts = [pq.ParquetFile(part) for part in Layout(data_dir).split_files("valid")]
-    seen = [(lo, hi) for lo, hi, _ in (column_stats(pf, "label") for pf in parts) if lo is not None]
+    parts = {part: pq.ParquetFile(part) for part in Layout(data_dir).split_files("valid")}
+    seen = [(lo, hi) for lo, hi, _ in (column_stats(pf, "label", part) for part, pf in parts.items())
+            if lo is not None]
     lo = min((s[0] for s in seen), default=None)
     hi = max((s[1] for s in seen), default=None)
     if lo is not None and lo != hi:
         return None
-    rows = sum(pf.metadata.num_rows for pf in parts)
+    rows = sum(pf.metadata.num_rows for pf in parts.values())
     held = "no rows" if lo is None else f"label {lo + 0:g} in all {rows:,} rows"
     return (f"{held}, expected clicks (1) and non-clicks (0): validation AUC, which the schedule and early stopping "
             f"follow, needs both")
@@ -244,7 +289,7 @@ def batch_split_note(batch_size: int, workers: int) -> str | None:
             f"{even + workers:,} splits evenly)")
 
 
-def check_splits(data_dir: str | Path, splits: Iterable[str]) -> dict[str, int]:
+def check_splits(data_dir: str | Path, splits: Iterable[str], scan: bool = True) -> dict[str, int]:
     """:func:`check_split` for each of ``splits``; their row counts."""
     items = num_items(data_dir)
-    return {split: check_split(data_dir, split, items) for split in splits}
+    return {split: check_split(data_dir, split, items, scan) for split in splits}

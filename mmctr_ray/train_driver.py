@@ -258,12 +258,13 @@ def _data_config(cfg: ExperimentConfig, workers: int) -> Any:
 
 
 def check_inputs(data_dir: str | Path, cfg: ExperimentConfig, resume: bool = False,
-                 latest: storage.Location | None = None) -> tuple[dict[str, int], FeatureMap]:
-    """Check the splits (footers) and build the item table and feature map, all on the driver and without Ray;
-    return the splits' row counts and the feature map. Raises a one-line DataError on bad input. A ``resume``
-    continues with the run's own item vectors, so a mismatch its start warned about is not warned about again;
-    they must still be the vectors it trained on (those of ``latest``, the run's newest checkpoint)."""
-    rows = check_splits(data_dir, SPLITS)  # test too: its users and items size the embedding tables
+                 latest: storage.Location | None = None, scan: bool = True) -> tuple[dict[str, int], FeatureMap]:
+    """Check the splits (footers, and with ``scan`` every page: :func:`mmctr_ray.preflight.scan_part`) and build
+    the item table and feature map, all on the driver and without Ray; return the splits' row counts and the
+    feature map. Raises a one-line DataError on bad input. A ``resume`` continues with the run's own item vectors,
+    so a mismatch its start warned about is not warned about again; they must still be the vectors it trained on
+    (those of ``latest``, the run's newest checkpoint)."""
+    rows = check_splits(data_dir, SPLITS, scan)  # test too: its users and items size the embedding tables
     check_valid_labels(data_dir)
     table = load_item_table(data_dir, cfg.data.item_vector)
     if resume and latest is not None:
@@ -386,7 +387,8 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     cfg = _absolute_item_vector(cfg)
     _check_run_dir(run, cfg, resume, overwrite)  # first: a refused resume said "training ..." before it said why
     latest = latest_checkpoint(run) if resume else None  # where a resume continues (the driver writes none)
-    rows, fmap = check_inputs(data_dir, cfg, resume, latest)  # bad input fails here, before RUN is touched
+    # bad input fails here, before RUN is touched; a search's trials read the footers only: the search scanned
+    rows, fmap = check_inputs(data_dir, cfg, resume, latest, scan=not callbacks)
     check_batch_size(cfg.train.batch_size, rows["train"], workers)
     check_batch_norm_rows(cfg.train.batch_size, workers, cfg.model.batch_norm)
     if (uneven := batch_split_note(cfg.train.batch_size, workers)) and not callbacks:  # (a search says it once)

@@ -247,6 +247,47 @@ def test_an_item_seq_of_fixed_size_lists_is_checked_as_a_list(data):
     the_error(data, TRAIN, "item_seq", str(n_items(data) + 5))
 
 
+def test_the_checks_before_ray_read_every_page_of_a_split_and_name_the_row(data, monkeypatch):
+    """What the footers let through reached the workers, after Ray had started (and `train --overwrite` had set RUN
+    aside): histories of 99 and 101 ids in one row group (the footer's count adds up) and a gap in a history's
+    padding were one line without the row; a page that does not decode in a later row group ~500 lines of Ray
+    Data's and Ray Train's tracebacks. The scan reads in batches (SCAN_ROWS, small here): rows count across them."""
+    from mmctr_ray import preflight
+    from mmctr_ray.errors import DataError
+
+    monkeypatch.setattr(preflight, "SCAN_ROWS", 16)
+    path = data / TRAIN
+    table = pq.read_table(path)
+    seqs = table["item_seq"].to_pylist()
+    i = table.schema.get_field_index("item_seq")
+
+    def write(rows, **kwargs):
+        pq.write_table(table.set_column(i, "item_seq", pa.array(rows, table.schema.field(i).type)), path, **kwargs)
+
+    write([s[1:] if r == 37 else [0, *s] if r == 38 else s for r, s in enumerate(seqs)])
+    with pytest.raises(DataError, match=rf"^{path}: column item_seq: row 37 holds 99 ids, expected fixed-width "
+                                        rf"histories of 100 ids, left-padded with 0; run `mmctr validate {data}` "
+                                        rf"for the rows$"):
+        preflight.check_split(data, "train")
+    write([[0] * 97 + [7, 0, 9] if r == 41 else s for r, s in enumerate(seqs)])
+    with pytest.raises(DataError, match=rf"^{path}: column item_seq: row 41 holds a padding 0 after an item id "
+                                        r"\(\[7, 0, …\]\); expected left-padded histories, all 0s before the "
+                                        r"history, most recent last$"):
+        preflight.check_split(data, "train")
+    write(seqs, row_group_size=50)
+    assert preflight.check_split(data, "train") == table.num_rows
+    raw = bytearray(path.read_bytes())
+    column = pq.ParquetFile(path).metadata.row_group(3).column(i)
+    start = column.dictionary_page_offset or column.data_page_offset
+    raw[start + 8:start + column.total_compressed_size - 8] = bytes(column.total_compressed_size - 16)
+    path.write_bytes(bytes(raw))
+    assert pq.ParquetFile(path).metadata.num_rows == table.num_rows  # the footer reads
+    with pytest.raises(DataError, match=rf"^{path}: its data cannot be decoded \(.+\): a damaged file; `mmctr "
+                                        rf"validate` checks every file$"):
+        preflight.check_split(data, "train")
+    assert preflight.check_split(data, "train", scan=False) == table.num_rows  # a search's trial: footers only
+
+
 def test_item_info_rows_out_of_order(data):
     def swap(t):
         order = list(range(t.num_rows))
