@@ -814,7 +814,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_args(p)
     _add_resume_args(p, "continue RUN from its latest checkpoint (its own config)",
                      "replace a run already in RUN (kept beside it as .NAME.replaced until the new run has a "
-                     "checkpoint, and put back if the new run ends before)")
+                     "checkpoint, and put back if the new run fails before)")
     _add_ray_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -1033,7 +1033,7 @@ def _left_on_disk(args: argparse.Namespace, argv: Sequence[str]) -> tuple[str, s
     (a train or tune ended while Ray started or the splits were read printed a bare "terminated", and a search
     stopped before its first trial is not resumed but started again), or could not (a SIGTERM's line, said at once
     by :func:`mmctr_ray.ray_env.sigterm_watchdog`). A storage URI is not read (it may be slow, or out of reach)."""
-    from mmctr_ray.locking import begun, entries
+    from mmctr_ray.locking import begun, entries, replaced_location
 
     if args.command not in ("train", "tune", "pipeline", "demo"):
         return "", _how_to_continue(args, argv, False)
@@ -1049,10 +1049,13 @@ def _left_on_disk(args: argparse.Namespace, argv: Sequence[str]) -> tuple[str, s
     def ours(marker: storage.Location, output: storage.Location) -> bool:  # not what --overwrite was to replace
         return storage.is_file(marker) and (not replacing or begun(output))
 
-    if args.command != "tune" and ours(storage.join(run, "config.yaml"), run):
-        from mmctr_ray.checkpoint import kept_checkpoints
+    from mmctr_ray.checkpoint import epoch_checkpoints, kept_checkpoints
 
-        return f": {kept_checkpoints(run)}", _how_to_continue(args, argv, True)
+    aside = replaced_location(run) if args.command == "train" else None  # the run an --overwrite was to replace,
+    aside_said = (f"; the run --overwrite was to replace is kept in {aside}"  # until RUN has a checkpoint
+                  if aside is not None and storage.exists(aside) and not epoch_checkpoints(run) else "")
+    if args.command != "tune" and ours(storage.join(run, "config.yaml"), run):
+        return f": {kept_checkpoints(run)}{aside_said}", _how_to_continue(args, argv, True)
     if args.command in ("pipeline", "demo"):  # its steps before training may be continued, unless it replaces
         return "", "run the same command again" if replacing else _how_to_continue(args, argv, True)
     if args.command == "tune" and ours(Path(out) / "settings.json", out):
@@ -1060,7 +1063,8 @@ def _left_on_disk(args: argparse.Namespace, argv: Sequence[str]) -> tuple[str, s
             return ": the search's state is saved as it goes (every 2 s)", _how_to_continue(args, argv, True)
         rest = [a for a in argv[at + 1:] if a not in ("--resume", "--overwrite")]
         return ": no trial had started", f"start it again with `{_command(args, argv, [*rest, '--overwrite'])}`"
-    return ("" if storage.exists(out) and entries(out) else ": nothing written yet"), "run the same command again"
+    written = "" if storage.exists(out) and entries(out) else ": nothing written yet"
+    return written + aside_said, "run the same command again"
 
 
 _SAID = threading.Lock()  # the line of a command a signal ended: once, from the main thread or the watchdog's

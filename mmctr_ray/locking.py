@@ -45,6 +45,15 @@ def lock_path(target: storage.Location) -> Path:
     return path.parent / f".{path.name}{LOCK_SUFFIX}"
 
 
+REPLACED_SUFFIX = ".replaced"  # .NAME.replaced beside RUN: the run a `train --overwrite` replaces, until replaced
+
+
+def replaced_location(run: storage.Location) -> storage.Location:
+    """Where ``train --overwrite`` keeps the run it replaces while the new one has no checkpoint:
+    ``.NAME.replaced`` beside RUN (hidden, as RUN's lock file ``.NAME.mmctr.lock`` is; the same lock guards both)."""
+    return storage.sibling(run, f".{storage.basename(run)}{REPLACED_SUFFIX}")
+
+
 def _cached_lock(key: str) -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mmctr" / "locks"
     base.mkdir(parents=True, exist_ok=True)

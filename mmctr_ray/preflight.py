@@ -62,7 +62,7 @@ def _leaf(pf: pq.ParquetFile, column: str) -> int:
     return next(j for j in range(pf.metadata.num_columns) if schema.column(j).path.split(".")[0] == column)
 
 
-def column_stats(pf: pq.ParquetFile, column: str, path: str | Path = "") -> tuple[float | None, float | None, int]:
+def column_stats(pf: pq.ParquetFile, column: str, path: str | Path) -> tuple[float | None, float | None, int]:
     """(min, max, nulls) of ``column`` (of its elements for a list column): from the row-group statistics, or,
     when a row group has none (a writer may omit them), streamed from the column itself. (None, None, n) when
     the column holds no value. ``path``: the file ``pf`` opened, named by the one-line error of a page that does
@@ -104,7 +104,7 @@ def _scanned_stats(pf: pq.ParquetFile, column: str, path: str | Path) -> tuple[f
     return lo, hi, nulls
 
 
-def value_range(pf: pq.ParquetFile, column: str, path: str | Path = "") -> tuple[float, float] | None:
+def value_range(pf: pq.ParquetFile, column: str, path: str | Path) -> tuple[float, float] | None:
     """(min, max) of ``column`` (of its elements for a list column); None when it holds no value."""
     lo, hi, _ = column_stats(pf, column, path)
     return None if lo is None else (lo, hi)
@@ -176,11 +176,22 @@ def check_split(data_dir: str | Path, split: str, items: int | None = None, scan
         for name in ("likes_level", "views_level"):
             _check_range(pf, path, name, 0, LEVELS - 1, f"levels in 0..{LEVELS - 1}", hint)
         if scan:
-            scan_part(pf, path, labels, hint)
+            _scan_once(pf, path, labels, hint)
     return sum(pf.metadata.num_rows for _, pf in parts)
 
 
 SCAN_ROWS = 1 << 16  # rows a batch of scan_part: 6.5M history ids, ~52 MB
+_SCANNED: set[tuple[str, int, int, bool]] = set()  # the parts this process has scanned, as they were then
+
+
+def _scan_once(pf: pq.ParquetFile, path: Path, labels: bool, hint: str) -> None:
+    """:func:`scan_part`, once a process for a file as it is (its size and modification time): a command checks
+    before Ray starts and its stage again after (predict, tune), and a pipeline's steps one after another."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, labels)
+    if key not in _SCANNED:
+        scan_part(pf, path, labels, hint)
+        _SCANNED.add(key)
 
 
 def scan_part(pf: pq.ParquetFile, path: Path, labels: bool, hint: str) -> None:
@@ -192,9 +203,8 @@ def scan_part(pf: pq.ParquetFile, path: Path, labels: bool, hint: str) -> None:
     (:func:`check_labels`)."""
     from mmctr_ray.features import iter_parquet
 
-    row = 0
-    columns = [name for name in SPLIT_COLUMNS if labels or name != "label"]
-    for batch in iter_parquet(path, parquet_file=pf, batch_size=SCAN_ROWS, columns=columns):
+    row = 0  # every column is decoded (a test split's placeholder labels too: predict reads them), not only checked
+    for batch in iter_parquet(path, parquet_file=pf, batch_size=SCAN_ROWS, columns=list(SPLIT_COLUMNS)):
         lengths = pc.fill_null(pc.list_value_length(batch.column("item_seq")), SEQ_LEN)  # nulls: _check_range's
         off = np.flatnonzero(lengths.to_numpy(zero_copy_only=False) != SEQ_LEN)
         if len(off):
@@ -205,7 +215,7 @@ def scan_part(pf: pq.ParquetFile, path: Path, labels: bool, hint: str) -> None:
         if len(gaps):
             raise DataError(f"{path}: column item_seq: row {row + int(gaps[0]):,} holds a padding 0 after an item id "
                             f"({history_around_gap(seq[gaps[0]])}); expected left-padded histories, all 0s before "
-                            f"the history, most recent last")
+                            f"the history, most recent last; {hint}")
         if labels:
             _check_label_batch(batch.column("label"), row, path, hint)
         row += batch.num_rows
@@ -228,8 +238,9 @@ def _check_label_batch(column: pa.Array, row: int, path: Path, hint: str) -> Non
     values = column.to_numpy(zero_copy_only=False)  # a null reads as NaN
     bad = np.flatnonzero((values != 0) & (values != 1))
     if len(bad):
-        nulls = column.null_count
-        found = f"{nulls:,} null values" if nulls else f"row {row + int(bad[0]):,} holds {values[bad[0]]:g}"
+        first = row + int(bad[0])
+        value = column[int(bad[0])].as_py()  # a NaN and a null both read as NaN above
+        found = f"row {first:,} holds {'null' if value is None else f'{value:g}'}"
         raise DataError(f"{path}: column label: {found}, expected labels 0 or 1; {hint}")
 
 

@@ -35,7 +35,7 @@ from mmctr_ray.errors import (ConfigError, DataError, Interrupted, NotStarted, O
 from mmctr_ray.features import (FeatureMap, build_feature_map, check_id_tables, check_same_table, load_item_table,
                                 read_split)
 from mmctr_ray.host_malloc import worker_env
-from mmctr_ray.locking import began, check_folder_kind, entries, not_begun
+from mmctr_ray.locking import began, check_folder_kind, entries, not_begun, replaced_location
 from mmctr_ray.preflight import (batch_split_note, check_batch_norm_rows, check_batch_size, check_splits,
                                  check_valid_labels)
 from mmctr_ray.ray_env import (check_gpu_split, check_local_pool, check_pool, private_local_ray, sigterm_flag,
@@ -113,42 +113,45 @@ def _nothing_to_train(run: storage.Location, cfg: ExperimentConfig) -> str | Non
     return None
 
 
-REPLACED_SUFFIX = ".replaced"  # .NAME.replaced beside RUN: the run an --overwrite replaces, until it is replaced
-
-
-def replaced_location(run: storage.Location) -> storage.Location:
-    """Where ``--overwrite`` keeps the run it replaces while the new one has no checkpoint: ``.NAME.replaced``
-    beside RUN (hidden, as RUN's lock file ``.NAME.mmctr.lock`` is)."""
-    return storage.sibling(run, f".{storage.basename(run)}{REPLACED_SUFFIX}")
-
-
 def _prepare_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool, overwrite: bool,
                      keep_replaced: bool = True) -> storage.Location | None:
-    """Make RUN ready for this attempt; return where the run an ``overwrite`` replaces was set aside (None when
-    there was none, or ``keep_replaced`` is off: it is deleted at once, as a search's trial folders are); with
-    ``resume``, where an interrupted ``overwrite`` of RUN left it, if it did.
+    """Make RUN ready for this attempt; return where the run an ``overwrite`` replaces waits (None when there was
+    none, or ``keep_replaced`` is off: it is deleted at once, as a search's trial folders are); with ``resume``,
+    where an interrupted ``overwrite`` of RUN left it, if it did.
 
-    A run is replaced only once its successor has kept a checkpoint (:func:`_end_replacing`): bad input found by
-    the workers (a split's page that does not decode, rows the checks before Ray do not read) ended the new run
-    after RUN had been deleted, so a good run was lost to a command that trained nothing."""
+    A run is replaced only once its successor has kept a checkpoint (:func:`_end_replacing`): bad input a worker met
+    (rows the checks before Ray did not read), a first epoch that diverged or workers that died ended the new run
+    after RUN had been deleted, so a good run was lost to a command that trained nothing. An ``overwrite`` after one
+    that ended before its first checkpoint keeps the run that one set aside, not the checkpointless attempt."""
     _check_run_dir(run, cfg, resume, overwrite)
-    aside = None
+    aside = replaced_location(run) if keep_replaced else None
     if resume:
         # this attempt decides anew; until it ends, the run is not complete
         for name in (DIVERGED, NotStarted.FILE, "summary.json"):
             storage.remove_file(storage.join(run, name))
-        if keep_replaced and storage.exists(replaced_location(run)):  # an --overwrite interrupted before it kept a
-            aside = replaced_location(run)  # checkpoint, continued: it replaces the earlier run once it keeps one
-    elif storage.listdir(run) and not keep_replaced:
+        if aside is not None and not storage.exists(aside):  # else: an --overwrite interrupted before it kept a
+            aside = None  # checkpoint, continued: it replaces the earlier run once it keeps one
+    elif not storage.listdir(run):
+        aside = aside if aside is not None and storage.exists(aside) else None
+    elif aside is None:
         storage.remove_dir(run)
-    elif storage.listdir(run):
-        aside = replaced_location(run)
-        if storage.exists(aside):  # an earlier --overwrite of RUN was killed: what it kept aside, this one replaces
-            log.warning("%s: deleting the run an earlier `--overwrite` of %s kept there (that command did not end)",
-                        aside, run)
+    elif storage.exists(aside) and latest_checkpoint(run) is None:  # RUN: an attempt that kept no checkpoint
+        log.info("%s: replacing an attempt that kept no checkpoint; the run an earlier --overwrite set aside stays "
+                 "in %s until this one has kept a checkpoint", run, aside)
+        storage.remove_dir(run)
+    else:
+        if storage.exists(aside):  # the run that replaced it has a checkpoint (a killed --overwrite, resumed)
+            log.warning("%s: deleting the run an earlier `--overwrite` of %s kept there (the run that replaced it "
+                        "has a checkpoint)", aside, run)
             storage.remove_dir(aside)
         log.info("%s: the run it holds waits in %s until this one has kept a checkpoint", run, aside)
-        storage.move_dir(run, aside)
+        try:
+            storage.move_dir(run, aside)
+        except OSError as err:  # a RUN whose folder cannot be written beside (a mount point, `/mnt` the root's)
+            log.warning("%s: cannot keep the run it holds in %s (%s): deleted now, as --overwrite did before "
+                        "2026-12-07", run, aside, first_line(err))
+            storage.remove_dir(run)
+            aside = None
     storage.make_dir(run)
     save_config(cfg, storage.join(run, "config.yaml"))
     began(run)  # a signal from here on leaves this command's run (cli._left_on_disk)
@@ -157,31 +160,31 @@ def _prepare_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool,
 
 def _end_replacing(run: storage.Location, aside: storage.Location, err: BaseException | None,
                    put_back: bool = True) -> None:
-    """After an ``overwrite``'s attempt ended (``err``: how it failed, None when it completed): the run it replaces
-    is deleted once the new one holds a checkpoint (which --resume continues from), and otherwise put back in RUN,
-    with a line that says so, where no worker can be writing to RUN any more (any end but an interrupt of the
-    training itself, whose workers may still be copying a checkpoint: then it stays beside RUN, and the interrupt's
-    line says where). Not ``put_back`` (a ``resume`` of the new run): it stays beside RUN."""
-    doing = "delete the run it replaced in"
+    """After an attempt of an ``overwrite`` ended (``err``: how it failed, None when it completed), the run it
+    replaces (in ``aside``) is deleted once the new one holds a checkpoint (which --resume continues from). Failed
+    before, it is put back in RUN, no worker writing to RUN any more, and the error's line says so; not ``put_back``
+    (a ``resume`` of the new run), or ended by a signal (Ctrl-C, SIGTERM: the workers of an interrupted training may
+    still be copying a checkpoint into RUN), it stays in ``aside``, and the line says where (:class:`Interrupted`'s
+    here, a signal's before training in :func:`mmctr_ray.cli._left_on_disk`)."""
     try:
         if err is None or latest_checkpoint(run) is not None:
             storage.remove_dir(aside)
             return
-        if not put_back:
+        if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit: the command's line names it
             return
-        if isinstance(err, Interrupted):
-            err.args = (f"{err.args[0]}; the run it was to replace is kept in {aside}",)
-            return
-        doing = "put back the run it was to replace, from"
-        storage.remove_dir(run)
-        storage.move_dir(aside, run)
-        not_begun(run)  # what RUN holds is no longer this command's (cli._left_on_disk)
+        if put_back and not isinstance(err, Interrupted):
+            storage.remove_dir(run)
+            storage.move_dir(aside, run)
+            not_begun(run)  # what RUN holds is no longer this command's (cli._left_on_disk)
+            said = f"{run} holds again the run --overwrite was to replace (this command kept no checkpoint)"
+        else:
+            said = f"the run --overwrite was to replace is kept in {aside}"
     except Exception as failed:  # noqa: BLE001 (the attempt's own error is the one to report)
-        log.warning("%s: could not %s %s (%s)", run, doing, aside, first_line(failed))
+        log.warning("%s: the run --overwrite was to replace is in %s (%s)", run, aside, first_line(failed))
         return
-    said = f"{run} holds again the run --overwrite was to replace (this command kept no checkpoint)"
-    if isinstance(err, UserError) and len(err.args) == 1 and isinstance(err.args[0], str):
-        err.args = (f"{err.args[0]}; {said}",)
+    own = isinstance(err, (UserError, Interrupted)) and type(err).__module__ == UserError.__module__  # not Ray's
+    if own and len(err.args) in (1, 2) and isinstance(err.args[0], str):  # wrapper of one, whose line is another's
+        err.args = (f"{err.args[0]}; {said}", *err.args[1:])
     else:
         log.warning("%s", said)
 
@@ -398,6 +401,8 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     ended = _nothing_to_train(run, cfg) if resume and not callbacks else None  # (a Tune trial, with callbacks,
     if ended:  # is left to Ray Train and run_trial, as before)
         log.warning("%s: nothing to train: %s", run, ended)
+        if storage.exists(replaced_location(run)):  # RUN has checkpoints: what an --overwrite replaced, it has
+            storage.remove_dir(replaced_location(run))
         storage.remove_file(storage.join(run, DIVERGED))  # a summary of RUN as it is now, and its config.yaml the one
         storage.write_text(storage.join(run, "config.yaml"),  # its latest checkpoint trained with, not this command's
                            storage.read_text(storage.join(latest, "config.yaml")))  # (train.epochs=1 after 4 epochs

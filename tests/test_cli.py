@@ -932,6 +932,52 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
     assert main(["report", str(tmp_path)]) == 130 and shut == [1]
 
 
+def test_a_signal_names_the_run_an_overwrite_keeps_aside(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C or SIGTERM of `train --overwrite` before the new run's first checkpoint (here before training, where
+    the stage's own line is not said) leaves the earlier run in .NAME.replaced: the command's line says so, which it
+    did not (the run looked lost); once RUN has a checkpoint, it does not, the earlier run being replaced."""
+    import mmctr_ray.cli as cli
+    import mmctr_ray.ray_env as ray_env
+    from mmctr_ray.config import load_config
+    from mmctr_ray.train_driver import _prepare_run_dir
+
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(tmp_path), "--out", str(run), "--overwrite"]
+
+    def prepared_then(error, checkpointed=False):
+        def command(args):
+            _prepare_run_dir(run, load_config(), resume=False, overwrite=True)
+            if checkpointed:
+                (run / "checkpoint_epoch_001").mkdir()
+            if isinstance(error, SystemExit):
+                ray_env._PRIVATE["sigterm"] = True  # as Ray's SIGTERM handler, recorded by init_ray's
+            raise error
+        return command
+
+    aside = tmp_path / ".run.replaced"
+    for error, code, said in [(KeyboardInterrupt(), 130, "interrupted"), (SystemExit(15), 143, "terminated")]:
+        shutil.rmtree(aside, ignore_errors=True)
+        run.mkdir(exist_ok=True)
+        (run / "config.yaml").write_text("name: earlier\n")
+        (run / "checkpoint_epoch_001").mkdir(exist_ok=True)  # a run with a checkpoint: set aside, not deleted
+        monkeypatch.setattr(cli, "cmd_train", prepared_then(error))
+        assert main(argv) == code
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"mmctr train: {said}: {run} holds no checkpoint yet; the run --overwrite was to replace is kept in "
+            f"{aside}; continue with `mmctr train --data {tmp_path} --out {run} --resume`")
+        assert (aside / "config.yaml").read_text() == "name: earlier\n"
+    import mmctr_ray.checkpoint as checkpoint
+
+    monkeypatch.setattr(cli, "cmd_train", prepared_then(KeyboardInterrupt(), checkpointed=True))
+    monkeypatch.setattr(checkpoint, "epoch_checkpoints", lambda r: sorted(Path(r).glob("checkpoint_epoch_*")))
+    shutil.rmtree(aside)
+    (run / "config.yaml").write_text("name: earlier\n")
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"mmctr train: interrupted: {run} keeps the checkpoint of epoch 1; continue with `mmctr train --data "
+        f"{tmp_path} --out {run} --resume`")
+
+
 STUCK_STAGE = """
 import os, signal, sys, threading, time
 from pathlib import Path

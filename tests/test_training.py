@@ -1449,7 +1449,7 @@ def test_an_overwrite_whose_workers_refuse_the_data_leaves_the_run_it_was_to_rep
                                                                                        monkeypatch):
     """`train --overwrite` deleted RUN before Ray Train started; rows a worker refused then ended the new run at
     once, and the earlier run was gone for a command that trained nothing. It is kept aside until the new run has
-    a checkpoint, and put back byte for byte, which the one line says."""
+    a checkpoint, and put back byte for byte, which the one line says; a run that completes replaces it."""
     path = _rows_only_a_worker_refuses(synth_dir, tmp_path / "data", monkeypatch)
     run = shutil.copytree(plain_run[0], tmp_path / "run")
     before = _files(run)
@@ -1459,6 +1459,10 @@ def test_an_overwrite_whose_workers_refuse_the_data_leaves_the_run_it_was_to_rep
     assert str(err.value).endswith(f"; {run} holds again the run --overwrite was to replace (this command kept no "
                                    f"checkpoint)")
     assert _files(run) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".mmctr.lock")) == ["data", "run"]
+    monkeypatch.undo()
+    summary = run_training(synth_dir, str(run), tiny_cfg("train.epochs=1"), overwrite=True)  # on good data: replaced
+    assert summary["epochs"] == 1 and len(epoch_checkpoints(run)) == 1 and (run / "summary.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".mmctr.lock")) == ["data", "run"]
 
 
@@ -1696,26 +1700,30 @@ def test_an_overwrite_keeps_the_run_it_replaces_beside_run_until_the_new_run_end
     assert [p.name for p in run2.iterdir()] == ["config.yaml"] and not (tmp_path / ".trial.replaced").exists()
 
 
-@pytest.mark.parametrize("error", [DataError("d/train.parquet: column item_seq: ..."), KeyboardInterrupt()])
-def test_an_overwrite_that_kept_no_checkpoint_puts_the_run_it_was_to_replace_back(tmp_path, error, caplog):
-    """Ended by bad input a worker met (or a Ctrl-C before the workers started): RUN holds again what it held, the
-    attempt's own files gone, and the error's line says so (a KeyboardInterrupt has no line of its own: a warning)."""
+def test_an_overwrite_that_kept_no_checkpoint_puts_the_run_it_was_to_replace_back(tmp_path):
+    """Ended by bad input a worker met: RUN holds again what it held, the attempt's own files gone, and the error's
+    line says so. Ended by a signal before training (a Ctrl-C's KeyboardInterrupt, SIGTERM's SystemExit), the run
+    stays aside and the command's line names it (tests/test_cli.py)."""
     from mmctr_ray.locking import begun
     from mmctr_ray.train_driver import _end_replacing, _prepare_run_dir
 
     run = tmp_path / "run"
     before = _earlier_run(run)
+    for signalled in (KeyboardInterrupt(), SystemExit(15)):
+        aside = _prepare_run_dir(run, tiny_cfg(), resume=False, overwrite=True)
+        _end_replacing(run, aside, signalled)
+        assert _files(aside) == before and [p.name for p in run.iterdir()] == ["config.yaml"]
+    (run / "tensorboard").mkdir()  # the next --overwrite: the attempt before kept no checkpoint, so the run it
+    (run / "tensorboard" / "events").write_bytes(b"attempt")  # set aside is still the one to keep
     aside = _prepare_run_dir(run, tiny_cfg(), resume=False, overwrite=True)
+    assert _files(aside) == before and [p.name for p in run.iterdir()] == ["config.yaml"]
     (run / "tensorboard").mkdir()
-    (run / "tensorboard" / "events").write_bytes(b"attempt")
     assert begun(run)
+    error = DataError("d/train.parquet: column item_seq: ...")
     _end_replacing(run, aside, error)
     assert _files(run) == before and not aside.exists() and not begun(run)  # a signal's line: not this command's
-    said = f"{run} holds again the run --overwrite was to replace (this command kept no checkpoint)"
-    if isinstance(error, DataError):
-        assert str(error) == f"d/train.parquet: column item_seq: ...; {said}"
-    else:
-        assert said in caplog.text
+    assert str(error) == (f"d/train.parquet: column item_seq: ...; {run} holds again the run --overwrite was to "
+                          f"replace (this command kept no checkpoint)")
 
 
 def test_an_overwrite_replaces_the_run_once_the_new_one_has_a_checkpoint_and_keeps_it_aside_on_an_interrupt(
@@ -1732,33 +1740,57 @@ def test_an_overwrite_replaces_the_run_once_the_new_one_has_a_checkpoint_and_kee
     aside = train_driver._prepare_run_dir(run, tiny_cfg(), resume=False, overwrite=True)
     interrupted = Interrupted(f"{run} holds no checkpoint yet", 15)
     train_driver._end_replacing(run, aside, interrupted)
-    assert str(interrupted) == f"{run} holds no checkpoint yet; the run it was to replace is kept in {aside}"
+    assert str(interrupted) == f"{run} holds no checkpoint yet; the run --overwrite was to replace is kept in {aside}"
     assert interrupted.signum == 15 and (aside / "config.yaml").read_text() == "name: earlier\n"
     assert [p.name for p in run.iterdir()] == ["config.yaml"]
     # the --resume the interrupt's line gives: the earlier run stays aside until the resumed run keeps a checkpoint
     assert train_driver._prepare_run_dir(run, tiny_cfg(), resume=True, overwrite=False) == aside
     failed = DataError("valid.parquet: ...")
     train_driver._end_replacing(run, aside, failed, put_back=False)
-    assert str(failed) == "valid.parquet: ..." and (aside / "config.yaml").read_text() == "name: earlier\n"
+    assert str(failed) == f"valid.parquet: ...; the run --overwrite was to replace is kept in {aside}"
+    assert (aside / "config.yaml").read_text() == "name: earlier\n"
     assert [p.name for p in run.iterdir()] == ["config.yaml"]
     monkeypatch.setattr(train_driver, "latest_checkpoint", lambda r: run / "checkpoint_epoch_001")
     for put_back in (False, True):
+        failed = DataError("valid.parquet: ...")
         train_driver._end_replacing(run, aside, failed, put_back=put_back)
         assert not aside.exists() and str(failed) == "valid.parquet: ..." and (run / "config.yaml").is_file()
         aside.mkdir()
 
 
-def test_an_earlier_overwrites_run_left_aside_is_replaced_with_a_warning(tmp_path, caplog):
-    """A killed --overwrite left its predecessor beside RUN: the next --overwrite of RUN replaces both, and says so."""
-    from mmctr_ray.train_driver import _prepare_run_dir
+def test_a_run_left_aside_is_deleted_with_a_warning_once_the_run_in_run_has_a_checkpoint(tmp_path, caplog,
+                                                                                          monkeypatch):
+    """A killed --overwrite, then resumed to a checkpoint elsewhere (or by hand) left its predecessor beside RUN: the
+    next --overwrite of RUN keeps RUN's run aside, deletes the older one, and says so."""
+    from mmctr_ray import train_driver
 
     run = tmp_path / "run"
     (tmp_path / ".run.replaced").mkdir()
     (tmp_path / ".run.replaced" / "config.yaml").write_text("name: oldest\n")
     before = _earlier_run(run)
-    aside = _prepare_run_dir(run, tiny_cfg(), resume=False, overwrite=True)
+    monkeypatch.setattr(train_driver, "latest_checkpoint", lambda r: run / "checkpoint_epoch_001")
+    aside = train_driver._prepare_run_dir(run, tiny_cfg(), resume=False, overwrite=True)
     assert _files(aside) == before
-    assert f"{aside}: deleting the run an earlier `--overwrite` of {run} kept there" in caplog.text
+    assert (f"{aside}: deleting the run an earlier `--overwrite` of {run} kept there (the run that replaced it has "
+            f"a checkpoint)") in caplog.text
+
+
+def test_an_overwrite_where_the_run_cannot_be_kept_aside_deletes_it_with_a_warning(tmp_path, caplog, monkeypatch):
+    """A RUN that cannot be renamed beside itself (a mount point; a folder whose parent this user cannot write):
+    --overwrite works as it did before, with a warning, not an OSError traceback."""
+    from mmctr_ray import storage
+    from mmctr_ray.train_driver import _prepare_run_dir
+
+    def refused(source, target):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(storage, "move_dir", refused)
+    run = tmp_path / "run"
+    _earlier_run(run)
+    assert _prepare_run_dir(run, tiny_cfg(), resume=False, overwrite=True) is None
+    assert [p.name for p in run.iterdir()] == ["config.yaml"] and "earlier" not in (run / "config.yaml").read_text()
+    assert f"{run}: cannot keep the run it holds in {tmp_path / '.run.replaced'} ([Errno 13] Permission denied)" \
+        in caplog.text
 
 
 def test_a_uri_run_is_never_overwritten_silently_either(synth_dir, tmp_path):

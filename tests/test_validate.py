@@ -272,10 +272,11 @@ def test_the_checks_before_ray_read_every_page_of_a_split_and_name_the_row(data,
     write([[0] * 97 + [7, 0, 9] if r == 41 else s for r, s in enumerate(seqs)])
     with pytest.raises(DataError, match=rf"^{path}: column item_seq: row 41 holds a padding 0 after an item id "
                                         r"\(\[7, 0, …\]\); expected left-padded histories, all 0s before the "
-                                        r"history, most recent last$"):
+                                        rf"history, most recent last; run `mmctr validate {data}` for the rows$"):
         preflight.check_split(data, "train")
     write(seqs, row_group_size=50)
     assert preflight.check_split(data, "train") == table.num_rows
+    preflight._SCANNED.clear()  # the damaged copy has the same size, and may have the same modification time
     raw = bytearray(path.read_bytes())
     column = pq.ParquetFile(path).metadata.row_group(3).column(i)
     start = column.dictionary_page_offset or column.data_page_offset
@@ -286,6 +287,33 @@ def test_the_checks_before_ray_read_every_page_of_a_split_and_name_the_row(data,
                                         rf"validate` checks every file$"):
         preflight.check_split(data, "train")
     assert preflight.check_split(data, "train", scan=False) == table.num_rows  # a search's trial: footers only
+    test = data / TEST  # placeholder labels, not checked, but read: predict's actors read them
+    tt = pq.read_table(test)
+    pq.write_table(tt, test, row_group_size=50)
+    raw = bytearray(test.read_bytes())
+    column = pq.ParquetFile(test).metadata.row_group(1).column(tt.schema.get_field_index("label"))
+    start = column.dictionary_page_offset or column.data_page_offset
+    raw[start + 4:start + column.total_compressed_size] = b"\xff" * (column.total_compressed_size - 4)
+    test.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=rf"^{test}: its data cannot be decoded"):
+        preflight.check_split(data, "test")
+
+
+def test_a_split_is_scanned_once_a_process_while_its_files_are_unchanged(data, monkeypatch):
+    """`mmctr predict` checks before Ray and run_predict again; tune's CLI and run_tuning; a pipeline's features,
+    train and predict steps one after another: each read every page again (~3 s a 3.6M-row split)."""
+    from mmctr_ray import preflight
+
+    scanned = []
+    monkeypatch.setattr(preflight, "_SCANNED", set())
+    monkeypatch.setattr(preflight, "scan_part", lambda pf, path, labels, hint: scanned.append((path.name, labels)))
+    preflight.check_splits(data, ["train", "valid", "test"])
+    preflight.check_split(data, "valid")
+    assert scanned == [("train.parquet", True), ("valid.parquet", True), ("test.parquet", False)]
+    table = pq.read_table(data / TRAIN)
+    pq.write_table(table.slice(0, table.num_rows - 1), data / TRAIN)  # rewritten: scanned again
+    preflight.check_split(data, "train")
+    assert scanned[3:] == [("train.parquet", True)]
 
 
 def test_item_info_rows_out_of_order(data):
