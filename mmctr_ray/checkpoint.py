@@ -17,16 +17,17 @@ for MicroLens-1M and would otherwise be copied into every epoch's checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Collection
+from typing import TYPE_CHECKING, Any, Collection, Iterator
 
 from mmctr_ray import storage
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
-from mmctr_ray.errors import DataError, first_line
+from mmctr_ray.errors import DataError, UserError, first_line
 from mmctr_ray.features import FeatureMap
 from mmctr_ray.report import EPOCH_NUMBERS
 from mmctr_ray.storage import Location, json_text, nan_for_null
@@ -149,6 +150,18 @@ def _tensors(path: Path, name: Location) -> dict[str, Any]:
                         f"not written by `mmctr train`") from None
 
 
+@contextlib.contextmanager
+def _named_as(local: Path, directory: Location) -> Iterator[None]:
+    """A user error about a file of the local copy ``local`` of the checkpoint ``directory`` (a URI's temporary
+    download) names the checkpoint's own file."""
+    try:
+        yield
+    except UserError as err:
+        if storage.local_path(directory) == local or len(err.args) != 1 or not isinstance(err.args[0], str):
+            raise
+        raise type(err)(err.args[0].replace(str(local), str(directory).rstrip("/"))) from None
+
+
 def load_checkpoint(directory: Location, with_optimizer: bool = True) -> LoadedCheckpoint:
     """Read a checkpoint directory (local, or a URI: downloaded to a temporary folder first); a missing file is
     an error naming it. Without ``with_optimizer`` a URI's ``optimizer.pt`` (twice the model's size with Adam) is not
@@ -163,7 +176,9 @@ def load_checkpoint(directory: Location, with_optimizer: bool = True) -> LoadedC
         if why:
             raise DataError(f"{directory}: incomplete checkpoint ({why}): a copy cut short")
         opt_path = local / "optimizer.pt"
-        raw = read_state(local)
+        with _named_as(local, directory):  # their one-line errors name the checkpoint's own files
+            raw = read_state(local)
+            cfg = load_config(local / "config.yaml")
         state = TrainState(**{k: raw[k] for k in ("epoch", "lr", "best_auc", "best_epoch", "bad_epochs", "history")})
         return LoadedCheckpoint(
             path=directory,
@@ -171,7 +186,7 @@ def load_checkpoint(directory: Location, with_optimizer: bool = True) -> LoadedC
             optimizer_state=(_tensors(opt_path, storage.join(directory, "optimizer.pt"))
                              if with_optimizer and opt_path.is_file() else None),
             state=state,
-            cfg=load_config(local / "config.yaml"),
+            cfg=cfg,
             fmap=FeatureMap.from_json(local / "feature_map.json", storage.join(directory, "feature_map.json")),
             item_source=storage.read_json_object(local / "item_source.json", "the item_source.json `mmctr train` "
                                                  "writes", storage.join(directory, "item_source.json")),

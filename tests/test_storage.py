@@ -267,7 +267,9 @@ def test_a_checkpoint_state_training_did_not_write_or_without_a_finite_auc_is_on
 @pytest.mark.parametrize("name,said", [
     ("model.pt", r"not a readable torch.save file \(.+\): damaged, or not written by `mmctr train`"),
     ("feature_map.json", r"not valid JSON \(.+\); expected the feature_map.json `mmctr train` writes"),
-    ("item_source.json", r"not valid JSON \(.+\); expected the item_source.json `mmctr train` writes")])
+    ("item_source.json", r"not valid JSON \(.+\); expected the item_source.json `mmctr train` writes"),
+    ("state.json", r"not the state.json `mmctr train` writes \(.+\)"),
+    ("config.yaml", r"invalid YAML: unacceptable character #x0000: special characters are not allowed")])
 def test_a_checkpoint_file_damaged_at_its_recorded_size_is_one_line(tmp_path, name, said, memory_root):
     """Bytes garbled in place (files.json's sizes still hold): torch's RuntimeError or a JSONDecodeError traceback.
     A checkpoint under a URI is named by its URI, not by the temporary folder it was downloaded to."""
@@ -275,11 +277,13 @@ def test_a_checkpoint_file_damaged_at_its_recorded_size_is_one_line(tmp_path, na
     path = directory / name
     raw = path.read_bytes()
     path.write_bytes(raw[:len(raw) // 2] + bytes(len(raw) - len(raw) // 2))  # a zip's central directory: at its end
-    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: {said}$"):
+    from mmctr_ray.errors import UserError
+
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: {said}$"):  # config.yaml's: a ConfigError
         load_checkpoint(directory)
     uri = storage.join(memory_root, directory.name)
     storage.upload_dir(directory, uri)
-    with pytest.raises(DataError, match=rf"^{re.escape(storage.join(uri, name))}: {said}$"):
+    with pytest.raises(UserError, match=rf"^{re.escape(storage.join(uri, name))}: {said}$"):
         load_checkpoint(uri)
 
 
