@@ -159,7 +159,10 @@ def _named_as(local: Path, directory: Location) -> Iterator[None]:
     except UserError as err:
         if storage.local_path(directory) == local or len(err.args) != 1 or not isinstance(err.args[0], str):
             raise
-        raise type(err)(err.args[0].replace(str(local), str(directory).rstrip("/"))) from None
+        message = err.args[0]
+        for name in FILES:  # a URI's query (?endpoint_override=...) after the file's name, as storage.join puts it
+            message = message.replace(str(local / name), str(storage.join(directory, name)))
+        raise type(err)(message.replace(str(local), str(directory))) from None
 
 
 def load_checkpoint(directory: Location, with_optimizer: bool = True) -> LoadedCheckpoint:

@@ -1033,7 +1033,7 @@ def _left_on_disk(args: argparse.Namespace, argv: Sequence[str]) -> tuple[str, s
     (a train or tune ended while Ray started or the splits were read printed a bare "terminated", and a search
     stopped before its first trial is not resumed but started again), or could not (a SIGTERM's line, said at once
     by :func:`mmctr_ray.ray_env.sigterm_watchdog`). A storage URI is not read (it may be slow, or out of reach)."""
-    from mmctr_ray.locking import begun, entries, replaced_location
+    from mmctr_ray.locking import begun, entries, kept_aside
 
     if args.command not in ("train", "tune", "pipeline", "demo"):
         return "", _how_to_continue(args, argv, False)
@@ -1041,19 +1041,20 @@ def _left_on_disk(args: argparse.Namespace, argv: Sequence[str]) -> tuple[str, s
     at = list(argv).index(args.command)
     run = out if args.command == "train" else storage.join(out, "run")
     replacing = getattr(args, "overwrite", False)
+    kept = kept_aside(run) if args.command == "train" else None  # where this command keeps the run it replaces
     if storage.is_uri(out):  # a run or pipeline there (tune's --out is local) continues with --resume once begun;
-        # --overwrite: again
-        return "", ("run the same command again" if replacing and not begun(run) else
-                    _how_to_continue(args, argv, True))
+        # --overwrite: again. The run an --overwrite replaces: kept aside unless the run has a checkpoint by now
+        return (f"; the run --overwrite was to replace waits in {kept} until {run} has a checkpoint" if kept else
+                ""), ("run the same command again" if replacing and not begun(run) else
+                      _how_to_continue(args, argv, True))
 
     def ours(marker: storage.Location, output: storage.Location) -> bool:  # not what --overwrite was to replace
         return storage.is_file(marker) and (not replacing or begun(output))
 
     from mmctr_ray.checkpoint import epoch_checkpoints, kept_checkpoints
 
-    aside = replaced_location(run) if args.command == "train" else None  # the run an --overwrite was to replace,
-    aside_said = (f"; the run --overwrite was to replace is kept in {aside}"  # until RUN has a checkpoint
-                  if aside is not None and storage.exists(aside) and not epoch_checkpoints(run) else "")
+    aside_said = (f"; the run --overwrite was to replace is kept in {kept}"  # until RUN has a checkpoint
+                  if kept and storage.exists(kept) and not epoch_checkpoints(run) else "")
     if args.command != "tune" and ours(storage.join(run, "config.yaml"), run):
         return f": {kept_checkpoints(run)}{aside_said}", _how_to_continue(args, argv, True)
     if args.command in ("pipeline", "demo"):  # its steps before training may be continued, unless it replaces

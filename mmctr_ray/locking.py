@@ -113,9 +113,27 @@ def not_begun(out: storage.Location) -> None:
     _BEGUN.discard(str(storage.normalize(str(out))))
 
 
+_ASIDE: dict[str, str] = {}  # run → where this process's `train --overwrite` keeps the run it replaces, for now
+
+
+def keep_aside(run: storage.Location, aside: storage.Location | None) -> None:
+    """Record (``aside``) or forget (None) where the run ``run`` replaces waits: a signal's line names it without
+    reading the storage (:func:`mmctr_ray.cli._left_on_disk` reads no URI)."""
+    key = str(storage.normalize(str(run)))
+    if aside is None:
+        _ASIDE.pop(key, None)
+    else:
+        _ASIDE[key] = str(aside)
+
+
+def kept_aside(run: storage.Location) -> str | None:
+    return _ASIDE.get(str(storage.normalize(str(run))))
+
+
 def forget_begun() -> None:
     """For the next command in this process."""
     _BEGUN.clear()
+    _ASIDE.clear()
 
 
 # the file that marks a folder as a stage's output; what else it may hold without that file (an attempt killed

@@ -12,7 +12,7 @@ checks every value of every file, and the workers that convert each batch check 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -181,14 +181,14 @@ def check_split(data_dir: str | Path, split: str, items: int | None = None, scan
 
 
 SCAN_ROWS = 1 << 16  # rows a batch of scan_part: 6.5M history ids, ~52 MB
-_SCANNED: set[tuple[str, int, int, bool]] = set()  # the parts this process has scanned, as they were then
+_SCANNED: set[tuple[Any, ...]] = set()  # the parts this process has scanned, as they were then
 
 
 def _scan_once(pf: pq.ParquetFile, path: Path, labels: bool, hint: str) -> None:
     """:func:`scan_part`, once a process for a file as it is (its size and modification time): a command checks
     before Ray starts and its stage again after (predict, tune), and a pipeline's steps one after another."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, labels)
+    stat = path.stat()  # a file replaced (a rename over it, a copy that kept the time) has another inode or ctime
+    key = (str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, labels)
     if key not in _SCANNED:
         scan_part(pf, path, labels, hint)
         _SCANNED.add(key)

@@ -309,11 +309,24 @@ def move_dir(source: Location, target: Location) -> None:
     if here is not None:
         here.rename(local_path(target) or Path(target))
         return
+    copy_dir(source, target)
+    remove_dir(source)
+
+
+def copy_dir(source: Location, target: Location) -> None:
+    """Copy every file under the folder ``source`` to ``target``, on one storage."""
     fs, path = resolve(source)
     _, target_path = resolve(target)
     with _reaching(source):
         pafs.copy_files(path, target_path, source_filesystem=fs, destination_filesystem=fs)
-        fs.delete_dir(path)
+
+
+def empty_dir(location: Location) -> None:
+    """Delete everything in the folder ``location``, which stays (a mount point, or a folder whose parent this user
+    cannot write, cannot itself be deleted)."""
+    fs, path = resolve(location)
+    with _reaching(location):
+        fs.delete_dir_contents(path, missing_dir_ok=True)
 
 
 def upload_dir(local_dir: str | Path, location: Location) -> None:

@@ -35,7 +35,8 @@ from mmctr_ray.errors import (ConfigError, DataError, Interrupted, NotStarted, O
 from mmctr_ray.features import (FeatureMap, build_feature_map, check_id_tables, check_same_table, load_item_table,
                                 read_split)
 from mmctr_ray.host_malloc import worker_env
-from mmctr_ray.locking import began, check_folder_kind, entries, not_begun, replaced_location
+from mmctr_ray.locking import (began, check_folder_kind, entries, keep_aside, not_begun,
+                               replaced_location)
 from mmctr_ray.preflight import (batch_split_note, check_batch_norm_rows, check_batch_size, check_splits,
                                  check_valid_labels)
 from mmctr_ray.ray_env import (check_gpu_split, check_local_pool, check_pool, private_local_ray, sigterm_flag,
@@ -124,7 +125,8 @@ def _prepare_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool,
     after RUN had been deleted, so a good run was lost to a command that trained nothing. An ``overwrite`` after one
     that ended before its first checkpoint keeps the run that one set aside, not the checkpointless attempt."""
     _check_run_dir(run, cfg, resume, overwrite)
-    aside = replaced_location(run) if keep_replaced else None
+    aside = replaced_location(run) if keep_replaced and (resume or overwrite) else None  # a plain train's: not its
+    moved = False
     if resume:
         # this attempt decides anew; until it ends, the run is not complete
         for name in (DIVERGED, NotStarted.FILE, "summary.json"):
@@ -134,27 +136,56 @@ def _prepare_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool,
     elif not storage.listdir(run):
         aside = aside if aside is not None and storage.exists(aside) else None
     elif aside is None:
-        storage.remove_dir(run)
+        storage.empty_dir(run)
     elif storage.exists(aside) and latest_checkpoint(run) is None:  # RUN: an attempt that kept no checkpoint
         log.info("%s: replacing an attempt that kept no checkpoint; the run an earlier --overwrite set aside stays "
                  "in %s until this one has kept a checkpoint", run, aside)
-        storage.remove_dir(run)
+        storage.empty_dir(run)
     else:
         if storage.exists(aside):  # the run that replaced it has a checkpoint (a killed --overwrite, resumed)
             log.warning("%s: deleting the run an earlier `--overwrite` of %s kept there (the run that replaced it "
                         "has a checkpoint)", aside, run)
             storage.remove_dir(aside)
         log.info("%s: the run it holds waits in %s until this one has kept a checkpoint", run, aside)
-        try:
-            storage.move_dir(run, aside)
-        except OSError as err:  # a RUN whose folder cannot be written beside (a mount point, `/mnt` the root's)
-            log.warning("%s: cannot keep the run it holds in %s (%s): deleted now, as --overwrite did before "
-                        "2026-12-07", run, aside, first_line(err))
-            storage.remove_dir(run)
-            aside = None
-    storage.make_dir(run)
-    save_config(cfg, storage.join(run, "config.yaml"))
+        aside, moved = _set_aside(run, aside), True
+    keep_aside(run, aside)
+    try:
+        storage.make_dir(run)
+        save_config(cfg, storage.join(run, "config.yaml"))
+    except BaseException as err:  # before Ray Train's try: the run set aside goes back as after a failed attempt
+        if moved and aside is not None:
+            _end_replacing(run, aside, err)
+        raise
     began(run)  # a signal from here on leaves this command's run (cli._left_on_disk)
+    return aside
+
+
+def _set_aside(run: storage.Location, aside: storage.Location) -> storage.Location | None:
+    """Move RUN to ``aside``; return it, or None where a local RUN cannot be renamed (a mount point, a folder whose
+    parent this user cannot write): then RUN's files are deleted, with a warning, as --overwrite did before. On an
+    object store the move is a copy, then a delete: a copy that fails leaves RUN as it was (the partial copy is
+    deleted) and a delete that fails leaves the copy whole; either way the error is the command's, and a warning
+    names the copy."""
+    if storage.local_path(run) is None:
+        try:
+            storage.copy_dir(run, aside)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                storage.remove_dir(aside)
+            raise
+        try:
+            storage.empty_dir(run)
+        except BaseException:
+            log.warning("%s: the run it held is copied whole to %s, and only part of it deleted", run, aside)
+            raise
+        return aside
+    try:
+        storage.move_dir(run, aside)
+    except OSError as err:
+        log.warning("%s: cannot keep the run it holds in %s (%s): its files are deleted now, as --overwrite did "
+                    "before 2026-12-07", run, aside, first_line(err))
+        storage.empty_dir(run)
+        return None
     return aside
 
 
@@ -169,12 +200,14 @@ def _end_replacing(run: storage.Location, aside: storage.Location, err: BaseExce
     try:
         if err is None or latest_checkpoint(run) is not None:
             storage.remove_dir(aside)
+            keep_aside(run, None)
             return
         if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit: the command's line names it
             return
         if put_back and not isinstance(err, Interrupted):
             storage.remove_dir(run)
             storage.move_dir(aside, run)
+            keep_aside(run, None)
             not_begun(run)  # what RUN holds is no longer this command's (cli._left_on_disk)
             said = f"{run} holds again the run --overwrite was to replace (this command kept no checkpoint)"
         else:
@@ -402,6 +435,8 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     if ended:  # is left to Ray Train and run_trial, as before)
         log.warning("%s: nothing to train: %s", run, ended)
         if storage.exists(replaced_location(run)):  # RUN has checkpoints: what an --overwrite replaced, it has
+            log.warning("%s: deleting the run an earlier `--overwrite` of %s kept there (the run that replaced it "
+                        "has a checkpoint)", replaced_location(run), run)
             storage.remove_dir(replaced_location(run))
         storage.remove_file(storage.join(run, DIVERGED))  # a summary of RUN as it is now, and its config.yaml the one
         storage.write_text(storage.join(run, "config.yaml"),  # its latest checkpoint trained with, not this command's

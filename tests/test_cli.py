@@ -939,14 +939,14 @@ def test_a_signal_names_the_run_an_overwrite_keeps_aside(tmp_path, capsys, monke
     import mmctr_ray.cli as cli
     import mmctr_ray.ray_env as ray_env
     from mmctr_ray.config import load_config
-    from mmctr_ray.train_driver import _prepare_run_dir
+    from mmctr_ray.train_driver import _prepare_run_dir, run_location
 
     run = tmp_path / "run"
     argv = ["train", "--data", str(tmp_path), "--out", str(run), "--overwrite"]
 
     def prepared_then(error, checkpointed=False):
         def command(args):
-            _prepare_run_dir(run, load_config(), resume=False, overwrite=True)
+            _prepare_run_dir(run_location(str(args.out)), load_config(), resume=False, overwrite=True)
             if checkpointed:
                 (run / "checkpoint_epoch_001").mkdir()
             if isinstance(error, SystemExit):
@@ -966,6 +966,14 @@ def test_a_signal_names_the_run_an_overwrite_keeps_aside(tmp_path, capsys, monke
             f"mmctr train: {said}: {run} holds no checkpoint yet; the run --overwrite was to replace is kept in "
             f"{aside}; continue with `mmctr train --data {tmp_path} --out {run} --resume`")
         assert (aside / "config.yaml").read_text() == "name: earlier\n"
+    uri = f"file://{run}"  # a URI RUN (file:// here, for s3:// and the rest) is not read: the record is
+    monkeypatch.setattr(cli, "cmd_train", prepared_then(KeyboardInterrupt()))
+    shutil.rmtree(aside)
+    (run / "config.yaml").write_text("name: earlier\n")
+    assert main(["train", "--data", str(tmp_path), "--out", uri, "--overwrite"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"mmctr train: interrupted; the run --overwrite was to replace waits in file://{aside} until {uri} has a "
+        f"checkpoint; continue with `mmctr train --data {tmp_path} --out {uri} --resume`")
     import mmctr_ray.checkpoint as checkpoint
 
     monkeypatch.setattr(cli, "cmd_train", prepared_then(KeyboardInterrupt(), checkpointed=True))

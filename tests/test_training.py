@@ -1785,12 +1785,67 @@ def test_an_overwrite_where_the_run_cannot_be_kept_aside_deletes_it_with_a_warni
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(storage, "move_dir", refused)
+    monkeypatch.setattr(storage, "remove_dir", refused)  # RUN itself cannot go either: its files are deleted
     run = tmp_path / "run"
     _earlier_run(run)
     assert _prepare_run_dir(run, tiny_cfg(), resume=False, overwrite=True) is None
     assert [p.name for p in run.iterdir()] == ["config.yaml"] and "earlier" not in (run / "config.yaml").read_text()
     assert f"{run}: cannot keep the run it holds in {tmp_path / '.run.replaced'} ([Errno 13] Permission denied)" \
         in caplog.text
+
+
+def test_a_plain_train_leaves_a_run_set_aside_alone_and_a_failure_after_the_move_puts_it_back(tmp_path,
+                                                                                                monkeypatch):
+    """Only an --overwrite (or a --resume of one) takes the run kept in .NAME.replaced as the one it replaces: a
+    plain train into an emptied RUN deleted it once it completed. RUN's config.yaml not written after the move (a
+    full disk, a storage error) left the earlier run hidden, named by nothing."""
+    from mmctr_ray import train_driver
+    from mmctr_ray.errors import StorageError
+
+    run = tmp_path / "run"
+    aside = tmp_path / ".run.replaced"
+    aside.mkdir()
+    (aside / "config.yaml").write_text("name: earlier\n")
+    assert train_driver._prepare_run_dir(run, tiny_cfg(), resume=False, overwrite=False) is None
+    assert (aside / "config.yaml").read_text() == "name: earlier\n"
+    shutil.rmtree(run)
+    shutil.rmtree(aside)
+    before = _earlier_run(run)
+
+    def full(cfg, path):
+        raise StorageError(f"{path}: cannot access this storage (disk full)")
+
+    monkeypatch.setattr(train_driver, "save_config", full)
+    with pytest.raises(StorageError) as err:
+        train_driver._prepare_run_dir(run, tiny_cfg(), resume=False, overwrite=True)
+    assert str(err.value) == (f"{run / 'config.yaml'}: cannot access this storage (disk full); {run} holds again "
+                              f"the run --overwrite was to replace (this command kept no checkpoint)")
+    assert _files(run) == before and not aside.exists()
+
+
+def test_an_object_store_run_whose_copy_fails_is_left_as_it_was(tmp_path, monkeypatch):
+    """On an object store the set-aside is a copy: one that failed (a throttled request) was taken for a RUN that
+    cannot be renamed, and RUN was deleted, the partial copy left unnamed."""
+    from mmctr_ray import storage
+    from mmctr_ray.errors import StorageError
+    from mmctr_ray.train_driver import _prepare_run_dir
+
+    root = f"memory://bucket/{tmp_path.name}"
+    run = f"{root}/run"
+    storage.write_text(f"{run}/config.yaml", "name: earlier\n")
+    storage.write_text(f"{run}/checkpoint_epoch_001/model.pt", "weights")
+
+    def cut_short(source, target):
+        storage.write_text(f"{target}/config.yaml", "name: earlier\n")
+        raise StorageError(f"{source}: cannot access this storage (SlowDown)")
+
+    monkeypatch.setattr(storage, "copy_dir", cut_short)
+    with pytest.raises(StorageError, match="SlowDown"):
+        _prepare_run_dir(run, tiny_cfg(), resume=False, overwrite=True)
+    assert storage.read_text(f"{run}/config.yaml") == "name: earlier\n"
+    assert storage.read_text(f"{run}/checkpoint_epoch_001/model.pt") == "weights"
+    assert storage.listdir(root) == ["run"]  # no partial copy
+    storage.remove_dir(root)
 
 
 def test_a_uri_run_is_never_overwritten_silently_either(synth_dir, tmp_path):
