@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import math
 import shlex
 import signal
 import sys
@@ -95,6 +96,8 @@ def _number(kind: type, above: float | None = None, at_least: float | None = Non
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
                                              f"got {text!r}") from None
+        if not math.isfinite(value):  # nan passed every bound (a search's deadline of nan s, then every trial
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")  # crashed); inf meant none
         if above is not None and value <= above:
             raise argparse.ArgumentTypeError(f"expected a value above {above:g}, got {text}")
         if at_least is not None and value < at_least:

@@ -202,6 +202,10 @@ def check_inputs(run_dir: Location, data_dir: str | Path, split: str = "test", o
     if out is not None:
         check_output(out, overwrite)
     rows = check_split(data_dir, split)
+    if split == "test" and not Layout(data_dir).labelled_test and Layout(data_dir).hidden_test_labels.is_file():
+        from mmctr_ray.preflight import label_file  # read after Ray started, for the test AUC: checked before
+
+        label_file(Layout(data_dir).hidden_test_labels)
     checkpoint = run_or_checkpoint(run_dir)
     load_model(checkpoint, data_dir)
     warn_unended(run_dir, checkpoint)
@@ -224,10 +228,14 @@ def hidden_test_labels(data_dir: str | Path, rows: int) -> np.ndarray | None:
     a test split of ``rows`` rows; None without that file, and with a warning when it holds another count of labels
     (a test split cut or grown since `mmctr synth` wrote it: the labels no longer belong to its rows, so no test AUC;
     the submission itself scores the split as it is). A split replaced by as many other rows is not detected."""
+    from mmctr_ray.features import read_parquet
+    from mmctr_ray.preflight import label_file
+
     truth = Layout(data_dir).hidden_test_labels
     if not truth.is_file():
         return None
-    labels = pq.read_table(truth, columns=["label"]).column("label").to_numpy()
+    label_file(truth)
+    labels = read_parquet(truth, ["label"]).column("label").to_numpy()
     if len(labels) != rows:
         log.warning("%s: %d labels for a test split of %d rows: no test AUC (the split is not the one `mmctr synth` "
                     "wrote; `mmctr validate` says what differs)", truth, len(labels), rows)

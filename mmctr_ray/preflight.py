@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mmctr_ray.config import worker_batch
-from mmctr_ray.errors import ConfigError, DataError
+from mmctr_ray.errors import ConfigError, DataError, first_line
 from mmctr_ray.schema import (ITEM_INFO_COLUMNS, LEVELS, NO_PARTS, SEQ_LEN, SPLIT_COLUMNS, Layout, history_around_gap,
                               padding_gaps)
 from mmctr_ray.validate import Problem, _open
@@ -231,6 +231,22 @@ def check_labels(pf: pq.ParquetFile, path: Path, hint: str) -> None:
     for batch in iter_parquet(path, parquet_file=pf, batch_size=1 << 20, columns=["label"]):
         _check_label_batch(batch.column(0), row, path, hint)
         row += batch.num_rows
+
+
+HIDDEN_LABELS = "the hidden test labels `mmctr synth` wrote: synthesize the data again"
+
+
+def label_file(path: Path, hint: str = HIDDEN_LABELS) -> pq.ParquetFile:
+    """``path`` opened, holding a label column, or a one-line DataError naming it (``hint``: what it should be, how
+    to get it): a damaged file of hidden test labels was pyarrow's traceback, after Ray had started in predict."""
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable parquet file ({first_line(err)}); expected {hint}") from None
+    if "label" not in pf.schema_arrow.names:
+        raise DataError(f"{path}: no label column (it has {', '.join(pf.schema_arrow.names) or 'none'}); expected "
+                        f"{hint}")
+    return pf
 
 
 def _check_label_batch(column: pa.Array, row: int, path: Path, hint: str) -> None:

@@ -35,9 +35,18 @@ def read_metrics(run_dir: Location, missing_ok: bool = False, keys: tuple[str, .
             return []
         if not storage.exists(run_dir):
             raise DataError(f"{run_dir}: not found (expected a run directory of `mmctr train`)")
+        if storage.is_file(run_dir):
+            raise DataError(f"{run_dir}: a file; expected a run directory of `mmctr train`")
+        if storage.exists(path):
+            raise DataError(f"{path}: a folder; expected the metrics.jsonl file `mmctr train` writes")
         raise DataError(f"{path}: missing file (is {run_dir} a run directory of `mmctr train`?)")
+    try:
+        text = storage.read_text(path)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); expected the metrics.jsonl "
+                        f"`mmctr train` writes") from None
     rows = []
-    for number, line in enumerate(storage.read_text(path).splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -46,10 +55,21 @@ def read_metrics(run_dir: Location, missing_ok: bool = False, keys: tuple[str, .
             raise DataError(f"{path}: line {number} is not JSON") from None
     rows = [storage.nan_for_null(row, EPOCH_NUMBERS) if isinstance(row, dict) else row for row in rows]
     for i, row in enumerate(rows, start=1):  # a hand-edited or foreign file: one line, not a KeyError later
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), (int, float)) for k in keys):
+        if not isinstance(row, dict) or not all(_is_number(row.get(k)) for k in keys):
             raise DataError(f"{path}: record {i} is not an epoch's; expected an object with the numbers "
                             f"{', '.join(keys)}")
+        other = next((k for k in (*EPOCH_NUMBERS, *SHOWN_NUMBERS) if k in row and row[k] is not None
+                      and not _is_number(row[k])), None)  # formatted as numbers by the report and the summary
+        if other is not None:
+            raise DataError(f"{path}: record {i}: {other} is {row[other]!r}; expected a number")
     return rows
+
+
+SHOWN_NUMBERS = ("valid_rows", "samples_per_s", "steady_seconds", "steps")  # optional, shown where present
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # "epoch": true read as epoch 1
 
 
 def best_epoch(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -298,6 +318,9 @@ def write_report(run_dir: Location) -> dict[str, Location]:
     paths = {"curves": storage.join(run_dir, "report", "curves.png"),
              "summary": storage.join(run_dir, "report", "summary.md")}
     curves, summary = plot_curves(rows), markdown_summary(run_dir, rows)
+    if storage.is_file(storage.join(run_dir, "report")):  # a FileExistsError traceback from the write below
+        raise DataError(f"{storage.join(run_dir, 'report')}: a file; expected the folder `mmctr report` writes "
+                        f"curves.png and summary.md into (move the file away)")
     storage.write_bytes(paths["curves"], curves)
     storage.write_text(paths["summary"], summary)
     return paths

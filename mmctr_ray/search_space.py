@@ -178,6 +178,11 @@ def _param(key: str, spec: Any, keys: list[str], where: str) -> Param:
         raise ConfigError(f"{at}: {kind} expects [low, high] with low < high, got {values}")
     if kind == "int" and not all(isinstance(v, int) for v in values):
         raise ConfigError(f"{at}: int expects integer bounds, got {values}")
+    if "log" in spec and not isinstance(spec["log"], bool):  # the string 'false' is truthy: lr went log-scaled
+        raise ConfigError(f"{at}: log expects true or false, got {spec['log']!r}")
+    if spec.get("log") and kind == "choice":
+        raise ConfigError(f"{at}: log applies to int and float ranges, not to choice (which samples its values "
+                          f"as listed)")
     if spec.get("log") and kind != "choice" and values[0] <= 0:
         raise ConfigError(f"{at}: log: true expects a positive low bound, got {values}")
     if spec.get("log") and spec.get("step") is not None:
@@ -192,8 +197,8 @@ def _param(key: str, spec: Any, keys: list[str], where: str) -> Param:
     if kind == "float":  # YAML reads [1024, 4096] as integers: the bounds' check then missed that a trial draws
         values = [float(v) for v in values]  # 2709.95, which an integer key refuses in every trial
     when = spec.get("when", {})
-    if not isinstance(when, dict) or not all(isinstance(v, list) for v in when.values()):
-        raise ConfigError(f"{at}: when expects a mapping of earlier parameters to lists of values")
+    if not isinstance(when, dict) or not all(isinstance(v, list) and v for v in when.values()):
+        raise ConfigError(f"{at}: when expects a mapping of earlier parameters to non-empty lists of values")
     for dep in when:
         if dep not in keys or dep == key:
             raise ConfigError(f"{at}: when refers to {dep}, which is not another searched parameter")

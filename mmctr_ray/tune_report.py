@@ -97,6 +97,25 @@ ASHA_RECORDS = "asha.json"  # TUNE/asha.json: ASHA's rung records and the trials
 STARTED = "started_at"
 
 
+SETTINGS_KEYS: dict[str, tuple[type, ...]] = {"data": (str,), "overrides": (list,), "workers": (int,),
+                                              "cpus_per_worker": (int, float), "gpus_per_worker": (int, float),
+                                              "source": (str,)}
+
+
+def read_settings(tune_dir: str | Path, keys: tuple[str, ...] = tuple(SETTINGS_KEYS)) -> dict[str, Any]:
+    """A search's ``settings.json``, or a one-line DataError naming it: a file cut short, not an object or without
+    the keys a resume and the report read was a JSONDecodeError, AttributeError or KeyError traceback."""
+    path = Path(tune_dir) / "settings.json"
+    expected = "the settings.json `mmctr tune` writes (start the search again with --overwrite)"
+    settings = storage.read_json_object(path, expected)
+    for key in keys:  # those the caller reads
+        kinds, value = SETTINGS_KEYS[key], settings.get(key)
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise DataError(f"{path}: {key} is {'missing' if key not in settings else repr(value)}; expected "
+                            f"{expected}")
+    return settings
+
+
 def asha_stopped(tdir: Path, fifo: bool = False) -> dict[str, float] | None:
     """The trials ASHA stopped in the search in ``tdir``, each with the epoch it stopped it at; None where that is
     not known: no records (a search older than them) or records without the full list (older, or resumed from older
@@ -179,7 +198,7 @@ def write_outputs(tdir: Path, space: SearchSpace | None = None, errors: dict[str
     folder name, are kept in ``tune_results.json``, which a later call without them (``mmctr report TUNE``) reads:
     a failed trial stays "error" there, and a trial folder Tune does not know (started just before the driver
     was killed, after Tune's last saved state; the resumed search drew a new trial instead) is "interrupted"."""
-    space = space or load_search(tdir / "search.yaml", json.loads((tdir / "settings.json").read_text())["overrides"],
+    space = space or load_search(tdir / "search.yaml", read_settings(tdir, ("overrides",))["overrides"],
                                  strict=False)  # the search's own, as it ran
     saved = tdir / "tune_results.json"
     if errors is not None:

@@ -56,6 +56,7 @@ from mmctr_ray.preflight import (batch_split_note, check_batch_norm_rows, check_
 from mmctr_ray.ray_env import DATA_CPU_RESERVE, check_gpu_split, private_local_ray, sigterm_flag
 from mmctr_ray.schema import SPLITS
 from mmctr_ray.search_space import SearchSpace, load_search
+from mmctr_ray.tune_report import read_settings
 
 log = logging.getLogger(__name__)
 # the trial function builds the trial's config and then waits on its TorchTrainer: it reserves no CPU (a laptop's
@@ -482,7 +483,7 @@ def check_resumable(tune_dir: str | Path, data_dir: str | Path) -> dict[str, Any
                           f"but no tune/); start it again with --overwrite")
     if not saved.is_file() or not (tune_dir / "tune").is_dir():
         raise ConfigError(f"{tune_dir}: nothing to resume (no settings.json and tune/ of an earlier `mmctr tune`)")
-    old = json.loads(saved.read_text())
+    old = read_settings(tune_dir, ("data", "overrides"))  # the flags' values: RESUME_DEFAULTS where a search lacks them
     _check_search_unchanged(tune_dir, old)
     if old["data"] not in data:
         raise ConfigError(f"{tune_dir}: the search ran on {old['data']}; resume it with that --data")
@@ -553,7 +554,7 @@ def trial_cpus(tune_dir: str | Path, resume: bool, workers: int, cpus_per_worker
     ``settings.json``), which the resumed search runs with whatever the command line says."""
     saved = Path(tune_dir) / "settings.json"
     if resume and saved.is_file():
-        settings = json.loads(saved.read_text())
+        settings = read_settings(tune_dir, ("workers", "cpus_per_worker"))
         workers, cpus_per_worker = settings["workers"], settings["cpus_per_worker"]
     return TRIAL_DRIVER_CPU + workers * cpus_per_worker
 

@@ -123,6 +123,11 @@ def test_flags_are_not_abbreviated_and_report_top_is_positive(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["report", str(tmp_path), "--top", "-2"])
     assert "argument --top: expected a value above 0, got -2" in capsys.readouterr().err
+    for value in ("nan", "inf"):  # nan passed every bound: a search's deadline of nan s, then every trial crashed
+        with pytest.raises(SystemExit):
+            main(["tune", "--data", str(tmp_path), "--out", str(tmp_path / "t"), "--config", "c.yaml",
+                  "--time-budget-s", value])
+        assert f"argument --time-budget-s: expected a finite number, got {value}" in capsys.readouterr().err
     for stage in ("predict", "embed", "pipeline"):  # Ray refused 1.5 in the actors, after it started; 2 left one
         for gpus in ("1.5", "2"):  # of an actor's two GPUs idle (the model runs on one device)
             with pytest.raises(SystemExit):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import math
 from pathlib import Path
 
@@ -192,6 +193,15 @@ def test_a_searchs_trials_keep_their_start_order_when_the_folder_is_copied(tmp_p
     ('{"epoch": 2, "valid_a', "line 2 is not JSON"),  # a line cut short: it said line 1 (JSON's own line count)
     ('{"epoch": 2, "valid_auc": "0.7", "valid_logloss": 0.5, "train_loss": 0.5, "lr": 0.001, "epoch_seconds": 1}',
      "record 2 is not an epoch's"),
+    # "at epoch True of 2"; the numbers the summary formats were a ValueError or TypeError traceback
+    ('{"epoch": true, "valid_auc": 0.7, "valid_logloss": 0.5, "train_loss": 0.5, "lr": 0.001, "epoch_seconds": 1}',
+     "record 2 is not an epoch's"),
+    ('{"epoch": 2, "valid_auc": 0.7, "valid_logloss": 0.5, "train_loss": 0.5, "lr": 0.001, "epoch_seconds": 1, '
+     '"valid_rows": "100"}', "record 2: valid_rows is '100'; expected a number"),
+    ('{"epoch": 2, "valid_auc": 0.7, "valid_logloss": 0.5, "train_loss": 0.5, "lr": 0.001, "epoch_seconds": 1, '
+     '"valid_auc_se": "0.01"}', "record 2: valid_auc_se is '0.01'; expected a number"),
+    ('{"epoch": 2, "valid_auc": 0.7, "valid_logloss": 0.5, "train_loss": 0.5, "lr": 0.001, "epoch_seconds": 1, '
+     '"samples_per_s": "fast"}', "record 2: samples_per_s is 'fast'; expected a number"),
 ])
 def test_a_metrics_file_that_is_not_a_runs_is_one_line(tmp_path, capsys, line, expected):
     """Before: a TypeError or KeyError traceback out of the report's table."""
@@ -200,11 +210,35 @@ def test_a_metrics_file_that_is_not_a_runs_is_one_line(tmp_path, capsys, line, e
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"mmctr report: error: {tmp_path / 'metrics.jsonl'}: {expected}") and "\n" not in err
     assert not (tmp_path / "report").exists()
-    if line.startswith('{"epoch": 2') and "record" in expected:  # the readers that need only the epoch and its AUC
-        # read what they need
+    if line.startswith('{"epoch": 2') and "is not an epoch's" in expected:  # the readers that need only the epoch
+        # and its AUC read what they need
         with pytest.raises(DataError, match="record 2 is not an epoch's; expected an object with the numbers epoch, "
                                             "valid_auc$"):
             read_metrics(tmp_path)
+
+
+def test_a_run_folder_the_report_cannot_use_is_one_line(tmp_path, capsys):
+    """metrics.jsonl not UTF-8, a folder, RUN a file, and RUN/report a file: UnicodeDecodeError and FileExistsError
+    tracebacks, or "metrics.jsonl: missing file" of a file given as RUN."""
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_bytes(b"\xff\xfe\x00garbage\n")
+    assert main(["report", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"mmctr report: error: {metrics}: not UTF-8 text (byte 0: invalid "
+                                               f"start byte); expected the metrics.jsonl `mmctr train` writes")
+    metrics.write_text(json.dumps(epoch(1, 0.6)) + "\n")
+    (tmp_path / "report").write_text("x")
+    assert main(["report", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"mmctr report: error: {tmp_path / 'report'}: a file; expected "
+                                                      f"the folder `mmctr report` writes")
+    assert (tmp_path / "report").read_text() == "x"
+    assert main(["report", str(metrics)]) == 2
+    assert capsys.readouterr().err.strip() == (f"mmctr report: error: {metrics}: a file; expected a run directory "
+                                               f"of `mmctr train`")
+    metrics.unlink()
+    metrics.mkdir()
+    assert main(["report", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"mmctr report: error: {metrics}: a folder; expected the "
+                                               f"metrics.jsonl file `mmctr train` writes")
 
 
 def test_report_of_a_search_before_its_first_trial_says_so(tmp_path, capsys):
@@ -218,6 +252,28 @@ def test_report_of_a_search_before_its_first_trial_says_so(tmp_path, capsys):
     (tmp_path / "trials").rmdir()
     assert main(["report", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == f"mmctr report: error: {tmp_path / 'trials'}: no trial has started yet"
+
+
+def test_damaged_hidden_test_labels_are_one_line_for_compare_and_predict_before_ray(synth_dir, tmp_path, capsys):
+    """synthetic_truth/test_labels.parquet not parquet, or without a label column: pyarrow's traceback, in
+    predict after Ray had started (it reads them for the test AUC), in compare before it scored."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmctr_ray.predict import check_inputs
+
+    data = shutil.copytree(synth_dir, tmp_path / "data", ignore=shutil.ignore_patterns("item_images"))
+    truth = Layout(data).hidden_test_labels
+    for write, said in [(lambda: truth.write_text("garbage"), "not a readable parquet file ("),
+                        (lambda: pq.write_table(pa.table({"lbl": [0, 1]}), truth), "no label column (it has lbl)")]:
+        write()
+        with pytest.raises(DataError, match=rf"^{re.escape(str(truth))}: {re.escape(said)}.*expected the hidden "
+                                            r"test labels `mmctr synth` wrote: synthesize the data again$"):
+            check_inputs(tmp_path / "no-run", data, "test")  # before the run is read, and Ray started
+        assert main(["compare", str(tmp_path / "no-run"), "--data", str(data), "--split", "test"]) == 2
+        assert f"{truth}: {said}" in capsys.readouterr().err
 
 
 def test_compare_refuses_bad_or_one_class_labels_and_a_json_folder_before_scoring(synth_dir, tmp_path, capsys,

@@ -122,6 +122,13 @@ def test_define_by_run_samples_each_parameter_only_where_it_applies(tmp_path):
     ({"train.batch_size": {"int": [256, 512], "step": 1024}}, "step 1024 is wider than the range [256, 512]: only "
                                                                "256 could be drawn"),  # silently always 256
     ({1: {"choice": [1, 2]}}, "search.space.1: expected a config key section.name"),  # was an AttributeError
+    # an IndexError traceback; the string 'false' sampled lr on a log scale; log on a choice was ignored
+    ({"model.attention": {"choice": ["din", "multihead"]},
+      "model.num_heads": {"choice": [1, 2], "when": {"model.attention": []}}},
+     "when expects a mapping of earlier parameters to non-empty lists of values"),
+    ({"train.lr": {"float": [1e-3, 1e-2], "log": "false"}}, "search.space.train.lr: log expects true or false, got "
+                                                           "'false'"),
+    ({"model.senet_ratio": {"choice": [2, 4], "log": True}}, "log applies to int and float ranges, not to choice"),
 ])
 def test_bad_search_sections_are_one_line_errors(tmp_path, space, message):
     path = tmp_path / "s.yaml"
@@ -981,6 +988,26 @@ def test_a_folder_that_is_not_a_search_is_said_so_first_and_one_killed_before_it
         _prepare(killed, ROOT / "configs/search_tiny.yaml", settings, resume=False, overwrite=False)
     assert _prepare(killed, ROOT / "configs/search_tiny.yaml", settings, resume=False, overwrite=True)["data"] == "D"
     assert (killed / "search.yaml").read_bytes() == (ROOT / "configs/search_tiny.yaml").read_bytes()
+
+
+@pytest.mark.parametrize("text, said", [
+    ('{"data": "D", "over', r"not valid JSON \(Unterminated string.*\); expected the settings.json `mmctr tune` "
+                           r"writes \(start the search again with --overwrite\)$"),
+    ("[1]", r"holds a JSON list; expected the settings.json `mmctr tune` writes .*, a JSON object$"),
+    ("{}", r"data is missing; expected the settings.json `mmctr tune` writes"),
+    ('{"data": "D", "overrides": "train.lr=0.1"}', r"overrides is 'train.lr=0.1'; expected")])
+def test_a_damaged_settings_json_is_one_line_for_resume_and_report(tmp_path, text, said):
+    """A search's settings.json cut short, a list or without its keys: `tune --resume` and `report TUNE` ended in a
+    JSONDecodeError, AttributeError or KeyError traceback."""
+    from mmctr_ray.tuning import check_resumable, trial_cpus
+
+    (tmp_path / "tune").mkdir()
+    (tmp_path / "settings.json").write_text(text)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / 'settings.json'))}: {said}"):
+        check_resumable(tmp_path, "D")
+    (tmp_path / "settings.json").write_text('{"data": "D", "overrides": [], "workers": true}')
+    with pytest.raises(DataError, match=r"settings.json: workers is True; expected"):  # a KeyError, or True CPUs
+        trial_cpus(tmp_path, True, 1, 1.0)
 
 
 def test_a_fused_base_table_is_refitted_only_when_the_trial_samples_fusion(tmp_path, monkeypatch):
