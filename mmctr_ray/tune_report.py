@@ -153,7 +153,8 @@ def trial_outcome(run: Path, epochs: int, max_epochs: int, stopped: dict[str, fl
 def _trial_rows(tdir: Path, space: SearchSpace, errors: dict[str, str],
                 known: list[str] | None = None) -> list[dict[str, Any]]:
     rows, stopped = [], asha_stopped(tdir, fifo=not space.prunes)
-    sampled = {p: json.loads(p.read_text()) for p in (tdir / "trials").glob("*.params.json")}
+    sampled = {p: storage.read_json_object(p, "the trial's parameters `mmctr tune` writes")
+               for p in (tdir / "trials").glob("*.params.json")}
     started = sorted(sampled, key=lambda p: (sampled[p].get(STARTED, p.stat().st_mtime), p.name))  # trial order
     for n, params_file in enumerate(started):
         trial_id = params_file.name.removesuffix(".params.json")
@@ -204,8 +205,11 @@ def write_outputs(tdir: Path, space: SearchSpace | None = None, errors: dict[str
     if errors is not None:
         storage.write_text(saved, storage.json_text({"errors": errors, "trials": known}, indent=2) + "\n")
     elif saved.is_file():
-        kept = json.loads(saved.read_text())
-        errors, known = kept["errors"], None if kept.get("resumed") else kept["trials"]  # resumed: trials run on
+        kept = storage.read_json_object(saved, "the tune_results.json `mmctr tune` writes")
+        if not isinstance(kept.get("errors"), dict) or not isinstance(kept.get("trials", []), (list, type(None))):
+            raise DataError(f"{saved}: not the tune_results.json `mmctr tune` writes (expected an object of errors "
+                            f"by trial and a list of trials)")
+        errors, known = kept["errors"], None if kept.get("resumed") else kept.get("trials")  # resumed: trials run on
         if kept.get("resumed"):  # and the errored ones run again: one whose run has returned since is no error
             since = saved.stat().st_mtime  # (results.csv said "error" until the resumed search ended)
             returned = [summary.parent.name for summary in (tdir / "trials").glob("*/summary.json")
@@ -214,6 +218,9 @@ def write_outputs(tdir: Path, space: SearchSpace | None = None, errors: dict[str
     rows = _trial_rows(tdir, space, errors or {}, known)
     if not rows:
         raise DataError(f"{tdir / 'trials'}: no trial has started yet")
+    if (tdir / "plots").is_file():  # before anything is written: a FileExistsError after results.csv and best.yaml
+        raise DataError(f"{tdir / 'plots'}: a file; expected the folder `mmctr report` writes the search's plots "
+                        f"into (move the file away)")
     fields = [*COLUMNS, *(p.key for p in space.params)]
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=fields)

@@ -119,6 +119,32 @@ def test_the_searchs_best_auc_is_the_trials_own_not_rounded_twice(tmp_path):
     assert (row["best_valid_auc"], row["best_epoch"], row["epochs"]) == ("0.845649944", "2", "3")
 
 
+def test_a_search_folder_the_report_cannot_use_is_one_line_and_nothing_is_rewritten(tmp_path, capsys):
+    """tune_results.json or a trial's params.json cut short or of another shape: JSONDecodeError and TypeError
+    tracebacks; plots/ a file: a FileExistsError after results.csv and best.yaml had been rewritten."""
+    tdir = _one_trial_search(tmp_path, "t1", [epoch(1, 0.7)])
+    results = tdir / "tune_results.json"
+    params = tdir / "trials" / "t1.params.json"
+    for path, text, said in [
+            (results, "{x", "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 "
+                            "(char 1)); expected the tune_results.json `mmctr tune` writes"),
+            (results, "[1]", "holds a JSON list; expected the tune_results.json `mmctr tune` writes, a JSON object"),
+            (results, '{"errors": [1]}', "not the tune_results.json `mmctr tune` writes (expected an object of "
+                                        "errors by trial and a list of trials)"),
+            (params, "{bad", "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 "
+                             "(char 1)); expected the trial's parameters `mmctr tune` writes")]:
+        good = path.read_text() if path.is_file() else None
+        path.write_text(text)
+        assert main(["report", str(tdir)]) == 2
+        assert capsys.readouterr().err.strip() == f"mmctr report: error: {path}: {said}"
+        path.unlink() if good is None else path.write_text(good)
+    (tdir / "plots").write_text("x")
+    assert main(["report", str(tdir)]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"mmctr report: error: {tdir / 'plots'}: a file; expected the "
+                                                      f"folder `mmctr report` writes the search's plots into")
+    assert not (tdir / "results.csv").exists() and not (tdir / "best.yaml").exists()
+
+
 def test_a_search_trial_without_a_finite_auc_has_no_result_to_rank(tmp_path):
     """A search whose every trial scored NaN wrote best.yaml for one of them and ended as a success."""
     from mmctr_ray.tune_report import write_outputs
