@@ -587,6 +587,12 @@ def check_inputs(data_dir: str | Path, search_yaml: str | Path | None, overrides
     if table is not None and not table.is_file():  # every trial that trains on it failed, one by one
         raise DataError(f"{table}: missing file (data.item_vector of {search_yaml}: the fused item table its trials "
                         f"train on unless they sample a fusion.* setting)")
+    searched = next((p for p in space.params if p.key == "data.item_vector"), None) if space is not None else None
+    missing = [v for v in (searched.values if searched is not None and searched.kind == "choice" else ())
+               if v != "given" and not Path(str(v)).is_file()]
+    if missing:  # passed every check, then each trial that drew it failed at its start
+        raise DataError(f"{missing[0]}: missing file (a value of search.space.data.item_vector in {search_yaml}: a "
+                        f"fused item table, or given)")
     rows = check_splits(data_dir, SPLITS)
     check_valid_labels(data_dir)
     if space is not None:  # the largest batch any trial can draw must fit the training split

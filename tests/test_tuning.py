@@ -2109,6 +2109,16 @@ def test_a_search_whose_largest_batch_exceeds_the_training_split_is_refused_befo
         check_inputs(synth_dir, small, workers=2)
 
 
+def test_a_searched_item_table_that_does_not_exist_is_refused_before_ray(synth_dir, tmp_path):
+    """A choice of data.item_vector naming a missing table passed every check; each trial that drew it failed."""
+    from mmctr_ray.tuning import check_inputs
+
+    space = _space(tmp_path, "{data.item_vector: {choice: [given, %s]}}" % (tmp_path / "nope.parquet"))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / 'nope.parquet'))}: missing file \(a value of "
+                                        r"search.space.data.item_vector in .*: a fused item table, or given\)$"):
+        check_inputs(synth_dir, space)
+
+
 def test_a_pca_size_one_above_its_limit_is_refused_and_one_at_it_passes(synth_dir, tmp_path):
     """The tiny data's 200 items limit each PCA part to 200 axes: a searched bound of 201 is refused, 200 passes."""
     from mmctr_ray.errors import ConfigError
