@@ -346,7 +346,8 @@ def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = (), s
     by_set = {override_key(a).removeprefix("search.") for a in overrides if a.strip().startswith("search.")}
     for k, v in settings.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "seed" else 1):
-            raise ConfigError(f"{'--set' if k in by_set else where}: search.{k}={v!r}: expected a positive integer")
+            raise ConfigError(f"{'--set' if k in by_set else where}: search.{k}={v!r}: expected a "
+                              f"{'non-negative' if k == 'seed' else 'positive'} integer")
     space = SearchSpace(tuple(params), base=raw, **settings)
     own = _own_space(params, own_base, own_search) if overrides else None  # None: the file's own is no valid space
     if strict:

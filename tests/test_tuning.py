@@ -1753,6 +1753,7 @@ def test_set_reaches_the_search_sections_own_keys(tmp_path):
                        match=r"^--set: unknown config key model.dnn_unit \(did you mean model.dnn_units\?"):
         load_search(ROOT / "configs/search_tiny.yaml", ["model.dnn_unit=[8]"])
     for sets, message in ((["search.max_epochs=0"], "search.max_epochs=0: expected a positive integer"),
+                          (["search.seed=-1"], "search.seed=-1: expected a non-negative integer"),  # 0 is one
                           (["search.grace_period=99"], "search.grace_period=99: expected at most search.max_epochs=2"),
                           (["search.reduction_factor=1"], "search.reduction_factor=1: expected at least 2"),
                           # a valid base that makes a value the file's space draws invalid: --set's mistake too
