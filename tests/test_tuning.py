@@ -2103,10 +2103,13 @@ def test_a_search_whose_largest_batch_exceeds_the_training_split_is_refused_befo
     from mmctr_ray.tuning import check_inputs
 
     big = _space(tmp_path, "{train.batch_size: {choice: [256, 4096]}}")
-    with pytest.raises(ConfigError, match=r"train.batch_size=4,096 exceeds the 3,000 rows of the training split"):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(big))}: train.batch_size=4,096 exceeds the 3,000 rows "
+                                          r"of the training split.* \(the largest train.batch_size a trial of this "
+                                          r"search can have, from its base config or search.space\)$"):
         check_inputs(synth_dir, big)
     small = _space(tmp_path, "{train.batch_size: {choice: [3, 256]}}")
-    with pytest.raises(ConfigError, match=r"train.batch_size=3 over 2 workers gives each worker a batch of 1 row"):
+    with pytest.raises(ConfigError, match=r"train.batch_size=3 over 2 workers gives each worker a batch of 1 row.* "
+                                          r"\(the smallest train.batch_size a trial"):
         check_inputs(synth_dir, small, workers=2)
 
 
