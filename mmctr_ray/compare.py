@@ -37,7 +37,7 @@ def _checkpoint(target: str) -> storage.Location:
 def split_labels(data_dir: str | Path, split: str) -> tuple[Path, Any]:
     """The split's path (a file or a folder of part files) and its labels in row order (the test split's are the
     hidden ones synthetic data keeps, or its own where `mmctr convert` wrote it)."""
-    from mmctr_ray.preflight import check_labels, check_split, label_file
+    from mmctr_ray.preflight import HIDDEN_LABELS, check_labels, check_split, label_file
 
     layout = Layout(data_dir)
     path = layout.split(split)
@@ -51,7 +51,7 @@ def split_labels(data_dir: str | Path, split: str) -> tuple[Path, Any]:
     check_split(data_dir, split)  # what train and predict check first: ids in range, widths, 0/1 labels (a null or
     if truth != path:  # 0.5 label counted as a click in the AUCs), here before any checkpoint is scored
         for f in files:
-            check_labels(label_file(f), f, "the hidden test labels `mmctr synth` wrote: synthesize the data again")
+            check_labels(label_file(f), f, HIDDEN_LABELS)
     labels = np.concatenate([pq.read_table(f, columns=["label"]).column("label").to_numpy() for f in files])
     parts = parquet_parts(path) if truth != path else []
     rows = sum(pq.read_metadata(f).num_rows for f in parts)

@@ -202,10 +202,11 @@ def check_inputs(run_dir: Location, data_dir: str | Path, split: str = "test", o
     if out is not None:
         check_output(out, overwrite)
     rows = check_split(data_dir, split)
-    if split == "test" and not Layout(data_dir).labelled_test and Layout(data_dir).hidden_test_labels.is_file():
+    layout = Layout(data_dir)
+    if split == "test" and not layout.labelled_test and layout.hidden_test_labels.is_file():
         from mmctr_ray.preflight import label_file  # read after Ray started, for the test AUC: checked before
 
-        label_file(Layout(data_dir).hidden_test_labels)
+        label_file(layout.hidden_test_labels)
     checkpoint = run_or_checkpoint(run_dir)
     load_model(checkpoint, data_dir)
     warn_unended(run_dir, checkpoint)

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mmctr_ray.config import worker_batch
-from mmctr_ray.errors import ConfigError, DataError, first_line
+from mmctr_ray.errors import ConfigError, DataError
 from mmctr_ray.schema import (ITEM_INFO_COLUMNS, LEVELS, NO_PARTS, SEQ_LEN, SPLIT_COLUMNS, Layout, history_around_gap,
                               padding_gaps)
 from mmctr_ray.validate import Problem, _open
@@ -185,8 +185,9 @@ _SCANNED: set[tuple[Any, ...]] = set()  # the parts this process has scanned, as
 
 
 def _scan_once(pf: pq.ParquetFile, path: Path, labels: bool, hint: str) -> None:
-    """:func:`scan_part`, once a process for a file as it is (its size and modification time): a command checks
-    before Ray starts and its stage again after (predict, tune), and a pipeline's steps one after another."""
+    """:func:`scan_part`, once a process for a file as it is (its inode, size, modification and change times): a
+    command checks before Ray starts and its stage again after (predict, tune), and a pipeline's steps one after
+    another."""
     stat = path.stat()  # a file replaced (a rename over it, a copy that kept the time) has another inode or ctime
     key = (str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, labels)
     if key not in _SCANNED:
@@ -239,10 +240,9 @@ HIDDEN_LABELS = "the hidden test labels `mmctr synth` wrote: synthesize the data
 def label_file(path: Path, hint: str = HIDDEN_LABELS) -> pq.ParquetFile:
     """``path`` opened, holding a label column, or a one-line DataError naming it (``hint``: what it should be, how
     to get it): a damaged file of hidden test labels was pyarrow's traceback, after Ray had started in predict."""
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as err:
-        raise DataError(f"{path}: not a readable parquet file ({first_line(err)}); expected {hint}") from None
+    from mmctr_ray.features import open_parquet
+
+    pf = open_parquet(path, hint)
     if "label" not in pf.schema_arrow.names:
         raise DataError(f"{path}: no label column (it has {', '.join(pf.schema_arrow.names) or 'none'}); expected "
                         f"{hint}")

@@ -142,10 +142,7 @@ def _prepare_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool,
                  "in %s until this one has kept a checkpoint", run, aside)
         storage.empty_dir(run)
     else:
-        if storage.exists(aside):  # the run that replaced it has a checkpoint (a killed --overwrite, resumed)
-            log.warning("%s: deleting the run an earlier `--overwrite` of %s kept there (the run that replaced it "
-                        "has a checkpoint)", aside, run)
-            storage.remove_dir(aside)
+        _drop_replaced(run)  # the run that replaced it has a checkpoint (a killed --overwrite, resumed)
         log.info("%s: the run it holds waits in %s until this one has kept a checkpoint", run, aside)
         aside, moved = _set_aside(run, aside), True
     keep_aside(run, aside)
@@ -158,6 +155,16 @@ def _prepare_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool,
         raise
     began(run)  # a signal from here on leaves this command's run (cli._left_on_disk)
     return aside
+
+
+def _drop_replaced(run: storage.Location) -> None:
+    """Delete, with a warning, the run an earlier ``--overwrite`` of RUN kept aside, if there is one: called where
+    RUN holds a checkpoint, so the run that replaced it is what RUN keeps."""
+    aside = replaced_location(run)
+    if storage.exists(aside):
+        log.warning("%s: deleting the run an earlier `--overwrite` of %s kept there (the run that replaced it has a "
+                    "checkpoint)", aside, run)
+        storage.remove_dir(aside)
 
 
 def _set_aside(run: storage.Location, aside: storage.Location) -> storage.Location | None:
@@ -434,10 +441,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: ExperimentConfi
     ended = _nothing_to_train(run, cfg) if resume and not callbacks else None  # (a Tune trial, with callbacks,
     if ended:  # is left to Ray Train and run_trial, as before)
         log.warning("%s: nothing to train: %s", run, ended)
-        if storage.exists(replaced_location(run)):  # RUN has checkpoints: what an --overwrite replaced, it has
-            log.warning("%s: deleting the run an earlier `--overwrite` of %s kept there (the run that replaced it "
-                        "has a checkpoint)", replaced_location(run), run)
-            storage.remove_dir(replaced_location(run))
+        _drop_replaced(run)  # RUN has checkpoints: what an --overwrite replaced, it has
         storage.remove_file(storage.join(run, DIVERGED))  # a summary of RUN as it is now, and its config.yaml the one
         storage.write_text(storage.join(run, "config.yaml"),  # its latest checkpoint trained with, not this command's
                            storage.read_text(storage.join(latest, "config.yaml")))  # (train.epochs=1 after 4 epochs

@@ -597,13 +597,15 @@ def check_inputs(data_dir: str | Path, search_yaml: str | Path | None, overrides
     check_valid_labels(data_dir)
     if space is not None:  # the largest batch any trial can draw must fit the training split
         sizes = batch_sizes(space)
-        try:  # named as the search's: the size may be one only its space draws (the base config's was never said)
-            check_batch_size(max(sizes), rows["train"], workers)
-            check_batch_norm_rows(min(sizes), workers, _can_be_on(space, "model.batch_norm"))
-        except ConfigError as err:
-            drawn = "the largest" if str(err).startswith(f"train.batch_size={max(sizes):,} ") else "the smallest"
-            raise ConfigError(f"{search_yaml}: {err} ({drawn} train.batch_size a trial of this search can have, "
-                              f"from its base config or search.space)") from None
+        checks = ((lambda: check_batch_size(max(sizes), rows["train"], workers), "the largest"),
+                  (lambda: check_batch_norm_rows(min(sizes), workers, _can_be_on(space, "model.batch_norm")),
+                   "the smallest"))
+        for check, drawn in checks:  # named as the search's: the size may be one only its space draws
+            try:
+                check()
+            except ConfigError as err:
+                raise ConfigError(f"{search_yaml}: {err} ({drawn} train.batch_size a trial of this search can "
+                                  f"have, from its base config or search.space)") from None
         uneven = [note for size in sorted(set(sizes)) if (note := batch_split_note(size, workers))]
         if uneven:
             log.warning("%s%s", uneven[0], f" (and {len(uneven) - 1} more of the space's batch sizes)"
