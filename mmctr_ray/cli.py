@@ -286,11 +286,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _start_ray(args, pool_cpus=_actor_cpus(args.actors, args.gpus_per_actor))
     summary = run_predict(args.run, args.data, args.out, split=args.split, actors=args.actors,
                           gpus_per_actor=args.gpus_per_actor, overwrite=args.overwrite)
-    m, oracle = summary.get("metrics"), summary.get("oracle_auc")  # null in oracle.json for a split of one class
-    score = (f"; {args.split} AUC {m['auc']:.4f}{se_text(m.get('auc_se'))}"
-             f"{f' (oracle {oracle:.4f})' if oracle is not None else ''}") if m else ""
+    score = _score_text(args.split, summary.get("metrics"), summary.get("oracle_auc"))
     log.info("wrote %s: %d rows from %s%s", summary["submission"], summary["rows"], summary["checkpoint"], score)
     return 0
+
+
+def _score_text(split: str, metrics: dict[str, Any] | None, oracle: float | None) -> str:
+    """What predict says of the split's labels after the submission's path: its AUC ± standard error and the
+    oracle's (null in oracle.json for a split of one class), or why there is no AUC (it printed "AUC nan")."""
+    if not metrics:
+        return ""
+    if not math.isfinite(metrics["auc"]):
+        clicks = round(metrics["positive_rate"] * metrics["rows"]) if metrics["rows"] else 0
+        return (f"; no {split} AUC: its labels hold one class only ({clicks:,} clicks of {metrics['rows']:,} rows); "
+                f"{split} logloss {metrics['logloss']:.4f}")
+    return (f"; {split} AUC {metrics['auc']:.4f}{se_text(metrics.get('auc_se'))}"
+            f"{f' (oracle {oracle:.4f})' if oracle is not None else ''}")
 
 
 def cmd_embed(args: argparse.Namespace) -> int:

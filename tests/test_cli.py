@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -434,6 +435,32 @@ def test_predict_says_first_that_the_submission_must_be_a_zip(tmp_path, capsys, 
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"mmctr predict: error: {out}: the submission must be a .zip file")
     assert out.read_text() == "ID,Task2\n"
+
+
+def test_predict_on_a_split_of_one_class_says_why_it_has_no_auc(tmp_path, monkeypatch, caplog):
+    """`predict --split valid` on a split of clicks only printed "valid AUC nan" (exit 0): the submission is
+    written, and the line now says the AUC is undefined and why, with the logloss that is defined."""
+    import mmctr_ray.cli as cli
+    import mmctr_ray.predict as predict
+    from mmctr_ray.metrics import evaluate_logits
+
+    def run_predict(run, data, out, split, **kwargs):
+        return {"submission": str(out), "rows": 4, "split": split, "checkpoint": "ck",
+                "metrics": evaluate_logits(labels, np.array([0.5, -1.0, 2.0, 0.0]))}
+
+    monkeypatch.setattr(predict, "check_inputs", lambda *a, **k: 4)
+    monkeypatch.setattr(predict, "run_predict", run_predict)
+    monkeypatch.setattr(cli, "_start_ray", lambda *a, **k: None)
+    argv = ["predict", "--run", "r", "--data", str(tmp_path), "--out", str(tmp_path / "s.zip"), "--split", "valid"]
+    for labels, expected in ((np.ones(4), "; no valid AUC: its labels hold one class only (4 clicks of 4 rows); "
+                                          "valid logloss 0.6519"),
+                             (np.array([1.0, 0.0, 1.0, 0.0]), "; valid AUC 1.0000 ± 0.0000")):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="mmctr"):
+            assert main(argv) == 0
+        said = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("wrote "))
+        assert said.startswith(f"wrote {tmp_path / 's.zip'}: 4 rows from ck{expected}"), said
+        assert "nan" not in said
 
 
 def test_synth_refuses_to_overwrite(synth_dir, tmp_path):
