@@ -258,11 +258,21 @@ def best_checkpoint(run_dir: Location) -> Location:
     if best is None and found:
         raise DataError(f"{run_dir}: no checkpoint with a finite validation AUC among {len(found)} (the model "
                         f"diverged, or the validation split holds one class): nothing to score with")
+    if best is None and (cut := [checkpoint_epoch(path) for path in _in_epoch_order(run_dir)]):
+        raise DataError(f"{run_dir}: no whole checkpoint: its {len(cut)} checkpoint folder"
+                        f"{'s (epochs ' + _span(cut) + ') were' if len(cut) > 1 else f' (epoch {cut[0]}) was'} "
+                        f"cut short while copied (the warnings above say what each lacks): nothing to score with")
     if best is None:
         missing = "not found; " if not storage.exists(run_dir) else ""  # a mistyped RUN, said as such
         raise DataError(f"{run_dir}: {missing}no checkpoint found (expected checkpoint_epoch_*/ written by `mmctr "
                         f"train`)")
     return best
+
+
+def _span(epochs: list[int]) -> str:
+    """``1–3`` for consecutive epochs, else ``1, 3, 4``."""
+    consecutive = epochs == list(range(epochs[0], epochs[0] + len(epochs)))
+    return f"{epochs[0]}–{epochs[-1]}" if consecutive else ", ".join(map(str, epochs))
 
 
 def run_or_checkpoint(given: Location) -> Location:

@@ -399,6 +399,15 @@ def test_checkpoint_discovery_and_loading_through_a_filesystem(memory_root, tmp_
         load_checkpoint(f"{run}/checkpoint_epoch_004")
     with pytest.raises(DataError, match=f"^{memory_root}/none: not found; no checkpoint found"):
         best_checkpoint(f"{memory_root}/none")
+    # a run whose every checkpoint was cut short said "no checkpoint found (expected checkpoint_epoch_*/ ...)"
+    for epochs, said in (((4,), r" \(epoch 4\) was cut short"), ((1, 2, 3), r"s \(epochs 1–3\) were cut short"),
+                         ((1, 3), r"s \(epochs 1, 3\) were cut short")):
+        cut = f"{memory_root}/cut{len(epochs)}{epochs[-1]}"
+        for epoch in epochs:
+            storage.write_text(f"{cut}/checkpoint_epoch_{epoch:03d}/model.pt", "cut short while copied")
+        with pytest.raises(DataError, match=f"^{cut}: no whole checkpoint: its {len(epochs)} checkpoint folder{said} "
+                                            r"while copied \(the warnings above say what each lacks\)"):
+            best_checkpoint(cut)
 
 
 def test_json_text_writes_what_is_not_finite_as_null_and_the_rest_as_json_dumps_does(strict_json):
