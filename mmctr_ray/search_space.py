@@ -284,6 +284,7 @@ def _check_pairs(space: SearchSpace, where: str) -> None:
                 allowed[key] = [v for v in allowed.get(key, values) if v in values]
             if any(not v for v in allowed.values()):
                 continue  # p and q are never active in one trial
+            _check_table_with_fusion(p, q, allowed, where)
             context = {k: v[0] for k, v in allowed.items() if k not in (p.key, q.key)}
             for a in (v for v in _drawn(p, most=16) if v in allowed.get(p.key, [v])):
                 for b in (v for v in _drawn(q, most=16) if v in allowed.get(q.key, [v])):
@@ -292,6 +293,21 @@ def _check_pairs(space: SearchSpace, where: str) -> None:
                     except ConfigError as err:
                         raise ConfigError(f"{where}: search.space: {p.key}={a!r} with {q.key}={b!r} gives no valid "
                                           f"config ({err}); a trial can draw them together") from None
+
+
+def _check_table_with_fusion(p: Param, q: Param, allowed: dict[str, list[Any]], where: str) -> None:
+    """A trial that draws a ``fusion.*`` key trains on the table it fuses (or, for ``fusion.strategy: given``, on
+    the shipped vector), so a fused table it drew as ``data.item_vector`` in the same trial went unused without a
+    word: refused where the two can be drawn together (a drawn ``given`` names no table: such a trial fuses)."""
+    pair = {p.key: p, q.key: q}
+    table, fusion = pair.get("data.item_vector"), next((x for x in (p, q) if x.key.startswith("fusion.")), None)
+    if table is None or fusion is None or table.kind != "choice":
+        return
+    tables = [v for v in table.values if v != "given" and v in allowed.get(table.key, [v])]
+    if tables:
+        raise ConfigError(f"{where}: search.space: data.item_vector={tables[0]!r} with {fusion.key}: a trial that "
+                          f"draws a fusion.* key trains on the table it fuses, not on the one it drew; give them when "
+                          f"conditions that keep them apart, or search one of the two")
 
 
 def _own_space(params: list[Param], base: dict[str, Any], search: dict[str, Any]) -> SearchSpace | None:

@@ -2123,6 +2123,31 @@ def test_a_searched_item_table_that_does_not_exist_is_refused_before_ray(synth_d
         check_inputs(synth_dir, space)
 
 
+def test_a_searched_item_table_that_a_drawn_fusion_key_would_replace_is_refused(tmp_path):
+    """A trial that drew data.item_vector=T.parquet and a fusion.* key trained on the table it fused (or, with
+    fusion.strategy given, on the shipped vector), and T went unused without a word; when conditions that keep
+    them apart, or a drawn `given` (a trial that fuses), are accepted."""
+    from mmctr_ray.errors import ConfigError
+    from mmctr_ray.search_space import load_search
+
+    table = tmp_path / "t.parquet"
+    for space, clash in (("{data.item_vector: {choice: [given, %s]}, fusion.text_dim: {int: [8, 16]}}",
+                          "fusion.text_dim"),
+                         ("{fusion.strategy: {choice: [given, v1]}, data.item_vector: {choice: [%s, given]}}",
+                          "fusion.strategy"),
+                         ("{fusion.strategy: {choice: [v1, v4]}, data.item_vector: {choice: [%s, given], "
+                          "when: {fusion.strategy: [v4]}}}", "fusion.strategy")):
+        with pytest.raises(ConfigError, match=rf"search.space: data.item_vector='{re.escape(str(table))}' with "
+                                              rf"{clash}: a trial that draws a fusion.\* key trains on the table it "
+                                              r"fuses, not on the one it drew"):
+            load_search(_space(tmp_path, space % table))
+    for space in ("{data.item_vector: {choice: [given, %s]}, fusion.text_dim: {int: [8, 16], "
+                  "when: {data.item_vector: [given]}}}",
+                  "{train.batch_size: {choice: [256, 512]}, data.item_vector: {choice: [%s], when: "
+                  "{train.batch_size: [256]}}, fusion.text_dim: {int: [8, 16], when: {train.batch_size: [512]}}}"):
+        assert load_search(_space(tmp_path, space % table)).params
+
+
 def test_a_pca_size_one_above_its_limit_is_refused_and_one_at_it_passes(synth_dir, tmp_path):
     """The tiny data's 200 items limit each PCA part to 200 axes: a searched bound of 201 is refused, 200 passes."""
     from mmctr_ray.errors import ConfigError
