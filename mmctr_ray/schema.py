@@ -84,11 +84,15 @@ def parquet_parts(path: str | Path) -> list[Path]:
     files, ``_SUCCESS``, checksums), as pyarrow's datasets do; empty when ``path`` is missing or holds no part."""
     path = Path(path)
     if path.is_dir():
-        named = [p for p in path.iterdir() if p.suffix == ".parquet" and not p.name.startswith((".", "_"))]
-        nested = next((p for p in named if not p.is_file()), None)
-        if nested is not None:  # another writer's dataset inside (a part written as a folder): its rows were left out
+        named = [p for p in path.iterdir() if not p.name.startswith((".", "_"))]
+        nested = next((p for p in named if p.is_dir()), None)
+        if nested is not None:  # a part written as a folder, or a Hive/Spark partition (`day=1/part-0.parquet`):
             raise DataError(f"{nested}: a folder among the split's part files; expected *.parquet files only (its "
-                            f"rows would not be read): put its files in {path.name} itself")
+                            f"rows would not be read): put its files in {path.name} itself")  # its rows left out
+        stray = next((p for p in named if p.suffix != ".parquet"), None)
+        if stray is not None:  # `part-3.txt`, `part-3.parquet.gz`: rows the split may be meant to hold, left out
+            raise DataError(f"{stray}: not a .parquet file, among the split's part files (its rows would not be "
+                            f"read); expected *.parquet files only (names starting with . or _ are skipped)")
         return sorted(named, key=lambda p: (natural_key(p.name), p.name))
     return [path] if path.is_file() else []
 
