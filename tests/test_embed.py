@@ -556,6 +556,38 @@ def test_shards_of_other_data_are_never_assembled(tmp_path, monkeypatch):
     assert json.loads(record.read_text())["titles"] == pipeline.titles_fingerprint(items)
 
 
+def test_a_damaged_shard_is_encoded_again_or_named_not_a_traceback(tmp_path, caplog):
+    """A shard cut short after it was written (a full disk, a copy) passed as done: every re-run encoded the rest,
+    then failed assembling with pyarrow's traceback (helper-131, F3). One whose footer does not read is now deleted
+    and encoded again; one whose pages do not decode behind a good footer is a one-line error naming it."""
+    from mmctr_ray.embed.pipeline import EmbedSettings, ShardStore, _assemble, _shard_table
+
+    out = tmp_path / "emb.parquet"
+    settings = EmbedSettings("text", "RN50", "cls", 32, 0, 5, data="aaaa")
+    store = ShardStore(out, settings, overwrite=False)
+    store.open()
+    for shard, ids in enumerate(([1, 2, 3, 4, 5], [6, 7, 8, 9, 10])):
+        n = len(ids)
+        store.write(shard, _shard_table([{"item_id": np.array(ids), "txt_emb": np.ones((n, 4)),
+                                          "img_emb": np.ones((n, 3)), "image_status": np.zeros(n, dtype=np.int8),
+                                          "title_cut": np.zeros(n, dtype=bool)}]))
+    whole = store.path(1).read_bytes()
+    store.path(1).write_bytes(whole[: len(whole) // 2])
+    with caplog.at_level("WARNING", logger="mmctr_ray.embed.pipeline"):
+        assert store.done(0) and not store.done(1)
+    assert not store.path(1).exists() and f"{store.path(1)}: not a readable parquet file (" in caplog.text
+    assert "encoded again" in caplog.text
+    damaged = bytearray(whole)  # the footer intact, the first data page's bytes overwritten
+    damaged[4:200] = b"\xff" * 196
+    store.path(1).write_bytes(bytes(damaged))
+    assert store.done(1)
+    items = pa.table({"item_id": np.arange(1, 11), "item_title": [f"t{i}" for i in range(10)]})
+    with pytest.raises(DataError, match=rf"^{re.escape(str(store.path(1)))}: its data cannot be decoded \(.*\): a "
+                                        r"damaged shard; delete it and run the same command again"):
+        _assemble(out, store, 2, settings, items, 1.0, {"encoded": 0}, Layout(tmp_path), 1.0)
+    assert not out.exists() and not list(tmp_path.glob(".emb.parquet.partial-*"))
+
+
 def test_overwrite_keeps_the_shards_of_the_same_settings_and_models_and_drops_the_others(tmp_path, bert_tiny):
     """An interrupted `embed --overwrite` (the earlier OUT still there) could not continue: without --overwrite it
     was refused, with it every shard was encoded again. Shards of the same settings hold the same vectors; a model

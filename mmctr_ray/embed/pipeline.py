@@ -43,7 +43,7 @@ from mmctr_ray.embed.image import (CORRUPT, MISSING, OK, check_image_model, deco
                                   parse_image_model, preprocessing)
 from mmctr_ray.embed.text import (check_max_length, check_model_dir, check_text_model, load_tokenizer,
                                   resolve_normalize, resolve_pooling, titles_cut, tokenize)
-from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
+from mmctr_ray.errors import ConfigError, DataError, OutputExistsError, first_line
 from mmctr_ray.features import open_parquet, titles_fingerprint
 from mmctr_ray.host_malloc import actor_options
 from mmctr_ray.locking import check_table_output
@@ -179,7 +179,19 @@ class ShardStore:
         return self.dir / f"shard_{shard:05d}.parquet"
 
     def done(self, shard: int) -> bool:
-        return self.path(shard).is_file()
+        """Whether the shard is written, its footer readable: one cut short or damaged since (a full disk, a copy)
+        is deleted with a warning and encoded again (it failed every run in the end's assembly)."""
+        path = self.path(shard)
+        if not path.is_file():
+            return False
+        try:
+            pq.read_metadata(path)
+        except (pa.ArrowException, OSError) as err:
+            log.warning("%s: not a readable parquet file (%s): deleted, its items are encoded again", path,
+                        first_line(err))
+            path.unlink()
+            return False
+        return True
 
     def write(self, shard: int, table: pa.Table) -> None:
         tmp = self.dir / f".shard_{shard:05d}.partial"
@@ -453,7 +465,11 @@ def _assemble(out: Path, store: ShardStore, n_shards: int, s: EmbedSettings, ite
     writer = None
     try:
         for p in range(n_shards):
-            table = pq.read_table(store.path(p))
+            try:
+                table = pq.read_table(store.path(p))
+            except (pa.ArrowException, OSError) as err:  # a footer that reads, pages that do not
+                raise DataError(f"{store.path(p)}: its data cannot be decoded ({first_line(err)}): a damaged shard; "
+                                f"delete it and run the same command again, which encodes its items again") from None
             expected = ids[p * s.shard_items:(p + 1) * s.shard_items]
             if not np.array_equal(table.column("item_id").to_numpy(), expected):
                 raise DataError(f"{store.path(p)}: holds {table.num_rows:,} vectors that are not items "
