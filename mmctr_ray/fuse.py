@@ -265,6 +265,10 @@ def fuse_items(data_dir: str | Path, cfg: FusionConfig, source: str = "shipped",
         summary.update(source=str(lay.item_info), column="item_emb_d128")
         return _given_table(lay, info), None, summary
     src = ItemSource(data_dir, source, cfg.strategy)
+    if 2 * src.num_rows < n:  # an embed of other data with ids in range (its .embed.json left behind): 97% zeros
+        raise DataError(f"{src.path}: vectors of {src.num_rows:,} of the {n:,} items of item_info, so "
+                        f"{n - src.num_rows:,} would get zero vectors; expected vectors of at least half the items (a "
+                        f"source of other data, or one cut short? `mmctr embed --data {data_dir}` encodes every item)")
     if src.num_rows < n:  # the ids were checked: fewer rows are a subset of the items
         log.warning("%s: vectors of %d of the %d items of item_info: the PCA is fitted on those, and the other %d "
                     "items get zero vectors (items_without_vectors in the summary)", src.path, src.num_rows, n,

@@ -298,6 +298,17 @@ def test_a_source_of_some_items_only_is_said_to_be(synth_dir, tmp_path, caplog):
         summary = run_fuse(synth_dir, tmp_path / "v2.parquet", CFG["v2"], source=str(src), progress=lambda m: None)
     assert f"{src}: vectors of 190 of the 200 items of item_info: the PCA is fitted on those" in caplog.text
     assert summary["items_without_vectors"] == 10 and (fused(tmp_path / "v2.parquet")[1][191:] == 0).all()
+    # fewer than half: 40 vectors of another data set's items for 1,500 items passed, 97% of them zeros (its
+    # .embed.json, which says whose items it holds, left behind; helper-131 F2): refused, nothing written
+    pq.write_table(pq.read_table(src).slice(0, 99), src)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(src))}: vectors of 99 of the 200 items of item_info, so "
+                                        r"101 would get zero vectors; expected vectors of at least half the items"):
+        run_fuse(synth_dir, tmp_path / "few.parquet", CFG["v2"], source=str(src), progress=lambda m: None)
+    assert not list(tmp_path.glob("few*"))
+    embed_like_source(synth_dir, src)
+    pq.write_table(pq.read_table(src).slice(0, 100), src)  # half: fitted, with the warning
+    assert run_fuse(synth_dir, tmp_path / "half.parquet", CFG["v2"], source=str(src),
+                    progress=lambda m: None)["items_without_vectors"] == 100
 
 
 def test_a_short_vector_is_named_by_its_row_in_the_file(synth_dir, tmp_path):
