@@ -704,7 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`mmctr fuse --source`. Writes OUT/convert.json last.")
     p.add_argument("--raw", type=_local_path, required=True, help="folder holding the raw MicroLens files")
     p.add_argument("--out", type=_local_path, required=True, help="data directory to write (the challenge layout)")
-    files = p.add_argument_group("raw files (default: found in --raw by their MicroLens names)")
+    files = p.add_argument_group("raw files (default: found in --raw by their MicroLens names; a relative path is "
+                                 "looked up in --raw, then in the current folder)")
     files.add_argument("--pairs", help="interactions: user,item,timestamp CSV (*pairs.csv) or user<TAB>items TSV "
                                        "(*pairs.tsv; the position in the line is the time)")
     files.add_argument("--titles", help="item,title CSV (*title_en.csv; header-less: the id, then the title to the "

@@ -422,6 +422,22 @@ def test_raw_files_that_cannot_be_read_as_headed_text_are_one_line_errors(tmp_pa
     with pytest.raises(DataError) as err:
         locate(RawSpec(raw, titles="a_folder"))
     assert str(err.value) == f"{raw / 'a_folder'}: a folder; expected a file (--titles)"
+    # `--raw R --titles R/x.csv` looked for R/R/x.csv only ("R/R/x.csv: not found"): every other path flag is
+    # relative to the current folder; a name inside --raw still comes first (helper-131, F9)
+    import os
+
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert locate(RawSpec(Path("raw"), titles=f"raw/{titles.name}")).titles == titles.resolve()
+        assert locate(RawSpec(Path("raw"), titles=titles.name)).titles == Path("raw") / titles.name
+        with pytest.raises(DataError) as err:
+            locate(RawSpec(Path("raw"), titles="raw/nope.csv"))
+        assert str(err.value) == "raw/raw/nope.csv: not found (--titles; nor raw/nope.csv in the current folder)"
+    finally:
+        os.chdir(here)
+    with pytest.raises(ConfigError, match=r"^convert: --tag-sep is empty; expected the separator"):
+        RawSpec(raw, tag_sep="")  # str.split("") was a traceback, after OUT was made (helper-131, F6)
     with pytest.raises(DataError) as err:
         locate(RawSpec(raw, covers=titles.name))
     assert str(err.value) == f"{titles}: a file; expected the covers folder (--covers)"

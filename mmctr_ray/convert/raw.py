@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from mmctr_ray.errors import DataError
+from mmctr_ray.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ class RawSpec:
     """Where the raw files are and how their columns are named (MicroLens defaults).
 
     Attributes:
-        raw: folder holding the raw files; relative file options are resolved against it.
+        raw: folder holding the raw files; relative file options are resolved against it (then against the current
+            folder, as every other path flag is, where ``raw`` holds no such file).
         pairs, titles, likes_views, covers, tags: a file (folder for covers) or None to find it by name.
         user_col, item_col, time_col, title_col, tag_col: column names in the headed CSV files.
         tag_sep: separator of the tags inside the tags column.
@@ -65,6 +66,11 @@ class RawSpec:
     title_col: str = "title"
     tag_col: str = "tags"
     tag_sep: str = "|"
+
+    def __post_init__(self) -> None:
+        if not self.tag_sep:  # str.split("") raises ValueError: a traceback, after OUT was made
+            raise ConfigError("convert: --tag-sep is empty; expected the separator of the tags inside the tags column "
+                              "(default '|')")
 
 
 @dataclass(frozen=True)
@@ -85,8 +91,11 @@ def _find(spec: RawSpec, kind: str, required: bool) -> Path | None:
     flag = "--" + kind.replace("_", "-")
     if given is not None:
         path = Path(given) if Path(given).is_absolute() else spec.raw / given
+        if not path.exists() and not Path(given).is_absolute() and Path(given).exists():
+            path = Path(given).resolve()  # `--covers R/covers` beside `--raw R`: a path from here, not R/R/covers
         if not path.exists():
-            raise DataError(f"{path}: not found ({flag})")
+            raise DataError(f"{path}: not found ({flag}" + ("" if Path(given).is_absolute() else
+                                                           f"; nor {given} in the current folder") + ")")
         if path.is_dir() != (kind == "covers"):
             raise DataError(f"{path}: {'a file' if kind == 'covers' else 'a folder'}; expected "
                             f"{'the covers folder' if kind == 'covers' else 'a file'} ({flag})")
