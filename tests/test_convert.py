@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -391,6 +392,48 @@ def test_cli_bad_raw_input_exits_2_with_one_line(tmp_path):
                 f"'yesterday' is not an integer timestamp (ms) of at most 18 digits (1 bad line)")
     assert errors == [expected]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_an_item_twice_in_likes_views_or_tags_is_refused_and_a_missing_file_is_said(tmp_path, caplog):
+    """Two disagreeing rows of an item in the likes/views or tags file: the later won without a word (and moved 9
+    other items' likes/views deciles); without a likes/views or tags file every item got level 0 or no tags, said
+    only by convert.json's counts (helper-131, F4). The same row twice changes nothing and passes."""
+    from mmctr_ray.convert.raw import locate, read_items
+
+    raw = tmp_path / "raw"
+    make_raw(raw, users=30)
+    lv = next(raw.glob("*likes_and_views.txt"))
+    lines = lv.read_text().splitlines()
+    item = lines[3].split("\t")[0]
+    lv.write_text("\n".join([*lines, lines[3]]) + "\n")  # the same row again
+    read_items(RawSpec(raw), locate(RawSpec(raw)))
+    lv.write_text("\n".join([*lines, f"{item}\t0\t0"]) + "\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(lv))}: column item: item {item} appears twice, as "
+                                        r"\(\d+, \d+\) and as \(0, 0\); expected one row per item$"):
+        read_items(RawSpec(raw), locate(RawSpec(raw)))
+    lv.write_text("\n".join(lines) + "\n")
+    tags = next(raw.glob("*tags*.csv"))
+    first = tags.read_text().splitlines()[1].split(",")[0]
+    tags.write_text(tags.read_text() + f"{first},other\n")
+    with pytest.raises(DataError, match=rf"tags.csv: column item: item {first} appears twice, as '.*' and as "
+                                        r"'other'; expected one row per item$"):
+        read_items(RawSpec(raw), locate(RawSpec(raw)))
+    tags.unlink()
+    from mmctr_ray.convert.items import copy_covers
+
+    covers = next(raw.glob("*covers"))
+    with caplog.at_level("WARNING", logger="mmctr_ray.convert.items"):  # 5 covers of 300 items: only counted
+        assert copy_covers(covers, Layout(tmp_path / "out"), read_items(RawSpec(raw), locate(RawSpec(raw))).raw_ids)["covers_missing"] == 295
+    assert f"{covers}: no cover for 295 of the 300 items (first: " in caplog.text
+    shutil.rmtree(covers)
+    lv.rename(raw / "likes.tsv")  # not a MicroLens name
+    with caplog.at_level("WARNING", logger="mmctr_ray.convert.raw"):
+        items = read_items(RawSpec(raw), locate(RawSpec(raw)))
+    assert not items.likes.any() and not any(items.tags)
+    assert f"{raw}: no likes/views file (looked for *likes_and_views.txt, *likes*views*.txt; pass --likes-views): " \
+           "every item's likes_level and views_level are 0" in caplog.text
+    assert f"{raw}: no tags file (looked for *tags*.csv; pass --tags): no item has tags" in caplog.text
+    assert f"{raw}: no covers folder (looked for *covers; pass --covers): no item has a cover" in caplog.text
 
 
 def test_a_byte_order_mark_before_the_header_is_not_part_of_the_first_name(tmp_path):

@@ -300,6 +300,13 @@ def read_items(spec: RawSpec, files: RawFiles) -> RawItems:
     text = pc.fill_null(titles.column(spec.title_col), "").to_pylist()
     items = RawItems(raw, [text[i] for i in order], np.zeros(len(raw), np.int64), np.zeros(len(raw), np.int64),
                      len(raw), [[] for _ in range(len(raw))])
+    for kind, what, path, so in (
+            ("likes_views", "likes/views file", files.likes_views, "every item's likes_level and views_level are 0"),
+            ("tags", "tags file", files.tags, "no item has tags"),
+            ("covers", "covers folder", files.covers, "no item has a cover (`mmctr embed` counts them missing)")):
+        if path is None:  # a misnamed file: only convert.json's counts said so
+            log.warning("%s: no %s (looked for %s; pass --%s): %s", spec.raw, what, ", ".join(PATTERNS[kind]),
+                        kind.replace("_", "-"), so)
     if files.likes_views:
         _read_likes_views(files.likes_views, items)
     if files.tags:
@@ -307,11 +314,23 @@ def read_items(spec: RawSpec, files: RawFiles) -> RawItems:
     return items
 
 
+def _refuse_conflicts(path: Path, column: str, raw: np.ndarray, values: list[object]) -> None:
+    """An item with two rows that disagree (``values`` per row): the later row won without a word, and in the
+    likes/views file it moved other items' decile levels too. The same row twice is harmless and passes."""
+    order = np.argsort(raw, kind="stable")
+    twice = np.flatnonzero(raw[order][1:] == raw[order][:-1])
+    for a, b in zip(order[twice], order[twice + 1]):
+        if values[a] != values[b]:
+            raise DataError(f"{path}: column {column}: item {int(raw[a])} appears twice, as {values[a]!r} and as "
+                            f"{values[b]!r}; expected one row per item")
+
+
 def _read_likes_views(path: Path, items: RawItems) -> None:
     names = ["item", "likes", "views"]
     table = _read_csv(path, {n: pa.int64() for n in names}, parse_options=pacsv.ParseOptions(delimiter="\t"),
                       read_options=pacsv.ReadOptions(column_names=names, skip_rows=int(has_header(path))))
     raw = _ids(table, "item", path)
+    _refuse_conflicts(path, "item", raw, list(zip(*(table.column(n).to_pylist() for n in ("likes", "views")))))
     dense, known = items.dense(raw)
     for name in ("likes", "views"):
         values = pc.fill_null(table.column(name), 0).to_numpy()
@@ -335,6 +354,7 @@ def _read_tags(spec: RawSpec, path: Path, items: RawItems) -> None:
     table = (_read_csv(path, {spec.item_col: pa.int64(), spec.tag_col: pa.string()}) if has_header(path, ",")
              else _read_id_text(path, spec.item_col, spec.tag_col))
     raw = _ids(table, spec.item_col, path)
+    _refuse_conflicts(path, spec.item_col, raw, table.column(spec.tag_col).to_pylist())
     dense, known = items.dense(raw)
     for i, text in zip(dense[known], np.asarray(table.column(spec.tag_col).to_pylist(), dtype=object)[known]):
         items.tags[i - 1] = [t.strip() for t in (text or "").split(spec.tag_sep) if t.strip()]
