@@ -23,7 +23,7 @@ from mmctr_ray import storage
 from mmctr_ray.config import PRECISIONS, ExperimentConfig, differences, load_config, override_key, save_config
 from mmctr_ray.data.synthetic import PRESETS, SynthSpec
 from mmctr_ray.data.writer import write_synthetic
-from mmctr_ray.errors import ConfigError, Interrupted, OutputExistsError, find_user_error
+from mmctr_ray.errors import ConfigError, Interrupted, OutputExistsError, find_user_error, first_line
 from mmctr_ray.locking import output_lock
 from mmctr_ray.metrics import se_text
 from mmctr_ray.ray_env import MIN_OBJECT_STORE_MIB, forget_sigterm, sigterm_received, sigterm_watchdog, stop_ray
@@ -183,7 +183,11 @@ def _config(args: argparse.Namespace) -> ExperimentConfig:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     spec = _spec_from_args(args)
-    manifest = write_synthetic(args.out, spec, overwrite=args.overwrite, progress=log.info)
+    try:
+        manifest = write_synthetic(args.out, spec, overwrite=args.overwrite, progress=log.info)
+    except MemoryError as err:  # --items 1e12: numpy's traceback (the data is written whole or not at all)
+        sizes = ", ".join(f"--{k.replace('_', '-')} {getattr(spec, k):,}" for k in SIZE_FLAGS if k != "seed")
+        raise ConfigError(f"synth: not enough memory for {sizes} ({first_line(err)}): lower them") from None
     oracle = {s: round(manifest["splits"][s]["oracle_auc"] or float("nan"), 4) for s in ("valid", "test")}
     log.info("wrote %s (oracle AUC valid %.4f, test %.4f)", args.out, oracle["valid"], oracle["test"])
     return 0

@@ -243,12 +243,19 @@ def test_an_interrupted_synth_leaves_nothing_and_blocks_no_rerun(tmp_path, tiny_
     monkeypatch.setattr(writer, "_write_split", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_synthetic(tmp_path / "out", spec, progress=lambda m: None)
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # nor the empty OUT it made
     monkeypatch.setattr(writer, "_write_split", real)
     (tmp_path / "out" / STAGING / "MicroLens_1M_x1").mkdir(parents=True)  # what a SIGKILL leaves
     assert main(["synth", "--out", str(tmp_path / "out"), "--users", "50", "--items", "40", "--train-rows", "300",
                  "--valid-rows", "60", "--test-rows", "70", "--tags", "50", "--topics", "4", "--images", "0"]) == 0
     assert Layout(tmp_path / "out").synth_manifest.is_file() and not (tmp_path / "out" / STAGING).exists()
+    # sizes past the machine's memory: numpy's traceback, and an empty OUT left behind (helper-131, F7)
+    capsys.readouterr()
+    assert main(["synth", "--out", str(tmp_path / "huge"), "--items", str(2**40), "--topics", "4", "--tags", "50",
+                 "--images", "0"]) == 2
+    assert capsys.readouterr().err.startswith("mmctr synth: error: synth: not enough memory for --users 5,000, "
+                                              "--items 1,099,511,627,776, ")
+    assert not (tmp_path / "huge").exists()
 
 
 @pytest.mark.parametrize("field,value,match", [("items", 0, "--items"), ("tags", 3, "--tags"),
@@ -257,6 +264,9 @@ def test_an_interrupted_synth_leaves_nothing_and_blocks_no_rerun(tmp_path, tiny_
                                                ("items", 1, r"--topics must be in 1\.\.--items \(1\), got 24 \(the "
                                                             r"default\): pass --topics too$"),  # synth --items 1
                                                ("seed", -1, "--seed"),
+                                               ("users", 10**20, r"--users must be in 1\.\.1,099,511,627,776, got "
+                                                                 r"100,000,000,000,000,000,000$"),  # an OverflowError
+                                               ("image_size", 100_000, r"--images must be in 0\.\.4096 pixels "),
                                                ("chunk_rows", 21_474_837, r"--chunk-rows must be at most 21,474,836 ")])
 def test_bad_spec_names_the_flag(field, value, match):
     with pytest.raises(ConfigError, match=match):

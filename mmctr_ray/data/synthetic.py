@@ -71,6 +71,10 @@ CONTENT_NOISE = 0.2  # per-dimension spread of an item's content around its topi
 TARGET_POSITIVE_RATE = 0.25
 
 
+MAX_COUNT = 2**40  # users, items or rows: beyond any machine's memory, and within numpy's int64
+MAX_IMAGE_SIZE = 4096
+
+
 @dataclass(frozen=True)
 class SynthSpec:
     """Sizes and seed of a synthetic data set (defaults: small, runs in seconds).
@@ -100,8 +104,9 @@ class SynthSpec:
 
     def __post_init__(self) -> None:
         for name in ("users", "items", "train_rows", "valid_rows", "test_rows", "chunk_rows"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"synth: --{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+            if not 1 <= getattr(self, name) <= MAX_COUNT:  # 1e20 was numpy's OverflowError traceback
+                raise ConfigError(f"synth: --{name.replace('_', '-')} must be in 1..{MAX_COUNT:,}, got "
+                                  f"{getattr(self, name):,}")
         if self.chunk_rows * SEQ_LEN > MAX_LIST_VALUES:  # a chunk's histories are one Arrow list array: past
             # its int32 offsets the write failed ("Negative offsets") after the chunk was generated
             raise ConfigError(f"synth: --chunk-rows must be at most {MAX_LIST_VALUES // SEQ_LEN:,} (a chunk's "
@@ -111,8 +116,9 @@ class SynthSpec:
                               + (" (the default): pass --topics too" if self.topics == SynthSpec.topics else ""))
         if self.tags < 5 * self.topics:
             raise ConfigError(f"synth: --tags must be >= 5 per topic ({5 * self.topics}), got {self.tags}")
-        if self.image_size < 0:
-            raise ConfigError(f"synth: --images must be >= 0 pixels, got {self.image_size}")
+        if not 0 <= self.image_size <= MAX_IMAGE_SIZE:  # 100,000 px asked numpy for 149 GiB: a traceback
+            raise ConfigError(f"synth: --images must be in 0..{MAX_IMAGE_SIZE} pixels (a cover's side; CLIP reads "
+                              f"224), got {self.image_size:,}")
         if self.seed < 0:
             raise ConfigError(f"synth: --seed must be >= 0, got {self.seed}")
 

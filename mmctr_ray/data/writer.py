@@ -8,6 +8,7 @@ and test splits also keep each row's probability and label (16 bytes a row) for 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -165,11 +166,15 @@ def write_synthetic(out: str | Path, spec: SynthSpec, overwrite: bool = False,
     stage_root = out / STAGING
     if stage_root.exists():
         shutil.rmtree(stage_root)  # leftovers of an interrupted run, never published
+    made = not out.exists()
     try:
         manifest = _generate(Layout(stage_root), spec, progress)
         _publish(stage_root, out)
     except BaseException:  # Ctrl-C, a full disk: nothing half-written is left (what was published stays)
         shutil.rmtree(stage_root, ignore_errors=True)
+        if made:  # nor the empty OUT this command made, to look like a start
+            with contextlib.suppress(OSError):
+                out.rmdir()
         raise
     return manifest
 
