@@ -84,17 +84,28 @@ def parquet_parts(path: str | Path) -> list[Path]:
     files, ``_SUCCESS``, checksums), as pyarrow's datasets do; empty when ``path`` is missing or holds no part."""
     path = Path(path)
     if path.is_dir():
+        stray = stray_entry(path)
+        if stray is not None:
+            raise DataError(f"{stray[0]}: {stray[1]}")
         named = [p for p in path.iterdir() if not p.name.startswith((".", "_"))]
-        nested = next((p for p in named if p.is_dir()), None)
-        if nested is not None:  # a part written as a folder, or a Hive/Spark partition (`day=1/part-0.parquet`):
-            raise DataError(f"{nested}: a folder among the split's part files; expected *.parquet files only (its "
-                            f"rows would not be read): put its files in {path.name} itself")  # its rows left out
-        stray = next((p for p in named if p.suffix != ".parquet"), None)
-        if stray is not None:  # `part-3.txt`, `part-3.parquet.gz`: rows the split may be meant to hold, left out
-            raise DataError(f"{stray}: not a .parquet file, among the split's part files (its rows would not be "
-                            f"read); expected *.parquet files only (names starting with . or _ are skipped)")
         return sorted(named, key=lambda p: (natural_key(p.name), p.name))
     return [path] if path.is_file() else []
+
+
+def stray_entry(folder: Path) -> tuple[Path, str] | None:
+    """The first entry of a split's folder that is not a part file, and why, or None: a subfolder (a part written as
+    a folder, a Hive/Spark partition ``day=1/part-0.parquet``) or a file that is not ``.parquet`` (``part-3.txt``),
+    whose rows no stage would read; names starting with ``.`` or ``_`` are skipped, as pyarrow's datasets skip them."""
+    named = [p for p in folder.iterdir() if not p.name.startswith((".", "_"))]
+    nested = next((p for p in named if p.is_dir()), None)
+    if nested is not None:
+        return nested, (f"a folder among the split's part files; expected *.parquet files only (its rows would not be "
+                        f"read): put its files in {folder.name} itself")
+    other = next((p for p in named if p.suffix != ".parquet"), None)
+    if other is not None:
+        return other, ("not a .parquet file, among the split's part files (its rows would not be read); expected "
+                       "*.parquet files only (names starting with . or _ are skipped)")
+    return None
 
 
 def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from mmctr_ray.errors import DataError
 from mmctr_ray.schema import (ITEM_FEATURE_COLUMNS, ITEM_INFO_COLUMNS, LEVELS, NO_PARTS, REAL_NUM_ITEMS,
                               REAL_TEST_ROWS, SPLIT_COLUMNS, SPLITS, Layout, history_around_gap, kind_name,
-                              padding_gaps)
+                              padding_gaps, stray_entry)
 
 BATCH_BYTES = 32 << 20  # decoded bytes per scanned batch: bounds memory for wide files (item_feature)
 
@@ -330,6 +330,10 @@ def validate(root: str | Path, expect_test_rows: int | None = None) -> list[Prob
         problems += check.problems()
     for split in SPLITS:
         path = lay.split(split)
+        stray = stray_entry(path) if path.is_dir() else None
+        if stray is not None:  # a problem of the data like the others: one line among them, exit 1
+            problems.append(Problem(rel(stray[0]), None, stray[1]))
+            continue
         parts = lay.split_files(split)
         if path.is_dir() and not parts:
             problems.append(Problem(rel(path), None, NO_PARTS))

@@ -716,7 +716,7 @@ CASES = [
     (tune_gpu_fraction_over_two_workers, ["gives each 0.25 GPU: with 2+ DDP workers each needs whole GPUs"],
      ["tune"]),
     (bad_search_space, ["s.yaml", "float expects [low, high] with low < high"], ["tune"]),
-    (synth_impossible_size, ["--items must be >= 1"], ["s"]),
+    (synth_impossible_size, ["--items must be in 1..1,099,511,627,776, got 0"], ["s"]),
     (report_not_a_run, ["empty/metrics.jsonl: missing file"], []),
     (report_of_nothing, ["nope: not found (expected a run directory of `mmctr train`)"], ["nope"]),
     (features_of_a_missing_folder, ["/nowhere: no such data directory"],
