@@ -811,8 +811,9 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
         tuner = tune.Tuner(trainable, run_config=run_config,
                            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=n,
                                                        max_concurrent_trials=k))
-    watch, tune_log = _CtrlC(), logging.getLogger("ray.tune.tune")
+    watch, tune_log, analysis_log = _CtrlC(), logging.getLogger("ray.tune.tune"), logging.getLogger(ANALYSIS_LOGGER)
     tune_log.addFilter(_no_tuner_restore_hint)
+    analysis_log.addFilter(_no_missing_metrics)
     try:
         with sigterm_flag() as seen, _quiet_replay(), _tune_env():
             results = tuner.fit()
@@ -824,6 +825,7 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
         mmctr_ray.asha.records_path = mmctr_ray.study.url = tune_dir_now = None
         interrupted = watch.pressed()
         tune_log.removeFilter(_no_tuner_restore_hint)
+        analysis_log.removeFilter(_no_missing_metrics)
     return end_of_search(tdir, space, results, interrupted)
 
 
@@ -872,8 +874,19 @@ def end_of_search(tdir: Path, space: SearchSpace, results: Any, interrupted: boo
 
 def _no_tuner_restore_hint(record: logging.LogRecord) -> bool:
     """A filter for Tune's log: after Ctrl-C Tune says "Resume experiment with: Tuner.restore(path=...,
-    trainable=...)", which is not how a search of mmctr resumes; the command's own last line says how."""
+    trainable=...)", which is not how a search of mmctr resumes; the command's own last line says how. Its "Stop
+    signal received ... Press CTRL+C ... to skip" stays: it says how to cut short the last save it waits for."""
     return not record.getMessage().startswith("Experiment has been interrupted")
+
+
+ANALYSIS_LOGGER = "ray.tune.analysis.experiment_analysis"
+
+
+def _no_missing_metrics(record: logging.LogRecord) -> bool:
+    """A filter for the log of Tune's result table: a trial stopped (Ctrl-C, a kill) before its first epoch has no
+    results file, and Tune warns "Failed to fetch metrics for 1 trial(s)" with a FileNotFoundError, after Ctrl-C
+    and again on ``--resume``. The search's own outputs (results.csv) count such a trial as it is."""
+    return not record.getMessage().startswith("Failed to fetch metrics for")
 
 
 REPLAY_NOISE = re.compile(r"Cannot tell a (COMPLETE|PRUNED) trial")

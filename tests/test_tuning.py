@@ -1459,6 +1459,16 @@ def test_ctrl_c_during_a_search_is_told_apart_from_its_end():
         assert not _no_tuner_restore_hint(record("Experiment has been interrupted, but the most recent state was "
                                                  "saved.\nResume experiment with: Tuner.restore(path=...)"))
         assert _no_tuner_restore_hint(record("Stop signal received (e.g. via SIGINT/Ctrl+C), ending Ray Tune run."))
+        # Tune's result table warned, after Ctrl-C and again on --resume, of a trial stopped before its first epoch
+        # ("Failed to fetch metrics for 1 trial(s): ... FileNotFoundError"): results.csv counts it (helper-132)
+        from ray.tune.analysis import experiment_analysis
+
+        from mmctr_ray.tuning import ANALYSIS_LOGGER, _no_missing_metrics
+
+        assert experiment_analysis.logger.name == ANALYSIS_LOGGER
+        assert not _no_missing_metrics(record("Failed to fetch metrics for 1 trial(s):\n- run_trial_e09fcc4e: "
+                                              "FileNotFoundError('...')"))
+        assert _no_missing_metrics(record("Could not find best trial. Did you pass the correct `metric` parameter?"))
     finally:
         signal.signal(signal.SIGINT, before)
         signal.signal(signal.SIGUSR1, usr1)
