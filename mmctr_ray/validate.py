@@ -370,14 +370,32 @@ def validate(root: str | Path, expect_test_rows: int | None = None) -> list[Prob
     if not lay.images_dir.is_dir():
         problems.append(Problem(rel(lay.images_dir), None, "no cover images (image embedding needs them)", False))
     elif n_items:  # one listing: a converted set may hold most covers and not all
-        names = {entry.name for entry in os.scandir(lay.images_dir)}
-        missing = [item for item in range(1, n_items + 1) if f"{item}.jpg" not in names]
+        entries = {entry.name: entry for entry in os.scandir(lay.images_dir)}
+        missing = [item for item in range(1, n_items + 1) if f"{item}.jpg" not in entries]
         if missing:
             problems.append(Problem(rel(lay.images_dir), None, f"{len(missing):,} of {n_items:,} items have no cover "
                                                                f"(the first: {missing[0]}.jpg); embed flags them "
                                                                f"missing, up to --max-bad-covers (10% by default)",
                                     False))
+        unusable = [(name, why) for item in range(1, n_items + 1) if (name := f"{item}.jpg") in entries
+                    and (why := _unusable_cover(entries[name]))]
+        if unusable:  # passed as OK; embed counts them corrupt and, past --max-bad-covers, fails after Ray started
+            problems.append(Problem(rel(lay.images_dir), None, f"{len(unusable):,} of {n_items:,} covers cannot be "
+                                                               f"images (the first: {unusable[0][0]}, "
+                                                               f"{unusable[0][1]}); embed flags them corrupt, up to "
+                                                               f"--max-bad-covers (10% by default)", False))
     return problems
+
+
+def _unusable_cover(entry: os.DirEntry) -> str | None:
+    """Why a cover's directory entry cannot be an image, from its listing and one stat (no file is opened or decoded:
+    a cover cut short passes here, and embed finds it): a folder, a link to nothing, an empty file."""
+    try:
+        if not entry.is_file():
+            return "a folder" if entry.is_dir() else "not a file"
+        return "an empty file" if entry.stat().st_size == 0 else None
+    except OSError as err:  # a link loop, a file gone since the listing
+        return f"unreadable ({err.strerror or type(err).__name__})"
 
 
 def _check_manifests(lay: Layout, expect_test_rows: int | None) -> list[Problem]:
