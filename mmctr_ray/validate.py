@@ -192,6 +192,9 @@ def _scan_split(check: _FileCheck, pf: pq.ParquetFile, n_items: int | None, is_t
         if "user_id" in cols:
             uid = cols["user_id"].to_numpy(zero_copy_only=False)
             check.bad("user_id", "non-negative ids", uid < 0, uid, offset)
+            if uid.dtype == np.uint64:  # past 2^63 - 1 every stage's int64 read turns them negative
+                check.bad("user_id", f"ids of at most {np.iinfo(np.int64).max:,} (int64)",
+                          uid > np.iinfo(np.int64).max, uid, offset)
         if "item_id" in cols and n_items is not None:
             iid = cols["item_id"].to_numpy(zero_copy_only=False)
             check.bad("item_id", f"item ids in 1..{n_items} (item_info rows)", (iid < 1) | (iid > n_items), iid, offset)

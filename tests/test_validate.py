@@ -186,6 +186,17 @@ def test_split_scalar_out_of_range(data, column, value, expected):
     the_error(data, VALID, column, f"1 value not {expected}", f"first {value} at row 7")
 
 
+def test_unsigned_user_ids_past_int64_are_refused(data):
+    """user_id stored as uint64 with a value past 2^63 - 1 passed validate and features: every stage's int64 read
+    turns it negative (helper-131, F8). Unsigned ids within int64 pass."""
+    ids = pq.read_table(data / VALID).column("user_id").to_pylist()
+    rewrite(data / VALID, lambda t: replace(t, "user_id", ids, pa.uint64()))
+    assert errors(data) == []
+    rewrite(data / VALID, set_cell("user_id", 7, 2**63, pa.uint64()))
+    the_error(data, VALID, "user_id", "1 value not ids of at most 9,223,372,036,854,775,807 (int64)",
+              f"first {2**63} at row 7")
+
+
 @pytest.mark.parametrize("value", ["too_big", -3])
 def test_item_seq_id_out_of_range(data, value):
     value = n_items(data) + 5 if value == "too_big" else value
