@@ -74,6 +74,11 @@ def output_lock(target: storage.Location) -> Iterator[None]:
     try:
         lock.acquire()
     except filelock.Timeout:
+        if not path.exists():  # no holder's file: filelock says Timeout for one it cannot create either (/proc)
+            try:
+                path.touch()
+            except OSError as err:
+                raise ConfigError(f"{target}: cannot lock it ({path}: {first_line(err)})") from None
         raise OutputExistsError(f"{target}: in use by another mmctr command (it holds {path}); wait for it to end "
                                 f"or choose another output") from None
     except OSError as err:  # a lock file that cannot be created or opened (a read-only filesystem, say)

@@ -423,7 +423,8 @@ def test_an_item_twice_in_likes_views_or_tags_is_refused_and_a_missing_file_is_s
 
     covers = next(raw.glob("*covers"))
     with caplog.at_level("WARNING", logger="mmctr_ray.convert.items"):  # 5 covers of 300 items: only counted
-        assert copy_covers(covers, Layout(tmp_path / "out"), read_items(RawSpec(raw), locate(RawSpec(raw))).raw_ids)["covers_missing"] == 295
+        raw_ids = read_items(RawSpec(raw), locate(RawSpec(raw))).raw_ids
+        assert copy_covers(covers, Layout(tmp_path / "out"), raw_ids)["covers_missing"] == 295
     assert f"{covers}: no cover for 295 of the 300 items (first: " in caplog.text
     shutil.rmtree(covers)
     lv.rename(raw / "likes.tsv")  # not a MicroLens name

@@ -23,7 +23,7 @@ from mmctr_ray import storage
 from mmctr_ray.checkpoint import (TrainState, best_checkpoint, checkpoint_epoch, epoch_checkpoints, latest_checkpoint,
                                   load_checkpoint, save_checkpoint)
 from mmctr_ray.config import load_config
-from mmctr_ray.errors import ConfigError, DataError
+from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.features import FeatureMap
 from mmctr_ray.train_driver import run_location
 
@@ -292,7 +292,6 @@ def test_predict_overwrite_replaces_a_submission_not_any_zip(tmp_path):
     kind is refused, with --overwrite or not)."""
     import zipfile
 
-    from mmctr_ray.errors import OutputExistsError
     from mmctr_ray.predict import check_output, write_submission
 
     out = tmp_path / "sub.zip"
@@ -519,6 +518,21 @@ def test_an_output_whose_folder_cannot_be_written_beside_is_locked_in_the_cache(
         OSError(30, "Read-only file system")))
     with pytest.raises(ConfigError, match=r"shared: cannot lock it \(.*\.lock: \[Errno 30\] Read-only file system\)$"):
         with output_lock(shared):
+            pass
+    # a lock file that cannot be created, where filelock says Timeout as if another command held it (`synth --out
+    # /proc/nope` was "in use by another mmctr command"; helper-131): the creation's own error
+    monkeypatch.undo()
+    monkeypatch.setattr(filelock.FileLock, "acquire", lambda self, *a, **k: (_ for _ in ()).throw(
+        filelock.Timeout(self.lock_file)))
+    gone = tmp_path / "gone" / "out"
+    monkeypatch.setattr("mmctr_ray.locking.lock_path", lambda target: tmp_path / "nowhere" / ".out.mmctr.lock")
+    with pytest.raises(ConfigError, match=r"out: cannot lock it \(.*nowhere/\.out\.mmctr\.lock: \[Errno 2\] No such "):
+        with output_lock(gone):
+            pass
+    (tmp_path / "nowhere").mkdir()
+    (tmp_path / "nowhere" / ".out.mmctr.lock").touch()  # a holder's file: in use, as before
+    with pytest.raises(OutputExistsError, match=r"out: in use by another mmctr command"):
+        with output_lock(gone):
             pass
 
 
