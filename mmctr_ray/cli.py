@@ -522,8 +522,13 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
         if rc == 0 and not continuing:  # the id tables training would refuse, before the steps ahead of it
             from mmctr_ray.features import check_data_id_tables  # (embed's hours at full scale)
 
+            from mmctr_ray.preflight import check_batch_norm_rows, check_batch_size, split_files
+
             cfg = _config(args)
             check_data_id_tables(data, cfg.model.use_tags, cfg.model.use_user_id, cfg.model.embedding_dim)
+            train_rows = sum(pf.metadata.num_rows for _, pf in split_files(data, "train"))  # validated: readable
+            check_batch_size(cfg.train.batch_size, train_rows, args.workers)  # train refused it after fuse, features
+            check_batch_norm_rows(cfg.train.batch_size, args.workers, cfg.model.batch_norm)
             if not args.embed:  # the shipped vectors: a fusion wider than they hold, before Ray and the fuse step
                 from mmctr_ray.fuse import check_widths
 

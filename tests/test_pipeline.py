@@ -187,6 +187,21 @@ def test_an_overwrite_fuses_again_over_a_kept_table(synth_dir, tmp_path, monkeyp
     assert ran == ["validate", "fuse", "features", "train", "predict", "report"]
 
 
+def test_a_batch_larger_than_the_training_split_is_refused_before_fuse_and_features(synth_dir, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """train refused it after the fuse and features steps had run (embed's too, hours at full scale; helper-131)."""
+    from mmctr_ray.cli import main
+
+    ran = _stub_steps(monkeypatch)
+    base = ["pipeline", "--data", str(synth_dir), "--out", str(tmp_path / "out"), "--config", "configs/tiny.yaml"]
+    assert main([*base, "--set", "train.batch_size=4096"]) == 2 and ran == ["validate"]
+    assert capsys.readouterr().err.strip().endswith("train.batch_size=4,096 exceeds the 3,000 rows of the training "
+                                                    "split: not one full batch to train on; lower train.batch_size")
+    ran.clear()
+    assert main([*base, "--overwrite", "--set", "train.batch_size=3", "--workers", "2"]) == 2 and ran == ["validate"]
+    assert "model.batch_norm needs at least 2" in capsys.readouterr().err
+
+
 def test_a_resume_that_embeds_again_fuses_again(synth_dir, tmp_path, monkeypatch):
     """An --overwrite without --embed that stopped before its fuse step drops an earlier attempt's embeddings and
     their record and keeps its fused table; a --resume --embed with another text model then embedded anew, skipped
