@@ -395,29 +395,33 @@ def test_cli_bad_raw_input_exits_2_with_one_line(tmp_path):
 
 
 def test_an_item_twice_in_likes_views_or_tags_is_refused_and_a_missing_file_is_said(tmp_path, caplog):
-    """Two disagreeing rows of an item in the likes/views or tags file: the later won without a word (and moved 9
-    other items' likes/views deciles); without a likes/views or tags file every item got level 0 or no tags, said
-    only by convert.json's counts (helper-131, F4). The same row twice changes nothing and passes."""
+    """Two disagreeing rows of an item in the likes/views file: the later won without a word (and moved 9 other
+    items' likes/views deciles); in the tags file it replaced the earlier row's tags; without a likes/views or tags
+    file every item got level 0 or no tags, said only by convert.json's counts (helper-131, F4). The same values
+    twice (an empty cell is 0), and rows of items not in the titles file, pass; an item's tag rows are merged."""
     from mmctr_ray.convert.raw import locate, read_items
 
     raw = tmp_path / "raw"
     make_raw(raw, users=30)
     lv = next(raw.glob("*likes_and_views.txt"))
     lines = lv.read_text().splitlines()
-    item = lines[3].split("\t")[0]
-    lv.write_text("\n".join([*lines, lines[3]]) + "\n")  # the same row again
+    item, likes, views = lines[3].split("\t")
+    lv.write_text("\n".join([*lines, lines[3], "77\t1\t2", "77\t3\t4"]) + "\n")  # 77: not in the catalogue
     read_items(RawSpec(raw), locate(RawSpec(raw)))
     lv.write_text("\n".join([*lines, f"{item}\t0\t0"]) + "\n")
-    with pytest.raises(DataError, match=rf"^{re.escape(str(lv))}: column item: item {item} appears twice, as "
-                                        r"\(\d+, \d+\) and as \(0, 0\); expected one row per item$"):
+    with pytest.raises(DataError, match=rf"^{re.escape(str(lv))}: item {item} appears twice, with likes, views "
+                                        rf"\({likes}, {views}\) and \(0, 0\); expected one row per item$"):
         read_items(RawSpec(raw), locate(RawSpec(raw)))
+    zero = next(line for line in lines if line.split("\t")[1] == "0")
+    lv.write_text("\n".join([*lines, zero.replace("\t0\t", "\t\t", 1)]) + "\n")  # empty likes: 0, as it is used
+    read_items(RawSpec(raw), locate(RawSpec(raw)))
     lv.write_text("\n".join(lines) + "\n")
     tags = next(raw.glob("*tags*.csv"))
-    first = tags.read_text().splitlines()[1].split(",")[0]
-    tags.write_text(tags.read_text() + f"{first},other\n")
-    with pytest.raises(DataError, match=rf"tags.csv: column item: item {first} appears twice, as '.*' and as "
-                                        r"'other'; expected one row per item$"):
-        read_items(RawSpec(raw), locate(RawSpec(raw)))
+    first, said = tags.read_text().splitlines()[1].split(",", 1)
+    tags.write_text(tags.read_text() + f"{first},other|{said.split('|')[0]}\n")
+    items = read_items(RawSpec(raw), locate(RawSpec(raw)))
+    merged = items.tags[int(np.searchsorted(items.raw_ids, int(first)))]
+    assert merged == [*said.split("|"), "other", said.split("|")[0]]  # tag_matrix keeps each tag once, in order
     tags.unlink()
     from mmctr_ray.convert.items import copy_covers
 

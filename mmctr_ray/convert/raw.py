@@ -314,15 +314,18 @@ def read_items(spec: RawSpec, files: RawFiles) -> RawItems:
     return items
 
 
-def _refuse_conflicts(path: Path, column: str, raw: np.ndarray, values: list[object]) -> None:
-    """An item with two rows that disagree (``values`` per row): the later row won without a word, and in the
-    likes/views file it moved other items' decile levels too. The same row twice is harmless and passes."""
-    order = np.argsort(raw, kind="stable")
-    twice = np.flatnonzero(raw[order][1:] == raw[order][:-1])
-    for a, b in zip(order[twice], order[twice + 1]):
-        if values[a] != values[b]:
-            raise DataError(f"{path}: column {column}: item {int(raw[a])} appears twice, as {values[a]!r} and as "
-                            f"{values[b]!r}; expected one row per item")
+def _refuse_conflicts(path: Path, dense: np.ndarray, raw: np.ndarray, values: np.ndarray, names: str) -> None:
+    """A catalogue item (``dense`` ids of the file's rows of known items, ``raw`` their raw ids) on two rows whose
+    ``values`` (one row of numbers per file row, as they are used) disagree: the later row won without a word, and
+    moved other items' decile levels too. The same values twice are harmless and pass."""
+    order = np.argsort(dense, kind="stable")
+    twice = np.flatnonzero(dense[order][1:] == dense[order][:-1])
+    a, b = order[twice], order[twice + 1]
+    differ = np.flatnonzero((values[a] != values[b]).any(axis=1))
+    if len(differ):
+        first, second = a[differ[0]], b[differ[0]]
+        raise DataError(f"{path}: item {int(raw[first])} appears twice, with {names} {tuple(values[first].tolist())} "
+                        f"and {tuple(values[second].tolist())}; expected one row per item")
 
 
 def _read_likes_views(path: Path, items: RawItems) -> None:
@@ -330,11 +333,10 @@ def _read_likes_views(path: Path, items: RawItems) -> None:
     table = _read_csv(path, {n: pa.int64() for n in names}, parse_options=pacsv.ParseOptions(delimiter="\t"),
                       read_options=pacsv.ReadOptions(column_names=names, skip_rows=int(has_header(path))))
     raw = _ids(table, "item", path)
-    _refuse_conflicts(path, "item", raw, list(zip(*(table.column(n).to_pylist() for n in ("likes", "views")))))
     dense, known = items.dense(raw)
-    for name in ("likes", "views"):
-        values = pc.fill_null(table.column(name), 0).to_numpy()
-        getattr(items, name)[dense[known] - 1] = values[known]
+    values = np.column_stack([pc.fill_null(table.column(n), 0).to_numpy()[known] for n in ("likes", "views")])
+    _refuse_conflicts(path, dense[known], raw[known], values, "likes, views")  # items not in titles: ignored
+    items.likes[dense[known] - 1], items.views[dense[known] - 1] = values[:, 0], values[:, 1]
     items.no_likes_views = len(items.raw_ids) - len(np.unique(dense[known]))
     _say_unmatched(path, raw, known, len(items.raw_ids), items.no_likes_views, "likes/views levels 0")
 
@@ -354,10 +356,11 @@ def _read_tags(spec: RawSpec, path: Path, items: RawItems) -> None:
     table = (_read_csv(path, {spec.item_col: pa.int64(), spec.tag_col: pa.string()}) if has_header(path, ",")
              else _read_id_text(path, spec.item_col, spec.tag_col))
     raw = _ids(table, spec.item_col, path)
-    _refuse_conflicts(path, spec.item_col, raw, table.column(spec.tag_col).to_pylist())
     dense, known = items.dense(raw)
     for i, text in zip(dense[known], np.asarray(table.column(spec.tag_col).to_pylist(), dtype=object)[known]):
-        items.tags[i - 1] = [t.strip() for t in (text or "").split(spec.tag_sep) if t.strip()]
+        # an item on several rows (one per tag, say) has the tags of all, in file order: the later row replaced
+        # the earlier ones without a word
+        items.tags[i - 1] += [t.strip() for t in (text or "").split(spec.tag_sep) if t.strip()]
     _say_unmatched(path, raw, known, len(items.raw_ids), len(items.raw_ids) - len(np.unique(dense[known])),
                    "no tags")
 
