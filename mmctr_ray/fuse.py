@@ -129,6 +129,12 @@ class ItemSource:
         self.num_rows = opened.metadata.num_rows
         if not self.num_rows:
             raise DataError(f"{self.path}: empty file: 0 rows, expected the items' raw vectors")
+        if 2 * self.num_rows < self.num_items:  # an embed of other data with ids in range, its .embed.json left
+            # behind: 97% zero vectors; refused here for fuse, and for a search before Ray (its trials fuse)
+            raise DataError(f"{self.path}: vectors of {self.num_rows:,} of the {self.num_items:,} items of "
+                            f"item_info, so {self.num_items - self.num_rows:,} would get zero vectors; expected vectors "
+                            f"of at least half the items (a source of other data, or one cut short? `mmctr embed "
+                            f"--data {data_dir}` encodes every item)")
         self.batch_rows = batch_rows
         self.widths: dict[str, int] = {}
 
@@ -265,10 +271,6 @@ def fuse_items(data_dir: str | Path, cfg: FusionConfig, source: str = "shipped",
         summary.update(source=str(lay.item_info), column="item_emb_d128")
         return _given_table(lay, info), None, summary
     src = ItemSource(data_dir, source, cfg.strategy)
-    if 2 * src.num_rows < n:  # an embed of other data with ids in range (its .embed.json left behind): 97% zeros
-        raise DataError(f"{src.path}: vectors of {src.num_rows:,} of the {n:,} items of item_info, so "
-                        f"{n - src.num_rows:,} would get zero vectors; expected vectors of at least half the items (a "
-                        f"source of other data, or one cut short? `mmctr embed --data {data_dir}` encodes every item)")
     if src.num_rows < n:  # the ids were checked: fewer rows are a subset of the items
         log.warning("%s: vectors of %d of the %d items of item_info: the PCA is fitted on those, and the other %d "
                     "items get zero vectors (items_without_vectors in the summary)", src.path, src.num_rows, n,

@@ -305,6 +305,13 @@ def test_a_source_of_some_items_only_is_said_to_be(synth_dir, tmp_path, caplog):
                                         r"101 would get zero vectors; expected vectors of at least half the items"):
         run_fuse(synth_dir, tmp_path / "few.parquet", CFG["v2"], source=str(src), progress=lambda m: None)
     assert not list(tmp_path.glob("few*"))
+    from mmctr_ray.tuning import check_inputs  # a search whose trials fuse from it: refused before Ray (each
+    # trial that fused failed after Ray had started)
+
+    yaml_path = tmp_path / "s.yaml"
+    yaml_path.write_text(Path("configs/search_tiny.yaml").read_text())
+    with pytest.raises(DataError, match=r"vectors of 99 of the 200 items of item_info"):
+        check_inputs(synth_dir, yaml_path, source=str(src))
     embed_like_source(synth_dir, src)
     pq.write_table(pq.read_table(src).slice(0, 100), src)  # half: fitted, with the warning
     assert run_fuse(synth_dir, tmp_path / "half.parquet", CFG["v2"], source=str(src),
@@ -429,11 +436,11 @@ def test_an_item_id_repeated_in_a_later_batch_of_the_source_is_refused(synth_dir
     from mmctr_ray.fuse import ItemSource
 
     source = tmp_path / "raw.parquet"
-    ids = [1, 2, 3, 1]
+    ids = [*range(1, 101), 1]  # half the 200 items at least: a source of fewer is refused as it opens
     pq.write_table(pa.table({"item_id": pa.array(ids, pa.int64()),
                              "txt_emb": [[float(i), 1.0, 2.0] for i in range(len(ids))]}), source)
-    src = ItemSource(synth_dir, str(source), "v1", batch_rows=2)
-    with pytest.raises(DataError, match=r"column item_id: duplicate item id 1 at row 3"):
+    src = ItemSource(synth_dir, str(source), "v1", batch_rows=64)
+    with pytest.raises(DataError, match=r"column item_id: duplicate item id 1 at row 100"):
         list(src.batches())
 
 
