@@ -249,12 +249,18 @@ def test_an_interrupted_synth_leaves_nothing_and_blocks_no_rerun(tmp_path, tiny_
     assert main(["synth", "--out", str(tmp_path / "out"), "--users", "50", "--items", "40", "--train-rows", "300",
                  "--valid-rows", "60", "--test-rows", "70", "--tags", "50", "--topics", "4", "--images", "0"]) == 0
     assert Layout(tmp_path / "out").synth_manifest.is_file() and not (tmp_path / "out" / STAGING).exists()
-    # sizes past the machine's memory: numpy's traceback, and an empty OUT left behind (helper-131, F7)
+    # sizes past the machine's memory: numpy's traceback, and an empty OUT left behind (helper-131, F7); the
+    # allocation's MemoryError stands in (a real one of terabytes may be granted lazily, then OOM-killed)
+    def too_large(spec):
+        raise MemoryError(f"Unable to allocate 8.00 TiB for an array with shape ({spec.items},) and data type "
+                          f"float64")  # numpy's _ArrayMemoryError is a MemoryError
+
+    monkeypatch.setattr(writer, "World", too_large)
     capsys.readouterr()
     assert main(["synth", "--out", str(tmp_path / "huge"), "--items", str(2**40), "--topics", "4", "--tags", "50",
                  "--images", "0"]) == 2
     assert capsys.readouterr().err.startswith("mmctr synth: error: synth: not enough memory for --users 5,000, "
-                                              "--items 1,099,511,627,776, ")
+                                              "--items 1,099,511,627,776, ")  # and the sizes after, and numpy's words
     assert not (tmp_path / "huge").exists()
 
 
