@@ -171,7 +171,7 @@ def check_split(data_dir: str | Path, split: str, items: int | None = None, scan
         # nulls first: a null history counts as one value, so the width check said "9,901 ids in 100 rows"
         _check_range(pf, path, "item_seq", 0, items, f"item ids in 0..{items} (0 = padding)", hint)
         _check_width(pf, path, hint)
-        _check_range(pf, path, "user_id", 0, None, "non-negative ids", hint)
+        _check_range(pf, path, "user_id", 0, INT64_MAX, f"non-negative ids of at most {INT64_MAX:,} (int64)", hint)
         _check_range(pf, path, "item_id", 1, items, f"item ids in 1..{items} (item_info rows)", hint)
         for name in ("likes_level", "views_level"):
             _check_range(pf, path, name, 0, LEVELS - 1, f"levels in 0..{LEVELS - 1}", hint)
@@ -180,6 +180,7 @@ def check_split(data_dir: str | Path, split: str, items: int | None = None, scan
     return sum(pf.metadata.num_rows for _, pf in parts)
 
 
+INT64_MAX = int(np.iinfo(np.int64).max)  # uint64 ids past it turn negative in every stage's int64 read
 SCAN_ROWS = 1 << 16  # rows a batch of scan_part: 6.5M history ids, ~52 MB
 _SCANNED: set[tuple[Any, ...]] = set()  # the parts this process has scanned, as they were then
 

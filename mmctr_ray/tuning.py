@@ -885,8 +885,11 @@ ANALYSIS_LOGGER = "ray.tune.analysis.experiment_analysis"
 def _no_missing_metrics(record: logging.LogRecord) -> bool:
     """A filter for the log of Tune's result table: a trial stopped (Ctrl-C, a kill) before its first epoch has no
     results file, and Tune warns "Failed to fetch metrics for 1 trial(s)" with a FileNotFoundError, after Ctrl-C
-    and again on ``--resume``. The search's own outputs (results.csv) count such a trial as it is."""
-    return not record.getMessage().startswith("Failed to fetch metrics for")
+    and again on ``--resume``. The search's own outputs (results.csv) count such a trial as it is. A warning
+    that lists any other failure (a results file damaged or unreadable) stays whole."""
+    first, *failures = record.getMessage().splitlines()
+    return not (first.startswith("Failed to fetch metrics for") and failures
+                and all(": FileNotFoundError(" in line for line in failures))
 
 
 REPLAY_NOISE = re.compile(r"Cannot tell a (COMPLETE|PRUNED) trial")

@@ -1469,6 +1469,8 @@ def test_ctrl_c_during_a_search_is_told_apart_from_its_end():
         assert not _no_missing_metrics(record("Failed to fetch metrics for 1 trial(s):\n- run_trial_e09fcc4e: "
                                               "FileNotFoundError('...')"))
         assert _no_missing_metrics(record("Could not find best trial. Did you pass the correct `metric` parameter?"))
+        assert _no_missing_metrics(record("Failed to fetch metrics for 2 trial(s):\n- run_trial_1: FileNotFoundError("
+                                          "'...')\n- run_trial_2: JSONDecodeError('Expecting value')"))  # damaged: kept
     finally:
         signal.signal(signal.SIGINT, before)
         signal.signal(signal.SIGUSR1, usr1)

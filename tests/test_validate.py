@@ -195,6 +195,12 @@ def test_unsigned_user_ids_past_int64_are_refused(data):
     rewrite(data / VALID, set_cell("user_id", 7, 2**63, pa.uint64()))
     the_error(data, VALID, "user_id", "1 value not ids of at most 9,223,372,036,854,775,807 (int64)",
               f"first {2**63} at row 7")
+    from mmctr_ray.errors import DataError
+    from mmctr_ray.preflight import check_split
+
+    with pytest.raises(DataError, match=r"valid.parquet: column user_id: values span \d+\.\.9223372036854775808, "
+                                        r"expected non-negative ids of at most 9,223,372,036,854,775,807 \(int64\)"):
+        check_split(data, "valid")  # train's, tune's and predict's checks before Ray (helper-133)
 
 
 @pytest.mark.parametrize("value", ["too_big", -3])
