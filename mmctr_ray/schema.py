@@ -94,7 +94,8 @@ def parquet_parts(path: str | Path) -> list[Path]:
 
 def stray_entry(folder: Path) -> tuple[Path, str] | None:
     """The first entry of a split's folder that is not a part file, and why, or None: a subfolder (a part written as
-    a folder, a Hive/Spark partition ``day=1/part-0.parquet``) or a file that is not ``.parquet`` (``part-3.txt``),
+    a folder, a Hive/Spark partition ``day=1/part-0.parquet``) or a file not named ``*.parquet`` (``part-3.txt``,
+    ``part-3.PARQUET``, Hive's ``000000_0``),
     whose rows no stage would read; names starting with ``.`` or ``_`` are skipped, as pyarrow's datasets skip them."""
     named = [p for p in folder.iterdir() if not p.name.startswith((".", "_"))]
     nested = next((p for p in named if p.is_dir()), None)
@@ -103,8 +104,9 @@ def stray_entry(folder: Path) -> tuple[Path, str] | None:
                         f"read): put its files in {folder.name} itself")
     other = next((p for p in named if p.suffix != ".parquet"), None)
     if other is not None:
-        return other, ("not a .parquet file, among the split's part files (its rows would not be read); expected "
-                       "*.parquet files only (names starting with . or _ are skipped)")
+        return other, ("not named *.parquet, among the split's part files (its rows would not be read): rename it "
+                       "to *.parquet if it holds rows of the split, else move it out of the folder (names starting "
+                       "with . or _ are skipped)")
     return None
 
 

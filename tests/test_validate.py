@@ -688,10 +688,11 @@ def test_a_folder_among_a_splits_parts_is_refused_not_skipped(data, split_into_p
     hive.rmdir()
     (data / VALID / "_SUCCESS").write_text("")  # a writer's marker: skipped, as pyarrow's datasets skip it
     (data / VALID / ".part-0.parquet.crc").write_text("")
-    with pytest.raises(DataError, match=rf"^{re.escape(str(data / VALID / 'part-9.txt'))}: not a .parquet file, "
-                                        r"among the split's part files \(its rows would not be read\)"):
+    with pytest.raises(DataError, match=rf"^{re.escape(str(data / VALID / 'part-9.txt'))}: not named \*\.parquet, "
+                                        r"among the split's part files \(its rows would not be read\): rename it to "
+                                        r"\*\.parquet if it holds rows of the split, else move it out of the folder"):
         check_split(data, "valid")
-    assert any("part-9.txt: not a .parquet file" in str(p) for p in validate(data))
+    assert any("part-9.txt: not named *.parquet" in str(p) for p in validate(data))
     (data / VALID / "part-9.txt").rename(data / VALID / "part-9.parquet")
     check_split(data, "valid")
 
