@@ -74,11 +74,7 @@ def output_lock(target: storage.Location) -> Iterator[None]:
     try:
         lock.acquire()
     except filelock.Timeout:
-        if not path.exists():  # no holder's file: filelock says Timeout for one it cannot create either (/proc)
-            try:
-                path.touch()
-            except OSError as err:
-                raise ConfigError(f"{target}: cannot lock it ({path}: {first_line(err)})") from None
+        _creatable(target, path)  # filelock says Timeout for a lock file it cannot create, as for one held
         raise OutputExistsError(f"{target}: in use by another mmctr command (it holds {path}); wait for it to end "
                                 f"or choose another output") from None
     except OSError as err:  # a lock file that cannot be created or opened (a read-only filesystem, say)
@@ -87,6 +83,19 @@ def output_lock(target: storage.Location) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def _creatable(target: storage.Location, path: Path) -> None:
+    """Raise the one-line ConfigError of a lock file that cannot be created (``synth --out /proc/x`` was "in use by
+    another mmctr command"); a file a holder made, or one made and removed at once here, passes."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:  # a holder's
+        return
+    except OSError as err:
+        raise ConfigError(f"{target}: cannot lock it ({path}: {first_line(err)})") from None
+    os.close(fd)
+    path.unlink(missing_ok=True)  # not left behind looking held: its holder had just released it
 
 
 def parquet_columns(path: Path) -> set[str] | None:

@@ -186,11 +186,13 @@ class ShardStore:
             return False
         try:
             pq.read_metadata(path)
-        except (pa.ArrowException, OSError) as err:
+        except pa.ArrowInvalid as err:  # its bytes: no footer, a footer cut short
             log.warning("%s: not a readable parquet file (%s): deleted, its items are encoded again", path,
                         first_line(err))
             path.unlink()
             return False
+        except OSError as err:  # the file system's (no permission, an I/O error): the shard is kept
+            raise DataError(f"{path}: cannot be read ({first_line(err)})") from None
         return True
 
     def write(self, shard: int, table: pa.Table) -> None:
@@ -456,7 +458,7 @@ def _check_bad_covers(bad: int, total: int, limit: float, what: str, first: Path
 def _assemble(out: Path, store: ShardStore, n_shards: int, s: EmbedSettings, items: pa.Table, seconds: float,
               timing: dict[str, Any], lay: Layout, max_bad_covers: float) -> dict[str, Any]:
     ids, n = items.column("item_id").to_numpy(), items.num_rows
-    missing = [p for p in range(n_shards) if not store.done(p)]
+    missing = [p for p in range(n_shards) if not store.path(p).is_file()]  # each read below, damage named there
     if missing:
         raise DataError(f"{store.path(missing[0])}: shard missing after the pipeline finished")
     tmp = partial_path(out)
