@@ -237,7 +237,7 @@ def kept_checkpoints(run: Location, then: str = "") -> str:
     if not epochs:  # stopped before the first epoch's checkpoint
         return f"{run} holds no checkpoint yet"
     return f"{run} keeps " + (f"the checkpoint of epoch {epochs[0]}" if len(epochs) == 1 else
-                              f"the checkpoints of epochs {epochs[0]}–{epochs[-1]}") + then
+                              f"the checkpoints of epochs {_span(epochs)}") + then
 
 
 def latest_checkpoint(run_dir: Location) -> Location | None:

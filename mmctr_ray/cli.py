@@ -300,7 +300,7 @@ def _score_text(split: str, metrics: dict[str, Any] | None, oracle: float | None
     oracle's (null in oracle.json for a split of one class), or why there is no AUC (it printed "AUC nan")."""
     if not metrics:
         return ""
-    if not math.isfinite(metrics["auc"]):
+    if not 0 < metrics["positive_rate"] < 1:  # by the labels: NaN scores were refused before the zip was written
         clicks = round(metrics["positive_rate"] * metrics["rows"]) if metrics["rows"] else 0
         return (f"; no {split} AUC: its labels hold one class only ({clicks:,} clicks of {metrics['rows']:,} rows); "
                 f"{split} logloss {metrics['logloss']:.4f}")

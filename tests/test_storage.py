@@ -398,6 +398,11 @@ def test_checkpoint_discovery_and_loading_through_a_filesystem(memory_root, tmp_
         load_checkpoint(f"{run}/checkpoint_epoch_004")
     with pytest.raises(DataError, match=f"^{memory_root}/none: not found; no checkpoint found"):
         best_checkpoint(f"{memory_root}/none")
+    from mmctr_ray.checkpoint import kept_checkpoints
+
+    assert kept_checkpoints(run) == f"{run} keeps the checkpoints of epochs 1–3"  # 4, cut short, is not kept
+    storage.remove_dir(f"{run}/checkpoint_epoch_002")
+    assert kept_checkpoints(run) == f"{run} keeps the checkpoints of epochs 1, 3"  # it said "1–3"
     # a run whose every checkpoint was cut short said "no checkpoint found (expected checkpoint_epoch_*/ ...)"
     for epochs, said in (((4,), r" \(epoch 4\) was cut short"), ((1, 2, 3), r"s \(epochs 1–3\) were cut short"),
                          ((1, 3), r"s \(epochs 1, 3\) were cut short")):

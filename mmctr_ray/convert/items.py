@@ -82,11 +82,11 @@ def copy_covers(covers: Path | None, stage: Layout, raw_ids: np.ndarray) -> dict
     if covers is None:
         return {"covers": 0, "covers_missing": len(raw_ids)}
     stage.images_dir.mkdir(parents=True, exist_ok=True)
-    found, absent = 0, []
+    found, first_absent = 0, None
     for dense, raw in enumerate(raw_ids.tolist(), start=1):
         src = covers / f"{raw}.jpg"
         if not src.is_file():
-            absent.append(src.name)
+            first_absent = first_absent or src.name
             continue
         dst = stage.image(dense)
         try:
@@ -94,9 +94,9 @@ def copy_covers(covers: Path | None, stage: Layout, raw_ids: np.ndarray) -> dict
         except OSError:
             shutil.copyfile(src, dst)
         found += 1
-    if absent:  # only convert.json's count said so; `mmctr validate` warns of the copy, `mmctr embed` may refuse it
+    if first_absent:  # only convert.json's count said so; `mmctr validate` warns of the copy, embed may refuse it
         log.warning("%s: no cover for %d of the %d items (first: %s): `mmctr embed` counts them missing", covers,
-                    len(absent), len(raw_ids), absent[0])
+                    len(raw_ids) - found, len(raw_ids), first_absent)
     return {"covers": found, "covers_missing": len(raw_ids) - found}
 
 
