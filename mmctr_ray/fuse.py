@@ -132,9 +132,9 @@ class ItemSource:
         if 2 * self.num_rows < self.num_items:  # an embed of other data with ids in range, its .embed.json left
             # behind: 97% zero vectors; refused here for fuse, and for a search before Ray (its trials fuse)
             raise DataError(f"{self.path}: vectors of {self.num_rows:,} of the {self.num_items:,} items of "
-                            f"item_info, so {self.num_items - self.num_rows:,} would get zero vectors; expected vectors "
-                            f"of at least half the items (a source of other data, or one cut short? `mmctr embed "
-                            f"--data {data_dir}` encodes every item)")
+                            f"item_info, so {self.num_items - self.num_rows:,} would get zero vectors; expected "
+                            f"vectors of at least half the items (a source of other data, or one cut short? `mmctr "
+                            f"embed --data {data_dir}` encodes every item)")
         self.batch_rows = batch_rows
         self.widths: dict[str, int] = {}
 
