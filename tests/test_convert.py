@@ -561,6 +561,17 @@ def test_options_are_checked():
             RowSpec(negatives=negatives)
 
 
+def test_more_negatives_than_any_user_can_be_given_are_refused_before_the_ray_work(tmp_path):
+    """`--negatives 100` over 80 items failed in a Ray task ("no negative is left for slot 80") with Ray's lines
+    after it (helper-131): as many negatives as the catalogue's items are refused first, and nothing is written."""
+    make_raw(tmp_path / "raw", users=20)
+    with pytest.raises(ConfigError, match=r"^convert: --negatives 300 exceeds the 299 items a user of one "
+                                          r"interaction has not touched \(MicroLens-tiny_title_en.csv holds 300 items\)"):
+        run_convert(RawSpec(tmp_path / "raw"), tmp_path / "out", RowSpec(negatives=300), progress=lambda m: None,
+                    **FAST)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_fuse_refuses_the_placeholder_vectors(converted, tmp_path):
     from mmctr_ray.fuse import run_fuse
 

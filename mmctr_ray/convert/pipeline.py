@@ -102,6 +102,10 @@ def _convert(raw: RawSpec, files: RawFiles, stage: Layout, spec: RowSpec, partit
 
     t0 = time.perf_counter()
     items = read_items(raw, files)
+    if spec.negatives >= len(items.raw_ids):  # no user can be given them: it failed in a Ray task, with Ray's noise
+        raise ConfigError(f"convert: --negatives {spec.negatives} exceeds the {len(items.raw_ids) - 1:,} items a "
+                          f"user of one interaction has not touched ({files.titles.name} holds {len(items.raw_ids):,} "
+                          f"items); lower --negatives")
     progress(f"items: {len(items.raw_ids):,} in {files.titles.name} ({time.perf_counter() - t0:.1f}s)")
     with _ray_errors(), _data_context(shuffle):
         fmt = line_format(raw, files)
