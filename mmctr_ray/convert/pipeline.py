@@ -36,7 +36,7 @@ from mmctr_ray.convert.items import copy_covers, levels, tag_matrix, write_item_
 from mmctr_ray.convert.raw import (LineFormat, RawFiles, RawItems, RawSpec, first_bad_line, first_not_utf8,
                                    first_repeated_user, line_format, locate, parse, read_interactions, read_items)
 from mmctr_ray.convert.rows import SPLIT_CODES, Lookups, RowSpec, build_rows, hash_u64, sort_events
-from mmctr_ray.data.writer import SPLIT_SCHEMA, _publish, existing_outputs, list_array
+from mmctr_ray.data.writer import SPLIT_SCHEMA, _publish, existing_outputs, list_array, staged
 from mmctr_ray.errors import ConfigError, DataError, OutputExistsError, find_cause, find_user_error
 from mmctr_ray.schema import CONVERT_STAGING, Layout
 from mmctr_ray.storage import json_text
@@ -82,17 +82,11 @@ def run_convert(raw: RawSpec, out: str | Path, spec: RowSpec, partitions: int | 
         raise ConfigError(f"convert: --shuffle must be one of {', '.join(SHUFFLES)}, got {shuffle!r}")
     if split_layout not in SPLIT_LAYOUTS:
         raise ConfigError(f"convert: --split-layout must be one of {', '.join(SPLIT_LAYOUTS)}, got {split_layout!r}")
-    stage_root = out / STAGING
-    if stage_root.exists():
-        shutil.rmtree(stage_root)  # leftovers of an interrupted run, never published
-    stage_root.mkdir(parents=True)
-    try:
+    with staged(out, STAGING) as stage_root:
+        stage_root.mkdir(parents=True)
         manifest = _convert(raw, files, Layout(stage_root), spec, partitions or auto_partitions(files), shuffle,
                             progress, split_layout)
         _publish(stage_root, out)
-    except BaseException:
-        shutil.rmtree(stage_root, ignore_errors=True)
-        raise
     return manifest
 
 

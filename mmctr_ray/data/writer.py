@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -163,20 +163,30 @@ def write_synthetic(out: str | Path, spec: SynthSpec, overwrite: bool = False,
     found = existing_outputs(out)
     if found and not overwrite:
         raise OutputExistsError(f"{out}: already holds {', '.join(found)}; pass --overwrite to replace it")
-    stage_root = out / STAGING
+    with staged(out, STAGING) as stage_root:
+        manifest = _generate(Layout(stage_root), spec, progress)
+        _publish(stage_root, out)
+    return manifest
+
+
+@contextlib.contextmanager
+def staged(out: Path, name: str) -> Iterator[Path]:
+    """The folder ``out/name`` a writer builds its output in before :func:`_publish` moves it into ``out``: what an
+    interrupted run left there is removed first; on any failure in the block (Ctrl-C, a full disk, bad input) it
+    is removed, and so is ``out`` itself when this call made it and it is empty (it was left, to look like a
+    start). What was published stays."""
+    stage_root = out / name
     if stage_root.exists():
         shutil.rmtree(stage_root)  # leftovers of an interrupted run, never published
     made = not out.exists()
     try:
-        manifest = _generate(Layout(stage_root), spec, progress)
-        _publish(stage_root, out)
-    except BaseException:  # Ctrl-C, a full disk: nothing half-written is left (what was published stays)
+        yield stage_root
+    except BaseException:
         shutil.rmtree(stage_root, ignore_errors=True)
-        if made:  # nor the empty OUT this command made, to look like a start
+        if made:
             with contextlib.suppress(OSError):
                 out.rmdir()
         raise
-    return manifest
 
 
 def _generate(stage: Layout, spec: SynthSpec, progress: Callable[[str], None]) -> dict:
