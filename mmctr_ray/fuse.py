@@ -330,7 +330,7 @@ def fusion_fields(cfg: FusionConfig) -> dict[str, Any]:
 
 
 def check_widths(data_dir: str | Path, cfg: FusionConfig, source: str = "shipped") -> None:
-    """The fit's own width check (each part at most min(items, input width)), from the source's first rows, for a
+    """The fit's own width check (each part at most min(items − 1, input width)), from the source's first rows, for a
     command that fuses after other steps: `mmctr pipeline` said a too wide ``fusion.*`` at its fuse step only, once
     Ray had started. Nothing for ``given``."""
     if cfg.strategy not in PARTS:

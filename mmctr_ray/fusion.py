@@ -112,7 +112,7 @@ class FittedFusion:
             if p is None:
                 raise ValueError(f"{cfg.strategy}'s {name} part is not in this {self.strategy} fit")
             if k > p.components.shape[0]:
-                raise ConfigError(f"fusion.{field}={k}: expected at most min(items, input width) = "
+                raise ConfigError(f"fusion.{field}={k}: expected at most min(items − 1, input width) = "
                                   f"{p.components.shape[0]} for the {name} PCA")
             parts.append(PCAPart(p.name, p.inputs, p.mean, p.components[:k], p.explained_variance[:k],
                                  p.explained_variance_ratio[:k]))
@@ -153,8 +153,9 @@ def input_widths(batch: ModalityBatch) -> dict[str, int]:
 
 def part_limits(strategy: str, n_items: int, widths: dict[str, int]) -> dict[str, int]:
     """The widest PCA each of ``strategy``'s parts can have over ``n_items`` items of these input ``widths``
-    (:func:`input_widths`): min(items, input width), keyed by the part's FusionConfig size field."""
-    return {field: min(n_items, sum(widths[m] for m in inputs)) for _, inputs, field in PARTS[strategy]}
+    (:func:`input_widths`): min(items − 1, input width), keyed by the part's FusionConfig size field (centred data
+    of N items spans N − 1 axes at most: an N-th component is noise of no variance)."""
+    return {field: min(n_items - 1, sum(widths[m] for m in inputs)) for _, inputs, field in PARTS[strategy]}
 
 
 def input_bytes(strategy: str, n_items: int, widths: dict[str, int]) -> int:
@@ -193,11 +194,12 @@ def _image_fill(batches: Iterable[ModalityBatch]) -> np.ndarray:
 
 
 def check_width(cfg: FusionConfig, name: str, width_field: str, n_items: int, in_dim: int) -> int:
-    """``cfg``'s width of its part ``name``, refused in one line when over min(items, input width)."""
+    """``cfg``'s width of its part ``name``, refused in one line when over min(items − 1, input width) (the last
+    column of a PCA as wide as the items was dead: its spread 1e-7)."""
     k = getattr(cfg, width_field)
-    if k > min(n_items, in_dim):
-        raise ConfigError(f"fusion.{width_field}={k}: expected at most min(items, input width) = "
-                          f"min({n_items}, {in_dim}) for the {name} PCA")
+    if k > min(n_items - 1, in_dim):
+        raise ConfigError(f"fusion.{width_field}={k}: expected at most min(items − 1, input width) = "
+                          f"min({n_items - 1}, {in_dim}) for the {name} PCA")
     return k
 
 

@@ -165,7 +165,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def _full_widths(data_dir: str | Path, strategy: str, source: str) -> dict[str, int] | None:
-    """Each part's full width (``min(items, input width)``), keyed by its FusionConfig field; None when the
+    """Each part's full width (``min(items − 1, input width)``), keyed by its FusionConfig field; None when the
     input matrix is over what an exact fit holds in memory."""
     src = ItemSource(Path(data_dir), source, strategy)
     widths = src.input_widths()

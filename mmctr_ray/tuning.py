@@ -617,7 +617,7 @@ def check_inputs(data_dir: str | Path, search_yaml: str | Path | None, overrides
 
 
 def _check_fused_sizes(data_dir: str | Path, space: SearchSpace, source: str) -> None:
-    """A PCA size a trial can draw must fit its part: at most min(items, input width) of the raw vectors (768 for
+    """A PCA size a trial can draw must fit its part: at most min(items − 1, input width) of the raw vectors (768 for
     the shipped BERT text, 384 for MiniLM's); every larger draw otherwise failed as an errored trial, which TPE
     learns nothing from. Read from the source's first rows."""
     from mmctr_ray.fuse import ItemSource
@@ -637,7 +637,7 @@ def _check_fused_sizes(data_dir: str | Path, space: SearchSpace, source: str) ->
             for value, where in by_size[size]:
                 if value > limit:
                     raise ConfigError(f"{where}: {value} is wider than the {strategy} {name} PCA can be: at most "
-                                      f"min(items, input width) = min({src.num_rows}, "
+                                      f"min(items − 1, input width) = min({src.num_rows - 1}, "
                                       f"{' + '.join(str(widths[m]) for m in inputs)}) = {limit} for the raw vectors "
                                       f"of {src.path}")
 

@@ -1282,7 +1282,7 @@ def test_a_pipeline_refuses_a_fusion_wider_than_the_vectors_before_ray_starts(sy
     code = main(["pipeline", "--data", str(synth_dir), "--out", str(tmp_path / "out"), "--config",
                  "configs/tiny.yaml", "--set", "fusion.text_dim=2000"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert code == 2 and re.fullmatch(r"mmctr pipeline: error: fusion\.text_dim=2000: expected at most min\(items, "
+    assert code == 2 and re.fullmatch(r"mmctr pipeline: error: fusion\.text_dim=2000: expected at most min\(items − 1, "
                                       r"input width\) = min\(\d+, 768\) for the text PCA", err), err
 
 

@@ -345,13 +345,17 @@ def test_the_width_checks_before_a_fit_read_the_sources_first_rows_only(synth_di
     assert ItemSource(synth_dir, "shipped", "v4").input_widths() == {"text": 768, "image": 1024}
     assert ItemSource(synth_dir, "shipped", "v1").input_widths() == {"text": 768, "image": 0}
     check_widths(synth_dir, CFG["v4"])
-    assert pca_cache._full_widths(synth_dir, "v4", "shipped") == {"text_dim": 200, "image_dim": 200}
+    assert pca_cache._full_widths(synth_dir, "v4", "shipped") == {"text_dim": 199, "image_dim": 199}
     assert sizes == [64] * 4
 
 
 def test_widths_beyond_the_data_and_existing_outputs_are_refused(synth_dir, tmp_path):
-    with pytest.raises(ConfigError, match=r"fusion.dims=300: expected at most min\(items, input width\) = min\(200"):
+    with pytest.raises(ConfigError, match=r"fusion.dims=300: expected at most min\(items − 1, input width\) = "
+                                          r"min\(199"):
         run_fuse(synth_dir, tmp_path / "a.parquet", FusionConfig("v1", dims=300), progress=lambda m: None)
+    with pytest.raises(ConfigError, match=r"fusion.dims=200: expected at most .* = min\(199, 768\)"):  # its last
+        # column was dead (spread 1e-7): 200 centred items span 199 axes (helper-131, F10)
+        run_fuse(synth_dir, tmp_path / "a.parquet", FusionConfig("v1", dims=200), progress=lambda m: None)
     out = tmp_path / "b.parquet"
     run_fuse(synth_dir, out, CFG["v1"], progress=lambda m: None)
     before = out.read_bytes()

@@ -910,7 +910,7 @@ def test_a_base_table_named_relative_is_the_one_beside_the_command_in_every_tria
 
 
 def test_a_pca_size_wider_than_the_raw_vectors_allow_is_refused_before_the_search(synth_dir, tmp_path):
-    """A PCA part is at most min(items, input width) wide: every draw above it (fusion.dims up to 1500 over v1's
+    """A PCA part is at most min(items − 1, input width) wide: every draw above it (fusion.dims up to 1500 over v1's
     768-wide BERT text) was an errored trial, which TPE learns nothing from. The searched bound and the base's size a
     strategy uses unsampled are checked against the source's widths, before the search."""
     from mmctr_ray.tuning import check_inputs
@@ -923,16 +923,16 @@ def test_a_pca_size_wider_than_the_raw_vectors_allow_is_refused_before_the_searc
     search = tmp_path / "s.yaml"
     search.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=rf"^search.space.fusion.dims: 256 is wider than the v1 text PCA can be: at "
-                                          rf"most min\(items, input width\) = min\(200, 768\) = 200 for the raw "
+                                          rf"most min\(items − 1, input width\) = min\(199, 768\) = 199 for the raw "
                                           rf"vectors of {re.escape(str(item_feature))}$"):
         check_inputs(synth_dir, search)
-    raw["search"]["space"]["fusion.dims"]["int"] = [8, 200]
+    raw["search"]["space"]["fusion.dims"]["int"] = [8, 199]
     raw["fusion"]["image_dim"] = 300  # v4's image part is not searched: every v4 trial takes the base's
     search.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=r"^fusion.image_dim: 300 is wider than the v4 image PCA can be: at most "
-                                          r"min\(items, input width\) = min\(200, 1024\) = 200 for the raw"):
+                                          r"min\(items − 1, input width\) = min\(199, 1024\) = 199 for the raw"):
         check_inputs(synth_dir, search)
-    raw["fusion"]["image_dim"] = 200
+    raw["fusion"]["image_dim"] = 199
     raw["fusion"]["dims"] = 900  # a size no trial uses unsampled (v1 always samples it): not checked
     search.write_text(yaml.safe_dump(raw))
     check_inputs(synth_dir, search)
@@ -2161,14 +2161,15 @@ def test_a_searched_item_table_that_a_drawn_fusion_key_would_replace_is_refused(
 
 
 def test_a_pca_size_one_above_its_limit_is_refused_and_one_at_it_passes(synth_dir, tmp_path):
-    """The tiny data's 200 items limit each PCA part to 200 axes: a searched bound of 201 is refused, 200 passes."""
+    """The tiny data's 200 items limit each PCA part to 199 axes (centred, they span no more): a searched bound of
+    200 is refused, 199 passes."""
     from mmctr_ray.errors import ConfigError
     from mmctr_ray.tuning import check_inputs
 
     space = "{fusion.strategy: {choice: [given, v1]}, fusion.dims: {int: [8, %d], when: {fusion.strategy: [v1]}}}"
-    with pytest.raises(ConfigError, match=r"search.space.fusion.dims: 201 is wider than the v1 text PCA can be"):
-        check_inputs(synth_dir, _space(tmp_path, space % 201))
-    check_inputs(synth_dir, _space(tmp_path, space % 200))
+    with pytest.raises(ConfigError, match=r"search.space.fusion.dims: 200 is wider than the v1 text PCA can be"):
+        check_inputs(synth_dir, _space(tmp_path, space % 200))
+    check_inputs(synth_dir, _space(tmp_path, space % 199))
 
 
 def test_a_search_that_can_draw_given_on_converted_data_is_refused_whatever_its_source(tmp_path):

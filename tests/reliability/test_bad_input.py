@@ -684,7 +684,7 @@ CASES = [
                          "list<element: list<element: float>>"], ["fused.parquet"]),
     (null_raw_vector, ["raw.parquet: column txt_emb: row 8 is null; a list of numbers per row expected"],
      ["fused.parquet"]),
-    (pca_wider_than_items, ["fusion.dims=5000: expected at most min(items, input width) = min(200, 768)"],
+    (pca_wider_than_items, ["fusion.dims=5000: expected at most min(items − 1, input width) = min(199, 768)"],
      ["fused.parquet"]),
     (unreadable_text_model, ["no-model: not a local text-model directory"], ["emb.parquet"]),
     (unknown_image_model, ["--image-model 'NoSuchNet-9': unknown open_clip architecture"], ["emb.parquet"]),
