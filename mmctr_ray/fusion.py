@@ -155,7 +155,12 @@ def part_limits(strategy: str, n_items: int, widths: dict[str, int]) -> dict[str
     """The widest PCA each of ``strategy``'s parts can have over ``n_items`` items of these input ``widths``
     (:func:`input_widths`): min(items − 1, input width), keyed by the part's FusionConfig size field (centred data
     of N items spans N − 1 axes at most: an N-th component is noise of no variance)."""
-    return {field: min(n_items - 1, sum(widths[m] for m in inputs)) for _, inputs, field in PARTS[strategy]}
+    return {field: pca_limit(n_items, sum(widths[m] for m in inputs)) for _, inputs, field in PARTS[strategy]}
+
+
+def pca_limit(n_items: int, in_dim: int) -> int:
+    """The widest PCA of ``n_items`` vectors of ``in_dim`` values: min(items − 1, input width)."""
+    return min(n_items - 1, in_dim)
 
 
 def input_bytes(strategy: str, n_items: int, widths: dict[str, int]) -> int:
@@ -197,7 +202,7 @@ def check_width(cfg: FusionConfig, name: str, width_field: str, n_items: int, in
     """``cfg``'s width of its part ``name``, refused in one line when over min(items − 1, input width) (the last
     column of a PCA as wide as the items was dead: its spread 1e-7)."""
     k = getattr(cfg, width_field)
-    if k > min(n_items - 1, in_dim):
+    if k > pca_limit(n_items, in_dim):
         raise ConfigError(f"fusion.{width_field}={k}: expected at most min(items − 1, input width) = "
                           f"min({n_items - 1}, {in_dim}) for the {name} PCA")
     return k

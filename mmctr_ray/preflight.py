@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 
 from mmctr_ray.config import worker_batch
 from mmctr_ray.errors import ConfigError, DataError
-from mmctr_ray.schema import (ITEM_INFO_COLUMNS, LEVELS, NO_PARTS, SEQ_LEN, SPLIT_COLUMNS, Layout, history_around_gap,
-                              padding_gaps)
+from mmctr_ray.schema import (INT64_MAX, ITEM_INFO_COLUMNS, LEVELS, NO_PARTS, SEQ_LEN, SPLIT_COLUMNS, Layout,
+                              history_around_gap, padding_gaps)
 from mmctr_ray.validate import Problem, _open
 
 HINT = "run `mmctr validate {data}` for the rows"
@@ -180,7 +180,6 @@ def check_split(data_dir: str | Path, split: str, items: int | None = None, scan
     return sum(pf.metadata.num_rows for _, pf in parts)
 
 
-INT64_MAX = int(np.iinfo(np.int64).max)  # uint64 ids past it turn negative in every stage's int64 read
 SCAN_ROWS = 1 << 16  # rows a batch of scan_part: 6.5M history ids, ~52 MB
 _SCANNED: set[tuple[Any, ...]] = set()  # the parts this process has scanned, as they were then
 

@@ -84,20 +84,25 @@ def parquet_parts(path: str | Path) -> list[Path]:
     files, ``_SUCCESS``, checksums), as pyarrow's datasets do; empty when ``path`` is missing or holds no part."""
     path = Path(path)
     if path.is_dir():
-        stray = stray_entry(path)
+        named = _named(path)
+        stray = stray_entry(path, named)
         if stray is not None:
             raise DataError(f"{stray[0]}: {stray[1]}")
-        named = [p for p in path.iterdir() if not p.name.startswith((".", "_"))]
         return sorted(named, key=lambda p: (natural_key(p.name), p.name))
     return [path] if path.is_file() else []
 
 
-def stray_entry(folder: Path) -> tuple[Path, str] | None:
+def _named(folder: Path) -> list[Path]:
+    """A split folder's entries but those whose names start with ``.`` or ``_``, which pyarrow's datasets skip."""
+    return [p for p in folder.iterdir() if not p.name.startswith((".", "_"))]
+
+
+def stray_entry(folder: Path, named: list[Path] | None = None) -> tuple[Path, str] | None:
     """The first entry of a split's folder that is not a part file, and why, or None: a subfolder (a part written as
     a folder, a Hive/Spark partition ``day=1/part-0.parquet``) or a file not named ``*.parquet`` (``part-3.txt``,
-    ``part-3.PARQUET``, Hive's ``000000_0``),
-    whose rows no stage would read; names starting with ``.`` or ``_`` are skipped, as pyarrow's datasets skip them."""
-    named = [p for p in folder.iterdir() if not p.name.startswith((".", "_"))]
+    ``part-3.PARQUET``, Hive's ``000000_0``), whose rows no stage would read. ``named``: the folder's listing
+    (:func:`_named`) where the caller has it."""
+    named = _named(folder) if named is None else named
     nested = next((p for p in named if p.is_dir()), None)
     if nested is not None:
         return nested, (f"a folder among the split's part files; expected *.parquet files only (its rows would not be "
@@ -108,6 +113,9 @@ def stray_entry(folder: Path) -> tuple[Path, str] | None:
                        "to *.parquet if it holds rows of the split, else move it out of the folder (names starting "
                        "with . or _ are skipped)")
     return None
+
+
+INT64_MAX = int(np.iinfo(np.int64).max)  # ids past it (uint64 columns) turn negative in every stage's int64 read
 
 
 def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mmctr_ray.errors import DataError
-from mmctr_ray.schema import (ITEM_FEATURE_COLUMNS, ITEM_INFO_COLUMNS, LEVELS, NO_PARTS, REAL_NUM_ITEMS,
+from mmctr_ray.schema import (INT64_MAX, ITEM_FEATURE_COLUMNS, ITEM_INFO_COLUMNS, LEVELS, NO_PARTS, REAL_NUM_ITEMS,
                               REAL_TEST_ROWS, SPLIT_COLUMNS, SPLITS, Layout, history_around_gap, kind_name,
                               padding_gaps, stray_entry)
 
@@ -193,8 +193,7 @@ def _scan_split(check: _FileCheck, pf: pq.ParquetFile, n_items: int | None, is_t
             uid = cols["user_id"].to_numpy(zero_copy_only=False)
             check.bad("user_id", "non-negative ids", uid < 0, uid, offset)
             if uid.dtype == np.uint64:  # past 2^63 - 1 every stage's int64 read turns them negative
-                check.bad("user_id", f"ids of at most {np.iinfo(np.int64).max:,} (int64)",
-                          uid > np.iinfo(np.int64).max, uid, offset)
+                check.bad("user_id", f"ids of at most {INT64_MAX:,} (int64)", uid > INT64_MAX, uid, offset)
         if "item_id" in cols and n_items is not None:
             iid = cols["item_id"].to_numpy(zero_copy_only=False)
             check.bad("item_id", f"item ids in 1..{n_items} (item_info rows)", (iid < 1) | (iid > n_items), iid, offset)
