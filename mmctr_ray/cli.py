@@ -286,12 +286,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from mmctr_ray.predict import check_inputs, run_predict
 
     # bad data, a checkpoint of other data or a submission that exists fails before Ray starts
-    check_inputs(args.run, args.data, args.split, out=args.out, overwrite=args.overwrite)
+    check_inputs(args.run, args.data, args.split, out=args.out, overwrite=args.overwrite, task=args.task)
     _start_ray(args, pool_cpus=_actor_cpus(args.actors, args.gpus_per_actor))
     summary = run_predict(args.run, args.data, args.out, split=args.split, actors=args.actors,
-                          gpus_per_actor=args.gpus_per_actor, overwrite=args.overwrite)
+                          gpus_per_actor=args.gpus_per_actor, overwrite=args.overwrite, task=args.task)
     score = _score_text(args.split, summary.get("metrics"), summary.get("oracle_auc"))
-    log.info("wrote %s: %d rows from %s%s", summary["submission"], summary["rows"], summary["checkpoint"], score)
+    log.info("wrote %s (%s): %d rows from %s%s", summary["submission"], summary["task"], summary["rows"],
+             summary["checkpoint"], score)
     return 0
 
 
@@ -464,6 +465,11 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     if any(override_key(o) == "data.item_vector" for o in args.overrides):  # said at the train step, after fuse
         raise ConfigError("--set data.item_vector: the pipeline trains on the table its fuse step writes, of the "
                           "config's fusion section (fusion.strategy=given for item_emb_d128 as shipped)")
+    if args.task != "Task2":  # before the hours of training, not only at the predict step after them
+        from mmctr_ray.predict import warn_task1
+
+        cfg = _config(args)
+        warn_task1(cfg, cfg.fusion.vector_dim, args.task, "the config", "will be written at the end")
     if args.embed and _config(args).fusion.strategy == "given":  # before embed's hours of encoding
         raise ConfigError("--embed: the config's fusion.strategy is given, which trains on the shipped "
                           "item_emb_d128 and never reads the embeddings: set a strategy that fuses them (--set "
@@ -631,6 +637,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_pipeline(argparse.Namespace(**{**vars(args), "data": None}))
 
 
+def _add_task_arg(p: argparse.ArgumentParser) -> None:
+    from mmctr_ray.schema import TASKS
+
+    p.add_argument("--task", choices=TASKS, default=TASKS[0],
+                   help="the challenge track the submission enters, its prediction.csv column (default Task2, CTR "
+                        "models; Task1, item embeddings: warns unless the run is the baseline DIN Task 1 fixes, "
+                        "bar lr, batch size, dropout and the L2 terms; Task1&2: both)")
+
+
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for every stage's outputs: a local path or a storage URI "
                                                 "(s3://, gs://, file://, ...)")
@@ -644,6 +659,7 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
                    help="with --embed: open_clip architecture and local weights (default RN50, random weights)")
     p.add_argument("--max-bad-covers", type=float, default=MAX_BAD_COVERS,
                    help="with --embed: share of items whose cover may be missing or corrupt (default 0.1)")
+    _add_task_arg(p)
     _add_worker_args(p, "actors", "encoder and scoring actors")
     p.add_argument("--gpus-per-actor", type=ACTOR_GPUS, help="GPUs per encoder/scoring actor, at most 1 "
                                                         "(default: --gpus-per-worker, at most 1)")
@@ -870,12 +886,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="score the test split with the best checkpoint; write the submission zip",
                        description="Score a split with Ray Data actors and write a zip holding prediction.csv "
-                                   "(header ID,Task2; IDs 0..N-1 in row order).")
+                                   "(header ID,Task2, or the column --task names; IDs 0..N-1 in row order).")
     p.add_argument("--run", required=True, help="run directory written by `mmctr train` (a local path or a URI): "
                    "its best checkpoint; or one of its checkpoint_epoch_NNN folders")
     _add_data_arg(p)
     p.add_argument("--out", type=_local_path, required=True, help="submission zip to write")
     p.add_argument("--split", choices=["test", "valid", "train"], default="test", help="split to score")
+    _add_task_arg(p)
     _add_worker_args(p, "actors", "scoring actors")
     p.add_argument("--gpus-per-actor", type=ACTOR_GPUS, default=0.0,
                    help="GPUs per scoring actor (fractions share one)")

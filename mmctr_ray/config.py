@@ -157,6 +157,15 @@ class FusionConfig:
         for name in FUSION_WIDTHS:
             _check(getattr(self, name) >= 1, f"fusion.{name}", getattr(self, name), "a positive integer")
 
+    @property
+    def vector_dim(self) -> int:
+        """Width of the item vectors this fusion trains on (``given``: item_emb_d128's, as the layout ships it)."""
+        if self.strategy == "given":
+            from mmctr_ray.schema import GIVEN_EMB_DIM
+
+            return GIVEN_EMB_DIM
+        return self.text_dim + self.image_dim if self.strategy == "v4" else self.dims
+
 
 ATTENTIONS = ("din", "multihead")
 BILINEAR_TYPES = ("off", "field_all", "field_each", "field_interaction")

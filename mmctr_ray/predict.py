@@ -1,7 +1,9 @@
 """``mmctr predict``: score a split with Ray Data and write the challenge submission.
 
 The submission is a zip holding ``prediction.csv`` with header ``ID,Task2``: ``ID`` is the row's position in
-the split (0..N-1, in file order) and ``Task2`` its predicted click probability, clipped into (0, 1). Scoring
+the split (0..N-1, in file order) and ``Task2`` its predicted click probability, clipped into (0, 1). The column
+names the challenge track the submission enters (:data:`TASKS`): ``Task2`` (CTR models), ``Task1`` (item
+embeddings, scored through a downstream model the challenge fixes: :func:`task1_departures`) or ``Task1&2``. Scoring
 runs in a pool of actors (the model is loaded once per actor from the run's best checkpoint, downloaded first
 when the run is a storage URI; the item table is rebuilt from the data directory); the split is read by Ray
 Data's V1 Parquet reader whatever its size (``read_split(ordered=True)``: V2 reads a large split out of row order)
@@ -25,6 +27,7 @@ import torch
 
 from mmctr_ray import storage
 from mmctr_ray.checkpoint import PREFIX, load_checkpoint, run_or_checkpoint
+from mmctr_ray.config import ExperimentConfig, differences
 from mmctr_ray.errors import DataError, OutputExistsError
 from mmctr_ray.features import MODEL_INPUTS, check_same_table, load_item_table, max_user_id, read_split, to_model_batch
 from mmctr_ray.host_malloc import actor_options
@@ -32,11 +35,69 @@ from mmctr_ray.metrics import evaluate_logits, to_probabilities
 from mmctr_ray.model import DINModel
 from mmctr_ray.preflight import check_split
 from mmctr_ray.ray_env import actor_device, check_actors, cpu_threads
-from mmctr_ray.schema import Layout, parquet_parts
+from mmctr_ray.schema import GIVEN_EMB_DIM, TASKS, Layout, parquet_parts
 from mmctr_ray.storage import Location
 from mmctr_ray.training import logits_of
 
 log = logging.getLogger(__name__)
+
+# The challenge's tracks (schema.TASKS) are the submission's column. The organisers' own baseline wrote Task1:
+# Task 1 ranks item embeddings by the click predictions of a downstream model it fixes.
+# What Task 1 lets an entry tune in that fixed model, the challenge baseline's DIN (configs/baseline.yaml, this
+# project's defaults), besides the item vectors themselves: FuxiCTR's embedding_regularizer, net_regularizer,
+# net_dropout, learning_rate and batch_size, as this project names them. The vectors are the entry: their scale
+# (model.item_vector_rms) is theirs; their width is the fixed model's input, item_emb_d128's.
+TASK1_FREE = ("train.embedding_l2", "train.weight_decay", "model.dropout", "train.lr", "train.batch_size",
+              "model.item_vector_rms")
+TASK1_TRAIN = ("optimizer", "lr_decay", "min_lr", "patience", "grad_clip")  # the fixed schedule; the rest of train
+# (precision, shuffle buffer, epochs, seed, ...) is how a run is carried out, not the model
+# a module's own knobs, compared only where the module is on in the run (off in the baseline, they do nothing)
+_MODULE_KEYS = {"model.num_heads": lambda m: m.attention == "multihead", "model.senet_ratio": lambda m: m.senet,
+                "model.cross_layers": lambda m: m.crossnet != "off",
+                "model.attention_units": lambda m: m.attention == "din",
+                "model.attention_activation": lambda m: m.attention == "din"}
+
+
+def task1_departures(cfg: ExperimentConfig, vector_dim: int) -> list[str]:
+    """Where a run's model departs from the one Task 1 fixes (the challenge baseline's DIN, with the history length
+    and schedule of its config), beyond :data:`TASK1_FREE`: ``["model.senet true (fixed: false)", ...]``; empty
+    for a run Task 1 admits. ``vector_dim``: the width of the item vectors the run was trained on."""
+    fixed = ExperimentConfig()
+
+    def scope(c: ExperimentConfig) -> dict[str, Any]:
+        whole = c.to_dict()
+        return {"data": {"max_len": whole["data"]["max_len"]}, "model": whole["model"],
+                "train": {k: whole["train"][k] for k in TASK1_TRAIN}}
+
+    out = [f"{key} {_yaml_text(ran)} (fixed: {_yaml_text(base)})"
+           for key, (ran, base) in differences(scope(cfg), scope(fixed)).items()
+           if key not in TASK1_FREE and _MODULE_KEYS.get(key, lambda m: True)(cfg.model)]
+    if vector_dim != GIVEN_EMB_DIM:
+        out.append(f"item vectors {vector_dim} wide (fixed: {GIVEN_EMB_DIM}, as item_emb_d128)")
+    return out
+
+
+def _yaml_text(value: Any) -> str:
+    """A config value as a YAML file spells it: true, [512, 256], 0.001."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ", ".join(_yaml_text(v) for v in value) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def warn_task1(cfg: ExperimentConfig, vector_dim: int, task: str, what: str, written: str) -> None:
+    """Warn when a submission for Task 1 (``Task1``, ``Task1&2``) comes from a model Task 1 does not admit (``cfg``
+    and ``vector_dim``, of ``what``): the file is written all the same (``written``: when; a trial of another
+    model is the user's to make), but it is no Task 1 entry."""
+    if task == "Task2":
+        return
+    found = task1_departures(cfg, vector_dim)
+    if found:
+        log.warning("--task %s: Task 1 scores item embeddings through a downstream model the challenge fixes (the "
+                    "baseline DIN, configs/baseline.yaml; free: %s), and %s departs from it: %s; the submission %s, "
+                    "but it is no Task 1 entry (--task Task2 enters the CTR-model track)", task,
+                    ", ".join(TASK1_FREE), what, "; ".join(found), written)
 
 
 def load_model(checkpoint_dir: Location, data_dir: str | Path, device: str = "cpu") -> DINModel:
@@ -150,7 +211,10 @@ def _score(checkpoint: Location, data_dir: str | Path, split: str, max_len: int,
 
 
 def write_submission(probs: np.ndarray, out: Path, column: str = "Task2") -> None:
-    """Zip with prediction.csv (``ID,<column>``), written under a temporary name then renamed."""
+    """Zip with prediction.csv (``ID,<column>``; ``column`` one of :data:`TASKS`), written under a temporary name
+    then renamed."""
+    if column not in TASKS:
+        raise ValueError(f"submission column {column!r}: expected one of {', '.join(TASKS)}")
     text = io.StringIO()
     text.write(f"ID,{column}\n")
     np.savetxt(text, np.column_stack([np.arange(len(probs)), probs]), fmt=["%d", "%.8f"], delimiter=",")
@@ -196,9 +260,10 @@ def check_output(out: str | Path, overwrite: bool = False) -> Path:
 
 
 def check_inputs(run_dir: Location, data_dir: str | Path, split: str = "test", out: str | Path | None = None,
-                 overwrite: bool = False) -> int:
+                 overwrite: bool = False, task: str = "Task2") -> int:
     """Raise a one-line error if ``split`` of ``data_dir`` cannot be scored by the run's best checkpoint, or the
-    submission ``out`` cannot be written, without Ray; return the split's row count."""
+    submission ``out`` cannot be written, without Ray (and warn of a run that is no ``task`` entry:
+    :func:`warn_task1`); return the split's row count."""
     if out is not None:
         check_output(out, overwrite)
     rows = check_split(data_dir, split)
@@ -208,7 +273,8 @@ def check_inputs(run_dir: Location, data_dir: str | Path, split: str = "test", o
 
         label_file(layout.hidden_test_labels)
     checkpoint = run_or_checkpoint(run_dir)
-    load_model(checkpoint, data_dir)
+    model = load_model(checkpoint, data_dir)
+    warn_task1(model.experiment_cfg, model.item_embedding.proj.in_features, task, str(checkpoint), "is written")
     warn_unended(run_dir, checkpoint)
     return rows
 
@@ -245,8 +311,10 @@ def hidden_test_labels(data_dir: str | Path, rows: int) -> np.ndarray | None:
 
 
 def run_predict(run_dir: Location, data_dir: str | Path, out: str | Path, split: str = "test",
-                actors: int = 1, gpus_per_actor: float = 0.0, overwrite: bool = False) -> dict[str, Any]:
-    """Score ``split`` and write the submission zip ``out``; return a summary (AUC when labels are known)."""
+                actors: int = 1, gpus_per_actor: float = 0.0, overwrite: bool = False,
+                task: str = "Task2") -> dict[str, Any]:
+    """Score ``split`` and write the submission zip ``out`` (its column ``task``, one of :data:`TASKS`); return a
+    summary (AUC when labels are known)."""
     out = check_output(out, overwrite)
     expected = check_split(data_dir, split)  # the labels of a converted test split too: they are true ones
     own = split != "test" or Layout(data_dir).labelled_test
@@ -257,8 +325,8 @@ def run_predict(run_dir: Location, data_dir: str | Path, out: str | Path, split:
     check_finite(logits, checkpoint, f"the {split} split")
     probs = to_probabilities(logits)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_submission(probs, out)
-    summary: dict[str, Any] = {"submission": str(out), "rows": len(probs), "split": split,
+    write_submission(probs, out, task)
+    summary: dict[str, Any] = {"submission": str(out), "rows": len(probs), "split": split, "task": task,
                                "checkpoint": str(checkpoint)}
     if own:
         summary["metrics"] = evaluate_logits(labels, logits)

@@ -38,6 +38,8 @@ SEQ_LEN = 100  # stored width of item_seq
 TAGS_LEN = 5  # stored width of item_tags
 LEVELS = 10  # likes_level / views_level take values 0..9
 GIVEN_EMB_DIM = 128
+# the submission's prediction.csv column: the challenge track it enters (Task1&2: both); mmctr_ray.predict
+TASKS = ("Task2", "Task1", "Task1&2")
 BERT_DIM = 768
 CLIP_DIM = 1024
 

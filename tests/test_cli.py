@@ -1228,7 +1228,8 @@ def test_pipeline_resume_takes_the_train_settings_of_its_config_and_knows_its_em
     assert "fused from the shipped vectors, this command asks --embed" in r.stderr
 
 
-def test_pipeline_resume_summarises_the_data_again_when_its_data_settings_changed(synth_dir, tmp_path, monkeypatch):
+def test_pipeline_resume_summarises_the_data_again_when_its_data_settings_changed(synth_dir, tmp_path, monkeypatch,
+                                                                                  caplog):
     """An attempt killed after features and before training: --resume kept features/ whatever data.* the command
     asked (the run's config, which pins them, did not exist yet), so OUT described other settings than its run."""
     import ray
@@ -1242,9 +1243,11 @@ def test_pipeline_resume_summarises_the_data_again_when_its_data_settings_change
     monkeypatch.setattr(ray_env, "private_local_ray", lambda: True)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
     ran, trained = [], []
+    predicted = []
     for name in ("cmd_validate", "cmd_features", "cmd_train", "cmd_predict", "cmd_report"):
         monkeypatch.setattr(cli, name, lambda args, name=name: ran.append(name.removeprefix("cmd_")) or (
-            trained.append(args) if name == "cmd_train" else None) or 0)
+            trained.append(args) if name == "cmd_train" else None) or (
+            predicted.append(args) if name == "cmd_predict" else None) or 0)
     out = tmp_path / "out"
     tiny = load_config("configs/tiny.yaml")
     fused = out / "item_emb.parquet"
@@ -1257,6 +1260,12 @@ def test_pipeline_resume_summarises_the_data_again_when_its_data_settings_change
     (out / "run" / "summary.json").write_text(json.dumps({"best_valid_auc": 0.5, "best_epoch": 1}))
     base = ["pipeline", "--data", str(synth_dir), "--out", str(out), "--resume", "--config", "configs/tiny.yaml"]
     assert main(base) == 0 and ran == ["validate", "train", "predict", "report"]  # the same data.*: kept
+    assert predicted[-1].task == "Task2"  # the submission's column: predict's default, and its --task passed on
+    assert not any(r.getMessage().startswith("--task") for r in caplog.records)
+    assert main([*base, "--task", "Task1&2"]) == 0 and predicted[-1].task == "Task1&2"
+    warned = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("--task"))  # before training
+    assert warned.startswith("--task Task1&2: Task 1 scores item embeddings") and "the config departs from it: " \
+        "data.max_len 16 (fixed: 64); model.attention multihead" in warned and "will be written at the end" in warned
     ran.clear()
     assert main([*base, "--set", "data.max_len=8"]) == 0 and ran == ["validate", "features", "train", "predict",
                                                                        "report"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -35,6 +36,37 @@ CONFIGS = Path(__file__).parent.parent / "configs"
 
 def tiny_cfg(*sets: str):
     return load_config(CONFIGS / "tiny.yaml", ["train.batch_size=256", "train.shuffle_buffer=0", *sets])
+
+
+def test_task1_admits_the_baseline_with_its_five_free_hyperparameters_and_names_every_other_departure(tmp_path):
+    """Task 1 ranks item embeddings through the challenge baseline's DIN with all but five hyperparameters fixed;
+    `predict --task Task1` names where a run departs from it."""
+    from mmctr_ray.predict import task1_departures, write_submission
+
+    assert task1_departures(load_config(CONFIGS / "baseline.yaml"), 128) == []
+    free = ["train.lr=0.01", "train.batch_size=1024", "train.embedding_l2=1e-7", "train.weight_decay=1e-5",
+            "model.dropout=0.2", "model.item_vector_rms=0.4",  # the five, and the vectors' own scale
+            "train.epochs=3", "train.precision=bf16", "train.seed=7", "model.num_heads=8",  # how it runs; off modules
+            "model.senet_ratio=4", "model.cross_layers=5"]
+    assert task1_departures(load_config(CONFIGS / "baseline.yaml", free), 128) == []
+    assert task1_departures(load_config(CONFIGS / "paper.yaml"), 128) == [
+        "model.attention multihead (fixed: din)", "model.bilinear field_interaction (fixed: off)",
+        "model.crossnet v2 (fixed: off)", "model.senet true (fixed: false)"]
+    fixed = ["data.max_len=32", "model.dnn_units=[256, 128]", "train.patience=2", "train.optimizer=adamw",
+             "model.use_user_id=true"]
+    assert task1_departures(load_config(CONFIGS / "baseline.yaml", fixed), 64) == [
+        "data.max_len 32 (fixed: 64)", "model.dnn_units [256, 128] (fixed: [1024, 512, 256])",
+        "model.use_user_id true (fixed: false)", "train.optimizer adamw (fixed: adam)", "train.patience 2 (fixed: 3)",
+        "item vectors 64 wide (fixed: 128, as item_emb_d128)"]
+    # a module's own knobs count where the run turns it on
+    assert task1_departures(load_config(CONFIGS / "baseline.yaml", ["model.senet=true", "model.senet_ratio=4"]),
+                            128) == ["model.senet true (fixed: false)", "model.senet_ratio 4 (fixed: 3)"]
+    widths = {s: load_config(None, [f"fusion.strategy={s}", "fusion.dims=96", "fusion.text_dim=32"]).fusion.vector_dim
+              for s in ("given", "v1", "v3", "v4")}  # the width a pipeline's config gives, before its fuse step
+    assert widths == {"given": 128, "v1": 96, "v3": 96, "v4": 32 + 64}
+    with pytest.raises(ValueError, match="'Task3': expected one of Task2, Task1, Task1&2"):
+        write_submission(np.array([0.5]), tmp_path / "s.zip", "Task3")  # the CLI's --task choices, for callers
+    assert not (tmp_path / "s.zip").exists()
 
 
 def test_schedule_decays_on_plateau_with_a_floor_and_stops_after_patience():
@@ -434,6 +466,24 @@ def test_predict_writes_the_submission_in_test_row_order(two_worker_run, synth_d
         assert main(["predict", "--run", str(run), "--data", str(parted), "--out", str(tmp_path / "null.zip")]) == 0
     said = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("wrote "))
     assert f"test AUC {summary['metrics']['auc']:.4f}" in said and "oracle" not in said, said
+    # the submission for the item-embedding track: its column, and the warning that this run's tiny model is not
+    # the one Task 1 fixes, said before Ray starts (the rows are the same)
+    import mmctr_ray.cli as cli
+
+    caplog.clear()
+    start_ray = cli._start_ray
+    monkeypatch.setattr(cli, "_start_ray", lambda *a, **k: logging.getLogger("test").info("Ray starts") or start_ray(
+        *a, **k))
+    with caplog.at_level("INFO"):
+        assert main(["predict", "--run", str(run), "--data", str(synth_dir), "--out", str(tmp_path / "t1.zip"),
+                     "--task", "Task1"]) == 0
+    with zipfile.ZipFile(tmp_path / "t1.zip") as zf:
+        assert zf.read("prediction.csv").decode() == text.replace("ID,Task2\n", "ID,Task1\n", 1)
+    said = [r.getMessage() for r in caplog.records]
+    warned = next(i for i, m in enumerate(said) if m.startswith("--task Task1: "))
+    assert "model.embedding_dim 8 (fixed: 64)" in said[warned] and "no Task 1 entry" in said[warned]
+    assert warned < said.index("Ray starts")
+    assert any(m.startswith(f"wrote {tmp_path / 't1.zip'} (Task1): ") for m in said)
 
 
 @pytest.mark.slow
