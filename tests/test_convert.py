@@ -573,6 +573,32 @@ def test_more_negatives_than_any_user_can_be_given_are_refused_before_the_ray_wo
     assert not (tmp_path / "out").exists()  # nor an empty OUT, made to stage into (it was left behind)
 
 
+def test_a_user_too_heavy_for_the_negatives_is_one_line_naming_the_file_not_a_failed_ray_task(tmp_path):
+    """A user who clicked 298 of 300 items cannot be given 3 negatives per click. Only the bucket task that builds
+    that user's rows can tell; it raised there, and Ray Data logged ~220 lines of tracebacks before the command's
+    line (helper-131, F11). The task now hands the error to the driver, which says it once, naming the file."""
+    raw = tmp_path / "raw"
+    make_raw(raw, users=20)
+    titles = pd.read_csv(raw / "MicroLens-tiny_title_en.csv")
+    pairs = raw / "MicroLens-tiny_pairs.csv"
+    heavy = pd.DataFrame({"user": 9999, "item": titles["item"][:298], "timestamp": 1_600_000_000_000 + np.arange(298)})
+    pd.concat([pd.read_csv(pairs), heavy]).to_csv(pairs, index=False)
+    said = (f"{pairs}: user 9999 interacted with 298 of the 300 items, which leaves 2 to draw --negatives 3 "
+            f"non-clicks per click from; lower --negatives to at most 2 or leave this user out")
+    with pytest.raises(DataError, match=f"^{re.escape(said)}$"):
+        run_convert(RawSpec(raw), tmp_path / "out", RowSpec(negatives=3), progress=lambda m: None, **FAST)
+    assert not (tmp_path / "out").exists()
+    r = subprocess.run([sys.executable, "-m", "mmctr_ray.cli", "convert", "--raw", str(raw), "--out",
+                        str(tmp_path / "out"), "--shuffle", "sort", "--num-cpus", "2", "--split-layout", "parts",
+                        "--negatives", "3"], capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert [line for line in r.stderr.splitlines() if "error" in line.lower()] == [f"mmctr convert: error: {said}"]
+    assert not (tmp_path / "out").exists()
+    # two negatives fit: the same user's rows are built, each click with two items the user never touched
+    run_convert(RawSpec(raw), tmp_path / "out", RowSpec(negatives=2), progress=lambda m: None, **FAST)
+    assert [str(p) for p in validate(tmp_path / "out") if p.is_error] == []
+
+
 def test_fuse_refuses_the_placeholder_vectors(converted, tmp_path):
     from mmctr_ray.fuse import run_fuse
 

@@ -126,7 +126,7 @@ def _convert(raw: RawSpec, files: RawFiles, stage: Layout, spec: RowSpec, partit
                 .map_groups(_bucket_rows, batch_format="numpy",
                             fn_kwargs={"lookups": lookups, "spec": spec, "parts": str(parts),
                                        "by_split": split_layout == "parts", "partitions": partitions}))
-        splits = _write_splits(rows, parts, stage, progress, t0, by_split=split_layout == "parts")
+        splits = _write_splits(rows, parts, stage, progress, t0, by_split=split_layout == "parts", source=files.pairs)
     for name, s in splits.items():
         if not s["rows"]:
             raise DataError(f"{files.pairs}: no {name} rows (leave-last-out needs users with >= 3 interactions; "
@@ -334,7 +334,23 @@ def _bucket_rows(group: dict[str, np.ndarray], lookups, spec: RowSpec, parts: st
     The task writes the file itself: Ray Data's parquet sink collects all of a write task's blocks before
     writing, which held a whole bucket's rows (8 GiB per worker at 8M interactions in 4 buckets) in memory.
     Here a task holds its bucket's interactions and one chunk of rows.
+
+    Input the rows cannot be built from (a user who touched so many items that too few are left for the negatives:
+    a DataError) is returned as the summary row's ``error``, for the driver to say as one line: raised here, it
+    failed the Ray task, and Ray Data logged ~200 lines of tracebacks before the command's own line.
     """
+    try:
+        return {**_bucket_summary(group, lookups, spec, parts, partitions, by_split), "error": np.array([""])}
+    except DataError as err:
+        bucket = int(group["bucket"][0]) % partitions
+        return {"bucket": np.array([bucket]), "path": np.array([""]), "error": np.array([str(err)]),
+                **({f"{name}_{k}": np.array([0]) for name in SPLIT_CODES for k in ("rows", "positives")}
+                   if by_split else {})}
+
+
+def _bucket_summary(group: dict[str, np.ndarray], lookups, spec: RowSpec, parts: str, partitions: int,
+                    by_split: bool) -> dict[str, np.ndarray]:
+    """:func:`_bucket_rows`, raising DataError."""
     lk = _lookups(lookups)
     bucket = int(group["bucket"][0]) % partitions  # the group key is bucket + partitions * k (bucket_keys)
     raw_user = group["user"]
@@ -382,12 +398,17 @@ def _bucket_split_rows(dataset_dir: Path, name: str, bounds: np.ndarray, events:
 
 
 def _write_splits(rows, parts: Path, stage: Layout, progress: Callable[[str], None], t0: float,
-                  by_split: bool = False) -> dict:
+                  by_split: bool = False, source: Path | str = "interactions") -> dict:
     """Run the bucket tasks (each writes its part file into ``parts``), then read the parts once, in bucket order,
     batch by batch, and route each row to its split's single layout file: the driver holds at most a few batches
     and never maps the workers' blocks, whatever the data size. With ``by_split`` the tasks wrote the split
-    folders themselves: only their counts are summed."""
-    results = list(rows.iter_rows())
+    folders themselves: only their counts are summed. A task's ``error`` is raised as a DataError naming
+    ``source``, the interactions file."""
+    results = []
+    for r in rows.iter_rows():
+        if r["error"]:  # the first bucket to meet it ends the conversion (the others' tasks are cancelled)
+            raise DataError(f"{source}: {r['error']}")
+        results.append(r)
     summary = sorted((int(r["bucket"]), str(r["path"])) for r in results)
     buckets = [b for b, _ in summary]
     if len(set(buckets)) != len(buckets):  # each bucket must be one group: a second task would rewrite its file

@@ -182,21 +182,29 @@ def sample_negatives(user: np.ndarray, raw_user: np.ndarray, item: np.ndarray, p
             out[todo[~bad], slot] = cand[~bad]
             todo = todo[bad]
         for t in todo:  # rare: the user's items hold most of the popularity mass
-            out[t, slot] = _exact_draw(owned, base[t], out[t, :slot], lk.item_cum, spec.seed, raw_user[rows[t]],
+            out[t, slot] = _exact_draw(owned, base[t], out[t, :slot], lk.item_cum, spec, raw_user[rows[t]],
                                        pos[rows[t]], slot)
     return out
 
 
-def _exact_draw(owned: np.ndarray, base: int, taken: np.ndarray, item_cum: np.ndarray, seed: int, raw_user: int,
-                position: int, slot: int) -> int:
-    """One popularity-weighted draw restricted to the items the user never touched (uniform if none is popular)."""
+def _exact_draw(owned: np.ndarray, base: int, taken: np.ndarray, item_cum: np.ndarray, spec: RowSpec,
+                raw_user: int, position: int, slot: int) -> int:
+    """One popularity-weighted draw restricted to the items the user never touched (uniform if none is popular).
+
+    Raises:
+        DataError: the user touched so many items that fewer than ``spec.negatives`` are left (the conversion's
+            bucket task hands it to the driver, which says it as one line naming the interactions file).
+    """
     n_items = len(item_cum)
     lo, hi = np.searchsorted(owned, [base + 1, base + n_items + 1])
-    allowed = np.setdiff1d(np.arange(1, n_items + 1), np.r_[owned[lo:hi] - base, taken])
+    touched = np.unique(owned[lo:hi]) - base
+    allowed = np.setdiff1d(np.arange(1, n_items + 1), np.r_[touched, taken])
     if not len(allowed):
-        raise DataError(f"user {raw_user} interacted with so many of the {n_items} items that no negative is left "
-                        f"for slot {slot + 1}; lower --negatives")
+        left = n_items - len(touched)
+        raise DataError(f"user {raw_user} interacted with {len(touched):,} of the {n_items:,} items, which leaves "
+                        f"{left:,} to draw --negatives {spec.negatives} non-clicks per click from; lower --negatives"
+                        + (f" to at most {left}" if left else "") + " or leave this user out")
     weight = np.diff(np.r_[0.0, item_cum])[allowed - 1]
     cum = np.cumsum(weight if weight.sum() > 0 else np.ones(len(allowed)))
-    u = uniform(seed, np.array([raw_user]), np.array([position]), slot, MAX_ATTEMPTS)[0]
+    u = uniform(spec.seed, np.array([raw_user]), np.array([position]), slot, MAX_ATTEMPTS)[0]
     return int(allowed[min(int(np.searchsorted(cum, u * cum[-1], side="right")), len(allowed) - 1)])
