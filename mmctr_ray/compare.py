@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from mmctr_ray import storage
 from mmctr_ray.checkpoint import PREFIX, run_or_checkpoint
-from mmctr_ray.config import differences
+from mmctr_ray.config import ExperimentConfig, effective_differences, value_text
 from mmctr_ray.errors import DataError
 from mmctr_ray.metrics import compare_aucs
 from mmctr_ray.report import describe_run
@@ -65,13 +65,13 @@ def split_labels(data_dir: str | Path, split: str) -> tuple[Path, Any]:
     return path, labels
 
 
-def config_differences(configs: list[dict[str, Any]]) -> list[dict[str, dict[str, Any]]]:
-    """Per config (a checkpoint's config.yaml, as a dict of sections), the keys whose values differ from the first
-    one's: ``{"model.batch_norm": {"value": False, "first": True}}``; the first gets ``{}``. The one-line
-    description of a run leaves most keys out (activations, batch norm, precision, the schedule's settings), so
-    ablations that differ only there read alike without it."""
-    return [{key: {"value": mine, "first": first} for key, (first, mine) in differences(configs[0], config).items()}
-            for config in configs]
+def config_differences(configs: list[ExperimentConfig]) -> list[dict[str, dict[str, Any]]]:
+    """Per config (a checkpoint's), the keys whose values differ from the first one's, where both take effect
+    (:func:`~mmctr_ray.config.effective_differences`): ``{"model.batch_norm": {"value": False, "first": True}}``;
+    the first gets ``{}``. The one-line description of a run leaves most keys out (activations, batch norm,
+    precision, the schedule's settings), so ablations that differ only there read alike without it."""
+    return [{key: {"value": mine, "first": first}
+             for key, (first, mine) in effective_differences(configs[0], config).items()} for config in configs]
 
 
 def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid", device: str = "cpu",
@@ -97,7 +97,7 @@ def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid",
         check_finite(logits, checkpoint, path)
         scores.append(logits)
         described.append(describe_run(cfg, model.item_source))
-        configs.append(cfg.to_dict())
+        configs.append(cfg)
         if progress is not None:
             progress(f"scored {split} with {checkpoint}")
     rows = compare_aucs(labels, scores)
@@ -134,12 +134,8 @@ def markdown(result: dict[str, Any]) -> str:
     later = [r for r in result["runs"][1:] if "config_vs_first" in r]
     if later:
         lines += ["", "Config keys unlike the first run's (its value in brackets):"]
-        lines += [f"- {r['run']}: " + (", ".join(f"{key} {_yaml(d['value'])} ({_yaml(d['first'])})"
+        lines += [f"- {r['run']}: " + (", ".join(f"{key} {value_text(d['value'])} ({value_text(d['first'])})"
                                                   for key, d in r["config_vs_first"].items()) or "the same config")
                   for r in later]
     return "\n".join(lines) + "\n"
 
-
-def _yaml(value: Any) -> str:
-    """A config value as its YAML says it (``false``, ``[64, 32]``, ``null``)."""
-    return json.dumps(value) if not isinstance(value, str) else value

@@ -18,6 +18,7 @@ import collections.abc
 import copy
 import dataclasses
 import difflib
+import json
 import math
 import re
 import types
@@ -432,6 +433,39 @@ def differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict[
         elif x != y:
             out[f"{prefix}{key}"] = (x, y)
     return out
+
+
+# Keys that do nothing in a config that sets them: a module's own knobs where the module is off, the attention's
+# without the history, the fusion widths another strategy uses. A comparison of two configs leaves them out.
+_INERT = {
+    "model.num_heads": lambda c: not c.model.use_history or c.model.attention != "multihead",
+    "model.attention_units": lambda c: not c.model.use_history or c.model.attention != "din",
+    "model.attention_activation": lambda c: not c.model.use_history or c.model.attention != "din",
+    "model.attention": lambda c: not c.model.use_history,
+    "model.attention_dropout": lambda c: not c.model.use_history,
+    "model.senet_ratio": lambda c: not c.model.senet,
+    "model.cross_layers": lambda c: c.model.crossnet == "off",
+    "fusion.dims": lambda c: c.fusion.strategy in ("given", "v4"),
+    "fusion.text_dim": lambda c: c.fusion.strategy != "v4",
+    "fusion.image_dim": lambda c: c.fusion.strategy != "v4",
+}
+
+
+def inert_keys(cfg: ExperimentConfig) -> set[str]:
+    """The dotted keys that have no effect in ``cfg`` (:data:`_INERT`)."""
+    return {key for key, inert in _INERT.items() if inert(cfg)}
+
+
+def effective_differences(a: ExperimentConfig, b: ExperimentConfig) -> dict[str, tuple[Any, Any]]:
+    """:func:`differences` of two configs, without the keys either leaves without effect (:func:`inert_keys`): a v3
+    run against a v4 run differs in ``fusion.strategy``, not in the ``fusion.dims`` v4 never reads."""
+    skip = inert_keys(a) | inert_keys(b)
+    return {key: pair for key, pair in differences(a.to_dict(), b.to_dict()).items() if key not in skip}
+
+
+def value_text(value: Any) -> str:
+    """A config value as its YAML says it (``false``, ``[64, 32]``, ``null``, ``0.001``, ``din``)."""
+    return json.dumps(value) if not isinstance(value, str) else value
 
 
 def override_key(assignment: str) -> str:

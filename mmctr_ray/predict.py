@@ -27,7 +27,7 @@ import torch
 
 from mmctr_ray import storage
 from mmctr_ray.checkpoint import PREFIX, load_checkpoint, run_or_checkpoint
-from mmctr_ray.config import ExperimentConfig, differences
+from mmctr_ray.config import ExperimentConfig, effective_differences, value_text
 from mmctr_ray.errors import DataError, OutputExistsError
 from mmctr_ray.features import MODEL_INPUTS, check_same_table, load_item_table, max_user_id, read_split, to_model_batch
 from mmctr_ray.host_malloc import actor_options
@@ -51,39 +51,20 @@ TASK1_FREE = ("train.embedding_l2", "train.weight_decay", "model.dropout", "trai
               "model.item_vector_rms")
 TASK1_TRAIN = ("optimizer", "lr_decay", "min_lr", "patience", "grad_clip")  # the fixed schedule; the rest of train
 # (precision, shuffle buffer, epochs, seed, ...) is how a run is carried out, not the model
-# a module's own knobs, compared only where the module is on in the run (off in the baseline, they do nothing)
-_MODULE_KEYS = {"model.num_heads": lambda m: m.attention == "multihead", "model.senet_ratio": lambda m: m.senet,
-                "model.cross_layers": lambda m: m.crossnet != "off",
-                "model.attention_units": lambda m: m.attention == "din",
-                "model.attention_activation": lambda m: m.attention == "din"}
 
 
 def task1_departures(cfg: ExperimentConfig, vector_dim: int) -> list[str]:
     """Where a run's model departs from the one Task 1 fixes (the challenge baseline's DIN, with the history length
-    and schedule of its config), beyond :data:`TASK1_FREE`: ``["model.senet true (fixed: false)", ...]``; empty
+    and schedule of its config), beyond :data:`TASK1_FREE` and keys without effect in either (a module's knobs
+    where it is off: :func:`~mmctr_ray.config.inert_keys`): ``["model.senet true (fixed: false)", ...]``; empty
     for a run Task 1 admits. ``vector_dim``: the width of the item vectors the run was trained on."""
-    fixed = ExperimentConfig()
-
-    def scope(c: ExperimentConfig) -> dict[str, Any]:
-        whole = c.to_dict()
-        return {"data": {"max_len": whole["data"]["max_len"]}, "model": whole["model"],
-                "train": {k: whole["train"][k] for k in TASK1_TRAIN}}
-
-    out = [f"{key} {_yaml_text(ran)} (fixed: {_yaml_text(base)})"
-           for key, (ran, base) in differences(scope(cfg), scope(fixed)).items()
-           if key not in TASK1_FREE and _MODULE_KEYS.get(key, lambda m: True)(cfg.model)]
+    fixed = {"data.max_len", *(f"train.{k}" for k in TASK1_TRAIN)}
+    out = [f"{key} {value_text(ran)} (fixed: {value_text(base)})"
+           for key, (ran, base) in effective_differences(cfg, ExperimentConfig()).items()
+           if (key in fixed or key.startswith("model.")) and key not in TASK1_FREE]
     if vector_dim != GIVEN_EMB_DIM:
         out.append(f"item vectors {vector_dim} wide (fixed: {GIVEN_EMB_DIM}, as item_emb_d128)")
     return out
-
-
-def _yaml_text(value: Any) -> str:
-    """A config value as a YAML file spells it: true, [512, 256], 0.001."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list):
-        return "[" + ", ".join(_yaml_text(v) for v in value) + "]"
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def warn_task1(cfg: ExperimentConfig, vector_dim: int, task: str, what: str, written: str) -> None:

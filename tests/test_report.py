@@ -74,12 +74,22 @@ def test_compare_names_the_config_keys_each_run_sets_unlike_the_first():
     """`mmctr compare` across ablations: runs that differ in batch norm, an activation or the precision had the same
     one-line description, so its table could not tell them apart."""
     from mmctr_ray.compare import config_differences, markdown
+    from mmctr_ray.config import load_config
 
-    first = {"name": "tiny", "model": {"batch_norm": True, "dnn_units": [32, 16]}, "train": {"precision": "auto"}}
-    nobn = {**first, "model": {"batch_norm": False, "dnn_units": [32, 8]}}
+    first = load_config(ROOT / "configs/tiny.yaml", ["model.dnn_units=[32, 16]"])
+    nobn = load_config(ROOT / "configs/tiny.yaml", ["model.batch_norm=false", "model.dnn_units=[32, 8]"])
     assert config_differences([first, nobn, first]) == [
         {}, {"model.batch_norm": {"value": False, "first": True}, "model.dnn_units": {"value": [32, 8],
                                                                                      "first": [32, 16]}}, {}]
+    # keys that do nothing in one of the two are no difference (helper-134: v3 against v4 listed fusion.dims, which
+    # v4 never reads); the key that turns them off is
+    v3 = load_config(ROOT / "configs/tiny.yaml", ["fusion.strategy=v3", "fusion.dims=64"])
+    plain = load_config(ROOT / "configs/tiny.yaml", ["model.senet=false", "model.senet_ratio=4", "model.crossnet=off",
+                                                     "model.use_history=false", "model.attention_dropout=0.3"])
+    assert config_differences([first, v3, plain])[1:] == [
+        {"fusion.strategy": {"value": "v3", "first": "v4"}},
+        {"model.crossnet": {"value": "off", "first": "v2"}, "model.senet": {"value": False, "first": True},
+         "model.use_history": {"value": False, "first": True}}]
     runs = [{"run": name, "epoch": 1, "auc": 0.7, "se": 0.01, "diff": 0.0, "diff_se": 0.0, "p": 1.0,
              "config_vs_first": differs} for name, differs in zip("abc", config_differences([first, nobn, first]))]
     text = markdown({"split": "valid", "data": "D", "rows": 10, "positives": 3, "runs": runs})

@@ -58,9 +58,10 @@ def test_task1_admits_the_baseline_with_its_five_free_hyperparameters_and_names_
         "data.max_len 32 (fixed: 64)", "model.dnn_units [256, 128] (fixed: [1024, 512, 256])",
         "model.use_user_id true (fixed: false)", "train.optimizer adamw (fixed: adam)", "train.patience 2 (fixed: 3)",
         "item vectors 64 wide (fixed: 128, as item_emb_d128)"]
-    # a module's own knobs count where the run turns it on
-    assert task1_departures(load_config(CONFIGS / "baseline.yaml", ["model.senet=true", "model.senet_ratio=4"]),
-                            128) == ["model.senet true (fixed: false)", "model.senet_ratio 4 (fixed: 3)"]
+    # a module's own knobs count where both have it on: turned on, the module is the departure
+    assert task1_departures(load_config(CONFIGS / "baseline.yaml", ["model.senet=true", "model.senet_ratio=4",
+                                                                    "model.attention_units=[64]"]), 128) == [
+        "model.attention_units [64] (fixed: [512, 256])", "model.senet true (fixed: false)"]
     widths = {s: load_config(None, [f"fusion.strategy={s}", "fusion.dims=96", "fusion.text_dim=32"]).fusion.vector_dim
               for s in ("given", "v1", "v3", "v4")}  # the width a pipeline's config gives, before its fuse step
     assert widths == {"given": 128, "v1": 96, "v3": 96, "v4": 32 + 64}
