@@ -8,6 +8,7 @@ Example (``configs/search_tiny.yaml`` is a complete one)::
       grace_period: 1          # epochs every trial gets before ASHA may stop it
       reduction_factor: 3
       seed: 2025               # TPE sampler seed
+      startup_trials: 10       # trials drawn at random before TPE models the results (Optuna's default)
       space:                   # parameter → one of {choice: [...]}, {int: [lo, hi]}, {float: [lo, hi]}
         fusion.strategy: {choice: [given, v1, v2, v3, v4]}
         fusion.text_dim: {int: [8, 128], log: true, when: {fusion.strategy: [v4]}}
@@ -36,7 +37,7 @@ from mmctr_ray.config import (FUSION_WIDTHS, ConfigError, ExperimentConfig, appl
 
 KINDS = ("choice", "int", "float")
 PARAM_KEYS = {*KINDS, "log", "step", "when"}
-SEARCH_KEYS = ("num_samples", "max_epochs", "grace_period", "reduction_factor", "seed", "space")
+SEARCH_KEYS = ("num_samples", "max_epochs", "grace_period", "reduction_factor", "seed", "startup_trials", "space")
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class SearchSpace:
     grace_period: int = 1
     reduction_factor: int = 3
     seed: int = 2025
+    startup_trials: int = 10  # TPE's: drawn at random before it models the results (Optuna's n_startup_trials)
     base: dict[str, Any] = field(default_factory=dict)  # the rest of the YAML: the config every trial starts from
 
     @property

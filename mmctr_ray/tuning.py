@@ -342,6 +342,14 @@ def not_started(trial_id: str) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
+def startup_text(trials: int, startup: int) -> str:
+    """What TPE does with a search of ``trials`` trials whose first ``startup`` it draws at random."""
+    if trials <= startup:
+        return (f"TPE draws the first {startup} trials at random (search.startup_trials) before it models the "
+                f"results: all {trials} of this search are random draws, a random search")
+    return f"TPE draws the first {startup} trials at random (search.startup_trials), then models the results"
+
+
 def _searcher() -> type:
     """OptunaSearch that tolerates a trial the SQLite study already finished (after the driver is killed, Tune's
     restored state can lag the study by the last trials, which then report again), and that starts no trial
@@ -796,11 +804,13 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
             log.info("its time budget is spent: no trial starts, errored ones included; the unfinished ones finish")
         tuner = tune.Tuner.restore(str(tdir / "tune"), trainable=trainable, resume_errored=not spent)
     else:
-        if not logging.getLogger().isEnabledFor(logging.DEBUG):  # Optuna's own "[I ...] A new study created in RDB
-            import optuna  # with name: mmctr" line, in a format of its own, with -v only: the next line says more
+        import optuna
 
-            optuna.logging.set_verbosity(optuna.logging.WARNING)
-        searcher = _searcher()(space=space.define_by_run, metric=METRIC, mode="max", seed=space.seed,
+        if not logging.getLogger().isEnabledFor(logging.DEBUG):  # Optuna's own "[I ...] A new study created in RDB
+            optuna.logging.set_verbosity(optuna.logging.WARNING)  # with name: mmctr" line, in a format of its own,
+            # with -v only: the next line says more
+        sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.startup_trials)
+        searcher = _searcher()(space=space.define_by_run, metric=METRIC, mode="max", sampler=sampler,
                                 study_name=STUDY_NAME,
                                 storage=mmctr_ray.study.StudyStorage(study_url))
         searcher.deadline = deadline
@@ -808,6 +818,7 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
         n = num_samples or space.num_samples
         log.info("searching %d trials, %d at a time%s (Ray: %s)", n, k,
                  f", none started after {time_budget_s:g} s" if time_budget_s else "", ray.cluster_resources())
+        log.info(startup_text(n, space.startup_trials))
         tuner = tune.Tuner(trainable, run_config=run_config,
                            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=n,
                                                        max_concurrent_trials=k))

@@ -1756,6 +1756,8 @@ def test_set_reaches_the_search_sections_own_keys(tmp_path):
     space = load_search(ROOT / "configs/search_tiny.yaml", ["search.max_epochs=1", "search.grace_period=1",
                                                             "search.num_samples=3", "train.lr=0.01"])
     assert (space.max_epochs, space.num_samples, space.base["train"]["lr"]) == (1, 3, 0.01)
+    assert space.startup_trials == 10  # Optuna's TPE default: a search of 10 trials or fewer is a random search
+    assert load_search(ROOT / "configs/search_tiny.yaml", ["search.startup_trials=2"]).startup_trials == 2
     # a mistake of --set is said to be one, with the key it resembles (it blamed the file and listed every key,
     # or named no one)
     with pytest.raises(ConfigError,
@@ -1766,6 +1768,7 @@ def test_set_reaches_the_search_sections_own_keys(tmp_path):
         load_search(ROOT / "configs/search_tiny.yaml", ["model.dnn_unit=[8]"])
     for sets, message in ((["search.max_epochs=0"], "search.max_epochs=0: expected a positive integer"),
                           (["search.seed=-1"], "search.seed=-1: expected a non-negative integer"),  # 0 is one
+                          (["search.startup_trials=0"], "search.startup_trials=0: expected a positive integer"),
                           (["search.grace_period=99"], "search.grace_period=99: expected at most search.max_epochs=2"),
                           (["search.reduction_factor=1"], "search.reduction_factor=1: expected at least 2"),
                           # a valid base that makes a value the file's space draws invalid: --set's mistake too
@@ -2236,6 +2239,38 @@ def test_a_search_of_fewer_trials_than_fit_shares_the_cores_among_those_only(syn
         mmctr_ray.tuning.run_tuning(synth_dir, tmp_path / "tune", ROOT / "configs/search_tiny.yaml", num_samples=1)
     assert stop.value.args[0]["sharing"] == 1
     assert json.loads((tmp_path / "tune" / "settings.json").read_text())["concurrency"] == 1
+
+
+def test_the_sampler_draws_search_startup_trials_at_random_and_the_search_says_so(synth_dir, tmp_path, monkeypatch,
+                                                                                   caplog):
+    """Optuna's TPE draws its first 10 trials at random: `search_tiny.yaml`'s 6 trials were a random search, said
+    nowhere (helper-134). `search.startup_trials` sets the count, and the driver says what the search will be."""
+    import ray
+    import ray.tune
+
+    import mmctr_ray.tuning
+
+    class Stop(Exception):
+        pass
+
+    def tuner(*args, **kwargs):  # where the search would start: the searcher it was given, then stop
+        raise Stop(kwargs["tune_config"].search_alg)
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    monkeypatch.setattr(mmctr_ray.tuning, "_node_cpus", lambda: [8.0])
+    monkeypatch.setattr(mmctr_ray.tuning, "shared_datasets", lambda *a, **k: {})
+    monkeypatch.setattr(ray.tune, "with_parameters", lambda fn, **kwargs: fn)
+    monkeypatch.setattr(ray.tune, "Tuner", tuner)
+    for sets, startup, said in (([], 10, "TPE draws the first 10 trials at random (search.startup_trials) before it "
+                                          "models the results: all 6 of this search are random draws, a random search"),
+                                (["search.startup_trials=2"], 2, "TPE draws the first 2 trials at random "
+                                                                 "(search.startup_trials), then models the results")):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="mmctr_ray.tuning"), pytest.raises(Stop) as stop:
+            mmctr_ray.tuning.run_tuning(synth_dir, tmp_path / f"tune{startup}", ROOT / "configs/search_tiny.yaml",
+                                        overrides=sets)
+        assert stop.value.args[0]._sampler._n_startup_trials == startup
+        assert said in [r.getMessage() for r in caplog.records]
 
 
 def test_a_search_resumes_with_its_data_given_as_a_relative_path(tmp_path, monkeypatch):
