@@ -4,7 +4,9 @@ each run against the first.
 A valid AUC measured on a few thousand rows moves by about half a point from noise alone (its standard error on
 the default synthetic data's 5,000 validation rows is ~0.006), which is the size of most differences between
 configs. Two runs scored on the same rows err alike, so the difference of their AUCs is known far better than
-either AUC: the paired test (:func:`mmctr_ray.metrics.compare_aucs`) says which differences the split can tell.
+either AUC: the paired test (:func:`mmctr_ray.metrics.compare_aucs`) says which differences the split can tell
+between these checkpoints. It says nothing of training noise: the same config trained with another seed (or
+another row order) scores differently, which only runs of several seeds measure.
 Scoring runs in this process, without Ray (the split is read once; each run's model scores it in batches).
 """
 
@@ -124,7 +126,8 @@ def markdown(result: dict[str, Any]) -> str:
     """The comparison as a markdown table, with a line on how to read it."""
     lines = [f"{result['split']} split of {result['data']}: {result['rows']:,} rows, {result['positives']:,} "
              f"positives. ± is the standard error (DeLong); the difference to the first run and its p-value come "
-             f"from the paired test on the same rows.", "",
+             f"from the paired test on the same rows. They hold these checkpoints fixed: another train.seed of the "
+             f"same config moves its AUC too, by an amount only runs of a few seeds measure.", "",
              "| run | epoch | AUC | ± | vs first | ± | p |", "|---|---:|---:|---:|---:|---:|---:|"]
     for i, r in enumerate(result["runs"]):
         versus = ["–", "–", "–"] if i == 0 else [f"{r['diff']:+.4f}", f"{r['diff_se']:.4f}", f"{r['p']:.2g}"]

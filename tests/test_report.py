@@ -93,6 +93,9 @@ def test_compare_names_the_config_keys_each_run_sets_unlike_the_first():
     runs = [{"run": name, "epoch": 1, "auc": 0.7, "se": 0.01, "diff": 0.0, "diff_se": 0.0, "p": 1.0,
              "config_vs_first": differs} for name, differs in zip("abc", config_differences([first, nobn, first]))]
     text = markdown({"split": "valid", "data": "D", "rows": 10, "positives": 3, "runs": runs})
+    # the p-value is of these checkpoints, not of their configs (helper-134: read as the configs', it called two
+    # trainings of one config different)
+    assert "They hold these checkpoints fixed: another train.seed of the same config moves its AUC too" in text
     assert text.endswith("Config keys unlike the first run's (its value in brackets):\n"
                          "- b: model.batch_norm false (true), model.dnn_units [32, 8] ([32, 16])\n"
                          "- c: the same config\n")
