@@ -13,6 +13,7 @@ import io
 import json
 import math
 import shlex
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -271,11 +272,15 @@ def _plots(tdir: Path, rows: list[dict[str, Any]], space: SearchSpace) -> list[P
     paths = [_save(fig, out / "auc_by_trial.png")]
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for strategy in sorted({r["strategy"] for r in scored}):
-        pts = [r for r in scored if r["strategy"] == strategy]
-        ax.scatter([r["pca_width"] for r in pts], [r["best_valid_auc"] for r in pts], label=strategy)
+    for i, strategy in enumerate(sorted({r["strategy"] for r in scored})):  # a colour per strategy; a pruned
+        # trial's AUC is of the epoch ASHA stopped it at, so it is marked as such (it read as "that width is worse")
+        for pruned in (False, True):
+            pts = [r for r in scored if r["strategy"] == strategy and (r["status"] == "pruned") == pruned]
+            if pts:
+                ax.scatter([r["pca_width"] for r in pts], [r["best_valid_auc"] for r in pts], color=f"C{i}",
+                           marker="x" if pruned else "o", label=f"{strategy}, pruned" if pruned else strategy)
     ax.set(xscale="log", xlabel="item vector width (PCA dims; given = 128 as shipped)", ylabel="best valid AUC",
-           title="valid AUC against PCA size")
+           title="valid AUC against PCA size (x: pruned, AUC at the epoch it stopped)")
     if scored:  # no trial with a result yet: an empty plot, without matplotlib's warning of an empty legend
         ax.legend(fontsize=8)
     paths.append(_save(fig, out / "auc_vs_pca.png"))
@@ -285,16 +290,23 @@ def _plots(tdir: Path, rows: list[dict[str, Any]], space: SearchSpace) -> list[P
     if importances:
         names = list(importances)[::-1]
         ax.barh(names, [importances[n] for n in names])
-        ax.set(xlabel="importance (Optuna fANOVA)", title="parameter importance (unconditional parameters)")
+        ax.set(xlabel="importance (Optuna fANOVA)",
+               title=f"parameter importance over {note} (unconditional parameters)")
     else:
-        ax.text(0.5, 0.5, note, ha="center", va="center", wrap=True)
+        ax.text(0.5, 0.5, textwrap.fill(note, 80), ha="center", va="center")  # matplotlib's wrap cut its ends
         ax.set_axis_off()
     fig.tight_layout()
     paths.append(_save(fig, out / "param_importance.png"))
     return paths
 
 
+MIN_IMPORTANCE_TRIALS = 10  # completed trials before fANOVA's importances are drawn: over 2 (the bound until
+# 2026-12-07) its random forest gave three parameters 0.24-0.35 each from a pair of trials (helper-134)
+
+
 def _importances(tdir: Path, space: SearchSpace) -> tuple[dict[str, float], str]:
+    """fANOVA importances of the search's unconditional parameters over its completed trials, and what they are
+    over (``"12 completed trials"``); or none, and why not."""
     import optuna
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -305,11 +317,12 @@ def _importances(tdir: Path, space: SearchSpace) -> tuple[dict[str, float], str]
         study = optuna.load_study(study_name="mmctr", storage=f"sqlite:///{tdir}/optuna.db")
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         params = [p.key for p in space.params if not p.when and len({t.params.get(p.key) for t in done}) > 1]
-        if len(done) < 2 or not params:
-            return {}, (f"parameter importance needs 2+ trials that differ and ran to their end, not pruned "
-                        f"({len(done)} did)")
+        if len(done) < MIN_IMPORTANCE_TRIALS or not params:
+            return {}, (f"parameter importance needs {MIN_IMPORTANCE_TRIALS}+ trials that differ and ran to their "
+                        f"end, not pruned ({len(done)} did): fANOVA's forest over fewer ranks noise")
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=space.seed)  # what the plot's label says
-        return optuna.importance.get_param_importances(study, params=params, evaluator=evaluator), ""
+        found = optuna.importance.get_param_importances(study, params=params, evaluator=evaluator)
+        return found, f"{len(done)} completed trials"
     except (KeyError, ValueError, RuntimeError, SQLAlchemyError) as err:  # e.g. the running search's write lock
         return {}, f"parameter importance unavailable: {first_line(err)}"
 

@@ -437,3 +437,31 @@ def test_a_report_names_its_run_as_given_by_dot_and_writes_its_summary_last(tmp_
     with pytest.raises(RuntimeError, match="^the figure could not be drawn$"):
         report.write_report(".")
     assert (run / "report" / "summary.md").read_text() == summary  # the earlier summary, still beside its curves
+
+
+def test_parameter_importance_needs_ten_completed_trials_and_says_how_many_it_is_over(tmp_path):
+    """fANOVA's importances were drawn from 2 completed trials (three parameters at 0.24-0.35 from a pair: helper-134),
+    without saying over how many."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from mmctr_ray.search_space import load_search
+    from mmctr_ray.tune_report import MIN_IMPORTANCE_TRIALS, _importances
+
+    space = load_search(ROOT / "configs/search_tiny.yaml")
+    study = optuna.create_study(study_name="mmctr", storage=f"sqlite:///{tmp_path}/optuna.db", direction="maximize")
+    dist = {"train.lr": FloatDistribution(1e-3, 1e-2, log=True), "model.dropout": FloatDistribution(0.0, 0.3)}
+    rng = np.random.default_rng(0)
+
+    def add(n: int) -> None:  # the AUC follows the learning rate alone
+        for lr, dropout in zip(10 ** rng.uniform(-3, -2, n), rng.uniform(0, 0.3, n)):
+            study.add_trial(optuna.trial.create_trial(params={"train.lr": lr, "model.dropout": dropout},
+                                                      distributions=dist, value=0.7 + 10 * lr))
+
+    add(MIN_IMPORTANCE_TRIALS - 1)
+    assert _importances(tmp_path, space) == ({}, "parameter importance needs 10+ trials that differ and ran to their "
+                                                 "end, not pruned (9 did): fANOVA's forest over fewer ranks noise")
+    add(1)
+    found, over = _importances(tmp_path, space)
+    assert over == "10 completed trials" and set(found) == {"train.lr", "model.dropout"}
+    assert found["train.lr"] > 0.9 > found["model.dropout"]
