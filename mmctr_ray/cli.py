@@ -274,11 +274,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                            verbose=args.verbose,
                            start_ray=lambda: _start_ray(args, pool_cpus=args.workers * args.cpus_per_worker),
                            lr_set=args.resume and any(override_key(o) == "train.lr" for o in args.overrides))
-    oracle = summary.get("oracle_valid_auc")
-    log.info("best valid AUC %.4f%s (logloss %.4f) at epoch %d of %d%s; checkpoint %s",
+    oracle, reason = summary.get("oracle_valid_auc"), summary.get("stop_reason")
+    log.info("best valid AUC %.4f%s (logloss %.4f) at epoch %d of %d%s%s; checkpoint %s",
              summary["best_valid_auc"], se_text(summary.get("best_valid_auc_se")), summary["best_valid_logloss"],
-             summary["best_epoch"], summary["epochs"], f"; oracle AUC {oracle:.4f}" if oracle else "",
-             summary["best_checkpoint"])
+             summary["best_epoch"], summary["epochs"], f" ({reason})" if reason else "",
+             f"; oracle AUC {oracle:.4f}" if oracle else "", summary["best_checkpoint"])
     return 0
 
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 from mmctr_ray import storage
 from mmctr_ray.checkpoint import (DIVERGED, best_checkpoint, checkpoint_epoch, kept_checkpoints,
                                   latest_checkpoint, read_state)
-from mmctr_ray.config import ExperimentConfig, load_config, save_config
+from mmctr_ray.config import ExperimentConfig, TrainConfig, load_config, save_config
 from mmctr_ray.errors import (ConfigError, DataError, Interrupted, NotStarted, OutputExistsError, StorageError,
                               UserError, WorkersFailed, dead_worker, find_cause, find_user_error,
                               first_line, worker_failure_reason)
@@ -95,6 +95,19 @@ def _check_run_dir(run: storage.Location, cfg: ExperimentConfig, resume: bool, o
         if entries(run) and not overwrite:
             raise OutputExistsError(f"{run}: already holds a run; pass --resume to continue it or --overwrite "
                                     f"to replace it")
+
+
+def stop_reason(state: dict[str, Any], train: TrainConfig) -> str | None:
+    """Why the schedule ended a run after its latest checkpoint (its ``state.json``, with the ``train`` section it
+    was trained with): early stop or the last epoch; None where neither ended it (a search's scheduler did, or a
+    run stopped before its end)."""
+    epoch, bad = state["epoch"], state["bad_epochs"]
+    if bad >= train.patience:
+        return (f"early stop: {bad} epoch{'s' * (bad != 1)} without a better valid AUC, "
+                f"train.patience={train.patience}")
+    if epoch >= train.epochs:
+        return f"train.epochs={train.epochs} reached"
+    return None
 
 
 def _nothing_to_train(run: storage.Location, cfg: ExperimentConfig) -> str | None:
@@ -635,14 +648,16 @@ def steady_rate(history: list[dict[str, Any]]) -> float | None:
 
 
 def _summary(run_dir: storage.Location, data_dir: Path, seconds: float) -> dict[str, Any]:
-    best = best_checkpoint(run_dir)
-    history = read_state(latest_checkpoint(run_dir))["history"]
+    best, latest = best_checkpoint(run_dir), latest_checkpoint(run_dir)
+    state = read_state(latest)
+    history = state["history"]
     best_row = best_epoch(history)
     oracle = Layout(data_dir).oracle_auc("valid", best_row.get("valid_rows"))  # rows None: older runs kept none
     summary = {"run_dir": str(run_dir), "data": str(data_dir), "epochs": len(history),
                "best_epoch": best_row["epoch"], "best_valid_auc": best_row["valid_auc"],
                "best_valid_auc_se": best_row.get("valid_auc_se"),
                "best_valid_logloss": best_row["valid_logloss"], "best_checkpoint": str(best),
+               "stop_reason": stop_reason(state, load_config(storage.join(latest, "config.yaml")).train),
                "oracle_valid_auc": oracle, "mean_samples_per_s": steady_rate(history),
                # this command's seconds (a --resume's only), and the epochs' over every attempt
                "wall_seconds": seconds, "epoch_seconds": sum(r.get("epoch_seconds") or 0.0 for r in history)}

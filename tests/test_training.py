@@ -70,6 +70,17 @@ def test_task1_admits_the_baseline_with_its_five_free_hyperparameters_and_names_
     assert not (tmp_path / "s.zip").exists()
 
 
+def test_the_summary_says_whether_early_stopping_or_the_last_epoch_ended_the_run():
+    """`train --resume --set train.epochs=6` ended at epoch 5 of 6, and nothing said the patience had (helper-134)."""
+    from mmctr_ray.train_driver import stop_reason
+
+    t = load_config(None, ["train.epochs=6", "train.patience=2"]).train
+    assert stop_reason({"epoch": 5, "bad_epochs": 2}, t) == ("early stop: 2 epochs without a better valid AUC, "
+                                                             "train.patience=2")
+    assert stop_reason({"epoch": 6, "bad_epochs": 1}, t) == "train.epochs=6 reached"
+    assert stop_reason({"epoch": 3, "bad_epochs": 1}, t) is None  # a search's scheduler ended it, or a signal
+
+
 def test_schedule_decays_on_plateau_with_a_floor_and_stops_after_patience():
     cfg = load_config(None, ["train.lr=1e-3", "train.min_lr=5e-5", "train.patience=3"]).train
     state = TrainState(lr=cfg.lr)
@@ -1514,6 +1525,7 @@ def test_an_overwrite_whose_workers_refuse_the_data_leaves_the_run_it_was_to_rep
     monkeypatch.undo()
     summary = run_training(synth_dir, str(run), tiny_cfg("train.epochs=1"), overwrite=True)  # on good data: replaced
     assert summary["epochs"] == 1 and len(epoch_checkpoints(run)) == 1 and (run / "summary.json").is_file()
+    assert summary["stop_reason"] == "train.epochs=1 reached"  # why the run ended, beside its best epoch
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".mmctr.lock")) == ["data", "run"]
 
 
