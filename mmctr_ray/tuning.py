@@ -260,8 +260,16 @@ def progress_line(trials: list[Any], trial: Any, outcome: str, total: int, elaps
     elif budget_left is not None:  # no trial starts after the budget; the last ones take about one trial's time
         left = f"~{min((total - ended) * pace, budget_left + pace) / 60:.1f} min left, new trials for " \
                f"{budget_left / 60:.1f} more min"
-    return (f"trial {trial.trial_id} {outcome}: {auc}; {best}; {ended}/{total} ended, {running} running; "
-            f"{elapsed / 60:.1f} min, {left}")
+    drawn = drawn_fusion(getattr(trial, "config", None) or {})
+    return (f"trial {trial.trial_id}{f' ({drawn})' if drawn else ''} {outcome}: {auc}; {best}; {ended}/{total} "
+            f"ended, {running} running; {elapsed / 60:.1f} min, {left}")
+
+
+def drawn_fusion(params: dict[str, Any]) -> str:
+    """The item vectors a trial drew, for its progress line: ``v4 32+32``, ``v1 18``, ``given``; "" for a search
+    that draws no ``fusion.*`` key (every trial has the base config's)."""
+    widths = "+".join(str(params[k]) for k in ("fusion.dims", "fusion.text_dim", "fusion.image_dim") if k in params)
+    return " ".join(str(part) for part in (params.get("fusion.strategy"), widths) if part)
 
 
 class _Progress:

@@ -1161,6 +1161,14 @@ def test_an_ended_trial_is_one_line_with_the_best_so_far_and_the_time_left(tmp_p
     trials[0].last_result["best_epoch"] = 2  # the best epoch before the last: named as the best (it named the last)
     assert progress_line(trials, trials[0], "completed", 8, 120.0, 2).startswith(
         "trial a completed: best valid AUC 0.8000 ± 0.0123 at epoch 2 of 3; best so far 0.8000 (a); ")
+    # the item vectors the trial drew, where the search draws them (helper-134: only results.csv named them)
+    for params, said in (({"fusion.strategy": "v4", "fusion.text_dim": 32, "fusion.image_dim": 16}, "(v4 32+16) "),
+                         ({"fusion.strategy": "v1", "fusion.dims": 18, "train.lr": 0.01}, "(v1 18) "),
+                         ({"fusion.strategy": "given"}, "(given) "), ({"fusion.dims": 64}, "(64) ")):
+        trials[0].config = params
+        assert progress_line(trials, trials[0], "completed", 8, 120.0, 2).startswith(f"trial a {said}completed: ")
+    trials[0].config = {"train.lr": 0.01}
+    assert progress_line(trials, trials[0], "completed", 8, 120.0, 2).startswith("trial a completed: ")
     run = tmp_path / "trials" / "t"
     run.mkdir(parents=True)
     assert [trial_outcome(run, 0, 3), trial_outcome(run, 1, 3)] == ["no result", "pruned"]  # records without stops
@@ -1360,7 +1368,8 @@ def test_a_killed_search_resumes_without_losing_or_repeating_trials(synth_dir, t
     common = ["--data", str(synth_dir), "--out", str(tune_dir), "--num-cpus", "4"]
     first = run_tune(*common, "--config", str(search), env={FAULT_ENV: "1"})
     assert first.returncode == 75, first.stderr[-3000:]
-    ended = (r"trial \w+ (completed|early-stopped|pruned): best valid AUC 0\.\d{4} ± 0\.\d{4} at epoch 1; "
+    ended = (r"trial \w+ \((given|v[123] \d+|v4 \d+\+\d+)\) (completed|early-stopped|pruned): best valid AUC "
+             r"0\.\d{4} ± 0\.\d{4} at epoch 1; "
              r"best so far 0\.\d{4} \(\w+\); ")
     assert re.search(ended + r"1/2 ended", first.stderr), first.stderr[-3000:]  # progress, one line a trial
     for table in ("Configuration for experiment", "View detailed results", "tensorboard --logdir"):  # Tune's own
