@@ -231,7 +231,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
     from mmctr_ray.features import refuse_placeholders
 
-    cfg = _config(args)
+    cfg = _config(_with_fusion(args))
     check_splits(args.data, SPLITS)  # bad data (a wrong --data, a null in a history) fails before Ray starts
     refuse_placeholders(args.data, cfg.data.item_vector)
     _start_ray(args)
@@ -247,26 +247,33 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_fusion(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with ``--fusion FILE`` (train, features) as the ``--set`` of data.item_vector and fusion.* it stands
+    for, ahead of the command's own; a ``--set`` that would change one of those keys is refused."""
+    if not getattr(args, "fusion", None):
+        return args
+    from mmctr_ray.fuse import fusion_overrides
+
+    table = fusion_overrides(args.fusion)
+    changed = {key for key in differences(load_config(args.config, table).to_dict(),
+                                          load_config(args.config, [*table, *args.overrides]).to_dict())
+               if key == "data.item_vector" or key.startswith("fusion.")}
+    if changed:  # --set after --fusion's keys: it trained on FILE's table while config.yaml said another
+        # fusion, or dropped FILE for given; named: the last --set that changes one of them
+        clash = next(o for o in reversed(args.overrides) if override_key(o) in changed)
+        raise ConfigError(f"--set {clash}: --fusion {args.fusion} sets data.item_vector and fusion.* from the "
+                          "table's own .fusion.json, so the config says what the item vectors are; drop one of "
+                          "the two (another fusion: `mmctr fuse` it, then --fusion that table)")
+    return argparse.Namespace(**{**vars(args), "overrides": [*table, *args.overrides]})
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from mmctr_ray.train_driver import resume_config, run_location, run_training
 
     if args.resume and (args.config or getattr(args, "fusion", None)):
         raise ConfigError("--resume continues RUN with its own config.yaml: drop --config/--fusion (use --set "
                           "train.KEY=V)")
-    if getattr(args, "fusion", None):
-        from mmctr_ray.fuse import fusion_overrides
-
-        table = fusion_overrides(args.fusion)
-        changed = {key for key in differences(load_config(args.config, table).to_dict(),
-                                              load_config(args.config, [*table, *args.overrides]).to_dict())
-                   if key == "data.item_vector" or key.startswith("fusion.")}
-        if changed:  # --set after --fusion's keys: it trained on FILE's table while config.yaml said another
-            # fusion, or dropped FILE for given; named: the last --set that changes one of them
-            clash = next(o for o in reversed(args.overrides) if override_key(o) in changed)
-            raise ConfigError(f"--set {clash}: --fusion {args.fusion} sets data.item_vector and fusion.* from the "
-                              "table's own .fusion.json, so the run's config says what it trains on; drop one of "
-                              "the two (another fusion: `mmctr fuse` it, then --fusion that table)")
-        args = argparse.Namespace(**{**vars(args), "overrides": [*table, *args.overrides]})
+    args = _with_fusion(args)
     run_location(str(args.out))  # a RUN URI that cannot be used fails here, before Ray starts
     cfg = resume_config(str(args.out), args.overrides) if args.resume else _config(args)
     summary = run_training(args.data, str(args.out), cfg, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
@@ -637,6 +644,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_pipeline(argparse.Namespace(**{**vars(args), "data": None}))
 
 
+def _add_fusion_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fusion", type=_local_path, metavar="FILE", help="fused item table from `mmctr fuse` (sets "
+                   "data.item_vector, and fusion.* from FILE's .fusion.json; a --set of those keys to other values "
+                   "is refused)")
+
+
 def _add_task_arg(p: argparse.ArgumentParser) -> None:
     from mmctr_ray.schema import TASKS
 
@@ -768,6 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("features", help="build the item table and stream the splits through Ray Data; report",
                        description="Build the item table and the model-ready Ray Datasets; print a summary.")
     _add_data_arg(p)
+    _add_fusion_arg(p)
     p.add_argument("--out", type=_local_path, help="write features_summary.json and the resolved config.yaml here")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the two files an earlier `mmctr features` wrote in --out (a folder that holds "
@@ -848,9 +862,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory: a local path (shared storage on a cluster) or a "
                                                 "URI (s3://, gs://, abfs://, hdfs://, file://, or an fsspec scheme)")
     _add_config_args(p)
-    p.add_argument("--fusion", type=_local_path, metavar="FILE", help="fused item table from `mmctr fuse` (sets "
-                   "data.item_vector, and fusion.* from FILE's .fusion.json; a --set of those keys to other values "
-                   "is refused)")
+    _add_fusion_arg(p)
     _add_training_args(p)
     _add_resume_args(p, "continue RUN from its latest checkpoint (its own config)",
                      "replace a run already in RUN (kept beside it as .NAME.replaced until the new run has a "

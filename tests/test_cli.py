@@ -234,15 +234,27 @@ def test_train_fusion_and_a_set_of_the_keys_it_sets_are_refused_together(synth_d
         code = main([*base, "--set", key])
         err = capsys.readouterr().err.strip()
         assert code == 2 and err == (f"mmctr train: error: --set {key}: --fusion {table} sets data.item_vector and "
-                                     "fusion.* from the table's own .fusion.json, so the run's config says what it "
-                                     "trains on; drop one of the two (another fusion: `mmctr fuse` it, then --fusion "
-                                     "that table)")
+                                     "fusion.* from the table's own .fusion.json, so the config says what the item "
+                                     "vectors are; drop one of the two (another fusion: `mmctr fuse` it, then "
+                                     "--fusion that table)")
     assert not trained and not (tmp_path / "run").exists()
     assert main([*base, "--set", "fusion.strategy=v4", "--set", "fusion.text_dim=30"]) == 2  # the one that changes
     assert capsys.readouterr().err.strip().startswith("mmctr train: error: --set fusion.text_dim=30: --fusion ")
     assert main([*base, "--set", "fusion.text_dim=8", "--set", "fusion.strategy=v4"]) == 2  # F's own values
     assert capsys.readouterr().err.strip().endswith("stopped before training")
     assert trained[0].fusion.text_dim == 8 and trained[0].data.item_vector == str(table.resolve())
+    # `mmctr features` takes --fusion too, as train does (helper-134: it took `--set data.item_vector=` only)
+    import mmctr_ray.cli as cli
+    import mmctr_ray.feature_summary
+
+    monkeypatch.setattr(cli, "_start_ray", lambda *a, **k: None)
+    monkeypatch.setattr(mmctr_ray.feature_summary, "summarize_features",
+                        lambda data, cfg: trained.append(cfg) or (_ for _ in ()).throw(ConfigError("summarized")))
+    features = ["features", "--data", str(synth_dir), "--config", "configs/tiny.yaml", "--fusion", str(table)]
+    assert main([*features, "--set", "fusion.text_dim=30"]) == 2
+    assert capsys.readouterr().err.strip().startswith("mmctr features: error: --set fusion.text_dim=30: --fusion ")
+    assert main(features) == 2 and capsys.readouterr().err.strip().endswith("summarized")
+    assert trained[-1].fusion.text_dim == 8 and trained[-1].data.item_vector == str(table.resolve())
 
 
 def test_a_pipeline_set_of_fusion_keys_trains_on_the_table_it_fused(synth_dir, tmp_path, monkeypatch):
