@@ -437,7 +437,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise OutputExistsError(f"{args.json}: already exists; pass --overwrite to replace it")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible to this process")
-    result = compare_runs(args.runs, args.data, args.split, args.device, progress=log.info)
+    groups = [(g[0], g[1:]) for g in args.group or []]
+    if not args.runs and not groups:
+        raise ConfigError("compare: no run given: name runs (RUN ...) or groups of them (--group NAME RUN RUN ...)")
+    result = compare_runs(args.runs, args.data, args.split, args.device, progress=log.info, groups=groups)
     print(markdown(result), end="")
     if args.json is not None:  # undefined figures (a class of one row) as null: JSON has no NaN
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -929,9 +932,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "standard error (DeLong) and each run's difference to the first with the "
                                    "standard error and p-value of the paired DeLong test: runs scored on the same "
                                    "rows err alike, so their difference is known far better than either AUC.")
-    p.add_argument("runs", nargs="+", metavar="RUN",
+    p.add_argument("runs", nargs="*", metavar="RUN",
                    help="run directories of `mmctr train` (local paths or URIs; their best checkpoint) or checkpoint "
                         "folders (RUN/checkpoint_epoch_NNN); the first is the reference")
+    p.add_argument("--group", nargs="+", action="append", metavar=("NAME", "RUN"),
+                   help="NAME RUN RUN ...: runs of one config trained with other train.seed values, compared as a "
+                        "group (mean, sd over its runs, and Welch's test against the first group); repeat it, one "
+                        "per config (after the RUNs above, which are scored too)")
     p.add_argument("--data", type=_local_path, required=True, help="the local data directory the runs were trained on")
     p.add_argument("--split", choices=("valid", "test"), default="valid",
                    help="rows to score (default valid; test needs labels: those synthetic data keeps, or "

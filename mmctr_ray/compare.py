@@ -13,6 +13,7 @@ Scoring runs in this process, without Ray (the split is read once; each run's mo
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,12 @@ import pyarrow.parquet as pq
 from mmctr_ray import storage
 from mmctr_ray.checkpoint import PREFIX, run_or_checkpoint
 from mmctr_ray.config import ExperimentConfig, effective_differences, value_text
-from mmctr_ray.errors import DataError
-from mmctr_ray.metrics import compare_aucs
+from mmctr_ray.errors import ConfigError, DataError
+from mmctr_ray.metrics import auc_covariance, compare_groups, paired_rows
 from mmctr_ray.report import describe_run
 from mmctr_ray.schema import NO_PARTS, Layout, parquet_parts
+
+log = logging.getLogger(__name__)
 
 
 def _checkpoint(target: str) -> storage.Location:
@@ -77,16 +80,23 @@ def config_differences(configs: list[ExperimentConfig]) -> list[dict[str, dict[s
 
 
 def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid", device: str = "cpu",
-                 progress: Any = None) -> dict[str, Any]:
+                 progress: Any = None, groups: list[tuple[str, list[str]]] = ()) -> dict[str, Any]:
     """Score ``split`` of ``data_dir`` with each target's checkpoint on ``device``; return the split, its rows and
     positives, and per target its checkpoint, epoch, :func:`compare_aucs`'s row (the first target is the
     reference) and the config keys it sets unlike the first (:func:`config_differences`). Each run's
     ``train.precision`` decides on ``device``, as in its validation there (``auto``: fp32 on the CPU, bf16 on
-    CUDA)."""
+    CUDA).
+
+    ``groups``: ``(name, runs)`` of runs of one config trained with other seeds (scored after ``targets``, each
+    run once): the result's ``groups`` holds :func:`~mmctr_ray.metrics.compare_groups`' row of each, the first
+    group the reference; a group whose runs differ in more than ``train.seed`` is said in a warning."""
     from mmctr_ray.predict import check_finite, load_model, score_parquet
 
+    named = [run for _, runs in groups for run in runs]
+    targets = list(dict.fromkeys([*targets, *named]))  # a run given twice is scored once
     if len(targets) < 1:
         raise DataError("compare: no run given")
+    _check_groups(groups)
     path, labels = split_labels(data_dir, split)
     checkpoints = [_checkpoint(target) for target in targets]  # every target checked before any is scored
     scores, described, configs = [], [], []
@@ -102,15 +112,49 @@ def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid",
         configs.append(cfg)
         if progress is not None:
             progress(f"scored {split} with {checkpoint}")
-    rows = compare_aucs(labels, scores)
+    aucs, cov = auc_covariance(labels, scores)
+    rows = paired_rows(aucs, cov)
     runs = []
     for target, checkpoint, trained, row, differs in zip(targets, checkpoints, described, rows,
                                                          config_differences(configs)):
         state = json.loads(storage.read_text(storage.join(checkpoint, "state.json")))
         runs.append({"run": target, "checkpoint": str(checkpoint), "epoch": state["epoch"], "trained": trained, **row,
                      "config_vs_first": differs})
-    return {"data": str(data_dir), "split": split, "rows": int(len(labels)), "positives": int(labels.sum()),
-            "runs": runs}
+    result = {"data": str(data_dir), "split": split, "rows": int(len(labels)), "positives": int(labels.sum()),
+              "runs": runs}
+    if groups:
+        index = {target: i for i, target in enumerate(targets)}
+        members = [[index[run] for run in runs] for _, runs in groups]
+        for (name, runs), at in zip(groups, members):
+            _warn_mixed_group(name, runs, [configs[i] for i in at])
+        result["groups"] = [{"group": name, "members": runs, **row} for (name, runs), row in
+                            zip(groups, compare_groups(aucs, cov, members))]
+    return result
+
+
+def _check_groups(groups: list[tuple[str, list[str]]]) -> None:
+    """A group needs 2+ runs (its spread over seeds), a name of its own, and a run belongs to one group."""
+    seen: dict[str, str] = {}
+    for name, runs in groups:
+        if len(runs) < 2:
+            raise ConfigError(f"compare: --group {name} names {len(runs)} run; a group is one config trained with "
+                            f"several seeds, 2 or more runs (its spread over seeds is what its test measures)")
+        for run in runs:
+            if seen.setdefault(run, name) != name or runs.count(run) > 1:
+                raise ConfigError(f"compare: {run} is in --group {seen[run]} and --group {name}"
+                                  if seen[run] != name else f"compare: --group {name} names {run} twice")
+    names = [name for name, _ in groups]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"compare: two groups are named {next(n for n in names if names.count(n) > 1)}")
+
+
+def _warn_mixed_group(name: str, runs: list[str], configs: list[ExperimentConfig]) -> None:
+    """Warn when a group's runs differ in a config key other than ``train.seed``: it measures more than seeds."""
+    for run, cfg in zip(runs[1:], configs[1:]):
+        other = sorted(set(effective_differences(configs[0], cfg)) - {"train.seed"})
+        if other:
+            log.warning("--group %s: %s differs from %s in %s, not in train.seed alone: the group's spread is not "
+                        "only its seeds'", name, run, runs[0], ", ".join(other))
 
 
 def is_comparison(path: Path) -> bool:
@@ -134,6 +178,17 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {r['run']} | {r['epoch']} | {r['auc']:.4f} | {r['se']:.4f} | " + " | ".join(versus) + " |")
     trained = [f"- {r['run']}: {r['trained']}" for r in result["runs"] if r.get("trained")]
     lines += ["", "What each run trained:", *trained] if trained else []
+    if result.get("groups"):
+        lines += ["", "Groups (one config, several seeds): mean and sd of their AUCs. The difference to the first "
+                  "group, ± and p come from Welch's test over the runs' AUCs (training noise, these rows held fixed); "
+                  "± rows is DeLong's for that difference of means (the rows' noise, these models held fixed).", "",
+                  "| group | runs | mean AUC | sd | vs first | ± | p | ± rows |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for i, g in enumerate(result["groups"]):
+            versus = ["–"] * 4 if i == 0 else [f"{g['diff']:+.4f}", f"{g['diff_se']:.4f}", f"{g['p']:.2g}",
+                                               f"{g['diff_se_rows']:.4f}"]
+            lines.append(f"| {g['group']} | {g['runs']} | {g['mean']:.4f} | {g['sd']:.4f} | " + " | ".join(versus)
+                         + " |")
     later = [r for r in result["runs"][1:] if "config_vs_first" in r]
     if later:
         lines += ["", "Config keys unlike the first run's (its value in brackets):"]

@@ -92,7 +92,14 @@ def compare_aucs(labels: np.ndarray, scores: list[np.ndarray]) -> list[dict[str,
     first: ``[{"auc", "se", "diff", "diff_se", "z", "p"}, ...]`` (``diff`` = this AUC − the first's; ``p``
     two-sided, from the normal approximation). Standard errors, ``z`` and ``p`` are NaN where they are not defined:
     fewer than two rows of a class, or a NaN score (which makes that run's ``auc`` and ``diff`` NaN too; an
-    infinite score ranks as the largest or smallest: defined).
+    infinite score ranks as the largest or smallest: defined). :func:`auc_covariance`, then :func:`paired_rows`.
+    """
+    return paired_rows(*auc_covariance(labels, scores))
+
+
+def auc_covariance(labels: np.ndarray, scores: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The AUCs of score vectors on the same rows and their DeLong covariance matrix (NaN where undefined: fewer
+    than two rows of a class).
 
     The covariance of the AUCs is that of the placements (see :func:`auc_with_se`) over the positives plus that over
     the negatives, each divided by its count; placements come from midranks (:func:`midranks`), so this is
@@ -116,7 +123,11 @@ def compare_aucs(labels: np.ndarray, scores: list[np.ndarray]) -> list[dict[str,
         cov = np.full((k, k), np.nan)
     else:
         cov = np.atleast_2d(np.cov(a, rowvar=False)) / m + np.atleast_2d(np.cov(b, rowvar=False)) / n
-    aucs = a.mean(axis=0)
+    return a.mean(axis=0), cov
+
+
+def paired_rows(aucs: np.ndarray, cov: np.ndarray) -> list[dict[str, float]]:
+    """:func:`compare_aucs`' rows from :func:`auc_covariance`'s AUCs and covariance."""
     out = []
     for i, auc in enumerate(aucs):
         diff = float(auc - aucs[0])
@@ -136,3 +147,40 @@ def compare_aucs(labels: np.ndarray, scores: list[np.ndarray]) -> list[dict[str,
 def se_text(se: float | None) -> str:
     """`` ± 0.0048`` for a standard error; empty when there is none (runs from before it was recorded)."""
     return f" ± {se:.4f}" if se is not None and np.isfinite(se) else ""
+
+
+def compare_groups(aucs: np.ndarray, cov: np.ndarray, groups: list[list[int]]) -> list[dict[str, float]]:
+    """Groups of runs (indices into ``aucs``), each the same config trained with other seeds: per group its
+    ``runs``, ``mean`` AUC and ``sd`` over its runs, and against the first group the difference of means with
+    Welch's test over the runs' AUCs (``diff``, ``diff_se``, ``df``, ``p``: training noise, the scored rows held
+    fixed), and ``diff_se_rows``, the DeLong standard error of that difference of means (the rows' noise, the
+    trained models held fixed; from ``cov``, :func:`auc_covariance`). NaN where undefined.
+
+    Raises:
+        ValueError: a group of fewer than 2 runs (a spread over seeds needs two).
+    """
+    from scipy import stats  # imported here: training workers import this module and never compare
+
+    out = []
+    first = groups[0]
+    for group in groups:
+        if len(group) < 2:
+            raise ValueError(f"a group of {len(group)} run: its spread over seeds needs 2 or more")
+        values, base = aucs[group], aucs[first]
+        row = {"runs": len(group), "mean": float(values.mean()), "sd": float(values.std(ddof=1))}
+        va, vb = values.var(ddof=1) / len(group), base.var(ddof=1) / len(first)
+        diff, se = float(values.mean() - base.mean()), math.sqrt(va + vb)
+        df = (va + vb) ** 2 / (va ** 2 / (len(group) - 1) + vb ** 2 / (len(first) - 1)) if se > 0 else math.nan
+        if group is first:
+            p = math.nan
+        elif se > 0:
+            p = float(2 * stats.t.sf(abs(diff) / se, df))
+        else:  # runs that score alike to the last digit
+            p = 1.0 if diff == 0 else 0.0
+        w = np.zeros(len(aucs))
+        w[group] += 1 / len(group)
+        w[first] -= 1 / len(first)
+        rows_var = float(w @ cov @ w) if np.isfinite(cov).all() else math.nan
+        out.append({**row, "diff": diff, "diff_se": se, "df": df, "p": p,
+                    "diff_se_rows": math.sqrt(max(rows_var, 0.0)) if math.isfinite(rows_var) else math.nan})
+    return out

@@ -125,3 +125,33 @@ def test_undefined_figures_are_nan_never_a_certain_difference():
     assert all(np.isnan(row[k]) for k in ("se", "diff_se", "z", "p"))
     single = compare_aucs(np.array([1, 0, 0, 0]), [ok[:4], np.array([0.1, 0.8, 0.2, 0.3])])
     assert single[1]["diff"] == -1.0 and all(np.isnan(single[1][k]) for k in ("se", "diff_se", "z", "p"))
+
+
+def test_groups_of_runs_get_the_mean_the_sd_welchs_test_and_the_rows_error_of_their_difference():
+    """`compare --group`: one config trained with several seeds. Welch's test over the runs' AUCs (scipy's own is
+    the reference), and DeLong's error of the difference of group means: for groups of two copies of one vector
+    each, the paired error of those two vectors."""
+    from scipy.stats import ttest_ind
+
+    from mmctr_ray.metrics import auc_covariance, compare_groups
+
+    rng = np.random.default_rng(3)
+    labels = rng.random(2000) < 0.3
+    signal = labels + rng.normal(0, 1.2, 2000)
+    scores = [signal + rng.normal(0, s, 2000) for s in (0.3, 0.4, 0.35, 0.8, 0.9, 0.7, 0.85)]
+    aucs, cov = auc_covariance(labels, scores)
+    first, second = compare_groups(aucs, cov, [[0, 1, 2], [3, 4, 5, 6]])
+    assert (first["runs"], second["runs"]) == (3, 4) and math.isnan(first["p"]) and first["diff"] == 0
+    assert second["mean"] == pytest.approx(aucs[3:].mean()) and second["sd"] == pytest.approx(aucs[3:].std(ddof=1))
+    welch = ttest_ind(aucs[3:], aucs[:3], equal_var=False)
+    assert second["p"] == pytest.approx(welch.pvalue) and second["diff"] / second["diff_se"] == pytest.approx(
+        welch.statistic)
+    twice = [scores[0], scores[0], scores[3], scores[3]]
+    paired = compare_aucs(labels, [scores[0], scores[3]])[1]
+    (_, copies) = compare_groups(*auc_covariance(labels, twice), [[0, 1], [2, 3]])
+    assert copies["diff_se_rows"] == pytest.approx(paired["diff_se"])
+    assert copies["diff"] == pytest.approx(paired["diff"])
+    assert copies["sd"] == 0 and copies["p"] == 0.0  # alike to the last digit: no training noise to weigh it by
+    with pytest.raises(ValueError, match="a group of 1 run: its spread over seeds needs 2 or more"):
+        compare_groups(aucs, cov, [[0, 1], [2]])
+

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mmctr_ray.cli import main
-from mmctr_ray.errors import DataError
+from mmctr_ray.errors import ConfigError, DataError
 from mmctr_ray.report import best_epoch, markdown_summary, read_metrics
 from mmctr_ray.schema import Layout
 
@@ -372,6 +372,16 @@ def test_compare_refuses_bad_or_one_class_labels_and_a_json_folder_before_scorin
                  "--overwrite"]) == 2
     assert capsys.readouterr().err.strip() == (f"mmctr compare: error: {tmp_path / 'out.json'}: --json names a "
                                                f"file to write; it is a folder or lies below a file")
+    assert main(["compare", "--data", str(tmp_path)]) == 2  # RUN became optional beside --group: not both absent
+    assert capsys.readouterr().err.strip() == ("mmctr compare: error: compare: no run given: name runs (RUN ...) or "
+                                               "groups of them (--group NAME RUN RUN ...)")
+    from mmctr_ray.compare import _check_groups
+
+    for groups, said in (([("a", ["r1", "r2"]), ("b", ["r2", "r3"])], "compare: r2 is in --group a and --group b"),
+                         ([("a", ["r1", "r1"])], "compare: --group a names r1 twice"),
+                         ([("a", ["r1", "r2"]), ("a", ["r3", "r4"])], "compare: two groups are named a")):
+        with pytest.raises(ConfigError, match=f"^{re.escape(said)}$"):
+            _check_groups(groups)
 
 
 def test_a_report_is_written_beside_a_summary_json_training_did_not_write(tmp_path, caplog):

@@ -1615,6 +1615,32 @@ def test_compare_scores_runs_on_the_same_rows_with_the_paired_test(two_worker_ru
     assert main(["compare", "--data", str(parted), str(two), "--json", str(tmp_path / "parted.json")]) == 0
     parted_run = json.loads((tmp_path / "parted.json").read_text())["runs"][0]
     assert parted_run["auc"] == pytest.approx(ref["auc"], abs=1e-6) and parted_run["se"] == pytest.approx(ref["se"])
+    # groups: runs of one config with other seeds, summarised and tested against the first group (here each run's
+    # epoch checkpoints stand in for seeds); a run in a group and among the RUNs is scored once
+    a, b = epoch_checkpoints(two), epoch_checkpoints(plain)
+    assert len(a) >= 2 and len(b) >= 2
+    grouped = ["compare", "--data", str(synth_dir), str(a[0]), "--group", "two", *map(str, a), "--group", "plain",
+               *map(str, b), "--json", str(tmp_path / "groups.json")]
+    assert main(grouped) == 0
+    text, result = capsys.readouterr().out, json.loads((tmp_path / "groups.json").read_text())
+    assert [r["run"] for r in result["runs"]] == list(map(str, [*a, *b]))
+    auc = {r["run"]: r["auc"] for r in result["runs"]}
+    first, second = result["groups"]
+    assert first["group"] == "two" and first["members"] == list(map(str, a)) and first["runs"] == len(a)
+    assert first["mean"] == pytest.approx(np.mean([auc[str(c)] for c in a]))
+    assert second["sd"] == pytest.approx(np.std([auc[str(c)] for c in b], ddof=1))
+    from scipy.stats import ttest_ind
+
+    welch = ttest_ind([auc[str(c)] for c in b], [auc[str(c)] for c in a], equal_var=False)
+    assert second["p"] == pytest.approx(welch.pvalue)
+    assert second["diff"] == pytest.approx(second["mean"] - first["mean"])
+    assert 0 < second["diff_se_rows"] < 0.05
+    assert f"| plain | {len(b)} | {second['mean']:.4f} | {second['sd']:.4f} | {second['diff']:+.4f} |" in text
+    assert "Welch's test over the runs' AUCs (training noise, these rows held fixed)" in text
+    assert main(["compare", "--data", str(synth_dir), "--group", "one", str(a[0])]) == 2
+    assert capsys.readouterr().err.strip().endswith("--group one names 1 run; a group is one config trained with "
+                                                    "several seeds, 2 or more runs (its spread over seeds is what its "
+                                                    "test measures)")
 
 
 def test_more_workers_than_a_local_ray_can_feed_is_a_one_line_error_before_run_is_written(synth_dir, tmp_path,
