@@ -457,8 +457,8 @@ def test_predict_on_a_split_of_one_class_says_why_it_has_no_auc(tmp_path, monkey
     import mmctr_ray.predict as predict
     from mmctr_ray.metrics import evaluate_logits
 
-    def run_predict(run, data, out, split, **kwargs):
-        return {"submission": str(out), "rows": 4, "split": split, "checkpoint": "ck",
+    def run_predict(run, data, out, split, task, **kwargs):
+        return {"submission": str(out), "rows": 4, "split": split, "task": task, "checkpoint": "ck",
                 "metrics": evaluate_logits(labels, np.array([0.5, -1.0, 2.0, 0.0]))}
 
     monkeypatch.setattr(predict, "check_inputs", lambda *a, **k: 4)
@@ -472,7 +472,7 @@ def test_predict_on_a_split_of_one_class_says_why_it_has_no_auc(tmp_path, monkey
         with caplog.at_level("INFO", logger="mmctr"):
             assert main(argv) == 0
         said = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("wrote "))
-        assert said.startswith(f"wrote {tmp_path / 's.zip'}: 4 rows from ck{expected}"), said
+        assert said.startswith(f"wrote {tmp_path / 's.zip'} (Task2): 4 rows from ck{expected}"), said
         assert "nan" not in said
 
 
