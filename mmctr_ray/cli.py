@@ -408,11 +408,26 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from mmctr_ray.report import write_report
 
-    run = Path(args.run)
-    if "://" not in str(args.run) and (run / "settings.json").is_file():  # a search (trials/ comes with its first)
+    runs = [args.run, *args.more]
+    searches = [r for r in runs if "://" not in str(r) and (Path(r) / "settings.json").is_file()]  # (trials/ comes
+    if searches and len(runs) > 1:  # with a search's first trial)
+        raise ConfigError(f"{searches[0]}: a search; `mmctr report` takes one search, or runs of `mmctr train` "
+                          f"(a search's trials are runs: TUNE/trials/ID)")
+    if (args.out or args.overwrite) and len(runs) == 1:
+        raise ConfigError("--out/--overwrite: for several runs; one run's report goes into RUN/report/")
+    if searches:
         from mmctr_ray.tune_report import top_trials
 
         print(top_trials(args.run, args.top))
+        return 0
+    if len(runs) > 1:
+        from mmctr_ray.report import write_runs_report
+
+        if args.out is None:
+            raise ConfigError(f"{len(runs)} runs: --out DIR names the folder for their curves.png and summary.md")
+        paths = write_runs_report(runs, args.out, overwrite=args.overwrite)
+        print(paths["summary"].read_text())
+        log.info("wrote %s and %s", paths["summary"], paths["curves"])
         return 0
     paths = write_report(args.run)
     print(storage.read_text(paths["summary"]))
@@ -917,11 +932,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="training curves and summary of a run, or the top trials of a search",
                        description="For a run: write RUN/report/curves.png and summary.md and print the summary. "
-                                   "For a search (TUNE of `mmctr tune`): rebuild results.csv, best.yaml and plots/ "
-                                   "and print the top trials.")
+                                   "For several runs (RUN RUN ... --out DIR): DIR/curves.png, a line per run, and "
+                                   "DIR/summary.md, a row per run. For a search (TUNE of `mmctr tune`): rebuild "
+                                   "results.csv, best.yaml and plots/ and print the top trials.")
     p.add_argument("run", nargs="?", help="run directory of `mmctr train` (a local path or a URI) or search "
                                           "directory of `mmctr tune`")
+    p.add_argument("more", nargs="*", metavar="RUN", help="more runs, drawn and tabled beside the first (needs --out)")
     p.add_argument("--run", dest="run_option", metavar="RUN", help="the same, spelt as predict spells it")
+    p.add_argument("--out", type=_local_path, metavar="DIR",
+                   help="with several runs: the folder for their curves.png and summary.md")
+    p.add_argument("--overwrite", action="store_true", help="with several runs: replace the two files in --out")
     p.add_argument("--top", type=POSITIVE_INT, default=10, help="trials to list for a search (default 10)")
     p.set_defaults(func=cmd_report)
 

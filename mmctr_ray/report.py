@@ -14,7 +14,7 @@ from typing import Any
 
 from mmctr_ray import storage
 from mmctr_ray.config import ExperimentConfig
-from mmctr_ray.errors import DataError
+from mmctr_ray.errors import DataError, OutputExistsError
 from mmctr_ray.metrics import se_text
 from mmctr_ray.storage import Location
 
@@ -188,30 +188,38 @@ def item_source(checkpoint: Location) -> dict[str, Any] | None:
     return None
 
 
-def plot_curves(rows: list[dict[str, Any]]) -> bytes:
-    """Valid AUC, valid logloss and train loss per epoch, side by side, as a PNG."""
+def plot_curves(rows: list[dict[str, Any]], others: dict[str, list[dict[str, Any]]] | None = None) -> bytes:
+    """Valid AUC, valid logloss and train loss per epoch, side by side, as a PNG (:func:`curves_figure`)."""
     import matplotlib.pyplot as plt
 
-    fig = curves_figure(rows)
+    fig = curves_figure(rows, others)
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
     return png.getvalue()
 
 
-def curves_figure(rows: list[dict[str, Any]]) -> Any:
-    """The figure :func:`plot_curves` draws (a matplotlib ``Figure``; close it with ``plt.close``)."""
+def curves_figure(rows: list[dict[str, Any]], others: dict[str, list[dict[str, Any]]] | None = None) -> Any:
+    """The figure :func:`plot_curves` draws (a matplotlib ``Figure``; close it with ``plt.close``): one run's
+    ``rows``, its best epoch marked; or with ``others`` (``{label: rows}``, ``rows`` then being
+    ``others``' first), a line per run, each best epoch a star, and a legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    epochs = [r["epoch"] for r in rows]
+    series = others or {"": rows}
+    epochs = sorted({r["epoch"] for run in series.values() for r in run})
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, key, title in zip(axes, ("valid_auc", "valid_logloss", "train_loss"),
                               ("validation AUC", "validation logloss", "training loss"), strict=True):
-        ax.plot(epochs, [r[key] for r in rows], marker="o")
+        for i, (label, run) in enumerate(series.items()):
+            ax.plot([r["epoch"] for r in run], [r[key] for r in run], marker="o", color=f"C{i}",
+                    label=label or None)
+            if others and key == "valid_auc":
+                best = best_epoch(run)
+                ax.plot([best["epoch"]], [best["valid_auc"]], marker="*", markersize=14, color=f"C{i}")
         ax.set_title(title)
         ax.set_xlabel("epoch")
         if len(epochs) <= 12:  # MaxNLocator's integer ticks give way to 0.95, 0.96, ... with one epoch in view
@@ -219,8 +227,10 @@ def curves_figure(rows: list[dict[str, Any]]) -> Any:
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    best = best_epoch(rows)
-    axes[0].axvline(best["epoch"], color="grey", linestyle="--", linewidth=1)
+    if others:
+        axes[0].legend(fontsize=8)
+    else:
+        axes[0].axvline(best_epoch(rows)["epoch"], color="grey", linestyle="--", linewidth=1)
     fig.tight_layout()
     return fig
 
@@ -324,3 +334,43 @@ def write_report(run_dir: Location) -> dict[str, Location]:
     storage.write_bytes(paths["curves"], curves)
     storage.write_text(paths["summary"], summary)
     return paths
+
+
+def write_runs_report(runs: list[Location], out: Path, overwrite: bool = False) -> dict[str, Path]:
+    """Several runs side by side: ``out/curves.png`` (a line per run, each best epoch a star) and ``out/summary.md``
+    (a row per run: what it trained, its best epoch, AUC ± standard error and logloss, its epochs and why it
+    stopped); return their paths. The runs are read only; each keeps its own ``report/``. Their AUCs are each
+    run's own validation, on its own data: ``mmctr compare`` scores runs of one data set on the same rows."""
+    named = {str(run): read_metrics(storage.normalize(run), keys=REPORT_KEYS) for run in runs}
+    for run, rows in named.items():
+        if not rows:
+            raise DataError(f"{storage.join(run, 'metrics.jsonl')}: no epoch recorded yet")
+    paths = {"curves": out / "curves.png", "summary": out / "summary.md"}
+    if out.is_file() or any(p.is_file() for p in out.parents):
+        raise DataError(f"{out}: a file, or below one; --out names the folder the comparison is written into")
+    there = [p.name for p in paths.values() if p.exists()]
+    if there and not overwrite:
+        raise OutputExistsError(f"{out}: already holds {' and '.join(there)}; pass --overwrite to replace them")
+    lines = [f"# {len(runs)} runs", "", "| run | trained | best epoch | valid AUC | ± | logloss | epochs | ended |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for run, rows in named.items():
+        best, location = best_epoch(rows), storage.normalize(run)
+        summary = storage.join(location, "summary.json")
+        ended = "still training, or stopped before its end"
+        if storage.is_file(summary):
+            try:
+                ended = json.loads(storage.read_text(summary)).get("stop_reason") or "ended"
+            except (ValueError, AttributeError):
+                ended = "ended (summary.json unreadable)"
+        se = best.get("valid_auc_se")
+        lines.append(f"| {run} | {run_description(location) or '?'} | {best['epoch']} | {best['valid_auc']:.4f} | "
+                     f"{f'{se:.4f}' if se is not None and math.isfinite(se) else '–'} | {best['valid_logloss']:.4f} | "
+                     f"{len(rows)} | {ended} |")
+    lines += ["", "Each AUC is its run's own validation: `mmctr compare` scores runs of one data set on the same rows, "
+              "with the paired test.", "", "![training curves](curves.png)", ""]
+    curves = plot_curves(next(iter(named.values())), named)
+    out.mkdir(parents=True, exist_ok=True)
+    storage.write_bytes(paths["curves"], curves)
+    storage.write_text(paths["summary"], "\n".join(lines))
+    return paths
+

@@ -475,3 +475,44 @@ def test_parameter_importance_needs_ten_completed_trials_and_says_how_many_it_is
     found, over = _importances(tmp_path, space)
     assert over == "10 completed trials" and set(found) == {"train.lr", "model.dropout"}
     assert found["train.lr"] > 0.9 > found["model.dropout"]
+
+
+def test_report_of_several_runs_draws_a_line_per_run_and_tables_each_runs_best(tmp_path, capsys):
+    """`mmctr report RUN_A RUN_B` was refused (helper-134): comparing fusion strategies meant opening each run's
+    report. Several runs get one curves.png (a line per run) and one summary.md (a row per run) in --out."""
+    from mmctr_ray.config import load_config, save_config
+
+    runs = []
+    for name, aucs, summary in (("v3", (0.70, 0.72), {"stop_reason": "train.epochs=2 reached"}),
+                                ("v4", (0.71, 0.74, 0.73), None)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("".join(json.dumps(epoch(e, a)) + "\n" for e, a in enumerate(aucs, 1)))
+        save_config(load_config(ROOT / "configs/tiny.yaml", [f"fusion.strategy={name}"]), run / "config.yaml")
+        if summary:
+            (run / "summary.json").write_text(json.dumps(summary))
+        runs.append(str(run))
+    out = tmp_path / "cmp"
+    assert main(["report", *runs, "--out", str(out)]) == 0
+    text = (out / "summary.md").read_text()
+    assert capsys.readouterr().out == text + "\n"  # printed as written
+    assert f"| {runs[0]} | config `tiny`: " in text
+    assert " | 2 | 0.7200 | – | 0.5000 | 2 | train.epochs=2 reached |" in text
+    assert " | 2 | 0.7400 | – | 0.5000 | 3 | still training, or stopped before its end |" in text
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (Path(runs[0]) / "report").exists()  # the runs are read only
+    assert main(["report", *runs, "--out", str(out)]) == 2  # an earlier comparison is kept without --overwrite
+    assert capsys.readouterr().err.strip().endswith(f"{out}: already holds curves.png and summary.md; pass "
+                                                    "--overwrite to replace them")
+    assert main(["report", *runs, "--out", str(out), "--overwrite"]) == 0
+    capsys.readouterr()
+    search = tmp_path / "tune"
+    search.mkdir()
+    (search / "settings.json").write_text("{}")
+    for argv, said in ((["report", *runs], "2 runs: --out DIR names the folder for their curves.png and summary.md"),
+                       (["report", runs[0], "--out", str(out)],
+                        "--out/--overwrite: for several runs; one run's report goes into RUN/report/"),
+                       (["report", str(search), runs[0], "--out", str(out)],
+                        f"{search}: a search; `mmctr report` takes one search, or runs of `mmctr train` (a search's "
+                        f"trials are runs: TUNE/trials/ID)")):
+        assert main(argv) == 2 and capsys.readouterr().err.strip().endswith(said)
