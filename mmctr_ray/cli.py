@@ -438,7 +438,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     import torch
 
-    from mmctr_ray.compare import compare_runs, markdown
+    from mmctr_ray.compare import check_groups, compare_runs, markdown
 
     if args.json is not None and (args.json.is_dir() or any(p.exists() and not p.is_dir() for p in args.json.parents)):
         raise ConfigError(f"{args.json}: --json names a file to write; it is a folder or lies below a file")
@@ -453,6 +453,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible to this process")
     groups = [(g[0], g[1:]) for g in args.group or []]
+    check_groups(groups)  # before any run is scored
     if not args.runs and not groups:
         raise ConfigError("compare: no run given: name runs (RUN ...) or groups of them (--group NAME RUN RUN ...)")
     result = compare_runs(args.runs, args.data, args.split, args.device, progress=log.info, groups=groups)
@@ -629,7 +630,8 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
                                              overrides=[*changes, *passed]))),
               ("predict", lambda: cmd_predict(ns(run=str(run), out=work / "submission.zip", split="test",
                                                  overwrite=True))),
-              ("report", lambda: cmd_report(argparse.Namespace(run=str(run), top=10)))]
+              ("report", lambda: cmd_report(argparse.Namespace(run=str(run), more=[], out=None, overwrite=False,
+                                                               top=10)))]
     rc = _run_steps(label, steps, work, out)
     if rc:
         return rc
@@ -674,7 +676,8 @@ def _add_task_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=TASKS, default=TASKS[0],
                    help="the challenge track the submission enters, its prediction.csv column (default Task2, CTR "
                         "models; Task1, item embeddings: warns unless the run is the baseline DIN Task 1 fixes, "
-                        "bar lr, batch size, dropout and the L2 terms; Task1&2: both)")
+                        "on 128-wide item vectors, bar lr, batch size, dropout, the L2 terms and the vectors' scale; "
+                        "Task1&2: both)")
 
 
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -1199,7 +1202,11 @@ def _one_spelling(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if positional is None and option is None:
         stage.error(f"{metavar} is missing: mmctr {args.command} {metavar}, or mmctr {args.command} --{name} {metavar}")
     if positional is not None and option is not None and _place(positional) != _place(option):
-        stage.error(f"{metavar} given twice, as {positional} and as --{name} {option}: give one")
+        if getattr(args, "more", None) is not None:  # `report --run A B`: the runs are A, then B
+            args.more = [positional, *args.more]
+            positional = None
+        else:
+            stage.error(f"{metavar} given twice, as {positional} and as --{name} {option}: give one")
     setattr(args, name, positional if positional is not None else option)
 
 

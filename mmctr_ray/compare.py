@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -92,11 +93,11 @@ def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid",
     group the reference; a group whose runs differ in more than ``train.seed`` is said in a warning."""
     from mmctr_ray.predict import check_finite, load_model, score_parquet
 
+    check_groups(groups)
     named = [run for _, runs in groups for run in runs]
     targets = list(dict.fromkeys([*targets, *named]))  # a run given twice is scored once
     if len(targets) < 1:
         raise DataError("compare: no run given")
-    _check_groups(groups)
     path, labels = split_labels(data_dir, split)
     checkpoints = [_checkpoint(target) for target in targets]  # every target checked before any is scored
     scores, described, configs = [], [], []
@@ -132,10 +133,13 @@ def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid",
     return result
 
 
-def _check_groups(groups: list[tuple[str, list[str]]]) -> None:
+def check_groups(groups: list[tuple[str, list[str]]]) -> None:
     """A group needs 2+ runs (its spread over seeds), a name of its own, and a run belongs to one group."""
     seen: dict[str, str] = {}
     for name, runs in groups:
+        if "/" in name or (Path(name) / "config.yaml").is_file():  # `--group RUNS/a RUNS/b` named the group RUNS/a
+            raise ConfigError(f"compare: --group {name} ...: the first word after --group is the group's name, and "
+                              f"{name} is a path to a run; write --group NAME RUN RUN ...")
         if len(runs) < 2:
             raise ConfigError(f"compare: --group {name} names {len(runs)} run; a group is one config trained with "
                             f"several seeds, 2 or more runs (its spread over seeds is what its test measures)")
@@ -149,12 +153,19 @@ def _check_groups(groups: list[tuple[str, list[str]]]) -> None:
 
 
 def _warn_mixed_group(name: str, runs: list[str], configs: list[ExperimentConfig]) -> None:
-    """Warn when a group's runs differ in a config key other than ``train.seed``: it measures more than seeds."""
+    """Warn when a group's runs differ in a config key other than ``train.seed`` (its spread is not only the
+    seeds'), or two share a seed (they repeat each other, bit for bit where deterministic: no seeds' spread)."""
     for run, cfg in zip(runs[1:], configs[1:]):
         other = sorted(set(effective_differences(configs[0], cfg)) - {"train.seed"})
         if other:
             log.warning("--group %s: %s differs from %s in %s, not in train.seed alone: the group's spread is not "
                         "only its seeds'", name, run, runs[0], ", ".join(other))
+    seeds: dict[int, str] = {}
+    for run, cfg in zip(runs, configs):
+        if seeds.setdefault(cfg.train.seed, run) != run:
+            log.warning("--group %s: %s and %s were both trained with train.seed %d: they measure no spread over "
+                        "seeds between them (a group is one config trained with other seeds)", name,
+                        seeds[cfg.train.seed], run, cfg.train.seed)
 
 
 def is_comparison(path: Path) -> bool:
@@ -185,7 +196,8 @@ def markdown(result: dict[str, Any]) -> str:
                   "| group | runs | mean AUC | sd | vs first | ± | p | ± rows |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for i, g in enumerate(result["groups"]):
-            versus = ["–"] * 4 if i == 0 else [f"{g['diff']:+.4f}", f"{g['diff_se']:.4f}", f"{g['p']:.2g}",
+            p = "–" if math.isnan(g["p"]) else f"{g['p']:.2g}"  # no spread over the runs: nothing to test by
+            versus = ["–"] * 4 if i == 0 else [f"{g['diff']:+.4f}", f"{g['diff_se']:.4f}", p,
                                                f"{g['diff_se_rows']:.4f}"]
             lines.append(f"| {g['group']} | {g['runs']} | {g['mean']:.4f} | {g['sd']:.4f} | " + " | ".join(versus)
                          + " |")

@@ -445,6 +445,7 @@ _INERT = {
     "model.attention_dropout": lambda c: not c.model.use_history,
     "model.senet_ratio": lambda c: not c.model.senet,
     "model.cross_layers": lambda c: c.model.crossnet == "off",
+    "model.crossnet": lambda c: c.model.cross_layers == 0,  # no cross layer: the model builds no CrossNet
     "fusion.dims": lambda c: c.fusion.strategy in ("given", "v4"),
     "fusion.text_dim": lambda c: c.fusion.strategy != "v4",
     "fusion.image_dim": lambda c: c.fusion.strategy != "v4",

@@ -154,33 +154,33 @@ def compare_groups(aucs: np.ndarray, cov: np.ndarray, groups: list[list[int]]) -
     ``runs``, ``mean`` AUC and ``sd`` over its runs, and against the first group the difference of means with
     Welch's test over the runs' AUCs (``diff``, ``diff_se``, ``df``, ``p``: training noise, the scored rows held
     fixed), and ``diff_se_rows``, the DeLong standard error of that difference of means (the rows' noise, the
-    trained models held fixed; from ``cov``, :func:`auc_covariance`). NaN where undefined.
+    trained models held fixed; from ``cov``, :func:`auc_covariance`). NaN where undefined: the first group's
+    difference to itself; ``df`` and ``p`` where the runs' AUCs have no spread (runs that repeat each other: a
+    zero-spread test would call any difference certain) or one is NaN.
 
     Raises:
         ValueError: a group of fewer than 2 runs (a spread over seeds needs two).
     """
     from scipy import stats  # imported here: training workers import this module and never compare
 
-    out = []
-    first = groups[0]
-    for group in groups:
-        if len(group) < 2:
-            raise ValueError(f"a group of {len(group)} run: its spread over seeds needs 2 or more")
+    if any(len(group) < 2 for group in groups):
+        raise ValueError(f"a group of {min(len(g) for g in groups)} run: its spread over seeds needs 2 or more")
+    first, nan = groups[0], math.nan
+    out = [{"runs": len(first), "mean": float(aucs[first].mean()), "sd": float(aucs[first].std(ddof=1)),
+            "diff": nan, "diff_se": nan, "df": nan, "p": nan, "diff_se_rows": nan}]
+    for group in groups[1:]:
         values, base = aucs[group], aucs[first]
-        row = {"runs": len(group), "mean": float(values.mean()), "sd": float(values.std(ddof=1))}
         va, vb = values.var(ddof=1) / len(group), base.var(ddof=1) / len(first)
         diff, se = float(values.mean() - base.mean()), math.sqrt(va + vb)
-        df = (va + vb) ** 2 / (va ** 2 / (len(group) - 1) + vb ** 2 / (len(first) - 1)) if se > 0 else math.nan
-        if group is first:
-            p = math.nan
-        elif se > 0:
+        df = p = nan
+        if se > 0 and math.isfinite(se) and math.isfinite(diff):
+            df = (va + vb) ** 2 / (va ** 2 / (len(group) - 1) + vb ** 2 / (len(first) - 1))
             p = float(2 * stats.t.sf(abs(diff) / se, df))
-        else:  # runs that score alike to the last digit
-            p = 1.0 if diff == 0 else 0.0
         w = np.zeros(len(aucs))
         w[group] += 1 / len(group)
         w[first] -= 1 / len(first)
-        rows_var = float(w @ cov @ w) if np.isfinite(cov).all() else math.nan
-        out.append({**row, "diff": diff, "diff_se": se, "df": df, "p": p,
-                    "diff_se_rows": math.sqrt(max(rows_var, 0.0)) if math.isfinite(rows_var) else math.nan})
+        rows_var = float(w @ cov @ w) if np.isfinite(cov).all() else nan
+        out.append({"runs": len(group), "mean": float(values.mean()), "sd": float(values.std(ddof=1)), "diff": diff,
+                    "diff_se": se, "df": df, "p": p,
+                    "diff_se_rows": math.sqrt(max(rows_var, 0.0)) if math.isfinite(rows_var) else nan})
     return out

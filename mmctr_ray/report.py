@@ -341,6 +341,9 @@ def write_runs_report(runs: list[Location], out: Path, overwrite: bool = False) 
     (a row per run: what it trained, its best epoch, AUC ± standard error and logloss, its epochs and why it
     stopped); return their paths. The runs are read only; each keeps its own ``report/``. Their AUCs are each
     run's own validation, on its own data: ``mmctr compare`` scores runs of one data set on the same rows."""
+    twice = next((run for i, run in enumerate(runs) if str(run) in map(str, runs[:i])), None)
+    if twice is not None:
+        raise DataError(f"{twice}: given twice; name each run once")
     named = {str(run): read_metrics(storage.normalize(run), keys=REPORT_KEYS) for run in runs}
     for run, rows in named.items():
         if not rows:

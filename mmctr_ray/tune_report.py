@@ -20,8 +20,8 @@ from typing import Any
 import yaml
 
 from mmctr_ray import storage
-from mmctr_ray.config import ExperimentConfig, TrainConfig, load_config, save_config
-from mmctr_ray.errors import DataError, NotStarted, first_line
+from mmctr_ray.config import ExperimentConfig, FusionConfig, TrainConfig, load_config, save_config
+from mmctr_ray.errors import ConfigError, DataError, NotStarted, first_line
 from mmctr_ray.report import best_epoch, read_metrics
 from mmctr_ray.search_space import SearchSpace, load_search
 
@@ -175,8 +175,7 @@ def _trial_rows(tdir: Path, space: SearchSpace, errors: dict[str, str],
             status = "error" if error else trial_outcome(run, len(history), space.max_epochs, stopped)
         fusion = yaml.safe_load((run / "config.yaml").read_text())["fusion"] if (run / "config.yaml").is_file() else {}
         strategy = fusion.get("strategy", "")
-        width = {"given": 128, "v4": fusion.get("text_dim", 0) + fusion.get("image_dim", 0)}.get(
-            strategy, fusion.get("dims", ""))
+        width = _vector_dim(fusion)
         row = {"trial": n, "trial_id": trial_id, "status": status,
                # as the trial reported it: rounded here, then to 4 places where it is said, 0.845649944 was
                # said 0.8457 beside the trial's own 0.8456
@@ -248,6 +247,17 @@ def write_outputs(tdir: Path, space: SearchSpace | None = None, errors: dict[str
     return summary
 
 
+def _vector_dim(fusion: dict[str, Any]) -> int | str:
+    """The item vector width of a trial's ``fusion`` section; "" without one that reads."""
+    try:
+        return FusionConfig(**fusion).vector_dim
+    except (TypeError, ConfigError):
+        return ""
+
+
+ENDED_SCHEDULE = ("completed", "early-stopped")  # statuses of trials whose AUC is of their whole schedule
+
+
 def _plots(tdir: Path, rows: list[dict[str, Any]], space: SearchSpace) -> list[Path]:
     import matplotlib
 
@@ -272,15 +282,16 @@ def _plots(tdir: Path, rows: list[dict[str, Any]], space: SearchSpace) -> list[P
     paths = [_save(fig, out / "auc_by_trial.png")]
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for i, strategy in enumerate(sorted({r["strategy"] for r in scored})):  # a colour per strategy; a pruned
-        # trial's AUC is of the epoch ASHA stopped it at, so it is marked as such (it read as "that width is worse")
-        for pruned in (False, True):
-            pts = [r for r in scored if r["strategy"] == strategy and (r["status"] == "pruned") == pruned]
+    for i, strategy in enumerate(sorted({r["strategy"] for r in scored})):  # a colour per strategy; a trial that
+        # did not end its schedule (pruned, interrupted, failed) has the AUC of the epoch it stopped at, so it is
+        # marked as such (a pruned one read as "that width is worse")
+        for cut in (False, True):
+            pts = [r for r in scored if r["strategy"] == strategy and (r["status"] not in ENDED_SCHEDULE) == cut]
             if pts:
                 ax.scatter([r["pca_width"] for r in pts], [r["best_valid_auc"] for r in pts], color=f"C{i}",
-                           marker="x" if pruned else "o", label=f"{strategy}, pruned" if pruned else strategy)
+                           marker="x" if cut else "o", label=f"{strategy}, stopped early" if cut else strategy)
     ax.set(xscale="log", xlabel="item vector width (PCA dims; given = 128 as shipped)", ylabel="best valid AUC",
-           title="valid AUC against PCA size (x: pruned, AUC at the epoch it stopped)")
+           title="valid AUC against PCA size (x: pruned, interrupted or failed: AUC at the epoch it stopped)")
     if scored:  # no trial with a result yet: an empty plot, without matplotlib's warning of an empty legend
         ax.legend(fontsize=8)
     paths.append(_save(fig, out / "auc_vs_pca.png"))

@@ -350,12 +350,18 @@ def not_started(trial_id: str) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
-def startup_text(trials: int, startup: int) -> str:
-    """What TPE does with a search of ``trials`` trials whose first ``startup`` it draws at random."""
+def startup_text(trials: int, startup: int, concurrent: int = 1) -> str:
+    """What TPE does with a search of ``trials`` trials, ``concurrent`` at a time: it draws at random until
+    ``startup`` trials have ended (completed or pruned; Optuna counts no failed or running one), so with several at a
+    time up to ``startup + concurrent - 1`` start at random."""
+    random = startup + concurrent - 1
+    what = (f"TPE draws at random until {startup} trials have ended (search.startup_trials, completed or pruned)"
+            + (f"; with {concurrent} at a time, up to {random} start before that" if concurrent > 1 else ""))
     if trials <= startup:
-        return (f"TPE draws the first {startup} trials at random (search.startup_trials) before it models the "
-                f"results: all {trials} of this search are random draws, a random search")
-    return f"TPE draws the first {startup} trials at random (search.startup_trials), then models the results"
+        return f"{what}: all {trials} of this search are random draws, a random search"
+    if trials <= random:
+        return f"{what}: this search of {trials} may be all random draws"
+    return f"{what}, then models the results"
 
 
 def _searcher() -> type:
@@ -826,7 +832,7 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
         n = num_samples or space.num_samples
         log.info("searching %d trials, %d at a time%s (Ray: %s)", n, k,
                  f", none started after {time_budget_s:g} s" if time_budget_s else "", ray.cluster_resources())
-        log.info(startup_text(n, space.startup_trials))
+        log.info(startup_text(n, space.startup_trials, k))
         tuner = tune.Tuner(trainable, run_config=run_config,
                            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=n,
                                                        max_concurrent_trials=k))

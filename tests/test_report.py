@@ -316,7 +316,7 @@ def test_damaged_hidden_test_labels_are_one_line_for_compare_and_predict_before_
 
 
 def test_compare_refuses_bad_or_one_class_labels_and_a_json_folder_before_scoring(synth_dir, tmp_path, capsys,
-                                                                                  monkeypatch):
+                                                                                  monkeypatch, caplog):
     """Each ended in a traceback after every run was scored (hours on a large split), or, for a label that is not
     0 or 1, in AUCs that counted it as a click; compare now checks the split as train and predict do."""
     import shutil
@@ -375,13 +375,37 @@ def test_compare_refuses_bad_or_one_class_labels_and_a_json_folder_before_scorin
     assert main(["compare", "--data", str(tmp_path)]) == 2  # RUN became optional beside --group: not both absent
     assert capsys.readouterr().err.strip() == ("mmctr compare: error: compare: no run given: name runs (RUN ...) or "
                                                "groups of them (--group NAME RUN RUN ...)")
-    from mmctr_ray.compare import _check_groups
+    assert main(["compare", "--data", str(tmp_path), "--group", "A"]) == 2  # a group's own message, not "no run"
+    assert capsys.readouterr().err.strip().endswith("compare: --group A names 0 run; a group is one config trained "
+                                                    "with several seeds, 2 or more runs (its spread over seeds is "
+                                                    "what its test measures)")
+    from mmctr_ray.compare import check_groups, _warn_mixed_group
 
-    for groups, said in (([("a", ["r1", "r2"]), ("b", ["r2", "r3"])], "compare: r2 is in --group a and --group b"),
+    run = tmp_path / "runs" / "a"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("{}")
+    for groups, said in (([(str(run), ["r1", "r2"])], f"compare: --group {run} ...: the first word after --group is "
+                                                       f"the group's name, and {run} is a path to a run; write --group "
+                                                       f"NAME RUN RUN ..."),  # the name forgotten
+                         ([("a", ["r1", "r2"]), ("b", ["r2", "r3"])], "compare: r2 is in --group a and --group b"),
                          ([("a", ["r1", "r1"])], "compare: --group a names r1 twice"),
                          ([("a", ["r1", "r2"]), ("a", ["r3", "r4"])], "compare: two groups are named a")):
         with pytest.raises(ConfigError, match=f"^{re.escape(said)}$"):
-            _check_groups(groups)
+            check_groups(groups)
+    # a group is one config with other seeds: other keys, or a seed twice, are said (its spread is not the seeds')
+    from mmctr_ray.config import load_config
+
+    tiny = [load_config(ROOT / "configs/tiny.yaml", [f"train.seed={s}"]) for s in (1, 2, 3)]
+    with caplog.at_level("WARNING", logger="mmctr_ray.compare"):
+        _warn_mixed_group("v4", ["s1", "s2", "s3"], tiny)
+        assert not caplog.records  # seeds alone
+        _warn_mixed_group("v4", ["s1", "s2", "x"], [*tiny[:2], load_config(ROOT / "configs/tiny.yaml", [
+            "train.seed=1", "model.senet=false", "model.senet_ratio=4"])])
+    assert [r.getMessage() for r in caplog.records] == [
+        "--group v4: x differs from s1 in model.senet, not in train.seed alone: the group's spread is not only its "
+        "seeds'",
+        "--group v4: s1 and x were both trained with train.seed 1: they measure no spread over seeds between them (a "
+        "group is one config trained with other seeds)"]
 
 
 def test_a_report_is_written_beside_a_summary_json_training_did_not_write(tmp_path, caplog):
@@ -505,6 +529,8 @@ def test_report_of_several_runs_draws_a_line_per_run_and_tables_each_runs_best(t
     assert capsys.readouterr().err.strip().endswith(f"{out}: already holds curves.png and summary.md; pass "
                                                     "--overwrite to replace them")
     assert main(["report", *runs, "--out", str(out), "--overwrite"]) == 0
+    assert main(["report", "--run", runs[0], runs[1], "--out", str(out), "--overwrite"]) == 0  # --run: the first
+    assert f"| {runs[0]} | " in (out / "summary.md").read_text()
     capsys.readouterr()
     search = tmp_path / "tune"
     search.mkdir()
@@ -512,6 +538,7 @@ def test_report_of_several_runs_draws_a_line_per_run_and_tables_each_runs_best(t
     for argv, said in ((["report", *runs], "2 runs: --out DIR names the folder for their curves.png and summary.md"),
                        (["report", runs[0], "--out", str(out)],
                         "--out/--overwrite: for several runs; one run's report goes into RUN/report/"),
+                       (["report", runs[0], runs[0], "--out", str(out)], f"{runs[0]}: given twice; name each run once"),
                        (["report", str(search), runs[0], "--out", str(out)],
                         f"{search}: a search; `mmctr report` takes one search, or runs of `mmctr train` (a search's "
                         f"trials are runs: TUNE/trials/ID)")):

@@ -48,6 +48,9 @@ def test_task1_admits_the_baseline_with_its_five_free_hyperparameters_and_names_
             "model.dropout=0.2", "model.item_vector_rms=0.4",  # the five, and the vectors' own scale
             "train.epochs=3", "train.precision=bf16", "train.seed=7", "model.num_heads=8",  # how it runs; off modules
             "model.senet_ratio=4", "model.cross_layers=5"]
+    # a CrossNet of no layer is none (the model builds none): no departure (helper-135)
+    assert task1_departures(load_config(CONFIGS / "baseline.yaml", ["model.crossnet=v2", "model.cross_layers=0"]),
+                            128) == []
     assert task1_departures(load_config(CONFIGS / "baseline.yaml", free), 128) == []
     assert task1_departures(load_config(CONFIGS / "paper.yaml"), 128) == [
         "model.attention multihead (fixed: din)", "model.bilinear field_interaction (fixed: off)",

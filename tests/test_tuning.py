@@ -2270,16 +2270,24 @@ def test_the_sampler_draws_search_startup_trials_at_random_and_the_search_says_s
     monkeypatch.setattr(mmctr_ray.tuning, "shared_datasets", lambda *a, **k: {})
     monkeypatch.setattr(ray.tune, "with_parameters", lambda fn, **kwargs: fn)
     monkeypatch.setattr(ray.tune, "Tuner", tuner)
-    for sets, startup, said in (([], 10, "TPE draws the first 10 trials at random (search.startup_trials) before it "
-                                          "models the results: all 6 of this search are random draws, a random search"),
-                                (["search.startup_trials=2"], 2, "TPE draws the first 2 trials at random "
-                                                                 "(search.startup_trials), then models the results")):
+    for sets, startup, said in (([], 10, "TPE draws at random until 10 trials have ended (search.startup_trials, "
+                                          "completed or pruned); with 6 at a time, up to 15 start before that: all 6 "
+                                          "of this search are random draws, a random search"),
+                                (["search.startup_trials=2", "search.num_samples=20"], 2,
+                                 "TPE draws at random until 2 trials have ended (search.startup_trials, completed or "
+                                 "pruned); with 7 at a time, up to 8 start before that, then models the results")):
         caplog.clear()
         with caplog.at_level("INFO", logger="mmctr_ray.tuning"), pytest.raises(Stop) as stop:
             mmctr_ray.tuning.run_tuning(synth_dir, tmp_path / f"tune{startup}", ROOT / "configs/search_tiny.yaml",
                                         overrides=sets)
         assert stop.value.args[0]._sampler._n_startup_trials == startup
         assert said in [r.getMessage() for r in caplog.records]
+    from mmctr_ray.tuning import startup_text  # trials that start before the first ones end are drawn at random too
+
+    assert startup_text(12, 10, 4) == ("TPE draws at random until 10 trials have ended (search.startup_trials, "
+                                       "completed or pruned); with 4 at a time, up to 13 start before that: this "
+                                       "search of 12 may be all random draws")
+    assert startup_text(20, 10, 4).endswith("up to 13 start before that, then models the results")
 
 
 def test_a_search_resumes_with_its_data_given_as_a_relative_path(tmp_path, monkeypatch):
