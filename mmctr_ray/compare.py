@@ -142,7 +142,7 @@ def check_groups(groups: list[tuple[str, list[str]]]) -> None:
                               f"{name} is a path to a run; write --group NAME RUN RUN ...")
         if len(runs) < 2:
             raise ConfigError(f"compare: --group {name} names {len(runs)} run; a group is one config trained with "
-                            f"several seeds, 2 or more runs (its spread over seeds is what its test measures)")
+                              f"several seeds, 2 or more runs (its spread over seeds is what its test measures)")
         for run in runs:
             if seen.setdefault(run, name) != name or runs.count(run) > 1:
                 raise ConfigError(f"compare: {run} is in --group {seen[run]} and --group {name}"

@@ -188,28 +188,31 @@ def item_source(checkpoint: Location) -> dict[str, Any] | None:
     return None
 
 
-def plot_curves(rows: list[dict[str, Any]], others: dict[str, list[dict[str, Any]]] | None = None) -> bytes:
+Rows = list[dict[str, Any]]  # a run's epochs (metrics.jsonl)
+
+
+def plot_curves(runs: Rows | dict[str, Rows]) -> bytes:
     """Valid AUC, valid logloss and train loss per epoch, side by side, as a PNG (:func:`curves_figure`)."""
     import matplotlib.pyplot as plt
 
-    fig = curves_figure(rows, others)
+    fig = curves_figure(runs)
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
     return png.getvalue()
 
 
-def curves_figure(rows: list[dict[str, Any]], others: dict[str, list[dict[str, Any]]] | None = None) -> Any:
-    """The figure :func:`plot_curves` draws (a matplotlib ``Figure``; close it with ``plt.close``): one run's
-    ``rows``, its best epoch marked; or with ``others`` (``{label: rows}``, ``rows`` then being
-    ``others``' first), a line per run, each best epoch a star, and a legend."""
+def curves_figure(runs: Rows | dict[str, Rows]) -> Any:
+    """The figure :func:`plot_curves` draws (a matplotlib ``Figure``; close it with ``plt.close``): one run's rows,
+    its best epoch marked; or ``{label: rows}`` of several runs, a line each, each best epoch a star, a legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    series = others or {"": rows}
+    several = isinstance(runs, dict)
+    series = runs if several else {"": runs}
     epochs = sorted({r["epoch"] for run in series.values() for r in run})
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, key, title in zip(axes, ("valid_auc", "valid_logloss", "train_loss"),
@@ -217,7 +220,7 @@ def curves_figure(rows: list[dict[str, Any]], others: dict[str, list[dict[str, A
         for i, (label, run) in enumerate(series.items()):
             ax.plot([r["epoch"] for r in run], [r[key] for r in run], marker="o", color=f"C{i}",
                     label=label or None)
-            if others and key == "valid_auc":
+            if several and key == "valid_auc":
                 best = best_epoch(run)
                 ax.plot([best["epoch"]], [best["valid_auc"]], marker="*", markersize=14, color=f"C{i}")
         ax.set_title(title)
@@ -227,10 +230,10 @@ def curves_figure(rows: list[dict[str, Any]], others: dict[str, list[dict[str, A
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    if others:
+    if several:
         axes[0].legend(fontsize=8)
     else:
-        axes[0].axvline(best_epoch(rows)["epoch"], color="grey", linestyle="--", linewidth=1)
+        axes[0].axvline(best_epoch(runs)["epoch"], color="grey", linestyle="--", linewidth=1)
     fig.tight_layout()
     return fig
 
@@ -371,7 +374,7 @@ def write_runs_report(runs: list[Location], out: Path, overwrite: bool = False) 
                      f"{len(rows)} | {ended} |")
     lines += ["", "Each AUC is its run's own validation: `mmctr compare` scores runs of one data set on the same rows, "
               "with the paired test.", "", "![training curves](curves.png)", ""]
-    curves = plot_curves(next(iter(named.values())), named)
+    curves = plot_curves(named)
     out.mkdir(parents=True, exist_ok=True)
     storage.write_bytes(paths["curves"], curves)
     storage.write_text(paths["summary"], "\n".join(lines))
