@@ -187,8 +187,6 @@ def markdown(result: dict[str, Any]) -> str:
     for i, r in enumerate(result["runs"]):
         versus = ["–", "–", "–"] if i == 0 else [f"{r['diff']:+.4f}", f"{r['diff_se']:.4f}", f"{r['p']:.2g}"]
         lines.append(f"| {r['run']} | {r['epoch']} | {r['auc']:.4f} | {r['se']:.4f} | " + " | ".join(versus) + " |")
-    trained = [f"- {r['run']}: {r['trained']}" for r in result["runs"] if r.get("trained")]
-    lines += ["", "What each run trained:", *trained] if trained else []
     if result.get("groups"):
         lines += ["", "Groups (one config, several seeds): mean and sd of their AUCs. The difference to the first "
                   "group, ± and p come from Welch's test over the runs' AUCs (training noise, these rows held fixed); "
@@ -201,6 +199,8 @@ def markdown(result: dict[str, Any]) -> str:
                                                f"{g['diff_se_rows']:.4f}"]
             lines.append(f"| {g['group']} | {g['runs']} | {g['mean']:.4f} | {g['sd']:.4f} | " + " | ".join(versus)
                          + " |")
+    trained = [f"- {r['run']}: {r['trained']}" for r in result["runs"] if r.get("trained")]
+    lines += ["", "What each run trained:", *trained] if trained else []
     later = [r for r in result["runs"][1:] if "config_vs_first" in r]
     if later:
         lines += ["", "Config keys unlike the first run's (its value in brackets):"]
