@@ -197,7 +197,7 @@ def _exact_draw(owned: np.ndarray, base: int, taken: np.ndarray, item_cum: np.nd
     """
     n_items = len(item_cum)
     lo, hi = np.searchsorted(owned, [base + 1, base + n_items + 1])
-    touched = np.unique(owned[lo:hi]) - base
+    touched = owned[lo:hi] - base  # distinct: sort_events keeps one event per (user, item)
     allowed = np.setdiff1d(np.arange(1, n_items + 1), np.r_[touched, taken])
     if not len(allowed):
         left = n_items - len(touched)
