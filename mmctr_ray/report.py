@@ -238,20 +238,30 @@ def curves_figure(runs: Rows | dict[str, Rows]) -> Any:
     return fig
 
 
+def _summary_value(run_dir: Location, key: str) -> tuple[bool, Any]:
+    """(whether the run has its ``summary.json``, which training writes when the run ends; the value it records
+    under ``key``, None if none).
+
+    Raises:
+        ValueError, AttributeError: a file training did not write (cut: not JSON; edited by hand: not an object).
+    """
+    path = storage.join(run_dir, "summary.json")
+    if not storage.is_file(path):
+        return False, None
+    return True, json.loads(storage.read_text(path)).get(key)
+
+
 def _oracle_auc(run_dir: Location) -> float | None:
     """The oracle AUC the run's ``summary.json`` records; None without one (a run still training, data not from
     `mmctr synth`), and, with a warning, for a file training did not write (cut, edited by hand): the report of
     the epochs is still written (it was a JSONDecodeError traceback and no report)."""
-    path = storage.join(run_dir, "summary.json")
-    if not storage.is_file(path):
-        return None
     try:
-        oracle = json.loads(storage.read_text(path)).get("oracle_valid_auc")
+        _, oracle = _summary_value(run_dir, "oracle_valid_auc")
         if oracle is not None and (isinstance(oracle, bool) or not isinstance(oracle, (int, float))):
             raise ValueError(f"oracle_valid_auc {oracle!r} is not a number")
     except (ValueError, AttributeError) as err:
         logging.getLogger(__name__).warning("%s: not the summary.json `mmctr train` writes (%s): no oracle AUC in "
-                                            "the report", path, err)
+                                            "the report", storage.join(run_dir, "summary.json"), err)
         return None
     return float(oracle) if oracle is not None and math.isfinite(oracle) else None
 
@@ -361,13 +371,11 @@ def write_runs_report(runs: list[Location], out: Path, overwrite: bool = False) 
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for run, rows in named.items():
         best, location = best_epoch(rows), storage.normalize(run)
-        summary = storage.join(location, "summary.json")
-        ended = "still training, or stopped before its end"
-        if storage.is_file(summary):
-            try:
-                ended = json.loads(storage.read_text(summary)).get("stop_reason") or "ended"
-            except (ValueError, AttributeError):
-                ended = "ended (summary.json unreadable)"
+        try:
+            there, reason = _summary_value(location, "stop_reason")
+            ended = (reason or "ended") if there else "still training, or stopped before its end"
+        except (ValueError, AttributeError):
+            ended = "ended (summary.json unreadable)"
         se = best.get("valid_auc_se")
         lines.append(f"| {run} | {run_description(location) or '?'} | {best['epoch']} | {best['valid_auc']:.4f} | "
                      f"{f'{se:.4f}' if se is not None and math.isfinite(se) else '–'} | {best['valid_logloss']:.4f} | "
