@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from mmctr_ray import storage
-from mmctr_ray.config import ExperimentConfig, load_config
+from mmctr_ray.config import FUSION_WIDTHS, ExperimentConfig, load_config
 from mmctr_ray.errors import ConfigError, DataError, Interrupted, NotStarted, OutputExistsError, find_user_error
 from mmctr_ray.features import has_placeholder_embeddings
 from mmctr_ray.locking import began, check_folder_kind, entries
@@ -268,7 +268,7 @@ def progress_line(trials: list[Any], trial: Any, outcome: str, total: int, elaps
 def drawn_fusion(params: dict[str, Any]) -> str:
     """The item vectors a trial drew, for its progress line: ``v4 32+32``, ``v1 18``, ``given``; "" for a search
     that draws no ``fusion.*`` key (every trial has the base config's)."""
-    widths = "+".join(str(params[k]) for k in ("fusion.dims", "fusion.text_dim", "fusion.image_dim") if k in params)
+    widths = "+".join(str(params[f"fusion.{w}"]) for w in FUSION_WIDTHS if f"fusion.{w}" in params)
     return " ".join(str(part) for part in (params.get("fusion.strategy"), widths) if part)
 
 
