@@ -160,12 +160,13 @@ class FusionConfig:
 
     @property
     def vector_dim(self) -> int:
-        """Width of the item vectors this fusion trains on (``given``: item_emb_d128's, as the layout ships it)."""
+        """Width of the item vectors this fusion trains on: the sum of the PCA widths its strategy reads
+        (``given``: item_emb_d128's, as the layout ships it)."""
         if self.strategy == "given":
             from mmctr_ray.schema import GIVEN_EMB_DIM
 
             return GIVEN_EMB_DIM
-        return self.text_dim + self.image_dim if self.strategy == "v4" else self.dims
+        return sum(getattr(self, field) for field in _width_fields(self.strategy))
 
 
 ATTENTIONS = ("din", "multihead")
@@ -446,10 +447,15 @@ _INERT = {
     "model.senet_ratio": lambda c: not c.model.senet,
     "model.cross_layers": lambda c: c.model.crossnet == "off",
     "model.crossnet": lambda c: c.model.cross_layers == 0,  # no cross layer: the model builds no CrossNet
-    "fusion.dims": lambda c: c.fusion.strategy in ("given", "v4"),
-    "fusion.text_dim": lambda c: c.fusion.strategy != "v4",
-    "fusion.image_dim": lambda c: c.fusion.strategy != "v4",
+    **{f"fusion.{w}": (lambda c, w=w: w not in _width_fields(c.fusion.strategy)) for w in FUSION_WIDTHS},
 }
+
+
+def _width_fields(strategy: str) -> set[str]:
+    """:func:`mmctr_ray.fusion.width_fields` (imported here: fusion imports this module)."""
+    from mmctr_ray.fusion import width_fields
+
+    return width_fields(strategy)
 
 
 def inert_keys(cfg: ExperimentConfig) -> set[str]:

@@ -36,7 +36,7 @@ from mmctr_ray.errors import ConfigError, DataError
 from mmctr_ray.features import (FUSED_VECTOR_COLUMN, finite_float32, has_placeholder_embeddings, items_fingerprint,
                                 iter_parquet, list_matrix, open_parquet, read_parquet, titles_fingerprint)
 from mmctr_ray.fusion import (PARTS, FittedFusion, ModalityBatch, check_width, fit_fusion, input_widths,
-                              modalities_needed)
+                              modalities_needed, width_fields)
 from mmctr_ray.locking import check_table_output
 from mmctr_ray.schema import PAD_ID, Layout
 
@@ -325,7 +325,7 @@ def yaml_string(text: str) -> str:
 def fusion_fields(cfg: FusionConfig) -> dict[str, Any]:
     """The strategy and the widths it uses, as a table's ``.fusion.json`` records them (a v4 table said "dims": 128,
     the unused default, beside its text_dim and image_dim)."""
-    widths = {field for _, _, field in PARTS.get(cfg.strategy, ())}
+    widths = width_fields(cfg.strategy)
     return {"strategy": cfg.strategy, **{k: v for k, v in asdict(cfg).items() if k in widths}}
 
 

@@ -46,6 +46,13 @@ PARTS: dict[str, tuple[tuple[str, tuple[str, ...], str], ...]] = {
     "v3": (("joint", ("text", "image"), "dims"),),
     "v4": (("text", ("text",), "text_dim"), ("image", ("image",), "image_dim")),
 }
+
+
+def width_fields(strategy: str) -> set[str]:
+    """The FusionConfig width fields ``strategy`` reads (:data:`PARTS`; none for ``given``)."""
+    return {field for _, _, field in PARTS.get(strategy, ())}
+
+
 FULL_PCA_MAX_BYTES = 2 << 30  # ``pca="auto"``: full PCA while the input matrix fits in 2 GiB, else incremental
 
 

@@ -105,7 +105,7 @@ class SearchSpace:
         config's size of each of them that some trial can use unsampled (a strategy the search can pick uses it,
         and it is not searched whenever such a strategy is: its ``when`` holds only ``fusion.strategy`` values
         covering every such strategy)."""
-        from mmctr_ray.fusion import PARTS  # which strategy reads which size
+        from mmctr_ray.fusion import PARTS, width_fields  # which strategy reads which size
 
         base = self.trial_config({}).fusion
         by_key = {p.key: p for p in self.params}
@@ -115,7 +115,7 @@ class SearchSpace:
             strategies.add(base.strategy)
         widths = []
         for size in FUSION_WIDTHS:
-            users = {s for s, parts in PARTS.items() if any(f == size for _, _, f in parts)} & strategies
+            users = {s for s in PARTS if size in width_fields(s)} & strategies
             if not users:
                 continue  # no trial reads this size
             p = by_key.get(f"fusion.{size}")
