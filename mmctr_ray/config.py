@@ -437,7 +437,9 @@ def differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict[
 
 
 # Keys that do nothing in a config that sets them: a module's own knobs where the module is off, the attention's
-# without the history, the fusion widths another strategy uses. A comparison of two configs leaves them out.
+# without the history, the fusion widths another strategy uses, and the whole fusion section of a run trained on
+# the shipped vectors (data.item_vector: given; a fused table sets data.item_vector to its path, as `train --fusion`
+# and `pipeline` do). A comparison of two trained runs' configs leaves them out.
 _INERT = {
     "model.num_heads": lambda c: not c.model.use_history or c.model.attention != "multihead",
     "model.attention_units": lambda c: not c.model.use_history or c.model.attention != "din",
@@ -447,7 +449,9 @@ _INERT = {
     "model.senet_ratio": lambda c: not c.model.senet,
     "model.cross_layers": lambda c: c.model.crossnet == "off",
     "model.crossnet": lambda c: c.model.cross_layers == 0,  # no cross layer: the model builds no CrossNet
-    **{f"fusion.{w}": (lambda c, w=w: w not in _width_fields(c.fusion.strategy)) for w in FUSION_WIDTHS},
+    "fusion.strategy": lambda c: c.data.item_vector == "given",
+    **{f"fusion.{w}": (lambda c, w=w: c.data.item_vector == "given" or w not in _width_fields(c.fusion.strategy))
+       for w in FUSION_WIDTHS},
 }
 
 

@@ -83,13 +83,24 @@ def test_compare_names_the_config_keys_each_run_sets_unlike_the_first():
                                                                                      "first": [32, 16]}}, {}]
     # keys that do nothing in one of the two are no difference (helper-134: v3 against v4 listed fusion.dims, which
     # v4 never reads); the key that turns them off is
-    v3 = load_config(ROOT / "configs/tiny.yaml", ["fusion.strategy=v3", "fusion.dims=64"])
+    v4 = load_config(ROOT / "configs/tiny.yaml", ["data.item_vector=/t/v4.parquet", "model.dnn_units=[32, 16]"])
+    v3 = load_config(ROOT / "configs/tiny.yaml", ["fusion.strategy=v3", "fusion.dims=64",
+                                                  "data.item_vector=/t/v3.parquet", "model.dnn_units=[32, 16]"])
     plain = load_config(ROOT / "configs/tiny.yaml", ["model.senet=false", "model.senet_ratio=4", "model.crossnet=off",
                                                      "model.use_history=false", "model.attention_dropout=0.3"])
-    assert config_differences([first, v3, plain])[1:] == [
-        {"fusion.strategy": {"value": "v3", "first": "v4"}},
-        {"model.crossnet": {"value": "off", "first": "v2"}, "model.senet": {"value": False, "first": True},
-         "model.use_history": {"value": False, "first": True}}]
+    assert config_differences([v4, v3])[1] == {"data.item_vector": {"value": "/t/v3.parquet", "first": "/t/v4.parquet"},
+                                               "fusion.strategy": {"value": "v3", "first": "v4"}}
+    # a run on the shipped vectors (data.item_vector: given) fused nothing: its fusion section is no difference,
+    # where compare listed a `given` run's tiny.yaml `fusion.strategy v4` against a v1 run's as `v1 (v4)`
+    assert first.fusion.strategy == "v4" and first.data.item_vector == "given"
+    v1 = load_config(ROOT / "configs/tiny.yaml", ["fusion.strategy=v1", "data.item_vector=/t/v1.parquet",
+                                                  "model.dnn_units=[32, 16]"])
+    assert config_differences([first, v1])[1] == {"data.item_vector": {"value": "/t/v1.parquet", "first": "given"}}
+    assert config_differences([first, load_config(ROOT / "configs/tiny.yaml", [
+        "fusion.strategy=v2", "fusion.dims=8", "model.dnn_units=[32, 16]"])])[1] == {}
+    assert config_differences([first, plain])[1] == {
+        "model.crossnet": {"value": "off", "first": "v2"}, "model.senet": {"value": False, "first": True},
+        "model.use_history": {"value": False, "first": True}}
     runs = [{"run": name, "epoch": 1, "auc": 0.7, "se": 0.01, "diff": 0.0, "diff_se": 0.0, "p": 1.0,
              "config_vs_first": differs} for name, differs in zip("abc", config_differences([first, nobn, first]))]
     text = markdown({"split": "valid", "data": "D", "rows": 10, "positives": 3, "runs": runs})
