@@ -438,7 +438,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     import torch
 
-    from mmctr_ray.compare import check_groups, compare_runs, markdown
+    from mmctr_ray.compare import check_groups, check_pairs, compare_runs, markdown
 
     if args.json is not None and (args.json.is_dir() or any(p.exists() and not p.is_dir() for p in args.json.parents)):
         raise ConfigError(f"{args.json}: --json names a file to write; it is a folder or lies below a file")
@@ -456,7 +456,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     check_groups(groups)  # before any run is scored
     if not args.runs and not groups:
         raise ConfigError("compare: no run given: name runs (RUN ...) or groups of them (--group NAME RUN RUN ...)")
-    result = compare_runs(args.runs, args.data, args.split, args.device, progress=log.info, groups=groups)
+    check_pairs(args.pairs, len(set(args.runs)), len(groups))
+    result = compare_runs(args.runs, args.data, args.split, args.device, progress=log.info, groups=groups,
+                          pairs=args.pairs)
     print(markdown(result), end="")
     if args.json is not None:  # undefined figures (a class of one row) as null: JSON has no NaN
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -962,6 +964,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NAME RUN RUN ...: runs of one config trained with other train.seed values, compared as a "
                         "group (mean, sd over its runs, and Welch's test against the first group); repeat it, one "
                         "per config (after the RUNs above, which are scored too)")
+    p.add_argument("--pairs", choices=("first", "all"), default="first",
+                   help="first (default): each run (and group) against the first; all: also every pair of the RUNs, "
+                        "and of the groups, each table's p-values adjusted for its number of pairs (Holm)")
     p.add_argument("--data", type=_local_path, required=True, help="the local data directory the runs were trained on")
     p.add_argument("--split", choices=("valid", "test"), default="valid",
                    help="rows to score (default valid; test needs labels: those synthetic data keeps, or "

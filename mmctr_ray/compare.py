@@ -25,7 +25,7 @@ from mmctr_ray import storage
 from mmctr_ray.checkpoint import PREFIX, run_or_checkpoint
 from mmctr_ray.config import ExperimentConfig, effective_differences, value_text
 from mmctr_ray.errors import ConfigError, DataError
-from mmctr_ray.metrics import auc_covariance, compare_groups, paired_rows
+from mmctr_ray.metrics import auc_covariance, compare_groups, every_group_pair, every_pair, paired_rows
 from mmctr_ray.report import describe_run
 from mmctr_ray.schema import NO_PARTS, Layout, parquet_parts
 
@@ -81,7 +81,8 @@ def config_differences(configs: list[ExperimentConfig]) -> list[dict[str, dict[s
 
 
 def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid", device: str = "cpu",
-                 progress: Any = None, groups: list[tuple[str, list[str]]] = ()) -> dict[str, Any]:
+                 progress: Any = None, groups: list[tuple[str, list[str]]] = (), pairs: str = "first"
+                 ) -> dict[str, Any]:
     """Score ``split`` of ``data_dir`` with each target's checkpoint on ``device``; return the split, its rows and
     positives, and per target its checkpoint, epoch, :func:`compare_aucs`'s row (the first target is the
     reference) and the config keys it sets unlike the first (:func:`config_differences`). Each run's
@@ -90,12 +91,18 @@ def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid",
 
     ``groups``: ``(name, runs)`` of runs of one config trained with other seeds (scored after ``targets``, each
     run once): the result's ``groups`` holds :func:`~mmctr_ray.metrics.compare_groups`' row of each, the first
-    group the reference; a group whose runs differ in more than ``train.seed`` is said in a warning."""
+    group the reference; a group whose runs differ in more than ``train.seed`` is said in a warning.
+
+    ``pairs="all"``: also every pair of the ``targets`` (``pairs``: :func:`~mmctr_ray.metrics.every_pair`'s rows,
+    named by run) and of the groups (``group_pairs``), where there are two or more, each p adjusted over its
+    table's pairs (Holm)."""
     from mmctr_ray.predict import check_finite, load_model, score_parquet
 
     check_groups(groups)
+    given = list(dict.fromkeys(targets))  # a run given twice is scored once
+    check_pairs(pairs, len(given), len(groups))
     named = [run for _, runs in groups for run in runs]
-    targets = list(dict.fromkeys([*targets, *named]))  # a run given twice is scored once
+    targets = list(dict.fromkeys([*given, *named]))
     if len(targets) < 1:
         raise DataError("compare: no run given")
     path, labels = split_labels(data_dir, split)
@@ -130,7 +137,26 @@ def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid",
             _warn_mixed_group(name, runs, [configs[i] for i in at])
         result["groups"] = [{"group": name, "members": runs, **row} for (name, runs), row in
                             zip(groups, compare_groups(aucs, cov, members))]
+    if pairs == "all" and len(given) >= 2:  # the RUNs given, not the groups' runs: those pair as groups
+        result["pairs"] = [{"run": given[row.pop("j")], "minus": given[row.pop("i")], **row}
+                           for row in every_pair(aucs, cov, len(given))]
+    if pairs == "all" and len(groups) >= 2:
+        result["group_pairs"] = [{"group": groups[row.pop("j")][0], "minus": groups[row.pop("i")][0], **row}
+                                 for row in every_group_pair(aucs, cov, members)]
     return result
+
+
+PAIRS = ("first", "all")
+
+
+def check_pairs(pairs: str, runs: int, groups: int) -> None:
+    """``--pairs all`` needs two runs (the RUNs given) or two groups to pair."""
+    if pairs not in PAIRS:
+        raise ConfigError(f"compare: --pairs {pairs}: expected one of {', '.join(PAIRS)}")
+    if pairs == "all" and runs < 2 and groups < 2:
+        raise ConfigError(f"compare --pairs all: {runs} run{'s' * (runs != 1)} and {groups} "
+                          f"group{'s' * (groups != 1)} given; it tests every pair of 2 or more runs (RUN RUN ...), "
+                          f"and of 2 or more groups (--group ...)")
 
 
 def check_groups(groups: list[tuple[str, list[str]]]) -> None:
@@ -168,6 +194,32 @@ def _warn_mixed_group(name: str, runs: list[str], configs: list[ExperimentConfig
                         seeds[cfg.train.seed], run, cfg.train.seed)
 
 
+def _pair_lines(result: dict[str, Any]) -> list[str]:
+    """The tables of ``--pairs all``: every pair of runs, then of groups, the later one's AUC minus the earlier's."""
+    lines = []
+    pairs, group_pairs = result.get("pairs") or [], result.get("group_pairs") or []
+    if pairs:
+        lines += ["", f"Every pair of runs ({len(pairs)}): the run's AUC minus the other's, ± and p from the paired "
+                  f"test; p Holm is p adjusted for testing the {len(pairs)} pairs together (read it against the "
+                  f"level you would use for one).", "",
+                  "| run | minus | difference | ± | p | p Holm |", "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['run']} | {r['minus']} | {r['diff']:+.4f} | {r['diff_se']:.4f} | {_p_text(r['p'])} | "
+                  f"{_p_text(r['p_holm'])} |" for r in pairs]
+    if group_pairs:
+        lines += ["", f"Every pair of groups ({len(group_pairs)}): the group's mean AUC minus the other's, ± and p "
+                  f"from Welch's test over their runs' AUCs; p Holm is p adjusted for testing the "
+                  f"{len(group_pairs)} pairs together; ± rows is DeLong's for the difference.", "",
+                  "| group | minus | difference | ± | p | p Holm | ± rows |", "|---|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {g['group']} | {g['minus']} | {g['diff']:+.4f} | {g['diff_se']:.4f} | {_p_text(g['p'])} | "
+                  f"{_p_text(g['p_holm'])} | {g['diff_se_rows']:.4f} |" for g in group_pairs]
+    return lines
+
+
+def _p_text(p: float) -> str:
+    """A p-value for a table; "–" where it is undefined (runs with no spread, a class of one row)."""
+    return "–" if math.isnan(p) else f"{p:.2g}"
+
+
 def is_comparison(path: Path) -> bool:
     """Whether ``path`` holds what ``mmctr compare --json`` writes (:func:`compare_runs`' result)."""
     try:
@@ -194,11 +246,11 @@ def markdown(result: dict[str, Any]) -> str:
                   "| group | runs | mean AUC | sd | vs first | ± | p | ± rows |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for i, g in enumerate(result["groups"]):
-            p = "–" if math.isnan(g["p"]) else f"{g['p']:.2g}"  # no spread over the runs: nothing to test by
-            versus = ["–"] * 4 if i == 0 else [f"{g['diff']:+.4f}", f"{g['diff_se']:.4f}", p,
+            versus = ["–"] * 4 if i == 0 else [f"{g['diff']:+.4f}", f"{g['diff_se']:.4f}", _p_text(g["p"]),
                                                f"{g['diff_se_rows']:.4f}"]
             lines.append(f"| {g['group']} | {g['runs']} | {g['mean']:.4f} | {g['sd']:.4f} | " + " | ".join(versus)
                          + " |")
+    lines += _pair_lines(result)
     trained = [f"- {r['run']}: {r['trained']}" for r in result["runs"] if r.get("trained")]
     lines += ["", "What each run trained:", *trained] if trained else []
     later = [r for r in result["runs"][1:] if "config_vs_first" in r]

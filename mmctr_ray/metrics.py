@@ -128,20 +128,47 @@ def auc_covariance(labels: np.ndarray, scores: list[np.ndarray]) -> tuple[np.nda
 
 def paired_rows(aucs: np.ndarray, cov: np.ndarray) -> list[dict[str, float]]:
     """:func:`compare_aucs`' rows from :func:`auc_covariance`'s AUCs and covariance."""
-    out = []
-    for i, auc in enumerate(aucs):
-        diff = float(auc - aucs[0])
-        diff_se = math.sqrt(max(cov[i, i] + cov[0, 0] - 2 * cov[i, 0], 0.0)) if np.isfinite(cov[i, 0]) else math.nan
-        if not (math.isfinite(diff) and math.isfinite(diff_se)):
-            z = math.nan
-        elif diff_se > 0:
-            z = diff / diff_se
-        else:  # the same ordering of the rows (e.g. a run compared with itself)
-            z = 0.0 if diff == 0 else math.copysign(math.inf, diff)
-        out.append({"auc": float(auc), "se": math.sqrt(max(cov[i, i], 0.0)) if np.isfinite(cov[i, i]) else math.nan,
-                    "diff": diff, "diff_se": diff_se, "z": z,
-                    "p": math.nan if math.isnan(z) else math.erfc(abs(z) / math.sqrt(2))})
+    return [{"auc": float(auc), "se": math.sqrt(max(cov[i, i], 0.0)) if np.isfinite(cov[i, i]) else math.nan,
+             **paired_difference(aucs, cov, 0, i)} for i, auc in enumerate(aucs)]
+
+
+def paired_difference(aucs: np.ndarray, cov: np.ndarray, i: int, j: int) -> dict[str, float]:
+    """The paired DeLong test of score vector ``j`` against ``i`` (from :func:`auc_covariance`): ``diff`` (AUC j −
+    AUC i), ``diff_se``, ``z`` and the two-sided ``p``; NaN where undefined."""
+    diff = float(aucs[j] - aucs[i])
+    diff_se = math.sqrt(max(cov[j, j] + cov[i, i] - 2 * cov[j, i], 0.0)) if np.isfinite(cov[j, i]) else math.nan
+    if not (math.isfinite(diff) and math.isfinite(diff_se)):
+        z = math.nan
+    elif diff_se > 0:
+        z = diff / diff_se
+    else:  # the same ordering of the rows (e.g. a run compared with itself)
+        z = 0.0 if diff == 0 else math.copysign(math.inf, diff)
+    return {"diff": diff, "diff_se": diff_se, "z": z,
+            "p": math.nan if math.isnan(z) else math.erfc(abs(z) / math.sqrt(2))}
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjustment of p-values tested together: the k-th smallest of m is multiplied by m − k + 1,
+    then each is raised to the largest adjusted value before it and capped at 1. It holds the chance of any false
+    "significant" among the m at the level read off, under any dependence between the tests (the pairs of a
+    comparison share runs). NaN stays NaN and is not counted in m. Written here: scipy.stats adjusts for the false
+    discovery rate only (``false_discovery_control``), and statsmodels is not a dependency."""
+    order = sorted((i for i, p in enumerate(pvalues) if not math.isnan(p)), key=lambda i: pvalues[i])  # NaN unsortable
+    out, running = [math.nan] * len(pvalues), 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - k) * pvalues[i]))
+        out[i] = running
     return out
+
+
+def every_pair(aucs: np.ndarray, cov: np.ndarray, among: int | None = None) -> list[dict[str, float]]:
+    """The paired test of every pair of the first ``among`` score vectors (all by default), ``i`` before ``j``:
+    :func:`paired_difference` of ``j`` against ``i``, and ``p_holm``, its p adjusted over the pairs (:func:`holm`)."""
+    n = len(aucs) if among is None else among
+    rows = [{"i": i, "j": j, **paired_difference(aucs, cov, i, j)} for i in range(n) for j in range(i + 1, n)]
+    for row, adjusted in zip(rows, holm([r["p"] for r in rows])):
+        row["p_holm"] = adjusted
+    return rows
 
 
 def se_text(se: float | None) -> str:
@@ -184,3 +211,13 @@ def compare_groups(aucs: np.ndarray, cov: np.ndarray, groups: list[list[int]]) -
                     "diff_se": se, "df": df, "p": p,
                     "diff_se_rows": math.sqrt(max(rows_var, 0.0)) if math.isfinite(rows_var) else nan})
     return out
+
+
+def every_group_pair(aucs: np.ndarray, cov: np.ndarray, groups: list[list[int]]) -> list[dict[str, float]]:
+    """:func:`compare_groups`' test of every pair of groups, ``i`` before ``j`` (group j against group i), with
+    ``p_holm``, Welch's p adjusted over the pairs (:func:`holm`)."""
+    rows = [{"i": i, "j": j, **compare_groups(aucs, cov, [groups[i], groups[j]])[1]}
+            for i in range(len(groups)) for j in range(i + 1, len(groups))]
+    for row, adjusted in zip(rows, holm([r["p"] for r in rows])):
+        row["p_holm"] = adjusted
+    return rows

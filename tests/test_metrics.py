@@ -155,3 +155,41 @@ def test_groups_of_runs_get_the_mean_the_sd_welchs_test_and_the_rows_error_of_th
     with pytest.raises(ValueError, match="a group of 1 run: its spread over seeds needs 2 or more"):
         compare_groups(aucs, cov, [[0, 1], [2]])
 
+
+
+def test_holm_multiplies_the_kth_smallest_p_by_the_tests_left_keeps_the_order_and_skips_nan():
+    from mmctr_ray.metrics import holm
+
+    # sorted 0.005, 0.01, 0.03, 0.04 → ×4, ×3, ×2, ×1 = 0.02, 0.03, 0.06, 0.04 → raised to the running max: 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.6]) == [1.0, 1.0]  # capped at 1
+    got = holm([0.02, math.nan, 0.01])  # NaN (an undefined test) is not one of the m tests
+    assert got[0] == pytest.approx(0.02) and math.isnan(got[1]) and got[2] == pytest.approx(0.02)
+    assert holm([]) == [] and holm([0.04]) == [0.04]  # one test: nothing to adjust
+
+
+def test_every_pair_is_the_paired_test_of_each_two_runs_and_of_each_two_groups():
+    """`compare --pairs all`: pair (i, j) is what comparing run j against run i alone gives, and a pair of groups
+    what `compare_groups` gives for those two groups alone; p_holm adjusts each table's p over its own pairs."""
+    from mmctr_ray.metrics import auc_covariance, compare_groups, every_group_pair, every_pair, holm
+
+    rng = np.random.default_rng(5)
+    labels, signal = _scores(rng, 2_000)
+    scores = [signal + rng.normal(scale=s, size=len(labels)) for s in (0.3, 0.5, 0.4, 0.9, 0.35, 0.8)]
+    aucs, cov = auc_covariance(labels, scores)
+    rows = every_pair(aucs, cov, among=4)  # the first four: the RUNs given; the rest are groups' runs
+    assert [(r["i"], r["j"]) for r in rows] == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    for r in rows:
+        alone = compare_aucs(labels, [scores[r["i"]], scores[r["j"]]])[1]
+        for key in ("diff", "diff_se", "z", "p"):
+            assert r[key] == pytest.approx(alone[key], rel=1e-9, abs=1e-12), (r, key)
+    assert [r["p_holm"] for r in rows] == pytest.approx(holm([r["p"] for r in rows]))
+    assert all(r["p_holm"] >= r["p"] for r in rows) and any(r["p_holm"] > r["p"] for r in rows)
+    assert every_pair(aucs, cov)[-1]["j"] == 5 and len(every_pair(aucs, cov)) == 15
+    groups = [[0, 2], [1, 4], [3, 5]]
+    pairs = every_group_pair(aucs, cov, groups)
+    assert [(g["i"], g["j"]) for g in pairs] == [(0, 1), (0, 2), (1, 2)]
+    for g in pairs:
+        alone = compare_groups(aucs, cov, [groups[g["i"]], groups[g["j"]]])[1]
+        assert {k: g[k] for k in alone} == pytest.approx(alone)
+    assert [g["p_holm"] for g in pairs] == pytest.approx(holm([g["p"] for g in pairs]))

@@ -390,6 +390,10 @@ def test_compare_refuses_bad_or_one_class_labels_and_a_json_folder_before_scorin
     assert capsys.readouterr().err.strip().endswith("compare: --group A names 0 run; a group is one config trained "
                                                     "with several seeds, 2 or more runs (its spread over seeds is "
                                                     "what its test measures)")
+    assert main(["compare", "r1", "r1", "--data", str(tmp_path), "--group", "A", "r2", "r3", "--pairs", "all"]) == 2
+    assert capsys.readouterr().err.strip() == ("mmctr compare: error: compare --pairs all: 1 run and 1 group given; it "
+                                               "tests every pair of 2 or more runs (RUN RUN ...), and of 2 or more "
+                                               "groups (--group ...)")  # a run named twice is one run
     from mmctr_ray.compare import check_groups, _warn_mixed_group
 
     run = tmp_path / "runs" / "a"

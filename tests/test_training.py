@@ -1640,6 +1640,30 @@ def test_compare_scores_runs_on_the_same_rows_with_the_paired_test(two_worker_ru
     assert 0 < second["diff_se_rows"] < 0.05
     assert f"| plain | {len(b)} | {second['mean']:.4f} | {second['sd']:.4f} | {second['diff']:+.4f} |" in text
     assert "Welch's test over the runs' AUCs (training noise, these rows held fixed)" in text
+    assert "Every pair" not in text and "pairs" not in result  # --pairs first, the default
+    # --pairs all: every pair of the RUNs given (not of the groups' runs, which pair as groups), each what the
+    # paired test of those two alone gives, and every pair of groups, each p also adjusted over its table (Holm)
+    runs = [str(b[0]), *map(str, a)]
+    assert main(["compare", "--data", str(synth_dir), *runs, "--group", "two", *map(str, a), "--group", "plain",
+                 *map(str, b), "--pairs", "all", "--json", str(tmp_path / "pairs.json")]) == 0
+    text, every = capsys.readouterr().out, json.loads((tmp_path / "pairs.json").read_text())
+    assert [(p["minus"], p["run"]) for p in every["pairs"]] == [(x, y) for i, x in enumerate(runs)
+                                                               for y in runs[i + 1:]]
+    auc = {r["run"]: r["auc"] for r in every["runs"]}
+    assert all(p["diff"] == pytest.approx(auc[p["run"]] - auc[p["minus"]]) and p["p_holm"] >= p["p"]
+               for p in every["pairs"])
+    last = every["pairs"][-1]  # a pair without the first run, against `compare` of those two alone
+    assert main(["compare", "--data", str(synth_dir), last["minus"], last["run"], "--json", str(tmp_path / "one.json")
+                 ]) == 0
+    alone = json.loads((tmp_path / "one.json").read_text())["runs"][1]
+    assert (last["diff_se"], last["p"]) == pytest.approx((alone["diff_se"], alone["p"]))
+    assert f"Every pair of runs ({len(every['pairs'])}): " in text
+    assert f"| {last['run']} | {last['minus']} | {last['diff']:+.4f} | {last['diff_se']:.4f} |" in text
+    (group_pair,) = every["group_pairs"]  # one pair of groups: nothing to adjust; the groups table's own figures
+    assert (group_pair["group"], group_pair["minus"]) == ("plain", "two") and group_pair["p_holm"] == group_pair["p"]
+    assert {k: group_pair[k] for k in ("diff", "diff_se", "p", "diff_se_rows")} == pytest.approx(
+        {k: second[k] for k in ("diff", "diff_se", "p", "diff_se_rows")})
+    assert f"| plain | two | {second['diff']:+.4f} | {second['diff_se']:.4f} |" in text
     assert main(["compare", "--data", str(synth_dir), "--group", "one", str(a[0])]) == 2
     assert capsys.readouterr().err.strip().endswith("--group one names 1 run; a group is one config trained with "
                                                     "several seeds, 2 or more runs (its spread over seeds is what its "
