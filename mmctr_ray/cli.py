@@ -456,7 +456,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     check_groups(groups)  # before any run is scored
     if not args.runs and not groups:
         raise ConfigError("compare: no run given: name runs (RUN ...) or groups of them (--group NAME RUN RUN ...)")
-    check_pairs(args.pairs, len(set(args.runs)), len(groups))
+    check_pairs(args.pairs, args.runs, len(groups))
     result = compare_runs(args.runs, args.data, args.split, args.device, progress=log.info, groups=groups,
                           pairs=args.pairs)
     print(markdown(result), end="")

@@ -100,7 +100,7 @@ def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid",
 
     check_groups(groups)
     given = list(dict.fromkeys(targets))  # a run given twice is scored once
-    check_pairs(pairs, len(given), len(groups))
+    check_pairs(pairs, given, len(groups))
     named = [run for _, runs in groups for run in runs]
     targets = list(dict.fromkeys([*given, *named]))
     if len(targets) < 1:
@@ -138,25 +138,35 @@ def compare_runs(targets: list[str], data_dir: str | Path, split: str = "valid",
         result["groups"] = [{"group": name, "members": runs, **row} for (name, runs), row in
                             zip(groups, compare_groups(aucs, cov, members))]
     if pairs == "all" and len(given) >= 2:  # the RUNs given, not the groups' runs: those pair as groups
-        result["pairs"] = [{"run": given[row.pop("j")], "minus": given[row.pop("i")], **row}
-                           for row in every_pair(aucs, cov, len(given))]
+        result["pairs"] = named_pairs(every_pair(aucs, cov, len(given)), given, "run")
     if pairs == "all" and len(groups) >= 2:
-        result["group_pairs"] = [{"group": groups[row.pop("j")][0], "minus": groups[row.pop("i")][0], **row}
-                                 for row in every_group_pair(aucs, cov, members)]
+        result["group_pairs"] = named_pairs(every_group_pair(aucs, cov, members), [n for n, _ in groups], "group")
     return result
+
+
+def named_pairs(rows: list[dict[str, Any]], names: list[str], what: str) -> list[dict[str, Any]]:
+    """Rows of :func:`~mmctr_ray.metrics.every_pair` (indices ``i`` before ``j``) named: ``{what: names[j],
+    "minus": names[i], ...}`` (the difference is j's minus i's)."""
+    out = []
+    for row in rows:
+        row = dict(row)
+        i, j = row.pop("i"), row.pop("j")
+        out.append({what: names[j], "minus": names[i], **row})
+    return out
 
 
 PAIRS = ("first", "all")
 
 
-def check_pairs(pairs: str, runs: int, groups: int) -> None:
-    """``--pairs all`` needs two runs (the RUNs given) or two groups to pair."""
+def check_pairs(pairs: str, runs: list[str], groups: int) -> None:
+    """``--pairs all`` needs two runs (the RUNs given, each counted once) or two groups to pair."""
     if pairs not in PAIRS:
         raise ConfigError(f"compare: --pairs {pairs}: expected one of {', '.join(PAIRS)}")
-    if pairs == "all" and runs < 2 and groups < 2:
-        raise ConfigError(f"compare --pairs all: {runs} run{'s' * (runs != 1)} and {groups} "
-                          f"group{'s' * (groups != 1)} given; it tests every pair of 2 or more runs (RUN RUN ...), "
-                          f"and of 2 or more groups (--group ...)")
+    count = len(set(runs))
+    if pairs == "all" and count < 2 and groups < 2:
+        raise ConfigError(f"compare --pairs all: {count} run{'s' * (count != 1)} and {groups} "
+                          f"group{'s' * (groups != 1)} given; it needs 2 or more runs (RUN RUN ...) or 2 or more "
+                          f"groups (--group ...) to pair")
 
 
 def check_groups(groups: list[tuple[str, list[str]]]) -> None:
@@ -200,19 +210,25 @@ def _pair_lines(result: dict[str, Any]) -> list[str]:
     pairs, group_pairs = result.get("pairs") or [], result.get("group_pairs") or []
     if pairs:
         lines += ["", f"Every pair of runs ({len(pairs)}): the run's AUC minus the other's, ± and p from the paired "
-                  f"test; p Holm is p adjusted for testing the {len(pairs)} pairs together (read it against the "
-                  f"level you would use for one).", "",
+                  f"test; p Holm is p adjusted for testing {_tested(pairs)} together (read it against the level "
+                  f"you would use for one).", "",
                   "| run | minus | difference | ± | p | p Holm |", "|---|---|---:|---:|---:|---:|"]
         lines += [f"| {r['run']} | {r['minus']} | {r['diff']:+.4f} | {r['diff_se']:.4f} | {_p_text(r['p'])} | "
                   f"{_p_text(r['p_holm'])} |" for r in pairs]
     if group_pairs:
         lines += ["", f"Every pair of groups ({len(group_pairs)}): the group's mean AUC minus the other's, ± and p "
-                  f"from Welch's test over their runs' AUCs; p Holm is p adjusted for testing the "
-                  f"{len(group_pairs)} pairs together; ± rows is DeLong's for the difference.", "",
+                  f"from Welch's test over their runs' AUCs; p Holm is p adjusted for testing "
+                  f"{_tested(group_pairs)} together; ± rows is DeLong's for the difference.", "",
                   "| group | minus | difference | ± | p | p Holm | ± rows |", "|---|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {g['group']} | {g['minus']} | {g['diff']:+.4f} | {g['diff_se']:.4f} | {_p_text(g['p'])} | "
                   f"{_p_text(g['p_holm'])} | {g['diff_se_rows']:.4f} |" for g in group_pairs]
     return lines
+
+
+def _tested(rows: list[dict[str, Any]]) -> str:
+    """How many pairs Holm's adjustment counted: those with a p (runs of no spread have none)."""
+    defined = sum(not math.isnan(r["p"]) for r in rows)
+    return f"the {defined} pair{'s' * (defined != 1)}" + (f" with a p (of {len(rows)})" if defined < len(rows) else "")
 
 
 def _p_text(p: float) -> str:
@@ -237,7 +253,7 @@ def markdown(result: dict[str, Any]) -> str:
              f"same config moves its AUC too, by an amount only runs of a few seeds measure.", "",
              "| run | epoch | AUC | ± | vs first | ± | p |", "|---|---:|---:|---:|---:|---:|---:|"]
     for i, r in enumerate(result["runs"]):
-        versus = ["–", "–", "–"] if i == 0 else [f"{r['diff']:+.4f}", f"{r['diff_se']:.4f}", f"{r['p']:.2g}"]
+        versus = ["–", "–", "–"] if i == 0 else [f"{r['diff']:+.4f}", f"{r['diff_se']:.4f}", _p_text(r["p"])]
         lines.append(f"| {r['run']} | {r['epoch']} | {r['auc']:.4f} | {r['se']:.4f} | " + " | ".join(versus) + " |")
     if result.get("groups"):
         lines += ["", "Groups (one config, several seeds): mean and sd of their AUCs. The difference to the first "

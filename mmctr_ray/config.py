@@ -437,9 +437,7 @@ def differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict[
 
 
 # Keys that do nothing in a config that sets them: a module's own knobs where the module is off, the attention's
-# without the history, the fusion widths another strategy uses, and the whole fusion section of a run trained on
-# the shipped vectors (data.item_vector: given; a fused table sets data.item_vector to its path, as `train --fusion`
-# and `pipeline` do). A comparison of two trained runs' configs leaves them out.
+# without the history, the fusion widths another strategy uses. A comparison of two configs leaves them out.
 _INERT = {
     "model.num_heads": lambda c: not c.model.use_history or c.model.attention != "multihead",
     "model.attention_units": lambda c: not c.model.use_history or c.model.attention != "din",
@@ -449,9 +447,7 @@ _INERT = {
     "model.senet_ratio": lambda c: not c.model.senet,
     "model.cross_layers": lambda c: c.model.crossnet == "off",
     "model.crossnet": lambda c: c.model.cross_layers == 0,  # no cross layer: the model builds no CrossNet
-    "fusion.strategy": lambda c: c.data.item_vector == "given",
-    **{f"fusion.{w}": (lambda c, w=w: c.data.item_vector == "given" or w not in _width_fields(c.fusion.strategy))
-       for w in FUSION_WIDTHS},
+    **{f"fusion.{w}": (lambda c, w=w: w not in _width_fields(c.fusion.strategy)) for w in FUSION_WIDTHS},
 }
 
 
@@ -462,14 +458,26 @@ def _width_fields(strategy: str) -> set[str]:
     return width_fields(strategy)
 
 
+def _as_trained(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with the fusion section it trained with: ``given`` where it trained on the shipped vectors."""
+    if cfg.data.item_vector != "given" or cfg.fusion.strategy == "given":
+        return cfg
+    return dataclasses.replace(cfg, fusion=dataclasses.replace(cfg.fusion, strategy="given"))
+
+
 def inert_keys(cfg: ExperimentConfig) -> set[str]:
     """The dotted keys that have no effect in ``cfg`` (:data:`_INERT`)."""
     return {key for key, inert in _INERT.items() if inert(cfg)}
 
 
 def effective_differences(a: ExperimentConfig, b: ExperimentConfig) -> dict[str, tuple[Any, Any]]:
-    """:func:`differences` of two configs, without the keys either leaves without effect (:func:`inert_keys`): a v3
-    run against a v4 run differs in ``fusion.strategy``, not in the ``fusion.dims`` v4 never reads."""
+    """:func:`differences` of two trained runs' configs, without the keys either leaves without effect
+    (:func:`inert_keys`): a v3 run against a v4 run differs in ``fusion.strategy``, not in the ``fusion.dims`` v4
+    never reads. A run on the shipped vectors (``data.item_vector: given``) fused nothing, whatever its fusion
+    section says (`train --fusion` and `pipeline` set ``data.item_vector`` to the table they fused): its strategy
+    is compared as ``given`` (a v1 run against it: ``fusion.strategy`` v1 against given). Not for a config still to
+    run: a pipeline's fusion section with ``data.item_vector: given`` is what it will fuse."""
+    a, b = _as_trained(a), _as_trained(b)
     skip = inert_keys(a) | inert_keys(b)
     return {key: pair for key, pair in differences(a.to_dict(), b.to_dict()).items() if key not in skip}
 

@@ -165,7 +165,12 @@ def every_pair(aucs: np.ndarray, cov: np.ndarray, among: int | None = None) -> l
     """The paired test of every pair of the first ``among`` score vectors (all by default), ``i`` before ``j``:
     :func:`paired_difference` of ``j`` against ``i``, and ``p_holm``, its p adjusted over the pairs (:func:`holm`)."""
     n = len(aucs) if among is None else among
-    rows = [{"i": i, "j": j, **paired_difference(aucs, cov, i, j)} for i in range(n) for j in range(i + 1, n)]
+    return _with_holm([{"i": i, "j": j, **paired_difference(aucs, cov, i, j)}
+                       for i in range(n) for j in range(i + 1, n)])
+
+
+def _with_holm(rows: list[dict[str, float]]) -> list[dict[str, float]]:
+    """``rows`` (tests of pairs, each with its ``p``), each given ``p_holm``: its p adjusted over them (holm)."""
     for row, adjusted in zip(rows, holm([r["p"] for r in rows])):
         row["p_holm"] = adjusted
     return rows
@@ -214,10 +219,10 @@ def compare_groups(aucs: np.ndarray, cov: np.ndarray, groups: list[list[int]]) -
 
 
 def every_group_pair(aucs: np.ndarray, cov: np.ndarray, groups: list[list[int]]) -> list[dict[str, float]]:
-    """:func:`compare_groups`' test of every pair of groups, ``i`` before ``j`` (group j against group i), with
-    ``p_holm``, Welch's p adjusted over the pairs (:func:`holm`)."""
-    rows = [{"i": i, "j": j, **compare_groups(aucs, cov, [groups[i], groups[j]])[1]}
-            for i in range(len(groups)) for j in range(i + 1, len(groups))]
-    for row, adjusted in zip(rows, holm([r["p"] for r in rows])):
-        row["p_holm"] = adjusted
-    return rows
+    """:func:`compare_groups`' test of every pair of groups, ``i`` before ``j`` (group j against group i: ``diff``,
+    ``diff_se``, ``df``, ``p``, ``diff_se_rows``; each group's own mean and sd are :func:`compare_groups`' rows),
+    with ``p_holm``, Welch's p adjusted over the pairs (:func:`holm`)."""
+    keys = ("diff", "diff_se", "df", "p", "diff_se_rows")
+    return _with_holm([{"i": i, "j": j, **{k: row[k] for k in keys}}
+                       for i in range(len(groups)) for j in range(i + 1, len(groups))
+                       for row in compare_groups(aucs, cov, [groups[i], groups[j]])[1:]])

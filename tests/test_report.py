@@ -90,12 +90,14 @@ def test_compare_names_the_config_keys_each_run_sets_unlike_the_first():
                                                      "model.use_history=false", "model.attention_dropout=0.3"])
     assert config_differences([v4, v3])[1] == {"data.item_vector": {"value": "/t/v3.parquet", "first": "/t/v4.parquet"},
                                                "fusion.strategy": {"value": "v3", "first": "v4"}}
-    # a run on the shipped vectors (data.item_vector: given) fused nothing: its fusion section is no difference,
-    # where compare listed a `given` run's tiny.yaml `fusion.strategy v4` against a v1 run's as `v1 (v4)`
+    # a run on the shipped vectors (data.item_vector: given) fused nothing: its strategy is `given` whatever its
+    # fusion section says, where compare listed a `given` run's tiny.yaml `fusion.strategy v4` against a v1 run's
+    # as `v1 (v4)`
     assert first.fusion.strategy == "v4" and first.data.item_vector == "given"
     v1 = load_config(ROOT / "configs/tiny.yaml", ["fusion.strategy=v1", "data.item_vector=/t/v1.parquet",
                                                   "model.dnn_units=[32, 16]"])
-    assert config_differences([first, v1])[1] == {"data.item_vector": {"value": "/t/v1.parquet", "first": "given"}}
+    assert config_differences([first, v1])[1] == {"data.item_vector": {"value": "/t/v1.parquet", "first": "given"},
+                                                  "fusion.strategy": {"value": "v1", "first": "given"}}
     assert config_differences([first, load_config(ROOT / "configs/tiny.yaml", [
         "fusion.strategy=v2", "fusion.dims=8", "model.dnn_units=[32, 16]"])])[1] == {}
     assert config_differences([first, plain])[1] == {
@@ -110,6 +112,31 @@ def test_compare_names_the_config_keys_each_run_sets_unlike_the_first():
     assert text.endswith("Config keys unlike the first run's (its value in brackets):\n"
                          "- b: model.batch_norm false (true), model.dnn_units [32, 8] ([32, 16])\n"
                          "- c: the same config\n")
+
+
+def test_pairs_all_names_each_pair_later_minus_earlier_and_counts_the_pairs_holm_adjusted_over():
+    """`compare --pairs all`'s tables: pair (i, j) is named j minus i for three or more runs or groups, a pair with
+    no p (groups whose runs repeat each other) shows "–" and is not one of the pairs Holm counts."""
+    from mmctr_ray.compare import markdown, named_pairs
+    from mmctr_ray.metrics import holm
+
+    rows = [{"i": i, "j": j, "diff": 0.01 * (j - i), "diff_se": 0.004, "p": p}
+            for (i, j), p in zip([(0, 1), (0, 2), (1, 2)], [0.01, float("nan"), 0.02])]
+    for row, adjusted in zip(rows, holm([r["p"] for r in rows])):
+        row["p_holm"] = adjusted
+    named = named_pairs(rows, ["given", "v1", "v4"], "group")
+    assert [(g["group"], g["minus"]) for g in named] == [("v1", "given"), ("v4", "given"), ("v4", "v1")]
+    assert all("i" not in g and "j" not in g for g in named) and "i" in rows[0]  # the rows given are kept as they are
+    for g in named:
+        g["diff_se_rows"] = 0.002
+    runs = [{"run": r, "epoch": 1, "auc": 0.7, "se": 0.01, "diff": 0.0, "diff_se": 0.0, "p": 1.0} for r in "ab"]
+    text = markdown({"split": "valid", "data": "D", "rows": 10, "positives": 3, "runs": runs, "group_pairs": named,
+                     "pairs": named_pairs(rows[:1], ["a", "b"], "run")})
+    assert "p Holm is p adjusted for testing the 2 pairs with a p (of 3) together" in text
+    assert "| v4 | given | +0.0200 | 0.0040 | – | – | 0.0020 |" in text
+    assert "| v4 | v1 | +0.0100 | 0.0040 | 0.02 | 0.02 | 0.0020 |" in text  # Holm over 2: 0.01×2, max(0.02×1, 0.02)
+    assert "Every pair of runs (1): " in text and "testing the 1 pair together" in text
+    assert "| b | a | +0.0100 | 0.0040 | 0.01 | 0.02 |" in text  # the rows' own p_holm (adjusted over the 3)
 
 
 def _one_trial_search(tmp_path: Path, trial: str, rows: list[dict]) -> Path:
@@ -392,8 +419,8 @@ def test_compare_refuses_bad_or_one_class_labels_and_a_json_folder_before_scorin
                                                     "what its test measures)")
     assert main(["compare", "r1", "r1", "--data", str(tmp_path), "--group", "A", "r2", "r3", "--pairs", "all"]) == 2
     assert capsys.readouterr().err.strip() == ("mmctr compare: error: compare --pairs all: 1 run and 1 group given; it "
-                                               "tests every pair of 2 or more runs (RUN RUN ...), and of 2 or more "
-                                               "groups (--group ...)")  # a run named twice is one run
+                                               "needs 2 or more runs (RUN RUN ...) or 2 or more groups (--group ...) "
+                                               "to pair")  # a run named twice is one run
     from mmctr_ray.compare import check_groups, _warn_mixed_group
 
     run = tmp_path / "runs" / "a"
