@@ -296,7 +296,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     check_inputs(args.run, args.data, args.split, out=args.out, overwrite=args.overwrite, task=args.task)
     _start_ray(args, pool_cpus=_actor_cpus(args.actors, args.gpus_per_actor))
     summary = run_predict(args.run, args.data, args.out, split=args.split, actors=args.actors,
-                          gpus_per_actor=args.gpus_per_actor, overwrite=args.overwrite, task=args.task)
+                          gpus_per_actor=args.gpus_per_actor, overwrite=args.overwrite, task=args.task,
+                          batch_rows=args.batch_rows)
     score = _score_text(args.split, summary.get("metrics"), summary.get("oracle_auc"))
     log.info("wrote %s (%s): %d rows from %s%s", summary["submission"], summary["task"], summary["rows"],
              summary["checkpoint"], score)
@@ -631,7 +632,7 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
                                              config=None if continuing else args.config,
                                              overrides=[*changes, *passed]))),
               ("predict", lambda: cmd_predict(ns(run=str(run), out=work / "submission.zip", split="test",
-                                                 overwrite=True))),
+                                                 overwrite=True, batch_rows=None))),
               ("report", lambda: cmd_report(argparse.Namespace(run=str(run), more=[], out=None, overwrite=False,
                                                                top=10)))]
     rc = _run_steps(label, steps, work, out)
@@ -931,6 +932,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker_args(p, "actors", "scoring actors")
     p.add_argument("--gpus-per-actor", type=ACTOR_GPUS, default=0.0,
                    help="GPUs per scoring actor (fractions share one)")
+    p.add_argument("--batch-rows", type=POSITIVE_INT, metavar="N",
+                   help="rows an actor scores a step (default: the run's train.eval_batch_size, as in its "
+                        "validation); fewer lower each actor's memory (README, \"Training and prediction\")")
     p.add_argument("--overwrite", action="store_true", help="replace an existing submission")
     _add_ray_args(p)
     p.set_defaults(func=cmd_predict)

@@ -293,14 +293,15 @@ def hidden_test_labels(data_dir: str | Path, rows: int) -> np.ndarray | None:
 
 def run_predict(run_dir: Location, data_dir: str | Path, out: str | Path, split: str = "test",
                 actors: int = 1, gpus_per_actor: float = 0.0, overwrite: bool = False,
-                task: str = "Task2") -> dict[str, Any]:
+                task: str = "Task2", batch_rows: int | None = None) -> dict[str, Any]:
     """Score ``split`` and write the submission zip ``out`` (its column ``task``, one of :data:`TASKS`); return a
-    summary (AUC when labels are known)."""
+    summary (AUC when labels are known). ``batch_rows``: rows an actor scores a step (default: the run's
+    ``train.eval_batch_size``)."""
     out = check_output(out, overwrite)
     expected = check_split(data_dir, split)  # the labels of a converted test split too: they are true ones
     own = split != "test" or Layout(data_dir).labelled_test
     truth = None if own else hidden_test_labels(data_dir, expected)  # its warning before the scoring
-    logits, labels, checkpoint = score_split(run_dir, data_dir, split, actors, gpus_per_actor)
+    logits, labels, checkpoint = score_split(run_dir, data_dir, split, actors, gpus_per_actor, batch_rows)
     if len(logits) != expected:
         raise DataError(f"{split}: scored {len(logits)} rows but the split has {expected}; nothing written")
     check_finite(logits, checkpoint, f"the {split} split")

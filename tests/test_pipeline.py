@@ -399,6 +399,7 @@ def test_predict_runs_again_over_the_submission_on_resume(synth_dir, tmp_path, m
                  "configs/tiny.yaml"]) == 1  # report (stubbed) stops it
     assert ran == ["validate", "features", "train", "report"]
     assert predicted[0].overwrite and predicted[0].out == out.resolve() / "submission.zip"
+    assert predicted[0].batch_rows is None  # predict's own flag, which the pipeline does not take: the run's batch
 
 
 import mmctr_ray.cli as _cli  # noqa: E402  the real step functions, before a test stubs them
