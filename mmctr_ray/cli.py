@@ -632,7 +632,7 @@ def _pipeline_steps(args: argparse.Namespace, label: str, out: storage.Location,
                                              config=None if continuing else args.config,
                                              overrides=[*changes, *passed]))),
               ("predict", lambda: cmd_predict(ns(run=str(run), out=work / "submission.zip", split="test",
-                                                 overwrite=True, batch_rows=None))),
+                                                 overwrite=True))),
               ("report", lambda: cmd_report(argparse.Namespace(run=str(run), more=[], out=None, overwrite=False,
                                                                top=10)))]
     rc = _run_steps(label, steps, work, out)
@@ -683,6 +683,12 @@ def _add_task_arg(p: argparse.ArgumentParser) -> None:
                         "Task1&2: both)")
 
 
+def _add_batch_rows_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-rows", type=POSITIVE_INT, metavar="N",
+                   help="rows a scoring actor scores a step (default: the run's train.eval_batch_size, as in its "
+                        "validation); fewer lower each actor's memory (README, \"Training and prediction\")")
+
+
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for every stage's outputs: a local path or a storage URI "
                                                 "(s3://, gs://, file://, ...)")
@@ -700,6 +706,7 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     _add_worker_args(p, "actors", "encoder and scoring actors")
     p.add_argument("--gpus-per-actor", type=ACTOR_GPUS, help="GPUs per encoder/scoring actor, at most 1 "
                                                         "(default: --gpus-per-worker, at most 1)")
+    _add_batch_rows_arg(p)
     _add_resume_args(p, "continue in OUT: keep the data, embed shards and fused table there, resume training from "
                         "the latest checkpoint", "replace the outputs of an earlier run in OUT")
     _add_training_args(p, "GPUs per training worker, and per encoder/scoring actor (at most 1) unless "
@@ -932,9 +939,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker_args(p, "actors", "scoring actors")
     p.add_argument("--gpus-per-actor", type=ACTOR_GPUS, default=0.0,
                    help="GPUs per scoring actor (fractions share one)")
-    p.add_argument("--batch-rows", type=POSITIVE_INT, metavar="N",
-                   help="rows an actor scores a step (default: the run's train.eval_batch_size, as in its "
-                        "validation); fewer lower each actor's memory (README, \"Training and prediction\")")
+    _add_batch_rows_arg(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing submission")
     _add_ray_args(p)
     p.set_defaults(func=cmd_predict)

@@ -399,7 +399,10 @@ def test_predict_runs_again_over_the_submission_on_resume(synth_dir, tmp_path, m
                  "configs/tiny.yaml"]) == 1  # report (stubbed) stops it
     assert ran == ["validate", "features", "train", "report"]
     assert predicted[0].overwrite and predicted[0].out == out.resolve() / "submission.zip"
-    assert predicted[0].batch_rows is None  # predict's own flag, which the pipeline does not take: the run's batch
+    assert predicted[0].batch_rows is None  # the run's train.eval_batch_size; --batch-rows reaches predict's step:
+    assert main(["pipeline", "--data", str(synth_dir), "--out", str(out), "--resume", "--config", "configs/tiny.yaml",
+                 "--batch-rows", "4096"]) == 1
+    assert predicted[1].batch_rows == 4096
 
 
 import mmctr_ray.cli as _cli  # noqa: E402  the real step functions, before a test stubs them
