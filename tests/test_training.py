@@ -560,7 +560,7 @@ def test_predict_on_a_test_split_cut_since_synth_writes_the_submission_without_a
     pq.write_table(pq.read_table(test).slice(0, 399), test)  # 400 rows as synth wrote it
     scored = []
 
-    def score_split(run_dir, data_dir, split, actors, gpus_per_actor):  # the scores of the rows there are
+    def score_split(run_dir, data_dir, split, actors, gpus_per_actor, batch_size):  # the scores of the rows there are
         rows = pq.read_metadata(Layout(data_dir).split(split)).num_rows
         scored.append((rows, "no test AUC" in caplog.text))  # warned before the split is scored (hours on a large one)
         return np.linspace(-2, 2, rows), np.zeros(rows), tmp_path / "run" / "checkpoint_epoch_001"
@@ -595,7 +595,7 @@ def test_predict_on_converted_data_scores_the_test_split_against_its_own_labels(
     for path in (lay.oracle, lay.synth_manifest):
         path.unlink()
     lay.convert_manifest.write_text(json.dumps({"placeholder_embeddings": True}))
-    monkeypatch.setattr(mmctr_ray.predict, "score_split", lambda run_dir, data_dir, split, actors, gpus: (
+    monkeypatch.setattr(mmctr_ray.predict, "score_split", lambda run_dir, data_dir, split, actors, gpus, batch: (
         np.linspace(-2, 2, len(labels)), labels, tmp_path / "run" / "checkpoint_epoch_001"))
     summary = run_predict(tmp_path / "run", data, tmp_path / "sub.zip")
     assert summary["metrics"]["auc"] == pytest.approx(roc_auc_score(labels, np.linspace(-2, 2, len(labels))))
