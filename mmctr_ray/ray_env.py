@@ -844,6 +844,36 @@ def check_reachable(address: str, timeout_s: float = 10.0) -> None:
                               f"{gcs}` on its head)?") from None
 
 
+@contextlib.contextmanager
+def ctrl_c_held(what: str) -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that comes while ``what`` starts until it has started, then raise it: a
+    KeyboardInterrupt inside ``ray.init`` left a Ray half started, whose teardown at exit segfaulted in 2 of 30
+    tries (SIGINT 2-7 s into `mmctr train` on 2 cores, the command's own "interrupted" line already printed) and
+    whose agents outlived the command by ~60 s. A second Ctrl-C is raised at once, as before. Only in the main
+    thread, where Python's own handler is the one set (a handler of Tune's or Train's is left to do its work)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if held:
+            raise KeyboardInterrupt
+        held.append(signum)
+        sys.stderr.write(f"Ctrl-C: stopping once {what} has started (a few seconds; Ctrl-C again to stop at once)\n")
+        sys.stderr.flush()
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGINT) is hold:  # not replaced meanwhile (by what started)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = False,
              dashboard: bool = False, object_store_mib: int | None = None, pool_cpus: float = 0.0) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a private local Ray.
@@ -882,7 +912,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
         _forget_private_env()
         try:
             check_reachable(address)
-            _join(address)
+            with ctrl_c_held(f"the connection to {address}"):
+                _join(address)
+                _keep_python_sigterm()
+                drop_benign_ray_lines()
+                _PRIVATE["gcs"] = ray.get_runtime_context().gcs_address  # for stop_ray; "started" stays False
         except (ValueError, ConnectionError) as err:  # an HTTP (dashboard) address, no Ray at "auto", a bad form
             raise ConfigError(f"Ray address {address!r} (--address or RAY_ADDRESS): {first_line(err)}"
                               f"{_auth_hint(err)}") from None
@@ -891,9 +925,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
                 raise
             raise ConfigError(f"Ray address {address!r} (--address or RAY_ADDRESS): no Ray's GCS answers there "
                               f"({first_line(err)})") from None
-        _keep_python_sigterm()
-        drop_benign_ray_lines()
-        _PRIVATE["gcs"] = ray.get_runtime_context().gcs_address  # for stop_ray; not private: "started" stays False
         log.info("joined Ray at %s: %s", address, ray.cluster_resources())
         return
     _loopback_only()
@@ -918,15 +949,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
     # "local": a new Ray of its own, never the cluster a `ray start` on this machine left in /tmp/ray, which
     # ray.init() without an address joins (its resources are not this command's to size, nor its own to stop)
     setup = private_worker_setup_verbose if verbose else private_worker_setup
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-             object_store_memory=object_store_mib * 2**20 if object_store_mib else None,
-             logging_level=logging.WARNING, runtime_env={"worker_process_setup_hook": setup})
-    _keep_python_sigterm()
-    drop_benign_ray_lines()
-    quiet_worker_count_warning()
-    _PRIVATE["started"], _PRIVATE["gcs"] = True, ray.get_runtime_context().gcs_address
-    if not _PRIVATE.get("at_exit"):  # run before Ray's own shutdown at exit (atexit runs the last registered first)
-        atexit.register(_stop_at_exit)
-        _PRIVATE["at_exit"] = True
+    with ctrl_c_held("the local Ray"):  # a Ctrl-C inside ray.init left a half-started Ray that segfaulted at exit
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                 object_store_memory=object_store_mib * 2**20 if object_store_mib else None,
+                 logging_level=logging.WARNING, runtime_env={"worker_process_setup_hook": setup})
+        _keep_python_sigterm()
+        drop_benign_ray_lines()
+        quiet_worker_count_warning()
+        _PRIVATE["started"], _PRIVATE["gcs"] = True, ray.get_runtime_context().gcs_address
+        if not _PRIVATE.get("at_exit"):  # before Ray's own shutdown at exit (atexit runs the last registered first)
+            atexit.register(_stop_at_exit)
+            _PRIVATE["at_exit"] = True
     log.info("started a local Ray%s: %s", " with its dashboard on 127.0.0.1" if dashboard else "",
              ray.cluster_resources())
