@@ -207,21 +207,19 @@ def _warn_mixed_group(name: str, runs: list[str], configs: list[ExperimentConfig
 def _pair_lines(result: dict[str, Any]) -> list[str]:
     """The tables of ``--pairs all``: every pair of runs, then of groups, the later one's AUC minus the earlier's."""
     lines = []
-    pairs, group_pairs = result.get("pairs") or [], result.get("group_pairs") or []
-    if pairs:
-        lines += ["", f"Every pair of runs ({len(pairs)}): the run's AUC minus the other's, ± and p from the paired "
-                  f"test; p Holm is p adjusted for testing {_tested(pairs)} together (read it against the level "
-                  f"you would use for one).", "",
-                  "| run | minus | difference | ± | p | p Holm |", "|---|---|---:|---:|---:|---:|"]
-        lines += [f"| {r['run']} | {r['minus']} | {r['diff']:+.4f} | {r['diff_se']:.4f} | {_p_text(r['p'])} | "
-                  f"{_p_text(r['p_holm'])} |" for r in pairs]
-    if group_pairs:
-        lines += ["", f"Every pair of groups ({len(group_pairs)}): the group's mean AUC minus the other's, ± and p "
-                  f"from Welch's test over their runs' AUCs; p Holm is p adjusted for testing "
-                  f"{_tested(group_pairs)} together; ± rows is DeLong's for the difference.", "",
-                  "| group | minus | difference | ± | p | p Holm | ± rows |", "|---|---|---:|---:|---:|---:|---:|"]
-        lines += [f"| {g['group']} | {g['minus']} | {g['diff']:+.4f} | {g['diff_se']:.4f} | {_p_text(g['p'])} | "
-                  f"{_p_text(g['p_holm'])} | {g['diff_se_rows']:.4f} |" for g in group_pairs]
+    for rows, what, test, rows_se in ((result.get("pairs"), "run", "AUC minus the other's, ± and p from the paired "
+                                       "test", False),
+                                      (result.get("group_pairs"), "group", "mean AUC minus the other's, ± and p from "
+                                       "Welch's test over their runs' AUCs", True)):
+        if not rows:
+            continue
+        lines += ["", f"Every pair of {what}s ({len(rows)}): the {what}'s {test}; p Holm is p adjusted for testing "
+                  f"{_tested(rows)} together (read it against the level you would use for one)"
+                  + ("; ± rows is DeLong's for the difference." if rows_se else "."), "",
+                  f"| {what} | minus | difference | ± | p | p Holm |" + (" ± rows |" if rows_se else ""),
+                  "|---|---|---:|---:|---:|---:|" + ("---:|" if rows_se else "")]
+        lines += [f"| {r[what]} | {r['minus']} | {r['diff']:+.4f} | {r['diff_se']:.4f} | {_p_text(r['p'])} | "
+                  f"{_p_text(r['p_holm'])} |" + (f" {r['diff_se_rows']:.4f} |" if rows_se else "") for r in rows]
     return lines
 
 
