@@ -28,7 +28,7 @@ import torch
 from mmctr_ray import storage
 from mmctr_ray.checkpoint import PREFIX, load_checkpoint, run_or_checkpoint
 from mmctr_ray.config import ExperimentConfig, effective_differences, value_text
-from mmctr_ray.errors import DataError, OutputExistsError
+from mmctr_ray.errors import ConfigError, DataError, OutputExistsError
 from mmctr_ray.features import MODEL_INPUTS, check_same_table, load_item_table, max_user_id, read_split, to_model_batch
 from mmctr_ray.host_malloc import actor_options
 from mmctr_ray.metrics import evaluate_logits, to_probabilities
@@ -162,10 +162,12 @@ def score_split(run_dir: Location, data_dir: str | Path, split: str = "test", ac
                 gpus_per_actor: float = 0.0, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray, Location]:
     """(logits, labels, checkpoint used) for every row of ``split``, in file order; ``batch_size`` rows a step
     (default: the run's ``train.eval_batch_size``, as in its validation)."""
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"batch rows {batch_size}: expected a positive number of rows a step")
     checkpoint = run_or_checkpoint(run_dir)  # absolute: actors may not share this directory
     cfg = load_model(checkpoint, data_dir).experiment_cfg  # fails here, as one line, if the data does not fit
     return _score(checkpoint, data_dir, split, cfg.data.max_len, actors, gpus_per_actor,
-                  batch_size or cfg.train.eval_batch_size, cfg.train.keep_freed_memory)
+                  cfg.train.eval_batch_size if batch_size is None else batch_size, cfg.train.keep_freed_memory)
 
 
 def _score(checkpoint: Location, data_dir: str | Path, split: str, max_len: int, actors: int, gpus_per_actor: float,

@@ -849,8 +849,10 @@ def ctrl_c_held(what: str) -> Iterator[None]:
     """Hold a Ctrl-C (SIGINT) that comes while ``what`` starts until it has started, then raise it: a
     KeyboardInterrupt inside ``ray.init`` left a Ray half started, whose teardown at exit segfaulted in 2 of 30
     tries (SIGINT 2-7 s into `mmctr train` on 2 cores, the command's own "interrupted" line already printed) and
-    whose agents outlived the command by ~60 s. A second Ctrl-C is raised at once, as before. Only in the main
-    thread, where Python's own handler is the one set (a handler of Tune's or Train's is left to do its work)."""
+    whose agents outlived the command by ~60 s. A second Ctrl-C is raised at once, as before; an error of the start
+    is raised, not the held Ctrl-C. Only in the main thread, where Python's own handler is the one set (a handler of
+    Tune's or Train's is left to do its work). Not for joining a cluster: that starts no process, and a join that
+    fails can retry for many seconds."""
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
@@ -861,15 +863,23 @@ def ctrl_c_held(what: str) -> Iterator[None]:
         if held:
             raise KeyboardInterrupt
         held.append(signum)
-        sys.stderr.write(f"Ctrl-C: stopping once {what} has started (a few seconds; Ctrl-C again to stop at once)\n")
-        sys.stderr.flush()
+        try:  # never raise into the start: a stderr whose reader the same Ctrl-C ended (`| tee`), or one this thread
+            sys.stderr.write(f"Ctrl-C: stopping once {what} has started (a few seconds; Ctrl-C again to stop at "
+                             f"once)\n")  # was writing to when the signal came (a reentrant call), or none
+            sys.stderr.flush()
+        except Exception:
+            pass
 
     signal.signal(signal.SIGINT, hold)
     try:
         yield
-    finally:
-        if signal.getsignal(signal.SIGINT) is hold:  # not replaced meanwhile (by what started)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+    finally:  # a second Ctrl-C between here and the restore would skip it: blocked meanwhile, then raised
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            if signal.getsignal(signal.SIGINT) is hold:  # not replaced meanwhile (by what started)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     if held:
         raise KeyboardInterrupt
 
@@ -912,11 +922,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
         _forget_private_env()
         try:
             check_reachable(address)
-            with ctrl_c_held(f"the connection to {address}"):
-                _join(address)
-                _keep_python_sigterm()
-                drop_benign_ray_lines()
-                _PRIVATE["gcs"] = ray.get_runtime_context().gcs_address  # for stop_ray; "started" stays False
+            _join(address)
         except (ValueError, ConnectionError) as err:  # an HTTP (dashboard) address, no Ray at "auto", a bad form
             raise ConfigError(f"Ray address {address!r} (--address or RAY_ADDRESS): {first_line(err)}"
                               f"{_auth_hint(err)}") from None
@@ -925,6 +931,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
                 raise
             raise ConfigError(f"Ray address {address!r} (--address or RAY_ADDRESS): no Ray's GCS answers there "
                               f"({first_line(err)})") from None
+        _keep_python_sigterm()
+        drop_benign_ray_lines()
+        _PRIVATE["gcs"] = ray.get_runtime_context().gcs_address  # for stop_ray; not private: "started" stays False
         log.info("joined Ray at %s: %s", address, ray.cluster_resources())
         return
     _loopback_only()

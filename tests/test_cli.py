@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -479,10 +480,10 @@ def test_predict_on_a_split_of_one_class_says_why_it_has_no_auc(tmp_path, monkey
         assert "nan" not in said
 
 
-def test_predict_scores_batch_rows_a_step_where_asked_else_the_runs_eval_batch(synth_dir, tmp_path, monkeypatch,
-                                                                              capsys):
-    """`--batch-rows` reaches the scoring actors (a scorer's memory grows with its batch: 3.0 GiB at the baseline's
-    16,384 rows against 1.3 GiB at 4,096 on the CPU, 379,142 test rows); without it, the run's train.eval_batch_size."""
+def test_predict_passes_batch_rows_to_the_scoring_and_none_without_it(synth_dir, tmp_path, monkeypatch, capsys):
+    """`--batch-rows` reaches the scoring (a scorer's memory grows with its batch: 3.0 GiB at the baseline's 16,384
+    rows against 1.3 GiB at 4,096 on the CPU, 379,142 test rows); without it None, which score_split takes as the
+    run's train.eval_batch_size."""
     import mmctr_ray.cli as cli
     import mmctr_ray.predict as predict
 
@@ -904,42 +905,71 @@ def test_a_ctrl_c_while_ray_starts_is_held_until_it_has_started_and_a_second_is_
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)  # Python runs the handler between bytecodes of the main thread
 
+    @contextlib.contextmanager
+    def no_ctrl_c_escapes(what):  # a KeyboardInterrupt that escaped would end the whole pytest session
+        try:
+            yield
+        except KeyboardInterrupt:
+            pytest.fail(f"a Ctrl-C escaped: {what}")
+
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     done = []
     with pytest.raises(KeyboardInterrupt):
         with ray_env.ctrl_c_held("the local Ray"):
-            ctrl_c()
+            with no_ctrl_c_escapes("the first Ctrl-C is held"):
+                ctrl_c()
             done.append("started")  # the rest of the start ran
     assert done == ["started"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert capsys.readouterr().err == ("Ctrl-C: stopping once the local Ray has started (a few seconds; Ctrl-C again "
                                        "to stop at once)\n")
     with pytest.raises(KeyboardInterrupt):
         with ray_env.ctrl_c_held("the local Ray"):
-            ctrl_c()
+            with no_ctrl_c_escapes("the first Ctrl-C is held"):
+                ctrl_c()
             ctrl_c()  # the second: at once
             done.append("not reached")
     assert done == ["started"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    with pytest.raises(ConfigError, match="the start failed"):
-        with ray_env.ctrl_c_held("the local Ray"):
-            ctrl_c()
-            raise ConfigError("the start failed")
+    with no_ctrl_c_escapes("an error of the start is raised, not the held Ctrl-C"):
+        with pytest.raises(ConfigError, match="the start failed"):
+            with ray_env.ctrl_c_held("the local Ray"):
+                ctrl_c()
+                raise ConfigError("the start failed")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(sys, "stderr", None)  # a stderr that cannot be written to: the hold raises nothing
+        with ray_env.ctrl_c_held("the local Ray"):
+            with no_ctrl_c_escapes("the hold wrote to a stderr that is gone"):
+                ctrl_c()
     caught = []
     previous = signal.signal(signal.SIGINT, lambda *a: caught.append("theirs"))  # another handler: left to it
     try:
-        with ray_env.ctrl_c_held("the local Ray"):
-            ctrl_c()
+        with no_ctrl_c_escapes("another handler is left alone"):
+            with ray_env.ctrl_c_held("the local Ray"):
+                ctrl_c()
     finally:
         signal.signal(signal.SIGINT, previous)
     assert caught == ["theirs"]
-    # the private Ray's start runs under the hold
-    held_in_init = []
+    # the private Ray's start runs under the hold, registration included: the held Ctrl-C comes once the Ray is
+    # the command's to stop (stop_ray shuts down what _PRIVATE names)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray_env, "_loopback_only", lambda: None)
     monkeypatch.setattr(ray_env, "_token_auth_on", lambda: None)
-    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    for name in ("_keep_python_sigterm", "drop_benign_ray_lines", "quiet_worker_count_warning"):
+        monkeypatch.setattr(ray_env, name, lambda: None)
+    for name in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_USAGE_STATS_ENABLED", "RAY_COLOR_PREFIX"):
+        monkeypatch.setenv(name, "0")  # init_ray leaves a set value alone
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray_utils, "get_num_cpus", lambda *a, **k: 2)
+    private = {**ray_env._PRIVATE, "at_exit": True}  # this test's own: no atexit hook for a Ray that is not there
+    monkeypatch.setattr(ray_env, "_PRIVATE", private)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(gcs_address="127.0.0.1:1"))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {})
+    monkeypatch.setattr(ray, "init", lambda **kw: ctrl_c())
+    with pytest.raises(KeyboardInterrupt):
+        ray_env.init_ray(num_cpus=2)
+    assert private["started"] is True and private["gcs"] == "127.0.0.1:1"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    held_in_init = []
 
     def init(**kw):
         held_in_init.append(signal.getsignal(signal.SIGINT) is not signal.default_int_handler)
