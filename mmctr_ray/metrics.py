@@ -183,46 +183,55 @@ def se_text(se: float | None) -> str:
 
 def compare_groups(aucs: np.ndarray, cov: np.ndarray, groups: list[list[int]]) -> list[dict[str, float]]:
     """Groups of runs (indices into ``aucs``), each the same config trained with other seeds: per group its
-    ``runs``, ``mean`` AUC and ``sd`` over its runs, and against the first group the difference of means with
-    Welch's test over the runs' AUCs (``diff``, ``diff_se``, ``df``, ``p``: training noise, the scored rows held
-    fixed), and ``diff_se_rows``, the DeLong standard error of that difference of means (the rows' noise, the
-    trained models held fixed; from ``cov``, :func:`auc_covariance`). NaN where undefined: the first group's
-    difference to itself; ``df`` and ``p`` where the runs' AUCs have no spread (runs that repeat each other: a
-    zero-spread test would call any difference certain) or one is NaN.
+    ``runs``, ``mean`` AUC and ``sd`` over its runs, and against the first group :func:`group_difference`'s
+    figures (NaN for the first group's difference to itself).
 
     Raises:
         ValueError: a group of fewer than 2 runs (a spread over seeds needs two).
     """
-    from scipy import stats  # imported here: training workers import this module and never compare
-
-    if any(len(group) < 2 for group in groups):
-        raise ValueError(f"a group of {min(len(g) for g in groups)} run: its spread over seeds needs 2 or more")
-    first, nan = groups[0], math.nan
-    out = [{"runs": len(first), "mean": float(aucs[first].mean()), "sd": float(aucs[first].std(ddof=1)),
+    _check_group_sizes(groups)
+    nan = math.nan
+    out = [{"runs": len(groups[0]), "mean": float(aucs[groups[0]].mean()), "sd": float(aucs[groups[0]].std(ddof=1)),
             "diff": nan, "diff_se": nan, "df": nan, "p": nan, "diff_se_rows": nan}]
     for group in groups[1:]:
-        values, base = aucs[group], aucs[first]
-        va, vb = values.var(ddof=1) / len(group), base.var(ddof=1) / len(first)
-        diff, se = float(values.mean() - base.mean()), math.sqrt(va + vb)
-        df = p = nan
-        if se > 0 and math.isfinite(se) and math.isfinite(diff):
-            df = (va + vb) ** 2 / (va ** 2 / (len(group) - 1) + vb ** 2 / (len(first) - 1))
-            p = float(2 * stats.t.sf(abs(diff) / se, df))
-        w = np.zeros(len(aucs))
-        w[group] += 1 / len(group)
-        w[first] -= 1 / len(first)
-        rows_var = float(w @ cov @ w) if np.isfinite(cov).all() else nan
-        out.append({"runs": len(group), "mean": float(values.mean()), "sd": float(values.std(ddof=1)), "diff": diff,
-                    "diff_se": se, "df": df, "p": p,
-                    "diff_se_rows": math.sqrt(max(rows_var, 0.0)) if math.isfinite(rows_var) else nan})
+        out.append({"runs": len(group), "mean": float(aucs[group].mean()), "sd": float(aucs[group].std(ddof=1)),
+                    **group_difference(aucs, cov, groups[0], group)})
     return out
 
 
+def group_difference(aucs: np.ndarray, cov: np.ndarray, base: list[int], group: list[int]) -> dict[str, float]:
+    """Group ``group`` against group ``base`` (indices into ``aucs``, 2+ runs each): the difference of their mean
+    AUCs with Welch's test over the runs' AUCs (``diff``, ``diff_se``, ``df``, ``p``: training noise, the scored
+    rows held fixed), and ``diff_se_rows``, the DeLong standard error of that difference of means (the rows' noise,
+    the trained models held fixed; from ``cov``, :func:`auc_covariance`). ``df`` and ``p`` are NaN where the runs'
+    AUCs have no spread (runs that repeat each other: a zero-spread test would call any difference certain) or one
+    is NaN."""
+    from scipy import stats  # imported here: training workers import this module and never compare
+
+    nan = math.nan
+    values, first = aucs[group], aucs[base]
+    va, vb = values.var(ddof=1) / len(group), first.var(ddof=1) / len(base)
+    diff, se = float(values.mean() - first.mean()), math.sqrt(va + vb)
+    df = p = nan
+    if se > 0 and math.isfinite(se) and math.isfinite(diff):
+        df = (va + vb) ** 2 / (va ** 2 / (len(group) - 1) + vb ** 2 / (len(base) - 1))
+        p = float(2 * stats.t.sf(abs(diff) / se, df))
+    w = np.zeros(len(aucs))
+    w[group] += 1 / len(group)
+    w[base] -= 1 / len(base)
+    rows_var = float(w @ cov @ w) if np.isfinite(cov).all() else nan
+    return {"diff": diff, "diff_se": se, "df": df, "p": p,
+            "diff_se_rows": math.sqrt(max(rows_var, 0.0)) if math.isfinite(rows_var) else nan}
+
+
+def _check_group_sizes(groups: list[list[int]]) -> None:
+    if any(len(group) < 2 for group in groups):
+        raise ValueError(f"a group of {min(len(g) for g in groups)} run: its spread over seeds needs 2 or more")
+
+
 def every_group_pair(aucs: np.ndarray, cov: np.ndarray, groups: list[list[int]]) -> list[dict[str, float]]:
-    """:func:`compare_groups`' test of every pair of groups, ``i`` before ``j`` (group j against group i: ``diff``,
-    ``diff_se``, ``df``, ``p``, ``diff_se_rows``; each group's own mean and sd are :func:`compare_groups`' rows),
-    with ``p_holm``, Welch's p adjusted over the pairs (:func:`holm`)."""
-    keys = ("diff", "diff_se", "df", "p", "diff_se_rows")
-    return _with_holm([{"i": i, "j": j, **{k: row[k] for k in keys}}
-                       for i in range(len(groups)) for j in range(i + 1, len(groups))
-                       for row in compare_groups(aucs, cov, [groups[i], groups[j]])[1:]])
+    """:func:`group_difference` of every pair of groups, ``i`` before ``j`` (group j against group i), with
+    ``p_holm``, Welch's p adjusted over the pairs (:func:`holm`)."""
+    _check_group_sizes(groups)
+    return _with_holm([{"i": i, "j": j, **group_difference(aucs, cov, groups[i], groups[j])}
+                       for i in range(len(groups)) for j in range(i + 1, len(groups))])
