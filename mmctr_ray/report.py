@@ -372,8 +372,8 @@ def write_runs_report(runs: list[Location], out: Path, overwrite: bool = False) 
     for run, rows in named.items():
         best, location = best_epoch(rows), storage.normalize(run)
         try:
-            there, reason = _summary_value(location, "stop_reason")
-            ended = (reason or "ended") if there else "still training, or stopped before its end"
+            summarised, reason = _summary_value(location, "stop_reason")
+            ended = (reason or "ended") if summarised else "still training, or stopped before its end"
         except (ValueError, AttributeError):
             ended = "ended (summary.json unreadable)"
         se = best.get("valid_auc_se")
