@@ -394,6 +394,26 @@ def test_bilinear_maps_start_as_a_linear_layer_of_their_width_would(kind):
         assert abs(float(w.std()) - 64 ** -0.5) < 0.012
 
 
+def test_cross_layers_start_as_fuxictrs_do():
+    """v1's vector per layer is FuxiCTR's Linear(X, 1) under xavier_normal, std sqrt(2 / (X + 1)) (it started at
+    1/sqrt(X), ~0.7 of that, helper-139); v2's matrices are xavier for X -> X, std 1/sqrt(X); biases start at 0."""
+    torch.manual_seed(0)
+    dim = 640  # the paper model's ten fields of 64
+    v1, v2 = CrossNet(dim, 3, "v1"), CrossNet(dim, 2, "v2")
+    for w in v1.weights:
+        assert abs(float(w.std()) / (2 / (dim + 1)) ** 0.5 - 1) < 0.1
+    for w in v2.weights:
+        assert abs(float(w.std()) * dim ** 0.5 - 1) < 0.02
+    assert all(not b.any() for b in [*v1.biases, *v2.biases])
+
+
+def test_prelu_slopes_start_at_fuxictrs_value():
+    """FuxiCTR builds PReLU with init=0.1 (torch's default, which this MLP had, is 0.25)."""
+    mlp = MLP(6, (5, 4), act="prelu")
+    slopes = [m.weight for m in mlp.modules() if isinstance(m, nn.PReLU)]
+    assert len(slopes) == 2 and all(torch.equal(w, torch.full_like(w, 0.1)) for w in slopes)
+
+
 @pytest.mark.parametrize("kind", ["field_all", "field_each", "field_interaction"])
 def test_bilinear_matches_loop_reference(kind):
     module = fill_deterministic(BilinearInteraction(F, D, kind))

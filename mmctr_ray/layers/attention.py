@@ -4,7 +4,9 @@ packed entry point ``forward_packed(target, history, rows)`` that the model call
 Notation: B batch, L history length, D item representation width, H heads, U attention MLP width, n real
 positions in the batch. Padded positions (``mask`` False) never change the output, whatever the history
 holds there, and an all-padding history pools to exact zeros: both modules compute only over the real
-positions (see :mod:`mmctr_ray.layers.packing`), which is the same function as the masked padded one.
+positions (see :mod:`mmctr_ray.layers.packing`), which is the same function as the masked padded one; the one
+exception is a ``dice`` activation of :class:`DINAttention` in training mode, whose batch statistics are then taken
+over the real positions only (in evaluation, with the running statistics, the two agree).
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ class CrossNet(nn.Module):
         self.version = version
         if version == "v1":
             self.weights = nn.ParameterList(nn.Parameter(torch.empty(dim)) for _ in range(num_layers))
-            for w in self.weights:
-                nn.init.normal_(w, std=dim**-0.5)
+            for w in self.weights:  # FuxiCTR's layer is a Linear(X, 1) under xavier_normal: std sqrt(2 / (X + 1))
+                nn.init.normal_(w, std=(2.0 / (dim + 1)) ** 0.5)
         else:
             self.weights = nn.ParameterList(nn.Parameter(torch.empty(dim, dim)) for _ in range(num_layers))
             for w in self.weights:

@@ -34,8 +34,10 @@ class Dice(nn.Module):
 
 
 def activation(name: str, dim: int) -> nn.Module:
-    """Activation module by name (a dict look-up): relu, prelu, gelu, dice."""
-    factories = {"relu": nn.ReLU, "gelu": nn.GELU, "prelu": lambda: nn.PReLU(dim), "dice": lambda: Dice(dim)}
+    """Activation module by name (a dict look-up): relu, prelu, gelu, dice. PReLU's slopes start at 0.1, as
+    FuxiCTR's (torch's default is 0.25)."""
+    factories = {"relu": nn.ReLU, "gelu": nn.GELU, "prelu": lambda: nn.PReLU(dim, init=0.1),
+                 "dice": lambda: Dice(dim)}
     if name not in factories:
         raise ValueError(f"unknown activation {name!r}: expected one of {', '.join(factories)}")
     return factories[name]()
