@@ -311,6 +311,28 @@ class _Progress:
         return Progress()
 
 
+class _SilentTrialProgress:
+    """Tune's console reporter of trial results (the older one, which :func:`_tune_env` picks) in place of the one
+    Tune adds, printing nothing: at ``verbose=0`` Tune's own still printed ``Trial run_trial_<id> completed. Last
+    result: `` for a trial that ended without a result (one whose workers came after the time budget,
+    :class:`NotStarted`), past its verbosity (Ray 2.60). :class:`_Progress` says what each trial did."""
+
+    def __new__(cls):  # built lazily so importing this module does not import Ray Tune
+        from ray.tune.progress_reporter import TrialProgressCallback
+
+        class Silent(TrialProgressCallback):  # Tune adds none of its own beside one of this class
+            def on_trial_result(self, *args: Any, **kwargs: Any) -> None:
+                pass
+
+            def on_trial_error(self, *args: Any, **kwargs: Any) -> None:
+                pass
+
+            def on_trial_complete(self, *args: Any, **kwargs: Any) -> None:
+                pass
+
+        return Silent()
+
+
 class _ExitAfterTrials:
     """Test hook: a Tune callback that ends the driver process abruptly after ``$MMCTR_FAULT_TUNE_EXIT_AFTER_TRIALS``
     finished trials."""
@@ -800,7 +822,8 @@ def run_tuning(data_dir: str | Path, tune_dir: str | Path, search_yaml: str | Pa
         {"CPU": TRIAL_DRIVER_CPU, "memory": TRIAL_DRIVER_MEMORY})
     fault = int(os.environ.get(FAULT_ENV, "0"))
     deadline = settings.get("deadline") if not resume else None
-    callbacks = [_Progress(tdir, space.max_epochs, deadline), *([_ExitAfterTrials()] if fault else [])]
+    callbacks = [_Progress(tdir, space.max_epochs, deadline), _SilentTrialProgress(),
+                 *([_ExitAfterTrials()] if fault else [])]
     run_config = tune.RunConfig(name="tune", storage_path=str(tdir), callbacks=callbacks, verbose=0)
     import mmctr_ray.asha
     import mmctr_ray.study
