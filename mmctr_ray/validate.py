@@ -373,14 +373,15 @@ def validate(root: str | Path, expect_test_rows: int | None = None) -> list[Prob
         problems.append(Problem(rel(lay.images_dir), None, "no cover images (image embedding needs them)", False))
     elif n_items:  # one listing: a converted set may hold most covers and not all
         entries = {entry.name: entry for entry in os.scandir(lay.images_dir)}
-        missing = [item for item in range(1, n_items + 1) if f"{item}.jpg" not in entries]
+        missing = [item for item in range(1, n_items + 1)
+                   if f"{item}.jpg" not in entries or _links_to_nothing(entries[f"{item}.jpg"])]
         if missing:
             problems.append(Problem(rel(lay.images_dir), None, f"{len(missing):,} of {n_items:,} items have no cover "
                                                                f"(the first: {missing[0]}.jpg); embed flags them "
                                                                f"missing, up to --max-bad-covers (10% by default)",
                                     False))
         unusable = [(name, why) for item in range(1, n_items + 1) if (name := f"{item}.jpg") in entries
-                    and (why := _unusable_cover(entries[name]))]
+                    and not _links_to_nothing(entries[name]) and (why := _unusable_cover(entries[name]))]
         if unusable:  # passed as OK; embed counts them corrupt and, past --max-bad-covers, fails after Ray started
             problems.append(Problem(rel(lay.images_dir), None, f"{len(unusable):,} of {n_items:,} covers cannot be "
                                                                f"images (the first: {unusable[0][0]}, "
@@ -389,9 +390,24 @@ def validate(root: str | Path, expect_test_rows: int | None = None) -> list[Prob
     return problems
 
 
+def _links_to_nothing(entry: os.DirEntry) -> bool:
+    """Whether a cover's directory entry is a link whose target does not exist: embed finds no file there and flags
+    the cover missing (status 1), as it does a cover not listed at all."""
+    if not entry.is_symlink():
+        return False
+    try:
+        os.stat(entry.path)
+    except FileNotFoundError:
+        return True
+    except OSError:  # a link loop, say: embed cannot read it, and counts it corrupt
+        return False
+    return False
+
+
 def _unusable_cover(entry: os.DirEntry) -> str | None:
     """Why a cover's directory entry cannot be an image, from its listing and one stat (no file is opened or decoded:
-    a cover cut short passes here, and embed finds it): a folder, a link to nothing, an empty file."""
+    a cover cut short passes here, and embed finds it): a folder, an empty file, not a file (a link to nothing is a
+    missing cover: :func:`_links_to_nothing`)."""
     try:
         if not entry.is_file():
             return "a folder" if entry.is_dir() else "not a file"

@@ -85,12 +85,17 @@ def test_missing_images_is_only_a_warning(data):
     # covers that cannot be images passed as OK, and embed counted them corrupt after Ray started (helper-131, F5)
     lay.image(9).write_bytes(b"")
     lay.image(7).mkdir()
-    lay.image(3).symlink_to(lay.images_dir / "nowhere.jpg")
+    lay.image(3).symlink_to(lay.images_dir / "nowhere.jpg")  # embed finds no file there: missing, not corrupt
+    (loop := lay.image(5)).unlink()
+    loop.symlink_to(loop)  # one embed cannot read: corrupt
     assert [str(p) for p in validate(data)] == [
-        "warning: item_images: 3 of 200 covers cannot be images (the first: 3.jpg, not a file); embed flags them "
-        "corrupt, up to --max-bad-covers (10% by default)"]
+        "warning: item_images: 1 of 200 items have no cover (the first: 3.jpg); embed flags them missing, up to "
+        "--max-bad-covers (10% by default)",
+        "warning: item_images: 3 of 200 covers cannot be images (the first: 5.jpg, unreadable (Too many levels of "
+        "symbolic links)); embed flags them corrupt, up to --max-bad-covers (10% by default)"]
     lay.image(7).rmdir()
     lay.image(3).unlink()
+    loop.unlink()
     assert [str(p) for p in validate(data)][1] == (
         "warning: item_images: 1 of 200 covers cannot be images (the first: 9.jpg, an empty file); embed flags them "
         "corrupt, up to --max-bad-covers (10% by default)")
