@@ -152,8 +152,11 @@ def _add_training_args(p: argparse.ArgumentParser, gpus_help: str = "GPUs per tr
 
 
 def _add_synth_args(p: argparse.ArgumentParser) -> None:
+    small = SynthSpec()
     p.add_argument("--preset", choices=sorted(PRESETS), default="small",
-                   help="small: seconds, for tests and demos; 1m: the real MicroLens_1M_x1 row counts")
+                   help=f"small (the default; seconds, for tests and demos): {small.users:,} users, {small.items:,} "
+                        f"items, {small.train_rows:,} / {small.valid_rows:,} / {small.test_rows:,} train / valid / "
+                        f"test rows; 1m: the real MicroLens_1M_x1 row counts")
     for name in SIZE_FLAGS:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                        help=f"override the preset's {name.replace('_', ' ')}")
