@@ -218,8 +218,9 @@ def _pair_lines(result: dict[str, Any]) -> list[str]:
                   + ("; ± rows is DeLong's for the difference." if rows_se else "."), "",
                   f"| {what} | minus | difference | ± | p | p Holm |" + (" ± rows |" if rows_se else ""),
                   "|---|---|---:|---:|---:|---:|" + ("---:|" if rows_se else "")]
-        lines += [f"| {r[what]} | {r['minus']} | {r['diff']:+.4f} | {r['diff_se']:.4f} | {_p_text(r['p'])} | "
-                  f"{_p_text(r['p_holm'])} |" + (f" {r['diff_se_rows']:.4f} |" if rows_se else "") for r in rows]
+        lines += [f"| {r[what]} | {r['minus']} | {_figure(r['diff'], '+.4f')} | {_figure(r['diff_se'])} | "
+                  f"{_p_text(r['p'])} | {_p_text(r['p_holm'])} |" + (f" {_figure(r['diff_se_rows'])} |" if rows_se
+                                                                      else "") for r in rows]
     return lines
 
 
@@ -231,7 +232,13 @@ def _tested(rows: list[dict[str, Any]]) -> str:
 
 def _p_text(p: float) -> str:
     """A p-value for a table; "–" where it is undefined (runs with no spread, a class of one row)."""
-    return "–" if math.isnan(p) else f"{p:.2g}"
+    return _figure(p, ".2g")
+
+
+def _figure(value: float, spec: str = ".4f") -> str:
+    """A figure for a table; "–" where it is undefined (a standard error of a class of one row, a test of runs with
+    no spread), as a p-value's, where the tables printed "nan"."""
+    return "–" if math.isnan(value) else format(value, spec)
 
 
 def is_comparison(path: Path) -> bool:
@@ -251,8 +258,9 @@ def markdown(result: dict[str, Any]) -> str:
              f"same config moves its AUC too, by an amount only runs of a few seeds measure.", "",
              "| run | epoch | AUC | ± | vs first | ± | p |", "|---|---:|---:|---:|---:|---:|---:|"]
     for i, r in enumerate(result["runs"]):
-        versus = ["–", "–", "–"] if i == 0 else [f"{r['diff']:+.4f}", f"{r['diff_se']:.4f}", _p_text(r["p"])]
-        lines.append(f"| {r['run']} | {r['epoch']} | {r['auc']:.4f} | {r['se']:.4f} | " + " | ".join(versus) + " |")
+        versus = ["–", "–", "–"] if i == 0 else [_figure(r["diff"], "+.4f"), _figure(r["diff_se"]), _p_text(r["p"])]
+        lines.append(f"| {r['run']} | {r['epoch']} | {r['auc']:.4f} | {_figure(r['se'])} | " + " | ".join(versus)
+                     + " |")
     if result.get("groups"):
         lines += ["", "Groups (one config, several seeds): mean and sd of their AUCs. The difference to the first "
                   "group, ± and p come from Welch's test over the runs' AUCs (training noise, these rows held fixed); "
@@ -260,10 +268,10 @@ def markdown(result: dict[str, Any]) -> str:
                   "| group | runs | mean AUC | sd | vs first | ± | p | ± rows |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for i, g in enumerate(result["groups"]):
-            versus = ["–"] * 4 if i == 0 else [f"{g['diff']:+.4f}", f"{g['diff_se']:.4f}", _p_text(g["p"]),
-                                               f"{g['diff_se_rows']:.4f}"]
-            lines.append(f"| {g['group']} | {g['runs']} | {g['mean']:.4f} | {g['sd']:.4f} | " + " | ".join(versus)
-                         + " |")
+            versus = ["–"] * 4 if i == 0 else [_figure(g["diff"], "+.4f"), _figure(g["diff_se"]), _p_text(g["p"]),
+                                               _figure(g["diff_se_rows"])]
+            lines.append(f"| {g['group']} | {g['runs']} | {g['mean']:.4f} | {_figure(g['sd'])} | "
+                         + " | ".join(versus) + " |")
     lines += _pair_lines(result)
     trained = [f"- {r['run']}: {r['trained']}" for r in result["runs"] if r.get("trained")]
     lines += ["", "What each run trained:", *trained] if trained else []

@@ -134,7 +134,10 @@ def paired_rows(aucs: np.ndarray, cov: np.ndarray) -> list[dict[str, float]]:
 
 def paired_difference(aucs: np.ndarray, cov: np.ndarray, i: int, j: int) -> dict[str, float]:
     """The paired DeLong test of score vector ``j`` against ``i`` (from :func:`auc_covariance`): ``diff`` (AUC j −
-    AUC i), ``diff_se``, ``z`` and the two-sided ``p``; NaN where undefined."""
+    AUC i), ``diff_se``, ``z`` and the two-sided ``p``; NaN where undefined. A difference of no estimated spread
+    (``diff_se`` 0) is p = 1 when there is none (a run against itself) and undefined otherwise: the placements of
+    both runs vary by nothing (a run of one constant score against one that separates the classes), which leaves
+    nothing to test against, not a certain difference (it was z = ±inf, p = 0)."""
     diff = float(aucs[j] - aucs[i])
     diff_se = math.sqrt(max(cov[j, j] + cov[i, i] - 2 * cov[j, i], 0.0)) if np.isfinite(cov[j, i]) else math.nan
     if not (math.isfinite(diff) and math.isfinite(diff_se)):
@@ -142,7 +145,7 @@ def paired_difference(aucs: np.ndarray, cov: np.ndarray, i: int, j: int) -> dict
     elif diff_se > 0:
         z = diff / diff_se
     else:  # the same ordering of the rows (e.g. a run compared with itself)
-        z = 0.0 if diff == 0 else math.copysign(math.inf, diff)
+        z = 0.0 if diff == 0 else math.nan
     return {"diff": diff, "diff_se": diff_se, "z": z,
             "p": math.nan if math.isnan(z) else math.erfc(abs(z) / math.sqrt(2))}
 

@@ -76,8 +76,11 @@ def test_evaluate_reports_the_standard_error_and_nan_for_one_class():
     probs = 1 / (1 + np.exp(-scores))
     got = evaluate(labels, probs)
     assert got["auc_se"] == pytest.approx(auc_with_se(labels, probs)[1]) and 0 < got["auc_se"] < 0.05
-    one = evaluate(np.zeros(10), np.full(10, 0.3))
-    assert np.isnan(one["auc"]) and np.isnan(one["auc_se"])
+    assert got["rows"] == 1_000 and got["positive_rate"] == pytest.approx(labels.mean())  # "N clicks of M rows"
+    assert 0.2 < labels.mean() < 0.45  # so a rate counted from the other class would differ
+    for one_class in (np.zeros(10), np.ones(10)):  # either class alone: no AUC, and no error
+        one = evaluate(one_class, np.full(10, 0.3))
+        assert np.isnan(one["auc"]) and np.isnan(one["auc_se"]) and one["rows"] == 10
     with pytest.raises(ValueError, match="both classes: 0 positives, 10 negatives"):
         auc_with_se(np.zeros(10), np.full(10, 0.3))
 
@@ -115,6 +118,17 @@ def test_the_paired_test_knows_that_runs_on_the_same_rows_err_alike():
     assert second["p"] == pytest.approx(math.erfc(second["diff"] / second["diff_se"] / math.sqrt(2)))
     same = compare_aucs(labels, [a, a.copy()])[1]
     assert same["diff"] == 0 and same["diff_se"] == 0 and same["p"] == 1.0
+    # a difference of moderate z (the case above is at z ~ 7, where any p is ~0): the normal's two-sided p
+    from scipy.stats import norm
+
+    moderate = []
+    for scale in (0.0, 0.01, 0.05):  # z -2.27, -0.58 and 3.2 on these rows
+        c = a + scale * labels + rng.normal(scale=0.2, size=len(labels))
+        row = compare_aucs(labels, [a, c])[1]
+        assert row["p"] == pytest.approx(2 * norm.sf(abs(row["z"])), rel=1e-9)
+        assert row["z"] == pytest.approx(row["diff"] / row["diff_se"], rel=1e-12)
+        moderate.append(0.01 < row["p"] < 0.9)
+    assert moderate[:2] == [True, True]
 
 
 def test_undefined_figures_are_nan_never_a_certain_difference():
@@ -125,6 +139,10 @@ def test_undefined_figures_are_nan_never_a_certain_difference():
     assert all(np.isnan(row[k]) for k in ("se", "diff_se", "z", "p"))
     single = compare_aucs(np.array([1, 0, 0, 0]), [ok[:4], np.array([0.1, 0.8, 0.2, 0.3])])
     assert single[1]["diff"] == -1.0 and all(np.isnan(single[1][k]) for k in ("se", "diff_se", "z", "p"))
+    # placements that vary by nothing (a run of one constant score against one that separates the classes): no
+    # spread to test a difference of 0.5 against; it was z = -inf, p = 0 (helper-140)
+    flat = compare_aucs(np.array([1, 1, 0, 0]), [np.array([2.0, 2, 1, 1]), np.ones(4)])[1]
+    assert flat["diff"] == -0.5 and flat["diff_se"] == 0 and math.isnan(flat["z"]) and math.isnan(flat["p"])
 
 
 def test_groups_of_runs_get_the_mean_the_sd_welchs_test_and_the_rows_error_of_their_difference():
@@ -142,6 +160,7 @@ def test_groups_of_runs_get_the_mean_the_sd_welchs_test_and_the_rows_error_of_th
     aucs, cov = auc_covariance(labels, scores)
     first, second = compare_groups(aucs, cov, [[0, 1, 2], [3, 4, 5, 6]])
     assert (first["runs"], second["runs"]) == (3, 4) and math.isnan(first["p"]) and math.isnan(first["diff"])
+    assert first["mean"] == pytest.approx(aucs[:3].mean()) and first["sd"] == pytest.approx(aucs[:3].std(ddof=1))
     assert second["mean"] == pytest.approx(aucs[3:].mean()) and second["sd"] == pytest.approx(aucs[3:].std(ddof=1))
     welch = ttest_ind(aucs[3:], aucs[:3], equal_var=False)
     assert second["p"] == pytest.approx(welch.pvalue) and second["diff"] / second["diff_se"] == pytest.approx(
@@ -162,7 +181,7 @@ def test_holm_multiplies_the_kth_smallest_p_by_the_tests_left_keeps_the_order_an
 
     # sorted 0.005, 0.01, 0.03, 0.04 → ×4, ×3, ×2, ×1 = 0.02, 0.03, 0.06, 0.04 → raised to the running max: 0.06
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
-    assert holm([0.5, 0.6]) == [1.0, 1.0]  # capped at 1
+    assert holm([0.5, 0.6]) == [1.0, 1.0] and holm([0.6, 0.7]) == [1.0, 1.0]  # capped at 1
     got = holm([0.02, math.nan, 0.01])  # NaN (an undefined test) is not one of the m tests
     assert got[0] == pytest.approx(0.02) and math.isnan(got[1]) and got[2] == pytest.approx(0.02)
     assert holm([]) == [] and holm([0.04]) == [0.04]  # one test: nothing to adjust
@@ -195,3 +214,11 @@ def test_every_pair_is_the_paired_test_of_each_two_runs_and_of_each_two_groups()
         assert {k: g[k] for k in ("diff", "diff_se", "df", "p", "diff_se_rows")} == pytest.approx(
             {k: alone[k] for k in ("diff", "diff_se", "df", "p", "diff_se_rows")})
     assert [g["p_holm"] for g in pairs] == pytest.approx(holm([g["p"] for g in pairs]))
+    with pytest.raises(ValueError, match="a group of 1 run: its spread over seeds needs 2 or more"):
+        every_group_pair(aucs, cov, [[0, 1, 2], [3]])
+
+
+def test_the_standard_error_is_written_to_four_places_and_left_out_where_undefined():
+    from mmctr_ray.metrics import se_text
+
+    assert se_text(0.00483) == " ± 0.0048" and se_text(math.nan) == ""

@@ -139,6 +139,94 @@ def test_pairs_all_names_each_pair_later_minus_earlier_and_counts_the_pairs_holm
     assert "| b | a | +0.0100 | 0.0040 | 0.01 | 0.02 |" in text  # the rows' own p_holm (adjusted over the 3)
 
 
+def _stub_scoring(monkeypatch, labels: np.ndarray, scores: dict[str, np.ndarray], seeds: dict[str, int]) -> list:
+    """`compare_runs` without checkpoints: each run name scores ``scores[name]`` with a tiny.yaml of its seed;
+    returns the list of names scored, in order."""
+    import types
+
+    import mmctr_ray.compare as compare
+    import mmctr_ray.predict as predict
+    from mmctr_ray.config import load_config
+
+    scored = []
+    configs = {name: load_config(ROOT / "configs/tiny.yaml", [f"train.seed={seeds[name]}"]) for name in scores}
+    monkeypatch.setattr(compare, "split_labels", lambda data_dir, split: (Path("valid.parquet"), labels))
+    monkeypatch.setattr(compare, "_checkpoint", lambda target: target)
+    monkeypatch.setattr(compare, "describe_run", lambda cfg, source: "")
+    monkeypatch.setattr(compare.storage, "read_text", lambda path: json.dumps({"epoch": 2}))
+    monkeypatch.setattr(compare.storage, "join", lambda *parts: parts[0])
+    monkeypatch.setattr(predict, "load_model", lambda checkpoint, data_dir, device: types.SimpleNamespace(
+        experiment_cfg=configs[checkpoint], item_source=None, name=checkpoint))
+    monkeypatch.setattr(predict, "score_parquet", lambda model, *args, **kwargs: scored.append(model.name)
+                        or scores[model.name])
+    monkeypatch.setattr(predict, "check_finite", lambda *args: None)
+    return scored
+
+
+def test_compare_scores_each_run_once_tests_each_against_the_first_and_pairs_the_runs_given(monkeypatch):
+    """`compare_runs` on scores it is handed (helper-140's mutation audit found it tested only by a slow test of
+    three trained runs): a run named twice is scored and paired once, the RUNs given come first (the first is the
+    reference, also with groups), `--pairs all` pairs the RUNs given among themselves (two are enough) and the groups
+    as groups, and the header counts the clicks."""
+    from mmctr_ray.compare import compare_runs
+    from mmctr_ray.metrics import compare_aucs, compare_groups, auc_covariance
+
+    rng = np.random.default_rng(7)
+    labels = (rng.random(600) < 0.28).astype(np.int64)
+    names = ["X", "Y", "A1", "A2", "B1", "B2"]
+    scores = {n: labels + rng.normal(scale=s, size=600) for n, s in zip(names, (0.8, 0.9, 0.6, 0.65, 1.0, 1.1))}
+    scored = _stub_scoring(monkeypatch, labels, scores, dict(zip(names, range(6))))
+    got = compare_runs(["X", "X", "Y"], "D", pairs="all")
+    assert scored == ["X", "Y"] and [r["run"] for r in got["runs"]] == ["X", "Y"]
+    assert (got["rows"], got["positives"]) == (600, int(labels.sum())) and 0 < labels.mean() < 0.5
+    assert [(p["run"], p["minus"]) for p in got["pairs"]] == [("Y", "X")]
+    alone = compare_aucs(labels, [scores["X"], scores["Y"]])[1]
+    assert got["runs"][1]["diff"] == pytest.approx(alone["diff"]) and got["pairs"][0]["p"] == pytest.approx(alone["p"])
+    scored.clear()
+    got = compare_runs(["X"], "D", groups=[("A", ["A1", "A2"]), ("B", ["B1", "B2"])], pairs="all")
+    assert scored == ["X", "A1", "A2", "B1", "B2"] and got["runs"][0]["run"] == "X" and got["runs"][0]["diff"] == 0
+    assert "pairs" not in got and [(g["group"], g["minus"]) for g in got["group_pairs"]] == [("B", "A")]
+    aucs, cov = auc_covariance(labels, [scores[n] for n in names[2:]])
+    b = compare_groups(aucs, cov, [[0, 1], [2, 3]])[1]
+    assert got["groups"][1]["diff"] == pytest.approx(b["diff"]) and got["group_pairs"][0]["p"] == pytest.approx(b["p"])
+    assert compare_runs(["X", "Y"], "D").keys() == {"data", "split", "rows", "positives", "runs"}  # --pairs first
+
+
+def test_compare_tables_format_each_figure_and_mark_undefined_ones():
+    """The runs and groups tables' columns, and "–" where a figure is undefined (a class of one row has no standard
+    error: the tables printed "nan")."""
+    from mmctr_ray.compare import _p_text, markdown
+
+    nan = float("nan")
+    runs = [{"run": "X", "epoch": 3, "auc": 0.71234, "se": 0.01234, "diff": 0.0, "diff_se": 0.0, "p": 1.0},
+            {"run": "Y", "epoch": 2, "auc": 0.72714, "se": 0.0119, "diff": 0.0148, "diff_se": 0.02187, "p": 0.01234},
+            {"run": "Z", "epoch": 1, "auc": 0.4, "se": nan, "diff": -0.31234, "diff_se": nan, "p": nan}]
+    groups = [{"group": "A", "runs": 2, "mean": 0.7154, "sd": 0.0022, "diff": nan, "diff_se": nan, "p": nan,
+               "diff_se_rows": nan},
+              {"group": "B", "runs": 3, "mean": 0.7533, "sd": 0.0031, "diff": 0.0379, "diff_se": 0.0027,
+               "p": 0.00123, "diff_se_rows": 0.0116}]
+    text = markdown({"split": "valid", "data": "D", "rows": 5000, "positives": 1234, "runs": runs, "groups": groups})
+    assert text.startswith("valid split of D: 5,000 rows, 1,234 positives. ")
+    assert "| X | 3 | 0.7123 | 0.0123 | – | – | – |" in text
+    assert "| Y | 2 | 0.7271 | 0.0119 | +0.0148 | 0.0219 | 0.012 |" in text
+    assert "| Z | 1 | 0.4000 | – | -0.3123 | – | – |" in text
+    assert "| A | 2 | 0.7154 | 0.0022 | – | – | – | – |" in text
+    assert "| B | 3 | 0.7533 | 0.0031 | +0.0379 | 0.0027 | 0.0012 | 0.0116 |" in text
+    assert "nan" not in text and _p_text(0.01234) == "0.012" and _p_text(nan) == "–"
+
+
+def test_only_what_compare_writes_counts_as_a_comparison_to_overwrite(tmp_path):
+    from mmctr_ray.compare import is_comparison
+
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"data": "D", "split": "valid", "rows": 1, "positives": 1, "runs": []}))
+    assert is_comparison(path)
+    path.write_text(json.dumps({"data": "D", "split": "valid", "note": "mine"}))  # another tool's JSON
+    assert not is_comparison(path)
+    path.write_text("[1, 2]")
+    assert not is_comparison(path)
+
+
 def _one_trial_search(tmp_path: Path, trial: str, rows: list[dict]) -> Path:
     """A search folder of one trial of the tiny search that wrote ``rows`` as its metrics.jsonl."""
     from mmctr_ray.config import load_config, save_config
@@ -376,11 +464,12 @@ def test_compare_refuses_bad_or_one_class_labels_and_a_json_folder_before_scorin
         compare.split_labels(data, "valid")
     assert str(err.value) == (f"{lay.split('valid')}: column label: row {n - 1:,} holds 0.5, expected labels 0 or 1; "
                               f"run `mmctr validate {data}` for the rows")
-    relabel(lay.split("valid"), np.zeros(n))
-    with pytest.raises(DataError) as err:
-        compare.split_labels(data, "valid")
-    assert str(err.value) == (f"{lay.split('valid')}: the valid labels hold one class only (0 clicks of {n:,} rows); "
-                              f"an AUC needs clicks and non-clicks")
+    for clicks in (0, 1):  # either class alone
+        relabel(lay.split("valid"), np.full(n, clicks))
+        with pytest.raises(DataError) as err:
+            compare.split_labels(data, "valid")
+        assert str(err.value) == (f"{lay.split('valid')}: the valid labels hold one class only ({clicks * n:,} clicks "
+                                  f"of {n:,} rows); an AUC needs clicks and non-clicks")
     # synthetic data's hidden test labels for a test split cut since: "N rows scored but M labels" after the first
     # run was scored, naming the split
     test = pq.read_table(lay.split("test"))
@@ -431,9 +520,21 @@ def test_compare_refuses_bad_or_one_class_labels_and_a_json_folder_before_scorin
                                                        f"NAME RUN RUN ..."),  # the name forgotten
                          ([("a", ["r1", "r2"]), ("b", ["r2", "r3"])], "compare: r2 is in --group a and --group b"),
                          ([("a", ["r1", "r1"])], "compare: --group a names r1 twice"),
-                         ([("a", ["r1", "r2"]), ("a", ["r3", "r4"])], "compare: two groups are named a")):
+                         ([("a", ["r1", "r2"]), ("a", ["r3", "r4"])], "compare: two groups are named a"),
+                         ([("results/v4", ["r1", "r2"])], "compare: --group results/v4 ...: the first word after "
+                                                           "--group is the group's name, and results/v4 is a path to "
+                                                           "a run; write --group NAME RUN RUN ..."),  # no run there
+                         ([("a", ["r1"])], "compare: --group a names 1 run; a group is one config trained with several "
+                                           "seeds, 2 or more runs (its spread over seeds is what its test measures)")):
         with pytest.raises(ConfigError, match=f"^{re.escape(said)}$"):
             check_groups(groups)
+    from mmctr_ray.compare import check_pairs
+
+    check_pairs("all", ["r1", "r2"], 0)  # two runs, or two groups, are enough to pair
+    check_pairs("all", [], 2)
+    check_pairs("first", ["r1"], 0)
+    with pytest.raises(ConfigError, match=r"^compare: --pairs every: expected one of first, all$"):
+        check_pairs("every", ["r1", "r2"], 0)
     # a group is one config with other seeds: other keys, or a seed twice, are said (its spread is not the seeds')
     from mmctr_ray.config import load_config
 
