@@ -290,26 +290,36 @@ WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def check_pool(resources: dict[str, float], count: int, cpus_each: float, gpus_each: float, noun: str,
-               lower: str, lower_gpus: str) -> None:
+               lower: str, lower_gpus: str, cluster: bool = False) -> None:
     """Raise a one-line ConfigError when a pool of ``count`` members (``noun``: workers, actors) of ``cpus_each``
     CPUs and ``gpus_each`` GPUs, plus DATA_CPU_RESERVE CPU for the Ray Data tasks that feed it, does not fit in a
     fixed ``resources``: it would wait for good (Ray Data only warns that the job "may hang forever"). A GPU
-    fraction is placed within one GPU. ``lower``/``lower_gpus``: the flags to lower, named in the message."""
+    fraction is placed within one GPU. ``lower``/``lower_gpus``: the flags to lower, named in the message.
+    ``cluster``: ``resources`` are what a cluster this process joined has now (the message says so; the caller
+    warns with it)."""
     cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
     need = count * cpus_each + DATA_CPU_RESERVE
     noun = noun[:-1] if count == 1 and noun.endswith("s") else noun  # "1 worker", "2 workers"
+    wait = ("{} for the autoscaler to add nodes (on a cluster that cannot grow, for good: lower {})").format
     if cpus + 1e-9 < need:
+        has = (f"the cluster has {cpus:g} now" + wait(_waits(count), lower) if cluster else
+               f"this local Ray has {cpus:g}: lower {lower}, or give it {math.ceil(need)} logical CPUs with --num-cpus "
+               f"{math.ceil(need)} (the {noun} then share{'s' if count == 1 else ''} cores)")
         raise ConfigError(f"{count} {noun} × {cpus_each:g} CPU and {DATA_CPU_RESERVE:g} CPU for reading the data "
-                          f"need {need:g} CPUs; this local Ray has {cpus:g}: lower {lower}, or give it "
-                          f"{math.ceil(need)} logical CPUs with --num-cpus {math.ceil(need)} (the {noun} then "
-                          f"share{'s' if count == 1 else ''} cores)")
+                          f"need {need:g} CPUs; {has}")
     if gpus_each and gpus + 1e-9 < count * gpus_each:
         total = count * gpus_each
-        raise ConfigError(f"{count} {noun} × {gpus_each:g} GPU need {total:g} GPU{'' if total == 1 else 's'}; this "
-                          f"local Ray has {gpus:g}: lower {lower_gpus}")
+        raise ConfigError(f"{count} {noun} × {gpus_each:g} GPU need {total:g} GPU{'' if total == 1 else 's'}; "
+                          + (f"the cluster has {gpus:g} now" + wait(_waits(count), lower_gpus) if cluster
+                             else f"this local Ray has {gpus:g}: lower {lower_gpus}"))
     if 0 < gpus_each < 1 and count > (fit := math.floor(gpus + 1e-9) * math.floor(1 / gpus_each + 1e-9)):
         raise ConfigError(f"{count} {noun} × {gpus_each:g} GPU: Ray places a fraction within one GPU, so {fit} fit on "
-                          f"this local Ray's {gpus:g} GPUs: lower {lower_gpus}")
+                          + (f"the cluster's {gpus:g} GPUs now" + wait("; the rest wait", lower_gpus) if cluster
+                             else f"this local Ray's {gpus:g} GPUs: lower {lower_gpus}"))
+
+
+def _waits(count: int) -> str:
+    return ": it waits" if count == 1 else ": they wait"
 
 
 def check_gpu_split(workers: int, gpus_each: float, flag: str, given: float | None = None) -> None:
@@ -329,11 +339,19 @@ def check_gpu_split(workers: int, gpus_each: float, flag: str, given: float | No
 def check_local_pool(count: int, cpus_each: float, gpus_each: float, noun: str, lower: str,
                      lower_gpus: str) -> None:
     """:func:`check_pool` against the private local Ray's resources (one machine: what it has now is all it will
-    have); nothing on a cluster this process joined, which an autoscaler may grow."""
-    if private_local_ray():
-        import ray
+    have). On a cluster this process's command joined, which an autoscaler may grow, the same check against what the
+    cluster has now is a warning: a pool it cannot hold waits for new nodes, and on a cluster that cannot grow it
+    waited for good without a word (`train` printed Ray Train's startup-timeout tracebacks every minute, `predict`
+    nothing; helper-141). Not in a Tune trial (an actor), whose search checked what fits before it began."""
+    import ray
 
+    if private_local_ray():
         check_pool(ray.cluster_resources(), count, cpus_each, gpus_each, noun, lower, lower_gpus)
+    elif ray.is_initialized() and ray.get_runtime_context().get_actor_id() is None:
+        try:
+            check_pool(ray.cluster_resources(), count, cpus_each, gpus_each, noun, lower, lower_gpus, cluster=True)
+        except ConfigError as err:
+            log.warning("%s", err)
 
 
 def check_actors(actors: int, gpus_per_actor: float, cpus_per_actor: float = 1.0, cpus_flag: bool = False) -> None:

@@ -1674,7 +1674,7 @@ def test_more_workers_than_a_local_ray_can_feed_is_a_one_line_error_before_run_i
                                                                                           monkeypatch):
     """`mmctr train --workers 2` on a 2-core machine: the workers took both CPUs, Ray Data's reads never ran and the
     run waited for good. A private local Ray cannot grow, so the driver refuses such a run once Ray is up, before
-    RUN is written; a cluster it joined (which may grow) is not checked."""
+    RUN is written; on a cluster it joined (which may grow) it is a warning (the next test)."""
     import ray
 
     import mmctr_ray.ray_env as ray_env
@@ -1704,6 +1704,42 @@ def test_more_workers_than_a_local_ray_can_feed_is_a_one_line_error_before_run_i
         # still checked before Ray
         run_training(synth_dir, str(run), tiny_cfg(), workers=2, start_ray=lambda: started.append(2))
     assert started == [1]
+
+
+def test_a_pool_a_joined_cluster_cannot_hold_now_is_a_warning_that_it_waits_for_nodes(monkeypatch, caplog):
+    """On a cluster the command joined (which an autoscaler may grow) the same check warns instead: `train --workers
+    3` and `predict --actors 2` on a 2-CPU cluster that cannot grow waited for good, train printing Ray Train's
+    startup-timeout tracebacks every minute and predict nothing (helper-141). Not in a Tune trial (an actor)."""
+    import types
+
+    import ray
+
+    import mmctr_ray.ray_env as ray_env
+    from mmctr_ray.train_driver import check_local_workers
+
+    actor = [None]
+    monkeypatch.setattr(ray_env, "private_local_ray", lambda: False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: types.SimpleNamespace(get_actor_id=lambda: actor[0]))
+    with caplog.at_level("WARNING", logger="mmctr_ray.ray_env"):
+        check_local_workers(1, 1.0, 0.0)  # fits: nothing said
+        assert not caplog.records
+        check_local_workers(3, 1.0, 0.0)
+        ray_env.check_actors(2, 0.0)
+        ray_env.check_actors(1, 0.5)
+    assert [r.getMessage() for r in caplog.records] == [
+        "3 workers × 1 CPU and 1 CPU for reading the data need 4 CPUs; the cluster has 2 now: they wait for the "
+        "autoscaler to add nodes (on a cluster that cannot grow, for good: lower --workers (or --cpus-per-worker))",
+        "2 actors × 1 CPU and 1 CPU for reading the data need 3 CPUs; the cluster has 2 now: they wait for the "
+        "autoscaler to add nodes (on a cluster that cannot grow, for good: lower --actors)",
+        "1 actor × 0.5 GPU need 0.5 GPUs; the cluster has 0 now: it waits for the autoscaler to add nodes (on a "
+        "cluster that cannot grow, for good: lower --actors or --gpus-per-actor)"]
+    caplog.clear()
+    actor[0] = "a1b2"  # a search's trial: its search checked what fits
+    with caplog.at_level("WARNING", logger="mmctr_ray.ray_env"):
+        check_local_workers(3, 1.0, 0.0)
+    assert not caplog.records
 
 
 @pytest.mark.slow
