@@ -225,10 +225,19 @@ def test_trials_that_run_at_once_on_a_node_share_its_cores():
     assert trials_per_node([0.0], concurrent=4, workers=1, cpus_per_worker=1) == 1  # never below one
 
 
-def test_a_joined_cluster_that_can_grow_takes_the_requested_concurrency():
+def test_a_joined_cluster_that_can_grow_takes_the_requested_concurrency(caplog):
     """cluster.yaml starts with no GPU worker: a GPU search on it must start its trials so that their pending
     requests make the autoscaler add nodes, instead of failing on the 0 GPUs Ray reports at start."""
     head_only = {"CPU": 8, "GPU": 0}
+    with caplog.at_level("WARNING", logger="mmctr_ray.tuning"):
+        assert trial_concurrency({"CPU": 2}, 1, 1, 0, requested=3, elastic=True) == 3
+        assert trial_concurrency({"CPU": 3}, 1, 1, 0, requested=4) == 2
+        assert trial_concurrency({"CPU": 2}, 1, 1, 0, requested=4) == 1
+    assert [r.getMessage() for r in caplog.records] == [  # "1 trials fit" (helper-141)
+        "--max-concurrent 3: 1 trial fits in what Ray has now (2 CPUs, 0 GPUs); the rest wait for the autoscaler to "
+        "add nodes (on a cluster that cannot grow they wait for good: lower --max-concurrent)",
+        "--max-concurrent 4: only 2 trials fit in Ray's resources (3 CPUs, 0 GPUs); running 2",
+        "--max-concurrent 4: only 1 trial fits in Ray's resources (2 CPUs, 0 GPUs); running 1"]
     assert trial_concurrency(head_only, 1, 1, 1.0, requested=4, elastic=True) == 4
     assert trial_concurrency({"CPU": 8, "GPU": 1}, 1, 1, 0.5, requested=2, elastic=True) == 2
     with pytest.raises(ConfigError, match="on an autoscaling cluster pass --max-concurrent"):
