@@ -85,9 +85,9 @@ def trial_concurrency(resources: dict[str, float], workers: int, cpus_per_worker
     fits = max(min(by_cpu, by_gpu), 0)
     asked = f"the search's {requested} at a time (settings.json)" if resumed else f"--max-concurrent {requested}"
     if elastic and requested is not None and requested > fits:
-        log.warning("%s: %d trial%s in what Ray has now (%g CPUs, %g GPUs); the rest wait for the autoscaler to "
-                    "add nodes (on a cluster that cannot grow they wait for good%s)", asked, fits,
-                    " fits" if fits == 1 else "s fit", cpus, gpus, "" if resumed else ": lower --max-concurrent")
+        log.warning("%s: %s in what Ray has now (%g CPUs, %g GPUs); the rest wait for the autoscaler to add nodes "
+                    "(on a cluster that cannot grow they wait for good%s)", asked, _trials_fit(fits), cpus, gpus,
+                    "" if resumed else ": lower --max-concurrent")
         return requested
     if fits < 1:
         need = f"{per_trial_cpu + DATA_CPU_RESERVE:g} CPUs" + (f" and {workers * gpus_per_worker:g} GPUs"
@@ -98,12 +98,16 @@ def trial_concurrency(resources: dict[str, float], workers: int, cpus_per_worker
     if requested is not None and requested < fits:
         return requested
     if requested is not None and requested > fits and resumed:  # Tune starts them all; the rest wait for resources
-        log.warning("%s: only %d trial%s in Ray's resources (%g CPUs, %g GPUs); the others wait for a trial to "
-                    "end", asked, fits, " fits" if fits == 1 else "s fit", cpus, gpus)
+        log.warning("%s: only %s in Ray's resources (%g CPUs, %g GPUs); the others wait for a trial to end", asked,
+                    _trials_fit(fits), cpus, gpus)
     elif requested is not None and requested > fits:
-        log.warning("%s: only %d trial%s in Ray's resources (%g CPUs, %g GPUs); running %d", asked, fits,
-                    " fits" if fits == 1 else "s fit", cpus, gpus, fits)
+        log.warning("%s: only %s in Ray's resources (%g CPUs, %g GPUs); running %d", asked, _trials_fit(fits), cpus,
+                    gpus, fits)
     return fits
+
+
+def _trials_fit(count: int) -> str:
+    return f"{count} trial{' fits' if count == 1 else 's fit'}"
 
 
 def trials_per_node(node_cpus: list[float], concurrent: int, workers: int, cpus_per_worker: float) -> int:

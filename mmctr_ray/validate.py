@@ -373,15 +373,15 @@ def validate(root: str | Path, expect_test_rows: int | None = None) -> list[Prob
         problems.append(Problem(rel(lay.images_dir), None, "no cover images (image embedding needs them)", False))
     elif n_items:  # one listing: a converted set may hold most covers and not all
         entries = {entry.name: entry for entry in os.scandir(lay.images_dir)}
-        missing = [item for item in range(1, n_items + 1)
-                   if f"{item}.jpg" not in entries or _links_to_nothing(entries[f"{item}.jpg"])]
+        dangling = {name for name, entry in entries.items() if _links_to_nothing(entry)}  # missing, as embed says
+        missing = [item for item in range(1, n_items + 1) if f"{item}.jpg" not in entries or f"{item}.jpg" in dangling]
         if missing:
             problems.append(Problem(rel(lay.images_dir), None, f"{len(missing):,} of {n_items:,} items have no cover "
                                                                f"(the first: {missing[0]}.jpg); embed flags them "
                                                                f"missing, up to --max-bad-covers (10% by default)",
                                     False))
         unusable = [(name, why) for item in range(1, n_items + 1) if (name := f"{item}.jpg") in entries
-                    and not _links_to_nothing(entries[name]) and (why := _unusable_cover(entries[name]))]
+                    and name not in dangling and (why := _unusable_cover(entries[name]))]
         if unusable:  # passed as OK; embed counts them corrupt and, past --max-bad-covers, fails after Ray started
             problems.append(Problem(rel(lay.images_dir), None, f"{len(unusable):,} of {n_items:,} covers cannot be "
                                                                f"images (the first: {unusable[0][0]}, "
