@@ -300,26 +300,25 @@ def check_pool(resources: dict[str, float], count: int, cpus_each: float, gpus_e
     cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
     need = count * cpus_each + DATA_CPU_RESERVE
     noun = noun[:-1] if count == 1 and noun.endswith("s") else noun  # "1 worker", "2 workers"
-    wait = ("{} for the autoscaler to add nodes (on a cluster that cannot grow, for good: lower {})").format
+    where, now = ("the cluster", " now") if cluster else ("this local Ray", "")
+    waits = ": it waits" if count == 1 else ": they wait"
+
+    def then(flags: str, who: str = waits) -> str:  # a local Ray: lower the flags; a cluster may grow: wait
+        return (f"{who} for the autoscaler to add nodes (on a cluster that cannot grow, for good: lower {flags})"
+                if cluster else f": lower {flags}")
+
     if cpus + 1e-9 < need:
-        has = (f"the cluster has {cpus:g} now" + wait(_waits(count), lower) if cluster else
-               f"this local Ray has {cpus:g}: lower {lower}, or give it {math.ceil(need)} logical CPUs with --num-cpus "
-               f"{math.ceil(need)} (the {noun} then share{'s' if count == 1 else ''} cores)")
+        more = "" if cluster else (f", or give it {math.ceil(need)} logical CPUs with --num-cpus {math.ceil(need)} "
+                                   f"(the {noun} then share{'s' if count == 1 else ''} cores)")
         raise ConfigError(f"{count} {noun} × {cpus_each:g} CPU and {DATA_CPU_RESERVE:g} CPU for reading the data "
-                          f"need {need:g} CPUs; {has}")
+                          f"need {need:g} CPUs; {where} has {cpus:g}{now}{then(lower)}{more}")
     if gpus_each and gpus + 1e-9 < count * gpus_each:
         total = count * gpus_each
         raise ConfigError(f"{count} {noun} × {gpus_each:g} GPU need {total:g} GPU{'' if total == 1 else 's'}; "
-                          + (f"the cluster has {gpus:g} now" + wait(_waits(count), lower_gpus) if cluster
-                             else f"this local Ray has {gpus:g}: lower {lower_gpus}"))
+                          f"{where} has {gpus:g}{now}{then(lower_gpus)}")
     if 0 < gpus_each < 1 and count > (fit := math.floor(gpus + 1e-9) * math.floor(1 / gpus_each + 1e-9)):
         raise ConfigError(f"{count} {noun} × {gpus_each:g} GPU: Ray places a fraction within one GPU, so {fit} fit on "
-                          + (f"the cluster's {gpus:g} GPUs now" + wait("; the rest wait", lower_gpus) if cluster
-                             else f"this local Ray's {gpus:g} GPUs: lower {lower_gpus}"))
-
-
-def _waits(count: int) -> str:
-    return ": it waits" if count == 1 else ": they wait"
+                          f"{where}'s {gpus:g} GPUs{now}{then(lower_gpus, '; the rest wait')}")
 
 
 def check_gpu_split(workers: int, gpus_each: float, flag: str, given: float | None = None) -> None:
