@@ -193,13 +193,9 @@ def compare_groups(aucs: np.ndarray, cov: np.ndarray, groups: list[list[int]]) -
         ValueError: a group of fewer than 2 runs (a spread over seeds needs two).
     """
     _check_group_sizes(groups)
-    nan = math.nan
-    out = [{"runs": len(groups[0]), "mean": float(aucs[groups[0]].mean()), "sd": float(aucs[groups[0]].std(ddof=1)),
-            "diff": nan, "diff_se": nan, "df": nan, "p": nan, "diff_se_rows": nan}]
-    for group in groups[1:]:
-        out.append({"runs": len(group), "mean": float(aucs[group].mean()), "sd": float(aucs[group].std(ddof=1)),
-                    **group_difference(aucs, cov, groups[0], group)})
-    return out
+    itself = dict.fromkeys(("diff", "diff_se", "df", "p", "diff_se_rows"), math.nan)
+    return [{"runs": len(group), "mean": float(aucs[group].mean()), "sd": float(aucs[group].std(ddof=1)),
+             **(group_difference(aucs, cov, groups[0], group) if k else itself)} for k, group in enumerate(groups)]
 
 
 def group_difference(aucs: np.ndarray, cov: np.ndarray, base: list[int], group: list[int]) -> dict[str, float]:
