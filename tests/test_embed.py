@@ -657,7 +657,7 @@ def test_a_16_bit_grayscale_cover_is_scaled_not_clipped(tmp_path):
     Image.fromarray(np.rint(ramp / 257).astype(np.uint8)).save(tmp_path / "plain.png")
     deep, status = load_cover(tmp_path / "deep.png", 32, "squash")
     plain, _ = load_cover(tmp_path / "plain.png", 32, "squash")
-    assert status == OK and np.abs(deep.astype(int) - plain.astype(int)).max() <= 1
+    assert status == OK and np.array_equal(deep, plain)  # 65535 → 255 exactly: the 8-bit file's bytes
     assert 100 < deep.mean() < 155  # a ramp from black to white, not white
 
 
@@ -905,3 +905,299 @@ def test_a_shards_rows_are_in_item_order_whatever_order_its_blocks_came_in():
                 "title_cut": np.zeros(n, bool)}
 
     assert _shard_table([part([3, 4]), part([1, 2])]).column("item_id").to_pylist() == [1, 2, 3, 4]
+
+
+def test_titles_are_cut_at_max_length_and_flagged_exactly_when_cut(bert_tiny):
+    """A title of exactly --max-length tokens (special tokens included) is whole and not flagged; one token more is
+    cut to its first max_length - 1 tokens and [SEP], and flagged; ids are int32 (int16 wraps the ids of
+    vocabularies past 32,767). Only the slow end-to-end test tokenized a title past --max-length."""
+    from mmctr_ray.embed.text import titles_cut
+
+    tok = load_tokenizer(str(bert_tiny))
+    titles = ["a", "one two three four five six", "one two three four five six seven"]  # 3, 8 and 9 tokens
+    enc = tokenize(titles, str(bert_tiny), 8)
+    assert enc["input_ids"].shape == enc["attention_mask"].shape == (3, 8)
+    assert enc["input_ids"].dtype == enc["attention_mask"].dtype == np.int32
+    assert enc["input_ids"][1].tolist() == tok(titles[1])["input_ids"]
+    assert enc["input_ids"][2].tolist() == tok(titles[2])["input_ids"][:7] + [tok.sep_token_id]
+    assert enc["attention_mask"].sum(axis=1).tolist() == [3, 8, 8]
+    assert titles_cut(titles, str(bert_tiny), 8).tolist() == [False, False, True]
+
+
+def test_covers_are_normalised_as_open_clip_does_before_the_vision_tower():
+    """encode(uint8 covers) is the vision tower applied to open_clip's own normalisation (/255, OpenAI CLIP's mean
+    and std, channels first): the pipeline's check compared with ImageEncoder itself, which shares any wrong
+    scale, mean, std or axis order."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    enc = ImageEncoder(CLIP_TINY)
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    x = torch.tensor(pixels).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        reference = enc.visual(x).numpy()
+    got = enc.encode(pixels)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_random_image_weights_are_drawn_from_the_seed_in_every_actor():
+    """Without weights every actor builds the tower from ``seed``: actors whose random weights differed would write
+    vectors of different models into one table."""
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    first = ImageEncoder(CLIP_TINY, seed=0).encode(pixels)
+    torch.manual_seed(123)  # whatever the process drew before
+    again = ImageEncoder(CLIP_TINY, seed=0).encode(pixels)
+    other = ImageEncoder(CLIP_TINY, seed=1).encode(pixels)
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, other)
+
+
+def test_bf16_autocast_still_returns_float32_vectors(bert_tiny):
+    """What a CUDA actor runs (bf16 autocast), forced on the CPU, which takes the same path: the vision tower ends in
+    a matmul, so its output is bf16, which has no numpy dtype (without ``.float()``, ``.numpy()`` raised TypeError
+    in every GPU actor)."""
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    image = ImageEncoder(CLIP_TINY, bf16=False)
+    reference = image.encode(pixels)
+    image.bf16 = True
+    got = image.encode(pixels)
+    assert got.dtype == np.float32 and np.abs(got - reference).max() < 0.05 * np.abs(reference).max()
+    text = TextEncoder(bert_tiny, "mean", bf16=False)
+    tokens = tokenize(["a cat on a mat", "dogs"], str(bert_tiny), 16)
+    reference = text.encode(**tokens)
+    text.bf16 = True
+    got = text.encode(**tokens)
+    assert got.dtype == np.float32 and np.abs(got - reference).max() < 0.05 * np.abs(reference).max()
+
+
+@pytest.mark.parametrize("mode, name", [("L", "1.jpg"), ("RGBA", "1.png"), ("P", "1.png"), ("CMYK", "1.jpg")])
+def test_covers_of_any_colour_mode_decode_to_rgb(tmp_path, mode, name):
+    """A greyscale JPEG, a PNG with alpha or a palette, a CMYK JPEG: three channels, as an RGB copy of it decodes
+    (without the conversion the grey one's (S, S) array failed the whole decode task)."""
+    from PIL import Image
+
+    from mmctr_ray.embed.image import load_cover
+
+    rgb = Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    rgb.convert(mode).save(tmp_path / name)
+    (tmp_path / name).rename(tmp_path / "1.jpg")  # covers are read as {id}.jpg, whatever their format
+    Image.open(tmp_path / "1.jpg").convert("RGB").save(tmp_path / "ref.png")
+    pixels, status = decode_covers(np.array([1]), str(tmp_path), 16)
+    assert status.tolist() == [OK] and pixels.shape == (1, 16, 16, 3)
+    np.testing.assert_array_equal(pixels[0], load_cover(tmp_path / "ref.png", 16)[0])
+
+
+def test_a_prepared_batch_encodes_and_shards_as_the_output_table_says_without_ray(covers_data, bert_tiny,
+                                                                                  monkeypatch):
+    """The pipeline's stages in one process: decode + tokenize, the actors' Encoder, the shard table. Bad covers
+    (item 3 missing, 7 corrupt) get zero vectors and image_missing; a null title is the empty text; blocks out of
+    order keep each row's values; the table has the documented schema. Only the slow test saw these before."""
+    from dataclasses import asdict
+
+    from mmctr_ray.embed.pipeline import EmbedSettings, Encoder, _shard_table, prepare_batch
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the actor's share of the cores: not here
+    lay = Layout(covers_data)
+    items = pq.read_table(lay.item_feature, columns=["item_id", "item_title"]).slice(0, 10)
+    titles = np.array(items.column("item_title").to_pylist(), dtype=object)
+    titles[4] = None  # item 5: a null title, as Ray Data hands it over
+    batch = prepare_batch({"item_id": items.column("item_id").to_numpy(), "item_title": titles},
+                          str(lay.images_dir), 32, str(bert_tiny), 6)
+    empty = tokenize([""], str(bert_tiny), 6)["input_ids"][0]
+    np.testing.assert_array_equal(batch["input_ids"][4], empty)
+    out = Encoder(asdict(EmbedSettings(str(bert_tiny), CLIP_TINY, "cls", 6)), sharers=1)(batch)
+    status = batch["image_status"]
+    assert status.tolist() == [OK, OK, MISSING, OK, OK, OK, CORRUPT, OK, OK, OK]
+    assert (out["img_emb"][[2, 6]] == 0).all()
+    direct = ImageEncoder(CLIP_TINY).encode(batch["pixels"][status == OK])
+    np.testing.assert_allclose(out["img_emb"][status == OK], direct, rtol=1e-5, atol=1e-5)
+    assert 0 < batch["title_cut"].sum() < 10  # some titles cut at 6 tokens, some not
+    shuffled = np.random.default_rng(0).permutation(10)  # rows in any order, every column with them
+    table = _shard_table([{k: v[shuffled[:5]] for k, v in out.items()},
+                          {k: v[shuffled[5:]] for k, v in out.items()}])
+    assert table.schema == pa.schema([("item_id", pa.int64()), ("txt_emb", pa.list_(pa.float32())),
+                                      ("img_emb", pa.list_(pa.float32())), ("image_missing", pa.bool_()),
+                                      ("image_status", pa.int8()), ("title_cut", pa.bool_())])
+    assert table.column("item_id").to_pylist() == list(range(1, 11))
+    assert table.column("image_missing").to_pylist() == [i in (3, 7) for i in range(1, 11)]
+    assert table.column("image_status").to_pylist() == status.tolist()
+    assert table.column("title_cut").to_pylist() == batch["title_cut"].tolist()
+    np.testing.assert_array_equal(list_matrix(table.column("txt_emb"), "t"), out["txt_emb"])
+    np.testing.assert_array_equal(list_matrix(table.column("img_emb"), "i"), out["img_emb"])
+
+
+def test_a_shard_or_settings_write_cut_short_leaves_no_file_that_looks_written(tmp_path, monkeypatch):
+    """A shard and the parts folder's settings are written under a temporary name, then renamed: a write that fails
+    half way (a full disk, a kill) leaves neither a shard_NNNNN.parquet nor a cut settings.json."""
+    import mmctr_ray.embed.pipeline as pipeline
+    from mmctr_ray.embed.pipeline import EmbedSettings, ShardStore
+
+    out = tmp_path / "emb.parquet"
+    settings = EmbedSettings("text", "RN50", "cls", 32, 0, 5, data="aaaa")
+    store = ShardStore(out, settings, overwrite=False)
+    store.open()
+
+    def cut(table, where, *args, **kwargs):
+        Path(where).write_bytes(b"PAR1")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(pipeline.pq, "write_table", cut)
+    with pytest.raises(OSError):
+        store.write(0, pa.table({"item_id": [1]}))
+    assert not store.path(0).exists()
+
+    def cut_text(self, text, *args, **kwargs):
+        Path.write_bytes(self, text[:10].encode())
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", cut_text)
+    with pytest.raises(OSError):
+        store.open()
+    monkeypatch.undo()
+    assert json.loads((store.dir / "settings.json").read_text())["data"] == "aaaa"
+
+
+def test_run_embed_encodes_every_shard_the_parts_folder_lacks_and_only_those(covers_data, bert_tiny, tmp_path,
+                                                                             monkeypatch):
+    """200 items, 64 a shard: 4 shards, the last of 8 items; a re-run encodes the shards not yet written."""
+    import mmctr_ray.embed.pipeline as pipeline
+
+    class Encoding(Exception):
+        pass
+
+    def encode(items, pending, *args):
+        raise Encoding(pending)
+
+    monkeypatch.setattr(pipeline, "_encode_shards", encode)
+    monkeypatch.setattr(pipeline, "check_actors", lambda *args, **kwargs: None)
+    out = tmp_path / "e.parquet"
+    with pytest.raises(Encoding) as err:
+        embed(covers_data, out, bert_tiny, start_ray=lambda: None)
+    assert err.value.args[0] == [0, 1, 2, 3]
+    pq.write_table(pa.table({"item_id": [1]}), out.with_name(out.name + ".parts") / "shard_00001.parquet")
+    messages = []
+    with pytest.raises(Encoding) as err:
+        embed(covers_data, out, bert_tiny, start_ray=lambda: None, progress=messages.append)
+    assert err.value.args[0] == [0, 2, 3] and any("resuming; 1 of 4 shards already" in m for m in messages)
+
+
+def test_assembly_counts_corrupt_covers_against_the_limit_and_names_the_first(tmp_path):
+    """Covers corrupt (found only when decoded) count with the missing ones against --max-bad-covers at assembly;
+    the error names the first corrupt one; exactly the limit passes; a shard not there is named as missing."""
+    from mmctr_ray.embed.pipeline import EmbedSettings, ShardStore, _assemble, _shard_table
+
+    out, lay = tmp_path / "emb.parquet", Layout(tmp_path)
+    settings = EmbedSettings("text", "RN50", "cls", 32, 0, 5, data="aaaa")
+    store = ShardStore(out, settings, overwrite=False)
+    store.open()
+
+    def shard(ids, status):
+        n = len(ids)
+        return _shard_table([{"item_id": np.array(ids), "txt_emb": np.ones((n, 4)), "img_emb": np.ones((n, 3)),
+                              "image_status": np.array(status, dtype=np.int8), "title_cut": np.zeros(n, bool)}])
+
+    items = pa.table({"item_id": np.arange(1, 11), "item_title": [f"t{i}" for i in range(10)]})
+    store.write(0, shard([1, 2, 3, 4, 5], [OK] * 5))
+    with pytest.raises(DataError, match=r"shard_00001.parquet: shard missing after the pipeline finished$"):
+        _assemble(out, store, 2, settings, items, 1.0, {"encoded": 0}, lay, 1.0)
+    store.write(1, shard([6, 7, 8, 9, 10], [MISSING, CORRUPT, OK, OK, OK]))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(lay.image(7)))}: 2 of 10 covers missing or corrupt \(this "
+                                        r"one first\); expected at most --max-bad-covers=0.1 "):
+        _assemble(out, store, 2, settings, items, 1.0, {"encoded": 0}, lay, 0.1)
+    assert not out.exists() and not list(tmp_path.glob(".emb.parquet.partial-*"))
+    summary = _assemble(out, store, 2, settings, items, 1.0, {"encoded": 0}, lay, 0.2)  # 2 of 10: at the limit
+    assert (summary["image_missing"], summary["cover_file_missing"], summary["cover_corrupt"]) == (2, 1, 1)
+
+
+def test_items_are_read_in_id_order_and_repeated_or_zero_ids_refused(synth_dir, tmp_path):
+    """The output is ordered by item_id whatever the file's order (the shards are slices of the sorted items);
+    a repeated id, or 0 (the padding item's), is refused before anything is encoded."""
+    from mmctr_ray.embed.pipeline import _read_items
+
+    table = pq.read_table(Layout(synth_dir).item_feature, columns=["item_id", "item_title"])
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data, ignore=shutil.ignore_patterns("item_images"))
+    lay = Layout(data)
+    pq.write_table(table.take(np.random.default_rng(0).permutation(table.num_rows)), lay.item_feature)
+    items = _read_items(lay)
+    assert items.column("item_id").to_pylist() == list(range(1, 201))
+    assert items.column("item_title").to_pylist() == table.column("item_title").to_pylist()
+    ids = table.column("item_id").to_numpy()
+    for column, expected in ((np.where(ids == 7, 6, ids), "value 6 is repeated"), (ids - 1, "value 0 is below 1")):
+        pq.write_table(table.set_column(0, "item_id", pa.array(column)), lay.item_feature)
+        with pytest.raises(DataError, match=rf"column item_id: {expected}; expected unique item ids 1..N$"):
+            _read_items(lay)
+
+
+def test_shards_are_of_the_titles_cover_folder_and_model_files_they_were_made_from(synth_dir, bert_tiny, tmp_path):
+    """A title edited, another cover folder (its files of the same sizes and times), a file in a subfolder of the
+    text model (1_Pooling/config.json) replaced: each makes the shards of an interrupted run other settings."""
+    from mmctr_ray.embed.pipeline import _cover_stats, _fingerprint, _models_fingerprint, _read_items
+
+    lay = Layout(synth_dir)
+    items = _read_items(lay)
+    covers = _cover_stats(items, lay)
+    before = _fingerprint(items, lay, covers)
+    retitled = items.set_column(1, "item_title", pa.array(["edited", *items.column(1).to_pylist()[1:]]))
+    assert _fingerprint(retitled, lay, covers) != before
+    other = tmp_path / "other"
+    shutil.copytree(synth_dir, other)  # copy2: the same sizes and modification times
+    assert _cover_stats(items, Layout(other)) == covers and _fingerprint(items, Layout(other), covers) != before
+    model = tmp_path / "model"
+    shutil.copytree(bert_tiny, model)
+    (model / "1_Pooling").mkdir()
+    (model / "1_Pooling" / "config.json").write_text('{"pooling_mode_cls_token": true}')
+    models = _models_fingerprint(model, CLIP_TINY)
+    (model / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    assert _models_fingerprint(model, CLIP_TINY) != models
+
+
+def test_the_refusals_name_the_first_missing_cover_and_a_replaced_model(covers_data, bert_tiny, tmp_path):
+    from mmctr_ray.embed.pipeline import EmbedSettings, ShardStore
+
+    data = tmp_path / "data"
+    shutil.copytree(covers_data, data)
+    Layout(data).image(150).unlink()
+    with pytest.raises(DataError, match=rf"^{re.escape(str(Layout(data).image(3)))}: 2 of 200 covers missing \(this "
+                                        r"one first\)"):
+        embed(data, tmp_path / "e.parquet", bert_tiny, max_bad_covers=0, start_ray=lambda: None)
+    out = tmp_path / "emb.parquet"
+    ShardStore(out, EmbedSettings("text", "RN50", "cls", 32, 0, 5, data="aaaa", models="m1"), False).open()
+    with pytest.raises(OutputExistsError, match=r"settings.json: the model files changed since\); re-run with those"):
+        ShardStore(out, EmbedSettings("text", "RN50", "cls", 32, 0, 5, data="aaaa", models="m2"), False)
+
+
+def test_max_length_below_two_is_refused_before_ray(synth_dir, bert_tiny, tmp_path):
+    with pytest.raises(ConfigError, match=r"^--max-length=1: expected an integer >= 2$"):
+        embed(synth_dir, tmp_path / "e.parquet", bert_tiny, max_length=1, start_ray=lambda: pytest.fail("Ray"))
+
+
+def test_a_folder_named_as_a_cover_is_missing_in_the_pre_check_and_in_its_status(tmp_path):
+    """``item_images/5.jpg/`` (a folder) is no cover file: the pre-check counted it missing, decoding called it
+    corrupt (IsADirectoryError), so the summary's cover_file_missing disagreed with the refusal's count."""
+    from mmctr_ray.embed.pipeline import _cover_stats
+
+    lay = Layout(tmp_path)
+    lay.images_dir.mkdir(parents=True)
+    lay.image(5).mkdir()
+    assert _cover_stats(pa.table({"item_id": [5], "item_title": ["t"]}), lay) == [None]
+    pixels, status = decode_covers(np.array([5]), str(lay.images_dir), 16)
+    assert status.tolist() == [MISSING] and not pixels.any()
+
+
+def test_a_fifo_named_as_a_cover_is_missing_not_a_decode_task_blocked_for_good(tmp_path):
+    import signal
+
+    def hung(*args):
+        raise AssertionError("decoding blocked on the FIFO")
+
+    os.mkfifo(tmp_path / "5.jpg")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        pixels, status = decode_covers(np.array([5]), str(tmp_path), 16)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert status.tolist() == [MISSING] and not pixels.any()

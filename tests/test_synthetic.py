@@ -339,3 +339,98 @@ def test_synthetic_levels_are_deciles_from_0_to_9():
     from mmctr_ray.data.synthetic import deciles
 
     assert deciles(np.arange(100.0)).tolist() == np.repeat(np.arange(10), 10).tolist()
+
+
+def test_an_overwrite_removes_what_it_does_not_replace_and_only_unlinks_a_symlink(tmp_path, tiny_spec):
+    """`synth --images 0` over a synth with covers: the old covers must go (embed would encode them as this data's);
+    an entry that is a symlink (covers kept elsewhere) is unlinked, its target left alone (rmtree refused it).
+    Only the slow convert test checked the first before."""
+    out, spec = tmp_path / "out", SynthSpec(**{**tiny_spec.__dict__, "image_size": 0})
+    write_synthetic(out, tiny_spec, progress=lambda m: None)
+    assert Layout(out).images_dir.is_dir()
+    write_synthetic(out, spec, overwrite=True, progress=lambda m: None)
+    assert not Layout(out).images_dir.exists() and Layout(out).synth_manifest.is_file()
+    shared = tmp_path / "shared-covers"
+    shared.mkdir()
+    (shared / "1.jpg").write_bytes(b"kept")
+    Layout(out).images_dir.symlink_to(shared)
+    write_synthetic(out, spec, overwrite=True, progress=lambda m: None)
+    assert not Layout(out).images_dir.exists() and (shared / "1.jpg").read_bytes() == b"kept"
+
+
+def test_an_interrupted_synth_keeps_an_out_folder_it_did_not_make(tmp_path, tiny_spec, monkeypatch):
+    """Only an OUT the run made itself is removed when it fails: an empty folder made beforehand (a mount point, a
+    folder the user prepared) stays."""
+    import mmctr_ray.data.writer as writer
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(writer, "_write_split", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_synthetic(out, SynthSpec(**{**tiny_spec.__dict__, "image_size": 0}), progress=lambda m: None)
+    assert out.is_dir() and not any(out.iterdir())
+
+
+def test_the_manifest_describes_the_rows_written(synth_dir):
+    """synth.json's history lengths (min, lower median, mean, max over every split) and positive rates, recomputed
+    from the files (the test split's labels from the hidden truth)."""
+    lay = Layout(synth_dir)
+    manifest = json.loads(lay.synth_manifest.read_text())
+    lengths = np.concatenate([(np.stack(pq.read_table(lay.split(s)).column("item_seq").to_numpy(zero_copy_only=False))
+                               > 0).sum(axis=1) for s in SPLITS])
+    ordered = np.sort(lengths)
+    assert manifest["history_length"] == {"min": int(ordered[0]), "median": int(ordered[-(-len(ordered) // 2) - 1]),
+                                          "mean": pytest.approx(float(lengths.mean())), "max": int(ordered[-1])}
+    labels = {s: pq.read_table(lay.split(s)).column("label").to_numpy() for s in ("train", "valid")}
+    labels["test"] = pq.read_table(lay.hidden_test_labels).column("label").to_numpy()
+    for split, y in labels.items():
+        assert manifest["splits"][split]["positive_rate"] == pytest.approx(y.mean()), split
+
+
+def test_each_modality_is_a_noisy_reading_with_noise_of_its_own_chunk(tiny_spec):
+    """A modality reads the latent vector through a projection plus isotropic noise: without the noise its vectors
+    span only the latent's K_A + K_B + N_NUISANCE directions; the noise of item chunks is drawn from each chunk's
+    own stream (the same stream for every chunk repeated the noise every ITEM_CHUNK items)."""
+    from mmctr_ray.data.modalities import IMAGE, TEXT, ItemRenderer
+    from mmctr_ray.data.synthetic import K_A, K_B, N_NUISANCE
+
+    render, ids = ItemRenderer(World(tiny_spec)), np.arange(1, tiny_spec.items + 1)
+    for m in (TEXT, IMAGE):
+        x = render.embeddings(m, ids, 0).astype(np.float64)
+        s = np.linalg.svd(x - x.mean(0), compute_uv=False)
+        assert s[K_A + K_B + N_NUISANCE] > 0.1 * s[0], m.name
+        assert not np.allclose(render.embeddings(m, ids, 1), x, atol=1e-3), m.name
+
+
+def test_covers_show_colours_of_c_b_and_brightness_of_c_a(tiny_spec):
+    """Covers read c_b strongly (background and stripe colours) and c_a weakly (brightness), as the module says:
+    only the shipped embeddings' content was checked. The cover noise is the same stream both times."""
+    import io
+
+    from PIL import Image
+
+    from mmctr_ray.data.modalities import ItemRenderer
+    from mmctr_ray.data.synthetic import K_A
+
+    world = World(tiny_spec)
+    render, ids = ItemRenderer(world), np.arange(1, 21)
+
+    def covers():
+        return np.stack([np.asarray(Image.open(io.BytesIO(b)), dtype=float) for b in render.covers(ids, 0, 32)])
+
+    base = covers()
+    world.content[ids, K_A] = 10.0  # c_b's first coordinate: the background's red at its brightest
+    red = covers()
+    gain = red[..., 0].mean(axis=(1, 2)) - base[..., 0].mean(axis=(1, 2))
+    assert (gain > 5).all() and abs(red[..., 1].mean() - base[..., 1].mean()) < 1
+    world.content[ids, 0] = -10.0  # c_a's first coordinate: the darkest
+    dark = covers()
+    assert (dark.mean(axis=(1, 2, 3)) < 0.98 * red.mean(axis=(1, 2, 3))).all()
+
+
+def test_covers_are_jpeg_files_as_the_challenge_ships_them(synth_dir, tiny_spec):
+    lay = Layout(synth_dir)
+    assert all(lay.image(i).read_bytes()[:3] == b"\xff\xd8\xff" for i in range(1, tiny_spec.items + 1))

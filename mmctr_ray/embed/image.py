@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -236,6 +238,8 @@ def load_cover(path: Path, size: int, resize_mode: str = "shortest",
     """One cover → (size, size, 3) uint8 and its status; zeros when missing or undecodable. ``resize_mode``
     ``shortest``: the short side to ``size``, then the centre crop; ``squash``: both sides to ``size``."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a folder or a FIFO named N.jpg is no cover file, as embed's
+            raise FileNotFoundError(path)  # pre-check counts it (a FIFO's open blocked the decode task for good)
         with Image.open(path) as img:
             img = _eight_bit(img).convert("RGB")
             if resize_mode == "squash":
