@@ -75,6 +75,24 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
     (directory / MANIFEST).write_text(json_text(sizes, indent=2) + "\n")
 
 
+STATE_NUMBERS = ("epoch", "lr", "best_auc", "best_epoch", "bad_epochs")  # state.json's, beside its history
+
+
+def _number(value: Any, integer: bool = False) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+
+
+def _schedule_state(state: Any) -> bool:
+    """Whether ``state`` (a ``state.json`` parsed) holds what loading and resuming read: the schedule's numbers
+    (``best_auc`` null before a finite AUC) and epoch rows whose ``valid_auc`` is a number or null."""
+    return (isinstance(state, dict) and all(k in state for k in STATE_NUMBERS)
+            and all(_number(state[k], integer=True) for k in ("epoch", "best_epoch", "bad_epochs"))
+            and _number(state["lr"]) and (state["best_auc"] is None or _number(state["best_auc"]))
+            and isinstance(state.get("history", []), list)
+            and all(isinstance(row, dict) and "valid_auc" in row
+                    and (row["valid_auc"] is None or _number(row["valid_auc"])) for row in state.get("history", [])))
+
+
 def read_state(directory: Location) -> dict[str, Any]:
     """A checkpoint's ``state.json``, with the numbers JSON has no token for back (:func:`storage.json_text` wrote
     them as null): NaN in its epoch rows (:data:`EPOCH_NUMBERS`), and -inf for ``best_auc``, the schedule's start
@@ -84,10 +102,9 @@ def read_state(directory: Location) -> dict[str, Any]:
         state = json.loads(storage.read_text(path))
     except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8: a file training did not write
         raise DataError(f"{path}: not the state.json `mmctr train` writes ({first_line(err)})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("history", []), list) or not all(
-            isinstance(row, dict) and "valid_auc" in row for row in state.get("history", [])):
-        raise DataError(f"{path}: not the state.json `mmctr train` writes (expected an object whose history is a "
-                        f"list of epoch rows with valid_auc)")
+    if not _schedule_state(state):
+        raise DataError(f"{path}: not the state.json `mmctr train` writes (expected an object of the schedule's "
+                        f"{', '.join(STATE_NUMBERS)} and a history that is a list of epoch rows with a valid_auc)")
     if "best_auc" in state and state["best_auc"] is None:
         state["best_auc"] = float("-inf")
     if state.get("history"):
@@ -109,11 +126,15 @@ def incomplete(directory: Location, skipped: Collection[str] = ()) -> str | None
             state = json.loads(storage.read_text(storage.join(directory, "state.json")))
         except ValueError:
             return "state.json unreadable"
+        if not isinstance(state, dict):  # JSON, but no state: loading it names the file
+            return "state.json unreadable"
         return f"{MANIFEST} missing" if state.get(MANIFEST) else None
     try:
         expected = json.loads(storage.read_text(storage.join(directory, MANIFEST)))
     except ValueError:
         return f"{MANIFEST} unreadable"
+    if not isinstance(expected, dict) or not all(_number(size, integer=True) for size in expected.values()):
+        return f"{MANIFEST} unreadable"  # JSON, but not the {file: bytes} a checkpoint's save writes
     for name, size in expected.items():
         if name not in skipped and sizes.get(name) != size:
             return f"{name} {'missing' if name not in sizes else f'has {sizes[name]} bytes, expected {size}'}"

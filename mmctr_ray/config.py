@@ -44,9 +44,13 @@ _Loader.yaml_implicit_resolvers = {
     for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                              re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
-                              list("-+0123456789."))
+# YAML 1.2 core floats: 1.5, .5, 1e-3, .inf, .nan (1.1 read 1:30.0 as 90.0 and 1_0.5 as 10.5; 1e-3 as a string)
+_FLOAT = "tag:yaml.org,2002:float"
+for _ch, _resolvers in list(_Loader.yaml_implicit_resolvers.items()):
+    _Loader.yaml_implicit_resolvers[_ch] = [(tag, rx) for tag, rx in _resolvers if tag != _FLOAT]
+_Loader.add_implicit_resolver(_FLOAT, re.compile(r"^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+                                                 r"|[-+]?[0-9]+[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)"
+                                                 r"|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
 
 
 # YAML 1.2 core integers: decimal (with _ separators), 0o octal, 0x hex (1.1 read 010 as 8, 1:30 as 90)

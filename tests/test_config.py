@@ -228,3 +228,65 @@ def test_a_mistake_in_a_set_is_blamed_on_the_set_not_on_the_file(tmp_path):
     p.write_text("data:\n  max_lenn: 32\n")  # the file's own mistake stays the file's, with or without --set
     with pytest.raises(ConfigError, match=re.escape(f"{p}: unknown config key data.max_lenn")):
         load_config(p, ["train.epochs=3"])
+
+
+@pytest.mark.parametrize("override,match", [
+    ("data.item_vector=''", "data.item_vector='': expected 'given' or a parquet path"),
+    ("fusion.dims=0", "fusion.dims=0: expected a positive integer"),
+    ("model.embedding_init_std=0", "model.embedding_init_std=0.0: expected > 0"),
+    ("model.dnn_units=[]", "model.dnn_units=[]: expected a non-empty list of positive integers"),
+    ("train=5", "train=5: expected a mapping of keys"),
+    ("model.dnn_units=5", "model.dnn_units=5: expected a list"),
+    ("train.epochs=true", "train.epochs=True: expected an integer"),
+    ("train.lr=true", "train.lr=True: expected a finite number"),
+])
+def test_more_impossible_values_fail_by_name(override, match):
+    with pytest.raises(ConfigError, match="^--set: " + re.escape(match) + "$"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("override", ["data.max_len=100", "model.cross_layers=16", "train.lr_decay=1",
+                                      "train.min_lr=0.001", "train.grad_clip=0", "train.shuffle_buffer=0"])
+def test_the_bounds_of_each_range_are_values_it_takes(override):
+    key, value = override.split("=")
+    section, name = key.split(".")
+    assert getattr(getattr(load_config(None, [override]), section), name) == float(value)
+
+
+def test_a_float_key_given_an_integer_is_saved_as_a_float(tmp_path):
+    cfg = load_config(None, ["train.embedding_l2=0", "train.lr=1"])
+    assert type(cfg.train.embedding_l2) is float and type(cfg.train.lr) is float
+    assert "  embedding_l2: 0.0\n" in save_config(cfg, tmp_path / "c.yaml").read_text()
+
+
+def test_an_empty_set_value_is_the_empty_string_and_an_empty_file_the_defaults(tmp_path):
+    assert load_config(None, ["name="]).name == ""
+    p = tmp_path / "empty.yaml"
+    p.write_text("")
+    assert read_yaml(p) == {} and load_config(p) == load_config(None)
+
+
+def test_a_saved_config_keeps_the_declared_order_of_its_keys(tmp_path):
+    text = save_config(load_config(None), tmp_path / "c.yaml").read_text()
+    assert list(yaml.safe_load(text)) == ["name", "data", "fusion", "model", "train"]
+    assert list(yaml.safe_load(text)["train"])[:3] == ["batch_size", "eval_batch_size", "epochs"]
+
+
+def test_crossnet_without_cross_layers_is_no_difference_and_a_batch_is_at_least_a_row():
+    from mmctr_ray.config import effective_differences, worker_batch
+
+    a = load_config(None, ["model.crossnet=v1", "model.cross_layers=0"])
+    b = load_config(None, ["model.crossnet=v2", "model.cross_layers=0"])
+    assert effective_differences(a, b) == {}  # the model builds no CrossNet in either
+    assert worker_batch(3, 4) == 1 and worker_batch(8192, 3) == 2730
+
+
+@pytest.mark.parametrize("text", ["1:30.0", "1_0.5"])
+def test_yaml_1_1_float_forms_are_not_numbers(text):
+    """YAML 1.2 floats only, as for integers: PyYAML's 1.1 resolver read 1:30.0 as 90.0 (sexagesimal) and 1_0.5 as
+    10.5, while 1:30 was refused as no integer."""
+    from mmctr_ray.config import _Loader
+
+    with pytest.raises(ConfigError, match=rf"^--set: train.grad_clip='?{re.escape(text)}'?: expected a "):
+        load_config(None, [f"train.grad_clip={text}"])
+    assert yaml.load(f"a: {text}", Loader=_Loader) == {"a": text}  # a string, as the 1.2 core schema reads it

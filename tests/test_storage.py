@@ -674,3 +674,181 @@ def test_a_published_file_is_copied_in_pieces_and_whole(tmp_path, monkeypatch, w
     assert storage.read_bytes(storage.join(out, "item_emb.parquet")) == data
     if where == "file":
         assert [p.name for p in (tmp_path / "out").iterdir()] == ["item_emb.parquet"]  # no partial left
+
+
+@pytest.mark.parametrize("name", ["model.pt", "optimizer.pt", "state.json", "config.yaml", "feature_map.json",
+                                  "item_source.json"])
+@pytest.mark.parametrize("change", ["cut", "grown"])
+def test_a_checkpoint_file_of_another_size_than_its_manifest_says_is_not_complete(tmp_path, name, change):
+    """files.json records every file of the checkpoint, item_source.json too, and a size either way off tells."""
+    from mmctr_ray.checkpoint import incomplete
+
+    directory = _write_checkpoint(tmp_path, 1, 0.6)
+    path = directory / name
+    raw = path.read_bytes()
+    path.write_bytes(raw[:len(raw) // 2] if change == "cut" else raw + b"\n")
+    assert incomplete(directory) == f"{name} has {path.stat().st_size} bytes, expected {len(raw)}"
+    assert epoch_checkpoints(tmp_path) == []
+
+
+@pytest.mark.parametrize("change", [{"history": None}, {"history": 5}, {"history": [{"epoch": 1}]},
+                                    {"history": [{"epoch": 1, "valid_auc": "0.6"}]}, {"epoch": None},
+                                    {"bad_epochs": 1.5}, {"lr": True}, {"best_auc": "0.6"}, "epoch", "bad_epochs"])
+def test_a_state_that_is_not_the_schedules_is_one_line_wherever_it_is_read(tmp_path, change):
+    """A history that is not a list, a row without a numeric valid_auc, a schedule number missing or not a number:
+    state.json at the size files.json records was a TypeError or KeyError traceback in read_state, in
+    best_checkpoint (a string AUC compared with -inf) or in load_checkpoint (``{"history": []}``: KeyError 'epoch')."""
+    from mmctr_ray.checkpoint import incomplete, read_state
+
+    directory = _write_checkpoint(tmp_path, 1, 0.6)
+    path = directory / "state.json"
+    state = json.loads(path.read_text())
+    state = {k: v for k, v in state.items() if k != change} if isinstance(change, str) else {**state, **change}
+    text = json.dumps(state)
+    path.write_text(text + " " * (json.loads((directory / "files.json").read_text())["state.json"] - len(text)))
+    assert incomplete(directory) is None  # the size its manifest records: only reading it tells
+    said = (r"state.json: not the state.json `mmctr train` writes \(expected an object of the schedule's epoch, "
+            r"lr, best_auc, best_epoch, bad_epochs and a history that is a list of epoch rows with a valid_auc\)$")
+    for read in (read_state, load_checkpoint, lambda d: best_checkpoint(d.parent)):
+        with pytest.raises(DataError, match=said):
+            read(directory)
+
+
+@pytest.mark.parametrize("manifest, state", [("[]", None), ('{"model.pt": "many"}', None), (None, "[1]")])
+def test_a_manifest_or_state_that_is_json_but_not_an_object_is_unreadable_not_a_traceback(tmp_path, manifest,
+                                                                                          state):
+    """files.json ``[]``, or (without a manifest) state.json ``[1]``, was an AttributeError traceback from
+    incomplete() in epoch_checkpoints, so in `mmctr report`, `predict` and `train --resume`."""
+    from mmctr_ray.checkpoint import incomplete
+
+    directory = _write_checkpoint(tmp_path, 1, 0.6)
+    if manifest is None:
+        (directory / "files.json").unlink()
+    else:
+        (directory / "files.json").write_text(manifest)
+    if state is not None:
+        (directory / "state.json").write_text(state)
+    name = "files.json" if manifest is not None else "state.json"
+    assert incomplete(directory) == f"{name} unreadable"
+    assert epoch_checkpoints(tmp_path) == [] and latest_checkpoint(tmp_path) is None
+
+
+def test_a_checkpoint_from_before_the_manifest_needs_no_optimizer(tmp_path):
+    """A checkpoint written without an optimizer (and without files.json) is whole by the presence of the rest."""
+    from mmctr_ray.checkpoint import incomplete
+
+    directory = _write_checkpoint(tmp_path, 1, 0.6)
+    (directory / "files.json").unlink()
+    state = json.loads((directory / "state.json").read_text())
+    (directory / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "files.json"}))
+    (directory / "optimizer.pt").unlink()
+    assert incomplete(directory) is None and load_checkpoint(directory).optimizer_state is None
+    assert epoch_checkpoints(tmp_path) == [directory]
+
+
+def test_an_error_about_a_downloaded_checkpoint_file_names_it_before_its_uris_query(tmp_path):
+    """A checkpoint under a URI with a query is named as storage.join names its files: the query after the name."""
+    directory = _write_checkpoint(tmp_path, 1, 0.6)
+    state = directory / "state.json"
+    state.write_bytes(b"[" + state.read_bytes()[1:])  # at the size files.json records
+    uri = directory.as_uri() + "?x=1"  # pyarrow's file:// leaves the query out of the path
+    with pytest.raises(DataError, match=rf"^{re.escape(directory.as_uri())}/state\.json\?x=1: not the state.json "):
+        load_checkpoint(uri)
+
+
+def test_a_checkpoint_gives_back_the_whole_schedule_state_it_was_saved_with(tmp_path):
+    """bad_epochs is the early stop's count: a resume that lost it trained `patience` more epochs."""
+    state = TrainState(epoch=4, lr=1e-4, best_auc=0.7, best_epoch=2, bad_epochs=2,
+                       history=[{"epoch": e, "valid_auc": 0.7} for e in range(1, 5)])
+    directory = tmp_path / "checkpoint_epoch_004"
+    directory.mkdir()
+    save_checkpoint(directory, torch.nn.Linear(3, 1), None, state, load_config(None),
+                    FeatureMap(num_items=5, tag_vocab=6, tags_per_item=2, vector_dim=4, num_users=7), {})
+    assert load_checkpoint(directory).state == state
+
+
+def test_a_local_checkpoint_loaded_for_scoring_leaves_its_optimizer_unread(tmp_path):
+    directory = _write_checkpoint(tmp_path, 1, 0.6)
+    assert load_checkpoint(directory).optimizer_state is not None
+    assert load_checkpoint(directory, with_optimizer=False).optimizer_state is None
+
+
+def test_a_folder_named_like_a_checkpoint_without_an_epoch_number_is_not_one(tmp_path):
+    first = _write_checkpoint(tmp_path, 1, 0.6)
+    (tmp_path / "checkpoint_epoch_best").mkdir()  # a user's copy of the best one
+    assert checkpoint_epoch(tmp_path / "checkpoint_epoch_best") is None
+    assert epoch_checkpoints(tmp_path) == [first] and latest_checkpoint(tmp_path) == first
+
+
+def test_the_best_checkpoint_is_judged_by_the_auc_of_its_own_epoch(tmp_path):
+    """Each checkpoint's history holds every epoch up to its own: its last row is its AUC."""
+    aucs = [0.60, 0.70, 0.65]
+    for epoch in (1, 2, 3):
+        directory = tmp_path / f"checkpoint_epoch_{epoch:03d}"
+        directory.mkdir()
+        history = [{"epoch": e, "valid_auc": aucs[e - 1]} for e in range(1, epoch + 1)]
+        save_checkpoint(directory, torch.nn.Linear(3, 1), None, TrainState(epoch=epoch, lr=1e-3, history=history),
+                        load_config(None), FeatureMap(num_items=5, tag_vocab=6, tags_per_item=2, vector_dim=4,
+                                                      num_users=7), {})
+    assert best_checkpoint(tmp_path) == tmp_path / "checkpoint_epoch_002"
+
+
+def test_a_checkpoint_named_for_scoring_must_be_whole_and_is_made_absolute(tmp_path, monkeypatch):
+    from mmctr_ray.checkpoint import run_or_checkpoint
+
+    run = tmp_path.resolve()
+    monkeypatch.chdir(run)
+    _write_checkpoint(run, 1, 0.6)
+    second = _write_checkpoint(run, 2, 0.7)
+    assert run_or_checkpoint("checkpoint_epoch_001") == run / "checkpoint_epoch_001"  # actors run elsewhere
+    assert run_or_checkpoint(".") == second
+    (second / "model.pt").write_bytes(b"cut short")
+    with pytest.raises(DataError, match=r"^checkpoint_epoch_002: not a whole checkpoint \(model.pt has 9 bytes, "
+                                        r"expected \d+\)$"):
+        run_or_checkpoint("checkpoint_epoch_002")
+    with pytest.raises(DataError, match=r"^checkpoint_epoch_009: not a whole checkpoint \(not found\)$"):
+        run_or_checkpoint("checkpoint_epoch_009")
+
+
+def test_uris_that_storage_would_misplace_or_cannot_open_are_one_line(monkeypatch):
+    with pytest.raises(ConfigError, match=r"^s3://b/exp#: '#' starts a URI fragment"):  # pyarrow drops a bare '#'
+        storage.normalize("s3://b/exp#")
+    with pytest.raises(ConfigError, match=r"^s3://b/r\?bogus=1: Unexpected query parameter in S3 URI: 'bogus'$"):
+        storage.resolve("s3://b/r?bogus=1")  # pyarrow's own word, not fsspec's "needs a package"
+    import types
+
+    def no_jvm(uri):
+        raise OSError("Unable to load libjvm")
+
+    monkeypatch.setattr(pafs, "FileSystem", types.SimpleNamespace(from_uri=no_jvm))
+    with pytest.raises(ConfigError, match=r"^hdfs://nn/r: cannot open this storage \(Unable to load libjvm\)$"):
+        storage.resolve("hdfs://nn/r")
+
+
+def test_this_machines_side_of_a_copy_failing_is_not_blamed_on_the_storage(memory_root, tmp_path, monkeypatch):
+    """A full local disk while a checkpoint downloads is the disk's OSError, not "cannot access this storage"
+    (a StorageError, which training workers retry)."""
+    from mmctr_ray.errors import StorageError
+
+    storage.write_text(storage.join(memory_root, "a.txt"), "x")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pafs, "copy_files", disk_full)
+    with pytest.raises(OSError, match="No space left on device") as err:
+        storage.download_dir(memory_root, tmp_path / "copy")
+    assert not isinstance(err.value, StorageError)
+
+
+def test_uri_joins_and_siblings_of_a_folder_spelt_with_a_trailing_slash():
+    assert storage.join("s3://b/run/", "checkpoint_epoch_001") == "s3://b/run/checkpoint_epoch_001"
+    assert storage.sibling("s3://b/runs/r1/", ".r1.replaced") == "s3://b/runs/.r1.replaced"  # not inside r1
+
+
+def test_a_json_file_that_holds_no_object_is_one_line(tmp_path):
+    path = tmp_path / "item_source.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(DataError, match=r"^s3://b/r/item_source.json: holds a JSON list; expected the item_source"
+                                        r".json `mmctr train` writes, a JSON object$"):
+        storage.read_json_object(path, "the item_source.json `mmctr train` writes", "s3://b/r/item_source.json")

@@ -2235,7 +2235,8 @@ def test_a_resume_with_nothing_to_train_says_so_before_ray_starts(tmp_path, monk
              "AUC, and train.patience=2 (early stop); pass a larger --set train.patience=N to train more"),
             (4, 2, ["train.epochs=9", "train.patience=3"], None),
             (4, 0, ["train.epochs=5"], None)]:
-        (last / "state.json").write_text(json.dumps({"epoch": epoch, "bad_epochs": bad}))
+        (last / "state.json").write_text(json.dumps({"epoch": epoch, "lr": 1e-3, "best_auc": 0.7, "best_epoch": 1,
+                                                      "bad_epochs": bad, "history": []}))
         assert driver._nothing_to_train(tmp_path, tiny_cfg(*sets)) == why
     monkeypatch.setattr(driver, "latest_checkpoint", lambda run: None)
     assert driver._nothing_to_train(tmp_path, tiny_cfg()) is None  # no checkpoint yet: train from the start
