@@ -158,8 +158,9 @@ def _usable(pf: pq.ParquetFile, columns: dict[str, object]) -> list[str]:
 
 
 def _list_values(check: _FileCheck, col: pa.Array, name: str, width: int | None,
-                 offset: int) -> tuple[np.ndarray, np.ndarray]:
-    """Check list lengths and nulls inside lists; return the flattened values and the row of each, as numpy."""
+                 offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Check list lengths and nulls inside lists; return the flattened values, the row of each and whether each is
+    there (not null: a null reads as NaN, which only the null check reports), as numpy."""
     lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
     wrong = (lengths != width) & ~np.isnan(lengths.astype(np.float64)) if width is not None else None  # a null list
     if wrong is not None and wrong.any():  # is the null check's (its lengths turn float, NaN for the null)
@@ -169,10 +170,16 @@ def _list_values(check: _FileCheck, col: pa.Array, name: str, width: int | None,
         check.bad(name, f"lists of length {width}", wrong, shown, offset)
     flat = pc.list_flatten(col)
     rows = pc.list_parent_indices(col).to_numpy(zero_copy_only=False)
+    present = _present(flat)
     if flat.null_count:
-        check.bad(name, _NON_NULL, flat.is_null().to_numpy(zero_copy_only=False), np.full(len(flat), None), offset,
-                  rows)
-    return flat.to_numpy(zero_copy_only=False), rows
+        check.bad(name, _NON_NULL, ~present, np.full(len(flat), None), offset, rows)
+    return flat.to_numpy(zero_copy_only=False), rows, present
+
+
+def _present(col: pa.Array) -> np.ndarray:
+    """Which values of ``col`` are not null: a null reads as NaN, and is the null check's alone (a null label was
+    also "not 0 or 1; first nan", a null in a vector also "not finite floats")."""
+    return ~col.is_null().to_numpy(zero_copy_only=False)
 
 
 def _check_nulls(check: _FileCheck, batch: pa.RecordBatch, offset: int, skip: tuple[str, ...] = ()) -> None:
@@ -200,7 +207,7 @@ def _scan_split(check: _FileCheck, pf: pq.ParquetFile, n_items: int | None, is_t
         if "item_seq" in cols:
             seq = cols["item_seq"]
             lengths = pc.list_value_length(seq).to_numpy(zero_copy_only=False)
-            flat, rows = _list_values(check, seq, "item_seq", SPLIT_COLUMNS["item_seq"][2], offset)
+            flat, rows, present = _list_values(check, seq, "item_seq", SPLIT_COLUMNS["item_seq"][2], offset)
             if n_items is not None:
                 check.bad("item_seq", f"item ids in 0..{n_items} (0 = padding)", (flat < 0) | (flat > n_items),
                           flat, offset, rows)
@@ -208,8 +215,7 @@ def _scan_split(check: _FileCheck, pf: pq.ParquetFile, n_items: int | None, is_t
             # so the padding errors came only on the run after the width was fixed)
             width = SPLIT_COLUMNS["item_seq"][2]
             whole = lengths == width
-            if flat.dtype.kind == "f":  # nulls inside lists: their rows are the null check's
-                whole[np.unique(rows[np.isnan(flat)])] = False
+            whole[np.unique(rows[~present])] = False  # nulls inside lists: their rows are the null check's
             if width > 1 and whole.any():
                 mat = flat[whole[rows]].astype(np.int64).reshape(-1, width)
                 gap = np.zeros(len(lengths), dtype=bool)
@@ -226,13 +232,13 @@ def _scan_split(check: _FileCheck, pf: pq.ParquetFile, n_items: int | None, is_t
                 check.bad(name, f"levels in 0..{LEVELS - 1}", (v < 0) | (v >= LEVELS), v, offset)
         if "label" in cols and not is_test:
             y = cols["label"].to_numpy(zero_copy_only=False)
-            check.bad("label", "0 or 1", ~np.isin(y, (0, 1)), y, offset)
+            check.bad("label", "0 or 1", ~np.isin(y, (0, 1)) & _present(cols["label"]), y, offset)
         offset += batch.num_rows
 
 
 def _check_vectors(check: _FileCheck, col: pa.Array, name: str, width: int | None, offset: int) -> None:
-    flat, rows = _list_values(check, col, name, width, offset)
-    check.bad(name, "finite floats (NaN/inf found)", ~np.isfinite(flat), flat, offset, rows)
+    flat, rows, present = _list_values(check, col, name, width, offset)
+    check.bad(name, "finite floats (NaN/inf found)", ~np.isfinite(flat) & present, flat, offset, rows)
     if flat.dtype.itemsize > 4:  # float64 values the stages' float32 cast turns into inf (1e300): said OK here,
         # refused there
         finite = np.isfinite(flat)
@@ -256,14 +262,15 @@ def _scan_items(check: _FileCheck, pf: pq.ParquetFile, spec: dict[str, object], 
                 ids.append(iid)
                 if first_id == 0:
                     rows = np.arange(offset, offset + len(iid))
-                    check.bad("item_id", "equal to the row index (row 0 = padding)", iid != rows, iid, offset)
+                    check.bad("item_id", "equal to the row index (row 0 = padding)", (iid != rows) & _present(col),
+                              iid, offset)
             elif name in ("likes_level", "views_level"):
                 v = col.to_numpy(zero_copy_only=False)
                 check.bad(name, f"levels in 0..{LEVELS - 1}", (v < 0) | (v >= LEVELS), v, offset)
             elif isinstance(kind, tuple) and kind[1] == "float":
                 _check_vectors(check, col, name, kind[2], offset)
             elif isinstance(kind, tuple):
-                tags, rows = _list_values(check, col, name, kind[2], offset)
+                tags, rows, _ = _list_values(check, col, name, kind[2], offset)
                 check.bad(name, "non-negative tag ids", tags < 0, tags, offset, rows)
                 if tags_seen is not None:
                     tags_seen.append(tags)
@@ -426,7 +433,7 @@ def _check_manifests(lay: Layout, expect_test_rows: int | None) -> list[Problem]
     try:
         has_placeholder_embeddings(lay.root)
     except DataError as err:
-        problems.append(Problem("convert.json", None, str(err).split(": ", 1)[1]))
+        problems.append(Problem("convert.json", None, str(err).removeprefix(f"{lay.root / 'convert.json'}: ")))
     if lay.synth_manifest.is_file() and expect_test_rows is None and _expected_test_rows(lay, None, None)[0] is None:
         problems.append(Problem(lay.synth_manifest.name, None, "unreadable (expected the synth.json `mmctr synth` "
                                                                "writes, with spec.test_rows): the test split's row "
@@ -453,8 +460,8 @@ def _check_padding_row(lay: Layout, pf: pq.ParquetFile, problems: list[Problem])
                  None)
     if batch is None:
         return  # no row at all: reported as an empty file
-    for name, value in batch.to_pylist()[0].items():
-        flat = np.asarray(value if isinstance(value, list) else [value], dtype=float)
+    for name, value in batch.to_pylist()[0].items():  # a null, in it or for it, is the null check's alone
+        flat = np.asarray([v for v in (value if isinstance(value, list) else [value]) if v is not None], dtype=float)
         if np.any(flat != 0):
             problems.append(Problem(str(lay.item_info.relative_to(lay.root)), name,
                                     f"row 0 must be the all-zero padding item; found {flat[flat != 0][0]:g}"))

@@ -503,3 +503,98 @@ def test_a_split_whose_pages_do_not_decode_is_one_line_naming_it(synth_dir, monk
     monkeypatch.setattr(ray.data, "read_parquet", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("other")))
     with pytest.raises(RuntimeError, match="^other$"):  # anything else is not taken for a damaged file
         read_split(synth_dir, "train")
+
+
+def test_a_history_of_exactly_the_shown_ids_is_shown_whole():
+    """12 ids up to the gap: all shown, no "…" for ids left out (there are none)."""
+    from mmctr_ray.features import check_left_padded
+
+    with pytest.raises(DataError) as err:
+        check_left_padded(np.array([[0] * 88 + list(range(1, 12)) + [0]]), "x")
+    assert "([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0]);" in str(err.value), str(err.value)
+
+
+def test_a_missing_split_holds_no_part_and_no_user(synth_dir, tmp_path):
+    """parquet_parts: empty for a missing split (a data set without its test split), so the user table is sized from
+    the splits there are, not a FileNotFoundError."""
+    from mmctr_ray.features import max_user_id
+    from mmctr_ray.schema import parquet_parts
+
+    data = shutil.copytree(synth_dir, tmp_path / "d", ignore=shutil.ignore_patterns("item_images"))
+    test = Layout(data).split("test")
+    test.unlink()
+    assert parquet_parts(test) == [] and Layout(data).split_files("test") == []
+    largest = max(pq.read_table(Layout(data).split(s), columns=["user_id"])["user_id"].to_numpy().max()
+                  for s in ("train", "valid"))
+    assert max_user_id(data) == largest
+
+
+def test_list_matrix_names_the_file_row_of_a_null_list_and_refuses_lists_of_lists():
+    with pytest.raises(DataError, match=r"^x.parquet: column item_seq: row 11 is null; a list of numbers per row "
+                                        r"expected$"):
+        list_matrix(pa.array([[1, 2], None], pa.list_(pa.int64())), "x.parquet: column item_seq", row0=10)
+    with pytest.raises(DataError, match=r"^x.parquet: column item_emb: a list of numbers per row expected; the "
+                                        r"column is list<"):
+        list_matrix(pa.array([[[1.0], [2.0]]], pa.list_(pa.list_(pa.float64()))), "x.parquet: column item_emb")
+
+
+def test_a_fused_table_of_other_ids_or_an_item_twice_is_refused_and_its_padding_row_is_zero(synth_dir, tmp_path):
+    bad = tmp_path / "emb.parquet"
+    for ids, said in (([-1, 1], r"column item_id: value -1 outside 0\.\.200 \(item_info rows\)"),
+                      ([3, 1, 3], r"column item_id: item 3 in 2 rows; expected each item once")):
+        pq.write_table(pa.table({"item_id": ids, FUSED_VECTOR_COLUMN: [[float(i)] for i in range(len(ids))]}), bad)
+        with pytest.raises(DataError, match=rf"^{bad}: {said}$"):
+            load_item_table(synth_dir, str(bad))
+    pq.write_table(pa.table({"item_id": [0, 1], FUSED_VECTOR_COLUMN: [[5.0], [7.0]]}), bad)  # a row for the padding id
+    table = load_item_table(synth_dir, str(bad))
+    assert table.vectors[0].tolist() == [0.0] and table.vectors[1].tolist() == [7.0]
+
+
+def test_a_fused_table_of_another_item_count_is_refused_by_its_summary(synth_dir, tmp_path):
+    """A table fused before `.fusion.json` kept the items' hash is compared by its item count alone."""
+    from mmctr_ray.features import check_fused_for
+
+    info = pq.read_table(Layout(synth_dir).item_info)
+    check_fused_for(tmp_path / "emb.parquet", {"num_items": info.num_rows - 1}, synth_dir, info)
+    with pytest.raises(DataError, match=rf"^{tmp_path}/emb.parquet: fused from the items of other data \(150 items\), "
+                                        rf"not those of {synth_dir} \(200 items\): fuse again with --data "):
+        check_fused_for(tmp_path / "emb.parquet", {"num_items": 150}, synth_dir, info)
+
+
+def test_only_item_infos_own_vectors_are_refused_as_placeholders(synth_dir, tmp_path):
+    """convert.json's placeholder_embeddings: `given` is refused, a fused table is what the user is told to use; a
+    convert.json without the flag is no placeholder."""
+    from mmctr_ray.features import has_placeholder_embeddings, refuse_placeholders
+
+    data = shutil.copytree(synth_dir, tmp_path / "d", ignore=shutil.ignore_patterns("item_images"))
+    (data / "convert.json").write_text('{"placeholder_embeddings": true}')
+    with pytest.raises(DataError, match=r"column item_emb_d128: zero placeholders written by `mmctr convert`"):
+        refuse_placeholders(data, "given")
+    refuse_placeholders(data, str(tmp_path / "item_emb.parquet"))  # the fused table: fine
+    (data / "convert.json").write_text("{}")
+    assert not has_placeholder_embeddings(data)
+    refuse_placeholders(data, "given")
+
+
+def test_an_id_table_of_exactly_the_factor_rows_per_tag_is_built(synth_dir):
+    """SPARSE_TABLE_FACTOR rows per tag is within the bound: refused only past it."""
+    distinct = SPARSE_TABLE_ROWS // SPARSE_TABLE_FACTOR + 1
+    tags = np.zeros((distinct + 1, 5), np.int64)
+    tags[1:, -1] = np.r_[1:distinct, SPARSE_TABLE_FACTOR * distinct - 1]  # largest + 1 == 16 x distinct
+    check_id_tables(synth_dir, tags, 1, use_tags=True, use_user_id=False, dim=8, split_rows=10)
+
+
+def test_read_split_of_a_missing_split_is_said_before_ray_is_needed(tmp_path):
+    """The slow test_read_split_missing_file's check, in the fast suite: nothing of Ray runs before it."""
+    with pytest.raises(DataError, match=r"train.parquet: missing file$"):
+        read_split(tmp_path, "train")
+
+
+def test_a_feature_map_missing_a_key_is_one_line(tmp_path):
+    from mmctr_ray.features import FeatureMap
+
+    path = tmp_path / "feature_map.json"
+    path.write_text('{"num_items": 3, "tag_vocab": 4, "tags_per_item": 5, "vector_dim": 8}')  # no num_users
+    with pytest.raises(DataError, match=rf"^{path}: feature map keys \['num_items', 'tag_vocab', 'tags_per_item', "
+                                        r"'vector_dim'\] differ from the expected \["):
+        FeatureMap.from_json(path)

@@ -712,3 +712,161 @@ def test_a_null_history_is_said_as_a_null_before_the_width_check(synth_dir, tmp_
     rewrite(Layout(data).split("test"), set_cell("item_seq", 7, None))
     with pytest.raises(DataError, match=r"test.parquet: column item_seq: 1 null values, expected item ids in 0\.\."):
         check_split(data, "test")
+
+def test_integer_labels_are_read_as_their_floats(data):
+    """The README: labels may be stored as integers 0/1, as a pandas or Spark export writes them."""
+    rewrite(data / TRAIN, lambda t: replace(t, "label", t["label"].cast(pa.int64()), pa.int64()))
+    assert validate(data) == []
+    rewrite(data / TRAIN, set_cell("label", 11, 2))
+    the_error(data, TRAIN, "label", "1 value not 0 or 1", "first 2 at row 11")
+
+
+def test_the_row_of_an_offender_counts_the_batches_before_it(data, monkeypatch):
+    """validate streams a file in batches (~40k rows of a real split): the row it names is the file's, not the
+    batch's."""
+    import mmctr_ray.validate as validate_module
+
+    monkeypatch.setattr(validate_module, "BATCH_BYTES", 1)  # the smallest batches: 256 rows, row 1234 in the fifth
+    rewrite(data / TRAIN, set_cell("likes_level", 1234, 11))
+    the_error(data, TRAIN, "likes_level", "1 value not levels in 0..9", "first 11 at row 1234")
+
+
+def test_user_id_zero_is_a_valid_id(data):
+    rewrite(data / VALID, set_cell("user_id", 7, 0))
+    assert errors(data) == []
+
+
+def test_an_item_seq_id_one_past_the_items_is_refused(data):
+    n = n_items(data)
+    rewrite(data / TRAIN, set_elem("item_seq", 1234, -1, n + 1))
+    the_error(data, TRAIN, "item_seq", f"1 value not item ids in 0..{n} (0 = padding)", f"first {n + 1} at row 1234")
+
+
+def test_a_history_with_a_null_is_said_as_a_null_only(data):
+    """A null read as a number (-9223372036854775808) then padding: one error, the null's, with no id that is not
+    in the file."""
+    rewrite(data / VALID, set_cell("item_seq", 4, [None] + [0] * 98 + [5]))
+    assert [str(p) for p in errors(data) if p.column == "item_seq"] == [
+        f"error: {VALID}: column item_seq: 1 value not non-null (null found); first None at row 4"]
+
+
+def test_item_feature_level_minus_one_is_refused(data):
+    rewrite(data / FEATURE, set_cell("views_level", 8, -1))
+    the_error(data, FEATURE, "views_level", "1 value not levels in 0..9", "first -1 at row 8")
+
+
+@pytest.mark.parametrize("file", [INFO, FEATURE])
+def test_a_negative_tag_id_is_refused(data, file):
+    rewrite(data / file, set_elem("item_tags", 9, 0, -1))
+    the_error(data, file, "item_tags", "1 value not non-negative tag ids", "first -1 at row 9")
+
+
+def test_a_split_folder_of_empty_parts_is_an_empty_split(data, split_into_parts):
+    """What the stages' check says (test_a_split_held_as_a_folder_of_parts_...), validate says too."""
+    for part in split_into_parts(data, "train", 3):
+        rewrite(part, lambda t: t.slice(0, 0))
+    the_error(data, TRAIN, None, "empty split: 0 rows in its 3 part files")
+
+
+def test_other_item_counts_without_synth_json_are_not_held_to_the_real_test_rows(data, monkeypatch):
+    import mmctr_ray.validate as validate_module
+
+    Layout(data).synth_manifest.unlink()
+    for real in (n_items(data) - 1, n_items(data) + 1):  # more items than MicroLens_1M_x1 (a larger split), and fewer
+        monkeypatch.setattr(validate_module, "REAL_NUM_ITEMS", real)
+        assert errors(data) == []
+
+
+def test_the_last_items_cover_is_checked(data):
+    n = n_items(data)
+    Layout(data).image(n).unlink()
+    assert [str(p) for p in validate(data)] == [
+        f"warning: item_images: 1 of {n:,} items have no cover (the first: {n}.jpg); embed flags them missing, up to "
+        f"--max-bad-covers (10% by default)"]
+
+
+def test_a_damaged_convert_json_is_said_once_of_the_file(data):
+    (data / "convert.json").write_text('{"placeholder_embeddings": tru')
+    said = str(the_error(data, "convert.json", None))
+    assert said.startswith("error: convert.json: not valid JSON (Expecting value"), said  # the path named once
+
+
+def test_a_damaged_synth_json_is_no_warning_where_the_test_rows_are_requested(data):
+    """--expect-test-rows checks the count synth.json would have given: nothing is left unchecked."""
+    rows = pq.ParquetFile(Layout(data).split("test")).metadata.num_rows
+    Layout(data).synth_manifest.write_text('{"spec": ')
+    assert validate(data, expect_test_rows=rows) == []
+
+
+def test_item_feature_id_zero_is_outside_the_items(data):
+    n = n_items(data)
+    assert pq.read_table(data / FEATURE)["item_id"][0].as_py() == 1
+    rewrite(data / FEATURE, set_cell("item_id", 0, 0))  # item 1 renamed 0, the padding id
+    assert [str(p) for p in errors(data) if p.file == FEATURE] == [
+        f"error: {FEATURE}: column item_id: 1 item ids outside 1..{n} (item_info rows); first 0",
+        f"error: {FEATURE}: column item_id: 1 of item_info's items 1..{n} have no row; first 1"]
+
+
+def test_large_string_and_large_list_columns_validate(data):
+    """polars (and pyarrow's large types) write strings and lists as large_string / large_list: the stages read them."""
+    rewrite(data / FEATURE, lambda t: replace(t, "item_title", t["item_title"].cast(pa.large_string()),
+                                              pa.large_string()))
+    rewrite(data / VALID, lambda t: replace(t, "item_seq", t["item_seq"].cast(pa.large_list(pa.int64())),
+                                            pa.large_list(pa.int64())))
+    assert validate(data) == []
+
+
+def test_parts_numbered_without_padding_are_listed_in_number_order(data, split_into_parts):
+    """pyarrow and Dask write part-2 ... part-10 unpadded: part-10 follows part-9, not part-1 (the row order)."""
+    parts = split_into_parts(data, "valid", 12, padded=False)
+    assert [p.name for p in Layout(data).split_files("valid")] == [f"part-{i}.parquet" for i in range(12)] == \
+        [p.name for p in parts]
+    assert validate(data) == []
+
+
+def test_a_part_named_in_capitals_is_refused(data, split_into_parts):
+    """The README: part-3.PARQUET is refused by name, as part-3.txt is."""
+    parts = split_into_parts(data, "valid", 2)
+    parts[-1].rename(parts[-1].with_suffix(".PARQUET"))
+    said = [str(p) for p in errors(data)]
+    assert len(said) == 1 and said[0].startswith(f"error: {VALID}/part-00001.PARQUET: not named *.parquet"), said
+
+
+def test_an_empty_dataset_folder_given_as_the_data_is_said_as_such(tmp_path):
+    inner = tmp_path / "MicroLens_1M_x1"
+    inner.mkdir()
+    assert [str(p) for p in validate(inner)] == [
+        f"error: {inner}: looks like the MicroLens_1M_x1 folder itself: --data is the folder above it, here {tmp_path}"]
+
+
+def test_a_null_is_said_once_by_the_null_check_without_a_nan_the_file_does_not_hold(data):
+    """A null label, a null inside a vector, a null item id of item_info and a null padding row: each was said twice,
+    the second time as a NaN ("not 0 or 1; first nan", "not finite floats", "row 0 must be the all-zero padding
+    item; found nan") the file does not hold."""
+    def null_in(name, row, pos=None):
+        def change(t):
+            values = t[name].to_pylist()
+            if pos is None:
+                values[row] = None
+            else:
+                values[row][pos] = None
+            return replace(t, name, pa.array(values, t.schema.field(name).type))
+        return change
+
+    rewrite(data / TRAIN, null_in("label", 13))
+    rewrite(data / INFO, null_in("item_emb_d128", 6, 17))
+    rewrite(data / INFO, null_in("item_tags", 0))
+    rewrite(data / INFO, null_in("item_id", 9))
+    assert sorted(str(p) for p in errors(data)) == sorted([
+        f"error: {TRAIN}: column label: 1 value not non-null (null found); first None at row 13",
+        f"error: {INFO}: column item_emb_d128: 1 value not non-null (null found); first None at row 6",
+        f"error: {INFO}: column item_tags: 1 value not non-null (null found); first None at row 0",
+        f"error: {INFO}: column item_id: 1 value not non-null (null found); first None at row 9"])
+
+
+def test_a_damaged_convert_json_under_a_path_with_a_colon_is_said_whole(synth_dir, tmp_path):
+    """The message was cut at the first ': ' of the path ("convert.json: y/D/convert.json: not valid JSON")."""
+    data = shutil.copytree(synth_dir, tmp_path / "x: y" / "D", ignore=shutil.ignore_patterns("item_images"))
+    (data / "convert.json").write_text('{"placeholder_embeddings": tru')
+    said = [str(p) for p in validate(data) if p.file == "convert.json"]
+    assert len(said) == 1 and said[0].startswith("error: convert.json: not valid JSON (Expecting value"), said
