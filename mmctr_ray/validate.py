@@ -158,9 +158,9 @@ def _usable(pf: pq.ParquetFile, columns: dict[str, object]) -> list[str]:
 
 
 def _list_values(check: _FileCheck, col: pa.Array, name: str, width: int | None,
-                 offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Check list lengths and nulls inside lists; return the flattened values, the row of each and whether each is
-    there (not null: a null reads as NaN, which only the null check reports), as numpy."""
+                 offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Check list lengths and nulls inside lists; return the flattened values, the row of each and, where there are
+    nulls, whether each value is there (a null reads as NaN, which only the null check reports), as numpy."""
     lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
     wrong = (lengths != width) & ~np.isnan(lengths.astype(np.float64)) if width is not None else None  # a null list
     if wrong is not None and wrong.any():  # is the null check's (its lengths turn float, NaN for the null)
@@ -170,8 +170,8 @@ def _list_values(check: _FileCheck, col: pa.Array, name: str, width: int | None,
         check.bad(name, f"lists of length {width}", wrong, shown, offset)
     flat = pc.list_flatten(col)
     rows = pc.list_parent_indices(col).to_numpy(zero_copy_only=False)
-    present = _present(flat)
-    if flat.null_count:
+    present = _present(flat) if flat.null_count else None  # no array of the values' size where none is null
+    if present is not None:
         check.bad(name, _NON_NULL, ~present, np.full(len(flat), None), offset, rows)
     return flat.to_numpy(zero_copy_only=False), rows, present
 
@@ -215,7 +215,8 @@ def _scan_split(check: _FileCheck, pf: pq.ParquetFile, n_items: int | None, is_t
             # so the padding errors came only on the run after the width was fixed)
             width = SPLIT_COLUMNS["item_seq"][2]
             whole = lengths == width
-            whole[np.unique(rows[~present])] = False  # nulls inside lists: their rows are the null check's
+            if present is not None:  # nulls inside lists: their rows are the null check's
+                whole[np.unique(rows[~present])] = False
             if width > 1 and whole.any():
                 mat = flat[whole[rows]].astype(np.int64).reshape(-1, width)
                 gap = np.zeros(len(lengths), dtype=bool)
@@ -238,7 +239,8 @@ def _scan_split(check: _FileCheck, pf: pq.ParquetFile, n_items: int | None, is_t
 
 def _check_vectors(check: _FileCheck, col: pa.Array, name: str, width: int | None, offset: int) -> None:
     flat, rows, present = _list_values(check, col, name, width, offset)
-    check.bad(name, "finite floats (NaN/inf found)", ~np.isfinite(flat) & present, flat, offset, rows)
+    check.bad(name, "finite floats (NaN/inf found)", ~np.isfinite(flat) if present is None else
+              ~np.isfinite(flat) & present, flat, offset, rows)
     if flat.dtype.itemsize > 4:  # float64 values the stages' float32 cast turns into inf (1e300): said OK here,
         # refused there
         finite = np.isfinite(flat)
