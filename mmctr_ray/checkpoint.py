@@ -29,7 +29,7 @@ from mmctr_ray import storage
 from mmctr_ray.config import ExperimentConfig, load_config, save_config
 from mmctr_ray.errors import DataError, UserError, first_line
 from mmctr_ray.features import FeatureMap
-from mmctr_ray.report import EPOCH_NUMBERS
+from mmctr_ray.report import EPOCH_NUMBERS, is_number
 from mmctr_ray.storage import Location, json_text, nan_for_null
 
 if TYPE_CHECKING:  # torch is imported where tensors are saved or read: a run's driver and a search's trials
@@ -78,19 +78,19 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
 STATE_NUMBERS = ("epoch", "lr", "best_auc", "best_epoch", "bad_epochs")  # state.json's, beside its history
 
 
-def _number(value: Any, integer: bool = False) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+def _integer(value: Any) -> bool:
+    return is_number(value) and isinstance(value, int)
 
 
 def _schedule_state(state: Any) -> bool:
     """Whether ``state`` (a ``state.json`` parsed) holds what loading and resuming read: the schedule's numbers
     (``best_auc`` null before a finite AUC) and epoch rows whose ``valid_auc`` is a number or null."""
     return (isinstance(state, dict) and all(k in state for k in STATE_NUMBERS)
-            and all(_number(state[k], integer=True) for k in ("epoch", "best_epoch", "bad_epochs"))
-            and _number(state["lr"]) and (state["best_auc"] is None or _number(state["best_auc"]))
+            and all(_integer(state[k]) for k in ("epoch", "best_epoch", "bad_epochs"))
+            and is_number(state["lr"]) and (state["best_auc"] is None or is_number(state["best_auc"]))
             and isinstance(state.get("history", []), list)
             and all(isinstance(row, dict) and "valid_auc" in row
-                    and (row["valid_auc"] is None or _number(row["valid_auc"])) for row in state.get("history", [])))
+                    and (row["valid_auc"] is None or is_number(row["valid_auc"])) for row in state.get("history", [])))
 
 
 def read_state(directory: Location) -> dict[str, Any]:
@@ -133,7 +133,7 @@ def incomplete(directory: Location, skipped: Collection[str] = ()) -> str | None
         expected = json.loads(storage.read_text(storage.join(directory, MANIFEST)))
     except ValueError:
         return f"{MANIFEST} unreadable"
-    if not isinstance(expected, dict) or not all(_number(size, integer=True) for size in expected.values()):
+    if not isinstance(expected, dict) or not all(_integer(size) for size in expected.values()):
         return f"{MANIFEST} unreadable"  # JSON, but not the {file: bytes} a checkpoint's save writes
     for name, size in expected.items():
         if name not in skipped and sizes.get(name) != size:

@@ -55,11 +55,11 @@ def read_metrics(run_dir: Location, missing_ok: bool = False, keys: tuple[str, .
             raise DataError(f"{path}: line {number} is not JSON") from None
     rows = [storage.nan_for_null(row, EPOCH_NUMBERS) if isinstance(row, dict) else row for row in rows]
     for i, row in enumerate(rows, start=1):  # a hand-edited or foreign file: one line, not a KeyError later
-        if not isinstance(row, dict) or not all(_is_number(row.get(k)) for k in keys):
+        if not isinstance(row, dict) or not all(is_number(row.get(k)) for k in keys):
             raise DataError(f"{path}: record {i} is not an epoch's; expected an object with the numbers "
                             f"{', '.join(keys)}")
         other = next((k for k in (*EPOCH_NUMBERS, *SHOWN_NUMBERS) if k in row and row[k] is not None
-                      and not _is_number(row[k])), None)  # formatted as numbers by the report and the summary
+                      and not is_number(row[k])), None)  # formatted as numbers by the report and the summary
         if other is not None:
             raise DataError(f"{path}: record {i}: {other} is {row[other]!r}; expected a number")
     return rows
@@ -68,7 +68,7 @@ def read_metrics(run_dir: Location, missing_ok: bool = False, keys: tuple[str, .
 SHOWN_NUMBERS = ("valid_rows", "samples_per_s", "steady_seconds", "steps")  # optional, shown where present
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)  # "epoch": true read as epoch 1
 
 
