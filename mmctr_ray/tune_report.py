@@ -151,6 +151,9 @@ def trial_outcome(run: Path, epochs: int, max_epochs: int, stopped: dict[str, fl
     return "pruned" if stopped is None or run.name in stopped else "running"
 
 
+STATUSES = ("completed", "early-stopped", "pruned", "error", "not started", "running", "no result", "interrupted")
+
+
 def _trial_rows(tdir: Path, space: SearchSpace, errors: dict[str, str],
                 known: list[str] | None = None) -> list[dict[str, Any]]:
     rows, stopped = [], asha_stopped(tdir, fifo=not space.prunes)
@@ -230,8 +233,7 @@ def write_outputs(tdir: Path, space: SearchSpace | None = None, errors: dict[str
     scored = [r for r in rows if r["best_valid_auc"] != ""]
     summary: dict[str, Any] = {"trials": len(rows), "results": str(tdir / "results.csv"),
                                **{s: sum(r["status"] == s for r in rows)
-                                  for s in ("completed", "early-stopped", "pruned", "error", "interrupted",
-                                            "running", "not started")}}
+                                  for s in STATUSES}}
     if scored:  # of the trials that ended, if any did: an errored one (diverged, say) would fail again in `mmctr
         # train`, and a running or interrupted one has not been judged by ASHA to its end
         ended = [r for r in scored if r["status"] in ENDED]
@@ -386,8 +388,10 @@ def top_trials(tdir: str | Path, n: int = 10) -> str:
 
 def trial_counts(summary: dict[str, Any]) -> str:
     """"N trials (… completed, … early-stopped, … pruned, … errors)" for a :func:`write_outputs` summary, with the
-    trials not started (the time budget ended before their workers were up) and those running, where there are any."""
-    rest = "".join(f", {summary[s]} {s}" for s in ("not started", "running") if summary.get(s))
+    trials of every other status where there are any (not started: the time budget ended before their workers were
+    up; running; no result: no epoch ended yet; interrupted: started after Tune's last saved state), so the parts
+    add up to N."""
+    rest = "".join(f", {summary[s]} {s}" for s in STATUSES[4:] if summary.get(s))
     return (f"{summary['trials']} trials ({summary['completed']} completed, {summary['early-stopped']} early-stopped, "
             f"{summary['pruned']} pruned, {summary['error']} errors{rest})")
 

@@ -686,3 +686,118 @@ def test_report_of_several_runs_draws_a_line_per_run_and_tables_each_runs_best(t
                         f"{search}: a search; `mmctr report` takes one search, or runs of `mmctr train` (a search's "
                         f"trials are runs: TUNE/trials/ID)")):
         assert main(argv) == 2 and capsys.readouterr().err.strip().endswith(said)
+
+def _figures_rows() -> list[dict]:
+    """Three epochs whose every figure differs, so a figure of the wrong epoch or column shows."""
+    figures = [(1, 0.61, 0.70, 0.52, 1e-3, 12.34, 12345.6, 0.01, 4000),
+               (2, 0.55, 0.74, 0.47, 1e-3, 11.0, 23456.0, 0.0125, 5000),
+               (3, 0.50, 0.73, 0.49, 1e-4, 9.96, None, 0.02, 6000)]
+    keys = ("epoch", "train_loss", "valid_auc", "valid_logloss", "lr", "epoch_seconds", "samples_per_s", "valid_auc_se",
+            "valid_rows")
+    return [dict(zip(keys, row)) for row in figures]
+
+
+def test_the_summary_states_the_best_epochs_own_figures_and_a_table_row_per_epoch_in_its_columns(tmp_path):
+    """The summary's best-epoch line and table: every figure of the right epoch, in the right column, formatted as
+    the header says (mutation audit: the best line's logloss of the last epoch, the DeLong precision without its
+    2√2, the rows of another epoch, train loss and logloss swapped, samples/s without its thousands separator, seconds
+    without their decimal all passed: every test row had the same 0.5 losses and 1.0 s)."""
+    rows = _figures_rows()
+    (tmp_path / "summary.json").write_text(json.dumps({"best_valid_auc": 0.74}))  # the run ended
+    text = markdown_summary(tmp_path, rows)
+    assert "Best validation AUC **0.7400** ± 0.0125 (logloss 0.4700) at epoch 2 of 3.\n" in text
+    assert ("± is the AUC's standard error over the 5,000 validation rows (DeLong). Two independent AUCs of this "
+            "precision would need to differ by about 0.0354 to be told apart") in text  # 2·√2·0.0125
+    table = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| epoch")]
+    assert table == ["| 1 | 0.6100 | 0.7000 | 0.5200 | 0.001 | 12,346 | 12.3 |",
+                     "| 2 | 0.5500 | 0.7400 | 0.4700 | 0.001 | 23,456 | 11.0 |",
+                     "| 3 | 0.5000 | 0.7300 | 0.4900 | 0.0001 | - | 10.0 |"]
+    assert "| epoch | train loss | valid AUC | valid logloss | lr | samples/s | seconds |" in text
+
+
+def test_a_run_without_a_finite_auc_shows_its_first_epoch_and_blank_lines_are_skipped(tmp_path):
+    """best_epoch's fallback is the first row (as its docstring and training's state say), not any row; a blank line
+    in metrics.jsonl (a hand-edited file, an editor's trailing newline) is no record."""
+    assert best_epoch([epoch(1, math.nan), epoch(2, math.nan), epoch(3, math.nan)])["epoch"] == 1
+    text = json.dumps(epoch(1, 0.6)) + "\n\n   \n" + json.dumps(epoch(2, 0.7)) + "\n\n"
+    (tmp_path / "metrics.jsonl").write_text(text)
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_the_curves_draw_each_panels_own_figure_and_mark_the_best_epoch():
+    """The PNG's data (mutation audit: every panel drawing the AUC, the titles swapped, the best-epoch line or the
+    several runs' stars at the last epoch all passed; only the x ticks were tested)."""
+    import matplotlib.pyplot as plt
+
+    from mmctr_ray.report import curves_figure
+
+    rows = _figures_rows()
+    fig = curves_figure(rows)
+    try:
+        assert [ax.get_title() for ax in fig.axes] == ["validation AUC", "validation logloss", "training loss"]
+        for ax, key in zip(fig.axes, ("valid_auc", "valid_logloss", "train_loss")):
+            assert list(ax.lines[0].get_xdata()) == [1, 2, 3]
+            assert list(ax.lines[0].get_ydata()) == [r[key] for r in rows], key
+        assert list(fig.axes[0].lines[-1].get_xdata()) == [2, 2]  # the dashed line at the best epoch, not the last
+    finally:
+        plt.close(fig)
+    other = [{**r, "valid_auc": auc} for r, auc in zip(rows, (0.75, 0.71, 0.72))]
+    fig = curves_figure({"a": rows, "b": other})
+    try:
+        stars = [(list(line.get_xdata()), list(line.get_ydata())) for line in fig.axes[0].lines
+                 if line.get_marker() == "*"]
+        assert stars == [([2], [0.74]), ([1], [0.75])]  # each run's best epoch, not its last
+        assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["a", "b"]
+    finally:
+        plt.close(fig)
+
+
+def test_report_of_several_runs_tables_each_runs_best_epochs_se_and_logloss(tmp_path):
+    """The comparison's ± and logloss columns are the best epoch's (mutation audit: "–" for every ±, or the last
+    epoch's logloss, passed: the several-runs test had no standard error and one logloss)."""
+    from mmctr_ray.report import write_runs_report
+
+    runs = []
+    for name, rows in (("a", _figures_rows()), ("b", [{**epoch(1, 0.71), "valid_auc_se": math.nan}])):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows).replace("NaN", "null"))
+        runs.append(str(run))
+    text = write_runs_report(runs, tmp_path / "cmp")["summary"].read_text()
+    assert f"| {runs[0]} | ? | 2 | 0.7400 | 0.0125 | 0.4700 | 3 | still training, or stopped before its end |" in text
+    assert f"| {runs[1]} | ? | 1 | 0.7100 | – | 0.5000 | 1 | still training, or stopped before its end |" in text
+
+
+def test_a_report_whose_curves_cannot_be_written_leaves_no_new_summary(tmp_path, monkeypatch):
+    """write_report writes the summary, which links the curves, last: a failure to write curves.png (a full disk,
+    storage out of reach) leaves no summary.md (mutation audit: the two writes swapped passed; the earlier test fails
+    the drawing, before either write)."""
+    from mmctr_ray import report, storage
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(epoch(1, 0.7)) + "\n")
+
+    write_bytes = storage.write_bytes
+
+    def full(location, data):  # curves.png cannot be written; summary.md (write_text, through write_bytes) can
+        if str(location).endswith(".png"):
+            raise OSError(28, "No space left on device")
+        write_bytes(location, data)
+
+    monkeypatch.setattr(storage, "write_bytes", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        report.write_report(tmp_path)
+    assert not (tmp_path / "report" / "summary.md").exists()
+
+
+def test_a_run_whose_metrics_hold_no_epoch_is_one_line_alone_or_beside_another(tmp_path, capsys):
+    """An empty metrics.jsonl (or one of blank lines) was an IndexError traceback out of best_epoch without the
+    check (mutation audit: removing it passed)."""
+    empty, other = tmp_path / "empty", tmp_path / "other"
+    for run, text in ((empty, "\n"), (other, json.dumps(epoch(1, 0.7)) + "\n")):
+        run.mkdir()
+        (run / "metrics.jsonl").write_text(text)
+    for argv in (["report", str(empty)], ["report", str(other), str(empty), "--out", str(tmp_path / "cmp")]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip() == (f"mmctr report: error: {empty / 'metrics.jsonl'}: no epoch "
+                                                   f"recorded yet")
+    assert not (empty / "report").exists() and not (tmp_path / "cmp").exists()

@@ -852,3 +852,20 @@ def test_a_json_file_that_holds_no_object_is_one_line(tmp_path):
     with pytest.raises(DataError, match=r"^s3://b/r/item_source.json: holds a JSON list; expected the item_source"
                                         r".json `mmctr train` writes, a JSON object$"):
         storage.read_json_object(path, "the item_source.json `mmctr train` writes", "s3://b/r/item_source.json")
+
+def test_predict_overwrite_refuses_a_zip_that_holds_more_than_a_submission(tmp_path):
+    """A zip holding prediction.csv beside other files is no submission of `mmctr predict` (which writes
+    prediction.csv alone): --overwrite keeps it (mutation audit: "prediction.csv among the names" passed)."""
+    import zipfile
+
+    from mmctr_ray.predict import check_output
+
+    out = tmp_path / "sub.zip"
+    with zipfile.ZipFile(out, "w") as zf:
+        zf.writestr("prediction.csv", "ID,Task2\n0,0.5\n")
+        zf.writestr("notes/model_card.md", "weeks of notes")
+    with pytest.raises(OutputExistsError, match=r"\(holds prediction.csv, notes/model_card.md; expected "
+                                                r"prediction.csv alone\): not replaced, even with --overwrite"):
+        check_output(out, overwrite=True)
+    with zipfile.ZipFile(out) as zf:
+        assert zf.read("notes/model_card.md") == b"weeks of notes"

@@ -2672,3 +2672,117 @@ def test_a_resume_that_changes_the_fusion_section_names_the_key(tmp_path):
     _check_run_dir(str(run), load_config("configs/tiny.yaml", ["train.epochs=5"]), True, False)
     with pytest.raises(ConfigError, match=r"--resume with fusion.text_dim=16 where the run's config.yaml has 32"):
         _check_run_dir(str(run), load_config("configs/tiny.yaml", ["fusion.text_dim=16"]), True, False)
+
+def test_the_progress_line_and_tensorboard_carry_every_figure_under_its_own_tag(tmp_path, caplog, monkeypatch):
+    """No line at step 1 (it only waits for the data pipeline: its ETA would divide by the 0 steps timed); then the
+    progress line's figures, and TensorBoard's tags and values, each its own (mutation audit: the samples/s tag
+    renamed or given the loss, epoch/valid_logloss dropped, a 0.0 scalar skipped, the epoch line's best AUC the
+    epoch's own, and a line at step 1 all passed)."""
+    from types import SimpleNamespace
+
+    import mmctr_ray.run_log
+    from mmctr_ray.run_log import RunLog
+
+    monkeypatch.setattr(mmctr_ray.run_log, "PROGRESS_EVERY_S", 0.0)
+    log = RunLog(str(tmp_path), enabled=True, steps_per_epoch=10)
+    monkeypatch.setattr(mmctr_ray.run_log, "time", SimpleNamespace(perf_counter=lambda: 104.0, time=time.time))
+    rows = [{"epoch": 1, "train_loss": 0.52, "valid_auc": 0.75, "valid_auc_se": 0.01, "valid_logloss": 0.46,
+             "lr": 1e-3, "samples_per_s": 300.0, "steps": 10},
+            {"epoch": 2, "train_loss": 0.48, "valid_auc": 0.70, "valid_auc_se": 0.0, "valid_logloss": 0.44,
+             "lr": 1e-4, "samples_per_s": 250.0, "steps": 10}]
+    with caplog.at_level("INFO", logger="mmctr.train"):
+        log.progress(1, 1, 10, 256, 100.0, torch.tensor(0.9))  # step 1: nothing, and no ZeroDivisionError
+        assert caplog.records == []
+        log.progress(1, 5, 10, 4 * 256, 100.0, torch.tensor(2.5))  # 4 steps timed in 4 s, 5 left
+        log.epoch_end(SimpleNamespace(history=rows[:1], best_auc=0.75, best_epoch=1))
+        log.epoch_end(SimpleNamespace(history=rows, best_auc=0.75, best_epoch=1))
+    log.close()
+    said = [r.getMessage() for r in caplog.records]
+    assert said[0] == "epoch 1 step 5/10 loss 0.5000 256 samples/s ETA 5s"
+    assert said[2] == ("epoch 2: train loss 0.4800, valid AUC 0.7000 ± 0.0000, logloss 0.4400, lr 1.0e-04, "
+                       "250 samples/s (best AUC 0.7500 at epoch 1)")
+    (events,) = _tensorboard_events(tmp_path / "tensorboard")
+    assert [(t, s, round(v, 4)) for t, s, v in events if t.startswith("train/")] == [
+        ("train/loss", 5, 0.5), ("train/samples_per_s", 5, 256.0)]
+    assert [(t, s, round(v, 4)) for t, s, v in events if t.startswith("epoch/") and s == 20] == [
+        ("epoch/train_loss", 20, 0.48), ("epoch/valid_auc", 20, 0.7), ("epoch/valid_auc_se", 20, 0.0),
+        ("epoch/valid_logloss", 20, 0.44), ("epoch/lr", 20, 0.0001), ("epoch/samples_per_s", 20, 250.0)]
+
+
+def test_the_submission_holds_every_rows_probability_in_row_order_under_the_tasks_column(synth_dir, tmp_path,
+                                                                                         monkeypatch):
+    """run_predict's zip, from the scores it is handed: prediction.csv alone, header ID,<--task>, IDs 0..N-1 in the
+    split's row order, each the logit's probability, strictly inside (0, 1) even for extreme logits, into a folder it
+    creates (mutation audit: the logits written as they are, the header always Task2, and no mkdir all passed the
+    fast tests)."""
+    import mmctr_ray.predict
+    from mmctr_ray.metrics import to_probabilities
+
+    rows = pq.read_metadata(Layout(synth_dir).split("valid")).num_rows
+    logits = np.linspace(-40.0, 40.0, rows).astype(np.float32)
+    labels = pq.read_table(Layout(synth_dir).split("valid"), columns=["label"]).column("label").to_numpy()
+    monkeypatch.setattr(mmctr_ray.predict, "score_split", lambda run_dir, data_dir, split, actors, gpus, batch: (
+        logits, labels, tmp_path / "run" / "checkpoint_epoch_001"))
+    out = tmp_path / "new" / "folder" / "sub.zip"
+    summary = run_predict(tmp_path / "run", synth_dir, out, split="valid", task="Task1&2")
+    assert summary["rows"] == rows and summary["task"] == "Task1&2"
+    assert summary["metrics"]["auc"] == pytest.approx(roc_auc_score(labels, logits))
+    with zipfile.ZipFile(out) as zf:
+        assert zf.namelist() == ["prediction.csv"]
+        lines = zf.read("prediction.csv").decode().splitlines()
+    assert lines[0] == "ID,Task1&2" and len(lines) == 1 + rows
+    ids, probs = zip(*(line.split(",") for line in lines[1:]))
+    assert list(ids) == [str(i) for i in range(rows)]
+    probs = np.array(probs, dtype=float)
+    assert np.all((probs > 0) & (probs < 1)) and np.all(np.diff(probs) >= 0)
+    np.testing.assert_allclose(probs, to_probabilities(logits), atol=1e-8)
+    assert not list(out.parent.glob("*.partial"))
+
+
+@pytest.mark.parametrize("scored, said", [
+    (lambda n: np.zeros(n - 1, np.float32), r"^valid: scored {m} rows but the split has {n}; nothing written$"),
+    (lambda n: np.r_[np.zeros(n - 1, np.float32), np.nan], r": 1 non-finite predictions on the valid split "),
+])
+def test_a_scoring_that_lost_rows_or_diverged_writes_no_submission(synth_dir, tmp_path, monkeypatch, scored, said):
+    """Scores of fewer rows than the split, or NaN among them, are refused before the zip is written (mutation
+    audit: both checks removed passed; check_finite was tested alone, not that run_predict calls it)."""
+    import mmctr_ray.predict
+
+    n = pq.read_metadata(Layout(synth_dir).split("valid")).num_rows
+    logits = scored(n)
+    monkeypatch.setattr(mmctr_ray.predict, "score_split", lambda run_dir, data_dir, split, actors, gpus, batch: (
+        logits, np.zeros(len(logits)), tmp_path / "run" / "checkpoint_epoch_001"))
+    with pytest.raises(DataError, match=said.format(m=len(logits), n=n)):
+        run_predict(tmp_path / "run", synth_dir, tmp_path / "sub.zip", split="valid")
+    assert not (tmp_path / "sub.zip").exists()
+
+
+def test_the_scoring_actor_hands_back_logits_not_probabilities(monkeypatch):
+    """Scorer's batches are the fp32 logits AUC ranks and run_predict turns into probabilities once (mutation audit:
+    the actor returning probabilities passed every fast test; the submission would hold sigmoid(sigmoid(x)))."""
+    from types import SimpleNamespace
+
+    import mmctr_ray.predict
+    from mmctr_ray.predict import Scorer
+
+    logits = np.array([-3.0, 0.0, 5.0], np.float32)
+    monkeypatch.setattr(mmctr_ray.predict, "logits_of", lambda model, inputs, train: logits)
+    scorer = Scorer.__new__(Scorer)  # no checkpoint: the model is not called
+    scorer.device, scorer.model = "cpu", SimpleNamespace(experiment_cfg=SimpleNamespace(train=None))
+    out = scorer({"item_id": np.array([1, 2, 3]), "label": np.array([0.0, 1.0, 0.0])})
+    assert out["logit"].tolist() == logits.tolist() and out["label"].tolist() == [0.0, 1.0, 0.0]
+
+
+def test_predict_gives_the_oracle_auc_only_beside_a_test_auc(synth_dir, tmp_path, monkeypatch):
+    """Synthetic data whose hidden test labels are gone (oracle.json kept): no test AUC, so no oracle AUC either (it
+    is "beside the AUC it is for"; mutation audit: dropping that condition passed)."""
+    import mmctr_ray.predict
+
+    data = shutil.copytree(synth_dir, tmp_path / "data", ignore=shutil.ignore_patterns("item_images"))
+    Layout(data).hidden_test_labels.unlink()
+    rows = pq.read_metadata(Layout(data).split("test")).num_rows
+    assert Layout(data).oracle_auc("test", rows) is not None
+    monkeypatch.setattr(mmctr_ray.predict, "score_split", lambda run_dir, data_dir, split, actors, gpus, batch: (
+        np.linspace(-2, 2, rows), np.zeros(rows), tmp_path / "run" / "checkpoint_epoch_001"))
+    summary = run_predict(tmp_path / "run", data, tmp_path / "sub.zip")
+    assert summary["rows"] == rows and "metrics" not in summary and "oracle_auc" not in summary

@@ -2349,3 +2349,76 @@ def test_asha_restored_from_a_pickle_without_its_list_of_stops_says_its_stops_ar
     again = ResumableASHA.__new__(ResumableASHA)
     again.__setstate__(made.__getstate__())
     assert again._stops_complete is True
+
+def test_report_top_tables_each_trials_parameters_in_its_columns_and_skips_trials_without_a_result(tmp_path,
+                                                                                                   monkeypatch):
+    """`mmctr report TUNE`'s table: its header's columns in order, each trial's sampled parameters (4 significant
+    digits, "–" where inactive), the status counts each in its place; results.csv and the plot's "best so far" line
+    in start order; and a trial without a result yet (a search still running) is left out of the ranking, not a
+    ValueError (mutation audit: parameter columns dropped, 2 digits, "± SE" after "epochs", the pruned and
+    early-stopped counts swapped, results.csv sorted by AUC, the best-so-far line not a running maximum, and a table
+    of every row of results.csv all passed)."""
+    from mmctr_ray import tune_report
+    from mmctr_ray.tune_report import STARTED, top_trials
+
+    tdir = _search(tmp_path, {"mid": ([], [0.70, 0.71]), "hi": ([], [0.80, 0.78]), "es": ([], [0.60]),
+                              "pr": ([], [0.65]), "pr2": ([], [0.62])})
+    for trial in ("pr", "pr2"):  # ASHA stopped them after epoch 1
+        (tdir / "trials" / trial / "summary.json").unlink()
+    (tdir / "asha.json").write_text(json.dumps({"brackets": [], "stopped": {"pr": 1.0, "pr2": 1.0}}))
+    params = {"mid": {"fusion.strategy": "v1", "fusion.dims": 12, "train.lr": 0.0012345678,
+                      "model.dnn_units": [32, 16]},
+              "hi": {"fusion.strategy": "v4", "fusion.text_dim": 16, "fusion.image_dim": 8, "train.lr": 0.00456789,
+                     "model.dnn_units": [16]}}
+    for trial, sampled in params.items():
+        path = tdir / "trials" / f"{trial}.params.json"
+        path.write_text(json.dumps({**sampled, STARTED: json.loads(path.read_text())[STARTED]}))
+    drawn = {}
+    save = tune_report._save
+
+    def recording(fig, path):
+        drawn[path.name] = {line.get_label(): list(line.get_ydata()) for ax in fig.axes for line in ax.lines}
+        return save(fig, path)
+
+    monkeypatch.setattr(tune_report, "_save", recording)
+    table = top_trials(tdir, n=3)
+    lines = table.splitlines()
+    assert table.count("\n| ") == 1 + 3  # the header and --top 3 trials
+    assert lines[0] == "# Search `tune`: 5 trials (2 completed, 1 early-stopped, 2 pruned, 0 errors)"
+    head = [cell.strip() for cell in lines[2].strip("|").split("|")]
+    assert head[:9] == ["rank", "trial_id", "status", "best_valid_auc", "± SE", "epochs", "fusion.strategy",
+                        "fusion.dims", "fusion.text_dim"] and head[-1] == "train.batch_size"
+    cells = {line.split(" | ")[1]: dict(zip(head, (c.strip() for c in line.strip("|").split("|"))))
+             for line in lines[4:7]}
+    assert [c["rank"] for c in cells.values()] == ["1", "2", "3"] and list(cells) == ["hi", "mid", "pr"]
+    assert {k: cells["mid"][k] for k in ("fusion.strategy", "fusion.dims", "fusion.text_dim", "train.lr",
+                                         "model.dnn_units", "epochs")} == {
+        "fusion.strategy": "v1", "fusion.dims": "12", "fusion.text_dim": "–", "train.lr": "0.001235",
+        "model.dnn_units": "[32, 16]", "epochs": "2"}
+    assert (cells["hi"]["fusion.text_dim"], cells["hi"]["train.lr"], cells["pr"]["status"]) == ("16", "0.004568",
+                                                                                                 "pruned")
+    with open(tdir / "results.csv", newline="") as f:
+        assert [r["trial_id"] for r in csv.DictReader(f)] == ["mid", "hi", "es", "pr", "pr2"]  # start order
+    assert drawn["auc_by_trial.png"]["best so far"] == [0.71, 0.80, 0.80, 0.80, 0.80]
+    run = tdir / "trials" / "busy"  # started, no epoch yet
+    run.mkdir()
+    (tdir / "trials" / "busy.params.json").write_text(json.dumps({"train.lr": 1e-3, STARTED: 2000.0}))
+    table = top_trials(tdir, n=10)
+    assert "busy" not in table and table.count("\n| ") == 1 + 5  # the header and the 5 trials with a result
+
+
+def test_the_counts_line_counts_every_trial_the_table_lists(tmp_path):
+    """A trial started without an epoch yet (no result), or started after Tune's last saved state (interrupted): the
+    header said "2 trials (1 completed, 0 early-stopped, 0 pruned, 0 errors)", parts that did not add up to 2."""
+    from mmctr_ray.tune_report import STARTED, top_trials
+
+    tdir = _search(tmp_path, {"done": ([], [0.70, 0.71])})
+    (tdir / "trials" / "busy").mkdir()
+    (tdir / "trials" / "busy.params.json").write_text(json.dumps({"train.lr": 1e-3, STARTED: 2000.0}))
+    assert top_trials(tdir).splitlines()[0].endswith(
+        "2 trials (1 completed, 0 early-stopped, 0 pruned, 0 errors, 1 no result)")
+    (tdir / "tune_results.json").write_text(json.dumps({"errors": {}, "trials": ["run_trial_done_00000"]}))
+    (tdir / "trials" / "busy" / "metrics.jsonl").write_text(json.dumps(_epoch(1, 0.6)) + "\n")
+    table = top_trials(tdir)
+    assert table.splitlines()[0].endswith("2 trials (1 completed, 0 early-stopped, 0 pruned, 0 errors, 1 interrupted)")
+    assert any(line.startswith("| 2 | busy | interrupted |") for line in table.splitlines()), table
