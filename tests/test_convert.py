@@ -755,3 +755,247 @@ def test_an_item_keeps_its_first_tags_with_ids_by_decreasing_count():
     assert [vocab[i - 1] for i in mat[1]] == ["a", "b", "c", "d", "e"]
     _, vocab = tag_matrix([["rare", "common"], ["common"], ["common", "mid"], ["mid"]])
     assert vocab == ["common", "mid", "rare"]
+
+
+# --- helper-146 mutation audit: behaviour no test above pinned (all but the last run without Ray) ----------
+
+def _one_user_lookups(n_items: int, popularity):
+    """Lookups of one user (raw id 7) over items 1..n_items (raw ids 100..), levels that differ between likes and
+    views, and the given popularity."""
+    from mmctr_ray.convert.rows import Lookups
+
+    ids = np.arange(1, n_items + 1)
+    return Lookups(np.array([7], np.int64), 100 + ids.astype(np.int64), np.cumsum(np.asarray(popularity, float)),
+                   np.r_[0, ids % 10], np.r_[0, (3 * ids + 1) % 10])
+
+
+def _one_user_rows(items, spec, lk):
+    from mmctr_ray.convert.rows import build_rows, sort_events
+
+    items = np.asarray(items, np.int64)
+    events = sort_events(np.ones(len(items), np.int64), np.full(len(items), 7, np.int64), items,
+                         np.arange(len(items), dtype=np.int64))
+    return build_rows(*events, spec, lk)
+
+
+def test_every_row_carries_its_own_items_likes_and_views_levels():
+    """A mutation that filled views_level from the likes levels passed: only likes_level was compared."""
+    lk = _one_user_lookups(40, np.ones(40))
+    rows = _one_user_rows([3, 9, 14, 22, 30], RowSpec(), lk)
+    assert len(rows["item_id"]) == 4 * (1 + K)
+    np.testing.assert_array_equal(rows["likes_level"], lk.likes_level[rows["item_id"]])
+    np.testing.assert_array_equal(rows["views_level"], lk.views_level[rows["item_id"]])
+    assert (rows["likes_level"] != rows["views_level"]).any()
+
+
+def test_negatives_are_drawn_per_position_and_the_exact_draw_keeps_them_distinct_and_weighted():
+    """The draw is seeded by (seed, user, position): a mutation that dropped the position gave every click of a
+    user the same negatives and passed. When the user's items hold nearly all of the popularity (the exact draw
+    after MAX_ATTEMPTS rejections), a mutation that let a later slot repeat an earlier slot's item passed, and so did
+    one that drew uniformly instead of by popularity."""
+    lk = _one_user_lookups(60, np.ones(60))
+    rows = _one_user_rows(np.arange(1, 21), RowSpec(negatives=3, seed=1), lk)
+    negs = {tuple(sorted(rows["item_id"][(rows["split"] == s) & (rows["label"] == 0)])) for s in (1, 2)}
+    assert len(negs) == 2  # valid and test clicks (positions 18, 19) have their own negatives
+
+    touched = np.arange(1, 31)  # 30 of 33 items, with nearly all the popularity: rejection sampling gives up
+    pop = np.r_[np.full(30, 1e9), 1000.0, 1.0, 1.0]
+    rows = _one_user_rows(touched, RowSpec(negatives=2, seed=3), _one_user_lookups(33, pop))
+    table = pd.DataFrame({"seq": [tuple(s) for s in rows["item_seq"]], "item": rows["item_id"],
+                          "label": rows["label"]})
+    for _, g in table.groupby("seq"):  # a click and its negatives share the history
+        assert len(g) == 3 and g["item"].nunique() == 3 and set(g["item"][g["label"] == 0]) <= {31, 32, 33}
+    drawn = table["item"][table["label"] == 0]
+    assert (drawn == 31).sum() == len(drawn) // 2  # item 31 holds 1000/1002 of the weight left: in every pair
+
+
+def test_min_history_zero_gives_the_first_click_a_row_with_an_empty_history():
+    lk = _one_user_lookups(40, np.ones(40))
+    rows = _one_user_rows([3, 9, 14], RowSpec(min_history=0), lk)
+    pos = rows["label"] == 1
+    assert sorted(rows["item_id"][pos]) == [3, 9, 14]
+    first = rows["item_seq"][pos][rows["item_id"][pos] == 3][0]
+    assert not first.any()
+    assert len(_one_user_rows([3, 9, 14], RowSpec(min_history=2), lk)["label"]) == 1 + K  # only the third click
+
+
+def test_rows_of_a_chunk_mix_users():
+    """Rows are permuted within a chunk (training reads files in order through a local shuffle buffer): a mutation
+    that left them grouped by user passed."""
+    from mmctr_ray.convert.rows import build_rows, sort_events
+
+    lk = _one_user_lookups(60, np.ones(60))
+    lk = type(lk)(np.array([7, 8], np.int64), lk.item_raw, lk.item_cum, lk.likes_level, lk.views_level)
+    user = np.r_[np.ones(6, np.int64), np.full(6, 2, np.int64)]
+    raw = np.where(user == 1, 7, 8).astype(np.int64)
+    items = np.r_[np.arange(1, 7), np.arange(11, 17)].astype(np.int64)
+    rows = build_rows(*sort_events(user, raw, items, np.r_[np.arange(6), np.arange(6)].astype(np.int64)),
+                      RowSpec(), lk)
+    ids = rows["user_id"]
+    assert len(ids) == 10 * (1 + K) and (np.diff(ids) != 0).sum() > 1  # not one block per user
+
+
+def test_a_title_row_twice_and_a_headed_tags_file_without_the_tag_column_are_refused(tmp_path):
+    from mmctr_ray.convert.raw import locate, read_items
+
+    raw = tmp_path / "raw"
+    make_raw(raw, users=30)
+    files = locate(RawSpec(raw))
+    lines = files.titles.read_text().splitlines()
+    item = lines[7].split(",")[0]
+    files.titles.write_text("\n".join([*lines, f"{item},Another title"]) + "\n")
+    with pytest.raises(DataError) as err:
+        read_items(RawSpec(raw), files)
+    assert str(err.value) == (f"{files.titles}: column item: item {item} appears twice; expected one title per "
+                              f"item")
+    files.tags.write_text("item,labels\n1000,a\n")
+    with pytest.raises(DataError) as err:
+        locate(RawSpec(raw))
+    assert str(err.value).startswith(f"{files.tags}: missing column 'tags' (header: item,labels; set "
+                                     f"--item-col/--tag-col)")
+
+
+def test_likes_views_header_repeats_and_a_conflict_in_views_alone(tmp_path, caplog):
+    """A likes/views file with a header line is read as without it; the same row twice leaves no item without a
+    row (the count was len(rows), not the distinct items); two rows differing in views only are refused."""
+    from mmctr_ray.convert.raw import locate, read_items
+
+    raw = tmp_path / "raw"
+    make_raw(raw, users=30)
+    files = locate(RawSpec(raw))
+    plain = read_items(RawSpec(raw), files)
+    lines = files.likes_views.read_text().splitlines()
+    files.likes_views.write_text("\n".join(["item\tlikes\tviews", *lines, lines[0]]) + "\n")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mmctr_ray.convert.raw"):
+        headed = read_items(RawSpec(raw), files)
+    np.testing.assert_array_equal(headed.likes, plain.likes)
+    np.testing.assert_array_equal(headed.views, plain.views)
+    assert headed.no_likes_views == 0
+    assert not [r for r in caplog.records if str(files.likes_views) in r.getMessage()]
+    item, likes, views = lines[0].split("\t")
+    files.likes_views.write_text("\n".join([*lines, f"{item}\t{likes}\t{int(views) + 1}"]) + "\n")
+    with pytest.raises(DataError, match=rf"item {item} appears twice, with likes, views \({likes}, {views}\) and "
+                                        rf"\({likes}, {int(views) + 1}\)"):
+        read_items(RawSpec(raw), files)
+
+
+def test_tags_are_split_on_tag_sep_empty_ones_dropped_and_quotes_undoubled(tmp_path):
+    """Header-less titles and tags quoted as CSV quotes them: a doubled quote inside is one quote."""
+    from mmctr_ray.convert.raw import locate, read_items
+
+    raw = tmp_path / "raw"
+    make_raw(raw, users=30)
+    files = locate(RawSpec(raw))
+    ids = read_items(RawSpec(raw), files).raw_ids
+    a, b = int(ids[0]), int(ids[1])
+    files.tags.write_text(f'{a},"say ""hi""||  x |"\n{b},p;q\n')
+    files.titles.write_text(files.titles.read_text().replace("item,title\n", "", 1).replace(
+        f'{a},"Title {a}, with ""quotes"""', f'{a},"A ""quoted"" title"').replace(
+        f'{b},"Title {b}, with ""quotes"""', f'{b},"Frozen" review, part 2'))
+    items = read_items(RawSpec(raw), locate(RawSpec(raw)))
+    assert items.tags[0] == ['say "hi"', "x"] and items.tags[1] == ["p;q"]
+    assert items.titles[:2] == ['A "quoted" title', '"Frozen" review, part 2']  # the second is not quoted as CSV
+    items = read_items(RawSpec(raw, tag_sep=";"), locate(RawSpec(raw)))
+    assert items.tags[0] == ['say "hi"||  x |'] and items.tags[1] == ["p", "q"]
+
+
+def test_tag_ids_count_items_not_repeats_and_a_row_holds_a_tag_once():
+    from mmctr_ray.convert.items import tag_matrix
+
+    mat, vocab = tag_matrix([["a", "a", "a", "b"], ["b"]])
+    assert vocab == ["b", "a"]  # b on two items, a on one (three times)
+    assert mat[1].tolist() == [0, 0, 0, 2, 1] and mat[2].tolist() == [0, 0, 0, 0, 1]
+
+
+def test_a_sequences_file_with_a_header_line_skips_it_and_double_spaces_are_not_items(tmp_path):
+    from mmctr_ray.convert.raw import line_format, locate, parse
+
+    raw = tmp_path / "raw"
+    make_raw(raw, users=30)
+    (raw / "MicroLens-tiny_pairs.csv").unlink()
+    tsv = raw / "MicroLens-tiny_pairs.tsv"
+    tsv.write_text("user\titems\n5\t1 2\n")
+    assert line_format(RawSpec(raw), locate(RawSpec(raw))).skip_rows == 1
+    tsv.write_text("5\t1 2\n")
+    fmt = line_format(RawSpec(raw), locate(RawSpec(raw)))
+    assert fmt.skip_rows == 0
+    table, bad = parse(pa.table({"line": ["5\t1  2 ", "6\t 3"]}), fmt)
+    assert bad is None and table.to_pydict() == {"user": [5, 5, 6], "item": [1, 2, 3], "ts": [0, 2, 0]}
+    tsv.rename(raw / "MicroLens-tiny_pairs.TSV")  # given by --pairs: the suffix in any case
+    assert locate(RawSpec(raw, pairs="MicroLens-tiny_pairs.TSV")).sequences
+
+
+def test_covers_are_copied_under_the_dense_id_of_their_raw_id(tmp_path):
+    from mmctr_ray.convert.items import copy_covers
+
+    covers = tmp_path / "covers"
+    covers.mkdir()
+    for raw, colour in ((10, 50), (30, 150)):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (colour, 0, 0)).save(buf, format="JPEG")
+        (covers / f"{raw}.jpg").write_bytes(buf.getvalue())
+    lay = Layout(tmp_path / "out")
+    assert copy_covers(covers, lay, np.array([10, 20, 30])) == {"covers": 2, "covers_missing": 1}
+    assert lay.image(1).read_bytes() == (covers / "10.jpg").read_bytes()
+    assert lay.image(3).read_bytes() == (covers / "30.jpg").read_bytes()
+    assert not lay.image(2).exists()
+
+
+def test_negative_sampling_weights_count_every_interaction_line_a_repeated_pair_too():
+    """Popularity is the number of lines of each item (README), merged over blocks, pinned here without Ray (the
+    tests above see it only through the interaction total and a Spearman correlation)."""
+    from types import SimpleNamespace
+
+    from mmctr_ray.convert.pipeline import _interaction_stats
+    from mmctr_ray.convert.raw import LineFormat, RawItems
+
+    class Blocks:  # map_batches / iter_batches of a Ray Dataset, over in-memory blocks: no Ray
+        def __init__(self, blocks):
+            self.blocks = blocks
+
+        def map_batches(self, fn, batch_format, fn_kwargs):
+            return Blocks([fn(b, **fn_kwargs) for b in self.blocks])
+
+        def iter_batches(self, **kwargs):
+            yield from self.blocks
+
+    fmt = LineFormat(False, 1, ("user", "item", "timestamp"), 0, 1, 2)
+    items = RawItems(np.array([10, 20, 30]), ["a", "b", "c"], np.zeros(3, np.int64), np.zeros(3, np.int64), 0,
+                     [[], [], []])
+    blocks = Blocks([pa.table({"line": ["1,10,5", "2,10,6", "1,10,9", "3,20,1"]}), pa.table({"line": ["4,10,2"]})])
+    files = SimpleNamespace(pairs=Path("p.csv"), titles=Path("t.csv"), sequences=False)
+    users, popularity, total = _interaction_stats(blocks, fmt, items, files)
+    assert users.tolist() == [1, 2, 3, 4] and popularity.tolist() == [4, 1, 0] and total == 5
+
+
+def test_levels_are_deciles_over_the_catalogue_items_alone(ray_local, tmp_path):
+    """Levels rank the N catalogue items only, not the padding row 0 (a mutation that ranked an extra 0 with them
+    passed: over the 300 items of make_raw the two agree everywhere; over 301 distinct counts they do not)."""
+    raw = tmp_path / "raw"
+    make_raw(raw, users=30)
+    titles = next(raw.glob("*title_en.csv"))
+    titles.write_text(titles.read_text() + "5,One more item\n")
+    ids = sorted(pd.read_csv(titles)["item"])
+    likes = np.arange(1, len(ids) + 1)  # distinct and positive
+    next(raw.glob("*likes_and_views.txt")).write_text("".join(f"{i}\t{n}\t{2 * n}\n" for i, n in zip(ids, likes)))
+    run_convert(RawSpec(raw), tmp_path / "out", RowSpec(), progress=lambda m: None, **FAST)
+    feat = pq.read_table(Layout(tmp_path / "out").item_feature).to_pandas()
+    assert feat["likes_level"].tolist() == levels(likes).tolist()
+    assert feat["views_level"].tolist() == levels(2 * likes).tolist()
+
+
+def test_a_header_less_title_between_quotes_it_does_not_double_keeps_them(tmp_path):
+    """Only a text quoted as CSV quotes it (every quote inside doubled) is unquoted: `"Frozen" vs "Tangled"` lost
+    its outer quotes without a word."""
+    from mmctr_ray.convert.raw import locate, read_items
+
+    raw = tmp_path / "raw"
+    make_raw(raw, users=30)
+    files = locate(RawSpec(raw))
+    ids = read_items(RawSpec(raw), files).raw_ids
+    a, b = int(ids[0]), int(ids[1])
+    lines = files.titles.read_text().splitlines()[1:]  # header-less, as MicroLens-100K ships its titles
+    rest = [line for line in lines if line.split(",")[0] not in (str(a), str(b))]
+    files.titles.write_text("\n".join([f'{a},"Frozen" vs "Tangled"', f'{b},"Up ""the"" film"', *rest]) + "\n")
+    assert read_items(RawSpec(raw), locate(RawSpec(raw))).titles[:2] == ['"Frozen" vs "Tangled"', 'Up "the" film']

@@ -230,17 +230,19 @@ def _read_csv(path: Path, columns: dict[str, pa.DataType], **kw) -> pa.Table:
 def _read_id_text(path: Path, id_name: str, text_name: str) -> pa.Table:
     """A header-less ``id,text`` file, as MicroLens-100K ships its titles (``MicroLens-100k_title_en.csv``) and
     categories (``tags_to_summary.csv``): the id is a line's first field and the text the rest of the line, commas
-    included (those titles are not quoted: a CSV reader split them); a text quoted as CSV quotes it is unquoted. A
-    line with no comma has an empty text."""
+    included (those titles are not quoted: a CSV reader split them); a text quoted as CSV quotes it (between quotes,
+    every quote inside doubled) is unquoted. A line with no comma has an empty text."""
     try:
         lines = pacsv.read_csv(path, read_options=pacsv.ReadOptions(column_names=["line"]), **LINE_OPTIONS)
     except (pa.ArrowInvalid, pa.ArrowKeyError) as err:
         raise _arrow_error(path, err) from None
     parts = pc.extract_regex(lines.column("line").combine_chunks(), r"^(?P<id>[^,]*)(?:,(?P<text>.*))?$")
     text = parts.field("text")
+    inner = pc.utf8_slice_codeunits(text, 1, -1)
     quoted = pc.and_(pc.and_(pc.starts_with(text, '"'), pc.ends_with(text, '"')),
-                     pc.greater_equal(pc.utf8_length(text), 2))
-    text = pc.if_else(quoted, pc.replace_substring(pc.utf8_slice_codeunits(text, 1, -1), '""', '"'), text)
+                     pc.greater_equal(pc.utf8_length(text), 2))  # and every quote inside doubled, as CSV quotes it:
+    quoted = pc.and_(quoted, pc.invert(pc.match_substring(pc.replace_substring(inner, '""', ""), '"')))  # not so
+    text = pc.if_else(quoted, pc.replace_substring(inner, '""', '"'), text)  # `"Frozen" vs "Tangled"`, a title
     ids = _int_column(pa.chunked_array([parts.field("id")]), f"{id_name} (the first field; no header line)", path)
     return pa.table({id_name: ids, text_name: text})
 
