@@ -38,27 +38,23 @@ class _Loader(yaml.SafeLoader):
     "off", not False) and ``1e-3`` is a float (PyYAML's YAML 1.1 reads it as a string)."""
 
 
-_BOOL = "tag:yaml.org,2002:bool"
-_Loader.yaml_implicit_resolvers = {
-    ch: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
-    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-# YAML 1.2 core floats: 1.5, .5, 1e-3, .inf, .nan (1.1 read 1:30.0 as 90.0 and 1_0.5 as 10.5; 1e-3 as a string)
-_FLOAT = "tag:yaml.org,2002:float"
-for _ch, _resolvers in list(_Loader.yaml_implicit_resolvers.items()):
-    _Loader.yaml_implicit_resolvers[_ch] = [(tag, rx) for tag, rx in _resolvers if tag != _FLOAT]
-_Loader.add_implicit_resolver(_FLOAT, re.compile(r"^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
-                                                 r"|[-+]?[0-9]+[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)"
-                                                 r"|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+def _core_schema(tag: str, pattern: str, first: str) -> None:
+    """``tag``'s plain scalars as the YAML 1.2 core schema reads them (``pattern``; ``first``: the characters such a
+    scalar starts with), in place of PyYAML's YAML 1.1 resolver of ``tag`` (SafeLoader's own left as they are)."""
+    _Loader.yaml_implicit_resolvers = {ch: [(t, rx) for t, rx in resolvers if t != tag]
+                                       for ch, resolvers in _Loader.yaml_implicit_resolvers.items()}
+    _Loader.add_implicit_resolver(tag, re.compile(pattern), list(first))
 
 
-# YAML 1.2 core integers: decimal (with _ separators), 0o octal, 0x hex (1.1 read 010 as 8, 1:30 as 90)
+# only true/false are booleans (1.1: yes, no, on, off too)
+_core_schema("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF")
+# floats: 1.5, .5, 1e-3, .inf, .nan (1.1 read 1:30.0 as 90.0 and 1_0.5 as 10.5; 1e-3 as a string)
+_core_schema("tag:yaml.org,2002:float", r"^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+                                        r"|[-+]?[0-9]+[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+             "-+0123456789.")
+# integers: decimal (with _ separators), 0o octal, 0x hex (1.1 read 010 as 8, 1:30 as 90)
 _INT = "tag:yaml.org,2002:int"
-for _ch, _resolvers in list(_Loader.yaml_implicit_resolvers.items()):
-    _Loader.yaml_implicit_resolvers[_ch] = [(tag, rx) for tag, rx in _resolvers if tag != _INT]
-_Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7]+|0x[0-9a-fA-F]+)$"),
-                              list("-+0123456789"))
+_core_schema(_INT, r"^(?:[-+]?[0-9][0-9_]*|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789")
 
 
 def _int(loader: _Loader, node: yaml.ScalarNode) -> int:
