@@ -122,23 +122,25 @@ def incomplete(directory: Location, skipped: Collection[str] = ()) -> str | None
         missing = [f for f in FILES if f != "optimizer.pt" and f not in sizes]
         if missing:
             return f"{missing[0]} missing"
-        try:
-            state = json.loads(storage.read_text(storage.join(directory, "state.json")))
-        except ValueError:
-            return "state.json unreadable"
-        if not isinstance(state, dict):  # JSON, but no state: loading it names the file
+        state = _json_or_none(storage.join(directory, "state.json"))
+        if not isinstance(state, dict):  # not JSON, or JSON but no state: loading it names the file
             return "state.json unreadable"
         return f"{MANIFEST} missing" if state.get(MANIFEST) else None
-    try:
-        expected = json.loads(storage.read_text(storage.join(directory, MANIFEST)))
-    except ValueError:
-        return f"{MANIFEST} unreadable"
+    expected = _json_or_none(storage.join(directory, MANIFEST))
     if not isinstance(expected, dict) or not all(_integer(size) for size in expected.values()):
-        return f"{MANIFEST} unreadable"  # JSON, but not the {file: bytes} a checkpoint's save writes
+        return f"{MANIFEST} unreadable"  # not JSON, or not the {file: bytes} a checkpoint's save writes
     for name, size in expected.items():
         if name not in skipped and sizes.get(name) != size:
             return f"{name} {'missing' if name not in sizes else f'has {sizes[name]} bytes, expected {size}'}"
     return None
+
+
+def _json_or_none(path: Location) -> Any:
+    """The JSON value of the file ``path``, or None where it is not JSON (or not UTF-8)."""
+    try:
+        return json.loads(storage.read_text(path))
+    except ValueError:
+        return None
 
 
 @dataclass
