@@ -376,7 +376,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from mmctr_ray.tune_report import trial_counts
+    from mmctr_ray.tune_report import ENDED, trial_counts
     from mmctr_ray.tuning import check_inputs, check_resumable, run_tuning, trial_cpus
 
     started = time.time()  # --time-budget-s counts from here: Ray's start and the reading of the splits count
@@ -396,7 +396,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         log.error("%s; no trial reported a valid AUC: see %s and each trial's error in Tune's log", counts,
                   summary["results"])
         return 1
-    if not any(summary[s] for s in ("completed", "early-stopped", "pruned")):  # every trial failed after an epoch
+    if not any(summary[s] for s in ENDED):  # every trial failed after an epoch
         log.error("%s; every trial failed: the best valid AUC %.4f (trial %s) is of an epoch before its error; see "
                   "%s and each trial's error in %s", counts, summary["best_valid_auc"], summary["best_trial"],
                   summary["results"], Path(summary["results"]).with_name("tune_results.json"))

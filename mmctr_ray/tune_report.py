@@ -151,7 +151,8 @@ def trial_outcome(run: Path, epochs: int, max_epochs: int, stopped: dict[str, fl
     return "pruned" if stopped is None or run.name in stopped else "running"
 
 
-STATUSES = ("completed", "early-stopped", "pruned", "error", "not started", "running", "no result", "interrupted")
+COUNTED = (*ENDED, "error")  # the statuses the counts line always names (the trials that ended)
+STATUSES = (*COUNTED, "not started", "running", "no result", "interrupted")
 
 
 def _trial_rows(tdir: Path, space: SearchSpace, errors: dict[str, str],
@@ -391,7 +392,7 @@ def trial_counts(summary: dict[str, Any]) -> str:
     trials of every other status where there are any (not started: the time budget ended before their workers were
     up; running; no result: no epoch ended yet; interrupted: started after Tune's last saved state), so the parts
     add up to N."""
-    rest = "".join(f", {summary[s]} {s}" for s in STATUSES[4:] if summary.get(s))
+    rest = "".join(f", {summary[s]} {s}" for s in STATUSES[len(COUNTED):] if summary.get(s))
     return (f"{summary['trials']} trials ({summary['completed']} completed, {summary['early-stopped']} early-stopped, "
             f"{summary['pruned']} pruned, {summary['error']} errors{rest})")
 

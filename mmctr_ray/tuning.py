@@ -896,7 +896,7 @@ def trial_error_line(err: BaseException) -> str:
 def end_of_search(tdir: Path, space: SearchSpace, results: Any, interrupted: bool) -> dict[str, Any]:
     """Write the search's outputs once ``Tuner.fit()`` returned ``results``; return the summary. After Ctrl-C
     (``interrupted``) they are written too, as what the search has so far, and Interrupted says so."""
-    from mmctr_ray.tune_report import write_outputs
+    from mmctr_ray.tune_report import COUNTED, write_outputs
 
     errors = {Path(r.path).name: trial_error_line(r.error) for r in results if r.error}
     known = [Path(r.path).name for r in results]
@@ -915,7 +915,7 @@ def end_of_search(tdir: Path, space: SearchSpace, results: Any, interrupted: boo
         summary = write_outputs(tdir, space, errors, known)
     except DataError:  # no trial folder yet
         raise Interrupted("no trial had started") from None
-    ended = sum(summary[s] for s in ("completed", "early-stopped", "pruned", "error"))
+    ended = sum(summary[s] for s in COUNTED)
     lost = summary["interrupted"]  # started after Tune's last saved state: --resume draws new trials instead
     running = f"{summary['trials'] - ended - lost} started and not ended (--resume continues them)" + (
         f", {lost} interrupted before Tune saved them (--resume starts new trials instead)" if lost else "")
