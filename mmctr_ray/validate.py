@@ -239,8 +239,10 @@ def _scan_split(check: _FileCheck, pf: pq.ParquetFile, n_items: int | None, is_t
 
 def _check_vectors(check: _FileCheck, col: pa.Array, name: str, width: int | None, offset: int) -> None:
     flat, rows, present = _list_values(check, col, name, width, offset)
-    check.bad(name, "finite floats (NaN/inf found)", ~np.isfinite(flat) if present is None else
-              ~np.isfinite(flat) & present, flat, offset, rows)
+    bad = ~np.isfinite(flat)
+    if present is not None:  # a null is the null check's
+        bad &= present
+    check.bad(name, "finite floats (NaN/inf found)", bad, flat, offset, rows)
     if flat.dtype.itemsize > 4:  # float64 values the stages' float32 cast turns into inf (1e300): said OK here,
         # refused there
         finite = np.isfinite(flat)
